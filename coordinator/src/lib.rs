@@ -1,0 +1,2 @@
+//! fedlink coordinator
+#![forbid(unsafe_code)]

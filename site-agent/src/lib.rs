@@ -1,0 +1,2 @@
+//! fedlink site agent
+#![forbid(unsafe_code)]
