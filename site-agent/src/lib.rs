@@ -1,2 +1,11 @@
-//! fedlink site agent
+//! fedlink site agent: the service a hospital installs. It connects outbound
+//! to the coordinator, trains locally with burn and sends back signed,
+//! compressed weight deltas. Patient data never leaves the site.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod data;
+pub mod device;
+pub mod metrics;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,10 @@
+//! `fedlink aggregate` (work in progress).
+
+/// Arguments of `fedlink aggregate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// Run the subcommand.
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

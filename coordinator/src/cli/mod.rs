@@ -1,0 +1,5 @@
+//! Subcommands of the `fedlink` binary. Each module exposes clap `Args` and a
+//! `run` function; `src/bin/fedlink.rs` only dispatches.
+
+pub mod aggregate;
+pub mod certs;

@@ -1,0 +1,1 @@
+//! Job definitions (TOML) — work in progress.

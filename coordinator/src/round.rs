@@ -1,0 +1,1 @@
+//! Round state machine (sans-IO) — work in progress.

@@ -1,0 +1,1 @@
+//! Embedded persistence — work in progress.

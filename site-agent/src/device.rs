@@ -1,0 +1,1 @@
+//! device — work in progress.

@@ -1,0 +1,1 @@
+//! Local training with burn — work in progress.

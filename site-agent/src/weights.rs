@@ -1,0 +1,1 @@
+//! weights — work in progress.
