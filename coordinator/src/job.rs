@@ -1,1 +1,982 @@
-//! Job definitions (TOML) — work in progress.
+//! Job definitions: one TOML file describes one federated training job.
+//!
+//! A job file is untrusted configuration: it is parsed with
+//! `deny_unknown_fields` everywhere (a typo is an error, not a silently
+//! ignored key) and then [`Job::validate`]d; every error names the field
+//! that is wrong.
+//!
+//! ```toml
+//! id = "bc-logreg"                       # [A-Za-z0-9._:-], 1..=128 bytes
+//! name = "Breast cancer, logistic regression"
+//! rounds = 20
+//! seed = 7                               # site-selection seed
+//! arch = { kind = "logreg", inputs = 30, classes = 2 }
+//! init = { seed = 42 }                   # or { file = "initial.safetensors" }
+//!
+//! [strategy]
+//! name = "fedavg"
+//! [strategy.params]                      # strings, numbers or booleans
+//! server_lr = 1.0
+//!
+//! [selection]
+//! fraction = 1.0                         # of the connected, compatible sites
+//! min_sites = 2                          # a round starts with at least this many
+//! max_sites = 10
+//!
+//! [round]
+//! deadline_secs = 300
+//! quorum = 2                             # accepted updates needed to close
+//! extension_secs = 120                   # one extension if quorum is missing (0: none)
+//! max_attempts = 2                       # offer waves per round before the job fails
+//!
+//! [training]                             # pushed to the sites
+//! epochs = 1
+//! batch_size = 32
+//! optimizer = "sgd"                      # sgd | adam
+//! learning_rate = 0.05
+//! fedprox_mu = 0.0
+//!
+//! [encoding]                             # how sites encode their delta
+//! codec = "f16"                          # f32 | f16 | bf16 | int8 | topk
+//! shuffle = true
+//! zstd_level = 1
+//!
+//! [privacy]
+//! clip_norm = 5.0
+//! noise_multiplier = 0.0
+//!
+//! [evaluation]
+//! every_rounds = 1
+//! split = "test"
+//! ```
+//!
+//! Only `id`, `rounds`, `arch`, `init`, `strategy.name` and
+//! `round.deadline_secs` are required; every other section has defaults
+//! (see each type).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedlink_protocol::arch::ArchSpec;
+use serde::{Deserialize, Serialize};
+
+/// Longest job file accepted, in bytes (a job file is a few hundred bytes).
+pub const MAX_JOB_FILE_BYTES: u64 = 1 << 20;
+/// Longest identifier (job id, site id), in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Most rounds a job may ask for.
+pub const MAX_ROUNDS: u32 = 1_000_000;
+/// Most sites one round may select.
+pub const MAX_SITES_PER_ROUND: u32 = 100_000;
+/// Longest round deadline (and extension): 7 days.
+pub const MAX_DEADLINE_SECS: u64 = 7 * 24 * 3600;
+/// Most offer waves per round.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Most strategy parameters.
+pub const MAX_STRATEGY_PARAMS: usize = 64;
+
+/// Why a job file was refused.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The file could not be read.
+    #[error("cannot read job file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_JOB_FILE_BYTES`].
+    #[error("job file {path} is {len} bytes, more than the limit of {MAX_JOB_FILE_BYTES}")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// Not valid TOML, an unknown key, a missing key or a wrong type. The
+    /// message names the key and the position.
+    #[error("job file is malformed: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// The file parses but a value is out of range or inconsistent.
+    #[error("job field `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the offending field, e.g. `round.quorum`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> JobError {
+    JobError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Check an identifier: 1..=[`MAX_ID_LEN`] bytes of `[A-Za-z0-9._:-]`, so it
+/// is safe in file names, database keys and logs.
+pub fn validate_id(field: &str, id: &str) -> Result<(), JobError> {
+    if id.is_empty() {
+        return Err(invalid(field, "is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(invalid(
+            field,
+            format!("is {} bytes long, more than {MAX_ID_LEN}", id.len()),
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+    {
+        return Err(invalid(
+            field,
+            format!("{id:?} contains a character outside [A-Za-z0-9._:-]"),
+        ));
+    }
+    Ok(())
+}
+
+/// A federated training job, as written in its TOML file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Job identifier (`[A-Za-z0-9._:-]`, 1..=128 bytes); the key of the job
+    /// in the store.
+    pub id: String,
+    /// Human-readable name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Number of rounds to run (1..=[`MAX_ROUNDS`]).
+    pub rounds: u32,
+    /// Seed of the site selection: the selection of round `r`, attempt `a`
+    /// is a pure function of (`seed`, `r`, `a`, the eligible site ids).
+    #[serde(default)]
+    pub seed: u64,
+    /// Model architecture.
+    pub arch: ArchSpec,
+    /// Where the initial global model comes from.
+    pub init: InitSource,
+    /// Aggregation strategy.
+    pub strategy: StrategySection,
+    /// Which sites take part in a round.
+    #[serde(default)]
+    pub selection: Selection,
+    /// Deadlines and quorum of a round.
+    pub round: RoundPolicy,
+    /// Local training configuration pushed to the sites.
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// How sites encode their update.
+    #[serde(default)]
+    pub encoding: DeltaEncoding,
+    /// Update clipping and differential privacy.
+    #[serde(default)]
+    pub privacy: Privacy,
+    /// Evaluation schedule.
+    #[serde(default)]
+    pub evaluation: Evaluation,
+}
+
+/// The initial global model: drawn from a seed by [`ArchSpec::init`], or
+/// read from a file (relative paths are relative to the job file).
+///
+/// TOML: `init = { seed = 42 }` or `init = { file = "initial.safetensors" }`.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawInit", into = "RawInit")]
+pub enum InitSource {
+    /// Seeded initialisation of the architecture.
+    Seed(u64),
+    /// Weights read from a file.
+    File(PathBuf),
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<PathBuf>,
+}
+
+impl TryFrom<RawInit> for InitSource {
+    type Error = String;
+    fn try_from(r: RawInit) -> Result<Self, String> {
+        match (r.seed, r.file) {
+            (Some(s), None) => Ok(Self::Seed(s)),
+            (None, Some(f)) => Ok(Self::File(f)),
+            (Some(_), Some(_)) => Err("init: give either `seed` or `file`, not both".into()),
+            (None, None) => Err("init: give `seed = <u64>` or `file = \"<path>\"`".into()),
+        }
+    }
+}
+
+impl From<InitSource> for RawInit {
+    fn from(i: InitSource) -> Self {
+        match i {
+            InitSource::Seed(s) => Self {
+                seed: Some(s),
+                file: None,
+            },
+            InitSource::File(f) => Self {
+                seed: None,
+                file: Some(f),
+            },
+        }
+    }
+}
+
+/// A strategy hyperparameter: a string, an integer, a float or a boolean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string.
+    Str(String),
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bool(b) => write!(f, "{b}"),
+            Self::Int(i) => write!(f, "{i}"),
+            Self::Float(x) => write!(f, "{x}"),
+            Self::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+/// `[strategy]`: the aggregation strategy by name and its parameters. The
+/// coordinator hands both to the aggregation crate, which checks the name
+/// and the parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySection {
+    /// Strategy name, e.g. `fedavg`, `fedadam`, `trimmed-mean`.
+    pub name: String,
+    /// Hyperparameters (`[strategy.params]`), sorted by key.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamValue>,
+}
+
+impl StrategySection {
+    /// Parameters as `key=value` strings, sorted by key (the form the
+    /// aggregation crate's `StrategyConfig` parses).
+    pub fn params_as_strings(&self) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+}
+
+/// `[selection]`: how many sites a round selects among the connected,
+/// compatible ones: `clamp(ceil(fraction × eligible), min_sites, max_sites)`,
+/// and a round starts only once at least `min_sites` are eligible.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    /// Fraction of eligible sites to select, in (0, 1]. Default 1.
+    #[serde(default = "one_f64")]
+    pub fraction: f64,
+    /// Fewest sites a round starts with. Default: `round.quorum`.
+    #[serde(default)]
+    pub min_sites: Option<u32>,
+    /// Most sites a round selects. Default [`MAX_SITES_PER_ROUND`].
+    #[serde(default)]
+    pub max_sites: Option<u32>,
+    /// If set, only these site ids may take part in the job; other sites
+    /// are disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Self {
+            fraction: 1.0,
+            min_sites: None,
+            max_sites: None,
+            allow: None,
+        }
+    }
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// `[round]`: deadline and quorum of a round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundPolicy {
+    /// Seconds from the offers to the deadline.
+    pub deadline_secs: u64,
+    /// Accepted updates needed to close the round. Default 1.
+    #[serde(default = "one_u32")]
+    pub quorum: u32,
+    /// If the deadline passes without quorum while selected sites are still
+    /// working, the deadline is extended once by this many seconds
+    /// (0: no extension). Default 0.
+    #[serde(default)]
+    pub extension_secs: u64,
+    /// Offer waves per round: when a wave ends without quorum, a new wave
+    /// offers the round to more sites, until this many waves have run; then
+    /// the job fails. Default 1.
+    #[serde(default = "one_u32")]
+    pub max_attempts: u32,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+/// Local optimiser used by the sites.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// Plain SGD.
+    Sgd,
+    /// Adam.
+    Adam,
+}
+
+/// `[training]`: the local training configuration pushed to every site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Local epochs per round (1..=1000). Default 1.
+    #[serde(default = "one_u32")]
+    pub epochs: u32,
+    /// Mini-batch size (1..=65536). Default 32.
+    #[serde(default = "default_batch")]
+    pub batch_size: u32,
+    /// Local optimiser. Default SGD.
+    #[serde(default = "default_optimizer")]
+    pub optimizer: LocalOptimizer,
+    /// Local learning rate (finite, > 0). Default 0.01.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// FedProx proximal term μ (finite, ≥ 0; 0 = plain FedAvg). Default 0.
+    #[serde(default)]
+    pub fedprox_mu: f64,
+}
+
+fn default_batch() -> u32 {
+    32
+}
+fn default_optimizer() -> LocalOptimizer {
+    LocalOptimizer::Sgd
+}
+fn default_lr() -> f64 {
+    0.01
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: default_batch(),
+            optimizer: default_optimizer(),
+            learning_rate: default_lr(),
+            fedprox_mu: 0.0,
+        }
+    }
+}
+
+/// Value codec of the delta (see `fedlink_protocol::encoding::ValueCodec`).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecKind {
+    /// Lossless f32.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit symmetric quantisation (see `int8_stochastic`).
+    Int8,
+    /// Top-k sparsification (see `topk_fraction`).
+    Topk,
+}
+
+/// `[encoding]`: how sites encode the delta they upload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaEncoding {
+    /// Value codec. Default `f32`.
+    #[serde(default = "default_codec")]
+    pub codec: CodecKind,
+    /// Byte-plane shuffle before compression. Default true.
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+    /// zstd level (1..=19). Default 1.
+    #[serde(default = "one_i32")]
+    pub zstd_level: i32,
+    /// Fraction of values kept by top-k, in (0, 0.5]; required for
+    /// `codec = "topk"`, refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topk_fraction: Option<f64>,
+    /// Stochastic rounding for `int8`. Default false; refused for other
+    /// codecs when true.
+    #[serde(default)]
+    pub int8_stochastic: bool,
+    /// Chunk size in bytes of f32 input (multiple of 4, 16..=4 MiB).
+    /// Default 2 MiB.
+    #[serde(default = "default_chunk")]
+    pub chunk_bytes: u32,
+}
+
+fn default_codec() -> CodecKind {
+    CodecKind::F32
+}
+fn yes() -> bool {
+    true
+}
+fn one_i32() -> i32 {
+    1
+}
+fn default_chunk() -> u32 {
+    2 * 1024 * 1024
+}
+
+impl Default for DeltaEncoding {
+    fn default() -> Self {
+        Self {
+            codec: default_codec(),
+            shuffle: true,
+            zstd_level: 1,
+            topk_fraction: None,
+            int8_stochastic: false,
+            chunk_bytes: default_chunk(),
+        }
+    }
+}
+
+impl DeltaEncoding {
+    /// Top-k fraction in parts per million (what the wire encoding carries),
+    /// for `codec = "topk"`.
+    pub fn topk_per_million(&self) -> Option<u32> {
+        self.topk_fraction
+            .map(|f| ((f * 1_000_000.0).round() as u32).max(1))
+    }
+}
+
+/// `[privacy]`: clipping of every update and central Gaussian noise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Privacy {
+    /// Clip each update to this L2 norm (finite, > 0). Default: no clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
+    /// Gaussian noise standard deviation as a multiple of `clip_norm`
+    /// (finite, ≥ 0; > 0 requires `clip_norm`). Default 0.
+    #[serde(default)]
+    pub noise_multiplier: f64,
+    /// Target δ for the privacy accountant, in (0, 1). Only meaningful with
+    /// noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_delta: Option<f64>,
+}
+
+/// `[evaluation]`: when the global model is evaluated, and on which split.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    /// Evaluate after every N completed rounds (0: never; the last round is
+    /// always evaluated when N > 0). Default 1.
+    #[serde(default = "one_u32")]
+    pub every_rounds: u32,
+    /// Name of the held-out split the sites evaluate on. Default: none (the
+    /// site agent's default split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+}
+
+impl Default for Evaluation {
+    fn default() -> Self {
+        Self {
+            every_rounds: 1,
+            split: None,
+        }
+    }
+}
+
+fn finite_pos(field: &str, x: f64) -> Result<(), JobError> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must be finite and > 0, got {x}")))
+    }
+}
+
+fn finite_nonneg(field: &str, x: f64) -> Result<(), JobError> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must be finite and >= 0, got {x}")))
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    x: T,
+    lo: T,
+    hi: T,
+) -> Result<(), JobError> {
+    if x >= lo && x <= hi {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{x} is outside {lo}..={hi}")))
+    }
+}
+
+impl Job {
+    /// Parse and validate a job from TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, JobError> {
+        let job: Self = toml::from_str(text)?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    /// Read, parse and validate a job file (at most [`MAX_JOB_FILE_BYTES`]).
+    /// A relative `init.file` is resolved against the job file's directory.
+    pub fn from_file(path: &Path) -> Result<Self, JobError> {
+        let io = |source| JobError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_JOB_FILE_BYTES {
+            return Err(JobError::TooLarge {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        let mut job = Self::from_toml(&text)?;
+        if let InitSource::File(f) = &mut job.init
+            && f.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            *f = dir.join(&*f);
+        }
+        Ok(job)
+    }
+
+    /// The job as TOML text (what the store keeps).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
+    /// Effective fewest sites per round (`selection.min_sites`, default
+    /// `round.quorum`).
+    pub fn min_sites(&self) -> u32 {
+        self.selection.min_sites.unwrap_or(self.round.quorum)
+    }
+
+    /// Effective most sites per round.
+    pub fn max_sites(&self) -> u32 {
+        self.selection.max_sites.unwrap_or(MAX_SITES_PER_ROUND)
+    }
+
+    /// Round deadline.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs(self.round.deadline_secs)
+    }
+
+    /// Check every value; the error names the field.
+    pub fn validate(&self) -> Result<(), JobError> {
+        validate_id("id", &self.id)?;
+        if let Some(n) = &self.name
+            && (n.len() > 1024 || n.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "name",
+                "must be at most 1024 bytes without control characters",
+            ));
+        }
+        in_range("rounds", self.rounds, 1, MAX_ROUNDS)?;
+        self.arch
+            .validate()
+            .map_err(|e| invalid("arch", e.to_string()))?;
+        if let InitSource::File(f) = &self.init
+            && f.as_os_str().is_empty()
+        {
+            return Err(invalid("init.file", "is empty"));
+        }
+
+        // strategy
+        let s = &self.strategy;
+        if s.name.is_empty()
+            || s.name.len() > 64
+            || !s
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        {
+            return Err(invalid(
+                "strategy.name",
+                format!("{:?} must be 1..=64 characters of [A-Za-z0-9_-]", s.name),
+            ));
+        }
+        if s.params.len() > MAX_STRATEGY_PARAMS {
+            return Err(invalid(
+                "strategy.params",
+                format!(
+                    "{} entries, more than {MAX_STRATEGY_PARAMS}",
+                    s.params.len()
+                ),
+            ));
+        }
+        for (k, v) in &s.params {
+            let field = format!("strategy.params.{k}");
+            if k.is_empty()
+                || k.len() > 64
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                return Err(invalid(
+                    field,
+                    "key must be 1..=64 characters of [A-Za-z0-9_.-]",
+                ));
+            }
+            match v {
+                ParamValue::Float(x) if !x.is_finite() => {
+                    return Err(invalid(field, "must be finite"));
+                }
+                ParamValue::Str(t) if t.len() > 256 || t.chars().any(char::is_control) => {
+                    return Err(invalid(
+                        field,
+                        "must be at most 256 bytes without control characters",
+                    ));
+                }
+                _ => {}
+            }
+        }
+
+        // round policy
+        let r = &self.round;
+        in_range("round.deadline_secs", r.deadline_secs, 1, MAX_DEADLINE_SECS)?;
+        in_range(
+            "round.extension_secs",
+            r.extension_secs,
+            0,
+            MAX_DEADLINE_SECS,
+        )?;
+        in_range("round.quorum", r.quorum, 1, MAX_SITES_PER_ROUND)?;
+        in_range("round.max_attempts", r.max_attempts, 1, MAX_ATTEMPTS)?;
+
+        // selection
+        let sel = &self.selection;
+        if !(sel.fraction.is_finite() && sel.fraction > 0.0 && sel.fraction <= 1.0) {
+            return Err(invalid(
+                "selection.fraction",
+                format!("must be in (0, 1], got {}", sel.fraction),
+            ));
+        }
+        in_range(
+            "selection.max_sites",
+            self.max_sites(),
+            1,
+            MAX_SITES_PER_ROUND,
+        )?;
+        in_range("selection.min_sites", self.min_sites(), 1, self.max_sites())?;
+        if r.quorum > self.min_sites() {
+            return Err(invalid(
+                "round.quorum",
+                format!(
+                    "{} is more than selection.min_sites = {}: a round could never close",
+                    r.quorum,
+                    self.min_sites()
+                ),
+            ));
+        }
+        if let Some(allow) = &sel.allow {
+            if allow.is_empty() {
+                return Err(invalid(
+                    "selection.allow",
+                    "is empty: no site could take part",
+                ));
+            }
+            if allow.len() > MAX_SITES_PER_ROUND as usize {
+                return Err(invalid("selection.allow", "too many entries"));
+            }
+            for (i, site) in allow.iter().enumerate() {
+                validate_id(&format!("selection.allow[{i}]"), site)?;
+            }
+        }
+
+        // training
+        let t = &self.training;
+        in_range("training.epochs", t.epochs, 1, 1000)?;
+        in_range("training.batch_size", t.batch_size, 1, 65_536)?;
+        finite_pos("training.learning_rate", t.learning_rate)?;
+        finite_nonneg("training.fedprox_mu", t.fedprox_mu)?;
+
+        // encoding
+        let e = &self.encoding;
+        in_range("encoding.zstd_level", e.zstd_level, 1, 19)?;
+        if e.chunk_bytes % 4 != 0 {
+            return Err(invalid("encoding.chunk_bytes", "must be a multiple of 4"));
+        }
+        in_range("encoding.chunk_bytes", e.chunk_bytes, 16, 4 * 1024 * 1024)?;
+        match (e.codec, e.topk_fraction) {
+            (CodecKind::Topk, None) => {
+                return Err(invalid(
+                    "encoding.topk_fraction",
+                    "is required with codec = \"topk\"",
+                ));
+            }
+            (CodecKind::Topk, Some(f)) => {
+                if !(f.is_finite() && f > 0.0 && f <= 0.5) {
+                    return Err(invalid(
+                        "encoding.topk_fraction",
+                        format!("must be in (0, 0.5], got {f}"),
+                    ));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "encoding.topk_fraction",
+                    "is only valid with codec = \"topk\"",
+                ));
+            }
+            (_, None) => {}
+        }
+        if e.int8_stochastic && e.codec != CodecKind::Int8 {
+            return Err(invalid(
+                "encoding.int8_stochastic",
+                "is only valid with codec = \"int8\"",
+            ));
+        }
+
+        // privacy
+        let p = &self.privacy;
+        if let Some(c) = p.clip_norm {
+            finite_pos("privacy.clip_norm", c)?;
+        }
+        finite_nonneg("privacy.noise_multiplier", p.noise_multiplier)?;
+        if p.noise_multiplier > 0.0 && p.clip_norm.is_none() {
+            return Err(invalid(
+                "privacy.noise_multiplier",
+                "noise needs privacy.clip_norm (the sensitivity)",
+            ));
+        }
+        if let Some(d) = p.target_delta
+            && !(d.is_finite() && d > 0.0 && d < 1.0)
+        {
+            return Err(invalid(
+                "privacy.target_delta",
+                format!("must be in (0, 1), got {d}"),
+            ));
+        }
+
+        // evaluation
+        if let Some(split) = &self.evaluation.split {
+            validate_id("evaluation.split", split)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/jobs/breast-cancer-logreg.toml");
+
+    const MINIMAL: &str = r#"
+id = "j1"
+rounds = 3
+arch = { kind = "logreg", inputs = 4, classes = 2 }
+init = { seed = 1 }
+[strategy]
+name = "fedavg"
+[round]
+deadline_secs = 60
+"#;
+
+    fn field_of(err: JobError) -> String {
+        match err {
+            JobError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn example_job_parses() {
+        let job = Job::from_toml(EXAMPLE).unwrap();
+        assert_eq!(job.id, "breast-cancer-logreg");
+        assert_eq!(
+            job.arch,
+            ArchSpec::LogReg {
+                inputs: 30,
+                classes: 2
+            }
+        );
+        assert_eq!(job.init, InitSource::Seed(42));
+        assert_eq!(job.strategy.name, "fedavg");
+        assert_eq!(job.round.quorum, 2);
+        assert_eq!(job.evaluation.split.as_deref(), Some("test"));
+        assert_eq!(job.training.optimizer, LocalOptimizer::Sgd);
+        // Round-trips through TOML unchanged.
+        let again = Job::from_toml(&job.to_toml().unwrap()).unwrap();
+        assert_eq!(again, job);
+    }
+
+    #[test]
+    fn example_job_file_loads_from_disk() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/jobs/breast-cancer-logreg.toml");
+        let job = Job::from_file(&path).unwrap();
+        assert_eq!(job.rounds, 20);
+    }
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let job = Job::from_toml(MINIMAL).unwrap();
+        assert_eq!(job.min_sites(), 1);
+        assert_eq!(job.max_sites(), MAX_SITES_PER_ROUND);
+        assert_eq!(job.selection.fraction, 1.0);
+        assert_eq!(job.round.max_attempts, 1);
+        assert_eq!(job.training, TrainingConfig::default());
+        assert_eq!(job.encoding, DeltaEncoding::default());
+        assert_eq!(job.evaluation.every_rounds, 1);
+        assert_eq!(job.deadline(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let text = MINIMAL.replace("[round]", "[round]\ndeadlin_secs = 3");
+        let err = Job::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("deadlin_secs"), "{err}");
+        let text = format!("colour = 1\n{MINIMAL}");
+        let err = Job::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn init_needs_exactly_one_source() {
+        let both = MINIMAL.replace("init = { seed = 1 }", "init = { seed = 1, file = \"x\" }");
+        assert!(
+            Job::from_toml(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+        let none = MINIMAL.replace("init = { seed = 1 }", "init = {}");
+        assert!(Job::from_toml(&none).is_err());
+        let file = MINIMAL.replace("init = { seed = 1 }", "init = { file = \"w.safetensors\" }");
+        assert_eq!(
+            Job::from_toml(&file).unwrap().init,
+            InitSource::File("w.safetensors".into())
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            ("id = \"j1\"", "id = \"j 1\"", "id"),
+            ("rounds = 3", "rounds = 0", "rounds"),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 0",
+                "round.deadline_secs",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\nquorum = 3\n[selection]\nmin_sites = 2",
+                "round.quorum",
+            ),
+            (
+                "name = \"fedavg\"",
+                "name = \"fedavg\"\n[strategy.params]\nlr = nan",
+                "strategy.params.lr",
+            ),
+            ("name = \"fedavg\"", "name = \"fed avg\"", "strategy.name"),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[encoding]\ncodec = \"topk\"",
+                "encoding.topk_fraction",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[encoding]\nint8_stochastic = true",
+                "encoding.int8_stochastic",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[privacy]\nnoise_multiplier = 1.0",
+                "privacy.noise_multiplier",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[training]\nlearning_rate = -1.0",
+                "training.learning_rate",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[selection]\nfraction = 1.5",
+                "selection.fraction",
+            ),
+            (
+                "deadline_secs = 60",
+                "deadline_secs = 60\n[selection]\nallow = [\"ok\", \"b/ad\"]",
+                "selection.allow[1]",
+            ),
+            ("inputs = 4", "inputs = 0", "arch"),
+        ];
+        for (from, to, field) in cases {
+            let text = MINIMAL.replace(from, to);
+            assert_ne!(text, MINIMAL, "{from}");
+            assert_eq!(field_of(Job::from_toml(&text).unwrap_err()), field, "{to}");
+        }
+    }
+
+    #[test]
+    fn strategy_params_keep_their_types() {
+        let text = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"trimmed-mean\"\n[strategy.params]\nbeta = 0.1\nk = 2\nmode = \"x\"\non = true",
+        );
+        let job = Job::from_toml(&text).unwrap();
+        assert_eq!(job.strategy.params["beta"], ParamValue::Float(0.1));
+        assert_eq!(job.strategy.params["k"], ParamValue::Int(2));
+        assert_eq!(job.strategy.params["on"], ParamValue::Bool(true));
+        assert_eq!(
+            job.strategy.params_as_strings(),
+            vec![
+                ("beta".into(), "0.1".into()),
+                ("k".into(), "2".into()),
+                ("mode".into(), "x".into()),
+                ("on".into(), "true".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn relative_init_file_resolves_against_job_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        let text = MINIMAL.replace("init = { seed = 1 }", "init = { file = \"w.safetensors\" }");
+        std::fs::write(&path, text).unwrap();
+        let job = Job::from_file(&path).unwrap();
+        assert_eq!(job.init, InitSource::File(dir.path().join("w.safetensors")));
+    }
+}
