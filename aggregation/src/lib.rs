@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod accountant;
 pub mod error;
 pub mod fedavg;
 pub mod validate;
