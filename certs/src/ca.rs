@@ -1,0 +1,920 @@
+//! The federation CA and provisioning: `init`, `issue-site`, `issue-admin`,
+//! `renew`, `revoke`.
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, ServerName};
+use time::{Duration, OffsetDateTime};
+
+use crate::Error;
+use crate::certinfo::{CertInfo, Fingerprint, Serial};
+use crate::files::{self, DirLock, io_err};
+use crate::identity::{Identity, Role, validate_name};
+use crate::kit::{
+    CA_CERT_FILE, CERT_FILE, KEY_FILE, KIT_FILE, KIT_FORMAT, Kit, KitInfo, UPDATE_KEY_FILE,
+    UPDATE_PUBLIC_KEY_FILE,
+};
+use crate::manifest::{SiteEntry, SiteManifest};
+use crate::revocation::{RevokedEntry, RevokedFile};
+
+/// Sub-directory of the federation directory holding the CA.
+pub const CA_DIR: &str = "ca";
+/// The CA private key file in the CA directory (mode 0600; never in a kit).
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// Federation settings in the CA directory.
+pub const FEDERATION_FILE: &str = "federation.toml";
+/// Audit register of every certificate issued, in the CA directory.
+pub const ISSUED_FILE: &str = "issued.toml";
+/// Revocation list in the CA directory.
+pub const REVOKED_FILE: &str = "revoked.toml";
+/// Provisioning manifest (approved sites) in the CA directory.
+pub const SITES_FILE: &str = "sites.toml";
+/// Name of the coordinator's identity.
+pub const COORDINATOR_NAME: &str = "coordinator";
+/// Default coordinator UDP port.
+pub const DEFAULT_PORT: u16 = 4433;
+/// Default end-entity validity (days).
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+/// Default CA validity (days).
+pub const DEFAULT_CA_VALIDITY_DAYS: u32 = 3650;
+/// Certificates are back-dated by this much to tolerate clock skew.
+pub const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+const FORMAT: u32 = 1;
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// A certificate validity period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From `now - CLOCK_SKEW` to `now + days`. `days` must be 1..=36500.
+    pub fn days_from(now: OffsetDateTime, days: u32) -> Result<Self, Error> {
+        if !(1..=36_500).contains(&days) {
+            return Err(Error::Refused(format!(
+                "validity of {days} days is out of range (1 to 36500)"
+            )));
+        }
+        Self::new(now - CLOCK_SKEW, now + Duration::days(i64::from(days)))
+    }
+
+    /// An explicit period (`not_before < not_after`). Either may be in the
+    /// past: tests use this to make expired certificates.
+    pub fn new(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Result<Self, Error> {
+        if not_before >= not_after {
+            return Err(Error::Refused(
+                "validity: not_before must be before not_after".into(),
+            ));
+        }
+        Ok(Self {
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Start of validity.
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
+    }
+
+    /// End of validity.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+}
+
+/// `ca/federation.toml`: federation-wide settings copied into new kits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationInfo {
+    /// Format version (1).
+    pub format: u32,
+    /// Federation name.
+    pub federation: String,
+    /// Default coordinator address for new kits (`host:port`).
+    pub coordinator_addr: String,
+    /// Name clients verify in the coordinator certificate.
+    pub coordinator_server_name: String,
+    /// When the CA was created (RFC 3339).
+    pub created_at: String,
+}
+
+/// One record of `ca/issued.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedRecord {
+    /// Certificate serial.
+    pub serial: Serial,
+    /// SHA-256 of the certificate.
+    pub fingerprint: Fingerprint,
+    /// Identity in the certificate.
+    pub identity: Identity,
+    /// Start of validity (RFC 3339).
+    pub not_before: String,
+    /// End of validity (RFC 3339).
+    pub not_after: String,
+    /// When it was issued (RFC 3339).
+    pub issued_at: String,
+    /// Kit directory it was written to, as given at issue time.
+    pub kit_dir: String,
+    /// Serial of the certificate this one renewed, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renews: Option<Serial>,
+}
+
+/// `ca/issued.toml`: every certificate the CA issued (audit register).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedFile {
+    /// Format version (1).
+    pub format: u32,
+    /// Issued certificates, oldest first.
+    #[serde(default)]
+    pub cert: Vec<IssuedRecord>,
+}
+
+impl IssuedFile {
+    /// Read `issued.toml`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let file: Self = files::read_toml(path)?;
+        if file.format != FORMAT {
+            return Err(Error::Invalid {
+                path: path.to_path_buf(),
+                why: format!("unsupported format {}", file.format),
+            });
+        }
+        Ok(file)
+    }
+
+    fn save(&self, path: &Path) -> Result<(), Error> {
+        files::replace_public(path, files::to_toml(self, path)?.as_bytes())
+    }
+}
+
+/// Options of [`CertificateAuthority::init`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InitOptions {
+    /// Federation name.
+    pub federation: String,
+    /// Federation directory to create (`ca/`, `coordinator/`, `admins/`).
+    pub out_dir: PathBuf,
+    /// DNS names / IP addresses of the coordinator certificate
+    /// (default `localhost`, `127.0.0.1`).
+    pub server_names: Vec<String>,
+    /// Coordinator address written into kits (default `<first name>:4433`).
+    pub coordinator_addr: Option<String>,
+    /// Name of the first admin.
+    pub admin: String,
+    /// Validity of the coordinator and admin certificates (days).
+    pub validity_days: u32,
+    /// Validity of the CA certificate (days).
+    pub ca_validity_days: u32,
+}
+
+impl InitOptions {
+    /// Defaults for `federation` in `out_dir`.
+    pub fn new(federation: impl Into<String>, out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            federation: federation.into(),
+            out_dir: out_dir.into(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            coordinator_addr: None,
+            admin: "admin".into(),
+            validity_days: DEFAULT_VALIDITY_DAYS,
+            ca_validity_days: DEFAULT_CA_VALIDITY_DAYS,
+        }
+    }
+}
+
+/// What [`CertificateAuthority::init`] created.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InitReport {
+    /// The CA directory.
+    pub ca_dir: PathBuf,
+    /// The coordinator's kit.
+    pub coordinator_kit: PathBuf,
+    /// The first admin's kit.
+    pub admin_kit: PathBuf,
+}
+
+/// A freshly issued kit.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct IssuedKit {
+    /// The kit directory.
+    pub dir: PathBuf,
+    /// Its identity.
+    pub identity: Identity,
+    /// Its certificate's serial.
+    pub serial: Serial,
+    /// Its certificate's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The site's update public key (hex), for site kits.
+    pub update_public_key: Option<String>,
+}
+
+/// Result of a renewal.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RenewReport {
+    /// The new certificate.
+    pub kit: IssuedKit,
+    /// Serial of the replaced certificate.
+    pub old_serial: Serial,
+    /// Where the replaced certificate and key were kept.
+    pub backups: Vec<PathBuf>,
+}
+
+struct KitRequest<'a> {
+    identity: Identity,
+    out_dir: &'a Path,
+    validity: Validity,
+    server_names: &'a [String],
+    coordinator_addr: Option<&'a str>,
+}
+
+/// An opened federation CA (its directory, certificate and private key).
+pub struct CertificateAuthority {
+    dir: PathBuf,
+    info: FederationInfo,
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("dir", &self.dir)
+            .field("federation", &self.info.federation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    // Positive and without a leading zero byte, so the DER form is exactly
+    // these 16 bytes.
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    SerialNumber::from_slice(&bytes)
+}
+
+fn new_tls_key() -> Result<KeyPair, Error> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
+fn validate_server_name(name: &str) -> Result<(), Error> {
+    ServerName::try_from(name)
+        .map(|_| ())
+        .map_err(|_| Error::Refused(format!("{name:?} is not a valid DNS name or IP address")))
+}
+
+fn default_addr(server_name: &str) -> String {
+    match server_name.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{DEFAULT_PORT}"),
+        _ => format!("{server_name}:{DEFAULT_PORT}"),
+    }
+}
+
+fn leaf_params(
+    identity: &Identity,
+    validity: Validity,
+    server_names: &[String],
+) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(random_serial());
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.name());
+    dn.push(DnType::OrganizationalUnitName, identity.role().as_str());
+    dn.push(
+        DnType::OrganizationName,
+        format!("fedlink {}", identity.federation()),
+    );
+    params.distinguished_name = dn;
+    params
+        .subject_alt_names
+        .push(SanType::URI(identity.to_uri().try_into()?));
+    for name in server_names {
+        validate_server_name(name)?;
+        params.subject_alt_names.push(match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.as_str().try_into()?),
+        });
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![match identity.role() {
+        Role::Coordinator => ExtendedKeyUsagePurpose::ServerAuth,
+        Role::Site | Role::Admin => ExtendedKeyUsagePurpose::ClientAuth,
+    }];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+impl CertificateAuthority {
+    /// Create a federation: `out_dir/ca` (CA certificate and key, empty
+    /// registers), the coordinator kit in `out_dir/coordinator` and the first
+    /// admin kit in `out_dir/admins/<admin>`. Refuses if `out_dir/ca` exists.
+    pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<(Self, InitReport), Error> {
+        validate_name(&opts.federation)?;
+        validate_name(&opts.admin)?;
+        if opts.server_names.is_empty() {
+            return Err(Error::Refused(
+                "the coordinator certificate needs at least one DNS name or IP address".into(),
+            ));
+        }
+        for n in &opts.server_names {
+            validate_server_name(n)?;
+        }
+        let validity = Validity::days_from(now, opts.validity_days)?;
+        let ca_validity = Validity::days_from(now, opts.ca_validity_days)?;
+        let server_name = opts
+            .server_names
+            .iter()
+            .find(|n| n.parse::<IpAddr>().is_err())
+            .or_else(|| opts.server_names.first())
+            .cloned()
+            .unwrap_or_default();
+        let coordinator_addr = opts
+            .coordinator_addr
+            .clone()
+            .unwrap_or_else(|| default_addr(&server_name));
+
+        let ca_dir = opts.out_dir.join(CA_DIR);
+        let coordinator_kit = opts.out_dir.join("coordinator");
+        let admin_kit = opts.out_dir.join("admins").join(&opts.admin);
+        for p in [&ca_dir, &coordinator_kit, &admin_kit] {
+            if p.exists() {
+                return Err(Error::AlreadyExists { path: p.clone() });
+            }
+        }
+        files::create_private_dir(&ca_dir)?;
+
+        // The CA: P-256, path length 0 (issues end entities only).
+        let key = new_tls_key()?;
+        let mut params = CertificateParams::default();
+        params.not_before = ca_validity.not_before;
+        params.not_after = ca_validity.not_after;
+        params.serial_number = Some(random_serial());
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            format!("fedlink {} root CA", opts.federation),
+        );
+        dn.push(
+            DnType::OrganizationName,
+            format!("fedlink {}", opts.federation),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+
+        files::write_secret(&ca_dir.join(CA_KEY_FILE), key.serialize_pem().as_bytes())?;
+        files::write_public(&ca_dir.join(CA_CERT_FILE), cert.pem().as_bytes())?;
+        let info = FederationInfo {
+            format: FORMAT,
+            federation: opts.federation.clone(),
+            coordinator_addr,
+            coordinator_server_name: server_name,
+            created_at: rfc3339(now),
+        };
+        let fed_path = ca_dir.join(FEDERATION_FILE);
+        files::write_public(&fed_path, files::to_toml(&info, &fed_path)?.as_bytes())?;
+        let issued = IssuedFile {
+            format: FORMAT,
+            cert: Vec::new(),
+        };
+        let p = ca_dir.join(ISSUED_FILE);
+        files::write_public(&p, files::to_toml(&issued, &p)?.as_bytes())?;
+        let p = ca_dir.join(REVOKED_FILE);
+        files::write_public(&p, files::to_toml(&RevokedFile::default(), &p)?.as_bytes())?;
+        let p = ca_dir.join(SITES_FILE);
+        files::write_public(
+            &p,
+            files::to_toml(&SiteManifest::new(&opts.federation)?, &p)?.as_bytes(),
+        )?;
+
+        let ca = Self::open(&ca_dir)?;
+        ca.issue_coordinator(&coordinator_kit, &opts.server_names, validity, now)?;
+        ca.issue_admin(&opts.admin, &admin_kit, validity, None, now)?;
+        Ok((
+            ca,
+            InitReport {
+                ca_dir,
+                coordinator_kit,
+                admin_kit,
+            },
+        ))
+    }
+
+    /// Open an existing CA directory (checks the key's mode and that it
+    /// matches the CA certificate).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        let info: FederationInfo = files::read_toml(&dir.join(FEDERATION_FILE))?;
+        validate_name(&info.federation)?;
+        let key_path = dir.join(CA_KEY_FILE);
+        files::check_private_mode(&key_path)?;
+        let key_pem = files::read_string(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| Error::Invalid {
+            path: key_path.clone(),
+            why: format!("bad CA key: {e}"),
+        })?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        let cert = files::read_one_cert(&cert_path)?;
+        let cert_pem = files::read_string(&cert_path)?;
+        {
+            let (_, parsed) =
+                x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| Error::Invalid {
+                    path: cert_path.clone(),
+                    why: e.to_string(),
+                })?;
+            if !parsed.is_ca() {
+                return Err(Error::Invalid {
+                    path: cert_path.clone(),
+                    why: "not a CA certificate".into(),
+                });
+            }
+            if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(Error::Invalid {
+                    path: key_path,
+                    why: format!("does not match {}", cert_path.display()),
+                });
+            }
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        Ok(Self {
+            dir,
+            info,
+            cert,
+            cert_pem,
+            issuer,
+        })
+    }
+
+    /// The federation name.
+    pub fn federation(&self) -> &str {
+        &self.info.federation
+    }
+
+    /// The federation settings.
+    pub fn info(&self) -> &FederationInfo {
+        &self.info
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// Path of the provisioning manifest (`sites.toml`).
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join(SITES_FILE)
+    }
+
+    /// Path of the revocation list (`revoked.toml`).
+    pub fn revoked_path(&self) -> PathBuf {
+        self.dir.join(REVOKED_FILE)
+    }
+
+    /// Path of the audit register (`issued.toml`).
+    pub fn issued_path(&self) -> PathBuf {
+        self.dir.join(ISSUED_FILE)
+    }
+
+    /// Issue a site kit into `out_dir` (which must not exist or be empty):
+    /// TLS certificate and key, a separate ed25519 update-signing key and
+    /// its public key, the CA certificate, `kit.toml`. Adds the site to
+    /// `sites.toml`.
+    pub fn issue_site(
+        &self,
+        name: &str,
+        out_dir: &Path,
+        validity: Validity,
+        coordinator_addr: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedKit, Error> {
+        self.issue(
+            KitRequest {
+                identity: Identity::new(self.federation(), Role::Site, name)?,
+                out_dir,
+                validity,
+                server_names: &[],
+                coordinator_addr,
+            },
+            now,
+        )
+    }
+
+    /// Issue an admin kit into `out_dir` (no update key).
+    pub fn issue_admin(
+        &self,
+        name: &str,
+        out_dir: &Path,
+        validity: Validity,
+        coordinator_addr: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedKit, Error> {
+        self.issue(
+            KitRequest {
+                identity: Identity::new(self.federation(), Role::Admin, name)?,
+                out_dir,
+                validity,
+                server_names: &[],
+                coordinator_addr,
+            },
+            now,
+        )
+    }
+
+    /// Issue the coordinator's kit into `out_dir`, with `server_names` (DNS
+    /// names, IP addresses) in its certificate.
+    pub fn issue_coordinator(
+        &self,
+        out_dir: &Path,
+        server_names: &[String],
+        validity: Validity,
+        now: OffsetDateTime,
+    ) -> Result<IssuedKit, Error> {
+        if server_names.is_empty() {
+            return Err(Error::Refused(
+                "the coordinator certificate needs at least one DNS name or IP address".into(),
+            ));
+        }
+        self.issue(
+            KitRequest {
+                identity: Identity::new(self.federation(), Role::Coordinator, COORDINATOR_NAME)?,
+                out_dir,
+                validity,
+                server_names,
+                coordinator_addr: None,
+            },
+            now,
+        )
+    }
+
+    fn issue(&self, req: KitRequest<'_>, now: OffsetDateTime) -> Result<IssuedKit, Error> {
+        let _lock = DirLock::acquire(&self.dir)?;
+        let out_dir = req.out_dir;
+        if out_dir.exists()
+            && fs::read_dir(out_dir)
+                .map_err(io_err(out_dir))?
+                .next()
+                .is_some()
+        {
+            return Err(Error::AlreadyExists {
+                path: out_dir.to_path_buf(),
+            });
+        }
+        let mut issued = IssuedFile::load(&self.issued_path())?;
+        if issued.cert.iter().any(|r| r.identity == req.identity) {
+            return Err(Error::Refused(format!(
+                "{} was already issued (see {}); names are not reused: renew the existing kit \
+                 with `fedlink certs renew`, or pick a new name",
+                req.identity,
+                self.issued_path().display()
+            )));
+        }
+        let mut manifest = match req.identity.role() {
+            Role::Site => {
+                let m = SiteManifest::load(&self.manifest_path())?;
+                if m.get(req.identity.name()).is_some() {
+                    return Err(Error::Refused(format!(
+                        "site {} is already in {}",
+                        req.identity.name(),
+                        self.manifest_path().display()
+                    )));
+                }
+                Some(m)
+            }
+            _ => None,
+        };
+
+        let key = new_tls_key()?;
+        let cert = leaf_params(&req.identity, req.validity, req.server_names)?
+            .signed_by(&key, &self.issuer)?;
+        let cert_der = cert.der().clone();
+        let cert_info = CertInfo::from_der(&cert_der)?;
+        let update_key =
+            (req.identity.role() == Role::Site).then(|| SigningKey::generate(&mut OsRng));
+
+        let info = KitInfo {
+            format: KIT_FORMAT,
+            federation: self.federation().to_owned(),
+            role: req.identity.role(),
+            name: req.identity.name().to_owned(),
+            coordinator_addr: req
+                .coordinator_addr
+                .unwrap_or(&self.info.coordinator_addr)
+                .to_owned(),
+            coordinator_server_name: self.info.coordinator_server_name.clone(),
+            ca_cert: CA_CERT_FILE.into(),
+            cert: CERT_FILE.into(),
+            key: KEY_FILE.into(),
+            update_key: update_key.as_ref().map(|_| UPDATE_KEY_FILE.into()),
+            update_public_key: update_key.as_ref().map(|_| UPDATE_PUBLIC_KEY_FILE.into()),
+        };
+
+        // Write everything into a staging directory next to the target, then
+        // rename it into place: a kit is either complete or absent.
+        let staging = files::sibling(out_dir, "partial");
+        files::create_private_dir(&staging)?;
+        let written = (|| -> Result<(), Error> {
+            files::write_public(&staging.join(CA_CERT_FILE), self.cert_pem.as_bytes())?;
+            files::write_public(&staging.join(CERT_FILE), cert.pem().as_bytes())?;
+            files::write_secret(&staging.join(KEY_FILE), key.serialize_pem().as_bytes())?;
+            if let Some(uk) = &update_key {
+                let pem = uk
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| Error::Refused(format!("cannot encode the update key: {e}")))?;
+                files::write_secret(&staging.join(UPDATE_KEY_FILE), pem.as_bytes())?;
+                let public = uk
+                    .verifying_key()
+                    .to_public_key_pem(LineEnding::LF)
+                    .map_err(|e| {
+                        Error::Refused(format!("cannot encode the update public key: {e}"))
+                    })?;
+                files::write_public(&staging.join(UPDATE_PUBLIC_KEY_FILE), public.as_bytes())?;
+            }
+            let kit_toml = staging.join(KIT_FILE);
+            files::write_public(&kit_toml, files::to_toml(&info, &kit_toml)?.as_bytes())?;
+            if out_dir.exists() {
+                // Known empty (checked above): replace it.
+                fs::remove_dir(out_dir).map_err(io_err(out_dir))?;
+            }
+            fs::rename(&staging, out_dir).map_err(|source| {
+                if out_dir.exists() {
+                    Error::AlreadyExists {
+                        path: out_dir.to_path_buf(),
+                    }
+                } else {
+                    Error::Io {
+                        path: out_dir.to_path_buf(),
+                        source,
+                    }
+                }
+            })
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+
+        // Sanity: the kit loads (identity, chain, key match, modes).
+        Kit::load(out_dir)?;
+
+        issued.cert.push(IssuedRecord {
+            serial: cert_info.serial.clone(),
+            fingerprint: cert_info.fingerprint,
+            identity: req.identity.clone(),
+            not_before: rfc3339(cert_info.not_before),
+            not_after: rfc3339(cert_info.not_after),
+            issued_at: rfc3339(now),
+            kit_dir: out_dir.display().to_string(),
+            renews: None,
+        });
+        issued.save(&self.issued_path())?;
+        let update_public_key = update_key.map(|k| hex::encode(k.verifying_key().as_bytes()));
+        if let (Some(m), Some(pk)) = (manifest.as_mut(), &update_public_key) {
+            m.site.push(SiteEntry {
+                name: req.identity.name().to_owned(),
+                identity: req.identity.clone(),
+                cert_serial: cert_info.serial.clone(),
+                cert_fingerprint: cert_info.fingerprint,
+                update_public_key: pk.clone(),
+                added_at: rfc3339(now),
+                renewed_at: None,
+            });
+            m.save(&self.manifest_path())?;
+        }
+        Ok(IssuedKit {
+            dir: out_dir.to_path_buf(),
+            identity: req.identity,
+            serial: cert_info.serial,
+            fingerprint: cert_info.fingerprint,
+            update_public_key,
+        })
+    }
+
+    /// Renew the certificate of the kit in `kit_dir` (identity `name` with
+    /// `role`): a new TLS key and certificate for the same identity under the
+    /// same CA. The update key is kept. The old `cert.pem` / `key.pem` are
+    /// kept as `cert.<old serial>.pem.bak` / `key.<old serial>.pem.bak`
+    /// (hard links, so the key keeps mode 0600) and the new files are renamed
+    /// into place. `sites.toml` gets the new fingerprint, `issued.toml` a new
+    /// record. A revoked certificate is only renewed with `reinstate`.
+    pub fn renew(
+        &self,
+        kit_dir: &Path,
+        name: &str,
+        role: Role,
+        validity: Validity,
+        reinstate: bool,
+        now: OffsetDateTime,
+    ) -> Result<RenewReport, Error> {
+        let identity = Identity::new(self.federation(), role, name)?;
+        let kit = Kit::load(kit_dir)?;
+        if kit.identity() != &identity {
+            return Err(Error::Refused(format!(
+                "{} holds {}, not {identity}",
+                kit_dir.display(),
+                kit.identity()
+            )));
+        }
+        if kit.ca_cert() != &self.cert {
+            return Err(Error::Refused(format!(
+                "{} was not issued by the CA in {}",
+                kit_dir.display(),
+                self.dir.display()
+            )));
+        }
+        let _lock = DirLock::acquire(&self.dir)?;
+        let old = kit.cert_info().clone();
+        let revoked = RevokedFile::load(&self.revoked_path())?;
+        let is_revoked = revoked.revoked.iter().any(|e| {
+            e.serial.as_ref() == Some(&old.serial) || e.fingerprint == Some(old.fingerprint)
+        });
+        if is_revoked && !reinstate {
+            return Err(Error::Refused(format!(
+                "the current certificate of {identity} (serial {}) is revoked; renewing would \
+                 restore its access. Pass --reinstate if that is intended",
+                old.serial
+            )));
+        }
+        let mut manifest = match role {
+            Role::Site => {
+                let m = SiteManifest::load(&self.manifest_path())?;
+                let entry = m.get(name).ok_or_else(|| {
+                    Error::Refused(format!(
+                        "site {name} is not in {}",
+                        self.manifest_path().display()
+                    ))
+                })?;
+                if entry.cert_fingerprint != old.fingerprint {
+                    return Err(Error::Refused(format!(
+                        "{} does not hold the current certificate of site {name} (manifest \
+                         fingerprint {}, kit {}); renew the current kit",
+                        kit_dir.display(),
+                        entry.cert_fingerprint,
+                        old.fingerprint
+                    )));
+                }
+                Some(m)
+            }
+            _ => None,
+        };
+
+        let key = new_tls_key()?;
+        let cert =
+            leaf_params(&identity, validity, &old.server_names)?.signed_by(&key, &self.issuer)?;
+        let cert_info = CertInfo::from_der(cert.der())?;
+
+        let info = kit.info();
+        let cert_path = kit_dir.join(&info.cert);
+        let key_path = kit_dir.join(&info.key);
+        let new_cert = files::sibling(&cert_path, "new");
+        let new_key = files::sibling(&key_path, "new");
+        let cert_bak = kit_dir.join(format!("cert.{}.pem.bak", old.serial));
+        let key_bak = kit_dir.join(format!("key.{}.pem.bak", old.serial));
+        let result = (|| -> Result<(), Error> {
+            files::write_public(&new_cert, cert.pem().as_bytes())?;
+            files::write_secret(&new_key, key.serialize_pem().as_bytes())?;
+            // hard_link fails if the backup exists: nothing is overwritten.
+            fs::hard_link(&cert_path, &cert_bak).map_err(io_err(&cert_bak))?;
+            fs::hard_link(&key_path, &key_bak).map_err(io_err(&key_bak))?;
+            fs::rename(&new_key, &key_path).map_err(io_err(&key_path))?;
+            fs::rename(&new_cert, &cert_path).map_err(io_err(&cert_path))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&new_cert);
+            let _ = fs::remove_file(&new_key);
+            return Err(e);
+        }
+        drop(kit);
+        let kit = Kit::load(kit_dir)?;
+
+        let mut issued = IssuedFile::load(&self.issued_path())?;
+        issued.cert.push(IssuedRecord {
+            serial: cert_info.serial.clone(),
+            fingerprint: cert_info.fingerprint,
+            identity: identity.clone(),
+            not_before: rfc3339(cert_info.not_before),
+            not_after: rfc3339(cert_info.not_after),
+            issued_at: rfc3339(now),
+            kit_dir: kit_dir.display().to_string(),
+            renews: Some(old.serial.clone()),
+        });
+        issued.save(&self.issued_path())?;
+        let mut update_public_key = None;
+        if let Some(m) = manifest.as_mut() {
+            if let Some(entry) = m.get_mut(name) {
+                entry.cert_serial = cert_info.serial.clone();
+                entry.cert_fingerprint = cert_info.fingerprint;
+                entry.renewed_at = Some(rfc3339(now));
+                update_public_key = Some(entry.update_public_key.clone());
+            }
+            m.save(&self.manifest_path())?;
+        }
+        Ok(RenewReport {
+            kit: IssuedKit {
+                dir: kit.dir().to_path_buf(),
+                identity,
+                serial: cert_info.serial,
+                fingerprint: cert_info.fingerprint,
+                update_public_key,
+            },
+            old_serial: old.serial,
+            backups: vec![cert_bak, key_bak],
+        })
+    }
+
+    /// Revoke every issued certificate matching `selector`: an entity name
+    /// (all its certificates, optionally only of `role`), a serial, or a
+    /// SHA-256 fingerprint. Appends to `revoked.toml` and returns the new
+    /// entries (already revoked certificates are skipped). Running
+    /// coordinators pick the change up on their next
+    /// [`RevocationList::reload`](crate::RevocationList::reload).
+    pub fn revoke(
+        &self,
+        selector: &str,
+        role: Option<Role>,
+        reason: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Vec<RevokedEntry>, Error> {
+        let _lock = DirLock::acquire(&self.dir)?;
+        let issued = IssuedFile::load(&self.issued_path())?;
+        let serial = selector.parse::<Serial>().ok();
+        let fingerprint = selector.parse::<Fingerprint>().ok();
+        let matches: Vec<&IssuedRecord> = issued
+            .cert
+            .iter()
+            .filter(|r| {
+                r.identity.name() == selector
+                    || Some(&r.serial) == serial.as_ref()
+                    || Some(r.fingerprint) == fingerprint
+            })
+            .filter(|r| role.is_none_or(|role| r.identity.role() == role))
+            .collect();
+        if matches.is_empty() {
+            return Err(Error::Refused(format!(
+                "no issued certificate matches {selector:?} (see {})",
+                self.issued_path().display()
+            )));
+        }
+        let mut file = RevokedFile::load(&self.revoked_path())?;
+        let mut added = Vec::new();
+        for r in matches {
+            let already = file.revoked.iter().any(|e| {
+                e.serial.as_ref() == Some(&r.serial) || e.fingerprint == Some(r.fingerprint)
+            });
+            if already {
+                continue;
+            }
+            let entry = RevokedEntry {
+                serial: Some(r.serial.clone()),
+                fingerprint: Some(r.fingerprint),
+                identity: Some(r.identity.clone()),
+                reason: reason.map(str::to_owned),
+                revoked_at: Some(rfc3339(now)),
+            };
+            file.revoked.push(entry.clone());
+            added.push(entry);
+        }
+        file.save(&self.revoked_path())?;
+        Ok(added)
+    }
+}
