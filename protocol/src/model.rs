@@ -57,7 +57,9 @@ impl TensorSpec {
 
     /// Number of elements (product of the shape), or `None` on overflow.
     pub fn num_elements(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -72,7 +74,9 @@ pub enum ModelError {
     #[error("model declares {0} tensors, more than the limit of {MAX_TENSORS}")]
     TooManyTensors(usize),
     /// A path is empty, too long or contains control characters.
-    #[error("tensor path {0:?} is invalid (empty, longer than {MAX_PATH_LEN} bytes, or has control characters)")]
+    #[error(
+        "tensor path {0:?} is invalid (empty, longer than {MAX_PATH_LEN} bytes, or has control characters)"
+    )]
     BadPath(String),
     /// Two tensors share a path.
     #[error("tensor path {0:?} appears twice")]
@@ -191,6 +195,32 @@ impl ModelSpec {
         Some(start..end)
     }
 
+    /// Index of the tensor that holds flat element `element`, skipping
+    /// tensors with no elements. `None` past the end.
+    pub fn tensor_at(&self, element: u64) -> Option<usize> {
+        if element >= self.num_params {
+            return None;
+        }
+        // offsets[i] <= element < offsets[i + 1]; the last such i skips empty tensors.
+        let i = self.offsets.partition_point(|&o| o <= element);
+        i.checked_sub(1)
+    }
+
+    /// The pieces of the flat element range `[start, end)` that fall in each
+    /// tensor, in order: `(tensor index, element range)`. Empty tensors are
+    /// skipped, so every yielded range is non-empty. The range is clamped to
+    /// the model's size.
+    pub fn segments(&self, start: u64, end: u64) -> Segments<'_> {
+        let end = end.min(self.num_params);
+        let tensor = self.tensor_at(start).unwrap_or(self.tensors.len());
+        Segments {
+            spec: self,
+            pos: start,
+            end,
+            tensor,
+        }
+    }
+
     /// Canonical bytes of the spec: what [`ModelHash::of`] hashes before the
     /// values. `u32` count, then per tensor: `u32` path length, path bytes,
     /// `u8` dtype, `u32` rank, `u64` dims; all little-endian.
@@ -209,6 +239,36 @@ impl ModelSpec {
             }
         }
         out
+    }
+}
+
+/// Iterator over the per-tensor pieces of an element range, see
+/// [`ModelSpec::segments`].
+#[derive(Debug, Clone)]
+pub struct Segments<'a> {
+    spec: &'a ModelSpec,
+    pos: u64,
+    end: u64,
+    tensor: usize,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = (usize, std::ops::Range<u64>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.pos < self.end {
+            let t_end = *self.spec.offsets.get(self.tensor + 1)?;
+            let idx = self.tensor;
+            self.tensor += 1;
+            if t_end <= self.pos {
+                continue;
+            }
+            let seg_end = t_end.min(self.end);
+            let r = self.pos..seg_end;
+            self.pos = seg_end;
+            return Some((idx, r));
+        }
+        None
     }
 }
 
@@ -377,6 +437,26 @@ mod tests {
         let huge = ModelSpec::new(vec![TensorSpec::f32("a", vec![u64::MAX, 2])]);
         assert_eq!(huge, Err(ModelError::TooLarge));
         assert_eq!(ModelSpec::new(vec![]), Err(ModelError::Empty));
+    }
+
+    #[test]
+    fn segments_split_ranges_by_tensor() {
+        let spec = ModelSpec::new(vec![
+            TensorSpec::f32("a", vec![3]),
+            TensorSpec::f32("b", vec![0]),
+            TensorSpec::f32("c", vec![2, 2]),
+            TensorSpec::f32("d", vec![1]),
+        ])
+        .unwrap();
+        assert_eq!(spec.tensor_at(0), Some(0));
+        assert_eq!(spec.tensor_at(3), Some(2));
+        assert_eq!(spec.tensor_at(7), Some(3));
+        assert_eq!(spec.tensor_at(8), None);
+        let segs: Vec<_> = spec.segments(2, 8).collect();
+        assert_eq!(segs, vec![(0, 2..3), (2, 3..7), (3, 7..8)]);
+        let segs: Vec<_> = spec.segments(4, 6).collect();
+        assert_eq!(segs, vec![(2, 4..6)]);
+        assert_eq!(spec.segments(8, 100).count(), 0);
     }
 
     #[test]

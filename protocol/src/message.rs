@@ -1,0 +1,521 @@
+//! Control messages between site agents and the coordinator.
+//!
+//! Every message is one [`Message`] in one
+//! [`FrameKind::Message`](crate::frame::FrameKind::Message) frame. [`Message`] is `#[non_exhaustive]`: new
+//! variants are only ever appended, so an older peer fails to decode an
+//! unknown variant with a typed error instead of misreading it, and the
+//! version negotiated in [`Hello`]/[`Welcome`] tells each side what the
+//! other understands.
+//!
+//! # Conversation (one QUIC connection, site → coordinator)
+//!
+//! ```text
+//! site                                   coordinator
+//!  | Hello{versions, agent, caps}  -->   |
+//!  |  <-- Welcome{version, site id, federation, heartbeat} | Reject{code}
+//!  |  <-- TaskOffer{job, round, base model, arch, training, encoding, ...}
+//!  | OfferResponse{accept|decline} -->   |
+//!  | ModelFetch{hash} -->  (skipped when the model is cached)
+//!  |  <-- ModelManifest{hash, spec, encoding, len} + chunk frames
+//!  | DeltaUpload{signed envelope} + chunk frames -->
+//!  |  <-- UploadResult{Ack | Reject}
+//!  | Heartbeat <-> Heartbeat (any time) ; Bye (either side)
+//! ```
+//!
+//! Free-text fields (`message`, `reason`, `agent_version`) are bounded only
+//! by the frame limit; receivers should truncate them before logging.
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::ArchSpec;
+use crate::codec::serde_codec;
+use crate::encoding::{Encoding, ValueCodec};
+use crate::envelope::SignedEnvelope;
+use crate::ids::{FederationId, JobId, RoundId, SiteId};
+use crate::model::{ModelHash, ModelSpec};
+use crate::payload::PayloadHash;
+
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Most epochs a task may ask for.
+pub const MAX_EPOCHS: u32 = 10_000;
+/// Largest batch size a task may ask for.
+pub const MAX_BATCH_SIZE: u32 = 1 << 20;
+
+/// An inclusive range of protocol versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// Oldest version spoken.
+    pub min: u16,
+    /// Newest version spoken.
+    pub max: u16,
+}
+
+impl VersionRange {
+    /// What this build speaks.
+    pub const SUPPORTED: Self = Self {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    /// Does the range contain `v`?
+    pub fn contains(&self, v: u16) -> bool {
+        self.min <= v && v <= self.max
+    }
+
+    /// The highest version both ranges contain, if any.
+    pub fn negotiate(&self, peer: &Self) -> Option<u16> {
+        let hi = self.max.min(peer.max);
+        let lo = self.min.max(peer.min);
+        (lo <= hi).then_some(hi)
+    }
+}
+
+/// What a site agent can do.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Value codecs the agent can encode deltas with.
+    pub codecs: Vec<ValueCodec>,
+    /// Largest chunk (bytes of f32 input) the agent accepts.
+    pub max_chunk_bytes: u32,
+    /// Named optional features (forward compatibility; unknown names are
+    /// ignored).
+    pub features: Vec<String>,
+}
+
+impl Default for Capabilities {
+    /// Every codec of this build, the largest chunk size, no features.
+    fn default() -> Self {
+        Self {
+            codecs: vec![
+                ValueCodec::F32,
+                ValueCodec::F16,
+                ValueCodec::Bf16,
+                ValueCodec::Int8 { stochastic: false },
+                ValueCodec::Int8 { stochastic: true },
+                ValueCodec::TopK { per_million: 1 },
+            ],
+            max_chunk_bytes: crate::encoding::MAX_CHUNK_BYTES,
+            features: Vec::new(),
+        }
+    }
+}
+
+/// First message of a connection, site → coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the site speaks.
+    pub versions: VersionRange,
+    /// Agent software version (free text, e.g. `fedlink-agent 0.1.0`).
+    pub agent_version: String,
+    /// What the agent supports.
+    pub capabilities: Capabilities,
+}
+
+/// The coordinator accepts a site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Negotiated protocol version (used by both sides from now on).
+    pub protocol_version: u16,
+    /// The site's identity as the coordinator sees it (from its
+    /// certificate): what the site must put in its signed headers.
+    pub site_id: SiteId,
+    /// The federation the coordinator serves.
+    pub federation_id: FederationId,
+    /// How often the site should send a [`Heartbeat`], in milliseconds.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Why a request or an upload was refused.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// The site is not registered (or was revoked).
+    UnknownSite,
+    /// The site may not do this.
+    NotAuthorized,
+    /// The message names another federation.
+    WrongFederation,
+    /// The message was not expected now (e.g. an upload with no open round).
+    UnexpectedMessage,
+    /// A message or payload could not be decoded.
+    Malformed,
+    /// The update signature does not verify with the site's key.
+    BadSignature,
+    /// The update names another job, round or base model.
+    ContextMismatch,
+    /// The update was already received (nonce or round replayed).
+    Replay,
+    /// The payload's length or hash differs from the signed header.
+    PayloadMismatch,
+    /// The deadline passed.
+    TooLate,
+    /// The coordinator is overloaded; retry later.
+    Busy,
+    /// The coordinator is shutting down.
+    ShuttingDown,
+    /// Something went wrong on the coordinator.
+    Internal,
+}
+
+/// The coordinator refuses a [`Hello`] (then closes the connection).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// Machine-readable reason.
+    pub code: RejectCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Optimiser a site trains with.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// Stochastic gradient descent with momentum (0 = plain SGD).
+    Sgd {
+        /// Momentum factor in `[0, 1)`.
+        momentum: f64,
+    },
+    /// Adam.
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Numerical stabiliser.
+        epsilon: f64,
+    },
+    /// Adam with decoupled weight decay.
+    AdamW {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Numerical stabiliser.
+        epsilon: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+}
+
+/// Local training hyperparameters of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    /// Passes over the local data (1..=[`MAX_EPOCHS`]).
+    pub epochs: u32,
+    /// Mini-batch size (1..=[`MAX_BATCH_SIZE`]).
+    pub batch_size: u32,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// Learning rate (finite, > 0).
+    pub learning_rate: f64,
+    /// FedProx proximal term μ (0 = plain FedAvg local training).
+    pub fedprox_mu: f64,
+    /// Seed of the local data shuffling and dropout.
+    pub seed: u64,
+}
+
+/// Differential-privacy noise a site must add to its clipped update.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpNoise {
+    /// Gaussian noise standard deviation as a multiple of the clip norm.
+    pub noise_multiplier: f64,
+}
+
+/// Clipping and DP requirements of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct PrivacyRequirements {
+    /// Clip the update to this L2 norm (finite, > 0) before encoding.
+    pub clip_norm: Option<f64>,
+    /// Add Gaussian noise after clipping (requires `clip_norm`).
+    pub dp: Option<DpNoise>,
+}
+
+/// Why a [`TaskOffer`] is not acceptable as sent.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OfferError {
+    /// A training or privacy field is out of range.
+    #[error("task offer field {field} is out of range")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+    },
+    /// DP noise without a clip norm.
+    #[error("task offer asks for DP noise without a clip norm")]
+    DpWithoutClip,
+    /// The architecture is invalid.
+    #[error("task offer architecture is invalid: {0}")]
+    Arch(String),
+}
+
+/// The coordinator offers a site one round of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskOffer {
+    /// Federation.
+    pub federation_id: FederationId,
+    /// Job.
+    pub job_id: JobId,
+    /// Round.
+    pub round: RoundId,
+    /// The global model to start from (fetch it unless cached).
+    pub base_model: ModelHash,
+    /// Model architecture.
+    pub arch: ArchSpec,
+    /// Local training hyperparameters.
+    pub training: TrainingConfig,
+    /// Encoding the delta must be uploaded with.
+    pub encoding: Encoding,
+    /// Clipping / DP requirements.
+    pub privacy: PrivacyRequirements,
+    /// Upload deadline, unix milliseconds.
+    pub deadline_unix_ms: u64,
+}
+
+impl TaskOffer {
+    /// Check the numeric fields and the architecture.
+    pub fn validate(&self) -> Result<(), OfferError> {
+        let t = &self.training;
+        let bad = |field| Err(OfferError::OutOfRange { field });
+        if !(1..=MAX_EPOCHS).contains(&t.epochs) {
+            return bad("epochs");
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&t.batch_size) {
+            return bad("batch_size");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad("learning_rate");
+        }
+        if !(t.fedprox_mu.is_finite() && t.fedprox_mu >= 0.0) {
+            return bad("fedprox_mu");
+        }
+        let unit = |x: f64| x.is_finite() && (0.0..1.0).contains(&x);
+        let ok = match t.optimizer {
+            Optimizer::Sgd { momentum } => unit(momentum),
+            Optimizer::Adam {
+                beta1,
+                beta2,
+                epsilon,
+            } => unit(beta1) && unit(beta2) && epsilon.is_finite() && epsilon > 0.0,
+            Optimizer::AdamW {
+                beta1,
+                beta2,
+                epsilon,
+                weight_decay,
+            } => {
+                unit(beta1)
+                    && unit(beta2)
+                    && epsilon.is_finite()
+                    && epsilon > 0.0
+                    && weight_decay.is_finite()
+                    && weight_decay >= 0.0
+            }
+        };
+        if !ok {
+            return bad("optimizer");
+        }
+        if let Some(c) = self.privacy.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return bad("clip_norm");
+        }
+        if let Some(dp) = self.privacy.dp {
+            if self.privacy.clip_norm.is_none() {
+                return Err(OfferError::DpWithoutClip);
+            }
+            if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier >= 0.0) {
+                return bad("noise_multiplier");
+            }
+        }
+        self.arch
+            .validate()
+            .map_err(|e| OfferError::Arch(e.to_string()))
+    }
+}
+
+/// The site's answer to a [`TaskOffer`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OfferDecision {
+    /// The site will train and upload.
+    Accept,
+    /// The site will not take part in this round.
+    Decline {
+        /// Why (free text).
+        reason: String,
+    },
+}
+
+/// Site → coordinator: answer to an offer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferResponse {
+    /// Job of the offer.
+    pub job_id: JobId,
+    /// Round of the offer.
+    pub round: RoundId,
+    /// Accept or decline.
+    pub decision: OfferDecision,
+}
+
+/// Site → coordinator: send me this model (skipped when cached).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFetch {
+    /// The model version wanted.
+    pub hash: ModelHash,
+}
+
+/// Coordinator → site: a model follows as `num_chunks` chunk frames.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// The model version; the decoded values must hash to it.
+    pub hash: ModelHash,
+    /// Tensor layout.
+    pub spec: ModelSpec,
+    /// Payload encoding (normally lossless f32).
+    pub encoding: Encoding,
+    /// Total bytes of the chunk records.
+    pub payload_len: u64,
+    /// Number of chunk records.
+    pub num_chunks: u64,
+}
+
+/// Site → coordinator: a signed delta follows as chunk frames of
+/// `envelope.header.payload_len` bytes in all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeltaUpload {
+    /// Signed header (context, metrics, payload length and hash).
+    pub envelope: SignedEnvelope,
+}
+
+/// Coordinator → site: what happened to an upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadResult {
+    /// Received and verified.
+    Ack {
+        /// Hash of the payload received.
+        payload_hash: PayloadHash,
+        /// Whether the update will be aggregated (`false`: e.g. the round
+        /// closed meanwhile or the update was filtered as an outlier).
+        accepted: bool,
+    },
+    /// Refused.
+    Reject {
+        /// Machine-readable reason.
+        code: RejectCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Liveness, either direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Sender's counter.
+    pub seq: u64,
+    /// Sender's clock, unix milliseconds.
+    pub now_unix_ms: u64,
+}
+
+/// Orderly goodbye, either direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bye {
+    /// Why (free text).
+    pub reason: String,
+}
+
+/// Every control message. Variants are only ever appended.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Site → coordinator, first message.
+    Hello(Hello),
+    /// Coordinator → site, answer to `Hello`.
+    Welcome(Welcome),
+    /// Coordinator → site, refusal of `Hello`.
+    Reject(Reject),
+    /// Coordinator → site.
+    TaskOffer(Box<TaskOffer>),
+    /// Site → coordinator.
+    OfferResponse(OfferResponse),
+    /// Site → coordinator.
+    ModelFetch(ModelFetch),
+    /// Coordinator → site, followed by chunk frames.
+    ModelManifest(Box<ModelManifest>),
+    /// Site → coordinator, followed by chunk frames.
+    DeltaUpload(Box<DeltaUpload>),
+    /// Coordinator → site.
+    UploadResult(UploadResult),
+    /// Either direction.
+    Heartbeat(Heartbeat),
+    /// Either direction.
+    Bye(Bye),
+}
+
+impl Message {
+    /// Variant name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "Hello",
+            Self::Welcome(_) => "Welcome",
+            Self::Reject(_) => "Reject",
+            Self::TaskOffer(_) => "TaskOffer",
+            Self::OfferResponse(_) => "OfferResponse",
+            Self::ModelFetch(_) => "ModelFetch",
+            Self::ModelManifest(_) => "ModelManifest",
+            Self::DeltaUpload(_) => "DeltaUpload",
+            Self::UploadResult(_) => "UploadResult",
+            Self::Heartbeat(_) => "Heartbeat",
+            Self::Bye(_) => "Bye",
+        }
+    }
+}
+
+serde_codec!(Message);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Codec, DecodeError};
+
+    #[test]
+    fn negotiate() {
+        let a = VersionRange { min: 1, max: 3 };
+        assert_eq!(a.negotiate(&VersionRange { min: 2, max: 5 }), Some(3));
+        assert_eq!(a.negotiate(&VersionRange { min: 4, max: 5 }), None);
+        assert_eq!(
+            VersionRange::SUPPORTED.negotiate(&VersionRange::SUPPORTED),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn unknown_variant_is_an_error() {
+        // variant index 200 (varint 0xC8 needs the 0xFB u16 marker? no: < 251 is one byte)
+        assert!(matches!(
+            Message::decode_exact(&[200]),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert_eq!(Message::decode_exact(&[]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn bad_ids_in_messages_are_refused() {
+        let w = Message::Welcome(Welcome {
+            protocol_version: 1,
+            site_id: SiteId::new("site-a").unwrap(),
+            federation_id: FederationId::new("fed").unwrap(),
+            heartbeat_interval_ms: 1000,
+        });
+        let mut bytes = w.to_vec();
+        // "site-a" → "site a"
+        let pos = bytes.windows(6).position(|w| w == b"site-a").unwrap();
+        bytes[pos + 4] = b' ';
+        assert!(matches!(
+            Message::decode_exact(&bytes),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}

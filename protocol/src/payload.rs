@@ -1,0 +1,1303 @@
+//! Streaming payload format for models and deltas.
+//!
+//! A model or delta (flat f32 values in the canonical order of a
+//! [`ModelSpec`]) is cut into chunks of [`Encoding::chunk_elems`] elements
+//! (the last one may be shorter). Each chunk is encoded with the
+//! [`ValueCodec`], optionally byte-shuffled, and zstd-compressed **on its
+//! own**, so neither side ever holds more than one encoded and one decoded
+//! chunk. A payload is the concatenation of its chunk records; on a QUIC
+//! stream each record travels in one [`FrameKind::Chunk`](crate::FrameKind)
+//! frame, in a spool file they are simply written back to back.
+//!
+//! # Chunk record
+//!
+//! ```text
+//! offset size field
+//! 0      1    magic 0xFC
+//! 1      1    codec tag (0 f32, 1 f16, 2 bf16, 3 int8, 4 top-k)
+//! 2      1    flags: bit 0 = shuffled; other bits must be 0
+//! 3      1    reserved, must be 0
+//! 4      8    element offset of the chunk in the model, u64 LE
+//! 12     4    element count n, u32 LE
+//! 16     4    raw (decompressed) body length, u32 LE
+//! 20     4    compressed body length c, u32 LE
+//! 24     c    zstd frame(s) of the body
+//! ```
+//!
+//! Before allocating anything the decoder checks the header against the
+//! encoding, the spec and its position: the offset must be the next
+//! expected element, `n` must be the expected chunk length, the raw length
+//! must be exactly what the codec produces for `n` values (and the chunk's
+//! segment count), and `c` at most zstd's bound for that raw length.
+//! Decompression writes into a buffer of exactly the declared raw length and
+//! fails if the data would exceed it.
+//!
+//! # Body layout per codec (before shuffle and compression)
+//!
+//! Sections are byte-shuffled independently with their element size.
+//!
+//! | codec | sections |
+//! |---|---|
+//! | f32 | `n` × f32 LE |
+//! | f16, bf16 | `n` × u16 LE (bit pattern) |
+//! | int8 | `S` × f32 LE scales (one per segment = tensor ∩ chunk, in order), then `n` × i8 |
+//! | top-k | `k` × u32 LE index gaps (first = index of the first kept value in the chunk, then differences ≥ 1), then `k` × f32 LE values |
+//!
+//! with `k = max(1, ⌈n·ppm/10⁶⌉)` (see [`ValueCodec::kept`]).
+//!
+//! Encoding is deterministic: the same values, encoding and seed always
+//! give the same bytes (stochastic rounding draws from ChaCha8 seeded by
+//! `seed`, stream = chunk index). A site can therefore hash the payload in a
+//! first pass, sign, and re-encode while sending.
+
+use std::ops::Range;
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::encoding::{Encoding, EncodingError, MAX_CHUNK_BYTES, ValueCodec};
+use crate::model::{FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec};
+
+/// First byte of every chunk record.
+pub const CHUNK_MAGIC: u8 = 0xFC;
+/// Length of a chunk record header.
+pub const CHUNK_HEADER_LEN: usize = 24;
+/// Most elements in one chunk.
+pub const MAX_CHUNK_ELEMS: usize = MAX_CHUNK_BYTES as usize / 4;
+/// Largest raw (decompressed) chunk body: int8 with one segment per element
+/// (4-byte scale + 1 byte each).
+pub const MAX_CHUNK_RAW_LEN: usize = 5 * MAX_CHUNK_ELEMS;
+/// Largest chunk record: header + zstd's worst case for the largest body.
+/// Fits in one frame (`MAX_CHUNK_RECORD_LEN <= MAX_FRAME_LEN`).
+pub const MAX_CHUNK_RECORD_LEN: usize = CHUNK_HEADER_LEN + zstd_bound(MAX_CHUNK_RAW_LEN);
+
+const _: () = assert!(MAX_CHUNK_RECORD_LEN <= crate::frame::MAX_FRAME_LEN);
+
+/// zstd's worst-case compressed size (`ZSTD_COMPRESSBOUND`).
+pub const fn zstd_bound(n: usize) -> usize {
+    let small = if n < (128 << 10) {
+        ((128 << 10) - n) >> 11
+    } else {
+        0
+    };
+    n + (n >> 8) + small
+}
+
+/// blake3 hash of a payload's bytes (the concatenated chunk records).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PayloadHash(pub [u8; 32]);
+
+impl PayloadHash {
+    /// Hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for PayloadHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PayloadHash({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for PayloadHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Why values could not be encoded.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoding is invalid.
+    #[error(transparent)]
+    Encoding(#[from] EncodingError),
+    /// `encode_chunk` got the wrong number of values.
+    #[error("chunk at element {offset} needs {expected} values, got {actual}")]
+    WrongChunkLength {
+        /// Element offset of the chunk.
+        offset: u64,
+        /// Values the chunk needs.
+        expected: u64,
+        /// Values given.
+        actual: u64,
+    },
+    /// More values were given than the spec holds.
+    #[error("all {0} values were already encoded")]
+    AlreadyComplete(u64),
+    /// `finish` before every value was given.
+    #[error("only {encoded} of {expected} values were encoded")]
+    Incomplete {
+        /// Values encoded.
+        encoded: u64,
+        /// Values the spec holds.
+        expected: u64,
+    },
+    /// A NaN or infinite value.
+    #[error("value at element {0} is not finite")]
+    NonFinite(u64),
+    /// A value the codec cannot represent (e.g. `|x| ≥ 65520` in f16).
+    #[error("value at element {index} is out of range for {codec}")]
+    OutOfRange {
+        /// Element index.
+        index: u64,
+        /// Codec name.
+        codec: &'static str,
+    },
+    /// zstd failed (local resource problem).
+    #[error("zstd compression failed: {0}")]
+    Compress(String),
+}
+
+/// Why a payload chunk record was refused.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// The encoding is invalid.
+    #[error(transparent)]
+    Encoding(#[from] EncodingError),
+    /// Fewer bytes than a record header.
+    #[error("chunk record of {0} bytes is shorter than its {CHUNK_HEADER_LEN}-byte header")]
+    Truncated(usize),
+    /// First byte is not [`CHUNK_MAGIC`].
+    #[error("bad chunk magic {0:#04x}")]
+    BadMagic(u8),
+    /// Unknown flag bits or non-zero reserved byte.
+    #[error("chunk header has unknown flags {flags:#04x} / reserved byte {reserved:#04x}")]
+    BadFlags {
+        /// Flags byte.
+        flags: u8,
+        /// Reserved byte.
+        reserved: u8,
+    },
+    /// Codec tag differs from the agreed encoding.
+    #[error("chunk uses codec tag {found}, the payload's encoding says {expected}")]
+    CodecMismatch {
+        /// Tag of the agreed encoding.
+        expected: u8,
+        /// Tag in the record.
+        found: u8,
+    },
+    /// Shuffle flag differs from the agreed encoding.
+    #[error("chunk shuffle flag is {found}, the payload's encoding says {expected}")]
+    ShuffleMismatch {
+        /// Agreed.
+        expected: bool,
+        /// In the record.
+        found: bool,
+    },
+    /// A chunk arrived after the last expected one.
+    #[error("extra chunk: all {0} values were already received")]
+    AlreadyComplete(u64),
+    /// Chunks must arrive in order, without gaps or overlap.
+    #[error("chunk starts at element {found}, expected {expected}")]
+    UnexpectedOffset {
+        /// Next expected element.
+        expected: u64,
+        /// Declared offset.
+        found: u64,
+    },
+    /// The element count is not the expected chunk length.
+    #[error("chunk declares {found} elements, expected {expected}")]
+    UnexpectedCount {
+        /// Expected chunk length.
+        expected: u64,
+        /// Declared.
+        found: u64,
+    },
+    /// The raw body length is not what the codec produces for this chunk.
+    #[error("chunk declares a raw body of {found} bytes, the codec produces {expected}")]
+    RawLenMismatch {
+        /// What the codec produces.
+        expected: u64,
+        /// Declared.
+        found: u64,
+    },
+    /// Compressed length above zstd's bound for the raw length.
+    #[error("chunk declares {compressed} compressed bytes for a {raw}-byte body (bound {bound})")]
+    CompressedTooLarge {
+        /// Declared compressed length.
+        compressed: u64,
+        /// Declared raw length.
+        raw: u64,
+        /// zstd's bound for `raw`.
+        bound: u64,
+    },
+    /// The record length does not match its header.
+    #[error("chunk record is {actual} bytes, its header declares {declared}")]
+    RecordLength {
+        /// Header + declared compressed length.
+        declared: u64,
+        /// Bytes given.
+        actual: u64,
+    },
+    /// zstd refused the body (corrupt, or larger than declared).
+    #[error("chunk body does not decompress within {raw} bytes: {reason}")]
+    Decompress {
+        /// Declared raw length.
+        raw: u64,
+        /// zstd's message.
+        reason: String,
+    },
+    /// The body decompressed to fewer bytes than declared.
+    #[error("chunk body decompressed to {actual} bytes, declared {declared}")]
+    DecompressedSize {
+        /// Declared raw length.
+        declared: u64,
+        /// Produced.
+        actual: u64,
+    },
+    /// A top-k index is out of the chunk or not strictly increasing.
+    #[error("top-k index invalid at position {0} of the chunk's index list")]
+    BadIndex(u64),
+    /// An int8 scale is negative or not finite.
+    #[error("int8 scale of segment {0} is negative or not finite")]
+    BadScale(u64),
+    /// A decoded value is NaN or infinite.
+    #[error("decoded value at element {0} is not finite")]
+    NonFinite(u64),
+    /// `finish` before every chunk arrived.
+    #[error("payload incomplete: {received} of {expected} values received")]
+    Incomplete {
+        /// Values received.
+        received: u64,
+        /// Values expected.
+        expected: u64,
+    },
+    /// The decoded values do not fit the spec (internal consistency).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// A parsed chunk record header (structurally valid; not yet checked
+/// against a payload's position, see [`PayloadDecoder::check_header`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Codec tag ([`ValueCodec::tag`]).
+    pub codec_tag: u8,
+    /// Sections are byte-shuffled.
+    pub shuffle: bool,
+    /// Element offset of the chunk in the model.
+    pub offset: u64,
+    /// Elements in the chunk.
+    pub count: u32,
+    /// Decompressed body length.
+    pub raw_len: u32,
+    /// Compressed body length (what follows the header).
+    pub compressed_len: u32,
+}
+
+impl ChunkHeader {
+    /// Parse the fixed header; checks magic, flags and the absolute limits
+    /// ([`MAX_CHUNK_ELEMS`], [`MAX_CHUNK_RAW_LEN`], zstd's bound).
+    pub fn parse(b: &[u8; CHUNK_HEADER_LEN]) -> Result<Self, PayloadError> {
+        if b[0] != CHUNK_MAGIC {
+            return Err(PayloadError::BadMagic(b[0]));
+        }
+        if b[2] & !1 != 0 || b[3] != 0 {
+            return Err(PayloadError::BadFlags {
+                flags: b[2],
+                reserved: b[3],
+            });
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&b[4..12]);
+        let h = Self {
+            codec_tag: b[1],
+            shuffle: b[2] & 1 == 1,
+            offset: u64::from_le_bytes(off),
+            count: u32_at(12),
+            raw_len: u32_at(16),
+            compressed_len: u32_at(20),
+        };
+        if h.count as usize > MAX_CHUNK_ELEMS {
+            return Err(PayloadError::UnexpectedCount {
+                expected: MAX_CHUNK_ELEMS as u64,
+                found: u64::from(h.count),
+            });
+        }
+        if h.raw_len as usize > MAX_CHUNK_RAW_LEN {
+            return Err(PayloadError::RawLenMismatch {
+                expected: MAX_CHUNK_RAW_LEN as u64,
+                found: u64::from(h.raw_len),
+            });
+        }
+        let bound = zstd_bound(h.raw_len as usize);
+        if h.compressed_len as usize > bound {
+            return Err(PayloadError::CompressedTooLarge {
+                compressed: u64::from(h.compressed_len),
+                raw: u64::from(h.raw_len),
+                bound: bound as u64,
+            });
+        }
+        Ok(h)
+    }
+
+    /// The 24 header bytes.
+    pub fn to_bytes(&self) -> [u8; CHUNK_HEADER_LEN] {
+        let mut b = [0u8; CHUNK_HEADER_LEN];
+        b[0] = CHUNK_MAGIC;
+        b[1] = self.codec_tag;
+        b[2] = u8::from(self.shuffle);
+        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        b[12..16].copy_from_slice(&self.count.to_le_bytes());
+        b[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.compressed_len.to_le_bytes());
+        b
+    }
+
+    /// Total record length: header + compressed body.
+    pub fn record_len(&self) -> usize {
+        CHUNK_HEADER_LEN + self.compressed_len as usize
+    }
+}
+
+/// Raw body length the codec produces for `n` values in `segments` segments.
+fn raw_len(codec: ValueCodec, n: u64, segments: u64) -> u64 {
+    match codec {
+        ValueCodec::F32 => 4 * n,
+        ValueCodec::F16 | ValueCodec::Bf16 => 2 * n,
+        ValueCodec::Int8 { .. } => 4 * segments + n,
+        ValueCodec::TopK { .. } => 8 * codec.kept(n),
+    }
+}
+
+/// Element size of each body section, for shuffling.
+fn sections(codec: ValueCodec, n: usize, segments: usize) -> [(usize, usize); 2] {
+    // (type size, byte length); a zero-length section is a no-op.
+    match codec {
+        ValueCodec::F32 => [(4, 4 * n), (1, 0)],
+        ValueCodec::F16 | ValueCodec::Bf16 => [(2, 2 * n), (1, 0)],
+        ValueCodec::Int8 { .. } => [(4, 4 * segments), (1, n)],
+        ValueCodec::TopK { .. } => {
+            let k = codec.kept(n as u64) as usize;
+            [(4, 4 * k), (4, 4 * k)]
+        }
+    }
+}
+
+/// Byte-plane split of `src` (elements of `ts` bytes) appended to `dst`.
+fn shuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+    if ts <= 1 {
+        dst.extend_from_slice(src);
+        return;
+    }
+    let n = src.len() / ts;
+    let start = dst.len();
+    dst.resize(start + src.len(), 0);
+    let out = &mut dst[start..];
+    for p in 0..ts {
+        for (o, el) in out[p * n..(p + 1) * n].iter_mut().zip(src.chunks_exact(ts)) {
+            *o = el[p];
+        }
+    }
+}
+
+/// Inverse of [`shuffle_into`].
+fn unshuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+    if ts <= 1 {
+        dst.extend_from_slice(src);
+        return;
+    }
+    let n = src.len() / ts;
+    let start = dst.len();
+    dst.resize(start + src.len(), 0);
+    let out = &mut dst[start..];
+    for p in 0..ts {
+        for (el, &b) in out.chunks_exact_mut(ts).zip(&src[p * n..(p + 1) * n]) {
+            el[p] = b;
+        }
+    }
+}
+
+/// Apply (or undo) the shuffle to every section of a body.
+fn reshuffle(body: &[u8], secs: [(usize, usize); 2], forward: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut pos = 0;
+    for (ts, len) in secs {
+        let s = &body[pos..pos + len];
+        if forward {
+            shuffle_into(s, ts, &mut out);
+        } else {
+            unshuffle_into(s, ts, &mut out);
+        }
+        pos += len;
+    }
+    out
+}
+
+fn push_f32s(out: &mut Vec<u8>, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+fn read_f32s(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+fn read_u16s(raw: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    raw.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+}
+
+/// Encode `values` (one chunk starting at element `offset`, with segment
+/// lengths `segs`) into the plain (unshuffled, uncompressed) body.
+fn encode_body(
+    codec: ValueCodec,
+    values: &[f32],
+    offset: u64,
+    segs: &[usize],
+    rng: Option<&mut ChaCha8Rng>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    match codec {
+        ValueCodec::F32 => push_f32s(out, values),
+        ValueCodec::F16 => {
+            let mut h = vec![f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            if let Some(i) = h.iter().position(|v| v.is_infinite()) {
+                return Err(EncodeError::OutOfRange {
+                    index: offset + i as u64,
+                    codec: "f16",
+                });
+            }
+            for v in &h {
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+        }
+        ValueCodec::Bf16 => {
+            let mut h = vec![bf16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            if let Some(i) = h.iter().position(|v| v.is_infinite()) {
+                return Err(EncodeError::OutOfRange {
+                    index: offset + i as u64,
+                    codec: "bf16",
+                });
+            }
+            for v in &h {
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+        }
+        ValueCodec::Int8 { stochastic } => {
+            let mut scales = Vec::with_capacity(segs.len());
+            let mut pos = 0;
+            for &len in segs {
+                let seg = &values[pos..pos + len];
+                let max = seg.iter().fold(0f32, |m, v| m.max(v.abs()));
+                scales.push(max / 127.0);
+                pos += len;
+            }
+            push_f32s(out, &scales);
+            out.reserve(values.len());
+            let mut pos = 0;
+            let mut rng = rng;
+            for (&len, &scale) in segs.iter().zip(&scales) {
+                let seg = &values[pos..pos + len];
+                pos += len;
+                if scale == 0.0 {
+                    out.extend(std::iter::repeat_n(0u8, len));
+                    continue;
+                }
+                match (stochastic, rng.as_deref_mut()) {
+                    (true, Some(rng)) => {
+                        for &v in seg {
+                            let u: f32 = rng.r#gen();
+                            let q = (v / scale + u).floor().clamp(-127.0, 127.0);
+                            out.push(q as i8 as u8);
+                        }
+                    }
+                    _ => {
+                        for &v in seg {
+                            let q = (v / scale).round().clamp(-127.0, 127.0);
+                            out.push(q as i8 as u8);
+                        }
+                    }
+                }
+            }
+        }
+        ValueCodec::TopK { .. } => {
+            let n = values.len();
+            let k = codec.kept(n as u64) as usize;
+            let mut idx: Vec<u32> = (0..n as u32).collect();
+            if k < n {
+                idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                    let (va, vb) = (values[a as usize].abs(), values[b as usize].abs());
+                    vb.total_cmp(&va).then(a.cmp(&b))
+                });
+                idx.truncate(k);
+            }
+            idx.sort_unstable();
+            let mut prev = 0u32;
+            for (i, &ix) in idx.iter().enumerate() {
+                let gap = if i == 0 { ix } else { ix - prev };
+                out.extend_from_slice(&gap.to_le_bytes());
+                prev = ix;
+            }
+            for &ix in &idx {
+                out.extend_from_slice(&values[ix as usize].to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decode a plain body of `n` values starting at element `offset`.
+fn decode_body(
+    codec: ValueCodec,
+    body: &[u8],
+    n: usize,
+    offset: u64,
+    segs: &[usize],
+) -> Result<Vec<f32>, PayloadError> {
+    let values: Vec<f32> = match codec {
+        ValueCodec::F32 => read_f32s(body).collect(),
+        ValueCodec::F16 => {
+            let h: Vec<f16> = read_u16s(body).map(f16::from_bits).collect();
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+        ValueCodec::Bf16 => {
+            let h: Vec<bf16> = read_u16s(body).map(bf16::from_bits).collect();
+            let mut out = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut out);
+            out
+        }
+        ValueCodec::Int8 { .. } => {
+            let (sb, qb) = body.split_at(4 * segs.len());
+            let mut out = Vec::with_capacity(n);
+            let mut pos = 0;
+            for (si, (scale, &len)) in read_f32s(sb).zip(segs).enumerate() {
+                if !scale.is_finite() || scale < 0.0 {
+                    return Err(PayloadError::BadScale(si as u64));
+                }
+                out.extend(
+                    qb[pos..pos + len]
+                        .iter()
+                        .map(|&q| f32::from(q as i8) * scale),
+                );
+                pos += len;
+            }
+            out
+        }
+        ValueCodec::TopK { .. } => {
+            let k = codec.kept(n as u64) as usize;
+            let (gb, vb) = body.split_at(4 * k);
+            let mut out = vec![0f32; n];
+            let mut pos: u64 = 0;
+            for (i, (gap, v)) in gb
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .zip(read_f32s(vb))
+                .enumerate()
+            {
+                if i > 0 && gap == 0 {
+                    return Err(PayloadError::BadIndex(i as u64));
+                }
+                pos = if i == 0 {
+                    u64::from(gap)
+                } else {
+                    pos + u64::from(gap)
+                };
+                match out.get_mut(pos as usize) {
+                    Some(slot) if pos < n as u64 => *slot = v,
+                    _ => return Err(PayloadError::BadIndex(i as u64)),
+                }
+            }
+            out
+        }
+    };
+    if values.len() != n {
+        return Err(PayloadError::DecompressedSize {
+            declared: n as u64,
+            actual: values.len() as u64,
+        });
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(PayloadError::NonFinite(offset + i as u64));
+    }
+    Ok(values)
+}
+
+fn segment_lens(spec: &ModelSpec, range: &Range<u64>) -> Vec<usize> {
+    spec.segments(range.start, range.end)
+        .map(|(_, r)| (r.end - r.start) as usize)
+        .collect()
+}
+
+fn next_range(spec: &ModelSpec, encoding: &Encoding, next: u64) -> Option<Range<u64>> {
+    let total = spec.num_params();
+    (next < total).then(|| next..(next + encoding.chunk_elems()).min(total))
+}
+
+/// What an encoder produced, for the signed header and the manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadSummary {
+    /// Total bytes of all chunk records.
+    pub payload_len: u64,
+    /// blake3 of all chunk records, in order.
+    pub payload_hash: PayloadHash,
+    /// Number of chunk records.
+    pub num_chunks: u64,
+    /// [`ModelHash`] of the *input* values (before any lossy encoding).
+    pub input_hash: ModelHash,
+}
+
+/// Streaming payload encoder.
+///
+/// Either call [`PayloadEncoder::encode_chunk`] with exactly the values of
+/// [`PayloadEncoder::next_chunk`] (no copy), or [`PayloadEncoder::push`]
+/// slices of any length (buffered up to one chunk). Then
+/// [`PayloadEncoder::finish`] for the length and hash of the payload.
+///
+/// ```
+/// use fedlink_protocol::{Encoding, ModelSpec, PayloadEncoder, TensorSpec, ValueCodec};
+/// let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![10])])?;
+/// let enc = Encoding::with_codec(ValueCodec::F16)?.with_chunk_bytes(16)?;
+/// let values: Vec<f32> = (0..10).map(|i| i as f32 / 10.0).collect();
+/// let mut encoder = PayloadEncoder::new(spec, enc, 7)?;
+/// let mut records = Vec::new();
+/// while let Some(r) = encoder.next_chunk() {
+///     records.push(encoder.encode_chunk(&values[r.start as usize..r.end as usize])?);
+/// }
+/// let summary = encoder.finish()?;
+/// assert_eq!(summary.num_chunks, 3); // 4 + 4 + 2 elements
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct PayloadEncoder {
+    spec: ModelSpec,
+    encoding: Encoding,
+    seed: u64,
+    next: u64,
+    chunk_index: u64,
+    pending: Vec<f32>,
+    compressor: zstd::bulk::Compressor<'static>,
+    hasher: blake3::Hasher,
+    payload_len: u64,
+    input_hasher: ModelHasher,
+}
+
+impl std::fmt::Debug for PayloadEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadEncoder")
+            .field("encoding", &self.encoding)
+            .field("next", &self.next)
+            .field("num_params", &self.spec.num_params())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PayloadEncoder {
+    /// An encoder for a model with `spec`, using `encoding`; `seed` seeds
+    /// stochastic rounding (ignored by the other codecs).
+    pub fn new(spec: ModelSpec, encoding: Encoding, seed: u64) -> Result<Self, EncodeError> {
+        let compressor = zstd::bulk::Compressor::new(encoding.zstd_level())
+            .map_err(|e| EncodeError::Compress(e.to_string()))?;
+        let input_hasher = ModelHasher::new(&spec);
+        Ok(Self {
+            spec,
+            encoding,
+            seed,
+            next: 0,
+            chunk_index: 0,
+            pending: Vec::new(),
+            compressor,
+            hasher: blake3::Hasher::new(),
+            payload_len: 0,
+            input_hasher,
+        })
+    }
+
+    /// The spec being encoded.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The encoding in use.
+    pub fn encoding(&self) -> &Encoding {
+        &self.encoding
+    }
+
+    /// Element range of the next chunk, `None` when every value was encoded.
+    pub fn next_chunk(&self) -> Option<Range<u64>> {
+        next_range(&self.spec, &self.encoding, self.next)
+    }
+
+    /// Encode the next chunk; `values` must be exactly its elements.
+    /// Returns the chunk record (header + compressed body).
+    pub fn encode_chunk(&mut self, values: &[f32]) -> Result<Vec<u8>, EncodeError> {
+        let range = self
+            .next_chunk()
+            .ok_or_else(|| EncodeError::AlreadyComplete(self.spec.num_params()))?;
+        let n = range.end - range.start;
+        if values.len() as u64 != n {
+            return Err(EncodeError::WrongChunkLength {
+                offset: range.start,
+                expected: n,
+                actual: values.len() as u64,
+            });
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(EncodeError::NonFinite(range.start + i as u64));
+        }
+        let codec = self.encoding.values();
+        let segs = segment_lens(&self.spec, &range);
+        let mut rng = match codec {
+            ValueCodec::Int8 { stochastic: true } => {
+                let mut r = ChaCha8Rng::seed_from_u64(self.seed);
+                r.set_stream(self.chunk_index);
+                Some(r)
+            }
+            _ => None,
+        };
+        let raw = raw_len(codec, n, segs.len() as u64) as usize;
+        let mut body = Vec::with_capacity(raw);
+        encode_body(codec, values, range.start, &segs, rng.as_mut(), &mut body)?;
+        debug_assert_eq!(body.len(), raw);
+        if self.encoding.shuffle() {
+            body = reshuffle(&body, sections(codec, values.len(), segs.len()), true);
+        }
+        let bound = zstd_bound(body.len());
+        let mut record = vec![0u8; CHUNK_HEADER_LEN + bound];
+        let clen = self
+            .compressor
+            .compress_to_buffer(&body, &mut record[CHUNK_HEADER_LEN..])
+            .map_err(|e| EncodeError::Compress(e.to_string()))?;
+        record.truncate(CHUNK_HEADER_LEN + clen);
+        let header = ChunkHeader {
+            codec_tag: codec.tag(),
+            shuffle: self.encoding.shuffle(),
+            offset: range.start,
+            count: n as u32,
+            raw_len: body.len() as u32,
+            compressed_len: clen as u32,
+        };
+        record[..CHUNK_HEADER_LEN].copy_from_slice(&header.to_bytes());
+        self.hasher.update(&record);
+        self.payload_len += record.len() as u64;
+        self.input_hasher.update(values);
+        self.next = range.end;
+        self.chunk_index += 1;
+        Ok(record)
+    }
+
+    /// Feed the next values (any length); returns the chunk records that
+    /// became complete. Buffers at most one chunk of values.
+    pub fn push(&mut self, mut values: &[f32]) -> Result<Vec<Vec<u8>>, EncodeError> {
+        let mut out = Vec::new();
+        while !values.is_empty() {
+            let range = self
+                .next_chunk()
+                .ok_or_else(|| EncodeError::AlreadyComplete(self.spec.num_params()))?;
+            let need = (range.end - range.start) as usize;
+            if self.pending.is_empty() && values.len() >= need {
+                let (now, rest) = values.split_at(need);
+                out.push(self.encode_chunk(now)?);
+                values = rest;
+                continue;
+            }
+            let take = (need - self.pending.len()).min(values.len());
+            self.pending.extend_from_slice(&values[..take]);
+            values = &values[take..];
+            if self.pending.len() == need {
+                let pending = std::mem::take(&mut self.pending);
+                out.push(self.encode_chunk(&pending)?);
+                self.pending = pending;
+                self.pending.clear();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Values encoded so far.
+    pub fn encoded(&self) -> u64 {
+        self.next
+    }
+
+    /// Length and hash of the payload; fails unless every value was encoded.
+    pub fn finish(self) -> Result<PayloadSummary, EncodeError> {
+        if self.next != self.spec.num_params() {
+            return Err(EncodeError::Incomplete {
+                encoded: self.next + self.pending.len() as u64,
+                expected: self.spec.num_params(),
+            });
+        }
+        Ok(PayloadSummary {
+            payload_len: self.payload_len,
+            payload_hash: PayloadHash(*self.hasher.finalize().as_bytes()),
+            num_chunks: self.chunk_index,
+            input_hash: self.input_hasher.finalize(),
+        })
+    }
+}
+
+/// Encode a whole model at once (convenience for small models and tests):
+/// the chunk records and the summary.
+pub fn encode_payload(
+    model: &FlatModel,
+    encoding: Encoding,
+    seed: u64,
+) -> Result<(Vec<Vec<u8>>, PayloadSummary), EncodeError> {
+    let mut enc = PayloadEncoder::new(model.spec().clone(), encoding, seed)?;
+    let mut records = Vec::new();
+    while let Some(r) = enc.next_chunk() {
+        let values = model
+            .values()
+            .get(r.start as usize..r.end as usize)
+            .ok_or_else(|| EncodeError::Incomplete {
+                encoded: r.start,
+                expected: model.spec().num_params(),
+            })?;
+        records.push(enc.encode_chunk(values)?);
+    }
+    Ok((records, enc.finish()?))
+}
+
+/// One decoded chunk: where it goes and its values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedChunk {
+    /// Element offset in the model.
+    pub offset: u64,
+    /// The values.
+    pub values: Vec<f32>,
+}
+
+/// What a decoder saw, once complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodedSummary {
+    /// [`ModelHash`] of the decoded values (for a lossless model transfer,
+    /// compare with the announced model hash).
+    pub model_hash: ModelHash,
+    /// Chunk records decoded.
+    pub num_chunks: u64,
+    /// Bytes of chunk records decoded.
+    pub payload_len: u64,
+}
+
+/// Streaming payload decoder: feed chunk records in order, from any source
+/// (network frames or a spool file), get `(offset, values)` per chunk.
+///
+/// Each record is validated against the encoding, the spec and the expected
+/// position before anything is allocated (see the module docs).
+pub struct PayloadDecoder {
+    spec: ModelSpec,
+    encoding: Encoding,
+    next: u64,
+    chunks: u64,
+    bytes: u64,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    hasher: ModelHasher,
+}
+
+impl std::fmt::Debug for PayloadDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadDecoder")
+            .field("encoding", &self.encoding)
+            .field("next", &self.next)
+            .field("num_params", &self.spec.num_params())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PayloadDecoder {
+    /// A decoder for a payload of a model with `spec`, encoded with `encoding`.
+    pub fn new(spec: ModelSpec, encoding: Encoding) -> Result<Self, PayloadError> {
+        let decompressor =
+            zstd::bulk::Decompressor::new().map_err(|e| PayloadError::Decompress {
+                raw: 0,
+                reason: e.to_string(),
+            })?;
+        let hasher = ModelHasher::new(&spec);
+        Ok(Self {
+            spec,
+            encoding,
+            next: 0,
+            chunks: 0,
+            bytes: 0,
+            decompressor,
+            hasher,
+        })
+    }
+
+    /// Element range of the next expected chunk; `None` when complete.
+    pub fn expected_chunk(&self) -> Option<Range<u64>> {
+        next_range(&self.spec, &self.encoding, self.next)
+    }
+
+    /// Is every chunk received?
+    pub fn is_complete(&self) -> bool {
+        self.next == self.spec.num_params()
+    }
+
+    /// Check a header against the next expected chunk. On success returns
+    /// the compressed body length, which a driver reading a stream or file
+    /// can then read (bounded by [`MAX_CHUNK_RECORD_LEN`]).
+    pub fn check_header(&self, h: &ChunkHeader) -> Result<usize, PayloadError> {
+        let range = self
+            .expected_chunk()
+            .ok_or_else(|| PayloadError::AlreadyComplete(self.spec.num_params()))?;
+        let codec = self.encoding.values();
+        if h.codec_tag != codec.tag() {
+            return Err(PayloadError::CodecMismatch {
+                expected: codec.tag(),
+                found: h.codec_tag,
+            });
+        }
+        if h.shuffle != self.encoding.shuffle() {
+            return Err(PayloadError::ShuffleMismatch {
+                expected: self.encoding.shuffle(),
+                found: h.shuffle,
+            });
+        }
+        if h.offset != range.start {
+            return Err(PayloadError::UnexpectedOffset {
+                expected: range.start,
+                found: h.offset,
+            });
+        }
+        let n = range.end - range.start;
+        if u64::from(h.count) != n {
+            return Err(PayloadError::UnexpectedCount {
+                expected: n,
+                found: u64::from(h.count),
+            });
+        }
+        let segs = self.spec.segments(range.start, range.end).count() as u64;
+        let raw = raw_len(codec, n, segs);
+        if u64::from(h.raw_len) != raw {
+            return Err(PayloadError::RawLenMismatch {
+                expected: raw,
+                found: u64::from(h.raw_len),
+            });
+        }
+        // The compressed bound was checked by ChunkHeader::parse.
+        Ok(h.compressed_len as usize)
+    }
+
+    /// Decode one complete chunk record (header + body).
+    pub fn decode_chunk(&mut self, record: &[u8]) -> Result<DecodedChunk, PayloadError> {
+        let Some((head, body)) = record.split_first_chunk::<CHUNK_HEADER_LEN>() else {
+            return Err(PayloadError::Truncated(record.len()));
+        };
+        let h = ChunkHeader::parse(head)?;
+        let clen = self.check_header(&h)?;
+        if body.len() != clen {
+            return Err(PayloadError::RecordLength {
+                declared: h.record_len() as u64,
+                actual: record.len() as u64,
+            });
+        }
+        let raw_len = h.raw_len as usize;
+        let mut raw = Vec::with_capacity(raw_len);
+        self.decompressor
+            .decompress_to_buffer(body, &mut raw)
+            .map_err(|e| PayloadError::Decompress {
+                raw: raw_len as u64,
+                reason: e.to_string(),
+            })?;
+        if raw.len() != raw_len {
+            return Err(PayloadError::DecompressedSize {
+                declared: raw_len as u64,
+                actual: raw.len() as u64,
+            });
+        }
+        let codec = self.encoding.values();
+        let n = h.count as usize;
+        let range = h.offset..h.offset + n as u64;
+        let segs = segment_lens(&self.spec, &range);
+        if h.shuffle {
+            raw = reshuffle(&raw, sections(codec, n, segs.len()), false);
+        }
+        let values = decode_body(codec, &raw, n, h.offset, &segs)?;
+        self.hasher.update(&values);
+        self.next = range.end;
+        self.chunks += 1;
+        self.bytes += record.len() as u64;
+        Ok(DecodedChunk {
+            offset: h.offset,
+            values,
+        })
+    }
+
+    /// Finish: fails unless every chunk arrived.
+    pub fn finish(self) -> Result<DecodedSummary, PayloadError> {
+        if !self.is_complete() {
+            return Err(PayloadError::Incomplete {
+                received: self.next,
+                expected: self.spec.num_params(),
+            });
+        }
+        Ok(DecodedSummary {
+            model_hash: self.hasher.finalize(),
+            num_chunks: self.chunks,
+            payload_len: self.bytes,
+        })
+    }
+}
+
+/// Decode a whole payload at once (convenience for small models and tests).
+pub fn decode_payload<'a>(
+    spec: ModelSpec,
+    encoding: Encoding,
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<FlatModel, PayloadError> {
+    let n = spec.num_params();
+    let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
+    let mut values = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for r in records {
+        values.extend(dec.decode_chunk(r)?.values);
+    }
+    dec.finish()?;
+    Ok(FlatModel::new(spec, values)?)
+}
+
+/// Upper bound of the payload length of a model with `spec` in `encoding`:
+/// what a verifier may accept as a declared payload length.
+pub fn max_payload_len(spec: &ModelSpec, encoding: &Encoding) -> u64 {
+    let total = spec.num_params();
+    let ce = encoding.chunk_elems();
+    let tensors = spec.tensors().len() as u64;
+    let codec = encoding.values();
+    let per_chunk = |n: u64| {
+        let raw = raw_len(codec, n, n.min(tensors));
+        (CHUNK_HEADER_LEN + zstd_bound(raw as usize)) as u64
+    };
+    let full = total / ce;
+    let rest = total % ce;
+    full * per_chunk(ce) + if rest > 0 { per_chunk(rest) } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorSpec;
+
+    fn spec3() -> ModelSpec {
+        ModelSpec::new(vec![
+            TensorSpec::f32("a", vec![5]),
+            TensorSpec::f32("b", vec![0]),
+            TensorSpec::f32("c", vec![3, 4]),
+            TensorSpec::f32("d", vec![7]),
+        ])
+        .unwrap()
+    }
+
+    fn values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect()
+    }
+
+    fn enc(codec: ValueCodec, shuffle: bool) -> Encoding {
+        Encoding::new(codec, shuffle, 3, 32).unwrap()
+    }
+
+    #[test]
+    fn bound_matches_zstd() {
+        for n in [
+            0,
+            1,
+            100,
+            4096,
+            131_071,
+            131_072,
+            1 << 20,
+            MAX_CHUNK_RAW_LEN,
+        ] {
+            assert_eq!(zstd_bound(n), zstd::zstd_safe::compress_bound(n), "n={n}");
+        }
+    }
+
+    #[test]
+    fn f32_roundtrip_push_in_odd_slices() {
+        let spec = spec3();
+        let v = values(24);
+        let model = FlatModel::new(spec.clone(), v.clone()).unwrap();
+        for shuffle in [false, true] {
+            let e = enc(ValueCodec::F32, shuffle);
+            let (records, summary) = encode_payload(&model, e, 0).unwrap();
+            assert_eq!(records.len(), 3);
+            assert_eq!(summary.num_chunks, 3);
+            assert_eq!(summary.input_hash, model.hash());
+            let total: usize = records.iter().map(Vec::len).sum();
+            assert_eq!(summary.payload_len, total as u64);
+            assert!(summary.payload_len <= max_payload_len(&spec, &e));
+            let cat: Vec<u8> = records.concat();
+            assert_eq!(summary.payload_hash, PayloadHash::of(&cat));
+            let mut pe = PayloadEncoder::new(spec.clone(), e, 0).unwrap();
+            let mut pushed = Vec::new();
+            for piece in v.chunks(5) {
+                pushed.extend(pe.push(piece).unwrap());
+            }
+            assert_eq!(pushed, records);
+            assert_eq!(pe.finish().unwrap(), summary);
+            let back = decode_payload(spec.clone(), e, records.iter().map(Vec::as_slice)).unwrap();
+            assert_eq!(back.values(), &v[..]);
+        }
+    }
+
+    #[test]
+    fn int8_has_one_scale_per_segment() {
+        let spec = spec3();
+        let v = values(24);
+        let e = enc(ValueCodec::Int8 { stochastic: false }, false);
+        let model = FlatModel::new(spec.clone(), v.clone()).unwrap();
+        let (records, _) = encode_payload(&model, e, 0).unwrap();
+        // chunk 0 = a[0..5] + c[0..3]: 2 segments → raw = 4*2 + 8
+        let h = ChunkHeader::parse(records[0].first_chunk().unwrap()).unwrap();
+        assert_eq!(h.raw_len, 16);
+        let back = decode_payload(spec, e, records.iter().map(Vec::as_slice)).unwrap();
+        for (x, y) in v.iter().zip(back.values()) {
+            assert!((x - y).abs() <= 1.0 / 127.0 * 0.5001, "{x} {y}");
+        }
+    }
+
+    #[test]
+    fn encoder_errors() {
+        let spec = spec3();
+        let e = enc(ValueCodec::F32, false);
+        let mut pe = PayloadEncoder::new(spec.clone(), e, 0).unwrap();
+        assert!(matches!(
+            pe.encode_chunk(&[0.0; 3]),
+            Err(EncodeError::WrongChunkLength { expected: 8, .. })
+        ));
+        let mut bad = vec![0.0; 8];
+        bad[2] = f32::NAN;
+        assert_eq!(pe.encode_chunk(&bad), Err(EncodeError::NonFinite(2)));
+        pe.encode_chunk(&[0.0; 8]).unwrap();
+        assert!(matches!(pe.finish(), Err(EncodeError::Incomplete { .. })));
+        let mut pe = PayloadEncoder::new(spec.clone(), enc(ValueCodec::F16, true), 0).unwrap();
+        let mut big = vec![0.0; 8];
+        big[1] = 70_000.0;
+        assert!(matches!(
+            pe.encode_chunk(&big),
+            Err(EncodeError::OutOfRange { index: 1, .. })
+        ));
+        let mut pe = PayloadEncoder::new(spec, e, 0).unwrap();
+        pe.push(&[0.0; 24]).unwrap();
+        assert_eq!(pe.push(&[0.0]), Err(EncodeError::AlreadyComplete(24)));
+    }
+
+    #[test]
+    fn decoder_rejects_misplaced_and_tampered_chunks() {
+        let spec = spec3();
+        let e = enc(ValueCodec::F32, true);
+        let model = FlatModel::new(spec.clone(), values(24)).unwrap();
+        let (records, _) = encode_payload(&model, e, 0).unwrap();
+        let new = || PayloadDecoder::new(spec.clone(), e).unwrap();
+        // out of order
+        assert!(matches!(
+            new().decode_chunk(&records[1]),
+            Err(PayloadError::UnexpectedOffset {
+                expected: 0,
+                found: 8
+            })
+        ));
+        // wrong encoding
+        let mut d = PayloadDecoder::new(spec.clone(), enc(ValueCodec::F16, true)).unwrap();
+        assert!(matches!(
+            d.decode_chunk(&records[0]),
+            Err(PayloadError::CodecMismatch { .. })
+        ));
+        let mut d = PayloadDecoder::new(spec.clone(), enc(ValueCodec::F32, false)).unwrap();
+        assert!(matches!(
+            d.decode_chunk(&records[0]),
+            Err(PayloadError::ShuffleMismatch { .. })
+        ));
+        // truncated / extended record
+        let r = &records[0];
+        assert!(matches!(
+            new().decode_chunk(&r[..r.len() - 1]),
+            Err(PayloadError::RecordLength { .. })
+        ));
+        assert!(matches!(
+            new().decode_chunk(&r[..10]),
+            Err(PayloadError::Truncated(10))
+        ));
+        // lying raw length
+        let mut t = r.clone();
+        t[16] ^= 4;
+        assert!(matches!(
+            new().decode_chunk(&t),
+            Err(PayloadError::RawLenMismatch { .. })
+        ));
+        // lying count
+        let mut t = r.clone();
+        t[12] = 7;
+        assert!(matches!(
+            new().decode_chunk(&t),
+            Err(PayloadError::UnexpectedCount { .. })
+        ));
+        // corrupt body
+        let mut t = r.clone();
+        let last = t.len() - 2;
+        t[CHUNK_HEADER_LEN..last].fill(0xAA);
+        assert!(new().decode_chunk(&t).is_err());
+        // extra chunk, incomplete
+        let mut d = new();
+        for r in &records {
+            d.decode_chunk(r).unwrap();
+        }
+        assert!(matches!(
+            d.decode_chunk(&records[0]),
+            Err(PayloadError::AlreadyComplete(24))
+        ));
+        assert_eq!(d.finish().unwrap().model_hash, model.hash());
+        let mut d = new();
+        d.decode_chunk(&records[0]).unwrap();
+        assert!(matches!(d.finish(), Err(PayloadError::Incomplete { .. })));
+    }
+
+    #[test]
+    fn decompression_bomb_is_bounded() {
+        // A body that decompresses to more than declared is refused.
+        let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![4])]).unwrap();
+        let e = enc(ValueCodec::F32, false);
+        let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+        let h = ChunkHeader {
+            codec_tag: 0,
+            shuffle: false,
+            offset: 0,
+            count: 4,
+            raw_len: 16,
+            compressed_len: bomb.len() as u32,
+        };
+        let mut rec = h.to_bytes().to_vec();
+        rec.extend_from_slice(&bomb);
+        let mut d = PayloadDecoder::new(spec, e).unwrap();
+        // either refused by the compressed bound or by decompression
+        assert!(d.decode_chunk(&rec).is_err());
+    }
+
+    #[test]
+    fn topk_keeps_largest() {
+        let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![8])]).unwrap();
+        let e = enc(
+            ValueCodec::TopK {
+                per_million: 250_000,
+            },
+            true,
+        );
+        let v = vec![0.1, -5.0, 0.2, 3.0, -0.3, 0.0, 0.05, 1.0];
+        let model = FlatModel::new(spec.clone(), v).unwrap();
+        let (records, _) = encode_payload(&model, e, 0).unwrap();
+        let back = decode_payload(spec, e, records.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(back.values(), &[0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+}
