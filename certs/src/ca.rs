@@ -259,7 +259,7 @@ pub struct CertificateAuthority {
     info: FederationInfo,
     cert: CertificateDer<'static>,
     cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -916,5 +916,418 @@ impl CertificateAuthority {
         }
         file.save(&self.revoked_path())?;
         Ok(added)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RevocationList;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    fn setup() -> (tempfile::TempDir, CertificateAuthority, InitReport) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = InitOptions::new("fed", dir.path());
+        opts.server_names = vec!["coord.example".into(), "127.0.0.1".into(), "::1".into()];
+        let (ca, report) = CertificateAuthority::init(&opts, now()).unwrap();
+        (dir, ca, report)
+    }
+
+    fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                all_files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn init_layout_and_kits() {
+        let (dir, ca, report) = setup();
+        for f in [
+            CA_CERT_FILE,
+            CA_KEY_FILE,
+            FEDERATION_FILE,
+            ISSUED_FILE,
+            REVOKED_FILE,
+            SITES_FILE,
+        ] {
+            assert!(report.ca_dir.join(f).is_file(), "{f} missing");
+        }
+        assert_eq!(ca.info().coordinator_server_name, "coord.example");
+        assert_eq!(ca.info().coordinator_addr, "coord.example:4433");
+        let coord = Kit::load(&report.coordinator_kit).unwrap();
+        assert_eq!(
+            coord.identity().to_uri(),
+            "fedlink://fed/coordinator/coordinator"
+        );
+        assert_eq!(
+            coord.cert_info().server_names,
+            vec!["coord.example".to_owned(), "127.0.0.1".into(), "::1".into()]
+        );
+        let admin = Kit::load(&report.admin_kit).unwrap();
+        assert_eq!(admin.identity().role(), Role::Admin);
+        assert!(admin.update_signing_key().is_none());
+        assert_eq!(report.admin_kit, dir.path().join("admins/admin"));
+        let issued = IssuedFile::load(&ca.issued_path()).unwrap();
+        assert_eq!(issued.cert.len(), 2);
+        // A second init into the same directory is refused.
+        let err =
+            CertificateAuthority::init(&InitOptions::new("fed", dir.path()), now()).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn key_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, ca, _) = setup();
+        let site = dir.path().join("sites/a");
+        ca.issue_site(
+            "a",
+            &site,
+            Validity::days_from(now(), 1).unwrap(),
+            None,
+            now(),
+        )
+        .unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&ca.dir().join(CA_KEY_FILE)), 0o600);
+        assert_eq!(mode(&site.join(KEY_FILE)), 0o600);
+        assert_eq!(mode(&site.join(UPDATE_KEY_FILE)), 0o600);
+        assert_eq!(mode(&site), 0o700);
+        assert_eq!(mode(&dir.path().join("coordinator").join(KEY_FILE)), 0o600);
+
+        // A key readable by the group makes the kit refuse to load.
+        fs::set_permissions(
+            site.join(UPDATE_KEY_FILE),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        assert!(matches!(
+            Kit::load(&site).unwrap_err(),
+            Error::KeyFileTooOpen { .. }
+        ));
+        fs::set_permissions(
+            site.join(UPDATE_KEY_FILE),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        fs::set_permissions(site.join(KEY_FILE), fs::Permissions::from_mode(0o604)).unwrap();
+        assert!(matches!(
+            Kit::load(&site).unwrap_err(),
+            Error::KeyFileTooOpen { .. }
+        ));
+        // And the CA refuses to open with a world-readable key.
+        fs::set_permissions(
+            ca.dir().join(CA_KEY_FILE),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            CertificateAuthority::open(ca.dir()).unwrap_err(),
+            Error::KeyFileTooOpen { .. }
+        ));
+    }
+
+    #[test]
+    fn never_overwrites() {
+        let (dir, ca, report) = setup();
+        let v = Validity::days_from(now(), 1).unwrap();
+        let site = dir.path().join("sites/a");
+        ca.issue_site("a", &site, v, None, now()).unwrap();
+        let before: Vec<Vec<u8>> = [KEY_FILE, CERT_FILE, UPDATE_KEY_FILE]
+            .iter()
+            .map(|f| fs::read(site.join(f)).unwrap())
+            .collect();
+        // Another site into the same (non-empty) directory: refused.
+        let err = ca.issue_site("b", &site, v, None, now()).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+        // The same name again: refused (names are not reused).
+        let err = ca
+            .issue_site("a", &dir.path().join("elsewhere"), v, None, now())
+            .unwrap_err();
+        assert!(matches!(err, Error::Refused(_)), "{err}");
+        assert!(!dir.path().join("elsewhere").exists());
+        // Over the admin kit: refused.
+        let err = ca
+            .issue_admin("other", &report.admin_kit, v, None, now())
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+        let after: Vec<Vec<u8>> = [KEY_FILE, CERT_FILE, UPDATE_KEY_FILE]
+            .iter()
+            .map(|f| fs::read(site.join(f)).unwrap())
+            .collect();
+        assert_eq!(before, after);
+        // An existing empty directory is fine.
+        let empty = dir.path().join("sites/c");
+        fs::create_dir_all(&empty).unwrap();
+        ca.issue_site("c", &empty, v, None, now()).unwrap();
+        // No staging directories are left behind.
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("sites"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn ca_key_never_in_kits() {
+        let (dir, ca, _) = setup();
+        let v = Validity::days_from(now(), 1).unwrap();
+        ca.issue_site("a", &dir.path().join("sites/a"), v, None, now())
+            .unwrap();
+        ca.issue_admin("bob", &dir.path().join("admins/bob"), v, None, now())
+            .unwrap();
+        let ca_key_pem = fs::read_to_string(ca.dir().join(CA_KEY_FILE)).unwrap();
+        let ca_key = KeyPair::from_pem(&ca_key_pem).unwrap();
+        let ca_key_der = ca_key.serialized_der().to_vec();
+        let body: String = ca_key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let mut kit_files = Vec::new();
+        for kit in ["coordinator", "admins", "sites"] {
+            all_files(&dir.path().join(kit), &mut kit_files);
+        }
+        assert!(kit_files.len() >= 15, "{kit_files:?}");
+        for f in &kit_files {
+            let bytes = fs::read(f).unwrap();
+            let text = String::from_utf8_lossy(&bytes).replace(['\n', '\r'], "");
+            assert!(!text.contains(&body), "{} contains the CA key", f.display());
+            assert!(
+                !bytes
+                    .windows(ca_key_der.len())
+                    .any(|w| w == ca_key_der.as_slice()),
+                "{} contains the CA key (DER)",
+                f.display()
+            );
+            assert_ne!(f.file_name().unwrap(), CA_KEY_FILE);
+        }
+        // A kit that holds a CA key file is refused.
+        let site = dir.path().join("sites/a");
+        fs::copy(ca.dir().join(CA_KEY_FILE), site.join(CA_KEY_FILE)).unwrap();
+        let err = Kit::load(&site).unwrap_err();
+        assert!(err.to_string().contains("CA private key"), "{err}");
+    }
+
+    #[test]
+    fn site_kit_contents_and_manifest() {
+        let (dir, ca, _) = setup();
+        let site = dir.path().join("sites/st-mary");
+        let issued = ca
+            .issue_site(
+                "st-mary",
+                &site,
+                Validity::days_from(now(), 10).unwrap(),
+                Some("coord.example:9000"),
+                now(),
+            )
+            .unwrap();
+        let kit = Kit::load(&site).unwrap();
+        assert_eq!(kit.identity().to_uri(), "fedlink://fed/site/st-mary");
+        assert_eq!(kit.coordinator_addr(), "coord.example:9000");
+        assert_eq!(kit.coordinator_server_name(), "coord.example");
+        assert_eq!(kit.ca_cert(), ca.cert());
+        let update_key = kit.update_signing_key().unwrap();
+        assert_ne!(
+            update_key.to_bytes().as_slice(),
+            kit.private_key().secret_der(),
+            "update key must be separate from the TLS key"
+        );
+
+        let manifest = SiteManifest::load(&ca.manifest_path()).unwrap();
+        assert_eq!(manifest.federation, "fed");
+        let entry = manifest.get("st-mary").unwrap();
+        assert_eq!(entry.identity, *kit.identity());
+        assert_eq!(entry.cert_fingerprint, kit.cert_info().fingerprint);
+        assert_eq!(entry.cert_serial, issued.serial);
+        assert_eq!(
+            entry.update_verifying_key().unwrap(),
+            update_key.verifying_key()
+        );
+        assert_eq!(
+            manifest.check_peer(&kit.cert_chain()[0]).unwrap().name,
+            "st-mary"
+        );
+
+        // Round trip through the file.
+        let copy = dir.path().join("copy.toml");
+        manifest.save(&copy).unwrap();
+        assert_eq!(SiteManifest::load(&copy).unwrap(), manifest);
+
+        // Tampered manifests are refused with a reason.
+        let text = fs::read_to_string(&copy).unwrap();
+        fs::write(&copy, text.replace("site/st-mary", "site/other")).unwrap();
+        assert!(
+            SiteManifest::load(&copy)
+                .unwrap_err()
+                .to_string()
+                .contains("does not match")
+        );
+        fs::write(&copy, text.replace(&entry.update_public_key, "00")).unwrap();
+        assert!(SiteManifest::load(&copy).is_err());
+        fs::write(&copy, format!("{text}\nextra = 1\n")).unwrap();
+        assert!(SiteManifest::load(&copy).is_err());
+    }
+
+    #[test]
+    fn renew_keeps_identity_and_update_key() {
+        let (dir, ca, report) = setup();
+        let site = dir.path().join("sites/a");
+        let v = Validity::days_from(now(), 1).unwrap();
+        let first = ca.issue_site("a", &site, v, None, now()).unwrap();
+        let old = Kit::load(&site).unwrap();
+        let old_update = fs::read(site.join(UPDATE_KEY_FILE)).unwrap();
+        let old_cert = fs::read(site.join(CERT_FILE)).unwrap();
+        let old_key = fs::read(site.join(KEY_FILE)).unwrap();
+        // A copy of the kit as it is now (fs::copy keeps the modes).
+        let stale = dir.path().join("stale");
+        fs::create_dir(&stale).unwrap();
+        for e in fs::read_dir(&site).unwrap() {
+            let p = e.unwrap().path();
+            fs::copy(&p, stale.join(p.file_name().unwrap())).unwrap();
+        }
+
+        // Wrong name or role: refused.
+        assert!(ca.renew(&site, "b", Role::Site, v, false, now()).is_err());
+        assert!(ca.renew(&site, "a", Role::Admin, v, false, now()).is_err());
+
+        let later = Validity::days_from(now(), 30).unwrap();
+        let report2 = ca
+            .renew(&site, "a", Role::Site, later, false, now())
+            .unwrap();
+        assert_eq!(report2.old_serial, first.serial);
+        let new = Kit::load(&site).unwrap();
+        assert_eq!(new.identity(), old.identity());
+        assert_ne!(new.cert_info().serial, old.cert_info().serial);
+        assert_ne!(
+            new.private_key().secret_der(),
+            old.private_key().secret_der()
+        );
+        assert_eq!(fs::read(site.join(UPDATE_KEY_FILE)).unwrap(), old_update);
+        assert_eq!(
+            new.update_signing_key().unwrap().to_bytes(),
+            old.update_signing_key().unwrap().to_bytes()
+        );
+        // Old pair kept as backups, byte for byte.
+        assert_eq!(fs::read(&report2.backups[0]).unwrap(), old_cert);
+        assert_eq!(fs::read(&report2.backups[1]).unwrap(), old_key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let m = fs::metadata(&report2.backups[1])
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(m, 0o600);
+        }
+        // Manifest has the new fingerprint, same update key; the old cert is superseded.
+        let manifest = SiteManifest::load(&ca.manifest_path()).unwrap();
+        let entry = manifest.get("a").unwrap();
+        assert_eq!(entry.cert_fingerprint, new.cert_info().fingerprint);
+        assert_eq!(entry.update_public_key, first.update_public_key.unwrap());
+        assert!(entry.renewed_at.is_some());
+        assert!(matches!(
+            manifest.check_peer(&old.cert_chain()[0]).unwrap_err(),
+            crate::PeerRejected::SupersededCertificate { .. }
+        ));
+        assert!(manifest.check_peer(&new.cert_chain()[0]).is_ok());
+        let issued = IssuedFile::load(&ca.issued_path()).unwrap();
+        assert_eq!(
+            issued.cert.last().unwrap().renews.as_ref(),
+            Some(&first.serial)
+        );
+
+        // Renewing the stale copy (no longer the current certificate) is refused.
+        let err = ca
+            .renew(&stale, "a", Role::Site, v, false, now())
+            .unwrap_err();
+        assert!(err.to_string().contains("current certificate"), "{err}");
+
+        // Renew the coordinator: same server names.
+        let coord_before = Kit::load(&report.coordinator_kit).unwrap();
+        ca.renew(
+            &report.coordinator_kit,
+            COORDINATOR_NAME,
+            Role::Coordinator,
+            v,
+            false,
+            now(),
+        )
+        .unwrap();
+        let coord_after = Kit::load(&report.coordinator_kit).unwrap();
+        assert_eq!(
+            coord_after.cert_info().server_names,
+            coord_before.cert_info().server_names
+        );
+    }
+
+    #[test]
+    fn revoke_by_name_serial_fingerprint() {
+        let (dir, ca, _) = setup();
+        let v = Validity::days_from(now(), 1).unwrap();
+        let a = ca
+            .issue_site("a", &dir.path().join("sites/a"), v, None, now())
+            .unwrap();
+        let b = ca
+            .issue_site("b", &dir.path().join("sites/b"), v, None, now())
+            .unwrap();
+        let c = ca
+            .issue_admin("c", &dir.path().join("admins/c"), v, None, now())
+            .unwrap();
+        let list = RevocationList::load(ca.revoked_path()).unwrap();
+        assert!(list.check(Some(&a.serial), &a.fingerprint).is_none());
+
+        assert!(ca.revoke("nobody", None, None, now()).is_err());
+        let added = ca.revoke("a", None, Some("stolen"), now()).unwrap();
+        assert_eq!(added.len(), 1);
+        assert_eq!(added[0].serial.as_ref(), Some(&a.serial));
+        // Idempotent.
+        assert!(ca.revoke("a", None, None, now()).unwrap().is_empty());
+        ca.revoke(&b.serial.to_string(), None, None, now()).unwrap();
+        ca.revoke(&c.fingerprint.to_string(), Some(Role::Admin), None, now())
+            .unwrap();
+        // Role filter that matches nothing.
+        assert!(ca.revoke("a", Some(Role::Admin), None, now()).is_err());
+
+        // Visible after reload only.
+        assert!(list.check(Some(&a.serial), &a.fingerprint).is_none());
+        list.reload().unwrap();
+        for k in [&a, &b, &c] {
+            assert!(list.check(Some(&k.serial), &k.fingerprint).is_some());
+        }
+
+        // Renewing a revoked site needs --reinstate.
+        let err = ca
+            .renew(
+                &dir.path().join("sites/a"),
+                "a",
+                Role::Site,
+                v,
+                false,
+                now(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("revoked"), "{err}");
+        ca.renew(&dir.path().join("sites/a"), "a", Role::Site, v, true, now())
+            .unwrap();
+    }
+
+    #[test]
+    fn validity_rules() {
+        assert!(Validity::days_from(now(), 0).is_err());
+        assert!(Validity::days_from(now(), 40_000).is_err());
+        assert!(Validity::new(now(), now() - Duration::days(1)).is_err());
+        let v = Validity::days_from(now(), 2).unwrap();
+        assert!(v.not_before() < now() && v.not_after() > now());
     }
 }

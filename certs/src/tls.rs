@@ -292,3 +292,196 @@ pub fn client_tls_config(kit: &Kit, alpn: &[u8]) -> Result<ClientConfig, Error> 
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CertificateAuthority, InitOptions, Validity};
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+    use time::OffsetDateTime;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ca: CertificateAuthority,
+        coordinator: Kit,
+        site: Kit,
+        admin: Kit,
+        foreign_site: Kit,
+    }
+
+    fn fixture() -> Fixture {
+        let now = OffsetDateTime::now_utc();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, report) =
+            CertificateAuthority::init(&InitOptions::new("fed", dir.path().join("fed")), now)
+                .unwrap();
+        let v = Validity::days_from(now, 1).unwrap();
+        let site = dir.path().join("fed/sites/a");
+        ca.issue_site("a", &site, v, None, now).unwrap();
+        let (other, _) =
+            CertificateAuthority::init(&InitOptions::new("fed", dir.path().join("other")), now)
+                .unwrap();
+        let foreign = dir.path().join("other/sites/a");
+        other.issue_site("a", &foreign, v, None, now).unwrap();
+        Fixture {
+            coordinator: Kit::load(&report.coordinator_kit).unwrap(),
+            admin: Kit::load(&report.admin_kit).unwrap(),
+            site: Kit::load(&site).unwrap(),
+            foreign_site: Kit::load(&foreign).unwrap(),
+            ca,
+            _dir: dir,
+        }
+    }
+
+    /// A certificate signed by the real CA with arbitrary URI and EKU.
+    fn rogue(
+        ca: &CertificateAuthority,
+        uri: &str,
+        eku: ExtendedKeyUsagePurpose,
+        dns: &[&str],
+    ) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.try_into().unwrap()));
+        params.extended_key_usages = vec![eku];
+        params.signed_by(&key, &ca.issuer).unwrap().der().clone()
+    }
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    #[test]
+    fn client_verifier_checks() {
+        let f = fixture();
+        let list = RevocationList::load(f.ca.revoked_path()).unwrap();
+        let v = FederationClientVerifier::new(f.ca.cert(), "fed", list.clone()).unwrap();
+        assert!(v.client_auth_mandatory());
+        v.verify_client_cert(&f.site.cert_chain()[0], &[], now())
+            .unwrap();
+        v.verify_client_cert(&f.admin.cert_chain()[0], &[], now())
+            .unwrap();
+
+        let err = v
+            .verify_client_cert(&f.foreign_site.cert_chain()[0], &[], now())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            // Same federation name, hence the same issuer DN: found by name, refused by signature.
+            rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+        );
+        // The real coordinator certificate lacks clientAuth.
+        let err = v
+            .verify_client_cert(&f.coordinator.cert_chain()[0], &[], now())
+            .unwrap_err();
+        assert!(err.to_string().contains("extended key usage"), "{err}");
+        // A coordinator-role certificate with clientAuth: refused by role.
+        let c = rogue(
+            &f.ca,
+            "fedlink://fed/coordinator/x",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[],
+        );
+        let err = v
+            .verify_client_cert(&c, &[], now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("role coordinator"), "{err}");
+        // Another federation's name under our CA.
+        let c = rogue(
+            &f.ca,
+            "fedlink://other/site/x",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[],
+        );
+        let err = v
+            .verify_client_cert(&c, &[], now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another federation"), "{err}");
+        // No identity at all.
+        let c = rogue(
+            &f.ca,
+            "https://example.org/",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[],
+        );
+        let err = v
+            .verify_client_cert(&c, &[], now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no fedlink:// identity"), "{err}");
+
+        // Revocation is consulted on every call, after reload.
+        f.ca.revoke("a", Some(Role::Site), None, OffsetDateTime::now_utc())
+            .unwrap();
+        v.verify_client_cert(&f.site.cert_chain()[0], &[], now())
+            .unwrap();
+        list.reload().unwrap();
+        let err = v
+            .verify_client_cert(&f.site.cert_chain()[0], &[], now())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is revoked") && err.contains("fedlink://fed/site/a"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn server_verifier_checks() {
+        let f = fixture();
+        let v = FederationServerVerifier::new(f.ca.cert(), "fed").unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        v.verify_server_cert(&f.coordinator.cert_chain()[0], &[], &name, &[], now())
+            .unwrap();
+        let wrong = ServerName::try_from("elsewhere.example").unwrap();
+        assert!(
+            v.verify_server_cert(&f.coordinator.cert_chain()[0], &[], &wrong, &[], now())
+                .is_err()
+        );
+        // A site-role certificate with serverAuth and the right name: refused by role.
+        let c = rogue(
+            &f.ca,
+            "fedlink://fed/site/x",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &["localhost"],
+        );
+        let err = v
+            .verify_server_cert(&c, &[], &name, &[], now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("role site"), "{err}");
+        // Another CA's coordinator is unknown.
+        let other = FederationServerVerifier::new(f.foreign_site.ca_cert(), "fed").unwrap();
+        let err = other
+            .verify_server_cert(&f.coordinator.cert_chain()[0], &[], &name, &[], now())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            // Same federation name, hence the same issuer DN: found by name, refused by signature.
+            rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn configs_check_roles() {
+        let f = fixture();
+        let list = RevocationList::empty();
+        let server = server_tls_config(&f.coordinator, list.clone()).unwrap();
+        assert_eq!(
+            server.alpn_protocols,
+            vec![ALPN_SITE.to_vec(), ALPN_ADMIN.to_vec()]
+        );
+        assert!(server_tls_config(&f.site, list).is_err());
+        let client = client_tls_config(&f.site, ALPN_SITE).unwrap();
+        assert_eq!(client.alpn_protocols, vec![ALPN_SITE.to_vec()]);
+        client_tls_config(&f.admin, ALPN_ADMIN).unwrap();
+        assert!(client_tls_config(&f.site, ALPN_ADMIN).is_err());
+        assert!(client_tls_config(&f.admin, ALPN_SITE).is_err());
+        assert!(client_tls_config(&f.coordinator, ALPN_SITE).is_err());
+    }
+}
