@@ -1,0 +1,432 @@
+//! Signed update envelopes: the happy path and one test per rejection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use ed25519_dalek::SigningKey;
+use fedlink_protocol::envelope::MAX_ATTEMPTS_PER_ROUND;
+use fedlink_protocol::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+struct Fixture {
+    spec: ModelSpec,
+    encoding: Encoding,
+    records: Vec<Vec<u8>>,
+    header: UpdateHeader,
+    key: SigningKey,
+    other_key: SigningKey,
+    keys: BTreeMap<SiteId, ed25519_dalek::VerifyingKey>,
+    expected: ExpectedUpdate,
+}
+
+fn site() -> SiteId {
+    SiteId::new("site-a").unwrap()
+}
+
+fn fixture() -> Fixture {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let key = SigningKey::generate(&mut rng);
+    let other_key = SigningKey::generate(&mut rng);
+    let spec = ModelSpec::new(vec![
+        TensorSpec::f32("a.weight", vec![6, 5]),
+        TensorSpec::f32("a.bias", vec![5]),
+    ])
+    .unwrap();
+    let encoding = Encoding::with_codec(ValueCodec::Int8 { stochastic: true })
+        .unwrap()
+        .with_chunk_bytes(64)
+        .unwrap();
+    let delta = FlatModel::new(
+        spec.clone(),
+        (0..35).map(|i| (i as f32 - 17.0) / 100.0).collect(),
+    )
+    .unwrap();
+    let (records, summary) = encode_payload(&delta, encoding, 9).unwrap();
+    let base = ModelHash([3; 32]);
+    let header = UpdateHeader {
+        protocol_version: PROTOCOL_VERSION,
+        federation_id: FederationId::new("fed-1").unwrap(),
+        site_id: site(),
+        job_id: JobId::new("job-1").unwrap(),
+        round: RoundId(4),
+        base_model: base,
+        num_examples: 120,
+        encoding,
+        payload_len: summary.payload_len,
+        payload_hash: summary.payload_hash,
+        nonce: UpdateNonce::random(&mut rng),
+        metrics: Some(EvalMetrics {
+            num_eval_examples: 30,
+            loss: Some(0.4),
+            accuracy: Some(0.9),
+            auc: None,
+            dice: None,
+            extra: vec![("f1".into(), 0.8)],
+        }),
+    };
+    let keys = BTreeMap::from([
+        (site(), key.verifying_key()),
+        (SiteId::new("site-b").unwrap(), other_key.verifying_key()),
+    ]);
+    let expected = ExpectedUpdate {
+        federation_id: FederationId::new("fed-1").unwrap(),
+        job_id: JobId::new("job-1").unwrap(),
+        round: RoundId(4),
+        base_model: base,
+        encoding: Some(encoding),
+        max_payload_len: max_payload_len(&spec, &encoding),
+    };
+    Fixture {
+        spec,
+        encoding,
+        records,
+        header,
+        key,
+        other_key,
+        keys,
+        expected,
+    }
+}
+
+fn verify(
+    f: &Fixture,
+    env: &SignedEnvelope,
+    guard: &mut ReplayGuard,
+) -> Result<PayloadVerifier, VerifyError> {
+    verify_update(env, &site(), &f.keys, &f.expected, guard)
+}
+
+fn stream(mut v: PayloadVerifier, records: &[Vec<u8>]) -> Result<VerifiedUpdate, VerifyError> {
+    for r in records {
+        v.update(r)?;
+    }
+    v.finish()
+}
+
+#[test]
+fn happy_path_then_decode() {
+    let f = fixture();
+    let env = sign_update(&f.key, f.header.clone());
+    // The envelope survives its own codec.
+    let env = SignedEnvelope::decode_exact(&env.to_vec()).unwrap();
+    let mut guard = ReplayGuard::new();
+    let v = verify(&f, &env, &mut guard).unwrap();
+    assert_eq!(v.remaining(), f.header.payload_len);
+    let verified = stream(v, &f.records).unwrap();
+    let model = decode_payload(
+        f.spec.clone(),
+        f.encoding,
+        f.records.iter().map(Vec::as_slice),
+    )
+    .unwrap();
+    assert_eq!(model.values().len(), 35);
+    guard.commit(&verified);
+    assert!(guard.is_committed(
+        &f.expected.federation_id,
+        &f.expected.job_id,
+        RoundId(4),
+        &site()
+    ));
+    // HashMap directories work too.
+    let hm: HashMap<_, _> = f.keys.clone().into_iter().collect();
+    let env2 = sign_update(
+        &f.key,
+        UpdateHeader {
+            round: RoundId(5),
+            ..f.header.clone()
+        },
+    );
+    let exp5 = ExpectedUpdate {
+        round: RoundId(5),
+        ..f.expected.clone()
+    };
+    verify_update(&env2, &site(), &hm, &exp5, &mut guard).unwrap();
+}
+
+#[test]
+fn rejects_bad_signature() {
+    let f = fixture();
+    let mut env = sign_update(&f.key, f.header.clone());
+    // Tamper with a signed field after signing.
+    env.header.num_examples += 1;
+    assert_eq!(
+        verify(&f, &env, &mut ReplayGuard::new()).unwrap_err(),
+        VerifyError::BadSignature
+    );
+    // Flip a signature bit.
+    let env = sign_update(&f.key, f.header.clone());
+    let mut sig = env.signature.to_bytes();
+    sig[5] ^= 1;
+    let env = SignedEnvelope {
+        signature: SignatureBytes::from_bytes(&sig),
+        ..env
+    };
+    assert_eq!(
+        verify(&f, &env, &mut ReplayGuard::new()).unwrap_err(),
+        VerifyError::BadSignature
+    );
+}
+
+#[test]
+fn rejects_key_not_bound_to_identity() {
+    // Signed with site-b's (registered) key but claiming site-a over site-a's
+    // connection: the key registered for site-a does not verify it.
+    let f = fixture();
+    let env = sign_update(&f.other_key, f.header.clone());
+    assert_eq!(
+        verify(&f, &env, &mut ReplayGuard::new()).unwrap_err(),
+        VerifyError::BadSignature
+    );
+}
+
+#[test]
+fn rejects_unknown_site() {
+    let f = fixture();
+    let stranger = SiteId::new("site-z").unwrap();
+    let env = sign_update(
+        &f.key,
+        UpdateHeader {
+            site_id: stranger.clone(),
+            ..f.header.clone()
+        },
+    );
+    let err = verify_update(
+        &env,
+        &stranger,
+        &f.keys,
+        &f.expected,
+        &mut ReplayGuard::new(),
+    )
+    .unwrap_err();
+    assert_eq!(err, VerifyError::UnknownSite(stranger));
+}
+
+#[test]
+fn rejects_identity_mismatch() {
+    let f = fixture();
+    let env = sign_update(&f.key, f.header.clone());
+    let b = SiteId::new("site-b").unwrap();
+    let err = verify_update(&env, &b, &f.keys, &f.expected, &mut ReplayGuard::new()).unwrap_err();
+    assert!(matches!(err, VerifyError::IdentityMismatch { .. }), "{err}");
+}
+
+type IsExpected = fn(&VerifyError) -> bool;
+
+#[test]
+fn rejects_context_mismatches() {
+    let f = fixture();
+    let cases: Vec<(UpdateHeader, IsExpected)> = vec![
+        (
+            UpdateHeader {
+                federation_id: FederationId::new("fed-2").unwrap(),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::FederationMismatch { .. }),
+        ),
+        (
+            UpdateHeader {
+                job_id: JobId::new("job-2").unwrap(),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::JobMismatch { .. }),
+        ),
+        (
+            UpdateHeader {
+                round: RoundId(3),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::RoundMismatch { .. }),
+        ),
+        (
+            UpdateHeader {
+                base_model: ModelHash([4; 32]),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::BaseModelMismatch { .. }),
+        ),
+        (
+            UpdateHeader {
+                encoding: Encoding::with_codec(ValueCodec::F16).unwrap(),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::EncodingMismatch { .. }),
+        ),
+        (
+            UpdateHeader {
+                payload_len: f.expected.max_payload_len + 1,
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::PayloadTooLarge { .. }),
+        ),
+        (
+            UpdateHeader {
+                protocol_version: PROTOCOL_VERSION + 1,
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::UnsupportedVersion(_)),
+        ),
+    ];
+    for (h, ok) in cases {
+        let mut guard = ReplayGuard::new();
+        let err = verify(&f, &sign_update(&f.key, h), &mut guard).unwrap_err();
+        assert!(ok(&err), "unexpected error {err:?}");
+        // Nothing was recorded for a refused header.
+        assert!(guard.is_empty());
+    }
+}
+
+#[test]
+fn rejects_replayed_nonce() {
+    let f = fixture();
+    let env = sign_update(&f.key, f.header.clone());
+    let mut guard = ReplayGuard::new();
+    verify(&f, &env, &mut guard).unwrap();
+    assert_eq!(
+        verify(&f, &env, &mut guard).unwrap_err(),
+        VerifyError::NonceReplayed(site())
+    );
+    // The guard survives persistence (JSON and the protocol codec).
+    let json = serde_json::to_string(&guard).unwrap();
+    let mut restored: ReplayGuard = serde_json::from_str(&json).unwrap();
+    assert_eq!(restored, guard);
+    assert_eq!(
+        verify(&f, &env, &mut restored).unwrap_err(),
+        VerifyError::NonceReplayed(site())
+    );
+    let mut restored = ReplayGuard::decode_exact(&guard.to_vec()).unwrap();
+    assert!(verify(&f, &env, &mut restored).is_err());
+}
+
+#[test]
+fn rejects_replayed_round() {
+    let f = fixture();
+    let mut guard = ReplayGuard::new();
+    let v = verify(&f, &sign_update(&f.key, f.header.clone()), &mut guard).unwrap();
+    guard.commit(&stream(v, &f.records).unwrap());
+    // Same round, fresh nonce: refused.
+    let again = sign_update(
+        &f.key,
+        UpdateHeader {
+            nonce: UpdateNonce([9; 16]),
+            ..f.header.clone()
+        },
+    );
+    assert_eq!(
+        verify(&f, &again, &mut guard).unwrap_err(),
+        VerifyError::RoundReplayed {
+            site: site(),
+            round: RoundId(4)
+        }
+    );
+    // Pruning past rounds keeps the current one.
+    guard.prune_before(&f.expected.federation_id, &f.expected.job_id, RoundId(4));
+    assert!(verify(&f, &again, &mut guard).is_err());
+    guard.prune_before(&f.expected.federation_id, &f.expected.job_id, RoundId(5));
+    assert!(guard.is_empty());
+}
+
+#[test]
+fn failed_upload_may_retry_with_fresh_nonce_but_not_forever() {
+    let f = fixture();
+    let mut guard = ReplayGuard::new();
+    for i in 0..MAX_ATTEMPTS_PER_ROUND {
+        let env = sign_update(
+            &f.key,
+            UpdateHeader {
+                nonce: UpdateNonce([i as u8; 16]),
+                ..f.header.clone()
+            },
+        );
+        verify(&f, &env, &mut guard).unwrap();
+    }
+    let env = sign_update(
+        &f.key,
+        UpdateHeader {
+            nonce: UpdateNonce([0xEE; 16]),
+            ..f.header.clone()
+        },
+    );
+    assert_eq!(
+        verify(&f, &env, &mut guard).unwrap_err(),
+        VerifyError::TooManyAttempts(site())
+    );
+}
+
+#[test]
+fn rejects_payload_length_and_hash_mismatch() {
+    let f = fixture();
+    let mut guard = ReplayGuard::new();
+    let env = sign_update(&f.key, f.header.clone());
+    // Short payload.
+    let v = verify(&f, &env, &mut guard).unwrap();
+    let err = stream(v, &f.records[..f.records.len() - 1]).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::PayloadLengthMismatch { .. }),
+        "{err}"
+    );
+    // Long payload: refused as soon as it overflows.
+    let env = sign_update(
+        &f.key,
+        UpdateHeader {
+            nonce: UpdateNonce([1; 16]),
+            ..f.header.clone()
+        },
+    );
+    let mut v = verify(&f, &env, &mut guard).unwrap();
+    for r in &f.records {
+        v.update(r).unwrap();
+    }
+    assert!(matches!(
+        v.update(&[0]),
+        Err(VerifyError::PayloadLengthMismatch { .. })
+    ));
+    // Same length, one byte changed.
+    let env = sign_update(
+        &f.key,
+        UpdateHeader {
+            nonce: UpdateNonce([2; 16]),
+            ..f.header.clone()
+        },
+    );
+    let v = verify(&f, &env, &mut guard).unwrap();
+    let mut tampered = f.records.clone();
+    let last = tampered[0].len() - 1;
+    tampered[0][last] ^= 0x40;
+    assert_eq!(
+        stream(v, &tampered).unwrap_err(),
+        VerifyError::PayloadHashMismatch
+    );
+}
+
+#[test]
+fn signed_bytes_are_domain_separated_and_cover_every_field() {
+    let f = fixture();
+    let base = f.header.signed_bytes();
+    assert!(base.starts_with(UPDATE_DOMAIN));
+    let variants = [
+        UpdateHeader {
+            num_examples: 121,
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            payload_hash: PayloadHash([0; 32]),
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            nonce: UpdateNonce([0; 16]),
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            metrics: None,
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            encoding: f.encoding.shuffled(false),
+            ..f.header.clone()
+        },
+    ];
+    for v in variants {
+        assert_ne!(v.signed_bytes(), base);
+    }
+}
