@@ -588,17 +588,6 @@ impl CertificateAuthority {
 
     fn issue(&self, req: KitRequest<'_>, now: OffsetDateTime) -> Result<IssuedKit, Error> {
         let _lock = DirLock::acquire(&self.dir)?;
-        let out_dir = req.out_dir;
-        if out_dir.exists()
-            && fs::read_dir(out_dir)
-                .map_err(io_err(out_dir))?
-                .next()
-                .is_some()
-        {
-            return Err(Error::AlreadyExists {
-                path: out_dir.to_path_buf(),
-            });
-        }
         let mut issued = IssuedFile::load(&self.issued_path())?;
         if issued.cert.iter().any(|r| r.identity == req.identity) {
             return Err(Error::Refused(format!(
@@ -623,6 +612,17 @@ impl CertificateAuthority {
             _ => None,
         };
 
+        let out_dir = req.out_dir;
+        if out_dir.exists()
+            && fs::read_dir(out_dir)
+                .map_err(io_err(out_dir))?
+                .next()
+                .is_some()
+        {
+            return Err(Error::AlreadyExists {
+                path: out_dir.to_path_buf(),
+            });
+        }
         let key = new_tls_key()?;
         let cert = leaf_params(&req.identity, req.validity, req.server_names)?
             .signed_by(&key, &self.issuer)?;
