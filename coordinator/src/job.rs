@@ -22,6 +22,7 @@
 //! fraction = 1.0                         # of the connected, compatible sites
 //! min_sites = 2                          # a round starts with at least this many
 //! max_sites = 10
+//! gather_secs = 10                       # first round: wait for more sites
 //!
 //! [round]
 //! deadline_secs = 300
@@ -297,6 +298,10 @@ pub struct Selection {
     /// Most sites a round selects. Default [`MAX_SITES_PER_ROUND`].
     #[serde(default)]
     pub max_sites: Option<u32>,
+    /// Seconds the first round waits, once `min_sites` sites are
+    /// connected, for more sites to connect. Default 10.
+    #[serde(default = "default_gather")]
+    pub gather_secs: u64,
     /// If set, only these site ids may take part in the job; other sites
     /// are disconnected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -309,9 +314,14 @@ impl Default for Selection {
             fraction: 1.0,
             min_sites: None,
             max_sites: None,
+            gather_secs: default_gather(),
             allow: None,
         }
     }
+}
+
+fn default_gather() -> u64 {
+    10
 }
 
 fn one_f64() -> f64 {
@@ -732,7 +742,7 @@ impl Job {
         // encoding
         let e = &self.encoding;
         in_range("encoding.zstd_level", e.zstd_level, 1, 19)?;
-        if e.chunk_bytes % 4 != 0 {
+        if !e.chunk_bytes.is_multiple_of(4) {
             return Err(invalid("encoding.chunk_bytes", "must be a multiple of 4"));
         }
         in_range("encoding.chunk_bytes", e.chunk_bytes, 16, 4 * 1024 * 1024)?;

@@ -1,1 +1,0 @@
-//! Round state machine (sans-IO) — work in progress.
