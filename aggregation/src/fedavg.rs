@@ -161,6 +161,10 @@ impl FedAvgAccumulator {
         }
     }
 
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The model spec.
     pub fn spec(&self) -> &Arc<ModelSpec> {
         &self.spec
