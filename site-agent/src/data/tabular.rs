@@ -1,0 +1,520 @@
+//! Tabular data from a CSV file with a header row.
+//!
+//! * Every column except the label column and `drop_columns` (ids, site
+//!   codes, …) is a feature and must be numeric.
+//! * The label column holds integer class indices `0, 1, …` (`1.0` is
+//!   accepted as `1`). A missing label is always an error.
+//! * Missing feature values are the empty cell and (case-insensitively)
+//!   `NA`, `N/A`, `NaN`, `null`, `?`. With [`MissingValues::Reject`] (the
+//!   default) the first one is an error naming line and column; with
+//!   [`MissingValues::ImputeMean`] it becomes the *training split's* mean of
+//!   that column (0 after standardisation).
+//! * Features are standardised (`(x − mean) / std`) with statistics computed
+//!   locally on the training split only ([`Standardizer`]); a column that is
+//!   constant there keeps `std = 1`. Validation and test rows use the same
+//!   statistics.
+//! * Infinite values, ragged rows and bad quoting are errors.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    DataError, FingerprintBuilder, LocalData, MAX_CLASSES, MAX_FILE_BYTES, MAX_VALUES, SampleShape,
+    Samples, Targets, check_fraction, read_limited, split_indices,
+};
+
+/// Most columns a CSV may have.
+pub const MAX_COLUMNS: usize = 1 << 16;
+
+/// What to do with a missing feature value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingValues {
+    /// Refuse the file, naming the first missing cell.
+    #[default]
+    Reject,
+    /// Replace with the training split's column mean.
+    ImputeMean,
+}
+
+fn default_validation_fraction() -> f64 {
+    0.2
+}
+
+/// How to read a CSV dataset (a `[data]` table of `site.toml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TabularConfig {
+    /// The CSV file.
+    pub path: PathBuf,
+    /// Name of the label column.
+    pub label_column: String,
+    /// Columns to ignore (identifiers, site codes, leaked outcomes).
+    #[serde(default)]
+    pub drop_columns: Vec<String>,
+    /// Missing-value policy.
+    #[serde(default)]
+    pub missing: MissingValues,
+    /// Fraction of rows held out for local validation, `[0, 0.9]`.
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    /// Seed of the train/validation split.
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+impl TabularConfig {
+    /// A config with the defaults: reject missing values, 20 % validation,
+    /// split seed 0.
+    pub fn new(path: impl Into<PathBuf>, label_column: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            label_column: label_column.into(),
+            drop_columns: Vec::new(),
+            missing: MissingValues::Reject,
+            validation_fraction: default_validation_fraction(),
+            split_seed: 0,
+        }
+    }
+}
+
+/// Per-feature standardisation statistics, fitted on a training split.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Standardizer {
+    /// Feature column names, in order.
+    pub features: Vec<String>,
+    /// Column means.
+    pub mean: Vec<f32>,
+    /// Column standard deviations (1 for constant columns).
+    pub std: Vec<f32>,
+}
+
+impl Standardizer {
+    /// Fit on the rows `rows` of `table` (missing values ignored).
+    fn fit(table: &Table, rows: &[usize]) -> Self {
+        let f = table.features.len();
+        let mut sum = vec![0f64; f];
+        let mut count = vec![0u64; f];
+        for &r in rows {
+            for (j, v) in table.row(r).iter().enumerate() {
+                if !v.is_nan() {
+                    sum[j] += f64::from(*v);
+                    count[j] += 1;
+                }
+            }
+        }
+        let mean: Vec<f64> = sum
+            .iter()
+            .zip(&count)
+            .map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
+            .collect();
+        let mut sq = vec![0f64; f];
+        for &r in rows {
+            for (j, v) in table.row(r).iter().enumerate() {
+                if !v.is_nan() {
+                    sq[j] += (f64::from(*v) - mean[j]).powi(2);
+                }
+            }
+        }
+        let std = sq
+            .iter()
+            .zip(&count)
+            .map(|(s, &c)| {
+                let sd = if c == 0 { 0.0 } else { (s / c as f64).sqrt() };
+                if sd > 1e-12 { sd as f32 } else { 1.0 }
+            })
+            .collect();
+        Self {
+            features: table.features.clone(),
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            std,
+        }
+    }
+
+    /// Standardise the rows `rows` of `table` (missing → mean → 0).
+    fn transform(&self, table: &Table, rows: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows.len() * self.mean.len());
+        for &r in rows {
+            for (j, v) in table.row(r).iter().enumerate() {
+                out.push(if v.is_nan() {
+                    0.0
+                } else {
+                    (v - self.mean[j]) / self.std[j]
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The parsed CSV: features row-major with NaN marking missing cells.
+struct Table {
+    features: Vec<String>,
+    x: Vec<f32>,
+    y: Vec<u32>,
+}
+
+impl Table {
+    fn row(&self, r: usize) -> &[f32] {
+        let f = self.features.len();
+        &self.x[r * f..(r + 1) * f]
+    }
+
+    fn rows(&self) -> usize {
+        self.y.len()
+    }
+}
+
+fn is_missing(cell: &str) -> bool {
+    let c = cell.trim();
+    c.is_empty()
+        || ["na", "n/a", "nan", "null", "?"]
+            .iter()
+            .any(|m| c.eq_ignore_ascii_case(m))
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+fn parse_label(cell: &str) -> Option<u32> {
+    let c = cell.trim();
+    if let Ok(v) = c.parse::<u32>() {
+        return (v < MAX_CLASSES).then_some(v);
+    }
+    let f = c.parse::<f64>().ok()?;
+    (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < f64::from(MAX_CLASSES))
+        .then_some(f as u32)
+}
+
+fn parse(cfg: &TabularConfig, bytes: &[u8]) -> Result<Table, DataError> {
+    let path = &cfg.path;
+    let csv_err = |line: u64, e: &dyn std::fmt::Display| DataError::Csv {
+        path: path.clone(),
+        line,
+        message: e.to_string(),
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(bytes);
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| csv_err(1, &e))?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    if header.len() > MAX_COLUMNS {
+        return Err(DataError::TooLarge {
+            what: format!("{} columns", path.display()),
+            size: header.len() as u64,
+            limit: MAX_COLUMNS as u64,
+        });
+    }
+    let available = header.join(",");
+    let find = |name: &str| -> Result<usize, DataError> {
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| DataError::MissingColumn {
+                path: path.clone(),
+                column: name.to_owned(),
+                available: available.clone(),
+            })
+    };
+    let label = find(&cfg.label_column)?;
+    let mut dropped = vec![false; header.len()];
+    dropped[label] = true;
+    for d in &cfg.drop_columns {
+        dropped[find(d)?] = true;
+    }
+    for (i, h) in header.iter().enumerate() {
+        if header[..i].contains(h) {
+            return Err(DataError::Csv {
+                path: path.clone(),
+                line: 1,
+                message: format!("column {h:?} appears twice in the header"),
+            });
+        }
+    }
+    let feature_cols: Vec<usize> = (0..header.len()).filter(|&i| !dropped[i]).collect();
+    if feature_cols.is_empty() {
+        return Err(DataError::Config(format!(
+            "{}: no feature columns left after dropping the label and drop_columns",
+            path.display()
+        )));
+    }
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let line = i as u64 + 2;
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(line, |p| p.line());
+            csv_err(line, &e)
+        })?;
+        if record.len() != header.len() {
+            return Err(DataError::Csv {
+                path: path.clone(),
+                line,
+                message: format!("{} fields, header has {}", record.len(), header.len()),
+            });
+        }
+        if x.len() + feature_cols.len() > MAX_VALUES {
+            return Err(DataError::TooLarge {
+                what: format!("{} values", path.display()),
+                size: (x.len() + feature_cols.len()) as u64,
+                limit: MAX_VALUES as u64,
+            });
+        }
+        let cell = record.get(label).unwrap_or_default();
+        let class = parse_label(cell).ok_or_else(|| DataError::BadLabel {
+            path: path.clone(),
+            line,
+            value: truncate(cell),
+        })?;
+        y.push(class);
+        for &c in &feature_cols {
+            let cell = record.get(c).unwrap_or_default();
+            if is_missing(cell) {
+                if cfg.missing == MissingValues::Reject {
+                    return Err(DataError::MissingValue {
+                        path: path.clone(),
+                        line,
+                        column: header[c].clone(),
+                    });
+                }
+                x.push(f32::NAN);
+                continue;
+            }
+            match cell.trim().parse::<f32>() {
+                Ok(v) if v.is_finite() => x.push(v),
+                _ => {
+                    return Err(DataError::NonNumeric {
+                        path: path.clone(),
+                        line,
+                        column: header[c].clone(),
+                        value: truncate(cell),
+                    });
+                }
+            }
+        }
+    }
+    if y.is_empty() {
+        return Err(DataError::Empty(format!(
+            "{}: no data rows",
+            path.display()
+        )));
+    }
+    Ok(Table {
+        features: feature_cols.iter().map(|&c| header[c].clone()).collect(),
+        x,
+        y,
+    })
+}
+
+fn read(cfg: &TabularConfig) -> Result<(Table, FingerprintBuilder), DataError> {
+    let bytes = read_limited(&cfg.path, MAX_FILE_BYTES)?;
+    let mut fp = FingerprintBuilder::new("tabular", cfg);
+    let name = cfg
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    fp.file(&name, &bytes);
+    Ok((parse(cfg, &bytes)?, fp))
+}
+
+fn samples(table: &Table, std: &Standardizer, rows: &[usize]) -> Result<Samples, DataError> {
+    Samples::new(
+        SampleShape::Features(table.features.len()),
+        std.transform(table, rows),
+        Targets::Classes(rows.iter().map(|&r| table.y[r]).collect()),
+    )
+}
+
+/// A loaded tabular dataset: the split and the statistics fitted on its
+/// training part.
+#[derive(Clone, Debug)]
+pub struct TabularData {
+    /// Train/validation samples and fingerprint.
+    pub data: LocalData,
+    /// Standardisation fitted on the training split; apply it to any test
+    /// file with [`load_tabular_test`].
+    pub standardizer: Standardizer,
+}
+
+/// Read, validate, split and standardise a CSV dataset.
+pub fn load_tabular(cfg: &TabularConfig) -> Result<TabularData, DataError> {
+    check_fraction(cfg.validation_fraction)?;
+    let (table, fp) = read(cfg)?;
+    let (train, valid) = split_indices(table.rows(), cfg.validation_fraction, cfg.split_seed);
+    if train.is_empty() {
+        return Err(DataError::Empty(format!(
+            "{}: no training rows left after the split",
+            cfg.path.display()
+        )));
+    }
+    let standardizer = Standardizer::fit(&table, &train);
+    Ok(TabularData {
+        data: LocalData {
+            train: samples(&table, &standardizer, &train)?,
+            validation: samples(&table, &standardizer, &valid)?,
+            fingerprint: fp.finish(),
+        },
+        standardizer,
+    })
+}
+
+/// Read every row of a test CSV (same columns as the training file) and
+/// standardise it with the training statistics. The split settings of
+/// `cfg` are ignored.
+pub fn load_tabular_test(
+    cfg: &TabularConfig,
+    standardizer: &Standardizer,
+) -> Result<Samples, DataError> {
+    let (table, _) = read(cfg)?;
+    if table.features != standardizer.features {
+        return Err(DataError::Config(format!(
+            "{}: feature columns {:?} differ from the training columns {:?}",
+            cfg.path.display(),
+            table.features,
+            standardizer.features
+        )));
+    }
+    let rows: Vec<usize> = (0..table.rows()).collect();
+    samples(&table, standardizer, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn cfg(path: PathBuf) -> TabularConfig {
+        let mut c = TabularConfig::new(path, "y");
+        c.validation_fraction = 0.0;
+        c
+    }
+
+    #[test]
+    fn reads_standardises_and_drops_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.csv",
+            "id,a,b,y\n1,1,10,0\n2,2,10,1\n3,3,10,1\n",
+        );
+        let mut c = cfg(p);
+        c.drop_columns = vec!["id".into()];
+        let t = load_tabular(&c).unwrap();
+        assert_eq!(t.standardizer.features, vec!["a", "b"]);
+        assert_eq!(t.standardizer.mean, vec![2.0, 10.0]);
+        assert_eq!(t.standardizer.std[1], 1.0, "constant column keeps std 1");
+        let x = t.data.train.features();
+        let s = (2.0f32 / 3.0).sqrt();
+        assert!((x[0] + 1.0 / s).abs() < 1e-6);
+        assert_eq!(x[1], 0.0);
+        assert_eq!(t.data.train.targets(), &Targets::Classes(vec![0, 1, 1]));
+        assert_eq!(t.data.fingerprint.0.len(), 64);
+        // The fingerprint covers the configuration too.
+        let mut c2 = c.clone();
+        c2.split_seed = 9;
+        assert_ne!(
+            load_tabular(&c2).unwrap().data.fingerprint,
+            t.data.fingerprint
+        );
+    }
+
+    #[test]
+    fn imputes_with_training_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "a.csv", "a,y\n1,0\nNA,1\n3,0\n,1\n");
+        let mut c = cfg(p.clone());
+        assert!(matches!(
+            load_tabular(&c),
+            Err(DataError::MissingValue { line: 3, .. })
+        ));
+        c.missing = MissingValues::ImputeMean;
+        let t = load_tabular(&c).unwrap();
+        assert_eq!(t.standardizer.mean, vec![2.0]);
+        assert_eq!(t.data.train.features(), &[-1.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn rejects_malformed_files_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        type Check = fn(&DataError) -> bool;
+        let cases: Vec<(&str, Check)> = vec![
+            (
+                "a,b\n1,2\n",
+                |e| matches!(e, DataError::MissingColumn { column, .. } if column == "y"),
+            ),
+            (
+                "a,y\n1,0\nabc,1\n",
+                |e| matches!(e, DataError::NonNumeric { line: 3, column, value, .. } if column == "a" && value == "abc"),
+            ),
+            ("a,y\n1,0\ninf,1\n", |e| {
+                matches!(e, DataError::NonNumeric { .. })
+            }),
+            ("a,y\n1,0\n2\n", |e| {
+                matches!(e, DataError::Csv { line: 3, .. })
+            }),
+            ("a,y\n1,0\n2,1,5\n", |e| {
+                matches!(e, DataError::Csv { line: 3, .. })
+            }),
+            ("a,y\n1,0\n2,-1\n", |e| {
+                matches!(e, DataError::BadLabel { line: 3, .. })
+            }),
+            ("a,y\n1,0\n2,0.5\n", |e| {
+                matches!(e, DataError::BadLabel { .. })
+            }),
+            ("a,y\n1,0\n2,\n", |e| {
+                matches!(e, DataError::BadLabel { .. })
+            }),
+            ("a,y\n", |e| matches!(e, DataError::Empty(_))),
+            ("a,a,y\n1,2,0\n", |e| {
+                matches!(e, DataError::Csv { line: 1, .. })
+            }),
+            ("y\n1\n", |e| matches!(e, DataError::Config(_))),
+        ];
+        for (i, (text, check)) in cases.into_iter().enumerate() {
+            let p = write(d, &format!("bad{i}.csv"), text);
+            let err = load_tabular(&cfg(p)).unwrap_err();
+            assert!(check(&err), "case {i} ({text:?}): {err}");
+            // Messages name the file.
+            assert!(
+                err.to_string().contains(&format!("bad{i}.csv"))
+                    || matches!(err, DataError::Config(_)),
+                "{err}"
+            );
+        }
+        let missing = load_tabular(&cfg(d.join("nope.csv"))).unwrap_err();
+        assert!(matches!(missing, DataError::Io { .. }), "{missing}");
+        let mut c = cfg(write(d, "ok.csv", "a,y\n1,0\n"));
+        c.validation_fraction = 1.5;
+        assert!(matches!(load_tabular(&c), Err(DataError::Config(_))));
+    }
+
+    #[test]
+    fn test_file_uses_training_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let train = write(dir.path(), "train.csv", "a,y\n0,0\n2,1\n");
+        let test = write(dir.path(), "test.csv", "a,y\n4,1\n");
+        let other = write(dir.path(), "other.csv", "b,y\n4,1\n");
+        let t = load_tabular(&cfg(train)).unwrap();
+        let s = load_tabular_test(&cfg(test), &t.standardizer).unwrap();
+        assert_eq!(s.features(), &[3.0]);
+        assert!(matches!(
+            load_tabular_test(&cfg(other), &t.standardizer),
+            Err(DataError::Config(_))
+        ));
+    }
+}

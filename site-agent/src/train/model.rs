@@ -1,0 +1,223 @@
+//! burn modules for every [`ArchSpec`]: logistic regression, MLP, small CNN,
+//! small U-Net. Parameter paths and shapes equal [`ArchSpec::spec`] exactly
+//! (checked by a test), so [`crate::weights`] can move values in and out by
+//! path.
+//!
+//! The modules are built with burn's own initialisers and then always
+//! overwritten from a [`fedlink_protocol::FlatModel`]: the initial values of
+//! a federation come from [`ArchSpec::init`], not from burn.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use fedlink_protocol::arch::{ArchSpec, CNN_CHANNELS, unet_norm_groups};
+
+/// Multinomial logistic regression.
+#[derive(Module, Debug)]
+pub struct LogReg {
+    linear: Linear,
+}
+
+/// Multilayer perceptron, ReLU between layers.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    hidden: Vec<Linear>,
+    output: Linear,
+}
+
+/// Two conv stages and a linear classifier on the flattened features.
+#[derive(Module, Debug)]
+pub struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    pool: MaxPool2d,
+    fc: Linear,
+}
+
+/// (3×3 conv → GroupNorm → ReLU) × 2.
+#[derive(Module, Debug)]
+pub struct DoubleConv {
+    conv1: Conv2d,
+    norm1: GroupNorm,
+    conv2: Conv2d,
+    norm2: GroupNorm,
+}
+
+/// Two-level U-Net.
+#[derive(Module, Debug)]
+pub struct UNet {
+    enc1: DoubleConv,
+    enc2: DoubleConv,
+    bottleneck: DoubleConv,
+    up2: ConvTranspose2d,
+    dec2: DoubleConv,
+    up1: ConvTranspose2d,
+    dec1: DoubleConv,
+    head: Conv2d,
+    pool: MaxPool2d,
+}
+
+/// Any of the architectures. Snapshot paths skip the variant name
+/// (`skip_enum_variants = true` in [`crate::weights`]).
+// One `Net` exists per round; the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Net {
+    /// See [`ArchSpec::LogReg`].
+    LogReg(LogReg),
+    /// See [`ArchSpec::Mlp`].
+    Mlp(Mlp),
+    /// See [`ArchSpec::Cnn`].
+    Cnn(Cnn),
+    /// See [`ArchSpec::UNet`].
+    UNet(UNet),
+}
+
+/// A batch of inputs in the layout the architecture expects.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// `[batch, features]`.
+    Flat(Tensor<2>),
+    /// `[batch, channels, height, width]`.
+    Image(Tensor<4>),
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Class logits `[batch, classes]`.
+    Classes(Tensor<2>),
+    /// Per-pixel class logits `[batch, classes, height, width]`.
+    Pixels(Tensor<4>),
+}
+
+fn usize_of(v: u32) -> usize {
+    v as usize
+}
+
+fn conv3(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c_in, c_out], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(device)
+}
+
+fn pool2() -> MaxPool2d {
+    MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()
+}
+
+impl DoubleConv {
+    fn new(c_in: usize, c_out: usize, device: &Device) -> Self {
+        let groups = unet_norm_groups(c_out as u32) as usize;
+        Self {
+            conv1: conv3(c_in, c_out, device),
+            norm1: GroupNormConfig::new(groups, c_out).init(device),
+            conv2: conv3(c_out, c_out, device),
+            norm2: GroupNormConfig::new(groups, c_out).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x = relu(self.norm1.forward(self.conv1.forward(x)));
+        relu(self.norm2.forward(self.conv2.forward(x)))
+    }
+}
+
+impl Net {
+    /// A module with this architecture on `device`, or `None` for an
+    /// architecture this agent does not implement. The caller validates
+    /// `arch` first (sizes are trusted here) and then loads real weights.
+    pub fn new(arch: &ArchSpec, device: &Device) -> Option<Self> {
+        Some(match arch {
+            ArchSpec::LogReg { inputs, classes } => Self::LogReg(LogReg {
+                linear: LinearConfig::new(usize_of(*inputs), usize_of(*classes)).init(device),
+            }),
+            ArchSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => {
+                let mut layers = Vec::with_capacity(hidden.len());
+                let mut d_in = usize_of(*inputs);
+                for h in hidden {
+                    layers.push(LinearConfig::new(d_in, usize_of(*h)).init(device));
+                    d_in = usize_of(*h);
+                }
+                Self::Mlp(Mlp {
+                    hidden: layers,
+                    output: LinearConfig::new(d_in, usize_of(*classes)).init(device),
+                })
+            }
+            ArchSpec::Cnn {
+                in_channels,
+                height,
+                width,
+                classes,
+            } => {
+                let [c1, c2] = CNN_CHANNELS.map(usize_of);
+                let flat = c2 * usize_of(*height / 4) * usize_of(*width / 4);
+                Self::Cnn(Cnn {
+                    conv1: conv3(usize_of(*in_channels), c1, device),
+                    conv2: conv3(c1, c2, device),
+                    pool: pool2(),
+                    fc: LinearConfig::new(flat, usize_of(*classes)).init(device),
+                })
+            }
+            ArchSpec::UNet {
+                in_channels,
+                base_channels,
+                classes,
+            } => {
+                let c = usize_of(*base_channels);
+                let up = |c_in: usize, c_out: usize| {
+                    ConvTranspose2dConfig::new([c_in, c_out], [2, 2])
+                        .with_stride([2, 2])
+                        .init(device)
+                };
+                Self::UNet(UNet {
+                    enc1: DoubleConv::new(usize_of(*in_channels), c, device),
+                    enc2: DoubleConv::new(c, 2 * c, device),
+                    bottleneck: DoubleConv::new(2 * c, 4 * c, device),
+                    up2: up(4 * c, 2 * c),
+                    dec2: DoubleConv::new(4 * c, 2 * c, device),
+                    up1: up(2 * c, c),
+                    dec1: DoubleConv::new(2 * c, c, device),
+                    head: Conv2dConfig::new([c, usize_of(*classes)], [1, 1]).init(device),
+                    pool: pool2(),
+                })
+            }
+            _ => return None,
+        })
+    }
+
+    /// Forward pass. `None` when the input layout does not suit the
+    /// architecture (flat features to a CNN, for instance); the training
+    /// loop checks compatibility beforehand, so this is a defensive answer.
+    pub fn forward(&self, input: Input) -> Option<Output> {
+        match (self, input) {
+            (Self::LogReg(m), Input::Flat(x)) => Some(Output::Classes(m.linear.forward(x))),
+            (Self::Mlp(m), Input::Flat(mut x)) => {
+                for layer in &m.hidden {
+                    x = relu(layer.forward(x));
+                }
+                Some(Output::Classes(m.output.forward(x)))
+            }
+            (Self::Cnn(m), Input::Image(x)) => {
+                let x = m.pool.forward(relu(m.conv1.forward(x)));
+                let x = m.pool.forward(relu(m.conv2.forward(x)));
+                let x: Tensor<2> = x.flatten(1, 3);
+                Some(Output::Classes(m.fc.forward(x)))
+            }
+            (Self::UNet(m), Input::Image(x)) => {
+                let e1 = m.enc1.forward(x);
+                let e2 = m.enc2.forward(m.pool.forward(e1.clone()));
+                let b = m.bottleneck.forward(m.pool.forward(e2.clone()));
+                let d2 = m.dec2.forward(Tensor::cat(vec![m.up2.forward(b), e2], 1));
+                let d1 = m.dec1.forward(Tensor::cat(vec![m.up1.forward(d2), e1], 1));
+                Some(Output::Pixels(m.head.forward(d1)))
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+use std::path::PathBuf;
+
+use burn::prelude::Device;
+use fedlink_protocol::arch::ArchSpec;
+
+use super::*;
+use crate::data::tabular::{TabularConfig, load_tabular};
+use crate::data::{SampleShape, Samples, Targets};
+
+fn repo_data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../data")
+        .join(rel)
+}
+
+fn wdbc() -> crate::data::tabular::TabularData {
+    let mut cfg = TabularConfig::new(repo_data("breast_cancer_wisconsin/wdbc.csv"), "malignant");
+    cfg.validation_fraction = 0.3;
+    cfg.split_seed = 1;
+    load_tabular(&cfg).unwrap()
+}
+
+fn logreg() -> ArchSpec {
+    ArchSpec::LogReg {
+        inputs: 30,
+        classes: 2,
+    }
+}
+
+/// Two Gaussian blobs in 4 dimensions.
+fn blobs(n: usize, seed: u64) -> Samples {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for i in 0..n {
+        let c = (i % 2) as u32;
+        for _ in 0..4 {
+            let noise: f32 = rand::Rng::gen_range(&mut rng, -1.0..1.0);
+            x.push(noise + if c == 1 { 1.0 } else { -1.0 });
+        }
+        y.push(c);
+    }
+    Samples::new(SampleShape::Features(4), x, Targets::Classes(y)).unwrap()
+}
+
+#[test]
+fn central_logistic_regression_on_wdbc_is_accurate() {
+    let data = wdbc();
+    let arch = logreg();
+    let global = arch.init(0).unwrap();
+    let device = Device::flex();
+    let before = evaluate(&arch, &global, &data.data.validation, &device).unwrap();
+    let cfg = TrainConfig::new()
+        .with_epochs(30)
+        .with_batch_size(16)
+        .with_learning_rate(0.05)
+        .with_seed(3);
+    let (local, report) = train_local(&arch, &global, &data.data.train, &cfg, &device).unwrap();
+    let after = evaluate(&arch, &local, &data.data.validation, &device).unwrap();
+    eprintln!(
+        "WDBC logreg: held-out n={} accuracy {:.4} auc {:.4} loss {:.4} (before: acc {:.4}); train loss {:.4} → {:.4}; {:?}",
+        after.n,
+        after.accuracy,
+        after.auc.unwrap_or(f64::NAN),
+        after.loss,
+        before.accuracy,
+        report.epoch_loss[0],
+        report.epoch_loss[report.epoch_loss.len() - 1],
+        report.duration
+    );
+    assert_eq!(report.samples, data.data.train.len());
+    assert_eq!(report.epoch_loss.len(), 30);
+    assert_eq!(report.steps, 30 * data.data.train.len().div_ceil(16));
+    assert!(report.epoch_loss[29] < report.epoch_loss[0]);
+    assert!(after.accuracy >= 0.96, "accuracy {}", after.accuracy);
+    assert!(after.auc.unwrap() > 0.98);
+    assert_eq!(after.n, data.data.validation.len());
+}
+
+#[test]
+fn training_is_deterministic_on_cpu() {
+    let data = blobs(64, 1);
+    let arch = ArchSpec::Mlp {
+        inputs: 4,
+        hidden: vec![8],
+        classes: 2,
+    };
+    let global = arch.init(5).unwrap();
+    let device = Device::flex();
+    for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+        let cfg = TrainConfig::new()
+            .with_epochs(3)
+            .with_batch_size(8)
+            .with_optimizer(optimizer)
+            .with_learning_rate(0.01)
+            .with_seed(9);
+        let (a, ra) = train_local(&arch, &global, &data, &cfg, &device).unwrap();
+        let (b, rb) = train_local(&arch, &global, &data, &cfg, &device).unwrap();
+        assert_eq!(a.hash(), b.hash(), "{optimizer:?}");
+        assert_eq!(ra.epoch_loss, rb.epoch_loss);
+        assert_ne!(a.hash(), global.hash());
+        let (c, _) =
+            train_local(&arch, &global, &data, &cfg.clone().with_seed(10), &device).unwrap();
+        assert_ne!(a.hash(), c.hash(), "the seed changes the batch order");
+        let m = evaluate(&arch, &a, &data, &device).unwrap();
+        assert!(m.accuracy > 0.9, "{optimizer:?}: {m:?}");
+    }
+}
+
+fn distance(a: &FlatModel, b: &FlatModel) -> f64 {
+    a.values()
+        .iter()
+        .zip(b.values())
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+#[test]
+fn fedprox_term_pulls_towards_the_global_model() {
+    let data = blobs(64, 2);
+    let arch = ArchSpec::LogReg {
+        inputs: 4,
+        classes: 2,
+    };
+    let global = arch.init(1).unwrap();
+    let device = Device::flex();
+    let cfg = TrainConfig::new()
+        .with_epochs(5)
+        .with_batch_size(8)
+        .with_learning_rate(0.1);
+    let (plain, plain_report) = train_local(&arch, &global, &data, &cfg, &device).unwrap();
+    let (prox, prox_report) = train_local(
+        &arch,
+        &global,
+        &data,
+        &cfg.clone().with_fedprox_mu(1.0),
+        &device,
+    )
+    .unwrap();
+    assert_ne!(plain.hash(), prox.hash());
+    let (d_plain, d_prox) = (distance(&plain, &global), distance(&prox, &global));
+    eprintln!("distance to global: mu=0 {d_plain:.4}, mu=1 {d_prox:.4}");
+    assert!(d_prox < d_plain * 0.9, "{d_prox} vs {d_plain}");
+    // The first batch sees the same weights, so the first epoch losses are close.
+    assert!((plain_report.epoch_loss[0] - prox_report.epoch_loss[0]).abs() < 0.2);
+}
+
+#[test]
+fn incompatible_inputs_are_refused() {
+    let data = blobs(8, 3);
+    let arch = logreg();
+    let device = Device::flex();
+    let global = arch.init(0).unwrap();
+    let cfg = TrainConfig::new();
+    assert!(matches!(
+        train_local(&arch, &global, &data, &cfg, &device),
+        Err(TrainError::DataMismatch { .. })
+    ));
+    let arch4 = ArchSpec::LogReg {
+        inputs: 4,
+        classes: 2,
+    };
+    assert!(matches!(
+        train_local(&arch4, &global, &data, &cfg, &device),
+        Err(TrainError::Weights(WeightsError::SpecMismatch { .. }))
+    ));
+    let three = Samples::new(
+        SampleShape::Features(4),
+        vec![0.0; 8],
+        Targets::Classes(vec![0, 2]),
+    )
+    .unwrap();
+    let g4 = arch4.init(0).unwrap();
+    assert!(matches!(
+        train_local(&arch4, &g4, &three, &cfg, &device),
+        Err(TrainError::DataMismatch { .. })
+    ));
+    for bad in [
+        cfg.clone().with_epochs(0),
+        cfg.clone().with_batch_size(0),
+        cfg.clone().with_learning_rate(f64::NAN),
+        cfg.clone().with_learning_rate(-1.0),
+        cfg.clone().with_fedprox_mu(-0.5),
+    ] {
+        assert!(matches!(
+            train_local(&arch4, &g4, &data, &bad, &device),
+            Err(TrainError::Config(_))
+        ));
+    }
+}
+
+#[test]
+fn train_config_reads_from_toml_and_json() {
+    let cfg: TrainConfig = toml::from_str(
+        "epochs = 2\nbatch_size = 8\noptimizer = \"adam\"\nlearning_rate = 0.001\nfedprox_mu = 0.01\nseed = 4\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.optimizer, OptimizerKind::Adam);
+    assert_eq!(cfg.epochs, 2);
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: TrainConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cfg);
+    // The architecture uses the `kind` tag in TOML.
+    #[derive(serde::Deserialize)]
+    struct Job {
+        arch: ArchSpec,
+    }
+    let job: Job =
+        toml::from_str("[arch]\nkind = \"mlp\"\ninputs = 30\nhidden = [16]\nclasses = 2\n")
+            .unwrap();
+    assert_eq!(
+        job.arch,
+        ArchSpec::Mlp {
+            inputs: 30,
+            hidden: vec![16],
+            classes: 2
+        }
+    );
+    assert!(toml::from_str::<Job>("[arch]\nkind = \"transformer\"\n").is_err());
+}
