@@ -285,8 +285,9 @@ pub fn encode_message_frame(msg: &Message, out: &mut impl BufMut) -> Result<(), 
 
 /// Incremental frame decoder: push bytes as they arrive, pop complete frames.
 ///
-/// The decoder never reserves memory for a body before its header has been
-/// validated against the limit; it buffers at most what was pushed. Call
+/// The decoder validates every header against the limit before it waits for
+/// the body, and never reserves memory on the strength of a declared length:
+/// it buffers what was pushed, nothing more. Call
 /// [`FrameDecoder::pop`] until it returns `Ok(None)` after each push. After
 /// an error the decoder is poisoned and returns the same error again: the
 /// stream must be dropped.
@@ -351,8 +352,8 @@ impl FrameDecoder {
         };
         let total = FRAME_HEADER_LEN + header.body_len();
         if self.buf.len() < total {
-            // The length is validated: reserving the rest is bounded.
-            self.buf.reserve(total - self.buf.len());
+            // Nothing is reserved on the strength of a header alone: the
+            // buffer only grows with bytes actually received.
             return Ok(None);
         }
         self.buf.advance(FRAME_HEADER_LEN);
@@ -441,6 +442,15 @@ mod tests {
         assert!(dec.buf.capacity() < 1024);
         // poisoned
         assert!(dec.pop().is_err());
+        // A valid header announcing the largest body reserves nothing either.
+        let mut dec = FrameDecoder::new();
+        dec.push(
+            &FrameHeader::new(FrameKind::Chunk, MAX_FRAME_LEN)
+                .unwrap()
+                .to_bytes(),
+        );
+        assert_eq!(dec.pop(), Ok(None));
+        assert!(dec.buf.capacity() < 1024);
         let mut small = FrameDecoder::with_max_len(16);
         encode_frame(FrameKind::Chunk, &[0; 17], &mut Vec::new()).unwrap();
         let mut w = Vec::new();

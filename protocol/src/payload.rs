@@ -1057,9 +1057,9 @@ pub fn decode_payload<'a>(
     encoding: Encoding,
     records: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<FlatModel, PayloadError> {
-    let n = spec.num_params();
     let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
-    let mut values = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    // Grows with the chunks actually decoded, not with the declared size.
+    let mut values = Vec::new();
     for r in records {
         values.extend(dec.decode_chunk(r)?.values);
     }
