@@ -6,8 +6,8 @@
 //! a CA, the coordinator kit, `N` site kits and an admin kit, plus "bad"
 //! material for rejection tests:
 //!
-//! - a site kit from **another CA** (same federation name, so only the CA
-//!   pinning tells them apart),
+//! - a site kit and a coordinator kit from **another CA** (same federation
+//!   name, so only the CA pinning tells them apart),
 //! - an **expired** site certificate (validity ended yesterday),
 //! - a **revoked** site (listed in `revoked.toml` at creation),
 //! - a **coordinator-role certificate usable as a client** (signed by the
@@ -62,6 +62,7 @@ pub struct TestPki {
     admin: PathBuf,
     sites: Vec<PathBuf>,
     foreign_site: PathBuf,
+    foreign_coordinator: PathBuf,
     expired_site: PathBuf,
     revoked_site: PathBuf,
     rogue_coordinator: PathBuf,
@@ -111,7 +112,8 @@ impl TestPki {
 
         // Another CA of a federation with the same name.
         let other = dir.path().join("other");
-        let (other_ca, _) = CertificateAuthority::init(&InitOptions::new(FEDERATION, &other), now)?;
+        let (other_ca, other_report) =
+            CertificateAuthority::init(&InitOptions::new(FEDERATION, &other), now)?;
         let foreign_site = other.join("sites/foreign-site");
         other_ca.issue_site("foreign-site", &foreign_site, valid, None, now)?;
 
@@ -125,6 +127,7 @@ impl TestPki {
             admin: report.admin_kit,
             sites,
             foreign_site,
+            foreign_coordinator: other_report.coordinator_kit,
             expired_site,
             revoked_site,
             rogue_coordinator,
@@ -197,6 +200,12 @@ impl TestPki {
     /// A site kit issued by another CA (same federation name).
     pub fn foreign_site_dir(&self) -> &Path {
         &self.foreign_site
+    }
+
+    /// The coordinator kit of that other CA (an impostor coordinator for
+    /// the real sites: same federation name, same server name).
+    pub fn foreign_coordinator_dir(&self) -> &Path {
+        &self.foreign_coordinator
     }
 
     /// A site kit whose certificate expired yesterday.
