@@ -1,1 +1,943 @@
-//! Embedded persistence — work in progress.
+//! Embedded, crash-safe persistence of the coordinator (no external server).
+//!
+//! A data directory holds one [redb](https://docs.rs/redb/2) database and
+//! one content-addressed file per global model version:
+//!
+//! ```text
+//! <dir>/                      mode 0700
+//!   fedlink.redb              jobs, rounds, sites, optimizer + replay state
+//!   models/<blake3-hex>.bin   every global model version, immutable
+//!   models/.tmp-*             a model being written (removed at open)
+//! ```
+//!
+//! Tables (values are JSON, so the records stay readable and evolvable):
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `jobs` | job id | [`JobRecord`]: the job TOML, progress, pause flag, outcome |
+//! | `rounds` | (job id, round) | [`RoundRecord`]: state, selected sites, accepted updates |
+//! | `sites` | site id | [`SiteRecord`]: the site registry |
+//! | `models` | model hex | [`ModelRecord`]: which job and round produced it |
+//! | `optimizer` | job id | opaque server-optimizer state (aggregation's serde bytes) |
+//! | `replay` | scope | opaque replay-guard state (protocol's bytes) |
+//!
+//! # Durability and crash semantics
+//!
+//! Every [`Store::persist`] is one redb write transaction, committed with
+//! redb's default durability (fsync before `commit` returns). The driver
+//! persists each [`Checkpoint`] *before* executing the actions that follow
+//! it (see [`crate::round`]). A model file is written to a temporary file in
+//! `models/`, fsynced, renamed to its final name and the directory fsynced,
+//! *before* the driver reports the aggregation; [`Checkpoint::RoundCompleted`]
+//! is refused unless that file exists. Hence after `kill -9` at any moment:
+//!
+//! - every completed round's model is on disk and its hash checks out
+//!   ([`Store::load_model`] recomputes it);
+//! - [`Store::recover`] resumes the job after its last completed round. The
+//!   round that was in flight is *re-opened*: its accepted updates are moved
+//!   to the record's `discarded` list and re-requested, because the
+//!   streaming aggregation accumulator lives in memory only (persisting it
+//!   would cost a model-sized write per update). Nothing accepted before the
+//!   crash is counted in the re-run, and within one run the store refuses a
+//!   second accepted update from the same site (`Inconsistent`), so no
+//!   update is ever counted twice;
+//! - a torn model write leaves only a `.tmp-*` file, removed at the next
+//!   open; a model file changed on disk is detected by its hash.
+//!
+//! Only one process may open a data directory at a time (redb locks the
+//! database file).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fedlink_protocol::{FlatModel, ModelHash, ModelHasher, ModelSpec};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Job, JobError};
+use crate::round::{AcceptedUpdate, Checkpoint, JobOutcome, SiteId, Snapshot};
+
+const JOBS: TableDefinition<'_, &str, &str> = TableDefinition::new("jobs");
+const ROUNDS: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("rounds");
+const SITES: TableDefinition<'_, &str, &str> = TableDefinition::new("sites");
+const MODELS: TableDefinition<'_, &str, &str> = TableDefinition::new("models");
+const OPTIMIZER: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("optimizer");
+const REPLAY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("replay");
+
+/// Name of the database file in the data directory.
+pub const DB_FILE: &str = "fedlink.redb";
+/// Name of the model directory in the data directory.
+pub const MODELS_DIR: &str = "models";
+/// Magic bytes at the start of a model file.
+pub const MODEL_MAGIC: &[u8; 8] = b"FLMODEL1";
+/// Largest model spec header accepted in a model file.
+pub const MAX_SPEC_BYTES: u32 = 16 << 20;
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Why a store operation failed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database failed (including "already open by another process").
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record does not decode.
+    #[error("corrupt record in table {table} at {key}: {reason}")]
+    CorruptRecord {
+        /// Table.
+        table: &'static str,
+        /// Key.
+        key: String,
+        /// Decoder message.
+        reason: String,
+    },
+    /// A job with this id already exists (jobs are never overwritten).
+    #[error("job {0:?} already exists")]
+    JobExists(String),
+    /// No job with this id.
+    #[error("no job {0:?}")]
+    UnknownJob(String),
+    /// The stored job file no longer parses.
+    #[error("stored job: {0}")]
+    Job(#[from] JobError),
+    /// A model file that should exist does not.
+    #[error("model {0} is not in the store")]
+    ModelMissing(ModelHash),
+    /// A model file is malformed or its content does not match its hash.
+    #[error("model file {path} is corrupt: {reason}")]
+    ModelCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint does not follow from the stored state (a driver bug or
+    /// a replayed checkpoint); nothing was written.
+    #[error("inconsistent checkpoint for job {job:?}: {reason}")]
+    Inconsistent {
+        /// Job.
+        job: String,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// Stored state of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: String,
+    /// The job definition, as TOML.
+    pub job_toml: String,
+    /// Model version the job started from.
+    pub initial_model: ModelHash,
+    /// Model after the last completed round.
+    pub current_model: ModelHash,
+    /// Rounds completed.
+    pub completed_rounds: u64,
+    /// Paused by an admin.
+    pub paused: bool,
+    /// Round started and not completed, if any.
+    pub round_in_flight: Option<u64>,
+    /// Outcome, once finished.
+    pub outcome: Option<JobOutcome>,
+}
+
+/// State of a round record.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundState {
+    /// Collecting or aggregating.
+    Open,
+    /// Completed: `model` is set.
+    Completed,
+    /// Interrupted (crash, abort or failure); its updates did not count.
+    Discarded,
+}
+
+/// Stored state of one round of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: u64,
+    /// State.
+    pub state: RoundState,
+    /// Offer waves so far in the current run.
+    pub attempts: u32,
+    /// Model the round trains on.
+    pub base_model: ModelHash,
+    /// Sites offered the round (all waves) in the current run.
+    pub selected: Vec<SiteId>,
+    /// Updates accepted in the current run.
+    pub accepted: Vec<AcceptedUpdate>,
+    /// Updates accepted by earlier, interrupted runs of this round (never
+    /// aggregated).
+    pub discarded: Vec<AcceptedUpdate>,
+    /// How many times the round was re-opened after an interruption.
+    pub restarts: u32,
+    /// Resulting model, once completed.
+    pub model: Option<ModelHash>,
+    /// Aggregation metrics, once completed.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// A site in the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    /// Site id.
+    pub id: SiteId,
+    /// First connection, Unix milliseconds.
+    pub first_seen_unix_ms: u64,
+    /// Latest connection, Unix milliseconds.
+    pub last_seen_unix_ms: u64,
+    /// Examples the site announced last.
+    pub num_examples: Option<u64>,
+    /// Updates of this site that went into a completed round.
+    pub updates_aggregated: u64,
+}
+
+/// Index entry of a stored model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    /// Job that produced it.
+    pub job: String,
+    /// Round that produced it (0: initial model).
+    pub round: u64,
+}
+
+/// Opaque state committed in the same transaction as a checkpoint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    /// Server-optimizer state after this checkpoint (usually with
+    /// `RoundCompleted`).
+    pub optimizer_state: Option<&'a [u8]>,
+    /// Replay-guard state (scope, bytes), usually with `UpdateAccepted`.
+    pub replay_state: Option<(&'a str, &'a [u8])>,
+}
+
+/// What [`Store::recover`] found.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The job definition.
+    pub job: Job,
+    /// State to resume the round machine from
+    /// ([`crate::round::JobRunner::resume`]).
+    pub snapshot: Snapshot,
+    /// The current global model, loaded and verified.
+    pub model: FlatModel,
+    /// Server-optimizer state after the last completed round.
+    pub optimizer_state: Option<Vec<u8>>,
+    /// The round that was in flight and is re-opened, if any.
+    pub reopened_round: Option<u64>,
+    /// Updates of the re-opened round that were accepted before the crash
+    /// and will not count (their sites are asked again).
+    pub discarded_updates: Vec<AcceptedUpdate>,
+}
+
+/// The coordinator's data directory.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    dir: PathBuf,
+    models: PathBuf,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    key: &dyn std::fmt::Display,
+    s: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::CorruptRecord {
+        table,
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::CorruptRecord {
+        table: "-",
+        key: "-".into(),
+        reason: format!("cannot encode: {e}"),
+    })
+}
+
+fn create_dir_private(path: &Path) -> Result<(), StoreError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(path).map_err(io("create directory", path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+impl Store {
+    /// Open (or create) the data directory `dir`: create it (mode 0700) and
+    /// `models/`, remove leftover temporary model files, open the database
+    /// and make sure every table exists.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        create_dir_private(dir)?;
+        let models = dir.join(MODELS_DIR);
+        create_dir_private(&models)?;
+        for entry in fs::read_dir(&models).map_err(io("list", &models))? {
+            let entry = entry.map_err(io("list", &models))?;
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let p = entry.path();
+                tracing::warn!(path = %p.display(), "removing torn model write");
+                fs::remove_file(&p).map_err(io("remove", &p))?;
+            }
+        }
+        let db = Database::create(dir.join(DB_FILE)).map_err(dberr)?;
+        let txn = db.begin_write().map_err(dberr)?;
+        {
+            txn.open_table(JOBS).map_err(dberr)?;
+            txn.open_table(ROUNDS).map_err(dberr)?;
+            txn.open_table(SITES).map_err(dberr)?;
+            txn.open_table(MODELS).map_err(dberr)?;
+            txn.open_table(OPTIMIZER).map_err(dberr)?;
+            txn.open_table(REPLAY).map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(Self {
+            db,
+            dir: dir.to_owned(),
+            models,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the file of model `hash`.
+    pub fn model_path(&self, hash: &ModelHash) -> PathBuf {
+        self.models.join(format!("{}.bin", hash.to_hex()))
+    }
+
+    /// Whether the file of model `hash` exists (not verified).
+    pub fn has_model(&self, hash: &ModelHash) -> bool {
+        self.model_path(hash).is_file()
+    }
+
+    /// Write a model durably under its hash and return the hash. Idempotent:
+    /// an existing, intact file is kept; a corrupt one is replaced.
+    pub fn put_model(&self, model: &FlatModel) -> Result<ModelHash, StoreError> {
+        let hash = model.hash();
+        let path = self.model_path(&hash);
+        if path.exists() {
+            match self.load_model(&hash) {
+                Ok(_) => return Ok(hash),
+                Err(StoreError::ModelCorrupt { reason, .. }) => {
+                    tracing::warn!(path = %path.display(), %reason, "replacing corrupt model file");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.models.join(format!(
+            "{TMP_PREFIX}{}-{}-{n}",
+            hash.to_hex(),
+            std::process::id()
+        ));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let file = opts.open(&tmp).map_err(io("create", &tmp))?;
+        let write = || -> std::io::Result<File> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let spec = serde_json::to_vec(model.spec()).map_err(std::io::Error::other)?;
+            let spec_len = u32::try_from(spec.len())
+                .ok()
+                .filter(|l| *l <= MAX_SPEC_BYTES)
+                .ok_or_else(|| std::io::Error::other("model spec too large"))?;
+            w.write_all(MODEL_MAGIC)?;
+            w.write_all(&spec_len.to_le_bytes())?;
+            w.write_all(&spec)?;
+            let mut buf = Vec::with_capacity(64 * 1024);
+            for chunk in model.values().chunks(16 * 1024) {
+                buf.clear();
+                for v in chunk {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                }
+                w.write_all(&buf)?;
+            }
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(file)
+        };
+        match write() {
+            Ok(file) => drop(file),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::Io {
+                    op: "write",
+                    path: tmp,
+                    source: e,
+                });
+            }
+        }
+        fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
+        sync_dir(&self.models)?;
+        Ok(hash)
+    }
+
+    /// Read model `hash` back and verify its content hash.
+    pub fn load_model(&self, hash: &ModelHash) -> Result<FlatModel, StoreError> {
+        let path = self.model_path(hash);
+        let corrupt = |reason: String| StoreError::ModelCorrupt {
+            path: path.clone(),
+            reason,
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::ModelMissing(*hash));
+            }
+            Err(e) => return Err(io("open", &path)(e)),
+        };
+        let len = file.metadata().map_err(io("stat", &path))?.len();
+        let mut r = BufReader::with_capacity(1 << 20, file);
+        let mut head = [0u8; 12];
+        r.read_exact(&mut head)
+            .map_err(|e| corrupt(format!("short header: {e}")))?;
+        if &head[..8] != MODEL_MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
+            return Err(corrupt(format!("spec length {spec_len} out of range")));
+        }
+        let mut spec = vec![0u8; spec_len as usize];
+        r.read_exact(&mut spec)
+            .map_err(|e| corrupt(format!("short spec: {e}")))?;
+        let spec: ModelSpec =
+            serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
+        let n = spec.num_params();
+        let expected_len = n
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(12 + u64::from(spec_len)));
+        if expected_len != Some(len) {
+            return Err(corrupt(format!(
+                "file is {len} bytes, spec declares {n} values"
+            )));
+        }
+        let n = usize::try_from(n).map_err(|_| corrupt("model too large".into()))?;
+        let mut hasher = ModelHasher::new(&spec);
+        let mut values = Vec::with_capacity(n);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = n * 4;
+        while left > 0 {
+            let take = left.min(buf.len());
+            let chunk = &mut buf[..take];
+            r.read_exact(chunk)
+                .map_err(|e| corrupt(format!("short values: {e}")))?;
+            let start = values.len();
+            values.extend(
+                chunk
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            hasher.update(&values[start..]);
+            left -= take;
+        }
+        let actual = hasher.finalize();
+        if actual != *hash {
+            return Err(corrupt(format!(
+                "content hash is {actual}, expected {hash}"
+            )));
+        }
+        FlatModel::new(spec, values).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Register a new job, starting from `initial_model` (which must already
+    /// be stored with [`Self::put_model`]). Refuses an existing id.
+    pub fn create_job(&self, job: &Job, initial_model: ModelHash) -> Result<JobRecord, StoreError> {
+        job.validate()?;
+        if !self.has_model(&initial_model) {
+            return Err(StoreError::ModelMissing(initial_model));
+        }
+        let job_toml = job.to_toml().map_err(|e| StoreError::CorruptRecord {
+            table: "jobs",
+            key: job.id.clone(),
+            reason: e.to_string(),
+        })?;
+        let rec = JobRecord {
+            id: job.id.clone(),
+            job_toml,
+            initial_model,
+            current_model: initial_model,
+            completed_rounds: 0,
+            paused: false,
+            round_in_flight: None,
+            outcome: None,
+        };
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
+            if jobs.get(job.id.as_str()).map_err(dberr)?.is_some() {
+                return Err(StoreError::JobExists(job.id.clone()));
+            }
+            jobs.insert(job.id.as_str(), encode(&rec)?.as_str())
+                .map_err(dberr)?;
+            let mut models = txn.open_table(MODELS).map_err(dberr)?;
+            let hex = initial_model.to_hex();
+            if models.get(hex.as_str()).map_err(dberr)?.is_none() {
+                let m = ModelRecord {
+                    job: job.id.clone(),
+                    round: 0,
+                };
+                models
+                    .insert(hex.as_str(), encode(&m)?.as_str())
+                    .map_err(dberr)?;
+            }
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(rec)
+    }
+
+    /// The stored state of a job.
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let jobs = txn.open_table(JOBS).map_err(dberr)?;
+        jobs.get(id)
+            .map_err(dberr)?
+            .map(|v| decode("jobs", &id, v.value()))
+            .transpose()
+    }
+
+    /// Every job, sorted by id.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let jobs = txn.open_table(JOBS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in jobs.iter().map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            out.push(decode("jobs", &k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One round of a job.
+    pub fn round(&self, job: &str, round: u64) -> Result<Option<RoundRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
+        rounds
+            .get((job, round))
+            .map_err(dberr)?
+            .map(|v| decode("rounds", &format!("{job}/{round}"), v.value()))
+            .transpose()
+    }
+
+    /// Every round of a job, in order.
+    pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in rounds.range((job, 0)..=(job, u64::MAX)).map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            let (j, r) = k.value();
+            out.push(decode("rounds", &format!("{j}/{r}"), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Record a site connection in the registry (`now_unix_ms` is the
+    /// wall-clock time of the connection).
+    pub fn record_site_seen(
+        &self,
+        site: &str,
+        now_unix_ms: u64,
+        num_examples: Option<u64>,
+    ) -> Result<SiteRecord, StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        let rec = {
+            let mut sites = txn.open_table(SITES).map_err(dberr)?;
+            let existing: Option<SiteRecord> = sites
+                .get(site)
+                .map_err(dberr)?
+                .map(|v| decode("sites", &site, v.value()))
+                .transpose()?;
+            let rec = match existing {
+                Some(mut r) => {
+                    r.last_seen_unix_ms = r.last_seen_unix_ms.max(now_unix_ms);
+                    r.num_examples = num_examples.or(r.num_examples);
+                    r
+                }
+                None => SiteRecord {
+                    id: site.to_owned(),
+                    first_seen_unix_ms: now_unix_ms,
+                    last_seen_unix_ms: now_unix_ms,
+                    num_examples,
+                    updates_aggregated: 0,
+                },
+            };
+            sites.insert(site, encode(&rec)?.as_str()).map_err(dberr)?;
+            rec
+        };
+        txn.commit().map_err(dberr)?;
+        Ok(rec)
+    }
+
+    /// A site of the registry.
+    pub fn site(&self, site: &str) -> Result<Option<SiteRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let sites = txn.open_table(SITES).map_err(dberr)?;
+        sites
+            .get(site)
+            .map_err(dberr)?
+            .map(|v| decode("sites", &site, v.value()))
+            .transpose()
+    }
+
+    /// The whole site registry, sorted by id.
+    pub fn sites(&self) -> Result<Vec<SiteRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let sites = txn.open_table(SITES).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in sites.iter().map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            out.push(decode("sites", &k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Which job and round produced a model.
+    pub fn model_record(&self, hash: &ModelHash) -> Result<Option<ModelRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let models = txn.open_table(MODELS).map_err(dberr)?;
+        let hex = hash.to_hex();
+        models
+            .get(hex.as_str())
+            .map_err(dberr)?
+            .map(|v| decode("models", &hex, v.value()))
+            .transpose()
+    }
+
+    /// Server-optimizer state of a job.
+    pub fn optimizer_state(&self, job: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(OPTIMIZER).map_err(dberr)?;
+        Ok(t.get(job).map_err(dberr)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Replay-guard state of a scope.
+    pub fn replay_state(&self, scope: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(REPLAY).map_err(dberr)?;
+        Ok(t.get(scope).map_err(dberr)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Store the replay-guard state of a scope on its own.
+    pub fn put_replay_state(&self, scope: &str, state: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        txn.open_table(REPLAY)
+            .map_err(dberr)?
+            .insert(scope, state)
+            .map_err(dberr)?;
+        txn.commit().map_err(dberr)
+    }
+
+    /// Make a checkpoint of job `job_id` durable, with `extras` in the same
+    /// transaction. Refuses (writing nothing) a checkpoint that does not
+    /// follow from the stored state.
+    pub fn persist(
+        &self,
+        job_id: &str,
+        checkpoint: &Checkpoint,
+        extras: Extras<'_>,
+    ) -> Result<(), StoreError> {
+        let inconsistent = |reason: String| StoreError::Inconsistent {
+            job: job_id.to_owned(),
+            reason,
+        };
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut jobs = txn.open_table(JOBS).map_err(dberr)?;
+            let mut rounds = txn.open_table(ROUNDS).map_err(dberr)?;
+            let mut job: JobRecord = match jobs.get(job_id).map_err(dberr)? {
+                Some(v) => decode("jobs", &job_id, v.value())?,
+                None => return Err(StoreError::UnknownJob(job_id.to_owned())),
+            };
+            if job.outcome.is_some() {
+                return Err(inconsistent("the job has already finished".into()));
+            }
+            let get_round = |rounds: &redb::Table<'_, (&str, u64), &str>,
+                             r: u64|
+             -> Result<Option<RoundRecord>, StoreError> {
+                rounds
+                    .get((job_id, r))
+                    .map_err(dberr)?
+                    .map(|v| decode("rounds", &format!("{job_id}/{r}"), v.value()))
+                    .transpose()
+            };
+            match checkpoint {
+                Checkpoint::RoundStarted {
+                    round,
+                    attempt,
+                    base_model,
+                    selected,
+                } => {
+                    if *round != job.completed_rounds + 1 {
+                        return Err(inconsistent(format!(
+                            "round {round} started after {} completed rounds",
+                            job.completed_rounds
+                        )));
+                    }
+                    if *base_model != job.current_model {
+                        return Err(inconsistent(format!(
+                            "round {round} starts from {base_model}, the current model is {}",
+                            job.current_model
+                        )));
+                    }
+                    let old = get_round(&rounds, *round)?;
+                    let rec = match old {
+                        Some(mut rec) if rec.state == RoundState::Open && *attempt > 1 => {
+                            rec.attempts = *attempt;
+                            rec.selected.extend(selected.iter().cloned());
+                            rec
+                        }
+                        old => {
+                            let (mut discarded, restarts) = match old {
+                                Some(o) => {
+                                    let mut d = o.discarded;
+                                    d.extend(o.accepted);
+                                    (d, o.restarts + 1)
+                                }
+                                None => (Vec::new(), 0),
+                            };
+                            discarded.sort_by(|a, b| a.site.cmp(&b.site));
+                            RoundRecord {
+                                round: *round,
+                                state: RoundState::Open,
+                                attempts: *attempt,
+                                base_model: *base_model,
+                                selected: selected.clone(),
+                                accepted: Vec::new(),
+                                discarded,
+                                restarts,
+                                model: None,
+                                metrics: BTreeMap::new(),
+                            }
+                        }
+                    };
+                    rounds
+                        .insert((job_id, *round), encode(&rec)?.as_str())
+                        .map_err(dberr)?;
+                    job.round_in_flight = Some(*round);
+                }
+                Checkpoint::UpdateAccepted(u) => {
+                    let mut rec = match get_round(&rounds, u.round)? {
+                        Some(r) if r.state == RoundState::Open => r,
+                        _ => {
+                            return Err(inconsistent(format!(
+                                "update for round {} which is not open",
+                                u.round
+                            )));
+                        }
+                    };
+                    if rec.accepted.iter().any(|a| a.site == u.site) {
+                        return Err(inconsistent(format!(
+                            "second update of site {} in round {}",
+                            u.site, u.round
+                        )));
+                    }
+                    rec.accepted.push(u.clone());
+                    rounds
+                        .insert((job_id, u.round), encode(&rec)?.as_str())
+                        .map_err(dberr)?;
+                }
+                Checkpoint::RoundCompleted {
+                    round,
+                    model,
+                    updates,
+                    metrics,
+                } => {
+                    if *round != job.completed_rounds + 1 {
+                        return Err(inconsistent(format!(
+                            "round {round} completed after {} completed rounds",
+                            job.completed_rounds
+                        )));
+                    }
+                    if !self.has_model(model) {
+                        return Err(StoreError::ModelMissing(*model));
+                    }
+                    let mut rec = match get_round(&rounds, *round)? {
+                        Some(r) if r.state == RoundState::Open => r,
+                        _ => return Err(inconsistent(format!("round {round} is not open"))),
+                    };
+                    let mut seen = std::collections::BTreeSet::new();
+                    if !updates.iter().all(|u| seen.insert(u.site.as_str())) {
+                        return Err(inconsistent(format!(
+                            "round {round} aggregates a site twice"
+                        )));
+                    }
+                    rec.state = RoundState::Completed;
+                    rec.accepted = updates.clone();
+                    rec.model = Some(*model);
+                    rec.metrics = metrics.clone();
+                    rounds
+                        .insert((job_id, *round), encode(&rec)?.as_str())
+                        .map_err(dberr)?;
+                    job.completed_rounds = *round;
+                    job.current_model = *model;
+                    job.round_in_flight = None;
+                    let mut models = txn.open_table(MODELS).map_err(dberr)?;
+                    let hex = model.to_hex();
+                    let m = ModelRecord {
+                        job: job_id.to_owned(),
+                        round: *round,
+                    };
+                    models
+                        .insert(hex.as_str(), encode(&m)?.as_str())
+                        .map_err(dberr)?;
+                    let mut sites = txn.open_table(SITES).map_err(dberr)?;
+                    for u in updates {
+                        let mut s: SiteRecord = match sites.get(u.site.as_str()).map_err(dberr)? {
+                            Some(v) => decode("sites", &u.site, v.value())?,
+                            None => SiteRecord {
+                                id: u.site.clone(),
+                                first_seen_unix_ms: u.received_unix_ms,
+                                last_seen_unix_ms: u.received_unix_ms,
+                                num_examples: None,
+                                updates_aggregated: 0,
+                            },
+                        };
+                        s.updates_aggregated += 1;
+                        sites
+                            .insert(u.site.as_str(), encode(&s)?.as_str())
+                            .map_err(dberr)?;
+                    }
+                }
+                Checkpoint::Paused(p) => job.paused = *p,
+                Checkpoint::JobFinished(outcome) => {
+                    if let Some(r) = job.round_in_flight.take()
+                        && let Some(mut rec) = get_round(&rounds, r)?
+                        && rec.state == RoundState::Open
+                    {
+                        rec.state = RoundState::Discarded;
+                        rounds
+                            .insert((job_id, r), encode(&rec)?.as_str())
+                            .map_err(dberr)?;
+                    }
+                    job.outcome = Some(outcome.clone());
+                }
+            }
+            jobs.insert(job_id, encode(&job)?.as_str()).map_err(dberr)?;
+            if let Some(state) = extras.optimizer_state {
+                txn.open_table(OPTIMIZER)
+                    .map_err(dberr)?
+                    .insert(job_id, state)
+                    .map_err(dberr)?;
+            }
+            if let Some((scope, state)) = extras.replay_state {
+                txn.open_table(REPLAY)
+                    .map_err(dberr)?
+                    .insert(scope, state)
+                    .map_err(dberr)?;
+            }
+        }
+        txn.commit().map_err(dberr)
+    }
+
+    /// Rebuild the state of job `job_id` after a restart: parse its
+    /// definition, load and verify its current model, and re-open the round
+    /// that was in flight (durably: its accepted updates move to
+    /// `discarded`, the round record stays `Open` until the runner starts it
+    /// again). Feed [`Recovery::snapshot`] to
+    /// [`crate::round::JobRunner::resume`].
+    pub fn recover(&self, job_id: &str) -> Result<Recovery, StoreError> {
+        let rec = self
+            .job(job_id)?
+            .ok_or_else(|| StoreError::UnknownJob(job_id.to_owned()))?;
+        let job = Job::from_toml(&rec.job_toml)?;
+        let model = self.load_model(&rec.current_model)?;
+        let optimizer_state = self.optimizer_state(job_id)?;
+        let mut reopened_round = None;
+        let mut discarded_updates = Vec::new();
+        if rec.outcome.is_none()
+            && let Some(r) = rec.round_in_flight
+        {
+            let txn = self.db.begin_write().map_err(dberr)?;
+            {
+                let mut rounds = txn.open_table(ROUNDS).map_err(dberr)?;
+                let found: Option<RoundRecord> = rounds
+                    .get((job_id, r))
+                    .map_err(dberr)?
+                    .map(|v| decode("rounds", &format!("{job_id}/{r}"), v.value()))
+                    .transpose()?;
+                if let Some(mut round) = found
+                    && round.state == RoundState::Open
+                {
+                    discarded_updates = std::mem::take(&mut round.accepted);
+                    round.discarded.extend(discarded_updates.iter().cloned());
+                    round.selected.clear();
+                    rounds
+                        .insert((job_id, r), encode(&round)?.as_str())
+                        .map_err(dberr)?;
+                    reopened_round = Some(r);
+                }
+            }
+            txn.commit().map_err(dberr)?;
+        }
+        Ok(Recovery {
+            snapshot: Snapshot {
+                completed_rounds: rec.completed_rounds,
+                model: rec.current_model,
+                paused: rec.paused,
+                outcome: rec.outcome,
+            },
+            job,
+            model,
+            optimizer_state,
+            reopened_round,
+            discarded_updates,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

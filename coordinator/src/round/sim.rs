@@ -196,9 +196,37 @@ enum Event {
     },
 }
 
+/// Lets a test replace parts of the simulated driver (e.g. persist into a
+/// real [`crate::store::Store`], aggregate into real model files).
+pub trait SimHooks {
+    /// Called for every checkpoint, before the actions that follow it run.
+    fn persist(&mut self, checkpoint: &Checkpoint) {
+        let _ = checkpoint;
+    }
+    /// The model an aggregation produces; `None`: a fake hash of the inputs.
+    fn aggregate(
+        &mut self,
+        round: u64,
+        base_model: ModelHash,
+        updates: &[AcceptedUpdate],
+    ) -> Option<ModelHash> {
+        let _ = (round, base_model, updates);
+        None
+    }
+}
+
+struct Hooks(Box<dyn SimHooks>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimHooks")
+    }
+}
+
 /// One runner, N fake sites, a virtual clock.
 #[derive(Debug)]
 pub struct Sim {
+    hooks: Option<Hooks>,
     runner: JobRunner,
     epoch: Instant,
     now: Instant,
@@ -238,7 +266,27 @@ impl Sim {
 
     /// A simulation around an existing runner (e.g. a resumed one).
     pub fn with_runner(runner: JobRunner, sites: Vec<SiteScript>, epoch: Instant) -> Self {
+        Self::build(runner, sites, epoch, None)
+    }
+
+    /// A simulation around an existing runner, with driver hooks.
+    pub fn with_hooks(
+        runner: JobRunner,
+        sites: Vec<SiteScript>,
+        epoch: Instant,
+        hooks: Box<dyn SimHooks>,
+    ) -> Self {
+        Self::build(runner, sites, epoch, Some(Hooks(hooks)))
+    }
+
+    fn build(
+        runner: JobRunner,
+        sites: Vec<SiteScript>,
+        epoch: Instant,
+        hooks: Option<Hooks>,
+    ) -> Self {
         let mut sim = Self {
+            hooks,
             runner,
             epoch,
             now: epoch,
@@ -524,7 +572,12 @@ impl Sim {
     fn execute(&mut self, a: Action) {
         let net = self.net_delay;
         match a {
-            Action::Persist(_) | Action::Evaluate { .. } | Action::JobFinished(_) => {}
+            Action::Persist(c) => {
+                if let Some(h) = &mut self.hooks {
+                    h.0.persist(&c);
+                }
+            }
+            Action::Evaluate { .. } | Action::JobFinished(_) => {}
             Action::SendOffer { site, offer } => {
                 let Some(s) = self.sites.get_mut(&site) else {
                     return;
@@ -602,7 +655,11 @@ impl Sim {
                     parts.push(u.payload_hash.0.to_vec());
                 }
                 let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-                let model = fake_hash(&refs);
+                let real = match &mut self.hooks {
+                    Some(h) => h.0.aggregate(round, base_model, &updates),
+                    None => None,
+                };
+                let model = real.unwrap_or_else(|| fake_hash(&refs));
                 self.aggregates.push((round, updates));
                 let t = self.aggregation_time;
                 self.schedule_in(t, Event::Aggregated { round, model });
