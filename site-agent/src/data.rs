@@ -19,6 +19,8 @@
 //! * [`segmentation`]: image + mask pairs (PNG folders, or the raw u8 format
 //!   with `header.json`), cut into square tiles.
 
+pub mod image;
+pub mod segmentation;
 pub mod tabular;
 
 use std::path::{Path, PathBuf};
@@ -406,7 +408,6 @@ pub fn split_indices(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usi
 }
 
 /// Split `samples` into [`LocalData`].
-#[allow(dead_code)] // used by the image loaders (next commit)
 pub(crate) fn split(
     samples: &Samples,
     fraction: f64,
