@@ -1,0 +1,128 @@
+//! Fuzz target bodies, shared by the libFuzzer binaries (`fuzz_targets/`)
+//! and the stable-toolchain corpus replay test (`tests/corpus.rs`).
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use fedlink_protocol::*;
+
+/// Frames: arbitrary bytes pushed in two pieces into a [`FrameDecoder`];
+/// message frames are decoded further.
+pub fn frame(data: &[u8]) {
+    let split = data.first().map_or(0, |&b| b as usize).min(data.len());
+    let (a, b) = data.split_at(split);
+    let mut dec = FrameDecoder::with_max_len(1 << 16);
+    for part in [a, b] {
+        dec.push(part);
+        while let Ok(Some(f)) = dec.pop() {
+            if let Ok(msg) = f.into_message() {
+                // A decoded message must re-encode to a decodable frame.
+                let again = Frame::message(&msg).map(|f| f.to_vec());
+                if let Ok(bytes) = again {
+                    let mut d = FrameDecoder::new();
+                    d.push(&bytes);
+                    assert!(
+                        matches!(d.pop(), Ok(Some(_))),
+                        "re-encoded frame does not decode"
+                    );
+                }
+            }
+        }
+    }
+    let _ = dec.finish();
+}
+
+/// Messages: arbitrary bytes into [`Message::decode_exact`]; anything that
+/// decodes must round-trip.
+pub fn message(data: &[u8]) {
+    let Ok(msg) = Message::decode_exact(data) else {
+        return;
+    };
+    let back = Message::decode_exact(&msg.to_vec());
+    assert_eq!(
+        back.as_ref().ok(),
+        Some(&msg),
+        "message does not round-trip"
+    );
+    if let Message::TaskOffer(o) = &msg
+        && o.validate().is_ok()
+    {
+        let _ = o.arch.spec();
+    }
+}
+
+fn spec() -> ModelSpec {
+    // Segments of many sizes, an empty tensor, a scalar.
+    match ModelSpec::new(vec![
+        TensorSpec::f32("a", vec![7]),
+        TensorSpec::f32("b", vec![3, 5]),
+        TensorSpec::f32("c", vec![0]),
+        TensorSpec::f32("d", vec![]),
+        TensorSpec::f32("e", vec![40]),
+    ]) {
+        Ok(s) => s,
+        Err(e) => panic!("fixed spec is valid: {e}"),
+    }
+}
+
+/// Payload chunks: first byte picks the encoding, the rest is a sequence of
+/// records (u16 LE length prefix each) fed to a [`PayloadDecoder`].
+pub fn chunk(data: &[u8]) {
+    let Some((&sel, mut rest)) = data.split_first() else {
+        return;
+    };
+    let codec = match sel % 6 {
+        0 => ValueCodec::F32,
+        1 => ValueCodec::F16,
+        2 => ValueCodec::Bf16,
+        3 => ValueCodec::Int8 { stochastic: false },
+        4 => ValueCodec::TopK {
+            per_million: 250_000,
+        },
+        _ => ValueCodec::TopK { per_million: 1 },
+    };
+    let Ok(enc) = Encoding::new(codec, sel & 0x80 != 0, 1, 32) else {
+        return;
+    };
+    let Ok(mut dec) = PayloadDecoder::new(spec(), enc) else {
+        return;
+    };
+    while rest.len() >= 2 {
+        let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+        rest = &rest[2..];
+        let rec = &rest[..len.min(rest.len())];
+        rest = &rest[rec.len()..];
+        match dec.decode_chunk(rec) {
+            Ok(c) => assert!(c.values.iter().all(|v| v.is_finite())),
+            Err(_) => return,
+        }
+    }
+    let _ = dec.finish();
+}
+
+/// Envelopes: arbitrary bytes into [`SignedEnvelope::decode_exact`] and, if
+/// that works, into [`verify_update`] with a fixed key; nothing may verify
+/// unless it was signed with that key (which the fuzzer cannot do).
+pub fn envelope(data: &[u8]) {
+    let Ok(env) = SignedEnvelope::decode_exact(data) else {
+        return;
+    };
+    let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+    let keys = BTreeMap::from([(env.header.site_id.clone(), key)]);
+    let expected = ExpectedUpdate {
+        federation_id: env.header.federation_id.clone(),
+        job_id: env.header.job_id.clone(),
+        round: env.header.round,
+        base_model: env.header.base_model,
+        encoding: None,
+        max_payload_len: u64::MAX,
+    };
+    let site = env.header.site_id.clone();
+    let mut guard = ReplayGuard::new();
+    if let Ok(mut v) = verify_update(&env, &site, &keys, &expected, &mut guard) {
+        // Only possible for a seed signed with key [1; 32]: the signed bytes
+        // must then be exactly the seed's.
+        let _ = v.update(data);
+        let _ = v.finish();
+    }
+}
