@@ -1,0 +1,348 @@
+//! fedlink transport: the thin async layer between the pure
+//! [`fedlink_protocol`] and QUIC.
+//!
+//! It does three things and nothing else:
+//! - builds quinn endpoints from the rustls configs of [`fedlink_certs`]
+//!   (mutual TLS 1.3, federation CA only — there is no plaintext mode);
+//! - reads and writes protocol [`Frame`]s on QUIC streams, refusing an
+//!   oversize length prefix *before* allocating the body;
+//! - tells who is on the other end of a connection ([`peer_identity`],
+//!   [`negotiated_alpn`]).
+//!
+//! It does not decide anything: what a message means, whether an update
+//! counts, when a round closes — that lives in the coordinator's and the
+//! agent's sans-IO cores.
+//!
+//! ```text
+//!  Message / chunk record ──encode──▶ Frame ──▶ FramedSend ──▶ quinn SendStream
+//!  quinn RecvStream ──▶ FramedRecv (header, bounded body) ──▶ Frame ──▶ Message / chunk
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedlink_certs::Identity;
+use fedlink_protocol::{FRAME_HEADER_LEN, Frame, FrameError, FrameKind, Message};
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+
+/// Application close codes fedlink uses on QUIC connections.
+pub mod close {
+    use quinn::VarInt;
+
+    /// Normal end (bye, shutdown).
+    pub const NORMAL: VarInt = VarInt::from_u32(0);
+    /// The peer broke the protocol (bad frame, unexpected message).
+    pub const PROTOCOL: VarInt = VarInt::from_u32(0x400);
+    /// The identity is not allowed here (wrong role for the ALPN, unknown or
+    /// revoked site).
+    pub const FORBIDDEN: VarInt = VarInt::from_u32(0x403);
+    /// A newer connection of the same site replaced this one.
+    pub const REPLACED: VarInt = VarInt::from_u32(0x409);
+    /// The coordinator is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0x503);
+}
+
+/// Why a transport operation failed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection is gone (closed by the peer, refused by TLS, timed out).
+    #[error("connection lost: {0}")]
+    Connection(#[from] ConnectionError),
+    /// The peer sent bytes that are not a valid frame or message.
+    #[error("peer sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    /// The stream ended where a message was required.
+    #[error("stream ended before the expected {0}")]
+    UnexpectedEnd(&'static str),
+    /// A message arrived where a chunk was expected, or the reverse.
+    #[error("unexpected frame: expected {expected}, got {got}")]
+    UnexpectedFrame {
+        /// What was expected.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+    /// Any other stream error (reset by the peer, stopped, 0-RTT refused).
+    #[error("stream error: {0}")]
+    Stream(String),
+    /// Local configuration error (TLS config unusable by QUIC, bind failed).
+    #[error("transport configuration: {0}")]
+    Config(String),
+    /// The peer's certificate carries no valid fedlink identity.
+    #[error("peer identity: {0}")]
+    Identity(#[from] fedlink_certs::IdentityError),
+    /// Local I/O error (binding a socket).
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl TransportError {
+    /// Whether the error means the connection is closed (as opposed to one
+    /// stream going wrong).
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, Self::Connection(_))
+    }
+}
+
+fn read_err(e: quinn::ReadError) -> TransportError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => TransportError::Connection(c),
+        other => TransportError::Stream(other.to_string()),
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> TransportError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => TransportError::Connection(c),
+        other => TransportError::Stream(other.to_string()),
+    }
+}
+
+/// Fill `buf` completely. `Ok(false)` if the stream ended before the first
+/// byte (a clean end at a frame boundary), an error if it ended later.
+async fn read_full(recv: &mut RecvStream, buf: &mut [u8]) -> Result<bool, TransportError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let slice = buf.get_mut(filled..).unwrap_or_default();
+        match recv.read(slice).await.map_err(read_err)? {
+            Some(n) => filled += n,
+            None if filled == 0 => return Ok(false),
+            None => return Err(TransportError::Truncated),
+        }
+    }
+    Ok(true)
+}
+
+/// The receiving half of a framed QUIC stream.
+#[derive(Debug)]
+pub struct FramedRecv {
+    inner: RecvStream,
+    bytes_read: u64,
+}
+
+impl FramedRecv {
+    /// Wrap a quinn receive stream.
+    pub fn new(inner: RecvStream) -> Self {
+        Self {
+            inner,
+            bytes_read: 0,
+        }
+    }
+
+    /// Bytes read so far (frame headers included).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// The next frame, or `None` if the peer finished the stream cleanly at a
+    /// frame boundary. The header is checked (magic, version, kind, length ≤
+    /// [`fedlink_protocol::MAX_FRAME_LEN`]) before the body is allocated.
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        if !read_full(&mut self.inner, &mut header).await? {
+            return Ok(None);
+        }
+        let header = Frame::parse_header(&header)?;
+        let mut body = vec![0u8; header.body_len()];
+        if !read_full(&mut self.inner, &mut body).await? && !body.is_empty() {
+            return Err(TransportError::Truncated);
+        }
+        self.bytes_read = self
+            .bytes_read
+            .saturating_add((FRAME_HEADER_LEN + body.len()) as u64);
+        Ok(Some(Frame::from_parts(header, Bytes::from(body))?))
+    }
+
+    /// The next frame, which must be a message.
+    pub async fn message(&mut self) -> Result<Message, TransportError> {
+        match self.next_frame().await? {
+            Some(frame) if frame.kind == FrameKind::Message => Ok(frame.into_message()?),
+            Some(_) => Err(TransportError::UnexpectedFrame {
+                expected: "message",
+                got: "chunk",
+            }),
+            None => Err(TransportError::UnexpectedEnd("message")),
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream.
+    pub async fn message_or_end(&mut self) -> Result<Option<Message>, TransportError> {
+        match self.next_frame().await? {
+            Some(frame) if frame.kind == FrameKind::Message => Ok(Some(frame.into_message()?)),
+            Some(_) => Err(TransportError::UnexpectedFrame {
+                expected: "message",
+                got: "chunk",
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame, which must be a payload chunk record.
+    pub async fn chunk(&mut self) -> Result<Bytes, TransportError> {
+        match self.next_frame().await? {
+            Some(frame) if frame.kind == FrameKind::Chunk => Ok(frame.into_chunk()?),
+            Some(_) => Err(TransportError::UnexpectedFrame {
+                expected: "chunk",
+                got: "message",
+            }),
+            None => Err(TransportError::UnexpectedEnd("chunk")),
+        }
+    }
+
+    /// Give the stream back.
+    pub fn into_inner(self) -> RecvStream {
+        self.inner
+    }
+}
+
+/// The sending half of a framed QUIC stream.
+#[derive(Debug)]
+pub struct FramedSend {
+    inner: SendStream,
+    bytes_written: u64,
+}
+
+impl FramedSend {
+    /// Wrap a quinn send stream.
+    pub fn new(inner: SendStream) -> Self {
+        Self {
+            inner,
+            bytes_written: 0,
+        }
+    }
+
+    /// Bytes written so far (frame headers included).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    async fn frame(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        let header = frame.header().to_bytes();
+        self.inner.write_all(&header).await.map_err(write_err)?;
+        self.inner.write_all(&frame.body).await.map_err(write_err)?;
+        self.bytes_written = self
+            .bytes_written
+            .saturating_add((header.len() + frame.body.len()) as u64);
+        Ok(())
+    }
+
+    /// Send one message.
+    pub async fn message(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.frame(&Frame::message(msg)?).await
+    }
+
+    /// Send one payload chunk record.
+    pub async fn chunk(&mut self, record: impl Into<Bytes>) -> Result<(), TransportError> {
+        self.frame(&Frame::chunk(record)?).await
+    }
+
+    /// Finish the stream (the peer sees a clean end after the last frame).
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.inner
+            .finish()
+            .map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Give the stream back.
+    pub fn into_inner(self) -> SendStream {
+        self.inner
+    }
+}
+
+/// Open a bidirectional framed stream.
+pub async fn open_bi(conn: &Connection) -> Result<(FramedSend, FramedRecv), TransportError> {
+    let (send, recv) = conn.open_bi().await?;
+    Ok((FramedSend::new(send), FramedRecv::new(recv)))
+}
+
+/// Accept a bidirectional framed stream.
+pub async fn accept_bi(conn: &Connection) -> Result<(FramedSend, FramedRecv), TransportError> {
+    let (send, recv) = conn.accept_bi().await?;
+    Ok((FramedSend::new(send), FramedRecv::new(recv)))
+}
+
+/// QUIC transport settings shared by both ends: keep-alives well inside the
+/// idle timeout so a quiet but healthy connection stays up, and a dead peer
+/// is noticed within `idle_timeout`.
+pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(idle_timeout)
+        .map_err(|e| TransportError::Config(format!("idle timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(idle_timeout / 3));
+    // Sites open a few streams each (control, model fetch, upload).
+    t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Ok(t)
+}
+
+/// Default idle timeout of fedlink connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A server endpoint bound to `addr` with a rustls server config from
+/// [`fedlink_certs::server_tls_config`].
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    idle_timeout: Duration,
+) -> Result<Endpoint, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(format!("server TLS config unusable by QUIC: {e}")))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config(idle_timeout)?));
+    Ok(Endpoint::server(cfg, addr)?)
+}
+
+/// A client endpoint (ephemeral local port, same address family as `remote`)
+/// whose default config uses `tls` from [`fedlink_certs::client_tls_config`].
+pub fn client_endpoint(
+    remote: SocketAddr,
+    tls: rustls::ClientConfig,
+    idle_timeout: Duration,
+) -> Result<Endpoint, TransportError> {
+    let bind: SocketAddr = if remote.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let crypto = QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(format!("client TLS config unusable by QUIC: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config(idle_timeout)?));
+    let mut endpoint = Endpoint::client(bind)?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}
+
+/// The ALPN protocol negotiated on a connection.
+pub fn negotiated_alpn(conn: &Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The fedlink identity in the peer's (already verified) certificate.
+pub fn peer_identity(conn: &Connection) -> Result<Identity, TransportError> {
+    Ok(fedlink_certs::peer_identity_from_any(conn.peer_identity())?)
+}
+
+/// The peer's end-entity certificate, as presented in the handshake.
+pub fn peer_end_entity(
+    conn: &Connection,
+) -> Option<fedlink_certs::rustls_pki_types::CertificateDer<'static>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<fedlink_certs::rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().cloned()
+}
