@@ -137,7 +137,7 @@ pub use frame::{
 };
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
-    Bye, Capabilities, DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch, ModelManifest,
+    Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch, ModelManifest,
     OfferDecision, OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements,
     Reject, RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange, Welcome,
 };

@@ -76,7 +76,9 @@ impl VersionRange {
 /// What a site agent can do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Capabilities {
-    /// Value codecs the agent can encode deltas with.
+    /// Value codecs the agent can encode deltas with. For `Int8` and `TopK`
+    /// the parameters carry no meaning here: listing one variant means the
+    /// whole family (any rounding mode, any fraction) is supported.
     pub codecs: Vec<ValueCodec>,
     /// Largest chunk (bytes of f32 input) the agent accepts.
     pub max_chunk_bytes: u32,
@@ -426,6 +428,18 @@ pub struct Bye {
     pub reason: String,
 }
 
+/// Coordinator → site: stop working on a round (it closed, or the job was
+/// aborted or paused). An update for it would be refused as late.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Job.
+    pub job_id: JobId,
+    /// Round to abandon.
+    pub round: RoundId,
+    /// Why (free text).
+    pub reason: String,
+}
+
 /// Every control message. Variants are only ever appended.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -452,6 +466,8 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// Either direction.
     Bye(Bye),
+    /// Coordinator → site.
+    Cancel(Cancel),
 }
 
 impl Message {
@@ -469,6 +485,7 @@ impl Message {
             Self::UploadResult(_) => "UploadResult",
             Self::Heartbeat(_) => "Heartbeat",
             Self::Bye(_) => "Bye",
+            Self::Cancel(_) => "Cancel",
         }
     }
 }

@@ -302,6 +302,13 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, now_unix_ms)| Message::Heartbeat(Heartbeat { seq, now_unix_ms })),
         text().prop_map(|reason| Message::Bye(Bye { reason })),
+        (job_id(), any::<u64>(), text()).prop_map(|(job_id, round, reason)| {
+            Message::Cancel(Cancel {
+                job_id,
+                round: RoundId(round),
+                reason,
+            })
+        }),
     ]
 }
 
