@@ -1323,6 +1323,66 @@ mod tests {
     }
 
     #[test]
+    fn tampered_kits_are_refused() {
+        let (dir, ca, _) = setup();
+        let v = Validity::days_from(now(), 1).unwrap();
+        let a = dir.path().join("sites/a");
+        let b = dir.path().join("sites/b");
+        ca.issue_site("a", &a, v, None, now()).unwrap();
+        ca.issue_site("b", &b, v, None, now()).unwrap();
+        let kit_toml = fs::read_to_string(a.join(KIT_FILE)).unwrap();
+        let check = |text: String, expect: &str| {
+            fs::write(a.join(KIT_FILE), text).unwrap();
+            let err = Kit::load(&a).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err}");
+            fs::write(a.join(KIT_FILE), &kit_toml).unwrap();
+        };
+        check(
+            kit_toml.replace("name = \"a\"", "name = \"b\""),
+            "does not match",
+        );
+        check(
+            kit_toml.replace("role = \"site\"", "role = \"admin\""),
+            "does not match",
+        );
+        check(
+            kit_toml.replace("cert = \"cert.pem\"", "cert = \"../b/cert.pem\""),
+            "plain file name",
+        );
+        check(
+            kit_toml.replace("format = 1", "format = 2"),
+            "unsupported format",
+        );
+        check(format!("{kit_toml}unknown = 1\n"), "unknown field");
+        Kit::load(&a).unwrap();
+
+        // Another site's TLS key or update key in place of this one's.
+        let swap = |file: &str, expect: &str| {
+            let mine = a.join(file);
+            let orig = fs::read(&mine).unwrap();
+            fs::remove_file(&mine).unwrap();
+            files::write_secret(&mine, &fs::read(b.join(file)).unwrap()).unwrap();
+            let err = Kit::load(&a).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err}");
+            fs::remove_file(&mine).unwrap();
+            files::write_secret(&mine, &orig).unwrap();
+        };
+        swap(KEY_FILE, "does not match");
+        swap(UPDATE_KEY_FILE, "does not match");
+        // A certificate from another CA with this kit's CA file.
+        let (other, _) =
+            CertificateAuthority::init(&InitOptions::new("fed", dir.path().join("other")), now())
+                .unwrap();
+        let c = dir.path().join("other/sites/a");
+        other.issue_site("a", &c, v, None, now()).unwrap();
+        fs::remove_file(c.join(CA_CERT_FILE)).unwrap();
+        fs::copy(a.join(CA_CERT_FILE), c.join(CA_CERT_FILE)).unwrap();
+        let err = Kit::load(&c).unwrap_err().to_string();
+        assert!(err.contains("signature does not verify"), "{err}");
+        Kit::load(&a).unwrap();
+    }
+
+    #[test]
     fn validity_rules() {
         assert!(Validity::days_from(now(), 0).is_err());
         assert!(Validity::days_from(now(), 40_000).is_err());

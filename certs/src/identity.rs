@@ -304,7 +304,7 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<Identity, IdentityE
 /// (a `Box<dyn Any>` that holds a `Vec<CertificateDer<'static>>` with the
 /// rustls crypto backend):
 ///
-/// ```ignore
+/// ```text
 /// let identity = fedlink_certs::peer_identity_from_any(connection.peer_identity())?;
 /// ```
 pub fn peer_identity_from_any(any: Option<Box<dyn Any>>) -> Result<Identity, IdentityError> {
