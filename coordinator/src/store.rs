@@ -94,7 +94,7 @@ pub enum StoreError {
     },
     /// The database failed (including "already open by another process").
     #[error("database: {0}")]
-    Db(#[from] redb::Error),
+    Db(#[source] Box<redb::Error>),
     /// A stored record does not decode.
     #[error("corrupt record in table {table} at {key}: {reason}")]
     CorruptRecord {
@@ -137,7 +137,7 @@ pub enum StoreError {
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
-    StoreError::Db(e.into())
+    StoreError::Db(Box::new(e.into()))
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {

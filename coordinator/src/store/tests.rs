@@ -121,8 +121,7 @@ fn run(store: Rc<Store>, abort_after_persist: Option<usize>, abort_round: Option
     };
     let mut sim = Sim::with_hooks(runner, sites(), Instant::now(), Box::new(hooks));
     sim.drive(Duration::from_secs(3600));
-    let n = *persists.borrow();
-    n
+    *persists.borrow()
 }
 
 /// Everything a finished job must satisfy.
