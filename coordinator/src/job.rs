@@ -478,6 +478,26 @@ impl Default for DeltaEncoding {
 }
 
 impl DeltaEncoding {
+    /// The wire encoding sites must use (checked against the protocol's
+    /// bounds).
+    pub fn to_protocol(
+        &self,
+    ) -> Result<fedlink_protocol::Encoding, fedlink_protocol::EncodingError> {
+        use fedlink_protocol::ValueCodec;
+        let values = match self.codec {
+            CodecKind::F32 => ValueCodec::F32,
+            CodecKind::F16 => ValueCodec::F16,
+            CodecKind::Bf16 => ValueCodec::Bf16,
+            CodecKind::Int8 => ValueCodec::Int8 {
+                stochastic: self.int8_stochastic,
+            },
+            CodecKind::Topk => ValueCodec::TopK {
+                per_million: self.topk_per_million().unwrap_or(0),
+            },
+        };
+        fedlink_protocol::Encoding::new(values, self.shuffle, self.zstd_level, self.chunk_bytes)
+    }
+
     /// Top-k fraction in parts per million (what the wire encoding carries),
     /// for `codec = "topk"`.
     pub fn topk_per_million(&self) -> Option<u32> {
@@ -775,6 +795,8 @@ impl Job {
                 "is only valid with codec = \"int8\"",
             ));
         }
+        e.to_protocol()
+            .map_err(|err| invalid("encoding", err.to_string()))?;
 
         // privacy
         let p = &self.privacy;
@@ -845,6 +867,9 @@ deadline_secs = 60
         assert_eq!(job.round.quorum, 2);
         assert_eq!(job.evaluation.split.as_deref(), Some("test"));
         assert_eq!(job.training.optimizer, LocalOptimizer::Sgd);
+        let enc = job.encoding.to_protocol().unwrap();
+        assert_eq!(enc.values(), fedlink_protocol::ValueCodec::F16);
+        assert!(enc.shuffle());
         // Round-trips through TOML unchanged.
         let again = Job::from_toml(&job.to_toml().unwrap()).unwrap();
         assert_eq!(again, job);
