@@ -137,9 +137,10 @@ pub use frame::{
 };
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
-    Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch, ModelManifest,
-    OfferDecision, OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements,
-    Reject, RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange, Welcome,
+    Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch,
+    ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION,
+    PrivacyRequirements, Reject, RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange,
+    Welcome,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{
