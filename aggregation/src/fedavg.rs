@@ -49,7 +49,7 @@ use rayon::prelude::*;
 
 use crate::error::{AggregationError, Error};
 use crate::validate::{
-    TERM_LIMIT, UpdateValidator, ValidatedUpdate, ValidationPolicy, Weighting, check_tensors,
+    UpdateValidator, ValidatedUpdate, ValidationPolicy, Weighting, check_tensors,
 };
 
 /// Most updates one accumulator folds (keeps `Σ|term| < 2^63`).
@@ -75,15 +75,14 @@ fn to_grid(v: f64) -> i64 {
     ((v + MAGIC).to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64)
 }
 
-/// Fold `x · c` into `acc`, clamping each term to ±[`TERM_LIMIT`] (a no-op for
-/// validated data; it keeps the sum bounded even if a caller breaks the
-/// contract and feeds different values on the second pass).
+/// Fold `x · c` into `acc`. Validation guarantees `|x · c| ≤ 2^50`, where the
+/// rounding trick is exact. If a caller breaks the contract and feeds other
+/// values on the second pass, the result is wrong but nothing panics: the
+/// additions wrap.
 #[inline]
-#[allow(clippy::manual_clamp)] // max/min map NaN to a bound; clamp would keep NaN
 fn fold_slice(acc: &mut [i64], x: &[f32], c: f64) {
     for (a, &v) in acc.iter_mut().zip(x) {
-        let t = (f64::from(v) * c).max(-TERM_LIMIT).min(TERM_LIMIT);
-        *a = a.wrapping_add(to_grid(t));
+        *a = a.wrapping_add(to_grid(f64::from(v) * c));
     }
 }
 
@@ -321,7 +320,7 @@ impl FedAvgAccumulator {
 /// model exactly once, the accumulator is *poisoned*: its
 /// [`finish`](FedAvgAccumulator::finish) returns
 /// [`AggregationError::Poisoned`]. (Values that differ from the validated
-/// ones cannot be detected, but are clamped so the sum stays bounded.)
+/// ones cannot be detected; they give a wrong sum, never a panic.)
 #[derive(Debug)]
 pub struct Fold<'a> {
     acc: &'a mut FedAvgAccumulator,
