@@ -329,8 +329,9 @@ impl Samples {
     }
 }
 
-/// blake3 over a dataset's file contents and loading configuration, hex.
-/// Identifies the data in logs without revealing it.
+/// blake3 over a dataset's file contents (with names relative to the
+/// dataset root) and loading settings, hex. Identifies the data in logs
+/// without revealing it; where the files live does not enter it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub String);
 

@@ -333,7 +333,9 @@ pub fn load_image_folder(cfg: &ImageFolderConfig) -> Result<ImageData, DataError
         )));
     }
     let per = (cfg.channels * cfg.height * cfg.width) as usize;
-    let mut fp = FingerprintBuilder::new("image_folder", cfg);
+    let mut settings = cfg.clone();
+    settings.root = PathBuf::new();
+    let mut fp = FingerprintBuilder::new("image_folder", &settings);
     let mut x = Vec::new();
     let mut y = Vec::new();
     for (name, dir) in &folders {

@@ -262,7 +262,17 @@ pub fn load_segmentation(cfg: &SegmentationConfig) -> Result<LocalData, DataErro
         x: Vec::new(),
         masks: Vec::new(),
     };
-    let mut fp = FingerprintBuilder::new("segmentation", cfg);
+    let mut settings = cfg.clone();
+    settings.source = match &cfg.source {
+        SegmentationSource::RawU8 { .. } => SegmentationSource::RawU8 {
+            dir: PathBuf::new(),
+        },
+        SegmentationSource::PngPairs { .. } => SegmentationSource::PngPairs {
+            images: PathBuf::new(),
+            masks: PathBuf::new(),
+        },
+    };
+    let mut fp = FingerprintBuilder::new("segmentation", &settings);
     match &cfg.source {
         SegmentationSource::RawU8 { dir } => load_raw(dir, &mut tiler, &mut fp)?,
         SegmentationSource::PngPairs { images, masks } => {

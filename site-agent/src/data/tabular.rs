@@ -315,7 +315,11 @@ fn parse(cfg: &TabularConfig, bytes: &[u8]) -> Result<Table, DataError> {
 
 fn read(cfg: &TabularConfig) -> Result<(Table, FingerprintBuilder), DataError> {
     let bytes = read_limited(&cfg.path, MAX_FILE_BYTES)?;
-    let mut fp = FingerprintBuilder::new("tabular", cfg);
+    // Locations are not part of the fingerprint: the same file read the same
+    // way fingerprints the same wherever it lives.
+    let mut settings = cfg.clone();
+    settings.path = PathBuf::new();
+    let mut fp = FingerprintBuilder::new("tabular", &settings);
     let name = cfg
         .path
         .file_name()
@@ -428,6 +432,16 @@ mod tests {
         c2.split_seed = 9;
         assert_ne!(
             load_tabular(&c2).unwrap().data.fingerprint,
+            t.data.fingerprint
+        );
+        // …but not the file's location.
+        let sub = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::copy(&c.path, sub.join("a.csv")).unwrap();
+        let mut moved = c.clone();
+        moved.path = sub.join("a.csv");
+        assert_eq!(
+            load_tabular(&moved).unwrap().data.fingerprint,
             t.data.fingerprint
         );
     }
