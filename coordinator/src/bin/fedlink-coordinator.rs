@@ -1,1 +1,117 @@
-fn main() {}
+//! `fedlink-coordinator`: the coordinator service.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fedlink_coordinator::config::CoordinatorConfig;
+use fedlink_coordinator::server::{ServeError, ServeOptions, serve};
+
+/// fedlink coordinator: runs federated jobs for the sites of a federation.
+#[derive(Debug, Parser)]
+#[command(name = "fedlink-coordinator", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the federation (QUIC + mutual TLS) and run the job.
+    Serve {
+        /// Path to coordinator.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Exit once the job has finished (completed, failed or aborted).
+        #[arg(long)]
+        exit_after_job: bool,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let Command::Serve {
+        config,
+        exit_after_job,
+    } = cli.command;
+    let cfg = match CoordinatorConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let opts = ServeOptions {
+        exit_after_job,
+        bound: None,
+    };
+    match runtime.block_on(serve(cfg, opts, shutdown_signal())) {
+        Ok(out) => match out.outcome {
+            Some(fedlink_coordinator::round::JobOutcome::Failed { round, reason }) => {
+                eprintln!("job failed in round {round}: {reason:?}");
+                ExitCode::from(4)
+            }
+            _ => ExitCode::SUCCESS,
+        },
+        Err(e @ ServeError::Tls(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

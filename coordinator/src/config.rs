@@ -1,0 +1,203 @@
+//! `coordinator.toml`: where the coordinator listens, which kit and CA files
+//! it uses, where it keeps its data, and which job it runs.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7443"
+//! kit = "coordinator"            # the coordinator's kit directory
+//! ca_dir = "ca"                  # public CA files: ca.pem, sites.toml, revoked.toml (never ca-key.pem)
+//! data_dir = "data"
+//! job = "jobs/breast-cancer.toml"  # optional: submitted at start if the store lacks it
+//! heartbeat_interval_secs = 5
+//! idle_timeout_secs = 30
+//! max_concurrent_uploads = 64
+//! ```
+//!
+//! Relative paths are resolved against the directory of the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a coordinator config was refused.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown / missing fields.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the field).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn default_heartbeat() -> u64 {
+    5
+}
+fn default_idle() -> u64 {
+    30
+}
+fn default_uploads() -> usize {
+    64
+}
+
+/// The parsed, validated coordinator configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// UDP address the QUIC endpoint binds.
+    pub listen: SocketAddr,
+    /// The coordinator's kit directory (server certificate and key).
+    pub kit: PathBuf,
+    /// Directory with the federation's public CA files: `ca.pem`,
+    /// `sites.toml` (the provisioning manifest) and `revoked.toml`.
+    pub ca_dir: PathBuf,
+    /// Data directory (embedded store, model versions, update archive).
+    pub data_dir: PathBuf,
+    /// Job file submitted at start if the store does not know its id yet.
+    #[serde(default)]
+    pub job: Option<PathBuf>,
+    /// How often sites send heartbeats.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_secs: u64,
+    /// A connection silent for this long is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// Uploads received at the same time, at most (others wait).
+    #[serde(default = "default_uploads")]
+    pub max_concurrent_uploads: usize,
+}
+
+impl CoordinatorConfig {
+    /// Read, parse and validate a config file; relative paths are made
+    /// relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, path, base)
+    }
+
+    /// Parse and validate TOML text (`path` only names the source in errors).
+    pub fn from_toml(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut cfg.kit);
+        abs(&mut cfg.ca_dir);
+        abs(&mut cfg.data_dir);
+        if let Some(j) = cfg.job.as_mut() {
+            abs(j);
+        }
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message: message.to_owned(),
+        };
+        if !(1..=3600).contains(&cfg.heartbeat_interval_secs) {
+            return Err(invalid("heartbeat_interval_secs", "must be 1..=3600"));
+        }
+        if !(2..=3600).contains(&cfg.idle_timeout_secs) {
+            return Err(invalid("idle_timeout_secs", "must be 2..=3600"));
+        }
+        if cfg.idle_timeout_secs <= cfg.heartbeat_interval_secs {
+            return Err(invalid(
+                "idle_timeout_secs",
+                "must be longer than heartbeat_interval_secs",
+            ));
+        }
+        if !(1..=10_000).contains(&cfg.max_concurrent_uploads) {
+            return Err(invalid("max_concurrent_uploads", "must be 1..=10000"));
+        }
+        Ok(cfg)
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_secs)
+    }
+
+    /// Idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// The provisioning manifest.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.ca_dir.join(fedlink_certs::SITES_FILE)
+    }
+
+    /// The revocation list.
+    pub fn revoked_path(&self) -> PathBuf {
+        self.ca_dir.join(fedlink_certs::REVOKED_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let cfg = CoordinatorConfig::from_toml(
+            "listen = \"127.0.0.1:7443\"\nkit = \"coordinator\"\nca_dir = \"/etc/fedlink/ca\"\ndata_dir = \"data\"\n",
+            Path::new("c.toml"),
+            Path::new("/srv/fl"),
+        )
+        .unwrap();
+        assert_eq!(cfg.kit, PathBuf::from("/srv/fl/coordinator"));
+        assert_eq!(cfg.ca_dir, PathBuf::from("/etc/fedlink/ca"));
+        assert_eq!(cfg.heartbeat_interval_secs, 5);
+        assert!(cfg.job.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let err = CoordinatorConfig::from_toml(
+            "listen = \"127.0.0.1:7443\"\nkit = \"k\"\nca_dir = \"c\"\ndata_dir = \"d\"\nplaintext = true\n",
+            Path::new("c.toml"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("plaintext"), "{err}");
+        let err = CoordinatorConfig::from_toml(
+            "listen = \"127.0.0.1:7443\"\nkit = \"k\"\nca_dir = \"c\"\ndata_dir = \"d\"\nheartbeat_interval_secs = 40\n",
+            Path::new("c.toml"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("idle_timeout_secs"), "{err}");
+        let err = CoordinatorConfig::from_toml("listen = \"nope\"", Path::new("c.toml"), Path::new("."))
+            .unwrap_err();
+        assert!(err.to_string().contains("c.toml"), "{err}");
+    }
+}

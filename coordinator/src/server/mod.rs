@@ -1,0 +1,389 @@
+//! The coordinator service: the tokio/quinn driver around the sans-IO round
+//! machine ([`crate::round`]), the store ([`crate::store`]) and the
+//! aggregation engine.
+//!
+//! ```text
+//!  site ──QUIC/mTLS──▶ conn task ──(verify envelope, spool + hash, validate)──▶ Event ─▶ engine task
+//!                        ▲   │                                                     │ JobRunner.handle(now, input)
+//!                        │   └── model download (models/<hash>.wire)               │ actions, in order:
+//!                        └──────── control messages (offers, cancel, bye) ◀────────┘ persist → offer/ack/fold/aggregate
+//! ```
+//!
+//! One job runs at a time (the one named in the config, or the first
+//! unfinished job in the store). After `kill -9`, starting again resumes the
+//! job from the store (see [`crate::store`] for the crash semantics).
+
+mod conn;
+mod engine;
+mod spool;
+pub mod status;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use ed25519_dalek::VerifyingKey;
+use fedlink_aggregation::dp::NoiseRng;
+use fedlink_aggregation::round::ServerState;
+use fedlink_aggregation::{StrategyConfig, safetensors_io};
+use fedlink_certs::{Kit, RevocationList, SiteManifest};
+use fedlink_protocol::{
+    Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::CoordinatorConfig;
+use crate::job::{InitSource, Job};
+use crate::round::{JobOutcome, JobRunner, RoundConfig};
+use crate::store::Store;
+use engine::{Engine, EngineParts, Event};
+use wire::WireModel;
+
+pub use status::{STATUS_FILE, Status};
+
+/// Why the coordinator could not start or had to stop.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Kit, CA files or TLS configuration.
+    #[error("TLS / kit: {0}")]
+    Tls(String),
+    /// The job definition or its initial model.
+    #[error("job: {0}")]
+    Job(String),
+    /// The store.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Binding the endpoint.
+    #[error("network: {0}")]
+    Network(String),
+    /// The engine stopped on an error it cannot recover from in-process
+    /// (e.g. a checkpoint could not be persisted). Restarting recovers.
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+/// State shared by the connection tasks.
+pub(crate) struct Shared {
+    engine: mpsc::UnboundedSender<Event>,
+    manifest: RwLock<SiteManifest>,
+    manifest_path: PathBuf,
+    manifest_mtime: Mutex<Option<SystemTime>>,
+    revocations: Arc<RevocationList>,
+    revoked_mtime: Mutex<Option<SystemTime>>,
+    federation: FederationId,
+    heartbeat: Duration,
+    uploads: Semaphore,
+    next_conn: AtomicU64,
+    wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
+    job_encoding: Option<Encoding>,
+}
+
+fn mtime(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl Shared {
+    fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
+        self.wire.read().ok()?.get(hash).cloned()
+    }
+
+    fn publish_wire(&self, w: WireModel) {
+        if let Ok(mut map) = self.wire.write() {
+            map.insert(w.hash, Arc::new(w));
+        }
+    }
+
+    /// Re-read the manifest and the revocation list if their files changed
+    /// (renewals, new sites, revocations take effect without a restart).
+    fn reload_if_changed(&self) {
+        let m = mtime(&self.manifest_path);
+        if let Ok(mut last) = self.manifest_mtime.lock()
+            && *last != m
+        {
+            match SiteManifest::load(&self.manifest_path) {
+                Ok(new) => {
+                    if let Ok(mut cur) = self.manifest.write() {
+                        *cur = new;
+                    }
+                    match self.manifest.read().map(|m| update_keys(&m)) {
+                        Ok(Ok(keys)) => {
+                            let _ = self.engine.send(Event::Keys(keys));
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "manifest has a bad update key"),
+                        Err(_) => {}
+                    }
+                    tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one"),
+            }
+            *last = m;
+        }
+        if let Some(path) = self.revocations.path() {
+            let r = mtime(path);
+            if let Ok(mut last) = self.revoked_mtime.lock()
+                && *last != r
+            {
+                match self.revocations.reload() {
+                    Ok(n) => tracing::info!(revoked = n, "revocation list reloaded"),
+                    Err(e) => tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one"),
+                }
+                *last = r;
+            }
+        }
+    }
+}
+
+fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, String> {
+    let mut keys = BTreeMap::new();
+    for s in &manifest.site {
+        let id = SiteId::new(&s.name).map_err(|e| format!("site {}: {e}", s.name))?;
+        keys.insert(id, s.update_verifying_key().map_err(|e| e.to_string())?);
+    }
+    Ok(keys)
+}
+
+/// Build the aggregation strategy of a job: its `[strategy]` section, plus
+/// the `[privacy]` clip norm and noise multiplier unless the strategy
+/// parameters set them.
+pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
+    let mut params = job.strategy.params_as_strings();
+    let has = |k: &str, p: &[(String, String)]| p.iter().any(|(n, _)| n == k);
+    if let Some(c) = job.privacy.clip_norm
+        && !has("clip_norm", &params)
+        && !has("adaptive_clipping", &params)
+    {
+        params.push(("clip_norm".into(), c.to_string()));
+    }
+    if job.privacy.noise_multiplier > 0.0 && !has("noise_multiplier", &params) {
+        params.push(("noise_multiplier".into(), job.privacy.noise_multiplier.to_string()));
+        if !has("num_sampled_sites", &params) {
+            params.push(("num_sampled_sites".into(), job.min_sites().to_string()));
+        }
+    }
+    StrategyConfig::from_params(&job.strategy.name, params).map_err(|e| e.to_string())
+}
+
+/// The initial global model of a job.
+pub fn initial_model(job: &Job) -> Result<FlatModel, String> {
+    let spec = job.arch.spec().map_err(|e| e.to_string())?;
+    match &job.init {
+        InitSource::Seed(seed) => job.arch.init(*seed).map_err(|e| e.to_string()),
+        InitSource::File(path) => {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            safetensors_io::parse_as(&path.display().to_string(), &bytes, &spec)
+                .map(|p| p.model)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// What [`serve`] returns when it stops cleanly.
+#[derive(Debug)]
+pub struct ServeOutcome {
+    /// How the job ended, if it did.
+    pub outcome: Option<JobOutcome>,
+}
+
+/// Options of [`serve`] that are not in the config file.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Stop once the job has finished (demo, tests, batch use).
+    pub exit_after_job: bool,
+    /// Report the bound address (useful with port 0).
+    pub bound: Option<mpsc::UnboundedSender<SocketAddr>>,
+}
+
+/// Run the coordinator until `shutdown` resolves (or the job finishes, with
+/// [`ServeOptions::exit_after_job`]). Must run on a multi-threaded tokio
+/// runtime.
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ServeOutcome, ServeError> {
+    let kit = Kit::load(&cfg.kit).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let federation = FederationId::new(kit.identity().federation())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let revocations =
+        RevocationList::load(cfg.revoked_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let manifest = SiteManifest::load(&cfg.manifest_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
+    if manifest.federation != kit.identity().federation() {
+        return Err(ServeError::Tls(format!(
+            "the site manifest is for federation {}, the kit for {}",
+            manifest.federation,
+            kit.identity().federation()
+        )));
+    }
+    let keys = update_keys(&manifest).map_err(ServeError::Tls)?;
+    let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+
+    // Store and job.
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| ServeError::Job(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let job_id = select_job(&store, cfg.job.as_deref())?;
+    let recovery = store.recover(&job_id)?;
+    if let Some(r) = recovery.reopened_round {
+        tracing::warn!(
+            round = r,
+            discarded = recovery.discarded_updates.len(),
+            "resuming: the round in flight is re-opened; its updates are requested again"
+        );
+    }
+    let job = recovery.job;
+    let strategy = strategy_config(&job).map_err(ServeError::Job)?;
+    engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::Job)?;
+    let server_state: ServerState = match &recovery.optimizer_state {
+        Some(bytes) => serde_json::from_slice(bytes)
+            .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
+        None => ServerState::default(),
+    };
+    let replay: ReplayGuard = match store.replay_state(&job.id)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| ServeError::Job(format!("stored replay state: {e}")))?,
+        None => ReplayGuard::new(),
+    };
+    let noise = NoiseRng::from_os_rng().map_err(|e| ServeError::Job(e.to_string()))?;
+    let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
+    let models_dir = store.dir().join(crate::store::MODELS_DIR);
+    let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
+    let job_encoding = job.encoding.to_protocol().ok();
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        engine: tx,
+        manifest: RwLock::new(manifest),
+        manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
+        manifest_path: cfg.manifest_path(),
+        revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
+        revocations,
+        federation: federation.clone(),
+        heartbeat: cfg.heartbeat_interval(),
+        uploads: Semaphore::new(cfg.max_concurrent_uploads),
+        next_conn: AtomicU64::new(1),
+        wire: RwLock::new(HashMap::new()),
+        job_encoding,
+    });
+    shared.publish_wire(first_wire);
+
+    let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
+    let mut engine = Engine::new(
+        EngineParts {
+            job,
+            runner,
+            store: store.clone(),
+            strategy,
+            server_state,
+            global: recovery.model,
+            federation,
+            keys,
+            replay,
+            status,
+            noise,
+        },
+        Instant::now(),
+    )
+    .map_err(ServeError::Job)?;
+
+    let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
+        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| ServeError::Network(e.to_string()))?;
+    tracing::info!(listen = %local, job = %job_id, "coordinator listening");
+    if let Some(b) = &opts.bound {
+        let _ = b.send(local);
+    }
+
+    let accept_shared = shared.clone();
+    let accept_endpoint = endpoint.clone();
+    let acceptor = tokio::spawn(async move {
+        while let Some(incoming) = accept_endpoint.accept().await {
+            tokio::spawn(conn::handle_incoming(incoming, accept_shared.clone()));
+        }
+    });
+
+    let result = run_engine(&mut engine, &shared, &models_dir, &mut rx, &opts, shutdown).await;
+    engine.close_all();
+    endpoint.close(fedlink_transport::close::SHUTDOWN, b"coordinator shutting down");
+    acceptor.abort();
+    // Give quinn a moment to send the close frames.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result.map(|()| ServeOutcome {
+        outcome: engine.outcome().cloned(),
+    })
+}
+
+async fn run_engine(
+    engine: &mut Engine,
+    shared: &Arc<Shared>,
+    models_dir: &std::path::Path,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    opts: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let fatal = |e: engine::EngineError| ServeError::Fatal(e.to_string());
+    engine.start(Instant::now()).map_err(fatal)?;
+    tokio::pin!(shutdown);
+    let mut published = engine.global().hash();
+    loop {
+        if opts.exit_after_job && engine.outcome().is_some() {
+            return Ok(());
+        }
+        let timer = engine.poll_timeout();
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return Ok(()) };
+                match ev {
+                    Event::Keys(keys) => engine.set_keys(keys),
+                    ev => engine.handle_event(Instant::now(), ev).map_err(fatal)?,
+                }
+            }
+            () = sleep_until(timer) => engine.handle_timeout(Instant::now()).map_err(fatal)?,
+        }
+        let current = engine.global();
+        if current.hash() != published {
+            let w = tokio::task::block_in_place(|| wire::ensure(models_dir, &current))
+                .map_err(ServeError::Fatal)?;
+            shared.publish_wire(w);
+            published = current.hash();
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Which job to run: the config's job file (created in the store if new),
+/// else the most recent unfinished job in the store.
+fn select_job(store: &Store, job_file: Option<&std::path::Path>) -> Result<String, ServeError> {
+    if let Some(path) = job_file {
+        let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
+        if store.job(&job.id)?.is_none() {
+            let model = initial_model(&job).map_err(ServeError::Job)?;
+            let hash = store.put_model(&model)?;
+            store.create_job(&job, hash)?;
+            tracing::info!(job = %job.id, model = %hash, "job created");
+        }
+        return Ok(job.id);
+    }
+    let jobs = store.jobs()?;
+    jobs.iter()
+        .rev()
+        .find(|j| j.outcome.is_none())
+        .or_else(|| jobs.last())
+        .map(|j| j.id.clone())
+        .ok_or_else(|| ServeError::Job("no job: name one in the config (`job = ...`)".into()))
+}

@@ -1,0 +1,124 @@
+//! Payload spool files: an upload's chunk records written to disk as they
+//! arrive (the payload is never held in memory), read back record by record
+//! for the validation pass and the fold pass, then archived (accepted) or
+//! deleted (rejected).
+
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader, PayloadDecoder};
+use fedlink_protocol::{Encoding, ModelSpec};
+
+/// Why reading a spool failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SpoolError {
+    #[error("spool I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("payload: {0}")]
+    Payload(#[from] fedlink_protocol::payload::PayloadError),
+    #[error("spool {0} ends in the middle of a chunk record")]
+    Truncated(PathBuf),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A spool being written.
+#[derive(Debug)]
+pub(crate) struct SpoolWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl SpoolWriter {
+    /// Create a new spool file (never overwrites).
+    pub(crate) fn create(path: PathBuf) -> Result<Self, SpoolError> {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path,
+        })
+    }
+
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        self.out.write_all(bytes).map_err(io(&self.path))
+    }
+
+    /// Flush and fsync; returns the path.
+    pub(crate) fn finish(self) -> Result<PathBuf, SpoolError> {
+        let Self { path, out } = self;
+        let file = out
+            .into_inner()
+            .map_err(|e| SpoolError::Io {
+                path: path.clone(),
+                source: e.into_error(),
+            })?;
+        file.sync_all().map_err(io(&path))?;
+        Ok(path)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Decode a spooled payload chunk by chunk, calling `f(offset, values)` for
+/// each chunk in order. Every record header is checked by the decoder before
+/// its body is read into memory.
+pub(crate) fn for_each_chunk(
+    path: &Path,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    mut f: impl FnMut(u64, &[f32]) -> Result<(), String>,
+) -> Result<Result<(), String>, SpoolError> {
+    let file = File::open(path).map_err(io(path))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
+    let mut record = Vec::new();
+    loop {
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        match read_full(&mut r, &mut head).map_err(io(path))? {
+            0 => break,
+            n if n < CHUNK_HEADER_LEN => return Err(SpoolError::Truncated(path.to_owned())),
+            _ => {}
+        }
+        let h = ChunkHeader::parse(&head)?;
+        let body_len = dec.check_header(&h)?;
+        record.clear();
+        record.extend_from_slice(&head);
+        record.resize(CHUNK_HEADER_LEN + body_len, 0);
+        let body = record.get_mut(CHUNK_HEADER_LEN..).unwrap_or_default();
+        if read_full(&mut r, body).map_err(io(path))? != body_len {
+            return Err(SpoolError::Truncated(path.to_owned()));
+        }
+        let chunk = dec.decode_chunk(&record)?;
+        if let Err(e) = f(chunk.offset, &chunk.values) {
+            return Ok(Err(e));
+        }
+    }
+    dec.finish()?;
+    Ok(Ok(()))
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(buf.get_mut(n..).unwrap_or_default())? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

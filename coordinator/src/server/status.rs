@@ -1,0 +1,72 @@
+//! `status.json` in the data directory: a small, atomically replaced
+//! snapshot of where the job stands, for operators, scripts and the demo.
+//! It is informational; the store is the source of truth.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the status snapshot in the data directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// One round as shown in the status file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundStatus {
+    /// Round number.
+    pub round: u64,
+    /// Open, Completed or Discarded.
+    pub state: String,
+    /// New global model (hex), once completed.
+    pub model: Option<String>,
+    /// Accepted updates: (site, payload bytes, num_examples).
+    pub updates: Vec<(String, u64, u64)>,
+    /// Aggregation and federated-evaluation metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The status snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Job id.
+    pub job: String,
+    /// The round machine's phase (debug form).
+    pub phase: String,
+    /// Rounds completed.
+    pub completed_rounds: u64,
+    /// Rounds in the job.
+    pub total_rounds: u64,
+    /// Current global model (hex).
+    pub current_model: String,
+    /// Sites connected now.
+    pub connected_sites: Vec<String>,
+    /// How the job ended (debug form), if it has.
+    pub finished: Option<String>,
+    /// Whether it ended by completing every round.
+    pub completed: bool,
+    /// Every round so far.
+    pub rounds: Vec<RoundStatus>,
+    /// When this snapshot was written (Unix ms).
+    pub updated_unix_ms: u64,
+}
+
+/// Writes [`Status`] atomically (temp file + rename).
+#[derive(Debug)]
+pub(crate) struct StatusWriter {
+    path: PathBuf,
+}
+
+impl StatusWriter {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub(crate) fn write(&self, status: &Status) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
