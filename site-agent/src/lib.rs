@@ -4,8 +4,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod config;
+pub mod sitecore;
 pub mod data;
 pub mod device;
 pub mod metrics;
+pub mod policy;
+pub mod sitelog;
 pub mod train;
 pub mod weights;

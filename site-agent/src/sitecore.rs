@@ -1,0 +1,568 @@
+//! The agent's sans-IO core: what to do with each control message.
+//!
+//! [`SiteCore`] decides, without sockets or clocks, how to answer offers and
+//! cancels, which round is being worked on, and when heartbeats are due.
+//! [`Backoff`] computes reconnection delays from a caller-supplied jitter
+//! sample. The tokio/quinn driver ([`crate::agent`]) moves the bytes, runs
+//! the work and feeds the results back.
+//!
+//! # How to drive it
+//!
+//! 1. After `Welcome`, call [`SiteCore::on_welcome`] with the current
+//!    `Instant`.
+//! 2. For each `TaskOffer` call [`SiteCore::on_offer`]; send the returned
+//!    response at once; abort the round named in `abort` (if any); start the
+//!    work in `start` (if any).
+//! 3. For each `Cancel` call [`SiteCore::on_cancel`]; drop the work if it
+//!    returns `true`.
+//! 4. When the work for a round ends (uploaded, rejected or failed), call
+//!    [`SiteCore::on_task_finished`].
+//! 5. Sleep until [`SiteCore::next_heartbeat`], then send what
+//!    [`SiteCore::poll_heartbeat`] returns.
+//! 6. When the connection ends, call [`SiteCore::on_disconnect`] (and drop
+//!    the work in progress).
+//!
+//! Time passed in must never go backwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedlink_protocol::{
+    FederationId, Heartbeat, JobId, ModelHash, OfferDecision, OfferResponse, Optimizer, RoundId,
+    SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
+};
+
+use crate::data::LocalData;
+use crate::policy::{self, OfferContext, Policy, Refusal};
+use crate::train::{self, OptimizerKind, TrainConfig};
+
+/// Shortest heartbeat interval honoured (a coordinator asking for less gets
+/// this).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Longest heartbeat interval honoured.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// A round of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TaskKey {
+    /// Job.
+    pub job_id: JobId,
+    /// Round.
+    pub round: RoundId,
+}
+
+impl std::fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {} round {}", self.job_id, self.round)
+    }
+}
+
+/// What the coordinator told us in `Welcome`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// Our site id, as the coordinator knows it (goes into signed headers).
+    pub site_id: SiteId,
+    /// The coordinator's federation.
+    pub federation_id: FederationId,
+    /// Negotiated protocol version.
+    pub protocol_version: u16,
+    /// Heartbeat interval (clamped to [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]).
+    pub heartbeat_interval: Duration,
+}
+
+/// An accepted round to work on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    /// The offer.
+    pub offer: TaskOffer,
+    /// Local training hyperparameters derived from it.
+    pub train: TrainConfig,
+}
+
+impl Assignment {
+    /// The round.
+    pub fn key(&self) -> TaskKey {
+        TaskKey {
+            job_id: self.offer.job_id.clone(),
+            round: self.offer.round,
+        }
+    }
+}
+
+/// What to do about an offer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OfferOutcome {
+    /// Send this now (before any work).
+    pub response: OfferResponse,
+    /// The refusal behind a decline, for the site log.
+    pub refusal: Option<Refusal>,
+    /// Drop the work on this (older) round first.
+    pub abort: Option<TaskKey>,
+    /// Start this work (`None` on decline, or when the offer repeats the
+    /// round already in progress).
+    pub start: Option<Assignment>,
+}
+
+/// A protocol violation by the coordinator.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// `Welcome` names a version we do not speak.
+    #[error("coordinator chose protocol version {0}, this agent speaks {min}..={max}", min = VersionRange::SUPPORTED.min, max = VersionRange::SUPPORTED.max)]
+    UnsupportedVersion(u16),
+}
+
+#[derive(Clone, Debug)]
+struct Active {
+    key: TaskKey,
+    base_model: ModelHash,
+}
+
+/// The sans-IO decision core of one agent (see the module docs).
+#[derive(Debug)]
+pub struct SiteCore {
+    policy: Policy,
+    data: Arc<LocalData>,
+    session: Option<Session>,
+    active: Option<Active>,
+    heartbeat_seq: u64,
+    next_heartbeat: Option<Instant>,
+}
+
+impl SiteCore {
+    /// A core enforcing `policy` for a site holding `data`.
+    pub fn new(policy: Policy, data: Arc<LocalData>) -> Self {
+        Self {
+            policy,
+            data,
+            session: None,
+            active: None,
+            heartbeat_seq: 0,
+            next_heartbeat: None,
+        }
+    }
+
+    /// The current session, if welcomed.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// The round being worked on.
+    pub fn active(&self) -> Option<&TaskKey> {
+        self.active.as_ref().map(|a| &a.key)
+    }
+
+    /// The coordinator welcomed us.
+    pub fn on_welcome(&mut self, now: Instant, welcome: &Welcome) -> Result<&Session, CoreError> {
+        if !VersionRange::SUPPORTED.contains(welcome.protocol_version) {
+            return Err(CoreError::UnsupportedVersion(welcome.protocol_version));
+        }
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms)
+            .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
+        self.next_heartbeat = Some(now + interval);
+        Ok(self.session.insert(Session {
+            site_id: welcome.site_id.clone(),
+            federation_id: welcome.federation_id.clone(),
+            protocol_version: welcome.protocol_version,
+            heartbeat_interval: interval,
+        }))
+    }
+
+    /// Decide about an offer (`now_unix_ms`: wall clock, for the deadline).
+    pub fn on_offer(&mut self, now_unix_ms: u64, offer: &TaskOffer) -> OfferOutcome {
+        let key = TaskKey {
+            job_id: offer.job_id.clone(),
+            round: offer.round,
+        };
+        let respond = |decision| OfferResponse {
+            job_id: offer.job_id.clone(),
+            round: offer.round,
+            decision,
+        };
+        let decline = |refusal: Refusal| OfferOutcome {
+            response: respond(OfferDecision::Decline {
+                reason: refusal.to_string(),
+            }),
+            refusal: Some(refusal),
+            abort: None,
+            start: None,
+        };
+        let mut abort = None;
+        if let Some(active) = &self.active {
+            if active.key == key && active.base_model == offer.base_model {
+                // A repeated offer (e.g. after the coordinator restarted its
+                // connection handling): keep working.
+                return OfferOutcome {
+                    response: respond(OfferDecision::Accept),
+                    refusal: None,
+                    abort: None,
+                    start: None,
+                };
+            }
+            if active.key.job_id == key.job_id && active.key.round < key.round {
+                // The job moved on: the older round is over.
+                abort = Some(active.key.clone());
+            } else {
+                return decline(Refusal::Unsupported(format!(
+                    "busy with {} of this site",
+                    active.key
+                )));
+            }
+        }
+        let ctx = OfferContext {
+            now_unix_ms,
+            welcomed_federation: self.session.as_ref().map(|s| &s.federation_id),
+            train_samples: self.data.train.len(),
+        };
+        let checked = policy::evaluate(&self.policy, offer, &ctx)
+            .and_then(|()| train_config(&offer.training))
+            .and_then(|train| {
+                train::check_data(&offer.arch, &self.data.train)
+                    .map_err(|e| Refusal::Unsupported(format!("local data: {e}")))?;
+                Ok(train)
+            });
+        match checked {
+            Err(refusal) => decline(refusal),
+            Ok(train) => {
+                if abort.is_some() {
+                    self.active = None;
+                }
+                self.active = Some(Active {
+                    key,
+                    base_model: offer.base_model,
+                });
+                OfferOutcome {
+                    response: respond(OfferDecision::Accept),
+                    refusal: None,
+                    abort,
+                    start: Some(Assignment {
+                        offer: offer.clone(),
+                        train,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The coordinator cancelled a round: `true` if it is the one in
+    /// progress (drop the work).
+    pub fn on_cancel(&mut self, job_id: &JobId, round: RoundId) -> bool {
+        let hit = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.key.job_id == *job_id && a.key.round == round);
+        if hit {
+            self.active = None;
+        }
+        hit
+    }
+
+    /// The work for `key` ended.
+    pub fn on_task_finished(&mut self, key: &TaskKey) {
+        if self.active.as_ref().is_some_and(|a| a.key == *key) {
+            self.active = None;
+        }
+    }
+
+    /// The connection ended: no session, no work in progress.
+    pub fn on_disconnect(&mut self) {
+        self.session = None;
+        self.active = None;
+        self.next_heartbeat = None;
+    }
+
+    /// When the next heartbeat is due (`None` when not connected).
+    pub fn next_heartbeat(&self) -> Option<Instant> {
+        self.next_heartbeat
+    }
+
+    /// The heartbeat to send now, if one is due.
+    pub fn poll_heartbeat(&mut self, now: Instant, now_unix_ms: u64) -> Option<Heartbeat> {
+        let due = self.next_heartbeat?;
+        let interval = self.session.as_ref()?.heartbeat_interval;
+        if now < due {
+            return None;
+        }
+        // Skip missed beats instead of bursting them.
+        let mut next = due + interval;
+        if next <= now {
+            next = now + interval;
+        }
+        self.next_heartbeat = Some(next);
+        self.heartbeat_seq += 1;
+        Some(Heartbeat {
+            seq: self.heartbeat_seq,
+            now_unix_ms,
+        })
+    }
+}
+
+/// Map an offer's training configuration to this agent's trainer, or say
+/// why it cannot be honoured.
+///
+/// This agent trains with plain SGD (no momentum) or Adam with β = (0.9,
+/// 0.999) and burn's ε = 1e-5 (a numerical stabiliser; the offered ε is not
+/// used). Other optimizers are declined rather than silently replaced.
+pub fn train_config(t: &TrainingConfig) -> Result<TrainConfig, Refusal> {
+    let optimizer = match t.optimizer {
+        Optimizer::Sgd { momentum } if momentum == 0.0 => OptimizerKind::Sgd,
+        Optimizer::Sgd { momentum } => {
+            return Err(Refusal::Unsupported(format!(
+                "SGD with momentum {momentum}: this agent trains with plain SGD only"
+            )));
+        }
+        Optimizer::Adam { beta1, beta2, .. } if beta1 == 0.9 && beta2 == 0.999 => {
+            OptimizerKind::Adam
+        }
+        Optimizer::Adam { beta1, beta2, .. } => {
+            return Err(Refusal::Unsupported(format!(
+                "Adam with betas ({beta1}, {beta2}): this agent supports (0.9, 0.999) only"
+            )));
+        }
+        other => {
+            return Err(Refusal::Unsupported(format!(
+                "optimizer {other:?} is not supported by this agent"
+            )));
+        }
+    };
+    let cfg = TrainConfig {
+        epochs: t.epochs as usize,
+        batch_size: t.batch_size as usize,
+        optimizer,
+        learning_rate: t.learning_rate,
+        fedprox_mu: t.fedprox_mu,
+        seed: t.seed,
+    };
+    cfg.validate()
+        .map_err(|e| Refusal::Unsupported(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Exponential reconnection backoff with jitter.
+///
+/// The `n`-th delay (from 0) is drawn uniformly from `[b/2, b]` with
+/// `b = min(max, initial · 2ⁿ)` ("equal jitter"): sites that lost the
+/// coordinator together do not come back in lockstep, and no delay is
+/// shorter than half the nominal one.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// From `initial` up to `max` (`max` is raised to `initial` if smaller).
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; `jitter` is a uniform sample in `[0, 1)` (clamped).
+    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+        let factor = 2u32.saturating_pow(self.attempt.min(31));
+        let nominal = self.initial.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let j = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        nominal / 2 + nominal.mul_f64(0.5 * j)
+    }
+
+    /// Back to the first delay (after a successful connection).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Fingerprint, SampleShape, Samples, Targets};
+    use crate::policy::tests::offer;
+    use fedlink_protocol::Cancel;
+
+    fn data(n: usize) -> Arc<LocalData> {
+        let x: Vec<f32> = (0..n * 4).map(|i| (i % 7) as f32).collect();
+        let y: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
+        let s = Samples::new(SampleShape::Features(4), x, Targets::Classes(y)).unwrap();
+        Arc::new(LocalData {
+            train: s.clone(),
+            validation: s.subset(&[0, 1]),
+            fingerprint: Fingerprint("fp".into()),
+        })
+    }
+
+    fn core() -> SiteCore {
+        SiteCore::new(
+            Policy::new(
+                vec![FederationId::new("fed").unwrap()],
+                vec!["logreg".into()],
+            ),
+            data(10),
+        )
+    }
+
+    fn welcome(ms: u64) -> Welcome {
+        Welcome {
+            protocol_version: 1,
+            site_id: SiteId::new("site-0").unwrap(),
+            federation_id: FederationId::new("fed").unwrap(),
+            heartbeat_interval_ms: ms,
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_offer_and_starts_work() {
+        let mut c = core();
+        c.on_welcome(Instant::now(), &welcome(1000)).unwrap();
+        let out = c.on_offer(1_000, &offer());
+        assert_eq!(out.response.decision, OfferDecision::Accept);
+        let a = out.start.unwrap();
+        assert_eq!(a.train.epochs, 2);
+        assert_eq!(a.train.batch_size, 8);
+        assert_eq!(a.train.optimizer, OptimizerKind::Sgd);
+        assert_eq!(c.active(), Some(&a.key()));
+    }
+
+    #[test]
+    fn declines_with_the_policy_reason() {
+        let mut c = core();
+        let mut o = offer();
+        o.training.epochs = 1000;
+        let out = c.on_offer(1_000, &o);
+        let OfferDecision::Decline { reason } = &out.response.decision else {
+            panic!("declined expected")
+        };
+        assert!(reason.contains("1000 epochs"), "{reason}");
+        assert!(matches!(out.refusal, Some(Refusal::TooManyEpochs { .. })));
+        assert!(out.start.is_none());
+        assert!(c.active().is_none());
+    }
+
+    #[test]
+    fn declines_data_that_does_not_fit_the_model() {
+        let mut c = core();
+        let mut o = offer();
+        o.arch = fedlink_protocol::arch::ArchSpec::LogReg {
+            inputs: 5,
+            classes: 2,
+        };
+        let out = c.on_offer(1_000, &o);
+        let OfferDecision::Decline { reason } = &out.response.decision else {
+            panic!("declined expected")
+        };
+        assert!(reason.contains("4 features"), "{reason}");
+    }
+
+    #[test]
+    fn declines_unsupported_optimizers() {
+        let mut c = core();
+        let mut o = offer();
+        o.training.optimizer = Optimizer::Sgd { momentum: 0.9 };
+        assert!(matches!(
+            c.on_offer(1_000, &o).refusal,
+            Some(Refusal::Unsupported(_))
+        ));
+        o.training.optimizer = Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+        };
+        let out = c.on_offer(1_000, &o);
+        assert_eq!(out.start.unwrap().train.optimizer, OptimizerKind::Adam);
+    }
+
+    #[test]
+    fn repeated_offer_keeps_working_and_other_jobs_wait() {
+        let mut c = core();
+        assert!(c.on_offer(1_000, &offer()).start.is_some());
+        let again = c.on_offer(1_000, &offer());
+        assert_eq!(again.response.decision, OfferDecision::Accept);
+        assert!(again.start.is_none(), "no second start for the same round");
+        let mut other = offer();
+        other.job_id = JobId::new("other").unwrap();
+        let busy = c.on_offer(1_000, &other);
+        assert!(matches!(busy.refusal, Some(Refusal::Unsupported(ref m)) if m.contains("busy")));
+        let mut next = offer();
+        next.round = RoundId(2);
+        let moved = c.on_offer(1_000, &next);
+        assert_eq!(moved.abort.unwrap().round, RoundId(1));
+        assert_eq!(moved.start.unwrap().offer.round, RoundId(2));
+    }
+
+    #[test]
+    fn cancel_and_finish_free_the_site() {
+        let mut c = core();
+        let o = offer();
+        c.on_offer(1_000, &o);
+        let cancel = Cancel {
+            job_id: o.job_id.clone(),
+            round: RoundId(9),
+            reason: "x".into(),
+        };
+        assert!(!c.on_cancel(&cancel.job_id, cancel.round));
+        assert!(c.on_cancel(&o.job_id, o.round));
+        assert!(c.active().is_none());
+        c.on_offer(1_000, &o);
+        c.on_task_finished(&TaskKey {
+            job_id: o.job_id.clone(),
+            round: o.round,
+        });
+        assert!(c.active().is_none());
+        c.on_offer(1_000, &o);
+        c.on_disconnect();
+        assert!(c.active().is_none());
+        assert!(c.session().is_none());
+    }
+
+    #[test]
+    fn heartbeats_follow_the_interval() {
+        let mut c = core();
+        let t0 = Instant::now();
+        assert!(c.poll_heartbeat(t0, 0).is_none(), "not connected");
+        c.on_welcome(t0, &welcome(1000)).unwrap();
+        assert_eq!(c.next_heartbeat(), Some(t0 + Duration::from_secs(1)));
+        assert!(
+            c.poll_heartbeat(t0 + Duration::from_millis(999), 0)
+                .is_none()
+        );
+        let hb = c.poll_heartbeat(t0 + Duration::from_secs(1), 42).unwrap();
+        assert_eq!((hb.seq, hb.now_unix_ms), (1, 42));
+        // Missed beats are skipped, not burst.
+        let hb = c.poll_heartbeat(t0 + Duration::from_secs(10), 0).unwrap();
+        assert_eq!(hb.seq, 2);
+        assert_eq!(c.next_heartbeat(), Some(t0 + Duration::from_secs(11)));
+        assert!(c.poll_heartbeat(t0 + Duration::from_secs(10), 0).is_none());
+        // Absurd intervals are clamped.
+        c.on_welcome(t0, &welcome(0)).unwrap();
+        assert_eq!(c.session().unwrap().heartbeat_interval, MIN_HEARTBEAT);
+        let mut w = welcome(1000);
+        w.protocol_version = 99;
+        assert_eq!(
+            c.on_welcome(t0, &w).unwrap_err(),
+            CoreError::UnsupportedVersion(99)
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(250));
+        assert_eq!(b.next_delay(1.0), Duration::from_millis(1000));
+        assert_eq!(b.next_delay(0.5), Duration::from_millis(1500));
+        for _ in 0..40 {
+            let d = b.next_delay(0.99);
+            assert!(d <= Duration::from_secs(30));
+        }
+        assert_eq!(b.next_delay(1.0), Duration::from_secs(30));
+        assert_eq!(b.next_delay(0.0), Duration::from_secs(15));
+        b.reset();
+        assert_eq!(b.next_delay(f64::NAN), Duration::from_millis(250));
+    }
+}
