@@ -196,8 +196,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("idle_timeout_secs"), "{err}");
-        let err = CoordinatorConfig::from_toml("listen = \"nope\"", Path::new("c.toml"), Path::new("."))
-            .unwrap_err();
+        let err =
+            CoordinatorConfig::from_toml("listen = \"nope\"", Path::new("c.toml"), Path::new("."))
+                .unwrap_err();
         assert!(err.to_string().contains("c.toml"), "{err}");
     }
 }

@@ -427,70 +427,7 @@ impl Store {
 
     /// Read model `hash` back and verify its content hash.
     pub fn load_model(&self, hash: &ModelHash) -> Result<FlatModel, StoreError> {
-        let path = self.model_path(hash);
-        let corrupt = |reason: String| StoreError::ModelCorrupt {
-            path: path.clone(),
-            reason,
-        };
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::ModelMissing(*hash));
-            }
-            Err(e) => return Err(io("open", &path)(e)),
-        };
-        let len = file.metadata().map_err(io("stat", &path))?.len();
-        let mut r = BufReader::with_capacity(1 << 20, file);
-        let mut head = [0u8; 12];
-        r.read_exact(&mut head)
-            .map_err(|e| corrupt(format!("short header: {e}")))?;
-        if &head[..8] != MODEL_MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
-            return Err(corrupt(format!("spec length {spec_len} out of range")));
-        }
-        let mut spec = vec![0u8; spec_len as usize];
-        r.read_exact(&mut spec)
-            .map_err(|e| corrupt(format!("short spec: {e}")))?;
-        let spec: ModelSpec =
-            serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
-        let n = spec.num_params();
-        let expected_len = n
-            .checked_mul(4)
-            .and_then(|b| b.checked_add(12 + u64::from(spec_len)));
-        if expected_len != Some(len) {
-            return Err(corrupt(format!(
-                "file is {len} bytes, spec declares {n} values"
-            )));
-        }
-        let n = usize::try_from(n).map_err(|_| corrupt("model too large".into()))?;
-        let mut hasher = ModelHasher::new(&spec);
-        let mut values = Vec::with_capacity(n);
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut left = n * 4;
-        while left > 0 {
-            let take = left.min(buf.len());
-            let chunk = &mut buf[..take];
-            r.read_exact(chunk)
-                .map_err(|e| corrupt(format!("short values: {e}")))?;
-            let start = values.len();
-            values.extend(
-                chunk
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            hasher.update(&values[start..]);
-            left -= take;
-        }
-        let actual = hasher.finalize();
-        if actual != *hash {
-            return Err(corrupt(format!(
-                "content hash is {actual}, expected {hash}"
-            )));
-        }
-        FlatModel::new(spec, values).map_err(|e| corrupt(e.to_string()))
+        read_model_file(&self.model_path(hash), hash)
     }
 
     /// Register a new job, starting from `initial_model` (which must already
@@ -937,6 +874,76 @@ impl Store {
             discarded_updates,
         })
     }
+}
+
+/// Read a model file written by [`Store::put_model`] (without opening the
+/// database, e.g. while a coordinator holds it) and verify that its content
+/// hash is `hash`.
+pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, StoreError> {
+    let path = path.to_owned();
+    let corrupt = |reason: String| StoreError::ModelCorrupt {
+        path: path.clone(),
+        reason,
+    };
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::ModelMissing(*hash));
+        }
+        Err(e) => return Err(io("open", &path)(e)),
+    };
+    let len = file.metadata().map_err(io("stat", &path))?.len();
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head)
+        .map_err(|e| corrupt(format!("short header: {e}")))?;
+    if &head[..8] != MODEL_MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
+        return Err(corrupt(format!("spec length {spec_len} out of range")));
+    }
+    let mut spec = vec![0u8; spec_len as usize];
+    r.read_exact(&mut spec)
+        .map_err(|e| corrupt(format!("short spec: {e}")))?;
+    let spec: ModelSpec =
+        serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
+    let n = spec.num_params();
+    let expected_len = n
+        .checked_mul(4)
+        .and_then(|b| b.checked_add(12 + u64::from(spec_len)));
+    if expected_len != Some(len) {
+        return Err(corrupt(format!(
+            "file is {len} bytes, spec declares {n} values"
+        )));
+    }
+    let n = usize::try_from(n).map_err(|_| corrupt("model too large".into()))?;
+    let mut hasher = ModelHasher::new(&spec);
+    let mut values = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = n * 4;
+    while left > 0 {
+        let take = left.min(buf.len());
+        let chunk = &mut buf[..take];
+        r.read_exact(chunk)
+            .map_err(|e| corrupt(format!("short values: {e}")))?;
+        let start = values.len();
+        values.extend(
+            chunk
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        hasher.update(&values[start..]);
+        left -= take;
+    }
+    let actual = hasher.finalize();
+    if actual != *hash {
+        return Err(corrupt(format!(
+            "content hash is {actual}, expected {hash}"
+        )));
+    }
+    FlatModel::new(spec, values).map_err(|e| corrupt(e.to_string()))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
-use super::engine::{Event, UploadTicket, UpdateReady, payload_verify_code, unix_ms};
+use super::engine::{Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms};
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
@@ -57,14 +57,25 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     }
     if identity.role() != Role::Site {
         tracing::warn!(%remote, %identity, "admin connections are not served on this endpoint yet");
-        conn.close(close::FORBIDDEN, b"the admin API is not available on this coordinator yet");
+        conn.close(
+            close::FORBIDDEN,
+            b"the admin API is not available on this coordinator yet",
+        );
         return;
     }
     shared.reload_if_changed();
-    let checked = peer_end_entity(&conn).ok_or_else(|| "no peer certificate".to_owned()).and_then(|ee| {
-        let manifest = shared.manifest.read().map_err(|_| "manifest lock poisoned".to_owned())?;
-        manifest.check_peer(&ee).map(|_| ()).map_err(|e| e.to_string())
-    });
+    let checked = peer_end_entity(&conn)
+        .ok_or_else(|| "no peer certificate".to_owned())
+        .and_then(|ee| {
+            let manifest = shared
+                .manifest
+                .read()
+                .map_err(|_| "manifest lock poisoned".to_owned())?;
+            manifest
+                .check_peer(&ee)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
     if let Err(e) = checked {
         tracing::warn!(%remote, %identity, error = %e, "site refused");
         conn.close(close::FORBIDDEN, e.as_bytes());
@@ -76,7 +87,11 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     }
 }
 
-async fn serve_site(conn: &Connection, site: &str, shared: &Arc<Shared>) -> Result<(), TransportError> {
+async fn serve_site(
+    conn: &Connection,
+    site: &str,
+    shared: &Arc<Shared>,
+) -> Result<(), TransportError> {
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, accept_bi(conn))
         .await
         .map_err(|_| TransportError::UnexpectedEnd("control stream within 10 s"))??;
@@ -120,9 +135,13 @@ async fn serve_site(conn: &Connection, site: &str, shared: &Arc<Shared>) -> Resu
         heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
     }))
     .await?;
-    let compatible = shared
-        .job_encoding
-        .is_none_or(|enc| hello.capabilities.codecs.iter().any(|c| same_family(*c, enc.values())));
+    let compatible = shared.job_encoding.is_none_or(|enc| {
+        hello
+            .capabilities
+            .codecs
+            .iter()
+            .any(|c| same_family(*c, enc.values()))
+    });
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let _ = shared.engine.send(Event::Connected {
@@ -218,7 +237,10 @@ async fn handle_stream(
         other => {
             send.message(&Message::Reject(Reject {
                 code: RejectCode::UnexpectedMessage,
-                message: format!("a new stream must start with ModelFetch or DeltaUpload, not {}", other.name()),
+                message: format!(
+                    "a new stream must start with ModelFetch or DeltaUpload, not {}",
+                    other.name()
+                ),
             }))
             .await?;
             send.finish()
@@ -250,7 +272,8 @@ async fn serve_model(
     .await?;
     let mut reader = RecordReader::open(&wire.path).map_err(TransportError::Stream)?;
     loop {
-        let rec = tokio::task::block_in_place(|| reader.next_record()).map_err(TransportError::Stream)?;
+        let rec =
+            tokio::task::block_in_place(|| reader.next_record()).map_err(TransportError::Stream)?;
         let Some(rec) = rec else { break };
         send.chunk(rec).await?;
     }
@@ -264,8 +287,11 @@ async fn reject_upload(
     message: String,
 ) -> Result<(), TransportError> {
     let _ = recv.into_inner().stop(close::PROTOCOL);
-    send.message(&Message::UploadResult(UploadResult::Reject { code, message }))
-        .await?;
+    send.message(&Message::UploadResult(UploadResult::Reject {
+        code,
+        message,
+    }))
+    .await?;
     send.finish()
 }
 
@@ -277,7 +303,13 @@ async fn receive_upload(
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
     let Ok(_permit) = shared.uploads.acquire().await else {
-        return reject_upload(&mut send, recv, RejectCode::ShuttingDown, "shutting down".into()).await;
+        return reject_upload(
+            &mut send,
+            recv,
+            RejectCode::ShuttingDown,
+            "shutting down".into(),
+        )
+        .await;
     };
     let (reply, answer) = oneshot::channel();
     let _ = shared.engine.send(Event::PrepareUpload {
@@ -289,8 +321,13 @@ async fn receive_upload(
         Ok(Ok(t)) => t,
         Ok(Err((code, message))) => return reject_upload(&mut send, recv, code, message).await,
         Err(_) => {
-            return reject_upload(&mut send, recv, RejectCode::ShuttingDown, "shutting down".into())
-                .await;
+            return reject_upload(
+                &mut send,
+                recv,
+                RejectCode::ShuttingDown,
+                "shutting down".into(),
+            )
+            .await;
         }
     };
     let UploadTicket {
@@ -303,8 +340,13 @@ async fn receive_upload(
         Ok(s) => s,
         Err(e) => {
             tracing::error!(site, error = %e, "cannot create a spool file");
-            return reject_upload(&mut send, recv, RejectCode::Internal, "spool unavailable".into())
-                .await;
+            return reject_upload(
+                &mut send,
+                recv,
+                RejectCode::Internal,
+                "spool unavailable".into(),
+            )
+            .await;
         }
     };
     // Receive: hash and spool every chunk record; never more than declared.

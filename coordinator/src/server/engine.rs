@@ -33,8 +33,8 @@ use super::spool;
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
-    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason,
-    SiteCapabilities, UpdateReceived, Verdict,
+    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason, SiteCapabilities,
+    UpdateReceived, Verdict,
 };
 use crate::store::{Extras, Store};
 
@@ -309,7 +309,8 @@ impl Engine {
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        let authenticated = SiteId::new(site).map_err(|e| (RejectCode::UnknownSite, e.to_string()))?;
+        let authenticated =
+            SiteId::new(site).map_err(|e| (RejectCode::UnknownSite, e.to_string()))?;
         let expected = ExpectedUpdate {
             federation_id: self.federation.clone(),
             job_id: self.job_id.clone(),
@@ -443,7 +444,11 @@ impl Engine {
                 self.write_status();
             }
             Action::SendOffer { site, offer } => {
-                let msg = Message::TaskOffer(Box::new(self.task_offer(offer.round, offer.model, offer.deadline)?));
+                let msg = Message::TaskOffer(Box::new(self.task_offer(
+                    offer.round,
+                    offer.model,
+                    offer.deadline,
+                )?));
                 self.send(&site, msg);
             }
             Action::SendModel { site, round, model } => {
@@ -554,7 +559,8 @@ impl Engine {
         .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
         self.aggregator = Some((round, agg));
         self.round_metrics.remove(&round);
-        self.replay.prune_before(&self.federation, &self.job_id, RoundId(round));
+        self.replay
+            .prune_before(&self.federation, &self.job_id, RoundId(round));
         Ok(())
     }
 
@@ -653,7 +659,10 @@ impl Engine {
         // local validation splits, weighted by their sizes.
         if let Some(ms) = self.round_metrics.remove(&round) {
             for (name, pick) in [
-                ("site_eval_loss", (|m: &EvalMetrics| m.loss) as fn(&EvalMetrics) -> Option<f64>),
+                (
+                    "site_eval_loss",
+                    (|m: &EvalMetrics| m.loss) as fn(&EvalMetrics) -> Option<f64>,
+                ),
                 ("site_eval_accuracy", |m: &EvalMetrics| m.accuracy),
                 ("site_eval_auc", |m: &EvalMetrics| m.auc),
                 ("site_eval_dice", |m: &EvalMetrics| m.dice),
@@ -769,15 +778,21 @@ impl Engine {
     /// Drop every connection (shutdown).
     pub(crate) fn close_all(&mut self) {
         for s in self.sites.values() {
-            s.conn
-                .close(fedlink_transport::close::SHUTDOWN, b"coordinator shutting down");
+            s.conn.close(
+                fedlink_transport::close::SHUTDOWN,
+                b"coordinator shutting down",
+            );
         }
         self.sites.clear();
     }
 }
 
 /// Check that a strategy fits the job before starting.
-pub(crate) fn check_fits(strategy: &StrategyConfig, job: &Job, spec: &fedlink_protocol::ModelSpec) -> Result<(), String> {
+pub(crate) fn check_fits(
+    strategy: &StrategyConfig,
+    job: &Job,
+    spec: &fedlink_protocol::ModelSpec,
+) -> Result<(), String> {
     would_fit(strategy, job.max_sites() as usize, spec).map_err(|e| e.to_string())
 }
 

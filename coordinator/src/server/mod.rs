@@ -32,9 +32,7 @@ use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::round::ServerState;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{
-    Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId,
-};
+use fedlink_protocol::{Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::CoordinatorConfig;
@@ -120,7 +118,9 @@ impl Shared {
                     }
                     tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one")
+                }
             }
             *last = m;
         }
@@ -131,7 +131,9 @@ impl Shared {
             {
                 match self.revocations.reload() {
                     Ok(n) => tracing::info!(revoked = n, "revocation list reloaded"),
-                    Err(e) => tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one")
+                    }
                 }
                 *last = r;
             }
@@ -161,7 +163,10 @@ pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
         params.push(("clip_norm".into(), c.to_string()));
     }
     if job.privacy.noise_multiplier > 0.0 && !has("noise_multiplier", &params) {
-        params.push(("noise_multiplier".into(), job.privacy.noise_multiplier.to_string()));
+        params.push((
+            "noise_multiplier".into(),
+            job.privacy.noise_multiplier.to_string(),
+        ));
         if !has("num_sampled_sites", &params) {
             params.push(("num_sampled_sites".into(), job.min_sites().to_string()));
         }
@@ -212,7 +217,8 @@ pub async fn serve(
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let revocations =
         RevocationList::load(cfg.revoked_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let manifest = SiteManifest::load(&cfg.manifest_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let manifest =
+        SiteManifest::load(&cfg.manifest_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
     if manifest.federation != kit.identity().federation() {
         return Err(ServeError::Tls(format!(
             "the site manifest is for federation {}, the kit for {}",
@@ -312,7 +318,10 @@ pub async fn serve(
 
     let result = run_engine(&mut engine, &shared, &models_dir, &mut rx, &opts, shutdown).await;
     engine.close_all();
-    endpoint.close(fedlink_transport::close::SHUTDOWN, b"coordinator shutting down");
+    endpoint.close(
+        fedlink_transport::close::SHUTDOWN,
+        b"coordinator shutting down",
+    );
     acceptor.abort();
     // Give quinn a moment to send the close frames.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

@@ -59,12 +59,10 @@ impl SpoolWriter {
     /// Flush and fsync; returns the path.
     pub(crate) fn finish(self) -> Result<PathBuf, SpoolError> {
         let Self { path, out } = self;
-        let file = out
-            .into_inner()
-            .map_err(|e| SpoolError::Io {
-                path: path.clone(),
-                source: e.into_error(),
-            })?;
+        let file = out.into_inner().map_err(|e| SpoolError::Io {
+            path: path.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io(&path))?;
         Ok(path)
     }

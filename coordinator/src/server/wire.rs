@@ -45,7 +45,8 @@ pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, 
     let tmp = models_dir.join(format!(".tmp-wire-{}", hash.to_hex()));
     let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut enc = PayloadEncoder::new(model.spec().clone(), encoding, 0).map_err(|e| e.to_string())?;
+    let mut enc =
+        PayloadEncoder::new(model.spec().clone(), encoding, 0).map_err(|e| e.to_string())?;
     let mut payload_len = 0u64;
     let mut num_chunks = 0u64;
     while let Some(r) = enc.next_chunk() {
