@@ -143,6 +143,11 @@ fn main() {
         Message::Bye(Bye {
             reason: "shutdown".into(),
         }),
+        Message::Cancel(Cancel {
+            job_id: id("job-1"),
+            round: RoundId(2),
+            reason: "round closed".into(),
+        }),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {
