@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod demo;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
