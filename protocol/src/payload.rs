@@ -52,8 +52,8 @@
 
 use std::ops::Range;
 
+use half::f16;
 use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -446,6 +446,16 @@ fn push_f32s(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
+fn push_u16s(out: &mut Vec<u8>, values: &[u16]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 fn read_f32s(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
     raw.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -477,22 +487,25 @@ fn encode_body(
                     codec: "f16",
                 });
             }
-            for v in &h {
-                out.extend_from_slice(&v.to_bits().to_le_bytes());
-            }
+            push_u16s(out, h.reinterpret_cast());
         }
         ValueCodec::Bf16 => {
-            let mut h = vec![bf16::ZERO; values.len()];
-            h.convert_from_f32_slice(values);
-            if let Some(i) = h.iter().position(|v| v.is_infinite()) {
+            // Round to nearest even on the bit pattern (inputs are finite, so
+            // no NaN case); what `half::bf16::from_f32` does, but vectorisable.
+            let bits: Vec<u16> = values
+                .iter()
+                .map(|v| {
+                    let b = v.to_bits();
+                    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+                })
+                .collect();
+            if let Some(i) = bits.iter().position(|b| b & 0x7FFF == 0x7F80) {
                 return Err(EncodeError::OutOfRange {
                     index: offset + i as u64,
                     codec: "bf16",
                 });
             }
-            for v in &h {
-                out.extend_from_slice(&v.to_bits().to_le_bytes());
-            }
+            push_u16s(out, &bits);
         }
         ValueCodec::Int8 { stochastic } => {
             let mut scales = Vec::with_capacity(segs.len());
@@ -573,12 +586,9 @@ fn decode_body(
             h.convert_to_f32_slice(&mut out);
             out
         }
-        ValueCodec::Bf16 => {
-            let h: Vec<bf16> = read_u16s(body).map(bf16::from_bits).collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
-        }
+        ValueCodec::Bf16 => read_u16s(body)
+            .map(|b| f32::from_bits(u32::from(b) << 16))
+            .collect(),
         ValueCodec::Int8 { .. } => {
             let (sb, qb) = body.split_at(4 * segs.len());
             let mut out = Vec::with_capacity(n);
@@ -1283,6 +1293,43 @@ mod tests {
         let mut d = PayloadDecoder::new(spec, e).unwrap();
         // either refused by the compressed bound or by decompression
         assert!(d.decode_chunk(&rec).is_err());
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![4096])]).unwrap();
+        let e = Encoding::new(ValueCodec::Bf16, false, 1, 4096 * 4).unwrap();
+        let mut x = 0x1234_5678u32;
+        let v: Vec<f32> = (0..4096)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let f = f32::from_bits(x);
+                if f.is_finite() && f.abs() < 1e38 {
+                    f
+                } else {
+                    i as f32 + 0.5
+                }
+            })
+            .collect();
+        let model = FlatModel::new(spec.clone(), v.clone()).unwrap();
+        let (records, _) = encode_payload(&model, e, 0).unwrap();
+        let back = decode_payload(spec.clone(), e, records.iter().map(Vec::as_slice)).unwrap();
+        for (a, b) in v.iter().zip(back.values()) {
+            assert_eq!(
+                half::bf16::from_f32(*a).to_f32().to_bits(),
+                b.to_bits(),
+                "{a}"
+            );
+        }
+        let mut pe = PayloadEncoder::new(spec, e, 0).unwrap();
+        let mut big = vec![0.0; 4096];
+        big[9] = f32::MAX;
+        assert!(matches!(
+            pe.encode_chunk(&big),
+            Err(EncodeError::OutOfRange { index: 9, .. })
+        ));
     }
 
     #[test]
