@@ -380,7 +380,7 @@ impl SiteConfig {
             });
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
         Self::parse(&text, path, base)
     }
 

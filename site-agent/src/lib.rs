@@ -4,12 +4,17 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod config;
 pub mod sitecore;
 pub mod data;
 pub mod device;
 pub mod metrics;
+pub mod modelcache;
 pub mod policy;
 pub mod sitelog;
 pub mod train;
 pub mod weights;
+
+pub use agent::{Agent, AgentError, run};
+pub use config::SiteConfig;

@@ -595,7 +595,8 @@ pub(crate) mod tests {
 
     #[test]
     fn policy_validation_names_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut Policy)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Policy)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|p| p.federations.clear()), "federations"),
             (Box::new(|p| p.architectures.clear()), "architectures"),
             (

@@ -305,7 +305,7 @@ impl SiteCore {
 /// used). Other optimizers are declined rather than silently replaced.
 pub fn train_config(t: &TrainingConfig) -> Result<TrainConfig, Refusal> {
     let optimizer = match t.optimizer {
-        Optimizer::Sgd { momentum } if momentum == 0.0 => OptimizerKind::Sgd,
+        Optimizer::Sgd { momentum: 0.0 } => OptimizerKind::Sgd,
         Optimizer::Sgd { momentum } => {
             return Err(Refusal::Unsupported(format!(
                 "SGD with momentum {momentum}: this agent trains with plain SGD only"

@@ -1,0 +1,1049 @@
+//! The agent's driver: connects out to the coordinator, keeps the session
+//! alive, and runs accepted rounds. All decisions are made by
+//! [`SiteCore`]; this module only moves bytes, runs timers and the work.
+//!
+//! ```text
+//!            ┌──────────── reconnect loop (Backoff: 0.5 s → 30 s, jitter) ───────────┐
+//!            ▼                                                                      │
+//!  resolve coordinator ─▶ QUIC + mTLS ─▶ control stream: Hello ─▶ Welcome ─▶ session ┘
+//!                                           │   ▲
+//!                      TaskOffer/Cancel/Bye │   │ OfferResponse, Heartbeat, Bye
+//!                                           ▼   │
+//!                                         SiteCore ──start──▶ round task:
+//!                                                              model: cache | ModelFetch stream
+//!                                                              evaluate global + train_local (blocking pool)
+//!                                                              delta = local − global, clip, DP noise
+//!                                                              encode, sign, DeltaUpload stream
+//!                                                              ◀── UploadResult
+//! ```
+//!
+//! # Network footprint (for hospital IT)
+//!
+//! The agent only dials **out**: UDP to the coordinator's address (QUIC,
+//! mutual TLS 1.3 with the federation CA; default port 4433). It opens **no
+//! listening port**: each connection binds one ephemeral local UDP port
+//! chosen by the OS, on an endpoint with no server configuration, so it
+//! accepts no incoming connection. Liveness is kept by QUIC keep-alives
+//! (a third of the idle timeout) and by protocol heartbeats at the interval
+//! the coordinator asks for.
+//!
+//! # What leaves the site
+//!
+//! Only the signed header (identifiers, sample count, aggregate metrics of
+//! the *global* model on the local validation split: loss, accuracy, AUC,
+//! Dice) and the encoded weight delta. Never samples, labels or per-sample
+//! values.
+//!
+//! # Clipping and DP
+//!
+//! When the offer sets `privacy.clip_norm`, the delta is scaled by
+//! `min(1, C / ‖Δ‖₂)` here, before encoding; the coordinator clips again on
+//! its side (a site is not trusted to have done it). When the offer also
+//! sets `privacy.dp`, Gaussian noise of standard deviation `z · C` is added
+//! after clipping, drawn from ChaCha20 seeded by the OS.
+//!
+//! # Work and connection loss
+//!
+//! Work on a round belongs to the connection it was accepted on: when the
+//! connection ends, or the round is cancelled or superseded, the task is
+//! aborted. Training that is already running in the blocking pool finishes
+//! in the background and its result is dropped. After reconnecting, the
+//! coordinator re-sends the offer if the round is still open and the round
+//! starts over (the global model is then read from the cache).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fedlink_certs::{ALPN_SITE, Kit, Role, client_tls_config};
+use fedlink_protocol::{
+    Bye, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message, ModelFetch, ModelHash,
+    ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope, UpdateHeader,
+    UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
+};
+use fedlink_transport::{FramedRecv, FramedSend, TransportError, client_endpoint, close, open_bi};
+use quinn::{Connection, Endpoint};
+use rand::RngCore;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::SiteConfig;
+use crate::data::{DataError, LocalData};
+use crate::device::{DeviceChoice, DeviceError};
+use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
+use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
+use crate::sitelog::{Event, LogEntry, MetricsSummary, SiteLog, SiteLogError};
+use crate::train::{self, TrainError};
+
+/// Longest free text from the coordinator that is logged.
+const MAX_LOGGED_TEXT: usize = 512;
+/// How long a shutdown waits for the goodbye to reach the coordinator.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the agent stopped with an error.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is unusable (beyond what `SiteConfig` validation
+    /// catches, e.g. an unresolvable setting).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The startup kit could not be loaded or is not a site kit.
+    #[error("startup kit {}: {source}", dir.display())]
+    Kit {
+        /// The kit directory.
+        dir: PathBuf,
+        /// What is wrong.
+        source: fedlink_certs::Error,
+    },
+    /// The TLS configuration could not be built from the kit.
+    #[error("TLS configuration: {0}")]
+    Tls(fedlink_certs::Error),
+    /// The configured device is unavailable.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The local dataset could not be loaded.
+    #[error("local data: {0}")]
+    Data(#[from] DataError),
+    /// The site log could not be written.
+    #[error(transparent)]
+    SiteLog(#[from] SiteLogError),
+    /// The model cache directory is unusable.
+    #[error(transparent)]
+    ModelCache(#[from] ModelError),
+    /// A directory could not be created.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A background task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// Process exit code: 2 configuration/usage, 3 TLS or kit, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) | Self::Device(_) => 2,
+            Self::Kit { .. } | Self::Tls(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Why work on one round failed (recorded in the site log as
+/// `task_failed`; the agent carries on).
+#[derive(Debug, thiserror::Error)]
+enum TaskError {
+    #[error(transparent)]
+    Log(#[from] SiteLogError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("training: {0}")]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("network: {0}")]
+    Transport(#[from] TransportError),
+    #[error("encoding the delta: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("coordinator: {0}")]
+    Protocol(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Wall clock, unix milliseconds.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_LOGGED_TEXT {
+        return s.to_owned();
+    }
+    let mut end = MAX_LOGGED_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Writes the site log and mirrors each entry to an optional observer.
+#[derive(Debug)]
+struct Recorder {
+    log: Mutex<SiteLog>,
+    events: Option<mpsc::UnboundedSender<LogEntry>>,
+}
+
+impl Recorder {
+    fn record(&self, event: Event) -> Result<LogEntry, SiteLogError> {
+        let entry = {
+            let mut log = self
+                .log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            log.append(unix_ms(), &event)?
+        };
+        tracing::info!(seq = entry.seq, event = %entry.event, details = %entry.details, "site log");
+        if let Some(tx) = &self.events {
+            // The observer may have gone away; the file is the record.
+            let _ = tx.send(entry.clone());
+        }
+        Ok(entry)
+    }
+}
+
+/// Everything a session and its tasks share.
+#[derive(Debug)]
+struct Ctx {
+    config: SiteConfig,
+    kit: Kit,
+    tls: rustls::ClientConfig,
+    coordinator_addr: String,
+    data: Arc<LocalData>,
+    device: DeviceChoice,
+    cache: ModelCache,
+    recorder: Recorder,
+}
+
+impl Ctx {
+    fn record(&self, event: Event) -> Result<LogEntry, SiteLogError> {
+        self.recorder.record(event)
+    }
+}
+
+/// A configured agent; [`Agent::run`] runs it until `shutdown` completes.
+#[derive(Debug)]
+pub struct Agent {
+    config: SiteConfig,
+    events: Option<mpsc::UnboundedSender<LogEntry>>,
+}
+
+/// Run an agent with `config` until `shutdown` completes (then say `Bye`
+/// and close). Returns `Ok(())` after an orderly shutdown; errors are
+/// startup problems (kit, TLS, data, device) or a site log that cannot be
+/// written. Network problems never end the agent: it reconnects.
+pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    Agent::new(config).run(shutdown).await
+}
+
+impl Agent {
+    /// An agent with `config`.
+    pub fn new(config: SiteConfig) -> Self {
+        Self {
+            config,
+            events: None,
+        }
+    }
+
+    /// Also send every site-log entry to `events` as it is written (for
+    /// tests and embedding; the file stays the record).
+    #[must_use]
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<LogEntry>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    async fn prepare(self) -> Result<Ctx, AgentError> {
+        let config = self.config;
+        let kit_err = |source| AgentError::Kit {
+            dir: config.kit_dir.clone(),
+            source,
+        };
+        let kit = Kit::load(&config.kit_dir).map_err(kit_err)?;
+        if kit.identity().role() != Role::Site {
+            return Err(kit_err(fedlink_certs::Error::Refused(format!(
+                "this is a {} kit; fedlink-agent needs a site kit",
+                kit.identity().role()
+            ))));
+        }
+        if kit.update_signing_key().is_none() {
+            return Err(kit_err(fedlink_certs::Error::Refused(
+                "the kit has no update-signing key".into(),
+            )));
+        }
+        let tls = client_tls_config(&kit, ALPN_SITE).map_err(AgentError::Tls)?;
+        let coordinator_addr = config
+            .coordinator_addr
+            .clone()
+            .unwrap_or_else(|| kit.coordinator_addr().to_owned());
+        // Fail early on an unusable device; tasks resolve it again in the
+        // blocking pool (the wgpu device is initialised once per process).
+        let device = config.device;
+        device.resolve()?;
+        let io = |path: PathBuf| move |source| AgentError::Io { path, source };
+        create_private_dir(&config.data_dir).map_err(io(config.data_dir.clone()))?;
+        let log_path = config.site_log_path();
+        if let Some(parent) = log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            create_private_dir(parent).map_err(io(parent.to_path_buf()))?;
+        }
+        let log = SiteLog::open(&log_path)?;
+        let cache = ModelCache::open(config.model_cache_dir())?;
+        let dataset = config.dataset.clone();
+        let data = tokio::task::spawn_blocking(move || dataset.load())
+            .await
+            .map_err(|e| AgentError::Internal(format!("data loading task: {e}")))??;
+        Ok(Ctx {
+            config,
+            kit,
+            tls,
+            coordinator_addr,
+            data: Arc::new(data),
+            device,
+            cache,
+            recorder: Recorder {
+                log: Mutex::new(log),
+                events: self.events,
+            },
+        })
+    }
+
+    /// Run until `shutdown` completes (see [`run`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let ctx = Arc::new(self.prepare().await?);
+        let device_name = ctx
+            .device
+            .resolve()
+            .map(|d| d.name)
+            .unwrap_or("unavailable");
+        ctx.record(Event::AgentStarted {
+            agent_version: agent_version(),
+            identity: ctx.kit.identity().to_uri(),
+            dataset_kind: ctx.config.dataset.kind().to_owned(),
+            dataset_fingerprint: ctx.data.fingerprint.to_string(),
+            train_samples: ctx.data.train.len(),
+            validation_samples: ctx.data.validation.len(),
+            device: device_name.to_owned(),
+        })?;
+        let mut core = SiteCore::new(ctx.config.policy.clone(), ctx.data.clone());
+        let conn_cfg = &ctx.config.connection;
+        let mut backoff = Backoff::new(conn_cfg.backoff_initial(), conn_cfg.backoff_max());
+        let shutdown = std::pin::pin!(shutdown);
+        let mut shutdown: Pin<&mut _> = shutdown;
+        let reason = loop {
+            let attempt = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break "shutdown",
+                r = connect(&ctx) => r,
+            };
+            let end = match attempt {
+                Ok(connected) => {
+                    backoff.reset();
+                    run_session(&ctx, &mut core, connected, &mut shutdown).await?
+                }
+                Err(reason) => SessionEnd::Lost(reason),
+            };
+            match end {
+                SessionEnd::Shutdown => break "shutdown",
+                SessionEnd::Lost(reason) => {
+                    let delay = backoff.next_delay(rand::random::<f64>());
+                    tracing::warn!(%reason, retry_in = ?delay, "not connected to the coordinator");
+                    ctx.record(Event::Disconnected {
+                        reason,
+                        retry_in_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+                    })?;
+                    tokio::select! {
+                        biased;
+                        () = shutdown.as_mut() => break "shutdown",
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        };
+        ctx.record(Event::AgentStopped {
+            reason: reason.to_owned(),
+        })?;
+        Ok(())
+    }
+}
+
+fn agent_version() -> String {
+    format!("fedlink-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A welcomed connection.
+struct Connected {
+    endpoint: Endpoint,
+    conn: Connection,
+    send: FramedSend,
+    recv: FramedRecv,
+    welcome: Welcome,
+    remote: SocketAddr,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Resolve, connect, say Hello, wait for Welcome (bounded by the connect
+/// timeout). The error is a reason for the site log.
+async fn connect(ctx: &Ctx) -> Result<Connected, String> {
+    let cfg = &ctx.config.connection;
+    let attempt = async {
+        let remote = tokio::net::lookup_host(&ctx.coordinator_addr)
+            .await
+            .map_err(|e| format!("resolving {}: {e}", ctx.coordinator_addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", ctx.coordinator_addr))?;
+        let endpoint = client_endpoint(remote, ctx.tls.clone(), cfg.idle_timeout())
+            .map_err(|e| format!("client endpoint: {e}"))?;
+        let conn = endpoint
+            .connect(remote, ctx.kit.coordinator_server_name())
+            .map_err(|e| format!("connecting to {remote}: {e}"))?
+            .await
+            .map_err(|e| format!("connecting to {remote}: {e}"))?;
+        let (mut send, mut recv) = open_bi(&conn)
+            .await
+            .map_err(|e| format!("opening the control stream: {e}"))?;
+        send.message(&Message::Hello(Hello {
+            versions: VersionRange::SUPPORTED,
+            agent_version: agent_version(),
+            capabilities: Capabilities::default(),
+        }))
+        .await
+        .map_err(|e| format!("sending Hello: {e}"))?;
+        // With TLS 1.3 a refused client certificate shows up here, on the
+        // first read, not in `connect`.
+        match recv.message().await {
+            Ok(Message::Welcome(welcome)) => Ok(Connected {
+                endpoint,
+                conn,
+                send,
+                recv,
+                welcome,
+                remote,
+            }),
+            Ok(Message::Reject(r)) => {
+                conn.close(close::NORMAL, b"rejected");
+                Err(format!(
+                    "coordinator refused the site: {:?}: {}",
+                    r.code,
+                    truncate(&r.message)
+                ))
+            }
+            Ok(other) => {
+                conn.close(close::PROTOCOL, b"expected Welcome");
+                Err(format!(
+                    "coordinator sent {} instead of Welcome",
+                    other.name()
+                ))
+            }
+            Err(e) => Err(format!("waiting for Welcome: {e}")),
+        }
+    };
+    tokio::time::timeout(cfg.connect_timeout(), attempt)
+        .await
+        .map_err(|_| {
+            format!(
+                "no Welcome from {} within {:?}",
+                ctx.coordinator_addr,
+                cfg.connect_timeout()
+            )
+        })?
+}
+
+/// Read control messages on a task of their own (reads are not
+/// cancellation-safe, so they must not race in a `select!`).
+async fn read_control(
+    mut recv: FramedRecv,
+    tx: mpsc::UnboundedSender<Result<Message, TransportError>>,
+) {
+    loop {
+        match recv.message_or_end().await {
+            Ok(Some(m)) => {
+                if tx.send(Ok(m)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+type TaskDone = (TaskKey, Result<(), SiteLogError>);
+
+async fn run_session<F: Future<Output = ()>>(
+    ctx: &Arc<Ctx>,
+    core: &mut SiteCore,
+    connected: Connected,
+    shutdown: &mut Pin<&mut F>,
+) -> Result<SessionEnd, AgentError> {
+    let Connected {
+        endpoint,
+        conn,
+        mut send,
+        recv,
+        welcome,
+        remote,
+    } = connected;
+    let session = match core.on_welcome(Instant::now(), &welcome) {
+        Ok(s) => s.clone(),
+        Err(e) => {
+            conn.close(close::PROTOCOL, b"bad Welcome");
+            return Ok(SessionEnd::Lost(e.to_string()));
+        }
+    };
+    ctx.record(Event::Connected {
+        coordinator: format!("{} ({remote})", ctx.coordinator_addr),
+        site_id: session.site_id.to_string(),
+        federation_id: session.federation_id.to_string(),
+        protocol_version: session.protocol_version,
+    })?;
+    let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(read_control(recv, ctrl_tx));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskDone>();
+    let mut task: Option<(TaskKey, JoinHandle<()>)> = None;
+
+    let result: Result<SessionEnd, AgentError> = async {
+        loop {
+            let beat = core
+                .next_heartbeat()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => {
+                    let _ = send
+                        .message(&Message::Bye(Bye {
+                            reason: "site agent shutting down".into(),
+                        }))
+                        .await;
+                    let _ = send.finish();
+                    conn.close(close::NORMAL, b"bye");
+                    return Ok(SessionEnd::Shutdown);
+                }
+                Some((key, result)) = done_rx.recv() => {
+                    core.on_task_finished(&key);
+                    if task.as_ref().is_some_and(|(k, _)| *k == key) {
+                        task = None;
+                    }
+                    result?;
+                }
+                msg = ctrl_rx.recv() => {
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Ok(SessionEnd::Lost(format!("control stream: {e}"))),
+                        None => return Ok(SessionEnd::Lost("coordinator ended the control stream".into())),
+                    };
+                    if let Some(end) = handle_control(
+                        ctx, core, &conn, &mut send, &session, &mut task, &done_tx, msg,
+                    )
+                    .await?
+                    {
+                        return Ok(end);
+                    }
+                }
+                () = tokio::time::sleep_until(beat.into()) => {
+                    if let Some(hb) = core.poll_heartbeat(Instant::now(), unix_ms())
+                        && let Err(e) = send.message(&Message::Heartbeat(hb)).await
+                    {
+                        return Ok(SessionEnd::Lost(format!("sending a heartbeat: {e}")));
+                    }
+                }
+            }
+        }
+    }
+    .await;
+
+    reader.abort();
+    if let Some((_, handle)) = task.take() {
+        handle.abort();
+    }
+    core.on_disconnect();
+    match &result {
+        Ok(SessionEnd::Shutdown) => {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        }
+        _ => conn.close(close::NORMAL, b"reconnecting"),
+    }
+    result
+}
+
+/// React to one control message; `Some(end)` ends the session.
+#[allow(clippy::too_many_arguments)]
+async fn handle_control(
+    ctx: &Arc<Ctx>,
+    core: &mut SiteCore,
+    conn: &Connection,
+    send: &mut FramedSend,
+    session: &Session,
+    task: &mut Option<(TaskKey, JoinHandle<()>)>,
+    done_tx: &mpsc::UnboundedSender<TaskDone>,
+    msg: Message,
+) -> Result<Option<SessionEnd>, AgentError> {
+    match msg {
+        Message::TaskOffer(offer) => {
+            ctx.record(Event::OfferReceived {
+                job_id: offer.job_id.to_string(),
+                round: offer.round.0,
+                base_model: offer.base_model.to_hex(),
+                arch: offer.arch.kind().to_owned(),
+                epochs: offer.training.epochs,
+                encoding: offer.encoding.name(),
+                clip_norm: offer.privacy.clip_norm,
+                noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
+            })?;
+            let outcome = core.on_offer(unix_ms(), &offer);
+            if let Err(e) = send
+                .message(&Message::OfferResponse(outcome.response.clone()))
+                .await
+            {
+                return Ok(Some(SessionEnd::Lost(format!("answering an offer: {e}"))));
+            }
+            match &outcome.response.decision {
+                OfferDecision::Accept => ctx.record(Event::OfferAccepted {
+                    job_id: offer.job_id.to_string(),
+                    round: offer.round.0,
+                })?,
+                OfferDecision::Decline { reason } => ctx.record(Event::OfferDeclined {
+                    job_id: offer.job_id.to_string(),
+                    round: offer.round.0,
+                    reason: reason.clone(),
+                })?,
+            };
+            if let Some(old) = outcome.abort {
+                let dropped = abort_task(task, &old);
+                ctx.record(Event::Cancelled {
+                    job_id: old.job_id.to_string(),
+                    round: old.round.0,
+                    reason: format!("superseded by round {}", offer.round),
+                    dropped_work: dropped,
+                })?;
+            }
+            if let Some(assignment) = outcome.start {
+                let key = assignment.key();
+                let handle = spawn_task(ctx, conn, session, assignment, done_tx);
+                if let Some((_, old)) = task.replace((key, handle)) {
+                    old.abort();
+                }
+            }
+        }
+        Message::Cancel(c) => {
+            let hit = core.on_cancel(&c.job_id, c.round);
+            let key = TaskKey {
+                job_id: c.job_id.clone(),
+                round: c.round,
+            };
+            let dropped = hit && abort_task(task, &key);
+            ctx.record(Event::Cancelled {
+                job_id: c.job_id.to_string(),
+                round: c.round.0,
+                reason: truncate(&c.reason),
+                dropped_work: dropped,
+            })?;
+        }
+        Message::Heartbeat(h) => tracing::trace!(seq = h.seq, "coordinator heartbeat"),
+        Message::Bye(b) => {
+            return Ok(Some(SessionEnd::Lost(format!(
+                "coordinator said bye: {}",
+                truncate(&b.reason)
+            ))));
+        }
+        other => {
+            conn.close(close::PROTOCOL, b"unexpected message on the control stream");
+            return Ok(Some(SessionEnd::Lost(format!(
+                "coordinator sent {} on the control stream",
+                other.name()
+            ))));
+        }
+    }
+    Ok(None)
+}
+
+fn abort_task(task: &mut Option<(TaskKey, JoinHandle<()>)>, key: &TaskKey) -> bool {
+    match task.take() {
+        Some((k, handle)) if k == *key => {
+            handle.abort();
+            true
+        }
+        other => {
+            *task = other;
+            false
+        }
+    }
+}
+
+fn spawn_task(
+    ctx: &Arc<Ctx>,
+    conn: &Connection,
+    session: &Session,
+    assignment: Assignment,
+    done_tx: &mpsc::UnboundedSender<TaskDone>,
+) -> JoinHandle<()> {
+    let ctx = ctx.clone();
+    let conn = conn.clone();
+    let session = session.clone();
+    let done_tx = done_tx.clone();
+    tokio::spawn(async move {
+        let key = assignment.key();
+        let result = match run_task(&ctx, &conn, &session, &assignment).await {
+            Ok(()) => Ok(()),
+            Err(TaskError::Log(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!(task = %key, error = %e, "round failed");
+                ctx.record(Event::TaskFailed {
+                    job_id: key.job_id.to_string(),
+                    round: key.round.0,
+                    error: e.to_string(),
+                })
+                .map(|_| ())
+            }
+        };
+        let _ = done_tx.send((key, result));
+    })
+}
+
+fn eval_to_protocol(m: &train::EvalMetrics) -> fedlink_protocol::EvalMetrics {
+    let finite = |v: f64| v.is_finite().then_some(v);
+    fedlink_protocol::EvalMetrics {
+        num_eval_examples: m.n as u64,
+        loss: finite(m.loss),
+        accuracy: finite(m.accuracy),
+        auc: m.auc.and_then(finite),
+        dice: m.dice.and_then(finite),
+        extra: Vec::new(),
+    }
+}
+
+/// L2 norm of `v`, accumulated in f64.
+pub fn l2_norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Scale `delta` by `min(1, clip / ‖delta‖₂)`; returns whether it was
+/// scaled.
+pub fn clip_l2(delta: &mut [f32], clip: f64) -> bool {
+    let norm = l2_norm(delta);
+    if !(norm > clip && clip > 0.0) {
+        return false;
+    }
+    let scale = clip / norm;
+    for v in delta {
+        *v = (f64::from(*v) * scale) as f32;
+    }
+    true
+}
+
+async fn run_task(
+    ctx: &Arc<Ctx>,
+    conn: &Connection,
+    session: &Session,
+    a: &Assignment,
+) -> Result<(), TaskError> {
+    let offer = &a.offer;
+    let spec = offer
+        .arch
+        .spec()
+        .map_err(|e| TaskError::Protocol(format!("offered architecture: {e}")))?;
+    let global = obtain_model(ctx, conn, offer.base_model, &spec).await?;
+
+    // Evaluate the global model, then train: CPU-heavy, off the runtime so
+    // that heartbeats keep flowing.
+    let (arch, data, train_cfg, device) = (
+        offer.arch.clone(),
+        ctx.data.clone(),
+        a.train.clone(),
+        ctx.device,
+    );
+    let global_for_training = global.clone();
+    let (metrics, local, report) = tokio::task::spawn_blocking(move || {
+        let device = device.resolve()?.device;
+        let metrics = if data.validation.is_empty() {
+            None
+        } else {
+            Some(train::evaluate(
+                &arch,
+                &global_for_training,
+                &data.validation,
+                &device,
+            )?)
+        };
+        let (local, report) = train::train_local(
+            &arch,
+            &global_for_training,
+            &data.train,
+            &train_cfg,
+            &device,
+        )?;
+        Ok::<_, TaskError>((metrics, local, report))
+    })
+    .await
+    .map_err(|e| TaskError::Internal(format!("training task: {e}")))??;
+
+    // delta = local − global, then the offer's clipping and DP noise.
+    if local.spec() != global.spec() {
+        return Err(TaskError::Internal(
+            "trained model layout differs from the global model".into(),
+        ));
+    }
+    let mut delta: Vec<f32> = local
+        .values()
+        .iter()
+        .zip(global.values())
+        .map(|(l, g)| l - g)
+        .collect();
+    let delta_norm = l2_norm(&delta);
+    let clipped = offer
+        .privacy
+        .clip_norm
+        .is_some_and(|c| clip_l2(&mut delta, c));
+    let mut dp_noise = false;
+    if let (Some(dp), Some(c)) = (offer.privacy.dp, offer.privacy.clip_norm) {
+        let mut rng = fedlink_aggregation::dp::NoiseRng::from_os_rng()
+            .map_err(|e| TaskError::Internal(format!("noise source: {e}")))?;
+        rng.add_gaussian(&mut delta, dp.noise_multiplier * c);
+        dp_noise = dp.noise_multiplier > 0.0;
+    }
+    let delta = FlatModel::new(spec.clone(), delta)
+        .map_err(|e| TaskError::Internal(format!("delta: {e}")))?;
+    let metrics = metrics.as_ref().map(eval_to_protocol);
+    ctx.record(Event::Trained {
+        job_id: offer.job_id.to_string(),
+        round: offer.round.0,
+        dataset_fingerprint: ctx.data.fingerprint.to_string(),
+        epochs: report.epoch_loss.len(),
+        samples: report.samples,
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        epoch_loss: report.epoch_loss.clone(),
+        global_eval: metrics.as_ref().map(MetricsSummary::from),
+        delta_norm,
+        clipped,
+        dp_noise,
+    })?;
+
+    // Encode (deterministic for the seed), sign the header, upload.
+    let encoding = offer.encoding;
+    let seed = rand::rngs::OsRng.next_u64();
+    let (records, summary) =
+        tokio::task::spawn_blocking(move || encode_payload(&delta, encoding, seed))
+            .await
+            .map_err(|e| TaskError::Internal(format!("encoding task: {e}")))??;
+    let header = UpdateHeader {
+        protocol_version: session.protocol_version,
+        federation_id: session.federation_id.clone(),
+        site_id: session.site_id.clone(),
+        job_id: offer.job_id.clone(),
+        round: offer.round,
+        base_model: offer.base_model,
+        num_examples: report.samples as u64,
+        encoding,
+        payload_len: summary.payload_len,
+        payload_hash: summary.payload_hash,
+        nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
+        metrics,
+    };
+    debug_assert!(header.protocol_version <= PROTOCOL_VERSION);
+    let key = ctx
+        .kit
+        .update_signing_key()
+        .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
+    let envelope = sign_update(key, header);
+    let (fully_sent, result) = upload(conn, envelope, records).await?;
+    if fully_sent {
+        ctx.record(Event::Sent {
+            job_id: offer.job_id.to_string(),
+            round: offer.round.0,
+            payload_hash: summary.payload_hash.to_hex(),
+            bytes: summary.payload_len,
+            num_examples: report.samples as u64,
+            encoding: encoding.name(),
+        })?;
+    }
+    let (outcome, accepted, reason) = match &result {
+        UploadResult::Ack {
+            payload_hash,
+            accepted,
+        } => {
+            if *payload_hash != summary.payload_hash {
+                return Err(TaskError::Protocol(format!(
+                    "acknowledged payload {payload_hash}, sent {}",
+                    summary.payload_hash
+                )));
+            }
+            ("ack", Some(*accepted), None)
+        }
+        UploadResult::Reject { code, message } => (
+            "reject",
+            None,
+            Some(format!("{}: {}", reject_code(*code), truncate(message))),
+        ),
+    };
+    ctx.record(Event::UploadResult {
+        job_id: offer.job_id.to_string(),
+        round: offer.round.0,
+        outcome: outcome.to_owned(),
+        accepted,
+        reason,
+    })?;
+    Ok(())
+}
+
+fn reject_code(code: RejectCode) -> String {
+    format!("{code:?}")
+}
+
+/// The global model from the cache, or fetched from the coordinator (then
+/// cached).
+async fn obtain_model(
+    ctx: &Arc<Ctx>,
+    conn: &Connection,
+    hash: ModelHash,
+    spec: &ModelSpec,
+) -> Result<FlatModel, TaskError> {
+    let (cache, spec_owned) = (ctx.cache.clone(), spec.clone());
+    let cached = tokio::task::spawn_blocking(move || cache.load(&hash, &spec_owned))
+        .await
+        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?;
+    match cached {
+        Ok(Some(model)) => {
+            ctx.record(Event::ModelCached {
+                model_hash: hash.to_hex(),
+            })?;
+            return Ok(model);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cached model failed verification; fetching it again");
+            ctx.cache.remove(&hash)?;
+        }
+    }
+
+    let (mut send, mut recv) = open_bi(conn).await?;
+    send.message(&Message::ModelFetch(ModelFetch { hash }))
+        .await?;
+    send.finish()?;
+    let manifest = match recv.message().await? {
+        Message::ModelManifest(m) => *m,
+        Message::Reject(r) => {
+            return Err(TaskError::Protocol(format!(
+                "model {hash} refused: {}: {}",
+                reject_code(r.code),
+                truncate(&r.message)
+            )));
+        }
+        other => {
+            return Err(TaskError::Protocol(format!(
+                "sent {} in answer to ModelFetch",
+                other.name()
+            )));
+        }
+    };
+    let mut asm = ModelAssembler::new(manifest.clone(), hash, spec)?;
+    let mut records = Vec::new();
+    while asm.remaining() > 0 {
+        let record = recv.chunk().await?;
+        asm.push(&record)?;
+        records.push(record);
+    }
+    if recv.next_frame().await?.is_some() {
+        return Err(TaskError::Protocol(
+            "more model frames than the manifest announced".into(),
+        ));
+    }
+    let model = asm.finish()?;
+    let cache = ctx.cache.clone();
+    let stored_manifest = manifest.clone();
+    tokio::task::spawn_blocking(move || cache.store(&stored_manifest, &records))
+        .await
+        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
+    ctx.record(Event::ModelFetched {
+        model_hash: hash.to_hex(),
+        bytes: manifest.payload_len,
+        params: spec.num_params(),
+    })?;
+    Ok(model)
+}
+
+/// Send `DeltaUpload` + the chunk records on a new stream while waiting for
+/// the answer (the coordinator may refuse early without reading the
+/// payload). Returns whether the whole payload was sent, and the answer.
+async fn upload(
+    conn: &Connection,
+    envelope: SignedEnvelope,
+    records: Vec<Vec<u8>>,
+) -> Result<(bool, UploadResult), TaskError> {
+    let (mut send, mut recv) = open_bi(conn).await?;
+    let sending = async {
+        send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
+            .await?;
+        for r in records {
+            send.chunk(r).await?;
+        }
+        send.finish()
+    };
+    let receiving = recv.message();
+    let mut sending = std::pin::pin!(sending);
+    let mut receiving = std::pin::pin!(receiving);
+    let mut sent: Option<Result<(), TransportError>> = None;
+    let reply = loop {
+        tokio::select! {
+            r = &mut sending, if sent.is_none() => sent = Some(r),
+            m = &mut receiving => break m,
+        }
+    };
+    let fully_sent = matches!(sent, Some(Ok(())));
+    match reply {
+        Ok(Message::UploadResult(r)) => Ok((fully_sent, r)),
+        Ok(other) => Err(TaskError::Protocol(format!(
+            "sent {} in answer to DeltaUpload",
+            other.name()
+        ))),
+        Err(e) => Err(match sent {
+            Some(Err(send_err)) => send_err.into(),
+            _ => e.into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_scales_to_the_norm() {
+        let mut v = vec![3.0f32, 4.0];
+        assert!((l2_norm(&v) - 5.0).abs() < 1e-12);
+        assert!(!clip_l2(&mut v, 10.0));
+        assert_eq!(v, vec![3.0, 4.0]);
+        assert!(clip_l2(&mut v, 1.0));
+        assert!((l2_norm(&v) - 1.0).abs() < 1e-6);
+        assert!((v[0] - 0.6).abs() < 1e-6);
+        let mut zero = vec![0.0f32; 3];
+        assert!(!clip_l2(&mut zero, 1.0));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(AgentError::Config("x".into()).exit_code(), 2);
+        assert_eq!(
+            AgentError::Tls(fedlink_certs::Error::Refused("x".into())).exit_code(),
+            3
+        );
+        assert_eq!(AgentError::Internal("x".into()).exit_code(), 1);
+    }
+
+    #[test]
+    fn long_coordinator_text_is_truncated_on_a_char_boundary() {
+        let s = "é".repeat(600);
+        let t = truncate(&s);
+        assert!(t.len() <= MAX_LOGGED_TEXT + '…'.len_utf8());
+        assert!(t.ends_with('…'));
+    }
+}

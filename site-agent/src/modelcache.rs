@@ -1,0 +1,442 @@
+//! Global models received from the coordinator, cached by content hash.
+//!
+//! A model is identified by its [`ModelHash`] (blake3 of spec and values).
+//! The cache keeps, per model, the exact frames received over the wire — one
+//! `ModelManifest` message frame, then the chunk frames — in
+//! `<data_dir>/models/<hex hash>.fedmodel` (mode 0600, written to a temporary
+//! file, fsynced and renamed). Loading decodes the file exactly like a
+//! download ([`ModelAssembler`]) and checks the hash again: a damaged or
+//! swapped file is an error, never a model to train on.
+//!
+//! ```text
+//!  ModelManifest + chunk records ──▶ ModelAssembler (spec = offer's arch,
+//!        (network or cache file)      lossless f32, counts, lengths, hash)
+//!                                              │
+//!                                              ▼
+//!                                          FlatModel
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedlink_protocol::{
+    FlatModel, FrameDecoder, FrameKind, Message, ModelHash, ModelManifest, ModelSpec,
+    PayloadDecoder, ValueCodec, encode_frame, encode_message_frame, max_payload_len,
+};
+
+/// File name suffix of cached models.
+pub const SUFFIX: &str = "fedmodel";
+
+/// Why a model could not be fetched, decoded or cached.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The manifest does not describe the model asked for.
+    #[error("model manifest: {0}")]
+    Manifest(String),
+    /// A chunk record is malformed or out of place.
+    #[error("model payload: {0}")]
+    Payload(#[from] fedlink_protocol::PayloadError),
+    /// The values do not hash to the announced hash.
+    #[error("model hash mismatch: announced {announced}, received values hash to {actual}")]
+    HashMismatch {
+        /// Hash asked for.
+        announced: ModelHash,
+        /// Hash of what arrived.
+        actual: ModelHash,
+    },
+    /// The number or length of records differs from the manifest.
+    #[error("model payload: {0}")]
+    Length(String),
+    /// A cached file is not a valid model file.
+    #[error("cached model {path}: {message}")]
+    CorruptCache {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// File system error.
+    #[error("model cache {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Check a manifest against what the site expects, then decode its chunk
+/// records one by one into a [`FlatModel`].
+#[derive(Debug)]
+pub struct ModelAssembler {
+    manifest: ModelManifest,
+    decoder: PayloadDecoder,
+    values: Vec<f32>,
+    records: u64,
+    bytes: u64,
+}
+
+impl ModelAssembler {
+    /// Accept `manifest` for the model `wanted` with layout `spec` (the
+    /// offer's architecture): same hash, same spec, lossless f32, a payload
+    /// length within the bound and the exact chunk count.
+    pub fn new(
+        manifest: ModelManifest,
+        wanted: ModelHash,
+        spec: &ModelSpec,
+    ) -> Result<Self, ModelError> {
+        let bad = |m: String| Err(ModelError::Manifest(m));
+        if manifest.hash != wanted {
+            return bad(format!(
+                "announces model {}, {wanted} was asked for",
+                manifest.hash
+            ));
+        }
+        if manifest.spec != *spec {
+            return bad("tensor layout differs from the offered architecture".into());
+        }
+        if manifest.encoding.values() != ValueCodec::F32 {
+            return bad(format!(
+                "encoding {} is lossy; models must be sent as f32",
+                manifest.encoding.name()
+            ));
+        }
+        let max = max_payload_len(spec, &manifest.encoding);
+        if manifest.payload_len > max {
+            return bad(format!(
+                "payload of {} bytes exceeds the bound of {max}",
+                manifest.payload_len
+            ));
+        }
+        let chunks = spec.num_params().div_ceil(manifest.encoding.chunk_elems());
+        if manifest.num_chunks != chunks {
+            return bad(format!(
+                "{} chunks announced, the layout needs {chunks}",
+                manifest.num_chunks
+            ));
+        }
+        let decoder = PayloadDecoder::new(spec.clone(), manifest.encoding)?;
+        // The spec equals the offered architecture's, which the protocol
+        // bounds (`MAX_ARCH_PARAMS`), so this allocation is bounded.
+        let values = Vec::with_capacity(usize::try_from(spec.num_params()).unwrap_or(0));
+        Ok(Self {
+            manifest,
+            decoder,
+            values,
+            records: 0,
+            bytes: 0,
+        })
+    }
+
+    /// The accepted manifest.
+    pub fn manifest(&self) -> &ModelManifest {
+        &self.manifest
+    }
+
+    /// Records still expected.
+    pub fn remaining(&self) -> u64 {
+        self.manifest.num_chunks - self.records
+    }
+
+    /// Decode the next chunk record.
+    pub fn push(&mut self, record: &[u8]) -> Result<(), ModelError> {
+        if self.records >= self.manifest.num_chunks {
+            return Err(ModelError::Length(format!(
+                "more than the {} announced chunks",
+                self.manifest.num_chunks
+            )));
+        }
+        self.bytes = self.bytes.saturating_add(record.len() as u64);
+        if self.bytes > self.manifest.payload_len {
+            return Err(ModelError::Length(format!(
+                "more than the {} announced bytes",
+                self.manifest.payload_len
+            )));
+        }
+        let chunk = self.decoder.decode_chunk(record)?;
+        if chunk.offset != self.values.len() as u64 {
+            return Err(ModelError::Length(format!(
+                "chunk at offset {} where {} was expected",
+                chunk.offset,
+                self.values.len()
+            )));
+        }
+        self.values.extend_from_slice(&chunk.values);
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Check completeness, length and hash; return the model.
+    pub fn finish(self) -> Result<FlatModel, ModelError> {
+        let summary = self.decoder.finish()?;
+        if summary.payload_len != self.manifest.payload_len || self.bytes != summary.payload_len {
+            return Err(ModelError::Length(format!(
+                "{} payload bytes received, {} announced",
+                self.bytes, self.manifest.payload_len
+            )));
+        }
+        if summary.model_hash != self.manifest.hash {
+            return Err(ModelError::HashMismatch {
+                announced: self.manifest.hash,
+                actual: summary.model_hash,
+            });
+        }
+        let model = FlatModel::new(self.manifest.spec, self.values)
+            .map_err(|e| ModelError::Length(e.to_string()))?;
+        // Belt and braces: the decoder hashed what it decoded; hash what we
+        // hold.
+        let actual = model.hash();
+        if actual != self.manifest.hash {
+            return Err(ModelError::HashMismatch {
+                announced: self.manifest.hash,
+                actual,
+            });
+        }
+        Ok(model)
+    }
+}
+
+/// The content-addressed model cache directory.
+#[derive(Clone, Debug)]
+pub struct ModelCache {
+    dir: PathBuf,
+}
+
+impl ModelCache {
+    /// A cache in `dir` (created, mode 0700, if missing).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, ModelError> {
+        let dir = dir.into();
+        create_private_dir(&dir).map_err(|source| ModelError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self { dir })
+    }
+
+    /// Where model `hash` is stored.
+    pub fn path(&self, hash: &ModelHash) -> PathBuf {
+        self.dir.join(format!("{}.{SUFFIX}", hash.to_hex()))
+    }
+
+    /// Whether a file for `hash` exists (not yet verified).
+    pub fn contains(&self, hash: &ModelHash) -> bool {
+        self.path(hash).is_file()
+    }
+
+    /// Load and verify model `hash` with layout `spec`; `Ok(None)` when not
+    /// cached. A file that fails verification is an error (the caller may
+    /// [`ModelCache::remove`] it and fetch again).
+    pub fn load(
+        &self,
+        hash: &ModelHash,
+        spec: &ModelSpec,
+    ) -> Result<Option<FlatModel>, ModelError> {
+        let path = self.path(hash);
+        let corrupt = |message: String| ModelError::CorruptCache {
+            path: path.clone(),
+            message,
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ModelError::Io { path, source }),
+        };
+        // Manifest frame + chunk frames of a lossless model: bounded by the
+        // largest f32 payload plus generous framing overhead.
+        let limit = spec.num_params().saturating_mul(5).saturating_add(1 << 20);
+        if meta.len() > limit {
+            return Err(corrupt(format!(
+                "{} bytes, more than {limit} for this model",
+                meta.len()
+            )));
+        }
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut frames = FrameDecoder::new();
+        frames.push(&bytes);
+        let first = frames
+            .pop()
+            .map_err(|e| corrupt(e.to_string()))?
+            .ok_or_else(|| corrupt("empty file".into()))?;
+        let manifest = match first.into_message().map_err(|e| corrupt(e.to_string()))? {
+            Message::ModelManifest(m) => *m,
+            other => return Err(corrupt(format!("starts with {}", other.name()))),
+        };
+        let mut asm =
+            ModelAssembler::new(manifest, *hash, spec).map_err(|e| corrupt(e.to_string()))?;
+        while let Some(frame) = frames.pop().map_err(|e| corrupt(e.to_string()))? {
+            let record = frame.into_chunk().map_err(|e| corrupt(e.to_string()))?;
+            asm.push(&record).map_err(|e| corrupt(e.to_string()))?;
+        }
+        frames.finish().map_err(|e| corrupt(e.to_string()))?;
+        asm.finish().map(Some).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Store a verified model as its manifest and chunk records.
+    pub fn store(
+        &self,
+        manifest: &ModelManifest,
+        records: &[impl AsRef<[u8]>],
+    ) -> Result<PathBuf, ModelError> {
+        let path = self.path(&manifest.hash);
+        let io = |source| ModelError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut buf = Vec::new();
+        encode_message_frame(
+            &Message::ModelManifest(Box::new(manifest.clone())),
+            &mut buf,
+        )
+        .map_err(|e| ModelError::Manifest(e.to_string()))?;
+        for r in records {
+            encode_frame(FrameKind::Chunk, r.as_ref(), &mut buf)
+                .map_err(|e| ModelError::Length(e.to_string()))?;
+        }
+        let tmp = self.dir.join(format!(
+            ".{}.{}.tmp",
+            manifest.hash.to_hex(),
+            rand::random::<u64>()
+        ));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let written = (|| {
+            let mut f = opts.open(&tmp)?;
+            f.write_all(&buf)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(path)
+    }
+
+    /// Remove the file of model `hash` (after a failed verification).
+    pub fn remove(&self, hash: &ModelHash) -> Result<(), ModelError> {
+        let path = self.path(hash);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(ModelError::Io { path, source }),
+        }
+    }
+}
+
+/// Create `dir` and its parents; new directories get mode 0700.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlink_protocol::arch::ArchSpec;
+    use fedlink_protocol::{Encoding, encode_payload};
+
+    fn model() -> (FlatModel, ModelManifest, Vec<Vec<u8>>) {
+        let arch = ArchSpec::LogReg {
+            inputs: 30,
+            classes: 2,
+        };
+        let m = arch.init(3).unwrap();
+        let enc = Encoding::default().with_chunk_bytes(64).unwrap();
+        let (records, summary) = encode_payload(&m, enc, 0).unwrap();
+        let manifest = ModelManifest {
+            hash: m.hash(),
+            spec: m.spec().clone(),
+            encoding: enc,
+            payload_len: summary.payload_len,
+            num_chunks: summary.num_chunks,
+        };
+        (m, manifest, records)
+    }
+
+    #[test]
+    fn store_then_load_round_trips_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModelCache::open(dir.path().join("models")).unwrap();
+        let (m, manifest, records) = model();
+        assert!(cache.load(&m.hash(), m.spec()).unwrap().is_none());
+        let path = cache.store(&manifest, &records).unwrap();
+        assert!(cache.contains(&m.hash()));
+        assert_eq!(cache.load(&m.hash(), m.spec()).unwrap().unwrap(), m);
+        // Flip one byte in the last record: the load must fail.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = cache.load(&m.hash(), m.spec()).unwrap_err();
+        assert!(matches!(e, ModelError::CorruptCache { .. }), "{e}");
+        cache.remove(&m.hash()).unwrap();
+        assert!(!cache.contains(&m.hash()));
+    }
+
+    #[test]
+    fn assembler_refuses_wrong_manifests_and_payloads() {
+        let (m, manifest, records) = model();
+        let spec = m.spec().clone();
+        let mut wrong = manifest.clone();
+        wrong.hash = ModelHash([9; 32]);
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        let mut wrong = manifest.clone();
+        wrong.num_chunks += 1;
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        let mut wrong = manifest.clone();
+        wrong.encoding = Encoding::with_codec(ValueCodec::F16).unwrap();
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        let other = ArchSpec::LogReg {
+            inputs: 31,
+            classes: 2,
+        }
+        .spec()
+        .unwrap();
+        assert!(ModelAssembler::new(manifest.clone(), m.hash(), &other).is_err());
+
+        // Values that do not hash to the announced hash.
+        let mut other_values = m.values().to_vec();
+        other_values[0] += 1.0;
+        let tampered = FlatModel::new(spec.clone(), other_values).unwrap();
+        let (bad_records, _) = encode_payload(&tampered, manifest.encoding, 0).unwrap();
+        let mut lie = manifest.clone();
+        lie.payload_len = bad_records.iter().map(|r| r.len() as u64).sum();
+        let mut asm = ModelAssembler::new(lie, m.hash(), &spec).unwrap();
+        for r in &bad_records {
+            asm.push(r).unwrap();
+        }
+        assert!(matches!(asm.finish(), Err(ModelError::HashMismatch { .. })));
+
+        // Missing the last record.
+        let mut asm = ModelAssembler::new(manifest.clone(), m.hash(), &spec).unwrap();
+        for r in &records[..records.len() - 1] {
+            asm.push(r).unwrap();
+        }
+        assert!(asm.finish().is_err());
+
+        // Good.
+        let mut asm = ModelAssembler::new(manifest, m.hash(), &spec).unwrap();
+        for r in &records {
+            asm.push(r).unwrap();
+        }
+        assert_eq!(asm.remaining(), 0);
+        assert!(asm.push(&records[0]).is_err());
+        assert_eq!(asm.finish().unwrap(), m);
+    }
+}
