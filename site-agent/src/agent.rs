@@ -522,8 +522,6 @@ async fn run_session<F: Future<Output = ()>>(
                             reason: "site agent shutting down".into(),
                         }))
                         .await;
-                    let _ = send.finish();
-                    conn.close(close::NORMAL, b"bye");
                     return Ok(SessionEnd::Shutdown);
                 }
                 Some((key, result)) = done_rx.recv() => {
@@ -566,6 +564,13 @@ async fn run_session<F: Future<Output = ()>>(
     core.on_disconnect();
     match &result {
         Ok(SessionEnd::Shutdown) => {
+            // Closing the connection at once would discard the unsent Bye:
+            // finish the control stream and wait (bounded) until the
+            // coordinator has acknowledged it, then close.
+            let _ = send.finish();
+            let stream = send.into_inner();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, stream.stopped()).await;
+            conn.close(close::NORMAL, b"bye");
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
         }
         _ => conn.close(close::NORMAL, b"reconnecting"),
