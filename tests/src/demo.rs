@@ -61,9 +61,18 @@ pub fn tasks() -> Vec<Task> {
             label: "malignant",
             drop: &[],
             sites: vec![
-                ("hospital-a", "breast_cancer_wisconsin/splits/hospital_a.csv"),
-                ("hospital-b", "breast_cancer_wisconsin/splits/hospital_b.csv"),
-                ("hospital-c", "breast_cancer_wisconsin/splits/hospital_c.csv"),
+                (
+                    "hospital-a",
+                    "breast_cancer_wisconsin/splits/hospital_a.csv",
+                ),
+                (
+                    "hospital-b",
+                    "breast_cancer_wisconsin/splits/hospital_b.csv",
+                ),
+                (
+                    "hospital-c",
+                    "breast_cancer_wisconsin/splits/hospital_c.csv",
+                ),
             ],
             test: "breast_cancer_wisconsin/splits/global_test.csv",
             rounds: 20,
@@ -298,15 +307,17 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     // 1. Provision the federation with the real CLI.
     let pki = root.join("pki");
     run(
-        Command::new(&bins.fedlink).args([
-            "certs",
-            "init",
-            "--federation",
-            task.name,
-            "--out",
-        ])
-        .arg(&pki)
-        .args(["--san", "localhost", "--san", "127.0.0.1", "--coordinator-addr", &addr]),
+        Command::new(&bins.fedlink)
+            .args(["certs", "init", "--federation", task.name, "--out"])
+            .arg(&pki)
+            .args([
+                "--san",
+                "localhost",
+                "--san",
+                "127.0.0.1",
+                "--coordinator-addr",
+                &addr,
+            ]),
         "fedlink certs init",
     )?;
     for (site, _) in &task.sites {
@@ -321,7 +332,9 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     // 2. The job and the coordinator config.
     let first = load_tabular(&tabular(data_dir.join(task.sites[0].1), task, 0.0))?;
     let inputs = first.standardizer.features.len() as u32;
-    let arch: ArchSpec = toml::from_str(&format!("kind = \"logreg\"\ninputs = {inputs}\nclasses = 2\n"))?;
+    let arch: ArchSpec = toml::from_str(&format!(
+        "kind = \"logreg\"\ninputs = {inputs}\nclasses = 2\n"
+    ))?;
     let job_path = root.join("job.toml");
     std::fs::write(&job_path, job_toml(task, &arch)?)?;
     let coord_dir = root.join("coordinator");
@@ -341,7 +354,9 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     // 3. Start everything as separate processes.
     let mut procs = Procs(Vec::new());
     let log = |name: &str| -> anyhow::Result<Stdio> {
-        Ok(Stdio::from(std::fs::File::create(root.join(format!("{name}.log")))?))
+        Ok(Stdio::from(std::fs::File::create(
+            root.join(format!("{name}.log")),
+        )?))
     };
     let started = Instant::now();
     let coordinator = Command::new(&bins.coordinator)
@@ -358,7 +373,12 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         let cfg = dir.join("site.toml");
         std::fs::write(
             &cfg,
-            site_toml(&pki.join("sites").join(site), &dir.join("state"), &data_dir.join(csv), task),
+            site_toml(
+                &pki.join("sites").join(site),
+                &dir.join("state"),
+                &data_dir.join(csv),
+                task,
+            ),
         )?;
         let child = Command::new(&bins.agent)
             .args(["run", "--config"])
@@ -375,7 +395,10 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     let pooled = root.join("pooled_train.csv");
     pool_csvs(task.sites.iter().map(|(_, p)| data_dir.join(p)), &pooled)?;
     let central_data = load_tabular(&tabular(pooled, task, 0.0))?;
-    let test_central = load_tabular_test(&tabular(test_path.clone(), task, 0.0), &central_data.standardizer)?;
+    let test_central = load_tabular_test(
+        &tabular(test_path.clone(), task, 0.0),
+        &central_data.standardizer,
+    )?;
     let total_epochs = (task.rounds * task.epochs) as usize;
     let cfg = TrainConfig::new()
         .with_epochs(total_epochs)
@@ -402,8 +425,12 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
             .progress_chars("=> "),
     );
     bar.set_prefix(task.name);
-    let status_path = coord_dir.join("data").join(fedlink_coordinator::server::STATUS_FILE);
-    let models = coord_dir.join("data").join(fedlink_coordinator::store::MODELS_DIR);
+    let status_path = coord_dir
+        .join("data")
+        .join(fedlink_coordinator::server::STATUS_FILE);
+    let models = coord_dir
+        .join("data")
+        .join(fedlink_coordinator::store::MODELS_DIR);
     let mut seen = 0u64;
     let mut last: Option<(FlatModel, EvalMetrics)> = None;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -446,7 +473,11 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         if let Some(code) = exited {
             // Read the final status once more before deciding.
             let st: Status = serde_json::from_slice(&std::fs::read(&status_path)?)?;
-            if st.rounds.iter().any(|r| r.round > seen && r.model.is_some()) {
+            if st
+                .rounds
+                .iter()
+                .any(|r| r.round > seen && r.model.is_some())
+            {
                 continue;
             }
             if !code.success() {
@@ -458,7 +489,10 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
             break st;
         }
         if Instant::now() > deadline {
-            bail!("the job did not finish within 10 minutes; logs in {}", root.display());
+            bail!(
+                "the job did not finish within 10 minutes; logs in {}",
+                root.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -502,7 +536,8 @@ fn pool_csvs(paths: impl Iterator<Item = PathBuf>, out: &Path) -> anyhow::Result
     let mut w = std::fs::File::create(out)?;
     let mut header: Option<String> = None;
     for p in paths {
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         let mut lines = text.lines();
         let h = lines.next().unwrap_or_default().to_owned();
         match &header {
@@ -540,7 +575,10 @@ pub fn summary(results: &[TaskResult]) -> String {
             "    federated − central   {:+.2} accuracy points",
             (r.federated.accuracy - r.central.accuracy) * 100.0
         );
-        let _ = writeln!(s, "  per hospital (local-only model vs federated, same test set; bytes uploaded):");
+        let _ = writeln!(
+            s,
+            "  per hospital (local-only model vs federated, same test set; bytes uploaded):"
+        );
         for (name, m, bytes, n) in &r.hospitals {
             let _ = writeln!(
                 s,

@@ -17,6 +17,8 @@
 #![deny(missing_docs)]
 
 pub mod demo;
+pub mod fixture;
+pub mod raw_site;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -19,8 +19,7 @@ use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{StrategyConfig, would_fit};
 use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
 use fedlink_protocol::message::{
-    Cancel, DpNoise, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
-    UploadResult,
+    Cancel, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig, UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
@@ -119,6 +118,9 @@ pub(crate) struct EngineParts {
     pub(crate) replay: ReplayGuard,
     pub(crate) status: StatusWriter,
     pub(crate) noise: NoiseRng,
+    /// Where new model versions are published in wire form.
+    pub(crate) wire: Arc<super::Shared>,
+    pub(crate) models_dir: PathBuf,
 }
 
 pub(crate) struct Engine {
@@ -138,6 +140,8 @@ pub(crate) struct Engine {
     round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
     status: StatusWriter,
     noise: NoiseRng,
+    wire: Arc<super::Shared>,
+    models_dir: PathBuf,
     /// Monotonic instant paired with a wall-clock time, to turn deadlines
     /// into the Unix milliseconds sites see.
     clock_base: (Instant, u64),
@@ -170,15 +174,12 @@ impl Engine {
             round_metrics: BTreeMap::new(),
             status: parts.status,
             noise: parts.noise,
+            wire: parts.wire,
+            models_dir: parts.models_dir,
             clock_base: (now, unix_ms()),
             outcome: None,
             job: parts.job,
         })
-    }
-
-    /// The current global model.
-    pub(crate) fn global(&self) -> Arc<FlatModel> {
-        self.global.clone()
     }
 
     /// How the job ended, once it has.
@@ -638,9 +639,19 @@ impl Engine {
         let outcome = agg
             .finish(&mut state, &mut self.noise)
             .map_err(|e| e.to_string())?;
-        let mut next = (*self.global).clone();
-        outcome.apply_to(&mut next).map_err(|e| e.to_string())?;
-        let hash = self.store.put_model(&next).map_err(|e| e.to_string())?;
+        if outcome.update.spec() != self.global.spec() {
+            return Err("the aggregate does not have the model's spec".into());
+        }
+        // Apply in place (no second copy of the model): a failure past this
+        // point fails the job, and a restart reloads the last stored model.
+        let next = Arc::make_mut(&mut self.global);
+        outcome.apply_to(next).map_err(|e| e.to_string())?;
+        drop(outcome.update);
+        let hash = self.store.put_model(next).map_err(|e| e.to_string())?;
+        // Publish the wire form before the round machine hears of the new
+        // model: its next offers name it, and sites fetch it at once.
+        let wire = super::wire::ensure(&self.models_dir, next)?;
+        self.wire.publish_wire(wire);
         let mut metrics = BTreeMap::new();
         metrics.insert("num_updates".into(), outcome.num_updates as f64);
         metrics.insert("total_examples".into(), outcome.total_examples as f64);
@@ -682,7 +693,6 @@ impl Engine {
             }
         }
         self.server_state = state;
-        self.global = Arc::new(next);
         Ok((hash, metrics))
     }
 
@@ -722,11 +732,12 @@ impl Engine {
                 seed: self.job.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             },
             encoding,
+            // Sites clip locally too; the job's noise multiplier is central
+            // DP, added once by the coordinator's aggregator — never asked
+            // of the sites as well (that would add the noise twice).
             privacy: PrivacyRequirements {
                 clip_norm: p.clip_norm,
-                dp: (p.noise_multiplier > 0.0).then_some(DpNoise {
-                    noise_multiplier: p.noise_multiplier,
-                }),
+                dp: None,
             },
             deadline_unix_ms: self.to_unix_ms(deadline),
         })

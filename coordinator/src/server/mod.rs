@@ -91,7 +91,7 @@ impl Shared {
         self.wire.read().ok()?.get(hash).cloned()
     }
 
-    fn publish_wire(&self, w: WireModel) {
+    pub(crate) fn publish_wire(&self, w: WireModel) {
         if let Ok(mut map) = self.wire.write() {
             map.insert(w.hash, Arc::new(w));
         }
@@ -293,6 +293,8 @@ pub async fn serve(
             replay,
             status,
             noise,
+            wire: shared.clone(),
+            models_dir: models_dir.clone(),
         },
         Instant::now(),
     )
@@ -316,7 +318,7 @@ pub async fn serve(
         }
     });
 
-    let result = run_engine(&mut engine, &shared, &models_dir, &mut rx, &opts, shutdown).await;
+    let result = run_engine(&mut engine, &mut rx, &opts, shutdown).await;
     engine.close_all();
     endpoint.close(
         fedlink_transport::close::SHUTDOWN,
@@ -332,8 +334,6 @@ pub async fn serve(
 
 async fn run_engine(
     engine: &mut Engine,
-    shared: &Arc<Shared>,
-    models_dir: &std::path::Path,
     rx: &mut mpsc::UnboundedReceiver<Event>,
     opts: &ServeOptions,
     shutdown: impl Future<Output = ()>,
@@ -341,29 +341,24 @@ async fn run_engine(
     let fatal = |e: engine::EngineError| ServeError::Fatal(e.to_string());
     engine.start(Instant::now()).map_err(fatal)?;
     tokio::pin!(shutdown);
-    let mut published = engine.global().hash();
+    // The deadline last fired: a machine that answers a timeout with the
+    // same deadline again is not woken in a loop.
+    let mut fired: Option<Instant> = None;
     loop {
         if opts.exit_after_job && engine.outcome().is_some() {
             return Ok(());
         }
-        let timer = engine.poll_timeout();
+        let timer = engine.poll_timeout().filter(|t| Some(*t) != fired);
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             ev = rx.recv() => {
                 let Some(ev) = ev else { return Ok(()) };
-                match ev {
-                    Event::Keys(keys) => engine.set_keys(keys),
-                    ev => engine.handle_event(Instant::now(), ev).map_err(fatal)?,
-                }
+                engine.handle_event(Instant::now(), ev).map_err(fatal)?;
             }
-            () = sleep_until(timer) => engine.handle_timeout(Instant::now()).map_err(fatal)?,
-        }
-        let current = engine.global();
-        if current.hash() != published {
-            let w = tokio::task::block_in_place(|| wire::ensure(models_dir, &current))
-                .map_err(ServeError::Fatal)?;
-            shared.publish_wire(w);
-            published = current.hash();
+            () = sleep_until(timer) => {
+                fired = timer;
+                engine.handle_timeout(Instant::now()).map_err(fatal)?;
+            }
         }
     }
 }

@@ -1,0 +1,191 @@
+//! A real coordinator (the library's `serve`, real QUIC + mTLS, real store)
+//! on `127.0.0.1:0` for end-to-end tests, with its job and config written
+//! into a temporary directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fedlink_coordinator::config::CoordinatorConfig;
+use fedlink_coordinator::server::{ServeError, ServeOptions, ServeOutcome, Status, serve};
+use fedlink_test_util::TestPki;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::bounded;
+
+/// Knobs of the test job (a tiny logistic regression).
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    /// Job id.
+    pub id: String,
+    /// Rounds.
+    pub rounds: u32,
+    /// Sites per round (min = max).
+    pub sites: u32,
+    /// Updates needed to close a round.
+    pub quorum: u32,
+    /// Round deadline, seconds.
+    pub deadline_secs: u64,
+    /// Features of the logistic regression.
+    pub inputs: u32,
+    /// Wire codec.
+    pub codec: String,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        Self {
+            id: "e2e".into(),
+            rounds: 3,
+            sites: 3,
+            quorum: 3,
+            deadline_secs: 30,
+            inputs: 4,
+            codec: "f32".into(),
+        }
+    }
+}
+
+/// Write the job file.
+pub fn write_job(dir: &Path, spec: &JobSpec) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{}.toml", spec.id));
+    std::fs::write(
+        &path,
+        format!(
+            r#"id = "{id}"
+rounds = {rounds}
+seed = 3
+arch = {{ kind = "logreg", inputs = {inputs}, classes = 2 }}
+init = {{ seed = 11 }}
+
+[strategy]
+name = "fedavg"
+
+[selection]
+fraction = 1.0
+min_sites = {sites}
+max_sites = {sites}
+gather_secs = 0
+
+[round]
+deadline_secs = {deadline}
+quorum = {quorum}
+extension_secs = 0
+max_attempts = 1
+
+[training]
+epochs = 1
+batch_size = 8
+optimizer = "sgd"
+learning_rate = 0.1
+
+[encoding]
+codec = "{codec}"
+shuffle = true
+zstd_level = 1
+"#,
+            id = spec.id,
+            rounds = spec.rounds,
+            inputs = spec.inputs,
+            sites = spec.sites,
+            deadline = spec.deadline_secs,
+            quorum = spec.quorum,
+            codec = spec.codec,
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Write `coordinator.toml` for `pki`, listening on `listen`.
+pub fn write_config(
+    pki: &TestPki,
+    dir: &Path,
+    job: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<PathBuf> {
+    let ca_dir = pki
+        .manifest_path()
+        .parent()
+        .context("manifest has no directory")?
+        .to_owned();
+    let path = dir.join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"{listen}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\n",
+            pki.coordinator_dir(),
+            ca_dir,
+            dir.join("data"),
+            job
+        ),
+    )?;
+    Ok(path)
+}
+
+/// A coordinator running in this process.
+pub struct RunningCoordinator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<ServeOutcome, ServeError>>,
+}
+
+impl RunningCoordinator {
+    /// Start `serve` with `config` (exits after the job when asked).
+    pub async fn start(config: &Path, exit_after_job: bool) -> anyhow::Result<Self> {
+        let cfg = CoordinatorConfig::load(config)?;
+        let data_dir = cfg.data_dir.clone();
+        let (bound_tx, mut bound_rx) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(serve(
+            cfg,
+            ServeOptions {
+                exit_after_job,
+                bound: Some(bound_tx),
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let addr = bounded("coordinator bind", bound_rx.recv())
+            .await?
+            .context("the coordinator stopped before binding")?;
+        Ok(Self {
+            addr,
+            data_dir,
+            stop: Some(stop),
+            handle,
+        })
+    }
+
+    /// The status file as it is now.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        read_status(&self.data_dir)
+    }
+
+    /// Wait for the coordinator to stop by itself (job finished).
+    pub async fn finished(self) -> anyhow::Result<ServeOutcome> {
+        let Self { handle, stop, .. } = self;
+        let out = bounded("job to finish", handle).await??;
+        drop(stop);
+        Ok(out?)
+    }
+
+    /// Stop it (graceful shutdown) and return what it says.
+    pub async fn shutdown(mut self) -> anyhow::Result<ServeOutcome> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        Ok(bounded("shutdown", self.handle).await???)
+    }
+}
+
+/// Read `status.json` of a data directory.
+pub fn read_status(data_dir: &Path) -> anyhow::Result<Status> {
+    let path = data_dir.join(fedlink_coordinator::server::STATUS_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}

@@ -1,0 +1,309 @@
+//! End-to-end rounds against the real coordinator (real QUIC, mTLS, store,
+//! signatures, aggregation) with scripted sites that can misbehave.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use fedlink_coordinator::round::JobOutcome;
+use fedlink_coordinator::store::read_model_file;
+use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
+use fedlink_protocol::{FlatModel, ModelHash};
+use fedlink_test_util::TestPki;
+use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
+use fedlink_tests::raw_site::RawSite;
+
+/// A deterministic delta for `site` in `round`.
+fn delta_for(global: &FlatModel, site: usize, round: u64) -> FlatModel {
+    let values = (0..global.values().len())
+        .map(|j| ((j % 7) as f32 - 3.0) * 0.01 * (site as f32 + 1.0) + round as f32 * 0.001)
+        .collect();
+    FlatModel::new(global.spec().clone(), values).unwrap()
+}
+
+fn examples(site: usize) -> u64 {
+    10 * (site as u64 + 1)
+}
+
+fn expected_next(global: &FlatModel, sites: &[usize], round: u64) -> Vec<f32> {
+    let total: u64 = sites.iter().map(|&s| examples(s)).sum();
+    let deltas: Vec<(u64, FlatModel)> = sites
+        .iter()
+        .map(|&s| (examples(s), delta_for(global, s, round)))
+        .collect();
+    let mut out = global.values().to_vec();
+    for (j, x) in out.iter_mut().enumerate() {
+        let acc: f64 = deltas
+            .iter()
+            .map(|(n, d)| *n as f64 * f64::from(d.values()[j]))
+            .sum();
+        *x += (acc / total as f64) as f32;
+    }
+    out
+}
+
+async fn start(spec: &JobSpec, pki: &TestPki, dir: &std::path::Path) -> RunningCoordinator {
+    let job = write_job(dir, spec).unwrap();
+    let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    RunningCoordinator::start(&cfg, true).await.unwrap()
+}
+
+async fn connect(pki: &TestPki, i: usize, c: &RunningCoordinator) -> RawSite {
+    RawSite::connect(pki.site_kit(i).unwrap(), c.addr)
+        .await
+        .unwrap()
+}
+
+async fn honest_round(site: &mut RawSite, i: usize) -> (TaskOffer, FlatModel) {
+    let offer = site.next_offer().await.unwrap();
+    site.accept(&offer).await.unwrap();
+    let global = site.fetch_model(&offer).await.unwrap();
+    let up = site
+        .prepare(&offer, &delta_for(&global, i, offer.round.0), examples(i))
+        .unwrap();
+    let r = site.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "site {i} round {}: {r:?}",
+        offer.round
+    );
+    (offer, global)
+}
+
+fn assert_close(actual: &[f32], expected: &[f32]) {
+    for (a, e) in actual.iter().zip(expected) {
+        assert!((a - e).abs() <= 1e-6, "{a} vs {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_three_rounds_with_exact_weighted_average() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&JobSpec::default(), &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let mut site = connect(&pki, i, &coord).await;
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                seen.push(honest_round(&mut site, i).await);
+            }
+            seen
+        }));
+    }
+    let mut per_site = Vec::new();
+    for t in tasks {
+        per_site.push(t.await.unwrap());
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    // Every site trained on the same model each round, and each round's
+    // model is the exact weighted average of the three deltas.
+    let models = data_dir.join("models");
+    for round in 0..3 {
+        let (offer, global) = &per_site[0][round];
+        for s in &per_site[1..] {
+            assert_eq!(s[round].0.base_model, offer.base_model);
+        }
+        let next_hash = if round < 2 {
+            per_site[0][round + 1].0.base_model
+        } else {
+            model
+        };
+        let next = read_model_file(&models.join(format!("{next_hash}.bin")), &next_hash).unwrap();
+        assert_close(
+            next.values(),
+            &expected_next(global, &[0, 1, 2], offer.round.0),
+        );
+    }
+    let status = fedlink_tests::fixture::read_status(&data_dir).unwrap();
+    assert!(status.completed);
+    assert_eq!(status.completed_rounds, 3);
+    for r in &status.rounds {
+        assert_eq!(r.updates.len(), 3, "round {}", r.round);
+        assert_eq!(r.metrics.get("num_updates"), Some(&3.0));
+    }
+    // Accepted updates are archived with their signed envelopes.
+    let archived = std::fs::read_dir(data_dir.join("updates/e2e/round-000001"))
+        .unwrap()
+        .count();
+    assert_eq!(archived, 6, "3 payloads + 3 envelopes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_and_replayed_updates_are_rejected_while_the_round_completes() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let mut offers = Vec::new();
+    let mut global = None;
+    for s in &mut sites {
+        let o = s.next_offer().await.unwrap();
+        s.accept(&o).await.unwrap();
+        global = Some(s.fetch_model(&o).await.unwrap());
+        offers.push(o);
+    }
+    let global = global.unwrap();
+
+    // Site 0 is honest.
+    let up0 = sites[0]
+        .prepare(&offers[0], &delta_for(&global, 0, 1), examples(0))
+        .unwrap();
+    let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    // Site 0 replays its own accepted upload (same nonce): refused.
+    let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r,
+            UploadResult::Reject {
+                code: RejectCode::Replay,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+
+    // Site 1 replays site 0's signed upload: the envelope names site-0, the
+    // connection is site-1.
+    let r = sites[1].upload(&up0, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r,
+            UploadResult::Reject {
+                code: RejectCode::UnknownSite,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+
+    // Site 2 tampers with its payload after signing: the hash gives it away.
+    let mut bad = sites[2]
+        .prepare(&offers[2], &delta_for(&global, 2, 1), examples(2))
+        .unwrap();
+    let last = bad.records[0].len() - 1;
+    bad.records[0][last] ^= 0x01;
+    let r = sites[2].upload(&bad, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r,
+            UploadResult::Reject {
+                code: RejectCode::PayloadMismatch,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // …and the same envelope replayed with the right payload is a replay.
+    let mut replay = bad.clone();
+    replay.records[0][last] ^= 0x01;
+    let r = sites[2].upload(&replay, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r,
+            UploadResult::Reject {
+                code: RejectCode::Replay,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+
+    // Honest updates from sites 1 and 2 complete the round.
+    for i in [1usize, 2] {
+        let up = sites[i]
+            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
+            .unwrap();
+        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
+        assert!(
+            matches!(r, UploadResult::Ack { accepted: true, .. }),
+            "{r:?}"
+        );
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    let next = read_model_file(&data_dir.join(format!("models/{model}.bin")), &model).unwrap();
+    assert_close(next.values(), &expected_next(&global, &[0, 1, 2], 1));
+    let status = fedlink_tests::fixture::read_status(&data_dir).unwrap();
+    assert_eq!(
+        status.rounds[0].updates.len(),
+        3,
+        "only the honest updates count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_dropping_mid_upload_leaves_the_round_to_the_quorum() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        quorum: 2,
+        deadline_secs: 2,
+        // Enough parameters for several chunks.
+        inputs: 300_000,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let mut offers = Vec::new();
+    let mut global = None;
+    for s in &mut sites {
+        let o = s.next_offer().await.unwrap();
+        s.accept(&o).await.unwrap();
+        global = Some(s.fetch_model(&o).await.unwrap());
+        offers.push(o);
+    }
+    let global = global.unwrap();
+    // Site 2 sends one chunk of its update and disappears.
+    let up2 = sites[2]
+        .prepare(&offers[2], &delta_for(&global, 2, 1), examples(2))
+        .unwrap();
+    assert!(up2.records.len() > 1, "the update must span several chunks");
+    assert!(sites[2].upload(&up2, Some(1)).await.unwrap().is_none());
+    sites[2].vanish();
+    for i in [0usize, 1] {
+        let up = sites[i]
+            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
+            .unwrap();
+        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
+        assert!(
+            matches!(r, UploadResult::Ack { accepted: true, .. }),
+            "{r:?}"
+        );
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    let next = read_model_file(&data_dir.join(format!("models/{model}.bin")), &model).unwrap();
+    assert_close(next.values(), &expected_next(&global, &[0, 1], 1));
+    let status = fedlink_tests::fixture::read_status(&data_dir).unwrap();
+    assert_eq!(status.rounds[0].updates.len(), 2);
+    // The partial upload left nothing behind in the spool.
+    let spool: Vec<_> = std::fs::read_dir(data_dir.join("spool"))
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    assert!(spool.is_empty(), "spool not cleaned: {spool:?}");
+    let _: Option<ModelHash> = None;
+}
