@@ -451,7 +451,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 let model = read_model_file(&models.join(format!("{hash}.bin")), &hash)?;
                 let m = evaluate(&arch, &model, &test_central, &device)?;
                 let bytes: u64 = r.updates.iter().map(|u| u.1).sum();
-                bar.println(format!(
+                say(&bar, format!(
                     "  {:>5} round {:>2}: global model {}…  held-out {}  ({} updates, {} B uploaded)",
                     task.name,
                     r.round,
@@ -529,6 +529,15 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         raw_delta_bytes: init.values().len() as u64 * 4,
         wall,
     })
+}
+
+/// Print above the progress bar, or plainly when there is no terminal.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// Concatenate CSV files that share a header.
