@@ -97,7 +97,7 @@ impl CoordinatorConfig {
             path: path.to_owned(),
             source,
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
         Self::from_toml(&text, path, base)
     }
 

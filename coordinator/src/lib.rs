@@ -1,13 +1,13 @@
 //! fedlink coordinator: runs federated jobs round by round, and the logic
 //! behind the `fedlink` admin CLI. Binaries in `src/bin/` stay thin.
 //!
-//! - [`round`]: the sans-IO round state machine ([`round::JobRunner`]);
-//! - [`store`]: crash-safe persistence (redb + content-addressed models);
-//! - [`job`]: job definitions (TOML);
-//! - [`config`]: `coordinator.toml`;
-//! - [`server`]: the tokio/quinn driver that ties them to the network and to
+//! - [`round`] — the sans-IO round state machine ([`round::JobRunner`]);
+//! - [`store`] — crash-safe persistence (redb + content-addressed models);
+//! - [`job`] — job definitions (TOML);
+//! - [`config`] — `coordinator.toml`;
+//! - [`server`] — the tokio/quinn driver that ties them to the network and to
 //!   the aggregation engine;
-//! - [`cli`]: subcommands of the `fedlink` admin CLI.
+//! - [`cli`] — subcommands of the `fedlink` admin CLI.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

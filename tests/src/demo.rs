@@ -451,15 +451,18 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 let model = read_model_file(&models.join(format!("{hash}.bin")), &hash)?;
                 let m = evaluate(&arch, &model, &test_central, &device)?;
                 let bytes: u64 = r.updates.iter().map(|u| u.1).sum();
-                say(&bar, format!(
-                    "  {:>5} round {:>2}: global model {}…  held-out {}  ({} updates, {} B uploaded)",
-                    task.name,
-                    r.round,
-                    &hash.to_hex()[..12],
-                    fmt_metrics(&m),
-                    r.updates.len(),
-                    bytes
-                ));
+                say(
+                    &bar,
+                    format!(
+                        "  {:>5} round {:>2}: global model {}…  held-out {}  ({} updates, {} B uploaded)",
+                        task.name,
+                        r.round,
+                        &hash.to_hex()[..12],
+                        fmt_metrics(&m),
+                        r.updates.len(),
+                        bytes
+                    ),
+                );
                 bar.set_position(r.round);
                 bar.set_message(fmt_metrics(&m));
                 seen = r.round;

@@ -418,7 +418,7 @@ async fn receive_upload(
         check,
         reply,
     })));
-    let result = answer.await.unwrap_or(UploadResult::Reject {
+    let result = answer.await.unwrap_or_else(|_| UploadResult::Reject {
         code: RejectCode::ShuttingDown,
         message: "shutting down".into(),
     });
