@@ -1,0 +1,703 @@
+//! `fedlink-loadgen`: round-time and coordinator-memory benchmark.
+//!
+//! Provisions a federation (`fedlink_test_util::TestPki`), writes a job with a
+//! large logistic regression (default 1 000 000 inputs × 10 classes ≈ 10M
+//! parameters), starts the real `fedlink-coordinator` binary as a separate
+//! process, and runs N simulated sites in this process. The sites speak the
+//! real protocol over QUIC + mTLS (Hello, offer, model download with hash
+//! check, signed upload) but do not train: each sends a random delta that
+//! was generated and encoded before the job started, so a round's wall time
+//! is the federation's own overhead (download, upload + verification +
+//! validation + fold, aggregation + model write, next offer).
+//!
+//! The coordinator's memory is read from `/proc/<pid>/status` (`VmRSS`
+//! sampled during the run, `VmHWM` — the kernel's peak RSS, what
+//! `/usr/bin/time -v` reports as "Maximum resident set size" — after the
+//! job finished, before the coordinator is stopped).
+//!
+//! ```sh
+//! cargo build --release -p fedlink-tests -p fedlink-coordinator --bins
+//! target/release/fedlink-loadgen --sites 8 --rounds 3 --codec f16
+//! ```
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use fedlink_certs::{ALPN_SITE, Kit};
+use fedlink_coordinator::job::Job;
+use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
+use fedlink_protocol::message::{
+    Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, TaskOffer,
+    UploadResult,
+};
+use fedlink_protocol::{
+    Encoding, FlatModel, Message, ModelHasher, ModelSpec, PROTOCOL_VERSION, PayloadDecoder,
+    PayloadEncoder, PayloadHash, SiteId, VersionRange,
+};
+use fedlink_test_util::TestPki;
+use fedlink_transport::{FramedRecv, FramedSend, open_bi};
+use rand::{Rng, SeedableRng};
+
+/// Benchmark a federation round without training: N simulated sites
+/// against the real coordinator binary.
+#[derive(Debug, Parser)]
+#[command(name = "fedlink-loadgen", version, about)]
+struct Args {
+    /// Number of simulated sites (all selected every round).
+    #[arg(long, default_value_t = 8)]
+    sites: usize,
+    /// Rounds of the job.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Logistic regression inputs (parameters = inputs × classes + classes).
+    #[arg(long, default_value_t = 1_000_000)]
+    inputs: u32,
+    /// Logistic regression classes.
+    #[arg(long, default_value_t = 10)]
+    classes: u32,
+    /// Delta codec: f32 | f16 | bf16 | int8 | topk.
+    #[arg(long, default_value = "f16")]
+    codec: String,
+    /// Top-k fraction (with `--codec topk`).
+    #[arg(long, default_value_t = 0.1)]
+    topk_fraction: f64,
+    /// The coordinator executable (default: `fedlink-coordinator` next to
+    /// this executable).
+    #[arg(long)]
+    coordinator: Option<PathBuf>,
+    /// Timeout of any single wait (offer, download, upload answer, ...).
+    #[arg(long, default_value_t = 300)]
+    step_timeout_secs: u64,
+    /// How often the coordinator's RSS is sampled, milliseconds.
+    #[arg(long, default_value_t = 20)]
+    sample_ms: u64,
+    /// Spread of the uniform random delta values.
+    #[arg(long, default_value_t = 1e-3)]
+    delta_scale: f32,
+    /// Keep the work directory (configs, coordinator log, store).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// When a site saw each step of one round.
+#[derive(Clone, Copy, Debug)]
+struct RoundTimes {
+    offer: Instant,
+    fetched: Instant,
+    upload_start: Instant,
+    acked: Instant,
+}
+
+/// What one simulated site measured.
+#[derive(Debug)]
+struct SiteReport {
+    rounds: Vec<RoundTimes>,
+    /// When the coordinator's `Bye` (job finished) arrived.
+    bye: Instant,
+    /// Bytes of the upload payload (chunk records).
+    upload_bytes: u64,
+    /// Bytes of the model payload downloaded per round.
+    download_bytes: u64,
+}
+
+/// A site's precomputed, encoded delta.
+struct Payload {
+    records: Vec<Bytes>,
+    len: u64,
+    hash: PayloadHash,
+}
+
+/// RSS samples of the coordinator: (when, VmRSS kB).
+type Samples = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nloadgen FAILED: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Kills the coordinator if the benchmark stops early.
+struct CoordinatorProc(Option<Child>);
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn locate_coordinator(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match arg {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .parent()
+            .context("executable has no directory")?
+            .join("fedlink-coordinator"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it first (`cargo build --release -p fedlink-coordinator --bins`) or pass --coordinator",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free UDP port")?;
+    Ok(s.local_addr()?.port())
+}
+
+fn job_toml(args: &Args) -> anyhow::Result<String> {
+    let encoding = match args.codec.as_str() {
+        "f32" | "f16" | "bf16" | "int8" => format!("codec = \"{}\"", args.codec),
+        "topk" => format!("codec = \"topk\"\ntopk_fraction = {}", args.topk_fraction),
+        other => bail!("unknown codec {other:?}: f32 | f16 | bf16 | int8 | topk"),
+    };
+    Ok(format!(
+        r#"id = "loadgen"
+rounds = {rounds}
+seed = 3
+arch = {{ kind = "logreg", inputs = {inputs}, classes = {classes} }}
+init = {{ seed = 11 }}
+
+[strategy]
+name = "fedavg"
+
+[selection]
+fraction = 1.0
+min_sites = {sites}
+max_sites = {sites}
+gather_secs = 0
+
+[round]
+deadline_secs = 3600
+quorum = {sites}
+extension_secs = 0
+max_attempts = 1
+
+[training]
+epochs = 1
+batch_size = 8
+optimizer = "sgd"
+learning_rate = 0.1
+
+[encoding]
+{encoding}
+shuffle = true
+zstd_level = 1
+"#,
+        rounds = args.rounds,
+        inputs = args.inputs,
+        classes = args.classes,
+        sites = args.sites,
+    ))
+}
+
+/// `VmRSS` and `VmHWM` of a process, kB.
+fn proc_mem(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 * 1024.0 / 1e6
+}
+
+/// Generate and encode one site's random delta.
+fn make_payload(
+    spec: &ModelSpec,
+    encoding: Encoding,
+    seed: u64,
+    scale: f32,
+) -> anyhow::Result<Payload> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = usize::try_from(spec.num_params()).context("model too large for this machine")?;
+    let values: Vec<f32> = (0..n).map(|_| rng.gen_range(-scale..scale)).collect();
+    let delta = FlatModel::new(spec.clone(), values)?;
+    let mut enc = PayloadEncoder::new(spec.clone(), encoding, seed)?;
+    let mut records = Vec::new();
+    let mut hasher = blake3::Hasher::new();
+    let mut len = 0u64;
+    while let Some(r) = enc.next_chunk() {
+        let values = delta
+            .values()
+            .get(r.start as usize..r.end as usize)
+            .context("delta shorter than its spec")?;
+        let rec = enc.encode_chunk(values)?;
+        hasher.update(&rec);
+        len += rec.len() as u64;
+        records.push(Bytes::from(rec));
+    }
+    enc.finish()?;
+    Ok(Payload {
+        records,
+        len,
+        hash: PayloadHash(*hasher.finalize().as_bytes()),
+    })
+}
+
+async fn step<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .with_context(|| format!("{what}: nothing within {limit:?}"))
+}
+
+/// One simulated site: connect, then for each round accept the offer,
+/// download and verify the model, upload the precomputed delta; finally
+/// wait for the coordinator's Bye.
+async fn run_site(
+    kit: Kit,
+    addr: SocketAddr,
+    rounds: u32,
+    payload: Arc<Payload>,
+    limit: Duration,
+) -> anyhow::Result<SiteReport> {
+    let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
+    let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))?;
+    let conn = step(
+        "connect",
+        limit,
+        endpoint.connect(addr, kit.coordinator_server_name())?,
+    )
+    .await??;
+    let (mut control_send, mut control_recv) = open_bi(&conn).await?;
+    control_send
+        .message(&Message::Hello(Hello {
+            versions: VersionRange::SUPPORTED,
+            agent_version: "fedlink-loadgen".into(),
+            capabilities: Capabilities::default(),
+        }))
+        .await?;
+    let site_id: SiteId = match step("Welcome", limit, control_recv.message()).await?? {
+        Message::Welcome(w) => w.site_id,
+        other => bail!("expected Welcome, got {}", other.name()),
+    };
+    let key = kit
+        .update_signing_key()
+        .context("the site kit has no update signing key")?
+        .clone();
+    let mut times = Vec::new();
+    let mut download_bytes = 0;
+    for _ in 0..rounds {
+        let offer = loop {
+            match step("offer", limit, control_recv.message()).await?? {
+                Message::TaskOffer(o) => break *o,
+                Message::Heartbeat(_) | Message::Cancel(_) => {}
+                other => bail!("waiting for an offer, got {}", other.name()),
+            }
+        };
+        let t_offer = Instant::now();
+        control_send
+            .message(&Message::OfferResponse(OfferResponse {
+                job_id: offer.job_id.clone(),
+                round: offer.round,
+                decision: OfferDecision::Accept,
+            }))
+            .await?;
+        download_bytes = fetch_model(&conn, &offer, limit).await?;
+        let t_fetched = Instant::now();
+        let header = UpdateHeader {
+            protocol_version: PROTOCOL_VERSION,
+            federation_id: offer.federation_id.clone(),
+            site_id: site_id.clone(),
+            job_id: offer.job_id.clone(),
+            round: offer.round,
+            base_model: offer.base_model,
+            num_examples: 100,
+            encoding: offer.encoding,
+            payload_len: payload.len,
+            payload_hash: payload.hash,
+            nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
+            metrics: None,
+        };
+        let t_upload = Instant::now();
+        let envelope = sign_update(&key, header);
+        let (mut send, mut recv) = open_bi(&conn).await?;
+        send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
+            .await?;
+        for r in &payload.records {
+            step("sending a chunk", limit, send.chunk(r.clone())).await??;
+        }
+        send.finish()?;
+        match step("upload result", limit, recv.message()).await?? {
+            Message::UploadResult(UploadResult::Ack { accepted: true, .. }) => {}
+            Message::UploadResult(r) => {
+                bail!("round {}: upload not accepted: {r:?}", offer.round.0)
+            }
+            other => bail!("expected an upload result, got {}", other.name()),
+        }
+        times.push(RoundTimes {
+            offer: t_offer,
+            fetched: t_fetched,
+            upload_start: t_upload,
+            acked: Instant::now(),
+        });
+    }
+    loop {
+        match step("Bye after the last round", limit, control_recv.message()).await?? {
+            Message::Bye(_) => break,
+            Message::Heartbeat(_) | Message::Cancel(_) => {}
+            other => bail!("waiting for Bye, got {}", other.name()),
+        }
+    }
+    let bye = Instant::now();
+    conn.close(fedlink_transport::close::NORMAL, b"loadgen done");
+    endpoint.wait_idle().await;
+    Ok(SiteReport {
+        rounds: times,
+        bye,
+        upload_bytes: payload.len,
+        download_bytes,
+    })
+}
+
+/// Download the offered model, decode it chunk by chunk and check its hash
+/// (values are hashed as they arrive, not kept). Returns the payload bytes.
+async fn fetch_model(
+    conn: &quinn::Connection,
+    offer: &TaskOffer,
+    limit: Duration,
+) -> anyhow::Result<u64> {
+    let (mut send, mut recv): (FramedSend, FramedRecv) = open_bi(conn).await?;
+    send.message(&Message::ModelFetch(ModelFetch {
+        hash: offer.base_model,
+    }))
+    .await?;
+    send.finish()?;
+    let manifest = match step("model manifest", limit, recv.message()).await?? {
+        Message::ModelManifest(m) => *m,
+        other => bail!("expected a model manifest, got {}", other.name()),
+    };
+    let mut dec = PayloadDecoder::new(manifest.spec.clone(), manifest.encoding)?;
+    let mut hasher = ModelHasher::new(&manifest.spec);
+    let mut bytes = 0u64;
+    for _ in 0..manifest.num_chunks {
+        let rec = step("model chunk", limit, recv.chunk()).await??;
+        bytes += rec.len() as u64;
+        hasher.update(&dec.decode_chunk(&rec)?.values);
+    }
+    dec.finish()?;
+    if bytes != manifest.payload_len {
+        bail!(
+            "model payload is {bytes} bytes, the manifest said {}",
+            manifest.payload_len
+        );
+    }
+    if hasher.finalize() != offer.base_model {
+        bail!("downloaded model does not match the offered hash");
+    }
+    Ok(bytes)
+}
+
+fn stats(xs: impl Iterator<Item = Duration>) -> (f64, f64, f64) {
+    let v: Vec<f64> = xs.map(|d| d.as_secs_f64() * 1e3).collect();
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(0.0, f64::max);
+    (min, v.iter().sum::<f64>() / v.len() as f64, max)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.sites == 0 || args.rounds == 0 {
+        bail!("--sites and --rounds must be at least 1");
+    }
+    let limit = Duration::from_secs(args.step_timeout_secs.max(1));
+    let coordinator_bin = locate_coordinator(args.coordinator.clone())?;
+
+    // 1. Federation, job, config.
+    let t0 = Instant::now();
+    let pki = tokio::task::spawn_blocking({
+        let n = args.sites;
+        move || TestPki::new(n)
+    })
+    .await??;
+    let work = tempfile::Builder::new()
+        .prefix("fedlink-loadgen-")
+        .tempdir()?;
+    let job_path = work.path().join("job.toml");
+    std::fs::write(&job_path, job_toml(&args)?)?;
+    let job = Job::from_file(&job_path).map_err(|e| anyhow::anyhow!("job: {e}"))?;
+    let spec = job.arch.spec().map_err(|e| anyhow::anyhow!("arch: {e}"))?;
+    let encoding = job
+        .encoding
+        .to_protocol()
+        .map_err(|e| anyhow::anyhow!("encoding: {e}"))?;
+    let params = spec.num_params();
+    let model_mb = params as f64 * 4.0 / 1e6;
+    let port = free_udp_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ca_dir = pki
+        .manifest_path()
+        .parent()
+        .context("manifest has no directory")?
+        .to_owned();
+    let data_dir = work.path().join("data");
+    let cfg_path = work.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "listen = \"{addr}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 5\nidle_timeout_secs = 60\nmax_concurrent_uploads = {}\n",
+            pki.coordinator_dir(),
+            ca_dir,
+            data_dir,
+            job_path,
+            args.sites.max(1),
+        ),
+    )?;
+    println!(
+        "fedlink-loadgen: {} sites × {} parameters ({model_mb:.1} MB f32), {} rounds, codec {}{}; work dir {}",
+        args.sites,
+        params,
+        args.rounds,
+        args.codec,
+        if args.codec == "topk" {
+            format!(" {}", args.topk_fraction)
+        } else {
+            String::new()
+        },
+        work.path().display()
+    );
+
+    // 2. Precompute every site's encoded delta (not part of the round time).
+    let mut payloads = Vec::with_capacity(args.sites);
+    for i in 0..args.sites {
+        let spec = spec.clone();
+        let scale = args.delta_scale;
+        payloads.push(Arc::new(
+            tokio::task::spawn_blocking(move || {
+                make_payload(&spec, encoding, 1000 + i as u64, scale)
+            })
+            .await??,
+        ));
+    }
+    println!(
+        "  setup: PKI + {} encoded deltas in {:.1} s",
+        args.sites,
+        t0.elapsed().as_secs_f64()
+    );
+
+    // 3. The coordinator, as its own process.
+    let log = std::fs::File::create(work.path().join("coordinator.log"))?;
+    let child = Command::new(&coordinator_bin)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .env(
+            "FEDLINK_LOG",
+            std::env::var("FEDLINK_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {}", coordinator_bin.display()))?;
+    let pid = child.id();
+    let mut proc = CoordinatorProc(Some(child));
+    let status_path = data_dir.join(fedlink_coordinator::server::STATUS_FILE);
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while !status_path.exists() {
+        if let Some(c) = proc.0.as_mut()
+            && let Some(code) = c.try_wait()?
+        {
+            bail!(
+                "the coordinator exited with {code} before listening; see {}",
+                work.path().join("coordinator.log").display()
+            );
+        }
+        if Instant::now() > ready_by {
+            bail!("the coordinator did not start within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (idle_rss, idle_hwm) = proc_mem(pid).context("reading the coordinator's memory")?;
+    println!(
+        "  coordinator pid {pid} listening on {addr}: RSS {:.1} MB, peak so far {:.1} MB",
+        mb(idle_rss),
+        mb(idle_hwm)
+    );
+
+    // 4. Sample its RSS while the job runs.
+    let samples: Samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = tokio::spawn({
+        let samples = samples.clone();
+        let every = Duration::from_millis(args.sample_ms.max(1));
+        async move {
+            while let Some((rss, _)) = proc_mem(pid) {
+                if let Ok(mut s) = samples.lock() {
+                    s.push((Instant::now(), rss));
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+    });
+
+    // 5. The sites.
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(args.sites);
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let kit = pki.site_kit(i)?;
+        let rounds = args.rounds;
+        tasks.push(tokio::spawn(async move {
+            run_site(kit, addr, rounds, payload, limit)
+                .await
+                .with_context(|| format!("site-{i}"))
+        }));
+    }
+    let mut reports = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        reports.push(t.await??);
+    }
+    let total = started.elapsed();
+
+    // 6. Peak memory, before the coordinator stops.
+    tokio::time::sleep(Duration::from_millis(args.sample_ms.max(1) * 2)).await;
+    let (end_rss, hwm) = proc_mem(pid).context("reading the coordinator's peak memory")?;
+    sampler.abort();
+    let mut c = proc.0.take().context("coordinator handle")?;
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let stop_by = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(code) = c.try_wait()? {
+            break Some(code);
+        }
+        if Instant::now() > stop_by {
+            let _ = c.kill();
+            let _ = c.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // 7. Report.
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let peak_in = |from: Instant, to: Instant| {
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|(_, r)| *r)
+            .max()
+            .unwrap_or(0)
+    };
+    let upload_mb = reports.first().map_or(0, |r| r.upload_bytes) as f64 / 1e6;
+    let download_mb = reports.first().map_or(0, |r| r.download_bytes) as f64 / 1e6;
+    println!(
+        "  wire: model download {download_mb:.2} MB per site per round (lossless f32+shuffle/zstd1), upload {upload_mb:.2} MB per site per round ({}; {:.2}x smaller than raw f32)",
+        args.codec,
+        model_mb / upload_mb.max(1e-9)
+    );
+    println!(
+        "\n  round | wall ms | download ms (min/mean/max) | upload→ack ms (min/mean/max) | last ack→next offer ms | coord. peak RSS in round MB"
+    );
+    let mut walls = Vec::new();
+    for r in 0..args.rounds as usize {
+        let first_offer = reports
+            .iter()
+            .filter_map(|s| s.rounds.get(r).map(|t| t.offer))
+            .min()
+            .context("no offer times")?;
+        let next = if r + 1 < args.rounds as usize {
+            reports
+                .iter()
+                .filter_map(|s| s.rounds.get(r + 1).map(|t| t.offer))
+                .min()
+        } else {
+            reports.iter().map(|s| s.bye).min()
+        }
+        .context("no end time")?;
+        let last_ack = reports
+            .iter()
+            .filter_map(|s| s.rounds.get(r).map(|t| t.acked))
+            .max()
+            .context("no ack times")?;
+        let dl = stats(
+            reports
+                .iter()
+                .filter_map(|s| s.rounds.get(r).map(|t| t.fetched - t.offer)),
+        );
+        let up = stats(
+            reports
+                .iter()
+                .filter_map(|s| s.rounds.get(r).map(|t| t.acked - t.upload_start)),
+        );
+        let wall = next - first_offer;
+        walls.push(ms(wall));
+        println!(
+            "  {:>5} | {:>7.0} | {:>7.0} / {:>6.0} / {:>6.0}    | {:>7.0} / {:>6.0} / {:>6.0}      | {:>22.0} | {:>6.1}{}",
+            r + 1,
+            ms(wall),
+            dl.0,
+            dl.1,
+            dl.2,
+            up.0,
+            up.1,
+            up.2,
+            ms(next.saturating_duration_since(last_ack)),
+            mb(peak_in(first_offer, next)),
+            if r + 1 == args.rounds as usize {
+                "   (last round: ends at the job-finished Bye)"
+            } else {
+                ""
+            }
+        );
+    }
+    let mean = walls.iter().sum::<f64>() / walls.len().max(1) as f64;
+    println!(
+        "\n  mean round wall time {mean:.0} ms; whole job {:.2} s",
+        total.as_secs_f64()
+    );
+    let max_sampled = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
+    println!(
+        "  coordinator memory: VmHWM (peak RSS) {:.1} MB = {:.2}x the model ({model_mb:.1} MB); max sampled VmRSS {:.1} MB; RSS at start {:.1} MB, at end {:.1} MB",
+        mb(hwm),
+        mb(hwm) / model_mb,
+        mb(max_sampled),
+        mb(idle_rss),
+        mb(end_rss),
+    );
+    match exit {
+        Some(code) => println!("  coordinator stopped on SIGTERM: {code}"),
+        None => println!("  coordinator did not stop within 15 s of SIGTERM: killed"),
+    }
+    if args.keep {
+        let kept = work.keep();
+        println!("  (work directory kept: {})", kept.display());
+    }
+    Ok(())
+}
