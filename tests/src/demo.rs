@@ -48,7 +48,8 @@ pub struct Task {
     pub epochs: u32,
     /// Learning rate (SGD).
     pub lr: f64,
-    /// Wire codec of the deltas.
+    /// Wire codec of the deltas: `f32`, `f16`, `bf16`, `int8`, or
+    /// `topk:<fraction>` (e.g. `topk:0.1`).
     pub codec: &'static str,
 }
 
@@ -239,7 +240,7 @@ learning_rate = {lr}
 fedprox_mu = 0.0
 
 [encoding]
-codec = "{codec}"
+{codec}
 shuffle = true
 zstd_level = 1
 
@@ -252,8 +253,23 @@ every_rounds = 1
         quorum = n.saturating_sub(1).max(1),
         epochs = task.epochs,
         lr = task.lr,
-        codec = task.codec,
+        codec = codec_toml(task.codec)?,
     ))
+}
+
+/// The `[encoding]` codec lines for a task's codec (`topk:<fraction>` sets
+/// `topk_fraction` too).
+fn codec_toml(codec: &str) -> anyhow::Result<String> {
+    match codec.split_once(':') {
+        None => Ok(format!("codec = \"{codec}\"")),
+        Some(("topk", f)) => {
+            let f: f64 = f
+                .parse()
+                .with_context(|| format!("top-k fraction in codec {codec:?}"))?;
+            Ok(format!("codec = \"topk\"\ntopk_fraction = {f}"))
+        }
+        Some(_) => bail!("unknown codec {codec:?}"),
+    }
 }
 
 fn site_toml(kit: &Path, state: &Path, csv: &Path, task: &Task) -> String {
@@ -609,12 +625,18 @@ pub fn summary(results: &[TaskResult]) -> String {
 
 /// Entry point of `fedlink-demo`: run every task; error if anything failed.
 pub fn main_demo(data_dir: &Path, keep: bool) -> anyhow::Result<String> {
+    run_tasks(tasks(), data_dir, keep)
+}
+
+/// Run the given tasks (e.g. one task, or another codec); error if anything
+/// failed.
+pub fn run_tasks(tasks: Vec<Task>, data_dir: &Path, keep: bool) -> anyhow::Result<String> {
     let work = tempfile::Builder::new().prefix("fedlink-demo-").tempdir()?;
     println!("fedlink demo: work directory {}", work.path().display());
     let mut results = Vec::new();
     let mut failed = None;
-    for task in tasks() {
-        println!("\n== {} ==", task.title);
+    for task in tasks {
+        println!("\n== {} ({}) ==", task.title, task.codec);
         match run_task(&task, data_dir, work.path()) {
             Ok(r) => results.push(r),
             Err(e) => {

@@ -16,11 +16,33 @@ struct Args {
     /// Keep the work directory (kits, configs, logs, models) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Run only these tasks (`wdbc`, `opt`; repeatable). Default: all.
+    #[arg(long = "only")]
+    only: Vec<String>,
+    /// Override every task's delta codec: `f32`, `f16`, `bf16`, `int8` or
+    /// `topk:<fraction>` (e.g. `topk:0.01`).
+    #[arg(long)]
+    codec: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match fedlink_tests::demo::main_demo(&args.data, args.keep) {
+    let mut tasks = fedlink_tests::demo::tasks();
+    if !args.only.is_empty() {
+        tasks.retain(|t| args.only.iter().any(|o| o == t.name));
+        if tasks.is_empty() {
+            eprintln!("error: no task named {:?} (tasks: wdbc, opt)", args.only);
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(codec) = args.codec {
+        // One string for the whole run: leaking it gives the tasks' `&'static str`.
+        let codec: &'static str = Box::leak(codec.into_boxed_str());
+        for t in &mut tasks {
+            t.codec = codec;
+        }
+    }
+    match fedlink_tests::demo::run_tasks(tasks, &args.data, args.keep) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
