@@ -78,6 +78,12 @@ fn main() {
             dice: None,
             extra: vec![("f1".into(), 0.7)],
         }),
+        feature_stats: Some(FeatureStats {
+            features: vec!["age".into(), "bmi".into()],
+            count: 100,
+            sum: vec![5000.0, 2500.0],
+            sum_sq: vec![260_000.0, 64_000.0],
+        }),
     };
     let env = sign_update(&ed25519_dalek::SigningKey::from_bytes(&[1; 32]), header);
     write("envelope", "signed", &env.to_vec());
@@ -123,6 +129,11 @@ fn main() {
                 }),
             },
             deadline_unix_ms: 1_800_000_000_000,
+            scaling: Some(FeatureScaling {
+                features: vec!["age".into(), "bmi".into()],
+                mean: vec![50.0, 25.0],
+                std: vec![10.0, 4.0],
+            }),
         })),
         Message::ModelManifest(Box::new(ModelManifest {
             hash: model.hash(),

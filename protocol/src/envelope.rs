@@ -26,6 +26,9 @@
 //! u8   metrics present (0/1), then if 1:
 //!      u64 num_eval_examples; 4 × (u8 present, f64 bits) for loss,
 //!      accuracy, auc, dice; u32 extra count, then per extra: str name, f64 bits
+//! u8   feature_stats present (0/1), then if 1:
+//!      u64 count; u32 n, n × str name; u32 n, n × f64 bits sum;
+//!      u32 n, n × f64 bits sum_sq
 //! ```
 //!
 //! # Verification order (coordinator)
@@ -38,7 +41,9 @@
 //! 4. the ed25519 signature verifies (strict) over the signed bytes;
 //! 5. federation, job, round, base model (and encoding, if required) match;
 //! 6. the declared payload length is within the bound for the model;
-//! 7. replay: the round was not already committed for this site, the
+//! 7. the feature statistics, if any, are well formed
+//!    ([`FeatureStats::validate`]);
+//! 8. replay: the round was not already committed for this site, the
 //!    nonce was not seen before ([`ReplayGuard`]); the nonce is recorded.
 //!
 //! Then the payload streams through the returned [`PayloadVerifier`]
@@ -58,6 +63,7 @@ use crate::ids::{FederationId, JobId, RoundId, SiteId};
 use crate::message::VersionRange;
 use crate::model::ModelHash;
 use crate::payload::PayloadHash;
+use crate::scaling::{FeatureStats, ScalingError};
 
 /// Domain separation prefix of signed update headers.
 pub const UPDATE_DOMAIN: &[u8] = b"fedlink/update/v1\0";
@@ -148,6 +154,9 @@ pub struct UpdateHeader {
     pub nonce: UpdateNonce,
     /// Evaluation metrics of the site.
     pub metrics: Option<EvalMetrics>,
+    /// Sufficient statistics of the site's raw training features (tabular
+    /// data), for federated standardisation; `None` for other data.
+    pub feature_stats: Option<FeatureStats>,
 }
 
 impl UpdateHeader {
@@ -170,6 +179,13 @@ impl UpdateHeader {
             Some(m) => {
                 out.push(1);
                 m.canonical_bytes(&mut out);
+            }
+            None => out.push(0),
+        }
+        match &self.feature_stats {
+            Some(f) => {
+                out.push(1);
+                f.canonical_bytes(&mut out);
             }
             None => out.push(0),
         }
@@ -351,6 +367,9 @@ pub enum VerifyError {
     /// The payload hash differs from the signed hash.
     #[error("payload hash differs from the signed hash")]
     PayloadHashMismatch,
+    /// The signed feature statistics are malformed or out of bounds.
+    #[error("update carries bad feature statistics: {0}")]
+    BadFeatureStats(ScalingError),
 }
 
 /// Verify a signed update header before any payload decoding (see the
@@ -417,6 +436,9 @@ pub fn verify_update(
             declared: h.payload_len,
             max: expected.max_payload_len,
         });
+    }
+    if let Some(stats) = &h.feature_stats {
+        stats.validate().map_err(VerifyError::BadFeatureStats)?;
     }
     replay.record_attempt(h)?;
     Ok(PayloadVerifier {

@@ -40,6 +40,8 @@
 //! - [`message`]: the [`Message`] enum and its parts;
 //! - [`encoding`] and [`payload`]: chunked, compressed tensor payloads;
 //! - [`envelope`]: signed update headers, verification and replay guard;
+//! - [`scaling`]: federated feature standardisation (site statistics,
+//!   pooled scaling);
 //! - [`model`], [`arch`], [`ids`]: shared model, architecture and identifier types.
 //!
 //! The exact wire format, limits and verification order are in
@@ -73,6 +75,7 @@
 //!     payload_hash: summary.payload_hash,
 //!     nonce: UpdateNonce([1; 16]),
 //!     metrics: None,
+//!     feature_stats: None,
 //! };
 //! let upload = Message::DeltaUpload(Box::new(DeltaUpload { envelope: sign_update(&key, header) }));
 //! let mut wire = Vec::new();
@@ -123,6 +126,7 @@ pub mod ids;
 pub mod message;
 pub mod model;
 pub mod payload;
+pub mod scaling;
 
 pub use codec::{Codec, DecodeError, MAX_MESSAGE_LEN};
 pub use encoding::{Encoding, EncodingError, ValueCodec};
@@ -147,3 +151,4 @@ pub use payload::{
     ChunkHeader, DecodedChunk, DecodedSummary, EncodeError, PayloadDecoder, PayloadEncoder,
     PayloadError, PayloadHash, PayloadSummary, decode_payload, encode_payload, max_payload_len,
 };
+pub use scaling::{FeatureScaling, FeatureStats, ScalingError};

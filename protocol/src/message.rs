@@ -34,6 +34,7 @@ use crate::envelope::SignedEnvelope;
 use crate::ids::{FederationId, JobId, RoundId, SiteId};
 use crate::model::{ModelHash, ModelSpec};
 use crate::payload::PayloadHash;
+use crate::scaling::{FeatureScaling, ScalingError};
 
 /// Newest protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -253,6 +254,9 @@ pub enum OfferError {
     /// The architecture is invalid.
     #[error("task offer architecture is invalid: {0}")]
     Arch(String),
+    /// The feature scaling is malformed or out of bounds.
+    #[error("task offer feature scaling is invalid: {0}")]
+    Scaling(ScalingError),
 }
 
 /// The coordinator offers a site one round of a job.
@@ -276,10 +280,14 @@ pub struct TaskOffer {
     pub privacy: PrivacyRequirements,
     /// Upload deadline, unix milliseconds.
     pub deadline_unix_ms: u64,
+    /// Federated standardisation of tabular features (pooled from the
+    /// sites' reported statistics) to apply instead of local statistics;
+    /// `None` until the federation has statistics, and for non-tabular jobs.
+    pub scaling: Option<FeatureScaling>,
 }
 
 impl TaskOffer {
-    /// Check the numeric fields and the architecture.
+    /// Check the numeric fields, the feature scaling and the architecture.
     pub fn validate(&self) -> Result<(), OfferError> {
         let t = &self.training;
         let bad = |field| Err(OfferError::OutOfRange { field });
@@ -332,6 +340,9 @@ impl TaskOffer {
             if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier >= 0.0) {
                 return bad("noise_multiplier");
             }
+        }
+        if let Some(s) = &self.scaling {
+            s.validate().map_err(OfferError::Scaling)?;
         }
         self.arch
             .validate()

@@ -24,6 +24,15 @@ fn site() -> SiteId {
     SiteId::new("site-a").unwrap()
 }
 
+fn stats() -> FeatureStats {
+    FeatureStats {
+        features: vec!["age".into(), "bmi".into()],
+        count: 120,
+        sum: vec![6000.0, 3000.0],
+        sum_sq: vec![320_000.0, 80_000.0],
+    }
+}
+
 fn fixture() -> Fixture {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let key = SigningKey::generate(&mut rng);
@@ -64,6 +73,7 @@ fn fixture() -> Fixture {
             dice: None,
             extra: vec![("f1".into(), 0.8)],
         }),
+        feature_stats: Some(stats()),
     };
     let keys = BTreeMap::from([
         (site(), key.verifying_key()),
@@ -266,6 +276,26 @@ fn rejects_context_mismatches() {
             },
             |e| matches!(e, VerifyError::UnsupportedVersion(_)),
         ),
+        (
+            UpdateHeader {
+                feature_stats: Some(FeatureStats {
+                    sum: vec![f64::NAN, 3000.0],
+                    ..stats()
+                }),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::BadFeatureStats(_)),
+        ),
+        (
+            UpdateHeader {
+                feature_stats: Some(FeatureStats {
+                    sum_sq: vec![320_000.0],
+                    ..stats()
+                }),
+                ..f.header.clone()
+            },
+            |e| matches!(e, VerifyError::BadFeatureStats(_)),
+        ),
     ];
     for (h, ok) in cases {
         let mut guard = ReplayGuard::new();
@@ -419,6 +449,31 @@ fn signed_bytes_are_domain_separated_and_cover_every_field() {
         },
         UpdateHeader {
             metrics: None,
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            feature_stats: None,
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            feature_stats: Some(FeatureStats {
+                count: 121,
+                ..stats()
+            }),
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            feature_stats: Some(FeatureStats {
+                features: vec!["age".into(), "bmj".into()],
+                ..stats()
+            }),
+            ..f.header.clone()
+        },
+        UpdateHeader {
+            feature_stats: Some(FeatureStats {
+                sum_sq: vec![320_000.0, 80_000.5],
+                ..stats()
+            }),
             ..f.header.clone()
         },
         UpdateHeader {

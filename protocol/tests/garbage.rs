@@ -56,6 +56,12 @@ fn valid_envelope() -> Vec<u8> {
         payload_hash: PayloadHash([0; 32]),
         nonce: UpdateNonce([0; 16]),
         metrics: Some(EvalMetrics::default()),
+        feature_stats: Some(FeatureStats {
+            features: vec!["a".into()],
+            count: 2,
+            sum: vec![1.0],
+            sum_sq: vec![1.0],
+        }),
     };
     sign_update(&ed25519_dalek::SigningKey::from_bytes(&[1; 32]), h).to_vec()
 }

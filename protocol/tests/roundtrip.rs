@@ -143,6 +143,29 @@ fn metrics() -> impl Strategy<Value = EvalMetrics> {
         )
 }
 
+/// Feature names and `n` values per feature.
+fn feature_values(per_feature: usize) -> impl Strategy<Value = (Vec<String>, Vec<Vec<f64>>)> {
+    prop::collection::vec((text(), prop::collection::vec(finite(), per_feature)), 1..6)
+        .prop_map(|v| v.into_iter().unzip())
+}
+
+fn feature_stats() -> impl Strategy<Value = FeatureStats> {
+    (1u64..1_000_000, feature_values(2)).prop_map(|(count, (features, v))| FeatureStats {
+        features,
+        count,
+        sum: v.iter().map(|x| x[0]).collect(),
+        sum_sq: v.iter().map(|x| x[1].abs()).collect(),
+    })
+}
+
+fn feature_scaling() -> impl Strategy<Value = FeatureScaling> {
+    feature_values(2).prop_map(|(features, v)| FeatureScaling {
+        features,
+        mean: v.iter().map(|x| x[0]).collect(),
+        std: v.iter().map(|x| x[1].abs() + 1e-3).collect(),
+    })
+}
+
 fn header() -> impl Strategy<Value = UpdateHeader> {
     (
         (fed_id(), site_id(), job_id(), any::<u64>(), hash()),
@@ -153,12 +176,13 @@ fn header() -> impl Strategy<Value = UpdateHeader> {
             any::<[u8; 32]>(),
             any::<[u8; 16]>(),
             prop::option::of(metrics()),
+            prop::option::of(feature_stats()),
         ),
     )
         .prop_map(
             |(
                 (federation_id, site_id, job_id, round, base_model),
-                (num_examples, encoding, payload_len, ph, nonce, metrics),
+                (num_examples, encoding, payload_len, ph, nonce, metrics, feature_stats),
             )| UpdateHeader {
                 protocol_version: PROTOCOL_VERSION,
                 federation_id,
@@ -172,6 +196,7 @@ fn header() -> impl Strategy<Value = UpdateHeader> {
                 payload_hash: PayloadHash(ph),
                 nonce: UpdateNonce(nonce),
                 metrics,
+                feature_stats,
             },
         )
 }
@@ -239,13 +264,14 @@ fn message() -> impl Strategy<Value = Message> {
                 encoding(),
                 prop::option::of(0.1f64..10.0),
                 prop::option::of(0.0f64..5.0),
-                any::<u64>()
+                any::<u64>(),
+                prop::option::of(feature_scaling()),
             )
         )
             .prop_map(
                 |(
                     (federation_id, job_id, round, base_model, arch),
-                    (training, encoding, clip, noise, deadline_unix_ms),
+                    (training, encoding, clip, noise, deadline_unix_ms, scaling),
                 )| {
                     Message::TaskOffer(Box::new(TaskOffer {
                         federation_id,
@@ -262,6 +288,7 @@ fn message() -> impl Strategy<Value = Message> {
                                 .map(|noise_multiplier| DpNoise { noise_multiplier }),
                         },
                         deadline_unix_ms,
+                        scaling,
                     }))
                 }
             ),
@@ -332,6 +359,26 @@ proptest! {
         let mut dec = FrameDecoder::new();
         dec.push(&frame.to_vec());
         prop_assert_eq!(dec.pop().unwrap().unwrap().into_message().unwrap(), msg);
+    }
+
+    #[test]
+    fn generated_offers_and_stats_are_valid(
+        scaling in feature_scaling(),
+        stats in feature_stats(),
+    ) {
+        prop_assert_eq!(scaling.validate(), Ok(()));
+        // sum_sq ≥ 0 is not enough for a report: Σx² ≥ (Σx)²/n must hold.
+        let c = stats.count as f64;
+        let consistent = stats.sum.iter().zip(&stats.sum_sq).all(|(s, q)| s * s <= c * q * (1.0 + 1e-9));
+        prop_assert_eq!(stats.validate().is_ok(), consistent);
+        if consistent {
+            let pooled = FeatureScaling::pooled([&stats, &stats]).unwrap();
+            prop_assert_eq!(pooled.validate(), Ok(()));
+            prop_assert_eq!(&pooled.features, &stats.features);
+            for (m, s) in pooled.mean.iter().zip(&stats.sum) {
+                prop_assert!((m - s / c).abs() <= 1e-9 * (s / c).abs().max(1.0));
+            }
+        }
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub fn encode_and_sign(
         payload_hash: s.payload_hash,
         nonce: UpdateNonce([nonce; 16]),
         metrics: None,
+        feature_stats: None,
     };
     (sign_update(&ctx.key, header), records)
 }
