@@ -31,8 +31,16 @@
 //!
 //! Only the signed header (identifiers, sample count, aggregate metrics of
 //! the *global* model on the local validation split: loss, accuracy, AUC,
-//! Dice) and the encoded weight delta. Never samples, labels or per-sample
-//! values.
+//! Dice; for CSV data the per-column count, Σx and Σx² of the training
+//! split, from which the federation pools its feature standardisation) and
+//! the encoded weight delta. Never samples, labels or per-sample values.
+//!
+//! # Feature standardisation (CSV data)
+//!
+//! When an offer carries a `scaling` (the federation's pooled mean and std
+//! per column), the round standardises the raw local features with it; an
+//! offer whose scaling does not name the local columns in order is
+//! declined. Without one (the first round), local statistics are used.
 //!
 //! # Clipping and DP
 //!
@@ -71,7 +79,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::SiteConfig;
-use crate::data::{DataError, LocalData};
+use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
@@ -148,6 +156,8 @@ enum TaskError {
     Model(#[from] ModelError),
     #[error("training: {0}")]
     Train(#[from] TrainError),
+    #[error("local data: {0}")]
+    Data(#[from] DataError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("network: {0}")]
@@ -210,7 +220,7 @@ struct Ctx {
     kit: Kit,
     tls: rustls::ClientConfig,
     coordinator_addr: String,
-    data: Arc<LocalData>,
+    data: Arc<SiteData>,
     device: DeviceChoice,
     cache: ModelCache,
     recorder: Recorder,
@@ -320,9 +330,9 @@ impl Agent {
             agent_version: agent_version(),
             identity: ctx.kit.identity().to_uri(),
             dataset_kind: ctx.config.dataset.kind().to_owned(),
-            dataset_fingerprint: ctx.data.fingerprint.to_string(),
-            train_samples: ctx.data.train.len(),
-            validation_samples: ctx.data.validation.len(),
+            dataset_fingerprint: ctx.data.local().fingerprint.to_string(),
+            train_samples: ctx.data.local().train.len(),
+            validation_samples: ctx.data.local().validation.len(),
             device: device_name.to_owned(),
         })?;
         let mut core = SiteCore::new(ctx.config.policy.clone(), ctx.data.clone());
@@ -759,16 +769,24 @@ async fn run_task(
         .map_err(|e| TaskError::Protocol(format!("offered architecture: {e}")))?;
     let global = obtain_model(ctx, conn, offer.base_model, &spec).await?;
 
-    // Evaluate the global model, then train: CPU-heavy, off the runtime so
-    // that heartbeats keep flowing.
-    let (arch, data, train_cfg, device) = (
+    // Standardise (with the offer's scaling, if any), evaluate the global
+    // model, then train: CPU-heavy, off the runtime so that heartbeats keep
+    // flowing.
+    let (arch, site_data, scaling, train_cfg, device) = (
         offer.arch.clone(),
         ctx.data.clone(),
+        offer.scaling.clone(),
         a.train.clone(),
         ctx.device,
     );
+    let feature_scaling = match (&*ctx.data, &offer.scaling) {
+        (SiteData::Fixed(_), _) => "none",
+        (SiteData::Tabular(_), Some(_)) => "federated",
+        (SiteData::Tabular(_), None) => "local",
+    };
     let global_for_training = global.clone();
     let (metrics, local, report) = tokio::task::spawn_blocking(move || {
+        let data = site_data.for_scaling(scaling.as_ref())?;
         let device = device.resolve()?.device;
         let metrics = if data.validation.is_empty() {
             None
@@ -822,7 +840,7 @@ async fn run_task(
     ctx.record(Event::Trained {
         job_id: offer.job_id.to_string(),
         round: offer.round.0,
-        dataset_fingerprint: ctx.data.fingerprint.to_string(),
+        dataset_fingerprint: ctx.data.local().fingerprint.to_string(),
         epochs: report.epoch_loss.len(),
         samples: report.samples,
         duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
@@ -831,6 +849,7 @@ async fn run_task(
         delta_norm,
         clipped,
         dp_noise,
+        feature_scaling: feature_scaling.to_owned(),
     })?;
 
     // Encode (deterministic for the seed), sign the header, upload.
@@ -853,12 +872,14 @@ async fn run_task(
         payload_hash: summary.payload_hash,
         nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
         metrics,
+        feature_stats: ctx.data.feature_stats().cloned(),
     };
     debug_assert!(header.protocol_version <= PROTOCOL_VERSION);
     let key = ctx
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
+    let header_has_stats = header.feature_stats.is_some();
     let envelope = sign_update(key, header);
     let (fully_sent, result) = upload(conn, envelope, records).await?;
     if fully_sent {
@@ -869,6 +890,7 @@ async fn run_task(
             bytes: summary.payload_len,
             num_examples: report.samples as u64,
             encoding: encoding.name(),
+            feature_stats: header_has_stats,
         })?;
     }
     let (outcome, accepted, reason) = match &result {

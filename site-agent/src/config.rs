@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::image::{ImageFolderConfig, load_image_folder};
 use crate::data::segmentation::{SegmentationConfig, SegmentationSource, load_segmentation};
 use crate::data::tabular::{TabularConfig, load_tabular};
-use crate::data::{DataError, LocalData};
+use crate::data::{DataError, SiteData};
 use crate::device::DeviceChoice;
 use crate::policy::Policy;
 
@@ -213,11 +213,11 @@ pub enum DatasetConfig {
 
 impl DatasetConfig {
     /// Read, validate and split the data (CPU and disk heavy for images).
-    pub fn load(&self) -> Result<LocalData, DataError> {
+    pub fn load(&self) -> Result<SiteData, DataError> {
         match self {
-            Self::Csv(c) => load_tabular(c).map(|t| t.data),
-            Self::ImageFolder(c) => load_image_folder(c).map(|i| i.data),
-            Self::Segmentation(c) => load_segmentation(c),
+            Self::Csv(c) => load_tabular(c).map(SiteData::from),
+            Self::ImageFolder(c) => load_image_folder(c).map(|i| i.data.into()),
+            Self::Segmentation(c) => load_segmentation(c).map(SiteData::from),
         }
     }
 

@@ -23,7 +23,10 @@ pub mod image;
 pub mod segmentation;
 pub mod tabular;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+
+use fedlink_protocol::{FeatureScaling, FeatureStats};
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -160,6 +163,18 @@ pub enum DataError {
     /// The loading configuration is invalid.
     #[error("invalid data configuration: {0}")]
     Config(String),
+    /// A feature scaling was offered for data that is not tabular.
+    #[error("a feature scaling applies to tabular data only; the local dataset is not tabular")]
+    ScalingNotApplicable,
+    /// A feature scaling (e.g. the federation's) does not name this
+    /// dataset's feature columns, in the same order.
+    #[error("the feature scaling names columns {scaling}, the local feature columns are {local}")]
+    ScalingMismatch {
+        /// The scaling's feature names (quoted, truncated).
+        scaling: String,
+        /// The local feature columns (quoted, truncated).
+        local: String,
+    },
 }
 
 impl DataError {
@@ -379,6 +394,71 @@ pub struct LocalData {
     pub validation: Samples,
     /// Hash of the files and configuration.
     pub fingerprint: Fingerprint,
+}
+
+/// The site's dataset as loaded: for CSV data, the raw features too, so
+/// that each round can standardise them with the scaling its offer carries
+/// (see [`tabular`]); other data is used as loaded.
+#[derive(Clone, Debug)]
+pub enum SiteData {
+    /// A CSV dataset.
+    Tabular(Box<tabular::TabularData>),
+    /// Images or segmentation tiles.
+    Fixed(Box<LocalData>),
+}
+
+impl From<LocalData> for SiteData {
+    fn from(d: LocalData) -> Self {
+        Self::Fixed(Box::new(d))
+    }
+}
+
+impl From<tabular::TabularData> for SiteData {
+    fn from(t: tabular::TabularData) -> Self {
+        Self::Tabular(Box::new(t))
+    }
+}
+
+impl SiteData {
+    /// The data as loaded (tabular: standardised with local statistics).
+    pub fn local(&self) -> &LocalData {
+        match self {
+            Self::Tabular(t) => &t.data,
+            Self::Fixed(d) => d,
+        }
+    }
+
+    /// Count, Σx, Σx² of the raw training features, reported to the
+    /// federation in the signed update header (tabular data only).
+    pub fn feature_stats(&self) -> Option<&FeatureStats> {
+        match self {
+            Self::Tabular(t) => Some(&t.stats),
+            Self::Fixed(_) => None,
+        }
+    }
+
+    /// Whether an offer's `scaling` can be honoured: none, or one naming
+    /// this tabular dataset's feature columns in order.
+    pub fn check_scaling(&self, scaling: Option<&FeatureScaling>) -> Result<(), DataError> {
+        match (self, scaling) {
+            (_, None) => Ok(()),
+            (Self::Tabular(t), Some(s)) => t.check_scaling(s),
+            (Self::Fixed(_), Some(_)) => Err(DataError::ScalingNotApplicable),
+        }
+    }
+
+    /// The samples to evaluate and train on in a round whose offer carries
+    /// `scaling`: standardised with it, or as loaded when there is none.
+    pub fn for_scaling(
+        &self,
+        scaling: Option<&FeatureScaling>,
+    ) -> Result<Cow<'_, LocalData>, DataError> {
+        match (self, scaling) {
+            (_, None) => Ok(Cow::Borrowed(self.local())),
+            (Self::Tabular(t), Some(s)) => t.standardize(s).map(Cow::Owned),
+            (Self::Fixed(_), Some(_)) => Err(DataError::ScalingNotApplicable),
+        }
+    }
 }
 
 /// Check a validation fraction: finite, in `[0, 0.9]`.

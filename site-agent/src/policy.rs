@@ -405,6 +405,7 @@ pub(crate) mod tests {
             encoding: Encoding::default(),
             privacy: PrivacyRequirements::default(),
             deadline_unix_ms: 2_000,
+            scaling: None,
         }
     }
 

@@ -32,7 +32,7 @@ use fedlink_protocol::{
     SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
 };
 
-use crate::data::LocalData;
+use crate::data::SiteData;
 use crate::policy::{self, OfferContext, Policy, Refusal};
 use crate::train::{self, OptimizerKind, TrainConfig};
 
@@ -122,7 +122,7 @@ struct Active {
 #[derive(Debug)]
 pub struct SiteCore {
     policy: Policy,
-    data: Arc<LocalData>,
+    data: Arc<SiteData>,
     session: Option<Session>,
     active: Option<Active>,
     heartbeat_seq: u64,
@@ -131,7 +131,7 @@ pub struct SiteCore {
 
 impl SiteCore {
     /// A core enforcing `policy` for a site holding `data`.
-    pub fn new(policy: Policy, data: Arc<LocalData>) -> Self {
+    pub fn new(policy: Policy, data: Arc<SiteData>) -> Self {
         Self {
             policy,
             data,
@@ -212,13 +212,16 @@ impl SiteCore {
         let ctx = OfferContext {
             now_unix_ms,
             welcomed_federation: self.session.as_ref().map(|s| &s.federation_id),
-            train_samples: self.data.train.len(),
+            train_samples: self.data.local().train.len(),
         };
         let checked = policy::evaluate(&self.policy, offer, &ctx)
             .and_then(|()| train_config(&offer.training))
             .and_then(|train| {
-                train::check_data(&offer.arch, &self.data.train)
+                train::check_data(&offer.arch, &self.data.local().train)
                     .map_err(|e| Refusal::Unsupported(format!("local data: {e}")))?;
+                self.data
+                    .check_scaling(offer.scaling.as_ref())
+                    .map_err(|e| Refusal::Unsupported(format!("feature scaling: {e}")))?;
                 Ok(train)
             });
         match checked {
@@ -383,19 +386,31 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{Fingerprint, SampleShape, Samples, Targets};
+    use crate::data::tabular::{TabularConfig, load_tabular};
+    use crate::data::{Fingerprint, LocalData, SampleShape, Samples, Targets};
     use crate::policy::tests::offer;
-    use fedlink_protocol::Cancel;
+    use fedlink_protocol::{Cancel, FeatureScaling};
 
-    fn data(n: usize) -> Arc<LocalData> {
+    fn data(n: usize) -> Arc<SiteData> {
         let x: Vec<f32> = (0..n * 4).map(|i| (i % 7) as f32).collect();
         let y: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
         let s = Samples::new(SampleShape::Features(4), x, Targets::Classes(y)).unwrap();
-        Arc::new(LocalData {
-            train: s.clone(),
-            validation: s.subset(&[0, 1]),
-            fingerprint: Fingerprint("fp".into()),
-        })
+        Arc::new(
+            LocalData {
+                train: s.clone(),
+                validation: s.subset(&[0, 1]),
+                fingerprint: Fingerprint("fp".into()),
+            }
+            .into(),
+        )
+    }
+
+    fn scaling(names: &[&str]) -> FeatureScaling {
+        FeatureScaling {
+            features: names.iter().map(|s| (*s).to_owned()).collect(),
+            mean: vec![0.5; names.len()],
+            std: vec![2.0; names.len()],
+        }
     }
 
     fn core() -> SiteCore {
@@ -494,6 +509,58 @@ mod tests {
         let moved = c.on_offer(1_000, &next);
         assert_eq!(moved.abort.unwrap().round, RoundId(1));
         assert_eq!(moved.start.unwrap().offer.round, RoundId(2));
+    }
+
+    #[test]
+    fn offered_scaling_must_name_the_local_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("d.csv");
+        let mut text = String::from("a,b,c,d,y\n");
+        for i in 0..10 {
+            text.push_str(&format!("{i},{},{},1,{}\n", i * 2, i % 3, i % 2));
+        }
+        std::fs::write(&csv, text).unwrap();
+        let mut cfg = TabularConfig::new(csv, "y");
+        cfg.validation_fraction = 0.0;
+        let tabular = Arc::new(SiteData::from(load_tabular(&cfg).unwrap()));
+        let policy = Policy::new(
+            vec![FederationId::new("fed").unwrap()],
+            vec!["logreg".into()],
+        );
+
+        let mut o = offer();
+        o.scaling = Some(scaling(&["a", "b", "c", "d"]));
+        let mut c = SiteCore::new(policy.clone(), tabular.clone());
+        let out = c.on_offer(1_000, &o);
+        assert_eq!(out.response.decision, OfferDecision::Accept);
+        assert_eq!(out.start.unwrap().offer.scaling, o.scaling);
+
+        for wrong in [&["a", "b", "d", "c"][..], &["a", "b", "c", "e"]] {
+            o.scaling = Some(scaling(wrong));
+            let out = SiteCore::new(policy.clone(), tabular.clone()).on_offer(1_000, &o);
+            let OfferDecision::Decline { reason } = &out.response.decision else {
+                panic!("a scaling of other columns must be declined")
+            };
+            assert!(reason.contains("feature scaling"), "{reason}");
+            assert!(reason.contains(r#"["a", "b", "c", "d"]"#), "{reason}");
+            assert!(out.start.is_none());
+        }
+
+        // Image-like data cannot honour a scaling at all.
+        o.scaling = Some(scaling(&["a", "b", "c", "d"]));
+        let OfferDecision::Decline { reason } = core().on_offer(1_000, &o).response.decision else {
+            panic!("declined expected")
+        };
+        assert!(reason.contains("not tabular"), "{reason}");
+        // An invalid scaling is an invalid offer.
+        o.scaling = Some(FeatureScaling {
+            std: vec![0.0; 4],
+            ..scaling(&["a", "b", "c", "d"])
+        });
+        assert!(matches!(
+            SiteCore::new(policy, tabular).on_offer(1_000, &o).refusal,
+            Some(Refusal::InvalidOffer(_))
+        ));
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub enum Event {
         clipped: bool,
         /// Whether DP noise was added.
         dp_noise: bool,
+        /// How the features were standardised: `federated` (the offer's
+        /// scaling), `local` (local statistics) or `none` (not tabular).
+        feature_scaling: String,
     },
     /// The signed delta was uploaded.
     Sent {
@@ -200,6 +203,9 @@ pub enum Event {
         num_examples: u64,
         /// Encoding.
         encoding: String,
+        /// Whether the header carried the feature statistics (count, Σx,
+        /// Σx² per column of the training split).
+        feature_stats: bool,
     },
     /// What the coordinator said about the upload.
     UploadResult {

@@ -24,10 +24,10 @@ use fedlink_agent::{Agent, SiteConfig, sitecore, train};
 use fedlink_certs::{RevocationList, server_tls_config};
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{
-    Encoding, ExpectedUpdate, FederationId, FlatModel, JobId, Message, ModelManifest,
-    OfferDecision, OfferResponse, Optimizer, PayloadDecoder, PrivacyRequirements, ReplayGuard,
-    RoundId, SignedEnvelope, SiteId, TaskOffer, TrainingConfig, UploadResult, ValueCodec, Welcome,
-    encode_payload, max_payload_len, verify_update,
+    Encoding, ExpectedUpdate, FeatureScaling, FederationId, FlatModel, JobId, Message,
+    ModelManifest, OfferDecision, OfferResponse, Optimizer, PayloadDecoder, PrivacyRequirements,
+    ReplayGuard, RoundId, SignedEnvelope, SiteId, TaskOffer, TrainingConfig, UploadResult,
+    ValueCodec, Welcome, encode_payload, max_payload_len, verify_update,
 };
 use fedlink_test_util::TestPki;
 use fedlink_transport::{FramedRecv, FramedSend, accept_bi, close, peer_identity, server_endpoint};
@@ -350,6 +350,7 @@ fn offer(round: u64, base: &FlatModel) -> TaskOffer {
         encoding: Encoding::default().with_chunk_bytes(16).unwrap(),
         privacy: PrivacyRequirements::default(),
         deadline_unix_ms: unix_ms() + 600_000,
+        scaling: None,
     }
 }
 
@@ -391,9 +392,14 @@ fn verify_and_decode(
     values
 }
 
-/// What the site should have computed: local − global, trained the same way.
+/// What the site should have computed: local − global, trained the same way
+/// (on its data standardised with the offer's scaling, if any).
 fn expected_delta(tabular: &TabularConfig, offer: &TaskOffer, global: &FlatModel) -> Vec<f32> {
-    let data = load_tabular(tabular).unwrap().data;
+    let loaded = load_tabular(tabular).unwrap();
+    let data = match &offer.scaling {
+        Some(s) => loaded.standardize(s).unwrap(),
+        None => loaded.data,
+    };
     let cfg = sitecore::train_config(&offer.training).unwrap();
     let device = DeviceChoice::Cpu.resolve().unwrap().device;
     let (local, _) = train::train_local(&offer.arch, global, &data.train, &cfg, &device).unwrap();
@@ -690,6 +696,99 @@ async fn a_cancelled_round_is_dropped_and_the_site_takes_the_next_offer() {
         }))
         .await
         .unwrap();
+    agent.wait_for("upload_result").await;
+    agent.stop_and_expect_bye(&mut sc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offered_scaling_is_applied_and_raw_feature_sums_are_signed() {
+    let pki = TestPki::new(1).unwrap();
+    let fake = FakeCoordinator::bind(&pki, "127.0.0.1:0".parse().unwrap());
+    let site_cfg = site(&pki, fake.addr(), 10_000);
+    let loaded = load_tabular(&site_cfg.tabular).unwrap();
+    let mut agent = Running::start(site_cfg.config.clone());
+    let mut sc = fake.accept(1_000).await;
+    let global = arch().init(5).unwrap();
+
+    // A scaling of other columns is declined with a clear reason.
+    let mut wrong = offer(1, &global);
+    wrong.scaling = Some(FeatureScaling {
+        features: vec!["a".into(), "b".into(), "d".into(), "c".into()],
+        mean: vec![0.0; 4],
+        std: vec![1.0; 4],
+    });
+    let OfferDecision::Decline { reason } = sc.offer(&wrong).await.decision else {
+        panic!("a scaling of other columns must be declined")
+    };
+    assert!(reason.contains("feature scaling"), "{reason}");
+    assert!(reason.contains(r#"["a", "b", "c", "d"]"#), "{reason}");
+
+    // The federation's scaling (far from the local statistics) is applied.
+    let mut good = offer(1, &global);
+    let scaling = FeatureScaling {
+        features: loaded.features().to_vec(),
+        mean: vec![3.0, -1.0, 0.2, 2.5],
+        std: vec![2.5, 4.0, 0.5, 1.5],
+    };
+    assert_ne!(scaling.mean, loaded.scaling.mean);
+    good.scaling = Some(scaling);
+    assert_eq!(sc.offer(&good).await.decision, OfferDecision::Accept);
+    let (send, _recv, request) = sc.next_stream().await;
+    SiteConn::serve_model(send, &request, &global).await;
+    let (mut up_send, mut up_recv, request) = sc.next_stream().await;
+    let (envelope, records) = SiteConn::read_upload(&mut up_recv, request).await;
+
+    // The signed header carries the raw sums of the training split, and the
+    // global model was evaluated on the validation split as standardised
+    // with the offered scaling.
+    let h = &envelope.header;
+    let stats = h
+        .feature_stats
+        .as_ref()
+        .expect("tabular sites report stats");
+    assert_eq!(stats, &loaded.stats);
+    assert_eq!(stats.count, h.num_examples);
+    assert_eq!(stats.features, vec!["a", "b", "c", "d"]);
+    let raw_a: f64 = {
+        let text = std::fs::read_to_string(&site_cfg.tabular.path).unwrap();
+        let rows: Vec<f32> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        let (train, _) = fedlink_agent::data::split_indices(rows.len(), 0.25, 3);
+        train.iter().map(|&i| f64::from(rows[i])).sum()
+    };
+    assert!(
+        (stats.sum[0] - raw_a).abs() < 1e-9 * raw_a.abs(),
+        "{} vs {raw_a}",
+        stats.sum[0]
+    );
+    let standardized = loaded.standardize(good.scaling.as_ref().unwrap()).unwrap();
+    let device = DeviceChoice::Cpu.resolve().unwrap().device;
+    let on_fed = train::evaluate(&good.arch, &global, &standardized.validation, &device).unwrap();
+    let metrics = h.metrics.as_ref().unwrap();
+    assert_eq!(metrics.loss, Some(on_fed.loss));
+    let delta = verify_and_decode(&pki, &sc.site, &good, &envelope, &records);
+    assert_eq!(delta, expected_delta(&site_cfg.tabular, &good, &global));
+    let mut local_offer = good.clone();
+    local_offer.scaling = None;
+    assert_ne!(
+        delta,
+        expected_delta(&site_cfg.tabular, &local_offer, &global),
+        "the offered scaling made a difference"
+    );
+    up_send
+        .message(&Message::UploadResult(UploadResult::Ack {
+            payload_hash: h.payload_hash,
+            accepted: true,
+        }))
+        .await
+        .unwrap();
+    let trained = agent.wait_for("trained").await;
+    assert_eq!(trained.details["feature_scaling"], "federated");
+    let sent = agent.wait_for("sent").await;
+    assert_eq!(sent.details["feature_stats"], true);
     agent.wait_for("upload_result").await;
     agent.stop_and_expect_bye(&mut sc).await;
 }

@@ -347,7 +347,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
 
     // 2. The job and the coordinator config.
     let first = load_tabular(&tabular(data_dir.join(task.sites[0].1), task, 0.0))?;
-    let inputs = first.standardizer.features.len() as u32;
+    let inputs = first.features().len() as u32;
     let arch: ArchSpec = toml::from_str(&format!(
         "kind = \"logreg\"\ninputs = {inputs}\nclasses = 2\n"
     ))?;
@@ -413,7 +413,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     let central_data = load_tabular(&tabular(pooled, task, 0.0))?;
     let test_central = load_tabular_test(
         &tabular(test_path.clone(), task, 0.0),
-        &central_data.standardizer,
+        &central_data.scaling,
     )?;
     let total_epochs = (task.rounds * task.epochs) as usize;
     let cfg = TrainConfig::new()
@@ -428,7 +428,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     let mut local_only = Vec::new();
     for (site, csv) in &task.sites {
         let d = load_tabular(&tabular(data_dir.join(csv), task, 0.0))?;
-        let t = load_tabular_test(&tabular(test_path.clone(), task, 0.0), &d.standardizer)?;
+        let t = load_tabular_test(&tabular(test_path.clone(), task, 0.0), &d.scaling)?;
         let (m, _) = train_local(&arch, &init, &d.data.train, &cfg, &device)?;
         local_only.push(((*site).to_owned(), evaluate(&arch, &m, &t, &device)?));
     }

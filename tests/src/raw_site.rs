@@ -158,6 +158,7 @@ impl RawSite {
             payload_hash: PayloadHash(*hasher.finalize().as_bytes()),
             nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
             metrics: None,
+            feature_stats: None,
         };
         let key = self
             .kit

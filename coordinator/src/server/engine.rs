@@ -740,6 +740,7 @@ impl Engine {
                 dp: None,
             },
             deadline_unix_ms: self.to_unix_ms(deadline),
+            scaling: None,
         })
     }
 

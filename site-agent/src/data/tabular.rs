@@ -7,16 +7,33 @@
 //! * Missing feature values are the empty cell and (case-insensitively)
 //!   `NA`, `N/A`, `NaN`, `null`, `?`. With [`MissingValues::Reject`] (the
 //!   default) the first one is an error naming line and column; with
-//!   [`MissingValues::ImputeMean`] it becomes the *training split's* mean of
-//!   that column (0 after standardisation).
-//! * Features are standardised (`(x − mean) / std`) with statistics computed
-//!   locally on the training split only ([`Standardizer`]); a column that is
-//!   constant there keeps `std = 1`. Validation and test rows use the same
-//!   statistics.
+//!   [`MissingValues::ImputeMean`] it becomes the *local training split's*
+//!   mean of that column (raw units, before anything else: the statistics
+//!   below are of the imputed data).
 //! * Infinite values, ragged rows and bad quoting are errors.
+//!
+//! # Standardisation
+//!
+//! The raw (imputed) features of the split stay in memory
+//! ([`TabularData`]); the statistics of the raw training split
+//! ([`TabularData::stats`]: count, Σx, Σx²) are what the site reports to
+//! the federation. Features are standardised (`(x − mean) / std`) with a
+//! [`FeatureScaling`]:
+//!
+//! * the federation's pooled scaling when an offer carries one
+//!   ([`TabularData::standardize`]; it must name this file's feature columns
+//!   in the same order);
+//! * otherwise the local one ([`TabularData::scaling`], the same formula
+//!   over this site's statistics only: population std, a constant column
+//!   keeps `std = 1`), which [`TabularData::data`] is standardised with.
+//!
+//! Training and validation rows always use the same scaling; a test file is
+//! standardised with a given scaling by [`load_tabular_test`] (missing test
+//! values become the scaling's mean, i.e. 0).
 
 use std::path::PathBuf;
 
+use fedlink_protocol::{FeatureScaling, FeatureStats};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -76,75 +93,6 @@ impl TabularConfig {
             validation_fraction: default_validation_fraction(),
             split_seed: 0,
         }
-    }
-}
-
-/// Per-feature standardisation statistics, fitted on a training split.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Standardizer {
-    /// Feature column names, in order.
-    pub features: Vec<String>,
-    /// Column means.
-    pub mean: Vec<f32>,
-    /// Column standard deviations (1 for constant columns).
-    pub std: Vec<f32>,
-}
-
-impl Standardizer {
-    /// Fit on the rows `rows` of `table` (missing values ignored).
-    fn fit(table: &Table, rows: &[usize]) -> Self {
-        let f = table.features.len();
-        let mut sum = vec![0f64; f];
-        let mut count = vec![0u64; f];
-        for &r in rows {
-            for (j, v) in table.row(r).iter().enumerate() {
-                if !v.is_nan() {
-                    sum[j] += f64::from(*v);
-                    count[j] += 1;
-                }
-            }
-        }
-        let mean: Vec<f64> = sum
-            .iter()
-            .zip(&count)
-            .map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
-            .collect();
-        let mut sq = vec![0f64; f];
-        for &r in rows {
-            for (j, v) in table.row(r).iter().enumerate() {
-                if !v.is_nan() {
-                    sq[j] += (f64::from(*v) - mean[j]).powi(2);
-                }
-            }
-        }
-        let std = sq
-            .iter()
-            .zip(&count)
-            .map(|(s, &c)| {
-                let sd = if c == 0 { 0.0 } else { (s / c as f64).sqrt() };
-                if sd > 1e-12 { sd as f32 } else { 1.0 }
-            })
-            .collect();
-        Self {
-            features: table.features.clone(),
-            mean: mean.iter().map(|&m| m as f32).collect(),
-            std,
-        }
-    }
-
-    /// Standardise the rows `rows` of `table` (missing → mean → 0).
-    fn transform(&self, table: &Table, rows: &[usize]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(rows.len() * self.mean.len());
-        for &r in rows {
-            for (j, v) in table.row(r).iter().enumerate() {
-                out.push(if v.is_nan() {
-                    0.0
-                } else {
-                    (v - self.mean[j]) / self.std[j]
-                });
-            }
-        }
-        out
     }
 }
 
@@ -329,29 +277,168 @@ fn read(cfg: &TabularConfig) -> Result<(Table, FingerprintBuilder), DataError> {
     Ok((parse(cfg, &bytes)?, fp))
 }
 
-fn samples(table: &Table, std: &Standardizer, rows: &[usize]) -> Result<Samples, DataError> {
-    Samples::new(
-        SampleShape::Features(table.features.len()),
-        std.transform(table, rows),
-        Targets::Classes(rows.iter().map(|&r| table.y[r]).collect()),
-    )
+/// Longest list of feature names quoted in an error message.
+const MAX_QUOTED_NAMES: usize = 400;
+
+fn quote_names(names: &[String]) -> String {
+    let s = format!("{names:?}");
+    if s.len() <= MAX_QUOTED_NAMES {
+        return s;
+    }
+    let mut end = MAX_QUOTED_NAMES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
-/// A loaded tabular dataset: the split and the statistics fitted on its
-/// training part.
+/// Check that `scaling` names exactly `features`, in order.
+fn check_features(features: &[String], scaling: &FeatureScaling) -> Result<(), DataError> {
+    if scaling.features == features {
+        return Ok(());
+    }
+    Err(DataError::ScalingMismatch {
+        scaling: quote_names(&scaling.features),
+        local: quote_names(features),
+    })
+}
+
+/// Standardise row-major raw features (NaN: missing → the scaling's mean,
+/// 0) with `scaling` (already checked against the columns).
+fn transform(x: &[f32], scaling: &FeatureScaling) -> Vec<f32> {
+    let f = scaling.mean.len();
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let j = i % f;
+            if v.is_nan() {
+                0.0
+            } else {
+                ((f64::from(v) - scaling.mean[j]) / scaling.std[j]) as f32
+            }
+        })
+        .collect()
+}
+
+/// One part of the split in raw units: features row-major, labels.
+#[derive(Clone, Debug)]
+struct RawRows {
+    x: Vec<f32>,
+    y: Vec<u32>,
+}
+
+impl RawRows {
+    fn of(table: &Table, rows: &[usize]) -> Self {
+        let mut x = Vec::with_capacity(rows.len() * table.features.len());
+        for &r in rows {
+            x.extend_from_slice(table.row(r));
+        }
+        Self {
+            x,
+            y: rows.iter().map(|&r| table.y[r]).collect(),
+        }
+    }
+
+    fn samples(&self, scaling: &FeatureScaling) -> Result<Samples, DataError> {
+        Samples::new(
+            SampleShape::Features(scaling.features.len()),
+            transform(&self.x, scaling),
+            Targets::Classes(self.y.clone()),
+        )
+    }
+}
+
+/// Replace missing cells (NaN) with the column mean of the training rows
+/// (0 for a column with no value there).
+fn impute(table: &mut Table, train: &[usize]) {
+    let f = table.features.len();
+    let mut sum = vec![0f64; f];
+    let mut count = vec![0u64; f];
+    for &r in train {
+        for (j, v) in table.row(r).iter().enumerate() {
+            if !v.is_nan() {
+                sum[j] += f64::from(*v);
+                count[j] += 1;
+            }
+        }
+    }
+    let mean: Vec<f32> = sum
+        .iter()
+        .zip(&count)
+        .map(|(s, &c)| if c == 0 { 0.0 } else { (s / c as f64) as f32 })
+        .collect();
+    for (i, v) in table.x.iter_mut().enumerate() {
+        if v.is_nan() {
+            *v = mean[i % f];
+        }
+    }
+}
+
+/// Count, Σx and Σx² per feature of row-major `x` (no missing values).
+fn feature_stats(features: &[String], x: &[f32]) -> FeatureStats {
+    let f = features.len();
+    let mut sum = vec![0f64; f];
+    let mut sum_sq = vec![0f64; f];
+    for row in x.chunks_exact(f) {
+        for ((s, q), &v) in sum.iter_mut().zip(&mut sum_sq).zip(row) {
+            let v = f64::from(v);
+            *s += v;
+            *q += v * v;
+        }
+    }
+    FeatureStats {
+        features: features.to_vec(),
+        count: (x.len() / f) as u64,
+        sum,
+        sum_sq,
+    }
+}
+
+/// A loaded tabular dataset: the split in raw units, the statistics of its
+/// training part, and the split standardised with those local statistics.
 #[derive(Clone, Debug)]
 pub struct TabularData {
-    /// Train/validation samples and fingerprint.
+    /// Train/validation samples standardised with [`TabularData::scaling`],
+    /// and the fingerprint.
     pub data: LocalData,
-    /// Standardisation fitted on the training split; apply it to any test
-    /// file with [`load_tabular_test`].
-    pub standardizer: Standardizer,
+    /// The local standardisation (from [`TabularData::stats`] alone).
+    pub scaling: FeatureScaling,
+    /// Count, Σx, Σx² of the raw (imputed) training split: what the site
+    /// reports to the federation.
+    pub stats: FeatureStats,
+    train: RawRows,
+    validation: RawRows,
 }
 
-/// Read, validate, split and standardise a CSV dataset.
+impl TabularData {
+    /// Feature column names, in order.
+    pub fn features(&self) -> &[String] {
+        &self.scaling.features
+    }
+
+    /// Check that `scaling` can be applied: it names this dataset's feature
+    /// columns, in order.
+    pub fn check_scaling(&self, scaling: &FeatureScaling) -> Result<(), DataError> {
+        check_features(self.features(), scaling)
+    }
+
+    /// The split standardised with `scaling` (e.g. the federation's) instead
+    /// of the local statistics; the raw values are read again, nothing is
+    /// re-parsed.
+    pub fn standardize(&self, scaling: &FeatureScaling) -> Result<LocalData, DataError> {
+        self.check_scaling(scaling)?;
+        Ok(LocalData {
+            train: self.train.samples(scaling)?,
+            validation: self.validation.samples(scaling)?,
+            fingerprint: self.data.fingerprint.clone(),
+        })
+    }
+}
+
+/// Read, validate, split and standardise (locally) a CSV dataset.
 pub fn load_tabular(cfg: &TabularConfig) -> Result<TabularData, DataError> {
     check_fraction(cfg.validation_fraction)?;
-    let (table, fp) = read(cfg)?;
+    let (mut table, fp) = read(cfg)?;
     let (train, valid) = split_indices(table.rows(), cfg.validation_fraction, cfg.split_seed);
     if train.is_empty() {
         return Err(DataError::Empty(format!(
@@ -359,35 +446,40 @@ pub fn load_tabular(cfg: &TabularConfig) -> Result<TabularData, DataError> {
             cfg.path.display()
         )));
     }
-    let standardizer = Standardizer::fit(&table, &train);
+    impute(&mut table, &train);
+    let train = RawRows::of(&table, &train);
+    let validation = RawRows::of(&table, &valid);
+    let stats = feature_stats(&table.features, &train.x);
+    let scaling = FeatureScaling::pooled([&stats]).map_err(|e| {
+        DataError::Config(format!(
+            "{}: the training columns cannot be standardised: {e}",
+            cfg.path.display()
+        ))
+    })?;
     Ok(TabularData {
         data: LocalData {
-            train: samples(&table, &standardizer, &train)?,
-            validation: samples(&table, &standardizer, &valid)?,
+            train: train.samples(&scaling)?,
+            validation: validation.samples(&scaling)?,
             fingerprint: fp.finish(),
         },
-        standardizer,
+        scaling,
+        stats,
+        train,
+        validation,
     })
 }
 
 /// Read every row of a test CSV (same columns as the training file) and
-/// standardise it with the training statistics. The split settings of
-/// `cfg` are ignored.
+/// standardise it with `scaling` (the training data's, or the
+/// federation's). The split settings of `cfg` are ignored.
 pub fn load_tabular_test(
     cfg: &TabularConfig,
-    standardizer: &Standardizer,
+    scaling: &FeatureScaling,
 ) -> Result<Samples, DataError> {
     let (table, _) = read(cfg)?;
-    if table.features != standardizer.features {
-        return Err(DataError::Config(format!(
-            "{}: feature columns {:?} differ from the training columns {:?}",
-            cfg.path.display(),
-            table.features,
-            standardizer.features
-        )));
-    }
-    let rows: Vec<usize> = (0..table.rows()).collect();
-    samples(&table, standardizer, &rows)
+    check_features(&table.features, scaling)
+        .map_err(|e| DataError::Config(format!("{}: {e}", cfg.path.display())))?;
+    RawRows::of(&table, &(0..table.rows()).collect::<Vec<_>>()).samples(scaling)
 }
 
 #[cfg(test)]
@@ -418,9 +510,14 @@ mod tests {
         let mut c = cfg(p);
         c.drop_columns = vec!["id".into()];
         let t = load_tabular(&c).unwrap();
-        assert_eq!(t.standardizer.features, vec!["a", "b"]);
-        assert_eq!(t.standardizer.mean, vec![2.0, 10.0]);
-        assert_eq!(t.standardizer.std[1], 1.0, "constant column keeps std 1");
+        assert_eq!(t.scaling.features, vec!["a", "b"]);
+        assert_eq!(t.scaling.mean, vec![2.0, 10.0]);
+        assert_eq!(t.scaling.std[1], 1.0, "constant column keeps std 1");
+        // Raw statistics of the training split, for the federation.
+        assert_eq!(t.stats.features, vec!["a", "b"]);
+        assert_eq!(t.stats.count, 3);
+        assert_eq!(t.stats.sum, vec![6.0, 30.0]);
+        assert_eq!(t.stats.sum_sq, vec![14.0, 300.0]);
         let x = t.data.train.features();
         let s = (2.0f32 / 3.0).sqrt();
         assert!((x[0] + 1.0 / s).abs() < 1e-6);
@@ -457,8 +554,15 @@ mod tests {
         ));
         c.missing = MissingValues::ImputeMean;
         let t = load_tabular(&c).unwrap();
-        assert_eq!(t.standardizer.mean, vec![2.0]);
-        assert_eq!(t.data.train.features(), &[-1.0, 0.0, 1.0, 0.0]);
+        // Imputed raw column: 1, 2, 3, 2 (mean 2, population std √0.5).
+        assert_eq!(t.scaling.mean, vec![2.0]);
+        assert_eq!(t.stats.sum, vec![8.0]);
+        assert_eq!(t.stats.sum_sq, vec![18.0]);
+        let s = 0.5f64.sqrt();
+        let want = [-1.0 / s, 0.0, 1.0 / s, 0.0];
+        for (x, w) in t.data.train.features().iter().zip(want) {
+            assert!((f64::from(*x) - w).abs() < 1e-6, "{x} vs {w}");
+        }
     }
 
     #[test]
@@ -524,11 +628,68 @@ mod tests {
         let test = write(dir.path(), "test.csv", "a,y\n4,1\n");
         let other = write(dir.path(), "other.csv", "b,y\n4,1\n");
         let t = load_tabular(&cfg(train)).unwrap();
-        let s = load_tabular_test(&cfg(test), &t.standardizer).unwrap();
+        let s = load_tabular_test(&cfg(test), &t.scaling).unwrap();
         assert_eq!(s.features(), &[3.0]);
         assert!(matches!(
-            load_tabular_test(&cfg(other), &t.standardizer),
+            load_tabular_test(&cfg(other), &t.scaling),
             Err(DataError::Config(_))
         ));
+    }
+
+    #[test]
+    fn standardizes_with_an_offered_scaling_from_the_raw_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.csv",
+            "a,b,y\n1,10,0\n2,20,1\n3,30,1\n4,40,0\n5,50,1\n",
+        );
+        let mut c = cfg(p);
+        c.validation_fraction = 0.4;
+        let t = load_tabular(&c).unwrap();
+        assert_eq!(t.data.train.len(), 3);
+        assert_eq!(t.data.validation.len(), 2);
+        let fed = FeatureScaling {
+            features: vec!["a".into(), "b".into()],
+            mean: vec![1.0, 100.0],
+            std: vec![2.0, 10.0],
+        };
+        let d = t.standardize(&fed).unwrap();
+        assert_eq!(d.fingerprint, t.data.fingerprint);
+        assert_eq!(d.train.targets(), t.data.train.targets());
+        assert_eq!(d.validation.targets(), t.data.validation.targets());
+        // Undo the local scaling to get the raw values back, then apply the
+        // offered one: (x − mean) / std with the offered numbers.
+        for (local, offered) in [
+            (&t.data.train, &d.train),
+            (&t.data.validation, &d.validation),
+        ] {
+            for (i, (l, o)) in local.features().iter().zip(offered.features()).enumerate() {
+                let j = i % 2;
+                let raw = f64::from(*l) * t.scaling.std[j] + t.scaling.mean[j];
+                let want = (raw - fed.mean[j]) / fed.std[j];
+                assert!((f64::from(*o) - want).abs() < 1e-5, "{o} vs {want}");
+            }
+        }
+        // The statistics stay those of the raw training split.
+        let train_a: f64 = (0..3)
+            .map(|i| {
+                f64::from(t.data.train.features()[2 * i]) * t.scaling.std[0] + t.scaling.mean[0]
+            })
+            .sum();
+        assert!((t.stats.sum[0] - train_a).abs() < 1e-9);
+        assert_eq!(t.stats.count, 3);
+        // Names must match, in order.
+        for features in [vec!["b", "a"], vec!["a"], vec!["a", "c"]] {
+            let n = features.len();
+            let wrong = FeatureScaling {
+                features: features.into_iter().map(String::from).collect(),
+                mean: vec![0.0; n],
+                std: vec![1.0; n],
+            };
+            let err = t.standardize(&wrong).unwrap_err();
+            assert!(matches!(err, DataError::ScalingMismatch { .. }), "{err}");
+            assert!(err.to_string().contains("[\"a\", \"b\"]"), "{err}");
+        }
     }
 }

@@ -345,7 +345,7 @@ fn committed_demo_splits_load_and_train() {
             repo_data("breast_cancer_wisconsin/splits/global_test.csv"),
             "malignant",
         );
-        let test = load_tabular_test(&test_cfg, &d.standardizer).unwrap();
+        let test = load_tabular_test(&test_cfg, &d.scaling).unwrap();
         let (local, _) = train_local(&arch, &global, &d.data.train, &cfg, &device).unwrap();
         let m = evaluate(&arch, &local, &test, &device).unwrap();
         eprintln!(
@@ -374,7 +374,7 @@ fn committed_demo_splits_load_and_train() {
         let d = load_tabular(&c).unwrap();
         let mut t = c.clone();
         t.path = repo_data(&format!("opt_preterm_4hospitals/splits/{site}/test.csv"));
-        let test = load_tabular_test(&t, &d.standardizer).unwrap();
+        let test = load_tabular_test(&t, &d.scaling).unwrap();
         let (local, _) = train_local(&arch, &global, &d.data.train, &cfg, &device).unwrap();
         let m = evaluate(&arch, &local, &test, &device).unwrap();
         eprintln!(

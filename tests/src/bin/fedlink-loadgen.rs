@@ -340,6 +340,7 @@ async fn run_site(
             payload_hash: payload.hash,
             nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
             metrics: None,
+            feature_stats: None,
         };
         let t_upload = Instant::now();
         let envelope = sign_update(&key, header);
