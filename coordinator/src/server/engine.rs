@@ -28,6 +28,7 @@ use fedlink_protocol::{
 use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::spool;
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::job::{Job, LocalOptimizer};
@@ -112,6 +113,8 @@ pub(crate) struct EngineParts {
     pub(crate) store: Arc<Store>,
     pub(crate) strategy: StrategyConfig,
     pub(crate) server_state: ServerState,
+    /// Feature statistics and scaling as of the last completed round.
+    pub(crate) scaling: FederatedScaling,
     pub(crate) global: FlatModel,
     pub(crate) federation: FederationId,
     pub(crate) keys: BTreeMap<SiteId, VerifyingKey>,
@@ -130,6 +133,7 @@ pub(crate) struct Engine {
     store: Arc<Store>,
     strategy: StrategyConfig,
     server_state: ServerState,
+    scaling: FederatedScaling,
     global: Arc<FlatModel>,
     aggregator: Option<(u64, RoundAggregator)>,
     federation: FederationId,
@@ -138,6 +142,8 @@ pub(crate) struct Engine {
     sites: HashMap<String, SiteConn>,
     pending: HashMap<(String, u64), Pending>,
     round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
+    /// Feature statistics of the round's accepted updates.
+    round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
     noise: NoiseRng,
     wire: Arc<super::Shared>,
@@ -164,6 +170,7 @@ impl Engine {
             store: parts.store,
             strategy: parts.strategy,
             server_state: parts.server_state,
+            scaling: parts.scaling,
             global: Arc::new(parts.global),
             aggregator: None,
             federation: parts.federation,
@@ -172,6 +179,7 @@ impl Engine {
             sites: HashMap::new(),
             pending: HashMap::new(),
             round_metrics: BTreeMap::new(),
+            round_stats: BTreeMap::new(),
             status: parts.status,
             noise: parts.noise,
             wire: parts.wire,
@@ -416,8 +424,11 @@ impl Engine {
             Action::Persist(cp) => {
                 let optimizer = match &cp {
                     crate::round::Checkpoint::RoundCompleted { .. } => Some(
-                        serde_json::to_vec(&self.server_state)
-                            .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?,
+                        serde_json::to_vec(&PersistedState {
+                            server: self.server_state.clone(),
+                            scaling: self.scaling.clone(),
+                        })
+                        .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?,
                     ),
                     _ => None,
                 };
@@ -560,6 +571,7 @@ impl Engine {
         .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
         self.aggregator = Some((round, agg));
         self.round_metrics.remove(&round);
+        self.round_stats.remove(&round);
         self.replay
             .prune_before(&self.federation, &self.job_id, RoundId(round));
         Ok(())
@@ -573,11 +585,19 @@ impl Engine {
         let folded = tokio::task::block_in_place(|| self.fold(&p));
         match folded {
             Ok(()) => {
-                if let Some(m) = &p.envelope.header.metrics {
+                let h = &p.envelope.header;
+                if let Some(m) = &h.metrics {
                     self.round_metrics
                         .entry(round)
                         .or_default()
                         .push((site.to_owned(), m.clone()));
+                }
+                if let Some(stats) = &h.feature_stats {
+                    self.round_stats.entry(round).or_default().push(Report {
+                        site: site.to_owned(),
+                        num_examples: h.num_examples,
+                        stats: stats.clone(),
+                    });
                 }
                 let archived = archive(&self.store, &self.job_id, round, site, &p);
                 if let Err(e) = archived {
@@ -692,6 +712,21 @@ impl Engine {
                 }
             }
         }
+        // The sites' feature statistics of this round update the scaling
+        // that the next rounds' offers carry (persisted with the round).
+        let reports = self.round_stats.remove(&round).unwrap_or_default();
+        let scaling = self.scaling.with_round(&reports);
+        if scaling.scaling() != self.scaling.scaling()
+            && let Some(s) = scaling.scaling()
+        {
+            tracing::info!(
+                round,
+                features = s.features.len(),
+                sites = scaling.sites().count(),
+                "federated feature scaling updated"
+            );
+        }
+        self.scaling = scaling;
         self.server_state = state;
         Ok((hash, metrics))
     }
@@ -740,7 +775,7 @@ impl Engine {
                 dp: None,
             },
             deadline_unix_ms: self.to_unix_ms(deadline),
-            scaling: None,
+            scaling: self.scaling.scaling().cloned(),
         })
     }
 
@@ -780,6 +815,7 @@ impl Engine {
             finished: self.outcome.as_ref().map(|o| format!("{o:?}")),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
+            scaling: self.scaling.scaling().cloned(),
             updated_unix_ms: unix_ms(),
         };
         if let Err(e) = self.status.write(&status) {
@@ -868,6 +904,7 @@ fn verify_code(e: &VerifyError) -> RejectCode {
         VerifyError::PayloadLengthMismatch { .. }
         | VerifyError::PayloadHashMismatch
         | VerifyError::PayloadTooLarge { .. } => RejectCode::PayloadMismatch,
+        VerifyError::BadFeatureStats(_) => RejectCode::Malformed,
         _ => RejectCode::ContextMismatch,
     }
 }

@@ -15,6 +15,7 @@
 
 mod conn;
 mod engine;
+mod scaling;
 mod spool;
 pub mod status;
 mod wire;
@@ -29,7 +30,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::dp::NoiseRng;
-use fedlink_aggregation::round::ServerState;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId};
@@ -40,6 +40,7 @@ use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
 use engine::{Engine, EngineParts, Event};
+use scaling::PersistedState;
 use wire::WireModel;
 
 pub use status::{STATUS_FILE, Status};
@@ -246,10 +247,10 @@ pub async fn serve(
     let job = recovery.job;
     let strategy = strategy_config(&job).map_err(ServeError::Job)?;
     engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::Job)?;
-    let server_state: ServerState = match &recovery.optimizer_state {
+    let persisted: PersistedState = match &recovery.optimizer_state {
         Some(bytes) => serde_json::from_slice(bytes)
             .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
-        None => ServerState::default(),
+        None => PersistedState::default(),
     };
     let replay: ReplayGuard = match store.replay_state(&job.id)? {
         Some(bytes) => serde_json::from_slice(&bytes)
@@ -286,7 +287,8 @@ pub async fn serve(
             runner,
             store: store.clone(),
             strategy,
-            server_state,
+            server_state: persisted.server,
+            scaling: persisted.scaling,
             global: recovery.model,
             federation,
             keys,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
+use fedlink_protocol::FeatureScaling;
 use serde::{Deserialize, Serialize};
 
 /// File name of the status snapshot in the data directory.
@@ -47,6 +48,12 @@ pub struct Status {
     pub completed: bool,
     /// Every round so far.
     pub rounds: Vec<RoundStatus>,
+    /// The federated feature standardisation that offers carry now (pooled
+    /// from the sites' reported statistics; `None` before any report, or
+    /// for non-tabular data): what the sites standardise their features
+    /// with, so also what a held-out test set must be standardised with.
+    #[serde(default)]
+    pub scaling: Option<FeatureScaling>,
     /// When this snapshot was written (Unix ms).
     pub updated_unix_ms: u64,
 }
