@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fedlink_coordinator::config::CoordinatorConfig;
@@ -166,6 +167,17 @@ impl RunningCoordinator {
         read_status(&self.data_dir)
     }
 
+    /// Wait for the coordinator to stop by itself (job finished), failing
+    /// after `limit` (a safety net for jobs that train for real).
+    pub async fn finished_within(self, limit: Duration) -> anyhow::Result<ServeOutcome> {
+        let Self { handle, stop, .. } = self;
+        let out = tokio::time::timeout(limit, handle)
+            .await
+            .with_context(|| format!("the job did not finish within {limit:?}"))??;
+        drop(stop);
+        Ok(out?)
+    }
+
     /// Wait for the coordinator to stop by itself (job finished).
     pub async fn finished(self) -> anyhow::Result<ServeOutcome> {
         let Self { handle, stop, .. } = self;
@@ -188,4 +200,55 @@ pub fn read_status(data_dir: &Path) -> anyhow::Result<Status> {
     let path = data_dir.join(fedlink_coordinator::server::STATUS_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Poll `status.json` of `data_dir` (every 10 ms) until `done` holds for
+/// it, failing after `limit`. A missing or half-written file counts as "not
+/// yet" (the coordinator may not have started).
+pub async fn wait_for_status(
+    data_dir: &Path,
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut(&Status) -> bool,
+) -> anyhow::Result<Status> {
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Ok(s) = read_status(data_dir) {
+            if done(&s) {
+                return Ok(s);
+            }
+            last = Some(s);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{what}: not reached within {limit:?}; last status: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A loopback UDP address that was free a moment ago (bound to port 0 and
+/// released), for a coordinator that must come up later or come back on
+/// the same port.
+pub fn free_udp_addr() -> anyhow::Result<SocketAddr> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?)
+}
+
+/// A binary of this workspace, from the target directory of the running
+/// test (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .with_context(|| format!("{} has no target directory", exe.display()))?;
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} does not exist: run `cargo build --bins` first (`cargo test --workspace` builds it too)",
+            path.display()
+        );
+    }
+    Ok(path)
 }

@@ -1,0 +1,636 @@
+//! End-to-end federations with REAL site agents (`fedlink_agent::Agent`:
+//! QUIC + mutual TLS, policy, burn training on the WDBC hospital splits,
+//! signed deltas) against the real coordinator, in-process or as the
+//! `fedlink-coordinator` binary killed with SIGKILL and restarted.
+//!
+//! Progress is observed through the agents' site-log events and the
+//! coordinator's `status.json`; nothing waits a fixed time. Every wait has a
+//! generous safety limit that the happy path never reaches.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedlink_agent::sitelog::{LogEntry, read_log};
+use fedlink_agent::{Agent, AgentError, SiteConfig};
+use fedlink_coordinator::round::JobOutcome;
+use fedlink_coordinator::store::{RoundRecord, RoundState, Store, read_model_file};
+use fedlink_protocol::message::UploadResult;
+use fedlink_protocol::{FlatModel, ModelHash};
+use fedlink_test_util::{FEDERATION, TestPki};
+use fedlink_tests::fixture::{
+    JobSpec, RunningCoordinator, free_udp_addr, read_status, wait_for_status, workspace_binary,
+    write_config, write_job,
+};
+use fedlink_tests::raw_site::RawSite;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Safety net for any single wait (never reached when things work).
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// WDBC has 30 features.
+const WDBC_FEATURES: u32 = 30;
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out ({LIMIT:?}) waiting for {what}"))
+}
+
+/// One of the repository's WDBC hospital splits (a, b, c).
+fn hospital_csv(i: usize) -> PathBuf {
+    let name = ["a", "b", "c"][i % 3];
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/breast_cancer_wisconsin/splits")
+        .join(format!("hospital_{name}.csv"))
+}
+
+/// A small job over the WDBC features: one epoch, deadlines that never
+/// fire in the happy path.
+fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
+    JobSpec {
+        id: id.into(),
+        rounds,
+        sites,
+        quorum: sites,
+        deadline_secs: 120,
+        inputs: WDBC_FEATURES,
+        codec: "f32".into(),
+    }
+}
+
+/// `site.toml` of site `i` (kit `site-i`, hospital split `i`), pointed at
+/// `coordinator`, with short reconnection delays.
+fn site_config(pki: &TestPki, i: usize, dir: &Path, coordinator: SocketAddr) -> SiteConfig {
+    let text = format!(
+        r#"
+kit_dir = {kit:?}
+data_dir = "site-{i}"
+device = "cpu"
+coordinator_addr = "{coordinator}"
+
+[connection]
+backoff_initial_ms = 20
+backoff_max_ms = 200
+connect_timeout_ms = 1000
+idle_timeout_ms = 3000
+
+[dataset]
+kind = "csv"
+path = {csv:?}
+label_column = "malignant"
+validation_fraction = 0.2
+split_seed = 7
+
+[policy]
+federations = ["{FEDERATION}"]
+architectures = ["logreg"]
+min_local_samples = 20
+max_epochs = 1
+encodings = ["f32"]
+"#,
+        kit = pki.site_dir(i).unwrap(),
+        csv = hospital_csv(i),
+    );
+    SiteConfig::parse(&text, Path::new("site.toml"), dir).unwrap()
+}
+
+/// An agent running in this process, its site-log entries observed as they
+/// are written.
+struct RunningAgent {
+    name: String,
+    log_path: PathBuf,
+    events: mpsc::UnboundedReceiver<LogEntry>,
+    seen: Vec<LogEntry>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    fn start(name: &str, config: SiteConfig) -> Self {
+        let log_path = config.site_log_path();
+        let (tx, events) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(Agent::new(config).with_events(tx).run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            name: name.to_owned(),
+            log_path,
+            events,
+            seen: Vec::new(),
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// The next entry (after those already seen) for which `want` holds.
+    async fn wait_for(&mut self, what: &str, want: impl Fn(&LogEntry) -> bool) -> LogEntry {
+        let name = self.name.clone();
+        loop {
+            let e = within(&format!("{name}: {what}"), self.events.recv())
+                .await
+                .unwrap_or_else(|| panic!("{name} stopped before {what}: {:#?}", self.seen));
+            self.seen.push(e.clone());
+            assert_ne!(e.event, "task_failed", "{name}: {e:?}");
+            if want(&e) {
+                return e;
+            }
+        }
+    }
+
+    /// Shut down (orderly), expect `Ok`, and return every entry written,
+    /// checked against the site-log file.
+    async fn stop(mut self) -> Vec<LogEntry> {
+        let _ = self.stop.take().unwrap().send(());
+        within("the agent to stop", self.handle)
+            .await
+            .unwrap()
+            .unwrap();
+        while let Some(e) = self.events.recv().await {
+            self.seen.push(e);
+        }
+        // The file holds exactly what was observed (compared through the
+        // same JSON text, as serde_json's float parsing is not exact).
+        let on_disk = read_log(&self.log_path).unwrap();
+        let reparsed: Vec<LogEntry> = self
+            .seen
+            .iter()
+            .map(|e| serde_json::from_str(&serde_json::to_string(e).unwrap()).unwrap())
+            .collect();
+        assert!(
+            on_disk == reparsed,
+            "{}: the site log file differs",
+            self.name
+        );
+        assert_eq!(self.seen.last().unwrap().event, "agent_stopped");
+        self.seen
+    }
+}
+
+fn str_field<'a>(e: &'a LogEntry, field: &str) -> &'a str {
+    e.details[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} in {e:?}"))
+}
+
+fn round_of(e: &LogEntry) -> u64 {
+    e.details["round"].as_u64().unwrap()
+}
+
+fn events<'a>(log: &'a [LogEntry], name: &str) -> Vec<&'a LogEntry> {
+    log.iter().filter(|e| e.event == name).collect()
+}
+
+fn is_accepted_upload(e: &LogEntry) -> bool {
+    e.event == "upload_result" && e.details["accepted"] == serde_json::json!(true)
+}
+
+/// The store of a data directory whose coordinator has stopped.
+fn open_store(data_dir: &Path) -> Store {
+    Store::open(data_dir).unwrap()
+}
+
+/// Every round is completed exactly once, in order, each from the previous
+/// round's model, each model file verifies; returns the final model.
+fn check_round_chain(store: &Store, job: &str, rounds: u64) -> (Vec<RoundRecord>, ModelHash) {
+    let records = store.rounds(job).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.round).collect::<Vec<_>>(),
+        (1..=rounds).collect::<Vec<_>>()
+    );
+    let rec = store.job(job).unwrap().unwrap();
+    assert_eq!(rec.completed_rounds, rounds);
+    assert_eq!(rec.round_in_flight, None);
+    let Some(JobOutcome::Completed { model: final_model }) = rec.outcome.clone() else {
+        panic!("job did not complete: {:?}", rec.outcome)
+    };
+    let models = data_dir_models(store);
+    let mut base = rec.initial_model;
+    read_model_file(&models.join(format!("{base}.bin")), &base).unwrap();
+    for r in &records {
+        assert_eq!(r.state, RoundState::Completed, "round {}", r.round);
+        assert_eq!(r.base_model, base, "round {} base model", r.round);
+        let model = r.model.unwrap();
+        assert_ne!(model, base, "round {} changed the model", r.round);
+        let m: FlatModel = read_model_file(&models.join(format!("{model}.bin")), &model).unwrap();
+        assert!(m.values().iter().all(|v| v.is_finite()));
+        // No site counted twice in a round.
+        let sites: BTreeSet<_> = r.accepted.iter().map(|u| u.site.as_str()).collect();
+        assert_eq!(sites.len(), r.accepted.len(), "round {}", r.round);
+        assert!(r.accepted.iter().all(|u| u.round == r.round));
+        base = model;
+    }
+    assert_eq!(base, final_model);
+    assert_eq!(rec.current_model, final_model);
+    // One model file per version: the initial model and one per round.
+    let bins = std::fs::read_dir(&models)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "bin")
+        })
+        .count();
+    assert_eq!(
+        bins as u64,
+        rounds + 1,
+        "model versions in {}",
+        models.display()
+    );
+    (records, final_model)
+}
+
+fn data_dir_models(store: &Store) -> PathBuf {
+    store.dir().join(fedlink_coordinator::store::MODELS_DIR)
+}
+
+/// What a site's log says it received, round by round: the offered base
+/// model, and the model it actually obtained (fetched or from its cache).
+fn received_models(log: &[LogEntry]) -> (Vec<(u64, String)>, Vec<String>) {
+    let offered = events(log, "offer_received")
+        .into_iter()
+        .map(|e| (round_of(e), str_field(e, "base_model").to_owned()))
+        .collect();
+    let obtained = log
+        .iter()
+        .filter(|e| e.event == "model_fetched" || e.event == "model_cached")
+        .map(|e| str_field(e, "model_hash").to_owned())
+        .collect();
+    (offered, obtained)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_three_rounds_in_process() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = wdbc_job("wdbc-agents", 3, 3);
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let data_dir = coord.data_dir.clone();
+    let mut agents: Vec<RunningAgent> = (0..3)
+        .map(|i| {
+            RunningAgent::start(
+                &format!("site-{i}"),
+                site_config(&pki, i, dir.path(), coord.addr),
+            )
+        })
+        .collect();
+
+    let out = coord.finished_within(LIMIT).await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    // The last round's result reached every site before the job ended.
+    for a in &mut agents {
+        a.wait_for("round 3 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 3
+        })
+        .await;
+    }
+    let mut logs = Vec::new();
+    for a in agents {
+        logs.push(a.stop().await);
+    }
+
+    let status = read_status(&data_dir).unwrap();
+    assert!(status.completed, "{status:#?}");
+    assert_eq!(status.completed_rounds, 3);
+    assert_eq!(status.current_model, model.to_hex());
+    for r in &status.rounds {
+        assert_eq!(r.updates.len(), 3, "round {}", r.round);
+    }
+
+    let store = open_store(&data_dir);
+    let (rounds, final_model) = check_round_chain(&store, &spec.id, 3);
+    assert_eq!(final_model, model);
+    let bases: Vec<(u64, String)> = rounds
+        .iter()
+        .map(|r| (r.round, r.base_model.to_hex()))
+        .collect();
+    for r in &rounds {
+        let sites: Vec<&str> = r.accepted.iter().map(|u| u.site.as_str()).collect();
+        assert_eq!(sites.len(), 3, "round {}: {sites:?}", r.round);
+        assert!(
+            r.discarded.is_empty() && r.restarts == 0,
+            "round {}",
+            r.round
+        );
+    }
+    for (i, log) in logs.iter().enumerate() {
+        // Each site trained on exactly the coordinator's base model of each
+        // round (offered, then fetched and verified by hash).
+        let (offered, obtained) = received_models(log);
+        assert_eq!(offered, bases, "site-{i} offers");
+        assert_eq!(
+            obtained,
+            bases.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
+            "site-{i} models"
+        );
+        assert_eq!(events(log, "model_fetched").len(), 3, "site-{i}");
+        let accepted: Vec<u64> = log
+            .iter()
+            .filter(|e| is_accepted_upload(e))
+            .map(round_of)
+            .collect();
+        assert_eq!(accepted, vec![1, 2, 3], "site-{i} accepted uploads");
+        assert_eq!(events(log, "trained").len(), 3, "site-{i}");
+        assert_eq!(events(log, "sent").len(), 3, "site-{i}");
+        assert!(events(log, "offer_declined").is_empty(), "site-{i}");
+        // The coordinator weighs each update by the examples the site claims
+        // in its signed header.
+        for r in &rounds {
+            let sent = events(log, "sent")
+                .into_iter()
+                .find(|e| round_of(e) == r.round)
+                .unwrap();
+            let u = r
+                .accepted
+                .iter()
+                .find(|u| u.site == format!("site-{i}"))
+                .unwrap();
+            assert_eq!(Some(u.num_examples), sent.details["num_examples"].as_u64());
+            assert_eq!(u.payload_hash.to_hex(), str_field(sent, "payload_hash"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_the_coordinator_joins_when_it_comes_up() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_udp_addr().unwrap();
+    let mut agent = RunningAgent::start("site-0", site_config(&pki, 0, dir.path(), addr));
+    // Nothing listens yet: the agent fails to connect and schedules a retry.
+    let first = agent
+        .wait_for("a failed attempt", |e| e.event == "disconnected")
+        .await;
+    assert!(first.details["retry_in_ms"].as_u64().is_some(), "{first:?}");
+    assert!(events(&agent.seen, "connected").is_empty());
+
+    let spec = wdbc_job("wdbc-late", 2, 1);
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, addr).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    assert_eq!(coord.addr, addr);
+    let data_dir = coord.data_dir.clone();
+    agent
+        .wait_for("connected", |e| e.event == "connected")
+        .await;
+    let out = coord.finished_within(LIMIT).await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+    agent
+        .wait_for("round 2 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 2
+        })
+        .await;
+    let log = agent.stop().await;
+
+    let first_connect = log.iter().position(|e| e.event == "connected").unwrap();
+    assert!(
+        log[..first_connect]
+            .iter()
+            .any(|e| e.event == "disconnected"),
+        "the agent tried before the coordinator was up"
+    );
+    let accepted: Vec<u64> = log
+        .iter()
+        .filter(|e| is_accepted_upload(e))
+        .map(round_of)
+        .collect();
+    assert_eq!(accepted, vec![1, 2]);
+    let store = open_store(&data_dir);
+    let (rounds, _) = check_round_chain(&store, &spec.id, 2);
+    for r in &rounds {
+        assert_eq!(r.accepted.len(), 1);
+        assert_eq!(r.accepted[0].site, "site-0");
+    }
+}
+
+/// The `fedlink-coordinator` binary serving `config`, its stderr in `log`.
+fn spawn_coordinator(config: &Path, log: &Path) -> tokio::process::Child {
+    let bin = workspace_binary("fedlink-coordinator").unwrap();
+    let stderr = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--exit-after-job")
+        .env("FEDLINK_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// A deterministic, small delta for the scripted site.
+fn gate_delta(global: &FlatModel, round: u64) -> FlatModel {
+    let values = (0..global.values().len())
+        .map(|j| ((j % 5) as f32 - 2.0) * 0.01 + round as f32 * 0.001)
+        .collect();
+    FlatModel::new(global.spec().clone(), values).unwrap()
+}
+
+/// The scripted site takes part honestly in the offered round.
+async fn gate_round(site: &mut RawSite, expect_round: u64) {
+    let offer = site.next_offer().await.unwrap();
+    assert_eq!(offer.round.0, expect_round);
+    site.accept(&offer).await.unwrap();
+    let global = site.fetch_model(&offer).await.unwrap();
+    let up = site
+        .prepare(&offer, &gate_delta(&global, offer.round.0), 60)
+        .unwrap();
+    let r = site.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "round {expect_round}: {r:?}"
+    );
+}
+
+/// Kill the coordinator process with SIGKILL in the middle of round 2 (two
+/// of three updates accepted, the third held back by a scripted site) and
+/// start the binary again on the same port and data directory. The agents
+/// reconnect by themselves and the job completes with every round counted
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_killed_mid_round_resumes_the_job() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_udp_addr().unwrap();
+    let spec = wdbc_job("wdbc-crash", 3, 3);
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, addr).unwrap();
+    let data_dir = dir.path().join("data");
+    let mut child = spawn_coordinator(&cfg, &dir.path().join("coordinator-1.log"));
+
+    // site-0 and site-1 are real agents; site-2 is scripted so that round 2
+    // is held open at a known point.
+    let mut agents: Vec<RunningAgent> = (0..2)
+        .map(|i| RunningAgent::start(&format!("site-{i}"), site_config(&pki, i, dir.path(), addr)))
+        .collect();
+    agents[0]
+        .wait_for("connected", |e| e.event == "connected")
+        .await;
+    let mut gate = RawSite::connect(pki.site_kit(2).unwrap(), addr)
+        .await
+        .unwrap();
+    gate_round(&mut gate, 1).await;
+    let offer2 = gate.next_offer().await.unwrap();
+    assert_eq!(offer2.round.0, 2);
+    gate.accept(&offer2).await.unwrap();
+
+    // Round 1 completed, round 2 in flight with both agents' updates
+    // accepted (and acknowledged to them).
+    for a in &mut agents {
+        a.wait_for("round 2 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 2
+        })
+        .await;
+    }
+    let before = wait_for_status(&data_dir, "round 2 with two updates", LIMIT, |s| {
+        s.completed_rounds == 1
+            && s.rounds
+                .iter()
+                .any(|r| r.round == 2 && r.state == "Open" && r.updates.len() == 2)
+    })
+    .await
+    .unwrap();
+    let held: BTreeSet<String> = before
+        .rounds
+        .iter()
+        .find(|r| r.round == 2)
+        .unwrap()
+        .updates
+        .iter()
+        .map(|u| u.0.clone())
+        .collect();
+    assert_eq!(held, BTreeSet::from(["site-0".into(), "site-1".into()]));
+
+    // kill -9.
+    child.start_kill().unwrap();
+    let status = within("the killed coordinator", child.wait())
+        .await
+        .unwrap();
+    assert!(!status.success(), "SIGKILL: {status:?}");
+    drop(gate);
+
+    let restarted_at = unix_ms();
+    let mut child = spawn_coordinator(&cfg, &dir.path().join("coordinator-2.log"));
+    for a in &mut agents {
+        a.wait_for("reconnection", |e| {
+            e.event == "connected" && e.ts_unix_ms >= restarted_at
+        })
+        .await;
+    }
+    let mut gate = RawSite::connect(pki.site_kit(2).unwrap(), addr)
+        .await
+        .unwrap();
+    // Round 2 is offered again, from the same base model.
+    let again = gate.next_offer().await.unwrap();
+    assert_eq!(again.round.0, 2);
+    assert_eq!(again.base_model, offer2.base_model);
+    gate.accept(&again).await.unwrap();
+    let global = gate.fetch_model(&again).await.unwrap();
+    let up = gate.prepare(&again, &gate_delta(&global, 2), 60).unwrap();
+    let r = gate.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    gate_round(&mut gate, 3).await;
+
+    let exit = within("the restarted coordinator to finish the job", child.wait())
+        .await
+        .unwrap();
+    assert!(
+        exit.success(),
+        "fedlink-coordinator exited with {exit:?}; see {}",
+        dir.path().join("coordinator-2.log").display()
+    );
+    for a in &mut agents {
+        a.wait_for("round 3 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 3
+        })
+        .await;
+    }
+    let mut logs = Vec::new();
+    for a in agents {
+        logs.push(a.stop().await);
+    }
+
+    let status = read_status(&data_dir).unwrap();
+    assert!(status.completed, "{status:#?}");
+    assert_eq!(status.completed_rounds, 3);
+
+    let store = open_store(&data_dir);
+    let (rounds, _) = check_round_chain(&store, &spec.id, 3);
+    let all = BTreeSet::from(["site-0", "site-1", "site-2"]);
+    for r in &rounds {
+        let sites: BTreeSet<&str> = r.accepted.iter().map(|u| u.site.as_str()).collect();
+        assert_eq!(sites, all, "round {}", r.round);
+        if r.round == 2 {
+            // The updates accepted before the crash are kept apart and were
+            // not aggregated; the round ran again in full.
+            assert_eq!(r.restarts, 1);
+            let discarded: BTreeSet<String> = r.discarded.iter().map(|u| u.site.clone()).collect();
+            assert_eq!(discarded, held);
+            assert_eq!(r.discarded.len(), 2);
+            for d in &r.discarded {
+                assert!(
+                    !r.accepted.iter().any(|a| a.payload_hash == d.payload_hash
+                        && a.received_unix_ms == d.received_unix_ms),
+                    "a discarded update was aggregated: {d:?}"
+                );
+            }
+        } else {
+            assert_eq!(r.restarts, 0, "round {}", r.round);
+            assert!(r.discarded.is_empty(), "round {}", r.round);
+        }
+    }
+    // Each site's updates were aggregated once per round: 3, not 4.
+    for s in store.sites().unwrap() {
+        assert_eq!(s.updates_aggregated, 3, "{}", s.id);
+    }
+    // The agents trained round 2 twice (before and after the crash), each
+    // time on the same base model, and every model they used is a version
+    // the coordinator kept.
+    let bases: Vec<String> = rounds.iter().map(|r| r.base_model.to_hex()).collect();
+    for (i, log) in logs.iter().enumerate() {
+        let (offered, obtained) = received_models(log);
+        let offered_rounds: Vec<u64> = offered.iter().map(|(r, _)| *r).collect();
+        assert_eq!(offered_rounds, vec![1, 2, 2, 3], "site-{i}");
+        for (r, h) in &offered {
+            assert_eq!(*h, bases[(*r - 1) as usize], "site-{i} round {r}");
+        }
+        assert_eq!(obtained.len(), 4, "site-{i}");
+        assert!(obtained.iter().all(|h| bases.contains(h)), "site-{i}");
+        // The second time, round 2's model came from the site's cache.
+        assert_eq!(events(log, "model_fetched").len(), 3, "site-{i}");
+        assert_eq!(events(log, "model_cached").len(), 1, "site-{i}");
+        let accepted: Vec<u64> = log
+            .iter()
+            .filter(|e| is_accepted_upload(e))
+            .map(round_of)
+            .collect();
+        assert_eq!(accepted, vec![1, 2, 2, 3], "site-{i}");
+    }
+}
