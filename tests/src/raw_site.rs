@@ -14,8 +14,8 @@ use fedlink_protocol::message::{
     UploadResult,
 };
 use fedlink_protocol::{
-    FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder, PayloadHash,
-    SignedEnvelope, VersionRange,
+    FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder,
+    PayloadHash, SignedEnvelope, VersionRange,
 };
 use fedlink_transport::{FramedRecv, FramedSend, open_bi};
 use quinn::Connection;
@@ -129,6 +129,18 @@ impl RawSite {
         delta: &FlatModel,
         num_examples: u64,
     ) -> anyhow::Result<PreparedUpload> {
+        self.prepare_with_stats(offer, delta, num_examples, None)
+    }
+
+    /// Encode and sign `delta` for `offer`, with `feature_stats` (any
+    /// values, valid or not) in the signed header.
+    pub fn prepare_with_stats(
+        &self,
+        offer: &TaskOffer,
+        delta: &FlatModel,
+        num_examples: u64,
+        feature_stats: Option<FeatureStats>,
+    ) -> anyhow::Result<PreparedUpload> {
         let mut enc = PayloadEncoder::new(delta.spec().clone(), offer.encoding, 1)?;
         let mut records = Vec::new();
         while let Some(r) = enc.next_chunk() {
@@ -158,7 +170,7 @@ impl RawSite {
             payload_hash: PayloadHash(*hasher.finalize().as_bytes()),
             nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
             metrics: None,
-            feature_stats: None,
+            feature_stats,
         };
         let key = self
             .kit
@@ -184,17 +196,33 @@ impl RawSite {
         })))
         .await?;
         let n = send_records.unwrap_or(up.records.len());
-        for r in up.records.iter().take(n) {
-            send.chunk(r.clone()).await?;
-        }
         if send_records.is_some() {
+            for r in up.records.iter().take(n) {
+                send.chunk(r.clone()).await?;
+            }
             let _ = send.into_inner().reset(quinn::VarInt::from_u32(1));
             return Ok(None);
         }
-        send.finish()?;
-        match bounded("upload result", recv.message()).await?? {
-            Message::UploadResult(r) => Ok(Some(r)),
-            other => bail!("expected an upload result, got {other:?}"),
+        // The coordinator may refuse on the header alone and stop the
+        // stream while chunks are still going out: then its answer is
+        // already on the way, read it.
+        let mut sent = Ok(());
+        for r in &up.records {
+            if let Err(e) = send.chunk(r.clone()).await {
+                sent = Err(e);
+                break;
+            }
+        }
+        if sent.is_ok() {
+            sent = send.finish();
+        }
+        match bounded("upload result", recv.message()).await? {
+            Ok(Message::UploadResult(r)) => Ok(Some(r)),
+            Ok(other) => bail!("expected an upload result, got {other:?}"),
+            Err(e) => {
+                sent?;
+                Err(e.into())
+            }
         }
     }
 
