@@ -18,6 +18,8 @@ enum Command {
     Certs(cli::certs::Args),
     /// Run an aggregation strategy offline over deltas stored as safetensors.
     Aggregate(cli::aggregate::Args),
+    /// Review audit logs: verify the chain and signatures, show entries.
+    Audit(cli::audit::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,6 +27,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Certs(args) => cli::certs::run(args),
         Command::Aggregate(args) => cli::aggregate::run(args),
+        Command::Audit(args) => return cli::audit::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

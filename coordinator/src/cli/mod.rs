@@ -2,4 +2,5 @@
 //! `run` function; `src/bin/fedlink.rs` only dispatches.
 
 pub mod aggregate;
+pub mod audit;
 pub mod certs;
