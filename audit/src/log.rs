@@ -170,6 +170,11 @@ impl AuditLog {
     /// an existing file is never overwritten) and a new, empty `audit.jsonl`
     /// (0600) takes its place; the next entry's `prev` is the hash of the last
     /// entry of the rotated file. Returns the rotated file's path.
+    ///
+    /// Crash safety: the old file is first hard-linked to its new name, then
+    /// an empty file is renamed over the current name. If this fails (or the
+    /// process dies) in between, appends are refused and the next
+    /// [`open`](Self::open) completes the rotation.
     pub fn rotate(&mut self) -> Result<PathBuf, Error> {
         if self.poisoned {
             return Err(Error::Poisoned);
