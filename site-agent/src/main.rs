@@ -48,7 +48,10 @@ enum Command {
 }
 
 fn init_tracing(format: LogFormat, file: Option<&Path>) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // FEDLINK_LOG, else RUST_LOG, else info (same as the coordinator).
+    let filter = EnvFilter::try_from_env("FEDLINK_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = match (format, file) {
         (LogFormat::Pretty, None) => builder.with_writer(std::io::stderr).try_init(),

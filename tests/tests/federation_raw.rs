@@ -307,3 +307,33 @@ async fn a_site_dropping_mid_upload_leaves_the_round_to_the_quorum() {
     assert!(spool.is_empty(), "spool not cleaned: {spool:?}");
     let _: Option<ModelHash> = None;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_site_cuts_its_open_connection_and_refuses_the_next() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let site0 = connect(&pki, 0, &coord).await;
+    // Revoke site-0 (connected) and site-1 (not yet connected) with the CA.
+    let now = fedlink_certs::time::OffsetDateTime::now_utc();
+    for name in ["site-0", "site-1"] {
+        pki.ca()
+            .revoke(name, Some(fedlink_certs::Role::Site), Some("test"), now)
+            .unwrap();
+    }
+    // The first connection after the revocation is refused: the list is
+    // reloaded before the handshake is checked.
+    let refused = RawSite::connect(pki.site_kit(1).unwrap(), coord.addr).await;
+    let err = refused.err().expect("a revoked site must not be welcomed");
+    assert!(err.to_string().contains("revoked"), "{err:#}");
+    // The open connection of the revoked site is closed by the coordinator.
+    let reason = fedlink_tests::bounded("revoked connection to close", site0.conn.closed())
+        .await
+        .unwrap();
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    coord.shutdown().await.unwrap();
+}

@@ -39,7 +39,9 @@ enum Command {
 }
 
 fn init_tracing(format: LogFormat) {
+    // FEDLINK_LOG, else RUST_LOG, else info.
     let filter = tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -111,6 +113,11 @@ fn main() -> ExitCode {
         Err(e @ ServeError::Tls(_)) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
+        }
+        // A bad job file or initial model: restarting will not help.
+        Err(e @ ServeError::Job(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("error: {e}");

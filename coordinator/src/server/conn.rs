@@ -32,6 +32,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handle one incoming connection to the end.
 pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
+    // Revocations and manifest changes must be in force for THIS handshake.
+    shared.reload_if_changed();
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -63,7 +65,6 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         );
         return;
     }
-    shared.reload_if_changed();
     let checked = peer_end_entity(&conn)
         .ok_or_else(|| "no peer certificate".to_owned())
         .and_then(|ee| {

@@ -68,6 +68,9 @@ pub(crate) enum Event {
     UpdateReady(Box<UpdateReady>),
     /// The site manifest changed: the update keys to use from now on.
     Keys(BTreeMap<SiteId, VerifyingKey>),
+    /// The manifest or the revocation list changed: re-check every open
+    /// connection.
+    RecheckPeers,
 }
 
 /// What a connection task needs to receive one upload.
@@ -302,8 +305,36 @@ impl Engine {
             }
             Event::UpdateReady(ready) => self.update_ready(now, *ready),
             Event::Keys(keys) => self.set_keys(keys),
+            Event::RecheckPeers => self.recheck_peers(now),
         }
         self.drain(now)
+    }
+
+    fn recheck_peers(&mut self, now: Instant) {
+        let refused: Vec<(String, ConnId, String)> = self
+            .sites
+            .iter()
+            .filter_map(|(site, c)| {
+                self.wire
+                    .check_open_peer(&c.conn)
+                    .err()
+                    .map(|why| (site.clone(), c.conn_id, why))
+            })
+            .collect();
+        for (site, conn_id, why) in refused {
+            tracing::warn!(site = %site, reason = %why, "closing the connection of a site that is no longer allowed");
+            if let Some(c) = self.sites.remove(&site) {
+                c.conn
+                    .close(fedlink_transport::close::FORBIDDEN, why.as_bytes());
+            }
+            self.runner.handle(
+                now,
+                Input::SiteDisconnected {
+                    site,
+                    conn: conn_id,
+                },
+            );
+        }
     }
 
     fn prepare_upload(
@@ -851,7 +882,13 @@ fn archive(store: &Store, job: &JobId, round: u64, site: &str, p: &Pending) -> s
         .join(job.as_str())
         .join(format!("round-{round:06}"));
     std::fs::create_dir_all(&dir)?;
-    let base = format!("{site}-{}", p.envelope.header.payload_hash.to_hex());
+    // The nonce makes every upload's name unique: a site re-sending the
+    // same bytes after a crash keeps both signed envelopes.
+    let base = format!(
+        "{site}-{}-{}",
+        p.envelope.header.payload_hash.to_hex(),
+        hex::encode(p.envelope.header.nonce.0)
+    );
     let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
     std::fs::write(dir.join(format!("{base}.envelope.json")), envelope)?;
     std::fs::rename(&p.spool_path, dir.join(format!("{base}.payload")))?;

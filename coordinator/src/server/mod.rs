@@ -100,30 +100,36 @@ impl Shared {
 
     /// Re-read the manifest and the revocation list if their files changed
     /// (renewals, new sites, revocations take effect without a restart).
+    /// Re-read the manifest and the revocation list if their files changed
+    /// (renewals, new sites, revocations take effect without a restart).
+    /// A file that fails to load keeps the old list in force and is tried
+    /// again next time. When anything changed, the engine re-checks every
+    /// open connection (a revoked or superseded certificate is cut off).
     fn reload_if_changed(&self) {
+        let mut changed = false;
         let m = mtime(&self.manifest_path);
         if let Ok(mut last) = self.manifest_mtime.lock()
             && *last != m
         {
             match SiteManifest::load(&self.manifest_path) {
-                Ok(new) => {
-                    if let Ok(mut cur) = self.manifest.write() {
-                        *cur = new;
-                    }
-                    match self.manifest.read().map(|m| update_keys(&m)) {
-                        Ok(Ok(keys)) => {
-                            let _ = self.engine.send(Event::Keys(keys));
+                Ok(new) => match update_keys(&new) {
+                    Ok(keys) => {
+                        if let Ok(mut cur) = self.manifest.write() {
+                            *cur = new;
                         }
-                        Ok(Err(e)) => tracing::error!(error = %e, "manifest has a bad update key"),
-                        Err(_) => {}
+                        let _ = self.engine.send(Event::Keys(keys));
+                        tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                        *last = m;
+                        changed = true;
                     }
-                    tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
+                    }
+                },
                 Err(e) => {
-                    tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one")
+                    tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
                 }
             }
-            *last = m;
         }
         if let Some(path) = self.revocations.path() {
             let r = mtime(path);
@@ -131,16 +137,40 @@ impl Shared {
                 && *last != r
             {
                 match self.revocations.reload() {
-                    Ok(n) => tracing::info!(revoked = n, "revocation list reloaded"),
+                    Ok(n) => {
+                        tracing::info!(revoked = n, "revocation list reloaded");
+                        *last = r;
+                        changed = true;
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one")
+                        tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
                     }
                 }
-                *last = r;
             }
         }
+        if changed {
+            let _ = self.engine.send(Event::RecheckPeers);
+        }
+    }
+
+    /// Whether an open connection may stay: its certificate is not revoked
+    /// and is still the registered certificate of a site in the manifest.
+    pub(crate) fn check_open_peer(&self, conn: &quinn::Connection) -> Result<(), String> {
+        let cert = fedlink_transport::peer_end_entity(conn).ok_or("no peer certificate")?;
+        if let Some(why) = self.revocations.is_revoked(&cert) {
+            return Err(format!("certificate revoked ({why:?})"));
+        }
+        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
+        manifest
+            .check_peer(&cert)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
+
+/// How often the coordinator looks for a changed manifest or revocation
+/// list even when no site connects.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, String> {
     let mut keys = BTreeMap::new();
@@ -235,6 +265,7 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServeError::Job(format!("data dir {}: {e}", cfg.data_dir.display())))?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
+    clean_spool(&store.dir().join("spool"));
     let job_id = select_job(&store, cfg.job.as_deref())?;
     let recovery = store.recover(&job_id)?;
     if let Some(r) = recovery.reopened_round {
@@ -312,6 +343,15 @@ pub async fn serve(
         let _ = b.send(local);
     }
 
+    let reload_shared = shared.clone();
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+        loop {
+            tick.tick().await;
+            reload_shared.reload_if_changed();
+        }
+    });
+
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
     let acceptor = tokio::spawn(async move {
@@ -327,6 +367,7 @@ pub async fn serve(
         b"coordinator shutting down",
     );
     acceptor.abort();
+    reloader.abort();
     // Give quinn a moment to send the close frames.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result.map(|()| ServeOutcome {
@@ -369,6 +410,27 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Remove partial uploads left by a crash (their rounds are re-opened and
+/// the sites upload again).
+fn clean_spool(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "part") {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a partial upload left by a crash")
+                }
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot remove a partial upload")
+                }
+            }
+        }
     }
 }
 

@@ -81,6 +81,14 @@ struct Args {
     /// Spread of the uniform random delta values.
     #[arg(long, default_value_t = 1e-3)]
     delta_scale: f32,
+    /// `max_concurrent_uploads` of the coordinator config (default: the
+    /// coordinator's own default).
+    #[arg(long)]
+    max_concurrent_uploads: Option<usize>,
+    /// Write the coordinator's RSS samples and the round phases as CSV
+    /// (`ms,rss_mb,event`) to this file.
+    #[arg(long)]
+    rss_trace: Option<PathBuf>,
     /// Keep the work directory (configs, coordinator log, store).
     #[arg(long)]
     keep: bool,
@@ -474,12 +482,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(
         &cfg_path,
         format!(
-            "listen = \"{addr}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 5\nidle_timeout_secs = 60\nmax_concurrent_uploads = {}\n",
+            "listen = \"{addr}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 5\nidle_timeout_secs = 60\n{}",
             pki.coordinator_dir(),
             ca_dir,
             data_dir,
             job_path,
-            args.sites.max(1),
+            args.max_concurrent_uploads
+                .map(|n| format!("max_concurrent_uploads = {n}\n"))
+                .unwrap_or_default(),
         ),
     )?;
     println!(
@@ -627,6 +637,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "\n  round | wall ms | download ms (min/mean/max) | upload→ack ms (min/mean/max) | last ack→next offer ms | coord. peak RSS in round MB"
     );
     let mut walls = Vec::new();
+    let mut events: Vec<(Instant, String)> = Vec::new();
     for r in 0..args.rounds as usize {
         let first_offer = reports
             .iter()
@@ -659,6 +670,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         let wall = next - first_offer;
         walls.push(ms(wall));
+        let round = r + 1;
+        let of = |f: fn(&RoundTimes) -> Instant| {
+            reports.iter().filter_map(move |s| s.rounds.get(r).map(f))
+        };
+        events.push((first_offer, format!("round {round}: first offer")));
+        if let Some(t) = of(|t| t.fetched).max() {
+            events.push((t, format!("round {round}: last download done")));
+        }
+        if let Some(t) = of(|t| t.upload_start).min() {
+            events.push((t, format!("round {round}: first upload starts")));
+        }
+        events.push((last_ack, format!("round {round}: last ack")));
         println!(
             "  {:>5} | {:>7.0} | {:>7.0} / {:>6.0} / {:>6.0}    | {:>7.0} / {:>6.0} / {:>6.0}      | {:>22.0} | {:>6.1}{}",
             r + 1,
@@ -692,6 +715,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mb(idle_rss),
         mb(end_rss),
     );
+    if let Some(path) = &args.rss_trace {
+        events.push((
+            reports.iter().map(|s| s.bye).min().unwrap_or(started),
+            "job finished (Bye)".into(),
+        ));
+        let rel = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1e3;
+        let mut rows: Vec<(f64, String)> = samples
+            .iter()
+            .map(|(t, r)| (rel(*t), format!("{:.1},", mb(*r))))
+            .chain(events.iter().map(|(t, e)| (rel(*t), format!(",{e}"))))
+            .collect();
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut csv = String::from("ms,rss_mb,event\n");
+        for (t, rest) in rows {
+            csv.push_str(&format!("{t:.0},{rest}\n"));
+        }
+        std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
+        println!("  RSS trace written to {}", path.display());
+    }
     match exit {
         Some(code) => println!("  coordinator stopped on SIGTERM: {code}"),
         None => println!("  coordinator did not stop within 15 s of SIGTERM: killed"),
