@@ -9,7 +9,8 @@
 //! job = "jobs/breast-cancer.toml"  # optional: submitted at start if the store lacks it
 //! heartbeat_interval_secs = 5
 //! idle_timeout_secs = 30
-//! max_concurrent_uploads = 64
+//! max_concurrent_uploads = 4
+//! max_concurrent_downloads = 4
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
@@ -59,7 +60,10 @@ fn default_idle() -> u64 {
     30
 }
 fn default_uploads() -> usize {
-    64
+    4
+}
+fn default_downloads() -> usize {
+    4
 }
 
 /// The parsed, validated coordinator configuration.
@@ -84,9 +88,14 @@ pub struct CoordinatorConfig {
     /// A connection silent for this long is closed.
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
-    /// Uploads received at the same time, at most (others wait).
+    /// Uploads received and validated at the same time, at most (others
+    /// wait). Each costs a few MiB of buffers; keep it near the core count.
     #[serde(default = "default_uploads")]
     pub max_concurrent_uploads: usize,
+    /// Model downloads served at the same time, at most (others wait).
+    /// Bounds memory when many sites fetch a new model together.
+    #[serde(default = "default_downloads")]
+    pub max_concurrent_downloads: usize,
 }
 
 impl CoordinatorConfig {
@@ -137,6 +146,9 @@ impl CoordinatorConfig {
         }
         if !(1..=10_000).contains(&cfg.max_concurrent_uploads) {
             return Err(invalid("max_concurrent_uploads", "must be 1..=10000"));
+        }
+        if !(1..=10_000).contains(&cfg.max_concurrent_downloads) {
+            return Err(invalid("max_concurrent_downloads", "must be 1..=10000"));
         }
         Ok(cfg)
     }

@@ -254,6 +254,11 @@ async fn serve_model(
     hash: fedlink_protocol::ModelHash,
     mut send: FramedSend,
 ) -> Result<(), TransportError> {
+    // Bounded: each download holds a read buffer, a chunk and QUIC send
+    // buffers; many sites fetching a new model together must not add up.
+    let Ok(_permit) = shared.downloads.acquire().await else {
+        return send.finish();
+    };
     let wire = shared.wire_model(&hash);
     let Some(wire) = wire else {
         send.message(&Message::Reject(Reject {

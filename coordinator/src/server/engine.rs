@@ -137,7 +137,11 @@ pub(crate) struct Engine {
     strategy: StrategyConfig,
     server_state: ServerState,
     scaling: FederatedScaling,
-    global: Arc<FlatModel>,
+    /// Spec and version of the current global model. The values are not
+    /// kept in memory during a round (the accumulator is what grows with
+    /// the model): `aggregate` reads the stored model when it needs it.
+    global_spec: fedlink_protocol::ModelSpec,
+    global_hash: ModelHash,
     aggregator: Option<(u64, RoundAggregator)>,
     federation: FederationId,
     keys: BTreeMap<SiteId, VerifyingKey>,
@@ -174,7 +178,8 @@ impl Engine {
             strategy: parts.strategy,
             server_state: parts.server_state,
             scaling: parts.scaling,
-            global: Arc::new(parts.global),
+            global_hash: parts.global.hash(),
+            global_spec: parts.global.into_parts().0,
             aggregator: None,
             federation: parts.federation,
             keys: parts.keys,
@@ -358,7 +363,7 @@ impl Engine {
             base_model: self.runner.current_model(),
             encoding: self.job.encoding.to_protocol().ok(),
             max_payload_len: fedlink_protocol::payload::max_payload_len(
-                self.global.spec(),
+                &self.global_spec,
                 &h.encoding,
             ),
         };
@@ -382,7 +387,7 @@ impl Engine {
         Ok(UploadTicket {
             verifier,
             validator: agg.validator(site, h.num_examples),
-            spec: self.global.spec().clone(),
+            spec: self.global_spec.clone(),
             spool_path,
         })
     }
@@ -595,7 +600,7 @@ impl Engine {
         let max_sites = self.job.max_sites() as usize;
         let agg = RoundAggregator::new(
             &self.strategy,
-            Arc::new(self.global.spec().clone()),
+            Arc::new(self.global_spec.clone()),
             max_sites,
             &self.server_state,
         )
@@ -683,26 +688,31 @@ impl Engine {
         if r != round {
             return Err(format!("aggregator is for round {r}, not {round}"));
         }
-        if self.global.hash() != base_model {
+        if self.global_hash != base_model {
             return Err("the base model is not the current global model".into());
         }
         let mut state = self.server_state.clone();
         let outcome = agg
             .finish(&mut state, &mut self.noise)
             .map_err(|e| e.to_string())?;
-        if outcome.update.spec() != self.global.spec() {
+        if *outcome.update.spec() != self.global_spec {
             return Err("the aggregate does not have the model's spec".into());
         }
-        // Apply in place (no second copy of the model): a failure past this
-        // point fails the job, and a restart reloads the last stored model.
-        let next = Arc::make_mut(&mut self.global);
-        outcome.apply_to(next).map_err(|e| e.to_string())?;
+        // The accumulator is gone; only now read the base model back (its
+        // hash is verified) and apply the update in place.
+        let mut next = self
+            .store
+            .load_model(&base_model)
+            .map_err(|e| e.to_string())?;
+        outcome.apply_to(&mut next).map_err(|e| e.to_string())?;
         drop(outcome.update);
-        let hash = self.store.put_model(next).map_err(|e| e.to_string())?;
+        let hash = self.store.put_model(&next).map_err(|e| e.to_string())?;
         // Publish the wire form before the round machine hears of the new
         // model: its next offers name it, and sites fetch it at once.
-        let wire = super::wire::ensure(&self.models_dir, next)?;
+        let wire = super::wire::ensure(&self.models_dir, &next)?;
         self.wire.publish_wire(wire);
+        drop(next);
+        self.global_hash = hash;
         let mut metrics = BTreeMap::new();
         metrics.insert("num_updates".into(), outcome.num_updates as f64);
         metrics.insert("total_examples".into(), outcome.total_examples as f64);

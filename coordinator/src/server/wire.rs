@@ -106,7 +106,7 @@ impl RecordReader {
     pub(crate) fn open(path: &Path) -> Result<Self, String> {
         let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Self {
-            inner: BufReader::with_capacity(1 << 20, f),
+            inner: BufReader::with_capacity(64 << 10, f),
         })
     }
 
