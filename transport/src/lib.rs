@@ -285,6 +285,9 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
+/// Per-stream receive window of the coordinator's endpoint, bytes.
+pub const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
+
 /// Default idle timeout of fedlink connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -298,7 +301,14 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("server TLS config unusable by QUIC: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(idle_timeout)?));
+    let mut t = transport_config(idle_timeout)?;
+    // What a site may send ahead of the coordinator reading it. Uploads that
+    // wait for an upload slot park up to this much in the QUIC stack per
+    // connection, so it bounds the coordinator's memory per waiting site;
+    // 512 KiB still allows ≈ 25 MB/s per upload at 20 ms RTT.
+    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(2 * SERVER_STREAM_WINDOW));
+    cfg.transport_config(Arc::new(t));
     Ok(Endpoint::server(cfg, addr)?)
 }
 
