@@ -234,30 +234,9 @@ impl From<InitSource> for RawInit {
     }
 }
 
-/// A strategy hyperparameter: a string, an integer, a float or a boolean.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum ParamValue {
-    /// `true` / `false`.
-    Bool(bool),
-    /// An integer.
-    Int(i64),
-    /// A float.
-    Float(f64),
-    /// A string.
-    Str(String),
-}
-
-impl std::fmt::Display for ParamValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Bool(b) => write!(f, "{b}"),
-            Self::Int(i) => write!(f, "{i}"),
-            Self::Float(x) => write!(f, "{x}"),
-            Self::Str(s) => f.write_str(s),
-        }
-    }
-}
+/// A strategy hyperparameter: the aggregation crate's own type, so a job
+/// file and `fedlink aggregate --set` read values the same way.
+pub use fedlink_aggregation::ParamValue;
 
 /// `[strategy]`: the aggregation strategy by name and its parameters. The
 /// coordinator hands both to the aggregation crate, which checks the name
