@@ -117,23 +117,16 @@ impl ClientCertVerifier for FederationClientVerifier {
             tracing::warn!(%reason, "client certificate refused");
             return Err(rejected(reason));
         }
-        if identity.federation() != self.federation {
-            let reason = PeerRejected::WrongFederation {
-                identity: identity.to_uri(),
-                expected: self.federation.clone(),
-            };
+        check_member(
+            &identity,
+            &self.federation,
+            &[Role::Site, Role::Admin],
+            "site, admin",
+        )
+        .map_err(|reason| {
             tracing::warn!(%reason, "client certificate refused");
-            return Err(rejected(reason));
-        }
-        if !matches!(identity.role(), Role::Site | Role::Admin) {
-            let reason = PeerRejected::RoleNotAllowed {
-                identity: identity.to_uri(),
-                role: identity.role(),
-                allowed: "site, admin",
-            };
-            tracing::warn!(%reason, "client certificate refused");
-            return Err(rejected(reason));
-        }
+            rejected(reason)
+        })?;
         Ok(verified)
     }
 
@@ -158,6 +151,30 @@ impl ClientCertVerifier for FederationClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The identity belongs to `federation` and has one of the `allowed` roles
+/// (`allowed_text` names them for the error).
+fn check_member(
+    identity: &Identity,
+    federation: &str,
+    allowed: &[Role],
+    allowed_text: &'static str,
+) -> Result<(), PeerRejected> {
+    if identity.federation() != federation {
+        return Err(PeerRejected::WrongFederation {
+            identity: identity.to_uri(),
+            expected: federation.to_owned(),
+        });
+    }
+    if !allowed.contains(&identity.role()) {
+        return Err(PeerRejected::RoleNotAllowed {
+            identity: identity.to_uri(),
+            role: identity.role(),
+            allowed: allowed_text,
+        });
+    }
+    Ok(())
 }
 
 /// Server-certificate verifier of sites and admins.
@@ -201,19 +218,13 @@ impl ServerCertVerifier for FederationServerVerifier {
             now,
         )?;
         let identity = Identity::from_der(end_entity).map_err(|e| rejected(e.into()))?;
-        if identity.federation() != self.federation {
-            return Err(rejected(PeerRejected::WrongFederation {
-                identity: identity.to_uri(),
-                expected: self.federation.clone(),
-            }));
-        }
-        if identity.role() != Role::Coordinator {
-            return Err(rejected(PeerRejected::RoleNotAllowed {
-                identity: identity.to_uri(),
-                role: identity.role(),
-                allowed: "coordinator",
-            }));
-        }
+        check_member(
+            &identity,
+            &self.federation,
+            &[Role::Coordinator],
+            "coordinator",
+        )
+        .map_err(rejected)?;
         Ok(verified)
     }
 
