@@ -628,8 +628,10 @@ impl CertificateAuthority {
             .signed_by(&key, &self.issuer)?;
         let cert_der = cert.der().clone();
         let cert_info = CertInfo::from_der(&cert_der)?;
-        let update_key =
-            (req.identity.role() == Role::Site).then(|| SigningKey::generate(&mut OsRng));
+        // Sites sign their updates and audit logs with it; the coordinator
+        // signs its audit log.
+        let update_key = matches!(req.identity.role(), Role::Site | Role::Coordinator)
+            .then(|| SigningKey::generate(&mut OsRng));
 
         let info = KitInfo {
             format: KIT_FORMAT,

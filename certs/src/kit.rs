@@ -53,10 +53,11 @@ pub struct KitInfo {
     pub cert: String,
     /// TLS private key file.
     pub key: String,
-    /// ed25519 update-signing key file (sites only).
+    /// ed25519 signing key file: a site's update key, or the coordinator's
+    /// audit-log key (absent in admin kits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_key: Option<String>,
-    /// ed25519 update public key file (sites only).
+    /// Its ed25519 public key file (sites and coordinator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_public_key: Option<String>,
 }
@@ -192,7 +193,7 @@ impl Kit {
         }
 
         let update_key = match (identity.role(), &info.update_key) {
-            (Role::Site, Some(file)) => {
+            (Role::Site | Role::Coordinator, Some(file)) => {
                 let path = dir.join(plain_file_name(dir, "update_key", file)?);
                 Some(load_update_key(&path, dir, &info)?)
             }
@@ -203,7 +204,7 @@ impl Kit {
             }
             (_, Some(_)) => {
                 return Err(kit_err(format!(
-                    "{KIT_FILE}: only site kits carry an update_key"
+                    "{KIT_FILE}: only site and coordinator kits carry an update_key"
                 )));
             }
             (_, None) => None,
@@ -264,7 +265,9 @@ impl Kit {
         self.key.clone_key()
     }
 
-    /// The ed25519 update-signing key (site kits only).
+    /// The ed25519 signing key: a site's update key, or the coordinator's
+    /// audit-log key (`None` for admin kits and for coordinator kits issued
+    /// before coordinators had one).
     pub fn update_signing_key(&self) -> Option<&SigningKey> {
         self.update_key.as_ref()
     }

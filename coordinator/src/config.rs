@@ -11,6 +11,8 @@
 //! idle_timeout_secs = 30
 //! max_concurrent_uploads = 4
 //! max_concurrent_downloads = 4
+//! audit_rotate_bytes = 67108864  # rotate <data_dir>/audit/audit.jsonl past this size
+//! update_retention = "job"       # or a number of rounds of update archive to keep
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
@@ -65,6 +67,47 @@ fn default_uploads() -> usize {
 fn default_downloads() -> usize {
     4
 }
+fn default_audit_rotate() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// How long the per-round update archive (`<data_dir>/updates/<job>/round-NNNNNN/`,
+/// what `fedlink audit replay` recomputes a round from) is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpdateRetention {
+    /// Keep every round of the job (`"job"`, the default).
+    #[default]
+    Job,
+    /// Keep the newest `n` completed rounds (`n` ≥ 1); older round
+    /// directories are removed after each round.
+    Rounds(u32),
+}
+
+impl<'de> Deserialize<'de> for UpdateRetention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Count(i64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Name(n) if n == "job" => Ok(Self::Job),
+            Raw::Name(n) => Err(serde::de::Error::custom(format!(
+                "update_retention: expected \"job\" or a number of rounds, got {n:?}"
+            ))),
+            Raw::Count(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(Self::Rounds)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "update_retention: a number of rounds must be 1..=4294967295, got {n}"
+                    ))
+                }),
+        }
+    }
+}
 
 /// The parsed, validated coordinator configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -96,6 +139,13 @@ pub struct CoordinatorConfig {
     /// Bounds memory when many sites fetch a new model together.
     #[serde(default = "default_downloads")]
     pub max_concurrent_downloads: usize,
+    /// The audit log (`<data_dir>/audit/audit.jsonl`) is rotated once it is
+    /// larger than this many bytes; rotation keeps the hash chain.
+    #[serde(default = "default_audit_rotate")]
+    pub audit_rotate_bytes: u64,
+    /// How much of the update archive to keep (`"job"` or a number of rounds).
+    #[serde(default)]
+    pub update_retention: UpdateRetention,
 }
 
 impl CoordinatorConfig {
@@ -150,6 +200,9 @@ impl CoordinatorConfig {
         if !(1..=10_000).contains(&cfg.max_concurrent_downloads) {
             return Err(invalid("max_concurrent_downloads", "must be 1..=10000"));
         }
+        if cfg.audit_rotate_bytes < 64 * 1024 {
+            return Err(invalid("audit_rotate_bytes", "must be at least 65536"));
+        }
         Ok(cfg)
     }
 
@@ -190,6 +243,40 @@ mod tests {
         assert_eq!(cfg.ca_dir, PathBuf::from("/etc/fedlink/ca"));
         assert_eq!(cfg.heartbeat_interval_secs, 5);
         assert!(cfg.job.is_none());
+        assert_eq!(cfg.update_retention, UpdateRetention::Job);
+        assert_eq!(cfg.audit_rotate_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn update_retention_job_or_rounds() {
+        let parse = |extra: &str| {
+            CoordinatorConfig::from_toml(
+                &format!(
+                    "listen = \"127.0.0.1:7443\"\nkit = \"k\"\nca_dir = \"c\"\ndata_dir = \"d\"\n{extra}"
+                ),
+                Path::new("c.toml"),
+                Path::new("."),
+            )
+        };
+        assert_eq!(
+            parse("update_retention = \"job\"")
+                .unwrap()
+                .update_retention,
+            UpdateRetention::Job
+        );
+        assert_eq!(
+            parse("update_retention = 3").unwrap().update_retention,
+            UpdateRetention::Rounds(3)
+        );
+        for bad in [
+            "update_retention = 0",
+            "update_retention = -1",
+            "update_retention = \"all\"",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.to_string().contains("update_retention"), "{bad}: {err}");
+        }
+        assert!(parse("audit_rotate_bytes = 10").is_err());
     }
 
     #[test]

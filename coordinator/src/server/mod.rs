@@ -13,6 +13,7 @@
 //! unfinished job in the store). After `kill -9`, starting again resumes the
 //! job from the store (see [`crate::store`] for the crash semantics).
 
+pub(crate) mod audit;
 mod conn;
 mod engine;
 mod scaling;
@@ -39,6 +40,7 @@ use crate::config::CoordinatorConfig;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
+pub(crate) use audit::{AuditError, Auditor};
 use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::WireModel;
@@ -61,6 +63,9 @@ pub enum ServeError {
     /// Binding the endpoint.
     #[error("network: {0}")]
     Network(String),
+    /// The audit log could not be opened or written: nothing runs unaudited.
+    #[error("audit: {0}")]
+    Audit(String),
     /// The engine stopped on an error it cannot recover from in-process
     /// (e.g. a checkpoint could not be persisted). Restarting recovers.
     #[error("fatal: {0}")]
@@ -82,6 +87,7 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
     job_encoding: Option<Encoding>,
+    audit: Arc<Auditor>,
 }
 
 fn mtime(path: &std::path::Path) -> Option<SystemTime> {
@@ -89,6 +95,13 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl Shared {
+    /// The coordinator's audit log. Record an event before the action it
+    /// describes takes effect, and do not perform the action if recording
+    /// fails.
+    pub(crate) fn audit(&self) -> &Auditor {
+        &self.audit
+    }
+
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
         self.wire.read().ok()?.get(hash).cloned()
     }
@@ -261,10 +274,37 @@ pub async fn serve(
     let keys = update_keys(&manifest).map_err(ServeError::Tls)?;
     let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())
         .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
+        ServeError::Tls(format!(
+            "the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; kits \
+             issued by older versions lack it): issue a new coordinator kit with `fedlink certs \
+             issue-coordinator`, or renew this one with `fedlink certs renew`, which adds it",
+            kit.dir().display()
+        ))
+    })?;
 
     // Store and job.
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServeError::Job(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+    let auditor = Arc::new(
+        Auditor::open(
+            &cfg.data_dir,
+            audit_key,
+            kit.identity().to_string(),
+            cfg.audit_rotate_bytes,
+        )
+        .map_err(|e| ServeError::Audit(e.to_string()))?,
+    );
+    auditor
+        .record_own(
+            "coordinator.started",
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "federation": kit.identity().federation(),
+                "audit_public_key": auditor.public_key_hex(),
+            }),
+        )
+        .map_err(|e| ServeError::Audit(e.to_string()))?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
     let job_id = select_job(&store, cfg.job.as_deref())?;
@@ -310,6 +350,7 @@ pub async fn serve(
         next_conn: AtomicU64::new(1),
         wire: RwLock::new(HashMap::new()),
         job_encoding,
+        audit: auditor.clone(),
     });
     shared.publish_wire(first_wire);
 
