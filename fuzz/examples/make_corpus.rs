@@ -159,6 +159,12 @@ fn main() {
             round: RoundId(2),
             reason: "round closed".into(),
         }),
+        Message::AuditHead(AuditHead {
+            seq: 42,
+            hash: [0x11; 32],
+            ts_unix_ms: 1_700_000_000_000,
+            sig: [0x22; 64],
+        }),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {

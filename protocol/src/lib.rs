@@ -141,10 +141,10 @@ pub use frame::{
 };
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
-    Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch,
-    ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION,
-    PrivacyRequirements, Reject, RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange,
-    Welcome,
+    AUDIT_HEAD_VERSION, AuditHead, Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat,
+    Hello, Message, ModelFetch, ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer,
+    PROTOCOL_VERSION, PrivacyRequirements, Reject, RejectCode, TaskOffer, TrainingConfig,
+    UploadResult, VersionRange, Welcome, supports_audit_head,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{

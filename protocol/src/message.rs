@@ -19,8 +19,14 @@
 //!  |  <-- ModelManifest{hash, spec, encoding, len} + chunk frames
 //!  | DeltaUpload{signed envelope} + chunk frames -->
 //!  |  <-- UploadResult{Ack | Reject}
+//!  | AuditHead{site's signed head} -->   |   (version >= 2, control stream)
+//!  |  <-- AuditHead{coordinator's signed head}
 //!  | Heartbeat <-> Heartbeat (any time) ; Bye (either side)
 //! ```
+//!
+//! [`AuditHead`] exists from protocol version [`AUDIT_HEAD_VERSION`] on: a
+//! peer sends it only when the negotiated version is at least that
+//! ([`supports_audit_head`]); an older peer never sees it.
 //!
 //! Free-text fields (`message`, `reason`, `agent_version`) are bounded only
 //! by the frame limit; receivers should truncate them before logging.
@@ -37,7 +43,12 @@ use crate::payload::PayloadHash;
 use crate::scaling::{FeatureScaling, ScalingError};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version history: 1 — the original conversation; 2 — adds
+/// [`Message::AuditHead`].
+pub const PROTOCOL_VERSION: u16 = 2;
+/// First protocol version that has [`Message::AuditHead`].
+pub const AUDIT_HEAD_VERSION: u16 = 2;
 /// Oldest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Most epochs a task may ask for.
@@ -451,6 +462,68 @@ pub struct Cancel {
     pub reason: String,
 }
 
+/// Either direction (protocol version >= [`AUDIT_HEAD_VERSION`]): the
+/// sender's current signed audit-log head, the same values as a
+/// `fedlink_audit::SignedHead`. The receiver records it in its own audit log,
+/// so that a later truncation of the sender's log below this head is
+/// detectable; a site sends one after each upload result, the coordinator
+/// answers each with its own. The signature is checked by the auditor with
+/// the sender's audit key, not necessarily by the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// Sequence number of the last entry of the sender's log (0: empty log).
+    pub seq: u64,
+    /// blake3 hash of that entry's line (all zero for an empty log).
+    pub hash: [u8; 32],
+    /// When the head was signed, unix milliseconds.
+    pub ts_unix_ms: u64,
+    /// ed25519 signature over the head (domain-separated, see `fedlink-audit`).
+    #[serde(with = "sig64")]
+    pub sig: [u8; 64],
+}
+
+/// Does a connection at negotiated protocol `version` carry
+/// [`Message::AuditHead`]?
+pub fn supports_audit_head(version: u16) -> bool {
+    version >= AUDIT_HEAD_VERSION
+}
+
+/// serde for `[u8; 64]` (serde's own array impls stop at 32): a fixed tuple
+/// of 64 bytes, i.e. 64 raw bytes in bincode, no length prefix.
+mod sig64 {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::ser::SerializeTuple;
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(64)?;
+        for b in v {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = [u8; 64];
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("64 bytes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<[u8; 64], A::Error> {
+                let mut out = [0u8; 64];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| Error::invalid_length(i, &self))?;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_tuple(64, V)
+    }
+}
+
 /// Every control message. Variants are only ever appended.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -479,6 +552,9 @@ pub enum Message {
     Bye(Bye),
     /// Coordinator → site.
     Cancel(Cancel),
+    /// Either direction, on the control stream, only when the negotiated
+    /// version is at least [`AUDIT_HEAD_VERSION`].
+    AuditHead(AuditHead),
 }
 
 impl Message {
@@ -497,6 +573,7 @@ impl Message {
             Self::Heartbeat(_) => "Heartbeat",
             Self::Bye(_) => "Bye",
             Self::Cancel(_) => "Cancel",
+            Self::AuditHead(_) => "AuditHead",
         }
     }
 }
@@ -515,7 +592,35 @@ mod tests {
         assert_eq!(a.negotiate(&VersionRange { min: 4, max: 5 }), None);
         assert_eq!(
             VersionRange::SUPPORTED.negotiate(&VersionRange::SUPPORTED),
-            Some(1)
+            Some(PROTOCOL_VERSION)
+        );
+        // a version-1 peer is still spoken to, without AuditHead
+        let old = VersionRange { min: 1, max: 1 };
+        assert_eq!(VersionRange::SUPPORTED.negotiate(&old), Some(1));
+        assert!(!supports_audit_head(1));
+        assert!(supports_audit_head(PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn audit_head_layout() {
+        let h = AuditHead {
+            seq: 5,
+            hash: [7; 32],
+            ts_unix_ms: 1,
+            sig: core::array::from_fn(|i| i as u8),
+        };
+        let bytes = Message::AuditHead(h).to_vec();
+        // variant index 12, varint seq, 32 hash bytes, varint ts, 64 sig bytes
+        assert_eq!(bytes.len(), 1 + 1 + 32 + 1 + 64);
+        assert_eq!(bytes[0], 12);
+        assert_eq!(&bytes[35..], &h.sig[..]);
+        assert_eq!(
+            Message::decode_exact(&bytes).unwrap(),
+            Message::AuditHead(h)
+        );
+        assert_eq!(
+            Message::decode_exact(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Truncated)
         );
     }
 

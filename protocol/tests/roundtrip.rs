@@ -336,6 +336,23 @@ fn message() -> impl Strategy<Value = Message> {
                 reason,
             })
         }),
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<([u8; 32], [u8; 32])>()
+        )
+            .prop_map(|(seq, hash, ts_unix_ms, (r, s))| {
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(&r);
+                sig[32..].copy_from_slice(&s);
+                Message::AuditHead(AuditHead {
+                    seq,
+                    hash,
+                    ts_unix_ms,
+                    sig,
+                })
+            }),
     ]
 }
 
