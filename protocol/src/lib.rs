@@ -117,6 +117,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod arch;
 pub mod codec;
 pub mod encoding;

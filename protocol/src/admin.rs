@@ -1,0 +1,621 @@
+//! The admin API: what the `fedlink` CLI asks a running coordinator and what
+//! it answers (pure types and JSON coding; no IO).
+//!
+//! ```text
+//!  fedlink CLI ──QUIC/mTLS, ALPN fedlink-admin/1, admin certificate──▶ coordinator
+//!    one bidirectional stream per command:
+//!      CLI → chunk frame: AdminRequest (JSON), then FIN
+//!      CLI ← chunk frame: AdminResponse (JSON)
+//!            [ModelsExport only: then the model's values, f32 little-endian,
+//!             in stored order, as chunk frames of ≤ EXPORT_CHUNK_BYTES; FIN]
+//! ```
+//!
+//! The documents travel as the bodies of ordinary length-prefixed chunk
+//! frames ([`crate::frame`]), so one document is at most
+//! [`crate::MAX_FRAME_LEN`] bytes. The version of this API is the ALPN
+//! protocol (`fedlink-admin/1`): an incompatible change takes a new ALPN.
+//! Errors come back as [`AdminResponse::Error`] with a typed
+//! [`AdminErrorCode`].
+//!
+//! ```
+//! use fedlink_protocol::admin::{AdminRequest, AdminResponse};
+//! let req = AdminRequest::SitesShow { name: "st-mary".into() };
+//! let bytes = req.to_json()?;
+//! assert_eq!(AdminRequest::from_json(&bytes)?, req);
+//! assert_eq!(req.command(), "sites.show");
+//! let resp = AdminResponse::error(fedlink_protocol::admin::AdminErrorCode::NotFound, "no such site");
+//! assert!(AdminResponse::from_json(&resp.to_json()?)?.is_error());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::MAX_FRAME_LEN;
+use crate::model::ModelSpec;
+
+/// Largest chunk of model bytes in an export stream (4 MiB).
+pub const EXPORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why an admin document could not be encoded or decoded.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AdminCodecError {
+    /// The document is larger than one frame.
+    #[error("admin document of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not valid JSON for the expected type.
+    #[error("malformed admin document: {0}")]
+    Json(String),
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, AdminCodecError> {
+    let bytes = serde_json::to_vec(v).map_err(|e| AdminCodecError::Json(e.to_string()))?;
+    if bytes.len() > MAX_FRAME_LEN {
+        return Err(AdminCodecError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(bytes)
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, AdminCodecError> {
+    if bytes.len() > MAX_FRAME_LEN {
+        return Err(AdminCodecError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| AdminCodecError::Json(e.to_string()))
+}
+
+/// Output format of a model export.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// safetensors with PyTorch tensor names and layouts.
+    Safetensors,
+}
+
+/// One admin command.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", content = "args", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Federation, version, uptime, current job and round, queued jobs.
+    Status,
+    /// Every registered site.
+    SitesList,
+    /// One site.
+    SitesShow {
+        /// Site name.
+        name: String,
+    },
+    /// Register a site whose certificate the federation CA issued.
+    SitesApprove {
+        /// The site's TLS certificate (PEM).
+        cert_pem: String,
+        /// Its ed25519 update public key: SPKI PEM or 64 hex digits.
+        update_key: String,
+    },
+    /// Revoke a site: its certificate and update key are refused from now on.
+    SitesRevoke {
+        /// Site name.
+        name: String,
+        /// Why (recorded).
+        reason: Option<String>,
+    },
+    /// Replace a site's certificate (and optionally its update key).
+    SitesRotate {
+        /// Site name.
+        name: String,
+        /// The new TLS certificate (PEM), same identity.
+        cert_pem: String,
+        /// A new update public key, if it changes.
+        update_key: Option<String>,
+    },
+    /// Queue a job (TOML job file text).
+    JobsSubmit {
+        /// The job file.
+        job_toml: String,
+    },
+    /// Every job.
+    JobsList,
+    /// One job.
+    JobsShow {
+        /// Job id.
+        id: String,
+    },
+    /// Start no new round of a job until resumed.
+    JobsPause {
+        /// Job id.
+        id: String,
+    },
+    /// Lift a pause.
+    JobsResume {
+        /// Job id.
+        id: String,
+    },
+    /// End a job (the round in flight is cancelled).
+    JobsAbort {
+        /// Job id.
+        id: String,
+    },
+    /// The rounds of a job.
+    RoundsList {
+        /// Job id.
+        job: String,
+    },
+    /// One round of a job.
+    RoundsShow {
+        /// Job id.
+        job: String,
+        /// Round number.
+        round: u64,
+    },
+    /// Every stored model version.
+    ModelsList,
+    /// One model version, optionally with its provenance chain.
+    ModelsShow {
+        /// Model hash (hex).
+        hash: String,
+        /// Include the rounds back to the initial model.
+        provenance: bool,
+    },
+    /// Stream a model version for export.
+    ModelsExport {
+        /// Model hash (hex).
+        hash: String,
+        /// Output format.
+        format: ExportFormat,
+    },
+}
+
+impl AdminRequest {
+    /// Encode as a JSON document (at most one frame).
+    pub fn to_json(&self) -> Result<Vec<u8>, AdminCodecError> {
+        to_json(self)
+    }
+
+    /// Decode a JSON document.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, AdminCodecError> {
+        from_json(bytes)
+    }
+
+    /// Dotted command name as the CLI spells it (`sites.approve`), for logs
+    /// and the audit log.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::SitesList => "sites.list",
+            Self::SitesShow { .. } => "sites.show",
+            Self::SitesApprove { .. } => "sites.approve",
+            Self::SitesRevoke { .. } => "sites.revoke",
+            Self::SitesRotate { .. } => "sites.rotate",
+            Self::JobsSubmit { .. } => "jobs.submit",
+            Self::JobsList => "jobs.list",
+            Self::JobsShow { .. } => "jobs.show",
+            Self::JobsPause { .. } => "jobs.pause",
+            Self::JobsResume { .. } => "jobs.resume",
+            Self::JobsAbort { .. } => "jobs.abort",
+            Self::RoundsList { .. } => "rounds.list",
+            Self::RoundsShow { .. } => "rounds.show",
+            Self::ModelsList => "models.list",
+            Self::ModelsShow { .. } => "models.show",
+            Self::ModelsExport { .. } => "models.export",
+        }
+    }
+
+    /// The command's arguments as a JSON object (`{}` for none).
+    pub fn args(&self) -> serde_json::Value {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut m)) => m
+                .remove("args")
+                .filter(serde_json::Value::is_object)
+                .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+}
+
+/// Category of a refused or failed command.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminErrorCode {
+    /// Not allowed in the current state (already registered, revoked key, …).
+    Refused,
+    /// No such site, job, round or model.
+    NotFound,
+    /// The request is malformed or its input invalid (bad certificate, bad job file).
+    Invalid,
+    /// The coordinator failed.
+    Internal,
+}
+
+/// A registered site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteInfo {
+    /// Site name.
+    pub name: String,
+    /// Identity URI.
+    pub identity: String,
+    /// Serial of the current certificate (hex).
+    pub cert_serial: String,
+    /// SHA-256 fingerprint of the current certificate (hex).
+    pub cert_fingerprint: String,
+    /// ed25519 update public key (hex).
+    pub update_public_key: String,
+    /// When it was approved (RFC 3339).
+    pub added_at: String,
+    /// When its certificate was last replaced (RFC 3339).
+    pub renewed_at: Option<String>,
+    /// Connected to the running job now.
+    pub connected: bool,
+    /// Last connection, Unix ms (from the store).
+    pub last_seen_unix_ms: Option<u64>,
+    /// Its updates that went into completed rounds.
+    pub updates_aggregated: Option<u64>,
+}
+
+/// One site in the current round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteProgress {
+    /// Site name.
+    pub site: String,
+    /// `offline`, `idle`, `training` (selected, no update yet) or `reported`.
+    pub state: String,
+}
+
+/// Where the running job stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Job id.
+    pub job: String,
+    /// `waiting`, `collecting`, `aggregating` or `finished`.
+    pub phase: String,
+    /// Round in flight.
+    pub round: Option<u64>,
+    /// Rounds completed.
+    pub completed_rounds: u64,
+    /// Rounds in the job.
+    pub total_rounds: u64,
+    /// Current global model (hex).
+    pub current_model: String,
+    /// Paused by an admin.
+    pub paused: bool,
+    /// Updates accepted in the round in flight.
+    pub accepted: u32,
+    /// How the job ended, if it has.
+    pub outcome: Option<String>,
+    /// Every registered or connected site.
+    pub sites: Vec<SiteProgress>,
+}
+
+/// `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Federation name.
+    pub federation: String,
+    /// Coordinator version.
+    pub coordinator_version: String,
+    /// Seconds since the coordinator started.
+    pub uptime_secs: u64,
+    /// The job the coordinator runs (or ran last).
+    pub current_job: Option<JobProgress>,
+    /// Submitted jobs waiting for their turn, in order.
+    pub queued_jobs: Vec<String>,
+}
+
+/// A job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: String,
+    /// `running`, `paused`, `queued` or `finished`.
+    pub state: String,
+    /// Rounds completed.
+    pub completed_rounds: u64,
+    /// Rounds in the job.
+    pub total_rounds: u64,
+    /// Model it started from (hex).
+    pub initial_model: String,
+    /// Model after the last completed round (hex).
+    pub current_model: String,
+    /// Paused by an admin.
+    pub paused: bool,
+    /// How it ended (debug form), if it has.
+    pub outcome: Option<String>,
+    /// The job file (`jobs show` only).
+    pub job_toml: Option<String>,
+}
+
+/// A stored model version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model hash (hex).
+    pub hash: String,
+    /// Job that produced it.
+    pub job: String,
+    /// Round that produced it (0: initial model).
+    pub round: u64,
+    /// Size of the stored file, bytes.
+    pub bytes: Option<u64>,
+}
+
+/// One update that went into a round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvenanceUpdate {
+    /// Site.
+    pub site: String,
+    /// blake3 of the payload (hex).
+    pub payload_hash: String,
+    /// Examples it was trained on.
+    pub num_examples: u64,
+    /// The site's ed25519 envelope signature (hex), from the update archive.
+    pub envelope_sig: Option<String>,
+}
+
+/// One round of a provenance chain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProvenanceStep {
+    /// Job.
+    pub job: String,
+    /// Round.
+    pub round: u64,
+    /// The model the round started from (hex).
+    pub base_model: String,
+    /// The model it produced (hex).
+    pub output_model: String,
+    /// The aggregation strategy (the StrategyConfig as JSON).
+    pub strategy: serde_json::Value,
+    /// The updates aggregated.
+    pub updates: Vec<ProvenanceUpdate>,
+}
+
+/// One tensor of an export, in PyTorch naming and layout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportTensor {
+    /// PyTorch parameter name (`fc.weight`, `norm1.weight` for a GroupNorm gamma).
+    pub name: String,
+    /// fedlink (burn) tensor path.
+    pub source_path: String,
+    /// Shape as exported (PyTorch layout).
+    pub shape: Vec<u64>,
+    /// Shape as stored (burn layout).
+    pub stored_shape: Vec<u64>,
+    /// Whether the 2-D tensor is transposed on export (burn `Linear`
+    /// `[in, out]` → PyTorch `[out, in]`).
+    pub transposed: bool,
+}
+
+/// What precedes the values of an exported model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportHeader {
+    /// Model hash (hex).
+    pub model: String,
+    /// Job that produced it.
+    pub job: String,
+    /// Round that produced it.
+    pub round: u64,
+    /// The job's architecture spec (JSON).
+    pub arch: serde_json::Value,
+    /// Output format.
+    pub format: ExportFormat,
+    /// Tensors, in stored order (the order of the values that follow).
+    pub tensors: Vec<ExportTensor>,
+    /// Bytes of values that follow (4 per parameter).
+    pub total_bytes: u64,
+}
+
+/// The PyTorch names and layouts of a fedlink model's tensors, in stored
+/// order: `Linear` weights (2-D `*.weight`) are transposed from burn's
+/// `[in, out]` to `[out, in]`; `Conv2d` (`[out, in, kh, kw]`) and
+/// `ConvTranspose2d` (`[in, out, kh, kw]`) weights already match PyTorch;
+/// `GroupNorm` `gamma`/`beta` become `weight`/`bias`.
+pub fn pytorch_tensors(spec: &ModelSpec) -> Vec<ExportTensor> {
+    spec.tensors()
+        .iter()
+        .map(|t| {
+            let transposed = t.shape.len() == 2 && t.path.ends_with(".weight");
+            let shape = if transposed {
+                vec![t.shape[1], t.shape[0]]
+            } else {
+                t.shape.clone()
+            };
+            let name = if let Some(p) = t.path.strip_suffix(".gamma") {
+                format!("{p}.weight")
+            } else if let Some(p) = t.path.strip_suffix(".beta") {
+                format!("{p}.bias")
+            } else {
+                t.path.clone()
+            };
+            ExportTensor {
+                name,
+                source_path: t.path.clone(),
+                shape,
+                stored_shape: t.shape.clone(),
+                transposed,
+            }
+        })
+        .collect()
+}
+
+/// A coordinator's answer.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum AdminResponse {
+    /// `status`.
+    Status(StatusReport),
+    /// `sites list`.
+    Sites(Vec<SiteInfo>),
+    /// `sites show`, and the result of approve / revoke / rotate.
+    Site(SiteInfo),
+    /// `jobs list`.
+    Jobs(Vec<JobInfo>),
+    /// `jobs show`, and the result of submit / pause / resume / abort.
+    Job(JobInfo),
+    /// `rounds list`: the stored round records (JSON objects; fields as the
+    /// coordinator's store has them).
+    Rounds {
+        /// Job id.
+        job: String,
+        /// Round records.
+        rounds: Vec<serde_json::Value>,
+    },
+    /// `rounds show`.
+    Round {
+        /// Job id.
+        job: String,
+        /// The round record.
+        round: serde_json::Value,
+    },
+    /// `models list`.
+    Models(Vec<ModelInfo>),
+    /// `models show`.
+    Model {
+        /// The model.
+        model: ModelInfo,
+        /// Rounds from the initial model to this one (with `provenance`).
+        provenance: Option<Vec<ProvenanceStep>>,
+    },
+    /// `models export`: the values follow in chunk frames.
+    Export(ExportHeader),
+    /// The command was refused or failed.
+    Error {
+        /// Category.
+        code: AdminErrorCode,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl AdminResponse {
+    /// An error answer.
+    pub fn error(code: AdminErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Whether this is an [`AdminResponse::Error`].
+    pub fn is_error(&self) -> bool {
+        matches!(self, Self::Error { .. })
+    }
+
+    /// Encode as a JSON document (at most one frame).
+    pub fn to_json(&self) -> Result<Vec<u8>, AdminCodecError> {
+        to_json(self)
+    }
+
+    /// Decode a JSON document.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, AdminCodecError> {
+        from_json(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorSpec;
+
+    #[test]
+    fn requests_round_trip_and_name_args() {
+        let reqs = [
+            AdminRequest::Status,
+            AdminRequest::SitesRevoke {
+                name: "a".into(),
+                reason: Some("stolen".into()),
+            },
+            AdminRequest::ModelsExport {
+                hash: "00".into(),
+                format: ExportFormat::Safetensors,
+            },
+            AdminRequest::RoundsShow {
+                job: "j".into(),
+                round: 3,
+            },
+        ];
+        for r in reqs {
+            let back = AdminRequest::from_json(&r.to_json().unwrap()).unwrap();
+            assert_eq!(back, r);
+            assert!(r.args().is_object());
+        }
+        let revoke = AdminRequest::SitesRevoke {
+            name: "a".into(),
+            reason: None,
+        };
+        assert_eq!(revoke.command(), "sites.revoke");
+        assert_eq!(revoke.args()["name"], "a");
+        assert_eq!(AdminRequest::Status.args(), serde_json::json!({}));
+        let text = String::from_utf8(AdminRequest::Status.to_json().unwrap()).unwrap();
+        assert_eq!(text, r#"{"command":"status"}"#);
+    }
+
+    #[test]
+    fn malformed_and_oversize_documents_are_errors() {
+        assert!(matches!(
+            AdminRequest::from_json(b"{\"command\":\"launch_missiles\"}"),
+            Err(AdminCodecError::Json(_))
+        ));
+        assert!(AdminRequest::from_json(b"\xff\x00").is_err());
+        let huge = vec![b' '; MAX_FRAME_LEN + 1];
+        assert!(matches!(
+            AdminResponse::from_json(&huge),
+            Err(AdminCodecError::TooLarge { .. })
+        ));
+        let big = AdminRequest::JobsSubmit {
+            job_toml: "x".repeat(MAX_FRAME_LEN),
+        };
+        assert!(matches!(
+            big.to_json(),
+            Err(AdminCodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn error_responses_round_trip() {
+        let e = AdminResponse::error(AdminErrorCode::Refused, "no");
+        let text = String::from_utf8(e.to_json().unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"kind":"error","data":{"code":"refused","message":"no"}}"#
+        );
+        assert_eq!(AdminResponse::from_json(text.as_bytes()).unwrap(), e);
+    }
+
+    #[test]
+    fn pytorch_layout() {
+        let spec = ModelSpec::new(vec![
+            TensorSpec::f32("fc.weight", vec![12, 3]),
+            TensorSpec::f32("fc.bias", vec![3]),
+            TensorSpec::f32("conv.weight", vec![16, 1, 3, 3]),
+            TensorSpec::f32("norm1.gamma", vec![8]),
+            TensorSpec::f32("norm1.beta", vec![8]),
+        ])
+        .unwrap();
+        let t = pytorch_tensors(&spec);
+        let by = |n: &str| t.iter().find(|x| x.source_path == n).unwrap().clone();
+        let fc = by("fc.weight");
+        assert!(fc.transposed);
+        assert_eq!(fc.shape, vec![3, 12]);
+        assert_eq!(fc.stored_shape, vec![12, 3]);
+        assert!(!by("conv.weight").transposed);
+        assert_eq!(by("conv.weight").shape, vec![16, 1, 3, 3]);
+        assert_eq!(by("norm1.gamma").name, "norm1.weight");
+        assert_eq!(by("norm1.beta").name, "norm1.bias");
+        assert!(!by("fc.bias").transposed);
+        // Stored order is kept.
+        let stored: Vec<_> = spec.tensors().iter().map(|x| x.path.clone()).collect();
+        let out: Vec<_> = t.iter().map(|x| x.source_path.clone()).collect();
+        assert_eq!(stored, out);
+    }
+}
