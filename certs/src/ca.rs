@@ -912,6 +912,7 @@ impl CertificateAuthority {
                 identity: Some(r.identity.clone()),
                 reason: reason.map(str::to_owned),
                 revoked_at: Some(rfc3339(now)),
+                update_public_key: None,
             };
             file.revoked.push(entry.clone());
             added.push(entry);

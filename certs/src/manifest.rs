@@ -146,8 +146,15 @@ impl SiteManifest {
         self.site.iter().find(|s| s.name == name)
     }
 
-    pub(crate) fn get_mut(&mut self, name: &str) -> Option<&mut SiteEntry> {
+    /// The entry for a site name, to change it (then [`Self::save`]).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut SiteEntry> {
         self.site.iter_mut().find(|s| s.name == name)
+    }
+
+    /// Remove a site's entry; returns it.
+    pub fn remove(&mut self, name: &str) -> Option<SiteEntry> {
+        let i = self.site.iter().position(|s| s.name == name)?;
+        Some(self.site.remove(i))
     }
 
     /// After the handshake: find the site entry for a connected peer and

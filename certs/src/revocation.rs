@@ -44,6 +44,10 @@ pub struct RevokedEntry {
     /// When, RFC 3339 (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+    /// The revoked site's ed25519 update public key (hex), when the site
+    /// itself was revoked: such a key is not approved again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_public_key: Option<String>,
 }
 
 /// The whole `revoked.toml` file.
@@ -95,6 +99,22 @@ impl RevokedFile {
     /// Write atomically (temporary file + rename).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
         files::replace_public(path, files::to_toml(self, path)?.as_bytes())
+    }
+
+    /// Whether an update public key (hex, any case) belongs to a revoked site.
+    pub fn is_update_key_revoked(&self, update_public_key: &str) -> bool {
+        self.revoked.iter().any(|e| {
+            e.update_public_key
+                .as_deref()
+                .is_some_and(|k| k.eq_ignore_ascii_case(update_public_key))
+        })
+    }
+
+    /// Whether a certificate (serial or fingerprint) is listed.
+    pub fn lists(&self, serial: &Serial, fingerprint: &Fingerprint) -> bool {
+        self.revoked
+            .iter()
+            .any(|e| e.serial.as_ref() == Some(serial) || e.fingerprint == Some(*fingerprint))
     }
 }
 
@@ -223,6 +243,7 @@ mod tests {
             identity: None,
             reason: Some("test".into()),
             revoked_at: None,
+            update_public_key: None,
         });
         file.save(&path).unwrap();
         // Not visible until reload.
@@ -236,6 +257,7 @@ mod tests {
             identity: None,
             reason: None,
             revoked_at: None,
+            update_public_key: None,
         });
         file.save(&path).unwrap();
         list.reload().unwrap();
