@@ -45,6 +45,17 @@ impl NoiseRng {
         })
     }
 
+    /// ChaCha20 from a 32-byte seed. The coordinator draws a fresh seed
+    /// from the OS for every round and records it in the round's archive so
+    /// that the round can be recomputed bit for bit (`fedlink audit
+    /// replay`); whoever holds the seed can subtract the noise, so keep it
+    /// as confidential as the raw updates it protects.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self {
+            rng: ChaCha20Rng::from_seed(seed),
+        }
+    }
+
     /// A fixed seed, for reproducible tests only: noise from a known seed
     /// gives no privacy.
     pub fn with_fixed_seed_for_tests(seed: u64) -> Self {

@@ -4,6 +4,8 @@
 //! - [`round`] — the sans-IO round state machine ([`round::JobRunner`]);
 //! - [`store`] — crash-safe persistence (redb + content-addressed models);
 //! - [`job`] — job definitions (TOML);
+//! - [`round_archive`] — the per-round archive (`round.json`) and the pure
+//!   recomputation of a round behind `fedlink audit replay`;
 //! - [`config`] — `coordinator.toml`;
 //! - [`server`] — the tokio/quinn driver that ties them to the network and to
 //!   the aggregation engine;
@@ -15,5 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod job;
 pub mod round;
+pub mod round_archive;
 pub mod server;
 pub mod store;

@@ -17,7 +17,7 @@ pub(crate) mod audit;
 mod conn;
 mod engine;
 mod scaling;
-mod spool;
+pub(crate) mod spool;
 pub mod status;
 mod wire;
 
