@@ -15,6 +15,9 @@
 //!                                                              delta = local − global, clip, DP noise
 //!                                                              encode, sign, DeltaUpload stream
 //!                                                              ◀── UploadResult
+//!  every step ─▶ audit log (signed, fsynced before the action); after each
+//!  UploadResult the site's signed head ─▶ AuditHead (protocol ≥ 2), and the
+//!  coordinator's AuditHead ─▶ recorded as coordinator.audit_head
 //! ```
 //!
 //! # Network footprint (for hospital IT)
@@ -66,11 +69,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fedlink_certs::{ALPN_SITE, Kit, Role, client_tls_config};
+use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config, peer_identity_from_any};
 use fedlink_protocol::{
     Bye, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message, ModelFetch, ModelHash,
     ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope, UpdateHeader,
     UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
+    supports_audit_head,
 };
 use fedlink_transport::{FramedRecv, FramedSend, TransportError, client_endpoint, close, open_bi};
 use quinn::{Connection, Endpoint};
@@ -78,12 +82,12 @@ use rand::RngCore;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::audit::{Recorded, SiteAudit, SiteEvent};
 use crate::config::SiteConfig;
 use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
-use crate::sitelog::{Event, LogEntry, MetricsSummary, SiteLog, SiteLogError};
 use crate::train::{self, TrainError};
 
 /// Longest free text from the coordinator that is logged.
@@ -116,9 +120,9 @@ pub enum AgentError {
     /// The local dataset could not be loaded.
     #[error("local data: {0}")]
     Data(#[from] DataError),
-    /// The site log could not be written.
-    #[error(transparent)]
-    SiteLog(#[from] SiteLogError),
+    /// The audit log could not be opened or written.
+    #[error("audit log: {0}")]
+    AuditLog(#[from] fedlink_audit::Error),
     /// The model cache directory is unusable.
     #[error(transparent)]
     ModelCache(#[from] ModelError),
@@ -146,12 +150,12 @@ impl AgentError {
     }
 }
 
-/// Why work on one round failed (recorded in the site log as
-/// `task_failed`; the agent carries on).
+/// Why work on one round failed (recorded in the audit log as
+/// `round.failed`; the agent carries on).
 #[derive(Debug, thiserror::Error)]
 enum TaskError {
-    #[error(transparent)]
-    Log(#[from] SiteLogError),
+    #[error("audit log: {0}")]
+    Log(#[from] fedlink_audit::Error),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("training: {0}")]
@@ -188,23 +192,23 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-/// Writes the site log and mirrors each entry to an optional observer.
+/// Writes the audit log and mirrors each entry to an optional observer.
 #[derive(Debug)]
 struct Recorder {
-    log: Mutex<SiteLog>,
-    events: Option<mpsc::UnboundedSender<LogEntry>>,
+    log: Mutex<SiteAudit>,
+    events: Option<mpsc::UnboundedSender<Recorded>>,
 }
 
 impl Recorder {
-    fn record(&self, event: Event) -> Result<LogEntry, SiteLogError> {
-        let entry = {
-            let mut log = self
-                .log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            log.append(unix_ms(), &event)?
-        };
-        tracing::info!(seq = entry.seq, event = %entry.event, details = %entry.details, "site log");
+    fn lock(&self) -> std::sync::MutexGuard<'_, SiteAudit> {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, event: SiteEvent) -> Result<Recorded, fedlink_audit::Error> {
+        let entry = self.lock().record(unix_ms(), &event)?;
+        tracing::info!(seq = entry.seq, event = %entry.event, details = %entry.details, "audit log");
         if let Some(tx) = &self.events {
             // The observer may have gone away; the file is the record.
             let _ = tx.send(entry.clone());
@@ -227,7 +231,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn record(&self, event: Event) -> Result<LogEntry, SiteLogError> {
+    fn record(&self, event: SiteEvent) -> Result<Recorded, fedlink_audit::Error> {
         self.recorder.record(event)
     }
 }
@@ -236,13 +240,13 @@ impl Ctx {
 #[derive(Debug)]
 pub struct Agent {
     config: SiteConfig,
-    events: Option<mpsc::UnboundedSender<LogEntry>>,
+    events: Option<mpsc::UnboundedSender<Recorded>>,
 }
 
 /// Run an agent with `config` until `shutdown` completes (then say `Bye`
 /// and close). Returns `Ok(())` after an orderly shutdown; errors are
-/// startup problems (kit, TLS, data, device) or a site log that cannot be
-/// written. Network problems never end the agent: it reconnects.
+/// startup problems (kit, TLS, data, device) or an audit log that cannot be
+/// opened or written. Network problems never end the agent: it reconnects.
 pub async fn run(config: SiteConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     Agent::new(config).run(shutdown).await
 }
@@ -256,10 +260,10 @@ impl Agent {
         }
     }
 
-    /// Also send every site-log entry to `events` as it is written (for
+    /// Also send every audit-log entry to `events` as it is written (for
     /// tests and embedding; the file stays the record).
     #[must_use]
-    pub fn with_events(mut self, events: mpsc::UnboundedSender<LogEntry>) -> Self {
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<Recorded>) -> Self {
         self.events = Some(events);
         self
     }
@@ -277,11 +281,11 @@ impl Agent {
                 kit.identity().role()
             ))));
         }
-        if kit.update_signing_key().is_none() {
+        let Some(update_key) = kit.update_signing_key().cloned() else {
             return Err(kit_err(fedlink_certs::Error::Refused(
                 "the kit has no update-signing key".into(),
             )));
-        }
+        };
         let tls = client_tls_config(&kit, ALPN_SITE).map_err(AgentError::Tls)?;
         let coordinator_addr = config
             .coordinator_addr
@@ -293,11 +297,26 @@ impl Agent {
         device.resolve()?;
         let io = |path: PathBuf| move |source| AgentError::Io { path, source };
         create_private_dir(&config.data_dir).map_err(io(config.data_dir.clone()))?;
-        let log_path = config.site_log_path();
+        let log_path = config.audit_log_path();
         if let Some(parent) = log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
             create_private_dir(parent).map_err(io(parent.to_path_buf()))?;
         }
-        let log = SiteLog::open(&log_path)?;
+        // Entries the coordinator caused name it by the identity in its
+        // certificate (set per connection); until then by its role URI.
+        let coordinator_actor = Identity::new(
+            kit.identity().federation(),
+            Role::Coordinator,
+            "coordinator",
+        )
+        .map_or_else(|_| "system".to_owned(), |i| i.to_uri());
+        let log = SiteAudit::open(
+            &log_path,
+            update_key,
+            kit.identity().to_uri(),
+            coordinator_actor,
+            config.audit_rotate_bytes,
+            unix_ms(),
+        )?;
         let cache = ModelCache::open(config.model_cache_dir())?;
         let dataset = config.dataset.clone();
         let data = tokio::task::spawn_blocking(move || dataset.load())
@@ -326,8 +345,10 @@ impl Agent {
             .resolve()
             .map(|d| d.name)
             .unwrap_or("unavailable");
-        ctx.record(Event::AgentStarted {
-            agent_version: agent_version(),
+        ctx.record(SiteEvent::AgentStarted {
+            version: agent_version(),
+            site: ctx.kit.identity().name().to_owned(),
+            config_blake3: config_blake3(&ctx.config),
             identity: ctx.kit.identity().to_uri(),
             dataset_kind: ctx.config.dataset.kind().to_owned(),
             dataset_fingerprint: ctx.data.local().fingerprint.to_string(),
@@ -358,7 +379,7 @@ impl Agent {
                 SessionEnd::Lost(reason) => {
                     let delay = backoff.next_delay(rand::random::<f64>());
                     tracing::warn!(%reason, retry_in = ?delay, "not connected to the coordinator");
-                    ctx.record(Event::Disconnected {
+                    ctx.record(SiteEvent::ConnLost {
                         reason,
                         retry_in_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
                     })?;
@@ -370,7 +391,7 @@ impl Agent {
                 }
             }
         };
-        ctx.record(Event::AgentStopped {
+        ctx.record(SiteEvent::AgentStopped {
             reason: reason.to_owned(),
         })?;
         Ok(())
@@ -379,6 +400,13 @@ impl Agent {
 
 fn agent_version() -> String {
     format!("fedlink-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// blake3 (hex) of the effective configuration as canonical JSON.
+fn config_blake3(config: &SiteConfig) -> String {
+    // A plain data struct: serialising cannot fail.
+    let json = serde_json::to_vec(config).unwrap_or_default();
+    blake3::hash(&json).to_hex().to_string()
 }
 
 /// A welcomed connection.
@@ -397,7 +425,7 @@ enum SessionEnd {
 }
 
 /// Resolve, connect, say Hello, wait for Welcome (bounded by the connect
-/// timeout). The error is a reason for the site log.
+/// timeout). The error is a reason for the audit log.
 async fn connect(ctx: &Ctx) -> Result<Connected, String> {
     let cfg = &ctx.config.connection;
     let attempt = async {
@@ -485,7 +513,9 @@ async fn read_control(
     }
 }
 
-type TaskDone = (TaskKey, Result<(), SiteLogError>);
+/// A finished round task: `Ok(true)` when it recorded an `update.result`
+/// (then the site's audit head is due), `Err` when the audit log failed.
+type TaskDone = (TaskKey, Result<bool, fedlink_audit::Error>);
 
 async fn run_session<F: Future<Output = ()>>(
     ctx: &Arc<Ctx>,
@@ -508,10 +538,13 @@ async fn run_session<F: Future<Output = ()>>(
             return Ok(SessionEnd::Lost(e.to_string()));
         }
     };
-    ctx.record(Event::Connected {
+    if let Ok(identity) = peer_identity_from_any(conn.peer_identity()) {
+        ctx.recorder.lock().set_coordinator_actor(identity.to_uri());
+    }
+    ctx.record(SiteEvent::ConnEstablished {
         coordinator: format!("{} ({remote})", ctx.coordinator_addr),
         site_id: session.site_id.to_string(),
-        federation_id: session.federation_id.to_string(),
+        federation: session.federation_id.to_string(),
         protocol_version: session.protocol_version,
     })?;
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
@@ -539,7 +572,14 @@ async fn run_session<F: Future<Output = ()>>(
                     if task.as_ref().is_some_and(|(k, _)| *k == key) {
                         task = None;
                     }
-                    result?;
+                    if result? && supports_audit_head(session.protocol_version) {
+                        let head = ctx.recorder.lock().wire_head(unix_ms())?;
+                        if let Some(head) = head
+                            && let Err(e) = send.message(&Message::AuditHead(head)).await
+                        {
+                            return Ok(SessionEnd::Lost(format!("sending the audit head: {e}")));
+                        }
+                    }
                 }
                 msg = ctrl_rx.recv() => {
                     let msg = match msg {
@@ -602,8 +642,8 @@ async fn handle_control(
 ) -> Result<Option<SessionEnd>, AgentError> {
     match msg {
         Message::TaskOffer(offer) => {
-            ctx.record(Event::OfferReceived {
-                job_id: offer.job_id.to_string(),
+            ctx.record(SiteEvent::OfferReceived {
+                job: offer.job_id.to_string(),
                 round: offer.round.0,
                 base_model: offer.base_model.to_hex(),
                 arch: offer.arch.kind().to_owned(),
@@ -613,27 +653,28 @@ async fn handle_control(
                 noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
             })?;
             let outcome = core.on_offer(unix_ms(), &offer);
+            // The decision is on disk before the coordinator hears it.
+            match &outcome.response.decision {
+                OfferDecision::Accept => ctx.record(SiteEvent::OfferAccepted {
+                    job: offer.job_id.to_string(),
+                    round: offer.round.0,
+                })?,
+                OfferDecision::Decline { reason } => ctx.record(SiteEvent::OfferDeclined {
+                    job: offer.job_id.to_string(),
+                    round: offer.round.0,
+                    reason: reason.clone(),
+                })?,
+            };
             if let Err(e) = send
                 .message(&Message::OfferResponse(outcome.response.clone()))
                 .await
             {
                 return Ok(Some(SessionEnd::Lost(format!("answering an offer: {e}"))));
             }
-            match &outcome.response.decision {
-                OfferDecision::Accept => ctx.record(Event::OfferAccepted {
-                    job_id: offer.job_id.to_string(),
-                    round: offer.round.0,
-                })?,
-                OfferDecision::Decline { reason } => ctx.record(Event::OfferDeclined {
-                    job_id: offer.job_id.to_string(),
-                    round: offer.round.0,
-                    reason: reason.clone(),
-                })?,
-            };
             if let Some(old) = outcome.abort {
                 let dropped = abort_task(task, &old);
-                ctx.record(Event::Cancelled {
-                    job_id: old.job_id.to_string(),
+                ctx.record(SiteEvent::RoundCancelled {
+                    job: old.job_id.to_string(),
                     round: old.round.0,
                     reason: format!("superseded by round {}", offer.round),
                     dropped_work: dropped,
@@ -654,14 +695,19 @@ async fn handle_control(
                 round: c.round,
             };
             let dropped = hit && abort_task(task, &key);
-            ctx.record(Event::Cancelled {
-                job_id: c.job_id.to_string(),
+            ctx.record(SiteEvent::RoundCancelled {
+                job: c.job_id.to_string(),
                 round: c.round.0,
                 reason: truncate(&c.reason),
                 dropped_work: dropped,
             })?;
         }
         Message::Heartbeat(h) => tracing::trace!(seq = h.seq, "coordinator heartbeat"),
+        // Recorded as received; `fedlink audit reconcile` checks its
+        // signature with the coordinator's audit key.
+        Message::AuditHead(h) if supports_audit_head(session.protocol_version) => {
+            ctx.record(SiteEvent::coordinator_head(&h))?;
+        }
         Message::Bye(b) => {
             return Ok(Some(SessionEnd::Lost(format!(
                 "coordinator said bye: {}",
@@ -706,16 +752,16 @@ fn spawn_task(
     tokio::spawn(async move {
         let key = assignment.key();
         let result = match run_task(&ctx, &conn, &session, &assignment).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(TaskError::Log(e)) => Err(e),
             Err(e) => {
                 tracing::warn!(task = %key, error = %e, "round failed");
-                ctx.record(Event::TaskFailed {
-                    job_id: key.job_id.to_string(),
+                ctx.record(SiteEvent::RoundFailed {
+                    job: key.job_id.to_string(),
                     round: key.round.0,
                     error: e.to_string(),
                 })
-                .map(|_| ())
+                .map(|_| false)
             }
         };
         let _ = done_tx.send((key, result));
@@ -837,16 +883,25 @@ async fn run_task(
     let delta = FlatModel::new(spec.clone(), delta)
         .map_err(|e| TaskError::Internal(format!("delta: {e}")))?;
     let metrics = metrics.as_ref().map(eval_to_protocol);
-    ctx.record(Event::Trained {
-        job_id: offer.job_id.to_string(),
+    ctx.record(SiteEvent::TrainCompleted {
+        job: offer.job_id.to_string(),
         round: offer.round.0,
+        base_model: offer.base_model.to_hex(),
         dataset_fingerprint: ctx.data.local().fingerprint.to_string(),
-        epochs: report.epoch_loss.len(),
-        samples: report.samples,
-        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
-        epoch_loss: report.epoch_loss.clone(),
-        global_eval: metrics.as_ref().map(MetricsSummary::from),
-        delta_norm,
+        num_examples: report.samples as u64,
+        metrics: serde_json::json!({
+            "epochs": report.epoch_loss.len(),
+            "epoch_loss": report.epoch_loss,
+            "duration_ms": u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+            "global_eval": metrics.as_ref().map(|m| serde_json::json!({
+                "n": m.num_eval_examples,
+                "loss": m.loss,
+                "accuracy": m.accuracy,
+                "auc": m.auc,
+                "dice": m.dice,
+            })),
+            "delta_norm": delta_norm,
+        }),
         clipped,
         dp_noise,
         feature_scaling: feature_scaling.to_owned(),
@@ -880,18 +935,23 @@ async fn run_task(
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
     let header_has_stats = header.feature_stats.is_some();
+    let nonce = hex::encode(header.nonce.0);
     let envelope = sign_update(key, header);
+    // On disk before the first byte of the upload leaves.
+    ctx.record(SiteEvent::UpdateSent {
+        job: offer.job_id.to_string(),
+        round: offer.round.0,
+        payload_hash: summary.payload_hash.to_hex(),
+        payload_bytes: summary.payload_len,
+        num_examples: report.samples as u64,
+        nonce: nonce.clone(),
+        base_model: offer.base_model.to_hex(),
+        encoding: encoding.name(),
+        feature_stats: header_has_stats,
+    })?;
     let (fully_sent, result) = upload(conn, envelope, records).await?;
-    if fully_sent {
-        ctx.record(Event::Sent {
-            job_id: offer.job_id.to_string(),
-            round: offer.round.0,
-            payload_hash: summary.payload_hash.to_hex(),
-            bytes: summary.payload_len,
-            num_examples: report.samples as u64,
-            encoding: encoding.name(),
-            feature_stats: header_has_stats,
-        })?;
+    if !fully_sent {
+        tracing::info!(round = %offer.round, "the coordinator answered before the whole payload was sent");
     }
     let (outcome, accepted, reason) = match &result {
         UploadResult::Ack {
@@ -904,17 +964,19 @@ async fn run_task(
                     summary.payload_hash
                 )));
             }
-            ("ack", Some(*accepted), None)
+            ("ack", *accepted, None)
         }
         UploadResult::Reject { code, message } => (
             "reject",
-            None,
+            false,
             Some(format!("{}: {}", reject_code(*code), truncate(message))),
         ),
     };
-    ctx.record(Event::UploadResult {
-        job_id: offer.job_id.to_string(),
+    ctx.record(SiteEvent::UpdateResult {
+        job: offer.job_id.to_string(),
         round: offer.round.0,
+        payload_hash: summary.payload_hash.to_hex(),
+        nonce,
         outcome: outcome.to_owned(),
         accepted,
         reason,
@@ -940,8 +1002,11 @@ async fn obtain_model(
         .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?;
     match cached {
         Ok(Some(model)) => {
-            ctx.record(Event::ModelCached {
-                model_hash: hash.to_hex(),
+            let bytes = std::fs::metadata(ctx.cache.path(&hash)).map_or(0, |m| m.len());
+            ctx.record(SiteEvent::ModelReceived {
+                model: hash.to_hex(),
+                bytes,
+                from_cache: true,
             })?;
             return Ok(model);
         }
@@ -990,10 +1055,10 @@ async fn obtain_model(
     tokio::task::spawn_blocking(move || cache.store(&stored_manifest, &records))
         .await
         .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
-    ctx.record(Event::ModelFetched {
-        model_hash: hash.to_hex(),
+    ctx.record(SiteEvent::ModelReceived {
+        model: hash.to_hex(),
         bytes: manifest.payload_len,
-        params: spec.num_params(),
+        from_cache: false,
     })?;
     Ok(model)
 }

@@ -2,8 +2,9 @@
 //!
 //! ```toml
 //! kit_dir  = "/etc/fedlink/kit"          # startup kit from `fedlink certs issue-site`
-//! data_dir = "/var/lib/fedlink"          # state: model cache, site log
-//! # site_log = "/var/lib/fedlink/site-log.jsonl"   # default: <data_dir>/site-log.jsonl
+//! data_dir = "/var/lib/fedlink"          # state: model cache, audit log
+//! # audit_log = "/var/lib/fedlink/audit.jsonl"     # default: <data_dir>/audit.jsonl
+//! # audit_rotate_bytes = 67108864                  # default: never rotate
 //! # log_file = "/var/log/fedlink/agent.log"        # diagnostics; default: stderr
 //! device = "auto"                        # "auto" | "cpu" | "cuda" | "wgpu"
 //! # coordinator_addr = "coord.example.org:4433"    # default: the kit's address
@@ -339,11 +340,17 @@ pub struct SiteConfig {
     /// files readable by group or others.
     pub kit_dir: PathBuf,
     /// Directory for the agent's state: `models/` (content-addressed model
-    /// cache) and, by default, the site log. Created (mode 0700) if missing.
+    /// cache) and, by default, the audit log. Created (mode 0700) if missing.
     pub data_dir: PathBuf,
-    /// The JSON Lines site log (default `<data_dir>/site-log.jsonl`).
+    /// The site's signed audit log (default `<data_dir>/audit.jsonl`; see
+    /// [`crate::audit`]). Rotated files are kept next to it. Replaces the old
+    /// unsigned `site_log`, which is refused with an error naming this field.
     #[serde(default)]
-    pub site_log: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log once its current file reaches this many bytes
+    /// (at least [`crate::audit::MIN_ROTATE_BYTES`]); never when unset.
+    #[serde(default)]
+    pub audit_rotate_bytes: Option<u64>,
     /// Diagnostic log file (tracing output, appended); stderr when unset.
     #[serde(default)]
     pub log_file: Option<PathBuf>,
@@ -387,6 +394,17 @@ impl SiteConfig {
     /// Parse `text` (shown as `origin` in errors), resolve relative paths
     /// against `base`, and validate.
     pub fn parse(text: &str, origin: &Path, base: &Path) -> Result<Self, ConfigError> {
+        // The old unsigned site log: say what replaced it instead of a bare
+        // "unknown field".
+        if let Ok(table) = text.parse::<toml::Table>()
+            && table.contains_key("site_log")
+        {
+            return Err(ConfigError::invalid(
+                "site_log",
+                "the unsigned site log was replaced by the signed audit log: use `audit_log` \
+                 (default <data_dir>/audit.jsonl); the old file is not read or changed",
+            ));
+        }
         let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
             message: e.to_string(),
@@ -399,7 +417,7 @@ impl SiteConfig {
     fn resolve_paths(&mut self, base: &Path) {
         resolve(base, &mut self.kit_dir);
         resolve(base, &mut self.data_dir);
-        if let Some(p) = &mut self.site_log {
+        if let Some(p) = &mut self.audit_log {
             resolve(base, p);
         }
         if let Some(p) = &mut self.log_file {
@@ -415,6 +433,19 @@ impl SiteConfig {
                 return Err(ConfigError::invalid(field, "must not be empty"));
             }
         }
+        if let Some(p) = &self.audit_log
+            && p.as_os_str().is_empty()
+        {
+            return Err(ConfigError::invalid("audit_log", "must not be empty"));
+        }
+        if let Some(n) = self.audit_rotate_bytes
+            && n < crate::audit::MIN_ROTATE_BYTES
+        {
+            return Err(ConfigError::invalid(
+                "audit_rotate_bytes",
+                format!("must be at least {}", crate::audit::MIN_ROTATE_BYTES),
+            ));
+        }
         if let Some(addr) = &self.coordinator_addr {
             check_host_port(addr).map_err(|m| ConfigError::invalid("coordinator_addr", m))?;
         }
@@ -426,11 +457,11 @@ impl SiteConfig {
         Ok(())
     }
 
-    /// The site log path.
-    pub fn site_log_path(&self) -> PathBuf {
-        self.site_log
+    /// The audit log's current file.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("site-log.jsonl"))
+            .unwrap_or_else(|| self.data_dir.join(crate::audit::DEFAULT_FILE))
     }
 
     /// The model cache directory.
@@ -489,9 +520,10 @@ encodings = ["f32", "f16"]
         assert_eq!(c.kit_dir, Path::new("/etc/fedlink/kit"));
         assert_eq!(c.data_dir, Path::new("/var/lib/fedlink"));
         assert_eq!(
-            c.site_log_path(),
-            Path::new("/var/lib/fedlink/site-log.jsonl")
+            c.audit_log_path(),
+            Path::new("/var/lib/fedlink/audit.jsonl")
         );
+        assert_eq!(c.audit_rotate_bytes, None);
         assert_eq!(c.device, DeviceChoice::Cpu);
         assert_eq!(c.connection.backoff_initial_ms, 10);
         assert_eq!(c.connection.backoff_max_ms, 30_000);
@@ -503,6 +535,29 @@ encodings = ["f32", "f16"]
         assert_eq!(t.split_seed, 3);
         assert_eq!(c.policy.encodings, vec!["f32".to_owned(), "f16".to_owned()]);
         assert_eq!(c.policy.max_epochs, 50);
+    }
+
+    #[test]
+    fn the_old_site_log_field_is_refused_by_name() {
+        let text = GOOD.replace(
+            "device = \"cpu\"",
+            "device = \"cpu\"\nsite_log = \"x.jsonl\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("site_log") && e.contains("audit_log"), "{e}");
+        let text = GOOD.replace(
+            "device = \"cpu\"",
+            "device = \"cpu\"\naudit_log = \"log/a.jsonl\"\naudit_rotate_bytes = 1048576",
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.audit_log_path(), Path::new("/etc/fedlink/log/a.jsonl"));
+        assert_eq!(c.audit_rotate_bytes, Some(1 << 20));
+        let text = GOOD.replace(
+            "device = \"cpu\"",
+            "device = \"cpu\"\naudit_rotate_bytes = 10",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("audit_rotate_bytes"), "{e}");
     }
 
     #[test]

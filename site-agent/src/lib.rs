@@ -13,7 +13,8 @@
 //!                                           │ delta = local − global, clip, DP noise
 //!                                           ▼
 //!                         protocol: encode, sign_update ─▶ DeltaUpload ─▶ coordinator
-//!  every step ─▶ sitelog (append-only JSON Lines, fsync per entry)
+//!  every step ─▶ audit (signed, hash-chained JSON Lines, fsync per entry,
+//!                 before the action; heads exchanged with the coordinator)
 //! ```
 //!
 //! What it does **not** do: listen on any port, send samples or per-sample
@@ -22,7 +23,7 @@
 //!
 //! Modules: [`config`] (`site.toml`), [`policy`] (local consent rules, a
 //! pure [`policy::evaluate`]), [`sitecore`] (sans-IO decisions),
-//! [`agent`] (the driver and [`run`]), [`modelcache`], [`sitelog`], and the
+//! [`agent`] (the driver and [`run`]), [`modelcache`], [`audit`], and the
 //! training half: [`data`], [`device`], [`train`], [`weights`], [`metrics`].
 //!
 //! ```
@@ -54,6 +55,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod audit;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -61,7 +63,6 @@ pub mod metrics;
 pub mod modelcache;
 pub mod policy;
 pub mod sitecore;
-pub mod sitelog;
 pub mod train;
 pub mod weights;
 

@@ -1,6 +1,8 @@
 //! `fedlink-agent`: the hospital site agent. Thin: parse arguments, load
 //! `site.toml`, start tracing, run [`fedlink_agent::run`] until ctrl-c or
 //! SIGTERM, map errors to exit codes (2 usage/config, 3 TLS/kit, 1 other).
+//! `audit-head` exports the signed head of the site's audit log
+//! ([`fedlink_agent::audit::export_head`]).
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -44,6 +46,17 @@ enum Command {
         /// The site configuration.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Verify the site's audit log with the kit's update key and write its
+    /// signed head (JSON) for an auditor to keep elsewhere; works while the
+    /// agent runs. Exit 0 written, 1 failed (e.g. the log does not verify).
+    AuditHead {
+        /// The site configuration.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the head (replaced atomically if it exists).
+        #[arg(long, value_name = "HEAD.json")]
+        out: PathBuf,
     },
 }
 
@@ -113,7 +126,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    let (Command::Run { config } | Command::CheckConfig { config }) = &cli.command;
+    let (Command::Run { config }
+    | Command::CheckConfig { config }
+    | Command::AuditHead { config, .. }) = &cli.command;
     let site = match SiteConfig::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -121,6 +136,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::AuditHead { out, .. } = &cli.command {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        return match fedlink_agent::audit::export_head(&site, out, now) {
+            Ok(head) => {
+                println!(
+                    "{}: head seq {} hash {} written to {}",
+                    site.audit_log_path().display(),
+                    head.seq,
+                    head.hash,
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fedlink-agent: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Command::CheckConfig { .. } = cli.command {
         println!(
             "{}: ok (federations {:?}, architectures {:?}, dataset {})",

@@ -4,7 +4,7 @@
 //! The fake plays the coordinator's side of the conversation exactly:
 //! Hello → Welcome, TaskOffer → OfferResponse, ModelFetch → ModelManifest +
 //! chunks, DeltaUpload + chunks → UploadResult, Bye. Progress is observed
-//! through the agent's site-log events (a channel), never by sleeping;
+//! through the agent's audit-log events (a channel), never by sleeping;
 //! timeouts are only safety nets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::pkcs8::DecodePublicKey;
+use fedlink_agent::audit::{Recorded, from_wire};
 use fedlink_agent::data::tabular::{TabularConfig, load_tabular};
 use fedlink_agent::device::DeviceChoice;
-use fedlink_agent::sitelog::{LogEntry, read_log};
 use fedlink_agent::{Agent, SiteConfig, sitecore, train};
 use fedlink_certs::{RevocationList, server_tls_config};
 use fedlink_protocol::arch::ArchSpec;
@@ -76,8 +76,13 @@ impl FakeCoordinator {
         self.endpoint.local_addr().unwrap()
     }
 
-    /// Accept one site: Hello → Welcome.
+    /// Accept one site: Hello → Welcome (protocol version 1).
     async fn accept(&self, heartbeat_ms: u64) -> SiteConn {
+        self.accept_version(heartbeat_ms, 1).await
+    }
+
+    /// Accept one site: Hello → Welcome at protocol `version`.
+    async fn accept_version(&self, heartbeat_ms: u64, version: u16) -> SiteConn {
         let incoming = within("a connection", self.endpoint.accept())
             .await
             .expect("endpoint closed");
@@ -93,8 +98,9 @@ impl FakeCoordinator {
         };
         assert!(hello.versions.contains(1));
         assert!(hello.agent_version.starts_with("fedlink-agent "));
+        assert!(hello.versions.contains(version));
         send.message(&Message::Welcome(Welcome {
-            protocol_version: 1,
+            protocol_version: version,
             site_id: site.clone(),
             federation_id: FederationId::new("testfed").unwrap(),
             heartbeat_interval_ms: heartbeat_ms,
@@ -278,7 +284,7 @@ encodings = ["f32", "f16"]
 }
 
 struct Running {
-    events: mpsc::UnboundedReceiver<LogEntry>,
+    events: mpsc::UnboundedReceiver<Recorded>,
     stop: Option<oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), fedlink_agent::AgentError>>,
 }
@@ -297,8 +303,8 @@ impl Running {
         }
     }
 
-    /// The next site-log entry named `event` (earlier ones are skipped).
-    async fn wait_for(&mut self, event: &str) -> LogEntry {
+    /// The next audit-log entry named `event` (earlier ones are skipped).
+    async fn wait_for(&mut self, event: &str) -> Recorded {
         loop {
             let e = within(event, self.events.recv())
                 .await
@@ -418,13 +424,13 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
     let pki = TestPki::new(1).unwrap();
     let fake = FakeCoordinator::bind(&pki, "127.0.0.1:0".parse().unwrap());
     let site_cfg = site(&pki, fake.addr(), 10_000);
-    let log_path = site_cfg.config.site_log_path();
+    let log_path = site_cfg.config.audit_log_path();
     let cache_dir = site_cfg.config.model_cache_dir();
     let mut agent = Running::start(site_cfg.config.clone());
 
     let mut sc = fake.accept(50).await;
     assert_eq!(sc.site.as_str(), "site-0");
-    agent.wait_for("connected").await;
+    agent.wait_for("conn.established").await;
     let global = arch().init(7).unwrap();
 
     // 1. Policy refusals: wrong architecture, too many epochs, encoding.
@@ -439,7 +445,7 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
         panic!("mlp must be declined")
     };
     assert!(reason.contains("mlp"), "{reason}");
-    let logged = agent.wait_for("offer_declined").await;
+    let logged = agent.wait_for("offer.declined").await;
     assert_eq!(logged.details["reason"], reason.as_str());
 
     let mut long = offer(1, &global);
@@ -461,7 +467,9 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
     assert_eq!(sc.offer(&good).await.decision, OfferDecision::Accept);
     let (send, _recv, request) = sc.next_stream().await;
     SiteConn::serve_model(send, &request, &global).await;
-    agent.wait_for("model_fetched").await;
+    let model = agent.wait_for("model.received").await;
+    assert_eq!(model.details["from_cache"], false);
+    assert_eq!(model.details["model"], global.hash().to_hex());
     assert!(
         cache_dir
             .join(format!("{}.fedmodel", global.hash().to_hex()))
@@ -493,19 +501,24 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
         .await
         .unwrap();
     up_send.finish().unwrap();
-    let sent = agent.wait_for("sent").await;
+    let sent = agent.wait_for("update.sent").await;
     assert_eq!(sent.details["payload_hash"], h.payload_hash.to_hex());
-    assert_eq!(sent.details["bytes"], h.payload_len);
-    let result = agent.wait_for("upload_result").await;
+    assert_eq!(sent.details["payload_bytes"], h.payload_len);
+    assert_eq!(sent.details["nonce"], hex::encode(h.nonce.0));
+    assert_eq!(sent.details["num_examples"], h.num_examples);
+    assert_eq!(sent.details["base_model"], global.hash().to_hex());
+    let result = agent.wait_for("update.result").await;
     assert_eq!(result.details["outcome"], "ack");
     assert_eq!(result.details["accepted"], true);
+    assert_eq!(result.details["nonce"], sent.details["nonce"]);
 
     // 3. Round 2 on the same global model: served from the cache, so the
     //    next stream is the upload, not a fetch. The coordinator rejects it.
     let mut again = offer(2, &global);
     again.encoding = Encoding::with_codec(ValueCodec::F16).unwrap();
     assert_eq!(sc.offer(&again).await.decision, OfferDecision::Accept);
-    agent.wait_for("model_cached").await;
+    let cached = agent.wait_for("model.received").await;
+    assert_eq!(cached.details["from_cache"], true);
     let (mut up_send, mut up_recv, request) = sc.next_stream().await;
     assert!(
         matches!(request, Message::DeltaUpload(_)),
@@ -526,8 +539,9 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
         }))
         .await
         .unwrap();
-    let result = agent.wait_for("upload_result").await;
+    let result = agent.wait_for("update.result").await;
     assert_eq!(result.details["outcome"], "reject");
+    assert_eq!(result.details["accepted"], false);
     assert!(
         result.details["reason"]
             .as_str()
@@ -545,21 +559,27 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
     // 4. Shutdown: the agent says Bye and stops cleanly.
     agent.stop_and_expect_bye(&mut sc).await;
 
-    // The site log tells the story, in order, and holds no data values.
-    let log = read_log(&log_path).unwrap();
+    // The audit log verifies with the kit's update key, tells the story in
+    // order, and holds no data values.
+    let report = fedlink_audit::verify(&[&log_path], &update_public_key(&pki), None).unwrap();
+    let log: Vec<fedlink_audit::Entry> = fedlink_audit::EntryReader::new(&[&log_path])
+        .map(|e| e.unwrap().entry)
+        .collect();
+    assert_eq!(report.entries, log.len() as u64);
     let names: Vec<&str> = log.iter().map(|e| e.event.as_str()).collect();
     let order = [
-        "agent_started",
-        "connected",
-        "offer_declined",
-        "offer_accepted",
-        "model_fetched",
-        "trained",
-        "sent",
-        "upload_result",
-        "model_cached",
-        "upload_result",
-        "agent_stopped",
+        "agent.started",
+        "conn.established",
+        "offer.received",
+        "offer.declined",
+        "offer.accepted",
+        "model.received",
+        "train.completed",
+        "update.sent",
+        "update.result",
+        "model.received",
+        "update.result",
+        "agent.stopped",
     ];
     let mut pos = 0;
     for want in order {
@@ -572,14 +592,81 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
     let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         !text.contains(DISTINCTIVE),
-        "no data values in the site log"
+        "no data values in the audit log"
     );
-    let trained = log.iter().find(|e| e.event == "trained").unwrap();
+    let trained = log.iter().find(|e| e.event == "train.completed").unwrap();
     assert_eq!(
         trained.details["dataset_fingerprint"],
         data.fingerprint.to_string()
     );
-    assert_eq!(trained.details["epochs"], 2);
+    assert_eq!(trained.details["metrics"]["epochs"], 2);
+    assert_eq!(trained.details["num_examples"], data.train.len());
+    // who caused what
+    let site_uri = "fedlink://testfed/site/site-0";
+    let actor = |name: &str| log.iter().find(|e| e.event == name).unwrap().actor.clone();
+    assert_eq!(actor("update.sent"), site_uri);
+    assert_eq!(actor("offer.declined"), site_uri);
+    assert!(actor("offer.received").contains("/coordinator/"));
+    assert!(actor("update.result").contains("/coordinator/"));
+    // version 1: no audit heads were exchanged
+    assert!(!names.contains(&"coordinator.audit_head"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_protocol_2_audit_heads_are_exchanged_after_each_upload_result() {
+    let pki = TestPki::new(1).unwrap();
+    let fake = FakeCoordinator::bind(&pki, "127.0.0.1:0".parse().unwrap());
+    let site_cfg = site(&pki, fake.addr(), 10_000);
+    let log_path = site_cfg.config.audit_log_path();
+    let mut agent = Running::start(site_cfg.config.clone());
+    let mut sc = fake.accept_version(60_000, 2).await;
+    let global = arch().init(3).unwrap();
+
+    let good = offer(1, &global);
+    assert_eq!(sc.offer(&good).await.decision, OfferDecision::Accept);
+    let (send, _recv, request) = sc.next_stream().await;
+    SiteConn::serve_model(send, &request, &global).await;
+    let (mut up_send, mut up_recv, request) = sc.next_stream().await;
+    let (envelope, _records) = SiteConn::read_upload(&mut up_recv, request).await;
+    up_send
+        .message(&Message::UploadResult(UploadResult::Ack {
+            payload_hash: envelope.header.payload_hash,
+            accepted: true,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(envelope.header.protocol_version, 2);
+    let result = agent.wait_for("update.result").await;
+
+    // The site's head follows the result and vouches for it.
+    let Message::AuditHead(head) = sc.next_control().await else {
+        panic!("expected the site's AuditHead")
+    };
+    assert_eq!(head.seq, result.seq);
+    let key = update_public_key(&pki);
+    assert!(from_wire(&head).signature_ok(&key));
+
+    // The coordinator answers with its own head: recorded as received.
+    let coord_key = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+    let coord_head = fedlink_audit::SignedHead::sign(
+        &coord_key,
+        fedlink_audit::EntryHead {
+            seq: 41,
+            hash: fedlink_audit::EntryHash([6; 32]),
+        },
+        unix_ms(),
+    );
+    let wire = fedlink_agent::audit::to_wire(&coord_head).unwrap();
+    sc.send.message(&Message::AuditHead(wire)).await.unwrap();
+    let recorded = agent.wait_for("coordinator.audit_head").await;
+    assert_eq!(recorded.details["seq"], 41);
+    assert_eq!(recorded.details["hash"], "06".repeat(32));
+    assert_eq!(recorded.details["sig"], coord_head.sig);
+    assert!(recorded.actor.contains("/coordinator/"));
+    agent.stop_and_expect_bye(&mut sc).await;
+
+    // The head the site sent is one the whole log still contains.
+    fedlink_audit::verify(&[&log_path], &key, Some(&from_wire(&head))).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,15 +678,15 @@ async fn reconnects_after_a_dropped_connection_and_a_coordinator_restart() {
     let mut agent = Running::start(site_cfg.config.clone());
 
     let sc = fake.accept(1_000).await;
-    agent.wait_for("connected").await;
+    agent.wait_for("conn.established").await;
     // The coordinator drops the connection: the agent notices, backs off,
     // and says Hello again on a new connection.
     sc.conn.close(close::SHUTDOWN, b"restarting");
     drop(sc);
-    let lost = agent.wait_for("disconnected").await;
+    let lost = agent.wait_for("conn.lost").await;
     assert!(lost.details["retry_in_ms"].as_u64().unwrap() <= 50);
     let sc2 = fake.accept(1_000).await;
-    agent.wait_for("connected").await;
+    agent.wait_for("conn.established").await;
 
     // The whole coordinator goes away and comes back on the same port.
     sc2.conn.close(close::SHUTDOWN, b"stopping");
@@ -607,7 +694,7 @@ async fn reconnects_after_a_dropped_connection_and_a_coordinator_restart() {
     within("the old endpoint to go idle", fake.endpoint.wait_idle()).await;
     drop(sc2);
     drop(fake);
-    agent.wait_for("disconnected").await;
+    agent.wait_for("conn.lost").await;
     let fake = within("the port to be free again", async {
         loop {
             // The old socket is released once its driver task ends.
@@ -619,7 +706,7 @@ async fn reconnects_after_a_dropped_connection_and_a_coordinator_restart() {
     })
     .await;
     let mut sc3 = fake.accept(1_000).await;
-    agent.wait_for("connected").await;
+    agent.wait_for("conn.established").await;
     agent.stop_and_expect_bye(&mut sc3).await;
 }
 
@@ -635,7 +722,7 @@ async fn an_agent_started_before_the_coordinator_connects_when_it_comes_up() {
     let mut agent = Running::start(site_cfg.config.clone());
     // At least one attempt failed (connect timeout) before the coordinator
     // exists.
-    let first = agent.wait_for("disconnected").await;
+    let first = agent.wait_for("conn.lost").await;
     assert!(
         first.details["reason"]
             .as_str()
@@ -649,9 +736,9 @@ async fn an_agent_started_before_the_coordinator_connects_when_it_comes_up() {
     );
     let fake = FakeCoordinator::bind(&pki, addr);
     let mut sc = fake.accept(1_000).await;
-    let connected = agent.wait_for("connected").await;
+    let connected = agent.wait_for("conn.established").await;
     assert_eq!(connected.details["site_id"], "site-0");
-    assert_eq!(connected.details["federation_id"], "testfed");
+    assert_eq!(connected.details["federation"], "testfed");
     agent.stop_and_expect_bye(&mut sc).await;
 }
 
@@ -677,7 +764,7 @@ async fn a_cancelled_round_is_dropped_and_the_site_takes_the_next_offer() {
         }))
         .await
         .unwrap();
-    let cancelled = agent.wait_for("cancelled").await;
+    let cancelled = agent.wait_for("round.cancelled").await;
     assert_eq!(cancelled.details["dropped_work"], true);
 
     // Another job is not refused as "busy": the site is free again.
@@ -696,7 +783,7 @@ async fn a_cancelled_round_is_dropped_and_the_site_takes_the_next_offer() {
         }))
         .await
         .unwrap();
-    agent.wait_for("upload_result").await;
+    agent.wait_for("update.result").await;
     agent.stop_and_expect_bye(&mut sc).await;
 }
 
@@ -785,11 +872,11 @@ async fn the_offered_scaling_is_applied_and_raw_feature_sums_are_signed() {
         }))
         .await
         .unwrap();
-    let trained = agent.wait_for("trained").await;
+    let trained = agent.wait_for("train.completed").await;
     assert_eq!(trained.details["feature_scaling"], "federated");
-    let sent = agent.wait_for("sent").await;
+    let sent = agent.wait_for("update.sent").await;
     assert_eq!(sent.details["feature_stats"], true);
-    agent.wait_for("upload_result").await;
+    agent.wait_for("update.result").await;
     agent.stop_and_expect_bye(&mut sc).await;
 }
 

@@ -3,7 +3,7 @@
 //! signed deltas) against the real coordinator, in-process or as the
 //! `fedlink-coordinator` binary killed with SIGKILL and restarted.
 //!
-//! Progress is observed through the agents' site-log events and the
+//! Progress is observed through the agents' audit-log events and the
 //! coordinator's `status.json`; nothing waits a fixed time. Every wait has a
 //! generous safety limit that the happy path never reaches.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedlink_agent::sitelog::{LogEntry, read_log};
+use fedlink_agent::audit::Recorded as LogEntry;
 use fedlink_agent::{Agent, AgentError, SiteConfig};
 use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::{RoundRecord, RoundState, Store, read_model_file};
@@ -106,11 +106,12 @@ encodings = ["f32"]
     SiteConfig::parse(&text, Path::new("site.toml"), dir).unwrap()
 }
 
-/// An agent running in this process, its site-log entries observed as they
+/// An agent running in this process, its audit-log entries observed as they
 /// are written.
 struct RunningAgent {
     name: String,
     log_path: PathBuf,
+    key_path: PathBuf,
     events: mpsc::UnboundedReceiver<LogEntry>,
     seen: Vec<LogEntry>,
     stop: Option<oneshot::Sender<()>>,
@@ -119,7 +120,8 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start(name: &str, config: SiteConfig) -> Self {
-        let log_path = config.site_log_path();
+        let log_path = config.audit_log_path();
+        let key_path = config.kit_dir.join(fedlink_certs::UPDATE_PUBLIC_KEY_FILE);
         let (tx, events) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(Agent::new(config).with_events(tx).run(async {
@@ -128,6 +130,7 @@ impl RunningAgent {
         Self {
             name: name.to_owned(),
             log_path,
+            key_path,
             events,
             seen: Vec::new(),
             stop: Some(stop),
@@ -143,7 +146,7 @@ impl RunningAgent {
                 .await
                 .unwrap_or_else(|| panic!("{name} stopped before {what}: {:#?}", self.seen));
             self.seen.push(e.clone());
-            assert_ne!(e.event, "task_failed", "{name}: {e:?}");
+            assert_ne!(e.event, "round.failed", "{name}: {e:?}");
             if want(&e) {
                 return e;
             }
@@ -151,7 +154,8 @@ impl RunningAgent {
     }
 
     /// Shut down (orderly), expect `Ok`, and return every entry written,
-    /// checked against the site-log file.
+    /// checked against the audit-log file (which verifies with the site's
+    /// update key).
     async fn stop(mut self) -> Vec<LogEntry> {
         let _ = self.stop.take().unwrap().send(());
         within("the agent to stop", self.handle)
@@ -163,18 +167,29 @@ impl RunningAgent {
         }
         // The file holds exactly what was observed (compared through the
         // same JSON text, as serde_json's float parsing is not exact).
-        let on_disk = read_log(&self.log_path).unwrap();
-        let reparsed: Vec<LogEntry> = self
+        let key = fedlink_audit::load_verifying_key(&self.key_path).unwrap();
+        let report = fedlink_audit::verify(&[&self.log_path], &key, None).unwrap();
+        assert_eq!(report.entries, self.seen.len() as u64, "{}", self.name);
+        let as_json = |seq: u64, ts: u64, actor: &str, event: &str, details: &serde_json::Value| {
+            serde_json::to_string(&serde_json::json!([seq, ts, actor, event, details])).unwrap()
+        };
+        let on_disk: Vec<String> = fedlink_audit::EntryReader::new(&[&self.log_path])
+            .map(|e| {
+                let e = e.unwrap().entry;
+                as_json(e.seq, e.ts_unix_ms, &e.actor, &e.event, &e.details)
+            })
+            .collect();
+        let observed: Vec<String> = self
             .seen
             .iter()
-            .map(|e| serde_json::from_str(&serde_json::to_string(e).unwrap()).unwrap())
+            .map(|e| as_json(e.seq, e.ts_unix_ms, &e.actor, &e.event, &e.details))
             .collect();
         assert!(
-            on_disk == reparsed,
-            "{}: the site log file differs",
+            on_disk == observed,
+            "{}: the audit log file differs",
             self.name
         );
-        assert_eq!(self.seen.last().unwrap().event, "agent_stopped");
+        assert_eq!(self.seen.last().unwrap().event, "agent.stopped");
         self.seen
     }
 }
@@ -194,7 +209,16 @@ fn events<'a>(log: &'a [LogEntry], name: &str) -> Vec<&'a LogEntry> {
 }
 
 fn is_accepted_upload(e: &LogEntry) -> bool {
-    e.event == "upload_result" && e.details["accepted"] == serde_json::json!(true)
+    e.event == "update.result" && e.details["accepted"] == serde_json::json!(true)
+}
+
+/// How many models the site fetched (`from_cache = false`) or took from its
+/// cache.
+fn models_received(log: &[LogEntry], from_cache: bool) -> usize {
+    events(log, "model.received")
+        .into_iter()
+        .filter(|e| e.details["from_cache"] == serde_json::json!(from_cache))
+        .count()
 }
 
 /// The store of a data directory whose coordinator has stopped.
@@ -261,14 +285,13 @@ fn data_dir_models(store: &Store) -> PathBuf {
 /// What a site's log says it received, round by round: the offered base
 /// model, and the model it actually obtained (fetched or from its cache).
 fn received_models(log: &[LogEntry]) -> (Vec<(u64, String)>, Vec<String>) {
-    let offered = events(log, "offer_received")
+    let offered = events(log, "offer.received")
         .into_iter()
         .map(|e| (round_of(e), str_field(e, "base_model").to_owned()))
         .collect();
-    let obtained = log
-        .iter()
-        .filter(|e| e.event == "model_fetched" || e.event == "model_cached")
-        .map(|e| str_field(e, "model_hash").to_owned())
+    let obtained = events(log, "model.received")
+        .into_iter()
+        .map(|e| str_field(e, "model").to_owned())
         .collect();
     (offered, obtained)
 }
@@ -341,20 +364,20 @@ async fn three_agents_three_rounds_in_process() {
             bases.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
             "site-{i} models"
         );
-        assert_eq!(events(log, "model_fetched").len(), 3, "site-{i}");
+        assert_eq!(models_received(log, false), 3, "site-{i}");
         let accepted: Vec<u64> = log
             .iter()
             .filter(|e| is_accepted_upload(e))
             .map(round_of)
             .collect();
         assert_eq!(accepted, vec![1, 2, 3], "site-{i} accepted uploads");
-        assert_eq!(events(log, "trained").len(), 3, "site-{i}");
-        assert_eq!(events(log, "sent").len(), 3, "site-{i}");
-        assert!(events(log, "offer_declined").is_empty(), "site-{i}");
+        assert_eq!(events(log, "train.completed").len(), 3, "site-{i}");
+        assert_eq!(events(log, "update.sent").len(), 3, "site-{i}");
+        assert!(events(log, "offer.declined").is_empty(), "site-{i}");
         // The coordinator weighs each update by the examples the site claims
         // in its signed header.
         for r in &rounds {
-            let sent = events(log, "sent")
+            let sent = events(log, "update.sent")
                 .into_iter()
                 .find(|e| round_of(e) == r.round)
                 .unwrap();
@@ -377,10 +400,10 @@ async fn an_agent_started_before_the_coordinator_joins_when_it_comes_up() {
     let mut agent = RunningAgent::start("site-0", site_config(&pki, 0, dir.path(), addr));
     // Nothing listens yet: the agent fails to connect and schedules a retry.
     let first = agent
-        .wait_for("a failed attempt", |e| e.event == "disconnected")
+        .wait_for("a failed attempt", |e| e.event == "conn.lost")
         .await;
     assert!(first.details["retry_in_ms"].as_u64().is_some(), "{first:?}");
-    assert!(events(&agent.seen, "connected").is_empty());
+    assert!(events(&agent.seen, "conn.established").is_empty());
 
     let spec = wdbc_job("wdbc-late", 2, 1);
     let job = write_job(dir.path(), &spec).unwrap();
@@ -389,7 +412,7 @@ async fn an_agent_started_before_the_coordinator_joins_when_it_comes_up() {
     assert_eq!(coord.addr, addr);
     let data_dir = coord.data_dir.clone();
     agent
-        .wait_for("connected", |e| e.event == "connected")
+        .wait_for("connected", |e| e.event == "conn.established")
         .await;
     let out = coord.finished_within(LIMIT).await.unwrap();
     assert!(
@@ -404,11 +427,11 @@ async fn an_agent_started_before_the_coordinator_joins_when_it_comes_up() {
         .await;
     let log = agent.stop().await;
 
-    let first_connect = log.iter().position(|e| e.event == "connected").unwrap();
+    let first_connect = log.iter().position(|e| e.event == "conn.established").unwrap();
     assert!(
         log[..first_connect]
             .iter()
-            .any(|e| e.event == "disconnected"),
+            .any(|e| e.event == "conn.lost"),
         "the agent tried before the coordinator was up"
     );
     let accepted: Vec<u64> = log
@@ -488,7 +511,7 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
         .map(|i| RunningAgent::start(&format!("site-{i}"), site_config(&pki, i, dir.path(), addr)))
         .collect();
     agents[0]
-        .wait_for("connected", |e| e.event == "connected")
+        .wait_for("connected", |e| e.event == "conn.established")
         .await;
     let mut gate = RawSite::connect(pki.site_kit(2).unwrap(), addr)
         .await
@@ -537,7 +560,7 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
     let mut child = spawn_coordinator(&cfg, &dir.path().join("coordinator-2.log"));
     for a in &mut agents {
         a.wait_for("reconnection", |e| {
-            e.event == "connected" && e.ts_unix_ms >= restarted_at
+            e.event == "conn.established" && e.ts_unix_ms >= restarted_at
         })
         .await;
     }
@@ -624,8 +647,8 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
         assert_eq!(obtained.len(), 4, "site-{i}");
         assert!(obtained.iter().all(|h| bases.contains(h)), "site-{i}");
         // The second time, round 2's model came from the site's cache.
-        assert_eq!(events(log, "model_fetched").len(), 3, "site-{i}");
-        assert_eq!(events(log, "model_cached").len(), 1, "site-{i}");
+        assert_eq!(models_received(log, false), 3, "site-{i}");
+        assert_eq!(models_received(log, true), 1, "site-{i}");
         let accepted: Vec<u64> = log
             .iter()
             .filter(|e| is_accepted_upload(e))

@@ -1,0 +1,692 @@
+//! The site's audit log: a [`fedlink_audit::AuditLog`] (hash-chained JSON
+//! Lines, every entry signed with the site's ed25519 **update key** from its
+//! kit) of what the agent received, trained, sent and refused.
+//!
+//! ```text
+//!  agent ──record(now, SiteEvent)──▶ SiteAudit ──append + fsync──▶ <data_dir>/audit.jsonl
+//!    │ (before the action)              │ rotate past audit_rotate_bytes ─▶ audit.NNNNNN.jsonl
+//!    │                                  └─ signed_head(now) ──▶ AuditHead to the coordinator
+//!    └─ coordinator's AuditHead ──▶ record(CoordinatorAuditHead)
+//! ```
+//!
+//! Every entry is on disk before the action it records happens (an
+//! `update.sent` before the first byte of the upload). The coordinator knows
+//! the site's update public key from `sites.toml`, so an auditor can verify
+//! this log (`fedlink audit verify --key update-key.pub.pem`) and compare it
+//! with the coordinator's (`fedlink audit reconcile`).
+//!
+//! Entries hold identifiers, hashes, counts and aggregate metrics only:
+//! never data. The dataset appears as its fingerprint (a blake3 over the
+//! dataset's files and loader configuration, [`crate::data::Fingerprint`]).
+//!
+//! Event types and their `details` (field names are the federation-wide
+//! audit schema; a few extra fields are added for the hospital's own use):
+//!
+//! | event | actor | details |
+//! |---|---|---|
+//! | `agent.started` | site | `version, site, config_blake3`, + dataset/device |
+//! | `agent.stopped` | site | `reason` |
+//! | `audit.tail_repaired` | site | `line, removed_bytes, removed_blake3` (a torn last line left by a crash) |
+//! | `conn.established` | site | `coordinator`, + `site_id, federation, protocol_version` |
+//! | `conn.lost` | site | `reason`, + `retry_in_ms` |
+//! | `offer.received` | coordinator | `job, round, base_model`, + task summary |
+//! | `offer.accepted` / `offer.declined` | site | `job, round` (+ `reason`: the policy's) |
+//! | `round.cancelled` / `round.failed` | coordinator / site | `job, round, reason`/`error` |
+//! | `model.received` | coordinator | `model, bytes, from_cache` |
+//! | `train.completed` | site | `job, round, base_model, dataset_fingerprint, num_examples, metrics` |
+//! | `update.sent` | site | `job, round, payload_hash, payload_bytes, num_examples, nonce, base_model, encoding` |
+//! | `update.result` | coordinator | `job, round, payload_hash, accepted, reason`, + `nonce, outcome` |
+//! | `coordinator.audit_head` | coordinator | `seq, hash, ts_unix_ms, sig` (recorded, not verified) |
+//!
+//! Hashes are lowercase hex; the nonce is its 16 bytes in lowercase hex.
+
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use fedlink_audit::{AuditLog, Error, SignedHead};
+use fedlink_protocol::AuditHead;
+use serde::Serialize;
+
+/// Default file name of the audit log inside `data_dir`.
+pub const DEFAULT_FILE: &str = "audit.jsonl";
+/// Smallest accepted `audit_rotate_bytes`.
+pub const MIN_ROTATE_BYTES: u64 = 64 * 1024;
+
+/// Who caused an event: the entry's `actor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The site itself (its own actions and observations).
+    Site,
+    /// The coordinator (something it sent).
+    Coordinator,
+}
+
+/// One site event: its `event` type and `details` (see the module docs).
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", content = "details")]
+pub enum SiteEvent {
+    /// The agent started.
+    #[serde(rename = "agent.started")]
+    AgentStarted {
+        /// Agent version.
+        version: String,
+        /// Site name (from the kit).
+        site: String,
+        /// blake3 of the effective configuration (canonical JSON of
+        /// `SiteConfig`, paths resolved).
+        config_blake3: String,
+        /// Site identity URI.
+        identity: String,
+        /// Dataset kind.
+        dataset_kind: String,
+        /// Dataset fingerprint.
+        dataset_fingerprint: String,
+        /// Training samples.
+        train_samples: usize,
+        /// Validation samples.
+        validation_samples: usize,
+        /// Device name.
+        device: String,
+    },
+    /// The agent stopped.
+    #[serde(rename = "agent.stopped")]
+    AgentStopped {
+        /// Why.
+        reason: String,
+    },
+    /// A torn last line (a crash during a write) was removed on start.
+    #[serde(rename = "audit.tail_repaired")]
+    TailRepaired {
+        /// 1-based line number of the removed partial line.
+        line: u64,
+        /// Bytes removed.
+        removed_bytes: u64,
+        /// blake3 of the removed bytes.
+        removed_blake3: String,
+    },
+    /// Connected and welcomed by the coordinator.
+    #[serde(rename = "conn.established")]
+    ConnEstablished {
+        /// Coordinator address.
+        coordinator: String,
+        /// Site id the coordinator knows us by.
+        site_id: String,
+        /// Federation.
+        federation: String,
+        /// Negotiated protocol version.
+        protocol_version: u16,
+    },
+    /// A connection ended or an attempt failed.
+    #[serde(rename = "conn.lost")]
+    ConnLost {
+        /// Why.
+        reason: String,
+        /// Delay before the next attempt, milliseconds.
+        retry_in_ms: Option<u64>,
+    },
+    /// An offer arrived.
+    #[serde(rename = "offer.received")]
+    OfferReceived {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// Global model hash.
+        base_model: String,
+        /// Architecture kind.
+        arch: String,
+        /// Epochs asked for.
+        epochs: u32,
+        /// Delta encoding.
+        encoding: String,
+        /// Clip norm, if any.
+        clip_norm: Option<f64>,
+        /// DP noise multiplier, if any.
+        noise_multiplier: Option<f64>,
+    },
+    /// The offer was accepted (recorded before the acceptance is sent).
+    #[serde(rename = "offer.accepted")]
+    OfferAccepted {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+    },
+    /// The offer was declined (recorded before the answer is sent).
+    #[serde(rename = "offer.declined")]
+    OfferDeclined {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// The policy's reason (also sent to the coordinator).
+        reason: String,
+    },
+    /// The coordinator cancelled a round, or a newer offer superseded it.
+    #[serde(rename = "round.cancelled")]
+    RoundCancelled {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: String,
+        /// Whether work in progress was dropped.
+        dropped_work: bool,
+    },
+    /// Work on an accepted round failed locally or on the network.
+    #[serde(rename = "round.failed")]
+    RoundFailed {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// What failed.
+        error: String,
+    },
+    /// The global model was obtained and its hash checked.
+    #[serde(rename = "model.received")]
+    ModelReceived {
+        /// Model hash.
+        model: String,
+        /// Payload bytes received (or of the cache file).
+        bytes: u64,
+        /// Whether it came from the local cache.
+        from_cache: bool,
+    },
+    /// Local training finished.
+    #[serde(rename = "train.completed")]
+    TrainCompleted {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// Global model trained from.
+        base_model: String,
+        /// Dataset fingerprint (blake3 over the data as loaded).
+        dataset_fingerprint: String,
+        /// Training examples (the aggregation weight claimed).
+        num_examples: u64,
+        /// Aggregate metrics: `epochs`, `epoch_loss`, `duration_ms`,
+        /// `global_eval` (the global model on the validation split, as sent),
+        /// `delta_norm`.
+        metrics: serde_json::Value,
+        /// Whether the delta was clipped.
+        clipped: bool,
+        /// Whether DP noise was added.
+        dp_noise: bool,
+        /// `federated`, `local` or `none`.
+        feature_scaling: String,
+    },
+    /// The signed update is about to be uploaded (recorded before the first
+    /// byte goes out).
+    #[serde(rename = "update.sent")]
+    UpdateSent {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// blake3 of the payload.
+        payload_hash: String,
+        /// Payload bytes.
+        payload_bytes: u64,
+        /// Examples claimed.
+        num_examples: u64,
+        /// The signed header's nonce (hex).
+        nonce: String,
+        /// Global model the delta is relative to.
+        base_model: String,
+        /// Encoding.
+        encoding: String,
+        /// Whether the header carried the feature statistics.
+        feature_stats: bool,
+    },
+    /// What the coordinator answered to an upload.
+    #[serde(rename = "update.result")]
+    UpdateResult {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// blake3 of the payload sent.
+        payload_hash: String,
+        /// The upload's nonce (hex).
+        nonce: String,
+        /// `ack` or `reject`.
+        outcome: String,
+        /// Whether the update will be aggregated (false for a reject).
+        accepted: bool,
+        /// For a reject: code and message.
+        reason: Option<String>,
+    },
+    /// A signed head of the coordinator's audit log (recorded as received;
+    /// `fedlink audit reconcile` verifies it).
+    #[serde(rename = "coordinator.audit_head")]
+    CoordinatorAuditHead {
+        /// Sequence number of the coordinator's newest entry.
+        seq: u64,
+        /// Hash of that entry (hex).
+        hash: String,
+        /// When the coordinator signed the head.
+        ts_unix_ms: u64,
+        /// ed25519 signature (128 hex).
+        sig: String,
+    },
+}
+
+impl SiteEvent {
+    /// Who caused the event.
+    pub fn cause(&self) -> Cause {
+        match self {
+            Self::OfferReceived { .. }
+            | Self::ModelReceived { .. }
+            | Self::UpdateResult { .. }
+            | Self::CoordinatorAuditHead { .. }
+            // a Cancel, or a newer offer that superseded the round
+            | Self::RoundCancelled { .. } => Cause::Coordinator,
+            _ => Cause::Site,
+        }
+    }
+
+    /// The entry's `event` type and `details` object.
+    pub fn split(&self) -> (String, serde_json::Value) {
+        // Plain data: serialising cannot fail (non-finite floats become null).
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut m)) => {
+                let name = match m.remove("event") {
+                    Some(serde_json::Value::String(s)) => s,
+                    _ => String::from("unknown"),
+                };
+                let details = match m.remove("details") {
+                    Some(d @ serde_json::Value::Object(_)) => d,
+                    _ => serde_json::Value::Object(serde_json::Map::new()),
+                };
+                (name, details)
+            }
+            _ => (
+                String::from("unknown"),
+                serde_json::Value::Object(serde_json::Map::new()),
+            ),
+        }
+    }
+
+    /// The coordinator's head as an event.
+    pub fn coordinator_head(h: &AuditHead) -> Self {
+        Self::CoordinatorAuditHead {
+            seq: h.seq,
+            hash: hex::encode(h.hash),
+            ts_unix_ms: h.ts_unix_ms,
+            sig: hex::encode(h.sig),
+        }
+    }
+}
+
+/// One entry as written (for observers; the file is the record).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recorded {
+    /// Sequence number (from 0, across rotations).
+    pub seq: u64,
+    /// Writer's time, unix milliseconds.
+    pub ts_unix_ms: u64,
+    /// Who caused it.
+    pub actor: String,
+    /// Event type.
+    pub event: String,
+    /// Event details.
+    pub details: serde_json::Value,
+}
+
+/// The site's open audit log.
+#[derive(Debug)]
+pub struct SiteAudit {
+    log: AuditLog,
+    site_actor: String,
+    coordinator_actor: String,
+    rotate_bytes: Option<u64>,
+}
+
+impl SiteAudit {
+    /// Open (or create, mode 0600) the log at `path`, signed with `key`,
+    /// and continue its chain. A torn last line left by a crash during a
+    /// write is removed and the repair recorded as `audit.tail_repaired` (the
+    /// entry was never completed, so the action it announced did not
+    /// happen). Any other invalid content is refused.
+    pub fn open(
+        path: &Path,
+        key: SigningKey,
+        site_actor: String,
+        coordinator_actor: String,
+        rotate_bytes: Option<u64>,
+        now_unix_ms: u64,
+    ) -> Result<Self, Error> {
+        let (log, repair) = match AuditLog::open(path, key.clone()) {
+            Ok(log) => (log, None),
+            Err(Error::TornTail { .. }) => {
+                let repair = AuditLog::repair_torn_tail(path)?;
+                (AuditLog::open(path, key)?, repair)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut audit = Self {
+            log,
+            site_actor,
+            coordinator_actor,
+            rotate_bytes,
+        };
+        if let Some(r) = repair {
+            tracing::warn!(
+                line = r.line,
+                bytes = r.removed_bytes,
+                "removed a torn last line of the audit log"
+            );
+            audit.record(
+                now_unix_ms,
+                &SiteEvent::TailRepaired {
+                    line: r.line,
+                    removed_bytes: r.removed_bytes,
+                    removed_blake3: r.removed_blake3,
+                },
+            )?;
+        }
+        Ok(audit)
+    }
+
+    /// The current file.
+    pub fn path(&self) -> &Path {
+        self.log.path()
+    }
+
+    /// The actor of coordinator-caused entries from now on (the identity in
+    /// the coordinator's certificate).
+    pub fn set_coordinator_actor(&mut self, actor: String) {
+        self.coordinator_actor = actor;
+    }
+
+    /// Append `event` and fsync it (then rotate if the file is past the
+    /// configured size). Perform the action only after this returned `Ok`.
+    pub fn record(&mut self, now_unix_ms: u64, event: &SiteEvent) -> Result<Recorded, Error> {
+        let (name, details) = event.split();
+        let actor = match event.cause() {
+            Cause::Site => &self.site_actor,
+            Cause::Coordinator => &self.coordinator_actor,
+        };
+        let head = self.log.append(now_unix_ms, actor, &name, &details)?;
+        let recorded = Recorded {
+            seq: head.seq,
+            ts_unix_ms: now_unix_ms,
+            actor: actor.clone(),
+            event: name,
+            details,
+        };
+        if let Some(limit) = self.rotate_bytes {
+            let len = std::fs::metadata(self.log.path()).map_or(0, |m| m.len());
+            if len >= limit {
+                let rotated = self.log.rotate()?;
+                tracing::info!(file = %rotated.display(), "audit log rotated");
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// The head of the log signed at `now_unix_ms`, as sent to the
+    /// coordinator (`None` while the log is empty).
+    pub fn wire_head(&self, now_unix_ms: u64) -> Result<Option<AuditHead>, Error> {
+        if self.log.head().is_none() {
+            return Ok(None);
+        }
+        let head = self.log.signed_head(now_unix_ms)?;
+        Ok(Some(to_wire(&head)?))
+    }
+}
+
+/// A [`SignedHead`] as a protocol [`AuditHead`].
+pub fn to_wire(head: &SignedHead) -> Result<AuditHead, Error> {
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(&head.sig, &mut sig)
+        .map_err(|e| Error::InvalidEntry(format!("head signature: {e}")))?;
+    Ok(AuditHead {
+        seq: head.seq,
+        hash: head.hash.0,
+        ts_unix_ms: head.ts_unix_ms,
+        sig,
+    })
+}
+
+/// A protocol [`AuditHead`] as a [`SignedHead`] (to verify it).
+pub fn from_wire(head: &AuditHead) -> SignedHead {
+    SignedHead {
+        seq: head.seq,
+        hash: fedlink_audit::EntryHash(head.hash),
+        ts_unix_ms: head.ts_unix_ms,
+        sig: hex::encode(head.sig),
+    }
+}
+
+/// Why `fedlink-agent audit-head` failed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The kit could not be loaded or has no update key.
+    #[error("startup kit {}: {source}", dir.display())]
+    Kit {
+        /// The kit directory.
+        dir: PathBuf,
+        /// What is wrong.
+        source: fedlink_certs::Error,
+    },
+    /// The log could not be read, does not verify, or the head could not be
+    /// written.
+    #[error(transparent)]
+    Audit(#[from] Error),
+    /// The log does not exist or has no entries: no head to vouch for.
+    #[error("{}: the audit log is missing or empty", path.display())]
+    Empty {
+        /// The log.
+        path: PathBuf,
+    },
+    /// The head file could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Sign the head of the site's audit log (after verifying the whole log,
+/// rotated files included, with the kit's update key) and write it to `out`
+/// as JSON, for an auditor to keep elsewhere (`fedlink audit verify --head`).
+///
+/// While the agent holds the log, the log is read without the lock (and
+/// still verified); otherwise [`AuditLog::export_head`] is used.
+pub fn export_head(
+    config: &crate::SiteConfig,
+    out: &Path,
+    now_unix_ms: u64,
+) -> Result<SignedHead, ExportError> {
+    let kit_err = |source| ExportError::Kit {
+        dir: config.kit_dir.clone(),
+        source,
+    };
+    let kit = fedlink_certs::Kit::load(&config.kit_dir).map_err(kit_err)?;
+    let key = kit
+        .update_signing_key()
+        .ok_or_else(|| {
+            kit_err(fedlink_certs::Error::Refused(
+                "the kit has no update-signing key".into(),
+            ))
+        })?
+        .clone();
+    let path = config.audit_log_path();
+    // `AuditLog::open` would create a missing log: refuse first.
+    if fedlink_audit::segments(&path)?.is_empty() {
+        return Err(ExportError::Empty { path });
+    }
+    match AuditLog::open(&path, key.clone()) {
+        Ok(log) if log.head().is_none() => Err(ExportError::Empty { path }),
+        Ok(log) => Ok(log.export_head(now_unix_ms, out)?),
+        Err(Error::Locked { .. }) => {
+            // The agent is running: verify what is on disk, read-only.
+            let files = fedlink_audit::segments(&path)?;
+            let report = fedlink_audit::Verifier::new()
+                .key(key.verifying_key())
+                .verify(&files)
+                .map_err(Error::from)?;
+            let head = report.last.ok_or(ExportError::Empty { path })?;
+            let signed = SignedHead::sign(&key, head, now_unix_ms);
+            write_atomically(out, &signed)?;
+            Ok(signed)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn write_atomically(out: &Path, head: &SignedHead) -> Result<(), ExportError> {
+    use std::io::Write as _;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    let mut json = serde_json::to_vec_pretty(head)
+        .map_err(|e| ExportError::Audit(Error::InvalidEntry(e.to_string())))?;
+    json.push(b'\n');
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".fedlink-audit-head-")
+        .tempfile_in(dir)
+        .map_err(io(dir))?;
+    tmp.write_all(&json).map_err(io(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+    tmp.persist(out).map_err(|e| io(out)(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlink_audit::{EntryReader, verify};
+
+    const SITE: &str = "fedlink://fed/site/a";
+    const COORD: &str = "fedlink://fed/coordinator/coordinator";
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[9; 32])
+    }
+
+    fn open(path: &Path, rotate: Option<u64>) -> SiteAudit {
+        SiteAudit::open(path, key(), SITE.into(), COORD.into(), rotate, 1).unwrap()
+    }
+
+    fn sent(round: u64) -> SiteEvent {
+        SiteEvent::UpdateSent {
+            job: "j".into(),
+            round,
+            payload_hash: "ab".repeat(32),
+            payload_bytes: 10,
+            num_examples: 3,
+            nonce: "00".repeat(16),
+            base_model: "cd".repeat(32),
+            encoding: "f32".into(),
+            feature_stats: false,
+        }
+    }
+
+    #[test]
+    fn entries_are_signed_with_the_update_key_and_name_the_actor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = open(&path, None);
+        let r = log.record(5, &sent(1)).unwrap();
+        assert_eq!(
+            (r.seq, r.event.as_str(), r.actor.as_str()),
+            (0, "update.sent", SITE)
+        );
+        assert_eq!(r.details["payload_bytes"], 10);
+        let r = log
+            .record(
+                6,
+                &SiteEvent::UpdateResult {
+                    job: "j".into(),
+                    round: 1,
+                    payload_hash: "ab".repeat(32),
+                    nonce: "00".repeat(16),
+                    outcome: "ack".into(),
+                    accepted: true,
+                    reason: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(r.actor, COORD);
+        assert!(r.details["reason"].is_null());
+        let head = log.wire_head(7).unwrap().unwrap();
+        assert_eq!(head.seq, 1);
+        drop(log);
+        let report = verify(&[&path], &key().verifying_key(), Some(&from_wire(&head))).unwrap();
+        assert_eq!(report.entries, 2);
+        let entries: Vec<_> = EntryReader::new(&[&path]).map(|e| e.unwrap()).collect();
+        assert_eq!(entries[1].entry.event, "update.result");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        }
+    }
+
+    #[test]
+    fn reopening_continues_and_a_torn_tail_is_repaired_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        open(&path, None).record(1, &sent(1)).unwrap();
+        // a crash in the middle of the next write
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"seq\":1,\"ts_unix");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut log = open(&path, None);
+        let r = log.record(3, &sent(2)).unwrap();
+        assert_eq!(r.seq, 2, "seq 1 is the repair entry");
+        drop(log);
+        let entries: Vec<_> = EntryReader::new(&[&path]).map(|e| e.unwrap()).collect();
+        assert_eq!(entries[1].entry.event, "audit.tail_repaired");
+        assert_eq!(entries[1].entry.details["removed_bytes"], 17);
+        verify(&[&path], &key().verifying_key(), None).unwrap();
+    }
+
+    #[test]
+    fn rotation_past_the_limit_keeps_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut log = open(&path, Some(MIN_ROTATE_BYTES));
+        let mut n = 0;
+        while fedlink_audit::segments(&path).unwrap().len() < 2 {
+            log.record(n, &sent(n)).unwrap();
+            n += 1;
+        }
+        log.record(n, &sent(n)).unwrap();
+        drop(log);
+        let files = fedlink_audit::segments(&path).unwrap();
+        let report = verify(&files, &key().verifying_key(), None).unwrap();
+        assert_eq!(report.entries, n + 1);
+    }
+
+    #[test]
+    fn a_coordinator_head_is_recorded_as_hex() {
+        let h = AuditHead {
+            seq: 3,
+            hash: [1; 32],
+            ts_unix_ms: 4,
+            sig: [2; 64],
+        };
+        let (name, d) = SiteEvent::coordinator_head(&h).split();
+        assert_eq!(name, "coordinator.audit_head");
+        assert_eq!(d["hash"], "01".repeat(32));
+        assert_eq!(d["sig"], "02".repeat(64));
+        assert_eq!(d["seq"], 3);
+        assert_eq!(to_wire(&from_wire(&h)).unwrap(), h);
+    }
+}
