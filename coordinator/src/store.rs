@@ -202,7 +202,55 @@ pub struct RoundRecord {
     pub model: Option<ModelHash>,
     /// Aggregation metrics, once completed.
     pub metrics: BTreeMap<String, f64>,
+    /// When the round opened (latest run), Unix milliseconds.
+    #[serde(default)]
+    pub opened_unix_ms: Option<u64>,
+    /// When it was aggregated, Unix milliseconds.
+    #[serde(default)]
+    pub closed_unix_ms: Option<u64>,
+    /// Uploads refused in this round (all runs), with their reasons.
+    #[serde(default)]
+    pub rejected: Vec<RejectedUpdate>,
+    /// Per accepted update (all runs): size, upload time, the site's
+    /// reported metrics.
+    #[serde(default)]
+    pub update_details: Vec<UpdateDetail>,
 }
+
+/// An upload the coordinator refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedUpdate {
+    /// Sender.
+    pub site: String,
+    /// blake3 of the payload it announced (hex).
+    pub payload_hash: String,
+    /// Why it was refused.
+    pub reason: String,
+    /// Payload bytes received (declared length if refused before the payload).
+    pub bytes: u64,
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+}
+
+/// Details of an accepted update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateDetail {
+    /// Sender.
+    pub site: String,
+    /// blake3 of the payload (hex).
+    pub payload_hash: String,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// How long receiving the payload took, milliseconds.
+    pub upload_ms: u64,
+    /// Evaluation metrics the site signed in its envelope.
+    pub metrics: Option<fedlink_protocol::EvalMetrics>,
+    /// When it was accepted, Unix milliseconds.
+    pub at_unix_ms: u64,
+}
+
+/// Most rejected uploads kept per round record (the audit log has all).
+pub const MAX_REJECTED_PER_ROUND: usize = 1024;
 
 /// A site in the registry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -618,6 +666,74 @@ impl Store {
         txn.commit().map_err(dberr)
     }
 
+    /// Change the record of round `round` of `job` with `f` (one write
+    /// transaction). Returns `Ok(false)` if there is no such round.
+    fn annotate_round(
+        &self,
+        job: &str,
+        round: u64,
+        f: impl FnOnce(&mut RoundRecord),
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut rounds = txn.open_table(ROUNDS).map_err(dberr)?;
+            let mut rec: RoundRecord = match rounds.get((job, round)).map_err(dberr)? {
+                Some(v) => decode("rounds", &format!("{job}/{round}"), v.value())?,
+                None => return Ok(false),
+            };
+            f(&mut rec);
+            rounds
+                .insert((job, round), encode(&rec)?.as_str())
+                .map_err(dberr)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(true)
+    }
+
+    /// Keep a refused upload in its round's record (at most
+    /// [`MAX_REJECTED_PER_ROUND`]; the audit log keeps every one).
+    /// Returns `Ok(false)` if the round has no record.
+    pub fn record_rejected(
+        &self,
+        job: &str,
+        round: u64,
+        rejected: RejectedUpdate,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| {
+            if r.rejected.len() < MAX_REJECTED_PER_ROUND {
+                r.rejected.push(rejected);
+            }
+        })
+    }
+
+    /// Keep the details of an accepted update in its round's record.
+    pub fn record_update_detail(
+        &self,
+        job: &str,
+        round: u64,
+        detail: UpdateDetail,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| r.update_details.push(detail))
+    }
+
+    /// Set when a round opened and closed (`None` leaves a time unchanged).
+    pub fn set_round_times(
+        &self,
+        job: &str,
+        round: u64,
+        opened_unix_ms: Option<u64>,
+        closed_unix_ms: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| {
+            if opened_unix_ms.is_some() {
+                r.opened_unix_ms = opened_unix_ms;
+            }
+            if closed_unix_ms.is_some() {
+                r.closed_unix_ms = closed_unix_ms;
+            }
+        })
+    }
+
     /// Make a checkpoint of job `job_id` durable, with `extras` in the same
     /// transaction. Refuses (writing nothing) a checkpoint that does not
     /// follow from the stored state.
@@ -678,13 +794,13 @@ impl Store {
                             rec
                         }
                         old => {
-                            let (mut discarded, restarts) = match old {
+                            let (mut discarded, restarts, rejected, update_details) = match old {
                                 Some(o) => {
                                     let mut d = o.discarded;
                                     d.extend(o.accepted);
-                                    (d, o.restarts + 1)
+                                    (d, o.restarts + 1, o.rejected, o.update_details)
                                 }
-                                None => (Vec::new(), 0),
+                                None => (Vec::new(), 0, Vec::new(), Vec::new()),
                             };
                             discarded.sort_by(|a, b| a.site.cmp(&b.site));
                             RoundRecord {
@@ -698,6 +814,10 @@ impl Store {
                                 restarts,
                                 model: None,
                                 metrics: BTreeMap::new(),
+                                opened_unix_ms: None,
+                                closed_unix_ms: None,
+                                rejected,
+                                update_details,
                             }
                         }
                     };

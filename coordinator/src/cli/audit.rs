@@ -61,6 +61,11 @@ enum Command {
     Verify(VerifyArgs),
     /// Show entries, filtered, as a table or JSON Lines (does not verify).
     Show(ShowArgs),
+    /// Recompute a completed round from its archive and check that it
+    /// reproduces the recorded model bit for bit.
+    ///
+    /// Exit codes: 0 reproduced, 1 could not check, 2 usage, 3 mismatch.
+    Replay(super::replay::ReplayArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,6 +148,7 @@ pub fn run(args: Args) -> ExitCode {
     let result = match args.command {
         Command::Verify(a) => run_verify(&a),
         Command::Show(a) => run_show(&a),
+        Command::Replay(a) => return super::replay::run(&a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -4,3 +4,4 @@
 pub mod aggregate;
 pub mod audit;
 pub mod certs;
+pub mod replay;

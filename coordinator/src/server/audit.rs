@@ -127,13 +127,9 @@ impl Auditor {
     }
 
     /// The coordinator's own identity (the actor of its own actions).
+    #[allow(dead_code)] // for the admin API
     pub(crate) fn actor(&self) -> &str {
         &self.actor
-    }
-
-    /// The public key that verifies the log.
-    pub(crate) fn public_key(&self) -> VerifyingKey {
-        self.public
     }
 
     /// The public key as 64 lowercase hex digits.
