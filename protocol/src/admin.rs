@@ -271,6 +271,8 @@ pub struct SiteProgress {
     pub site: String,
     /// `offline`, `idle`, `training` (selected, no update yet) or `reported`.
     pub state: String,
+    /// Connected now.
+    pub connected: bool,
 }
 
 /// Where the running job stands.

@@ -20,6 +20,16 @@ enum Command {
     Aggregate(cli::aggregate::Args),
     /// Review audit logs: verify the chain and signatures, show entries.
     Audit(cli::audit::Args),
+    /// A running coordinator: federation, job and round progress, queue.
+    Status(cli::admin::StatusArgs),
+    /// Site registry of a running coordinator: list, show, approve, revoke, rotate.
+    Sites(cli::admin::SitesArgs),
+    /// Jobs of a running coordinator: submit, list, show, pause, resume, abort.
+    Jobs(cli::admin::JobsArgs),
+    /// Rounds of a job: list, show.
+    Rounds(cli::admin::RoundsArgs),
+    /// Model versions: list, show (with provenance), export for PyTorch.
+    Models(cli::admin::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +38,11 @@ fn main() -> std::process::ExitCode {
         Command::Certs(args) => cli::certs::run(args),
         Command::Aggregate(args) => cli::aggregate::run(args),
         Command::Audit(args) => return cli::audit::run(args),
+        Command::Status(args) => return cli::admin::run_status(args),
+        Command::Sites(args) => return cli::admin::run_sites(args),
+        Command::Jobs(args) => return cli::admin::run_jobs(args),
+        Command::Rounds(args) => return cli::admin::run_rounds(args),
+        Command::Models(args) => return cli::admin::run_models(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

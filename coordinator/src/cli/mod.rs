@@ -1,6 +1,7 @@
 //! Subcommands of the `fedlink` binary. Each module exposes clap `Args` and a
 //! `run` function; `src/bin/fedlink.rs` only dispatches.
 
+pub mod admin;
 pub mod aggregate;
 pub mod audit;
 pub mod certs;

@@ -1,0 +1,275 @@
+//! Output of admin answers: JSON (the answer's `data`, stable field names)
+//! or readable tables.
+
+use std::fmt::Write;
+
+use fedlink_protocol::admin::{AdminResponse, JobInfo, SiteInfo};
+
+/// The answer's data as pretty JSON.
+pub(super) fn json(resp: &AdminResponse) -> serde_json::Result<String> {
+    let v = serde_json::to_value(resp)?;
+    serde_json::to_string_pretty(v.get("data").unwrap_or(&v))
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            let _ = write!(s, "{c:<w$}  ");
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn short(hex: &str) -> String {
+    hex.chars().take(16).collect()
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn site_rows(sites: &[SiteInfo]) -> String {
+    table(
+        &[
+            "SITE",
+            "CONNECTED",
+            "CERT SERIAL",
+            "UPDATE KEY",
+            "ADDED",
+            "RENEWED",
+            "UPDATES",
+        ],
+        &sites
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    if s.connected { "yes" } else { "no" }.into(),
+                    short(&s.cert_serial),
+                    short(&s.update_public_key),
+                    s.added_at.clone(),
+                    opt(s.renewed_at.clone()),
+                    opt(s.updates_aggregated),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn job_rows(jobs: &[JobInfo]) -> String {
+    table(
+        &["JOB", "STATE", "ROUNDS", "CURRENT MODEL", "OUTCOME"],
+        &jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.id.clone(),
+                    j.state.clone(),
+                    format!("{}/{}", j.completed_rounds, j.total_rounds),
+                    short(&j.current_model),
+                    opt(j.outcome.clone()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn field(v: &serde_json::Value, k: &str) -> String {
+    match v.get(k) {
+        None | Some(serde_json::Value::Null) => "-".into(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(a)) => a.len().to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The answer as readable text.
+pub(super) fn text(resp: &AdminResponse) -> String {
+    let mut out = String::new();
+    match resp {
+        AdminResponse::Status(s) => {
+            let _ = writeln!(out, "federation   {}", s.federation);
+            let _ = writeln!(
+                out,
+                "coordinator  {} (up {} s)",
+                s.coordinator_version, s.uptime_secs
+            );
+            match &s.current_job {
+                Some(j) => {
+                    let _ = writeln!(
+                        out,
+                        "job          {} ({}{}), round {} of {}, {} completed, {} accepted",
+                        j.job,
+                        j.phase,
+                        if j.paused { ", paused" } else { "" },
+                        opt(j.round),
+                        j.total_rounds,
+                        j.completed_rounds,
+                        j.accepted
+                    );
+                    let _ = writeln!(out, "model        {}", j.current_model);
+                    if let Some(o) = &j.outcome {
+                        let _ = writeln!(out, "outcome      {o}");
+                    }
+                    out.push('\n');
+                    out.push_str(&table(
+                        &["SITE", "STATE", "CONNECTED"],
+                        &j.sites
+                            .iter()
+                            .map(|p| {
+                                vec![
+                                    p.site.clone(),
+                                    p.state.clone(),
+                                    if p.connected { "yes" } else { "no" }.into(),
+                                ]
+                            })
+                            .collect::<Vec<_>>(),
+                    ));
+                }
+                None => {
+                    let _ = writeln!(out, "job          none");
+                }
+            }
+            let _ = writeln!(
+                out,
+                "\nqueued jobs  {}",
+                if s.queued_jobs.is_empty() {
+                    "none".into()
+                } else {
+                    s.queued_jobs.join(", ")
+                }
+            );
+        }
+        AdminResponse::Sites(sites) => out.push_str(&site_rows(sites)),
+        AdminResponse::Site(s) => {
+            for (k, v) in [
+                ("site", s.name.clone()),
+                ("identity", s.identity.clone()),
+                ("connected", s.connected.to_string()),
+                ("cert serial", s.cert_serial.clone()),
+                ("cert fingerprint", s.cert_fingerprint.clone()),
+                ("update key", s.update_public_key.clone()),
+                ("added", s.added_at.clone()),
+                ("renewed", opt(s.renewed_at.clone())),
+                ("last seen (unix ms)", opt(s.last_seen_unix_ms)),
+                ("updates aggregated", opt(s.updates_aggregated)),
+            ] {
+                let _ = writeln!(out, "{k:<20} {v}");
+            }
+        }
+        AdminResponse::Jobs(jobs) => out.push_str(&job_rows(jobs)),
+        AdminResponse::Job(j) => {
+            out.push_str(&job_rows(std::slice::from_ref(j)));
+            if let Some(t) = &j.job_toml {
+                let _ = write!(out, "\n{t}");
+            }
+        }
+        AdminResponse::Rounds { job, rounds } => {
+            let _ = writeln!(out, "job {job}");
+            out.push_str(&table(
+                &["ROUND", "STATE", "ACCEPTED", "SELECTED", "BASE", "MODEL"],
+                &rounds
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            field(r, "round"),
+                            field(r, "state"),
+                            field(r, "accepted"),
+                            field(r, "selected"),
+                            short(&field(r, "base_model")),
+                            short(&field(r, "model")),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        AdminResponse::Round { job, round } => {
+            let _ = writeln!(out, "job {job}");
+            if let Some(obj) = round.as_object() {
+                for (k, v) in obj {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    let _ = writeln!(out, "{k:<18} {text}");
+                }
+            }
+        }
+        AdminResponse::Models(models) => out.push_str(&table(
+            &["MODEL", "JOB", "ROUND", "BYTES"],
+            &models
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.hash.clone(),
+                        m.job.clone(),
+                        m.round.to_string(),
+                        opt(m.bytes),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        )),
+        AdminResponse::Model { model, provenance } => {
+            let _ = writeln!(out, "model  {}", model.hash);
+            let _ = writeln!(out, "job    {}", model.job);
+            let _ = writeln!(out, "round  {}", model.round);
+            let _ = writeln!(out, "bytes  {}", opt(model.bytes));
+            if let Some(steps) = provenance {
+                let _ = writeln!(
+                    out,
+                    "\nprovenance ({} rounds from the initial model):",
+                    steps.len()
+                );
+                for s in steps {
+                    let _ = writeln!(
+                        out,
+                        "  round {}: {} -> {}  strategy {}",
+                        s.round,
+                        short(&s.base_model),
+                        short(&s.output_model),
+                        s.strategy
+                            .get("name")
+                            .map_or_else(|| s.strategy.to_string(), |n| n.to_string())
+                    );
+                    for u in &s.updates {
+                        let _ = writeln!(
+                            out,
+                            "    {} payload {} examples {} sig {}",
+                            u.site,
+                            short(&u.payload_hash),
+                            u.num_examples,
+                            u.envelope_sig.as_deref().map_or_else(|| "-".into(), short)
+                        );
+                    }
+                }
+            }
+        }
+        AdminResponse::Export(h) => {
+            let _ = writeln!(out, "export of {} ({} tensors)", h.model, h.tensors.len());
+        }
+        AdminResponse::Error { code, message } => {
+            let _ = writeln!(out, "error ({code:?}): {message}");
+        }
+        _ => {
+            let _ = writeln!(out, "{}", json(resp).unwrap_or_default());
+        }
+    }
+    out
+}

@@ -1,0 +1,958 @@
+//! The admin API (ALPN `fedlink-admin/1`, admin certificates only): one
+//! [`AdminRequest`] per bidirectional stream, answered with one
+//! [`AdminResponse`] (see [`fedlink_protocol::admin`] for the wire form).
+//!
+//! Every command is recorded in the audit log as `admin.command` (actor: the
+//! admin's identity) before it executes; a command whose audit entry cannot
+//! be written is not executed. Registry changes (`sites approve | revoke |
+//! rotate`) edit `sites.toml` / `revoked.toml` atomically and reload them at
+//! once, which re-checks and cuts off open connections that are no longer
+//! allowed. Job commands that concern the running job go through the engine
+//! ([`super::engine::admin`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::pkcs8::DecodePublicKey;
+use fedlink_certs::rustls::server::danger::ClientCertVerifier;
+use fedlink_certs::rustls_pki_types::pem::PemObject;
+use fedlink_certs::rustls_pki_types::{CertificateDer, UnixTime};
+use fedlink_certs::{
+    CertInfo, FederationClientVerifier, Identity, RevokedEntry, RevokedFile, Role, SiteEntry,
+    SiteManifest,
+};
+use fedlink_protocol::admin::{
+    AdminErrorCode, AdminRequest, AdminResponse, EXPORT_CHUNK_BYTES, ExportFormat, ExportHeader,
+    JobInfo, JobProgress, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport,
+    pytorch_tensors,
+};
+use fedlink_protocol::{ModelHash, SignedEnvelope};
+use fedlink_transport::{FramedRecv, FramedSend, TransportError, accept_bi};
+use quinn::Connection;
+use tokio::sync::oneshot;
+
+use super::engine::Event;
+use super::engine::admin::AdminEvent;
+use super::{Shared, initial_model, strategy_config};
+use crate::job::Job;
+use crate::round::AdminCommand;
+use crate::store::{JobRecord, Store};
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the engine may take to answer (it may be aggregating).
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(60);
+/// File in the data directory with the ids of submitted jobs, in order.
+pub(crate) const QUEUE_FILE: &str = "queue.json";
+
+type Fail = (AdminErrorCode, String);
+
+fn invalid(e: impl std::fmt::Display) -> Fail {
+    (AdminErrorCode::Invalid, e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> Fail {
+    (AdminErrorCode::Internal, e.to_string())
+}
+
+fn refused(msg: impl Into<String>) -> Fail {
+    (AdminErrorCode::Refused, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> Fail {
+    (AdminErrorCode::NotFound, msg.into())
+}
+
+fn now_rfc3339() -> String {
+    let t = fedlink_certs::time::OffsetDateTime::now_utc();
+    t.format(&fedlink_certs::time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// What the admin API needs besides [`Shared`]'s connection state.
+pub(crate) struct AdminState {
+    store: Arc<Store>,
+    ca_cert: CertificateDer<'static>,
+    revoked_path: PathBuf,
+    queue_path: PathBuf,
+    started: Instant,
+    /// The job the engine runs (set by the serve loop).
+    current_job: RwLock<Option<String>>,
+    /// Serialises registry edits (read-modify-write of the TOML files).
+    registry: tokio::sync::Mutex<()>,
+}
+
+impl AdminState {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        ca_cert: CertificateDer<'static>,
+        revoked_path: PathBuf,
+    ) -> Self {
+        Self {
+            queue_path: store.dir().join(QUEUE_FILE),
+            store,
+            ca_cert,
+            revoked_path,
+            started: Instant::now(),
+            current_job: RwLock::new(None),
+            registry: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Record which job the engine runs now.
+    pub(crate) fn set_current_job(&self, id: &str) {
+        if let Ok(mut c) = self.current_job.write() {
+            *c = Some(id.to_owned());
+        }
+    }
+
+    fn current_job(&self) -> Option<String> {
+        self.current_job.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Submitted job ids, in order (a missing file: none).
+    fn queue(&self) -> Result<Vec<String>, String> {
+        read_queue(&self.queue_path)
+    }
+
+    /// The first submitted job that has not finished and is not the current
+    /// one: the job to run next.
+    pub(crate) fn next_queued(&self) -> Option<String> {
+        let current = self.current_job();
+        let queue = match self.queue() {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the job queue");
+                return None;
+            }
+        };
+        queue.into_iter().find(|id| {
+            Some(id) != current.as_ref()
+                && matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none())
+        })
+    }
+
+    fn queued_jobs(&self) -> Vec<String> {
+        let current = self.current_job();
+        self.queue()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                Some(id) != current.as_ref()
+                    && matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none())
+            })
+            .collect()
+    }
+
+    fn job_info(&self, rec: &JobRecord, with_toml: bool) -> JobInfo {
+        let total_rounds = Job::from_toml(&rec.job_toml)
+            .map(|j| u64::from(j.rounds))
+            .unwrap_or(0);
+        let current = self.current_job();
+        let state = if rec.outcome.is_some() {
+            "finished"
+        } else if current.as_deref() == Some(rec.id.as_str()) {
+            if rec.paused { "paused" } else { "running" }
+        } else if self.queue().unwrap_or_default().contains(&rec.id) {
+            if rec.paused {
+                "queued, paused"
+            } else {
+                "queued"
+            }
+        } else {
+            "idle"
+        };
+        JobInfo {
+            id: rec.id.clone(),
+            state: state.to_owned(),
+            completed_rounds: rec.completed_rounds,
+            total_rounds,
+            initial_model: rec.initial_model.to_hex(),
+            current_model: rec.current_model.to_hex(),
+            paused: rec.paused,
+            outcome: rec.outcome.as_ref().map(|o| format!("{o:?}")),
+            job_toml: with_toml.then(|| rec.job_toml.clone()),
+        }
+    }
+}
+
+fn read_queue(path: &Path) -> Result<Vec<String>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn append_queue(path: &Path, id: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut q = read_queue(path)?;
+    if !q.iter().any(|x| x == id) {
+        q.push(id.to_owned());
+    }
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(&q).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Shared {
+    /// Re-read the manifest and the revocation list now (after an admin
+    /// changed them), even if their modification times look unchanged.
+    fn reload_now(&self) {
+        if let Ok(mut m) = self.manifest_mtime.lock() {
+            *m = None;
+        }
+        if let Ok(mut r) = self.revoked_mtime.lock() {
+            *r = None;
+        }
+        self.reload_if_changed();
+    }
+
+    async fn ask_engine<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> AdminEvent,
+    ) -> Result<T, Fail> {
+        let (tx, rx) = oneshot::channel();
+        self.engine
+            .send(Event::Admin(make(tx)))
+            .map_err(|_| internal("the engine has stopped"))?;
+        tokio::time::timeout(ENGINE_TIMEOUT, rx)
+            .await
+            .map_err(|_| internal("the engine did not answer in time (busy aggregating?)"))?
+            .map_err(|_| internal("the engine has stopped"))
+    }
+}
+
+/// Serve one admin connection until it closes: each bidirectional stream
+/// carries one command.
+pub(crate) async fn serve_admin(
+    conn: Connection,
+    identity: Identity,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let actor = identity.to_uri();
+    tracing::info!(%remote, admin = %actor, "admin connected");
+    loop {
+        let (send, recv) = match accept_bi(&conn).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, admin = %actor, error = %e, "admin connection ended");
+                return;
+            }
+        };
+        let shared = shared.clone();
+        let actor = actor.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_stream(&conn, &actor, remote, &shared, send, recv).await {
+                tracing::warn!(admin = %actor, error = %e, "admin stream failed");
+            }
+        });
+    }
+}
+
+async fn send_response(send: &mut FramedSend, resp: &AdminResponse) -> Result<(), TransportError> {
+    let bytes = match resp.to_json() {
+        Ok(b) => b,
+        Err(e) => AdminResponse::error(AdminErrorCode::Internal, e.to_string())
+            .to_json()
+            .map_err(|e| TransportError::Stream(e.to_string()))?,
+    };
+    send.chunk(bytes).await
+}
+
+async fn handle_stream(
+    conn: &Connection,
+    actor: &str,
+    remote: SocketAddr,
+    shared: &Arc<Shared>,
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+) -> Result<(), TransportError> {
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, recv.chunk())
+        .await
+        .map_err(|_| TransportError::UnexpectedEnd("admin request within 30 s"))??;
+    let req = match AdminRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            send_response(
+                &mut send,
+                &AdminResponse::error(AdminErrorCode::Invalid, e.to_string()),
+            )
+            .await?;
+            return send.finish();
+        }
+    };
+    // A certificate revoked while the connection is open stops here.
+    if let Some(ee) = fedlink_transport::peer_end_entity(conn)
+        && shared.revocations.is_revoked(&ee).is_some()
+    {
+        let reason = "the admin certificate has been revoked";
+        let _ = shared.audit().record(
+            actor,
+            "admin.refused",
+            serde_json::json!({"peer_addr": remote.to_string(), "identity": actor, "reason": reason}),
+        );
+        send_response(
+            &mut send,
+            &AdminResponse::error(AdminErrorCode::Refused, reason),
+        )
+        .await?;
+        send.finish()?;
+        conn.close(fedlink_transport::close::FORBIDDEN, reason.as_bytes());
+        return Ok(());
+    }
+    tracing::info!(admin = %actor, command = req.command(), "admin command");
+    if let Err(e) = shared.audit().record(
+        actor,
+        "admin.command",
+        serde_json::json!({"command": req.command(), "args": req.args()}),
+    ) {
+        tracing::error!(error = %e, "audit log unavailable; admin command not executed");
+        send_response(
+            &mut send,
+            &AdminResponse::error(
+                AdminErrorCode::Internal,
+                format!("the audit log is unavailable ({e}); nothing was done"),
+            ),
+        )
+        .await?;
+        return send.finish();
+    }
+    if let AdminRequest::ModelsExport { hash, format } = &req {
+        return export(shared, actor, hash, *format, send).await;
+    }
+    let resp = execute(shared, actor, req)
+        .await
+        .unwrap_or_else(|(code, message)| AdminResponse::Error { code, message });
+    send_response(&mut send, &resp).await?;
+    send.finish()
+}
+
+async fn execute(
+    shared: &Arc<Shared>,
+    actor: &str,
+    req: AdminRequest,
+) -> Result<AdminResponse, Fail> {
+    let admin = &shared.admin;
+    match req {
+        AdminRequest::Status => {
+            let current = if admin.current_job().is_some() {
+                Some(shared.ask_engine(AdminEvent::Progress).await?)
+            } else {
+                None
+            };
+            Ok(AdminResponse::Status(StatusReport {
+                federation: shared.federation.to_string(),
+                coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_secs: admin.started.elapsed().as_secs(),
+                current_job: current,
+                queued_jobs: admin.queued_jobs(),
+            }))
+        }
+        AdminRequest::SitesList => {
+            let progress = shared.ask_engine(AdminEvent::Progress).await.ok();
+            let manifest = shared
+                .manifest
+                .read()
+                .map_err(|_| internal("manifest lock poisoned"))?
+                .clone();
+            let sites = manifest
+                .site
+                .iter()
+                .map(|e| site_info(&admin.store, e, progress.as_ref()))
+                .collect();
+            Ok(AdminResponse::Sites(sites))
+        }
+        AdminRequest::SitesShow { name } => {
+            let progress = shared.ask_engine(AdminEvent::Progress).await.ok();
+            let entry = shared
+                .manifest
+                .read()
+                .map_err(|_| internal("manifest lock poisoned"))?
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| not_found(format!("no registered site {name}")))?;
+            Ok(AdminResponse::Site(site_info(
+                &admin.store,
+                &entry,
+                progress.as_ref(),
+            )))
+        }
+        AdminRequest::SitesApprove {
+            cert_pem,
+            update_key,
+        } => approve(shared, actor, &cert_pem, &update_key).await,
+        AdminRequest::SitesRevoke { name, reason } => revoke(shared, actor, &name, reason).await,
+        AdminRequest::SitesRotate {
+            name,
+            cert_pem,
+            update_key,
+        } => rotate(shared, actor, &name, &cert_pem, update_key.as_deref()).await,
+        AdminRequest::JobsSubmit { job_toml } => submit(shared, actor, &job_toml).await,
+        AdminRequest::JobsList => {
+            let jobs = admin.store.jobs().map_err(internal)?;
+            Ok(AdminResponse::Jobs(
+                jobs.iter().map(|r| admin.job_info(r, false)).collect(),
+            ))
+        }
+        AdminRequest::JobsShow { id } => {
+            let rec = find_job(&admin.store, &id)?;
+            Ok(AdminResponse::Job(admin.job_info(&rec, true)))
+        }
+        AdminRequest::JobsPause { id } => {
+            job_command(shared, actor, &id, AdminCommand::Pause).await
+        }
+        AdminRequest::JobsResume { id } => {
+            job_command(shared, actor, &id, AdminCommand::Resume).await
+        }
+        AdminRequest::JobsAbort { id } => {
+            job_command(shared, actor, &id, AdminCommand::Abort).await
+        }
+        AdminRequest::RoundsList { job } => {
+            find_job(&admin.store, &job)?;
+            let rounds = admin.store.rounds(&job).map_err(internal)?;
+            let rounds = rounds
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(internal)?;
+            Ok(AdminResponse::Rounds { job, rounds })
+        }
+        AdminRequest::RoundsShow { job, round } => {
+            find_job(&admin.store, &job)?;
+            let rec = admin
+                .store
+                .round(&job, round)
+                .map_err(internal)?
+                .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
+            Ok(AdminResponse::Round {
+                job,
+                round: serde_json::to_value(&rec).map_err(internal)?,
+            })
+        }
+        AdminRequest::ModelsList => Ok(AdminResponse::Models(models_list(&admin.store)?)),
+        AdminRequest::ModelsShow { hash, provenance } => {
+            let (hash, info) = model_info(&admin.store, &hash)?;
+            let chain = if provenance {
+                Some(tokio::task::block_in_place(|| {
+                    provenance_chain(&admin.store, &hash, &info)
+                })?)
+            } else {
+                None
+            };
+            Ok(AdminResponse::Model {
+                model: info,
+                provenance: chain,
+            })
+        }
+        AdminRequest::ModelsExport { .. } => Err(internal("export is streamed")),
+        _ => Err(invalid("unknown command")),
+    }
+}
+
+fn find_job(store: &Store, id: &str) -> Result<JobRecord, Fail> {
+    store
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("no job {id}")))
+}
+
+fn site_info(store: &Store, e: &SiteEntry, progress: Option<&JobProgress>) -> SiteInfo {
+    let rec = store.site(&e.name).ok().flatten();
+    SiteInfo {
+        name: e.name.clone(),
+        identity: e.identity.to_uri(),
+        cert_serial: e.cert_serial.to_string(),
+        cert_fingerprint: e.cert_fingerprint.to_string(),
+        update_public_key: e.update_public_key.clone(),
+        added_at: e.added_at.clone(),
+        renewed_at: e.renewed_at.clone(),
+        connected: progress
+            .is_some_and(|p| p.sites.iter().any(|s| s.site == e.name && s.connected)),
+        last_seen_unix_ms: rec.as_ref().map(|r| r.last_seen_unix_ms),
+        updates_aggregated: rec.as_ref().map(|r| r.updates_aggregated),
+    }
+}
+
+/// An update public key given as SPKI PEM or 64 hex digits, as hex.
+fn parse_update_key(text: &str) -> Result<String, Fail> {
+    let t = text.trim();
+    let key = if t.starts_with("-----BEGIN") {
+        VerifyingKey::from_public_key_pem(t)
+            .map_err(|e| invalid(format!("update key: not an ed25519 public key PEM: {e}")))?
+    } else {
+        let bytes = hex::decode(t).map_err(|_| invalid("update key: neither PEM nor hex"))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| invalid("update key: must be 32 bytes"))?;
+        VerifyingKey::from_bytes(&arr).map_err(|e| invalid(format!("update key: {e}")))?
+    };
+    Ok(hex::encode(key.as_bytes()))
+}
+
+/// Check a site certificate for approval or rotation: it chains to the
+/// federation CA, is valid now, is not revoked, carries a site identity of
+/// this federation.
+fn check_site_cert(
+    shared: &Shared,
+    cert_pem: &str,
+) -> Result<(CertificateDer<'static>, Identity, CertInfo), Fail> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| invalid(format!("certificate: not a PEM certificate: {e}")))?;
+    let verifier = FederationClientVerifier::new(
+        &shared.admin.ca_cert,
+        shared.federation.as_str(),
+        shared.revocations.clone(),
+    )
+    .map_err(internal)?;
+    verifier
+        .verify_client_cert(&der, &[], UnixTime::now())
+        .map_err(|e| invalid(format!("certificate refused: {e}")))?;
+    let identity = Identity::from_der(&der).map_err(invalid)?;
+    if identity.role() != Role::Site {
+        return Err(invalid(format!(
+            "{identity} is a {} certificate, not a site certificate",
+            identity.role()
+        )));
+    }
+    let info = CertInfo::from_der(&der).map_err(invalid)?;
+    let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
+    if revoked.lists(&info.serial, &info.fingerprint) {
+        return Err(refused(format!("certificate {} is revoked", info.serial)));
+    }
+    Ok((der, identity, info))
+}
+
+fn entry_event(e: &SiteEntry) -> serde_json::Value {
+    serde_json::json!({
+        "site": e.name,
+        "cert_serial": e.cert_serial.to_string(),
+        "cert_fingerprint": e.cert_fingerprint.to_string(),
+        "update_public_key": e.update_public_key,
+    })
+}
+
+async fn approve(
+    shared: &Arc<Shared>,
+    actor: &str,
+    cert_pem: &str,
+    update_key: &str,
+) -> Result<AdminResponse, Fail> {
+    let _guard = shared.admin.registry.lock().await;
+    let (_, identity, info) = check_site_cert(shared, cert_pem)?;
+    let key = parse_update_key(update_key)?;
+    let manifest_path = shared.manifest_path.clone();
+    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
+    let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
+    if revoked.is_update_key_revoked(&key) {
+        return Err(refused("this update key belongs to a revoked site"));
+    }
+    if manifest.get(identity.name()).is_some() {
+        return Err(refused(format!(
+            "site {} is already registered",
+            identity.name()
+        )));
+    }
+    if let Some(other) = manifest
+        .site
+        .iter()
+        .find(|s| s.update_public_key.eq_ignore_ascii_case(&key))
+    {
+        return Err(refused(format!(
+            "site {} already uses this update key",
+            other.name
+        )));
+    }
+    let entry = SiteEntry {
+        name: identity.name().to_owned(),
+        identity,
+        cert_serial: info.serial,
+        cert_fingerprint: info.fingerprint,
+        update_public_key: key,
+        added_at: now_rfc3339(),
+        renewed_at: None,
+    };
+    shared
+        .audit()
+        .record(actor, "site.approved", entry_event(&entry))
+        .map_err(internal)?;
+    manifest.site.push(entry.clone());
+    manifest.save(&manifest_path).map_err(internal)?;
+    shared.reload_now();
+    Ok(AdminResponse::Site(site_info(
+        &shared.admin.store,
+        &entry,
+        None,
+    )))
+}
+
+async fn revoke(
+    shared: &Arc<Shared>,
+    actor: &str,
+    name: &str,
+    reason: Option<String>,
+) -> Result<AdminResponse, Fail> {
+    let _guard = shared.admin.registry.lock().await;
+    let manifest_path = shared.manifest_path.clone();
+    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
+    let entry = manifest
+        .get(name)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
+    let mut details = entry_event(&entry);
+    details["reason"] = serde_json::json!(reason);
+    shared
+        .audit()
+        .record(actor, "site.revoked", details)
+        .map_err(internal)?;
+    let revoked_path = &shared.admin.revoked_path;
+    let mut revoked = RevokedFile::load(revoked_path).map_err(internal)?;
+    revoked.revoked.push(RevokedEntry {
+        serial: Some(entry.cert_serial.clone()),
+        fingerprint: Some(entry.cert_fingerprint),
+        identity: Some(entry.identity.clone()),
+        reason: reason.clone(),
+        revoked_at: Some(now_rfc3339()),
+        update_public_key: Some(entry.update_public_key.clone()),
+    });
+    // Revocation first: even if the manifest write failed, the certificate
+    // is refused.
+    revoked.save(revoked_path).map_err(internal)?;
+    manifest.remove(name);
+    manifest.save(&manifest_path).map_err(internal)?;
+    shared.reload_now();
+    let mut info = site_info(&shared.admin.store, &entry, None);
+    info.connected = false;
+    Ok(AdminResponse::Site(info))
+}
+
+async fn rotate(
+    shared: &Arc<Shared>,
+    actor: &str,
+    name: &str,
+    cert_pem: &str,
+    update_key: Option<&str>,
+) -> Result<AdminResponse, Fail> {
+    let _guard = shared.admin.registry.lock().await;
+    let (_, identity, info) = check_site_cert(shared, cert_pem)?;
+    let manifest_path = shared.manifest_path.clone();
+    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
+    let current = manifest
+        .get(name)
+        .cloned()
+        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
+    if identity != current.identity {
+        return Err(invalid(format!(
+            "the certificate is for {identity}, not {}",
+            current.identity
+        )));
+    }
+    if info.fingerprint == current.cert_fingerprint {
+        return Err(refused(
+            "this certificate is already the site's current certificate",
+        ));
+    }
+    let key = match update_key {
+        Some(k) => {
+            let k = parse_update_key(k)?;
+            let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
+            if revoked.is_update_key_revoked(&k) {
+                return Err(refused("this update key belongs to a revoked site"));
+            }
+            if let Some(other) = manifest
+                .site
+                .iter()
+                .find(|s| s.name != name && s.update_public_key.eq_ignore_ascii_case(&k))
+            {
+                return Err(refused(format!(
+                    "site {} already uses this update key",
+                    other.name
+                )));
+            }
+            k
+        }
+        None => current.update_public_key.clone(),
+    };
+    let entry = manifest
+        .get_mut(name)
+        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
+    entry.cert_serial = info.serial;
+    entry.cert_fingerprint = info.fingerprint;
+    entry.update_public_key = key;
+    entry.renewed_at = Some(now_rfc3339());
+    let entry = entry.clone();
+    shared
+        .audit()
+        .record(actor, "site.rotated", entry_event(&entry))
+        .map_err(internal)?;
+    manifest.save(&manifest_path).map_err(internal)?;
+    shared.reload_now();
+    Ok(AdminResponse::Site(site_info(
+        &shared.admin.store,
+        &entry,
+        None,
+    )))
+}
+
+async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<AdminResponse, Fail> {
+    let store = &shared.admin.store;
+    // Validate exactly as at startup: the job file, its strategy, its
+    // initial model and that the strategy fits it.
+    let job = Job::from_toml(job_toml).map_err(invalid)?;
+    job.validate().map_err(invalid)?;
+    let strategy = strategy_config(&job).map_err(invalid)?;
+    let model = tokio::task::block_in_place(|| initial_model(&job)).map_err(invalid)?;
+    super::engine::check_fits(&strategy, &job, model.spec()).map_err(invalid)?;
+    if store.job(&job.id).map_err(internal)?.is_some() {
+        return Err(refused(format!("a job with id {} exists already", job.id)));
+    }
+    shared
+        .audit()
+        .record(
+            actor,
+            "job.submitted",
+            serde_json::json!({
+                "job": job.id,
+                "job_toml_blake3": blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
+            }),
+        )
+        .map_err(internal)?;
+    let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
+        let hash = store.put_model(&model).map_err(internal)?;
+        let rec = store.create_job(&job, hash).map_err(|e| match e {
+            crate::store::StoreError::JobExists(id) => {
+                refused(format!("a job with id {id} exists already"))
+            }
+            other => internal(other),
+        })?;
+        append_queue(&shared.admin.queue_path, &job.id).map_err(internal)?;
+        Ok(rec)
+    })?;
+    tracing::info!(job = %job.id, "job submitted");
+    let _ = shared.engine.send(Event::Admin(AdminEvent::Wake));
+    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)))
+}
+
+async fn job_command(
+    shared: &Arc<Shared>,
+    _actor: &str,
+    id: &str,
+    cmd: AdminCommand,
+) -> Result<AdminResponse, Fail> {
+    find_job(&shared.admin.store, id)?;
+    shared
+        .ask_engine(|reply| AdminEvent::Job {
+            id: id.to_owned(),
+            cmd,
+            reply,
+        })
+        .await??;
+    let rec = find_job(&shared.admin.store, id)?;
+    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)))
+}
+
+fn model_file_len(store: &Store, hash: &ModelHash) -> Option<u64> {
+    std::fs::metadata(store.model_path(hash))
+        .ok()
+        .map(|m| m.len())
+}
+
+fn models_list(store: &Store) -> Result<Vec<ModelInfo>, Fail> {
+    let mut out: Vec<ModelInfo> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for job in store.jobs().map_err(internal)? {
+        let mut push = |hash: ModelHash, round: u64| {
+            if seen.insert(hash) {
+                out.push(ModelInfo {
+                    hash: hash.to_hex(),
+                    job: job.id.clone(),
+                    round,
+                    bytes: model_file_len(store, &hash),
+                });
+            }
+        };
+        push(job.initial_model, 0);
+        for r in store.rounds(&job.id).map_err(internal)? {
+            if let Some(m) = r.model {
+                push(m, r.round);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn model_info(store: &Store, hash: &str) -> Result<(ModelHash, ModelInfo), Fail> {
+    let h = ModelHash::from_hex(hash.trim())
+        .ok_or_else(|| invalid(format!("{hash:?} is not a model hash (64 hex digits)")))?;
+    let rec = store
+        .model_record(&h)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("no model {h}")))?;
+    Ok((
+        h,
+        ModelInfo {
+            hash: h.to_hex(),
+            job: rec.job,
+            round: rec.round,
+            bytes: model_file_len(store, &h),
+        },
+    ))
+}
+
+/// The envelope signature of an archived update (hex), if archived.
+fn envelope_sig(
+    store: &Store,
+    job: &str,
+    round: u64,
+    site: &str,
+    payload_hash: &str,
+) -> Option<String> {
+    let dir = store
+        .dir()
+        .join("updates")
+        .join(job)
+        .join(format!("round-{round:06}"));
+    let prefix = format!("{site}-{payload_hash}-");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".envelope.json"))
+        })
+        .collect();
+    names.sort();
+    let bytes = std::fs::read(names.first()?).ok()?;
+    let env: SignedEnvelope = serde_json::from_slice(&bytes).ok()?;
+    Some(hex::encode(env.signature.to_bytes()))
+}
+
+fn provenance_chain(
+    store: &Store,
+    hash: &ModelHash,
+    info: &ModelInfo,
+) -> Result<Vec<ProvenanceStep>, Fail> {
+    let job = find_job(store, &info.job)?;
+    let strategy = Job::from_toml(&job.job_toml)
+        .ok()
+        .and_then(|j| strategy_config(&j).ok())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let mut steps = Vec::new();
+    let mut want = *hash;
+    for r in (1..=info.round).rev() {
+        let rec = store
+            .round(&info.job, r)
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("job {} has no round {r} record", info.job)))?;
+        if rec.model != Some(want) {
+            return Err(internal(format!(
+                "round {r} of job {} did not produce {want}",
+                info.job
+            )));
+        }
+        let updates = rec
+            .accepted
+            .iter()
+            .map(|u| {
+                let ph = u.payload_hash.to_hex();
+                ProvenanceUpdate {
+                    site: u.site.to_string(),
+                    envelope_sig: envelope_sig(store, &info.job, r, u.site.as_str(), &ph),
+                    payload_hash: ph,
+                    num_examples: u.num_examples,
+                }
+            })
+            .collect();
+        steps.push(ProvenanceStep {
+            job: info.job.clone(),
+            round: r,
+            base_model: rec.base_model.to_hex(),
+            output_model: want.to_hex(),
+            strategy: strategy.clone(),
+            updates,
+        });
+        want = rec.base_model;
+    }
+    if want != job.initial_model {
+        return Err(internal(format!(
+            "the chain ends at {want}, not at the job's initial model {}",
+            job.initial_model
+        )));
+    }
+    steps.reverse();
+    Ok(steps)
+}
+
+async fn export(
+    shared: &Arc<Shared>,
+    actor: &str,
+    hash: &str,
+    format: ExportFormat,
+    mut send: FramedSend,
+) -> Result<(), TransportError> {
+    let store = &shared.admin.store;
+    let prepared = (|| -> Result<_, Fail> {
+        let (h, info) = model_info(store, hash)?;
+        let job = find_job(store, &info.job)?;
+        let arch = Job::from_toml(&job.job_toml)
+            .ok()
+            .and_then(|j| serde_json::to_value(&j.arch).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let model = tokio::task::block_in_place(|| store.load_model(&h)).map_err(internal)?;
+        let header = ExportHeader {
+            model: h.to_hex(),
+            job: info.job,
+            round: info.round,
+            arch,
+            format,
+            tensors: pytorch_tensors(model.spec()),
+            total_bytes: model.values().len() as u64 * 4,
+        };
+        Ok((model, header))
+    })();
+    let (model, header) = match prepared {
+        Ok(p) => p,
+        Err((code, message)) => {
+            send_response(&mut send, &AdminResponse::Error { code, message }).await?;
+            return send.finish();
+        }
+    };
+    let format_name = match format {
+        ExportFormat::Safetensors => "safetensors",
+        _ => "unknown",
+    };
+    if let Err(e) = shared.audit().record(
+        actor,
+        "model.exported",
+        serde_json::json!({"model": header.model, "format": format_name}),
+    ) {
+        send_response(
+            &mut send,
+            &AdminResponse::error(AdminErrorCode::Internal, e.to_string()),
+        )
+        .await?;
+        return send.finish();
+    }
+    send_response(&mut send, &AdminResponse::Export(header)).await?;
+    for chunk in model.values().chunks(EXPORT_CHUNK_BYTES / 4) {
+        let mut bytes = Vec::with_capacity(chunk.len() * 4);
+        for v in chunk {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        send.chunk(bytes).await?;
+    }
+    send.finish()
+}
