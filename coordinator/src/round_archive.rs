@@ -521,7 +521,8 @@ mod tests {
 
     #[test]
     fn bad_round_files_are_named_not_panics() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RoundFile)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut RoundFile)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("format", Box::new(|f| f.format = 99)),
             ("round", Box::new(|f| f.round = 0)),
             ("base_model", Box::new(|f| f.base_model = "zz".into())),

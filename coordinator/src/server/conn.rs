@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
-    ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
+    AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
-use fedlink_protocol::{Message, SignedEnvelope, VersionRange};
+use fedlink_protocol::{Message, SignedEnvelope, VersionRange, supports_audit_head};
 use fedlink_transport::{
     FramedRecv, FramedSend, TransportError, accept_bi, close, negotiated_alpn, peer_end_entity,
     peer_identity,
@@ -20,7 +20,9 @@ use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
-use super::engine::{Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms};
+use super::engine::{
+    Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms, update_received_details,
+};
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
@@ -40,6 +42,13 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
             // TLS refusals (unknown CA, expired, revoked, wrong role) land
             // here with the verifier's reason.
             tracing::warn!(%remote, error = %e, "handshake failed");
+            audit_refused(
+                &shared,
+                remote,
+                None,
+                None,
+                &format!("handshake failed: {e}"),
+            );
             return;
         }
     };
@@ -47,6 +56,9 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         Ok(i) => i,
         Err(e) => {
             tracing::warn!(%remote, error = %e, "peer has no fedlink identity");
+            let alpn = negotiated_alpn(&conn);
+            let why = format!("no fedlink identity: {e}");
+            audit_refused(&shared, remote, None, alpn.as_deref(), &why);
             conn.close(close::FORBIDDEN, e.to_string().as_bytes());
             return;
         }
@@ -54,6 +66,14 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     let alpn = negotiated_alpn(&conn);
     if let Err(e) = check_role_for_alpn(&identity, alpn.as_deref()) {
         tracing::warn!(%remote, %identity, error = %e, "role does not match the protocol");
+        let why = format!("role does not match the protocol: {e}");
+        audit_refused(
+            &shared,
+            remote,
+            Some(&identity.to_string()),
+            alpn.as_deref(),
+            &why,
+        );
         conn.close(close::FORBIDDEN, e.to_string().as_bytes());
         return;
     }
@@ -79,12 +99,78 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         });
     if let Err(e) = checked {
         tracing::warn!(%remote, %identity, error = %e, "site refused");
+        let why = format!("not a registered site certificate: {e}");
+        audit_refused(
+            &shared,
+            remote,
+            Some(&identity.to_string()),
+            alpn.as_deref(),
+            &why,
+        );
         conn.close(close::FORBIDDEN, e.as_bytes());
         return;
     }
+    let cert_serial = peer_end_entity(&conn)
+        .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
+        .map(|c| c.serial.to_string());
+    let accepted = shared.audit().record(
+        &identity.to_string(),
+        "conn.accepted",
+        serde_json::json!({
+            "peer_addr": remote.to_string(),
+            "identity": identity.to_string(),
+            "alpn": alpn.as_deref().map(String::from_utf8_lossy),
+            "cert_serial": cert_serial,
+        }),
+    );
+    if let Err(e) = accepted {
+        // Nothing runs unaudited: refuse the connection.
+        tracing::error!(%remote, %identity, error = %e, "cannot record the connection; refusing it");
+        conn.close(
+            close::SHUTDOWN,
+            b"the coordinator cannot write its audit log",
+        );
+        return;
+    }
     let site = identity.name().to_owned();
-    if let Err(e) = serve_site(&conn, &site, &shared).await {
-        tracing::info!(site = %site, error = %e, "connection ended");
+    let reason = match serve_site(&conn, &site, &shared).await {
+        Ok(()) => conn
+            .close_reason()
+            .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
+        Err(e) => {
+            tracing::info!(site = %site, error = %e, "connection ended");
+            e.to_string()
+        }
+    };
+    let closed = shared.audit().record(
+        &identity.to_string(),
+        "conn.closed",
+        serde_json::json!({ "identity": identity.to_string(), "reason": reason }),
+    );
+    if let Err(e) = closed {
+        tracing::error!(site = %site, error = %e, "cannot record the end of a connection");
+    }
+}
+
+/// Record a refused connection (best effort: it is refused either way).
+fn audit_refused(
+    shared: &Shared,
+    remote: std::net::SocketAddr,
+    identity: Option<&str>,
+    alpn: Option<&[u8]>,
+    reason: &str,
+) {
+    let r = shared.audit().record_own(
+        "conn.refused",
+        serde_json::json!({
+            "peer_addr": remote.to_string(),
+            "identity": identity,
+            "alpn": alpn.map(String::from_utf8_lossy),
+            "reason": reason,
+        }),
+    );
+    if let Err(e) = r {
+        tracing::error!(%remote, error = %e, "cannot record a refused connection");
     }
 }
 
@@ -145,6 +231,7 @@ async fn serve_site(
     });
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let control = tx.clone();
     let _ = shared.engine.send(Event::Connected {
         site: site.to_owned(),
         conn_id,
@@ -163,7 +250,8 @@ async fn serve_site(
         }
         let _ = send.finish();
     });
-    let result = control_loop(conn, site, shared, &mut recv).await;
+    let heads = supports_audit_head(version).then_some(control);
+    let result = control_loop(conn, site, shared, &mut recv, heads).await;
     let _ = shared.engine.send(Event::Disconnected {
         site: site.to_owned(),
         conn_id,
@@ -181,6 +269,7 @@ async fn control_loop(
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
+    heads: Option<mpsc::UnboundedSender<Message>>,
 ) -> Result<(), TransportError> {
     loop {
         tokio::select! {
@@ -199,6 +288,13 @@ async fn control_loop(
                 }
                 Some(Message::Heartbeat(h)) => {
                     tracing::trace!(site, seq = h.seq, "heartbeat");
+                }
+                Some(Message::AuditHead(h)) if heads.is_some() => {
+                    if let Some(answer) = site_audit_head(shared, site, &h)
+                        && let Some(tx) = &heads
+                    {
+                        let _ = tx.send(Message::AuditHead(answer));
+                    }
                 }
                 Some(Message::Bye(b)) => {
                     tracing::info!(site, reason = %b.reason, "site said bye");
@@ -222,6 +318,69 @@ async fn control_loop(
                     }
                 });
             }
+        }
+    }
+}
+
+/// A site sent its signed audit head: check it with the site's key from the
+/// manifest and record it (`site.audit_head`), or record why it was refused
+/// (`site.audit_head_rejected`; the connection stays). Returns the
+/// coordinator's own signed head to answer with, once the site's is recorded.
+fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHead> {
+    let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+    let head = fedlink_audit::SignedHead {
+        seq: h.seq,
+        hash: fedlink_audit::EntryHash(h.hash),
+        ts_unix_ms: h.ts_unix_ms,
+        sig: hex::encode(h.sig),
+    };
+    let key = shared
+        .manifest
+        .read()
+        .ok()
+        .and_then(|m| m.get(site).map(|e| e.update_verifying_key()));
+    let verdict = match key {
+        Some(Ok(key)) if head.signature_ok(&key) => Ok(()),
+        Some(Ok(_)) => Err("bad signature (not made with the site's registered key)".to_owned()),
+        Some(Err(e)) => Err(format!("the site's registered key is unusable: {e}")),
+        None => Err("the site is not in the manifest".to_owned()),
+    };
+    let details = serde_json::json!({
+        "site": site,
+        "seq": h.seq,
+        "hash": hex::encode(h.hash),
+        "ts_unix_ms": h.ts_unix_ms,
+        "sig": hex::encode(h.sig),
+    });
+    let audit = shared.audit();
+    match verdict {
+        Ok(()) => {
+            if let Err(e) = audit.record(&actor, "site.audit_head", details) {
+                tracing::error!(site, error = %e, "cannot record the site's audit head");
+                return None;
+            }
+            let own = audit
+                .signed_head()
+                .map_err(
+                    |e| tracing::error!(error = %e, "cannot sign the coordinator's audit head"),
+                )
+                .ok()?;
+            let sig = hex::decode(&own.sig).ok()?;
+            Some(AuditHead {
+                seq: own.seq,
+                hash: own.hash.0,
+                ts_unix_ms: own.ts_unix_ms,
+                sig: sig.try_into().ok()?,
+            })
+        }
+        Err(reason) => {
+            tracing::warn!(site, reason = %reason, "site audit head refused");
+            let mut details = details;
+            details["reason"] = serde_json::Value::String(reason);
+            if let Err(e) = audit.record(&actor, "site.audit_head_rejected", details) {
+                tracing::error!(site, error = %e, "cannot record a refused audit head");
+            }
+            None
         }
     }
 }
@@ -301,6 +460,22 @@ async fn reject_upload(
     send.finish()
 }
 
+/// Record `update.received` for an upload refused here (while receiving);
+/// best effort, as the upload is refused either way.
+fn audit_upload_refused(
+    shared: &Shared,
+    site: &str,
+    envelope: &SignedEnvelope,
+    bytes: u64,
+    reason: &str,
+) {
+    let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+    let details = update_received_details(envelope, bytes, Some(reason));
+    if let Err(e) = shared.audit().record(&actor, "update.received", details) {
+        tracing::error!(site, error = %e, "cannot record a refused upload");
+    }
+}
+
 async fn receive_upload(
     site: &str,
     shared: &Arc<Shared>,
@@ -336,6 +511,7 @@ async fn receive_upload(
             .await;
         }
     };
+    let upload_started = std::time::Instant::now();
     let UploadTicket {
         mut verifier,
         mut validator,
@@ -379,10 +555,12 @@ async fn receive_upload(
     }
     .await;
     let spool_path = spool.path().to_owned();
+    let upload_ms = upload_started.elapsed().as_millis() as u64;
     if let Err((code, message)) = received {
         drop(spool);
         let _ = std::fs::remove_file(&spool_path);
         tracing::warn!(site, ?code, reason = %message, "upload refused while receiving");
+        audit_upload_refused(shared, site, &envelope, verifier.received(), &message);
         return reject_upload(&mut send, recv, code, message).await;
     }
     let bytes = verifier.received();
@@ -390,12 +568,14 @@ async fn receive_upload(
         drop(spool);
         let _ = std::fs::remove_file(&spool_path);
         tracing::warn!(site, error = %e, "upload payload does not match its signed header");
+        audit_upload_refused(shared, site, &envelope, bytes, &e.to_string());
         return reject_upload(&mut send, recv, payload_verify_code(&e), e.to_string()).await;
     }
     let path = match tokio::task::block_in_place(|| spool.finish()) {
         Ok(p) => p,
         Err(e) => {
             let _ = std::fs::remove_file(&spool_path);
+            audit_upload_refused(shared, site, &envelope, bytes, &e.to_string());
             return reject_upload(&mut send, recv, RejectCode::Internal, e.to_string()).await;
         }
     };
@@ -421,6 +601,7 @@ async fn receive_upload(
         envelope,
         spool_path: path,
         bytes,
+        upload_ms,
         check,
         reply,
     })));

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::VerifyingKey;
-use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{StrategyConfig, would_fit};
@@ -29,14 +28,15 @@ use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scaling::{FederatedScaling, PersistedState, Report};
-use super::spool;
 use super::status::{RoundStatus, Status, StatusWriter};
+use crate::config::UpdateRetention;
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason, SiteCapabilities,
     UpdateReceived, Verdict,
 };
-use crate::store::{Extras, Store};
+use crate::round_archive::{self, RoundFile, RoundInput};
+use crate::store::{Extras, RejectedUpdate, Store, UpdateDetail};
 
 /// Something a connection task tells the engine.
 #[derive(Debug)]
@@ -89,6 +89,8 @@ pub(crate) struct UpdateReady {
     pub(crate) envelope: SignedEnvelope,
     pub(crate) spool_path: PathBuf,
     pub(crate) bytes: u64,
+    /// How long receiving the payload took (milliseconds).
+    pub(crate) upload_ms: u64,
     /// Pass 1: the validated token, or why the update is invalid.
     pub(crate) check: Result<ValidatedUpdate, String>,
     pub(crate) reply: oneshot::Sender<UploadResult>,
@@ -105,6 +107,8 @@ struct SiteConn {
 struct Pending {
     envelope: SignedEnvelope,
     spool_path: PathBuf,
+    bytes: u64,
+    upload_ms: u64,
     token: Option<ValidatedUpdate>,
     reply: oneshot::Sender<UploadResult>,
 }
@@ -123,10 +127,20 @@ pub(crate) struct EngineParts {
     pub(crate) keys: BTreeMap<SiteId, VerifyingKey>,
     pub(crate) replay: ReplayGuard,
     pub(crate) status: StatusWriter,
-    pub(crate) noise: NoiseRng,
+    /// How much of the update archive to keep.
+    pub(crate) retention: UpdateRetention,
     /// Where new model versions are published in wire form.
     pub(crate) wire: Arc<super::Shared>,
     pub(crate) models_dir: PathBuf,
+}
+
+#[derive(Debug)]
+struct RoundLog {
+    round: u64,
+    state_before: Vec<u8>,
+    seed: [u8; 32],
+    opened_unix_ms: u64,
+    inputs: Vec<RoundInput>,
 }
 
 pub(crate) struct Engine {
@@ -152,7 +166,11 @@ pub(crate) struct Engine {
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
-    noise: NoiseRng,
+    retention: UpdateRetention,
+    /// The open round's replay record: the server state before it (the
+    /// exact JSON bytes its computation uses), its noise seed, when it
+    /// opened, and its inputs in fold order.
+    round_log: Option<RoundLog>,
     wire: Arc<super::Shared>,
     models_dir: PathBuf,
     /// Monotonic instant paired with a wall-clock time, to turn deadlines
@@ -171,11 +189,14 @@ pub(crate) fn unix_ms() -> u64 {
 impl Engine {
     pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, String> {
         let job_id = JobId::new(&parts.job.id).map_err(|e| format!("job id: {e}"))?;
+        // Compute with the strategy exactly as `round.json` records it.
+        let (_, strategy) =
+            round_archive::json_roundtrip(&parts.strategy).map_err(|e| format!("strategy: {e}"))?;
         Ok(Self {
             job_id,
             runner: parts.runner,
             store: parts.store,
-            strategy: parts.strategy,
+            strategy,
             server_state: parts.server_state,
             scaling: parts.scaling,
             global_hash: parts.global.hash(),
@@ -189,7 +210,8 @@ impl Engine {
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
             status: parts.status,
-            noise: parts.noise,
+            retention: parts.retention,
+            round_log: None,
             wire: parts.wire,
             models_dir: parts.models_dir,
             clock_base: (now, unix_ms()),
@@ -305,10 +327,12 @@ impl Engine {
                 let answer = self.prepare_upload(&site, &envelope);
                 if let Err((code, why)) = &answer {
                     tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
+                    let h = &envelope.header;
+                    self.note_rejected(&site, &envelope, h.payload_len, why)?;
                 }
                 let _ = reply.send(answer);
             }
-            Event::UpdateReady(ready) => self.update_ready(now, *ready),
+            Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
             Event::Keys(keys) => self.set_keys(keys),
             Event::RecheckPeers => self.recheck_peers(now),
         }
@@ -392,12 +416,13 @@ impl Engine {
         })
     }
 
-    fn update_ready(&mut self, now: Instant, ready: UpdateReady) {
+    fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
         let UpdateReady {
             site,
             envelope,
             spool_path,
             bytes,
+            upload_ms,
             check,
             reply,
         } = ready;
@@ -422,12 +447,16 @@ impl Engine {
             Pending {
                 envelope: envelope.clone(),
                 spool_path,
+                bytes,
+                upload_ms,
                 token: check.ok(),
                 reply,
             },
         ) {
             // A second upload of the same site and round raced the first:
             // refuse the older one; the runner decides about the newer.
+            let why = "superseded by another upload of this site for this round";
+            self.note_rejected(&site, &old.envelope, old.bytes, why)?;
             let _ = std::fs::remove_file(&old.spool_path);
             let _ = old.reply.send(UploadResult::Reject {
                 code: RejectCode::Replay,
@@ -435,6 +464,7 @@ impl Engine {
             });
         }
         self.runner.handle(now, Input::UpdateReceived(received));
+        Ok(())
     }
 
     /// Execute every pending action, in order.
@@ -444,8 +474,11 @@ impl Engine {
         }
         // An upload the runner neither acknowledged nor rejected (it cannot
         // happen with the current machine) must not hang its site.
-        for ((site, round), p) in self.pending.drain() {
+        let undecided: Vec<_> = self.pending.drain().collect();
+        for ((site, round), p) in undecided {
             tracing::warn!(site = %site, round, "upload left undecided; refusing it");
+            let why = "the coordinator did not decide on this upload";
+            self.note_rejected(&site, &p.envelope, p.bytes, why)?;
             let _ = std::fs::remove_file(&p.spool_path);
             let _ = p.reply.send(UploadResult::Reject {
                 code: RejectCode::Internal,
@@ -492,6 +525,15 @@ impl Engine {
                 self.write_status();
             }
             Action::SendOffer { site, offer } => {
+                self.audit_own(
+                    "offer.sent",
+                    serde_json::json!({
+                        "job": self.job_id.as_str(),
+                        "round": offer.round,
+                        "site": site.as_str(),
+                        "base_model": offer.model.to_hex(),
+                    }),
+                )?;
                 let msg = Message::TaskOffer(Box::new(self.task_offer(
                     offer.round,
                     offer.model,
@@ -502,7 +544,7 @@ impl Engine {
             Action::SendModel { site, round, model } => {
                 tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
             }
-            Action::AckUpdate { site, round } => self.ack(&site, round),
+            Action::AckUpdate { site, round } => self.ack(&site, round)?,
             Action::RejectUpdate {
                 site,
                 round,
@@ -510,6 +552,7 @@ impl Engine {
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
                 if let Some(p) = self.pending.remove(&(site.clone(), round)) {
+                    self.note_rejected(&site, &p.envelope, p.bytes, &reason_text(&reason))?;
                     let _ = std::fs::remove_file(&p.spool_path);
                     let _ = p.reply.send(UploadResult::Reject {
                         code: reject_code(&reason),
@@ -530,7 +573,7 @@ impl Engine {
                 base_model,
                 updates,
             } => {
-                let result = tokio::task::block_in_place(|| self.aggregate(round, base_model));
+                let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
                         tracing::info!(round, model = %model, updates = updates.len(), "round aggregated");
@@ -570,6 +613,27 @@ impl Engine {
             }
             Action::JobFinished(outcome) => {
                 tracing::info!(?outcome, "job finished");
+                if let Some(log) = self.round_log.take() {
+                    let reason = match &outcome {
+                        JobOutcome::Failed { reason, .. } => format!("the job failed: {reason:?}"),
+                        other => format!("the job ended: {other:?}"),
+                    };
+                    self.audit_own(
+                        "round.discarded",
+                        serde_json::json!({
+                            "job": self.job_id.as_str(),
+                            "round": log.round,
+                            "reason": reason,
+                        }),
+                    )?;
+                }
+                self.audit_own(
+                    "job.finished",
+                    serde_json::json!({
+                        "job": self.job_id.as_str(),
+                        "outcome": outcome_json(&outcome),
+                    }),
+                )?;
                 for s in self.sites.values() {
                     let _ = s.control.send(Message::Bye(fedlink_protocol::Bye {
                         reason: "job finished".into(),
@@ -598,13 +662,41 @@ impl Engine {
             return Ok(());
         }
         let max_sites = self.job.max_sites() as usize;
-        let agg = RoundAggregator::new(
-            &self.strategy,
-            Arc::new(self.global_spec.clone()),
-            max_sites,
-            &self.server_state,
-        )
-        .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
+        // The round computes with the server state parsed back from the
+        // bytes `state-before.json` will hold, and with noise from a fresh
+        // per-round seed: `fedlink audit replay` recomputes it bit for bit.
+        let (state_before, state) = round_archive::json_roundtrip(&self.server_state)
+            .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?;
+        let mut seed = [0u8; 32];
+        rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut seed).map_err(|e| {
+            EngineError::Fatal(format!("no randomness for the round's noise seed: {e}"))
+        })?;
+        let agg =
+            round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
+                .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
+        self.audit_own(
+            "round.opened",
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": round,
+                "base_model": self.global_hash.to_hex(),
+            }),
+        )?;
+        self.server_state = state;
+        let opened_unix_ms = unix_ms();
+        self.round_log = Some(RoundLog {
+            round,
+            state_before,
+            seed,
+            opened_unix_ms,
+            inputs: Vec::new(),
+        });
+        if let Err(e) =
+            self.store
+                .set_round_times(self.job_id.as_str(), round, Some(opened_unix_ms), None)
+        {
+            tracing::warn!(round, error = %e, "recording the round's opening time");
+        }
         self.aggregator = Some((round, agg));
         self.round_metrics.remove(&round);
         self.round_stats.remove(&round);
@@ -613,10 +705,10 @@ impl Engine {
         Ok(())
     }
 
-    fn ack(&mut self, site: &str, round: u64) {
+    fn ack(&mut self, site: &str, round: u64) -> Result<(), EngineError> {
         let Some(p) = self.pending.remove(&(site.to_owned(), round)) else {
             tracing::warn!(site, round, "ack for an upload that is not pending");
-            return;
+            return Ok(());
         };
         let folded = tokio::task::block_in_place(|| self.fold(&p));
         match folded {
@@ -635,9 +727,37 @@ impl Engine {
                         stats: stats.clone(),
                     });
                 }
-                let archived = archive(&self.store, &self.job_id, round, site, &p);
-                if let Err(e) = archived {
-                    tracing::error!(site, round, error = %e, "archiving the accepted update failed");
+                // The archive is what `fedlink audit replay` recomputes the
+                // round from: without it the round is not auditable.
+                let (payload_file, envelope_file) =
+                    archive(&self.store, &self.job_id, round, site, &p).map_err(|e| {
+                        EngineError::Fatal(format!(
+                            "archiving the accepted update of {site} in round {round}: {e}"
+                        ))
+                    })?;
+                if let Some(log) = self.round_log.as_mut().filter(|l| l.round == round) {
+                    log.inputs.push(RoundInput {
+                        site: site.to_owned(),
+                        payload_hash: h.payload_hash.to_hex(),
+                        num_examples: h.num_examples,
+                        payload_file,
+                        envelope_file,
+                    });
+                }
+                self.audit_update(site, &p.envelope, p.bytes, None)?;
+                let detail = UpdateDetail {
+                    site: site.to_owned(),
+                    payload_hash: h.payload_hash.to_hex(),
+                    bytes: p.bytes,
+                    upload_ms: p.upload_ms,
+                    metrics: h.metrics.clone(),
+                    at_unix_ms: unix_ms(),
+                };
+                if let Err(e) = self
+                    .store
+                    .record_update_detail(self.job_id.as_str(), round, detail)
+                {
+                    tracing::warn!(site, round, error = %e, "recording the update's details");
                 }
                 let _ = p.reply.send(UploadResult::Ack {
                     payload_hash: p.envelope.header.payload_hash,
@@ -649,12 +769,15 @@ impl Engine {
                 // spool vanished or the aggregator refused a token. Fail
                 // loudly; the round result would be wrong otherwise.
                 tracing::error!(site, round, error = %e, "folding an accepted update failed");
+                let message = format!("the coordinator could not fold the update: {e}");
+                self.note_rejected(site, &p.envelope, p.bytes, &message)?;
                 let _ = p.reply.send(UploadResult::Reject {
                     code: RejectCode::Internal,
-                    message: format!("the coordinator could not fold the update: {e}"),
+                    message,
                 });
             }
         }
+        Ok(())
     }
 
     fn fold(&mut self, p: &Pending) -> Result<(), String> {
@@ -662,54 +785,132 @@ impl Engine {
         let Some((_, agg)) = self.aggregator.as_mut() else {
             return Err("no aggregator for the round".into());
         };
-        let spec = agg.spec().clone();
-        let encoding = p.envelope.header.encoding;
-        let mut sink = agg.begin(token).map_err(|e| e.to_string())?;
-        let r = spool::for_each_chunk(&p.spool_path, &spec, encoding, |offset, values| {
-            sink.chunk(offset, values);
-            Ok(())
-        });
-        sink.finish();
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.to_string()),
-        }
+        round_archive::fold_payload(agg, token, p.envelope.header.encoding, &p.spool_path)
     }
 
+    /// Aggregate a round. The outer error is fatal (the audit trail or the
+    /// replay archive could not be written); the inner one fails the round.
+    #[allow(clippy::type_complexity)]
     fn aggregate(
         &mut self,
         round: u64,
         base_model: ModelHash,
-    ) -> Result<(ModelHash, BTreeMap<String, f64>), String> {
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
         let Some((r, agg)) = self.aggregator.take() else {
-            return Err(format!("no aggregator for round {round}"));
+            return Ok(Err(format!("no aggregator for round {round}")));
         };
         if r != round {
-            return Err(format!("aggregator is for round {r}, not {round}"));
+            return Ok(Err(format!("aggregator is for round {r}, not {round}")));
         }
         if self.global_hash != base_model {
-            return Err("the base model is not the current global model".into());
+            return Ok(Err("the base model is not the current global model".into()));
         }
+        let Some(log) = self.round_log.take().filter(|l| l.round == round) else {
+            return Ok(Err(format!("no replay record for round {round}")));
+        };
+        match self.aggregate_inner(round, base_model, agg, &log) {
+            Ok(Ok(done)) => Ok(Ok(done)),
+            other => {
+                // Keep the record: `round.discarded` names the round.
+                self.round_log = Some(log);
+                other
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn aggregate_inner(
+        &mut self,
+        round: u64,
+        base_model: ModelHash,
+        agg: RoundAggregator,
+        log: &RoundLog,
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
+        let max_sites = self.job.max_sites() as usize;
         let mut state = self.server_state.clone();
-        let outcome = agg
-            .finish(&mut state, &mut self.noise)
-            .map_err(|e| e.to_string())?;
+        let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e)),
+        };
         if *outcome.update.spec() != self.global_spec {
-            return Err("the aggregate does not have the model's spec".into());
+            return Ok(Err("the aggregate does not have the model's spec".into()));
         }
         // The accumulator is gone; only now read the base model back (its
         // hash is verified) and apply the update in place.
-        let mut next = self
-            .store
-            .load_model(&base_model)
-            .map_err(|e| e.to_string())?;
-        outcome.apply_to(&mut next).map_err(|e| e.to_string())?;
+        let mut next = match self.store.load_model(&base_model) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        if let Err(e) = outcome.apply_to(&mut next) {
+            return Ok(Err(e.to_string()));
+        }
         drop(outcome.update);
-        let hash = self.store.put_model(&next).map_err(|e| e.to_string())?;
+        let hash = match self.store.put_model(&next) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        // Before the model is published: the replay record, then the audit
+        // entry. Neither may be missing for a published model.
+        let fatal = |what: &str, e: &dyn std::fmt::Display| {
+            EngineError::Fatal(format!("round {round}: {what}: {e}"))
+        };
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        std::fs::create_dir_all(&dir).map_err(|e| fatal("archive directory", &e))?;
+        round_archive::write_atomic(&dir, round_archive::STATE_BEFORE_FILE, &log.state_before)
+            .map_err(|e| fatal("writing the server state", &e))?;
+        let file = RoundFile {
+            format: round_archive::ROUND_FORMAT,
+            job: self.job_id.as_str().to_owned(),
+            round,
+            base_model: base_model.to_hex(),
+            output_model: hash.to_hex(),
+            strategy: self.strategy.clone(),
+            max_sites,
+            state_before: round_archive::STATE_BEFORE_FILE.into(),
+            state_before_blake3: blake3::hash(&log.state_before).to_hex().to_string(),
+            dp_seed: hex::encode(log.seed),
+            inputs: log.inputs.clone(),
+        };
+        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", &e))?;
+        json.push(b'\n');
+        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
+            .map_err(|e| fatal("writing round.json", &e))?;
+        let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
+        self.audit_own(
+            "round.aggregated",
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": round,
+                "base_model": base_model.to_hex(),
+                "output_model": hash.to_hex(),
+                "strategy": strategy,
+                "dp": self.strategy.dp.as_ref().map(|_| serde_json::json!({
+                    "noise_std": outcome.noise_std,
+                    "clip_norm": outcome.clip_norm,
+                    "epsilon": outcome.privacy.map(|p| p.0),
+                    "delta": outcome.privacy.map(|p| p.1),
+                })),
+                "inputs": log.inputs.iter().map(|i| serde_json::json!({
+                    "site": i.site,
+                    "payload_hash": i.payload_hash,
+                    "num_examples": i.num_examples,
+                })).collect::<Vec<_>>(),
+            }),
+        )?;
+        if let Err(e) = self.store.set_round_times(
+            self.job_id.as_str(),
+            round,
+            Some(log.opened_unix_ms),
+            Some(unix_ms()),
+        ) {
+            tracing::warn!(round, error = %e, "recording the round's closing time");
+        }
         // Publish the wire form before the round machine hears of the new
         // model: its next offers name it, and sites fetch it at once.
-        let wire = super::wire::ensure(&self.models_dir, &next)?;
+        let wire = match super::wire::ensure(&self.models_dir, &next) {
+            Ok(w) => w,
+            Err(e) => return Ok(Err(e)),
+        };
         self.wire.publish_wire(wire);
         drop(next);
         self.global_hash = hash;
@@ -769,7 +970,93 @@ impl Engine {
         }
         self.scaling = scaling;
         self.server_state = state;
-        Ok((hash, metrics))
+        self.prune_archive(round);
+        Ok(Ok((hash, metrics)))
+    }
+
+    /// Remove round archives older than the retention allows.
+    fn prune_archive(&self, completed: u64) {
+        let UpdateRetention::Rounds(keep) = self.retention else {
+            return;
+        };
+        let Some(last_dropped) = completed.checked_sub(u64::from(keep)) else {
+            return;
+        };
+        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
+        let Ok(entries) = std::fs::read_dir(&job_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(r) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("round-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if r <= last_dropped {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => tracing::info!(round = r, "update archive pruned (update_retention)"),
+                    Err(err) => {
+                        tracing::warn!(round = r, error = %err, "pruning the update archive")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Record an event of the coordinator's own; failing stops the engine.
+    fn audit_own(&self, event: &str, details: serde_json::Value) -> Result<(), EngineError> {
+        self.wire.audit().record_own(event, details).map_err(|e| {
+            EngineError::Fatal(format!("{e} (while recording {event}; nothing was done)"))
+        })
+    }
+
+    /// Record `update.received` for one upload (`reason` None: accepted).
+    fn audit_update(
+        &self,
+        site: &str,
+        envelope: &SignedEnvelope,
+        bytes: u64,
+        reason: Option<&str>,
+    ) -> Result<(), EngineError> {
+        let details = update_received_details(envelope, bytes, reason);
+        let actor = self.site_actor(site);
+        self.wire
+            .audit()
+            .record(&actor, "update.received", details)
+            .map_err(|e| EngineError::Fatal(format!("{e} (while recording an update of {site})")))
+    }
+
+    fn site_actor(&self, site: &str) -> String {
+        format!("fedlink://{}/site/{site}", self.federation.as_str())
+    }
+
+    /// Audit a refused upload and keep it in the round's record.
+    fn note_rejected(
+        &self,
+        site: &str,
+        envelope: &SignedEnvelope,
+        bytes: u64,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.audit_update(site, envelope, bytes, Some(reason))?;
+        let h = &envelope.header;
+        let rejected = RejectedUpdate {
+            site: site.to_owned(),
+            payload_hash: h.payload_hash.to_hex(),
+            reason: reason.to_owned(),
+            bytes,
+            at_unix_ms: unix_ms(),
+        };
+        if let Err(e) = self
+            .store
+            .record_rejected(self.job_id.as_str(), h.round.0, rejected)
+        {
+            tracing::debug!(site, error = %e, "the refused update's round has no record");
+        }
+        Ok(())
     }
 
     fn task_offer(
@@ -885,12 +1172,52 @@ pub(crate) fn check_fits(
     would_fit(strategy, job.max_sites() as usize, spec).map_err(|e| e.to_string())
 }
 
-fn archive(store: &Store, job: &JobId, round: u64, site: &str, p: &Pending) -> std::io::Result<()> {
-    let dir = store
-        .dir()
-        .join("updates")
-        .join(job.as_str())
-        .join(format!("round-{round:06}"));
+/// The details of an `update.received` audit entry (`reason` None:
+/// accepted). `bytes`: payload bytes received (the declared length when
+/// the upload was refused before its payload).
+pub(crate) fn update_received_details(
+    envelope: &SignedEnvelope,
+    bytes: u64,
+    reason: Option<&str>,
+) -> serde_json::Value {
+    let h = &envelope.header;
+    serde_json::json!({
+        "job": h.job_id.as_str(),
+        "round": h.round.0,
+        "site": h.site_id.as_str(),
+        "payload_hash": h.payload_hash.to_hex(),
+        "payload_bytes": bytes,
+        "num_examples": h.num_examples,
+        "nonce": hex::encode(h.nonce.0),
+        "envelope_sig": hex::encode(envelope.signature.to_bytes()),
+        "accepted": reason.is_none(),
+        "reason": reason,
+    })
+}
+
+fn outcome_json(outcome: &JobOutcome) -> serde_json::Value {
+    match outcome {
+        JobOutcome::Completed { model } => {
+            serde_json::json!({"result": "completed", "model": model.to_hex()})
+        }
+        JobOutcome::Failed { round, reason } => {
+            serde_json::json!({"result": "failed", "round": round, "reason": format!("{reason:?}")})
+        }
+        JobOutcome::Aborted { completed_rounds } => {
+            serde_json::json!({"result": "aborted", "completed_rounds": completed_rounds})
+        }
+    }
+}
+
+/// Archive an accepted update; returns the payload and envelope file names.
+fn archive(
+    store: &Store,
+    job: &JobId,
+    round: u64,
+    site: &str,
+    p: &Pending,
+) -> std::io::Result<(String, String)> {
+    let dir = round_archive::round_dir(store.dir(), job.as_str(), round);
     std::fs::create_dir_all(&dir)?;
     // The nonce makes every upload's name unique: a site re-sending the
     // same bytes after a crash keeps both signed envelopes.
@@ -900,9 +1227,14 @@ fn archive(store: &Store, job: &JobId, round: u64, site: &str, p: &Pending) -> s
         hex::encode(p.envelope.header.nonce.0)
     );
     let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join(format!("{base}.envelope.json")), envelope)?;
-    std::fs::rename(&p.spool_path, dir.join(format!("{base}.payload")))?;
-    Ok(())
+    let envelope_file = format!("{base}.envelope.json");
+    let payload_file = format!("{base}.payload");
+    let mut f = std::fs::File::create(dir.join(&envelope_file))?;
+    std::io::Write::write_all(&mut f, &envelope)?;
+    f.sync_all()?;
+    std::fs::rename(&p.spool_path, dir.join(&payload_file))?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all())?;
+    Ok((payload_file, envelope_file))
 }
 
 /// A fatal engine error: the coordinator stops (and recovers on restart).

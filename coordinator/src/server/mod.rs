@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::VerifyingKey;
-use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId};
@@ -40,7 +39,7 @@ use crate::config::CoordinatorConfig;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
-pub(crate) use audit::{AuditError, Auditor};
+pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::WireModel;
@@ -307,7 +306,7 @@ pub async fn serve(
         .map_err(|e| ServeError::Audit(e.to_string()))?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
-    let job_id = select_job(&store, cfg.job.as_deref())?;
+    let job_id = select_job(&store, cfg.job.as_deref(), &auditor)?;
     let recovery = store.recover(&job_id)?;
     if let Some(r) = recovery.reopened_round {
         tracing::warn!(
@@ -315,6 +314,20 @@ pub async fn serve(
             discarded = recovery.discarded_updates.len(),
             "resuming: the round in flight is re-opened; its updates are requested again"
         );
+        auditor
+            .record_own(
+                "round.discarded",
+                serde_json::json!({
+                    "job": job_id,
+                    "round": r,
+                    "reason": format!(
+                        "the coordinator restarted during the round; its {} accepted update(s) \
+                         are discarded and the round is re-opened",
+                        recovery.discarded_updates.len()
+                    ),
+                }),
+            )
+            .map_err(|e| ServeError::Audit(e.to_string()))?;
     }
     let job = recovery.job;
     let strategy = strategy_config(&job).map_err(ServeError::Job)?;
@@ -329,7 +342,6 @@ pub async fn serve(
             .map_err(|e| ServeError::Job(format!("stored replay state: {e}")))?,
         None => ReplayGuard::new(),
     };
-    let noise = NoiseRng::from_os_rng().map_err(|e| ServeError::Job(e.to_string()))?;
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
     let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
@@ -368,7 +380,7 @@ pub async fn serve(
             keys,
             replay,
             status,
-            noise,
+            retention: cfg.update_retention,
             wire: shared.clone(),
             models_dir: models_dir.clone(),
         },
@@ -479,11 +491,27 @@ fn clean_spool(dir: &std::path::Path) {
 
 /// Which job to run: the config's job file (created in the store if new),
 /// else the most recent unfinished job in the store.
-fn select_job(store: &Store, job_file: Option<&std::path::Path>) -> Result<String, ServeError> {
+fn select_job(
+    store: &Store,
+    job_file: Option<&std::path::Path>,
+    auditor: &Auditor,
+) -> Result<String, ServeError> {
     if let Some(path) = job_file {
         let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
         if store.job(&job.id)?.is_none() {
             let model = initial_model(&job).map_err(ServeError::Job)?;
+            let toml = std::fs::read(path)
+                .map_err(|e| ServeError::Job(format!("{}: {e}", path.display())))?;
+            auditor
+                .record_own(
+                    "job.submitted",
+                    serde_json::json!({
+                        "job": job.id,
+                        "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
+                        "initial_model": model.hash().to_hex(),
+                    }),
+                )
+                .map_err(|e| ServeError::Audit(e.to_string()))?;
             let hash = store.put_model(&model)?;
             store.create_job(&job, hash)?;
             tracing::info!(job = %job.id, model = %hash, "job created");
