@@ -24,12 +24,30 @@
 //! `show` exits 0, 1 (unreadable), 2 (usage) or 3 (a line that is not a
 //! well-formed entry; the entries before it are shown). `show` does not
 //! verify signatures or the chain: run `verify` for that.
+//!
+//! # `reconcile`: a site's log against the coordinator's
+//!
+//! ```text
+//! fedlink audit reconcile --site site/audit.jsonl [--site-rotated] --site-key update-key.pub.pem \
+//!     --coordinator data/audit/audit.jsonl [--coordinator-rotated] [--coordinator-key KEY] [--json]
+//! ```
+//!
+//! Verifies both logs (chain and every signature; the coordinator's only
+//! by chain without `--coordinator-key`), then compares them: every update
+//! the site sent was received by the coordinator with the same payload hash,
+//! bytes and example count; every update the coordinator accepted or
+//! aggregated in the site's name was sent by the site; neither log ends
+//! before (or differs at) a signed head the other side recorded. See
+//! `reconcile.rs` for the exact list of differences. Exit codes: 0
+//! consistent, 1 could not check (unreadable log or key, a log that does not
+//! verify: the bad entry is named), 2 usage, 3 differences found (each with
+//! job, round, nonce, both payload hashes and the entries in both logs).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use fedlink_audit::ed25519_dalek::VerifyingKey;
 use fedlink_audit::{
     EntryReader, FailureKind, Filter, Verifier, VerifyFailure, VerifyReport, format_time,
@@ -44,6 +62,10 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_INVALID: u8 = 3;
 /// Exit code: the chain is intact but signatures were not checked (no `--key`).
 pub const EXIT_UNSIGNED: u8 = 4;
+/// Exit code of `reconcile`: the two logs disagree (differences listed).
+pub const EXIT_DIFFERENCES: u8 = 3;
+
+mod reconcile;
 
 /// Arguments of `fedlink audit`.
 #[derive(Debug, clap::Args)]
@@ -66,6 +88,41 @@ enum Command {
     ///
     /// Exit codes: 0 reproduced, 1 could not check, 2 usage, 3 mismatch.
     Replay(super::replay::ReplayArgs),
+    /// Compare a site's audit log with the coordinator's: updates sent vs
+    /// received (same nonce, payload hash, bytes), updates accepted or
+    /// aggregated in the site's name, and the signed heads each side holds.
+    ///
+    /// Exit codes: 0 consistent, 1 could not check, 2 usage, 3 differences.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReconcileArgs {
+    /// The site's audit log (the agent's <data_dir>/audit.jsonl).
+    #[arg(long, value_name = "SITE.log")]
+    site: PathBuf,
+    /// Also read the site log's rotated files, oldest first, before it.
+    #[arg(long)]
+    site_rotated: bool,
+    /// The site's update public key (the kit's update-key.pub.pem, or 64
+    /// hex digits): every site entry and the site heads the coordinator
+    /// recorded must verify with it.
+    #[arg(long, value_name = "PUBKEY.pem|HEX")]
+    site_key: String,
+    /// The coordinator's audit log (<data_dir>/audit/audit.jsonl).
+    #[arg(long, value_name = "COORD.log")]
+    coordinator: PathBuf,
+    /// Also read the coordinator log's rotated files before it.
+    #[arg(long)]
+    coordinator_rotated: bool,
+    /// The coordinator's audit public key. Without it the coordinator log
+    /// is checked as a chain only and its heads recorded by the site are
+    /// not verified (reported as a note).
+    #[arg(long, value_name = "PUBKEY.pem|HEX")]
+    coordinator_key: Option<String>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +206,7 @@ pub fn run(args: Args) -> ExitCode {
         Command::Verify(a) => run_verify(&a),
         Command::Show(a) => run_show(&a),
         Command::Replay(a) => return super::replay::run(&a),
+        Command::Reconcile(a) => run_reconcile(&a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -160,12 +218,121 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 fn resolve_key(arg: &str) -> anyhow::Result<VerifyingKey> {
+    resolve_key_flag(arg, "--key")
+}
+
+fn resolve_key_flag(arg: &str, flag: &str) -> anyhow::Result<VerifyingKey> {
     let path = Path::new(arg);
     if path.exists() {
-        return load_verifying_key(path).context("reading --key");
+        return load_verifying_key(path).with_context(|| format!("reading {flag}"));
     }
     parse_verifying_key(arg).with_context(|| {
-        format!("--key {arg:?}: no such file, and not 64 hex digits of an ed25519 public key")
+        format!("{flag} {arg:?}: no such file, and not 64 hex digits of an ed25519 public key")
+    })
+}
+
+/// The files of one log (its rotated files first with `rotated`).
+fn log_files(log: &Path, rotated: bool) -> anyhow::Result<Vec<PathBuf>> {
+    Files {
+        logs: vec![log.to_path_buf()],
+        rotated,
+    }
+    .paths()
+}
+
+/// Verify one log and read its entries; `what` names it in errors.
+fn verified_entries(
+    what: &str,
+    files: &[PathBuf],
+    key: Option<&VerifyingKey>,
+) -> anyhow::Result<Vec<fedlink_audit::LocatedEntry>> {
+    let mut verifier = Verifier::new();
+    if let Some(key) = key {
+        verifier = verifier.key(*key);
+    }
+    verifier
+        .verify(files)
+        .map_err(|f| anyhow!("the {what} log does not verify: {f}"))?;
+    EntryReader::new(files)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|f| anyhow!("reading the {what} log: {f}"))
+}
+
+fn run_reconcile(args: &ReconcileArgs) -> anyhow::Result<u8> {
+    let site_key = resolve_key_flag(&args.site_key, "--site-key")?;
+    let coordinator_key = args
+        .coordinator_key
+        .as_deref()
+        .map(|k| resolve_key_flag(k, "--coordinator-key"))
+        .transpose()?;
+    let site_files = log_files(&args.site, args.site_rotated)?;
+    let coord_files = log_files(&args.coordinator, args.coordinator_rotated)?;
+    let site = verified_entries("site", &site_files, Some(&site_key))?;
+    let coordinator = verified_entries("coordinator", &coord_files, coordinator_key.as_ref())?;
+    let name = reconcile::site_name(&site).map_err(|e| anyhow!("{}: {e}", args.site.display()))?;
+    let mut report = reconcile::reconcile(
+        &name,
+        &site,
+        &coordinator,
+        &site_key,
+        coordinator_key.as_ref(),
+    );
+    if coordinator_key.is_none() {
+        report.notes.insert(
+            0,
+            "coordinator log checked as a chain only (no --coordinator-key): its signatures \
+             were not verified"
+                .to_owned(),
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let value = serde_json::json!({
+            "consistent": report.consistent(),
+            "site": report.site,
+            "counts": report.counts,
+            "differences": report.differences,
+            "notes": report.notes,
+        });
+        writeln!(out, "{value}")?;
+    } else {
+        let c = &report.counts;
+        if report.consistent() {
+            writeln!(
+                out,
+                "CONSISTENT: site {}: {} update(s) sent, {} received identically by the \
+                 coordinator; {} attributed to the site on the coordinator, {} aggregation \
+                 input(s); heads checked: {} of the site, {} of the coordinator \
+                 ({} site entries, {} coordinator entries)",
+                printable(&report.site),
+                c.updates_sent,
+                c.updates_matched,
+                c.updates_received,
+                c.aggregated_inputs,
+                c.site_heads,
+                c.coordinator_heads,
+                c.site_entries,
+                c.coordinator_entries
+            )?;
+        } else {
+            writeln!(
+                out,
+                "DIFFERENCES: site {}: {} difference(s)",
+                printable(&report.site),
+                report.differences.len()
+            )?;
+            for f in &report.differences {
+                writeln!(out, "{}", printable_multiline(&f.to_string()))?;
+            }
+        }
+        for n in &report.notes {
+            writeln!(out, "note: {}", printable(n))?;
+        }
+    }
+    Ok(if report.consistent() {
+        EXIT_VALID
+    } else {
+        EXIT_DIFFERENCES
     })
 }
 
@@ -297,6 +464,11 @@ fn verify_json(
             },
         }),
     }
+}
+
+/// [`printable`] per line.
+fn printable_multiline(s: &str) -> String {
+    s.lines().map(printable).collect::<Vec<_>>().join("\n")
 }
 
 /// Escape control characters (terminal escape sequences in a hostile log).
