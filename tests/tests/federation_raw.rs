@@ -124,11 +124,19 @@ async fn three_sites_three_rounds_with_exact_weighted_average() {
         assert_eq!(r.updates.len(), 3, "round {}", r.round);
         assert_eq!(r.metrics.get("num_updates"), Some(&3.0));
     }
-    // Accepted updates are archived with their signed envelopes.
-    let archived = std::fs::read_dir(data_dir.join("updates/e2e/round-000001"))
+    // Accepted updates are archived with their signed envelopes, next to
+    // the round's replay record (round.json, state-before.json).
+    let round_dir = data_dir.join("updates/e2e/round-000001");
+    let archived = std::fs::read_dir(&round_dir)
         .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".payload") || name.ends_with(".envelope.json")
+        })
         .count();
     assert_eq!(archived, 6, "3 payloads + 3 envelopes");
+    assert!(round_dir.join("round.json").is_file());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
