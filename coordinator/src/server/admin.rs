@@ -423,9 +423,8 @@ async fn execute(
             let rounds = admin.store.rounds(&job).map_err(internal)?;
             let rounds = rounds
                 .iter()
-                .map(serde_json::to_value)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(internal)?;
+                .map(record_json)
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(AdminResponse::Rounds { job, rounds })
         }
         AdminRequest::RoundsShow { job, round } => {
@@ -437,7 +436,7 @@ async fn execute(
                 .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
             Ok(AdminResponse::Round {
                 job,
-                round: serde_json::to_value(&rec).map_err(internal)?,
+                round: record_json(&rec)?,
             })
         }
         AdminRequest::ModelsList => Ok(AdminResponse::Models(models_list(&admin.store)?)),
@@ -458,6 +457,33 @@ async fn execute(
         AdminRequest::ModelsExport { .. } => Err(internal("export is streamed")),
         _ => Err(invalid("unknown command")),
     }
+}
+
+/// A stored record as JSON for admins: hashes and signatures (32- and
+/// 64-byte arrays in the store's serde form) as lowercase hex, as the
+/// protocol types print them.
+fn record_json<T: serde::Serialize>(rec: &T) -> Result<serde_json::Value, Fail> {
+    fn hexify(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Array(items) => {
+                let bytes: Option<Vec<u8>> = items
+                    .iter()
+                    .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+                    .collect();
+                match bytes {
+                    Some(b) if b.len() == 32 || b.len() == 64 => {
+                        *v = serde_json::Value::String(hex::encode(b));
+                    }
+                    _ => items.iter_mut().for_each(hexify),
+                }
+            }
+            serde_json::Value::Object(map) => map.values_mut().for_each(hexify),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(rec).map_err(internal)?;
+    hexify(&mut v);
+    Ok(v)
 }
 
 fn find_job(store: &Store, id: &str) -> Result<JobRecord, Fail> {

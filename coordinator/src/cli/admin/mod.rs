@@ -41,7 +41,7 @@ use client::{AdminClient, ClientError};
 pub struct Common {
     /// Admin kit directory.
     #[arg(long, env = "FEDLINK_KIT", value_name = "ADMIN_KIT_DIR", global = true)]
-    kit: PathBuf,
+    kit: Option<PathBuf>,
     /// Coordinator address (default: the one in the kit).
     #[arg(long, value_name = "HOST:PORT", global = true)]
     coordinator: Option<String>,
@@ -236,8 +236,11 @@ fn run_with(
     common: &Common,
     f: impl AsyncFnOnce(&AdminClient) -> Result<(), ClientError>,
 ) -> ExitCode {
+    let Some(kit) = common.kit.clone() else {
+        eprintln!("error: no admin kit: pass --kit ADMIN_KIT_DIR or set FEDLINK_KIT");
+        return ExitCode::from(2);
+    };
     let result = (|| -> Result<(), ClientError> {
-        let kit = common.kit.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
