@@ -826,6 +826,11 @@ impl CertificateAuthority {
             let _ = fs::remove_file(&new_key);
             return Err(e);
         }
+        // Coordinator kits issued before coordinators signed their audit log
+        // get the key now (never replacing an existing one).
+        if role == Role::Coordinator && kit.update_signing_key().is_none() {
+            add_audit_key(kit_dir, kit.info())?;
+        }
         drop(kit);
         let kit = Kit::load(kit_dir)?;
 
@@ -920,6 +925,26 @@ impl CertificateAuthority {
         file.save(&self.revoked_path())?;
         Ok(added)
     }
+}
+
+/// Give a coordinator kit without one an ed25519 audit-log key: write the
+/// key files (refusing to overwrite), then replace `kit.toml` atomically.
+fn add_audit_key(kit_dir: &Path, info: &KitInfo) -> Result<(), Error> {
+    let key = SigningKey::generate(&mut OsRng);
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| Error::Refused(format!("cannot encode the audit key: {e}")))?;
+    let public = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| Error::Refused(format!("cannot encode the audit public key: {e}")))?;
+    files::write_secret(&kit_dir.join(UPDATE_KEY_FILE), pem.as_bytes())?;
+    files::write_public(&kit_dir.join(UPDATE_PUBLIC_KEY_FILE), public.as_bytes())?;
+    let mut info = info.clone();
+    info.update_key = Some(UPDATE_KEY_FILE.into());
+    info.update_public_key = Some(UPDATE_PUBLIC_KEY_FILE.into());
+    let kit_toml = kit_dir.join(KIT_FILE);
+    files::replace_public(&kit_toml, files::to_toml(&info, &kit_toml)?.as_bytes())
 }
 
 #[cfg(test)]
@@ -1272,6 +1297,28 @@ mod tests {
             coord_after.cert_info().server_names,
             coord_before.cert_info().server_names
         );
+        // The coordinator's audit key is issued with the kit and kept.
+        let audit_key = coord_before.update_signing_key().unwrap().verifying_key();
+        assert_eq!(
+            coord_after.update_signing_key().unwrap().verifying_key(),
+            audit_key
+        );
+
+        // A coordinator kit from before audit keys: renewing adds one.
+        let dir_c = &report.coordinator_kit;
+        let mut info = coord_after.info().clone();
+        info.update_key = None;
+        info.update_public_key = None;
+        let kit_toml = dir_c.join(KIT_FILE);
+        fs::write(&kit_toml, files::to_toml(&info, &kit_toml).unwrap()).unwrap();
+        fs::remove_file(dir_c.join(UPDATE_KEY_FILE)).unwrap();
+        fs::remove_file(dir_c.join(UPDATE_PUBLIC_KEY_FILE)).unwrap();
+        assert!(Kit::load(dir_c).unwrap().update_signing_key().is_none());
+        ca.renew(dir_c, COORDINATOR_NAME, Role::Coordinator, v, false, now())
+            .unwrap();
+        let renewed = Kit::load(dir_c).unwrap();
+        let new_key = renewed.update_signing_key().unwrap().verifying_key();
+        assert_ne!(new_key, audit_key);
     }
 
     #[test]
