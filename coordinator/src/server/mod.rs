@@ -276,8 +276,8 @@ pub async fn serve(
     let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
         ServeError::Tls(format!(
             "the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; kits \
-             issued by older versions lack it): issue a new coordinator kit with `fedlink certs \
-             issue-coordinator`, or renew this one with `fedlink certs renew`, which adds it",
+             issued by older versions lack it): renew it with `fedlink certs renew coordinator \
+             --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key
             kit.dir().display()
         ))
     })?;
