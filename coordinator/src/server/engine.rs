@@ -38,6 +38,8 @@ use crate::round::{
 use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, RejectedUpdate, Store, UpdateDetail};
 
+pub(crate) mod admin;
+
 /// Something a connection task tells the engine.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -71,6 +73,8 @@ pub(crate) enum Event {
     /// The manifest or the revocation list changed: re-check every open
     /// connection.
     RecheckPeers,
+    /// An admin command for the engine (see [`admin`]).
+    Admin(admin::AdminEvent),
 }
 
 /// What a connection task needs to receive one upload.
@@ -335,6 +339,7 @@ impl Engine {
             Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
             Event::Keys(keys) => self.set_keys(keys),
             Event::RecheckPeers => self.recheck_peers(now),
+            Event::Admin(ev) => self.handle_admin(now, ev)?,
         }
         self.drain(now)
     }
