@@ -77,12 +77,13 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         conn.close(close::FORBIDDEN, e.to_string().as_bytes());
         return;
     }
+    if identity.role() == Role::Admin {
+        super::admin::serve_admin(conn, identity, remote, shared).await;
+        return;
+    }
     if identity.role() != Role::Site {
-        tracing::warn!(%remote, %identity, "admin connections are not served on this endpoint yet");
-        conn.close(
-            close::FORBIDDEN,
-            b"the admin API is not available on this coordinator yet",
-        );
+        tracing::warn!(%remote, %identity, "only sites and admins connect to the coordinator");
+        conn.close(close::FORBIDDEN, b"only sites and admins may connect");
         return;
     }
     let checked = peer_end_entity(&conn)
@@ -222,7 +223,7 @@ async fn serve_site(
         heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
     }))
     .await?;
-    let compatible = shared.job_encoding.is_none_or(|enc| {
+    let compatible = shared.job_encoding().is_none_or(|enc| {
         hello
             .capabilities
             .codecs

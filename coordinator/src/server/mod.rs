@@ -13,6 +13,7 @@
 //! unfinished job in the store). After `kill -9`, starting again resumes the
 //! job from the store (see [`crate::store`] for the crash semantics).
 
+mod admin;
 pub(crate) mod audit;
 mod conn;
 mod engine;
@@ -85,8 +86,10 @@ pub(crate) struct Shared {
     downloads: Semaphore,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
-    job_encoding: Option<Encoding>,
+    /// Encoding of the running job (sites must speak its codec family).
+    job_encoding: RwLock<Option<Encoding>>,
     audit: Arc<Auditor>,
+    admin: admin::AdminState,
 }
 
 fn mtime(path: &std::path::Path) -> Option<SystemTime> {
@@ -99,6 +102,11 @@ impl Shared {
     /// fails.
     pub(crate) fn audit(&self) -> &Auditor {
         &self.audit
+    }
+
+    /// Encoding of the running job.
+    fn job_encoding(&self) -> Option<Encoding> {
+        self.job_encoding.read().ok().and_then(|e| *e)
     }
 
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
@@ -270,14 +278,14 @@ pub async fn serve(
             kit.identity().federation()
         )));
     }
-    let keys = update_keys(&manifest).map_err(ServeError::Tls)?;
+    update_keys(&manifest).map_err(ServeError::Tls)?;
     let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
         ServeError::Tls(format!(
             "the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; kits \
              issued by older versions lack it): renew it with `fedlink certs renew coordinator \
-             --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key
+             --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key",
             kit.dir().display()
         ))
     })?;
@@ -307,7 +315,96 @@ pub async fn serve(
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
     let job_id = select_job(&store, cfg.job.as_deref(), &auditor)?;
-    let recovery = store.recover(&job_id)?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        engine: tx,
+        manifest: RwLock::new(manifest),
+        manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
+        manifest_path: cfg.manifest_path(),
+        revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
+        revocations,
+        federation,
+        heartbeat: cfg.heartbeat_interval(),
+        uploads: Semaphore::new(cfg.max_concurrent_uploads),
+        downloads: Semaphore::new(cfg.max_concurrent_downloads),
+        next_conn: AtomicU64::new(1),
+        wire: RwLock::new(HashMap::new()),
+        job_encoding: RwLock::new(None),
+        audit: auditor.clone(),
+        admin: admin::AdminState::new(store.clone(), kit.ca_cert().clone(), cfg.revoked_path()),
+    });
+    let mut engine = build_engine(&store, &job_id, &shared, &cfg)?;
+
+    let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
+        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| ServeError::Network(e.to_string()))?;
+    tracing::info!(listen = %local, job = %job_id, "coordinator listening");
+    if let Some(b) = &opts.bound {
+        let _ = b.send(local);
+    }
+
+    let reload_shared = shared.clone();
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+        loop {
+            tick.tick().await;
+            reload_shared.reload_if_changed();
+        }
+    });
+
+    let accept_shared = shared.clone();
+    let accept_endpoint = endpoint.clone();
+    let acceptor = tokio::spawn(async move {
+        while let Some(incoming) = accept_endpoint.accept().await {
+            tokio::spawn(conn::handle_incoming(incoming, accept_shared.clone()));
+        }
+    });
+
+    tokio::pin!(shutdown);
+    // One job at a time: when the running job has finished and a submitted
+    // job waits, the next one starts (sites reconnect into it).
+    let result = loop {
+        shared.admin.set_current_job(engine.job_id());
+        match run_engine(&mut engine, &mut rx, &opts, &shared, shutdown.as_mut()).await {
+            Ok(Some(next)) => {
+                tracing::info!(job = %next, "starting the next queued job");
+                engine.close_all();
+                match build_engine(&store, &next, &shared, &cfg) {
+                    Ok(e) => engine = e,
+                    Err(e) => break Err(e),
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    engine.close_all();
+    endpoint.close(
+        fedlink_transport::close::SHUTDOWN,
+        b"coordinator shutting down",
+    );
+    acceptor.abort();
+    reloader.abort();
+    // Give quinn a moment to send the close frames.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result.map(|()| ServeOutcome {
+        outcome: engine.outcome().cloned(),
+    })
+}
+
+/// Recover a job from the store and build its engine (the job's codec and
+/// its current model are published for the connection tasks).
+fn build_engine(
+    store: &Arc<Store>,
+    job_id: &str,
+    shared: &Arc<Shared>,
+    cfg: &CoordinatorConfig,
+) -> Result<Engine, ServeError> {
+    let auditor = shared.audit();
+    let recovery = store.recover(job_id)?;
     if let Some(r) = recovery.reopened_round {
         tracing::warn!(
             round = r,
@@ -347,27 +444,20 @@ pub async fn serve(
     let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
     let job_encoding = job.encoding.to_protocol().ok();
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        engine: tx,
-        manifest: RwLock::new(manifest),
-        manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
-        manifest_path: cfg.manifest_path(),
-        revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
-        revocations,
-        federation: federation.clone(),
-        heartbeat: cfg.heartbeat_interval(),
-        uploads: Semaphore::new(cfg.max_concurrent_uploads),
-        downloads: Semaphore::new(cfg.max_concurrent_downloads),
-        next_conn: AtomicU64::new(1),
-        wire: RwLock::new(HashMap::new()),
-        job_encoding,
-        audit: auditor.clone(),
-    });
+    if let Ok(mut e) = shared.job_encoding.write() {
+        *e = job_encoding;
+    }
     shared.publish_wire(first_wire);
 
     let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
-    let mut engine = Engine::new(
+    let keys = update_keys(
+        &*shared
+            .manifest
+            .read()
+            .map_err(|_| ServeError::Fatal("manifest lock poisoned".into()))?,
+    )
+    .map_err(ServeError::Tls)?;
+    let engine = Engine::new(
         EngineParts {
             job,
             runner,
@@ -376,7 +466,7 @@ pub async fn serve(
             server_state: persisted.server,
             scaling: persisted.scaling,
             global: recovery.model,
-            federation,
+            federation: shared.federation.clone(),
             keys,
             replay,
             status,
@@ -387,70 +477,38 @@ pub async fn serve(
         Instant::now(),
     )
     .map_err(ServeError::Job)?;
-
-    let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
-        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
-    let local = endpoint
-        .local_addr()
-        .map_err(|e| ServeError::Network(e.to_string()))?;
-    tracing::info!(listen = %local, job = %job_id, "coordinator listening");
-    if let Some(b) = &opts.bound {
-        let _ = b.send(local);
-    }
-
-    let reload_shared = shared.clone();
-    let reloader = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RELOAD_INTERVAL);
-        loop {
-            tick.tick().await;
-            reload_shared.reload_if_changed();
-        }
-    });
-
-    let accept_shared = shared.clone();
-    let accept_endpoint = endpoint.clone();
-    let acceptor = tokio::spawn(async move {
-        while let Some(incoming) = accept_endpoint.accept().await {
-            tokio::spawn(conn::handle_incoming(incoming, accept_shared.clone()));
-        }
-    });
-
-    let result = run_engine(&mut engine, &mut rx, &opts, shutdown).await;
-    engine.close_all();
-    endpoint.close(
-        fedlink_transport::close::SHUTDOWN,
-        b"coordinator shutting down",
-    );
-    acceptor.abort();
-    reloader.abort();
-    // Give quinn a moment to send the close frames.
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    result.map(|()| ServeOutcome {
-        outcome: engine.outcome().cloned(),
-    })
+    Ok(engine)
 }
 
-async fn run_engine(
+/// Run `engine` until shutdown (`Ok(None)`), until its job has finished
+/// and `exit_after_job` is set with no job queued (`Ok(None)`), or until
+/// its job has finished and a queued job should start (`Ok(Some(id))`).
+async fn run_engine<F: Future<Output = ()>>(
     engine: &mut Engine,
     rx: &mut mpsc::UnboundedReceiver<Event>,
     opts: &ServeOptions,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+    shared: &Shared,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Result<Option<String>, ServeError> {
     let fatal = |e: engine::EngineError| ServeError::Fatal(e.to_string());
     engine.start(Instant::now()).map_err(fatal)?;
-    tokio::pin!(shutdown);
     // The deadline last fired: a machine that answers a timeout with the
     // same deadline again is not woken in a loop.
     let mut fired: Option<Instant> = None;
     loop {
-        if opts.exit_after_job && engine.outcome().is_some() {
-            return Ok(());
+        if engine.outcome().is_some() {
+            if let Some(next) = shared.admin.next_queued() {
+                return Ok(Some(next));
+            }
+            if opts.exit_after_job {
+                return Ok(None);
+            }
         }
         let timer = engine.poll_timeout().filter(|t| Some(*t) != fired);
         tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => return Ok(None),
             ev = rx.recv() => {
-                let Some(ev) = ev else { return Ok(()) };
+                let Some(ev) = ev else { return Ok(None) };
                 engine.handle_event(Instant::now(), ev).map_err(fatal)?;
             }
             () = sleep_until(timer) => {
