@@ -567,6 +567,12 @@ async fn jobs_rounds_models_and_export() {
             .code,
         3
     );
+    for ev in ["job.paused", "job.resumed", "job.aborted"] {
+        wait_for_audit(&coord.data_dir, ev, |e| {
+            e["event"] == ev && e["details"]["job"] == "first"
+        })
+        .await;
+    }
     assert_eq!(
         fedlink(&admin, addr, &["jobs", "pause", "nope"]).await.code,
         3

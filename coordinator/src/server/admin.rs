@@ -771,7 +771,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
 
 async fn job_command(
     shared: &Arc<Shared>,
-    _actor: &str,
+    actor: &str,
     id: &str,
     cmd: AdminCommand,
 ) -> Result<AdminResponse, Fail> {
@@ -780,6 +780,7 @@ async fn job_command(
         .ask_engine(|reply| AdminEvent::Job {
             id: id.to_owned(),
             cmd,
+            actor: actor.to_owned(),
             reply,
         })
         .await??;

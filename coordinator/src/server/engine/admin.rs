@@ -22,6 +22,8 @@ pub(crate) enum AdminEvent {
     Job {
         id: String,
         cmd: AdminCommand,
+        /// The admin's identity (the audit actor).
+        actor: String,
         reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
     },
     /// A job was queued: a finished engine looks for its next job.
@@ -43,7 +45,32 @@ impl Engine {
             AdminEvent::Progress(reply) => {
                 let _ = reply.send(self.progress());
             }
-            AdminEvent::Job { id, cmd, reply } => {
+            AdminEvent::Job {
+                id,
+                cmd,
+                actor,
+                reply,
+            } => {
+                let event = match cmd {
+                    AdminCommand::Pause => "job.paused",
+                    AdminCommand::Resume => "job.resumed",
+                    AdminCommand::Abort => "job.aborted",
+                };
+                let finished = if id == self.job_id.as_str() {
+                    self.outcome.is_some()
+                } else {
+                    matches!(self.store.job(&id), Ok(Some(r)) if r.outcome.is_some())
+                };
+                // Recorded before it takes effect; not done if unrecorded.
+                if !finished
+                    && let Err(e) =
+                        self.wire
+                            .audit()
+                            .record(&actor, event, serde_json::json!({ "job": id }))
+                {
+                    let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
+                    return Ok(());
+                }
                 let r = if id == self.job_id.as_str() {
                     if self.outcome.is_some() {
                         Err((AdminErrorCode::Refused, format!("job {id} has finished")))
