@@ -272,6 +272,19 @@ async fn signed_log_and_bit_exact_replay_with_server_state_and_dp() {
         assert_eq!(code, 0, "round {round}: {stdout}\n{stderr}");
         assert!(stdout.contains("REPRODUCED"), "{stdout}");
     }
+    // Without the sites' keys the arithmetic still reproduces, but the exit
+    // code says the signatures were not checked.
+    let (code, stdout, stderr) = fedlink(&[
+        "audit",
+        "replay",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--job",
+        "audited",
+        "--round",
+        "1",
+    ]);
+    assert_eq!(code, 4, "{stdout}\n{stderr}");
     // Another seed changes the noise: the aggregation step is named.
     let r2 = fedlink_coordinator::round_archive::round_dir(&data, "audited", 2);
     let original = std::fs::read(r2.join(ROUND_FILE)).unwrap();

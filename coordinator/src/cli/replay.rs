@@ -20,9 +20,10 @@
 //!
 //! | exit | meaning |
 //! |---|---|
-//! | 0 | reproduced bit for bit (signatures checked unless `--ca-dir` was omitted: see the output) |
+//! | 0 | reproduced bit for bit, every envelope signature checked |
 //! | 1 | could not check (missing or unreadable files, malformed `round.json`) |
 //! | 3 | **mismatch**: an input or step differs; the first difference is named |
+//! | 4 | reproduced bit for bit but **signatures not checked** (no `--ca-dir`): proves the arithmetic, not who sent the inputs |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub const EXIT_REPRODUCED: u8 = 0;
 pub const EXIT_ERROR: u8 = 1;
 /// Exit code: mismatch.
 pub const EXIT_MISMATCH: u8 = 3;
+/// Exit code: reproduced, but the envelope signatures were not checked
+/// (no `--ca-dir`), as `fedlink audit verify` without `--key`.
+pub const EXIT_UNSIGNED: u8 = 4;
 
 /// Arguments of `fedlink audit replay`.
 #[derive(Debug, clap::Args)]
@@ -115,6 +119,8 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
             }
             ExitCode::from(if r.mismatch.is_some() {
                 EXIT_MISMATCH
+            } else if !r.signatures_checked {
+                EXIT_UNSIGNED
             } else {
                 EXIT_REPRODUCED
             })
