@@ -345,3 +345,66 @@ async fn revoking_a_site_cuts_its_open_connection_and_refuses_the_next() {
     assert!(reason.to_string().contains("revoked"), "{reason}");
     coord.shutdown().await.unwrap();
 }
+
+/// More sites upload in the same round than the coordinator has upload
+/// slots (1 here): the others wait with their payloads held back by QUIC
+/// flow control (the coordinator's idle receive window is smaller than one
+/// payload) and are still all accepted, round after round, with the exact
+/// weighted average.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_beyond_the_upload_slots_wait_and_are_all_accepted() {
+    const SITES: usize = 4;
+    let pki = TestPki::new(SITES).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 2,
+        sites: SITES as u32,
+        quorum: SITES as u32,
+        // 2 × 50 000 + 2 parameters: a 400 kB f32 payload, several times
+        // the idle receive window of 64 KiB.
+        inputs: 50_000,
+        ..JobSpec::default()
+    };
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("max_concurrent_uploads = 1\n");
+    std::fs::write(&cfg, text).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let data_dir = coord.data_dir.clone();
+    let mut tasks = Vec::new();
+    for i in 0..SITES {
+        let mut site = connect(&pki, i, &coord).await;
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                seen.push(honest_round(&mut site, i).await);
+            }
+            seen
+        }));
+    }
+    let mut per_site = Vec::new();
+    for t in tasks {
+        per_site.push(t.await.unwrap());
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    let models = data_dir.join("models");
+    let all: Vec<usize> = (0..SITES).collect();
+    for round in 0..2 {
+        let (offer, global) = &per_site[0][round];
+        let next_hash = if round == 0 {
+            per_site[0][1].0.base_model
+        } else {
+            model
+        };
+        let next = read_model_file(&models.join(format!("{next_hash}.bin")), &next_hash).unwrap();
+        assert_close(next.values(), &expected_next(global, &all, offer.round.0));
+    }
+    let status = fedlink_tests::fixture::read_status(&data_dir).unwrap();
+    for r in &status.rounds {
+        assert_eq!(r.updates.len(), SITES, "round {}", r.round);
+    }
+}

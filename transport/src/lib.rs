@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedlink_certs::Identity;
-use fedlink_protocol::{FRAME_HEADER_LEN, Frame, FrameError, FrameKind, Message};
+use fedlink_protocol::{FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, Message};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 
@@ -107,19 +107,21 @@ fn write_err(e: quinn::WriteError) -> TransportError {
     }
 }
 
-/// Fill `buf` completely. `Ok(false)` if the stream ended before the first
-/// byte (a clean end at a frame boundary), an error if it ended later.
-async fn read_full(recv: &mut RecvStream, buf: &mut [u8]) -> Result<bool, TransportError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let slice = buf.get_mut(filled..).unwrap_or_default();
-        match recv.read(slice).await.map_err(read_err)? {
-            Some(n) => filled += n,
-            None if filled == 0 => return Ok(false),
-            None => return Err(TransportError::Truncated),
-        }
+/// A connection receive window to set once a stream has been read up to a
+/// given byte count (see [`FramedRecv::set_window_at`]).
+struct WindowTrigger {
+    conn: Connection,
+    at: u64,
+    window: VarInt,
+}
+
+impl std::fmt::Debug for WindowTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowTrigger")
+            .field("at", &self.at)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
     }
-    Ok(true)
 }
 
 /// The receiving half of a framed QUIC stream.
@@ -127,6 +129,7 @@ async fn read_full(recv: &mut RecvStream, buf: &mut [u8]) -> Result<bool, Transp
 pub struct FramedRecv {
     inner: RecvStream,
     bytes_read: u64,
+    trigger: Option<WindowTrigger>,
 }
 
 impl FramedRecv {
@@ -135,6 +138,7 @@ impl FramedRecv {
         Self {
             inner,
             bytes_read: 0,
+            trigger: None,
         }
     }
 
@@ -143,22 +147,64 @@ impl FramedRecv {
         self.bytes_read
     }
 
+    /// Set `conn`'s connection-level receive window to `window` as soon as
+    /// this stream has been read up to `at` bytes (at once if it already
+    /// has). Reads stop exactly at `at`, so no more than that has been
+    /// consumed when the window changes. Replaces an earlier trigger.
+    pub fn set_window_at(&mut self, conn: &Connection, at: u64, window: VarInt) {
+        self.trigger = Some(WindowTrigger {
+            conn: conn.clone(),
+            at,
+            window,
+        });
+        self.fire_trigger();
+    }
+
+    fn fire_trigger(&mut self) {
+        if let Some(t) = self.trigger.take_if(|t| self.bytes_read >= t.at) {
+            t.conn.set_receive_window(t.window);
+        }
+    }
+
+    /// Fill `buf` completely. `Ok(false)` if the stream ended before the
+    /// first byte (a clean end at a frame boundary), an error if it ended
+    /// later.
+    async fn read_full(&mut self, buf: &mut [u8]) -> Result<bool, TransportError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let mut end = buf.len();
+            if let Some(t) = &self.trigger {
+                // Stop at the trigger point so the window changes exactly there.
+                let to_trigger = t.at.saturating_sub(self.bytes_read);
+                end = end.min(filled.saturating_add(usize::try_from(to_trigger).unwrap_or(end)));
+            }
+            let slice = buf.get_mut(filled..end).unwrap_or_default();
+            match self.inner.read(slice).await.map_err(read_err)? {
+                Some(n) => {
+                    filled += n;
+                    self.bytes_read = self.bytes_read.saturating_add(n as u64);
+                    self.fire_trigger();
+                }
+                None if filled == 0 => return Ok(false),
+                None => return Err(TransportError::Truncated),
+            }
+        }
+        Ok(true)
+    }
+
     /// The next frame, or `None` if the peer finished the stream cleanly at a
     /// frame boundary. The header is checked (magic, version, kind, length ≤
     /// [`fedlink_protocol::MAX_FRAME_LEN`]) before the body is allocated.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
-        if !read_full(&mut self.inner, &mut header).await? {
+        if !self.read_full(&mut header).await? {
             return Ok(None);
         }
         let header = Frame::parse_header(&header)?;
         let mut body = vec![0u8; header.body_len()];
-        if !read_full(&mut self.inner, &mut body).await? && !body.is_empty() {
+        if !self.read_full(&mut body).await? && !body.is_empty() {
             return Err(TransportError::Truncated);
         }
-        self.bytes_read = self
-            .bytes_read
-            .saturating_add((FRAME_HEADER_LEN + body.len()) as u64);
         Ok(Some(Frame::from_parts(header, Bytes::from(body))?))
     }
 
@@ -209,6 +255,9 @@ impl FramedRecv {
 pub struct FramedSend {
     inner: SendStream,
     bytes_written: u64,
+    /// Body bytes still owed by a chunk frame begun with
+    /// [`FramedSend::begin_chunk`].
+    body_left: usize,
 }
 
 impl FramedSend {
@@ -217,6 +266,7 @@ impl FramedSend {
         Self {
             inner,
             bytes_written: 0,
+            body_left: 0,
         }
     }
 
@@ -225,7 +275,19 @@ impl FramedSend {
         self.bytes_written
     }
 
+    fn check_no_open_chunk(&self) -> Result<(), TransportError> {
+        if self.body_left == 0 {
+            Ok(())
+        } else {
+            Err(TransportError::Stream(format!(
+                "a chunk frame still owes {} body bytes",
+                self.body_left
+            )))
+        }
+    }
+
     async fn frame(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        self.check_no_open_chunk()?;
         let header = frame.header().to_bytes();
         self.inner.write_all(&header).await.map_err(write_err)?;
         self.inner.write_all(&frame.body).await.map_err(write_err)?;
@@ -245,8 +307,41 @@ impl FramedSend {
         self.frame(&Frame::chunk(record)?).await
     }
 
+    /// Begin a payload chunk record of `len` bytes whose body is then
+    /// written in pieces with [`FramedSend::chunk_body`], so a large record
+    /// never has to be held whole (the peer sees the same frame as from
+    /// [`FramedSend::chunk`]). Until all `len` bytes are written, any other
+    /// frame and [`FramedSend::finish`] are refused.
+    pub async fn begin_chunk(&mut self, len: usize) -> Result<(), TransportError> {
+        self.check_no_open_chunk()?;
+        let header = FrameHeader::new(FrameKind::Chunk, len)?.to_bytes();
+        self.inner.write_all(&header).await.map_err(write_err)?;
+        self.bytes_written = self.bytes_written.saturating_add(header.len() as u64);
+        self.body_left = len;
+        Ok(())
+    }
+
+    /// Write the next piece of the body of the chunk record begun with
+    /// [`FramedSend::begin_chunk`]; refuses more bytes than it declared.
+    /// The piece is handed to QUIC without a copy and freed once the peer
+    /// has acknowledged it.
+    pub async fn chunk_body(&mut self, piece: Bytes) -> Result<(), TransportError> {
+        let len = piece.len();
+        if len > self.body_left {
+            return Err(TransportError::Stream(format!(
+                "{len} body bytes written where the chunk frame has {} left",
+                self.body_left
+            )));
+        }
+        self.inner.write_chunk(piece).await.map_err(write_err)?;
+        self.body_left -= len;
+        self.bytes_written = self.bytes_written.saturating_add(len as u64);
+        Ok(())
+    }
+
     /// Finish the stream (the peer sees a clean end after the last frame).
     pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.check_no_open_chunk()?;
         self.inner
             .finish()
             .map_err(|e| TransportError::Stream(e.to_string()))
@@ -285,8 +380,49 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
-/// Per-stream receive window of the coordinator's endpoint, bytes.
+/// Per-stream receive window of the coordinator's endpoint, bytes: what an
+/// upload being read may have in flight (≈ 25 MB/s per upload at 20 ms
+/// RTT).
 pub const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
+
+/// Connection-level receive window of the coordinator's endpoint while none
+/// of the connection's uploads is being read, bytes. A site's upload that
+/// waits for an upload slot parks at most this much in the QUIC stack, so a
+/// waiting site costs the coordinator this, not a stream window; control
+/// messages (a few hundred bytes each) flow within it.
+pub const SERVER_IDLE_RECEIVE_WINDOW: u32 = 16 * 1024;
+
+/// Send window of the coordinator's endpoint (unacknowledged plus unsent
+/// stream data per connection), bytes: bounds what a model download buffers
+/// in the QUIC stack (≈ 50 MB/s per download at 20 ms RTT).
+pub const SERVER_SEND_WINDOW: u64 = 1024 * 1024;
+
+/// Open `conn`'s receive window for the upload on `recv`, of which
+/// `remaining` bytes (frames included) are still to be read, and close it
+/// again on its own as the upload is read: once only a stream window's worth
+/// is left, the window goes back to [`SERVER_IDLE_RECEIVE_WINDOW`], and the
+/// credit already granted covers the rest. After the upload has been read,
+/// the site again has no more than the idle window of credit, so its next
+/// upload parks no more than that while it waits for a slot.
+///
+/// A connection's window is shared by all its streams: call this for one
+/// upload at a time per connection, and [`close_upload_window`] when the
+/// upload ends early.
+pub fn open_upload_window(conn: &Connection, recv: &mut FramedRecv, remaining: u64) {
+    let open = SERVER_IDLE_RECEIVE_WINDOW.saturating_add(SERVER_STREAM_WINDOW);
+    conn.set_receive_window(VarInt::from_u32(open));
+    let at = recv
+        .bytes_read()
+        .saturating_add(remaining.saturating_sub(u64::from(SERVER_STREAM_WINDOW)));
+    recv.set_window_at(conn, at, VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
+}
+
+/// Put `conn`'s receive window back to [`SERVER_IDLE_RECEIVE_WINDOW`] (an
+/// upload ended before it was read to the end). Credit already granted
+/// stays granted.
+pub fn close_upload_window(conn: &Connection) {
+    conn.set_receive_window(VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
+}
 
 /// Default idle timeout of fedlink connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -302,12 +438,13 @@ pub fn server_endpoint(
         .map_err(|e| TransportError::Config(format!("server TLS config unusable by QUIC: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut t = transport_config(idle_timeout)?;
-    // What a site may send ahead of the coordinator reading it. Uploads that
-    // wait for an upload slot park up to this much in the QUIC stack per
-    // connection, so it bounds the coordinator's memory per waiting site;
-    // 512 KiB still allows ≈ 25 MB/s per upload at 20 ms RTT.
+    // What a site may send ahead of the coordinator reading it: the idle
+    // connection window bounds what an upload waiting for a slot parks in
+    // the QUIC stack; `open_upload_window` widens it while an upload is
+    // read. Memory per connected site thus stays small and flat.
     t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(2 * SERVER_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
+    t.send_window(SERVER_SEND_WINDOW);
     cfg.transport_config(Arc::new(t));
     Ok(Endpoint::server(cfg, addr)?)
 }

@@ -13,8 +13,8 @@ use fedlink_protocol::message::{
 };
 use fedlink_protocol::{Message, SignedEnvelope, VersionRange, supports_audit_head};
 use fedlink_transport::{
-    FramedRecv, FramedSend, TransportError, accept_bi, close, negotiated_alpn, peer_end_entity,
-    peer_identity,
+    FramedRecv, FramedSend, TransportError, accept_bi, close, close_upload_window, negotiated_alpn,
+    open_upload_window, peer_end_entity, peer_identity,
 };
 use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -242,6 +242,7 @@ async fn serve_site(
             compatible,
             num_examples: None,
         },
+        codecs: hello.capabilities.codecs.clone(),
     });
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -261,7 +262,7 @@ async fn serve_site(
     result
 }
 
-fn same_family(a: fedlink_protocol::ValueCodec, b: fedlink_protocol::ValueCodec) -> bool {
+pub(super) fn same_family(a: fedlink_protocol::ValueCodec, b: fedlink_protocol::ValueCodec) -> bool {
     std::mem::discriminant(&a) == std::mem::discriminant(&b)
 }
 
@@ -313,8 +314,9 @@ async fn control_loop(
                 let (send, recv) = stream?;
                 let shared = shared.clone();
                 let site = site.to_owned();
+                let conn = conn.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle_stream(&site, &shared, send, recv).await {
+                    if let Err(e) = handle_stream(&conn, &site, &shared, send, recv).await {
                         tracing::warn!(site = %site, error = %e, "stream failed");
                     }
                 });
@@ -387,6 +389,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 }
 
 async fn handle_stream(
+    conn: &Connection,
     site: &str,
     shared: &Arc<Shared>,
     mut send: FramedSend,
@@ -394,7 +397,7 @@ async fn handle_stream(
 ) -> Result<(), TransportError> {
     match recv.message().await? {
         Message::ModelFetch(f) => serve_model(shared, f.hash, send).await,
-        Message::DeltaUpload(u) => receive_upload(site, shared, u.envelope, send, recv).await,
+        Message::DeltaUpload(u) => receive_upload(conn, site, shared, u.envelope, send, recv).await,
         other => {
             send.message(&Message::Reject(Reject {
                 code: RejectCode::UnexpectedMessage,
@@ -436,12 +439,27 @@ async fn serve_model(
         num_chunks: wire.num_chunks,
     })))
     .await?;
+    // Stream each record from the file in pieces handed to QUIC without a
+    // copy: a download holds what QUIC buffers (bounded by the send window),
+    // never a whole record. Pieces of 256 KiB are large enough for the
+    // allocator to map and unmap them, so they do not fragment its arenas.
+    const PIECE: usize = 256 << 10;
     let mut reader = RecordReader::open(&wire.path).map_err(TransportError::Stream)?;
     loop {
-        let rec =
-            tokio::task::block_in_place(|| reader.next_record()).map_err(TransportError::Stream)?;
-        let Some(rec) = rec else { break };
-        send.chunk(rec).await?;
+        let head =
+            tokio::task::block_in_place(|| reader.next_head()).map_err(TransportError::Stream)?;
+        let Some((head, len)) = head else { break };
+        send.begin_chunk(len).await?;
+        send.chunk_body(bytes::Bytes::copy_from_slice(&head))
+            .await?;
+        let mut left = len.saturating_sub(head.len());
+        while left > 0 {
+            let mut piece = vec![0u8; left.min(PIECE)];
+            tokio::task::block_in_place(|| reader.read_body(&mut piece))
+                .map_err(TransportError::Stream)?;
+            left -= piece.len();
+            send.chunk_body(piece.into()).await?;
+        }
     }
     send.finish()
 }
@@ -477,7 +495,18 @@ fn audit_upload_refused(
     }
 }
 
+/// Puts the connection's receive window back to the idle size when an
+/// upload ends, however it ends.
+struct UploadWindow<'a>(&'a Connection);
+
+impl Drop for UploadWindow<'_> {
+    fn drop(&mut self) {
+        close_upload_window(self.0);
+    }
+}
+
 async fn receive_upload(
+    conn: &Connection,
     site: &str,
     shared: &Arc<Shared>,
     envelope: SignedEnvelope,
@@ -532,6 +561,10 @@ async fn receive_upload(
             .await;
         }
     };
+    // Only now, with an upload slot, may the site send more than the idle
+    // connection window: a site waiting for a slot costs ≈ nothing.
+    open_upload_window(conn, &mut recv, verifier.remaining());
+    let _window = UploadWindow(conn);
     // Receive: hash and spool every chunk record; never more than declared.
     let received: Result<(), (RejectCode, String)> = async {
         while verifier.remaining() > 0 {

@@ -46,8 +46,10 @@ impl SpoolWriter {
             .create_new(true)
             .open(&path)
             .map_err(io(&path))?;
+        // Records arrive whole (≈ 1–2 MB each): a large buffer would only
+        // add a copy and memory per upload in flight.
         Ok(Self {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: BufWriter::with_capacity(64 << 10, file),
             path,
         })
     }
@@ -82,7 +84,8 @@ pub(crate) fn for_each_chunk(
     mut f: impl FnMut(u64, &[f32]) -> Result<(), String>,
 ) -> Result<Result<(), String>, SpoolError> {
     let file = File::open(path).map_err(io(path))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    // Small: record bodies are read straight into `record` past the buffer.
+    let mut r = BufReader::with_capacity(64 << 10, file);
     let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
     let mut record = Vec::new();
     loop {

@@ -83,8 +83,9 @@ fn describe(
     let mut r = RecordReader::open(path)?;
     let mut payload_len = 0u64;
     let mut num_chunks = 0u64;
-    while let Some(rec) = r.next_record()? {
-        payload_len += rec.len() as u64;
+    while let Some((_, len)) = r.next_head()? {
+        r.skip_body(len.saturating_sub(CHUNK_HEADER_LEN))?;
+        payload_len += len as u64;
         num_chunks += 1;
     }
     Ok(WireModel {
@@ -110,8 +111,9 @@ impl RecordReader {
         })
     }
 
-    /// The next record, or `None` at the end.
-    pub(crate) fn next_record(&mut self) -> Result<Option<Vec<u8>>, String> {
+    /// The header of the next record and the record's whole length, or
+    /// `None` at the end. The body follows through [`Self::read_body`].
+    pub(crate) fn next_head(&mut self) -> Result<Option<([u8; CHUNK_HEADER_LEN], usize)>, String> {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         let mut n = 0;
         while n < head.len() {
@@ -126,12 +128,27 @@ impl RecordReader {
             }
         }
         let h = ChunkHeader::parse(&head).map_err(|e| e.to_string())?;
-        let mut rec = Vec::with_capacity(h.record_len());
-        rec.extend_from_slice(&head);
-        rec.resize(h.record_len(), 0);
+        Ok(Some((head, h.record_len())))
+    }
+
+    /// Fill `buf` with the next bytes of the current record's body.
+    pub(crate) fn read_body(&mut self, buf: &mut [u8]) -> Result<(), String> {
         self.inner
-            .read_exact(rec.get_mut(CHUNK_HEADER_LEN..).unwrap_or_default())
-            .map_err(|e| format!("wire file ends inside a record: {e}"))?;
-        Ok(Some(rec))
+            .read_exact(buf)
+            .map_err(|e| format!("wire file ends inside a record: {e}"))
+    }
+
+    /// Skip `n` bytes of the current record's body.
+    pub(crate) fn skip_body(&mut self, n: usize) -> Result<(), String> {
+        let skipped = std::io::copy(
+            &mut self.inner.by_ref().take(n as u64),
+            &mut std::io::sink(),
+        )
+        .map_err(|e| e.to_string())?;
+        if skipped == n as u64 {
+            Ok(())
+        } else {
+            Err("wire file ends inside a record".into())
+        }
     }
 }

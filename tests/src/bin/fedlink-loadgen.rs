@@ -65,6 +65,10 @@ struct Args {
     /// Delta codec: f32 | f16 | bf16 | int8 | topk.
     #[arg(long, default_value = "f16")]
     codec: String,
+    /// Chunk size of the job's encoding, KiB of f32 input (default: the
+    /// job default).
+    #[arg(long)]
+    chunk_kib: Option<u32>,
     /// Top-k fraction (with `--codec topk`).
     #[arg(long, default_value_t = 0.1)]
     topk_fraction: f64,
@@ -187,6 +191,10 @@ fn job_toml(args: &Args) -> anyhow::Result<String> {
         "topk" => format!("codec = \"topk\"\ntopk_fraction = {}", args.topk_fraction),
         other => bail!("unknown codec {other:?}: f32 | f16 | bf16 | int8 | topk"),
     };
+    let chunk = args
+        .chunk_kib
+        .map(|k| format!("chunk_bytes = {}\n", u64::from(k) * 1024))
+        .unwrap_or_default();
     Ok(format!(
         r#"id = "loadgen"
 rounds = {rounds}
@@ -219,7 +227,7 @@ learning_rate = 0.1
 {encoding}
 shuffle = true
 zstd_level = 1
-"#,
+{chunk}"#,
         rounds = args.rounds,
         inputs = args.inputs,
         classes = args.classes,
