@@ -425,7 +425,9 @@ pub struct DeltaEncoding {
     #[serde(default)]
     pub int8_stochastic: bool,
     /// Chunk size in bytes of f32 input (multiple of 4, 16..=4 MiB).
-    /// Default 2 MiB.
+    /// Default 512 KiB: the coordinator decodes each upload chunk by chunk
+    /// (validation and fold), so the chunk sets its memory per upload in
+    /// flight; 512 KiB compresses as well as 2 MiB (docs/PERFORMANCE.md).
     #[serde(default = "default_chunk")]
     pub chunk_bytes: u32,
 }
@@ -440,7 +442,7 @@ fn one_i32() -> i32 {
     1
 }
 fn default_chunk() -> u32 {
-    2 * 1024 * 1024
+    512 * 1024
 }
 
 impl Default for DeltaEncoding {
