@@ -309,10 +309,14 @@ pub struct StatusReport {
     pub coordinator_version: String,
     /// Seconds since the coordinator started.
     pub uptime_secs: u64,
-    /// The job the coordinator runs (or ran last).
+    /// The job the coordinator runs (or ran last); `None`: no job has run
+    /// since the coordinator started empty.
     pub current_job: Option<JobProgress>,
     /// Submitted jobs waiting for their turn, in order.
     pub queued_jobs: Vec<String>,
+    /// Sites connected now, sorted (absent from older coordinators).
+    #[serde(default)]
+    pub connected_sites: Vec<String>,
 }
 
 /// A job.

@@ -97,6 +97,22 @@ async fn start(pki: &TestPki, dir: &Path, ca_dir: &Path, spec: &JobSpec) -> Runn
     RunningCoordinator::start(&path, false).await.unwrap()
 }
 
+/// `coordinator.toml` without a job.
+fn empty_config(pki: &TestPki, dir: &Path, ca_dir: &Path) -> PathBuf {
+    let path = dir.join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\n",
+            pki.coordinator_dir(),
+            ca_dir,
+            dir.join("data"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 fn audit_entries(data_dir: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap_or_default();
     text.lines()
@@ -730,4 +746,119 @@ async fn site_certificate_refused_on_admin_api_and_unreachable_coordinator() {
     // Usage errors: exit 2.
     let out = fedlink(pki.admin_dir(), addr, &["jobs", "frobnicate"]).await;
     assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+/// A coordinator with no job starts empty: sites connect and wait, `status`
+/// says no job runs, and the first submitted job starts at once with the
+/// sites already connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_empty_and_runs_the_first_submitted_job() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = public_ca(&pki, dir.path(), &[]);
+    let config = empty_config(&pki, dir.path(), &ca);
+    let coord = RunningCoordinator::start(&config, false).await.unwrap();
+    let admin = pki.admin_dir().to_owned();
+    let addr = coord.addr;
+
+    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), addr)
+        .await
+        .unwrap();
+    // The site is held (connected, idle) while no job runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = ok(&admin, addr, &["status", "--json"]).await;
+        if status["connected_sites"] == serde_json::json!(["site-0"]) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site not shown as connected: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status["current_job"].is_null(), "{status}");
+    assert_eq!(status["queued_jobs"], serde_json::json!([]));
+    let text = fedlink(&admin, addr, &["status"]).await;
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("none running"), "{}", text.stdout);
+    let sites = ok(&admin, addr, &["sites", "show", "site-0", "--json"]).await;
+    assert_eq!(sites["connected"], true, "{sites}");
+    // Nothing to download or upload yet: no model is published.
+    assert_eq!(
+        ok(&admin, addr, &["jobs", "list", "--json"]).await,
+        serde_json::json!([])
+    );
+
+    let job = write_job(
+        dir.path(),
+        &JobSpec {
+            id: "late".into(),
+            rounds: 1,
+            sites: 1,
+            quorum: 1,
+            ..JobSpec::default()
+        },
+    )
+    .unwrap();
+    let submitted = ok(
+        &admin,
+        addr,
+        &["jobs", "submit", job.to_str().unwrap(), "--json"],
+    )
+    .await;
+    assert_eq!(submitted["id"], "late");
+
+    // The held connection is handed to the job: the offer comes on it.
+    let offer = site.next_offer().await.unwrap();
+    assert_eq!(offer.job_id.as_str(), "late");
+    site.accept(&offer).await.unwrap();
+    let global = site.fetch_model(&offer).await.unwrap();
+    let up = site.prepare(&offer, &delta(&global), 7).unwrap();
+    let r = site.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    let done = wait_for_status(
+        &coord.data_dir,
+        "submitted job done",
+        Duration::from_secs(20),
+        |s| s.completed,
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.job, "late");
+    let status = ok(&admin, addr, &["status", "--json"]).await;
+    assert_eq!(status["current_job"]["job"], "late");
+    wait_for_audit(&coord.data_dir, "job.submitted", |e| {
+        e["event"] == "job.submitted" && e["details"]["job"] == "late"
+    })
+    .await;
+    coord.shutdown().await.unwrap();
+
+    // --exit-after-job with no job at all: a clear refusal, not a wait.
+    let dir2 = tempfile::tempdir().unwrap();
+    let ca2 = public_ca(&pki, dir2.path(), &[]);
+    let cfg = fedlink_coordinator::config::CoordinatorConfig::load(&empty_config(
+        &pki,
+        dir2.path(),
+        &ca2,
+    ))
+    .unwrap();
+    let refused = bounded(
+        "serve without a job",
+        fedlink_coordinator::server::serve(
+            cfg,
+            fedlink_coordinator::server::ServeOptions {
+                exit_after_job: true,
+                bound: None,
+            },
+            std::future::pending::<()>(),
+        ),
+    )
+    .await
+    .unwrap();
+    let err = refused.expect_err("--exit-after-job without a job must not run");
+    assert!(err.to_string().contains("no job to run"), "{err}");
 }

@@ -27,12 +27,15 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the federation (QUIC + mutual TLS) and run the job.
+    /// Serve the federation (QUIC + mutual TLS) and run its jobs. Without
+    /// a job (none in the config, nothing unfinished in the store) it starts
+    /// empty and waits for `fedlink jobs submit`.
     Serve {
         /// Path to coordinator.toml.
         #[arg(long)]
         config: PathBuf,
         /// Exit once the job has finished (completed, failed or aborted).
+        /// Refused (exit 2) when there is no job to run.
         #[arg(long)]
         exit_after_job: bool,
     },

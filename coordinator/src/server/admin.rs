@@ -26,8 +26,7 @@ use fedlink_certs::{
 };
 use fedlink_protocol::admin::{
     AdminErrorCode, AdminRequest, AdminResponse, EXPORT_CHUNK_BYTES, ExportFormat, ExportHeader,
-    JobInfo, JobProgress, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport,
-    pytorch_tensors,
+    JobInfo, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport, pytorch_tensors,
 };
 use fedlink_protocol::{ModelHash, SignedEnvelope};
 use fedlink_transport::{FramedRecv, FramedSend, TransportError, accept_bi};
@@ -107,6 +106,11 @@ impl AdminState {
         if let Ok(mut c) = self.current_job.write() {
             *c = Some(id.to_owned());
         }
+    }
+
+    /// The store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     fn current_job(&self) -> Option<String> {
@@ -351,16 +355,18 @@ async fn execute(
             } else {
                 None
             };
+            let connected_sites = shared.ask_engine(AdminEvent::ConnectedSites).await?;
             Ok(AdminResponse::Status(StatusReport {
                 federation: shared.federation.to_string(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
                 uptime_secs: admin.started.elapsed().as_secs(),
                 current_job: current,
                 queued_jobs: admin.queued_jobs(),
+                connected_sites,
             }))
         }
         AdminRequest::SitesList => {
-            let progress = shared.ask_engine(AdminEvent::Progress).await.ok();
+            let connected = shared.ask_engine(AdminEvent::ConnectedSites).await?;
             let manifest = shared
                 .manifest
                 .read()
@@ -369,12 +375,12 @@ async fn execute(
             let sites = manifest
                 .site
                 .iter()
-                .map(|e| site_info(&admin.store, e, progress.as_ref()))
+                .map(|e| site_info(&admin.store, e, &connected))
                 .collect();
             Ok(AdminResponse::Sites(sites))
         }
         AdminRequest::SitesShow { name } => {
-            let progress = shared.ask_engine(AdminEvent::Progress).await.ok();
+            let connected = shared.ask_engine(AdminEvent::ConnectedSites).await?;
             let entry = shared
                 .manifest
                 .read()
@@ -385,7 +391,7 @@ async fn execute(
             Ok(AdminResponse::Site(site_info(
                 &admin.store,
                 &entry,
-                progress.as_ref(),
+                &connected,
             )))
         }
         AdminRequest::SitesApprove {
@@ -493,7 +499,7 @@ fn find_job(store: &Store, id: &str) -> Result<JobRecord, Fail> {
         .ok_or_else(|| not_found(format!("no job {id}")))
 }
 
-fn site_info(store: &Store, e: &SiteEntry, progress: Option<&JobProgress>) -> SiteInfo {
+fn site_info(store: &Store, e: &SiteEntry, connected: &[String]) -> SiteInfo {
     let rec = store.site(&e.name).ok().flatten();
     SiteInfo {
         name: e.name.clone(),
@@ -503,8 +509,7 @@ fn site_info(store: &Store, e: &SiteEntry, progress: Option<&JobProgress>) -> Si
         update_public_key: e.update_public_key.clone(),
         added_at: e.added_at.clone(),
         renewed_at: e.renewed_at.clone(),
-        connected: progress
-            .is_some_and(|p| p.sites.iter().any(|s| s.site == e.name && s.connected)),
+        connected: connected.contains(&e.name),
         last_seen_unix_ms: rec.as_ref().map(|r| r.last_seen_unix_ms),
         updates_aggregated: rec.as_ref().map(|r| r.updates_aggregated),
     }
@@ -618,7 +623,7 @@ async fn approve(
     Ok(AdminResponse::Site(site_info(
         &shared.admin.store,
         &entry,
-        None,
+        &[],
     )))
 }
 
@@ -657,7 +662,7 @@ async fn revoke(
     manifest.remove(name);
     manifest.save(&manifest_path).map_err(internal)?;
     shared.reload_now();
-    let mut info = site_info(&shared.admin.store, &entry, None);
+    let mut info = site_info(&shared.admin.store, &entry, &[]);
     info.connected = false;
     Ok(AdminResponse::Site(info))
 }
@@ -726,7 +731,7 @@ async fn rotate(
     Ok(AdminResponse::Site(site_info(
         &shared.admin.store,
         &entry,
-        None,
+        &[],
     )))
 }
 

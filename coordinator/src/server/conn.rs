@@ -262,7 +262,10 @@ async fn serve_site(
     result
 }
 
-pub(super) fn same_family(a: fedlink_protocol::ValueCodec, b: fedlink_protocol::ValueCodec) -> bool {
+pub(super) fn same_family(
+    a: fedlink_protocol::ValueCodec,
+    b: fedlink_protocol::ValueCodec,
+) -> bool {
     std::mem::discriminant(&a) == std::mem::discriminant(&b)
 }
 

@@ -50,6 +50,8 @@ pub(crate) enum Event {
         conn: Connection,
         control: mpsc::UnboundedSender<Message>,
         capabilities: SiteCapabilities,
+        /// The codecs the site announced in its Hello.
+        codecs: Vec<fedlink_protocol::ValueCodec>,
     },
     /// A site's connection ended.
     Disconnected { site: String, conn_id: ConnId },
@@ -268,6 +270,7 @@ impl Engine {
                 conn,
                 control,
                 capabilities,
+                ..
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected");
                 if let Some(old) = self.sites.insert(

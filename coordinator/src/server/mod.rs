@@ -9,14 +9,18 @@
 //!                        └──────── control messages (offers, cancel, bye) ◀────────┘ persist → offer/ack/fold/aggregate
 //! ```
 //!
-//! One job runs at a time (the one named in the config, or the first
-//! unfinished job in the store). After `kill -9`, starting again resumes the
-//! job from the store (see [`crate::store`] for the crash semantics).
+//! One job runs at a time (the one named in the config, or the most recent
+//! unfinished job in the store; submitted jobs queue behind it). With
+//! neither, the coordinator starts empty: it serves the admin API and holds
+//! site connections ([`idle`]) until the first job is submitted. After
+//! `kill -9`, starting again resumes the job from the store (see
+//! [`crate::store`] for the crash semantics).
 
 mod admin;
 pub(crate) mod audit;
 mod conn;
 mod engine;
+mod idle;
 mod scaling;
 pub(crate) mod spool;
 pub mod status;
@@ -315,6 +319,14 @@ pub async fn serve(
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
     let job_id = select_job(&store, cfg.job.as_deref(), &auditor)?;
+    if job_id.is_none() && opts.exit_after_job {
+        return Err(ServeError::Job(
+            "no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
+             unfinished job in the store); without it the coordinator starts empty and waits \
+             for `fedlink jobs submit`"
+                .into(),
+        ));
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -334,14 +346,18 @@ pub async fn serve(
         audit: auditor.clone(),
         admin: admin::AdminState::new(store.clone(), kit.ca_cert().clone(), cfg.revoked_path()),
     });
-    let mut engine = build_engine(&store, &job_id, &shared, &cfg)?;
+    let mut engine = match &job_id {
+        Some(id) => Some(build_engine(&store, id, &shared, &cfg)?),
+        None => None,
+    };
+    let mut idle = idle::Idle::default();
 
     let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
         .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
     let local = endpoint
         .local_addr()
         .map_err(|e| ServeError::Network(e.to_string()))?;
-    tracing::info!(listen = %local, job = %job_id, "coordinator listening");
+    tracing::info!(listen = %local, job = job_id.as_deref().unwrap_or("none"), "coordinator listening");
     if let Some(b) = &opts.bound {
         let _ = b.send(local);
     }
@@ -367,13 +383,34 @@ pub async fn serve(
     // One job at a time: when the running job has finished and a submitted
     // job waits, the next one starts (sites reconnect into it).
     let result = loop {
-        shared.admin.set_current_job(engine.job_id());
-        match run_engine(&mut engine, &mut rx, &opts, &shared, shutdown.as_mut()).await {
+        let Some(running) = engine.as_mut() else {
+            // No job yet: hold the sites until one is submitted, then hand
+            // them over to its engine.
+            match idle::run_idle(&mut idle, &mut rx, &shared, shutdown.as_mut()).await {
+                Ok(Some(first)) => {
+                    tracing::info!(job = %first, "starting the first submitted job");
+                    let built = build_engine(&store, &first, &shared, &cfg).and_then(|mut e| {
+                        idle.hand_over(&mut e, &shared, Instant::now())
+                            .map_err(|err| ServeError::Fatal(err.to_string()))?;
+                        Ok(e)
+                    });
+                    match built {
+                        Ok(e) => engine = Some(e),
+                        Err(e) => break Err(e),
+                    }
+                    continue;
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        shared.admin.set_current_job(running.job_id());
+        match run_engine(running, &mut rx, &opts, &shared, shutdown.as_mut()).await {
             Ok(Some(next)) => {
                 tracing::info!(job = %next, "starting the next queued job");
-                engine.close_all();
+                running.close_all();
                 match build_engine(&store, &next, &shared, &cfg) {
-                    Ok(e) => engine = e,
+                    Ok(e) => engine = Some(e),
                     Err(e) => break Err(e),
                 }
             }
@@ -381,7 +418,10 @@ pub async fn serve(
             Err(e) => break Err(e),
         }
     };
-    engine.close_all();
+    idle.close_all();
+    if let Some(e) = engine.as_mut() {
+        e.close_all();
+    }
     endpoint.close(
         fedlink_transport::close::SHUTDOWN,
         b"coordinator shutting down",
@@ -391,7 +431,7 @@ pub async fn serve(
     // Give quinn a moment to send the close frames.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result.map(|()| ServeOutcome {
-        outcome: engine.outcome().cloned(),
+        outcome: engine.as_ref().and_then(|e| e.outcome().cloned()),
     })
 }
 
@@ -548,12 +588,13 @@ fn clean_spool(dir: &std::path::Path) {
 }
 
 /// Which job to run: the config's job file (created in the store if new),
-/// else the most recent unfinished job in the store.
+/// else the most recent unfinished job in the store, else none (the
+/// coordinator starts empty and waits for a submitted job).
 fn select_job(
     store: &Store,
     job_file: Option<&std::path::Path>,
     auditor: &Auditor,
-) -> Result<String, ServeError> {
+) -> Result<Option<String>, ServeError> {
     if let Some(path) = job_file {
         let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
         if store.job(&job.id)?.is_none() {
@@ -574,13 +615,12 @@ fn select_job(
             store.create_job(&job, hash)?;
             tracing::info!(job = %job.id, model = %hash, "job created");
         }
-        return Ok(job.id);
+        return Ok(Some(job.id));
     }
     let jobs = store.jobs()?;
-    jobs.iter()
+    Ok(jobs
+        .iter()
         .rev()
         .find(|j| j.outcome.is_none())
-        .or_else(|| jobs.last())
-        .map(|j| j.id.clone())
-        .ok_or_else(|| ServeError::Job("no job: name one in the config (`job = ...`)".into()))
+        .map(|j| j.id.clone()))
 }

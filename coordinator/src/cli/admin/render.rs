@@ -144,7 +144,20 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                     ));
                 }
                 None => {
-                    let _ = writeln!(out, "job          none");
+                    let _ = writeln!(
+                        out,
+                        "job          none running (submit one: fedlink jobs submit <job.toml>)"
+                    );
+                    let _ = writeln!(
+                        out,
+                        "sites        {} connected{}",
+                        s.connected_sites.len(),
+                        if s.connected_sites.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", s.connected_sites.join(", "))
+                        }
+                    );
                 }
             }
             let _ = writeln!(

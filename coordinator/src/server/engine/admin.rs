@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 
 use super::{Engine, EngineError};
 use crate::round::{AdminCommand, Checkpoint, Input, JobOutcome, PhaseView};
-use crate::store::Extras;
+use crate::server::Shared;
+use crate::server::idle::Idle;
+use crate::store::{Extras, Store};
 
 /// An admin request for the engine.
 #[derive(Debug)]
@@ -26,8 +28,79 @@ pub(crate) enum AdminEvent {
         actor: String,
         reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
     },
+    /// The sites connected now (sorted), with or without a job.
+    ConnectedSites(oneshot::Sender<Vec<String>>),
     /// A job was queued: a finished engine looks for its next job.
     Wake,
+}
+
+/// Handle an admin event while no job runs (see [`crate::server::idle`]):
+/// pause / resume / abort reach queued jobs in the store; `Progress` has
+/// no answer (its sender is dropped). Returns whether a queued job may
+/// start now.
+pub(crate) fn handle_without_job(shared: &Shared, idle: &Idle, event: AdminEvent) -> bool {
+    match event {
+        AdminEvent::Progress(_) => false,
+        AdminEvent::ConnectedSites(reply) => {
+            let _ = reply.send(idle.connected());
+            false
+        }
+        AdminEvent::Job {
+            id,
+            cmd,
+            actor,
+            reply,
+        } => {
+            let store = shared.admin.store();
+            let finished = matches!(store.job(&id), Ok(Some(r)) if r.outcome.is_some());
+            if !finished
+                && let Err(e) = shared.audit().record(
+                    &actor,
+                    audit_event(cmd),
+                    serde_json::json!({ "job": id }),
+                )
+            {
+                let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
+                return false;
+            }
+            let _ = reply.send(queued_job_command(store, &id, cmd));
+            // An aborted job no longer blocks the queue; a resumed one may run.
+            true
+        }
+        AdminEvent::Wake => true,
+    }
+}
+
+fn audit_event(cmd: AdminCommand) -> &'static str {
+    match cmd {
+        AdminCommand::Pause => "job.paused",
+        AdminCommand::Resume => "job.resumed",
+        AdminCommand::Abort => "job.aborted",
+    }
+}
+
+/// Pause, resume or abort a job that is not running (queued).
+fn queued_job_command(
+    store: &Store,
+    id: &str,
+    cmd: AdminCommand,
+) -> Result<(), (AdminErrorCode, String)> {
+    let internal = |e: crate::store::StoreError| (AdminErrorCode::Internal, e.to_string());
+    let rec = store
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| (AdminErrorCode::NotFound, format!("no job {id}")))?;
+    if rec.outcome.is_some() {
+        return Err((AdminErrorCode::Refused, format!("job {id} has finished")));
+    }
+    let cp = match cmd {
+        AdminCommand::Pause => Checkpoint::Paused(true),
+        AdminCommand::Resume => Checkpoint::Paused(false),
+        AdminCommand::Abort => Checkpoint::JobFinished(JobOutcome::Aborted {
+            completed_rounds: rec.completed_rounds,
+        }),
+    };
+    store.persist(id, &cp, Extras::default()).map_err(internal)
 }
 
 impl Engine {
@@ -51,11 +124,7 @@ impl Engine {
                 actor,
                 reply,
             } => {
-                let event = match cmd {
-                    AdminCommand::Pause => "job.paused",
-                    AdminCommand::Resume => "job.resumed",
-                    AdminCommand::Abort => "job.aborted",
-                };
+                let event = audit_event(cmd);
                 let finished = if id == self.job_id.as_str() {
                     self.outcome.is_some()
                 } else {
@@ -85,40 +154,18 @@ impl Engine {
                         Ok(())
                     }
                 } else {
-                    self.queued_job_command(&id, cmd)
+                    queued_job_command(&self.store, &id, cmd)
                 };
                 let _ = reply.send(r);
+            }
+            AdminEvent::ConnectedSites(reply) => {
+                let mut s: Vec<String> = self.sites.keys().cloned().collect();
+                s.sort();
+                let _ = reply.send(s);
             }
             AdminEvent::Wake => {}
         }
         Ok(())
-    }
-
-    /// Pause, resume or abort a job that is not running (queued).
-    fn queued_job_command(
-        &self,
-        id: &str,
-        cmd: AdminCommand,
-    ) -> Result<(), (AdminErrorCode, String)> {
-        let internal = |e: crate::store::StoreError| (AdminErrorCode::Internal, e.to_string());
-        let rec = self
-            .store
-            .job(id)
-            .map_err(internal)?
-            .ok_or_else(|| (AdminErrorCode::NotFound, format!("no job {id}")))?;
-        if rec.outcome.is_some() {
-            return Err((AdminErrorCode::Refused, format!("job {id} has finished")));
-        }
-        let cp = match cmd {
-            AdminCommand::Pause => Checkpoint::Paused(true),
-            AdminCommand::Resume => Checkpoint::Paused(false),
-            AdminCommand::Abort => Checkpoint::JobFinished(JobOutcome::Aborted {
-                completed_rounds: rec.completed_rounds,
-            }),
-        };
-        self.store
-            .persist(id, &cp, Extras::default())
-            .map_err(internal)
     }
 
     fn progress(&self) -> JobProgress {

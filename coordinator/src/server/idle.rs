@@ -1,0 +1,213 @@
+//! Serving without a job: the coordinator was started empty (no `job` in
+//! its config and nothing unfinished in the store) and waits for
+//! `fedlink jobs submit`.
+//!
+//! Sites still connect: they complete Hello/Welcome, heartbeat, and are
+//! held here, idle (no offers, no models, uploads refused). The admin API
+//! works as usual (`status` says that no job is running). When the first
+//! job is submitted, the serve loop builds its engine and hands every held
+//! connection over to it ([`Idle::hand_over`]), in the order the events
+//! arrived, so the job starts at once with the sites already connected.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use fedlink_protocol::message::{RejectCode, UploadResult};
+use fedlink_protocol::{Message, ValueCodec};
+use quinn::Connection;
+use tokio::sync::mpsc;
+
+use super::engine::{Engine, EngineError, Event, update_received_details};
+use super::{ServeError, Shared};
+use crate::round::{ConnId, SiteCapabilities};
+
+/// Why uploads and downloads are refused while no job runs.
+const NO_JOB: &str = "no job is running";
+
+/// A site connection waiting for a job.
+#[derive(Debug)]
+struct HeldSite {
+    conn_id: ConnId,
+    conn: Connection,
+    control: mpsc::UnboundedSender<Message>,
+    capabilities: SiteCapabilities,
+    /// The codecs the site announced (its compatibility is decided against
+    /// the job's encoding when a job starts).
+    codecs: Vec<ValueCodec>,
+}
+
+/// The site connections held while no job runs.
+#[derive(Debug, Default)]
+pub(crate) struct Idle {
+    sites: HashMap<String, HeldSite>,
+}
+
+impl Idle {
+    /// Sites connected now, sorted.
+    pub(crate) fn connected(&self) -> Vec<String> {
+        let mut s: Vec<String> = self.sites.keys().cloned().collect();
+        s.sort();
+        s
+    }
+
+    /// Handle one event; `Some(job)` when a submitted job should start.
+    fn handle(&mut self, shared: &Shared, event: Event) -> Option<String> {
+        match event {
+            Event::Connected {
+                site,
+                conn_id,
+                conn,
+                control,
+                capabilities,
+                codecs,
+            } => {
+                tracing::info!(site = %site, conn = conn_id.0, "site connected; no job is running, it waits");
+                let held = HeldSite {
+                    conn_id,
+                    conn,
+                    control,
+                    capabilities,
+                    codecs,
+                };
+                if let Some(old) = self.sites.insert(site, held) {
+                    old.conn.close(
+                        fedlink_transport::close::REPLACED,
+                        b"a newer connection of this site replaced this one",
+                    );
+                }
+            }
+            Event::Disconnected { site, conn_id } => {
+                if self.sites.get(&site).is_some_and(|s| s.conn_id == conn_id) {
+                    tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
+                    self.sites.remove(&site);
+                }
+            }
+            Event::OfferResponse { site, round, .. } => {
+                tracing::debug!(site = %site, round, "offer response without a job; ignored");
+            }
+            Event::PrepareUpload {
+                site,
+                envelope,
+                reply,
+            } => {
+                tracing::warn!(site = %site, "upload refused: no job is running");
+                let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+                let details =
+                    update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
+                let answer = match shared.audit().record(&actor, "update.received", details) {
+                    Ok(()) => (RejectCode::UnexpectedMessage, NO_JOB.to_owned()),
+                    Err(e) => (
+                        RejectCode::Internal,
+                        format!("the coordinator cannot write its audit log: {e}"),
+                    ),
+                };
+                let _ = reply.send(Err(answer));
+            }
+            Event::UpdateReady(ready) => {
+                // Only a ticket from a running job leads here; none exists.
+                if let Err(e) = std::fs::remove_file(&ready.spool_path) {
+                    tracing::debug!(error = %e, "removing a spool file");
+                }
+                let _ = ready.reply.send(UploadResult::Reject {
+                    code: RejectCode::UnexpectedMessage,
+                    message: NO_JOB.into(),
+                });
+            }
+            // The engine of the next job reads the manifest when it is built.
+            Event::Keys(_) => {}
+            Event::RecheckPeers => self.recheck_peers(shared),
+            Event::Admin(ev) => {
+                if super::engine::admin::handle_without_job(shared, self, ev) {
+                    return shared.admin.next_queued();
+                }
+            }
+        }
+        None
+    }
+
+    /// Close held connections that are no longer allowed (revoked,
+    /// removed or superseded certificates).
+    fn recheck_peers(&mut self, shared: &Shared) {
+        self.sites.retain(|site, c| match shared.check_open_peer(&c.conn) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(site = %site, reason = %why, "closing the connection of a site that is no longer allowed");
+                c.conn
+                    .close(fedlink_transport::close::FORBIDDEN, why.as_bytes());
+                false
+            }
+        });
+    }
+
+    /// Close every held connection (shutdown).
+    pub(crate) fn close_all(&mut self) {
+        for s in self.sites.values() {
+            s.conn.close(
+                fedlink_transport::close::SHUTDOWN,
+                b"coordinator shutting down",
+            );
+        }
+        self.sites.clear();
+    }
+
+    /// Give every held connection to the engine of the job that starts
+    /// now, with its compatibility decided against that job's encoding.
+    pub(crate) fn hand_over(
+        &mut self,
+        engine: &mut Engine,
+        shared: &Shared,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let encoding = shared.job_encoding();
+        let mut sites: Vec<(String, HeldSite)> =
+            std::mem::take(&mut self.sites).into_iter().collect();
+        sites.sort_by_key(|(_, s)| s.conn_id);
+        for (site, mut held) in sites {
+            held.capabilities.compatible = encoding.is_none_or(|enc| {
+                held.codecs
+                    .iter()
+                    .any(|c| super::conn::same_family(*c, enc.values()))
+            });
+            engine.handle_event(
+                now,
+                Event::Connected {
+                    site,
+                    conn_id: held.conn_id,
+                    conn: held.conn,
+                    control: held.control,
+                    capabilities: held.capabilities,
+                    codecs: held.codecs,
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Serve without a job until one is submitted (`Ok(Some(id))`) or until
+/// shutdown (`Ok(None)`).
+pub(crate) async fn run_idle<F: Future<Output = ()>>(
+    idle: &mut Idle,
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    shared: &Shared,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Result<Option<String>, ServeError> {
+    tracing::info!(
+        "no job: serving the admin API and holding site connections until a job is submitted"
+    );
+    if let Some(next) = shared.admin.next_queued() {
+        return Ok(Some(next));
+    }
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(None),
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return Ok(None) };
+                if let Some(next) = idle.handle(shared, ev) {
+                    return Ok(Some(next));
+                }
+            }
+        }
+    }
+}
