@@ -862,3 +862,83 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
     let err = refused.expect_err("--exit-after-job without a job must not run");
     assert!(err.to_string().contains("no job to run"), "{err}");
 }
+
+/// Admin connections are audited like site connections (`conn.accepted`
+/// with the admin's identity and ALPN, `conn.closed`), and an open admin
+/// connection is cut as soon as its certificate is revoked, without
+/// waiting for its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_audited_and_cut_on_revocation() {
+    use fedlink_coordinator::cli::admin::client::AdminClient;
+    use fedlink_protocol::admin::{AdminRequest, AdminResponse};
+
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = public_ca(&pki, dir.path(), &[]);
+    let config = empty_config(&pki, dir.path(), &ca);
+    let coord = RunningCoordinator::start(&config, false).await.unwrap();
+    let admin = pki.admin_dir().to_owned();
+    let addr = coord.addr;
+    let admin_uri = format!("fedlink://{}/admin/admin", pki.federation());
+
+    ok(&admin, addr, &["status", "--json"]).await;
+    let accepted = wait_for_audit(&coord.data_dir, "admin conn.accepted", |e| {
+        e["event"] == "conn.accepted" && e["actor"] == admin_uri.as_str()
+    })
+    .await;
+    assert_eq!(accepted["details"]["identity"], admin_uri.as_str());
+    assert_eq!(accepted["details"]["alpn"], "fedlink-admin/1");
+    assert!(accepted["details"]["cert_serial"].is_string(), "{accepted}");
+    assert!(accepted["details"]["peer_addr"].is_string(), "{accepted}");
+    let closed = wait_for_audit(&coord.data_dir, "admin conn.closed", |e| {
+        e["event"] == "conn.closed" && e["actor"] == admin_uri.as_str()
+    })
+    .await;
+    assert_eq!(closed["details"]["identity"], admin_uri.as_str());
+    // Accepted before the command, closed after it.
+    let seq = |e: &Value| e["seq"].as_u64().unwrap();
+    let command = wait_for_audit(&coord.data_dir, "admin.command", |e| {
+        e["event"] == "admin.command"
+    })
+    .await;
+    assert!(seq(&accepted) < seq(&command) && seq(&command) < seq(&closed));
+
+    // A long-lived admin connection, idle after one command.
+    let client = AdminClient::connect(&admin, Some(&addr.to_string()))
+        .await
+        .unwrap();
+    let status = client.request(&AdminRequest::Status).await.unwrap();
+    assert!(matches!(status, AdminResponse::Status(_)), "{status:?}");
+    // Revoke the admin certificate at the CA and publish the list to the
+    // coordinator's CA directory (atomically, as an operator's copy would).
+    let now = fedlink_certs::time::OffsetDateTime::now_utc();
+    pki.ca()
+        .revoke("admin", Some(Role::Admin), Some("key lost"), now)
+        .unwrap();
+    let src = pki
+        .manifest_path()
+        .parent()
+        .unwrap()
+        .join(fedlink_certs::REVOKED_FILE);
+    let tmp = ca.join("revoked.toml.tmp");
+    std::fs::copy(&src, &tmp).unwrap();
+    std::fs::rename(&tmp, ca.join(fedlink_certs::REVOKED_FILE)).unwrap();
+    // Cut without sending anything.
+    let reason = bounded("revoked admin connection cut", client.closed())
+        .await
+        .unwrap();
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    let cut = wait_for_audit(&coord.data_dir, "conn.closed of the revoked admin", |e| {
+        e["event"] == "conn.closed"
+            && e["actor"] == admin_uri.as_str()
+            && e["details"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("revoked"))
+    })
+    .await;
+    assert!(seq(&cut) > seq(&closed));
+    // New connections with the revoked certificate are refused.
+    let refused = fedlink(&admin, addr, &["status"]).await;
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    coord.shutdown().await.unwrap();
+}

@@ -10,9 +10,10 @@
 //! allowed. Job commands that concern the running job go through the engine
 //! ([`super::engine::admin`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
@@ -29,7 +30,9 @@ use fedlink_protocol::admin::{
     JobInfo, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport, pytorch_tensors,
 };
 use fedlink_protocol::{ModelHash, SignedEnvelope};
-use fedlink_transport::{FramedRecv, FramedSend, TransportError, accept_bi};
+use fedlink_transport::{
+    FramedRecv, FramedSend, TransportError, accept_bi, close, negotiated_alpn, peer_end_entity,
+};
 use quinn::Connection;
 use tokio::sync::oneshot;
 
@@ -82,6 +85,30 @@ pub(crate) struct AdminState {
     current_job: RwLock<Option<String>>,
     /// Serialises registry edits (read-modify-write of the TOML files).
     registry: tokio::sync::Mutex<()>,
+    /// Open admin connections (by quinn's stable id), so that a revocation
+    /// cuts them at once.
+    conns: Mutex<HashMap<usize, OpenAdmin>>,
+}
+
+/// An open admin connection.
+struct OpenAdmin {
+    conn: Connection,
+    /// Why the coordinator cut it, once it has.
+    cut: Arc<OnceLock<String>>,
+}
+
+/// Keeps an admin connection in [`AdminState::conns`] while it is served.
+struct Registered<'a> {
+    state: &'a AdminState,
+    id: usize,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.state.conns.lock() {
+            m.remove(&self.id);
+        }
+    }
 }
 
 impl AdminState {
@@ -98,6 +125,7 @@ impl AdminState {
             started: Instant::now(),
             current_job: RwLock::new(None),
             registry: tokio::sync::Mutex::new(()),
+            conns: Mutex::new(HashMap::new()),
         }
     }
 
@@ -220,6 +248,30 @@ impl Shared {
         self.reload_if_changed();
     }
 
+    /// Cut every open admin connection whose certificate is now revoked
+    /// (called when the revocation list changed).
+    pub(super) fn recheck_admins(&self) {
+        let Ok(conns) = self.admin.conns.lock() else {
+            return;
+        };
+        for c in conns.values() {
+            self.cut_if_revoked(c);
+        }
+    }
+
+    /// Close `c` if its certificate is revoked; whether it was.
+    fn cut_if_revoked(&self, c: &OpenAdmin) -> bool {
+        let Some(why) = peer_end_entity(&c.conn).and_then(|ee| self.revocations.is_revoked(&ee))
+        else {
+            return false;
+        };
+        let reason = format!("the admin certificate has been revoked ({why:?})");
+        tracing::warn!(reason = %reason, "closing an admin connection");
+        c.conn.close(close::FORBIDDEN, reason.as_bytes());
+        let _ = c.cut.set(reason);
+        true
+    }
+
     async fn ask_engine<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> AdminEvent,
@@ -244,17 +296,82 @@ pub(crate) async fn serve_admin(
     shared: Arc<Shared>,
 ) {
     let actor = identity.to_uri();
+    let cert_serial = peer_end_entity(&conn)
+        .and_then(|ee| CertInfo::from_der(&ee).ok())
+        .map(|c| c.serial.to_string());
+    let accepted = shared.audit().record(
+        &actor,
+        "conn.accepted",
+        serde_json::json!({
+            "peer_addr": remote.to_string(),
+            "identity": actor,
+            "alpn": negotiated_alpn(&conn).as_deref().map(String::from_utf8_lossy),
+            "cert_serial": cert_serial,
+        }),
+    );
+    if let Err(e) = accepted {
+        // Nothing runs unaudited: refuse the connection.
+        tracing::error!(%remote, admin = %actor, error = %e, "cannot record the connection; refusing it");
+        conn.close(
+            close::SHUTDOWN,
+            b"the coordinator cannot write its audit log",
+        );
+        return;
+    }
     tracing::info!(%remote, admin = %actor, "admin connected");
+    let reason = serve_admin_streams(&conn, &actor, remote, &shared).await;
+    let closed = shared.audit().record(
+        &actor,
+        "conn.closed",
+        serde_json::json!({ "identity": actor, "reason": reason }),
+    );
+    if let Err(e) = closed {
+        tracing::error!(admin = %actor, error = %e, "cannot record the end of a connection");
+    }
+}
+
+/// Accept the streams of an admin connection until it ends; why it ended.
+async fn serve_admin_streams(
+    conn: &Connection,
+    actor: &str,
+    remote: SocketAddr,
+    shared: &Arc<Shared>,
+) -> String {
+    let cut = Arc::new(OnceLock::new());
+    let id = conn.stable_id();
+    if let Ok(mut m) = shared.admin.conns.lock() {
+        m.insert(
+            id,
+            OpenAdmin {
+                conn: conn.clone(),
+                cut: cut.clone(),
+            },
+        );
+    }
+    let _registered = Registered {
+        state: &shared.admin,
+        id,
+    };
+    // Registered, then checked: a revocation reloaded before the
+    // registration is caught here, one reloaded after it by
+    // `recheck_admins`.
+    shared.cut_if_revoked(&OpenAdmin {
+        conn: conn.clone(),
+        cut: cut.clone(),
+    });
     loop {
-        let (send, recv) = match accept_bi(&conn).await {
+        let (send, recv) = match accept_bi(conn).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%remote, admin = %actor, error = %e, "admin connection ended");
-                return;
+                return cut.get().cloned().unwrap_or_else(|| {
+                    conn.close_reason()
+                        .map_or_else(|| e.to_string(), |r| r.to_string())
+                });
             }
         };
         let shared = shared.clone();
-        let actor = actor.clone();
+        let actor = actor.to_owned();
         let conn = conn.clone();
         tokio::spawn(async move {
             if let Err(e) = handle_stream(&conn, &actor, remote, &shared, send, recv).await {
@@ -297,7 +414,7 @@ async fn handle_stream(
         }
     };
     // A certificate revoked while the connection is open stops here.
-    if let Some(ee) = fedlink_transport::peer_end_entity(conn)
+    if let Some(ee) = peer_end_entity(conn)
         && shared.revocations.is_revoked(&ee).is_some()
     {
         let reason = "the admin certificate has been revoked";
@@ -312,7 +429,7 @@ async fn handle_stream(
         )
         .await?;
         send.finish()?;
-        conn.close(fedlink_transport::close::FORBIDDEN, reason.as_bytes());
+        conn.close(close::FORBIDDEN, reason.as_bytes());
         return Ok(());
     }
     tracing::info!(admin = %actor, command = req.command(), "admin command");

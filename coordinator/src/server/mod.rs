@@ -175,6 +175,7 @@ impl Shared {
         }
         if changed {
             let _ = self.engine.send(Event::RecheckPeers);
+            self.recheck_admins();
         }
     }
 

@@ -122,6 +122,11 @@ impl AdminClient {
         Ok(self.request_stream(req).await?.0)
     }
 
+    /// Wait until the connection is closed (by either side); why it was.
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
+    }
+
     /// Close the connection cleanly.
     pub async fn close(self) {
         self.conn.close(fedlink_transport::close::NORMAL, b"done");
