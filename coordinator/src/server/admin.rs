@@ -29,7 +29,7 @@ use fedlink_protocol::admin::{
     AdminErrorCode, AdminRequest, AdminResponse, EXPORT_CHUNK_BYTES, ExportFormat, ExportHeader,
     JobInfo, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport, pytorch_tensors,
 };
-use fedlink_protocol::{ModelHash, SignedEnvelope};
+use fedlink_protocol::{ModelHash, ModelHasher, ModelSpec, SignedEnvelope};
 use fedlink_transport::{
     FramedRecv, FramedSend, TransportError, accept_bi, close, negotiated_alpn, peer_end_entity,
 };
@@ -41,7 +41,7 @@ use super::engine::admin::AdminEvent;
 use super::{Shared, initial_model, strategy_config};
 use crate::job::Job;
 use crate::round::AdminCommand;
-use crate::store::{JobRecord, Store};
+use crate::store::{JobRecord, MAX_SPEC_BYTES, MODEL_MAGIC, Store};
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1045,6 +1045,124 @@ fn provenance_chain(
     Ok(steps)
 }
 
+/// Stream error code of an export whose model file failed its hash check
+/// (the stream is reset; the client never sees a clean end).
+const EXPORT_CORRUPT: quinn::VarInt = quinn::VarInt::from_u32(0x500);
+
+/// A stored model file (`models/<hash>.bin`, written by
+/// [`Store::put_model`]) read piece by piece for an export, so that an
+/// export holds one piece in memory whatever the model's size. The header
+/// and spec are checked against the file's size when it is opened; the
+/// values are hashed as they are read, and the content hash is checked
+/// before the last piece is handed out.
+struct ModelFileStream {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Value bytes not read yet.
+    left: u64,
+    hasher: ModelHasher,
+    expected: ModelHash,
+    /// Reused buffer: the values of a slice of a piece, for the hasher.
+    values: Vec<f32>,
+}
+
+impl ModelFileStream {
+    /// Open the file of model `expected` and read its spec.
+    fn open(path: &Path, expected: ModelHash) -> Result<(ModelSpec, Self), String> {
+        use std::io::Read;
+        let corrupt = |why: String| format!("model file {} is corrupt: {why}", path.display());
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("the file of model {expected} is missing"));
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        let mut head = [0u8; 12];
+        file.read_exact(&mut head)
+            .map_err(|e| corrupt(format!("short header: {e}")))?;
+        if &head[..8] != MODEL_MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
+            return Err(corrupt(format!("spec length {spec_len} out of range")));
+        }
+        let mut spec = vec![0u8; spec_len as usize];
+        file.read_exact(&mut spec)
+            .map_err(|e| corrupt(format!("short spec: {e}")))?;
+        let spec: ModelSpec =
+            serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
+        let n = spec.num_params();
+        let values_len = n.checked_mul(4);
+        if values_len.and_then(|b| b.checked_add(12 + u64::from(spec_len))) != Some(len) {
+            return Err(corrupt(format!(
+                "file is {len} bytes, spec declares {n} values"
+            )));
+        }
+        let stream = Self {
+            file,
+            path: path.to_owned(),
+            left: values_len.unwrap_or(0),
+            hasher: ModelHasher::new(&spec),
+            expected,
+            values: Vec::with_capacity(HASH_SLICE / 4),
+        };
+        if stream.left == 0 {
+            stream.check_hash()?;
+        }
+        Ok((spec, stream))
+    }
+
+    fn check_hash(&self) -> Result<(), String> {
+        let actual = self.hasher.finalize();
+        if actual != self.expected {
+            return Err(format!(
+                "model file {} is corrupt: content hash is {actual}, expected {}",
+                self.path.display(),
+                self.expected
+            ));
+        }
+        Ok(())
+    }
+
+    /// The next piece of at most `max` bytes (`max` a multiple of 4), or
+    /// `None` after the last one. The call that reads the last piece checks
+    /// the content hash and fails instead of returning it on a mismatch.
+    fn next_piece(&mut self, max: usize) -> Result<Option<Vec<u8>>, String> {
+        use std::io::Read;
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let take = usize::try_from(self.left).map_or(max, |l| l.min(max));
+        let mut piece = vec![0u8; take];
+        self.file
+            .read_exact(&mut piece)
+            .map_err(|e| format!("model file {}: short values: {e}", self.path.display()))?;
+        for slice in piece.chunks(HASH_SLICE) {
+            self.values.clear();
+            self.values.extend(
+                slice
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            self.hasher.update(&self.values);
+        }
+        self.left -= take as u64;
+        if self.left == 0 {
+            self.check_hash()?;
+        }
+        Ok(Some(piece))
+    }
+}
+
+/// Bytes of a piece converted to values at a time for hashing.
+const HASH_SLICE: usize = 64 * 1024;
+
 async fn export(
     shared: &Arc<Shared>,
     actor: &str,
@@ -1060,19 +1178,21 @@ async fn export(
             .ok()
             .and_then(|j| serde_json::to_value(&j.arch).ok())
             .unwrap_or(serde_json::Value::Null);
-        let model = tokio::task::block_in_place(|| store.load_model(&h)).map_err(internal)?;
+        let path = store.model_path(&h);
+        let (spec, stream) =
+            tokio::task::block_in_place(|| ModelFileStream::open(&path, h)).map_err(internal)?;
         let header = ExportHeader {
             model: h.to_hex(),
             job: info.job,
             round: info.round,
             arch,
             format,
-            tensors: pytorch_tensors(model.spec()),
-            total_bytes: model.values().len() as u64 * 4,
+            tensors: pytorch_tensors(&spec),
+            total_bytes: spec.num_params().saturating_mul(4),
         };
-        Ok((model, header))
+        Ok((stream, header))
     })();
-    let (model, header) = match prepared {
+    let (mut stream, header) = match prepared {
         Ok(p) => p,
         Err((code, message)) => {
             send_response(&mut send, &AdminResponse::Error { code, message }).await?;
@@ -1096,12 +1216,105 @@ async fn export(
         return send.finish();
     }
     send_response(&mut send, &AdminResponse::Export(header)).await?;
-    for chunk in model.values().chunks(EXPORT_CHUNK_BYTES / 4) {
-        let mut bytes = Vec::with_capacity(chunk.len() * 4);
-        for v in chunk {
-            bytes.extend_from_slice(&v.to_le_bytes());
+    loop {
+        match tokio::task::block_in_place(|| stream.next_piece(EXPORT_CHUNK_BYTES)) {
+            Ok(Some(piece)) => send.chunk(piece).await?,
+            Ok(None) => break,
+            Err(e) => {
+                // The values already sent cannot be taken back: reset the
+                // stream so the client never takes them for a whole model.
+                tracing::error!(admin = %actor, error = %e, "export stopped");
+                let _ = send.into_inner().reset(EXPORT_CORRUPT);
+                return Err(TransportError::Stream(e));
+            }
         }
-        send.chunk(bytes).await?;
     }
     send.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use fedlink_protocol::{FlatModel, TensorSpec};
+
+    use super::*;
+
+    fn model(n: u64) -> FlatModel {
+        let spec = ModelSpec::new(vec![
+            TensorSpec::f32("a.weight", vec![n, 3]),
+            TensorSpec::f32("a.bias", vec![3]),
+        ])
+        .unwrap();
+        let values = (0..(n * 3 + 3)).map(|i| i as f32 * 0.5 - 7.0).collect();
+        FlatModel::new(spec, values).unwrap()
+    }
+
+    fn drain(stream: &mut ModelFileStream, max: usize) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        while let Some(p) = stream.next_piece(max)? {
+            assert!(p.len() <= max);
+            out.extend_from_slice(&p);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_model_file_streams_in_bounded_pieces_with_its_hash_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = model(1000);
+        let h = store.put_model(&m).unwrap();
+        let (spec, mut stream) = ModelFileStream::open(&store.model_path(&h), h).unwrap();
+        assert_eq!(&spec, m.spec());
+        // Pieces smaller than a hash slice, and a size that does not divide
+        // the model.
+        let bytes = drain(&mut stream, 4 * 7).unwrap();
+        let expected: Vec<u8> = m.values().iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(bytes, expected);
+        let (_, mut stream) = ModelFileStream::open(&store.model_path(&h), h).unwrap();
+        assert_eq!(drain(&mut stream, EXPORT_CHUNK_BYTES).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_corrupt_model_file_is_refused_before_its_last_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = model(1000);
+        let h = store.put_model(&m).unwrap();
+        let path = store.model_path(&h);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, mut stream) = ModelFileStream::open(&path, h).unwrap();
+        let mut pieces = 0;
+        let err = loop {
+            match stream.next_piece(4 * 100) {
+                Ok(Some(_)) => pieces += 1,
+                Ok(None) => panic!("a corrupt model streamed to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.contains("content hash"), "{err}");
+        // Every piece but the last went out; the last was held back.
+        assert_eq!(pieces, (m.values().len() * 4).div_ceil(400) - 1);
+
+        // Truncated: refused when opened.
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let err = ModelFileStream::open(&path, h).err().unwrap();
+        assert!(err.contains("spec declares"), "{err}");
+        // Another model's hash: refused at the end.
+        let other = model(2).hash();
+        let fresh = store.model_path(&store.put_model(&model(2)).unwrap());
+        let (_, mut stream) = ModelFileStream::open(&fresh, h).unwrap();
+        assert!(drain(&mut stream, EXPORT_CHUNK_BYTES).is_err());
+        let (_, mut stream) = ModelFileStream::open(&fresh, other).unwrap();
+        assert!(drain(&mut stream, EXPORT_CHUNK_BYTES).is_ok());
+        // Missing.
+        let err = ModelFileStream::open(&dir.path().join("nope.bin"), h)
+            .err()
+            .unwrap();
+        assert!(err.contains("missing"), "{err}");
+    }
 }
