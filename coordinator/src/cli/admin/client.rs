@@ -72,7 +72,9 @@ impl AdminClient {
     pub async fn connect(kit_dir: &Path, coordinator: Option<&str>) -> Result<Self, ClientError> {
         let kit = Kit::load(kit_dir)
             .map_err(|e| anyhow::anyhow!("admin kit {}: {e}", kit_dir.display()))?;
-        let target = coordinator.unwrap_or_else(|| kit.coordinator_addr()).to_owned();
+        let target = coordinator
+            .unwrap_or_else(|| kit.coordinator_addr())
+            .to_owned();
         let addr: SocketAddr = tokio::net::lookup_host(&target)
             .await
             .map_err(|e| ClientError::Unreachable(format!("resolving {target}: {e}")))?
