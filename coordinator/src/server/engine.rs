@@ -1235,6 +1235,17 @@ fn archive(
         hex::encode(p.envelope.header.nonce.0)
     );
     let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
+    // The archive must let `fedlink audit replay` re-check the signature:
+    // the JSON has to give back exactly the signed bytes (floats included).
+    let back: fedlink_protocol::SignedEnvelope =
+        serde_json::from_slice(&envelope).map_err(std::io::Error::other)?;
+    if back.header.signed_bytes() != p.envelope.header.signed_bytes()
+        || back.signature != p.envelope.signature
+    {
+        return Err(std::io::Error::other(
+            "the archived envelope does not reproduce the signed bytes",
+        ));
+    }
     let envelope_file = format!("{base}.envelope.json");
     let payload_file = format!("{base}.payload");
     let mut f = std::fs::File::create(dir.join(&envelope_file))?;
