@@ -546,6 +546,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     };
     let wall = started.elapsed();
     bar.finish_and_clear();
+    stop_agents(&mut procs);
     drop(procs);
     if !final_status.completed {
         bail!(
@@ -557,6 +558,11 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     let Some((_, federated)) = last else {
         bail!("no round completed");
     };
+
+    // 6. What an auditor checks, with the real CLI: both sides' signed logs,
+    // each site's log against the coordinator's, and the last round
+    // recomputed from the archived signed updates.
+    audit_checks(&bins, task, &root, &pki, final_status.completed_rounds)?;
     let mut hospitals = Vec::new();
     for (site, m) in local_only {
         let (mut bytes, mut n) = (0, 0);
@@ -577,6 +583,132 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         raw_delta_bytes: init.values().len() as u64 * 4,
         wall,
     })
+}
+
+/// Stop the agents with SIGTERM (they record `agent.stopped` and exit 0),
+/// waiting a few seconds; whatever is still running is killed on drop.
+fn stop_agents(procs: &mut Procs) {
+    for (name, child) in procs.0.iter_mut().filter(|(n, _)| n != "coordinator") {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            continue;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            eprintln!("  {name}: did not stop on SIGTERM within 10 s; killing it");
+        }
+    }
+}
+
+/// Run a `fedlink audit …` command; its exit code must be 0.
+fn audit_cmd(bins: &Bins, args: &[&std::ffi::OsStr], what: &str) -> anyhow::Result<String> {
+    let out = Command::new(&bins.fedlink)
+        .arg("audit")
+        .args(args)
+        .output()
+        .with_context(|| format!("running fedlink audit for {what}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "audit check failed: {what} ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+fn audit_checks(
+    bins: &Bins,
+    task: &Task,
+    root: &Path,
+    pki: &Path,
+    rounds: u64,
+) -> anyhow::Result<()> {
+    let data = root.join("coordinator").join("data");
+    let coord_log = data.join("audit").join("audit.jsonl");
+    let coord_key = data.join("audit").join("audit-key.pub");
+    let count = |log: &Path| -> anyhow::Result<usize> {
+        Ok(std::fs::read_to_string(log)
+            .with_context(|| format!("reading {}", log.display()))?
+            .lines()
+            .count())
+    };
+    audit_cmd(
+        bins,
+        &[
+            "verify".as_ref(),
+            coord_log.as_os_str(),
+            "--rotated".as_ref(),
+            "--key".as_ref(),
+            coord_key.as_os_str(),
+        ],
+        "the coordinator's audit log",
+    )?;
+    println!(
+        "  audit: coordinator log verified ({} signed entries, chain intact)",
+        count(&coord_log)?
+    );
+    for (site, _) in &task.sites {
+        let log = root.join(site).join("state").join("audit.jsonl");
+        let key = pki.join("sites").join(site).join("update-key.pub.pem");
+        audit_cmd(
+            bins,
+            &[
+                "verify".as_ref(),
+                log.as_os_str(),
+                "--rotated".as_ref(),
+                "--key".as_ref(),
+                key.as_os_str(),
+            ],
+            &format!("{site}'s audit log"),
+        )?;
+        audit_cmd(
+            bins,
+            &[
+                "reconcile".as_ref(),
+                "--site".as_ref(),
+                log.as_os_str(),
+                "--site-key".as_ref(),
+                key.as_os_str(),
+                "--coordinator".as_ref(),
+                coord_log.as_os_str(),
+                "--coordinator-key".as_ref(),
+                coord_key.as_os_str(),
+            ],
+            &format!("reconciling {site} with the coordinator"),
+        )?;
+        println!(
+            "  audit: {site}: log verified ({} entries), reconciled with the coordinator's",
+            count(&log)?
+        );
+    }
+    let round = rounds.to_string();
+    let job = format!("{}-demo", task.name);
+    audit_cmd(
+        bins,
+        &[
+            "replay".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--job".as_ref(),
+            job.as_ref(),
+            "--round".as_ref(),
+            round.as_ref(),
+            "--ca-dir".as_ref(),
+            pki.join("ca").as_os_str(),
+        ],
+        &format!("replaying round {rounds}"),
+    )?;
+    println!(
+        "  audit: round {rounds} recomputed from the archived signed updates: same model hash, bit for bit"
+    );
+    Ok(())
 }
 
 /// Print above the progress bar, or plainly when there is no terminal.
