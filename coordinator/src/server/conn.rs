@@ -276,53 +276,87 @@ async fn control_loop(
     recv: &mut FramedRecv,
     heads: Option<mpsc::UnboundedSender<Message>>,
 ) -> Result<(), TransportError> {
-    loop {
-        tokio::select! {
-            msg = recv.message_or_end() => match msg? {
-                Some(Message::OfferResponse(r)) => {
-                    let (accepted, reason) = match r.decision {
-                        OfferDecision::Accept => (true, String::new()),
-                        OfferDecision::Decline { reason } => (false, reason),
-                    };
-                    let _ = shared.engine.send(Event::OfferResponse {
-                        site: site.to_owned(),
-                        round: r.round.0,
-                        accepted,
-                        reason,
-                    });
-                }
-                Some(Message::Heartbeat(h)) => {
-                    tracing::trace!(site, seq = h.seq, "heartbeat");
-                }
-                Some(Message::AuditHead(h)) if heads.is_some() => {
-                    if let Some(answer) = site_audit_head(shared, site, &h)
-                        && let Some(tx) = &heads
-                    {
-                        let _ = tx.send(Message::AuditHead(answer));
+    // Streams the site opens (model fetches, uploads) are accepted on a task
+    // of their own. Reading a frame is not cancel-safe: racing the control
+    // stream's read against `accept_bi` in a `select!` dropped a half-read
+    // frame whenever a stream arrived mid-message, and the next read started
+    // inside it ("bad frame magic").
+    let acceptor = {
+        let conn = conn.clone();
+        let shared = shared.clone();
+        let site = site.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let (send, recv) = match accept_bi(&conn).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(site = %site, error = %e, "no more streams");
+                        return;
                     }
-                }
-                Some(Message::Bye(b)) => {
-                    tracing::info!(site, reason = %b.reason, "site said bye");
-                    conn.close(close::NORMAL, b"bye");
-                    return Ok(());
-                }
-                None => return Ok(()),
-                Some(other) => {
-                    tracing::warn!(site, message = other.name(), "unexpected message on the control stream");
-                    conn.close(close::PROTOCOL, b"unexpected message on the control stream");
-                    return Ok(());
-                }
-            },
-            stream = accept_bi(conn) => {
-                let (send, recv) = stream?;
+                };
                 let shared = shared.clone();
-                let site = site.to_owned();
+                let site = site.clone();
                 let conn = conn.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle_stream(&conn, &site, &shared, send, recv).await {
                         tracing::warn!(site = %site, error = %e, "stream failed");
                     }
                 });
+            }
+        })
+    };
+    let result = read_control(conn, site, shared, recv, heads).await;
+    acceptor.abort();
+    result
+}
+
+/// The site's control messages, in order, until the stream or the
+/// connection ends.
+async fn read_control(
+    conn: &Connection,
+    site: &str,
+    shared: &Arc<Shared>,
+    recv: &mut FramedRecv,
+    heads: Option<mpsc::UnboundedSender<Message>>,
+) -> Result<(), TransportError> {
+    loop {
+        match recv.message_or_end().await? {
+            Some(Message::OfferResponse(r)) => {
+                let (accepted, reason) = match r.decision {
+                    OfferDecision::Accept => (true, String::new()),
+                    OfferDecision::Decline { reason } => (false, reason),
+                };
+                let _ = shared.engine.send(Event::OfferResponse {
+                    site: site.to_owned(),
+                    round: r.round.0,
+                    accepted,
+                    reason,
+                });
+            }
+            Some(Message::Heartbeat(h)) => {
+                tracing::trace!(site, seq = h.seq, "heartbeat");
+            }
+            Some(Message::AuditHead(h)) if heads.is_some() => {
+                if let Some(answer) = site_audit_head(shared, site, &h)
+                    && let Some(tx) = &heads
+                {
+                    let _ = tx.send(Message::AuditHead(answer));
+                }
+            }
+            Some(Message::Bye(b)) => {
+                tracing::info!(site, reason = %b.reason, "site said bye");
+                conn.close(close::NORMAL, b"bye");
+                return Ok(());
+            }
+            None => return Ok(()),
+            Some(other) => {
+                tracing::warn!(
+                    site,
+                    message = other.name(),
+                    "unexpected message on the control stream"
+                );
+                conn.close(close::PROTOCOL, b"unexpected message on the control stream");
+                return Ok(());
             }
         }
     }

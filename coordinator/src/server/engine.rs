@@ -1237,8 +1237,7 @@ fn archive(
     let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
     // The archive must let `fedlink audit replay` re-check the signature:
     // the JSON has to give back exactly the signed bytes (floats included).
-    let back: fedlink_protocol::SignedEnvelope =
-        serde_json::from_slice(&envelope).map_err(std::io::Error::other)?;
+    let back: SignedEnvelope = serde_json::from_slice(&envelope).map_err(std::io::Error::other)?;
     if back.header.signed_bytes() != p.envelope.header.signed_bytes()
         || back.signature != p.envelope.signature
     {
