@@ -89,6 +89,10 @@ struct Args {
     /// coordinator's own default).
     #[arg(long)]
     max_concurrent_uploads: Option<usize>,
+    /// `max_concurrent_downloads` of the coordinator config (default: the
+    /// coordinator's own default).
+    #[arg(long)]
+    max_concurrent_downloads: Option<usize>,
     /// Write the coordinator's RSS samples and the round phases as CSV
     /// (`ms,rss_mb,event`) to this file.
     #[arg(long)]
@@ -495,9 +499,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ca_dir,
             data_dir,
             job_path,
-            args.max_concurrent_uploads
-                .map(|n| format!("max_concurrent_uploads = {n}\n"))
-                .unwrap_or_default(),
+            [
+                args.max_concurrent_uploads
+                    .map(|n| format!("max_concurrent_uploads = {n}\n")),
+                args.max_concurrent_downloads
+                    .map(|n| format!("max_concurrent_downloads = {n}\n")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>(),
         ),
     )?;
     println!(
