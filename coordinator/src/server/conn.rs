@@ -532,6 +532,11 @@ fn audit_upload_refused(
     }
 }
 
+/// How long an upload holding a slot may go without completing a payload
+/// record (a record is at most ≈ 5 MiB: 60 s allows links down to
+/// ≈ 0.7 Mbit/s).
+const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Puts the connection's receive window back to the idle size when an
 /// upload ends, however it ends.
 struct UploadWindow<'a>(&'a Connection);
@@ -605,9 +610,19 @@ async fn receive_upload(
     // Receive: hash and spool every chunk record; never more than declared.
     let received: Result<(), (RejectCode, String)> = async {
         while verifier.remaining() > 0 {
-            let rec = recv
-                .chunk()
+            // A site that stops sending must not hold its slot (and with
+            // it the uploads, and the control messages, of waiting sites).
+            let rec = tokio::time::timeout(UPLOAD_STALL_TIMEOUT, recv.chunk())
                 .await
+                .map_err(|_| {
+                    (
+                        RejectCode::TooLate,
+                        format!(
+                            "no payload record within {} s while holding an upload slot",
+                            UPLOAD_STALL_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?
                 .map_err(|e| (RejectCode::Malformed, format!("receiving the payload: {e}")))?;
             verifier
                 .update(&rec)
