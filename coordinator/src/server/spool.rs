@@ -4,7 +4,7 @@
 //! deleted (rejected).
 
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader, PayloadDecoder};
@@ -35,7 +35,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
 #[derive(Debug)]
 pub(crate) struct SpoolWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: File,
 }
 
 impl SpoolWriter {
@@ -46,12 +46,9 @@ impl SpoolWriter {
             .create_new(true)
             .open(&path)
             .map_err(io(&path))?;
-        // Records arrive whole (≈ 1–2 MB each): a large buffer would only
-        // add a copy and memory per upload in flight.
-        Ok(Self {
-            out: BufWriter::with_capacity(64 << 10, file),
-            path,
-        })
+        // Unbuffered: records arrive whole (≈ 0.2–2 MB each); a buffer
+        // would only add a copy and an allocation per upload in flight.
+        Ok(Self { out: file, path })
     }
 
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
@@ -61,11 +58,7 @@ impl SpoolWriter {
     /// Flush and fsync; returns the path.
     pub(crate) fn finish(self) -> Result<PathBuf, SpoolError> {
         let Self { path, out } = self;
-        let file = out.into_inner().map_err(|e| SpoolError::Io {
-            path: path.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io(&path))?;
+        out.sync_all().map_err(io(&path))?;
         Ok(path)
     }
 
@@ -84,8 +77,9 @@ pub(crate) fn for_each_chunk(
     mut f: impl FnMut(u64, &[f32]) -> Result<(), String>,
 ) -> Result<Result<(), String>, SpoolError> {
     let file = File::open(path).map_err(io(path))?;
-    // Small: record bodies are read straight into `record` past the buffer.
-    let mut r = BufReader::with_capacity(64 << 10, file);
+    // Unbuffered: two reads per record (header, then the body straight
+    // into `record`), no buffer allocated per pass.
+    let mut r = file;
     let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
     let mut record = Vec::new();
     loop {

@@ -5,7 +5,7 @@
 //! memory, whatever the number of sites.
 
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use fedlink_protocol::encoding::DEFAULT_CHUNK_BYTES;
@@ -100,14 +100,15 @@ fn describe(
 
 /// Reads chunk records back from a wire file.
 pub(crate) struct RecordReader {
-    inner: BufReader<File>,
+    inner: File,
 }
 
 impl RecordReader {
     pub(crate) fn open(path: &Path) -> Result<Self, String> {
         let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Self {
-            inner: BufReader::with_capacity(64 << 10, f),
+            // Unbuffered: a header read, then body pieces of 256 KiB.
+            inner: f,
         })
     }
 
@@ -141,7 +142,7 @@ impl RecordReader {
     /// Skip `n` bytes of the current record's body.
     pub(crate) fn skip_body(&mut self, n: usize) -> Result<(), String> {
         let skipped = std::io::copy(
-            &mut self.inner.by_ref().take(n as u64),
+            &mut Read::by_ref(&mut self.inner).take(n as u64),
             &mut std::io::sink(),
         )
         .map_err(|e| e.to_string())?;
