@@ -98,6 +98,24 @@ async fn three_sites_three_rounds_with_exact_weighted_average() {
     let Some(JobOutcome::Completed { model }) = out.outcome else {
         panic!("job did not complete: {:?}", out.outcome);
     };
+    // Started again on the same data directory with the same job file, the
+    // finished job is not run again: with exit_after_job the coordinator
+    // stops at once and reports the stored outcome.
+    let cfg =
+        fedlink_coordinator::config::CoordinatorConfig::load(&dir.path().join("coordinator.toml"))
+            .unwrap();
+    let opts = fedlink_coordinator::server::ServeOptions {
+        exit_after_job: true,
+        bound: None,
+    };
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        fedlink_coordinator::server::serve(cfg, opts, std::future::pending::<()>()),
+    )
+    .await
+    .expect("a finished job must not be run or waited on again")
+    .unwrap();
+    assert_eq!(again.outcome, Some(JobOutcome::Completed { model }));
     // Every site trained on the same model each round, and each round's
     // model is the exact weighted average of the three deltas.
     let models = data_dir.join("models");

@@ -319,7 +319,19 @@ pub async fn serve(
         .map_err(|e| ServeError::Audit(e.to_string()))?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
-    let job_id = select_job(&store, cfg.job.as_deref(), &auditor)?;
+    let job_id = match select_job(&store, cfg.job.as_deref(), &auditor)? {
+        Selected::Run(id) => Some(id),
+        Selected::Nothing => None,
+        Selected::Finished(id, outcome) => {
+            tracing::info!(job = %id, ?outcome, "the configured job has already finished; it is not run again");
+            if opts.exit_after_job {
+                return Ok(ServeOutcome {
+                    outcome: Some(outcome),
+                });
+            }
+            select_unfinished(&store)?
+        }
+    };
     if job_id.is_none() && opts.exit_after_job {
         return Err(ServeError::Job(
             "no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
@@ -588,14 +600,25 @@ fn clean_spool(dir: &std::path::Path) {
     }
 }
 
-/// Which job to run: the config's job file (created in the store if new),
-/// else the most recent unfinished job in the store, else none (the
-/// coordinator starts empty and waits for a submitted job).
+/// What [`select_job`] found.
+enum Selected {
+    /// Run this job.
+    Run(String),
+    /// The configured job exists in the store and has finished.
+    Finished(String, JobOutcome),
+    /// No job: start empty and wait for a submitted one.
+    Nothing,
+}
+
+/// Which job to run: the config's job file (created in the store if new;
+/// reported as finished if it has), else the most recent unfinished job in
+/// the store, else none (the coordinator starts empty and waits for a
+/// submitted job).
 fn select_job(
     store: &Store,
     job_file: Option<&std::path::Path>,
     auditor: &Auditor,
-) -> Result<Option<String>, ServeError> {
+) -> Result<Selected, ServeError> {
     if let Some(path) = job_file {
         let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
         if store.job(&job.id)?.is_none() {
@@ -615,11 +638,18 @@ fn select_job(
             let hash = store.put_model(&model)?;
             store.create_job(&job, hash)?;
             tracing::info!(job = %job.id, model = %hash, "job created");
+        } else if let Some(outcome) = store.job(&job.id)?.and_then(|r| r.outcome) {
+            return Ok(Selected::Finished(job.id, outcome));
         }
-        return Ok(Some(job.id));
+        return Ok(Selected::Run(job.id));
     }
-    let jobs = store.jobs()?;
-    Ok(jobs
+    Ok(select_unfinished(store)?.map_or(Selected::Nothing, Selected::Run))
+}
+
+/// The most recent unfinished job in the store.
+fn select_unfinished(store: &Store) -> Result<Option<String>, ServeError> {
+    Ok(store
+        .jobs()?
         .iter()
         .rev()
         .find(|j| j.outcome.is_none())
