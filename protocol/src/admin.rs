@@ -336,7 +336,8 @@ pub struct JobInfo {
     pub current_model: String,
     /// Paused by an admin.
     pub paused: bool,
-    /// How it ended (debug form), if it has.
+    /// How it ended, if it has (`completed: model <hex>`, `failed in round N: …`,
+    /// `aborted after N completed round(s)`).
     pub outcome: Option<String>,
     /// The job file (`jobs show` only).
     pub job_toml: Option<String>,

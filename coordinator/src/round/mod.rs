@@ -432,6 +432,34 @@ pub enum JobOutcome {
     },
 }
 
+impl std::fmt::Display for FailReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoQuorum {
+                accepted,
+                quorum,
+                attempts,
+            } => write!(
+                f,
+                "no quorum: {accepted} of {quorum} updates after {attempts} offer wave(s)"
+            ),
+            Self::Aggregation(why) => write!(f, "aggregation failed: {why}"),
+        }
+    }
+}
+
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Completed { model } => write!(f, "completed: model {model}"),
+            Self::Failed { round, reason } => write!(f, "failed in round {round}: {reason}"),
+            Self::Aborted { completed_rounds } => {
+                write!(f, "aborted after {completed_rounds} completed round(s)")
+            }
+        }
+    }
+}
+
 /// A state change the driver must make durable before executing the
 /// actions that follow it (see [`crate::store::Store::persist`]).
 #[non_exhaustive]

@@ -205,7 +205,7 @@ impl AdminState {
             initial_model: rec.initial_model.to_hex(),
             current_model: rec.current_model.to_hex(),
             paused: rec.paused,
-            outcome: rec.outcome.as_ref().map(|o| format!("{o:?}")),
+            outcome: rec.outcome.as_ref().map(ToString::to_string),
             job_toml: with_toml.then(|| rec.job_toml.clone()),
         }
     }

@@ -100,6 +100,141 @@ fn field(v: &serde_json::Value, k: &str) -> String {
     }
 }
 
+fn list(v: &serde_json::Value, k: &str) -> Vec<serde_json::Value> {
+    v.get(k)
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn duration_ms(r: &serde_json::Value) -> String {
+    match (
+        r.get("opened_unix_ms").and_then(serde_json::Value::as_u64),
+        r.get("closed_unix_ms").and_then(serde_json::Value::as_u64),
+    ) {
+        (Some(a), Some(b)) if b >= a => format!("{} ms", b - a),
+        _ => "-".into(),
+    }
+}
+
+fn metric(v: &serde_json::Value, k: &str) -> String {
+    v.get("metrics")
+        .and_then(|m| m.get(k))
+        .and_then(serde_json::Value::as_f64)
+        .map_or_else(|| "-".into(), |x| format!("{x:.4}"))
+}
+
+/// `rounds show`: the round, then one row per update (accepted, rejected,
+/// discarded) with what the coordinator recorded about it.
+fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
+    let _ = writeln!(out, "job       {job}");
+    let _ = writeln!(
+        out,
+        "round     {} ({})",
+        field(r, "round"),
+        field(r, "state")
+    );
+    let _ = writeln!(out, "base      {}", field(r, "base_model"));
+    let _ = writeln!(out, "model     {}", field(r, "model"));
+    let _ = writeln!(out, "duration  {}", duration_ms(r));
+    let selected: Vec<String> = list(r, "selected")
+        .iter()
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect();
+    let _ = writeln!(
+        out,
+        "selected  {} ({}), offer waves {}, restarts {}",
+        selected.len(),
+        selected.join(", "),
+        field(r, "attempts"),
+        field(r, "restarts")
+    );
+    if let Some(m) = r.get("metrics").and_then(serde_json::Value::as_object)
+        && !m.is_empty()
+    {
+        let text: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(out, "metrics   {}", text.join("  "));
+    }
+    let details = list(r, "update_details");
+    let detail = |site: &str, hash: &str| {
+        details.iter().find(|d| {
+            d.get("site").and_then(serde_json::Value::as_str) == Some(site)
+                && d.get("payload_hash").and_then(serde_json::Value::as_str) == Some(hash)
+        })
+    };
+    let mut rows = Vec::new();
+    for u in list(r, "accepted") {
+        let site = field(&u, "site");
+        let hash = field(&u, "payload_hash");
+        let d = detail(&site, &hash);
+        rows.push(vec![
+            site.clone(),
+            "accepted".into(),
+            short(&hash),
+            field(&u, "bytes"),
+            d.map_or_else(|| "-".into(), |d| field(d, "upload_ms")),
+            field(&u, "num_examples"),
+            d.map_or_else(|| "-".into(), |d| metric(d, "loss")),
+            d.map_or_else(|| "-".into(), |d| metric(d, "accuracy")),
+            String::new(),
+        ]);
+    }
+    for u in list(r, "rejected") {
+        rows.push(vec![
+            field(&u, "site"),
+            "rejected".into(),
+            short(&field(&u, "payload_hash")),
+            field(&u, "bytes"),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            field(&u, "reason"),
+        ]);
+    }
+    for u in list(r, "discarded") {
+        rows.push(vec![
+            field(&u, "site"),
+            "discarded".into(),
+            short(&field(&u, "payload_hash")),
+            field(&u, "bytes"),
+            "-".into(),
+            field(&u, "num_examples"),
+            "-".into(),
+            "-".into(),
+            "accepted before a restart; not aggregated".into(),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "SITE",
+            "UPDATE",
+            "PAYLOAD",
+            "BYTES",
+            "UPLOAD MS",
+            "EXAMPLES",
+            "LOSS",
+            "ACCURACY",
+            "REASON",
+        ],
+        &rows,
+    ));
+    let reported: std::collections::BTreeSet<String> = rows.iter().map(|r| r[0].clone()).collect();
+    let silent: Vec<&String> = selected.iter().filter(|s| !reported.contains(*s)).collect();
+    if !silent.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nselected but did not report: {}",
+            silent
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
 /// The answer as readable text.
 pub(super) fn text(resp: &AdminResponse) -> String {
     let mut out = String::new();
@@ -213,18 +348,7 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                     .collect::<Vec<_>>(),
             ));
         }
-        AdminResponse::Round { job, round } => {
-            let _ = writeln!(out, "job {job}");
-            if let Some(obj) = round.as_object() {
-                for (k, v) in obj {
-                    let text = match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    let _ = writeln!(out, "{k:<18} {text}");
-                }
-            }
-        }
+        AdminResponse::Round { job, round } => round_text(&mut out, job, round),
         AdminResponse::Models(models) => out.push_str(&table(
             &["MODEL", "JOB", "ROUND", "BYTES"],
             &models
