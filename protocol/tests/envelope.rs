@@ -494,7 +494,7 @@ fn json_round_trip_keeps_the_signed_bytes() {
     let f = fixture();
     let mut header = f.header.clone();
     let awkward = [
-        2350.335_999_488_830_6,
+        2_350.335_999_488_830_6,
         0.1 + 0.2,
         1e-300,
         f64::MIN_POSITIVE / 3.0,
