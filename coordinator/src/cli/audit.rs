@@ -504,7 +504,7 @@ fn run_show(args: &ShowArgs) -> anyhow::Result<u8> {
     if !args.json {
         writeln!(
             out,
-            "{:>6}  {:<24}  {:<28}  {:<22}  DETAILS",
+            "{:>6}  {:<24}  {:<40}  {:<22}  DETAILS",
             "SEQ", "TIME (UTC)", "ACTOR", "EVENT"
         )?;
     }
@@ -529,7 +529,7 @@ fn run_show(args: &ShowArgs) -> anyhow::Result<u8> {
             writeln!(out)?;
         } else {
             let row = format!(
-                "{:>6}  {:<24}  {:<28}  {:<22}  {}",
+                "{:>6}  {:<24}  {:<40}  {:<22}  {}",
                 e.entry.seq,
                 format_time(e.entry.ts_unix_ms),
                 e.entry.actor,
