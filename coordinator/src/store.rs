@@ -996,6 +996,38 @@ impl Store {
     }
 }
 
+/// Read the header of a model file (magic, spec length, spec) from `r`,
+/// positioned at its start, and check that the file's length `file_len`
+/// is exactly the header plus the spec's values. Returns the spec and the
+/// number of value bytes that follow; the error says what is wrong.
+pub(crate) fn read_model_header(
+    r: &mut impl Read,
+    file_len: u64,
+) -> Result<(ModelSpec, u64), String> {
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head)
+        .map_err(|e| format!("short header: {e}"))?;
+    if &head[..8] != MODEL_MAGIC {
+        return Err("bad magic".into());
+    }
+    let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > file_len {
+        return Err(format!("spec length {spec_len} out of range"));
+    }
+    let mut spec = vec![0u8; spec_len as usize];
+    r.read_exact(&mut spec)
+        .map_err(|e| format!("short spec: {e}"))?;
+    let spec: ModelSpec = serde_json::from_slice(&spec).map_err(|e| format!("bad spec: {e}"))?;
+    let n = spec.num_params();
+    let values_len = n.checked_mul(4);
+    if values_len.and_then(|b| b.checked_add(12 + u64::from(spec_len))) != Some(file_len) {
+        return Err(format!(
+            "file is {file_len} bytes, spec declares {n} values"
+        ));
+    }
+    Ok((spec, values_len.unwrap_or(0)))
+}
+
 /// Read a model file written by [`Store::put_model`] (without opening the
 /// database, e.g. while a coordinator holds it) and verify that its content
 /// hash is `hash`.
@@ -1014,31 +1046,8 @@ pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, Store
     };
     let len = file.metadata().map_err(io("stat", &path))?.len();
     let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut head = [0u8; 12];
-    r.read_exact(&mut head)
-        .map_err(|e| corrupt(format!("short header: {e}")))?;
-    if &head[..8] != MODEL_MAGIC {
-        return Err(corrupt("bad magic".into()));
-    }
-    let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-    if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
-        return Err(corrupt(format!("spec length {spec_len} out of range")));
-    }
-    let mut spec = vec![0u8; spec_len as usize];
-    r.read_exact(&mut spec)
-        .map_err(|e| corrupt(format!("short spec: {e}")))?;
-    let spec: ModelSpec =
-        serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
-    let n = spec.num_params();
-    let expected_len = n
-        .checked_mul(4)
-        .and_then(|b| b.checked_add(12 + u64::from(spec_len)));
-    if expected_len != Some(len) {
-        return Err(corrupt(format!(
-            "file is {len} bytes, spec declares {n} values"
-        )));
-    }
-    let n = usize::try_from(n).map_err(|_| corrupt("model too large".into()))?;
+    let (spec, _) = read_model_header(&mut r, len).map_err(corrupt)?;
+    let n = usize::try_from(spec.num_params()).map_err(|_| corrupt("model too large".into()))?;
     let mut hasher = ModelHasher::new(&spec);
     let mut values = Vec::with_capacity(n);
     let mut buf = vec![0u8; 64 * 1024];

@@ -41,7 +41,7 @@ use super::engine::admin::AdminEvent;
 use super::{Shared, initial_model, strategy_config};
 use crate::job::Job;
 use crate::round::AdminCommand;
-use crate::store::{JobRecord, MAX_SPEC_BYTES, MODEL_MAGIC, Store};
+use crate::store::{JobRecord, Store};
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1069,7 +1069,6 @@ struct ModelFileStream {
 impl ModelFileStream {
     /// Open the file of model `expected` and read its spec.
     fn open(path: &Path, expected: ModelHash) -> Result<(ModelSpec, Self), String> {
-        use std::io::Read;
         let corrupt = |why: String| format!("model file {} is corrupt: {why}", path.display());
         let mut file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -1082,32 +1081,12 @@ impl ModelFileStream {
             .metadata()
             .map_err(|e| format!("{}: {e}", path.display()))?
             .len();
-        let mut head = [0u8; 12];
-        file.read_exact(&mut head)
-            .map_err(|e| corrupt(format!("short header: {e}")))?;
-        if &head[..8] != MODEL_MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > len {
-            return Err(corrupt(format!("spec length {spec_len} out of range")));
-        }
-        let mut spec = vec![0u8; spec_len as usize];
-        file.read_exact(&mut spec)
-            .map_err(|e| corrupt(format!("short spec: {e}")))?;
-        let spec: ModelSpec =
-            serde_json::from_slice(&spec).map_err(|e| corrupt(format!("bad spec: {e}")))?;
-        let n = spec.num_params();
-        let values_len = n.checked_mul(4);
-        if values_len.and_then(|b| b.checked_add(12 + u64::from(spec_len))) != Some(len) {
-            return Err(corrupt(format!(
-                "file is {len} bytes, spec declares {n} values"
-            )));
-        }
+        let (spec, values_len) =
+            crate::store::read_model_header(&mut file, len).map_err(corrupt)?;
         let stream = Self {
             file,
             path: path.to_owned(),
-            left: values_len.unwrap_or(0),
+            left: values_len,
             hasher: ModelHasher::new(&spec),
             expected,
             values: Vec::with_capacity(HASH_SLICE / 4),
