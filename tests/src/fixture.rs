@@ -252,3 +252,50 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// The WDBC hospital split `i` (a, b, c, then again) shipped in `data/`.
+pub fn wdbc_hospital_csv(i: usize) -> PathBuf {
+    let name = ["a", "b", "c"][i % 3];
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/breast_cancer_wisconsin/splits")
+        .join(format!("hospital_{name}.csv"))
+}
+
+/// `site.toml` text for a real agent of site `i` of `pki` (kit `site-i`,
+/// state in `site-i/` next to the file, WDBC hospital split `i`), pointed
+/// at `coordinator`, with short reconnection delays and a policy that
+/// allows the test federation's logistic-regression jobs (f32 deltas, one
+/// epoch).
+pub fn wdbc_site_toml(pki: &TestPki, i: usize, coordinator: SocketAddr) -> anyhow::Result<String> {
+    Ok(format!(
+        r#"
+kit_dir = {kit:?}
+data_dir = "site-{i}"
+device = "cpu"
+coordinator_addr = "{coordinator}"
+
+[connection]
+backoff_initial_ms = 20
+backoff_max_ms = 200
+connect_timeout_ms = 1000
+idle_timeout_ms = 3000
+
+[dataset]
+kind = "csv"
+path = {csv:?}
+label_column = "malignant"
+validation_fraction = 0.2
+split_seed = 7
+
+[policy]
+federations = ["{federation}"]
+architectures = ["logreg"]
+min_local_samples = 20
+max_epochs = 1
+encodings = ["f32"]
+"#,
+        kit = pki.site_dir(i)?,
+        csv = wdbc_hospital_csv(i),
+        federation = fedlink_test_util::FEDERATION,
+    ))
+}

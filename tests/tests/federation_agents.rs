@@ -20,10 +20,10 @@ use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::{RoundRecord, RoundState, Store, read_model_file};
 use fedlink_protocol::message::UploadResult;
 use fedlink_protocol::{FlatModel, ModelHash};
-use fedlink_test_util::{FEDERATION, TestPki};
+use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{
-    JobSpec, RunningCoordinator, free_udp_addr, read_status, wait_for_status, workspace_binary,
-    write_config, write_job,
+    JobSpec, RunningCoordinator, free_udp_addr, read_status, wait_for_status, wdbc_site_toml,
+    workspace_binary, write_config, write_job,
 };
 use fedlink_tests::raw_site::RawSite;
 use tokio::sync::{mpsc, oneshot};
@@ -48,14 +48,6 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out ({LIMIT:?}) waiting for {what}"))
 }
 
-/// One of the repository's WDBC hospital splits (a, b, c).
-fn hospital_csv(i: usize) -> PathBuf {
-    let name = ["a", "b", "c"][i % 3];
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/breast_cancer_wisconsin/splits")
-        .join(format!("hospital_{name}.csv"))
-}
-
 /// A small job over the WDBC features: one epoch, deadlines that never
 /// fire in the happy path.
 fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
@@ -73,36 +65,7 @@ fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
 /// `site.toml` of site `i` (kit `site-i`, hospital split `i`), pointed at
 /// `coordinator`, with short reconnection delays.
 fn site_config(pki: &TestPki, i: usize, dir: &Path, coordinator: SocketAddr) -> SiteConfig {
-    let text = format!(
-        r#"
-kit_dir = {kit:?}
-data_dir = "site-{i}"
-device = "cpu"
-coordinator_addr = "{coordinator}"
-
-[connection]
-backoff_initial_ms = 20
-backoff_max_ms = 200
-connect_timeout_ms = 1000
-idle_timeout_ms = 3000
-
-[dataset]
-kind = "csv"
-path = {csv:?}
-label_column = "malignant"
-validation_fraction = 0.2
-split_seed = 7
-
-[policy]
-federations = ["{FEDERATION}"]
-architectures = ["logreg"]
-min_local_samples = 20
-max_epochs = 1
-encodings = ["f32"]
-"#,
-        kit = pki.site_dir(i).unwrap(),
-        csv = hospital_csv(i),
-    );
+    let text = wdbc_site_toml(pki, i, coordinator).unwrap();
     SiteConfig::parse(&text, Path::new("site.toml"), dir).unwrap()
 }
 

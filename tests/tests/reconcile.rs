@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use fedlink_agent::audit::Recorded;
 use fedlink_agent::{Agent, AgentError, SiteConfig};
-use fedlink_test_util::{FEDERATION, TestPki};
+use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{
-    JobSpec, RunningCoordinator, wait_for_status, workspace_binary, write_config, write_job,
+    JobSpec, RunningCoordinator, wait_for_status, wdbc_site_toml, workspace_binary, write_config,
+    write_job,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -51,38 +52,7 @@ fn run(binary: &str, args: &[&str]) -> (i32, String, String) {
 /// `site.toml` of site `i` (kit `site-i`, WDBC hospital split a/b), written
 /// to `<dir>/site-i.toml` and parsed.
 fn site_config(pki: &TestPki, i: usize, dir: &Path, coordinator: std::net::SocketAddr) -> PathBuf {
-    let csv = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/breast_cancer_wisconsin/splits")
-        .join(format!("hospital_{}.csv", ["a", "b"][i]));
-    let text = format!(
-        r#"
-kit_dir = {kit:?}
-data_dir = "site-{i}"
-device = "cpu"
-coordinator_addr = "{coordinator}"
-
-[connection]
-backoff_initial_ms = 20
-backoff_max_ms = 200
-connect_timeout_ms = 1000
-idle_timeout_ms = 3000
-
-[dataset]
-kind = "csv"
-path = {csv:?}
-label_column = "malignant"
-validation_fraction = 0.2
-split_seed = 7
-
-[policy]
-federations = ["{FEDERATION}"]
-architectures = ["logreg"]
-min_local_samples = 20
-max_epochs = 1
-encodings = ["f32"]
-"#,
-        kit = pki.site_dir(i).unwrap(),
-    );
+    let text = wdbc_site_toml(pki, i, coordinator).unwrap();
     let path = dir.join(format!("site-{i}.toml"));
     std::fs::write(&path, text).unwrap();
     path
