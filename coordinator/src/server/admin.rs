@@ -31,7 +31,7 @@ use fedlink_protocol::admin::{
 };
 use fedlink_protocol::{ModelHash, ModelHasher, ModelSpec, SignedEnvelope};
 use fedlink_transport::{
-    FramedRecv, FramedSend, TransportError, accept_bi, close, negotiated_alpn, peer_end_entity,
+    FramedRecv, FramedSend, TransportError, accept_bi, close, peer_end_entity,
 };
 use quinn::Connection;
 use tokio::sync::oneshot;
@@ -288,46 +288,17 @@ impl Shared {
 }
 
 /// Serve one admin connection until it closes: each bidirectional stream
-/// carries one command.
+/// carries one command. Returns why it ended; the caller (`conn`) records
+/// `conn.accepted` before and `conn.closed` after, as for sites.
 pub(crate) async fn serve_admin(
-    conn: Connection,
-    identity: Identity,
+    conn: &Connection,
+    identity: &Identity,
     remote: SocketAddr,
-    shared: Arc<Shared>,
-) {
+    shared: &Arc<Shared>,
+) -> String {
     let actor = identity.to_uri();
-    let cert_serial = peer_end_entity(&conn)
-        .and_then(|ee| CertInfo::from_der(&ee).ok())
-        .map(|c| c.serial.to_string());
-    let accepted = shared.audit().record(
-        &actor,
-        "conn.accepted",
-        serde_json::json!({
-            "peer_addr": remote.to_string(),
-            "identity": actor,
-            "alpn": negotiated_alpn(&conn).as_deref().map(String::from_utf8_lossy),
-            "cert_serial": cert_serial,
-        }),
-    );
-    if let Err(e) = accepted {
-        // Nothing runs unaudited: refuse the connection.
-        tracing::error!(%remote, admin = %actor, error = %e, "cannot record the connection; refusing it");
-        conn.close(
-            close::SHUTDOWN,
-            b"the coordinator cannot write its audit log",
-        );
-        return;
-    }
     tracing::info!(%remote, admin = %actor, "admin connected");
-    let reason = serve_admin_streams(&conn, &actor, remote, &shared).await;
-    let closed = shared.audit().record(
-        &actor,
-        "conn.closed",
-        serde_json::json!({ "identity": actor, "reason": reason }),
-    );
-    if let Err(e) = closed {
-        tracing::error!(admin = %actor, error = %e, "cannot record the end of a connection");
-    }
+    serve_admin_streams(conn, &actor, remote, shared).await
 }
 
 /// Accept the streams of an admin connection until it ends; why it ended.

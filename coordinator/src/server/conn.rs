@@ -52,63 +52,62 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
             return;
         }
     };
+    let alpn = negotiated_alpn(&conn);
     let identity = match peer_identity(&conn) {
         Ok(i) => i,
         Err(e) => {
-            tracing::warn!(%remote, error = %e, "peer has no fedlink identity");
-            let alpn = negotiated_alpn(&conn);
             let why = format!("no fedlink identity: {e}");
-            audit_refused(&shared, remote, None, alpn.as_deref(), &why);
-            conn.close(close::FORBIDDEN, e.to_string().as_bytes());
+            refuse(&conn, &shared, remote, None, alpn.as_deref(), &why);
             return;
         }
     };
-    let alpn = negotiated_alpn(&conn);
     if let Err(e) = check_role_for_alpn(&identity, alpn.as_deref()) {
-        tracing::warn!(%remote, %identity, error = %e, "role does not match the protocol");
         let why = format!("role does not match the protocol: {e}");
-        audit_refused(
+        refuse(
+            &conn,
             &shared,
             remote,
-            Some(&identity.to_string()),
+            Some(&identity),
             alpn.as_deref(),
             &why,
         );
-        conn.close(close::FORBIDDEN, e.to_string().as_bytes());
         return;
     }
-    if identity.role() == Role::Admin {
-        super::admin::serve_admin(conn, identity, remote, shared).await;
-        return;
-    }
-    if identity.role() != Role::Site {
-        tracing::warn!(%remote, %identity, "only sites and admins connect to the coordinator");
-        conn.close(close::FORBIDDEN, b"only sites and admins may connect");
-        return;
-    }
-    let checked = peer_end_entity(&conn)
-        .ok_or_else(|| "no peer certificate".to_owned())
-        .and_then(|ee| {
-            let manifest = shared
-                .manifest
-                .read()
-                .map_err(|_| "manifest lock poisoned".to_owned())?;
-            manifest
-                .check_peer(&ee)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
-    if let Err(e) = checked {
-        tracing::warn!(%remote, %identity, error = %e, "site refused");
-        let why = format!("not a registered site certificate: {e}");
-        audit_refused(
+    if identity.role() == Role::Site {
+        let checked = peer_end_entity(&conn)
+            .ok_or_else(|| "no peer certificate".to_owned())
+            .and_then(|ee| {
+                let manifest = shared
+                    .manifest
+                    .read()
+                    .map_err(|_| "manifest lock poisoned".to_owned())?;
+                manifest
+                    .check_peer(&ee)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = checked {
+            let why = format!("not a registered site certificate: {e}");
+            refuse(
+                &conn,
+                &shared,
+                remote,
+                Some(&identity),
+                alpn.as_deref(),
+                &why,
+            );
+            return;
+        }
+    } else if identity.role() != Role::Admin {
+        let why = "only sites and admins may connect";
+        refuse(
+            &conn,
             &shared,
             remote,
-            Some(&identity.to_string()),
+            Some(&identity),
             alpn.as_deref(),
-            &why,
+            why,
         );
-        conn.close(close::FORBIDDEN, e.as_bytes());
         return;
     }
     let cert_serial = peer_end_entity(&conn)
@@ -133,14 +132,18 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         );
         return;
     }
-    let site = identity.name().to_owned();
-    let reason = match serve_site(&conn, &site, &shared).await {
-        Ok(()) => conn
-            .close_reason()
-            .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
-        Err(e) => {
-            tracing::info!(site = %site, error = %e, "connection ended");
-            e.to_string()
+    let reason = if identity.role() == Role::Admin {
+        super::admin::serve_admin(&conn, &identity, remote, &shared).await
+    } else {
+        let site = identity.name().to_owned();
+        match serve_site(&conn, &site, &shared).await {
+            Ok(()) => conn
+                .close_reason()
+                .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
+            Err(e) => {
+                tracing::info!(site = %site, error = %e, "connection ended");
+                e.to_string()
+            }
         }
     };
     let closed = shared.audit().record(
@@ -149,8 +152,23 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         serde_json::json!({ "identity": identity.to_string(), "reason": reason }),
     );
     if let Err(e) = closed {
-        tracing::error!(site = %site, error = %e, "cannot record the end of a connection");
+        tracing::error!(%remote, %identity, error = %e, "cannot record the end of a connection");
     }
+}
+
+/// Refuse a connection after the handshake: log, audit, close with `why`.
+fn refuse(
+    conn: &Connection,
+    shared: &Shared,
+    remote: std::net::SocketAddr,
+    identity: Option<&fedlink_certs::Identity>,
+    alpn: Option<&[u8]>,
+    why: &str,
+) {
+    tracing::warn!(%remote, identity = ?identity.map(ToString::to_string), reason = why, "connection refused");
+    let identity = identity.map(ToString::to_string);
+    audit_refused(shared, remote, identity.as_deref(), alpn, why);
+    conn.close(close::FORBIDDEN, why.as_bytes());
 }
 
 /// Record a refused connection (best effort: it is refused either way).
