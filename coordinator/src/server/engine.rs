@@ -143,7 +143,8 @@ pub(crate) struct EngineParts {
 #[derive(Debug)]
 struct RoundLog {
     round: u64,
-    state_before: Vec<u8>,
+    /// blake3 of `state-before.json`, written when the round opened.
+    state_before_blake3: String,
     seed: [u8; 32],
     opened_unix_ms: u64,
     inputs: Vec<RoundInput>,
@@ -673,8 +674,19 @@ impl Engine {
         // The round computes with the server state parsed back from the
         // bytes `state-before.json` will hold, and with noise from a fresh
         // per-round seed: `fedlink audit replay` recomputes it bit for bit.
+        // The file is written now, not when the round completes: its bytes
+        // (model-sized for adaptive optimizers) are not held for the round.
         let (state_before, state) = round_archive::json_roundtrip(&self.server_state)
             .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?;
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let fatal = |e: &dyn std::fmt::Display| {
+            EngineError::Fatal(format!("round {round}: writing the server state: {e}"))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| fatal(&e))?;
+        round_archive::write_atomic(&dir, round_archive::STATE_BEFORE_FILE, &state_before)
+            .map_err(|e| fatal(&e))?;
+        let state_before_blake3 = blake3::hash(&state_before).to_hex().to_string();
+        drop(state_before);
         let mut seed = [0u8; 32];
         rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut seed).map_err(|e| {
             EngineError::Fatal(format!("no randomness for the round's noise seed: {e}"))
@@ -694,7 +706,7 @@ impl Engine {
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
             round,
-            state_before,
+            state_before_blake3,
             seed,
             opened_unix_ms,
             inputs: Vec::new(),
@@ -864,8 +876,6 @@ impl Engine {
         };
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
         std::fs::create_dir_all(&dir).map_err(|e| fatal("archive directory", &e))?;
-        round_archive::write_atomic(&dir, round_archive::STATE_BEFORE_FILE, &log.state_before)
-            .map_err(|e| fatal("writing the server state", &e))?;
         let file = RoundFile {
             format: round_archive::ROUND_FORMAT,
             job: self.job_id.as_str().to_owned(),
@@ -875,7 +885,7 @@ impl Engine {
             strategy: self.strategy.clone(),
             max_sites,
             state_before: round_archive::STATE_BEFORE_FILE.into(),
-            state_before_blake3: blake3::hash(&log.state_before).to_hex().to_string(),
+            state_before_blake3: log.state_before_blake3.clone(),
             dp_seed: hex::encode(log.seed),
             inputs: log.inputs.clone(),
         };
@@ -1148,7 +1158,7 @@ impl Engine {
                 s.sort();
                 s
             },
-            finished: self.outcome.as_ref().map(|o| format!("{o:?}")),
+            finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
             scaling: self.scaling.scaling().cloned(),
