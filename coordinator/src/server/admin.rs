@@ -211,28 +211,28 @@ impl AdminState {
     }
 }
 
+/// Largest `queue.json` read (job ids are short; thousands fit).
+const MAX_QUEUE_FILE: u64 = 1 << 20;
+
 fn read_queue(path: &Path) -> Result<Vec<String>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+    if !path.exists() {
+        return Ok(Vec::new());
     }
+    let bytes =
+        crate::round_archive::read_bounded(path, MAX_QUEUE_FILE).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn append_queue(path: &Path, id: &str) -> Result<(), String> {
-    use std::io::Write;
     let mut q = read_queue(path)?;
     if !q.iter().any(|x| x == id) {
         q.push(id.to_owned());
     }
-    let tmp = path.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&q).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+    let json = serde_json::to_vec_pretty(&q).map_err(|e| e.to_string())?;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(format!("{}: not a file path", path.display()));
     };
-    write().map_err(|e| format!("{}: {e}", path.display()))
+    crate::round_archive::write_atomic(dir, name, &json).map_err(|e| e.to_string())
 }
 
 impl Shared {
