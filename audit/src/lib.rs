@@ -147,7 +147,9 @@ pub use entry::{
 };
 pub use error::Error;
 pub use keys::{load_verifying_key, parse_verifying_key};
-pub use log::{AuditLog, MAX_ACTOR_LEN, MAX_EVENT_LEN, TornTailRepair, read_head, segments};
+pub use log::{
+    AuditLog, MAX_ACTOR_LEN, MAX_EVENT_LEN, TornTailRepair, read_head, segments, write_head,
+};
 pub use query::{EntryReader, Filter, LocatedEntry, TimeParseError, format_time, parse_time};
 pub use verify::{
     FailureKind, FileReport, Verifier, VerifyFailure, VerifyReport, verify, verify_chain,

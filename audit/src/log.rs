@@ -227,19 +227,8 @@ impl AuditLog {
         now_unix_ms: u64,
         path: impl AsRef<Path>,
     ) -> Result<SignedHead, Error> {
-        let path = path.as_ref();
         let head = self.signed_head(now_unix_ms)?;
-        let mut json = serde_json::to_vec_pretty(&head)?;
-        json.push(b'\n');
-        let dir = parent_dir(path);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".fedlink-audit-head-")
-            .tempfile_in(&dir)
-            .map_err(io_err(&dir))?;
-        tmp.write_all(&json).map_err(io_err(tmp.path()))?;
-        tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-        tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-        sync_dir(&dir)?;
+        write_head(path, &head)?;
         Ok(head)
     }
 
@@ -488,6 +477,24 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
+}
+
+/// Write a signed head to `path` as JSON, atomically (temporary file,
+/// fsync, rename, directory fsync); what [`AuditLog::export_head`] writes
+/// and [`read_head`] reads.
+pub fn write_head(path: impl AsRef<Path>, head: &SignedHead) -> Result<(), Error> {
+    let path = path.as_ref();
+    let mut json = serde_json::to_vec_pretty(head)?;
+    json.push(b'\n');
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".fedlink-audit-head-")
+        .tempfile_in(&dir)
+        .map_err(io_err(&dir))?;
+    tmp.write_all(&json).map_err(io_err(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    sync_dir(&dir)
 }
 
 /// Read a signed head written by [`AuditLog::export_head`].

@@ -485,14 +485,6 @@ pub enum ExportError {
         /// The log.
         path: PathBuf,
     },
-    /// The head file could not be written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
 }
 
 /// Sign the head of the site's audit log (after verifying the whole log,
@@ -536,34 +528,11 @@ pub fn export_head(
                 .map_err(Error::from)?;
             let head = report.last.ok_or(ExportError::Empty { path })?;
             let signed = SignedHead::sign(&key, head, now_unix_ms);
-            write_atomically(out, &signed)?;
+            fedlink_audit::write_head(out, &signed)?;
             Ok(signed)
         }
         Err(e) => Err(e.into()),
     }
-}
-
-fn write_atomically(out: &Path, head: &SignedHead) -> Result<(), ExportError> {
-    use std::io::Write as _;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
-    let mut json = serde_json::to_vec_pretty(head)
-        .map_err(|e| ExportError::Audit(Error::InvalidEntry(e.to_string())))?;
-    json.push(b'\n');
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".fedlink-audit-head-")
-        .tempfile_in(dir)
-        .map_err(io(dir))?;
-    tmp.write_all(&json).map_err(io(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-    tmp.persist(out).map_err(|e| io(out)(e.error))?;
-    Ok(())
 }
 
 #[cfg(test)]
