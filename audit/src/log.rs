@@ -100,6 +100,25 @@ impl AuditLog {
         })
     }
 
+    /// [`open`](Self::open), first removing a torn last line left by a
+    /// crash ([`repair_torn_tail`](Self::repair_torn_tail)) if there is one.
+    /// Returns what was removed: record it in the log (e.g. event
+    /// `audit.tail_repaired`), as both services do at start.
+    pub fn open_repairing(
+        path: impl AsRef<Path>,
+        key: SigningKey,
+    ) -> Result<(Self, Option<TornTailRepair>), Error> {
+        let path = path.as_ref();
+        match Self::open(path, key.clone()) {
+            Ok(log) => Ok((log, None)),
+            Err(Error::TornTail { .. }) => {
+                let repair = Self::repair_torn_tail(path)?;
+                Ok((Self::open(path, key)?, repair))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The current file's path.
     pub fn path(&self) -> &Path {
         &self.path

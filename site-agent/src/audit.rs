@@ -360,14 +360,7 @@ impl SiteAudit {
         rotate_bytes: Option<u64>,
         now_unix_ms: u64,
     ) -> Result<Self, Error> {
-        let (log, repair) = match AuditLog::open(path, key.clone()) {
-            Ok(log) => (log, None),
-            Err(Error::TornTail { .. }) => {
-                let repair = AuditLog::repair_torn_tail(path)?;
-                (AuditLog::open(path, key)?, repair)
-            }
-            Err(e) => return Err(e),
-        };
+        let (log, repair) = AuditLog::open_repairing(path, key)?;
         let mut audit = Self {
             log,
             site_actor,

@@ -84,12 +84,7 @@ impl Auditor {
         let public = key.verifying_key();
         export_key(&dir.join(AUDIT_KEY_FILE), &public)?;
         let path = dir.join(AUDIT_FILE);
-        let repaired = if path.exists() {
-            AuditLog::repair_torn_tail(&path)?
-        } else {
-            None
-        };
-        let log = AuditLog::open(&path, key).map_err(|e| match e {
+        let (log, repaired) = AuditLog::open_repairing(&path, key).map_err(|e| match e {
             fedlink_audit::Error::Invalid(f) => AuditError::Setup {
                 path: path.clone(),
                 why: format!(
@@ -124,12 +119,6 @@ impl Auditor {
             )?;
         }
         Ok(auditor)
-    }
-
-    /// The coordinator's own identity (the actor of its own actions).
-    #[allow(dead_code)] // for the admin API
-    pub(crate) fn actor(&self) -> &str {
-        &self.actor
     }
 
     /// The public key as 64 lowercase hex digits.
