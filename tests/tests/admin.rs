@@ -120,16 +120,16 @@ fn audit_entries(data_dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Poll the coordinator's audit log until an entry matches.
-async fn wait_for_audit(data_dir: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(e) = audit_entries(data_dir).into_iter().find(|e| f(e)) {
-            return e;
-        }
-        assert!(Instant::now() < deadline, "no audit entry: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The first entry of the coordinator's audit log that matches `f`, read
+/// once: no polling, no deadline. Only for entries that are on disk by the
+/// time the test looks — every admin-driven event is recorded before the
+/// command is answered, a refusal before the connection is closed, and a
+/// coordinator that has shut down has recorded every connection's end.
+fn audit_entry(data_dir: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    audit_entries(data_dir)
+        .into_iter()
+        .find(|e| f(e))
+        .unwrap_or_else(|| panic!("no audit entry: {what}"))
 }
 
 fn delta(global: &FlatModel) -> FlatModel {
@@ -221,10 +221,9 @@ async fn sites_status_approve_revoke_rotate() {
     )
     .await;
     assert_eq!(again.code, 3, "approving twice: {}", again.stderr);
-    wait_for_audit(&coord.data_dir, "site.approved", |e| {
+    audit_entry(&coord.data_dir, "site.approved", |e| {
         e["event"] == "site.approved" && e["details"]["site"] == "site-new"
-    })
-    .await;
+    });
 
     // Revoke a connected site: cut off at once, refused afterwards, and its
     // certificate / update key cannot be approved again.
@@ -269,10 +268,9 @@ async fn sites_status_approve_revoke_rotate() {
     )
     .await;
     assert_eq!(reapprove.code, 3, "{}", reapprove.stderr);
-    let revoked = wait_for_audit(&coord.data_dir, "site.revoked", |e| {
+    let revoked = audit_entry(&coord.data_dir, "site.revoked", |e| {
         e["event"] == "site.revoked"
-    })
-    .await;
+    });
     assert_eq!(revoked["details"]["reason"], "laptop stolen");
     let names: Vec<String> = ok(&admin, addr, &["sites", "list", "--json"])
         .await
@@ -328,10 +326,9 @@ async fn sites_status_approve_revoke_rotate() {
     let _site1 = RawSite::connect(pki.site_kit(1).unwrap(), addr)
         .await
         .unwrap();
-    wait_for_audit(&coord.data_dir, "site.rotated", |e| {
+    audit_entry(&coord.data_dir, "site.rotated", |e| {
         e["event"] == "site.rotated"
-    })
-    .await;
+    });
 
     // The approved site takes part in rounds: with site-1 and site-new
     // connected the job (3 sites) still waits; status shows both.
@@ -560,10 +557,9 @@ async fn jobs_rounds_models_and_export() {
     )
     .await;
     assert_eq!(again.code, 1, "{}", again.stderr);
-    wait_for_audit(&coord.data_dir, "model.exported", |e| {
+    audit_entry(&coord.data_dir, "model.exported", |e| {
         e["event"] == "model.exported" && e["details"]["model"] == hash1.as_str()
-    })
-    .await;
+    });
 
     // Pause, resume, abort the running job; the queued job then starts.
     let paused = ok(&admin, addr, &["jobs", "pause", "first", "--json"]).await;
@@ -584,10 +580,9 @@ async fn jobs_rounds_models_and_export() {
         3
     );
     for ev in ["job.paused", "job.resumed", "job.aborted"] {
-        wait_for_audit(&coord.data_dir, ev, |e| {
+        audit_entry(&coord.data_dir, ev, |e| {
             e["event"] == ev && e["details"]["job"] == "first"
-        })
-        .await;
+        });
     }
     assert_eq!(
         fedlink(&admin, addr, &["jobs", "pause", "nope"]).await.code,
@@ -720,10 +715,9 @@ async fn site_certificate_refused_on_admin_api_and_unreachable_coordinator() {
     };
     let r = bounded("site on the admin API", refused).await.unwrap();
     assert!(r.is_err(), "a site certificate got an admin answer: {r:?}");
-    let entry = wait_for_audit(&coord.data_dir, "conn.refused for the admin ALPN", |e| {
+    let entry = audit_entry(&coord.data_dir, "conn.refused for the admin ALPN", |e| {
         e["event"] == "conn.refused" && e["details"]["alpn"] == "fedlink-admin/1"
-    })
-    .await;
+    });
     assert_eq!(
         entry["details"]["identity"],
         format!("fedlink://{}/site/site-0", pki.federation())
@@ -764,19 +758,15 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
     let mut site = RawSite::connect(pki.site_kit(0).unwrap(), addr)
         .await
         .unwrap();
-    // The site is held (connected, idle) while no job runs.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let status = ok(&admin, addr, &["status", "--json"]).await;
-        if status["connected_sites"] == serde_json::json!(["site-0"]) {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "site not shown as connected: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // The site is held (connected, idle) while no job runs. The coordinator
+    // registers a site before it sends Welcome, so a welcomed site is
+    // always shown: one look, no polling.
+    let status = ok(&admin, addr, &["status", "--json"]).await;
+    assert_eq!(
+        status["connected_sites"],
+        serde_json::json!(["site-0"]),
+        "{status}"
+    );
     assert!(status["current_job"].is_null(), "{status}");
     assert_eq!(status["queued_jobs"], serde_json::json!([]));
     let text = fedlink(&admin, addr, &["status"]).await;
@@ -831,10 +821,9 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
     assert_eq!(done.job, "late");
     let status = ok(&admin, addr, &["status", "--json"]).await;
     assert_eq!(status["current_job"]["job"], "late");
-    wait_for_audit(&coord.data_dir, "job.submitted", |e| {
+    audit_entry(&coord.data_dir, "job.submitted", |e| {
         e["event"] == "job.submitted" && e["details"]["job"] == "late"
-    })
-    .await;
+    });
     coord.shutdown().await.unwrap();
 
     // --exit-after-job with no job at all: a clear refusal, not a wait.
@@ -877,31 +866,13 @@ async fn admin_connections_audited_and_cut_on_revocation() {
     let ca = public_ca(&pki, dir.path(), &[]);
     let config = empty_config(&pki, dir.path(), &ca);
     let coord = RunningCoordinator::start(&config, false).await.unwrap();
+    let coord_data_dir = coord.data_dir.clone();
     let admin = pki.admin_dir().to_owned();
     let addr = coord.addr;
     let admin_uri = format!("fedlink://{}/admin/admin", pki.federation());
 
+    // A short-lived admin connection: one command.
     ok(&admin, addr, &["status", "--json"]).await;
-    let accepted = wait_for_audit(&coord.data_dir, "admin conn.accepted", |e| {
-        e["event"] == "conn.accepted" && e["actor"] == admin_uri.as_str()
-    })
-    .await;
-    assert_eq!(accepted["details"]["identity"], admin_uri.as_str());
-    assert_eq!(accepted["details"]["alpn"], "fedlink-admin/1");
-    assert!(accepted["details"]["cert_serial"].is_string(), "{accepted}");
-    assert!(accepted["details"]["peer_addr"].is_string(), "{accepted}");
-    let closed = wait_for_audit(&coord.data_dir, "admin conn.closed", |e| {
-        e["event"] == "conn.closed" && e["actor"] == admin_uri.as_str()
-    })
-    .await;
-    assert_eq!(closed["details"]["identity"], admin_uri.as_str());
-    // Accepted before the command, closed after it.
-    let seq = |e: &Value| e["seq"].as_u64().unwrap();
-    let command = wait_for_audit(&coord.data_dir, "admin.command", |e| {
-        e["event"] == "admin.command"
-    })
-    .await;
-    assert!(seq(&accepted) < seq(&command) && seq(&command) < seq(&closed));
 
     // A long-lived admin connection, idle after one command.
     let client = AdminClient::connect(&admin, Some(&addr.to_string()))
@@ -928,17 +899,35 @@ async fn admin_connections_audited_and_cut_on_revocation() {
         .await
         .unwrap();
     assert!(reason.to_string().contains("revoked"), "{reason}");
-    let cut = wait_for_audit(&coord.data_dir, "conn.closed of the revoked admin", |e| {
-        e["event"] == "conn.closed"
-            && e["actor"] == admin_uri.as_str()
-            && e["details"]["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("revoked"))
-    })
-    .await;
-    assert!(seq(&cut) > seq(&closed));
     // New connections with the revoked certificate are refused.
     let refused = fedlink(&admin, addr, &["status"]).await;
     assert_ne!(refused.code, 0, "{}", refused.stdout);
+
+    // A coordinator that has shut down has recorded the end of every
+    // connection: the audit log is read once, with no waiting.
     coord.shutdown().await.unwrap();
+    let data_dir = &coord_data_dir;
+    let seq = |e: &Value| e["seq"].as_u64().unwrap();
+    let of_admin = |event: &'static str| {
+        let admin_uri = admin_uri.clone();
+        move |e: &Value| e["event"] == event && e["actor"] == admin_uri.as_str()
+    };
+    let accepted = audit_entry(data_dir, "admin conn.accepted", of_admin("conn.accepted"));
+    assert_eq!(accepted["details"]["identity"], admin_uri.as_str());
+    assert_eq!(accepted["details"]["alpn"], "fedlink-admin/1");
+    assert!(accepted["details"]["cert_serial"].is_string(), "{accepted}");
+    assert!(accepted["details"]["peer_addr"].is_string(), "{accepted}");
+    let closed = audit_entry(data_dir, "admin conn.closed", of_admin("conn.closed"));
+    assert_eq!(closed["details"]["identity"], admin_uri.as_str());
+    // Accepted before the command, closed after it.
+    let command = audit_entry(data_dir, "admin.command", |e| e["event"] == "admin.command");
+    assert!(seq(&accepted) < seq(&command) && seq(&command) < seq(&closed));
+    // The long-lived connection's end carries the reason it was cut for.
+    let cut = audit_entry(data_dir, "conn.closed of the revoked admin", |e| {
+        of_admin("conn.closed")(e)
+            && e["details"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("revoked"))
+    });
+    assert!(seq(&cut) > seq(&closed));
 }

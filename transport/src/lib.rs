@@ -7,7 +7,7 @@
 //! - reads and writes protocol [`Frame`]s on QUIC streams, refusing an
 //!   oversize length prefix *before* allocating the body;
 //! - tells who is on the other end of a connection ([`peer_identity`],
-//!   [`negotiated_alpn`]).
+//!   [`negotiated_alpn`]), and why this side closed it ([`ServerConn`]).
 //!
 //! It does not decide anything: what a message means, whether an update
 //! counts, when a round closes — that lives in the coordinator's and the
@@ -29,6 +29,9 @@ use fedlink_certs::Identity;
 use fedlink_protocol::{FRAME_HEADER_LEN, Frame, FrameError, FrameHeader, FrameKind, Message};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+
+mod closing;
+pub use closing::{CloseReason, ServerConn};
 
 /// Application close codes fedlink uses on QUIC connections.
 pub mod close {

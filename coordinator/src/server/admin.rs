@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
@@ -31,9 +31,8 @@ use fedlink_protocol::admin::{
 };
 use fedlink_protocol::{ModelHash, ModelHasher, ModelSpec, SignedEnvelope};
 use fedlink_transport::{
-    FramedRecv, FramedSend, TransportError, accept_bi, close, peer_end_entity,
+    FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, peer_end_entity,
 };
-use quinn::Connection;
 use tokio::sync::oneshot;
 
 use super::engine::Event;
@@ -90,11 +89,10 @@ pub(crate) struct AdminState {
     conns: Mutex<HashMap<usize, OpenAdmin>>,
 }
 
-/// An open admin connection.
+/// An open admin connection (its handle records why the coordinator cut
+/// it, before it is cut: `conn.closed` reads it).
 struct OpenAdmin {
-    conn: Connection,
-    /// Why the coordinator cut it, once it has.
-    cut: Arc<OnceLock<String>>,
+    conn: ServerConn,
 }
 
 /// Keeps an admin connection in [`AdminState::conns`] while it is served.
@@ -268,7 +266,6 @@ impl Shared {
         let reason = format!("the admin certificate has been revoked ({why:?})");
         tracing::warn!(reason = %reason, "closing an admin connection");
         c.conn.close(close::FORBIDDEN, reason.as_bytes());
-        let _ = c.cut.set(reason);
         true
     }
 
@@ -291,7 +288,7 @@ impl Shared {
 /// carries one command. Returns why it ended; the caller (`conn`) records
 /// `conn.accepted` before and `conn.closed` after, as for sites.
 pub(crate) async fn serve_admin(
-    conn: &Connection,
+    conn: &ServerConn,
     identity: &Identity,
     remote: SocketAddr,
     shared: &Arc<Shared>,
@@ -303,21 +300,14 @@ pub(crate) async fn serve_admin(
 
 /// Accept the streams of an admin connection until it ends; why it ended.
 async fn serve_admin_streams(
-    conn: &Connection,
+    conn: &ServerConn,
     actor: &str,
     remote: SocketAddr,
     shared: &Arc<Shared>,
 ) -> String {
-    let cut = Arc::new(OnceLock::new());
     let id = conn.stable_id();
     if let Ok(mut m) = shared.admin.conns.lock() {
-        m.insert(
-            id,
-            OpenAdmin {
-                conn: conn.clone(),
-                cut: cut.clone(),
-            },
-        );
+        m.insert(id, OpenAdmin { conn: conn.clone() });
     }
     let _registered = Registered {
         state: &shared.admin,
@@ -326,19 +316,13 @@ async fn serve_admin_streams(
     // Registered, then checked: a revocation reloaded before the
     // registration is caught here, one reloaded after it by
     // `recheck_admins`.
-    shared.cut_if_revoked(&OpenAdmin {
-        conn: conn.clone(),
-        cut: cut.clone(),
-    });
+    shared.cut_if_revoked(&OpenAdmin { conn: conn.clone() });
     loop {
         let (send, recv) = match accept_bi(conn).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%remote, admin = %actor, error = %e, "admin connection ended");
-                return cut.get().cloned().unwrap_or_else(|| {
-                    conn.close_reason()
-                        .map_or_else(|| e.to_string(), |r| r.to_string())
-                });
+                return conn.end_reason(e);
             }
         };
         let shared = shared.clone();
@@ -363,7 +347,7 @@ async fn send_response(send: &mut FramedSend, resp: &AdminResponse) -> Result<()
 }
 
 async fn handle_stream(
-    conn: &Connection,
+    conn: &ServerConn,
     actor: &str,
     remote: SocketAddr,
     shared: &Arc<Shared>,

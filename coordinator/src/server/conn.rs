@@ -13,10 +13,9 @@ use fedlink_protocol::message::{
 };
 use fedlink_protocol::{Message, SignedEnvelope, VersionRange, supports_audit_head};
 use fedlink_transport::{
-    FramedRecv, FramedSend, TransportError, accept_bi, close, close_upload_window, negotiated_alpn,
-    open_upload_window, peer_end_entity, peer_identity,
+    FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, close_upload_window,
+    negotiated_alpn, open_upload_window, peer_end_entity, peer_identity,
 };
-use quinn::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
@@ -37,7 +36,9 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     // Revocations and manifest changes must be in force for THIS handshake.
     shared.reload_if_changed();
     let conn = match incoming.await {
-        Ok(c) => c,
+        // Every close from here on records its reason first (see
+        // `ServerConn`): `conn.closed` below reads it.
+        Ok(c) => ServerConn::new(c),
         Err(e) => {
             // TLS refusals (unknown CA, expired, revoked, wrong role) land
             // here with the verifier's reason.
@@ -137,12 +138,10 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
     } else {
         let site = identity.name().to_owned();
         match serve_site(&conn, &site, &shared).await {
-            Ok(()) => conn
-                .close_reason()
-                .map_or_else(|| "closed".to_owned(), |r| r.to_string()),
+            Ok(()) => conn.end_reason("closed"),
             Err(e) => {
                 tracing::info!(site = %site, error = %e, "connection ended");
-                e.to_string()
+                conn.end_reason(e)
             }
         }
     };
@@ -158,7 +157,7 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
 
 /// Refuse a connection after the handshake: log, audit, close with `why`.
 fn refuse(
-    conn: &Connection,
+    conn: &ServerConn,
     shared: &Shared,
     remote: std::net::SocketAddr,
     identity: Option<&fedlink_certs::Identity>,
@@ -194,7 +193,7 @@ fn audit_refused(
 }
 
 async fn serve_site(
-    conn: &Connection,
+    conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
 ) -> Result<(), TransportError> {
@@ -234,13 +233,6 @@ async fn serve_site(
     };
     let site_id = fedlink_protocol::SiteId::new(site)
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
-    send.message(&Message::Welcome(Welcome {
-        protocol_version: version,
-        site_id,
-        federation_id: shared.federation.clone(),
-        heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
-    }))
-    .await?;
     let compatible = shared.job_encoding().is_none_or(|enc| {
         hello
             .capabilities
@@ -251,6 +243,10 @@ async fn serve_site(
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     let control = tx.clone();
+    // Known to the engine before the site hears Welcome: whatever the site
+    // (or an admin it tells) asks next is queued behind this, so `status`
+    // never misses a welcomed site. What the engine sends meanwhile waits
+    // in `rx` until the writer below starts, after Welcome.
     let _ = shared.engine.send(Event::Connected {
         site: site.to_owned(),
         conn_id,
@@ -262,6 +258,21 @@ async fn serve_site(
         },
         codecs: hello.capabilities.codecs.clone(),
     });
+    let welcomed = send
+        .message(&Message::Welcome(Welcome {
+            protocol_version: version,
+            site_id,
+            federation_id: shared.federation.clone(),
+            heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
+        }))
+        .await;
+    if let Err(e) = welcomed {
+        let _ = shared.engine.send(Event::Disconnected {
+            site: site.to_owned(),
+            conn_id,
+        });
+        return Err(e);
+    }
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             if send.message(&m).await.is_err() {
@@ -288,7 +299,7 @@ pub(super) fn same_family(
 }
 
 async fn control_loop(
-    conn: &Connection,
+    conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
@@ -331,7 +342,7 @@ async fn control_loop(
 /// The site's control messages, in order, until the stream or the
 /// connection ends.
 async fn read_control(
-    conn: &Connection,
+    conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
@@ -444,7 +455,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 }
 
 async fn handle_stream(
-    conn: &Connection,
+    conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
     mut send: FramedSend,
@@ -557,7 +568,7 @@ const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Puts the connection's receive window back to the idle size when an
 /// upload ends, however it ends.
-struct UploadWindow<'a>(&'a Connection);
+struct UploadWindow<'a>(&'a ServerConn);
 
 impl Drop for UploadWindow<'_> {
     fn drop(&mut self) {
@@ -566,7 +577,7 @@ impl Drop for UploadWindow<'_> {
 }
 
 async fn receive_upload(
-    conn: &Connection,
+    conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
     envelope: SignedEnvelope,

@@ -24,7 +24,7 @@ use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
     VerifyError,
 };
-use quinn::Connection;
+use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scaling::{FederatedScaling, PersistedState, Report};
@@ -47,7 +47,7 @@ pub(crate) enum Event {
     Connected {
         site: String,
         conn_id: ConnId,
-        conn: Connection,
+        conn: ServerConn,
         control: mpsc::UnboundedSender<Message>,
         capabilities: SiteCapabilities,
         /// The codecs the site announced in its Hello.
@@ -105,7 +105,7 @@ pub(crate) struct UpdateReady {
 #[derive(Debug)]
 struct SiteConn {
     conn_id: ConnId,
-    conn: Connection,
+    conn: ServerConn,
     control: mpsc::UnboundedSender<Message>,
 }
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use fedlink_protocol::{Message, ValueCodec};
-use quinn::Connection;
+use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
 use super::engine::{Engine, EngineError, Event, update_received_details};
@@ -29,7 +29,7 @@ const NO_JOB: &str = "no job is running";
 #[derive(Debug)]
 struct HeldSite {
     conn_id: ConnId,
-    conn: Connection,
+    conn: ServerConn,
     control: mpsc::UnboundedSender<Message>,
     capabilities: SiteCapabilities,
     /// The codecs the site announced (its compatibility is decided against

@@ -194,6 +194,9 @@ impl Shared {
     }
 }
 
+/// How long shutdown waits for connection tasks to record their ends.
+const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
+
 /// How often the coordinator looks for a changed manifest or revocation
 /// list even when no site connects.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -386,10 +389,24 @@ pub async fn serve(
 
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
+    // Connection tasks are owned here, so that shutdown can wait for them:
+    // each records `conn.closed` as it ends, and a clean shutdown leaves an
+    // audit log with every connection's end in it.
     let acceptor = tokio::spawn(async move {
-        while let Some(incoming) = accept_endpoint.accept().await {
-            tokio::spawn(conn::handle_incoming(incoming, accept_shared.clone()));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = accept_endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        tasks.spawn(conn::handle_incoming(incoming, accept_shared.clone()));
+                    }
+                    // The endpoint is closed: shutting down.
+                    None => break,
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
         }
+        while tasks.join_next().await.is_some() {}
     });
 
     tokio::pin!(shutdown);
@@ -439,8 +456,21 @@ pub async fn serve(
         fedlink_transport::close::SHUTDOWN,
         b"coordinator shutting down",
     );
-    acceptor.abort();
     reloader.abort();
+    // The closed endpoint ends the acceptor's loop; it then waits for the
+    // connection tasks to record their ends. Bounded: a task stuck on a
+    // full disk must not hold the shutdown.
+    let acceptor_abort = acceptor.abort_handle();
+    if tokio::time::timeout(CONNECTIONS_GRACE, acceptor)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connection tasks still running {} s after shutdown; not waiting for them",
+            CONNECTIONS_GRACE.as_secs()
+        );
+        acceptor_abort.abort();
+    }
     // Give quinn a moment to send the close frames.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result.map(|()| ServeOutcome {

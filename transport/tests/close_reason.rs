@@ -1,0 +1,98 @@
+//! The reason the coordinator closes a connection with is visible to every
+//! task that sees the connection closed (issue 9: the revoked admin's
+//! `conn.closed` entry lost its reason when the task woken by the close read
+//! it before the closer stored it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use fedlink_certs::{ALPN_SITE, Kit, RevocationList};
+use fedlink_test_util::TestPki;
+use fedlink_transport::{
+    DEFAULT_IDLE_TIMEOUT, ServerConn, client_endpoint, close, server_endpoint,
+};
+use quinn::{Connection, Endpoint};
+
+/// A coordinator endpoint and a site endpoint on loopback.
+struct Pair {
+    _pki: TestPki,
+    server: Endpoint,
+    client: Endpoint,
+    kit: Kit,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let pki = TestPki::new(1).unwrap();
+        let revocations = RevocationList::load(pki.revoked_path()).unwrap();
+        let server_tls =
+            fedlink_certs::server_tls_config(&pki.coordinator_kit().unwrap(), revocations).unwrap();
+        let server = server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            server_tls,
+            DEFAULT_IDLE_TIMEOUT,
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let kit = pki.site_kit(0).unwrap();
+        let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE).unwrap();
+        let client = client_endpoint(addr, client_tls, DEFAULT_IDLE_TIMEOUT).unwrap();
+        Self {
+            _pki: pki,
+            server,
+            client,
+            kit,
+        }
+    }
+
+    /// A new connection: (the site's end, the coordinator's end).
+    async fn connect(&self) -> (Connection, ServerConn) {
+        let addr = self.server.local_addr().unwrap();
+        let connecting = self
+            .client
+            .connect(addr, self.kit.coordinator_server_name())
+            .unwrap();
+        let incoming = self.server.accept().await.unwrap();
+        let (site, coord) = tokio::join!(connecting, incoming);
+        (site.unwrap(), ServerConn::new(coord.unwrap()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_woken_by_the_close_reads_the_reason() {
+    let pair = Pair::new();
+    // Many connections, so that many interleavings of the closer and the
+    // watcher on the two worker threads are tried; each must see the reason.
+    for i in 0..50 {
+        let (site, coord) = pair.connect().await;
+        let watched = coord.clone();
+        let watcher = tokio::spawn(async move {
+            let e = watched.closed().await;
+            watched.end_reason(e)
+        });
+        let closer = tokio::spawn(async move {
+            coord.close(close::FORBIDDEN, b"the admin certificate has been revoked");
+        });
+        closer.await.unwrap();
+        let reason = watcher.await.unwrap();
+        assert_eq!(
+            reason, "the admin certificate has been revoked",
+            "connection {i}"
+        );
+        // The peer gets the same reason.
+        let seen = site.closed().await;
+        assert!(
+            seen.to_string().contains("revoked"),
+            "connection {i}: {seen}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_close_is_reported_when_this_side_did_not_close() {
+    let pair = Pair::new();
+    let (site, coord) = pair.connect().await;
+    site.close(close::NORMAL, b"bye from the site");
+    let e = coord.closed().await;
+    assert_eq!(coord.local_close_reason(), None);
+    let reason = coord.end_reason(e);
+    assert!(reason.contains("bye from the site"), "{reason}");
+}
