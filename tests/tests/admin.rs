@@ -931,3 +931,138 @@ async fn admin_connections_audited_and_cut_on_revocation() {
     });
     assert!(seq(&cut) > seq(&closed));
 }
+
+/// A distinct delta per site, so that leaving one out changes the average.
+fn site_delta(global: &FlatModel, site: usize) -> FlatModel {
+    let values = (0..global.values().len())
+        .map(|j| ((j % 5) as f32 - 2.0) * 0.01 * (site as f32 + 1.0))
+        .collect();
+    FlatModel::new(global.spec().clone(), values).unwrap()
+}
+
+/// Issue 15 (2): a site revoked after its update was accepted, before the
+/// round aggregates, does not count. Its update is taken out of the round
+/// (`update.excluded` in the audit log), the new model is the weighted
+/// average of the others, and the round's replay record does not list it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_site_was_revoked_before_aggregation_is_left_out() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = public_ca(&pki, dir.path(), &[]);
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 3,
+        quorum: 2,
+        deadline_secs: 120,
+        ..JobSpec::default()
+    };
+    let coord = start(&pki, dir.path(), &ca, &spec).await;
+    let addr = coord.addr;
+    let admin = pki.admin_dir().to_owned();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(
+            RawSite::connect(pki.site_kit(i).unwrap(), addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut offers = Vec::new();
+    let mut global = None;
+    for s in &mut sites {
+        let o = s.next_offer().await.unwrap();
+        s.accept(&o).await.unwrap();
+        global = Some(s.fetch_model(&o).await.unwrap());
+        offers.push(o);
+    }
+    let global = global.unwrap();
+    let examples = |i: usize| 10 * (i as u64 + 1);
+    let upload = async |i: usize| {
+        let up = sites[i]
+            .prepare(&offers[i], &site_delta(&global, i), examples(i))
+            .unwrap();
+        sites[i].upload(&up, None).await.unwrap().unwrap()
+    };
+    for i in [0, 1] {
+        let r = upload(i).await;
+        assert!(
+            matches!(r, UploadResult::Ack { accepted: true, .. }),
+            "site {i}: {r:?}"
+        );
+    }
+    // Site 0's update is accepted and folded; now its site is revoked.
+    ok(
+        &admin,
+        addr,
+        &[
+            "sites",
+            "revoke",
+            "site-0",
+            "--reason",
+            "compromised",
+            "--json",
+        ],
+    )
+    .await;
+    let r = upload(2).await;
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "site 2: {r:?}"
+    );
+    let status = wait_for_status(
+        &coord.data_dir,
+        "the round to aggregate",
+        Duration::from_secs(60),
+        |s| s.completed,
+    )
+    .await
+    .unwrap();
+    let model = status.rounds[0].model.clone().expect("the round's model");
+    let hash = fedlink_protocol::ModelHash::from_hex(&model).unwrap();
+    let next = fedlink_coordinator::store::read_model_file(
+        &coord.data_dir.join(format!("models/{model}.bin")),
+        &hash,
+    )
+    .unwrap();
+    // The weighted average of sites 1 and 2 only.
+    let total: u64 = [1, 2].iter().map(|&i| examples(i)).sum();
+    for (j, (&got, &base)) in next.values().iter().zip(global.values()).enumerate() {
+        let acc: f64 = [1usize, 2]
+            .iter()
+            .map(|&i| examples(i) as f64 * f64::from(site_delta(&global, i).values()[j]))
+            .sum();
+        let want = base + (acc / total as f64) as f32;
+        assert!((got - want).abs() <= 1e-6, "value {j}: {got} vs {want}");
+    }
+    let excluded = audit_entry(&coord.data_dir, "update.excluded", |e| {
+        e["event"] == "update.excluded"
+    });
+    assert_eq!(excluded["details"]["site"], "site-0");
+    assert!(
+        excluded["details"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no longer allowed"),
+        "{excluded}"
+    );
+    let aggregated = audit_entry(&coord.data_dir, "round.aggregated", |e| {
+        e["event"] == "round.aggregated"
+    });
+    let inputs: Vec<&str> = aggregated["details"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["site"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["site-1", "site-2"]);
+    assert!(
+        audit_entries(&coord.data_dir)
+            .iter()
+            .position(|e| e["event"] == "update.excluded")
+            < audit_entries(&coord.data_dir)
+                .iter()
+                .position(|e| e["event"] == "round.aggregated"),
+        "excluded before aggregated"
+    );
+    coord.shutdown().await.unwrap();
+}

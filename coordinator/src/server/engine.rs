@@ -148,6 +148,9 @@ struct RoundLog {
     seed: [u8; 32],
     opened_unix_ms: u64,
     inputs: Vec<RoundInput>,
+    /// The payload encoding of each input (same order), to fold them again
+    /// from the archive if an input has to be taken out.
+    encodings: Vec<fedlink_protocol::Encoding>,
 }
 
 pub(crate) struct Engine {
@@ -437,10 +440,16 @@ impl Engine {
         } = ready;
         let h = &envelope.header;
         let round = h.round.0;
-        let verdict = match &check {
-            Ok(_) => Verdict::Valid,
-            Err(why) => Verdict::Invalid(why.clone()),
+        // The site may have been revoked (or removed) while its upload was
+        // being received and validated: its update is not accepted then,
+        // whatever its signature says.
+        let allowed = self.wire.site_allowed(&site);
+        let verdict = match (&allowed, &check) {
+            (Err(why), _) => Verdict::Invalid(format!("the site is no longer allowed: {why}")),
+            (Ok(()), Ok(_)) => Verdict::Valid,
+            (Ok(()), Err(why)) => Verdict::Invalid(why.clone()),
         };
+        let token = if allowed.is_ok() { check.ok() } else { None };
         let received = UpdateReceived {
             site: site.clone(),
             round,
@@ -458,7 +467,7 @@ impl Engine {
                 spool_path,
                 bytes,
                 upload_ms,
-                token: check.ok(),
+                token,
                 reply,
             },
         ) {
@@ -710,6 +719,7 @@ impl Engine {
             seed,
             opened_unix_ms,
             inputs: Vec::new(),
+            encodings: Vec::new(),
         });
         if let Err(e) =
             self.store
@@ -763,6 +773,7 @@ impl Engine {
                         payload_file,
                         envelope_file,
                     });
+                    log.encodings.push(h.encoding);
                 }
                 self.audit_update(site, &p.envelope, p.bytes, None)?;
                 let detail = UpdateDetail {
@@ -825,8 +836,16 @@ impl Engine {
         if self.global_hash != base_model {
             return Ok(Err("the base model is not the current global model".into()));
         }
-        let Some(log) = self.round_log.take().filter(|l| l.round == round) else {
+        let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
             return Ok(Err(format!("no replay record for round {round}")));
+        };
+        let agg = match self.exclude_withdrawn(round, agg, &mut log) {
+            Ok(Ok(agg)) => agg,
+            Ok(Err(why)) => {
+                self.round_log = Some(log);
+                return Ok(Err(why));
+            }
+            Err(e) => return Err(e),
         };
         match self.aggregate_inner(round, base_model, agg, &log) {
             Ok(Ok(done)) => Ok(Ok(done)),
@@ -836,6 +855,85 @@ impl Engine {
                 other
             }
         }
+    }
+
+    /// Take out of the round every accepted update whose site is no longer
+    /// allowed (revoked or removed after its update was accepted): each is
+    /// audited (`update.excluded`), dropped from the round's inputs, and the
+    /// round's accumulator is folded again from the archived payloads of the
+    /// others (the accumulator cannot subtract). Its archived files stay in
+    /// the round directory as evidence; `round.json` does not list them, so
+    /// `fedlink audit replay` recomputes the round without them. Fewer
+    /// inputs than the quorum fail the round.
+    fn exclude_withdrawn(
+        &mut self,
+        round: u64,
+        agg: RoundAggregator,
+        log: &mut RoundLog,
+    ) -> Result<Result<RoundAggregator, String>, EngineError> {
+        let withdrawn: Vec<(usize, String)> = log
+            .inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, input)| self.wire.site_allowed(&input.site).err().map(|w| (i, w)))
+            .collect();
+        if withdrawn.is_empty() {
+            return Ok(Ok(agg));
+        }
+        drop(agg);
+        for (i, why) in withdrawn.iter().rev() {
+            let input = log.inputs.remove(*i);
+            log.encodings.remove(*i);
+            tracing::warn!(site = %input.site, round, reason = %why, "accepted update excluded from the round");
+            self.audit_own(
+                "update.excluded",
+                serde_json::json!({
+                    "job": self.job_id.as_str(),
+                    "round": round,
+                    "site": input.site,
+                    "payload_hash": input.payload_hash,
+                    "reason": format!("the site is no longer allowed: {why}"),
+                }),
+            )?;
+        }
+        let quorum = self.job.round.quorum as usize;
+        if log.inputs.len() < quorum {
+            return Ok(Err(format!(
+                "{} accepted update(s) left after excluding sites that are no longer allowed; \
+                 the quorum is {quorum}",
+                log.inputs.len()
+            )));
+        }
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let inputs: Vec<_> = log
+            .inputs
+            .iter()
+            .zip(&log.encodings)
+            .map(|(i, e)| {
+                (
+                    i.site.clone(),
+                    i.num_examples,
+                    *e,
+                    dir.join(&i.payload_file),
+                )
+            })
+            .collect();
+        let max_sites = self.job.max_sites() as usize;
+        let rebuilt = tokio::task::block_in_place(|| {
+            let mut agg = round_archive::open_aggregator(
+                &self.strategy,
+                &self.global_spec,
+                max_sites,
+                &self.server_state,
+            )?;
+            for (site, num_examples, encoding, path) in &inputs {
+                let token =
+                    round_archive::validate_payload(&agg, site, *num_examples, *encoding, path)?;
+                round_archive::fold_payload(&mut agg, &token, *encoding, path)?;
+            }
+            Ok::<_, String>(agg)
+        });
+        Ok(rebuilt.map_err(|e| format!("folding the round again without excluded sites: {e}")))
     }
 
     #[allow(clippy::type_complexity)]

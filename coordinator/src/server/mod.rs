@@ -179,6 +179,25 @@ impl Shared {
         }
     }
 
+    /// Whether `site` may still contribute: it is in the manifest and its
+    /// registered certificate is not revoked. Checked when its update is
+    /// accepted and again when the round aggregates (a revocation that lands
+    /// while an upload is in flight, or after it was accepted, keeps the
+    /// update out).
+    pub(crate) fn site_allowed(&self, site: &str) -> Result<(), String> {
+        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
+        let entry = manifest
+            .get(site)
+            .ok_or_else(|| format!("{site} is not a registered site (removed or revoked)"))?;
+        if let Some(by) = self
+            .revocations
+            .check(Some(&entry.cert_serial), &entry.cert_fingerprint)
+        {
+            return Err(format!("the certificate of {site} is revoked ({by:?})"));
+        }
+        Ok(())
+    }
+
     /// Whether an open connection may stay: its certificate is not revoked
     /// and is still the registered certificate of a site in the manifest.
     pub(crate) fn check_open_peer(&self, conn: &quinn::Connection) -> Result<(), String> {
