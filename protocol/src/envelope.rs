@@ -641,10 +641,14 @@ impl ReplayGuard {
     /// Mark the round as used by the update's site: any later update of that
     /// site in that round is refused as a replay.
     pub fn commit(&mut self, update: &VerifiedUpdate) {
-        self.map
-            .entry(key_of(&update.header))
-            .or_default()
-            .committed = true;
+        self.commit_header(&update.header);
+    }
+
+    /// [`commit`](Self::commit) by the header of an update whose payload
+    /// was verified earlier (a coordinator that keeps the verified header,
+    /// not the [`VerifiedUpdate`], until it decides).
+    pub fn commit_header(&mut self, h: &UpdateHeader) {
+        self.map.entry(key_of(h)).or_default().committed = true;
     }
 
     /// Whether `site` already had an update accepted in this round.

@@ -356,6 +356,34 @@ fn rejects_replayed_round() {
     assert!(guard.is_empty());
 }
 
+/// A coordinator that keeps only the verified header until it decides
+/// commits by the header: the same effect as committing the verified update,
+/// and it survives serialisation (the coordinator persists it).
+#[test]
+fn commit_by_header_refuses_the_round_after_a_restart() {
+    let f = fixture();
+    let mut guard = ReplayGuard::new();
+    let env = sign_update(&f.key, f.header.clone());
+    verify(&f, &env, &mut guard).unwrap();
+    guard.commit_header(&env.header);
+    let json = serde_json::to_string(&guard).unwrap();
+    let mut restored: ReplayGuard = serde_json::from_str(&json).unwrap();
+    let again = sign_update(
+        &f.key,
+        UpdateHeader {
+            nonce: UpdateNonce([7; 16]),
+            ..f.header.clone()
+        },
+    );
+    assert_eq!(
+        verify(&f, &again, &mut restored).unwrap_err(),
+        VerifyError::RoundReplayed {
+            site: site(),
+            round: RoundId(4)
+        }
+    );
+}
+
 #[test]
 fn failed_upload_may_retry_with_fresh_nonce_but_not_forever() {
     let f = fixture();

@@ -426,3 +426,97 @@ async fn uploads_beyond_the_upload_slots_wait_and_are_all_accepted() {
         assert_eq!(r.updates.len(), SITES, "round {}", r.round);
     }
 }
+
+/// A delta that does not compress (seeded pseudo-random values).
+fn noise_delta(global: &FlatModel) -> FlatModel {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let values = (0..global.values().len())
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+        })
+        .collect();
+    FlatModel::new(global.spec().clone(), values).unwrap()
+}
+
+/// Issue 15 (6): the nonce of an upload attempt is durable before its
+/// payload is read. An upload cut off before a coordinator restart was never
+/// accepted, yet after the restart the same signed envelope is refused as a
+/// replay; a fresh one from the same site is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_update_cut_off_before_a_restart_is_a_replay_after_it() {
+    let pki = TestPki::new(2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 2,
+        quorum: 2,
+        deadline_secs: 120,
+        // Enough parameters for several chunk records.
+        inputs: 300_000,
+        ..JobSpec::default()
+    };
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let coord = RunningCoordinator::start(&cfg, false).await.unwrap();
+    let mut sites = [
+        connect(&pki, 0, &coord).await,
+        connect(&pki, 1, &coord).await,
+    ];
+    let offer = sites[0].next_offer().await.unwrap();
+    sites[0].accept(&offer).await.unwrap();
+    let global = sites[0].fetch_model(&offer).await.unwrap();
+    let delta = noise_delta(&global);
+    let first = sites[0].prepare(&offer, &delta, examples(0)).unwrap();
+    // The first record is far larger than the coordinator's idle receive
+    // window: writing it completes only once the coordinator has checked
+    // the header (and recorded its nonce) and opened the window.
+    assert!(
+        first.records[0].len() > 4 * fedlink_transport::SERVER_IDLE_RECEIVE_WINDOW as usize,
+        "records of {:?} bytes",
+        first.records.iter().map(|r| r.len()).collect::<Vec<_>>()
+    );
+    assert!(sites[0].upload(&first, Some(1)).await.unwrap().is_none());
+    sites[0].vanish();
+    drop(sites);
+    coord.shutdown().await.unwrap();
+
+    // Same data directory: the round in flight is opened again.
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let mut sites = [
+        connect(&pki, 0, &coord).await,
+        connect(&pki, 1, &coord).await,
+    ];
+    let again = sites[0].next_offer().await.unwrap();
+    assert_eq!(again.round, offer.round, "the same round is offered again");
+    assert_eq!(again.base_model, offer.base_model);
+    sites[0].accept(&again).await.unwrap();
+    let r = sites[0].upload(&first, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            &r,
+            UploadResult::Reject {
+                code: RejectCode::Replay,
+                ..
+            }
+        ),
+        "the envelope of the cut-off attempt must be a replay: {r:?}"
+    );
+    // A fresh signature over the same delta is a new attempt.
+    let fresh = sites[0].prepare(&again, &delta, examples(0)).unwrap();
+    let r = sites[0].upload(&fresh, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    let (offer1, _) = honest_round(&mut sites[1], 1).await;
+    assert_eq!(offer1.round, offer.round);
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+}

@@ -411,6 +411,19 @@ impl Engine {
             &mut self.replay,
         )
         .map_err(|e| (verify_code(&e), e.to_string()))?;
+        // The nonce is durable before a payload byte is read: after a
+        // restart the same signed envelope is still a replay, whether its
+        // first attempt was accepted, refused or cut off.
+        let state = serde_json::to_vec(&self.replay)
+            .map_err(|e| (RejectCode::Internal, format!("replay state: {e}")))?;
+        self.store
+            .put_replay_state(self.job_id.as_str(), &state)
+            .map_err(|e| {
+                (
+                    RejectCode::Internal,
+                    format!("persisting the replay state: {e}"),
+                )
+            })?;
         let spool_dir = self.store.dir().join("spool");
         std::fs::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
@@ -520,10 +533,17 @@ impl Engine {
                     _ => None,
                 };
                 let replay = match &cp {
-                    crate::round::Checkpoint::UpdateAccepted(_) => Some(
-                        serde_json::to_vec(&self.replay)
-                            .map_err(|e| EngineError::Fatal(format!("replay state: {e}")))?,
-                    ),
+                    crate::round::Checkpoint::UpdateAccepted(acc) => {
+                        // The round is used up for this site: committed in
+                        // the guard, persisted with the acceptance itself.
+                        if let Some(p) = self.pending.get(&(acc.site.clone(), acc.round)) {
+                            self.replay.commit_header(&p.envelope.header);
+                        }
+                        Some(
+                            serde_json::to_vec(&self.replay)
+                                .map_err(|e| EngineError::Fatal(format!("replay state: {e}")))?,
+                        )
+                    }
                     _ => None,
                 };
                 let scope = self.job_id.as_str().to_owned();
