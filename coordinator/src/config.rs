@@ -13,6 +13,9 @@
 //! max_concurrent_downloads = 4
 //! audit_rotate_bytes = 67108864  # rotate <data_dir>/audit/audit.jsonl past this size
 //! update_retention = "job"       # or a number of rounds of update archive to keep
+//! refusal_summary_secs = 60      # failed handshakes: one audit entry per source per interval
+//! max_handshakes_in_flight = 64  # more are refused before any cryptography
+//! min_free_disk_mib = 512        # below this free space: no new uploads or connections
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
@@ -69,6 +72,15 @@ fn default_downloads() -> usize {
 }
 fn default_audit_rotate() -> u64 {
     64 * 1024 * 1024
+}
+fn default_refusal_summary() -> u64 {
+    60
+}
+fn default_handshakes() -> usize {
+    64
+}
+fn default_min_free() -> u64 {
+    512
 }
 
 /// How long the per-round update archive (`<data_dir>/updates/<job>/round-NNNNNN/`,
@@ -146,6 +158,21 @@ pub struct CoordinatorConfig {
     /// How much of the update archive to keep (`"job"` or a number of rounds).
     #[serde(default)]
     pub update_retention: UpdateRetention,
+    /// Failed handshakes are counted per source address and recorded as
+    /// one `conn.refused` entry per source every this many seconds (and at
+    /// shutdown), not one entry each.
+    #[serde(default = "default_refusal_summary")]
+    pub refusal_summary_secs: u64,
+    /// Handshakes in progress at the same time, at most; more are refused
+    /// at once (QUIC `CONNECTION_REFUSED`), before any cryptography.
+    #[serde(default = "default_handshakes")]
+    pub max_handshakes_in_flight: usize,
+    /// Free space, in MiB, that the data directory's file system must keep:
+    /// below it the coordinator takes no new uploads and no new connections
+    /// (the audit log must always be writable), and says so in its log and
+    /// audit log.
+    #[serde(default = "default_min_free")]
+    pub min_free_disk_mib: u64,
 }
 
 impl CoordinatorConfig {
@@ -202,6 +229,12 @@ impl CoordinatorConfig {
         }
         if cfg.audit_rotate_bytes < 64 * 1024 {
             return Err(invalid("audit_rotate_bytes", "must be at least 65536"));
+        }
+        if !(1..=3600).contains(&cfg.refusal_summary_secs) {
+            return Err(invalid("refusal_summary_secs", "must be 1..=3600"));
+        }
+        if !(1..=100_000).contains(&cfg.max_handshakes_in_flight) {
+            return Err(invalid("max_handshakes_in_flight", "must be 1..=100000"));
         }
         Ok(cfg)
     }

@@ -664,6 +664,18 @@ impl ReplayGuard {
             .is_some_and(|s| s.committed)
     }
 
+    /// A round opened again from scratch (after a coordinator restart, the
+    /// updates it had accepted are set aside and every site reports again):
+    /// the sites' commitments for it are lifted, the nonces they used stay
+    /// (an envelope already seen is still a replay).
+    pub fn reopen_round(&mut self, federation: &FederationId, job: &JobId, round: RoundId) {
+        for ((f, j, r, _), s) in &mut self.map {
+            if f == federation && j == job && *r == round {
+                s.committed = false;
+            }
+        }
+    }
+
     /// Forget every entry of `job` in `federation` for rounds before `round`.
     pub fn prune_before(&mut self, federation: &FederationId, job: &JobId, round: RoundId) {
         self.map

@@ -382,6 +382,14 @@ fn commit_by_header_refuses_the_round_after_a_restart() {
             round: RoundId(4)
         }
     );
+    // The round opened again from scratch: a fresh nonce is welcome, the
+    // envelope already seen is still a replay.
+    restored.reopen_round(&f.expected.federation_id, &f.expected.job_id, RoundId(4));
+    assert_eq!(
+        verify(&f, &env, &mut restored).unwrap_err(),
+        VerifyError::NonceReplayed(site())
+    );
+    verify(&f, &again, &mut restored).unwrap();
 }
 
 #[test]

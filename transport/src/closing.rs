@@ -69,6 +69,11 @@ impl ServerConn {
     /// it with `code` (the peer receives `reason` as well). Only the first
     /// close counts.
     pub fn close(&self, code: VarInt, reason: &[u8]) {
+        // Already closed (by the peer, a timeout, or here): its first
+        // reason stands, and this close does nothing in quinn either.
+        if self.conn.close_reason().is_some() {
+            return;
+        }
         self.reason
             .record_then(String::from_utf8_lossy(reason), || {
                 self.conn.close(code, reason);

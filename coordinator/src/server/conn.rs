@@ -16,12 +16,13 @@ use fedlink_transport::{
     FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, close_upload_window,
     negotiated_alpn, open_upload_window, peer_end_entity, peer_identity,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::engine::{
     Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms, update_received_details,
 };
+use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
@@ -30,8 +31,48 @@ use crate::round::{ConnId, SiteCapabilities};
 /// Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection attempt admitted to its handshake, holding one of the
+/// handshake slots until the handshake ends.
+pub(crate) struct Admitted {
+    incoming: quinn::Incoming,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Decide on a new connection attempt before any cryptography: a source
+/// whose address QUIC has not validated yet is sent a Retry (a spoofed
+/// source never answers it, so floods from forged addresses cost one
+/// stateless packet each); a validated one gets a handshake slot, or is
+/// refused at once when `handshakes` are all in use (counted with the
+/// failed handshakes, not recorded one by one).
+pub(crate) fn admit(
+    incoming: quinn::Incoming,
+    handshakes: &Arc<Semaphore>,
+    shared: &Shared,
+) -> Option<Admitted> {
+    if !incoming.remote_address_validated() && incoming.may_retry() {
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().ignore();
+        }
+        return None;
+    }
+    let remote = incoming.remote_address();
+    match handshakes.clone().try_acquire_owned() {
+        Ok(slot) => Some(Admitted {
+            incoming,
+            _slot: slot,
+        }),
+        Err(_) => {
+            tracing::debug!(%remote, "too many handshakes in progress; refused");
+            shared.note_refused(remote, "too many handshakes in progress");
+            incoming.refuse();
+            None
+        }
+    }
+}
+
 /// Handle one incoming connection to the end.
-pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
+    let Admitted { incoming, _slot } = admitted;
     let remote = incoming.remote_address();
     // Revocations and manifest changes must be in force for THIS handshake.
     shared.reload_if_changed();
@@ -41,18 +82,23 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
         Ok(c) => ServerConn::new(c),
         Err(e) => {
             // TLS refusals (unknown CA, expired, revoked, wrong role) land
-            // here with the verifier's reason.
-            tracing::warn!(%remote, error = %e, "handshake failed");
-            audit_refused(
-                &shared,
-                remote,
-                None,
-                None,
-                &format!("handshake failed: {e}"),
-            );
+            // here with the verifier's reason. Anyone can cause them: they
+            // are counted per source and recorded in bulk, and the text
+            // (which may come from the peer) is made safe first.
+            let why = peer_text(&format!("handshake failed: {e}"));
+            tracing::warn!(%remote, reason = %why, "handshake failed");
+            shared.note_refused(remote, &why);
             return;
         }
     };
+    drop(_slot);
+    // Low on disk: no new work, and no audit entry per connection (the
+    // `disk.low` entry records the state once).
+    if let Err(why) = shared.disk_allows_new_work() {
+        tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
+        conn.close(close::SHUTDOWN, why.as_bytes());
+        return;
+    }
     let alpn = negotiated_alpn(&conn);
     let identity = match peer_identity(&conn) {
         Ok(i) => i,
@@ -145,6 +191,8 @@ pub(crate) async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Share
             }
         }
     };
+    // The peer's own close reason is in there: make it safe.
+    let reason = peer_text(&reason);
     let closed = shared.audit().record(
         &identity.to_string(),
         "conn.closed",
@@ -164,6 +212,7 @@ fn refuse(
     alpn: Option<&[u8]>,
     why: &str,
 ) {
+    let why = &peer_text(why);
     tracing::warn!(%remote, identity = ?identity.map(ToString::to_string), reason = why, "connection refused");
     let identity = identity.map(ToString::to_string);
     audit_refused(shared, remote, identity.as_deref(), alpn, why);
@@ -584,6 +633,12 @@ async fn receive_upload(
     mut send: FramedSend,
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
+    // Low on disk: the spool and archive would take what the audit log
+    // needs. Refused before a byte is stored (the `disk.low` entry records
+    // the state once, not each refusal); the site retries later.
+    if let Err(why) = shared.disk_allows_new_work() {
+        return reject_upload(&mut send, recv, RejectCode::Busy, why).await;
+    }
     let Ok(_permit) = shared.uploads.acquire().await else {
         return reject_upload(
             &mut send,

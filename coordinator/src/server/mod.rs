@@ -19,8 +19,10 @@
 mod admin;
 pub(crate) mod audit;
 mod conn;
+mod disk;
 mod engine;
 mod idle;
+mod refusals;
 mod scaling;
 pub(crate) mod spool;
 pub mod status;
@@ -37,7 +39,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{Encoding, FederationId, FlatModel, ModelHash, ReplayGuard, SiteId};
+use fedlink_protocol::{
+    Encoding, FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId,
+};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::CoordinatorConfig;
@@ -94,6 +98,10 @@ pub(crate) struct Shared {
     job_encoding: RwLock<Option<Encoding>>,
     audit: Arc<Auditor>,
     admin: admin::AdminState,
+    /// Failed handshakes of the current interval (recorded in bulk).
+    refusals: Mutex<refusals::Refusals>,
+    /// Keeps the disk from filling up past what the audit log needs.
+    disk: disk::DiskGuard,
 }
 
 fn mtime(path: &std::path::Path) -> Option<SystemTime> {
@@ -101,6 +109,76 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl Shared {
+    /// Count a failed handshake from `remote` (recorded in bulk by
+    /// [`Shared::record_refusals`]).
+    fn note_refused(&self, remote: SocketAddr, reason: &str) {
+        if let Ok(mut r) = self.refusals.lock() {
+            r.note(Instant::now(), remote.ip(), reason);
+        }
+    }
+
+    /// Record the failed handshakes counted so far: every source whose
+    /// interval has passed, or all of them with `all` (shutdown).
+    fn record_refusals(&self, all: bool) {
+        let now = Instant::now();
+        let summaries = match self.refusals.lock() {
+            Ok(mut r) if all => r.drain(),
+            Ok(mut r) => r.poll_flush(now),
+            Err(_) => return,
+        };
+        let to_unix_ms = |t: Instant| {
+            engine::unix_ms().saturating_sub(now.saturating_duration_since(t).as_millis() as u64)
+        };
+        for s in summaries {
+            let top = s
+                .tally
+                .reasons
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(r, _)| r.clone())
+                .unwrap_or_default();
+            let r = self.audit.record_own(
+                "conn.refused",
+                serde_json::json!({
+                    "peer_addr": s.source,
+                    "stage": "handshake",
+                    "count": s.tally.count,
+                    "reason": top,
+                    "reasons": s.tally.reasons,
+                    "first_unix_ms": to_unix_ms(s.tally.first),
+                    "last_unix_ms": to_unix_ms(s.tally.last),
+                }),
+            );
+            if let Err(e) = r {
+                tracing::error!(error = %e, "cannot record refused handshakes");
+            }
+        }
+    }
+
+    /// May new work (a connection, an upload) start? Records the change
+    /// when the disk becomes low or recovers; `Err` says why not.
+    pub(crate) fn disk_allows_new_work(&self) -> Result<(), String> {
+        let (verdict, transition) = self.disk.check();
+        if let Some(t) = transition {
+            let (event, free) = match t {
+                disk::Transition::Low { free } => ("disk.low", free),
+                disk::Transition::Ok { free } => ("disk.ok", free),
+            };
+            tracing::warn!(event, free_mib = free >> 20, "disk space");
+            let r = self.audit.record_own(
+                event,
+                serde_json::json!({
+                    "free_bytes": free,
+                    "min_free_bytes": self.disk.min_free(),
+                }),
+            );
+            if let Err(e) = r {
+                tracing::error!(error = %e, "cannot record the disk state");
+            }
+        }
+        verdict
+    }
+
     /// The coordinator's audit log. Record an event before the action it
     /// describes takes effect, and do not perform the action if recording
     /// fails.
@@ -380,6 +458,10 @@ pub async fn serve(
         job_encoding: RwLock::new(None),
         audit: auditor.clone(),
         admin: admin::AdminState::new(store.clone(), kit.ca_cert().clone(), cfg.revoked_path()),
+        refusals: Mutex::new(refusals::Refusals::new(Duration::from_secs(
+            cfg.refusal_summary_secs,
+        ))),
+        disk: disk::DiskGuard::new(&cfg.data_dir, cfg.min_free_disk_mib.saturating_mul(1 << 20)),
     });
     let mut engine = match &job_id {
         Some(id) => Some(build_engine(&store, id, &shared, &cfg)?),
@@ -403,11 +485,13 @@ pub async fn serve(
         loop {
             tick.tick().await;
             reload_shared.reload_if_changed();
+            reload_shared.record_refusals(false);
         }
     });
 
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
+    let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
     // Connection tasks are owned here, so that shutdown can wait for them:
     // each records `conn.closed` as it ends, and a clean shutdown leaves an
     // audit log with every connection's end in it.
@@ -417,7 +501,9 @@ pub async fn serve(
             tokio::select! {
                 incoming = accept_endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        tasks.spawn(conn::handle_incoming(incoming, accept_shared.clone()));
+                        if let Some(permit) = conn::admit(incoming, &handshakes, &accept_shared) {
+                            tasks.spawn(conn::handle_incoming(permit, accept_shared.clone()));
+                        }
                     }
                     // The endpoint is closed: shutting down.
                     None => break,
@@ -490,6 +576,9 @@ pub async fn serve(
         );
         acceptor_abort.abort();
     }
+    // Failed handshakes still counted are recorded before the coordinator
+    // stops.
+    shared.record_refusals(true);
     // Give quinn a moment to send the close frames.
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result.map(|()| ServeOutcome {
@@ -536,11 +625,21 @@ fn build_engine(
             .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
         None => PersistedState::default(),
     };
-    let replay: ReplayGuard = match store.replay_state(&job.id)? {
+    let mut replay: ReplayGuard = match store.replay_state(&job.id)? {
         Some(bytes) => serde_json::from_slice(&bytes)
             .map_err(|e| ServeError::Job(format!("stored replay state: {e}")))?,
         None => ReplayGuard::new(),
     };
+    // The round in flight starts again from nothing: the updates it had
+    // accepted are set aside (`discarded`), so its sites report again, with
+    // fresh nonces (the envelopes already seen stay replays).
+    if let Some(r) = recovery.reopened_round {
+        replay.reopen_round(
+            &shared.federation,
+            &JobId::new(&job.id).map_err(|e| ServeError::Job(e.to_string()))?,
+            RoundId(r),
+        );
+    }
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
     let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;

@@ -1,0 +1,129 @@
+//! What an unauthenticated or hostile peer can make the coordinator write
+//! (issue 15, 1): failed handshakes are counted per source and recorded in
+//! bulk, peer-supplied text is escaped and bounded before it reaches the
+//! audit log, and a coordinator low on disk takes no new work and says so
+//! once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use fedlink_certs::Kit;
+use fedlink_test_util::TestPki;
+use fedlink_tests::bounded;
+use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
+use fedlink_tests::raw_site::RawSite;
+use serde_json::Value;
+
+fn entries(data_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(data_dir.join("audit/audit.jsonl"))
+        .unwrap()
+        .lines()
+        // A line being written may be read half-way: skipped.
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A coordinator with a job that waits for its sites, plus `extra` lines
+/// in its config.
+async fn start(pki: &TestPki, dir: &Path, extra: &str) -> RunningCoordinator {
+    let job = write_job(dir, &JobSpec::default()).unwrap();
+    let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(extra);
+    std::fs::write(&cfg, text).unwrap();
+    RunningCoordinator::start(&cfg, false).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_per_source_not_recorded_one_by_one() {
+    const ATTEMPTS: usize = 40;
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "").await;
+    let data_dir = coord.data_dir.clone();
+    for _ in 0..ATTEMPTS {
+        let revoked = Kit::load(pki.revoked_site_dir()).unwrap();
+        assert!(RawSite::connect(revoked, coord.addr).await.is_err());
+    }
+    coord.shutdown().await.unwrap();
+    let refused: Vec<Value> = entries(&data_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "conn.refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "one entry for the source: {refused:#?}");
+    let d = &refused[0]["details"];
+    assert_eq!(d["peer_addr"], "127.0.0.1");
+    assert_eq!(d["stage"], "handshake");
+    assert_eq!(d["count"], ATTEMPTS as u64);
+    assert!(d["reason"].as_str().unwrap().contains("handshake"), "{d}");
+    assert!(d["first_unix_ms"].as_u64() <= d["last_unix_ms"].as_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_close_reason_is_escaped_and_bounded_in_the_audit_log() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "").await;
+    let data_dir = coord.data_dir.clone();
+    let site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    let forged = format!(
+        "bye\n{{\"event\":\"job.finished\"}}\u{1b}[2J{}",
+        "x".repeat(10_000)
+    );
+    site.conn
+        .close(quinn::VarInt::from_u32(0), forged.as_bytes());
+    drop(site);
+    // The coordinator records the end of the connection when it has seen
+    // the site's close: wait for that entry (it always comes; the bound
+    // only stops a hung test) before shutting down, which would otherwise
+    // close the connection itself first.
+    let closed = bounded("conn.closed of the site", async {
+        loop {
+            let closed: Vec<Value> = entries(&data_dir)
+                .into_iter()
+                .filter(|e| e["event"] == "conn.closed")
+                .collect();
+            if !closed.is_empty() {
+                return closed;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    coord.shutdown().await.unwrap();
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    let reason = closed[0]["details"]["reason"].as_str().unwrap();
+    assert!(reason.len() < 400, "{} bytes kept", reason.len());
+    assert!(
+        !reason.contains('\n') && !reason.contains('\u{1b}'),
+        "{reason}"
+    );
+    assert!(reason.contains("bye\\n"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_on_disk_no_new_connections_and_one_audit_entry() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // More free space than any disk has: always "low".
+    let coord = start(&pki, dir.path(), "min_free_disk_mib = 1000000000000\n").await;
+    let data_dir = coord.data_dir.clone();
+    for _ in 0..3 {
+        let err = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+            .await
+            .err()
+            .expect("no connection while low on disk");
+        assert!(format!("{err:#}").contains("disk space"), "{err:#}");
+    }
+    coord.shutdown().await.unwrap();
+    let es = entries(&data_dir);
+    let low: Vec<&Value> = es.iter().filter(|e| e["event"] == "disk.low").collect();
+    assert_eq!(low.len(), 1, "{low:#?}");
+    assert!(low[0]["details"]["free_bytes"].as_u64().is_some());
+    // Nothing was accepted, so nothing else about the connections.
+    assert!(!es.iter().any(|e| e["event"] == "conn.accepted"));
+}
