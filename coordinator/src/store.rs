@@ -215,7 +215,42 @@ pub struct RoundRecord {
     /// reported metrics.
     #[serde(default)]
     pub update_details: Vec<UpdateDetail>,
+    /// Offers the selected sites declined (all runs, one per site), with
+    /// the reason each site gave.
+    #[serde(default)]
+    pub declined: Vec<DeclinedOffer>,
 }
+
+/// An offer a site declined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclinedOffer {
+    /// The site.
+    pub site: String,
+    /// Its reason (site-supplied text, at most [`MAX_DECLINE_REASON_LEN`]
+    /// bytes).
+    pub reason: String,
+    /// When, Unix milliseconds.
+    pub at_unix_ms: u64,
+}
+
+impl DeclinedOffer {
+    /// A declined offer, `reason` cut to [`MAX_DECLINE_REASON_LEN`] bytes.
+    pub fn new(site: &str, reason: &str, at_unix_ms: u64) -> Self {
+        let mut end = reason.len().min(MAX_DECLINE_REASON_LEN);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self {
+            site: site.to_owned(),
+            reason: reason[..end].to_owned(),
+            at_unix_ms,
+        }
+    }
+}
+
+/// Longest decline reason kept (bytes; longer ones are cut at a character
+/// boundary). The reason is the site's free text.
+pub const MAX_DECLINE_REASON_LEN: usize = 512;
 
 /// An upload the coordinator refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -706,6 +741,28 @@ impl Store {
         })
     }
 
+    /// Keep a declined offer in its round's record: once per site and round,
+    /// and only for a site the round selected (so a site cannot grow the
+    /// record, or the audit log, by declining over and over). Returns
+    /// whether it was kept.
+    pub fn record_declined(
+        &self,
+        job: &str,
+        round: u64,
+        declined: DeclinedOffer,
+    ) -> Result<bool, StoreError> {
+        let mut kept = false;
+        self.annotate_round(job, round, |r| {
+            if r.selected.iter().any(|s| s.as_str() == declined.site)
+                && !r.declined.iter().any(|d| d.site == declined.site)
+            {
+                r.declined.push(declined);
+                kept = true;
+            }
+        })?;
+        Ok(kept)
+    }
+
     /// Keep the details of an accepted update in its round's record.
     pub fn record_update_detail(
         &self,
@@ -794,14 +851,21 @@ impl Store {
                             rec
                         }
                         old => {
-                            let (mut discarded, restarts, rejected, update_details) = match old {
-                                Some(o) => {
-                                    let mut d = o.discarded;
-                                    d.extend(o.accepted);
-                                    (d, o.restarts + 1, o.rejected, o.update_details)
-                                }
-                                None => (Vec::new(), 0, Vec::new(), Vec::new()),
-                            };
+                            let (mut discarded, restarts, rejected, update_details, declined) =
+                                match old {
+                                    Some(o) => {
+                                        let mut d = o.discarded;
+                                        d.extend(o.accepted);
+                                        (
+                                            d,
+                                            o.restarts + 1,
+                                            o.rejected,
+                                            o.update_details,
+                                            o.declined,
+                                        )
+                                    }
+                                    None => (Vec::new(), 0, Vec::new(), Vec::new(), Vec::new()),
+                                };
                             discarded.sort_by(|a, b| a.site.cmp(&b.site));
                             RoundRecord {
                                 round: *round,
@@ -818,6 +882,7 @@ impl Store {
                                 closed_unix_ms: None,
                                 rejected,
                                 update_details,
+                                declined,
                             }
                         }
                     };

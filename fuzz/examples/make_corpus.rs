@@ -127,6 +127,7 @@ fn main() {
                 dp: Some(DpNoise {
                     noise_multiplier: 0.5,
                 }),
+                central_dp: None,
             },
             deadline_unix_ms: 1_800_000_000_000,
             scaling: Some(FeatureScaling {

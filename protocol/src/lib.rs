@@ -142,10 +142,11 @@ pub use frame::{
 };
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
-    AUDIT_HEAD_VERSION, AuditHead, Bye, Cancel, Capabilities, DeltaUpload, DpNoise, Heartbeat,
-    Hello, Message, ModelFetch, ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer,
-    PROTOCOL_VERSION, PrivacyRequirements, Reject, RejectCode, TaskOffer, TrainingConfig,
-    UploadResult, VersionRange, Welcome, supports_audit_head,
+    AUDIT_HEAD_VERSION, AuditHead, Bye, CENTRAL_DP_VERSION, Cancel, Capabilities, CentralDp,
+    DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch, ModelManifest, OfferDecision,
+    OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, Reject,
+    RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange, Welcome,
+    supports_audit_head,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{

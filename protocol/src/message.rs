@@ -28,6 +28,13 @@
 //! peer sends it only when the negotiated version is at least that
 //! ([`supports_audit_head`]); an older peer never sees it.
 //!
+//! From version [`CENTRAL_DP_VERSION`] on, offers travel as
+//! [`Message::TaskOfferV3`], which also carries
+//! [`PrivacyRequirements::central_dp`] (the noise the coordinator adds to the
+//! aggregate). [`Message::task_offer`] picks the variant the negotiated
+//! version has; the version-1/2 [`Message::TaskOffer`] encoding has no room
+//! for `central_dp` and leaves it out.
+//!
 //! Free-text fields (`message`, `reason`, `agent_version`) are bounded only
 //! by the frame limit; receivers should truncate them before logging.
 
@@ -45,10 +52,13 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// Newest protocol version this build speaks.
 ///
 /// Version history: 1 — the original conversation; 2 — adds
-/// [`Message::AuditHead`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`Message::AuditHead`]; 3 — adds [`Message::TaskOfferV3`] (offers that
+/// say whether DP noise is added centrally).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
+/// First protocol version that has [`Message::TaskOfferV3`].
+pub const CENTRAL_DP_VERSION: u16 = 3;
 /// Oldest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Most epochs a task may ask for.
@@ -240,13 +250,35 @@ pub struct DpNoise {
     pub noise_multiplier: f64,
 }
 
+/// Central differential privacy: Gaussian noise the coordinator adds once to
+/// the aggregate of the sites' clipped updates. The site adds nothing for
+/// it; it protects the site's data from everyone who sees the aggregated
+/// model (other sites, model users), not from the coordinator, which sees
+/// the clipped update before the noise.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CentralDp {
+    /// Noise standard deviation as a multiple of the clip norm (the
+    /// sensitivity of the sum), finite and > 0.
+    pub noise_multiplier: f64,
+    /// δ the coordinator's privacy accountant reports ε at, in (0, 1);
+    /// `None` when the job sets none.
+    pub target_delta: Option<f64>,
+}
+
 /// Clipping and DP requirements of a round.
 #[derive(Clone, Copy, Debug, PartialEq, Default, Serialize, Deserialize)]
 pub struct PrivacyRequirements {
     /// Clip the update to this L2 norm (finite, > 0) before encoding.
     pub clip_norm: Option<f64>,
-    /// Add Gaussian noise after clipping (requires `clip_norm`).
+    /// Add Gaussian noise after clipping, at the site (local DP; requires
+    /// `clip_norm`).
     pub dp: Option<DpNoise>,
+    /// Noise the coordinator adds to the aggregate (central DP; requires
+    /// `clip_norm`). Carried only by [`Message::TaskOfferV3`] (protocol
+    /// version >= [`CENTRAL_DP_VERSION`]); an older offer encoding leaves
+    /// it out and decodes as `None`.
+    #[serde(default)]
+    pub central_dp: Option<CentralDp>,
 }
 
 /// Why a [`TaskOffer`] is not acceptable as sent.
@@ -350,6 +382,19 @@ impl TaskOffer {
             }
             if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier >= 0.0) {
                 return bad("noise_multiplier");
+            }
+        }
+        if let Some(dp) = self.privacy.central_dp {
+            if self.privacy.clip_norm.is_none() {
+                return Err(OfferError::DpWithoutClip);
+            }
+            if !(dp.noise_multiplier.is_finite() && dp.noise_multiplier > 0.0) {
+                return bad("central_dp.noise_multiplier");
+            }
+            if let Some(d) = dp.target_delta
+                && !(d.is_finite() && d > 0.0 && d < 1.0)
+            {
+                return bad("central_dp.target_delta");
             }
         }
         if let Some(s) = &self.scaling {
@@ -534,7 +579,11 @@ pub enum Message {
     Welcome(Welcome),
     /// Coordinator → site, refusal of `Hello`.
     Reject(Reject),
-    /// Coordinator → site.
+    /// Coordinator → site, protocol versions below [`CENTRAL_DP_VERSION`]:
+    /// the offer without [`PrivacyRequirements::central_dp`] (left out when
+    /// encoding, `None` when decoding). Build offers with
+    /// [`Message::task_offer`].
+    #[serde(with = "offer_v1")]
     TaskOffer(Box<TaskOffer>),
     /// Site → coordinator.
     OfferResponse(OfferResponse),
@@ -555,6 +604,9 @@ pub enum Message {
     /// Either direction, on the control stream, only when the negotiated
     /// version is at least [`AUDIT_HEAD_VERSION`].
     AuditHead(AuditHead),
+    /// Coordinator → site, protocol version >= [`CENTRAL_DP_VERSION`]: the
+    /// offer with every field.
+    TaskOfferV3(Box<TaskOffer>),
 }
 
 impl Message {
@@ -574,7 +626,99 @@ impl Message {
             Self::Bye(_) => "Bye",
             Self::Cancel(_) => "Cancel",
             Self::AuditHead(_) => "AuditHead",
+            Self::TaskOfferV3(_) => "TaskOfferV3",
         }
+    }
+
+    /// `offer` in the variant a connection at negotiated protocol `version`
+    /// has: [`Message::TaskOfferV3`] from [`CENTRAL_DP_VERSION`] on, else
+    /// [`Message::TaskOffer`] (which cannot carry `privacy.central_dp`).
+    pub fn task_offer(offer: TaskOffer, version: u16) -> Self {
+        if version >= CENTRAL_DP_VERSION {
+            Self::TaskOfferV3(Box::new(offer))
+        } else {
+            Self::TaskOffer(Box::new(offer))
+        }
+    }
+
+    /// The offer of a [`Message::TaskOffer`] or [`Message::TaskOfferV3`].
+    pub fn as_task_offer(&self) -> Option<&TaskOffer> {
+        match self {
+            Self::TaskOffer(o) | Self::TaskOfferV3(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// The version-1/2 encoding of [`Message::TaskOffer`]: every field of
+/// [`TaskOffer`] in declaration order, `privacy` without `central_dp`.
+mod offer_v1 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{DpNoise, PrivacyRequirements, TaskOffer, TrainingConfig};
+    use crate::arch::ArchSpec;
+    use crate::encoding::Encoding;
+    use crate::ids::{FederationId, JobId, RoundId};
+    use crate::model::ModelHash;
+    use crate::scaling::FeatureScaling;
+
+    #[derive(Serialize, Deserialize)]
+    struct PrivacyV1 {
+        clip_norm: Option<f64>,
+        dp: Option<DpNoise>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OfferV1 {
+        federation_id: FederationId,
+        job_id: JobId,
+        round: RoundId,
+        base_model: ModelHash,
+        arch: ArchSpec,
+        training: TrainingConfig,
+        encoding: Encoding,
+        privacy: PrivacyV1,
+        deadline_unix_ms: u64,
+        scaling: Option<FeatureScaling>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(o: &TaskOffer, s: S) -> Result<S::Ok, S::Error> {
+        OfferV1 {
+            federation_id: o.federation_id.clone(),
+            job_id: o.job_id.clone(),
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch.clone(),
+            training: o.training,
+            encoding: o.encoding,
+            privacy: PrivacyV1 {
+                clip_norm: o.privacy.clip_norm,
+                dp: o.privacy.dp,
+            },
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling.clone(),
+        }
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<TaskOffer>, D::Error> {
+        let o = OfferV1::deserialize(d)?;
+        Ok(Box::new(TaskOffer {
+            federation_id: o.federation_id,
+            job_id: o.job_id,
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch,
+            training: o.training,
+            encoding: o.encoding,
+            privacy: PrivacyRequirements {
+                clip_norm: o.privacy.clip_norm,
+                dp: o.privacy.dp,
+                central_dp: None,
+            },
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling,
+        }))
     }
 }
 
@@ -632,6 +776,61 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         assert_eq!(Message::decode_exact(&[]), Err(DecodeError::Truncated));
+    }
+
+    /// A version-2 build's `TaskOffer` bytes (the committed fuzz seed) still
+    /// decode, and re-encode byte for byte: the variant-3 layout is unchanged.
+    #[test]
+    fn version_2_offer_layout_is_unchanged() {
+        let v2 = include_bytes!("../../fuzz/corpus/message/seed-2-TaskOffer");
+        let msg = Message::decode_exact(v2).unwrap();
+        let Message::TaskOffer(o) = &msg else {
+            panic!("{}", msg.name())
+        };
+        assert_eq!(o.privacy.central_dp, None);
+        assert_eq!(o.privacy.clip_norm, Some(1.0));
+        assert_eq!(msg.to_vec(), v2.to_vec());
+    }
+
+    #[test]
+    fn central_dp_travels_only_from_version_3() {
+        let v2 = include_bytes!("../../fuzz/corpus/message/seed-2-TaskOffer");
+        let Message::TaskOffer(mut o) = Message::decode_exact(v2).unwrap() else {
+            panic!("not an offer")
+        };
+        let central = CentralDp {
+            noise_multiplier: 1.1,
+            target_delta: Some(1e-5),
+        };
+        o.privacy.central_dp = Some(central);
+        assert!(o.validate().is_ok());
+
+        let new = Message::task_offer((*o).clone(), CENTRAL_DP_VERSION);
+        assert_eq!(new.name(), "TaskOfferV3");
+        let back = Message::decode_exact(&new.to_vec()).unwrap();
+        assert_eq!(
+            back.as_task_offer().unwrap().privacy.central_dp,
+            Some(central)
+        );
+        assert_eq!(back, new);
+
+        // an older peer gets the old encoding, without central DP
+        let old = Message::task_offer((*o).clone(), 2);
+        assert_eq!(old.to_vec(), v2.to_vec());
+        let back = Message::decode_exact(&old.to_vec()).unwrap();
+        assert_eq!(back.as_task_offer().unwrap().privacy.central_dp, None);
+
+        // central DP needs the clip norm (the sensitivity) and real noise
+        let mut bad = (*o).clone();
+        bad.privacy.clip_norm = None;
+        bad.privacy.dp = None;
+        assert_eq!(bad.validate(), Err(OfferError::DpWithoutClip));
+        let mut bad = (*o).clone();
+        bad.privacy.central_dp = Some(CentralDp {
+            noise_multiplier: 0.0,
+            target_delta: None,
+        });
+        assert!(bad.validate().is_err());
     }
 
     #[test]

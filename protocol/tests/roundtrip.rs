@@ -266,14 +266,16 @@ fn message() -> impl Strategy<Value = Message> {
                 prop::option::of(0.0f64..5.0),
                 any::<u64>(),
                 prop::option::of(feature_scaling()),
+                prop::option::of((0.1f64..5.0, prop::option::of(1e-9f64..0.5))),
+                any::<bool>(),
             )
         )
             .prop_map(
                 |(
                     (federation_id, job_id, round, base_model, arch),
-                    (training, encoding, clip, noise, deadline_unix_ms, scaling),
+                    (training, encoding, clip, noise, deadline_unix_ms, scaling, central, v3),
                 )| {
-                    Message::TaskOffer(Box::new(TaskOffer {
+                    let offer = TaskOffer {
                         federation_id,
                         job_id,
                         round: RoundId(round),
@@ -286,10 +288,18 @@ fn message() -> impl Strategy<Value = Message> {
                             dp: clip
                                 .and(noise)
                                 .map(|noise_multiplier| DpNoise { noise_multiplier }),
+                            // only the version-3 variant carries central DP
+                            central_dp: clip.and(central).filter(|_| v3).map(
+                                |(noise_multiplier, target_delta)| CentralDp {
+                                    noise_multiplier,
+                                    target_delta,
+                                },
+                            ),
                         },
                         deadline_unix_ms,
                         scaling,
-                    }))
+                    };
+                    Message::task_offer(offer, if v3 { CENTRAL_DP_VERSION } else { 2 })
                 }
             ),
         (job_id(), any::<u64>(), prop::option::of(text())).prop_map(|(job_id, r, d)| {

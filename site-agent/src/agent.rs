@@ -71,9 +71,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config, peer_identity_from_any};
 use fedlink_protocol::{
-    Bye, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message, ModelFetch, ModelHash,
-    ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope, UpdateHeader,
-    UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
+    Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
+    ModelFetch, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope,
+    UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
     supports_audit_head,
 };
 use fedlink_transport::{FramedRecv, FramedSend, TransportError, client_endpoint, close, open_bi};
@@ -640,8 +640,17 @@ async fn handle_control(
     done_tx: &mpsc::UnboundedSender<TaskDone>,
     msg: Message,
 ) -> Result<Option<SessionEnd>, AgentError> {
+    if let Message::TaskOfferV3(_) = &msg
+        && session.protocol_version < CENTRAL_DP_VERSION
+    {
+        conn.close(close::PROTOCOL, b"unexpected message on the control stream");
+        return Ok(Some(SessionEnd::Lost(format!(
+            "coordinator sent TaskOfferV3 at protocol version {}",
+            session.protocol_version
+        ))));
+    }
     match msg {
-        Message::TaskOffer(offer) => {
+        Message::TaskOffer(offer) | Message::TaskOfferV3(offer) => {
             ctx.record(SiteEvent::OfferReceived {
                 job: offer.job_id.to_string(),
                 round: offer.round.0,
@@ -651,6 +660,7 @@ async fn handle_control(
                 encoding: offer.encoding.name(),
                 clip_norm: offer.privacy.clip_norm,
                 noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
+                central_noise_multiplier: offer.privacy.central_dp.map(|d| d.noise_multiplier),
             })?;
             let outcome = core.on_offer(unix_ms(), &offer);
             // The decision is on disk before the coordinator hears it.
@@ -1037,7 +1047,14 @@ async fn obtain_model(
             )));
         }
     };
-    let mut asm = ModelAssembler::new(manifest.clone(), hash, spec)?;
+    // Checked against the site's size limit before anything is allocated
+    // for the download.
+    let mut asm = ModelAssembler::new(
+        manifest.clone(),
+        hash,
+        spec,
+        ctx.config.policy.max_model_params,
+    )?;
     let mut records = Vec::new();
     while asm.remaining() > 0 {
         let record = recv.chunk().await?;

@@ -142,8 +142,12 @@ pub enum SiteEvent {
         encoding: String,
         /// Clip norm, if any.
         clip_norm: Option<f64>,
-        /// DP noise multiplier, if any.
+        /// DP noise multiplier the site adds, if any.
         noise_multiplier: Option<f64>,
+        /// Noise multiplier of the central DP the coordinator adds to the
+        /// aggregate, if any (protocol version 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        central_noise_multiplier: Option<f64>,
     },
     /// The offer was accepted (recorded before the acceptance is sent).
     #[serde(rename = "offer.accepted")]

@@ -80,14 +80,23 @@ pub struct ModelAssembler {
 
 impl ModelAssembler {
     /// Accept `manifest` for the model `wanted` with layout `spec` (the
-    /// offer's architecture): same hash, same spec, lossless f32, a payload
-    /// length within the bound and the exact chunk count.
+    /// offer's architecture): at most `max_params` parameters (the policy's
+    /// `max_model_params`, checked first, before anything is allocated),
+    /// same hash, same spec, lossless f32, a payload length within the bound
+    /// and the exact chunk count.
     pub fn new(
         manifest: ModelManifest,
         wanted: ModelHash,
         spec: &ModelSpec,
+        max_params: u64,
     ) -> Result<Self, ModelError> {
         let bad = |m: String| Err(ModelError::Manifest(m));
+        let params = manifest.spec.num_params();
+        if params > max_params {
+            return bad(format!(
+                "describes a model of {params} parameters, the policy's max_model_params is {max_params}"
+            ));
+        }
         if manifest.hash != wanted {
             return bad(format!(
                 "announces model {}, {wanted} was asked for",
@@ -266,8 +275,8 @@ impl ModelCache {
             Message::ModelManifest(m) => *m,
             other => return Err(corrupt(format!("starts with {}", other.name()))),
         };
-        let mut asm =
-            ModelAssembler::new(manifest, *hash, spec).map_err(|e| corrupt(e.to_string()))?;
+        let mut asm = ModelAssembler::new(manifest, *hash, spec, spec.num_params())
+            .map_err(|e| corrupt(e.to_string()))?;
         while let Some(frame) = frames.pop().map_err(|e| corrupt(e.to_string()))? {
             let record = frame.into_chunk().map_err(|e| corrupt(e.to_string()))?;
             asm.push(&record).map_err(|e| corrupt(e.to_string()))?;
@@ -389,26 +398,40 @@ mod tests {
         assert!(!cache.contains(&m.hash()));
     }
 
+    /// A manifest of a model larger than the site's `max_model_params` is
+    /// refused before anything is allocated for the download.
+    #[test]
+    fn assembler_refuses_models_above_the_site_limit() {
+        let (m, manifest, _) = model();
+        let spec = m.spec().clone();
+        let n = spec.num_params();
+        let Err(e) = ModelAssembler::new(manifest.clone(), m.hash(), &spec, n - 1) else {
+            panic!("a model above the limit was accepted")
+        };
+        assert!(e.to_string().contains("max_model_params"), "{e}");
+        assert!(ModelAssembler::new(manifest, m.hash(), &spec, n).is_ok());
+    }
+
     #[test]
     fn assembler_refuses_wrong_manifests_and_payloads() {
         let (m, manifest, records) = model();
         let spec = m.spec().clone();
         let mut wrong = manifest.clone();
         wrong.hash = ModelHash([9; 32]);
-        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec, u64::MAX).is_err());
         let mut wrong = manifest.clone();
         wrong.num_chunks += 1;
-        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec, u64::MAX).is_err());
         let mut wrong = manifest.clone();
         wrong.encoding = Encoding::with_codec(ValueCodec::F16).unwrap();
-        assert!(ModelAssembler::new(wrong, m.hash(), &spec).is_err());
+        assert!(ModelAssembler::new(wrong, m.hash(), &spec, u64::MAX).is_err());
         let other = ArchSpec::LogReg {
             inputs: 31,
             classes: 2,
         }
         .spec()
         .unwrap();
-        assert!(ModelAssembler::new(manifest.clone(), m.hash(), &other).is_err());
+        assert!(ModelAssembler::new(manifest.clone(), m.hash(), &other, u64::MAX).is_err());
 
         // Values that do not hash to the announced hash.
         let mut other_values = m.values().to_vec();
@@ -417,21 +440,21 @@ mod tests {
         let (bad_records, _) = encode_payload(&tampered, manifest.encoding, 0).unwrap();
         let mut lie = manifest.clone();
         lie.payload_len = bad_records.iter().map(|r| r.len() as u64).sum();
-        let mut asm = ModelAssembler::new(lie, m.hash(), &spec).unwrap();
+        let mut asm = ModelAssembler::new(lie, m.hash(), &spec, u64::MAX).unwrap();
         for r in &bad_records {
             asm.push(r).unwrap();
         }
         assert!(matches!(asm.finish(), Err(ModelError::HashMismatch { .. })));
 
         // Missing the last record.
-        let mut asm = ModelAssembler::new(manifest.clone(), m.hash(), &spec).unwrap();
+        let mut asm = ModelAssembler::new(manifest.clone(), m.hash(), &spec, u64::MAX).unwrap();
         for r in &records[..records.len() - 1] {
             asm.push(r).unwrap();
         }
         assert!(asm.finish().is_err());
 
         // Good.
-        let mut asm = ModelAssembler::new(manifest, m.hash(), &spec).unwrap();
+        let mut asm = ModelAssembler::new(manifest, m.hash(), &spec, u64::MAX).unwrap();
         for r in &records {
             asm.push(r).unwrap();
         }

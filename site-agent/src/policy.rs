@@ -12,15 +12,22 @@
 //! 2. its federation is listed in `federations` and, once connected, is the
 //!    federation the coordinator announced in `Welcome`;
 //! 3. its deadline has not passed;
-//! 4. its architecture kind is listed in `architectures` and, when
-//!    `max_model_params` is set, the model is not larger;
+//! 4. its architecture kind is listed in `architectures` and the model has
+//!    at most `max_model_params` parameters (default
+//!    [`DEFAULT_MAX_MODEL_PARAMS`]);
 //! 5. the local training split has at least `min_local_samples` samples;
 //! 6. it asks for at most `max_epochs` epochs;
 //! 7. its delta encoding's codec family is listed in `encodings`;
 //! 8. with `require_clipping`, it clips the update (`clip_norm` set), and to
 //!    at most `max_clip_norm` when that is set (a smaller norm is stronger);
 //! 9. with `require_dp`, it adds DP noise, with a noise multiplier of at
-//!    least `min_noise_multiplier` when that is set.
+//!    least `min_noise_multiplier` when that is set: noise the site adds
+//!    itself (`privacy.dp`), or central noise the coordinator adds to the
+//!    aggregate (`privacy.central_dp`, protocol version 3) unless
+//!    `accept_central_dp = false`. Central DP protects the site's data from
+//!    everyone who sees the aggregated model, not from the coordinator, which
+//!    sees the clipped update before the noise; a site that does not trust
+//!    the coordinator with that sets `accept_central_dp = false`.
 
 use fedlink_protocol::{FederationId, OfferError, TaskOffer, ValueCodec};
 use serde::{Deserialize, Serialize};
@@ -48,6 +55,22 @@ fn default_max_epochs() -> u32 {
     50
 }
 
+/// Default [`Policy::max_model_params`]: 2^26 parameters (256 MiB as f32),
+/// half the protocol's ceiling (`MAX_ARCH_PARAMS`). The agent holds a
+/// downloaded model about three times over (the compressed records for the
+/// cache, the decoded values, the training copy) plus the optimizer state,
+/// so this keeps a round well under a few GiB of memory; a site that means
+/// to train larger models raises it.
+pub const DEFAULT_MAX_MODEL_PARAMS: u64 = 1 << 26;
+
+fn default_max_model_params() -> u64 {
+    DEFAULT_MAX_MODEL_PARAMS
+}
+
+fn default_true() -> bool {
+    true
+}
+
 fn default_encodings() -> Vec<String> {
     CODEC_FAMILIES.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -68,10 +91,12 @@ pub struct Policy {
     /// Most local epochs per round (default 50).
     #[serde(default = "default_max_epochs")]
     pub max_epochs: u32,
-    /// Largest model, in parameters (default: no limit beyond the
-    /// protocol's).
-    #[serde(default)]
-    pub max_model_params: Option<u64>,
+    /// Largest model, in parameters (default
+    /// [`DEFAULT_MAX_MODEL_PARAMS`]). Offers of larger models are declined,
+    /// and a model download whose manifest describes a larger model is
+    /// refused before anything is allocated for it.
+    #[serde(default = "default_max_model_params")]
+    pub max_model_params: u64,
     /// Codec families the delta may be encoded with: `f32`, `f16`, `bf16`,
     /// `int8`, `int8-stochastic`, `topk` (default: all).
     #[serde(default = "default_encodings")]
@@ -88,6 +113,12 @@ pub struct Policy {
     /// With DP, the smallest noise multiplier accepted.
     #[serde(default)]
     pub min_noise_multiplier: Option<f64>,
+    /// With `require_dp`, central DP (noise the coordinator adds to the
+    /// aggregate) counts (default true). `false`: only noise the site adds
+    /// itself counts, for a site that does not trust the coordinator with
+    /// its clipped, un-noised update.
+    #[serde(default = "default_true")]
+    pub accept_central_dp: bool,
 }
 
 /// A problem in the `[policy]` table, naming the field.
@@ -110,12 +141,13 @@ impl Policy {
             architectures,
             min_local_samples: default_min_local_samples(),
             max_epochs: default_max_epochs(),
-            max_model_params: None,
+            max_model_params: DEFAULT_MAX_MODEL_PARAMS,
             encodings: default_encodings(),
             require_clipping: false,
             max_clip_norm: None,
             require_dp: false,
             min_noise_multiplier: None,
+            accept_central_dp: true,
         }
     }
 
@@ -163,7 +195,7 @@ impl Policy {
                 ),
             );
         }
-        if self.max_model_params == Some(0) {
+        if self.max_model_params == 0 {
             return err("max_model_params".into(), "must be at least 1".into());
         }
         if let Some(c) = self.max_clip_norm {
@@ -281,8 +313,15 @@ pub enum Refusal {
         max: f64,
     },
     /// The policy requires DP noise and the offer adds none.
-    #[error("policy requires DP noise; the offer adds none")]
+    #[error(
+        "policy requires DP noise (require_dp); the offer adds none, neither at the site nor centrally"
+    )]
     DpRequired,
+    /// The offer's only noise is central and the policy does not count it.
+    #[error(
+        "policy requires noise added at the site (accept_central_dp = false); the offer's noise is central only"
+    )]
+    CentralDpNotAccepted,
     /// The noise multiplier is smaller than the policy requires.
     #[error("offer's noise multiplier {offered} is below the policy minimum {min}")]
     NoiseTooLow {
@@ -322,13 +361,14 @@ pub fn evaluate(policy: &Policy, offer: &TaskOffer, ctx: &OfferContext<'_>) -> R
     if !policy.architectures.iter().any(|a| a == kind) {
         return Err(Refusal::ArchitectureNotAllowed(kind.to_owned()));
     }
-    if let Some(max) = policy.max_model_params {
+    {
         // `validate` above bounded the architecture, so the spec is cheap.
         let params = offer
             .arch
             .spec()
             .map_err(|e| OfferError::Arch(e.to_string()))?
             .num_params();
+        let max = policy.max_model_params;
         if params > max {
             return Err(Refusal::ModelTooLarge { params, max });
         }
@@ -360,14 +400,19 @@ pub fn evaluate(policy: &Policy, offer: &TaskOffer, ctx: &OfferContext<'_>) -> R
         }
     }
     if policy.require_dp {
-        let Some(dp) = offer.privacy.dp else {
-            return Err(Refusal::DpRequired);
+        let site = offer.privacy.dp.map(|d| d.noise_multiplier);
+        let central = offer.privacy.central_dp.map(|d| d.noise_multiplier);
+        let noise = match (site, central) {
+            (Some(z), _) => z,
+            (None, Some(z)) if policy.accept_central_dp => z,
+            (None, Some(_)) => return Err(Refusal::CentralDpNotAccepted),
+            (None, None) => return Err(Refusal::DpRequired),
         };
         if let Some(min) = policy.min_noise_multiplier
-            && dp.noise_multiplier < min
+            && noise < min
         {
             return Err(Refusal::NoiseTooLow {
-                offered: dp.noise_multiplier,
+                offered: noise,
                 min,
             });
         }
@@ -380,7 +425,7 @@ pub(crate) mod tests {
     use super::*;
     use fedlink_protocol::arch::ArchSpec;
     use fedlink_protocol::{
-        DpNoise, Encoding, JobId, ModelHash, Optimizer, PrivacyRequirements, RoundId,
+        CentralDp, DpNoise, Encoding, JobId, ModelHash, Optimizer, PrivacyRequirements, RoundId,
         TrainingConfig,
     };
 
@@ -491,12 +536,12 @@ pub(crate) mod tests {
     #[test]
     fn model_too_large() {
         let mut p = policy();
-        p.max_model_params = Some(9); // logreg 4→2: 8 weights + 2 biases
+        p.max_model_params = 9; // logreg 4→2: 8 weights + 2 biases
         assert_eq!(
             evaluate(&p, &offer(), &ctx()),
             Err(Refusal::ModelTooLarge { params: 10, max: 9 })
         );
-        p.max_model_params = Some(10);
+        p.max_model_params = 10;
         assert_eq!(evaluate(&p, &offer(), &ctx()), Ok(()));
     }
 
@@ -576,6 +621,7 @@ pub(crate) mod tests {
         o.privacy = PrivacyRequirements {
             clip_norm: Some(1.0),
             dp: None,
+            central_dp: None,
         };
         assert_eq!(evaluate(&p, &o, &ctx()), Err(Refusal::DpRequired));
         o.privacy.dp = Some(DpNoise {
@@ -594,6 +640,89 @@ pub(crate) mod tests {
         assert_eq!(evaluate(&p, &o, &ctx()), Ok(()));
     }
 
+    /// A `require_dp` site joins a job whose noise the coordinator adds
+    /// (central DP, as the coordinator's DP jobs run) when it is strong
+    /// enough, and declines a job without noise with a reason that says so.
+    /// Before, offers had no way to say "central DP" and such a site
+    /// declined every offer.
+    #[test]
+    fn require_dp_accepts_central_dp_jobs() {
+        let mut p = policy();
+        p.require_clipping = true;
+        p.require_dp = true;
+        p.min_noise_multiplier = Some(1.0);
+        p.validate().unwrap();
+        let mut o = offer();
+        o.privacy = PrivacyRequirements {
+            clip_norm: Some(1.0),
+            dp: None,
+            central_dp: Some(CentralDp {
+                noise_multiplier: 1.2,
+                target_delta: Some(1e-5),
+            }),
+        };
+        assert_eq!(evaluate(&p, &o, &ctx()), Ok(()));
+
+        // too little central noise
+        o.privacy.central_dp = Some(CentralDp {
+            noise_multiplier: 0.7,
+            target_delta: None,
+        });
+        assert_eq!(
+            evaluate(&p, &o, &ctx()),
+            Err(Refusal::NoiseTooLow {
+                offered: 0.7,
+                min: 1.0
+            })
+        );
+
+        // a job without noise: declined, and the reason names the rule
+        o.privacy.central_dp = None;
+        let refusal = evaluate(&p, &o, &ctx()).unwrap_err();
+        assert_eq!(refusal, Refusal::DpRequired);
+        let reason = refusal.to_string();
+        assert!(reason.contains("require_dp"), "{reason}");
+        assert!(reason.contains("adds none"), "{reason}");
+
+        // a site that only counts its own noise declines central DP
+        p.accept_central_dp = false;
+        o.privacy.central_dp = Some(CentralDp {
+            noise_multiplier: 1.2,
+            target_delta: None,
+        });
+        let refusal = evaluate(&p, &o, &ctx()).unwrap_err();
+        assert_eq!(refusal, Refusal::CentralDpNotAccepted);
+        assert!(refusal.to_string().contains("accept_central_dp = false"));
+        // ... but takes noise added at the site
+        o.privacy.dp = Some(DpNoise {
+            noise_multiplier: 1.0,
+        });
+        assert_eq!(evaluate(&p, &o, &ctx()), Ok(()));
+    }
+
+    /// Without `max_model_params` in site.toml, the default bounds the model.
+    #[test]
+    fn max_model_params_has_a_default() {
+        let p: Policy =
+            toml::from_str("federations = [\"fed\"]\narchitectures = [\"mlp\"]").unwrap();
+        assert_eq!(p.max_model_params, DEFAULT_MAX_MODEL_PARAMS);
+        let mut o = offer();
+        // 2^13 inputs x 2^13 hidden + ... > 2^26 parameters, within MAX_ARCH_PARAMS
+        o.arch = ArchSpec::Mlp {
+            inputs: 1 << 13,
+            hidden: vec![1 << 13, 1 << 10],
+            classes: 2,
+        };
+        assert!(o.validate().is_ok());
+        assert!(matches!(
+            evaluate(&p, &o, &ctx()),
+            Err(Refusal::ModelTooLarge {
+                max: DEFAULT_MAX_MODEL_PARAMS,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn policy_validation_names_the_field() {
         type Edit = Box<dyn Fn(&mut Policy)>;
@@ -610,10 +739,7 @@ pub(crate) mod tests {
             ),
             (Box::new(|p| p.encodings.clear()), "encodings"),
             (Box::new(|p| p.max_epochs = 0), "max_epochs"),
-            (
-                Box::new(|p| p.max_model_params = Some(0)),
-                "max_model_params",
-            ),
+            (Box::new(|p| p.max_model_params = 0), "max_model_params"),
             (Box::new(|p| p.max_clip_norm = Some(1.0)), "max_clip_norm"),
             (
                 Box::new(|p| {

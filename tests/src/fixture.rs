@@ -32,6 +32,8 @@ pub struct JobSpec {
     pub inputs: u32,
     /// Wire codec.
     pub codec: String,
+    /// TOML appended to the job file (e.g. a `[privacy]` table).
+    pub extra: String,
 }
 
 impl Default for JobSpec {
@@ -44,6 +46,7 @@ impl Default for JobSpec {
             deadline_secs: 30,
             inputs: 4,
             codec: "f32".into(),
+            extra: String::new(),
         }
     }
 }
@@ -85,6 +88,7 @@ learning_rate = 0.1
 codec = "{codec}"
 shuffle = true
 zstd_level = 1
+{extra}
 "#,
             id = spec.id,
             rounds = spec.rounds,
@@ -93,6 +97,7 @@ zstd_level = 1
             deadline = spec.deadline_secs,
             quorum = spec.quorum,
             codec = spec.codec,
+            extra = spec.extra,
         ),
     )?;
     Ok(path)

@@ -77,7 +77,7 @@ impl RawSite {
     pub async fn next_offer(&mut self) -> anyhow::Result<TaskOffer> {
         loop {
             match bounded("offer", self.control_recv.message()).await?? {
-                Message::TaskOffer(o) => return Ok(*o),
+                Message::TaskOffer(o) | Message::TaskOfferV3(o) => return Ok(*o),
                 Message::Heartbeat(_) | Message::Cancel(_) => {}
                 other => bail!("expected an offer, got {}", other.name()),
             }
@@ -91,6 +91,20 @@ impl RawSite {
                 job_id: offer.job_id.clone(),
                 round: offer.round,
                 decision: OfferDecision::Accept,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Decline an offer with `reason`.
+    pub async fn decline(&mut self, offer: &TaskOffer, reason: &str) -> anyhow::Result<()> {
+        self.control_send
+            .message(&Message::OfferResponse(OfferResponse {
+                job_id: offer.job_id.clone(),
+                round: offer.round,
+                decision: OfferDecision::Decline {
+                    reason: reason.to_owned(),
+                },
             }))
             .await?;
         Ok(())

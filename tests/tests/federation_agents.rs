@@ -59,6 +59,7 @@ fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
         deadline_secs: 120,
         inputs: WDBC_FEATURES,
         codec: "f32".into(),
+        extra: String::new(),
     }
 }
 

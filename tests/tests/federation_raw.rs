@@ -520,3 +520,63 @@ async fn a_signed_update_cut_off_before_a_restart_is_a_replay_after_it() {
         out.outcome
     );
 }
+
+/// A DP job's offers say what the coordinator applies (clip norm, central
+/// noise multiplier, δ; no noise asked of the sites), and a site's decline
+/// reason reaches the round record (`fedlink rounds show`) and the audit
+/// log. Before, offers said `dp: None` only and a decline was only logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_offers_carry_the_jobs_settings_and_declines_are_recorded() {
+    let pki = TestPki::new(2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 2,
+        quorum: 1,
+        extra: "[privacy]\nclip_norm = 5.0\nnoise_multiplier = 0.5\ntarget_delta = 1e-5\n".into(),
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut s0 = connect(&pki, 0, &coord).await;
+    let mut s1 = connect(&pki, 1, &coord).await;
+
+    let o0 = s0.next_offer().await.unwrap();
+    assert_eq!(o0.privacy.clip_norm, Some(5.0));
+    assert_eq!(
+        o0.privacy.dp, None,
+        "central noise is not asked of the sites"
+    );
+    let central = o0.privacy.central_dp.expect("the offer names the job's DP");
+    assert_eq!(central.noise_multiplier, 0.5);
+    assert_eq!(central.target_delta, Some(1e-5));
+    let reason = "policy requires noise added at the site (accept_central_dp = false)";
+    s0.decline(&o0, reason).await.unwrap();
+    s0.decline(&o0, "declined twice").await.unwrap();
+
+    let (_, _) = honest_round(&mut s1, 1).await;
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+
+    let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
+    let round = store.round("e2e", 1).unwrap().unwrap();
+    assert_eq!(round.declined.len(), 1, "{:?}", round.declined);
+    assert_eq!(round.declined[0].site, "site-0");
+    assert_eq!(round.declined[0].reason, reason);
+
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let declines: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "offer.declined")
+        .collect();
+    assert_eq!(declines.len(), 1, "recorded once per site and round");
+    let d = &declines[0]["details"];
+    assert_eq!(d["site"], "site-0");
+    assert_eq!(d["round"], 1);
+    assert_eq!(d["reason"], reason);
+}

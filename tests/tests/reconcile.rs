@@ -124,6 +124,7 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         deadline_secs: 120,
         inputs: 30,
         codec: "f32".into(),
+        extra: String::new(),
     };
     let job = write_job(dir.path(), &spec).unwrap();
     let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();

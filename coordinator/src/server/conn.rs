@@ -324,6 +324,13 @@ async fn serve_site(
     }
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            // The engine builds every offer as the newest variant; a site
+            // that negotiated an older version gets the encoding it knows
+            // (without `privacy.central_dp`).
+            let m = match m {
+                Message::TaskOfferV3(o) => Message::task_offer(*o, version),
+                m => m,
+            };
             if send.message(&m).await.is_err() {
                 break;
             }

@@ -15,10 +15,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
-use fedlink_aggregation::{StrategyConfig, would_fit};
+use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
 use fedlink_protocol::message::{
-    Cancel, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig, UploadResult,
+    Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
+    UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
@@ -322,6 +323,7 @@ impl Engine {
                     Input::OfferAccepted { site, round }
                 } else {
                     tracing::info!(site = %site, round, reason = %reason, "offer declined");
+                    self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
                         site,
                         round,
@@ -572,7 +574,7 @@ impl Engine {
                         "base_model": offer.model.to_hex(),
                     }),
                 )?;
-                let msg = Message::TaskOffer(Box::new(self.task_offer(
+                let msg = Message::TaskOfferV3(Box::new(self.task_offer(
                     offer.round,
                     offer.model,
                     offer.deadline,
@@ -1169,6 +1171,41 @@ impl Engine {
         format!("fedlink://{}/site/{site}", self.federation.as_str())
     }
 
+    /// Keep a declined offer, with the site's reason, in the round's record
+    /// (`fedlink rounds show`) and the audit log (`offer.declined`): once
+    /// per selected site and round, the reason cut to
+    /// [`MAX_DECLINE_REASON_LEN`](crate::store::MAX_DECLINE_REASON_LEN) bytes.
+    fn note_declined(&self, site: &str, round: u64, reason: &str) -> Result<(), EngineError> {
+        let declined = crate::store::DeclinedOffer::new(site, reason, unix_ms());
+        match self
+            .store
+            .record_declined(self.job_id.as_str(), round, declined.clone())
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    site,
+                    round,
+                    "decline of a round the site was not offered, or again"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(site, round, error = %e, "recording a declined offer");
+                return Ok(());
+            }
+        }
+        self.audit_own(
+            "offer.declined",
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": round,
+                "site": site,
+                "reason": declined.reason,
+            }),
+        )
+    }
+
     /// Audit a refused upload and keep it in the round's record.
     fn note_rejected(
         &self,
@@ -1231,13 +1268,7 @@ impl Engine {
                 seed: self.job.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             },
             encoding,
-            // Sites clip locally too; the job's noise multiplier is central
-            // DP, added once by the coordinator's aggregator — never asked
-            // of the sites as well (that would add the noise twice).
-            privacy: PrivacyRequirements {
-                clip_norm: p.clip_norm,
-                dp: None,
-            },
+            privacy: offer_privacy(&self.strategy, p),
             deadline_unix_ms: self.to_unix_ms(deadline),
             scaling: self.scaling.scaling().cloned(),
         })
@@ -1438,4 +1469,99 @@ fn verify_code(e: &VerifyError) -> RejectCode {
 /// connection task after streaming).
 pub(crate) fn payload_verify_code(e: &VerifyError) -> RejectCode {
     verify_code(e)
+}
+
+/// The privacy terms of an offer, as the aggregator applies them: sites clip
+/// to the strategy's fixed clip norm (else the job's `privacy.clip_norm`),
+/// and the strategy's central DP noise is announced as `central_dp` — added
+/// once by the coordinator, never asked of the sites as well (`dp`, which
+/// would add the noise twice). Without a clip norm in the offer the sites
+/// are not told of central DP (it would not validate: the norm is its
+/// sensitivity); `strategy_config` only enables noise with one.
+fn offer_privacy(strategy: &StrategyConfig, job: &crate::job::Privacy) -> PrivacyRequirements {
+    let clip_norm = match strategy.clipping {
+        Some(Clipping::Fixed { clip_norm }) => Some(clip_norm),
+        _ => job.clip_norm,
+    };
+    let central_dp = strategy
+        .dp
+        .as_ref()
+        .filter(|dp| dp.noise_multiplier > 0.0 && clip_norm.is_some())
+        .map(|dp| CentralDp {
+            noise_multiplier: dp.noise_multiplier,
+            target_delta: job.target_delta,
+        });
+    PrivacyRequirements {
+        clip_norm,
+        dp: None,
+        central_dp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra: &str) -> Job {
+        let text = format!(
+            "id = \"j1\"\nrounds = 3\narch = {{ kind = \"logreg\", inputs = 4, classes = 2 }}\n\
+             init = {{ seed = 1 }}\n[round]\ndeadline_secs = 60\n{extra}"
+        );
+        match Job::from_toml(&text) {
+            Ok(j) => j,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn privacy_of(job: &Job) -> PrivacyRequirements {
+        let strategy = match super::super::strategy_config(job) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        offer_privacy(&strategy, &job.privacy)
+    }
+
+    /// A job with central DP says so in its offers: the clip norm, the
+    /// noise multiplier and δ, added by the coordinator (`central_dp`), not
+    /// asked of the sites (`dp`). Before, `central_dp` did not exist and the
+    /// offer said `dp: None` only, so a `require_dp` site declined it.
+    #[test]
+    fn dp_job_offers_say_central_dp() {
+        let j = job("[strategy]\nname = \"fedavg\"\n\
+             [privacy]\nclip_norm = 2.0\nnoise_multiplier = 1.3\ntarget_delta = 1e-5");
+        let p = privacy_of(&j);
+        assert_eq!(p.clip_norm, Some(2.0));
+        assert_eq!(p.dp, None, "the noise is added once, centrally");
+        assert_eq!(
+            p.central_dp,
+            Some(CentralDp {
+                noise_multiplier: 1.3,
+                target_delta: Some(1e-5),
+            })
+        );
+    }
+
+    #[test]
+    fn offers_follow_the_strategy_parameters() {
+        // `[strategy.params]` override `[privacy]`: the offer tells what the
+        // aggregator applies.
+        let j = job(
+            "[strategy]\nname = \"fedavg\"\n[strategy.params]\nclip_norm = 0.5\n\
+             noise_multiplier = 0.8\nnum_sampled_sites = 1\n[privacy]\nclip_norm = 2.0\nnoise_multiplier = 1.3",
+        );
+        let p = privacy_of(&j);
+        assert_eq!(p.clip_norm, Some(0.5));
+        assert_eq!(p.central_dp.map(|d| d.noise_multiplier), Some(0.8));
+    }
+
+    #[test]
+    fn clip_only_and_plain_jobs_offer_no_dp() {
+        let p = privacy_of(&job(
+            "[strategy]\nname = \"fedavg\"\n[privacy]\nclip_norm = 1.0",
+        ));
+        assert_eq!(p.clip_norm, Some(1.0));
+        assert_eq!((p.dp, p.central_dp), (None, None));
+        let p = privacy_of(&job("[strategy]\nname = \"fedavg\""));
+        assert_eq!(p, PrivacyRequirements::default());
+    }
 }

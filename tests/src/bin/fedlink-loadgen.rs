@@ -332,7 +332,7 @@ async fn run_site(
     for _ in 0..rounds {
         let offer = loop {
             match step("offer", limit, control_recv.message()).await?? {
-                Message::TaskOffer(o) => break *o,
+                Message::TaskOffer(o) | Message::TaskOfferV3(o) => break *o,
                 Message::Heartbeat(_) | Message::Cancel(_) => {}
                 other => bail!("waiting for an offer, got {}", other.name()),
             }

@@ -125,7 +125,8 @@ fn metric(v: &serde_json::Value, k: &str) -> String {
 }
 
 /// `rounds show`: the round, then one row per update (accepted, rejected,
-/// discarded) with what the coordinator recorded about it.
+/// discarded) and per declined offer, with what the coordinator recorded
+/// about it.
 fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
     let _ = writeln!(out, "job       {job}");
     let _ = writeln!(
@@ -190,6 +191,19 @@ fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
             "-".into(),
             "-".into(),
             field(&u, "reason"),
+        ]);
+    }
+    for d in list(r, "declined") {
+        rows.push(vec![
+            field(&d, "site"),
+            "declined".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            format!("offer declined: {}", field(&d, "reason")),
         ]);
     }
     for u in list(r, "discarded") {
