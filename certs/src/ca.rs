@@ -42,6 +42,10 @@ pub const REVOKED_FILE: &str = "revoked.toml";
 pub const SITES_FILE: &str = "sites.toml";
 /// Name of the coordinator's identity.
 pub const COORDINATOR_NAME: &str = "coordinator";
+/// The coordinator's audit public key, as issued (SPKI PEM), kept in the CA
+/// directory: what `fedlink audit verify --ca` checks the coordinator's log
+/// with.
+pub const COORDINATOR_AUDIT_KEY_FILE: &str = "coordinator-audit-key.pub.pem";
 /// Default coordinator UDP port.
 pub const DEFAULT_PORT: u16 = 4433;
 /// Default end-entity validity (days).
@@ -505,6 +509,23 @@ impl CertificateAuthority {
         self.dir.join(SITES_FILE)
     }
 
+    /// Path of the federation's record of the coordinator's audit public
+    /// key ([`COORDINATOR_AUDIT_KEY_FILE`]).
+    pub fn coordinator_audit_key_path(&self) -> PathBuf {
+        self.dir.join(COORDINATOR_AUDIT_KEY_FILE)
+    }
+
+    /// Keep a copy of the coordinator kit's audit public key in the CA
+    /// directory: the key an auditor verifies the coordinator's audit log
+    /// with, held by the federation's operators rather than next to the log
+    /// on the coordinator host (where whoever can rewrite the log could
+    /// also replace the key).
+    fn record_coordinator_audit_key(&self, kit_dir: &Path) -> Result<(), Error> {
+        let src = kit_dir.join(UPDATE_PUBLIC_KEY_FILE);
+        let pem = fs::read(&src).map_err(io_err(&src))?;
+        files::replace_public(&self.coordinator_audit_key_path(), &pem)
+    }
+
     /// Path of the revocation list (`revoked.toml`).
     pub fn revoked_path(&self) -> PathBuf {
         self.dir.join(REVOKED_FILE)
@@ -697,6 +718,9 @@ impl CertificateAuthority {
 
         // Sanity: the kit loads (identity, chain, key match, modes).
         Kit::load(out_dir)?;
+        if req.identity.role() == Role::Coordinator {
+            self.record_coordinator_audit_key(out_dir)?;
+        }
 
         issued.cert.push(IssuedRecord {
             serial: cert_info.serial.clone(),
@@ -830,6 +854,7 @@ impl CertificateAuthority {
         // get the key now (never replacing an existing one).
         if role == Role::Coordinator && kit.update_signing_key().is_none() {
             add_audit_key(kit_dir, kit.info())?;
+            self.record_coordinator_audit_key(kit_dir)?;
         }
         drop(kit);
         let kit = Kit::load(kit_dir)?;

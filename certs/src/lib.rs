@@ -114,10 +114,10 @@ mod revocation;
 mod tls;
 
 pub use ca::{
-    CA_DIR, CA_KEY_FILE, CLOCK_SKEW, COORDINATOR_NAME, CertificateAuthority,
-    DEFAULT_CA_VALIDITY_DAYS, DEFAULT_PORT, DEFAULT_VALIDITY_DAYS, FEDERATION_FILE, FederationInfo,
-    ISSUED_FILE, InitOptions, InitReport, IssuedFile, IssuedKit, IssuedRecord, REVOKED_FILE,
-    RenewReport, SITES_FILE, Validity,
+    CA_DIR, CA_KEY_FILE, CLOCK_SKEW, COORDINATOR_AUDIT_KEY_FILE, COORDINATOR_NAME,
+    CertificateAuthority, DEFAULT_CA_VALIDITY_DAYS, DEFAULT_PORT, DEFAULT_VALIDITY_DAYS,
+    FEDERATION_FILE, FederationInfo, ISSUED_FILE, InitOptions, InitReport, IssuedFile, IssuedKit,
+    IssuedRecord, REVOKED_FILE, RenewReport, SITES_FILE, Validity,
 };
 pub use certinfo::{CertInfo, Fingerprint, HexError, Serial};
 pub use error::Error;

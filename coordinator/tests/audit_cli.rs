@@ -413,3 +413,76 @@ fn show_stops_at_a_malformed_line() {
     assert_eq!(json_seqs(&stdout(&o)), vec![3, 4, 5]);
     assert!(stderr(&o).contains("audit.jsonl:4:"), "{}", stderr(&o));
 }
+
+/// Issue 15 (4): the coordinator's audit key is recorded in the CA
+/// directory when its kit is issued. A log rewritten and re-signed under a
+/// new key, with that key put next to the log where the coordinator exports
+/// its own, verifies with the key next to the log — and is refused with
+/// `--ca`, which reads the key the federation recorded.
+#[test]
+fn verify_with_the_key_the_ca_recorded_not_the_one_next_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("fed");
+    let o = run(&["certs", "init", "--federation", "t", "--out", s(&fed)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ca = fed.join("ca");
+    let coord = fedlink_certs::Kit::load(fed.join("coordinator")).unwrap();
+    let recorded = std::fs::read(ca.join(fedlink_certs::COORDINATOR_AUDIT_KEY_FILE)).unwrap();
+    assert_eq!(
+        recorded,
+        std::fs::read(
+            fed.join("coordinator")
+                .join(fedlink_certs::UPDATE_PUBLIC_KEY_FILE)
+        )
+        .unwrap(),
+        "the CA records the coordinator kit's audit key"
+    );
+
+    // The genuine log verifies with the CA's record.
+    let genuine = dir.path().join("genuine.jsonl");
+    let mut log = AuditLog::open(&genuine, coord.update_signing_key().unwrap().clone()).unwrap();
+    log.append(
+        1,
+        "fedlink://t/coordinator/coordinator",
+        "coordinator.started",
+        &json!({}),
+    )
+    .unwrap();
+    drop(log);
+    let o = run(&["audit", "verify", s(&genuine), "--ca", s(&ca)]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+
+    // A forged log under a new key, the new key exported beside it.
+    let forged_key = SigningKey::from_bytes(&[7; 32]);
+    let forged = dir.path().join("forged.jsonl");
+    let mut log = AuditLog::open(&forged, forged_key.clone()).unwrap();
+    log.append(
+        1,
+        "fedlink://t/coordinator/coordinator",
+        "coordinator.started",
+        &json!({}),
+    )
+    .unwrap();
+    drop(log);
+    let beside = dir.path().join("audit-key.pub");
+    std::fs::write(&beside, hex::encode(forged_key.verifying_key().as_bytes())).unwrap();
+    let o = run(&["audit", "verify", s(&forged), "--key", s(&beside)]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the key beside the log proves nothing"
+    );
+    let o = run(&["audit", "verify", s(&forged), "--ca", s(&ca)]);
+    assert_eq!(o.status.code(), Some(3), "{}{}", stdout(&o), stderr(&o));
+    // --key and --ca together are a usage error.
+    let o = run(&[
+        "audit",
+        "verify",
+        s(&forged),
+        "--ca",
+        s(&ca),
+        "--key",
+        s(&beside),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -632,7 +632,8 @@ fn audit_checks(
 ) -> anyhow::Result<()> {
     let data = root.join("coordinator").join("data");
     let coord_log = data.join("audit").join("audit.jsonl");
-    let coord_key = data.join("audit").join("audit-key.pub");
+    // The key the CA recorded, not the copy next to the log.
+    let ca_dir = pki.join("ca");
     let count = |log: &Path| -> anyhow::Result<usize> {
         Ok(std::fs::read_to_string(log)
             .with_context(|| format!("reading {}", log.display()))?
@@ -645,8 +646,8 @@ fn audit_checks(
             "verify".as_ref(),
             coord_log.as_os_str(),
             "--rotated".as_ref(),
-            "--key".as_ref(),
-            coord_key.as_os_str(),
+            "--ca".as_ref(),
+            ca_dir.as_os_str(),
         ],
         "the coordinator's audit log",
     )?;
@@ -678,8 +679,8 @@ fn audit_checks(
                 key.as_os_str(),
                 "--coordinator".as_ref(),
                 coord_log.as_os_str(),
-                "--coordinator-key".as_ref(),
-                coord_key.as_os_str(),
+                "--ca".as_ref(),
+                ca_dir.as_os_str(),
             ],
             &format!("reconciling {site} with the coordinator"),
         )?;

@@ -118,8 +118,13 @@ struct ReconcileArgs {
     /// The coordinator's audit public key. Without it the coordinator log
     /// is checked as a chain only and its heads recorded by the site are
     /// not verified (reported as a note).
-    #[arg(long, value_name = "PUBKEY.pem|HEX")]
+    #[arg(long, value_name = "PUBKEY.pem|HEX", conflicts_with = "ca")]
     coordinator_key: Option<String>,
+    /// The federation's CA directory: the coordinator's audit key is read
+    /// from its `coordinator-audit-key.pub.pem` (recorded when the
+    /// coordinator kit was issued), not from next to the log.
+    #[arg(long, value_name = "CA_DIR")]
+    ca: Option<PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -160,8 +165,15 @@ struct VerifyArgs {
     /// The writer's ed25519 public key: an SPKI PEM file (e.g. a site kit's
     /// update-key.pub.pem) or 64 hex digits. Without it, signatures are not
     /// checked and the exit code is 4.
-    #[arg(long, value_name = "PUBKEY.pem|HEX")]
+    #[arg(long, value_name = "PUBKEY.pem|HEX", conflicts_with = "ca")]
     key: Option<String>,
+    /// Verify a coordinator log with the audit key the federation's CA
+    /// directory recorded when the coordinator kit was issued
+    /// (`CA_DIR/coordinator-audit-key.pub.pem`). Prefer it to the copy the
+    /// coordinator exports next to its log: whoever can rewrite the log
+    /// there can replace that copy too.
+    #[arg(long, value_name = "CA_DIR")]
+    ca: Option<PathBuf>,
     /// A signed head exported earlier (kept elsewhere): the log must contain
     /// that entry, which detects a truncated tail.
     #[arg(long, value_name = "HEAD.json")]
@@ -217,6 +229,18 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
+/// The coordinator's audit key as the CA directory recorded it.
+fn ca_coordinator_key(ca: &Path) -> anyhow::Result<VerifyingKey> {
+    let path = ca.join(fedlink_certs::COORDINATOR_AUDIT_KEY_FILE);
+    load_verifying_key(&path).with_context(|| {
+        format!(
+            "reading the coordinator's audit key from the CA directory ({}); kits issued \
+             before this file existed: copy the coordinator kit's update-key.pub.pem there",
+            path.display()
+        )
+    })
+}
+
 fn resolve_key(arg: &str) -> anyhow::Result<VerifyingKey> {
     resolve_key_flag(arg, "--key")
 }
@@ -260,11 +284,14 @@ fn verified_entries(
 
 fn run_reconcile(args: &ReconcileArgs) -> anyhow::Result<u8> {
     let site_key = resolve_key_flag(&args.site_key, "--site-key")?;
-    let coordinator_key = args
-        .coordinator_key
-        .as_deref()
-        .map(|k| resolve_key_flag(k, "--coordinator-key"))
-        .transpose()?;
+    let coordinator_key = match &args.ca {
+        Some(ca) => Some(ca_coordinator_key(ca)?),
+        None => args
+            .coordinator_key
+            .as_deref()
+            .map(|k| resolve_key_flag(k, "--coordinator-key"))
+            .transpose()?,
+    };
     let site_files = log_files(&args.site, args.site_rotated)?;
     let coord_files = log_files(&args.coordinator, args.coordinator_rotated)?;
     let site = verified_entries("site", &site_files, Some(&site_key))?;
@@ -338,7 +365,10 @@ fn run_reconcile(args: &ReconcileArgs) -> anyhow::Result<u8> {
 
 fn run_verify(args: &VerifyArgs) -> anyhow::Result<u8> {
     let files = args.files.paths()?;
-    let key = args.key.as_deref().map(resolve_key).transpose()?;
+    let key = match &args.ca {
+        Some(ca) => Some(ca_coordinator_key(ca)?),
+        None => args.key.as_deref().map(resolve_key).transpose()?,
+    };
     let head = args
         .head
         .as_deref()
