@@ -31,6 +31,10 @@ use crate::round::{ConnId, SiteCapabilities};
 /// Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a new stream may take to send its first message (ModelFetch or
+/// DeltaUpload).
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A connection attempt admitted to its handshake, holding one of the
 /// handshake slots until the handshake ends.
 pub(crate) struct Admitted {
@@ -517,7 +521,12 @@ async fn handle_stream(
     mut send: FramedSend,
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
-    match recv.message().await? {
+    // A stream that never says what it is for must not hold a task and its
+    // buffers for as long as the connection lives.
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, recv.message())
+        .await
+        .map_err(|_| TransportError::UnexpectedEnd("the stream's first message within 30 s"))??;
+    match first {
         Message::ModelFetch(f) => serve_model(shared, f.hash, send).await,
         Message::DeltaUpload(u) => receive_upload(conn, site, shared, u.envelope, send, recv).await,
         other => {
