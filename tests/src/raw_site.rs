@@ -31,6 +31,10 @@ pub struct RawSite {
     control_send: FramedSend,
     control_recv: FramedRecv,
     site_id: fedlink_protocol::SiteId,
+    /// The coordinator's audit heads received on the control stream so far
+    /// (it pushes one after each round the site contributed to and at the
+    /// job's end), as a real site would record them.
+    pub coordinator_heads: Vec<fedlink_protocol::message::AuditHead>,
 }
 
 /// A signed update ready to send (kept so a test can send it twice).
@@ -70,6 +74,7 @@ impl RawSite {
             control_send: send,
             control_recv: recv,
             site_id,
+            coordinator_heads: Vec::new(),
         })
     }
 
@@ -79,6 +84,7 @@ impl RawSite {
             match bounded("offer", self.control_recv.message()).await?? {
                 Message::TaskOffer(o) | Message::TaskOfferV3(o) => return Ok(*o),
                 Message::Heartbeat(_) | Message::Cancel(_) => {}
+                Message::AuditHead(h) => self.coordinator_heads.push(h),
                 other => bail!("expected an offer, got {}", other.name()),
             }
         }

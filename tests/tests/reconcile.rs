@@ -156,6 +156,19 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         })
         .await;
     }
+    // The end of the job reaches the sites: each records a head of the
+    // coordinator's log that covers `job.finished` (recorded before the
+    // status says completed).
+    let finished_seq = events(&data_dir.join("audit/audit.jsonl"), "job.finished")[0]["seq"]
+        .as_u64()
+        .unwrap();
+    for a in &mut agents {
+        a.wait_for("the coordinator's head over job.finished", |e| {
+            e.event == "coordinator.audit_head"
+                && e.details["seq"].as_u64().is_some_and(|s| s >= finished_seq)
+        })
+        .await;
+    }
     for a in agents {
         a.stop().await;
     }
@@ -300,6 +313,66 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         );
         assert_eq!(code, 0, "{site}: {out}{err}");
     }
+
+    // Issue 14 (1): the coordinator's log cut at any entry of the last round
+    // — from its `round.opened` up to `job.finished` — is caught by
+    // reconciling it with any site's log, which holds the coordinator's head
+    // over `job.finished`. Entries written after that head (the connections'
+    // ends at shutdown) are beyond any site's knowledge: a cut there is not
+    // caught by reconcile (only by a head file exported later).
+    let coord_text = std::fs::read_to_string(&coord_log).unwrap();
+    let coord_lines: Vec<&str> = coord_text.lines().collect();
+    let line_of = |event: &str| {
+        coord_lines
+            .iter()
+            .rposition(|l| l.contains(&format!("\"event\":\"{event}\"")))
+            .unwrap()
+    };
+    let (first, finished) = (line_of("round.opened"), line_of("job.finished"));
+    let cut_log = dir.path().join("cut-audit.jsonl");
+    let site0_log = dir.path().join("site-0/audit.jsonl");
+    let site0_key = pki
+        .site_dir(0)
+        .unwrap()
+        .join(fedlink_certs::UPDATE_PUBLIC_KEY_FILE);
+    let reconcile_cut = |keep: usize| {
+        std::fs::write(&cut_log, coord_lines[..keep].join("\n") + "\n").unwrap();
+        run(
+            "fedlink",
+            &[
+                "audit",
+                "reconcile",
+                "--site",
+                site0_log.to_str().unwrap(),
+                "--site-key",
+                site0_key.to_str().unwrap(),
+                "--coordinator",
+                cut_log.to_str().unwrap(),
+                "--coordinator-key",
+                coord_key.to_str().unwrap(),
+            ],
+        )
+    };
+    let mut caught = 0;
+    for (keep, cut_line) in coord_lines
+        .iter()
+        .enumerate()
+        .take(finished + 1)
+        .skip(first)
+    {
+        let (code, out, err) = reconcile_cut(keep);
+        assert_eq!(
+            code,
+            3,
+            "cut before line {} ({cut_line}) not caught: {out}{err}",
+            keep + 1,
+        );
+        assert!(out.contains("COORDINATOR LOG TRUNCATED"), "{out}");
+        caught += 1;
+    }
+    assert!(caught >= 5, "{caught} positions");
+    let (code, out, err) = reconcile_cut(finished + 1);
+    assert_eq!(code, 0, "kept through job.finished: {out}{err}");
 
     // A site log cut back to before its last upload is still a valid log on
     // its own, but the coordinator holds a later head of it.

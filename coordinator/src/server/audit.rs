@@ -42,6 +42,9 @@ pub(crate) enum AuditError {
     /// A thread panicked while holding the log.
     #[error("audit log: the writer lock is poisoned")]
     Lock,
+    /// The log's signed head is not a 64-byte hex signature.
+    #[error("audit log: the signed head's signature is not 64 bytes of hex")]
+    BadHead,
 }
 
 struct Inner {
@@ -180,6 +183,22 @@ impl Auditor {
     pub(crate) fn signed_head(&self) -> Result<SignedHead, AuditError> {
         let inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
         Ok(inner.log.signed_head(crate::server::engine::unix_ms())?)
+    }
+
+    /// [`signed_head`](Self::signed_head) as the protocol's `AuditHead`
+    /// message, to send to a site (which records it in its own log).
+    pub(crate) fn head_message(&self) -> Result<fedlink_protocol::message::AuditHead, AuditError> {
+        let own = self.signed_head()?;
+        let sig = hex::decode(&own.sig)
+            .ok()
+            .and_then(|s| <[u8; 64]>::try_from(s).ok())
+            .ok_or(AuditError::BadHead)?;
+        Ok(fedlink_protocol::message::AuditHead {
+            seq: own.seq,
+            hash: own.hash.0,
+            ts_unix_ms: own.ts_unix_ms,
+            sig,
+        })
     }
 }
 

@@ -333,6 +333,9 @@ async fn serve_site(
             // (without `privacy.central_dp`).
             let m = match m {
                 Message::TaskOfferV3(o) => Message::task_offer(*o, version),
+                // The coordinator's heads pushed after an aggregation or at
+                // the job's end: only to sites that speak audit heads.
+                Message::AuditHead(_) if !supports_audit_head(version) => continue,
                 m => m,
             };
             if send.message(&m).await.is_err() {
@@ -488,19 +491,12 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
                 tracing::error!(site, error = %e, "cannot record the site's audit head");
                 return None;
             }
-            let own = audit
-                .signed_head()
+            audit
+                .head_message()
                 .map_err(
                     |e| tracing::error!(error = %e, "cannot sign the coordinator's audit head"),
                 )
-                .ok()?;
-            let sig = hex::decode(&own.sig).ok()?;
-            Some(AuditHead {
-                seq: own.seq,
-                hash: own.hash.0,
-                ts_unix_ms: own.ts_unix_ms,
-                sig: sig.try_into().ok()?,
-            })
+                .ok()
         }
         Err(reason) => {
             tracing::warn!(site, reason = %reason, "site audit head refused");

@@ -674,6 +674,12 @@ impl Engine {
                         "outcome": outcome_json(&outcome),
                     }),
                 )?;
+                // Every site connected now gets the coordinator's head over
+                // `job.finished` before its Bye: the end of the job is then
+                // in the sites' logs too, and `fedlink audit reconcile`
+                // flags a coordinator log cut anywhere before it.
+                let all: Vec<String> = self.sites.keys().cloned().collect();
+                self.push_head(all.iter().map(String::as_str));
                 for s in self.sites.values() {
                     let _ = s.control.send(Message::Bye(fedlink_protocol::Bye {
                         reason: "job finished".into(),
@@ -684,6 +690,21 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Send the coordinator's signed audit head (as of now) to `sites` that
+    /// are connected (a site whose protocol has no audit heads is skipped by
+    /// its connection's writer). The site records it; best effort: a site
+    /// not connected now gets a later head with its next exchange.
+    fn push_head<'a>(&self, sites: impl Iterator<Item = &'a str>) {
+        match self.wire.audit().head_message() {
+            Ok(head) => {
+                for site in sites {
+                    self.send(site, Message::AuditHead(head));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign the coordinator's audit head"),
+        }
     }
 
     fn send(&self, site: &str, msg: Message) {
@@ -1035,6 +1056,9 @@ impl Engine {
                 })).collect::<Vec<_>>(),
             }),
         )?;
+        // The sites whose updates made this model hold the coordinator's
+        // head over `round.aggregated` (inputs → output hash) from now on.
+        self.push_head(log.inputs.iter().map(|i| i.site.as_str()));
         if let Err(e) = self.store.set_round_times(
             self.job_id.as_str(),
             round,
