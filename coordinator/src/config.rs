@@ -16,6 +16,8 @@
 //! refusal_summary_secs = 60      # failed handshakes: one audit entry per source per interval
 //! max_handshakes_in_flight = 64  # more are refused before any cryptography
 //! min_free_disk_mib = 512        # below this free space: no new uploads or connections
+//! max_connections = 1024         # open connections, sites and admins
+//! max_connections_per_identity = 4
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
@@ -81,6 +83,12 @@ fn default_handshakes() -> usize {
 }
 fn default_min_free() -> u64 {
     512
+}
+fn default_connections() -> usize {
+    1024
+}
+fn default_connections_per_identity() -> usize {
+    4
 }
 
 /// How long the per-round update archive (`<data_dir>/updates/<job>/round-NNNNNN/`,
@@ -173,6 +181,14 @@ pub struct CoordinatorConfig {
     /// audit log.
     #[serde(default = "default_min_free")]
     pub min_free_disk_mib: u64,
+    /// Connections open at the same time, at most (sites and admins).
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// Connections of one certificate identity open at the same time, at
+    /// most. A site's new connection replaces its old one once it says
+    /// Hello, so a few are enough for reconnections.
+    #[serde(default = "default_connections_per_identity")]
+    pub max_connections_per_identity: usize,
 }
 
 impl CoordinatorConfig {
@@ -235,6 +251,12 @@ impl CoordinatorConfig {
         }
         if !(1..=100_000).contains(&cfg.max_handshakes_in_flight) {
             return Err(invalid("max_handshakes_in_flight", "must be 1..=100000"));
+        }
+        if !(1..=1_000_000).contains(&cfg.max_connections) {
+            return Err(invalid("max_connections", "must be 1..=1000000"));
+        }
+        if !(1..=1000).contains(&cfg.max_connections_per_identity) {
+            return Err(invalid("max_connections_per_identity", "must be 1..=1000"));
         }
         Ok(cfg)
     }

@@ -102,6 +102,12 @@ impl RawSite {
         Ok(())
     }
 
+    /// Send any message on the control stream (a misbehaving site).
+    pub async fn send_control(&mut self, msg: &Message) -> anyhow::Result<()> {
+        self.control_send.message(msg).await?;
+        Ok(())
+    }
+
     /// Decline an offer with `reason`.
     pub async fn decline(&mut self, offer: &TaskOffer, reason: &str) -> anyhow::Result<()> {
         self.control_send

@@ -127,3 +127,86 @@ async fn low_on_disk_no_new_connections_and_one_audit_entry() {
     // Nothing was accepted, so nothing else about the connections.
     assert!(!es.iter().any(|e| e["event"] == "conn.accepted"));
 }
+
+/// Issue 14 (2): a site with a valid certificate that floods its control
+/// stream is cut off once it is past the budget (32 at once, 4 a second),
+/// with the reason in the close and in `conn.closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_flooding_control_messages_is_cut_off() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "").await;
+    let data_dir = coord.data_dir.clone();
+    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    let beat = |seq| {
+        fedlink_protocol::Message::Heartbeat(fedlink_protocol::message::Heartbeat {
+            seq,
+            now_unix_ms: 0,
+        })
+    };
+    let mut sent = 0u64;
+    for seq in 0..100_000u64 {
+        if site.send_control(&beat(seq)).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let reason = bounded("the coordinator cuts the flood", site.conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        reason.to_string().contains("too many control messages"),
+        "{reason}"
+    );
+    assert!(sent < 100_000, "all {sent} sent: never cut off");
+    coord.shutdown().await.unwrap();
+    let closed: Vec<Value> = entries(&data_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "conn.closed")
+        .collect();
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    assert!(
+        closed[0]["details"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("too many control messages"),
+        "{closed:#?}"
+    );
+}
+
+/// Issue 14 (2): connections of one identity beyond
+/// `max_connections_per_identity` are refused with a reason that says so,
+/// counted with the source's refusals rather than recorded one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_per_identity_limit_are_refused() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "max_connections_per_identity = 1\n").await;
+    let data_dir = coord.data_dir.clone();
+    // Welcomed: counted (the count is taken before Hello is answered).
+    let first = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let err = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+            .await
+            .err()
+            .expect("a second connection of site-0 is over the limit");
+        assert!(
+            format!("{err:#}").contains("max_connections_per_identity"),
+            "{err:#}"
+        );
+    }
+    drop(first);
+    coord.shutdown().await.unwrap();
+    let es = entries(&data_dir);
+    assert_eq!(
+        es.iter().filter(|e| e["event"] == "conn.accepted").count(),
+        1
+    );
+    let refused: Vec<&Value> = es.iter().filter(|e| e["event"] == "conn.refused").collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(refused[0]["details"]["count"], 3);
+}

@@ -161,6 +161,18 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
         );
         return;
     }
+    // Counted until the connection ends; beyond the limits it is refused
+    // (counted with the failed handshakes of its source, not recorded one
+    // by one: an authenticated peer could otherwise flood the log too).
+    let _slot = match shared.connections.admit(&identity.to_string()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::warn!(%remote, %identity, reason = %why, "connection refused");
+            shared.note_refused(remote, &why);
+            conn.close(close::FORBIDDEN, why.as_bytes());
+            return;
+        }
+    };
     let cert_serial = peer_end_entity(&conn)
         .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
         .map(|c| c.serial.to_string());
@@ -411,8 +423,22 @@ async fn read_control(
     recv: &mut FramedRecv,
     heads: Option<mpsc::UnboundedSender<Message>>,
 ) -> Result<(), TransportError> {
+    // A compromised site must not make the coordinator spend without bound:
+    // control messages at a bounded rate (beyond it the connection is cut),
+    // audit heads — each a signed, fsynced entry — at a lower one (beyond it
+    // they are ignored).
+    let mut budget = super::limits::control_budget();
+    let mut head_budget = super::limits::head_budget();
+    let mut heads_ignored = 0u64;
     loop {
-        match recv.message_or_end().await? {
+        let msg = recv.message_or_end().await?;
+        if msg.is_some() && !budget.take(std::time::Instant::now()) {
+            let why = "too many control messages (more than 32 at once or 4 a second)";
+            tracing::warn!(site, reason = why, "closing the connection");
+            conn.close(close::PROTOCOL, why.as_bytes());
+            return Ok(());
+        }
+        match msg {
             Some(Message::OfferResponse(r)) => {
                 let (accepted, reason) = match r.decision {
                     OfferDecision::Accept => (true, String::new()),
@@ -427,6 +453,15 @@ async fn read_control(
             }
             Some(Message::Heartbeat(h)) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
+            }
+            Some(Message::AuditHead(_)) if !head_budget.take(std::time::Instant::now()) => {
+                heads_ignored += 1;
+                if heads_ignored == 1 {
+                    tracing::warn!(
+                        site,
+                        "audit heads beyond 16 at once or one a second are ignored"
+                    );
+                }
             }
             Some(Message::AuditHead(h)) if heads.is_some() => {
                 if let Some(answer) = site_audit_head(shared, site, &h)

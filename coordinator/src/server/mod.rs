@@ -22,6 +22,7 @@ mod conn;
 mod disk;
 mod engine;
 mod idle;
+mod limits;
 mod refusals;
 mod scaling;
 pub(crate) mod spool;
@@ -102,6 +103,8 @@ pub(crate) struct Shared {
     refusals: Mutex<refusals::Refusals>,
     /// Keeps the disk from filling up past what the audit log needs.
     disk: disk::DiskGuard,
+    /// Open connections, per identity and in all.
+    connections: Arc<limits::Connections>,
 }
 
 fn mtime(path: &std::path::Path) -> Option<SystemTime> {
@@ -462,6 +465,10 @@ pub async fn serve(
             cfg.refusal_summary_secs,
         ))),
         disk: disk::DiskGuard::new(&cfg.data_dir, cfg.min_free_disk_mib.saturating_mul(1 << 20)),
+        connections: limits::Connections::new(
+            cfg.max_connections,
+            cfg.max_connections_per_identity,
+        ),
     });
     let mut engine = match &job_id {
         Some(id) => Some(build_engine(&store, id, &shared, &cfg)?),
