@@ -19,6 +19,11 @@ use fedlink_tests::fixture::{
 use fedlink_tests::raw_site::RawSite;
 use serde_json::Value;
 
+/// How long a wait for the coordinator's progress (a round, a job) may take
+/// before the test is called hung. Only a safety net: what is waited for
+/// always comes; a tight bound would fail on a loaded machine.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
 struct Out {
     code: i32,
     stdout: String,
@@ -591,7 +596,7 @@ async fn jobs_rounds_models_and_export() {
     wait_for_status(
         &coord.data_dir,
         "second job running",
-        Duration::from_secs(20),
+        HANG_GUARD,
         |s| s.job == "second",
     )
     .await
@@ -616,7 +621,7 @@ async fn jobs_rounds_models_and_export() {
     wait_for_status(
         &coord.data_dir,
         "second job done",
-        Duration::from_secs(20),
+        HANG_GUARD,
         |s| s.completed,
     )
     .await
@@ -813,7 +818,7 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
     let done = wait_for_status(
         &coord.data_dir,
         "submitted job done",
-        Duration::from_secs(20),
+        HANG_GUARD,
         |s| s.completed,
     )
     .await
