@@ -593,12 +593,9 @@ async fn jobs_rounds_models_and_export() {
         fedlink(&admin, addr, &["jobs", "pause", "nope"]).await.code,
         3
     );
-    wait_for_status(
-        &coord.data_dir,
-        "second job running",
-        HANG_GUARD,
-        |s| s.job == "second",
-    )
+    wait_for_status(&coord.data_dir, "second job running", HANG_GUARD, |s| {
+        s.job == "second"
+    })
     .await
     .unwrap();
     let status = ok(&admin, addr, &["status", "--json"]).await;
@@ -618,12 +615,9 @@ async fn jobs_rounds_models_and_export() {
         site.upload(&up, None).await.unwrap().unwrap(),
         UploadResult::Ack { .. }
     ));
-    wait_for_status(
-        &coord.data_dir,
-        "second job done",
-        HANG_GUARD,
-        |s| s.completed,
-    )
+    wait_for_status(&coord.data_dir, "second job done", HANG_GUARD, |s| {
+        s.completed
+    })
     .await
     .unwrap();
     let jobs = ok(&admin, addr, &["jobs", "list", "--json"]).await;
@@ -815,12 +809,9 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
         matches!(r, UploadResult::Ack { accepted: true, .. }),
         "{r:?}"
     );
-    let done = wait_for_status(
-        &coord.data_dir,
-        "submitted job done",
-        HANG_GUARD,
-        |s| s.completed,
-    )
+    let done = wait_for_status(&coord.data_dir, "submitted job done", HANG_GUARD, |s| {
+        s.completed
+    })
     .await
     .unwrap();
     assert_eq!(done.job, "late");

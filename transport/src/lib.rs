@@ -86,6 +86,10 @@ pub enum TransportError {
     /// Local I/O error (binding a socket).
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A frame that had started did not arrive whole in time (a peer
+    /// trickling bytes to hold the stream).
+    #[error("a frame did not arrive whole within {0:?} of its first byte")]
+    SlowFrame(Duration),
 }
 
 impl TransportError {
@@ -146,6 +150,7 @@ pub struct FramedRecv {
     inner: RecvStream,
     bytes_read: u64,
     trigger: Option<WindowTrigger>,
+    frame_timeout: Option<Duration>,
 }
 
 impl FramedRecv {
@@ -155,7 +160,16 @@ impl FramedRecv {
             inner,
             bytes_read: 0,
             trigger: None,
+            frame_timeout: None,
         }
+    }
+
+    /// From now on, a frame must arrive whole within `timeout` of its first
+    /// byte (the wait *for* a first byte is not bounded: a control stream
+    /// idles between messages). A peer that trickles a frame a byte at a
+    /// time to hold the stream gets [`TransportError::SlowFrame`].
+    pub fn set_frame_timeout(&mut self, timeout: Duration) {
+        self.frame_timeout = Some(timeout);
     }
 
     /// Bytes read so far (frame headers included).
@@ -213,10 +227,35 @@ impl FramedRecv {
     /// [`fedlink_protocol::MAX_FRAME_LEN`]) before the body is allocated.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
-        if !self.read_full(&mut header).await? {
+        let Some(timeout) = self.frame_timeout else {
+            if !self.read_full(&mut header).await? {
+                return Ok(None);
+            }
+            return self.frame_after(&header).await.map(Some);
+        };
+        // The first byte may take as long as it takes; the rest of the frame
+        // must follow within the timeout.
+        if !self.read_full(&mut header[..1]).await? {
             return Ok(None);
         }
-        let header = Frame::parse_header(&header)?;
+        let whole = async {
+            if !self.read_full(&mut header[1..]).await? {
+                return Err(TransportError::Truncated);
+            }
+            self.frame_after(&header).await
+        };
+        tokio::time::timeout(timeout, whole)
+            .await
+            .map_err(|_| TransportError::SlowFrame(timeout))?
+            .map(Some)
+    }
+
+    /// The body of the frame whose header is `header`, and the frame.
+    async fn frame_after(
+        &mut self,
+        header: &[u8; FRAME_HEADER_LEN],
+    ) -> Result<Frame, TransportError> {
+        let header = Frame::parse_header(header)?;
         // The declared length is the peer's word: memory grows with the
         // bytes that actually arrive (doubling from 64 KiB), so a header
         // announcing 8 MiB followed by silence costs 64 KiB, not 8 MiB.
@@ -232,7 +271,7 @@ impl FramedRecv {
                 return Err(TransportError::Truncated);
             }
         }
-        Ok(Some(Frame::from_parts(header, Bytes::from(body))?))
+        Ok(Frame::from_parts(header, Bytes::from(body))?)
     }
 
     /// The next frame, which must be a message.

@@ -96,3 +96,30 @@ async fn a_peer_close_is_reported_when_this_side_did_not_close() {
     let reason = coord.end_reason(e);
     assert!(reason.contains("bye from the site"), "{reason}");
 }
+
+/// Issue 14 (2): a peer that starts a frame and then trickles (or stops)
+/// does not hold the reader: with a frame timeout, the frame must arrive
+/// whole within it of its first byte; waiting *for* a first byte is not
+/// bounded (a control stream idles between messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_stalls_after_its_first_byte_times_out() {
+    use std::time::Duration;
+
+    use fedlink_transport::{FramedRecv, TransportError};
+
+    let pair = Pair::new();
+    let (site, coord) = pair.connect().await;
+    let (mut send, _site_recv) = site.open_bi().await.unwrap();
+    let header = fedlink_protocol::FrameHeader::new(fedlink_protocol::FrameKind::Message, 100)
+        .unwrap()
+        .to_bytes();
+    // Three bytes of the header, then nothing.
+    send.write_all(&header[..3]).await.unwrap();
+    let (_coord_send, recv) = coord.accept_bi().await.unwrap();
+    let mut recv = FramedRecv::new(recv);
+    recv.set_frame_timeout(Duration::from_millis(200));
+    let r = tokio::time::timeout(Duration::from_secs(10), recv.next_frame())
+        .await
+        .expect("the frame timeout fires long before the hang guard");
+    assert!(matches!(r, Err(TransportError::SlowFrame(_))), "{r:?}");
+}

@@ -31,6 +31,9 @@ use crate::round::{ConnId, SiteCapabilities};
 /// Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a control message may take to arrive once its first byte has.
+const CONTROL_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a new stream may take to send its first message (ModelFetch or
 /// DeltaUpload).
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -356,6 +359,9 @@ async fn serve_site(
         }
         let _ = send.finish();
     });
+    // Between messages the control stream may idle; a message that has
+    // started must arrive whole (a site trickling bytes holds nothing).
+    recv.set_frame_timeout(CONTROL_FRAME_TIMEOUT);
     let heads = supports_audit_head(version).then_some(control);
     let result = control_loop(conn, site, shared, &mut recv, heads).await;
     let _ = shared.engine.send(Event::Disconnected {
