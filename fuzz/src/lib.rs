@@ -125,3 +125,24 @@ pub fn envelope(data: &[u8]) {
         let _ = v.finish();
     }
 }
+
+/// Admin API documents: arbitrary bytes into [`admin::AdminRequest::from_json`]
+/// and [`admin::AdminResponse::from_json`] (what the coordinator and the CLI
+/// read off the wire); anything that parses must re-encode to the same value.
+pub fn admin(data: &[u8]) {
+    if let Ok(req) = admin::AdminRequest::from_json(data) {
+        let _ = req.command();
+        let _ = req.args();
+        let bytes = req.to_json().unwrap_or_else(|e| panic!("re-encoding a request: {e}"));
+        let again = admin::AdminRequest::from_json(&bytes);
+        assert_eq!(again.ok(), Some(req), "admin request does not round-trip");
+    }
+    if let Ok(resp) = admin::AdminResponse::from_json(data) {
+        let _ = resp.is_error();
+        let bytes = resp.to_json().unwrap_or_else(|e| panic!("re-encoding a response: {e}"));
+        assert!(
+            admin::AdminResponse::from_json(&bytes).is_ok(),
+            "admin response does not re-parse"
+        );
+    }
+}

@@ -39,6 +39,11 @@ fn corpus_chunk() {
 }
 
 #[test]
+fn corpus_admin() {
+    replay("admin", fedlink_protocol_fuzz::admin);
+}
+
+#[test]
 fn corpus_envelope() {
     replay("envelope", fedlink_protocol_fuzz::envelope);
 }
