@@ -536,6 +536,23 @@ impl CertificateAuthority {
         self.dir.join(ISSUED_FILE)
     }
 
+    /// Set (or with `None` clear) the most training examples an update of
+    /// site `name` may claim: `max_examples` of its entry in `sites.toml`.
+    /// A running coordinator applies it when it reloads the manifest.
+    pub fn set_site_max_examples(
+        &self,
+        name: &str,
+        max_examples: Option<u64>,
+    ) -> Result<(), Error> {
+        let path = self.manifest_path();
+        let mut m = SiteManifest::load(&path)?;
+        let entry = m
+            .get_mut(name)
+            .ok_or_else(|| Error::Refused(format!("site {name} is not in {}", path.display())))?;
+        entry.max_examples = max_examples;
+        m.save(&path)
+    }
+
     /// Issue a site kit into `out_dir` (which must not exist or be empty):
     /// TLS certificate and key, a separate ed25519 update-signing key and
     /// its public key, the CA certificate, `kit.toml`. Adds the site to
@@ -743,6 +760,7 @@ impl CertificateAuthority {
                 update_public_key: pk.clone(),
                 added_at: rfc3339(now),
                 renewed_at: None,
+                max_examples: None,
             });
             m.save(&self.manifest_path())?;
         }
@@ -1229,6 +1247,52 @@ mod tests {
         assert!(SiteManifest::load(&copy).is_err());
         fs::write(&copy, format!("{text}\nextra = 1\n")).unwrap();
         assert!(SiteManifest::load(&copy).is_err());
+    }
+
+    #[test]
+    fn site_max_examples_is_optional_kept_and_never_zero() {
+        let (dir, ca, _) = setup();
+        let v = Validity::days_from(now(), 1).unwrap();
+        ca.issue_site("a", &dir.path().join("sites/a"), v, None, now())
+            .unwrap();
+        // Absent by default, and then not written (older manifests load).
+        let path = ca.manifest_path();
+        assert_eq!(
+            SiteManifest::load(&path).unwrap().site[0].max_examples,
+            None
+        );
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("max_examples"), "{text}");
+
+        ca.set_site_max_examples("a", Some(5_000)).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains("max_examples = 5000"), "{text}");
+        let m = SiteManifest::load(&path).unwrap();
+        assert_eq!(m.get("a").unwrap().max_examples, Some(5_000));
+
+        // 0 would refuse every update: refused when written and when read.
+        assert!(ca.set_site_max_examples("a", Some(0)).is_err());
+        fs::write(
+            &path,
+            text.replace("max_examples = 5000", "max_examples = 0"),
+        )
+        .unwrap();
+        let err = SiteManifest::load(&path).unwrap_err().to_string();
+        assert!(err.contains("max_examples"), "{err}");
+        // Not a number: refused with the key's name.
+        fs::write(
+            &path,
+            text.replace("max_examples = 5000", "max_examples = -3"),
+        )
+        .unwrap();
+        assert!(SiteManifest::load(&path).is_err());
+        fs::write(&path, &text).unwrap();
+        ca.set_site_max_examples("a", None).unwrap();
+        assert_eq!(
+            SiteManifest::load(&path).unwrap().site[0].max_examples,
+            None
+        );
+        assert!(ca.set_site_max_examples("nobody", Some(1)).is_err());
     }
 
     #[test]

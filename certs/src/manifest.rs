@@ -51,6 +51,12 @@ pub struct SiteEntry {
     /// When its certificate was last renewed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed_at: Option<String>,
+    /// The most training examples an update of this site may claim
+    /// (`num_examples`, its weight in FedAvg), as the federation knows the
+    /// site's data. The coordinator rejects an update claiming more before
+    /// reading its payload. `None`: only the job's limit applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples: Option<u64>,
 }
 
 impl SiteEntry {
@@ -128,6 +134,13 @@ impl SiteManifest {
             }
             parse_update_key(&s.update_public_key)
                 .map_err(|e| format!("site {:?}: {e}", s.name))?;
+            if s.max_examples == Some(0) {
+                return Err(format!(
+                    "site {:?}: max_examples = 0 would refuse every update (omit it for no \
+                     site limit)",
+                    s.name
+                ));
+            }
         }
         Ok(())
     }

@@ -15,6 +15,7 @@
 //!
 //! [strategy]
 //! name = "fedavg"
+//! max_examples_per_site = 1000000        # most num_examples one update may claim
 //! [strategy.params]                      # strings, numbers or booleans
 //! server_lr = 1.0
 //!
@@ -76,6 +77,15 @@ pub const MAX_DEADLINE_SECS: u64 = 7 * 24 * 3600;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Most strategy parameters.
 pub const MAX_STRATEGY_PARAMS: usize = 64;
+/// Default of `strategy.max_examples_per_site`: a million. An update's
+/// `num_examples` is its weight in FedAvg and only the site vouches for it;
+/// the aggregation crate's own bound (2^30) would let one lying site
+/// outweigh a thousand honest sites of a million examples each. A million
+/// is above the training set of any one hospital this network is built for
+/// (tabular or imaging cohorts of thousands to hundreds of thousands) and
+/// bounds what a lie can buy; a job with larger sites raises it, and
+/// `max_examples` in `sites.toml` bounds each site tighter.
+pub const DEFAULT_MAX_EXAMPLES_PER_SITE: u64 = 1_000_000;
 
 /// Why a job file was refused.
 #[non_exhaustive]
@@ -246,6 +256,13 @@ pub use fedlink_aggregation::ParamValue;
 pub struct StrategySection {
     /// Strategy name, e.g. `fedavg`, `fedadam`, `trimmed-mean`.
     pub name: String,
+    /// The most training examples (`num_examples`, the FedAvg weight) one
+    /// site's update may claim; an update claiming more is rejected. It is
+    /// the strategy parameter `max_num_examples`, which a job may set
+    /// instead (both set and different: the job is refused). Default
+    /// [`DEFAULT_MAX_EXAMPLES_PER_SITE`]; see [`Job::max_examples_per_site`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples_per_site: Option<u64>,
     /// Hyperparameters (`[strategy.params]`), sorted by key.
     #[serde(default)]
     pub params: BTreeMap<String, ParamValue>,
@@ -605,6 +622,23 @@ impl Job {
         self.selection.max_sites.unwrap_or(MAX_SITES_PER_ROUND)
     }
 
+    /// The most examples one site's update may claim:
+    /// `strategy.max_examples_per_site`, else the strategy parameter
+    /// `max_num_examples` (if it is a number), else
+    /// [`DEFAULT_MAX_EXAMPLES_PER_SITE`]. [`Self::validate`] refuses a job
+    /// where both are set and differ.
+    pub fn max_examples_per_site(&self) -> u64 {
+        self.strategy
+            .max_examples_per_site
+            .or_else(|| {
+                self.strategy
+                    .params
+                    .get("max_num_examples")
+                    .and_then(|v| v.to_string().parse().ok())
+            })
+            .unwrap_or(DEFAULT_MAX_EXAMPLES_PER_SITE)
+    }
+
     /// Round deadline.
     pub fn deadline(&self) -> Duration {
         Duration::from_secs(self.round.deadline_secs)
@@ -678,6 +712,25 @@ impl Job {
                     ));
                 }
                 _ => {}
+            }
+        }
+        if let Some(n) = s.max_examples_per_site {
+            if n == 0 {
+                return Err(invalid(
+                    "strategy.max_examples_per_site",
+                    "must be > 0 (0 would refuse every update)",
+                ));
+            }
+            if let Some(v) = s.params.get("max_num_examples")
+                && v.to_string() != n.to_string()
+            {
+                return Err(invalid(
+                    "strategy.max_examples_per_site",
+                    format!(
+                        "is {n} but strategy.params.max_num_examples is {v}: they are the same \
+                         limit, set only one of them"
+                    ),
+                ));
             }
         }
 
@@ -984,6 +1037,70 @@ deadline_secs = 60
                 ("on".into(), "true".into())
             ]
         );
+    }
+
+    #[test]
+    fn max_examples_per_site_defaults_far_below_the_aggregators_bound() {
+        let job = Job::from_toml(MINIMAL).unwrap();
+        assert_eq!(job.strategy.max_examples_per_site, None);
+        assert_eq!(job.max_examples_per_site(), DEFAULT_MAX_EXAMPLES_PER_SITE);
+        const {
+            assert!(
+                DEFAULT_MAX_EXAMPLES_PER_SITE
+                    < fedlink_aggregation::validate::DEFAULT_MAX_NUM_EXAMPLES
+            )
+        };
+        // Not written back when unset: stored jobs round-trip unchanged.
+        assert!(!job.to_toml().unwrap().contains("max_examples_per_site"));
+
+        let set = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"fedavg\"\nmax_examples_per_site = 2000",
+        );
+        let job = Job::from_toml(&set).unwrap();
+        assert_eq!(job.max_examples_per_site(), 2000);
+        assert_eq!(Job::from_toml(&job.to_toml().unwrap()).unwrap(), job);
+
+        // The strategy parameter alone still works…
+        let param = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"fedavg\"\n[strategy.params]\nmax_num_examples = 300",
+        );
+        assert_eq!(Job::from_toml(&param).unwrap().max_examples_per_site(), 300);
+        // …and both, when they agree.
+        let both = set.replace(
+            "max_examples_per_site = 2000",
+            "max_examples_per_site = 2000\n[strategy.params]\nmax_num_examples = 2000",
+        );
+        assert_eq!(Job::from_toml(&both).unwrap().max_examples_per_site(), 2000);
+    }
+
+    #[test]
+    fn max_examples_per_site_conflicting_or_zero_is_refused() {
+        let both = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"fedavg\"\nmax_examples_per_site = 2000\n[strategy.params]\nmax_num_examples = 5000",
+        );
+        let err = Job::from_toml(&both).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("2000") && text.contains("5000") && text.contains("max_num_examples"),
+            "{text}"
+        );
+        assert_eq!(field_of(err), "strategy.max_examples_per_site");
+        let zero = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"fedavg\"\nmax_examples_per_site = 0",
+        );
+        assert_eq!(
+            field_of(Job::from_toml(&zero).unwrap_err()),
+            "strategy.max_examples_per_site"
+        );
+        let negative = MINIMAL.replace(
+            "name = \"fedavg\"",
+            "name = \"fedavg\"\nmax_examples_per_site = -1",
+        );
+        assert!(Job::from_toml(&negative).is_err());
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub enum AdminRequest {
         cert_pem: String,
         /// Its ed25519 update public key: SPKI PEM or 64 hex digits.
         update_key: String,
+        /// The most training examples its updates may claim (`max_examples`
+        /// in `sites.toml`); none: only the job's limit applies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_examples: Option<u64>,
     },
     /// Revoke a site: its certificate and update key are refused from now on.
     SitesRevoke {
@@ -256,6 +260,9 @@ pub struct SiteInfo {
     pub added_at: String,
     /// When its certificate was last replaced (RFC 3339).
     pub renewed_at: Option<String>,
+    /// The most training examples its updates may claim, if declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples: Option<u64>,
     /// Connected to the running job now.
     pub connected: bool,
     /// Last connection, Unix ms (from the store).

@@ -34,6 +34,9 @@ pub struct JobSpec {
     pub codec: String,
     /// TOML appended to the job file (e.g. a `[privacy]` table).
     pub extra: String,
+    /// TOML lines added to the `[strategy]` table (e.g.
+    /// `max_examples_per_site = 100`).
+    pub strategy: String,
 }
 
 impl Default for JobSpec {
@@ -47,6 +50,7 @@ impl Default for JobSpec {
             inputs: 4,
             codec: "f32".into(),
             extra: String::new(),
+            strategy: String::new(),
         }
     }
 }
@@ -65,6 +69,7 @@ init = {{ seed = 11 }}
 
 [strategy]
 name = "fedavg"
+{strategy}
 
 [selection]
 fraction = 1.0
@@ -98,6 +103,7 @@ zstd_level = 1
             quorum = spec.quorum,
             codec = spec.codec,
             extra = spec.extra,
+            strategy = spec.strategy,
         ),
     )?;
     Ok(path)

@@ -204,11 +204,17 @@ async fn sites_status_approve_revoke_rotate() {
             cert.to_str().unwrap(),
             "--update-key",
             key.to_str().unwrap(),
+            "--max-examples",
+            "5000",
             "--json",
         ],
     )
     .await;
     assert_eq!(approved["name"], "site-new");
+    // The declared size is registered with the site.
+    assert_eq!(approved["max_examples"], 5000);
+    let manifest = SiteManifest::load(&ca.join(fedlink_certs::SITES_FILE)).unwrap();
+    assert_eq!(manifest.get("site-new").unwrap().max_examples, Some(5000));
     let mut s_new = RawSite::connect(fedlink_certs::Kit::load(&new_kit).unwrap(), addr)
         .await
         .unwrap();
@@ -226,9 +232,10 @@ async fn sites_status_approve_revoke_rotate() {
     )
     .await;
     assert_eq!(again.code, 3, "approving twice: {}", again.stderr);
-    audit_entry(&coord.data_dir, "site.approved", |e| {
+    let approval = audit_entry(&coord.data_dir, "site.approved", |e| {
         e["event"] == "site.approved" && e["details"]["site"] == "site-new"
     });
+    assert_eq!(approval["details"]["max_examples"], 5000);
 
     // Revoke a connected site: cut off at once, refused afterwards, and its
     // certificate / update key cannot be approved again.

@@ -60,6 +60,7 @@ fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
         inputs: WDBC_FEATURES,
         codec: "f32".into(),
         extra: String::new(),
+        strategy: String::new(),
     }
 }
 

@@ -580,3 +580,108 @@ async fn dp_offers_carry_the_jobs_settings_and_declines_are_recorded() {
     assert_eq!(d["round"], 1);
     assert_eq!(d["reason"], reason);
 }
+
+/// A site's claimed `num_examples` (its FedAvg weight) is bounded by the
+/// job (`strategy.max_examples_per_site`) and by the size the registry
+/// declares for the site (`max_examples` in `sites.toml`). A claim over
+/// either is rejected before its payload is read, with a reason naming both
+/// numbers in the round record and the audit log; the sites' honest
+/// retries complete the round with the exact weighted average. Before, only
+/// the aggregation crate's 2^30 applied and both lies were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
+    let pki = TestPki::new(3).unwrap();
+    // site-1 trains on 20 examples (`examples(1)`), and says so to the CA.
+    pki.ca()
+        .set_site_max_examples("site-1", Some(examples(1)))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        strategy: "max_examples_per_site = 1000".into(),
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let mut offers = Vec::new();
+    let mut global = None;
+    for s in &mut sites {
+        let o = s.next_offer().await.unwrap();
+        s.accept(&o).await.unwrap();
+        global = Some(s.fetch_model(&o).await.unwrap());
+        offers.push(o);
+    }
+    let global = global.unwrap();
+
+    let not_authorized = |r: &UploadResult| match r {
+        UploadResult::Reject {
+            code: RejectCode::NotAuthorized,
+            message,
+        } => message.clone(),
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    // site-1 claims one example more than it declared (under the job cap).
+    let lie1 = sites[1]
+        .prepare(&offers[1], &delta_for(&global, 1, 1), examples(1) + 1)
+        .unwrap();
+    let r = sites[1].upload(&lie1, None).await.unwrap().unwrap();
+    let why1 = not_authorized(&r);
+    assert!(
+        why1.contains("num_examples = 21") && why1.contains("20 examples declared for site site-1"),
+        "{why1}"
+    );
+    // site-2 declares nothing and claims 2^30: the job's cap applies.
+    let lie2 = sites[2]
+        .prepare(&offers[2], &delta_for(&global, 2, 1), 1 << 30)
+        .unwrap();
+    let r = sites[2].upload(&lie2, None).await.unwrap().unwrap();
+    let why2 = not_authorized(&r);
+    assert!(
+        why2.contains("num_examples = 1073741824") && why2.contains("limit of 1000"),
+        "{why2}"
+    );
+
+    // Every site, honest now, completes the round.
+    for (i, s) in sites.iter_mut().enumerate() {
+        let up = s
+            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
+            .unwrap();
+        let r = s.upload(&up, None).await.unwrap().unwrap();
+        assert!(
+            matches!(r, UploadResult::Ack { accepted: true, .. }),
+            "site {i}: {r:?}"
+        );
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    let next = read_model_file(&data_dir.join(format!("models/{model}.bin")), &model).unwrap();
+    assert_close(next.values(), &expected_next(&global, &[0, 1, 2], 1));
+
+    // `fedlink rounds show` and the audit log say why.
+    let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
+    let round = store.round("e2e", 1).unwrap().unwrap();
+    let reasons: Vec<(&str, &str)> = round
+        .rejected
+        .iter()
+        .map(|r| (r.site.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("site-1", why1.as_str()), ("site-2", why2.as_str())]
+    );
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let refused: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "update.received" && e["details"]["accepted"] == false)
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused[0]["details"]["reason"], why1.as_str());
+    assert_eq!(refused[1]["details"]["reason"], why2.as_str());
+}

@@ -32,7 +32,7 @@ enum Command {
     Init(InitArgs),
     /// Issue a site's startup kit (TLS certificate + key, ed25519 update key,
     /// CA certificate, kit.toml) and add the site to the manifest.
-    IssueSite(IssueArgs),
+    IssueSite(IssueSiteArgs),
     /// Issue an admin's kit (TLS certificate + key, CA certificate, kit.toml).
     IssueAdmin(IssueArgs),
     /// Replace the certificate and TLS key of an existing kit (same identity,
@@ -67,6 +67,18 @@ struct InitArgs {
     /// Validity of the CA certificate, in days.
     #[arg(long, default_value_t = DEFAULT_CA_VALIDITY_DAYS)]
     ca_days: u32,
+}
+
+#[derive(Debug, clap::Args)]
+struct IssueSiteArgs {
+    #[command(flatten)]
+    kit: IssueArgs,
+    /// The most training examples the site's updates may claim (the size of
+    /// its training set), written to the manifest as `max_examples`; an
+    /// update claiming more is rejected. Default: only the job's
+    /// `strategy.max_examples_per_site` applies.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_examples: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -196,7 +208,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ca.info().coordinator_addr
             );
         }
-        Command::IssueSite(a) => {
+        Command::IssueSite(IssueSiteArgs {
+            kit: a,
+            max_examples,
+        }) => {
             let ca = open_ca(&a.ca)?;
             let out = a
                 .out
@@ -210,6 +225,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     now,
                 )
                 .with_context(|| format!("issuing site {}", a.name))?;
+            if max_examples.is_some() {
+                ca.set_site_max_examples(&a.name, max_examples)
+                    .with_context(|| format!("setting max_examples of site {}", a.name))?;
+            }
             println!(
                 "site kit issued (added to {})",
                 ca.manifest_path().display()

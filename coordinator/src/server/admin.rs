@@ -469,7 +469,8 @@ async fn execute(
         AdminRequest::SitesApprove {
             cert_pem,
             update_key,
-        } => approve(shared, actor, &cert_pem, &update_key).await,
+            max_examples,
+        } => approve(shared, actor, &cert_pem, &update_key, max_examples).await,
         AdminRequest::SitesRevoke { name, reason } => revoke(shared, actor, &name, reason).await,
         AdminRequest::SitesRotate {
             name,
@@ -581,6 +582,7 @@ fn site_info(store: &Store, e: &SiteEntry, connected: &[String]) -> SiteInfo {
         update_public_key: e.update_public_key.clone(),
         added_at: e.added_at.clone(),
         renewed_at: e.renewed_at.clone(),
+        max_examples: e.max_examples,
         connected: connected.contains(&e.name),
         last_seen_unix_ms: rec.as_ref().map(|r| r.last_seen_unix_ms),
         updates_aggregated: rec.as_ref().map(|r| r.updates_aggregated),
@@ -642,6 +644,7 @@ fn entry_event(e: &SiteEntry) -> serde_json::Value {
         "cert_serial": e.cert_serial.to_string(),
         "cert_fingerprint": e.cert_fingerprint.to_string(),
         "update_public_key": e.update_public_key,
+        "max_examples": e.max_examples,
     })
 }
 
@@ -650,10 +653,16 @@ async fn approve(
     actor: &str,
     cert_pem: &str,
     update_key: &str,
+    max_examples: Option<u64>,
 ) -> Result<AdminResponse, Fail> {
     let _guard = shared.admin.registry.lock().await;
     let (_, identity, info) = check_site_cert(shared, cert_pem)?;
     let key = parse_update_key(update_key)?;
+    if max_examples == Some(0) {
+        return Err(invalid(
+            "max examples: must be > 0 (0 would refuse every update of the site)",
+        ));
+    }
     let manifest_path = shared.manifest_path.clone();
     let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
     let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
@@ -684,6 +693,7 @@ async fn approve(
         update_public_key: key,
         added_at: now_rfc3339(),
         renewed_at: None,
+        max_examples,
     };
     shared
         .audit()

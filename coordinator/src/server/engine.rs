@@ -426,6 +426,20 @@ impl Engine {
                     format!("persisting the replay state: {e}"),
                 )
             })?;
+        // The claimed weight is bounded before a payload byte is read: by
+        // the site's declared size and by the job's per-site cap. Rejected,
+        // not clamped: the signature covers the claimed number.
+        let declared = self
+            .wire
+            .site_max_examples(site)
+            .map_err(|e| (RejectCode::Internal, e))?;
+        check_num_examples(
+            site,
+            h.num_examples,
+            self.strategy.max_num_examples,
+            declared,
+        )
+        .map_err(|why| (RejectCode::NotAuthorized, why))?;
         let spool_dir = self.store.dir().join("spool");
         std::fs::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
@@ -1354,6 +1368,33 @@ impl Engine {
     }
 }
 
+/// Whether an update of `site` may claim `claimed` training examples: at
+/// most the site's declared maximum (`max_examples` in `sites.toml`) and at
+/// most the job's per-site limit (`max_num_examples` of the strategy, from
+/// `strategy.max_examples_per_site`). The reason names both numbers.
+fn check_num_examples(
+    site: &str,
+    claimed: u64,
+    job_limit: u64,
+    declared: Option<u64>,
+) -> Result<(), String> {
+    if let Some(max) = declared
+        && claimed > max
+    {
+        return Err(format!(
+            "num_examples = {claimed} exceeds the {max} examples declared for site {site} \
+             (max_examples in sites.toml)"
+        ));
+    }
+    if claimed > job_limit {
+        return Err(format!(
+            "num_examples = {claimed} exceeds the job's limit of {job_limit} examples per site \
+             (strategy.max_examples_per_site)"
+        ));
+    }
+    Ok(())
+}
+
 /// Check that a strategy fits the job before starting.
 pub(crate) fn check_fits(
     strategy: &StrategyConfig,
@@ -1587,5 +1628,62 @@ mod tests {
         assert_eq!((p.dp, p.central_dp), (None, None));
         let p = privacy_of(&job("[strategy]\nname = \"fedavg\""));
         assert_eq!(p, PrivacyRequirements::default());
+    }
+
+    fn max_num_examples(extra: &str) -> u64 {
+        match super::super::strategy_config(&job(extra)) {
+            Ok(s) => s.max_num_examples,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The job's per-site cap reaches the aggregator: by default a million,
+    /// not the aggregation crate's 2^30.
+    #[test]
+    fn the_job_cap_on_examples_is_the_strategys_limit() {
+        use crate::job::DEFAULT_MAX_EXAMPLES_PER_SITE;
+        assert_eq!(
+            max_num_examples("[strategy]\nname = \"fedavg\""),
+            DEFAULT_MAX_EXAMPLES_PER_SITE
+        );
+        assert_eq!(
+            max_num_examples("[strategy]\nname = \"fedavg\"\nmax_examples_per_site = 500"),
+            500
+        );
+        assert_eq!(
+            max_num_examples(
+                "[strategy]\nname = \"fedavg\"\n[strategy.params]\nmax_num_examples = 70"
+            ),
+            70
+        );
+        assert_eq!(
+            max_num_examples(
+                "[strategy]\nname = \"fedtrimmedavg\"\nmax_examples_per_site = 9\n\
+                 [strategy.params]\nbeta = 0.1\nmax_num_examples = 9"
+            ),
+            9
+        );
+    }
+
+    #[test]
+    fn claimed_examples_are_checked_against_the_site_and_the_job() {
+        assert_eq!(check_num_examples("a", 100, 1_000, None), Ok(()));
+        assert_eq!(check_num_examples("a", 1_000, 1_000, Some(1_000)), Ok(()));
+        // Over the site's declared size, under the job's cap.
+        let why = check_num_examples("site-2", 1_001, 1_000_000, Some(1_000)).unwrap_err();
+        assert!(
+            why.contains("1001") && why.contains("1000") && why.contains("site-2"),
+            "{why}"
+        );
+        assert!(why.contains("max_examples"), "{why}");
+        // Over the job's cap, the site declaring nothing or more.
+        for declared in [None, Some(u64::MAX)] {
+            let why = check_num_examples("a", 1 << 30, 1_000_000, declared).unwrap_err();
+            assert!(
+                why.contains(&(1u64 << 30).to_string()) && why.contains("1000000"),
+                "{why}"
+            );
+            assert!(why.contains("max_examples_per_site"), "{why}");
+        }
     }
 }

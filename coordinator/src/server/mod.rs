@@ -279,6 +279,15 @@ impl Shared {
         Ok(())
     }
 
+    /// The most training examples `site`'s updates may claim, as declared
+    /// in the manifest (`max_examples` in `sites.toml`); `None` when the
+    /// site declares none or is not registered (then `site_allowed` refuses
+    /// it anyway).
+    pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, String> {
+        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
+        Ok(manifest.get(site).and_then(|e| e.max_examples))
+    }
+
     /// Whether an open connection may stay: its certificate is not revoked
     /// and is still the registered certificate of a site in the manifest.
     pub(crate) fn check_open_peer(&self, conn: &quinn::Connection) -> Result<(), String> {
@@ -312,7 +321,8 @@ fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>
 
 /// Build the aggregation strategy of a job: its `[strategy]` section, plus
 /// the `[privacy]` clip norm and noise multiplier unless the strategy
-/// parameters set them.
+/// parameters set them, and [`Job::max_examples_per_site`] as
+/// `max_num_examples`.
 pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
     let mut params = job.strategy.params_as_strings();
     let has = |k: &str, p: &[(String, String)]| p.iter().any(|(n, _)| n == k);
@@ -330,6 +340,14 @@ pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
         if !has("num_sampled_sites", &params) {
             params.push(("num_sampled_sites".into(), job.min_sites().to_string()));
         }
+    }
+    // The job's per-site cap on `num_examples` is the strategy's
+    // `max_num_examples` (the job refuses both set and different).
+    if !has("max_num_examples", &params) {
+        params.push((
+            "max_num_examples".into(),
+            job.max_examples_per_site().to_string(),
+        ));
     }
     StrategyConfig::from_params(&job.strategy.name, params).map_err(|e| e.to_string())
 }

@@ -83,6 +83,11 @@ enum SitesCommand {
         /// The site's ed25519 update public key (SPKI PEM, or hex).
         #[arg(long, value_name = "KEY.pub")]
         update_key: PathBuf,
+        /// The most training examples its updates may claim (the size of
+        /// its training set); an update claiming more is rejected. Default:
+        /// only the job's `strategy.max_examples_per_site` applies.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max_examples: Option<u64>,
     },
     /// Revoke a site: its certificate and update key are refused from now on.
     Revoke {
@@ -288,10 +293,15 @@ pub fn run_sites(args: SitesArgs) -> ExitCode {
     let req = match args.command {
         SitesCommand::List => Ok(AdminRequest::SitesList),
         SitesCommand::Show { name } => Ok(AdminRequest::SitesShow { name }),
-        SitesCommand::Approve { cert, update_key } => read_text(&cert).and_then(|cert_pem| {
+        SitesCommand::Approve {
+            cert,
+            update_key,
+            max_examples,
+        } => read_text(&cert).and_then(|cert_pem| {
             Ok(AdminRequest::SitesApprove {
                 cert_pem,
                 update_key: read_text(&update_key)?,
+                max_examples,
             })
         }),
         SitesCommand::Revoke { name, reason } => Ok(AdminRequest::SitesRevoke { name, reason }),

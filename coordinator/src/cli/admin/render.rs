@@ -330,6 +330,7 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                 ("update key", s.update_public_key.clone()),
                 ("added", s.added_at.clone()),
                 ("renewed", opt(s.renewed_at.clone())),
+                ("max examples", opt(s.max_examples)),
                 ("last seen (unix ms)", opt(s.last_seen_unix_ms)),
                 ("updates aggregated", opt(s.updates_aggregated)),
             ] {
