@@ -64,7 +64,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -296,7 +296,7 @@ impl Agent {
         let device = config.device;
         device.resolve()?;
         let io = |path: PathBuf| move |source| AgentError::Io { path, source };
-        create_private_dir(&config.data_dir).map_err(io(config.data_dir.clone()))?;
+        make_data_dir_private(&config.data_dir)?;
         let log_path = config.audit_log_path();
         if let Some(parent) = log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
             create_private_dir(parent).map_err(io(parent.to_path_buf()))?;
@@ -396,6 +396,24 @@ impl Agent {
         })?;
         Ok(())
     }
+}
+
+/// Create `data_dir` (mode 0700) or make an existing one owner-only (it
+/// holds the audit log and the model cache): every directory and file that
+/// group or others could access is tightened, with a warning naming it and
+/// the mode found. A mode that cannot be changed is a configuration error.
+fn make_data_dir_private(dir: &Path) -> Result<(), AgentError> {
+    let changed = fedlink_certs::private::make_private(dir)
+        .map_err(|e| AgentError::Config(format!("data_dir: {e}")))?;
+    for t in changed {
+        tracing::warn!(
+            path = %t.path.display(),
+            mode = format!("{:03o}", t.from),
+            now = format!("{:03o}", t.to),
+            "accessible to other local users; made owner-only"
+        );
+    }
+    Ok(())
 }
 
 fn agent_version() -> String {

@@ -897,3 +897,34 @@ async fn a_world_readable_kit_key_is_refused_with_a_kit_error() {
         assert!(err.to_string().contains("key.pem"), "{err}");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_data_dir_is_made_owner_only_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let pki = TestPki::new(1).unwrap();
+    let site_cfg = site(&pki, "127.0.0.1:9".parse().unwrap(), 200);
+    let data = site_cfg.config.data_dir.clone();
+    let models = site_cfg.config.model_cache_dir();
+    std::fs::create_dir_all(&models).unwrap();
+    let old = models.join("left-over");
+    std::fs::write(&old, b"x").unwrap();
+    chmod(&data, 0o755);
+    chmod(&models, 0o755);
+    chmod(&old, 0o644);
+    // Shut down at once: only the start-up (kit, data_dir, data) runs.
+    within(
+        "the agent to start and stop",
+        fedlink_agent::run(site_cfg.config.clone(), std::future::ready(())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&models), 0o700);
+    assert_eq!(mode(&old), 0o600);
+    assert_eq!(mode(&site_cfg.config.audit_log_path()), 0o600);
+}

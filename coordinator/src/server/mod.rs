@@ -64,6 +64,10 @@ pub enum ServeError {
     /// The store.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The data directory is unusable: not a directory, or too open (other
+    /// local users could read site data) and its mode cannot be tightened.
+    #[error("data_dir: {0}")]
+    DataDir(String),
     /// Binding the endpoint.
     #[error("network: {0}")]
     Network(String),
@@ -94,6 +98,33 @@ pub(crate) struct Shared {
     job_encoding: RwLock<Option<Encoding>>,
     audit: Arc<Auditor>,
     admin: admin::AdminState,
+}
+
+/// Create the data directory (mode 0700) or make an existing one owner-only:
+/// it holds raw site updates. Every directory and file below it that group or
+/// others could access is tightened, with a warning naming it and the mode
+/// found; a mode that cannot be changed stops the start.
+fn private_data_dir(dir: &std::path::Path) -> Result<(), ServeError> {
+    let changed = fedlink_certs::private::make_private(dir)
+        .map_err(|e| ServeError::DataDir(e.to_string()))?;
+    let (dirs, files): (Vec<_>, Vec<_>) = changed.iter().partition(|t| t.is_dir);
+    for t in &dirs {
+        tracing::warn!(
+            path = %t.path.display(),
+            mode = format!("{:03o}", t.from),
+            now = format!("{:03o}", t.to),
+            "directory in data_dir was accessible to other local users; made owner-only"
+        );
+    }
+    if let Some(first) = files.first() {
+        tracing::warn!(
+            files = files.len(),
+            first = %first.path.display(),
+            mode = format!("{:03o}", first.from),
+            "files in data_dir were accessible to other local users; made owner-only"
+        );
+    }
+    Ok(())
 }
 
 fn mtime(path: &std::path::Path) -> Option<SystemTime> {
@@ -299,8 +330,7 @@ pub async fn serve(
     })?;
 
     // Store and job.
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| ServeError::Job(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+    private_data_dir(&cfg.data_dir)?;
     let auditor = Arc::new(
         Auditor::open(
             &cfg.data_dir,
