@@ -44,6 +44,17 @@ pub enum Error {
         /// Its permission bits.
         mode: u32,
     },
+    /// A file or directory holding site data is accessible to group or
+    /// others and its mode could not be tightened.
+    #[error("{}: mode {mode:03o} lets other local users read site data, and it could not be changed to owner-only: {source} (chmod go-rwx it, or fix its owner)", path.display())]
+    TooOpen {
+        /// The file or directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Why `chmod` failed.
+        source: std::io::Error,
+    },
     /// Another `fedlink certs` process holds the CA directory lock.
     #[error("{} exists: another fedlink certs command is running (remove the file if it crashed)", path.display())]
     Locked {

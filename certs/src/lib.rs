@@ -110,6 +110,7 @@ mod files;
 mod identity;
 mod kit;
 mod manifest;
+pub mod private;
 mod revocation;
 mod tls;
 

@@ -142,6 +142,12 @@ pub struct CoordinatorConfig {
     pub ca_dir: PathBuf,
     /// Data directory (embedded store, model versions, update archive).
     pub data_dir: PathBuf,
+    /// The only directory from which jobs submitted over the admin API may
+    /// read an initial-model file (`init = { file = … }`, relative to it).
+    /// Unset: submitted jobs must use `init = { seed = … }`. The job file
+    /// given here in `job` is the operator's own and is not restricted.
+    #[serde(default)]
+    pub init_dir: Option<PathBuf>,
     /// Job file submitted at start if the store does not know its id yet.
     #[serde(default)]
     pub job: Option<PathBuf>,
@@ -219,6 +225,9 @@ impl CoordinatorConfig {
         abs(&mut cfg.data_dir);
         if let Some(j) = cfg.job.as_mut() {
             abs(j);
+        }
+        if let Some(d) = cfg.init_dir.as_mut() {
+            abs(d);
         }
         let invalid = |field, message: &str| ConfigError::Invalid {
             path: path.to_owned(),

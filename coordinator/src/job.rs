@@ -195,7 +195,8 @@ pub struct Job {
 }
 
 /// The initial global model: drawn from a seed by [`ArchSpec::init`], or
-/// read from a file (relative paths are relative to the job file).
+/// read from a file (relative paths are relative to the job file; for a job
+/// submitted over the admin API, relative to `init_dir`, which it must stay in).
 ///
 /// TOML: `init = { seed = 42 }` or `init = { file = "initial.safetensors" }`.
 #[non_exhaustive]

@@ -409,7 +409,15 @@ impl Store {
                 fs::remove_file(&p).map_err(io("remove", &p))?;
             }
         }
-        let db = Database::create(dir.join(DB_FILE)).map_err(dberr)?;
+        // Mode 0600 like everything in the data directory: redb creates its
+        // file with the process umask, so create it first.
+        let db_path = dir.join(DB_FILE);
+        fedlink_certs::private::file_options()
+            .create(true)
+            .truncate(false)
+            .open(&db_path)
+            .map_err(io("create", &db_path))?;
+        let db = Database::create(&db_path).map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
             txn.open_table(JOBS).map_err(dberr)?;

@@ -64,7 +64,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -140,10 +140,13 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// Process exit code: 2 configuration/usage, 3 TLS or kit, 1 otherwise.
+    /// Process exit code: 2 configuration/usage (including a dataset that
+    /// cannot be loaded), 3 TLS or kit, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Device(_) => 2,
+            // A dataset that cannot be loaded (missing file, bad columns)
+            // needs a fix, not a restart every few seconds.
+            Self::Config(_) | Self::Device(_) | Self::Data(_) => 2,
             Self::Kit { .. } | Self::Tls(_) => 3,
             _ => 1,
         }
@@ -270,23 +273,7 @@ impl Agent {
 
     async fn prepare(self) -> Result<Ctx, AgentError> {
         let config = self.config;
-        let kit_err = |source| AgentError::Kit {
-            dir: config.kit_dir.clone(),
-            source,
-        };
-        let kit = Kit::load(&config.kit_dir).map_err(kit_err)?;
-        if kit.identity().role() != Role::Site {
-            return Err(kit_err(fedlink_certs::Error::Refused(format!(
-                "this is a {} kit; fedlink-agent needs a site kit",
-                kit.identity().role()
-            ))));
-        }
-        let Some(update_key) = kit.update_signing_key().cloned() else {
-            return Err(kit_err(fedlink_certs::Error::Refused(
-                "the kit has no update-signing key".into(),
-            )));
-        };
-        let tls = client_tls_config(&kit, ALPN_SITE).map_err(AgentError::Tls)?;
+        let (kit, update_key, tls) = load_kit(&config)?;
         let coordinator_addr = config
             .coordinator_addr
             .clone()
@@ -296,7 +283,7 @@ impl Agent {
         let device = config.device;
         device.resolve()?;
         let io = |path: PathBuf| move |source| AgentError::Io { path, source };
-        create_private_dir(&config.data_dir).map_err(io(config.data_dir.clone()))?;
+        make_data_dir_private(&config.data_dir)?;
         let log_path = config.audit_log_path();
         if let Some(parent) = log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
             create_private_dir(parent).map_err(io(parent.to_path_buf()))?;
@@ -396,6 +383,92 @@ impl Agent {
         })?;
         Ok(())
     }
+}
+
+/// The site kit (a site's, with its update-signing key) and the TLS client
+/// configuration built from it.
+fn load_kit(
+    config: &SiteConfig,
+) -> Result<(Kit, ed25519_dalek::SigningKey, rustls::ClientConfig), AgentError> {
+    let kit_err = |source| AgentError::Kit {
+        dir: config.kit_dir.clone(),
+        source,
+    };
+    let kit = Kit::load(&config.kit_dir).map_err(kit_err)?;
+    if kit.identity().role() != Role::Site {
+        return Err(kit_err(fedlink_certs::Error::Refused(format!(
+            "this is a {} kit; fedlink-agent needs a site kit",
+            kit.identity().role()
+        ))));
+    }
+    let Some(update_key) = kit.update_signing_key().cloned() else {
+        return Err(kit_err(fedlink_certs::Error::Refused(
+            "the kit has no update-signing key".into(),
+        )));
+    };
+    let tls = client_tls_config(&kit, ALPN_SITE).map_err(AgentError::Tls)?;
+    Ok((kit, update_key, tls))
+}
+
+/// What [`check`] found.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct CheckReport {
+    /// The site's identity from its kit.
+    pub identity: String,
+    /// The coordinator address the agent would connect to.
+    pub coordinator_addr: String,
+    /// The compute device resolved.
+    pub device: String,
+    /// The dataset kind (`csv`, …).
+    pub dataset_kind: String,
+    /// Training samples loaded.
+    pub train_samples: usize,
+    /// Validation samples loaded.
+    pub validation_samples: usize,
+    /// The dataset fingerprint (as in `agent.started`).
+    pub dataset_fingerprint: String,
+}
+
+/// Check what a start checks, without connecting or writing anything: load
+/// the kit (site role, update key, key file modes, TLS configuration),
+/// resolve the device and load the dataset. Errors carry the same exit
+/// codes as [`run`]'s.
+pub fn check(config: &SiteConfig) -> Result<CheckReport, AgentError> {
+    let (kit, _, _) = load_kit(config)?;
+    let device = config.device.resolve()?;
+    let data = config.dataset.load()?;
+    let local = data.local();
+    Ok(CheckReport {
+        identity: kit.identity().to_uri(),
+        coordinator_addr: config
+            .coordinator_addr
+            .clone()
+            .unwrap_or_else(|| kit.coordinator_addr().to_owned()),
+        device: device.name.to_owned(),
+        dataset_kind: config.dataset.kind().to_owned(),
+        train_samples: local.train.len(),
+        validation_samples: local.validation.len(),
+        dataset_fingerprint: local.fingerprint.to_string(),
+    })
+}
+
+/// Create `data_dir` (mode 0700) or make an existing one owner-only (it
+/// holds the audit log and the model cache): every directory and file that
+/// group or others could access is tightened, with a warning naming it and
+/// the mode found. A mode that cannot be changed is a configuration error.
+fn make_data_dir_private(dir: &Path) -> Result<(), AgentError> {
+    let changed = fedlink_certs::private::make_private(dir)
+        .map_err(|e| AgentError::Config(format!("data_dir: {e}")))?;
+    for t in changed {
+        tracing::warn!(
+            path = %t.path.display(),
+            mode = format!("{:03o}", t.from),
+            now = format!("{:03o}", t.to),
+            "accessible to other local users; made owner-only"
+        );
+    }
+    Ok(())
 }
 
 fn agent_version() -> String {

@@ -66,5 +66,5 @@ pub mod sitecore;
 pub mod train;
 pub mod weights;
 
-pub use agent::{Agent, AgentError, run};
+pub use agent::{Agent, AgentError, CheckReport, check, run};
 pub use config::SiteConfig;

@@ -41,7 +41,10 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Check site.toml (syntax, fields, policy) and exit.
+    /// Check what a start checks, without connecting or writing anything:
+    /// site.toml (syntax, fields, policy), the kit (site role, key file
+    /// modes, update key, TLS), the device and the dataset (loaded in full).
+    /// Exit 0 ok, 2 config / dataset / device, 3 kit.
     CheckConfig {
         /// The site configuration.
         #[arg(long, short, value_name = "FILE")]
@@ -158,18 +161,34 @@ fn main() -> ExitCode {
         };
     }
     if let Command::CheckConfig { .. } = cli.command {
-        println!(
-            "{}: ok (federations {:?}, architectures {:?}, dataset {})",
-            config.display(),
-            site.policy
-                .federations
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
-            site.policy.architectures,
-            site.dataset.kind()
-        );
-        return ExitCode::SUCCESS;
+        return match fedlink_agent::check(&site) {
+            Ok(r) => {
+                println!(
+                    "{}: ok\n  site {} -> coordinator {}\n  federations {:?}, architectures \
+                     {:?}\n  device {}\n  dataset {}: {} training + {} validation samples \
+                     (fingerprint {})",
+                    config.display(),
+                    r.identity,
+                    r.coordinator_addr,
+                    site.policy
+                        .federations
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
+                    site.policy.architectures,
+                    r.device,
+                    r.dataset_kind,
+                    r.train_samples,
+                    r.validation_samples,
+                    r.dataset_fingerprint,
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fedlink-agent: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
     }
     if let Err(e) = init_tracing(cli.log_format, site.log_file.as_deref()) {
         eprintln!("fedlink-agent: {e:#}");

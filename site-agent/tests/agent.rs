@@ -272,6 +272,8 @@ encodings = ["f32", "f16"]
         kit = pki.site_dir(0).unwrap().display(),
         csv = csv.display(),
     );
+    // Also on disk, for the `fedlink-agent` binary.
+    std::fs::write(dir.path().join("site.toml"), &text).unwrap();
     let config = SiteConfig::parse(&text, Path::new("site.toml"), dir.path()).unwrap();
     let fedlink_agent::config::DatasetConfig::Csv(tabular) = config.dataset.clone() else {
         panic!("csv")
@@ -895,5 +897,100 @@ async fn a_world_readable_kit_key_is_refused_with_a_kit_error() {
             .unwrap_err();
         assert_eq!(err.exit_code(), 3, "{err}");
         assert!(err.to_string().contains("key.pem"), "{err}");
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_data_dir_is_made_owner_only_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    let pki = TestPki::new(1).unwrap();
+    let site_cfg = site(&pki, "127.0.0.1:9".parse().unwrap(), 200);
+    let data = site_cfg.config.data_dir.clone();
+    let models = site_cfg.config.model_cache_dir();
+    std::fs::create_dir_all(&models).unwrap();
+    let old = models.join("left-over");
+    std::fs::write(&old, b"x").unwrap();
+    chmod(&data, 0o755);
+    chmod(&models, 0o755);
+    chmod(&old, 0o644);
+    // Shut down at once: only the start-up (kit, data_dir, data) runs.
+    within(
+        "the agent to start and stop",
+        fedlink_agent::run(site_cfg.config.clone(), std::future::ready(())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&models), 0o700);
+    assert_eq!(mode(&old), 0o600);
+    assert_eq!(mode(&site_cfg.config.audit_log_path()), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dataset_is_a_config_error_not_restarted() {
+    let pki = TestPki::new(1).unwrap();
+    let site_cfg = site(&pki, "127.0.0.1:9".parse().unwrap(), 200);
+    let fedlink_agent::config::DatasetConfig::Csv(t) = &site_cfg.config.dataset else {
+        panic!("csv")
+    };
+    std::fs::remove_file(&t.path).unwrap();
+    let err = within(
+        "the agent to fail",
+        fedlink_agent::run(site_cfg.config.clone(), std::future::pending()),
+    )
+    .await
+    .unwrap_err();
+    // 2: the systemd unit's RestartPreventExitStatus (a fix is needed).
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("cohort.csv"), "{err}");
+}
+
+#[test]
+fn check_config_loads_the_kit_and_the_dataset() {
+    let pki = TestPki::new(1).unwrap();
+    let site_cfg = site(&pki, "127.0.0.1:9".parse().unwrap(), 200);
+    let toml = site_cfg._dir.path().join("site.toml");
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedlink-agent"))
+            .args(["check-config", "--config"])
+            .arg(&toml)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("60 training + 20 validation samples"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fedlink://testfed/site/"), "{stdout}");
+    // Nothing is written: no data_dir, no audit log.
+    assert!(!site_cfg.config.data_dir.exists());
+
+    // A missing dataset: exit 2, naming the file.
+    std::fs::remove_file(&site_cfg.tabular.path).unwrap();
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("cohort.csv"), "{stderr}");
+
+    // A world-readable kit key: exit 3.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = pki.site_dir(0).unwrap().join(fedlink_certs::KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (code, stdout, stderr) = check();
+        assert_eq!(code, Some(3), "{stdout}{stderr}");
+        assert!(stderr.contains("key.pem"), "{stderr}");
     }
 }

@@ -1069,3 +1069,98 @@ async fn an_update_whose_site_was_revoked_before_aggregation_is_left_out() {
     );
     coord.shutdown().await.unwrap();
 }
+
+/// `jobs submit` reads an `init = { file = … }` only from the configured
+/// `init_dir`, and only a regular file no larger than the architecture
+/// needs; everything else is refused before the file is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_initial_models_are_read_only_from_init_dir() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = public_ca(&pki, dir.path(), &[]);
+    let config = empty_config(&pki, dir.path(), &ca);
+    let init = dir.path().join("init");
+    std::fs::create_dir(&init).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("init_dir = \"init\"\n");
+    std::fs::write(&config, text).unwrap();
+
+    // A valid initial model (the JobSpec's logreg, 4 inputs), inside and
+    // outside init_dir.
+    let arch = fedlink_protocol::arch::ArchSpec::LogReg {
+        inputs: 4,
+        classes: 2,
+    };
+    let model = arch.init(5).unwrap();
+    let bytes =
+        fedlink_aggregation::safetensors_io::serialize(&model, &Default::default()).unwrap();
+    std::fs::write(init.join("good.safetensors"), &bytes).unwrap();
+    let outside = dir.path().join("outside.safetensors");
+    std::fs::write(&outside, &bytes).unwrap();
+    std::os::unix::fs::symlink(&outside, init.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", init.join("zero")).unwrap();
+    std::fs::create_dir(init.join("sub")).unwrap();
+    // Larger than 4 bytes × 10 parameters + the header room: not read.
+    let big = std::fs::File::create(init.join("big.safetensors")).unwrap();
+    big.set_len(2 << 20).unwrap();
+    drop(big);
+
+    let coord = RunningCoordinator::start(&config, false).await.unwrap();
+    let admin = pki.admin_dir().to_owned();
+    let addr = coord.addr;
+    let job = write_job(
+        dir.path(),
+        &JobSpec {
+            id: "j".into(),
+            ..JobSpec::default()
+        },
+    )
+    .unwrap();
+    let seeded = std::fs::read_to_string(&job).unwrap();
+    assert!(seeded.contains("init = { seed = 11 }"));
+    let submit = |id: &str, file: &str| {
+        let path = dir.path().join(format!("{id}.toml"));
+        let text = seeded
+            .replace("id = \"j\"", &format!("id = \"{id}\""))
+            .replace(
+                "init = { seed = 11 }",
+                &format!("init = {{ file = {file:?} }}"),
+            );
+        std::fs::write(&path, text).unwrap();
+        let admin = admin.clone();
+        async move { fedlink(&admin, addr, &["jobs", "submit", path.to_str().unwrap()]).await }
+    };
+    let outside_abs = outside.to_str().unwrap().to_owned();
+    for (id, file, code, why) in [
+        (
+            "up",
+            "../outside.safetensors",
+            "refused",
+            "outside init_dir",
+        ),
+        ("abs", outside_abs.as_str(), "refused", "outside init_dir"),
+        ("link", "link.safetensors", "refused", "outside init_dir"),
+        ("devzero", "/dev/zero", "refused", "outside init_dir"),
+        ("zero", "zero", "refused", "outside init_dir"),
+        ("missing", "none.safetensors", "refused", "No such file"),
+        ("sub", "sub", "invalid", "not a regular file"),
+        ("big", "big.safetensors", "invalid", "more than the"),
+    ] {
+        let out = submit(id, file).await;
+        assert_eq!(out.code, 3, "{id}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr.to_lowercase().contains(code),
+            "{id}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(why), "{id}: {}", out.stderr);
+    }
+    // Inside init_dir: accepted, and the stored initial model is the file's.
+    let out = submit("good", "good.safetensors").await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let shown = ok(&admin, addr, &["jobs", "show", "good", "--json"]).await;
+    assert_eq!(shown["initial_model"], model.hash().to_hex(), "{shown}");
+    let listed = ok(&admin, addr, &["jobs", "list", "--json"]).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    drop(coord);
+}

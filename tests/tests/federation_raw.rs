@@ -67,6 +67,30 @@ async fn honest_round(site: &mut RawSite, i: usize) -> (TaskOffer, FlatModel) {
     (offer, global)
 }
 
+/// Directories and files below `dir` (and `dir`) that group or others can
+/// access, with their modes.
+fn too_open(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            out.push((p.clone(), mode));
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 fn assert_close(actual: &[f32], expected: &[f32]) {
     for (a, e) in actual.iter().zip(expected) {
         assert!((a - e).abs() <= 1e-6, "{a} vs {e}");
@@ -98,6 +122,19 @@ async fn three_sites_three_rounds_with_exact_weighted_average() {
     let Some(JobOutcome::Completed { model }) = out.outcome else {
         panic!("job did not complete: {:?}", out.outcome);
     };
+    // Everything the coordinator wrote (spool, archived payloads and
+    // envelopes, models, audit log, status) is owner-only.
+    assert_eq!(too_open(&data_dir), Vec::<(std::path::PathBuf, u32)>::new());
+    // A data directory opened up by hand (or by an older version) is made
+    // owner-only again at start.
+    let payload = std::fs::read_dir(data_dir.join("updates/e2e/round-000001"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "payload"))
+        .unwrap();
+    chmod(&data_dir, 0o755);
+    chmod(&data_dir.join("updates"), 0o755);
+    chmod(&payload, 0o644);
     // Started again on the same data directory with the same job file, the
     // finished job is not run again: with exit_after_job the coordinator
     // stops at once and reports the stored outcome.
@@ -116,6 +153,7 @@ async fn three_sites_three_rounds_with_exact_weighted_average() {
     .expect("a finished job must not be run or waited on again")
     .unwrap();
     assert_eq!(again.outcome, Some(JobOutcome::Completed { model }));
+    assert_eq!(too_open(&data_dir), Vec::<(std::path::PathBuf, u32)>::new());
     // Every site trained on the same model each round, and each round's
     // model is the exact weighted average of the three deltas.
     let models = data_dir.join("models");

@@ -117,8 +117,9 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(3)
         }
-        // A bad job file or initial model: restarting will not help.
-        Err(e @ ServeError::Job(_)) => {
+        // A bad job file or initial model, or a data_dir that cannot be
+        // made private: restarting will not help.
+        Err(e @ (ServeError::Job(_) | ServeError::DataDir(_))) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }

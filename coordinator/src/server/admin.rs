@@ -37,8 +37,8 @@ use tokio::sync::oneshot;
 
 use super::engine::Event;
 use super::engine::admin::AdminEvent;
-use super::{Shared, initial_model, strategy_config};
-use crate::job::Job;
+use super::{Shared, initial_model, read_initial_model, resolve_submitted_init, strategy_config};
+use crate::job::{InitSource, Job};
 use crate::round::AdminCommand;
 use crate::store::{JobRecord, Store};
 
@@ -87,6 +87,8 @@ pub(crate) struct AdminState {
     /// Open admin connections (by quinn's stable id), so that a revocation
     /// cuts them at once.
     conns: Mutex<HashMap<usize, OpenAdmin>>,
+    /// Where submitted jobs may read initial-model files (`init_dir`).
+    init_dir: Option<PathBuf>,
 }
 
 /// An open admin connection (its handle records why the coordinator cut
@@ -114,8 +116,10 @@ impl AdminState {
         store: Arc<Store>,
         ca_cert: CertificateDer<'static>,
         revoked_path: PathBuf,
+        init_dir: Option<PathBuf>,
     ) -> Self {
         Self {
+            init_dir,
             queue_path: store.dir().join(QUEUE_FILE),
             store,
             ca_cert,
@@ -824,7 +828,17 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     let job = Job::from_toml(job_toml).map_err(invalid)?;
     job.validate().map_err(invalid)?;
     let strategy = strategy_config(&job).map_err(invalid)?;
-    let model = tokio::task::block_in_place(|| initial_model(&job)).map_err(invalid)?;
+    // An initial-model file is read only from init_dir (refused otherwise,
+    // before anything is opened), and only if its size fits the
+    // architecture.
+    let model = tokio::task::block_in_place(|| match &job.init {
+        InitSource::File(file) => {
+            let path =
+                resolve_submitted_init(shared.admin.init_dir.as_deref(), file).map_err(refused)?;
+            read_initial_model(&job, &path).map_err(invalid)
+        }
+        _ => initial_model(&job).map_err(invalid),
+    })?;
     super::engine::check_fits(&strategy, &job, model.spec()).map_err(invalid)?;
     if store.job(&job.id).map_err(internal)?.is_some() {
         return Err(refused(format!("a job with id {} exists already", job.id)));

@@ -267,12 +267,7 @@ fn export_key(path: &Path, key: &VerifyingKey) -> Result<(), AuditError> {
             tmp.write_all(text.as_bytes())
                 .and_then(|()| tmp.as_file().sync_all())
                 .map_err(|e| setup(e.to_string()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))
-                    .map_err(|e| setup(e.to_string()))?;
-            }
+            // Mode 0600 (tempfile's), like everything in the data directory.
             tmp.persist_noclobber(path)
                 .map_err(|e| setup(e.error.to_string()))?;
             Ok(())

@@ -441,7 +441,7 @@ impl Engine {
         )
         .map_err(|why| (RejectCode::NotAuthorized, why))?;
         let spool_dir = self.store.dir().join("spool");
-        std::fs::create_dir_all(&spool_dir)
+        fedlink_certs::private::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
         let spool_path = spool_dir.join(format!(
             "{}-r{}-{}.part",
@@ -748,7 +748,7 @@ impl Engine {
         let fatal = |e: &dyn std::fmt::Display| {
             EngineError::Fatal(format!("round {round}: writing the server state: {e}"))
         };
-        std::fs::create_dir_all(&dir).map_err(|e| fatal(&e))?;
+        fedlink_certs::private::create_dir_all(&dir).map_err(|e| fatal(&e))?;
         round_archive::write_atomic(&dir, round_archive::STATE_BEFORE_FILE, &state_before)
             .map_err(|e| fatal(&e))?;
         let state_before_blake3 = blake3::hash(&state_before).to_hex().to_string();
@@ -1030,7 +1030,7 @@ impl Engine {
             EngineError::Fatal(format!("round {round}: {what}: {e}"))
         };
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
-        std::fs::create_dir_all(&dir).map_err(|e| fatal("archive directory", &e))?;
+        fedlink_certs::private::create_dir_all(&dir).map_err(|e| fatal("archive directory", &e))?;
         let file = RoundFile {
             format: round_archive::ROUND_FORMAT,
             job: self.job_id.as_str().to_owned(),
@@ -1450,7 +1450,7 @@ fn archive(
     p: &Pending,
 ) -> std::io::Result<(String, String)> {
     let dir = round_archive::round_dir(store.dir(), job.as_str(), round);
-    std::fs::create_dir_all(&dir)?;
+    fedlink_certs::private::create_dir_all(&dir)?;
     // The nonce makes every upload's name unique: a site re-sending the
     // same bytes after a crash keeps both signed envelopes.
     let base = format!(
@@ -1471,7 +1471,10 @@ fn archive(
     }
     let envelope_file = format!("{base}.envelope.json");
     let payload_file = format!("{base}.payload");
-    let mut f = std::fs::File::create(dir.join(&envelope_file))?;
+    let mut f = fedlink_certs::private::file_options()
+        .create(true)
+        .truncate(true)
+        .open(dir.join(&envelope_file))?;
     std::io::Write::write_all(&mut f, &envelope)?;
     f.sync_all()?;
     std::fs::rename(&p.spool_path, dir.join(&payload_file))?;

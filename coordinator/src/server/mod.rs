@@ -32,7 +32,7 @@ mod wire;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -69,6 +69,10 @@ pub enum ServeError {
     /// The store.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The data directory is unusable: not a directory, or too open (other
+    /// local users could read site data) and its mode cannot be tightened.
+    #[error("data_dir: {0}")]
+    DataDir(String),
     /// Binding the endpoint.
     #[error("network: {0}")]
     Network(String),
@@ -107,7 +111,34 @@ pub(crate) struct Shared {
     connections: Arc<limits::Connections>,
 }
 
-fn mtime(path: &std::path::Path) -> Option<SystemTime> {
+/// Create the data directory (mode 0700) or make an existing one owner-only:
+/// it holds raw site updates. Every directory and file below it that group or
+/// others could access is tightened, with a warning naming it and the mode
+/// found; a mode that cannot be changed stops the start.
+fn private_data_dir(dir: &Path) -> Result<(), ServeError> {
+    let changed = fedlink_certs::private::make_private(dir)
+        .map_err(|e| ServeError::DataDir(e.to_string()))?;
+    let (dirs, files): (Vec<_>, Vec<_>) = changed.iter().partition(|t| t.is_dir);
+    for t in &dirs {
+        tracing::warn!(
+            path = %t.path.display(),
+            mode = format!("{:03o}", t.from),
+            now = format!("{:03o}", t.to),
+            "directory in data_dir was accessible to other local users; made owner-only"
+        );
+    }
+    if let Some(first) = files.first() {
+        tracing::warn!(
+            files = files.len(),
+            first = %first.path.display(),
+            mode = format!("{:03o}", first.from),
+            "files in data_dir were accessible to other local users; made owner-only"
+        );
+    }
+    Ok(())
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
@@ -354,16 +385,99 @@ pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
 
 /// The initial global model of a job.
 pub fn initial_model(job: &Job) -> Result<FlatModel, String> {
-    let spec = job.arch.spec().map_err(|e| e.to_string())?;
     match &job.init {
         InitSource::Seed(seed) => job.arch.init(*seed).map_err(|e| e.to_string()),
-        InitSource::File(path) => {
-            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            safetensors_io::parse_as(&path.display().to_string(), &bytes, &spec)
-                .map(|p| p.model)
-                .map_err(|e| e.to_string())
-        }
+        InitSource::File(path) => read_initial_model(job, path),
     }
+}
+
+/// Room for the safetensors header (names, shapes, metadata) in an
+/// initial-model file, beyond the f32 tensor bytes.
+const INIT_HEADER_ROOM: u64 = 1 << 20;
+
+/// Read `path` as the initial model of `job`: it must be a regular file no
+/// larger than the f32 safetensors file of the job's architecture can be
+/// (checked before reading: `/dev/zero`, a FIFO or a huge file is refused
+/// without reading it), with exactly the architecture's tensors.
+pub(crate) fn read_initial_model(job: &Job, path: &Path) -> Result<FlatModel, String> {
+    use std::io::Read as _;
+    let spec = job.arch.spec().map_err(|e| e.to_string())?;
+    let max = spec
+        .num_params()
+        .saturating_mul(4)
+        .saturating_add(INIT_HEADER_ROOM);
+    let shown = path.display();
+    let check = |meta: &std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(format!("{shown}: not a regular file"));
+        }
+        if meta.len() > max {
+            return Err(format!(
+                "{shown}: {} bytes, more than the {max} an f32 safetensors file of this \
+                 architecture ({} parameters) can need",
+                meta.len(),
+                spec.num_params()
+            ));
+        }
+        Ok(())
+    };
+    // Checked before opening (opening a FIFO would block), then again on
+    // the open file (it may have been replaced in between).
+    check(&std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?)?;
+    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    check(&meta)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{shown}: grew past {max} bytes while being read"));
+    }
+    safetensors_io::parse_as(&shown.to_string(), &bytes, &spec)
+        .map(|p| p.model)
+        .map_err(|e| e.to_string())
+}
+
+/// Resolve the initial-model file `file` of a job submitted over the admin
+/// API: it must lie inside `init_dir` (coordinator.toml) after resolving
+/// symbolic links and `..` — a relative `file` is taken relative to
+/// `init_dir`. Nothing is read here. Jobs given in coordinator.toml (the
+/// operator's own configuration) are not restricted.
+pub(crate) fn resolve_submitted_init(
+    init_dir: Option<&Path>,
+    file: &Path,
+) -> Result<PathBuf, String> {
+    let Some(dir) = init_dir else {
+        return Err(format!(
+            "init = {{ file = {:?} }}: this coordinator reads no initial-model files for \
+             submitted jobs (no init_dir in coordinator.toml); use init = {{ seed = N }}, or set \
+             init_dir and put the file there",
+            file.display()
+        ));
+    };
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("init_dir {}: {e}", dir.display()))?;
+    let joined = root.join(file);
+    let resolved = joined.canonicalize().map_err(|e| {
+        format!(
+            "init = {{ file = {:?} }}: {} in init_dir {}: {e}",
+            file.display(),
+            joined.display(),
+            root.display()
+        )
+    })?;
+    if !resolved.starts_with(&root) || resolved == root {
+        return Err(format!(
+            "init = {{ file = {:?} }} resolves to {}, outside init_dir {}: submitted jobs may \
+             read initial models only from there",
+            file.display(),
+            resolved.display(),
+            root.display()
+        ));
+    }
+    Ok(resolved)
 }
 
 /// What [`serve`] returns when it stops cleanly.
@@ -417,8 +531,7 @@ pub async fn serve(
     })?;
 
     // Store and job.
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| ServeError::Job(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+    private_data_dir(&cfg.data_dir)?;
     let auditor = Arc::new(
         Auditor::open(
             &cfg.data_dir,
@@ -478,7 +591,12 @@ pub async fn serve(
         wire: RwLock::new(HashMap::new()),
         job_encoding: RwLock::new(None),
         audit: auditor.clone(),
-        admin: admin::AdminState::new(store.clone(), kit.ca_cert().clone(), cfg.revoked_path()),
+        admin: admin::AdminState::new(
+            store.clone(),
+            kit.ca_cert().clone(),
+            cfg.revoked_path(),
+            cfg.init_dir.clone(),
+        ),
         refusals: Mutex::new(refusals::Refusals::new(Duration::from_secs(
             cfg.refusal_summary_secs,
         ))),
@@ -754,7 +872,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Remove partial uploads left by a crash (their rounds are re-opened and
 /// the sites upload again).
-fn clean_spool(dir: &std::path::Path) {
+fn clean_spool(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -789,7 +907,7 @@ enum Selected {
 /// submitted job).
 fn select_job(
     store: &Store,
-    job_file: Option<&std::path::Path>,
+    job_file: Option<&Path>,
     auditor: &Auditor,
 ) -> Result<Selected, ServeError> {
     if let Some(path) = job_file {
@@ -827,4 +945,63 @@ fn select_unfinished(store: &Store) -> Result<Option<String>, ServeError> {
         .rev()
         .find(|j| j.outcome.is_none())
         .map(|j| j.id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn job() -> Job {
+        Job::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/jobs/breast-cancer-logreg.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn initial_model_files_are_checked_before_reading() {
+        let job = job();
+        // Even the operator's own job file: /dev/zero is not read (it would
+        // fill memory), nor a directory, nor a file larger than the
+        // architecture's safetensors can be.
+        let err = read_initial_model(&job, Path::new("/dev/zero")).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_initial_model(&job, dir.path()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let big = dir.path().join("big.safetensors");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(62 * 4 + INIT_HEADER_ROOM + 1)
+            .unwrap();
+        let err = read_initial_model(&job, &big).unwrap_err();
+        assert!(err.contains("more than the"), "{err}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn submitted_init_files_stay_inside_init_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let init = root.path().join("init");
+        std::fs::create_dir_all(init.join("sub")).unwrap();
+        std::fs::write(init.join("m.safetensors"), b"x").unwrap();
+        std::fs::write(root.path().join("o.safetensors"), b"x").unwrap();
+        std::os::unix::fs::symlink("../o.safetensors", init.join("l")).unwrap();
+        let ok = resolve_submitted_init(Some(&init), Path::new("sub/../m.safetensors")).unwrap();
+        assert_eq!(ok, init.canonicalize().unwrap().join("m.safetensors"));
+        for bad in [
+            "../o.safetensors",
+            "sub/../../o.safetensors",
+            "l",
+            "/etc/passwd",
+            ".",
+        ] {
+            let err = resolve_submitted_init(Some(&init), Path::new(bad)).unwrap_err();
+            assert!(err.contains("outside init_dir"), "{bad}: {err}");
+        }
+        let err = resolve_submitted_init(None, Path::new("m.safetensors")).unwrap_err();
+        assert!(err.contains("no init_dir"), "{err}");
+    }
 }

@@ -3,7 +3,7 @@
 //! for the validation pass and the fold pass, then archived (accepted) or
 //! deleted (rejected).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,8 +41,8 @@ pub(crate) struct SpoolWriter {
 impl SpoolWriter {
     /// Create a new spool file (never overwrites).
     pub(crate) fn create(path: PathBuf) -> Result<Self, SpoolError> {
-        let file = fs::OpenOptions::new()
-            .write(true)
+        // Mode 0600: a spool is a site's raw update.
+        let file = fedlink_certs::private::file_options()
             .create_new(true)
             .open(&path)
             .map_err(io(&path))?;

@@ -71,7 +71,10 @@ impl StatusWriter {
 
     pub(crate) fn write(&self, status: &Status) -> std::io::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = fedlink_certs::private::file_options()
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)

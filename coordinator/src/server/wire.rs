@@ -43,7 +43,11 @@ pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, 
         return Ok(w);
     }
     let tmp = models_dir.join(format!(".tmp-wire-{}", hash.to_hex()));
-    let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let file = fedlink_certs::private::file_options()
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut enc =
         PayloadEncoder::new(model.spec().clone(), encoding, 0).map_err(|e| e.to_string())?;
