@@ -438,32 +438,27 @@ fn verify_with_the_key_the_ca_recorded_not_the_one_next_to_the_log() {
         "the CA records the coordinator kit's audit key"
     );
 
+    // A one-entry coordinator log signed with `key`.
+    let one_entry_log = |name: &str, key: &SigningKey| {
+        let path = dir.path().join(name);
+        let mut log = AuditLog::open(&path, key.clone()).unwrap();
+        log.append(
+            1,
+            "fedlink://t/coordinator/coordinator",
+            "coordinator.started",
+            &json!({}),
+        )
+        .unwrap();
+        path
+    };
     // The genuine log verifies with the CA's record.
-    let genuine = dir.path().join("genuine.jsonl");
-    let mut log = AuditLog::open(&genuine, coord.update_signing_key().unwrap().clone()).unwrap();
-    log.append(
-        1,
-        "fedlink://t/coordinator/coordinator",
-        "coordinator.started",
-        &json!({}),
-    )
-    .unwrap();
-    drop(log);
+    let genuine = one_entry_log("genuine.jsonl", coord.update_signing_key().unwrap());
     let o = run(&["audit", "verify", s(&genuine), "--ca", s(&ca)]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
 
     // A forged log under a new key, the new key exported beside it.
     let forged_key = SigningKey::from_bytes(&[7; 32]);
-    let forged = dir.path().join("forged.jsonl");
-    let mut log = AuditLog::open(&forged, forged_key.clone()).unwrap();
-    log.append(
-        1,
-        "fedlink://t/coordinator/coordinator",
-        "coordinator.started",
-        &json!({}),
-    )
-    .unwrap();
-    drop(log);
+    let forged = one_entry_log("forged.jsonl", &forged_key);
     let beside = dir.path().join("audit-key.pub");
     std::fs::write(&beside, hex::encode(forged_key.verifying_key().as_bytes())).unwrap();
     let o = run(&["audit", "verify", s(&forged), "--key", s(&beside)]);

@@ -258,6 +258,21 @@ impl RawSite {
     }
 }
 
+/// Every site takes its next offer, accepts it and fetches the model it
+/// names: the offers (in the sites' order) and the global model.
+pub async fn join_round(sites: &mut [RawSite]) -> anyhow::Result<(Vec<TaskOffer>, FlatModel)> {
+    let mut offers = Vec::with_capacity(sites.len());
+    let mut global = None;
+    for s in sites.iter_mut() {
+        let offer = s.next_offer().await?;
+        s.accept(&offer).await?;
+        global = Some(s.fetch_model(&offer).await?);
+        offers.push(offer);
+    }
+    let global = global.context("no site to join the round")?;
+    Ok((offers, global))
+}
+
 /// `local − global`, element-wise, with the same spec.
 pub fn delta_of(local: &FlatModel, global: &FlatModel) -> anyhow::Result<FlatModel> {
     let values = local

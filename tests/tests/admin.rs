@@ -16,7 +16,7 @@ use fedlink_tests::bounded;
 use fedlink_tests::fixture::{
     JobSpec, RunningCoordinator, wait_for_status, workspace_binary, write_job,
 };
-use fedlink_tests::raw_site::RawSite;
+use fedlink_tests::raw_site::{RawSite, join_round};
 use serde_json::Value;
 
 /// How long a wait for the coordinator's progress (a round, a job) may take
@@ -970,15 +970,7 @@ async fn an_update_whose_site_was_revoked_before_aggregation_is_left_out() {
                 .unwrap(),
         );
     }
-    let mut offers = Vec::new();
-    let mut global = None;
-    for s in &mut sites {
-        let o = s.next_offer().await.unwrap();
-        s.accept(&o).await.unwrap();
-        global = Some(s.fetch_model(&o).await.unwrap());
-        offers.push(o);
-    }
-    let global = global.unwrap();
+    let (offers, global) = join_round(&mut sites).await.unwrap();
     let examples = |i: usize| 10 * (i as u64 + 1);
     let upload = async |i: usize| {
         let up = sites[i]

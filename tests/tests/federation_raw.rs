@@ -8,7 +8,7 @@ use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
 use fedlink_protocol::{FlatModel, ModelHash};
 use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
-use fedlink_tests::raw_site::RawSite;
+use fedlink_tests::raw_site::{RawSite, join_round};
 
 /// A deterministic delta for `site` in `round`.
 fn delta_for(global: &FlatModel, site: usize, round: u64) -> FlatModel {
@@ -209,15 +209,7 @@ async fn tampered_and_replayed_updates_are_rejected_while_the_round_completes() 
     for i in 0..3 {
         sites.push(connect(&pki, i, &coord).await);
     }
-    let mut offers = Vec::new();
-    let mut global = None;
-    for s in &mut sites {
-        let o = s.next_offer().await.unwrap();
-        s.accept(&o).await.unwrap();
-        global = Some(s.fetch_model(&o).await.unwrap());
-        offers.push(o);
-    }
-    let global = global.unwrap();
+    let (offers, global) = join_round(&mut sites).await.unwrap();
 
     // Site 0 is honest.
     let up0 = sites[0]
@@ -330,15 +322,7 @@ async fn a_site_dropping_mid_upload_leaves_the_round_to_the_quorum() {
     for i in 0..3 {
         sites.push(connect(&pki, i, &coord).await);
     }
-    let mut offers = Vec::new();
-    let mut global = None;
-    for s in &mut sites {
-        let o = s.next_offer().await.unwrap();
-        s.accept(&o).await.unwrap();
-        global = Some(s.fetch_model(&o).await.unwrap());
-        offers.push(o);
-    }
-    let global = global.unwrap();
+    let (offers, global) = join_round(&mut sites).await.unwrap();
     // Site 2 sends one chunk of its update and disappears.
     let up2 = sites[2]
         .prepare(&offers[2], &delta_for(&global, 2, 1), examples(2))
@@ -645,15 +629,7 @@ async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
     for i in 0..3 {
         sites.push(connect(&pki, i, &coord).await);
     }
-    let mut offers = Vec::new();
-    let mut global = None;
-    for s in &mut sites {
-        let o = s.next_offer().await.unwrap();
-        s.accept(&o).await.unwrap();
-        global = Some(s.fetch_model(&o).await.unwrap());
-        offers.push(o);
-    }
-    let global = global.unwrap();
+    let (offers, global) = join_round(&mut sites).await.unwrap();
 
     let not_authorized = |r: &UploadResult| match r {
         UploadResult::Reject {

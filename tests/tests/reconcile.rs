@@ -372,6 +372,7 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         caught += 1;
     }
     assert!(caught >= 5, "{caught} positions");
+    println!("cut-tail matrix: {caught} cut positions in the last round, every one caught");
     let (code, out, err) = reconcile_cut(finished + 1);
     assert_eq!(code, 0, "kept through job.finished: {out}{err}");
 
