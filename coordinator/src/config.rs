@@ -15,6 +15,8 @@
 //! update_retention = "job"       # or a number of rounds of update archive to keep
 //! refusal_summary_secs = 60      # failed handshakes: one audit entry per source per interval
 //! max_handshakes_in_flight = 64  # more are refused before any cryptography
+//! handshake_burst_per_source = 64      # handshakes one (validated) address may start at once
+//! handshakes_per_source_per_sec = 16.0 # and then per second
 //! min_free_disk_mib = 512        # below this free space: no new uploads or connections
 //! max_connections = 1024         # open connections, sites and admins
 //! max_connections_per_identity = 4
@@ -80,6 +82,12 @@ fn default_refusal_summary() -> u64 {
 }
 fn default_handshakes() -> usize {
     64
+}
+fn default_handshake_burst() -> u32 {
+    64
+}
+fn default_handshake_rate() -> f64 {
+    16.0
 }
 fn default_min_free() -> u64 {
     512
@@ -181,6 +189,15 @@ pub struct CoordinatorConfig {
     /// at once (QUIC `CONNECTION_REFUSED`), before any cryptography.
     #[serde(default = "default_handshakes")]
     pub max_handshakes_in_flight: usize,
+    /// Handshakes one source address may start at once (after QUIC has
+    /// validated the address); beyond it, `handshakes_per_source_per_sec`.
+    /// More are refused before any cryptography and counted with the
+    /// failed handshakes. Several sites behind one NAT share the budget.
+    #[serde(default = "default_handshake_burst")]
+    pub handshake_burst_per_source: u32,
+    /// Handshakes per second one source address may start after its burst.
+    #[serde(default = "default_handshake_rate")]
+    pub handshakes_per_source_per_sec: f64,
     /// Free space, in MiB, that the data directory's file system must keep:
     /// below it the coordinator takes no new uploads and no new connections
     /// (the audit log must always be writable), and says so in its log and
@@ -260,6 +277,17 @@ impl CoordinatorConfig {
         }
         if !(1..=100_000).contains(&cfg.max_handshakes_in_flight) {
             return Err(invalid("max_handshakes_in_flight", "must be 1..=100000"));
+        }
+        if !(1..=100_000).contains(&cfg.handshake_burst_per_source) {
+            return Err(invalid("handshake_burst_per_source", "must be 1..=100000"));
+        }
+        if !(cfg.handshakes_per_source_per_sec >= 0.001
+            && cfg.handshakes_per_source_per_sec <= 100_000.0)
+        {
+            return Err(invalid(
+                "handshakes_per_source_per_sec",
+                "must be a number in 0.001..=100000",
+            ));
         }
         if !(1..=1_000_000).contains(&cfg.max_connections) {
             return Err(invalid("max_connections", "must be 1..=1000000"));

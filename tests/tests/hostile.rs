@@ -210,3 +210,51 @@ async fn connections_beyond_the_per_identity_limit_are_refused() {
     assert_eq!(refused.len(), 1, "{refused:#?}");
     assert_eq!(refused[0]["details"]["count"], 3);
 }
+
+/// A source address gets `handshake_burst_per_source` handshakes at once,
+/// then `handshakes_per_source_per_sec`; beyond that its attempts are
+/// refused before any cryptography (the client sees the refusal) and
+/// counted with the source's refusals, not recorded one by one. The rate
+/// here is one handshake per 1000 s, so the test does not depend on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_per_source_rate_are_refused() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(
+        &pki,
+        dir.path(),
+        "handshake_burst_per_source = 3\nhandshakes_per_source_per_sec = 0.001\n",
+    )
+    .await;
+    let data_dir = coord.data_dir.clone();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        open.push(
+            RawSite::connect(pki.site_kit(i).unwrap(), coord.addr)
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..5 {
+        let err = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+            .await
+            .err()
+            .expect("a fourth handshake from 127.0.0.1 is over the rate");
+        assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    }
+    drop(open);
+    coord.shutdown().await.unwrap();
+    let es = entries(&data_dir);
+    assert_eq!(
+        es.iter().filter(|e| e["event"] == "conn.accepted").count(),
+        3
+    );
+    let refused: Vec<&Value> = es.iter().filter(|e| e["event"] == "conn.refused").collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    let d = &refused[0]["details"];
+    assert_eq!(d["count"], 5);
+    assert!(
+        d.to_string().contains("handshakes_per_source_per_sec"),
+        "{d}"
+    );
+}

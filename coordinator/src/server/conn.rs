@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
@@ -22,6 +22,7 @@ use super::Shared;
 use super::engine::{
     Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms, update_received_details,
 };
+use super::limits;
 use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
@@ -48,12 +49,14 @@ pub(crate) struct Admitted {
 /// Decide on a new connection attempt before any cryptography: a source
 /// whose address QUIC has not validated yet is sent a Retry (a spoofed
 /// source never answers it, so floods from forged addresses cost one
-/// stateless packet each); a validated one gets a handshake slot, or is
-/// refused at once when `handshakes` are all in use (counted with the
-/// failed handshakes, not recorded one by one).
+/// stateless packet each); a validated one is refused at once beyond its
+/// address's handshake rate (`rates`) or when `handshakes` are all in use,
+/// and otherwise gets a handshake slot. Refusals are counted with the
+/// failed handshakes, not recorded one by one.
 pub(crate) fn admit(
     incoming: quinn::Incoming,
     handshakes: &Arc<Semaphore>,
+    rates: &mut limits::SourceRates,
     shared: &Shared,
 ) -> Option<Admitted> {
     if !incoming.remote_address_validated() && incoming.may_retry() {
@@ -63,6 +66,15 @@ pub(crate) fn admit(
         return None;
     }
     let remote = incoming.remote_address();
+    if !rates.allow(remote.ip(), Instant::now()) {
+        tracing::debug!(%remote, "too many handshakes from this address; refused");
+        shared.note_refused(
+            remote,
+            "too many handshakes from this address (handshakes_per_source_per_sec)",
+        );
+        incoming.refuse();
+        return None;
+    }
     match handshakes.clone().try_acquire_owned() {
         Ok(slot) => Some(Admitted {
             incoming,
@@ -433,12 +445,12 @@ async fn read_control(
     // control messages at a bounded rate (beyond it the connection is cut),
     // audit heads — each a signed, fsynced entry — at a lower one (beyond it
     // they are ignored).
-    let mut budget = super::limits::control_budget();
-    let mut head_budget = super::limits::head_budget();
+    let mut budget = limits::control_budget();
+    let mut head_budget = limits::head_budget();
     let mut heads_ignored = 0u64;
     loop {
         let msg = recv.message_or_end().await?;
-        if msg.is_some() && !budget.take(std::time::Instant::now()) {
+        if msg.is_some() && !budget.take(Instant::now()) {
             let why = "too many control messages (more than 32 at once or 4 a second)";
             tracing::warn!(site, reason = why, "closing the connection");
             conn.close(close::PROTOCOL, why.as_bytes());
@@ -460,7 +472,7 @@ async fn read_control(
             Some(Message::Heartbeat(h)) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
             }
-            Some(Message::AuditHead(_)) if !head_budget.take(std::time::Instant::now()) => {
+            Some(Message::AuditHead(_)) if !head_budget.take(Instant::now()) => {
                 heads_ignored += 1;
                 if heads_ignored == 1 {
                     tracing::warn!(
@@ -720,7 +732,7 @@ async fn receive_upload(
             .await;
         }
     };
-    let upload_started = std::time::Instant::now();
+    let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
         mut validator,

@@ -6,10 +6,9 @@
 //! others. Sans-IO where it matters: the budget takes `now`.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-#[cfg(test)]
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A token bucket: up to `burst` events at once, refilled at `per_sec`.
 #[derive(Clone, Debug)]
@@ -60,6 +59,61 @@ pub(crate) fn control_budget() -> Budget {
 /// rounds of small models can come every few hundred milliseconds).
 pub(crate) fn head_budget() -> Budget {
     Budget::new(16, 1.0)
+}
+
+/// Handshakes per source address: a token bucket per IP address, for
+/// addresses QUIC has validated (a Retry round trip proves the peer can
+/// receive at the address, so one host cannot spend others' budgets by
+/// forging their address). Tracks at most `max_sources` addresses; when
+/// that many are tracked, buckets that have refilled are forgotten first,
+/// and if none has, the new address is let through (the cap on handshakes
+/// in flight still holds): a flood from many real addresses must not lock
+/// out a site that has not connected before.
+#[derive(Debug)]
+pub(crate) struct SourceRates {
+    burst: u32,
+    per_sec: f64,
+    max_sources: usize,
+    sources: HashMap<IpAddr, Budget>,
+}
+
+impl SourceRates {
+    /// `burst` handshakes at once per address, then `per_sec` a second.
+    pub(crate) fn new(burst: u32, per_sec: f64, max_sources: usize) -> Self {
+        Self {
+            burst,
+            per_sec,
+            max_sources,
+            sources: HashMap::new(),
+        }
+    }
+
+    /// May `source` start a handshake at `now`? Counts it if so.
+    pub(crate) fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
+        if let Some(b) = self.sources.get_mut(&source) {
+            return b.take(now);
+        }
+        if self.sources.len() >= self.max_sources {
+            let full_after = Duration::from_secs_f64(f64::from(self.burst) / self.per_sec);
+            self.sources.retain(|_, b| {
+                b.last
+                    .is_none_or(|last| now.saturating_duration_since(last) < full_after)
+            });
+            if self.sources.len() >= self.max_sources {
+                return true;
+            }
+        }
+        let mut b = Budget::new(self.burst, self.per_sec);
+        let ok = b.take(now);
+        self.sources.insert(source, b);
+        ok
+    }
+
+    /// Addresses tracked now.
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.sources.len()
+    }
 }
 
 /// Open connections, per identity and in all.
@@ -163,6 +217,47 @@ mod tests {
             .count();
         assert!(passed <= 32 + 41, "{passed}");
         assert!(passed >= 32 + 39, "{passed}");
+    }
+
+    #[test]
+    fn handshakes_are_rate_limited_per_source_address() {
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let mut r = SourceRates::new(4, 1.0, 16);
+        assert!((0..4).all(|_| r.allow(a, t0)), "the burst passes");
+        assert!(!r.allow(a, t0), "then the rate");
+        assert!(r.allow(b, t0), "another address has its own budget");
+        assert!(r.allow(a, t0 + Duration::from_secs(1)), "refilled at 1/s");
+        assert!(!r.allow(a, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_tracked_sources_are_bounded_and_idle_ones_forgotten_first() {
+        let t0 = Instant::now();
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let mut r = SourceRates::new(2, 1.0, 8);
+        for i in 0..8 {
+            assert!(r.allow(ip(i), t0));
+        }
+        assert_eq!(r.tracked(), 8);
+        // Full, nothing refilled yet: a new address passes untracked.
+        assert!(r.allow(ip(100), t0));
+        assert_eq!(r.tracked(), 8);
+        // An address that keeps hammering stays limited meanwhile.
+        assert!(r.allow(ip(0), t0));
+        assert!(!r.allow(ip(0), t0));
+        // After the buckets refill (2 s at 1/s), idle addresses are dropped
+        // to make room; a busy one stays.
+        let later = t0 + Duration::from_secs(3);
+        assert!(r.allow(ip(0), later));
+        assert!(r.allow(ip(200), later));
+        assert_eq!(r.tracked(), 2, "only the busy address and the new one");
+        // 10 000 new addresses: the map never grows past its bound.
+        for i in 0..10_000 {
+            r.allow(ip(1000 + i), later);
+        }
+        assert!(r.tracked() <= 8);
     }
 
     #[test]

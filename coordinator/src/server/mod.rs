@@ -340,6 +340,9 @@ const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
 /// How often the coordinator looks for a changed manifest or revocation
 /// list even when no site connects.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// Source addresses whose handshake rate is tracked, at most (a few
+/// hundred kilobytes).
+const MAX_RATE_SOURCES: usize = 8192;
 
 fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, String> {
     let mut keys = BTreeMap::new();
@@ -635,6 +638,11 @@ pub async fn serve(
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
+    let mut rates = limits::SourceRates::new(
+        cfg.handshake_burst_per_source,
+        cfg.handshakes_per_source_per_sec,
+        MAX_RATE_SOURCES,
+    );
     // Connection tasks are owned here, so that shutdown can wait for them:
     // each records `conn.closed` as it ends, and a clean shutdown leaves an
     // audit log with every connection's end in it.
@@ -644,7 +652,7 @@ pub async fn serve(
             tokio::select! {
                 incoming = accept_endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        if let Some(permit) = conn::admit(incoming, &handshakes, &accept_shared) {
+                        if let Some(permit) = conn::admit(incoming, &handshakes, &mut rates, &accept_shared) {
                             tasks.spawn(conn::handle_incoming(permit, accept_shared.clone()));
                         }
                     }
