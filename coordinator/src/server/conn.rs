@@ -321,7 +321,7 @@ async fn serve_site(
             .any(|c| same_family(*c, enc.values()))
     });
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
     let control = tx.clone();
     // Known to the engine before the site hears Welcome: whatever the site
     // (or an admin it tells) asks next is queued behind this, so `status`
@@ -396,7 +396,7 @@ async fn control_loop(
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
-    heads: Option<mpsc::UnboundedSender<Message>>,
+    heads: Option<mpsc::Sender<Message>>,
 ) -> Result<(), TransportError> {
     // Streams the site opens (model fetches, uploads) are accepted on a task
     // of their own. Reading a frame is not cancel-safe: racing the control
@@ -439,7 +439,7 @@ async fn read_control(
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
-    heads: Option<mpsc::UnboundedSender<Message>>,
+    heads: Option<mpsc::Sender<Message>>,
 ) -> Result<(), TransportError> {
     // A compromised site must not make the coordinator spend without bound:
     // control messages at a bounded rate (beyond it the connection is cut),
@@ -485,7 +485,9 @@ async fn read_control(
                 if let Some(answer) = site_audit_head(shared, site, &h)
                     && let Some(tx) = &heads
                 {
-                    let _ = tx.send(Message::AuditHead(answer));
+                    // Full only while the site is not reading: it misses
+                    // this answer (its head budget bounds how many it asks).
+                    let _ = tx.try_send(Message::AuditHead(answer));
                 }
             }
             Some(Message::Bye(b)) => {

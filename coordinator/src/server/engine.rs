@@ -28,6 +28,7 @@ use fedlink_protocol::{
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
+use super::limits;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
@@ -49,7 +50,7 @@ pub(crate) enum Event {
         site: String,
         conn_id: ConnId,
         conn: ServerConn,
-        control: mpsc::UnboundedSender<Message>,
+        control: mpsc::Sender<Message>,
         capabilities: SiteCapabilities,
         /// The codecs the site announced in its Hello.
         codecs: Vec<fedlink_protocol::ValueCodec>,
@@ -107,7 +108,7 @@ pub(crate) struct UpdateReady {
 struct SiteConn {
     conn_id: ConnId,
     conn: ServerConn,
-    control: mpsc::UnboundedSender<Message>,
+    control: mpsc::Sender<Message>,
 }
 
 #[derive(Debug)]
@@ -694,10 +695,13 @@ impl Engine {
                 // flags a coordinator log cut anywhere before it.
                 let all: Vec<String> = self.sites.keys().cloned().collect();
                 self.push_head(all.iter().map(String::as_str));
-                for s in self.sites.values() {
-                    let _ = s.control.send(Message::Bye(fedlink_protocol::Bye {
-                        reason: "job finished".into(),
-                    }));
+                for site in &all {
+                    self.send(
+                        site,
+                        Message::Bye(fedlink_protocol::Bye {
+                            reason: "job finished".into(),
+                        }),
+                    );
                 }
                 self.outcome = Some(outcome);
                 self.write_status();
@@ -721,14 +725,22 @@ impl Engine {
         }
     }
 
+    /// Queue `msg` on `site`'s control stream. A site whose queue is full
+    /// is not reading what it is sent: its connection is cut (it reconnects
+    /// and starts afresh) rather than letting the queue grow.
     fn send(&self, site: &str, msg: Message) {
-        match self.sites.get(site) {
-            Some(s) => {
-                if s.control.send(msg).is_err() {
-                    tracing::debug!(site, "site's control stream is gone");
-                }
+        let Some(s) = self.sites.get(site) else {
+            tracing::debug!(site, "site not connected; message dropped");
+            return;
+        };
+        match limits::deliver(&s.control, msg) {
+            limits::Delivery::Queued => {}
+            limits::Delivery::Gone => tracing::debug!(site, "site's control stream is gone"),
+            limits::Delivery::Full(why) => {
+                tracing::warn!(site, reason = %why, "closing a site's connection");
+                s.conn
+                    .close(fedlink_transport::close::PROTOCOL, why.as_bytes());
             }
-            None => tracing::debug!(site, "site not connected; message dropped"),
         }
     }
 

@@ -30,7 +30,7 @@ const NO_JOB: &str = "no job is running";
 struct HeldSite {
     conn_id: ConnId,
     conn: ServerConn,
-    control: mpsc::UnboundedSender<Message>,
+    control: mpsc::Sender<Message>,
     capabilities: SiteCapabilities,
     /// The codecs the site announced (its compatibility is decided against
     /// the job's encoding when a job starts).

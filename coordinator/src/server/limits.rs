@@ -116,6 +116,36 @@ impl SourceRates {
     }
 }
 
+/// Messages the coordinator may have queued for one site's control stream.
+/// The engine sends a handful per round (offer, cancel, audit head, bye);
+/// a full queue means the site has stopped reading.
+pub(crate) const CONTROL_QUEUE: usize = 64;
+
+/// What became of a message for a site's control stream.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Queued for the connection's writer.
+    Queued,
+    /// The connection has ended; nothing to do.
+    Gone,
+    /// The queue is full: the site is not reading. The reason to close its
+    /// connection with.
+    Full(String),
+}
+
+/// Queue `msg` without waiting (the engine never blocks on a site).
+pub(crate) fn deliver<T>(control: &tokio::sync::mpsc::Sender<T>, msg: T) -> Delivery {
+    use tokio::sync::mpsc::error::TrySendError;
+    match control.try_send(msg) {
+        Ok(()) => Delivery::Queued,
+        Err(TrySendError::Closed(_)) => Delivery::Gone,
+        Err(TrySendError::Full(_)) => Delivery::Full(format!(
+            "not reading its control stream ({} messages queued)",
+            control.max_capacity()
+        )),
+    }
+}
+
 /// Open connections, per identity and in all.
 #[derive(Debug)]
 pub(crate) struct Connections {
@@ -217,6 +247,27 @@ mod tests {
             .count();
         assert!(passed <= 32 + 41, "{passed}");
         assert!(passed >= 32 + 39, "{passed}");
+    }
+
+    #[test]
+    fn a_site_that_stops_reading_is_told_apart_from_one_that_is_gone() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(CONTROL_QUEUE);
+        for i in 0..CONTROL_QUEUE as u32 {
+            assert_eq!(deliver(&tx, i), Delivery::Queued);
+        }
+        let Delivery::Full(why) = deliver(&tx, 999) else {
+            panic!("the 65th message must find the queue full");
+        };
+        assert!(why.contains("not reading") && why.contains("64"), "{why}");
+        // The queue never grew past its bound; what was queued is intact.
+        assert_eq!(rx.try_recv().ok(), Some(0));
+        assert_eq!(
+            deliver(&tx, 1000),
+            Delivery::Queued,
+            "room again after one read"
+        );
+        drop(rx);
+        assert_eq!(deliver(&tx, 1), Delivery::Gone);
     }
 
     #[test]
