@@ -327,17 +327,20 @@ async fn serve_site(
     // (or an admin it tells) asks next is queued behind this, so `status`
     // never misses a welcomed site. What the engine sends meanwhile waits
     // in `rx` until the writer below starts, after Welcome.
-    let _ = shared.engine.send(Event::Connected {
-        site: site.to_owned(),
-        conn_id,
-        conn: conn.clone(),
-        control: tx,
-        capabilities: SiteCapabilities {
-            compatible,
-            num_examples: None,
-        },
-        codecs: hello.capabilities.codecs.clone(),
-    });
+    let _ = shared
+        .engine
+        .send(Event::Connected {
+            site: site.to_owned(),
+            conn_id,
+            conn: conn.clone(),
+            control: tx,
+            capabilities: SiteCapabilities {
+                compatible,
+                num_examples: None,
+            },
+            codecs: hello.capabilities.codecs.clone(),
+        })
+        .await;
     let welcomed = send
         .message(&Message::Welcome(Welcome {
             protocol_version: version,
@@ -347,10 +350,13 @@ async fn serve_site(
         }))
         .await;
     if let Err(e) = welcomed {
-        let _ = shared.engine.send(Event::Disconnected {
-            site: site.to_owned(),
-            conn_id,
-        });
+        let _ = shared
+            .engine
+            .send(Event::Disconnected {
+                site: site.to_owned(),
+                conn_id,
+            })
+            .await;
         return Err(e);
     }
     let writer = tokio::spawn(async move {
@@ -376,10 +382,13 @@ async fn serve_site(
     recv.set_frame_timeout(CONTROL_FRAME_TIMEOUT);
     let heads = supports_audit_head(version).then_some(control);
     let result = control_loop(conn, site, shared, &mut recv, heads).await;
-    let _ = shared.engine.send(Event::Disconnected {
-        site: site.to_owned(),
-        conn_id,
-    });
+    let _ = shared
+        .engine
+        .send(Event::Disconnected {
+            site: site.to_owned(),
+            conn_id,
+        })
+        .await;
     writer.abort();
     result
 }
@@ -462,12 +471,15 @@ async fn read_control(
                     OfferDecision::Accept => (true, String::new()),
                     OfferDecision::Decline { reason } => (false, reason),
                 };
-                let _ = shared.engine.send(Event::OfferResponse {
-                    site: site.to_owned(),
-                    round: r.round.0,
-                    accepted,
-                    reason,
-                });
+                let _ = shared
+                    .engine
+                    .send(Event::OfferResponse {
+                        site: site.to_owned(),
+                        round: r.round.0,
+                        accepted,
+                        reason,
+                    })
+                    .await;
             }
             Some(Message::Heartbeat(h)) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
@@ -716,11 +728,14 @@ async fn receive_upload(
         .await;
     };
     let (reply, answer) = oneshot::channel();
-    let _ = shared.engine.send(Event::PrepareUpload {
-        site: site.to_owned(),
-        envelope: Box::new(envelope.clone()),
-        reply,
-    });
+    let _ = shared
+        .engine
+        .send(Event::PrepareUpload {
+            site: site.to_owned(),
+            envelope: Box::new(envelope.clone()),
+            reply,
+        })
+        .await;
     let ticket = match answer.await {
         Ok(Ok(t)) => t,
         Ok(Err((code, message))) => return reject_upload(&mut send, recv, code, message).await,
@@ -833,15 +848,18 @@ async fn receive_upload(
     .await
     .unwrap_or_else(|e| Err(format!("validation task failed: {e}")));
     let (reply, answer) = oneshot::channel();
-    let _ = shared.engine.send(Event::UpdateReady(Box::new(UpdateReady {
-        site: site.to_owned(),
-        envelope,
-        spool_path: path,
-        bytes,
-        upload_ms,
-        check,
-        reply,
-    })));
+    let _ = shared
+        .engine
+        .send(Event::UpdateReady(Box::new(UpdateReady {
+            site: site.to_owned(),
+            envelope,
+            spool_path: path,
+            bytes,
+            upload_ms,
+            check,
+            reply,
+        })))
+        .await;
     let result = answer.await.unwrap_or_else(|_| UploadResult::Reject {
         code: RejectCode::ShuttingDown,
         message: "shutting down".into(),

@@ -189,7 +189,7 @@ impl Idle {
 /// shutdown (`Ok(None)`).
 pub(crate) async fn run_idle<F: Future<Output = ()>>(
     idle: &mut Idle,
-    rx: &mut mpsc::UnboundedReceiver<Event>,
+    rx: &mut mpsc::Receiver<Event>,
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Result<Option<String>, ServeError> {

@@ -116,6 +116,11 @@ impl SourceRates {
     }
 }
 
+/// Events queued for the engine, at most. Every connection task waits for
+/// room before it queues (one event each at a time), so the queue holds at
+/// most this many plus one per connection waiting.
+pub(crate) const ENGINE_QUEUE: usize = 1024;
+
 /// Messages the coordinator may have queued for one site's control stream.
 /// The engine sends a handful per round (offer, cancel, audit head, bye);
 /// a full queue means the site has stopped reading.

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -87,7 +87,13 @@ pub enum ServeError {
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
-    engine: mpsc::UnboundedSender<Event>,
+    /// The engine's (or idle holder's) event queue: bounded
+    /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
+    /// flood is held back by QUIC flow control instead of queued here.
+    engine: mpsc::Sender<Event>,
+    /// A re-check of open connections could not be queued (queue full):
+    /// retried at the next reload tick.
+    recheck_pending: AtomicBool,
     manifest: RwLock<SiteManifest>,
     manifest_path: PathBuf,
     manifest_mtime: Mutex<Option<SystemTime>>,
@@ -243,7 +249,7 @@ impl Shared {
     /// again next time. When anything changed, the engine re-checks every
     /// open connection (a revoked or superseded certificate is cut off).
     fn reload_if_changed(&self) {
-        let mut changed = false;
+        let mut changed = self.recheck_pending.swap(false, Ordering::AcqRel);
         let m = mtime(&self.manifest_path);
         if let Ok(mut last) = self.manifest_mtime.lock()
             && *last != m
@@ -254,10 +260,13 @@ impl Shared {
                         if let Ok(mut cur) = self.manifest.write() {
                             *cur = new;
                         }
-                        let _ = self.engine.send(Event::Keys(keys));
-                        tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                        *last = m;
-                        changed = true;
+                        // Queue full: keep the old mtime, so the next
+                        // reload tick (2 s) tries again.
+                        if self.engine.try_send(Event::Keys(keys)).is_ok() {
+                            tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                            *last = m;
+                            changed = true;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
@@ -286,7 +295,11 @@ impl Shared {
             }
         }
         if changed {
-            let _ = self.engine.send(Event::RecheckPeers);
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                self.engine.try_send(Event::RecheckPeers)
+            {
+                self.recheck_pending.store(true, Ordering::Release);
+            }
             self.recheck_admins();
         }
     }
@@ -578,9 +591,10 @@ pub async fn serve(
         ));
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
     let shared = Arc::new(Shared {
         engine: tx,
+        recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
         manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
         manifest_path: cfg.manifest_path(),
@@ -837,7 +851,7 @@ fn build_engine(
 /// its job has finished and a queued job should start (`Ok(Some(id))`).
 async fn run_engine<F: Future<Output = ()>>(
     engine: &mut Engine,
-    rx: &mut mpsc::UnboundedReceiver<Event>,
+    rx: &mut mpsc::Receiver<Event>,
     opts: &ServeOptions,
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
