@@ -602,10 +602,15 @@ impl Store {
 
     /// Every round of a job, in order.
     pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        self.rounds_from(job, 0)
+    }
+
+    /// The rounds of a job numbered `from` or later, in order.
+    pub fn rounds_from(&self, job: &str, from: u64) -> Result<Vec<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
         let mut out = Vec::new();
-        for item in rounds.range((job, 0)..=(job, u64::MAX)).map_err(dberr)? {
+        for item in rounds.range((job, from)..=(job, u64::MAX)).map_err(dberr)? {
             let (k, v) = item.map_err(dberr)?;
             let (j, r) = k.value();
             out.push(decode("rounds", &format!("{j}/{r}"), v.value())?);

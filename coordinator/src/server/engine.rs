@@ -178,6 +178,12 @@ pub(crate) struct Engine {
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
+    /// Rounds shown in the status file that can no longer change
+    /// (completed or discarded), the newest [`STATUS_ROUNDS`] of them, and
+    /// the first round number not among them: each status write reads
+    /// only the rounds from there on from the store, not the whole job.
+    status_final: std::collections::VecDeque<RoundStatus>,
+    status_next: u64,
     retention: UpdateRetention,
     /// The open round's replay record: the server state before it (the
     /// exact JSON bytes its computation uses), its noise seed, when it
@@ -190,6 +196,10 @@ pub(crate) struct Engine {
     clock_base: (Instant, u64),
     outcome: Option<JobOutcome>,
 }
+
+/// Rounds listed in `status.json`, at most: the newest. The whole history
+/// is in the store (`fedlink rounds list`).
+const STATUS_ROUNDS: usize = 100;
 
 /// Unix milliseconds now (wall clock; only for messages and records).
 pub(crate) fn unix_ms() -> u64 {
@@ -222,6 +232,8 @@ impl Engine {
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
             status: parts.status,
+            status_final: std::collections::VecDeque::new(),
+            status_next: 0,
             retention: parts.retention,
             round_log: None,
             wire: parts.wire,
@@ -1324,28 +1336,46 @@ impl Engine {
         })
     }
 
-    fn write_status(&self) {
+    fn write_status(&mut self) {
         let phase = format!("{:?}", self.runner.phase());
-        let rounds = match self.store.rounds(self.job_id.as_str()) {
-            Ok(rs) => rs
-                .into_iter()
-                .map(|r| RoundStatus {
-                    round: r.round,
-                    state: format!("{:?}", r.state),
-                    model: r.model.map(|m| m.to_hex()),
-                    updates: r
-                        .accepted
-                        .iter()
-                        .map(|u| (u.site.clone(), u.bytes, u.num_examples))
-                        .collect(),
-                    metrics: r.metrics.clone(),
-                })
+        let show = |r: &crate::store::RoundRecord| RoundStatus {
+            round: r.round,
+            state: format!("{:?}", r.state),
+            model: r.model.map(|m| m.to_hex()),
+            updates: r
+                .accepted
+                .iter()
+                .map(|u| (u.site.clone(), u.bytes, u.num_examples))
                 .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading rounds for the status file");
-                Vec::new()
-            }
+            metrics: r.metrics.clone(),
         };
+        let mut open = Vec::new();
+        match self
+            .store
+            .rounds_from(self.job_id.as_str(), self.status_next)
+        {
+            Ok(rs) => {
+                for r in rs {
+                    let done = !matches!(r.state, crate::store::RoundState::Open);
+                    if done && open.is_empty() {
+                        // Final and contiguous with the ones kept: it will
+                        // not be read again.
+                        self.status_final.push_back(show(&r));
+                        if self.status_final.len() > STATUS_ROUNDS {
+                            self.status_final.pop_front();
+                        }
+                        self.status_next = r.round.saturating_add(1);
+                    } else {
+                        open.push(show(&r));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading rounds for the status file"),
+        }
+        let mut rounds: Vec<RoundStatus> = self.status_final.iter().cloned().collect();
+        rounds.extend(open);
+        let excess = rounds.len().saturating_sub(STATUS_ROUNDS);
+        rounds.drain(..excess);
         let status = Status {
             job: self.job_id.as_str().to_owned(),
             phase,
