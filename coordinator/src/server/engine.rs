@@ -184,6 +184,11 @@ pub(crate) struct Engine {
     /// only the rounds from there on from the store, not the whole job.
     status_final: std::collections::VecDeque<RoundStatus>,
     status_next: u64,
+    /// When the status file was last written, and whether it is behind
+    /// (an accepted update since): accepted updates rewrite it at most
+    /// every [`STATUS_INTERVAL`]; everything else at once.
+    status_written: Option<Instant>,
+    status_behind: bool,
     retention: UpdateRetention,
     /// The open round's replay record: the server state before it (the
     /// exact JSON bytes its computation uses), its noise seed, when it
@@ -200,6 +205,11 @@ pub(crate) struct Engine {
 /// Rounds listed in `status.json`, at most: the newest. The whole history
 /// is in the store (`fedlink rounds list`).
 const STATUS_ROUNDS: usize = 100;
+
+/// Accepted updates rewrite the status file at most this often (with 100
+/// sites it was rewritten 100 times a round, each time with every listed
+/// round: the cost grew with the square of the number of sites).
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Unix milliseconds now (wall clock; only for messages and records).
 pub(crate) fn unix_ms() -> u64 {
@@ -234,6 +244,8 @@ impl Engine {
             status: parts.status,
             status_final: std::collections::VecDeque::new(),
             status_next: 0,
+            status_written: None,
+            status_behind: false,
             retention: parts.retention,
             round_log: None,
             wire: parts.wire,
@@ -251,7 +263,22 @@ impl Engine {
 
     /// When the round machine wants to be woken.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.runner.poll_timeout()
+        let status = self.status_due();
+        match (self.runner.poll_timeout(), status) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the status file must be brought up to date, if it is behind.
+    fn status_due(&self) -> Option<Instant> {
+        if !self.status_behind {
+            return None;
+        }
+        Some(
+            self.status_written
+                .map_or_else(Instant::now, |t| t + STATUS_INTERVAL),
+        )
     }
 
     /// Replace the update keys (manifest reloaded).
@@ -276,7 +303,14 @@ impl Engine {
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), EngineError> {
-        self.runner.handle(now, Input::Timeout);
+        if self.status_due().is_some_and(|t| t <= now) {
+            self.write_status();
+        }
+        // The timer may have been the status file's: the round machine
+        // hears of time only when one of its own deadlines has passed.
+        if self.runner.poll_timeout().is_some_and(|t| t <= now) {
+            self.runner.handle(now, Input::Timeout);
+        }
         self.drain(now)
     }
 
@@ -589,7 +623,11 @@ impl Engine {
                 if let crate::round::Checkpoint::RoundStarted { round, .. } = &cp {
                     self.open_round(*round)?;
                 }
-                self.write_status();
+                if matches!(cp, crate::round::Checkpoint::UpdateAccepted(_)) {
+                    self.write_status_soon(now);
+                } else {
+                    self.write_status();
+                }
             }
             Action::SendOffer { site, offer } => {
                 self.audit_own(
@@ -1336,7 +1374,18 @@ impl Engine {
         })
     }
 
+    /// Write the status file now, or mark it behind if it was written less
+    /// than [`STATUS_INTERVAL`] ago (the engine's timer catches up).
+    fn write_status_soon(&mut self, now: Instant) {
+        match self.status_written {
+            Some(t) if now < t + STATUS_INTERVAL => self.status_behind = true,
+            _ => self.write_status(),
+        }
+    }
+
     fn write_status(&mut self) {
+        self.status_written = Some(Instant::now());
+        self.status_behind = false;
         let phase = format!("{:?}", self.runner.phase());
         let show = |r: &crate::store::RoundRecord| RoundStatus {
             round: r.round,
