@@ -174,6 +174,12 @@ fn protocol_seeds() {
             ts_unix_ms: 1_700_000_000_000,
             sig: [0x22; 64],
         }),
+        Message::RoundOutcome(RoundOutcome {
+            job_id: id("job-1"),
+            round: RoundId(2),
+            model: ModelHash([0x33; 32]),
+            job_completed: true,
+        }),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {

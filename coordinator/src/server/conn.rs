@@ -11,7 +11,9 @@ use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
-use fedlink_protocol::{Message, SignedEnvelope, VersionRange, supports_audit_head};
+use fedlink_protocol::{
+    Message, SignedEnvelope, VersionRange, supports_audit_head, supports_round_outcome,
+};
 use fedlink_transport::{
     FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, close_upload_window,
     negotiated_alpn, open_upload_window, peer_end_entity, peer_identity,
@@ -369,6 +371,7 @@ async fn serve_site(
                 // The coordinator's heads pushed after an aggregation or at
                 // the job's end: only to sites that speak audit heads.
                 Message::AuditHead(_) if !supports_audit_head(version) => continue,
+                Message::RoundOutcome(_) if !supports_round_outcome(version) => continue,
                 m => m,
             };
             if send.message(&m).await.is_err() {

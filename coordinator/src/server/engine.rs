@@ -744,6 +744,18 @@ impl Engine {
                 // in the sites' logs too, and `fedlink audit reconcile`
                 // flags a coordinator log cut anywhere before it.
                 let all: Vec<String> = self.sites.keys().cloned().collect();
+                // With the final model's hash first, when there is one.
+                if let JobOutcome::Completed { model } = &outcome {
+                    let fin = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
+                        job_id: self.job_id.clone(),
+                        round: RoundId(self.runner.completed_rounds()),
+                        model: *model,
+                        job_completed: true,
+                    });
+                    for site in &all {
+                        self.send(site, fin.clone());
+                    }
+                }
                 self.push_head(all.iter().map(String::as_str));
                 for site in &all {
                     self.send(
@@ -1132,8 +1144,18 @@ impl Engine {
                 })).collect::<Vec<_>>(),
             }),
         )?;
-        // The sites whose updates made this model hold the coordinator's
-        // head over `round.aggregated` (inputs → output hash) from now on.
+        // The sites whose updates made this model are told which model it
+        // is (they record it), then hold the coordinator's head over
+        // `round.aggregated` (inputs → output hash) from now on.
+        let produced = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
+            job_id: self.job_id.clone(),
+            round: RoundId(round),
+            model: hash,
+            job_completed: false,
+        });
+        for i in &log.inputs {
+            self.send(&i.site, produced.clone());
+        }
         self.push_head(log.inputs.iter().map(|i| i.site.as_str()));
         if let Err(e) = self.store.set_round_times(
             self.job_id.as_str(),
