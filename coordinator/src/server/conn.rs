@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
@@ -29,17 +29,6 @@ use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
-
-/// How long a new connection may take to open its control stream and say
-/// Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a control message may take to arrive once its first byte has.
-const CONTROL_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a new stream may take to send its first message (ModelFetch or
-/// DeltaUpload).
-const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection attempt admitted to its handshake, holding one of the
 /// handshake slots until the handshake ends.
@@ -279,12 +268,15 @@ async fn serve_site(
     site: &str,
     shared: &Arc<Shared>,
 ) -> Result<(), TransportError> {
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, accept_bi(conn))
+    let hello_timeout = shared.peer.hello_timeout;
+    let (mut send, mut recv) = tokio::time::timeout(hello_timeout, accept_bi(conn))
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("control stream within 10 s"))??;
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, recv.message())
+        .map_err(|_| {
+            TransportError::UnexpectedEnd("control stream in time (hello_timeout_secs)")
+        })??;
+    let hello = match tokio::time::timeout(hello_timeout, recv.message())
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("Hello within 10 s"))??
+        .map_err(|_| TransportError::UnexpectedEnd("Hello in time (hello_timeout_secs)"))??
     {
         Message::Hello(h) => h,
         other => {
@@ -382,7 +374,7 @@ async fn serve_site(
     });
     // Between messages the control stream may idle; a message that has
     // started must arrive whole (a site trickling bytes holds nothing).
-    recv.set_frame_timeout(CONTROL_FRAME_TIMEOUT);
+    recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
     let result = control_loop(conn, site, shared, &mut recv, heads).await;
     let _ = shared
@@ -457,13 +449,13 @@ async fn read_control(
     // control messages at a bounded rate (beyond it the connection is cut),
     // audit heads — each a signed, fsynced entry — at a lower one (beyond it
     // they are ignored).
-    let mut budget = limits::control_budget();
-    let mut head_budget = limits::head_budget();
+    let mut budget = shared.peer.control_budget();
+    let mut head_budget = shared.peer.head_budget();
     let mut heads_ignored = 0u64;
     loop {
         let msg = recv.message_or_end().await?;
         if msg.is_some() && !budget.take(Instant::now()) {
-            let why = "too many control messages (more than 32 at once or 4 a second)";
+            let why = "too many control messages (control_burst, control_per_sec)";
             tracing::warn!(site, reason = why, "closing the connection");
             conn.close(close::PROTOCOL, why.as_bytes());
             return Ok(());
@@ -589,9 +581,13 @@ async fn handle_stream(
 ) -> Result<(), TransportError> {
     // A stream that never says what it is for must not hold a task and its
     // buffers for as long as the connection lives.
-    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, recv.message())
+    let first = tokio::time::timeout(shared.peer.first_message_timeout, recv.message())
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("the stream's first message within 30 s"))??;
+        .map_err(|_| {
+            TransportError::UnexpectedEnd(
+                "the stream's first message in time (stream_first_message_secs)",
+            )
+        })??;
     match first {
         Message::ModelFetch(f) => serve_model(shared, f.hash, send).await,
         Message::DeltaUpload(u) => receive_upload(conn, site, shared, u.envelope, send, recv).await,
@@ -692,11 +688,6 @@ fn audit_upload_refused(
     }
 }
 
-/// How long an upload holding a slot may go without completing a payload
-/// record (a record is at most ≈ 5 MiB: 60 s allows links down to
-/// ≈ 0.7 Mbit/s).
-const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Puts the connection's receive window back to the idle size when an
 /// upload ends, however it ends.
 struct UploadWindow<'a>(&'a ServerConn);
@@ -781,14 +772,15 @@ async fn receive_upload(
         while verifier.remaining() > 0 {
             // A site that stops sending must not hold its slot (and with
             // it the uploads, and the control messages, of waiting sites).
-            let rec = tokio::time::timeout(UPLOAD_STALL_TIMEOUT, recv.chunk())
+            let stall = shared.peer.upload_stall_timeout;
+            let rec = tokio::time::timeout(stall, recv.chunk())
                 .await
                 .map_err(|_| {
                     (
                         RejectCode::TooLate,
                         format!(
                             "no payload record within {} s while holding an upload slot",
-                            UPLOAD_STALL_TIMEOUT.as_secs()
+                            stall.as_secs()
                         ),
                     )
                 })?

@@ -48,17 +48,39 @@ impl Budget {
     }
 }
 
-/// Control messages a site may send: 32 at once, 4 a second after that
-/// (heartbeats come every few seconds, offer answers once a round).
-pub(crate) fn control_budget() -> Budget {
-    Budget::new(32, 4.0)
+/// What one connection may make the coordinator wait for or spend, from
+/// coordinator.toml (defaults in [`crate::config`]).
+#[derive(Clone, Debug)]
+pub(crate) struct PeerLimits {
+    /// A new connection opens its control stream and says Hello within this.
+    pub(crate) hello_timeout: Duration,
+    /// A control message, once its first byte arrived, arrives whole within this.
+    pub(crate) control_frame_timeout: Duration,
+    /// A new stream sends its first message within this.
+    pub(crate) first_message_timeout: Duration,
+    /// An upload holding a slot sends its next payload record within this.
+    pub(crate) upload_stall_timeout: Duration,
+    /// Control messages a site may send at once, and then per second
+    /// (beyond: the connection is cut). Heartbeats come every few seconds,
+    /// offer answers once a round.
+    pub(crate) control: (u32, f64),
+    /// Audit heads a site may have recorded at once, and then per second
+    /// (each is a signed, fsynced entry; beyond: ignored). A site sends one
+    /// per upload answer, and rounds of small models can come every few
+    /// hundred milliseconds.
+    pub(crate) heads: (u32, f64),
 }
 
-/// Audit heads a site may have recorded (each is a signed, fsynced entry):
-/// 16 at once, then one a second (a site sends one per upload answer, and
-/// rounds of small models can come every few hundred milliseconds).
-pub(crate) fn head_budget() -> Budget {
-    Budget::new(16, 1.0)
+impl PeerLimits {
+    /// The control-message budget of a new connection.
+    pub(crate) fn control_budget(&self) -> Budget {
+        Budget::new(self.control.0, self.control.1)
+    }
+
+    /// The audit-head budget of a new connection.
+    pub(crate) fn head_budget(&self) -> Budget {
+        Budget::new(self.heads.0, self.heads.1)
+    }
 }
 
 /// Handshakes per source address: a token bucket per IP address, for
@@ -245,7 +267,7 @@ mod tests {
     #[test]
     fn a_flood_gets_the_rate_not_more() {
         let t0 = Instant::now();
-        let mut b = control_budget();
+        let mut b = Budget::new(32, 4.0);
         // 10 000 messages over 10 s: 32 + 4 × 10 pass.
         let passed = (0..10_000u64)
             .filter(|i| b.take(t0 + Duration::from_millis(*i)))

@@ -54,6 +54,7 @@ use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::WireModel;
 
+pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
 
 /// Why the coordinator could not start or had to stop.
@@ -115,6 +116,8 @@ pub(crate) struct Shared {
     disk: disk::DiskGuard,
     /// Open connections, per identity and in all.
     connections: Arc<limits::Connections>,
+    /// Timeouts and budgets of every connection.
+    peer: PeerLimits,
 }
 
 /// Create the data directory (mode 0700) or make an existing one owner-only:
@@ -622,6 +625,7 @@ pub async fn serve(
             cfg.max_connections,
             cfg.max_connections_per_identity,
         ),
+        peer: cfg.peer_limits(),
     });
     let mut engine = match &job_id {
         Some(id) => Some(build_engine(&store, id, &shared, &cfg)?),
