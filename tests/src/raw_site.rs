@@ -257,6 +257,30 @@ impl RawSite {
         }
     }
 
+    /// Send the header and the first `records` records of `up`, then stall
+    /// (neither more records nor the end of the stream) and wait for the
+    /// coordinator's answer: a slow or stuck sender.
+    pub async fn upload_stalling(
+        &self,
+        up: &PreparedUpload,
+        records: usize,
+    ) -> anyhow::Result<UploadResult> {
+        let (mut send, mut recv) = open_bi(&self.conn).await?;
+        send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
+            envelope: up.envelope.clone(),
+        })))
+        .await?;
+        for r in up.records.iter().take(records) {
+            send.chunk(r.clone()).await?;
+        }
+        let answer = bounded("upload result of a stalled upload", recv.message()).await??;
+        drop(send);
+        match answer {
+            Message::UploadResult(r) => Ok(r),
+            other => bail!("expected an upload result, got {other:?}"),
+        }
+    }
+
     /// Close the connection abruptly (no Bye).
     pub fn vanish(&self) {
         self.conn.close(quinn::VarInt::from_u32(0), b"gone");

@@ -699,3 +699,56 @@ async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
     assert_eq!(refused[0]["details"]["reason"], why1.as_str());
     assert_eq!(refused[1]["details"]["reason"], why2.as_str());
 }
+
+/// An upload that stops sending while it holds an upload slot is refused
+/// (`TooLate`) after `upload_stall_secs`, and the slot goes to the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_in_its_slot_is_refused() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 1,
+        quorum: 1,
+        deadline_secs: 120,
+        // Enough parameters for several chunk records.
+        inputs: 300_000,
+        ..JobSpec::default()
+    };
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("upload_stall_secs = 1\nmax_concurrent_uploads = 1\n");
+    std::fs::write(&cfg, text).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let mut site = connect(&pki, 0, &coord).await;
+    let offer = site.next_offer().await.unwrap();
+    site.accept(&offer).await.unwrap();
+    let global = site.fetch_model(&offer).await.unwrap();
+    let delta = noise_delta(&global);
+    let stalled = site.prepare(&offer, &delta, examples(0)).unwrap();
+    assert!(
+        stalled.records.len() > 1,
+        "{} records",
+        stalled.records.len()
+    );
+    let r = site.upload_stalling(&stalled, 1).await.unwrap();
+    assert!(
+        matches!(&r, UploadResult::Reject { code: RejectCode::TooLate, message } if message.contains("upload slot")),
+        "{r:?}"
+    );
+    // The only slot is free again: a complete upload (a fresh signature)
+    // is taken and the round completes.
+    let fresh = site.prepare(&offer, &delta, examples(0)).unwrap();
+    let r = site.upload(&fresh, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+}
