@@ -101,6 +101,8 @@ pub enum EventKind {
     UpdateResult,
     /// The site recorded the coordinator's signed audit head.
     CoordinatorAuditHead,
+    /// The coordinator told the site which model a round (or the job) produced.
+    RoundOutcome,
 }
 
 impl EventKind {
@@ -146,6 +148,7 @@ impl EventKind {
         Self::UpdateSent,
         Self::UpdateResult,
         Self::CoordinatorAuditHead,
+        Self::RoundOutcome,
     ];
 
     /// The name stored in an entry's `event` field.
@@ -191,6 +194,7 @@ impl EventKind {
             Self::UpdateSent => "update.sent",
             Self::UpdateResult => "update.result",
             Self::CoordinatorAuditHead => "coordinator.audit_head",
+            Self::RoundOutcome => "round.outcome",
         }
     }
 

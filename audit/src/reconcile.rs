@@ -8,6 +8,7 @@
 //!  site log                               coordinator log
 //!  update.sent {job,round,nonce,hash} ◀──▶ update.received {job,round,site,nonce,hash}
 //!  update.result (ack: must be received)   round.aggregated inputs {site,hash}
+//!  round.outcome {job,round,model} ◀────▶ round.aggregated output_model / job.finished model
 //!  coordinator.audit_head ───────────────▶ (coordinator log reaches that entry?)
 //!  (site log reaches that entry?) ◀─────── site.audit_head
 //! ```
@@ -23,6 +24,9 @@
 //!   recorded "refused", or the other way round;
 //! - `aggregated_not_sent`: a `round.aggregated` input in the site's name
 //!   matches no update the site sent;
+//! - `outcome_differs`: the coordinator told the site that a round it
+//!   contributed to produced one model (or that the job ended with one), and
+//!   its own log records another, or no such aggregation at all;
 //! - `site_log_truncated` / `site_log_diverged`: the coordinator holds a head
 //!   of the site's log (`site.audit_head`) that the site log no longer
 //!   reaches or contains; `coordinator_log_truncated` /
@@ -87,6 +91,9 @@ pub enum Kind {
     AcceptanceDiffers,
     /// An aggregation input in the site's name matches no update the site sent.
     AggregatedNotSent,
+    /// The site was told a round (or the job) produced another model than
+    /// the coordinator's log records, or one it has no record of.
+    OutcomeDiffers,
     /// The site log no longer reaches a head of it the coordinator holds.
     SiteLogTruncated,
     /// The site log holds another entry at a head the coordinator holds.
@@ -109,6 +116,7 @@ impl Kind {
             Self::NotSentBySite => "not sent by the site",
             Self::AcceptanceDiffers => "acceptance differs",
             Self::AggregatedNotSent => "aggregated but not sent by the site",
+            Self::OutcomeDiffers => "round outcome differs",
             Self::SiteLogTruncated => "site log truncated",
             Self::SiteLogDiverged => "site log diverged",
             Self::CoordinatorLogTruncated => "coordinator log truncated",
@@ -202,6 +210,9 @@ pub struct Counts {
     pub updates_received: u64,
     /// `round.aggregated` inputs in the site's name.
     pub aggregated_inputs: u64,
+    /// `round.outcome` entries (site log) checked against the coordinator's
+    /// `round.aggregated` / `job.finished`.
+    pub round_outcomes: u64,
     /// `site.audit_head` entries (coordinator log) checked against the site log.
     pub site_heads: u64,
     /// `coordinator.audit_head` entries (site log) checked against the
@@ -466,6 +477,7 @@ pub fn reconcile(
     let mut sent: BTreeMap<Key, Sent<'_>> = BTreeMap::new();
     let mut results: BTreeMap<Key, SiteResult<'_>> = BTreeMap::new();
     let mut coordinator_heads = Vec::new();
+    let mut outcomes: Vec<(&LocatedEntry, String, u64, String, bool)> = Vec::new();
     for e in site {
         let d = &e.entry.details;
         match EventKind::from_name(&e.entry.event) {
@@ -515,6 +527,19 @@ pub fn reconcile(
                     .differences
                     .push(malformed(e, true, "job, round or nonce")),
             },
+            Some(EventKind::RoundOutcome) => match (
+                s(d, "job"),
+                u(d, "round"),
+                s(d, "model"),
+                d.get("job_completed").and_then(Value::as_bool),
+            ) {
+                (Some(job), Some(round), Some(model), Some(done)) => {
+                    outcomes.push((e, job.to_owned(), round, model.to_owned(), done));
+                }
+                _ => out
+                    .differences
+                    .push(malformed(e, true, "job, round, model or job_completed")),
+            },
             Some(EventKind::CoordinatorAuditHead) => match parse_head(e) {
                 Some(h) => coordinator_heads.push((e, h)),
                 None => out
@@ -530,8 +555,26 @@ pub fn reconcile(
     let mut received: BTreeMap<Key, Vec<Received<'_>>> = BTreeMap::new();
     let mut site_heads = Vec::new();
     let mut aggregated: Vec<(&LocatedEntry, String, u64, String, Option<u64>)> = Vec::new();
+    // Every round's output and every job's final model (any site's).
+    let mut produced: BTreeMap<(String, u64), (&LocatedEntry, String)> = BTreeMap::new();
+    let mut finished: BTreeMap<String, (&LocatedEntry, Option<String>)> = BTreeMap::new();
     for e in coordinator {
         let d = &e.entry.details;
+        if let (Some(job), Some(round), Some(model)) =
+            (s(d, "job"), u(d, "round"), s(d, "output_model"))
+            && EventKind::from_name(&e.entry.event) == Some(EventKind::RoundAggregated)
+        {
+            produced.insert((job.to_owned(), round), (e, model.to_owned()));
+        }
+        if EventKind::from_name(&e.entry.event) == Some(EventKind::JobFinished)
+            && let Some(job) = s(d, "job")
+        {
+            let model = d
+                .get("outcome")
+                .and_then(|o| s(o, "model"))
+                .map(str::to_owned);
+            finished.insert(job.to_owned(), (e, model));
+        }
         match EventKind::from_name(&e.entry.event) {
             Some(EventKind::UpdateReceived) if s(d, "site") == Some(site_name) => {
                 let parsed = update_key(d).and_then(|k| {
@@ -775,6 +818,50 @@ pub fn reconcile(
         out.differences.push(f);
     }
 
+    // ---- the models the site was told its rounds produced
+    out.counts.round_outcomes = outcomes.len() as u64;
+    for (at, job, round, model, done) in &outcomes {
+        let recorded = if *done {
+            finished
+                .get(job)
+                .map(|(e, m)| (*e, m.clone(), EventKind::JobFinished))
+        } else {
+            produced
+                .get(&(job.clone(), *round))
+                .map(|(e, m)| (*e, Some(m.clone()), EventKind::RoundAggregated))
+        };
+        let detail = match &recorded {
+            Some((_, Some(m), _)) if m == model => continue,
+            Some((_, m, what)) => format!(
+                "the site was told the {} model {model}; the coordinator's {what} records {}",
+                if *done { "job's final" } else { "round's" },
+                m.as_deref().unwrap_or("no model")
+            ),
+            None if coord_partial_from.is_some_and(|t| at.entry.ts_unix_ms < t) => {
+                out.notes.push(format!(
+                    "round.outcome at {} predates the coordinator log given; not compared",
+                    Loc::of(at)
+                ));
+                continue;
+            }
+            None => format!(
+                "the site was told the {} model {model}; the coordinator log has no {}",
+                if *done { "job's final" } else { "round's" },
+                if *done {
+                    EventKind::JobFinished.to_string()
+                } else {
+                    format!("{} for it", EventKind::RoundAggregated)
+                }
+            ),
+        };
+        let mut f = Finding::new(Kind::OutcomeDiffers, detail);
+        f.job = Some(job.clone());
+        f.round = Some(*round);
+        f.site_entry = Some(Loc::of(at));
+        f.coordinator_entry = recorded.map(|(e, _, _)| Loc::of(e));
+        out.differences.push(f);
+    }
+
     // ---- heads each side holds of the other
     out.counts.site_heads = site_heads.len() as u64;
     out.counts.coordinator_heads = coordinator_heads.len() as u64;
@@ -952,6 +1039,33 @@ mod tests {
                 .unwrap();
         }
 
+        /// The coordinator tells the site what a round (or the job)
+        /// produced, and the site records it.
+        fn site_told(&mut self, round: u64, model: &str, job_completed: bool) {
+            let t = self.tick();
+            self.site
+                .append(
+                    t,
+                    COORD,
+                    "round.outcome",
+                    &json!({"job": "j", "round": round, "model": model,
+                        "job_completed": job_completed}),
+                )
+                .unwrap();
+        }
+
+        fn job_finished(&mut self, model: &str) {
+            let t = self.tick();
+            self.coord
+                .append(
+                    t,
+                    COORD,
+                    "job.finished",
+                    &json!({"job": "j", "outcome": {"result": "completed", "model": model}}),
+                )
+                .unwrap();
+        }
+
         /// One honest round.
         fn round(&mut self, round: u64) {
             let (h, n) = (hash(char::from(b'0' + round as u8)), nonce(round));
@@ -1003,6 +1117,59 @@ mod tests {
         assert_eq!(r.counts.aggregated_inputs, 3);
         assert_eq!((r.counts.site_heads, r.counts.coordinator_heads), (3, 3));
         assert!(r.notes.is_empty(), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn the_models_the_site_was_told_are_checked_against_the_coordinator_log() {
+        // Honest: each round's output (hash('c') in `aggregate`) and the
+        // final model, as recorded by the coordinator.
+        let mut p = Pair::new();
+        for round in 1..=2 {
+            p.round(round);
+            p.site_told(round, &hash('c'), false);
+        }
+        p.job_finished(&hash('c'));
+        p.site_told(2, &hash('c'), true);
+        let r = p.run();
+        assert!(r.consistent(), "{:#?}", r.differences);
+        assert_eq!(r.counts.round_outcomes, 3);
+
+        // Equivocation: the site was told another model than the one the
+        // coordinator logged, for a round and for the job's end.
+        let mut p = Pair::new();
+        p.round(1);
+        p.site_told(1, &hash('d'), false);
+        p.job_finished(&hash('c'));
+        p.site_told(1, &hash('e'), true);
+        let r = p.run();
+        assert_eq!(
+            kinds(&r),
+            vec![Kind::OutcomeDiffers, Kind::OutcomeDiffers],
+            "{:#?}",
+            r.differences
+        );
+        assert!(
+            r.differences[0].detail.contains(&hash('d')),
+            "{}",
+            r.differences[0]
+        );
+        assert!(
+            r.differences
+                .iter()
+                .all(|f| f.site_entry.is_some() && f.coordinator_entry.is_some())
+        );
+
+        // A round outcome with no aggregation in the coordinator's log.
+        let mut p = Pair::new();
+        p.round(1);
+        p.site_told(2, &hash('c'), false);
+        let r = p.run();
+        assert_eq!(kinds(&r), vec![Kind::OutcomeDiffers]);
+        assert!(
+            r.differences[0].detail.contains("no round.aggregated"),
+            "{}",
+            r.differences[0]
+        );
     }
 
     /// Entries with event names this version does not know (a newer

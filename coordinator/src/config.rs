@@ -15,9 +15,19 @@
 //! update_retention = "job"       # or a number of rounds of update archive to keep
 //! refusal_summary_secs = 60      # failed handshakes: one audit entry per source per interval
 //! max_handshakes_in_flight = 64  # more are refused before any cryptography
+//! handshake_burst_per_source = 64      # handshakes one (validated) address may start at once
+//! handshakes_per_source_per_sec = 16.0 # and then per second
 //! min_free_disk_mib = 512        # below this free space: no new uploads or connections
 //! max_connections = 1024         # open connections, sites and admins
 //! max_connections_per_identity = 4
+//! hello_timeout_secs = 10          # a new connection says Hello within this
+//! control_frame_timeout_secs = 30  # a control message arrives whole within this of its first byte
+//! stream_first_message_secs = 30   # a new stream says what it is for within this
+//! upload_stall_secs = 60           # an upload holding a slot sends its next record within this
+//! control_burst = 32               # control messages of a site at once ...
+//! control_per_sec = 4.0            # ... and then per second; beyond: connection cut
+//! audit_head_burst = 16            # audit heads of a site recorded at once ...
+//! audit_head_per_sec = 1.0         # ... and then per second; beyond: ignored
 //! ```
 //!
 //! Relative paths are resolved against the directory of the config file.
@@ -80,6 +90,33 @@ fn default_refusal_summary() -> u64 {
 }
 fn default_handshakes() -> usize {
     64
+}
+fn default_hello_timeout() -> u64 {
+    10
+}
+fn default_slow_timeout() -> u64 {
+    30
+}
+fn default_upload_stall() -> u64 {
+    60
+}
+fn default_control_burst() -> u32 {
+    32
+}
+fn default_control_rate() -> f64 {
+    4.0
+}
+fn default_head_burst() -> u32 {
+    16
+}
+fn default_head_rate() -> f64 {
+    1.0
+}
+fn default_handshake_burst() -> u32 {
+    64
+}
+fn default_handshake_rate() -> f64 {
+    16.0
 }
 fn default_min_free() -> u64 {
     512
@@ -181,6 +218,15 @@ pub struct CoordinatorConfig {
     /// at once (QUIC `CONNECTION_REFUSED`), before any cryptography.
     #[serde(default = "default_handshakes")]
     pub max_handshakes_in_flight: usize,
+    /// Handshakes one source address may start at once (after QUIC has
+    /// validated the address); beyond it, `handshakes_per_source_per_sec`.
+    /// More are refused before any cryptography and counted with the
+    /// failed handshakes. Several sites behind one NAT share the budget.
+    #[serde(default = "default_handshake_burst")]
+    pub handshake_burst_per_source: u32,
+    /// Handshakes per second one source address may start after its burst.
+    #[serde(default = "default_handshake_rate")]
+    pub handshakes_per_source_per_sec: f64,
     /// Free space, in MiB, that the data directory's file system must keep:
     /// below it the coordinator takes no new uploads and no new connections
     /// (the audit log must always be writable), and says so in its log and
@@ -195,6 +241,35 @@ pub struct CoordinatorConfig {
     /// Hello, so a few are enough for reconnections.
     #[serde(default = "default_connections_per_identity")]
     pub max_connections_per_identity: usize,
+    /// Seconds a new connection has to open its control stream and say Hello.
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout_secs: u64,
+    /// Seconds a control message has to arrive whole once its first byte
+    /// has (a site trickling bytes holds nothing for long).
+    #[serde(default = "default_slow_timeout")]
+    pub control_frame_timeout_secs: u64,
+    /// Seconds a new stream has to send its first message.
+    #[serde(default = "default_slow_timeout")]
+    pub stream_first_message_secs: u64,
+    /// Seconds an upload holding one of the upload slots may go without
+    /// sending a payload record (then it is refused, `TooLate`). A record is
+    /// at most ≈ 5 MiB: 60 s allows links down to ≈ 0.7 Mbit/s.
+    #[serde(default = "default_upload_stall")]
+    pub upload_stall_secs: u64,
+    /// Control messages a site may send at once; beyond it,
+    /// `control_per_sec`; beyond that the connection is cut.
+    #[serde(default = "default_control_burst")]
+    pub control_burst: u32,
+    /// Control messages per second a site may send after its burst.
+    #[serde(default = "default_control_rate")]
+    pub control_per_sec: f64,
+    /// Audit heads of a site recorded at once; beyond it,
+    /// `audit_head_per_sec`; beyond that they are ignored.
+    #[serde(default = "default_head_burst")]
+    pub audit_head_burst: u32,
+    /// Audit heads per second of a site recorded after its burst.
+    #[serde(default = "default_head_rate")]
+    pub audit_head_per_sec: f64,
 }
 
 impl CoordinatorConfig {
@@ -261,6 +336,52 @@ impl CoordinatorConfig {
         if !(1..=100_000).contains(&cfg.max_handshakes_in_flight) {
             return Err(invalid("max_handshakes_in_flight", "must be 1..=100000"));
         }
+        if !(1..=100_000).contains(&cfg.handshake_burst_per_source) {
+            return Err(invalid("handshake_burst_per_source", "must be 1..=100000"));
+        }
+        if !(cfg.handshakes_per_source_per_sec >= 0.001
+            && cfg.handshakes_per_source_per_sec <= 100_000.0)
+        {
+            return Err(invalid(
+                "handshakes_per_source_per_sec",
+                "must be a number in 0.001..=100000",
+            ));
+        }
+        for (key, v) in [
+            ("hello_timeout_secs", cfg.hello_timeout_secs),
+            ("control_frame_timeout_secs", cfg.control_frame_timeout_secs),
+            ("stream_first_message_secs", cfg.stream_first_message_secs),
+            ("upload_stall_secs", cfg.upload_stall_secs),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(key, "must be 1..=3600"));
+            }
+        }
+        for (key, burst, rate) in [
+            ("control", cfg.control_burst, cfg.control_per_sec),
+            ("audit_head", cfg.audit_head_burst, cfg.audit_head_per_sec),
+        ] {
+            if !(1..=100_000).contains(&burst) {
+                return Err(invalid(
+                    if key == "control" {
+                        "control_burst"
+                    } else {
+                        "audit_head_burst"
+                    },
+                    "must be 1..=100000",
+                ));
+            }
+            if !(0.001..=100_000.0).contains(&rate) {
+                return Err(invalid(
+                    if key == "control" {
+                        "control_per_sec"
+                    } else {
+                        "audit_head_per_sec"
+                    },
+                    "must be a number in 0.001..=100000",
+                ));
+            }
+        }
         if !(1..=1_000_000).contains(&cfg.max_connections) {
             return Err(invalid("max_connections", "must be 1..=1000000"));
         }
@@ -268,6 +389,18 @@ impl CoordinatorConfig {
             return Err(invalid("max_connections_per_identity", "must be 1..=1000"));
         }
         Ok(cfg)
+    }
+
+    /// What one connection may make the coordinator wait for or spend.
+    pub(crate) fn peer_limits(&self) -> crate::server::PeerLimits {
+        crate::server::PeerLimits {
+            hello_timeout: Duration::from_secs(self.hello_timeout_secs),
+            control_frame_timeout: Duration::from_secs(self.control_frame_timeout_secs),
+            first_message_timeout: Duration::from_secs(self.stream_first_message_secs),
+            upload_stall_timeout: Duration::from_secs(self.upload_stall_secs),
+            control: (self.control_burst, self.control_per_sec),
+            heads: (self.audit_head_burst, self.audit_head_per_sec),
+        }
     }
 
     /// Heartbeat interval.

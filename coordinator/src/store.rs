@@ -69,6 +69,11 @@ const REPLAY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("replay");
 
 /// Name of the database file in the data directory.
 pub const DB_FILE: &str = "fedlink.redb";
+/// Memory redb may use to cache the database's pages. Its default (1 GiB)
+/// let the coordinator's memory grow with the job's history (the database
+/// grows by about 1 KB per site and round); what a round reads and writes
+/// is a few records.
+const STORE_CACHE_BYTES: usize = 16 << 20;
 /// Name of the model directory in the data directory.
 pub const MODELS_DIR: &str = "models";
 /// Magic bytes at the start of a model file.
@@ -417,7 +422,10 @@ impl Store {
             .truncate(false)
             .open(&db_path)
             .map_err(io("create", &db_path))?;
-        let db = Database::create(&db_path).map_err(dberr)?;
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(&db_path)
+            .map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
             txn.open_table(JOBS).map_err(dberr)?;
@@ -602,10 +610,15 @@ impl Store {
 
     /// Every round of a job, in order.
     pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        self.rounds_from(job, 0)
+    }
+
+    /// The rounds of a job numbered `from` or later, in order.
+    pub fn rounds_from(&self, job: &str, from: u64) -> Result<Vec<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
         let mut out = Vec::new();
-        for item in rounds.range((job, 0)..=(job, u64::MAX)).map_err(dberr)? {
+        for item in rounds.range((job, from)..=(job, u64::MAX)).map_err(dberr)? {
             let (k, v) = item.map_err(dberr)?;
             let (j, r) = k.value();
             out.push(decode("rounds", &format!("{j}/{r}"), v.value())?);

@@ -18,6 +18,14 @@ where
 }
 
 fn main() {
+    protocol_seeds();
+    // Disk inputs; pass a kept demo work directory (`./demo --keep --only
+    // wdbc`) to harvest a real coordinator store, configs and logs too.
+    let demo = std::env::args().nth(1).map(std::path::PathBuf::from);
+    disk_seeds(demo.as_deref());
+}
+
+fn protocol_seeds() {
     let spec = ModelSpec::new(vec![
         TensorSpec::f32("a", vec![7]),
         TensorSpec::f32("b", vec![3, 5]),
@@ -166,6 +174,12 @@ fn main() {
             ts_unix_ms: 1_700_000_000_000,
             sig: [0x22; 64],
         }),
+        Message::RoundOutcome(RoundOutcome {
+            job_id: id("job-1"),
+            round: RoundId(2),
+            model: ModelHash([0x33; 32]),
+            job_completed: true,
+        }),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {
@@ -176,4 +190,254 @@ fn main() {
     encode_frame(FrameKind::Chunk, &records[0], &mut stream).unwrap_or_else(|e| panic!("{e}"));
     stream[0] = 37;
     write("frame", "conversation", &stream);
+}
+
+fn read(path: &std::path::Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn disk_seeds(demo: Option<&std::path::Path>) {
+    use ed25519_dalek::SigningKey;
+    use fedlink_protocol_fuzz::disk::{self, StoreRecord};
+
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+
+    // audit_log: a log signed with the seed key, with its exported head.
+    let key = SigningKey::from_bytes(&disk::AUDIT_SEED_KEY);
+    let log_path = tmp.path().join("audit.jsonl");
+    let mut log =
+        fedlink_audit::AuditLog::open(&log_path, key.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let events = [
+        (
+            "system",
+            "coordinator.started",
+            serde_json::json!({"version": "0.1.0"}),
+        ),
+        (
+            "fedlink://fuzz/site/hospital-a",
+            "conn.accepted",
+            serde_json::json!({"remote": "127.0.0.1:4000"}),
+        ),
+        (
+            "system",
+            "round.opened",
+            serde_json::json!({"job": "job-1", "round": 1}),
+        ),
+        (
+            "fedlink://fuzz/site/hospital-a",
+            "update.received",
+            serde_json::json!({"job": "job-1", "round": 1, "bytes": 4710, "accepted": true}),
+        ),
+        (
+            "system",
+            "round.aggregated",
+            serde_json::json!({"job": "job-1", "round": 1, "inputs": 1}),
+        ),
+    ];
+    for (i, (actor, event, details)) in events.iter().enumerate() {
+        log.append(1_700_000_000_000 + i as u64, actor, event, details)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let head = log
+        .signed_head(1_700_000_001_000)
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(log);
+    let bytes = read(&log_path);
+    write("audit_log", "signed-log", &bytes);
+    write("audit_log", "torn-tail", &bytes[..bytes.len() - 7]);
+    let head_path = tmp.path().join("head.json");
+    fedlink_audit::write_head(&head_path, &head).unwrap_or_else(|e| panic!("{e}"));
+    write("audit_log", "head", &read(&head_path));
+
+    // model_file: a coordinator model file and a site's cache file.
+    let model = disk::seed_model();
+    let store = fedlink_coordinator::store::Store::open(&tmp.path().join("store"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hash = store.put_model(model).unwrap_or_else(|e| panic!("{e}"));
+    let mut seed = vec![0u8];
+    seed.extend(read(&store.model_path(&hash)));
+    write("model_file", "coordinator-model", &seed);
+    let enc = Encoding::new(ValueCodec::F32, true, 1, 64).unwrap_or_else(|e| panic!("{e}"));
+    let (records, summary) = encode_payload(model, enc, 0).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = ModelManifest {
+        hash,
+        spec: model.spec().clone(),
+        encoding: enc,
+        payload_len: summary.payload_len,
+        num_chunks: records.len() as u64,
+    };
+    let cache = fedlink_agent::modelcache::ModelCache::open(tmp.path().join("cache"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cached = cache
+        .store(&manifest, &records)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut seed = vec![1u8];
+    seed.extend(read(&cached));
+    write("model_file", "site-cache", &seed);
+
+    // config: example files in the repository, then each file of a valid kit.
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let with = |sel: u8, bytes: &[u8]| {
+        let mut v = vec![sel];
+        v.extend_from_slice(bytes);
+        v
+    };
+    write(
+        "config",
+        "job-example",
+        &with(
+            1,
+            &read(&repo.join("coordinator/examples/jobs/breast-cancer-logreg.toml")),
+        ),
+    );
+    write(
+        "config",
+        "site-example",
+        &with(2, &read(&repo.join("site-agent/examples/site.toml"))),
+    );
+    for (i, file) in disk::KIT_FILES.iter().enumerate() {
+        let bytes = read(&disk::seed_kit().join(file));
+        write("config", &format!("kit-{file}"), &with(5 + i as u8, &bytes));
+    }
+
+    let Some(demo) = demo else {
+        return;
+    };
+    let w = demo.join("wdbc");
+    write(
+        "config",
+        "demo-coordinator",
+        &with(0, &read(&w.join("coordinator/coordinator.toml"))),
+    );
+    write("config", "demo-job", &with(1, &read(&w.join("job.toml"))));
+    write(
+        "config",
+        "demo-site",
+        &with(2, &read(&w.join("hospital-a/site.toml"))),
+    );
+    write(
+        "config",
+        "demo-sites",
+        &with(3, &read(&w.join("pki/ca/sites.toml"))),
+    );
+    write(
+        "config",
+        "demo-revoked",
+        &with(4, &read(&w.join("pki/ca/revoked.toml"))),
+    );
+    // The first entries of a real site log (signed with another key: the
+    // parser and chain checks, not the signature path).
+    let site_log = read(&w.join("hospital-a/state/audit.jsonl"));
+    let cut = site_log
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(5)
+        .map_or(site_log.len(), |(i, _)| i + 1);
+    write("audit_log", "demo-site-log", &site_log[..cut]);
+
+    // store: every record of the demo coordinator's database, its model
+    // files and the last round's round.json.
+    let data = w.join("coordinator/data");
+    let db = redb::Database::open(data.join(fedlink_coordinator::store::DB_FILE))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let txn = db.begin_read().unwrap_or_else(|e| panic!("{e}"));
+    let mut recs = Vec::new();
+    use redb::{ReadableTable, TableDefinition};
+    let str_tables: [(u8, TableDefinition<'_, &str, &str>); 3] = [
+        (0, TableDefinition::new("jobs")),
+        (2, TableDefinition::new("sites")),
+        (3, TableDefinition::new("models")),
+    ];
+    for (table, def) in str_tables {
+        let t = txn.open_table(def).unwrap_or_else(|e| panic!("{e}"));
+        for kv in t.iter().unwrap_or_else(|e| panic!("{e}")) {
+            let (k, v) = kv.unwrap_or_else(|e| panic!("{e}"));
+            recs.push(StoreRecord {
+                table,
+                key: k.value().to_owned(),
+                value: v.value().as_bytes().to_vec(),
+            });
+        }
+    }
+    let rounds = txn
+        .open_table(TableDefinition::<(&str, u64), &str>::new("rounds"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for kv in rounds.iter().unwrap_or_else(|e| panic!("{e}")) {
+        let (k, v) = kv.unwrap_or_else(|e| panic!("{e}"));
+        let (job, n) = k.value();
+        recs.push(StoreRecord {
+            table: 1,
+            key: format!("{job}/{n}"),
+            value: v.value().as_bytes().to_vec(),
+        });
+    }
+    for (table, name) in [(4u8, "optimizer"), (5, "replay")] {
+        let t = txn
+            .open_table(TableDefinition::<&str, &[u8]>::new(name))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for kv in t.iter().unwrap_or_else(|e| panic!("{e}")) {
+            let (k, v) = kv.unwrap_or_else(|e| panic!("{e}"));
+            recs.push(StoreRecord {
+                table,
+                key: k.value().to_owned(),
+                value: v.value().to_vec(),
+            });
+        }
+    }
+    let models = data.join(fedlink_coordinator::store::MODELS_DIR);
+    for entry in fs::read_dir(&models).unwrap_or_else(|e| panic!("{e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if path.extension().is_some_and(|e| e == "bin") {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            recs.push(StoreRecord {
+                table: 6,
+                key: stem,
+                value: read(&path),
+            });
+        }
+    }
+    let mut round_files: Vec<_> = walk(&data.join("updates"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == "round.json"))
+        .collect();
+    round_files.sort();
+    if let Some(last) = round_files.last() {
+        recs.push(StoreRecord {
+            table: 7,
+            key: String::new(),
+            value: read(last),
+        });
+    }
+    write("store", "demo-store", &disk::encode_store_records(&recs));
+    // A smaller one: the job, its current round and the model files only.
+    let small: Vec<_> = recs
+        .iter()
+        .filter(|r| r.table == 0 || r.table == 6 || r.table == 5)
+        .cloned()
+        .collect();
+    write(
+        "store",
+        "demo-store-job-only",
+        &disk::encode_store_records(&small),
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use fedlink_protocol::*;
 
+pub mod disk;
+
 /// Frames: arbitrary bytes pushed in two pieces into a [`FrameDecoder`];
 /// message frames are decoded further.
 pub fn frame(data: &[u8]) {
@@ -133,13 +135,17 @@ pub fn admin(data: &[u8]) {
     if let Ok(req) = admin::AdminRequest::from_json(data) {
         let _ = req.command();
         let _ = req.args();
-        let bytes = req.to_json().unwrap_or_else(|e| panic!("re-encoding a request: {e}"));
+        let bytes = req
+            .to_json()
+            .unwrap_or_else(|e| panic!("re-encoding a request: {e}"));
         let again = admin::AdminRequest::from_json(&bytes);
         assert_eq!(again.ok(), Some(req), "admin request does not round-trip");
     }
     if let Ok(resp) = admin::AdminResponse::from_json(data) {
         let _ = resp.is_error();
-        let bytes = resp.to_json().unwrap_or_else(|e| panic!("re-encoding a response: {e}"));
+        let bytes = resp
+            .to_json()
+            .unwrap_or_else(|e| panic!("re-encoding a response: {e}"));
         assert!(
             admin::AdminResponse::from_json(&bytes).is_ok(),
             "admin response does not re-parse"

@@ -144,9 +144,9 @@ pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
     AUDIT_HEAD_VERSION, AuditHead, Bye, CENTRAL_DP_VERSION, Cancel, Capabilities, CentralDp,
     DeltaUpload, DpNoise, Heartbeat, Hello, Message, ModelFetch, ModelManifest, OfferDecision,
-    OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, Reject,
-    RejectCode, TaskOffer, TrainingConfig, UploadResult, VersionRange, Welcome,
-    supports_audit_head,
+    OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements,
+    ROUND_OUTCOME_VERSION, Reject, RejectCode, RoundOutcome, TaskOffer, TrainingConfig,
+    UploadResult, VersionRange, Welcome, supports_audit_head, supports_round_outcome,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{

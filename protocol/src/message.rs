@@ -53,12 +53,15 @@ use crate::scaling::{FeatureScaling, ScalingError};
 ///
 /// Version history: 1 — the original conversation; 2 — adds
 /// [`Message::AuditHead`]; 3 — adds [`Message::TaskOfferV3`] (offers that
-/// say whether DP noise is added centrally).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// say whether DP noise is added centrally); 4 — adds
+/// [`Message::RoundOutcome`] (the model a site's update went into).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
 /// First protocol version that has [`Message::TaskOfferV3`].
 pub const CENTRAL_DP_VERSION: u16 = 3;
+/// First protocol version that has [`Message::RoundOutcome`].
+pub const ROUND_OUTCOME_VERSION: u16 = 4;
 /// Oldest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Most epochs a task may ask for.
@@ -507,6 +510,27 @@ pub struct Cancel {
     pub reason: String,
 }
 
+/// Coordinator → site (protocol version >= [`ROUND_OUTCOME_VERSION`]), on
+/// the control stream, once the coordinator has recorded the aggregation of
+/// a round the site's update went into (`round.aggregated`), and to every
+/// connected site when a job completes: the model the round produced. The
+/// site records it in its own audit log, so the result of its contribution
+/// — and the job's final model — is in its hands, not only in the
+/// coordinator's log; `fedlink audit reconcile` checks the two agree. It is
+/// followed by the coordinator's [`Message::AuditHead`], which covers the
+/// entry that recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundOutcome {
+    /// Job.
+    pub job_id: JobId,
+    /// The round aggregated (for the job's end: its last completed round).
+    pub round: RoundId,
+    /// The global model the round produced.
+    pub model: ModelHash,
+    /// Whether this is the job's final model (the job completed).
+    pub job_completed: bool,
+}
+
 /// Either direction (protocol version >= [`AUDIT_HEAD_VERSION`]): the
 /// sender's current signed audit-log head, the same values as a
 /// `fedlink_audit::SignedHead`. The receiver records it in its own audit log,
@@ -525,6 +549,12 @@ pub struct AuditHead {
     /// ed25519 signature over the head (domain-separated, see `fedlink-audit`).
     #[serde(with = "sig64")]
     pub sig: [u8; 64],
+}
+
+/// Does a connection at negotiated protocol `version` carry
+/// [`Message::RoundOutcome`]?
+pub fn supports_round_outcome(version: u16) -> bool {
+    version >= ROUND_OUTCOME_VERSION
 }
 
 /// Does a connection at negotiated protocol `version` carry
@@ -607,6 +637,8 @@ pub enum Message {
     /// Coordinator → site, protocol version >= [`CENTRAL_DP_VERSION`]: the
     /// offer with every field.
     TaskOfferV3(Box<TaskOffer>),
+    /// Coordinator → site, protocol version >= [`ROUND_OUTCOME_VERSION`].
+    RoundOutcome(RoundOutcome),
 }
 
 impl Message {
@@ -627,6 +659,7 @@ impl Message {
             Self::Cancel(_) => "Cancel",
             Self::AuditHead(_) => "AuditHead",
             Self::TaskOfferV3(_) => "TaskOfferV3",
+            Self::RoundOutcome(_) => "RoundOutcome",
         }
     }
 
@@ -743,6 +776,26 @@ mod tests {
         assert_eq!(VersionRange::SUPPORTED.negotiate(&old), Some(1));
         assert!(!supports_audit_head(1));
         assert!(supports_audit_head(PROTOCOL_VERSION));
+    }
+
+    #[test]
+    fn round_outcome_is_new_in_version_4_and_round_trips() {
+        assert!(!supports_round_outcome(3));
+        assert!(supports_round_outcome(PROTOCOL_VERSION));
+        // a version-3 peer (the previous build) is still spoken to
+        let v3 = VersionRange { min: 1, max: 3 };
+        assert_eq!(VersionRange::SUPPORTED.negotiate(&v3), Some(3));
+        let m = Message::RoundOutcome(RoundOutcome {
+            job_id: JobId::new("job-1").unwrap(),
+            round: RoundId(7),
+            model: ModelHash([9; 32]),
+            job_completed: true,
+        });
+        let bytes = m.to_vec();
+        // appended after every older variant: old indices are unchanged
+        assert_eq!(bytes[0], 14);
+        assert_eq!(Message::decode_exact(&bytes).unwrap(), m);
+        assert_eq!(m.name(), "RoundOutcome");
     }
 
     #[test]

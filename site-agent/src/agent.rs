@@ -74,7 +74,7 @@ use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
     ModelFetch, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope,
     UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
-    supports_audit_head,
+    supports_audit_head, supports_round_outcome,
 };
 use fedlink_transport::{FramedRecv, FramedSend, TransportError, client_endpoint, close, open_bi};
 use quinn::{Connection, Endpoint};
@@ -793,6 +793,17 @@ async fn handle_control(
         // signature with the coordinator's audit key.
         Message::AuditHead(h) if supports_audit_head(session.protocol_version) => {
             ctx.record(SiteEvent::coordinator_head(&h))?;
+        }
+        // The model a round this site contributed to produced (or the job's
+        // final model): recorded, so the site holds the result in its own
+        // log; `fedlink audit reconcile` compares it with the coordinator's.
+        Message::RoundOutcome(o) if supports_round_outcome(session.protocol_version) => {
+            ctx.record(SiteEvent::RoundOutcome {
+                job: o.job_id.to_string(),
+                round: o.round.0,
+                model: o.model.to_hex(),
+                job_completed: o.job_completed,
+            })?;
         }
         Message::Bye(b) => {
             return Ok(Some(SessionEnd::Lost(format!(

@@ -36,6 +36,7 @@
 //! | `train.completed` | site | `job, round, base_model, dataset_fingerprint, num_examples, metrics` |
 //! | `update.sent` | site | `job, round, payload_hash, payload_bytes, num_examples, nonce, base_model, encoding` |
 //! | `update.result` | coordinator | `job, round, payload_hash, accepted, reason`, + `nonce, outcome` |
+//! | `round.outcome` | coordinator | `job, round, model, job_completed` (protocol ≥ 4: the model a round the site contributed to produced; the job's final model) |
 //! | `coordinator.audit_head` | coordinator | `seq, hash, ts_unix_ms, sig` (recorded, not verified) |
 //!
 //! Hashes are lowercase hex; the nonce is its 16 bytes in lowercase hex.
@@ -252,6 +253,20 @@ pub enum SiteEvent {
         /// For a reject: code and message.
         reason: Option<String>,
     },
+    /// The model a round this site contributed to produced, or the job's
+    /// final model, as the coordinator announced it (protocol >= 4).
+    /// `fedlink audit reconcile` checks it against the coordinator's
+    /// `round.aggregated` / `job.finished`.
+    RoundOutcome {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// The global model it produced (hex).
+        model: String,
+        /// Whether this is the job's final model.
+        job_completed: bool,
+    },
     /// A signed head of the coordinator's audit log (recorded as received;
     /// `fedlink audit reconcile` verifies it).
     CoordinatorAuditHead {
@@ -274,6 +289,7 @@ impl SiteEvent {
             | Self::ModelReceived { .. }
             | Self::UpdateResult { .. }
             | Self::CoordinatorAuditHead { .. }
+            | Self::RoundOutcome { .. }
             // a Cancel, or a newer offer that superseded the round
             | Self::RoundCancelled { .. } => Cause::Coordinator,
             _ => Cause::Site,
@@ -297,6 +313,7 @@ impl SiteEvent {
             Self::TrainCompleted { .. } => EventKind::TrainCompleted,
             Self::UpdateSent { .. } => EventKind::UpdateSent,
             Self::UpdateResult { .. } => EventKind::UpdateResult,
+            Self::RoundOutcome { .. } => EventKind::RoundOutcome,
             Self::CoordinatorAuditHead { .. } => EventKind::CoordinatorAuditHead,
         }
     }

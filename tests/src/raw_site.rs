@@ -35,6 +35,9 @@ pub struct RawSite {
     /// (it pushes one after each round the site contributed to and at the
     /// job's end), as a real site would record them.
     pub coordinator_heads: Vec<fedlink_protocol::message::AuditHead>,
+    /// Round outcomes the coordinator sent (the models this site's updates
+    /// went into), in order.
+    pub round_outcomes: Vec<fedlink_protocol::RoundOutcome>,
 }
 
 /// A signed update ready to send (kept so a test can send it twice).
@@ -75,6 +78,7 @@ impl RawSite {
             control_recv: recv,
             site_id,
             coordinator_heads: Vec::new(),
+            round_outcomes: Vec::new(),
         })
     }
 
@@ -85,6 +89,7 @@ impl RawSite {
                 Message::TaskOffer(o) | Message::TaskOfferV3(o) => return Ok(*o),
                 Message::Heartbeat(_) | Message::Cancel(_) => {}
                 Message::AuditHead(h) => self.coordinator_heads.push(h),
+                Message::RoundOutcome(o) => self.round_outcomes.push(o),
                 other => bail!("expected an offer, got {}", other.name()),
             }
         }

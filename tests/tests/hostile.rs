@@ -210,3 +210,212 @@ async fn connections_beyond_the_per_identity_limit_are_refused() {
     assert_eq!(refused.len(), 1, "{refused:#?}");
     assert_eq!(refused[0]["details"]["count"], 3);
 }
+
+/// A source address gets `handshake_burst_per_source` handshakes at once,
+/// then `handshakes_per_source_per_sec`; beyond that its attempts are
+/// refused before any cryptography (the client sees the refusal) and
+/// counted with the source's refusals, not recorded one by one. The rate
+/// here is one handshake per 1000 s, so the test does not depend on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_per_source_rate_are_refused() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(
+        &pki,
+        dir.path(),
+        "handshake_burst_per_source = 3\nhandshakes_per_source_per_sec = 0.001\n",
+    )
+    .await;
+    let data_dir = coord.data_dir.clone();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        open.push(
+            RawSite::connect(pki.site_kit(i).unwrap(), coord.addr)
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..5 {
+        let err = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+            .await
+            .err()
+            .expect("a fourth handshake from 127.0.0.1 is over the rate");
+        assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    }
+    drop(open);
+    coord.shutdown().await.unwrap();
+    let es = entries(&data_dir);
+    assert_eq!(
+        es.iter().filter(|e| e["event"] == "conn.accepted").count(),
+        3
+    );
+    let refused: Vec<&Value> = es.iter().filter(|e| e["event"] == "conn.refused").collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    let d = &refused[0]["details"];
+    assert_eq!(d["count"], 5);
+    assert!(
+        d.to_string().contains("handshakes_per_source_per_sec"),
+        "{d}"
+    );
+}
+
+/// A connection that completes its handshake and then says nothing is
+/// closed after `hello_timeout_secs`, with the reason recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_says_hello_is_closed() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "hello_timeout_secs = 1\n").await;
+    let data_dir = coord.data_dir.clone();
+    let kit = pki.site_kit(0).unwrap();
+    let tls = fedlink_certs::client_tls_config(&kit, fedlink_certs::ALPN_SITE).unwrap();
+    let endpoint =
+        fedlink_transport::client_endpoint(coord.addr, tls, std::time::Duration::from_secs(600))
+            .unwrap();
+    let conn = bounded(
+        "handshake",
+        endpoint
+            .connect(coord.addr, kit.coordinator_server_name())
+            .unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Silent: no control stream, no Hello. The coordinator ends it.
+    let reason = bounded(
+        "the coordinator closes the silent connection",
+        conn.closed(),
+    )
+    .await
+    .unwrap();
+    coord.shutdown().await.unwrap();
+    let closed: Vec<Value> = entries(&data_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "conn.closed")
+        .collect();
+    assert_eq!(closed.len(), 1, "{reason}: {closed:#?}");
+    assert!(
+        closed[0]["details"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("hello_timeout_secs"),
+        "{closed:#?}"
+    );
+}
+
+/// A stream that starts a message and never finishes saying what it is for
+/// is dropped after `stream_first_message_secs`; the connection lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_says_what_it_is_for_is_dropped() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "stream_first_message_secs = 1\n").await;
+    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    let (mut send, mut recv) = site.conn.open_bi().await.unwrap();
+    // One byte of a frame header: the stream exists, its message never comes.
+    send.write_all(&[0x46]).await.unwrap();
+    let end = bounded(
+        "the coordinator drops the stream",
+        recv.read_to_end(1 << 16),
+    )
+    .await
+    .unwrap();
+    assert!(
+        end.as_ref().is_ok_and(Vec::is_empty) || end.is_err(),
+        "the stream was answered: {end:?}"
+    );
+    // The connection itself is still served.
+    site.send_control(&fedlink_protocol::Message::Heartbeat(
+        fedlink_protocol::message::Heartbeat {
+            seq: 1,
+            now_unix_ms: 0,
+        },
+    ))
+    .await
+    .unwrap();
+    assert!(
+        site.conn.close_reason().is_none(),
+        "{:?}",
+        site.conn.close_reason()
+    );
+    coord.shutdown().await.unwrap();
+}
+
+/// A site may open 16 bidirectional streams at once (its control stream
+/// among them); the next waits for the coordinator to grant more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_bounded() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(&pki, dir.path(), "").await;
+    let site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    let mut open = Vec::new();
+    for _ in 0..15 {
+        let (mut send, recv) = bounded("a stream within the limit", site.conn.open_bi())
+            .await
+            .unwrap()
+            .unwrap();
+        send.write_all(&[0x46]).await.unwrap();
+        open.push((send, recv));
+    }
+    // The 17th stream of the connection: no credit (waiting cannot make a
+    // wrong answer right; it only delays a failure).
+    let more = tokio::time::timeout(std::time::Duration::from_secs(2), site.conn.open_bi()).await;
+    assert!(more.is_err(), "a 17th stream was opened");
+    drop(open);
+    coord.shutdown().await.unwrap();
+}
+
+/// Audit heads beyond `audit_head_burst` (then `audit_head_per_sec`) are
+/// ignored: each recorded head is a signed, fsynced audit entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_heads_beyond_the_budget_are_ignored() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coord = start(
+        &pki,
+        dir.path(),
+        "audit_head_burst = 3\naudit_head_per_sec = 0.001\n",
+    )
+    .await;
+    let data_dir = coord.data_dir.clone();
+    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
+        .await
+        .unwrap();
+    for seq in 0..10u64 {
+        site.send_control(&fedlink_protocol::Message::AuditHead(
+            fedlink_protocol::AuditHead {
+                seq,
+                hash: [1; 32],
+                ts_unix_ms: 0,
+                sig: [0; 64],
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    // Then a message that is always recorded, to know the heads before it
+    // were handled: a Bye ends the connection with its reason in conn.closed.
+    site.send_control(&fedlink_protocol::Message::Bye(fedlink_protocol::Bye {
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    bounded("the coordinator ends the connection", site.conn.closed())
+        .await
+        .unwrap();
+    coord.shutdown().await.unwrap();
+    let heads = entries(&data_dir)
+        .into_iter()
+        .filter(|e| {
+            e["event"]
+                .as_str()
+                .is_some_and(|ev| ev.starts_with("site.audit_head"))
+        })
+        .count();
+    assert_eq!(heads, 3, "only the burst is recorded");
+}

@@ -163,7 +163,18 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
     let finished_seq = events(&data_dir.join("audit/audit.jsonl"), "job.finished")[0]["seq"]
         .as_u64()
         .unwrap();
+    let final_model = events(&data_dir.join("audit/audit.jsonl"), "job.finished")[0]["details"]
+        ["outcome"]["model"]
+        .clone();
     for a in &mut agents {
+        // The final model's hash (protocol 4), sent just before the head.
+        let fin = a
+            .wait_for("the job's final model", |e| {
+                e.event == "round.outcome" && e.details["job_completed"] == true
+            })
+            .await;
+        assert_eq!(fin.details["model"], final_model, "{fin:?}");
+        assert_eq!(fin.details["round"], ROUNDS, "{fin:?}");
         a.wait_for("the coordinator's head over job.finished", |e| {
             e.event == "coordinator.audit_head"
                 && e.details["seq"].as_u64().is_some_and(|s| s >= finished_seq)
@@ -277,6 +288,8 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         assert_eq!(report["consistent"], true);
         assert_eq!(report["counts"]["updates_matched"], ROUNDS);
         assert_eq!(report["counts"]["aggregated_inputs"], ROUNDS);
+        // Every round it contributed to, and the job's end.
+        assert_eq!(report["counts"]["round_outcomes"], ROUNDS + 1, "{report}");
         assert!(
             report["counts"]["site_heads"].as_u64().unwrap() >= 1,
             "{report}"

@@ -329,13 +329,14 @@ fn run_reconcile(args: &ReconcileArgs) -> anyhow::Result<u8> {
                 out,
                 "CONSISTENT: site {}: {} update(s) sent, {} received identically by the \
                  coordinator; {} attributed to the site on the coordinator, {} aggregation \
-                 input(s); heads checked: {} of the site, {} of the coordinator \
-                 ({} site entries, {} coordinator entries)",
+                 input(s), {} round outcome(s) the site was told; heads checked: {} of the \
+                 site, {} of the coordinator ({} site entries, {} coordinator entries)",
                 printable(&report.site),
                 c.updates_sent,
                 c.updates_matched,
                 c.updates_received,
                 c.aggregated_inputs,
+                c.round_outcomes,
                 c.site_heads,
                 c.coordinator_heads,
                 c.site_entries,

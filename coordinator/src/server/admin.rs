@@ -281,6 +281,7 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         self.engine
             .send(Event::Admin(make(tx)))
+            .await
             .map_err(|_| internal("the engine has stopped"))?;
         tokio::time::timeout(ENGINE_TIMEOUT, rx)
             .await
@@ -867,7 +868,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
         Ok(rec)
     })?;
     tracing::info!(job = %job.id, "job submitted");
-    let _ = shared.engine.send(Event::Admin(AdminEvent::Wake));
+    let _ = shared.engine.send(Event::Admin(AdminEvent::Wake)).await;
     Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)))
 }
 

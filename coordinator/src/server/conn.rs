@@ -5,14 +5,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::Instant;
 
 use fedlink_audit::EventKind;
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
-use fedlink_protocol::{Message, SignedEnvelope, VersionRange, supports_audit_head};
+use fedlink_protocol::{
+    Message, SignedEnvelope, VersionRange, supports_audit_head, supports_round_outcome,
+};
 use fedlink_transport::{
     FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, close_upload_window,
     negotiated_alpn, open_upload_window, peer_end_entity, peer_identity,
@@ -23,21 +25,11 @@ use super::Shared;
 use super::engine::{
     Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms, update_received_details,
 };
+use super::limits;
 use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
-
-/// How long a new connection may take to open its control stream and say
-/// Hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a control message may take to arrive once its first byte has.
-const CONTROL_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a new stream may take to send its first message (ModelFetch or
-/// DeltaUpload).
-const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection attempt admitted to its handshake, holding one of the
 /// handshake slots until the handshake ends.
@@ -49,12 +41,14 @@ pub(crate) struct Admitted {
 /// Decide on a new connection attempt before any cryptography: a source
 /// whose address QUIC has not validated yet is sent a Retry (a spoofed
 /// source never answers it, so floods from forged addresses cost one
-/// stateless packet each); a validated one gets a handshake slot, or is
-/// refused at once when `handshakes` are all in use (counted with the
-/// failed handshakes, not recorded one by one).
+/// stateless packet each); a validated one is refused at once beyond its
+/// address's handshake rate (`rates`) or when `handshakes` are all in use,
+/// and otherwise gets a handshake slot. Refusals are counted with the
+/// failed handshakes, not recorded one by one.
 pub(crate) fn admit(
     incoming: quinn::Incoming,
     handshakes: &Arc<Semaphore>,
+    rates: &mut limits::SourceRates,
     shared: &Shared,
 ) -> Option<Admitted> {
     if !incoming.remote_address_validated() && incoming.may_retry() {
@@ -64,6 +58,15 @@ pub(crate) fn admit(
         return None;
     }
     let remote = incoming.remote_address();
+    if !rates.allow(remote.ip(), Instant::now()) {
+        tracing::debug!(%remote, "too many handshakes from this address; refused");
+        shared.note_refused(
+            remote,
+            "too many handshakes from this address (handshakes_per_source_per_sec)",
+        );
+        incoming.refuse();
+        return None;
+    }
     match handshakes.clone().try_acquire_owned() {
         Ok(slot) => Some(Admitted {
             incoming,
@@ -266,12 +269,15 @@ async fn serve_site(
     site: &str,
     shared: &Arc<Shared>,
 ) -> Result<(), TransportError> {
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, accept_bi(conn))
+    let hello_timeout = shared.peer.hello_timeout;
+    let (mut send, mut recv) = tokio::time::timeout(hello_timeout, accept_bi(conn))
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("control stream within 10 s"))??;
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, recv.message())
+        .map_err(|_| {
+            TransportError::UnexpectedEnd("control stream in time (hello_timeout_secs)")
+        })??;
+    let hello = match tokio::time::timeout(hello_timeout, recv.message())
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("Hello within 10 s"))??
+        .map_err(|_| TransportError::UnexpectedEnd("Hello in time (hello_timeout_secs)"))??
     {
         Message::Hello(h) => h,
         other => {
@@ -310,23 +316,26 @@ async fn serve_site(
             .any(|c| same_family(*c, enc.values()))
     });
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
     let control = tx.clone();
     // Known to the engine before the site hears Welcome: whatever the site
     // (or an admin it tells) asks next is queued behind this, so `status`
     // never misses a welcomed site. What the engine sends meanwhile waits
     // in `rx` until the writer below starts, after Welcome.
-    let _ = shared.engine.send(Event::Connected {
-        site: site.to_owned(),
-        conn_id,
-        conn: conn.clone(),
-        control: tx,
-        capabilities: SiteCapabilities {
-            compatible,
-            num_examples: None,
-        },
-        codecs: hello.capabilities.codecs.clone(),
-    });
+    let _ = shared
+        .engine
+        .send(Event::Connected {
+            site: site.to_owned(),
+            conn_id,
+            conn: conn.clone(),
+            control: tx,
+            capabilities: SiteCapabilities {
+                compatible,
+                num_examples: None,
+            },
+            codecs: hello.capabilities.codecs.clone(),
+        })
+        .await;
     let welcomed = send
         .message(&Message::Welcome(Welcome {
             protocol_version: version,
@@ -336,10 +345,13 @@ async fn serve_site(
         }))
         .await;
     if let Err(e) = welcomed {
-        let _ = shared.engine.send(Event::Disconnected {
-            site: site.to_owned(),
-            conn_id,
-        });
+        let _ = shared
+            .engine
+            .send(Event::Disconnected {
+                site: site.to_owned(),
+                conn_id,
+            })
+            .await;
         return Err(e);
     }
     let writer = tokio::spawn(async move {
@@ -352,6 +364,7 @@ async fn serve_site(
                 // The coordinator's heads pushed after an aggregation or at
                 // the job's end: only to sites that speak audit heads.
                 Message::AuditHead(_) if !supports_audit_head(version) => continue,
+                Message::RoundOutcome(_) if !supports_round_outcome(version) => continue,
                 m => m,
             };
             if send.message(&m).await.is_err() {
@@ -362,13 +375,16 @@ async fn serve_site(
     });
     // Between messages the control stream may idle; a message that has
     // started must arrive whole (a site trickling bytes holds nothing).
-    recv.set_frame_timeout(CONTROL_FRAME_TIMEOUT);
+    recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
     let result = control_loop(conn, site, shared, &mut recv, heads).await;
-    let _ = shared.engine.send(Event::Disconnected {
-        site: site.to_owned(),
-        conn_id,
-    });
+    let _ = shared
+        .engine
+        .send(Event::Disconnected {
+            site: site.to_owned(),
+            conn_id,
+        })
+        .await;
     writer.abort();
     result
 }
@@ -385,7 +401,7 @@ async fn control_loop(
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
-    heads: Option<mpsc::UnboundedSender<Message>>,
+    heads: Option<mpsc::Sender<Message>>,
 ) -> Result<(), TransportError> {
     // Streams the site opens (model fetches, uploads) are accepted on a task
     // of their own. Reading a frame is not cancel-safe: racing the control
@@ -428,19 +444,19 @@ async fn read_control(
     site: &str,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
-    heads: Option<mpsc::UnboundedSender<Message>>,
+    heads: Option<mpsc::Sender<Message>>,
 ) -> Result<(), TransportError> {
     // A compromised site must not make the coordinator spend without bound:
     // control messages at a bounded rate (beyond it the connection is cut),
     // audit heads — each a signed, fsynced entry — at a lower one (beyond it
     // they are ignored).
-    let mut budget = super::limits::control_budget();
-    let mut head_budget = super::limits::head_budget();
+    let mut budget = shared.peer.control_budget();
+    let mut head_budget = shared.peer.head_budget();
     let mut heads_ignored = 0u64;
     loop {
         let msg = recv.message_or_end().await?;
-        if msg.is_some() && !budget.take(std::time::Instant::now()) {
-            let why = "too many control messages (more than 32 at once or 4 a second)";
+        if msg.is_some() && !budget.take(Instant::now()) {
+            let why = "too many control messages (control_burst, control_per_sec)";
             tracing::warn!(site, reason = why, "closing the connection");
             conn.close(close::PROTOCOL, why.as_bytes());
             return Ok(());
@@ -451,17 +467,20 @@ async fn read_control(
                     OfferDecision::Accept => (true, String::new()),
                     OfferDecision::Decline { reason } => (false, reason),
                 };
-                let _ = shared.engine.send(Event::OfferResponse {
-                    site: site.to_owned(),
-                    round: r.round.0,
-                    accepted,
-                    reason,
-                });
+                let _ = shared
+                    .engine
+                    .send(Event::OfferResponse {
+                        site: site.to_owned(),
+                        round: r.round.0,
+                        accepted,
+                        reason,
+                    })
+                    .await;
             }
             Some(Message::Heartbeat(h)) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
             }
-            Some(Message::AuditHead(_)) if !head_budget.take(std::time::Instant::now()) => {
+            Some(Message::AuditHead(_)) if !head_budget.take(Instant::now()) => {
                 heads_ignored += 1;
                 if heads_ignored == 1 {
                     tracing::warn!(
@@ -474,7 +493,9 @@ async fn read_control(
                 if let Some(answer) = site_audit_head(shared, site, &h)
                     && let Some(tx) = &heads
                 {
-                    let _ = tx.send(Message::AuditHead(answer));
+                    // Full only while the site is not reading: it misses
+                    // this answer (its head budget bounds how many it asks).
+                    let _ = tx.try_send(Message::AuditHead(answer));
                 }
             }
             Some(Message::Bye(b)) => {
@@ -561,9 +582,13 @@ async fn handle_stream(
 ) -> Result<(), TransportError> {
     // A stream that never says what it is for must not hold a task and its
     // buffers for as long as the connection lives.
-    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, recv.message())
+    let first = tokio::time::timeout(shared.peer.first_message_timeout, recv.message())
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("the stream's first message within 30 s"))??;
+        .map_err(|_| {
+            TransportError::UnexpectedEnd(
+                "the stream's first message in time (stream_first_message_secs)",
+            )
+        })??;
     match first {
         Message::ModelFetch(f) => serve_model(shared, f.hash, send).await,
         Message::DeltaUpload(u) => receive_upload(conn, site, shared, u.envelope, send, recv).await,
@@ -667,11 +692,6 @@ fn audit_upload_refused(
     }
 }
 
-/// How long an upload holding a slot may go without completing a payload
-/// record (a record is at most ≈ 5 MiB: 60 s allows links down to
-/// ≈ 0.7 Mbit/s).
-const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Puts the connection's receive window back to the idle size when an
 /// upload ends, however it ends.
 struct UploadWindow<'a>(&'a ServerConn);
@@ -706,11 +726,14 @@ async fn receive_upload(
         .await;
     };
     let (reply, answer) = oneshot::channel();
-    let _ = shared.engine.send(Event::PrepareUpload {
-        site: site.to_owned(),
-        envelope: Box::new(envelope.clone()),
-        reply,
-    });
+    let _ = shared
+        .engine
+        .send(Event::PrepareUpload {
+            site: site.to_owned(),
+            envelope: Box::new(envelope.clone()),
+            reply,
+        })
+        .await;
     let ticket = match answer.await {
         Ok(Ok(t)) => t,
         Ok(Err((code, message))) => return reject_upload(&mut send, recv, code, message).await,
@@ -724,7 +747,7 @@ async fn receive_upload(
             .await;
         }
     };
-    let upload_started = std::time::Instant::now();
+    let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
         mut validator,
@@ -753,14 +776,15 @@ async fn receive_upload(
         while verifier.remaining() > 0 {
             // A site that stops sending must not hold its slot (and with
             // it the uploads, and the control messages, of waiting sites).
-            let rec = tokio::time::timeout(UPLOAD_STALL_TIMEOUT, recv.chunk())
+            let stall = shared.peer.upload_stall_timeout;
+            let rec = tokio::time::timeout(stall, recv.chunk())
                 .await
                 .map_err(|_| {
                     (
                         RejectCode::TooLate,
                         format!(
                             "no payload record within {} s while holding an upload slot",
-                            UPLOAD_STALL_TIMEOUT.as_secs()
+                            stall.as_secs()
                         ),
                     )
                 })?
@@ -823,15 +847,18 @@ async fn receive_upload(
     .await
     .unwrap_or_else(|e| Err(format!("validation task failed: {e}")));
     let (reply, answer) = oneshot::channel();
-    let _ = shared.engine.send(Event::UpdateReady(Box::new(UpdateReady {
-        site: site.to_owned(),
-        envelope,
-        spool_path: path,
-        bytes,
-        upload_ms,
-        check,
-        reply,
-    })));
+    let _ = shared
+        .engine
+        .send(Event::UpdateReady(Box::new(UpdateReady {
+            site: site.to_owned(),
+            envelope,
+            spool_path: path,
+            bytes,
+            upload_ms,
+            check,
+            reply,
+        })))
+        .await;
     let result = answer.await.unwrap_or_else(|_| UploadResult::Reject {
         code: RejectCode::ShuttingDown,
         message: "shutting down".into(),

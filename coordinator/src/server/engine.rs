@@ -29,6 +29,7 @@ use fedlink_protocol::{
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
+use super::limits;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
@@ -50,7 +51,7 @@ pub(crate) enum Event {
         site: String,
         conn_id: ConnId,
         conn: ServerConn,
-        control: mpsc::UnboundedSender<Message>,
+        control: mpsc::Sender<Message>,
         capabilities: SiteCapabilities,
         /// The codecs the site announced in its Hello.
         codecs: Vec<fedlink_protocol::ValueCodec>,
@@ -108,7 +109,7 @@ pub(crate) struct UpdateReady {
 struct SiteConn {
     conn_id: ConnId,
     conn: ServerConn,
-    control: mpsc::UnboundedSender<Message>,
+    control: mpsc::Sender<Message>,
 }
 
 #[derive(Debug)]
@@ -178,6 +179,17 @@ pub(crate) struct Engine {
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
+    /// Rounds shown in the status file that can no longer change
+    /// (completed or discarded), the newest [`STATUS_ROUNDS`] of them, and
+    /// the first round number not among them: each status write reads
+    /// only the rounds from there on from the store, not the whole job.
+    status_final: std::collections::VecDeque<RoundStatus>,
+    status_next: u64,
+    /// When the status file was last written, and whether it is behind
+    /// (an accepted update since): accepted updates rewrite it at most
+    /// every [`STATUS_INTERVAL`]; everything else at once.
+    status_written: Option<Instant>,
+    status_behind: bool,
     retention: UpdateRetention,
     /// The open round's replay record: the server state before it (the
     /// exact JSON bytes its computation uses), its noise seed, when it
@@ -190,6 +202,15 @@ pub(crate) struct Engine {
     clock_base: (Instant, u64),
     outcome: Option<JobOutcome>,
 }
+
+/// Rounds listed in `status.json`, at most: the newest. The whole history
+/// is in the store (`fedlink rounds list`).
+const STATUS_ROUNDS: usize = 100;
+
+/// Accepted updates rewrite the status file at most this often (with 100
+/// sites it was rewritten 100 times a round, each time with every listed
+/// round: the cost grew with the square of the number of sites).
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Unix milliseconds now (wall clock; only for messages and records).
 pub(crate) fn unix_ms() -> u64 {
@@ -222,6 +243,10 @@ impl Engine {
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
             status: parts.status,
+            status_final: std::collections::VecDeque::new(),
+            status_next: 0,
+            status_written: None,
+            status_behind: false,
             retention: parts.retention,
             round_log: None,
             wire: parts.wire,
@@ -239,7 +264,22 @@ impl Engine {
 
     /// When the round machine wants to be woken.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.runner.poll_timeout()
+        let status = self.status_due();
+        match (self.runner.poll_timeout(), status) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the status file must be brought up to date, if it is behind.
+    fn status_due(&self) -> Option<Instant> {
+        if !self.status_behind {
+            return None;
+        }
+        Some(
+            self.status_written
+                .map_or_else(Instant::now, |t| t + STATUS_INTERVAL),
+        )
     }
 
     /// Replace the update keys (manifest reloaded).
@@ -264,7 +304,14 @@ impl Engine {
     }
 
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), EngineError> {
-        self.runner.handle(now, Input::Timeout);
+        if self.status_due().is_some_and(|t| t <= now) {
+            self.write_status();
+        }
+        // The timer may have been the status file's: the round machine
+        // hears of time only when one of its own deadlines has passed.
+        if self.runner.poll_timeout().is_some_and(|t| t <= now) {
+            self.runner.handle(now, Input::Timeout);
+        }
         self.drain(now)
     }
 
@@ -577,7 +624,11 @@ impl Engine {
                 if let crate::round::Checkpoint::RoundStarted { round, .. } = &cp {
                     self.open_round(*round)?;
                 }
-                self.write_status();
+                if matches!(cp, crate::round::Checkpoint::UpdateAccepted(_)) {
+                    self.write_status_soon(now);
+                } else {
+                    self.write_status();
+                }
             }
             Action::SendOffer { site, offer } => {
                 self.audit_own(
@@ -694,11 +745,26 @@ impl Engine {
                 // in the sites' logs too, and `fedlink audit reconcile`
                 // flags a coordinator log cut anywhere before it.
                 let all: Vec<String> = self.sites.keys().cloned().collect();
+                // With the final model's hash first, when there is one.
+                if let JobOutcome::Completed { model } = &outcome {
+                    let fin = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
+                        job_id: self.job_id.clone(),
+                        round: RoundId(self.runner.completed_rounds()),
+                        model: *model,
+                        job_completed: true,
+                    });
+                    for site in &all {
+                        self.send(site, fin.clone());
+                    }
+                }
                 self.push_head(all.iter().map(String::as_str));
-                for s in self.sites.values() {
-                    let _ = s.control.send(Message::Bye(fedlink_protocol::Bye {
-                        reason: "job finished".into(),
-                    }));
+                for site in &all {
+                    self.send(
+                        site,
+                        Message::Bye(fedlink_protocol::Bye {
+                            reason: "job finished".into(),
+                        }),
+                    );
                 }
                 self.outcome = Some(outcome);
                 self.write_status();
@@ -722,14 +788,22 @@ impl Engine {
         }
     }
 
+    /// Queue `msg` on `site`'s control stream. A site whose queue is full
+    /// is not reading what it is sent: its connection is cut (it reconnects
+    /// and starts afresh) rather than letting the queue grow.
     fn send(&self, site: &str, msg: Message) {
-        match self.sites.get(site) {
-            Some(s) => {
-                if s.control.send(msg).is_err() {
-                    tracing::debug!(site, "site's control stream is gone");
-                }
+        let Some(s) = self.sites.get(site) else {
+            tracing::debug!(site, "site not connected; message dropped");
+            return;
+        };
+        match limits::deliver(&s.control, msg) {
+            limits::Delivery::Queued => {}
+            limits::Delivery::Gone => tracing::debug!(site, "site's control stream is gone"),
+            limits::Delivery::Full(why) => {
+                tracing::warn!(site, reason = %why, "closing a site's connection");
+                s.conn
+                    .close(fedlink_transport::close::PROTOCOL, why.as_bytes());
             }
-            None => tracing::debug!(site, "site not connected; message dropped"),
         }
     }
 
@@ -1071,8 +1145,18 @@ impl Engine {
                 })).collect::<Vec<_>>(),
             }),
         )?;
-        // The sites whose updates made this model hold the coordinator's
-        // head over `round.aggregated` (inputs → output hash) from now on.
+        // The sites whose updates made this model are told which model it
+        // is (they record it), then hold the coordinator's head over
+        // `round.aggregated` (inputs → output hash) from now on.
+        let produced = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
+            job_id: self.job_id.clone(),
+            round: RoundId(round),
+            model: hash,
+            job_completed: false,
+        });
+        for i in &log.inputs {
+            self.send(&i.site, produced.clone());
+        }
         self.push_head(log.inputs.iter().map(|i| i.site.as_str()));
         if let Err(e) = self.store.set_round_times(
             self.job_id.as_str(),
@@ -1313,28 +1397,57 @@ impl Engine {
         })
     }
 
-    fn write_status(&self) {
+    /// Write the status file now, or mark it behind if it was written less
+    /// than [`STATUS_INTERVAL`] ago (the engine's timer catches up).
+    fn write_status_soon(&mut self, now: Instant) {
+        match self.status_written {
+            Some(t) if now < t + STATUS_INTERVAL => self.status_behind = true,
+            _ => self.write_status(),
+        }
+    }
+
+    fn write_status(&mut self) {
+        self.status_written = Some(Instant::now());
+        self.status_behind = false;
         let phase = format!("{:?}", self.runner.phase());
-        let rounds = match self.store.rounds(self.job_id.as_str()) {
-            Ok(rs) => rs
-                .into_iter()
-                .map(|r| RoundStatus {
-                    round: r.round,
-                    state: format!("{:?}", r.state),
-                    model: r.model.map(|m| m.to_hex()),
-                    updates: r
-                        .accepted
-                        .iter()
-                        .map(|u| (u.site.clone(), u.bytes, u.num_examples))
-                        .collect(),
-                    metrics: r.metrics.clone(),
-                })
+        let show = |r: &crate::store::RoundRecord| RoundStatus {
+            round: r.round,
+            state: format!("{:?}", r.state),
+            model: r.model.map(|m| m.to_hex()),
+            updates: r
+                .accepted
+                .iter()
+                .map(|u| (u.site.clone(), u.bytes, u.num_examples))
                 .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading rounds for the status file");
-                Vec::new()
-            }
+            metrics: r.metrics.clone(),
         };
+        let mut open = Vec::new();
+        match self
+            .store
+            .rounds_from(self.job_id.as_str(), self.status_next)
+        {
+            Ok(rs) => {
+                for r in rs {
+                    let done = !matches!(r.state, crate::store::RoundState::Open);
+                    if done && open.is_empty() {
+                        // Final and contiguous with the ones kept: it will
+                        // not be read again.
+                        self.status_final.push_back(show(&r));
+                        if self.status_final.len() > STATUS_ROUNDS {
+                            self.status_final.pop_front();
+                        }
+                        self.status_next = r.round.saturating_add(1);
+                    } else {
+                        open.push(show(&r));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading rounds for the status file"),
+        }
+        let mut rounds: Vec<RoundStatus> = self.status_final.iter().cloned().collect();
+        rounds.extend(open);
+        let excess = rounds.len().saturating_sub(STATUS_ROUNDS);
+        rounds.drain(..excess);
         let status = Status {
             job: self.job_id.as_str().to_owned(),
             phase,

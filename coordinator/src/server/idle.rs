@@ -31,7 +31,7 @@ const NO_JOB: &str = "no job is running";
 struct HeldSite {
     conn_id: ConnId,
     conn: ServerConn,
-    control: mpsc::UnboundedSender<Message>,
+    control: mpsc::Sender<Message>,
     capabilities: SiteCapabilities,
     /// The codecs the site announced (its compatibility is decided against
     /// the job's encoding when a job starts).
@@ -193,7 +193,7 @@ impl Idle {
 /// shutdown (`Ok(None)`).
 pub(crate) async fn run_idle<F: Future<Output = ()>>(
     idle: &mut Idle,
-    rx: &mut mpsc::UnboundedReceiver<Event>,
+    rx: &mut mpsc::Receiver<Event>,
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Result<Option<String>, ServeError> {

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,6 +55,7 @@ use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::WireModel;
 
+pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
 
 /// Why the coordinator could not start or had to stop.
@@ -88,7 +89,13 @@ pub enum ServeError {
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
-    engine: mpsc::UnboundedSender<Event>,
+    /// The engine's (or idle holder's) event queue: bounded
+    /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
+    /// flood is held back by QUIC flow control instead of queued here.
+    engine: mpsc::Sender<Event>,
+    /// A re-check of open connections could not be queued (queue full):
+    /// retried at the next reload tick.
+    recheck_pending: AtomicBool,
     manifest: RwLock<SiteManifest>,
     manifest_path: PathBuf,
     manifest_mtime: Mutex<Option<SystemTime>>,
@@ -110,6 +117,8 @@ pub(crate) struct Shared {
     disk: disk::DiskGuard,
     /// Open connections, per identity and in all.
     connections: Arc<limits::Connections>,
+    /// Timeouts and budgets of every connection.
+    peer: PeerLimits,
 }
 
 /// Create the data directory (mode 0700) or make an existing one owner-only:
@@ -244,7 +253,7 @@ impl Shared {
     /// again next time. When anything changed, the engine re-checks every
     /// open connection (a revoked or superseded certificate is cut off).
     fn reload_if_changed(&self) {
-        let mut changed = false;
+        let mut changed = self.recheck_pending.swap(false, Ordering::AcqRel);
         let m = mtime(&self.manifest_path);
         if let Ok(mut last) = self.manifest_mtime.lock()
             && *last != m
@@ -255,10 +264,13 @@ impl Shared {
                         if let Ok(mut cur) = self.manifest.write() {
                             *cur = new;
                         }
-                        let _ = self.engine.send(Event::Keys(keys));
-                        tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                        *last = m;
-                        changed = true;
+                        // Queue full: keep the old mtime, so the next
+                        // reload tick (2 s) tries again.
+                        if self.engine.try_send(Event::Keys(keys)).is_ok() {
+                            tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                            *last = m;
+                            changed = true;
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
@@ -287,7 +299,11 @@ impl Shared {
             }
         }
         if changed {
-            let _ = self.engine.send(Event::RecheckPeers);
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                self.engine.try_send(Event::RecheckPeers)
+            {
+                self.recheck_pending.store(true, Ordering::Release);
+            }
             self.recheck_admins();
         }
     }
@@ -341,6 +357,9 @@ const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
 /// How often the coordinator looks for a changed manifest or revocation
 /// list even when no site connects.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// Source addresses whose handshake rate is tracked, at most (a few
+/// hundred kilobytes).
+const MAX_RATE_SOURCES: usize = 8192;
 
 fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, String> {
     let mut keys = BTreeMap::new();
@@ -576,9 +595,10 @@ pub async fn serve(
         ));
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
     let shared = Arc::new(Shared {
         engine: tx,
+        recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
         manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
         manifest_path: cfg.manifest_path(),
@@ -606,6 +626,7 @@ pub async fn serve(
             cfg.max_connections,
             cfg.max_connections_per_identity,
         ),
+        peer: cfg.peer_limits(),
     });
     let mut engine = match &job_id {
         Some(id) => Some(build_engine(&store, id, &shared, &cfg)?),
@@ -636,6 +657,11 @@ pub async fn serve(
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
+    let mut rates = limits::SourceRates::new(
+        cfg.handshake_burst_per_source,
+        cfg.handshakes_per_source_per_sec,
+        MAX_RATE_SOURCES,
+    );
     // Connection tasks are owned here, so that shutdown can wait for them:
     // each records `conn.closed` as it ends, and a clean shutdown leaves an
     // audit log with every connection's end in it.
@@ -645,7 +671,7 @@ pub async fn serve(
             tokio::select! {
                 incoming = accept_endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        if let Some(permit) = conn::admit(incoming, &handshakes, &accept_shared) {
+                        if let Some(permit) = conn::admit(incoming, &handshakes, &mut rates, &accept_shared) {
                             tasks.spawn(conn::handle_incoming(permit, accept_shared.clone()));
                         }
                     }
@@ -830,7 +856,7 @@ fn build_engine(
 /// its job has finished and a queued job should start (`Ok(Some(id))`).
 async fn run_engine<F: Future<Output = ()>>(
     engine: &mut Engine,
-    rx: &mut mpsc::UnboundedReceiver<Event>,
+    rx: &mut mpsc::Receiver<Event>,
     opts: &ServeOptions,
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,

@@ -333,7 +333,12 @@ async fn run_site(
         let offer = loop {
             match step("offer", limit, control_recv.message()).await?? {
                 Message::TaskOffer(o) | Message::TaskOfferV3(o) => break *o,
-                Message::Heartbeat(_) | Message::Cancel(_) => {}
+                // Heads and round outcomes are recorded by real sites;
+                // the benchmark has no log to keep them in.
+                Message::Heartbeat(_)
+                | Message::Cancel(_)
+                | Message::AuditHead(_)
+                | Message::RoundOutcome(_) => {}
                 other => bail!("waiting for an offer, got {}", other.name()),
             }
         };
@@ -388,7 +393,10 @@ async fn run_site(
     loop {
         match step("Bye after the last round", limit, control_recv.message()).await?? {
             Message::Bye(_) => break,
-            Message::Heartbeat(_) | Message::Cancel(_) => {}
+            Message::Heartbeat(_)
+            | Message::Cancel(_)
+            | Message::AuditHead(_)
+            | Message::RoundOutcome(_) => {}
             other => bail!("waiting for Bye, got {}", other.name()),
         }
     }
