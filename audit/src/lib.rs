@@ -136,16 +136,19 @@
 
 mod entry;
 mod error;
+pub mod event;
 mod keys;
 mod lines;
 mod log;
 mod query;
+pub mod reconcile;
 mod verify;
 
 pub use entry::{
     ENTRY_DOMAIN, Entry, EntryHash, EntryHead, HEAD_DOMAIN, HexError, MAX_LINE_LEN, SignedHead,
 };
 pub use error::Error;
+pub use event::EventKind;
 pub use keys::{load_verifying_key, parse_verifying_key};
 pub use log::{
     AuditLog, MAX_ACTOR_LEN, MAX_EVENT_LEN, TornTailRepair, read_head, segments, write_head,

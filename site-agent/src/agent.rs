@@ -295,7 +295,10 @@ impl Agent {
             Role::Coordinator,
             "coordinator",
         )
-        .map_or_else(|_| "system".to_owned(), |i| i.to_uri());
+        .map_or_else(
+            |_| fedlink_audit::event::SYSTEM_ACTOR.to_owned(),
+            |i| i.to_uri(),
+        );
         let log = SiteAudit::open(
             &log_path,
             update_key,

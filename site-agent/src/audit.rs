@@ -44,7 +44,7 @@
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use fedlink_audit::{AuditLog, Error, SignedHead};
+use fedlink_audit::{AuditLog, Error, EventKind, SignedHead};
 use fedlink_protocol::AuditHead;
 use serde::Serialize;
 
@@ -65,10 +65,11 @@ pub enum Cause {
 /// One site event: its `event` type and `details` (see the module docs).
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "event", content = "details")]
+// Serialised untagged: the fields are the entry's `details`; the
+// `event` name is [`SiteEvent::kind`]'s.
+#[serde(untagged)]
 pub enum SiteEvent {
     /// The agent started.
-    #[serde(rename = "agent.started")]
     AgentStarted {
         /// Agent version.
         version: String,
@@ -91,13 +92,11 @@ pub enum SiteEvent {
         device: String,
     },
     /// The agent stopped.
-    #[serde(rename = "agent.stopped")]
     AgentStopped {
         /// Why.
         reason: String,
     },
     /// A torn last line (a crash during a write) was removed on start.
-    #[serde(rename = "audit.tail_repaired")]
     TailRepaired {
         /// 1-based line number of the removed partial line.
         line: u64,
@@ -107,7 +106,6 @@ pub enum SiteEvent {
         removed_blake3: String,
     },
     /// Connected and welcomed by the coordinator.
-    #[serde(rename = "conn.established")]
     ConnEstablished {
         /// Coordinator address.
         coordinator: String,
@@ -119,7 +117,6 @@ pub enum SiteEvent {
         protocol_version: u16,
     },
     /// A connection ended or an attempt failed.
-    #[serde(rename = "conn.lost")]
     ConnLost {
         /// Why.
         reason: String,
@@ -127,7 +124,6 @@ pub enum SiteEvent {
         retry_in_ms: Option<u64>,
     },
     /// An offer arrived.
-    #[serde(rename = "offer.received")]
     OfferReceived {
         /// Job.
         job: String,
@@ -151,7 +147,6 @@ pub enum SiteEvent {
         central_noise_multiplier: Option<f64>,
     },
     /// The offer was accepted (recorded before the acceptance is sent).
-    #[serde(rename = "offer.accepted")]
     OfferAccepted {
         /// Job.
         job: String,
@@ -159,7 +154,6 @@ pub enum SiteEvent {
         round: u64,
     },
     /// The offer was declined (recorded before the answer is sent).
-    #[serde(rename = "offer.declined")]
     OfferDeclined {
         /// Job.
         job: String,
@@ -169,7 +163,6 @@ pub enum SiteEvent {
         reason: String,
     },
     /// The coordinator cancelled a round, or a newer offer superseded it.
-    #[serde(rename = "round.cancelled")]
     RoundCancelled {
         /// Job.
         job: String,
@@ -181,7 +174,6 @@ pub enum SiteEvent {
         dropped_work: bool,
     },
     /// Work on an accepted round failed locally or on the network.
-    #[serde(rename = "round.failed")]
     RoundFailed {
         /// Job.
         job: String,
@@ -191,7 +183,6 @@ pub enum SiteEvent {
         error: String,
     },
     /// The global model was obtained and its hash checked.
-    #[serde(rename = "model.received")]
     ModelReceived {
         /// Model hash.
         model: String,
@@ -201,7 +192,6 @@ pub enum SiteEvent {
         from_cache: bool,
     },
     /// Local training finished.
-    #[serde(rename = "train.completed")]
     TrainCompleted {
         /// Job.
         job: String,
@@ -226,7 +216,6 @@ pub enum SiteEvent {
     },
     /// The signed update is about to be uploaded (recorded before the first
     /// byte goes out).
-    #[serde(rename = "update.sent")]
     UpdateSent {
         /// Job.
         job: String,
@@ -248,7 +237,6 @@ pub enum SiteEvent {
         feature_stats: bool,
     },
     /// What the coordinator answered to an upload.
-    #[serde(rename = "update.result")]
     UpdateResult {
         /// Job.
         job: String,
@@ -269,7 +257,6 @@ pub enum SiteEvent {
     /// final model, as the coordinator announced it (protocol >= 4).
     /// `fedlink audit reconcile` checks it against the coordinator's
     /// `round.aggregated` / `job.finished`.
-    #[serde(rename = "round.outcome")]
     RoundOutcome {
         /// Job.
         job: String,
@@ -282,7 +269,6 @@ pub enum SiteEvent {
     },
     /// A signed head of the coordinator's audit log (recorded as received;
     /// `fedlink audit reconcile` verifies it).
-    #[serde(rename = "coordinator.audit_head")]
     CoordinatorAuditHead {
         /// Sequence number of the coordinator's newest entry.
         seq: u64,
@@ -310,26 +296,36 @@ impl SiteEvent {
         }
     }
 
+    /// The event's kind (its `event` name).
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::AgentStarted { .. } => EventKind::AgentStarted,
+            Self::AgentStopped { .. } => EventKind::AgentStopped,
+            Self::TailRepaired { .. } => EventKind::TailRepaired,
+            Self::ConnEstablished { .. } => EventKind::ConnEstablished,
+            Self::ConnLost { .. } => EventKind::ConnLost,
+            Self::OfferReceived { .. } => EventKind::OfferReceived,
+            Self::OfferAccepted { .. } => EventKind::OfferAccepted,
+            Self::OfferDeclined { .. } => EventKind::OfferDeclined,
+            Self::RoundCancelled { .. } => EventKind::RoundCancelled,
+            Self::RoundFailed { .. } => EventKind::RoundFailed,
+            Self::ModelReceived { .. } => EventKind::ModelReceived,
+            Self::TrainCompleted { .. } => EventKind::TrainCompleted,
+            Self::UpdateSent { .. } => EventKind::UpdateSent,
+            Self::UpdateResult { .. } => EventKind::UpdateResult,
+            Self::RoundOutcome { .. } => EventKind::RoundOutcome,
+            Self::CoordinatorAuditHead { .. } => EventKind::CoordinatorAuditHead,
+        }
+    }
+
     /// The entry's `event` type and `details` object.
     pub fn split(&self) -> (String, serde_json::Value) {
         // Plain data: serialising cannot fail (non-finite floats become null).
-        match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(mut m)) => {
-                let name = match m.remove("event") {
-                    Some(serde_json::Value::String(s)) => s,
-                    _ => String::from("unknown"),
-                };
-                let details = match m.remove("details") {
-                    Some(d @ serde_json::Value::Object(_)) => d,
-                    _ => serde_json::Value::Object(serde_json::Map::new()),
-                };
-                (name, details)
-            }
-            _ => (
-                String::from("unknown"),
-                serde_json::Value::Object(serde_json::Map::new()),
-            ),
-        }
+        let details = match serde_json::to_value(self) {
+            Ok(d @ serde_json::Value::Object(_)) => d,
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        (self.kind().as_str().to_owned(), details)
     }
 
     /// The coordinator's head as an event.
@@ -619,6 +615,44 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "mode {mode:o}");
         }
+    }
+
+    /// The entry shape is the log format: the name from `EventKind`, the
+    /// details exactly the variant's fields (no tag, no wrapper), as before
+    /// the vocabulary moved into `fedlink-audit`.
+    #[test]
+    fn event_names_and_details_keep_the_log_format() {
+        let (name, details) = sent(2).split();
+        assert_eq!(name, "update.sent");
+        assert_eq!(
+            details,
+            serde_json::json!({"job": "j", "round": 2, "payload_hash": "ab".repeat(32),
+                "payload_bytes": 10, "num_examples": 3, "nonce": "00".repeat(16),
+                "base_model": "cd".repeat(32), "encoding": "f32", "feature_stats": false})
+        );
+        let (name, details) = SiteEvent::AgentStopped {
+            reason: "signal".into(),
+        }
+        .split();
+        assert_eq!(
+            (name.as_str(), details),
+            ("agent.stopped", serde_json::json!({"reason": "signal"}))
+        );
+        let (name, details) = SiteEvent::OfferReceived {
+            job: "j".into(),
+            round: 1,
+            base_model: "cd".repeat(32),
+            arch: "mlp".into(),
+            epochs: 1,
+            encoding: "f32".into(),
+            clip_norm: None,
+            noise_multiplier: None,
+            central_noise_multiplier: None,
+        }
+        .split();
+        assert_eq!(name, "offer.received");
+        assert!(details.get("central_noise_multiplier").is_none());
+        assert!(details["clip_norm"].is_null());
     }
 
     #[test]

@@ -38,7 +38,7 @@
 //! bytes and example count; every update the coordinator accepted or
 //! aggregated in the site's name was sent by the site; neither log ends
 //! before (or differs at) a signed head the other side recorded. See
-//! `reconcile.rs` for the exact list of differences. Exit codes: 0
+//! `fedlink_audit::reconcile` for the exact list of differences. Exit codes: 0
 //! consistent, 1 could not check (unreadable log or key, a log that does not
 //! verify: the bad entry is named), 2 usage, 3 differences found (each with
 //! job, round, nonce, both payload hashes and the entries in both logs).

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::pkcs8::DecodePublicKey;
+use fedlink_audit::EventKind;
 use fedlink_certs::rustls::server::danger::ClientCertVerifier;
 use fedlink_certs::rustls_pki_types::pem::PemObject;
 use fedlink_certs::rustls_pki_types::{CertificateDer, UnixTime};
@@ -380,7 +381,7 @@ async fn handle_stream(
         let reason = "the admin certificate has been revoked";
         let _ = shared.audit().record(
             actor,
-            "admin.refused",
+            EventKind::AdminRefused,
             serde_json::json!({"peer_addr": remote.to_string(), "identity": actor, "reason": reason}),
         );
         send_response(
@@ -395,7 +396,7 @@ async fn handle_stream(
     tracing::info!(admin = %actor, command = req.command(), "admin command");
     if let Err(e) = shared.audit().record(
         actor,
-        "admin.command",
+        EventKind::AdminCommand,
         serde_json::json!({"command": req.command(), "args": req.args()}),
     ) {
         tracing::error!(error = %e, "audit log unavailable; admin command not executed");
@@ -702,7 +703,7 @@ async fn approve(
     };
     shared
         .audit()
-        .record(actor, "site.approved", entry_event(&entry))
+        .record(actor, EventKind::SiteApproved, entry_event(&entry))
         .map_err(internal)?;
     manifest.site.push(entry.clone());
     manifest.save(&manifest_path).map_err(internal)?;
@@ -731,7 +732,7 @@ async fn revoke(
     details["reason"] = serde_json::json!(reason);
     shared
         .audit()
-        .record(actor, "site.revoked", details)
+        .record(actor, EventKind::SiteRevoked, details)
         .map_err(internal)?;
     let revoked_path = &shared.admin.revoked_path;
     let mut revoked = RevokedFile::load(revoked_path).map_err(internal)?;
@@ -811,7 +812,7 @@ async fn rotate(
     let entry = entry.clone();
     shared
         .audit()
-        .record(actor, "site.rotated", entry_event(&entry))
+        .record(actor, EventKind::SiteRotated, entry_event(&entry))
         .map_err(internal)?;
     manifest.save(&manifest_path).map_err(internal)?;
     shared.reload_now();
@@ -848,7 +849,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
         .audit()
         .record(
             actor,
-            "job.submitted",
+            EventKind::JobSubmitted,
             serde_json::json!({
                 "job": job.id,
                 "job_toml_blake3": blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
@@ -1164,7 +1165,7 @@ async fn export(
     };
     if let Err(e) = shared.audit().record(
         actor,
-        "model.exported",
+        EventKind::ModelExported,
         serde_json::json!({"model": header.model, "format": format_name}),
     ) {
         send_response(

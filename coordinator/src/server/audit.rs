@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use fedlink_audit::{AuditLog, SignedHead};
+use fedlink_audit::{AuditLog, EventKind, SignedHead};
 
 /// Sub-directory of the data directory that holds the log.
 pub(crate) const AUDIT_DIR: &str = "audit";
@@ -113,7 +113,7 @@ impl Auditor {
                 "removed a torn last line from the audit log (an interrupted write)"
             );
             auditor.record_own(
-                "audit.tail_repaired",
+                EventKind::TailRepaired,
                 serde_json::json!({
                     "line": r.line,
                     "removed_bytes": r.removed_bytes,
@@ -137,7 +137,7 @@ impl Auditor {
     pub(crate) fn record(
         &self,
         actor: &str,
-        event: &str,
+        event: EventKind,
         details: serde_json::Value,
     ) -> Result<(), AuditError> {
         blocking(|| self.append(actor, event, &details))
@@ -146,7 +146,7 @@ impl Auditor {
     /// [`record`](Self::record) with the coordinator as the actor.
     pub(crate) fn record_own(
         &self,
-        event: &str,
+        event: EventKind,
         details: serde_json::Value,
     ) -> Result<(), AuditError> {
         self.record(&self.actor, event, details)
@@ -155,13 +155,16 @@ impl Auditor {
     fn append(
         &self,
         actor: &str,
-        event: &str,
+        event: EventKind,
         details: &serde_json::Value,
     ) -> Result<(), AuditError> {
         let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
-        inner
-            .log
-            .append(crate::server::engine::unix_ms(), actor, event, details)?;
+        inner.log.append(
+            crate::server::engine::unix_ms(),
+            actor,
+            event.as_str(),
+            details,
+        )?;
         // The line is on disk; its exact length only matters for rotation.
         let len = fs::metadata(inner.log.path()).map(|m| m.len());
         inner.bytes = len.unwrap_or(inner.bytes);
@@ -293,7 +296,7 @@ mod tests {
         )
         .unwrap();
         for i in 0..10 {
-            a.record_own("test.event", serde_json::json!({ "i": i }))
+            a.record_own(EventKind::DiskOk, serde_json::json!({ "i": i }))
                 .unwrap();
         }
         let head = a.signed_head().unwrap();

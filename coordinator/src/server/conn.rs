@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use fedlink_audit::EventKind;
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
@@ -184,7 +185,7 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
         .map(|c| c.serial.to_string());
     let accepted = shared.audit().record(
         &identity.to_string(),
-        "conn.accepted",
+        EventKind::ConnAccepted,
         serde_json::json!({
             "peer_addr": remote.to_string(),
             "identity": identity.to_string(),
@@ -217,7 +218,7 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
     let reason = peer_text(&reason);
     let closed = shared.audit().record(
         &identity.to_string(),
-        "conn.closed",
+        EventKind::ConnClosed,
         serde_json::json!({ "identity": identity.to_string(), "reason": reason }),
     );
     if let Err(e) = closed {
@@ -250,7 +251,7 @@ fn audit_refused(
     reason: &str,
 ) {
     let r = shared.audit().record_own(
-        "conn.refused",
+        EventKind::ConnRefused,
         serde_json::json!({
             "peer_addr": remote.to_string(),
             "identity": identity,
@@ -521,7 +522,7 @@ async fn read_control(
 /// (`site.audit_head_rejected`; the connection stays). Returns the
 /// coordinator's own signed head to answer with, once the site's is recorded.
 fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHead> {
-    let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+    let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), site);
     let head = fedlink_audit::SignedHead {
         seq: h.seq,
         hash: fedlink_audit::EntryHash(h.hash),
@@ -549,7 +550,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
     let audit = shared.audit();
     match verdict {
         Ok(()) => {
-            if let Err(e) = audit.record(&actor, "site.audit_head", details) {
+            if let Err(e) = audit.record(&actor, EventKind::SiteAuditHead, details) {
                 tracing::error!(site, error = %e, "cannot record the site's audit head");
                 return None;
             }
@@ -564,7 +565,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
             tracing::warn!(site, reason = %reason, "site audit head refused");
             let mut details = details;
             details["reason"] = serde_json::Value::String(reason);
-            if let Err(e) = audit.record(&actor, "site.audit_head_rejected", details) {
+            if let Err(e) = audit.record(&actor, EventKind::SiteAuditHeadRejected, details) {
                 tracing::error!(site, error = %e, "cannot record a refused audit head");
             }
             None
@@ -681,9 +682,12 @@ fn audit_upload_refused(
     bytes: u64,
     reason: &str,
 ) {
-    let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+    let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), site);
     let details = update_received_details(envelope, bytes, Some(reason));
-    if let Err(e) = shared.audit().record(&actor, "update.received", details) {
+    if let Err(e) = shared
+        .audit()
+        .record(&actor, EventKind::UpdateReceived, details)
+    {
         tracing::error!(site, error = %e, "cannot record a refused upload");
     }
 }

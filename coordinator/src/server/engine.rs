@@ -16,6 +16,7 @@ use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
+use fedlink_audit::EventKind;
 use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
@@ -631,7 +632,7 @@ impl Engine {
             }
             Action::SendOffer { site, offer } => {
                 self.audit_own(
-                    "offer.sent",
+                    EventKind::OfferSent,
                     serde_json::json!({
                         "job": self.job_id.as_str(),
                         "round": offer.round,
@@ -724,7 +725,7 @@ impl Engine {
                         other => format!("the job ended: {other:?}"),
                     };
                     self.audit_own(
-                        "round.discarded",
+                        EventKind::RoundDiscarded,
                         serde_json::json!({
                             "job": self.job_id.as_str(),
                             "round": log.round,
@@ -733,7 +734,7 @@ impl Engine {
                     )?;
                 }
                 self.audit_own(
-                    "job.finished",
+                    EventKind::JobFinished,
                     serde_json::json!({
                         "job": self.job_id.as_str(),
                         "outcome": outcome_json(&outcome),
@@ -835,7 +836,7 @@ impl Engine {
             round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
                 .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
         self.audit_own(
-            "round.opened",
+            EventKind::RoundOpened,
             serde_json::json!({
                 "job": self.job_id.as_str(),
                 "round": round,
@@ -1017,7 +1018,7 @@ impl Engine {
             log.encodings.remove(*i);
             tracing::warn!(site = %input.site, round, reason = %why, "accepted update excluded from the round");
             self.audit_own(
-                "update.excluded",
+                EventKind::UpdateExcluded,
                 serde_json::json!({
                     "job": self.job_id.as_str(),
                     "round": round,
@@ -1124,7 +1125,7 @@ impl Engine {
             .map_err(|e| fatal("writing round.json", &e))?;
         let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
         self.audit_own(
-            "round.aggregated",
+            EventKind::RoundAggregated,
             serde_json::json!({
                 "job": self.job_id.as_str(),
                 "round": round,
@@ -1267,7 +1268,7 @@ impl Engine {
     }
 
     /// Record an event of the coordinator's own; failing stops the engine.
-    fn audit_own(&self, event: &str, details: serde_json::Value) -> Result<(), EngineError> {
+    fn audit_own(&self, event: EventKind, details: serde_json::Value) -> Result<(), EngineError> {
         self.wire.audit().record_own(event, details).map_err(|e| {
             EngineError::Fatal(format!("{e} (while recording {event}; nothing was done)"))
         })
@@ -1285,12 +1286,12 @@ impl Engine {
         let actor = self.site_actor(site);
         self.wire
             .audit()
-            .record(&actor, "update.received", details)
+            .record(&actor, EventKind::UpdateReceived, details)
             .map_err(|e| EngineError::Fatal(format!("{e} (while recording an update of {site})")))
     }
 
     fn site_actor(&self, site: &str) -> String {
-        format!("fedlink://{}/site/{site}", self.federation.as_str())
+        fedlink_audit::event::site_actor(self.federation.as_str(), site)
     }
 
     /// Keep a declined offer, with the site's reason, in the round's record
@@ -1318,7 +1319,7 @@ impl Engine {
             }
         }
         self.audit_own(
-            "offer.declined",
+            EventKind::OfferDeclined,
             serde_json::json!({
                 "job": self.job_id.as_str(),
                 "round": round,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Instant;
 
+use fedlink_audit::EventKind;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use fedlink_protocol::{Message, ValueCodec};
 use fedlink_transport::ServerConn;
@@ -92,10 +93,13 @@ impl Idle {
                 reply,
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
-                let actor = format!("fedlink://{}/site/{site}", shared.federation.as_str());
+                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
                 let details =
                     update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
-                let answer = match shared.audit().record(&actor, "update.received", details) {
+                let answer = match shared
+                    .audit()
+                    .record(&actor, EventKind::UpdateReceived, details)
+                {
                     Ok(()) => (RejectCode::UnexpectedMessage, NO_JOB.to_owned()),
                     Err(e) => (
                         RejectCode::Internal,

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
+use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{
     Encoding, FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId,
@@ -181,7 +182,7 @@ impl Shared {
                 .map(|(r, _)| r.clone())
                 .unwrap_or_default();
             let r = self.audit.record_own(
-                "conn.refused",
+                EventKind::ConnRefused,
                 serde_json::json!({
                     "peer_addr": s.source,
                     "stage": "handshake",
@@ -204,10 +205,10 @@ impl Shared {
         let (verdict, transition) = self.disk.check();
         if let Some(t) = transition {
             let (event, free) = match t {
-                disk::Transition::Low { free } => ("disk.low", free),
-                disk::Transition::Ok { free } => ("disk.ok", free),
+                disk::Transition::Low { free } => (EventKind::DiskLow, free),
+                disk::Transition::Ok { free } => (EventKind::DiskOk, free),
             };
-            tracing::warn!(event, free_mib = free >> 20, "disk space");
+            tracing::warn!(event = %event, free_mib = free >> 20, "disk space");
             let r = self.audit.record_own(
                 event,
                 serde_json::json!({
@@ -562,7 +563,7 @@ pub async fn serve(
     );
     auditor
         .record_own(
-            "coordinator.started",
+            EventKind::CoordinatorStarted,
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "federation": kit.identity().federation(),
@@ -773,7 +774,7 @@ fn build_engine(
         );
         auditor
             .record_own(
-                "round.discarded",
+                EventKind::RoundDiscarded,
                 serde_json::json!({
                     "job": job_id,
                     "round": r,
@@ -944,7 +945,7 @@ fn select_job(
                 .map_err(|e| ServeError::Job(format!("{}: {e}", path.display())))?;
             auditor
                 .record_own(
-                    "job.submitted",
+                    EventKind::JobSubmitted,
                     serde_json::json!({
                         "job": job.id,
                         "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),

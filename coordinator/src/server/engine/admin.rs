@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use fedlink_audit::EventKind;
 use fedlink_protocol::admin::{AdminErrorCode, JobProgress, SiteProgress};
 use tokio::sync::oneshot;
 
@@ -71,11 +72,11 @@ pub(crate) fn handle_without_job(shared: &Shared, idle: &Idle, event: AdminEvent
     }
 }
 
-fn audit_event(cmd: AdminCommand) -> &'static str {
+fn audit_event(cmd: AdminCommand) -> EventKind {
     match cmd {
-        AdminCommand::Pause => "job.paused",
-        AdminCommand::Resume => "job.resumed",
-        AdminCommand::Abort => "job.aborted",
+        AdminCommand::Pause => EventKind::JobPaused,
+        AdminCommand::Resume => EventKind::JobResumed,
+        AdminCommand::Abort => EventKind::JobAborted,
     }
 }
 
