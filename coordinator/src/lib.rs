@@ -8,12 +8,10 @@
 //!   recomputation of a round behind `fedlink audit replay`;
 //! - [`config`] — `coordinator.toml`;
 //! - [`server`] — the tokio/quinn driver that ties them to the network and to
-//!   the aggregation engine;
-//! - [`cli`] — subcommands of the `fedlink` admin CLI.
+//!   the aggregation engine.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod cli;
 pub mod config;
 pub mod job;
 pub mod round;
