@@ -1,5 +1,6 @@
-//! fedlink coordinator: runs federated jobs round by round, and the logic
-//! behind the `fedlink` admin CLI. Binaries in `src/bin/` stay thin.
+//! fedlink coordinator: runs federated jobs round by round. The `fedlink`
+//! admin CLI lives in its own crate (`fedlink-cli`, `cli/`) and uses this one
+//! as a library (store, round archive). Binaries in `src/bin/` stay thin.
 //!
 //! - [`round`] — the sans-IO round state machine ([`round::JobRunner`]);
 //! - [`store`] — crash-safe persistence (redb + content-addressed models);
@@ -8,12 +9,10 @@
 //!   recomputation of a round behind `fedlink audit replay`;
 //! - [`config`] — `coordinator.toml`;
 //! - [`server`] — the tokio/quinn driver that ties them to the network and to
-//!   the aggregation engine;
-//! - [`cli`] — subcommands of the `fedlink` admin CLI.
+//!   the aggregation engine.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod cli;
 pub mod config;
 pub mod job;
 pub mod round;

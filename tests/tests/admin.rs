@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fedlink_certs::{ALPN_ADMIN, ALPN_SITE, Role, SiteManifest, Validity};
-use fedlink_coordinator::cli::admin::export::expected_tensors;
+use fedlink_cli::admin::export::expected_tensors;
 use fedlink_protocol::FlatModel;
 use fedlink_protocol::message::UploadResult;
 use fedlink_test_util::TestPki;
@@ -861,7 +861,7 @@ async fn starts_empty_and_runs_the_first_submitted_job() {
 /// waiting for its next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_connections_audited_and_cut_on_revocation() {
-    use fedlink_coordinator::cli::admin::client::AdminClient;
+    use fedlink_cli::admin::client::AdminClient;
     use fedlink_protocol::admin::{AdminRequest, AdminResponse};
 
     let pki = TestPki::new(1).unwrap();

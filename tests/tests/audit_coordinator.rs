@@ -4,7 +4,7 @@
 //! `fedlink audit replay` of every round from the archive — and of a
 //! tampered archive.
 //!
-//! Needs the `fedlink` binary: `cargo build -p fedlink-coordinator --bins`
+//! Needs the `fedlink` binary: `cargo build -p fedlink-cli --bins`
 //! (`cargo test --workspace` builds it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -7,7 +7,7 @@
 //! (consistent), `fedlink-agent audit-head`, and a truncated site log caught
 //! through the head the coordinator recorded.
 //!
-//! Needs the binaries: `cargo build -p fedlink-coordinator -p fedlink-agent
+//! Needs the binaries: `cargo build -p fedlink-coordinator -p fedlink-cli -p fedlink-agent
 //! --bins` (`cargo test --workspace` builds them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,5 +1,5 @@
 //! Subcommands of the `fedlink` binary. Each module exposes clap `Args` and a
-//! `run` function; `src/bin/fedlink.rs` only dispatches.
+//! `run` function; `src/main.rs` only dispatches.
 
 pub mod admin;
 pub mod aggregate;

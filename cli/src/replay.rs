@@ -14,7 +14,7 @@
 //! hash / examples, its signature verifies with the site's update key from
 //! `<ca-dir>/sites.toml` (skipped without `--ca-dir`, and said so), and the
 //! payload file's length and blake3 match the signed header; then the round
-//! is recomputed ([`crate::round_archive::recompute`]) and the result's hash
+//! is recomputed ([`fedlink_coordinator::round_archive::recompute`]) and the result's hash
 //! compared with the recorded output model (and, if that model file exists,
 //! value by value, naming the first differing tensor).
 //!
@@ -36,10 +36,10 @@ use fedlink_certs::SiteManifest;
 use fedlink_protocol::{FlatModel, ModelHash, PayloadHash, SignedEnvelope};
 use serde::Serialize;
 
-use crate::round_archive::{
+use fedlink_coordinator::round_archive::{
     self, ArchiveError, MAX_ENVELOPE_FILE, MAX_STATE_FILE, PayloadInput, RoundFile,
 };
-use crate::store::{MODELS_DIR, StoreError, read_model_file};
+use fedlink_coordinator::store::{MODELS_DIR, StoreError, read_model_file};
 
 /// Exit code: reproduced.
 pub const EXIT_REPRODUCED: u8 = 0;

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use fedlink_coordinator::cli;
+use fedlink_cli as cli;
 
 /// fedlink admin CLI: provisioning, offline aggregation, federation admin.
 #[derive(Debug, Parser)]
