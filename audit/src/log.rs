@@ -489,31 +489,25 @@ fn lock(file: &File, path: &Path) -> Result<(), Error> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    fedlink_durable::sync_dir(dir).map_err(durable_err)
 }
 
-/// Write a signed head to `path` as JSON, atomically (temporary file,
-/// fsync, rename, directory fsync); what [`AuditLog::export_head`] writes
-/// and [`read_head`] reads.
+fn durable_err(e: fedlink_durable::Error) -> Error {
+    Error::Io {
+        path: e.path,
+        source: e.source,
+    }
+}
+
+/// Write a signed head to `path` as JSON, atomically and durably
+/// (`fedlink_durable::replace`: temporary file, fsync, rename, directory
+/// fsync; mode 0600); what [`AuditLog::export_head`] writes and
+/// [`read_head`] reads.
 pub fn write_head(path: impl AsRef<Path>, head: &SignedHead) -> Result<(), Error> {
     let path = path.as_ref();
     let mut json = serde_json::to_vec_pretty(head)?;
     json.push(b'\n');
-    let dir = parent_dir(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".fedlink-audit-head-")
-        .tempfile_in(&dir)
-        .map_err(io_err(&dir))?;
-    tmp.write_all(&json).map_err(io_err(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-    sync_dir(&dir)
+    fedlink_durable::replace(path, &json, fedlink_durable::Mode::Private).map_err(durable_err)
 }
 
 /// Read a signed head written by [`AuditLog::export_head`].

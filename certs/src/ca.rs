@@ -715,16 +715,14 @@ impl CertificateAuthority {
                 // Known empty (checked above): replace it.
                 fs::remove_dir(out_dir).map_err(io_err(out_dir))?;
             }
-            fs::rename(&staging, out_dir).map_err(|source| {
+            // Rename into place and fsync the parent: the kit survives a crash.
+            files::install(&staging, out_dir).map_err(|e| {
                 if out_dir.exists() {
                     Error::AlreadyExists {
                         path: out_dir.to_path_buf(),
                     }
                 } else {
-                    Error::Io {
-                        path: out_dir.to_path_buf(),
-                        source,
-                    }
+                    e
                 }
             })
         })();
@@ -859,8 +857,8 @@ impl CertificateAuthority {
             // hard_link fails if the backup exists: nothing is overwritten.
             fs::hard_link(&cert_path, &cert_bak).map_err(io_err(&cert_bak))?;
             fs::hard_link(&key_path, &key_bak).map_err(io_err(&key_bak))?;
-            fs::rename(&new_key, &key_path).map_err(io_err(&key_path))?;
-            fs::rename(&new_cert, &cert_path).map_err(io_err(&cert_path))?;
+            files::install(&new_key, &key_path)?;
+            files::install(&new_cert, &cert_path)?;
             Ok(())
         })();
         if let Err(e) = result {

@@ -1,8 +1,8 @@
 //! File helpers: secrets with mode 0600, never overwrite, atomic replace,
 //! permission checks, TOML and PEM reading with bounded sizes.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -22,66 +22,46 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Create `path` (which must not exist) with `mode` on unix and write `data`.
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = opts.open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::AlreadyExists {
-                path: path.to_path_buf(),
-            }
-        } else {
-            Error::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+fn durable_err(e: fedlink_durable::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::AlreadyExists {
+        Error::AlreadyExists { path: e.path }
+    } else {
+        Error::Io {
+            path: e.path,
+            source: e.source,
         }
-    })?;
-    // The umask may have cleared bits but never adds any; still, make the
-    // mode exact for secrets in case the file system ignores `mode`.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err(path))?;
     }
-    file.write_all(data).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))?;
-    Ok(())
+}
+
+/// Create `path` (which must not exist) with `mode` on unix, write `data`,
+/// fsync the file and its directory (`fedlink_durable::create_new`).
+fn write_new(path: &Path, data: &[u8], mode: fedlink_durable::Mode) -> Result<(), Error> {
+    fedlink_durable::create_new(path, data, mode).map_err(durable_err)
 }
 
 /// Write a secret (private key) to a new file with mode 0600; refuse to
 /// overwrite.
 pub(crate) fn write_secret(path: &Path, data: &[u8]) -> Result<(), Error> {
-    write_new(path, data, 0o600)
+    write_new(path, data, fedlink_durable::Mode::Private)
 }
 
 /// Write a public file (certificate, TOML) to a new file with mode 0644;
 /// refuse to overwrite.
 pub(crate) fn write_public(path: &Path, data: &[u8]) -> Result<(), Error> {
-    write_new(path, data, 0o644)
+    write_new(path, data, fedlink_durable::Mode::Public)
 }
 
-/// Replace `path` atomically with `data` (temporary file in the same
-/// directory, then rename). For the CA's registers, which are meant to change.
+/// Replace `path` atomically and durably with `data`
+/// (`fedlink_durable::replace`). For the CA's registers, which are meant to
+/// change.
 pub(crate) fn replace_public(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let tmp = sibling(path, "tmp");
-    write_public(&tmp, data)?;
-    fs::rename(&tmp, path).map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    fedlink_durable::replace(path, data, fedlink_durable::Mode::Public).map_err(durable_err)
+}
+
+/// Rename a finished file or directory into place and fsync the directory
+/// (`fedlink_durable::install`).
+pub(crate) fn install(from: &Path, to: &Path) -> Result<(), Error> {
+    fedlink_durable::install(from, to).map_err(durable_err)
 }
 
 /// A fresh, unused sibling path: `.<file name>.<tag>-<random>`.
@@ -243,7 +223,7 @@ pub(crate) struct DirLock {
 impl DirLock {
     pub(crate) fn acquire(dir: &Path) -> Result<Self, Error> {
         let path = dir.join(".lock");
-        match write_new(&path, std::process::id().to_string().as_bytes(), 0o600) {
+        match write_secret(&path, std::process::id().to_string().as_bytes()) {
             Ok(()) => Ok(Self { path }),
             Err(Error::AlreadyExists { .. }) => Err(Error::Locked { path }),
             Err(e) => Err(e),

@@ -15,7 +15,6 @@
 //! between offline runs with `--state-in` / `--state-out` (JSON).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,22 +65,14 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Write `bytes` to `path` atomically (temp file + rename); refuse to replace
-/// an existing file unless `force`.
+/// Write `bytes` to `path` atomically and durably (fedlink-durable); refuse
+/// to replace an existing file unless `force`.
 fn write_new(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
+    let mode = fedlink_durable::Mode::Private;
     if force {
-        tmp.persist(path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        fedlink_durable::replace(path, bytes, mode)?;
     } else {
-        tmp.persist_noclobber(path).with_context(|| {
+        fedlink_durable::create_new(path, bytes, mode).with_context(|| {
             format!(
                 "writing {} (it may already exist; pass --force to replace it)",
                 path.display()

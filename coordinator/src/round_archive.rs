@@ -36,7 +36,7 @@
 //! uses bit-identical values.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -315,27 +315,16 @@ impl RoundFile {
     }
 }
 
-/// Write `bytes` to `dir/name` atomically (temporary file, fsync, rename,
-/// directory fsync).
+/// Write `bytes` to `dir/name` atomically and durably
+/// (`fedlink_durable::replace`: temporary file, fsync, rename, directory
+/// fsync; mode 0600 like everything in the data directory).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ArchiveError> {
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
-    tmp.write_all(bytes).map_err(io_err(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-    let target = dir.join(name);
-    tmp.persist(&target).map_err(|e| io_err(&target)(e.error))?;
-    sync_dir(dir)
-}
-
-/// fsync a directory (its entries' renames become durable).
-pub fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
-    #[cfg(unix)]
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(())
+    fedlink_durable::replace(&dir.join(name), bytes, fedlink_durable::Mode::Private).map_err(|e| {
+        ArchiveError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    })
 }
 
 /// Serialize a value to JSON and parse it back: the engine computes with the

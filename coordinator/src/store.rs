@@ -48,10 +48,9 @@
 //! database file).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::fs::{self, File};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use fedlink_protocol::{FlatModel, ModelHash, ModelHasher, ModelSpec};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -80,7 +79,7 @@ pub const MODELS_DIR: &str = "models";
 pub const MODEL_MAGIC: &[u8; 8] = b"FLMODEL1";
 /// Largest model spec header accepted in a model file.
 pub const MAX_SPEC_BYTES: u32 = 16 << 20;
-const TMP_PREFIX: &str = ".tmp-";
+const LEGACY_TMP_PREFIX: &str = ".tmp-";
 
 /// Why a store operation failed.
 #[non_exhaustive]
@@ -143,6 +142,14 @@ pub enum StoreError {
 
 fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
+}
+
+fn durable_err(e: fedlink_durable::Error) -> StoreError {
+    StoreError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    }
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
@@ -353,8 +360,6 @@ pub struct Store {
     models: PathBuf,
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 fn decode<T: for<'de> Deserialize<'de>>(
     table: &'static str,
     key: &dyn std::fmt::Display,
@@ -386,18 +391,6 @@ fn create_dir_private(path: &Path) -> Result<(), StoreError> {
     b.create(path).map_err(io("create directory", path))
 }
 
-fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    #[cfg(unix)]
-    {
-        File::open(path)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync directory", path))?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
-}
-
 impl Store {
     /// Open (or create) the data directory `dir`: create it (mode 0700) and
     /// `models/`, remove leftover temporary model files, open the database
@@ -408,11 +401,19 @@ impl Store {
         create_dir_private(&models)?;
         for entry in fs::read_dir(&models).map_err(io("list", &models))? {
             let entry = entry.map_err(io("list", &models))?;
-            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            // `.tmp-*`: torn model writes of versions before fedlink-durable.
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(LEGACY_TMP_PREFIX)
+            {
                 let p = entry.path();
                 tracing::warn!(path = %p.display(), "removing torn model write");
                 fs::remove_file(&p).map_err(io("remove", &p))?;
             }
+        }
+        for p in fedlink_durable::remove_leftovers(&models).map_err(durable_err)? {
+            tracing::warn!(path = %p.display(), "removed torn model write");
         }
         // Mode 0600 like everything in the data directory: redb creates its
         // file with the process umask, so create it first.
@@ -472,22 +473,7 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.models.join(format!(
-            "{TMP_PREFIX}{}-{}-{n}",
-            hash.to_hex(),
-            std::process::id()
-        ));
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let file = opts.open(&tmp).map_err(io("create", &tmp))?;
-        let write = || -> std::io::Result<File> {
-            let mut w = BufWriter::with_capacity(1 << 20, file);
+        let write = |w: &mut dyn Write| -> std::io::Result<()> {
             let spec = serde_json::to_vec(model.spec()).map_err(std::io::Error::other)?;
             let spec_len = u32::try_from(spec.len())
                 .ok()
@@ -504,23 +490,10 @@ impl Store {
                 }
                 w.write_all(&buf)?;
             }
-            let file = w.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            Ok(file)
+            Ok(())
         };
-        match write() {
-            Ok(file) => drop(file),
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(StoreError::Io {
-                    op: "write",
-                    path: tmp,
-                    source: e,
-                });
-            }
-        }
-        fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
-        sync_dir(&self.models)?;
+        fedlink_durable::replace_with(&path, fedlink_durable::Mode::Private, write)
+            .map_err(durable_err)?;
         Ok(hash)
     }
 

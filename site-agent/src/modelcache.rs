@@ -16,8 +16,6 @@
 //!                                          FlatModel
 //! ```
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fedlink_protocol::{
@@ -306,28 +304,10 @@ impl ModelCache {
             encode_frame(FrameKind::Chunk, r.as_ref(), &mut buf)
                 .map_err(|e| ModelError::Length(e.to_string()))?;
         }
-        let tmp = self.dir.join(format!(
-            ".{}.{}.tmp",
-            manifest.hash.to_hex(),
-            rand::random::<u64>()
-        ));
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let written = (|| {
-            let mut f = opts.open(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
+        // Temporary file, fsync, rename, directory fsync (fedlink-durable);
+        // mode 0600: a global model is derived from the federation's data.
+        fedlink_durable::replace(&path, &buf, fedlink_durable::Mode::Private)
+            .map_err(|e| io(e.source))?;
         Ok(path)
     }
 

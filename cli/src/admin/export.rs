@@ -3,9 +3,8 @@
 //! held whole in memory. The model hash is recomputed over the stored
 //! values and must match the coordinator's.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use fedlink_protocol::admin::{ExportHeader, ExportTensor};
@@ -163,10 +162,12 @@ pub async fn receive(
     let expected =
         ModelHash::from_hex(&header.model).context("bad model hash in the export header")?;
     let json = safetensors_header(header)?;
-    let tmp: PathBuf = out.with_extension("safetensors.part");
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // Written next to `out` and renamed there only when complete and
+    // verified (fedlink-durable; mode 0600: a model is derived from the
+    // sites' data); an error or a drop removes the temporary file.
+    let staged = fedlink_durable::Staged::new(out, fedlink_durable::Mode::Private)?;
     let mut w = Writer {
-        out: BufWriter::new(file),
+        out: BufWriter::with_capacity(1 << 20, staged),
         tensors: header.tensors.clone(),
         index: 0,
         left: 0,
@@ -200,21 +201,15 @@ pub async fn receive(
             bail!("the received model hashes to {got}, not {expected}");
         }
         w.out.flush()?;
-        w.out.get_ref().sync_all()?;
         Ok(received)
     }
     .await;
-    drop(w);
-    match result {
-        Ok(n) => {
-            std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    let n = result?;
+    let staged = w.out.into_inner().map_err(|e| e.into_error())?;
+    staged
+        .commit_new()
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(n)
 }
 
 /// The tensors of `model` as [`receive`] writes them (PyTorch names and
