@@ -16,7 +16,7 @@
 //! job finished, before the coordinator is stopped).
 //!
 //! ```sh
-//! cargo build --release -p fedlink-tests -p fedlink-coordinator --bins
+//! cargo build --release --locked -p fedlink-bench -p fedlink-coordinator --bins
 //! target/release/fedlink-loadgen --sites 8 --rounds 3 --codec f16
 //! ```
 #![forbid(unsafe_code)]
@@ -97,6 +97,11 @@ struct Args {
     /// (`ms,rss_mb,event`) to this file.
     #[arg(long)]
     rss_trace: Option<PathBuf>,
+    /// Also write the results as JSON to this file (what `bench/compare`
+    /// reads): parameters, sites, codec, every round's wall time, the
+    /// coordinator's peak RSS, bytes per site per round.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Keep the work directory (configs, coordinator log, store).
     #[arg(long)]
     keep: bool,
@@ -741,6 +746,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mb(idle_rss),
         mb(end_rss),
     );
+    if let Some(path) = &args.json {
+        let mut sorted = walls.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        let doc = serde_json::json!({
+            "tool": "fedlink-loadgen",
+            "params": params,
+            "sites": args.sites,
+            "rounds": args.rounds,
+            "codec": args.codec,
+            "round_wall_ms": walls,
+            "mean_round_s": mean / 1e3,
+            "median_round_s": median / 1e3,
+            "job_s": total.as_secs_f64(),
+            "coordinator_peak_rss_mb": mb(hwm),
+            "model_mb": model_mb,
+            "upload_mb_per_site_round": upload_mb,
+            "download_mb_per_site_round": download_mb,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.rss_trace {
         events.push((
             reports.iter().map(|s| s.bye).min().unwrap_or(started),
