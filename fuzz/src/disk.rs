@@ -377,7 +377,7 @@ const IMAGING_BUDGET: usize = 1 << 24;
 
 /// A site's imaging file, as its dataset loader reads it: first byte even, a
 /// DICOM slice (`data::dicom::decode_slice`: parse, attribute checks, pixel
-/// decoding incl. RLE/JPEG, rescale); odd, a NIfTI-1 file, plain or gzip
+/// data, rescale; compressed pixel data is refused); odd, a NIfTI-1 file, plain or gzip
 /// (`data::nifti::decode_nifti`). Oracle: what decodes holds exactly as many
 /// values as its dimensions say, all finite for NIfTI.
 pub fn imaging(data: &[u8]) {
