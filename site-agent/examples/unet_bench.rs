@@ -42,6 +42,7 @@ struct Args {
     epochs: usize,
     seed: u64,
     lr: f64,
+    data: PathBuf,
 }
 
 fn parse() -> Result<Args> {
@@ -54,6 +55,9 @@ fn parse() -> Result<Args> {
         epochs: 2,
         seed: 7,
         lr: 0.05,
+        // Baked in at build time: a binary run from another checkout (the
+        // GPU machine) passes `--data`.
+        data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/nuclei_dsb2018"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +77,7 @@ fn parse() -> Result<Args> {
             "--epochs" => a.epochs = value.parse()?,
             "--seed" => a.seed = value.parse()?,
             "--lr" => a.lr = value.parse()?,
+            "--data" => a.data = PathBuf::from(value),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -93,8 +98,9 @@ fn main() -> Result<()> {
     let params = arch.spec().context("architecture")?.num_params();
     let device = a.device.resolve().context("device")?;
 
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/nuclei_dsb2018");
-    let mut cfg = SegmentationConfig::new(SegmentationSource::RawU8 { dir: root });
+    let mut cfg = SegmentationConfig::new(SegmentationSource::RawU8 {
+        dir: a.data.clone(),
+    });
     cfg.tile = a.tile;
     cfg.validation_fraction = 0.0;
     let all = load_segmentation(&cfg).context("nuclei data")?.train;
