@@ -300,6 +300,18 @@ fn disk_seeds(demo: Option<&std::path::Path>) {
         write("config", &format!("kit-{file}"), &with(5 + i as u8, &bytes));
     }
 
+    // imaging: the DICOM and NIfTI sample files of data/imaging_samples.
+    let samples = repo.join("data/imaging_samples");
+    for (sel, name) in [
+        (0u8, "dicom/CT_small.dcm"),
+        (0, "dicom/MR_small_RLE.dcm"),
+        (1, "nifti/standard.nii.gz"),
+        (1, "nifti/anatomical.nii"),
+    ] {
+        let seed = name.rsplit('/').next().unwrap_or(name);
+        write("imaging", seed, &with(sel, &read(&samples.join(name))));
+    }
+
     let Some(demo) = demo else {
         return;
     };

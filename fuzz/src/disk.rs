@@ -1,6 +1,6 @@
 //! Fuzz target bodies for what fedlink reads from disk: audit logs, model
-//! files, the coordinator's store, round archives, configuration files and
-//! certificate kits. Each body writes the input where the real reader looks
+//! files, the coordinator's store, round archives, configuration files,
+//! certificate kits and a site's imaging files (DICOM, NIfTI). Each body writes the input where the real reader looks
 //! for it (a scratch directory, on tmpfs when there is one) and calls the
 //! same public function the services call at start or on review.
 
@@ -367,5 +367,30 @@ fn copy_dir(from: &Path, to: &Path) {
             fs::copy(entry.path(), to.join(entry.file_name()))
                 .unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
         }
+    }
+}
+
+/// Most values one fuzzed DICOM slice may decode to (a 4096 × 4096 slice),
+/// so that a hostile `Rows` × `Columns` is refused by the bound, not by the
+/// fuzzer's memory limit.
+const IMAGING_BUDGET: usize = 1 << 24;
+
+/// A site's imaging file, as its dataset loader reads it: first byte even, a
+/// DICOM slice (`data::dicom::decode_slice`: parse, attribute checks, pixel
+/// data, rescale; compressed pixel data is refused); odd, a NIfTI-1 file, plain or gzip
+/// (`data::nifti::decode_nifti`). Oracle: what decodes holds exactly as many
+/// values as its dimensions say, all finite for NIfTI.
+pub fn imaging(data: &[u8]) {
+    use fedlink_agent::data::{dicom, nifti};
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    if sel % 2 == 0 {
+        if let Ok(s) = dicom::decode_slice(Path::new("fuzz.dcm"), rest, IMAGING_BUDGET) {
+            assert_eq!(s.values.len(), s.size.0 * s.size.1);
+        }
+    } else if let Ok(v) = nifti::decode_nifti(Path::new("fuzz.nii"), rest) {
+        assert_eq!(v.values.len(), v.dims.iter().product::<usize>());
+        assert!(v.values.iter().all(|x| x.is_finite()));
     }
 }

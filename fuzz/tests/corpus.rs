@@ -111,3 +111,8 @@ fn disk_seeds_are_accepted_by_their_readers() {
         assert!(rec.snapshot.completed_rounds > 0);
     }
 }
+
+#[test]
+fn corpus_imaging() {
+    replay("imaging", fedlink_protocol_fuzz::disk::imaging);
+}

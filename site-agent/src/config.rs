@@ -46,7 +46,10 @@
 //! * `kind = "segmentation"`: [`SegmentationConfig`] (`tile`,
 //!   `validation_fraction`, `split_seed`, and a `[dataset.source]` table
 //!   with `format = "png_pairs"` + `images`, `masks`, or
-//!   `format = "raw_u8"` + `dir`).
+//!   `format = "raw_u8"` + `dir`);
+//! * `kind = "dicom"` / `kind = "nifti"`: [`VolumeConfig`] (`task`, `root`,
+//!   `classes`, `axis`, `normalize`, `window`, `tile`,
+//!   `validation_fraction`, `split_seed`; layout in [`crate::data::volume`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,6 +59,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::image::{ImageFolderConfig, load_image_folder};
 use crate::data::segmentation::{SegmentationConfig, SegmentationSource, load_segmentation};
 use crate::data::tabular::{TabularConfig, load_tabular};
+use crate::data::volume::{VolumeConfig, load_dicom, load_nifti};
 use crate::data::{DataError, SiteData};
 use crate::device::DeviceChoice;
 use crate::policy::Policy;
@@ -210,6 +214,10 @@ pub enum DatasetConfig {
     ImageFolder(ImageFolderConfig),
     /// Image/mask pairs for segmentation.
     Segmentation(SegmentationConfig),
+    /// DICOM series (folders of 2D slices).
+    Dicom(VolumeConfig),
+    /// NIfTI volumes (`.nii`, `.nii.gz`).
+    Nifti(VolumeConfig),
 }
 
 impl DatasetConfig {
@@ -219,15 +227,19 @@ impl DatasetConfig {
             Self::Csv(c) => load_tabular(c).map(SiteData::from),
             Self::ImageFolder(c) => load_image_folder(c).map(|i| i.data.into()),
             Self::Segmentation(c) => load_segmentation(c).map(SiteData::from),
+            Self::Dicom(c) => load_dicom(c).map(SiteData::from),
+            Self::Nifti(c) => load_nifti(c).map(SiteData::from),
         }
     }
 
-    /// `csv`, `image-folder` or `segmentation`.
+    /// `csv`, `image-folder`, `segmentation`, `dicom` or `nifti`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Csv(_) => "csv",
             Self::ImageFolder(_) => "image-folder",
             Self::Segmentation(_) => "segmentation",
+            Self::Dicom(_) => "dicom",
+            Self::Nifti(_) => "nifti",
         }
     }
 
@@ -236,6 +248,7 @@ impl DatasetConfig {
             Self::Csv(c) => c.validation_fraction,
             Self::ImageFolder(c) => c.validation_fraction,
             Self::Segmentation(c) => c.validation_fraction,
+            Self::Dicom(c) | Self::Nifti(c) => c.validation_fraction,
         }
     }
 
@@ -250,6 +263,7 @@ impl DatasetConfig {
                 }
                 SegmentationSource::RawU8 { dir } => resolve(base, dir),
             },
+            Self::Dicom(c) | Self::Nifti(c) => resolve(base, &mut c.root),
         }
     }
 
@@ -319,6 +333,10 @@ impl DatasetConfig {
                         format!("{} is not a multiple of 4 in 4..={max}", c.tile),
                     ));
                 }
+            }
+            Self::Dicom(c) | Self::Nifti(c) => {
+                c.validate()
+                    .map_err(|(field, message)| ConfigError::invalid(field, message))?;
             }
         }
         Ok(())
@@ -586,6 +604,27 @@ encodings = ["f32", "f16"]
             "{base}[dataset]\nkind = \"segmentation\"\n[dataset.source]\nformat = \"png_pairs\"\nimages = \"i\"\nmasks = \"m\"\n{policy}"
         );
         parse(&pairs).unwrap();
+        let dicom = format!(
+            "{base}[dataset]\nkind = \"dicom\"\ntask = \"segmentation\"\nroot = \"ct\"\nnormalize = \"window\"\nwindow = [40, 400]\ntile = 128\n{policy}"
+        );
+        let c = parse(&dicom).unwrap();
+        assert_eq!(c.dataset.kind(), "dicom");
+        assert!(
+            matches!(&c.dataset, DatasetConfig::Dicom(v) if v.root == Path::new("/etc/fedlink/ct"))
+        );
+        let nifti = format!(
+            "{base}[dataset]\nkind = \"nifti\"\ntask = \"classification\"\nroot = \"mri\"\nclasses = [\"a\", \"b\"]\naxis = \"x\"\n{policy}"
+        );
+        assert_eq!(parse(&nifti).unwrap().dataset.kind(), "nifti");
+        // Volume settings are validated by field.
+        let e = parse(&dicom.replace("tile = 128", "tile = 130")).unwrap_err();
+        assert_eq!(e.field(), Some("dataset.tile"), "{e}");
+        let e = parse(&dicom.replace("window = [40, 400]\n", "")).unwrap_err();
+        assert_eq!(e.field(), Some("dataset.window"), "{e}");
+        let e = parse(&nifti.replace("axis = \"x\"", "axis = \"w\"")).unwrap_err();
+        // (serde's internally tagged enums lose the field name; the value and
+        // the allowed ones are shown.)
+        assert!(e.to_string().contains("unknown variant `w`"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! ```text
 //!  CSV (tabular)  ──┐
 //!  PNG folders    ──┼─▶ validate ─▶ split (seeded) ─▶ LocalData { train, validation }
-//!  PNG pairs/raw  ──┘                                  + Fingerprint
+//!  PNG pairs/raw  ──┤                                  + Fingerprint
+//!  DICOM / NIfTI  ──┘
 //! ```
 //!
 //! Every loader refuses malformed input with a [`DataError`] that names the
@@ -18,10 +19,15 @@
 //! * [`image`]: classification images, one folder per class (PNG).
 //! * [`segmentation`]: image + mask pairs (PNG folders, or the raw u8 format
 //!   with `header.json`), cut into square tiles.
+//! * [`volume`]: DICOM series ([`dicom`]) and NIfTI files ([`nifti`]) →
+//!   2D slices (or tiles) for segmentation or classification.
 
+pub mod dicom;
 pub mod image;
+pub mod nifti;
 pub mod segmentation;
 pub mod tabular;
+pub mod volume;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
