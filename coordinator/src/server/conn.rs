@@ -308,13 +308,7 @@ async fn serve_site(
     };
     let site_id = fedlink_protocol::SiteId::new(site)
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
-    let compatible = shared.job_encoding().is_none_or(|enc| {
-        hello
-            .capabilities
-            .codecs
-            .iter()
-            .any(|c| same_family(*c, enc.values()))
-    });
+    let compatible = crate::core::compatible(&hello.capabilities.codecs, shared.job_encoding());
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
     let control = tx.clone();
@@ -387,13 +381,6 @@ async fn serve_site(
         .await;
     writer.abort();
     result
-}
-
-pub(super) fn same_family(
-    a: fedlink_protocol::ValueCodec,
-    b: fedlink_protocol::ValueCodec,
-) -> bool {
-    std::mem::discriminant(&a) == std::mem::discriminant(&b)
 }
 
 async fn control_loop(

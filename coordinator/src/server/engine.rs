@@ -29,10 +29,11 @@ use fedlink_protocol::{
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
-use super::limits;
+use super::links::Links;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
+use crate::core::CloseReason;
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason, SiteCapabilities,
@@ -106,13 +107,6 @@ pub(crate) struct UpdateReady {
 }
 
 #[derive(Debug)]
-struct SiteConn {
-    conn_id: ConnId,
-    conn: ServerConn,
-    control: mpsc::Sender<Message>,
-}
-
-#[derive(Debug)]
 struct Pending {
     envelope: SignedEnvelope,
     spool_path: PathBuf,
@@ -173,7 +167,8 @@ pub(crate) struct Engine {
     federation: FederationId,
     keys: BTreeMap<SiteId, VerifyingKey>,
     replay: ReplayGuard,
-    sites: HashMap<String, SiteConn>,
+    /// The connected sites (held across jobs: see [`super::links`]).
+    links: Links,
     pending: HashMap<(String, u64), Pending>,
     round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
     /// Feature statistics of the round's accepted updates.
@@ -238,7 +233,7 @@ impl Engine {
             federation: parts.federation,
             keys: parts.keys,
             replay: parts.replay,
-            sites: HashMap::new(),
+            links: Links::default(),
             pending: HashMap::new(),
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
@@ -323,22 +318,11 @@ impl Engine {
                 conn,
                 control,
                 capabilities,
-                ..
+                codecs,
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected");
-                if let Some(old) = self.sites.insert(
-                    site.clone(),
-                    SiteConn {
-                        conn_id,
-                        conn,
-                        control,
-                    },
-                ) {
-                    old.conn.close(
-                        fedlink_transport::close::REPLACED,
-                        b"a newer connection of this site replaced this one",
-                    );
-                }
+                self.links
+                    .connect(&site, conn_id, conn, control, capabilities.clone(), codecs);
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
@@ -350,9 +334,7 @@ impl Engine {
             }
             Event::Disconnected { site, conn_id } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                if self.sites.get(&site).is_some_and(|s| s.conn_id == conn_id) {
-                    self.sites.remove(&site);
-                }
+                self.links.disconnect(&site, conn_id);
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
@@ -402,30 +384,30 @@ impl Engine {
     }
 
     fn recheck_peers(&mut self, now: Instant) {
-        let refused: Vec<(String, ConnId, String)> = self
-            .sites
-            .iter()
-            .filter_map(|(site, c)| {
-                self.wire
-                    .check_open_peer(&c.conn)
-                    .err()
-                    .map(|why| (site.clone(), c.conn_id, why))
-            })
-            .collect();
-        for (site, conn_id, why) in refused {
-            tracing::warn!(site = %site, reason = %why, "closing the connection of a site that is no longer allowed");
-            if let Some(c) = self.sites.remove(&site) {
-                c.conn
-                    .close(fedlink_transport::close::FORBIDDEN, why.as_bytes());
-            }
-            self.runner.handle(
-                now,
-                Input::SiteDisconnected {
-                    site,
-                    conn: conn_id,
-                },
-            );
+        for (site, conn) in self.links.recheck(&self.wire) {
+            self.runner
+                .handle(now, Input::SiteDisconnected { site, conn });
         }
+    }
+
+    /// Hand the sites over to the next job (a job switch): this engine
+    /// keeps none.
+    pub(crate) fn take_links(&mut self) -> Links {
+        std::mem::take(&mut self.links)
+    }
+
+    /// Take over the connected sites at the start of this engine's job
+    /// (after an empty start or a job switch alike): each is told to the
+    /// round machine, its compatibility decided against the job's
+    /// encoding, in the order the sites connected.
+    pub(crate) fn adopt(&mut self, links: Links, now: Instant) -> Result<(), EngineError> {
+        self.links = links;
+        let encoding = self.job.encoding.to_protocol().ok();
+        for input in self.links.hand_over(encoding) {
+            self.runner.handle(now, input);
+            self.drain(now)?;
+        }
+        Ok(())
     }
 
     fn prepare_upload(
@@ -700,22 +682,11 @@ impl Engine {
                 tracing::info!(round, model = %model, "global model ready for evaluation");
             }
             Action::Disconnect { site, conn, reason } => {
-                if let Some(s) = self.sites.get(&site)
-                    && s.conn_id == conn
-                {
-                    let (code, text): (_, &[u8]) = match reason {
-                        DisconnectReason::NotAllowed => (
-                            fedlink_transport::close::FORBIDDEN,
-                            b"this site is not allowed in the job",
-                        ),
-                        _ => (
-                            fedlink_transport::close::REPLACED,
-                            b"replaced by a newer connection",
-                        ),
-                    };
-                    s.conn.close(code, text);
-                    self.sites.remove(&site);
-                }
+                let reason = match reason {
+                    DisconnectReason::NotAllowed => CloseReason::NotAllowed,
+                    _ => CloseReason::Replaced,
+                };
+                self.links.close(&site, conn, reason);
             }
             Action::JobFinished(outcome) => {
                 tracing::info!(?outcome, "job finished");
@@ -744,7 +715,7 @@ impl Engine {
                 // `job.finished` before its Bye: the end of the job is then
                 // in the sites' logs too, and `fedlink audit reconcile`
                 // flags a coordinator log cut anywhere before it.
-                let all: Vec<String> = self.sites.keys().cloned().collect();
+                let all: Vec<String> = self.links.connected();
                 // With the final model's hash first, when there is one.
                 if let JobOutcome::Completed { model } = &outcome {
                     let fin = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
@@ -758,13 +729,18 @@ impl Engine {
                     }
                 }
                 self.push_head(all.iter().map(String::as_str));
-                for site in &all {
-                    self.send(
-                        site,
-                        Message::Bye(fedlink_protocol::Bye {
-                            reason: "job finished".into(),
-                        }),
-                    );
+                // With a job queued behind this one the sites stay: the
+                // serve loop hands them to the next job (as after an empty
+                // start). Otherwise they are told the job is over.
+                if self.wire.admin.next_queued().is_none() {
+                    for site in &all {
+                        self.send(
+                            site,
+                            Message::Bye(fedlink_protocol::Bye {
+                                reason: "job finished".into(),
+                            }),
+                        );
+                    }
                 }
                 self.outcome = Some(outcome);
                 self.write_status();
@@ -788,23 +764,9 @@ impl Engine {
         }
     }
 
-    /// Queue `msg` on `site`'s control stream. A site whose queue is full
-    /// is not reading what it is sent: its connection is cut (it reconnects
-    /// and starts afresh) rather than letting the queue grow.
+    /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
     fn send(&self, site: &str, msg: Message) {
-        let Some(s) = self.sites.get(site) else {
-            tracing::debug!(site, "site not connected; message dropped");
-            return;
-        };
-        match limits::deliver(&s.control, msg) {
-            limits::Delivery::Queued => {}
-            limits::Delivery::Gone => tracing::debug!(site, "site's control stream is gone"),
-            limits::Delivery::Full(why) => {
-                tracing::warn!(site, reason = %why, "closing a site's connection");
-                s.conn
-                    .close(fedlink_transport::close::PROTOCOL, why.as_bytes());
-            }
-        }
+        self.links.send(site, msg);
     }
 
     fn open_round(&mut self, round: u64) -> Result<(), EngineError> {
@@ -1454,11 +1416,7 @@ impl Engine {
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),
-            connected_sites: {
-                let mut s: Vec<String> = self.sites.keys().cloned().collect();
-                s.sort();
-                s
-            },
+            connected_sites: self.links.connected(),
             finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
@@ -1472,13 +1430,7 @@ impl Engine {
 
     /// Drop every connection (shutdown).
     pub(crate) fn close_all(&mut self) {
-        for s in self.sites.values() {
-            s.conn.close(
-                fedlink_transport::close::SHUTDOWN,
-                b"coordinator shutting down",
-            );
-        }
-        self.sites.clear();
+        self.links.close_all();
     }
 }
 

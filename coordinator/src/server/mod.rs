@@ -23,6 +23,7 @@ mod disk;
 mod engine;
 mod idle;
 mod limits;
+mod links;
 mod refusals;
 mod scaling;
 pub(crate) mod spool;
@@ -695,7 +696,7 @@ pub async fn serve(
                 Ok(Some(first)) => {
                     tracing::info!(job = %first, "starting the first submitted job");
                     let built = build_engine(&store, &first, &shared, &cfg).and_then(|mut e| {
-                        idle.hand_over(&mut e, &shared, Instant::now())
+                        idle.hand_over(&mut e, Instant::now())
                             .map_err(|err| ServeError::Fatal(err.to_string()))?;
                         Ok(e)
                     });
@@ -713,8 +714,15 @@ pub async fn serve(
         match run_engine(running, &mut rx, &opts, &shared, shutdown.as_mut()).await {
             Ok(Some(next)) => {
                 tracing::info!(job = %next, "starting the next queued job");
-                running.close_all();
-                match build_engine(&store, &next, &shared, &cfg) {
+                // The connected sites go to the next job, as after an
+                // empty start.
+                let links = running.take_links();
+                let built = build_engine(&store, &next, &shared, &cfg).and_then(|mut e| {
+                    e.adopt(links, Instant::now())
+                        .map_err(|err| ServeError::Fatal(err.to_string()))?;
+                    Ok(e)
+                });
+                match built {
                     Ok(e) => engine = Some(e),
                     Err(e) => break Err(e),
                 }

@@ -160,9 +160,7 @@ impl Engine {
                 let _ = reply.send(r);
             }
             AdminEvent::ConnectedSites(reply) => {
-                let mut s: Vec<String> = self.sites.keys().cloned().collect();
-                s.sort();
-                let _ = reply.send(s);
+                let _ = reply.send(self.links.connected());
             }
             AdminEvent::Wake => {}
         }
@@ -178,7 +176,7 @@ impl Engine {
             PhaseView::Aggregating { round } => ("aggregating", Some(round), 0),
             PhaseView::Finished(_) => ("finished", None, 0),
         };
-        let connected: BTreeSet<String> = self.sites.keys().cloned().collect();
+        let connected: BTreeSet<String> = self.links.connected().into_iter().collect();
         let selected: BTreeSet<String> = self
             .runner
             .selected_sites()
