@@ -17,14 +17,13 @@ use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
-use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
+use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
     UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
-    VerifyError,
 };
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
@@ -34,9 +33,10 @@ use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::CloseReason;
+use crate::core::intake::{self, reason_text, reject_code};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
-    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason, SiteCapabilities,
+    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
     UpdateReceived, Verdict,
 };
 use crate::round_archive::{self, RoundFile, RoundInput};
@@ -416,33 +416,20 @@ impl Engine {
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        if let Err(reason) = self.runner.check_upload(site, h.round.0) {
-            return Err((reject_code(&reason), reason_text(&reason)));
-        }
+        let expected = intake::Expected {
+            federation: &self.federation,
+            job: &self.job_id,
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            encoding: self.job.encoding.to_protocol().ok(),
+            spec: &self.global_spec,
+            keys: &self.keys,
+        };
+        let verifier =
+            intake::verify_header(&self.runner, &expected, &mut self.replay, site, envelope)
+                .map_err(|r| (r.code, r.reason))?;
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        let authenticated =
-            SiteId::new(site).map_err(|e| (RejectCode::UnknownSite, e.to_string()))?;
-        let expected = ExpectedUpdate {
-            federation_id: self.federation.clone(),
-            job_id: self.job_id.clone(),
-            round: RoundId(*round),
-            base_model: self.runner.current_model(),
-            encoding: self.job.encoding.to_protocol().ok(),
-            max_payload_len: fedlink_protocol::payload::max_payload_len(
-                &self.global_spec,
-                &h.encoding,
-            ),
-        };
-        let verifier = verify_update(
-            envelope,
-            &authenticated,
-            &self.keys,
-            &expected,
-            &mut self.replay,
-        )
-        .map_err(|e| (verify_code(&e), e.to_string()))?;
         // The nonce is durable before a payload byte is read: after a
         // restart the same signed envelope is still a replay, whether its
         // first attempt was accepted, refused or cut off.
@@ -463,7 +450,7 @@ impl Engine {
             .wire
             .site_max_examples(site)
             .map_err(|e| (RejectCode::Internal, e))?;
-        check_num_examples(
+        intake::check_num_examples(
             site,
             h.num_examples,
             self.strategy.max_num_examples,
@@ -1434,33 +1421,6 @@ impl Engine {
     }
 }
 
-/// Whether an update of `site` may claim `claimed` training examples: at
-/// most the site's declared maximum (`max_examples` in `sites.toml`) and at
-/// most the job's per-site limit (`max_num_examples` of the strategy, from
-/// `strategy.max_examples_per_site`). The reason names both numbers.
-fn check_num_examples(
-    site: &str,
-    claimed: u64,
-    job_limit: u64,
-    declared: Option<u64>,
-) -> Result<(), String> {
-    if let Some(max) = declared
-        && claimed > max
-    {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the {max} examples declared for site {site} \
-             (max_examples in sites.toml)"
-        ));
-    }
-    if claimed > job_limit {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the job's limit of {job_limit} examples per site \
-             (strategy.max_examples_per_site)"
-        ));
-    }
-    Ok(())
-}
-
 /// Check that a strategy fits the job before starting.
 pub(crate) fn check_fits(
     strategy: &StrategyConfig,
@@ -1553,56 +1513,6 @@ fn archive(
 pub(crate) enum EngineError {
     #[error("{0}")]
     Fatal(String),
-}
-
-fn reason_text(r: &RejectReason) -> String {
-    match r {
-        RejectReason::Duplicate => "this site already reported in this round".into(),
-        RejectReason::RoundClosed => "the round is closed".into(),
-        RejectReason::WrongRound => "no such round is open".into(),
-        RejectReason::NotSelected => "this site was not selected for the round".into(),
-        RejectReason::UnknownSite => "unknown site".into(),
-        RejectReason::StaleModel => "the update was trained on another model".into(),
-        RejectReason::JobNotRunning => "the job is not running".into(),
-        RejectReason::Invalid(why) => format!("invalid update: {why}"),
-    }
-}
-
-fn reject_code(r: &RejectReason) -> RejectCode {
-    match r {
-        RejectReason::Duplicate => RejectCode::Replay,
-        RejectReason::RoundClosed => RejectCode::TooLate,
-        RejectReason::WrongRound | RejectReason::StaleModel => RejectCode::ContextMismatch,
-        RejectReason::NotSelected => RejectCode::NotAuthorized,
-        RejectReason::UnknownSite => RejectCode::UnknownSite,
-        RejectReason::JobNotRunning => RejectCode::UnexpectedMessage,
-        _ => RejectCode::Malformed,
-    }
-}
-
-fn verify_code(e: &VerifyError) -> RejectCode {
-    match e {
-        VerifyError::UnsupportedVersion(_) => RejectCode::UnsupportedVersion,
-        VerifyError::IdentityMismatch { .. } | VerifyError::UnknownSite(_) => {
-            RejectCode::UnknownSite
-        }
-        VerifyError::BadSignature => RejectCode::BadSignature,
-        VerifyError::FederationMismatch { .. } => RejectCode::WrongFederation,
-        VerifyError::NonceReplayed(_)
-        | VerifyError::RoundReplayed { .. }
-        | VerifyError::TooManyAttempts(_) => RejectCode::Replay,
-        VerifyError::PayloadLengthMismatch { .. }
-        | VerifyError::PayloadHashMismatch
-        | VerifyError::PayloadTooLarge { .. } => RejectCode::PayloadMismatch,
-        VerifyError::BadFeatureStats(_) => RejectCode::Malformed,
-        _ => RejectCode::ContextMismatch,
-    }
-}
-
-/// Map a payload-verification failure to its reject code (used by the
-/// connection task after streaming).
-pub(crate) fn payload_verify_code(e: &VerifyError) -> RejectCode {
-    verify_code(e)
 }
 
 /// The privacy terms of an offer, as the aggregator applies them: sites clip
@@ -1732,27 +1642,5 @@ mod tests {
             ),
             9
         );
-    }
-
-    #[test]
-    fn claimed_examples_are_checked_against_the_site_and_the_job() {
-        assert_eq!(check_num_examples("a", 100, 1_000, None), Ok(()));
-        assert_eq!(check_num_examples("a", 1_000, 1_000, Some(1_000)), Ok(()));
-        // Over the site's declared size, under the job's cap.
-        let why = check_num_examples("site-2", 1_001, 1_000_000, Some(1_000)).unwrap_err();
-        assert!(
-            why.contains("1001") && why.contains("1000") && why.contains("site-2"),
-            "{why}"
-        );
-        assert!(why.contains("max_examples"), "{why}");
-        // Over the job's cap, the site declaring nothing or more.
-        for declared in [None, Some(u64::MAX)] {
-            let why = check_num_examples("a", 1 << 30, 1_000_000, declared).unwrap_err();
-            assert!(
-                why.contains(&(1u64 << 30).to_string()) && why.contains("1000000"),
-                "{why}"
-            );
-            assert!(why.contains("max_examples_per_site"), "{why}");
-        }
     }
 }
