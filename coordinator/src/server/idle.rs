@@ -93,7 +93,7 @@ impl Idle {
             Event::Keys(_) => {}
             Event::RecheckPeers => self.recheck_peers(shared),
             Event::Admin(ev) => {
-                if super::engine::admin::handle_without_job(shared, self, ev) {
+                if super::engine::admin::handle_without_job(shared, || self.connected(), ev) {
                     return shared.admin.next_queued();
                 }
             }

@@ -13,7 +13,6 @@ use tokio::sync::oneshot;
 use super::{Engine, EngineError};
 use crate::round::{AdminCommand, Checkpoint, Input, JobOutcome, PhaseView};
 use crate::server::Shared;
-use crate::server::idle::Idle;
 use crate::store::{Extras, Store};
 
 /// An admin request for the engine.
@@ -35,15 +34,20 @@ pub(crate) enum AdminEvent {
     Wake,
 }
 
-/// Handle an admin event while no job runs (see [`crate::server::idle`]):
+/// Handle an admin event while no job runs (the idle holder's; `connected`
+/// lists the sites it holds):
 /// pause / resume / abort reach queued jobs in the store; `Progress` has
 /// no answer (its sender is dropped). Returns whether a queued job may
 /// start now.
-pub(crate) fn handle_without_job(shared: &Shared, idle: &Idle, event: AdminEvent) -> bool {
+pub(crate) fn handle_without_job(
+    shared: &Shared,
+    connected: impl FnOnce() -> Vec<String>,
+    event: AdminEvent,
+) -> bool {
     match event {
         AdminEvent::Progress(_) => false,
         AdminEvent::ConnectedSites(reply) => {
-            let _ = reply.send(idle.connected());
+            let _ = reply.send(connected());
             false
         }
         AdminEvent::Job {
