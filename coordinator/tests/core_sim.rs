@@ -33,6 +33,7 @@ fn seeded_runs_keep_every_invariant() {
         total.job_switches += s.job_switches;
         total.revocations += s.revocations;
         total.jobs_completed += s.jobs_completed;
+        total.admin_audited += s.admin_audited;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -45,6 +46,7 @@ fn seeded_runs_keep_every_invariant() {
         ("job switches", total.job_switches),
         ("revocations of connected sites", total.revocations),
         ("jobs completed", total.jobs_completed),
+        ("audited admin commands", total.admin_audited),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

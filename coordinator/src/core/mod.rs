@@ -27,10 +27,13 @@
 //! payload (round machine, signature, context, size, replay, claimed
 //! weight), before a payload byte is read.
 //!
+//! [`admin`] turns pause / resume / abort of the running or a queued job
+//! into effects, the audit append first.
+//!
 //! What it does not do (yet): the payload records are checked by the
 //! protocol's `PayloadVerifier` in the driver's connection task; persisting
 //! the replay state, the accumulator's lifecycle, the round archive and
-//! the audit records of each action still live in the driver's engine
+//! the audit records of the round machine's actions still live in the driver's engine
 //! (`server::engine`).
 //!
 //! ```
@@ -50,6 +53,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod admin;
 pub mod intake;
 pub mod queue;
 pub mod sim;
@@ -85,9 +89,12 @@ impl CloseReason {
     }
 }
 
-/// Something the driver must do, in the order the core emits it.
+/// Something the driver must do, in the order the core emits it. An
+/// effect that changes state ([`Effect::changes_state`]) follows the
+/// [`Effect::AppendAudit`] that records it; if an append fails, the
+/// driver executes nothing after it.
 #[non_exhaustive]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
     /// Close connection `conn` (the driver ends its tasks; the site may
     /// reconnect).
@@ -97,6 +104,34 @@ pub enum Effect {
         /// Why.
         reason: CloseReason,
     },
+    /// Append an event to the coordinator's audit log, durably.
+    AppendAudit {
+        /// Who did it (an identity URI).
+        actor: String,
+        /// What.
+        kind: fedlink_audit::EventKind,
+        /// Its typed details.
+        details: serde_json::Value,
+    },
+    /// Commit a checkpoint of a job that does not run now (queued) to the
+    /// store.
+    Persist {
+        /// The job.
+        job: String,
+        /// The checkpoint.
+        checkpoint: crate::round::Checkpoint,
+    },
+    /// Hand an input to the running job's round machine (and execute its
+    /// actions).
+    Apply(crate::round::Input),
+}
+
+impl Effect {
+    /// Whether executing it changes durable or job state (it must follow
+    /// its audit append).
+    pub fn changes_state(&self) -> bool {
+        matches!(self, Self::Persist { .. } | Self::Apply(_))
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +144,7 @@ mod purity {
         ("sites.rs", include_str!("sites.rs")),
         ("queue.rs", include_str!("queue.rs")),
         ("intake.rs", include_str!("intake.rs")),
+        ("admin.rs", include_str!("admin.rs")),
         ("sim.rs", include_str!("sim.rs")),
     ];
 

@@ -18,6 +18,8 @@
 //!   the round;
 //! - a job's round machine sees exactly the sites the core holds, so
 //!   sites are held across job switches as after an empty start;
+//! - an admin command's change (to the running job's machine or a queued
+//!   job's checkpoint) follows its audit append;
 //! - a connection is closed only while it is a site's current one, and
 //!   a revoked site holds no connection.
 //!
@@ -38,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use fedlink_protocol::ModelHash;
 
+use super::admin::{StoredJob, Target, job_command};
 use super::{CloseReason, Effect, Held, Sites, queue};
 use crate::round::{
     Action, AdminCommand, Checkpoint, ConnId, DisconnectReason, Input, JobOutcome, JobRunner,
@@ -80,6 +83,8 @@ pub struct Stats {
     pub revocations: u64,
     /// Jobs completed.
     pub jobs_completed: u64,
+    /// Admin commands recorded in the audit log.
+    pub admin_audited: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -483,17 +488,63 @@ impl CoreSim {
         Ok(())
     }
 
+    /// An admin command on the running job or on a queued (or unknown)
+    /// one, through [`super::admin::job_command`]: its effects run in
+    /// order, and a change must follow its audit append.
     fn admin(&mut self) -> Result<(), Violation> {
         let cmd = match self.below(20) {
             0..=5 => AdminCommand::Pause,
             6..=18 => AdminCommand::Resume,
             _ => AdminCommand::Abort,
         };
-        self.note(&format!("admin {cmd:?}"));
-        if let Some(r) = &self.running
-            && !r.runner.is_finished()
-        {
-            return self.feed(Input::Admin(cmd));
+        let pick = self.below(self.jobs.len() as u64 + 1) as usize;
+        let running = self.running.as_ref().map(|r| r.job);
+        let (id, target) = match (running, pick) {
+            (Some(r), p) if p == r || p == self.jobs.len() => (
+                self.jobs[r].id.clone(),
+                Target::Running {
+                    finished: self
+                        .running
+                        .as_ref()
+                        .is_some_and(|r| r.runner.is_finished()),
+                },
+            ),
+            (_, p) if p < self.jobs.len() && self.queue.contains(&self.jobs[p].id) => {
+                let snap = self.snapshot(p);
+                (
+                    self.jobs[p].id.clone(),
+                    Target::Stored(Some(StoredJob {
+                        finished: snap.outcome.is_some(),
+                        completed_rounds: snap.completed_rounds,
+                    })),
+                )
+            }
+            _ => ("no-such-job".to_owned(), Target::Stored(None)),
+        };
+        self.note(&format!("admin {cmd:?} {id}"));
+        let (effects, _answer) = job_command(&id, cmd, "admin", target);
+        let mut audited = false;
+        for effect in effects {
+            if effect.changes_state() && !audited {
+                return Err(self.violation(format!(
+                    "admin {cmd:?} on {id}: {effect:?} before its audit append"
+                )));
+            }
+            match effect {
+                Effect::AppendAudit { kind, .. } => {
+                    self.note(&format!("audit {kind}"));
+                    self.stats.admin_audited += 1;
+                    audited = true;
+                }
+                Effect::Persist { job, checkpoint } => {
+                    self.note(&format!("persist {job} {checkpoint:?}"));
+                    self.durable.entry(job).or_default().push(checkpoint);
+                }
+                Effect::Apply(input) => self.feed(input)?,
+                other @ Effect::Close { .. } => {
+                    return Err(self.violation(format!("an admin command emitted {other:?}")));
+                }
+            }
         }
         Ok(())
     }
@@ -643,6 +694,9 @@ impl CoreSim {
 
     fn execute_effect(&mut self, effect: Effect) -> Result<(), Violation> {
         match effect {
+            other @ (Effect::AppendAudit { .. } | Effect::Persist { .. } | Effect::Apply(_)) => {
+                return Err(self.violation(format!("the site table emitted {other:?}")));
+            }
             Effect::Close { conn, reason } => {
                 self.note(&format!("close {} {reason:?}", conn.0));
                 if let Some(site) = self.sites.site_of(conn) {

@@ -127,17 +127,17 @@ impl Links {
 
     /// Execute one of the core's effects.
     fn execute(&mut self, effect: Effect) {
-        match effect {
-            Effect::Close { conn, reason } => {
-                let code = match reason {
-                    CloseReason::Replaced => fedlink_transport::close::REPLACED,
-                    CloseReason::Shutdown => fedlink_transport::close::SHUTDOWN,
-                    _ => fedlink_transport::close::FORBIDDEN,
-                };
-                if let Some(io) = self.io.remove(&conn) {
-                    io.conn.close(code, reason.text().as_bytes());
-                }
-            }
+        let Effect::Close { conn, reason } = effect else {
+            tracing::error!(?effect, "not a connection effect; ignored");
+            return;
+        };
+        let code = match reason {
+            CloseReason::Replaced => fedlink_transport::close::REPLACED,
+            CloseReason::Shutdown => fedlink_transport::close::SHUTDOWN,
+            _ => fedlink_transport::close::FORBIDDEN,
+        };
+        if let Some(io) = self.io.remove(&conn) {
+            io.conn.close(code, reason.text().as_bytes());
         }
     }
 }
