@@ -6,8 +6,9 @@
 //! held here, idle (no offers, no models, uploads refused). The admin API
 //! works as usual (`status` says that no job is running). When the first
 //! job is submitted, the serve loop builds its engine and hands every held
-//! connection over to it ([`Idle::hand_over`]), in the order the events
-//! arrived, so the job starts at once with the sites already connected.
+//! connection over to it ([`Idle::hand_over`]), in the order the sites
+//! connected, so the job starts at once with the sites already connected.
+//! A job switch hands the sites over the same way (`Engine::take_links`).
 
 use std::future::Future;
 use std::time::Instant;

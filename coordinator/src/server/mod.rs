@@ -12,7 +12,10 @@
 //! One job runs at a time (the one named in the config, or the most recent
 //! unfinished job in the store; submitted jobs queue behind it). With
 //! neither, the coordinator starts empty: it serves the admin API and holds
-//! site connections (`server::idle`, private) until the first job is submitted. After
+//! site connections (`server::idle`, private) until the first job is submitted. The
+//! connected sites (`server::links`: the core's [`crate::core::Sites`] plus
+//! each connection's transport handles) are handed to every job that starts,
+//! the first and each next queued one alike. After
 //! `kill -9`, starting again resumes the job from the store (see
 //! [`crate::store`] for the crash semantics).
 
