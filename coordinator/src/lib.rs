@@ -2,6 +2,8 @@
 //! admin CLI lives in its own crate (`fedlink-cli`, `cli/`) and uses this one
 //! as a library (store, round archive). Binaries in `src/bin/` stay thin.
 //!
+//! - [`core`] — the sans-IO core around it: site connections by id, the
+//!   job queue, hand-over of sites to each job, and a seeded simulator;
 //! - [`round`] — the sans-IO round state machine ([`round::JobRunner`]);
 //! - [`store`] — crash-safe persistence (redb + content-addressed models);
 //! - [`job`] — job definitions (TOML);
@@ -14,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod core;
 pub mod job;
 pub mod round;
 pub mod round_archive;

@@ -608,8 +608,8 @@ async fn jobs_rounds_models_and_export() {
     let status = ok(&admin, addr, &["status", "--json"]).await;
     assert_eq!(status["current_job"]["job"], "second");
     assert_eq!(status["queued_jobs"], serde_json::json!([]));
-    // The site was moved off the finished job; it reconnects into the new one
-    // and completes its single round.
+    // The site's connection was handed to the new job; a new connection of
+    // the site replaces it and completes the new job's single round.
     let mut site = RawSite::connect(pki.site_kit(0).unwrap(), addr)
         .await
         .unwrap();
@@ -746,6 +746,87 @@ async fn site_certificate_refused_on_admin_api_and_unreachable_coordinator() {
     // Usage errors: exit 2.
     let out = fedlink(pki.admin_dir(), addr, &["jobs", "frobnicate"]).await;
     assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+/// A job switch hands the connected sites to the next queued job the way
+/// an empty start hands them to the first: no Bye, no reconnect — the
+/// next job's offer comes on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_switch_hands_connected_sites_to_the_next_job() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = public_ca(&pki, dir.path(), &[]);
+    let config = empty_config(&pki, dir.path(), &ca);
+    let coord = RunningCoordinator::start(&config, false).await.unwrap();
+    let admin = pki.admin_dir().to_owned();
+    let addr = coord.addr;
+
+    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), addr)
+        .await
+        .unwrap();
+    let submit = |id: &str| {
+        let path = write_job(
+            dir.path(),
+            &JobSpec {
+                id: id.into(),
+                rounds: 1,
+                sites: 1,
+                quorum: 1,
+                ..JobSpec::default()
+            },
+        )
+        .unwrap();
+        let admin = admin.clone();
+        async move {
+            ok(
+                &admin,
+                addr,
+                &["jobs", "submit", path.to_str().unwrap(), "--json"],
+            )
+            .await
+        }
+    };
+    assert_eq!(submit("one").await["id"], "one");
+    let offer = site.next_offer().await.unwrap();
+    assert_eq!(offer.job_id.as_str(), "one");
+    // Queued behind the running job.
+    assert_eq!(submit("two").await["state"], "queued");
+    site.accept(&offer).await.unwrap();
+    let global = site.fetch_model(&offer).await.unwrap();
+    let up = site.prepare(&offer, &delta(&global), 7).unwrap();
+    let r = site.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+
+    // The same connection gets the next job's offer: `next_offer` fails
+    // on a Bye, and the site never reconnects.
+    let offer2 = site.next_offer().await.unwrap();
+    assert_eq!(offer2.job_id.as_str(), "two");
+    // The end of the first job reached the site before the switch.
+    assert!(
+        site.round_outcomes
+            .iter()
+            .any(|o| o.job_id.as_str() == "one" && o.job_completed),
+        "{:?}",
+        site.round_outcomes
+    );
+    site.accept(&offer2).await.unwrap();
+    let global2 = site.fetch_model(&offer2).await.unwrap();
+    let up2 = site.prepare(&offer2, &delta(&global2), 7).unwrap();
+    let r2 = site.upload(&up2, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r2, UploadResult::Ack { accepted: true, .. }),
+        "{r2:?}"
+    );
+    let done = wait_for_status(&coord.data_dir, "second job done", HANG_GUARD, |s| {
+        s.job == "two" && s.completed
+    })
+    .await
+    .unwrap();
+    assert_eq!(done.connected_sites, vec!["site-0".to_owned()]);
+    coord.shutdown().await.unwrap();
 }
 
 /// A coordinator with no job starts empty: sites connect and wait, `status`

@@ -164,10 +164,12 @@ impl AdminState {
                 return None;
             }
         };
-        queue.into_iter().find(|id| {
-            Some(id) != current.as_ref()
-                && matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none())
-        })
+        crate::core::queue::next_job(
+            &queue,
+            current.as_deref(),
+            |id| matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none()),
+        )
+        .map(str::to_owned)
     }
 
     fn queued_jobs(&self) -> Vec<String> {

@@ -22,9 +22,7 @@ use fedlink_transport::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
-use super::engine::{
-    Event, UpdateReady, UploadTicket, payload_verify_code, unix_ms, update_received_details,
-};
+use super::engine::{Event, UpdateReady, UploadTicket, unix_ms, update_received_details};
 use super::limits;
 use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
@@ -308,13 +306,7 @@ async fn serve_site(
     };
     let site_id = fedlink_protocol::SiteId::new(site)
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
-    let compatible = shared.job_encoding().is_none_or(|enc| {
-        hello
-            .capabilities
-            .codecs
-            .iter()
-            .any(|c| same_family(*c, enc.values()))
-    });
+    let compatible = crate::core::compatible(&hello.capabilities.codecs, shared.job_encoding());
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
     let control = tx.clone();
@@ -387,13 +379,6 @@ async fn serve_site(
         .await;
     writer.abort();
     result
-}
-
-pub(super) fn same_family(
-    a: fedlink_protocol::ValueCodec,
-    b: fedlink_protocol::ValueCodec,
-) -> bool {
-    std::mem::discriminant(&a) == std::mem::discriminant(&b)
 }
 
 async fn control_loop(
@@ -791,7 +776,7 @@ async fn receive_upload(
                 .map_err(|e| (RejectCode::Malformed, format!("receiving the payload: {e}")))?;
             verifier
                 .update(&rec)
-                .map_err(|e| (payload_verify_code(&e), e.to_string()))?;
+                .map_err(|e| (crate::core::intake::verify_code(&e), e.to_string()))?;
             tokio::task::block_in_place(|| spool.write(&rec))
                 .map_err(|e| (RejectCode::Internal, e.to_string()))?;
         }
@@ -820,7 +805,13 @@ async fn receive_upload(
         let _ = std::fs::remove_file(&spool_path);
         tracing::warn!(site, error = %e, "upload payload does not match its signed header");
         audit_upload_refused(shared, site, &envelope, bytes, &e.to_string());
-        return reject_upload(&mut send, recv, payload_verify_code(&e), e.to_string()).await;
+        return reject_upload(
+            &mut send,
+            recv,
+            crate::core::intake::verify_code(&e),
+            e.to_string(),
+        )
+        .await;
     }
     let path = match tokio::task::block_in_place(|| spool.finish()) {
         Ok(p) => p,

@@ -17,25 +17,26 @@ use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
-use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
+use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
     UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
-    VerifyError,
 };
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
-use super::limits;
+use super::links::Links;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
+use crate::core::CloseReason;
+use crate::core::intake::{self, reason_text, reject_code};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
-    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, RejectReason, SiteCapabilities,
+    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
     UpdateReceived, Verdict,
 };
 use crate::round_archive::{self, RoundFile, RoundInput};
@@ -106,13 +107,6 @@ pub(crate) struct UpdateReady {
 }
 
 #[derive(Debug)]
-struct SiteConn {
-    conn_id: ConnId,
-    conn: ServerConn,
-    control: mpsc::Sender<Message>,
-}
-
-#[derive(Debug)]
 struct Pending {
     envelope: SignedEnvelope,
     spool_path: PathBuf,
@@ -173,7 +167,8 @@ pub(crate) struct Engine {
     federation: FederationId,
     keys: BTreeMap<SiteId, VerifyingKey>,
     replay: ReplayGuard,
-    sites: HashMap<String, SiteConn>,
+    /// The connected sites (held across jobs: see [`super::links`]).
+    links: Links,
     pending: HashMap<(String, u64), Pending>,
     round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
     /// Feature statistics of the round's accepted updates.
@@ -238,7 +233,7 @@ impl Engine {
             federation: parts.federation,
             keys: parts.keys,
             replay: parts.replay,
-            sites: HashMap::new(),
+            links: Links::default(),
             pending: HashMap::new(),
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
@@ -323,22 +318,11 @@ impl Engine {
                 conn,
                 control,
                 capabilities,
-                ..
+                codecs,
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected");
-                if let Some(old) = self.sites.insert(
-                    site.clone(),
-                    SiteConn {
-                        conn_id,
-                        conn,
-                        control,
-                    },
-                ) {
-                    old.conn.close(
-                        fedlink_transport::close::REPLACED,
-                        b"a newer connection of this site replaced this one",
-                    );
-                }
+                self.links
+                    .connect(&site, conn_id, conn, control, capabilities.clone(), codecs);
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
@@ -350,9 +334,7 @@ impl Engine {
             }
             Event::Disconnected { site, conn_id } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                if self.sites.get(&site).is_some_and(|s| s.conn_id == conn_id) {
-                    self.sites.remove(&site);
-                }
+                self.links.disconnect(&site, conn_id);
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
@@ -402,30 +384,30 @@ impl Engine {
     }
 
     fn recheck_peers(&mut self, now: Instant) {
-        let refused: Vec<(String, ConnId, String)> = self
-            .sites
-            .iter()
-            .filter_map(|(site, c)| {
-                self.wire
-                    .check_open_peer(&c.conn)
-                    .err()
-                    .map(|why| (site.clone(), c.conn_id, why))
-            })
-            .collect();
-        for (site, conn_id, why) in refused {
-            tracing::warn!(site = %site, reason = %why, "closing the connection of a site that is no longer allowed");
-            if let Some(c) = self.sites.remove(&site) {
-                c.conn
-                    .close(fedlink_transport::close::FORBIDDEN, why.as_bytes());
-            }
-            self.runner.handle(
-                now,
-                Input::SiteDisconnected {
-                    site,
-                    conn: conn_id,
-                },
-            );
+        for (site, conn) in self.links.recheck(&self.wire) {
+            self.runner
+                .handle(now, Input::SiteDisconnected { site, conn });
         }
+    }
+
+    /// Hand the sites over to the next job (a job switch): this engine
+    /// keeps none.
+    pub(crate) fn take_links(&mut self) -> Links {
+        std::mem::take(&mut self.links)
+    }
+
+    /// Take over the connected sites at the start of this engine's job
+    /// (after an empty start or a job switch alike): each is told to the
+    /// round machine, its compatibility decided against the job's
+    /// encoding, in the order the sites connected.
+    pub(crate) fn adopt(&mut self, links: Links, now: Instant) -> Result<(), EngineError> {
+        self.links = links;
+        let encoding = self.job.encoding.to_protocol().ok();
+        for input in self.links.hand_over(encoding) {
+            self.runner.handle(now, input);
+            self.drain(now)?;
+        }
+        Ok(())
     }
 
     fn prepare_upload(
@@ -434,33 +416,20 @@ impl Engine {
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        if let Err(reason) = self.runner.check_upload(site, h.round.0) {
-            return Err((reject_code(&reason), reason_text(&reason)));
-        }
+        let expected = intake::Expected {
+            federation: &self.federation,
+            job: &self.job_id,
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            encoding: self.job.encoding.to_protocol().ok(),
+            spec: &self.global_spec,
+            keys: &self.keys,
+        };
+        let verifier =
+            intake::verify_header(&self.runner, &expected, &mut self.replay, site, envelope)
+                .map_err(|r| (r.code, r.reason))?;
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        let authenticated =
-            SiteId::new(site).map_err(|e| (RejectCode::UnknownSite, e.to_string()))?;
-        let expected = ExpectedUpdate {
-            federation_id: self.federation.clone(),
-            job_id: self.job_id.clone(),
-            round: RoundId(*round),
-            base_model: self.runner.current_model(),
-            encoding: self.job.encoding.to_protocol().ok(),
-            max_payload_len: fedlink_protocol::payload::max_payload_len(
-                &self.global_spec,
-                &h.encoding,
-            ),
-        };
-        let verifier = verify_update(
-            envelope,
-            &authenticated,
-            &self.keys,
-            &expected,
-            &mut self.replay,
-        )
-        .map_err(|e| (verify_code(&e), e.to_string()))?;
         // The nonce is durable before a payload byte is read: after a
         // restart the same signed envelope is still a replay, whether its
         // first attempt was accepted, refused or cut off.
@@ -481,7 +450,7 @@ impl Engine {
             .wire
             .site_max_examples(site)
             .map_err(|e| (RejectCode::Internal, e))?;
-        check_num_examples(
+        intake::check_num_examples(
             site,
             h.num_examples,
             self.strategy.max_num_examples,
@@ -700,22 +669,11 @@ impl Engine {
                 tracing::info!(round, model = %model, "global model ready for evaluation");
             }
             Action::Disconnect { site, conn, reason } => {
-                if let Some(s) = self.sites.get(&site)
-                    && s.conn_id == conn
-                {
-                    let (code, text): (_, &[u8]) = match reason {
-                        DisconnectReason::NotAllowed => (
-                            fedlink_transport::close::FORBIDDEN,
-                            b"this site is not allowed in the job",
-                        ),
-                        _ => (
-                            fedlink_transport::close::REPLACED,
-                            b"replaced by a newer connection",
-                        ),
-                    };
-                    s.conn.close(code, text);
-                    self.sites.remove(&site);
-                }
+                let reason = match reason {
+                    DisconnectReason::NotAllowed => CloseReason::NotAllowed,
+                    _ => CloseReason::Replaced,
+                };
+                self.links.close(&site, conn, reason);
             }
             Action::JobFinished(outcome) => {
                 tracing::info!(?outcome, "job finished");
@@ -744,7 +702,7 @@ impl Engine {
                 // `job.finished` before its Bye: the end of the job is then
                 // in the sites' logs too, and `fedlink audit reconcile`
                 // flags a coordinator log cut anywhere before it.
-                let all: Vec<String> = self.sites.keys().cloned().collect();
+                let all: Vec<String> = self.links.connected();
                 // With the final model's hash first, when there is one.
                 if let JobOutcome::Completed { model } = &outcome {
                     let fin = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
@@ -758,13 +716,18 @@ impl Engine {
                     }
                 }
                 self.push_head(all.iter().map(String::as_str));
-                for site in &all {
-                    self.send(
-                        site,
-                        Message::Bye(fedlink_protocol::Bye {
-                            reason: "job finished".into(),
-                        }),
-                    );
+                // With a job queued behind this one the sites stay: the
+                // serve loop hands them to the next job (as after an empty
+                // start). Otherwise they are told the job is over.
+                if self.wire.admin.next_queued().is_none() {
+                    for site in &all {
+                        self.send(
+                            site,
+                            Message::Bye(fedlink_protocol::Bye {
+                                reason: "job finished".into(),
+                            }),
+                        );
+                    }
                 }
                 self.outcome = Some(outcome);
                 self.write_status();
@@ -788,23 +751,9 @@ impl Engine {
         }
     }
 
-    /// Queue `msg` on `site`'s control stream. A site whose queue is full
-    /// is not reading what it is sent: its connection is cut (it reconnects
-    /// and starts afresh) rather than letting the queue grow.
+    /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
     fn send(&self, site: &str, msg: Message) {
-        let Some(s) = self.sites.get(site) else {
-            tracing::debug!(site, "site not connected; message dropped");
-            return;
-        };
-        match limits::deliver(&s.control, msg) {
-            limits::Delivery::Queued => {}
-            limits::Delivery::Gone => tracing::debug!(site, "site's control stream is gone"),
-            limits::Delivery::Full(why) => {
-                tracing::warn!(site, reason = %why, "closing a site's connection");
-                s.conn
-                    .close(fedlink_transport::close::PROTOCOL, why.as_bytes());
-            }
-        }
+        self.links.send(site, msg);
     }
 
     fn open_round(&mut self, round: u64) -> Result<(), EngineError> {
@@ -1454,11 +1403,7 @@ impl Engine {
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),
-            connected_sites: {
-                let mut s: Vec<String> = self.sites.keys().cloned().collect();
-                s.sort();
-                s
-            },
+            connected_sites: self.links.connected(),
             finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
@@ -1472,41 +1417,8 @@ impl Engine {
 
     /// Drop every connection (shutdown).
     pub(crate) fn close_all(&mut self) {
-        for s in self.sites.values() {
-            s.conn.close(
-                fedlink_transport::close::SHUTDOWN,
-                b"coordinator shutting down",
-            );
-        }
-        self.sites.clear();
+        self.links.close_all();
     }
-}
-
-/// Whether an update of `site` may claim `claimed` training examples: at
-/// most the site's declared maximum (`max_examples` in `sites.toml`) and at
-/// most the job's per-site limit (`max_num_examples` of the strategy, from
-/// `strategy.max_examples_per_site`). The reason names both numbers.
-fn check_num_examples(
-    site: &str,
-    claimed: u64,
-    job_limit: u64,
-    declared: Option<u64>,
-) -> Result<(), String> {
-    if let Some(max) = declared
-        && claimed > max
-    {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the {max} examples declared for site {site} \
-             (max_examples in sites.toml)"
-        ));
-    }
-    if claimed > job_limit {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the job's limit of {job_limit} examples per site \
-             (strategy.max_examples_per_site)"
-        ));
-    }
-    Ok(())
 }
 
 /// Check that a strategy fits the job before starting.
@@ -1601,56 +1513,6 @@ fn archive(
 pub(crate) enum EngineError {
     #[error("{0}")]
     Fatal(String),
-}
-
-fn reason_text(r: &RejectReason) -> String {
-    match r {
-        RejectReason::Duplicate => "this site already reported in this round".into(),
-        RejectReason::RoundClosed => "the round is closed".into(),
-        RejectReason::WrongRound => "no such round is open".into(),
-        RejectReason::NotSelected => "this site was not selected for the round".into(),
-        RejectReason::UnknownSite => "unknown site".into(),
-        RejectReason::StaleModel => "the update was trained on another model".into(),
-        RejectReason::JobNotRunning => "the job is not running".into(),
-        RejectReason::Invalid(why) => format!("invalid update: {why}"),
-    }
-}
-
-fn reject_code(r: &RejectReason) -> RejectCode {
-    match r {
-        RejectReason::Duplicate => RejectCode::Replay,
-        RejectReason::RoundClosed => RejectCode::TooLate,
-        RejectReason::WrongRound | RejectReason::StaleModel => RejectCode::ContextMismatch,
-        RejectReason::NotSelected => RejectCode::NotAuthorized,
-        RejectReason::UnknownSite => RejectCode::UnknownSite,
-        RejectReason::JobNotRunning => RejectCode::UnexpectedMessage,
-        _ => RejectCode::Malformed,
-    }
-}
-
-fn verify_code(e: &VerifyError) -> RejectCode {
-    match e {
-        VerifyError::UnsupportedVersion(_) => RejectCode::UnsupportedVersion,
-        VerifyError::IdentityMismatch { .. } | VerifyError::UnknownSite(_) => {
-            RejectCode::UnknownSite
-        }
-        VerifyError::BadSignature => RejectCode::BadSignature,
-        VerifyError::FederationMismatch { .. } => RejectCode::WrongFederation,
-        VerifyError::NonceReplayed(_)
-        | VerifyError::RoundReplayed { .. }
-        | VerifyError::TooManyAttempts(_) => RejectCode::Replay,
-        VerifyError::PayloadLengthMismatch { .. }
-        | VerifyError::PayloadHashMismatch
-        | VerifyError::PayloadTooLarge { .. } => RejectCode::PayloadMismatch,
-        VerifyError::BadFeatureStats(_) => RejectCode::Malformed,
-        _ => RejectCode::ContextMismatch,
-    }
-}
-
-/// Map a payload-verification failure to its reject code (used by the
-/// connection task after streaming).
-pub(crate) fn payload_verify_code(e: &VerifyError) -> RejectCode {
-    verify_code(e)
 }
 
 /// The privacy terms of an offer, as the aggregator applies them: sites clip
@@ -1780,27 +1642,5 @@ mod tests {
             ),
             9
         );
-    }
-
-    #[test]
-    fn claimed_examples_are_checked_against_the_site_and_the_job() {
-        assert_eq!(check_num_examples("a", 100, 1_000, None), Ok(()));
-        assert_eq!(check_num_examples("a", 1_000, 1_000, Some(1_000)), Ok(()));
-        // Over the site's declared size, under the job's cap.
-        let why = check_num_examples("site-2", 1_001, 1_000_000, Some(1_000)).unwrap_err();
-        assert!(
-            why.contains("1001") && why.contains("1000") && why.contains("site-2"),
-            "{why}"
-        );
-        assert!(why.contains("max_examples"), "{why}");
-        // Over the job's cap, the site declaring nothing or more.
-        for declared in [None, Some(u64::MAX)] {
-            let why = check_num_examples("a", 1 << 30, 1_000_000, declared).unwrap_err();
-            assert!(
-                why.contains(&(1u64 << 30).to_string()) && why.contains("1000000"),
-                "{why}"
-            );
-            assert!(why.contains("max_examples_per_site"), "{why}");
-        }
     }
 }

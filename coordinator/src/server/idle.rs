@@ -6,50 +6,34 @@
 //! held here, idle (no offers, no models, uploads refused). The admin API
 //! works as usual (`status` says that no job is running). When the first
 //! job is submitted, the serve loop builds its engine and hands every held
-//! connection over to it ([`Idle::hand_over`]), in the order the events
-//! arrived, so the job starts at once with the sites already connected.
+//! connection over to it ([`Idle::hand_over`]), in the order the sites
+//! connected, so the job starts at once with the sites already connected.
+//! A job switch hands the sites over the same way (`Engine::take_links`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::Instant;
 
 use fedlink_audit::EventKind;
 use fedlink_protocol::message::{RejectCode, UploadResult};
-use fedlink_protocol::{Message, ValueCodec};
-use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
 use super::engine::{Engine, EngineError, Event, update_received_details};
+use super::links::Links;
 use super::{ServeError, Shared};
-use crate::round::{ConnId, SiteCapabilities};
 
 /// Why uploads and downloads are refused while no job runs.
 const NO_JOB: &str = "no job is running";
 
-/// A site connection waiting for a job.
-#[derive(Debug)]
-struct HeldSite {
-    conn_id: ConnId,
-    conn: ServerConn,
-    control: mpsc::Sender<Message>,
-    capabilities: SiteCapabilities,
-    /// The codecs the site announced (its compatibility is decided against
-    /// the job's encoding when a job starts).
-    codecs: Vec<ValueCodec>,
-}
-
 /// The site connections held while no job runs.
 #[derive(Debug, Default)]
 pub(crate) struct Idle {
-    sites: HashMap<String, HeldSite>,
+    links: Links,
 }
 
 impl Idle {
     /// Sites connected now, sorted.
     pub(crate) fn connected(&self) -> Vec<String> {
-        let mut s: Vec<String> = self.sites.keys().cloned().collect();
-        s.sort();
-        s
+        self.links.connected()
     }
 
     /// Handle one event; `Some(job)` when a submitted job should start.
@@ -64,24 +48,12 @@ impl Idle {
                 codecs,
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected; no job is running, it waits");
-                let held = HeldSite {
-                    conn_id,
-                    conn,
-                    control,
-                    capabilities,
-                    codecs,
-                };
-                if let Some(old) = self.sites.insert(site, held) {
-                    old.conn.close(
-                        fedlink_transport::close::REPLACED,
-                        b"a newer connection of this site replaced this one",
-                    );
-                }
+                self.links
+                    .connect(&site, conn_id, conn, control, capabilities, codecs);
             }
             Event::Disconnected { site, conn_id } => {
-                if self.sites.get(&site).is_some_and(|s| s.conn_id == conn_id) {
+                if self.links.disconnect(&site, conn_id) {
                     tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                    self.sites.remove(&site);
                 }
             }
             Event::OfferResponse { site, round, .. } => {
@@ -122,7 +94,7 @@ impl Idle {
             Event::Keys(_) => {}
             Event::RecheckPeers => self.recheck_peers(shared),
             Event::Admin(ev) => {
-                if super::engine::admin::handle_without_job(shared, self, ev) {
+                if super::engine::admin::handle_without_job(shared, || self.connected(), ev) {
                     return shared.admin.next_queued();
                 }
             }
@@ -133,59 +105,22 @@ impl Idle {
     /// Close held connections that are no longer allowed (revoked,
     /// removed or superseded certificates).
     fn recheck_peers(&mut self, shared: &Shared) {
-        self.sites.retain(|site, c| match shared.check_open_peer(&c.conn) {
-            Ok(()) => true,
-            Err(why) => {
-                tracing::warn!(site = %site, reason = %why, "closing the connection of a site that is no longer allowed");
-                c.conn
-                    .close(fedlink_transport::close::FORBIDDEN, why.as_bytes());
-                false
-            }
-        });
+        self.links.recheck(shared);
     }
 
     /// Close every held connection (shutdown).
     pub(crate) fn close_all(&mut self) {
-        for s in self.sites.values() {
-            s.conn.close(
-                fedlink_transport::close::SHUTDOWN,
-                b"coordinator shutting down",
-            );
-        }
-        self.sites.clear();
+        self.links.close_all();
     }
 
     /// Give every held connection to the engine of the job that starts
-    /// now, with its compatibility decided against that job's encoding.
+    /// now (see [`Engine::adopt`]).
     pub(crate) fn hand_over(
         &mut self,
         engine: &mut Engine,
-        shared: &Shared,
         now: Instant,
     ) -> Result<(), EngineError> {
-        let encoding = shared.job_encoding();
-        let mut sites: Vec<(String, HeldSite)> =
-            std::mem::take(&mut self.sites).into_iter().collect();
-        sites.sort_by_key(|(_, s)| s.conn_id);
-        for (site, mut held) in sites {
-            held.capabilities.compatible = encoding.is_none_or(|enc| {
-                held.codecs
-                    .iter()
-                    .any(|c| super::conn::same_family(*c, enc.values()))
-            });
-            engine.handle_event(
-                now,
-                Event::Connected {
-                    site,
-                    conn_id: held.conn_id,
-                    conn: held.conn,
-                    control: held.control,
-                    capabilities: held.capabilities,
-                    codecs: held.codecs,
-                },
-            )?;
-        }
-        Ok(())
+        engine.adopt(std::mem::take(&mut self.links), now)
     }
 }
 

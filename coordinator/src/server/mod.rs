@@ -12,7 +12,10 @@
 //! One job runs at a time (the one named in the config, or the most recent
 //! unfinished job in the store; submitted jobs queue behind it). With
 //! neither, the coordinator starts empty: it serves the admin API and holds
-//! site connections (`server::idle`, private) until the first job is submitted. After
+//! site connections (`server::idle`, private) until the first job is submitted. The
+//! connected sites (`server::links`: the core's [`crate::core::Sites`] plus
+//! each connection's transport handles) are handed to every job that starts,
+//! the first and each next queued one alike. After
 //! `kill -9`, starting again resumes the job from the store (see
 //! [`crate::store`] for the crash semantics).
 
@@ -23,6 +26,7 @@ mod disk;
 mod engine;
 mod idle;
 mod limits;
+mod links;
 mod refusals;
 mod scaling;
 pub(crate) mod spool;
@@ -695,7 +699,7 @@ pub async fn serve(
                 Ok(Some(first)) => {
                     tracing::info!(job = %first, "starting the first submitted job");
                     let built = build_engine(&store, &first, &shared, &cfg).and_then(|mut e| {
-                        idle.hand_over(&mut e, &shared, Instant::now())
+                        idle.hand_over(&mut e, Instant::now())
                             .map_err(|err| ServeError::Fatal(err.to_string()))?;
                         Ok(e)
                     });
@@ -713,8 +717,15 @@ pub async fn serve(
         match run_engine(running, &mut rx, &opts, &shared, shutdown.as_mut()).await {
             Ok(Some(next)) => {
                 tracing::info!(job = %next, "starting the next queued job");
-                running.close_all();
-                match build_engine(&store, &next, &shared, &cfg) {
+                // The connected sites go to the next job, as after an
+                // empty start.
+                let links = running.take_links();
+                let built = build_engine(&store, &next, &shared, &cfg).and_then(|mut e| {
+                    e.adopt(links, Instant::now())
+                        .map_err(|err| ServeError::Fatal(err.to_string()))?;
+                    Ok(e)
+                });
+                match built {
                     Ok(e) => engine = Some(e),
                     Err(e) => break Err(e),
                 }

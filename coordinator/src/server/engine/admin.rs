@@ -6,14 +6,14 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use fedlink_audit::EventKind;
 use fedlink_protocol::admin::{AdminErrorCode, JobProgress, SiteProgress};
 use tokio::sync::oneshot;
 
 use super::{Engine, EngineError};
-use crate::round::{AdminCommand, Checkpoint, Input, JobOutcome, PhaseView};
+use crate::core::Effect;
+use crate::core::admin::{self as core_admin, StoredJob, Target};
+use crate::round::{AdminCommand, Input, PhaseView};
 use crate::server::Shared;
-use crate::server::idle::Idle;
 use crate::store::{Extras, Store};
 
 /// An admin request for the engine.
@@ -35,15 +35,20 @@ pub(crate) enum AdminEvent {
     Wake,
 }
 
-/// Handle an admin event while no job runs (see [`crate::server::idle`]):
+/// Handle an admin event while no job runs (the idle holder's; `connected`
+/// lists the sites it holds):
 /// pause / resume / abort reach queued jobs in the store; `Progress` has
 /// no answer (its sender is dropped). Returns whether a queued job may
 /// start now.
-pub(crate) fn handle_without_job(shared: &Shared, idle: &Idle, event: AdminEvent) -> bool {
+pub(crate) fn handle_without_job(
+    shared: &Shared,
+    connected: impl FnOnce() -> Vec<String>,
+    event: AdminEvent,
+) -> bool {
     match event {
         AdminEvent::Progress(_) => false,
         AdminEvent::ConnectedSites(reply) => {
-            let _ = reply.send(idle.connected());
+            let _ = reply.send(connected());
             false
         }
         AdminEvent::Job {
@@ -53,55 +58,79 @@ pub(crate) fn handle_without_job(shared: &Shared, idle: &Idle, event: AdminEvent
             reply,
         } => {
             let store = shared.admin.store();
-            let finished = matches!(store.job(&id), Ok(Some(r)) if r.outcome.is_some());
-            if !finished
-                && let Err(e) = shared.audit().record(
-                    &actor,
-                    audit_event(cmd),
-                    serde_json::json!({ "job": id }),
-                )
-            {
-                let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
-                return false;
+            let target = match stored_target(store, &id) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return false;
+                }
+            };
+            let (effects, answer) = core_admin::job_command(&id, cmd, &actor, target);
+            // No job runs: nothing to apply to a round machine.
+            match execute(shared, store, effects, |_| Ok(())) {
+                Ok(Ok(())) => {
+                    let _ = reply.send(answer.map_err(|r| (r.code, r.message)));
+                    // An aborted job no longer blocks the queue; a resumed
+                    // one may run.
+                    true
+                }
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    false
+                }
+                Err(e) => {
+                    let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
+                    false
+                }
             }
-            let _ = reply.send(queued_job_command(store, &id, cmd));
-            // An aborted job no longer blocks the queue; a resumed one may run.
-            true
         }
         AdminEvent::Wake => true,
     }
 }
 
-fn audit_event(cmd: AdminCommand) -> EventKind {
-    match cmd {
-        AdminCommand::Pause => EventKind::JobPaused,
-        AdminCommand::Resume => EventKind::JobResumed,
-        AdminCommand::Abort => EventKind::JobAborted,
-    }
-}
-
-/// Pause, resume or abort a job that is not running (queued).
-fn queued_job_command(
-    store: &Store,
-    id: &str,
-    cmd: AdminCommand,
-) -> Result<(), (AdminErrorCode, String)> {
-    let internal = |e: crate::store::StoreError| (AdminErrorCode::Internal, e.to_string());
+/// What the store says about job `id` (not the running one).
+fn stored_target(store: &Store, id: &str) -> Result<Target, (AdminErrorCode, String)> {
     let rec = store
         .job(id)
-        .map_err(internal)?
-        .ok_or_else(|| (AdminErrorCode::NotFound, format!("no job {id}")))?;
-    if rec.outcome.is_some() {
-        return Err((AdminErrorCode::Refused, format!("job {id} has finished")));
+        .map_err(|e| (AdminErrorCode::Internal, e.to_string()))?;
+    Ok(Target::Stored(rec.map(|r| StoredJob {
+        finished: r.outcome.is_some(),
+        completed_rounds: r.completed_rounds,
+    })))
+}
+
+/// Execute the effects of an admin command in order. An audit append or
+/// a store write that fails stops there (`Ok(Err(..))`: nothing after it
+/// runs, the admin is told); `apply` hands an input to the running job's
+/// round machine (its error is fatal for the engine).
+fn execute(
+    shared: &Shared,
+    store: &Store,
+    effects: Vec<Effect>,
+    mut apply: impl FnMut(Input) -> Result<(), EngineError>,
+) -> Result<Result<(), (AdminErrorCode, String)>, EngineError> {
+    let internal = |e: &dyn std::fmt::Display| Ok(Err((AdminErrorCode::Internal, e.to_string())));
+    for effect in effects {
+        match effect {
+            Effect::AppendAudit {
+                actor,
+                kind,
+                details,
+            } => {
+                if let Err(e) = shared.audit().record(&actor, kind, details) {
+                    return internal(&e);
+                }
+            }
+            Effect::Persist { job, checkpoint } => {
+                if let Err(e) = store.persist(&job, &checkpoint, Extras::default()) {
+                    return internal(&e);
+                }
+            }
+            Effect::Apply(input) => apply(input)?,
+            other => tracing::error!(?other, "not an admin effect; ignored"),
+        }
     }
-    let cp = match cmd {
-        AdminCommand::Pause => Checkpoint::Paused(true),
-        AdminCommand::Resume => Checkpoint::Paused(false),
-        AdminCommand::Abort => Checkpoint::JobFinished(JobOutcome::Aborted {
-            completed_rounds: rec.completed_rounds,
-        }),
-    };
-    store.persist(id, &cp, Extras::default()).map_err(internal)
+    Ok(Ok(()))
 }
 
 impl Engine {
@@ -125,44 +154,40 @@ impl Engine {
                 actor,
                 reply,
             } => {
-                let event = audit_event(cmd);
-                let finished = if id == self.job_id.as_str() {
-                    self.outcome.is_some()
-                } else {
-                    matches!(self.store.job(&id), Ok(Some(r)) if r.outcome.is_some())
-                };
-                // Recorded before it takes effect; not done if unrecorded.
-                if !finished
-                    && let Err(e) =
-                        self.wire
-                            .audit()
-                            .record(&actor, event, serde_json::json!({ "job": id }))
-                {
-                    let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
-                    return Ok(());
-                }
-                let r = if id == self.job_id.as_str() {
-                    if self.outcome.is_some() {
-                        Err((AdminErrorCode::Refused, format!("job {id} has finished")))
-                    } else {
-                        // Execute (and persist) the command before
-                        // answering, so the answer reflects it.
-                        self.runner.handle(now, Input::Admin(cmd));
-                        if let Err(e) = self.drain(now) {
-                            let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
-                            return Err(e);
-                        }
-                        Ok(())
+                let target = if id == self.job_id.as_str() {
+                    Target::Running {
+                        finished: self.outcome.is_some(),
                     }
                 } else {
-                    queued_job_command(&self.store, &id, cmd)
+                    match stored_target(&self.store, &id) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return Ok(());
+                        }
+                    }
+                };
+                // Recorded before it takes effect; not done if unrecorded.
+                // A command on the running job is executed (and persisted)
+                // before the answer, so the answer reflects it.
+                let (effects, answer) = core_admin::job_command(&id, cmd, &actor, target);
+                let (wire, store) = (self.wire.clone(), self.store.clone());
+                let done = execute(&wire, &store, effects, |input| {
+                    self.runner.handle(now, input);
+                    self.drain(now)
+                });
+                let r = match done {
+                    Ok(Ok(())) => answer.map_err(|r| (r.code, r.message)),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => {
+                        let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
+                        return Err(e);
+                    }
                 };
                 let _ = reply.send(r);
             }
             AdminEvent::ConnectedSites(reply) => {
-                let mut s: Vec<String> = self.sites.keys().cloned().collect();
-                s.sort();
-                let _ = reply.send(s);
+                let _ = reply.send(self.links.connected());
             }
             AdminEvent::Wake => {}
         }
@@ -178,7 +203,7 @@ impl Engine {
             PhaseView::Aggregating { round } => ("aggregating", Some(round), 0),
             PhaseView::Finished(_) => ("finished", None, 0),
         };
-        let connected: BTreeSet<String> = self.sites.keys().cloned().collect();
+        let connected: BTreeSet<String> = self.links.connected().into_iter().collect();
         let selected: BTreeSet<String> = self
             .runner
             .selected_sites()

@@ -1,0 +1,200 @@
+//! The coordinator's sans-IO core: the decisions around the round machine
+//! that do not depend on sockets, files or the clock.
+//!
+//! The core holds the site connections by opaque [`ConnId`] ([`Sites`]),
+//! decides which job runs next ([`queue`]) and hands the held sites to
+//! each job that starts — after an empty start and after a job switch
+//! alike ([`Sites::hand_over`]). It answers with [`Effect`]s that the
+//! driver (`crate::server`: the async runtime, the transport, files)
+//! executes in order; the
+//! driver maps a `ConnId` to whatever transport carries it.
+//!
+//! ```text
+//!  driver ── connect/disconnect/recheck ──▶ Sites ──▶ Effect::Close{conn, reason} ──▶ driver
+//!     │                                       │
+//!     └── job starts (empty → first, job switch) ── Sites::hand_over(encoding)
+//!                                             └──▶ Input::SiteConnected… ──▶ JobRunner::handle(now, …)
+//! ```
+//!
+//! Nothing in this module names the async runtime, the transport, the
+//! filesystem or the clock
+//! (a unit test below reads its own sources to keep it so). Time, where
+//! it matters, is an argument. [`sim`] drives the core and the round
+//! machine together with seeded faults and checks invariants after every
+//! step.
+//!
+//! [`intake`] decides whether an upload's signed header may stream its
+//! payload (round machine, signature, context, size, replay, claimed
+//! weight), before a payload byte is read.
+//!
+//! [`admin`] turns pause / resume / abort of the running or a queued job
+//! into effects, the audit append first.
+//!
+//! What it does not do (yet): the payload records are checked by the
+//! protocol's `PayloadVerifier` in the driver's connection task; persisting
+//! the replay state, the accumulator's lifecycle, the round archive and
+//! the audit records of the round machine's actions still live in the driver's engine
+//! (`server::engine`).
+//!
+//! ```
+//! use fedlink_coordinator::core::{CloseReason, Effect, Held, Sites};
+//! use fedlink_coordinator::round::{ConnId, SiteCapabilities};
+//!
+//! let mut sites = Sites::new();
+//! let held = |conn| Held { conn: ConnId(conn), capabilities: SiteCapabilities::compatible(), codecs: vec![] };
+//! assert_eq!(sites.connect("site-a", held(1)), None);
+//! // A second connection of the site replaces the first.
+//! assert_eq!(
+//!     sites.connect("site-a", held(2)),
+//!     Some(Effect::Close { conn: ConnId(1), reason: CloseReason::Replaced })
+//! );
+//! // The job that starts now learns of the held site.
+//! assert_eq!(sites.hand_over(None).len(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod admin;
+pub mod intake;
+pub mod queue;
+pub mod sim;
+mod sites;
+
+pub use crate::round::ConnId;
+pub use sites::{Held, Sites, compatible, same_family};
+
+/// Why the core closes a connection.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer connection of the same site replaced it.
+    Replaced,
+    /// The site is not allowed in the job that runs (its `allow` list).
+    NotAllowed,
+    /// The peer is no longer allowed at all (revoked, removed or
+    /// superseded certificate): the reason names which.
+    Forbidden(String),
+    /// The coordinator is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The text sent to the peer with the close.
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Replaced => "a newer connection of this site replaced this one",
+            Self::NotAllowed => "this site is not allowed in the job",
+            Self::Forbidden(why) => why,
+            Self::Shutdown => "coordinator shutting down",
+        }
+    }
+}
+
+/// Something the driver must do, in the order the core emits it. An
+/// effect that changes state ([`Effect::changes_state`]) follows the
+/// [`Effect::AppendAudit`] that records it; if an append fails, the
+/// driver executes nothing after it.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Close connection `conn` (the driver ends its tasks; the site may
+    /// reconnect).
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// Append an event to the coordinator's audit log, durably.
+    AppendAudit {
+        /// Who did it (an identity URI).
+        actor: String,
+        /// What.
+        kind: fedlink_audit::EventKind,
+        /// Its typed details.
+        details: serde_json::Value,
+    },
+    /// Commit a checkpoint of a job that does not run now (queued) to the
+    /// store.
+    Persist {
+        /// The job.
+        job: String,
+        /// The checkpoint.
+        checkpoint: crate::round::Checkpoint,
+    },
+    /// Hand an input to the running job's round machine (and execute its
+    /// actions).
+    Apply(crate::round::Input),
+}
+
+impl Effect {
+    /// Whether executing it changes durable or job state (it must follow
+    /// its audit append).
+    pub fn changes_state(&self) -> bool {
+        matches!(self, Self::Persist { .. } | Self::Apply(_))
+    }
+}
+
+#[cfg(test)]
+mod purity {
+    //! The core stays sans-IO: no code in its files names the async
+    //! runtime, the transport, the filesystem or the clock.
+
+    const SOURCES: &[(&str, &str)] = &[
+        ("mod.rs", include_str!("mod.rs")),
+        ("sites.rs", include_str!("sites.rs")),
+        ("queue.rs", include_str!("queue.rs")),
+        ("intake.rs", include_str!("intake.rs")),
+        ("admin.rs", include_str!("admin.rs")),
+        ("sim.rs", include_str!("sim.rs")),
+    ];
+
+    #[test]
+    fn the_core_names_no_runtime_no_socket_no_file_and_no_clock() {
+        // Built from pieces, so that this list does not trip itself.
+        let banned = [
+            ["tok", "io"].concat(),
+            ["qui", "nn"].concat(),
+            ["std", "::fs"].concat(),
+            ["std", "::net"].concat(),
+            ["Instant", "::now"].concat(),
+            ["SystemTime", "::now"].concat(),
+            ["fedlink_", "transport"].concat(),
+            ["std", "::thread"].concat(),
+        ];
+        // Code only, up to its unit tests: a doc example or a test may
+        // read the clock as the driver does.
+        for (file, text) in SOURCES {
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in code.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                for word in &banned {
+                    assert!(
+                        !line.contains(word.as_str()),
+                        "core/{file}:{} names {word}",
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_of_the_core_is_checked() {
+        let listed: Vec<&str> = SOURCES.iter().map(|(f, _)| *f).collect();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/core");
+        let mut on_disk: Vec<String> = std::path::Path::new(dir)
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".rs"))
+            .collect();
+        on_disk.sort();
+        let mut listed_sorted: Vec<String> = listed.iter().map(|s| (*s).to_owned()).collect();
+        listed_sorted.sort();
+        assert_eq!(on_disk, listed_sorted, "add new core files to SOURCES");
+    }
+}

@@ -1,0 +1,852 @@
+//! A seeded simulation of the whole job lifecycle at the core's level: N
+//! virtual sites that connect, reconnect, drop, answer offers, upload
+//! (valid, invalid, duplicated or replayed updates), get revoked; an admin
+//! that pauses, resumes, aborts and submits jobs; and crashes at any
+//! effect boundary followed by a restart from what was persisted. It runs
+//! the real [`Sites`] table, the real [`super::queue`] and the real
+//! [`JobRunner`]s, and plays the driver's part: it executes the runner's
+//! actions in order, persists checkpoints to an in-memory log (the store's
+//! crash semantics: a checkpoint is durable once executed, the round in
+//! flight is re-opened after a restart), and folds/acks updates.
+//!
+//! After every step it checks:
+//!
+//! - no update is acknowledged twice (per job, round and site);
+//! - an update is acknowledged only after its `UpdateAccepted` checkpoint
+//!   is durable, and every acknowledged update of a round is in that
+//!   round's aggregate (none lost, none added) unless a crash re-opened
+//!   the round;
+//! - a job's round machine sees exactly the sites the core holds, so
+//!   sites are held across job switches as after an empty start;
+//! - an admin command's change (to the running job's machine or a queued
+//!   job's checkpoint) follows its audit append;
+//! - a connection is closed only while it is a site's current one, and
+//!   a revoked site holds no connection.
+//!
+//! Deterministic: the same seed gives the same run, step for step
+//! ([`CoreSim::trace_hash`]). No sockets, no threads, no clock: the
+//! virtual time starts at an `Instant` the caller passes in.
+//!
+//! ```
+//! use std::time::Instant;
+//! use fedlink_coordinator::core::sim::CoreSim;
+//! let mut sim = CoreSim::new(7, Instant::now());
+//! sim.run(300).map_err(|e| e.to_string())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use fedlink_protocol::ModelHash;
+
+use super::admin::{StoredJob, Target, job_command};
+use super::{CloseReason, Effect, Held, Sites, queue};
+use crate::round::{
+    Action, AdminCommand, Checkpoint, ConnId, DisconnectReason, Input, JobOutcome, JobRunner,
+    RoundConfig, SiteCapabilities, Snapshot, UpdateReceived, Verdict,
+};
+
+/// Events shown with a violation.
+const RECENT: usize = 40;
+
+/// An invariant the simulation found broken, with the seed and step.
+#[derive(Debug, thiserror::Error)]
+#[error("seed {seed}, step {step}: {what}\nlast events:\n{recent}")]
+pub struct Violation {
+    /// The seed of the run (replay it with [`CoreSim::new`]).
+    pub seed: u64,
+    /// The step at which the invariant broke.
+    pub step: usize,
+    /// Which invariant, and how.
+    pub what: String,
+    /// The last events before it, one a line.
+    pub recent: String,
+}
+
+/// What a run did (to check that the seeds explore the faults).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Rounds aggregated.
+    pub rounds_aggregated: u64,
+    /// Updates acknowledged.
+    pub acks: u64,
+    /// Duplicate or replayed uploads sent.
+    pub replays: u64,
+    /// Crashes (each followed by a restart).
+    pub crashes: u64,
+    /// Jobs started while sites were held (empty start or job switch).
+    pub handovers_with_sites: u64,
+    /// Job switches: a job started after another had finished.
+    pub job_switches: u64,
+    /// Revocations that cut a connected site off.
+    pub revocations: u64,
+    /// Jobs completed.
+    pub jobs_completed: u64,
+    /// Admin commands recorded in the audit log.
+    pub admin_audited: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct VSite {
+    name: String,
+    conn: Option<ConnId>,
+    /// Connections it had before (their late ends are replayed as stale
+    /// disconnects).
+    old: Vec<ConnId>,
+    /// Offers received on the current connection: (job, round, model).
+    offers: Vec<(String, u64, ModelHash)>,
+    /// Offers accepted, waiting to upload: (job, round, model).
+    training: Vec<(String, u64, ModelHash)>,
+    /// Uploads sent (replayed as duplicates).
+    sent: Vec<(String, UpdateReceived)>,
+    revoked: bool,
+}
+
+struct Job {
+    id: String,
+    cfg: RoundConfig,
+    initial: ModelHash,
+}
+
+struct Running {
+    job: usize,
+    runner: JobRunner,
+}
+
+/// The simulation (see the module docs).
+pub struct CoreSim {
+    seed: u64,
+    rng: u64,
+    now: Instant,
+    step: usize,
+    sites: Sites,
+    vsites: Vec<VSite>,
+    next_conn: u64,
+    jobs: Vec<Job>,
+    queue: Vec<String>,
+    running: Option<Running>,
+    /// The durable log of each job (what a restart recovers from).
+    durable: BTreeMap<String, Vec<Checkpoint>>,
+    /// Acknowledged updates not discarded by a restart: (job, round, site).
+    acked: BTreeSet<(String, u64, String)>,
+    /// A crash is armed: it happens before the n-th next action executes.
+    crash_in: Option<u32>,
+    stats: Stats,
+    trace: blake3::Hasher,
+    /// The last events (for the report of a violation).
+    recent: std::collections::VecDeque<String>,
+}
+
+impl CoreSim {
+    /// A run for `seed`, with its virtual clock starting at `start`.
+    pub fn new(seed: u64, start: Instant) -> Self {
+        let mut sim = Self {
+            seed,
+            rng: seed ^ 0x9E37_79B9_7F4A_7C15,
+            now: start,
+            step: 0,
+            sites: Sites::new(),
+            vsites: Vec::new(),
+            next_conn: 1,
+            jobs: Vec::new(),
+            queue: Vec::new(),
+            running: None,
+            durable: BTreeMap::new(),
+            acked: BTreeSet::new(),
+            crash_in: None,
+            stats: Stats::default(),
+            trace: blake3::Hasher::new(),
+            recent: std::collections::VecDeque::new(),
+        };
+        let n_sites = 2 + sim.below(6) as usize;
+        sim.vsites = (0..n_sites)
+            .map(|i| VSite {
+                name: format!("site-{i}"),
+                ..VSite::default()
+            })
+            .collect();
+        let n_jobs = 1 + sim.below(3) as usize;
+        for j in 0..n_jobs {
+            let min_sites = 1 + sim.below(2) as u32;
+            let allow = (sim.below(5) == 0).then(|| {
+                sim.vsites
+                    .iter()
+                    .filter(|s| s.name != "site-0")
+                    .map(|s| s.name.clone())
+                    .collect()
+            });
+            let cfg = RoundConfig {
+                rounds: 1 + sim.below(3),
+                seed: sim.next(),
+                fraction: 1.0,
+                min_sites,
+                gather: Duration::from_secs(sim.below(3)),
+                max_sites: 8,
+                quorum: min_sites,
+                deadline: Duration::from_secs(30),
+                extension: Duration::from_secs(sim.below(2) * 10),
+                max_attempts: 1 + sim.below(2) as u32,
+                evaluate_every: 1,
+                allow,
+            };
+            sim.jobs.push(Job {
+                id: format!("job-{j}"),
+                cfg,
+                initial: ModelHash(*blake3::hash(format!("init-{j}").as_bytes()).as_bytes()),
+            });
+        }
+        // The first job is submitted at once, or later (an empty start).
+        if sim.below(2) == 0 {
+            sim.queue.push("job-0".into());
+        }
+        sim
+    }
+
+    /// What the run did so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A hash of everything the run did, step by step: equal for equal
+    /// seeds.
+    pub fn trace_hash(&self) -> [u8; 32] {
+        *self.trace.finalize().as_bytes()
+    }
+
+    /// Run `steps` steps, checking the invariants after each.
+    pub fn run(&mut self, steps: usize) -> Result<(), Violation> {
+        self.start_next()?;
+        for _ in 0..steps {
+            self.step += 1;
+            self.one_step()?;
+            // A restart may leave the resumed machine with work to do.
+            self.drain()?;
+            self.start_next()?;
+            self.check()?;
+        }
+        Ok(())
+    }
+
+    // -- randomness (splitmix64: no dependency, stable across versions) --
+
+    fn next(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+
+    fn violation(&self, what: impl Into<String>) -> Violation {
+        Violation {
+            seed: self.seed,
+            step: self.step,
+            what: what.into(),
+            recent: self.recent.iter().cloned().collect::<Vec<_>>().join("\n"),
+        }
+    }
+
+    fn note(&mut self, what: &str) {
+        self.trace.update(&(self.step as u64).to_le_bytes());
+        self.trace.update(what.as_bytes());
+        self.trace.update(b"\n");
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(format!("{:>5} {what}", self.step));
+    }
+
+    fn job_id(&self) -> Option<String> {
+        self.running.as_ref().map(|r| self.jobs[r.job].id.clone())
+    }
+
+    // -- one step of the world --
+
+    fn one_step(&mut self) -> Result<(), Violation> {
+        let i = self.below(self.vsites.len() as u64) as usize;
+        match self.below(100) {
+            0..=17 => self.connect(i),
+            18..=23 => self.disconnect(i),
+            24..=45 => self.answer_offer(i),
+            46..=71 => self.upload(i),
+            72..=85 => self.timeout(),
+            86..=87 => self.revoke(i),
+            88..=91 => self.admin(),
+            92 => {
+                // Crash before one of the next few actions executes (or at
+                // once if there are none).
+                self.crash_in = Some(self.below(4) as u32);
+                self.note("arm crash");
+                if self.crash_in == Some(0) {
+                    self.crash();
+                }
+                Ok(())
+            }
+            93..=95 => {
+                self.submit();
+                Ok(())
+            }
+            _ => self.reinstate(i),
+        }
+    }
+
+    fn connect(&mut self, i: usize) -> Result<(), Violation> {
+        if self.vsites[i].revoked {
+            return Ok(()); // refused at the TLS handshake
+        }
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let name = self.vsites[i].name.clone();
+        self.note(&format!("connect {name} {}", conn.0));
+        let before = self.vsites[i].conn;
+        let effect = self.sites.connect(
+            &name,
+            Held {
+                conn,
+                capabilities: SiteCapabilities::compatible(),
+                codecs: Vec::new(),
+            },
+        );
+        if let Some(Effect::Close { conn: old, .. }) = &effect
+            && Some(*old) != before
+        {
+            return Err(self.violation(format!(
+                "replacing {name} closed {old:?}, not its connection {before:?}"
+            )));
+        }
+        if let Some(e) = effect {
+            self.execute_effect(e)?;
+        }
+        let v = &mut self.vsites[i];
+        v.conn = Some(conn);
+        v.offers.clear();
+        v.training.clear();
+        self.feed(Input::SiteConnected {
+            site: name,
+            conn,
+            capabilities: SiteCapabilities::compatible(),
+        })
+    }
+
+    fn disconnect(&mut self, i: usize) -> Result<(), Violation> {
+        let name = self.vsites[i].name.clone();
+        // Sometimes the late end of an old connection (stale).
+        let stale = !self.vsites[i].old.is_empty() && self.below(3) == 0;
+        let conn = if stale {
+            let k = self.below(self.vsites[i].old.len() as u64) as usize;
+            self.vsites[i].old[k]
+        } else {
+            match self.vsites[i].conn.take() {
+                Some(c) => {
+                    self.vsites[i].old.push(c);
+                    c
+                }
+                None => return Ok(()),
+            }
+        };
+        self.note(&format!("disconnect {name} {} stale={stale}", conn.0));
+        let current = self.sites.disconnect(&name, conn);
+        if stale && current {
+            return Err(self.violation(format!(
+                "the stale end of {name}'s {conn:?} removed its current connection"
+            )));
+        }
+        self.vsites[i].offers.clear();
+        self.vsites[i].training.clear();
+        self.feed(Input::SiteDisconnected { site: name, conn })
+    }
+
+    fn answer_offer(&mut self, i: usize) -> Result<(), Violation> {
+        if self.vsites[i].offers.is_empty() || self.vsites[i].conn.is_none() {
+            return Ok(());
+        }
+        let (job, round, model) = self.vsites[i].offers.remove(0);
+        if Some(&job) != self.job_id().as_ref() {
+            return Ok(());
+        }
+        let name = self.vsites[i].name.clone();
+        if self.below(6) == 0 {
+            self.note(&format!("decline {name} {job} r{round}"));
+            return self.feed(Input::OfferDeclined {
+                site: name,
+                round,
+                reason: "busy".into(),
+            });
+        }
+        self.note(&format!("accept {name} {job} r{round}"));
+        self.vsites[i].training.push((job, round, model));
+        self.feed(Input::OfferAccepted { site: name, round })
+    }
+
+    fn upload(&mut self, i: usize) -> Result<(), Violation> {
+        if self.vsites[i].conn.is_none() {
+            return Ok(());
+        }
+        let Some(job) = self.job_id() else {
+            return Ok(());
+        };
+        let name = self.vsites[i].name.clone();
+        // A duplicated or replayed envelope of an earlier upload.
+        if !self.vsites[i].sent.is_empty() && self.below(4) == 0 {
+            let k = self.below(self.vsites[i].sent.len() as u64) as usize;
+            let (sent_job, u) = self.vsites[i].sent[k].clone();
+            if sent_job == job {
+                self.stats.replays += 1;
+                self.note(&format!("replay {name} r{}", u.round));
+                return self.feed(Input::UpdateReceived(u));
+            }
+        }
+        if self.vsites[i].training.is_empty() {
+            return Ok(());
+        }
+        let (tjob, round, model) = self.vsites[i].training.remove(0);
+        if tjob != job {
+            return Ok(());
+        }
+        // Dropped mid-upload: the connection ends, nothing arrives.
+        if self.below(8) == 0 {
+            self.note(&format!("drop mid-upload {name} r{round}"));
+            return self.disconnect_current(i);
+        }
+        let verdict = if self.below(10) == 0 {
+            Verdict::Invalid("NaN in the update".into())
+        } else {
+            Verdict::Valid
+        };
+        let payload = blake3::hash(format!("{job}/{round}/{name}/{}", self.next()).as_bytes());
+        let u = UpdateReceived {
+            site: name.clone(),
+            round,
+            base_model: model,
+            payload_hash: ModelHash(*payload.as_bytes()),
+            num_examples: 1 + self.below(100),
+            bytes: 1000,
+            received_unix_ms: 0,
+            verdict,
+        };
+        self.vsites[i].sent.push((job, u.clone()));
+        self.note(&format!("upload {name} r{round}"));
+        self.feed(Input::UpdateReceived(u))
+    }
+
+    fn disconnect_current(&mut self, i: usize) -> Result<(), Violation> {
+        let Some(conn) = self.vsites[i].conn.take() else {
+            return Ok(());
+        };
+        self.vsites[i].old.push(conn);
+        self.vsites[i].offers.clear();
+        self.vsites[i].training.clear();
+        let name = self.vsites[i].name.clone();
+        self.sites.disconnect(&name, conn);
+        self.feed(Input::SiteDisconnected { site: name, conn })
+    }
+
+    fn timeout(&mut self) -> Result<(), Violation> {
+        let Some(r) = &self.running else {
+            return Ok(());
+        };
+        let Some(at) = r.runner.poll_timeout() else {
+            return Ok(());
+        };
+        self.now = self.now.max(at);
+        self.note("timeout");
+        self.feed(Input::Timeout)
+    }
+
+    fn revoke(&mut self, i: usize) -> Result<(), Violation> {
+        let name = self.vsites[i].name.clone();
+        self.vsites[i].revoked = true;
+        self.note(&format!("revoke {name}"));
+        let (cut, effects) = self.sites.revoke_where(|site, _| {
+            if site == name {
+                Err(format!("the certificate of {site} is revoked"))
+            } else {
+                Ok(())
+            }
+        });
+        for e in effects {
+            self.execute_effect(e)?;
+        }
+        for (site, conn) in cut {
+            self.stats.revocations += 1;
+            self.feed(Input::SiteDisconnected { site, conn })?;
+        }
+        Ok(())
+    }
+
+    fn reinstate(&mut self, i: usize) -> Result<(), Violation> {
+        if self.vsites[i].revoked {
+            let name = self.vsites[i].name.clone();
+            self.note(&format!("reinstate {name}"));
+            self.vsites[i].revoked = false;
+        }
+        Ok(())
+    }
+
+    /// An admin command on the running job or on a queued (or unknown)
+    /// one, through [`super::admin::job_command`]: its effects run in
+    /// order, and a change must follow its audit append.
+    fn admin(&mut self) -> Result<(), Violation> {
+        let cmd = match self.below(20) {
+            0..=5 => AdminCommand::Pause,
+            6..=18 => AdminCommand::Resume,
+            _ => AdminCommand::Abort,
+        };
+        let pick = self.below(self.jobs.len() as u64 + 1) as usize;
+        let running = self.running.as_ref().map(|r| r.job);
+        let (id, target) = match (running, pick) {
+            (Some(r), p) if p == r || p == self.jobs.len() => (
+                self.jobs[r].id.clone(),
+                Target::Running {
+                    finished: self
+                        .running
+                        .as_ref()
+                        .is_some_and(|r| r.runner.is_finished()),
+                },
+            ),
+            (_, p) if p < self.jobs.len() && self.queue.contains(&self.jobs[p].id) => {
+                let snap = self.snapshot(p);
+                (
+                    self.jobs[p].id.clone(),
+                    Target::Stored(Some(StoredJob {
+                        finished: snap.outcome.is_some(),
+                        completed_rounds: snap.completed_rounds,
+                    })),
+                )
+            }
+            _ => ("no-such-job".to_owned(), Target::Stored(None)),
+        };
+        self.note(&format!("admin {cmd:?} {id}"));
+        let (effects, _answer) = job_command(&id, cmd, "admin", target);
+        let mut audited = false;
+        for effect in effects {
+            if effect.changes_state() && !audited {
+                return Err(self.violation(format!(
+                    "admin {cmd:?} on {id}: {effect:?} before its audit append"
+                )));
+            }
+            match effect {
+                Effect::AppendAudit { kind, .. } => {
+                    self.note(&format!("audit {kind}"));
+                    self.stats.admin_audited += 1;
+                    audited = true;
+                }
+                Effect::Persist { job, checkpoint } => {
+                    self.note(&format!("persist {job} {checkpoint:?}"));
+                    self.durable.entry(job).or_default().push(checkpoint);
+                }
+                Effect::Apply(input) => self.feed(input)?,
+                other @ Effect::Close { .. } => {
+                    return Err(self.violation(format!("an admin command emitted {other:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) {
+        if let Some(j) = self.jobs.iter().find(|j| !self.queue.contains(&j.id)) {
+            let id = j.id.clone();
+            self.note(&format!("submit {id}"));
+            self.queue.push(id);
+        }
+    }
+
+    // -- the driver's part --
+
+    /// Hand an input to the running job's machine and execute its actions.
+    fn feed(&mut self, input: Input) -> Result<(), Violation> {
+        let now = self.now;
+        let Some(r) = self.running.as_mut() else {
+            return Ok(());
+        };
+        r.runner.handle(now, input);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Result<(), Violation> {
+        loop {
+            let Some(r) = self.running.as_mut() else {
+                return Ok(());
+            };
+            let Some(action) = r.runner.poll_action() else {
+                return Ok(());
+            };
+            match self.crash_in {
+                Some(0) => {
+                    self.crash();
+                    return Ok(());
+                }
+                Some(n) => self.crash_in = Some(n - 1),
+                None => {}
+            }
+            self.execute(action)?;
+        }
+    }
+
+    fn execute(&mut self, action: Action) -> Result<(), Violation> {
+        let Some(job) = self.job_id() else {
+            return Ok(());
+        };
+        match action {
+            Action::Persist(cp) => {
+                self.note(&format!("persist {cp:?}"));
+                self.durable.entry(job).or_default().push(cp);
+            }
+            Action::SendOffer { site, offer } => {
+                self.note(&format!("offer {site} r{}", offer.round));
+                if let Some(v) = self.vsites.iter_mut().find(|v| v.name == site)
+                    && v.conn.is_some()
+                {
+                    v.offers.push((job, offer.round, offer.model));
+                }
+            }
+            Action::AckUpdate { site, round } => {
+                self.note(&format!("ack {site} r{round}"));
+                let persisted = self.durable.get(&job).is_some_and(|log| {
+                    log.iter().rev().any(
+                        |cp| matches!(cp, Checkpoint::UpdateAccepted(a) if a.site == site && a.round == round),
+                    )
+                });
+                if !persisted {
+                    return Err(self.violation(format!(
+                        "{job}: the update of {site} in round {round} was acknowledged before \
+                         its UpdateAccepted checkpoint was durable"
+                    )));
+                }
+                if !self.acked.insert((job.clone(), round, site.clone())) {
+                    return Err(self.violation(format!(
+                        "{job}: the update of {site} in round {round} was acknowledged twice"
+                    )));
+                }
+                self.stats.acks += 1;
+            }
+            Action::Aggregate {
+                round,
+                base_model,
+                updates,
+            } => {
+                self.note(&format!("aggregate r{round} {}", updates.len()));
+                let got: BTreeSet<&str> = updates.iter().map(|u| u.site.as_str()).collect();
+                if got.len() != updates.len() {
+                    return Err(
+                        self.violation(format!("{job}: round {round} aggregates an update twice"))
+                    );
+                }
+                let want: BTreeSet<&str> = self
+                    .acked
+                    .iter()
+                    .filter(|(j, r, _)| *j == job && *r == round)
+                    .map(|(_, _, s)| s.as_str())
+                    .collect();
+                if got != want {
+                    return Err(self.violation(format!(
+                        "{job}: round {round} aggregates {got:?}, acknowledged were {want:?}"
+                    )));
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(&base_model.0);
+                for u in &updates {
+                    h.update(&u.payload_hash.0);
+                }
+                let model = ModelHash(*h.finalize().as_bytes());
+                self.stats.rounds_aggregated += 1;
+                let now = self.now;
+                if let Some(r) = self.running.as_mut() {
+                    r.runner.handle(
+                        now,
+                        Input::AggregationDone {
+                            round,
+                            model,
+                            metrics: BTreeMap::new(),
+                        },
+                    );
+                }
+            }
+            Action::Disconnect { site, conn, reason } => {
+                self.note(&format!("runner disconnect {site} {}", conn.0));
+                let reason = match reason {
+                    DisconnectReason::NotAllowed => CloseReason::NotAllowed,
+                    _ => CloseReason::Replaced,
+                };
+                if let Some(e) = self.sites.close(&site, conn, reason) {
+                    self.execute_effect(e)?;
+                }
+            }
+            Action::JobFinished(outcome) => {
+                self.note(&format!("finished {outcome:?}"));
+                if matches!(outcome, JobOutcome::Completed { .. }) {
+                    self.stats.jobs_completed += 1;
+                }
+            }
+            other @ (Action::SendModel { .. }
+            | Action::RejectUpdate { .. }
+            | Action::CancelTask { .. }
+            | Action::Evaluate { .. }) => self.note(&format!("{other:?}")),
+        }
+        Ok(())
+    }
+
+    fn execute_effect(&mut self, effect: Effect) -> Result<(), Violation> {
+        match effect {
+            other @ (Effect::AppendAudit { .. } | Effect::Persist { .. } | Effect::Apply(_)) => {
+                return Err(self.violation(format!("the site table emitted {other:?}")));
+            }
+            Effect::Close { conn, reason } => {
+                self.note(&format!("close {} {reason:?}", conn.0));
+                if let Some(site) = self.sites.site_of(conn) {
+                    return Err(self.violation(format!(
+                        "{conn:?} was closed but is still {site}'s current connection"
+                    )));
+                }
+                let Some(v) = self.vsites.iter_mut().find(|v| v.conn == Some(conn)) else {
+                    return Err(self.violation(format!(
+                        "{conn:?} was closed but is no site's current connection"
+                    )));
+                };
+                v.conn = None;
+                v.old.push(conn);
+                v.offers.clear();
+                v.training.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// The process dies: connections end, the round machine's memory is
+    /// lost. The restart recovers the running job from its durable log.
+    fn crash(&mut self) {
+        self.crash_in = None;
+        self.stats.crashes += 1;
+        self.note("crash");
+        for v in &mut self.vsites {
+            if let Some(c) = v.conn.take() {
+                v.old.push(c);
+            }
+            v.offers.clear();
+            v.training.clear();
+        }
+        self.sites = Sites::new();
+        let Some(r) = self.running.take() else {
+            return;
+        };
+        let job = self.jobs[r.job].id.clone();
+        // The round in flight is re-opened: its acknowledged updates are
+        // discarded (audited as round.discarded) and requested again.
+        let snapshot = self.snapshot(r.job);
+        let completed = snapshot.completed_rounds;
+        self.acked
+            .retain(|(j, round, _)| *j != job || *round <= completed);
+        if snapshot.outcome.is_none() {
+            self.running = Some(Running {
+                job: r.job,
+                runner: JobRunner::resume(self.jobs[r.job].cfg.clone(), snapshot),
+            });
+        }
+    }
+
+    /// What `Store::recover` makes of a job's durable log.
+    fn snapshot(&self, job: usize) -> Snapshot {
+        let mut s = Snapshot {
+            completed_rounds: 0,
+            model: self.jobs[job].initial,
+            paused: false,
+            outcome: None,
+        };
+        for cp in self.durable.get(&self.jobs[job].id).into_iter().flatten() {
+            match cp {
+                Checkpoint::RoundCompleted { round, model, .. } => {
+                    s.completed_rounds = *round;
+                    s.model = *model;
+                }
+                Checkpoint::Paused(p) => s.paused = *p,
+                Checkpoint::JobFinished(o) => s.outcome = Some(o.clone()),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Start the next queued job when none runs or the running one has
+    /// finished, handing it every held site (the same way after an empty
+    /// start and after a job switch).
+    fn start_next(&mut self) -> Result<(), Violation> {
+        let current = self.job_id();
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|r| !r.runner.is_finished())
+        {
+            return Ok(());
+        }
+        let next = queue::next_job(&self.queue, current.as_deref(), |id| {
+            self.jobs
+                .iter()
+                .position(|j| j.id == id)
+                .is_some_and(|j| self.snapshot(j).outcome.is_none())
+        })
+        .map(str::to_owned);
+        let Some(next) = next else {
+            return Ok(());
+        };
+        let Some(j) = self.jobs.iter().position(|x| x.id == next) else {
+            return Ok(());
+        };
+        self.note(&format!("start {next}"));
+        if current.is_some() {
+            self.stats.job_switches += 1;
+        }
+        if !self.sites.is_empty() {
+            self.stats.handovers_with_sites += 1;
+        }
+        let runner = JobRunner::resume(self.jobs[j].cfg.clone(), self.snapshot(j));
+        self.running = Some(Running { job: j, runner });
+        self.drain()?;
+        for input in self.sites.hand_over(None) {
+            // A crash during the hand-over ends the connections not yet
+            // handed over.
+            if let Input::SiteConnected { site, conn, .. } = &input
+                && self.sites.conn_of(site) != Some(*conn)
+            {
+                continue;
+            }
+            self.feed(input)?;
+        }
+        Ok(())
+    }
+
+    /// The invariants that hold between steps.
+    fn check(&self) -> Result<(), Violation> {
+        for v in &self.vsites {
+            if self.sites.conn_of(&v.name) != v.conn {
+                return Err(self.violation(format!(
+                    "{} holds {:?} but the core has {:?}",
+                    v.name,
+                    v.conn,
+                    self.sites.conn_of(&v.name)
+                )));
+            }
+            if v.revoked && v.conn.is_some() {
+                return Err(self.violation(format!("revoked {} is still connected", v.name)));
+            }
+        }
+        if let Some(r) = &self.running
+            && !r.runner.is_finished()
+        {
+            let held = self.sites.connected();
+            let seen = r.runner.connected_sites();
+            if held != seen {
+                return Err(self.violation(format!(
+                    "{}: the core holds {held:?}, the job's round machine sees {seen:?}",
+                    self.jobs[r.job].id
+                )));
+            }
+        }
+        Ok(())
+    }
+}

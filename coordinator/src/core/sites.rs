@@ -1,0 +1,281 @@
+//! The site connections the coordinator holds, by site and connection id.
+//!
+//! One connection per site: a second connection of a site replaces the
+//! first ([`CloseReason::Replaced`]); the end of a connection that was
+//! already replaced is ignored (stale [`ConnId`]). The table outlives jobs:
+//! the serve loop keeps it while no job runs and across job switches, and
+//! [`Sites::hand_over`] gives every held site to the round machine of the
+//! job that starts, the same way whether a job follows nothing or another
+//! job.
+
+use std::collections::BTreeMap;
+
+use fedlink_protocol::{Encoding, ValueCodec};
+
+use super::{CloseReason, Effect};
+use crate::round::{ConnId, Input, SiteCapabilities, SiteId};
+
+/// A connected site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Its current connection.
+    pub conn: ConnId,
+    /// What it told the coordinator about itself (compatibility is decided
+    /// again against each job's encoding at [`Sites::hand_over`]).
+    pub capabilities: SiteCapabilities,
+    /// The codecs it announced in its Hello.
+    pub codecs: Vec<ValueCodec>,
+}
+
+/// The connected sites (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct Sites {
+    held: BTreeMap<SiteId, Held>,
+}
+
+impl Sites {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `site` completed its handshake on `held.conn`. A connection it had
+    /// before is closed (returned as an effect).
+    pub fn connect(&mut self, site: &str, held: Held) -> Option<Effect> {
+        let new = held.conn;
+        let old = self.held.insert(site.to_owned(), held)?;
+        (old.conn != new).then_some(Effect::Close {
+            conn: old.conn,
+            reason: CloseReason::Replaced,
+        })
+    }
+
+    /// The connection `conn` of `site` ended. `true` if it was the site's
+    /// current one (it is forgotten); `false` for a stale end (a connection
+    /// already replaced), which changes nothing.
+    pub fn disconnect(&mut self, site: &str, conn: ConnId) -> bool {
+        if self.conn_of(site) == Some(conn) {
+            self.held.remove(site);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Close `conn` of `site` for `reason`, if it is still the site's
+    /// current connection (the round machine's `Disconnect`, a revocation).
+    pub fn close(&mut self, site: &str, conn: ConnId, reason: CloseReason) -> Option<Effect> {
+        self.disconnect(site, conn)
+            .then_some(Effect::Close { conn, reason })
+    }
+
+    /// Close the connection of every site `allowed` refuses (revoked,
+    /// removed or superseded certificates), with the reason it gives.
+    /// Returns the sites cut off with their connections, and the effects.
+    pub fn revoke_where(
+        &mut self,
+        mut allowed: impl FnMut(&str, ConnId) -> Result<(), String>,
+    ) -> (Vec<(SiteId, ConnId)>, Vec<Effect>) {
+        let mut cut = Vec::new();
+        let mut effects = Vec::new();
+        self.held.retain(|site, h| match allowed(site, h.conn) {
+            Ok(()) => true,
+            Err(why) => {
+                cut.push((site.clone(), h.conn));
+                effects.push(Effect::Close {
+                    conn: h.conn,
+                    reason: CloseReason::Forbidden(why),
+                });
+                false
+            }
+        });
+        (cut, effects)
+    }
+
+    /// Close every connection (shutdown).
+    pub fn close_all(&mut self, reason: &CloseReason) -> Vec<Effect> {
+        std::mem::take(&mut self.held)
+            .into_values()
+            .map(|h| Effect::Close {
+                conn: h.conn,
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+
+    /// The current connection of `site`.
+    pub fn conn_of(&self, site: &str) -> Option<ConnId> {
+        self.held.get(site).map(|h| h.conn)
+    }
+
+    /// The site whose current connection is `conn`.
+    pub fn site_of(&self, conn: ConnId) -> Option<&str> {
+        self.held
+            .iter()
+            .find(|(_, h)| h.conn == conn)
+            .map(|(s, _)| s.as_str())
+    }
+
+    /// Sites connected now, sorted.
+    pub fn connected(&self) -> Vec<SiteId> {
+        self.held.keys().cloned().collect()
+    }
+
+    /// How many sites are connected.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no site is connected.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Hand every held site to the job that starts now: its compatibility
+    /// is decided against the job's `encoding` (a site must speak its codec
+    /// family; `None`: every site is compatible), and the inputs that tell
+    /// the job's round machine about the sites are returned in the order
+    /// the sites connected (by [`ConnId`]). The sites stay held: the same
+    /// table serves the next job too.
+    pub fn hand_over(&mut self, encoding: Option<Encoding>) -> Vec<Input> {
+        let mut held: Vec<(&SiteId, &mut Held)> = self.held.iter_mut().collect();
+        held.sort_by_key(|(_, h)| h.conn);
+        held.into_iter()
+            .map(|(site, h)| {
+                h.capabilities.compatible = compatible(&h.codecs, encoding);
+                Input::SiteConnected {
+                    site: site.clone(),
+                    conn: h.conn,
+                    capabilities: h.capabilities.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Whether a site that announced `codecs` can take part in a job that
+/// uses `encoding`: it speaks the job's codec family (`None`: no job, or
+/// a job without an encoding: yes).
+pub fn compatible(codecs: &[ValueCodec], encoding: Option<Encoding>) -> bool {
+    encoding.is_none_or(|enc| codecs.iter().any(|c| same_family(*c, enc.values())))
+}
+
+/// Whether two value codecs are of the same family (parameters such as
+/// top-k's fraction aside).
+pub fn same_family(a: ValueCodec, b: ValueCodec) -> bool {
+    std::mem::discriminant(&a) == std::mem::discriminant(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn held(conn: u64, codecs: &[ValueCodec]) -> Held {
+        Held {
+            conn: ConnId(conn),
+            capabilities: SiteCapabilities::compatible(),
+            codecs: codecs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_second_connection_replaces_the_first_and_its_stale_end_is_ignored() {
+        let mut s = Sites::new();
+        assert_eq!(s.connect("a", held(1, &[])), None);
+        assert_eq!(
+            s.connect("a", held(2, &[])),
+            Some(Effect::Close {
+                conn: ConnId(1),
+                reason: CloseReason::Replaced
+            })
+        );
+        assert!(!s.disconnect("a", ConnId(1)), "stale end");
+        assert_eq!(s.conn_of("a"), Some(ConnId(2)));
+        assert_eq!(s.site_of(ConnId(2)), Some("a"));
+        assert!(s.disconnect("a", ConnId(2)));
+        assert!(s.is_empty());
+        assert!(!s.disconnect("a", ConnId(2)), "already gone");
+    }
+
+    #[test]
+    fn close_applies_only_to_the_current_connection() {
+        let mut s = Sites::new();
+        s.connect("a", held(1, &[]));
+        s.connect("a", held(2, &[]));
+        assert_eq!(s.close("a", ConnId(1), CloseReason::NotAllowed), None);
+        assert_eq!(
+            s.close("a", ConnId(2), CloseReason::NotAllowed),
+            Some(Effect::Close {
+                conn: ConnId(2),
+                reason: CloseReason::NotAllowed
+            })
+        );
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn revocation_cuts_off_only_the_refused_sites_with_the_reason() {
+        let mut s = Sites::new();
+        for (i, site) in ["a", "b", "c"].iter().enumerate() {
+            s.connect(site, held(i as u64, &[]));
+        }
+        let (cut, effects) = s.revoke_where(|site, _| {
+            if site == "b" {
+                Err("certificate revoked".into())
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(cut, vec![("b".to_owned(), ConnId(1))]);
+        assert_eq!(
+            effects,
+            vec![Effect::Close {
+                conn: ConnId(1),
+                reason: CloseReason::Forbidden("certificate revoked".into())
+            }]
+        );
+        assert_eq!(s.connected(), vec!["a".to_owned(), "c".to_owned()]);
+    }
+
+    #[test]
+    fn hand_over_keeps_the_sites_in_connection_order_and_decides_compatibility() {
+        let mut s = Sites::new();
+        s.connect("z", held(1, &[ValueCodec::F16]));
+        s.connect("a", held(2, &[ValueCodec::F32]));
+        let f16 = Encoding::with_codec(ValueCodec::F16).unwrap();
+        let inputs = s.hand_over(Some(f16));
+        let got: Vec<(String, u64, bool)> = inputs
+            .into_iter()
+            .map(|i| match i {
+                Input::SiteConnected {
+                    site,
+                    conn,
+                    capabilities,
+                } => (site, conn.0, capabilities.compatible),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("z".to_owned(), 1, true), ("a".to_owned(), 2, false)]
+        );
+        // Still held: the next job gets them too, with its own encoding.
+        assert_eq!(s.len(), 2);
+        let again = s.hand_over(None);
+        assert!(again.iter().all(|i| matches!(
+            i,
+            Input::SiteConnected { capabilities, .. } if capabilities.compatible
+        )));
+    }
+
+    #[test]
+    fn close_all_closes_every_connection() {
+        let mut s = Sites::new();
+        s.connect("a", held(1, &[]));
+        s.connect("b", held(2, &[]));
+        let effects = s.close_all(&CloseReason::Shutdown);
+        assert_eq!(effects.len(), 2);
+        assert!(s.is_empty());
+    }
+}
