@@ -10,7 +10,6 @@
 //! start (`coordinator.started`).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -262,17 +261,10 @@ fn export_key(path: &Path, key: &VerifyingKey) -> Result<(), AuditError> {
             )))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = path.parent().unwrap_or(path);
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".audit-key-")
-                .tempfile_in(dir)
+            // Whole or absent, never overwritten, mode 0600 like everything
+            // in the data directory.
+            fedlink_durable::create_new(path, text.as_bytes(), fedlink_durable::Mode::Private)
                 .map_err(|e| setup(e.to_string()))?;
-            tmp.write_all(text.as_bytes())
-                .and_then(|()| tmp.as_file().sync_all())
-                .map_err(|e| setup(e.to_string()))?;
-            // Mode 0600 (tempfile's), like everything in the data directory.
-            tmp.persist_noclobber(path)
-                .map_err(|e| setup(e.error.to_string()))?;
             Ok(())
         }
         Err(e) => Err(setup(e.to_string())),

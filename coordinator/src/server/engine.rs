@@ -1497,14 +1497,15 @@ fn archive(
     }
     let envelope_file = format!("{base}.envelope.json");
     let payload_file = format!("{base}.payload");
-    let mut f = fedlink_certs::private::file_options()
-        .create(true)
-        .truncate(true)
-        .open(dir.join(&envelope_file))?;
-    std::io::Write::write_all(&mut f, &envelope)?;
-    f.sync_all()?;
-    std::fs::rename(&p.spool_path, dir.join(&payload_file))?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all())?;
+    // The envelope whole (temporary file, fsync, rename, directory fsync);
+    // the spooled payload (fsynced when it was spooled) moved into place,
+    // both directories fsynced.
+    fedlink_durable::replace(
+        &dir.join(&envelope_file),
+        &envelope,
+        fedlink_durable::Mode::Private,
+    )?;
+    fedlink_durable::install(&p.spool_path, &dir.join(&payload_file))?;
     Ok((payload_file, envelope_file))
 }
 

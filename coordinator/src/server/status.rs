@@ -3,7 +3,6 @@
 //! It is informational; the store is the source of truth.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 
 use fedlink_protocol::FeatureScaling;
@@ -58,7 +57,7 @@ pub struct Status {
     pub updated_unix_ms: u64,
 }
 
-/// Writes [`Status`] atomically (temp file + rename).
+/// Writes [`Status`] atomically and durably (`fedlink_durable::replace`).
 #[derive(Debug)]
 pub(crate) struct StatusWriter {
     path: PathBuf,
@@ -70,13 +69,8 @@ impl StatusWriter {
     }
 
     pub(crate) fn write(&self, status: &Status) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = fedlink_certs::private::file_options()
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        let json = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
+        fedlink_durable::replace(&self.path, &json, fedlink_durable::Mode::Private)?;
+        Ok(())
     }
 }

@@ -4,8 +4,8 @@
 //! model therefore costs one page-cached file read per site and O(chunk)
 //! memory, whatever the number of sites.
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use fedlink_protocol::encoding::DEFAULT_CHUNK_BYTES;
@@ -42,31 +42,29 @@ pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, 
     {
         return Ok(w);
     }
-    let tmp = models_dir.join(format!(".tmp-wire-{}", hash.to_hex()));
-    let file = fedlink_certs::private::file_options()
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut enc =
-        PayloadEncoder::new(model.spec().clone(), encoding, 0).map_err(|e| e.to_string())?;
-    let mut payload_len = 0u64;
-    let mut num_chunks = 0u64;
-    while let Some(r) = enc.next_chunk() {
-        let values = model
-            .values()
-            .get(r.start as usize..r.end as usize)
-            .ok_or("model shorter than its spec")?;
-        let rec = enc.encode_chunk(values).map_err(|e| e.to_string())?;
-        out.write_all(&rec).map_err(|e| e.to_string())?;
-        payload_len += rec.len() as u64;
-        num_chunks += 1;
-    }
-    enc.finish().map_err(|e| e.to_string())?;
-    let file = out.into_inner().map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| e.to_string())?;
-    fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+    let (payload_len, num_chunks) = fedlink_durable::replace_with(
+        &path,
+        fedlink_durable::Mode::Private,
+        |out| -> std::io::Result<(u64, u64)> {
+            let mut enc = PayloadEncoder::new(model.spec().clone(), encoding, 0)
+                .map_err(std::io::Error::other)?;
+            let mut payload_len = 0u64;
+            let mut num_chunks = 0u64;
+            while let Some(r) = enc.next_chunk() {
+                let values = model
+                    .values()
+                    .get(r.start as usize..r.end as usize)
+                    .ok_or_else(|| std::io::Error::other("model shorter than its spec"))?;
+                let rec = enc.encode_chunk(values).map_err(std::io::Error::other)?;
+                out.write_all(&rec)?;
+                payload_len += rec.len() as u64;
+                num_chunks += 1;
+            }
+            enc.finish().map_err(std::io::Error::other)?;
+            Ok((payload_len, num_chunks))
+        },
+    )
+    .map_err(|e| e.to_string())?;
     Ok(WireModel {
         hash,
         spec: model.spec().clone(),
