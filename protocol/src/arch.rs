@@ -51,6 +51,14 @@ pub const MAX_IN_CHANNELS: u32 = 64;
 pub const MAX_IMAGE_SIDE: u32 = 4096;
 /// Most base channels of a U-Net.
 pub const MAX_BASE_CHANNELS: u32 = 256;
+/// Fewest down-sampling levels of a U-Net.
+pub const MIN_UNET_DEPTH: u32 = 1;
+/// Most down-sampling levels of a U-Net (input sides must be multiples of
+/// `2^depth`).
+pub const MAX_UNET_DEPTH: u32 = 6;
+/// Depth of a U-Net whose spec does not say (the original fixed 2-level
+/// U-Net; its binary encoding is unchanged).
+pub const DEFAULT_UNET_DEPTH: u32 = 2;
 /// Most parameters a built-in architecture may have: 2^27 (512 MiB of f32).
 /// Far above anything these small models need, far below what would let a
 /// hostile job description exhaust memory.
@@ -100,16 +108,25 @@ pub enum ArchSpec {
         /// Number of classes (≥ 2).
         classes: u32,
     },
-    /// Small 2D U-Net for semantic segmentation: two down-sampling levels,
-    /// channels `c, 2c, 4c` with `c = base_channels`; each block is
+    /// 2D U-Net for semantic segmentation with `depth` down-sampling levels
+    /// (2×2 max-pool): level `i` (1-based) has `c · 2^(i-1)` channels and the
+    /// bottleneck `c · 2^depth`, with `c = base_channels`; each block is
     /// (3×3 conv → GroupNorm → ReLU) × 2; up-sampling by 2×2 transposed
-    /// convolution; a 1×1 convolution head with `classes` channels. Input
-    /// height and width must be multiples of 4.
+    /// convolution, concatenated with the encoder's skip connection; a 1×1
+    /// convolution head with `classes` channels. Input height and width must
+    /// be multiples of `2^depth`.
+    ///
+    /// Tensor paths: `enc1..enc{depth}`, `bottleneck`, `up{depth}..up1`,
+    /// `dec{depth}..dec1`, `head` (so a depth-2 U-Net has the paths it had
+    /// before `depth` existed).
     UNet {
         /// Image channels.
         in_channels: u32,
         /// Channels of the first level.
         base_channels: u32,
+        /// Down-sampling levels ([`MIN_UNET_DEPTH`]..=[`MAX_UNET_DEPTH`];
+        /// [`DEFAULT_UNET_DEPTH`] when a job file leaves it out).
+        depth: u32,
         /// Number of segmentation classes, background included (≥ 2).
         classes: u32,
     },
@@ -357,6 +374,7 @@ impl ArchSpec {
             Self::UNet {
                 in_channels,
                 base_channels,
+                depth,
                 classes,
             } => {
                 range(
@@ -370,6 +388,12 @@ impl ArchSpec {
                     (*base_channels).into(),
                     1,
                     MAX_BASE_CHANNELS.into(),
+                )?;
+                range(
+                    "depth",
+                    (*depth).into(),
+                    MIN_UNET_DEPTH.into(),
+                    MAX_UNET_DEPTH.into(),
                 )?;
                 range("classes", (*classes).into(), 2, 256)
             }
@@ -421,17 +445,22 @@ impl ArchSpec {
             Self::UNet {
                 in_channels,
                 base_channels,
+                depth,
                 classes,
             } => {
-                let c = u64::from(*base_channels);
-                p.double_conv("enc1", (*in_channels).into(), c);
-                p.double_conv("enc2", c, 2 * c);
-                p.double_conv("bottleneck", 2 * c, 4 * c);
-                p.conv_transpose("up2", 4 * c, 2 * c, 2);
-                p.double_conv("dec2", 4 * c, 2 * c);
-                p.conv_transpose("up1", 2 * c, c, 2);
-                p.double_conv("dec1", 2 * c, c);
-                p.conv("head", c, (*classes).into(), 1, false);
+                // Level i (1-based) has c·2^(i-1) channels; the bottleneck c·2^depth.
+                let width = |level: u32| u64::from(*base_channels) << level;
+                let mut c_in = u64::from(*in_channels);
+                for i in 1..=*depth {
+                    p.double_conv(&format!("enc{i}"), c_in, width(i - 1));
+                    c_in = width(i - 1);
+                }
+                p.double_conv("bottleneck", c_in, width(*depth));
+                for i in (1..=*depth).rev() {
+                    p.conv_transpose(&format!("up{i}"), width(i), width(i - 1), 2);
+                    p.double_conv(&format!("dec{i}"), 2 * width(i - 1), width(i - 1));
+                }
+                p.conv("head", width(0), (*classes).into(), 1, false);
             }
         }
         p
@@ -484,7 +513,10 @@ impl ArchSpec {
 
 // --- serde: internally tagged when human-readable, externally tagged otherwise.
 
-/// Field-level mirror of [`ArchSpec`] used for both serde forms.
+/// Binary (externally tagged) mirror of [`ArchSpec`]. Variants are only
+/// ever appended: index 3 is the U-Net as it was before `depth` existed (a
+/// depth-2 U-Net is still written this way, byte for byte), index 4 a U-Net
+/// of any depth.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum Repr {
@@ -507,9 +539,21 @@ enum Repr {
         base_channels: u32,
         classes: u32,
     },
+    #[serde(rename = "unet_deep")]
+    UNetDeep {
+        in_channels: u32,
+        base_channels: u32,
+        depth: u32,
+        classes: u32,
+    },
 }
 
-/// Same as [`Repr`], internally tagged by `kind` (human-readable formats).
+fn default_unet_depth() -> u32 {
+    DEFAULT_UNET_DEPTH
+}
+
+/// Human-readable mirror, internally tagged by `kind`; a U-Net's `depth`
+/// defaults to [`DEFAULT_UNET_DEPTH`].
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 enum TaggedRepr {
@@ -530,8 +574,108 @@ enum TaggedRepr {
     UNet {
         in_channels: u32,
         base_channels: u32,
+        #[serde(default = "default_unet_depth")]
+        depth: u32,
         classes: u32,
     },
+}
+
+impl From<ArchSpec> for Repr {
+    fn from(a: ArchSpec) -> Self {
+        match a {
+            ArchSpec::LogReg { inputs, classes } => Self::LogReg { inputs, classes },
+            ArchSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => Self::Mlp {
+                inputs,
+                hidden,
+                classes,
+            },
+            ArchSpec::Cnn {
+                in_channels,
+                height,
+                width,
+                classes,
+            } => Self::Cnn {
+                in_channels,
+                height,
+                width,
+                classes,
+            },
+            ArchSpec::UNet {
+                in_channels,
+                base_channels,
+                depth: DEFAULT_UNET_DEPTH,
+                classes,
+            } => Self::UNet {
+                in_channels,
+                base_channels,
+                classes,
+            },
+            ArchSpec::UNet {
+                in_channels,
+                base_channels,
+                depth,
+                classes,
+            } => Self::UNetDeep {
+                in_channels,
+                base_channels,
+                depth,
+                classes,
+            },
+        }
+    }
+}
+
+impl From<Repr> for ArchSpec {
+    fn from(a: Repr) -> Self {
+        match a {
+            Repr::LogReg { inputs, classes } => Self::LogReg { inputs, classes },
+            Repr::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => Self::Mlp {
+                inputs,
+                hidden,
+                classes,
+            },
+            Repr::Cnn {
+                in_channels,
+                height,
+                width,
+                classes,
+            } => Self::Cnn {
+                in_channels,
+                height,
+                width,
+                classes,
+            },
+            Repr::UNet {
+                in_channels,
+                base_channels,
+                classes,
+            } => Self::UNet {
+                in_channels,
+                base_channels,
+                depth: DEFAULT_UNET_DEPTH,
+                classes,
+            },
+            Repr::UNetDeep {
+                in_channels,
+                base_channels,
+                depth,
+                classes,
+            } => Self::UNet {
+                in_channels,
+                base_channels,
+                depth,
+                classes,
+            },
+        }
+    }
 }
 
 macro_rules! convert {
@@ -563,10 +707,12 @@ macro_rules! convert {
                     $from::UNet {
                         in_channels,
                         base_channels,
+                        depth,
                         classes,
                     } => Self::UNet {
                         in_channels,
                         base_channels,
+                        depth,
                         classes,
                     },
                 }
@@ -574,9 +720,7 @@ macro_rules! convert {
         }
     };
 }
-convert!(ArchSpec => Repr);
 convert!(ArchSpec => TaggedRepr);
-convert!(Repr => ArchSpec);
 convert!(TaggedRepr => ArchSpec);
 
 impl Serialize for ArchSpec {
@@ -625,6 +769,7 @@ mod tests {
             ArchSpec::UNet {
                 in_channels: 1,
                 base_channels: 8,
+                depth: 2,
                 classes: 2,
             },
         ]
@@ -775,6 +920,19 @@ mod tests {
             ArchSpec::UNet {
                 in_channels: 1,
                 base_channels: 0,
+                depth: 2,
+                classes: 2,
+            },
+            ArchSpec::UNet {
+                in_channels: 1,
+                base_channels: 8,
+                depth: 0,
+                classes: 2,
+            },
+            ArchSpec::UNet {
+                in_channels: 1,
+                base_channels: 8,
+                depth: MAX_UNET_DEPTH + 1,
                 classes: 2,
             },
         ];
@@ -806,9 +964,79 @@ mod tests {
         let unet = ArchSpec::UNet {
             in_channels: 64,
             base_channels: 256,
+            depth: 2,
             classes: 256,
         };
-        assert!(unet.validate().is_ok(), "largest U-Net fits");
+        assert!(unet.validate().is_ok(), "largest 2-level U-Net fits");
+        let deepest = ArchSpec::UNet {
+            in_channels: 64,
+            base_channels: 256,
+            depth: MAX_UNET_DEPTH,
+            classes: 256,
+        };
+        assert!(matches!(
+            deepest.validate(),
+            Err(ArchError::TooManyParams { .. })
+        ));
+    }
+
+    #[test]
+    fn deep_unet_spec_generalises_the_two_level_paths() {
+        let deep = ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 4,
+            depth: 3,
+            classes: 2,
+        };
+        let spec = deep.spec().unwrap();
+        assert_eq!(shape_of(&spec, "enc1.conv1.weight"), vec![4, 1, 3, 3]);
+        assert_eq!(shape_of(&spec, "enc3.conv2.weight"), vec![16, 16, 3, 3]);
+        assert_eq!(
+            shape_of(&spec, "bottleneck.conv1.weight"),
+            vec![32, 16, 3, 3]
+        );
+        assert_eq!(shape_of(&spec, "up3.weight"), vec![32, 16, 2, 2]);
+        assert_eq!(shape_of(&spec, "dec3.conv1.weight"), vec![16, 32, 3, 3]);
+        assert_eq!(shape_of(&spec, "up1.weight"), vec![8, 4, 2, 2]);
+        assert_eq!(shape_of(&spec, "head.weight"), vec![2, 4, 1, 1]);
+        // 3 encoder + 1 bottleneck + 3 decoder blocks of 8 tensors, 3 ups, head.
+        assert_eq!(spec.tensors().len(), 7 * 8 + 3 * 2 + 2);
+        // depth 2 keeps exactly the paths and shapes of the fixed 2-level U-Net.
+        let two = all_small()[3].spec().unwrap();
+        let paths: Vec<_> = two.tensors().iter().map(|t| t.path.as_str()).collect();
+        assert!(paths.contains(&"enc2.norm2.beta") && paths.contains(&"up2.bias"));
+        assert!(!paths.iter().any(|p| p.starts_with("enc3")));
+    }
+
+    #[test]
+    fn demo_unet_has_more_than_ten_million_parameters() {
+        // The configuration of the `nuclei` demo task (docs/PERFORMANCE.md).
+        let demo = ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 20,
+            depth: 5,
+            classes: 2,
+        };
+        assert_eq!(demo.spec().unwrap().num_params(), 12_155_322);
+    }
+
+    #[test]
+    fn two_level_unet_keeps_its_binary_encoding() {
+        let cfg = bincode::config::standard();
+        // Variant index 3, then in_channels, base_channels, classes: the
+        // encoding from before `depth` existed.
+        let bytes = bincode::serde::encode_to_vec(&all_small()[3], cfg).unwrap();
+        assert_eq!(bytes, [3, 1, 8, 2]);
+        let deep = ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 8,
+            depth: 4,
+            classes: 2,
+        };
+        let bytes = bincode::serde::encode_to_vec(&deep, cfg).unwrap();
+        assert_eq!(bytes, [4, 1, 8, 4, 2]);
+        let (back, _): (ArchSpec, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back, deep);
     }
 
     #[test]

@@ -76,10 +76,13 @@ fn arch() -> impl Strategy<Value = ArchSpec> {
             width: w * 4,
             classes
         }),
-        (1u32..4, 1u32..16, 2u32..5).prop_map(|(c, b, classes)| ArchSpec::UNet {
-            in_channels: c,
-            base_channels: b * 4,
-            classes
+        (1u32..4, 1u32..16, 1u32..7, 2u32..5).prop_map(|(c, b, depth, classes)| {
+            ArchSpec::UNet {
+                in_channels: c,
+                base_channels: b * 4,
+                depth,
+                classes,
+            }
         }),
     ]
 }

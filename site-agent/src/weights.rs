@@ -327,7 +327,14 @@ mod tests {
             ArchSpec::UNet {
                 in_channels: 1,
                 base_channels: 4,
+                depth: 2,
                 classes: 2,
+            },
+            ArchSpec::UNet {
+                in_channels: 2,
+                base_channels: 4,
+                depth: 4,
+                classes: 3,
             },
         ]
     }

@@ -34,7 +34,7 @@ use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use fedlink_protocol::FlatModel;
-use fedlink_protocol::arch::{ArchError, ArchSpec};
+use fedlink_protocol::arch::{ArchError, ArchSpec, MAX_UNET_DEPTH};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -215,7 +215,9 @@ pub fn check_data(arch: &ArchSpec, data: &Samples) -> Result<(), TrainError> {
             }
         }
         (
-            ArchSpec::UNet { in_channels, .. },
+            ArchSpec::UNet {
+                in_channels, depth, ..
+            },
             SampleShape::Image {
                 channels: c,
                 height: h,
@@ -226,8 +228,12 @@ pub fn check_data(arch: &ArchSpec, data: &Samples) -> Result<(), TrainError> {
             if c != *in_channels as usize {
                 return mismatch(format!("{c} channels, the model takes {in_channels}"));
             }
-            if h % 4 != 0 || w % 4 != 0 || h == 0 || w == 0 {
-                return mismatch(format!("tiles are {h}×{w}; sides must be multiples of 4"));
+            // `depth` is validated (≤ MAX_UNET_DEPTH) before this is called.
+            let side = 1usize << (*depth).min(MAX_UNET_DEPTH);
+            if h % side != 0 || w % side != 0 || h == 0 || w == 0 {
+                return mismatch(format!(
+                    "tiles are {h}×{w}; a U-Net of depth {depth} needs sides that are multiples of {side}"
+                ));
             }
         }
         _ => return mismatch(format!("sample layout {shape:?} with these targets")),

@@ -1,5 +1,5 @@
 //! burn modules for every [`ArchSpec`]: logistic regression, MLP, small CNN,
-//! small U-Net. Parameter paths and shapes equal [`ArchSpec::spec`] exactly
+//! U-Net of configurable width and depth. Parameter paths and shapes equal [`ArchSpec::spec`] exactly
 //! (checked by a test), so [`crate::weights`] can move values in and out by
 //! path.
 //!
@@ -12,7 +12,9 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use fedlink_protocol::arch::{ArchSpec, CNN_CHANNELS, unet_norm_groups};
+use fedlink_protocol::arch::{
+    ArchSpec, CNN_CHANNELS, MAX_UNET_DEPTH, MIN_UNET_DEPTH, unet_norm_groups,
+};
 
 /// Multinomial logistic regression.
 #[derive(Module, Debug)]
@@ -45,18 +47,116 @@ pub struct DoubleConv {
     norm2: GroupNorm,
 }
 
-/// Two-level U-Net.
+/// U-Net of 1 to [`MAX_UNET_DEPTH`] levels. Level `i` is `enc{i}`, `up{i}`,
+/// `dec{i}` (the field names are the tensor paths of [`ArchSpec::spec`]);
+/// levels deeper than the architecture's `depth` are `None` and hold no
+/// parameters. burn names `Vec` elements `enc.0`, so fixed fields keep the
+/// paths of the original 2-level U-Net.
 #[derive(Module, Debug)]
 pub struct UNet {
     enc1: DoubleConv,
-    enc2: DoubleConv,
+    enc2: Option<DoubleConv>,
+    enc3: Option<DoubleConv>,
+    enc4: Option<DoubleConv>,
+    enc5: Option<DoubleConv>,
+    enc6: Option<DoubleConv>,
     bottleneck: DoubleConv,
-    up2: ConvTranspose2d,
-    dec2: DoubleConv,
     up1: ConvTranspose2d,
+    up2: Option<ConvTranspose2d>,
+    up3: Option<ConvTranspose2d>,
+    up4: Option<ConvTranspose2d>,
+    up5: Option<ConvTranspose2d>,
+    up6: Option<ConvTranspose2d>,
     dec1: DoubleConv,
+    dec2: Option<DoubleConv>,
+    dec3: Option<DoubleConv>,
+    dec4: Option<DoubleConv>,
+    dec5: Option<DoubleConv>,
+    dec6: Option<DoubleConv>,
     head: Conv2d,
     pool: MaxPool2d,
+}
+
+impl UNet {
+    fn new(in_channels: usize, c: usize, depth: usize, classes: usize, device: &Device) -> Self {
+        let width = |level: usize| c << level;
+        let up = |level: usize| {
+            (level <= depth).then(|| {
+                ConvTranspose2dConfig::new([width(level), width(level - 1)], [2, 2])
+                    .with_stride([2, 2])
+                    .init(device)
+            })
+        };
+        let enc = |level: usize| {
+            (level <= depth).then(|| DoubleConv::new(width(level - 2), width(level - 1), device))
+        };
+        let dec = |level: usize| {
+            (level <= depth)
+                .then(|| DoubleConv::new(2 * width(level - 1), width(level - 1), device))
+        };
+        Self {
+            enc1: DoubleConv::new(in_channels, c, device),
+            enc2: enc(2),
+            enc3: enc(3),
+            enc4: enc(4),
+            enc5: enc(5),
+            enc6: enc(6),
+            bottleneck: DoubleConv::new(width(depth - 1), width(depth), device),
+            up1: ConvTranspose2dConfig::new([width(1), width(0)], [2, 2])
+                .with_stride([2, 2])
+                .init(device),
+            up2: up(2),
+            up3: up(3),
+            up4: up(4),
+            up5: up(5),
+            up6: up(6),
+            dec1: DoubleConv::new(2 * c, c, device),
+            dec2: dec(2),
+            dec3: dec(3),
+            dec4: dec(4),
+            dec5: dec(5),
+            dec6: dec(6),
+            head: Conv2dConfig::new([c, classes], [1, 1]).init(device),
+            pool: pool2(),
+        }
+    }
+
+    /// The levels that exist, shallowest first: (encoder, up, decoder).
+    fn levels(&self) -> Vec<(&DoubleConv, &ConvTranspose2d, &DoubleConv)> {
+        let mut levels = vec![(&self.enc1, &self.up1, &self.dec1)];
+        let deeper = [
+            (&self.enc2, &self.up2, &self.dec2),
+            (&self.enc3, &self.up3, &self.dec3),
+            (&self.enc4, &self.up4, &self.dec4),
+            (&self.enc5, &self.up5, &self.dec5),
+            (&self.enc6, &self.up6, &self.dec6),
+        ];
+        for (e, u, d) in deeper {
+            match (e, u, d) {
+                (Some(e), Some(u), Some(d)) => levels.push((e, u, d)),
+                _ => break,
+            }
+        }
+        levels
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let levels = self.levels();
+        let mut skips = Vec::with_capacity(levels.len());
+        let mut x = x;
+        for (i, (enc, _, _)) in levels.iter().enumerate() {
+            if i > 0 {
+                x = self.pool.forward(x);
+            }
+            x = enc.forward(x);
+            skips.push(x.clone());
+        }
+        x = self.bottleneck.forward(self.pool.forward(x));
+        for ((_, up, dec), skip) in levels.iter().zip(skips).rev() {
+            x = dec.forward(Tensor::cat(vec![up.forward(x), skip], 1));
+        }
+        self.head.forward(x)
+    }
 }
 
 /// Any of the architectures. Snapshot paths skip the variant name
@@ -167,25 +267,19 @@ impl Net {
             ArchSpec::UNet {
                 in_channels,
                 base_channels,
+                depth,
                 classes,
             } => {
-                let c = usize_of(*base_channels);
-                let up = |c_in: usize, c_out: usize| {
-                    ConvTranspose2dConfig::new([c_in, c_out], [2, 2])
-                        .with_stride([2, 2])
-                        .init(device)
-                };
-                Self::UNet(UNet {
-                    enc1: DoubleConv::new(usize_of(*in_channels), c, device),
-                    enc2: DoubleConv::new(c, 2 * c, device),
-                    bottleneck: DoubleConv::new(2 * c, 4 * c, device),
-                    up2: up(4 * c, 2 * c),
-                    dec2: DoubleConv::new(4 * c, 2 * c, device),
-                    up1: up(2 * c, c),
-                    dec1: DoubleConv::new(2 * c, c, device),
-                    head: Conv2dConfig::new([c, usize_of(*classes)], [1, 1]).init(device),
-                    pool: pool2(),
-                })
+                if !(MIN_UNET_DEPTH..=MAX_UNET_DEPTH).contains(depth) {
+                    return None;
+                }
+                Self::UNet(UNet::new(
+                    usize_of(*in_channels),
+                    usize_of(*base_channels),
+                    usize_of(*depth),
+                    usize_of(*classes),
+                    device,
+                ))
             }
             _ => return None,
         })
@@ -209,14 +303,7 @@ impl Net {
                 let x: Tensor<2> = x.flatten(1, 3);
                 Some(Output::Classes(m.fc.forward(x)))
             }
-            (Self::UNet(m), Input::Image(x)) => {
-                let e1 = m.enc1.forward(x);
-                let e2 = m.enc2.forward(m.pool.forward(e1.clone()));
-                let b = m.bottleneck.forward(m.pool.forward(e2.clone()));
-                let d2 = m.dec2.forward(Tensor::cat(vec![m.up2.forward(b), e2], 1));
-                let d1 = m.dec1.forward(Tensor::cat(vec![m.up1.forward(d2), e1], 1));
-                Some(Output::Pixels(m.head.forward(d1)))
-            }
+            (Self::UNet(m), Input::Image(x)) => Some(Output::Pixels(m.forward(x))),
             _ => None,
         }
     }

@@ -295,6 +295,7 @@ fn unet_improves_dice_on_nuclei_tiles() {
     let arch = ArchSpec::UNet {
         in_channels: 1,
         base_channels: 8,
+        depth: 2,
         classes: 2,
     };
     let global = arch.init(4).unwrap();
