@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo run --release -p fedlink-agent --example unet_bench -- \
-//!     --device cpu --base-channels 150 --tile 64 --batch 8 --tiles 32 --epochs 2
+//!     --device cpu --base-channels 150 --depth 2 --tile 64 --batch 8 --tiles 32 --epochs 2
 //! ```
 //!
 //! Data: tiles of the real nuclei image (`data/nuclei_dsb2018`), repeated
@@ -36,6 +36,7 @@ use fedlink_protocol::arch::ArchSpec;
 struct Args {
     device: DeviceChoice,
     base_channels: u32,
+    depth: u32,
     tile: u32,
     batch: usize,
     tiles: usize,
@@ -49,6 +50,7 @@ fn parse() -> Result<Args> {
     let mut a = Args {
         device: DeviceChoice::Cpu,
         base_channels: 150,
+        depth: 2,
         tile: 64,
         batch: 8,
         tiles: 32,
@@ -71,6 +73,7 @@ fn parse() -> Result<Args> {
                 }
             }
             "--base-channels" => a.base_channels = value.parse()?,
+            "--depth" => a.depth = value.parse()?,
             "--tile" => a.tile = value.parse()?,
             "--batch" => a.batch = value.parse()?,
             "--tiles" => a.tiles = value.parse()?,
@@ -92,6 +95,7 @@ fn main() -> Result<()> {
     let arch = ArchSpec::UNet {
         in_channels: 1,
         base_channels: a.base_channels,
+        depth: a.depth,
         classes: 2,
     };
     arch.validate().context("architecture")?;
