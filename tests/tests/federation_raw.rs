@@ -311,7 +311,11 @@ async fn a_site_dropping_mid_upload_leaves_the_round_to_the_quorum() {
     let spec = JobSpec {
         rounds: 1,
         quorum: 2,
-        deadline_secs: 2,
+        // The round closes at its deadline (site 2 never reports): long
+        // enough for two uploads on a loaded 2-core machine in a debug
+        // build, short enough to keep the test quick. The uploads are
+        // prepared before the clock matters (below).
+        deadline_secs: 6,
         // Enough parameters for several chunks.
         inputs: 300_000,
         ..JobSpec::default()
@@ -323,18 +327,24 @@ async fn a_site_dropping_mid_upload_leaves_the_round_to_the_quorum() {
         sites.push(connect(&pki, i, &coord).await);
     }
     let (offers, global) = join_round(&mut sites).await.unwrap();
+    // Every update encoded and signed first, so that the deadline only
+    // has to cover the transfers.
+    let ups: Vec<_> = (0..3)
+        .map(|i| {
+            sites[i]
+                .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
+                .unwrap()
+        })
+        .collect();
     // Site 2 sends one chunk of its update and disappears.
-    let up2 = sites[2]
-        .prepare(&offers[2], &delta_for(&global, 2, 1), examples(2))
-        .unwrap();
-    assert!(up2.records.len() > 1, "the update must span several chunks");
-    assert!(sites[2].upload(&up2, Some(1)).await.unwrap().is_none());
+    assert!(
+        ups[2].records.len() > 1,
+        "the update must span several chunks"
+    );
+    assert!(sites[2].upload(&ups[2], Some(1)).await.unwrap().is_none());
     sites[2].vanish();
     for i in [0usize, 1] {
-        let up = sites[i]
-            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
-            .unwrap();
-        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
+        let r = sites[i].upload(&ups[i], None).await.unwrap().unwrap();
         assert!(
             matches!(r, UploadResult::Ack { accepted: true, .. }),
             "{r:?}"
