@@ -155,11 +155,22 @@ impl RunningAgent {
                 as_json(e.seq, e.ts_unix_ms, &e.actor, &e.event, &details)
             })
             .collect();
-        assert!(
-            on_disk == observed,
-            "{}: the audit log file differs",
-            self.name
-        );
+        if on_disk != observed {
+            let first = on_disk
+                .iter()
+                .zip(&observed)
+                .position(|(a, b)| a != b)
+                .unwrap_or_else(|| on_disk.len().min(observed.len()));
+            panic!(
+                "{}: the audit log file differs from what was observed, first at entry {first} \
+                 ({} on disk, {} observed):\n  on disk:  {:?}\n  observed: {:?}",
+                self.name,
+                on_disk.len(),
+                observed.len(),
+                on_disk.get(first),
+                observed.get(first)
+            );
+        }
         assert_eq!(self.seen.last().unwrap().event, "agent.stopped");
         self.seen
     }

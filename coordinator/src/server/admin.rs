@@ -336,7 +336,7 @@ async fn serve_admin_streams(
         let shared = shared.clone();
         let actor = actor.to_owned();
         let conn = conn.clone();
-        tokio::spawn(async move {
+        shared.tasks.clone().spawn(async move {
             if let Err(e) = handle_stream(&conn, &actor, remote, &shared, send, recv).await {
                 tracing::warn!(admin = %actor, error = %e, "admin stream failed");
             }

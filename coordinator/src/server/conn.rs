@@ -397,7 +397,8 @@ async fn control_loop(
         let conn = conn.clone();
         let shared = shared.clone();
         let site = site.to_owned();
-        tokio::spawn(async move {
+        let tasks = shared.tasks.clone();
+        tasks.spawn(async move {
             loop {
                 let (send, recv) = match accept_bi(&conn).await {
                     Ok(s) => s,
@@ -409,7 +410,7 @@ async fn control_loop(
                 let shared = shared.clone();
                 let site = site.clone();
                 let conn = conn.clone();
-                tokio::spawn(async move {
+                shared.tasks.clone().spawn(async move {
                     if let Err(e) = handle_stream(&conn, &site, &shared, send, recv).await {
                         tracing::warn!(site = %site, error = %e, "stream failed");
                     }

@@ -93,6 +93,12 @@ pub enum ServeError {
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
+    /// Tasks spawned per connection beyond the connection's own (stream
+    /// handlers, a site's stream acceptor, admin streams): shutdown waits
+    /// for them, so that nothing holding the store outlives `serve` (a
+    /// coordinator started again on the same data directory right after
+    /// found the database still open).
+    pub(crate) tasks: tokio_util::task::TaskTracker,
     /// The engine's (or idle holder's) event queue: bounded
     /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
     /// flood is held back by QUIC flow control instead of queued here.
@@ -601,6 +607,7 @@ pub async fn serve(
 
     let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
     let shared = Arc::new(Shared {
+        tasks: tokio_util::task::TaskTracker::new(),
         engine: tx,
         recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
@@ -756,6 +763,19 @@ pub async fn serve(
             CONNECTIONS_GRACE.as_secs()
         );
         acceptor_abort.abort();
+    }
+    // The reloader and every stream task hold `shared` (and through it the
+    // store): wait until they are gone, bounded like the connections.
+    let _ = reloader.await;
+    shared.tasks.close();
+    if tokio::time::timeout(CONNECTIONS_GRACE, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "stream tasks still running {} s after shutdown; not waiting for them",
+            CONNECTIONS_GRACE.as_secs()
+        );
     }
     // Failed handshakes still counted are recorded before the coordinator
     // stops.
