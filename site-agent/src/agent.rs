@@ -694,8 +694,7 @@ async fn run_session<F: Future<Output = ()>>(
             // finish the control stream and wait (bounded) until the
             // coordinator has acknowledged it, then close.
             let _ = send.finish();
-            let stream = send.into_inner();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, stream.stopped()).await;
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, send.stopped()).await;
             conn.close(close::NORMAL, b"bye");
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
         }

@@ -231,7 +231,7 @@ impl RawSite {
             for r in up.records.iter().take(n) {
                 send.chunk(r.clone()).await?;
             }
-            let _ = send.into_inner().reset(quinn::VarInt::from_u32(1));
+            send.reset(quinn::VarInt::from_u32(1));
             return Ok(None);
         }
         // The coordinator may refuse on the header alone and stop the

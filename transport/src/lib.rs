@@ -31,6 +31,7 @@ use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 
 mod closing;
+pub mod tcp;
 pub use closing::{CloseReason, ServerConn};
 
 /// Application close codes fedlink uses on QUIC connections.
@@ -86,6 +87,9 @@ pub enum TransportError {
     /// Local I/O error (binding a socket).
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS-over-TCP connection is gone (refused by TLS, closed, reset).
+    #[error("connection lost (TLS over TCP): {0}")]
+    TcpConnection(String),
     /// A frame that had started did not arrive whole in time (a peer
     /// trickling bytes to hold the stream).
     #[error("a frame did not arrive whole within {0:?} of its first byte")]
@@ -96,7 +100,7 @@ impl TransportError {
     /// Whether the error means the connection is closed (as opposed to one
     /// stream going wrong).
     pub fn is_connection_lost(&self) -> bool {
-        matches!(self, Self::Connection(_))
+        matches!(self, Self::Connection(_) | Self::TcpConnection(_))
     }
 }
 
@@ -144,10 +148,65 @@ fn next_read_len(filled: usize, declared: usize) -> usize {
         .min(declared.saturating_sub(filled))
 }
 
-/// The receiving half of a framed QUIC stream.
+/// The receiving half of a stream, QUIC or TCP.
+#[derive(Debug)]
+enum RecvInner {
+    Quic(RecvStream),
+    Tcp(tcp::RecvHalf),
+}
+
+impl RecvInner {
+    /// Read into `buf` (never empty): `Ok(None)` at the end of the stream.
+    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, TransportError> {
+        match self {
+            Self::Quic(r) => r.read(buf).await.map_err(read_err),
+            Self::Tcp(r) => {
+                use tokio::io::AsyncReadExt;
+                match r.read(buf).await {
+                    Ok(0) if !buf.is_empty() => Ok(None),
+                    Ok(n) => Ok(Some(n)),
+                    Err(e) => Err(tcp::stream_err(e)),
+                }
+            }
+        }
+    }
+}
+
+/// The sending half of a stream, QUIC or TCP.
+#[derive(Debug)]
+enum SendInner {
+    Quic(SendStream),
+    /// `None` once finished.
+    Tcp(Option<tcp::SendHalf>),
+}
+
+impl SendInner {
+    async fn write_all(&mut self, buf: &[u8]) -> Result<(), TransportError> {
+        match self {
+            Self::Quic(s) => s.write_all(buf).await.map_err(write_err),
+            Self::Tcp(s) => {
+                use tokio::io::AsyncWriteExt;
+                let s = s.as_mut().ok_or(TransportError::Stream(
+                    "write on a finished stream".into(),
+                ))?;
+                s.write_all(buf).await.map_err(tcp::stream_err)
+            }
+        }
+    }
+
+    async fn write_chunk(&mut self, piece: Bytes) -> Result<(), TransportError> {
+        match self {
+            Self::Quic(s) => s.write_chunk(piece).await.map_err(write_err),
+            Self::Tcp(_) => self.write_all(&piece).await,
+        }
+    }
+}
+
+/// The receiving half of a framed stream (QUIC, or a multiplexed stream of
+/// a TLS-over-TCP connection: see [`tcp`]).
 #[derive(Debug)]
 pub struct FramedRecv {
-    inner: RecvStream,
+    inner: RecvInner,
     bytes_read: u64,
     trigger: Option<WindowTrigger>,
     frame_timeout: Option<Duration>,
@@ -156,6 +215,10 @@ pub struct FramedRecv {
 impl FramedRecv {
     /// Wrap a quinn receive stream.
     pub fn new(inner: RecvStream) -> Self {
+        Self::with(RecvInner::Quic(inner))
+    }
+
+    fn with(inner: RecvInner) -> Self {
         Self {
             inner,
             bytes_read: 0,
@@ -209,7 +272,7 @@ impl FramedRecv {
                 end = end.min(filled.saturating_add(usize::try_from(to_trigger).unwrap_or(end)));
             }
             let slice = buf.get_mut(filled..end).unwrap_or_default();
-            match self.inner.read(slice).await.map_err(read_err)? {
+            match self.inner.read(slice).await? {
                 Some(n) => {
                     filled += n;
                     self.bytes_read = self.bytes_read.saturating_add(n as u64);
@@ -310,16 +373,21 @@ impl FramedRecv {
         }
     }
 
-    /// Give the stream back.
-    pub fn into_inner(self) -> RecvStream {
-        self.inner
+    /// Tell the peer to stop sending on this stream (QUIC: `STOP_SENDING`
+    /// with `code`; TCP: the stream is dropped, which resets it — yamux
+    /// carries no codes).
+    pub fn stop(self, code: VarInt) {
+        if let RecvInner::Quic(mut r) = self.inner {
+            let _ = r.stop(code);
+        }
     }
 }
 
-/// The sending half of a framed QUIC stream.
+/// The sending half of a framed stream (QUIC, or a multiplexed stream of a
+/// TLS-over-TCP connection: see [`tcp`]).
 #[derive(Debug)]
 pub struct FramedSend {
-    inner: SendStream,
+    inner: SendInner,
     bytes_written: u64,
     /// Body bytes still owed by a chunk frame begun with
     /// [`FramedSend::begin_chunk`].
@@ -329,6 +397,10 @@ pub struct FramedSend {
 impl FramedSend {
     /// Wrap a quinn send stream.
     pub fn new(inner: SendStream) -> Self {
+        Self::with(SendInner::Quic(inner))
+    }
+
+    fn with(inner: SendInner) -> Self {
         Self {
             inner,
             bytes_written: 0,
@@ -355,8 +427,8 @@ impl FramedSend {
     async fn frame(&mut self, frame: &Frame) -> Result<(), TransportError> {
         self.check_no_open_chunk()?;
         let header = frame.header().to_bytes();
-        self.inner.write_all(&header).await.map_err(write_err)?;
-        self.inner.write_all(&frame.body).await.map_err(write_err)?;
+        self.inner.write_all(&header).await?;
+        self.inner.write_all(&frame.body).await?;
         self.bytes_written = self
             .bytes_written
             .saturating_add((header.len() + frame.body.len()) as u64);
@@ -381,7 +453,7 @@ impl FramedSend {
     pub async fn begin_chunk(&mut self, len: usize) -> Result<(), TransportError> {
         self.check_no_open_chunk()?;
         let header = FrameHeader::new(FrameKind::Chunk, len)?.to_bytes();
-        self.inner.write_all(&header).await.map_err(write_err)?;
+        self.inner.write_all(&header).await?;
         self.bytes_written = self.bytes_written.saturating_add(header.len() as u64);
         self.body_left = len;
         Ok(())
@@ -399,23 +471,44 @@ impl FramedSend {
                 self.body_left
             )));
         }
-        self.inner.write_chunk(piece).await.map_err(write_err)?;
+        self.inner.write_chunk(piece).await?;
         self.body_left -= len;
         self.bytes_written = self.bytes_written.saturating_add(len as u64);
         Ok(())
     }
 
     /// Finish the stream (the peer sees a clean end after the last frame).
+    /// On TCP the end is sent by a task of its own, after everything
+    /// written before it.
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.check_no_open_chunk()?;
-        self.inner
-            .finish()
-            .map_err(|e| TransportError::Stream(e.to_string()))
+        match &mut self.inner {
+            SendInner::Quic(s) => s
+                .finish()
+                .map_err(|e| TransportError::Stream(e.to_string())),
+            SendInner::Tcp(s) => match s.take() {
+                Some(half) => tcp::finish(half),
+                None => Ok(()),
+            },
+        }
     }
 
-    /// Give the stream back.
-    pub fn into_inner(self) -> SendStream {
-        self.inner
+    /// Abandon the stream: the peer sees a reset, never a clean end (QUIC:
+    /// `RESET_STREAM` with `code`; TCP: the yamux stream is reset, without
+    /// a code).
+    pub fn reset(self, code: VarInt) {
+        if let SendInner::Quic(mut s) = self.inner {
+            let _ = s.reset(code);
+        }
+    }
+
+    /// After [`FramedSend::finish`]: wait until the peer has read the end of
+    /// the stream or stopped it (QUIC), or until the end has been handed to
+    /// the connection (TCP).
+    pub async fn stopped(self) {
+        if let SendInner::Quic(s) = self.inner {
+            let _ = s.stopped().await;
+        }
     }
 }
 

@@ -1186,7 +1186,7 @@ async fn export(
                 // The values already sent cannot be taken back: reset the
                 // stream so the client never takes them for a whole model.
                 tracing::error!(admin = %actor, error = %e, "export stopped");
-                let _ = send.into_inner().reset(EXPORT_CORRUPT);
+                send.reset(EXPORT_CORRUPT);
                 return Err(TransportError::Stream(e));
             }
         }

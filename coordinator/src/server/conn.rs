@@ -650,7 +650,7 @@ async fn reject_upload(
     code: RejectCode,
     message: String,
 ) -> Result<(), TransportError> {
-    let _ = recv.into_inner().stop(close::PROTOCOL);
+    recv.stop(close::PROTOCOL);
     send.message(&Message::UploadResult(UploadResult::Reject {
         code,
         message,

@@ -1,0 +1,394 @@
+//! The same protocol over TLS 1.3 on TCP, for networks that block UDP.
+//!
+//! One TCP connection per site carries one TLS 1.3 session (tokio-rustls,
+//! with the very same rustls configs as QUIC: federation CA only, mutual
+//! authentication, role checks, ALPNs) and, inside it, [yamux] streams: the
+//! same bidirectional streams QUIC gives, carrying the same frames, read
+//! with the same [`FramedRecv`] and written with the same [`FramedSend`].
+//!
+//! ```text
+//!  FramedSend/FramedRecv ─▶ yamux stream ─▶ yamux connection ─▶ TLS 1.3 (rustls) ─▶ TCP
+//! ```
+//!
+//! Why yamux rather than one TCP connection per stream type or a
+//! hand-written multiplexer: it is maintained (libp2p uses it), has
+//! per-stream flow control (a 256 KiB window per stream, auto-tuned up to a
+//! connection cap set here), and keeps one TLS handshake and one
+//! certificate check per site.
+//!
+//! Differences from QUIC, by design or not yet done:
+//! - the per-connection receive-window helpers
+//!   ([`crate::open_upload_window`]) are QUIC-only: on TCP, yamux's
+//!   per-stream window (256 KiB to start) bounds what an upload parks, and
+//!   [`MAX_CONNECTION_WINDOW`] bounds a connection;
+//! - yamux carries no application close or reset codes: a closed
+//!   connection reads as "connection lost" with the local reason only;
+//! - a TLS 1.3 client whose certificate the server refuses still sees its
+//!   handshake succeed; the refusal shows on its first stream read (as on
+//!   QUIC);
+//! - a client that offers no ALPN is refused after the handshake (rustls
+//!   over TCP, unlike QUIC, lets such a handshake complete).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use fedlink_certs::Identity;
+use fedlink_certs::rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::compat::{
+    Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _,
+};
+
+use crate::{FramedRecv, FramedSend, RecvInner, SendInner, TransportError};
+
+type Stream = Compat<yamux::Stream>;
+/// The reading half of a yamux stream.
+pub(crate) type RecvHalf = tokio::io::ReadHalf<Stream>;
+/// The writing half of a yamux stream.
+pub(crate) type SendHalf = tokio::io::WriteHalf<Stream>;
+
+/// Most streams open at once on one connection (as on QUIC).
+pub const MAX_STREAMS: usize = 16;
+/// Most bytes all streams of one connection may have been granted to
+/// receive: yamux's minimum for [`MAX_STREAMS`] streams (256 KiB each).
+pub const MAX_CONNECTION_WINDOW: usize = MAX_STREAMS * 256 * 1024;
+/// Default time a TLS handshake may take on the server.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn stream_err(e: std::io::Error) -> TransportError {
+    TransportError::TcpConnection(e.to_string())
+}
+
+/// Send the end of a yamux stream after what was written before it.
+pub(crate) fn finish(mut half: SendHalf) -> Result<(), TransportError> {
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|e| TransportError::Config(format!("finishing a TCP stream: {e}")))?;
+    rt.spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = half.shutdown().await;
+    });
+    Ok(())
+}
+
+fn yamux_config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_connection_receive_window(Some(MAX_CONNECTION_WINDOW));
+    cfg.set_max_num_streams(MAX_STREAMS);
+    cfg
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Open(oneshot::Sender<Result<yamux::Stream, String>>),
+    Close,
+}
+
+/// A TLS-over-TCP connection (either end), cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TcpConn(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    remote: SocketAddr,
+    peer_certs: Option<Vec<CertificateDer<'static>>>,
+    alpn: Option<Vec<u8>>,
+    cmds: mpsc::Sender<Cmd>,
+    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    /// Why the connection ended, once it has.
+    closed: watch::Receiver<Option<String>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn split(s: yamux::Stream) -> (FramedSend, FramedRecv) {
+    let (r, w) = tokio::io::split(s.compat());
+    (
+        FramedSend::with(SendInner::Tcp(Some(w))),
+        FramedRecv::with(RecvInner::Tcp(r)),
+    )
+}
+
+impl TcpConn {
+    fn start<T>(tls: T, mode: yamux::Mode, remote: SocketAddr, certs: Option<Vec<CertificateDer<'static>>>, alpn: Option<Vec<u8>>) -> Self
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = yamux::Connection::new(tls.compat(), yamux_config(), mode);
+        let (cmd_tx, cmd_rx) = mpsc::channel(MAX_STREAMS);
+        let (in_tx, in_rx) = mpsc::channel(MAX_STREAMS);
+        let (closed_tx, closed_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let why = drive(conn, cmd_rx, in_tx).await;
+            let _ = closed_tx.send(Some(why));
+        });
+        Self(Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            remote,
+            peer_certs: certs,
+            alpn,
+            cmds: cmd_tx,
+            inbound: Mutex::new(in_rx),
+            closed: closed_rx,
+        }))
+    }
+
+    fn lost(&self) -> TransportError {
+        let why = self
+            .0
+            .closed
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "closed".into());
+        TransportError::TcpConnection(why)
+    }
+
+    /// Open a bidirectional framed stream.
+    pub async fn open_bi(&self) -> Result<(FramedSend, FramedRecv), TransportError> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .cmds
+            .send(Cmd::Open(tx))
+            .await
+            .map_err(|_| self.lost())?;
+        match rx.await {
+            Ok(Ok(s)) => Ok(split(s)),
+            Ok(Err(e)) => Err(TransportError::TcpConnection(e)),
+            Err(_) => Err(self.lost()),
+        }
+    }
+
+    /// Accept a bidirectional framed stream opened by the peer.
+    pub async fn accept_bi(&self) -> Result<(FramedSend, FramedRecv), TransportError> {
+        let next = self.0.inbound.lock().await.recv().await;
+        next.map(split).ok_or_else(|| self.lost())
+    }
+
+    /// A number that identifies this connection in this process.
+    pub fn stable_id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote
+    }
+
+    /// The ALPN protocol negotiated in the handshake.
+    pub fn negotiated_alpn(&self) -> Option<Vec<u8>> {
+        self.0.alpn.clone()
+    }
+
+    /// The fedlink identity in the peer's (already verified) certificate.
+    pub fn peer_identity(&self) -> Result<Identity, TransportError> {
+        let chain = self
+            .0
+            .peer_certs
+            .as_deref()
+            .ok_or(fedlink_certs::IdentityError::NoPeerCertificate)?;
+        Ok(fedlink_certs::peer_identity(chain)?)
+    }
+
+    /// The peer's end-entity certificate.
+    pub fn peer_end_entity(&self) -> Option<CertificateDer<'static>> {
+        self.0.peer_certs.as_ref()?.first().cloned()
+    }
+
+    /// Close the connection (streams end, the TLS session is closed).
+    pub fn close(&self) {
+        let _ = self.0.cmds.try_send(Cmd::Close);
+    }
+
+    /// Wait until the connection has ended; why.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.0.closed.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "closed".into(),
+        }
+    }
+}
+
+/// Run a yamux connection until it ends: open streams on request, hand
+/// inbound ones over (refusing those beyond [`MAX_STREAMS`] waiting).
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut cmds: mpsc::Receiver<Cmd>,
+    inbound: mpsc::Sender<yamux::Stream>,
+) -> String
+where
+    T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
+{
+    let mut opening: std::collections::VecDeque<oneshot::Sender<Result<yamux::Stream, String>>> =
+        std::collections::VecDeque::new();
+    let mut closing = false;
+    std::future::poll_fn(|cx| {
+        while !closing {
+            match cmds.poll_recv(cx) {
+                Poll::Ready(Some(Cmd::Open(tx))) => opening.push_back(tx),
+                // Close asked, or every handle dropped.
+                Poll::Ready(Some(Cmd::Close) | None) => closing = true,
+                Poll::Pending => break,
+            }
+        }
+        if closing {
+            return conn.poll_close(cx).map(|r| match r {
+                Ok(()) => "closed by this side".to_string(),
+                Err(e) => format!("closing: {e}"),
+            });
+        }
+        while !opening.is_empty() {
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(s)) => {
+                    if let Some(tx) = opening.pop_front() {
+                        let _ = tx.send(Ok(s));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    for tx in opening.drain(..) {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                    return Poll::Ready(format!("opening a stream: {e}"));
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match conn.poll_next_inbound(cx) {
+                // A full queue drops (and so resets) the stream.
+                Poll::Ready(Some(Ok(s))) => {
+                    let _ = inbound.try_send(s);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(e.to_string()),
+                Poll::Ready(None) => return Poll::Ready("closed by the peer".to_string()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await
+}
+
+/// Connect to `addr` over TCP and run the TLS 1.3 handshake with `tls` (from
+/// [`fedlink_certs::client_tls_config`]) for `server_name`, within
+/// `timeout`.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<TcpConn, TransportError> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| TransportError::Config(format!("server name {server_name:?}: {e}")))?;
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(tls).connect(name, tcp).await?;
+        Ok::<_, std::io::Error>(tls)
+    };
+    let tls = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| {
+            TransportError::TcpConnection(format!(
+                "TLS over TCP to {addr}: no handshake within {timeout:?}"
+            ))
+        })?
+        .map_err(|e| TransportError::TcpConnection(format!("TLS over TCP to {addr}: {e}")))?;
+    let (_, session) = tls.get_ref();
+    let certs = session.peer_certificates().map(<[_]>::to_vec);
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    if alpn.is_none() {
+        return Err(TransportError::TcpConnection(format!(
+            "TLS over TCP to {addr}: the server agreed no application protocol (ALPN)"
+        )));
+    }
+    Ok(TcpConn::start(tls, yamux::Mode::Client, addr, certs, alpn))
+}
+
+/// The coordinator's TCP listener: TLS 1.3 with the server config of
+/// [`fedlink_certs::server_tls_config`].
+#[derive(Debug)]
+pub struct TcpServer {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+}
+
+impl TcpServer {
+    /// Bind `addr` (the same port number as the QUIC endpoint, or another).
+    pub async fn bind(addr: SocketAddr, tls: rustls::ServerConfig) -> Result<Self, TransportError> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            tls: Arc::new(tls),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The next incoming TCP connection (its handshake not yet run: run it
+    /// in the connection's own task with [`TcpIncoming::handshake`]).
+    pub async fn accept(&self) -> Result<TcpIncoming, TransportError> {
+        let (stream, remote) = self.listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(TcpIncoming {
+            stream,
+            remote,
+            tls: self.tls.clone(),
+            timeout: self.handshake_timeout,
+        })
+    }
+}
+
+/// An accepted TCP connection before its TLS handshake.
+#[derive(Debug)]
+pub struct TcpIncoming {
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+}
+
+impl TcpIncoming {
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// Run the TLS 1.3 handshake (client certificate verified against the
+    /// federation CA and the revocation list by the server config) within
+    /// the handshake timeout; refuse a client that agreed no ALPN.
+    pub async fn handshake(self) -> Result<TcpConn, TransportError> {
+        let remote = self.remote;
+        let tls = tokio::time::timeout(self.timeout, TlsAcceptor::from(self.tls).accept(self.stream))
+            .await
+            .map_err(|_| {
+                TransportError::TcpConnection(format!(
+                    "{remote}: no TLS handshake within {:?}",
+                    self.timeout
+                ))
+            })?
+            .map_err(|e| TransportError::TcpConnection(format!("{remote}: TLS handshake: {e}")))?;
+        let (_, session) = tls.get_ref();
+        let certs = session.peer_certificates().map(<[_]>::to_vec);
+        let Some(alpn) = session.alpn_protocol().map(<[u8]>::to_vec) else {
+            return Err(TransportError::TcpConnection(format!(
+                "{remote}: the client offered no fedlink application protocol (ALPN)"
+            )));
+        };
+        Ok(TcpConn::start(
+            tls,
+            yamux::Mode::Server,
+            remote,
+            certs,
+            Some(alpn),
+        ))
+    }
+}
