@@ -186,9 +186,9 @@ impl SendInner {
             Self::Quic(s) => s.write_all(buf).await.map_err(write_err),
             Self::Tcp(s) => {
                 use tokio::io::AsyncWriteExt;
-                let s = s.as_mut().ok_or(TransportError::Stream(
-                    "write on a finished stream".into(),
-                ))?;
+                let s = s
+                    .as_mut()
+                    .ok_or(TransportError::Stream("write on a finished stream".into()))?;
                 s.write_all(buf).await.map_err(tcp::stream_err)
             }
         }

@@ -40,9 +40,7 @@ use fedlink_certs::rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::compat::{
-    Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _,
-};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
 
 use crate::{FramedRecv, FramedSend, RecvInner, SendInner, TransportError};
 
@@ -77,8 +75,9 @@ pub(crate) fn finish(mut half: SendHalf) -> Result<(), TransportError> {
 
 fn yamux_config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
-    cfg.set_max_connection_receive_window(Some(MAX_CONNECTION_WINDOW));
+    // Streams first: yamux asserts the window covers 256 KiB per stream.
     cfg.set_max_num_streams(MAX_STREAMS);
+    cfg.set_max_connection_receive_window(Some(MAX_CONNECTION_WINDOW));
     cfg
 }
 
@@ -115,7 +114,13 @@ fn split(s: yamux::Stream) -> (FramedSend, FramedRecv) {
 }
 
 impl TcpConn {
-    fn start<T>(tls: T, mode: yamux::Mode, remote: SocketAddr, certs: Option<Vec<CertificateDer<'static>>>, alpn: Option<Vec<u8>>) -> Self
+    fn start<T>(
+        tls: T,
+        mode: yamux::Mode,
+        remote: SocketAddr,
+        certs: Option<Vec<CertificateDer<'static>>>,
+        alpn: Option<Vec<u8>>,
+    ) -> Self
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -367,15 +372,18 @@ impl TcpIncoming {
     /// the handshake timeout; refuse a client that agreed no ALPN.
     pub async fn handshake(self) -> Result<TcpConn, TransportError> {
         let remote = self.remote;
-        let tls = tokio::time::timeout(self.timeout, TlsAcceptor::from(self.tls).accept(self.stream))
-            .await
-            .map_err(|_| {
-                TransportError::TcpConnection(format!(
-                    "{remote}: no TLS handshake within {:?}",
-                    self.timeout
-                ))
-            })?
-            .map_err(|e| TransportError::TcpConnection(format!("{remote}: TLS handshake: {e}")))?;
+        let tls = tokio::time::timeout(
+            self.timeout,
+            TlsAcceptor::from(self.tls).accept(self.stream),
+        )
+        .await
+        .map_err(|_| {
+            TransportError::TcpConnection(format!(
+                "{remote}: no TLS handshake within {:?}",
+                self.timeout
+            ))
+        })?
+        .map_err(|e| TransportError::TcpConnection(format!("{remote}: TLS handshake: {e}")))?;
         let (_, session) = tls.get_ref();
         let certs = session.peer_certificates().map(<[_]>::to_vec);
         let Some(alpn) = session.alpn_protocol().map(<[u8]>::to_vec) else {

@@ -33,7 +33,11 @@ async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
     let addr = server.local_addr().unwrap();
     let kit = pki.site_kit(0).unwrap();
 
-    let record = Bytes::from((0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let record = Bytes::from(
+        (0..3_000_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
     let expected = record.clone();
     let coordinator = tokio::spawn(async move {
         let conn = server.accept().await.unwrap().handshake().await.unwrap();
@@ -49,7 +53,9 @@ async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
         s1.finish().unwrap();
         let got = r2.chunk().await.unwrap();
         assert!(r2.message_or_end().await.unwrap().is_none(), "clean end");
-        s2.message(&ping(u64::try_from(got.len()).unwrap())).await.unwrap();
+        s2.message(&ping(u64::try_from(got.len()).unwrap()))
+            .await
+            .unwrap();
         s2.finish().unwrap();
         assert_eq!(got, expected);
         // Wait for the site to close.
@@ -80,13 +86,22 @@ async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
         s2.chunk_body(Bytes::copy_from_slice(piece)).await.unwrap();
     }
     s2.finish().unwrap();
-    let reply = tokio::time::timeout(GUARD, r1.message()).await.unwrap().unwrap();
+    let reply = tokio::time::timeout(GUARD, r1.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply, ping(2));
-    let reply = tokio::time::timeout(GUARD, r2.message()).await.unwrap().unwrap();
+    let reply = tokio::time::timeout(GUARD, r2.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply, ping(3_000_000));
     assert!(r1.message_or_end().await.unwrap().is_none());
     conn.close();
-    let (who, why) = tokio::time::timeout(GUARD, coordinator).await.unwrap().unwrap();
+    let (who, why) = tokio::time::timeout(GUARD, coordinator)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&who, kit.identity());
     assert!(why.contains("closed"), "{why}");
 }
@@ -95,8 +110,7 @@ async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
 async fn a_server_that_is_not_ours_is_refused_in_the_handshake() {
     let pki = TestPki::new(1).unwrap();
     let impostor = fedlink_certs::Kit::load(pki.foreign_coordinator_dir()).unwrap();
-    let server_tls =
-        fedlink_certs::server_tls_config(&impostor, RevocationList::empty()).unwrap();
+    let server_tls = fedlink_certs::server_tls_config(&impostor, RevocationList::empty()).unwrap();
     let server = TcpServer::bind("127.0.0.1:0".parse().unwrap(), server_tls)
         .await
         .unwrap();
@@ -104,11 +118,19 @@ async fn a_server_that_is_not_ours_is_refused_in_the_handshake() {
     let accept = tokio::spawn(async move { server.accept().await.unwrap().handshake().await });
     let kit = pki.site_kit(0).unwrap();
     let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE).unwrap();
-    let err = tcp::connect(addr, Arc::new(client_tls), kit.coordinator_server_name(), GUARD)
-        .await
-        .unwrap_err();
+    let err = tcp::connect(
+        addr,
+        Arc::new(client_tls),
+        kit.coordinator_server_name(),
+        GUARD,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("BadSignature"), "{err}");
     assert!(err.is_connection_lost());
     let server_err = accept.await.unwrap().unwrap_err();
-    assert!(server_err.to_string().contains("TLS handshake"), "{server_err}");
+    assert!(
+        server_err.to_string().contains("TLS handshake"),
+        "{server_err}"
+    );
 }
