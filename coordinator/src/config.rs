@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:7443"
+//! tcp_listen = "same"            # TLS over TCP for sites whose network blocks UDP: "same"
+//!                                # (the QUIC port number, on TCP), "off", or an address
 //! kit = "coordinator"            # the coordinator's kit directory
 //! ca_dir = "ca"                  # public CA files: ca.pem, sites.toml, revoked.toml (never ca-key.pem)
 //! data_dir = "data"
@@ -166,12 +168,56 @@ impl<'de> Deserialize<'de> for UpdateRetention {
     }
 }
 
+/// Where the coordinator's TLS-over-TCP listener binds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum TcpListen {
+    /// The QUIC endpoint's address and port number, on TCP (the default:
+    /// one port number for the firewall to open, on both protocols).
+    #[default]
+    Same,
+    /// No TCP listener: sites must reach the coordinator over UDP.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+impl TryFrom<String> for TcpListen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "same" => Ok(Self::Same),
+            "off" => Ok(Self::Off),
+            other => other.parse().map(Self::At).map_err(|_| {
+                format!("tcp_listen: {other:?} is not \"same\", \"off\" or an address like \"0.0.0.0:443\"")
+            }),
+        }
+    }
+}
+
+impl TcpListen {
+    /// The address to bind, given the QUIC endpoint's bound address
+    /// (`None`: no TCP listener).
+    pub fn resolve(self, quic: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            Self::Same => Some(quic),
+            Self::Off => None,
+            Self::At(a) => Some(a),
+        }
+    }
+}
+
 /// The parsed, validated coordinator configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// UDP address the QUIC endpoint binds.
     pub listen: SocketAddr,
+    /// Where the TLS-over-TCP listener binds (the same protocol, mutual TLS
+    /// and checks, for sites whose network blocks UDP).
+    #[serde(default)]
+    pub tcp_listen: TcpListen,
     /// The coordinator's kit directory (server certificate and key).
     pub kit: PathBuf,
     /// Directory with the federation's public CA files: `ca.pem`,

@@ -69,15 +69,17 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config, peer_identity_from_any};
+use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
     ModelFetch, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope,
     UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
     supports_audit_head, supports_round_outcome,
 };
-use fedlink_transport::{FramedRecv, FramedSend, TransportError, client_endpoint, close, open_bi};
-use quinn::{Connection, Endpoint};
+use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
+use quinn::Endpoint;
+
+use crate::dial::{Dialer, Proxy, Route, Selector};
 use rand::RngCore;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -231,6 +233,10 @@ struct Ctx {
     device: DeviceChoice,
     cache: ModelCache,
     recorder: Recorder,
+    /// Which transport the next connection attempt uses.
+    selector: Mutex<Selector>,
+    /// The HTTP proxy for the TCP path, if any.
+    proxy: Option<Proxy>,
 }
 
 impl Ctx {
@@ -307,6 +313,12 @@ impl Agent {
             config.audit_rotate_bytes,
             unix_ms(),
         )?;
+        let proxy = proxy_for(&config, &coordinator_addr)?;
+        let selector = Selector::new(
+            config.transport,
+            config.connection.quic_head_start(),
+            config.connection.tcp_fallback(),
+        );
         let cache = ModelCache::open(config.model_cache_dir())?;
         let dataset = config.dataset.clone();
         let data = tokio::task::spawn_blocking(move || dataset.load())
@@ -324,6 +336,8 @@ impl Agent {
                 log: Mutex::new(log),
                 events: self.events,
             },
+            selector: Mutex::new(selector),
+            proxy,
         })
     }
 
@@ -474,6 +488,31 @@ fn make_data_dir_private(dir: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The proxy for the TCP path: `proxy` in `site.toml` (with its
+/// credentials file), else `HTTPS_PROXY` unless `NO_PROXY` covers the
+/// coordinator's host. Not used with `transport = "quic"`.
+fn proxy_for(config: &SiteConfig, coordinator_addr: &str) -> Result<Option<Proxy>, AgentError> {
+    if config.transport == crate::dial::TransportMode::Quic {
+        return Ok(None);
+    }
+    let bad = |field: &str, m: String| AgentError::Config(format!("{field}: {m}"));
+    let Some(url) = &config.proxy else {
+        let host = coordinator_addr
+            .rsplit_once(':')
+            .map_or(coordinator_addr, |(h, _)| h);
+        return crate::dial::proxy_from_env(host, |k| std::env::var(k).ok())
+            .map_err(|m| bad("HTTPS_PROXY", m));
+    };
+    let proxy = Proxy::parse(url, "site.toml").map_err(|m| bad("proxy", m))?;
+    match &config.proxy_credentials_file {
+        Some(path) => proxy
+            .with_credentials_file(path)
+            .map(Some)
+            .map_err(|m| bad("proxy_credentials_file", m)),
+        None => Ok(Some(proxy)),
+    }
+}
+
 fn agent_version() -> String {
     format!("fedlink-agent {}", env!("CARGO_PKG_VERSION"))
 }
@@ -487,8 +526,10 @@ fn config_blake3(config: &SiteConfig) -> String {
 
 /// A welcomed connection.
 struct Connected {
-    endpoint: Endpoint,
-    conn: Connection,
+    /// The QUIC endpoint (none over TCP).
+    endpoint: Option<Endpoint>,
+    conn: Conn,
+    route: Route,
     send: FramedSend,
     recv: FramedRecv,
     welcome: Welcome,
@@ -510,14 +551,34 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             .map_err(|e| format!("resolving {}: {e}", ctx.coordinator_addr))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", ctx.coordinator_addr))?;
-        let endpoint = client_endpoint(remote, ctx.tls.clone(), cfg.idle_timeout())
-            .map_err(|e| format!("client endpoint: {e}"))?;
-        let conn = endpoint
-            .connect(remote, ctx.kit.coordinator_server_name())
-            .map_err(|e| format!("connecting to {remote}: {e}"))?
-            .await
-            .map_err(|e| format!("connecting to {remote}: {e}"))?;
-        let (mut send, mut recv) = open_bi(&conn)
+        let plan = ctx
+            .selector
+            .lock()
+            .map_err(|_| "transport selector lock poisoned".to_owned())?
+            .plan(Instant::now());
+        let dialer = Dialer {
+            target: &ctx.coordinator_addr,
+            remote,
+            server_name: ctx.kit.coordinator_server_name(),
+            tls: &ctx.tls,
+            idle_timeout: cfg.idle_timeout(),
+            timeout: cfg.connect_timeout(),
+            proxy: ctx.proxy.as_ref(),
+        };
+        let dialed = dialer.dial(&plan).await?;
+        if matches!(plan, crate::dial::Plan::Race { .. })
+            && let Ok(mut s) = ctx.selector.lock()
+        {
+            s.raced(Instant::now(), dialed.route.kind);
+        }
+        let crate::dial::Dialed {
+            conn,
+            endpoint,
+            route,
+        } = dialed;
+        tracing::info!(transport = %route.kind, proxy = ?route.proxy, reason = %route.reason, "connected");
+        let (mut send, mut recv) = conn
+            .open_bi()
             .await
             .map_err(|e| format!("opening the control stream: {e}"))?;
         send.message(&Message::Hello(Hello {
@@ -533,6 +594,7 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             Ok(Message::Welcome(welcome)) => Ok(Connected {
                 endpoint,
                 conn,
+                route,
                 send,
                 recv,
                 welcome,
@@ -602,6 +664,7 @@ async fn run_session<F: Future<Output = ()>>(
     let Connected {
         endpoint,
         conn,
+        route,
         mut send,
         recv,
         welcome,
@@ -614,7 +677,7 @@ async fn run_session<F: Future<Output = ()>>(
             return Ok(SessionEnd::Lost(e.to_string()));
         }
     };
-    if let Ok(identity) = peer_identity_from_any(conn.peer_identity()) {
+    if let Ok(identity) = conn.peer_identity() {
         ctx.recorder.lock().set_coordinator_actor(identity.to_uri());
     }
     ctx.record(SiteEvent::ConnEstablished {
@@ -622,6 +685,9 @@ async fn run_session<F: Future<Output = ()>>(
         site_id: session.site_id.to_string(),
         federation: session.federation_id.to_string(),
         protocol_version: session.protocol_version,
+        transport: route.kind.as_str().to_owned(),
+        proxy: route.proxy.clone(),
+        transport_reason: route.reason.clone(),
     })?;
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_control(recv, ctrl_tx));
@@ -696,7 +762,14 @@ async fn run_session<F: Future<Output = ()>>(
             let _ = send.finish();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, send.stopped()).await;
             conn.close(close::NORMAL, b"bye");
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+            match &endpoint {
+                Some(endpoint) => {
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+                }
+                None => {
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
+                }
+            }
         }
         _ => conn.close(close::NORMAL, b"reconnecting"),
     }
@@ -708,7 +781,7 @@ async fn run_session<F: Future<Output = ()>>(
 async fn handle_control(
     ctx: &Arc<Ctx>,
     core: &mut SiteCore,
-    conn: &Connection,
+    conn: &Conn,
     send: &mut FramedSend,
     session: &Session,
     task: &mut Option<(TaskKey, JoinHandle<()>)>,
@@ -836,7 +909,7 @@ fn abort_task(task: &mut Option<(TaskKey, JoinHandle<()>)>, key: &TaskKey) -> bo
 
 fn spawn_task(
     ctx: &Arc<Ctx>,
-    conn: &Connection,
+    conn: &Conn,
     session: &Session,
     assignment: Assignment,
     done_tx: &mpsc::UnboundedSender<TaskDone>,
@@ -900,7 +973,7 @@ pub fn clip_l2(delta: &mut [f32], clip: f64) -> bool {
 
 async fn run_task(
     ctx: &Arc<Ctx>,
-    conn: &Connection,
+    conn: &Conn,
     session: &Session,
     a: &Assignment,
 ) -> Result<(), TaskError> {
@@ -1088,7 +1161,7 @@ fn reject_code(code: RejectCode) -> String {
 /// cached).
 async fn obtain_model(
     ctx: &Arc<Ctx>,
-    conn: &Connection,
+    conn: &Conn,
     hash: ModelHash,
     spec: &ModelSpec,
 ) -> Result<FlatModel, TaskError> {
@@ -1113,7 +1186,7 @@ async fn obtain_model(
         }
     }
 
-    let (mut send, mut recv) = open_bi(conn).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
     send.message(&Message::ModelFetch(ModelFetch { hash }))
         .await?;
     send.finish()?;
@@ -1170,11 +1243,11 @@ async fn obtain_model(
 /// the answer (the coordinator may refuse early without reading the
 /// payload). Returns whether the whole payload was sent, and the answer.
 async fn upload(
-    conn: &Connection,
+    conn: &Conn,
     envelope: SignedEnvelope,
     records: Vec<Vec<u8>>,
 ) -> Result<(bool, UploadResult), TaskError> {
-    let (mut send, mut recv) = open_bi(conn).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
     let sending = async {
         send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
             .await?;

@@ -115,6 +115,12 @@ pub enum SiteEvent {
         federation: String,
         /// Negotiated protocol version.
         protocol_version: u16,
+        /// `quic` or `tcp` (TLS 1.3 over TCP).
+        transport: String,
+        /// The HTTP proxy (`host:port`) the TCP connection goes through.
+        proxy: Option<String>,
+        /// Why this transport (configured, raced, remembered fallback).
+        transport_reason: String,
     },
     /// A connection ended or an attempt failed.
     ConnLost {

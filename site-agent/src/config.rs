@@ -8,12 +8,17 @@
 //! # log_file = "/var/log/fedlink/agent.log"        # diagnostics; default: stderr
 //! device = "auto"                        # "auto" | "cpu" | "cuda" | "wgpu"
 //! # coordinator_addr = "coord.example.org:4433"    # default: the kit's address
+//! # transport = "auto"                  # "auto" (QUIC, else TLS over TCP) | "quic" | "tcp"
+//! # proxy = "http://proxy.hospital.local:3128"   # HTTP CONNECT proxy for the TCP path
+//! # proxy_credentials_file = "/etc/fedlink/proxy-credentials"  # `user:password`, mode 0600
 //!
 //! [connection]                           # all optional
 //! backoff_initial_ms = 500
 //! backoff_max_ms = 30000
 //! connect_timeout_ms = 10000
 //! idle_timeout_ms = 30000
+//! quic_head_start_ms = 1500              # auto: QUIC alone this long, then TCP races it
+//! tcp_fallback_secs = 600                # auto: a TCP win is kept this long, then QUIC re-probed
 //!
 //! [dataset]
 //! kind = "csv"                           # or "image-folder", "segmentation"
@@ -127,6 +132,12 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_idle_timeout_ms() -> u64 {
     30_000
 }
+fn default_quic_head_start_ms() -> u64 {
+    1_500
+}
+fn default_tcp_fallback_secs() -> u64 {
+    600
+}
 
 /// `[connection]`: reconnection and timeouts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +157,14 @@ pub struct ConnectionConfig {
     /// long, milliseconds (default 30 000; keep-alives every third of it).
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// `transport = "auto"`: how long QUIC tries alone before TLS over TCP
+    /// races it, milliseconds (default 1 500).
+    #[serde(default = "default_quic_head_start_ms")]
+    pub quic_head_start_ms: u64,
+    /// `transport = "auto"`: after TCP won a race, how long TCP is used
+    /// without probing QUIC, seconds (default 600).
+    #[serde(default = "default_tcp_fallback_secs")]
+    pub tcp_fallback_secs: u64,
 }
 
 impl Default for ConnectionConfig {
@@ -155,6 +174,8 @@ impl Default for ConnectionConfig {
             backoff_max_ms: default_backoff_max_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            quic_head_start_ms: default_quic_head_start_ms(),
+            tcp_fallback_secs: default_tcp_fallback_secs(),
         }
     }
 }
@@ -175,6 +196,14 @@ impl ConnectionConfig {
     /// QUIC idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+    /// How long QUIC tries alone in `auto`.
+    pub fn quic_head_start(&self) -> Duration {
+        Duration::from_millis(self.quic_head_start_ms)
+    }
+    /// How long a TCP fallback is remembered in `auto`.
+    pub fn tcp_fallback(&self) -> Duration {
+        Duration::from_secs(self.tcp_fallback_secs)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -199,6 +228,8 @@ impl ConnectionConfig {
         range("connect_timeout_ms", self.connect_timeout_ms, 10, DAY_MS)?;
         // quinn's idle timeout is a 62-bit millisecond count; keep it sane.
         range("idle_timeout_ms", self.idle_timeout_ms, 100, DAY_MS)?;
+        range("quic_head_start_ms", self.quic_head_start_ms, 0, 60_000)?;
+        range("tcp_fallback_secs", self.tcp_fallback_secs, 1, 86_400)?;
         Ok(())
     }
 }
@@ -379,6 +410,18 @@ pub struct SiteConfig {
     /// behind a hospital proxy). The TLS server name stays the kit's.
     #[serde(default)]
     pub coordinator_addr: Option<String>,
+    /// How to reach the coordinator: `auto` (QUIC, falling back to TLS over
+    /// TCP when QUIC does not connect), `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: crate::dial::TransportMode,
+    /// HTTP `CONNECT` proxy for the TCP path (`http://host:port`); when
+    /// unset, `HTTPS_PROXY` / `NO_PROXY` apply.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// File holding `user:password` for the proxy's Basic authentication
+    /// (mode 0600; never on the command line).
+    #[serde(default)]
+    pub proxy_credentials_file: Option<PathBuf>,
     /// Reconnection and timeouts.
     #[serde(default)]
     pub connection: ConnectionConfig,
@@ -441,6 +484,9 @@ impl SiteConfig {
         if let Some(p) = &mut self.log_file {
             resolve(base, p);
         }
+        if let Some(p) = &mut self.proxy_credentials_file {
+            resolve(base, p);
+        }
         self.dataset.resolve(base);
     }
 
@@ -467,6 +513,22 @@ impl SiteConfig {
         if let Some(addr) = &self.coordinator_addr {
             check_host_port(addr).map_err(|m| ConfigError::invalid("coordinator_addr", m))?;
         }
+        if let Some(url) = &self.proxy {
+            crate::dial::Proxy::parse(url, "site.toml")
+                .map_err(|m| ConfigError::invalid("proxy", m))?;
+        }
+        if self.proxy_credentials_file.is_some() && self.proxy.is_none() {
+            return Err(ConfigError::invalid(
+                "proxy_credentials_file",
+                "set without `proxy` (credentials are only sent to a configured proxy)",
+            ));
+        }
+        if self.transport == crate::dial::TransportMode::Quic && self.proxy.is_some() {
+            return Err(ConfigError::invalid(
+                "proxy",
+                "an HTTP proxy carries TCP only; it cannot be used with transport = \"quic\"",
+            ));
+        }
         self.connection.validate()?;
         self.dataset.validate()?;
         self.policy
@@ -489,7 +551,7 @@ impl SiteConfig {
 }
 
 /// `host:port` with a non-empty host and a port in 1..=65535.
-fn check_host_port(addr: &str) -> Result<(), String> {
+pub(crate) fn check_host_port(addr: &str) -> Result<(), String> {
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("{addr:?} is not host:port"));
     };

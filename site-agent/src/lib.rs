@@ -59,6 +59,7 @@ pub mod audit;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dial;
 pub mod metrics;
 pub mod modelcache;
 pub mod policy;

@@ -21,7 +21,9 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 
-use quinn::{Connection, VarInt};
+use quinn::VarInt;
+
+use crate::Conn;
 
 /// Why this side closed a connection: set once, before the close, and shared
 /// by every clone of the handle. The first reason wins, as quinn's first
@@ -44,23 +46,23 @@ impl CloseReason {
     }
 }
 
-/// A server-side connection: quinn's [`Connection`] plus the reason this
-/// side closed it. Cloning is cheap and shares both.
+/// A server-side connection (QUIC or TLS over TCP: a [`Conn`]) plus the
+/// reason this side closed it. Cloning is cheap and shares both.
 ///
-/// It dereferences to the quinn connection for everything else (streams,
-/// peer identity, statistics); its own [`close`](Self::close) shadows
-/// quinn's so that no close goes unrecorded.
+/// It dereferences to the [`Conn`] for everything else (streams, peer
+/// identity, RTT); its own [`close`](Self::close) shadows the connection's
+/// so that no close goes unrecorded.
 #[derive(Clone, Debug)]
 pub struct ServerConn {
-    conn: Connection,
+    conn: Conn,
     reason: CloseReason,
 }
 
 impl ServerConn {
     /// Wrap a connection that has completed its handshake.
-    pub fn new(conn: Connection) -> Self {
+    pub fn new(conn: impl Into<Conn>) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             reason: CloseReason::default(),
         }
     }
@@ -94,19 +96,19 @@ impl ServerConn {
         }
         self.conn
             .close_reason()
-            .map_or_else(|| fallback.to_string(), |r| r.to_string())
+            .unwrap_or_else(|| fallback.to_string())
     }
 
-    /// The quinn connection.
-    pub fn quinn(&self) -> &Connection {
+    /// The connection.
+    pub fn conn(&self) -> &Conn {
         &self.conn
     }
 }
 
 impl Deref for ServerConn {
-    type Target = Connection;
+    type Target = Conn;
 
-    fn deref(&self) -> &Connection {
+    fn deref(&self) -> &Conn {
         &self.conn
     }
 }

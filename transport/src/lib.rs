@@ -31,8 +31,10 @@ use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 
 mod closing;
+mod conn;
 pub mod tcp;
 pub use closing::{CloseReason, ServerConn};
+pub use conn::{Conn, TransportKind};
 
 /// Application close codes fedlink uses on QUIC connections.
 pub mod close {

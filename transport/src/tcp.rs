@@ -97,6 +97,8 @@ struct Shared {
     remote: SocketAddr,
     peer_certs: Option<Vec<CertificateDer<'static>>>,
     alpn: Option<Vec<u8>>,
+    /// How long the TLS handshake took (this side's view).
+    handshake: Duration,
     cmds: mpsc::Sender<Cmd>,
     inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
     /// Why the connection ended, once it has.
@@ -120,6 +122,7 @@ impl TcpConn {
         remote: SocketAddr,
         certs: Option<Vec<CertificateDer<'static>>>,
         alpn: Option<Vec<u8>>,
+        handshake: Duration,
     ) -> Self
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -137,6 +140,7 @@ impl TcpConn {
             remote,
             peer_certs: certs,
             alpn,
+            handshake,
             cmds: cmd_tx,
             inbound: Mutex::new(in_rx),
             closed: closed_rx,
@@ -202,6 +206,18 @@ impl TcpConn {
     /// The peer's end-entity certificate.
     pub fn peer_end_entity(&self) -> Option<CertificateDer<'static>> {
         self.0.peer_certs.as_ref()?.first().cloned()
+    }
+
+    /// How long the TLS handshake took, seen from this side: about one
+    /// round trip plus the cryptography (the TCP connection, and a proxy's
+    /// tunnel, are already up when it starts).
+    pub fn handshake_time(&self) -> Duration {
+        self.0.handshake
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.0.closed.borrow().clone()
     }
 
     /// Close the connection (streams end, the TLS session is closed).
@@ -287,15 +303,35 @@ pub async fn connect(
     server_name: &str,
     timeout: Duration,
 ) -> Result<TcpConn, TransportError> {
+    let started = std::time::Instant::now();
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            TransportError::TcpConnection(format!(
+                "TCP to {addr}: no connection within {timeout:?}"
+            ))
+        })?
+        .map_err(|e| TransportError::TcpConnection(format!("TCP to {addr}: {e}")))?;
+    let left = timeout.saturating_sub(started.elapsed());
+    connect_over(tcp, addr, tls, server_name, left).await
+}
+
+/// Run the TLS 1.3 handshake with `tls` for `server_name` over an already
+/// connected TCP stream (directly to the coordinator at `addr`, or a tunnel
+/// through an HTTP proxy whose address is `addr`), within `timeout`. TLS
+/// runs end to end: whatever carries the stream sees only ciphertext.
+pub async fn connect_over(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<TcpConn, TransportError> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| TransportError::Config(format!("server name {server_name:?}: {e}")))?;
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let _ = tcp.set_nodelay(true);
-        let tls = TlsConnector::from(tls).connect(name, tcp).await?;
-        Ok::<_, std::io::Error>(tls)
-    };
-    let tls = tokio::time::timeout(timeout, attempt)
+    let started = std::time::Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
         .await
         .map_err(|_| {
             TransportError::TcpConnection(format!(
@@ -311,7 +347,14 @@ pub async fn connect(
             "TLS over TCP to {addr}: the server agreed no application protocol (ALPN)"
         )));
     }
-    Ok(TcpConn::start(tls, yamux::Mode::Client, addr, certs, alpn))
+    Ok(TcpConn::start(
+        tls,
+        yamux::Mode::Client,
+        addr,
+        certs,
+        alpn,
+        started.elapsed(),
+    ))
 }
 
 /// The coordinator's TCP listener: TLS 1.3 with the server config of
@@ -372,6 +415,7 @@ impl TcpIncoming {
     /// the handshake timeout; refuse a client that agreed no ALPN.
     pub async fn handshake(self) -> Result<TcpConn, TransportError> {
         let remote = self.remote;
+        let started = std::time::Instant::now();
         let tls = tokio::time::timeout(
             self.timeout,
             TlsAcceptor::from(self.tls).accept(self.stream),
@@ -397,6 +441,7 @@ impl TcpIncoming {
             remote,
             certs,
             Some(alpn),
+            started.elapsed(),
         ))
     }
 }

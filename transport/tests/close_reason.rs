@@ -105,7 +105,7 @@ async fn a_peer_close_is_reported_when_this_side_did_not_close() {
 async fn a_frame_that_stalls_after_its_first_byte_times_out() {
     use std::time::Duration;
 
-    use fedlink_transport::{FramedRecv, TransportError};
+    use fedlink_transport::TransportError;
 
     let pair = Pair::new();
     let (site, coord) = pair.connect().await;
@@ -115,8 +115,7 @@ async fn a_frame_that_stalls_after_its_first_byte_times_out() {
         .to_bytes();
     // Three bytes of the header, then nothing.
     send.write_all(&header[..3]).await.unwrap();
-    let (_coord_send, recv) = coord.accept_bi().await.unwrap();
-    let mut recv = FramedRecv::new(recv);
+    let (_coord_send, mut recv) = coord.accept_bi().await.unwrap();
     recv.set_frame_timeout(Duration::from_millis(200));
     let r = tokio::time::timeout(Duration::from_secs(10), recv.next_frame())
         .await

@@ -36,7 +36,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use fedlink_certs::{ALPN_SITE, RevocationList};
 use fedlink_test_util::TestPki;
-use fedlink_transport::{DEFAULT_IDLE_TIMEOUT, FramedRecv, client_endpoint, server_endpoint};
+use fedlink_transport::{DEFAULT_IDLE_TIMEOUT, client_endpoint, server_endpoint};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
 
@@ -194,13 +194,16 @@ async fn one_run(
             let coord_side = {
                 let coord = coord.clone();
                 tokio::spawn(async move {
-                    let (mut send, recv) = coord.accept_bi().await?;
-                    let mut recv = FramedRecv::new(recv);
+                    let (mut send, mut recv) = coord.accept_bi().await?;
                     if let Settings::Fedlink = settings {
-                        // What the coordinator does for an upload it reads.
-                        fedlink_transport::open_upload_window(&coord, &mut recv, bytes);
+                        // What the coordinator does for an upload it reads
+                        // (`open_upload_window`: the idle window plus one
+                        // stream window; it closes again only at the end).
+                        coord.set_receive_window(quinn::VarInt::from_u32(
+                            fedlink_transport::SERVER_IDLE_RECEIVE_WINDOW
+                                + fedlink_transport::SERVER_STREAM_WINDOW,
+                        ));
                     }
-                    let mut recv = recv.into_inner();
                     let mut got = 0u64;
                     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
                         got += chunk.bytes.len() as u64;

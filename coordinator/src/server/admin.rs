@@ -31,9 +31,7 @@ use fedlink_protocol::admin::{
     JobInfo, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport, pytorch_tensors,
 };
 use fedlink_protocol::{ModelHash, ModelHasher, ModelSpec, SignedEnvelope};
-use fedlink_transport::{
-    FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, peer_end_entity,
-};
+use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::oneshot;
 
 use super::engine::Event;
@@ -266,7 +264,10 @@ impl Shared {
 
     /// Close `c` if its certificate is revoked; whether it was.
     fn cut_if_revoked(&self, c: &OpenAdmin) -> bool {
-        let Some(why) = peer_end_entity(&c.conn).and_then(|ee| self.revocations.is_revoked(&ee))
+        let Some(why) = c
+            .conn
+            .peer_end_entity()
+            .and_then(|ee| self.revocations.is_revoked(&ee))
         else {
             return false;
         };
@@ -326,7 +327,7 @@ async fn serve_admin_streams(
     // `recheck_admins`.
     shared.cut_if_revoked(&OpenAdmin { conn: conn.clone() });
     loop {
-        let (send, recv) = match accept_bi(conn).await {
+        let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%remote, admin = %actor, error = %e, "admin connection ended");
@@ -377,7 +378,7 @@ async fn handle_stream(
         }
     };
     // A certificate revoked while the connection is open stops here.
-    if let Some(ee) = peer_end_entity(conn)
+    if let Some(ee) = conn.peer_end_entity()
         && shared.revocations.is_revoked(&ee).is_some()
     {
         let reason = "the admin certificate has been revoked";

@@ -15,10 +15,8 @@ use fedlink_protocol::message::{
 use fedlink_protocol::{
     Message, SignedEnvelope, VersionRange, supports_audit_head, supports_round_outcome,
 };
-use fedlink_transport::{
-    FramedRecv, FramedSend, ServerConn, TransportError, accept_bi, close, close_upload_window,
-    negotiated_alpn, open_upload_window, peer_end_entity, peer_identity,
-};
+use fedlink_transport::tcp::TcpIncoming;
+use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
@@ -79,6 +77,35 @@ pub(crate) fn admit(
     }
 }
 
+/// [`admit`] for a TLS-over-TCP connection: TCP's own handshake has
+/// validated the source address, so there is no retry; the same per-source
+/// rate and the same handshake slots apply. A refused connection is dropped
+/// (closed) before any cryptography.
+pub(crate) fn admit_tcp(
+    incoming: &TcpIncoming,
+    handshakes: &Arc<Semaphore>,
+    rates: &mut limits::SourceRates,
+    shared: &Shared,
+) -> Option<OwnedSemaphorePermit> {
+    let remote = incoming.remote_address();
+    if !rates.allow(remote.ip(), Instant::now()) {
+        tracing::debug!(%remote, "too many handshakes from this address; refused (TCP)");
+        shared.note_refused(
+            remote,
+            "too many handshakes from this address (handshakes_per_source_per_sec)",
+        );
+        return None;
+    }
+    match handshakes.clone().try_acquire_owned() {
+        Ok(slot) => Some(slot),
+        Err(_) => {
+            tracing::debug!(%remote, "too many handshakes in progress; refused (TCP)");
+            shared.note_refused(remote, "too many handshakes in progress");
+            None
+        }
+    }
+}
+
 /// Handle one incoming connection to the end.
 pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
     let Admitted { incoming, _slot } = admitted;
@@ -101,6 +128,35 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
         }
     };
     drop(_slot);
+    serve_conn(conn, remote, shared).await;
+}
+
+/// Handle one incoming TLS-over-TCP connection to the end: the handshake
+/// (bounded by its timeout, holding a handshake slot), then exactly what a
+/// QUIC connection gets.
+pub(crate) async fn handle_incoming_tcp(
+    incoming: TcpIncoming,
+    slot: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) {
+    let remote = incoming.remote_address();
+    shared.reload_if_changed();
+    let conn = match incoming.handshake().await {
+        Ok(c) => ServerConn::new(c),
+        Err(e) => {
+            let why = peer_text(&format!("handshake failed (TLS over TCP): {e}"));
+            tracing::warn!(%remote, reason = %why, "handshake failed");
+            shared.note_refused(remote, &why);
+            return;
+        }
+    };
+    drop(slot);
+    serve_conn(conn, remote, shared).await;
+}
+
+/// A connection past its handshake, over either transport: identity and
+/// role checks, admission, audit, then the site or admin session.
+async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<Shared>) {
     // Low on disk: no new work, and no audit entry per connection (the
     // `disk.low` entry records the state once).
     if let Err(why) = shared.disk_allows_new_work() {
@@ -108,8 +164,8 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
         conn.close(close::SHUTDOWN, why.as_bytes());
         return;
     }
-    let alpn = negotiated_alpn(&conn);
-    let identity = match peer_identity(&conn) {
+    let alpn = conn.negotiated_alpn();
+    let identity = match conn.peer_identity() {
         Ok(i) => i,
         Err(e) => {
             let why = format!("no fedlink identity: {e}");
@@ -130,7 +186,8 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
         return;
     }
     if identity.role() == Role::Site {
-        let checked = peer_end_entity(&conn)
+        let checked = conn
+            .peer_end_entity()
             .ok_or_else(|| "no peer certificate".to_owned())
             .and_then(|ee| {
                 let manifest = shared
@@ -178,7 +235,8 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
             return;
         }
     };
-    let cert_serial = peer_end_entity(&conn)
+    let cert_serial = conn
+        .peer_end_entity()
         .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
         .map(|c| c.serial.to_string());
     let accepted = shared.audit().record(
@@ -189,6 +247,7 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
             "identity": identity.to_string(),
             "alpn": alpn.as_deref().map(String::from_utf8_lossy),
             "cert_serial": cert_serial,
+            "transport": conn.kind().as_str(),
         }),
     );
     if let Err(e) = accepted {
@@ -268,7 +327,7 @@ async fn serve_site(
     shared: &Arc<Shared>,
 ) -> Result<(), TransportError> {
     let hello_timeout = shared.peer.hello_timeout;
-    let (mut send, mut recv) = tokio::time::timeout(hello_timeout, accept_bi(conn))
+    let (mut send, mut recv) = tokio::time::timeout(hello_timeout, conn.accept_bi())
         .await
         .map_err(|_| {
             TransportError::UnexpectedEnd("control stream in time (hello_timeout_secs)")
@@ -400,7 +459,7 @@ async fn control_loop(
         let tasks = shared.tasks.clone();
         tasks.spawn(async move {
             loop {
-                let (send, recv) = match accept_bi(&conn).await {
+                let (send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(site = %site, error = %e, "no more streams");
@@ -684,7 +743,7 @@ struct UploadWindow<'a>(&'a ServerConn);
 
 impl Drop for UploadWindow<'_> {
     fn drop(&mut self) {
-        close_upload_window(self.0);
+        self.0.close_upload_window();
     }
 }
 
@@ -755,7 +814,7 @@ async fn receive_upload(
     };
     // Only now, with an upload slot, may the site send more than the idle
     // connection window: a site waiting for a slot costs ≈ nothing.
-    open_upload_window(conn, &mut recv, verifier.remaining());
+    conn.open_upload_window(&mut recv, verifier.remaining());
     let _window = UploadWindow(conn);
     // Receive: hash and spool every chunk record; never more than declared.
     let received: Result<(), (RejectCode, String)> = async {

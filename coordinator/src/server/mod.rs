@@ -348,8 +348,8 @@ impl Shared {
 
     /// Whether an open connection may stay: its certificate is not revoked
     /// and is still the registered certificate of a site in the manifest.
-    pub(crate) fn check_open_peer(&self, conn: &quinn::Connection) -> Result<(), String> {
-        let cert = fedlink_transport::peer_end_entity(conn).ok_or("no peer certificate")?;
+    pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), String> {
+        let cert = conn.peer_end_entity().ok_or("no peer certificate")?;
         if let Some(why) = self.revocations.is_revoked(&cert) {
             return Err(format!("certificate revoked ({why:?})"));
         }
@@ -645,12 +645,26 @@ pub async fn serve(
     };
     let mut idle = idle::Idle::default();
 
+    let tls_tcp = tls.clone();
     let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
         .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
     let local = endpoint
         .local_addr()
         .map_err(|e| ServeError::Network(e.to_string()))?;
-    tracing::info!(listen = %local, job = job_id.as_deref().unwrap_or("none"), "coordinator listening");
+    // TLS over TCP, for sites whose network blocks UDP: the same rustls
+    // config (mutual TLS, federation CA, revocations, ALPNs), bound after
+    // QUIC so that `same` with port 0 gets the port QUIC got.
+    let tcp = match cfg.tcp_listen.resolve(local) {
+        Some(addr) => {
+            let server = fedlink_transport::tcp::TcpServer::bind(addr, tls_tcp)
+                .await
+                .map_err(|e| ServeError::Network(format!("binding TCP {addr}: {e}")))?;
+            Some(server)
+        }
+        None => None,
+    };
+    let tcp_local = tcp.as_ref().and_then(|t| t.local_addr().ok());
+    tracing::info!(listen = %local, tcp = ?tcp_local, job = job_id.as_deref().unwrap_or("none"), "coordinator listening");
     if let Some(b) = &opts.bound {
         let _ = b.send(local);
     }
@@ -676,7 +690,10 @@ pub async fn serve(
     // Connection tasks are owned here, so that shutdown can wait for them:
     // each records `conn.closed` as it ends, and a clean shutdown leaves an
     // audit log with every connection's end in it.
+    let tcp_stop = Arc::new(tokio::sync::Notify::new());
+    let stop_tcp = tcp_stop.clone();
     let acceptor = tokio::spawn(async move {
+        let mut tcp = tcp;
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -689,6 +706,15 @@ pub async fn serve(
                     // The endpoint is closed: shutting down.
                     None => break,
                 },
+                accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                    Ok(incoming) => {
+                        if let Some(slot) = conn::admit_tcp(&incoming, &handshakes, &mut rates, &accept_shared) {
+                            tasks.spawn(conn::handle_incoming_tcp(incoming, slot, accept_shared.clone()));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accepting a TCP connection"),
+                },
+                _ = tcp_stop.notified() => tcp = None,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -749,6 +775,7 @@ pub async fn serve(
         fedlink_transport::close::SHUTDOWN,
         b"coordinator shutting down",
     );
+    stop_tcp.notify_one();
     reloader.abort();
     // The closed endpoint ends the acceptor's loop; it then waits for the
     // connection tasks to record their ends. Bounded: a task stuck on a
@@ -1003,6 +1030,17 @@ fn select_unfinished(store: &Store) -> Result<Option<String>, ServeError> {
         .rev()
         .find(|j| j.outcome.is_none())
         .map(|j| j.id.clone()))
+}
+
+/// The next TCP connection of the listener, if there is one (pending forever
+/// otherwise, so that a `select!` arm without a listener never fires).
+async fn accept_tcp(
+    tcp: Option<&fedlink_transport::tcp::TcpServer>,
+) -> Result<fedlink_transport::tcp::TcpIncoming, fedlink_transport::TransportError> {
+    match tcp {
+        Some(t) => t.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
