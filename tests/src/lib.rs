@@ -358,6 +358,18 @@ pub fn raw_client_config(
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: &[u8],
 ) -> anyhow::Result<quinn::ClientConfig> {
+    let tls = raw_tls_config(ca, identity, alpn)?;
+    Ok(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).context("QUIC client config")?,
+    )))
+}
+
+/// The rustls config of [`raw_client_config`] (for TLS over TCP).
+pub fn raw_tls_config(
+    ca: &CertificateDer<'static>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[u8],
+) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(fedlink_certs::crypto_provider())
@@ -368,9 +380,7 @@ pub fn raw_client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
-    Ok(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(tls).context("QUIC client config")?,
-    )))
+    Ok(tls)
 }
 
 /// Connect to `addr` as `server_name`, send `msg` on a new bidirectional

@@ -17,17 +17,16 @@ use fedlink_protocol::{
     FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder,
     PayloadHash, SignedEnvelope, VersionRange,
 };
-use fedlink_transport::{FramedRecv, FramedSend, open_bi};
-use quinn::Connection;
+use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
 
 use crate::bounded;
 
 /// A connected, welcomed site.
 pub struct RawSite {
     kit: Kit,
-    /// The QUIC connection.
-    pub conn: Connection,
-    _endpoint: quinn::Endpoint,
+    /// The connection (QUIC, or TLS over TCP).
+    pub conn: Conn,
+    _endpoint: Option<quinn::Endpoint>,
     control_send: FramedSend,
     control_recv: FramedRecv,
     site_id: fedlink_protocol::SiteId,
@@ -50,16 +49,42 @@ pub struct PreparedUpload {
 }
 
 impl RawSite {
-    /// Connect with `kit` to `addr`, say Hello and expect Welcome.
+    /// Connect with `kit` to `addr` over QUIC, say Hello and expect Welcome.
     pub async fn connect(kit: Kit, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::connect_over(kit, addr, TransportKind::Quic).await
+    }
+
+    /// Connect with `kit` to `addr` over `transport` (QUIC, or TLS over TCP
+    /// to the same port number), say Hello and expect Welcome.
+    pub async fn connect_over(
+        kit: Kit,
+        addr: SocketAddr,
+        transport: TransportKind,
+    ) -> anyhow::Result<Self> {
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
-        let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(10))?;
-        let conn = bounded(
-            "connect",
-            endpoint.connect(addr, kit.coordinator_server_name())?,
-        )
-        .await??;
-        let (mut send, mut recv) = open_bi(&conn).await?;
+        let (conn, endpoint) = match transport {
+            TransportKind::Quic => {
+                let endpoint =
+                    fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(10))?;
+                let conn = bounded(
+                    "connect",
+                    endpoint.connect(addr, kit.coordinator_server_name())?,
+                )
+                .await??;
+                (Conn::from(conn), Some(endpoint))
+            }
+            TransportKind::Tcp => {
+                let conn = fedlink_transport::tcp::connect(
+                    addr,
+                    std::sync::Arc::new(tls),
+                    kit.coordinator_server_name(),
+                    Duration::from_secs(10),
+                )
+                .await?;
+                (Conn::from(conn), None)
+            }
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
         send.message(&Message::Hello(Hello {
             versions: VersionRange::SUPPORTED,
             agent_version: "raw-test-site".into(),
@@ -129,7 +154,7 @@ impl RawSite {
 
     /// Download and verify the offered global model.
     pub async fn fetch_model(&self, offer: &TaskOffer) -> anyhow::Result<FlatModel> {
-        let (mut send, mut recv) = open_bi(&self.conn).await?;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
         send.message(&Message::ModelFetch(ModelFetch {
             hash: offer.base_model,
         }))
@@ -221,7 +246,7 @@ impl RawSite {
         up: &PreparedUpload,
         send_records: Option<usize>,
     ) -> anyhow::Result<Option<UploadResult>> {
-        let (mut send, mut recv) = open_bi(&self.conn).await?;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
         send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
             envelope: up.envelope.clone(),
         })))
@@ -265,7 +290,7 @@ impl RawSite {
         up: &PreparedUpload,
         records: usize,
     ) -> anyhow::Result<UploadResult> {
-        let (mut send, mut recv) = open_bi(&self.conn).await?;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
         send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
             envelope: up.envelope.clone(),
         })))

@@ -313,7 +313,7 @@ async fn a_stream_that_never_says_what_it_is_for_is_dropped() {
     let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
         .await
         .unwrap();
-    let (mut send, mut recv) = site.conn.open_bi().await.unwrap();
+    let (mut send, mut recv) = site.conn.quinn().unwrap().open_bi().await.unwrap();
     // One byte of a frame header: the stream exists, its message never comes.
     send.write_all(&[0x46]).await.unwrap();
     let end = bounded(
@@ -355,16 +355,23 @@ async fn streams_per_connection_are_bounded() {
         .unwrap();
     let mut open = Vec::new();
     for _ in 0..15 {
-        let (mut send, recv) = bounded("a stream within the limit", site.conn.open_bi())
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut send, recv) = bounded(
+            "a stream within the limit",
+            site.conn.quinn().unwrap().open_bi(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         send.write_all(&[0x46]).await.unwrap();
         open.push((send, recv));
     }
     // The 17th stream of the connection: no credit (waiting cannot make a
     // wrong answer right; it only delays a failure).
-    let more = tokio::time::timeout(std::time::Duration::from_secs(2), site.conn.open_bi()).await;
+    let more = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        site.conn.quinn().unwrap().open_bi(),
+    )
+    .await;
     assert!(more.is_err(), "a 17th stream was opened");
     drop(open);
     coord.shutdown().await.unwrap();

@@ -7,6 +7,10 @@
 //!   the connections" control. Linux netem is not available on the
 //!   machines fedlink is built on; this stands in for it.
 //!
+//! - [`connect_proxy`]: an HTTP `CONNECT` proxy (optional Basic
+//!   credentials, allow list) like those hospital networks run, for the
+//!   agent's TLS-over-TCP path.
+//!
 //! It does not shape anything outside its own relays, and it is not a
 //! security boundary: it forwards whatever arrives.
 //!
@@ -17,4 +21,5 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod connect_proxy;
 pub mod impair;

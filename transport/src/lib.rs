@@ -154,7 +154,7 @@ fn next_read_len(filled: usize, declared: usize) -> usize {
 #[derive(Debug)]
 enum RecvInner {
     Quic(RecvStream),
-    Tcp(tcp::RecvHalf),
+    Tcp(tcp::RecvHalf, tcp::Closed),
 }
 
 impl RecvInner {
@@ -162,12 +162,20 @@ impl RecvInner {
     async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, TransportError> {
         match self {
             Self::Quic(r) => r.read(buf).await.map_err(read_err),
-            Self::Tcp(r) => {
+            Self::Tcp(r, closed) => {
                 use tokio::io::AsyncReadExt;
-                match r.read(buf).await {
+                // A yamux stream is not always woken when its connection
+                // dies (a failed close): the connection's end ends the read.
+                // Data already readable is read first.
+                let read = tokio::select! {
+                    biased;
+                    read = r.read(buf) => read,
+                    why = closed.ended() => return Err(TransportError::TcpConnection(why)),
+                };
+                match read {
                     Ok(0) if !buf.is_empty() => Ok(None),
                     Ok(n) => Ok(Some(n)),
-                    Err(e) => Err(tcp::stream_err(e)),
+                    Err(e) => Err(closed.explain(e).await),
                 }
             }
         }
@@ -179,19 +187,27 @@ impl RecvInner {
 enum SendInner {
     Quic(SendStream),
     /// `None` once finished.
-    Tcp(Option<tcp::SendHalf>),
+    Tcp(Option<tcp::SendHalf>, tcp::Closed),
 }
 
 impl SendInner {
     async fn write_all(&mut self, buf: &[u8]) -> Result<(), TransportError> {
         match self {
             Self::Quic(s) => s.write_all(buf).await.map_err(write_err),
-            Self::Tcp(s) => {
+            Self::Tcp(s, closed) => {
                 use tokio::io::AsyncWriteExt;
                 let s = s
                     .as_mut()
                     .ok_or(TransportError::Stream("write on a finished stream".into()))?;
-                s.write_all(buf).await.map_err(tcp::stream_err)
+                let written = tokio::select! {
+                    biased;
+                    w = s.write_all(buf) => w,
+                    why = closed.ended() => return Err(TransportError::TcpConnection(why)),
+                };
+                match written {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(closed.explain(e).await),
+                }
             }
         }
     }
@@ -199,7 +215,7 @@ impl SendInner {
     async fn write_chunk(&mut self, piece: Bytes) -> Result<(), TransportError> {
         match self {
             Self::Quic(s) => s.write_chunk(piece).await.map_err(write_err),
-            Self::Tcp(_) => self.write_all(&piece).await,
+            Self::Tcp(..) => self.write_all(&piece).await,
         }
     }
 }
@@ -339,6 +355,16 @@ impl FramedRecv {
         Ok(Frame::from_parts(header, Bytes::from(body))?)
     }
 
+    /// The error for a stream that ended where `what` was required: over
+    /// TCP, when the connection itself ended (a TLS alert, a reset), its
+    /// reason — a yamux stream ends quietly when its connection dies.
+    async fn unexpected_end(&self, what: &'static str) -> TransportError {
+        match &self.inner {
+            RecvInner::Tcp(_, closed) => closed.explain_end(what).await,
+            RecvInner::Quic(_) => TransportError::UnexpectedEnd(what),
+        }
+    }
+
     /// The next frame, which must be a message.
     pub async fn message(&mut self) -> Result<Message, TransportError> {
         match self.next_frame().await? {
@@ -347,7 +373,7 @@ impl FramedRecv {
                 expected: "message",
                 got: "chunk",
             }),
-            None => Err(TransportError::UnexpectedEnd("message")),
+            None => Err(self.unexpected_end("message").await),
         }
     }
 
@@ -371,7 +397,7 @@ impl FramedRecv {
                 expected: "chunk",
                 got: "message",
             }),
-            None => Err(TransportError::UnexpectedEnd("chunk")),
+            None => Err(self.unexpected_end("chunk").await),
         }
     }
 
@@ -488,7 +514,7 @@ impl FramedSend {
             SendInner::Quic(s) => s
                 .finish()
                 .map_err(|e| TransportError::Stream(e.to_string())),
-            SendInner::Tcp(s) => match s.take() {
+            SendInner::Tcp(s, _) => match s.take() {
                 Some(half) => tcp::finish(half),
                 None => Ok(()),
             },

@@ -107,12 +107,57 @@ struct Shared {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-fn split(s: yamux::Stream) -> (FramedSend, FramedRecv) {
+fn split(s: yamux::Stream, closed: &watch::Receiver<Option<String>>) -> (FramedSend, FramedRecv) {
     let (r, w) = tokio::io::split(s.compat());
     (
-        FramedSend::with(SendInner::Tcp(Some(w))),
-        FramedRecv::with(RecvInner::Tcp(r)),
+        FramedSend::with(SendInner::Tcp(Some(w), Closed(closed.clone()))),
+        FramedRecv::with(RecvInner::Tcp(r, Closed(closed.clone()))),
     )
+}
+
+/// How long a failed stream operation waits for its connection's reason.
+const EXPLAIN_WAIT: Duration = Duration::from_secs(1);
+
+/// A stream's view of why its connection ended (a TLS alert, a reset), to
+/// name in the error of a stream operation that failed because of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Closed(watch::Receiver<Option<String>>);
+
+impl Closed {
+    /// Wait until the connection has ended; why.
+    pub(crate) async fn ended(&self) -> String {
+        let mut rx = self.0.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            // The connection's task is gone without a word.
+            Err(_) => "closed".into(),
+        }
+    }
+
+    /// The error for a failed stream operation: the connection's end
+    /// reason when it has ended (waiting briefly: the stream may learn of
+    /// the end before the connection's task has recorded why), else `e`.
+    pub(crate) async fn explain(&self, e: std::io::Error) -> TransportError {
+        let mut rx = self.0.clone();
+        match tokio::time::timeout(EXPLAIN_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(why)) => TransportError::TcpConnection(why.clone().unwrap_or_default()),
+            _ => stream_err(e),
+        }
+    }
+
+    /// The error for a stream that ended where `what` was required: the
+    /// connection's end reason if it ends (waiting briefly), else a plain
+    /// unexpected end.
+    pub(crate) async fn explain_end(&self, what: &'static str) -> TransportError {
+        let mut rx = self.0.clone();
+        match tokio::time::timeout(EXPLAIN_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(why)) => TransportError::TcpConnection(format!(
+                "stream ended before the expected {what}: {}",
+                why.clone().unwrap_or_default()
+            )),
+            _ => TransportError::UnexpectedEnd(what),
+        }
+    }
 }
 
 impl TcpConn {
@@ -147,35 +192,38 @@ impl TcpConn {
         }))
     }
 
-    fn lost(&self) -> TransportError {
-        let why = self
-            .0
-            .closed
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "closed".into());
+    /// The error for an operation on a connection that has ended: its
+    /// reason (the connection's task records it as it ends, which may be
+    /// a moment after the operation saw the end).
+    async fn lost(&self) -> TransportError {
+        let mut rx = self.0.closed.clone();
+        let why = match tokio::time::timeout(EXPLAIN_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(why)) => why.clone().unwrap_or_default(),
+            _ => "closed".into(),
+        };
         TransportError::TcpConnection(why)
     }
 
     /// Open a bidirectional framed stream.
     pub async fn open_bi(&self) -> Result<(FramedSend, FramedRecv), TransportError> {
         let (tx, rx) = oneshot::channel();
-        self.0
-            .cmds
-            .send(Cmd::Open(tx))
-            .await
-            .map_err(|_| self.lost())?;
+        if self.0.cmds.send(Cmd::Open(tx)).await.is_err() {
+            return Err(self.lost().await);
+        }
         match rx.await {
-            Ok(Ok(s)) => Ok(split(s)),
+            Ok(Ok(s)) => Ok(split(s, &self.0.closed)),
             Ok(Err(e)) => Err(TransportError::TcpConnection(e)),
-            Err(_) => Err(self.lost()),
+            Err(_) => Err(self.lost().await),
         }
     }
 
     /// Accept a bidirectional framed stream opened by the peer.
     pub async fn accept_bi(&self) -> Result<(FramedSend, FramedRecv), TransportError> {
         let next = self.0.inbound.lock().await.recv().await;
-        next.map(split).ok_or_else(|| self.lost())
+        match next {
+            Some(s) => Ok(split(s, &self.0.closed)),
+            None => Err(self.lost().await),
+        }
     }
 
     /// A number that identifies this connection in this process.
@@ -422,18 +470,15 @@ impl TcpIncoming {
         )
         .await
         .map_err(|_| {
-            TransportError::TcpConnection(format!(
-                "{remote}: no TLS handshake within {:?}",
-                self.timeout
-            ))
+            TransportError::TcpConnection(format!("no TLS handshake within {:?}", self.timeout))
         })?
-        .map_err(|e| TransportError::TcpConnection(format!("{remote}: TLS handshake: {e}")))?;
+        .map_err(|e| TransportError::TcpConnection(format!("TLS handshake: {e}")))?;
         let (_, session) = tls.get_ref();
         let certs = session.peer_certificates().map(<[_]>::to_vec);
         let Some(alpn) = session.alpn_protocol().map(<[u8]>::to_vec) else {
-            return Err(TransportError::TcpConnection(format!(
-                "{remote}: the client offered no fedlink application protocol (ALPN)"
-            )));
+            return Err(TransportError::TcpConnection(
+                "the client offered no fedlink application protocol (ALPN)".into(),
+            ));
         };
         Ok(TcpConn::start(
             tls,

@@ -144,7 +144,13 @@ pub(crate) async fn handle_incoming_tcp(
     let conn = match incoming.handshake().await {
         Ok(c) => ServerConn::new(c),
         Err(e) => {
-            let why = peer_text(&format!("handshake failed (TLS over TCP): {e}"));
+            // Keyed by source already: no address in the reason, so that
+            // one source's failures of one kind count as one reason.
+            let detail = match e {
+                TransportError::TcpConnection(d) => d,
+                other => other.to_string(),
+            };
+            let why = peer_text(&format!("handshake failed (TLS over TCP): {detail}"));
             tracing::warn!(%remote, reason = %why, "handshake failed");
             shared.note_refused(remote, &why);
             return;
