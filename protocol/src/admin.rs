@@ -243,6 +243,33 @@ pub enum AdminErrorCode {
     Internal,
 }
 
+/// How a connected site reaches the coordinator (operator view).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    /// Site name.
+    pub site: String,
+    /// `quic` or `tcp` (TLS 1.3 over TCP).
+    pub transport: String,
+    /// The site says its TCP connection goes through an HTTP proxy.
+    pub via_proxy: bool,
+    /// Round-trip time, milliseconds: QUIC's smoothed estimate; over TCP,
+    /// the TLS handshake's duration.
+    pub rtt_ms: f64,
+    /// The peer address the coordinator sees (a proxy's or NAT's, maybe).
+    pub remote: String,
+}
+
+impl LinkInfo {
+    /// `quic`, `tcp` or `tcp+proxy`.
+    pub fn route(&self) -> String {
+        if self.via_proxy {
+            format!("{}+proxy", self.transport)
+        } else {
+            self.transport.clone()
+        }
+    }
+}
+
 /// A registered site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SiteInfo {
@@ -269,6 +296,9 @@ pub struct SiteInfo {
     pub last_seen_unix_ms: Option<u64>,
     /// Its updates that went into completed rounds.
     pub updates_aggregated: Option<u64>,
+    /// Its connection now, if connected (absent from older coordinators).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkInfo>,
 }
 
 /// One site in the current round.
@@ -324,6 +354,10 @@ pub struct StatusReport {
     /// Sites connected now, sorted (absent from older coordinators).
     #[serde(default)]
     pub connected_sites: Vec<String>,
+    /// How each connected site is connected, by site (absent from older
+    /// coordinators).
+    #[serde(default)]
+    pub links: Vec<LinkInfo>,
 }
 
 /// A job.

@@ -98,6 +98,10 @@ impl VersionRange {
     }
 }
 
+/// [`Capabilities::features`] name a site sends when its connection goes
+/// through an HTTP proxy (informational: the operator's view shows it).
+pub const FEATURE_VIA_PROXY: &str = "via-http-proxy";
+
 /// What a site agent can do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Capabilities {

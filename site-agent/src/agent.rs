@@ -581,10 +581,18 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             .open_bi()
             .await
             .map_err(|e| format!("opening the control stream: {e}"))?;
+        let mut capabilities = Capabilities::default();
+        if route.proxy.is_some() {
+            // The coordinator sees only the proxy's address: say so, for
+            // its operator's view.
+            capabilities
+                .features
+                .push(fedlink_protocol::message::FEATURE_VIA_PROXY.to_owned());
+        }
         send.message(&Message::Hello(Hello {
             versions: VersionRange::SUPPORTED,
             agent_version: agent_version(),
-            capabilities: Capabilities::default(),
+            capabilities,
         }))
         .await
         .map_err(|e| format!("sending Hello: {e}"))?;

@@ -132,3 +132,48 @@ async fn an_auto_agent_with_udp_blocked_joins_over_tcp_through_a_connect_proxy()
         "{px:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_proxy_is_named_with_its_answer() {
+    use fedlink_agent::dial::{Proxy, http_connect};
+    let proxy = ConnectProxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ConnectProxyConfig {
+            credentials: Some("it:secret".into()),
+            allow: Some(vec!["coordinator.example:4433".into()]),
+        },
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", proxy.addr());
+    // No credentials: 407, and the agent says what to configure.
+    let p = Proxy::parse(&url, "site.toml").unwrap();
+    let err = http_connect(&p, "coordinator.example:4433", LIMIT)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("407") && err.contains("proxy_credentials_file"),
+        "{err}"
+    );
+    // Credentials, but a target the proxy does not allow: its 403, quoted.
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "it:secret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let p = p.with_credentials_file(&creds).unwrap();
+    let err = http_connect(&p, "elsewhere.example:4433", LIMIT)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("refused the tunnel") && err.contains("403 Forbidden"),
+        "{err}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        (stats.auth_refused, stats.refused, stats.tunnels),
+        (1, 1, 0)
+    );
+}

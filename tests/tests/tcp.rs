@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedlink_certs::{ALPN_ADMIN, ALPN_SITE, Kit};
+use fedlink_protocol::admin::{AdminRequest, AdminResponse};
 use fedlink_protocol::message::{Capabilities, Hello, UploadResult};
 use fedlink_protocol::{FlatModel, Message, VersionRange};
 use fedlink_test_util::TestPki;
@@ -39,12 +40,44 @@ async fn sites_on_tcp_and_on_quic_share_the_rounds() {
     let coord = start(&spec, &pki, dir.path()).await;
     let data_dir = coord.data_dir.clone();
     let transports = [TransportKind::Tcp, TransportKind::Tcp, TransportKind::Quic];
-    let mut tasks = Vec::new();
+    let mut sites = Vec::new();
     for (i, kind) in transports.into_iter().enumerate() {
-        let mut site = RawSite::connect_over(pki.site_kit(i).unwrap(), coord.addr, kind)
+        let site = RawSite::connect_over(pki.site_kit(i).unwrap(), coord.addr, kind)
             .await
             .unwrap();
         assert_eq!(site.conn.kind(), kind);
+        sites.push(site);
+    }
+    // The operator sees how each site is connected (welcomed sites are
+    // known to the engine before their Welcome: no waiting).
+    let admin = fedlink_cli::admin::client::AdminClient::connect(
+        pki.admin_dir(),
+        Some(&coord.addr.to_string()),
+    )
+    .await
+    .unwrap();
+    let AdminResponse::Sites(listed) = admin.request(&AdminRequest::SitesList).await.unwrap()
+    else {
+        panic!("expected the site list");
+    };
+    for (i, kind) in transports.iter().enumerate() {
+        let info = listed
+            .iter()
+            .find(|s| s.name == format!("site-{i}"))
+            .unwrap();
+        let link = info.link.as_ref().expect("a connected site has a link");
+        assert_eq!(link.transport, kind.as_str(), "{info:?}");
+        assert!(!link.via_proxy);
+        assert!(link.rtt_ms >= 0.0 && link.rtt_ms < 10_000.0, "{link:?}");
+    }
+    let AdminResponse::Status(status) = admin.request(&AdminRequest::Status).await.unwrap() else {
+        panic!("expected the status");
+    };
+    assert_eq!(status.links.len(), 3, "{status:?}");
+    admin.close().await;
+    let mut tasks = Vec::new();
+    for (i, mut site) in sites.into_iter().enumerate() {
+        let kind = transports[i];
         tasks.push(tokio::spawn(async move {
             for _ in 0..2 {
                 let offer = site.next_offer().await.unwrap();

@@ -437,6 +437,7 @@ async fn execute(
                 None
             };
             let connected_sites = shared.ask_engine(AdminEvent::ConnectedSites).await?;
+            let links = link_infos(shared, &connected_sites);
             Ok(AdminResponse::Status(StatusReport {
                 federation: shared.federation.to_string(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -444,6 +445,7 @@ async fn execute(
                 current_job: current,
                 queued_jobs: admin.queued_jobs(),
                 connected_sites,
+                links,
             }))
         }
         AdminRequest::SitesList => {
@@ -456,7 +458,7 @@ async fn execute(
             let sites = manifest
                 .site
                 .iter()
-                .map(|e| site_info(&admin.store, e, &connected))
+                .map(|e| site_info(&admin.store, e, &connected, shared))
                 .collect();
             Ok(AdminResponse::Sites(sites))
         }
@@ -473,6 +475,7 @@ async fn execute(
                 &admin.store,
                 &entry,
                 &connected,
+                shared,
             )))
         }
         AdminRequest::SitesApprove {
@@ -581,8 +584,29 @@ fn find_job(store: &Store, id: &str) -> Result<JobRecord, Fail> {
         .ok_or_else(|| not_found(format!("no job {id}")))
 }
 
-fn site_info(store: &Store, e: &SiteEntry, connected: &[String]) -> SiteInfo {
+/// The links of the connected sites, in `connected`'s order.
+fn link_infos(shared: &Shared, connected: &[String]) -> Vec<fedlink_protocol::admin::LinkInfo> {
+    let Ok(links) = shared.site_links.lock() else {
+        return Vec::new();
+    };
+    connected
+        .iter()
+        .filter_map(|s| links.get(s).map(|l| l.info(s)))
+        .collect()
+}
+
+fn site_info(store: &Store, e: &SiteEntry, connected: &[String], shared: &Shared) -> SiteInfo {
     let rec = store.site(&e.name).ok().flatten();
+    let is_connected = connected.contains(&e.name);
+    let link = if is_connected {
+        shared
+            .site_links
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&e.name).map(|l| l.info(&e.name)))
+    } else {
+        None
+    };
     SiteInfo {
         name: e.name.clone(),
         identity: e.identity.to_uri(),
@@ -592,9 +616,10 @@ fn site_info(store: &Store, e: &SiteEntry, connected: &[String]) -> SiteInfo {
         added_at: e.added_at.clone(),
         renewed_at: e.renewed_at.clone(),
         max_examples: e.max_examples,
-        connected: connected.contains(&e.name),
+        connected: is_connected,
         last_seen_unix_ms: rec.as_ref().map(|r| r.last_seen_unix_ms),
         updates_aggregated: rec.as_ref().map(|r| r.updates_aggregated),
+        link,
     }
 }
 
@@ -715,6 +740,7 @@ async fn approve(
         &shared.admin.store,
         &entry,
         &[],
+        shared,
     )))
 }
 
@@ -753,7 +779,7 @@ async fn revoke(
     manifest.remove(name);
     manifest.save(&manifest_path).map_err(internal)?;
     shared.reload_now();
-    let mut info = site_info(&shared.admin.store, &entry, &[]);
+    let mut info = site_info(&shared.admin.store, &entry, &[], shared);
     info.connected = false;
     Ok(AdminResponse::Site(info))
 }
@@ -823,6 +849,7 @@ async fn rotate(
         &shared.admin.store,
         &entry,
         &[],
+        shared,
     )))
 }
 

@@ -373,6 +373,26 @@ async fn serve_site(
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
     let compatible = crate::core::compatible(&hello.capabilities.codecs, shared.job_encoding());
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    // The operator's view of this site's link, for as long as this session.
+    let via_proxy = hello
+        .capabilities
+        .features
+        .iter()
+        .any(|f| f == super::links::VIA_PROXY_FEATURE);
+    if let Ok(mut links) = shared.site_links.lock() {
+        links.insert(
+            site.to_owned(),
+            super::links::SiteLink {
+                conn: conn.clone(),
+                via_proxy,
+            },
+        );
+    }
+    let _link = super::links::LinkGuard {
+        shared,
+        site: site.to_owned(),
+        conn_id: conn.stable_id(),
+    };
     let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
     let control = tx.clone();
     // Known to the engine before the site hears Welcome: whatever the site

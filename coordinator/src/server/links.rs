@@ -141,3 +141,49 @@ impl Links {
         }
     }
 }
+
+/// How a connected site reaches the coordinator, for `status` and `sites`.
+#[derive(Clone, Debug)]
+pub(crate) struct SiteLink {
+    /// The connection (asked for its transport and RTT when shown).
+    pub(crate) conn: ServerConn,
+    /// The site reported (Hello feature [`VIA_PROXY_FEATURE`]) that its TCP
+    /// connection goes through an HTTP proxy.
+    pub(crate) via_proxy: bool,
+}
+
+/// The Hello capability feature a site sends when its connection goes
+/// through an HTTP proxy (the coordinator sees only the proxy's address).
+pub(crate) const VIA_PROXY_FEATURE: &str = fedlink_protocol::message::FEATURE_VIA_PROXY;
+
+impl SiteLink {
+    pub(crate) fn info(&self, site: &str) -> fedlink_protocol::admin::LinkInfo {
+        fedlink_protocol::admin::LinkInfo {
+            site: site.to_owned(),
+            transport: self.conn.kind().as_str().to_owned(),
+            via_proxy: self.via_proxy,
+            rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
+            remote: self.conn.remote_address().to_string(),
+        }
+    }
+}
+
+/// Removes a site's link entry when its session ends — unless a newer
+/// connection of the site has replaced it meanwhile.
+pub(crate) struct LinkGuard<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) site: String,
+    pub(crate) conn_id: usize,
+}
+
+impl Drop for LinkGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut links) = self.shared.site_links.lock()
+            && links
+                .get(&self.site)
+                .is_some_and(|l| l.conn.stable_id() == self.conn_id)
+        {
+            links.remove(&self.site);
+        }
+    }
+}

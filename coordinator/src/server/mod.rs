@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     manifest: RwLock<SiteManifest>,
     manifest_path: PathBuf,
     manifest_mtime: Mutex<Option<SystemTime>>,
+    /// How each connected site is connected (operator view: transport,
+    /// proxy, RTT), by site; the engine owns who is connected.
+    pub(crate) site_links: Mutex<HashMap<String, links::SiteLink>>,
     revocations: Arc<RevocationList>,
     revoked_mtime: Mutex<Option<SystemTime>>,
     federation: FederationId,
@@ -615,6 +618,7 @@ pub async fn serve(
         manifest_path: cfg.manifest_path(),
         revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
         revocations,
+        site_links: Mutex::new(HashMap::new()),
         federation,
         heartbeat: cfg.heartbeat_interval(),
         uploads: Semaphore::new(cfg.max_concurrent_uploads),
