@@ -42,7 +42,7 @@ use fedlink_protocol::{
     PayloadEncoder, PayloadHash, SiteId, VersionRange,
 };
 use fedlink_test_util::TestPki;
-use fedlink_transport::{FramedRecv, FramedSend, open_bi};
+use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
 use rand::{Rng, SeedableRng};
 
 /// Benchmark a federation round without training: N simulated sites
@@ -105,6 +105,20 @@ struct Args {
     /// Keep the work directory (configs, coordinator log, store).
     #[arg(long)]
     keep: bool,
+    /// Transport of the simulated sites: `quic` or `tcp` (TLS 1.3 over TCP
+    /// to the coordinator's TCP listener on the same port number).
+    #[arg(long, default_value = "quic")]
+    transport: String,
+    /// Put each site behind its own impairment proxy (fedlink-impair) with
+    /// this one-way delay, milliseconds, both ways (RTT = 2×).
+    #[arg(long)]
+    impair_delay_ms: Option<u64>,
+    /// Impairment: loss probability per packet, both ways (e.g. 0.005).
+    #[arg(long, default_value_t = 0.0)]
+    impair_loss: f64,
+    /// Impairment: rate limit per site link, Mbit/s, both ways.
+    #[arg(long)]
+    impair_rate_mbit: Option<f64>,
 }
 
 /// When a site saw each step of one round.
@@ -304,19 +318,35 @@ async fn step<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> a
 async fn run_site(
     kit: Kit,
     addr: SocketAddr,
+    transport: TransportKind,
     rounds: u32,
     payload: Arc<Payload>,
     limit: Duration,
 ) -> anyhow::Result<SiteReport> {
     let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
-    let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))?;
-    let conn = step(
-        "connect",
-        limit,
-        endpoint.connect(addr, kit.coordinator_server_name())?,
-    )
-    .await??;
-    let (mut control_send, mut control_recv) = open_bi(&conn).await?;
+    let (conn, endpoint) = match transport {
+        TransportKind::Quic => {
+            let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))?;
+            let conn = step(
+                "connect",
+                limit,
+                endpoint.connect(addr, kit.coordinator_server_name())?,
+            )
+            .await??;
+            (Conn::from(conn), Some(endpoint))
+        }
+        TransportKind::Tcp => {
+            let conn = fedlink_transport::tcp::connect(
+                addr,
+                Arc::new(tls),
+                kit.coordinator_server_name(),
+                limit,
+            )
+            .await?;
+            (Conn::from(conn), None)
+        }
+    };
+    let (mut control_send, mut control_recv) = conn.open_bi().await?;
     control_send
         .message(&Message::Hello(Hello {
             versions: VersionRange::SUPPORTED,
@@ -374,7 +404,7 @@ async fn run_site(
         };
         let t_upload = Instant::now();
         let envelope = sign_update(&key, header);
-        let (mut send, mut recv) = open_bi(&conn).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
         send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
             .await?;
         for r in &payload.records {
@@ -407,7 +437,12 @@ async fn run_site(
     }
     let bye = Instant::now();
     conn.close(fedlink_transport::close::NORMAL, b"loadgen done");
-    endpoint.wait_idle().await;
+    match &endpoint {
+        Some(e) => e.wait_idle().await,
+        None => {
+            let _ = conn.closed().await;
+        }
+    }
     Ok(SiteReport {
         rounds: times,
         bye,
@@ -418,12 +453,8 @@ async fn run_site(
 
 /// Download the offered model, decode it chunk by chunk and check its hash
 /// (values are hashed as they arrive, not kept). Returns the payload bytes.
-async fn fetch_model(
-    conn: &quinn::Connection,
-    offer: &TaskOffer,
-    limit: Duration,
-) -> anyhow::Result<u64> {
-    let (mut send, mut recv): (FramedSend, FramedRecv) = open_bi(conn).await?;
+async fn fetch_model(conn: &Conn, offer: &TaskOffer, limit: Duration) -> anyhow::Result<u64> {
+    let (mut send, mut recv): (FramedSend, FramedRecv) = conn.open_bi().await?;
     send.message(&Message::ModelFetch(ModelFetch {
         hash: offer.base_model,
     }))
@@ -609,13 +640,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     // 5. The sites.
+    let transport = match args.transport.as_str() {
+        "quic" => TransportKind::Quic,
+        "tcp" => TransportKind::Tcp,
+        other => bail!("--transport {other:?}: expected quic or tcp"),
+    };
+    // Each site on a link of its own, when asked.
+    let mut links = Vec::new();
+    if let Some(delay) = args.impair_delay_ms {
+        let imp = fedlink_tools::impair::Impairment {
+            delay: Duration::from_millis(delay),
+            loss: args.impair_loss,
+            rate: args
+                .impair_rate_mbit
+                .map(|m| (m * 1e6 / 8.0).round() as u64),
+            ..fedlink_tools::impair::Impairment::default()
+        };
+        for i in 0..args.sites {
+            let cfg = fedlink_tools::impair::ProxyConfig {
+                seed: i as u64 + 1,
+                ..fedlink_tools::impair::ProxyConfig::new(addr).both_ways(imp.clone())
+            };
+            links.push(fedlink_tools::impair::ImpairProxy::start(cfg).await?);
+        }
+    }
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.sites);
     for (i, payload) in payloads.into_iter().enumerate() {
         let kit = pki.site_kit(i)?;
         let rounds = args.rounds;
+        let site_addr = links.get(i).map_or(addr, |l| l.addr());
         tasks.push(tokio::spawn(async move {
-            run_site(kit, addr, rounds, payload, limit)
+            run_site(kit, site_addr, transport, rounds, payload, limit)
                 .await
                 .with_context(|| format!("site-{i}"))
         }));
@@ -754,6 +810,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "tool": "fedlink-loadgen",
             "params": params,
             "sites": args.sites,
+            "transport": args.transport,
+            "impair_delay_ms": args.impair_delay_ms,
+            "impair_loss": args.impair_loss,
+            "impair_rate_mbit": args.impair_rate_mbit,
             "rounds": args.rounds,
             "codec": args.codec,
             "round_wall_ms": walls,
