@@ -5,6 +5,7 @@
 //! listen = "127.0.0.1:7443"
 //! tcp_listen = "same"            # TLS over TCP for sites whose network blocks UDP: "same"
 //!                                # (the QUIC port number, on TCP), "off", or an address
+//! congestion_control = "cubic"   # QUIC controller of what the coordinator sends: "cubic" | "bbr"
 //! kit = "coordinator"            # the coordinator's kit directory
 //! ca_dir = "ca"                  # public CA files: ca.pem, sites.toml, revoked.toml (never ca-key.pem)
 //! data_dir = "data"
@@ -218,6 +219,11 @@ pub struct CoordinatorConfig {
     /// and checks, for sites whose network blocks UDP).
     #[serde(default)]
     pub tcp_listen: TcpListen,
+    /// QUIC congestion controller of what the coordinator sends (model
+    /// downloads): `cubic` (default) or `bbr` (much faster on lossy
+    /// long-distance links; quinn marks it experimental).
+    #[serde(default)]
+    pub congestion_control: fedlink_transport::Congestion,
     /// The coordinator's kit directory (server certificate and key).
     pub kit: PathBuf,
     /// Directory with the federation's public CA files: `ca.pem`,
@@ -488,6 +494,53 @@ mod tests {
         assert!(cfg.job.is_none());
         assert_eq!(cfg.update_retention, UpdateRetention::Job);
         assert_eq!(cfg.audit_rotate_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn tcp_listener_and_congestion_control_are_configurable() {
+        let base = "listen = \"127.0.0.1:7443\"\nkit = \"k\"\nca_dir = \"c\"\ndata_dir = \"d\"\n";
+        let parse = |extra: &str| {
+            CoordinatorConfig::from_toml(
+                &format!("{base}{extra}"),
+                Path::new("c.toml"),
+                Path::new("."),
+            )
+        };
+        let quic: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.tcp_listen.resolve(quic), Some(quic));
+        assert_eq!(cfg.congestion_control, fedlink_transport::Congestion::Cubic);
+        assert_eq!(
+            parse("tcp_listen = \"off\"\n")
+                .unwrap()
+                .tcp_listen
+                .resolve(quic),
+            None
+        );
+        assert_eq!(
+            parse("tcp_listen = \"0.0.0.0:443\"\n")
+                .unwrap()
+                .tcp_listen
+                .resolve(quic),
+            Some("0.0.0.0:443".parse().unwrap())
+        );
+        let err = parse("tcp_listen = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tcp_listen") && err.contains("sometimes"),
+            "{err}"
+        );
+        assert_eq!(
+            parse("congestion_control = \"bbr\"\n")
+                .unwrap()
+                .congestion_control,
+            fedlink_transport::Congestion::Bbr
+        );
+        let err = parse("congestion_control = \"reno\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reno"), "{err}");
     }
 
     #[test]

@@ -562,6 +562,7 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             server_name: ctx.kit.coordinator_server_name(),
             tls: &ctx.tls,
             idle_timeout: cfg.idle_timeout(),
+            congestion: cfg.congestion_control,
             timeout: cfg.connect_timeout(),
             proxy: ctx.proxy.as_ref(),
         };

@@ -19,6 +19,7 @@
 //! idle_timeout_ms = 30000
 //! quic_head_start_ms = 1500              # auto: QUIC alone this long, then TCP races it
 //! tcp_fallback_secs = 600                # auto: a TCP win is kept this long, then QUIC re-probed
+//! congestion_control = "cubic"           # QUIC controller of the uploads: "cubic" | "bbr"
 //!
 //! [dataset]
 //! kind = "csv"                           # or "image-folder", "segmentation"
@@ -165,6 +166,11 @@ pub struct ConnectionConfig {
     /// without probing QUIC, seconds (default 600).
     #[serde(default = "default_tcp_fallback_secs")]
     pub tcp_fallback_secs: u64,
+    /// QUIC congestion controller of what the agent sends (its uploads):
+    /// `cubic` (default) or `bbr` (much faster on lossy long-distance
+    /// links; quinn marks it experimental).
+    #[serde(default)]
+    pub congestion_control: fedlink_transport::Congestion,
 }
 
 impl Default for ConnectionConfig {
@@ -176,6 +182,7 @@ impl Default for ConnectionConfig {
             idle_timeout_ms: default_idle_timeout_ms(),
             quic_head_start_ms: default_quic_head_start_ms(),
             tcp_fallback_secs: default_tcp_fallback_secs(),
+            congestion_control: fedlink_transport::Congestion::default(),
         }
     }
 }
@@ -638,6 +645,56 @@ encodings = ["f32", "f16"]
         );
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("audit_rotate_bytes"), "{e}");
+    }
+
+    #[test]
+    fn transport_proxy_and_congestion_settings_are_checked() {
+        use crate::dial::TransportMode;
+        let top =
+            |extra: &str| GOOD.replace("device = \"cpu\"", &format!("device = \"cpu\"\n{extra}"));
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.transport, TransportMode::Auto);
+        assert_eq!(c.connection.quic_head_start_ms, 1_500);
+        assert_eq!(c.connection.tcp_fallback_secs, 600);
+        assert_eq!(
+            c.connection.congestion_control,
+            fedlink_transport::Congestion::Cubic
+        );
+        let c = parse(&top(
+            "transport = \"tcp\"\nproxy = \"http://proxy:3128\"\nproxy_credentials_file = \"creds\"",
+        ))
+        .unwrap();
+        assert_eq!(c.transport, TransportMode::Tcp);
+        assert_eq!(
+            c.proxy_credentials_file.as_deref(),
+            Some(Path::new("/etc/fedlink/creds"))
+        );
+        for (extra, field) in [
+            ("transport = \"udp\"", "transport"),
+            ("proxy = \"https://proxy:3128\"", "proxy"),
+            ("proxy = \"http://u:p@proxy:3128\"", "proxy"),
+            (
+                "proxy_credentials_file = \"creds\"",
+                "proxy_credentials_file",
+            ),
+            (
+                "transport = \"quic\"\nproxy = \"http://proxy:3128\"",
+                "proxy",
+            ),
+        ] {
+            let e = parse(&top(extra)).unwrap_err().to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let bbr = GOOD.replace(
+            "[connection]\n",
+            "[connection]\ncongestion_control = \"bbr\"\nquic_head_start_ms = 0\n",
+        );
+        let c = parse(&bbr).unwrap();
+        assert_eq!(
+            c.connection.congestion_control,
+            fedlink_transport::Congestion::Bbr
+        );
+        assert_eq!(c.connection.quic_head_start_ms, 0);
     }
 
     #[test]

@@ -370,6 +370,8 @@ pub struct Dialer<'a> {
     pub tls: &'a rustls::ClientConfig,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// QUIC congestion controller of the uploads.
+    pub congestion: fedlink_transport::Congestion,
     /// Bound for each TCP/TLS step.
     pub timeout: Duration,
     /// The proxy for the TCP path, if any.
@@ -389,9 +391,13 @@ pub struct Dialed {
 
 impl Dialer<'_> {
     async fn quic(&self) -> Result<(Conn, Endpoint), String> {
-        let endpoint =
-            fedlink_transport::client_endpoint(self.remote, self.tls.clone(), self.idle_timeout)
-                .map_err(|e| format!("QUIC: client endpoint: {e}"))?;
+        let endpoint = fedlink_transport::client_endpoint_with(
+            self.remote,
+            self.tls.clone(),
+            self.idle_timeout,
+            self.congestion,
+        )
+        .map_err(|e| format!("QUIC: client endpoint: {e}"))?;
         let conn = endpoint
             .connect(self.remote, self.server_name)
             .map_err(|e| format!("QUIC to {}: {e}", self.remote))?

@@ -279,3 +279,47 @@ async fn the_mtls_refusal_matrix_holds_on_the_tcp_listener() {
         );
     }
 }
+
+/// `congestion_control = "bbr"` on the coordinator (what it sends: model
+/// downloads) runs rounds like the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_bbr_runs_rounds() {
+    let pki = TestPki::new(2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 2,
+        quorum: 2,
+        inputs: 300_000,
+        ..JobSpec::default()
+    };
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("congestion_control = \"bbr\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let mut site = RawSite::connect(pki.site_kit(i).unwrap(), coord.addr)
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let offer = site.next_offer().await.unwrap();
+            site.accept(&offer).await.unwrap();
+            let global = site.fetch_model(&offer).await.unwrap();
+            let delta =
+                FlatModel::new(global.spec().clone(), vec![0.01; global.values().len()]).unwrap();
+            let up = site.prepare(&offer, &delta, 10).unwrap();
+            let r = site.upload(&up, None).await.unwrap().unwrap();
+            assert!(
+                matches!(r, UploadResult::Ack { accepted: true, .. }),
+                "{r:?}"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    coord.finished().await.unwrap();
+}

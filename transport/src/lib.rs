@@ -552,6 +552,37 @@ pub async fn accept_bi(conn: &Connection) -> Result<(FramedSend, FramedRecv), Tr
     Ok((FramedSend::new(send), FramedRecv::new(recv)))
 }
 
+/// QUIC congestion controller of the data a side sends (the coordinator's
+/// downloads, a site's uploads).
+///
+/// `Cubic` (quinn's default, loss-based) is the conservative choice; on a
+/// lossy long-distance link its throughput falls with loss as any
+/// loss-based controller's does (≈ MSS/RTT·1.2/√p: about 0.5 MB/s at 40 ms
+/// RTT and 0.5 % loss). `Bbr` models the path's bandwidth and RTT instead of
+/// backing off on every loss; quinn marks its BBR experimental — see
+/// docs/PERFORMANCE.md for what it did here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (quinn's experimental implementation, after Google's quiche).
+    Bbr,
+}
+
+/// [`transport_config`] with the congestion controller `cc`.
+pub fn transport_config_with(
+    idle_timeout: Duration,
+    cc: Congestion,
+) -> Result<quinn::TransportConfig, TransportError> {
+    let mut t = transport_config(idle_timeout)?;
+    if cc == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
+    Ok(t)
+}
+
 /// QUIC transport settings shared by both ends: keep-alives well inside the
 /// idle timeout so a quiet but healthy connection stays up, and a dead peer
 /// is noticed within `idle_timeout`.
@@ -621,10 +652,20 @@ pub fn server_endpoint(
     tls: rustls::ServerConfig,
     idle_timeout: Duration,
 ) -> Result<Endpoint, TransportError> {
+    server_endpoint_with(addr, tls, idle_timeout, Congestion::default())
+}
+
+/// [`server_endpoint`] with the congestion controller `cc`.
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    idle_timeout: Duration,
+    cc: Congestion,
+) -> Result<Endpoint, TransportError> {
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("server TLS config unusable by QUIC: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut t = transport_config(idle_timeout)?;
+    let mut t = transport_config_with(idle_timeout, cc)?;
     // What a site may send ahead of the coordinator reading it: the idle
     // connection window bounds what an upload waiting for a slot parks in
     // the QUIC stack; `open_upload_window` widens it while an upload is
@@ -643,6 +684,16 @@ pub fn client_endpoint(
     tls: rustls::ClientConfig,
     idle_timeout: Duration,
 ) -> Result<Endpoint, TransportError> {
+    client_endpoint_with(remote, tls, idle_timeout, Congestion::default())
+}
+
+/// [`client_endpoint`] with the congestion controller `cc`.
+pub fn client_endpoint_with(
+    remote: SocketAddr,
+    tls: rustls::ClientConfig,
+    idle_timeout: Duration,
+    cc: Congestion,
+) -> Result<Endpoint, TransportError> {
     let bind: SocketAddr = if remote.is_ipv6() {
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     } else {
@@ -651,7 +702,7 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("client TLS config unusable by QUIC: {e}")))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(idle_timeout)?));
+    cfg.transport_config(Arc::new(transport_config_with(idle_timeout, cc)?));
     let mut endpoint = Endpoint::client(bind)?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)

@@ -119,6 +119,10 @@ struct Args {
     /// Impairment: rate limit per site link, Mbit/s, both ways.
     #[arg(long)]
     impair_rate_mbit: Option<f64>,
+    /// QUIC congestion controller of the coordinator and the sites:
+    /// `cubic` or `bbr`.
+    #[arg(long, default_value = "cubic")]
+    congestion: String,
 }
 
 /// When a site saw each step of one round.
@@ -319,6 +323,7 @@ async fn run_site(
     kit: Kit,
     addr: SocketAddr,
     transport: TransportKind,
+    cc: fedlink_transport::Congestion,
     rounds: u32,
     payload: Arc<Payload>,
     limit: Duration,
@@ -326,7 +331,8 @@ async fn run_site(
     let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
     let (conn, endpoint) = match transport {
         TransportKind::Quic => {
-            let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))?;
+            let endpoint =
+                fedlink_transport::client_endpoint_with(addr, tls, Duration::from_secs(30), cc)?;
             let conn = step(
                 "connect",
                 limit,
@@ -548,6 +554,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .map(|n| format!("max_concurrent_uploads = {n}\n")),
                 args.max_concurrent_downloads
                     .map(|n| format!("max_concurrent_downloads = {n}\n")),
+                Some(format!("congestion_control = \"{}\"\n", args.congestion)),
             ]
             .into_iter()
             .flatten()
@@ -640,6 +647,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     // 5. The sites.
+    let cc = match args.congestion.as_str() {
+        "cubic" => fedlink_transport::Congestion::Cubic,
+        "bbr" => fedlink_transport::Congestion::Bbr,
+        other => bail!("--congestion {other:?}: expected cubic or bbr"),
+    };
     let transport = match args.transport.as_str() {
         "quic" => TransportKind::Quic,
         "tcp" => TransportKind::Tcp,
@@ -671,7 +683,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let rounds = args.rounds;
         let site_addr = links.get(i).map_or(addr, |l| l.addr());
         tasks.push(tokio::spawn(async move {
-            run_site(kit, site_addr, transport, rounds, payload, limit)
+            run_site(kit, site_addr, transport, cc, rounds, payload, limit)
                 .await
                 .with_context(|| format!("site-{i}"))
         }));
@@ -811,6 +823,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "params": params,
             "sites": args.sites,
             "transport": args.transport,
+            "congestion": args.congestion,
             "impair_delay_ms": args.impair_delay_ms,
             "impair_loss": args.impair_loss,
             "impair_rate_mbit": args.impair_rate_mbit,

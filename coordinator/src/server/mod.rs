@@ -650,8 +650,13 @@ pub async fn serve(
     let mut idle = idle::Idle::default();
 
     let tls_tcp = tls.clone();
-    let endpoint = fedlink_transport::server_endpoint(cfg.listen, tls, cfg.idle_timeout())
-        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
+    let endpoint = fedlink_transport::server_endpoint_with(
+        cfg.listen,
+        tls,
+        cfg.idle_timeout(),
+        cfg.congestion_control,
+    )
+    .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
     let local = endpoint
         .local_addr()
         .map_err(|e| ServeError::Network(e.to_string()))?;
