@@ -423,17 +423,24 @@ fn unshuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
 /// Apply (or undo) the shuffle to every section of a body.
 fn reshuffle(body: &[u8], secs: [(usize, usize); 2], forward: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
+    reshuffle_into(body, secs, forward, &mut out);
+    out
+}
+
+/// [`reshuffle`] into `out` (cleared first), reusing its allocation.
+fn reshuffle_into(body: &[u8], secs: [(usize, usize); 2], forward: bool, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(body.len());
     let mut pos = 0;
     for (ts, len) in secs {
         let s = &body[pos..pos + len];
         if forward {
-            shuffle_into(s, ts, &mut out);
+            shuffle_into(s, ts, out);
         } else {
-            unshuffle_into(s, ts, &mut out);
+            unshuffle_into(s, ts, out);
         }
         pos += len;
     }
-    out
 }
 
 fn push_f32s(out: &mut Vec<u8>, values: &[f32]) {
@@ -570,28 +577,34 @@ fn encode_body(
     Ok(())
 }
 
-/// Decode a plain body of `n` values starting at element `offset`.
-fn decode_body(
+/// Decode a plain body of `n` values starting at element `offset` into
+/// `values` (cleared first; its allocation is reused, and so is `halves`,
+/// the f16 scratch).
+fn decode_body_into(
     codec: ValueCodec,
     body: &[u8],
     n: usize,
     offset: u64,
     segs: &[usize],
-) -> Result<Vec<f32>, PayloadError> {
-    let values: Vec<f32> = match codec {
-        ValueCodec::F32 => read_f32s(body).collect(),
+    values: &mut Vec<f32>,
+    halves: &mut Vec<f16>,
+) -> Result<(), PayloadError> {
+    values.clear();
+    match codec {
+        ValueCodec::F32 => values.extend(read_f32s(body)),
         ValueCodec::F16 => {
-            let h: Vec<f16> = read_u16s(body).map(f16::from_bits).collect();
-            let mut out = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut out);
-            out
+            halves.clear();
+            halves.extend(read_u16s(body).map(f16::from_bits));
+            values.resize(halves.len(), 0.0);
+            halves.convert_to_f32_slice(values);
         }
-        ValueCodec::Bf16 => read_u16s(body)
-            .map(|b| f32::from_bits(u32::from(b) << 16))
-            .collect(),
+        ValueCodec::Bf16 => {
+            values.extend(read_u16s(body).map(|b| f32::from_bits(u32::from(b) << 16)))
+        }
         ValueCodec::Int8 { .. } => {
             let (sb, qb) = body.split_at(4 * segs.len());
-            let mut out = Vec::with_capacity(n);
+            let out = values;
+            out.reserve(n);
             let mut pos = 0;
             for (si, (scale, &len)) in read_f32s(sb).zip(segs).enumerate() {
                 if !scale.is_finite() || scale < 0.0 {
@@ -604,12 +617,13 @@ fn decode_body(
                 );
                 pos += len;
             }
-            out
+            return finish_decoded(out, n, offset);
         }
         ValueCodec::TopK { .. } => {
             let k = codec.kept(n as u64) as usize;
             let (gb, vb) = body.split_at(4 * k);
-            let mut out = vec![0f32; n];
+            let out = values;
+            out.resize(n, 0.0);
             let mut pos: u64 = 0;
             for (i, (gap, v)) in gb
                 .chunks_exact(4)
@@ -630,9 +644,14 @@ fn decode_body(
                     _ => return Err(PayloadError::BadIndex(i as u64)),
                 }
             }
-            out
+            return finish_decoded(out, n, offset);
         }
-    };
+    }
+    finish_decoded(values, n, offset)
+}
+
+/// The checks every decoded body passes: `n` values, all finite.
+fn finish_decoded(values: &[f32], n: usize, offset: u64) -> Result<(), PayloadError> {
     if values.len() != n {
         return Err(PayloadError::DecompressedSize {
             declared: n as u64,
@@ -642,7 +661,7 @@ fn decode_body(
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(PayloadError::NonFinite(offset + i as u64));
     }
-    Ok(values)
+    Ok(())
 }
 
 fn segment_lens(spec: &ModelSpec, range: &Range<u64>) -> Vec<usize> {
@@ -892,8 +911,9 @@ pub struct DecodedChunk {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodedSummary {
     /// [`ModelHash`] of the decoded values (for a lossless model transfer,
-    /// compare with the announced model hash).
-    pub model_hash: ModelHash,
+    /// compare with the announced model hash); `None` from a decoder made
+    /// with [`PayloadDecoder::without_model_hash`].
+    pub model_hash: Option<ModelHash>,
     /// Chunk records decoded.
     pub num_chunks: u64,
     /// Bytes of chunk records decoded.
@@ -912,7 +932,12 @@ pub struct PayloadDecoder {
     chunks: u64,
     bytes: u64,
     decompressor: zstd::bulk::Decompressor<'static>,
-    hasher: ModelHasher,
+    hasher: Option<ModelHasher>,
+    /// Scratch reused from chunk to chunk: the decompressed body, the
+    /// unshuffled body, f16 values before widening.
+    raw: Vec<u8>,
+    plain: Vec<u8>,
+    halves: Vec<f16>,
 }
 
 impl std::fmt::Debug for PayloadDecoder {
@@ -933,7 +958,7 @@ impl PayloadDecoder {
                 raw: 0,
                 reason: e.to_string(),
             })?;
-        let hasher = ModelHasher::new(&spec);
+        let hasher = Some(ModelHasher::new(&spec));
         Ok(Self {
             spec,
             encoding,
@@ -942,7 +967,22 @@ impl PayloadDecoder {
             bytes: 0,
             decompressor,
             hasher,
+            raw: Vec::new(),
+            plain: Vec::new(),
+            halves: Vec::new(),
         })
+    }
+
+    /// Do not hash the decoded values: for a payload whose integrity is
+    /// already established another way (an update's chunk records are
+    /// covered by the signed payload hash, checked as they arrive), where a
+    /// [`ModelHash`] of the values would be computed and thrown away — it
+    /// costs one blake3 pass over 4 bytes per parameter, two to five times
+    /// the payload's size. [`PayloadDecoder::finish`] then reports
+    /// `model_hash: None`.
+    pub fn without_model_hash(mut self) -> Self {
+        self.hasher = None;
+        self
     }
 
     /// Element range of the next expected chunk; `None` when complete.
@@ -1002,6 +1042,20 @@ impl PayloadDecoder {
 
     /// Decode one complete chunk record (header + body).
     pub fn decode_chunk(&mut self, record: &[u8]) -> Result<DecodedChunk, PayloadError> {
+        let mut values = Vec::new();
+        let offset = self.decode_chunk_into(record, &mut values)?;
+        Ok(DecodedChunk { offset, values })
+    }
+
+    /// [`PayloadDecoder::decode_chunk`] into `values` (cleared first), so
+    /// that a caller decoding chunk after chunk reuses one buffer instead
+    /// of allocating (and page-faulting in) a fresh one per chunk. Returns
+    /// the chunk's element offset. On error `values` holds nothing usable.
+    pub fn decode_chunk_into(
+        &mut self,
+        record: &[u8],
+        values: &mut Vec<f32>,
+    ) -> Result<u64, PayloadError> {
         let Some((head, body)) = record.split_first_chunk::<CHUNK_HEADER_LEN>() else {
             return Err(PayloadError::Truncated(record.len()));
         };
@@ -1014,9 +1068,14 @@ impl PayloadDecoder {
             });
         }
         let raw_len = h.raw_len as usize;
-        let mut raw = Vec::with_capacity(raw_len);
+        let raw = &mut self.raw;
+        raw.clear();
+        // Room for this chunk's declared size (bounded by `check_header`);
+        // a reused buffer may be larger (an earlier chunk's size, no more),
+        // and a body that decompresses to anything but `raw_len` fails below.
+        raw.reserve(raw_len);
         self.decompressor
-            .decompress_to_buffer(body, &mut raw)
+            .decompress_to_buffer(body, raw)
             .map_err(|e| PayloadError::Decompress {
                 raw: raw_len as u64,
                 reason: e.to_string(),
@@ -1031,18 +1090,25 @@ impl PayloadDecoder {
         let n = h.count as usize;
         let range = h.offset..h.offset + n as u64;
         let segs = segment_lens(&self.spec, &range);
-        if h.shuffle {
-            raw = reshuffle(&raw, sections(codec, n, segs.len()), false);
+        let plain = if h.shuffle {
+            reshuffle_into(
+                &self.raw,
+                sections(codec, n, segs.len()),
+                false,
+                &mut self.plain,
+            );
+            &self.plain
+        } else {
+            &self.raw
+        };
+        decode_body_into(codec, plain, n, h.offset, &segs, values, &mut self.halves)?;
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(values);
         }
-        let values = decode_body(codec, &raw, n, h.offset, &segs)?;
-        self.hasher.update(&values);
         self.next = range.end;
         self.chunks += 1;
         self.bytes += record.len() as u64;
-        Ok(DecodedChunk {
-            offset: h.offset,
-            values,
-        })
+        Ok(h.offset)
     }
 
     /// Finish: fails unless every chunk arrived.
@@ -1054,7 +1120,7 @@ impl PayloadDecoder {
             });
         }
         Ok(DecodedSummary {
-            model_hash: self.hasher.finalize(),
+            model_hash: self.hasher.as_ref().map(ModelHasher::finalize),
             num_chunks: self.chunks,
             payload_len: self.bytes,
         })
@@ -1268,10 +1334,78 @@ mod tests {
             d.decode_chunk(&records[0]),
             Err(PayloadError::AlreadyComplete(24))
         ));
-        assert_eq!(d.finish().unwrap().model_hash, model.hash());
+        assert_eq!(d.finish().unwrap().model_hash, Some(model.hash()));
         let mut d = new();
         d.decode_chunk(&records[0]).unwrap();
         assert!(matches!(d.finish(), Err(PayloadError::Incomplete { .. })));
+    }
+
+    #[test]
+    fn decode_into_reused_buffer_matches_and_skips_the_values_hash() {
+        let spec = spec3();
+        let v = values(24);
+        let model = FlatModel::new(spec.clone(), v).unwrap();
+        let codecs = [
+            ValueCodec::F32,
+            ValueCodec::F16,
+            ValueCodec::Bf16,
+            ValueCodec::Int8 { stochastic: false },
+            ValueCodec::TopK {
+                per_million: 500_000,
+            },
+        ];
+        for codec in codecs {
+            for shuffle in [false, true] {
+                let e = enc(codec, shuffle);
+                let (records, _) = encode_payload(&model, e, 0).unwrap();
+                let mut fresh = PayloadDecoder::new(spec.clone(), e).unwrap();
+                let mut reused = PayloadDecoder::new(spec.clone(), e)
+                    .unwrap()
+                    .without_model_hash();
+                // Stale, longer contents must not leak into a chunk.
+                let mut buf = vec![9.0f32; 100];
+                for r in &records {
+                    let c = fresh.decode_chunk(r).unwrap();
+                    let offset = reused.decode_chunk_into(r, &mut buf).unwrap();
+                    assert_eq!(offset, c.offset, "{codec:?} shuffle={shuffle}");
+                    assert_eq!(buf, c.values, "{codec:?} shuffle={shuffle}");
+                }
+                let hashed = fresh.finish().unwrap();
+                let unhashed = reused.finish().unwrap();
+                let back =
+                    decode_payload(spec.clone(), e, records.iter().map(Vec::as_slice)).unwrap();
+                assert_eq!(hashed.model_hash, Some(back.hash()));
+                assert_eq!(unhashed.model_hash, None);
+                assert_eq!(unhashed.payload_len, hashed.payload_len);
+                assert_eq!(unhashed.num_chunks, hashed.num_chunks);
+            }
+        }
+    }
+
+    #[test]
+    fn reused_scratch_still_refuses_a_body_longer_than_declared() {
+        // After a full chunk the decoder's scratch holds 32 bytes; the last
+        // chunk declares 12 but its body decompresses to 32.
+        let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![11])]).unwrap();
+        let e = enc(ValueCodec::F32, false);
+        let model = FlatModel::new(spec.clone(), values(11)).unwrap();
+        let (records, _) = encode_payload(&model, e, 0).unwrap();
+        assert_eq!(records.len(), 2);
+        let body = zstd::bulk::compress(&[0u8; 32], 3).unwrap();
+        let h = ChunkHeader {
+            codec_tag: 0,
+            shuffle: false,
+            offset: 8,
+            count: 3,
+            raw_len: 12,
+            compressed_len: body.len() as u32,
+        };
+        let mut rec = h.to_bytes().to_vec();
+        rec.extend_from_slice(&body);
+        let mut d = PayloadDecoder::new(spec, e).unwrap().without_model_hash();
+        let mut buf = Vec::new();
+        d.decode_chunk_into(&records[0], &mut buf).unwrap();
+        assert!(d.decode_chunk_into(&rec, &mut buf).is_err());
     }
 
     #[test]

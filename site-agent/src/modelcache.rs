@@ -184,11 +184,20 @@ impl ModelAssembler {
                 self.bytes, self.manifest.payload_len
             )));
         }
-        if summary.model_hash != self.manifest.hash {
-            return Err(ModelError::HashMismatch {
-                announced: self.manifest.hash,
-                actual: summary.model_hash,
-            });
+        match summary.model_hash {
+            Some(actual) if actual == self.manifest.hash => {}
+            Some(actual) => {
+                return Err(ModelError::HashMismatch {
+                    announced: self.manifest.hash,
+                    actual,
+                });
+            }
+            // This download's decoder is never made `without_model_hash`.
+            None => {
+                return Err(ModelError::Manifest(
+                    "the model's decoder did not hash the values".into(),
+                ));
+            }
         }
         let model = FlatModel::new(self.manifest.spec, self.values)
             .map_err(|e| ModelError::Length(e.to_string()))?;

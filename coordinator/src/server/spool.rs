@@ -80,8 +80,13 @@ pub(crate) fn for_each_chunk(
     // Unbuffered: two reads per record (header, then the body straight
     // into `record`), no buffer allocated per pass.
     let mut r = file;
-    let mut dec = PayloadDecoder::new(spec.clone(), encoding)?;
+    // An update's records are covered by its signed payload hash, checked
+    // as they arrived: no second hash over the decoded values.
+    let mut dec = PayloadDecoder::new(spec.clone(), encoding)?.without_model_hash();
     let mut record = Vec::new();
+    // One values buffer for the whole pass (the decoder keeps its own
+    // scratch too): no fresh allocation, and no fresh pages, per chunk.
+    let mut values = Vec::new();
     loop {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         match read_full(&mut r, &mut head).map_err(io(path))? {
@@ -98,8 +103,8 @@ pub(crate) fn for_each_chunk(
         if read_full(&mut r, body).map_err(io(path))? != body_len {
             return Err(SpoolError::Truncated(path.to_owned()));
         }
-        let chunk = dec.decode_chunk(&record)?;
-        if let Err(e) = f(chunk.offset, &chunk.values) {
+        let offset = dec.decode_chunk_into(&record, &mut values)?;
+        if let Err(e) = f(offset, &values) {
             return Ok(Err(e));
         }
     }
