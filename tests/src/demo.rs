@@ -142,8 +142,8 @@ pub fn nuclei_task(full: bool) -> Task {
         ],
         test: "held-out",
         rounds: if full { 6 } else { 8 },
-        epochs: 2,
-        lr: 0.003,
+        epochs: 3,
+        lr: 0.01,
         codec: "f16",
         kind: TaskKind::Nuclei(spec),
     }
@@ -1175,6 +1175,14 @@ pub fn summary(results: &[TaskResult]) -> String {
         let _ = writeln!(s, "    central baseline      {}", fmt_metrics(&r.central));
         if let Some(d) = r.otsu_dice {
             let _ = writeln!(s, "    Otsu threshold        Dice {d:.4}");
+            if let (Some(f), Some(c)) = (r.federated.dice, r.central.dice) {
+                let met = f >= c - 0.02 && f > d;
+                let _ = writeln!(
+                    s,
+                    "    goal (federated ≥ central − 0.02 and > Otsu): {}",
+                    if met { "met" } else { "NOT met" }
+                );
+            }
         }
         let judged = |m: &EvalMetrics| match r.judged_by {
             "Dice" => m.dice,
