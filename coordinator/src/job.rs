@@ -38,6 +38,11 @@
 //! learning_rate = 0.05
 //! fedprox_mu = 0.0
 //!
+//! [training.augmentation]                # unet jobs only; needs protocol v5 sites
+//! flips = true                           # random horizontal/vertical flips
+//! rotate90 = true                        # random multiples of 90°
+//! intensity_jitter = { scale = 0.1, shift = 0.1 }   # x·U(1±scale) + U(±shift), each ≤ 0.5
+//!
 //! [encoding]                             # how sites encode their delta
 //! codec = "f16"                          # f32 | f16 | bf16 | int8 | topk
 //! shuffle = true
@@ -380,6 +385,56 @@ pub struct TrainingConfig {
     /// FedProx proximal term μ (finite, ≥ 0; 0 = plain FedAvg). Default 0.
     #[serde(default)]
     pub fedprox_mu: f64,
+    /// `[training.augmentation]`: seeded data augmentation at the sites
+    /// (U-Net jobs only). Default none. A job with augmentation is offered
+    /// only to sites that negotiated protocol version 5 or later.
+    #[serde(default)]
+    pub augmentation: Option<AugmentationConfig>,
+}
+
+/// `[training.augmentation]`: what each site does to its training batches
+/// (see `fedlink_protocol::Augmentation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentationConfig {
+    /// Random horizontal and vertical flips. Default false.
+    #[serde(default)]
+    pub flips: bool,
+    /// Random rotations by multiples of 90°. Default false.
+    #[serde(default)]
+    pub rotate90: bool,
+    /// Random intensity change of the image (not the mask). Default none.
+    #[serde(default)]
+    pub intensity_jitter: Option<IntensityJitterConfig>,
+}
+
+/// `intensity_jitter = { scale, shift }`: the image becomes
+/// `x · U(1 − scale, 1 + scale) + U(−shift, shift)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntensityJitterConfig {
+    /// Multiplicative half-range, `0..=0.5`. Default 0.
+    #[serde(default)]
+    pub scale: f64,
+    /// Additive half-range, `0..=0.5`. Default 0.
+    #[serde(default)]
+    pub shift: f64,
+}
+
+impl AugmentationConfig {
+    /// The wire form.
+    pub fn to_protocol(&self) -> fedlink_protocol::Augmentation {
+        fedlink_protocol::Augmentation {
+            flips: self.flips,
+            rotate90: self.rotate90,
+            intensity_jitter: self
+                .intensity_jitter
+                .map(|j| fedlink_protocol::IntensityJitter {
+                    scale: j.scale,
+                    shift: j.shift,
+                }),
+        }
+    }
 }
 
 fn default_batch() -> u32 {
@@ -400,6 +455,7 @@ impl Default for TrainingConfig {
             optimizer: default_optimizer(),
             learning_rate: default_lr(),
             fedprox_mu: 0.0,
+            augmentation: None,
         }
     }
 }
@@ -640,6 +696,15 @@ impl Job {
             .unwrap_or(DEFAULT_MAX_EXAMPLES_PER_SITE)
     }
 
+    /// The oldest negotiated protocol version a site must speak to be
+    /// offered this job's rounds (see
+    /// `fedlink_protocol::TaskOffer::min_protocol_version`): 5 for a U-Net
+    /// of depth other than 2 or for augmentation.
+    pub fn min_protocol_version(&self) -> u16 {
+        let aug = self.training.augmentation.map(|a| a.to_protocol());
+        fedlink_protocol::min_protocol_version(&self.arch, aug.as_ref())
+    }
+
     /// Round deadline.
     pub fn deadline(&self) -> Duration {
         Duration::from_secs(self.round.deadline_secs)
@@ -793,6 +858,28 @@ impl Job {
         in_range("training.batch_size", t.batch_size, 1, 65_536)?;
         finite_pos("training.learning_rate", t.learning_rate)?;
         finite_nonneg("training.fedprox_mu", t.fedprox_mu)?;
+        if let Some(a) = &t.augmentation {
+            if !matches!(self.arch, ArchSpec::UNet { .. }) {
+                return Err(invalid(
+                    "training.augmentation",
+                    format!(
+                        "is implemented for the unet arch only, not {}",
+                        self.arch.kind()
+                    ),
+                ));
+            }
+            if let Some(j) = a.intensity_jitter {
+                let max = fedlink_protocol::MAX_INTENSITY_JITTER;
+                for (field, x) in [
+                    ("training.augmentation.intensity_jitter.scale", j.scale),
+                    ("training.augmentation.intensity_jitter.shift", j.shift),
+                ] {
+                    if !(x.is_finite() && (0.0..=max).contains(&x)) {
+                        return Err(invalid(field, format!("{x} is outside 0..={max}")));
+                    }
+                }
+            }
+        }
 
         // encoding
         let e = &self.encoding;
@@ -1017,6 +1104,64 @@ deadline_secs = 60
             assert_ne!(text, MINIMAL, "{from}");
             assert_eq!(field_of(Job::from_toml(&text).unwrap_err()), field, "{to}");
         }
+    }
+
+    #[test]
+    fn augmentation_is_parsed_bounded_and_needs_version_5() {
+        let unet = MINIMAL.replace(
+            "arch = { kind = \"logreg\", inputs = 4, classes = 2 }",
+            "arch = { kind = \"unet\", in_channels = 1, base_channels = 4, classes = 2 }",
+        );
+        let job = Job::from_toml(&unet).unwrap();
+        assert_eq!(job.training.augmentation, None);
+        assert_eq!(job.min_protocol_version(), 1, "depth 2, no augmentation");
+        let deep = unet.replace("base_channels = 4,", "base_channels = 4, depth = 3,");
+        assert_eq!(Job::from_toml(&deep).unwrap().min_protocol_version(), 5);
+
+        let aug = format!(
+            "{unet}[training.augmentation]\nflips = true\nrotate90 = true\n\
+             intensity_jitter = {{ scale = 0.2, shift = 0.1 }}\n"
+        );
+        let job = Job::from_toml(&aug).unwrap();
+        let a = job.training.augmentation.unwrap().to_protocol();
+        assert!(a.flips && a.rotate90);
+        assert_eq!(
+            a.intensity_jitter,
+            Some(fedlink_protocol::IntensityJitter {
+                scale: 0.2,
+                shift: 0.1
+            })
+        );
+        assert_eq!(job.min_protocol_version(), 5);
+
+        for (from, to, field) in [
+            (
+                "scale = 0.2",
+                "scale = 0.7",
+                "training.augmentation.intensity_jitter.scale",
+            ),
+            (
+                "shift = 0.1",
+                "shift = -0.1",
+                "training.augmentation.intensity_jitter.shift",
+            ),
+            (
+                "shift = 0.1",
+                "shift = nan",
+                "training.augmentation.intensity_jitter.shift",
+            ),
+        ] {
+            let bad = aug.replace(from, to);
+            assert_eq!(field_of(Job::from_toml(&bad).unwrap_err()), field, "{to}");
+        }
+        // a typo is an error, not ignored
+        assert!(Job::from_toml(&aug.replace("rotate90", "rotate")).is_err());
+        // augmentation on a tabular model is refused
+        let tab = format!("{MINIMAL}[training.augmentation]\nflips = true\n");
+        assert_eq!(
+            field_of(Job::from_toml(&tab).unwrap_err()),
+            "training.augmentation"
+        );
     }
 
     #[test]

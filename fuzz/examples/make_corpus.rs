@@ -128,6 +128,7 @@ fn protocol_seeds() {
                 learning_rate: 1e-3,
                 fedprox_mu: 0.01,
                 seed: 7,
+                augmentation: None,
             },
             encoding: enc,
             privacy: PrivacyRequirements {

@@ -45,7 +45,7 @@ pub fn message(data: &[u8]) {
     let bytes = msg.to_vec();
     let again = Message::decode_exact(&bytes).map(|m| m.to_vec());
     assert_eq!(again.ok(), Some(bytes), "message does not round-trip");
-    if let Message::TaskOffer(o) = &msg
+    if let Some(o) = msg.as_task_offer()
         && o.validate().is_ok()
     {
         let _ = o.arch.spec();

@@ -304,6 +304,15 @@ impl Params {
 }
 
 impl ArchSpec {
+    /// Whether only protocol version 5
+    /// ([`TRAINING_V5_VERSION`](crate::message::TRAINING_V5_VERSION)) and
+    /// later decode this architecture: a U-Net of depth other than
+    /// [`DEFAULT_UNET_DEPTH`] travels as the `unet_deep` encoding, which
+    /// older builds do not know.
+    pub fn needs_training_v5(&self) -> bool {
+        matches!(self, Self::UNet { depth, .. } if *depth != DEFAULT_UNET_DEPTH)
+    }
+
     /// Short name of the architecture kind (`logreg`, `mlp`, `cnn`, `unet`).
     pub fn kind(&self) -> &'static str {
         match self {

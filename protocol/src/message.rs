@@ -35,6 +35,13 @@
 //! version has; the version-1/2 [`Message::TaskOffer`] encoding has no room
 //! for `central_dp` and leaves it out.
 //!
+//! From version [`TRAINING_V5_VERSION`] on, offers travel as
+//! [`Message::TaskOfferV5`], which also carries
+//! [`TrainingConfig::augmentation`]; an offer whose architecture is a U-Net
+//! of depth other than 2 (the `unet_deep` arch encoding) or that asks for
+//! augmentation needs that version ([`TaskOffer::min_protocol_version`]),
+//! and the coordinator does not offer it to a site that negotiated less.
+//!
 //! Free-text fields (`message`, `reason`, `agent_version`) are bounded only
 //! by the frame limit; receivers should truncate them before logging.
 
@@ -54,14 +61,21 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// Version history: 1 — the original conversation; 2 — adds
 /// [`Message::AuditHead`]; 3 — adds [`Message::TaskOfferV3`] (offers that
 /// say whether DP noise is added centrally); 4 — adds
-/// [`Message::RoundOutcome`] (the model a site's update went into).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// [`Message::RoundOutcome`] (the model a site's update went into); 5 — adds
+/// [`Message::TaskOfferV5`] (offers with [`TrainingConfig::augmentation`])
+/// and the U-Net of any depth (the `unet_deep` arch encoding).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
 /// First protocol version that has [`Message::TaskOfferV3`].
 pub const CENTRAL_DP_VERSION: u16 = 3;
 /// First protocol version that has [`Message::RoundOutcome`].
 pub const ROUND_OUTCOME_VERSION: u16 = 4;
+/// First protocol version that has [`Message::TaskOfferV5`] (data
+/// augmentation in the offer) and decodes a U-Net of depth other than 2.
+pub const TRAINING_V5_VERSION: u16 = 5;
+/// Largest multiplicative or additive intensity jitter an offer may ask for.
+pub const MAX_INTENSITY_JITTER: f64 = 0.5;
 /// Oldest protocol version this build speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Most epochs a task may ask for.
@@ -248,6 +262,54 @@ pub struct TrainingConfig {
     pub fedprox_mu: f64,
     /// Seed of the local data shuffling and dropout.
     pub seed: u64,
+    /// Data augmentation the site applies to its training batches (image
+    /// and segmentation tasks). Carried only by [`Message::TaskOfferV5`]
+    /// (protocol version >= [`TRAINING_V5_VERSION`]); older offer
+    /// encodings leave it out and decode it as `None`.
+    pub augmentation: Option<Augmentation>,
+}
+
+/// Seeded data augmentation of training batches. Geometric transforms apply
+/// to the image and its mask alike; intensity jitter to the image only.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Augmentation {
+    /// Random horizontal and vertical flips (each with probability ½).
+    pub flips: bool,
+    /// Random rotation by a multiple of 90° (square inputs).
+    pub rotate90: bool,
+    /// Random intensity change of the image, `None` for none.
+    pub intensity_jitter: Option<IntensityJitter>,
+}
+
+/// Intensity jitter: each training image `x` becomes `x · a + b` with `a`
+/// uniform in `[1 − scale, 1 + scale]` and `b` uniform in `[−shift, shift]`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IntensityJitter {
+    /// Multiplicative half-range, in `[0, MAX_INTENSITY_JITTER]`.
+    pub scale: f64,
+    /// Additive half-range (in units of the standardised image), in
+    /// `[0, MAX_INTENSITY_JITTER]`.
+    pub shift: f64,
+}
+
+impl Augmentation {
+    /// Check the bounds; the error names the field out of range.
+    pub fn validate(&self) -> Result<(), OfferError> {
+        if let Some(j) = self.intensity_jitter {
+            let ok = |x: f64| x.is_finite() && (0.0..=MAX_INTENSITY_JITTER).contains(&x);
+            if !ok(j.scale) {
+                return Err(OfferError::OutOfRange {
+                    field: "augmentation.intensity_jitter.scale",
+                });
+            }
+            if !ok(j.shift) {
+                return Err(OfferError::OutOfRange {
+                    field: "augmentation.intensity_jitter.shift",
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Differential-privacy noise a site must add to its clipped update.
@@ -337,6 +399,14 @@ pub struct TaskOffer {
 }
 
 impl TaskOffer {
+    /// The oldest negotiated protocol version a site must speak to be sent
+    /// this offer: [`TRAINING_V5_VERSION`] for augmentation or an
+    /// architecture only that version decodes, else [`MIN_PROTOCOL_VERSION`].
+    /// (Central DP needs no gate: an older site simply is not told.)
+    pub fn min_protocol_version(&self) -> u16 {
+        min_protocol_version(&self.arch, self.training.augmentation.as_ref())
+    }
+
     /// Check the numeric fields, the feature scaling and the architecture.
     pub fn validate(&self) -> Result<(), OfferError> {
         let t = &self.training;
@@ -403,6 +473,9 @@ impl TaskOffer {
             {
                 return bad("central_dp.target_delta");
             }
+        }
+        if let Some(a) = &t.augmentation {
+            a.validate()?;
         }
         if let Some(s) = &self.scaling {
             s.validate().map_err(OfferError::Scaling)?;
@@ -555,6 +628,17 @@ pub struct AuditHead {
     pub sig: [u8; 64],
 }
 
+/// The oldest negotiated protocol version a site must speak to be offered
+/// a job with `arch` and `augmentation` (see
+/// [`TaskOffer::min_protocol_version`]).
+pub fn min_protocol_version(arch: &ArchSpec, augmentation: Option<&Augmentation>) -> u16 {
+    if augmentation.is_some() || arch.needs_training_v5() {
+        TRAINING_V5_VERSION
+    } else {
+        MIN_PROTOCOL_VERSION
+    }
+}
+
 /// Does a connection at negotiated protocol `version` carry
 /// [`Message::RoundOutcome`]?
 pub fn supports_round_outcome(version: u16) -> bool {
@@ -638,11 +722,17 @@ pub enum Message {
     /// Either direction, on the control stream, only when the negotiated
     /// version is at least [`AUDIT_HEAD_VERSION`].
     AuditHead(AuditHead),
-    /// Coordinator → site, protocol version >= [`CENTRAL_DP_VERSION`]: the
-    /// offer with every field.
+    /// Coordinator → site, protocol versions [`CENTRAL_DP_VERSION`] up to
+    /// below [`TRAINING_V5_VERSION`]: the offer without
+    /// [`TrainingConfig::augmentation`] (left out when encoding, `None`
+    /// when decoding).
+    #[serde(with = "offer_v3")]
     TaskOfferV3(Box<TaskOffer>),
     /// Coordinator → site, protocol version >= [`ROUND_OUTCOME_VERSION`].
     RoundOutcome(RoundOutcome),
+    /// Coordinator → site, protocol version >= [`TRAINING_V5_VERSION`]:
+    /// the offer with every field.
+    TaskOfferV5(Box<TaskOffer>),
 }
 
 impl Message {
@@ -664,35 +754,140 @@ impl Message {
             Self::AuditHead(_) => "AuditHead",
             Self::TaskOfferV3(_) => "TaskOfferV3",
             Self::RoundOutcome(_) => "RoundOutcome",
+            Self::TaskOfferV5(_) => "TaskOfferV5",
         }
     }
 
     /// `offer` in the variant a connection at negotiated protocol `version`
-    /// has: [`Message::TaskOfferV3`] from [`CENTRAL_DP_VERSION`] on, else
-    /// [`Message::TaskOffer`] (which cannot carry `privacy.central_dp`).
+    /// has: [`Message::TaskOfferV5`] from [`TRAINING_V5_VERSION`] on,
+    /// [`Message::TaskOfferV3`] from [`CENTRAL_DP_VERSION`] on (which cannot
+    /// carry `training.augmentation`), else [`Message::TaskOffer`] (nor
+    /// `privacy.central_dp`). Whether the offer may go to such a site at all
+    /// is [`TaskOffer::min_protocol_version`]'s question, not this one's.
     pub fn task_offer(offer: TaskOffer, version: u16) -> Self {
-        if version >= CENTRAL_DP_VERSION {
+        if version >= TRAINING_V5_VERSION {
+            Self::TaskOfferV5(Box::new(offer))
+        } else if version >= CENTRAL_DP_VERSION {
             Self::TaskOfferV3(Box::new(offer))
         } else {
             Self::TaskOffer(Box::new(offer))
         }
     }
 
-    /// The offer of a [`Message::TaskOffer`] or [`Message::TaskOfferV3`].
+    /// The offer of a [`Message::TaskOffer`], [`Message::TaskOfferV3`] or
+    /// [`Message::TaskOfferV5`].
     pub fn as_task_offer(&self) -> Option<&TaskOffer> {
         match self {
-            Self::TaskOffer(o) | Self::TaskOfferV3(o) => Some(o),
+            Self::TaskOffer(o) | Self::TaskOfferV3(o) | Self::TaskOfferV5(o) => Some(o),
             _ => None,
         }
     }
 }
 
+/// [`TrainingConfig`] as versions 1–4 encode it: without `augmentation`.
+#[derive(Serialize, Deserialize)]
+struct TrainingConfigV1 {
+    epochs: u32,
+    batch_size: u32,
+    optimizer: Optimizer,
+    learning_rate: f64,
+    fedprox_mu: f64,
+    seed: u64,
+}
+
+impl From<TrainingConfig> for TrainingConfigV1 {
+    fn from(t: TrainingConfig) -> Self {
+        Self {
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            fedprox_mu: t.fedprox_mu,
+            seed: t.seed,
+        }
+    }
+}
+
+impl From<TrainingConfigV1> for TrainingConfig {
+    fn from(t: TrainingConfigV1) -> Self {
+        Self {
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            fedprox_mu: t.fedprox_mu,
+            seed: t.seed,
+            augmentation: None,
+        }
+    }
+}
+
+/// The version-3/4 encoding of [`Message::TaskOfferV3`]: every field of
+/// [`TaskOffer`] in declaration order, `training` without `augmentation`.
+mod offer_v3 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{PrivacyRequirements, TaskOffer, TrainingConfigV1};
+    use crate::arch::ArchSpec;
+    use crate::encoding::Encoding;
+    use crate::ids::{FederationId, JobId, RoundId};
+    use crate::model::ModelHash;
+    use crate::scaling::FeatureScaling;
+
+    #[derive(Serialize, Deserialize)]
+    struct OfferV3 {
+        federation_id: FederationId,
+        job_id: JobId,
+        round: RoundId,
+        base_model: ModelHash,
+        arch: ArchSpec,
+        training: TrainingConfigV1,
+        encoding: Encoding,
+        privacy: PrivacyRequirements,
+        deadline_unix_ms: u64,
+        scaling: Option<FeatureScaling>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(o: &TaskOffer, s: S) -> Result<S::Ok, S::Error> {
+        OfferV3 {
+            federation_id: o.federation_id.clone(),
+            job_id: o.job_id.clone(),
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch.clone(),
+            training: o.training.into(),
+            encoding: o.encoding,
+            privacy: o.privacy,
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling.clone(),
+        }
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<TaskOffer>, D::Error> {
+        let o = OfferV3::deserialize(d)?;
+        Ok(Box::new(TaskOffer {
+            federation_id: o.federation_id,
+            job_id: o.job_id,
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch,
+            training: o.training.into(),
+            encoding: o.encoding,
+            privacy: o.privacy,
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling,
+        }))
+    }
+}
+
 /// The version-1/2 encoding of [`Message::TaskOffer`]: every field of
-/// [`TaskOffer`] in declaration order, `privacy` without `central_dp`.
+/// [`TaskOffer`] in declaration order, `privacy` without `central_dp`,
+/// `training` without `augmentation`.
 mod offer_v1 {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::{DpNoise, PrivacyRequirements, TaskOffer, TrainingConfig};
+    use super::{DpNoise, PrivacyRequirements, TaskOffer, TrainingConfigV1};
     use crate::arch::ArchSpec;
     use crate::encoding::Encoding;
     use crate::ids::{FederationId, JobId, RoundId};
@@ -712,7 +907,7 @@ mod offer_v1 {
         round: RoundId,
         base_model: ModelHash,
         arch: ArchSpec,
-        training: TrainingConfig,
+        training: TrainingConfigV1,
         encoding: Encoding,
         privacy: PrivacyV1,
         deadline_unix_ms: u64,
@@ -726,7 +921,7 @@ mod offer_v1 {
             round: o.round,
             base_model: o.base_model,
             arch: o.arch.clone(),
-            training: o.training,
+            training: o.training.into(),
             encoding: o.encoding,
             privacy: PrivacyV1 {
                 clip_norm: o.privacy.clip_norm,
@@ -746,7 +941,7 @@ mod offer_v1 {
             round: o.round,
             base_model: o.base_model,
             arch: o.arch,
-            training: o.training,
+            training: o.training.into(),
             encoding: o.encoding,
             privacy: PrivacyRequirements {
                 clip_norm: o.privacy.clip_norm,
@@ -888,6 +1083,102 @@ mod tests {
             target_delta: None,
         });
         assert!(bad.validate().is_err());
+    }
+
+    /// A version-5 offer: a depth-5 U-Net with augmentation.
+    fn v5_offer() -> TaskOffer {
+        let v2 = include_bytes!("../../fuzz/corpus/message/seed-2-TaskOffer");
+        let Message::TaskOffer(mut o) = Message::decode_exact(v2).unwrap() else {
+            panic!("not an offer")
+        };
+        o.arch = ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 4,
+            depth: 5,
+            classes: 2,
+        };
+        o.scaling = None;
+        o.training.augmentation = Some(Augmentation {
+            flips: true,
+            rotate90: false,
+            intensity_jitter: Some(IntensityJitter {
+                scale: 0.1,
+                shift: 0.05,
+            }),
+        });
+        *o
+    }
+
+    #[test]
+    fn augmentation_travels_only_from_version_5() {
+        let o = v5_offer();
+        assert!(o.validate().is_ok());
+        assert_eq!(o.min_protocol_version(), TRAINING_V5_VERSION);
+
+        let new = Message::task_offer(o.clone(), TRAINING_V5_VERSION);
+        assert_eq!(new.name(), "TaskOfferV5");
+        let bytes = new.to_vec();
+        // appended after every older variant
+        assert_eq!(bytes[0], 15);
+        let back = Message::decode_exact(&bytes).unwrap();
+        assert_eq!(back.as_task_offer(), Some(&o));
+
+        // a version-4 peer gets TaskOfferV3, without augmentation; the rest
+        // of the offer is unchanged
+        let old = Message::task_offer(o.clone(), ROUND_OUTCOME_VERSION);
+        assert_eq!(old.name(), "TaskOfferV3");
+        let back = Message::decode_exact(&old.to_vec()).unwrap();
+        let mut want = o.clone();
+        want.training.augmentation = None;
+        assert_eq!(back.as_task_offer(), Some(&want));
+        // and the version-3/4 layout is the one TaskOffer without
+        // augmentation had: the same bytes whatever augmentation says
+        assert_eq!(
+            Message::task_offer(want.clone(), ROUND_OUTCOME_VERSION).to_vec(),
+            old.to_vec()
+        );
+        // the version-2 seed still re-encodes byte for byte at version 4
+        // after the round trip through the new TrainingConfig
+        let v2 = include_bytes!("../../fuzz/corpus/message/seed-2-TaskOffer");
+        let seed = Message::decode_exact(v2).unwrap();
+        let seed = seed.as_task_offer().unwrap().clone();
+        assert_eq!(seed.training.augmentation, None);
+        assert_eq!(seed.min_protocol_version(), MIN_PROTOCOL_VERSION);
+        assert_eq!(Message::task_offer(seed, 2).to_vec(), v2.to_vec());
+    }
+
+    #[test]
+    fn deep_unet_needs_version_5_depth_2_does_not() {
+        let mut o = v5_offer();
+        o.training.augmentation = None;
+        assert_eq!(o.min_protocol_version(), TRAINING_V5_VERSION);
+        o.arch = ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 4,
+            depth: 2,
+            classes: 2,
+        };
+        assert_eq!(o.min_protocol_version(), MIN_PROTOCOL_VERSION);
+        o.training.augmentation = v5_offer().training.augmentation;
+        assert_eq!(o.min_protocol_version(), TRAINING_V5_VERSION);
+    }
+
+    #[test]
+    fn augmentation_bounds_are_checked_naming_the_field() {
+        for (scale, shift, field) in [
+            (0.6, 0.0, "augmentation.intensity_jitter.scale"),
+            (-0.1, 0.0, "augmentation.intensity_jitter.scale"),
+            (f64::NAN, 0.0, "augmentation.intensity_jitter.scale"),
+            (0.1, 0.51, "augmentation.intensity_jitter.shift"),
+        ] {
+            let mut o = v5_offer();
+            o.training.augmentation = Some(Augmentation {
+                flips: false,
+                rotate90: true,
+                intensity_jitter: Some(IntensityJitter { scale, shift }),
+            });
+            assert_eq!(o.validate(), Err(OfferError::OutOfRange { field }));
+        }
     }
 
     #[test]

@@ -112,15 +112,28 @@ fn training() -> impl Strategy<Value = TrainingConfig> {
         1e-6f64..1.0,
         0.0f64..1.0,
         any::<u64>(),
+        prop::option::of((
+            any::<bool>(),
+            any::<bool>(),
+            prop::option::of((0.0f64..0.5, 0.0f64..0.5)),
+        )),
     )
         .prop_map(
-            |(epochs, batch_size, optimizer, learning_rate, fedprox_mu, seed)| TrainingConfig {
-                epochs,
-                batch_size,
-                optimizer,
-                learning_rate,
-                fedprox_mu,
-                seed,
+            |(epochs, batch_size, optimizer, learning_rate, fedprox_mu, seed, aug)| {
+                TrainingConfig {
+                    epochs,
+                    batch_size,
+                    optimizer,
+                    learning_rate,
+                    fedprox_mu,
+                    seed,
+                    augmentation: aug.map(|(flips, rotate90, jitter)| Augmentation {
+                        flips,
+                        rotate90,
+                        intensity_jitter: jitter
+                            .map(|(scale, shift)| IntensityJitter { scale, shift }),
+                    }),
+                }
             },
         )
 }
@@ -270,14 +283,28 @@ fn message() -> impl Strategy<Value = Message> {
                 any::<u64>(),
                 prop::option::of(feature_scaling()),
                 prop::option::of((0.1f64..5.0, prop::option::of(1e-9f64..0.5))),
-                any::<bool>(),
+                prop::sample::select(vec![2u16, CENTRAL_DP_VERSION, TRAINING_V5_VERSION]),
             )
         )
             .prop_map(
                 |(
                     (federation_id, job_id, round, base_model, arch),
-                    (training, encoding, clip, noise, deadline_unix_ms, scaling, central, v3),
+                    (
+                        mut training,
+                        encoding,
+                        clip,
+                        noise,
+                        deadline_unix_ms,
+                        scaling,
+                        central,
+                        version,
+                    ),
                 )| {
+                    let v3 = version >= CENTRAL_DP_VERSION;
+                    // only the version-5 variant carries augmentation
+                    if version < TRAINING_V5_VERSION {
+                        training.augmentation = None;
+                    }
                     let offer = TaskOffer {
                         federation_id,
                         job_id,
@@ -302,7 +329,7 @@ fn message() -> impl Strategy<Value = Message> {
                         deadline_unix_ms,
                         scaling,
                     };
-                    Message::task_offer(offer, if v3 { CENTRAL_DP_VERSION } else { 2 })
+                    Message::task_offer(offer, version)
                 }
             ),
         (job_id(), any::<u64>(), prop::option::of(text())).prop_map(|(job_id, r, d)| {

@@ -73,8 +73,8 @@ use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
     ModelFetch, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope,
-    UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload, sign_update,
-    supports_audit_head, supports_round_outcome,
+    TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome,
+    encode_payload, sign_update, supports_audit_head, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -797,17 +797,21 @@ async fn handle_control(
     done_tx: &mpsc::UnboundedSender<TaskDone>,
     msg: Message,
 ) -> Result<Option<SessionEnd>, AgentError> {
-    if let Message::TaskOfferV3(_) = &msg
-        && session.protocol_version < CENTRAL_DP_VERSION
-    {
+    let too_new = match &msg {
+        Message::TaskOfferV3(_) => session.protocol_version < CENTRAL_DP_VERSION,
+        Message::TaskOfferV5(_) => session.protocol_version < TRAINING_V5_VERSION,
+        _ => false,
+    };
+    if too_new {
         conn.close(close::PROTOCOL, b"unexpected message on the control stream");
         return Ok(Some(SessionEnd::Lost(format!(
-            "coordinator sent TaskOfferV3 at protocol version {}",
+            "coordinator sent {} at protocol version {}",
+            msg.name(),
             session.protocol_version
         ))));
     }
     match msg {
-        Message::TaskOffer(offer) | Message::TaskOfferV3(offer) => {
+        Message::TaskOffer(offer) | Message::TaskOfferV3(offer) | Message::TaskOfferV5(offer) => {
             ctx.record(SiteEvent::OfferReceived {
                 job: offer.job_id.to_string(),
                 round: offer.round.0,

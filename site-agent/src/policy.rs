@@ -446,6 +446,7 @@ pub(crate) mod tests {
                 learning_rate: 0.1,
                 fedprox_mu: 0.0,
                 seed: 1,
+                augmentation: None,
             },
             encoding: Encoding::default(),
             privacy: PrivacyRequirements::default(),

@@ -214,9 +214,14 @@ impl SiteCore {
             welcomed_federation: self.session.as_ref().map(|s| &s.federation_id),
             train_samples: self.data.local().train.len(),
         };
+        let stream = self
+            .session
+            .as_ref()
+            .map(|s| train::augment::site_stream(s.site_id.as_str()));
         let checked = policy::evaluate(&self.policy, offer, &ctx)
             .and_then(|()| train_config(&offer.training))
-            .and_then(|train| {
+            .and_then(|mut train| {
+                train.augment_stream = stream;
                 train::check_data(&offer.arch, &self.data.local().train)
                     .map_err(|e| Refusal::Unsupported(format!("local data: {e}")))?;
                 self.data
@@ -335,6 +340,8 @@ pub fn train_config(t: &TrainingConfig) -> Result<TrainConfig, Refusal> {
         learning_rate: t.learning_rate,
         fedprox_mu: t.fedprox_mu,
         seed: t.seed,
+        augmentation: t.augmentation,
+        augment_stream: None,
     };
     cfg.validate()
         .map_err(|e| Refusal::Unsupported(e.to_string()))?;

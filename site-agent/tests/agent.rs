@@ -354,6 +354,7 @@ fn offer(round: u64, base: &FlatModel) -> TaskOffer {
             learning_rate: 0.1,
             fedprox_mu: 0.0,
             seed: 5,
+            augmentation: None,
         },
         encoding: Encoding::default().with_chunk_bytes(16).unwrap(),
         privacy: PrivacyRequirements::default(),

@@ -12,7 +12,12 @@
 //!
 //! Tasks:
 //! - breast cancer (WDBC), split non-IID across 3 hospitals;
-//! - the OPT preterm-birth trial, split by its 4 real hospitals.
+//! - the OPT preterm-birth trial, split by its 4 real hospitals;
+//! - nuclei segmentation (2018 Data Science Bowl image, 512×512): each of 4
+//!   sites holds tiles of its own quadrant (non-IID), the bottom quarter of
+//!   every quadrant is held out; a U-Net with seeded augmentation, judged by
+//!   Dice, against the same U-Net trained centrally, each site's local-only
+//!   U-Net and Otsu's threshold. `--full` trains the ≥ 10M-parameter U-Net.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -22,9 +27,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fedlink_agent::data::Samples;
+use fedlink_agent::data::segmentation::{
+    SegmentationConfig, SegmentationSource, load_segmentation,
+};
 use fedlink_agent::data::tabular::{TabularConfig, load_tabular, load_tabular_test};
+use fedlink_agent::metrics::{dice, otsu_threshold};
 use fedlink_agent::train::{EvalMetrics, OptimizerKind, TrainConfig, evaluate, train_local};
 use fedlink_coordinator::server::Status;
+use fedlink_coordinator::server::status::RoundStatus;
 use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
@@ -54,6 +64,92 @@ pub struct Task {
     /// Wire codec of the deltas: `f32`, `f16`, `bf16`, `int8`, or
     /// `topk:<fraction>` (e.g. `topk:0.1`).
     pub codec: &'static str,
+    /// What the sites hold and the model trains on.
+    pub kind: TaskKind,
+}
+
+/// The kind of data of a task.
+#[derive(Clone, Debug)]
+pub enum TaskKind {
+    /// One CSV per hospital, logistic regression, judged by AUC.
+    Tabular,
+    /// Tiles of the nuclei image, U-Net, judged by Dice.
+    Nuclei(NucleiSpec),
+}
+
+/// The nuclei task's model and training.
+#[derive(Clone, Debug)]
+pub struct NucleiSpec {
+    /// Tile side (pixels).
+    pub tile: u32,
+    /// U-Net width.
+    pub base_channels: u32,
+    /// U-Net depth.
+    pub depth: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Round deadline, seconds.
+    pub deadline_secs: u64,
+}
+
+impl NucleiSpec {
+    /// The U-Net.
+    pub fn arch(&self) -> ArchSpec {
+        ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: self.base_channels,
+            depth: self.depth,
+            classes: 2,
+        }
+    }
+}
+
+/// The nuclei segmentation task: the default demo's small U-Net, or with
+/// `full` the ≥ 10M-parameter one (base 20, depth 5: 12,155,322
+/// parameters).
+pub fn nuclei_task(full: bool) -> Task {
+    let spec = if full {
+        NucleiSpec {
+            tile: 64,
+            base_channels: 20,
+            depth: 5,
+            batch_size: 8,
+            deadline_secs: 1800,
+        }
+    } else {
+        NucleiSpec {
+            tile: 32,
+            base_channels: 8,
+            depth: 3,
+            batch_size: 8,
+            deadline_secs: 300,
+        }
+    };
+    Task {
+        name: "nuclei",
+        title: if full {
+            "Nuclei segmentation (DSB 2018), 4 sites by region, U-Net 12.2M params (--full)"
+        } else {
+            "Nuclei segmentation (DSB 2018), 4 sites by region, small U-Net"
+        },
+        label: "",
+        drop: &[],
+        sites: vec![
+            ("site-nw", "nw"),
+            ("site-ne", "ne"),
+            ("site-sw", "sw"),
+            ("site-se", "se"),
+        ],
+        test: "held-out",
+        // --full: 3.2 images/s for one 64×64 tile of the 12.2M-parameter
+        // U-Net on 2 cores (debug build, unet_bench), so 5 rounds × 2
+        // epochs × 12 tiles per site, and 10 epochs per baseline.
+        rounds: if full { 5 } else { 8 },
+        epochs: if full { 2 } else { 3 },
+        lr: 0.01,
+        codec: "f16",
+        kind: TaskKind::Nuclei(spec),
+    }
 }
 
 /// The demo's tasks.
@@ -89,6 +185,7 @@ pub fn tasks() -> Vec<Task> {
             epochs: 2,
             lr: 0.1,
             codec: "f16",
+            kind: TaskKind::Tabular,
         },
         Task {
             name: "opt",
@@ -106,7 +203,9 @@ pub fn tasks() -> Vec<Task> {
             epochs: 2,
             lr: 0.02,
             codec: "f16",
+            kind: TaskKind::Tabular,
         },
+        nuclei_task(false),
     ]
 }
 
@@ -128,6 +227,18 @@ pub struct TaskResult {
     pub raw_delta_bytes: u64,
     /// Wall time of the federated job.
     pub wall: Duration,
+    /// The metric the task is judged by (`AUC`, `Dice`).
+    pub judged_by: &'static str,
+    /// The model's parameter count.
+    pub params: u64,
+    /// Mean bytes uploaded per round (all sites).
+    pub bytes_per_round: f64,
+    /// Mean time between consecutive global models, as the demo saw them
+    /// appear (round 1 from the job's start).
+    pub round_secs: f64,
+    /// The classical baseline (Otsu's threshold) on the held-out tiles,
+    /// segmentation only: Dice.
+    pub otsu_dice: Option<f64>,
 }
 
 fn tabular(path: PathBuf, task: &Task, validation: f64) -> TabularConfig {
@@ -146,6 +257,9 @@ fn fmt_metrics(m: &EvalMetrics) -> String {
     let _ = write!(s, "acc {:.4}", m.accuracy);
     if let Some(a) = m.auc {
         let _ = write!(s, "  AUC {a:.4}");
+    }
+    if let Some(d) = m.dice {
+        let _ = write!(s, "  Dice {d:.4}");
     }
     let _ = write!(s, "  loss {:.4}", m.loss);
     s
@@ -236,18 +350,18 @@ max_sites = {n}
 gather_secs = 1
 
 [round]
-deadline_secs = 120
+deadline_secs = {deadline}
 quorum = {quorum}
 extension_secs = 60
 max_attempts = 2
 
 [training]
 epochs = {epochs}
-batch_size = 16
-optimizer = "sgd"
+batch_size = {batch}
+optimizer = "{optimizer}"
 learning_rate = {lr}
 fedprox_mu = 0.0
-
+{augmentation}
 [encoding]
 {codec}
 shuffle = true
@@ -260,11 +374,30 @@ every_rounds = 1
         title = task.title,
         rounds = task.rounds,
         quorum = n.saturating_sub(1).max(1),
+        deadline = match &task.kind {
+            TaskKind::Tabular => 120,
+            TaskKind::Nuclei(n) => n.deadline_secs,
+        },
+        batch = match &task.kind {
+            TaskKind::Tabular => 16,
+            TaskKind::Nuclei(n) => n.batch_size,
+        },
+        optimizer = match &task.kind {
+            TaskKind::Tabular => "sgd",
+            TaskKind::Nuclei(_) => "adam",
+        },
+        augmentation = match &task.kind {
+            TaskKind::Tabular => "",
+            TaskKind::Nuclei(_) => NUCLEI_AUGMENTATION,
+        },
         epochs = task.epochs,
         lr = task.lr,
         codec = codec_toml(task.codec)?,
     ))
 }
+
+/// The nuclei job's augmentation (and the central baseline's).
+const NUCLEI_AUGMENTATION: &str = "\n[training.augmentation]\nflips = true\nrotate90 = true\nintensity_jitter = { scale = 0.1, shift = 0.05 }\n";
 
 /// The `[encoding]` codec lines for a task's codec (`topk:<fraction>` sets
 /// `topk_fraction` too).
@@ -288,6 +421,38 @@ fn site_toml(kit: &Path, state: &Path, csv: &Path, task: &Task) -> String {
         .map(|d| format!("{d:?}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // The nuclei sites hold 12 (--full, 64×64) or 48 (32×32) tiles.
+    let min_samples = match &task.kind {
+        TaskKind::Tabular => 20,
+        TaskKind::Nuclei(_) => 8,
+    };
+    let (dataset, arch) = match &task.kind {
+        TaskKind::Tabular => (
+            format!(
+                r#"kind = "csv"
+path = {csv:?}
+label_column = "{label}"
+drop_columns = [{drop}]
+validation_fraction = 0.2
+split_seed = 7"#,
+                label = task.label,
+            ),
+            "logreg",
+        ),
+        // `csv` is the site's raw_u8 folder; every tile trains (the
+        // held-out tiles are elsewhere).
+        TaskKind::Nuclei(n) => (
+            format!(
+                r#"kind = "segmentation"
+tile = {tile}
+validation_fraction = 0.0
+split_seed = 7
+source = {{ format = "raw_u8", dir = {csv:?} }}"#,
+                tile = n.tile,
+            ),
+            "unet",
+        ),
+    };
     format!(
         r#"kit_dir = {kit:?}
 data_dir = {state:?}
@@ -298,23 +463,26 @@ backoff_initial_ms = 200
 backoff_max_ms = 2000
 
 [dataset]
-kind = "csv"
-path = {csv:?}
-label_column = "{label}"
-drop_columns = [{drop}]
-validation_fraction = 0.2
-split_seed = 7
+{dataset}
 
 [policy]
 federations = ["{fed}"]
-architectures = ["logreg"]
-min_local_samples = 20
+architectures = ["{arch}"]
+min_local_samples = {min_samples}
 max_epochs = 20
 encodings = ["f32", "f16", "bf16", "int8", "topk"]
 "#,
-        label = task.label,
         fed = task.name,
     )
+}
+
+/// The data a task's sites hold and how its global models are judged.
+enum Prepared {
+    Tabular,
+    Nuclei {
+        /// Held-out tiles (no site holds them).
+        test: Samples,
+    },
 }
 
 /// Run one task end to end.
@@ -354,14 +522,39 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         )?;
     }
 
-    // 2. The job and the coordinator config.
-    let first = load_tabular(&tabular(data_dir.join(task.sites[0].1), task, 0.0))?;
-    let inputs = first.features().len() as u32;
-    let arch: ArchSpec = toml::from_str(&format!(
-        "kind = \"logreg\"\ninputs = {inputs}\nclasses = 2\n"
-    ))?;
+    // 2. The sites' data, the job and the coordinator config.
+    let (arch, site_data, prepared) = match &task.kind {
+        TaskKind::Tabular => {
+            let first = load_tabular(&tabular(data_dir.join(task.sites[0].1), task, 0.0))?;
+            let inputs = first.features().len() as u32;
+            let arch: ArchSpec = toml::from_str(&format!(
+                "kind = \"logreg\"\ninputs = {inputs}\nclasses = 2\n"
+            ))?;
+            let paths = task.sites.iter().map(|(_, p)| data_dir.join(p)).collect();
+            (arch, paths, Prepared::Tabular)
+        }
+        TaskKind::Nuclei(n) => {
+            let (paths, test) = split_nuclei(data_dir, &root.join("tiles"), task, n)?;
+            (n.arch(), paths, Prepared::Nuclei { test })
+        }
+    };
+    let params = arch
+        .spec()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .num_params();
+    if let TaskKind::Nuclei(n) = &task.kind {
+        println!(
+            "  U-Net base_channels {} depth {}: {params} parameters ({:.1} MB as f32); tiles {}×{}",
+            n.base_channels,
+            n.depth,
+            params as f64 * 4.0 / 1e6,
+            n.tile,
+            n.tile
+        );
+    }
     let job_path = root.join("job.toml");
-    std::fs::write(&job_path, job_toml(task, &arch)?)?;
+    let job_text = job_toml(task, &arch)?;
+    std::fs::write(&job_path, &job_text)?;
     let coord_dir = root.join("coordinator");
     std::fs::create_dir_all(&coord_dir)?;
     let coord_cfg = coord_dir.join("coordinator.toml");
@@ -392,7 +585,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         .spawn()
         .context("starting fedlink-coordinator")?;
     procs.0.push(("coordinator".into(), coordinator));
-    for (site, csv) in &task.sites {
+    for ((site, _), data) in task.sites.iter().zip(&site_data) {
         let dir = root.join(site);
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("site.toml");
@@ -401,7 +594,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
             site_toml(
                 &pki.join("sites").join(site),
                 &dir.join("state"),
-                &data_dir.join(csv),
+                data,
                 task,
             ),
         )?;
@@ -416,68 +609,85 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     }
 
     // 4. Baselines on the same data, while the federation runs.
-    let test_path = data_dir.join(task.test);
-    let pooled = root.join("pooled_train.csv");
-    pool_csvs(task.sites.iter().map(|(_, p)| data_dir.join(p)), &pooled)?;
-    let central_data = load_tabular(&tabular(pooled, task, 0.0))?;
-    let test_central = load_tabular_test(
-        &tabular(test_path.clone(), task, 0.0),
-        &central_data.scaling,
-    )?;
     let total_epochs = (task.rounds * task.epochs) as usize;
-    let cfg = TrainConfig::new()
-        .with_epochs(total_epochs)
-        .with_batch_size(16)
-        .with_optimizer(OptimizerKind::Sgd)
-        .with_learning_rate(task.lr)
-        .with_seed(7);
     let init = arch.init(42).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (central_model, _) = train_local(&arch, &init, &central_data.data.train, &cfg, &device)?;
-    let central = evaluate(&arch, &central_model, &test_central, &device)?;
+    let test_path = data_dir.join(task.test);
     let mut local_only = Vec::new();
-    for (site, csv) in &task.sites {
-        let d = load_tabular(&tabular(data_dir.join(csv), task, 0.0))?;
-        let t = load_tabular_test(&tabular(test_path.clone(), task, 0.0), &d.scaling)?;
-        let (m, _) = train_local(&arch, &init, &d.data.train, &cfg, &device)?;
-        local_only.push(((*site).to_owned(), evaluate(&arch, &m, &t, &device)?));
-    }
+    let (central, otsu_dice) = match (&task.kind, &prepared) {
+        (TaskKind::Nuclei(n), Prepared::Nuclei { test }) => {
+            let cfg = TrainConfig::new()
+                .with_epochs(total_epochs)
+                .with_batch_size(n.batch_size as usize)
+                .with_optimizer(OptimizerKind::Adam)
+                .with_learning_rate(task.lr)
+                .with_seed(7)
+                .with_augmentation(job_augmentation(&job_text)?);
+            let mut pooled: Option<Samples> = None;
+            for ((site, _), dir) in task.sites.iter().zip(&site_data) {
+                let d = load_segmentation(&tiles_config(dir, n))?.train;
+                let t = Instant::now();
+                let (m, _) = train_local(&arch, &init, &d, &cfg, &device)?;
+                let metrics = evaluate(&arch, &m, test, &device)?;
+                println!(
+                    "  baseline: {site} local-only ({} tiles, {total_epochs} epochs) {} in {:.1} s",
+                    d.len(),
+                    fmt_metrics(&metrics),
+                    t.elapsed().as_secs_f64()
+                );
+                local_only.push(((*site).to_owned(), metrics));
+                pooled = Some(match pooled {
+                    None => d,
+                    Some(p) => concat(&p, &d)?,
+                });
+            }
+            let pooled = pooled.context("no site data")?;
+            let t = Instant::now();
+            let (m, _) = train_local(&arch, &init, &pooled, &cfg, &device)?;
+            let central = evaluate(&arch, &m, test, &device)?;
+            println!(
+                "  baseline: central ({} tiles, {total_epochs} epochs) {} in {:.1} s",
+                pooled.len(),
+                fmt_metrics(&central),
+                t.elapsed().as_secs_f64()
+            );
+            (central, Some(otsu_on(test)?))
+        }
+        _ => {
+            let pooled = root.join("pooled_train.csv");
+            pool_csvs(site_data.iter().cloned(), &pooled)?;
+            let central_data = load_tabular(&tabular(pooled, task, 0.0))?;
+            let test_central = load_tabular_test(
+                &tabular(test_path.clone(), task, 0.0),
+                &central_data.scaling,
+            )?;
+            let cfg = TrainConfig::new()
+                .with_epochs(total_epochs)
+                .with_batch_size(16)
+                .with_optimizer(OptimizerKind::Sgd)
+                .with_learning_rate(task.lr)
+                .with_seed(7);
+            let (central_model, _) =
+                train_local(&arch, &init, &central_data.data.train, &cfg, &device)?;
+            let central = evaluate(&arch, &central_model, &test_central, &device)?;
+            for ((site, _), csv) in task.sites.iter().zip(&site_data) {
+                let d = load_tabular(&tabular(csv.clone(), task, 0.0))?;
+                let t = load_tabular_test(&tabular(test_path.clone(), task, 0.0), &d.scaling)?;
+                let (m, _) = train_local(&arch, &init, &d.data.train, &cfg, &device)?;
+                local_only.push(((*site).to_owned(), evaluate(&arch, &m, &t, &device)?));
+            }
+            (central, None)
+        }
+    };
 
     // 5. Follow the job.
-    let bar = ProgressBar::new(u64::from(task.rounds));
-    bar.set_style(
-        ProgressStyle::with_template("  {prefix:>5} [{bar:30}] round {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(task.name);
-    let status_path = coord_dir
-        .join("data")
-        .join(fedlink_coordinator::server::STATUS_FILE);
-    let models = coord_dir
-        .join("data")
-        .join(fedlink_coordinator::store::MODELS_DIR);
-    let mut seen = 0u64;
-    let mut last: Option<(FlatModel, EvalMetrics)> = None;
     // The global test set standardised like the sites standardise their
     // data: with the federation's pooled scaling from status.json (the
     // central baseline keeps its own pooled-CSV statistics).
     let mut test_federated: Option<(FeatureScaling, Samples)> = None;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let final_status = loop {
-        let status: Option<Status> = std::fs::read(&status_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(st) = &status {
-            let fresh: Vec<_> = st
-                .rounds
-                .iter()
-                .filter(|r| r.round > seen && r.model.is_some())
-                .collect();
-            for r in fresh {
-                let Some(hash) = r.model.as_deref().and_then(ModelHash::from_hex) else {
-                    continue;
-                };
-                let model = read_model_file(&models.join(format!("{hash}.bin")), &hash)?;
+    let judge = |st: &Status, r: &RoundStatus, model: &FlatModel| -> anyhow::Result<EvalMetrics> {
+        match &prepared {
+            Prepared::Nuclei { test } => Ok(evaluate(&arch, model, test, &device)?),
+            Prepared::Tabular => {
                 // Round 1 trained on local statistics (no scaling existed);
                 // every later round on the scaling in force now (the sites'
                 // data does not change, so neither does the scaling).
@@ -494,12 +704,132 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 let Some((_, test)) = &test_federated else {
                     bail!("no federated test set");
                 };
-                let m = evaluate(&arch, &model, test, &device)?;
+                Ok(evaluate(&arch, model, test, &device)?)
+            }
+        }
+    };
+    let followed = follow(task, &mut procs, &root, &coord_dir, started, judge)?;
+    let wall = started.elapsed();
+    stop_agents(&mut procs);
+    drop(procs);
+    let final_status = followed.status;
+    if !final_status.completed {
+        bail!(
+            "the job did not complete: {:?}; logs in {}",
+            final_status.finished,
+            root.display()
+        );
+    }
+    let Some(federated) = followed.last else {
+        bail!("no round completed");
+    };
+
+    // 6. What an auditor checks, with the real CLI: both sides' signed logs,
+    // each site's log against the coordinator's, and the last round
+    // recomputed from the archived signed updates.
+    audit_checks(&bins, task, &root, &pki, final_status.completed_rounds)?;
+    let mut hospitals = Vec::new();
+    for (site, m) in local_only {
+        let (mut bytes, mut n) = (0, 0);
+        for r in &final_status.rounds {
+            for u in r.updates.iter().filter(|u| u.0 == site) {
+                bytes += u.1;
+                n += 1;
+            }
+        }
+        hospitals.push((site, m, bytes, n));
+    }
+    let done: Vec<&RoundStatus> = final_status
+        .rounds
+        .iter()
+        .filter(|r| r.model.is_some())
+        .collect();
+    let total_bytes: u64 = done.iter().flat_map(|r| &r.updates).map(|u| u.1).sum();
+    Ok(TaskResult {
+        name: task.name,
+        rounds: final_status.completed_rounds,
+        federated,
+        central,
+        hospitals,
+        raw_delta_bytes: init.values().len() as u64 * 4,
+        wall,
+        judged_by: match task.kind {
+            TaskKind::Tabular => "AUC",
+            TaskKind::Nuclei(_) => "Dice",
+        },
+        params,
+        bytes_per_round: total_bytes as f64 / done.len().max(1) as f64,
+        round_secs: followed.round_secs,
+        otsu_dice,
+    })
+}
+
+/// What following a job gave.
+struct Followed {
+    /// The coordinator's last status.
+    status: Status,
+    /// The last global model's held-out metrics.
+    last: Option<EvalMetrics>,
+    /// Mean seconds between consecutive global models.
+    round_secs: f64,
+}
+
+/// Follow the job through `status.json` until the coordinator exits,
+/// judging every new global model with `judge`.
+fn follow(
+    task: &Task,
+    procs: &mut Procs,
+    root: &Path,
+    coord_dir: &Path,
+    started: Instant,
+    mut judge: impl FnMut(&Status, &RoundStatus, &FlatModel) -> anyhow::Result<EvalMetrics>,
+) -> anyhow::Result<Followed> {
+    let bar = ProgressBar::new(u64::from(task.rounds));
+    bar.set_style(
+        ProgressStyle::with_template("  {prefix:>6} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(task.name);
+    let status_path = coord_dir
+        .join("data")
+        .join(fedlink_coordinator::server::STATUS_FILE);
+    let models = coord_dir
+        .join("data")
+        .join(fedlink_coordinator::store::MODELS_DIR);
+    let mut seen = 0u64;
+    let mut last: Option<EvalMetrics> = None;
+    let mut round_times = Vec::new();
+    let mut prev = started;
+    let limit = match &task.kind {
+        TaskKind::Tabular => Duration::from_secs(600),
+        TaskKind::Nuclei(n) => Duration::from_secs(n.deadline_secs * u64::from(task.rounds)),
+    };
+    let deadline = Instant::now() + limit;
+    let final_status = loop {
+        let status: Option<Status> = std::fs::read(&status_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(st) = &status {
+            let fresh: Vec<_> = st
+                .rounds
+                .iter()
+                .filter(|r| r.round > seen && r.model.is_some())
+                .collect();
+            for r in fresh {
+                let Some(hash) = r.model.as_deref().and_then(ModelHash::from_hex) else {
+                    continue;
+                };
+                let now = Instant::now();
+                round_times.push(now.duration_since(prev).as_secs_f64());
+                prev = now;
+                let model = read_model_file(&models.join(format!("{hash}.bin")), &hash)?;
+                let m = judge(st, r, &model)?;
                 let bytes: u64 = r.updates.iter().map(|u| u.1).sum();
                 say(
                     &bar,
                     format!(
-                        "  {:>5} round {:>2}: global model {}…  held-out {}  ({} updates, {} B uploaded)",
+                        "  {:>6} round {:>2}: global model {}…  held-out {}  ({} updates, {} B uploaded)",
                         task.name,
                         r.round,
                         &hash.to_hex()[..12],
@@ -511,7 +841,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 bar.set_position(r.round);
                 bar.set_message(fmt_metrics(&m));
                 seen = r.round;
-                last = Some((model, m));
+                last = Some(m);
             }
         }
         let exited = match procs.0.first_mut() {
@@ -538,51 +868,133 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         }
         if Instant::now() > deadline {
             bail!(
-                "the job did not finish within 10 minutes; logs in {}",
+                "the job did not finish within {} s; logs in {}",
+                limit.as_secs(),
                 root.display()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let wall = started.elapsed();
     bar.finish_and_clear();
-    stop_agents(&mut procs);
-    drop(procs);
-    if !final_status.completed {
-        bail!(
-            "the job did not complete: {:?}; logs in {}",
-            final_status.finished,
-            root.display()
-        );
-    }
-    let Some((_, federated)) = last else {
-        bail!("no round completed");
+    let round_secs = if round_times.is_empty() {
+        0.0
+    } else {
+        round_times.iter().sum::<f64>() / round_times.len() as f64
     };
-
-    // 6. What an auditor checks, with the real CLI: both sides' signed logs,
-    // each site's log against the coordinator's, and the last round
-    // recomputed from the archived signed updates.
-    audit_checks(&bins, task, &root, &pki, final_status.completed_rounds)?;
-    let mut hospitals = Vec::new();
-    for (site, m) in local_only {
-        let (mut bytes, mut n) = (0, 0);
-        for r in &final_status.rounds {
-            for u in r.updates.iter().filter(|u| u.0 == site) {
-                bytes += u.1;
-                n += 1;
-            }
-        }
-        hospitals.push((site, m, bytes, n));
-    }
-    Ok(TaskResult {
-        name: task.name,
-        rounds: final_status.completed_rounds,
-        federated,
-        central,
-        hospitals,
-        raw_delta_bytes: init.values().len() as u64 * 4,
-        wall,
+    Ok(Followed {
+        status: final_status,
+        last,
+        round_secs,
     })
+}
+
+/// The augmentation the job file asks of the sites, read back through the
+/// coordinator's own job parser (the central and local-only baselines train
+/// with it too).
+fn job_augmentation(job_text: &str) -> anyhow::Result<Option<fedlink_protocol::Augmentation>> {
+    let job = fedlink_coordinator::job::Job::from_toml(job_text)?;
+    Ok(job.training.augmentation.map(|a| a.to_protocol()))
+}
+
+fn tiles_config(dir: &Path, n: &NucleiSpec) -> SegmentationConfig {
+    let mut cfg = SegmentationConfig::new(SegmentationSource::RawU8 {
+        dir: dir.to_owned(),
+    });
+    cfg.tile = n.tile;
+    cfg.validation_fraction = 0.0;
+    cfg
+}
+
+/// Side of the nuclei image.
+const NUCLEI_SIDE: usize = 512;
+
+/// Cut the 512×512 nuclei image into the sites' regions and the held-out
+/// set: site k holds the top three quarters of quadrant k (nw, ne, sw, se:
+/// 192×256 pixels), the bottom quarter of every quadrant (4 × 64×256) is
+/// held out. Each region is written as a `raw_u8` folder; returns the
+/// sites' folders and the held-out tiles.
+fn split_nuclei(
+    data_dir: &Path,
+    out: &Path,
+    task: &Task,
+    n: &NucleiSpec,
+) -> anyhow::Result<(Vec<PathBuf>, Samples)> {
+    let src = data_dir.join("nuclei_dsb2018");
+    let image = std::fs::read(src.join("image_u8.bin"))
+        .with_context(|| format!("reading {}", src.display()))?;
+    let mask = std::fs::read(src.join("mask_u8.bin"))?;
+    if image.len() != NUCLEI_SIDE * NUCLEI_SIDE || mask.len() != image.len() {
+        bail!("{} is not a 512×512 image and mask", src.display());
+    }
+    let half = NUCLEI_SIDE / 2;
+    let train_rows = half * 3 / 4;
+    let crop = |buf: &[u8], y0: usize, x0: usize, h: usize| -> Vec<u8> {
+        (y0..y0 + h)
+            .flat_map(|y| {
+                buf[y * NUCLEI_SIDE + x0..y * NUCLEI_SIDE + x0 + half]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    };
+    let write = |dir: &Path, h: usize, img: &[u8], msk: &[u8]| -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join("header.json"),
+            format!("{{\"height\": {h}, \"width\": {half}}}"),
+        )?;
+        std::fs::write(dir.join("image_u8.bin"), img)?;
+        std::fs::write(dir.join("mask_u8.bin"), msk)?;
+        Ok(())
+    };
+    let mut dirs = Vec::new();
+    let (mut test_img, mut test_mask) = (Vec::new(), Vec::new());
+    for (k, (_, region)) in task.sites.iter().enumerate() {
+        let (y0, x0) = ((k / 2) * half, (k % 2) * half);
+        let dir = out.join(region);
+        write(
+            &dir,
+            train_rows,
+            &crop(&image, y0, x0, train_rows),
+            &crop(&mask, y0, x0, train_rows),
+        )?;
+        dirs.push(dir);
+        test_img.extend(crop(&image, y0 + train_rows, x0, half - train_rows));
+        test_mask.extend(crop(&mask, y0 + train_rows, x0, half - train_rows));
+    }
+    let test_dir = out.join("held-out");
+    let test_rows = task.sites.len() * (half - train_rows);
+    write(&test_dir, test_rows, &test_img, &test_mask)?;
+    let test = load_segmentation(&tiles_config(&test_dir, n))?.train;
+    Ok((dirs, test))
+}
+
+/// The tiles of `a` followed by those of `b` (same tile shape).
+fn concat(a: &Samples, b: &Samples) -> anyhow::Result<Samples> {
+    use fedlink_agent::data::Targets;
+    let (Targets::Masks(ma), Targets::Masks(mb)) = (a.targets(), b.targets()) else {
+        bail!("segmentation tiles without masks");
+    };
+    let x = [a.features(), b.features()].concat();
+    let m = [ma.as_slice(), mb.as_slice()].concat();
+    Ok(Samples::new(a.shape(), x, Targets::Masks(m))?)
+}
+
+/// Otsu's threshold, chosen on the held-out tiles' own pixels (it needs no
+/// labels), against their masks: Dice of the nucleus class.
+fn otsu_on(test: &Samples) -> anyhow::Result<f64> {
+    let fedlink_agent::data::Targets::Masks(mask) = test.targets() else {
+        bail!("held-out tiles have no masks");
+    };
+    // The tiles hold the raw u8 values scaled to [0, 1].
+    let pixels: Vec<u8> = test
+        .features()
+        .iter()
+        .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    let t = otsu_threshold(&pixels).context("held-out tiles have a single grey level")?;
+    let labels: Vec<u8> = pixels.iter().map(|&v| u8::from(v > t)).collect();
+    dice(&labels, mask, 1).context("no nucleus pixel in the held-out tiles")
 }
 
 /// Stop the agents with SIGTERM (they record `agent.stopped` and exit 0),
@@ -752,19 +1164,47 @@ pub fn summary(results: &[TaskResult]) -> String {
     for r in results {
         let _ = writeln!(
             s,
-            "\n{} — {} rounds in {:.1} s",
+            "\n{} — {} rounds in {:.1} s; judged by {}; model {} parameters",
             r.name,
             r.rounds,
-            r.wall.as_secs_f64()
+            r.wall.as_secs_f64(),
+            r.judged_by,
+            r.params
+        );
+        let _ = writeln!(
+            s,
+            "  per round: {:.0} B uploaded by all sites ({:.2} MB), {:.1} s from one global model to the next",
+            r.bytes_per_round,
+            r.bytes_per_round / 1e6,
+            r.round_secs
         );
         let _ = writeln!(s, "  held-out global test set (no hospital holds it):");
         let _ = writeln!(s, "    federated model       {}", fmt_metrics(&r.federated));
         let _ = writeln!(s, "    central baseline      {}", fmt_metrics(&r.central));
-        let _ = writeln!(
-            s,
-            "    federated − central   {:+.2} accuracy points",
-            (r.federated.accuracy - r.central.accuracy) * 100.0
-        );
+        if let Some(d) = r.otsu_dice {
+            let _ = writeln!(s, "    Otsu threshold        Dice {d:.4}");
+            if let (Some(f), Some(c)) = (r.federated.dice, r.central.dice) {
+                let met = f >= c - 0.02 && f > d;
+                let _ = writeln!(
+                    s,
+                    "    goal (federated ≥ central − 0.02 and > Otsu): {}",
+                    if met { "met" } else { "NOT met" }
+                );
+            }
+        }
+        let judged = |m: &EvalMetrics| match r.judged_by {
+            "Dice" => m.dice,
+            _ => m.auc,
+        };
+        if let (Some(f), Some(c)) = (judged(&r.federated), judged(&r.central)) {
+            let _ = writeln!(
+                s,
+                "    federated − central   {:+.4} {} ({:+.2} accuracy points)",
+                f - c,
+                r.judged_by,
+                (r.federated.accuracy - r.central.accuracy) * 100.0
+            );
+        }
         let _ = writeln!(
             s,
             "  per hospital (local-only model vs federated, same test set; bytes uploaded):"

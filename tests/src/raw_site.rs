@@ -111,7 +111,9 @@ impl RawSite {
     pub async fn next_offer(&mut self) -> anyhow::Result<TaskOffer> {
         loop {
             match bounded("offer", self.control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) => return Ok(*o),
+                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                    return Ok(*o);
+                }
                 Message::Heartbeat(_) | Message::Cancel(_) => {}
                 Message::AuditHead(h) => self.coordinator_heads.push(h),
                 Message::RoundOutcome(o) => self.round_outcomes.push(o),

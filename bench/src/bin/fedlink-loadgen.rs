@@ -373,7 +373,9 @@ async fn run_site(
     for _ in 0..rounds {
         let offer = loop {
             match step("offer", limit, control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) => break *o,
+                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                    break *o;
+                }
                 // Heads and round outcomes are recorded by real sites;
                 // the benchmark has no log to keep them in.
                 Message::Heartbeat(_)

@@ -12,7 +12,7 @@
 //! ```text
 //!  driver ── connect/disconnect/recheck ──▶ Sites ──▶ Effect::Close{conn, reason} ──▶ driver
 //!     │                                       │
-//!     └── job starts (empty → first, job switch) ── Sites::hand_over(encoding)
+//!     └── job starts (empty → first, job switch) ── Sites::hand_over(needs)
 //!                                             └──▶ Input::SiteConnected… ──▶ JobRunner::handle(now, …)
 //! ```
 //!
@@ -37,11 +37,16 @@
 //! (`server::engine`).
 //!
 //! ```
-//! use fedlink_coordinator::core::{CloseReason, Effect, Held, Sites};
+//! use fedlink_coordinator::core::{CloseReason, Effect, Held, JobNeeds, Sites};
 //! use fedlink_coordinator::round::{ConnId, SiteCapabilities};
 //!
 //! let mut sites = Sites::new();
-//! let held = |conn| Held { conn: ConnId(conn), capabilities: SiteCapabilities::compatible(), codecs: vec![] };
+//! let held = |conn| Held {
+//!     conn: ConnId(conn),
+//!     capabilities: SiteCapabilities::compatible(),
+//!     codecs: vec![],
+//!     protocol_version: fedlink_protocol::PROTOCOL_VERSION,
+//! };
 //! assert_eq!(sites.connect("site-a", held(1)), None);
 //! // A second connection of the site replaces the first.
 //! assert_eq!(
@@ -49,7 +54,7 @@
 //!     Some(Effect::Close { conn: ConnId(1), reason: CloseReason::Replaced })
 //! );
 //! // The job that starts now learns of the held site.
-//! assert_eq!(sites.hand_over(None).len(), 1);
+//! assert_eq!(sites.hand_over(&JobNeeds::ANY).len(), 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -60,7 +65,7 @@ pub mod sim;
 mod sites;
 
 pub use crate::round::ConnId;
-pub use sites::{Held, Sites, compatible, same_family};
+pub use sites::{Held, JobNeeds, Sites, compatibility, compatible, same_family};
 
 /// Why the core closes a connection.
 #[non_exhaustive]

@@ -310,6 +310,7 @@ impl CoreSim {
                 conn,
                 capabilities: SiteCapabilities::compatible(),
                 codecs: Vec::new(),
+                protocol_version: fedlink_protocol::PROTOCOL_VERSION,
             },
         );
         if let Some(Effect::Close { conn: old, .. }) = &effect
@@ -807,7 +808,7 @@ impl CoreSim {
         let runner = JobRunner::resume(self.jobs[j].cfg.clone(), self.snapshot(j));
         self.running = Some(Running { job: j, runner });
         self.drain()?;
-        for input in self.sites.hand_over(None) {
+        for input in self.sites.hand_over(&super::JobNeeds::ANY) {
             // A crash during the hand-over ends the connections not yet
             // handed over.
             if let Input::SiteConnected { site, conn, .. } = &input

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use fedlink_protocol::{Encoding, ValueCodec};
+use fedlink_protocol::{Encoding, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ValueCodec};
 
 use super::{CloseReason, Effect};
 use crate::round::{ConnId, Input, SiteCapabilities, SiteId};
@@ -25,6 +25,36 @@ pub struct Held {
     pub capabilities: SiteCapabilities,
     /// The codecs it announced in its Hello.
     pub codecs: Vec<ValueCodec>,
+    /// The protocol version negotiated with it.
+    pub protocol_version: u16,
+}
+
+/// What a job asks of a site before the site is offered its rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobNeeds {
+    /// The job's delta encoding: the site must speak its codec family
+    /// (`None`: any).
+    pub encoding: Option<Encoding>,
+    /// The oldest negotiated protocol version that can carry the job's
+    /// offers (`Job::min_protocol_version`: 5 for a deep U-Net or
+    /// augmentation).
+    pub min_protocol_version: u16,
+}
+
+impl JobNeeds {
+    /// No job, or a job that every site can take part in.
+    pub const ANY: Self = Self {
+        encoding: None,
+        min_protocol_version: MIN_PROTOCOL_VERSION,
+    };
+
+    /// What `job` asks of its sites.
+    pub fn of(job: &crate::job::Job) -> Self {
+        Self {
+            encoding: job.encoding.to_protocol().ok(),
+            min_protocol_version: job.min_protocol_version(),
+        }
+    }
 }
 
 /// The connected sites (see the module docs).
@@ -132,22 +162,35 @@ impl Sites {
     }
 
     /// Hand every held site to the job that starts now: its compatibility
-    /// is decided against the job's `encoding` (a site must speak its codec
-    /// family; `None`: every site is compatible), and the inputs that tell
-    /// the job's round machine about the sites are returned in the order
-    /// the sites connected (by [`ConnId`]). The sites stay held: the same
-    /// table serves the next job too.
-    pub fn hand_over(&mut self, encoding: Option<Encoding>) -> Vec<Input> {
+    /// is decided against what the job `needs` (see [`compatibility`]), and
+    /// the inputs that tell the job's round machine about the sites are
+    /// returned in the order the sites connected (by [`ConnId`]). The sites
+    /// stay held: the same table serves the next job too.
+    pub fn hand_over(&mut self, needs: &JobNeeds) -> Vec<Input> {
         let mut held: Vec<(&SiteId, &mut Held)> = self.held.iter_mut().collect();
         held.sort_by_key(|(_, h)| h.conn);
         held.into_iter()
             .map(|(site, h)| {
-                h.capabilities.compatible = compatible(&h.codecs, encoding);
+                h.capabilities.compatible =
+                    compatibility(&h.codecs, h.protocol_version, needs).is_ok();
                 Input::SiteConnected {
                     site: site.clone(),
                     conn: h.conn,
                     capabilities: h.capabilities.clone(),
                 }
+            })
+            .collect()
+    }
+
+    /// The held sites that cannot take part in a job that `needs` this,
+    /// each with the reason (for the log).
+    pub fn incompatible(&self, needs: &JobNeeds) -> Vec<(SiteId, String)> {
+        self.held
+            .iter()
+            .filter_map(|(site, h)| {
+                compatibility(&h.codecs, h.protocol_version, needs)
+                    .err()
+                    .map(|why| (site.clone(), why))
             })
             .collect()
     }
@@ -158,6 +201,29 @@ impl Sites {
 /// a job without an encoding: yes).
 pub fn compatible(codecs: &[ValueCodec], encoding: Option<Encoding>) -> bool {
     encoding.is_none_or(|enc| codecs.iter().any(|c| same_family(*c, enc.values())))
+}
+
+/// Whether a site that announced `codecs` and negotiated protocol
+/// `version` can take part in a job that `needs` this; the error says
+/// why not. A site below the job's protocol version would not even decode
+/// its offers (a deep U-Net's `unet_deep` arch, augmentation), so it is
+/// never offered one.
+pub fn compatibility(codecs: &[ValueCodec], version: u16, needs: &JobNeeds) -> Result<(), String> {
+    if version < needs.min_protocol_version {
+        return Err(format!(
+            "the job needs protocol version {} (a U-Net of depth other than 2, or \
+             augmentation) and the site negotiated {version}: upgrade its agent \
+             (this coordinator speaks up to {PROTOCOL_VERSION})",
+            needs.min_protocol_version
+        ));
+    }
+    if !compatible(codecs, needs.encoding) {
+        let want = needs.encoding.map(|e| e.name()).unwrap_or_default();
+        return Err(format!(
+            "the job's delta codec ({want}) is not among the codecs the site announced"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether two value codecs are of the same family (parameters such as
@@ -176,6 +242,7 @@ mod tests {
             conn: ConnId(conn),
             capabilities: SiteCapabilities::compatible(),
             codecs: codecs.to_vec(),
+            protocol_version: PROTOCOL_VERSION,
         }
     }
 
@@ -244,7 +311,10 @@ mod tests {
         s.connect("z", held(1, &[ValueCodec::F16]));
         s.connect("a", held(2, &[ValueCodec::F32]));
         let f16 = Encoding::with_codec(ValueCodec::F16).unwrap();
-        let inputs = s.hand_over(Some(f16));
+        let inputs = s.hand_over(&JobNeeds {
+            encoding: Some(f16),
+            min_protocol_version: MIN_PROTOCOL_VERSION,
+        });
         let got: Vec<(String, u64, bool)> = inputs
             .into_iter()
             .map(|i| match i {
@@ -262,11 +332,88 @@ mod tests {
         );
         // Still held: the next job gets them too, with its own encoding.
         assert_eq!(s.len(), 2);
-        let again = s.hand_over(None);
+        let again = s.hand_over(&JobNeeds::ANY);
         assert!(again.iter().all(|i| matches!(
             i,
             Input::SiteConnected { capabilities, .. } if capabilities.compatible
         )));
+    }
+
+    /// A site that negotiated protocol 4 cannot decode a deep U-Net's
+    /// offer (nor augmentation): it is not offered that job, and the reason
+    /// says why; a depth-2 job without augmentation still is.
+    #[test]
+    fn a_version_4_site_is_not_offered_a_job_that_needs_version_5() {
+        let mut s = Sites::new();
+        s.connect(
+            "old",
+            Held {
+                protocol_version: 4,
+                ..held(1, &[ValueCodec::F32])
+            },
+        );
+        s.connect("new", held(2, &[ValueCodec::F32]));
+        let deep: crate::job::Job = crate::job::Job::from_toml(
+            r#"
+id = "deep"
+rounds = 1
+arch = { kind = "unet", in_channels = 1, base_channels = 4, depth = 3, classes = 2 }
+init = { seed = 1 }
+[strategy]
+name = "fedavg"
+[round]
+deadline_secs = 60
+"#,
+        )
+        .unwrap();
+        let needs = JobNeeds::of(&deep);
+        assert_eq!(
+            needs.min_protocol_version,
+            fedlink_protocol::TRAINING_V5_VERSION
+        );
+        let compat: Vec<(String, bool)> = s
+            .hand_over(&needs)
+            .into_iter()
+            .map(|i| match i {
+                Input::SiteConnected {
+                    site, capabilities, ..
+                } => (site, capabilities.compatible),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            compat,
+            vec![("old".to_owned(), false), ("new".to_owned(), true)]
+        );
+        let why = s.incompatible(&needs);
+        assert_eq!(why.len(), 1);
+        assert_eq!(why[0].0, "old");
+        assert!(
+            why[0].1.contains("protocol version 5") && why[0].1.contains("negotiated 4"),
+            "{}",
+            why[0].1
+        );
+
+        // the same U-Net at depth 2 (the old encoding) is fine for both
+        let mut shallow = deep.clone();
+        shallow.arch = fedlink_protocol::arch::ArchSpec::UNet {
+            in_channels: 1,
+            base_channels: 4,
+            depth: 2,
+            classes: 2,
+        };
+        let needs = JobNeeds::of(&shallow);
+        assert!(s.incompatible(&needs).is_empty());
+        assert!(s.hand_over(&needs).iter().all(|i| matches!(
+            i,
+            Input::SiteConnected { capabilities, .. } if capabilities.compatible
+        )));
+        // augmentation on it needs version 5 again
+        shallow.training.augmentation = Some(crate::job::AugmentationConfig {
+            flips: true,
+            ..Default::default()
+        });
+        assert_eq!(s.incompatible(&JobNeeds::of(&shallow)).len(), 1);
     }
 
     #[test]

@@ -371,7 +371,17 @@ async fn serve_site(
     };
     let site_id = fedlink_protocol::SiteId::new(site)
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
-    let compatible = crate::core::compatible(&hello.capabilities.codecs, shared.job_encoding());
+    let compatible = match crate::core::compatibility(
+        &hello.capabilities.codecs,
+        version,
+        &shared.job_needs(),
+    ) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(site = %site, reason = %why, "site is not compatible with the running job: it is not offered its rounds");
+            false
+        }
+    };
     let conn_id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
     // The operator's view of this site's link, for as long as this session.
     let via_proxy = hello
@@ -411,6 +421,7 @@ async fn serve_site(
                 num_examples: None,
             },
             codecs: hello.capabilities.codecs.clone(),
+            protocol_version: version,
         })
         .await;
     let welcomed = send
@@ -435,9 +446,11 @@ async fn serve_site(
         while let Some(m) = rx.recv().await {
             // The engine builds every offer as the newest variant; a site
             // that negotiated an older version gets the encoding it knows
-            // (without `privacy.central_dp`).
+            // (without `privacy.central_dp` or `training.augmentation`; a
+            // job that needs them is never offered to it: see
+            // `core::compatibility`).
             let m = match m {
-                Message::TaskOfferV3(o) => Message::task_offer(*o, version),
+                Message::TaskOfferV5(o) => Message::task_offer(*o, version),
                 // The coordinator's heads pushed after an aggregation or at
                 // the job's end: only to sites that speak audit heads.
                 Message::AuditHead(_) if !supports_audit_head(version) => continue,

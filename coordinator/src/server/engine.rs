@@ -32,8 +32,8 @@ use super::links::Links;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
-use crate::core::CloseReason;
 use crate::core::intake::{self, reason_text, reject_code};
+use crate::core::{CloseReason, JobNeeds};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
@@ -56,6 +56,8 @@ pub(crate) enum Event {
         capabilities: SiteCapabilities,
         /// The codecs the site announced in its Hello.
         codecs: Vec<fedlink_protocol::ValueCodec>,
+        /// The protocol version negotiated with it.
+        protocol_version: u16,
     },
     /// A site's connection ended.
     Disconnected { site: String, conn_id: ConnId },
@@ -319,10 +321,17 @@ impl Engine {
                 control,
                 capabilities,
                 codecs,
+                protocol_version,
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected");
-                self.links
-                    .connect(&site, conn_id, conn, control, capabilities.clone(), codecs);
+                self.links.connect(
+                    &site,
+                    conn_id,
+                    conn,
+                    control,
+                    capabilities.clone(),
+                    (codecs, protocol_version),
+                );
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
@@ -399,11 +408,10 @@ impl Engine {
     /// Take over the connected sites at the start of this engine's job
     /// (after an empty start or a job switch alike): each is told to the
     /// round machine, its compatibility decided against the job's
-    /// encoding, in the order the sites connected.
+    /// encoding and protocol version, in the order the sites connected.
     pub(crate) fn adopt(&mut self, links: Links, now: Instant) -> Result<(), EngineError> {
         self.links = links;
-        let encoding = self.job.encoding.to_protocol().ok();
-        for input in self.links.hand_over(encoding) {
+        for input in self.links.hand_over(&JobNeeds::of(&self.job)) {
             self.runner.handle(now, input);
             self.drain(now)?;
         }
@@ -609,7 +617,7 @@ impl Engine {
                         "base_model": offer.model.to_hex(),
                     }),
                 )?;
-                let msg = Message::TaskOfferV3(Box::new(self.task_offer(
+                let msg = Message::TaskOfferV5(Box::new(self.task_offer(
                     offer.round,
                     offer.model,
                     offer.deadline,
@@ -1338,6 +1346,7 @@ impl Engine {
                 learning_rate: t.learning_rate,
                 fedprox_mu: t.fedprox_mu,
                 seed: self.job.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                augmentation: t.augmentation.map(|a| a.to_protocol()),
             },
             encoding,
             privacy: offer_privacy(&self.strategy, p),

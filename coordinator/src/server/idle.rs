@@ -46,10 +46,17 @@ impl Idle {
                 control,
                 capabilities,
                 codecs,
+                protocol_version,
             } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site connected; no job is running, it waits");
-                self.links
-                    .connect(&site, conn_id, conn, control, capabilities, codecs);
+                self.links.connect(
+                    &site,
+                    conn_id,
+                    conn,
+                    control,
+                    capabilities,
+                    (codecs, protocol_version),
+                );
             }
             Event::Disconnected { site, conn_id } => {
                 if self.links.disconnect(&site, conn_id) {

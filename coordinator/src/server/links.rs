@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use fedlink_protocol::{Encoding, Message, ValueCodec};
+use fedlink_protocol::{Message, ValueCodec};
 use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
 use super::{Shared, limits};
-use crate::core::{CloseReason, Effect, Held, Sites};
+use crate::core::{CloseReason, Effect, Held, JobNeeds, Sites};
 use crate::round::{ConnId, Input, SiteCapabilities};
 
 /// The transport side of one connection.
@@ -40,13 +40,14 @@ impl Links {
         conn: ServerConn,
         control: mpsc::Sender<Message>,
         capabilities: SiteCapabilities,
-        codecs: Vec<ValueCodec>,
+        (codecs, protocol_version): (Vec<ValueCodec>, u16),
     ) {
         self.io.insert(conn_id, Io { conn, control });
         let held = Held {
             conn: conn_id,
             capabilities,
             codecs,
+            protocol_version,
         };
         if let Some(e) = self.sites.connect(site, held) {
             self.execute(e);
@@ -101,9 +102,13 @@ impl Links {
     }
 
     /// The inputs that give every held site to the job that starts now
-    /// (see [`Sites::hand_over`]).
-    pub(crate) fn hand_over(&mut self, encoding: Option<Encoding>) -> Vec<Input> {
-        self.sites.hand_over(encoding)
+    /// (see [`Sites::hand_over`]); each site that cannot take part is
+    /// logged with the reason.
+    pub(crate) fn hand_over(&mut self, needs: &JobNeeds) -> Vec<Input> {
+        for (site, why) in self.sites.incompatible(needs) {
+            tracing::warn!(site = %site, reason = %why, "site is not compatible with the job: it is not offered its rounds");
+        }
+        self.sites.hand_over(needs)
     }
 
     /// Queue `msg` on `site`'s control stream. A site whose queue is full

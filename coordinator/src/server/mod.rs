@@ -45,12 +45,11 @@ use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{
-    Encoding, FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId,
-};
+use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::CoordinatorConfig;
+use crate::core::JobNeeds;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -120,8 +119,9 @@ pub(crate) struct Shared {
     downloads: Semaphore,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
-    /// Encoding of the running job (sites must speak its codec family).
-    job_encoding: RwLock<Option<Encoding>>,
+    /// What the running job asks of its sites (codec family, protocol
+    /// version).
+    job_needs: RwLock<JobNeeds>,
     audit: Arc<Auditor>,
     admin: admin::AdminState,
     /// Failed handshakes of the current interval (recorded in bulk).
@@ -243,9 +243,9 @@ impl Shared {
         &self.audit
     }
 
-    /// Encoding of the running job.
-    fn job_encoding(&self) -> Option<Encoding> {
-        self.job_encoding.read().ok().and_then(|e| *e)
+    /// What the running job asks of its sites.
+    fn job_needs(&self) -> JobNeeds {
+        self.job_needs.read().map_or(JobNeeds::ANY, |n| *n)
     }
 
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
@@ -625,7 +625,7 @@ pub async fn serve(
         downloads: Semaphore::new(cfg.max_concurrent_downloads),
         next_conn: AtomicU64::new(1),
         wire: RwLock::new(HashMap::new()),
-        job_encoding: RwLock::new(None),
+        job_needs: RwLock::new(JobNeeds::ANY),
         audit: auditor.clone(),
         admin: admin::AdminState::new(
             store.clone(),
@@ -880,10 +880,8 @@ fn build_engine(
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
     let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
-    let job_encoding = job.encoding.to_protocol().ok();
-
-    if let Ok(mut e) = shared.job_encoding.write() {
-        *e = job_encoding;
+    if let Ok(mut n) = shared.job_needs.write() {
+        *n = JobNeeds::of(&job);
     }
     shared.publish_wire(first_wire);
 

@@ -21,11 +21,17 @@
 //!   moments of this site's previous trajectory describe a different point;
 //!   FedAvg and FedProx as published restart the local optimizer each round,
 //!   and a stateless site survives restarts without drift.
+//! * **Augmentation** (optional, [`TrainConfig::augmentation`]): flips,
+//!   90° rotations and intensity jitter of each training sample as its
+//!   mini-batch is built, seeded per epoch ([`augment`]); masks move with
+//!   their images. Evaluation data is never augmented.
 //! * **Determinism**: shuffling uses ChaCha8 seeded with
-//!   [`TrainConfig::seed`]; the initial weights come from the global model;
-//!   no dropout. On the CPU (`flex`) backend the same inputs give the same
+//!   [`TrainConfig::seed`], augmentation a ChaCha8 stream keyed by the seed,
+//!   [`TrainConfig::augment_stream`] and the epoch; the initial weights come
+//!   from the global model; no dropout. On the CPU (`flex`) backend the same inputs give the same
 //!   weights, bit for bit (tested).
 
+pub mod augment;
 pub mod model;
 
 use std::time::{Duration, Instant};
@@ -33,8 +39,8 @@ use std::time::{Duration, Instant};
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
-use fedlink_protocol::FlatModel;
 use fedlink_protocol::arch::{ArchError, ArchSpec, MAX_UNET_DEPTH};
+use fedlink_protocol::{Augmentation, FlatModel};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -43,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{SampleShape, Samples, Targets};
 use crate::metrics::{DiceCounts, roc_auc};
 use crate::weights::{self, ProximalAnchor, WeightsError};
+use augment::Augmenter;
 use model::{Input, Net, Output};
 
 /// Largest number of epochs per round.
@@ -81,9 +88,16 @@ pub struct TrainConfig {
     /// FedProx μ; 0 is plain FedAvg local training.
     #[config(default = 0.0)]
     pub fedprox_mu: f64,
-    /// Seed of the mini-batch shuffling.
+    /// Seed of the mini-batch shuffling (and of the augmentation).
     #[config(default = 0)]
     pub seed: u64,
+    /// Augmentation of the training samples (image data only); none by
+    /// default.
+    pub augmentation: Option<Augmentation>,
+    /// This site's augmentation stream ([`augment::site_stream`] of its
+    /// id), so that sites given the same seed augment differently; `None`
+    /// is stream 0.
+    pub augment_stream: Option<u64>,
 }
 
 impl TrainConfig {
@@ -110,6 +124,10 @@ impl TrainConfig {
         }
         if !(self.fedprox_mu.is_finite() && (0.0..=1000.0).contains(&self.fedprox_mu)) {
             return bad(format!("fedprox_mu = {} not in [0, 1000]", self.fedprox_mu));
+        }
+        if let Some(a) = &self.augmentation {
+            a.validate()
+                .map_err(|e| TrainError::Config(e.to_string()))?;
         }
         Ok(())
     }
@@ -262,7 +280,13 @@ enum OneHot {
     Pixels(Tensor<4>),
 }
 
-fn make_batch(data: &Samples, idx: &[usize], classes: usize, device: &Device) -> Batch {
+fn make_batch(
+    data: &Samples,
+    idx: &[usize],
+    classes: usize,
+    device: &Device,
+    augment: Option<&mut Augmenter>,
+) -> Batch {
     let per = data.shape().len();
     let x = data.features();
     let mut xb = Vec::with_capacity(idx.len() * per);
@@ -270,6 +294,41 @@ fn make_batch(data: &Samples, idx: &[usize], classes: usize, device: &Device) ->
         xb.extend_from_slice(&x[i * per..(i + 1) * per]);
     }
     let b = idx.len();
+    // The masks of the batch, gathered so that augmentation moves them with
+    // their images (a copy only when augmenting).
+    let mut masks: Option<Vec<u8>> = None;
+    if let (
+        Some(aug),
+        SampleShape::Image {
+            channels,
+            height,
+            width,
+        },
+    ) = (augment, data.shape())
+    {
+        let px = height * width;
+        let mut mb = match data.targets() {
+            Targets::Masks(m) => {
+                let mut mb = Vec::with_capacity(b * px);
+                for &i in idx {
+                    mb.extend_from_slice(&m[i * px..(i + 1) * px]);
+                }
+                Some(mb)
+            }
+            Targets::Classes(_) => None,
+        };
+        for row in 0..b {
+            let mask = mb.as_mut().map(|m| &mut m[row * px..(row + 1) * px]);
+            aug.apply(
+                &mut xb[row * per..(row + 1) * per],
+                mask,
+                channels,
+                height,
+                width,
+            );
+        }
+        masks = mb;
+    }
     let input = match data.shape() {
         SampleShape::Features(f) => {
             Input::Flat(Tensor::from_data(TensorData::new(xb, [b, f]), device))
@@ -298,7 +357,11 @@ fn make_batch(data: &Samples, idx: &[usize], classes: usize, device: &Device) ->
             let px = height * width;
             let mut oh = vec![0f32; b * classes * px];
             for (row, &i) in idx.iter().enumerate() {
-                for (p, &c) in m[i * px..(i + 1) * px].iter().enumerate() {
+                let mask = match &masks {
+                    Some(mb) => &mb[row * px..(row + 1) * px],
+                    None => &m[i * px..(i + 1) * px],
+                };
+                for (p, &c) in mask.iter().enumerate() {
                     oh[(row * classes + c as usize) * px + p] = 1.0;
                 }
             }
@@ -379,11 +442,14 @@ pub fn train_local(
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut epoch_loss = Vec::with_capacity(cfg.epochs);
     let mut steps = 0;
-    for _ in 0..cfg.epochs {
+    for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
+        let mut augmenter = cfg
+            .augmentation
+            .map(|a| Augmenter::new(a, cfg.seed, cfg.augment_stream.unwrap_or(0), epoch as u64));
         let mut total: Option<Tensor<1>> = None;
         for chunk in order.chunks(cfg.batch_size) {
-            let batch = make_batch(data, chunk, classes, &device);
+            let batch = make_batch(data, chunk, classes, &device, augmenter.as_mut());
             let loss = cross_entropy(&net, batch)?;
             let seen = loss.clone().detach().mul_scalar(chunk.len() as f64);
             total = Some(match total {
@@ -438,7 +504,7 @@ pub fn evaluate(
     let mut positive = Vec::new();
     let mut dice = vec![DiceCounts::default(); classes];
     for chunk in idx.chunks(batch) {
-        let b = make_batch(data, chunk, classes, device);
+        let b = make_batch(data, chunk, classes, device, None);
         let probs = match net.forward(b.input) {
             Some(Output::Classes(l)) => softmax(l, 1).into_data(),
             Some(Output::Pixels(l)) => softmax(l, 1).into_data(),
