@@ -822,6 +822,7 @@ async fn handle_control(
                 clip_norm: offer.privacy.clip_norm,
                 noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
                 central_noise_multiplier: offer.privacy.central_dp.map(|d| d.noise_multiplier),
+                augmentation: offer.training.augmentation,
             })?;
             let outcome = core.on_offer(unix_ms(), &offer);
             // The decision is on disk before the coordinator hears it.

@@ -151,6 +151,10 @@ pub enum SiteEvent {
         /// aggregate, if any (protocol version 3).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         central_noise_multiplier: Option<f64>,
+        /// Data augmentation the training applies, if any (protocol
+        /// version 5): what the auditor needs to reproduce the training.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        augmentation: Option<fedlink_protocol::message::Augmentation>,
     },
     /// The offer was accepted (recorded before the acceptance is sent).
     OfferAccepted {
@@ -654,11 +658,32 @@ mod tests {
             clip_norm: None,
             noise_multiplier: None,
             central_noise_multiplier: None,
+            augmentation: None,
         }
         .split();
         assert_eq!(name, "offer.received");
         assert!(details.get("central_noise_multiplier").is_none());
+        assert!(details.get("augmentation").is_none());
         assert!(details["clip_norm"].is_null());
+        let (_, details) = SiteEvent::OfferReceived {
+            job: "j".into(),
+            round: 1,
+            base_model: "cd".repeat(32),
+            arch: "unet".into(),
+            epochs: 1,
+            encoding: "f16".into(),
+            clip_norm: None,
+            noise_multiplier: None,
+            central_noise_multiplier: None,
+            augmentation: Some(fedlink_protocol::message::Augmentation {
+                flips: true,
+                rotate90: false,
+                intensity_jitter: None,
+            }),
+        }
+        .split();
+        assert_eq!(details["augmentation"]["flips"], true);
+        assert_eq!(details["augmentation"]["rotate90"], false);
     }
 
     #[test]

@@ -293,14 +293,46 @@ impl Bins {
     }
 }
 
-/// Kills its child processes when dropped (the demo never leaves strays).
+/// Process ids of the demo's running children (coordinator, agents), for
+/// [`kill_children`]: when a signal ends the demo, destructors do not run,
+/// so `fedlink-demo`'s signal handler kills what is listed here.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kill every child process the demo has running (SIGKILL). For the
+/// demo binary's Ctrl-C / SIGTERM handler: the demo never leaves strays.
+pub fn kill_children() {
+    let pids: Vec<u32> = match CHILDREN.lock() {
+        Ok(mut c) => c.drain(..).collect(),
+        Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+    };
+    for pid in pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
+/// Kills its child processes when dropped (the demo never leaves strays;
+/// on a signal, see [`kill_children`]).
 struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn push(&mut self, name: String, child: Child) {
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.push(child.id());
+        }
+        self.0.push((name, child));
+    }
+}
 
 impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
+            if let Ok(mut list) = CHILDREN.lock() {
+                list.retain(|&p| p != c.id());
+            }
         }
     }
 }
@@ -584,7 +616,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         .stderr(log("coordinator")?)
         .spawn()
         .context("starting fedlink-coordinator")?;
-    procs.0.push(("coordinator".into(), coordinator));
+    procs.push("coordinator".into(), coordinator);
     for ((site, _), data) in task.sites.iter().zip(&site_data) {
         let dir = root.join(site);
         std::fs::create_dir_all(&dir)?;
@@ -605,7 +637,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
             .stderr(log(site)?)
             .spawn()
             .with_context(|| format!("starting fedlink-agent for {site}"))?;
-        procs.0.push(((*site).to_owned(), child));
+        procs.push((*site).to_owned(), child);
     }
 
     // 4. Baselines on the same data, while the federation runs.

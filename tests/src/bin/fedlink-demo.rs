@@ -31,7 +31,40 @@ struct Args {
     codec: Option<String>,
 }
 
+/// On Ctrl-C or SIGTERM: stop the coordinator and agents the demo started
+/// (a signal ends the process without running destructors), then exit 130.
+fn stop_children_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = terminated => {}
+            }
+        });
+        eprintln!("\ninterrupted: stopping the demo's coordinator and agents");
+        fedlink_tests::demo::kill_children();
+        std::process::exit(130);
+    });
+}
+
 fn main() -> ExitCode {
+    stop_children_on_signal();
     let args = Args::parse();
     let mut tasks = fedlink_tests::demo::tasks();
     if args.full {
