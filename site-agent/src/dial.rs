@@ -12,7 +12,7 @@
 //! ```
 //!
 //! The choice is a small state machine ([`Selector`]) that takes `now` as
-//! an argument, so tests drive it with a virtual clock; [`dial`] runs what
+//! an argument, so tests drive it with a virtual clock; [`Dialer::dial`] runs what
 //! it plans. Whichever transport carries it, the session is the same:
 //! same certificates and checks, same ALPN, same frames and limits.
 //!
@@ -358,7 +358,7 @@ pub struct Route {
     pub reason: String,
 }
 
-/// What [`dial`] needs.
+/// What [`Dialer::dial`] needs.
 pub struct Dialer<'a> {
     /// The coordinator's `host:port` as configured (sent to a proxy).
     pub target: &'a str,
