@@ -70,6 +70,9 @@ pub enum EventKind {
     UpdateReceived,
     /// An accepted update was left out of the aggregate.
     UpdateExcluded,
+    /// An upload's connection was lost part way; what arrived is kept for
+    /// the site to resume (or dropped, as the entry says).
+    UpdateInterrupted,
     /// A model was exported.
     ModelExported,
     // --- the site agent
@@ -99,6 +102,9 @@ pub enum EventKind {
     UpdateSent,
     /// The coordinator's answer to an update.
     UpdateResult,
+    /// The site resumed an interrupted upload (same signed envelope) from
+    /// the record the coordinator holds.
+    UpdateResumed,
     /// The site recorded the coordinator's signed audit head.
     CoordinatorAuditHead,
     /// The coordinator told the site which model a round (or the job) produced.
@@ -133,6 +139,7 @@ impl EventKind {
         Self::OfferSent,
         Self::UpdateReceived,
         Self::UpdateExcluded,
+        Self::UpdateInterrupted,
         Self::ModelExported,
         Self::AgentStarted,
         Self::AgentStopped,
@@ -147,6 +154,7 @@ impl EventKind {
         Self::TrainCompleted,
         Self::UpdateSent,
         Self::UpdateResult,
+        Self::UpdateResumed,
         Self::CoordinatorAuditHead,
         Self::RoundOutcome,
     ];
@@ -179,6 +187,7 @@ impl EventKind {
             Self::OfferSent => "offer.sent",
             Self::UpdateReceived => "update.received",
             Self::UpdateExcluded => "update.excluded",
+            Self::UpdateInterrupted => "update.interrupted",
             Self::ModelExported => "model.exported",
             Self::AgentStarted => "agent.started",
             Self::AgentStopped => "agent.stopped",
@@ -193,6 +202,7 @@ impl EventKind {
             Self::TrainCompleted => "train.completed",
             Self::UpdateSent => "update.sent",
             Self::UpdateResult => "update.result",
+            Self::UpdateResumed => "update.resumed",
             Self::CoordinatorAuditHead => "coordinator.audit_head",
             Self::RoundOutcome => "round.outcome",
         }

@@ -280,6 +280,9 @@ pub enum VerifyError {
     /// The header's protocol version is not supported.
     #[error("update made for unsupported protocol version {0}")]
     UnsupportedVersion(u16),
+    /// A resumed upload does not continue an interrupted one.
+    #[error("upload cannot be resumed: {0}")]
+    NotResumable(String),
     /// The header names another site than the TLS-authenticated one.
     #[error("update claims site {claimed} but the connection is authenticated as {authenticated}")]
     IdentityMismatch {
@@ -383,6 +386,50 @@ pub fn verify_update(
     expected: &ExpectedUpdate,
     replay: &mut ReplayGuard,
 ) -> Result<PayloadVerifier, VerifyError> {
+    verify_envelope(envelope, authenticated, keys, expected)?;
+    let h = &envelope.header;
+    replay.record_attempt(h)?;
+    Ok(PayloadVerifier {
+        header: h.clone(),
+        hasher: blake3::Hasher::new(),
+        seen: 0,
+    })
+}
+
+/// Verify the envelope of an upload that resumes one a lost connection cut
+/// short: every check of [`verify_update`] again (the site's key may have
+/// been revoked, the round closed), then that it is the very same signed
+/// header as the interrupted upload's, whose nonce the guard recorded and
+/// whose round the site has not used. No new attempt is recorded. On
+/// success `partial` — the hash and count of the payload bytes the
+/// coordinator kept — continues with the remaining records, so the payload
+/// hash still covers the whole payload.
+pub fn verify_resumed_update(
+    envelope: &SignedEnvelope,
+    authenticated: &SiteId,
+    keys: &impl KeyDirectory,
+    expected: &ExpectedUpdate,
+    replay: &ReplayGuard,
+    partial: PayloadVerifier,
+) -> Result<PayloadVerifier, VerifyError> {
+    verify_envelope(envelope, authenticated, keys, expected)?;
+    let h = &envelope.header;
+    if partial.header != *h {
+        return Err(VerifyError::NotResumable(
+            "another signed header than the interrupted upload's".into(),
+        ));
+    }
+    replay.check_resumable(h)?;
+    Ok(partial)
+}
+
+/// The checks of [`verify_update`] short of the replay guard.
+fn verify_envelope(
+    envelope: &SignedEnvelope,
+    authenticated: &SiteId,
+    keys: &impl KeyDirectory,
+    expected: &ExpectedUpdate,
+) -> Result<(), VerifyError> {
     let h = &envelope.header;
     if !VersionRange::SUPPORTED.contains(h.protocol_version) {
         return Err(VerifyError::UnsupportedVersion(h.protocol_version));
@@ -440,12 +487,7 @@ pub fn verify_update(
     if let Some(stats) = &h.feature_stats {
         stats.validate().map_err(VerifyError::BadFeatureStats)?;
     }
-    replay.record_attempt(h)?;
-    Ok(PayloadVerifier {
-        header: h.clone(),
-        hasher: blake3::Hasher::new(),
-        seen: 0,
-    })
+    Ok(())
 }
 
 /// Hashes and counts payload bytes as they stream in; [`finish`] checks
@@ -623,6 +665,25 @@ impl ReplayGuard {
             if s.nonces.len() >= MAX_ATTEMPTS_PER_ROUND {
                 return Err(VerifyError::TooManyAttempts(h.site_id.clone()));
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the upload of `h` may resume: its nonce was recorded (its
+    /// first attempt got past the header check) and its site has not used
+    /// the round.
+    pub fn check_resumable(&self, h: &UpdateHeader) -> Result<(), VerifyError> {
+        let s = self.map.get(&key_of(h));
+        if s.is_some_and(|s| s.committed) {
+            return Err(VerifyError::RoundReplayed {
+                site: h.site_id.clone(),
+                round: h.round,
+            });
+        }
+        if !s.is_some_and(|s| s.nonces.contains(&h.nonce)) {
+            return Err(VerifyError::NotResumable(
+                "no upload with this nonce was started".into(),
+            ));
         }
         Ok(())
     }

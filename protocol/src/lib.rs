@@ -134,7 +134,7 @@ pub use encoding::{Encoding, EncodingError, ValueCodec};
 pub use envelope::{
     EvalMetrics, ExpectedUpdate, KeyDirectory, PayloadVerifier, ReplayGuard, SignatureBytes,
     SignedEnvelope, UPDATE_DOMAIN, UpdateHeader, UpdateNonce, VerifiedUpdate, VerifyError,
-    sign_update, verify_update,
+    sign_update, verify_resumed_update, verify_update,
 };
 pub use frame::{
     FRAME_HEADER_LEN, Frame, FrameDecoder, FrameError, FrameHeader, FrameKind, MAX_FRAME_LEN,
@@ -144,10 +144,11 @@ pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
     AUDIT_HEAD_VERSION, AuditHead, Augmentation, Bye, CENTRAL_DP_VERSION, Cancel, Capabilities,
     CentralDp, DeltaUpload, DpNoise, Heartbeat, Hello, IntensityJitter, MAX_INTENSITY_JITTER,
-    MIN_PROTOCOL_VERSION, Message, ModelFetch, ModelManifest, OfferDecision, OfferError,
-    OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, ROUND_OUTCOME_VERSION, Reject,
-    RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer, TrainingConfig, UploadResult,
-    VersionRange, Welcome, min_protocol_version, supports_audit_head, supports_round_outcome,
+    MIN_PROTOCOL_VERSION, Message, ModelFetch, ModelFetchFrom, ModelManifest, OfferDecision,
+    OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, RESUME_VERSION,
+    ROUND_OUTCOME_VERSION, Reject, RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer,
+    TrainingConfig, UploadProgress, UploadResult, VersionRange, Welcome, min_protocol_version,
+    supports_audit_head, supports_round_outcome,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{

@@ -64,7 +64,7 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// [`Message::RoundOutcome`] (the model a site's update went into); 5 — adds
 /// [`Message::TaskOfferV5`] (offers with [`TrainingConfig::augmentation`])
 /// and the U-Net of any depth (the `unet_deep` arch encoding).
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
 /// First protocol version that has [`Message::TaskOfferV3`].
@@ -74,6 +74,9 @@ pub const ROUND_OUTCOME_VERSION: u16 = 4;
 /// First protocol version that has [`Message::TaskOfferV5`] (data
 /// augmentation in the offer) and decodes a U-Net of depth other than 2.
 pub const TRAINING_V5_VERSION: u16 = 5;
+/// First version with resumable transfers: [`Message::ResumeUpload`],
+/// [`Message::UploadProgress`] and [`Message::ModelFetchFrom`].
+pub const RESUME_VERSION: u16 = 6;
 /// Largest multiplicative or additive intensity jitter an offer may ask for.
 pub const MAX_INTENSITY_JITTER: f64 = 0.5;
 /// Oldest protocol version this build speaks.
@@ -516,6 +519,30 @@ pub struct ModelFetch {
     pub hash: ModelHash,
 }
 
+/// Site → coordinator, protocol version >= [`RESUME_VERSION`]: the rest of
+/// a model download that a lost connection cut short. The coordinator
+/// answers with the whole [`ModelManifest`], then the chunk records from
+/// `from_record` on (the site kept the ones before).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFetchFrom {
+    /// The model version wanted.
+    pub hash: ModelHash,
+    /// Index of the first chunk record to send (0 = all of them).
+    pub from_record: u64,
+}
+
+/// Coordinator → site, protocol version >= [`RESUME_VERSION`], the answer
+/// to [`Message::ResumeUpload`]: how much of the signed payload the
+/// coordinator holds durably (whole chunk records, fsynced). The site sends
+/// the records after these, and nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadProgress {
+    /// Whole chunk records held.
+    pub records: u64,
+    /// Their bytes (the site checks them against its own records).
+    pub bytes: u64,
+}
+
 /// Coordinator → site: a model follows as `num_chunks` chunk frames.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelManifest {
@@ -733,6 +760,16 @@ pub enum Message {
     /// Coordinator → site, protocol version >= [`TRAINING_V5_VERSION`]:
     /// the offer with every field.
     TaskOfferV5(Box<TaskOffer>),
+    /// Site → coordinator, protocol version >= [`RESUME_VERSION`]: the same
+    /// signed envelope as an upload that a lost connection cut short. The
+    /// coordinator answers [`Message::UploadProgress`] (or an
+    /// [`UploadResult::Reject`]), then reads the remaining chunk frames.
+    ResumeUpload(Box<DeltaUpload>),
+    /// Coordinator → site, answer to [`Message::ResumeUpload`].
+    UploadProgress(UploadProgress),
+    /// Site → coordinator, protocol version >= [`RESUME_VERSION`]: resume a
+    /// model download.
+    ModelFetchFrom(ModelFetchFrom),
 }
 
 impl Message {
@@ -755,6 +792,9 @@ impl Message {
             Self::TaskOfferV3(_) => "TaskOfferV3",
             Self::RoundOutcome(_) => "RoundOutcome",
             Self::TaskOfferV5(_) => "TaskOfferV5",
+            Self::ResumeUpload(_) => "ResumeUpload",
+            Self::UploadProgress(_) => "UploadProgress",
+            Self::ModelFetchFrom(_) => "ModelFetchFrom",
         }
     }
 

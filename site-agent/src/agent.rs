@@ -1190,6 +1190,7 @@ async fn obtain_model(
                 model: hash.to_hex(),
                 bytes,
                 from_cache: true,
+                resumed_from_record: None,
             })?;
             return Ok(model);
         }
@@ -1249,6 +1250,7 @@ async fn obtain_model(
         model: hash.to_hex(),
         bytes: manifest.payload_len,
         from_cache: false,
+        resumed_from_record: None,
     })?;
     Ok(model)
 }

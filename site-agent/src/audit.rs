@@ -200,6 +200,10 @@ pub enum SiteEvent {
         bytes: u64,
         /// Whether it came from the local cache.
         from_cache: bool,
+        /// The download resumed one a lost connection cut short: the index
+        /// of the first record fetched again (the ones before were kept).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resumed_from_record: Option<u64>,
     },
     /// Local training finished.
     TrainCompleted {
@@ -245,6 +249,24 @@ pub enum SiteEvent {
         encoding: String,
         /// Whether the header carried the feature statistics.
         feature_stats: bool,
+    },
+    /// An upload cut short by a lost connection was resumed on a new one:
+    /// the same signed envelope, the records from `from_record` on.
+    UpdateResumed {
+        /// Job.
+        job: String,
+        /// Round.
+        round: u64,
+        /// blake3 of the whole payload (unchanged).
+        payload_hash: String,
+        /// The upload's nonce (hex, unchanged).
+        nonce: String,
+        /// Records the coordinator held (not sent again).
+        from_record: u64,
+        /// Their bytes.
+        bytes_held: u64,
+        /// Bytes sent again on this connection.
+        bytes_sent: u64,
     },
     /// What the coordinator answered to an upload.
     UpdateResult {
@@ -323,6 +345,7 @@ impl SiteEvent {
             Self::TrainCompleted { .. } => EventKind::TrainCompleted,
             Self::UpdateSent { .. } => EventKind::UpdateSent,
             Self::UpdateResult { .. } => EventKind::UpdateResult,
+            Self::UpdateResumed { .. } => EventKind::UpdateResumed,
             Self::RoundOutcome { .. } => EventKind::RoundOutcome,
             Self::CoordinatorAuditHead { .. } => EventKind::CoordinatorAuditHead,
         }

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::VerifyingKey;
-use fedlink_protocol::envelope::{ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_update};
+use fedlink_protocol::envelope::{
+    ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_resumed_update, verify_update,
+};
 use fedlink_protocol::message::RejectCode;
 use fedlink_protocol::{
     Encoding, FederationId, JobId, ModelSpec, ReplayGuard, RoundId, SiteId, VerifyError,
@@ -73,6 +75,44 @@ pub fn verify_header(
     site: &str,
     envelope: &SignedEnvelope,
 ) -> Result<PayloadVerifier, Refusal> {
+    let (authenticated, want) = round_view(runner, expected, site, envelope)?;
+    verify_update(envelope, &authenticated, expected.keys, &want, replay)
+        .map_err(|e| Refusal::new(verify_code(&e), e.to_string()))
+}
+
+/// The header stage of a resumed upload ([`super::resume`]): the same
+/// checks as [`verify_header`] against the job as it is now, then that the
+/// envelope is the very one of the interrupted upload whose verifier
+/// (`partial`) the coordinator kept. No new attempt is recorded in
+/// `replay`; the returned verifier continues after the kept records.
+pub fn verify_resume(
+    runner: &JobRunner,
+    expected: &Expected<'_>,
+    replay: &ReplayGuard,
+    site: &str,
+    envelope: &SignedEnvelope,
+    partial: PayloadVerifier,
+) -> Result<PayloadVerifier, Refusal> {
+    let (authenticated, want) = round_view(runner, expected, site, envelope)?;
+    verify_resumed_update(
+        envelope,
+        &authenticated,
+        expected.keys,
+        &want,
+        replay,
+        partial,
+    )
+    .map_err(|e| Refusal::new(verify_code(&e), e.to_string()))
+}
+
+/// The round machine's view of an upload of `site`, and what its envelope
+/// must match.
+fn round_view(
+    runner: &JobRunner,
+    expected: &Expected<'_>,
+    site: &str,
+    envelope: &SignedEnvelope,
+) -> Result<(SiteId, ExpectedUpdate), Refusal> {
     let h = &envelope.header;
     runner
         .check_upload(site, h.round.0)
@@ -90,8 +130,7 @@ pub fn verify_header(
         encoding: expected.encoding,
         max_payload_len: fedlink_protocol::payload::max_payload_len(expected.spec, &h.encoding),
     };
-    verify_update(envelope, &authenticated, expected.keys, &want, replay)
-        .map_err(|e| Refusal::new(verify_code(&e), e.to_string()))
+    Ok((authenticated, want))
 }
 
 /// Whether an update of `site` may claim `claimed` training examples: at
@@ -159,7 +198,8 @@ pub fn verify_code(e: &VerifyError) -> RejectCode {
         VerifyError::FederationMismatch { .. } => RejectCode::WrongFederation,
         VerifyError::NonceReplayed(_)
         | VerifyError::RoundReplayed { .. }
-        | VerifyError::TooManyAttempts(_) => RejectCode::Replay,
+        | VerifyError::TooManyAttempts(_)
+        | VerifyError::NotResumable(_) => RejectCode::Replay,
         VerifyError::PayloadLengthMismatch { .. }
         | VerifyError::PayloadHashMismatch
         | VerifyError::PayloadTooLarge { .. } => RejectCode::PayloadMismatch,

@@ -27,6 +27,10 @@
 //! payload (round machine, signature, context, size, replay, claimed
 //! weight), before a payload byte is read.
 //!
+//! [`resume`] keeps what arrived of an upload a lost connection cut short,
+//! for the site to send the rest; [`intake::verify_resume`] admits the
+//! resumed upload (the same signed envelope).
+//!
 //! [`admin`] turns pause / resume / abort of the running or a queued job
 //! into effects, the audit append first.
 //!
@@ -61,6 +65,7 @@
 pub mod admin;
 pub mod intake;
 pub mod queue;
+pub mod resume;
 pub mod sim;
 mod sites;
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fedlink_audit::EventKind;
 use fedlink_certs::{Role, check_role_for_alpn};
@@ -13,14 +13,17 @@ use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
 use fedlink_protocol::{
-    Message, SignedEnvelope, VersionRange, supports_audit_head, supports_round_outcome,
+    Message, RESUME_VERSION, SignedEnvelope, VersionRange, supports_audit_head,
+    supports_round_outcome,
 };
 use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
-use super::engine::{Event, UpdateReady, UploadTicket, unix_ms, update_received_details};
+use super::engine::{
+    Event, UpdateReady, UploadInterrupted, UploadTicket, unix_ms, update_received_details,
+};
 use super::limits;
 use super::refusals::peer_text;
 use super::spool::{self, SpoolWriter};
@@ -467,7 +470,7 @@ async fn serve_site(
     // started must arrive whole (a site trickling bytes holds nothing).
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
-    let result = control_loop(conn, site, shared, &mut recv, heads).await;
+    let result = control_loop(conn, site, version, shared, &mut recv, heads).await;
     let _ = shared
         .engine
         .send(Event::Disconnected {
@@ -482,6 +485,7 @@ async fn serve_site(
 async fn control_loop(
     conn: &ServerConn,
     site: &str,
+    version: u16,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
@@ -509,7 +513,8 @@ async fn control_loop(
                 let site = site.clone();
                 let conn = conn.clone();
                 shared.tasks.clone().spawn(async move {
-                    if let Err(e) = handle_stream(&conn, &site, &shared, send, recv).await {
+                    if let Err(e) = handle_stream(&conn, &site, version, &shared, send, recv).await
+                    {
                         tracing::warn!(site = %site, error = %e, "stream failed");
                     }
                 });
@@ -660,6 +665,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 async fn handle_stream(
     conn: &ServerConn,
     site: &str,
+    version: u16,
     shared: &Arc<Shared>,
     mut send: FramedSend,
     mut recv: FramedRecv,
@@ -673,14 +679,33 @@ async fn handle_stream(
                 "the stream's first message in time (stream_first_message_secs)",
             )
         })??;
+    let resumable = version >= RESUME_VERSION;
+    let upload = |resume| Upload {
+        site,
+        version,
+        resume,
+    };
     match first {
-        Message::ModelFetch(f) => serve_model(shared, f.hash, send).await,
-        Message::DeltaUpload(u) => receive_upload(conn, site, shared, u.envelope, send, recv).await,
+        Message::ModelFetch(f) => serve_model(shared, f.hash, 0, send).await,
+        Message::ModelFetchFrom(f) if resumable => {
+            serve_model(shared, f.hash, f.from_record, send).await
+        }
+        Message::DeltaUpload(u) => {
+            receive_upload(conn, upload(false), shared, u.envelope, send, recv).await
+        }
+        Message::ResumeUpload(u) if resumable => {
+            receive_upload(conn, upload(true), shared, u.envelope, send, recv).await
+        }
         other => {
             send.message(&Message::Reject(Reject {
                 code: RejectCode::UnexpectedMessage,
                 message: format!(
-                    "a new stream must start with ModelFetch or DeltaUpload, not {}",
+                    "a new stream must start with ModelFetch or DeltaUpload{}, not {}",
+                    if resumable {
+                        " (or ModelFetchFrom, ResumeUpload)"
+                    } else {
+                        ""
+                    },
                     other.name()
                 ),
             }))
@@ -693,6 +718,7 @@ async fn handle_stream(
 async fn serve_model(
     shared: &Arc<Shared>,
     hash: fedlink_protocol::ModelHash,
+    from_record: u64,
     mut send: FramedSend,
 ) -> Result<(), TransportError> {
     // Bounded: each download holds a read buffer, a chunk and QUIC send
@@ -723,10 +749,19 @@ async fn serve_model(
     // allocator to map and unmap them, so they do not fragment its arenas.
     const PIECE: usize = 256 << 10;
     let mut reader = RecordReader::open(&wire.path).map_err(TransportError::Stream)?;
+    // A resumed download: the site kept the records before `from_record`
+    // (it checks the whole model's hash at the end).
+    let mut index = 0u64;
     loop {
         let head =
             tokio::task::block_in_place(|| reader.next_head()).map_err(TransportError::Stream)?;
         let Some((head, len)) = head else { break };
+        index += 1;
+        if index <= from_record {
+            tokio::task::block_in_place(|| reader.skip_body(len.saturating_sub(head.len())))
+                .map_err(TransportError::Stream)?;
+            continue;
+        }
         send.begin_chunk(len).await?;
         send.chunk_body(bytes::Bytes::copy_from_slice(&head))
             .await?;
@@ -786,19 +821,99 @@ impl Drop for UploadWindow<'_> {
     }
 }
 
+/// Which upload a stream carries.
+#[derive(Clone, Copy, Debug)]
+struct Upload<'a> {
+    site: &'a str,
+    /// The site's negotiated protocol version.
+    version: u16,
+    /// A resume of an interrupted upload (`ResumeUpload`), not a new one.
+    resume: bool,
+}
+
+type InFlightKey = (String, [u8; 16]);
+
+/// Marks an upload as being received, by (site, nonce), until dropped: a
+/// resume of it waits for this attempt to end (and be kept) first.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    key: InFlightKey,
+    done: tokio::sync::watch::Sender<()>,
+}
+
+impl<'a> InFlight<'a> {
+    fn register(shared: &'a Shared, key: InFlightKey) -> Self {
+        let (done, rx) = tokio::sync::watch::channel(());
+        if let Ok(mut m) = shared.uploads_in_flight.lock() {
+            m.insert(key.clone(), rx);
+        }
+        Self { shared, key, done }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.uploads_in_flight.lock()
+            && m.get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.done.subscribe()))
+        {
+            m.remove(&self.key);
+        }
+    }
+}
+
+/// Wait (at most `limit`) until no attempt of the upload `key` is being
+/// received: a site that reconnects at once resumes before the coordinator
+/// has seen its old connection end.
+async fn wait_until_not_in_flight(shared: &Shared, key: &InFlightKey, limit: Duration) {
+    let rx = shared
+        .uploads_in_flight
+        .lock()
+        .ok()
+        .and_then(|m| m.get(key).cloned());
+    if let Some(mut rx) = rx {
+        // Ends with an error when the attempt's sender is dropped.
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
+    }
+}
+
+/// How receiving an upload's records ended early.
+enum Cut {
+    /// The upload is refused (bad records, local failure).
+    Refused(RejectCode, String),
+    /// The connection was lost or the site stopped sending: what arrived
+    /// may be kept for a resume. The code and message are for the site, if
+    /// it still listens.
+    Interrupted(RejectCode, String),
+}
+
+/// Whether a receive error is the connection or stream going away (the
+/// upload may resume) rather than a bad frame from the site.
+fn is_interruption(e: &TransportError) -> bool {
+    !matches!(
+        e,
+        TransportError::Frame(_) | TransportError::UnexpectedFrame { .. }
+    )
+}
+
 async fn receive_upload(
     conn: &ServerConn,
-    site: &str,
+    up: Upload<'_>,
     shared: &Arc<Shared>,
     envelope: SignedEnvelope,
     mut send: FramedSend,
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
+    let site = up.site;
     // Low on disk: the spool and archive would take what the audit log
     // needs. Refused before a byte is stored (the `disk.low` entry records
     // the state once, not each refusal); the site retries later.
     if let Err(why) = shared.disk_allows_new_work() {
         return reject_upload(&mut send, recv, RejectCode::Busy, why).await;
+    }
+    let key: InFlightKey = (site.to_owned(), envelope.header.nonce.0);
+    if up.resume {
+        wait_until_not_in_flight(shared, &key, shared.peer.upload_stall_timeout).await;
     }
     let Ok(_permit) = shared.uploads.acquire().await else {
         return reject_upload(
@@ -810,14 +925,20 @@ async fn receive_upload(
         .await;
     };
     let (reply, answer) = oneshot::channel();
-    let _ = shared
-        .engine
-        .send(Event::PrepareUpload {
+    let event = if up.resume {
+        Event::PrepareResume {
             site: site.to_owned(),
             envelope: Box::new(envelope.clone()),
             reply,
-        })
-        .await;
+        }
+    } else {
+        Event::PrepareUpload {
+            site: site.to_owned(),
+            envelope: Box::new(envelope.clone()),
+            reply,
+        }
+    };
+    let _ = shared.engine.send(event).await;
     let ticket = match answer.await {
         Ok(Ok(t)) => t,
         Ok(Err((code, message))) => return reject_upload(&mut send, recv, code, message).await,
@@ -831,17 +952,26 @@ async fn receive_upload(
             .await;
         }
     };
+    let _in_flight = InFlight::register(shared, key);
     let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
         mut validator,
         spec,
         spool_path,
+        resume_from,
     } = ticket;
-    let mut spool = match SpoolWriter::create(spool_path) {
+    let opened = match resume_from {
+        None => SpoolWriter::create(spool_path.clone()),
+        Some(p) => SpoolWriter::append(spool_path.clone(), p.bytes),
+    };
+    let mut spool = match opened {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(site, error = %e, "cannot create a spool file");
+            tracing::error!(site, error = %e, "cannot open the spool file");
+            if resume_from.is_some() {
+                let _ = std::fs::remove_file(&spool_path);
+            }
             return reject_upload(
                 &mut send,
                 recv,
@@ -851,12 +981,20 @@ async fn receive_upload(
             .await;
         }
     };
+    let mut records = resume_from.map_or(0, |p| p.records);
     // Only now, with an upload slot, may the site send more than the idle
     // connection window: a site waiting for a slot costs ≈ nothing.
     conn.open_upload_window(&mut recv, verifier.remaining());
     let _window = UploadWindow(conn);
     // Receive: hash and spool every chunk record; never more than declared.
-    let received: Result<(), (RejectCode, String)> = async {
+    let received: Result<(), Cut> = async {
+        if let Some(p) = resume_from {
+            send.message(&Message::UploadProgress(p))
+                .await
+                .map_err(|e| {
+                    Cut::Interrupted(RejectCode::Malformed, format!("sending the progress: {e}"))
+                })?;
+        }
         while verifier.remaining() > 0 {
             // A site that stops sending must not hold its slot (and with
             // it the uploads, and the control messages, of waiting sites).
@@ -864,7 +1002,7 @@ async fn receive_upload(
             let rec = tokio::time::timeout(stall, recv.chunk())
                 .await
                 .map_err(|_| {
-                    (
+                    Cut::Interrupted(
                         RejectCode::TooLate,
                         format!(
                             "no payload record within {} s while holding an upload slot",
@@ -872,31 +1010,79 @@ async fn receive_upload(
                         ),
                     )
                 })?
-                .map_err(|e| (RejectCode::Malformed, format!("receiving the payload: {e}")))?;
+                .map_err(|e| {
+                    let why = format!("receiving the payload: {e}");
+                    if is_interruption(&e) {
+                        Cut::Interrupted(RejectCode::Malformed, why)
+                    } else {
+                        Cut::Refused(RejectCode::Malformed, why)
+                    }
+                })?;
             verifier
                 .update(&rec)
-                .map_err(|e| (crate::core::intake::verify_code(&e), e.to_string()))?;
+                .map_err(|e| Cut::Refused(crate::core::intake::verify_code(&e), e.to_string()))?;
             tokio::task::block_in_place(|| spool.write(&rec))
-                .map_err(|e| (RejectCode::Internal, e.to_string()))?;
+                .map_err(|e| Cut::Refused(RejectCode::Internal, e.to_string()))?;
+            records += 1;
         }
         match recv.next_frame().await {
             Ok(None) => Ok(()),
-            Ok(Some(_)) => Err((
+            Ok(Some(_)) => Err(Cut::Refused(
                 RejectCode::PayloadMismatch,
                 "more payload than the signed length".into(),
             )),
-            Err(e) => Err((RejectCode::Malformed, format!("after the payload: {e}"))),
+            Err(e) => Err(Cut::Refused(
+                RejectCode::Malformed,
+                format!("after the payload: {e}"),
+            )),
         }
     }
     .await;
     let spool_path = spool.path().to_owned();
     let upload_ms = upload_started.elapsed().as_millis() as u64;
-    if let Err((code, message)) = received {
-        drop(spool);
-        let _ = std::fs::remove_file(&spool_path);
-        tracing::warn!(site, ?code, reason = %message, "upload refused while receiving");
-        audit_upload_refused(shared, site, &envelope, verifier.received(), &message);
-        return reject_upload(&mut send, recv, code, message).await;
+    match received {
+        Ok(()) => {}
+        Err(Cut::Refused(code, message)) => {
+            drop(spool);
+            let _ = std::fs::remove_file(&spool_path);
+            tracing::warn!(site, ?code, reason = %message, "upload refused while receiving");
+            audit_upload_refused(shared, site, &envelope, verifier.received(), &message);
+            return reject_upload(&mut send, recv, code, message).await;
+        }
+        Err(Cut::Interrupted(code, message)) => {
+            // Kept only once durable: a resume appends to exactly these
+            // records.
+            let durable = tokio::task::block_in_place(|| spool.sync());
+            drop(spool);
+            let spool_path = match durable {
+                Ok(()) => Some(spool_path),
+                Err(e) => {
+                    tracing::error!(site, error = %e, "cannot sync an interrupted upload's spool");
+                    let _ = std::fs::remove_file(&spool_path);
+                    None
+                }
+            };
+            let resumable = up.version >= RESUME_VERSION && spool_path.is_some();
+            let _ = shared
+                .engine
+                .send(Event::UploadInterrupted(Box::new(UploadInterrupted {
+                    site: site.to_owned(),
+                    envelope,
+                    verifier,
+                    records,
+                    spool_path,
+                    resumable,
+                    cause: message.clone(),
+                })))
+                .await;
+            let message = if resumable {
+                format!("{message}; the {records} records received are kept: resume the upload")
+            } else {
+                message
+            };
+            // Best effort: the site is usually gone.
+            return reject_upload(&mut send, recv, code, message).await;
+        }
     }
     let bytes = verifier.received();
     if let Err(e) = verifier.finish() {

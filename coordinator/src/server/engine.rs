@@ -20,7 +20,7 @@ use fedlink_audit::EventKind;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
-    UploadResult,
+    UploadProgress, UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
@@ -33,6 +33,7 @@ use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::intake::{self, reason_text, reject_code};
+use crate::core::resume::{Interrupted, Kept, Partials};
 use crate::core::{CloseReason, JobNeeds};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
@@ -74,6 +75,16 @@ pub(crate) enum Event {
         envelope: Box<SignedEnvelope>,
         reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
     },
+    /// A site wants to resume an upload a lost connection cut short (the
+    /// same signed envelope): verify it against the kept partial upload.
+    PrepareResume {
+        site: String,
+        envelope: Box<SignedEnvelope>,
+        reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
+    },
+    /// An upload's connection was lost (or its site stalled) part way: keep
+    /// what arrived for a resume, or drop it.
+    UploadInterrupted(Box<UploadInterrupted>),
     /// An upload arrived completely and went through pass 1.
     UpdateReady(Box<UpdateReady>),
     /// The site manifest changed: the update keys to use from now on.
@@ -92,6 +103,25 @@ pub(crate) struct UploadTicket {
     pub(crate) validator: UpdateValidator,
     pub(crate) spec: fedlink_protocol::ModelSpec,
     pub(crate) spool_path: PathBuf,
+    /// For a resumed upload: the records (and their bytes) already in the
+    /// spool, which the verifier has hashed.
+    pub(crate) resume_from: Option<UploadProgress>,
+}
+
+/// What arrived of an upload before its connection was lost.
+#[derive(Debug)]
+pub(crate) struct UploadInterrupted {
+    pub(crate) site: String,
+    pub(crate) envelope: SignedEnvelope,
+    /// Over exactly the records in the spool.
+    pub(crate) verifier: PayloadVerifier,
+    pub(crate) records: u64,
+    /// The spool, fsynced (`None`: it could not be made durable).
+    pub(crate) spool_path: Option<PathBuf>,
+    /// Whether the site's protocol version can resume.
+    pub(crate) resumable: bool,
+    /// What ended the upload.
+    pub(crate) cause: String,
 }
 
 /// The result of receiving and checking an upload.
@@ -172,6 +202,8 @@ pub(crate) struct Engine {
     /// The connected sites (held across jobs: see [`super::links`]).
     links: Links,
     pending: HashMap<(String, u64), Pending>,
+    /// Uploads cut short, kept for their sites to resume.
+    partials: Partials<PathBuf>,
     round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
@@ -237,6 +269,7 @@ impl Engine {
             replay: parts.replay,
             links: Links::default(),
             pending: HashMap::new(),
+            partials: Partials::new(),
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
             status: parts.status,
@@ -384,6 +417,20 @@ impl Engine {
                 }
                 let _ = reply.send(answer);
             }
+            Event::PrepareResume {
+                site,
+                envelope,
+                reply,
+            } => {
+                let answer = self.prepare_resume(&site, &envelope);
+                if let Err((code, why)) = &answer {
+                    tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
+                    let h = &envelope.header;
+                    self.note_rejected(&site, &envelope, h.payload_len, why)?;
+                }
+                let _ = reply.send(answer);
+            }
+            Event::UploadInterrupted(it) => self.upload_interrupted(*it)?,
             Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
             Event::Keys(keys) => self.set_keys(keys),
             Event::RecheckPeers => self.recheck_peers(now),
@@ -479,7 +526,167 @@ impl Engine {
             validator: agg.validator(site, h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
+            resume_from: None,
         })
+    }
+
+    /// A site resumes an upload: the kept partial upload of its (site,
+    /// round), the envelope checked again against the job as it is now and
+    /// against the partial's. Whatever the answer, the partial is used up:
+    /// continued by this upload, or dropped with it.
+    fn prepare_resume(
+        &mut self,
+        site: &str,
+        envelope: &SignedEnvelope,
+    ) -> Result<UploadTicket, (RejectCode, String)> {
+        let h = &envelope.header;
+        let Some(kept) = self.partials.take(site, h.round.0) else {
+            return Err((
+                RejectCode::Replay,
+                format!(
+                    "upload cannot be resumed: no interrupted upload of site {site} for round {}                      is kept (the round may have closed, or the coordinator restarted);                      sign the update again with a new nonce",
+                    h.round.0
+                ),
+            ));
+        };
+        let spool_path = kept.spool.clone();
+        let records = kept.records;
+        let result = self.resume_ticket(site, envelope, kept.verifier, records, spool_path);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&kept.spool);
+        }
+        result
+    }
+
+    fn resume_ticket(
+        &mut self,
+        site: &str,
+        envelope: &SignedEnvelope,
+        partial: PayloadVerifier,
+        records: u64,
+        spool_path: PathBuf,
+    ) -> Result<UploadTicket, (RejectCode, String)> {
+        let h = &envelope.header;
+        let expected = intake::Expected {
+            federation: &self.federation,
+            job: &self.job_id,
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            encoding: self.job.encoding.to_protocol().ok(),
+            spec: &self.global_spec,
+            keys: &self.keys,
+        };
+        let verifier = intake::verify_resume(
+            &self.runner,
+            &expected,
+            &self.replay,
+            site,
+            envelope,
+            partial,
+        )
+        .map_err(|r| (r.code, r.reason))?;
+        let Some((_, agg)) = self.aggregator.as_ref() else {
+            return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
+        };
+        let declared = self
+            .wire
+            .site_max_examples(site)
+            .map_err(|e| (RejectCode::Internal, e))?;
+        intake::check_num_examples(
+            site,
+            h.num_examples,
+            self.strategy.max_num_examples,
+            declared,
+        )
+        .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        Ok(UploadTicket {
+            resume_from: Some(UploadProgress {
+                records,
+                bytes: verifier.received(),
+            }),
+            verifier,
+            validator: agg.validator(site, h.num_examples),
+            spec: self.global_spec.clone(),
+            spool_path,
+        })
+    }
+
+    /// An upload was cut short: keep it for a resume if its site may still
+    /// send the rest, and record `update.interrupted` either way.
+    fn upload_interrupted(&mut self, it: UploadInterrupted) -> Result<(), EngineError> {
+        let UploadInterrupted {
+            site,
+            envelope,
+            verifier,
+            records,
+            spool_path,
+            resumable,
+            cause,
+        } = it;
+        let bytes = verifier.received();
+        let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
+        let kept = match spool_path {
+            Some(spool) => self.partials.keep(
+                &self.runner,
+                open_round,
+                &site,
+                resumable,
+                Interrupted {
+                    verifier,
+                    records,
+                    spool,
+                },
+            ),
+            None => Kept::Dropped {
+                spool: PathBuf::new(),
+                why: "the received records could not be made durable".into(),
+            },
+        };
+        let (kept_for_resume, dropped_why) = match kept {
+            Kept::Kept { replaced } => {
+                if let Some(old) = replaced {
+                    let _ = std::fs::remove_file(old);
+                }
+                (true, None)
+            }
+            Kept::Dropped { spool, why } => {
+                if !spool.as_os_str().is_empty() {
+                    let _ = std::fs::remove_file(spool);
+                }
+                (false, Some(why))
+            }
+        };
+        tracing::info!(
+            site = %site,
+            records,
+            bytes,
+            kept_for_resume,
+            cause = %cause,
+            "upload interrupted"
+        );
+        let h = &envelope.header;
+        let details = serde_json::json!({
+            "job": h.job_id.as_str(),
+            "round": h.round.0,
+            "site": h.site_id.as_str(),
+            "payload_hash": h.payload_hash.to_hex(),
+            "payload_bytes": h.payload_len,
+            "nonce": hex::encode(h.nonce.0),
+            "records_received": records,
+            "bytes_received": bytes,
+            "cause": cause,
+            "kept_for_resume": kept_for_resume,
+            "not_kept_because": dropped_why,
+        });
+        let actor = self.site_actor(&site);
+        self.wire
+            .audit()
+            .record(&actor, EventKind::UpdateInterrupted, details)
+            .map_err(|e| {
+                EngineError::Fatal(format!(
+                    "{e} (while recording an interrupted upload of {site})"
+                ))
+            })?;
+        Ok(())
     }
 
     fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
@@ -543,6 +750,14 @@ impl Engine {
     fn drain(&mut self, now: Instant) -> Result<(), EngineError> {
         while let Some(action) = self.runner.poll_action() {
             self.execute(now, action)?;
+        }
+        // Kept partial uploads that can no longer be resumed (their round
+        // closed, their site was dropped from it) give back their disk.
+        if !self.partials.is_empty() {
+            let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
+            for spool in self.partials.prune(&self.runner, open_round) {
+                let _ = std::fs::remove_file(spool);
+            }
         }
         // An upload the runner neither acknowledged nor rejected (it cannot
         // happen with the current machine) must not hang its site.

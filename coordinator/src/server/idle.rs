@@ -70,6 +70,11 @@ impl Idle {
                 site,
                 envelope,
                 reply,
+            }
+            | Event::PrepareResume {
+                site,
+                envelope,
+                reply,
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
                 let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
@@ -86,6 +91,15 @@ impl Idle {
                     ),
                 };
                 let _ = reply.send(Err(answer));
+            }
+            Event::UploadInterrupted(it) => {
+                // Its job ended while it was being received: nothing to
+                // resume into.
+                if let Some(path) = &it.spool_path
+                    && let Err(e) = std::fs::remove_file(path)
+                {
+                    tracing::debug!(error = %e, "removing a spool file");
+                }
             }
             Event::UpdateReady(ready) => {
                 // Only a ticket from a running job leads here; none exists.

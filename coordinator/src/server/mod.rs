@@ -117,6 +117,10 @@ pub(crate) struct Shared {
     heartbeat: Duration,
     uploads: Semaphore,
     downloads: Semaphore,
+    /// Uploads being received, by (site, nonce): a resume of one waits
+    /// until its interrupted first attempt has ended and been kept.
+    pub(crate) uploads_in_flight:
+        Mutex<HashMap<(String, [u8; 16]), tokio::sync::watch::Receiver<()>>>,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
     /// What the running job asks of its sites (codec family, protocol
@@ -623,6 +627,7 @@ pub async fn serve(
         heartbeat: cfg.heartbeat_interval(),
         uploads: Semaphore::new(cfg.max_concurrent_uploads),
         downloads: Semaphore::new(cfg.max_concurrent_downloads),
+        uploads_in_flight: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         wire: RwLock::new(HashMap::new()),
         job_needs: RwLock::new(JobNeeds::ANY),

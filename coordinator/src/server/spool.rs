@@ -51,6 +51,32 @@ impl SpoolWriter {
         Ok(Self { out: file, path })
     }
 
+    /// Reopen the spool of an interrupted upload to append the rest:
+    /// it must hold exactly the `len` bytes the upload's verifier hashed
+    /// (a longer file is cut back to them).
+    pub(crate) fn append(path: PathBuf, len: u64) -> Result<Self, SpoolError> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let on_disk = file.metadata().map_err(io(&path))?.len();
+        if on_disk < len {
+            return Err(SpoolError::Truncated(path));
+        }
+        if on_disk > len {
+            file.set_len(len).map_err(io(&path))?;
+        }
+        let mut out = file;
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(len)).map_err(io(&path))?;
+        Ok(Self { out, path })
+    }
+
+    /// Make what was written durable (an interrupted upload is kept for a
+    /// resume only once its records are on disk).
+    pub(crate) fn sync(&self) -> Result<(), SpoolError> {
+        self.out.sync_data().map_err(io(&self.path))
+    }
+
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         self.out.write_all(bytes).map_err(io(&self.path))
     }
