@@ -59,8 +59,13 @@
 //! connection ends, or the round is cancelled or superseded, the task is
 //! aborted. Training that is already running in the blocking pool finishes
 //! in the background and its result is dropped. After reconnecting, the
-//! coordinator re-sends the offer if the round is still open and the round
-//! starts over (the global model is then read from the cache).
+//! coordinator re-sends the offer if the round is still open. With
+//! protocol version >= 6 a transfer that was cut resumes ([`crate::resume`]):
+//! an update that was signed and being uploaded is not trained again — the
+//! same signed envelope goes out with `ResumeUpload`, then only the records
+//! the coordinator does not hold; a model download asks for the records it
+//! lacks (`ModelFetchFrom`). Otherwise the round starts over (the global
+//! model is then read from the cache).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -72,9 +77,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
-    ModelFetch, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RejectCode, SignedEnvelope,
-    TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome,
-    encode_payload, sign_update, supports_audit_head, supports_round_outcome,
+    ModelFetch, ModelFetchFrom, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION,
+    RESUME_VERSION, RejectCode, SignedEnvelope, TRAINING_V5_VERSION, UpdateHeader, UpdateNonce,
+    UploadResult, VersionRange, Welcome, encode_payload, sign_update, supports_audit_head,
+    supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -89,6 +95,7 @@ use crate::config::SiteConfig;
 use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
+use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
 use crate::train::{self, TrainError};
 
@@ -237,11 +244,21 @@ struct Ctx {
     selector: Mutex<Selector>,
     /// The HTTP proxy for the TCP path, if any.
     proxy: Option<Proxy>,
+    /// Transfers kept across connections, to resume.
+    transfers: Mutex<Transfers>,
 }
 
 impl Ctx {
     fn record(&self, event: SiteEvent) -> Result<Recorded, fedlink_audit::Error> {
         self.recorder.record(event)
+    }
+
+    fn transfers<T>(&self, f: impl FnOnce(&mut Transfers) -> T) -> T {
+        let mut t = self
+            .transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut t)
     }
 }
 
@@ -338,6 +355,7 @@ impl Agent {
             },
             selector: Mutex::new(selector),
             proxy,
+            transfers: Mutex::new(Transfers::default()),
         })
     }
 
@@ -992,11 +1010,18 @@ async fn run_task(
     a: &Assignment,
 ) -> Result<(), TaskError> {
     let offer = &a.offer;
+    // The update of this round was signed and being uploaded when the
+    // connection was lost: send the rest of it, do not train again.
+    if session.protocol_version >= RESUME_VERSION
+        && let Some(kept) = ctx.transfers(|t| t.upload_for(offer))
+    {
+        return resume_upload(ctx, conn, session, kept).await;
+    }
     let spec = offer
         .arch
         .spec()
         .map_err(|e| TaskError::Protocol(format!("offered architecture: {e}")))?;
-    let global = obtain_model(ctx, conn, offer.base_model, &spec).await?;
+    let global = obtain_model(ctx, conn, session, offer.base_model, &spec).await?;
 
     // Standardise (with the offer's scaling, if any), evaluate the global
     // model, then train: CPU-heavy, off the runtime so that heartbeats keep
@@ -1132,19 +1157,45 @@ async fn run_task(
         encoding: encoding.name(),
         feature_stats: header_has_stats,
     })?;
-    let (fully_sent, result) = upload(conn, envelope, records).await?;
+    let records: Vec<bytes::Bytes> = records.into_iter().map(bytes::Bytes::from).collect();
+    if session.protocol_version >= RESUME_VERSION {
+        // Kept until answered: a lost connection resumes it.
+        ctx.transfers(|t| {
+            t.keep_upload(KeptUpload {
+                envelope: envelope.clone(),
+                records: records.clone(),
+            })
+        });
+    }
+    let (send, recv) = conn.open_bi().await?;
+    let opening = Message::DeltaUpload(Box::new(DeltaUpload {
+        envelope: envelope.clone(),
+    }));
+    let (fully_sent, result) = send_and_answer(send, recv, Some(opening), &records).await?;
     if !fully_sent {
         tracing::info!(round = %offer.round, "the coordinator answered before the whole payload was sent");
     }
-    let (outcome, accepted, reason) = match &result {
+    upload_answered(ctx, &envelope, &result)
+}
+
+/// Record the coordinator's answer to the upload of `envelope` (and stop
+/// keeping the upload for a resume).
+fn upload_answered(
+    ctx: &Ctx,
+    envelope: &SignedEnvelope,
+    result: &UploadResult,
+) -> Result<(), TaskError> {
+    ctx.transfers(|t| t.upload_answered(envelope));
+    let h = &envelope.header;
+    let (outcome, accepted, reason) = match result {
         UploadResult::Ack {
             payload_hash,
             accepted,
         } => {
-            if *payload_hash != summary.payload_hash {
+            if *payload_hash != h.payload_hash {
                 return Err(TaskError::Protocol(format!(
                     "acknowledged payload {payload_hash}, sent {}",
-                    summary.payload_hash
+                    h.payload_hash
                 )));
             }
             ("ack", *accepted, None)
@@ -1156,15 +1207,114 @@ async fn run_task(
         ),
     };
     ctx.record(SiteEvent::UpdateResult {
-        job: offer.job_id.to_string(),
-        round: offer.round.0,
-        payload_hash: summary.payload_hash.to_hex(),
-        nonce,
+        job: h.job_id.to_string(),
+        round: h.round.0,
+        payload_hash: h.payload_hash.to_hex(),
+        nonce: hex::encode(h.nonce.0),
         outcome: outcome.to_owned(),
         accepted,
         reason,
     })?;
     Ok(())
+}
+
+/// Resume the kept upload of a round: `ResumeUpload` with the same signed
+/// envelope; the coordinator answers how many records it holds
+/// (`UploadProgress`), and only the rest are sent. A coordinator that kept
+/// nothing (it restarted, or the round moved on) refuses: the update is
+/// then signed again with a new nonce and sent whole — still without
+/// training again.
+async fn resume_upload(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    session: &Session,
+    kept: KeptUpload,
+) -> Result<(), TaskError> {
+    let (job, round) = kept.round();
+    tracing::info!(job = %job, round = %round, "resuming the upload cut short by the lost connection");
+    let envelope = kept.envelope.clone();
+    let h = &envelope.header;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.message(&Message::ResumeUpload(Box::new(DeltaUpload {
+        envelope: envelope.clone(),
+    })))
+    .await?;
+    let progress = match recv.message().await? {
+        Message::UploadProgress(p) => p,
+        Message::UploadResult(UploadResult::Reject { code, message })
+            if code == RejectCode::Replay =>
+        {
+            // Not resumable: record the refusal, then the same update under
+            // a new nonce.
+            let result = UploadResult::Reject { code, message };
+            upload_answered(ctx, &envelope, &result)?;
+            return resend_signed_again(ctx, conn, session, kept).await;
+        }
+        Message::UploadResult(result) => return upload_answered(ctx, &envelope, &result),
+        other => {
+            return Err(TaskError::Protocol(format!(
+                "sent {} in answer to ResumeUpload",
+                other.name()
+            )));
+        }
+    };
+    let rest = kept.remaining(progress).map_err(TaskError::Protocol)?;
+    let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
+    ctx.record(SiteEvent::UpdateResumed {
+        job: h.job_id.to_string(),
+        round: h.round.0,
+        payload_hash: h.payload_hash.to_hex(),
+        nonce: hex::encode(h.nonce.0),
+        from_record: progress.records,
+        bytes_held: progress.bytes,
+        bytes_sent,
+    })?;
+    let (_, result) = send_and_answer(send, recv, None, rest).await?;
+    upload_answered(ctx, &envelope, &result)
+}
+
+/// The kept update's payload under a fresh nonce and signature (the
+/// coordinator kept nothing to resume): recorded as a new `update.sent`,
+/// sent whole.
+async fn resend_signed_again(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    session: &Session,
+    kept: KeptUpload,
+) -> Result<(), TaskError> {
+    let mut header = kept.envelope.header.clone();
+    header.nonce = UpdateNonce::random(&mut rand::rngs::OsRng);
+    let key = ctx
+        .kit
+        .update_signing_key()
+        .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
+    let envelope = sign_update(key, header);
+    let h = &envelope.header;
+    ctx.record(SiteEvent::UpdateSent {
+        job: h.job_id.to_string(),
+        round: h.round.0,
+        payload_hash: h.payload_hash.to_hex(),
+        payload_bytes: h.payload_len,
+        num_examples: h.num_examples,
+        nonce: hex::encode(h.nonce.0),
+        base_model: h.base_model.to_hex(),
+        encoding: h.encoding.name(),
+        feature_stats: h.feature_stats.is_some(),
+    })?;
+    if session.protocol_version >= RESUME_VERSION {
+        ctx.transfers(|t| {
+            t.keep_upload(KeptUpload {
+                envelope: envelope.clone(),
+                records: kept.records.clone(),
+            })
+        });
+    }
+    let (send, recv) = conn.open_bi().await?;
+    let opening = Message::DeltaUpload(Box::new(DeltaUpload {
+        envelope: envelope.clone(),
+    }));
+    let (_, result) = send_and_answer(send, recv, Some(opening), &kept.records).await?;
+    upload_answered(ctx, &envelope, &result)
 }
 
 fn reject_code(code: RejectCode) -> String {
@@ -1176,6 +1326,7 @@ fn reject_code(code: RejectCode) -> String {
 async fn obtain_model(
     ctx: &Arc<Ctx>,
     conn: &Conn,
+    session: &Session,
     hash: ModelHash,
     spec: &ModelSpec,
 ) -> Result<FlatModel, TaskError> {
@@ -1201,9 +1352,25 @@ async fn obtain_model(
         }
     }
 
+    // Records of this model kept from a download a lost connection cut
+    // short: only the rest is fetched.
+    let resumable = session.protocol_version >= RESUME_VERSION;
+    let kept = if resumable {
+        ctx.transfers(|t| t.download_of(&hash))
+    } else {
+        Vec::new()
+    };
     let (mut send, mut recv) = conn.open_bi().await?;
-    send.message(&Message::ModelFetch(ModelFetch { hash }))
-        .await?;
+    let fetch = if kept.is_empty() {
+        Message::ModelFetch(ModelFetch { hash })
+    } else {
+        tracing::info!(model = %hash, records = kept.len(), "resuming the model download");
+        Message::ModelFetchFrom(ModelFetchFrom {
+            hash,
+            from_record: kept.len() as u64,
+        })
+    };
+    send.message(&fetch).await?;
     send.finish()?;
     let manifest = match recv.message().await? {
         Message::ModelManifest(m) => *m,
@@ -1229,12 +1396,27 @@ async fn obtain_model(
         spec,
         ctx.config.policy.max_model_params,
     )?;
-    let mut records = Vec::new();
-    while asm.remaining() > 0 {
-        let record = recv.chunk().await?;
-        asm.push(&record)?;
+    let resumed_from_record = (!kept.is_empty()).then_some(kept.len() as u64);
+    let mut records = Vec::with_capacity(kept.len());
+    for record in kept {
+        if let Err(e) = asm.push(&record) {
+            ctx.transfers(|t| t.download_done(&hash));
+            return Err(e.into());
+        }
         records.push(record);
     }
+    while asm.remaining() > 0 {
+        let record = recv.chunk().await?;
+        if let Err(e) = asm.push(&record) {
+            ctx.transfers(|t| t.download_done(&hash));
+            return Err(e.into());
+        }
+        if resumable {
+            ctx.transfers(|t| t.downloaded(&hash, record.clone()));
+        }
+        records.push(record);
+    }
+    ctx.transfers(|t| t.download_done(&hash));
     if recv.next_frame().await?.is_some() {
         return Err(TaskError::Protocol(
             "more model frames than the manifest announced".into(),
@@ -1250,25 +1432,27 @@ async fn obtain_model(
         model: hash.to_hex(),
         bytes: manifest.payload_len,
         from_cache: false,
-        resumed_from_record: None,
+        resumed_from_record,
     })?;
     Ok(model)
 }
 
-/// Send `DeltaUpload` + the chunk records on a new stream while waiting for
-/// the answer (the coordinator may refuse early without reading the
-/// payload). Returns whether the whole payload was sent, and the answer.
-async fn upload(
-    conn: &Conn,
-    envelope: SignedEnvelope,
-    records: Vec<Vec<u8>>,
+/// Send the opening message (if any) and the chunk records on an upload
+/// stream while waiting for the answer (the coordinator may refuse early
+/// without reading the payload). Returns whether everything was sent, and
+/// the answer.
+async fn send_and_answer(
+    mut send: FramedSend,
+    mut recv: FramedRecv,
+    opening: Option<Message>,
+    records: &[bytes::Bytes],
 ) -> Result<(bool, UploadResult), TaskError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
     let sending = async {
-        send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
-            .await?;
+        if let Some(m) = &opening {
+            send.message(m).await?;
+        }
         for r in records {
-            send.chunk(r).await?;
+            send.chunk(r.clone()).await?;
         }
         send.finish()
     };
@@ -1286,7 +1470,7 @@ async fn upload(
     match reply {
         Ok(Message::UploadResult(r)) => Ok((fully_sent, r)),
         Ok(other) => Err(TaskError::Protocol(format!(
-            "sent {} in answer to DeltaUpload",
+            "sent {} in answer to an upload",
             other.name()
         ))),
         Err(e) => Err(match sent {

@@ -63,6 +63,7 @@ pub mod dial;
 pub mod metrics;
 pub mod modelcache;
 pub mod policy;
+pub mod resume;
 pub mod sitecore;
 pub mod train;
 pub mod weights;

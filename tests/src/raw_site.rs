@@ -308,6 +308,82 @@ impl RawSite {
         }
     }
 
+    /// Send the header, the first `records` records of `up` whole and the
+    /// first `partial` bytes of the next one, then end the stream (what a
+    /// connection cut mid-record leaves the coordinator), and return the
+    /// coordinator's answer.
+    pub async fn upload_cut(
+        &self,
+        up: &PreparedUpload,
+        records: usize,
+        partial: usize,
+    ) -> anyhow::Result<UploadResult> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
+            envelope: up.envelope.clone(),
+        })))
+        .await?;
+        for r in up.records.iter().take(records) {
+            send.chunk(r.clone()).await?;
+        }
+        let next = up.records.get(records).context("no record to cut")?;
+        send.begin_chunk(next.len()).await?;
+        send.chunk_body(next.get(..partial).unwrap_or(next).to_vec().into())
+            .await?;
+        send.finish_cut()?;
+        match bounded("upload result of a cut upload", recv.message()).await?? {
+            Message::UploadResult(r) => Ok(r),
+            other => bail!("expected an upload result, got {other:?}"),
+        }
+    }
+
+    /// Resume `up` (`ResumeUpload` with its envelope): the coordinator's
+    /// progress (`None` if it refused at once), the bytes sent on this
+    /// attempt, and its answer. With `cut = Some((k, partial))` the attempt
+    /// sends the records up to (not including) `k` whole and `partial`
+    /// bytes of record `k`, then ends the stream (a connection cut
+    /// mid-record), as [`Self::upload_cut`] does.
+    pub async fn resume_upload(
+        &self,
+        up: &PreparedUpload,
+        cut: Option<(usize, usize)>,
+    ) -> anyhow::Result<(Option<fedlink_protocol::UploadProgress>, u64, UploadResult)> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.message(&Message::ResumeUpload(Box::new(DeltaUpload {
+            envelope: up.envelope.clone(),
+        })))
+        .await?;
+        let progress = match bounded("upload progress", recv.message()).await?? {
+            Message::UploadProgress(p) => p,
+            Message::UploadResult(r) => return Ok((None, 0, r)),
+            other => bail!("expected upload progress, got {other:?}"),
+        };
+        let from = usize::try_from(progress.records)?;
+        let held: u64 = up.records.iter().take(from).map(|r| r.len() as u64).sum();
+        anyhow::ensure!(
+            held == progress.bytes,
+            "progress {progress:?} vs {held} bytes"
+        );
+        let end = cut.map_or(up.records.len(), |(k, _)| k);
+        let mut sent = 0u64;
+        for r in up.records.get(from..end).unwrap_or_default() {
+            sent += r.len() as u64;
+            send.chunk(r.clone()).await?;
+        }
+        if let Some((k, partial)) = cut {
+            let next = up.records.get(k).context("no record to cut")?;
+            let piece = next.get(..partial).unwrap_or(next).to_vec();
+            sent += piece.len() as u64;
+            send.begin_chunk(next.len()).await?;
+            send.chunk_body(piece.into()).await?;
+        }
+        send.finish_cut()?;
+        match bounded("upload result", recv.message()).await?? {
+            Message::UploadResult(r) => Ok((Some(progress), sent, r)),
+            other => bail!("expected an upload result, got {other:?}"),
+        }
+    }
+
     /// Close the connection abruptly (no Bye).
     pub fn vanish(&self) {
         self.conn.close(quinn::VarInt::from_u32(0), b"gone");

@@ -521,6 +521,15 @@ impl FramedSend {
         }
     }
 
+    /// End the stream even inside a chunk frame begun with
+    /// [`FramedSend::begin_chunk`]: everything written is delivered, then
+    /// the peer's read ends in the middle of the frame — what a sender cut
+    /// off mid-record leaves behind (for tools and tests that simulate it).
+    pub fn finish_cut(&mut self) -> Result<(), TransportError> {
+        self.body_left = 0;
+        self.finish()
+    }
+
     /// Abandon the stream: the peer sees a reset, never a clean end (QUIC:
     /// `RESET_STREAM` with `code`; TCP: the yamux stream is reset, without
     /// a code).
