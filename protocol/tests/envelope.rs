@@ -571,3 +571,57 @@ fn json_floats_round_trip_exactly() {
     }
     assert_eq!(bad, 0, "{bad} of 200000 f64 values changed through JSON");
 }
+
+/// An upload cut after some records resumes with the same envelope: the
+/// kept verifier continues, the hash covers the whole payload; anything
+/// else is refused.
+#[test]
+fn a_resumed_upload_continues_the_kept_verifier() {
+    let f = fixture();
+    assert!(f.records.len() >= 2, "{} records", f.records.len());
+    let env = sign_update(&f.key, f.header.clone());
+    let mut guard = ReplayGuard::new();
+    let mut v = verify(&f, &env, &mut guard).unwrap();
+    v.update(&f.records[0]).unwrap();
+    let kept = v.clone();
+    // The same envelope again, as a new upload: a replay.
+    assert!(matches!(
+        verify(&f, &env, &mut guard),
+        Err(VerifyError::NonceReplayed(_))
+    ));
+    // As a resume: admitted, continuing after the kept record.
+    let resumed =
+        verify_resumed_update(&env, &site(), &f.keys, &f.expected, &guard, kept.clone()).unwrap();
+    assert_eq!(resumed.received(), f.records[0].len() as u64);
+    let verified = stream(resumed, &f.records[1..]).unwrap();
+    assert_eq!(verified.header(), &f.header);
+
+    // Another signed header under the same nonce does not continue it.
+    let mut other = f.header.clone();
+    other.num_examples += 1;
+    let forged = sign_update(&f.key, other);
+    let err = verify_resumed_update(&forged, &site(), &f.keys, &f.expected, &guard, kept.clone())
+        .unwrap_err();
+    assert!(matches!(err, VerifyError::NotResumable(_)), "{err}");
+    // A nonce the guard never recorded: nothing to resume.
+    let mut fresh = f.header.clone();
+    fresh.nonce = UpdateNonce([9; 16]);
+    let fresh_env = sign_update(&f.key, fresh.clone());
+    let mut fresh_v = verify(&f, &fresh_env, &mut ReplayGuard::new()).unwrap();
+    fresh_v.update(&f.records[0]).unwrap();
+    let err = verify_resumed_update(&fresh_env, &site(), &f.keys, &f.expected, &guard, fresh_v)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no upload with this nonce"),
+        "{err}"
+    );
+    // A bad signature is refused before anything else.
+    let bad = sign_update(&f.other_key, f.header.clone());
+    let err = verify_resumed_update(&bad, &site(), &f.keys, &f.expected, &guard, kept.clone())
+        .unwrap_err();
+    assert_eq!(err, VerifyError::BadSignature);
+    // Once the site's update of the round is committed, no resume.
+    guard.commit_header(&f.header);
+    let err = verify_resumed_update(&env, &site(), &f.keys, &f.expected, &guard, kept).unwrap_err();
+    assert!(matches!(err, VerifyError::RoundReplayed { .. }), "{err}");
+}

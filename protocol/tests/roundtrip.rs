@@ -393,6 +393,14 @@ fn message() -> impl Strategy<Value = Message> {
                     sig,
                 })
             }),
+        envelope().prop_map(|envelope| Message::ResumeUpload(Box::new(DeltaUpload { envelope }))),
+        any::<(u64, u64)>().prop_map(|(records, bytes)| Message::UploadProgress(UploadProgress {
+            records,
+            bytes
+        })),
+        (hash(), any::<u64>()).prop_map(|(hash, from_record)| {
+            Message::ModelFetchFrom(ModelFetchFrom { hash, from_record })
+        }),
     ]
 }
 

@@ -145,3 +145,97 @@ impl Transfers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use ed25519_dalek::SigningKey;
+    use fedlink_protocol::{
+        Encoding, FederationId, PROTOCOL_VERSION, PayloadHash, SiteId, UpdateHeader, UpdateNonce,
+        ValueCodec, sign_update,
+    };
+
+    fn kept(records: &[usize]) -> KeptUpload {
+        let h = UpdateHeader {
+            protocol_version: PROTOCOL_VERSION,
+            federation_id: FederationId::new("fed").unwrap(),
+            site_id: SiteId::new("a").unwrap(),
+            job_id: JobId::new("job").unwrap(),
+            round: RoundId(2),
+            base_model: ModelHash([1; 32]),
+            num_examples: 10,
+            encoding: Encoding::with_codec(ValueCodec::F32).unwrap(),
+            payload_len: records.iter().sum::<usize>() as u64,
+            payload_hash: PayloadHash([0; 32]),
+            nonce: UpdateNonce([5; 16]),
+            metrics: None,
+            feature_stats: None,
+        };
+        KeptUpload {
+            envelope: sign_update(&SigningKey::from_bytes(&[3; 32]), h),
+            records: records
+                .iter()
+                .map(|&n| Bytes::from(vec![n as u8; n]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_rest_follows_the_records_the_coordinator_holds() {
+        let k = kept(&[10, 20, 30]);
+        let p = |records, bytes| UploadProgress { records, bytes };
+        assert_eq!(k.remaining(p(0, 0)).unwrap().len(), 3);
+        let rest = k.remaining(p(2, 30)).unwrap();
+        assert_eq!(rest, &[Bytes::from(vec![30u8; 30])]);
+        assert!(k.remaining(p(3, 60)).unwrap().is_empty());
+        // Claims that do not match what was sent are caught.
+        let err = k.remaining(p(4, 60)).unwrap_err();
+        assert!(err.contains("holds 4 records of an upload of 3"), "{err}");
+        let err = k.remaining(p(2, 29)).unwrap_err();
+        assert!(err.contains("they make up 30"), "{err}");
+        let err = k.remaining(p(u64::MAX, 0)).unwrap_err();
+        assert!(err.contains("records"), "{err}");
+    }
+
+    #[test]
+    fn kept_transfers_follow_the_coordinator() {
+        let mut t = Transfers::default();
+        let up = kept(&[4, 4]);
+        t.keep_upload(up.clone());
+        let offer_like = |round: u64, base: ModelHash| {
+            let mut o = crate::policy::tests::offer();
+            o.job_id = JobId::new("job").unwrap();
+            o.round = RoundId(round);
+            o.base_model = base;
+            o
+        };
+        // The same round on the same model: resume it.
+        let same = offer_like(2, ModelHash([1; 32]));
+        assert!(t.upload_for(&same).is_some());
+        // The coordinator answered it: no longer kept.
+        t.upload_answered(&up.envelope);
+        assert!(t.upload_for(&same).is_none());
+        // A newer round drops an older kept upload.
+        t.keep_upload(up);
+        assert!(t.upload_for(&offer_like(3, ModelHash([1; 32]))).is_none());
+        assert!(t.upload_for(&same).is_none());
+
+        // Downloads: records of one model, dropped for another.
+        let a = ModelHash([7; 32]);
+        let b = ModelHash([8; 32]);
+        assert!(t.download_of(&a).is_empty());
+        t.downloaded(&a, Bytes::from_static(b"r0"));
+        t.downloaded(&a, Bytes::from_static(b"r1"));
+        assert_eq!(t.download_of(&a).len(), 2);
+        assert!(t.download_of(&b).is_empty());
+        assert!(
+            t.download_of(&a).is_empty(),
+            "another model's fetch dropped it"
+        );
+        t.downloaded(&a, Bytes::from_static(b"r0"));
+        t.download_done(&a);
+        assert!(t.download_of(&a).is_empty());
+    }
+}

@@ -288,3 +288,144 @@ async fn a_resume_that_matches_no_kept_upload_is_refused_and_costs_nothing() {
         .count();
     assert_eq!(refused, 3, "every refused resume is recorded");
 }
+
+/// A real agent over TLS on TCP whose connection is cut as it starts to
+/// upload (the moment its `update.sent` is on disk): it reconnects and
+/// finishes the round without training again — resuming the signed upload
+/// where the coordinator kept part of it, or signing the same payload
+/// again under a new nonce where the coordinator kept nothing. Which of
+/// the two happens depends on how far the bytes got before the cut; both
+/// must end with the round's update accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_while_uploading_finishes_the_round_without_training_again() {
+    use fedlink_agent::audit::Recorded;
+    use fedlink_agent::{Agent, SiteConfig};
+    use fedlink_tests::fixture::wdbc_site_toml;
+    use fedlink_tools::impair::{ImpairProxy, Impairment, ProxyConfig};
+    use std::time::Duration;
+
+    const LIMIT: Duration = Duration::from_secs(90);
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        id: "agent-cut".into(),
+        rounds: 2,
+        sites: 1,
+        quorum: 1,
+        deadline_secs: 60,
+        inputs: 30,
+        extra: "chunk_bytes = 16".into(),
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data = coord.data_dir.clone();
+    let proxy = ImpairProxy::start(ProxyConfig::new(coord.addr))
+        .await
+        .unwrap();
+    // A slow uplink, so that the cut lands while the upload is under way.
+    let slow = Impairment {
+        rate: Some(4_000),
+        queue_limit: Duration::from_secs(10),
+        ..Impairment::default()
+    };
+    proxy
+        .handle()
+        .set_impairment(slow, Impairment::default())
+        .unwrap();
+    let mut text = wdbc_site_toml(&pki, 0, proxy.addr()).unwrap();
+    text = text.replacen(
+        "device = \"cpu\"\n",
+        "device = \"cpu\"\ntransport = \"tcp\"\n",
+        1,
+    );
+    let config = SiteConfig::parse(&text, std::path::Path::new("site.toml"), dir.path()).unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Recorded>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(Agent::new(config).with_events(tx).run(async {
+        let _ = stopped.await;
+    }));
+    let mut seen = Vec::new();
+    // Cut at the first upload.
+    loop {
+        let e = tokio::time::timeout(LIMIT, events.recv())
+            .await
+            .expect("the agent uploads")
+            .expect("events");
+        let sent = e.event == "update.sent";
+        seen.push(e);
+        if sent {
+            // Once the header and a few records have got through the slow
+            // uplink (bounded wait on the proxy's byte count).
+            let base = proxy.handle().stats().tcp_bytes;
+            tokio::time::timeout(LIMIT, async {
+                while proxy.handle().stats().tcp_bytes < base + 900 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .expect("the upload goes through the proxy");
+            proxy.handle().cut();
+            break;
+        }
+    }
+    let outcome = tokio::time::timeout(LIMIT, coord.finished())
+        .await
+        .expect("the job finishes")
+        .unwrap();
+    assert!(
+        matches!(outcome.outcome, Some(JobOutcome::Completed { .. })),
+        "{outcome:?}"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(LIMIT, agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    assert_eq!(proxy.handle().stats().cuts, 1);
+    let of_round = |event: &str, round: u64| {
+        seen.iter()
+            .filter(|e| e.event == event && e.details["round"] == round)
+            .collect::<Vec<_>>()
+    };
+    // Trained once for round 1, whatever the cut interrupted.
+    assert_eq!(of_round("train.completed", 1).len(), 1, "{seen:#?}");
+    let sent = of_round("update.sent", 1);
+    let resumed = of_round("update.resumed", 1);
+    let accepted: Vec<_> = of_round("update.result", 1)
+        .into_iter()
+        .filter(|e| e.details["accepted"] == true)
+        .collect();
+    // Every payload the site sent for round 1 is the same update.
+    assert!(
+        sent.iter()
+            .all(|e| e.details["payload_hash"] == sent[0].details["payload_hash"]),
+        "{sent:#?}"
+    );
+    // The cut reached the upload (it was resumed, or signed again), or the
+    // coordinator had it whole before the cut (its round 1 then closed
+    // without the answer reaching the site).
+    let coordinator_accepted_round_1 = audit(&data, "update.received")
+        .iter()
+        .any(|e| e["round"] == 1 && e["accepted"] == true);
+    assert!(coordinator_accepted_round_1, "{seen:#?}");
+    assert!(
+        !resumed.is_empty() || sent.len() == 2 || accepted.is_empty(),
+        "{seen:#?}"
+    );
+    for r in &resumed {
+        // The same envelope; what the coordinator held plus what went
+        // again is the whole payload.
+        let d = &r.details;
+        assert_eq!(d["nonce"], sent[0].details["nonce"], "same envelope");
+        assert_eq!(
+            d["bytes_held"].as_u64().unwrap() + d["bytes_sent"].as_u64().unwrap(),
+            sent[0].details["payload_bytes"].as_u64().unwrap(),
+            "{d}"
+        );
+        assert!(d["from_record"].as_u64().unwrap() > 0, "{d}");
+    }
+}

@@ -365,6 +365,52 @@ mod tests {
         w.check(&mut replay, "a", w.header(8)).unwrap();
     }
     #[test]
+    fn a_resume_continues_the_kept_upload_against_the_job_as_it_is_now() {
+        let w = world();
+        let mut replay = ReplayGuard::new();
+        let h = w.header(1);
+        let env = sign_update(&w.key, h.clone());
+        let mut v = verify_header(&w.runner, &w.expected(Some(1)), &mut replay, "a", &env).unwrap();
+        v.update(&[0u8; 8]).unwrap();
+        // The same envelope resumes, without a new attempt in the guard.
+        let before = replay.clone();
+        let resumed = verify_resume(
+            &w.runner,
+            &w.expected(Some(1)),
+            &replay,
+            "a",
+            &env,
+            v.clone(),
+        )
+        .unwrap();
+        assert_eq!((resumed.received(), resumed.remaining()), (8, 8));
+        assert_eq!(replay, before);
+        // Another site's identity cannot resume it.
+        let err = verify_resume(
+            &w.runner,
+            &w.expected(Some(1)),
+            &replay,
+            "b",
+            &env,
+            v.clone(),
+        )
+        .unwrap_err();
+        assert_eq!(err.code, RejectCode::UnknownSite, "{err}");
+        // No round open any more: refused as any upload would be.
+        let err =
+            verify_resume(&w.runner, &w.expected(None), &replay, "a", &env, v.clone()).unwrap_err();
+        assert_eq!(err.code, RejectCode::UnexpectedMessage, "{err}");
+        // Another header under the same nonce: not this upload.
+        let mut other = h;
+        other.payload_len = 12;
+        let forged = sign_update(&w.key, other);
+        let err =
+            verify_resume(&w.runner, &w.expected(Some(1)), &replay, "a", &forged, v).unwrap_err();
+        assert_eq!(err.code, RejectCode::Replay, "{err}");
+        assert!(err.reason.contains("cannot be resumed"), "{err}");
+    }
+
+    #[test]
     fn claimed_examples_are_checked_against_the_site_and_the_job() {
         assert_eq!(check_num_examples("a", 100, 1_000, None), Ok(()));
         assert_eq!(check_num_examples("a", 1_000, 1_000, Some(1_000)), Ok(()));

@@ -156,3 +156,160 @@ impl<T> Partials<T> {
         self.map.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use ed25519_dalek::SigningKey;
+    use fedlink_protocol::{
+        Encoding, ExpectedUpdate, FederationId, JobId, ModelHash, PROTOCOL_VERSION, PayloadHash,
+        ReplayGuard, RoundId, SiteId, UpdateHeader, UpdateNonce, ValueCodec, sign_update,
+        verify_update,
+    };
+
+    use crate::round::{ConnId, Input, RoundConfig, SiteCapabilities};
+
+    const MODEL: ModelHash = ModelHash([3; 32]);
+
+    /// A running job, round 1 open, sites `a` and `b` selected.
+    fn runner() -> JobRunner {
+        let cfg = RoundConfig {
+            rounds: 2,
+            seed: 1,
+            fraction: 1.0,
+            min_sites: 2,
+            gather: Duration::ZERO,
+            max_sites: 4,
+            quorum: 2,
+            deadline: Duration::from_secs(60),
+            extension: Duration::ZERO,
+            max_attempts: 1,
+            evaluate_every: 0,
+            allow: None,
+        };
+        let mut r = JobRunner::new(cfg, MODEL);
+        for (i, s) in ["a", "b"].into_iter().enumerate() {
+            r.handle(
+                Instant::now(),
+                Input::SiteConnected {
+                    site: s.into(),
+                    conn: ConnId(i as u64 + 1),
+                    capabilities: SiteCapabilities::compatible(),
+                },
+            );
+        }
+        while r.poll_action().is_some() {}
+        assert_eq!(r.selected_sites().len(), 2);
+        r
+    }
+
+    /// A verifier of `site`'s update for `round` that has seen `bytes`.
+    fn verifier(site: &str, round: u64, bytes: usize) -> PayloadVerifier {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let sid = SiteId::new(site).unwrap();
+        let h = UpdateHeader {
+            protocol_version: PROTOCOL_VERSION,
+            federation_id: FederationId::new("fed").unwrap(),
+            site_id: sid.clone(),
+            job_id: JobId::new("job").unwrap(),
+            round: RoundId(round),
+            base_model: MODEL,
+            num_examples: 10,
+            encoding: Encoding::with_codec(ValueCodec::F32).unwrap(),
+            payload_len: 100,
+            payload_hash: PayloadHash([0; 32]),
+            nonce: UpdateNonce([round as u8; 16]),
+            metrics: None,
+            feature_stats: None,
+        };
+        let env = sign_update(&key, h);
+        let keys = BTreeMap::from([(sid, key.verifying_key())]);
+        let want = ExpectedUpdate {
+            federation_id: FederationId::new("fed").unwrap(),
+            job_id: JobId::new("job").unwrap(),
+            round: RoundId(round),
+            base_model: MODEL,
+            encoding: None,
+            max_payload_len: 1000,
+        };
+        let mut v = verify_update(
+            &env,
+            &env.header.site_id,
+            &keys,
+            &want,
+            &mut ReplayGuard::new(),
+        )
+        .unwrap();
+        v.update(&vec![0u8; bytes]).unwrap();
+        v
+    }
+
+    fn it(site: &str, round: u64, records: u64, spool: &'static str) -> Interrupted<&'static str> {
+        Interrupted {
+            verifier: verifier(site, round, records as usize * 10),
+            records,
+            spool,
+        }
+    }
+
+    #[test]
+    fn kept_for_the_open_round_of_a_site_that_may_still_report() {
+        let r = runner();
+        let mut p = Partials::new();
+        assert_eq!(
+            p.keep(&r, Some(1), "a", true, it("a", 1, 3, "a1")),
+            Kept::Kept { replaced: None }
+        );
+        // A second cut of the same upload replaces the first: one kept
+        // per (site, round).
+        assert_eq!(
+            p.keep(&r, Some(1), "a", true, it("a", 1, 5, "a1-again")),
+            Kept::Kept {
+                replaced: Some("a1")
+            }
+        );
+        assert_eq!(p.len(), 1);
+        let kept = p.take("a", 1).unwrap();
+        assert_eq!((kept.records, kept.spool), (5, "a1-again"));
+        assert_eq!(kept.verifier.received(), 50);
+        assert!(p.take("a", 1).is_none(), "taken once");
+    }
+
+    #[test]
+    fn not_kept_when_it_cannot_be_resumed_and_the_reason_is_named() {
+        let r = runner();
+        let mut p = Partials::new();
+        let dropped = |k: Kept<&'static str>| match k {
+            Kept::Dropped { spool, why } => (spool, why),
+            Kept::Kept { .. } => panic!("kept"),
+        };
+        let (spool, why) = dropped(p.keep(&r, Some(1), "a", false, it("a", 1, 1, "old")));
+        assert_eq!(spool, "old");
+        assert!(why.contains("protocol version"), "{why}");
+        let (_, why) = dropped(p.keep(&r, Some(2), "a", true, it("a", 1, 1, "late")));
+        assert!(why.contains("no longer open"), "{why}");
+        let (_, why) = dropped(p.keep(&r, Some(1), "zed", true, it("zed", 1, 1, "stranger")));
+        assert!(why.contains("unknown site"), "{why}");
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn pruning_drops_what_the_round_no_longer_expects() {
+        let r = runner();
+        let mut p = Partials::new();
+        p.keep(&r, Some(1), "a", true, it("a", 1, 1, "a1"));
+        p.keep(&r, Some(1), "b", true, it("b", 1, 1, "b1"));
+        assert!(p.prune(&r, Some(1)).is_empty(), "both still expected");
+        let mut gone = p.prune(&r, Some(2));
+        gone.sort_unstable();
+        assert_eq!(gone, vec!["a1", "b1"], "round 1 closed");
+        assert!(p.is_empty());
+        p.keep(&r, Some(1), "a", true, it("a", 1, 1, "a1"));
+        assert_eq!(p.drain(), vec!["a1"]);
+    }
+}

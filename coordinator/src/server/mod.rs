@@ -90,6 +90,10 @@ pub enum ServeError {
     Fatal(String),
 }
 
+/// Uploads being received, by (site, nonce): each entry ends (its sender
+/// is dropped) when its attempt does.
+pub(crate) type UploadsInFlight = HashMap<(String, [u8; 16]), tokio::sync::watch::Receiver<()>>;
+
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
     /// Tasks spawned per connection beyond the connection's own (stream
@@ -119,8 +123,7 @@ pub(crate) struct Shared {
     downloads: Semaphore,
     /// Uploads being received, by (site, nonce): a resume of one waits
     /// until its interrupted first attempt has ended and been kept.
-    pub(crate) uploads_in_flight:
-        Mutex<HashMap<(String, [u8; 16]), tokio::sync::watch::Receiver<()>>>,
+    pub(crate) uploads_in_flight: Mutex<UploadsInFlight>,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
     /// What the running job asks of its sites (codec family, protocol
