@@ -154,6 +154,7 @@ mod purity {
         ("sites.rs", include_str!("sites.rs")),
         ("queue.rs", include_str!("queue.rs")),
         ("intake.rs", include_str!("intake.rs")),
+        ("resume.rs", include_str!("resume.rs")),
         ("admin.rs", include_str!("admin.rs")),
         ("sim.rs", include_str!("sim.rs")),
     ];
