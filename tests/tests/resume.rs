@@ -176,6 +176,13 @@ async fn an_upload_cut_again_and_again_resumes_from_the_last_whole_record() {
         assert_eq!(e["nonce"], nonce.as_str());
         assert_eq!(e["kept_for_resume"], true, "{e}");
         assert_eq!(e["records_received"], cuts[i].0 as u64, "{e}");
+        // What arrived of the cut record (its frame header and the
+        // partial body) is all that was dropped.
+        assert_eq!(
+            e["partial_record_bytes_dropped"],
+            (cuts[i].1 + fedlink_protocol::FRAME_HEADER_LEN) as u64,
+            "{e}"
+        );
     }
     let received = audit(&data, "update.received");
     assert_eq!(received.len(), 1, "{received:#?}");

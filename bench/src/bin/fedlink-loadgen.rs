@@ -123,6 +123,13 @@ struct Args {
     /// `cubic` or `bbr`.
     #[arg(long, default_value = "cubic")]
     congestion: String,
+    /// Cut every upload this many times: at seeded random points of the
+    /// payload (part way into a record) the site drops its connection
+    /// abruptly, reconnects, and resumes the same signed upload
+    /// (`ResumeUpload`) from what the coordinator kept. Reports the bytes
+    /// sent again and the time to resume.
+    #[arg(long, default_value_t = 0)]
+    cuts: u32,
 }
 
 /// When a site saw each step of one round.
@@ -144,6 +151,206 @@ struct SiteReport {
     upload_bytes: u64,
     /// Bytes of the model payload downloaded per round.
     download_bytes: u64,
+    /// Every cut of an upload (`--cuts`).
+    cuts: Vec<CutReport>,
+}
+
+/// One forced drop of an upload and its resume.
+#[derive(Clone, Copy, Debug)]
+struct CutReport {
+    /// Payload bytes written on the cut connection that the coordinator
+    /// did not keep (sent again after the resume): the partial record, and
+    /// whatever was still in flight or in the send buffer.
+    resent: u64,
+    /// From the drop to the coordinator's `UploadProgress` on the new
+    /// connection (reconnect, TLS handshake, Hello, re-offer, resume).
+    to_resume: Duration,
+}
+
+/// A site's connection: the control stream and who it is.
+struct SiteConn {
+    conn: Conn,
+    endpoint: Option<quinn::Endpoint>,
+    control_send: FramedSend,
+    control_recv: FramedRecv,
+    site_id: SiteId,
+}
+
+/// Connect, say Hello, expect Welcome.
+async fn connect_site(
+    kit: &Kit,
+    addr: SocketAddr,
+    transport: TransportKind,
+    cc: fedlink_transport::Congestion,
+    limit: Duration,
+) -> anyhow::Result<SiteConn> {
+    let tls = fedlink_certs::client_tls_config(kit, ALPN_SITE)?;
+    let (conn, endpoint) = match transport {
+        TransportKind::Quic => {
+            let endpoint =
+                fedlink_transport::client_endpoint_with(addr, tls, Duration::from_secs(30), cc)?;
+            let conn = step(
+                "connect",
+                limit,
+                endpoint.connect(addr, kit.coordinator_server_name())?,
+            )
+            .await??;
+            (Conn::from(conn), Some(endpoint))
+        }
+        TransportKind::Tcp => {
+            let conn = fedlink_transport::tcp::connect(
+                addr,
+                Arc::new(tls),
+                kit.coordinator_server_name(),
+                limit,
+            )
+            .await?;
+            (Conn::from(conn), None)
+        }
+    };
+    let (mut control_send, mut control_recv) = conn.open_bi().await?;
+    control_send
+        .message(&Message::Hello(Hello {
+            versions: VersionRange::SUPPORTED,
+            agent_version: "fedlink-loadgen".into(),
+            capabilities: Capabilities::default(),
+        }))
+        .await?;
+    let site_id: SiteId = match step("Welcome", limit, control_recv.message()).await?? {
+        Message::Welcome(w) => w.site_id,
+        other => bail!("expected Welcome, got {}", other.name()),
+    };
+    Ok(SiteConn {
+        conn,
+        endpoint,
+        control_send,
+        control_recv,
+        site_id,
+    })
+}
+
+impl SiteConn {
+    /// The next offer (other control messages skipped).
+    async fn next_offer(&mut self, limit: Duration) -> anyhow::Result<TaskOffer> {
+        loop {
+            match step("offer", limit, self.control_recv.message()).await?? {
+                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                    return Ok(*o);
+                }
+                // Heads and round outcomes are recorded by real sites;
+                // the benchmark has no log to keep them in.
+                Message::Heartbeat(_)
+                | Message::Cancel(_)
+                | Message::AuditHead(_)
+                | Message::RoundOutcome(_) => {}
+                other => bail!("waiting for an offer, got {}", other.name()),
+            }
+        }
+    }
+
+    async fn accept(&mut self, offer: &TaskOffer) -> anyhow::Result<()> {
+        self.control_send
+            .message(&Message::OfferResponse(OfferResponse {
+                job_id: offer.job_id.clone(),
+                round: offer.round,
+                decision: OfferDecision::Accept,
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Drop the connection abruptly (no Bye): a lost link.
+    async fn drop_abruptly(self) {
+        self.conn
+            .close(fedlink_transport::close::NORMAL, b"loadgen: forced drop");
+        if let Some(e) = &self.endpoint {
+            e.wait_idle().await;
+        }
+    }
+}
+
+/// Upload `envelope` with `payload`, dropping the connection at each byte
+/// offset of `cut_at` (increasing) and resuming on a new one. Returns the
+/// connection the upload finished on and the cuts made.
+#[allow(clippy::too_many_arguments)]
+async fn upload_with_cuts(
+    mut sc: SiteConn,
+    kit: &Kit,
+    addr: SocketAddr,
+    transport: TransportKind,
+    cc: fedlink_transport::Congestion,
+    envelope: fedlink_protocol::SignedEnvelope,
+    payload: &Payload,
+    cut_at: &[u64],
+    limit: Duration,
+) -> anyhow::Result<(SiteConn, Vec<CutReport>)> {
+    let mut cuts = Vec::new();
+    let mut from = 0usize;
+    let mut dropped: Option<(Instant, u64)> = None;
+    for attempt in 0..=cut_at.len() {
+        let (mut send, mut recv) = sc.conn.open_bi().await?;
+        if let Some((at, written)) = dropped.take() {
+            send.message(&Message::ResumeUpload(Box::new(DeltaUpload {
+                envelope: envelope.clone(),
+            })))
+            .await?;
+            let p = match step("upload progress", limit, recv.message()).await?? {
+                Message::UploadProgress(p) => p,
+                other => bail!("expected UploadProgress, got {other:?}"),
+            };
+            cuts.push(CutReport {
+                resent: written.saturating_sub(p.bytes),
+                to_resume: at.elapsed(),
+            });
+            from = usize::try_from(p.records)?;
+        } else {
+            send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
+                envelope: envelope.clone(),
+            })))
+            .await?;
+        }
+        let mut written: u64 = payload.records[..from].iter().map(|r| r.len() as u64).sum();
+        let Some(&target) = cut_at.get(attempt) else {
+            for r in &payload.records[from..] {
+                step("sending a chunk", limit, send.chunk(r.clone())).await??;
+            }
+            send.finish()?;
+            match step("upload result", limit, recv.message()).await?? {
+                Message::UploadResult(UploadResult::Ack { accepted: true, .. }) => {}
+                Message::UploadResult(r) => bail!("upload not accepted after resuming: {r:?}"),
+                other => bail!("expected an upload result, got {}", other.name()),
+            }
+            return Ok((sc, cuts));
+        };
+        // Send up to the cut point, part way into a record, then drop.
+        for r in &payload.records[from..] {
+            let len = r.len() as u64;
+            if written + len > target {
+                let part = usize::try_from(target.saturating_sub(written))?.min(r.len() - 1);
+                send.begin_chunk(r.len()).await?;
+                send.chunk_body(r.slice(..part)).await?;
+                written += part as u64;
+                break;
+            }
+            step("sending a chunk", limit, send.chunk(r.clone())).await??;
+            written += len;
+        }
+        let at = Instant::now();
+        sc.drop_abruptly().await;
+        dropped = Some((at, written));
+        // Back: the coordinator offers the round again; resume it.
+        sc = connect_site(kit, addr, transport, cc, limit).await?;
+        let offer = sc.next_offer(limit).await?;
+        if offer.round != envelope.header.round {
+            bail!(
+                "re-offered round {} after a drop in round {}",
+                offer.round,
+                envelope.header.round
+            );
+        }
+        sc.accept(&offer).await?;
+    }
+    bail!("unreachable: the last attempt returns")
 }
 
 /// A site's precomputed, encoded delta.
@@ -319,6 +526,7 @@ async fn step<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> a
 /// One simulated site: connect, then for each round accept the offer,
 /// download and verify the model, upload the precomputed delta; finally
 /// wait for the coordinator's Bye.
+#[allow(clippy::too_many_arguments)]
 async fn run_site(
     kit: Kit,
     addr: SocketAddr,
@@ -327,78 +535,28 @@ async fn run_site(
     rounds: u32,
     payload: Arc<Payload>,
     limit: Duration,
+    cuts: u32,
+    seed: u64,
 ) -> anyhow::Result<SiteReport> {
-    let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
-    let (conn, endpoint) = match transport {
-        TransportKind::Quic => {
-            let endpoint =
-                fedlink_transport::client_endpoint_with(addr, tls, Duration::from_secs(30), cc)?;
-            let conn = step(
-                "connect",
-                limit,
-                endpoint.connect(addr, kit.coordinator_server_name())?,
-            )
-            .await??;
-            (Conn::from(conn), Some(endpoint))
-        }
-        TransportKind::Tcp => {
-            let conn = fedlink_transport::tcp::connect(
-                addr,
-                Arc::new(tls),
-                kit.coordinator_server_name(),
-                limit,
-            )
-            .await?;
-            (Conn::from(conn), None)
-        }
-    };
-    let (mut control_send, mut control_recv) = conn.open_bi().await?;
-    control_send
-        .message(&Message::Hello(Hello {
-            versions: VersionRange::SUPPORTED,
-            agent_version: "fedlink-loadgen".into(),
-            capabilities: Capabilities::default(),
-        }))
-        .await?;
-    let site_id: SiteId = match step("Welcome", limit, control_recv.message()).await?? {
-        Message::Welcome(w) => w.site_id,
-        other => bail!("expected Welcome, got {}", other.name()),
-    };
+    let mut sc = connect_site(&kit, addr, transport, cc, limit).await?;
     let key = kit
         .update_signing_key()
         .context("the site kit has no update signing key")?
         .clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut times = Vec::new();
+    let mut cut_reports = Vec::new();
     let mut download_bytes = 0;
     for _ in 0..rounds {
-        let offer = loop {
-            match step("offer", limit, control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
-                    break *o;
-                }
-                // Heads and round outcomes are recorded by real sites;
-                // the benchmark has no log to keep them in.
-                Message::Heartbeat(_)
-                | Message::Cancel(_)
-                | Message::AuditHead(_)
-                | Message::RoundOutcome(_) => {}
-                other => bail!("waiting for an offer, got {}", other.name()),
-            }
-        };
+        let offer = sc.next_offer(limit).await?;
         let t_offer = Instant::now();
-        control_send
-            .message(&Message::OfferResponse(OfferResponse {
-                job_id: offer.job_id.clone(),
-                round: offer.round,
-                decision: OfferDecision::Accept,
-            }))
-            .await?;
-        download_bytes = fetch_model(&conn, &offer, limit).await?;
+        sc.accept(&offer).await?;
+        download_bytes = fetch_model(&sc.conn, &offer, limit).await?;
         let t_fetched = Instant::now();
         let header = UpdateHeader {
             protocol_version: PROTOCOL_VERSION,
             federation_id: offer.federation_id.clone(),
-            site_id: site_id.clone(),
+            site_id: sc.site_id.clone(),
             job_id: offer.job_id.clone(),
             round: offer.round,
             base_model: offer.base_model,
@@ -412,20 +570,17 @@ async fn run_site(
         };
         let t_upload = Instant::now();
         let envelope = sign_update(&key, header);
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.message(&Message::DeltaUpload(Box::new(DeltaUpload { envelope })))
-            .await?;
-        for r in &payload.records {
-            step("sending a chunk", limit, send.chunk(r.clone())).await??;
-        }
-        send.finish()?;
-        match step("upload result", limit, recv.message()).await?? {
-            Message::UploadResult(UploadResult::Ack { accepted: true, .. }) => {}
-            Message::UploadResult(r) => {
-                bail!("round {}: upload not accepted: {r:?}", offer.round.0)
-            }
-            other => bail!("expected an upload result, got {}", other.name()),
-        }
+        // Seeded cut points, increasing, strictly inside the payload.
+        let mut cut_at: Vec<u64> = (0..cuts)
+            .map(|_| rng.gen_range(1..payload.len.max(2)))
+            .collect();
+        cut_at.sort_unstable();
+        let (back, made) = upload_with_cuts(
+            sc, &kit, addr, transport, cc, envelope, &payload, &cut_at, limit,
+        )
+        .await?;
+        sc = back;
+        cut_reports.extend(made);
         times.push(RoundTimes {
             offer: t_offer,
             fetched: t_fetched,
@@ -434,7 +589,7 @@ async fn run_site(
         });
     }
     loop {
-        match step("Bye after the last round", limit, control_recv.message()).await?? {
+        match step("Bye after the last round", limit, sc.control_recv.message()).await?? {
             Message::Bye(_) => break,
             Message::Heartbeat(_)
             | Message::Cancel(_)
@@ -444,11 +599,12 @@ async fn run_site(
         }
     }
     let bye = Instant::now();
-    conn.close(fedlink_transport::close::NORMAL, b"loadgen done");
-    match &endpoint {
+    sc.conn
+        .close(fedlink_transport::close::NORMAL, b"loadgen done");
+    match &sc.endpoint {
         Some(e) => e.wait_idle().await,
         None => {
-            let _ = conn.closed().await;
+            let _ = sc.conn.closed().await;
         }
     }
     Ok(SiteReport {
@@ -456,6 +612,7 @@ async fn run_site(
         bye,
         upload_bytes: payload.len,
         download_bytes,
+        cuts: cut_reports,
     })
 }
 
@@ -678,16 +835,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
             links.push(fedlink_tools::impair::ImpairProxy::start(cfg).await?);
         }
     }
+    let payloads_max_record = payloads
+        .iter()
+        .flat_map(|p| p.records.iter().map(|r| r.len() as u64))
+        .max()
+        .unwrap_or(0);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.sites);
     for (i, payload) in payloads.into_iter().enumerate() {
         let kit = pki.site_kit(i)?;
         let rounds = args.rounds;
+        let cuts = args.cuts;
         let site_addr = links.get(i).map_or(addr, |l| l.addr());
         tasks.push(tokio::spawn(async move {
-            run_site(kit, site_addr, transport, cc, rounds, payload, limit)
-                .await
-                .with_context(|| format!("site-{i}"))
+            run_site(
+                kit,
+                site_addr,
+                transport,
+                cc,
+                rounds,
+                payload,
+                limit,
+                cuts,
+                i as u64 + 1,
+            )
+            .await
+            .with_context(|| format!("site-{i}"))
         }));
     }
     let mut reports = Vec::with_capacity(tasks.len());
@@ -807,6 +980,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "\n  mean round wall time {mean:.0} ms; whole job {:.2} s",
         total.as_secs_f64()
     );
+    let all_cuts: Vec<CutReport> = reports.iter().flat_map(|r| r.cuts.clone()).collect();
+    let max_record = payloads_max_record;
+    // What the coordinator recorded of each drop: the bytes of a record
+    // the drop left incomplete that had arrived (and were dropped).
+    let dropped_at_coordinator: Vec<u64> =
+        std::fs::read_to_string(data_dir.join("audit").join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "update.interrupted")
+            .filter_map(|e| e["details"]["partial_record_bytes_dropped"].as_u64())
+            .collect();
+    if !all_cuts.is_empty() {
+        println!(
+            "  forced drops, at the coordinator: {} recorded (update.interrupted); bytes of a cut record that had arrived and were dropped, per drop: mean {:.0}, max {} (largest record {} B)",
+            dropped_at_coordinator.len(),
+            dropped_at_coordinator.iter().sum::<u64>() as f64
+                / dropped_at_coordinator.len().max(1) as f64,
+            dropped_at_coordinator.iter().max().copied().unwrap_or(0),
+            max_record,
+        );
+        let resent: Vec<u64> = all_cuts.iter().map(|c| c.resent).collect();
+        let to_resume = stats(all_cuts.iter().map(|c| c.to_resume));
+        println!(
+            "  forced drops, at the sites: {} (every upload cut {} times); payload bytes written on the dropped connection and sent again per drop (the partial record, plus what was still in flight or buffered): mean {:.0}, max {} (largest record {} B: {:.2} records); time to resume (drop → UploadProgress on a new connection) min/mean/max {:.0} / {:.0} / {:.0} ms",
+            all_cuts.len(),
+            args.cuts,
+            resent.iter().sum::<u64>() as f64 / resent.len() as f64,
+            resent.iter().max().copied().unwrap_or(0),
+            max_record,
+            resent.iter().max().copied().unwrap_or(0) as f64 / max_record.max(1) as f64,
+            to_resume.0,
+            to_resume.1,
+            to_resume.2,
+        );
+    }
     let max_sampled = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
     println!(
         "  coordinator memory: VmHWM (peak RSS) {:.1} MB = {:.2}x the model ({model_mb:.1} MB); max sampled VmRSS {:.1} MB; RSS at start {:.1} MB, at end {:.1} MB",
@@ -839,6 +1048,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "model_mb": model_mb,
             "upload_mb_per_site_round": upload_mb,
             "download_mb_per_site_round": download_mb,
+            "cuts_per_upload": args.cuts,
+            "largest_record_bytes": max_record,
+            "resent_bytes_per_cut": all_cuts.iter().map(|c| c.resent).collect::<Vec<_>>(),
+            "arrived_and_dropped_bytes_per_cut": dropped_at_coordinator,
+            "time_to_resume_ms": all_cuts.iter().map(|c| ms(c.to_resume)).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -982,6 +982,9 @@ async fn receive_upload(
         }
     };
     let mut records = resume_from.map_or(0, |p| p.records);
+    // Stream bytes read up to the last whole record: what arrived of a
+    // record a cut left incomplete is the rest (reported, then dropped).
+    let mut whole_frames_read = recv.bytes_read();
     // Only now, with an upload slot, may the site send more than the idle
     // connection window: a site waiting for a slot costs ≈ nothing.
     conn.open_upload_window(&mut recv, verifier.remaining());
@@ -1024,6 +1027,7 @@ async fn receive_upload(
             tokio::task::block_in_place(|| spool.write(&rec))
                 .map_err(|e| Cut::Refused(RejectCode::Internal, e.to_string()))?;
             records += 1;
+            whole_frames_read = recv.bytes_read();
         }
         match recv.next_frame().await {
             Ok(None) => Ok(()),
@@ -1063,6 +1067,7 @@ async fn receive_upload(
                 }
             };
             let resumable = up.version >= RESUME_VERSION && spool_path.is_some();
+            let partial_bytes = recv.bytes_read().saturating_sub(whole_frames_read);
             let _ = shared
                 .engine
                 .send(Event::UploadInterrupted(Box::new(UploadInterrupted {
@@ -1072,6 +1077,7 @@ async fn receive_upload(
                     records,
                     spool_path,
                     resumable,
+                    partial_bytes,
                     cause: message.clone(),
                 })))
                 .await;

@@ -120,6 +120,9 @@ pub(crate) struct UploadInterrupted {
     pub(crate) spool_path: Option<PathBuf>,
     /// Whether the site's protocol version can resume.
     pub(crate) resumable: bool,
+    /// Bytes that arrived of a record the cut left incomplete (dropped: the
+    /// site sends that record again).
+    pub(crate) partial_bytes: u64,
     /// What ended the upload.
     pub(crate) cause: String,
 }
@@ -620,6 +623,7 @@ impl Engine {
             records,
             spool_path,
             resumable,
+            partial_bytes,
             cause,
         } = it;
         let bytes = verifier.received();
@@ -673,6 +677,7 @@ impl Engine {
             "nonce": hex::encode(h.nonce.0),
             "records_received": records,
             "bytes_received": bytes,
+            "partial_record_bytes_dropped": partial_bytes,
             "cause": cause,
             "kept_for_resume": kept_for_resume,
             "not_kept_because": dropped_why,
