@@ -955,13 +955,19 @@ async fn admin_connections_audited_and_cut_on_revocation() {
     let addr = coord.addr;
     let admin_uri = format!("fedlink://{}/admin/admin", pki.federation());
 
-    // A short-lived admin connection: one command.
+    // A short-lived admin connection: one command (over QUIC, and over
+    // TLS on TCP for an operator whose network blocks UDP).
     ok(&admin, addr, &["status", "--json"]).await;
+    ok(&admin, addr, &["status", "--json", "--transport", "tcp"]).await;
 
     // A long-lived admin connection, idle after one command.
-    let client = AdminClient::connect(&admin, Some(&addr.to_string()))
-        .await
-        .unwrap();
+    let client = AdminClient::connect(
+        &admin,
+        Some(&addr.to_string()),
+        fedlink_transport::TransportKind::Quic,
+    )
+    .await
+    .unwrap();
     let status = client.request(&AdminRequest::Status).await.unwrap();
     assert!(matches!(status, AdminResponse::Status(_)), "{status:?}");
     // Revoke the admin certificate at the CA and publish the list to the
@@ -985,6 +991,8 @@ async fn admin_connections_audited_and_cut_on_revocation() {
     assert!(reason.to_string().contains("revoked"), "{reason}");
     // New connections with the revoked certificate are refused.
     let refused = fedlink(&admin, addr, &["status"]).await;
+    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    let refused = fedlink(&admin, addr, &["status", "--transport", "tcp"]).await;
     assert_ne!(refused.code, 0, "{}", refused.stdout);
 
     // A coordinator that has shut down has recorded the end of every

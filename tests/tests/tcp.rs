@@ -50,9 +50,11 @@ async fn sites_on_tcp_and_on_quic_share_the_rounds() {
     }
     // The operator sees how each site is connected (welcomed sites are
     // known to the engine before their Welcome: no waiting).
+    // Over TLS on TCP too.
     let admin = fedlink_cli::admin::client::AdminClient::connect(
         pki.admin_dir(),
         Some(&coord.addr.to_string()),
+        TransportKind::Tcp,
     )
     .await
     .unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fedlink_certs::{ALPN_ADMIN, Kit};
 use fedlink_protocol::admin::{AdminErrorCode, AdminRequest, AdminResponse};
-use fedlink_transport::{FramedRecv, TransportError, open_bi};
+use fedlink_transport::{Conn, FramedRecv, TransportError, TransportKind};
 
 /// Exit code: the coordinator refused the command (refused, not found,
 /// invalid).
@@ -60,16 +60,21 @@ fn transport(e: TransportError) -> ClientError {
     ClientError::Unreachable(e.to_string())
 }
 
-/// A connection to a coordinator's admin API.
+/// A connection to a coordinator's admin API (QUIC, or TLS over TCP to the
+/// coordinator's TCP listener on the same port number).
 pub struct AdminClient {
-    conn: quinn::Connection,
-    endpoint: quinn::Endpoint,
+    conn: Conn,
+    endpoint: Option<quinn::Endpoint>,
 }
 
 impl AdminClient {
     /// Connect with the admin kit in `kit_dir` to `coordinator` (`host:port`),
-    /// or to the address in the kit.
-    pub async fn connect(kit_dir: &Path, coordinator: Option<&str>) -> Result<Self, ClientError> {
+    /// or to the address in the kit, over `transport`.
+    pub async fn connect(
+        kit_dir: &Path,
+        coordinator: Option<&str>,
+        transport: TransportKind,
+    ) -> Result<Self, ClientError> {
         let kit = Kit::load(kit_dir)
             .map_err(|e| anyhow::anyhow!("admin kit {}: {e}", kit_dir.display()))?;
         let target = coordinator
@@ -82,18 +87,41 @@ impl AdminClient {
             .ok_or_else(|| ClientError::Unreachable(format!("{target} has no address")))?;
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_ADMIN)
             .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
-        let endpoint = fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("client endpoint: {e}"))?;
-        let connecting = endpoint
-            .connect(addr, kit.coordinator_server_name())
-            .map_err(|e| ClientError::Unreachable(format!("{target}: {e}")))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| {
-                ClientError::Unreachable(format!("{target}: no answer within {CONNECT_TIMEOUT:?}"))
-            })?
-            .map_err(|e| ClientError::Unreachable(format!("{target}: {e}")))?;
-        Ok(Self { conn, endpoint })
+        let unreachable = |e: &dyn std::fmt::Display| {
+            ClientError::Unreachable(format!("{target} ({}): {e}", transport.as_str()))
+        };
+        match transport {
+            TransportKind::Quic => {
+                let endpoint =
+                    fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))
+                        .map_err(|e| anyhow::anyhow!("client endpoint: {e}"))?;
+                let connecting = endpoint
+                    .connect(addr, kit.coordinator_server_name())
+                    .map_err(|e| unreachable(&e))?;
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                    .await
+                    .map_err(|_| unreachable(&format!("no answer within {CONNECT_TIMEOUT:?}")))?
+                    .map_err(|e| unreachable(&e))?;
+                Ok(Self {
+                    conn: Conn::from(conn),
+                    endpoint: Some(endpoint),
+                })
+            }
+            TransportKind::Tcp => {
+                let conn = fedlink_transport::tcp::connect(
+                    addr,
+                    std::sync::Arc::new(tls),
+                    kit.coordinator_server_name(),
+                    CONNECT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| unreachable(&e))?;
+                Ok(Self {
+                    conn: Conn::from(conn),
+                    endpoint: None,
+                })
+            }
+        }
     }
 
     /// Send `req`; return the answer (an error answer becomes
@@ -104,7 +132,7 @@ impl AdminClient {
         req: &AdminRequest,
     ) -> Result<(AdminResponse, FramedRecv), ClientError> {
         let body = req.to_json().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (mut send, mut recv) = open_bi(&self.conn).await.map_err(transport)?;
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(transport)?;
         send.chunk(body).await.map_err(transport)?;
         send.finish().map_err(transport)?;
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv.chunk())
@@ -125,13 +153,20 @@ impl AdminClient {
     }
 
     /// Wait until the connection is closed (by either side); why it was.
-    pub async fn closed(&self) -> quinn::ConnectionError {
+    pub async fn closed(&self) -> String {
         self.conn.closed().await
     }
 
     /// Close the connection cleanly.
     pub async fn close(self) {
         self.conn.close(fedlink_transport::close::NORMAL, b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        match &self.endpoint {
+            Some(e) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+            }
+            None => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.closed()).await;
+            }
+        }
     }
 }

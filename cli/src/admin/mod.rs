@@ -1,5 +1,5 @@
 //! `fedlink status | sites | jobs | rounds | models`: the admin API of a
-//! running coordinator, over QUIC with mutual TLS and an admin kit.
+//! running coordinator, over QUIC (or TLS 1.3 over TCP with `--transport tcp`) with mutual TLS and an admin kit.
 //!
 //! ```text
 //! fedlink status --kit admin-kit/
@@ -33,6 +33,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use fedlink_protocol::admin::{AdminRequest, AdminResponse, ExportFormat};
+use fedlink_transport::TransportKind;
 
 use client::{AdminClient, ClientError};
 
@@ -48,6 +49,18 @@ pub struct Common {
     /// Print the answer as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Transport to the coordinator: `quic` (UDP), or `tcp` (TLS 1.3 over
+    /// TCP to the same port number, for networks that block UDP).
+    #[arg(long, value_name = "quic|tcp", default_value = "quic", value_parser = parse_transport, global = true)]
+    transport: TransportKind,
+}
+
+fn parse_transport(s: &str) -> Result<TransportKind, String> {
+    match s {
+        "quic" => Ok(TransportKind::Quic),
+        "tcp" => Ok(TransportKind::Tcp),
+        other => Err(format!("{other:?}: expected quic or tcp")),
+    }
 }
 
 /// `fedlink status`.
@@ -252,7 +265,8 @@ fn run_with(
             .build()
             .context("starting the async runtime")?;
         rt.block_on(async {
-            let client = AdminClient::connect(&kit, common.coordinator.as_deref()).await?;
+            let client =
+                AdminClient::connect(&kit, common.coordinator.as_deref(), common.transport).await?;
             let r = f(&client).await;
             client.close().await;
             r
