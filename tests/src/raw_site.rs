@@ -180,6 +180,41 @@ impl RawSite {
         Ok(model)
     }
 
+    /// Fetch the offered model's chunk records from record `from` on
+    /// (`ModelFetch` when `from` is 0, else `ModelFetchFrom`), at most
+    /// `max` of them: the manifest and the records received.
+    pub async fn fetch_records(
+        &self,
+        offer: &TaskOffer,
+        from: u64,
+        max: usize,
+    ) -> anyhow::Result<(fedlink_protocol::ModelManifest, Vec<bytes::Bytes>)> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        let msg = if from == 0 {
+            Message::ModelFetch(ModelFetch {
+                hash: offer.base_model,
+            })
+        } else {
+            Message::ModelFetchFrom(fedlink_protocol::ModelFetchFrom {
+                hash: offer.base_model,
+                from_record: from,
+            })
+        };
+        send.message(&msg).await?;
+        send.finish()?;
+        let manifest = match bounded("manifest", recv.message()).await?? {
+            Message::ModelManifest(m) => *m,
+            other => bail!("expected a manifest, got {other:?}"),
+        };
+        let left = manifest.num_chunks.saturating_sub(from);
+        let n = usize::try_from(left)?.min(max);
+        let mut records = Vec::with_capacity(n);
+        for _ in 0..n {
+            records.push(bounded("model chunk", recv.chunk()).await??);
+        }
+        Ok((manifest, records))
+    }
+
     /// Encode and sign `delta` for `offer`.
     pub fn prepare(
         &self,
