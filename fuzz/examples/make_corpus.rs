@@ -152,7 +152,9 @@ fn protocol_seeds() {
             payload_len: 1234,
             num_chunks: 1,
         })),
-        Message::DeltaUpload(Box::new(DeltaUpload { envelope: env })),
+        Message::DeltaUpload(Box::new(DeltaUpload {
+            envelope: env.clone(),
+        })),
         Message::UploadResult(UploadResult::Reject {
             code: RejectCode::Replay,
             message: "nonce reused".into(),
@@ -180,6 +182,15 @@ fn protocol_seeds() {
             round: RoundId(2),
             model: ModelHash([0x33; 32]),
             job_completed: true,
+        }),
+        Message::ResumeUpload(Box::new(DeltaUpload { envelope: env })),
+        Message::UploadProgress(UploadProgress {
+            records: 7,
+            bytes: 7_340_032,
+        }),
+        Message::ModelFetchFrom(ModelFetchFrom {
+            hash: model.hash(),
+            from_record: 3,
         }),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
