@@ -423,6 +423,31 @@ async fn an_agent_cut_while_uploading_finishes_the_round_without_training_again(
         !resumed.is_empty() || sent.len() == 2 || accepted.is_empty(),
         "{seen:#?}"
     );
+    // The two audit logs agree: every update the site sent was received
+    // unaltered, whatever the cut did.
+    let site_log = dir.path().join("site-0/audit.jsonl");
+    let site_key = pki
+        .site_dir(0)
+        .unwrap()
+        .join(fedlink_certs::UPDATE_PUBLIC_KEY_FILE);
+    let out =
+        std::process::Command::new(fedlink_tests::fixture::workspace_binary("fedlink").unwrap())
+            .args(["audit", "reconcile", "--site"])
+            .arg(&site_log)
+            .arg("--site-key")
+            .arg(&site_key)
+            .arg("--coordinator")
+            .arg(data.join("audit/audit.jsonl"))
+            .arg("--coordinator-key")
+            .arg(data.join("audit/audit-key.pub"))
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("CONSISTENT"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for r in &resumed {
         // The same envelope; what the coordinator held plus what went
         // again is the whole payload.
