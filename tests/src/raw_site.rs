@@ -62,28 +62,16 @@ impl RawSite {
         transport: TransportKind,
     ) -> anyhow::Result<Self> {
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
-        let (conn, endpoint) = match transport {
-            TransportKind::Quic => {
-                let endpoint =
-                    fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(10))?;
-                let conn = bounded(
-                    "connect",
-                    endpoint.connect(addr, kit.coordinator_server_name())?,
-                )
-                .await??;
-                (Conn::from(conn), Some(endpoint))
-            }
-            TransportKind::Tcp => {
-                let conn = fedlink_transport::tcp::connect(
-                    addr,
-                    std::sync::Arc::new(tls),
-                    kit.coordinator_server_name(),
-                    Duration::from_secs(10),
-                )
-                .await?;
-                (Conn::from(conn), None)
-            }
-        };
+        let fedlink_transport::Dialed { conn, endpoint } = fedlink_transport::dial(
+            transport,
+            addr,
+            tls,
+            kit.coordinator_server_name(),
+            Duration::from_secs(10),
+            fedlink_transport::Congestion::default(),
+            Duration::from_secs(60),
+        )
+        .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.message(&Message::Hello(Hello {
             versions: VersionRange::SUPPORTED,

@@ -696,6 +696,56 @@ pub fn client_endpoint(
     client_endpoint_with(remote, tls, idle_timeout, Congestion::default())
 }
 
+/// A client connection and what keeps it alive: the QUIC endpoint (its
+/// socket; dropping it ends the connection), none for TLS over TCP.
+#[derive(Debug)]
+pub struct Dialed {
+    /// The connection.
+    pub conn: Conn,
+    /// The QUIC endpoint, to keep while the connection is used (and to
+    /// `wait_idle` on after closing it).
+    pub endpoint: Option<Endpoint>,
+}
+
+/// Connect to `addr` over `kind` with `tls`, naming the server
+/// `server_name`, within `timeout`: QUIC from a fresh client endpoint
+/// (idle timeout `idle`, congestion controller `cc`), or TLS 1.3 over TCP
+/// to the same port number. One place for the tools that pick a transport
+/// (the admin CLI, the benchmark, the test sites); the agent's transport
+/// selection (QUIC first, TCP fallback, proxies) is its own.
+pub async fn dial(
+    kind: TransportKind,
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    server_name: &str,
+    idle: Duration,
+    cc: Congestion,
+    timeout: Duration,
+) -> Result<Dialed, TransportError> {
+    match kind {
+        TransportKind::Quic => {
+            let endpoint = client_endpoint_with(addr, tls, idle, cc)?;
+            let connecting = endpoint
+                .connect(addr, server_name)
+                .map_err(|e| TransportError::Config(format!("connecting to {addr}: {e}")))?;
+            let conn = tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(|_| TransportError::Connection(ConnectionError::TimedOut))??;
+            Ok(Dialed {
+                conn: Conn::from(conn),
+                endpoint: Some(endpoint),
+            })
+        }
+        TransportKind::Tcp => {
+            let conn = tcp::connect(addr, Arc::new(tls), server_name, timeout).await?;
+            Ok(Dialed {
+                conn: Conn::from(conn),
+                endpoint: None,
+            })
+        }
+    }
+}
+
 /// [`client_endpoint`] with the congestion controller `cc`.
 pub fn client_endpoint_with(
     remote: SocketAddr,

@@ -185,29 +185,17 @@ async fn connect_site(
     limit: Duration,
 ) -> anyhow::Result<SiteConn> {
     let tls = fedlink_certs::client_tls_config(kit, ALPN_SITE)?;
-    let (conn, endpoint) = match transport {
-        TransportKind::Quic => {
-            let endpoint =
-                fedlink_transport::client_endpoint_with(addr, tls, Duration::from_secs(30), cc)?;
-            let conn = step(
-                "connect",
-                limit,
-                endpoint.connect(addr, kit.coordinator_server_name())?,
-            )
-            .await??;
-            (Conn::from(conn), Some(endpoint))
-        }
-        TransportKind::Tcp => {
-            let conn = fedlink_transport::tcp::connect(
-                addr,
-                Arc::new(tls),
-                kit.coordinator_server_name(),
-                limit,
-            )
-            .await?;
-            (Conn::from(conn), None)
-        }
-    };
+    let fedlink_transport::Dialed { conn, endpoint } = fedlink_transport::dial(
+        transport,
+        addr,
+        tls,
+        kit.coordinator_server_name(),
+        Duration::from_secs(30),
+        cc,
+        limit,
+    )
+    .await
+    .with_context(|| format!("connecting to {addr}"))?;
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
     control_send
         .message(&Message::Hello(Hello {

@@ -87,41 +87,21 @@ impl AdminClient {
             .ok_or_else(|| ClientError::Unreachable(format!("{target} has no address")))?;
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_ADMIN)
             .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
-        let unreachable = |e: &dyn std::fmt::Display| {
-            ClientError::Unreachable(format!("{target} ({}): {e}", transport.as_str()))
-        };
-        match transport {
-            TransportKind::Quic => {
-                let endpoint =
-                    fedlink_transport::client_endpoint(addr, tls, Duration::from_secs(30))
-                        .map_err(|e| anyhow::anyhow!("client endpoint: {e}"))?;
-                let connecting = endpoint
-                    .connect(addr, kit.coordinator_server_name())
-                    .map_err(|e| unreachable(&e))?;
-                let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-                    .await
-                    .map_err(|_| unreachable(&format!("no answer within {CONNECT_TIMEOUT:?}")))?
-                    .map_err(|e| unreachable(&e))?;
-                Ok(Self {
-                    conn: Conn::from(conn),
-                    endpoint: Some(endpoint),
-                })
-            }
-            TransportKind::Tcp => {
-                let conn = fedlink_transport::tcp::connect(
-                    addr,
-                    std::sync::Arc::new(tls),
-                    kit.coordinator_server_name(),
-                    CONNECT_TIMEOUT,
-                )
-                .await
-                .map_err(|e| unreachable(&e))?;
-                Ok(Self {
-                    conn: Conn::from(conn),
-                    endpoint: None,
-                })
-            }
-        }
+        let dialed = fedlink_transport::dial(
+            transport,
+            addr,
+            tls,
+            kit.coordinator_server_name(),
+            Duration::from_secs(30),
+            fedlink_transport::Congestion::default(),
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| ClientError::Unreachable(format!("{target} ({}): {e}", transport.as_str())))?;
+        Ok(Self {
+            conn: dialed.conn,
+            endpoint: dialed.endpoint,
+        })
     }
 
     /// Send `req`; return the answer (an error answer becomes
