@@ -146,6 +146,14 @@ pub struct RunningCoordinator {
 }
 
 impl RunningCoordinator {
+    /// A coordinator on a free loopback port in `dir`, running the job of
+    /// `spec` (written there) for `pki`'s federation, exiting after it.
+    pub async fn start_job(spec: &JobSpec, pki: &TestPki, dir: &Path) -> anyhow::Result<Self> {
+        let job = write_job(dir, spec)?;
+        let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse()?)?;
+        Self::start(&cfg, true).await
+    }
+
     /// Start `serve` with `config` (exits after the job when asked).
     pub async fn start(config: &Path, exit_after_job: bool) -> anyhow::Result<Self> {
         let cfg = CoordinatorConfig::load(config)?;

@@ -40,9 +40,7 @@ fn expected_next(global: &FlatModel, sites: &[usize], round: u64) -> Vec<f32> {
 }
 
 async fn start(spec: &JobSpec, pki: &TestPki, dir: &std::path::Path) -> RunningCoordinator {
-    let job = write_job(dir, spec).unwrap();
-    let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
-    RunningCoordinator::start(&cfg, true).await.unwrap()
+    RunningCoordinator::start_job(spec, pki, dir).await.unwrap()
 }
 
 async fn connect(pki: &TestPki, i: usize, c: &RunningCoordinator) -> RawSite {

@@ -12,7 +12,7 @@ use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use fedlink_protocol::{FlatModel, UpdateNonce};
 use fedlink_test_util::TestPki;
-use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
+use fedlink_tests::fixture::{JobSpec, RunningCoordinator};
 use fedlink_tests::raw_site::{PreparedUpload, RawSite, join_round};
 use rand::{Rng, SeedableRng};
 
@@ -31,9 +31,7 @@ fn spec(id: &str) -> JobSpec {
 }
 
 async fn start(spec: &JobSpec, pki: &TestPki, dir: &std::path::Path) -> RunningCoordinator {
-    let job = write_job(dir, spec).unwrap();
-    let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
-    RunningCoordinator::start(&cfg, true).await.unwrap()
+    RunningCoordinator::start_job(spec, pki, dir).await.unwrap()
 }
 
 fn delta_for(global: &FlatModel) -> FlatModel {

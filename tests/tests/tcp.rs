@@ -18,9 +18,7 @@ use fedlink_tests::{bounded, raw_tls_config};
 use fedlink_transport::TransportKind;
 
 async fn start(spec: &JobSpec, pki: &TestPki, dir: &std::path::Path) -> RunningCoordinator {
-    let job = write_job(dir, spec).unwrap();
-    let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
-    RunningCoordinator::start(&cfg, true).await.unwrap()
+    RunningCoordinator::start_job(spec, pki, dir).await.unwrap()
 }
 
 fn audit_text(data_dir: &std::path::Path) -> String {

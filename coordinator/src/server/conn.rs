@@ -57,24 +57,40 @@ pub(crate) fn admit(
         return None;
     }
     let remote = incoming.remote_address();
+    match handshake_slot(remote, handshakes, rates, shared) {
+        Some(slot) => Some(Admitted {
+            incoming,
+            _slot: slot,
+        }),
+        None => {
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// The admission decision both transports share: `remote` within its
+/// address's handshake rate (`rates`) and a free handshake slot, or a
+/// refusal counted with the failed handshakes (with its reason).
+fn handshake_slot(
+    remote: std::net::SocketAddr,
+    handshakes: &Arc<Semaphore>,
+    rates: &mut limits::SourceRates,
+    shared: &Shared,
+) -> Option<OwnedSemaphorePermit> {
     if !rates.allow(remote.ip(), Instant::now()) {
         tracing::debug!(%remote, "too many handshakes from this address; refused");
         shared.note_refused(
             remote,
             "too many handshakes from this address (handshakes_per_source_per_sec)",
         );
-        incoming.refuse();
         return None;
     }
     match handshakes.clone().try_acquire_owned() {
-        Ok(slot) => Some(Admitted {
-            incoming,
-            _slot: slot,
-        }),
+        Ok(slot) => Some(slot),
         Err(_) => {
             tracing::debug!(%remote, "too many handshakes in progress; refused");
             shared.note_refused(remote, "too many handshakes in progress");
-            incoming.refuse();
             None
         }
     }
@@ -90,23 +106,7 @@ pub(crate) fn admit_tcp(
     rates: &mut limits::SourceRates,
     shared: &Shared,
 ) -> Option<OwnedSemaphorePermit> {
-    let remote = incoming.remote_address();
-    if !rates.allow(remote.ip(), Instant::now()) {
-        tracing::debug!(%remote, "too many handshakes from this address; refused (TCP)");
-        shared.note_refused(
-            remote,
-            "too many handshakes from this address (handshakes_per_source_per_sec)",
-        );
-        return None;
-    }
-    match handshakes.clone().try_acquire_owned() {
-        Ok(slot) => Some(slot),
-        Err(_) => {
-            tracing::debug!(%remote, "too many handshakes in progress; refused (TCP)");
-            shared.note_refused(remote, "too many handshakes in progress");
-            None
-        }
-    }
+    handshake_slot(incoming.remote_address(), handshakes, rates, shared)
 }
 
 /// Handle one incoming connection to the end.
