@@ -247,12 +247,14 @@ impl SiteConn {
         Ok(())
     }
 
-    /// Drop the connection abruptly (no Bye): a lost link.
-    async fn drop_abruptly(self) {
+    /// Drop the connection abruptly (no Bye): a lost link. The site does
+    /// not wait for the close to drain (a dead link gives it nothing to
+    /// wait for); the old endpoint drains in the background.
+    fn drop_abruptly(self) {
         self.conn
             .close(fedlink_transport::close::NORMAL, b"loadgen: forced drop");
-        if let Some(e) = &self.endpoint {
-            e.wait_idle().await;
+        if let Some(e) = self.endpoint {
+            tokio::spawn(async move { e.wait_idle().await });
         }
     }
 }
@@ -270,6 +272,7 @@ async fn upload_with_cuts(
     envelope: fedlink_protocol::SignedEnvelope,
     payload: &Payload,
     cut_at: &[u64],
+    link: Option<&fedlink_tools::impair::ImpairHandle>,
     limit: Duration,
 ) -> anyhow::Result<(SiteConn, Vec<CutReport>)> {
     let mut cuts = Vec::new();
@@ -324,7 +327,15 @@ async fn upload_with_cuts(
             written += len;
         }
         let at = Instant::now();
-        sc.drop_abruptly().await;
+        // Over TCP behind an impairment proxy, the proxy cuts the link
+        // (what was in its buffers is lost, as on a real drop); a clean
+        // close would deliver everything written first. Over QUIC a cut at
+        // the proxy would only be noticed at the idle timeout: the site
+        // closes at once instead (QUIC drops what was not yet delivered).
+        if let (TransportKind::Tcp, Some(link)) = (transport, link) {
+            link.cut();
+        }
+        sc.drop_abruptly();
         dropped = Some((at, written));
         // Back: the coordinator offers the round again; resume it.
         sc = connect_site(kit, addr, transport, cc, limit).await?;
@@ -525,6 +536,7 @@ async fn run_site(
     limit: Duration,
     cuts: u32,
     seed: u64,
+    link: Option<fedlink_tools::impair::ImpairHandle>,
 ) -> anyhow::Result<SiteReport> {
     let mut sc = connect_site(&kit, addr, transport, cc, limit).await?;
     let key = kit
@@ -564,7 +576,16 @@ async fn run_site(
             .collect();
         cut_at.sort_unstable();
         let (back, made) = upload_with_cuts(
-            sc, &kit, addr, transport, cc, envelope, &payload, &cut_at, limit,
+            sc,
+            &kit,
+            addr,
+            transport,
+            cc,
+            envelope,
+            &payload,
+            &cut_at,
+            link.as_ref(),
+            limit,
         )
         .await?;
         sc = back;
@@ -835,6 +856,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let rounds = args.rounds;
         let cuts = args.cuts;
         let site_addr = links.get(i).map_or(addr, |l| l.addr());
+        let link = links.get(i).map(|l| l.handle());
         tasks.push(tokio::spawn(async move {
             run_site(
                 kit,
@@ -846,6 +868,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 limit,
                 cuts,
                 i as u64 + 1,
+                link,
             )
             .await
             .with_context(|| format!("site-{i}"))
