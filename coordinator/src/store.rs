@@ -231,6 +231,11 @@ pub struct RoundRecord {
     /// the reason each site gave.
     #[serde(default)]
     pub declined: Vec<DeclinedOffer>,
+    /// The sites' federated evaluation of this round's base model (the
+    /// metrics in the accepted updates' signed headers), when the job's
+    /// `[evaluation] every_rounds` asks for that model; set at aggregation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<fedlink_protocol::admin::FederatedEvaluation>,
 }
 
 /// An offer a site declined.
@@ -767,6 +772,31 @@ impl Store {
         self.annotate_round(job, round, |r| r.update_details.push(detail))
     }
 
+    /// Keep the federated evaluation of a round's base model in its record
+    /// (replacing an earlier one). Returns `Ok(false)` if the round has no
+    /// record.
+    pub fn record_evaluation(
+        &self,
+        job: &str,
+        round: u64,
+        evaluation: fedlink_protocol::admin::FederatedEvaluation,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| r.evaluation = Some(evaluation))
+    }
+
+    /// The newest round of `job` whose record holds a federated evaluation,
+    /// and that evaluation.
+    pub fn latest_evaluation(
+        &self,
+        job: &str,
+    ) -> Result<Option<fedlink_protocol::admin::FederatedEvaluation>, StoreError> {
+        Ok(self
+            .rounds(job)?
+            .into_iter()
+            .rev()
+            .find_map(|r| r.evaluation))
+    }
+
     /// Set when a round opened and closed (`None` leaves a time unchanged).
     pub fn set_round_times(
         &self,
@@ -877,6 +907,7 @@ impl Store {
                                 rejected,
                                 update_details,
                                 declined,
+                                evaluation: None,
                             }
                         }
                     };

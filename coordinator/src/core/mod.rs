@@ -27,6 +27,10 @@
 //! payload (round machine, signature, context, size, replay, claimed
 //! weight), before a payload byte is read.
 //!
+//! [`evaluation`] decides which global models are evaluated (the job's
+//! `[evaluation] every_rounds`), which sites' reported metrics count and
+//! their example-weighted mean.
+//!
 //! [`admin`] turns pause / resume / abort of the running or a queued job
 //! into effects, the audit append first.
 //!
@@ -59,6 +63,7 @@
 //! ```
 
 pub mod admin;
+pub mod evaluation;
 pub mod intake;
 pub mod queue;
 pub mod sim;
@@ -150,6 +155,7 @@ mod purity {
         ("queue.rs", include_str!("queue.rs")),
         ("intake.rs", include_str!("intake.rs")),
         ("admin.rs", include_str!("admin.rs")),
+        ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),
     ];
 

@@ -17,6 +17,7 @@ use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
+use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
@@ -33,7 +34,7 @@ use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::intake::{self, reason_text, reject_code};
-use crate::core::{CloseReason, JobNeeds};
+use crate::core::{CloseReason, JobNeeds, evaluation};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
@@ -172,7 +173,9 @@ pub(crate) struct Engine {
     /// The connected sites (held across jobs: see [`super::links`]).
     links: Links,
     pending: HashMap<(String, u64), Pending>,
-    round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
+    /// The evaluation metrics in the round's accepted updates' headers
+    /// (`None`: the header carried none), in acceptance order.
+    round_metrics: BTreeMap<u64, Vec<(String, Option<EvalMetrics>)>>,
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
@@ -198,6 +201,8 @@ pub(crate) struct Engine {
     /// into the Unix milliseconds sites see.
     clock_base: (Instant, u64),
     outcome: Option<JobOutcome>,
+    /// The job's newest federated evaluation (for the status).
+    latest_evaluation: Option<FederatedEvaluation>,
 }
 
 /// Rounds listed in `status.json`, at most: the newest. The whole history
@@ -222,7 +227,13 @@ impl Engine {
         // Compute with the strategy exactly as `round.json` records it.
         let (_, strategy) =
             round_archive::json_roundtrip(&parts.strategy).map_err(|e| format!("strategy: {e}"))?;
+        // A resumed job: its newest evaluation so far.
+        let latest_evaluation = parts
+            .store
+            .latest_evaluation(job_id.as_str())
+            .map_err(|e| format!("reading the job's evaluations: {e}"))?;
         Ok(Self {
+            latest_evaluation,
             job_id,
             runner: parts.runner,
             store: parts.store,
@@ -833,12 +844,10 @@ impl Engine {
         match folded {
             Ok(()) => {
                 let h = &p.envelope.header;
-                if let Some(m) = &h.metrics {
-                    self.round_metrics
-                        .entry(round)
-                        .or_default()
-                        .push((site.to_owned(), m.clone()));
-                }
+                self.round_metrics
+                    .entry(round)
+                    .or_default()
+                    .push((site.to_owned(), h.metrics.clone()));
                 if let Some(stats) = &h.feature_stats {
                     self.round_stats.entry(round).or_default().push(Report {
                         site: site.to_owned(),
@@ -1146,30 +1155,54 @@ impl Engine {
             metrics.insert("dp_epsilon".into(), eps);
             metrics.insert("dp_delta".into(), delta);
         }
-        // Federated evaluation of the round's base model on the sites'
-        // local validation splits, weighted by their sizes.
-        if let Some(ms) = self.round_metrics.remove(&round) {
-            for (name, pick) in [
-                (
-                    "site_eval_loss",
-                    (|m: &EvalMetrics| m.loss) as fn(&EvalMetrics) -> Option<f64>,
-                ),
-                ("site_eval_accuracy", |m: &EvalMetrics| m.accuracy),
-                ("site_eval_auc", |m: &EvalMetrics| m.auc),
-                ("site_eval_dice", |m: &EvalMetrics| m.dice),
+        // Federated evaluation of the round's base model (the model made by
+        // the previous round) on the sites' local validation splits,
+        // weighted by their sizes, when the job asks for that model.
+        let reports: Vec<(String, Option<EvalMetrics>)> = self
+            .round_metrics
+            .remove(&round)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(site, _)| log.inputs.iter().any(|i| &i.site == site))
+            .collect();
+        let after = round.saturating_sub(1);
+        if evaluation::is_due(
+            after,
+            self.job.evaluation.every_rounds,
+            u64::from(self.job.rounds),
+        ) {
+            let ev = evaluation::federated_evaluation(after, round, base_model, &reports);
+            let w = &ev.weighted;
+            for (name, v) in [
+                ("site_eval_loss", w.loss),
+                ("site_eval_accuracy", w.accuracy),
+                ("site_eval_auc", w.auc),
+                ("site_eval_dice", w.dice),
             ] {
-                let (mut s, mut n) = (0.0, 0.0);
-                for (_, m) in &ms {
-                    if let Some(v) = pick(m)
-                        && v.is_finite()
-                    {
-                        s += v * m.num_eval_examples as f64;
-                        n += m.num_eval_examples as f64;
-                    }
+                if let Some(v) = v {
+                    metrics.insert(name.into(), v);
                 }
-                if n > 0.0 {
-                    metrics.insert(name.into(), s / n);
-                }
+            }
+            for x in &ev.excluded {
+                tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+            }
+            tracing::info!(
+                round,
+                model = %base_model,
+                sites = w.sites,
+                examples = w.num_eval_examples,
+                loss = ?w.loss,
+                accuracy = ?w.accuracy,
+                auc = ?w.auc,
+                dice = ?w.dice,
+                "federated evaluation"
+            );
+            self.latest_evaluation = Some(ev.clone());
+            if let Err(e) = self
+                .store
+                .record_evaluation(self.job_id.as_str(), round, ev)
+            {
+                tracing::warn!(round, error = %e, "recording the federated evaluation");
             }
         }
         // The sites' feature statistics of this round update the scaling
@@ -1378,6 +1411,7 @@ impl Engine {
                 .map(|u| (u.site.clone(), u.bytes, u.num_examples))
                 .collect(),
             metrics: r.metrics.clone(),
+            evaluation: r.evaluation.clone(),
         };
         let mut open = Vec::new();
         match self
@@ -1417,6 +1451,7 @@ impl Engine {
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
             scaling: self.scaling.scaling().cloned(),
+            evaluation: self.latest_evaluation.clone(),
             updated_unix_ms: unix_ms(),
         };
         if let Err(e) = self.status.write(&status) {
