@@ -64,6 +64,9 @@ pub enum EventKind {
     RoundDiscarded,
     /// A round's updates were aggregated into a new model.
     RoundAggregated,
+    /// The sites' federated evaluation of a round's base model was recorded
+    /// (per site, example-weighted mean, reports left out with the reason).
+    RoundEvaluated,
     /// An offer was sent to a site.
     OfferSent,
     /// An update arrived (accepted or refused).
@@ -130,6 +133,7 @@ impl EventKind {
         Self::RoundOpened,
         Self::RoundDiscarded,
         Self::RoundAggregated,
+        Self::RoundEvaluated,
         Self::OfferSent,
         Self::UpdateReceived,
         Self::UpdateExcluded,
@@ -176,6 +180,7 @@ impl EventKind {
             Self::RoundOpened => "round.opened",
             Self::RoundDiscarded => "round.discarded",
             Self::RoundAggregated => "round.aggregated",
+            Self::RoundEvaluated => "round.evaluated",
             Self::OfferSent => "offer.sent",
             Self::UpdateReceived => "update.received",
             Self::UpdateExcluded => "update.excluded",

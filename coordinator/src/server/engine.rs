@@ -1197,6 +1197,19 @@ impl Engine {
                 dice = ?w.dice,
                 "federated evaluation"
             );
+            // Audited with what counted and what was left out (and why).
+            self.audit_own(
+                EventKind::RoundEvaluated,
+                serde_json::json!({
+                    "job": self.job_id.as_str(),
+                    "round": round,
+                    "model": ev.model,
+                    "after_round": ev.after_round,
+                    "sites": ev.sites,
+                    "weighted": ev.weighted,
+                    "excluded": ev.excluded,
+                }),
+            )?;
             self.latest_evaluation = Some(ev.clone());
             if let Err(e) = self
                 .store
