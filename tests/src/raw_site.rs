@@ -14,8 +14,8 @@ use fedlink_protocol::message::{
     UploadResult,
 };
 use fedlink_protocol::{
-    FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder,
-    PayloadHash, SignedEnvelope, VersionRange,
+    EvalMetrics, FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder,
+    PayloadEncoder, PayloadHash, SignedEnvelope, VersionRange,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
 
@@ -199,6 +199,29 @@ impl RawSite {
         num_examples: u64,
         feature_stats: Option<FeatureStats>,
     ) -> anyhow::Result<PreparedUpload> {
+        self.prepare_signed(offer, delta, num_examples, feature_stats, None)
+    }
+
+    /// Encode and sign `delta` for `offer`, with evaluation `metrics` (any
+    /// values, valid or not) in the signed header.
+    pub fn prepare_with_metrics(
+        &self,
+        offer: &TaskOffer,
+        delta: &FlatModel,
+        num_examples: u64,
+        metrics: EvalMetrics,
+    ) -> anyhow::Result<PreparedUpload> {
+        self.prepare_signed(offer, delta, num_examples, None, Some(metrics))
+    }
+
+    fn prepare_signed(
+        &self,
+        offer: &TaskOffer,
+        delta: &FlatModel,
+        num_examples: u64,
+        feature_stats: Option<FeatureStats>,
+        metrics: Option<EvalMetrics>,
+    ) -> anyhow::Result<PreparedUpload> {
         let mut enc = PayloadEncoder::new(delta.spec().clone(), offer.encoding, 1)?;
         let mut records = Vec::new();
         while let Some(r) = enc.next_chunk() {
@@ -227,7 +250,7 @@ impl RawSite {
             payload_len: len,
             payload_hash: PayloadHash(*hasher.finalize().as_bytes()),
             nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
-            metrics: None,
+            metrics,
             feature_stats,
         };
         let key = self

@@ -5,7 +5,7 @@
 use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
-use fedlink_protocol::{FlatModel, ModelHash};
+use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash};
 use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
 use fedlink_tests::raw_site::{RawSite, join_round};
@@ -761,4 +761,128 @@ async fn an_upload_that_stalls_in_its_slot_is_refused() {
         "{:?}",
         out.outcome
     );
+}
+
+/// Evaluation metrics in signed headers that cannot be used (here an
+/// accuracy of 1.5) are left out of the federated evaluation with the
+/// reason, in the round record and the coordinator's audit log; the update
+/// itself still counts, and the weighted mean is over the other sites'
+/// validation examples, exactly. A NaN metric (no JSON form) refuses the
+/// upload, with the reason, and the coordinator goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let reports = [
+        EvalMetrics {
+            num_eval_examples: 3,
+            loss: Some(0.25),
+            accuracy: Some(0.5),
+            auc: Some(0.75),
+            ..EvalMetrics::default()
+        },
+        EvalMetrics {
+            num_eval_examples: 1,
+            loss: Some(0.5),
+            accuracy: Some(1.0),
+            ..EvalMetrics::default()
+        },
+        EvalMetrics {
+            num_eval_examples: 1000,
+            loss: Some(0.1),
+            accuracy: Some(1.5),
+            ..EvalMetrics::default()
+        },
+    ];
+    let mut tasks = Vec::new();
+    for (i, metrics) in reports.into_iter().enumerate() {
+        let mut site = connect(&pki, i, &coord).await;
+        tasks.push(tokio::spawn(async move {
+            let offer = site.next_offer().await.unwrap();
+            site.accept(&offer).await.unwrap();
+            let global = site.fetch_model(&offer).await.unwrap();
+            let delta = delta_for(&global, i, 1);
+            if i == 2 {
+                // A NaN has no JSON form (the signed envelope could not be
+                // archived): the upload is refused before its payload.
+                let nan = EvalMetrics {
+                    loss: Some(f64::NAN),
+                    ..metrics.clone()
+                };
+                let up = site
+                    .prepare_with_metrics(&offer, &delta, examples(i), nan)
+                    .unwrap();
+                let r = site.upload(&up, None).await.unwrap().unwrap();
+                assert_eq!(
+                    r,
+                    UploadResult::Reject {
+                        code: RejectCode::Malformed,
+                        message: "the signed header's metric loss is not finite".into()
+                    }
+                );
+            }
+            let up = site
+                .prepare_with_metrics(&offer, &delta, examples(i), metrics)
+                .unwrap();
+            let r = site.upload(&up, None).await.unwrap().unwrap();
+            assert!(
+                matches!(r, UploadResult::Ack { accepted: true, .. }),
+                "{r:?}"
+            );
+            offer.base_model
+        }));
+    }
+    let mut joined = Vec::new();
+    for t in tasks {
+        joined.push(t.await);
+    }
+    let out = coord.finished().await.unwrap();
+    let bases: Vec<ModelHash> = joined.into_iter().map(Result::unwrap).collect();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+    let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
+    let round = store.round("e2e", 1).unwrap().unwrap();
+    assert_eq!(round.accepted.len(), 3);
+    let ev = round.evaluation.unwrap();
+    assert_eq!(ev.model, bases[0].to_hex());
+    assert_eq!((ev.after_round, ev.reported_in_round), (0, 1));
+    let sites: Vec<(&str, u64)> = ev
+        .sites
+        .iter()
+        .map(|s| (s.site.as_str(), s.num_eval_examples))
+        .collect();
+    assert_eq!(sites, [("site-0", 3), ("site-1", 1)]);
+    // (3·0.25 + 1·0.5) / 4, (3·0.5 + 1·1) / 4; only site-0 reports an AUC.
+    assert_eq!(ev.weighted.loss, Some(0.3125));
+    assert_eq!(ev.weighted.accuracy, Some(0.625));
+    assert_eq!(ev.weighted.auc, Some(0.75));
+    assert_eq!((ev.weighted.sites, ev.weighted.num_eval_examples), (2, 4));
+    assert_eq!(ev.excluded.len(), 1);
+    assert_eq!(ev.excluded[0].site, "site-2");
+    assert_eq!(ev.excluded[0].reason, "accuracy = 1.5 is outside [0, 1]");
+    assert_eq!(round.metrics.get("site_eval_accuracy"), Some(&0.625));
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let evaluated: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "round.evaluated")
+        .collect();
+    assert_eq!(evaluated.len(), 1);
+    let d = &evaluated[0]["details"];
+    assert_eq!(d["round"], 1);
+    assert_eq!(d["excluded"][0]["site"], "site-2");
+    assert_eq!(
+        d["excluded"][0]["reason"],
+        "accuracy = 1.5 is outside [0, 1]"
+    );
+    assert_eq!(d["weighted"]["accuracy"], 0.625);
 }

@@ -476,6 +476,7 @@ impl Engine {
             declared,
         )
         .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        intake::check_header_numbers(h).map_err(|why| (RejectCode::Malformed, why))?;
         let spool_dir = self.store.dir().join("spool");
         fedlink_certs::private::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
