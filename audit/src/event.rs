@@ -67,6 +67,12 @@ pub enum EventKind {
     /// The sites' federated evaluation of a round's base model was recorded
     /// (per site, example-weighted mean, reports left out with the reason).
     RoundEvaluated,
+    /// The sites were asked to evaluate the job's final model.
+    EvalRequested,
+    /// A site's signed evaluation report was counted.
+    EvalAccepted,
+    /// A site's evaluation report was refused (with the reason).
+    EvalRejected,
     /// An offer was sent to a site.
     OfferSent,
     /// An update arrived (accepted or refused).
@@ -106,6 +112,9 @@ pub enum EventKind {
     CoordinatorAuditHead,
     /// The coordinator told the site which model a round (or the job) produced.
     RoundOutcome,
+    /// The site evaluated a model it was asked about and sent the signed
+    /// metrics (recorded before they are sent).
+    EvalReported,
 }
 
 impl EventKind {
@@ -134,6 +143,9 @@ impl EventKind {
         Self::RoundDiscarded,
         Self::RoundAggregated,
         Self::RoundEvaluated,
+        Self::EvalRequested,
+        Self::EvalAccepted,
+        Self::EvalRejected,
         Self::OfferSent,
         Self::UpdateReceived,
         Self::UpdateExcluded,
@@ -153,6 +165,7 @@ impl EventKind {
         Self::UpdateResult,
         Self::CoordinatorAuditHead,
         Self::RoundOutcome,
+        Self::EvalReported,
     ];
 
     /// The name stored in an entry's `event` field.
@@ -181,6 +194,10 @@ impl EventKind {
             Self::RoundDiscarded => "round.discarded",
             Self::RoundAggregated => "round.aggregated",
             Self::RoundEvaluated => "round.evaluated",
+            Self::EvalRequested => "eval.requested",
+            Self::EvalAccepted => "eval.accepted",
+            Self::EvalRejected => "eval.rejected",
+            Self::EvalReported => "eval.reported",
             Self::OfferSent => "offer.sent",
             Self::UpdateReceived => "update.received",
             Self::UpdateExcluded => "update.excluded",

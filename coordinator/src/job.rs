@@ -585,8 +585,8 @@ pub struct Evaluation {
     /// Record the sites' federated evaluation of the initial model and of
     /// the global model after every N completed rounds and after the last
     /// (0: never). Default 1. The sites report the metrics of a round's
-    /// base model with their updates, so the last round's model is not
-    /// evaluated by them (no round follows it); see
+    /// base model with their updates; the last round's model, which no
+    /// round follows, they are asked for after it (protocol ≥ 6); see
     /// [`crate::core::evaluation`].
     #[serde(default = "one_u32")]
     pub every_rounds: u32,

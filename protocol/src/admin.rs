@@ -394,8 +394,10 @@ pub struct FederatedEvaluation {
     pub model: String,
     /// Rounds completed when the model was made (0: the initial model).
     pub after_round: u64,
-    /// The round whose updates carried the sites' metrics.
-    pub reported_in_round: u64,
+    /// The round whose updates carried the sites' metrics in their signed
+    /// headers; `None`: the sites answered the coordinator's evaluation
+    /// request (signed `EvalReport`s; the final model of a job).
+    pub reported_in_round: Option<u64>,
     /// Per site, by name.
     pub sites: Vec<SiteEvaluation>,
     /// The example-weighted mean.

@@ -1276,9 +1276,11 @@ fn fmt_federated_evaluation(s: &mut String, e: &FederatedEvaluation, rounds: u64
     };
     let _ = writeln!(
         s,
-        "  federated evaluation by the hospitals ({model}, each on its own validation split; \
-         reported in round {}):",
-        e.reported_in_round
+        "  federated evaluation by the hospitals ({model}, each on its own validation split; {}):",
+        match e.reported_in_round {
+            Some(r) => format!("reported in round {r}"),
+            None => "asked for by the coordinator".to_owned(),
+        }
     );
     let line =
         |n: u64, loss: Option<f64>, acc: Option<f64>, auc: Option<f64>, dice: Option<f64>| {

@@ -14,8 +14,8 @@ use fedlink_protocol::message::{
     UploadResult,
 };
 use fedlink_protocol::{
-    EvalMetrics, FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder,
-    PayloadEncoder, PayloadHash, SignedEnvelope, VersionRange,
+    EvalMetrics, FEDERATED_EVAL_VERSION, FeatureStats, FlatModel, Message, PROTOCOL_VERSION,
+    PayloadDecoder, PayloadEncoder, PayloadHash, SignedEnvelope, VersionRange,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
 
@@ -86,7 +86,13 @@ impl RawSite {
         };
         let (mut send, mut recv) = conn.open_bi().await?;
         send.message(&Message::Hello(Hello {
-            versions: VersionRange::SUPPORTED,
+            // Up to the version before evaluation requests: a raw site
+            // never answers one (the coordinator would wait for it until
+            // the job's deadline), so it does not announce them.
+            versions: VersionRange {
+                min: VersionRange::SUPPORTED.min,
+                max: FEDERATED_EVAL_VERSION - 1,
+            },
             agent_version: "raw-test-site".into(),
             capabilities: Capabilities::default(),
         }))

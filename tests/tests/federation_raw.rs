@@ -854,7 +854,7 @@ async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
     assert_eq!(round.accepted.len(), 3);
     let ev = round.evaluation.unwrap();
     assert_eq!(ev.model, bases[0].to_hex());
-    assert_eq!((ev.after_round, ev.reported_in_round), (0, 1));
+    assert_eq!((ev.after_round, ev.reported_in_round), (0, Some(1)));
     let sites: Vec<(&str, u64)> = ev
         .sites
         .iter()

@@ -145,11 +145,14 @@ fn evaluation_text(out: &mut String, e: &FederatedEvaluation) {
     } else {
         format!("after round {}", e.after_round)
     };
+    let how = match e.reported_in_round {
+        Some(r) => format!("reported in round {r}"),
+        None => "asked for by the coordinator".to_owned(),
+    };
     let _ = writeln!(
         out,
-        "federated evaluation of model {} ({made_by}; reported in round {}, each site on its validation split)",
+        "federated evaluation of model {} ({made_by}; {how}, each site on its validation split)",
         short(&e.model),
-        e.reported_in_round
     );
     let mut rows: Vec<Vec<String>> = e
         .sites
@@ -304,6 +307,20 @@ fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
         }
         Some(Err(e)) => {
             let _ = writeln!(out, "\nfederated evaluation: unreadable ({e})");
+        }
+        None => {}
+    }
+    match r
+        .get("final_evaluation")
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
+    {
+        Some(Ok(e)) => {
+            out.push('\n');
+            evaluation_text(out, &e);
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "\nevaluation of the final model: unreadable ({e})");
         }
         None => {}
     }

@@ -9,7 +9,11 @@
 //! round `r − 1` (round 1: the initial model). [`federated_evaluation`]
 //! turns a round's reports into one [`FederatedEvaluation`] of that model;
 //! the job's `[evaluation] every_rounds` says for which models
-//! ([`is_due`]).
+//! ([`is_due`]). The job's final model has no round after it: the driver
+//! asks the sites (protocol ≥ 6, `EvalRequest`) and
+//! [`RequestedEvaluation`] collects their signed `EvalReport`s — verified,
+//! once per asked site, until all answered or left or its deadline — into
+//! the same [`FederatedEvaluation`].
 //!
 //! ```text
 //!  accepted updates of round r ── (site, header metrics) ──▶ check ──▶ per site
@@ -27,16 +31,21 @@
 //! use fedlink_protocol::{EvalMetrics, ModelHash};
 //!
 //! let m = |n, acc| EvalMetrics { num_eval_examples: n, accuracy: Some(acc), ..Default::default() };
-//! let ev = federated_evaluation(1, 2, ModelHash([0; 32]), &[("a".into(), Some(m(1, 1.0))), ("b".into(), Some(m(3, 0.5)))]);
+//! let ev = federated_evaluation(1, Some(2), ModelHash([0; 32]), &[("a".into(), Some(m(1, 1.0))), ("b".into(), Some(m(3, 0.5)))]);
 //! assert_eq!(ev.weighted.accuracy, Some(0.625));
 //! assert!(is_due(4, 2, 10) && !is_due(5, 2, 10) && is_due(10, 3, 10));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::collections::BTreeSet;
+use std::time::Instant;
+
 use fedlink_protocol::admin::{
     ExcludedEvaluation, FederatedEvaluation, SiteEvaluation, WeightedMetrics,
 };
-use fedlink_protocol::{EvalMetrics, ModelHash};
+use fedlink_protocol::envelope::KeyDirectory;
+use fedlink_protocol::evaluation::{ExpectedEval, SignedEvalReport, verify_eval_report};
+use fedlink_protocol::{EvalMetrics, ModelHash, SiteId};
 
 /// Most validation examples one site may claim (a larger claim would let
 /// one site dominate the weighted mean).
@@ -105,12 +114,13 @@ pub fn check_report(m: &EvalMetrics) -> Result<(), ReportError> {
 
 /// The federated evaluation of `model` (made by `after_round` completed
 /// rounds) from the reports of round `reported_in_round`'s accepted
-/// updates, `(site, header metrics)` in acceptance order. Reports that fail
+/// updates (`None`: answers to an evaluation request), `(site, metrics)` in
+/// the order they came. Reports that fail
 /// [`check_report`], and a site's second report, are listed in `excluded`
 /// and count nowhere. Sites come out sorted by name.
 pub fn federated_evaluation(
     after_round: u64,
-    reported_in_round: u64,
+    reported_in_round: Option<u64>,
     model: ModelHash,
     reports: &[(String, Option<EvalMetrics>)],
 ) -> FederatedEvaluation {
@@ -176,6 +186,128 @@ pub fn weighted_mean(sites: &[SiteEvaluation]) -> WeightedMetrics {
     }
 }
 
+/// An evaluation the coordinator asked for (the final model of a job: no
+/// round follows it, so no update header can carry its metrics): which
+/// sites were asked, their verified reports, and until when it waits.
+///
+/// Call [`handle_report`](Self::handle_report) for each `EvalReport` (in
+/// arrival order), [`handle_disconnect`](Self::handle_disconnect) when an
+/// asked site's connection ends, and [`finish`](Self::finish) once
+/// [`is_done`](Self::is_done) at `now` (every asked site answered or left,
+/// or the deadline passed); `now` only moves forward.
+#[derive(Clone, Debug)]
+pub struct RequestedEvaluation {
+    expected: ExpectedEval,
+    waiting: BTreeSet<String>,
+    reports: Vec<(String, Option<EvalMetrics>)>,
+    refused: Vec<ExcludedEvaluation>,
+    deadline: Instant,
+}
+
+impl RequestedEvaluation {
+    /// Asked `sites` to evaluate `expected.model`; wait until `deadline`.
+    pub fn new(
+        expected: ExpectedEval,
+        sites: impl IntoIterator<Item = String>,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            expected,
+            waiting: sites.into_iter().collect(),
+            reports: Vec::new(),
+            refused: Vec::new(),
+            deadline,
+        }
+    }
+
+    /// What was asked.
+    pub fn expected(&self) -> &ExpectedEval {
+        &self.expected
+    }
+
+    /// When it stops waiting.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// A report from `site` (its TLS identity): refused unless the site was
+    /// asked and has not answered yet, the signature verifies with the
+    /// site's update key and the report answers the request; a verified
+    /// report whose metrics are unusable ([`check_report`]) counts as the
+    /// site's answer and is left out with the reason. `Err` is the reason
+    /// the report does not count.
+    pub fn handle_report(
+        &mut self,
+        site: &str,
+        signed: &SignedEvalReport,
+        keys: &impl KeyDirectory,
+    ) -> Result<(), String> {
+        if !self.waiting.contains(site) {
+            return Err(
+                if self.reports.iter().any(|(s, _)| s == site)
+                    || self.refused.iter().any(|x| x.site == site)
+                {
+                    "a second report for the same model".into()
+                } else {
+                    "this site was not asked to evaluate the model".into()
+                },
+            );
+        }
+        let authenticated = SiteId::new(site).map_err(|e| e.to_string())?;
+        let metrics = verify_eval_report(signed, &authenticated, keys, &self.expected)
+            .map_err(|e| e.to_string())?;
+        self.waiting.remove(site);
+        match check_report(metrics) {
+            Ok(()) => {
+                self.reports.push((site.to_owned(), Some(metrics.clone())));
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                self.refused.push(ExcludedEvaluation {
+                    site: site.to_owned(),
+                    reason: reason.clone(),
+                });
+                Err(reason)
+            }
+        }
+    }
+
+    /// An asked site's connection ended: it will not answer.
+    pub fn handle_disconnect(&mut self, site: &str) {
+        if self.waiting.remove(site) {
+            self.refused.push(ExcludedEvaluation {
+                site: site.to_owned(),
+                reason: "disconnected before reporting".into(),
+            });
+        }
+    }
+
+    /// Every asked site answered or left, or the deadline passed.
+    pub fn is_done(&self, now: Instant) -> bool {
+        self.waiting.is_empty() || now >= self.deadline
+    }
+
+    /// The evaluation of the model made by `after_round` completed rounds:
+    /// the counted reports and their weighted mean; refused reports and
+    /// sites that did not answer are listed with the reason.
+    pub fn finish(self) -> FederatedEvaluation {
+        let mut ev = federated_evaluation(
+            self.expected.round.0,
+            None,
+            self.expected.model,
+            &self.reports,
+        );
+        ev.excluded.extend(self.refused);
+        ev.excluded
+            .extend(self.waiting.into_iter().map(|site| ExcludedEvaluation {
+                site,
+                reason: "no report before the deadline".into(),
+            }));
+        ev
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,9 +348,9 @@ mod tests {
                 }),
             ),
         ];
-        let ev = federated_evaluation(2, 3, ModelHash([7; 32]), &reports);
+        let ev = federated_evaluation(2, Some(3), ModelHash([7; 32]), &reports);
         assert_eq!(ev.after_round, 2);
-        assert_eq!(ev.reported_in_round, 3);
+        assert_eq!(ev.reported_in_round, Some(3));
         assert_eq!(ev.model, ModelHash([7; 32]).to_hex());
         let names: Vec<&str> = ev.sites.iter().map(|s| s.site.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
@@ -262,7 +394,7 @@ mod tests {
             ("dice".to_owned(), bad(|x| x.dice = Some(-0.1))),
             ("good".to_owned(), m(1000, 0.0, 0.0)),
         ];
-        let ev = federated_evaluation(0, 1, ModelHash([0; 32]), &reports);
+        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &reports);
         assert_eq!(ev.sites.len(), 1);
         assert_eq!(ev.weighted.accuracy, Some(0.5));
         assert_eq!(ev.weighted.loss, Some(1.0));
@@ -290,9 +422,136 @@ mod tests {
         );
     }
 
+    fn requested() -> (RequestedEvaluation, ed25519_dalek::SigningKey, Instant) {
+        let now = Instant::now();
+        let expected = ExpectedEval {
+            federation_id: fedlink_protocol::FederationId::new("fed").unwrap(),
+            job_id: fedlink_protocol::JobId::new("j").unwrap(),
+            round: fedlink_protocol::RoundId(3),
+            model: ModelHash([5; 32]),
+        };
+        let sites = ["a", "b", "c", "d"].map(String::from);
+        let ev =
+            RequestedEvaluation::new(expected, sites, now + std::time::Duration::from_secs(60));
+        (ev, ed25519_dalek::SigningKey::from_bytes(&[9; 32]), now)
+    }
+
+    fn signed(
+        key: &ed25519_dalek::SigningKey,
+        site: &str,
+        model: ModelHash,
+        metrics: Option<EvalMetrics>,
+    ) -> SignedEvalReport {
+        fedlink_protocol::sign_eval_report(
+            key,
+            fedlink_protocol::EvalReport {
+                protocol_version: fedlink_protocol::PROTOCOL_VERSION,
+                federation_id: fedlink_protocol::FederationId::new("fed").unwrap(),
+                site_id: SiteId::new(site).unwrap(),
+                job_id: fedlink_protocol::JobId::new("j").unwrap(),
+                round: fedlink_protocol::RoundId(3),
+                model,
+                metrics: metrics.unwrap_or_default(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_requested_evaluation_counts_verified_answers_once() {
+        let (mut ev, key, now) = requested();
+        let keys: std::collections::BTreeMap<SiteId, _> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| (SiteId::new(*s).unwrap(), key.verifying_key()))
+            .collect();
+        let good = ModelHash([5; 32]);
+        assert!(!ev.is_done(now));
+        assert_eq!(
+            ev.handle_report("a", &signed(&key, "a", good, m(3, 0.25, 0.5)), &keys),
+            Ok(())
+        );
+        // Again: not counted twice.
+        assert_eq!(
+            ev.handle_report("a", &signed(&key, "a", good, m(3, 0.25, 0.5)), &keys),
+            Err("a second report for the same model".into())
+        );
+        // Not asked.
+        assert_eq!(
+            ev.handle_report("e", &signed(&key, "e", good, m(1, 0.0, 1.0)), &keys),
+            Err("this site was not asked to evaluate the model".into())
+        );
+        // Another model: refused, the site may still answer properly.
+        let wrong = ev.handle_report(
+            "b",
+            &signed(&key, "b", ModelHash([6; 32]), m(1, 0.0, 1.0)),
+            &keys,
+        );
+        assert!(wrong.is_err_and(|e| e.starts_with("report is for model 0606")));
+        // Signed for site b, sent on c's connection.
+        assert!(
+            ev.handle_report("c", &signed(&key, "b", good, m(1, 0.0, 1.0)), &keys)
+                .is_err_and(|e| e.contains("authenticated as c"))
+        );
+        assert_eq!(
+            ev.handle_report("b", &signed(&key, "b", good, m(1, 0.5, 1.0)), &keys),
+            Ok(())
+        );
+        // Verified but unusable: the site's answer, left out.
+        assert_eq!(
+            ev.handle_report("c", &signed(&key, "c", good, m(0, 0.5, 1.0)), &keys),
+            Err("num_eval_examples = 0 is outside 1..=4294967296".into())
+        );
+        assert!(!ev.is_done(now));
+        ev.handle_disconnect("d");
+        assert!(ev.is_done(now));
+        let fin = ev.finish();
+        assert_eq!((fin.after_round, fin.reported_in_round), (3, None));
+        assert_eq!(fin.model, good.to_hex());
+        assert_eq!(fin.weighted.accuracy, Some(0.625));
+        assert_eq!(fin.weighted.loss, Some(0.3125));
+        let excluded: Vec<(&str, &str)> = fin
+            .excluded
+            .iter()
+            .map(|x| (x.site.as_str(), x.reason.as_str()))
+            .collect();
+        assert_eq!(
+            excluded,
+            [
+                ("c", "num_eval_examples = 0 is outside 1..=4294967296"),
+                ("d", "disconnected before reporting"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_requested_evaluation_stops_waiting_at_its_deadline() {
+        let (mut ev, key, now) = requested();
+        let keys =
+            std::collections::BTreeMap::from([(SiteId::new("a").unwrap(), key.verifying_key())]);
+        assert_eq!(
+            ev.handle_report(
+                "a",
+                &signed(&key, "a", ModelHash([5; 32]), m(2, 1.0, 0.5)),
+                &keys
+            ),
+            Ok(())
+        );
+        assert!(!ev.is_done(ev.deadline() - std::time::Duration::from_millis(1)));
+        assert!(ev.is_done(ev.deadline()));
+        assert!(now < ev.deadline());
+        let fin = ev.finish();
+        assert_eq!(fin.sites.len(), 1);
+        let late: Vec<&str> = fin.excluded.iter().map(|x| x.site.as_str()).collect();
+        assert_eq!(late, ["b", "c", "d"]);
+        assert!(
+            fin.excluded
+                .iter()
+                .all(|x| x.reason == "no report before the deadline")
+        );
+    }
+
     #[test]
     fn no_reports_give_no_means() {
-        let ev = federated_evaluation(0, 1, ModelHash([0; 32]), &[]);
+        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &[]);
         assert_eq!(ev.weighted, WeightedMetrics::default());
     }
 
@@ -302,7 +561,7 @@ mod tests {
             ("a".to_owned(), m(MAX_EVAL_EXAMPLES, f64::MAX, 1.0)),
             ("b".to_owned(), m(1, 0.0, 0.0)),
         ];
-        let ev = federated_evaluation(0, 1, ModelHash([0; 32]), &reports);
+        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &reports);
         assert_eq!(ev.weighted.loss, None);
         assert!(ev.weighted.accuracy.is_some_and(|a| a > 0.99));
     }

@@ -62,6 +62,11 @@ pub(crate) enum Event {
     },
     /// A site's connection ended.
     Disconnected { site: String, conn_id: ConnId },
+    /// A site's signed answer to an evaluation request (control stream).
+    EvalReport {
+        site: String,
+        report: Box<fedlink_protocol::SignedEvalReport>,
+    },
     /// A site answered an offer.
     OfferResponse {
         site: String,
@@ -203,6 +208,9 @@ pub(crate) struct Engine {
     outcome: Option<JobOutcome>,
     /// The job's newest federated evaluation (for the status).
     latest_evaluation: Option<FederatedEvaluation>,
+    /// The final model's evaluation the sites were asked for, and the
+    /// job's outcome, held back until it is done.
+    requested: Option<(evaluation::RequestedEvaluation, JobOutcome)>,
 }
 
 /// Rounds listed in `status.json`, at most: the newest. The whole history
@@ -234,6 +242,7 @@ impl Engine {
             .map_err(|e| format!("reading the job's evaluations: {e}"))?;
         Ok(Self {
             latest_evaluation,
+            requested: None,
             job_id,
             runner: parts.runner,
             store: parts.store,
@@ -272,11 +281,14 @@ impl Engine {
 
     /// When the round machine wants to be woken.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let status = self.status_due();
-        match (self.runner.poll_timeout(), status) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.runner.poll_timeout(),
+            self.status_due(),
+            self.requested.as_ref().map(|(r, _)| r.deadline()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// When the status file must be brought up to date, if it is behind.
@@ -320,6 +332,7 @@ impl Engine {
         if self.runner.poll_timeout().is_some_and(|t| t <= now) {
             self.runner.handle(now, Input::Timeout);
         }
+        self.finish_requested(now)?;
         self.drain(now)
     }
 
@@ -354,7 +367,12 @@ impl Engine {
             }
             Event::Disconnected { site, conn_id } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                self.links.disconnect(&site, conn_id);
+                if self.links.disconnect(&site, conn_id)
+                    && let Some((req, _)) = self.requested.as_mut()
+                {
+                    req.handle_disconnect(&site);
+                    self.finish_requested(now)?;
+                }
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
@@ -396,6 +414,7 @@ impl Engine {
                 let _ = reply.send(answer);
             }
             Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
+            Event::EvalReport { site, report } => self.eval_report(now, &site, &report)?,
             Event::Keys(keys) => self.set_keys(keys),
             Event::RecheckPeers => self.recheck_peers(now),
             Event::Admin(ev) => self.handle_admin(now, ev)?,
@@ -736,23 +755,191 @@ impl Engine {
                     }
                 }
                 self.push_head(all.iter().map(String::as_str));
-                // With a job queued behind this one the sites stay: the
-                // serve loop hands them to the next job (as after an empty
-                // start). Otherwise they are told the job is over.
-                if self.wire.admin.next_queued().is_none() {
-                    for site in &all {
-                        self.send(
-                            site,
-                            Message::Bye(fedlink_protocol::Bye {
-                                reason: "job finished".into(),
-                            }),
-                        );
-                    }
+                // A completed job's final model: the sites are asked to
+                // evaluate it, and the job ends when they have answered.
+                if let JobOutcome::Completed { model } = &outcome
+                    && let Some(req) = self.ask_final_evaluation(now, *model)?
+                {
+                    self.requested = Some((req, outcome));
+                    self.write_status();
+                    return Ok(());
                 }
-                self.outcome = Some(outcome);
-                self.write_status();
+                self.end_job(outcome);
             }
         }
+        Ok(())
+    }
+
+    /// Tell the sites the job is over (unless a job is queued behind it)
+    /// and let the serve loop see the outcome.
+    fn end_job(&mut self, outcome: JobOutcome) {
+        // With a job queued behind this one the sites stay: the serve loop
+        // hands them to the next job (as after an empty start). Otherwise
+        // they are told the job is over.
+        if self.wire.admin.next_queued().is_none() {
+            for site in &self.links.connected() {
+                self.send(
+                    site,
+                    Message::Bye(fedlink_protocol::Bye {
+                        reason: "job finished".into(),
+                    }),
+                );
+            }
+        }
+        self.outcome = Some(outcome);
+        self.write_status();
+    }
+
+    /// Ask every connected site whose protocol has evaluation requests to
+    /// evaluate the job's final `model`, when the job's `[evaluation]`
+    /// asks for it (audited: `eval.requested`); `None` if no site is
+    /// asked. Older sites are not asked (logged).
+    fn ask_final_evaluation(
+        &mut self,
+        now: Instant,
+        model: ModelHash,
+    ) -> Result<Option<evaluation::RequestedEvaluation>, EngineError> {
+        let rounds = u64::from(self.job.rounds);
+        if !evaluation::is_due(rounds, self.job.evaluation.every_rounds, rounds) {
+            return Ok(None);
+        }
+        let mut asked = Vec::new();
+        for site in self.links.connected() {
+            match self.links.protocol_version(&site) {
+                Some(v) if fedlink_protocol::supports_federated_eval(v) => asked.push(site),
+                v => tracing::info!(
+                    site = %site,
+                    protocol_version = ?v,
+                    "not asked to evaluate the final model: its protocol version has no evaluation requests"
+                ),
+            }
+        }
+        if asked.is_empty() {
+            return Ok(None);
+        }
+        let expected = fedlink_protocol::evaluation::ExpectedEval {
+            federation_id: self.federation.clone(),
+            job_id: self.job_id.clone(),
+            round: RoundId(rounds),
+            model,
+        };
+        self.audit_own(
+            EventKind::EvalRequested,
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": rounds,
+                "model": model.to_hex(),
+                "sites": asked,
+            }),
+        )?;
+        let request = Message::EvalRequest(Box::new(fedlink_protocol::EvalRequest {
+            federation_id: self.federation.clone(),
+            job_id: self.job_id.clone(),
+            round: RoundId(rounds),
+            model,
+            arch: self.job.arch.clone(),
+            scaling: self.scaling.scaling().cloned(),
+        }));
+        for site in &asked {
+            self.send(site, request.clone());
+        }
+        tracing::info!(sites = asked.len(), model = %model, "sites asked to evaluate the final model");
+        Ok(Some(evaluation::RequestedEvaluation::new(
+            expected,
+            asked,
+            now + self.job.deadline(),
+        )))
+    }
+
+    /// A site's signed evaluation report: counted or refused, audited
+    /// either way (`eval.accepted` / `eval.rejected` with the reason).
+    fn eval_report(
+        &mut self,
+        now: Instant,
+        site: &str,
+        signed: &fedlink_protocol::SignedEvalReport,
+    ) -> Result<(), EngineError> {
+        let r = &signed.report;
+        let verdict = match self.requested.as_mut() {
+            Some((req, _)) => req.handle_report(site, signed, &self.keys),
+            None => Err("no evaluation is being asked for".into()),
+        };
+        let mut details = serde_json::json!({
+            "site": site,
+            "job": r.job_id.as_str(),
+            "round": r.round.0,
+            "model": r.model.to_hex(),
+            "num_eval_examples": r.metrics.num_eval_examples,
+        });
+        let event = match &verdict {
+            Ok(()) => {
+                tracing::info!(site, model = %r.model, "evaluation report accepted");
+                EventKind::EvalAccepted
+            }
+            Err(why) => {
+                tracing::warn!(site, reason = %why, "evaluation report refused");
+                details["reason"] = serde_json::Value::from(why.as_str());
+                EventKind::EvalRejected
+            }
+        };
+        let actor = self.site_actor(site);
+        self.wire
+            .audit()
+            .record(&actor, event, details)
+            .map_err(|e| {
+                EngineError::Fatal(format!(
+                    "{e} (while recording an evaluation report of {site})"
+                ))
+            })?;
+        self.finish_requested(now)
+    }
+
+    /// The requested evaluation, once done: recorded on the last round,
+    /// audited (`round.evaluated`), then the job ends.
+    fn finish_requested(&mut self, now: Instant) -> Result<(), EngineError> {
+        if !self.requested.as_ref().is_some_and(|(r, _)| r.is_done(now)) {
+            return Ok(());
+        }
+        let Some((req, outcome)) = self.requested.take() else {
+            return Ok(());
+        };
+        let ev = req.finish();
+        let round = ev.after_round;
+        self.audit_own(
+            EventKind::RoundEvaluated,
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": round,
+                "model": ev.model,
+                "after_round": ev.after_round,
+                "requested": true,
+                "sites": ev.sites,
+                "weighted": ev.weighted,
+                "excluded": ev.excluded,
+            }),
+        )?;
+        tracing::info!(
+            model = %ev.model,
+            sites = ev.weighted.sites,
+            loss = ?ev.weighted.loss,
+            accuracy = ?ev.weighted.accuracy,
+            auc = ?ev.weighted.auc,
+            dice = ?ev.weighted.dice,
+            "federated evaluation of the final model"
+        );
+        if let Err(e) = self
+            .store
+            .record_final_evaluation(self.job_id.as_str(), round, ev.clone())
+        {
+            tracing::warn!(round, error = %e, "recording the final model's evaluation");
+        }
+        // The status file keeps completed rounds as they were shown: this
+        // one gains its final evaluation.
+        if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+            shown.final_evaluation = Some(ev.clone());
+        }
+        self.latest_evaluation = Some(ev);
+        self.end_job(outcome);
         Ok(())
     }
 
@@ -1172,7 +1359,7 @@ impl Engine {
             self.job.evaluation.every_rounds,
             u64::from(self.job.rounds),
         ) {
-            let ev = evaluation::federated_evaluation(after, round, base_model, &reports);
+            let ev = evaluation::federated_evaluation(after, Some(round), base_model, &reports);
             let w = &ev.weighted;
             for (name, v) in [
                 ("site_eval_loss", w.loss),
@@ -1426,6 +1613,7 @@ impl Engine {
                 .collect(),
             metrics: r.metrics.clone(),
             evaluation: r.evaluation.clone(),
+            final_evaluation: r.final_evaluation.clone(),
         };
         let mut open = Vec::new();
         match self

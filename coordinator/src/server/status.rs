@@ -29,6 +29,10 @@ pub struct RoundStatus {
     /// and example-weighted), when the job asks for that model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<FederatedEvaluation>,
+    /// The sites' evaluation of the round's model, the job's final one,
+    /// which they were asked for after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_evaluation: Option<FederatedEvaluation>,
 }
 
 /// The status snapshot.
