@@ -768,7 +768,8 @@ async fn an_upload_that_stalls_in_its_slot_is_refused() {
 /// reason, in the round record and the coordinator's audit log; the update
 /// itself still counts, and the weighted mean is over the other sites'
 /// validation examples, exactly. A NaN metric (no JSON form) refuses the
-/// upload, with the reason, and the coordinator goes on.
+/// upload, with the reason, and the coordinator goes on. Raw sites speak
+/// protocol 5: they are not asked to evaluate the final model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
     let pki = TestPki::new(3).unwrap();
@@ -885,4 +886,8 @@ async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
         "accuracy = 1.5 is outside [0, 1]"
     );
     assert_eq!(d["weighted"]["accuracy"], 0.625);
+    // Raw sites speak protocol 5: they are not asked to evaluate the final
+    // model, and the job ends without waiting for them.
+    assert!(round.final_evaluation.is_none());
+    assert!(!audit.contains("\"eval.requested\""));
 }
