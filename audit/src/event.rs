@@ -64,6 +64,15 @@ pub enum EventKind {
     RoundDiscarded,
     /// A round's updates were aggregated into a new model.
     RoundAggregated,
+    /// The sites' federated evaluation of a round's base model was recorded
+    /// (per site, example-weighted mean, reports left out with the reason).
+    RoundEvaluated,
+    /// The sites were asked to evaluate the job's final model.
+    EvalRequested,
+    /// A site's signed evaluation report was counted.
+    EvalAccepted,
+    /// A site's evaluation report was refused (with the reason).
+    EvalRejected,
     /// An offer was sent to a site.
     OfferSent,
     /// An update arrived (accepted or refused).
@@ -109,6 +118,9 @@ pub enum EventKind {
     CoordinatorAuditHead,
     /// The coordinator told the site which model a round (or the job) produced.
     RoundOutcome,
+    /// The site evaluated a model it was asked about and sent the signed
+    /// metrics (recorded before they are sent).
+    EvalReported,
 }
 
 impl EventKind {
@@ -136,6 +148,10 @@ impl EventKind {
         Self::RoundOpened,
         Self::RoundDiscarded,
         Self::RoundAggregated,
+        Self::RoundEvaluated,
+        Self::EvalRequested,
+        Self::EvalAccepted,
+        Self::EvalRejected,
         Self::OfferSent,
         Self::UpdateReceived,
         Self::UpdateExcluded,
@@ -157,6 +173,7 @@ impl EventKind {
         Self::UpdateResumed,
         Self::CoordinatorAuditHead,
         Self::RoundOutcome,
+        Self::EvalReported,
     ];
 
     /// The name stored in an entry's `event` field.
@@ -184,6 +201,11 @@ impl EventKind {
             Self::RoundOpened => "round.opened",
             Self::RoundDiscarded => "round.discarded",
             Self::RoundAggregated => "round.aggregated",
+            Self::RoundEvaluated => "round.evaluated",
+            Self::EvalRequested => "eval.requested",
+            Self::EvalAccepted => "eval.accepted",
+            Self::EvalRejected => "eval.rejected",
+            Self::EvalReported => "eval.reported",
             Self::OfferSent => "offer.sent",
             Self::UpdateReceived => "update.received",
             Self::UpdateExcluded => "update.excluded",

@@ -582,12 +582,17 @@ pub struct Privacy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Evaluation {
-    /// Evaluate after every N completed rounds (0: never; the last round is
-    /// always evaluated when N > 0). Default 1.
+    /// Record the sites' federated evaluation of the initial model and of
+    /// the global model after every N completed rounds and after the last
+    /// (0: never). Default 1. The sites report the metrics of a round's
+    /// base model with their updates; the last round's model, which no
+    /// round follows, they are asked for after it (protocol ≥ 6); see
+    /// [`crate::core::evaluation`].
     #[serde(default = "one_u32")]
     pub every_rounds: u32,
     /// Name of the held-out split the sites evaluate on. Default: none (the
-    /// site agent's default split).
+    /// site agent's default split). Validated but not sent to the sites
+    /// yet: they evaluate on their validation split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
 }

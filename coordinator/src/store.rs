@@ -231,6 +231,15 @@ pub struct RoundRecord {
     /// the reason each site gave.
     #[serde(default)]
     pub declined: Vec<DeclinedOffer>,
+    /// The sites' federated evaluation of this round's base model (the
+    /// metrics in the accepted updates' signed headers), when the job's
+    /// `[evaluation] every_rounds` asks for that model; set at aggregation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<fedlink_protocol::admin::FederatedEvaluation>,
+    /// The sites' evaluation of this round's model, the job's final one,
+    /// which they were asked for after the round (signed `EvalReport`s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_evaluation: Option<fedlink_protocol::admin::FederatedEvaluation>,
 }
 
 /// An offer a site declined.
@@ -767,6 +776,43 @@ impl Store {
         self.annotate_round(job, round, |r| r.update_details.push(detail))
     }
 
+    /// Keep the federated evaluation of a round's base model in its record
+    /// (replacing an earlier one). Returns `Ok(false)` if the round has no
+    /// record.
+    pub fn record_evaluation(
+        &self,
+        job: &str,
+        round: u64,
+        evaluation: fedlink_protocol::admin::FederatedEvaluation,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| r.evaluation = Some(evaluation))
+    }
+
+    /// Keep the evaluation of a round's model that the sites were asked for
+    /// (the job's final model) in its record. Returns `Ok(false)` if the
+    /// round has no record.
+    pub fn record_final_evaluation(
+        &self,
+        job: &str,
+        round: u64,
+        evaluation: fedlink_protocol::admin::FederatedEvaluation,
+    ) -> Result<bool, StoreError> {
+        self.annotate_round(job, round, |r| r.final_evaluation = Some(evaluation))
+    }
+
+    /// The newest federated evaluation of `job`'s models (a final model's
+    /// first, then the one carried by the newest round's updates).
+    pub fn latest_evaluation(
+        &self,
+        job: &str,
+    ) -> Result<Option<fedlink_protocol::admin::FederatedEvaluation>, StoreError> {
+        Ok(self
+            .rounds(job)?
+            .into_iter()
+            .rev()
+            .find_map(|r| r.final_evaluation.or(r.evaluation)))
+    }
+
     /// Set when a round opened and closed (`None` leaves a time unchanged).
     pub fn set_round_times(
         &self,
@@ -877,6 +923,8 @@ impl Store {
                                 rejected,
                                 update_details,
                                 declined,
+                                evaluation: None,
+                                final_evaluation: None,
                             }
                         }
                     };

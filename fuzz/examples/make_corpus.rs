@@ -192,6 +192,36 @@ fn protocol_seeds() {
             hash: model.hash(),
             from_record: 3,
         }),
+        Message::EvalRequest(Box::new(EvalRequest {
+            federation_id: id("fed-1"),
+            job_id: id("job-1"),
+            round: RoundId(3),
+            model: model.hash(),
+            arch: fedlink_protocol::arch::ArchSpec::LogReg {
+                inputs: 4,
+                classes: 2,
+            },
+            scaling: None,
+        })),
+        Message::EvalReport(Box::new(sign_eval_report(
+            &ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+            EvalReport {
+                protocol_version: PROTOCOL_VERSION,
+                federation_id: id("fed-1"),
+                site_id: id("site-a"),
+                job_id: id("job-1"),
+                round: RoundId(3),
+                model: model.hash(),
+                metrics: EvalMetrics {
+                    num_eval_examples: 20,
+                    loss: Some(0.3),
+                    accuracy: Some(0.9),
+                    auc: Some(0.95),
+                    dice: None,
+                    extra: vec![],
+                },
+            },
+        ))),
     ];
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {

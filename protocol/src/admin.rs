@@ -335,6 +335,76 @@ pub struct JobProgress {
     pub outcome: Option<String>,
     /// Every registered or connected site.
     pub sites: Vec<SiteProgress>,
+    /// The job's latest federated evaluation, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<FederatedEvaluation>,
+}
+
+/// One site's metrics of a global model on its own validation split (what
+/// the site reported, signed, in its update header).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteEvaluation {
+    /// Site name.
+    pub site: String,
+    /// Validation examples the site evaluated (the site's weight).
+    pub num_eval_examples: u64,
+    /// Mean loss.
+    pub loss: Option<f64>,
+    /// Accuracy.
+    pub accuracy: Option<f64>,
+    /// ROC AUC.
+    pub auc: Option<f64>,
+    /// Dice coefficient (segmentation).
+    pub dice: Option<f64>,
+}
+
+/// The example-weighted mean of the sites' metrics: each metric is
+/// `Σ nᵢ·mᵢ / Σ nᵢ` over the sites that reported it, `nᵢ` the site's
+/// validation examples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WeightedMetrics {
+    /// Sites whose reports count.
+    pub sites: u32,
+    /// Their validation examples, all together.
+    pub num_eval_examples: u64,
+    /// Weighted mean loss.
+    pub loss: Option<f64>,
+    /// Weighted mean accuracy.
+    pub accuracy: Option<f64>,
+    /// Weighted mean ROC AUC.
+    pub auc: Option<f64>,
+    /// Weighted mean Dice coefficient.
+    pub dice: Option<f64>,
+}
+
+/// A site's report that does not count, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExcludedEvaluation {
+    /// Site name.
+    pub site: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// Federated evaluation of one global model: each site's metrics on its
+/// own validation split, and their example-weighted mean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FederatedEvaluation {
+    /// The evaluated global model (hex).
+    pub model: String,
+    /// Rounds completed when the model was made (0: the initial model).
+    pub after_round: u64,
+    /// The round whose updates carried the sites' metrics in their signed
+    /// headers; `None`: the sites answered the coordinator's evaluation
+    /// request (signed `EvalReport`s; the final model of a job).
+    pub reported_in_round: Option<u64>,
+    /// Per site, by name.
+    pub sites: Vec<SiteEvaluation>,
+    /// The example-weighted mean.
+    pub weighted: WeightedMetrics,
+    /// Reports left out (metrics missing, out of range or not finite).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<ExcludedEvaluation>,
 }
 
 /// `status`.

@@ -103,7 +103,7 @@ pub struct EvalMetrics {
 }
 
 impl EvalMetrics {
-    fn canonical_bytes(&self, out: &mut Vec<u8>) {
+    pub(crate) fn canonical_bytes(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.num_eval_examples.to_le_bytes());
         for m in [self.loss, self.accuracy, self.auc, self.dice] {
             match m {
@@ -122,7 +122,7 @@ impl EvalMetrics {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }

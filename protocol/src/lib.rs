@@ -122,6 +122,7 @@ pub mod arch;
 pub mod codec;
 pub mod encoding;
 pub mod envelope;
+pub mod evaluation;
 pub mod frame;
 pub mod ids;
 pub mod message;
@@ -135,6 +136,10 @@ pub use envelope::{
     EvalMetrics, ExpectedUpdate, KeyDirectory, PayloadVerifier, ReplayGuard, SignatureBytes,
     SignedEnvelope, UPDATE_DOMAIN, UpdateHeader, UpdateNonce, VerifiedUpdate, VerifyError,
     sign_update, verify_resumed_update, verify_update,
+};
+pub use evaluation::{
+    EvalReport, EvalRequest, FEDERATED_EVAL_VERSION, SignedEvalReport, sign_eval_report,
+    supports_federated_eval, verify_eval_report,
 };
 pub use frame::{
     FRAME_HEADER_LEN, Frame, FrameDecoder, FrameError, FrameHeader, FrameKind, MAX_FRAME_LEN,

@@ -51,6 +51,7 @@ use crate::arch::ArchSpec;
 use crate::codec::serde_codec;
 use crate::encoding::{Encoding, ValueCodec};
 use crate::envelope::SignedEnvelope;
+use crate::evaluation::{EvalRequest, SignedEvalReport};
 use crate::ids::{FederationId, JobId, RoundId, SiteId};
 use crate::model::{ModelHash, ModelSpec};
 use crate::payload::PayloadHash;
@@ -63,7 +64,11 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// say whether DP noise is added centrally); 4 — adds
 /// [`Message::RoundOutcome`] (the model a site's update went into); 5 — adds
 /// [`Message::TaskOfferV5`] (offers with [`TrainingConfig::augmentation`])
-/// and the U-Net of any depth (the `unet_deep` arch encoding).
+/// and the U-Net of any depth (the `unet_deep` arch encoding); 6 — adds
+/// resumable transfers ([`Message::ResumeUpload`],
+/// [`Message::UploadProgress`], [`Message::ModelFetchFrom`]) and
+/// [`Message::EvalRequest`] and [`Message::EvalReport`] (federated
+/// evaluation of a given model, [`crate::evaluation`]).
 pub const PROTOCOL_VERSION: u16 = 6;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
@@ -770,6 +775,14 @@ pub enum Message {
     /// Site → coordinator, protocol version >= [`RESUME_VERSION`]: resume a
     /// model download.
     ModelFetchFrom(ModelFetchFrom),
+    /// Coordinator → site, on the control stream, protocol version >=
+    /// [`crate::evaluation::FEDERATED_EVAL_VERSION`]: evaluate a model on the
+    /// validation split.
+    EvalRequest(Box<EvalRequest>),
+    /// Site → coordinator, on the control stream, protocol version >=
+    /// [`crate::evaluation::FEDERATED_EVAL_VERSION`]: the signed answer to an
+    /// `EvalRequest`.
+    EvalReport(Box<SignedEvalReport>),
 }
 
 impl Message {
@@ -795,6 +808,8 @@ impl Message {
             Self::ResumeUpload(_) => "ResumeUpload",
             Self::UploadProgress(_) => "UploadProgress",
             Self::ModelFetchFrom(_) => "ModelFetchFrom",
+            Self::EvalRequest(_) => "EvalRequest",
+            Self::EvalReport(_) => "EvalReport",
         }
     }
 

@@ -401,6 +401,46 @@ fn message() -> impl Strategy<Value = Message> {
         (hash(), any::<u64>()).prop_map(|(hash, from_record)| {
             Message::ModelFetchFrom(ModelFetchFrom { hash, from_record })
         }),
+        (
+            fed_id(),
+            job_id(),
+            any::<u64>(),
+            hash(),
+            arch(),
+            prop::option::of(feature_scaling())
+        )
+            .prop_map(|(federation_id, job_id, round, model, arch, scaling)| {
+                Message::EvalRequest(Box::new(EvalRequest {
+                    federation_id,
+                    job_id,
+                    round: RoundId(round),
+                    model,
+                    arch,
+                    scaling,
+                }))
+            }),
+        (
+            fed_id(),
+            site_id(),
+            job_id(),
+            any::<u64>(),
+            hash(),
+            metrics()
+        )
+            .prop_map(|(federation_id, site_id, job_id, round, model, metrics)| {
+                Message::EvalReport(Box::new(sign_eval_report(
+                    &ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
+                    EvalReport {
+                        protocol_version: PROTOCOL_VERSION,
+                        federation_id,
+                        site_id,
+                        job_id,
+                        round: RoundId(round),
+                        model,
+                        metrics,
+                    },
+                )))
+            }),
     ]
 }
 

@@ -76,10 +76,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
-    Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, FlatModel, Hello, Message,
-    ModelFetch, ModelFetchFrom, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION,
-    RESUME_VERSION, RejectCode, SignedEnvelope, TRAINING_V5_VERSION, UpdateHeader, UpdateNonce,
-    UploadResult, VersionRange, Welcome, encode_payload, sign_update, supports_audit_head,
+    Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, EvalReport, EvalRequest,
+    FlatModel, Hello, Message, ModelFetch, ModelFetchFrom, ModelHash, ModelSpec, OfferDecision,
+    PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport,
+    TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome,
+    encode_payload, sign_eval_report, sign_update, supports_audit_head, supports_federated_eval,
     supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
@@ -719,6 +720,7 @@ async fn run_session<F: Future<Output = ()>>(
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_control(recv, ctrl_tx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskDone>();
+    let (eval_tx, mut eval_rx) = mpsc::unbounded_channel::<Box<SignedEvalReport>>();
     let mut task: Option<(TaskKey, JoinHandle<()>)> = None;
 
     let result: Result<SessionEnd, AgentError> = async {
@@ -750,6 +752,11 @@ async fn run_session<F: Future<Output = ()>>(
                         }
                     }
                 }
+                Some(report) = eval_rx.recv() => {
+                    if let Err(e) = send.message(&Message::EvalReport(report)).await {
+                        return Ok(SessionEnd::Lost(format!("sending an evaluation report: {e}")));
+                    }
+                }
                 msg = ctrl_rx.recv() => {
                     let msg = match msg {
                         Some(Ok(m)) => m,
@@ -757,7 +764,7 @@ async fn run_session<F: Future<Output = ()>>(
                         None => return Ok(SessionEnd::Lost("coordinator ended the control stream".into())),
                     };
                     if let Some(end) = handle_control(
-                        ctx, core, &conn, &mut send, &session, &mut task, &done_tx, msg,
+                        ctx, core, &conn, &mut send, &session, &mut task, &done_tx, &eval_tx, msg,
                     )
                     .await?
                     {
@@ -813,6 +820,7 @@ async fn handle_control(
     session: &Session,
     task: &mut Option<(TaskKey, JoinHandle<()>)>,
     done_tx: &mpsc::UnboundedSender<TaskDone>,
+    eval_tx: &mpsc::UnboundedSender<Box<SignedEvalReport>>,
     msg: Message,
 ) -> Result<Option<SessionEnd>, AgentError> {
     let too_new = match &msg {
@@ -909,6 +917,12 @@ async fn handle_control(
                 job_completed: o.job_completed,
             })?;
         }
+        // Evaluate a model on the validation split, off this loop; the
+        // signed report comes back through `eval_tx` and goes out on the
+        // control stream.
+        Message::EvalRequest(req) if supports_federated_eval(session.protocol_version) => {
+            spawn_eval(ctx, conn, session, *req, eval_tx);
+        }
         Message::Bye(b) => {
             return Ok(Some(SessionEnd::Lost(format!(
                 "coordinator said bye: {}",
@@ -967,6 +981,106 @@ fn spawn_task(
         };
         let _ = done_tx.send((key, result));
     })
+}
+
+/// Evaluate the model of an evaluation request on a task of its own; the
+/// signed report goes to `eval_tx` (a failure is logged: the coordinator
+/// stops waiting at its deadline).
+fn spawn_eval(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    session: &Session,
+    req: EvalRequest,
+    eval_tx: &mpsc::UnboundedSender<Box<SignedEvalReport>>,
+) {
+    let (ctx, conn, session, eval_tx) =
+        (ctx.clone(), conn.clone(), session.clone(), eval_tx.clone());
+    tokio::spawn(async move {
+        match evaluate_request(&ctx, &conn, &session, &req).await {
+            Ok(report) => {
+                let _ = eval_tx.send(report);
+            }
+            Err(e) => tracing::warn!(
+                job = %req.job_id,
+                round = req.round.0,
+                model = %req.model,
+                error = %e,
+                "evaluation request failed"
+            ),
+        }
+    });
+}
+
+/// Obtain the requested model (cache or `ModelFetch`, hash-verified),
+/// evaluate it on the validation split (with the request's feature
+/// scaling; never the training data, never augmented), record
+/// `eval.reported`, and sign the report with the update key. A site
+/// without a validation split reports 0 examples (the coordinator leaves
+/// it out).
+async fn evaluate_request(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    session: &Session,
+    req: &EvalRequest,
+) -> Result<Box<SignedEvalReport>, TaskError> {
+    if req.federation_id != session.federation_id {
+        return Err(TaskError::Protocol(format!(
+            "evaluation request for federation {}, this site is in {}",
+            req.federation_id, session.federation_id
+        )));
+    }
+    let spec = req
+        .arch
+        .spec()
+        .map_err(|e| TaskError::Protocol(format!("requested architecture: {e}")))?;
+    let model = obtain_model(ctx, conn, session, req.model, &spec).await?;
+    let (arch, site_data, scaling, device) = (
+        req.arch.clone(),
+        ctx.data.clone(),
+        req.scaling.clone(),
+        ctx.device,
+    );
+    let metrics = tokio::task::spawn_blocking(move || {
+        let data = site_data.for_scaling(scaling.as_ref())?;
+        if data.validation.is_empty() {
+            return Ok::<_, TaskError>(None);
+        }
+        let device = device.resolve()?.device;
+        Ok(Some(train::evaluate(
+            &arch,
+            &model,
+            &data.validation,
+            &device,
+        )?))
+    })
+    .await
+    .map_err(|e| TaskError::Internal(format!("evaluation task: {e}")))??;
+    let metrics = metrics.as_ref().map(eval_to_protocol).unwrap_or_default();
+    let key = ctx
+        .kit
+        .update_signing_key()
+        .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
+    // On disk before the report leaves.
+    ctx.record(SiteEvent::EvalReported {
+        job: req.job_id.to_string(),
+        round: req.round.0,
+        model: req.model.to_hex(),
+        num_eval_examples: metrics.num_eval_examples,
+        loss: metrics.loss,
+        accuracy: metrics.accuracy,
+        auc: metrics.auc,
+        dice: metrics.dice,
+    })?;
+    let report = EvalReport {
+        protocol_version: session.protocol_version,
+        federation_id: session.federation_id.clone(),
+        site_id: session.site_id.clone(),
+        job_id: req.job_id.clone(),
+        round: req.round,
+        model: req.model,
+        metrics,
+    };
+    Ok(Box::new(sign_eval_report(key, report)))
 }
 
 fn eval_to_protocol(m: &train::EvalMetrics) -> fedlink_protocol::EvalMetrics {

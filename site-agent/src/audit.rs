@@ -37,6 +37,7 @@
 //! | `update.sent` | site | `job, round, payload_hash, payload_bytes, num_examples, nonce, base_model, encoding` |
 //! | `update.result` | coordinator | `job, round, payload_hash, accepted, reason`, + `nonce, outcome` |
 //! | `round.outcome` | coordinator | `job, round, model, job_completed` (protocol ≥ 4: the model a round the site contributed to produced; the job's final model) |
+//! | `eval.reported` | site | `job, round, model, num_eval_examples, loss, accuracy, auc, dice` (protocol ≥ 6: the metrics of a model the coordinator asked about, on the validation split, recorded before they are sent) |
 //! | `coordinator.audit_head` | coordinator | `seq, hash, ts_unix_ms, sig` (recorded, not verified) |
 //!
 //! Hashes are lowercase hex; the nonce is its 16 bytes in lowercase hex.
@@ -299,6 +300,27 @@ pub enum SiteEvent {
         /// Whether this is the job's final model.
         job_completed: bool,
     },
+    /// The site evaluated a model the coordinator asked about (protocol >=
+    /// 6), on its validation split, and is about to send the signed
+    /// metrics: only these aggregates leave the site.
+    EvalReported {
+        /// Job.
+        job: String,
+        /// Rounds completed when the model was made.
+        round: u64,
+        /// The evaluated model (hex).
+        model: String,
+        /// Validation examples evaluated.
+        num_eval_examples: u64,
+        /// Mean loss.
+        loss: Option<f64>,
+        /// Accuracy.
+        accuracy: Option<f64>,
+        /// ROC AUC.
+        auc: Option<f64>,
+        /// Dice coefficient.
+        dice: Option<f64>,
+    },
     /// A signed head of the coordinator's audit log (recorded as received;
     /// `fedlink audit reconcile` verifies it).
     CoordinatorAuditHead {
@@ -347,6 +369,7 @@ impl SiteEvent {
             Self::UpdateResult { .. } => EventKind::UpdateResult,
             Self::UpdateResumed { .. } => EventKind::UpdateResumed,
             Self::RoundOutcome { .. } => EventKind::RoundOutcome,
+            Self::EvalReported { .. } => EventKind::EvalReported,
             Self::CoordinatorAuditHead { .. } => EventKind::CoordinatorAuditHead,
         }
     }

@@ -36,6 +36,7 @@ use fedlink_agent::train::{EvalMetrics, OptimizerKind, TrainConfig, evaluate, tr
 use fedlink_coordinator::server::Status;
 use fedlink_coordinator::server::status::RoundStatus;
 use fedlink_coordinator::store::read_model_file;
+use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -239,6 +240,10 @@ pub struct TaskResult {
     /// The classical baseline (Otsu's threshold) on the held-out tiles,
     /// segmentation only: Dice.
     pub otsu_dice: Option<f64>,
+    /// The coordinator's newest federated evaluation: each hospital's
+    /// metrics of a global model on its own validation split, and their
+    /// example-weighted mean.
+    pub federated_evaluation: Option<FederatedEvaluation>,
 }
 
 fn tabular(path: PathBuf, task: &Task, validation: f64) -> TabularConfig {
@@ -793,6 +798,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
         bytes_per_round: total_bytes as f64 / done.len().max(1) as f64,
         round_secs: followed.round_secs,
         otsu_dice,
+        federated_evaluation: final_status.evaluation.clone(),
     })
 }
 
@@ -1253,8 +1259,57 @@ pub fn summary(results: &[TaskResult]) -> String {
                 }
             );
         }
+        if let Some(e) = &r.federated_evaluation {
+            fmt_federated_evaluation(&mut s, e, r.rounds);
+        }
     }
     s
+}
+
+/// The sites' federated evaluation: one line per hospital, then the
+/// example-weighted mean.
+fn fmt_federated_evaluation(s: &mut String, e: &FederatedEvaluation, rounds: u64) {
+    let model = if e.after_round == 0 {
+        "the initial model".to_owned()
+    } else {
+        format!("the model after round {} of {rounds}", e.after_round)
+    };
+    let _ = writeln!(
+        s,
+        "  federated evaluation by the hospitals ({model}, each on its own validation split; {}):",
+        match e.reported_in_round {
+            Some(r) => format!("reported in round {r}"),
+            None => "asked for by the coordinator".to_owned(),
+        }
+    );
+    let line =
+        |n: u64, loss: Option<f64>, acc: Option<f64>, auc: Option<f64>, dice: Option<f64>| {
+            let mut l = format!("n {n:>5}");
+            for (name, v) in [("acc", acc), ("AUC", auc), ("Dice", dice), ("loss", loss)] {
+                if let Some(v) = v {
+                    let _ = write!(l, "  {name} {v:.4}");
+                }
+            }
+            l
+        };
+    for x in &e.sites {
+        let _ = writeln!(
+            s,
+            "    {:<21} {}",
+            x.site,
+            line(x.num_eval_examples, x.loss, x.accuracy, x.auc, x.dice)
+        );
+    }
+    let w = &e.weighted;
+    let _ = writeln!(
+        s,
+        "    {:<21} {}",
+        format!("weighted ({} sites)", w.sites),
+        line(w.num_eval_examples, w.loss, w.accuracy, w.auc, w.dice)
+    );
+    for x in &e.excluded {
+        let _ = writeln!(s, "    left out: {} ({})", x.site, x.reason);
+    }
 }
 
 /// Entry point of `fedlink-demo`: run every task; error if anything failed.

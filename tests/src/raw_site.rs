@@ -14,8 +14,9 @@ use fedlink_protocol::message::{
     UploadResult,
 };
 use fedlink_protocol::{
-    FeatureStats, FlatModel, Message, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder,
-    PayloadHash, SignedEnvelope, VersionRange,
+    EvalMetrics, EvalReport, EvalRequest, FEDERATED_EVAL_VERSION, FeatureStats, FlatModel, Message,
+    ModelHash, PROTOCOL_VERSION, PayloadDecoder, PayloadEncoder, PayloadHash, SignedEnvelope,
+    SignedEvalReport, VersionRange, sign_eval_report,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
 
@@ -61,6 +62,41 @@ impl RawSite {
         addr: SocketAddr,
         transport: TransportKind,
     ) -> anyhow::Result<Self> {
+        // Up to the version before evaluation requests: a raw site never
+        // answers one unless its test does (the coordinator would wait for
+        // it until the job's deadline), so it does not announce them.
+        let versions = VersionRange {
+            min: VersionRange::SUPPORTED.min,
+            max: FEDERATED_EVAL_VERSION - 1,
+        };
+        Self::connect_speaking(kit, addr, transport, versions).await
+    }
+
+    /// Connect over QUIC speaking every version this build has, evaluation
+    /// requests included: the test answers them
+    /// ([`RawSite::next_eval_request`], [`RawSite::sign_eval`]).
+    pub async fn connect_evaluating(kit: Kit, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::connect_speaking(kit, addr, TransportKind::Quic, VersionRange::SUPPORTED).await
+    }
+
+    /// Connect over `transport` speaking every version this build has
+    /// (resumable transfers, evaluation requests): a job with evaluation on
+    /// asks such a site to evaluate its final model and waits for the
+    /// answer, so its test answers or turns `[evaluation] every_rounds` off.
+    pub async fn connect_latest(
+        kit: Kit,
+        addr: SocketAddr,
+        transport: TransportKind,
+    ) -> anyhow::Result<Self> {
+        Self::connect_speaking(kit, addr, transport, VersionRange::SUPPORTED).await
+    }
+
+    async fn connect_speaking(
+        kit: Kit,
+        addr: SocketAddr,
+        transport: TransportKind,
+        versions: VersionRange,
+    ) -> anyhow::Result<Self> {
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
         let fedlink_transport::Dialed { conn, endpoint } = fedlink_transport::dial(
             transport,
@@ -74,7 +110,7 @@ impl RawSite {
         .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.message(&Message::Hello(Hello {
-            versions: VersionRange::SUPPORTED,
+            versions,
             agent_version: "raw-test-site".into(),
             capabilities: Capabilities::default(),
         }))
@@ -108,6 +144,46 @@ impl RawSite {
                 other => bail!("expected an offer, got {}", other.name()),
             }
         }
+    }
+
+    /// Wait for the next evaluation request (other control messages are
+    /// skipped).
+    pub async fn next_eval_request(&mut self) -> anyhow::Result<EvalRequest> {
+        loop {
+            match bounded("evaluation request", self.control_recv.message()).await?? {
+                Message::EvalRequest(r) => return Ok(*r),
+                Message::Heartbeat(_) | Message::Cancel(_) => {}
+                Message::AuditHead(h) => self.coordinator_heads.push(h),
+                Message::RoundOutcome(o) => self.round_outcomes.push(o),
+                other => bail!("expected an evaluation request, got {}", other.name()),
+            }
+        }
+    }
+
+    /// A report of `metrics` (any values) for `model` of `req`'s job,
+    /// signed with this site's update key.
+    pub fn sign_eval(
+        &self,
+        req: &EvalRequest,
+        model: ModelHash,
+        metrics: EvalMetrics,
+    ) -> anyhow::Result<SignedEvalReport> {
+        let key = self
+            .kit
+            .update_signing_key()
+            .context("kit has no update key")?;
+        Ok(sign_eval_report(
+            key,
+            EvalReport {
+                protocol_version: PROTOCOL_VERSION,
+                federation_id: req.federation_id.clone(),
+                site_id: self.site_id.clone(),
+                job_id: req.job_id.clone(),
+                round: req.round,
+                model,
+                metrics,
+            },
+        ))
     }
 
     /// Accept an offer.
@@ -222,6 +298,29 @@ impl RawSite {
         num_examples: u64,
         feature_stats: Option<FeatureStats>,
     ) -> anyhow::Result<PreparedUpload> {
+        self.prepare_signed(offer, delta, num_examples, feature_stats, None)
+    }
+
+    /// Encode and sign `delta` for `offer`, with evaluation `metrics` (any
+    /// values, valid or not) in the signed header.
+    pub fn prepare_with_metrics(
+        &self,
+        offer: &TaskOffer,
+        delta: &FlatModel,
+        num_examples: u64,
+        metrics: EvalMetrics,
+    ) -> anyhow::Result<PreparedUpload> {
+        self.prepare_signed(offer, delta, num_examples, None, Some(metrics))
+    }
+
+    fn prepare_signed(
+        &self,
+        offer: &TaskOffer,
+        delta: &FlatModel,
+        num_examples: u64,
+        feature_stats: Option<FeatureStats>,
+        metrics: Option<EvalMetrics>,
+    ) -> anyhow::Result<PreparedUpload> {
         let mut enc = PayloadEncoder::new(delta.spec().clone(), offer.encoding, 1)?;
         let mut records = Vec::new();
         while let Some(r) = enc.next_chunk() {
@@ -250,7 +349,7 @@ impl RawSite {
             payload_len: len,
             payload_hash: PayloadHash(*hasher.finalize().as_bytes()),
             nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
-            metrics: None,
+            metrics,
             feature_stats,
         };
         let key = self

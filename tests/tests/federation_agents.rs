@@ -338,15 +338,17 @@ async fn three_agents_three_rounds_in_process() {
     }
     for (i, log) in logs.iter().enumerate() {
         // Each site trained on exactly the coordinator's base model of each
-        // round (offered, then fetched and verified by hash).
+        // round (offered, then fetched and verified by hash), then fetched
+        // the final model to evaluate it (asked by the coordinator).
         let (offered, obtained) = received_models(log);
         assert_eq!(offered, bases, "site-{i} offers");
-        assert_eq!(
-            obtained,
-            bases.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>(),
-            "site-{i} models"
-        );
-        assert_eq!(models_received(log, false), 3, "site-{i}");
+        let mut want: Vec<String> = bases.iter().map(|(_, h)| h.clone()).collect();
+        want.push(model.to_hex());
+        assert_eq!(obtained, want, "site-{i} models");
+        assert_eq!(models_received(log, false), 4, "site-{i}");
+        let evaluated = events(log, "eval.reported");
+        assert_eq!(evaluated.len(), 1, "site-{i}");
+        assert_eq!(str_field(evaluated[0], "model"), model.to_hex());
         let accepted: Vec<u64> = log
             .iter()
             .filter(|e| is_accepted_upload(e))
@@ -627,10 +629,16 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
         for (r, h) in &offered {
             assert_eq!(*h, bases[(*r - 1) as usize], "site-{i} round {r}");
         }
-        assert_eq!(obtained.len(), 4, "site-{i}");
-        assert!(obtained.iter().all(|h| bases.contains(h)), "site-{i}");
+        // The four models trained on, then the final one, evaluated.
+        assert_eq!(obtained.len(), 5, "site-{i}");
+        assert!(obtained[..4].iter().all(|h| bases.contains(h)), "site-{i}");
+        assert_eq!(
+            Some(obtained[4].clone()),
+            rounds.last().and_then(|r| r.model).map(|m| m.to_hex()),
+            "site-{i}"
+        );
         // The second time, round 2's model came from the site's cache.
-        assert_eq!(models_received(log, false), 3, "site-{i}");
+        assert_eq!(models_received(log, false), 4, "site-{i}");
         assert_eq!(models_received(log, true), 1, "site-{i}");
         let accepted: Vec<u64> = log
             .iter()
@@ -639,4 +647,314 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
             .collect();
         assert_eq!(accepted, vec![1, 2, 2, 3], "site-{i}");
     }
+}
+
+/// Run the `fedlink` admin CLI against `addr` with the admin kit; its
+/// stdout, after checking that it succeeded.
+async fn fedlink_cli(pki: &TestPki, addr: SocketAddr, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(workspace_binary("fedlink").unwrap())
+        .args(args)
+        .arg("--kit")
+        .arg(pki.admin_dir())
+        .arg("--coordinator")
+        .arg(addr.to_string())
+        .output();
+    let out = within(&format!("fedlink {args:?}"), out).await.unwrap();
+    assert!(
+        out.status.success(),
+        "fedlink {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `a` and `b` are the same JSON document, numbers equal within 1e-12
+/// relative (serde_json's float parsing is not exact).
+fn assert_close(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                "{at}: {x} vs {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                assert_close(x, y, &format!("{at}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{at}"
+            );
+            for (k, v) in x {
+                assert_close(v, &y[k], &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{at}"),
+    }
+}
+
+/// `Σ nᵢ·mᵢ / Σ nᵢ` of one metric over the sites that report it.
+fn weighted(sites: &[serde_json::Value], metric: &str) -> f64 {
+    let (mut sum, mut n) = (0.0, 0.0);
+    for s in sites {
+        if let Some(v) = s[metric].as_f64() {
+            let w = s["num_eval_examples"].as_f64().unwrap();
+            sum += v * w;
+            n += w;
+        }
+    }
+    sum / n
+}
+
+/// Federated evaluation with real agents, `[evaluation] every_rounds = 2` in
+/// a 3-round job: the initial model (reported in round 1), round 2's model
+/// (reported in round 3) and the final model (asked for after round 3,
+/// protocol 6) are evaluated, round 1's model is not. Each site's figures
+/// are exactly what it signed and recorded in its own audit log; the
+/// weighted mean is over the sites' validation examples; `rounds show`,
+/// `status`, `status.json` and the coordinator's audit log agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_evaluation_every_two_rounds_per_site_and_weighted() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = wdbc_job("wdbc-eval", 3, 3);
+    spec.extra = "\n[evaluation]\nevery_rounds = 2\n".into();
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let coord = RunningCoordinator::start(&cfg, false).await.unwrap();
+    let data_dir = coord.data_dir.clone();
+    let mut agents: Vec<RunningAgent> = (0..3)
+        .map(|i| {
+            RunningAgent::start(
+                &format!("site-{i}"),
+                site_config(&pki, i, dir.path(), coord.addr),
+            )
+        })
+        .collect();
+    let status = wait_for_status(&data_dir, "the job to complete", LIMIT, |s| s.completed)
+        .await
+        .unwrap();
+    for a in &mut agents {
+        a.wait_for("round 3 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 3
+        })
+        .await;
+    }
+    let mut logs = Vec::new();
+    for a in agents {
+        logs.push(a.stop().await);
+    }
+
+    // While the coordinator runs: `fedlink rounds show` and `fedlink status`
+    // (checked below, against the store).
+    let show3 = fedlink_cli(
+        &pki,
+        coord.addr,
+        &["rounds", "show", &spec.id, "3", "--json"],
+    )
+    .await;
+    let text = fedlink_cli(&pki, coord.addr, &["rounds", "show", &spec.id, "3"]).await;
+    let text2 = fedlink_cli(&pki, coord.addr, &["rounds", "show", &spec.id, "2"]).await;
+    let st = fedlink_cli(&pki, coord.addr, &["status", "--json"]).await;
+    let st_text = fedlink_cli(&pki, coord.addr, &["status"]).await;
+    coord.shutdown().await.unwrap();
+
+    // Which rounds carry an evaluation, of which model.
+    let store = open_store(&data_dir);
+    let (rounds, _) = check_round_chain(&store, &spec.id, 3);
+    let evaluated: Vec<(u64, u64, String)> = rounds
+        .iter()
+        .filter_map(|r| {
+            r.evaluation
+                .as_ref()
+                .map(|e| (r.round, e.after_round, e.model.clone()))
+        })
+        .collect();
+    assert_eq!(
+        evaluated,
+        [
+            (1, 0, rounds[0].base_model.to_hex()),
+            (3, 2, rounds[2].base_model.to_hex())
+        ]
+    );
+    // status.json: per round, and the newest.
+    let in_status: Vec<u64> = status
+        .rounds
+        .iter()
+        .filter(|r| r.evaluation.is_some())
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(in_status, [1, 3]);
+    let carried = rounds[2].evaluation.clone().unwrap();
+    assert!(carried.excluded.is_empty(), "{carried:?}");
+    // The final model (no round follows it): asked for by the coordinator
+    // after round 3, answered with signed reports; the newest evaluation.
+    assert!(rounds[..2].iter().all(|r| r.final_evaluation.is_none()));
+    let newest = rounds[2].final_evaluation.clone().unwrap();
+    assert_eq!((newest.after_round, newest.reported_in_round), (3, None));
+    assert_eq!(
+        Some(newest.model.clone()),
+        rounds[2].model.map(|m| m.to_hex())
+    );
+    assert!(newest.excluded.is_empty(), "{newest:?}");
+    assert_eq!(status.evaluation.as_ref(), Some(&newest));
+    assert_eq!(status.rounds[2].final_evaluation.as_ref(), Some(&newest));
+    // Each site's final figures are what it recorded (`eval.reported`,
+    // before sending them signed).
+    assert_eq!(newest.sites.len(), 3);
+    for (i, log) in logs.iter().enumerate() {
+        let reported = events(log, "eval.reported");
+        assert_eq!(reported.len(), 1, "site-{i}");
+        let d = &reported[0].details;
+        assert_eq!(d["model"], newest.model.as_str());
+        assert_eq!(d["round"], 3);
+        let s = newest
+            .sites
+            .iter()
+            .find(|s| s.site == format!("site-{i}"))
+            .unwrap();
+        assert!(s.num_eval_examples > 0);
+        assert_eq!(Some(s.num_eval_examples), d["num_eval_examples"].as_u64());
+        for (mine, theirs) in [
+            (s.loss, &d["loss"]),
+            (s.accuracy, &d["accuracy"]),
+            (s.auc, &d["auc"]),
+        ] {
+            let (a, b) = (mine.unwrap(), theirs.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-12 * a.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+    {
+        let sites = serde_json::to_value(&newest.sites).unwrap();
+        let w = &newest.weighted;
+        assert_eq!(w.sites, 3);
+        for (got, metric) in [(w.loss, "loss"), (w.accuracy, "accuracy"), (w.auc, "auc")] {
+            let want = weighted(sites.as_array().unwrap(), metric);
+            assert!((got.unwrap() - want).abs() < 1e-12, "{metric}");
+        }
+    }
+
+    // Each site's figures are what it signed and recorded (its audit log:
+    // `train.completed`, `metrics.global_eval`), for the model it was offered.
+    for r in [&rounds[0], &rounds[2]] {
+        let ev = r.evaluation.as_ref().unwrap();
+        assert_eq!(ev.sites.len(), 3, "round {}", r.round);
+        for (i, log) in logs.iter().enumerate() {
+            let trained = events(log, "train.completed")
+                .into_iter()
+                .find(|e| round_of(e) == r.round)
+                .unwrap();
+            assert_eq!(str_field(trained, "base_model"), ev.model);
+            let sent = &trained.details["metrics"]["global_eval"];
+            let s = ev
+                .sites
+                .iter()
+                .find(|s| s.site == format!("site-{i}"))
+                .unwrap();
+            assert!(s.num_eval_examples > 0);
+            assert_eq!(Some(s.num_eval_examples), sent["n"].as_u64());
+            for (mine, theirs) in [
+                (s.loss, &sent["loss"]),
+                (s.accuracy, &sent["accuracy"]),
+                (s.auc, &sent["auc"]),
+            ] {
+                let (a, b) = (mine.unwrap(), theirs.as_f64().unwrap());
+                assert!((a - b).abs() <= 1e-12 * a.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+        let sites = serde_json::to_value(&ev.sites).unwrap();
+        let sites = sites.as_array().unwrap();
+        let w = &ev.weighted;
+        assert_eq!(w.sites, 3);
+        assert_eq!(
+            w.num_eval_examples,
+            ev.sites.iter().map(|s| s.num_eval_examples).sum::<u64>()
+        );
+        for (got, metric) in [(w.loss, "loss"), (w.accuracy, "accuracy"), (w.auc, "auc")] {
+            let want = weighted(sites, metric);
+            assert!((got.unwrap() - want).abs() < 1e-12, "{metric}");
+        }
+        assert_eq!(w.dice, None);
+        assert_eq!(r.metrics.get("site_eval_auc").copied(), w.auc);
+    }
+    assert!(!rounds[1].metrics.contains_key("site_eval_auc"));
+
+    // `fedlink rounds show` (JSON: the record; text: per site + weighted)
+    // and `fedlink status`.
+    let shown: serde_json::Value = serde_json::from_str(&show3).unwrap();
+    let newest_json = serde_json::to_value(&newest).unwrap();
+    let carried_json = serde_json::to_value(&carried).unwrap();
+    assert_close(&shown["round"]["evaluation"], &carried_json, "rounds show");
+    assert_close(
+        &shown["round"]["final_evaluation"],
+        &newest_json,
+        "rounds show",
+    );
+    assert!(
+        text.contains("federated evaluation of model") && text.contains("after round 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("after round 3; asked for by the coordinator"),
+        "{text}"
+    );
+    assert_eq!(text.matches("weighted (3 sites)").count(), 2, "{text}");
+    for i in 0..3 {
+        assert!(text.contains(&format!("site-{i}")), "{text}");
+    }
+    assert!(!text2.contains("federated evaluation"), "{text2}");
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_close(&st["current_job"]["evaluation"], &newest_json, "status");
+    assert!(st_text.contains("weighted (3 sites)"), "{st_text}");
+
+    // The coordinator's audit log: `round.evaluated` for the models of
+    // rounds 0 and 2 (carried by rounds 1 and 3) and the final one; the
+    // request and each site's accepted report.
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let evaluated: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "round.evaluated")
+        .collect();
+    let audited: Vec<u64> = evaluated
+        .iter()
+        .map(|e| e["details"]["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(audited, [1, 3, 3]);
+    assert_close(
+        &evaluated[1]["details"]["weighted"],
+        &carried_json["weighted"],
+        "round.evaluated",
+    );
+    assert_eq!(evaluated[2]["details"]["requested"], true);
+    assert_close(
+        &evaluated[2]["details"]["weighted"],
+        &newest_json["weighted"],
+        "round.evaluated (final)",
+    );
+    assert_eq!(evaluated[2]["details"]["model"], newest.model.as_str());
+    let of = |name: &str| -> Vec<serde_json::Value> {
+        audit
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == name)
+            .collect()
+    };
+    let requested = of("eval.requested");
+    assert_eq!(requested.len(), 1);
+    assert_eq!(requested[0]["details"]["model"], newest.model.as_str());
+    let mut accepted: Vec<String> = of("eval.accepted")
+        .iter()
+        .map(|e| e["details"]["site"].as_str().unwrap().to_owned())
+        .collect();
+    accepted.sort();
+    assert_eq!(accepted, ["site-0", "site-1", "site-2"]);
+    assert!(of("eval.rejected").is_empty());
 }

@@ -4,8 +4,9 @@
 
 use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::read_model_file;
+use fedlink_protocol::message::Message;
 use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
-use fedlink_protocol::{FlatModel, ModelHash};
+use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash};
 use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
 use fedlink_tests::raw_site::{RawSite, join_round};
@@ -759,4 +760,265 @@ async fn an_upload_that_stalls_in_its_slot_is_refused() {
         "{:?}",
         out.outcome
     );
+}
+
+/// Evaluation metrics in signed headers that cannot be used (here an
+/// accuracy of 1.5) are left out of the federated evaluation with the
+/// reason, in the round record and the coordinator's audit log; the update
+/// itself still counts, and the weighted mean is over the other sites'
+/// validation examples, exactly. A NaN metric (no JSON form) refuses the
+/// upload, with the reason, and the coordinator goes on. Raw sites speak
+/// protocol 5: they are not asked to evaluate the final model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let reports = [
+        EvalMetrics {
+            num_eval_examples: 3,
+            loss: Some(0.25),
+            accuracy: Some(0.5),
+            auc: Some(0.75),
+            ..EvalMetrics::default()
+        },
+        EvalMetrics {
+            num_eval_examples: 1,
+            loss: Some(0.5),
+            accuracy: Some(1.0),
+            ..EvalMetrics::default()
+        },
+        EvalMetrics {
+            num_eval_examples: 1000,
+            loss: Some(0.1),
+            accuracy: Some(1.5),
+            ..EvalMetrics::default()
+        },
+    ];
+    let mut tasks = Vec::new();
+    for (i, metrics) in reports.into_iter().enumerate() {
+        let mut site = connect(&pki, i, &coord).await;
+        tasks.push(tokio::spawn(async move {
+            let offer = site.next_offer().await.unwrap();
+            site.accept(&offer).await.unwrap();
+            let global = site.fetch_model(&offer).await.unwrap();
+            let delta = delta_for(&global, i, 1);
+            if i == 2 {
+                // A NaN has no JSON form (the signed envelope could not be
+                // archived): the upload is refused before its payload.
+                let nan = EvalMetrics {
+                    loss: Some(f64::NAN),
+                    ..metrics.clone()
+                };
+                let up = site
+                    .prepare_with_metrics(&offer, &delta, examples(i), nan)
+                    .unwrap();
+                let r = site.upload(&up, None).await.unwrap().unwrap();
+                assert_eq!(
+                    r,
+                    UploadResult::Reject {
+                        code: RejectCode::Malformed,
+                        message: "the signed header's metric loss is not finite".into()
+                    }
+                );
+            }
+            let up = site
+                .prepare_with_metrics(&offer, &delta, examples(i), metrics)
+                .unwrap();
+            let r = site.upload(&up, None).await.unwrap().unwrap();
+            assert!(
+                matches!(r, UploadResult::Ack { accepted: true, .. }),
+                "{r:?}"
+            );
+            offer.base_model
+        }));
+    }
+    let mut joined = Vec::new();
+    for t in tasks {
+        joined.push(t.await);
+    }
+    let out = coord.finished().await.unwrap();
+    let bases: Vec<ModelHash> = joined.into_iter().map(Result::unwrap).collect();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+    let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
+    let round = store.round("e2e", 1).unwrap().unwrap();
+    assert_eq!(round.accepted.len(), 3);
+    let ev = round.evaluation.unwrap();
+    assert_eq!(ev.model, bases[0].to_hex());
+    assert_eq!((ev.after_round, ev.reported_in_round), (0, Some(1)));
+    let sites: Vec<(&str, u64)> = ev
+        .sites
+        .iter()
+        .map(|s| (s.site.as_str(), s.num_eval_examples))
+        .collect();
+    assert_eq!(sites, [("site-0", 3), ("site-1", 1)]);
+    // (3·0.25 + 1·0.5) / 4, (3·0.5 + 1·1) / 4; only site-0 reports an AUC.
+    assert_eq!(ev.weighted.loss, Some(0.3125));
+    assert_eq!(ev.weighted.accuracy, Some(0.625));
+    assert_eq!(ev.weighted.auc, Some(0.75));
+    assert_eq!((ev.weighted.sites, ev.weighted.num_eval_examples), (2, 4));
+    assert_eq!(ev.excluded.len(), 1);
+    assert_eq!(ev.excluded[0].site, "site-2");
+    assert_eq!(ev.excluded[0].reason, "accuracy = 1.5 is outside [0, 1]");
+    assert_eq!(round.metrics.get("site_eval_accuracy"), Some(&0.625));
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let evaluated: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "round.evaluated")
+        .collect();
+    assert_eq!(evaluated.len(), 1);
+    let d = &evaluated[0]["details"];
+    assert_eq!(d["round"], 1);
+    assert_eq!(d["excluded"][0]["site"], "site-2");
+    assert_eq!(
+        d["excluded"][0]["reason"],
+        "accuracy = 1.5 is outside [0, 1]"
+    );
+    assert_eq!(d["weighted"]["accuracy"], 0.625);
+    // Raw sites speak protocol 5: they are not asked to evaluate the final
+    // model, and the job ends without waiting for them.
+    assert!(round.final_evaluation.is_none());
+    assert!(!audit.contains("\"eval.requested\""));
+}
+
+fn eval_metrics(n: u64) -> EvalMetrics {
+    EvalMetrics {
+        num_eval_examples: n,
+        loss: Some(0.5),
+        accuracy: Some(0.75),
+        ..EvalMetrics::default()
+    }
+}
+
+/// The final model's evaluation with scripted protocol-6 sites: a report
+/// for another model, one whose signature does not verify and one signed by
+/// another site are refused with the reason (audited; the coordinator goes
+/// on and keeps waiting for the site); a verified report with a NaN loss is
+/// the site's answer, left out with the reason; a good one counts. The job
+/// ends as soon as both asked sites have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_final_evaluation_reports_are_refused_with_the_reason_and_audited() {
+    let pki = TestPki::new(2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        sites: 2,
+        quorum: 2,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let mut site = RawSite::connect_evaluating(pki.site_kit(i).unwrap(), coord.addr)
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            honest_round(&mut site, i).await;
+            let req = site.next_eval_request().await.unwrap();
+            (site, req)
+        }));
+    }
+    let mut asked = Vec::new();
+    for t in tasks {
+        asked.push(t.await.unwrap());
+    }
+    let (mut s1, req1) = asked.pop().unwrap();
+    let (mut s0, req0) = asked.pop().unwrap();
+    assert_eq!(req0, req1);
+    assert_eq!(req0.round.0, 1);
+    let model = req0.model;
+    let report = |r: fedlink_protocol::SignedEvalReport| Message::EvalReport(Box::new(r));
+    // site-0: another model, then a tampered report, then a NaN loss.
+    let wrong = s0
+        .sign_eval(&req0, ModelHash([7; 32]), eval_metrics(2))
+        .unwrap();
+    s0.send_control(&report(wrong)).await.unwrap();
+    let mut tampered = s0.sign_eval(&req0, model, eval_metrics(2)).unwrap();
+    tampered.report.metrics.accuracy = Some(1.0);
+    s0.send_control(&report(tampered)).await.unwrap();
+    let nan = EvalMetrics {
+        loss: Some(f64::NAN),
+        ..eval_metrics(2)
+    };
+    let nan = s0.sign_eval(&req0, model, nan).unwrap();
+    s0.send_control(&report(nan)).await.unwrap();
+    // site-1: site-0's report on its own connection, then its own.
+    let borrowed = s0.sign_eval(&req0, model, eval_metrics(9)).unwrap();
+    s1.send_control(&report(borrowed)).await.unwrap();
+    let own = s1.sign_eval(&req1, model, eval_metrics(3)).unwrap();
+    s1.send_control(&report(own)).await.unwrap();
+
+    let out = coord.finished().await.unwrap();
+    assert_eq!(out.outcome, Some(JobOutcome::Completed { model }));
+    let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
+    let round = store.round("e2e", 1).unwrap().unwrap();
+    let fin = round.final_evaluation.unwrap();
+    assert_eq!((fin.after_round, fin.reported_in_round), (1, None));
+    assert_eq!(fin.model, model.to_hex());
+    let sites: Vec<(&str, u64)> = fin
+        .sites
+        .iter()
+        .map(|s| (s.site.as_str(), s.num_eval_examples))
+        .collect();
+    assert_eq!(sites, [("site-1", 3)]);
+    assert_eq!(fin.weighted.accuracy, Some(0.75));
+    assert_eq!(fin.excluded.len(), 1);
+    assert_eq!(
+        (
+            fin.excluded[0].site.as_str(),
+            fin.excluded[0].reason.as_str()
+        ),
+        ("site-0", "loss is not finite")
+    );
+    let audit = std::fs::read_to_string(data_dir.join("audit/audit.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reasons = |site: &str| -> Vec<String> {
+        entries
+            .iter()
+            .filter(|e| e["event"] == "eval.rejected" && e["details"]["site"] == site)
+            .map(|e| e["details"]["reason"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r0 = reasons("site-0");
+    assert_eq!(r0.len(), 3, "{r0:?}");
+    assert!(r0[0].starts_with("report is for model 0707"), "{r0:?}");
+    assert_eq!(
+        r0[1],
+        "report signature does not verify with the key registered for the site"
+    );
+    assert_eq!(r0[2], "loss is not finite");
+    assert_eq!(
+        reasons("site-1"),
+        ["report claims site site-0 but the connection is authenticated as site-1"]
+    );
+    let accepted: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["event"] == "eval.accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0]["details"]["site"], "site-1");
+    // Asked after `job.finished`; the final model's `round.evaluated` (the
+    // last one; round 1's updates evaluated the initial model) after.
+    let pos = |name: &str| entries.iter().position(|e| e["event"] == name).unwrap();
+    let last = entries
+        .iter()
+        .rposition(|e| e["event"] == "round.evaluated")
+        .unwrap();
+    assert!(pos("job.finished") < pos("eval.requested"));
+    assert!(pos("eval.requested") < last);
+    assert_eq!(entries[last]["details"]["requested"], true);
 }

@@ -25,9 +25,22 @@ fn spec(id: &str) -> JobSpec {
         deadline_secs: 120,
         // 4 values per chunk record: the update spans dozens of records.
         inputs: 120,
-        extra: "chunk_bytes = 16".into(),
+        // The sites below speak version 6 (resumable transfers) and never
+        // answer an evaluation request.
+        extra: "chunk_bytes = 16\n\n[evaluation]\nevery_rounds = 0".into(),
         ..JobSpec::default()
     }
+}
+
+/// A raw site speaking version 6.
+async fn v6_site(pki: &TestPki, addr: std::net::SocketAddr) -> RawSite {
+    RawSite::connect_latest(
+        pki.site_kit(0).unwrap(),
+        addr,
+        fedlink_transport::TransportKind::Quic,
+    )
+    .await
+    .unwrap()
 }
 
 async fn start(spec: &JobSpec, pki: &TestPki, dir: &std::path::Path) -> RunningCoordinator {
@@ -90,11 +103,7 @@ async fn an_upload_cut_again_and_again_resumes_from_the_last_whole_record() {
     let dir = tempfile::tempdir().unwrap();
     let coord = start(&spec("resume"), &pki, dir.path()).await;
     let data = coord.data_dir.clone();
-    let mut sites = vec![
-        RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-            .await
-            .unwrap(),
-    ];
+    let mut sites = vec![v6_site(&pki, coord.addr).await];
     let (offers, global) = join_round(&mut sites).await.unwrap();
     let site = &sites[0];
     let delta = delta_for(&global);
@@ -199,11 +208,7 @@ async fn an_upload_resumes_on_a_new_connection_after_the_old_one_is_lost() {
     let pki = TestPki::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let coord = start(&spec("reconnect"), &pki, dir.path()).await;
-    let mut sites = vec![
-        RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-            .await
-            .unwrap(),
-    ];
+    let mut sites = vec![v6_site(&pki, coord.addr).await];
     let (offers, global) = join_round(&mut sites).await.unwrap();
     let up = sites[0]
         .prepare(&offers[0], &delta_for(&global), 40)
@@ -213,9 +218,7 @@ async fn an_upload_resumes_on_a_new_connection_after_the_old_one_is_lost() {
     sites[0].vanish();
     // The site comes back: offered the same round again, it resumes the
     // same signed upload instead of training again.
-    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-        .await
-        .unwrap();
+    let mut site = v6_site(&pki, coord.addr).await;
     let offer = site.next_offer().await.unwrap();
     assert_eq!(
         (offer.round, offer.base_model),
@@ -239,11 +242,7 @@ async fn a_resume_that_matches_no_kept_upload_is_refused_and_costs_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let coord = start(&spec("refused"), &pki, dir.path()).await;
     let data = coord.data_dir.clone();
-    let mut sites = vec![
-        RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-            .await
-            .unwrap(),
-    ];
+    let mut sites = vec![v6_site(&pki, coord.addr).await];
     let (offers, global) = join_round(&mut sites).await.unwrap();
     let site = &sites[0];
     let delta = delta_for(&global);
@@ -472,17 +471,13 @@ async fn a_model_download_resumes_from_the_records_the_site_kept() {
         ..spec("download")
     };
     let coord = start(&spec, &pki, dir.path()).await;
-    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-        .await
-        .unwrap();
+    let mut site = v6_site(&pki, coord.addr).await;
     let offer = site.next_offer().await.unwrap();
     site.accept(&offer).await.unwrap();
     let (manifest, mut kept) = site.fetch_records(&offer, 0, 1).await.unwrap();
     assert!(manifest.num_chunks >= 3, "{manifest:?}");
     site.vanish();
-    let mut site = RawSite::connect(pki.site_kit(0).unwrap(), coord.addr)
-        .await
-        .unwrap();
+    let mut site = v6_site(&pki, coord.addr).await;
     let again = site.next_offer().await.unwrap();
     assert_eq!(again.base_model, offer.base_model);
     site.accept(&again).await.unwrap();

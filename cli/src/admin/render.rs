@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use fedlink_protocol::admin::{AdminResponse, JobInfo, SiteInfo};
+use fedlink_protocol::admin::{AdminResponse, FederatedEvaluation, JobInfo, SiteInfo};
 
 /// The answer's data as pretty JSON.
 pub(super) fn json(resp: &AdminResponse) -> serde_json::Result<String> {
@@ -133,6 +133,59 @@ fn metric(v: &serde_json::Value, k: &str) -> String {
         .map_or_else(|| "-".into(), |x| format!("{x:.4}"))
 }
 
+fn num(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |x| format!("{x:.4}"))
+}
+
+/// A federated evaluation: one row per site, then the example-weighted
+/// mean, then the reports left out.
+fn evaluation_text(out: &mut String, e: &FederatedEvaluation) {
+    let made_by = if e.after_round == 0 {
+        "the initial model".to_owned()
+    } else {
+        format!("after round {}", e.after_round)
+    };
+    let how = match e.reported_in_round {
+        Some(r) => format!("reported in round {r}"),
+        None => "asked for by the coordinator".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "federated evaluation of model {} ({made_by}; {how}, each site on its validation split)",
+        short(&e.model),
+    );
+    let mut rows: Vec<Vec<String>> = e
+        .sites
+        .iter()
+        .map(|s| {
+            vec![
+                s.site.clone(),
+                s.num_eval_examples.to_string(),
+                num(s.loss),
+                num(s.accuracy),
+                num(s.auc),
+                num(s.dice),
+            ]
+        })
+        .collect();
+    let w = &e.weighted;
+    rows.push(vec![
+        format!("weighted ({} sites)", w.sites),
+        w.num_eval_examples.to_string(),
+        num(w.loss),
+        num(w.accuracy),
+        num(w.auc),
+        num(w.dice),
+    ]);
+    out.push_str(&table(
+        &["SITE", "EXAMPLES", "LOSS", "ACCURACY", "AUC", "DICE"],
+        &rows,
+    ));
+    for x in &e.excluded {
+        let _ = writeln!(out, "left out: {} ({})", x.site, x.reason);
+    }
+}
+
 /// `rounds show`: the round, then one row per update (accepted, rejected,
 /// discarded) and per declined offer, with what the coordinator recorded
 /// about it.
@@ -243,6 +296,34 @@ fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
         ],
         &rows,
     ));
+    match r
+        .get("evaluation")
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
+    {
+        Some(Ok(e)) => {
+            out.push('\n');
+            evaluation_text(out, &e);
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "\nfederated evaluation: unreadable ({e})");
+        }
+        None => {}
+    }
+    match r
+        .get("final_evaluation")
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
+    {
+        Some(Ok(e)) => {
+            out.push('\n');
+            evaluation_text(out, &e);
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "\nevaluation of the final model: unreadable ({e})");
+        }
+        None => {}
+    }
     let reported: std::collections::BTreeSet<String> = rows.iter().map(|r| r[0].clone()).collect();
     let silent: Vec<&String> = selected.iter().filter(|s| !reported.contains(*s)).collect();
     if !silent.is_empty() {
@@ -308,6 +389,10 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                             })
                             .collect::<Vec<_>>(),
                     ));
+                    if let Some(e) = &j.evaluation {
+                        out.push('\n');
+                        evaluation_text(&mut out, e);
+                    }
                 }
                 None => {
                     let _ = writeln!(

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 
 use ed25519_dalek::VerifyingKey;
 use fedlink_protocol::envelope::{
-    ExpectedUpdate, PayloadVerifier, SignedEnvelope, verify_resumed_update, verify_update,
+    ExpectedUpdate, PayloadVerifier, SignedEnvelope, UpdateHeader, verify_resumed_update,
+    verify_update,
 };
 use fedlink_protocol::message::RejectCode;
 use fedlink_protocol::{
@@ -156,6 +157,38 @@ pub fn check_num_examples(
             "num_examples = {claimed} exceeds the job's limit of {job_limit} examples per site \
              (strategy.max_examples_per_site)"
         ));
+    }
+    Ok(())
+}
+
+/// Whether every number a signed header carries besides the payload — its
+/// evaluation metrics and feature statistics — is finite. A NaN or an
+/// infinity has no JSON form, so the envelope could not be archived as
+/// signed (the archive is what `fedlink audit replay` checks); such an
+/// update is refused before its payload is read, the reason naming the
+/// value. (Whether finite metrics are usable is
+/// [`super::evaluation::check_report`]'s question.)
+pub fn check_header_numbers(h: &UpdateHeader) -> Result<(), String> {
+    let bad = |what: &str| Err(format!("the signed header's {what} is not finite"));
+    if let Some(m) = &h.metrics {
+        for (name, v) in [
+            ("loss", m.loss),
+            ("accuracy", m.accuracy),
+            ("auc", m.auc),
+            ("dice", m.dice),
+        ] {
+            if v.is_some_and(|v| !v.is_finite()) {
+                return bad(&format!("metric {name}"));
+            }
+        }
+        if let Some((name, _)) = m.extra.iter().find(|(_, v)| !v.is_finite()) {
+            return bad(&format!("metric {name:?}"));
+        }
+    }
+    if let Some(f) = &h.feature_stats
+        && f.sum.iter().chain(&f.sum_sq).any(|v| !v.is_finite())
+    {
+        return Err("the signed header's feature statistics are not finite".into());
     }
     Ok(())
 }
@@ -408,6 +441,47 @@ mod tests {
             verify_resume(&w.runner, &w.expected(Some(1)), &replay, "a", &forged, v).unwrap_err();
         assert_eq!(err.code, RejectCode::Replay, "{err}");
         assert!(err.reason.contains("cannot be resumed"), "{err}");
+    }
+
+    #[test]
+    fn header_numbers_without_a_json_form_are_refused() {
+        let w = world();
+        let mut h = w.header(1);
+        assert_eq!(check_header_numbers(&h), Ok(()));
+        h.metrics = Some(fedlink_protocol::EvalMetrics {
+            num_eval_examples: 5,
+            loss: Some(0.5),
+            accuracy: Some(2.0), // finite: usable or not is for the evaluation
+            ..Default::default()
+        });
+        assert_eq!(check_header_numbers(&h), Ok(()));
+        let mut nan = h.clone();
+        if let Some(m) = nan.metrics.as_mut() {
+            m.loss = Some(f64::NAN);
+        }
+        assert_eq!(
+            check_header_numbers(&nan),
+            Err("the signed header's metric loss is not finite".into())
+        );
+        let mut inf = h.clone();
+        if let Some(m) = inf.metrics.as_mut() {
+            m.extra = vec![("f1".into(), f64::NEG_INFINITY)];
+        }
+        assert_eq!(
+            check_header_numbers(&inf),
+            Err("the signed header's metric \"f1\" is not finite".into())
+        );
+        let mut stats = w.header(2);
+        stats.feature_stats = Some(fedlink_protocol::FeatureStats {
+            features: vec!["x".into()],
+            count: 1,
+            sum: vec![1.0],
+            sum_sq: vec![f64::INFINITY],
+        });
+        assert_eq!(
+            check_header_numbers(&stats),
+            Err("the signed header's feature statistics are not finite".into())
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@
 //! [`resume`] keeps what arrived of an upload a lost connection cut short,
 //! for the site to send the rest; [`intake::verify_resume`] admits the
 //! resumed upload (the same signed envelope).
+//! [`evaluation`] decides which global models are evaluated (the job's
+//! `[evaluation] every_rounds`), which sites' reported metrics count and
+//! their example-weighted mean.
 //!
 //! [`admin`] turns pause / resume / abort of the running or a queued job
 //! into effects, the audit append first.
@@ -63,6 +66,7 @@
 //! ```
 
 pub mod admin;
+pub mod evaluation;
 pub mod intake;
 pub mod queue;
 pub mod resume;
@@ -156,6 +160,7 @@ mod purity {
         ("intake.rs", include_str!("intake.rs")),
         ("resume.rs", include_str!("resume.rs")),
         ("admin.rs", include_str!("admin.rs")),
+        ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),
     ];
 

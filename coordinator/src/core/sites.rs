@@ -138,6 +138,11 @@ impl Sites {
         self.held.get(site).map(|h| h.conn)
     }
 
+    /// The protocol version negotiated on `site`'s current connection.
+    pub fn protocol_version(&self, site: &str) -> Option<u16> {
+        self.held.get(site).map(|h| h.protocol_version)
+    }
+
     /// The site whose current connection is `conn`.
     pub fn site_of(&self, conn: ConnId) -> Option<&str> {
         self.held

@@ -1044,8 +1044,7 @@ impl JobRunner {
                 updates,
                 metrics,
             }));
-        let every = u64::from(self.cfg.evaluate_every);
-        if every > 0 && (round.is_multiple_of(every) || round == self.cfg.rounds) {
+        if crate::core::evaluation::is_due(round, self.cfg.evaluate_every, self.cfg.rounds) {
             self.actions.push_back(Action::Evaluate { round, model });
         }
         if round >= self.cfg.rounds {

@@ -458,6 +458,10 @@ async fn serve_site(
                 // the job's end: only to sites that speak audit heads.
                 Message::AuditHead(_) if !supports_audit_head(version) => continue,
                 Message::RoundOutcome(_) if !supports_round_outcome(version) => continue,
+                // The engine asks only sites that speak it (defence in depth).
+                Message::EvalRequest(_) if !fedlink_protocol::supports_federated_eval(version) => {
+                    continue;
+                }
                 m => m,
             };
             if send.message(&m).await.is_err() {
@@ -470,7 +474,8 @@ async fn serve_site(
     // started must arrive whole (a site trickling bytes holds nothing).
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
-    let result = control_loop(conn, site, version, shared, &mut recv, heads).await;
+    let evals = fedlink_protocol::supports_federated_eval(version);
+    let result = control_loop(conn, site, version, shared, &mut recv, heads, evals).await;
     let _ = shared
         .engine
         .send(Event::Disconnected {
@@ -489,6 +494,7 @@ async fn control_loop(
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
+    evals: bool,
 ) -> Result<(), TransportError> {
     // Streams the site opens (model fetches, uploads) are accepted on a task
     // of their own. Reading a frame is not cancel-safe: racing the control
@@ -521,7 +527,7 @@ async fn control_loop(
             }
         })
     };
-    let result = read_control(conn, site, shared, recv, heads).await;
+    let result = read_control(conn, site, shared, recv, heads, evals).await;
     acceptor.abort();
     result
 }
@@ -534,6 +540,7 @@ async fn read_control(
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
+    evals: bool,
 ) -> Result<(), TransportError> {
     // A compromised site must not make the coordinator spend without bound:
     // control messages at a bounded rate (beyond it the connection is cut),
@@ -568,6 +575,17 @@ async fn read_control(
             }
             Some(Message::Heartbeat(h)) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
+            }
+            // Verified (signature first) and counted by the engine, which
+            // audits the verdict.
+            Some(Message::EvalReport(report)) if evals => {
+                let _ = shared
+                    .engine
+                    .send(Event::EvalReport {
+                        site: site.to_owned(),
+                        report,
+                    })
+                    .await;
             }
             Some(Message::AuditHead(_)) if !head_budget.take(Instant::now()) => {
                 heads_ignored += 1;

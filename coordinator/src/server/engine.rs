@@ -17,6 +17,7 @@ use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
+use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
@@ -34,7 +35,7 @@ use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::intake::{self, reason_text, reject_code};
 use crate::core::resume::{Interrupted, Kept, Partials};
-use crate::core::{CloseReason, JobNeeds};
+use crate::core::{CloseReason, JobNeeds, evaluation};
 use crate::job::{Job, LocalOptimizer};
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
@@ -62,6 +63,11 @@ pub(crate) enum Event {
     },
     /// A site's connection ended.
     Disconnected { site: String, conn_id: ConnId },
+    /// A site's signed answer to an evaluation request (control stream).
+    EvalReport {
+        site: String,
+        report: Box<fedlink_protocol::SignedEvalReport>,
+    },
     /// A site answered an offer.
     OfferResponse {
         site: String,
@@ -207,7 +213,9 @@ pub(crate) struct Engine {
     pending: HashMap<(String, u64), Pending>,
     /// Uploads cut short, kept for their sites to resume.
     partials: Partials<PathBuf>,
-    round_metrics: BTreeMap<u64, Vec<(String, EvalMetrics)>>,
+    /// The evaluation metrics in the round's accepted updates' headers
+    /// (`None`: the header carried none), in acceptance order.
+    round_metrics: BTreeMap<u64, Vec<(String, Option<EvalMetrics>)>>,
     /// Feature statistics of the round's accepted updates.
     round_stats: BTreeMap<u64, Vec<Report>>,
     status: StatusWriter,
@@ -233,6 +241,11 @@ pub(crate) struct Engine {
     /// into the Unix milliseconds sites see.
     clock_base: (Instant, u64),
     outcome: Option<JobOutcome>,
+    /// The job's newest federated evaluation (for the status).
+    latest_evaluation: Option<FederatedEvaluation>,
+    /// The final model's evaluation the sites were asked for, and the
+    /// job's outcome, held back until it is done.
+    requested: Option<(evaluation::RequestedEvaluation, JobOutcome)>,
 }
 
 /// Rounds listed in `status.json`, at most: the newest. The whole history
@@ -257,7 +270,14 @@ impl Engine {
         // Compute with the strategy exactly as `round.json` records it.
         let (_, strategy) =
             round_archive::json_roundtrip(&parts.strategy).map_err(|e| format!("strategy: {e}"))?;
+        // A resumed job: its newest evaluation so far.
+        let latest_evaluation = parts
+            .store
+            .latest_evaluation(job_id.as_str())
+            .map_err(|e| format!("reading the job's evaluations: {e}"))?;
         Ok(Self {
+            latest_evaluation,
+            requested: None,
             job_id,
             runner: parts.runner,
             store: parts.store,
@@ -297,11 +317,14 @@ impl Engine {
 
     /// When the round machine wants to be woken.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let status = self.status_due();
-        match (self.runner.poll_timeout(), status) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.runner.poll_timeout(),
+            self.status_due(),
+            self.requested.as_ref().map(|(r, _)| r.deadline()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// When the status file must be brought up to date, if it is behind.
@@ -345,6 +368,7 @@ impl Engine {
         if self.runner.poll_timeout().is_some_and(|t| t <= now) {
             self.runner.handle(now, Input::Timeout);
         }
+        self.finish_requested(now)?;
         self.drain(now)
     }
 
@@ -379,7 +403,12 @@ impl Engine {
             }
             Event::Disconnected { site, conn_id } => {
                 tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                self.links.disconnect(&site, conn_id);
+                if self.links.disconnect(&site, conn_id)
+                    && let Some((req, _)) = self.requested.as_mut()
+                {
+                    req.handle_disconnect(&site);
+                    self.finish_requested(now)?;
+                }
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
@@ -435,6 +464,7 @@ impl Engine {
             }
             Event::UploadInterrupted(it) => self.upload_interrupted(*it)?,
             Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
+            Event::EvalReport { site, report } => self.eval_report(now, &site, &report)?,
             Event::Keys(keys) => self.set_keys(keys),
             Event::RecheckPeers => self.recheck_peers(now),
             Event::Admin(ev) => self.handle_admin(now, ev)?,
@@ -515,6 +545,7 @@ impl Engine {
             declared,
         )
         .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        intake::check_header_numbers(h).map_err(|why| (RejectCode::Malformed, why))?;
         let spool_dir = self.store.dir().join("spool");
         fedlink_certs::private::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
@@ -944,23 +975,191 @@ impl Engine {
                     }
                 }
                 self.push_head(all.iter().map(String::as_str));
-                // With a job queued behind this one the sites stay: the
-                // serve loop hands them to the next job (as after an empty
-                // start). Otherwise they are told the job is over.
-                if self.wire.admin.next_queued().is_none() {
-                    for site in &all {
-                        self.send(
-                            site,
-                            Message::Bye(fedlink_protocol::Bye {
-                                reason: "job finished".into(),
-                            }),
-                        );
-                    }
+                // A completed job's final model: the sites are asked to
+                // evaluate it, and the job ends when they have answered.
+                if let JobOutcome::Completed { model } = &outcome
+                    && let Some(req) = self.ask_final_evaluation(now, *model)?
+                {
+                    self.requested = Some((req, outcome));
+                    self.write_status();
+                    return Ok(());
                 }
-                self.outcome = Some(outcome);
-                self.write_status();
+                self.end_job(outcome);
             }
         }
+        Ok(())
+    }
+
+    /// Tell the sites the job is over (unless a job is queued behind it)
+    /// and let the serve loop see the outcome.
+    fn end_job(&mut self, outcome: JobOutcome) {
+        // With a job queued behind this one the sites stay: the serve loop
+        // hands them to the next job (as after an empty start). Otherwise
+        // they are told the job is over.
+        if self.wire.admin.next_queued().is_none() {
+            for site in &self.links.connected() {
+                self.send(
+                    site,
+                    Message::Bye(fedlink_protocol::Bye {
+                        reason: "job finished".into(),
+                    }),
+                );
+            }
+        }
+        self.outcome = Some(outcome);
+        self.write_status();
+    }
+
+    /// Ask every connected site whose protocol has evaluation requests to
+    /// evaluate the job's final `model`, when the job's `[evaluation]`
+    /// asks for it (audited: `eval.requested`); `None` if no site is
+    /// asked. Older sites are not asked (logged).
+    fn ask_final_evaluation(
+        &mut self,
+        now: Instant,
+        model: ModelHash,
+    ) -> Result<Option<evaluation::RequestedEvaluation>, EngineError> {
+        let rounds = u64::from(self.job.rounds);
+        if !evaluation::is_due(rounds, self.job.evaluation.every_rounds, rounds) {
+            return Ok(None);
+        }
+        let mut asked = Vec::new();
+        for site in self.links.connected() {
+            match self.links.protocol_version(&site) {
+                Some(v) if fedlink_protocol::supports_federated_eval(v) => asked.push(site),
+                v => tracing::info!(
+                    site = %site,
+                    protocol_version = ?v,
+                    "not asked to evaluate the final model: its protocol version has no evaluation requests"
+                ),
+            }
+        }
+        if asked.is_empty() {
+            return Ok(None);
+        }
+        let expected = fedlink_protocol::evaluation::ExpectedEval {
+            federation_id: self.federation.clone(),
+            job_id: self.job_id.clone(),
+            round: RoundId(rounds),
+            model,
+        };
+        self.audit_own(
+            EventKind::EvalRequested,
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": rounds,
+                "model": model.to_hex(),
+                "sites": asked,
+            }),
+        )?;
+        let request = Message::EvalRequest(Box::new(fedlink_protocol::EvalRequest {
+            federation_id: self.federation.clone(),
+            job_id: self.job_id.clone(),
+            round: RoundId(rounds),
+            model,
+            arch: self.job.arch.clone(),
+            scaling: self.scaling.scaling().cloned(),
+        }));
+        for site in &asked {
+            self.send(site, request.clone());
+        }
+        tracing::info!(sites = asked.len(), model = %model, "sites asked to evaluate the final model");
+        Ok(Some(evaluation::RequestedEvaluation::new(
+            expected,
+            asked,
+            now + self.job.deadline(),
+        )))
+    }
+
+    /// A site's signed evaluation report: counted or refused, audited
+    /// either way (`eval.accepted` / `eval.rejected` with the reason).
+    fn eval_report(
+        &mut self,
+        now: Instant,
+        site: &str,
+        signed: &fedlink_protocol::SignedEvalReport,
+    ) -> Result<(), EngineError> {
+        let r = &signed.report;
+        let verdict = match self.requested.as_mut() {
+            Some((req, _)) => req.handle_report(site, signed, &self.keys),
+            None => Err("no evaluation is being asked for".into()),
+        };
+        let mut details = serde_json::json!({
+            "site": site,
+            "job": r.job_id.as_str(),
+            "round": r.round.0,
+            "model": r.model.to_hex(),
+            "num_eval_examples": r.metrics.num_eval_examples,
+        });
+        let event = match &verdict {
+            Ok(()) => {
+                tracing::info!(site, model = %r.model, "evaluation report accepted");
+                EventKind::EvalAccepted
+            }
+            Err(why) => {
+                tracing::warn!(site, reason = %why, "evaluation report refused");
+                details["reason"] = serde_json::Value::from(why.as_str());
+                EventKind::EvalRejected
+            }
+        };
+        let actor = self.site_actor(site);
+        self.wire
+            .audit()
+            .record(&actor, event, details)
+            .map_err(|e| {
+                EngineError::Fatal(format!(
+                    "{e} (while recording an evaluation report of {site})"
+                ))
+            })?;
+        self.finish_requested(now)
+    }
+
+    /// The requested evaluation, once done: recorded on the last round,
+    /// audited (`round.evaluated`), then the job ends.
+    fn finish_requested(&mut self, now: Instant) -> Result<(), EngineError> {
+        if !self.requested.as_ref().is_some_and(|(r, _)| r.is_done(now)) {
+            return Ok(());
+        }
+        let Some((req, outcome)) = self.requested.take() else {
+            return Ok(());
+        };
+        let ev = req.finish();
+        let round = ev.after_round;
+        self.audit_own(
+            EventKind::RoundEvaluated,
+            serde_json::json!({
+                "job": self.job_id.as_str(),
+                "round": round,
+                "model": ev.model,
+                "after_round": ev.after_round,
+                "requested": true,
+                "sites": ev.sites,
+                "weighted": ev.weighted,
+                "excluded": ev.excluded,
+            }),
+        )?;
+        tracing::info!(
+            model = %ev.model,
+            sites = ev.weighted.sites,
+            loss = ?ev.weighted.loss,
+            accuracy = ?ev.weighted.accuracy,
+            auc = ?ev.weighted.auc,
+            dice = ?ev.weighted.dice,
+            "federated evaluation of the final model"
+        );
+        if let Err(e) = self
+            .store
+            .record_final_evaluation(self.job_id.as_str(), round, ev.clone())
+        {
+            tracing::warn!(round, error = %e, "recording the final model's evaluation");
+        }
+        // The status file keeps completed rounds as they were shown: this
+        // one gains its final evaluation.
+        if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+            shown.final_evaluation = Some(ev.clone());
+        }
+        self.latest_evaluation = Some(ev);
+        self.end_job(outcome);
         Ok(())
     }
 
@@ -1053,12 +1252,10 @@ impl Engine {
         match folded {
             Ok(()) => {
                 let h = &p.envelope.header;
-                if let Some(m) = &h.metrics {
-                    self.round_metrics
-                        .entry(round)
-                        .or_default()
-                        .push((site.to_owned(), m.clone()));
-                }
+                self.round_metrics
+                    .entry(round)
+                    .or_default()
+                    .push((site.to_owned(), h.metrics.clone()));
                 if let Some(stats) = &h.feature_stats {
                     self.round_stats.entry(round).or_default().push(Report {
                         site: site.to_owned(),
@@ -1366,30 +1563,67 @@ impl Engine {
             metrics.insert("dp_epsilon".into(), eps);
             metrics.insert("dp_delta".into(), delta);
         }
-        // Federated evaluation of the round's base model on the sites'
-        // local validation splits, weighted by their sizes.
-        if let Some(ms) = self.round_metrics.remove(&round) {
-            for (name, pick) in [
-                (
-                    "site_eval_loss",
-                    (|m: &EvalMetrics| m.loss) as fn(&EvalMetrics) -> Option<f64>,
-                ),
-                ("site_eval_accuracy", |m: &EvalMetrics| m.accuracy),
-                ("site_eval_auc", |m: &EvalMetrics| m.auc),
-                ("site_eval_dice", |m: &EvalMetrics| m.dice),
+        // Federated evaluation of the round's base model (the model made by
+        // the previous round) on the sites' local validation splits,
+        // weighted by their sizes, when the job asks for that model.
+        let reports: Vec<(String, Option<EvalMetrics>)> = self
+            .round_metrics
+            .remove(&round)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(site, _)| log.inputs.iter().any(|i| &i.site == site))
+            .collect();
+        let after = round.saturating_sub(1);
+        if evaluation::is_due(
+            after,
+            self.job.evaluation.every_rounds,
+            u64::from(self.job.rounds),
+        ) {
+            let ev = evaluation::federated_evaluation(after, Some(round), base_model, &reports);
+            let w = &ev.weighted;
+            for (name, v) in [
+                ("site_eval_loss", w.loss),
+                ("site_eval_accuracy", w.accuracy),
+                ("site_eval_auc", w.auc),
+                ("site_eval_dice", w.dice),
             ] {
-                let (mut s, mut n) = (0.0, 0.0);
-                for (_, m) in &ms {
-                    if let Some(v) = pick(m)
-                        && v.is_finite()
-                    {
-                        s += v * m.num_eval_examples as f64;
-                        n += m.num_eval_examples as f64;
-                    }
+                if let Some(v) = v {
+                    metrics.insert(name.into(), v);
                 }
-                if n > 0.0 {
-                    metrics.insert(name.into(), s / n);
-                }
+            }
+            for x in &ev.excluded {
+                tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+            }
+            tracing::info!(
+                round,
+                model = %base_model,
+                sites = w.sites,
+                examples = w.num_eval_examples,
+                loss = ?w.loss,
+                accuracy = ?w.accuracy,
+                auc = ?w.auc,
+                dice = ?w.dice,
+                "federated evaluation"
+            );
+            // Audited with what counted and what was left out (and why).
+            self.audit_own(
+                EventKind::RoundEvaluated,
+                serde_json::json!({
+                    "job": self.job_id.as_str(),
+                    "round": round,
+                    "model": ev.model,
+                    "after_round": ev.after_round,
+                    "sites": ev.sites,
+                    "weighted": ev.weighted,
+                    "excluded": ev.excluded,
+                }),
+            )?;
+            self.latest_evaluation = Some(ev.clone());
+            if let Err(e) = self
+                .store
+                .record_evaluation(self.job_id.as_str(), round, ev)
+            {
+                tracing::warn!(round, error = %e, "recording the federated evaluation");
             }
         }
         // The sites' feature statistics of this round update the scaling
@@ -1598,6 +1832,8 @@ impl Engine {
                 .map(|u| (u.site.clone(), u.bytes, u.num_examples))
                 .collect(),
             metrics: r.metrics.clone(),
+            evaluation: r.evaluation.clone(),
+            final_evaluation: r.final_evaluation.clone(),
         };
         let mut open = Vec::new();
         match self
@@ -1637,6 +1873,7 @@ impl Engine {
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
             scaling: self.scaling.scaling().cloned(),
+            evaluation: self.latest_evaluation.clone(),
             updated_unix_ms: unix_ms(),
         };
         if let Err(e) = self.status.write(&status) {

@@ -66,6 +66,26 @@ impl Idle {
             Event::OfferResponse { site, round, .. } => {
                 tracing::debug!(site = %site, round, "offer response without a job; ignored");
             }
+            Event::EvalReport { site, report } => {
+                // Audited like a refusal by a running job.
+                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
+                let r = &report.report;
+                let details = serde_json::json!({
+                    "site": site,
+                    "job": r.job_id.as_str(),
+                    "round": r.round.0,
+                    "model": r.model.to_hex(),
+                    "num_eval_examples": r.metrics.num_eval_examples,
+                    "reason": NO_JOB,
+                });
+                tracing::warn!(site = %site, "evaluation report refused: no job is running");
+                if let Err(e) = shared
+                    .audit()
+                    .record(&actor, EventKind::EvalRejected, details)
+                {
+                    tracing::error!(error = %e, "recording a refused evaluation report");
+                }
+            }
             Event::PrepareUpload {
                 site,
                 envelope,

@@ -111,6 +111,11 @@ impl Links {
         self.sites.hand_over(needs)
     }
 
+    /// The protocol version negotiated on `site`'s current connection.
+    pub(crate) fn protocol_version(&self, site: &str) -> Option<u16> {
+        self.sites.protocol_version(site)
+    }
+
     /// Queue `msg` on `site`'s control stream. A site whose queue is full
     /// is not reading what it is sent: its connection is cut (it
     /// reconnects and starts afresh) rather than letting the queue grow.

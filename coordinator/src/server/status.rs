@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use fedlink_protocol::FeatureScaling;
+use fedlink_protocol::admin::FederatedEvaluation;
 use serde::{Deserialize, Serialize};
 
 /// File name of the status snapshot in the data directory.
@@ -24,6 +25,14 @@ pub struct RoundStatus {
     pub updates: Vec<(String, u64, u64)>,
     /// Aggregation and federated-evaluation metrics.
     pub metrics: BTreeMap<String, f64>,
+    /// The sites' federated evaluation of the round's base model (per site
+    /// and example-weighted), when the job asks for that model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<FederatedEvaluation>,
+    /// The sites' evaluation of the round's model, the job's final one,
+    /// which they were asked for after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_evaluation: Option<FederatedEvaluation>,
 }
 
 /// The status snapshot.
@@ -53,6 +62,10 @@ pub struct Status {
     /// with, so also what a held-out test set must be standardised with.
     #[serde(default)]
     pub scaling: Option<FeatureScaling>,
+    /// The job's newest federated evaluation (per site and
+    /// example-weighted), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<FederatedEvaluation>,
     /// When this snapshot was written (Unix ms).
     pub updated_unix_ms: u64,
 }

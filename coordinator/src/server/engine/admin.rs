@@ -250,6 +250,7 @@ impl Engine {
             accepted,
             outcome: self.outcome.as_ref().map(|o| format!("{o:?}")),
             sites,
+            evaluation: self.latest_evaluation.clone(),
         }
     }
 }
