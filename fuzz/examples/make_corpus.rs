@@ -129,6 +129,7 @@ fn protocol_seeds() {
                 fedprox_mu: 0.01,
                 seed: 7,
                 augmentation: None,
+                class_weight: Default::default(),
             },
             encoding: enc,
             privacy: PrivacyRequirements {

@@ -373,7 +373,10 @@ async fn run_site(
     for _ in 0..rounds {
         let offer = loop {
             match step("offer", limit, control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                Message::TaskOffer(o)
+                | Message::TaskOfferV3(o)
+                | Message::TaskOfferV5(o)
+                | Message::TaskOfferV6(o) => {
                     break *o;
                 }
                 // Heads and round outcomes are recorded by real sites;
