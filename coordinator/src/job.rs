@@ -37,6 +37,7 @@
 //! optimizer = "sgd"                      # sgd | adam
 //! learning_rate = 0.05
 //! fedprox_mu = 0.0
+//! class_weight = "none"                  # none | balanced; balanced needs protocol v6 sites
 //!
 //! [training.augmentation]                # unet jobs only; needs protocol v5 sites
 //! flips = true                           # random horizontal/vertical flips
@@ -390,6 +391,34 @@ pub struct TrainingConfig {
     /// only to sites that negotiated protocol version 5 or later.
     #[serde(default)]
     pub augmentation: Option<AugmentationConfig>,
+    /// Class weighting of the sites' loss: `"none"` (default) or
+    /// `"balanced"` (each site weighs class `c` by `n / (K · n_c)` of its
+    /// own labels). A job with `"balanced"` is offered only to sites that
+    /// negotiated protocol version 6 or later.
+    #[serde(default)]
+    pub class_weight: ClassWeightConfig,
+}
+
+/// `[training] class_weight`.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeightConfig {
+    /// Plain mean cross-entropy.
+    #[default]
+    None,
+    /// Balanced from each site's own labels.
+    Balanced,
+}
+
+impl ClassWeightConfig {
+    /// The wire form.
+    pub fn to_protocol(self) -> fedlink_protocol::ClassWeight {
+        match self {
+            Self::None => fedlink_protocol::ClassWeight::None,
+            Self::Balanced => fedlink_protocol::ClassWeight::Balanced,
+        }
+    }
 }
 
 /// `[training.augmentation]`: what each site does to its training batches
@@ -456,6 +485,7 @@ impl Default for TrainingConfig {
             learning_rate: default_lr(),
             fedprox_mu: 0.0,
             augmentation: None,
+            class_weight: ClassWeightConfig::None,
         }
     }
 }
@@ -703,11 +733,13 @@ impl Job {
 
     /// The oldest negotiated protocol version a site must speak to be
     /// offered this job's rounds (see
-    /// `fedlink_protocol::TaskOffer::min_protocol_version`): 5 for a U-Net
-    /// of depth other than 2 or for augmentation.
+    /// `fedlink_protocol::TaskOffer::min_protocol_version`): 6 for class
+    /// weighting, 5 for a U-Net of depth other than 2 or for augmentation.
     pub fn min_protocol_version(&self) -> u16 {
         let aug = self.training.augmentation.map(|a| a.to_protocol());
-        fedlink_protocol::min_protocol_version(&self.arch, aug.as_ref())
+        fedlink_protocol::min_protocol_version(&self.arch, aug.as_ref()).max(
+            fedlink_protocol::class_weight_min_version(self.training.class_weight.to_protocol()),
+        )
     }
 
     /// Round deadline.

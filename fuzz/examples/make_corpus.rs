@@ -95,7 +95,7 @@ fn protocol_seeds() {
     };
     let env = sign_update(&ed25519_dalek::SigningKey::from_bytes(&[1; 32]), header);
     write("envelope", "signed", &env.to_vec());
-    let msgs = [
+    let mut msgs = vec![
         Message::Hello(Hello {
             versions: VersionRange::SUPPORTED,
             agent_version: "fedlink-agent 0.1.0".into(),
@@ -129,6 +129,7 @@ fn protocol_seeds() {
                 fedprox_mu: 0.01,
                 seed: 7,
                 augmentation: None,
+                class_weight: Default::default(),
             },
             encoding: enc,
             privacy: PrivacyRequirements {
@@ -223,6 +224,22 @@ fn protocol_seeds() {
             },
         ))),
     ];
+    // The offer in its version-5 and version-6 encodings too, with the
+    // fields only they carry.
+    if let Some(o) = msgs.get(2).and_then(Message::as_task_offer) {
+        let mut o = o.clone();
+        o.training.augmentation = Some(Augmentation {
+            flips: true,
+            rotate90: true,
+            intensity_jitter: Some(IntensityJitter {
+                scale: 0.1,
+                shift: 0.1,
+            }),
+        });
+        o.training.class_weight = ClassWeight::Balanced;
+        msgs.push(Message::TaskOfferV5(Box::new(o.clone())));
+        msgs.push(Message::TaskOfferV6(Box::new(o)));
+    }
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {
         write("message", &format!("{i}-{}", m.name()), &m.to_vec());

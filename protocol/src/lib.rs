@@ -147,12 +147,13 @@ pub use frame::{
 };
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
-    AUDIT_HEAD_VERSION, AuditHead, Augmentation, Bye, CENTRAL_DP_VERSION, Cancel, Capabilities,
-    CentralDp, DeltaUpload, DpNoise, Heartbeat, Hello, IntensityJitter, MAX_INTENSITY_JITTER,
-    MIN_PROTOCOL_VERSION, Message, ModelFetch, ModelFetchFrom, ModelManifest, OfferDecision,
-    OfferError, OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, RESUME_VERSION,
-    ROUND_OUTCOME_VERSION, Reject, RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer,
-    TrainingConfig, UploadProgress, UploadResult, VersionRange, Welcome, min_protocol_version,
+    AUDIT_HEAD_VERSION, AuditHead, Augmentation, Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION,
+    Cancel, Capabilities, CentralDp, ClassWeight, DeltaUpload, DpNoise, Heartbeat, Hello,
+    IntensityJitter, MAX_INTENSITY_JITTER, MIN_PROTOCOL_VERSION, Message, ModelFetch,
+    ModelFetchFrom, ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer,
+    PROTOCOL_VERSION, PrivacyRequirements, RESUME_VERSION, ROUND_OUTCOME_VERSION, Reject,
+    RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer, TrainingConfig, UploadProgress,
+    UploadResult, VersionRange, Welcome, class_weight_min_version, min_protocol_version,
     supports_audit_head, supports_round_outcome,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};

@@ -42,6 +42,11 @@
 //! augmentation needs that version ([`TaskOffer::min_protocol_version`]),
 //! and the coordinator does not offer it to a site that negotiated less.
 //!
+//! From version [`CLASS_WEIGHT_VERSION`] on, offers travel as
+//! [`Message::TaskOfferV6`], which also carries
+//! [`TrainingConfig::class_weight`]; an offer that asks for class weighting
+//! needs that version and is not offered to a site that negotiated less.
+//!
 //! Free-text fields (`message`, `reason`, `agent_version`) are bounded only
 //! by the frame limit; receivers should truncate them before logging.
 
@@ -66,9 +71,10 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// [`Message::TaskOfferV5`] (offers with [`TrainingConfig::augmentation`])
 /// and the U-Net of any depth (the `unet_deep` arch encoding); 6 — adds
 /// resumable transfers ([`Message::ResumeUpload`],
-/// [`Message::UploadProgress`], [`Message::ModelFetchFrom`]) and
+/// [`Message::UploadProgress`], [`Message::ModelFetchFrom`]),
 /// [`Message::EvalRequest`] and [`Message::EvalReport`] (federated
-/// evaluation of a given model, [`crate::evaluation`]).
+/// evaluation of a given model, [`crate::evaluation`]) and
+/// [`Message::TaskOfferV6`] (offers with [`TrainingConfig::class_weight`]).
 pub const PROTOCOL_VERSION: u16 = 6;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
@@ -82,6 +88,9 @@ pub const TRAINING_V5_VERSION: u16 = 5;
 /// First version with resumable transfers: [`Message::ResumeUpload`],
 /// [`Message::UploadProgress`] and [`Message::ModelFetchFrom`].
 pub const RESUME_VERSION: u16 = 6;
+/// First protocol version that has [`Message::TaskOfferV6`] (class
+/// weighting of the site's loss in the offer).
+pub const CLASS_WEIGHT_VERSION: u16 = 6;
 /// Largest multiplicative or additive intensity jitter an offer may ask for.
 pub const MAX_INTENSITY_JITTER: f64 = 0.5;
 /// Oldest protocol version this build speaks.
@@ -275,6 +284,25 @@ pub struct TrainingConfig {
     /// (protocol version >= [`TRAINING_V5_VERSION`]); older offer
     /// encodings leave it out and decode it as `None`.
     pub augmentation: Option<Augmentation>,
+    /// Class weighting of the site's loss. Carried only by
+    /// [`Message::TaskOfferV6`] (protocol version >=
+    /// [`CLASS_WEIGHT_VERSION`]); older offer encodings leave it out and
+    /// decode it as [`ClassWeight::None`].
+    pub class_weight: ClassWeight,
+}
+
+/// How a site weighs the classes in its training loss.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClassWeight {
+    /// Every sample counts once (plain mean cross-entropy).
+    #[default]
+    None,
+    /// Each site weighs class `c` by `n / (K · n_c)` from its *own*
+    /// training labels (`n` samples, `K` classes, `n_c` of class `c`), so
+    /// both classes of an imbalanced outcome count equally; no label
+    /// counts leave the site.
+    Balanced,
 }
 
 /// Seeded data augmentation of training batches. Geometric transforms apply
@@ -408,11 +436,13 @@ pub struct TaskOffer {
 
 impl TaskOffer {
     /// The oldest negotiated protocol version a site must speak to be sent
-    /// this offer: [`TRAINING_V5_VERSION`] for augmentation or an
-    /// architecture only that version decodes, else [`MIN_PROTOCOL_VERSION`].
+    /// this offer: [`CLASS_WEIGHT_VERSION`] for class weighting,
+    /// [`TRAINING_V5_VERSION`] for augmentation or an architecture only that
+    /// version decodes, else [`MIN_PROTOCOL_VERSION`].
     /// (Central DP needs no gate: an older site simply is not told.)
     pub fn min_protocol_version(&self) -> u16 {
         min_protocol_version(&self.arch, self.training.augmentation.as_ref())
+            .max(class_weight_min_version(self.training.class_weight))
     }
 
     /// Check the numeric fields, the feature scaling and the architecture.
@@ -671,6 +701,16 @@ pub fn min_protocol_version(arch: &ArchSpec, augmentation: Option<&Augmentation>
     }
 }
 
+/// The oldest negotiated protocol version a site must speak to be offered
+/// a job whose sites weigh classes by `w`: [`CLASS_WEIGHT_VERSION`] unless
+/// `w` is [`ClassWeight::None`].
+pub fn class_weight_min_version(w: ClassWeight) -> u16 {
+    match w {
+        ClassWeight::None => MIN_PROTOCOL_VERSION,
+        _ => CLASS_WEIGHT_VERSION,
+    }
+}
+
 /// Does a connection at negotiated protocol `version` carry
 /// [`Message::RoundOutcome`]?
 pub fn supports_round_outcome(version: u16) -> bool {
@@ -762,8 +802,11 @@ pub enum Message {
     TaskOfferV3(Box<TaskOffer>),
     /// Coordinator → site, protocol version >= [`ROUND_OUTCOME_VERSION`].
     RoundOutcome(RoundOutcome),
-    /// Coordinator → site, protocol version >= [`TRAINING_V5_VERSION`]:
-    /// the offer with every field.
+    /// Coordinator → site, protocol versions [`TRAINING_V5_VERSION`] up to
+    /// below [`CLASS_WEIGHT_VERSION`]: the offer without
+    /// [`TrainingConfig::class_weight`] (left out when encoding,
+    /// [`ClassWeight::None`] when decoding).
+    #[serde(with = "offer_v5")]
     TaskOfferV5(Box<TaskOffer>),
     /// Site → coordinator, protocol version >= [`RESUME_VERSION`]: the same
     /// signed envelope as an upload that a lost connection cut short. The
@@ -783,6 +826,9 @@ pub enum Message {
     /// [`crate::evaluation::FEDERATED_EVAL_VERSION`]: the signed answer to an
     /// `EvalRequest`.
     EvalReport(Box<SignedEvalReport>),
+    /// Coordinator → site, protocol version >= [`CLASS_WEIGHT_VERSION`]:
+    /// the offer with every field.
+    TaskOfferV6(Box<TaskOffer>),
 }
 
 impl Message {
@@ -810,17 +856,22 @@ impl Message {
             Self::ModelFetchFrom(_) => "ModelFetchFrom",
             Self::EvalRequest(_) => "EvalRequest",
             Self::EvalReport(_) => "EvalReport",
+            Self::TaskOfferV6(_) => "TaskOfferV6",
         }
     }
 
     /// `offer` in the variant a connection at negotiated protocol `version`
-    /// has: [`Message::TaskOfferV5`] from [`TRAINING_V5_VERSION`] on,
+    /// has: [`Message::TaskOfferV6`] from [`CLASS_WEIGHT_VERSION`] on,
+    /// [`Message::TaskOfferV5`] from [`TRAINING_V5_VERSION`] on (which
+    /// cannot carry `training.class_weight`),
     /// [`Message::TaskOfferV3`] from [`CENTRAL_DP_VERSION`] on (which cannot
     /// carry `training.augmentation`), else [`Message::TaskOffer`] (nor
     /// `privacy.central_dp`). Whether the offer may go to such a site at all
     /// is [`TaskOffer::min_protocol_version`]'s question, not this one's.
     pub fn task_offer(offer: TaskOffer, version: u16) -> Self {
-        if version >= TRAINING_V5_VERSION {
+        if version >= CLASS_WEIGHT_VERSION {
+            Self::TaskOfferV6(Box::new(offer))
+        } else if version >= TRAINING_V5_VERSION {
             Self::TaskOfferV5(Box::new(offer))
         } else if version >= CENTRAL_DP_VERSION {
             Self::TaskOfferV3(Box::new(offer))
@@ -829,11 +880,14 @@ impl Message {
         }
     }
 
-    /// The offer of a [`Message::TaskOffer`], [`Message::TaskOfferV3`] or
-    /// [`Message::TaskOfferV5`].
+    /// The offer of a [`Message::TaskOffer`], [`Message::TaskOfferV3`],
+    /// [`Message::TaskOfferV5`] or [`Message::TaskOfferV6`].
     pub fn as_task_offer(&self) -> Option<&TaskOffer> {
         match self {
-            Self::TaskOffer(o) | Self::TaskOfferV3(o) | Self::TaskOfferV5(o) => Some(o),
+            Self::TaskOffer(o)
+            | Self::TaskOfferV3(o)
+            | Self::TaskOfferV5(o)
+            | Self::TaskOfferV6(o) => Some(o),
             _ => None,
         }
     }
@@ -873,7 +927,108 @@ impl From<TrainingConfigV1> for TrainingConfig {
             fedprox_mu: t.fedprox_mu,
             seed: t.seed,
             augmentation: None,
+            class_weight: ClassWeight::None,
         }
+    }
+}
+
+/// [`TrainingConfig`] as version 5 encodes it: without `class_weight`.
+#[derive(Serialize, Deserialize)]
+struct TrainingConfigV5 {
+    epochs: u32,
+    batch_size: u32,
+    optimizer: Optimizer,
+    learning_rate: f64,
+    fedprox_mu: f64,
+    seed: u64,
+    augmentation: Option<Augmentation>,
+}
+
+impl From<TrainingConfig> for TrainingConfigV5 {
+    fn from(t: TrainingConfig) -> Self {
+        Self {
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            fedprox_mu: t.fedprox_mu,
+            seed: t.seed,
+            augmentation: t.augmentation,
+        }
+    }
+}
+
+impl From<TrainingConfigV5> for TrainingConfig {
+    fn from(t: TrainingConfigV5) -> Self {
+        Self {
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            optimizer: t.optimizer,
+            learning_rate: t.learning_rate,
+            fedprox_mu: t.fedprox_mu,
+            seed: t.seed,
+            augmentation: t.augmentation,
+            class_weight: ClassWeight::None,
+        }
+    }
+}
+
+/// The version-5 encoding of [`Message::TaskOfferV5`]: every field of
+/// [`TaskOffer`] in declaration order, `training` without `class_weight`.
+mod offer_v5 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{PrivacyRequirements, TaskOffer, TrainingConfigV5};
+    use crate::arch::ArchSpec;
+    use crate::encoding::Encoding;
+    use crate::ids::{FederationId, JobId, RoundId};
+    use crate::model::ModelHash;
+    use crate::scaling::FeatureScaling;
+
+    #[derive(Serialize, Deserialize)]
+    struct OfferV5 {
+        federation_id: FederationId,
+        job_id: JobId,
+        round: RoundId,
+        base_model: ModelHash,
+        arch: ArchSpec,
+        training: TrainingConfigV5,
+        encoding: Encoding,
+        privacy: PrivacyRequirements,
+        deadline_unix_ms: u64,
+        scaling: Option<FeatureScaling>,
+    }
+
+    pub(super) fn serialize<S: Serializer>(o: &TaskOffer, s: S) -> Result<S::Ok, S::Error> {
+        OfferV5 {
+            federation_id: o.federation_id.clone(),
+            job_id: o.job_id.clone(),
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch.clone(),
+            training: o.training.into(),
+            encoding: o.encoding,
+            privacy: o.privacy,
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling.clone(),
+        }
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<TaskOffer>, D::Error> {
+        let o = OfferV5::deserialize(d)?;
+        Ok(Box::new(TaskOffer {
+            federation_id: o.federation_id,
+            job_id: o.job_id,
+            round: o.round,
+            base_model: o.base_model,
+            arch: o.arch,
+            training: o.training.into(),
+            encoding: o.encoding,
+            privacy: o.privacy,
+            deadline_unix_ms: o.deadline_unix_ms,
+            scaling: o.scaling,
+        }))
     }
 }
 
@@ -1162,6 +1317,56 @@ mod tests {
             }),
         });
         *o
+    }
+
+    #[test]
+    fn class_weight_travels_only_from_version_6() {
+        let mut o = v5_offer();
+        o.training.class_weight = ClassWeight::Balanced;
+        assert!(o.validate().is_ok());
+        assert_eq!(o.min_protocol_version(), CLASS_WEIGHT_VERSION);
+        assert_eq!(
+            class_weight_min_version(ClassWeight::None),
+            MIN_PROTOCOL_VERSION
+        );
+
+        let new = Message::task_offer(o.clone(), CLASS_WEIGHT_VERSION);
+        assert_eq!(new.name(), "TaskOfferV6");
+        let bytes = new.to_vec();
+        // appended after every older variant
+        assert_eq!(bytes[0], 16);
+        let back = Message::decode_exact(&bytes).unwrap();
+        assert_eq!(back.as_task_offer(), Some(&o));
+
+        // a version-5 peer gets TaskOfferV5 without class weighting, the
+        // rest of the offer unchanged
+        let old = Message::task_offer(o.clone(), TRAINING_V5_VERSION);
+        assert_eq!(old.name(), "TaskOfferV5");
+        let back = Message::decode_exact(&old.to_vec()).unwrap();
+        let mut want = o.clone();
+        want.training.class_weight = ClassWeight::None;
+        assert_eq!(back.as_task_offer(), Some(&want));
+        // The version-5 layout is the version-6 one without the class
+        // weight (one byte, the variant index, right after
+        // `training.augmentation`): the v5 bytes are what they were.
+        let v5 = old.to_vec();
+        let v6 = Message::task_offer(want.clone(), CLASS_WEIGHT_VERSION).to_vec();
+        assert_eq!((v5[0], v6[0]), (15, 16));
+        assert_eq!(v6.len(), v5.len() + 1);
+        let at = (1..v5.len()).find(|&i| v5[i] != v6[i]).unwrap_or(v5.len());
+        assert!(
+            (1..=at).any(|i| v6[i] == 0 && v5[1..i] == v6[1..i] && v5[i..] == v6[i + 1..]),
+            "v5 is v6 minus one byte"
+        );
+        // and older peers never see it either
+        for version in [2, CENTRAL_DP_VERSION, ROUND_OUTCOME_VERSION] {
+            let back =
+                Message::decode_exact(&Message::task_offer(o.clone(), version).to_vec()).unwrap();
+            assert_eq!(
+                back.as_task_offer().unwrap().training.class_weight,
+                ClassWeight::None
+            );
+        }
     }
 
     #[test]

@@ -117,9 +117,10 @@ fn training() -> impl Strategy<Value = TrainingConfig> {
             any::<bool>(),
             prop::option::of((0.0f64..0.5, 0.0f64..0.5)),
         )),
+        any::<bool>(),
     )
         .prop_map(
-            |(epochs, batch_size, optimizer, learning_rate, fedprox_mu, seed, aug)| {
+            |(epochs, batch_size, optimizer, learning_rate, fedprox_mu, seed, aug, balanced)| {
                 TrainingConfig {
                     epochs,
                     batch_size,
@@ -133,6 +134,11 @@ fn training() -> impl Strategy<Value = TrainingConfig> {
                         intensity_jitter: jitter
                             .map(|(scale, shift)| IntensityJitter { scale, shift }),
                     }),
+                    class_weight: if balanced {
+                        ClassWeight::Balanced
+                    } else {
+                        ClassWeight::None
+                    },
                 }
             },
         )
@@ -283,7 +289,12 @@ fn message() -> impl Strategy<Value = Message> {
                 any::<u64>(),
                 prop::option::of(feature_scaling()),
                 prop::option::of((0.1f64..5.0, prop::option::of(1e-9f64..0.5))),
-                prop::sample::select(vec![2u16, CENTRAL_DP_VERSION, TRAINING_V5_VERSION]),
+                prop::sample::select(vec![
+                    2u16,
+                    CENTRAL_DP_VERSION,
+                    TRAINING_V5_VERSION,
+                    CLASS_WEIGHT_VERSION
+                ]),
             )
         )
             .prop_map(
@@ -304,6 +315,10 @@ fn message() -> impl Strategy<Value = Message> {
                     // only the version-5 variant carries augmentation
                     if version < TRAINING_V5_VERSION {
                         training.augmentation = None;
+                    }
+                    // only the version-6 variant carries class weighting
+                    if version < CLASS_WEIGHT_VERSION {
+                        training.class_weight = ClassWeight::None;
                     }
                     let offer = TaskOffer {
                         federation_id,

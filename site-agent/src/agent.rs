@@ -76,12 +76,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
-    Bye, CENTRAL_DP_VERSION, Capabilities, DeltaUpload, EncodeError, EvalReport, EvalRequest,
-    FlatModel, Hello, Message, ModelFetch, ModelFetchFrom, ModelHash, ModelSpec, OfferDecision,
-    PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport,
-    TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult, VersionRange, Welcome,
-    encode_payload, sign_eval_report, sign_update, supports_audit_head, supports_federated_eval,
-    supports_round_outcome,
+    Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
+    EncodeError, EvalReport, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom,
+    ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION, RejectCode,
+    SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult,
+    VersionRange, Welcome, encode_payload, sign_eval_report, sign_update, supports_audit_head,
+    supports_federated_eval, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -826,6 +826,7 @@ async fn handle_control(
     let too_new = match &msg {
         Message::TaskOfferV3(_) => session.protocol_version < CENTRAL_DP_VERSION,
         Message::TaskOfferV5(_) => session.protocol_version < TRAINING_V5_VERSION,
+        Message::TaskOfferV6(_) => session.protocol_version < CLASS_WEIGHT_VERSION,
         _ => false,
     };
     if too_new {
@@ -837,7 +838,10 @@ async fn handle_control(
         ))));
     }
     match msg {
-        Message::TaskOffer(offer) | Message::TaskOfferV3(offer) | Message::TaskOfferV5(offer) => {
+        Message::TaskOffer(offer)
+        | Message::TaskOfferV3(offer)
+        | Message::TaskOfferV5(offer)
+        | Message::TaskOfferV6(offer) => {
             ctx.record(SiteEvent::OfferReceived {
                 job: offer.job_id.to_string(),
                 round: offer.round.0,
@@ -849,6 +853,10 @@ async fn handle_control(
                 noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
                 central_noise_multiplier: offer.privacy.central_dp.map(|d| d.noise_multiplier),
                 augmentation: offer.training.augmentation,
+                class_weight: match offer.training.class_weight {
+                    ClassWeight::None => None,
+                    other => Some(format!("{other:?}").to_lowercase()),
+                },
             })?;
             let outcome = core.on_offer(unix_ms(), &offer);
             // The decision is on disk before the coordinator hears it.

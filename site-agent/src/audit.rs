@@ -156,6 +156,10 @@ pub enum SiteEvent {
         /// version 5): what the auditor needs to reproduce the training.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         augmentation: Option<fedlink_protocol::message::Augmentation>,
+        /// Class weighting of the loss, when not none (protocol version 6):
+        /// `"balanced"`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        class_weight: Option<String>,
     },
     /// The offer was accepted (recorded before the acceptance is sent).
     OfferAccepted {
@@ -705,6 +709,7 @@ mod tests {
             noise_multiplier: None,
             central_noise_multiplier: None,
             augmentation: None,
+            class_weight: None,
         }
         .split();
         assert_eq!(name, "offer.received");
@@ -726,8 +731,10 @@ mod tests {
                 rotate90: false,
                 intensity_jitter: None,
             }),
+            class_weight: Some("balanced".into()),
         }
         .split();
+        assert_eq!(details["class_weight"], "balanced");
         assert_eq!(details["augmentation"]["flips"], true);
         assert_eq!(details["augmentation"]["rotate90"], false);
     }

@@ -447,6 +447,7 @@ pub(crate) mod tests {
                 fedprox_mu: 0.0,
                 seed: 1,
                 augmentation: None,
+                class_weight: Default::default(),
             },
             encoding: Encoding::default(),
             privacy: PrivacyRequirements::default(),

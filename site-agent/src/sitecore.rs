@@ -28,13 +28,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedlink_protocol::{
-    FederationId, Heartbeat, JobId, ModelHash, OfferDecision, OfferResponse, Optimizer, RoundId,
-    SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
+    ClassWeight, FederationId, Heartbeat, JobId, ModelHash, OfferDecision, OfferResponse,
+    Optimizer, RoundId, SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
 };
 
 use crate::data::SiteData;
 use crate::policy::{self, OfferContext, Policy, Refusal};
-use crate::train::{self, OptimizerKind, TrainConfig};
+use crate::train::{self, ClassWeighting, OptimizerKind, TrainConfig};
 
 /// Shortest heartbeat interval honoured (a coordinator asking for less gets
 /// this).
@@ -342,6 +342,15 @@ pub fn train_config(t: &TrainingConfig) -> Result<TrainConfig, Refusal> {
         seed: t.seed,
         augmentation: t.augmentation,
         augment_stream: None,
+        class_weighting: match t.class_weight {
+            ClassWeight::None => None,
+            ClassWeight::Balanced => Some(ClassWeighting::Balanced),
+            other => {
+                return Err(Refusal::Unsupported(format!(
+                    "class weighting {other:?} is not supported by this agent"
+                )));
+            }
+        },
     };
     cfg.validate()
         .map_err(|e| Refusal::Unsupported(e.to_string()))?;
@@ -397,6 +406,26 @@ mod tests {
     use crate::data::{Fingerprint, LocalData, SampleShape, Samples, Targets};
     use crate::policy::tests::offer;
     use fedlink_protocol::{Cancel, FeatureScaling};
+
+    #[test]
+    fn the_offered_class_weight_reaches_the_trainer() {
+        let mut t = TrainingConfig {
+            epochs: 1,
+            batch_size: 8,
+            optimizer: Optimizer::Sgd { momentum: 0.0 },
+            learning_rate: 0.1,
+            fedprox_mu: 0.0,
+            seed: 1,
+            augmentation: None,
+            class_weight: ClassWeight::None,
+        };
+        assert_eq!(train_config(&t).unwrap().class_weighting, None);
+        t.class_weight = ClassWeight::Balanced;
+        assert_eq!(
+            train_config(&t).unwrap().class_weighting,
+            Some(ClassWeighting::Balanced)
+        );
+    }
 
     fn data(n: usize) -> Arc<SiteData> {
         let x: Vec<f32> = (0..n * 4).map(|i| (i % 7) as f32).collect();

@@ -355,6 +355,7 @@ fn offer(round: u64, base: &FlatModel) -> TaskOffer {
             fedprox_mu: 0.0,
             seed: 5,
             augmentation: None,
+            class_weight: Default::default(),
         },
         encoding: Encoding::default().with_chunk_bytes(16).unwrap(),
         privacy: PrivacyRequirements::default(),

@@ -19,6 +19,7 @@
 pub mod demo;
 pub mod fixture;
 pub mod raw_site;
+pub mod tabular_choice;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -135,7 +135,10 @@ impl RawSite {
     pub async fn next_offer(&mut self) -> anyhow::Result<TaskOffer> {
         loop {
             match bounded("offer", self.control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                Message::TaskOffer(o)
+                | Message::TaskOfferV3(o)
+                | Message::TaskOfferV5(o)
+                | Message::TaskOfferV6(o) => {
                     return Ok(*o);
                 }
                 Message::Heartbeat(_) | Message::Cancel(_) => {}

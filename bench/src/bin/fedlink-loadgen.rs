@@ -222,7 +222,10 @@ impl SiteConn {
     async fn next_offer(&mut self, limit: Duration) -> anyhow::Result<TaskOffer> {
         loop {
             match step("offer", limit, self.control_recv.message()).await?? {
-                Message::TaskOffer(o) | Message::TaskOfferV3(o) | Message::TaskOfferV5(o) => {
+                Message::TaskOffer(o)
+                | Message::TaskOfferV3(o)
+                | Message::TaskOfferV5(o)
+                | Message::TaskOfferV6(o) => {
                     return Ok(*o);
                 }
                 // Heads and round outcomes are recorded by real sites;
@@ -455,6 +458,10 @@ epochs = 1
 batch_size = 8
 optimizer = "sgd"
 learning_rate = 0.1
+
+# The simulated sites do not evaluate: no model evaluation is asked of them.
+[evaluation]
+every_rounds = 0
 
 [encoding]
 {encoding}

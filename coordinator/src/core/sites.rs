@@ -421,6 +421,52 @@ deadline_secs = 60
         assert_eq!(s.incompatible(&JobNeeds::of(&shallow)).len(), 1);
     }
 
+    /// A job whose sites weigh classes ("balanced") needs protocol 6: a
+    /// version-5 site is not offered it, with the reason; the same job
+    /// without class weighting is offered to both.
+    #[test]
+    fn a_version_5_site_is_not_offered_a_class_weighted_job() {
+        let mut s = Sites::new();
+        s.connect(
+            "old",
+            Held {
+                protocol_version: fedlink_protocol::TRAINING_V5_VERSION,
+                ..held(1, &[ValueCodec::F32])
+            },
+        );
+        s.connect("new", held(2, &[ValueCodec::F32]));
+        let mut job: crate::job::Job = crate::job::Job::from_toml(
+            r#"
+id = "weighted"
+rounds = 1
+arch = { kind = "logreg", inputs = 4, classes = 2 }
+init = { seed = 1 }
+[strategy]
+name = "fedavg"
+[round]
+deadline_secs = 60
+[training]
+class_weight = "balanced"
+"#,
+        )
+        .unwrap();
+        let needs = JobNeeds::of(&job);
+        assert_eq!(
+            needs.min_protocol_version,
+            fedlink_protocol::CLASS_WEIGHT_VERSION
+        );
+        let why = s.incompatible(&needs);
+        assert_eq!(why.len(), 1);
+        assert_eq!(why[0].0, "old");
+        assert!(
+            why[0].1.contains("protocol version 6") && why[0].1.contains("negotiated 5"),
+            "{}",
+            why[0].1
+        );
+        job.training.class_weight = crate::job::ClassWeightConfig::None;
+        assert!(s.incompatible(&JobNeeds::of(&job)).is_empty());
+    }
+
     #[test]
     fn close_all_closes_every_connection() {
         let mut s = Sites::new();

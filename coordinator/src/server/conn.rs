@@ -449,11 +449,14 @@ async fn serve_site(
         while let Some(m) = rx.recv().await {
             // The engine builds every offer as the newest variant; a site
             // that negotiated an older version gets the encoding it knows
-            // (without `privacy.central_dp` or `training.augmentation`; a
+            // (without `privacy.central_dp`, `training.augmentation` or
+            // `training.class_weight`; a
             // job that needs them is never offered to it: see
             // `core::compatibility`).
             let m = match m {
-                Message::TaskOfferV5(o) => Message::task_offer(*o, version),
+                Message::TaskOfferV5(o) | Message::TaskOfferV6(o) => {
+                    Message::task_offer(*o, version)
+                }
                 // The coordinator's heads pushed after an aggregation or at
                 // the job's end: only to sites that speak audit heads.
                 Message::AuditHead(_) if !supports_audit_head(version) => continue,

@@ -868,7 +868,7 @@ impl Engine {
                         "base_model": offer.model.to_hex(),
                     }),
                 )?;
-                let msg = Message::TaskOfferV5(Box::new(self.task_offer(
+                let msg = Message::TaskOfferV6(Box::new(self.task_offer(
                     offer.round,
                     offer.model,
                     offer.deadline,
@@ -1801,6 +1801,7 @@ impl Engine {
                 fedprox_mu: t.fedprox_mu,
                 seed: self.job.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 augmentation: t.augmentation.map(|a| a.to_protocol()),
+                class_weight: t.class_weight.to_protocol(),
             },
             encoding,
             privacy: offer_privacy(&self.strategy, p),

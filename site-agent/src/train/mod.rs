@@ -21,6 +21,10 @@
 //!   moments of this site's previous trajectory describe a different point;
 //!   FedAvg and FedProx as published restart the local optimizer each round,
 //!   and a stateless site survives restarts without drift.
+//! * **Class weighting** (optional, [`TrainConfig::class_weighting`]):
+//!   `balanced` weighs each target's cross-entropy by `n / (K · n_c)` of
+//!   its class, from the site's own training labels; the reported epoch
+//!   loss is this weighted loss. Evaluation is never weighted.
 //! * **Augmentation** (optional, [`TrainConfig::augmentation`]): flips,
 //!   90° rotations and intensity jitter of each training sample as its
 //!   mini-batch is built, seeded per epoch ([`augment`]); masks move with
@@ -70,6 +74,60 @@ pub enum OptimizerKind {
     Adam,
 }
 
+/// How the loss weighs the classes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeighting {
+    /// Every sample (pixel) counts once: plain mean cross-entropy.
+    #[default]
+    None,
+    /// "Balanced" weights from this site's own training labels: class `c`
+    /// weighs `n / (K · n_c)` (`n` targets, `K` classes the model has,
+    /// `n_c` targets of class `c`; a class absent locally weighs 1), so
+    /// each class contributes equally to the loss and the weights average
+    /// to 1 over the local data. Computed locally: no label counts leave
+    /// the site.
+    Balanced,
+}
+
+/// The per-class loss weights of `weighting` on `data`'s targets, `None`
+/// when every weight is 1.
+pub fn class_weights(
+    weighting: ClassWeighting,
+    data: &Samples,
+    classes: usize,
+) -> Option<Vec<f32>> {
+    match weighting {
+        ClassWeighting::None => None,
+        ClassWeighting::Balanced => {
+            let mut counts = vec![0u64; classes];
+            let mut count = |c: usize| {
+                if let Some(n) = counts.get_mut(c) {
+                    *n += 1;
+                }
+            };
+            match data.targets() {
+                Targets::Classes(y) => y.iter().for_each(|&c| count(c as usize)),
+                Targets::Masks(m) => m.iter().for_each(|&c| count(usize::from(c))),
+            }
+            let n: u64 = counts.iter().sum();
+            let k = classes.max(1) as f64;
+            Some(
+                counts
+                    .iter()
+                    .map(|&nc| {
+                        if nc == 0 {
+                            1.0
+                        } else {
+                            (n as f64 / (k * nc as f64)) as f32
+                        }
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
 /// Hyperparameters of one round of local training.
 #[derive(Config, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -98,6 +156,9 @@ pub struct TrainConfig {
     /// id), so that sites given the same seed augment differently; `None`
     /// is stream 0.
     pub augment_stream: Option<u64>,
+    /// Class weighting of the loss; `None` (the default) is
+    /// [`ClassWeighting::None`].
+    pub class_weighting: Option<ClassWeighting>,
 }
 
 impl TrainConfig {
@@ -286,7 +347,11 @@ fn make_batch(
     classes: usize,
     device: &Device,
     augment: Option<&mut Augmenter>,
+    weights: Option<&[f32]>,
 ) -> Batch {
+    // The one-hot target of class `c` holds its loss weight (1 unweighted),
+    // so the cross-entropy below is the weighted one.
+    let hot = |c: usize| weights.and_then(|w| w.get(c).copied()).unwrap_or(1.0);
     let per = data.shape().len();
     let x = data.features();
     let mut xb = Vec::with_capacity(idx.len() * per);
@@ -346,7 +411,7 @@ fn make_batch(
         (Targets::Classes(y), _) => {
             let mut oh = vec![0f32; b * classes];
             for (row, &i) in idx.iter().enumerate() {
-                oh[row * classes + y[i] as usize] = 1.0;
+                oh[row * classes + y[i] as usize] = hot(y[i] as usize);
             }
             (
                 OneHot::Classes(Tensor::from_data(TensorData::new(oh, [b, classes]), device)),
@@ -362,7 +427,7 @@ fn make_batch(
                     None => &m[i * px..(i + 1) * px],
                 };
                 for (p, &c) in mask.iter().enumerate() {
-                    oh[(row * classes + c as usize) * px + p] = 1.0;
+                    oh[(row * classes + c as usize) * px + p] = hot(usize::from(c));
                 }
             }
             (
@@ -438,6 +503,7 @@ pub fn train_local(
         OptimizerKind::Sgd => SgdConfig::new().init(),
         OptimizerKind::Adam => AdamConfig::new().init(),
     };
+    let weights = class_weights(cfg.class_weighting.unwrap_or_default(), data, classes);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
     let mut epoch_loss = Vec::with_capacity(cfg.epochs);
@@ -449,7 +515,14 @@ pub fn train_local(
             .map(|a| Augmenter::new(a, cfg.seed, cfg.augment_stream.unwrap_or(0), epoch as u64));
         let mut total: Option<Tensor<1>> = None;
         for chunk in order.chunks(cfg.batch_size) {
-            let batch = make_batch(data, chunk, classes, &device, augmenter.as_mut());
+            let batch = make_batch(
+                data,
+                chunk,
+                classes,
+                &device,
+                augmenter.as_mut(),
+                weights.as_deref(),
+            );
             let loss = cross_entropy(&net, batch)?;
             let seen = loss.clone().detach().mul_scalar(chunk.len() as f64);
             total = Some(match total {
@@ -504,7 +577,7 @@ pub fn evaluate(
     let mut positive = Vec::new();
     let mut dice = vec![DiceCounts::default(); classes];
     for chunk in idx.chunks(batch) {
-        let b = make_batch(data, chunk, classes, device, None);
+        let b = make_batch(data, chunk, classes, device, None, None);
         let probs = match net.forward(b.input) {
             Some(Output::Classes(l)) => softmax(l, 1).into_data(),
             Some(Output::Pixels(l)) => softmax(l, 1).into_data(),

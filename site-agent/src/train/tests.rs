@@ -388,3 +388,111 @@ fn committed_demo_splits_load_and_train() {
         assert!(m.auc.is_some());
     }
 }
+
+/// 3:1 imbalanced blobs in 4 dimensions (class 1 every fourth sample),
+/// and the subsets of each class.
+fn imbalanced(n: usize, seed: u64) -> (Samples, Samples, Samples) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut per: [(Vec<f32>, Vec<u32>); 2] = Default::default();
+    for i in 0..n {
+        let c = u32::from(i % 4 == 3);
+        let row: Vec<f32> = (0..4)
+            .map(|_| rand::Rng::gen_range(&mut rng, -1.0f32..1.0) + if c == 1 { 0.5 } else { -0.5 })
+            .collect();
+        x.extend_from_slice(&row);
+        y.push(c);
+        per[c as usize].0.extend_from_slice(&row);
+        per[c as usize].1.push(c);
+    }
+    let s = |x: Vec<f32>, y: Vec<u32>| {
+        Samples::new(SampleShape::Features(4), x, Targets::Classes(y)).unwrap()
+    };
+    let [(x0, y0), (x1, y1)] = per;
+    (s(x, y), s(x0, y0), s(x1, y1))
+}
+
+#[test]
+fn balanced_class_weights_follow_the_local_label_counts() {
+    let (all, _, _) = imbalanced(40, 1);
+    assert_eq!(class_weights(ClassWeighting::None, &all, 2), None);
+    // 30 negatives, 10 positives: n / (K · n_c).
+    let w = class_weights(ClassWeighting::Balanced, &all, 2).unwrap();
+    assert!((w[0] - 40.0 / 60.0).abs() < 1e-6, "{w:?}");
+    assert!((w[1] - 2.0).abs() < 1e-6, "{w:?}");
+    // A class the site does not hold weighs 1.
+    let w = class_weights(ClassWeighting::Balanced, &all, 3).unwrap();
+    assert!((w[0] - 40.0 / 90.0).abs() < 1e-6 && (w[1] - 40.0 / 30.0).abs() < 1e-6);
+    assert_eq!(w[2], 1.0);
+}
+
+#[test]
+fn balanced_weighting_gives_each_class_half_the_loss() {
+    let arch = ArchSpec::LogReg {
+        inputs: 4,
+        classes: 2,
+    };
+    let device = Device::flex();
+    let (all, neg, pos) = imbalanced(40, 2);
+    let global = arch.init(5).unwrap();
+    // Mean unweighted cross-entropy of each class at the initial model.
+    let l0 = evaluate(&arch, &global, &neg, &device).unwrap().loss;
+    let l1 = evaluate(&arch, &global, &pos, &device).unwrap().loss;
+    // One epoch of one full batch: the reported loss is the loss before
+    // the step, i.e. at the initial model.
+    let cfg = TrainConfig::new()
+        .with_epochs(1)
+        .with_batch_size(40)
+        .with_learning_rate(0.01);
+    let (_, plain) = train_local(&arch, &global, &all, &cfg, &device).unwrap();
+    let (_, balanced) = train_local(
+        &arch,
+        &global,
+        &all,
+        &cfg.clone()
+            .with_class_weighting(Some(ClassWeighting::Balanced)),
+        &device,
+    )
+    .unwrap();
+    let expect_plain = (30.0 * l0 + 10.0 * l1) / 40.0;
+    let expect_balanced = (l0 + l1) / 2.0;
+    assert!(
+        (plain.epoch_loss[0] - expect_plain).abs() < 1e-4,
+        "{plain:?} vs {expect_plain}"
+    );
+    assert!(
+        (balanced.epoch_loss[0] - expect_balanced).abs() < 1e-4,
+        "{balanced:?} vs {expect_balanced}"
+    );
+    assert!(
+        (expect_plain - expect_balanced).abs() > 1e-3,
+        "the init must tell them apart"
+    );
+
+    // Trained a while, the balanced model leans towards the minority class.
+    let cfg = cfg
+        .with_epochs(50)
+        .with_batch_size(8)
+        .with_learning_rate(0.1);
+    let (m_plain, _) = train_local(&arch, &global, &all, &cfg, &device).unwrap();
+    let (m_bal, _) = train_local(
+        &arch,
+        &global,
+        &all,
+        &cfg.clone()
+            .with_class_weighting(Some(ClassWeighting::Balanced)),
+        &device,
+    )
+    .unwrap();
+    // Mean (unweighted) cross-entropy of each class under each model.
+    let loss = |m: &FlatModel, d: &Samples| evaluate(&arch, m, d, &device).unwrap().loss;
+    assert!(
+        loss(&m_bal, &pos) < loss(&m_plain, &pos) && loss(&m_bal, &neg) > loss(&m_plain, &neg),
+        "balanced fits the minority class better and the majority worse: \
+         positives {} vs {}, negatives {} vs {}",
+        loss(&m_bal, &pos),
+        loss(&m_plain, &pos),
+        loss(&m_bal, &neg),
+        loss(&m_plain, &neg)
+    );
+}
