@@ -1334,7 +1334,7 @@ mod tests {
         assert_eq!(new.name(), "TaskOfferV6");
         let bytes = new.to_vec();
         // appended after every older variant
-        assert_eq!(bytes[0], 16);
+        assert_eq!(bytes[0], 21);
         let back = Message::decode_exact(&bytes).unwrap();
         assert_eq!(back.as_task_offer(), Some(&o));
 
@@ -1351,7 +1351,7 @@ mod tests {
         // `training.augmentation`): the v5 bytes are what they were.
         let v5 = old.to_vec();
         let v6 = Message::task_offer(want.clone(), CLASS_WEIGHT_VERSION).to_vec();
-        assert_eq!((v5[0], v6[0]), (15, 16));
+        assert_eq!((v5[0], v6[0]), (15, 21));
         assert_eq!(v6.len(), v5.len() + 1);
         let at = (1..v5.len()).find(|&i| v5[i] != v6[i]).unwrap_or(v5.len());
         assert!(
