@@ -542,13 +542,14 @@ split_seed = 7"#,
             ),
             "logreg",
         ),
-        // `csv` is the site's raw_u8 folder; every tile trains (the
-        // held-out tiles are elsewhere).
+        // `csv` is the site's raw_u8 folder; one tile in 8 is the site's
+        // validation split (the federated evaluation's data), the rest
+        // trains (the held-out test tiles are elsewhere).
         TaskKind::Nuclei(n) => (
             format!(
                 r#"kind = "segmentation"
 tile = {tile}
-validation_fraction = 0.0
+validation_fraction = {NUCLEI_VALIDATION}
 split_seed = 7
 source = {{ format = "raw_u8", dir = {csv:?} }}"#,
                 tile = n.tile,
@@ -1090,9 +1091,15 @@ fn tiles_config(dir: &Path, n: &NucleiSpec) -> SegmentationConfig {
         dir: dir.to_owned(),
     });
     cfg.tile = n.tile;
-    cfg.validation_fraction = 0.0;
+    // The agents' split (same fraction, same seed): baselines train on the
+    // tiles the sites train on.
+    cfg.validation_fraction = NUCLEI_VALIDATION;
+    cfg.split_seed = 7;
     cfg
 }
+
+/// Fraction of each nuclei site's tiles kept for its validation split.
+const NUCLEI_VALIDATION: f64 = 0.125;
 
 /// Side of the nuclei image.
 const NUCLEI_SIDE: usize = 512;
