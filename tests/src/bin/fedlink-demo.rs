@@ -25,6 +25,11 @@ struct Args {
     /// much longer on a CPU.
     #[arg(long)]
     full: bool,
+    /// Override every task's number of rounds (the baselines then train as
+    /// many epochs as the federation's sites do in all), e.g. a longer
+    /// `--full` run.
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Override every task's delta codec: `f32`, `f16`, `bf16`, `int8` or
     /// `topk:<fraction>` (e.g. `topk:0.01`).
     #[arg(long)]
@@ -72,6 +77,15 @@ fn main() -> ExitCode {
             if t.name == "nuclei" {
                 *t = fedlink_tests::demo::nuclei_task(true);
             }
+        }
+    }
+    if let Some(rounds) = args.rounds {
+        if rounds == 0 {
+            eprintln!("error: --rounds must be at least 1");
+            return ExitCode::from(2);
+        }
+        for t in &mut tasks {
+            t.rounds = rounds;
         }
     }
     if !args.only.is_empty() {
