@@ -137,6 +137,25 @@ fn num(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.4}"))
 }
 
+/// The evaluation in `r[key]` (a round record's `evaluation` or
+/// `final_evaluation`), if any; `label` names it when it cannot be read.
+fn evaluation_field(out: &mut String, r: &serde_json::Value, key: &str, label: &str) {
+    match r
+        .get(key)
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
+    {
+        Some(Ok(e)) => {
+            out.push('\n');
+            evaluation_text(out, &e);
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(out, "\n{label}: unreadable ({e})");
+        }
+        None => {}
+    }
+}
+
 /// A federated evaluation: one row per site, then the example-weighted
 /// mean, then the reports left out.
 fn evaluation_text(out: &mut String, e: &FederatedEvaluation) {
@@ -296,34 +315,8 @@ fn round_text(out: &mut String, job: &str, r: &serde_json::Value) {
         ],
         &rows,
     ));
-    match r
-        .get("evaluation")
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
-    {
-        Some(Ok(e)) => {
-            out.push('\n');
-            evaluation_text(out, &e);
-        }
-        Some(Err(e)) => {
-            let _ = writeln!(out, "\nfederated evaluation: unreadable ({e})");
-        }
-        None => {}
-    }
-    match r
-        .get("final_evaluation")
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::from_value::<FederatedEvaluation>(v.clone()))
-    {
-        Some(Ok(e)) => {
-            out.push('\n');
-            evaluation_text(out, &e);
-        }
-        Some(Err(e)) => {
-            let _ = writeln!(out, "\nevaluation of the final model: unreadable ({e})");
-        }
-        None => {}
-    }
+    evaluation_field(out, r, "evaluation", "federated evaluation");
+    evaluation_field(out, r, "final_evaluation", "evaluation of the final model");
     let reported: std::collections::BTreeSet<String> = rows.iter().map(|r| r[0].clone()).collect();
     let silent: Vec<&String> = selected.iter().filter(|s| !reported.contains(*s)).collect();
     if !silent.is_empty() {
