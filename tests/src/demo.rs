@@ -73,6 +73,13 @@ pub struct Task {
     /// task's `lr`, SGD and FedAvg for every method, and baselines trained
     /// on each hospital's whole file).
     pub chosen: Option<Chosen>,
+    /// The federation's server strategy, where it is not `chosen`'s
+    /// (`None`: `chosen`'s, else FedAvg).
+    pub server: Option<Server>,
+    /// Train the central and local-only baselines (`false`: the federation
+    /// alone, e.g. while choosing its settings on the sites' validation
+    /// data; the summary then has no baselines to compare with).
+    pub baselines: bool,
 }
 
 /// A tabular task's settings, each method's chosen on validation data by
@@ -174,6 +181,8 @@ pub fn nuclei_task(full: bool) -> Task {
         codec: "f16",
         kind: TaskKind::Nuclei(spec),
         chosen: None,
+        server: None,
+        baselines: true,
     }
 }
 
@@ -212,6 +221,8 @@ pub fn tasks() -> Vec<Task> {
             codec: "f16",
             kind: TaskKind::Tabular,
             chosen: None,
+            server: None,
+            baselines: true,
         },
         Task {
             name: "opt",
@@ -236,6 +247,8 @@ pub fn tasks() -> Vec<Task> {
             codec: "f16",
             kind: TaskKind::Tabular,
             chosen: Some(opt_chosen()),
+            server: None,
+            baselines: true,
         },
         nuclei_task(false),
     ]
@@ -271,8 +284,9 @@ pub struct TaskResult {
     pub rounds: u64,
     /// Federated model on the global test set.
     pub federated: EvalMetrics,
-    /// Centrally trained model (pooled training data) on the global test set.
-    pub central: EvalMetrics,
+    /// Centrally trained model (pooled training data) on the global test
+    /// set (`None`: the task ran without baselines).
+    pub central: Option<EvalMetrics>,
     /// Per hospital: (name, local-only metrics on the global test set,
     /// bytes the hospital uploaded, updates it sent).
     pub hospitals: Vec<(String, EvalMetrics, u64, usize)>,
@@ -484,9 +498,12 @@ every_rounds = 1
             _ => "none",
         },
         strategy = task
-            .chosen
-            .as_ref()
-            .and_then(|c| c.federated.server.clone())
+            .server
+            .clone()
+            .or_else(|| task
+                .chosen
+                .as_ref()
+                .and_then(|c| c.federated.server.clone()))
             .unwrap_or(Server::FedAvg)
             .job_toml(),
         augmentation = match &task.kind {
@@ -718,6 +735,14 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
     let test_path = data_dir.join(task.test);
     let mut local_only = Vec::new();
     let (central, otsu_dice) = match (&task.kind, &prepared) {
+        (_, Prepared::Nuclei { test }) if !task.baselines => {
+            println!("  baselines: skipped (--skip-baselines)");
+            (None, Some(otsu_on(test)?))
+        }
+        _ if !task.baselines => {
+            println!("  baselines: skipped (--skip-baselines)");
+            (None, None)
+        }
         (TaskKind::Nuclei(n), Prepared::Nuclei { test }) => {
             let cfg = TrainConfig::new()
                 .with_epochs(total_epochs)
@@ -754,14 +779,20 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 fmt_metrics(&central),
                 t.elapsed().as_secs_f64()
             );
-            (central, Some(otsu_on(test)?))
+            (Some(central), Some(otsu_on(test)?))
         }
         _ if task.chosen.is_some() => {
             let Some(c) = &task.chosen else {
                 bail!("no chosen settings");
             };
             (
-                chosen_baselines(task, c, &site_data, &test_path, &mut local_only)?,
+                Some(chosen_baselines(
+                    task,
+                    c,
+                    &site_data,
+                    &test_path,
+                    &mut local_only,
+                )?),
                 None,
             )
         }
@@ -788,7 +819,7 @@ pub fn run_task(task: &Task, data_dir: &Path, work: &Path) -> anyhow::Result<Tas
                 let (m, _) = train_local(&arch, &init, &d.data.train, &cfg, &device)?;
                 local_only.push(((*site).to_owned(), evaluate(&arch, &m, &t, &device)?));
             }
-            (central, None)
+            (Some(central), None)
         }
     };
 
@@ -1376,10 +1407,21 @@ pub fn summary(results: &[TaskResult]) -> String {
         );
         let _ = writeln!(s, "  held-out global test set (no hospital holds it):");
         let _ = writeln!(s, "    federated model       {}", fmt_metrics(&r.federated));
-        let _ = writeln!(s, "    central baseline      {}", fmt_metrics(&r.central));
+        match &r.central {
+            Some(c) => {
+                let _ = writeln!(s, "    central baseline      {}", fmt_metrics(c));
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "    central baseline      not trained (--skip-baselines)"
+                );
+            }
+        }
         if let Some(d) = r.otsu_dice {
             let _ = writeln!(s, "    Otsu threshold        Dice {d:.4}");
-            if let (Some(f), Some(c)) = (r.federated.dice, r.central.dice) {
+            if let (Some(f), Some(c)) = (r.federated.dice, r.central.as_ref().and_then(|c| c.dice))
+            {
                 let met = f >= c - 0.02 && f > d;
                 let _ = writeln!(
                     s,
@@ -1392,34 +1434,40 @@ pub fn summary(results: &[TaskResult]) -> String {
             "Dice" => m.dice,
             _ => m.auc,
         };
-        if let (Some(f), Some(c)) = (judged(&r.federated), judged(&r.central)) {
+        if let Some(central) = &r.central {
+            if let (Some(f), Some(c)) = (judged(&r.federated), judged(central)) {
+                let _ = writeln!(
+                    s,
+                    "    federated − central   {:+.4} {} ({:+.2} accuracy points)",
+                    f - c,
+                    r.judged_by,
+                    (r.federated.accuracy - central.accuracy) * 100.0
+                );
+            }
+            if let ("AUC", Some(f), Some(c)) = (r.judged_by, r.federated.auc, central.auc) {
+                let beaten = r
+                    .hospitals
+                    .iter()
+                    .filter(|(_, m, _, _)| m.auc.is_some_and(|l| f >= l))
+                    .count();
+                let n = r.hospitals.len();
+                let need = n.saturating_sub(1).max(1);
+                let met = f >= c - 0.02 && beaten >= need;
+                let _ = writeln!(
+                    s,
+                    "    goal (AUC: federated ≥ central − 0.02, and ≥ local-only at ≥ {need} of {n} hospitals): {} (≥ local-only at {beaten} of {n})",
+                    if met { "met" } else { "NOT met" }
+                );
+            }
+        }
+        if r.hospitals.is_empty() {
+            let _ = writeln!(s, "  per hospital: no local-only models (--skip-baselines)");
+        } else {
             let _ = writeln!(
                 s,
-                "    federated − central   {:+.4} {} ({:+.2} accuracy points)",
-                f - c,
-                r.judged_by,
-                (r.federated.accuracy - r.central.accuracy) * 100.0
+                "  per hospital (local-only model vs federated, same test set; bytes uploaded):"
             );
         }
-        if let ("AUC", Some(f), Some(c)) = (r.judged_by, r.federated.auc, r.central.auc) {
-            let beaten = r
-                .hospitals
-                .iter()
-                .filter(|(_, m, _, _)| m.auc.is_some_and(|l| f >= l))
-                .count();
-            let n = r.hospitals.len();
-            let need = n.saturating_sub(1).max(1);
-            let met = f >= c - 0.02 && beaten >= need;
-            let _ = writeln!(
-                s,
-                "    goal (AUC: federated ≥ central − 0.02, and ≥ local-only at ≥ {need} of {n} hospitals): {} (≥ local-only at {beaten} of {n})",
-                if met { "met" } else { "NOT met" }
-            );
-        }
-        let _ = writeln!(
-            s,
-            "  per hospital (local-only model vs federated, same test set; bytes uploaded):"
-        );
         for (name, m, bytes, n) in &r.hospitals {
             let _ = writeln!(
                 s,

@@ -72,6 +72,45 @@ pub enum Server {
         /// Server learning rate `eta`.
         eta: f64,
     },
+    /// FedAvg with server momentum (FedAvgM): the averaged delta feeds a
+    /// momentum buffer, the model moves by `lr` × that buffer.
+    FedAvgM {
+        /// Server learning rate.
+        lr: f64,
+        /// Server momentum in `[0, 1)`.
+        momentum: f64,
+    },
+}
+
+impl std::str::FromStr for Server {
+    type Err = anyhow::Error;
+
+    /// `fedavg`, `fedadam:<eta>` or `fedavgm:<lr>:<momentum>`.
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let num = |v: &str, what: &str| -> anyhow::Result<f64> {
+            let x: f64 = v
+                .parse()
+                .with_context(|| format!("{what} {v:?} in server strategy {s:?}"))?;
+            if !x.is_finite() || x < 0.0 {
+                bail!("{what} {v:?} in server strategy {s:?}: not a finite number ≥ 0");
+            }
+            Ok(x)
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        match parts.as_slice() {
+            ["fedavg"] => Ok(Self::FedAvg),
+            ["fedadam", eta] => Ok(Self::FedAdam {
+                eta: num(eta, "eta")?,
+            }),
+            ["fedavgm", lr, momentum] => Ok(Self::FedAvgM {
+                lr: num(lr, "server learning rate")?,
+                momentum: num(momentum, "server momentum")?,
+            }),
+            _ => bail!(
+                "server strategy {s:?}: expected fedavg, fedadam:<eta> or fedavgm:<lr>:<momentum>"
+            ),
+        }
+    }
 }
 
 impl Server {
@@ -82,6 +121,9 @@ impl Server {
             Self::FedAdam { eta } => {
                 format!("name = \"fedadam\"\n[strategy.params]\neta = {eta}\n")
             }
+            Self::FedAvgM { lr, momentum } => format!(
+                "name = \"fedavgm\"\n[strategy.params]\nserver_learning_rate = {lr}\nserver_momentum = {momentum}\n"
+            ),
         }
     }
 
@@ -91,6 +133,13 @@ impl Server {
             Self::FedAdam { eta } => {
                 StrategyConfig::from_key_values("fedadam", &[format!("eta={eta}")])?
             }
+            Self::FedAvgM { lr, momentum } => StrategyConfig::from_key_values(
+                "fedavgm",
+                &[
+                    format!("server_learning_rate={lr}"),
+                    format!("server_momentum={momentum}"),
+                ],
+            )?,
         };
         match cfg.aggregation {
             Aggregation::Mean(o) => Ok(o),
@@ -102,6 +151,7 @@ impl Server {
         match self {
             Self::FedAvg => "fedavg".to_owned(),
             Self::FedAdam { eta } => format!("fedadam(eta {eta})"),
+            Self::FedAvgM { lr, momentum } => format!("fedavgm(lr {lr}, momentum {momentum})"),
         }
     }
 }
@@ -585,5 +635,40 @@ mod tests {
             Server::FedAdam { eta: 0.01 }.optimizer().unwrap(),
             ServerOptimizer::FedAdam { eta, .. } if eta == 0.01
         ));
+    }
+
+    #[test]
+    fn server_strategies_parse_from_the_command_line() {
+        assert_eq!("fedavg".parse::<Server>().unwrap(), Server::FedAvg);
+        assert_eq!(
+            "fedadam:0.05".parse::<Server>().unwrap(),
+            Server::FedAdam { eta: 0.05 }
+        );
+        let m: Server = "fedavgm:1:0.9".parse().unwrap();
+        assert_eq!(
+            m,
+            Server::FedAvgM {
+                lr: 1.0,
+                momentum: 0.9
+            }
+        );
+        // the job file's table and the aggregation crate agree on it
+        let t = m.job_toml();
+        assert!(t.contains("server_momentum = 0.9"), "{t}");
+        assert!(matches!(
+            m.optimizer().unwrap(),
+            ServerOptimizer::FedAvgM { server_learning_rate, server_momentum }
+                if server_learning_rate == 1.0 && server_momentum == 0.9
+        ));
+        for bad in [
+            "fedadam",
+            "fedavgm:1",
+            "fedadam:nan",
+            "fedavgm:1:-0.5",
+            "krum",
+        ] {
+            let e = bad.parse::<Server>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
     }
 }

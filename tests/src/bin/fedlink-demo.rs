@@ -30,6 +30,22 @@ struct Args {
     /// `--full` run.
     #[arg(long)]
     rounds: Option<u32>,
+    /// Override every task's local epochs per round (the baselines then
+    /// train as many epochs as the federation's sites do in all).
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Override every task's learning rate (the sites' and the baselines').
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Override every task's server strategy: `fedavg`, `fedadam:<eta>` or
+    /// `fedavgm:<server lr>:<server momentum>`.
+    #[arg(long)]
+    server: Option<fedlink_tests::tabular_choice::Server>,
+    /// Run the federations alone, without the central and local-only
+    /// baselines (e.g. to compare settings on the sites' validation data
+    /// in the federated evaluation; the summary then has no baselines).
+    #[arg(long)]
+    skip_baselines: bool,
     /// Override every task's delta codec: `f32`, `f16`, `bf16`, `int8` or
     /// `topk:<fraction>` (e.g. `topk:0.01`).
     #[arg(long)]
@@ -87,6 +103,30 @@ fn main() -> ExitCode {
         for t in &mut tasks {
             t.rounds = rounds;
         }
+    }
+    if let Some(epochs) = args.epochs {
+        if epochs == 0 {
+            eprintln!("error: --epochs must be at least 1");
+            return ExitCode::from(2);
+        }
+        for t in &mut tasks {
+            t.epochs = epochs;
+        }
+    }
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            eprintln!("error: --lr must be a finite number > 0");
+            return ExitCode::from(2);
+        }
+        for t in &mut tasks {
+            t.lr = lr;
+        }
+    }
+    for t in &mut tasks {
+        if args.server.is_some() {
+            t.server.clone_from(&args.server);
+        }
+        t.baselines = !args.skip_baselines;
     }
     if !args.only.is_empty() {
         tasks.retain(|t| args.only.iter().any(|o| o == t.name));
