@@ -16,10 +16,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod demo;
 pub mod fixture;
 pub mod raw_site;
-pub mod tabular_choice;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -19,6 +19,11 @@
 //!   Dice, against the same U-Net trained centrally, each site's local-only
 //!   U-Net and Otsu's threshold. `--full` trains the ≥ 10M-parameter U-Net.
 
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod tabular_choice;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

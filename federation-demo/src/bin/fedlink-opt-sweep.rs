@@ -1,5 +1,5 @@
 //! `fedlink-opt-sweep`: choose the OPT task's settings on validation data
-//! (not run in CI; see `fedlink_tests::tabular_choice`). Prints the
+//! (not run in CI; see `fedlink_demo::tabular_choice`). Prints the
 //! validation table, the setting chosen for each method (federated,
 //! central, each hospital's local-only model), and then, once, their
 //! held-out test metrics.
@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use fedlink_agent::data::{Samples, Targets};
-use fedlink_tests::tabular_choice::{
+use fedlink_demo::tabular_choice::{
     SPLIT_SEED, TaskData, choose, methods, metrics, sweep, train_chunked,
 };
 

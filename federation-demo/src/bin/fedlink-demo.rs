@@ -40,7 +40,7 @@ struct Args {
     /// Override every task's server strategy: `fedavg`, `fedadam:<eta>` or
     /// `fedavgm:<server lr>:<server momentum>`.
     #[arg(long)]
-    server: Option<fedlink_tests::tabular_choice::Server>,
+    server: Option<fedlink_demo::tabular_choice::Server>,
     /// Run the federations alone, without the central and local-only
     /// baselines (e.g. to compare settings on the sites' validation data
     /// in the federated evaluation; the summary then has no baselines).
@@ -79,7 +79,7 @@ fn stop_children_on_signal() {
             }
         });
         eprintln!("\ninterrupted: stopping the demo's coordinator and agents");
-        fedlink_tests::demo::kill_children();
+        fedlink_demo::kill_children();
         std::process::exit(130);
     });
 }
@@ -87,11 +87,11 @@ fn stop_children_on_signal() {
 fn main() -> ExitCode {
     stop_children_on_signal();
     let args = Args::parse();
-    let mut tasks = fedlink_tests::demo::tasks();
+    let mut tasks = fedlink_demo::tasks();
     if args.full {
         for t in &mut tasks {
             if t.name == "nuclei" {
-                *t = fedlink_tests::demo::nuclei_task(true);
+                *t = fedlink_demo::nuclei_task(true);
             }
         }
     }
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
             t.codec = codec;
         }
     }
-    match fedlink_tests::demo::run_tasks(tasks, &args.data, args.keep) {
+    match fedlink_demo::run_tasks(tasks, &args.data, args.keep) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
