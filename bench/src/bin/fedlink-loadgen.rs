@@ -34,8 +34,8 @@ use fedlink_certs::{ALPN_SITE, Kit};
 use fedlink_coordinator::job::Job;
 use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
 use fedlink_protocol::message::{
-    Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, TaskOffer,
-    UploadResult,
+    Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, RejectCode,
+    TaskOffer, UploadResult,
 };
 use fedlink_protocol::{
     Encoding, FlatModel, Message, ModelHasher, ModelSpec, PROTOCOL_VERSION, PayloadDecoder,
@@ -272,7 +272,7 @@ async fn upload_with_cuts(
     addr: SocketAddr,
     transport: TransportKind,
     cc: fedlink_transport::Congestion,
-    envelope: fedlink_protocol::SignedEnvelope,
+    mut envelope: fedlink_protocol::SignedEnvelope,
     payload: &Payload,
     cut_at: &[u64],
     link: Option<&fedlink_tools::impair::ImpairHandle>,
@@ -288,15 +288,40 @@ async fn upload_with_cuts(
                 envelope: envelope.clone(),
             })))
             .await?;
-            let p = match step("upload progress", limit, recv.message()).await?? {
-                Message::UploadProgress(p) => p,
+            match step("upload progress", limit, recv.message()).await?? {
+                Message::UploadProgress(p) => {
+                    cuts.push(CutReport {
+                        resent: written.saturating_sub(p.bytes),
+                        to_resume: at.elapsed(),
+                    });
+                    from = usize::try_from(p.records)?;
+                }
+                // The coordinator kept nothing of it (the cut came before
+                // the upload's opening reached it): as the agent does, the
+                // same update signed again under a new nonce, sent whole.
+                Message::UploadResult(UploadResult::Reject {
+                    code: RejectCode::Replay,
+                    ..
+                }) => {
+                    let key = kit
+                        .update_signing_key()
+                        .context("the site kit has no update signing key")?;
+                    let mut header = envelope.header.clone();
+                    header.nonce = UpdateNonce::random(&mut rand::rngs::OsRng);
+                    envelope = sign_update(key, header);
+                    cuts.push(CutReport {
+                        resent: written,
+                        to_resume: at.elapsed(),
+                    });
+                    from = 0;
+                    (send, recv) = sc.conn.open_bi().await?;
+                    send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
+                        envelope: envelope.clone(),
+                    })))
+                    .await?;
+                }
                 other => bail!("expected UploadProgress, got {other:?}"),
-            };
-            cuts.push(CutReport {
-                resent: written.saturating_sub(p.bytes),
-                to_resume: at.elapsed(),
-            });
-            from = usize::try_from(p.records)?;
+            }
         } else {
             send.message(&Message::DeltaUpload(Box::new(DeltaUpload {
                 envelope: envelope.clone(),
@@ -881,9 +906,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("site-{i}"))
         }));
     }
+    // Every site's outcome: a site that fails early leaves the others
+    // waiting for a round that never closes, so the first site's timeout
+    // alone would hide the cause. Report every failure.
     let mut reports = Vec::with_capacity(tasks.len());
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     for t in tasks {
-        reports.push(t.await??);
+        match t.await {
+            Ok(Ok(r)) => reports.push(r),
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(anyhow::Error::new(e)),
+        }
+    }
+    if !failed.is_empty() {
+        let all: Vec<String> = failed.iter().map(|e| format!("{e:#}")).collect();
+        bail!(
+            "{} of {} sites failed: {}",
+            all.len(),
+            args.sites,
+            all.join("; ")
+        );
     }
     let total = started.elapsed();
 
