@@ -21,8 +21,9 @@ struct Args {
     #[arg(long = "only")]
     only: Vec<String>,
     /// Train the nuclei task's full-size U-Net (base 20, depth 5: 12.2M
-    /// parameters, 64×64 tiles) instead of the small default one; takes
-    /// much longer on a CPU.
+    /// parameters, 64×64 tiles, 15 rounds) instead of the small default
+    /// one; takes much longer on a CPU (use a release build: about half
+    /// an hour on 2 cores).
     #[arg(long)]
     full: bool,
     /// Override every task's number of rounds (the baselines then train as
