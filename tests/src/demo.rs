@@ -40,7 +40,7 @@ use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
 
-use crate::tabular_choice::{Server, Setting, TaskData, train_chunked};
+use crate::tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// One federated task of the demo.
@@ -446,8 +446,7 @@ max_attempts = 2
 [training]
 epochs = {epochs}
 batch_size = {batch}
-optimizer = "{optimizer}"
-learning_rate = {lr}
+{optimizer}learning_rate = {lr}
 fedprox_mu = 0.0
 class_weight = "{class_weight}"
 {augmentation}
@@ -471,14 +470,11 @@ every_rounds = 1
             TaskKind::Tabular => 16,
             TaskKind::Nuclei(n) => n.batch_size,
         },
-        optimizer = match (&task.kind, &task.chosen) {
-            (TaskKind::Tabular, Some(c)) => match c.federated.optimizer {
-                OptimizerKind::Sgd => "sgd",
-                OptimizerKind::Adam => "adam",
-            },
-            (TaskKind::Tabular, None) => "sgd",
-            (TaskKind::Nuclei(_), _) => "adam",
-        },
+        optimizer = optimizer_toml(match (&task.kind, &task.chosen) {
+            (TaskKind::Tabular, Some(c)) => c.federated.optimizer,
+            (TaskKind::Tabular, None) => OptimizerKind::Sgd,
+            (TaskKind::Nuclei(_), _) => OptimizerKind::Adam,
+        }),
         class_weight = match task.chosen.as_ref().map(|c| c.federated.weighting) {
             Some(fedlink_agent::train::ClassWeighting::Balanced) => "balanced",
             _ => "none",
