@@ -490,7 +490,8 @@ every_rounds = 1
             TaskKind::Nuclei(_) => NUCLEI_AUGMENTATION,
         },
         epochs = task.epochs,
-        lr = task.lr,
+        // the chosen federated learning rate, when the settings were chosen
+        lr = task.chosen.as_ref().map_or(task.lr, |c| c.federated.lr),
         codec = codec_toml(task.codec)?,
     ))
 }

@@ -161,16 +161,16 @@ pub struct Choice {
 }
 
 /// Decoupled weight decays of the AdamW candidates.
-pub const WEIGHT_DECAYS: [f64; 2] = [0.3, 3.0];
+pub const WEIGHT_DECAYS: [f64; 3] = [0.3, 3.0, 10.0];
 /// Learning rates of the Adam and AdamW candidates.
 const ADAM_LRS: [f64; 3] = [0.001, 0.003, 0.01];
 
-/// The candidates of one method, 24 each:
+/// The candidates of one method, 30 each:
 /// * federated: server strategy {FedAvg, FedAdam η 0.01} × site SGD lr
 ///   {0.01, 0.03, 0.1} × weighting (12), then FedAvg × site AdamW lr
-///   {0.001, 0.003, 0.01} × weight decay [`WEIGHT_DECAYS`] × weighting (12);
+///   {0.001, 0.003, 0.01} × weight decay [`WEIGHT_DECAYS`] × weighting (18);
 /// * baselines: {SGD lr 0.01 / 0.03 / 0.1, Adam lr 0.001 / 0.003 / 0.01} ×
-///   weighting (12), then the same AdamW block as the federation's (12).
+///   weighting (12), then the same AdamW block as the federation's (18).
 ///
 /// The weight-decay block is the same for every method: the sites' (or
 /// the baseline's) local optimizer is AdamW, with the same learning rates
@@ -611,7 +611,7 @@ mod tests {
     fn every_method_gets_the_same_number_of_candidates() {
         let fed = candidates(true);
         let base = candidates(false);
-        assert_eq!(fed.len(), 24);
+        assert_eq!(fed.len(), 30);
         assert_eq!(base.len(), fed.len());
         assert!(fed.iter().all(|s| s.server.is_some()));
         assert!(base.iter().all(|s| s.server.is_none()));
@@ -622,7 +622,7 @@ mod tests {
                 .map(|s| (s.optimizer, s.lr.to_bits(), s.weighting))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(decayed(&fed).len(), 12);
+        assert_eq!(decayed(&fed).len(), 18);
         assert_eq!(decayed(&fed), decayed(&base));
         // each candidate's job lines parse as the coordinator's [training]
         for s in fed.iter().chain(&base) {
