@@ -34,8 +34,10 @@
 //! [training]                             # pushed to the sites
 //! epochs = 1
 //! batch_size = 32
-//! optimizer = "sgd"                      # sgd | adam
+//! optimizer = "sgd"                      # sgd | adam | adamw (adamw: older agents decline it)
 //! learning_rate = 0.05
+//! # momentum = 0.9                       # sgd only: heavy-ball momentum in [0, 1) (default 0)
+//! # weight_decay = 0.1                   # adamw only: decoupled weight decay in [0, 10] (default 0)
 //! fedprox_mu = 0.0
 //! class_weight = "none"                  # none | balanced; balanced needs protocol v6 sites
 //!
@@ -365,7 +367,12 @@ pub enum LocalOptimizer {
     Sgd,
     /// Adam.
     Adam,
+    /// Adam with decoupled weight decay (`weight_decay`).
+    AdamW,
 }
+
+/// Largest `[training] weight_decay`.
+pub const MAX_WEIGHT_DECAY: f64 = 10.0;
 
 /// `[training]`: the local training configuration pushed to every site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -383,6 +390,17 @@ pub struct TrainingConfig {
     /// Local learning rate (finite, > 0). Default 0.01.
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
+    /// SGD momentum μ in `[0, 1)` (PyTorch's heavy-ball convention, no
+    /// dampening). Only with `optimizer = "sgd"`; absent means 0 (plain
+    /// SGD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// Decoupled weight decay λ in `[0, MAX_WEIGHT_DECAY]`, with
+    /// `learning_rate · λ < 1`: each local step shrinks every parameter by
+    /// `1 − learning_rate · λ` before the Adam step. Only with
+    /// `optimizer = "adamw"`; absent means 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
     /// FedProx proximal term μ (finite, ≥ 0; 0 = plain FedAvg). Default 0.
     #[serde(default)]
     pub fedprox_mu: f64,
@@ -476,6 +494,31 @@ fn default_lr() -> f64 {
     0.01
 }
 
+impl TrainingConfig {
+    /// The optimizer as offered on the wire: SGD with `momentum` (0 when
+    /// absent), Adam, or AdamW with `weight_decay` (0 when absent); Adam's
+    /// and AdamW's β = (0.9, 0.999), ε = 1e-8. An agent older than AdamW
+    /// support declines an AdamW offer (`Refusal::Unsupported`).
+    pub fn optimizer_to_protocol(&self) -> fedlink_protocol::Optimizer {
+        match self.optimizer {
+            LocalOptimizer::Sgd => fedlink_protocol::Optimizer::Sgd {
+                momentum: self.momentum.unwrap_or(0.0),
+            },
+            LocalOptimizer::Adam => fedlink_protocol::Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+            },
+            LocalOptimizer::AdamW => fedlink_protocol::Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: self.weight_decay.unwrap_or(0.0),
+            },
+        }
+    }
+}
+
 impl Default for TrainingConfig {
     fn default() -> Self {
         Self {
@@ -483,6 +526,8 @@ impl Default for TrainingConfig {
             batch_size: default_batch(),
             optimizer: default_optimizer(),
             learning_rate: default_lr(),
+            momentum: None,
+            weight_decay: None,
             fedprox_mu: 0.0,
             augmentation: None,
             class_weight: ClassWeightConfig::None,
@@ -894,6 +939,46 @@ impl Job {
         in_range("training.epochs", t.epochs, 1, 1000)?;
         in_range("training.batch_size", t.batch_size, 1, 65_536)?;
         finite_pos("training.learning_rate", t.learning_rate)?;
+        if let Some(m) = t.momentum {
+            if t.optimizer != LocalOptimizer::Sgd {
+                return Err(invalid(
+                    "training.momentum",
+                    format!("applies to optimizer = \"sgd\" only, not {:?}", t.optimizer),
+                ));
+            }
+            if !(m.is_finite() && (0.0..1.0).contains(&m)) {
+                return Err(invalid(
+                    "training.momentum",
+                    format!("{m} is outside [0, 1)"),
+                ));
+            }
+        }
+        if let Some(wd) = t.weight_decay {
+            if t.optimizer != LocalOptimizer::AdamW {
+                return Err(invalid(
+                    "training.weight_decay",
+                    format!(
+                        "applies to optimizer = \"adamw\" only, not {:?} (the wire carries no weight decay for it)",
+                        t.optimizer
+                    ),
+                ));
+            }
+            if !(wd.is_finite() && (0.0..=MAX_WEIGHT_DECAY).contains(&wd)) {
+                return Err(invalid(
+                    "training.weight_decay",
+                    format!("{wd} is outside 0..={MAX_WEIGHT_DECAY}"),
+                ));
+            }
+            if t.learning_rate * wd >= 1.0 {
+                return Err(invalid(
+                    "training.weight_decay",
+                    format!(
+                        "learning_rate × weight_decay = {} must be below 1 (each step scales the weights by 1 − their product)",
+                        t.learning_rate * wd
+                    ),
+                ));
+            }
+        }
         finite_nonneg("training.fedprox_mu", t.fedprox_mu)?;
         if let Some(a) = &t.augmentation {
             if !matches!(self.arch, ArchSpec::UNet { .. }) {
@@ -1081,6 +1166,116 @@ deadline_secs = 60
             Job::from_toml(&file).unwrap().init,
             InitSource::File("w.safetensors".into())
         );
+    }
+
+    #[test]
+    fn adamw_weight_decay_and_sgd_momentum_reach_the_wire() {
+        use fedlink_protocol::Optimizer;
+        let with = |training: &str| {
+            Job::from_toml(&format!("{MINIMAL}[training]\n{training}\n"))
+                .map(|j| j.training.optimizer_to_protocol())
+        };
+        assert_eq!(
+            with("optimizer = \"adamw\"\nlearning_rate = 0.003\nweight_decay = 0.1").unwrap(),
+            Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.1
+            }
+        );
+        // absent weight decay is 0: AdamW is then Adam
+        assert!(matches!(
+            with("optimizer = \"adamw\"").unwrap(),
+            Optimizer::AdamW { weight_decay, .. } if weight_decay == 0.0
+        ));
+        assert_eq!(
+            with("optimizer = \"sgd\"\nmomentum = 0.9").unwrap(),
+            Optimizer::Sgd { momentum: 0.9 }
+        );
+        assert_eq!(with("").unwrap(), Optimizer::Sgd { momentum: 0.0 });
+        assert!(matches!(
+            with("optimizer = \"adam\"").unwrap(),
+            Optimizer::Adam { .. }
+        ));
+        // the job round-trips through its serialized form (the stored job)
+        let job = Job::from_toml(&format!(
+            "{MINIMAL}[training]\noptimizer = \"adamw\"\nweight_decay = 0.5\n"
+        ))
+        .unwrap();
+        let back: TrainingConfig =
+            toml::from_str(&toml::to_string(&job.training).unwrap()).unwrap();
+        assert_eq!(back, job.training);
+    }
+
+    #[test]
+    fn weight_decay_and_momentum_are_checked_and_named() {
+        let err = |training: &str| {
+            let e = Job::from_toml(&format!("{MINIMAL}[training]\n{training}\n")).unwrap_err();
+            let msg = e.to_string();
+            (field_of(e), msg)
+        };
+        for (training, field, says) in [
+            (
+                "optimizer = \"adamw\"\nweight_decay = -0.1",
+                "training.weight_decay",
+                "outside",
+            ),
+            (
+                "optimizer = \"adamw\"\nweight_decay = nan",
+                "training.weight_decay",
+                "outside",
+            ),
+            (
+                "optimizer = \"adamw\"\nweight_decay = inf",
+                "training.weight_decay",
+                "outside",
+            ),
+            (
+                "optimizer = \"adamw\"\nweight_decay = 15.0",
+                "training.weight_decay",
+                "outside",
+            ),
+            (
+                "optimizer = \"adamw\"\nlearning_rate = 2.0\nweight_decay = 0.5",
+                "training.weight_decay",
+                "below 1",
+            ),
+            (
+                "optimizer = \"adam\"\nweight_decay = 0.1",
+                "training.weight_decay",
+                "adamw",
+            ),
+            ("weight_decay = 0.1", "training.weight_decay", "adamw"),
+            (
+                "optimizer = \"sgd\"\nmomentum = 1.0",
+                "training.momentum",
+                "outside",
+            ),
+            (
+                "optimizer = \"sgd\"\nmomentum = -0.5",
+                "training.momentum",
+                "outside",
+            ),
+            (
+                "optimizer = \"adamw\"\nmomentum = 0.9",
+                "training.momentum",
+                "sgd",
+            ),
+            (
+                "optimizer = \"adam\"\nmomentum = 0.9",
+                "training.momentum",
+                "sgd",
+            ),
+        ] {
+            let (f, msg) = err(training);
+            assert_eq!(f, field, "{training}: {msg}");
+            assert!(msg.contains(says), "{training}: {msg}");
+        }
+        let e = Job::from_toml(&format!("{MINIMAL}[training]\noptimizer = \"lamb\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lamb"), "{e}");
     }
 
     #[test]

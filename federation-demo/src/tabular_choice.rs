@@ -21,8 +21,9 @@
 //!   local-only model this lends it the other hospitals' validation rows,
 //!   which favours the baseline, not the federation.
 //! * **Same budget.** Each method gets the same number of candidates
-//!   (optimizer or server strategy × learning rate × class weighting) and
-//!   the same stopping points: after each of `max_rounds` rounds of
+//!   (optimizer or server strategy × learning rate × class weighting, and
+//!   the same block of AdamW candidates: learning rate × weight decay ×
+//!   class weighting; see [`candidates`]) and the same stopping points: after each of `max_rounds` rounds of
 //!   `epochs` local epochs, or the same number of `epochs`-epoch chunks
 //!   for the baselines (their optimizer restarts at each chunk, as a
 //!   site's does each round).
@@ -179,10 +180,7 @@ impl Setting {
         let _ = write!(
             s,
             "{} lr {} weighting {}",
-            match self.optimizer {
-                OptimizerKind::Sgd => "sgd",
-                OptimizerKind::Adam => "adam",
-            },
+            self.optimizer.label(),
             self.lr,
             match self.weighting {
                 ClassWeighting::None => "none",
@@ -212,9 +210,21 @@ pub struct Choice {
     pub rounds: u32,
 }
 
-/// The candidates of one method: the federated grid (server strategy ×
-/// site learning rate × weighting, sites on SGD) or the baselines' grid
-/// (optimizer × learning rate × weighting): 12 each.
+/// Decoupled weight decays of the AdamW candidates.
+pub const WEIGHT_DECAYS: [f64; 3] = [0.3, 3.0, 10.0];
+/// Learning rates of the Adam and AdamW candidates.
+const ADAM_LRS: [f64; 3] = [0.001, 0.003, 0.01];
+
+/// The candidates of one method, 30 each:
+/// * federated: server strategy {FedAvg, FedAdam η 0.01} × site SGD lr
+///   {0.01, 0.03, 0.1} × weighting (12), then FedAvg × site AdamW lr
+///   {0.001, 0.003, 0.01} × weight decay [`WEIGHT_DECAYS`] × weighting (18);
+/// * baselines: {SGD lr 0.01 / 0.03 / 0.1, Adam lr 0.001 / 0.003 / 0.01} ×
+///   weighting (12), then the same AdamW block as the federation's (18).
+///
+/// The weight-decay block is the same for every method: the sites' (or
+/// the baseline's) local optimizer is AdamW, with the same learning rates
+/// and decays.
 pub fn candidates(federated: bool) -> Vec<Setting> {
     let mut out = Vec::new();
     for weighting in [ClassWeighting::None, ClassWeighting::Balanced] {
@@ -232,7 +242,7 @@ pub fn candidates(federated: bool) -> Vec<Setting> {
         } else {
             for (optimizer, lrs) in [
                 (OptimizerKind::Sgd, [0.01, 0.03, 0.1]),
-                (OptimizerKind::Adam, [0.001, 0.003, 0.01]),
+                (OptimizerKind::Adam, ADAM_LRS),
             ] {
                 for lr in lrs {
                     out.push(Setting {
@@ -245,7 +255,34 @@ pub fn candidates(federated: bool) -> Vec<Setting> {
             }
         }
     }
+    for weighting in [ClassWeighting::None, ClassWeighting::Balanced] {
+        for weight_decay in WEIGHT_DECAYS {
+            for lr in ADAM_LRS {
+                out.push(Setting {
+                    optimizer: OptimizerKind::AdamW { weight_decay },
+                    lr,
+                    weighting,
+                    server: federated.then_some(Server::FedAvg),
+                });
+            }
+        }
+    }
     out
+}
+
+/// The job file's `[training]` lines of a site optimizer: `optimizer`,
+/// and `weight_decay` (AdamW) or `momentum` (SGD with momentum).
+pub fn optimizer_toml(optimizer: OptimizerKind) -> String {
+    match optimizer {
+        OptimizerKind::Sgd => "optimizer = \"sgd\"\n".to_owned(),
+        OptimizerKind::SgdMomentum { momentum } => {
+            format!("optimizer = \"sgd\"\nmomentum = {momentum}\n")
+        }
+        OptimizerKind::Adam => "optimizer = \"adam\"\n".to_owned(),
+        OptimizerKind::AdamW { weight_decay } => {
+            format!("optimizer = \"adamw\"\nweight_decay = {weight_decay}\n")
+        }
+    }
 }
 
 /// A task's data: each hospital's split, the pooled scaling, the test set.
@@ -624,10 +661,42 @@ mod tests {
     fn every_method_gets_the_same_number_of_candidates() {
         let fed = candidates(true);
         let base = candidates(false);
-        assert_eq!(fed.len(), 12);
+        assert_eq!(fed.len(), 30);
         assert_eq!(base.len(), fed.len());
         assert!(fed.iter().all(|s| s.server.is_some()));
         assert!(base.iter().all(|s| s.server.is_none()));
+        // the weight-decay block is the same for every method
+        let decayed = |c: &[Setting]| {
+            c.iter()
+                .filter(|s| matches!(s.optimizer, OptimizerKind::AdamW { .. }))
+                .map(|s| (s.optimizer, s.lr.to_bits(), s.weighting))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(decayed(&fed).len(), 18);
+        assert_eq!(decayed(&fed), decayed(&base));
+        // each candidate's job lines parse as the coordinator's [training]
+        for s in fed.iter().chain(&base) {
+            let job = format!(
+                "id = \"j\"\nrounds = 1\narch = {{ kind = \"logreg\", inputs = 4, classes = 2 }}\ninit = {{ seed = 1 }}\n[strategy]\nname = \"fedavg\"\n[round]\ndeadline_secs = 60\n[training]\nlearning_rate = {}\n{}",
+                s.lr,
+                optimizer_toml(s.optimizer)
+            );
+            let t = fedlink_coordinator::job::Job::from_toml(&job)
+                .unwrap()
+                .training;
+            let offered = fedlink_protocol::TrainingConfig {
+                epochs: 1,
+                batch_size: 16,
+                optimizer: t.optimizer_to_protocol(),
+                learning_rate: t.learning_rate,
+                fedprox_mu: 0.0,
+                seed: 1,
+                augmentation: None,
+                class_weight: fedlink_protocol::ClassWeight::None,
+            };
+            let at_site = fedlink_agent::sitecore::train_config(&offered).unwrap();
+            assert_eq!(at_site.optimizer, s.optimizer, "{}", s.label());
+        }
         // the job file's strategy table parses as the coordinator's
         let t = Server::FedAdam { eta: 0.01 }.job_toml();
         assert!(t.contains("name = \"fedadam\"") && t.contains("eta = 0.01"));

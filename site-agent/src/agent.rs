@@ -857,6 +857,8 @@ async fn handle_control(
                     ClassWeight::None => None,
                     other => Some(format!("{other:?}").to_lowercase()),
                 },
+                optimizer: Some(offer.training.optimizer),
+                learning_rate: Some(offer.training.learning_rate),
             })?;
             let outcome = core.on_offer(unix_ms(), &offer);
             // The decision is on disk before the coordinator hears it.

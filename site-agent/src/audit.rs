@@ -29,7 +29,7 @@
 //! | `audit.tail_repaired` | site | `line, removed_bytes, removed_blake3` (a torn last line left by a crash) |
 //! | `conn.established` | site | `coordinator`, + `site_id, federation, protocol_version` |
 //! | `conn.lost` | site | `reason`, + `retry_in_ms` |
-//! | `offer.received` | coordinator | `job, round, base_model`, + task summary |
+//! | `offer.received` | coordinator | `job, round, base_model`, + task summary (arch, epochs, encoding, privacy, augmentation, class weighting, `optimizer` as on the wire with its weight decay or momentum, `learning_rate`) |
 //! | `offer.accepted` / `offer.declined` | site | `job, round` (+ `reason`: the policy's) |
 //! | `round.cancelled` / `round.failed` | coordinator / site | `job, round, reason`/`error` |
 //! | `model.received` | coordinator | `model, bytes, from_cache` |
@@ -160,6 +160,15 @@ pub enum SiteEvent {
         /// `"balanced"`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         class_weight: Option<String>,
+        /// The offered optimizer as on the wire (e.g. `{"AdamW": {"beta1":
+        /// 0.9, "beta2": 0.999, "epsilon": 1e-8, "weight_decay": 0.1}}`):
+        /// with the learning rate, what the auditor needs to reproduce the
+        /// training. Absent in entries written before it was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        optimizer: Option<fedlink_protocol::Optimizer>,
+        /// The offered local learning rate (absent in older entries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        learning_rate: Option<f64>,
     },
     /// The offer was accepted (recorded before the acceptance is sent).
     OfferAccepted {
@@ -710,9 +719,13 @@ mod tests {
             central_noise_multiplier: None,
             augmentation: None,
             class_weight: None,
+            optimizer: None,
+            learning_rate: None,
         }
         .split();
         assert_eq!(name, "offer.received");
+        assert!(details.get("optimizer").is_none());
+        assert!(details.get("learning_rate").is_none());
         assert!(details.get("central_noise_multiplier").is_none());
         assert!(details.get("augmentation").is_none());
         assert!(details["clip_norm"].is_null());
@@ -732,9 +745,18 @@ mod tests {
                 intensity_jitter: None,
             }),
             class_weight: Some("balanced".into()),
+            optimizer: Some(fedlink_protocol::Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.1,
+            }),
+            learning_rate: Some(0.003),
         }
         .split();
         assert_eq!(details["class_weight"], "balanced");
+        assert_eq!(details["optimizer"]["AdamW"]["weight_decay"], 0.1);
+        assert_eq!(details["learning_rate"], 0.003);
         assert_eq!(details["augmentation"]["flips"], true);
         assert_eq!(details["augmentation"]["rotate90"], false);
     }

@@ -308,24 +308,37 @@ impl SiteCore {
 /// Map an offer's training configuration to this agent's trainer, or say
 /// why it cannot be honoured.
 ///
-/// This agent trains with plain SGD (no momentum) or Adam with β = (0.9,
-/// 0.999) and burn's ε = 1e-5 (a numerical stabiliser; the offered ε is not
-/// used). Other optimizers are declined rather than silently replaced.
+/// This agent trains with SGD (plain, or with momentum μ in `[0, 1)`,
+/// PyTorch's convention without dampening), Adam, or AdamW (decoupled
+/// weight decay), Adam and AdamW with β = (0.9, 0.999) and burn's ε = 1e-5
+/// (a numerical stabiliser; the offered ε is not used). Other optimizers,
+/// and other betas, are declined rather than silently replaced; so is a
+/// weight decay outside `[0, 10]` (by [`TrainConfig::validate`]).
 pub fn train_config(t: &TrainingConfig) -> Result<TrainConfig, Refusal> {
+    let betas = |name: &str, beta1: f64, beta2: f64| {
+        if beta1 == 0.9 && beta2 == 0.999 {
+            Ok(())
+        } else {
+            Err(Refusal::Unsupported(format!(
+                "{name} with betas ({beta1}, {beta2}): this agent supports (0.9, 0.999) only"
+            )))
+        }
+    };
     let optimizer = match t.optimizer {
         Optimizer::Sgd { momentum: 0.0 } => OptimizerKind::Sgd,
-        Optimizer::Sgd { momentum } => {
-            return Err(Refusal::Unsupported(format!(
-                "SGD with momentum {momentum}: this agent trains with plain SGD only"
-            )));
-        }
-        Optimizer::Adam { beta1, beta2, .. } if beta1 == 0.9 && beta2 == 0.999 => {
+        Optimizer::Sgd { momentum } => OptimizerKind::SgdMomentum { momentum },
+        Optimizer::Adam { beta1, beta2, .. } => {
+            betas("Adam", beta1, beta2)?;
             OptimizerKind::Adam
         }
-        Optimizer::Adam { beta1, beta2, .. } => {
-            return Err(Refusal::Unsupported(format!(
-                "Adam with betas ({beta1}, {beta2}): this agent supports (0.9, 0.999) only"
-            )));
+        Optimizer::AdamW {
+            beta1,
+            beta2,
+            weight_decay,
+            ..
+        } => {
+            betas("AdamW", beta1, beta2)?;
+            OptimizerKind::AdamW { weight_decay }
         }
         other => {
             return Err(Refusal::Unsupported(format!(
@@ -512,21 +525,108 @@ mod tests {
     }
 
     #[test]
-    fn declines_unsupported_optimizers() {
-        let mut c = core();
+    fn maps_the_offered_optimizer_and_declines_what_it_cannot_honour() {
+        let declined = |optimizer| {
+            let mut o = offer();
+            o.training.optimizer = optimizer;
+            let out = core().on_offer(1_000, &o);
+            assert!(out.start.is_none());
+            match out.refusal {
+                Some(Refusal::Unsupported(m)) => m,
+                other => panic!("{optimizer:?}: expected Unsupported, got {other:?}"),
+            }
+        };
+        let trained = |optimizer| {
+            let mut o = offer();
+            o.training.optimizer = optimizer;
+            let out = core().on_offer(1_000, &o);
+            assert_eq!(out.response.decision, OfferDecision::Accept);
+            out.start.unwrap().train.optimizer
+        };
+        assert_eq!(
+            trained(Optimizer::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+            }),
+            OptimizerKind::Adam
+        );
+        assert_eq!(
+            trained(Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.1,
+            }),
+            OptimizerKind::AdamW { weight_decay: 0.1 }
+        );
+        assert_eq!(
+            trained(Optimizer::Sgd { momentum: 0.9 }),
+            OptimizerKind::SgdMomentum { momentum: 0.9 }
+        );
+        assert_eq!(
+            trained(Optimizer::Sgd { momentum: 0.0 }),
+            OptimizerKind::Sgd
+        );
+        let m = declined(Optimizer::AdamW {
+            beta1: 0.8,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+        });
+        assert!(m.contains("AdamW with betas (0.8, 0.999)"), "{m}");
+        let m = declined(Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.99,
+            epsilon: 1e-8,
+        });
+        assert!(m.contains("Adam with betas (0.9, 0.99)"), "{m}");
+        let m = declined(Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 50.0,
+        });
+        assert!(m.contains("weight_decay = 50"), "{m}");
+    }
+
+    #[test]
+    fn an_adamw_job_reaches_the_trainer_and_changes_the_weights() {
         let mut o = offer();
-        o.training.optimizer = Optimizer::Sgd { momentum: 0.9 };
-        assert!(matches!(
-            c.on_offer(1_000, &o).refusal,
-            Some(Refusal::Unsupported(_))
-        ));
+        o.training.optimizer = Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.5,
+        };
+        o.training.learning_rate = 0.01;
+        let a = core().on_offer(1_000, &o).start.unwrap();
+        assert_eq!(
+            a.train.optimizer,
+            OptimizerKind::AdamW { weight_decay: 0.5 }
+        );
+        // the same offer with Adam: only the decay differs, and it shrinks
+        // the trained weights
         o.training.optimizer = Optimizer::Adam {
             beta1: 0.9,
             beta2: 0.999,
             epsilon: 1e-8,
         };
-        let out = c.on_offer(1_000, &o);
-        assert_eq!(out.start.unwrap().train.optimizer, OptimizerKind::Adam);
+        let b = core().on_offer(1_000, &o).start.unwrap();
+        let x: Vec<f32> = (0..40).map(|i| (i % 7) as f32 - 3.0).collect();
+        let y: Vec<u32> = (0..10).map(|i| (i % 2) as u32).collect();
+        let samples = Samples::new(SampleShape::Features(4), x, Targets::Classes(y)).unwrap();
+        let global = o.arch.init(3).unwrap();
+        let device = burn::prelude::Device::flex();
+        let (w, _) = train::train_local(&o.arch, &global, &samples, &a.train, &device).unwrap();
+        let (p, _) = train::train_local(&o.arch, &global, &samples, &b.train, &device).unwrap();
+        let norm = |m: &fedlink_protocol::FlatModel| {
+            m.values()
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+        };
+        assert!(norm(&w) < norm(&p), "{} vs {}", norm(&w), norm(&p));
     }
 
     #[test]

@@ -605,6 +605,10 @@ async fn declines_by_policy_then_trains_uploads_and_uses_the_model_cache() {
     );
     assert_eq!(trained.details["metrics"]["epochs"], 2);
     assert_eq!(trained.details["num_examples"], data.train.len());
+    // the offer's optimizer and learning rate are on record
+    let received = log.iter().find(|e| e.event == "offer.received").unwrap();
+    assert_eq!(received.details["optimizer"]["Sgd"]["momentum"], 0.0);
+    assert_eq!(received.details["learning_rate"], 0.1);
     // who caused what
     let site_uri = "fedlink://testfed/site/site-0";
     let actor = |name: &str| log.iter().find(|e| e.event == name).unwrap().actor.clone();

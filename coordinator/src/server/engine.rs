@@ -20,8 +20,8 @@ use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
 use fedlink_protocol::message::{
-    Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
-    UploadProgress, UploadResult,
+    Cancel, CentralDp, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig, UploadProgress,
+    UploadResult,
 };
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
@@ -36,7 +36,7 @@ use crate::config::UpdateRetention;
 use crate::core::intake::{self, reason_text, reject_code};
 use crate::core::resume::{Interrupted, Kept, Partials};
 use crate::core::{CloseReason, JobNeeds, evaluation};
-use crate::job::{Job, LocalOptimizer};
+use crate::job::Job;
 use crate::round::{
     Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
     UpdateReceived, Verdict,
@@ -1773,14 +1773,7 @@ impl Engine {
         deadline: Instant,
     ) -> Result<TaskOffer, EngineError> {
         let t = &self.job.training;
-        let optimizer = match t.optimizer {
-            LocalOptimizer::Adam => Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                epsilon: 1e-8,
-            },
-            _ => Optimizer::Sgd { momentum: 0.0 },
-        };
+        let optimizer = t.optimizer_to_protocol();
         let encoding = self
             .job
             .encoding

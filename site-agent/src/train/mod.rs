@@ -4,7 +4,7 @@
 //!  global FlatModel ──weights::load──▶ Net (autodiff device)
 //!                                        │  epochs × shuffled mini-batches:
 //!                                        │  loss = CE(data) + μ/2·||w − w_global||²
-//!                                        ▼  SGD or Adam step
+//!                                        ▼  SGD (± momentum), Adam or AdamW step
 //!  local FlatModel  ◀──weights::save── Net            + TrainReport
 //! ```
 //!
@@ -40,7 +40,8 @@ pub mod model;
 
 use std::time::{Duration, Instant};
 
-use burn::optim::{AdamConfig, GradientsParams, SgdConfig};
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
 use fedlink_protocol::arch::{ArchError, ArchSpec, MAX_UNET_DEPTH};
@@ -63,15 +64,51 @@ pub const MAX_BATCH_SIZE: usize = 1 << 16;
 /// Most f32 values a single evaluation batch holds.
 const EVAL_BATCH_VALUES: usize = 1 << 22;
 
+/// Largest decoupled weight decay ([`OptimizerKind::AdamW`]).
+pub const MAX_WEIGHT_DECAY: f64 = 10.0;
+
 /// Which optimizer runs the local steps.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Serialized in lowercase: `"sgd"`, `"adam"` (as before), and the
+/// variants with a parameter as tables, `{ adamw = { weight_decay = 0.1 } }`
+/// and `{ sgdmomentum = { momentum = 0.9 } }`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// Plain stochastic gradient descent (no momentum, no weight decay).
     #[default]
     Sgd,
+    /// SGD with heavy-ball momentum, PyTorch's convention: velocity
+    /// `v ← μ·v + g` (no dampening, not Nesterov), step `w ← w − lr·v`;
+    /// the velocity starts at zero each round.
+    SgdMomentum {
+        /// Momentum factor μ in `[0, 1)`.
+        momentum: f64,
+    },
     /// Adam (β = 0.9, 0.999; ε = 1e-5), fresh each round.
     Adam,
+    /// AdamW (Loshchilov & Hutter): Adam (β = 0.9, 0.999; ε = 1e-5) with
+    /// decoupled weight decay. Each step first shrinks every parameter
+    /// (weights and biases alike) by the factor `1 − lr · weight_decay`,
+    /// then takes the Adam step computed from the gradient of the loss
+    /// alone. Fresh each round.
+    AdamW {
+        /// Decoupled weight decay λ in `[0, MAX_WEIGHT_DECAY]`; 0 is Adam.
+        weight_decay: f64,
+    },
+}
+
+impl OptimizerKind {
+    /// A short label: `sgd`, `sgd(momentum 0.9)`, `adam`,
+    /// `adamw(weight_decay 0.1)`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Sgd => "sgd".to_owned(),
+            Self::SgdMomentum { momentum } => format!("sgd(momentum {momentum})"),
+            Self::Adam => "adam".to_owned(),
+            Self::AdamW { weight_decay } => format!("adamw(weight_decay {weight_decay})"),
+        }
+    }
 }
 
 /// How the loss weighs the classes.
@@ -185,6 +222,27 @@ impl TrainConfig {
         }
         if !(self.fedprox_mu.is_finite() && (0.0..=1000.0).contains(&self.fedprox_mu)) {
             return bad(format!("fedprox_mu = {} not in [0, 1000]", self.fedprox_mu));
+        }
+        match self.optimizer {
+            OptimizerKind::Sgd | OptimizerKind::Adam => {}
+            OptimizerKind::SgdMomentum { momentum } => {
+                if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+                    return bad(format!("momentum = {momentum} not in [0, 1)"));
+                }
+            }
+            OptimizerKind::AdamW { weight_decay } => {
+                if !(weight_decay.is_finite() && (0.0..=MAX_WEIGHT_DECAY).contains(&weight_decay)) {
+                    return bad(format!(
+                        "weight_decay = {weight_decay} not in [0, {MAX_WEIGHT_DECAY}]"
+                    ));
+                }
+                if self.learning_rate * weight_decay >= 1.0 {
+                    return bad(format!(
+                        "learning_rate × weight_decay = {} must be below 1 (each step scales the weights by 1 − their product)",
+                        self.learning_rate * weight_decay
+                    ));
+                }
+            }
         }
         if let Some(a) = &self.augmentation {
             a.validate()
@@ -501,7 +559,18 @@ pub fn train_local(
     };
     let mut optim = match cfg.optimizer {
         OptimizerKind::Sgd => SgdConfig::new().init(),
+        OptimizerKind::SgdMomentum { momentum } => SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(momentum)
+                    .with_dampening(0.0)
+                    .with_nesterov(false),
+            ))
+            .init(),
         OptimizerKind::Adam => AdamConfig::new().init(),
+        OptimizerKind::AdamW { weight_decay } => AdamWConfig::new()
+            .with_weight_decay(weight_decay as f32)
+            .init(),
     };
     let weights = class_weights(cfg.class_weighting.unwrap_or_default(), data, classes);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);

@@ -107,6 +107,153 @@ fn training_is_deterministic_on_cpu() {
     }
 }
 
+#[test]
+fn adamw_decay_shrinks_each_parameter_by_lr_times_decay() {
+    // One full-batch step: AdamW(λ) takes the same Adam step as AdamW(0)
+    // from a parameter first scaled by 1 − lr·λ, so the two results differ
+    // by exactly −lr·λ·w0 in every parameter (biases included).
+    let data = blobs(32, 3);
+    let arch = ArchSpec::Mlp {
+        inputs: 4,
+        hidden: vec![8],
+        classes: 2,
+    };
+    let global = arch.init(6).unwrap();
+    let device = Device::flex();
+    let (lr, decay) = (0.05, 0.8);
+    let one_step = |weight_decay| {
+        let cfg = TrainConfig::new()
+            .with_epochs(1)
+            .with_batch_size(32)
+            .with_optimizer(OptimizerKind::AdamW { weight_decay })
+            .with_learning_rate(lr)
+            .with_seed(1);
+        let (m, r) = train_local(&arch, &global, &data, &cfg, &device).unwrap();
+        assert_eq!(r.steps, 1);
+        m
+    };
+    let plain = one_step(0.0);
+    let decayed = one_step(decay);
+    for ((&d, &p), &w0) in decayed
+        .values()
+        .iter()
+        .zip(plain.values())
+        .zip(global.values())
+    {
+        let expected = -(lr * decay) as f32 * w0;
+        assert!(
+            (d - p - expected).abs() <= 1e-6 + 1e-5 * expected.abs(),
+            "w0 {w0}: decayed {d} plain {p} (difference {}, expected {expected})",
+            d - p
+        );
+    }
+    assert_ne!(decayed.hash(), plain.hash());
+    // Over many steps the decay keeps the weights smaller; with λ = 0
+    // AdamW takes Adam's steps (burn places ε slightly differently).
+    let run = |optimizer| {
+        let cfg = TrainConfig::new()
+            .with_epochs(20)
+            .with_batch_size(8)
+            .with_optimizer(optimizer)
+            .with_learning_rate(lr)
+            .with_seed(2);
+        train_local(&arch, &global, &data, &cfg, &device).unwrap().0
+    };
+    let norm = |m: &FlatModel| {
+        m.values()
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+    };
+    let adam = run(OptimizerKind::Adam);
+    let adamw0 = run(OptimizerKind::AdamW { weight_decay: 0.0 });
+    let adamw = run(OptimizerKind::AdamW { weight_decay: 0.8 });
+    assert!(
+        distance(&adam, &adamw0) < 1e-3,
+        "{}",
+        distance(&adam, &adamw0)
+    );
+    assert!(
+        norm(&adamw) < 0.9 * norm(&adam),
+        "{} vs {}",
+        norm(&adamw),
+        norm(&adam)
+    );
+}
+
+#[test]
+fn sgd_momentum_takes_plain_steps_first_then_accumulates() {
+    let data = blobs(32, 4);
+    let arch = logreg_4();
+    let global = arch.init(2).unwrap();
+    let device = Device::flex();
+    let run = |optimizer, epochs| {
+        let cfg = TrainConfig::new()
+            .with_epochs(epochs)
+            .with_batch_size(32)
+            .with_optimizer(optimizer)
+            .with_learning_rate(0.1)
+            .with_seed(1);
+        train_local(&arch, &global, &data, &cfg, &device).unwrap().0
+    };
+    let momentum = OptimizerKind::SgdMomentum { momentum: 0.9 };
+    // the velocity starts at the first gradient: step 1 is plain SGD
+    assert_eq!(run(momentum, 1).hash(), run(OptimizerKind::Sgd, 1).hash());
+    // later steps add 0.9 × the previous velocity: they go further
+    let plain = run(OptimizerKind::Sgd, 5);
+    let heavy = run(momentum, 5);
+    assert!(distance(&heavy, &global) > distance(&plain, &global) * 1.5);
+}
+
+#[test]
+fn optimizer_parameters_are_validated() {
+    let bad = |optimizer, lr| {
+        TrainConfig::new()
+            .with_optimizer(optimizer)
+            .with_learning_rate(lr)
+            .validate()
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(OptimizerKind::AdamW { weight_decay: -0.1 }, 0.01).contains("weight_decay"));
+    assert!(
+        bad(
+            OptimizerKind::AdamW {
+                weight_decay: f64::NAN
+            },
+            0.01
+        )
+        .contains("weight_decay")
+    );
+    assert!(bad(OptimizerKind::AdamW { weight_decay: 15.0 }, 0.01).contains("weight_decay"));
+    assert!(bad(OptimizerKind::AdamW { weight_decay: 0.5 }, 2.0).contains("below 1"));
+    assert!(bad(OptimizerKind::SgdMomentum { momentum: 1.0 }, 0.01).contains("momentum"));
+    assert!(bad(OptimizerKind::SgdMomentum { momentum: -0.1 }, 0.01).contains("momentum"));
+    // the serialized names of the old variants did not change
+    for (k, json) in [
+        (OptimizerKind::Sgd, r#""sgd""#),
+        (OptimizerKind::Adam, r#""adam""#),
+        (
+            OptimizerKind::AdamW { weight_decay: 0.1 },
+            r#"{"adamw":{"weight_decay":0.1}}"#,
+        ),
+        (
+            OptimizerKind::SgdMomentum { momentum: 0.9 },
+            r#"{"sgdmomentum":{"momentum":0.9}}"#,
+        ),
+    ] {
+        assert_eq!(serde_json::to_string(&k).unwrap(), json);
+        assert_eq!(serde_json::from_str::<OptimizerKind>(json).unwrap(), k);
+    }
+}
+
+fn logreg_4() -> ArchSpec {
+    ArchSpec::LogReg {
+        inputs: 4,
+        classes: 2,
+    }
+}
+
 fn distance(a: &FlatModel, b: &FlatModel) -> f64 {
     a.values()
         .iter()
