@@ -45,7 +45,7 @@ use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
 
-use crate::tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
+use tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// One federated task of the demo.
@@ -949,7 +949,7 @@ fn chosen_baselines(
         test_path,
         task.label,
         &drop,
-        crate::tabular_choice::SPLIT_SEED,
+        tabular_choice::SPLIT_SEED,
     )?;
     let train = data.pooled_train(&data.pooled)?;
     let (s, k) = &c.central;
@@ -963,7 +963,7 @@ fn chosen_baselines(
         *k,
         |_, _| Ok(()),
     )?;
-    let central = crate::tabular_choice::metrics(&data.arch, &m, &data.test(&data.pooled)?)?;
+    let central = tabular_choice::metrics(&data.arch, &m, &data.test(&data.pooled)?)?;
     println!(
         "  baseline: central ({}; {} epochs on {} rows) {} in {:.1} s",
         s.label(),
@@ -982,7 +982,7 @@ fn chosen_baselines(
             *k,
             |_, _| Ok(()),
         )?;
-        let metrics = crate::tabular_choice::metrics(&data.arch, &m, &data.test(&d.scaling)?)?;
+        let metrics = tabular_choice::metrics(&data.arch, &m, &data.test(&d.scaling)?)?;
         println!(
             "  baseline: {name} local-only ({}; {} epochs on {} rows) {}",
             s.label(),
