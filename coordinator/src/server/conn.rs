@@ -946,18 +946,11 @@ async fn receive_upload(
         .await;
     };
     let (reply, answer) = oneshot::channel();
-    let event = if up.resume {
-        Event::PrepareResume {
-            site: site.to_owned(),
-            envelope: Box::new(envelope.clone()),
-            reply,
-        }
-    } else {
-        Event::PrepareUpload {
-            site: site.to_owned(),
-            envelope: Box::new(envelope.clone()),
-            reply,
-        }
+    let event = Event::PrepareUpload {
+        site: site.to_owned(),
+        envelope: Box::new(envelope.clone()),
+        resume: up.resume,
+        reply,
     };
     let _ = shared.engine.send(event).await;
     let ticket = match answer.await {

@@ -18,7 +18,7 @@ use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
-use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
+use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{
     Cancel, CentralDp, Optimizer, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig,
     UploadProgress, UploadResult,
@@ -75,17 +75,14 @@ pub(crate) enum Event {
         accepted: bool,
         reason: String,
     },
-    /// A site wants to upload: verify the signed envelope first.
+    /// A site wants to upload: verify the signed envelope first. With
+    /// `resume`, the site resumes an upload a lost connection cut short
+    /// (the same signed envelope): it is verified against the kept partial
+    /// upload.
     PrepareUpload {
         site: String,
         envelope: Box<SignedEnvelope>,
-        reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
-    },
-    /// A site wants to resume an upload a lost connection cut short (the
-    /// same signed envelope): verify it against the kept partial upload.
-    PrepareResume {
-        site: String,
-        envelope: Box<SignedEnvelope>,
+        resume: bool,
         reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
     },
     /// An upload's connection was lost (or its site stalled) part way: keep
@@ -439,24 +436,20 @@ impl Engine {
             Event::PrepareUpload {
                 site,
                 envelope,
+                resume,
                 reply,
             } => {
-                let answer = self.prepare_upload(&site, &envelope);
+                let answer = if resume {
+                    self.prepare_resume(&site, &envelope)
+                } else {
+                    self.prepare_upload(&site, &envelope)
+                };
                 if let Err((code, why)) = &answer {
-                    tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
-                    let h = &envelope.header;
-                    self.note_rejected(&site, &envelope, h.payload_len, why)?;
-                }
-                let _ = reply.send(answer);
-            }
-            Event::PrepareResume {
-                site,
-                envelope,
-                reply,
-            } => {
-                let answer = self.prepare_resume(&site, &envelope);
-                if let Err((code, why)) = &answer {
-                    tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
+                    if resume {
+                        tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
+                    } else {
+                        tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
+                    }
                     let h = &envelope.header;
                     self.note_rejected(&site, &envelope, h.payload_len, why)?;
                 }
@@ -504,17 +497,9 @@ impl Engine {
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        let expected = intake::Expected {
-            federation: &self.federation,
-            job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
-            encoding: self.job.encoding.to_protocol().ok(),
-            spec: &self.global_spec,
-            keys: &self.keys,
-        };
-        let verifier =
-            intake::verify_header(&self.runner, &expected, &mut self.replay, site, envelope)
-                .map_err(|r| (r.code, r.reason))?;
+        let (runner, expected, replay) = self.intake();
+        let verifier = intake::verify_header(runner, &expected, replay, site, envelope)
+            .map_err(|r| (r.code, r.reason))?;
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
@@ -531,20 +516,7 @@ impl Engine {
                     format!("persisting the replay state: {e}"),
                 )
             })?;
-        // The claimed weight is bounded before a payload byte is read: by
-        // the site's declared size and by the job's per-site cap. Rejected,
-        // not clamped: the signature covers the claimed number.
-        let declared = self
-            .wire
-            .site_max_examples(site)
-            .map_err(|e| (RejectCode::Internal, e))?;
-        intake::check_num_examples(
-            site,
-            h.num_examples,
-            self.strategy.max_num_examples,
-            declared,
-        )
-        .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        self.check_claim(site, h)?;
         intake::check_header_numbers(h).map_err(|why| (RejectCode::Malformed, why))?;
         let spool_dir = self.store.dir().join("spool");
         fedlink_certs::private::create_dir_all(&spool_dir)
@@ -601,37 +573,13 @@ impl Engine {
         spool_path: PathBuf,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        let expected = intake::Expected {
-            federation: &self.federation,
-            job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
-            encoding: self.job.encoding.to_protocol().ok(),
-            spec: &self.global_spec,
-            keys: &self.keys,
-        };
-        let verifier = intake::verify_resume(
-            &self.runner,
-            &expected,
-            &self.replay,
-            site,
-            envelope,
-            partial,
-        )
-        .map_err(|r| (r.code, r.reason))?;
+        let (runner, expected, replay) = self.intake();
+        let verifier = intake::verify_resume(runner, &expected, replay, site, envelope, partial)
+            .map_err(|r| (r.code, r.reason))?;
         let Some((_, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        let declared = self
-            .wire
-            .site_max_examples(site)
-            .map_err(|e| (RejectCode::Internal, e))?;
-        intake::check_num_examples(
-            site,
-            h.num_examples,
-            self.strategy.max_num_examples,
-            declared,
-        )
-        .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        self.check_claim(site, h)?;
         Ok(UploadTicket {
             resume_from: Some(UploadProgress {
                 records,
@@ -642,6 +590,39 @@ impl Engine {
             spec: self.global_spec.clone(),
             spool_path,
         })
+    }
+
+    /// What an upload's signed header is checked against in the running
+    /// job (for a new upload and a resumed one alike): the round machine,
+    /// the job's expectations, and the replay guard (a new upload records
+    /// its nonce there).
+    fn intake(&mut self) -> (&JobRunner, intake::Expected<'_>, &mut ReplayGuard) {
+        let expected = intake::Expected {
+            federation: &self.federation,
+            job: &self.job_id,
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            encoding: self.job.encoding.to_protocol().ok(),
+            spec: &self.global_spec,
+            keys: &self.keys,
+        };
+        (&self.runner, expected, &mut self.replay)
+    }
+
+    /// The claimed weight is bounded before a payload byte is read: by the
+    /// site's declared size and by the job's per-site cap. Rejected, not
+    /// clamped: the signature covers the claimed number.
+    fn check_claim(&self, site: &str, h: &UpdateHeader) -> Result<(), (RejectCode, String)> {
+        let declared = self
+            .wire
+            .site_max_examples(site)
+            .map_err(|e| (RejectCode::Internal, e))?;
+        intake::check_num_examples(
+            site,
+            h.num_examples,
+            self.strategy.max_num_examples,
+            declared,
+        )
+        .map_err(|why| (RejectCode::NotAuthorized, why))
     }
 
     /// An upload was cut short: keep it for a resume if its site may still

@@ -90,11 +90,7 @@ impl Idle {
                 site,
                 envelope,
                 reply,
-            }
-            | Event::PrepareResume {
-                site,
-                envelope,
-                reply,
+                ..
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
                 let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
