@@ -517,7 +517,7 @@ impl Engine {
                 )
             })?;
         self.check_claim(site, h)?;
-        intake::check_header_numbers(h).map_err(|why| (RejectCode::Malformed, why))?;
+        intake::check_header_numbers(h).map_err(|e| (RejectCode::Malformed, e.to_string()))?;
         let spool_dir = self.store.dir().join("spool");
         fedlink_certs::private::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
@@ -622,7 +622,7 @@ impl Engine {
             self.strategy.max_num_examples,
             declared,
         )
-        .map_err(|why| (RejectCode::NotAuthorized, why))
+        .map_err(|e| (RejectCode::NotAuthorized, e.to_string()))
     }
 
     /// An upload was cut short: keep it for a resume if its site may still
@@ -1063,7 +1063,7 @@ impl Engine {
         let r = &signed.report;
         let verdict = match self.requested.as_mut() {
             Some((req, _)) => req.handle_report(site, signed, &self.keys),
-            None => Err("no evaluation is being asked for".into()),
+            None => Err(evaluation::EvalRefusal::NotRequested),
         };
         let mut details = serde_json::json!({
             "site": site,
@@ -1079,7 +1079,7 @@ impl Engine {
             }
             Err(why) => {
                 tracing::warn!(site, reason = %why, "evaluation report refused");
-                details["reason"] = serde_json::Value::from(why.as_str());
+                details["reason"] = serde_json::Value::from(why.to_string());
                 EventKind::EvalRejected
             }
         };
