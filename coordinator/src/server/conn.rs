@@ -170,7 +170,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
     // `disk.low` entry records the state once).
     if let Err(why) = shared.disk_allows_new_work() {
         tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
-        conn.close(close::SHUTDOWN, why.as_bytes());
+        conn.close(close::SHUTDOWN, why.to_string().as_bytes());
         return;
     }
     let alpn = conn.negotiated_alpn();
@@ -930,7 +930,7 @@ async fn receive_upload(
     // needs. Refused before a byte is stored (the `disk.low` entry records
     // the state once, not each refusal); the site retries later.
     if let Err(why) = shared.disk_allows_new_work() {
-        return reject_upload(&mut send, recv, RejectCode::Busy, why).await;
+        return reject_upload(&mut send, recv, RejectCode::Busy, why.to_string()).await;
     }
     let key: InFlightKey = (site.to_owned(), envelope.header.nonce.0);
     if up.resume {

@@ -99,6 +99,22 @@ pub(crate) enum Event {
     Admin(admin::AdminEvent),
 }
 
+/// Why an acknowledged update could not be folded into the round (pass 2);
+/// the site is told "the coordinator could not fold the update: …".
+#[derive(Debug, thiserror::Error)]
+enum FoldError {
+    /// The update reached the fold without pass 1's token (the runner
+    /// acknowledged an update that was invalid).
+    #[error("update has no validation token")]
+    NoToken,
+    /// No round's accumulator is open.
+    #[error("no aggregator for the round")]
+    NoAggregator,
+    /// Reading, decoding or folding the spooled payload failed.
+    #[error(transparent)]
+    Payload(#[from] round_archive::PayloadError),
+}
+
 /// What a connection task needs to receive one upload.
 #[derive(Debug)]
 pub(crate) struct UploadTicket {
@@ -1298,12 +1314,17 @@ impl Engine {
         Ok(())
     }
 
-    fn fold(&mut self, p: &Pending) -> Result<(), String> {
-        let token = p.token.as_ref().ok_or("update has no validation token")?;
+    fn fold(&mut self, p: &Pending) -> Result<(), FoldError> {
+        let token = p.token.as_ref().ok_or(FoldError::NoToken)?;
         let Some((_, agg)) = self.aggregator.as_mut() else {
-            return Err("no aggregator for the round".into());
+            return Err(FoldError::NoAggregator);
         };
-        round_archive::fold_payload(agg, token, p.envelope.header.encoding, &p.spool_path)
+        Ok(round_archive::fold_payload(
+            agg,
+            token,
+            p.envelope.header.encoding,
+            &p.spool_path,
+        )?)
     }
 
     /// Aggregate a round. The outer error is fatal (the audit trail or the
@@ -1418,7 +1439,7 @@ impl Engine {
                     round_archive::validate_payload(&agg, site, *num_examples, *encoding, path)?;
                 round_archive::fold_payload(&mut agg, &token, *encoding, path)?;
             }
-            Ok::<_, String>(agg)
+            Ok::<_, round_archive::PayloadError>(agg)
         });
         Ok(rebuilt.map_err(|e| format!("folding the round again without excluded sites: {e}")))
     }
@@ -1435,7 +1456,7 @@ impl Engine {
         let mut state = self.server_state.clone();
         let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
             Ok(o) => o,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.to_string())),
         };
         if *outcome.update.spec() != self.global_spec {
             return Ok(Err("the aggregate does not have the model's spec".into()));

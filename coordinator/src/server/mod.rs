@@ -221,7 +221,7 @@ impl Shared {
 
     /// May new work (a connection, an upload) start? Records the change
     /// when the disk becomes low or recovers; `Err` says why not.
-    pub(crate) fn disk_allows_new_work(&self) -> Result<(), String> {
+    pub(crate) fn disk_allows_new_work(&self) -> Result<(), disk::LowOnDisk> {
         let (verdict, transition) = self.disk.check();
         if let Some(t) = transition {
             let (event, free) = match t {
