@@ -769,18 +769,18 @@ async fn serve_model(
     // never a whole record. Pieces of 256 KiB are large enough for the
     // allocator to map and unmap them, so they do not fragment its arenas.
     const PIECE: usize = 256 << 10;
-    let mut reader = RecordReader::open(&wire.path).map_err(TransportError::Stream)?;
+    let stream_err = |e: super::wire::WireError| TransportError::Stream(e.to_string());
+    let mut reader = RecordReader::open(&wire.path).map_err(stream_err)?;
     // A resumed download: the site kept the records before `from_record`
     // (it checks the whole model's hash at the end).
     let mut index = 0u64;
     loop {
-        let head =
-            tokio::task::block_in_place(|| reader.next_head()).map_err(TransportError::Stream)?;
+        let head = tokio::task::block_in_place(|| reader.next_head()).map_err(stream_err)?;
         let Some((head, len)) = head else { break };
         index += 1;
         if index <= from_record {
             tokio::task::block_in_place(|| reader.skip_body(len.saturating_sub(head.len())))
-                .map_err(TransportError::Stream)?;
+                .map_err(stream_err)?;
             continue;
         }
         send.begin_chunk(len).await?;
@@ -789,8 +789,7 @@ async fn serve_model(
         let mut left = len.saturating_sub(head.len());
         while left > 0 {
             let mut piece = vec![0u8; left.min(PIECE)];
-            tokio::task::block_in_place(|| reader.read_body(&mut piece))
-                .map_err(TransportError::Stream)?;
+            tokio::task::block_in_place(|| reader.read_body(&mut piece)).map_err(stream_err)?;
             left -= piece.len();
             send.chunk_body(piece.into()).await?;
         }

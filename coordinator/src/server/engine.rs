@@ -1546,7 +1546,7 @@ impl Engine {
         // model: its next offers name it, and sites fetch it at once.
         let wire = match super::wire::ensure(&self.models_dir, &next) {
             Ok(w) => w,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.to_string())),
         };
         self.wire.publish_wire(wire);
         drop(next);

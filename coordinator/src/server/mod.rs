@@ -887,7 +887,8 @@ fn build_engine(
     }
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
-    let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
+    let first_wire =
+        wire::ensure(&models_dir, &recovery.model).map_err(|e| ServeError::Job(e.to_string()))?;
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
