@@ -865,8 +865,8 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     // architecture.
     let model = tokio::task::block_in_place(|| match &job.init {
         InitSource::File(file) => {
-            let path =
-                resolve_submitted_init(shared.admin.init_dir.as_deref(), file).map_err(refused)?;
+            let path = resolve_submitted_init(shared.admin.init_dir.as_deref(), file)
+                .map_err(|e| refused(e.to_string()))?;
             read_initial_model(&job, &path).map_err(invalid)
         }
         _ => initial_model(&job).map_err(invalid),

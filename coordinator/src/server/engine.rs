@@ -631,7 +631,7 @@ impl Engine {
         let declared = self
             .wire
             .site_max_examples(site)
-            .map_err(|e| (RejectCode::Internal, e))?;
+            .map_err(|e| (RejectCode::Internal, e.to_string()))?;
         intake::check_num_examples(
             site,
             h.num_examples,
@@ -1379,7 +1379,7 @@ impl Engine {
         agg: RoundAggregator,
         log: &mut RoundLog,
     ) -> Result<Result<RoundAggregator, String>, EngineError> {
-        let withdrawn: Vec<(usize, String)> = log
+        let withdrawn: Vec<(usize, super::NotAllowed)> = log
             .inputs
             .iter()
             .enumerate()
