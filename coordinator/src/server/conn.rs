@@ -239,6 +239,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
         Ok(slot) => slot,
         Err(why) => {
             tracing::warn!(%remote, %identity, reason = %why, "connection refused");
+            let why = why.to_string();
             shared.note_refused(remote, &why);
             conn.close(close::FORBIDDEN, why.as_bytes());
             return;
