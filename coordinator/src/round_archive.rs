@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::round::{RoundAggregator, RoundOutcome, ServerState};
-use fedlink_aggregation::validate::ValidatedUpdate;
+use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{AggregationError, StrategyConfig, UpdateError};
 use fedlink_protocol::{Encoding, FlatModel, ModelHash, ModelSpec};
 use serde::{Deserialize, Serialize};
@@ -434,9 +434,23 @@ pub fn validate_payload(
     encoding: Encoding,
     path: &Path,
 ) -> Result<ValidatedUpdate, PayloadError> {
-    let spec = agg.spec().as_ref().clone();
-    let mut validator = agg.validator(site, num_examples);
-    crate::server::spool::for_each_chunk(path, &spec, encoding, |offset, values| {
+    validate_with(
+        agg.validator(site, num_examples),
+        agg.spec(),
+        encoding,
+        path,
+    )
+}
+
+/// Pass 1 of one payload file with a given validator (the engine's
+/// connection tasks hold one per upload, made by the round's aggregator).
+pub fn validate_with(
+    mut validator: UpdateValidator,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    path: &Path,
+) -> Result<ValidatedUpdate, PayloadError> {
+    crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
         validator.feed(offset, values)
     })??;
     Ok(validator.finish()?)

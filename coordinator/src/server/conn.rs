@@ -22,11 +22,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::engine::{
-    Event, UpdateReady, UploadInterrupted, UploadTicket, unix_ms, update_received_details,
+    CheckError, Event, UpdateReady, UploadInterrupted, UploadTicket, unix_ms,
+    update_received_details,
 };
 use super::limits;
 use super::refusals::peer_text;
-use super::spool::{self, SpoolWriter};
+use super::spool::SpoolWriter;
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
 
@@ -970,7 +971,7 @@ async fn receive_upload(
     let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
-        mut validator,
+        validator,
         spec,
         spool_path,
         resume_from,
@@ -1131,17 +1132,11 @@ async fn receive_upload(
     let encoding = envelope.header.encoding;
     let check_path = path.clone();
     let check = tokio::task::spawn_blocking(move || {
-        let r = spool::for_each_chunk(&check_path, &spec, encoding, |offset, values| {
-            validator.feed(offset, values).map_err(|e| e.to_string())
-        });
-        match r {
-            Ok(Ok(())) => validator.finish().map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.to_string()),
-        }
+        crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
     })
     .await
-    .unwrap_or_else(|e| Err(format!("validation task failed: {e}")));
+    .map_err(CheckError::Task)
+    .and_then(|r| r.map_err(CheckError::from));
     let (reply, answer) = oneshot::channel();
     let _ = shared
         .engine

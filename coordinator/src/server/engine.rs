@@ -99,6 +99,32 @@ pub(crate) enum Event {
     Admin(admin::AdminEvent),
 }
 
+/// Why an engine cannot start on its job.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// The job's id is not a valid id.
+    #[error("job id: {0}")]
+    JobId(#[source] fedlink_protocol::IdError),
+    /// The strategy does not survive its JSON round trip (`round.json`).
+    #[error("strategy: {0}")]
+    Strategy(#[source] serde_json::Error),
+    /// The job's evaluations could not be read from the store.
+    #[error("reading the job's evaluations: {0}")]
+    Evaluations(#[source] crate::store::StoreError),
+}
+
+/// Why an update failed pass 1 (decoded from its spool and validated by a
+/// connection task); the text is the update's rejection reason.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckError {
+    /// The spool could not be read or decoded, or the update is invalid.
+    #[error(transparent)]
+    Payload(#[from] round_archive::PayloadError),
+    /// The validation task panicked or was cancelled.
+    #[error("validation task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 /// Why an acknowledged update could not be folded into the round (pass 2);
 /// the site is told "the coordinator could not fold the update: …".
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +182,7 @@ pub(crate) struct UpdateReady {
     /// How long receiving the payload took (milliseconds).
     pub(crate) upload_ms: u64,
     /// Pass 1: the validated token, or why the update is invalid.
-    pub(crate) check: Result<ValidatedUpdate, String>,
+    pub(crate) check: Result<ValidatedUpdate, CheckError>,
     pub(crate) reply: oneshot::Sender<UploadResult>,
 }
 
@@ -278,16 +304,16 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 impl Engine {
-    pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, String> {
-        let job_id = JobId::new(&parts.job.id).map_err(|e| format!("job id: {e}"))?;
+    pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, StartError> {
+        let job_id = JobId::new(&parts.job.id).map_err(StartError::JobId)?;
         // Compute with the strategy exactly as `round.json` records it.
         let (_, strategy) =
-            round_archive::json_roundtrip(&parts.strategy).map_err(|e| format!("strategy: {e}"))?;
+            round_archive::json_roundtrip(&parts.strategy).map_err(StartError::Strategy)?;
         // A resumed job: its newest evaluation so far.
         let latest_evaluation = parts
             .store
             .latest_evaluation(job_id.as_str())
-            .map_err(|e| format!("reading the job's evaluations: {e}"))?;
+            .map_err(StartError::Evaluations)?;
         Ok(Self {
             latest_evaluation,
             requested: None,
@@ -741,7 +767,7 @@ impl Engine {
         let verdict = match (&allowed, &check) {
             (Err(why), _) => Verdict::Invalid(format!("the site is no longer allowed: {why}")),
             (Ok(()), Ok(_)) => Verdict::Valid,
-            (Ok(()), Err(why)) => Verdict::Invalid(why.clone()),
+            (Ok(()), Err(why)) => Verdict::Invalid(why.to_string()),
         };
         let token = if allowed.is_ok() { check.ok() } else { None };
         let received = UpdateReceived {
@@ -1895,8 +1921,8 @@ pub(crate) fn check_fits(
     strategy: &StrategyConfig,
     job: &Job,
     spec: &fedlink_protocol::ModelSpec,
-) -> Result<(), String> {
-    would_fit(strategy, job.max_sites() as usize, spec).map_err(|e| e.to_string())
+) -> Result<(), fedlink_aggregation::AggregationError> {
+    would_fit(strategy, job.max_sites() as usize, spec)
 }
 
 /// The details of an `update.received` audit entry (`reason` None:

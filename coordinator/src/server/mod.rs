@@ -1010,7 +1010,8 @@ fn build_engine(
     }
     let job = recovery.job;
     let strategy = strategy_config(&job).map_err(|e| ServeError::Job(e.to_string()))?;
-    engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::Job)?;
+    engine::check_fits(&strategy, &job, recovery.model.spec())
+        .map_err(|e| ServeError::Job(e.to_string()))?;
     let persisted: PersistedState = match &recovery.optimizer_state {
         Some(bytes) => serde_json::from_slice(bytes)
             .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
@@ -1067,7 +1068,7 @@ fn build_engine(
         },
         Instant::now(),
     )
-    .map_err(ServeError::Job)?;
+    .map_err(|e| ServeError::Job(e.to_string()))?;
     Ok(engine)
 }
 
