@@ -125,6 +125,50 @@ pub(crate) enum CheckError {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// Why a round could not be aggregated; the text is the round's failure
+/// reason (the round machine records it, `round.discarded` in the audit
+/// log).
+#[derive(Debug, thiserror::Error)]
+enum AggregationFailure {
+    /// No round's accumulator is open.
+    #[error("no aggregator for round {0}")]
+    NoAggregator(u64),
+    /// The open accumulator is another round's.
+    #[error("aggregator is for round {open}, not {round}")]
+    WrongRound { open: u64, round: u64 },
+    /// The round's base model is no longer the global model.
+    #[error("the base model is not the current global model")]
+    BaseModelMoved,
+    /// The round's replay record (inputs, seed) is missing.
+    #[error("no replay record for round {0}")]
+    NoReplayRecord(u64),
+    /// Too few accepted updates are left once sites no longer allowed are
+    /// taken out.
+    #[error(
+        "{left} accepted update(s) left after excluding sites that are no longer allowed; \
+         the quorum is {quorum}"
+    )]
+    BelowQuorum { left: usize, quorum: usize },
+    /// Folding the remaining archived updates again failed.
+    #[error("folding the round again without excluded sites: {0}")]
+    Refold(#[source] round_archive::PayloadError),
+    /// The strategy, clipping, noise or server optimizer failed.
+    #[error(transparent)]
+    Strategy(#[from] fedlink_aggregation::Error),
+    /// The aggregate's spec is not the global model's.
+    #[error("the aggregate does not have the model's spec")]
+    SpecMismatch,
+    /// Applying the server update to the base model failed.
+    #[error(transparent)]
+    Apply(fedlink_aggregation::AggregationError),
+    /// Reading the base model or storing the new one failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The new model's wire form could not be written.
+    #[error(transparent)]
+    Wire(#[from] super::wire::WireError),
+}
+
 /// Why an acknowledged update could not be folded into the round (pass 2);
 /// the site is told "the coordinator could not fold the update: …".
 #[derive(Debug, thiserror::Error)]
@@ -940,7 +984,8 @@ impl Engine {
                             metrics,
                         }
                     }
-                    Err(reason) => {
+                    Err(why) => {
+                        let reason = why.to_string();
                         tracing::error!(round, reason = %reason, "aggregation failed");
                         Input::AggregationFailed { round, reason }
                     }
@@ -1360,18 +1405,18 @@ impl Engine {
         &mut self,
         round: u64,
         base_model: ModelHash,
-    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let Some((r, agg)) = self.aggregator.take() else {
-            return Ok(Err(format!("no aggregator for round {round}")));
+            return Ok(Err(AggregationFailure::NoAggregator(round)));
         };
         if r != round {
-            return Ok(Err(format!("aggregator is for round {r}, not {round}")));
+            return Ok(Err(AggregationFailure::WrongRound { open: r, round }));
         }
         if self.global_hash != base_model {
-            return Ok(Err("the base model is not the current global model".into()));
+            return Ok(Err(AggregationFailure::BaseModelMoved));
         }
         let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
-            return Ok(Err(format!("no replay record for round {round}")));
+            return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
             Ok(Ok(agg)) => agg,
@@ -1404,7 +1449,7 @@ impl Engine {
         round: u64,
         agg: RoundAggregator,
         log: &mut RoundLog,
-    ) -> Result<Result<RoundAggregator, String>, EngineError> {
+    ) -> Result<Result<RoundAggregator, AggregationFailure>, EngineError> {
         let withdrawn: Vec<(usize, super::NotAllowed)> = log
             .inputs
             .iter()
@@ -1432,11 +1477,10 @@ impl Engine {
         }
         let quorum = self.job.round.quorum as usize;
         if log.inputs.len() < quorum {
-            return Ok(Err(format!(
-                "{} accepted update(s) left after excluding sites that are no longer allowed; \
-                 the quorum is {quorum}",
-                log.inputs.len()
-            )));
+            return Ok(Err(AggregationFailure::BelowQuorum {
+                left: log.inputs.len(),
+                quorum,
+            }));
         }
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
         let inputs: Vec<_> = log
@@ -1467,7 +1511,7 @@ impl Engine {
             }
             Ok::<_, round_archive::PayloadError>(agg)
         });
-        Ok(rebuilt.map_err(|e| format!("folding the round again without excluded sites: {e}")))
+        Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
     #[allow(clippy::type_complexity)]
@@ -1477,29 +1521,29 @@ impl Engine {
         base_model: ModelHash,
         agg: RoundAggregator,
         log: &RoundLog,
-    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let max_sites = self.job.max_sites() as usize;
         let mut state = self.server_state.clone();
         let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
             Ok(o) => o,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         if *outcome.update.spec() != self.global_spec {
-            return Ok(Err("the aggregate does not have the model's spec".into()));
+            return Ok(Err(AggregationFailure::SpecMismatch));
         }
         // The accumulator is gone; only now read the base model back (its
         // hash is verified) and apply the update in place.
         let mut next = match self.store.load_model(&base_model) {
             Ok(m) => m,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         if let Err(e) = outcome.apply_to(&mut next) {
-            return Ok(Err(e.to_string()));
+            return Ok(Err(AggregationFailure::Apply(e)));
         }
         drop(outcome.update);
         let hash = match self.store.put_model(&next) {
             Ok(h) => h,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         // Before the model is published: the replay record, then the audit
         // entry. Neither may be missing for a published model.
@@ -1572,7 +1616,7 @@ impl Engine {
         // model: its next offers name it, and sites fetch it at once.
         let wire = match super::wire::ensure(&self.models_dir, &next) {
             Ok(w) => w,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         self.wire.publish_wire(wire);
         drop(next);
