@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::engine::{
-    CheckError, Event, UpdateReady, UploadInterrupted, UploadTicket, unix_ms,
+    CheckError, Event, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket, unix_ms,
     update_received_details,
 };
 use super::limits;
@@ -1142,10 +1142,12 @@ async fn receive_upload(
         .engine
         .send(Event::UpdateReady(Box::new(UpdateReady {
             site: site.to_owned(),
-            envelope,
-            spool_path: path,
-            bytes,
-            upload_ms,
+            upload: ReceivedUpload {
+                envelope,
+                spool_path: path,
+                bytes,
+                upload_ms,
+            },
             check,
             reply,
         })))

@@ -216,26 +216,34 @@ pub(crate) struct UploadInterrupted {
     pub(crate) cause: String,
 }
 
-/// The result of receiving and checking an upload.
+/// An upload received whole: its signed envelope and its payload in the
+/// spool. Handed from the connection task ([`UpdateReady`]) to the
+/// engine, which keeps it while the round machine decides ([`Pending`]),
+/// then archives (accepted) or deletes (refused) the spool.
 #[derive(Debug)]
-pub(crate) struct UpdateReady {
-    pub(crate) site: String,
+pub(crate) struct ReceivedUpload {
     pub(crate) envelope: SignedEnvelope,
     pub(crate) spool_path: PathBuf,
     pub(crate) bytes: u64,
     /// How long receiving the payload took (milliseconds).
     pub(crate) upload_ms: u64,
+}
+
+/// The result of receiving and checking an upload.
+#[derive(Debug)]
+pub(crate) struct UpdateReady {
+    pub(crate) site: String,
+    pub(crate) upload: ReceivedUpload,
     /// Pass 1: the validated token, or why the update is invalid.
     pub(crate) check: Result<ValidatedUpdate, CheckError>,
     pub(crate) reply: oneshot::Sender<UploadResult>,
 }
 
+/// An upload the round machine has not decided on yet.
 #[derive(Debug)]
 struct Pending {
-    envelope: SignedEnvelope,
-    spool_path: PathBuf,
-    bytes: u64,
-    upload_ms: u64,
+    upload: ReceivedUpload,
+    /// Pass 1's token (`None`: invalid, or its site is no longer allowed).
     token: Option<ValidatedUpdate>,
     reply: oneshot::Sender<UploadResult>,
 }
@@ -795,14 +803,11 @@ impl Engine {
     fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
         let UpdateReady {
             site,
-            envelope,
-            spool_path,
-            bytes,
-            upload_ms,
+            upload,
             check,
             reply,
         } = ready;
-        let h = &envelope.header;
+        let h = &upload.envelope.header;
         let round = h.round.0;
         // The site may have been revoked (or removed) while its upload was
         // being received and validated: its update is not accepted then,
@@ -820,17 +825,14 @@ impl Engine {
             base_model: h.base_model,
             payload_hash: ModelHash(h.payload_hash.0),
             num_examples: h.num_examples,
-            bytes,
+            bytes: upload.bytes,
             received_unix_ms: unix_ms(),
             verdict,
         };
         if let Some(old) = self.pending.insert(
             (site.clone(), round),
             Pending {
-                envelope: envelope.clone(),
-                spool_path,
-                bytes,
-                upload_ms,
+                upload,
                 token,
                 reply,
             },
@@ -838,8 +840,8 @@ impl Engine {
             // A second upload of the same site and round raced the first:
             // refuse the older one; the runner decides about the newer.
             let why = "superseded by another upload of this site for this round";
-            self.note_rejected(&site, &old.envelope, old.bytes, why)?;
-            let _ = std::fs::remove_file(&old.spool_path);
+            self.note_rejected(&site, &old.upload.envelope, old.upload.bytes, why)?;
+            let _ = std::fs::remove_file(&old.upload.spool_path);
             let _ = old.reply.send(UploadResult::Reject {
                 code: RejectCode::Replay,
                 message: "superseded by another upload of this site for this round".into(),
@@ -868,8 +870,8 @@ impl Engine {
         for ((site, round), p) in undecided {
             tracing::warn!(site = %site, round, "upload left undecided; refusing it");
             let why = "the coordinator did not decide on this upload";
-            self.note_rejected(&site, &p.envelope, p.bytes, why)?;
-            let _ = std::fs::remove_file(&p.spool_path);
+            self.note_rejected(&site, &p.upload.envelope, p.upload.bytes, why)?;
+            let _ = std::fs::remove_file(&p.upload.spool_path);
             let _ = p.reply.send(UploadResult::Reject {
                 code: RejectCode::Internal,
                 message: "the coordinator did not decide on this upload".into(),
@@ -896,7 +898,7 @@ impl Engine {
                         // The round is used up for this site: committed in
                         // the guard, persisted with the acceptance itself.
                         if let Some(p) = self.pending.get(&(acc.site.clone(), acc.round)) {
-                            self.replay.commit_header(&p.envelope.header);
+                            self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(
                             serde_json::to_vec(&self.replay)
@@ -953,8 +955,13 @@ impl Engine {
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
                 if let Some(p) = self.pending.remove(&(site.clone(), round)) {
-                    self.note_rejected(&site, &p.envelope, p.bytes, &reason_text(&reason))?;
-                    let _ = std::fs::remove_file(&p.spool_path);
+                    self.note_rejected(
+                        &site,
+                        &p.upload.envelope,
+                        p.upload.bytes,
+                        &reason_text(&reason),
+                    )?;
+                    let _ = std::fs::remove_file(&p.upload.spool_path);
                     let _ = p.reply.send(UploadResult::Reject {
                         code: reject_code(&reason),
                         message: reason_text(&reason),
@@ -1319,7 +1326,7 @@ impl Engine {
         let folded = tokio::task::block_in_place(|| self.fold(&p));
         match folded {
             Ok(()) => {
-                let h = &p.envelope.header;
+                let h = &p.upload.envelope.header;
                 self.round_metrics
                     .entry(round)
                     .or_default()
@@ -1349,12 +1356,12 @@ impl Engine {
                     });
                     log.encodings.push(h.encoding);
                 }
-                self.audit_update(site, &p.envelope, p.bytes, None)?;
+                self.audit_update(site, &p.upload.envelope, p.upload.bytes, None)?;
                 let detail = UpdateDetail {
                     site: site.to_owned(),
                     payload_hash: h.payload_hash.to_hex(),
-                    bytes: p.bytes,
-                    upload_ms: p.upload_ms,
+                    bytes: p.upload.bytes,
+                    upload_ms: p.upload.upload_ms,
                     metrics: h.metrics.clone(),
                     at_unix_ms: unix_ms(),
                 };
@@ -1365,7 +1372,7 @@ impl Engine {
                     tracing::warn!(site, round, error = %e, "recording the update's details");
                 }
                 let _ = p.reply.send(UploadResult::Ack {
-                    payload_hash: p.envelope.header.payload_hash,
+                    payload_hash: p.upload.envelope.header.payload_hash,
                     accepted: true,
                 });
             }
@@ -1375,7 +1382,7 @@ impl Engine {
                 // loudly; the round result would be wrong otherwise.
                 tracing::error!(site, round, error = %e, "folding an accepted update failed");
                 let message = format!("the coordinator could not fold the update: {e}");
-                self.note_rejected(site, &p.envelope, p.bytes, &message)?;
+                self.note_rejected(site, &p.upload.envelope, p.upload.bytes, &message)?;
                 let _ = p.reply.send(UploadResult::Reject {
                     code: RejectCode::Internal,
                     message,
@@ -1393,8 +1400,8 @@ impl Engine {
         Ok(round_archive::fold_payload(
             agg,
             token,
-            p.envelope.header.encoding,
-            &p.spool_path,
+            p.upload.envelope.header.encoding,
+            &p.upload.spool_path,
         )?)
     }
 
@@ -2020,15 +2027,15 @@ fn archive(
     // same bytes after a crash keeps both signed envelopes.
     let base = format!(
         "{site}-{}-{}",
-        p.envelope.header.payload_hash.to_hex(),
-        hex::encode(p.envelope.header.nonce.0)
+        p.upload.envelope.header.payload_hash.to_hex(),
+        hex::encode(p.upload.envelope.header.nonce.0)
     );
-    let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
+    let envelope = serde_json::to_vec_pretty(&p.upload.envelope).map_err(std::io::Error::other)?;
     // The archive must let `fedlink audit replay` re-check the signature:
     // the JSON has to give back exactly the signed bytes (floats included).
     let back: SignedEnvelope = serde_json::from_slice(&envelope).map_err(std::io::Error::other)?;
-    if back.header.signed_bytes() != p.envelope.header.signed_bytes()
-        || back.signature != p.envelope.signature
+    if back.header.signed_bytes() != p.upload.envelope.header.signed_bytes()
+        || back.signature != p.upload.envelope.signature
     {
         return Err(std::io::Error::other(
             "the archived envelope does not reproduce the signed bytes",
@@ -2044,7 +2051,7 @@ fn archive(
         &envelope,
         fedlink_durable::Mode::Private,
     )?;
-    fedlink_durable::install(&p.spool_path, &dir.join(&payload_file))?;
+    fedlink_durable::install(&p.upload.spool_path, &dir.join(&payload_file))?;
     Ok((payload_file, envelope_file))
 }
 

@@ -119,7 +119,7 @@ impl Idle {
             }
             Event::UpdateReady(ready) => {
                 // Only a ticket from a running job leads here; none exists.
-                if let Err(e) = std::fs::remove_file(&ready.spool_path) {
+                if let Err(e) = std::fs::remove_file(&ready.upload.spool_path) {
                     tracing::debug!(error = %e, "removing a spool file");
                 }
                 let _ = ready.reply.send(UploadResult::Reject {
