@@ -1380,7 +1380,9 @@ async fn resume_upload(
             )));
         }
     };
-    let rest = kept.remaining(progress).map_err(TaskError::Protocol)?;
+    let rest = kept
+        .remaining(progress)
+        .map_err(|e| TaskError::Protocol(e.to_string()))?;
     let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
     ctx.record(SiteEvent::UpdateResumed {
         job: h.job_id.to_string(),
