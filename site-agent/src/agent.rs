@@ -514,7 +514,7 @@ fn proxy_for(config: &SiteConfig, coordinator_addr: &str) -> Result<Option<Proxy
     if config.transport == crate::dial::TransportMode::Quic {
         return Ok(None);
     }
-    let bad = |field: &str, m: String| AgentError::Config(format!("{field}: {m}"));
+    let bad = |field: &str, m: crate::dial::ProxyError| AgentError::Config(format!("{field}: {m}"));
     let Some(url) = &config.proxy else {
         let host = coordinator_addr
             .rsplit_once(':')

@@ -523,7 +523,7 @@ impl SiteConfig {
         }
         if let Some(url) = &self.proxy {
             crate::dial::Proxy::parse(url, "site.toml")
-                .map_err(|m| ConfigError::invalid("proxy", m))?;
+                .map_err(|m| ConfigError::invalid("proxy", m.to_string()))?;
         }
         if self.proxy_credentials_file.is_some() && self.proxy.is_none() {
             return Err(ConfigError::invalid(
@@ -572,9 +572,10 @@ pub(crate) fn check_host_port(addr: &str) -> Result<(), HostPortError> {
     }
 }
 
-/// Why an address is not `host:port` ([`check_host_port`]).
+/// Why an address is not `host:port`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HostPortError {
+#[non_exhaustive]
+pub enum HostPortError {
     /// No `:` at all.
     #[error("{0:?} is not host:port")]
     NoPort(String),
