@@ -585,7 +585,7 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             timeout: cfg.connect_timeout(),
             proxy: ctx.proxy.as_ref(),
         };
-        let dialed = dialer.dial(&plan).await?;
+        let dialed = dialer.dial(&plan).await.map_err(|e| e.to_string())?;
         if matches!(plan, crate::dial::Plan::Race { .. })
             && let Ok(mut s) = ctx.selector.lock()
         {

@@ -231,6 +231,106 @@ pub enum ConnectRefused {
     NoStatus(String),
 }
 
+/// Why the agent could not connect to the coordinator ([`Dialer::dial`],
+/// [`http_connect`]); the text is the reason in the log and the site's
+/// audit log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// No TCP connection to the proxy.
+    #[error("connecting to the proxy {addr}: {source}")]
+    ProxyConnect {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection to the proxy has no peer address.
+    #[error("proxy {addr}: {source}")]
+    ProxyPeer {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Sending `CONNECT` failed.
+    #[error("proxy {addr}: sending CONNECT: {source}")]
+    ProxySend {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy's answer head is longer than the agent reads.
+    #[error("proxy {addr}: answer to CONNECT longer than {MAX_PROXY_RESPONSE} bytes")]
+    ProxyAnswerTooLong {
+        /// The proxy's `host:port`.
+        addr: String,
+    },
+    /// Reading the proxy's answer failed.
+    #[error("proxy {addr}: reading its answer to CONNECT: {source}")]
+    ProxyRead {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy answered, but opened no tunnel.
+    #[error("proxy {addr}: {source}")]
+    ProxyRefused {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Its answer.
+        source: ConnectRefused,
+    },
+    /// No tunnel within the connect timeout.
+    #[error("proxy {addr}: no tunnel within {timeout:?}")]
+    ProxyTimeout {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// TLS through the proxy's tunnel failed.
+    #[error("through proxy {addr}: {source}")]
+    OverProxy {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: fedlink_transport::TransportError,
+    },
+    /// TLS over a direct TCP connection failed.
+    #[error(transparent)]
+    Tcp(fedlink_transport::TransportError),
+    /// The QUIC client endpoint could not be made.
+    #[error("QUIC: client endpoint: {0}")]
+    QuicEndpoint(#[source] fedlink_transport::TransportError),
+    /// The QUIC connection could not be started.
+    #[error("QUIC to {remote}: {source}")]
+    QuicConnect {
+        /// The coordinator's address.
+        remote: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The QUIC handshake failed.
+    #[error("QUIC to {remote}: {source}")]
+    QuicHandshake {
+        /// The coordinator's address.
+        remote: SocketAddr,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// Both transports of a race failed.
+    #[error("{quic}; and {tcp}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<Self>,
+        /// Why TLS over TCP failed.
+        tcp: Box<Self>,
+    },
+}
+
 impl Proxy {
     /// Parse `http://host:port` (a trailing `/` allowed). No `https://`
     /// proxies (TLS to the proxy itself), and no credentials in the URL.
@@ -396,14 +496,20 @@ pub async fn http_connect(
     proxy: &Proxy,
     target: &str,
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), String> {
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    let addr = || proxy.addr.clone();
     let work = async {
-        let mut stream = TcpStream::connect(&proxy.addr)
-            .await
-            .map_err(|e| format!("connecting to the proxy {}: {e}", proxy.addr))?;
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| format!("proxy {}: {e}", proxy.addr))?;
+        let mut stream =
+            TcpStream::connect(&proxy.addr)
+                .await
+                .map_err(|source| DialError::ProxyConnect {
+                    addr: addr(),
+                    source,
+                })?;
+        let peer = stream.peer_addr().map_err(|source| DialError::ProxyPeer {
+            addr: addr(),
+            source,
+        })?;
         let mut request =
             format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: fedlink-agent\r\n");
         if let Some(c) = &proxy.credentials {
@@ -414,32 +520,41 @@ pub async fn http_connect(
         stream
             .write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("proxy {}: sending CONNECT: {e}", proxy.addr))?;
+            .map_err(|source| DialError::ProxySend {
+                addr: addr(),
+                source,
+            })?;
         // Read the answer's head byte by byte up to the blank line, so that
         // nothing of the TLS stream behind it is consumed.
         let mut head = Vec::with_capacity(256);
         loop {
             if head.len() >= MAX_PROXY_RESPONSE {
-                return Err(format!(
-                    "proxy {}: answer to CONNECT longer than {MAX_PROXY_RESPONSE} bytes",
-                    proxy.addr
-                ));
+                return Err(DialError::ProxyAnswerTooLong { addr: addr() });
             }
             let b = stream
                 .read_u8()
                 .await
-                .map_err(|e| format!("proxy {}: reading its answer to CONNECT: {e}", proxy.addr))?;
+                .map_err(|source| DialError::ProxyRead {
+                    addr: addr(),
+                    source,
+                })?;
             head.push(b);
             if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
                 break;
             }
         }
-        check_connect_response(&head).map_err(|e| format!("proxy {}: {e}", proxy.addr))?;
+        check_connect_response(&head).map_err(|source| DialError::ProxyRefused {
+            addr: addr(),
+            source,
+        })?;
         Ok((stream, peer))
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("proxy {}: no tunnel within {timeout:?}", proxy.addr))?
+        .map_err(|_| DialError::ProxyTimeout {
+            addr: addr(),
+            timeout,
+        })?
 }
 
 /// How a connection was made: which transport, through which proxy, why.
@@ -485,23 +600,24 @@ pub struct Dialed {
 }
 
 impl Dialer<'_> {
-    async fn quic(&self) -> Result<(Conn, Endpoint), String> {
+    async fn quic(&self) -> Result<(Conn, Endpoint), DialError> {
+        let remote = self.remote;
         let endpoint = fedlink_transport::client_endpoint_with(
             self.remote,
             self.tls.clone(),
             self.idle_timeout,
             self.congestion,
         )
-        .map_err(|e| format!("QUIC: client endpoint: {e}"))?;
+        .map_err(DialError::QuicEndpoint)?;
         let conn = endpoint
             .connect(self.remote, self.server_name)
-            .map_err(|e| format!("QUIC to {}: {e}", self.remote))?
+            .map_err(|source| DialError::QuicConnect { remote, source })?
             .await
-            .map_err(|e| format!("QUIC to {}: {e}", self.remote))?;
+            .map_err(|source| DialError::QuicHandshake { remote, source })?;
         Ok((Conn::from(conn), endpoint))
     }
 
-    async fn tcp(&self) -> Result<Conn, String> {
+    async fn tcp(&self) -> Result<Conn, DialError> {
         let tls = Arc::new(self.tls.clone());
         let conn = match self.proxy {
             Some(p) => {
@@ -514,12 +630,15 @@ impl Dialer<'_> {
                     self.timeout,
                 )
                 .await
-                .map_err(|e| format!("through proxy {}: {e}", p.addr))?
+                .map_err(|source| DialError::OverProxy {
+                    addr: p.addr.clone(),
+                    source,
+                })?
             }
             None => {
                 fedlink_transport::tcp::connect(self.remote, tls, self.server_name, self.timeout)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(DialError::Tcp)?
             }
         };
         Ok(Conn::from(conn))
@@ -535,7 +654,7 @@ impl Dialer<'_> {
 
     /// Connect as `plan` says. The error names what each transport tried
     /// answered.
-    pub async fn dial(&self, plan: &Plan) -> Result<Dialed, String> {
+    pub async fn dial(&self, plan: &Plan) -> Result<Dialed, DialError> {
         match plan {
             Plan::Quic => {
                 let (conn, endpoint) = self.quic().await?;
@@ -558,13 +677,13 @@ impl Dialer<'_> {
         }
     }
 
-    async fn race(&self, head_start: Duration) -> Result<Dialed, String> {
+    async fn race(&self, head_start: Duration) -> Result<Dialed, DialError> {
         let quic = self.quic();
         let tcp = self.tcp();
         let head = tokio::time::sleep(head_start);
         tokio::pin!(quic, tcp, head);
-        let mut quic_failed: Option<String> = None;
-        let mut tcp_failed: Option<String> = None;
+        let mut quic_failed: Option<DialError> = None;
+        let mut tcp_failed: Option<DialError> = None;
         let mut tcp_running = false;
         loop {
             tokio::select! {
@@ -580,7 +699,7 @@ impl Dialer<'_> {
                     }),
                     Err(e) => {
                         if let Some(t) = tcp_failed {
-                            return Err(format!("{e}; and {t}"));
+                            return Err(DialError::Both { quic: Box::new(e), tcp: Box::new(t) });
                         }
                         quic_failed = Some(e);
                         tcp_running = true;
@@ -600,7 +719,7 @@ impl Dialer<'_> {
                     }
                     Err(e) => {
                         if let Some(q) = quic_failed {
-                            return Err(format!("{q}; and {e}"));
+                            return Err(DialError::Both { quic: Box::new(q), tcp: Box::new(e) });
                         }
                         tcp_failed = Some(e);
                     }
