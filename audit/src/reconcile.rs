@@ -242,7 +242,7 @@ impl Report {
 
 /// The site's name, from its log: `agent.started` names it, and every
 /// entry the site made has the actor `fedlink://<fed>/site/<name>`.
-pub fn site_name(site: &[LocatedEntry]) -> Result<String, String> {
+pub fn site_name(site: &[LocatedEntry]) -> Result<String, SiteNameError> {
     let mut names = BTreeSet::new();
     for e in site {
         if let Some(name) = site_of_actor(&e.entry.actor) {
@@ -251,12 +251,21 @@ pub fn site_name(site: &[LocatedEntry]) -> Result<String, String> {
     }
     match names.len() {
         1 => Ok(names.into_iter().next().unwrap_or_default()),
-        0 => Err(
-            "the site log has no entry made by a site (actor fedlink://<federation>/site/<name>)"
-                .into(),
-        ),
-        _ => Err(format!("the site log names several sites: {names:?}")),
+        0 => Err(SiteNameError::NoSite),
+        _ => Err(SiteNameError::SeveralSites(names)),
     }
+}
+
+/// Why a log's site cannot be named ([`site_name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SiteNameError {
+    /// No entry of the log was made by a site (a coordinator's log?).
+    #[error("the site log has no entry made by a site (actor fedlink://<federation>/site/<name>)")]
+    NoSite,
+    /// Entries were made by more than one site.
+    #[error("the site log names several sites: {0:?}")]
+    SeveralSites(BTreeSet<String>),
 }
 
 type Key = (String, u64, String);
@@ -1351,6 +1360,6 @@ mod tests {
     fn the_site_name_comes_from_the_site_log() {
         let p = Pair::new();
         assert_eq!(site_name(&read(&p.site_path)).unwrap(), "st-mary");
-        assert!(site_name(&read(&p.coord_path)).is_err());
+        assert_eq!(site_name(&read(&p.coord_path)), Err(SiteNameError::NoSite));
     }
 }

@@ -183,16 +183,32 @@ pub enum TcpListen {
     At(SocketAddr),
 }
 
-impl TryFrom<String> for TcpListen {
-    type Error = String;
+/// A `tcp_listen` value that is neither `"same"`, `"off"` nor a socket
+/// address.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("tcp_listen: {value:?} is not \"same\", \"off\" or an address like \"0.0.0.0:443\"")]
+pub struct TcpListenError {
+    /// The value given.
+    pub value: String,
+    /// Why it is not an address.
+    #[source]
+    pub source: std::net::AddrParseError,
+}
 
-    fn try_from(s: String) -> Result<Self, String> {
+impl TryFrom<String> for TcpListen {
+    type Error = TcpListenError;
+
+    fn try_from(s: String) -> Result<Self, TcpListenError> {
         match s.as_str() {
             "same" => Ok(Self::Same),
             "off" => Ok(Self::Off),
-            other => other.parse().map(Self::At).map_err(|_| {
-                format!("tcp_listen: {other:?} is not \"same\", \"off\" or an address like \"0.0.0.0:443\"")
-            }),
+            other => other
+                .parse()
+                .map(Self::At)
+                .map_err(|source| TcpListenError {
+                    value: other.to_owned(),
+                    source,
+                }),
         }
     }
 }
@@ -531,6 +547,9 @@ mod tests {
             err.contains("tcp_listen") && err.contains("sometimes"),
             "{err}"
         );
+        let err = TcpListen::try_from("sometimes".to_owned()).unwrap_err();
+        assert_eq!(err.value, "sometimes");
+        assert!(std::error::Error::source(&err).is_some());
         assert_eq!(
             parse("congestion_control = \"bbr\"\n")
                 .unwrap()

@@ -226,14 +226,26 @@ struct RawInit {
     file: Option<PathBuf>,
 }
 
+/// Why a job's `init` table names no single source of the initial model.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// Both `seed` and `file` are given.
+    #[error("init: give either `seed` or `file`, not both")]
+    Both,
+    /// Neither `seed` nor `file` is given.
+    #[error("init: give `seed = <u64>` or `file = \"<path>\"`")]
+    Neither,
+}
+
 impl TryFrom<RawInit> for InitSource {
-    type Error = String;
-    fn try_from(r: RawInit) -> Result<Self, String> {
+    type Error = InitError;
+    fn try_from(r: RawInit) -> Result<Self, InitError> {
         match (r.seed, r.file) {
             (Some(s), None) => Ok(Self::Seed(s)),
             (None, Some(f)) => Ok(Self::File(f)),
-            (Some(_), Some(_)) => Err("init: give either `seed` or `file`, not both".into()),
-            (None, None) => Err("init: give `seed = <u64>` or `file = \"<path>\"`".into()),
+            (Some(_), Some(_)) => Err(InitError::Both),
+            (None, None) => Err(InitError::Neither),
         }
     }
 }
@@ -1160,7 +1172,28 @@ deadline_secs = 60
                 .contains("not both")
         );
         let none = MINIMAL.replace("init = { seed = 1 }", "init = {}");
-        assert!(Job::from_toml(&none).is_err());
+        assert!(
+            Job::from_toml(&none)
+                .unwrap_err()
+                .to_string()
+                .contains(&InitError::Neither.to_string())
+        );
+        let raw = |seed, file: Option<&str>| RawInit {
+            seed,
+            file: file.map(PathBuf::from),
+        };
+        assert_eq!(
+            InitSource::try_from(raw(Some(1), Some("x"))),
+            Err(InitError::Both)
+        );
+        assert_eq!(
+            InitSource::try_from(raw(None, None)),
+            Err(InitError::Neither)
+        );
+        assert_eq!(
+            InitSource::try_from(raw(Some(1), None)),
+            Ok(InitSource::Seed(1))
+        );
         let file = MINIMAL.replace("init = { seed = 1 }", "init = { file = \"w.safetensors\" }");
         assert_eq!(
             Job::from_toml(&file).unwrap().init,

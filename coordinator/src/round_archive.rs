@@ -40,10 +40,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedlink_aggregation::StrategyConfig;
 use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::round::{RoundAggregator, RoundOutcome, ServerState};
-use fedlink_aggregation::validate::ValidatedUpdate;
+use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
+use fedlink_aggregation::{AggregationError, StrategyConfig, UpdateError};
 use fedlink_protocol::{Encoding, FlatModel, ModelHash, ModelSpec};
 use serde::{Deserialize, Serialize};
 
@@ -144,8 +144,17 @@ pub enum ArchiveError {
         /// What is wrong.
         why: String,
     },
+    /// `round.json` parses but a field is wrong.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: RoundFileError,
+    },
     /// An input update failed a step of the recomputation.
-    #[error("input {index} (site {site}, {file}): {step}: {why}")]
+    #[error("input {index} (site {site}, {file}): {step}: {source}")]
     Input {
         /// Position in [`RoundFile::inputs`].
         index: usize,
@@ -156,11 +165,83 @@ pub enum ArchiveError {
         /// Which step (decode, validate, fold).
         step: &'static str,
         /// Why.
-        why: String,
+        #[source]
+        source: Box<PayloadError>,
     },
     /// The aggregation itself failed.
     #[error("aggregation: {0}")]
-    Aggregate(String),
+    Aggregate(#[source] fedlink_aggregation::Error),
+}
+
+pub use crate::server::spool::SpoolError;
+
+/// What is wrong in a well-formed `round.json` ([`RoundFile::parse`]);
+/// carried by [`ArchiveError::Invalid`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoundFileError {
+    /// Another format version than this build reads.
+    #[error("format {0} is not supported (this fedlink reads format {ROUND_FORMAT})")]
+    Format(u32),
+    /// The job id is not a valid id.
+    #[error("job: {0}")]
+    Job(#[source] fedlink_protocol::IdError),
+    /// Round 0 is never completed.
+    #[error("round must be at least 1")]
+    RoundZero,
+    /// A hash or seed field (named) is not 64 lowercase hex digits.
+    #[error("{0}: expected 64 lowercase hex digits")]
+    NotHex(String),
+    /// A file field (named) is not a plain file name inside the round's
+    /// directory.
+    #[error("{0}: not a plain file name")]
+    NotPlainName(String),
+    /// A completed round without inputs.
+    #[error("a completed round has at least one input")]
+    NoInputs,
+    /// More inputs than a round can fold.
+    #[error("{0} inputs, more than the {MAX_INPUTS} a round can fold")]
+    TooManyInputs(usize),
+    /// `max_sites` below the number of inputs or above the limit.
+    #[error("max_sites {max_sites} is out of range for {inputs} inputs")]
+    MaxSites {
+        /// The recorded `max_sites`.
+        max_sites: usize,
+        /// The number of inputs.
+        inputs: usize,
+    },
+    /// An input's site is not a valid site id.
+    #[error("inputs[{index}].site: {source}")]
+    InputSite {
+        /// Position in the inputs.
+        index: usize,
+        /// Why.
+        source: fedlink_protocol::IdError,
+    },
+    /// Two inputs of the same site.
+    #[error("inputs[{index}]: site {site} appears twice")]
+    SiteTwice {
+        /// Position of the second one.
+        index: usize,
+        /// The site.
+        site: String,
+    },
+}
+
+/// Why one payload file could not be validated (pass 1) or folded
+/// (pass 2) — by the engine from its spool, by a replay from the archive.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PayloadError {
+    /// The file could not be read or decoded.
+    #[error(transparent)]
+    Read(#[from] SpoolError),
+    /// The decoded update is not acceptable (shapes, NaN/Inf, bounds).
+    #[error(transparent)]
+    Invalid(#[from] UpdateError),
+    /// The round's aggregator refused the update.
+    #[error(transparent)]
+    Aggregate(#[from] AggregationError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArchiveError + '_ {
@@ -223,7 +304,10 @@ impl RoundFile {
             });
         }
         let f: Self = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        f.check().map_err(bad)?;
+        f.check().map_err(|source| ArchiveError::Invalid {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(f)
     }
 
@@ -233,16 +317,14 @@ impl RoundFile {
         Self::parse(&bytes, path)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), RoundFileError> {
+        use RoundFileError as E;
         if self.format != ROUND_FORMAT {
-            return Err(format!(
-                "format {} is not supported (this fedlink reads format {ROUND_FORMAT})",
-                self.format
-            ));
+            return Err(E::Format(self.format));
         }
-        fedlink_protocol::JobId::new(&self.job).map_err(|e| format!("job: {e}"))?;
+        fedlink_protocol::JobId::new(&self.job).map_err(E::Job)?;
         if self.round == 0 {
-            return Err("round must be at least 1".into());
+            return Err(E::RoundZero);
         }
         for (name, v) in [
             ("base_model", &self.base_model),
@@ -251,46 +333,43 @@ impl RoundFile {
             ("dp_seed", &self.dp_seed),
         ] {
             if !is_hex(v, 64) {
-                return Err(format!("{name}: expected 64 lowercase hex digits"));
+                return Err(E::NotHex(name.to_owned()));
             }
         }
         if !plain_name(&self.state_before) {
-            return Err("state_before: not a plain file name".into());
+            return Err(E::NotPlainName("state_before".to_owned()));
         }
         if self.inputs.is_empty() {
-            return Err("a completed round has at least one input".into());
+            return Err(E::NoInputs);
         }
         if self.inputs.len() > MAX_INPUTS {
-            return Err(format!(
-                "{} inputs, more than the {MAX_INPUTS} a round can fold",
-                self.inputs.len()
-            ));
+            return Err(E::TooManyInputs(self.inputs.len()));
         }
         if self.max_sites < self.inputs.len() || self.max_sites > MAX_INPUTS {
-            return Err(format!(
-                "max_sites {} is out of range for {} inputs",
-                self.max_sites,
-                self.inputs.len()
-            ));
+            return Err(E::MaxSites {
+                max_sites: self.max_sites,
+                inputs: self.inputs.len(),
+            });
         }
         let mut sites = std::collections::BTreeSet::new();
         for (i, input) in self.inputs.iter().enumerate() {
             fedlink_protocol::SiteId::new(&input.site)
-                .map_err(|e| format!("inputs[{i}].site: {e}"))?;
+                .map_err(|source| E::InputSite { index: i, source })?;
             if !sites.insert(input.site.as_str()) {
-                return Err(format!("inputs[{i}]: site {} appears twice", input.site));
+                return Err(E::SiteTwice {
+                    index: i,
+                    site: input.site.clone(),
+                });
             }
             if !is_hex(&input.payload_hash, 64) {
-                return Err(format!(
-                    "inputs[{i}].payload_hash: expected 64 lowercase hex digits"
-                ));
+                return Err(E::NotHex(format!("inputs[{i}].payload_hash")));
             }
             for (n, f) in [
                 ("payload_file", &input.payload_file),
                 ("envelope_file", &input.envelope_file),
             ] {
                 if !plain_name(f) {
-                    return Err(format!("inputs[{i}].{n}: not a plain file name"));
+                    return Err(E::NotPlainName(format!("inputs[{i}].{n}")));
                 }
             }
         }
@@ -331,9 +410,9 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ArchiveE
 /// parsed value, so a replay parsing the same bytes gets identical floats.
 pub fn json_roundtrip<T: Serialize + for<'de> Deserialize<'de>>(
     v: &T,
-) -> Result<(Vec<u8>, T), String> {
-    let bytes = serde_json::to_vec(v).map_err(|e| e.to_string())?;
-    let back = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+) -> Result<(Vec<u8>, T), serde_json::Error> {
+    let bytes = serde_json::to_vec(v)?;
+    let back = serde_json::from_slice(&bytes)?;
     Ok((bytes, back))
 }
 
@@ -343,9 +422,8 @@ pub fn open_aggregator(
     spec: &ModelSpec,
     max_sites: usize,
     state: &ServerState,
-) -> Result<RoundAggregator, String> {
+) -> Result<RoundAggregator, AggregationError> {
     RoundAggregator::new(strategy, Arc::new(spec.clone()), max_sites, state)
-        .map_err(|e| e.to_string())
 }
 
 /// Pass 1 of one payload file: decode and validate it.
@@ -355,17 +433,27 @@ pub fn validate_payload(
     num_examples: u64,
     encoding: Encoding,
     path: &Path,
-) -> Result<ValidatedUpdate, String> {
-    let spec = agg.spec().as_ref().clone();
-    let mut validator = agg.validator(site, num_examples);
-    let r = crate::server::spool::for_each_chunk(path, &spec, encoding, |offset, values| {
-        validator.feed(offset, values).map_err(|e| e.to_string())
-    });
-    match r {
-        Ok(Ok(())) => validator.finish().map_err(|e| e.to_string()),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(e.to_string()),
-    }
+) -> Result<ValidatedUpdate, PayloadError> {
+    validate_with(
+        agg.validator(site, num_examples),
+        agg.spec(),
+        encoding,
+        path,
+    )
+}
+
+/// Pass 1 of one payload file with a given validator (the engine's
+/// connection tasks hold one per upload, made by the round's aggregator).
+pub fn validate_with(
+    mut validator: UpdateValidator,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    path: &Path,
+) -> Result<ValidatedUpdate, PayloadError> {
+    crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
+        validator.feed(offset, values)
+    })??;
+    Ok(validator.finish()?)
 }
 
 /// Pass 2 of one payload file: fold it into the round.
@@ -374,19 +462,16 @@ pub fn fold_payload(
     token: &ValidatedUpdate,
     encoding: Encoding,
     path: &Path,
-) -> Result<(), String> {
+) -> Result<(), PayloadError> {
     let spec = agg.spec().as_ref().clone();
-    let mut sink = agg.begin(token).map_err(|e| e.to_string())?;
+    let mut sink = agg.begin(token)?;
     let r = crate::server::spool::for_each_chunk(path, &spec, encoding, |offset, values| {
         sink.chunk(offset, values);
-        Ok(())
+        Ok::<(), std::convert::Infallible>(())
     });
     sink.finish();
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(e.to_string()),
-    }
+    let Ok(()) = r?;
+    Ok(())
 }
 
 /// Finish a round: strategy, clipping / DP noise from `seed`, server
@@ -395,9 +480,9 @@ pub fn finish_round(
     agg: RoundAggregator,
     state: &mut ServerState,
     seed: [u8; 32],
-) -> Result<RoundOutcome, String> {
+) -> Result<RoundOutcome, fedlink_aggregation::Error> {
     let mut rng = NoiseRng::from_seed(seed);
-    agg.finish(state, &mut rng).map_err(|e| e.to_string())
+    agg.finish(state, &mut rng)
 }
 
 /// One input of [`recompute`].
@@ -437,14 +522,14 @@ pub fn recompute(
     inputs: &[PayloadInput],
 ) -> Result<Recomputed, ArchiveError> {
     let mut agg = open_aggregator(strategy, base.spec(), max_sites, state_before)
-        .map_err(ArchiveError::Aggregate)?;
+        .map_err(|e| ArchiveError::Aggregate(e.into()))?;
     for (index, input) in inputs.iter().enumerate() {
-        let fail = |step: &'static str, why: String| ArchiveError::Input {
+        let fail = |step: &'static str, source: PayloadError| ArchiveError::Input {
             index,
             site: input.site.clone(),
             file: input.path.display().to_string(),
             step,
-            why,
+            source: Box::new(source),
         };
         let token = validate_payload(
             &agg,
@@ -461,7 +546,7 @@ pub fn recompute(
     let outcome = finish_round(agg, &mut state, seed).map_err(ArchiveError::Aggregate)?;
     outcome
         .apply_to(&mut base)
-        .map_err(|e| ArchiveError::Aggregate(e.to_string()))?;
+        .map_err(|e| ArchiveError::Aggregate(e.into()))?;
     Ok(Recomputed {
         model: base,
         state_after: state,
@@ -540,9 +625,99 @@ mod tests {
         for (needle, mutate) in cases {
             let mut f = sample();
             mutate(&mut f);
-            let err = parse(&f).unwrap_err().to_string();
+            let err = parse(&f).unwrap_err();
+            assert!(
+                matches!(err, ArchiveError::Invalid { .. }),
+                "{needle}: {err:?}"
+            );
+            let err = err.to_string();
             assert!(err.contains(needle), "{needle}: {err}");
         }
+        // The variants name the field.
+        let mut f = sample();
+        f.inputs[0].payload_hash = "x".into();
+        assert!(matches!(
+            parse(&f),
+            Err(ArchiveError::Invalid { source: RoundFileError::NotHex(field), .. })
+                if field == "inputs[0].payload_hash"
+        ));
+        let mut f = sample();
+        f.inputs.push(f.inputs[0].clone());
+        assert!(matches!(
+            parse(&f),
+            Err(ArchiveError::Invalid {
+                source: RoundFileError::SiteTwice { index: 1, .. },
+                ..
+            })
+        ));
+        let mut f = sample();
+        f.round = 0;
+        assert!(matches!(
+            parse(&f),
+            Err(ArchiveError::Invalid {
+                source: RoundFileError::RoundZero,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn payload_errors_say_which_step_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![4])]).unwrap();
+        let agg = open_aggregator(
+            &StrategyConfig::default(),
+            &spec,
+            1,
+            &ServerState::default(),
+        )
+        .unwrap();
+        let encoding = Encoding::with_codec(fedlink_protocol::ValueCodec::F32).unwrap();
+        // No file: the read fails, naming the path.
+        let missing = dir.path().join("missing.payload");
+        let err = validate_payload(&agg, "a", 1, encoding, &missing).unwrap_err();
+        assert!(
+            matches!(&err, PayloadError::Read(SpoolError::Io { path, .. }) if *path == missing),
+            "{err:?}"
+        );
+        // A file cut inside a chunk record header.
+        let cut = dir.path().join("cut.payload");
+        fs::write(&cut, [0u8; 3]).unwrap();
+        let err = validate_payload(&agg, "a", 1, encoding, &cut).unwrap_err();
+        assert!(
+            matches!(&err, PayloadError::Read(SpoolError::Truncated(p)) if *p == cut),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("ends in the middle of a chunk record")
+        );
+        // Through `recompute`: the input, its site and the step are named.
+        let inputs = [PayloadInput {
+            site: "a".into(),
+            num_examples: 1,
+            encoding,
+            path: cut,
+        }];
+        let base = FlatModel::zeros(spec);
+        let err = recompute(
+            &StrategyConfig::default(),
+            1,
+            &ServerState::default(),
+            [0; 32],
+            base,
+            &inputs,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ArchiveError::Input { index: 0, step: "decode and validate", source, .. }
+                    if matches!(**source, PayloadError::Read(SpoolError::Truncated(_)))
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().starts_with("input 0 (site a, "), "{err}");
     }
 
     #[test]

@@ -1110,29 +1110,57 @@ impl Store {
 pub(crate) fn read_model_header(
     r: &mut impl Read,
     file_len: u64,
-) -> Result<(ModelSpec, u64), String> {
+) -> Result<(ModelSpec, u64), ModelHeaderError> {
+    use ModelHeaderError as E;
     let mut head = [0u8; 12];
-    r.read_exact(&mut head)
-        .map_err(|e| format!("short header: {e}"))?;
+    r.read_exact(&mut head).map_err(E::ShortHeader)?;
     if &head[..8] != MODEL_MAGIC {
-        return Err("bad magic".into());
+        return Err(E::BadMagic);
     }
     let spec_len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
     if spec_len > MAX_SPEC_BYTES || u64::from(spec_len) + 12 > file_len {
-        return Err(format!("spec length {spec_len} out of range"));
+        return Err(E::SpecLength(spec_len));
     }
     let mut spec = vec![0u8; spec_len as usize];
-    r.read_exact(&mut spec)
-        .map_err(|e| format!("short spec: {e}"))?;
-    let spec: ModelSpec = serde_json::from_slice(&spec).map_err(|e| format!("bad spec: {e}"))?;
+    r.read_exact(&mut spec).map_err(E::ShortSpec)?;
+    let spec: ModelSpec = serde_json::from_slice(&spec).map_err(E::BadSpec)?;
     let n = spec.num_params();
     let values_len = n.checked_mul(4);
     if values_len.and_then(|b| b.checked_add(12 + u64::from(spec_len))) != Some(file_len) {
-        return Err(format!(
-            "file is {file_len} bytes, spec declares {n} values"
-        ));
+        return Err(E::Length {
+            file_len,
+            values: n,
+        });
     }
     Ok((spec, values_len.unwrap_or(0)))
+}
+
+/// What is wrong with a model file's header ([`read_model_header`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ModelHeaderError {
+    /// The file ends (or reading fails) inside the 12-byte header.
+    #[error("short header: {0}")]
+    ShortHeader(#[source] std::io::Error),
+    /// The file does not start with the model magic.
+    #[error("bad magic")]
+    BadMagic,
+    /// The spec length is over the limit or past the file's end.
+    #[error("spec length {0} out of range")]
+    SpecLength(u32),
+    /// The file ends (or reading fails) inside the spec.
+    #[error("short spec: {0}")]
+    ShortSpec(#[source] std::io::Error),
+    /// The spec is not a model spec's JSON.
+    #[error("bad spec: {0}")]
+    BadSpec(#[source] serde_json::Error),
+    /// The file's length is not the header plus the spec's values.
+    #[error("file is {file_len} bytes, spec declares {values} values")]
+    Length {
+        /// The file's length.
+        file_len: u64,
+        /// The number of values the spec declares.
+        values: u64,
+    },
 }
 
 /// Read a model file written by [`Store::put_model`] (without opening the
@@ -1153,7 +1181,7 @@ pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, Store
     };
     let len = file.metadata().map_err(io("stat", &path))?.len();
     let mut r = BufReader::with_capacity(1 << 20, file);
-    let (spec, _) = read_model_header(&mut r, len).map_err(corrupt)?;
+    let (spec, _) = read_model_header(&mut r, len).map_err(|e| corrupt(e.to_string()))?;
     let n = usize::try_from(spec.num_params()).map_err(|_| corrupt("model too large".into()))?;
     let mut hasher = ModelHasher::new(&spec);
     let mut values = Vec::with_capacity(n);

@@ -395,7 +395,7 @@ impl Agent {
                     backoff.reset();
                     run_session(&ctx, &mut core, connected, &mut shutdown).await?
                 }
-                Err(reason) => SessionEnd::Lost(reason),
+                Err(why) => SessionEnd::Lost(why.to_string()),
             };
             match end {
                 SessionEnd::Shutdown => break "shutdown",
@@ -514,7 +514,7 @@ fn proxy_for(config: &SiteConfig, coordinator_addr: &str) -> Result<Option<Proxy
     if config.transport == crate::dial::TransportMode::Quic {
         return Ok(None);
     }
-    let bad = |field: &str, m: String| AgentError::Config(format!("{field}: {m}"));
+    let bad = |field: &str, m: crate::dial::ProxyError| AgentError::Config(format!("{field}: {m}"));
     let Some(url) = &config.proxy else {
         let host = coordinator_addr
             .rsplit_once(':')
@@ -560,20 +560,65 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// Why a connection attempt ended before Welcome ([`connect`]); its text
+/// is the `reason` of the site's `conn.lost` audit entry.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// The coordinator's name does not resolve.
+    #[error("resolving {addr}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// It resolves to no address.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// The transport selector's lock is poisoned.
+    #[error("transport selector lock poisoned")]
+    SelectorLock,
+    /// No transport connected.
+    #[error(transparent)]
+    Dial(#[from] crate::dial::DialError),
+    /// The control stream could not be opened.
+    #[error("opening the control stream: {0}")]
+    ControlStream(#[source] TransportError),
+    /// Hello could not be sent.
+    #[error("sending Hello: {0}")]
+    Hello(#[source] TransportError),
+    /// The coordinator refused the site (its message, bounded).
+    #[error("coordinator refused the site: {code:?}: {message}")]
+    Refused {
+        code: RejectCode,
+        message: String,
+    },
+    /// Another message than Welcome.
+    #[error("coordinator sent {0} instead of Welcome")]
+    Unexpected(&'static str),
+    /// Reading the answer to Hello failed.
+    #[error("waiting for Welcome: {0}")]
+    Welcome(#[source] TransportError),
+    /// No Welcome within the connect timeout.
+    #[error("no Welcome from {addr} within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+}
+
 /// Resolve, connect, say Hello, wait for Welcome (bounded by the connect
 /// timeout). The error is a reason for the audit log.
-async fn connect(ctx: &Ctx) -> Result<Connected, String> {
+async fn connect(ctx: &Ctx) -> Result<Connected, ConnectError> {
     let cfg = &ctx.config.connection;
     let attempt = async {
         let remote = tokio::net::lookup_host(&ctx.coordinator_addr)
             .await
-            .map_err(|e| format!("resolving {}: {e}", ctx.coordinator_addr))?
+            .map_err(|source| ConnectError::Resolve {
+                addr: ctx.coordinator_addr.clone(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", ctx.coordinator_addr))?;
+            .ok_or_else(|| ConnectError::NoAddress(ctx.coordinator_addr.clone()))?;
         let plan = ctx
             .selector
             .lock()
-            .map_err(|_| "transport selector lock poisoned".to_owned())?
+            .map_err(|_| ConnectError::SelectorLock)?
             .plan(Instant::now());
         let dialer = Dialer {
             target: &ctx.coordinator_addr,
@@ -597,10 +642,7 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             route,
         } = dialed;
         tracing::info!(transport = %route.kind, proxy = ?route.proxy, reason = %route.reason, "connected");
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| format!("opening the control stream: {e}"))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(ConnectError::ControlStream)?;
         let mut capabilities = Capabilities::default();
         if route.proxy.is_some() {
             // The coordinator sees only the proxy's address: say so, for
@@ -615,7 +657,7 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             capabilities,
         }))
         .await
-        .map_err(|e| format!("sending Hello: {e}"))?;
+        .map_err(ConnectError::Hello)?;
         // With TLS 1.3 a refused client certificate shows up here, on the
         // first read, not in `connect`.
         match recv.message().await {
@@ -630,30 +672,23 @@ async fn connect(ctx: &Ctx) -> Result<Connected, String> {
             }),
             Ok(Message::Reject(r)) => {
                 conn.close(close::NORMAL, b"rejected");
-                Err(format!(
-                    "coordinator refused the site: {:?}: {}",
-                    r.code,
-                    truncate(&r.message)
-                ))
+                Err(ConnectError::Refused {
+                    code: r.code,
+                    message: truncate(&r.message),
+                })
             }
             Ok(other) => {
                 conn.close(close::PROTOCOL, b"expected Welcome");
-                Err(format!(
-                    "coordinator sent {} instead of Welcome",
-                    other.name()
-                ))
+                Err(ConnectError::Unexpected(other.name()))
             }
-            Err(e) => Err(format!("waiting for Welcome: {e}")),
+            Err(e) => Err(ConnectError::Welcome(e)),
         }
     };
     tokio::time::timeout(cfg.connect_timeout(), attempt)
         .await
-        .map_err(|_| {
-            format!(
-                "no Welcome from {} within {:?}",
-                ctx.coordinator_addr,
-                cfg.connect_timeout()
-            )
+        .map_err(|_| ConnectError::Timeout {
+            addr: ctx.coordinator_addr.clone(),
+            timeout: cfg.connect_timeout(),
         })?
 }
 
@@ -1382,7 +1417,9 @@ async fn resume_upload(
             )));
         }
     };
-    let rest = kept.remaining(progress).map_err(TaskError::Protocol)?;
+    let rest = kept
+        .remaining(progress)
+        .map_err(|e| TaskError::Protocol(e.to_string()))?;
     let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
     ctx.record(SiteEvent::UpdateResumed {
         job: h.job_id.to_string(),

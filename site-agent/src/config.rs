@@ -518,11 +518,12 @@ impl SiteConfig {
             ));
         }
         if let Some(addr) = &self.coordinator_addr {
-            check_host_port(addr).map_err(|m| ConfigError::invalid("coordinator_addr", m))?;
+            check_host_port(addr)
+                .map_err(|m| ConfigError::invalid("coordinator_addr", m.to_string()))?;
         }
         if let Some(url) = &self.proxy {
             crate::dial::Proxy::parse(url, "site.toml")
-                .map_err(|m| ConfigError::invalid("proxy", m))?;
+                .map_err(|m| ConfigError::invalid("proxy", m.to_string()))?;
         }
         if self.proxy_credentials_file.is_some() && self.proxy.is_none() {
             return Err(ConfigError::invalid(
@@ -558,17 +559,32 @@ impl SiteConfig {
 }
 
 /// `host:port` with a non-empty host and a port in 1..=65535.
-pub(crate) fn check_host_port(addr: &str) -> Result<(), String> {
+pub(crate) fn check_host_port(addr: &str) -> Result<(), HostPortError> {
     let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(format!("{addr:?} is not host:port"));
+        return Err(HostPortError::NoPort(addr.to_owned()));
     };
     if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(format!("{addr:?} has no valid host"));
+        return Err(HostPortError::Host(addr.to_owned()));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("{addr:?} has no valid port")),
+        _ => Err(HostPortError::Port(addr.to_owned())),
     }
+}
+
+/// Why an address is not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostPortError {
+    /// No `:` at all.
+    #[error("{0:?} is not host:port")]
+    NoPort(String),
+    /// The host is empty or has white space.
+    #[error("{0:?} has no valid host")]
+    Host(String),
+    /// The port is not a number in 1..=65535.
+    #[error("{0:?} has no valid port")]
+    Port(String),
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@
 //! ciphertext, and a proxy that refuses gets an error naming its answer.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,24 +145,216 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// Why a proxy setting (its URL, its credentials file) is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// Not an `http://` URL.
+    #[error("{url:?}: only http:// proxies are supported (the tunnel carries TLS 1.3 end to end)")]
+    NotHttp {
+        /// The URL given.
+        url: String,
+    },
+    /// The URL carries `user:password@` (its password is not repeated).
+    #[error(
+        "{redacted}: credentials in the proxy URL are refused; put `user:password` in the file \
+         named by proxy_credentials_file"
+    )]
+    CredentialsInUrl {
+        /// The URL with its credentials replaced.
+        redacted: String,
+    },
+    /// The URL has a path, a query or a fragment.
+    #[error("{url:?}: expected http://host:port, with no path")]
+    Path {
+        /// The URL given.
+        url: String,
+    },
+    /// The URL's `host:port` is not valid.
+    #[error("{url:?}: {source}")]
+    HostPort {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        source: crate::config::HostPortError,
+    },
+    /// The credentials file cannot be read.
+    #[error("{}: {source}", path.display())]
+    CredentialsFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The credentials file is larger than 4 KiB.
+    #[error("{}: larger than 4 KiB", path.display())]
+    CredentialsTooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Other users may read the credentials file.
+    #[error(
+        "{}: mode {mode:03o} lets other users read the proxy password; chmod 600 it",
+        path.display()
+    )]
+    CredentialsMode {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The first line is not `user:password`.
+    #[error("{}: expected `user:password` on the first line", path.display())]
+    CredentialsFormat {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A proxy's answer to `CONNECT` that opens no tunnel
+/// ([`check_connect_response`]); each carries the status line, made
+/// printable and bounded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectRefused {
+    /// Not an HTTP/1.x answer.
+    #[error("the proxy did not answer in HTTP/1.x: {0:?}")]
+    NotHttp(String),
+    /// 407: the proxy wants credentials.
+    #[error("the proxy requires authentication ({0:?}): set proxy_credentials_file")]
+    AuthRequired(String),
+    /// Any other non-2xx status.
+    #[error("the proxy refused the tunnel: {0:?}")]
+    Refused(String),
+    /// No status code.
+    #[error("the proxy sent no status code: {0:?}")]
+    NoStatus(String),
+}
+
+/// Why the agent could not connect to the coordinator ([`Dialer::dial`],
+/// [`http_connect`]); the text is the reason in the log and the site's
+/// audit log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// No TCP connection to the proxy.
+    #[error("connecting to the proxy {addr}: {source}")]
+    ProxyConnect {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection to the proxy has no peer address.
+    #[error("proxy {addr}: {source}")]
+    ProxyPeer {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Sending `CONNECT` failed.
+    #[error("proxy {addr}: sending CONNECT: {source}")]
+    ProxySend {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy's answer head is longer than the agent reads.
+    #[error("proxy {addr}: answer to CONNECT longer than {MAX_PROXY_RESPONSE} bytes")]
+    ProxyAnswerTooLong {
+        /// The proxy's `host:port`.
+        addr: String,
+    },
+    /// Reading the proxy's answer failed.
+    #[error("proxy {addr}: reading its answer to CONNECT: {source}")]
+    ProxyRead {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The proxy answered, but opened no tunnel.
+    #[error("proxy {addr}: {source}")]
+    ProxyRefused {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Its answer.
+        source: ConnectRefused,
+    },
+    /// No tunnel within the connect timeout.
+    #[error("proxy {addr}: no tunnel within {timeout:?}")]
+    ProxyTimeout {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// TLS through the proxy's tunnel failed.
+    #[error("through proxy {addr}: {source}")]
+    OverProxy {
+        /// The proxy's `host:port`.
+        addr: String,
+        /// Why.
+        source: fedlink_transport::TransportError,
+    },
+    /// TLS over a direct TCP connection failed.
+    #[error(transparent)]
+    Tcp(fedlink_transport::TransportError),
+    /// The QUIC client endpoint could not be made.
+    #[error("QUIC: client endpoint: {0}")]
+    QuicEndpoint(#[source] fedlink_transport::TransportError),
+    /// The QUIC connection could not be started.
+    #[error("QUIC to {remote}: {source}")]
+    QuicConnect {
+        /// The coordinator's address.
+        remote: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The QUIC handshake failed.
+    #[error("QUIC to {remote}: {source}")]
+    QuicHandshake {
+        /// The coordinator's address.
+        remote: SocketAddr,
+        /// Why.
+        source: quinn::ConnectionError,
+    },
+    /// Both transports of a race failed.
+    #[error("{quic}; and {tcp}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<Self>,
+        /// Why TLS over TCP failed.
+        tcp: Box<Self>,
+    },
+}
+
 impl Proxy {
     /// Parse `http://host:port` (a trailing `/` allowed). No `https://`
     /// proxies (TLS to the proxy itself), and no credentials in the URL.
-    pub fn parse(url: &str, source: &'static str) -> Result<Self, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("{url:?}: only http:// proxies are supported (the tunnel carries TLS 1.3 end to end)")
-        })?;
+    pub fn parse(url: &str, source: &'static str) -> Result<Self, ProxyError> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| ProxyError::NotHttp {
+                url: url.to_owned(),
+            })?;
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('@') {
-            return Err(format!(
-                "{}: credentials in the proxy URL are refused; put `user:password` in the file named by proxy_credentials_file",
-                redact(url)
-            ));
+            return Err(ProxyError::CredentialsInUrl {
+                redacted: redact(url),
+            });
         }
         if rest.contains('/') || rest.contains('?') || rest.contains('#') {
-            return Err(format!("{url:?}: expected http://host:port, with no path"));
+            return Err(ProxyError::Path {
+                url: url.to_owned(),
+            });
         }
-        crate::config::check_host_port(rest).map_err(|m| format!("{url:?}: {m}"))?;
+        crate::config::check_host_port(rest).map_err(|source| ProxyError::HostPort {
+            url: url.to_owned(),
+            source,
+        })?;
         Ok(Self {
             addr: rest.to_owned(),
             credentials: None,
@@ -172,29 +364,34 @@ impl Proxy {
 
     /// Read Basic credentials (`user:password` on the first line) from
     /// `path`. The file must not be readable by group or others.
-    pub fn with_credentials_file(mut self, path: &Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn with_credentials_file(mut self, path: &Path) -> Result<Self, ProxyError> {
+        let io = |source| ProxyError::CredentialsFile {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
         if meta.len() > 4096 {
-            return Err(format!("{}: larger than 4 KiB", path.display()));
+            return Err(ProxyError::CredentialsTooLarge {
+                path: path.to_owned(),
+            });
         }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                return Err(format!(
-                    "{}: mode {mode:03o} lets other users read the proxy password; chmod 600 it",
-                    path.display()
-                ));
+                return Err(ProxyError::CredentialsMode {
+                    path: path.to_owned(),
+                    mode,
+                });
             }
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(io)?;
         let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
         if !line.contains(':') || line.starts_with(':') {
-            return Err(format!(
-                "{}: expected `user:password` on the first line",
-                path.display()
-            ));
+            return Err(ProxyError::CredentialsFormat {
+                path: path.to_owned(),
+            });
         }
         self.credentials = Some(line.to_owned());
         Ok(self)
@@ -220,7 +417,7 @@ fn redact(url: &str) -> String {
 pub fn proxy_from_env(
     host: &str,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<Option<Proxy>, String> {
+) -> Result<Option<Proxy>, ProxyError> {
     let get =
         |upper: &str, lower: &str| env(upper).or_else(|| env(lower)).filter(|v| !v.is_empty());
     let Some(url) = get("HTTPS_PROXY", "https_proxy") else {
@@ -270,7 +467,7 @@ const MAX_PROXY_RESPONSE: usize = 8 * 1024;
 /// Check a proxy's answer to `CONNECT` (its head, up to the blank line):
 /// `2xx` opens the tunnel; anything else is an error quoting the status
 /// line (made printable and bounded — it comes from the network).
-pub fn check_connect_response(head: &[u8]) -> Result<(), String> {
+pub fn check_connect_response(head: &[u8]) -> Result<(), ConnectRefused> {
     let text = String::from_utf8_lossy(head);
     let status_line = text.lines().next().unwrap_or("");
     let shown: String = status_line
@@ -282,15 +479,13 @@ pub fn check_connect_response(head: &[u8]) -> Result<(), String> {
     let version = parts.next().unwrap_or("");
     let code = parts.next().and_then(|c| c.parse::<u16>().ok());
     if !version.starts_with("HTTP/1.") {
-        return Err(format!("the proxy did not answer in HTTP/1.x: {shown:?}"));
+        return Err(ConnectRefused::NotHttp(shown));
     }
     match code {
         Some(200..=299) => Ok(()),
-        Some(407) => Err(format!(
-            "the proxy requires authentication ({shown:?}): set proxy_credentials_file"
-        )),
-        Some(_) => Err(format!("the proxy refused the tunnel: {shown:?}")),
-        None => Err(format!("the proxy sent no status code: {shown:?}")),
+        Some(407) => Err(ConnectRefused::AuthRequired(shown)),
+        Some(_) => Err(ConnectRefused::Refused(shown)),
+        None => Err(ConnectRefused::NoStatus(shown)),
     }
 }
 
@@ -301,14 +496,20 @@ pub async fn http_connect(
     proxy: &Proxy,
     target: &str,
     timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), String> {
+) -> Result<(TcpStream, SocketAddr), DialError> {
+    let addr = || proxy.addr.clone();
     let work = async {
-        let mut stream = TcpStream::connect(&proxy.addr)
-            .await
-            .map_err(|e| format!("connecting to the proxy {}: {e}", proxy.addr))?;
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| format!("proxy {}: {e}", proxy.addr))?;
+        let mut stream =
+            TcpStream::connect(&proxy.addr)
+                .await
+                .map_err(|source| DialError::ProxyConnect {
+                    addr: addr(),
+                    source,
+                })?;
+        let peer = stream.peer_addr().map_err(|source| DialError::ProxyPeer {
+            addr: addr(),
+            source,
+        })?;
         let mut request =
             format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: fedlink-agent\r\n");
         if let Some(c) = &proxy.credentials {
@@ -319,32 +520,41 @@ pub async fn http_connect(
         stream
             .write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("proxy {}: sending CONNECT: {e}", proxy.addr))?;
+            .map_err(|source| DialError::ProxySend {
+                addr: addr(),
+                source,
+            })?;
         // Read the answer's head byte by byte up to the blank line, so that
         // nothing of the TLS stream behind it is consumed.
         let mut head = Vec::with_capacity(256);
         loop {
             if head.len() >= MAX_PROXY_RESPONSE {
-                return Err(format!(
-                    "proxy {}: answer to CONNECT longer than {MAX_PROXY_RESPONSE} bytes",
-                    proxy.addr
-                ));
+                return Err(DialError::ProxyAnswerTooLong { addr: addr() });
             }
             let b = stream
                 .read_u8()
                 .await
-                .map_err(|e| format!("proxy {}: reading its answer to CONNECT: {e}", proxy.addr))?;
+                .map_err(|source| DialError::ProxyRead {
+                    addr: addr(),
+                    source,
+                })?;
             head.push(b);
             if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
                 break;
             }
         }
-        check_connect_response(&head).map_err(|e| format!("proxy {}: {e}", proxy.addr))?;
+        check_connect_response(&head).map_err(|source| DialError::ProxyRefused {
+            addr: addr(),
+            source,
+        })?;
         Ok((stream, peer))
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("proxy {}: no tunnel within {timeout:?}", proxy.addr))?
+        .map_err(|_| DialError::ProxyTimeout {
+            addr: addr(),
+            timeout,
+        })?
 }
 
 /// How a connection was made: which transport, through which proxy, why.
@@ -390,23 +600,24 @@ pub struct Dialed {
 }
 
 impl Dialer<'_> {
-    async fn quic(&self) -> Result<(Conn, Endpoint), String> {
+    async fn quic(&self) -> Result<(Conn, Endpoint), DialError> {
+        let remote = self.remote;
         let endpoint = fedlink_transport::client_endpoint_with(
             self.remote,
             self.tls.clone(),
             self.idle_timeout,
             self.congestion,
         )
-        .map_err(|e| format!("QUIC: client endpoint: {e}"))?;
+        .map_err(DialError::QuicEndpoint)?;
         let conn = endpoint
             .connect(self.remote, self.server_name)
-            .map_err(|e| format!("QUIC to {}: {e}", self.remote))?
+            .map_err(|source| DialError::QuicConnect { remote, source })?
             .await
-            .map_err(|e| format!("QUIC to {}: {e}", self.remote))?;
+            .map_err(|source| DialError::QuicHandshake { remote, source })?;
         Ok((Conn::from(conn), endpoint))
     }
 
-    async fn tcp(&self) -> Result<Conn, String> {
+    async fn tcp(&self) -> Result<Conn, DialError> {
         let tls = Arc::new(self.tls.clone());
         let conn = match self.proxy {
             Some(p) => {
@@ -419,12 +630,15 @@ impl Dialer<'_> {
                     self.timeout,
                 )
                 .await
-                .map_err(|e| format!("through proxy {}: {e}", p.addr))?
+                .map_err(|source| DialError::OverProxy {
+                    addr: p.addr.clone(),
+                    source,
+                })?
             }
             None => {
                 fedlink_transport::tcp::connect(self.remote, tls, self.server_name, self.timeout)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(DialError::Tcp)?
             }
         };
         Ok(Conn::from(conn))
@@ -440,7 +654,7 @@ impl Dialer<'_> {
 
     /// Connect as `plan` says. The error names what each transport tried
     /// answered.
-    pub async fn dial(&self, plan: &Plan) -> Result<Dialed, String> {
+    pub async fn dial(&self, plan: &Plan) -> Result<Dialed, DialError> {
         match plan {
             Plan::Quic => {
                 let (conn, endpoint) = self.quic().await?;
@@ -463,13 +677,13 @@ impl Dialer<'_> {
         }
     }
 
-    async fn race(&self, head_start: Duration) -> Result<Dialed, String> {
+    async fn race(&self, head_start: Duration) -> Result<Dialed, DialError> {
         let quic = self.quic();
         let tcp = self.tcp();
         let head = tokio::time::sleep(head_start);
         tokio::pin!(quic, tcp, head);
-        let mut quic_failed: Option<String> = None;
-        let mut tcp_failed: Option<String> = None;
+        let mut quic_failed: Option<DialError> = None;
+        let mut tcp_failed: Option<DialError> = None;
         let mut tcp_running = false;
         loop {
             tokio::select! {
@@ -485,7 +699,7 @@ impl Dialer<'_> {
                     }),
                     Err(e) => {
                         if let Some(t) = tcp_failed {
-                            return Err(format!("{e}; and {t}"));
+                            return Err(DialError::Both { quic: Box::new(e), tcp: Box::new(t) });
                         }
                         quic_failed = Some(e);
                         tcp_running = true;
@@ -505,7 +719,7 @@ impl Dialer<'_> {
                     }
                     Err(e) => {
                         if let Some(q) = quic_failed {
-                            return Err(format!("{q}; and {e}"));
+                            return Err(DialError::Both { quic: Box::new(q), tcp: Box::new(e) });
                         }
                         tcp_failed = Some(e);
                     }
@@ -569,15 +783,27 @@ mod tests {
         assert_eq!(p.addr, "proxy.hospital.local:3128");
         assert!(!p.has_credentials());
         let e = Proxy::parse("https://proxy:3128", "site.toml").unwrap_err();
-        assert!(e.contains("only http://"), "{e}");
+        assert!(matches!(e, ProxyError::NotHttp { .. }), "{e:?}");
+        assert!(e.to_string().contains("only http://"), "{e}");
         let e = Proxy::parse("http://bob:secret@proxy:3128", "site.toml").unwrap_err();
+        assert!(matches!(e, ProxyError::CredentialsInUrl { .. }), "{e:?}");
+        let e = e.to_string();
         assert!(e.contains("credentials in the proxy URL"), "{e}");
         assert!(
             !e.contains("secret"),
             "the password must not be echoed: {e}"
         );
-        assert!(Proxy::parse("http://proxy", "site.toml").is_err());
-        assert!(Proxy::parse("http://proxy:3128/path", "site.toml").is_err());
+        assert!(matches!(
+            Proxy::parse("http://proxy", "site.toml"),
+            Err(ProxyError::HostPort {
+                source: crate::config::HostPortError::NoPort(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            Proxy::parse("http://proxy:3128/path", "site.toml"),
+            Err(ProxyError::Path { .. })
+        ));
     }
 
     #[test]
@@ -633,18 +859,22 @@ mod tests {
         assert!(check_connect_response(b"HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
         assert!(check_connect_response(b"HTTP/1.0 200 OK\r\n\r\n").is_ok());
         let e = check_connect_response(b"HTTP/1.1 403 Forbidden\r\nX: y\r\n\r\n").unwrap_err();
+        assert_eq!(e, ConnectRefused::Refused("HTTP/1.1 403 Forbidden".into()));
+        let e = e.to_string();
         assert!(
             e.contains("refused the tunnel") && e.contains("403 Forbidden"),
             "{e}"
         );
         let e = check_connect_response(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
             .unwrap_err();
-        assert!(e.contains("proxy_credentials_file"), "{e}");
+        assert!(matches!(e, ConnectRefused::AuthRequired(_)), "{e:?}");
+        assert!(e.to_string().contains("proxy_credentials_file"), "{e}");
         let e = check_connect_response(b"SSH-2.0-OpenSSH\r\n\r\n").unwrap_err();
-        assert!(e.contains("HTTP/1.x"), "{e}");
+        assert!(matches!(e, ConnectRefused::NotHttp(_)), "{e:?}");
+        assert!(e.to_string().contains("HTTP/1.x"), "{e}");
         // Control characters from the network are not echoed raw.
         let e = check_connect_response(b"HTTP/1.1 502 \x1b[31mBad\r\n\r\n").unwrap_err();
-        assert!(!e.contains('\x1b'), "{e}");
+        assert!(!e.to_string().contains('\x1b'), "{e}");
     }
 
     #[test]
@@ -656,12 +886,19 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let p = Proxy::parse("http://p:3128", "site.toml").unwrap();
         let e = p.clone().with_credentials_file(&path).unwrap_err();
-        assert!(e.contains("chmod 600"), "{e}");
+        assert!(
+            matches!(e, ProxyError::CredentialsMode { mode: 0o644, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let with = p.clone().with_credentials_file(&path).unwrap();
         assert!(with.has_credentials());
         assert!(!format!("{with:?}").contains("s3cret"));
         std::fs::write(&path, "no-colon\n").unwrap();
-        assert!(p.with_credentials_file(&path).is_err());
+        assert!(matches!(
+            p.with_credentials_file(&path),
+            Err(ProxyError::CredentialsFormat { .. })
+        ));
     }
 }

@@ -43,27 +43,50 @@ impl KeptUpload {
     /// The records to send after the coordinator's `progress`: checked
     /// against the records kept (the count, and the bytes they make up),
     /// so a coordinator that claims what was never sent is caught.
-    pub fn remaining(&self, progress: UploadProgress) -> Result<&[Bytes], String> {
+    pub fn remaining(&self, progress: UploadProgress) -> Result<&[Bytes], ProgressMismatch> {
         let held = usize::try_from(progress.records)
             .ok()
             .filter(|&n| n <= self.records.len())
-            .ok_or_else(|| {
-                format!(
-                    "the coordinator holds {} records of an upload of {}",
-                    progress.records,
-                    self.records.len()
-                )
+            .ok_or(ProgressMismatch::Records {
+                claimed: progress.records,
+                kept: self.records.len(),
             })?;
         let (sent, rest) = self.records.split_at(held);
         let bytes: u64 = sent.iter().map(|r| r.len() as u64).sum();
         if bytes != progress.bytes {
-            return Err(format!(
-                "the coordinator holds {} records of {} bytes, they make up {bytes}",
-                progress.records, progress.bytes
-            ));
+            return Err(ProgressMismatch::Bytes {
+                records: progress.records,
+                claimed: progress.bytes,
+                actual: bytes,
+            });
         }
         Ok(rest)
     }
+}
+
+/// The coordinator's claim of what it holds of a resumed upload does not
+/// match what the site sent ([`KeptUpload::remaining`]): it misbehaved.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProgressMismatch {
+    /// More records than the upload has.
+    #[error("the coordinator holds {claimed} records of an upload of {kept}")]
+    Records {
+        /// Records the coordinator claims.
+        claimed: u64,
+        /// Records the upload has.
+        kept: usize,
+    },
+    /// The records claimed do not make up the bytes claimed.
+    #[error("the coordinator holds {records} records of {claimed} bytes, they make up {actual}")]
+    Bytes {
+        /// Records the coordinator claims.
+        records: u64,
+        /// Bytes the coordinator claims.
+        claimed: u64,
+        /// Bytes those records make up.
+        actual: u64,
+    },
 }
 
 /// The records of a model download received so far.
@@ -192,11 +215,30 @@ mod tests {
         assert!(k.remaining(p(3, 60)).unwrap().is_empty());
         // Claims that do not match what was sent are caught.
         let err = k.remaining(p(4, 60)).unwrap_err();
-        assert!(err.contains("holds 4 records of an upload of 3"), "{err}");
+        assert_eq!(
+            err,
+            ProgressMismatch::Records {
+                claimed: 4,
+                kept: 3
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("holds 4 records of an upload of 3"),
+            "{err}"
+        );
         let err = k.remaining(p(2, 29)).unwrap_err();
-        assert!(err.contains("they make up 30"), "{err}");
+        assert_eq!(
+            err,
+            ProgressMismatch::Bytes {
+                records: 2,
+                claimed: 29,
+                actual: 30
+            }
+        );
+        assert!(err.to_string().contains("they make up 30"), "{err}");
         let err = k.remaining(p(u64::MAX, 0)).unwrap_err();
-        assert!(err.contains("records"), "{err}");
+        assert!(matches!(err, ProgressMismatch::Records { .. }), "{err}");
     }
 
     #[test]

@@ -152,6 +152,17 @@ async fn a_refusing_proxy_is_named_with_its_answer() {
         .await
         .unwrap_err();
     assert!(
+        matches!(
+            &err,
+            fedlink_agent::dial::DialError::ProxyRefused {
+                source: fedlink_agent::dial::ConnectRefused::AuthRequired(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = err.to_string();
+    assert!(
         err.contains("407") && err.contains("proxy_credentials_file"),
         "{err}"
     );
@@ -166,7 +177,8 @@ async fn a_refusing_proxy_is_named_with_its_answer() {
     let p = p.with_credentials_file(&creds).unwrap();
     let err = http_connect(&p, "elsewhere.example:4433", LIMIT)
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("refused the tunnel") && err.contains("403 Forbidden"),
         "{err}"

@@ -88,6 +88,33 @@ pub enum ReportError {
     },
 }
 
+/// Why a site's answer to a requested evaluation does not count
+/// ([`RequestedEvaluation::handle_report`]); the text is the `reason` of
+/// its `eval.rejected` audit entry.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EvalRefusal {
+    /// No evaluation is being asked for (the driver's answer when nothing
+    /// was requested).
+    #[error("no evaluation is being asked for")]
+    NotRequested,
+    /// The site already answered this request.
+    #[error("a second report for the same model")]
+    Second,
+    /// The site was not among those asked.
+    #[error("this site was not asked to evaluate the model")]
+    NotAsked,
+    /// The connection's identity is not a valid site id.
+    #[error(transparent)]
+    SiteName(#[from] fedlink_protocol::IdError),
+    /// The signed report does not verify, or answers another request.
+    #[error(transparent)]
+    Verify(#[from] fedlink_protocol::evaluation::EvalReportError),
+    /// Verified, but its metrics are unusable: the site's answer, left out.
+    #[error(transparent)]
+    Unusable(#[from] ReportError),
+}
+
 /// Check one site's metrics: examples in `1..=MAX_EVAL_EXAMPLES`, every
 /// metric finite, loss ≥ 0, accuracy / AUC / Dice in `[0, 1]`.
 pub fn check_report(m: &EvalMetrics) -> Result<(), ReportError> {
@@ -241,21 +268,20 @@ impl RequestedEvaluation {
         site: &str,
         signed: &SignedEvalReport,
         keys: &impl KeyDirectory,
-    ) -> Result<(), String> {
+    ) -> Result<(), EvalRefusal> {
         if !self.waiting.contains(site) {
             return Err(
                 if self.reports.iter().any(|(s, _)| s == site)
                     || self.refused.iter().any(|x| x.site == site)
                 {
-                    "a second report for the same model".into()
+                    EvalRefusal::Second
                 } else {
-                    "this site was not asked to evaluate the model".into()
+                    EvalRefusal::NotAsked
                 },
             );
         }
-        let authenticated = SiteId::new(site).map_err(|e| e.to_string())?;
-        let metrics = verify_eval_report(signed, &authenticated, keys, &self.expected)
-            .map_err(|e| e.to_string())?;
+        let authenticated = SiteId::new(site)?;
+        let metrics = verify_eval_report(signed, &authenticated, keys, &self.expected)?;
         self.waiting.remove(site);
         match check_report(metrics) {
             Ok(()) => {
@@ -263,12 +289,11 @@ impl RequestedEvaluation {
                 Ok(())
             }
             Err(e) => {
-                let reason = e.to_string();
                 self.refused.push(ExcludedEvaluation {
                     site: site.to_owned(),
-                    reason: reason.clone(),
+                    reason: e.to_string(),
                 });
-                Err(reason)
+                Err(e.into())
             }
         }
     }
@@ -311,6 +336,7 @@ impl RequestedEvaluation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedlink_protocol::evaluation::EvalReportError;
 
     fn m(n: u64, loss: f64, acc: f64) -> Option<EvalMetrics> {
         Some(EvalMetrics {
@@ -472,12 +498,16 @@ mod tests {
         // Again: not counted twice.
         assert_eq!(
             ev.handle_report("a", &signed(&key, "a", good, m(3, 0.25, 0.5)), &keys),
-            Err("a second report for the same model".into())
+            Err(EvalRefusal::Second)
         );
         // Not asked.
         assert_eq!(
             ev.handle_report("e", &signed(&key, "e", good, m(1, 0.0, 1.0)), &keys),
-            Err("this site was not asked to evaluate the model".into())
+            Err(EvalRefusal::NotAsked)
+        );
+        assert_eq!(
+            EvalRefusal::NotAsked.to_string(),
+            "this site was not asked to evaluate the model"
         );
         // Another model: refused, the site may still answer properly.
         let wrong = ev.handle_report(
@@ -485,12 +515,23 @@ mod tests {
             &signed(&key, "b", ModelHash([6; 32]), m(1, 0.0, 1.0)),
             &keys,
         );
-        assert!(wrong.is_err_and(|e| e.starts_with("report is for model 0606")));
+        assert!(wrong.as_ref().is_err_and(|e| matches!(
+            e,
+            EvalRefusal::Verify(EvalReportError::ContextMismatch { field: "model", .. })
+        )));
+        assert!(wrong.is_err_and(|e| e.to_string().starts_with("report is for model 0606")));
         // Signed for site b, sent on c's connection.
+        let err = ev
+            .handle_report("c", &signed(&key, "b", good, m(1, 0.0, 1.0)), &keys)
+            .unwrap_err();
         assert!(
-            ev.handle_report("c", &signed(&key, "b", good, m(1, 0.0, 1.0)), &keys)
-                .is_err_and(|e| e.contains("authenticated as c"))
+            matches!(
+                err,
+                EvalRefusal::Verify(EvalReportError::IdentityMismatch { .. })
+            ),
+            "{err:?}"
         );
+        assert!(err.to_string().contains("authenticated as c"), "{err}");
         assert_eq!(
             ev.handle_report("b", &signed(&key, "b", good, m(1, 0.5, 1.0)), &keys),
             Ok(())
@@ -498,7 +539,11 @@ mod tests {
         // Verified but unusable: the site's answer, left out.
         assert_eq!(
             ev.handle_report("c", &signed(&key, "c", good, m(0, 0.5, 1.0)), &keys),
-            Err("num_eval_examples = 0 is outside 1..=4294967296".into())
+            Err(EvalRefusal::Unusable(ReportError::Examples(0)))
+        );
+        assert_eq!(
+            EvalRefusal::from(ReportError::Examples(0)).to_string(),
+            "num_eval_examples = 0 is outside 1..=4294967296"
         );
         assert!(!ev.is_done(now));
         ev.handle_disconnect("d");

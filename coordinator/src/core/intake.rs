@@ -134,6 +134,41 @@ fn round_view(
     Ok((authenticated, want))
 }
 
+/// Why an update's claimed weight (`num_examples` of its signed header) is
+/// refused before its payload is read ([`check_num_examples`]). Sent to
+/// the site and recorded in the audit log: the text names both numbers and
+/// where the bound comes from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClaimError {
+    /// More examples than the site declared (`max_examples` in
+    /// `sites.toml`).
+    #[error(
+        "num_examples = {claimed} exceeds the {declared} examples declared for site {site} \
+         (max_examples in sites.toml)"
+    )]
+    AboveDeclared {
+        /// The site.
+        site: String,
+        /// What its header claims.
+        claimed: u64,
+        /// What `sites.toml` declares for it.
+        declared: u64,
+    },
+    /// More examples than the job allows one site
+    /// (`strategy.max_examples_per_site`).
+    #[error(
+        "num_examples = {claimed} exceeds the job's limit of {limit} examples per site \
+         (strategy.max_examples_per_site)"
+    )]
+    AboveJobLimit {
+        /// What the header claims.
+        claimed: u64,
+        /// The job's per-site limit.
+        limit: u64,
+    },
+}
+
 /// Whether an update of `site` may claim `claimed` training examples: at
 /// most the site's declared maximum (`max_examples` in `sites.toml`) and at
 /// most the job's per-site limit (`max_num_examples` of the strategy, from
@@ -143,22 +178,40 @@ pub fn check_num_examples(
     claimed: u64,
     job_limit: u64,
     declared: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), ClaimError> {
     if let Some(max) = declared
         && claimed > max
     {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the {max} examples declared for site {site} \
-             (max_examples in sites.toml)"
-        ));
+        return Err(ClaimError::AboveDeclared {
+            site: site.to_owned(),
+            claimed,
+            declared: max,
+        });
     }
     if claimed > job_limit {
-        return Err(format!(
-            "num_examples = {claimed} exceeds the job's limit of {job_limit} examples per site \
-             (strategy.max_examples_per_site)"
-        ));
+        return Err(ClaimError::AboveJobLimit {
+            claimed,
+            limit: job_limit,
+        });
     }
     Ok(())
+}
+
+/// A number of a signed header that has no JSON form
+/// ([`check_header_numbers`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeaderNumberError {
+    /// One of the named metrics (loss, accuracy, auc, dice) is NaN or
+    /// infinite.
+    #[error("the signed header's metric {0} is not finite")]
+    Metric(&'static str),
+    /// A metric of the header's `extra` list is NaN or infinite.
+    #[error("the signed header's metric {0:?} is not finite")]
+    ExtraMetric(String),
+    /// A feature statistic (a sum or a sum of squares) is NaN or infinite.
+    #[error("the signed header's feature statistics are not finite")]
+    FeatureStats,
 }
 
 /// Whether every number a signed header carries besides the payload — its
@@ -168,8 +221,7 @@ pub fn check_num_examples(
 /// update is refused before its payload is read, the reason naming the
 /// value. (Whether finite metrics are usable is
 /// [`super::evaluation::check_report`]'s question.)
-pub fn check_header_numbers(h: &UpdateHeader) -> Result<(), String> {
-    let bad = |what: &str| Err(format!("the signed header's {what} is not finite"));
+pub fn check_header_numbers(h: &UpdateHeader) -> Result<(), HeaderNumberError> {
     if let Some(m) = &h.metrics {
         for (name, v) in [
             ("loss", m.loss),
@@ -178,17 +230,17 @@ pub fn check_header_numbers(h: &UpdateHeader) -> Result<(), String> {
             ("dice", m.dice),
         ] {
             if v.is_some_and(|v| !v.is_finite()) {
-                return bad(&format!("metric {name}"));
+                return Err(HeaderNumberError::Metric(name));
             }
         }
         if let Some((name, _)) = m.extra.iter().find(|(_, v)| !v.is_finite()) {
-            return bad(&format!("metric {name:?}"));
+            return Err(HeaderNumberError::ExtraMetric(name.clone()));
         }
     }
     if let Some(f) = &h.feature_stats
         && f.sum.iter().chain(&f.sum_sq).any(|v| !v.is_finite())
     {
-        return Err("the signed header's feature statistics are not finite".into());
+        return Err(HeaderNumberError::FeatureStats);
     }
     Ok(())
 }
@@ -459,17 +511,21 @@ mod tests {
         if let Some(m) = nan.metrics.as_mut() {
             m.loss = Some(f64::NAN);
         }
+        let err = check_header_numbers(&nan).unwrap_err();
+        assert_eq!(err, HeaderNumberError::Metric("loss"));
         assert_eq!(
-            check_header_numbers(&nan),
-            Err("the signed header's metric loss is not finite".into())
+            err.to_string(),
+            "the signed header's metric loss is not finite"
         );
         let mut inf = h.clone();
         if let Some(m) = inf.metrics.as_mut() {
             m.extra = vec![("f1".into(), f64::NEG_INFINITY)];
         }
+        let err = check_header_numbers(&inf).unwrap_err();
+        assert_eq!(err, HeaderNumberError::ExtraMetric("f1".into()));
         assert_eq!(
-            check_header_numbers(&inf),
-            Err("the signed header's metric \"f1\" is not finite".into())
+            err.to_string(),
+            "the signed header's metric \"f1\" is not finite"
         );
         let mut stats = w.header(2);
         stats.feature_stats = Some(fedlink_protocol::FeatureStats {
@@ -478,9 +534,11 @@ mod tests {
             sum: vec![1.0],
             sum_sq: vec![f64::INFINITY],
         });
+        let err = check_header_numbers(&stats).unwrap_err();
+        assert_eq!(err, HeaderNumberError::FeatureStats);
         assert_eq!(
-            check_header_numbers(&stats),
-            Err("the signed header's feature statistics are not finite".into())
+            err.to_string(),
+            "the signed header's feature statistics are not finite"
         );
     }
 
@@ -489,7 +547,16 @@ mod tests {
         assert_eq!(check_num_examples("a", 100, 1_000, None), Ok(()));
         assert_eq!(check_num_examples("a", 1_000, 1_000, Some(1_000)), Ok(()));
         // Over the site's declared size, under the job's cap.
-        let why = check_num_examples("site-2", 1_001, 1_000_000, Some(1_000)).unwrap_err();
+        let err = check_num_examples("site-2", 1_001, 1_000_000, Some(1_000)).unwrap_err();
+        assert_eq!(
+            err,
+            ClaimError::AboveDeclared {
+                site: "site-2".into(),
+                claimed: 1_001,
+                declared: 1_000
+            }
+        );
+        let why = err.to_string();
         assert!(
             why.contains("1001") && why.contains("1000") && why.contains("site-2"),
             "{why}"
@@ -497,7 +564,15 @@ mod tests {
         assert!(why.contains("max_examples"), "{why}");
         // Over the job's cap, the site declaring nothing or more.
         for declared in [None, Some(u64::MAX)] {
-            let why = check_num_examples("a", 1 << 30, 1_000_000, declared).unwrap_err();
+            let err = check_num_examples("a", 1 << 30, 1_000_000, declared).unwrap_err();
+            assert_eq!(
+                err,
+                ClaimError::AboveJobLimit {
+                    claimed: 1 << 30,
+                    limit: 1_000_000
+                }
+            );
+            let why = err.to_string();
             assert!(
                 why.contains(&(1u64 << 30).to_string()) && why.contains("1000000"),
                 "{why}"

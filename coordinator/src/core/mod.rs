@@ -74,7 +74,7 @@ pub mod sim;
 mod sites;
 
 pub use crate::round::ConnId;
-pub use sites::{Held, JobNeeds, Sites, compatibility, compatible, same_family};
+pub use sites::{Held, Incompatible, JobNeeds, Sites, compatibility, compatible, same_family};
 
 /// Why the core closes a connection.
 #[non_exhaustive]

@@ -102,9 +102,9 @@ impl Sites {
     /// Close the connection of every site `allowed` refuses (revoked,
     /// removed or superseded certificates), with the reason it gives.
     /// Returns the sites cut off with their connections, and the effects.
-    pub fn revoke_where(
+    pub fn revoke_where<E: std::fmt::Display>(
         &mut self,
-        mut allowed: impl FnMut(&str, ConnId) -> Result<(), String>,
+        mut allowed: impl FnMut(&str, ConnId) -> Result<(), E>,
     ) -> (Vec<(SiteId, ConnId)>, Vec<Effect>) {
         let mut cut = Vec::new();
         let mut effects = Vec::new();
@@ -114,7 +114,7 @@ impl Sites {
                 cut.push((site.clone(), h.conn));
                 effects.push(Effect::Close {
                     conn: h.conn,
-                    reason: CloseReason::Forbidden(why),
+                    reason: CloseReason::Forbidden(why.to_string()),
                 });
                 false
             }
@@ -189,7 +189,7 @@ impl Sites {
 
     /// The held sites that cannot take part in a job that `needs` this,
     /// each with the reason (for the log).
-    pub fn incompatible(&self, needs: &JobNeeds) -> Vec<(SiteId, String)> {
+    pub fn incompatible(&self, needs: &JobNeeds) -> Vec<(SiteId, Incompatible)> {
         self.held
             .iter()
             .filter_map(|(site, h)| {
@@ -208,25 +208,51 @@ pub fn compatible(codecs: &[ValueCodec], encoding: Option<Encoding>) -> bool {
     encoding.is_none_or(|enc| codecs.iter().any(|c| same_family(*c, enc.values())))
 }
 
+/// Why a connected site cannot take part in a job ([`compatibility`]);
+/// logged when the site connects and when a job takes the sites over.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Incompatible {
+    /// The site negotiated a protocol version older than the job's offers
+    /// need.
+    #[error(
+        "the job needs protocol version {needs} (a U-Net of depth other than 2, or \
+         augmentation) and the site negotiated {negotiated}: upgrade its agent \
+         (this coordinator speaks up to {PROTOCOL_VERSION})"
+    )]
+    ProtocolVersion {
+        /// The version the job's offers need.
+        needs: u16,
+        /// The version negotiated with the site.
+        negotiated: u16,
+    },
+    /// The site did not announce the job's delta codec (family).
+    #[error("the job's delta codec ({codec}) is not among the codecs the site announced")]
+    Codec {
+        /// The name of the job's encoding.
+        codec: String,
+    },
+}
+
 /// Whether a site that announced `codecs` and negotiated protocol
 /// `version` can take part in a job that `needs` this; the error says
 /// why not. A site below the job's protocol version would not even decode
 /// its offers (a deep U-Net's `unet_deep` arch, augmentation), so it is
 /// never offered one.
-pub fn compatibility(codecs: &[ValueCodec], version: u16, needs: &JobNeeds) -> Result<(), String> {
+pub fn compatibility(
+    codecs: &[ValueCodec],
+    version: u16,
+    needs: &JobNeeds,
+) -> Result<(), Incompatible> {
     if version < needs.min_protocol_version {
-        return Err(format!(
-            "the job needs protocol version {} (a U-Net of depth other than 2, or \
-             augmentation) and the site negotiated {version}: upgrade its agent \
-             (this coordinator speaks up to {PROTOCOL_VERSION})",
-            needs.min_protocol_version
-        ));
+        return Err(Incompatible::ProtocolVersion {
+            needs: needs.min_protocol_version,
+            negotiated: version,
+        });
     }
     if !compatible(codecs, needs.encoding) {
-        let want = needs.encoding.map(|e| e.name()).unwrap_or_default();
-        return Err(format!(
-            "the job's delta codec ({want}) is not among the codecs the site announced"
-        ));
+        let codec = needs.encoding.map(|e| e.name()).unwrap_or_default();
+        return Err(Incompatible::Codec { codec });
     }
     Ok(())
 }
@@ -294,7 +320,7 @@ mod tests {
         }
         let (cut, effects) = s.revoke_where(|site, _| {
             if site == "b" {
-                Err("certificate revoked".into())
+                Err("certificate revoked")
             } else {
                 Ok(())
             }
@@ -335,6 +361,15 @@ mod tests {
             got,
             vec![("z".to_owned(), 1, true), ("a".to_owned(), 2, false)]
         );
+        let why = s.incompatible(&JobNeeds {
+            encoding: Some(f16),
+            min_protocol_version: MIN_PROTOCOL_VERSION,
+        });
+        assert_eq!(
+            why,
+            vec![("a".to_owned(), Incompatible::Codec { codec: f16.name() })]
+        );
+        assert!(why[0].1.to_string().contains("not among the codecs"));
         // Still held: the next job gets them too, with its own encoding.
         assert_eq!(s.len(), 2);
         let again = s.hand_over(&JobNeeds::ANY);
@@ -393,10 +428,17 @@ deadline_secs = 60
         let why = s.incompatible(&needs);
         assert_eq!(why.len(), 1);
         assert_eq!(why[0].0, "old");
+        assert_eq!(
+            why[0].1,
+            Incompatible::ProtocolVersion {
+                needs: 5,
+                negotiated: 4
+            }
+        );
+        let text = why[0].1.to_string();
         assert!(
-            why[0].1.contains("protocol version 5") && why[0].1.contains("negotiated 4"),
-            "{}",
-            why[0].1
+            text.contains("protocol version 5") && text.contains("negotiated 4"),
+            "{text}"
         );
 
         // the same U-Net at depth 2 (the old encoding) is fine for both
@@ -458,10 +500,17 @@ class_weight = "balanced"
         let why = s.incompatible(&needs);
         assert_eq!(why.len(), 1);
         assert_eq!(why[0].0, "old");
+        assert_eq!(
+            why[0].1,
+            Incompatible::ProtocolVersion {
+                needs: 6,
+                negotiated: 5
+            }
+        );
+        let text = why[0].1.to_string();
         assert!(
-            why[0].1.contains("protocol version 6") && why[0].1.contains("negotiated 5"),
-            "{}",
-            why[0].1
+            text.contains("protocol version 6") && text.contains("negotiated 5"),
+            "{text}"
         );
         job.training.class_weight = crate::job::ClassWeightConfig::None;
         assert!(s.incompatible(&JobNeeds::of(&job)).is_empty());

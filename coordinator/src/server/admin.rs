@@ -147,7 +147,7 @@ impl AdminState {
     }
 
     /// Submitted job ids, in order (a missing file: none).
-    fn queue(&self) -> Result<Vec<String>, String> {
+    fn queue(&self) -> Result<Vec<String>, QueueError> {
         read_queue(&self.queue_path)
     }
 
@@ -217,25 +217,48 @@ impl AdminState {
 /// Largest `queue.json` read (job ids are short; thousands fit).
 const MAX_QUEUE_FILE: u64 = 1 << 20;
 
-fn read_queue(path: &Path) -> Result<Vec<String>, String> {
+/// Why the queue of submitted jobs (`queue.json`) cannot be read or
+/// written.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    /// Reading or writing the file failed (or it is over its size limit).
+    #[error(transparent)]
+    File(#[from] crate::round_archive::ArchiveError),
+    /// The file is not a JSON list of job ids.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// The list could not be serialized.
+    #[error(transparent)]
+    Serialize(serde_json::Error),
+    /// The configured path names no file in a directory.
+    #[error("{}: not a file path", .0.display())]
+    NotAFilePath(PathBuf),
+}
+
+fn read_queue(path: &Path) -> Result<Vec<String>, QueueError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let bytes =
-        crate::round_archive::read_bounded(path, MAX_QUEUE_FILE).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = crate::round_archive::read_bounded(path, MAX_QUEUE_FILE)?;
+    serde_json::from_slice(&bytes).map_err(|source| QueueError::Parse {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn append_queue(path: &Path, id: &str) -> Result<(), String> {
+fn append_queue(path: &Path, id: &str) -> Result<(), QueueError> {
     let mut q = read_queue(path)?;
     if !q.iter().any(|x| x == id) {
         q.push(id.to_owned());
     }
-    let json = serde_json::to_vec_pretty(&q).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(&q).map_err(QueueError::Serialize)?;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(format!("{}: not a file path", path.display()));
+        return Err(QueueError::NotAFilePath(path.to_owned()));
     };
-    crate::round_archive::write_atomic(dir, name, &json).map_err(|e| e.to_string())
+    Ok(crate::round_archive::write_atomic(dir, name, &json)?)
 }
 
 impl Shared {
@@ -865,8 +888,8 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     // architecture.
     let model = tokio::task::block_in_place(|| match &job.init {
         InitSource::File(file) => {
-            let path =
-                resolve_submitted_init(shared.admin.init_dir.as_deref(), file).map_err(refused)?;
+            let path = resolve_submitted_init(shared.admin.init_dir.as_deref(), file)
+                .map_err(|e| refused(e.to_string()))?;
             read_initial_model(&job, &path).map_err(invalid)
         }
         _ => initial_model(&job).map_err(invalid),
@@ -1079,21 +1102,26 @@ struct ModelFileStream {
 
 impl ModelFileStream {
     /// Open the file of model `expected` and read its spec.
-    fn open(path: &Path, expected: ModelHash) -> Result<(ModelSpec, Self), String> {
-        let corrupt = |why: String| format!("model file {} is corrupt: {why}", path.display());
+    fn open(path: &Path, expected: ModelHash) -> Result<(ModelSpec, Self), ModelFileError> {
+        let io = |source| ModelFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(format!("the file of model {expected} is missing"));
+                return Err(ModelFileError::Missing(expected));
             }
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(io(e)),
         };
-        let len = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
+        let len = file.metadata().map_err(io)?.len();
         let (spec, values_len) =
-            crate::store::read_model_header(&mut file, len).map_err(corrupt)?;
+            crate::store::read_model_header(&mut file, len).map_err(|source| {
+                ModelFileError::Header {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         let stream = Self {
             file,
             path: path.to_owned(),
@@ -1108,14 +1136,14 @@ impl ModelFileStream {
         Ok((spec, stream))
     }
 
-    fn check_hash(&self) -> Result<(), String> {
+    fn check_hash(&self) -> Result<(), ModelFileError> {
         let actual = self.hasher.finalize();
         if actual != self.expected {
-            return Err(format!(
-                "model file {} is corrupt: content hash is {actual}, expected {}",
-                self.path.display(),
-                self.expected
-            ));
+            return Err(ModelFileError::Hash {
+                path: self.path.clone(),
+                actual,
+                expected: self.expected,
+            });
         }
         Ok(())
     }
@@ -1123,7 +1151,7 @@ impl ModelFileStream {
     /// The next piece of at most `max` bytes (`max` a multiple of 4), or
     /// `None` after the last one. The call that reads the last piece checks
     /// the content hash and fails instead of returning it on a mismatch.
-    fn next_piece(&mut self, max: usize) -> Result<Option<Vec<u8>>, String> {
+    fn next_piece(&mut self, max: usize) -> Result<Option<Vec<u8>>, ModelFileError> {
         use std::io::Read;
         if self.left == 0 {
             return Ok(None);
@@ -1132,7 +1160,10 @@ impl ModelFileStream {
         let mut piece = vec![0u8; take];
         self.file
             .read_exact(&mut piece)
-            .map_err(|e| format!("model file {}: short values: {e}", self.path.display()))?;
+            .map_err(|source| ModelFileError::ShortValues {
+                path: self.path.clone(),
+                source,
+            })?;
         for slice in piece.chunks(HASH_SLICE) {
             self.values.clear();
             self.values.extend(
@@ -1148,6 +1179,42 @@ impl ModelFileStream {
         }
         Ok(Some(piece))
     }
+}
+
+/// Why a model file cannot be exported ([`ModelFileStream`]).
+#[derive(Debug, thiserror::Error)]
+enum ModelFileError {
+    /// The store knows the model but its file is gone.
+    #[error("the file of model {0} is missing")]
+    Missing(ModelHash),
+    /// Opening or inspecting the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The header (magic, spec, length) is wrong.
+    #[error("model file {} is corrupt: {source}", path.display())]
+    Header {
+        path: PathBuf,
+        source: crate::store::ModelHeaderError,
+    },
+    /// The file ends (or reading fails) inside the values.
+    #[error("model file {}: short values: {source}", path.display())]
+    ShortValues {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The values do not hash to the model's content hash.
+    #[error(
+        "model file {} is corrupt: content hash is {actual}, expected {expected}",
+        path.display()
+    )]
+    Hash {
+        path: PathBuf,
+        actual: ModelHash,
+        expected: ModelHash,
+    },
 }
 
 /// Bytes of a piece converted to values at a time for hashing.
@@ -1215,7 +1282,7 @@ async fn export(
                 // stream so the client never takes them for a whole model.
                 tracing::error!(admin = %actor, error = %e, "export stopped");
                 send.reset(EXPORT_CORRUPT);
-                return Err(TransportError::Stream(e));
+                return Err(TransportError::Stream(e.to_string()));
             }
         }
     }
@@ -1240,13 +1307,32 @@ mod tests {
         FlatModel::new(spec, values).unwrap()
     }
 
-    fn drain(stream: &mut ModelFileStream, max: usize) -> Result<Vec<u8>, String> {
+    fn drain(stream: &mut ModelFileStream, max: usize) -> Result<Vec<u8>, ModelFileError> {
         let mut out = Vec::new();
         while let Some(p) = stream.next_piece(max)? {
             assert!(p.len() <= max);
             out.extend_from_slice(&p);
         }
         Ok(out)
+    }
+
+    #[test]
+    fn the_queue_file_is_appended_once_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.json");
+        assert!(read_queue(&path).unwrap().is_empty());
+        append_queue(&path, "a").unwrap();
+        append_queue(&path, "b").unwrap();
+        append_queue(&path, "a").unwrap();
+        assert_eq!(read_queue(&path).unwrap(), ["a", "b"]);
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = read_queue(&path).unwrap_err();
+        assert!(matches!(err, QueueError::Parse { .. }), "{err:?}");
+        assert!(err.to_string().contains("queue.json"), "{err}");
+        assert!(matches!(
+            append_queue(&path, "c").unwrap_err(),
+            QueueError::Parse { .. }
+        ));
     }
 
     #[test]
@@ -1286,14 +1372,25 @@ mod tests {
                 Err(e) => break e,
             }
         };
-        assert!(err.contains("content hash"), "{err}");
+        assert!(matches!(err, ModelFileError::Hash { .. }), "{err:?}");
+        assert!(err.to_string().contains("content hash"), "{err}");
         // Every piece but the last went out; the last was held back.
         assert_eq!(pieces, (m.values().len() * 4).div_ceil(400) - 1);
 
         // Truncated: refused when opened.
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         let err = ModelFileStream::open(&path, h).err().unwrap();
-        assert!(err.contains("spec declares"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ModelFileError::Header {
+                    source: crate::store::ModelHeaderError::Length { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("spec declares"), "{err}");
         // Another model's hash: refused at the end.
         let other = model(2).hash();
         let fresh = store.model_path(&store.put_model(&model(2)).unwrap());
@@ -1305,6 +1402,10 @@ mod tests {
         let err = ModelFileStream::open(&dir.path().join("nope.bin"), h)
             .err()
             .unwrap();
-        assert!(err.contains("missing"), "{err}");
+        assert!(
+            matches!(err, ModelFileError::Missing(m) if m == h),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }

@@ -22,11 +22,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::engine::{
-    Event, UpdateReady, UploadInterrupted, UploadTicket, unix_ms, update_received_details,
+    CheckError, Event, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket, unix_ms,
+    update_received_details,
 };
 use super::limits;
 use super::refusals::peer_text;
-use super::spool::{self, SpoolWriter};
+use super::spool::SpoolWriter;
 use super::wire::RecordReader;
 use crate::round::{ConnId, SiteCapabilities};
 
@@ -170,7 +171,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
     // `disk.low` entry records the state once).
     if let Err(why) = shared.disk_allows_new_work() {
         tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
-        conn.close(close::SHUTDOWN, why.as_bytes());
+        conn.close(close::SHUTDOWN, why.to_string().as_bytes());
         return;
     }
     let alpn = conn.negotiated_alpn();
@@ -239,6 +240,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
         Ok(slot) => slot,
         Err(why) => {
             tracing::warn!(%remote, %identity, reason = %why, "connection refused");
+            let why = why.to_string();
             shared.note_refused(remote, &why);
             conn.close(close::FORBIDDEN, why.as_bytes());
             return;
@@ -769,18 +771,18 @@ async fn serve_model(
     // never a whole record. Pieces of 256 KiB are large enough for the
     // allocator to map and unmap them, so they do not fragment its arenas.
     const PIECE: usize = 256 << 10;
-    let mut reader = RecordReader::open(&wire.path).map_err(TransportError::Stream)?;
+    let stream_err = |e: super::wire::WireError| TransportError::Stream(e.to_string());
+    let mut reader = RecordReader::open(&wire.path).map_err(stream_err)?;
     // A resumed download: the site kept the records before `from_record`
     // (it checks the whole model's hash at the end).
     let mut index = 0u64;
     loop {
-        let head =
-            tokio::task::block_in_place(|| reader.next_head()).map_err(TransportError::Stream)?;
+        let head = tokio::task::block_in_place(|| reader.next_head()).map_err(stream_err)?;
         let Some((head, len)) = head else { break };
         index += 1;
         if index <= from_record {
             tokio::task::block_in_place(|| reader.skip_body(len.saturating_sub(head.len())))
-                .map_err(TransportError::Stream)?;
+                .map_err(stream_err)?;
             continue;
         }
         send.begin_chunk(len).await?;
@@ -789,8 +791,7 @@ async fn serve_model(
         let mut left = len.saturating_sub(head.len());
         while left > 0 {
             let mut piece = vec![0u8; left.min(PIECE)];
-            tokio::task::block_in_place(|| reader.read_body(&mut piece))
-                .map_err(TransportError::Stream)?;
+            tokio::task::block_in_place(|| reader.read_body(&mut piece)).map_err(stream_err)?;
             left -= piece.len();
             send.chunk_body(piece.into()).await?;
         }
@@ -930,7 +931,7 @@ async fn receive_upload(
     // needs. Refused before a byte is stored (the `disk.low` entry records
     // the state once, not each refusal); the site retries later.
     if let Err(why) = shared.disk_allows_new_work() {
-        return reject_upload(&mut send, recv, RejectCode::Busy, why).await;
+        return reject_upload(&mut send, recv, RejectCode::Busy, why.to_string()).await;
     }
     let key: InFlightKey = (site.to_owned(), envelope.header.nonce.0);
     if up.resume {
@@ -946,18 +947,11 @@ async fn receive_upload(
         .await;
     };
     let (reply, answer) = oneshot::channel();
-    let event = if up.resume {
-        Event::PrepareResume {
-            site: site.to_owned(),
-            envelope: Box::new(envelope.clone()),
-            reply,
-        }
-    } else {
-        Event::PrepareUpload {
-            site: site.to_owned(),
-            envelope: Box::new(envelope.clone()),
-            reply,
-        }
+    let event = Event::PrepareUpload {
+        site: site.to_owned(),
+        envelope: Box::new(envelope.clone()),
+        resume: up.resume,
+        reply,
     };
     let _ = shared.engine.send(event).await;
     let ticket = match answer.await {
@@ -977,7 +971,7 @@ async fn receive_upload(
     let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
-        mut validator,
+        validator,
         spec,
         spool_path,
         resume_from,
@@ -1138,26 +1132,22 @@ async fn receive_upload(
     let encoding = envelope.header.encoding;
     let check_path = path.clone();
     let check = tokio::task::spawn_blocking(move || {
-        let r = spool::for_each_chunk(&check_path, &spec, encoding, |offset, values| {
-            validator.feed(offset, values).map_err(|e| e.to_string())
-        });
-        match r {
-            Ok(Ok(())) => validator.finish().map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.to_string()),
-        }
+        crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
     })
     .await
-    .unwrap_or_else(|e| Err(format!("validation task failed: {e}")));
+    .map_err(CheckError::Task)
+    .and_then(|r| r.map_err(CheckError::from));
     let (reply, answer) = oneshot::channel();
     let _ = shared
         .engine
         .send(Event::UpdateReady(Box::new(UpdateReady {
             site: site.to_owned(),
-            envelope,
-            spool_path: path,
-            bytes,
-            upload_ms,
+            upload: ReceivedUpload {
+                envelope,
+                spool_path: path,
+                bytes,
+                upload_ms,
+            },
             check,
             reply,
         })))

@@ -62,7 +62,7 @@ impl DiskGuard {
 
     /// May new work start now? `Err` names the reason. The transition, if
     /// this check changed the state, is returned for the caller to record.
-    pub(crate) fn check(&self) -> (Result<(), String>, Option<Transition>) {
+    pub(crate) fn check(&self) -> (Result<(), LowOnDisk>, Option<Transition>) {
         match self.free_bytes() {
             Ok(free) => self.observe(free),
             // Cannot tell: do not refuse on a failing statvfs alone; the
@@ -75,7 +75,7 @@ impl DiskGuard {
     }
 
     /// [`check`](Self::check) with the free space given (tests).
-    pub(crate) fn observe(&self, free: u64) -> (Result<(), String>, Option<Transition>) {
+    pub(crate) fn observe(&self, free: u64) -> (Result<(), LowOnDisk>, Option<Transition>) {
         let now_low = free < self.min_free;
         let mut low = self
             .low
@@ -88,17 +88,32 @@ impl DiskGuard {
         };
         *low = now_low;
         let verdict = if now_low {
-            Err(format!(
-                "the coordinator is low on disk space ({} MiB free, {} MiB kept for its audit \
-                 log); it takes no new work until space is freed",
-                free >> 20,
-                self.min_free >> 20
-            ))
+            Err(LowOnDisk {
+                free,
+                min_free: self.min_free,
+            })
         } else {
             Ok(())
         };
         (verdict, transition)
     }
+}
+
+/// Why new work (a connection, an upload) is refused: the data
+/// directory's file system has less free space than is kept for the audit
+/// log. Sent to the site (close reason, upload refusal).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the coordinator is low on disk space ({} MiB free, {} MiB kept for its audit \
+     log); it takes no new work until space is freed",
+    free >> 20,
+    min_free >> 20
+)]
+pub(crate) struct LowOnDisk {
+    /// Bytes free.
+    pub(crate) free: u64,
+    /// Bytes kept free for the audit log.
+    pub(crate) min_free: u64,
 }
 
 #[cfg(test)]
@@ -110,7 +125,18 @@ mod tests {
         let g = DiskGuard::new(Path::new("/"), 100 << 20);
         assert_eq!(g.observe(200 << 20), (Ok(()), None));
         let (v, t) = g.observe(50 << 20);
-        assert!(v.unwrap_err().contains("50 MiB free"));
+        let err = v.unwrap_err();
+        assert_eq!(
+            err,
+            LowOnDisk {
+                free: 50 << 20,
+                min_free: 100 << 20
+            }
+        );
+        assert!(
+            err.to_string().contains("50 MiB free, 100 MiB kept"),
+            "{err}"
+        );
         assert_eq!(t, Some(Transition::Low { free: 50 << 20 }));
         // Still low: refused, but no second report.
         let (v, t) = g.observe(40 << 20);

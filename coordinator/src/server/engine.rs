@@ -18,7 +18,7 @@ use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
-use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope};
+use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{
     Cancel, CentralDp, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig, UploadProgress,
     UploadResult,
@@ -75,17 +75,14 @@ pub(crate) enum Event {
         accepted: bool,
         reason: String,
     },
-    /// A site wants to upload: verify the signed envelope first.
+    /// A site wants to upload: verify the signed envelope first. With
+    /// `resume`, the site resumes an upload a lost connection cut short
+    /// (the same signed envelope): it is verified against the kept partial
+    /// upload.
     PrepareUpload {
         site: String,
         envelope: Box<SignedEnvelope>,
-        reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
-    },
-    /// A site wants to resume an upload a lost connection cut short (the
-    /// same signed envelope): verify it against the kept partial upload.
-    PrepareResume {
-        site: String,
-        envelope: Box<SignedEnvelope>,
+        resume: bool,
         reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
     },
     /// An upload's connection was lost (or its site stalled) part way: keep
@@ -100,6 +97,92 @@ pub(crate) enum Event {
     RecheckPeers,
     /// An admin command for the engine (see [`admin`]).
     Admin(admin::AdminEvent),
+}
+
+/// Why an engine cannot start on its job.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// The job's id is not a valid id.
+    #[error("job id: {0}")]
+    JobId(#[source] fedlink_protocol::IdError),
+    /// The strategy does not survive its JSON round trip (`round.json`).
+    #[error("strategy: {0}")]
+    Strategy(#[source] serde_json::Error),
+    /// The job's evaluations could not be read from the store.
+    #[error("reading the job's evaluations: {0}")]
+    Evaluations(#[source] crate::store::StoreError),
+}
+
+/// Why an update failed pass 1 (decoded from its spool and validated by a
+/// connection task); the text is the update's rejection reason.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckError {
+    /// The spool could not be read or decoded, or the update is invalid.
+    #[error(transparent)]
+    Payload(#[from] round_archive::PayloadError),
+    /// The validation task panicked or was cancelled.
+    #[error("validation task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Why a round could not be aggregated; the text is the round's failure
+/// reason (the round machine records it, `round.discarded` in the audit
+/// log).
+#[derive(Debug, thiserror::Error)]
+enum AggregationFailure {
+    /// No round's accumulator is open.
+    #[error("no aggregator for round {0}")]
+    NoAggregator(u64),
+    /// The open accumulator is another round's.
+    #[error("aggregator is for round {open}, not {round}")]
+    WrongRound { open: u64, round: u64 },
+    /// The round's base model is no longer the global model.
+    #[error("the base model is not the current global model")]
+    BaseModelMoved,
+    /// The round's replay record (inputs, seed) is missing.
+    #[error("no replay record for round {0}")]
+    NoReplayRecord(u64),
+    /// Too few accepted updates are left once sites no longer allowed are
+    /// taken out.
+    #[error(
+        "{left} accepted update(s) left after excluding sites that are no longer allowed; \
+         the quorum is {quorum}"
+    )]
+    BelowQuorum { left: usize, quorum: usize },
+    /// Folding the remaining archived updates again failed.
+    #[error("folding the round again without excluded sites: {0}")]
+    Refold(#[source] round_archive::PayloadError),
+    /// The strategy, clipping, noise or server optimizer failed.
+    #[error(transparent)]
+    Strategy(#[from] fedlink_aggregation::Error),
+    /// The aggregate's spec is not the global model's.
+    #[error("the aggregate does not have the model's spec")]
+    SpecMismatch,
+    /// Applying the server update to the base model failed.
+    #[error(transparent)]
+    Apply(fedlink_aggregation::AggregationError),
+    /// Reading the base model or storing the new one failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The new model's wire form could not be written.
+    #[error(transparent)]
+    Wire(#[from] super::wire::WireError),
+}
+
+/// Why an acknowledged update could not be folded into the round (pass 2);
+/// the site is told "the coordinator could not fold the update: …".
+#[derive(Debug, thiserror::Error)]
+enum FoldError {
+    /// The update reached the fold without pass 1's token (the runner
+    /// acknowledged an update that was invalid).
+    #[error("update has no validation token")]
+    NoToken,
+    /// No round's accumulator is open.
+    #[error("no aggregator for the round")]
+    NoAggregator,
+    /// Reading, decoding or folding the spooled payload failed.
+    #[error(transparent)]
+    Payload(#[from] round_archive::PayloadError),
 }
 
 /// What a connection task needs to receive one upload.
@@ -133,26 +216,34 @@ pub(crate) struct UploadInterrupted {
     pub(crate) cause: String,
 }
 
-/// The result of receiving and checking an upload.
+/// An upload received whole: its signed envelope and its payload in the
+/// spool. Handed from the connection task ([`UpdateReady`]) to the
+/// engine, which keeps it while the round machine decides ([`Pending`]),
+/// then archives (accepted) or deletes (refused) the spool.
 #[derive(Debug)]
-pub(crate) struct UpdateReady {
-    pub(crate) site: String,
+pub(crate) struct ReceivedUpload {
     pub(crate) envelope: SignedEnvelope,
     pub(crate) spool_path: PathBuf,
     pub(crate) bytes: u64,
     /// How long receiving the payload took (milliseconds).
     pub(crate) upload_ms: u64,
+}
+
+/// The result of receiving and checking an upload.
+#[derive(Debug)]
+pub(crate) struct UpdateReady {
+    pub(crate) site: String,
+    pub(crate) upload: ReceivedUpload,
     /// Pass 1: the validated token, or why the update is invalid.
-    pub(crate) check: Result<ValidatedUpdate, String>,
+    pub(crate) check: Result<ValidatedUpdate, CheckError>,
     pub(crate) reply: oneshot::Sender<UploadResult>,
 }
 
+/// An upload the round machine has not decided on yet.
 #[derive(Debug)]
 struct Pending {
-    envelope: SignedEnvelope,
-    spool_path: PathBuf,
-    bytes: u64,
-    upload_ms: u64,
+    upload: ReceivedUpload,
+    /// Pass 1's token (`None`: invalid, or its site is no longer allowed).
     token: Option<ValidatedUpdate>,
     reply: oneshot::Sender<UploadResult>,
 }
@@ -265,16 +356,16 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 impl Engine {
-    pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, String> {
-        let job_id = JobId::new(&parts.job.id).map_err(|e| format!("job id: {e}"))?;
+    pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, StartError> {
+        let job_id = JobId::new(&parts.job.id).map_err(StartError::JobId)?;
         // Compute with the strategy exactly as `round.json` records it.
         let (_, strategy) =
-            round_archive::json_roundtrip(&parts.strategy).map_err(|e| format!("strategy: {e}"))?;
+            round_archive::json_roundtrip(&parts.strategy).map_err(StartError::Strategy)?;
         // A resumed job: its newest evaluation so far.
         let latest_evaluation = parts
             .store
             .latest_evaluation(job_id.as_str())
-            .map_err(|e| format!("reading the job's evaluations: {e}"))?;
+            .map_err(StartError::Evaluations)?;
         Ok(Self {
             latest_evaluation,
             requested: None,
@@ -439,24 +530,20 @@ impl Engine {
             Event::PrepareUpload {
                 site,
                 envelope,
+                resume,
                 reply,
             } => {
-                let answer = self.prepare_upload(&site, &envelope);
+                let answer = if resume {
+                    self.prepare_resume(&site, &envelope)
+                } else {
+                    self.prepare_upload(&site, &envelope)
+                };
                 if let Err((code, why)) = &answer {
-                    tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
-                    let h = &envelope.header;
-                    self.note_rejected(&site, &envelope, h.payload_len, why)?;
-                }
-                let _ = reply.send(answer);
-            }
-            Event::PrepareResume {
-                site,
-                envelope,
-                reply,
-            } => {
-                let answer = self.prepare_resume(&site, &envelope);
-                if let Err((code, why)) = &answer {
-                    tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
+                    if resume {
+                        tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
+                    } else {
+                        tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
+                    }
                     let h = &envelope.header;
                     self.note_rejected(&site, &envelope, h.payload_len, why)?;
                 }
@@ -504,17 +591,9 @@ impl Engine {
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        let expected = intake::Expected {
-            federation: &self.federation,
-            job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
-            encoding: self.job.encoding.to_protocol().ok(),
-            spec: &self.global_spec,
-            keys: &self.keys,
-        };
-        let verifier =
-            intake::verify_header(&self.runner, &expected, &mut self.replay, site, envelope)
-                .map_err(|r| (r.code, r.reason))?;
+        let (runner, expected, replay) = self.intake();
+        let verifier = intake::verify_header(runner, &expected, replay, site, envelope)
+            .map_err(|r| (r.code, r.reason))?;
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
@@ -531,21 +610,8 @@ impl Engine {
                     format!("persisting the replay state: {e}"),
                 )
             })?;
-        // The claimed weight is bounded before a payload byte is read: by
-        // the site's declared size and by the job's per-site cap. Rejected,
-        // not clamped: the signature covers the claimed number.
-        let declared = self
-            .wire
-            .site_max_examples(site)
-            .map_err(|e| (RejectCode::Internal, e))?;
-        intake::check_num_examples(
-            site,
-            h.num_examples,
-            self.strategy.max_num_examples,
-            declared,
-        )
-        .map_err(|why| (RejectCode::NotAuthorized, why))?;
-        intake::check_header_numbers(h).map_err(|why| (RejectCode::Malformed, why))?;
+        self.check_claim(site, h)?;
+        intake::check_header_numbers(h).map_err(|e| (RejectCode::Malformed, e.to_string()))?;
         let spool_dir = self.store.dir().join("spool");
         fedlink_certs::private::create_dir_all(&spool_dir)
             .map_err(|e| (RejectCode::Internal, format!("spool directory: {e}")))?;
@@ -601,37 +667,13 @@ impl Engine {
         spool_path: PathBuf,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        let expected = intake::Expected {
-            federation: &self.federation,
-            job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
-            encoding: self.job.encoding.to_protocol().ok(),
-            spec: &self.global_spec,
-            keys: &self.keys,
-        };
-        let verifier = intake::verify_resume(
-            &self.runner,
-            &expected,
-            &self.replay,
-            site,
-            envelope,
-            partial,
-        )
-        .map_err(|r| (r.code, r.reason))?;
+        let (runner, expected, replay) = self.intake();
+        let verifier = intake::verify_resume(runner, &expected, replay, site, envelope, partial)
+            .map_err(|r| (r.code, r.reason))?;
         let Some((_, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        let declared = self
-            .wire
-            .site_max_examples(site)
-            .map_err(|e| (RejectCode::Internal, e))?;
-        intake::check_num_examples(
-            site,
-            h.num_examples,
-            self.strategy.max_num_examples,
-            declared,
-        )
-        .map_err(|why| (RejectCode::NotAuthorized, why))?;
+        self.check_claim(site, h)?;
         Ok(UploadTicket {
             resume_from: Some(UploadProgress {
                 records,
@@ -642,6 +684,39 @@ impl Engine {
             spec: self.global_spec.clone(),
             spool_path,
         })
+    }
+
+    /// What an upload's signed header is checked against in the running
+    /// job (for a new upload and a resumed one alike): the round machine,
+    /// the job's expectations, and the replay guard (a new upload records
+    /// its nonce there).
+    fn intake(&mut self) -> (&JobRunner, intake::Expected<'_>, &mut ReplayGuard) {
+        let expected = intake::Expected {
+            federation: &self.federation,
+            job: &self.job_id,
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            encoding: self.job.encoding.to_protocol().ok(),
+            spec: &self.global_spec,
+            keys: &self.keys,
+        };
+        (&self.runner, expected, &mut self.replay)
+    }
+
+    /// The claimed weight is bounded before a payload byte is read: by the
+    /// site's declared size and by the job's per-site cap. Rejected, not
+    /// clamped: the signature covers the claimed number.
+    fn check_claim(&self, site: &str, h: &UpdateHeader) -> Result<(), (RejectCode, String)> {
+        let declared = self
+            .wire
+            .site_max_examples(site)
+            .map_err(|e| (RejectCode::Internal, e.to_string()))?;
+        intake::check_num_examples(
+            site,
+            h.num_examples,
+            self.strategy.max_num_examples,
+            declared,
+        )
+        .map_err(|e| (RejectCode::NotAuthorized, e.to_string()))
     }
 
     /// An upload was cut short: keep it for a resume if its site may still
@@ -728,14 +803,11 @@ impl Engine {
     fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
         let UpdateReady {
             site,
-            envelope,
-            spool_path,
-            bytes,
-            upload_ms,
+            upload,
             check,
             reply,
         } = ready;
-        let h = &envelope.header;
+        let h = &upload.envelope.header;
         let round = h.round.0;
         // The site may have been revoked (or removed) while its upload was
         // being received and validated: its update is not accepted then,
@@ -744,7 +816,7 @@ impl Engine {
         let verdict = match (&allowed, &check) {
             (Err(why), _) => Verdict::Invalid(format!("the site is no longer allowed: {why}")),
             (Ok(()), Ok(_)) => Verdict::Valid,
-            (Ok(()), Err(why)) => Verdict::Invalid(why.clone()),
+            (Ok(()), Err(why)) => Verdict::Invalid(why.to_string()),
         };
         let token = if allowed.is_ok() { check.ok() } else { None };
         let received = UpdateReceived {
@@ -753,17 +825,14 @@ impl Engine {
             base_model: h.base_model,
             payload_hash: ModelHash(h.payload_hash.0),
             num_examples: h.num_examples,
-            bytes,
+            bytes: upload.bytes,
             received_unix_ms: unix_ms(),
             verdict,
         };
         if let Some(old) = self.pending.insert(
             (site.clone(), round),
             Pending {
-                envelope: envelope.clone(),
-                spool_path,
-                bytes,
-                upload_ms,
+                upload,
                 token,
                 reply,
             },
@@ -771,8 +840,8 @@ impl Engine {
             // A second upload of the same site and round raced the first:
             // refuse the older one; the runner decides about the newer.
             let why = "superseded by another upload of this site for this round";
-            self.note_rejected(&site, &old.envelope, old.bytes, why)?;
-            let _ = std::fs::remove_file(&old.spool_path);
+            self.note_rejected(&site, &old.upload.envelope, old.upload.bytes, why)?;
+            let _ = std::fs::remove_file(&old.upload.spool_path);
             let _ = old.reply.send(UploadResult::Reject {
                 code: RejectCode::Replay,
                 message: "superseded by another upload of this site for this round".into(),
@@ -801,8 +870,8 @@ impl Engine {
         for ((site, round), p) in undecided {
             tracing::warn!(site = %site, round, "upload left undecided; refusing it");
             let why = "the coordinator did not decide on this upload";
-            self.note_rejected(&site, &p.envelope, p.bytes, why)?;
-            let _ = std::fs::remove_file(&p.spool_path);
+            self.note_rejected(&site, &p.upload.envelope, p.upload.bytes, why)?;
+            let _ = std::fs::remove_file(&p.upload.spool_path);
             let _ = p.reply.send(UploadResult::Reject {
                 code: RejectCode::Internal,
                 message: "the coordinator did not decide on this upload".into(),
@@ -829,7 +898,7 @@ impl Engine {
                         // The round is used up for this site: committed in
                         // the guard, persisted with the acceptance itself.
                         if let Some(p) = self.pending.get(&(acc.site.clone(), acc.round)) {
-                            self.replay.commit_header(&p.envelope.header);
+                            self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(
                             serde_json::to_vec(&self.replay)
@@ -886,8 +955,13 @@ impl Engine {
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
                 if let Some(p) = self.pending.remove(&(site.clone(), round)) {
-                    self.note_rejected(&site, &p.envelope, p.bytes, &reason_text(&reason))?;
-                    let _ = std::fs::remove_file(&p.spool_path);
+                    self.note_rejected(
+                        &site,
+                        &p.upload.envelope,
+                        p.upload.bytes,
+                        &reason_text(&reason),
+                    )?;
+                    let _ = std::fs::remove_file(&p.upload.spool_path);
                     let _ = p.reply.send(UploadResult::Reject {
                         code: reject_code(&reason),
                         message: reason_text(&reason),
@@ -917,7 +991,8 @@ impl Engine {
                             metrics,
                         }
                     }
-                    Err(reason) => {
+                    Err(why) => {
+                        let reason = why.to_string();
                         tracing::error!(round, reason = %reason, "aggregation failed");
                         Input::AggregationFailed { round, reason }
                     }
@@ -1082,7 +1157,7 @@ impl Engine {
         let r = &signed.report;
         let verdict = match self.requested.as_mut() {
             Some((req, _)) => req.handle_report(site, signed, &self.keys),
-            None => Err("no evaluation is being asked for".into()),
+            None => Err(evaluation::EvalRefusal::NotRequested),
         };
         let mut details = serde_json::json!({
             "site": site,
@@ -1098,7 +1173,7 @@ impl Engine {
             }
             Err(why) => {
                 tracing::warn!(site, reason = %why, "evaluation report refused");
-                details["reason"] = serde_json::Value::from(why.as_str());
+                details["reason"] = serde_json::Value::from(why.to_string());
                 EventKind::EvalRejected
             }
         };
@@ -1251,7 +1326,7 @@ impl Engine {
         let folded = tokio::task::block_in_place(|| self.fold(&p));
         match folded {
             Ok(()) => {
-                let h = &p.envelope.header;
+                let h = &p.upload.envelope.header;
                 self.round_metrics
                     .entry(round)
                     .or_default()
@@ -1281,12 +1356,12 @@ impl Engine {
                     });
                     log.encodings.push(h.encoding);
                 }
-                self.audit_update(site, &p.envelope, p.bytes, None)?;
+                self.audit_update(site, &p.upload.envelope, p.upload.bytes, None)?;
                 let detail = UpdateDetail {
                     site: site.to_owned(),
                     payload_hash: h.payload_hash.to_hex(),
-                    bytes: p.bytes,
-                    upload_ms: p.upload_ms,
+                    bytes: p.upload.bytes,
+                    upload_ms: p.upload.upload_ms,
                     metrics: h.metrics.clone(),
                     at_unix_ms: unix_ms(),
                 };
@@ -1297,7 +1372,7 @@ impl Engine {
                     tracing::warn!(site, round, error = %e, "recording the update's details");
                 }
                 let _ = p.reply.send(UploadResult::Ack {
-                    payload_hash: p.envelope.header.payload_hash,
+                    payload_hash: p.upload.envelope.header.payload_hash,
                     accepted: true,
                 });
             }
@@ -1307,7 +1382,7 @@ impl Engine {
                 // loudly; the round result would be wrong otherwise.
                 tracing::error!(site, round, error = %e, "folding an accepted update failed");
                 let message = format!("the coordinator could not fold the update: {e}");
-                self.note_rejected(site, &p.envelope, p.bytes, &message)?;
+                self.note_rejected(site, &p.upload.envelope, p.upload.bytes, &message)?;
                 let _ = p.reply.send(UploadResult::Reject {
                     code: RejectCode::Internal,
                     message,
@@ -1317,12 +1392,17 @@ impl Engine {
         Ok(())
     }
 
-    fn fold(&mut self, p: &Pending) -> Result<(), String> {
-        let token = p.token.as_ref().ok_or("update has no validation token")?;
+    fn fold(&mut self, p: &Pending) -> Result<(), FoldError> {
+        let token = p.token.as_ref().ok_or(FoldError::NoToken)?;
         let Some((_, agg)) = self.aggregator.as_mut() else {
-            return Err("no aggregator for the round".into());
+            return Err(FoldError::NoAggregator);
         };
-        round_archive::fold_payload(agg, token, p.envelope.header.encoding, &p.spool_path)
+        Ok(round_archive::fold_payload(
+            agg,
+            token,
+            p.upload.envelope.header.encoding,
+            &p.upload.spool_path,
+        )?)
     }
 
     /// Aggregate a round. The outer error is fatal (the audit trail or the
@@ -1332,18 +1412,18 @@ impl Engine {
         &mut self,
         round: u64,
         base_model: ModelHash,
-    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let Some((r, agg)) = self.aggregator.take() else {
-            return Ok(Err(format!("no aggregator for round {round}")));
+            return Ok(Err(AggregationFailure::NoAggregator(round)));
         };
         if r != round {
-            return Ok(Err(format!("aggregator is for round {r}, not {round}")));
+            return Ok(Err(AggregationFailure::WrongRound { open: r, round }));
         }
         if self.global_hash != base_model {
-            return Ok(Err("the base model is not the current global model".into()));
+            return Ok(Err(AggregationFailure::BaseModelMoved));
         }
         let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
-            return Ok(Err(format!("no replay record for round {round}")));
+            return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
             Ok(Ok(agg)) => agg,
@@ -1376,8 +1456,8 @@ impl Engine {
         round: u64,
         agg: RoundAggregator,
         log: &mut RoundLog,
-    ) -> Result<Result<RoundAggregator, String>, EngineError> {
-        let withdrawn: Vec<(usize, String)> = log
+    ) -> Result<Result<RoundAggregator, AggregationFailure>, EngineError> {
+        let withdrawn: Vec<(usize, super::NotAllowed)> = log
             .inputs
             .iter()
             .enumerate()
@@ -1404,11 +1484,10 @@ impl Engine {
         }
         let quorum = self.job.round.quorum as usize;
         if log.inputs.len() < quorum {
-            return Ok(Err(format!(
-                "{} accepted update(s) left after excluding sites that are no longer allowed; \
-                 the quorum is {quorum}",
-                log.inputs.len()
-            )));
+            return Ok(Err(AggregationFailure::BelowQuorum {
+                left: log.inputs.len(),
+                quorum,
+            }));
         }
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
         let inputs: Vec<_> = log
@@ -1437,9 +1516,9 @@ impl Engine {
                     round_archive::validate_payload(&agg, site, *num_examples, *encoding, path)?;
                 round_archive::fold_payload(&mut agg, &token, *encoding, path)?;
             }
-            Ok::<_, String>(agg)
+            Ok::<_, round_archive::PayloadError>(agg)
         });
-        Ok(rebuilt.map_err(|e| format!("folding the round again without excluded sites: {e}")))
+        Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
     #[allow(clippy::type_complexity)]
@@ -1449,29 +1528,29 @@ impl Engine {
         base_model: ModelHash,
         agg: RoundAggregator,
         log: &RoundLog,
-    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), String>, EngineError> {
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let max_sites = self.job.max_sites() as usize;
         let mut state = self.server_state.clone();
         let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
             Ok(o) => o,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.into())),
         };
         if *outcome.update.spec() != self.global_spec {
-            return Ok(Err("the aggregate does not have the model's spec".into()));
+            return Ok(Err(AggregationFailure::SpecMismatch));
         }
         // The accumulator is gone; only now read the base model back (its
         // hash is verified) and apply the update in place.
         let mut next = match self.store.load_model(&base_model) {
             Ok(m) => m,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         if let Err(e) = outcome.apply_to(&mut next) {
-            return Ok(Err(e.to_string()));
+            return Ok(Err(AggregationFailure::Apply(e)));
         }
         drop(outcome.update);
         let hash = match self.store.put_model(&next) {
             Ok(h) => h,
-            Err(e) => return Ok(Err(e.to_string())),
+            Err(e) => return Ok(Err(e.into())),
         };
         // Before the model is published: the replay record, then the audit
         // entry. Neither may be missing for a published model.
@@ -1544,7 +1623,7 @@ impl Engine {
         // model: its next offers name it, and sites fetch it at once.
         let wire = match super::wire::ensure(&self.models_dir, &next) {
             Ok(w) => w,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => return Ok(Err(e.into())),
         };
         self.wire.publish_wire(wire);
         drop(next);
@@ -1886,8 +1965,8 @@ pub(crate) fn check_fits(
     strategy: &StrategyConfig,
     job: &Job,
     spec: &fedlink_protocol::ModelSpec,
-) -> Result<(), String> {
-    would_fit(strategy, job.max_sites() as usize, spec).map_err(|e| e.to_string())
+) -> Result<(), fedlink_aggregation::AggregationError> {
+    would_fit(strategy, job.max_sites() as usize, spec)
 }
 
 /// The details of an `update.received` audit entry (`reason` None:
@@ -1941,15 +2020,15 @@ fn archive(
     // same bytes after a crash keeps both signed envelopes.
     let base = format!(
         "{site}-{}-{}",
-        p.envelope.header.payload_hash.to_hex(),
-        hex::encode(p.envelope.header.nonce.0)
+        p.upload.envelope.header.payload_hash.to_hex(),
+        hex::encode(p.upload.envelope.header.nonce.0)
     );
-    let envelope = serde_json::to_vec_pretty(&p.envelope).map_err(std::io::Error::other)?;
+    let envelope = serde_json::to_vec_pretty(&p.upload.envelope).map_err(std::io::Error::other)?;
     // The archive must let `fedlink audit replay` re-check the signature:
     // the JSON has to give back exactly the signed bytes (floats included).
     let back: SignedEnvelope = serde_json::from_slice(&envelope).map_err(std::io::Error::other)?;
-    if back.header.signed_bytes() != p.envelope.header.signed_bytes()
-        || back.signature != p.envelope.signature
+    if back.header.signed_bytes() != p.upload.envelope.header.signed_bytes()
+        || back.signature != p.upload.envelope.signature
     {
         return Err(std::io::Error::other(
             "the archived envelope does not reproduce the signed bytes",
@@ -1965,7 +2044,7 @@ fn archive(
         &envelope,
         fedlink_durable::Mode::Private,
     )?;
-    fedlink_durable::install(&p.spool_path, &dir.join(&payload_file))?;
+    fedlink_durable::install(&p.upload.spool_path, &dir.join(&payload_file))?;
     Ok((payload_file, envelope_file))
 }
 

@@ -90,11 +90,7 @@ impl Idle {
                 site,
                 envelope,
                 reply,
-            }
-            | Event::PrepareResume {
-                site,
-                envelope,
-                reply,
+                ..
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
                 let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
@@ -123,7 +119,7 @@ impl Idle {
             }
             Event::UpdateReady(ready) => {
                 // Only a ticket from a running job leads here; none exists.
-                if let Err(e) = std::fs::remove_file(&ready.spool_path) {
+                if let Err(e) = std::fs::remove_file(&ready.upload.spool_path) {
                     tracing::debug!(error = %e, "removing a spool file");
                 }
                 let _ = ready.reply.send(UploadResult::Reject {

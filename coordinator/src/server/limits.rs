@@ -205,6 +205,21 @@ impl Drop for Slot {
     }
 }
 
+/// Why a connection is refused by [`Connections::admit`]; the text is
+/// the connection's close reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TooManyConnections {
+    /// The coordinator's total (`max_connections`) is reached.
+    #[error("the coordinator has {max} connections open, its limit (max_connections)")]
+    Total { max: usize },
+    /// This identity's share (`max_connections_per_identity`) is reached.
+    #[error(
+        "{identity} already has {open} connections open, the limit per identity \
+         (max_connections_per_identity)"
+    )]
+    PerIdentity { identity: String, open: usize },
+}
+
 impl Connections {
     /// At most `max_total` connections, `max_per_identity` of one identity.
     pub(crate) fn new(max_total: usize, max_per_identity: usize) -> Arc<Self> {
@@ -216,20 +231,19 @@ impl Connections {
     }
 
     /// Count a new connection of `identity`, or say why not.
-    pub(crate) fn admit(self: &Arc<Self>, identity: &str) -> Result<Slot, String> {
+    pub(crate) fn admit(self: &Arc<Self>, identity: &str) -> Result<Slot, TooManyConnections> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.0 >= self.max_total {
-            return Err(format!(
-                "the coordinator has {} connections open, its limit (max_connections)",
-                self.max_total
-            ));
+            return Err(TooManyConnections::Total {
+                max: self.max_total,
+            });
         }
         let mine = open.1.get(identity).copied().unwrap_or(0);
         if mine >= self.max_per_identity {
-            return Err(format!(
-                "{identity} already has {mine} connections open, the limit per identity \
-                 (max_connections_per_identity)"
-            ));
+            return Err(TooManyConnections::PerIdentity {
+                identity: identity.to_owned(),
+                open: mine,
+            });
         }
         open.0 += 1;
         *open.1.entry(identity.to_owned()).or_default() += 1;
@@ -343,9 +357,19 @@ mod tests {
         let c = Connections::new(3, 2);
         let a1 = c.admit("a").unwrap();
         let _a2 = c.admit("a").unwrap();
-        assert!(c.admit("a").unwrap_err().contains("per identity"));
+        let err = c.admit("a").err().unwrap();
+        assert_eq!(
+            err,
+            TooManyConnections::PerIdentity {
+                identity: "a".into(),
+                open: 2
+            }
+        );
+        assert!(err.to_string().contains("per identity"));
         let _b1 = c.admit("b").unwrap();
-        assert!(c.admit("c").unwrap_err().contains("max_connections"));
+        let err = c.admit("c").err().unwrap();
+        assert!(matches!(err, TooManyConnections::Total { .. }), "{err:?}");
+        assert!(err.to_string().contains("max_connections"));
         drop(a1);
         let _c1 = c.admit("c").unwrap();
         assert!(c.admit("a").is_err(), "the total is full again");

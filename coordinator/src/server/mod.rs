@@ -221,7 +221,7 @@ impl Shared {
 
     /// May new work (a connection, an upload) start? Records the change
     /// when the disk becomes low or recovers; `Err` says why not.
-    pub(crate) fn disk_allows_new_work(&self) -> Result<(), String> {
+    pub(crate) fn disk_allows_new_work(&self) -> Result<(), disk::LowOnDisk> {
         let (verdict, transition) = self.disk.check();
         if let Some(t) = transition {
             let (event, free) = match t {
@@ -333,16 +333,19 @@ impl Shared {
     /// accepted and again when the round aggregates (a revocation that lands
     /// while an upload is in flight, or after it was accepted, keeps the
     /// update out).
-    pub(crate) fn site_allowed(&self, site: &str) -> Result<(), String> {
-        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
+    pub(crate) fn site_allowed(&self, site: &str) -> Result<(), NotAllowed> {
+        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
         let entry = manifest
             .get(site)
-            .ok_or_else(|| format!("{site} is not a registered site (removed or revoked)"))?;
+            .ok_or_else(|| NotAllowed::NotRegistered(site.to_owned()))?;
         if let Some(by) = self
             .revocations
             .check(Some(&entry.cert_serial), &entry.cert_fingerprint)
         {
-            return Err(format!("the certificate of {site} is revoked ({by:?})"));
+            return Err(NotAllowed::Revoked {
+                site: site.to_owned(),
+                by,
+            });
         }
         Ok(())
     }
@@ -351,24 +354,66 @@ impl Shared {
     /// in the manifest (`max_examples` in `sites.toml`); `None` when the
     /// site declares none or is not registered (then `site_allowed` refuses
     /// it anyway).
-    pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, String> {
-        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
+    pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, NotAllowed> {
+        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
         Ok(manifest.get(site).and_then(|e| e.max_examples))
     }
 
     /// Whether an open connection may stay: its certificate is not revoked
     /// and is still the registered certificate of a site in the manifest.
-    pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), String> {
-        let cert = conn.peer_end_entity().ok_or("no peer certificate")?;
+    pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), NotAllowed> {
+        let cert = conn
+            .peer_end_entity()
+            .ok_or(NotAllowed::NoPeerCertificate)?;
         if let Some(why) = self.revocations.is_revoked(&cert) {
-            return Err(format!("certificate revoked ({why:?})"));
+            return Err(NotAllowed::PeerRevoked(why));
         }
-        let manifest = self.manifest.read().map_err(|_| "manifest lock poisoned")?;
-        manifest
-            .check_peer(&cert)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
+        manifest.check_peer(&cert)?;
+        Ok(())
     }
+}
+
+/// Why a site may no longer contribute ([`Shared::site_allowed`]) or its
+/// open connection stay ([`Shared::check_open_peer`]). The text is the
+/// reason in the log, the audit entry and the connection's close.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotAllowed {
+    /// The manifest could not be read (a panic while it was replaced).
+    #[error("manifest lock poisoned")]
+    ManifestLock,
+    /// The site is not in the manifest.
+    #[error("{0} is not a registered site (removed or revoked)")]
+    NotRegistered(String),
+    /// The site's registered certificate is revoked.
+    #[error("the certificate of {site} is revoked ({by:?})")]
+    Revoked {
+        site: String,
+        by: fedlink_certs::RevokedBy,
+    },
+    /// The connection shows no certificate.
+    #[error("no peer certificate")]
+    NoPeerCertificate,
+    /// The connection's certificate is revoked.
+    #[error("certificate revoked ({0:?})")]
+    PeerRevoked(fedlink_certs::RevokedBy),
+    /// The connection's certificate is not the registered one of a site.
+    #[error(transparent)]
+    Manifest(#[from] fedlink_certs::PeerRejected),
+}
+
+/// Why the site manifest's update keys cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum KeysError {
+    /// A site's name is not a valid site id.
+    #[error("site {site}: {source}")]
+    SiteName {
+        site: String,
+        source: fedlink_protocol::IdError,
+    },
+    /// A site's update key does not decode.
+    #[error(transparent)]
+    Key(#[from] fedlink_certs::Error),
 }
 
 /// How long shutdown waits for connection tasks to record their ends.
@@ -381,11 +426,14 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// hundred kilobytes).
 const MAX_RATE_SOURCES: usize = 8192;
 
-fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, String> {
+fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, KeysError> {
     let mut keys = BTreeMap::new();
     for s in &manifest.site {
-        let id = SiteId::new(&s.name).map_err(|e| format!("site {}: {e}", s.name))?;
-        keys.insert(id, s.update_verifying_key().map_err(|e| e.to_string())?);
+        let id = SiteId::new(&s.name).map_err(|source| KeysError::SiteName {
+            site: s.name.clone(),
+            source,
+        })?;
+        keys.insert(id, s.update_verifying_key()?);
     }
     Ok(keys)
 }
@@ -394,7 +442,7 @@ fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>
 /// the `[privacy]` clip norm and noise multiplier unless the strategy
 /// parameters set them, and [`Job::max_examples_per_site`] as
 /// `max_num_examples`.
-pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
+pub fn strategy_config(job: &Job) -> Result<StrategyConfig, fedlink_aggregation::ConfigError> {
     let mut params = job.strategy.params_as_strings();
     let has = |k: &str, p: &[(String, String)]| p.iter().any(|(n, _)| n == k);
     if let Some(c) = job.privacy.clip_norm
@@ -420,13 +468,65 @@ pub fn strategy_config(job: &Job) -> Result<StrategyConfig, String> {
             job.max_examples_per_site().to_string(),
         ));
     }
-    StrategyConfig::from_params(&job.strategy.name, params).map_err(|e| e.to_string())
+    StrategyConfig::from_params(&job.strategy.name, params)
+}
+
+/// Why a job's initial model could not be made or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitModelError {
+    /// The architecture cannot be built or initialised.
+    #[error(transparent)]
+    Arch(#[from] fedlink_protocol::arch::ArchError),
+    /// The file is not a regular file (a directory, a device, a FIFO).
+    #[error("{}: not a regular file", path.display())]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is larger than the architecture's f32 safetensors file can
+    /// be.
+    #[error(
+        "{}: {len} bytes, more than the {max} an f32 safetensors file of this \
+         architecture ({params} parameters) can need",
+        path.display()
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The most it may have.
+        max: u64,
+        /// The architecture's number of parameters.
+        params: u64,
+    },
+    /// Reading the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file grew past its limit while it was being read.
+    #[error("{}: grew past {max} bytes while being read", path.display())]
+    Grew {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        max: u64,
+    },
+    /// The file is not a safetensors file of exactly the architecture's
+    /// tensors.
+    #[error(transparent)]
+    Safetensors(#[from] fedlink_aggregation::SafetensorsError),
 }
 
 /// The initial global model of a job.
-pub fn initial_model(job: &Job) -> Result<FlatModel, String> {
+pub fn initial_model(job: &Job) -> Result<FlatModel, InitModelError> {
     match &job.init {
-        InitSource::Seed(seed) => job.arch.init(*seed).map_err(|e| e.to_string()),
+        InitSource::Seed(seed) => Ok(job.arch.init(*seed)?),
         InitSource::File(path) => read_initial_model(job, path),
     }
 }
@@ -439,44 +539,48 @@ const INIT_HEADER_ROOM: u64 = 1 << 20;
 /// larger than the f32 safetensors file of the job's architecture can be
 /// (checked before reading: `/dev/zero`, a FIFO or a huge file is refused
 /// without reading it), with exactly the architecture's tensors.
-pub(crate) fn read_initial_model(job: &Job, path: &Path) -> Result<FlatModel, String> {
+pub(crate) fn read_initial_model(job: &Job, path: &Path) -> Result<FlatModel, InitModelError> {
     use std::io::Read as _;
-    let spec = job.arch.spec().map_err(|e| e.to_string())?;
+    let spec = job.arch.spec()?;
     let max = spec
         .num_params()
         .saturating_mul(4)
         .saturating_add(INIT_HEADER_ROOM);
-    let shown = path.display();
     let check = |meta: &std::fs::Metadata| {
         if !meta.is_file() {
-            return Err(format!("{shown}: not a regular file"));
+            return Err(InitModelError::NotAFile {
+                path: path.to_owned(),
+            });
         }
         if meta.len() > max {
-            return Err(format!(
-                "{shown}: {} bytes, more than the {max} an f32 safetensors file of this \
-                 architecture ({} parameters) can need",
-                meta.len(),
-                spec.num_params()
-            ));
+            return Err(InitModelError::TooLarge {
+                path: path.to_owned(),
+                len: meta.len(),
+                max,
+                params: spec.num_params(),
+            });
         }
         Ok(())
     };
+    let io = |source| InitModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
     // Checked before opening (opening a FIFO would block), then again on
     // the open file (it may have been replaced in between).
-    check(&std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?)?;
-    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    check(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     check(&meta)?;
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{shown}: {e}"))?;
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() as u64 > max {
-        return Err(format!("{shown}: grew past {max} bytes while being read"));
+        return Err(InitModelError::Grew {
+            path: path.to_owned(),
+            max,
+        });
     }
-    safetensors_io::parse_as(&shown.to_string(), &bytes, &spec)
-        .map(|p| p.model)
-        .map_err(|e| e.to_string())
+    Ok(safetensors_io::parse_as(&path.display().to_string(), &bytes, &spec)?.model)
 }
 
 /// Resolve the initial-model file `file` of a job submitted over the admin
@@ -487,37 +591,79 @@ pub(crate) fn read_initial_model(job: &Job, path: &Path) -> Result<FlatModel, St
 pub(crate) fn resolve_submitted_init(
     init_dir: Option<&Path>,
     file: &Path,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, SubmittedInitError> {
     let Some(dir) = init_dir else {
-        return Err(format!(
-            "init = {{ file = {:?} }}: this coordinator reads no initial-model files for \
-             submitted jobs (no init_dir in coordinator.toml); use init = {{ seed = N }}, or set \
-             init_dir and put the file there",
-            file.display()
-        ));
+        return Err(SubmittedInitError::NoInitDir {
+            file: file.to_owned(),
+        });
     };
     let root = dir
         .canonicalize()
-        .map_err(|e| format!("init_dir {}: {e}", dir.display()))?;
+        .map_err(|source| SubmittedInitError::InitDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
     let joined = root.join(file);
-    let resolved = joined.canonicalize().map_err(|e| {
-        format!(
-            "init = {{ file = {:?} }}: {} in init_dir {}: {e}",
-            file.display(),
-            joined.display(),
-            root.display()
-        )
-    })?;
+    let resolved = joined
+        .canonicalize()
+        .map_err(|source| SubmittedInitError::Resolve {
+            file: file.to_owned(),
+            joined: joined.clone(),
+            root: root.clone(),
+            source,
+        })?;
     if !resolved.starts_with(&root) || resolved == root {
-        return Err(format!(
-            "init = {{ file = {:?} }} resolves to {}, outside init_dir {}: submitted jobs may \
-             read initial models only from there",
-            file.display(),
-            resolved.display(),
-            root.display()
-        ));
+        return Err(SubmittedInitError::Outside {
+            file: file.to_owned(),
+            resolved,
+            root,
+        });
     }
     Ok(resolved)
+}
+
+/// Why a submitted job's initial-model file is refused
+/// ([`resolve_submitted_init`]); sent to the admin client.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SubmittedInitError {
+    /// No `init_dir` is configured: submitted jobs read no files.
+    #[error(
+        "init = {{ file = {file:?} }}: this coordinator reads no initial-model files for \
+         submitted jobs (no init_dir in coordinator.toml); use init = {{ seed = N }}, or set \
+         init_dir and put the file there"
+    )]
+    NoInitDir { file: PathBuf },
+    /// `init_dir` itself does not resolve.
+    #[error("init_dir {}: {source}", dir.display())]
+    InitDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file does not resolve inside `init_dir` (missing, unreadable).
+    #[error(
+        "init = {{ file = {file:?} }}: {} in init_dir {}: {source}",
+        joined.display(),
+        root.display()
+    )]
+    Resolve {
+        file: PathBuf,
+        joined: PathBuf,
+        root: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file resolves outside `init_dir` (`..`, a symbolic link, an
+    /// absolute path) or to `init_dir` itself.
+    #[error(
+        "init = {{ file = {file:?} }} resolves to {}, outside init_dir {}: submitted jobs may \
+         read initial models only from there",
+        resolved.display(),
+        root.display()
+    )]
+    Outside {
+        file: PathBuf,
+        resolved: PathBuf,
+        root: PathBuf,
+    },
 }
 
 /// What [`serve`] returns when it stops cleanly.
@@ -558,7 +704,7 @@ pub async fn serve(
             kit.identity().federation()
         )));
     }
-    update_keys(&manifest).map_err(ServeError::Tls)?;
+    update_keys(&manifest).map_err(|e| ServeError::Tls(e.to_string()))?;
     let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
@@ -863,8 +1009,9 @@ fn build_engine(
             .map_err(|e| ServeError::Audit(e.to_string()))?;
     }
     let job = recovery.job;
-    let strategy = strategy_config(&job).map_err(ServeError::Job)?;
-    engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::Job)?;
+    let strategy = strategy_config(&job).map_err(|e| ServeError::Job(e.to_string()))?;
+    engine::check_fits(&strategy, &job, recovery.model.spec())
+        .map_err(|e| ServeError::Job(e.to_string()))?;
     let persisted: PersistedState = match &recovery.optimizer_state {
         Some(bytes) => serde_json::from_slice(bytes)
             .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
@@ -887,7 +1034,8 @@ fn build_engine(
     }
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
-    let first_wire = wire::ensure(&models_dir, &recovery.model).map_err(ServeError::Job)?;
+    let first_wire =
+        wire::ensure(&models_dir, &recovery.model).map_err(|e| ServeError::Job(e.to_string()))?;
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
@@ -900,7 +1048,7 @@ fn build_engine(
             .read()
             .map_err(|_| ServeError::Fatal("manifest lock poisoned".into()))?,
     )
-    .map_err(ServeError::Tls)?;
+    .map_err(|e| ServeError::Tls(e.to_string()))?;
     let engine = Engine::new(
         EngineParts {
             job,
@@ -920,7 +1068,7 @@ fn build_engine(
         },
         Instant::now(),
     )
-    .map_err(ServeError::Job)?;
+    .map_err(|e| ServeError::Job(e.to_string()))?;
     Ok(engine)
 }
 
@@ -1013,7 +1161,7 @@ fn select_job(
     if let Some(path) = job_file {
         let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
         if store.job(&job.id)?.is_none() {
-            let model = initial_model(&job).map_err(ServeError::Job)?;
+            let model = initial_model(&job).map_err(|e| ServeError::Job(e.to_string()))?;
             let toml = std::fs::read(path)
                 .map_err(|e| ServeError::Job(format!("{}: {e}", path.display())))?;
             auditor
@@ -1078,17 +1226,24 @@ mod tests {
         // fill memory), nor a directory, nor a file larger than the
         // architecture's safetensors can be.
         let err = read_initial_model(&job, Path::new("/dev/zero")).unwrap_err();
-        assert!(err.contains("not a regular file"), "{err}");
+        assert!(matches!(err, InitModelError::NotAFile { .. }), "{err:?}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let err = read_initial_model(&job, dir.path()).unwrap_err();
-        assert!(err.contains("not a regular file"), "{err}");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
         let big = dir.path().join("big.safetensors");
         std::fs::File::create(&big)
             .unwrap()
             .set_len(62 * 4 + INIT_HEADER_ROOM + 1)
             .unwrap();
         let err = read_initial_model(&job, &big).unwrap_err();
-        assert!(err.contains("more than the"), "{err}");
+        assert!(
+            matches!(err, InitModelError::TooLarge { len, .. } if len == 62 * 4 + INIT_HEADER_ROOM + 1),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("more than the"), "{err}");
+        let err = read_initial_model(&job, &dir.path().join("none.safetensors")).unwrap_err();
+        assert!(matches!(err, InitModelError::Io { .. }), "{err:?}");
     }
 
     #[test]
@@ -1110,9 +1265,19 @@ mod tests {
             ".",
         ] {
             let err = resolve_submitted_init(Some(&init), Path::new(bad)).unwrap_err();
-            assert!(err.contains("outside init_dir"), "{bad}: {err}");
+            assert!(
+                matches!(err, SubmittedInitError::Outside { .. }),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains("outside init_dir"), "{bad}: {err}");
         }
+        let err = resolve_submitted_init(Some(&init), Path::new("missing")).unwrap_err();
+        assert!(matches!(err, SubmittedInitError::Resolve { .. }), "{err:?}");
         let err = resolve_submitted_init(None, Path::new("m.safetensors")).unwrap_err();
-        assert!(err.contains("no init_dir"), "{err}");
+        assert!(
+            matches!(err, SubmittedInitError::NoInitDir { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no init_dir"), "{err}");
     }
 }

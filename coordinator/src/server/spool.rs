@@ -10,16 +10,24 @@ use std::path::{Path, PathBuf};
 use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader, PayloadDecoder};
 use fedlink_protocol::{Encoding, ModelSpec};
 
-/// Why reading a spool failed.
+/// Why reading a spool (or an archived payload file, the same format)
+/// failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SpoolError {
+#[non_exhaustive]
+pub enum SpoolError {
+    /// Opening or reading the file failed.
     #[error("spool I/O on {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
+    /// A chunk record does not decode against the model's spec and the
+    /// update's encoding.
     #[error("payload: {0}")]
     Payload(#[from] fedlink_protocol::payload::PayloadError),
+    /// The file ends inside a chunk record.
     #[error("spool {0} ends in the middle of a chunk record")]
     Truncated(PathBuf),
 }
@@ -96,12 +104,12 @@ impl SpoolWriter {
 /// Decode a spooled payload chunk by chunk, calling `f(offset, values)` for
 /// each chunk in order. Every record header is checked by the decoder before
 /// its body is read into memory.
-pub(crate) fn for_each_chunk(
+pub(crate) fn for_each_chunk<E>(
     path: &Path,
     spec: &ModelSpec,
     encoding: Encoding,
-    mut f: impl FnMut(u64, &[f32]) -> Result<(), String>,
-) -> Result<Result<(), String>, SpoolError> {
+    mut f: impl FnMut(u64, &[f32]) -> Result<(), E>,
+) -> Result<Result<(), E>, SpoolError> {
     let file = File::open(path).map_err(io(path))?;
     // Unbuffered: two reads per record (header, then the body straight
     // into `record`), no buffer allocated per pass.

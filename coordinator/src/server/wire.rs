@@ -12,9 +12,47 @@ use fedlink_protocol::encoding::DEFAULT_CHUNK_BYTES;
 use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader};
 use fedlink_protocol::{Encoding, FlatModel, ModelHash, ModelSpec, PayloadEncoder, ValueCodec};
 
+/// Why a model's wire form could not be written or read back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The serving encoding was refused (a build error, not an input's).
+    #[error(transparent)]
+    Encoding(#[from] fedlink_protocol::EncodingError),
+    /// Writing the wire file failed.
+    #[error(transparent)]
+    Write(#[from] fedlink_durable::Error),
+    /// Opening the wire file failed.
+    #[error("{}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a record header failed.
+    #[error(transparent)]
+    Read(std::io::Error),
+    /// A record header does not parse.
+    #[error(transparent)]
+    Header(#[from] fedlink_protocol::payload::PayloadError),
+    /// The file ends inside a record header.
+    #[error("wire file ends inside a record header")]
+    CutHeader,
+    /// The file ends (or reading fails) inside a record's body.
+    #[error("wire file ends inside a record: {0}")]
+    CutBody(#[source] std::io::Error),
+    /// Skipping a record's body found fewer bytes than its header says.
+    #[error("wire file ends inside a record")]
+    ShortBody,
+}
+
 /// The encoding models are served with (lossless).
-pub(crate) fn model_encoding() -> Result<Encoding, String> {
-    Encoding::new(ValueCodec::F32, true, 1, DEFAULT_CHUNK_BYTES).map_err(|e| e.to_string())
+pub(crate) fn model_encoding() -> Result<Encoding, WireError> {
+    Ok(Encoding::new(
+        ValueCodec::F32,
+        true,
+        1,
+        DEFAULT_CHUNK_BYTES,
+    )?)
 }
 
 /// A model version available in wire form.
@@ -33,7 +71,7 @@ fn wire_path(models_dir: &Path, hash: &ModelHash) -> PathBuf {
 }
 
 /// Write the wire form of `model` unless it exists; return its description.
-pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, String> {
+pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, WireError> {
     let hash = model.hash();
     let path = wire_path(models_dir, &hash);
     let encoding = model_encoding()?;
@@ -63,8 +101,7 @@ pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, 
             enc.finish().map_err(std::io::Error::other)?;
             Ok((payload_len, num_chunks))
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(WireModel {
         hash,
         spec: model.spec().clone(),
@@ -81,7 +118,7 @@ fn describe(
     hash: ModelHash,
     spec: ModelSpec,
     encoding: Encoding,
-) -> Result<WireModel, String> {
+) -> Result<WireModel, WireError> {
     let mut r = RecordReader::open(path)?;
     let mut payload_len = 0u64;
     let mut num_chunks = 0u64;
@@ -106,8 +143,11 @@ pub(crate) struct RecordReader {
 }
 
 impl RecordReader {
-    pub(crate) fn open(path: &Path) -> Result<Self, String> {
-        let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub(crate) fn open(path: &Path) -> Result<Self, WireError> {
+        let f = File::open(path).map_err(|source| WireError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self {
             // Unbuffered: a header read, then body pieces of 256 KiB.
             inner: f,
@@ -116,42 +156,102 @@ impl RecordReader {
 
     /// The header of the next record and the record's whole length, or
     /// `None` at the end. The body follows through [`Self::read_body`].
-    pub(crate) fn next_head(&mut self) -> Result<Option<([u8; CHUNK_HEADER_LEN], usize)>, String> {
+    pub(crate) fn next_head(
+        &mut self,
+    ) -> Result<Option<([u8; CHUNK_HEADER_LEN], usize)>, WireError> {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         let mut n = 0;
         while n < head.len() {
             match self
                 .inner
                 .read(head.get_mut(n..).unwrap_or_default())
-                .map_err(|e| e.to_string())?
+                .map_err(WireError::Read)?
             {
                 0 if n == 0 => return Ok(None),
-                0 => return Err("wire file ends inside a record header".into()),
+                0 => return Err(WireError::CutHeader),
                 k => n += k,
             }
         }
-        let h = ChunkHeader::parse(&head).map_err(|e| e.to_string())?;
+        let h = ChunkHeader::parse(&head)?;
         Ok(Some((head, h.record_len())))
     }
 
     /// Fill `buf` with the next bytes of the current record's body.
-    pub(crate) fn read_body(&mut self, buf: &mut [u8]) -> Result<(), String> {
-        self.inner
-            .read_exact(buf)
-            .map_err(|e| format!("wire file ends inside a record: {e}"))
+    pub(crate) fn read_body(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
+        self.inner.read_exact(buf).map_err(WireError::CutBody)
     }
 
     /// Skip `n` bytes of the current record's body.
-    pub(crate) fn skip_body(&mut self, n: usize) -> Result<(), String> {
+    pub(crate) fn skip_body(&mut self, n: usize) -> Result<(), WireError> {
         let skipped = std::io::copy(
             &mut Read::by_ref(&mut self.inner).take(n as u64),
             &mut std::io::sink(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(WireError::Read)?;
         if skipped == n as u64 {
             Ok(())
         } else {
-            Err("wire file ends inside a record".into())
+            Err(WireError::ShortBody)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wire_file_is_written_once_and_read_back_record_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![8])]).unwrap();
+        let model = FlatModel::new(spec, (0..8).map(|i| i as f32).collect()).unwrap();
+        let w = ensure(dir.path(), &model).unwrap();
+        assert_eq!(w.hash, model.hash());
+        assert!(w.num_chunks >= 1);
+        let mut r = RecordReader::open(&w.path).unwrap();
+        let mut total = 0u64;
+        while let Some((head, len)) = r.next_head().unwrap() {
+            let mut body = vec![0u8; len - head.len()];
+            r.read_body(&mut body).unwrap();
+            total += len as u64;
+        }
+        assert_eq!(total, w.payload_len);
+        // Existing: described, not written again.
+        assert_eq!(
+            ensure(dir.path(), &model).unwrap().payload_len,
+            w.payload_len
+        );
+    }
+
+    #[test]
+    fn a_missing_or_cut_wire_file_is_an_error_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.wire");
+        let err = RecordReader::open(&missing).err().unwrap();
+        assert!(matches!(&err, WireError::Open { path, .. } if *path == missing));
+        assert!(err.to_string().contains("none.wire"), "{err}");
+
+        let cut = dir.path().join("cut.wire");
+        std::fs::write(&cut, [0u8; 3]).unwrap();
+        let err = RecordReader::open(&cut).unwrap().next_head().unwrap_err();
+        assert!(matches!(err, WireError::CutHeader), "{err:?}");
+        assert_eq!(err.to_string(), "wire file ends inside a record header");
+
+        // A whole header, then a body shorter than it says.
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![8])]).unwrap();
+        let model = FlatModel::new(spec, vec![1.0; 8]).unwrap();
+        let w = ensure(dir.path(), &model).unwrap();
+        let bytes = std::fs::read(&w.path).unwrap();
+        let short = dir.path().join("short.wire");
+        std::fs::write(&short, &bytes[..CHUNK_HEADER_LEN + 1]).unwrap();
+        let mut r = RecordReader::open(&short).unwrap();
+        let (head, len) = r.next_head().unwrap().unwrap();
+        let err = r.skip_body(len - head.len()).unwrap_err();
+        assert!(matches!(err, WireError::ShortBody), "{err:?}");
+        let mut r = RecordReader::open(&short).unwrap();
+        let (head, len) = r.next_head().unwrap().unwrap();
+        let mut body = vec![0u8; len - head.len()];
+        let err = r.read_body(&mut body).unwrap_err();
+        assert!(matches!(err, WireError::CutBody(_)), "{err:?}");
     }
 }
