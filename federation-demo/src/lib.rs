@@ -45,8 +45,8 @@ use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
 
-use tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
 use indicatif::{ProgressBar, ProgressStyle};
+use tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
 
 /// One federated task of the demo.
 #[derive(Clone, Debug)]

@@ -587,10 +587,7 @@ enum ConnectError {
     Hello(#[source] TransportError),
     /// The coordinator refused the site (its message, bounded).
     #[error("coordinator refused the site: {code:?}: {message}")]
-    Refused {
-        code: RejectCode,
-        message: String,
-    },
+    Refused { code: RejectCode, message: String },
     /// Another message than Welcome.
     #[error("coordinator sent {0} instead of Welcome")]
     Unexpected(&'static str),

@@ -197,12 +197,10 @@ impl RunningCoordinator {
         Ok(out?)
     }
 
-    /// Wait for the coordinator to stop by itself (job finished).
+    /// Wait for the coordinator to stop by itself (job finished), failing
+    /// after [`crate::JOB_TIMEOUT`] (a hung job is a failure, not a wait).
     pub async fn finished(self) -> anyhow::Result<ServeOutcome> {
-        let Self { handle, stop, .. } = self;
-        let out = bounded("job to finish", handle).await??;
-        drop(stop);
-        Ok(out?)
+        self.finished_within(crate::JOB_TIMEOUT).await
     }
 
     /// Stop it (graceful shutdown) and return what it says.

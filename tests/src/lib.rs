@@ -35,6 +35,12 @@ use tokio::sync::mpsc;
 /// Safety-net timeout for any single network step in tests.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Safety-net timeout for a whole job in tests (every round of it, with
+/// the agents' real training and, in the reachability tests, a transport
+/// fallback): several steps, so a larger net than [`STEP_TIMEOUT`]. On a
+/// loaded 2-core CI machine a job of a few rounds has taken over 10 s.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Application close code the test server uses when the role does not match
 /// the ALPN protocol.
 pub const CLOSE_FORBIDDEN: u32 = 0x403;
