@@ -170,9 +170,16 @@ impl RunningCoordinator {
                 let _ = stopped.await;
             },
         ));
-        let addr = bounded("coordinator bind", bound_rx.recv())
-            .await?
-            .context("the coordinator stopped before binding")?;
+        let Some(addr) = bounded("coordinator bind", bound_rx.recv()).await? else {
+            // Say why: a test that fails here must show the coordinator's
+            // own error, not only that it stopped.
+            let why = match bounded("coordinator stop", handle).await? {
+                Ok(Ok(outcome)) => format!("serve returned {outcome:?}"),
+                Ok(Err(e)) => format!("{e}"),
+                Err(join) => format!("serve task: {join}"),
+            };
+            anyhow::bail!("the coordinator stopped before binding: {why}");
+        };
         Ok(Self {
             addr,
             data_dir,

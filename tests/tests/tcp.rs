@@ -323,3 +323,25 @@ async fn a_coordinator_with_bbr_runs_rounds() {
     }
     coord.finished().await.unwrap();
 }
+
+/// A configured port whose TCP side is taken is the operator's to see: the
+/// coordinator stops before binding and says which listener failed (with
+/// port 0 it would pick another port for both instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_tcp_port_is_named_when_the_port_is_configured() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), &JobSpec::default()).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, port).unwrap();
+    let err = match RunningCoordinator::start(&cfg, true).await {
+        Ok(_) => panic!("started with its TCP port taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("stopped before binding") && err.contains(&format!("binding TCP {port}")),
+        "{err}"
+    );
+    drop(taken);
+}

@@ -48,7 +48,7 @@ use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
@@ -666,6 +666,67 @@ pub(crate) enum SubmittedInitError {
     },
 }
 
+/// How many times [`bind_listeners`] picks a new port when the listen
+/// port is 0 and TCP must share QUIC's port number.
+const SHARED_PORT_ATTEMPTS: usize = 16;
+
+/// Bind the QUIC endpoint and, unless `tcp_listen = "off"`, the TCP
+/// listener. With `tcp_listen = "same"` TCP takes the port number QUIC got;
+/// when the listen port is 0 (any), that number can already be in use on
+/// TCP by an unrelated socket (UDP and TCP ports are separate), so another
+/// port is tried. A configured port is bound once: its failure is the
+/// operator's to see.
+async fn bind_listeners(
+    cfg: &CoordinatorConfig,
+    tls: rustls::ServerConfig,
+) -> Result<
+    (
+        quinn::Endpoint,
+        SocketAddr,
+        Option<fedlink_transport::tcp::TcpServer>,
+    ),
+    ServeError,
+> {
+    let retry = cfg.listen.port() == 0 && cfg.tcp_listen == TcpListen::Same;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let endpoint = fedlink_transport::server_endpoint_with(
+            cfg.listen,
+            tls.clone(),
+            cfg.idle_timeout(),
+            cfg.congestion_control,
+        )
+        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
+        let local = endpoint
+            .local_addr()
+            .map_err(|e| ServeError::Network(e.to_string()))?;
+        // TLS over TCP, for sites whose network blocks UDP: the same rustls
+        // config (mutual TLS, federation CA, revocations, ALPNs), bound
+        // after QUIC so that `same` with port 0 gets the port QUIC got.
+        let Some(addr) = cfg.tcp_listen.resolve(local) else {
+            return Ok((endpoint, local, None));
+        };
+        match fedlink_transport::tcp::TcpServer::bind(addr, tls.clone()).await {
+            Ok(server) => return Ok((endpoint, local, Some(server))),
+            Err(fedlink_transport::TransportError::Io(e))
+                if retry
+                    && attempt < SHARED_PORT_ATTEMPTS
+                    && e.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::debug!(
+                    port = local.port(),
+                    "TCP port in use: another port for both"
+                );
+                endpoint.close(0u32.into(), b"rebinding");
+            }
+            Err(e) => {
+                return Err(ServeError::Network(format!("binding TCP {addr}: {e}")));
+            }
+        }
+    }
+}
+
 /// What [`serve`] returns when it stops cleanly.
 #[derive(Debug)]
 pub struct ServeOutcome {
@@ -803,29 +864,7 @@ pub async fn serve(
     };
     let mut idle = idle::Idle::default();
 
-    let tls_tcp = tls.clone();
-    let endpoint = fedlink_transport::server_endpoint_with(
-        cfg.listen,
-        tls,
-        cfg.idle_timeout(),
-        cfg.congestion_control,
-    )
-    .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
-    let local = endpoint
-        .local_addr()
-        .map_err(|e| ServeError::Network(e.to_string()))?;
-    // TLS over TCP, for sites whose network blocks UDP: the same rustls
-    // config (mutual TLS, federation CA, revocations, ALPNs), bound after
-    // QUIC so that `same` with port 0 gets the port QUIC got.
-    let tcp = match cfg.tcp_listen.resolve(local) {
-        Some(addr) => {
-            let server = fedlink_transport::tcp::TcpServer::bind(addr, tls_tcp)
-                .await
-                .map_err(|e| ServeError::Network(format!("binding TCP {addr}: {e}")))?;
-            Some(server)
-        }
-        None => None,
-    };
+    let (endpoint, local, tcp) = bind_listeners(&cfg, tls).await?;
     let tcp_local = tcp.as_ref().and_then(|t| t.local_addr().ok());
     tracing::info!(listen = %local, tcp = ?tcp_local, job = job_id.as_deref().unwrap_or("none"), "coordinator listening");
     if let Some(b) = &opts.bound {
