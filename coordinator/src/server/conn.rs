@@ -1137,6 +1137,8 @@ async fn receive_upload(
     .await
     .map_err(CheckError::Task)
     .and_then(|r| r.map_err(CheckError::from));
+    // From here until the site has its answer, shutdown waits for it.
+    let _answering = shared.answers.token();
     let (reply, answer) = oneshot::channel();
     let _ = shared
         .engine
@@ -1158,5 +1160,12 @@ async fn receive_upload(
     });
     tracing::debug!(site, at = unix_ms(), ?result, "upload answered");
     send.message(&Message::UploadResult(result)).await?;
-    send.finish()
+    send.finish()?;
+    // The upload is over: its slot and in-flight mark go now. The answer is
+    // waited for until the site has it (QUIC), so that a shutdown right
+    // after this round does not close the connection over it.
+    drop(_permit);
+    drop(_in_flight);
+    let _ = tokio::time::timeout(super::ANSWER_GRACE, send.stopped()).await;
+    Ok(())
 }

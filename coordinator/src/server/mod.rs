@@ -102,6 +102,14 @@ pub(crate) struct Shared {
     /// coordinator started again on the same data directory right after
     /// found the database still open).
     pub(crate) tasks: tokio_util::task::TaskTracker,
+    /// Upload answers on their way: from the moment a received upload goes
+    /// to the engine until the site has its `UploadResult` (or
+    /// [`ANSWER_GRACE`] passed). Shutdown waits for them before it closes
+    /// the connections: closing a QUIC connection discards stream data the
+    /// peer has not acknowledged, and the last round's acks were lost when
+    /// a job ended (a site saw "coordinator shutting down" instead of its
+    /// accepted update).
+    pub(crate) answers: tokio_util::task::TaskTracker,
     /// The engine's (or idle holder's) event queue: bounded
     /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
     /// flood is held back by QUIC flow control instead of queued here.
@@ -418,6 +426,11 @@ enum KeysError {
 
 /// How long shutdown waits for connection tasks to record their ends.
 const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
+
+/// How long an upload's answer may take to reach the site (its
+/// acknowledgement of the stream's end), and so how long shutdown waits for
+/// answers on their way.
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// How often the coordinator looks for a changed manifest or revocation
 /// list even when no site connects.
@@ -825,6 +838,7 @@ pub async fn serve(
     let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
     let shared = Arc::new(Shared {
         tasks: tokio_util::task::TaskTracker::new(),
+        answers: tokio_util::task::TaskTracker::new(),
         engine: tx,
         recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
@@ -969,6 +983,18 @@ pub async fn serve(
             Err(e) => break Err(e),
         }
     };
+    // Answers already decided reach their sites before the connections
+    // close (bounded: a site that stopped reading must not hold shutdown).
+    shared.answers.close();
+    if tokio::time::timeout(ANSWER_GRACE, shared.answers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "upload answers still unacknowledged {} s after the end; closing anyway",
+            ANSWER_GRACE.as_secs()
+        );
+    }
     idle.close_all();
     if let Some(e) = engine.as_mut() {
         e.close_all();
