@@ -331,9 +331,11 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
     // Issue 14 (1): the coordinator's log cut at any entry of the last round
     // — from its `round.opened` up to `job.finished` — is caught by
     // reconciling it with any site's log, which holds the coordinator's head
-    // over `job.finished`. Entries written after that head (the connections'
-    // ends at shutdown) are beyond any site's knowledge: a cut there is not
-    // caught by reconcile (only by a head file exported later).
+    // over `job.finished`. A site may hold a later head too (its own head
+    // exchanged after the job's end is recorded, and answered, by the
+    // coordinator). Entries written after the last head a site holds (the
+    // connections' ends at shutdown) are beyond its knowledge: a cut there
+    // is not caught by reconcile (only by a head file exported later).
     let coord_text = std::fs::read_to_string(&coord_log).unwrap();
     let coord_lines: Vec<&str> = coord_text.lines().collect();
     let line_of = |event: &str| {
@@ -386,8 +388,31 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
     }
     assert!(caught >= 5, "{caught} positions");
     println!("cut-tail matrix: {caught} cut positions in the last round, every one caught");
-    let (code, out, err) = reconcile_cut(finished + 1);
-    assert_eq!(code, 0, "kept through job.finished: {out}{err}");
+    // Kept through job.finished and every entry site-0 holds a head of:
+    // nothing it knows of is missing.
+    let held = std::fs::read_to_string(&site0_log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"event\":\"coordinator.audit_head\""))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["details"]["seq"].as_u64().unwrap()
+        })
+        .max()
+        .unwrap();
+    let held_line = coord_lines
+        .iter()
+        .position(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["seq"].as_u64() == Some(held)
+        })
+        .unwrap();
+    let keep = (finished + 1).max(held_line + 1);
+    let (code, out, err) = reconcile_cut(keep);
+    assert_eq!(
+        code, 0,
+        "kept through job.finished and site-0's last head (seq {held}): {out}{err}"
+    );
 
     // A site log cut back to before its last upload is still a valid log on
     // its own, but the coordinator holds a later head of it.

@@ -35,7 +35,9 @@ struct Args {
     /// train as many epochs as the federation's sites do in all).
     #[arg(long)]
     epochs: Option<u32>,
-    /// Override every task's learning rate (the sites' and the baselines').
+    /// Override the learning rate (the sites' and the baselines') of every
+    /// task without validation-chosen settings (WDBC, nuclei); OPT keeps
+    /// the learning rates `fedlink-opt-sweep` chose for each method.
     #[arg(long)]
     lr: Option<f64>,
     /// Override every task's server strategy: `fedavg`, `fedadam:<eta>` or
