@@ -131,7 +131,13 @@ async fn tcp_attempt(
 ) -> Result<(), String> {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((source, 0).into()).unwrap();
-    let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+    // Every step bounded: a refused connection must fail the attempt, never
+    // hang the test (one run in a stress loop under load hung here with
+    // every thread parked; which step it was is not known).
+    let stream = bounded("TCP connect", socket.connect(addr))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let conn = fedlink_transport::tcp::connect_over(
         stream,
         addr,
@@ -141,13 +147,20 @@ async fn tcp_attempt(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.message(&Message::Hello(Hello {
-        versions: VersionRange::SUPPORTED,
-        agent_version: "tcp-matrix".into(),
-        capabilities: Capabilities::default(),
-    }))
+    let (mut send, mut recv) = bounded("opening a stream", conn.open_bi())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    bounded(
+        "sending Hello",
+        send.message(&Message::Hello(Hello {
+            versions: VersionRange::SUPPORTED,
+            agent_version: "tcp-matrix".into(),
+            capabilities: Capabilities::default(),
+        })),
+    )
     .await
+    .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
     match bounded("answer", recv.message()).await.unwrap() {
         Ok(Message::Welcome(_)) => {
