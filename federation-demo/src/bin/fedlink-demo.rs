@@ -29,16 +29,16 @@ struct Args {
     /// Override every task's number of rounds (the baselines then train as
     /// many epochs as the federation's sites do in all), e.g. a longer
     /// `--full` run.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
     /// Override every task's local epochs per round (the baselines then
     /// train as many epochs as the federation's sites do in all).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: Option<u32>,
     /// Override the learning rate (the sites' and the baselines') of every
     /// task without validation-chosen settings (WDBC, nuclei); OPT keeps
     /// the learning rates `fedlink-opt-sweep` chose for each method.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_finite)]
     lr: Option<f64>,
     /// Override every task's server strategy: `fedavg`, `fedadam:<eta>` or
     /// `fedavgm:<server lr>:<server momentum>`.
@@ -53,6 +53,16 @@ struct Args {
     /// `topk:<fraction>` (e.g. `topk:0.01`).
     #[arg(long)]
     codec: Option<String>,
+}
+
+/// `--lr`'s value: a finite number > 0.
+fn positive_finite(s: &str) -> Result<f64, String> {
+    let x: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if x.is_finite() && x > 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("{x} is not a finite number > 0"))
+    }
 }
 
 /// On Ctrl-C or SIGTERM: stop the coordinator and agents the demo started
@@ -99,28 +109,16 @@ fn main() -> ExitCode {
         }
     }
     if let Some(rounds) = args.rounds {
-        if rounds == 0 {
-            eprintln!("error: --rounds must be at least 1");
-            return ExitCode::from(2);
-        }
         for t in &mut tasks {
             t.rounds = rounds;
         }
     }
     if let Some(epochs) = args.epochs {
-        if epochs == 0 {
-            eprintln!("error: --epochs must be at least 1");
-            return ExitCode::from(2);
-        }
         for t in &mut tasks {
             t.epochs = epochs;
         }
     }
     if let Some(lr) = args.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            eprintln!("error: --lr must be a finite number > 0");
-            return ExitCode::from(2);
-        }
         for t in &mut tasks {
             t.lr = lr;
         }
@@ -157,5 +155,45 @@ fn main() -> ExitCode {
             eprintln!("\ndemo FAILED: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::Parser;
+
+    /// A zero or non-positive override is refused by the parser, naming
+    /// the flag; valid ones parse.
+    #[test]
+    fn overrides_are_checked_and_named() {
+        for (flag, value) in [
+            ("--rounds", "0"),
+            ("--epochs", "0"),
+            ("--lr", "0"),
+            ("--lr", "-0.1"),
+            ("--lr", "inf"),
+            ("--lr", "NaN"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let err = Args::try_parse_from(["fedlink-demo", arg.as_str()])
+                .expect_err(&format!("{arg} accepted"));
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{arg}");
+            assert!(err.to_string().contains(flag), "{arg}: {err}");
+        }
+        let args = Args::try_parse_from([
+            "fedlink-demo",
+            "--rounds",
+            "1",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.rounds, args.epochs, args.lr),
+            (Some(1), Some(3), Some(0.5))
+        );
     }
 }
