@@ -266,6 +266,33 @@ pub fn tasks() -> Vec<Task> {
     ]
 }
 
+/// Apply a learning rate and a server strategy (`fedlink-demo --lr`,
+/// `--server`) to the tasks without validation-chosen settings (WDBC,
+/// nuclei). A task with chosen settings (OPT) keeps them: its optimizer,
+/// learning rates and server strategy were chosen together on validation
+/// data, and one of them replaced is a setting nobody chose. Returns the
+/// names of the tasks left alone.
+pub fn override_unchosen(
+    tasks: &mut [Task],
+    lr: Option<f64>,
+    server: Option<&Server>,
+) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    for t in tasks {
+        if t.chosen.is_some() {
+            kept.push(t.name);
+            continue;
+        }
+        if let Some(lr) = lr {
+            t.lr = lr;
+        }
+        if let Some(server) = server {
+            t.server = Some(server.clone());
+        }
+    }
+    kept
+}
+
 /// The OPT settings `fedlink-opt-sweep` chose (10 splits, 40 rounds).
 fn opt_chosen() -> Chosen {
     use fedlink_agent::train::ClassWeighting::None as Unweighted;
@@ -1573,5 +1600,53 @@ pub fn run_tasks(tasks: Vec<Task>, data_dir: &Path, keep: bool) -> anyhow::Resul
     match failed {
         Some(e) => Err(e),
         None => Ok(report),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlink_coordinator::job::Job;
+
+    fn logreg() -> ArchSpec {
+        ArchSpec::LogReg {
+            inputs: 12,
+            classes: 2,
+        }
+    }
+
+    fn job_of(task: &Task) -> Job {
+        let arch = match &task.kind {
+            TaskKind::Tabular => logreg(),
+            TaskKind::Nuclei(n) => n.arch(),
+        };
+        Job::from_toml(&job_toml(task, &arch).unwrap()).unwrap()
+    }
+
+    /// `--lr` and `--server` reach the jobs of WDBC and nuclei; OPT's job
+    /// keeps the learning rate and strategy chosen on validation data.
+    #[test]
+    fn lr_and_server_overrides_leave_chosen_settings_alone() {
+        let mut tasks = tasks();
+        let server = Server::FedAdam { eta: 0.05 };
+        let kept = override_unchosen(&mut tasks, Some(0.25), Some(&server));
+        assert_eq!(kept, ["opt"]);
+        for t in &tasks {
+            let job = job_of(t);
+            if t.name == "opt" {
+                let chosen = opt_chosen().federated;
+                assert_eq!(job.training.learning_rate, chosen.lr, "opt");
+                assert_eq!(job.strategy.name, "fedavg", "opt");
+            } else {
+                assert_eq!(job.training.learning_rate, 0.25, "{}", t.name);
+                assert_eq!(job.strategy.name, "fedadam", "{}", t.name);
+                assert_eq!(
+                    job.strategy.params_as_strings(),
+                    [("eta".to_owned(), "0.05".to_owned())],
+                    "{}",
+                    t.name
+                );
+            }
+        }
     }
 }

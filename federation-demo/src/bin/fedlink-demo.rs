@@ -40,8 +40,11 @@ struct Args {
     /// the learning rates `fedlink-opt-sweep` chose for each method.
     #[arg(long, value_parser = positive_finite)]
     lr: Option<f64>,
-    /// Override every task's server strategy: `fedavg`, `fedadam:<eta>` or
-    /// `fedavgm:<server lr>:<server momentum>`.
+    /// Override the server strategy of every task without validation-chosen
+    /// settings (WDBC, nuclei): `fedavg`, `fedadam:<eta>` or
+    /// `fedavgm:<server lr>:<server momentum>`. OPT keeps the strategy
+    /// `fedlink-opt-sweep` chose together with its optimizer and learning
+    /// rates.
     #[arg(long)]
     server: Option<fedlink_demo::tabular_choice::Server>,
     /// Run the federations alone, without the central and local-only
@@ -118,15 +121,8 @@ fn main() -> ExitCode {
             t.epochs = epochs;
         }
     }
-    if let Some(lr) = args.lr {
-        for t in &mut tasks {
-            t.lr = lr;
-        }
-    }
+    let kept = fedlink_demo::override_unchosen(&mut tasks, args.lr, args.server.as_ref());
     for t in &mut tasks {
-        if args.server.is_some() {
-            t.server.clone_from(&args.server);
-        }
         t.baselines = !args.skip_baselines;
     }
     if !args.only.is_empty() {
@@ -137,6 +133,13 @@ fn main() -> ExitCode {
                 args.only
             );
             return ExitCode::from(2);
+        }
+    }
+    if args.lr.is_some() || args.server.is_some() {
+        for name in kept.iter().filter(|n| tasks.iter().any(|t| t.name == **n)) {
+            eprintln!(
+                "note: --lr and --server do not apply to {name}: it keeps its validation-chosen settings"
+            );
         }
     }
     if let Some(codec) = args.codec {
