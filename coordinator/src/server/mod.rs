@@ -424,6 +424,22 @@ enum KeysError {
     Key(#[from] fedlink_certs::Error),
 }
 
+/// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
+/// "`still` `grace` s after `after`" and return `false` (the caller decides
+/// whether to abort what it waited for).
+async fn wait_bounded(
+    wait: impl std::future::Future,
+    grace: Duration,
+    still: &str,
+    after: &str,
+) -> bool {
+    let done = tokio::time::timeout(grace, wait).await.is_ok();
+    if !done {
+        tracing::warn!("{still} {} s after {after}", grace.as_secs());
+    }
+    done
+}
+
 /// How long shutdown waits for connection tasks to record their ends.
 const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
 
@@ -986,15 +1002,13 @@ pub async fn serve(
     // Answers already decided reach their sites before the connections
     // close (bounded: a site that stopped reading must not hold shutdown).
     shared.answers.close();
-    if tokio::time::timeout(ANSWER_GRACE, shared.answers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "upload answers still unacknowledged {} s after the end; closing anyway",
-            ANSWER_GRACE.as_secs()
-        );
-    }
+    wait_bounded(
+        shared.answers.wait(),
+        ANSWER_GRACE,
+        "upload answers still unacknowledged",
+        "the end; closing anyway",
+    )
+    .await;
     idle.close_all();
     if let Some(e) = engine.as_mut() {
         e.close_all();
@@ -1009,29 +1023,27 @@ pub async fn serve(
     // connection tasks to record their ends. Bounded: a task stuck on a
     // full disk must not hold the shutdown.
     let acceptor_abort = acceptor.abort_handle();
-    if tokio::time::timeout(CONNECTIONS_GRACE, acceptor)
-        .await
-        .is_err()
+    if !wait_bounded(
+        acceptor,
+        CONNECTIONS_GRACE,
+        "connection tasks still running",
+        "shutdown; not waiting for them",
+    )
+    .await
     {
-        tracing::warn!(
-            "connection tasks still running {} s after shutdown; not waiting for them",
-            CONNECTIONS_GRACE.as_secs()
-        );
         acceptor_abort.abort();
     }
     // The reloader and every stream task hold `shared` (and through it the
     // store): wait until they are gone, bounded like the connections.
     let _ = reloader.await;
     shared.tasks.close();
-    if tokio::time::timeout(CONNECTIONS_GRACE, shared.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "stream tasks still running {} s after shutdown; not waiting for them",
-            CONNECTIONS_GRACE.as_secs()
-        );
-    }
+    wait_bounded(
+        shared.tasks.wait(),
+        CONNECTIONS_GRACE,
+        "stream tasks still running",
+        "shutdown; not waiting for them",
+    )
+    .await;
     // Failed handshakes still counted are recorded before the coordinator
     // stops.
     shared.record_refusals(true);
