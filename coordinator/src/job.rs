@@ -290,6 +290,16 @@ pub struct StrategySection {
 }
 
 impl StrategySection {
+    /// The strategy `name` without parameters and with the default
+    /// [`Self::max_examples_per_site`] (set the fields to add them).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            max_examples_per_site: None,
+            params: BTreeMap::new(),
+        }
+    }
+
     /// Parameters as `key=value` strings, sorted by key (the form the
     /// aggregation crate's `StrategyConfig` parses).
     pub fn params_as_strings(&self) -> Vec<(String, String)> {
@@ -368,6 +378,19 @@ pub struct RoundPolicy {
 
 fn one_u32() -> u32 {
     1
+}
+
+impl RoundPolicy {
+    /// A round with a `deadline_secs` deadline and the file's defaults
+    /// otherwise: quorum 1, no extension, one offer wave.
+    pub fn with_deadline(deadline_secs: u64) -> Self {
+        Self {
+            deadline_secs,
+            quorum: one_u32(),
+            extension_secs: 0,
+            max_attempts: one_u32(),
+        }
+    }
 }
 
 /// Local optimiser used by the sites.
@@ -723,6 +746,36 @@ fn in_range<T: PartialOrd + std::fmt::Display>(
 }
 
 impl Job {
+    /// A job with the fields a job file must give, and what a file that
+    /// leaves out the others gets: seed 0, the default selection, training,
+    /// encoding, privacy and evaluation. Set the public fields to change
+    /// them, then [`Job::validate`] it (or write it with [`Job::to_toml`]
+    /// and read it back with [`Job::from_toml`], which validates).
+    pub fn new(
+        id: impl Into<String>,
+        rounds: u32,
+        arch: ArchSpec,
+        init: InitSource,
+        strategy: StrategySection,
+        round: RoundPolicy,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            name: None,
+            rounds,
+            seed: 0,
+            arch,
+            init,
+            strategy,
+            selection: Selection::default(),
+            round,
+            training: TrainingConfig::default(),
+            encoding: DeltaEncoding::default(),
+            privacy: Privacy::default(),
+            evaluation: Evaluation::default(),
+        }
+    }
+
     /// Parse and validate a job from TOML text.
     pub fn from_toml(text: &str) -> Result<Self, JobError> {
         let job: Self = toml::from_str(text)?;
@@ -1129,6 +1182,25 @@ deadline_secs = 60
         // Round-trips through TOML unchanged.
         let again = Job::from_toml(&job.to_toml().unwrap()).unwrap();
         assert_eq!(again, job);
+    }
+
+    /// `Job::new` with the fields a file must give is the job a file with
+    /// only those fields parses to, and it round-trips through TOML.
+    #[test]
+    fn a_new_job_is_the_minimal_files_job() {
+        let job = Job::new(
+            "j1",
+            3,
+            ArchSpec::LogReg {
+                inputs: 4,
+                classes: 2,
+            },
+            InitSource::Seed(1),
+            StrategySection::named("fedavg"),
+            RoundPolicy::with_deadline(60),
+        );
+        assert_eq!(job, Job::from_toml(MINIMAL).unwrap());
+        assert_eq!(Job::from_toml(&job.to_toml().unwrap()).unwrap(), job);
     }
 
     #[test]

@@ -45,8 +45,12 @@ use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{FeatureScaling, FlatModel, ModelHash};
 
+use fedlink_coordinator::job::{
+    AugmentationConfig, ClassWeightConfig, CodecKind, InitSource, IntensityJitterConfig, Job,
+    LocalOptimizer, RoundPolicy, Selection, StrategySection,
+};
 use indicatif::{ProgressBar, ProgressStyle};
-use tabular_choice::{Server, Setting, TaskData, optimizer_toml, train_chunked};
+use tabular_choice::{Server, Setting, TaskData, train_chunked};
 
 /// One federated task of the demo.
 #[derive(Clone, Debug)]
@@ -466,109 +470,127 @@ fn free_udp_port() -> anyhow::Result<u16> {
     Ok(s.local_addr()?.port())
 }
 
-fn job_toml(task: &Task, arch: &ArchSpec) -> anyhow::Result<String> {
-    let arch = toml::to_string(arch)?;
-    let arch_inline = arch
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let n = task.sites.len();
-    Ok(format!(
-        r#"id = "{name}-demo"
-name = "{title}"
-rounds = {rounds}
-seed = 7
-arch = {{ {arch_inline} }}
-init = {{ seed = 42 }}
-
-[strategy]
-{strategy}
-[selection]
-fraction = 1.0
-min_sites = {n}
-max_sites = {n}
-gather_secs = 1
-
-[round]
-deadline_secs = {deadline}
-quorum = {quorum}
-extension_secs = 60
-max_attempts = 2
-
-[training]
-epochs = {epochs}
-batch_size = {batch}
-{optimizer}learning_rate = {lr}
-fedprox_mu = 0.0
-class_weight = "{class_weight}"
-{augmentation}
-[encoding]
-{codec}
-shuffle = true
-zstd_level = 1
-
-[evaluation]
-every_rounds = 1
-"#,
-        name = task.name,
-        title = task.title,
-        rounds = task.rounds,
-        quorum = n.saturating_sub(1).max(1),
-        deadline = match &task.kind {
-            TaskKind::Tabular => 120,
-            TaskKind::Nuclei(n) => n.deadline_secs,
-        },
-        batch = match &task.kind {
-            TaskKind::Tabular => 16,
-            TaskKind::Nuclei(n) => n.batch_size,
-        },
-        optimizer = optimizer_toml(match (&task.kind, &task.chosen) {
-            (TaskKind::Tabular, Some(c)) => c.federated.optimizer,
-            (TaskKind::Tabular, None) => OptimizerKind::Sgd,
-            (TaskKind::Nuclei(_), _) => OptimizerKind::Adam,
-        }),
-        class_weight = match task.chosen.as_ref().map(|c| c.federated.weighting) {
-            Some(fedlink_agent::train::ClassWeighting::Balanced) => "balanced",
-            _ => "none",
-        },
-        strategy = task
-            .server
-            .clone()
-            .or_else(|| task
-                .chosen
+/// The task's job: what the coordinator runs (written with the
+/// coordinator's own [`Job::to_toml`]).
+fn demo_job(task: &Task, arch: &ArchSpec) -> anyhow::Result<Job> {
+    let n = u32::try_from(task.sites.len()).context("number of sites")?;
+    let (deadline_secs, batch_size) = match &task.kind {
+        TaskKind::Tabular => (120, 16),
+        TaskKind::Nuclei(n) => (n.deadline_secs, n.batch_size),
+    };
+    let server = task
+        .server
+        .clone()
+        .or_else(|| {
+            task.chosen
                 .as_ref()
-                .and_then(|c| c.federated.server.clone()))
-            .unwrap_or(Server::FedAvg)
-            .job_toml(),
-        augmentation = match &task.kind {
-            TaskKind::Tabular => "",
-            TaskKind::Nuclei(_) => NUCLEI_AUGMENTATION,
+                .and_then(|c| c.federated.server.clone())
+        })
+        .unwrap_or(Server::FedAvg);
+    let mut job = Job::new(
+        format!("{}-demo", task.name),
+        task.rounds,
+        arch.clone(),
+        InitSource::Seed(42),
+        strategy_section(&server)?,
+        RoundPolicy {
+            quorum: n.saturating_sub(1).max(1),
+            extension_secs: 60,
+            max_attempts: 2,
+            ..RoundPolicy::with_deadline(deadline_secs)
         },
-        epochs = task.epochs,
-        // the chosen federated learning rate, when the settings were chosen
-        lr = task.chosen.as_ref().map_or(task.lr, |c| c.federated.lr),
-        codec = codec_toml(task.codec)?,
-    ))
+    );
+    job.name = Some(task.title.to_owned());
+    job.seed = 7;
+    job.selection = Selection {
+        fraction: 1.0,
+        min_sites: Some(n),
+        max_sites: Some(n),
+        gather_secs: 1,
+        allow: None,
+    };
+    let t = &mut job.training;
+    t.epochs = task.epochs;
+    t.batch_size = batch_size;
+    let optimizer = match (&task.kind, &task.chosen) {
+        (TaskKind::Tabular, Some(c)) => c.federated.optimizer,
+        (TaskKind::Tabular, None) => OptimizerKind::Sgd,
+        (TaskKind::Nuclei(_), _) => OptimizerKind::Adam,
+    };
+    (t.optimizer, t.momentum, t.weight_decay) = match optimizer {
+        OptimizerKind::Sgd => (LocalOptimizer::Sgd, None, None),
+        OptimizerKind::SgdMomentum { momentum } => (LocalOptimizer::Sgd, Some(momentum), None),
+        OptimizerKind::Adam => (LocalOptimizer::Adam, None, None),
+        OptimizerKind::AdamW { weight_decay } => (LocalOptimizer::AdamW, None, Some(weight_decay)),
+    };
+    // the chosen federated learning rate, when the settings were chosen
+    t.learning_rate = task.chosen.as_ref().map_or(task.lr, |c| c.federated.lr);
+    t.fedprox_mu = 0.0;
+    t.class_weight = match task.chosen.as_ref().map(|c| c.federated.weighting) {
+        Some(fedlink_agent::train::ClassWeighting::Balanced) => ClassWeightConfig::Balanced,
+        _ => ClassWeightConfig::None,
+    };
+    t.augmentation = match &task.kind {
+        TaskKind::Tabular => None,
+        TaskKind::Nuclei(_) => Some(NUCLEI_AUGMENTATION),
+    };
+    (job.encoding.codec, job.encoding.topk_fraction) = codec_of(task.codec)?;
+    job.encoding.shuffle = true;
+    job.encoding.zstd_level = 1;
+    job.evaluation.every_rounds = 1;
+    job.validate()
+        .with_context(|| format!("the {} job", task.name))?;
+    Ok(job)
+}
+
+/// The task's job file.
+fn job_toml(task: &Task, arch: &ArchSpec) -> anyhow::Result<String> {
+    Ok(demo_job(task, arch)?.to_toml()?)
+}
+
+/// The job's `[strategy]` for a server strategy, read from the `[strategy]`
+/// lines [`Server::job_toml`] writes (one description of each strategy's
+/// keys, next to the strategy's parser in [`tabular_choice`]).
+fn strategy_section(server: &Server) -> anyhow::Result<StrategySection> {
+    let table: toml::Table = format!("[strategy]\n{}", server.job_toml())
+        .parse()
+        .with_context(|| format!("server strategy {server:?}"))?;
+    let section = table
+        .get("strategy")
+        .cloned()
+        .context("no [strategy] table")?
+        .try_into()
+        .with_context(|| format!("server strategy {server:?}"))?;
+    Ok(section)
 }
 
 /// The nuclei job's augmentation (and the central baseline's).
-const NUCLEI_AUGMENTATION: &str = "\n[training.augmentation]\nflips = true\nrotate90 = true\nintensity_jitter = { scale = 0.1, shift = 0.05 }\n";
+const NUCLEI_AUGMENTATION: AugmentationConfig = AugmentationConfig {
+    flips: true,
+    rotate90: true,
+    intensity_jitter: Some(IntensityJitterConfig {
+        scale: 0.1,
+        shift: 0.05,
+    }),
+};
 
-/// The `[encoding]` codec lines for a task's codec (`topk:<fraction>` sets
-/// `topk_fraction` too).
-fn codec_toml(codec: &str) -> anyhow::Result<String> {
-    match codec.split_once(':') {
-        None => Ok(format!("codec = \"{codec}\"")),
+/// The codec of a task's `codec` (`f32`, `f16`, `bf16`, `int8` or
+/// `topk:<fraction>`) and its top-k fraction.
+fn codec_of(codec: &str) -> anyhow::Result<(CodecKind, Option<f64>)> {
+    let (name, fraction) = match codec.split_once(':') {
+        None => (codec, None),
         Some(("topk", f)) => {
             let f: f64 = f
                 .parse()
                 .with_context(|| format!("top-k fraction in codec {codec:?}"))?;
-            Ok(format!("codec = \"topk\"\ntopk_fraction = {f}"))
+            ("topk", Some(f))
         }
         Some(_) => bail!("unknown codec {codec:?}"),
-    }
+    };
+    let kind = toml::Value::String(name.to_owned())
+        .try_into()
+        .with_context(|| format!("unknown codec {codec:?}"))?;
+    Ok((kind, fraction))
 }
 
 fn site_toml(kit: &Path, state: &Path, csv: &Path, task: &Task) -> String {
@@ -1150,7 +1172,7 @@ fn follow(
 /// coordinator's own job parser (the central and local-only baselines train
 /// with it too).
 fn job_augmentation(job_text: &str) -> anyhow::Result<Option<fedlink_protocol::Augmentation>> {
-    let job = fedlink_coordinator::job::Job::from_toml(job_text)?;
+    let job = Job::from_toml(job_text)?;
     Ok(job.training.augmentation.map(|a| a.to_protocol()))
 }
 
@@ -1606,7 +1628,6 @@ pub fn run_tasks(tasks: Vec<Task>, data_dir: &Path, keep: bool) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedlink_coordinator::job::Job;
 
     fn logreg() -> ArchSpec {
         ArchSpec::LogReg {
@@ -1621,6 +1642,79 @@ mod tests {
             TaskKind::Nuclei(n) => n.arch(),
         };
         Job::from_toml(&job_toml(task, &arch).unwrap()).unwrap()
+    }
+
+    /// Each task's job file, read by the coordinator's own parser, is the
+    /// job built, with the task's settings in it.
+    #[test]
+    fn the_demo_jobs_parse_with_the_coordinators_parser() {
+        let mut all = tasks();
+        all.push(nuclei_task(true));
+        for t in &all {
+            let job = job_of(t);
+            assert_eq!(job, demo_job(t, &job.arch).unwrap(), "{}", t.name);
+            assert_eq!(job.id, format!("{}-demo", t.name));
+            assert_eq!(job.name.as_deref(), Some(t.title));
+            assert_eq!(job.rounds, t.rounds, "{}", t.name);
+            assert_eq!(job.training.epochs, t.epochs, "{}", t.name);
+            let n = u32::try_from(t.sites.len()).unwrap();
+            assert_eq!(job.selection.min_sites, Some(n), "{}", t.name);
+            assert_eq!(job.selection.max_sites, Some(n), "{}", t.name);
+            assert_eq!(job.round.quorum, n - 1, "{}", t.name);
+            assert_eq!(job.encoding.codec, CodecKind::F16, "{}", t.name);
+            assert_eq!(job.evaluation.every_rounds, 1, "{}", t.name);
+            let tr = &job.training;
+            match t.name {
+                "wdbc" => {
+                    assert_eq!(job.strategy, StrategySection::named("fedavg"));
+                    assert_eq!(tr.optimizer, LocalOptimizer::Sgd);
+                    assert_eq!(tr.learning_rate, t.lr);
+                    assert_eq!(tr.augmentation, None);
+                }
+                "opt" => {
+                    let chosen = opt_chosen().federated;
+                    assert_eq!(job.strategy, StrategySection::named("fedavg"));
+                    assert_eq!(tr.optimizer, LocalOptimizer::AdamW);
+                    assert_eq!(
+                        Some(OptimizerKind::AdamW {
+                            weight_decay: tr.weight_decay.unwrap()
+                        }),
+                        Some(chosen.optimizer)
+                    );
+                    assert_eq!(tr.learning_rate, chosen.lr);
+                    assert_eq!(tr.class_weight, ClassWeightConfig::None);
+                }
+                _ => {
+                    assert_eq!(job.strategy.name, "fedavgm");
+                    assert_eq!(
+                        job.strategy.params_as_strings(),
+                        [
+                            ("server_learning_rate".to_owned(), "1".to_owned()),
+                            ("server_momentum".to_owned(), "0.5".to_owned())
+                        ]
+                    );
+                    assert_eq!(tr.optimizer, LocalOptimizer::Adam);
+                    assert_eq!(tr.learning_rate, t.lr);
+                    assert_eq!(tr.augmentation, Some(NUCLEI_AUGMENTATION));
+                    let TaskKind::Nuclei(spec) = &t.kind else {
+                        panic!("nuclei is not a nuclei task");
+                    };
+                    assert_eq!(tr.batch_size, spec.batch_size);
+                    assert_eq!(job.round.deadline_secs, spec.deadline_secs);
+                }
+            }
+        }
+        // `--codec topk:<fraction>`.
+        let mut t = tasks().swap_remove(0);
+        t.codec = "topk:0.25";
+        let job = job_of(&t);
+        assert_eq!(
+            (job.encoding.codec, job.encoding.topk_fraction),
+            (CodecKind::Topk, Some(0.25))
+        );
+        t.codec = "zip";
+        let arch = logreg();
+        assert!(demo_job(&t, &arch).is_err());
     }
 
     /// `--lr` and `--server` reach the jobs of WDBC and nuclei; OPT's job
