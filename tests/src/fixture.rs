@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fedlink_coordinator::config::CoordinatorConfig;
+use fedlink_coordinator::job::{
+    CodecKind, InitSource, Job, LocalOptimizer, Privacy, RoundPolicy, Selection, StrategySection,
+};
 use fedlink_coordinator::server::{ServeError, ServeOptions, ServeOutcome, Status, serve};
+use fedlink_protocol::arch::ArchSpec;
 use fedlink_test_util::TestPki;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -31,12 +35,15 @@ pub struct JobSpec {
     /// Features of the logistic regression.
     pub inputs: u32,
     /// Wire codec.
-    pub codec: String,
-    /// TOML appended to the job file (e.g. a `[privacy]` table).
-    pub extra: String,
-    /// TOML lines added to the `[strategy]` table (e.g.
-    /// `max_examples_per_site = 100`).
-    pub strategy: String,
+    pub codec: CodecKind,
+    /// `[encoding] chunk_bytes` (`None`: the default).
+    pub chunk_bytes: Option<u32>,
+    /// `[evaluation] every_rounds` (0: never). Default 1.
+    pub evaluation_every_rounds: u32,
+    /// `[privacy]`: clipping and central noise. Default none.
+    pub privacy: Privacy,
+    /// `[strategy] max_examples_per_site` (`None`: the default).
+    pub max_examples_per_site: Option<u64>,
 }
 
 impl Default for JobSpec {
@@ -48,64 +55,66 @@ impl Default for JobSpec {
             quorum: 3,
             deadline_secs: 30,
             inputs: 4,
-            codec: "f32".into(),
-            extra: String::new(),
-            strategy: String::new(),
+            codec: CodecKind::F32,
+            chunk_bytes: None,
+            evaluation_every_rounds: 1,
+            privacy: Privacy::default(),
+            max_examples_per_site: None,
         }
     }
 }
 
-/// Write the job file.
+impl JobSpec {
+    /// The job: FedAvg, every site in every round, one epoch of SGD (batch
+    /// 8, lr 0.1) per round.
+    pub fn job(&self) -> Job {
+        let mut strategy = StrategySection::named("fedavg");
+        strategy.max_examples_per_site = self.max_examples_per_site;
+        let mut job = Job::new(
+            self.id.clone(),
+            self.rounds,
+            ArchSpec::LogReg {
+                inputs: self.inputs,
+                classes: 2,
+            },
+            InitSource::Seed(11),
+            strategy,
+            RoundPolicy {
+                quorum: self.quorum,
+                ..RoundPolicy::with_deadline(self.deadline_secs)
+            },
+        );
+        job.seed = 3;
+        job.selection = Selection {
+            fraction: 1.0,
+            min_sites: Some(self.sites),
+            max_sites: Some(self.sites),
+            gather_secs: 0,
+            allow: None,
+        };
+        job.training.epochs = 1;
+        job.training.batch_size = 8;
+        job.training.optimizer = LocalOptimizer::Sgd;
+        job.training.learning_rate = 0.1;
+        job.encoding.codec = self.codec;
+        job.encoding.shuffle = true;
+        job.encoding.zstd_level = 1;
+        if let Some(chunk) = self.chunk_bytes {
+            job.encoding.chunk_bytes = chunk;
+        }
+        job.privacy = self.privacy.clone();
+        job.evaluation.every_rounds = self.evaluation_every_rounds;
+        job
+    }
+}
+
+/// Write the job file (`<id>.toml`, written with the coordinator's own
+/// [`Job::to_toml`]).
 pub fn write_job(dir: &Path, spec: &JobSpec) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{}.toml", spec.id));
-    std::fs::write(
-        &path,
-        format!(
-            r#"id = "{id}"
-rounds = {rounds}
-seed = 3
-arch = {{ kind = "logreg", inputs = {inputs}, classes = 2 }}
-init = {{ seed = 11 }}
-
-[strategy]
-name = "fedavg"
-{strategy}
-
-[selection]
-fraction = 1.0
-min_sites = {sites}
-max_sites = {sites}
-gather_secs = 0
-
-[round]
-deadline_secs = {deadline}
-quorum = {quorum}
-extension_secs = 0
-max_attempts = 1
-
-[training]
-epochs = 1
-batch_size = 8
-optimizer = "sgd"
-learning_rate = 0.1
-
-[encoding]
-codec = "{codec}"
-shuffle = true
-zstd_level = 1
-{extra}
-"#,
-            id = spec.id,
-            rounds = spec.rounds,
-            inputs = spec.inputs,
-            sites = spec.sites,
-            deadline = spec.deadline_secs,
-            quorum = spec.quorum,
-            codec = spec.codec,
-            extra = spec.extra,
-            strategy = spec.strategy,
-        ),
-    )?;
+    let job = spec.job();
+    job.validate()?;
+    std::fs::write(&path, job.to_toml()?)?;
     Ok(path)
 }
 
@@ -322,4 +331,66 @@ encodings = ["f32"]
         csv = wdbc_hospital_csv(i),
         federation = fedlink_test_util::FEDERATION,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use fedlink_coordinator::job::DeltaEncoding;
+
+    /// The job file the fixture writes is read by the coordinator's own
+    /// parser (from disk, as `serve` does) with every knob set in it.
+    #[test]
+    fn the_fixture_job_file_parses_with_the_coordinators_parser() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = JobSpec {
+            id: "knobs".into(),
+            rounds: 2,
+            sites: 4,
+            quorum: 3,
+            deadline_secs: 45,
+            inputs: 7,
+            codec: CodecKind::F16,
+            chunk_bytes: Some(16),
+            evaluation_every_rounds: 0,
+            privacy: Privacy {
+                clip_norm: Some(5.0),
+                noise_multiplier: 0.5,
+                target_delta: Some(1e-5),
+            },
+            max_examples_per_site: Some(1000),
+        };
+        let job = Job::from_file(&write_job(dir.path(), &spec).unwrap()).unwrap();
+        assert_eq!(job, spec.job());
+        assert_eq!((job.id.as_str(), job.rounds), ("knobs", 2));
+        assert_eq!(
+            job.arch,
+            ArchSpec::LogReg {
+                inputs: 7,
+                classes: 2
+            }
+        );
+        assert_eq!(job.strategy.name, "fedavg");
+        assert_eq!(job.max_examples_per_site(), 1000);
+        assert_eq!((job.min_sites(), job.max_sites()), (4, 4));
+        assert_eq!((job.round.quorum, job.round.deadline_secs), (3, 45));
+        assert_eq!(job.training.optimizer, LocalOptimizer::Sgd);
+        assert_eq!(job.training.learning_rate, 0.1);
+        assert_eq!(
+            (job.encoding.codec, job.encoding.chunk_bytes),
+            (CodecKind::F16, 16)
+        );
+        assert_eq!(job.privacy, spec.privacy);
+        assert_eq!(job.evaluation.every_rounds, 0);
+        // The defaults: what the tests wrote by hand before.
+        let job = JobSpec::default().job();
+        assert_eq!(
+            job.encoding.chunk_bytes,
+            DeltaEncoding::default().chunk_bytes
+        );
+        assert_eq!(job.evaluation.every_rounds, 1);
+        assert_eq!(job.privacy, Privacy::default());
+        assert_eq!(job.strategy.max_examples_per_site, None);
+    }
 }

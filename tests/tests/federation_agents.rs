@@ -58,9 +58,7 @@ fn wdbc_job(id: &str, rounds: u32, sites: u32) -> JobSpec {
         quorum: sites,
         deadline_secs: 120,
         inputs: WDBC_FEATURES,
-        codec: "f32".into(),
-        extra: String::new(),
-        strategy: String::new(),
+        ..JobSpec::default()
     }
 }
 
@@ -725,7 +723,7 @@ async fn federated_evaluation_every_two_rounds_per_site_and_weighted() {
     let pki = TestPki::new(3).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut spec = wdbc_job("wdbc-eval", 3, 3);
-    spec.extra = "\n[evaluation]\nevery_rounds = 2\n".into();
+    spec.evaluation_every_rounds = 2;
     let job = write_job(dir.path(), &spec).unwrap();
     let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
     let coord = RunningCoordinator::start(&cfg, false).await.unwrap();

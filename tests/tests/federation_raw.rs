@@ -2,6 +2,7 @@
 //! signatures, aggregation) with scripted sites that can misbehave.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use fedlink_coordinator::job::Privacy;
 use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::message::Message;
@@ -564,7 +565,11 @@ async fn dp_offers_carry_the_jobs_settings_and_declines_are_recorded() {
         rounds: 1,
         sites: 2,
         quorum: 1,
-        extra: "[privacy]\nclip_norm = 5.0\nnoise_multiplier = 0.5\ntarget_delta = 1e-5\n".into(),
+        privacy: Privacy {
+            clip_norm: Some(5.0),
+            noise_multiplier: 0.5,
+            target_delta: Some(1e-5),
+        },
         ..JobSpec::default()
     };
     let coord = start(&spec, &pki, dir.path()).await;
@@ -629,7 +634,7 @@ async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let spec = JobSpec {
         rounds: 1,
-        strategy: "max_examples_per_site = 1000".into(),
+        max_examples_per_site: Some(1000),
         ..JobSpec::default()
     };
     let coord = start(&spec, &pki, dir.path()).await;

@@ -123,9 +123,7 @@ async fn site_logs_verify_and_reconcile_with_the_coordinator_log() {
         quorum: SITES as u32,
         deadline_secs: 120,
         inputs: 30,
-        codec: "f32".into(),
-        extra: String::new(),
-        strategy: String::new(),
+        ..JobSpec::default()
     };
     let job = write_job(dir.path(), &spec).unwrap();
     let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();

@@ -27,7 +27,8 @@ fn spec(id: &str) -> JobSpec {
         inputs: 120,
         // The sites below speak version 6 (resumable transfers) and never
         // answer an evaluation request.
-        extra: "chunk_bytes = 16\n\n[evaluation]\nevery_rounds = 0".into(),
+        chunk_bytes: Some(16),
+        evaluation_every_rounds: 0,
         ..JobSpec::default()
     }
 }
@@ -318,7 +319,7 @@ async fn an_agent_cut_while_uploading_finishes_the_round_without_training_again(
         quorum: 1,
         deadline_secs: 60,
         inputs: 30,
-        extra: "chunk_bytes = 16".into(),
+        chunk_bytes: Some(16),
         ..JobSpec::default()
     };
     let coord = start(&spec, &pki, dir.path()).await;
