@@ -183,6 +183,17 @@ enum TaskError {
     Encode(#[from] EncodeError),
     #[error("coordinator: {0}")]
     Protocol(String),
+    /// The coordinator named an architecture this agent cannot build
+    /// (`which`: "offered" or "requested").
+    #[error("coordinator: {which} architecture: {source}")]
+    Architecture {
+        which: &'static str,
+        #[source]
+        source: fedlink_protocol::arch::ArchError,
+    },
+    /// The coordinator's resume point does not fit the upload kept.
+    #[error("coordinator: {0}")]
+    ResumePoint(#[source] crate::resume::ProgressMismatch),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -1074,7 +1085,10 @@ async fn evaluate_request(
     let spec = req
         .arch
         .spec()
-        .map_err(|e| TaskError::Protocol(format!("requested architecture: {e}")))?;
+        .map_err(|source| TaskError::Architecture {
+            which: "requested",
+            source,
+        })?;
     let model = obtain_model(ctx, conn, session, req.model, &spec).await?;
     let (arch, site_data, scaling, device) = (
         req.arch.clone(),
@@ -1176,7 +1190,10 @@ async fn run_task(
     let spec = offer
         .arch
         .spec()
-        .map_err(|e| TaskError::Protocol(format!("offered architecture: {e}")))?;
+        .map_err(|source| TaskError::Architecture {
+            which: "offered",
+            source,
+        })?;
     let global = obtain_model(ctx, conn, session, offer.base_model, &spec).await?;
 
     // Standardise (with the offer's scaling, if any), evaluate the global
@@ -1416,7 +1433,7 @@ async fn resume_upload(
     };
     let rest = kept
         .remaining(progress)
-        .map_err(|e| TaskError::Protocol(e.to_string()))?;
+        .map_err(TaskError::ResumePoint)?;
     let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
     ctx.record(SiteEvent::UpdateResumed {
         job: h.job_id.to_string(),
