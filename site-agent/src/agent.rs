@@ -1082,13 +1082,10 @@ async fn evaluate_request(
             req.federation_id, session.federation_id
         )));
     }
-    let spec = req
-        .arch
-        .spec()
-        .map_err(|source| TaskError::Architecture {
-            which: "requested",
-            source,
-        })?;
+    let spec = req.arch.spec().map_err(|source| TaskError::Architecture {
+        which: "requested",
+        source,
+    })?;
     let model = obtain_model(ctx, conn, session, req.model, &spec).await?;
     let (arch, site_data, scaling, device) = (
         req.arch.clone(),
@@ -1431,9 +1428,7 @@ async fn resume_upload(
             )));
         }
     };
-    let rest = kept
-        .remaining(progress)
-        .map_err(TaskError::ResumePoint)?;
+    let rest = kept.remaining(progress).map_err(TaskError::ResumePoint)?;
     let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
     ctx.record(SiteEvent::UpdateResumed {
         job: h.job_id.to_string(),

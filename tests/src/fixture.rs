@@ -108,12 +108,18 @@ impl JobSpec {
     }
 }
 
-/// Write the job file (`<id>.toml`, written with the coordinator's own
-/// [`Job::to_toml`]).
+/// Write the job file of `spec` (`<id>.toml`, validated first).
 pub fn write_job(dir: &Path, spec: &JobSpec) -> anyhow::Result<PathBuf> {
-    let path = dir.join(format!("{}.toml", spec.id));
     let job = spec.job();
     job.validate()?;
+    write_job_file(dir, &job)
+}
+
+/// Write `job` as `<id>.toml` in `dir` with the coordinator's own
+/// [`Job::to_toml`] (not validated: a test may write a job the coordinator
+/// must refuse).
+pub fn write_job_file(dir: &Path, job: &Job) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{}.toml", job.id));
     std::fs::write(&path, job.to_toml()?)?;
     Ok(path)
 }

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use fedlink_certs::{ALPN_ADMIN, ALPN_SITE, Role, SiteManifest, Validity};
 use fedlink_cli::admin::export::expected_tensors;
+use fedlink_coordinator::job::InitSource;
 use fedlink_protocol::FlatModel;
 use fedlink_protocol::message::UploadResult;
 use fedlink_test_util::TestPki;
 use fedlink_tests::bounded;
 use fedlink_tests::fixture::{
-    JobSpec, RunningCoordinator, wait_for_status, workspace_binary, write_job,
+    JobSpec, RunningCoordinator, wait_for_status, workspace_binary, write_job, write_job_file,
 };
 use fedlink_tests::raw_site::{RawSite, join_round};
 use serde_json::Value;
@@ -1189,25 +1190,14 @@ async fn submitted_initial_models_are_read_only_from_init_dir() {
     let coord = RunningCoordinator::start(&config, false).await.unwrap();
     let admin = pki.admin_dir().to_owned();
     let addr = coord.addr;
-    let job = write_job(
-        dir.path(),
-        &JobSpec {
-            id: "j".into(),
-            ..JobSpec::default()
-        },
-    )
-    .unwrap();
-    let seeded = std::fs::read_to_string(&job).unwrap();
-    assert!(seeded.contains("init = { seed = 11 }"));
     let submit = |id: &str, file: &str| {
-        let path = dir.path().join(format!("{id}.toml"));
-        let text = seeded
-            .replace("id = \"j\"", &format!("id = \"{id}\""))
-            .replace(
-                "init = { seed = 11 }",
-                &format!("init = {{ file = {file:?} }}"),
-            );
-        std::fs::write(&path, text).unwrap();
+        let mut job = JobSpec {
+            id: id.into(),
+            ..JobSpec::default()
+        }
+        .job();
+        job.init = InitSource::File(file.into());
+        let path = write_job_file(dir.path(), &job).unwrap();
         let admin = admin.clone();
         async move { fedlink(&admin, addr, &["jobs", "submit", path.to_str().unwrap()]).await }
     };

@@ -12,13 +12,14 @@ use std::path::Path;
 use std::process::Command;
 
 use fedlink_certs::Kit;
+use fedlink_coordinator::job::{ParamValue, Privacy, StrategySection};
 use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::round_archive::{ROUND_FILE, RoundFile};
 use fedlink_protocol::FlatModel;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use fedlink_test_util::TestPki;
 use fedlink_tests::fixture::{
-    JobSpec, RunningCoordinator, workspace_binary, write_config, write_job,
+    JobSpec, RunningCoordinator, workspace_binary, write_config, write_job_file,
 };
 use fedlink_tests::raw_site::RawSite;
 use serde_json::Value;
@@ -74,20 +75,20 @@ async fn signed_log_and_bit_exact_replay_with_server_state_and_dp() {
         rounds: 2,
         ..JobSpec::default()
     };
-    let job = write_job(dir.path(), &spec).unwrap();
     // FedAdam (server moments carried between rounds) and central DP
     // (clipping + Gaussian noise from the per-round seed).
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace(
-            "name = \"fedavg\"",
-            "name = \"fedadam\"\n[strategy.params]\neta = 0.05",
-        )
-        .replace(
-            "[training]",
-            "[privacy]\nclip_norm = 1.0\nnoise_multiplier = 0.5\n\n[training]",
-        );
-    std::fs::write(&job, text).unwrap();
+    let mut audited = spec.job();
+    audited.strategy = StrategySection::named("fedadam");
+    audited
+        .strategy
+        .params
+        .insert("eta".into(), ParamValue::Float(0.05));
+    audited.privacy = Privacy {
+        clip_norm: Some(1.0),
+        noise_multiplier: 0.5,
+        target_delta: None,
+    };
+    let job = write_job_file(dir.path(), &audited).unwrap();
     let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
     let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
     let data = coord.data_dir.clone();
