@@ -27,7 +27,10 @@
 //!   handshake succeed; the refusal shows on its first stream read (as on
 //!   QUIC);
 //! - a client that offers no ALPN is refused after the handshake (rustls
-//!   over TCP, unlike QUIC, lets such a handshake complete).
+//!   over TCP, unlike QUIC, lets such a handshake complete);
+//! - a local close ([`TcpConn::close`], or the last handle dropped) ends
+//!   this side's streams at once, as on QUIC (yamux itself wakes none of
+//!   them), and gives the close at most `CLOSE_GRACE` (10 s) to leave.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -177,7 +180,17 @@ impl TcpConn {
         let (in_tx, in_rx) = mpsc::channel(MAX_STREAMS);
         let (closed_tx, closed_rx) = watch::channel(None);
         tokio::spawn(async move {
-            let why = drive(conn, cmd_rx, in_tx).await;
+            let mut conn = conn;
+            let why = match drive(&mut conn, cmd_rx, in_tx).await {
+                Driven::Ended(why) => why,
+                Driven::CloseAsked => {
+                    // The streams end now: yamux wakes none of them on a
+                    // local close, and the close below may never finish
+                    // (a peer that reads nothing).
+                    let _ = closed_tx.send(Some(CLOSED_HERE.into()));
+                    close(&mut conn).await
+                }
+            };
             let _ = closed_tx.send(Some(why));
         });
         Self(Arc::new(Shared {
@@ -283,33 +296,45 @@ impl TcpConn {
     }
 }
 
-/// Run a yamux connection until it ends: open streams on request, hand
-/// inbound ones over (refusing those beyond [`MAX_STREAMS`] waiting).
+/// Why [`drive`] returned.
+enum Driven {
+    /// The connection ended (the peer closed it, an error): why.
+    Ended(String),
+    /// This side asked to close it ([`TcpConn::close`], or every handle
+    /// dropped).
+    CloseAsked,
+}
+
+/// A connection's end reason when this side closed it.
+const CLOSED_HERE: &str = "closed by this side";
+
+/// How long a local close may take to deliver what was queued and the
+/// close itself: a peer that reads nothing must not keep the connection's
+/// task (and its socket) forever.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Run a yamux connection until it ends or this side asks to close it:
+/// open streams on request, hand inbound ones over (refusing those beyond
+/// [`MAX_STREAMS`] waiting). Streams still being opened when it returns
+/// fail (their senders are dropped).
 async fn drive<T>(
-    mut conn: yamux::Connection<T>,
+    conn: &mut yamux::Connection<T>,
     mut cmds: mpsc::Receiver<Cmd>,
     inbound: mpsc::Sender<yamux::Stream>,
-) -> String
+) -> Driven
 where
     T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
 {
     let mut opening: std::collections::VecDeque<oneshot::Sender<Result<yamux::Stream, String>>> =
         std::collections::VecDeque::new();
-    let mut closing = false;
     std::future::poll_fn(|cx| {
-        while !closing {
+        loop {
             match cmds.poll_recv(cx) {
                 Poll::Ready(Some(Cmd::Open(tx))) => opening.push_back(tx),
                 // Close asked, or every handle dropped.
-                Poll::Ready(Some(Cmd::Close) | None) => closing = true,
+                Poll::Ready(Some(Cmd::Close) | None) => return Poll::Ready(Driven::CloseAsked),
                 Poll::Pending => break,
             }
-        }
-        if closing {
-            return conn.poll_close(cx).map(|r| match r {
-                Ok(()) => "closed by this side".to_string(),
-                Err(e) => format!("closing: {e}"),
-            });
         }
         while !opening.is_empty() {
             match conn.poll_new_outbound(cx) {
@@ -322,7 +347,7 @@ where
                     for tx in opening.drain(..) {
                         let _ = tx.send(Err(e.to_string()));
                     }
-                    return Poll::Ready(format!("opening a stream: {e}"));
+                    return Poll::Ready(Driven::Ended(format!("opening a stream: {e}")));
                 }
                 Poll::Pending => break,
             }
@@ -333,13 +358,28 @@ where
                 Poll::Ready(Some(Ok(s))) => {
                     let _ = inbound.try_send(s);
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(e.to_string()),
-                Poll::Ready(None) => return Poll::Ready("closed by the peer".to_string()),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Driven::Ended(e.to_string())),
+                Poll::Ready(None) => {
+                    return Poll::Ready(Driven::Ended("closed by the peer".to_string()));
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
     .await
+}
+
+/// Close a yamux connection (what its streams queued, then the close and
+/// the TLS session's end), within [`CLOSE_GRACE`]: its end reason.
+async fn close<T>(conn: &mut yamux::Connection<T>) -> String
+where
+    T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(CLOSE_GRACE, std::future::poll_fn(|cx| conn.poll_close(cx))).await {
+        Ok(Ok(())) => CLOSED_HERE.to_string(),
+        Ok(Err(e)) => format!("closing: {e}"),
+        Err(_) => format!("{CLOSED_HERE} (the peer took nothing for {CLOSE_GRACE:?})"),
+    }
 }
 
 /// Connect to `addr` over TCP and run the TLS 1.3 handshake with `tls` (from
@@ -488,5 +528,59 @@ impl TcpIncoming {
             Some(alpn),
             started.elapsed(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Generous: only a hang guard, never waited for when the code is right.
+    const HANG_GUARD: Duration = Duration::from_secs(30);
+
+    /// A connection over an in-memory pipe whose far end never reads (a
+    /// peer that stopped reading, a full TCP send buffer): `peer` must be
+    /// kept alive by the caller.
+    fn stalled_conn() -> (TcpConn, tokio::io::DuplexStream) {
+        let (ours, peer) = tokio::io::duplex(256);
+        let conn = TcpConn::start(
+            ours,
+            yamux::Mode::Client,
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            None,
+            Some(b"fedlink".to_vec()),
+            Duration::ZERO,
+        );
+        (conn, peer)
+    }
+
+    /// A local close ends the connection's streams at once, even when the
+    /// close itself cannot be delivered (the peer reads nothing, so the
+    /// queued frames and the GoAway never leave): a read waiting on a stream
+    /// gets the connection's end, not a wait without end (yamux wakes no
+    /// stream on a local close, and the close's flush never finished).
+    #[tokio::test]
+    async fn a_local_close_ends_the_streams_even_when_the_peer_reads_nothing() {
+        let (conn, _peer) = stalled_conn();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // More than the pipe holds: the connection cannot flush it.
+        send.chunk(vec![7u8; 4096]).await.unwrap();
+        conn.close();
+        let read = tokio::time::timeout(HANG_GUARD, recv.message())
+            .await
+            .expect("a read on a closed connection hung");
+        let err = read.expect_err("a message read on a closed connection");
+        assert!(err.to_string().contains("closed by this side"), "{err}");
+        assert_eq!(
+            conn.close_reason().as_deref(),
+            Some("closed by this side"),
+            "the reason is set when the close begins"
+        );
+        // Nothing more opens on it.
+        let open = tokio::time::timeout(HANG_GUARD, conn.open_bi())
+            .await
+            .expect("open_bi on a closed connection hung");
+        assert!(open.is_err());
     }
 }
