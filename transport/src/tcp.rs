@@ -41,7 +41,7 @@ use std::time::Duration;
 use fedlink_certs::Identity;
 use fedlink_certs::rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, mpsc, oneshot, watch};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
 
@@ -87,7 +87,6 @@ fn yamux_config() -> yamux::Config {
 #[derive(Debug)]
 enum Cmd {
     Open(oneshot::Sender<Result<yamux::Stream, String>>),
-    Close,
 }
 
 /// A TLS-over-TCP connection (either end), cheap to clone.
@@ -103,6 +102,9 @@ struct Shared {
     /// How long the TLS handshake took (this side's view).
     handshake: Duration,
     cmds: mpsc::Sender<Cmd>,
+    /// Asks the connection's task to close (not through `cmds`, whose
+    /// queue may be full of stream openings).
+    close_asked: Arc<Notify>,
     inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
     /// Why the connection ended, once it has.
     closed: watch::Receiver<Option<String>>,
@@ -179,9 +181,11 @@ impl TcpConn {
         let (cmd_tx, cmd_rx) = mpsc::channel(MAX_STREAMS);
         let (in_tx, in_rx) = mpsc::channel(MAX_STREAMS);
         let (closed_tx, closed_rx) = watch::channel(None);
+        let close_asked = Arc::new(Notify::new());
+        let asked = close_asked.clone();
         tokio::spawn(async move {
             let mut conn = conn;
-            let why = match drive(&mut conn, cmd_rx, in_tx).await {
+            let why = match drive(&mut conn, cmd_rx, &asked, in_tx).await {
                 Driven::Ended(why) => why,
                 Driven::CloseAsked => {
                     // The streams end now: yamux wakes none of them on a
@@ -200,6 +204,7 @@ impl TcpConn {
             alpn,
             handshake,
             cmds: cmd_tx,
+            close_asked,
             inbound: Mutex::new(in_rx),
             closed: closed_rx,
         }))
@@ -283,7 +288,7 @@ impl TcpConn {
 
     /// Close the connection (streams end, the TLS session is closed).
     pub fn close(&self) {
-        let _ = self.0.cmds.try_send(Cmd::Close);
+        self.0.close_asked.notify_one();
     }
 
     /// Wait until the connection has ended; why.
@@ -320,6 +325,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 async fn drive<T>(
     conn: &mut yamux::Connection<T>,
     mut cmds: mpsc::Receiver<Cmd>,
+    close_asked: &Notify,
     inbound: mpsc::Sender<yamux::Stream>,
 ) -> Driven
 where
@@ -327,12 +333,16 @@ where
 {
     let mut opening: std::collections::VecDeque<oneshot::Sender<Result<yamux::Stream, String>>> =
         std::collections::VecDeque::new();
+    let mut close = std::pin::pin!(close_asked.notified());
     std::future::poll_fn(|cx| {
+        if close.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Driven::CloseAsked);
+        }
         loop {
             match cmds.poll_recv(cx) {
                 Poll::Ready(Some(Cmd::Open(tx))) => opening.push_back(tx),
-                // Close asked, or every handle dropped.
-                Poll::Ready(Some(Cmd::Close) | None) => return Poll::Ready(Driven::CloseAsked),
+                // Every handle dropped.
+                Poll::Ready(None) => return Poll::Ready(Driven::CloseAsked),
                 Poll::Pending => break,
             }
         }
@@ -582,5 +592,25 @@ mod tests {
             .await
             .expect("open_bi on a closed connection hung");
         assert!(open.is_err());
+    }
+
+    /// A close asked while the command queue is full of stream openings
+    /// (queued before the connection's task ran) is not lost.
+    #[tokio::test]
+    async fn a_close_behind_a_full_command_queue_is_not_lost() {
+        let (conn, _peer) = stalled_conn();
+        let mut opened = Vec::new();
+        // The test runtime has one thread: the connection's task has not
+        // run yet, so these fill its queue.
+        for _ in 0..MAX_STREAMS {
+            let (tx, rx) = oneshot::channel();
+            conn.0.cmds.try_send(Cmd::Open(tx)).unwrap();
+            opened.push(rx);
+        }
+        conn.close();
+        let why = tokio::time::timeout(HANG_GUARD, conn.closed())
+            .await
+            .expect("the close was lost");
+        assert!(why.starts_with("closed by this side"), "{why}");
     }
 }
