@@ -121,7 +121,12 @@ fn main() -> ExitCode {
             }
             _ => ExitCode::SUCCESS,
         },
-        Err(e @ ServeError::Tls(_)) => {
+        Err(
+            e @ (ServeError::Tls(_)
+            | ServeError::Certs(_)
+            | ServeError::Federation(_)
+            | ServeError::Keys(_)),
+        ) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
         }

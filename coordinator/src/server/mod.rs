@@ -65,9 +65,20 @@ pub use status::{STATUS_FILE, Status};
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Kit, CA files or TLS configuration.
+    /// Kit, CA files or TLS configuration (a mismatch between them, a
+    /// missing key).
     #[error("TLS / kit: {0}")]
     Tls(String),
+    /// A kit, revocation list or site manifest that cannot be read, or the
+    /// TLS configuration built from them.
+    #[error("TLS / kit: {0}")]
+    Certs(#[from] fedlink_certs::Error),
+    /// The kit's federation name is not a valid federation id.
+    #[error("TLS / kit: {0}")]
+    Federation(#[source] fedlink_protocol::IdError),
+    /// The site manifest's update keys cannot be used.
+    #[error("TLS / kit: {0}")]
+    Keys(#[from] KeysError),
     /// The job definition or its initial model.
     #[error("job: {0}")]
     Job(String),
@@ -411,12 +422,15 @@ pub(crate) enum NotAllowed {
 }
 
 /// Why the site manifest's update keys cannot be used.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
-enum KeysError {
+pub enum KeysError {
     /// A site's name is not a valid site id.
     #[error("site {site}: {source}")]
     SiteName {
+        /// The site's name in the manifest.
         site: String,
+        /// Why it is not a site id.
         source: fedlink_protocol::IdError,
     },
     /// A site's update key does not decode.
@@ -780,13 +794,11 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeOutcome, ServeError> {
-    let kit = Kit::load(&cfg.kit).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let federation = FederationId::new(kit.identity().federation())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let revocations =
-        RevocationList::load(cfg.revoked_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let manifest =
-        SiteManifest::load(&cfg.manifest_path()).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let kit = Kit::load(&cfg.kit)?;
+    let federation =
+        FederationId::new(kit.identity().federation()).map_err(ServeError::Federation)?;
+    let revocations = RevocationList::load(cfg.revoked_path())?;
+    let manifest = SiteManifest::load(&cfg.manifest_path())?;
     if manifest.federation != kit.identity().federation() {
         return Err(ServeError::Tls(format!(
             "the site manifest is for federation {}, the kit for {}",
@@ -794,9 +806,8 @@ pub async fn serve(
             kit.identity().federation()
         )));
     }
-    update_keys(&manifest).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    update_keys(&manifest)?;
+    let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())?;
     let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
         ServeError::Tls(format!(
             "the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; kits \
@@ -1124,8 +1135,7 @@ fn build_engine(
             .manifest
             .read()
             .map_err(|_| ServeError::Fatal("manifest lock poisoned".into()))?,
-    )
-    .map_err(|e| ServeError::Tls(e.to_string()))?;
+    )?;
     let engine = Engine::new(
         EngineParts {
             job,
