@@ -426,3 +426,41 @@ async fn audit_heads_beyond_the_budget_are_ignored() {
         .count();
     assert_eq!(heads, 3, "only the burst is recorded");
 }
+
+/// The coordinator executable refuses what restarting will not fix with
+/// its own exit codes: a job file it cannot use with 2, a kit it cannot
+/// read with 3, each naming what is wrong.
+#[test]
+fn unusable_job_and_kit_exit_with_their_codes() {
+    let pki = TestPki::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = JobSpec::default().job();
+    spec.rounds = 0;
+    let job = fedlink_tests::fixture::write_job_file(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let bin = fedlink_tests::fixture::workspace_binary("fedlink-coordinator").unwrap();
+    let run = |cfg: &Path| {
+        std::process::Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+    let out = run(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("job: ") && err.contains("rounds"), "{err}");
+
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let kit = format!("kit = {:?}", pki.coordinator_dir());
+    assert!(text.contains(&kit), "{text}");
+    let no_kit = dir.path().join("no-kit");
+    std::fs::write(&cfg, text.replace(&kit, &format!("kit = {no_kit:?}"))).unwrap();
+    let out = run(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("TLS / kit: ") && err.contains("no-kit"),
+        "{err}"
+    );
+}

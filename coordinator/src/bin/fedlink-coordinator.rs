@@ -132,7 +132,16 @@ fn main() -> ExitCode {
         }
         // A bad job file or initial model, or a data_dir that cannot be
         // made private: restarting will not help.
-        Err(e @ (ServeError::Job(_) | ServeError::DataDir(_))) => {
+        Err(
+            e @ (ServeError::Job(_)
+            | ServeError::JobFile(_)
+            | ServeError::JobRead { .. }
+            | ServeError::InitialModel(_)
+            | ServeError::Strategy(_)
+            | ServeError::JobId(_)
+            | ServeError::StoredState { .. }
+            | ServeError::DataDir(_)),
+        ) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }

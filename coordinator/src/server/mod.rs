@@ -79,9 +79,39 @@ pub enum ServeError {
     /// The site manifest's update keys cannot be used.
     #[error("TLS / kit: {0}")]
     Keys(#[from] KeysError),
-    /// The job definition or its initial model.
+    /// The job cannot run (no job where one is needed, its strategy does
+    /// not fit its model, ...).
     #[error("job: {0}")]
     Job(String),
+    /// The job file is unreadable or invalid.
+    #[error("job: {0}")]
+    JobFile(#[from] crate::job::JobError),
+    /// The job file could not be read again to record its hash.
+    #[error("job: {}: {source}", path.display())]
+    JobRead {
+        /// The job file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The job's initial model cannot be made or read.
+    #[error("job: {0}")]
+    InitialModel(#[from] InitModelError),
+    /// The job's aggregation strategy is not valid.
+    #[error("job: {0}")]
+    Strategy(#[from] fedlink_aggregation::ConfigError),
+    /// The job's id is not a valid job id.
+    #[error("job: {0}")]
+    JobId(#[source] fedlink_protocol::IdError),
+    /// A job's state kept in the store does not decode (`what`: "stored
+    /// optimizer state", "stored replay state").
+    #[error("job: {what}: {source}")]
+    StoredState {
+        /// Which state.
+        what: &'static str,
+        /// Why it does not decode.
+        source: serde_json::Error,
+    },
     /// The store.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -1097,17 +1127,23 @@ fn build_engine(
             .map_err(|e| ServeError::Audit(e.to_string()))?;
     }
     let job = recovery.job;
-    let strategy = strategy_config(&job).map_err(|e| ServeError::Job(e.to_string()))?;
+    let strategy = strategy_config(&job)?;
     engine::check_fits(&strategy, &job, recovery.model.spec())
         .map_err(|e| ServeError::Job(e.to_string()))?;
     let persisted: PersistedState = match &recovery.optimizer_state {
-        Some(bytes) => serde_json::from_slice(bytes)
-            .map_err(|e| ServeError::Job(format!("stored optimizer state: {e}")))?,
+        Some(bytes) => serde_json::from_slice(bytes).map_err(|source| ServeError::StoredState {
+            what: "stored optimizer state",
+            source,
+        })?,
         None => PersistedState::default(),
     };
     let mut replay: ReplayGuard = match store.replay_state(&job.id)? {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| ServeError::Job(format!("stored replay state: {e}")))?,
+        Some(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|source| ServeError::StoredState {
+                what: "stored replay state",
+                source,
+            })?
+        }
         None => ReplayGuard::new(),
     };
     // The round in flight starts again from nothing: the updates it had
@@ -1116,7 +1152,7 @@ fn build_engine(
     if let Some(r) = recovery.reopened_round {
         replay.reopen_round(
             &shared.federation,
-            &JobId::new(&job.id).map_err(|e| ServeError::Job(e.to_string()))?,
+            &JobId::new(&job.id).map_err(ServeError::JobId)?,
             RoundId(r),
         );
     }
@@ -1246,11 +1282,13 @@ fn select_job(
     auditor: &Auditor,
 ) -> Result<Selected, ServeError> {
     if let Some(path) = job_file {
-        let job = Job::from_file(path).map_err(|e| ServeError::Job(e.to_string()))?;
+        let job = Job::from_file(path)?;
         if store.job(&job.id)?.is_none() {
-            let model = initial_model(&job).map_err(|e| ServeError::Job(e.to_string()))?;
-            let toml = std::fs::read(path)
-                .map_err(|e| ServeError::Job(format!("{}: {e}", path.display())))?;
+            let model = initial_model(&job)?;
+            let toml = std::fs::read(path).map_err(|source| ServeError::JobRead {
+                path: path.to_owned(),
+                source,
+            })?;
             auditor
                 .record_own(
                     EventKind::JobSubmitted,
