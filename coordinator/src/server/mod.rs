@@ -119,9 +119,25 @@ pub enum ServeError {
     /// local users could read site data) and its mode cannot be tightened.
     #[error("data_dir: {0}")]
     DataDir(String),
-    /// Binding the endpoint.
+    /// Binding the QUIC endpoint at `addr`.
+    #[error("network: binding {addr}: {source}")]
+    Bind {
+        /// The configured listen address.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        source: fedlink_transport::TransportError,
+    },
+    /// The bound QUIC endpoint has no local address.
     #[error("network: {0}")]
-    Network(String),
+    LocalAddr(#[source] std::io::Error),
+    /// Binding the TCP listener at `addr`.
+    #[error("network: binding TCP {addr}: {source}")]
+    BindTcp {
+        /// The TCP listen address.
+        addr: SocketAddr,
+        /// Why it could not be bound.
+        source: fedlink_transport::TransportError,
+    },
     /// The audit log could not be opened or written: nothing runs unaudited.
     #[error("audit: {0}")]
     Audit(String),
@@ -770,10 +786,11 @@ async fn bind_listeners(
             cfg.idle_timeout(),
             cfg.congestion_control,
         )
-        .map_err(|e| ServeError::Network(format!("binding {}: {e}", cfg.listen)))?;
-        let local = endpoint
-            .local_addr()
-            .map_err(|e| ServeError::Network(e.to_string()))?;
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let local = endpoint.local_addr().map_err(ServeError::LocalAddr)?;
         // TLS over TCP, for sites whose network blocks UDP: the same rustls
         // config (mutual TLS, federation CA, revocations, ALPNs), bound
         // after QUIC so that `same` with port 0 gets the port QUIC got.
@@ -793,9 +810,7 @@ async fn bind_listeners(
                 );
                 endpoint.close(0u32.into(), b"rebinding");
             }
-            Err(e) => {
-                return Err(ServeError::Network(format!("binding TCP {addr}: {e}")));
-            }
+            Err(source) => return Err(ServeError::BindTcp { addr, source }),
         }
     }
 }
