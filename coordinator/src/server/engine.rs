@@ -792,10 +792,9 @@ impl Engine {
         self.wire
             .audit()
             .record(&actor, EventKind::UpdateInterrupted, details)
-            .map_err(|e| {
-                EngineError::Fatal(format!(
-                    "{e} (while recording an interrupted upload of {site})"
-                ))
+            .map_err(|source| EngineError::Audit {
+                during: format!("an interrupted upload of {site}"),
+                source,
             })?;
         Ok(())
     }
@@ -917,7 +916,7 @@ impl Engine {
                             replay_state: replay.as_deref().map(|r| (scope.as_str(), r)),
                         },
                     )
-                    .map_err(|e| EngineError::Fatal(format!("persisting a checkpoint: {e}")))?;
+                    .map_err(EngineError::Checkpoint)?;
                 if let crate::round::Checkpoint::RoundStarted { round, .. } = &cp {
                     self.open_round(*round)?;
                 }
@@ -1181,10 +1180,9 @@ impl Engine {
         self.wire
             .audit()
             .record(&actor, event, details)
-            .map_err(|e| {
-                EngineError::Fatal(format!(
-                    "{e} (while recording an evaluation report of {site})"
-                ))
+            .map_err(|source| EngineError::Audit {
+                during: format!("an evaluation report of {site}"),
+                source,
             })?;
         self.finish_requested(now)
     }
@@ -1759,9 +1757,13 @@ impl Engine {
 
     /// Record an event of the coordinator's own; failing stops the engine.
     fn audit_own(&self, event: EventKind, details: serde_json::Value) -> Result<(), EngineError> {
-        self.wire.audit().record_own(event, details).map_err(|e| {
-            EngineError::Fatal(format!("{e} (while recording {event}; nothing was done)"))
-        })
+        self.wire
+            .audit()
+            .record_own(event, details)
+            .map_err(|source| EngineError::Audit {
+                during: format!("{event}; nothing was done"),
+                source,
+            })
     }
 
     /// Record `update.received` for one upload (`reason` None: accepted).
@@ -1777,7 +1779,10 @@ impl Engine {
         self.wire
             .audit()
             .record(&actor, EventKind::UpdateReceived, details)
-            .map_err(|e| EngineError::Fatal(format!("{e} (while recording an update of {site})")))
+            .map_err(|source| EngineError::Audit {
+                during: format!("an update of {site}"),
+                source,
+            })
     }
 
     fn site_actor(&self, site: &str) -> String {
@@ -2053,6 +2058,16 @@ fn archive(
 pub(crate) enum EngineError {
     #[error("{0}")]
     Fatal(String),
+    /// An audit entry could not be written (`during`: what it recorded).
+    #[error("{source} (while recording {during})")]
+    Audit {
+        during: String,
+        #[source]
+        source: super::audit::AuditError,
+    },
+    /// A checkpoint could not be persisted in the store.
+    #[error("persisting a checkpoint: {0}")]
+    Checkpoint(#[source] crate::store::StoreError),
 }
 
 /// The privacy terms of an offer, as the aggregator applies them: sites clip
