@@ -94,8 +94,8 @@ pub struct Task {
 /// A tabular task's settings, each method's chosen on validation data by
 /// `fedlink-opt-sweep` (see [`crate::tabular_choice`]). Every model trains
 /// on the hospitals' 80 % training parts (the agents' split, seed 7); the
-/// federation runs `Task::rounds` rounds of `Task::epochs` epochs, a
-/// baseline `rounds` chunks of `Task::epochs` epochs.
+/// federation runs `Task::rounds` rounds of its setting's epochs, a
+/// baseline its `rounds` chunks of its own setting's epochs.
 #[derive(Clone, Debug)]
 pub struct Chosen {
     /// The federation's site optimizer, learning rate, class weighting and
@@ -252,13 +252,13 @@ pub fn tasks() -> Vec<Task> {
             ],
             test: "opt_preterm_4hospitals/splits/global_test.csv",
             // Chosen on validation data, never on the test set:
-            // `target/debug/fedlink-opt-sweep` after `./demo`'s build (30
-            // candidates per method, weight decay included, stopping point
-            // ≤ 40 rounds, mean validation AUC over 10 seeded 80/20 splits
-            // of each hospital's training file; the table is in
-            // docs/PERFORMANCE.md).
-            rounds: 29,
-            epochs: 2,
+            // `target/debug/fedlink-opt-sweep` after `./demo`'s build (60
+            // candidates per method: weight decay and 1 or 2 local epochs
+            // included, stopping point within 80 local epochs, mean
+            // validation AUC over 10 seeded 80/20 splits of each hospital's
+            // training file; the table is in docs/PERFORMANCE.md).
+            rounds: 26,
+            epochs: 1,
             lr: 0.01,
             codec: "f16",
             kind: TaskKind::Tabular,
@@ -270,14 +270,16 @@ pub fn tasks() -> Vec<Task> {
     ]
 }
 
-/// Apply a learning rate and a server strategy (`fedlink-demo --lr`,
-/// `--server`) to the tasks without validation-chosen settings (WDBC,
-/// nuclei). A task with chosen settings (OPT) keeps them: its optimizer,
-/// learning rates and server strategy were chosen together on validation
-/// data, and one of them replaced is a setting nobody chose. Returns the
-/// names of the tasks left alone.
+/// Apply local epochs, a learning rate and a server strategy
+/// (`fedlink-demo --epochs`, `--lr`, `--server`) to the tasks without
+/// validation-chosen settings (WDBC, nuclei). A task with chosen settings
+/// (OPT) keeps them: its optimizer, learning rates, local epochs and
+/// server strategy were chosen together on validation data, and one of
+/// them replaced is a setting nobody chose. Returns the names of the tasks
+/// left alone.
 pub fn override_unchosen(
     tasks: &mut [Task],
+    epochs: Option<u32>,
     lr: Option<f64>,
     server: Option<&Server>,
 ) -> Vec<&'static str> {
@@ -286,6 +288,9 @@ pub fn override_unchosen(
         if t.chosen.is_some() {
             kept.push(t.name);
             continue;
+        }
+        if let Some(epochs) = epochs {
+            t.epochs = epochs;
         }
         if let Some(lr) = lr {
             t.lr = lr;
@@ -297,24 +302,26 @@ pub fn override_unchosen(
     kept
 }
 
-/// The OPT settings `fedlink-opt-sweep` chose (10 splits, 40 rounds).
+/// The OPT settings `fedlink-opt-sweep` chose (10 splits, 80 local epochs
+/// at most).
 fn opt_chosen() -> Chosen {
     use fedlink_agent::train::ClassWeighting::None as Unweighted;
-    let s = |optimizer, lr, weighting, server| Setting {
+    let s = |optimizer, lr, epochs, server| Setting {
         optimizer,
         lr,
-        weighting,
+        weighting: Unweighted,
         server,
+        epochs,
     };
     let adamw = |weight_decay| OptimizerKind::AdamW { weight_decay };
     Chosen {
-        federated: s(adamw(3.0), 0.01, Unweighted, Some(Server::FedAvg)),
-        central: (s(adamw(3.0), 0.01, Unweighted, None), 15),
+        federated: s(adamw(10.0), 0.01, 1, Some(Server::FedAvg)),
+        central: (s(adamw(3.0), 0.01, 2, None), 15),
         local: vec![
-            (s(adamw(10.0), 0.01, Unweighted, None), 29),
-            (s(adamw(3.0), 0.003, Unweighted, None), 3),
-            (s(OptimizerKind::Sgd, 0.1, Unweighted, None), 2),
-            (s(adamw(3.0), 0.001, Unweighted, None), 1),
+            (s(adamw(10.0), 0.01, 1, None), 74),
+            (s(adamw(10.0), 0.003, 1, None), 49),
+            (s(OptimizerKind::Sgd, 0.1, 2, None), 2),
+            (s(OptimizerKind::Adam, 0.001, 1, None), 3),
         ],
     }
 }
@@ -510,7 +517,12 @@ fn demo_job(task: &Task, arch: &ArchSpec) -> anyhow::Result<Job> {
         allow: None,
     };
     let t = &mut job.training;
-    t.epochs = task.epochs;
+    // the chosen federated epochs and learning rate, when the settings
+    // were chosen
+    t.epochs = task
+        .chosen
+        .as_ref()
+        .map_or(task.epochs, |c| c.federated.epochs);
     t.batch_size = batch_size;
     let optimizer = match (&task.kind, &task.chosen) {
         (TaskKind::Tabular, Some(c)) => c.federated.optimizer,
@@ -523,7 +535,6 @@ fn demo_job(task: &Task, arch: &ArchSpec) -> anyhow::Result<Job> {
         OptimizerKind::Adam => (LocalOptimizer::Adam, None, None),
         OptimizerKind::AdamW { weight_decay } => (LocalOptimizer::AdamW, None, Some(weight_decay)),
     };
-    // the chosen federated learning rate, when the settings were chosen
     t.learning_rate = task.chosen.as_ref().map_or(task.lr, |c| c.federated.lr);
     t.fedprox_mu = 0.0;
     t.class_weight = match task.chosen.as_ref().map(|c| c.federated.weighting) {
@@ -1003,39 +1014,23 @@ fn chosen_baselines(
     let train = data.pooled_train(&data.pooled)?;
     let (s, k) = &c.central;
     let t = Instant::now();
-    let m = train_chunked(
-        &data.arch,
-        &data.init,
-        &train,
-        s,
-        task.epochs,
-        *k,
-        |_, _| Ok(()),
-    )?;
+    let m = train_chunked(&data.arch, &data.init, &train, s, *k, |_, _| Ok(()))?;
     let central = tabular_choice::metrics(&data.arch, &m, &data.test(&data.pooled)?)?;
     println!(
         "  baseline: central ({}; {} epochs on {} rows) {} in {:.1} s",
         s.label(),
-        k * task.epochs,
+        k * s.epochs,
         train.len(),
         fmt_metrics(&central),
         t.elapsed().as_secs_f64()
     );
     for ((name, d), (s, k)) in data.sites.iter().zip(&c.local) {
-        let m = train_chunked(
-            &data.arch,
-            &data.init,
-            &d.data.train,
-            s,
-            task.epochs,
-            *k,
-            |_, _| Ok(()),
-        )?;
+        let m = train_chunked(&data.arch, &data.init, &d.data.train, s, *k, |_, _| Ok(()))?;
         let metrics = tabular_choice::metrics(&data.arch, &m, &data.test(&d.scaling)?)?;
         println!(
             "  baseline: {name} local-only ({}; {} epochs on {} rows) {}",
             s.label(),
-            k * task.epochs,
+            k * s.epochs,
             d.data.train.len(),
             fmt_metrics(&metrics)
         );
@@ -1717,21 +1712,24 @@ mod tests {
         assert!(demo_job(&t, &arch).is_err());
     }
 
-    /// `--lr` and `--server` reach the jobs of WDBC and nuclei; OPT's job
-    /// keeps the learning rate and strategy chosen on validation data.
+    /// `--epochs`, `--lr` and `--server` reach the jobs of WDBC and nuclei;
+    /// OPT's job keeps the epochs, learning rate and strategy chosen on
+    /// validation data.
     #[test]
     fn lr_and_server_overrides_leave_chosen_settings_alone() {
         let mut tasks = tasks();
         let server = Server::FedAdam { eta: 0.05 };
-        let kept = override_unchosen(&mut tasks, Some(0.25), Some(&server));
+        let kept = override_unchosen(&mut tasks, Some(3), Some(0.25), Some(&server));
         assert_eq!(kept, ["opt"]);
         for t in &tasks {
             let job = job_of(t);
             if t.name == "opt" {
                 let chosen = opt_chosen().federated;
                 assert_eq!(job.training.learning_rate, chosen.lr, "opt");
+                assert_eq!(job.training.epochs, chosen.epochs, "opt");
                 assert_eq!(job.strategy.name, "fedavg", "opt");
             } else {
+                assert_eq!(job.training.epochs, 3, "{}", t.name);
                 assert_eq!(job.training.learning_rate, 0.25, "{}", t.name);
                 assert_eq!(job.strategy.name, "fedadam", "{}", t.name);
                 assert_eq!(

@@ -23,10 +23,11 @@
 //! * **Same budget.** Each method gets the same number of candidates
 //!   (optimizer or server strategy × learning rate × class weighting, and
 //!   the same block of AdamW candidates: learning rate × weight decay ×
-//!   class weighting; see [`candidates`]) and the same stopping points: after each of `max_rounds` rounds of
-//!   `epochs` local epochs, or the same number of `epochs`-epoch chunks
-//!   for the baselines (their optimizer restarts at each chunk, as a
-//!   site's does each round).
+//!   class weighting, each with 1 or 2 local epochs per round; see
+//!   [`candidates`]) and the same epoch budget: a candidate of `e` epochs
+//!   per round is judged after each of `epoch_budget / e` rounds, a
+//!   baseline after each of as many `e`-epoch chunks (its optimizer
+//!   restarts at each chunk, as a site's does each round).
 //! * **The federation is simulated in process** for the sweep: each site
 //!   trains with [`train_local`] on the round's seed (the coordinator's
 //!   `seed ^ round · 0x9E3779B97F4A7C15`), the deltas are averaged weighted
@@ -168,6 +169,8 @@ pub struct Setting {
     pub weighting: ClassWeighting,
     /// The server strategy (federated candidates only).
     pub server: Option<Server>,
+    /// Local epochs per round (federated), or per chunk (baselines).
+    pub epochs: u32,
 }
 
 impl Setting {
@@ -179,20 +182,22 @@ impl Setting {
         }
         let _ = write!(
             s,
-            "{} lr {} weighting {}",
+            "{} lr {} weighting {}, {} epoch{}",
             self.optimizer.label(),
             self.lr,
             match self.weighting {
                 ClassWeighting::None => "none",
                 ClassWeighting::Balanced => "balanced",
-            }
+            },
+            self.epochs,
+            if self.epochs == 1 { "" } else { "s" }
         );
         s
     }
 
-    fn train_config(&self, epochs: u32, seed: u64) -> TrainConfig {
+    fn train_config(&self, seed: u64) -> TrainConfig {
         TrainConfig::new()
-            .with_epochs(epochs as usize)
+            .with_epochs(self.epochs as usize)
             .with_batch_size(BATCH_SIZE)
             .with_optimizer(self.optimizer)
             .with_learning_rate(self.lr)
@@ -206,7 +211,7 @@ impl Setting {
 pub struct Choice {
     /// The setting.
     pub setting: Setting,
-    /// Rounds (federated) or `epochs`-epoch chunks (baselines).
+    /// Rounds (federated) or chunks of `setting.epochs` epochs (baselines).
     pub rounds: u32,
 }
 
@@ -215,7 +220,10 @@ pub const WEIGHT_DECAYS: [f64; 3] = [0.3, 3.0, 10.0];
 /// Learning rates of the Adam and AdamW candidates.
 const ADAM_LRS: [f64; 3] = [0.001, 0.003, 0.01];
 
-/// The candidates of one method, 30 each:
+/// Local epochs per round (or per baseline chunk) of the candidates.
+pub const EPOCHS: [u32; 2] = [1, 2];
+
+/// The candidates of one method, 60 each: for each of [`EPOCHS`],
 /// * federated: server strategy {FedAvg, FedAdam η 0.01} × site SGD lr
 ///   {0.01, 0.03, 0.1} × weighting (12), then FedAvg × site AdamW lr
 ///   {0.001, 0.003, 0.01} × weight decay [`WEIGHT_DECAYS`] × weighting (18);
@@ -226,6 +234,19 @@ const ADAM_LRS: [f64; 3] = [0.001, 0.003, 0.01];
 /// the baseline's) local optimizer is AdamW, with the same learning rates
 /// and decays.
 pub fn candidates(federated: bool) -> Vec<Setting> {
+    EPOCHS
+        .iter()
+        .flat_map(|&epochs| {
+            candidates_of(federated)
+                .into_iter()
+                .map(move |s| Setting { epochs, ..s })
+        })
+        .collect()
+}
+
+/// The 30 candidates of one method at one epoch count (`epochs` 1 here,
+/// set by [`candidates`]).
+fn candidates_of(federated: bool) -> Vec<Setting> {
     let mut out = Vec::new();
     for weighting in [ClassWeighting::None, ClassWeighting::Balanced] {
         if federated {
@@ -236,6 +257,7 @@ pub fn candidates(federated: bool) -> Vec<Setting> {
                         lr,
                         weighting,
                         server: Some(server.clone()),
+                        epochs: 1,
                     });
                 }
             }
@@ -250,6 +272,7 @@ pub fn candidates(federated: bool) -> Vec<Setting> {
                         lr,
                         weighting,
                         server: None,
+                        epochs: 1,
                     });
                 }
             }
@@ -263,6 +286,7 @@ pub fn candidates(federated: bool) -> Vec<Setting> {
                     lr,
                     weighting,
                     server: federated.then_some(Server::FedAvg),
+                    epochs: 1,
                 });
             }
         }
@@ -371,12 +395,11 @@ impl TaskData {
         )?)
     }
 
-    /// Simulate the federation for `rounds` rounds of `epochs` epochs;
+    /// Simulate the federation for `rounds` rounds of `s.epochs` epochs;
     /// `on_round(round, model)` sees each global model.
     pub fn federate(
         &self,
         s: &Setting,
-        epochs: u32,
         rounds: u32,
         mut on_round: impl FnMut(u32, &FlatModel) -> anyhow::Result<()>,
     ) -> anyhow::Result<FlatModel> {
@@ -396,7 +419,7 @@ impl TaskData {
         let mut global = self.init.clone();
         for round in 1..=rounds {
             let seed = JOB_SEED ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let cfg = s.train_config(epochs, seed);
+            let cfg = s.train_config(seed);
             let data = if round == 1 { &local } else { &pooled };
             let mut sum = vec![0f64; global.values().len()];
             let mut n_total = 0f64;
@@ -419,7 +442,7 @@ impl TaskData {
     }
 }
 
-/// Train one model on `data` in `chunks` chunks of `epochs` epochs (the
+/// Train one model on `data` in `chunks` chunks of `s.epochs` epochs (the
 /// optimizer restarts at each chunk, like a site's each round; chunk `k`
 /// shuffles with seed `JOB_SEED ^ k · 0x9E37…`); `on_chunk` sees each.
 pub fn train_chunked(
@@ -427,7 +450,6 @@ pub fn train_chunked(
     init: &FlatModel,
     data: &Samples,
     s: &Setting,
-    epochs: u32,
     chunks: u32,
     mut on_chunk: impl FnMut(u32, &FlatModel) -> anyhow::Result<()>,
 ) -> anyhow::Result<FlatModel> {
@@ -435,14 +457,7 @@ pub fn train_chunked(
     let mut model = init.clone();
     for k in 1..=chunks {
         let seed = JOB_SEED ^ u64::from(k).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        model = train_local(
-            arch,
-            &model,
-            data,
-            &s.train_config(epochs, seed),
-            &device.device,
-        )?
-        .0;
+        model = train_local(arch, &model, data, &s.train_config(seed), &device.device)?.0;
         on_chunk(k, &model)?;
     }
     Ok(model)
@@ -513,24 +528,18 @@ impl Row {
 
 /// Validation AUC after each of `rounds` rounds / chunks of one candidate
 /// of `method` on one split.
-fn curve(
-    data: &TaskData,
-    method: &str,
-    s: &Setting,
-    epochs: u32,
-    rounds: u32,
-) -> anyhow::Result<Vec<f64>> {
+fn curve(data: &TaskData, method: &str, s: &Setting, rounds: u32) -> anyhow::Result<Vec<f64>> {
     let mut curve = Vec::new();
     if method == "federated" {
         let val = data.validation(&data.pooled)?;
-        data.federate(s, epochs, rounds, |_, m| {
+        data.federate(s, rounds, |_, m| {
             curve.push(auc(&data.arch, m, &val)?);
             Ok(())
         })?;
     } else if method == "central" {
         let val = data.validation(&data.pooled)?;
         let train = data.pooled_train(&data.pooled)?;
-        train_chunked(&data.arch, &data.init, &train, s, epochs, rounds, |_, m| {
+        train_chunked(&data.arch, &data.init, &train, s, rounds, |_, m| {
             curve.push(auc(&data.arch, m, &val)?);
             Ok(())
         })?;
@@ -541,18 +550,10 @@ fn curve(
             .find(|(n, _)| format!("local {n}") == method)
             .with_context(|| format!("no method {method:?}"))?;
         let val = data.validation(&d.scaling)?;
-        train_chunked(
-            &data.arch,
-            &data.init,
-            &d.data.train,
-            s,
-            epochs,
-            rounds,
-            |_, m| {
-                curve.push(auc(&data.arch, m, &val)?);
-                Ok(())
-            },
-        )?;
+        train_chunked(&data.arch, &data.init, &d.data.train, s, rounds, |_, m| {
+            curve.push(auc(&data.arch, m, &val)?);
+            Ok(())
+        })?;
     }
     Ok(curve)
 }
@@ -565,24 +566,22 @@ pub fn methods(data: &TaskData) -> Vec<String> {
 }
 
 /// Run every candidate of every method on every split (`splits`: the same
-/// hospitals split with different seeds); a row's curve is the mean
-/// validation AUC over the splits.
+/// hospitals split with different seeds), each for `epoch_budget` local
+/// epochs in all (`epoch_budget / s.epochs` rounds or chunks); a row's
+/// curve is the mean validation AUC over the splits.
 pub fn sweep(
     splits: &[TaskData],
-    epochs: u32,
-    max_rounds: u32,
+    epoch_budget: u32,
     mut progress: impl FnMut(&Row),
 ) -> anyhow::Result<Vec<Row>> {
     let first = splits.first().context("no split")?;
     let mut rows = Vec::new();
     for method in methods(first) {
         for s in candidates(method == "federated") {
-            let mut mean = vec![0f64; max_rounds as usize];
+            let rounds = epoch_budget / s.epochs.max(1);
+            let mut mean = vec![0f64; rounds as usize];
             for data in splits {
-                for (m, a) in mean
-                    .iter_mut()
-                    .zip(curve(data, &method, &s, epochs, max_rounds)?)
-                {
+                for (m, a) in mean.iter_mut().zip(curve(data, &method, &s, rounds)?) {
                     *m += a / splits.len() as f64;
                 }
             }
@@ -630,6 +629,7 @@ mod tests {
                 lr,
                 weighting: ClassWeighting::None,
                 server: None,
+                epochs: 1,
             },
             curve: curve.to_vec(),
         }
@@ -661,7 +661,7 @@ mod tests {
     fn every_method_gets_the_same_number_of_candidates() {
         let fed = candidates(true);
         let base = candidates(false);
-        assert_eq!(fed.len(), 30);
+        assert_eq!(fed.len(), 60);
         assert_eq!(base.len(), fed.len());
         assert!(fed.iter().all(|s| s.server.is_some()));
         assert!(base.iter().all(|s| s.server.is_none()));
@@ -669,10 +669,10 @@ mod tests {
         let decayed = |c: &[Setting]| {
             c.iter()
                 .filter(|s| matches!(s.optimizer, OptimizerKind::AdamW { .. }))
-                .map(|s| (s.optimizer, s.lr.to_bits(), s.weighting))
+                .map(|s| (s.optimizer, s.lr.to_bits(), s.weighting, s.epochs))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(decayed(&fed).len(), 18);
+        assert_eq!(decayed(&fed).len(), 36);
         assert_eq!(decayed(&fed), decayed(&base));
         // each candidate's job lines parse as the coordinator's [training]
         for s in fed.iter().chain(&base) {

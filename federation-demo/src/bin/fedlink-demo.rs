@@ -31,8 +31,10 @@ struct Args {
     /// `--full` run.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: Option<u32>,
-    /// Override every task's local epochs per round (the baselines then
-    /// train as many epochs as the federation's sites do in all).
+    /// Override the local epochs per round of every task without
+    /// validation-chosen settings (WDBC, nuclei; their baselines then train
+    /// as many epochs as the federation's sites do in all); OPT keeps the
+    /// epochs `fedlink-opt-sweep` chose for each method.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: Option<u32>,
     /// Override the learning rate (the sites' and the baselines') of every
@@ -116,12 +118,8 @@ fn main() -> ExitCode {
             t.rounds = rounds;
         }
     }
-    if let Some(epochs) = args.epochs {
-        for t in &mut tasks {
-            t.epochs = epochs;
-        }
-    }
-    let kept = fedlink_demo::override_unchosen(&mut tasks, args.lr, args.server.as_ref());
+    let kept =
+        fedlink_demo::override_unchosen(&mut tasks, args.epochs, args.lr, args.server.as_ref());
     for t in &mut tasks {
         t.baselines = !args.skip_baselines;
     }
@@ -135,10 +133,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if args.lr.is_some() || args.server.is_some() {
+    if args.epochs.is_some() || args.lr.is_some() || args.server.is_some() {
         for name in kept.iter().filter(|n| tasks.iter().any(|t| t.name == **n)) {
             eprintln!(
-                "note: --lr and --server do not apply to {name}: it keeps its validation-chosen settings"
+                "note: --epochs, --lr and --server do not apply to {name}: it keeps its validation-chosen settings"
             );
         }
     }

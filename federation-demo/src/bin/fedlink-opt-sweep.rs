@@ -5,7 +5,7 @@
 //! held-out test metrics.
 //!
 //! ```text
-//! cargo build --locked --workspace --bins && target/debug/fedlink-opt-sweep [--max-rounds 40 --splits 10]
+//! cargo build --locked --workspace --bins && target/debug/fedlink-opt-sweep [--epoch-budget 80 --splits 10]
 //! ```
 
 #![forbid(unsafe_code)]
@@ -26,12 +26,11 @@ struct Args {
     /// The repository's data directory.
     #[arg(long, default_value = "data")]
     data: PathBuf,
-    /// Most rounds (federated) or chunks (baselines) per candidate.
-    #[arg(long, default_value_t = 40)]
-    max_rounds: u32,
-    /// Local epochs per round (and per baseline chunk).
-    #[arg(long, default_value_t = 2)]
-    epochs: u32,
+    /// Local epochs per candidate in all: a candidate of `e` epochs per
+    /// round (or per baseline chunk) is judged after each of
+    /// `epoch_budget / e` rounds (or chunks).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u32).range(2..))]
+    epoch_budget: u32,
     /// Validation splits: split seeds 7, 8, … (7 is the agents' own split).
     #[arg(long, default_value_t = 10)]
     splits: u64,
@@ -81,19 +80,18 @@ fn main() -> anyhow::Result<()> {
     }
     let t = Instant::now();
     println!(
-        "\nvalidation AUC (union of the 4 validation parts, mean over {} splits), best stopping point of {} rounds × {} epochs:",
+        "\nvalidation AUC (union of the 4 validation parts, mean over {} splits), best stopping point within {} local epochs:",
         splits.len(),
-        args.max_rounds,
-        args.epochs
+        args.epoch_budget
     );
     println!(
-        "{:<10} {:<48} {:>8} {:>6} {:>8}",
+        "{:<10} {:<60} {:>8} {:>6} {:>8}",
         "method", "setting", "best AUC", "round", "at end"
     );
-    let rows = sweep(&splits, args.epochs, args.max_rounds, |r| {
+    let rows = sweep(&splits, args.epoch_budget, |r| {
         let (a, round) = r.best();
         println!(
-            "{:<10} {:<48} {:>8.4} {:>6} {:>8.4}",
+            "{:<10} {:<60} {:>8.4} {:>6} {:>8.4}",
             r.method,
             r.setting.label(),
             a,
@@ -111,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         let (choice, val) = choose(&rows, &method).context("no candidate")?;
         let (model, scaling) = if method == "federated" {
             (
-                data.federate(&choice.setting, args.epochs, choice.rounds, |_, _| Ok(()))?,
+                data.federate(&choice.setting, choice.rounds, |_, _| Ok(()))?,
                 data.pooled.clone(),
             )
         } else if method == "central" {
@@ -122,7 +120,6 @@ fn main() -> anyhow::Result<()> {
                     &data.init,
                     &train,
                     &choice.setting,
-                    args.epochs,
                     choice.rounds,
                     |_, _| Ok(()),
                 )?,
@@ -140,7 +137,6 @@ fn main() -> anyhow::Result<()> {
                     &data.init,
                     &d.data.train,
                     &choice.setting,
-                    args.epochs,
                     choice.rounds,
                     |_, _| Ok(()),
                 )?,
@@ -150,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         let test = data.test(&scaling)?;
         let m = metrics(&data.arch, &model, &test)?;
         println!(
-            "{method:<10} {:<48} rounds {:>3}  validation AUC {val:.4}  test AUC {:.4} acc {:.4} loss {:.4}",
+            "{method:<10} {:<60} rounds {:>3}  validation AUC {val:.4}  test AUC {:.4} acc {:.4} loss {:.4}",
             choice.setting.label(),
             choice.rounds,
             m.auc.unwrap_or(0.0),
