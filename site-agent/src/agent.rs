@@ -1,6 +1,10 @@
 //! The agent's driver: connects out to the coordinator, keeps the session
 //! alive, and runs accepted rounds. All decisions are made by
-//! [`SiteCore`]; this module only moves bytes, runs timers and the work.
+//! [`SiteCore`], and a round's work (train behind the
+//! [`Trainer`](crate::train::Trainer) trait, delta, clipping, noise, audit
+//! records, signed envelope) by [`crate::sitecore::task`]; this module only
+//! moves bytes, runs timers, runs the work on the blocking pool and appends
+//! the audit records it is handed before acting.
 //!
 //! ```text
 //!            ┌──────────── reconnect loop (Backoff: 0.5 s → 30 s, jitter) ───────────┐
@@ -11,9 +15,10 @@
 //!                                           ▼   │
 //!                                         SiteCore ──start──▶ round task:
 //!                                                              model: cache | ModelFetch stream
-//!                                                              evaluate global + train_local (blocking pool)
-//!                                                              delta = local − global, clip, DP noise
-//!                                                              encode, sign, DeltaUpload stream
+//!                                                              sitecore::task::train_round (blocking pool,
+//!                                                                BurnTrainer: evaluate global + train_local)
+//!                                                              make_update: delta = local − global, clip, DP noise
+//!                                                              encode, seal_update (sign), DeltaUpload stream
 //!                                                              ◀── UploadResult
 //!  every step ─▶ audit log (signed, fsynced before the action); after each
 //!  UploadResult the site's signed head ─▶ AuditHead (protocol ≥ 2), and the
@@ -79,8 +84,8 @@ use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
     EncodeError, EvalReport, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom,
     ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION, RejectCode,
-    SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateHeader, UpdateNonce, UploadResult,
-    VersionRange, Welcome, encode_payload, sign_eval_report, sign_update, supports_audit_head,
+    SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange,
+    Welcome, encode_payload, sign_eval_report, sign_update, supports_audit_head,
     supports_federated_eval, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
@@ -97,8 +102,12 @@ use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
+use crate::sitecore::task;
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
-use crate::train::{self, TrainError};
+use crate::train::{BurnTrainer, TrainError, Trainer};
+use fedlink_aggregation::dp::NoiseRng;
+
+pub use crate::sitecore::task::{clip_l2, l2_norm};
 
 /// Longest free text from the coordinator that is logged.
 const MAX_LOGGED_TEXT: usize = 512;
@@ -196,6 +205,9 @@ enum TaskError {
     ResumePoint(#[source] crate::resume::ProgressMismatch),
     #[error("internal: {0}")]
     Internal(String),
+    /// The trained model could not be turned into an update.
+    #[error("internal: {0}")]
+    Update(#[from] task::UpdateError),
 }
 
 /// Wall clock, unix milliseconds.
@@ -1098,17 +1110,15 @@ async fn evaluate_request(
         if data.validation.is_empty() {
             return Ok::<_, TaskError>(None);
         }
-        let device = device.resolve()?.device;
-        Ok(Some(train::evaluate(
-            &arch,
-            &model,
-            &data.validation,
-            &device,
-        )?))
+        let trainer = BurnTrainer::new(device.resolve()?.device);
+        Ok(Some(trainer.evaluate(&arch, &model, &data.validation)?))
     })
     .await
     .map_err(|e| TaskError::Internal(format!("evaluation task: {e}")))??;
-    let metrics = metrics.as_ref().map(eval_to_protocol).unwrap_or_default();
+    let metrics = metrics
+        .as_ref()
+        .map(task::eval_to_protocol)
+        .unwrap_or_default();
     let key = ctx
         .kit
         .update_signing_key()
@@ -1134,40 +1144,6 @@ async fn evaluate_request(
         metrics,
     };
     Ok(Box::new(sign_eval_report(key, report)))
-}
-
-fn eval_to_protocol(m: &train::EvalMetrics) -> fedlink_protocol::EvalMetrics {
-    let finite = |v: f64| v.is_finite().then_some(v);
-    fedlink_protocol::EvalMetrics {
-        num_eval_examples: m.n as u64,
-        loss: finite(m.loss),
-        accuracy: finite(m.accuracy),
-        auc: m.auc.and_then(finite),
-        dice: m.dice.and_then(finite),
-        extra: Vec::new(),
-    }
-}
-
-/// L2 norm of `v`, accumulated in f64.
-pub fn l2_norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Scale `delta` by `min(1, clip / ‖delta‖₂)`; returns whether it was
-/// scaled.
-pub fn clip_l2(delta: &mut [f32], clip: f64) -> bool {
-    let norm = l2_norm(delta);
-    if !(norm > clip && clip > 0.0) {
-        return false;
-    }
-    let scale = clip / norm;
-    for v in delta {
-        *v = (f64::from(*v) * scale) as f32;
-    }
-    true
 }
 
 async fn run_task(
@@ -1209,124 +1185,59 @@ async fn run_task(
         (SiteData::Tabular(_), None) => "local",
     };
     let global_for_training = global.clone();
-    let (metrics, local, report) = tokio::task::spawn_blocking(move || {
+    let trained = tokio::task::spawn_blocking(move || {
         let data = site_data.for_scaling(scaling.as_ref())?;
-        let device = device.resolve()?.device;
-        let metrics = if data.validation.is_empty() {
-            None
-        } else {
-            Some(train::evaluate(
-                &arch,
-                &global_for_training,
-                &data.validation,
-                &device,
-            )?)
-        };
-        let (local, report) = train::train_local(
+        let trainer = BurnTrainer::new(device.resolve()?.device);
+        Ok::<_, TaskError>(task::train_round(
+            &trainer,
             &arch,
             &global_for_training,
-            &data.train,
+            &data,
             &train_cfg,
-            &device,
-        )?;
-        Ok::<_, TaskError>((metrics, local, report))
+        )?)
     })
     .await
     .map_err(|e| TaskError::Internal(format!("training task: {e}")))??;
 
     // delta = local − global, then the offer's clipping and DP noise.
-    if local.spec() != global.spec() {
-        return Err(TaskError::Internal(
-            "trained model layout differs from the global model".into(),
-        ));
-    }
-    let mut delta: Vec<f32> = local
-        .values()
-        .iter()
-        .zip(global.values())
-        .map(|(l, g)| l - g)
-        .collect();
-    let delta_norm = l2_norm(&delta);
-    let clipped = offer
-        .privacy
-        .clip_norm
-        .is_some_and(|c| clip_l2(&mut delta, c));
-    let mut dp_noise = false;
-    if let (Some(dp), Some(c)) = (offer.privacy.dp, offer.privacy.clip_norm) {
-        let mut rng = fedlink_aggregation::dp::NoiseRng::from_os_rng()
-            .map_err(|e| TaskError::Internal(format!("noise source: {e}")))?;
-        rng.add_gaussian(&mut delta, dp.noise_multiplier * c);
-        dp_noise = dp.noise_multiplier > 0.0;
-    }
-    let delta = FlatModel::new(spec.clone(), delta)
-        .map_err(|e| TaskError::Internal(format!("delta: {e}")))?;
-    let metrics = metrics.as_ref().map(eval_to_protocol);
-    ctx.record(SiteEvent::TrainCompleted {
-        job: offer.job_id.to_string(),
-        round: offer.round.0,
-        base_model: offer.base_model.to_hex(),
-        dataset_fingerprint: ctx.data.local().fingerprint.to_string(),
-        num_examples: report.samples as u64,
-        metrics: serde_json::json!({
-            "epochs": report.epoch_loss.len(),
-            "epoch_loss": report.epoch_loss,
-            "duration_ms": u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
-            "global_eval": metrics.as_ref().map(|m| serde_json::json!({
-                "n": m.num_eval_examples,
-                "loss": m.loss,
-                "accuracy": m.accuracy,
-                "auc": m.auc,
-                "dice": m.dice,
-            })),
-            "delta_norm": delta_norm,
-        }),
-        clipped,
-        dp_noise,
-        feature_scaling: feature_scaling.to_owned(),
-    })?;
+    let update = task::make_update(
+        &offer.privacy,
+        &global,
+        &trained.local,
+        NoiseRng::from_os_rng,
+    )?;
+    let metrics = trained.global_eval.as_ref().map(task::eval_to_protocol);
+    ctx.record(task::train_completed(
+        offer,
+        ctx.data.local().fingerprint.to_string(),
+        &trained.report,
+        metrics.as_ref(),
+        &update,
+        feature_scaling,
+    ))?;
 
     // Encode (deterministic for the seed), sign the header, upload.
     let encoding = offer.encoding;
     let seed = rand::rngs::OsRng.next_u64();
+    let delta = update.delta;
     let (records, summary) =
         tokio::task::spawn_blocking(move || encode_payload(&delta, encoding, seed))
             .await
             .map_err(|e| TaskError::Internal(format!("encoding task: {e}")))??;
-    let header = UpdateHeader {
-        protocol_version: session.protocol_version,
-        federation_id: session.federation_id.clone(),
-        site_id: session.site_id.clone(),
-        job_id: offer.job_id.clone(),
-        round: offer.round,
-        base_model: offer.base_model,
-        num_examples: report.samples as u64,
-        encoding,
-        payload_len: summary.payload_len,
-        payload_hash: summary.payload_hash,
-        nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
-        metrics,
-        feature_stats: ctx.data.feature_stats().cloned(),
-    };
-    debug_assert!(header.protocol_version <= PROTOCOL_VERSION);
+    debug_assert!(session.protocol_version <= PROTOCOL_VERSION);
     let key = ctx
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
-    let header_has_stats = header.feature_stats.is_some();
-    let nonce = hex::encode(header.nonce.0);
-    let envelope = sign_update(key, header);
+    let claims = task::Claims {
+        num_examples: trained.report.samples as u64,
+        metrics,
+        feature_stats: ctx.data.feature_stats().cloned(),
+        nonce: UpdateNonce::random(&mut rand::rngs::OsRng),
+    };
+    let task::Sealed { envelope, sent } = task::seal_update(session, offer, &summary, claims, key);
     // On disk before the first byte of the upload leaves.
-    ctx.record(SiteEvent::UpdateSent {
-        job: offer.job_id.to_string(),
-        round: offer.round.0,
-        payload_hash: summary.payload_hash.to_hex(),
-        payload_bytes: summary.payload_len,
-        num_examples: report.samples as u64,
-        nonce: nonce.clone(),
-        base_model: offer.base_model.to_hex(),
-        encoding: encoding.name(),
-        feature_stats: header_has_stats,
-    })?;
+    ctx.record(sent)?;
     let records: Vec<bytes::Bytes> = records.into_iter().map(bytes::Bytes::from).collect();
     if session.protocol_version >= RESUME_VERSION {
         // Kept until answered: a lost connection resumes it.
@@ -1459,18 +1370,7 @@ async fn resend_signed_again(
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
     let envelope = sign_update(key, header);
-    let h = &envelope.header;
-    ctx.record(SiteEvent::UpdateSent {
-        job: h.job_id.to_string(),
-        round: h.round.0,
-        payload_hash: h.payload_hash.to_hex(),
-        payload_bytes: h.payload_len,
-        num_examples: h.num_examples,
-        nonce: hex::encode(h.nonce.0),
-        base_model: h.base_model.to_hex(),
-        encoding: h.encoding.name(),
-        feature_stats: h.feature_stats.is_some(),
-    })?;
+    ctx.record(task::update_sent(&envelope))?;
     if session.protocol_version >= RESUME_VERSION {
         ctx.transfers(|t| {
             t.keep_upload(KeptUpload {
@@ -1653,19 +1553,6 @@ async fn send_and_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clipping_scales_to_the_norm() {
-        let mut v = vec![3.0f32, 4.0];
-        assert!((l2_norm(&v) - 5.0).abs() < 1e-12);
-        assert!(!clip_l2(&mut v, 10.0));
-        assert_eq!(v, vec![3.0, 4.0]);
-        assert!(clip_l2(&mut v, 1.0));
-        assert!((l2_norm(&v) - 1.0).abs() < 1e-6);
-        assert!((v[0] - 0.6).abs() < 1e-6);
-        let mut zero = vec![0.0f32; 3];
-        assert!(!clip_l2(&mut zero, 1.0));
-    }
 
     #[test]
     fn exit_codes() {

@@ -23,6 +23,11 @@
 //!    the work in progress).
 //!
 //! Time passed in must never go backwards.
+//!
+//! The work on an accepted round (train → delta → clip/noise → audit
+//! record → signed envelope) is in [`task`], also without IO.
+
+pub mod task;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -34,9 +34,15 @@
 //!   [`TrainConfig::augment_stream`] and the epoch; the initial weights come
 //!   from the global model; no dropout. On the CPU (`flex`) backend the same inputs give the same
 //!   weights, bit for bit (tested).
+//! * **The [`Trainer`] trait** ([`trainer`]) is how the rest of the agent
+//!   reaches this module: [`BurnTrainer`] holds the resolved device and
+//!   calls [`evaluate`] and [`train_local`].
 
 pub mod augment;
 pub mod model;
+pub mod trainer;
+
+pub use trainer::{BurnTrainer, Trainer};
 
 use std::time::{Duration, Instant};
 

@@ -108,6 +108,37 @@ fn training_is_deterministic_on_cpu() {
 }
 
 #[test]
+fn burn_trainer_gives_the_models_and_metrics_of_the_functions() {
+    let data = blobs(48, 4);
+    let validation = blobs(16, 5);
+    let arch = ArchSpec::Mlp {
+        inputs: 4,
+        hidden: vec![8],
+        classes: 2,
+    };
+    let global = arch.init(6).unwrap();
+    let device = Device::flex();
+    let trainer = BurnTrainer::new(device.clone());
+    let cfg = TrainConfig::new()
+        .with_epochs(2)
+        .with_batch_size(8)
+        .with_learning_rate(0.05)
+        .with_seed(11);
+    let (direct, direct_report) = train_local(&arch, &global, &data, &cfg, &device).unwrap();
+    let (via, via_report) = Trainer::train_local(&trainer, &arch, &global, &data, &cfg).unwrap();
+    assert_ne!(direct.hash(), global.hash());
+    assert_eq!(via.spec(), direct.spec());
+    let bits = |m: &FlatModel| m.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&via), bits(&direct), "bit-identical weights");
+    assert_eq!(via_report.epoch_loss, direct_report.epoch_loss);
+    assert_eq!(via_report.steps, direct_report.steps);
+    assert_eq!(via_report.samples, direct_report.samples);
+    let direct_eval = evaluate(&arch, &direct, &validation, &device).unwrap();
+    let via_eval = Trainer::evaluate(&trainer, &arch, &direct, &validation).unwrap();
+    assert_eq!(via_eval, direct_eval);
+}
+
+#[test]
 fn adamw_decay_shrinks_each_parameter_by_lr_times_decay() {
     // One full-batch step: AdamW(λ) takes the same Adam step as AdamW(0)
     // from a parameter first scaled by 1 − lr·λ, so the two results differ
