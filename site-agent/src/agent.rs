@@ -1,7 +1,7 @@
 //! The agent's driver: connects out to the coordinator, keeps the session
 //! alive, and runs accepted rounds. All decisions are made by
 //! [`SiteCore`], and a round's work (train behind the
-//! [`Trainer`](crate::train::Trainer) trait, delta, clipping, noise, audit
+//! [`Trainer`] trait, delta, clipping, noise, audit
 //! records, signed envelope) by [`crate::sitecore::task`]; this module only
 //! moves bytes, runs timers, runs the work on the blocking pool and appends
 //! the audit records it is handed before acting.

@@ -425,6 +425,59 @@ mod tests {
     use crate::policy::tests::offer;
     use fedlink_protocol::{Cancel, FeatureScaling};
 
+    /// The agent's core stays sans-IO: no code in its files names the async
+    /// runtime, the transport, the filesystem, the clock, an OS random
+    /// source or burn (training is reached through `train::Trainer`).
+    #[test]
+    fn the_core_names_no_runtime_no_socket_no_file_no_clock_and_no_burn() {
+        const SOURCES: &[(&str, &str)] = &[
+            ("sitecore.rs", include_str!("sitecore.rs")),
+            ("sitecore/task.rs", include_str!("sitecore/task.rs")),
+        ];
+        // Built from pieces, so that this list does not trip itself.
+        let banned = [
+            ["tok", "io"].concat(),
+            ["qui", "nn"].concat(),
+            ["std", "::fs"].concat(),
+            ["std", "::net"].concat(),
+            ["std", "::thread"].concat(),
+            ["Instant", "::now"].concat(),
+            ["SystemTime", "::now"].concat(),
+            ["fedlink_", "transport"].concat(),
+            ["Os", "Rng"].concat(),
+            ["from_os", "_rng"].concat(),
+            ["bu", "rn::"].concat(),
+        ];
+        // Code only, up to its unit tests.
+        for (file, text) in SOURCES {
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            assert!(code.lines().count() > 100, "{file} read");
+            for (n, line) in code.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                for word in &banned {
+                    assert!(
+                        !line.contains(word.as_str()),
+                        "{file}:{} names {word}",
+                        n + 1
+                    );
+                }
+            }
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/sitecore");
+        let mut on_disk: Vec<String> = std::path::Path::new(dir)
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".rs"))
+            .collect();
+        on_disk.sort();
+        assert_eq!(on_disk, ["task.rs"], "every file of the core is checked");
+    }
+
     #[test]
     fn the_offered_class_weight_reaches_the_trainer() {
         let mut t = TrainingConfig {
