@@ -102,15 +102,13 @@ use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
-use crate::sitecore::task;
+use crate::sitecore::task::{self, reject_code, truncate};
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
 use crate::train::{BurnTrainer, TrainError, Trainer};
 use fedlink_aggregation::dp::NoiseRng;
 
 pub use crate::sitecore::task::{clip_l2, l2_norm};
 
-/// Longest free text from the coordinator that is logged.
-const MAX_LOGGED_TEXT: usize = 512;
 /// How long a shutdown waits for the goodbye to reach the coordinator.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -215,17 +213,6 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn truncate(s: &str) -> String {
-    if s.len() <= MAX_LOGGED_TEXT {
-        return s.to_owned();
-    }
-    let mut end = MAX_LOGGED_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// Writes the audit log and mirrors each entry to an optional observer.
@@ -1267,35 +1254,9 @@ fn upload_answered(
     result: &UploadResult,
 ) -> Result<(), TaskError> {
     ctx.transfers(|t| t.upload_answered(envelope));
-    let h = &envelope.header;
-    let (outcome, accepted, reason) = match result {
-        UploadResult::Ack {
-            payload_hash,
-            accepted,
-        } => {
-            if *payload_hash != h.payload_hash {
-                return Err(TaskError::Protocol(format!(
-                    "acknowledged payload {payload_hash}, sent {}",
-                    h.payload_hash
-                )));
-            }
-            ("ack", *accepted, None)
-        }
-        UploadResult::Reject { code, message } => (
-            "reject",
-            false,
-            Some(format!("{}: {}", reject_code(*code), truncate(message))),
-        ),
-    };
-    ctx.record(SiteEvent::UpdateResult {
-        job: h.job_id.to_string(),
-        round: h.round.0,
-        payload_hash: h.payload_hash.to_hex(),
-        nonce: hex::encode(h.nonce.0),
-        outcome: outcome.to_owned(),
-        accepted,
-        reason,
-    })?;
+    let answered = task::upload_answered(envelope, result)
+        .map_err(|wrong| TaskError::Protocol(wrong.to_string()))?;
+    ctx.record(answered)?;
     Ok(())
 }
 
@@ -1385,10 +1346,6 @@ async fn resend_signed_again(
     }));
     let (_, result) = send_and_answer(send, recv, Some(opening), &kept.records).await?;
     upload_answered(ctx, &envelope, &result)
-}
-
-fn reject_code(code: RejectCode) -> String {
-    format!("{code:?}")
 }
 
 /// The global model from the cache, or fetched from the coordinator (then
@@ -1562,13 +1519,5 @@ mod tests {
             3
         );
         assert_eq!(AgentError::Internal("x".into()).exit_code(), 1);
-    }
-
-    #[test]
-    fn long_coordinator_text_is_truncated_on_a_char_boundary() {
-        let s = "é".repeat(600);
-        let t = truncate(&s);
-        assert!(t.len() <= MAX_LOGGED_TEXT + '…'.len_utf8());
-        assert!(t.ends_with('…'));
     }
 }

@@ -16,6 +16,10 @@
 //!    [`SiteEvent::UpdateSent`] record, appended before the first byte of
 //!    the upload is sent.
 //!
+//! The coordinator's answer to the upload becomes the
+//! [`SiteEvent::UpdateResult`] record through [`upload_answered`], which
+//! also refuses an acknowledgement of another payload.
+//!
 //! Nothing here reads the clock, draws randomness of its own, or touches a
 //! socket or file; the functions are tested with a deterministic
 //! [`Trainer`] and no burn.
@@ -35,8 +39,8 @@ use fedlink_aggregation::AggregationError;
 use fedlink_aggregation::dp::NoiseRng;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{
-    FeatureStats, FlatModel, ModelError, PayloadSummary, PrivacyRequirements, SignedEnvelope,
-    TaskOffer, UpdateHeader, UpdateNonce, sign_update,
+    FeatureStats, FlatModel, ModelError, PayloadHash, PayloadSummary, PrivacyRequirements,
+    RejectCode, SignedEnvelope, TaskOffer, UpdateHeader, UpdateNonce, UploadResult, sign_update,
 };
 
 use super::Session;
@@ -286,6 +290,75 @@ pub fn update_sent(envelope: &SignedEnvelope) -> SiteEvent {
         encoding: h.encoding.name(),
         feature_stats: h.feature_stats.is_some(),
     }
+}
+
+/// Longest free text from the coordinator that is logged.
+pub const MAX_LOGGED_TEXT: usize = 512;
+
+/// `s` cut to [`MAX_LOGGED_TEXT`] bytes on a char boundary, `…` appended
+/// when cut.
+pub fn truncate(s: &str) -> String {
+    if s.len() <= MAX_LOGGED_TEXT {
+        return s.to_owned();
+    }
+    let mut end = MAX_LOGGED_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A rejection code as logged.
+pub fn reject_code(code: RejectCode) -> String {
+    format!("{code:?}")
+}
+
+/// The coordinator acknowledged a payload other than the one sent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("acknowledged payload {acknowledged}, sent {sent}")]
+pub struct WrongAck {
+    /// The payload hash in the acknowledgement.
+    pub acknowledged: PayloadHash,
+    /// The payload hash of the signed header sent.
+    pub sent: PayloadHash,
+}
+
+/// The [`SiteEvent::UpdateResult`] record of the coordinator's answer to
+/// the upload of `envelope`; an acknowledgement of another payload is a
+/// [`WrongAck`] (nothing is recorded).
+pub fn upload_answered(
+    envelope: &SignedEnvelope,
+    result: &UploadResult,
+) -> Result<SiteEvent, WrongAck> {
+    let h = &envelope.header;
+    let (outcome, accepted, reason) = match result {
+        UploadResult::Ack {
+            payload_hash,
+            accepted,
+        } => {
+            if *payload_hash != h.payload_hash {
+                return Err(WrongAck {
+                    acknowledged: *payload_hash,
+                    sent: h.payload_hash,
+                });
+            }
+            ("ack", *accepted, None)
+        }
+        UploadResult::Reject { code, message } => (
+            "reject",
+            false,
+            Some(format!("{}: {}", reject_code(*code), truncate(message))),
+        ),
+    };
+    Ok(SiteEvent::UpdateResult {
+        job: h.job_id.to_string(),
+        round: h.round.0,
+        payload_hash: h.payload_hash.to_hex(),
+        nonce: hex::encode(h.nonce.0),
+        outcome: outcome.to_owned(),
+        accepted,
+        reason,
+    })
 }
 
 #[cfg(test)]

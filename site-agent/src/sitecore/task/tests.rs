@@ -435,3 +435,82 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     assert_eq!(encoding, h.encoding.name());
     assert!(!feature_stats);
 }
+
+#[test]
+fn the_coordinator_answer_is_recorded_and_a_wrong_ack_refused() {
+    let (global, t) = trained(7);
+    let o = offer();
+    let u = make_update(&o.privacy, &global, &t.local, never()).unwrap();
+    let (_, summary) = encode_payload(&u.delta, o.encoding, 1).unwrap();
+    let claims = Claims {
+        num_examples: 20,
+        metrics: None,
+        feature_stats: None,
+        nonce: UpdateNonce([6; 16]),
+    };
+    let envelope = seal_update(
+        &session(),
+        &o,
+        &summary,
+        claims,
+        &SigningKey::from_bytes(&[4; 32]),
+    )
+    .envelope;
+    let expected = |outcome: &str, accepted, reason: Option<&str>| SiteEvent::UpdateResult {
+        job: "job".into(),
+        round: 1,
+        payload_hash: summary.payload_hash.to_hex(),
+        nonce: hex::encode([6u8; 16]),
+        outcome: outcome.into(),
+        accepted,
+        reason: reason.map(str::to_owned),
+    };
+    for accepted in [true, false] {
+        let ack = UploadResult::Ack {
+            payload_hash: summary.payload_hash,
+            accepted,
+        };
+        assert_eq!(
+            upload_answered(&envelope, &ack).unwrap(),
+            expected("ack", accepted, None)
+        );
+    }
+    let reject = UploadResult::Reject {
+        code: RejectCode::Malformed,
+        message: "bad chunk".into(),
+    };
+    assert_eq!(
+        upload_answered(&envelope, &reject).unwrap(),
+        expected("reject", false, Some("Malformed: bad chunk"))
+    );
+    let other = PayloadHash([0xee; 32]);
+    let wrong = UploadResult::Ack {
+        payload_hash: other,
+        accepted: true,
+    };
+    let err = upload_answered(&envelope, &wrong).unwrap_err();
+    assert_eq!(
+        err,
+        WrongAck {
+            acknowledged: other,
+            sent: summary.payload_hash
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "acknowledged payload {other}, sent {}",
+            summary.payload_hash
+        )
+    );
+}
+
+#[test]
+fn long_coordinator_text_is_truncated_on_a_char_boundary() {
+    let s = "é".repeat(600);
+    let t = truncate(&s);
+    assert!(t.len() <= MAX_LOGGED_TEXT + '…'.len_utf8());
+    assert!(t.ends_with('…'));
+    assert!(t.trim_end_matches('…').chars().all(|c| c == 'é'));
+    assert_eq!(truncate("short"), "short");
+}
