@@ -514,3 +514,65 @@ fn long_coordinator_text_is_truncated_on_a_char_boundary() {
     assert!(t.trim_end_matches('…').chars().all(|c| c == 'é'));
     assert_eq!(truncate("short"), "short");
 }
+
+#[test]
+fn a_sealed_update_passes_the_coordinators_verification() {
+    use std::collections::HashMap;
+
+    use fedlink_protocol::{ExpectedUpdate, ReplayGuard, max_payload_len, verify_update};
+
+    let (global, t) = trained(8);
+    let mut o = offer();
+    o.arch = arch();
+    o.base_model = global.hash();
+    o.privacy = privacy(Some(0.02), None);
+    let u = make_update(&o.privacy, &global, &t.local, never()).unwrap();
+    let (records, summary) = encode_payload(&u.delta, o.encoding, 3).unwrap();
+    let key = SigningKey::from_bytes(&[8; 32]);
+    let claims = Claims {
+        num_examples: t.report.samples as u64,
+        metrics: t.global_eval.as_ref().map(eval_to_protocol),
+        feature_stats: None,
+        nonce: UpdateNonce([1; 16]),
+    };
+    let sealed = seal_update(&session(), &o, &summary, claims, &key);
+
+    let keys = HashMap::from([(session().site_id, key.verifying_key())]);
+    let expected = ExpectedUpdate {
+        federation_id: o.federation_id.clone(),
+        job_id: o.job_id.clone(),
+        round: o.round,
+        base_model: o.base_model,
+        encoding: Some(o.encoding),
+        max_payload_len: max_payload_len(u.delta.spec(), &o.encoding),
+    };
+    let mut verifier = verify_update(
+        &sealed.envelope,
+        &session().site_id,
+        &keys,
+        &expected,
+        &mut ReplayGuard::new(),
+    )
+    .unwrap();
+    for r in &records {
+        verifier.update(r).unwrap();
+    }
+    let verified = verifier.finish().unwrap();
+    assert_eq!(verified.header(), &sealed.envelope.header);
+
+    // Another site's key does not verify it.
+    let other = HashMap::from([(
+        session().site_id,
+        SigningKey::from_bytes(&[9; 32]).verifying_key(),
+    )]);
+    assert!(
+        verify_update(
+            &sealed.envelope,
+            &session().site_id,
+            &other,
+            &expected,
+            &mut ReplayGuard::new(),
+        )
+        .is_err()
+    );
+}
