@@ -82,11 +82,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
-    EncodeError, EvalReport, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom,
-    ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION, RejectCode,
-    SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange,
-    Welcome, encode_payload, sign_eval_report, sign_update, supports_audit_head,
-    supports_federated_eval, supports_round_outcome,
+    EncodeError, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom, ModelHash,
+    ModelSpec, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope,
+    SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange, Welcome,
+    encode_payload, sign_update, supports_audit_head, supports_federated_eval,
+    supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -1102,35 +1102,14 @@ async fn evaluate_request(
     })
     .await
     .map_err(|e| TaskError::Internal(format!("evaluation task: {e}")))??;
-    let metrics = metrics
-        .as_ref()
-        .map(task::eval_to_protocol)
-        .unwrap_or_default();
     let key = ctx
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
+    let sealed = task::seal_eval_report(session, req, metrics.as_ref(), key);
     // On disk before the report leaves.
-    ctx.record(SiteEvent::EvalReported {
-        job: req.job_id.to_string(),
-        round: req.round.0,
-        model: req.model.to_hex(),
-        num_eval_examples: metrics.num_eval_examples,
-        loss: metrics.loss,
-        accuracy: metrics.accuracy,
-        auc: metrics.auc,
-        dice: metrics.dice,
-    })?;
-    let report = EvalReport {
-        protocol_version: session.protocol_version,
-        federation_id: session.federation_id.clone(),
-        site_id: session.site_id.clone(),
-        job_id: req.job_id.clone(),
-        round: req.round,
-        model: req.model,
-        metrics,
-    };
-    Ok(Box::new(sign_eval_report(key, report)))
+    ctx.record(sealed.reported)?;
+    Ok(Box::new(sealed.report))
 }
 
 async fn run_task(

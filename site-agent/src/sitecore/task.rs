@@ -16,6 +16,10 @@
 //!    [`SiteEvent::UpdateSent`] record, appended before the first byte of
 //!    the upload is sent.
 //!
+//! An evaluation request's answer is sealed the same way:
+//! [`seal_eval_report`] gives the signed report and its
+//! [`SiteEvent::EvalReported`] record.
+//!
 //! The coordinator's answer to the upload becomes the
 //! [`SiteEvent::UpdateResult`] record through [`upload_answered`], which
 //! also refuses an acknowledgement of another payload.
@@ -39,8 +43,9 @@ use fedlink_aggregation::AggregationError;
 use fedlink_aggregation::dp::NoiseRng;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::{
-    FeatureStats, FlatModel, ModelError, PayloadHash, PayloadSummary, PrivacyRequirements,
-    RejectCode, SignedEnvelope, TaskOffer, UpdateHeader, UpdateNonce, UploadResult, sign_update,
+    EvalReport, EvalRequest, FeatureStats, FlatModel, ModelError, PayloadHash, PayloadSummary,
+    PrivacyRequirements, RejectCode, SignedEnvelope, SignedEvalReport, TaskOffer, UpdateHeader,
+    UpdateNonce, UploadResult, sign_eval_report, sign_update,
 };
 
 use super::Session;
@@ -290,6 +295,53 @@ pub fn update_sent(envelope: &SignedEnvelope) -> SiteEvent {
         encoding: h.encoding.name(),
         feature_stats: h.feature_stats.is_some(),
     }
+}
+
+/// A signed evaluation report and the audit record to append before it
+/// leaves.
+#[derive(Clone, Debug)]
+pub struct SealedReport {
+    /// The signed report.
+    pub report: SignedEvalReport,
+    /// [`SiteEvent::EvalReported`] for `report`.
+    pub reported: SiteEvent,
+}
+
+/// Sign the answer to `req`: the metrics of the requested model on the
+/// site's validation samples (`None`: the site has none, reported as 0
+/// examples), and build its [`SiteEvent::EvalReported`] record from the
+/// report itself.
+pub fn seal_eval_report(
+    session: &Session,
+    req: &EvalRequest,
+    metrics: Option<&EvalMetrics>,
+    key: &SigningKey,
+) -> SealedReport {
+    let metrics = metrics.map(eval_to_protocol).unwrap_or_default();
+    let report = sign_eval_report(
+        key,
+        EvalReport {
+            protocol_version: session.protocol_version,
+            federation_id: session.federation_id.clone(),
+            site_id: session.site_id.clone(),
+            job_id: req.job_id.clone(),
+            round: req.round,
+            model: req.model,
+            metrics,
+        },
+    );
+    let r = &report.report;
+    let reported = SiteEvent::EvalReported {
+        job: r.job_id.to_string(),
+        round: r.round.0,
+        model: r.model.to_hex(),
+        num_eval_examples: r.metrics.num_eval_examples,
+        loss: r.metrics.loss,
+        accuracy: r.metrics.accuracy,
+        auc: r.metrics.auc,
+        dice: r.metrics.dice,
+    };
+    SealedReport { report, reported }
 }
 
 /// Longest free text from the coordinator that is logged.

@@ -576,3 +576,61 @@ fn a_sealed_update_passes_the_coordinators_verification() {
         .is_err()
     );
 }
+
+#[test]
+fn an_evaluation_report_is_signed_and_recorded_as_sent() {
+    use std::collections::HashMap;
+
+    use fedlink_protocol::evaluation::ExpectedEval;
+    use fedlink_protocol::{EvalRequest, verify_eval_report};
+
+    let (global, t) = trained(9);
+    let req = EvalRequest {
+        federation_id: FederationId::new("fed").unwrap(),
+        job_id: fedlink_protocol::JobId::new("job").unwrap(),
+        round: fedlink_protocol::RoundId(4),
+        model: global.hash(),
+        arch: arch(),
+        scaling: None,
+    };
+    let key = SigningKey::from_bytes(&[2; 32]);
+    let keys = HashMap::from([(session().site_id, key.verifying_key())]);
+    let expected = ExpectedEval {
+        federation_id: req.federation_id.clone(),
+        job_id: req.job_id.clone(),
+        round: req.round,
+        model: req.model,
+    };
+    let eval = t.global_eval.unwrap();
+    let sealed = seal_eval_report(&session(), &req, Some(&eval), &key);
+    let m = verify_eval_report(&sealed.report, &session().site_id, &keys, &expected).unwrap();
+    assert_eq!(m, &eval_to_protocol(&eval));
+    assert_eq!(m.num_eval_examples, 6);
+    assert_eq!(
+        sealed.reported,
+        SiteEvent::EvalReported {
+            job: "job".into(),
+            round: 4,
+            model: global.hash().to_hex(),
+            num_eval_examples: 6,
+            loss: Some(eval.loss),
+            accuracy: Some(0.75),
+            auc: Some(0.8),
+            dice: None,
+        }
+    );
+
+    // No validation samples: 0 examples, no metrics, still signed.
+    let none = seal_eval_report(&session(), &req, None, &key);
+    let m = verify_eval_report(&none.report, &session().site_id, &keys, &expected).unwrap();
+    assert_eq!(m.num_eval_examples, 0);
+    let SiteEvent::EvalReported {
+        num_eval_examples,
+        loss,
+        ..
+    } = none.reported
+    else {
+        panic!("an EvalReported record expected")
+    };
+    assert_eq!((num_eval_examples, loss), (0, None));
+}
