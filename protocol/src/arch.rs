@@ -59,10 +59,11 @@ pub const MAX_UNET_DEPTH: u32 = 6;
 /// Depth of a U-Net whose spec does not say (the original fixed 2-level
 /// U-Net; its binary encoding is unchanged).
 pub const DEFAULT_UNET_DEPTH: u32 = 2;
-/// Most parameters a built-in architecture may have: 2^27 (512 MiB of f32).
-/// Far above anything these small models need, far below what would let a
-/// hostile job description exhaust memory.
-pub const MAX_ARCH_PARAMS: u64 = 1 << 27;
+/// Most parameters a built-in architecture may have: 2^28 (1 GiB of f32,
+/// the size of a large vision transformer). It bounds every allocation a
+/// job description can cause; each site also has its own, lower limit
+/// (the agent's `max_model_params`, 2^26 by default).
+pub const MAX_ARCH_PARAMS: u64 = 1 << 28;
 
 /// Channels of the two convolution stages of [`ArchSpec::Cnn`].
 pub const CNN_CHANNELS: [u32; 2] = [16, 32];

@@ -56,7 +56,7 @@ fn default_max_epochs() -> u32 {
 }
 
 /// Default [`Policy::max_model_params`]: 2^26 parameters (256 MiB as f32),
-/// half the protocol's ceiling (`MAX_ARCH_PARAMS`). The agent holds a
+/// a quarter of the protocol's ceiling (`MAX_ARCH_PARAMS`). The agent holds a
 /// downloaded model about three times over (the compressed records for the
 /// cache, the decoded values, the training copy) plus the optimizer state,
 /// so this keeps a round well under a few GiB of memory; a site that means

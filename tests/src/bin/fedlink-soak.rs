@@ -184,10 +184,9 @@ fn start(bin: &Path, cfg: &Path, log: &Path) -> anyhow::Result<Child> {
     Command::new(bin)
         .args(["serve", "--config"])
         .arg(cfg)
+        // As the shipped systemd unit runs it (deploy/systemd): no malloc
+        // variables, the binary's jemalloc is built with its options.
         .env("FEDLINK_LOG", "warn")
-        // As the shipped systemd unit runs it (deploy/systemd).
-        .env("MALLOC_ARENA_MAX", "2")
-        .env("MALLOC_MMAP_THRESHOLD_", "131072")
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .spawn()
