@@ -31,7 +31,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
 use fedlink_certs::{ALPN_SITE, Kit};
-use fedlink_coordinator::job::Job;
+use fedlink_coordinator::job::{
+    CodecKind, InitSource, Job, LocalOptimizer, RoundPolicy, Selection, StrategySection,
+};
+use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
 use fedlink_protocol::message::{
     Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, RejectCode,
@@ -446,58 +449,56 @@ fn free_udp_port() -> anyhow::Result<u16> {
     Ok(s.local_addr()?.port())
 }
 
-fn job_toml(args: &Args) -> anyhow::Result<String> {
-    let encoding = match args.codec.as_str() {
-        "f32" | "f16" | "bf16" | "int8" => format!("codec = \"{}\"", args.codec),
-        "topk" => format!("codec = \"topk\"\ntopk_fraction = {}", args.topk_fraction),
+/// The loadgen's job: FedAVG over every site each round, one local epoch,
+/// no evaluation (the simulated sites do not evaluate), the codec and chunk
+/// size asked for.
+fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
+    let sites = u32::try_from(args.sites).context("--sites")?;
+    let mut job = Job::new(
+        "loadgen",
+        args.rounds,
+        ArchSpec::LogReg {
+            inputs: args.inputs,
+            classes: args.classes,
+        },
+        InitSource::Seed(11),
+        StrategySection::named("fedavg"),
+        RoundPolicy {
+            quorum: sites,
+            extension_secs: 0,
+            max_attempts: 1,
+            ..RoundPolicy::with_deadline(3600)
+        },
+    );
+    job.seed = 3;
+    job.selection = Selection {
+        fraction: 1.0,
+        min_sites: Some(sites),
+        max_sites: Some(sites),
+        gather_secs: 0,
+        allow: None,
+    };
+    job.training.epochs = 1;
+    job.training.batch_size = 8;
+    job.training.optimizer = LocalOptimizer::Sgd;
+    job.training.learning_rate = 0.1;
+    job.evaluation.every_rounds = 0;
+    let e = &mut job.encoding;
+    (e.codec, e.topk_fraction) = match args.codec.as_str() {
+        "f32" => (CodecKind::F32, None),
+        "f16" => (CodecKind::F16, None),
+        "bf16" => (CodecKind::Bf16, None),
+        "int8" => (CodecKind::Int8, None),
+        "topk" => (CodecKind::Topk, Some(args.topk_fraction)),
         other => bail!("unknown codec {other:?}: f32 | f16 | bf16 | int8 | topk"),
     };
-    let chunk = args
-        .chunk_kib
-        .map(|k| format!("chunk_bytes = {}\n", u64::from(k) * 1024))
-        .unwrap_or_default();
-    Ok(format!(
-        r#"id = "loadgen"
-rounds = {rounds}
-seed = 3
-arch = {{ kind = "logreg", inputs = {inputs}, classes = {classes} }}
-init = {{ seed = 11 }}
-
-[strategy]
-name = "fedavg"
-
-[selection]
-fraction = 1.0
-min_sites = {sites}
-max_sites = {sites}
-gather_secs = 0
-
-[round]
-deadline_secs = 3600
-quorum = {sites}
-extension_secs = 0
-max_attempts = 1
-
-[training]
-epochs = 1
-batch_size = 8
-optimizer = "sgd"
-learning_rate = 0.1
-
-# The simulated sites do not evaluate: no model evaluation is asked of them.
-[evaluation]
-every_rounds = 0
-
-[encoding]
-{encoding}
-shuffle = true
-zstd_level = 1
-{chunk}"#,
-        rounds = args.rounds,
-        inputs = args.inputs,
-        classes = args.classes,
-        sites = args.sites,
-    ))
+    e.shuffle = true;
+    e.zstd_level = 1;
+    if let Some(k) = args.chunk_kib {
+        e.chunk_bytes = k.checked_mul(1024).context("--chunk-kib too large")?;
+    }
+    job.validate().map_err(|e| anyhow::anyhow!("job: {e}"))?;
+    Ok(job)
 }
 
 /// `VmRSS` and `VmHWM` of a process, kB.
@@ -723,7 +724,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .prefix("fedlink-loadgen-")
         .tempdir()?;
     let job_path = work.path().join("job.toml");
-    std::fs::write(&job_path, job_toml(&args)?)?;
+    let job_text = loadgen_job(&args)?.to_toml()?;
+    std::fs::write(&job_path, job_text)?;
     let job = Job::from_file(&job_path).map_err(|e| anyhow::anyhow!("job: {e}"))?;
     let spec = job.arch.spec().map_err(|e| anyhow::anyhow!("arch: {e}"))?;
     let encoding = job
@@ -1145,4 +1147,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("  (work directory kept: {})", kept.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The job written to the coordinator reads back (with the
+    /// coordinator's own parser) as the job built, with what the flags set.
+    #[test]
+    fn the_job_file_is_the_job_the_flags_describe() {
+        for (codec, chunk) in [("f16", None), ("f32", Some(256)), ("topk", None)] {
+            let mut args = Args::parse_from(["fedlink-loadgen", "--sites", "5", "--rounds", "2"]);
+            args.codec = codec.to_owned();
+            args.chunk_kib = chunk;
+            let job = loadgen_job(&args).unwrap();
+            let back = Job::from_toml(&job.to_toml().unwrap()).unwrap();
+            assert_eq!(back, job, "{codec}");
+            assert_eq!(back.rounds, 2);
+            assert_eq!(back.selection.min_sites, Some(5));
+            assert_eq!(back.round.quorum, 5);
+            assert_eq!(back.evaluation.every_rounds, 0);
+            assert_eq!(
+                back.encoding.topk_fraction.is_some(),
+                codec == "topk",
+                "{codec}"
+            );
+            if let Some(k) = chunk {
+                assert_eq!(back.encoding.chunk_bytes, k * 1024);
+            }
+        }
+        let mut args = Args::parse_from(["fedlink-loadgen"]);
+        args.codec = "zip".to_owned();
+        assert!(loadgen_job(&args).unwrap_err().to_string().contains("zip"));
+    }
 }
