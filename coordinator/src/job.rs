@@ -335,6 +335,19 @@ pub struct Selection {
     pub allow: Option<Vec<String>>,
 }
 
+impl Selection {
+    /// Every round takes exactly `n` sites (all of them), the first one
+    /// waiting at most `gather_secs` for them once they are connected.
+    pub fn exactly(n: u32, gather_secs: u64) -> Self {
+        Self {
+            min_sites: Some(n),
+            max_sites: Some(n),
+            gather_secs,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Selection {
     fn default() -> Self {
         Self {
@@ -550,6 +563,20 @@ impl TrainingConfig {
                 epsilon: 1e-8,
                 weight_decay: self.weight_decay.unwrap_or(0.0),
             },
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Plain SGD at `learning_rate`, `epochs` local epochs of batches of
+    /// `batch_size`, and the file's defaults otherwise.
+    pub fn sgd(epochs: u32, batch_size: u32, learning_rate: f64) -> Self {
+        Self {
+            epochs,
+            batch_size,
+            optimizer: LocalOptimizer::Sgd,
+            learning_rate,
+            ..Self::default()
         }
     }
 }

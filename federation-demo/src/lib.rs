@@ -509,13 +509,7 @@ fn demo_job(task: &Task, arch: &ArchSpec) -> anyhow::Result<Job> {
     );
     job.name = Some(task.title.to_owned());
     job.seed = 7;
-    job.selection = Selection {
-        fraction: 1.0,
-        min_sites: Some(n),
-        max_sites: Some(n),
-        gather_secs: 1,
-        allow: None,
-    };
+    job.selection = Selection::exactly(n, 1);
     let t = &mut job.training;
     // the chosen federated epochs and learning rate, when the settings
     // were chosen

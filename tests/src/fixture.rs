@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fedlink_coordinator::config::CoordinatorConfig;
 use fedlink_coordinator::job::{
-    CodecKind, InitSource, Job, LocalOptimizer, Privacy, RoundPolicy, Selection, StrategySection,
+    CodecKind, InitSource, Job, Privacy, RoundPolicy, Selection, StrategySection, TrainingConfig,
 };
 use fedlink_coordinator::server::{ServeError, ServeOptions, ServeOutcome, Status, serve};
 use fedlink_protocol::arch::ArchSpec;
@@ -85,17 +85,8 @@ impl JobSpec {
             },
         );
         job.seed = 3;
-        job.selection = Selection {
-            fraction: 1.0,
-            min_sites: Some(self.sites),
-            max_sites: Some(self.sites),
-            gather_secs: 0,
-            allow: None,
-        };
-        job.training.epochs = 1;
-        job.training.batch_size = 8;
-        job.training.optimizer = LocalOptimizer::Sgd;
-        job.training.learning_rate = 0.1;
+        job.selection = Selection::exactly(self.sites, 0);
+        job.training = TrainingConfig::sgd(1, 8, 0.1);
         job.encoding.codec = self.codec;
         job.encoding.shuffle = true;
         job.encoding.zstd_level = 1;
@@ -343,7 +334,7 @@ encodings = ["f32"]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use fedlink_coordinator::job::DeltaEncoding;
+    use fedlink_coordinator::job::{DeltaEncoding, LocalOptimizer};
 
     /// The job file the fixture writes is read by the coordinator's own
     /// parser (from disk, as `serve` does) with every knob set in it.

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use clap::Parser;
 use fedlink_certs::{ALPN_SITE, Kit};
 use fedlink_coordinator::job::{
-    CodecKind, InitSource, Job, LocalOptimizer, RoundPolicy, Selection, StrategySection,
+    CodecKind, InitSource, Job, RoundPolicy, Selection, StrategySection, TrainingConfig,
 };
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
@@ -471,17 +471,8 @@ fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
         },
     );
     job.seed = 3;
-    job.selection = Selection {
-        fraction: 1.0,
-        min_sites: Some(sites),
-        max_sites: Some(sites),
-        gather_secs: 0,
-        allow: None,
-    };
-    job.training.epochs = 1;
-    job.training.batch_size = 8;
-    job.training.optimizer = LocalOptimizer::Sgd;
-    job.training.learning_rate = 0.1;
+    job.selection = Selection::exactly(sites, 0);
+    job.training = TrainingConfig::sgd(1, 8, 0.1);
     job.evaluation.every_rounds = 0;
     let e = &mut job.encoding;
     (e.codec, e.topk_fraction) = match args.codec.as_str() {
