@@ -34,6 +34,15 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Diagnostics on stderr only when asked for (`FEDLINK_LOG` or
+    // `RUST_LOG`, e.g. `FEDLINK_LOG=debug`): stdout stays the command's.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Certs(args) => cli::certs::run(args),
         Command::Aggregate(args) => cli::aggregate::run(args),

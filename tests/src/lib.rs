@@ -53,6 +53,61 @@ pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> anyhow::Res
         .with_context(|| format!("{what}: no result within {STEP_TIMEOUT:?}"))
 }
 
+/// Run `cmd` to its end (stdin empty, stdout and stderr captured) within
+/// `limit`. A process still running at `limit` is killed, and the error
+/// carries what it had printed by then (a hung command is a failure that
+/// explains itself, and leaves no process behind).
+pub async fn run_bounded(
+    cmd: &mut tokio::process::Command,
+    limit: Duration,
+) -> anyhow::Result<std::process::Output> {
+    use tokio::io::AsyncReadExt;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the command")?;
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut out).await;
+            }
+            out
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = tokio::time::timeout(limit, child.wait()).await;
+    let hung = status.is_err();
+    let status = match status {
+        Ok(s) => s.context("waiting for the command")?,
+        Err(_) => {
+            let _ = child.start_kill();
+            child
+                .wait()
+                .await
+                .context("waiting for the killed command")?
+        }
+    };
+    let stdout = stdout.await.unwrap_or_default();
+    let stderr = stderr.await.unwrap_or_default();
+    if hung {
+        anyhow::bail!(
+            "still running after {limit:?}, killed; it had printed:\n--- stdout\n{}\n--- stderr\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    }
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// Why reading or writing a framed message failed.
 #[derive(Debug)]
 pub enum StreamFailure {

@@ -40,17 +40,27 @@ impl Out {
 
 /// Run `fedlink ARGS --kit ADMIN --coordinator ADDR`.
 async fn fedlink(kit: &Path, addr: SocketAddr, args: &[&str]) -> Out {
-    let out = tokio::process::Command::new(workspace_binary("fedlink").unwrap())
+    fedlink_env(kit, addr, args, &[]).await
+}
+
+/// [`fedlink`] with the CLI's connection diagnostics on stderr (shown
+/// when the command fails, or hangs and is killed).
+async fn fedlink_traced(kit: &Path, addr: SocketAddr, args: &[&str]) -> Out {
+    let log = ("FEDLINK_LOG", "fedlink_cli=debug,fedlink_transport=debug");
+    fedlink_env(kit, addr, args, &[log]).await
+}
+
+async fn fedlink_env(kit: &Path, addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut cmd = tokio::process::Command::new(workspace_binary("fedlink").unwrap());
+    cmd.envs(env.iter().copied())
         .args(args)
         .arg("--kit")
         .arg(kit)
         .arg("--coordinator")
-        .arg(addr.to_string())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .arg(addr.to_string());
+    let out = fedlink_tests::run_bounded(&mut cmd, Duration::from_secs(60))
         .await
-        .expect("fedlink did not finish")
-        .unwrap();
+        .unwrap_or_else(|e| panic!("fedlink {args:?}: {e:#}"));
     Out {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -990,11 +1000,19 @@ async fn admin_connections_audited_and_cut_on_revocation() {
         .await
         .unwrap();
     assert!(reason.to_string().contains("revoked"), "{reason}");
-    // New connections with the revoked certificate are refused.
-    let refused = fedlink(&admin, addr, &["status"]).await;
-    assert_ne!(refused.code, 0, "{}", refused.stdout);
-    let refused = fedlink(&admin, addr, &["status", "--transport", "tcp"]).await;
-    assert_ne!(refused.code, 0, "{}", refused.stdout);
+    // New connections with the revoked certificate are refused: the
+    // coordinator cannot be reached with it (exit code 4), over either
+    // transport.
+    for transport in ["quic", "tcp"] {
+        let refused = fedlink_traced(&admin, addr, &["status", "--transport", transport]).await;
+        assert_eq!(
+            refused.code,
+            i32::from(fedlink_cli::admin::client::EXIT_UNREACHABLE),
+            "{transport}: {}{}",
+            refused.stdout,
+            refused.stderr
+        );
+    }
 
     // A coordinator that has shut down has recorded the end of every
     // connection: the audit log is read once, with no waiting.

@@ -183,11 +183,14 @@ impl TcpConn {
         let (closed_tx, closed_rx) = watch::channel(None);
         let close_asked = Arc::new(Notify::new());
         let asked = close_asked.clone();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(conn = id, %remote, ?mode, "TLS over TCP: connection up");
         tokio::spawn(async move {
             let mut conn = conn;
             let why = match drive(&mut conn, cmd_rx, &asked, in_tx).await {
                 Driven::Ended(why) => why,
                 Driven::CloseAsked => {
+                    tracing::debug!(conn = id, "TLS over TCP: closing");
                     // The streams end now: yamux wakes none of them on a
                     // local close, and the close below may never finish
                     // (a peer that reads nothing).
@@ -195,10 +198,11 @@ impl TcpConn {
                     close(&mut conn).await
                 }
             };
+            tracing::debug!(conn = id, reason = %why, "TLS over TCP: connection ended");
             let _ = closed_tx.send(Some(why));
         });
         Self(Arc::new(Shared {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             remote,
             peer_certs: certs,
             alpn,
@@ -402,6 +406,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<TcpConn, TransportError> {
     let started = std::time::Instant::now();
+    tracing::debug!(%addr, "TLS over TCP: connecting");
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -437,6 +442,7 @@ pub async fn connect_over(
             ))
         })?
         .map_err(|e| TransportError::TcpConnection(format!("TLS over TCP to {addr}: {e}")))?;
+    tracing::debug!(%addr, elapsed = ?started.elapsed(), "TLS over TCP: handshake done");
     let (_, session) = tls.get_ref();
     let certs = session.peer_certificates().map(<[_]>::to_vec);
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);

@@ -87,6 +87,7 @@ impl AdminClient {
             .ok_or_else(|| ClientError::Unreachable(format!("{target} has no address")))?;
         let tls = fedlink_certs::client_tls_config(&kit, ALPN_ADMIN)
             .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+        tracing::debug!(%addr, transport = transport.as_str(), "connecting");
         let dialed = fedlink_transport::dial(
             transport,
             addr,
@@ -98,6 +99,7 @@ impl AdminClient {
         )
         .await
         .map_err(|e| ClientError::Unreachable(format!("{target} ({}): {e}", transport.as_str())))?;
+        tracing::debug!(%addr, "connected");
         Ok(Self {
             conn: dialed.conn,
             endpoint: dialed.endpoint,
@@ -113,12 +115,22 @@ impl AdminClient {
     ) -> Result<(AdminResponse, FramedRecv), ClientError> {
         let body = req.to_json().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(transport)?;
+        tracing::debug!(command = req.command(), "stream open");
         send.chunk(body).await.map_err(transport)?;
         send.finish().map_err(transport)?;
+        tracing::debug!(
+            command = req.command(),
+            "request sent; waiting for the answer"
+        );
         let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv.chunk())
             .await
             .map_err(|_| anyhow::anyhow!("no answer within {ANSWER_TIMEOUT:?}"))?
             .map_err(transport)?;
+        tracing::debug!(
+            command = req.command(),
+            bytes = answer.len(),
+            "answer received"
+        );
         match AdminResponse::from_json(&answer).map_err(|e| anyhow::anyhow!("{e}"))? {
             AdminResponse::Error { code, message } => {
                 Err(ClientError::Coordinator { code, message })
