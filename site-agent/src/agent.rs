@@ -188,8 +188,9 @@ enum TaskError {
     Transport(#[from] TransportError),
     #[error("encoding the delta: {0}")]
     Encode(#[from] EncodeError),
+    /// The coordinator broke the protocol, or refused what was asked.
     #[error("coordinator: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     /// The coordinator named an architecture this agent cannot build
     /// (`which`: "offered" or "requested").
     #[error("coordinator: {which} architecture: {source}")]
@@ -206,6 +207,36 @@ enum TaskError {
     /// The trained model could not be turned into an update.
     #[error("internal: {0}")]
     Update(#[from] task::UpdateError),
+}
+
+/// What the coordinator answered that this site cannot go on with.
+#[derive(Debug, thiserror::Error)]
+enum Violation {
+    /// An evaluation request for another federation.
+    #[error("evaluation request for federation {asked}, this site is in {ours}")]
+    OtherFederation {
+        asked: fedlink_protocol::FederationId,
+        ours: fedlink_protocol::FederationId,
+    },
+    /// An acknowledgement of a payload other than the one sent.
+    #[error(transparent)]
+    WrongAck(#[from] task::WrongAck),
+    /// A message that does not answer the request it followed.
+    #[error("sent {sent} in answer to {request}")]
+    Unexpected {
+        sent: &'static str,
+        request: &'static str,
+    },
+    /// The coordinator refused to serve a model (its reason, made safe).
+    #[error("model {hash} refused: {code}: {message}")]
+    ModelRefused {
+        hash: ModelHash,
+        code: String,
+        message: String,
+    },
+    /// More model frames than the manifest announced.
+    #[error("more model frames than the manifest announced")]
+    ExtraModelFrames,
 }
 
 /// Wall clock, unix milliseconds.
@@ -1076,10 +1107,11 @@ async fn evaluate_request(
     req: &EvalRequest,
 ) -> Result<Box<SignedEvalReport>, TaskError> {
     if req.federation_id != session.federation_id {
-        return Err(TaskError::Protocol(format!(
-            "evaluation request for federation {}, this site is in {}",
-            req.federation_id, session.federation_id
-        )));
+        return Err(Violation::OtherFederation {
+            asked: req.federation_id.clone(),
+            ours: session.federation_id.clone(),
+        }
+        .into());
     }
     let spec = req.arch.spec().map_err(|source| TaskError::Architecture {
         which: "requested",
@@ -1233,8 +1265,7 @@ fn upload_answered(
     result: &UploadResult,
 ) -> Result<(), TaskError> {
     ctx.transfers(|t| t.upload_answered(envelope));
-    let answered = task::upload_answered(envelope, result)
-        .map_err(|wrong| TaskError::Protocol(wrong.to_string()))?;
+    let answered = task::upload_answered(envelope, result).map_err(Violation::WrongAck)?;
     ctx.record(answered)?;
     Ok(())
 }
@@ -1273,10 +1304,11 @@ async fn resume_upload(
         }
         Message::UploadResult(result) => return upload_answered(ctx, &envelope, &result),
         other => {
-            return Err(TaskError::Protocol(format!(
-                "sent {} in answer to ResumeUpload",
-                other.name()
-            )));
+            return Err(Violation::Unexpected {
+                sent: other.name(),
+                request: "ResumeUpload",
+            }
+            .into());
         }
     };
     let rest = kept.remaining(progress).map_err(TaskError::ResumePoint)?;
@@ -1381,17 +1413,19 @@ async fn obtain_model(
     let manifest = match recv.message().await? {
         Message::ModelManifest(m) => *m,
         Message::Reject(r) => {
-            return Err(TaskError::Protocol(format!(
-                "model {hash} refused: {}: {}",
-                reject_code(r.code),
-                truncate(&r.message)
-            )));
+            return Err(Violation::ModelRefused {
+                hash,
+                code: reject_code(r.code),
+                message: truncate(&r.message),
+            }
+            .into());
         }
         other => {
-            return Err(TaskError::Protocol(format!(
-                "sent {} in answer to ModelFetch",
-                other.name()
-            )));
+            return Err(Violation::Unexpected {
+                sent: other.name(),
+                request: "ModelFetch",
+            }
+            .into());
         }
     };
     // Checked against the site's size limit before anything is allocated
@@ -1424,9 +1458,7 @@ async fn obtain_model(
     }
     ctx.transfers(|t| t.download_done(&hash));
     if recv.next_frame().await?.is_some() {
-        return Err(TaskError::Protocol(
-            "more model frames than the manifest announced".into(),
-        ));
+        return Err(Violation::ExtraModelFrames.into());
     }
     let model = asm.finish()?;
     let cache = ctx.cache.clone();
@@ -1475,10 +1507,11 @@ async fn send_and_answer(
     let fully_sent = matches!(sent, Some(Ok(())));
     match reply {
         Ok(Message::UploadResult(r)) => Ok((fully_sent, r)),
-        Ok(other) => Err(TaskError::Protocol(format!(
-            "sent {} in answer to an upload",
-            other.name()
-        ))),
+        Ok(other) => Err(Violation::Unexpected {
+            sent: other.name(),
+            request: "an upload",
+        }
+        .into()),
         Err(e) => Err(match sent {
             Some(Err(send_err)) => send_err.into(),
             _ => e.into(),
@@ -1489,6 +1522,35 @@ async fn send_and_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A round that fails on the coordinator's answer records why in
+    /// `round.failed`: the typed violations read as the reasons did.
+    #[test]
+    fn coordinator_violations_name_what_was_wrong() {
+        let unexpected = TaskError::from(Violation::Unexpected {
+            sent: "Bye",
+            request: "ResumeUpload",
+        });
+        assert_eq!(
+            unexpected.to_string(),
+            "coordinator: sent Bye in answer to ResumeUpload"
+        );
+        let hash = ModelHash([7; 32]);
+        let refused = TaskError::from(Violation::ModelRefused {
+            hash,
+            code: "not_found".into(),
+            message: "no such model".into(),
+        });
+        assert_eq!(
+            refused.to_string(),
+            format!("coordinator: model {hash} refused: not_found: no such model")
+        );
+        let extra = TaskError::from(Violation::ExtraModelFrames);
+        assert_eq!(
+            extra.to_string(),
+            "coordinator: more model frames than the manifest announced"
+        );
+    }
 
     #[test]
     fn exit_codes() {
