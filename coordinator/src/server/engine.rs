@@ -1572,6 +1572,12 @@ impl Engine {
         };
         let mut json = serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", &e))?;
         json.push(b'\n');
+        // The group commit of the archived updates (see `archive`): the
+        // spool directory they left, here; the round directory they entered
+        // by `round.json`'s own directory fsync below, before the round is
+        // audited or completed.
+        fedlink_durable::sync_dir(&self.store.dir().join("spool"))
+            .map_err(|e| fatal("archiving the round's updates", &e))?;
         round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
             .map_err(|e| fatal("writing round.json", &e))?;
         let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
@@ -2041,15 +2047,17 @@ fn archive(
     }
     let envelope_file = format!("{base}.envelope.json");
     let payload_file = format!("{base}.payload");
-    // The envelope whole (temporary file, fsync, rename, directory fsync);
-    // the spooled payload (fsynced when it was spooled) moved into place,
-    // both directories fsynced.
-    fedlink_durable::replace(
+    // The envelope whole (temporary file, fsync, rename); the spooled
+    // payload (fsynced when it was spooled) moved into place. The directory
+    // fsyncs are one group commit per round (`aggregate_inner`, before
+    // `round.json` names these files): until the round completes, a crash
+    // re-opens it and discards its accepted updates anyway.
+    fedlink_durable::replace_defer_dir_sync(
         &dir.join(&envelope_file),
         &envelope,
         fedlink_durable::Mode::Private,
     )?;
-    fedlink_durable::install(&p.upload.spool_path, &dir.join(&payload_file))?;
+    fedlink_durable::install_defer_dir_sync(&p.upload.spool_path, &dir.join(&payload_file))?;
     Ok((payload_file, envelope_file))
 }
 
