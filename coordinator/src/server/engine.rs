@@ -852,8 +852,23 @@ impl Engine {
 
     /// Execute every pending action, in order.
     fn drain(&mut self, now: Instant) -> Result<(), EngineError> {
-        while let Some(action) = self.runner.poll_action() {
+        let mut next = self.runner.poll_action();
+        while let Some(action) = next.take() {
+            // A round's offers come in a row: their `offer.sent` entries are
+            // one group commit (one fsync), then the offers go out.
+            if let Action::SendOffer { site, offer } = action {
+                let mut offers = vec![(site, offer)];
+                next = loop {
+                    match self.runner.poll_action() {
+                        Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
+                        other => break other,
+                    }
+                };
+                self.send_offers(offers)?;
+                continue;
+            }
             self.execute(now, action)?;
+            next = self.runner.poll_action();
         }
         // Kept partial uploads that can no longer be resumed (their round
         // closed, their site was dropped from it) give back their disk.
@@ -926,23 +941,7 @@ impl Engine {
                     self.write_status();
                 }
             }
-            Action::SendOffer { site, offer } => {
-                self.audit_own(
-                    EventKind::OfferSent,
-                    serde_json::json!({
-                        "job": self.job_id.as_str(),
-                        "round": offer.round,
-                        "site": site.as_str(),
-                        "base_model": offer.model.to_hex(),
-                    }),
-                )?;
-                let msg = Message::TaskOfferV6(Box::new(self.task_offer(
-                    offer.round,
-                    offer.model,
-                    offer.deadline,
-                )?));
-                self.send(&site, msg);
-            }
+            Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::SendModel { site, round, model } => {
                 tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
             }
@@ -1252,6 +1251,38 @@ impl Engine {
     }
 
     /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
+    /// Record `offer.sent` for every offer (one audit group commit), then
+    /// send them.
+    fn send_offers(&self, offers: Vec<(String, crate::round::Offer)>) -> Result<(), EngineError> {
+        let details: Vec<_> = offers
+            .iter()
+            .map(|(site, offer)| {
+                serde_json::json!({
+                    "job": self.job_id.as_str(),
+                    "round": offer.round,
+                    "site": site.as_str(),
+                    "base_model": offer.model.to_hex(),
+                })
+            })
+            .collect();
+        self.wire
+            .audit()
+            .record_own_batch(EventKind::OfferSent, &details)
+            .map_err(|source| EngineError::Audit {
+                during: format!("{}; nothing was done", EventKind::OfferSent),
+                source,
+            })?;
+        for (site, offer) in offers {
+            let msg = Message::TaskOfferV6(Box::new(self.task_offer(
+                offer.round,
+                offer.model,
+                offer.deadline,
+            )?));
+            self.send(&site, msg);
+        }
+        Ok(())
+    }
+
     fn send(&self, site: &str, msg: Message) {
         self.links.send(site, msg);
     }
