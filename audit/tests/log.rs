@@ -517,7 +517,9 @@ fn a_batch_is_the_appends_it_replaces() {
         "byte for byte"
     );
     assert!(b.append_batch(10, "system", &[]).unwrap().is_empty());
-    let next = b.append(11, "system", "round.aggregated", &json!({})).unwrap();
+    let next = b
+        .append(11, "system", "round.aggregated", &json!({}))
+        .unwrap();
     assert_eq!(next.seq, 6);
     let report = verify(&[&many], &key().verifying_key(), None).unwrap();
     assert_eq!(report.entries, 7);

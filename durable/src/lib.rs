@@ -522,7 +522,9 @@ mod tests {
         // Other threads' fsyncs are not counted here.
         let before = fsyncs_on_this_thread();
         let d = dir.path().to_path_buf();
-        std::thread::spawn(move || sync_dir(&d).unwrap()).join().unwrap();
+        std::thread::spawn(move || sync_dir(&d).unwrap())
+            .join()
+            .unwrap();
         assert_eq!(fsyncs_on_this_thread(), before);
     }
 

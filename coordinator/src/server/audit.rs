@@ -163,11 +163,9 @@ impl Auditor {
         blocking(|| {
             let entries: Vec<_> = details.iter().map(|d| (event.as_str(), d)).collect();
             let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
-            inner.log.append_batch(
-                crate::server::engine::unix_ms(),
-                &self.actor,
-                &entries,
-            )?;
+            inner
+                .log
+                .append_batch(crate::server::engine::unix_ms(), &self.actor, &entries)?;
             self.after_append(&mut inner);
             Ok(())
         })
