@@ -695,7 +695,7 @@ async fn run_site(
 ) -> anyhow::Result<SiteReport> {
     let mut retry = Retry {
         initial: retry_initial,
-        rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7e7a),
+        rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x005e_ed0f_7e7a),
         count: 0,
     };
     let mut sc = connect_site_retrying(
