@@ -183,6 +183,67 @@ impl AuditLog {
         Ok(head)
     }
 
+    /// Append several entries with **one** fsync (group commit); returns
+    /// their positions, in order.
+    ///
+    /// Each entry is what [`append`](Self::append) would write (same
+    /// sequence numbers, chain and signatures; `now_unix_ms` and `actor` are
+    /// shared). Every entry is checked before anything is written: one
+    /// invalid entry writes none. When this returns `Ok`, all of them are on
+    /// disk, so the actions they record may all take effect; on an I/O error
+    /// some may be partly written and the writer is poisoned as with
+    /// `append`. An empty batch writes nothing.
+    pub fn append_batch(
+        &mut self,
+        now_unix_ms: u64,
+        actor: &str,
+        entries: &[(&str, &serde_json::Value)],
+    ) -> Result<Vec<EntryHead>, Error> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        check_actor(actor)?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut bytes = Vec::new();
+        let mut head = self.head;
+        for &(event, details) in entries {
+            check_event(event)?;
+            if !details.is_object() {
+                return Err(Error::InvalidEntry("details must be a JSON object".into()));
+            }
+            let (seq, prev) = match head {
+                None => (0, crate::EntryHash::GENESIS),
+                Some(h) => (h.seq.checked_add(1).ok_or(Error::SeqExhausted)?, h.hash),
+            };
+            let (line, hash) =
+                encode_entry(&self.key, seq, now_unix_ms, actor, event, details, prev)?;
+            if line.len() > MAX_LINE_LEN {
+                return Err(Error::EntryTooLarge {
+                    len: line.len(),
+                    max: MAX_LINE_LEN,
+                });
+            }
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+            let h = EntryHead { seq, hash };
+            head = Some(h);
+            out.push(h);
+        }
+        if out.is_empty() {
+            return Ok(out);
+        }
+        if let Err(e) = self
+            .file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data())
+        {
+            self.poisoned = true;
+            return Err(io_err(&self.path)(e));
+        }
+        self.head = head;
+        Ok(out)
+    }
+
     /// Close the current file and start a new one that continues the chain.
     ///
     /// `audit.jsonl` becomes `audit.NNNNNN.jsonl` (the next free number;

@@ -485,3 +485,56 @@ fn filters_select_entries() {
         vec![3]
     );
 }
+
+/// A batch writes the entries `append` would (same sequence, chain and
+/// signatures), continues the chain either way, and refuses every entry when
+/// one is invalid.
+#[test]
+fn a_batch_is_the_appends_it_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one.jsonl");
+    let many = dir.path().join("many.jsonl");
+    let details: Vec<_> = (0..5)
+        .map(|i| json!({"site": format!("s{i}"), "round": 3}))
+        .collect();
+    let mut a = AuditLog::open(&one, key()).unwrap();
+    a.append(7, "system", "round.opened", &json!({"round": 3}))
+        .unwrap();
+    let singles: Vec<_> = details
+        .iter()
+        .map(|d| a.append(9, "system", "offer.sent", d).unwrap())
+        .collect();
+    let mut b = AuditLog::open(&many, key()).unwrap();
+    b.append(7, "system", "round.opened", &json!({"round": 3}))
+        .unwrap();
+    let batch: Vec<_> = details.iter().map(|d| ("offer.sent", d)).collect();
+    let heads = b.append_batch(9, "system", &batch).unwrap();
+    assert_eq!(heads, singles);
+    assert_eq!(b.head(), a.head());
+    assert_eq!(
+        std::fs::read(&one).unwrap(),
+        std::fs::read(&many).unwrap(),
+        "byte for byte"
+    );
+    assert!(b.append_batch(10, "system", &[]).unwrap().is_empty());
+    let next = b
+        .append(11, "system", "round.aggregated", &json!({}))
+        .unwrap();
+    assert_eq!(next.seq, 6);
+    let report = verify(&[&many], &key().verifying_key(), None).unwrap();
+    assert_eq!(report.entries, 7);
+    // One invalid entry: nothing of the batch is written.
+    let len = std::fs::metadata(&many).unwrap().len();
+    let bad = json!([1]);
+    let ok = json!({});
+    assert!(matches!(
+        b.append_batch(12, "system", &[("offer.sent", &ok), ("offer.sent", &bad)]),
+        Err(Error::InvalidEntry(_))
+    ));
+    assert!(matches!(
+        b.append_batch(12, "system", &[("offer.sent", &ok), ("bad event", &ok)]),
+        Err(Error::InvalidEntry(_))
+    ));
+    assert_eq!(std::fs::metadata(&many).unwrap().len(), len);
+    assert_eq!(b.head(), Some(next));
+}

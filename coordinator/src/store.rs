@@ -332,6 +332,17 @@ pub struct ModelRecord {
     pub round: u64,
 }
 
+/// When a write transaction of the store reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sync {
+    /// fsynced before `commit` returns (redb's `Durability::Immediate`).
+    Now,
+    /// Committed without an fsync (`Durability::None`): durable with the
+    /// next fsynced transaction, which every checkpoint is. For annotations
+    /// of a round that a later checkpoint of the same round follows.
+    WithNextCheckpoint,
+}
+
 /// Opaque state committed in the same transaction as a checkpoint.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Extras<'a> {
@@ -705,14 +716,30 @@ impl Store {
     }
 
     /// Change the record of round `round` of `job` with `f` (one write
-    /// transaction). Returns `Ok(false)` if there is no such round.
+    /// transaction, fsynced before it returns). Returns `Ok(false)` if there
+    /// is no such round.
     fn annotate_round(
         &self,
         job: &str,
         round: u64,
         f: impl FnOnce(&mut RoundRecord),
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        self.annotate_round_with(job, round, Sync::Now, f)
+    }
+
+    /// [`annotate_round`](Self::annotate_round), with `sync` saying whether
+    /// the transaction is fsynced now or rides on the next fsynced one.
+    fn annotate_round_with(
+        &self,
+        job: &str,
+        round: u64,
+        sync: Sync,
+        f: impl FnOnce(&mut RoundRecord),
+    ) -> Result<bool, StoreError> {
+        let mut txn = self.db.begin_write().map_err(dberr)?;
+        if sync == Sync::WithNextCheckpoint {
+            txn.set_durability(redb::Durability::None);
+        }
         {
             let mut rounds = txn.open_table(ROUNDS).map_err(dberr)?;
             let mut rec: RoundRecord = match rounds.get((job, round)).map_err(dberr)? {
@@ -767,13 +794,22 @@ impl Store {
     }
 
     /// Keep the details of an accepted update in its round's record.
+    ///
+    /// Not fsynced on its own (group commit): it becomes durable with the
+    /// next checkpoint ([`persist`](Self::persist)), at the latest the
+    /// round's `RoundCompleted`, so a completed round always has the
+    /// details of its updates. A crash before that re-opens the round and
+    /// discards its accepted updates anyway (see the module docs); only the
+    /// detail of such a discarded update can be lost.
     pub fn record_update_detail(
         &self,
         job: &str,
         round: u64,
         detail: UpdateDetail,
     ) -> Result<bool, StoreError> {
-        self.annotate_round(job, round, |r| r.update_details.push(detail))
+        self.annotate_round_with(job, round, Sync::WithNextCheckpoint, |r| {
+            r.update_details.push(detail)
+        })
     }
 
     /// Keep the federated evaluation of a round's base model in its record
@@ -814,6 +850,12 @@ impl Store {
     }
 
     /// Set when a round opened and closed (`None` leaves a time unchanged).
+    ///
+    /// Not fsynced on its own, like
+    /// [`record_update_detail`](Self::record_update_detail): the times become
+    /// durable with the next checkpoint (the opening time with the round's
+    /// first accepted update or its end, the closing time with
+    /// `RoundCompleted`, which the driver persists after it).
     pub fn set_round_times(
         &self,
         job: &str,
@@ -821,7 +863,7 @@ impl Store {
         opened_unix_ms: Option<u64>,
         closed_unix_ms: Option<u64>,
     ) -> Result<bool, StoreError> {
-        self.annotate_round(job, round, |r| {
+        self.annotate_round_with(job, round, Sync::WithNextCheckpoint, |r| {
             if opened_unix_ms.is_some() {
                 r.opened_unix_ms = opened_unix_ms;
             }

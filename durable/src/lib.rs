@@ -22,6 +22,16 @@
 //!
 //! Appends (the audit log, the spool) are not here: they have their own
 //! `fsync` discipline, documented where they live.
+//!
+//! **Group commit of directory entries.** A caller that places many files in
+//! one directory and needs them durable only at a later point (the round
+//! archive: the accepted updates of a round, needed once the round's
+//! `round.json` names them) may use [`replace_defer_dir_sync`] and
+//! [`install_defer_dir_sync`]: the data is fsynced as usual, but the
+//! directory fsync is left to one [`sync_dir`] for all of them. Until that
+//! returns, a crash may lose the new names (never tear a file). Files that
+//! need no durability at all, only atomicity for readers (a status snapshot
+//! rewritten every few seconds), use [`replace_atomic_only`].
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -90,6 +100,33 @@ pub fn replace(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     replace_with(path, mode, |w| w.write_all(bytes))
 }
 
+/// [`replace`] without the directory fsync: the data is fsynced and renamed
+/// over `path`, so a reader sees the old file or the new one; the new name
+/// is durable once the caller has fsynced `path`'s directory
+/// ([`sync_dir`]), which it must do before anything relies on the file
+/// surviving a crash. One directory fsync can then cover many files.
+pub fn replace_defer_dir_sync(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
+    let mut staged = Staged::new(path, mode)?;
+    staged
+        .file()
+        .write_all(bytes)
+        .map_err(Error::new("write", path))?;
+    staged.finish(false, Durability::DataOnly)
+}
+
+/// Replace `path` with `bytes` atomically for readers (temporary file, then
+/// rename), with **no** fsync: after a power cut the file may be the old
+/// one, or empty. Only for files that are rewritten often and are not a
+/// record of anything (a status snapshot).
+pub fn replace_atomic_only(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
+    let mut staged = Staged::new(path, mode)?;
+    staged
+        .file()
+        .write_all(bytes)
+        .map_err(Error::new("write", path))?;
+    staged.finish(false, Durability::None)
+}
+
 /// Replace `path` with what `write` produces (through a 1 MiB buffer),
 /// atomically and durably. If `write` fails, the target is untouched and
 /// the temporary file removed; the error is returned as a `"write"` error.
@@ -146,27 +183,30 @@ impl Staged {
 
     /// fsync the data, rename it over the target, fsync the directory.
     pub fn commit(self) -> Result<(), Error> {
-        self.finish(false)
+        self.finish(false, Durability::Full)
     }
 
     /// Like [`Staged::commit`], but never replaces an existing target: an
     /// error of kind `AlreadyExists` then, and the temporary file is removed.
     pub fn commit_new(self) -> Result<(), Error> {
-        self.finish(true)
+        self.finish(true, Durability::Full)
     }
 
-    fn finish(self, no_clobber: bool) -> Result<(), Error> {
+    fn finish(self, no_clobber: bool, durability: Durability) -> Result<(), Error> {
         let Self { tmp, path } = self;
-        tmp.as_file()
-            .sync_all()
-            .map_err(Error::new("fsync", tmp.path()))?;
+        if durability != Durability::None {
+            fsync(tmp.as_file(), tmp.path())?;
+        }
         let persisted = if no_clobber {
             tmp.persist_noclobber(&path)
         } else {
             tmp.persist(&path)
         };
         persisted.map_err(|e| Error::new("create", &path)(e.error))?;
-        sync_dir(&parent(&path))
+        if durability == Durability::Full {
+            sync_dir(&parent(&path))?;
+        }
+        Ok(())
     }
 }
 
@@ -225,15 +265,56 @@ pub fn install(from: &Path, to: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// [`install`] without the directory fsyncs: `from` is renamed to `to`; the
+/// move is durable once the caller has fsynced both directories
+/// ([`sync_dir`]), which it must do before anything relies on it.
+pub fn install_defer_dir_sync(from: &Path, to: &Path) -> Result<(), Error> {
+    std::fs::rename(from, to).map_err(Error::new("rename", to))
+}
+
 /// fsync a directory, making the renames and creations in it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), Error> {
     #[cfg(unix)]
     File::open(dir)
-        .and_then(|d| d.sync_all())
+        .and_then(|d| {
+            count_fsync();
+            d.sync_all()
+        })
         .map_err(Error::new("fsync directory", dir))?;
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
+}
+
+/// How much of a staged write reaches the disk before `finish` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Data fsynced, renamed, directory fsynced.
+    Full,
+    /// Data fsynced and renamed; the caller fsyncs the directory later.
+    DataOnly,
+    /// Renamed only.
+    None,
+}
+
+fn fsync(file: &File, path: &Path) -> Result<(), Error> {
+    count_fsync();
+    file.sync_all().map_err(Error::new("fsync", path))
+}
+
+thread_local! {
+    static FSYNCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_fsync() {
+    FSYNCS.with(|n| n.set(n.get().wrapping_add(1)));
+}
+
+/// How many fsyncs (of files and directories) this crate has made on the
+/// calling thread so far: for tests and benchmarks that check how many a
+/// write path costs.
+pub fn fsyncs_on_this_thread() -> u64 {
+    FSYNCS.with(std::cell::Cell::get)
 }
 
 /// The directory holding `path` (`.` for a bare file name).
@@ -398,6 +479,53 @@ mod tests {
         let err = install(&from, &archive.join("again")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert_eq!(err.op, "rename");
+    }
+
+    /// What each write path costs in fsyncs, and that the deferred ones
+    /// still put whole files in place.
+    #[test]
+    fn fsyncs_per_write_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = |f: &dyn Fn()| {
+            let before = fsyncs_on_this_thread();
+            f();
+            fsyncs_on_this_thread() - before
+        };
+        let p = dir.path().join("a");
+        // Full durability: the data, then the directory.
+        assert_eq!(count(&|| replace(&p, b"1", Mode::Private).unwrap()), 2);
+        // Directory fsync deferred: the data only.
+        assert_eq!(
+            count(&|| replace_defer_dir_sync(&p, b"22", Mode::Private).unwrap()),
+            1
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"22");
+        assert_eq!(mode_of(&p), 0o600);
+        // Atomic only: none.
+        assert_eq!(
+            count(&|| replace_atomic_only(&p, b"333", Mode::Public).unwrap()),
+            0
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"333");
+        assert_eq!(mode_of(&p), 0o644);
+        // A move: two directory fsyncs, or none when deferred.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let q = sub.join("b");
+        assert_eq!(count(&|| install(&p, &q).unwrap()), 2);
+        assert_eq!(count(&|| install_defer_dir_sync(&q, &p).unwrap()), 0);
+        assert_eq!(std::fs::read(&p).unwrap(), b"333");
+        assert!(!q.exists());
+        // The one fsync that makes the deferred names durable.
+        assert_eq!(count(&|| sync_dir(dir.path()).unwrap()), 1);
+        assert_eq!(entries(dir.path()), ["a", "sub"]);
+        // Other threads' fsyncs are not counted here.
+        let before = fsyncs_on_this_thread();
+        let d = dir.path().to_path_buf();
+        std::thread::spawn(move || sync_dir(&d).unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(fsyncs_on_this_thread(), before);
     }
 
     #[test]

@@ -119,6 +119,7 @@
 
 pub mod admin;
 pub mod arch;
+pub mod backoff;
 pub mod codec;
 pub mod encoding;
 pub mod envelope;

@@ -35,6 +35,7 @@ use fedlink_coordinator::job::{
     CodecKind, InitSource, Job, RoundPolicy, Selection, StrategySection, TrainingConfig,
 };
 use fedlink_protocol::arch::ArchSpec;
+use fedlink_protocol::backoff::Backoff;
 use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
 use fedlink_protocol::message::{
     Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, RejectCode,
@@ -133,6 +134,38 @@ struct Args {
     /// sent again and the time to resume.
     #[arg(long, default_value_t = 0)]
     cuts: u32,
+    /// Keep the coordinator's default per-source handshake limits
+    /// (`handshake_burst_per_source`, `handshakes_per_source_per_sec`,
+    /// `max_handshakes_in_flight`). By default the loadgen raises them to at
+    /// least the number of sites: every simulated site connects from
+    /// 127.0.0.1, where a real federation's sites come from their own
+    /// addresses. Either way a refused connection is retried with the
+    /// agent's backoff.
+    #[arg(long)]
+    default_handshake_limits: bool,
+    /// First delay of a site's reconnection backoff after a refused or
+    /// failed connection, milliseconds (doubles per attempt up to 30 s, equal
+    /// jitter: the site agent's policy, `fedlink_protocol::backoff`).
+    #[arg(long, default_value_t = 500)]
+    retry_initial_ms: u64,
+}
+
+/// Per-source handshake limits the loadgen's coordinator config sets for
+/// `sites` simulated sites on one address (`None`: the coordinator's
+/// defaults, which already allow that many). Each is at least the number of
+/// sites and never below the coordinator's default.
+fn loopback_handshake_limits(sites: usize) -> Option<(u32, f64, usize)> {
+    const DEFAULT_BURST: u32 = 64;
+    const DEFAULT_RATE: f64 = 16.0;
+    const DEFAULT_IN_FLIGHT: usize = 64;
+    let n = u32::try_from(sites).unwrap_or(u32::MAX).min(100_000);
+    (n > DEFAULT_BURST).then(|| {
+        (
+            n,
+            f64::from(n).max(DEFAULT_RATE),
+            (n as usize).max(DEFAULT_IN_FLIGHT),
+        )
+    })
 }
 
 /// When a site saw each step of one round.
@@ -156,6 +189,8 @@ struct SiteReport {
     download_bytes: u64,
     /// Every cut of an upload (`--cuts`).
     cuts: Vec<CutReport>,
+    /// Connection attempts that failed or were refused and were retried.
+    retries: u32,
 }
 
 /// One forced drop of an upload and its resume.
@@ -220,6 +255,43 @@ async fn connect_site(
     })
 }
 
+/// [`connect_site`] until it succeeds, waiting between attempts as the site
+/// agent does (`fedlink_protocol::backoff::Backoff`, from `initial` up to
+/// 30 s, equal jitter from the site's seeded `rng`). A coordinator refuses
+/// handshakes beyond its per-source rate, and all simulated sites share one
+/// source address. Gives up when `limit` has passed since the first attempt;
+/// `retries` counts the failed attempts.
+#[allow(clippy::too_many_arguments)]
+async fn connect_site_retrying(
+    kit: &Kit,
+    addr: SocketAddr,
+    transport: TransportKind,
+    cc: fedlink_transport::Congestion,
+    limit: Duration,
+    initial: Duration,
+    rng: &mut rand::rngs::StdRng,
+    retries: &mut u32,
+) -> anyhow::Result<SiteConn> {
+    let give_up = Instant::now() + limit;
+    let mut backoff = Backoff::new(initial, Duration::from_secs(30));
+    loop {
+        match connect_site(kit, addr, transport, cc, limit).await {
+            Ok(sc) => return Ok(sc),
+            Err(e) => {
+                let delay = backoff.next_delay(rng.r#gen::<f64>());
+                if Instant::now() + delay > give_up {
+                    return Err(e.context(format!(
+                        "giving up after {} attempts within {limit:?}",
+                        *retries + 1
+                    )));
+                }
+                *retries += 1;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 impl SiteConn {
     /// The next offer (other control messages skipped).
     async fn next_offer(&mut self, limit: Duration) -> anyhow::Result<TaskOffer> {
@@ -280,6 +352,7 @@ async fn upload_with_cuts(
     cut_at: &[u64],
     link: Option<&fedlink_tools::impair::ImpairHandle>,
     limit: Duration,
+    retry: &mut Retry,
 ) -> anyhow::Result<(SiteConn, Vec<CutReport>)> {
     let mut cuts = Vec::new();
     let mut from = 0usize;
@@ -369,7 +442,17 @@ async fn upload_with_cuts(
         sc.drop_abruptly();
         dropped = Some((at, written));
         // Back: the coordinator offers the round again; resume it.
-        sc = connect_site(kit, addr, transport, cc, limit).await?;
+        sc = connect_site_retrying(
+            kit,
+            addr,
+            transport,
+            cc,
+            limit,
+            retry.initial,
+            &mut retry.rng,
+            &mut retry.count,
+        )
+        .await?;
         let offer = sc.next_offer(limit).await?;
         if offer.round != envelope.header.round {
             bail!(
@@ -381,6 +464,14 @@ async fn upload_with_cuts(
         sc.accept(&offer).await?;
     }
     bail!("unreachable: the last attempt returns")
+}
+
+/// A site's reconnection state: the first backoff delay, its seeded jitter
+/// source, and how many attempts failed.
+struct Retry {
+    initial: Duration,
+    rng: rand::rngs::StdRng,
+    count: u32,
 }
 
 /// A site's precomputed, encoded delta.
@@ -492,6 +583,36 @@ fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
     Ok(job)
 }
 
+/// The coordinator's config file: `paths` are its kit, CA directory, data
+/// directory and job file; `handshake_limits` (burst, rate, in flight) are
+/// written when given.
+fn coordinator_config(
+    args: &Args,
+    addr: SocketAddr,
+    paths: [&std::path::Path; 4],
+    handshake_limits: Option<(u32, f64, usize)>,
+) -> String {
+    let [kit, ca_dir, data_dir, job] = paths;
+    format!(
+        "listen = \"{addr}\"\nkit = {kit:?}\nca_dir = {ca_dir:?}\ndata_dir = {data_dir:?}\njob = {job:?}\nheartbeat_interval_secs = 5\nidle_timeout_secs = 60\n{}",
+        [
+            args.max_concurrent_uploads
+                .map(|n| format!("max_concurrent_uploads = {n}\n")),
+            args.max_concurrent_downloads
+                .map(|n| format!("max_concurrent_downloads = {n}\n")),
+            Some(format!("congestion_control = \"{}\"\n", args.congestion)),
+            handshake_limits.map(|(burst, rate, in_flight)| {
+                format!(
+                    "handshake_burst_per_source = {burst}\nhandshakes_per_source_per_sec = {rate:.1}\nmax_handshakes_in_flight = {in_flight}\n"
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<String>(),
+    )
+}
+
 /// `VmRSS` and `VmHWM` of a process, kB.
 fn proc_mem(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -561,8 +682,24 @@ async fn run_site(
     cuts: u32,
     seed: u64,
     link: Option<fedlink_tools::impair::ImpairHandle>,
+    retry_initial: Duration,
 ) -> anyhow::Result<SiteReport> {
-    let mut sc = connect_site(&kit, addr, transport, cc, limit).await?;
+    let mut retry = Retry {
+        initial: retry_initial,
+        rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x005e_ed0f_7e7a),
+        count: 0,
+    };
+    let mut sc = connect_site_retrying(
+        &kit,
+        addr,
+        transport,
+        cc,
+        limit,
+        retry.initial,
+        &mut retry.rng,
+        &mut retry.count,
+    )
+    .await?;
     let key = kit
         .update_signing_key()
         .context("the site kit has no update signing key")?
@@ -610,6 +747,7 @@ async fn run_site(
             &cut_at,
             link.as_ref(),
             limit,
+            &mut retry,
         )
         .await?;
         sc = back;
@@ -646,6 +784,7 @@ async fn run_site(
         upload_bytes: payload.len,
         download_bytes,
         cuts: cut_reports,
+        retries: retry.count,
     })
 }
 
@@ -711,8 +850,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         move || TestPki::new(n)
     })
     .await??;
+    // With --keep the directory stays whatever happens, a failed run
+    // included (its coordinator log and audit log say why).
     let work = tempfile::Builder::new()
         .prefix("fedlink-loadgen-")
+        .disable_cleanup(args.keep)
         .tempdir()?;
     let job_path = work.path().join("job.toml");
     let job_text = loadgen_job(&args)?.to_toml()?;
@@ -734,24 +876,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .to_owned();
     let data_dir = work.path().join("data");
     let cfg_path = work.path().join("coordinator.toml");
+    let handshake_limits = if args.default_handshake_limits {
+        None
+    } else {
+        loopback_handshake_limits(args.sites)
+    };
     std::fs::write(
         &cfg_path,
-        format!(
-            "listen = \"{addr}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 5\nidle_timeout_secs = 60\n{}",
-            pki.coordinator_dir(),
-            ca_dir,
-            data_dir,
-            job_path,
-            [
-                args.max_concurrent_uploads
-                    .map(|n| format!("max_concurrent_uploads = {n}\n")),
-                args.max_concurrent_downloads
-                    .map(|n| format!("max_concurrent_downloads = {n}\n")),
-                Some(format!("congestion_control = \"{}\"\n", args.congestion)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<String>(),
+        coordinator_config(
+            &args,
+            addr,
+            [pki.coordinator_dir(), &ca_dir, &data_dir, &job_path],
+            handshake_limits,
         ),
     )?;
     println!(
@@ -767,6 +903,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         work.path().display()
     );
+
+    if let Some((burst, rate, in_flight)) = handshake_limits {
+        println!(
+            "  coordinator config: per-source handshake limits raised for a loopback simulation (every site connects from 127.0.0.1): handshake_burst_per_source = {burst}, handshakes_per_source_per_sec = {rate:.1}, max_handshakes_in_flight = {in_flight} (defaults 64, 16.0, 64; --default-handshake-limits keeps them)"
+        );
+    }
 
     // 2. Precompute every site's encoded delta (not part of the round time).
     let mut payloads = Vec::with_capacity(args.sites);
@@ -874,6 +1016,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .flat_map(|p| p.records.iter().map(|r| r.len() as u64))
         .max()
         .unwrap_or(0);
+    let retry_initial = Duration::from_millis(args.retry_initial_ms.max(1));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.sites);
     for (i, payload) in payloads.into_iter().enumerate() {
@@ -894,6 +1037,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cuts,
                 i as u64 + 1,
                 link,
+                retry_initial,
             )
             .await
             .with_context(|| format!("site-{i}"))
@@ -1069,6 +1213,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             to_resume.2,
         );
     }
+    let retries: u32 = reports.iter().map(|r| r.retries).sum();
+    println!(
+        "  connection attempts refused or failed and retried (backoff from {} ms): {retries} by {} of {} sites",
+        args.retry_initial_ms,
+        reports.iter().filter(|r| r.retries > 0).count(),
+        args.sites
+    );
     let max_sampled = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
     println!(
         "  coordinator memory: VmHWM (peak RSS) {:.1} MB = {:.2}x the model ({model_mb:.1} MB); max sampled VmRSS {:.1} MB; RSS at start {:.1} MB, at end {:.1} MB",
@@ -1102,6 +1253,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "upload_mb_per_site_round": upload_mb,
             "download_mb_per_site_round": download_mb,
             "cuts_per_upload": args.cuts,
+            "connection_retries": retries,
+            "handshake_limits_raised": handshake_limits.is_some(),
             "largest_record_bytes": max_record,
             "resent_bytes_per_cut": all_cuts.iter().map(|c| c.resent).collect::<Vec<_>>(),
             "arrived_and_dropped_bytes_per_cut": dropped_at_coordinator,
@@ -1171,5 +1324,29 @@ mod tests {
         let mut args = Args::parse_from(["fedlink-loadgen"]);
         args.codec = "zip".to_owned();
         assert!(loadgen_job(&args).unwrap_err().to_string().contains("zip"));
+    }
+
+    /// Up to the coordinator's defaults the config is left alone; beyond,
+    /// every per-source handshake limit covers all sites at once, and the
+    /// config file passes the coordinator's own parser and checks with them.
+    #[test]
+    fn handshake_limits_cover_every_simulated_site() {
+        assert_eq!(loopback_handshake_limits(8), None);
+        assert_eq!(loopback_handshake_limits(64), None);
+        assert_eq!(loopback_handshake_limits(256), Some((256, 256.0, 256)));
+        let (burst, rate, in_flight) = loopback_handshake_limits(1_000_000).unwrap();
+        assert_eq!((burst, in_flight), (100_000, 100_000));
+        assert!((rate - 100_000.0).abs() < 1e-9);
+        let args = Args::parse_from(["fedlink-loadgen", "--sites", "256"]);
+        let p = std::path::Path::new("/x");
+        let addr = SocketAddr::from(([127, 0, 0, 1], 7443));
+        let text = coordinator_config(&args, addr, [p, p, p, p], loopback_handshake_limits(256));
+        let cfg = fedlink_coordinator::config::CoordinatorConfig::from_toml(&text, p, p).unwrap();
+        assert_eq!(cfg.handshake_burst_per_source, 256);
+        assert!((cfg.handshakes_per_source_per_sec - 256.0).abs() < 1e-9);
+        assert_eq!(cfg.max_handshakes_in_flight, 256);
+        let text = coordinator_config(&args, addr, [p, p, p, p], None);
+        let cfg = fedlink_coordinator::config::CoordinatorConfig::from_toml(&text, p, p).unwrap();
+        assert_eq!(cfg.handshake_burst_per_source, 64);
     }
 }

@@ -852,8 +852,23 @@ impl Engine {
 
     /// Execute every pending action, in order.
     fn drain(&mut self, now: Instant) -> Result<(), EngineError> {
-        while let Some(action) = self.runner.poll_action() {
+        let mut next = self.runner.poll_action();
+        while let Some(action) = next.take() {
+            // A round's offers come in a row: their `offer.sent` entries are
+            // one group commit (one fsync), then the offers go out.
+            if let Action::SendOffer { site, offer } = action {
+                let mut offers = vec![(site, offer)];
+                next = loop {
+                    match self.runner.poll_action() {
+                        Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
+                        other => break other,
+                    }
+                };
+                self.send_offers(offers)?;
+                continue;
+            }
             self.execute(now, action)?;
+            next = self.runner.poll_action();
         }
         // Kept partial uploads that can no longer be resumed (their round
         // closed, their site was dropped from it) give back their disk.
@@ -926,23 +941,7 @@ impl Engine {
                     self.write_status();
                 }
             }
-            Action::SendOffer { site, offer } => {
-                self.audit_own(
-                    EventKind::OfferSent,
-                    serde_json::json!({
-                        "job": self.job_id.as_str(),
-                        "round": offer.round,
-                        "site": site.as_str(),
-                        "base_model": offer.model.to_hex(),
-                    }),
-                )?;
-                let msg = Message::TaskOfferV6(Box::new(self.task_offer(
-                    offer.round,
-                    offer.model,
-                    offer.deadline,
-                )?));
-                self.send(&site, msg);
-            }
+            Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::SendModel { site, round, model } => {
                 tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
             }
@@ -1252,6 +1251,38 @@ impl Engine {
     }
 
     /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
+    /// Record `offer.sent` for every offer (one audit group commit), then
+    /// send them.
+    fn send_offers(&self, offers: Vec<(String, crate::round::Offer)>) -> Result<(), EngineError> {
+        let details: Vec<_> = offers
+            .iter()
+            .map(|(site, offer)| {
+                serde_json::json!({
+                    "job": self.job_id.as_str(),
+                    "round": offer.round,
+                    "site": site.as_str(),
+                    "base_model": offer.model.to_hex(),
+                })
+            })
+            .collect();
+        self.wire
+            .audit()
+            .record_own_batch(EventKind::OfferSent, &details)
+            .map_err(|source| EngineError::Audit {
+                during: format!("{}; nothing was done", EventKind::OfferSent),
+                source,
+            })?;
+        for (site, offer) in offers {
+            let msg = Message::TaskOfferV6(Box::new(self.task_offer(
+                offer.round,
+                offer.model,
+                offer.deadline,
+            )?));
+            self.send(&site, msg);
+        }
+        Ok(())
+    }
+
     fn send(&self, site: &str, msg: Message) {
         self.links.send(site, msg);
     }
@@ -1572,6 +1603,12 @@ impl Engine {
         };
         let mut json = serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", &e))?;
         json.push(b'\n');
+        // The group commit of the archived updates (see `archive`): the
+        // spool directory they left, here; the round directory they entered
+        // by `round.json`'s own directory fsync below, before the round is
+        // audited or completed.
+        fedlink_durable::sync_dir(&self.store.dir().join("spool"))
+            .map_err(|e| fatal("archiving the round's updates", &e))?;
         round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
             .map_err(|e| fatal("writing round.json", &e))?;
         let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
@@ -2041,15 +2078,17 @@ fn archive(
     }
     let envelope_file = format!("{base}.envelope.json");
     let payload_file = format!("{base}.payload");
-    // The envelope whole (temporary file, fsync, rename, directory fsync);
-    // the spooled payload (fsynced when it was spooled) moved into place,
-    // both directories fsynced.
-    fedlink_durable::replace(
+    // The envelope whole (temporary file, fsync, rename); the spooled
+    // payload (fsynced when it was spooled) moved into place. The directory
+    // fsyncs are one group commit per round (`aggregate_inner`, before
+    // `round.json` names these files): until the round completes, a crash
+    // re-opens it and discards its accepted updates anyway.
+    fedlink_durable::replace_defer_dir_sync(
         &dir.join(&envelope_file),
         &envelope,
         fedlink_durable::Mode::Private,
     )?;
-    fedlink_durable::install(&p.upload.spool_path, &dir.join(&payload_file))?;
+    fedlink_durable::install_defer_dir_sync(&p.upload.spool_path, &dir.join(&payload_file))?;
     Ok((payload_file, envelope_file))
 }
 

@@ -70,7 +70,12 @@ pub struct Status {
     pub updated_unix_ms: u64,
 }
 
-/// Writes [`Status`] atomically and durably (`fedlink_durable::replace`).
+/// Writes [`Status`] atomically for readers (temporary file + rename), not
+/// fsynced (`fedlink_durable::replace_atomic_only`): it is rewritten several
+/// times a round, records nothing the store does not hold, and the
+/// coordinator writes it again as it starts; after a power cut it may be
+/// stale or empty until then. (Its two fsyncs were on the path from a
+/// round's last upload to the next offer.)
 #[derive(Debug)]
 pub(crate) struct StatusWriter {
     path: PathBuf,
@@ -83,7 +88,7 @@ impl StatusWriter {
 
     pub(crate) fn write(&self, status: &Status) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(status).map_err(std::io::Error::other)?;
-        fedlink_durable::replace(&self.path, &json, fedlink_durable::Mode::Private)?;
+        fedlink_durable::replace_atomic_only(&self.path, &json, fedlink_durable::Mode::Private)?;
         Ok(())
     }
 }

@@ -76,6 +76,30 @@ impl SimHooks for StoreHooks {
             replay_state: Some(("sites", b"guard")),
         };
         self.store.persist("crash-job", checkpoint, extras).unwrap();
+        // What the engine does after these checkpoints: annotations of the
+        // round that are not fsynced on their own (they ride on the next
+        // checkpoint; `check_finished` wants them in every completed round).
+        match checkpoint {
+            Checkpoint::RoundStarted { round, .. } => {
+                self.store
+                    .set_round_times("crash-job", *round, Some(1_000 + round), None)
+                    .unwrap();
+            }
+            Checkpoint::UpdateAccepted(acc) => {
+                let detail = UpdateDetail {
+                    site: acc.site.to_string(),
+                    payload_hash: acc.payload_hash.to_hex(),
+                    bytes: acc.bytes,
+                    upload_ms: 7,
+                    metrics: None,
+                    at_unix_ms: acc.received_unix_ms,
+                };
+                self.store
+                    .record_update_detail("crash-job", acc.round, detail)
+                    .unwrap();
+            }
+            _ => {}
+        }
         *self.persists.borrow_mut() += 1;
         if Some(*self.persists.borrow()) == self.abort_after_persist {
             std::process::abort();
@@ -93,6 +117,9 @@ impl SimHooks for StoreHooks {
             *v += round as f32 + 0.5 * updates.len() as f32;
         }
         let h = self.store.put_model(&m).unwrap();
+        self.store
+            .set_round_times("crash-job", round, None, Some(2_000 + round))
+            .unwrap();
         if self.abort_after_model_of_round == Some(round) {
             std::process::abort();
         }
@@ -141,6 +168,19 @@ fn check_finished(store: &Store) {
         let sites: BTreeSet<_> = r.accepted.iter().map(|u| u.site.as_str()).collect();
         assert_eq!(sites.len(), r.accepted.len(), "site counted twice");
         assert_eq!(r.accepted.len(), 3);
+        // The annotations committed without an fsync of their own are in
+        // every completed round: the round's later checkpoints carried them,
+        // whichever checkpoint a crash came after.
+        for u in &r.accepted {
+            assert!(
+                r.update_details.iter().any(|d| d.site == u.site.as_str()),
+                "round {}: no detail of {}'s update",
+                r.round,
+                u.site
+            );
+        }
+        assert_eq!(r.opened_unix_ms, Some(1_000 + r.round), "round {}", r.round);
+        assert_eq!(r.closed_unix_ms, Some(2_000 + r.round), "round {}", r.round);
         let m = r.model.unwrap();
         store.load_model(&m).unwrap(); // present and hash-verified
         assert_eq!(
