@@ -10,6 +10,7 @@
 //! | `CancelTask` | [`cancel_task`]: the `Cancel` |
 //! | `Disconnect` | [`close_reason`] of the close the site table emits |
 //! | `AckUpdate` | after the driver's fold and archive, [`accept_upload`]: `update.received` (accepted), the round's record, the acknowledgement; [`fold_failed`] if the fold failed |
+//! | `Aggregate` | after the driver's aggregation and `round.json`, [`round_aggregated`]: `round.aggregated`, the new model's hash and the audit head to the sites whose updates made it |
 //! | `RejectUpdate` | [`reject_pending`]: `update.received` (refused), the round's record, the spool dropped, the site answered |
 //! | `JobFinished` | [`job_finished`]: `round.discarded` (a round open), `job.finished`, the final model's hash, the audit head, then the final evaluation asked for ([`evaluation_finished`] once answered) or the end of the job ([`job_over`]) |
 //!
@@ -45,6 +46,7 @@ use super::evaluation::{self, RequestedEvaluation};
 use super::{CloseReason, Effect};
 use crate::job::Job;
 use crate::round::{DisconnectReason, JobOutcome, Offer};
+use crate::round_archive::RoundInput;
 use crate::store::{RejectedUpdate, UpdateDetail};
 
 /// Who and what the running job is, for the audit events and messages.
@@ -439,6 +441,68 @@ pub fn accept_upload(
             },
         },
     ]
+}
+
+/// The central DP the aggregation applied to a round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpApplied {
+    /// Standard deviation of the noise added.
+    pub noise_std: f64,
+    /// The clip norm (its sensitivity).
+    pub clip_norm: Option<f64>,
+    /// (ε, δ) spent so far, when accounted.
+    pub privacy: Option<(f64, f64)>,
+}
+
+/// A round aggregated into `output` (its `round.json` written by the
+/// driver): on record (`round.aggregated`: the strategy, the DP applied
+/// when the strategy has central DP, the inputs → the output), then the
+/// sites whose updates made it are told which model it is, then they get
+/// the coordinator's audit head over that entry. The driver publishes the
+/// model after these.
+pub fn round_aggregated(
+    facts: &JobFacts,
+    round: u64,
+    (base_model, output): (ModelHash, ModelHash),
+    strategy: serde_json::Value,
+    dp: Option<DpApplied>,
+    inputs: &[RoundInput],
+) -> Vec<Effect> {
+    let mut effects = vec![facts.own(
+        EventKind::RoundAggregated,
+        serde_json::json!({
+            "job": facts.job.as_str(),
+            "round": round,
+            "base_model": base_model.to_hex(),
+            "output_model": output.to_hex(),
+            "strategy": strategy,
+            "dp": dp.map(|dp| serde_json::json!({
+                "noise_std": dp.noise_std,
+                "clip_norm": dp.clip_norm,
+                "epsilon": dp.privacy.map(|p| p.0),
+                "delta": dp.privacy.map(|p| p.1),
+            })),
+            "inputs": inputs.iter().map(|i| serde_json::json!({
+                "site": i.site,
+                "payload_hash": i.payload_hash,
+                "num_examples": i.num_examples,
+            })).collect::<Vec<_>>(),
+        }),
+    )];
+    let produced = Message::RoundOutcome(RoundOutcome {
+        job_id: facts.job.clone(),
+        round: RoundId(round),
+        model: output,
+        job_completed: false,
+    });
+    effects.extend(inputs.iter().map(|i| Effect::Send {
+        site: i.site.clone(),
+        message: produced.clone(),
+    }));
+    effects.push(Effect::PushHead {
+        sites: inputs.iter().map(|i| i.site.clone()).collect(),
+    });
+    effects
 }
 
 /// The details of a `job.finished` entry's outcome.
@@ -926,6 +990,74 @@ mod tests {
             "the coordinator could not fold the update: spool vanished"
         );
         assert_eq!(audit(&e[0]).2["reason"], message.as_str());
+    }
+
+    #[test]
+    fn an_aggregated_round_is_on_record_before_its_sites_are_told_the_model() {
+        let input = |site: &str, n| RoundInput {
+            site: site.into(),
+            payload_hash: "cd".repeat(32),
+            num_examples: n,
+            payload_file: format!("{site}.payload"),
+            envelope_file: format!("{site}.envelope.json"),
+        };
+        let inputs = [input("site-a", 10), input("site-c", 30)];
+        let dp = DpApplied {
+            noise_std: 0.5,
+            clip_norm: Some(1.0),
+            privacy: Some((2.0, 1e-5)),
+        };
+        let e = round_aggregated(
+            &facts(),
+            2,
+            (model(1), model(2)),
+            serde_json::json!({"name": "fedavg"}),
+            Some(dp),
+            &inputs,
+        );
+        assert_eq!(
+            kinds(&e),
+            [
+                "audit round.aggregated",
+                "send outcome site-a",
+                "send outcome site-c",
+                "head site-a,site-c"
+            ]
+        );
+        nothing_sent_twice(&e);
+        let (actor, _, d) = audit(&e[0]);
+        assert_eq!(actor, facts().actor);
+        assert_eq!((&d["job"], &d["round"]), (&"j1".into(), &2.into()));
+        assert_eq!(d["base_model"], model(1).to_hex());
+        assert_eq!(d["output_model"], model(2).to_hex());
+        assert_eq!(d["dp"]["epsilon"], 2.0);
+        assert_eq!(d["inputs"][1]["num_examples"], 30);
+        assert_eq!(
+            d["inputs"][1].get("payload_file"),
+            None,
+            "file names stay in round.json"
+        );
+        let Effect::Send {
+            message: Message::RoundOutcome(o),
+            ..
+        } = &e[1]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (o.round, o.model, o.job_completed),
+            (RoundId(2), model(2), false)
+        );
+        // Without central DP the entry says so.
+        let e = round_aggregated(
+            &facts(),
+            2,
+            (model(1), model(2)),
+            serde_json::Value::Null,
+            None,
+            &inputs,
+        );
+        assert_eq!(audit(&e[0]).2["dp"], serde_json::Value::Null);
     }
 
     fn sites(versions: &[(&str, u16)]) -> Vec<Connected> {

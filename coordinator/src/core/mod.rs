@@ -39,18 +39,23 @@
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
-//! cancels, closes, refused uploads (`update.received`, the round's
-//! record, the spool dropped, the one answer) and the end of a job
-//! (`round.discarded`, `job.finished`, the final model's hash and the
-//! audit head to the sites, the final evaluation asked for, `Bye`) — as
-//! ordered effects.
+//! cancels, closes, accepted and refused uploads (`update.received`, the
+//! round's record, the spool dropped, the one answer), an aggregated round
+//! (`round.aggregated`, the new model's hash and the audit head to its
+//! sites) and the end of a job (`round.discarded`, `job.finished`, the
+//! final model's hash and the audit head to the sites, the final
+//! evaluation asked for, `Bye`) — as ordered effects.
 //!
 //! What it does not do (yet): the payload records are checked by the
 //! protocol's `PayloadVerifier` in the driver's connection task; the
-//! checkpoints' extras (replay and optimizer state), the accumulator's
-//! lifecycle (open, fold on ack, aggregate), the round archive and the
-//! audit records of acceptance, aggregation and round evaluation still
-//! live in the driver's engine (`server::engine`).
+//! round machine's checkpoints and their extras (replay and optimizer
+//! state), the round's opening (`state-before.json`, its noise seed,
+//! `round.opened`), the accumulator's lifecycle (open, fold on ack,
+//! aggregate), the round archive's files, the exclusion of withdrawn
+//! sites' updates (`update.excluded`), the per-round federated evaluation
+//! (`round.evaluated`), declined offers, interrupted uploads and
+//! evaluation reports are still decided in the driver's engine
+//! (`server::engine`).
 //!
 //! ```
 //! use fedlink_coordinator::core::{CloseReason, Effect, Held, JobNeeds, Sites};

@@ -5,8 +5,9 @@
 //! effect boundary followed by a restart from what was persisted. It runs
 //! the real [`Sites`] table, the real [`super::queue`] and the real
 //! [`JobRunner`]s, and plays the driver's part: it executes the runner's
-//! actions in order — offers, cancels, refused uploads, closes and the end
-//! of a job through the same core decisions as the driver
+//! actions in order — offers, cancels, accepted and refused uploads,
+//! closes, aggregated rounds and the end of a job through the same core
+//! decisions as the driver
 //! ([`super::actions`]), executing their effects —, persists checkpoints
 //! to an in-memory log (the store's crash semantics: a checkpoint is
 //! durable once executed, the round in flight is re-opened after a
@@ -25,8 +26,9 @@
 //!   job's checkpoint) follows its audit append, and so does every change
 //!   the core decides for a round machine's action (a refused upload's
 //!   record, the end of a job);
-//! - an offer goes out only after its `offer.sent` append, and names the
-//!   running job; an upload is answered at most once; a job ends exactly
+//! - an offer, a model's hash or an evaluation request goes out only
+//!   after its audit append, and names the running job; an acknowledged
+//!   or refused upload is answered exactly once; a job ends exactly
 //!   once, with the outcome its machine gave, and its sites are told
 //!   `Bye` only when no job is queued behind it;
 //! - a connection is closed only while it is a site's current one, and
@@ -809,6 +811,26 @@ impl CoreSim {
                 }
                 let model = ModelHash(*h.finalize().as_bytes());
                 self.stats.rounds_aggregated += 1;
+                // On record, then the sites whose updates made it are told.
+                let inputs: Vec<_> = updates
+                    .iter()
+                    .map(|u| crate::round_archive::RoundInput {
+                        site: u.site.clone(),
+                        payload_hash: u.payload_hash.to_hex(),
+                        num_examples: u.num_examples,
+                        payload_file: String::new(),
+                        envelope_file: String::new(),
+                    })
+                    .collect();
+                let effects = actions::round_aggregated(
+                    &self.facts(&job)?,
+                    round,
+                    (base_model, model),
+                    serde_json::Value::Null,
+                    None,
+                    &inputs,
+                );
+                self.run_effects(&job, effects)?;
                 let now = self.now;
                 if let Some(r) = self.running.as_mut() {
                     r.runner.handle(
@@ -1038,6 +1060,11 @@ impl CoreSim {
             Message::Cancel(c) => v
                 .training
                 .retain(|(j, round, _)| j != job || *round != c.round.0),
+            Message::RoundOutcome(_) | Message::EvalRequest(_) if !audited => {
+                return Err(self.violation(format!(
+                    "{job}: a model's hash or an evaluation request to {site} before its audit append"
+                )));
+            }
             Message::Bye(_) => sent.byes += 1,
             _ => {}
         }

@@ -1549,40 +1549,20 @@ impl Engine {
         round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
             .map_err(|e| fatal("writing round.json", &e))?;
         let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
-        self.audit_own(
-            EventKind::RoundAggregated,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": round,
-                "base_model": base_model.to_hex(),
-                "output_model": hash.to_hex(),
-                "strategy": strategy,
-                "dp": self.strategy.dp.as_ref().map(|_| serde_json::json!({
-                    "noise_std": outcome.noise_std,
-                    "clip_norm": outcome.clip_norm,
-                    "epsilon": outcome.privacy.map(|p| p.0),
-                    "delta": outcome.privacy.map(|p| p.1),
-                })),
-                "inputs": log.inputs.iter().map(|i| serde_json::json!({
-                    "site": i.site,
-                    "payload_hash": i.payload_hash,
-                    "num_examples": i.num_examples,
-                })).collect::<Vec<_>>(),
-            }),
-        )?;
-        // The sites whose updates made this model are told which model it
-        // is (they record it), then hold the coordinator's head over
-        // `round.aggregated` (inputs → output hash) from now on.
-        let produced = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
-            job_id: self.job_id.clone(),
-            round: RoundId(round),
-            model: hash,
-            job_completed: false,
+        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
+            noise_std: outcome.noise_std,
+            clip_norm: outcome.clip_norm,
+            privacy: outcome.privacy,
         });
-        for i in &log.inputs {
-            self.send(&i.site, produced.clone());
-        }
-        self.push_head(log.inputs.iter().map(|i| i.site.as_str()));
+        let effects = actions::round_aggregated(
+            &self.facts,
+            round,
+            (base_model, hash),
+            strategy,
+            dp,
+            &log.inputs,
+        );
+        self.run_effects(effects, None)?;
         if let Err(e) = self.store.set_round_times(
             self.job_id.as_str(),
             round,
