@@ -6,6 +6,7 @@
 //!
 //! | action | effects |
 //! |---|---|
+//! | `Persist` | [`checkpoint_plan`]: what the checkpoint's transaction carries (optimizer state, replay state) and what follows it (a round opened) |
 //! | `SendOffer` | [`send_offer`]: `offer.sent`, then the offer |
 //! | `CancelTask` | [`cancel_task`]: the `Cancel` |
 //! | `Disconnect` | [`close_reason`] of the close the site table emits |
@@ -45,7 +46,7 @@ use fedlink_protocol::{
 use super::evaluation::{self, RequestedEvaluation};
 use super::{CloseReason, Effect};
 use crate::job::Job;
-use crate::round::{DisconnectReason, JobOutcome, Offer};
+use crate::round::{Checkpoint, DisconnectReason, JobOutcome, Offer};
 use crate::round_archive::RoundInput;
 use crate::store::{RejectedUpdate, UpdateDetail};
 
@@ -201,6 +202,42 @@ pub fn offer_privacy(strategy: &StrategyConfig, job: &crate::job::Privacy) -> Pr
         clip_norm,
         dp: None,
         central_dp,
+    }
+}
+
+/// What committing one of the round machine's checkpoints (`Persist`)
+/// takes besides the checkpoint — in the same store transaction — and
+/// what follows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointPlan {
+    /// Commit the server optimizer state and the feature scaling with it
+    /// (a round completed: the next rounds start from them).
+    pub optimizer_state: bool,
+    /// Commit the replay guard with it, once the accepted update of this
+    /// (site, round) is committed in the guard: the round is used up for
+    /// the site, durably with the acceptance itself.
+    pub commit_replay: Option<(String, u64)>,
+    /// The round to open once it is committed (its accumulator, its server
+    /// state before, its noise seed, `round.opened`).
+    pub opens_round: Option<u64>,
+    /// The status file may wait (an accepted update: it is rewritten at
+    /// most every so often) rather than be written at once.
+    pub status_may_wait: bool,
+}
+
+/// The plan of committing `checkpoint` (see [`CheckpointPlan`]).
+pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
+    CheckpointPlan {
+        optimizer_state: matches!(checkpoint, Checkpoint::RoundCompleted { .. }),
+        commit_replay: match checkpoint {
+            Checkpoint::UpdateAccepted(acc) => Some((acc.site.clone(), acc.round)),
+            _ => None,
+        },
+        opens_round: match checkpoint {
+            Checkpoint::RoundStarted { round, .. } => Some(*round),
+            _ => None,
+        },
+        status_may_wait: matches!(checkpoint, Checkpoint::UpdateAccepted(_)),
     }
 }
 
@@ -851,6 +888,67 @@ mod tests {
         let other = terms.offer(&Offer { round: 3, ..offer }, 0);
         assert_ne!(other.training.seed, o.training.seed);
         assert_eq!(other.arch, o.arch);
+    }
+
+    #[test]
+    fn a_checkpoint_carries_what_its_recovery_needs() {
+        use crate::round::AcceptedUpdate;
+        let started = Checkpoint::RoundStarted {
+            round: 4,
+            attempt: 1,
+            base_model: model(1),
+            selected: vec!["site-a".into()],
+        };
+        let accepted = AcceptedUpdate {
+            site: "site-a".into(),
+            round: 4,
+            payload_hash: model(2),
+            num_examples: 10,
+            bytes: 100,
+            received_unix_ms: 0,
+        };
+        let completed = Checkpoint::RoundCompleted {
+            round: 4,
+            model: model(3),
+            updates: vec![accepted.clone()],
+            metrics: Default::default(),
+        };
+        let plain = CheckpointPlan {
+            optimizer_state: false,
+            commit_replay: None,
+            opens_round: None,
+            status_may_wait: false,
+        };
+        assert_eq!(
+            checkpoint_plan(&started),
+            CheckpointPlan {
+                opens_round: Some(4),
+                ..plain.clone()
+            }
+        );
+        assert_eq!(
+            checkpoint_plan(&Checkpoint::UpdateAccepted(accepted)),
+            CheckpointPlan {
+                commit_replay: Some(("site-a".into(), 4)),
+                status_may_wait: true,
+                ..plain.clone()
+            }
+        );
+        assert_eq!(
+            checkpoint_plan(&completed),
+            CheckpointPlan {
+                optimizer_state: true,
+                ..plain.clone()
+            }
+        );
+        for cp in [
+            Checkpoint::Paused(true),
+            Checkpoint::JobFinished(JobOutcome::Aborted {
+                completed_rounds: 1,
+            }),
+        ] {
+            assert_eq!(checkpoint_plan(&cp), plain);
+        }
     }
 
     #[test]

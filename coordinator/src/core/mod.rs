@@ -44,12 +44,14 @@
 //! (`round.aggregated`, the new model's hash and the audit head to its
 //! sites) and the end of a job (`round.discarded`, `job.finished`, the
 //! final model's hash and the audit head to the sites, the final
-//! evaluation asked for, `Bye`) — as ordered effects.
+//! evaluation asked for, `Bye`) — as ordered effects; and what a
+//! checkpoint's commit carries and opens.
 //!
 //! What it does not do (yet): the payload records are checked by the
 //! protocol's `PayloadVerifier` in the driver's connection task; the
-//! round machine's checkpoints and their extras (replay and optimizer
-//! state), the round's opening (`state-before.json`, its noise seed,
+//! checkpoints' extras are serialized and committed by the driver (which
+//! ones a checkpoint carries: [`actions::checkpoint_plan`]), the round's
+//! opening (`state-before.json`, its noise seed,
 //! `round.opened`), the accumulator's lifecycle (open, fold on ack,
 //! aggregate), the round archive's files, the exclusion of withdrawn
 //! sites' updates (`update.excluded`), the per-round federated evaluation

@@ -676,8 +676,8 @@ impl CoreSim {
         match action {
             Action::Persist(cp) => {
                 self.note(&format!("persist {cp:?}"));
-                if let Checkpoint::RoundStarted { round, .. } = &cp {
-                    self.open_round = Some(*round);
+                if let Some(round) = actions::checkpoint_plan(&cp).opens_round {
+                    self.open_round = Some(round);
                 }
                 self.durable.entry(job).or_default().push(cp);
             }

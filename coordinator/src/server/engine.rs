@@ -891,21 +891,21 @@ impl Engine {
     fn execute(&mut self, now: Instant, action: Action) -> Result<(), EngineError> {
         match action {
             Action::Persist(cp) => {
-                let optimizer = match &cp {
-                    crate::round::Checkpoint::RoundCompleted { .. } => Some(
+                let plan = actions::checkpoint_plan(&cp);
+                let optimizer = if plan.optimizer_state {
+                    Some(
                         serde_json::to_vec(&PersistedState {
                             server: self.server_state.clone(),
                             scaling: self.scaling.clone(),
                         })
                         .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?,
-                    ),
-                    _ => None,
+                    )
+                } else {
+                    None
                 };
-                let replay = match &cp {
-                    crate::round::Checkpoint::UpdateAccepted(acc) => {
-                        // The round is used up for this site: committed in
-                        // the guard, persisted with the acceptance itself.
-                        if let Some(p) = self.pending.get(&(acc.site.clone(), acc.round)) {
+                let replay = match &plan.commit_replay {
+                    Some(key) => {
+                        if let Some(p) = self.pending.get(key) {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(
@@ -913,7 +913,7 @@ impl Engine {
                                 .map_err(|e| EngineError::Fatal(format!("replay state: {e}")))?,
                         )
                     }
-                    _ => None,
+                    None => None,
                 };
                 let scope = self.job_id.as_str().to_owned();
                 self.store
@@ -926,10 +926,10 @@ impl Engine {
                         },
                     )
                     .map_err(EngineError::Checkpoint)?;
-                if let crate::round::Checkpoint::RoundStarted { round, .. } = &cp {
-                    self.open_round(*round)?;
+                if let Some(round) = plan.opens_round {
+                    self.open_round(round)?;
                 }
-                if matches!(cp, crate::round::Checkpoint::UpdateAccepted(_)) {
+                if plan.status_may_wait {
                     self.write_status_soon(now);
                 } else {
                     self.write_status();
