@@ -34,6 +34,8 @@ fn seeded_runs_keep_every_invariant() {
         total.revocations += s.revocations;
         total.jobs_completed += s.jobs_completed;
         total.admin_audited += s.admin_audited;
+        total.rejections += s.rejections;
+        total.evaluations_requested += s.evaluations_requested;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -47,6 +49,8 @@ fn seeded_runs_keep_every_invariant() {
         ("revocations of connected sites", total.revocations),
         ("jobs completed", total.jobs_completed),
         ("audited admin commands", total.admin_audited),
+        ("refused uploads", total.rejections),
+        ("final evaluations requested", total.evaluations_requested),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

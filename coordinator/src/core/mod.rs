@@ -37,10 +37,26 @@
 //! [`admin`] turns pause / resume / abort of the running or a queued job
 //! into effects, the audit append first.
 //!
+//! [`actions`] decides what the driver does for the round machine's
+//! actions — offers (`offer.sent`, then the offer with the job's terms),
+//! cancels, closes, accepted and refused uploads (`update.received`, the
+//! round's record, the spool dropped, the one answer), an aggregated round
+//! (`round.aggregated`, the new model's hash and the audit head to its
+//! sites) and the end of a job (`round.discarded`, `job.finished`, the
+//! final model's hash and the audit head to the sites, the final
+//! evaluation asked for, `Bye`) — as ordered effects; and what a
+//! checkpoint's commit carries and opens.
+//!
 //! What it does not do (yet): the payload records are checked by the
-//! protocol's `PayloadVerifier` in the driver's connection task; persisting
-//! the replay state, the accumulator's lifecycle, the round archive and
-//! the audit records of the round machine's actions still live in the driver's engine
+//! protocol's `PayloadVerifier` in the driver's connection task; the
+//! checkpoints' extras are serialized and committed by the driver (which
+//! ones a checkpoint carries: [`actions::checkpoint_plan`]), the round's
+//! opening (`state-before.json`, its noise seed,
+//! `round.opened`), the accumulator's lifecycle (open, fold on ack,
+//! aggregate), the round archive's files, the exclusion of withdrawn
+//! sites' updates (`update.excluded`), the per-round federated evaluation
+//! (`round.evaluated`), declined offers, interrupted uploads and
+//! evaluation reports are still decided in the driver's engine
 //! (`server::engine`).
 //!
 //! ```
@@ -65,6 +81,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod actions;
 pub mod admin;
 pub mod evaluation;
 pub mod intake;
@@ -138,13 +155,80 @@ pub enum Effect {
     /// Hand an input to the running job's round machine (and execute its
     /// actions).
     Apply(crate::round::Input),
+    /// Queue a message on a connected site's control stream (dropped if
+    /// the site is not connected).
+    Send {
+        /// The site.
+        site: String,
+        /// The message.
+        message: fedlink_protocol::Message,
+    },
+    /// Send the coordinator's signed audit head, as of the appends before
+    /// it, to those of `sites` that are connected.
+    PushHead {
+        /// The sites.
+        sites: Vec<String>,
+    },
+    /// Keep a refused upload in its round's record (best effort: a round
+    /// with no record keeps none).
+    RecordRejected {
+        /// The round.
+        round: u64,
+        /// The refused upload.
+        rejected: crate::store::RejectedUpdate,
+    },
+    /// Keep an accepted update's details in its round's record (best
+    /// effort).
+    RecordAccepted {
+        /// The round.
+        round: u64,
+        /// The accepted update.
+        detail: crate::store::UpdateDetail,
+    },
+    /// Delete the spooled payload of the pending upload of `site` in
+    /// `round` (refused: it is not archived).
+    DiscardSpool {
+        /// The site.
+        site: String,
+        /// The round.
+        round: u64,
+    },
+    /// Answer the pending upload of `site` in `round`.
+    AnswerUpload {
+        /// The site.
+        site: String,
+        /// The round.
+        round: u64,
+        /// The answer.
+        result: fedlink_protocol::message::UploadResult,
+    },
+    /// Keep the final model's federated evaluation on the job's round
+    /// `round` (its last).
+    RecordFinalEvaluation {
+        /// The round.
+        round: u64,
+        /// The evaluation.
+        evaluation: fedlink_protocol::admin::FederatedEvaluation,
+    },
+    /// The job is over: the driver records its outcome (and its serve loop
+    /// moves on to the next job).
+    Finish(crate::round::JobOutcome),
 }
 
 impl Effect {
     /// Whether executing it changes durable or job state (it must follow
     /// its audit append).
     pub fn changes_state(&self) -> bool {
-        matches!(self, Self::Persist { .. } | Self::Apply(_))
+        matches!(
+            self,
+            Self::Persist { .. }
+                | Self::Apply(_)
+                | Self::RecordRejected { .. }
+                | Self::RecordAccepted { .. }
+                | Self::DiscardSpool { .. }
+                | Self::RecordFinalEvaluation { .. }
+                | Self::Finish(_)
+        )
     }
 }
 
@@ -155,6 +239,7 @@ mod purity {
 
     const SOURCES: &[(&str, &str)] = &[
         ("mod.rs", include_str!("mod.rs")),
+        ("actions.rs", include_str!("actions.rs")),
         ("sites.rs", include_str!("sites.rs")),
         ("queue.rs", include_str!("queue.rs")),
         ("intake.rs", include_str!("intake.rs")),

@@ -5,9 +5,13 @@
 //! effect boundary followed by a restart from what was persisted. It runs
 //! the real [`Sites`] table, the real [`super::queue`] and the real
 //! [`JobRunner`]s, and plays the driver's part: it executes the runner's
-//! actions in order, persists checkpoints to an in-memory log (the store's
-//! crash semantics: a checkpoint is durable once executed, the round in
-//! flight is re-opened after a restart), and folds/acks updates.
+//! actions in order — offers, cancels, accepted and refused uploads,
+//! closes, aggregated rounds and the end of a job through the same core
+//! decisions as the driver
+//! ([`super::actions`]), executing their effects —, persists checkpoints
+//! to an in-memory log (the store's crash semantics: a checkpoint is
+//! durable once executed, the round in flight is re-opened after a
+//! restart), and folds/acks updates.
 //!
 //! After every step it checks:
 //!
@@ -19,7 +23,14 @@
 //! - a job's round machine sees exactly the sites the core holds, so
 //!   sites are held across job switches as after an empty start;
 //! - an admin command's change (to the running job's machine or a queued
-//!   job's checkpoint) follows its audit append;
+//!   job's checkpoint) follows its audit append, and so does every change
+//!   the core decides for a round machine's action (a refused upload's
+//!   record, the end of a job);
+//! - an offer, a model's hash or an evaluation request goes out only
+//!   after its audit append, and names the running job; an acknowledged
+//!   or refused upload is answered exactly once; a job ends exactly
+//!   once, with the outcome its machine gave, and its sites are told
+//!   `Bye` only when no job is queued behind it;
 //! - a connection is closed only while it is a site's current one, and
 //!   a revoked site holds no connection.
 //!
@@ -38,14 +49,24 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use fedlink_protocol::ModelHash;
+use fedlink_protocol::{FederationId, JobId, Message, ModelHash};
 
-use super::admin::{StoredJob, Target, job_command};
-use super::{CloseReason, Effect, Held, Sites, queue};
-use crate::round::{
-    Action, AdminCommand, Checkpoint, ConnId, DisconnectReason, Input, JobOutcome, JobRunner,
-    RoundConfig, SiteCapabilities, Snapshot, UpdateReceived, Verdict,
+use super::actions::{
+    self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
 };
+use super::admin::{StoredJob, Target, job_command};
+use super::intake::{reason_text, reject_code};
+use super::{Effect, Held, Sites, queue};
+use crate::round::{
+    Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, RoundConfig,
+    SiteCapabilities, Snapshot, UpdateReceived, Verdict,
+};
+
+/// The terms of the simulated jobs' offers (training, encoding, privacy):
+/// the offers the core builds from them are what the virtual sites get.
+const OFFER_JOB: &str = "id = \"sim\"\nrounds = 3\nseed = 5\n\
+    arch = { kind = \"logreg\", inputs = 4, classes = 2 }\ninit = { seed = 1 }\n\
+    [round]\ndeadline_secs = 30\n[strategy]\nname = \"fedavg\"\n";
 
 /// Events shown with a violation.
 const RECENT: usize = 40;
@@ -85,6 +106,10 @@ pub struct Stats {
     pub jobs_completed: u64,
     /// Admin commands recorded in the audit log.
     pub admin_audited: u64,
+    /// Uploads refused (audited, recorded and answered).
+    pub rejections: u64,
+    /// Final models whose evaluation the sites were asked for.
+    pub evaluations_requested: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -114,6 +139,43 @@ struct Running {
     runner: JobRunner,
 }
 
+/// What the effects of one action did.
+#[derive(Debug, Default)]
+struct Sent {
+    offers: u64,
+    byes: u64,
+    answers: u64,
+    rejections: u64,
+    finished: Vec<JobOutcome>,
+}
+
+/// The facts of a simulated upload (it has no signed envelope: its nonce
+/// and signature are left empty).
+fn sim_upload(job: &str, u: &UpdateReceived) -> UploadFacts {
+    UploadFacts {
+        job: job.to_owned(),
+        round: u.round,
+        site: u.site.clone(),
+        payload_hash: u.payload_hash.to_hex(),
+        bytes: u.bytes,
+        num_examples: u.num_examples,
+        nonce: String::new(),
+        envelope_sig: String::new(),
+    }
+}
+
+/// A message's name, for the trace.
+fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::TaskOfferV6(_) => "offer",
+        Message::Cancel(_) => "cancel",
+        Message::RoundOutcome(_) => "round outcome",
+        Message::EvalRequest(_) => "eval request",
+        Message::Bye(_) => "bye",
+        _ => "other",
+    }
+}
+
 /// The simulation (see the module docs).
 pub struct CoreSim {
     seed: u64,
@@ -132,6 +194,17 @@ pub struct CoreSim {
     acked: BTreeSet<(String, u64, String)>,
     /// A crash is armed: it happens before the n-th next action executes.
     crash_in: Option<u32>,
+    /// The offer terms' job (`None`: [`OFFER_JOB`] does not parse, a
+    /// violation at the first offer).
+    offer_job: Option<crate::job::Job>,
+    /// The last upload received of each (job, site, round), as the driver
+    /// keeps it pending.
+    received: BTreeMap<(String, String, u64), UpdateReceived>,
+    /// The running job's open round (the driver's round record), from its
+    /// `RoundStarted` checkpoint to its aggregation.
+    open_round: Option<u64>,
+    /// Virtual time → the sites' Unix milliseconds.
+    clock: UnixClock,
     stats: Stats,
     trace: blake3::Hasher,
     /// The last events (for the report of a violation).
@@ -155,6 +228,10 @@ impl CoreSim {
             durable: BTreeMap::new(),
             acked: BTreeSet::new(),
             crash_in: None,
+            offer_job: crate::job::Job::from_toml(OFFER_JOB).ok(),
+            received: BTreeMap::new(),
+            open_round: None,
+            clock: UnixClock::new(start, 1_700_000_000_000),
             stats: Stats::default(),
             trace: blake3::Hasher::new(),
             recent: std::collections::VecDeque::new(),
@@ -399,6 +476,7 @@ impl CoreSim {
             if sent_job == job {
                 self.stats.replays += 1;
                 self.note(&format!("replay {name} r{}", u.round));
+                self.received.insert((job, name, u.round), u.clone());
                 return self.feed(Input::UpdateReceived(u));
             }
         }
@@ -430,7 +508,8 @@ impl CoreSim {
             received_unix_ms: 0,
             verdict,
         };
-        self.vsites[i].sent.push((job, u.clone()));
+        self.vsites[i].sent.push((job.clone(), u.clone()));
+        self.received.insert((job, name.clone(), round), u.clone());
         self.note(&format!("upload {name} r{round}"));
         self.feed(Input::UpdateReceived(u))
     }
@@ -542,7 +621,7 @@ impl CoreSim {
                     self.durable.entry(job).or_default().push(checkpoint);
                 }
                 Effect::Apply(input) => self.feed(input)?,
-                other @ Effect::Close { .. } => {
+                other => {
                     return Err(self.violation(format!("an admin command emitted {other:?}")));
                 }
             }
@@ -597,18 +676,76 @@ impl CoreSim {
         match action {
             Action::Persist(cp) => {
                 self.note(&format!("persist {cp:?}"));
+                if let Some(round) = actions::checkpoint_plan(&cp).opens_round {
+                    self.open_round = Some(round);
+                }
                 self.durable.entry(job).or_default().push(cp);
             }
             Action::SendOffer { site, offer } => {
                 self.note(&format!("offer {site} r{}", offer.round));
-                if let Some(v) = self.vsites.iter_mut().find(|v| v.name == site)
-                    && v.conn.is_some()
-                {
-                    v.offers.push((job, offer.round, offer.model));
+                let facts = self.facts(&job)?;
+                let Some(terms) = self.offer_job.as_ref().and_then(|j| {
+                    OfferTerms::of(
+                        j,
+                        &facts,
+                        &fedlink_aggregation::StrategyConfig::default(),
+                        None,
+                    )
+                    .ok()
+                }) else {
+                    return Err(self.violation("the simulated job's offer terms do not build"));
+                };
+                let effects = actions::send_offer(&facts, &terms, &self.clock, &site, &offer);
+                let sent = self.run_effects(&job, effects)?;
+                if sent.offers != 1 {
+                    return Err(self.violation(format!(
+                        "{job}: SendOffer to {site} sent {} offers",
+                        sent.offers
+                    )));
                 }
+            }
+            Action::CancelTask { site, round } => {
+                self.note(&format!("cancel {site} r{round}"));
+                let effects = actions::cancel_task(&self.facts(&job)?, &site, round);
+                self.run_effects(&job, effects)?;
+            }
+            Action::RejectUpdate {
+                site,
+                round,
+                reason,
+            } => {
+                self.note(&format!("reject {site} r{round} {reason:?}"));
+                let Some(u) = self.received.remove(&(job.clone(), site.clone(), round)) else {
+                    return Err(self.violation(format!(
+                        "{job}: rejected an upload of {site} in round {round} it never received"
+                    )));
+                };
+                let upload = sim_upload(&job, &u);
+                let effects = actions::reject_pending(
+                    &self.facts(&job)?,
+                    &site,
+                    &upload,
+                    &reason_text(&reason),
+                    reject_code(&reason),
+                    self.clock.unix_ms(self.now),
+                );
+                let sent = self.run_effects(&job, effects)?;
+                if sent.answers != 1 || sent.rejections != 1 {
+                    return Err(self.violation(format!(
+                        "{job}: refusing {site}'s upload in round {round} answered it {} times \
+                         and recorded it {} times",
+                        sent.answers, sent.rejections
+                    )));
+                }
+                self.stats.rejections += 1;
             }
             Action::AckUpdate { site, round } => {
                 self.note(&format!("ack {site} r{round}"));
+                let Some(u) = self.received.remove(&(job.clone(), site.clone(), round)) else {
+                    return Err(self.violation(format!(
+                        "{job}: acknowledged an upload of {site} in round {round} it never received"
+                    )));
+                };
                 let persisted = self.durable.get(&job).is_some_and(|log| {
                     log.iter().rev().any(
                         |cp| matches!(cp, Checkpoint::UpdateAccepted(a) if a.site == site && a.round == round),
@@ -625,6 +762,22 @@ impl CoreSim {
                         "{job}: the update of {site} in round {round} was acknowledged twice"
                     )));
                 }
+                let effects = actions::accept_upload(
+                    &self.facts(&job)?,
+                    &site,
+                    &sim_upload(&job, &u),
+                    fedlink_protocol::PayloadHash(u.payload_hash.0),
+                    0,
+                    None,
+                    self.clock.unix_ms(self.now),
+                );
+                let sent = self.run_effects(&job, effects)?;
+                if sent.answers != 1 {
+                    return Err(self.violation(format!(
+                        "{job}: acknowledging {site}'s upload in round {round} answered it {} times",
+                        sent.answers
+                    )));
+                }
                 self.stats.acks += 1;
             }
             Action::Aggregate {
@@ -633,6 +786,7 @@ impl CoreSim {
                 updates,
             } => {
                 self.note(&format!("aggregate r{round} {}", updates.len()));
+                self.open_round = None;
                 let got: BTreeSet<&str> = updates.iter().map(|u| u.site.as_str()).collect();
                 if got.len() != updates.len() {
                     return Err(
@@ -657,6 +811,26 @@ impl CoreSim {
                 }
                 let model = ModelHash(*h.finalize().as_bytes());
                 self.stats.rounds_aggregated += 1;
+                // On record, then the sites whose updates made it are told.
+                let inputs: Vec<_> = updates
+                    .iter()
+                    .map(|u| crate::round_archive::RoundInput {
+                        site: u.site.clone(),
+                        payload_hash: u.payload_hash.to_hex(),
+                        num_examples: u.num_examples,
+                        payload_file: String::new(),
+                        envelope_file: String::new(),
+                    })
+                    .collect();
+                let effects = actions::round_aggregated(
+                    &self.facts(&job)?,
+                    round,
+                    (base_model, model),
+                    serde_json::Value::Null,
+                    None,
+                    &inputs,
+                );
+                self.run_effects(&job, effects)?;
                 let now = self.now;
                 if let Some(r) = self.running.as_mut() {
                     r.runner.handle(
@@ -671,11 +845,10 @@ impl CoreSim {
             }
             Action::Disconnect { site, conn, reason } => {
                 self.note(&format!("runner disconnect {site} {}", conn.0));
-                let reason = match reason {
-                    DisconnectReason::NotAllowed => CloseReason::NotAllowed,
-                    _ => CloseReason::Replaced,
-                };
-                if let Some(e) = self.sites.close(&site, conn, reason) {
+                if let Some(e) = self
+                    .sites
+                    .close(&site, conn, actions::close_reason(&reason))
+                {
                     self.execute_effect(e)?;
                 }
             }
@@ -684,18 +857,234 @@ impl CoreSim {
                 if matches!(outcome, JobOutcome::Completed { .. }) {
                     self.stats.jobs_completed += 1;
                 }
+                self.job_finished(&job, outcome)?;
             }
-            other @ (Action::SendModel { .. }
-            | Action::RejectUpdate { .. }
-            | Action::CancelTask { .. }
-            | Action::Evaluate { .. }) => self.note(&format!("{other:?}")),
+            other @ (Action::SendModel { .. } | Action::Evaluate { .. }) => {
+                self.note(&format!("{other:?}"))
+            }
         }
+        Ok(())
+    }
+
+    /// The running job's facts for the core's decisions.
+    fn facts(&self, job: &str) -> Result<JobFacts, Violation> {
+        match (FederationId::new("sim-federation"), JobId::new(job)) {
+            (Ok(federation), Ok(id)) => Ok(JobFacts {
+                federation,
+                job: id,
+                actor: "fedlink://sim-federation/coordinator".into(),
+            }),
+            _ => Err(self.violation(format!("{job} is not a valid job id"))),
+        }
+    }
+
+    /// `JobFinished` through the core ([`actions::job_finished`]): the
+    /// final evaluation, when the sites are asked for it, is answered at
+    /// once ([`actions::evaluation_finished`]). The job must end exactly
+    /// once, with its machine's outcome.
+    fn job_finished(&mut self, job: &str, outcome: JobOutcome) -> Result<(), Violation> {
+        let facts = self.facts(job)?;
+        let Some(r) = self.running.as_ref() else {
+            return Ok(());
+        };
+        let completed_rounds = r.runner.completed_rounds();
+        let cfg = self.jobs[r.job].cfg.clone();
+        let names = self.sites.connected();
+        let sites = names
+            .iter()
+            .map(|s| Connected {
+                site: s.clone(),
+                protocol_version: self.sites.protocol_version(s),
+            })
+            .collect();
+        let next_queued = queue::next_job(&self.queue, Some(job), |id| {
+            self.jobs
+                .iter()
+                .position(|j| j.id == id)
+                .is_some_and(|j| self.snapshot(j).outcome.is_none())
+        })
+        .is_some();
+        let Some(arch) = self.offer_job.as_ref().map(|j| j.arch.clone()) else {
+            return Err(self.violation("the simulated job's terms do not parse"));
+        };
+        let end = actions::job_finished(
+            &facts,
+            Finishing {
+                outcome: outcome.clone(),
+                open_round: self.open_round.take(),
+                completed_rounds,
+                sites,
+                next_queued,
+                evaluation: FinalEvaluation {
+                    rounds: cfg.rounds,
+                    every_rounds: cfg.evaluate_every,
+                    arch,
+                    scaling: None,
+                    deadline: self.now + cfg.deadline,
+                },
+            },
+        );
+        let mut sent = self.run_effects(job, end.effects)?;
+        if let Some(req) = end.requested {
+            self.stats.evaluations_requested += 1;
+            let effects = actions::evaluation_finished(
+                &facts,
+                req.finish(),
+                outcome.clone(),
+                &names,
+                next_queued,
+            );
+            let more = self.run_effects(job, effects)?;
+            sent.byes += more.byes;
+            sent.finished.extend(more.finished);
+        }
+        if sent.finished != [outcome.clone()] {
+            return Err(self.violation(format!(
+                "{job}: ended {:?}, its machine's outcome is {outcome:?}",
+                sent.finished
+            )));
+        }
+        if next_queued && sent.byes > 0 {
+            return Err(self.violation(format!(
+                "{job}: told its sites Bye with a job queued behind it"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Execute what the core decided for one action, checking that every
+    /// change follows an audit append, that the messages name the running
+    /// job, and that an upload is answered at most once.
+    fn run_effects(&mut self, job: &str, effects: Vec<Effect>) -> Result<Sent, Violation> {
+        let mut sent = Sent::default();
+        let mut audited = false;
+        let mut answered = BTreeSet::new();
+        for effect in effects {
+            if effect.changes_state() && !audited {
+                return Err(self.violation(format!("{effect:?} before its audit append")));
+            }
+            match effect {
+                Effect::AppendAudit { kind, details, .. } => {
+                    if details["job"] != job {
+                        return Err(
+                            self.violation(format!("{kind} of {job} names job {}", details["job"]))
+                        );
+                    }
+                    self.note(&format!("audit {kind}"));
+                    audited = true;
+                }
+                Effect::Send { site, message } => {
+                    self.deliver(job, &site, message, audited, &mut sent)?
+                }
+                Effect::PushHead { sites } => self.note(&format!("head {}", sites.join(","))),
+                Effect::RecordRejected { round, rejected } => {
+                    self.note(&format!("record rejected {} r{round}", rejected.site));
+                    sent.rejections += 1;
+                }
+                Effect::RecordAccepted { round, detail } => {
+                    self.note(&format!("record accepted {} r{round}", detail.site));
+                }
+                Effect::DiscardSpool { site, round } => {
+                    self.note(&format!("discard {site} r{round}"))
+                }
+                Effect::AnswerUpload {
+                    site,
+                    round,
+                    result,
+                } => {
+                    self.note(&format!("answer {site} r{round} {result:?}"));
+                    if !answered.insert((site.clone(), round)) {
+                        return Err(self.violation(format!(
+                            "{job}: the upload of {site} in round {round} was answered twice"
+                        )));
+                    }
+                    sent.answers += 1;
+                }
+                Effect::RecordFinalEvaluation { round, .. } => {
+                    self.note(&format!("record final evaluation r{round}"));
+                }
+                Effect::Finish(outcome) => {
+                    self.note(&format!("finish {outcome:?}"));
+                    sent.finished.push(outcome);
+                }
+                other @ (Effect::Close { .. } | Effect::Persist { .. } | Effect::Apply(_)) => {
+                    return Err(
+                        self.violation(format!("a round action's decision emitted {other:?}"))
+                    );
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// A message to `site`: dropped if it is not connected (as the driver
+    /// does), else received by the virtual site.
+    fn deliver(
+        &mut self,
+        job: &str,
+        site: &str,
+        message: Message,
+        audited: bool,
+        sent: &mut Sent,
+    ) -> Result<(), Violation> {
+        let named = match &message {
+            Message::TaskOfferV6(o) => Some(o.job_id.as_str()),
+            Message::Cancel(c) => Some(c.job_id.as_str()),
+            Message::RoundOutcome(o) => Some(o.job_id.as_str()),
+            Message::EvalRequest(r) => Some(r.job_id.as_str()),
+            _ => None,
+        };
+        if named.is_some_and(|n| n != job) {
+            return Err(self.violation(format!("a message of {job} to {site} names {named:?}")));
+        }
+        let Some(v) = self
+            .vsites
+            .iter_mut()
+            .find(|v| v.name == site && v.conn.is_some())
+        else {
+            self.note(&format!("dropped: {site} is not connected"));
+            return Ok(());
+        };
+        let name = message_name(&message);
+        match message {
+            Message::TaskOfferV6(o) => {
+                if !audited {
+                    return Err(self.violation(format!(
+                        "{job}: an offer to {site} before its offer.sent append"
+                    )));
+                }
+                v.offers.push((job.to_owned(), o.round.0, o.base_model));
+                sent.offers += 1;
+            }
+            // The site stops working on the round.
+            Message::Cancel(c) => v
+                .training
+                .retain(|(j, round, _)| j != job || *round != c.round.0),
+            Message::RoundOutcome(_) | Message::EvalRequest(_) if !audited => {
+                return Err(self.violation(format!(
+                    "{job}: a model's hash or an evaluation request to {site} before its audit append"
+                )));
+            }
+            Message::Bye(_) => sent.byes += 1,
+            _ => {}
+        }
+        self.note(&format!("deliver {site} {name}"));
         Ok(())
     }
 
     fn execute_effect(&mut self, effect: Effect) -> Result<(), Violation> {
         match effect {
-            other @ (Effect::AppendAudit { .. } | Effect::Persist { .. } | Effect::Apply(_)) => {
+            other @ (Effect::AppendAudit { .. }
+            | Effect::Persist { .. }
+            | Effect::Apply(_)
+            | Effect::Send { .. }
+            | Effect::PushHead { .. }
+            | Effect::RecordRejected { .. }
+            | Effect::RecordAccepted { .. }
+            | Effect::DiscardSpool { .. }
+            | Effect::AnswerUpload { .. }
+            | Effect::RecordFinalEvaluation { .. }
+            | Effect::Finish(_)) => {
                 return Err(self.violation(format!("the site table emitted {other:?}")));
             }
             Effect::Close { conn, reason } => {
@@ -733,6 +1122,9 @@ impl CoreSim {
             v.training.clear();
         }
         self.sites = Sites::new();
+        // The driver's memory is lost with it.
+        self.open_round = None;
+        self.received.clear();
         let Some(r) = self.running.take() else {
             return;
         };

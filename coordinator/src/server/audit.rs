@@ -142,6 +142,11 @@ impl Auditor {
         blocking(|| self.append(actor, event, &details))
     }
 
+    /// The coordinator's own identity (the actor of its events).
+    pub(crate) fn actor(&self) -> &str {
+        &self.actor
+    }
+
     /// [`record`](Self::record) with the coordinator as the actor.
     pub(crate) fn record_own(
         &self,

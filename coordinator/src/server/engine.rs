@@ -15,14 +15,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
-use fedlink_aggregation::{Clipping, StrategyConfig, would_fit};
+use fedlink_aggregation::{StrategyConfig, would_fit};
 use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
-use fedlink_protocol::message::{
-    Cancel, CentralDp, PrivacyRequirements, RejectCode, TaskOffer, TrainingConfig, UploadProgress,
-    UploadResult,
-};
+use fedlink_protocol::message::{RejectCode, UploadProgress, UploadResult};
 use fedlink_protocol::{
     EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
 };
@@ -33,18 +30,22 @@ use super::links::Links;
 use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
+use crate::core::actions::{
+    self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
+};
 use crate::core::intake::{self, reason_text, reject_code};
 use crate::core::resume::{Interrupted, Kept, Partials};
-use crate::core::{CloseReason, JobNeeds, evaluation};
+use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;
 use crate::round::{
-    Action, ConnId, DisconnectReason, Input, JobOutcome, JobRunner, SiteCapabilities,
-    UpdateReceived, Verdict,
+    Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities, UpdateReceived, Verdict,
 };
 use crate::round_archive::{self, RoundFile, RoundInput};
-use crate::store::{Extras, RejectedUpdate, Store, UpdateDetail};
+use crate::store::{Extras, Store};
 
 pub(crate) mod admin;
+
+pub(crate) use crate::core::actions::update_received_details;
 
 /// Something a connection task tells the engine.
 #[derive(Debug)]
@@ -330,7 +331,10 @@ pub(crate) struct Engine {
     models_dir: PathBuf,
     /// Monotonic instant paired with a wall-clock time, to turn deadlines
     /// into the Unix milliseconds sites see.
-    clock_base: (Instant, u64),
+    clock: UnixClock,
+    /// The job, its federation and the coordinator's audit identity, for
+    /// the core's decisions ([`actions`]).
+    facts: JobFacts,
     outcome: Option<JobOutcome>,
     /// The job's newest federated evaluation (for the status).
     latest_evaluation: Option<FederatedEvaluation>,
@@ -366,7 +370,13 @@ impl Engine {
             .store
             .latest_evaluation(job_id.as_str())
             .map_err(StartError::Evaluations)?;
+        let facts = JobFacts {
+            federation: parts.federation.clone(),
+            job: job_id.clone(),
+            actor: parts.wire.audit().actor().to_owned(),
+        };
         Ok(Self {
+            facts,
             latest_evaluation,
             requested: None,
             job_id,
@@ -395,7 +405,7 @@ impl Engine {
             round_log: None,
             wire: parts.wire,
             models_dir: parts.models_dir,
-            clock_base: (now, unix_ms()),
+            clock: UnixClock::new(now, unix_ms()),
             outcome: None,
             job: parts.job,
         })
@@ -432,15 +442,6 @@ impl Engine {
     /// Replace the update keys (manifest reloaded).
     pub(crate) fn set_keys(&mut self, keys: BTreeMap<SiteId, VerifyingKey>) {
         self.keys = keys;
-    }
-
-    fn to_unix_ms(&self, at: Instant) -> u64 {
-        let (base, base_ms) = self.clock_base;
-        if at >= base {
-            base_ms.saturating_add(at.duration_since(base).as_millis() as u64)
-        } else {
-            base_ms.saturating_sub(base.duration_since(at).as_millis() as u64)
-        }
     }
 
     /// Drain actions after construction (a resumed job may act at once).
@@ -839,12 +840,16 @@ impl Engine {
             // A second upload of the same site and round raced the first:
             // refuse the older one; the runner decides about the newer.
             let why = "superseded by another upload of this site for this round";
-            self.note_rejected(&site, &old.upload.envelope, old.upload.bytes, why)?;
-            let _ = std::fs::remove_file(&old.upload.spool_path);
-            let _ = old.reply.send(UploadResult::Reject {
-                code: RejectCode::Replay,
-                message: "superseded by another upload of this site for this round".into(),
-            });
+            let upload = UploadFacts::of(&old.upload.envelope, old.upload.bytes);
+            let effects = actions::reject_pending(
+                &self.facts,
+                &site,
+                &upload,
+                why,
+                RejectCode::Replay,
+                unix_ms(),
+            );
+            self.run_effects(effects, Some(old))?;
         }
         self.runner.handle(now, Input::UpdateReceived(received));
         Ok(())
@@ -884,12 +889,16 @@ impl Engine {
         for ((site, round), p) in undecided {
             tracing::warn!(site = %site, round, "upload left undecided; refusing it");
             let why = "the coordinator did not decide on this upload";
-            self.note_rejected(&site, &p.upload.envelope, p.upload.bytes, why)?;
-            let _ = std::fs::remove_file(&p.upload.spool_path);
-            let _ = p.reply.send(UploadResult::Reject {
-                code: RejectCode::Internal,
-                message: "the coordinator did not decide on this upload".into(),
-            });
+            let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
+            let effects = actions::reject_pending(
+                &self.facts,
+                &site,
+                &upload,
+                why,
+                RejectCode::Internal,
+                unix_ms(),
+            );
+            self.run_effects(effects, Some(p))?;
         }
         Ok(())
     }
@@ -897,21 +906,21 @@ impl Engine {
     fn execute(&mut self, now: Instant, action: Action) -> Result<(), EngineError> {
         match action {
             Action::Persist(cp) => {
-                let optimizer = match &cp {
-                    crate::round::Checkpoint::RoundCompleted { .. } => Some(
+                let plan = actions::checkpoint_plan(&cp);
+                let optimizer = if plan.optimizer_state {
+                    Some(
                         serde_json::to_vec(&PersistedState {
                             server: self.server_state.clone(),
                             scaling: self.scaling.clone(),
                         })
                         .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?,
-                    ),
-                    _ => None,
+                    )
+                } else {
+                    None
                 };
-                let replay = match &cp {
-                    crate::round::Checkpoint::UpdateAccepted(acc) => {
-                        // The round is used up for this site: committed in
-                        // the guard, persisted with the acceptance itself.
-                        if let Some(p) = self.pending.get(&(acc.site.clone(), acc.round)) {
+                let replay = match &plan.commit_replay {
+                    Some(key) => {
+                        if let Some(p) = self.pending.get(key) {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(
@@ -919,7 +928,7 @@ impl Engine {
                                 .map_err(|e| EngineError::Fatal(format!("replay state: {e}")))?,
                         )
                     }
-                    _ => None,
+                    None => None,
                 };
                 let scope = self.job_id.as_str().to_owned();
                 self.store
@@ -932,10 +941,10 @@ impl Engine {
                         },
                     )
                     .map_err(EngineError::Checkpoint)?;
-                if let crate::round::Checkpoint::RoundStarted { round, .. } = &cp {
-                    self.open_round(*round)?;
+                if let Some(round) = plan.opens_round {
+                    self.open_round(round)?;
                 }
-                if matches!(cp, crate::round::Checkpoint::UpdateAccepted(_)) {
+                if plan.status_may_wait {
                     self.write_status_soon(now);
                 } else {
                     self.write_status();
@@ -953,26 +962,20 @@ impl Engine {
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
                 if let Some(p) = self.pending.remove(&(site.clone(), round)) {
-                    self.note_rejected(
+                    let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
+                    let effects = actions::reject_pending(
+                        &self.facts,
                         &site,
-                        &p.upload.envelope,
-                        p.upload.bytes,
+                        &upload,
                         &reason_text(&reason),
-                    )?;
-                    let _ = std::fs::remove_file(&p.upload.spool_path);
-                    let _ = p.reply.send(UploadResult::Reject {
-                        code: reject_code(&reason),
-                        message: reason_text(&reason),
-                    });
+                        reject_code(&reason),
+                        unix_ms(),
+                    );
+                    self.run_effects(effects, Some(p))?;
                 }
             }
             Action::CancelTask { site, round } => {
-                let msg = Message::Cancel(Cancel {
-                    job_id: self.job_id.clone(),
-                    round: RoundId(round),
-                    reason: "the round closed".into(),
-                });
-                self.send(&site, msg);
+                self.run_effects(actions::cancel_task(&self.facts, &site, round), None)?;
             }
             Action::Aggregate {
                 round,
@@ -1001,147 +1004,155 @@ impl Engine {
                 tracing::info!(round, model = %model, "global model ready for evaluation");
             }
             Action::Disconnect { site, conn, reason } => {
-                let reason = match reason {
-                    DisconnectReason::NotAllowed => CloseReason::NotAllowed,
-                    _ => CloseReason::Replaced,
-                };
-                self.links.close(&site, conn, reason);
+                self.links
+                    .close(&site, conn, actions::close_reason(&reason));
             }
             Action::JobFinished(outcome) => {
                 tracing::info!(?outcome, "job finished");
-                if let Some(log) = self.round_log.take() {
-                    let reason = match &outcome {
-                        JobOutcome::Failed { reason, .. } => format!("the job failed: {reason:?}"),
-                        other => format!("the job ended: {other:?}"),
-                    };
-                    self.audit_own(
-                        EventKind::RoundDiscarded,
-                        serde_json::json!({
-                            "job": self.job_id.as_str(),
-                            "round": log.round,
-                            "reason": reason,
-                        }),
-                    )?;
+                let sites = self
+                    .links
+                    .connected()
+                    .into_iter()
+                    .map(|site| Connected {
+                        protocol_version: self.links.protocol_version(&site),
+                        site,
+                    })
+                    .collect();
+                let end = actions::job_finished(
+                    &self.facts,
+                    Finishing {
+                        outcome: outcome.clone(),
+                        open_round: self.round_log.take().map(|l| l.round),
+                        completed_rounds: self.runner.completed_rounds(),
+                        sites,
+                        next_queued: self.wire.admin.next_queued().is_some(),
+                        evaluation: FinalEvaluation {
+                            rounds: u64::from(self.job.rounds),
+                            every_rounds: self.job.evaluation.every_rounds,
+                            arch: self.job.arch.clone(),
+                            scaling: self.scaling.scaling().cloned(),
+                            deadline: now + self.job.deadline(),
+                        },
+                    },
+                );
+                for c in &end.not_asked {
+                    tracing::info!(
+                        site = %c.site,
+                        protocol_version = ?c.protocol_version,
+                        "not asked to evaluate the final model: its protocol version has no evaluation requests"
+                    );
                 }
-                self.audit_own(
-                    EventKind::JobFinished,
-                    serde_json::json!({
-                        "job": self.job_id.as_str(),
-                        "outcome": outcome_json(&outcome),
-                    }),
-                )?;
-                // Every site connected now gets the coordinator's head over
-                // `job.finished` before its Bye: the end of the job is then
-                // in the sites' logs too, and `fedlink audit reconcile`
-                // flags a coordinator log cut anywhere before it.
-                let all: Vec<String> = self.links.connected();
-                // With the final model's hash first, when there is one.
-                if let JobOutcome::Completed { model } = &outcome {
-                    let fin = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
-                        job_id: self.job_id.clone(),
-                        round: RoundId(self.runner.completed_rounds()),
-                        model: *model,
-                        job_completed: true,
-                    });
-                    for site in &all {
-                        self.send(site, fin.clone());
-                    }
-                }
-                self.push_head(all.iter().map(String::as_str));
-                // A completed job's final model: the sites are asked to
+                let asked = end
+                    .effects
+                    .iter()
+                    .filter(|e| {
+                        matches!(
+                            e,
+                            Effect::Send {
+                                message: Message::EvalRequest(_),
+                                ..
+                            }
+                        )
+                    })
+                    .count();
+                self.run_effects(end.effects, None)?;
+                // A completed job's final model: the sites were asked to
                 // evaluate it, and the job ends when they have answered.
-                if let JobOutcome::Completed { model } = &outcome
-                    && let Some(req) = self.ask_final_evaluation(now, *model)?
-                {
+                if let Some(req) = end.requested {
+                    tracing::info!(
+                        sites = asked,
+                        model = %req.expected().model,
+                        "sites asked to evaluate the final model"
+                    );
                     self.requested = Some((req, outcome));
                     self.write_status();
-                    return Ok(());
                 }
-                self.end_job(outcome);
             }
         }
         Ok(())
     }
 
-    /// Tell the sites the job is over (unless a job is queued behind it)
-    /// and let the serve loop see the outcome.
-    fn end_job(&mut self, outcome: JobOutcome) {
-        // With a job queued behind this one the sites stay: the serve loop
-        // hands them to the next job (as after an empty start). Otherwise
-        // they are told the job is over.
-        if self.wire.admin.next_queued().is_none() {
-            for site in &self.links.connected() {
-                self.send(
-                    site,
-                    Message::Bye(fedlink_protocol::Bye {
-                        reason: "job finished".into(),
-                    }),
-                );
-            }
-        }
-        self.outcome = Some(outcome);
-        self.write_status();
-    }
-
-    /// Ask every connected site whose protocol has evaluation requests to
-    /// evaluate the job's final `model`, when the job's `[evaluation]`
-    /// asks for it (audited: `eval.requested`); `None` if no site is
-    /// asked. Older sites are not asked (logged).
-    fn ask_final_evaluation(
+    /// Execute the core's effects for the running job in order (see
+    /// [`actions`]); an audit append that fails stops there (fatal:
+    /// nothing after it is done). `pending`: the upload that
+    /// [`Effect::DiscardSpool`] and [`Effect::AnswerUpload`] are about.
+    fn run_effects(
         &mut self,
-        now: Instant,
-        model: ModelHash,
-    ) -> Result<Option<evaluation::RequestedEvaluation>, EngineError> {
-        let rounds = u64::from(self.job.rounds);
-        if !evaluation::is_due(rounds, self.job.evaluation.every_rounds, rounds) {
-            return Ok(None);
-        }
-        let mut asked = Vec::new();
-        for site in self.links.connected() {
-            match self.links.protocol_version(&site) {
-                Some(v) if fedlink_protocol::supports_federated_eval(v) => asked.push(site),
-                v => tracing::info!(
-                    site = %site,
-                    protocol_version = ?v,
-                    "not asked to evaluate the final model: its protocol version has no evaluation requests"
-                ),
+        effects: Vec<Effect>,
+        mut pending: Option<Pending>,
+    ) -> Result<(), EngineError> {
+        for effect in effects {
+            match effect {
+                Effect::AppendAudit {
+                    actor,
+                    kind,
+                    details,
+                } => {
+                    let during = if actor == self.facts.actor {
+                        format!("{kind}; nothing was done")
+                    } else {
+                        let site = fedlink_audit::event::site_of_actor(&actor).unwrap_or(&actor);
+                        format!("an update of {site}")
+                    };
+                    self.wire
+                        .audit()
+                        .record(&actor, kind, details)
+                        .map_err(|source| EngineError::Audit { during, source })?;
+                }
+                Effect::Send { site, message } => self.send(&site, message),
+                Effect::PushHead { sites } => self.push_head(sites.iter().map(String::as_str)),
+                Effect::RecordRejected { round, rejected } => {
+                    let site = rejected.site.clone();
+                    if let Err(e) =
+                        self.store
+                            .record_rejected(self.job_id.as_str(), round, rejected)
+                    {
+                        tracing::debug!(site, error = %e, "the refused update's round has no record");
+                    }
+                }
+                Effect::RecordAccepted { round, detail } => {
+                    let site = detail.site.clone();
+                    if let Err(e) =
+                        self.store
+                            .record_update_detail(self.job_id.as_str(), round, detail)
+                    {
+                        tracing::warn!(site, round, error = %e, "recording the update's details");
+                    }
+                }
+                Effect::DiscardSpool { .. } => {
+                    if let Some(p) = &pending {
+                        let _ = std::fs::remove_file(&p.upload.spool_path);
+                    }
+                }
+                Effect::AnswerUpload { result, .. } => {
+                    if let Some(p) = pending.take() {
+                        let _ = p.reply.send(result);
+                    }
+                }
+                Effect::RecordFinalEvaluation { round, evaluation } => {
+                    if let Err(e) = self.store.record_final_evaluation(
+                        self.job_id.as_str(),
+                        round,
+                        evaluation.clone(),
+                    ) {
+                        tracing::warn!(round, error = %e, "recording the final model's evaluation");
+                    }
+                    // The status file keeps completed rounds as they were
+                    // shown: this one gains its final evaluation.
+                    if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+                        shown.final_evaluation = Some(evaluation.clone());
+                    }
+                    self.latest_evaluation = Some(evaluation);
+                }
+                Effect::Finish(outcome) => {
+                    // The serve loop sees the outcome and moves on.
+                    self.outcome = Some(outcome);
+                    self.write_status();
+                }
+                other => tracing::error!(?other, "not an effect of the round's actions; ignored"),
             }
         }
-        if asked.is_empty() {
-            return Ok(None);
-        }
-        let expected = fedlink_protocol::evaluation::ExpectedEval {
-            federation_id: self.federation.clone(),
-            job_id: self.job_id.clone(),
-            round: RoundId(rounds),
-            model,
-        };
-        self.audit_own(
-            EventKind::EvalRequested,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": rounds,
-                "model": model.to_hex(),
-                "sites": asked,
-            }),
-        )?;
-        let request = Message::EvalRequest(Box::new(fedlink_protocol::EvalRequest {
-            federation_id: self.federation.clone(),
-            job_id: self.job_id.clone(),
-            round: RoundId(rounds),
-            model,
-            arch: self.job.arch.clone(),
-            scaling: self.scaling.scaling().cloned(),
-        }));
-        for site in &asked {
-            self.send(site, request.clone());
-        }
-        tracing::info!(sites = asked.len(), model = %model, "sites asked to evaluate the final model");
-        Ok(Some(evaluation::RequestedEvaluation::new(
-            expected,
-            asked,
-            now + self.job.deadline(),
-        )))
+        Ok(())
     }
 
     /// A site's signed evaluation report: counted or refused, audited
@@ -1196,20 +1207,6 @@ impl Engine {
             return Ok(());
         };
         let ev = req.finish();
-        let round = ev.after_round;
-        self.audit_own(
-            EventKind::RoundEvaluated,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": round,
-                "model": ev.model,
-                "after_round": ev.after_round,
-                "requested": true,
-                "sites": ev.sites,
-                "weighted": ev.weighted,
-                "excluded": ev.excluded,
-            }),
-        )?;
         tracing::info!(
             model = %ev.model,
             sites = ev.weighted.sites,
@@ -1219,20 +1216,14 @@ impl Engine {
             dice = ?ev.weighted.dice,
             "federated evaluation of the final model"
         );
-        if let Err(e) = self
-            .store
-            .record_final_evaluation(self.job_id.as_str(), round, ev.clone())
-        {
-            tracing::warn!(round, error = %e, "recording the final model's evaluation");
-        }
-        // The status file keeps completed rounds as they were shown: this
-        // one gains its final evaluation.
-        if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
-            shown.final_evaluation = Some(ev.clone());
-        }
-        self.latest_evaluation = Some(ev);
-        self.end_job(outcome);
-        Ok(())
+        let effects = actions::evaluation_finished(
+            &self.facts,
+            ev,
+            outcome,
+            &self.links.connected(),
+            self.wire.admin.next_queued().is_some(),
+        );
+        self.run_effects(effects, None)
     }
 
     /// Send the coordinator's signed audit head (as of now) to `sites` that
@@ -1253,16 +1244,48 @@ impl Engine {
     /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
     /// Record `offer.sent` for every offer (one audit group commit), then
     /// send them.
-    fn send_offers(&self, offers: Vec<(String, crate::round::Offer)>) -> Result<(), EngineError> {
-        let details: Vec<_> = offers
+    /// A round's offers (the round machine emits them in a row): each
+    /// one's effects come from the core (`offer.sent`, then the offer);
+    /// the `offer.sent` entries of all of them are appended as one group
+    /// commit (one fsync) before any offer leaves. Effects of any other
+    /// shape are executed one offer at a time, as the core orders them.
+    fn send_offers(
+        &mut self,
+        offers: Vec<(String, crate::round::Offer)>,
+    ) -> Result<(), EngineError> {
+        let terms = OfferTerms::of(
+            &self.job,
+            &self.facts,
+            &self.strategy,
+            self.scaling.scaling().cloned(),
+        )
+        .map_err(|e| EngineError::Fatal(e.to_string()))?;
+        let per_offer: Vec<Vec<Effect>> = offers
             .iter()
-            .map(|(site, offer)| {
-                serde_json::json!({
-                    "job": self.job_id.as_str(),
-                    "round": offer.round,
-                    "site": site.as_str(),
-                    "base_model": offer.model.to_hex(),
-                })
+            .map(|(site, offer)| actions::send_offer(&self.facts, &terms, &self.clock, site, offer))
+            .collect();
+        let groupable = per_offer.iter().flatten().all(|e| match e {
+            Effect::AppendAudit { actor, kind, .. } => {
+                *kind == EventKind::OfferSent && *actor == self.facts.actor
+            }
+            Effect::Send { .. } => true,
+            _ => false,
+        });
+        if !groupable {
+            for effects in per_offer {
+                self.run_effects(effects, None)?;
+            }
+            return Ok(());
+        }
+        let (audits, sends): (Vec<Effect>, Vec<Effect>) = per_offer
+            .into_iter()
+            .flatten()
+            .partition(|e| matches!(e, Effect::AppendAudit { .. }));
+        let details: Vec<serde_json::Value> = audits
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::AppendAudit { details, .. } => Some(details),
+                _ => None,
             })
             .collect();
         self.wire
@@ -1272,15 +1295,7 @@ impl Engine {
                 during: format!("{}; nothing was done", EventKind::OfferSent),
                 source,
             })?;
-        for (site, offer) in offers {
-            let msg = Message::TaskOfferV6(Box::new(self.task_offer(
-                offer.round,
-                offer.model,
-                offer.deadline,
-            )?));
-            self.send(&site, msg);
-        }
-        Ok(())
+        self.run_effects(sends, None)
     }
 
     fn send(&self, site: &str, msg: Message) {
@@ -1385,37 +1400,26 @@ impl Engine {
                     });
                     log.encodings.push(h.encoding);
                 }
-                self.audit_update(site, &p.upload.envelope, p.upload.bytes, None)?;
-                let detail = UpdateDetail {
-                    site: site.to_owned(),
-                    payload_hash: h.payload_hash.to_hex(),
-                    bytes: p.upload.bytes,
-                    upload_ms: p.upload.upload_ms,
-                    metrics: h.metrics.clone(),
-                    at_unix_ms: unix_ms(),
-                };
-                if let Err(e) = self
-                    .store
-                    .record_update_detail(self.job_id.as_str(), round, detail)
-                {
-                    tracing::warn!(site, round, error = %e, "recording the update's details");
-                }
-                let _ = p.reply.send(UploadResult::Ack {
-                    payload_hash: p.upload.envelope.header.payload_hash,
-                    accepted: true,
-                });
+                let effects = actions::accept_upload(
+                    &self.facts,
+                    site,
+                    &UploadFacts::of(&p.upload.envelope, p.upload.bytes),
+                    h.payload_hash,
+                    p.upload.upload_ms,
+                    h.metrics.clone(),
+                    unix_ms(),
+                );
+                self.run_effects(effects, Some(p))?;
             }
             Err(e) => {
                 // The runner already counted it: this only happens if the
                 // spool vanished or the aggregator refused a token. Fail
                 // loudly; the round result would be wrong otherwise.
                 tracing::error!(site, round, error = %e, "folding an accepted update failed");
-                let message = format!("the coordinator could not fold the update: {e}");
-                self.note_rejected(site, &p.upload.envelope, p.upload.bytes, &message)?;
-                let _ = p.reply.send(UploadResult::Reject {
-                    code: RejectCode::Internal,
-                    message,
-                });
+                let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
+                let effects =
+                    actions::fold_failed(&self.facts, site, &upload, &e.to_string(), unix_ms());
+                self.run_effects(effects, Some(p))?;
             }
         }
         Ok(())
@@ -1612,40 +1616,20 @@ impl Engine {
         round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
             .map_err(|e| fatal("writing round.json", &e))?;
         let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
-        self.audit_own(
-            EventKind::RoundAggregated,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": round,
-                "base_model": base_model.to_hex(),
-                "output_model": hash.to_hex(),
-                "strategy": strategy,
-                "dp": self.strategy.dp.as_ref().map(|_| serde_json::json!({
-                    "noise_std": outcome.noise_std,
-                    "clip_norm": outcome.clip_norm,
-                    "epsilon": outcome.privacy.map(|p| p.0),
-                    "delta": outcome.privacy.map(|p| p.1),
-                })),
-                "inputs": log.inputs.iter().map(|i| serde_json::json!({
-                    "site": i.site,
-                    "payload_hash": i.payload_hash,
-                    "num_examples": i.num_examples,
-                })).collect::<Vec<_>>(),
-            }),
-        )?;
-        // The sites whose updates made this model are told which model it
-        // is (they record it), then hold the coordinator's head over
-        // `round.aggregated` (inputs → output hash) from now on.
-        let produced = Message::RoundOutcome(fedlink_protocol::RoundOutcome {
-            job_id: self.job_id.clone(),
-            round: RoundId(round),
-            model: hash,
-            job_completed: false,
+        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
+            noise_std: outcome.noise_std,
+            clip_norm: outcome.clip_norm,
+            privacy: outcome.privacy,
         });
-        for i in &log.inputs {
-            self.send(&i.site, produced.clone());
-        }
-        self.push_head(log.inputs.iter().map(|i| i.site.as_str()));
+        let effects = actions::round_aggregated(
+            &self.facts,
+            round,
+            (base_model, hash),
+            strategy,
+            dp,
+            &log.inputs,
+        );
+        self.run_effects(effects, None)?;
         if let Err(e) = self.store.set_round_times(
             self.job_id.as_str(),
             round,
@@ -1803,25 +1787,6 @@ impl Engine {
             })
     }
 
-    /// Record `update.received` for one upload (`reason` None: accepted).
-    fn audit_update(
-        &self,
-        site: &str,
-        envelope: &SignedEnvelope,
-        bytes: u64,
-        reason: Option<&str>,
-    ) -> Result<(), EngineError> {
-        let details = update_received_details(envelope, bytes, reason);
-        let actor = self.site_actor(site);
-        self.wire
-            .audit()
-            .record(&actor, EventKind::UpdateReceived, details)
-            .map_err(|source| EngineError::Audit {
-                during: format!("an update of {site}"),
-                source,
-            })
-    }
-
     fn site_actor(&self, site: &str) -> String {
         fedlink_audit::event::site_actor(self.federation.as_str(), site)
     }
@@ -1861,67 +1826,18 @@ impl Engine {
         )
     }
 
-    /// Audit a refused upload and keep it in the round's record.
+    /// Audit an upload refused before its payload and keep it in the
+    /// round's record (the site is answered with the refused ticket).
     fn note_rejected(
-        &self,
+        &mut self,
         site: &str,
         envelope: &SignedEnvelope,
         bytes: u64,
         reason: &str,
     ) -> Result<(), EngineError> {
-        self.audit_update(site, envelope, bytes, Some(reason))?;
-        let h = &envelope.header;
-        let rejected = RejectedUpdate {
-            site: site.to_owned(),
-            payload_hash: h.payload_hash.to_hex(),
-            reason: reason.to_owned(),
-            bytes,
-            at_unix_ms: unix_ms(),
-        };
-        if let Err(e) = self
-            .store
-            .record_rejected(self.job_id.as_str(), h.round.0, rejected)
-        {
-            tracing::debug!(site, error = %e, "the refused update's round has no record");
-        }
-        Ok(())
-    }
-
-    fn task_offer(
-        &self,
-        round: u64,
-        model: ModelHash,
-        deadline: Instant,
-    ) -> Result<TaskOffer, EngineError> {
-        let t = &self.job.training;
-        let optimizer = t.optimizer_to_protocol();
-        let encoding = self
-            .job
-            .encoding
-            .to_protocol()
-            .map_err(|e| EngineError::Fatal(format!("job encoding: {e}")))?;
-        let p = &self.job.privacy;
-        Ok(TaskOffer {
-            federation_id: self.federation.clone(),
-            job_id: self.job_id.clone(),
-            round: RoundId(round),
-            base_model: model,
-            arch: self.job.arch.clone(),
-            training: TrainingConfig {
-                epochs: t.epochs,
-                batch_size: t.batch_size,
-                optimizer,
-                learning_rate: t.learning_rate,
-                fedprox_mu: t.fedprox_mu,
-                seed: self.job.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                augmentation: t.augmentation.map(|a| a.to_protocol()),
-                class_weight: t.class_weight.to_protocol(),
-            },
-            encoding,
-            privacy: offer_privacy(&self.strategy, p),
-            deadline_unix_ms: self.to_unix_ms(deadline),
-            scaling: self.scaling.scaling().cloned(),
-        })
+        let upload = UploadFacts::of(envelope, bytes);
+        let effects = actions::refuse_upload(&self.facts, site, &upload, reason, unix_ms());
+        self.run_effects(effects, None)
     }
 
     /// Write the status file now, or mark it behind if it was written less
@@ -2011,43 +1927,6 @@ pub(crate) fn check_fits(
     would_fit(strategy, job.max_sites() as usize, spec)
 }
 
-/// The details of an `update.received` audit entry (`reason` None:
-/// accepted). `bytes`: payload bytes received (the declared length when
-/// the upload was refused before its payload).
-pub(crate) fn update_received_details(
-    envelope: &SignedEnvelope,
-    bytes: u64,
-    reason: Option<&str>,
-) -> serde_json::Value {
-    let h = &envelope.header;
-    serde_json::json!({
-        "job": h.job_id.as_str(),
-        "round": h.round.0,
-        "site": h.site_id.as_str(),
-        "payload_hash": h.payload_hash.to_hex(),
-        "payload_bytes": bytes,
-        "num_examples": h.num_examples,
-        "nonce": hex::encode(h.nonce.0),
-        "envelope_sig": hex::encode(envelope.signature.to_bytes()),
-        "accepted": reason.is_none(),
-        "reason": reason,
-    })
-}
-
-fn outcome_json(outcome: &JobOutcome) -> serde_json::Value {
-    match outcome {
-        JobOutcome::Completed { model } => {
-            serde_json::json!({"result": "completed", "model": model.to_hex()})
-        }
-        JobOutcome::Failed { round, reason } => {
-            serde_json::json!({"result": "failed", "round": round, "reason": format!("{reason:?}")})
-        }
-        JobOutcome::Aborted { completed_rounds } => {
-            serde_json::json!({"result": "aborted", "completed_rounds": completed_rounds})
-        }
-    }
-}
-
 /// Archive an accepted update; returns the payload and envelope file names.
 fn archive(
     store: &Store,
@@ -2109,36 +1988,11 @@ pub(crate) enum EngineError {
     Checkpoint(#[source] crate::store::StoreError),
 }
 
-/// The privacy terms of an offer, as the aggregator applies them: sites clip
-/// to the strategy's fixed clip norm (else the job's `privacy.clip_norm`),
-/// and the strategy's central DP noise is announced as `central_dp` — added
-/// once by the coordinator, never asked of the sites as well (`dp`, which
-/// would add the noise twice). Without a clip norm in the offer the sites
-/// are not told of central DP (it would not validate: the norm is its
-/// sensitivity); `strategy_config` only enables noise with one.
-fn offer_privacy(strategy: &StrategyConfig, job: &crate::job::Privacy) -> PrivacyRequirements {
-    let clip_norm = match strategy.clipping {
-        Some(Clipping::Fixed { clip_norm }) => Some(clip_norm),
-        _ => job.clip_norm,
-    };
-    let central_dp = strategy
-        .dp
-        .as_ref()
-        .filter(|dp| dp.noise_multiplier > 0.0 && clip_norm.is_some())
-        .map(|dp| CentralDp {
-            noise_multiplier: dp.noise_multiplier,
-            target_delta: job.target_delta,
-        });
-    PrivacyRequirements {
-        clip_norm,
-        dp: None,
-        central_dp,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::actions::offer_privacy;
+    use fedlink_protocol::message::{CentralDp, PrivacyRequirements};
 
     fn job(extra: &str) -> Job {
         let text = format!(
