@@ -255,43 +255,6 @@ async fn connect_site(
     })
 }
 
-/// [`connect_site`] until it succeeds, waiting between attempts as the site
-/// agent does (`fedlink_protocol::backoff::Backoff`, from `initial` up to
-/// 30 s, equal jitter from the site's seeded `rng`). A coordinator refuses
-/// handshakes beyond its per-source rate, and all simulated sites share one
-/// source address. Gives up when `limit` has passed since the first attempt;
-/// `retries` counts the failed attempts.
-#[allow(clippy::too_many_arguments)]
-async fn connect_site_retrying(
-    kit: &Kit,
-    addr: SocketAddr,
-    transport: TransportKind,
-    cc: fedlink_transport::Congestion,
-    limit: Duration,
-    initial: Duration,
-    rng: &mut rand::rngs::StdRng,
-    retries: &mut u32,
-) -> anyhow::Result<SiteConn> {
-    let give_up = Instant::now() + limit;
-    let mut backoff = Backoff::new(initial, Duration::from_secs(30));
-    loop {
-        match connect_site(kit, addr, transport, cc, limit).await {
-            Ok(sc) => return Ok(sc),
-            Err(e) => {
-                let delay = backoff.next_delay(rng.r#gen::<f64>());
-                if Instant::now() + delay > give_up {
-                    return Err(e.context(format!(
-                        "giving up after {} attempts within {limit:?}",
-                        *retries + 1
-                    )));
-                }
-                *retries += 1;
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-}
-
 impl SiteConn {
     /// The next offer (other control messages skipped).
     async fn next_offer(&mut self, limit: Duration) -> anyhow::Result<TaskOffer> {
@@ -442,17 +405,7 @@ async fn upload_with_cuts(
         sc.drop_abruptly();
         dropped = Some((at, written));
         // Back: the coordinator offers the round again; resume it.
-        sc = connect_site_retrying(
-            kit,
-            addr,
-            transport,
-            cc,
-            limit,
-            retry.initial,
-            &mut retry.rng,
-            &mut retry.count,
-        )
-        .await?;
+        sc = retry.connect(kit, addr, transport, cc, limit).await?;
         let offer = sc.next_offer(limit).await?;
         if offer.round != envelope.header.round {
             bail!(
@@ -472,6 +425,42 @@ struct Retry {
     initial: Duration,
     rng: rand::rngs::StdRng,
     count: u32,
+}
+
+impl Retry {
+    /// [`connect_site`] until it succeeds, waiting between attempts as the
+    /// site agent does (`fedlink_protocol::backoff::Backoff`, from
+    /// `initial` up to 30 s, equal jitter from the site's seeded `rng`). A
+    /// coordinator refuses handshakes beyond its per-source rate, and all
+    /// simulated sites share one source address. Gives up when `limit` has
+    /// passed since the first attempt; `count` counts the failed attempts.
+    async fn connect(
+        &mut self,
+        kit: &Kit,
+        addr: SocketAddr,
+        transport: TransportKind,
+        cc: fedlink_transport::Congestion,
+        limit: Duration,
+    ) -> anyhow::Result<SiteConn> {
+        let give_up = Instant::now() + limit;
+        let mut backoff = Backoff::new(self.initial, Duration::from_secs(30));
+        loop {
+            match connect_site(kit, addr, transport, cc, limit).await {
+                Ok(sc) => return Ok(sc),
+                Err(e) => {
+                    let delay = backoff.next_delay(self.rng.r#gen::<f64>());
+                    if Instant::now() + delay > give_up {
+                        return Err(e.context(format!(
+                            "giving up after {} attempts within {limit:?}",
+                            self.count + 1
+                        )));
+                    }
+                    self.count += 1;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
 }
 
 /// A site's precomputed, encoded delta.
@@ -689,17 +678,7 @@ async fn run_site(
         rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x005e_ed0f_7e7a),
         count: 0,
     };
-    let mut sc = connect_site_retrying(
-        &kit,
-        addr,
-        transport,
-        cc,
-        limit,
-        retry.initial,
-        &mut retry.rng,
-        &mut retry.count,
-    )
-    .await?;
+    let mut sc = retry.connect(&kit, addr, transport, cc, limit).await?;
     let key = kit
         .update_signing_key()
         .context("the site kit has no update signing key")?

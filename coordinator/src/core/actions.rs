@@ -798,19 +798,6 @@ mod tests {
         ModelHash([n; 32])
     }
 
-    /// Every effect that changes state comes after an audit append, and
-    /// the first effect is one when any does.
-    fn audited_first(effects: &[Effect]) -> bool {
-        effects
-            .iter()
-            .position(Effect::changes_state)
-            .is_none_or(|i| {
-                effects[..i]
-                    .iter()
-                    .any(|e| matches!(e, Effect::AppendAudit { .. }))
-            })
-    }
-
     fn kinds(effects: &[Effect]) -> Vec<String> {
         effects
             .iter()
@@ -1011,7 +998,7 @@ mod tests {
                 "answer"
             ]
         );
-        assert!(audited_first(&e));
+        assert!(Effect::audited_first(&e));
         let (actor, _, details) = audit(&e[0]);
         assert_eq!(actor, f.site_actor("site-a"));
         assert_eq!(details["accepted"], false);
@@ -1052,7 +1039,7 @@ mod tests {
             kinds(&e),
             ["audit update.received", "record accepted", "answer"]
         );
-        assert!(audited_first(&e));
+        assert!(Effect::audited_first(&e));
         assert_eq!(audit(&e[0]).2["accepted"], true);
         assert_eq!(audit(&e[0]).2["reason"], serde_json::Value::Null);
         assert_eq!(
@@ -1231,7 +1218,7 @@ mod tests {
                 "finish",
             ]
         );
-        assert!(audited_first(&end.effects));
+        assert!(Effect::audited_first(&end.effects));
         nothing_sent_twice(&end.effects);
         let (_, _, d) = audit(&end.effects[0]);
         assert_eq!(d["round"], 2);
@@ -1293,7 +1280,7 @@ mod tests {
             ["audit round.evaluated", "record final", "finish"],
             "a job queued behind keeps the sites: no bye"
         );
-        assert!(audited_first(&e));
+        assert!(Effect::audited_first(&e));
         assert_eq!(audit(&e[0]).2["requested"], true);
         assert_eq!(
             e[1],

@@ -114,17 +114,6 @@ pub fn job_command(
 mod tests {
     use super::*;
 
-    fn audited_first(effects: &[Effect]) -> bool {
-        effects
-            .iter()
-            .position(Effect::changes_state)
-            .is_none_or(|i| {
-                effects[..i]
-                    .iter()
-                    .any(|e| matches!(e, Effect::AppendAudit { .. }))
-            })
-    }
-
     #[test]
     fn every_change_is_audited_first_and_finished_jobs_are_left_alone() {
         let queued = Target::Stored(Some(StoredJob {
@@ -138,11 +127,11 @@ mod tests {
         ] {
             let (e, r) = job_command("j", cmd, "admin", Target::Running { finished: false });
             assert_eq!(r, Ok(()));
-            assert!(audited_first(&e), "{e:?}");
+            assert!(Effect::audited_first(&e), "{e:?}");
             assert_eq!(e.last(), Some(&Effect::Apply(Input::Admin(cmd))));
             let (e, r) = job_command("j", cmd, "admin", queued);
             assert_eq!(r, Ok(()));
-            assert!(audited_first(&e), "{e:?}");
+            assert!(Effect::audited_first(&e), "{e:?}");
             assert!(matches!(e.last(), Some(Effect::Persist { job, .. }) if job == "j"));
             for done in [
                 Target::Running { finished: true },

@@ -230,6 +230,20 @@ impl Effect {
                 | Self::Finish(_)
         )
     }
+
+    /// Whether `effects` keep the core's rule: every effect that changes
+    /// state follows an audit append (the first such effect has one
+    /// before it).
+    pub fn audited_first(effects: &[Self]) -> bool {
+        effects
+            .iter()
+            .position(Self::changes_state)
+            .is_none_or(|i| {
+                effects[..i]
+                    .iter()
+                    .any(|e| matches!(e, Self::AppendAudit { .. }))
+            })
+    }
 }
 
 #[cfg(test)]
