@@ -913,7 +913,10 @@ impl Engine {
                             server: self.server_state.clone(),
                             scaling: self.scaling.clone(),
                         })
-                        .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?,
+                        .map_err(|source| EngineError::Serialize {
+                            what: "server state",
+                            source,
+                        })?,
                     )
                 } else {
                     None
@@ -923,10 +926,12 @@ impl Engine {
                         if let Some(p) = self.pending.get(key) {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
-                        Some(
-                            serde_json::to_vec(&self.replay)
-                                .map_err(|e| EngineError::Fatal(format!("replay state: {e}")))?,
-                        )
+                        Some(serde_json::to_vec(&self.replay).map_err(|source| {
+                            EngineError::Serialize {
+                                what: "replay state",
+                                source,
+                            }
+                        })?)
                     }
                     None => None,
                 };
@@ -1258,8 +1263,7 @@ impl Engine {
             &self.facts,
             &self.strategy,
             self.scaling.scaling().cloned(),
-        )
-        .map_err(|e| EngineError::Fatal(e.to_string()))?;
+        )?;
         let per_offer: Vec<Vec<Effect>> = offers
             .iter()
             .map(|(site, offer)| actions::send_offer(&self.facts, &terms, &self.clock, site, offer))
@@ -1312,24 +1316,30 @@ impl Engine {
         // per-round seed: `fedlink audit replay` recomputes it bit for bit.
         // The file is written now, not when the round completes: its bytes
         // (model-sized for adaptive optimizers) are not held for the round.
-        let (state_before, state) = round_archive::json_roundtrip(&self.server_state)
-            .map_err(|e| EngineError::Fatal(format!("server state: {e}")))?;
+        let (state_before, state) =
+            round_archive::json_roundtrip(&self.server_state).map_err(|source| {
+                EngineError::Serialize {
+                    what: "server state",
+                    source,
+                }
+            })?;
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
-        let fatal = |e: &dyn std::fmt::Display| {
-            EngineError::Fatal(format!("round {round}: writing the server state: {e}"))
+        let fatal = |e: RecordError| EngineError::RoundRecord {
+            round,
+            what: "writing the server state",
+            source: e,
         };
-        fedlink_certs::private::create_dir_all(&dir).map_err(|e| fatal(&e))?;
+        fedlink_certs::private::create_dir_all(&dir).map_err(|e| fatal(e.into()))?;
         round_archive::write_atomic(&dir, round_archive::STATE_BEFORE_FILE, &state_before)
-            .map_err(|e| fatal(&e))?;
+            .map_err(|e| fatal(e.into()))?;
         let state_before_blake3 = blake3::hash(&state_before).to_hex().to_string();
         drop(state_before);
         let mut seed = [0u8; 32];
-        rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut seed).map_err(|e| {
-            EngineError::Fatal(format!("no randomness for the round's noise seed: {e}"))
-        })?;
+        rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut seed)
+            .map_err(EngineError::Randomness)?;
         let agg =
             round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
-                .map_err(|e| EngineError::Fatal(format!("cannot open round {round}: {e}")))?;
+                .map_err(|source| EngineError::OpenRound { round, source })?;
         self.audit_own(
             EventKind::RoundOpened,
             serde_json::json!({
@@ -1385,10 +1395,12 @@ impl Engine {
                 // The archive is what `fedlink audit replay` recomputes the
                 // round from: without it the round is not auditable.
                 let (payload_file, envelope_file) =
-                    archive(&self.store, &self.job_id, round, site, &p).map_err(|e| {
-                        EngineError::Fatal(format!(
-                            "archiving the accepted update of {site} in round {round}: {e}"
-                        ))
+                    archive(&self.store, &self.job_id, round, site, &p).map_err(|source| {
+                        EngineError::ArchiveUpdate {
+                            site: site.to_owned(),
+                            round,
+                            source,
+                        }
                     })?;
                 if let Some(log) = self.round_log.as_mut().filter(|l| l.round == round) {
                     log.inputs.push(RoundInput {
@@ -1587,11 +1599,14 @@ impl Engine {
         };
         // Before the model is published: the replay record, then the audit
         // entry. Neither may be missing for a published model.
-        let fatal = |what: &str, e: &dyn std::fmt::Display| {
-            EngineError::Fatal(format!("round {round}: {what}: {e}"))
+        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
+            round,
+            what,
+            source: e,
         };
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
-        fedlink_certs::private::create_dir_all(&dir).map_err(|e| fatal("archive directory", &e))?;
+        fedlink_certs::private::create_dir_all(&dir)
+            .map_err(|e| fatal("archive directory", e.into()))?;
         let file = RoundFile {
             format: round_archive::ROUND_FORMAT,
             job: self.job_id.as_str().to_owned(),
@@ -1605,17 +1620,19 @@ impl Engine {
             dp_seed: hex::encode(log.seed),
             inputs: log.inputs.clone(),
         };
-        let mut json = serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", &e))?;
+        let mut json =
+            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
         json.push(b'\n');
         // The group commit of the archived updates (see `archive`): the
         // spool directory they left, here; the round directory they entered
         // by `round.json`'s own directory fsync below, before the round is
         // audited or completed.
         fedlink_durable::sync_dir(&self.store.dir().join("spool"))
-            .map_err(|e| fatal("archiving the round's updates", &e))?;
+            .map_err(|e| fatal("archiving the round's updates", e.into()))?;
         round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
-            .map_err(|e| fatal("writing round.json", &e))?;
-        let strategy = serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", &e))?;
+            .map_err(|e| fatal("writing round.json", e.into()))?;
+        let strategy =
+            serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", e.into()))?;
         let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
             noise_std: outcome.noise_std,
             clip_norm: outcome.clip_norm,
@@ -1974,8 +1991,46 @@ fn archive(
 /// A fatal engine error: the coordinator stops (and recovers on restart).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EngineError {
-    #[error("{0}")]
-    Fatal(String),
+    /// State the engine persists (the server optimizer's, the replay
+    /// guard's) could not be serialized.
+    #[error("{what}: {source}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A round's replay record (its archive directory, `state-before.json`,
+    /// `round.json`) could not be written: the round would not be
+    /// auditable, so it does not go on.
+    #[error("round {round}: {what}: {source}")]
+    RoundRecord {
+        round: u64,
+        what: &'static str,
+        #[source]
+        source: RecordError,
+    },
+    /// An accepted update could not be archived (`fedlink audit replay`
+    /// recomputes the round from the archive).
+    #[error("archiving the accepted update of {site} in round {round}: {source}")]
+    ArchiveUpdate {
+        site: String,
+        round: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The operating system gave no randomness for a round's noise seed.
+    #[error("no randomness for the round's noise seed: {0}")]
+    Randomness(#[source] rand::Error),
+    /// The round's aggregator could not be opened with the job's strategy.
+    #[error("cannot open round {round}: {source}")]
+    OpenRound {
+        round: u64,
+        #[source]
+        source: fedlink_aggregation::AggregationError,
+    },
+    /// The job's task offer cannot be built.
+    #[error(transparent)]
+    OfferTerms(#[from] actions::TermsError),
     /// An audit entry could not be written (`during`: what it recorded).
     #[error("{source} (while recording {during})")]
     Audit {
@@ -1986,6 +2041,19 @@ pub(crate) enum EngineError {
     /// A checkpoint could not be persisted in the store.
     #[error("persisting a checkpoint: {0}")]
     Checkpoint(#[source] crate::store::StoreError),
+}
+
+/// The failure under [`EngineError::RoundRecord`].
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Archive(#[from] round_archive::ArchiveError),
+    #[error(transparent)]
+    Durable(#[from] fedlink_durable::Error),
 }
 
 #[cfg(test)]
@@ -2011,6 +2079,30 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         offer_privacy(&strategy, &job.privacy)
+    }
+
+    /// The engine's fatal errors name the round and the step, and keep
+    /// their cause as the error's source (for the log's chain).
+    #[test]
+    fn fatal_errors_name_round_step_and_cause() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        let e = EngineError::RoundRecord {
+            round: 3,
+            what: "writing round.json",
+            source: io.into(),
+        };
+        assert_eq!(e.to_string(), "round 3: writing round.json: disk full");
+        assert!(e.source().is_some());
+        let e = EngineError::ArchiveUpdate {
+            site: "st-mary".into(),
+            round: 2,
+            source: std::io::Error::other("no space"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "archiving the accepted update of st-mary in round 2: no space"
+        );
     }
 
     /// A job with central DP says so in its offers: the clip norm, the
