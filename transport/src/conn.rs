@@ -186,6 +186,16 @@ impl Conn {
         }
     }
 
+    /// Widen this connection's send window for a model download until the
+    /// guard is dropped (QUIC; over TCP, yamux's windows apply): see
+    /// [`crate::open_download_window`].
+    pub fn open_download_window(&self) -> Option<crate::DownloadWindow> {
+        match self {
+            Self::Quic(c) => Some(crate::open_download_window(c)),
+            Self::Tcp(_) => None,
+        }
+    }
+
     /// Put the receive window back after an upload ended early (QUIC; a
     /// no-op over TCP): see [`crate::close_upload_window`].
     pub fn close_upload_window(&self) {

@@ -607,10 +607,70 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
-/// Per-stream receive window of the coordinator's endpoint, bytes: what an
-/// upload being read may have in flight (≈ 25 MB/s per upload at 20 ms
-/// RTT).
+/// Smallest window an upload being read is given, bytes (what a LAN or
+/// loopback connection gets: ≈ 25 MB/s per upload at 20 ms RTT).
 pub const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
+
+/// Largest window an upload being read is given, bytes, and the
+/// coordinator's per-stream receive window (the connection window, set per
+/// upload, is what actually limits). With `max_concurrent_uploads` uploads
+/// read at once, the coordinator grants at most that many of these: 16 MiB
+/// with the default 4.
+pub const MAX_UPLOAD_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Largest send window a model download is given, bytes (see
+/// [`download_window`]); `max_concurrent_downloads` of them at most.
+pub const MAX_DOWNLOAD_WINDOW: u64 = 4 * 1024 * 1024;
+
+/// The rate a window is sized for, bytes per second: a hospital's gigabit
+/// link.
+pub const WINDOW_TARGET_RATE: u64 = 125_000_000;
+
+/// A flow-control window for a transfer over a path of round-trip time
+/// `rtt`: twice the bandwidth-delay product at [`WINDOW_TARGET_RATE`] (the
+/// second half keeps the pipe full while losses are recovered), within
+/// `[min, max]`. On a LAN this is `min`; at 40 ms it is 10 MB before the cap.
+pub fn bdp_window(rtt: Duration, min: u64, max: u64) -> u64 {
+    let bdp = u128::from(WINDOW_TARGET_RATE).saturating_mul(rtt.as_micros()) / 1_000_000;
+    let w = u64::try_from(bdp.saturating_mul(2)).unwrap_or(u64::MAX);
+    w.clamp(min, max.max(min))
+}
+
+/// The receive window an upload on `conn` is read with: [`bdp_window`]
+/// between [`SERVER_STREAM_WINDOW`] and [`MAX_UPLOAD_WINDOW`].
+pub fn upload_window(conn: &Connection) -> u32 {
+    let w = bdp_window(
+        conn.rtt(),
+        u64::from(SERVER_STREAM_WINDOW),
+        u64::from(MAX_UPLOAD_WINDOW),
+    );
+    u32::try_from(w).unwrap_or(MAX_UPLOAD_WINDOW)
+}
+
+/// The send window a model download on `conn` is written with:
+/// [`bdp_window`] between [`SERVER_SEND_WINDOW`] and [`MAX_DOWNLOAD_WINDOW`].
+pub fn download_window(conn: &Connection) -> u64 {
+    bdp_window(conn.rtt(), SERVER_SEND_WINDOW, MAX_DOWNLOAD_WINDOW)
+}
+
+/// Widen `conn`'s send window for a model download ([`download_window`])
+/// until the returned guard is dropped; then it is [`SERVER_SEND_WINDOW`]
+/// again (data already queued stays queued).
+pub fn open_download_window(conn: &Connection) -> DownloadWindow {
+    conn.set_send_window(download_window(conn));
+    DownloadWindow(conn.clone())
+}
+
+/// Puts a connection's send window back when dropped (see
+/// [`open_download_window`]).
+#[derive(Debug)]
+pub struct DownloadWindow(Connection);
+
+impl Drop for DownloadWindow {
+    fn drop(&mut self) {
+        self.0.set_send_window(SERVER_SEND_WINDOW);
+    }
+}
 
 /// Connection-level receive window of the coordinator's endpoint while none
 /// of the connection's uploads is being read, bytes. A site's upload that
@@ -621,13 +681,15 @@ pub const SERVER_IDLE_RECEIVE_WINDOW: u32 = 16 * 1024;
 
 /// Send window of the coordinator's endpoint (unacknowledged plus unsent
 /// stream data per connection), bytes: bounds what a model download buffers
-/// in the QUIC stack (≈ 50 MB/s per download at 20 ms RTT).
+/// in the QUIC stack (≈ 50 MB/s per download at 20 ms RTT); a download on a
+/// longer path gets more ([`open_download_window`]).
 pub const SERVER_SEND_WINDOW: u64 = 1024 * 1024;
 
 /// Open `conn`'s receive window for the upload on `recv`, of which
-/// `remaining` bytes (frames included) are still to be read, and close it
-/// again on its own as the upload is read: once only a stream window's worth
-/// is left, the window goes back to [`SERVER_IDLE_RECEIVE_WINDOW`], and the
+/// `remaining` bytes (frames included) are still to be read, by the
+/// upload's window ([`upload_window`]: twice the path's bandwidth-delay
+/// product, from 512 KiB on a LAN to 4 MiB), and close it again on its own
+/// as the upload is read: once only that window's worth is left, the window goes back to [`SERVER_IDLE_RECEIVE_WINDOW`], and the
 /// credit already granted covers the rest. After the upload has been read,
 /// the site again has no more than the idle window of credit, so its next
 /// upload parks no more than that while it waits for a slot.
@@ -636,11 +698,15 @@ pub const SERVER_SEND_WINDOW: u64 = 1024 * 1024;
 /// upload at a time per connection, and [`close_upload_window`] when the
 /// upload ends early.
 pub fn open_upload_window(conn: &Connection, recv: &mut FramedRecv, remaining: u64) {
-    let open = SERVER_IDLE_RECEIVE_WINDOW.saturating_add(SERVER_STREAM_WINDOW);
+    // Never more than the upload still needs: credit the upload leaves
+    // unused would let the site's next upload park more than the idle
+    // window while it waits for a slot.
+    let window = upload_window(conn).min(u32::try_from(remaining).unwrap_or(u32::MAX));
+    let open = SERVER_IDLE_RECEIVE_WINDOW.saturating_add(window);
     conn.set_receive_window(VarInt::from_u32(open));
     let at = recv
         .bytes_read()
-        .saturating_add(remaining.saturating_sub(u64::from(SERVER_STREAM_WINDOW)));
+        .saturating_add(remaining.saturating_sub(u64::from(window)));
     recv.set_window_at(conn, at, VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
 }
 
@@ -679,7 +745,7 @@ pub fn server_endpoint_with(
     // connection window bounds what an upload waiting for a slot parks in
     // the QUIC stack; `open_upload_window` widens it while an upload is
     // read. Memory per connected site thus stays small and flat.
-    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
+    t.stream_receive_window(VarInt::from_u32(MAX_UPLOAD_WINDOW));
     t.receive_window(VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
     t.send_window(SERVER_SEND_WINDOW);
     cfg.transport_config(Arc::new(t));
@@ -761,7 +827,14 @@ pub fn client_endpoint_with(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("client TLS config unusable by QUIC: {e}")))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config_with(idle_timeout, cc)?));
+    let mut t = transport_config_with(idle_timeout, cc)?;
+    // A model download may have up to the coordinator's largest send
+    // window in flight (a long path); quinn's default (1.25 MB) would cap
+    // it below that.
+    t.stream_receive_window(VarInt::from_u32(
+        u32::try_from(MAX_DOWNLOAD_WINDOW).unwrap_or(u32::MAX),
+    ));
+    cfg.transport_config(Arc::new(t));
     let mut endpoint = Endpoint::client(bind)?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
@@ -789,6 +862,29 @@ pub fn peer_end_entity(
         .downcast::<Vec<fedlink_certs::rustls_pki_types::CertificateDer<'static>>>()
         .ok()?;
     chain.first().cloned()
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    /// Windows follow the path: the floor on a LAN (memory per transfer as
+    /// before), twice the bandwidth-delay product at a gigabit in between,
+    /// the cap on long paths.
+    #[test]
+    fn windows_are_sized_to_the_path_within_bounds() {
+        let (min, max) = (512 * 1024, 4 * 1024 * 1024);
+        assert_eq!(bdp_window(Duration::from_micros(100), min, max), min);
+        assert_eq!(bdp_window(Duration::ZERO, min, max), min);
+        // 10 ms at 125 MB/s: 1.25 MB, twice that.
+        assert_eq!(bdp_window(Duration::from_millis(10), min, max), 2_500_000);
+        assert_eq!(bdp_window(Duration::from_millis(40), min, max), max);
+        assert_eq!(bdp_window(Duration::from_secs(3600), min, max), max);
+        // A cap below the floor gives the floor.
+        assert_eq!(bdp_window(Duration::from_millis(40), min, 1), min);
+        assert!(u64::from(MAX_UPLOAD_WINDOW) >= u64::from(SERVER_STREAM_WINDOW));
+        assert!(MAX_DOWNLOAD_WINDOW >= SERVER_SEND_WINDOW);
+    }
 }
 
 #[cfg(test)]

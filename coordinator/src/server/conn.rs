@@ -709,9 +709,9 @@ async fn handle_stream(
         resume,
     };
     match first {
-        Message::ModelFetch(f) => serve_model(shared, f.hash, 0, send).await,
+        Message::ModelFetch(f) => serve_model(conn, shared, f.hash, 0, send).await,
         Message::ModelFetchFrom(f) if resumable => {
-            serve_model(shared, f.hash, f.from_record, send).await
+            serve_model(conn, shared, f.hash, f.from_record, send).await
         }
         Message::DeltaUpload(u) => {
             receive_upload(conn, upload(false), shared, u.envelope, send, recv).await
@@ -739,6 +739,7 @@ async fn handle_stream(
 }
 
 async fn serve_model(
+    conn: &ServerConn,
     shared: &Arc<Shared>,
     hash: fedlink_protocol::ModelHash,
     from_record: u64,
@@ -749,6 +750,10 @@ async fn serve_model(
     let Ok(_permit) = shared.downloads.acquire().await else {
         return send.finish();
     };
+    // On a long path the download may have its bandwidth-delay product in
+    // flight (at most `max_concurrent_downloads` such windows at once);
+    // on a LAN the window stays as small as before.
+    let _window = conn.open_download_window();
     let wire = shared.wire_model(&hash);
     let Some(wire) = wire else {
         send.message(&Message::Reject(Reject {
