@@ -123,20 +123,26 @@ impl<T> Drop for Pooled<'_, T> {
     }
 }
 
+// The bounds: what the pools keep between uploads is memory the
+// coordinator holds at its peak too, so together they stay ≤ 12 MiB: at
+// 10M × 32 sites the peak was 2.92 × the model before the pools and 2.90 ×
+// with these bounds (2.96 × with twice as much kept): PERFORMANCE.md,
+// "seventh pass".
+
 /// Upload chunk records: the receive buffer of each upload in flight
 /// (`max_concurrent_uploads`, 4 by default) and the record buffer of each
 /// validation or fold pass reading a spool. Records are ≤ 2 MiB raw
 /// (`DEFAULT_CHUNK_BYTES`) and ≈ 0.5–1.1 MB as sent.
-pub(crate) static RECORDS: BufPool<u8> = BufPool::new(8, 8 << 20);
+pub(crate) static RECORDS: BufPool<u8> = BufPool::new(6, 6 << 20);
 
 /// Decoded values of one chunk, per validation or fold pass
 /// (≤ 512 Ki values = 2 MiB at the default chunk size).
-pub(crate) static VALUES: BufPool<f32> = BufPool::new(4, 8 << 20);
+pub(crate) static VALUES: BufPool<f32> = BufPool::new(2, 4 << 20);
 
 /// Download pieces (256 KiB each) handed to QUIC: freed once the peer has
 /// acknowledged them, so as many are in flight as the send windows of
 /// the downloads hold.
-pub(crate) static PIECES: BufPool<u8> = BufPool::new(16, 4 << 20);
+pub(crate) static PIECES: BufPool<u8> = BufPool::new(8, 2 << 20);
 
 #[cfg(test)]
 mod tests {
