@@ -158,7 +158,7 @@ mod tests {
         drop(loans);
         let (count, bytes) = pool.holds();
         assert_eq!(count, 2);
-        assert!(bytes >= 2000 && bytes <= 1 << 20, "{bytes}");
+        assert!((2000..=1 << 20).contains(&bytes), "{bytes}");
     }
 
     #[test]
