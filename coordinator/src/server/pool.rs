@@ -124,10 +124,10 @@ impl<T> Drop for Pooled<'_, T> {
 }
 
 // The bounds: what the pools keep between uploads is memory the
-// coordinator holds at its peak too, so together they stay ≤ 12 MiB: at
-// 10M × 32 sites the peak was 2.92 × the model before the pools and 2.90 ×
-// with these bounds (2.96 × with twice as much kept): PERFORMANCE.md,
-// "seventh pass".
+// coordinator may hold at its peak too, so together they stay ≤ 12 MiB: at
+// 10M × 32 sites the peak was 2.85–2.92 × the model before the pools and
+// 2.90–2.92 × with these bounds (2.96 × with twice as much kept), against
+// the ≤ 3 × promise: PERFORMANCE.md, "seventh pass".
 
 /// Upload chunk records: the receive buffer of each upload in flight
 /// (`max_concurrent_uploads`, 4 by default) and the record buffer of each
