@@ -307,12 +307,27 @@ impl FramedRecv {
     /// frame boundary. The header is checked (magic, version, kind, length ≤
     /// [`fedlink_protocol::MAX_FRAME_LEN`]) before the body is allocated.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        let mut body = Vec::new();
+        let Some(header) = self.next_frame_into(&mut body).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Frame::from_parts(header, Bytes::from(body))?))
+    }
+
+    /// Like [`FramedRecv::next_frame`], with the body read into `body`
+    /// (cleared first; its capacity is reused, so a caller that keeps one
+    /// buffer for many frames allocates nothing per frame). Returns the
+    /// frame's header, or `None` at a clean end of stream.
+    pub async fn next_frame_into(
+        &mut self,
+        body: &mut Vec<u8>,
+    ) -> Result<Option<FrameHeader>, TransportError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
         let Some(timeout) = self.frame_timeout else {
             if !self.read_full(&mut header).await? {
                 return Ok(None);
             }
-            return self.frame_after(&header).await.map(Some);
+            return self.frame_after(&header, body).await.map(Some);
         };
         // The first byte may take as long as it takes; the rest of the frame
         // must follow within the timeout.
@@ -323,7 +338,7 @@ impl FramedRecv {
             if !self.read_full(&mut header[1..]).await? {
                 return Err(TransportError::Truncated);
             }
-            self.frame_after(&header).await
+            self.frame_after(&header, body).await
         };
         tokio::time::timeout(timeout, whole)
             .await
@@ -331,17 +346,20 @@ impl FramedRecv {
             .map(Some)
     }
 
-    /// The body of the frame whose header is `header`, and the frame.
+    /// Read the body of the frame whose header is `header` into `body`;
+    /// returns the checked header.
     async fn frame_after(
         &mut self,
         header: &[u8; FRAME_HEADER_LEN],
-    ) -> Result<Frame, TransportError> {
+        body: &mut Vec<u8>,
+    ) -> Result<FrameHeader, TransportError> {
         let header = Frame::parse_header(header)?;
         // The declared length is the peer's word: memory grows with the
         // bytes that actually arrive (doubling from 64 KiB), so a header
-        // announcing 8 MiB followed by silence costs 64 KiB, not 8 MiB.
+        // announcing 8 MiB followed by silence costs 64 KiB (or the
+        // capacity `body` already had), not 8 MiB.
         let len = header.body_len();
-        let mut body = Vec::new();
+        body.clear();
         while body.len() < len {
             let start = body.len();
             body.resize(start + next_read_len(start, len), 0);
@@ -352,7 +370,7 @@ impl FramedRecv {
                 return Err(TransportError::Truncated);
             }
         }
-        Ok(Frame::from_parts(header, Bytes::from(body))?)
+        Ok(header)
     }
 
     /// The error for a stream that ended where `what` was required: over
@@ -393,6 +411,20 @@ impl FramedRecv {
     pub async fn chunk(&mut self) -> Result<Bytes, TransportError> {
         match self.next_frame().await? {
             Some(frame) if frame.kind == FrameKind::Chunk => Ok(frame.into_chunk()?),
+            Some(_) => Err(TransportError::UnexpectedFrame {
+                expected: "chunk",
+                got: "message",
+            }),
+            None => Err(self.unexpected_end("chunk").await),
+        }
+    }
+
+    /// Like [`FramedRecv::chunk`], with the record read into `record`
+    /// (cleared first, its capacity reused: see
+    /// [`FramedRecv::next_frame_into`]).
+    pub async fn chunk_into(&mut self, record: &mut Vec<u8>) -> Result<(), TransportError> {
+        match self.next_frame_into(record).await? {
+            Some(h) if h.kind == FrameKind::Chunk => Ok(()),
             Some(_) => Err(TransportError::UnexpectedFrame {
                 expected: "chunk",
                 got: "message",

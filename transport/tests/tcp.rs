@@ -134,3 +134,65 @@ async fn a_server_that_is_not_ours_is_refused_in_the_handshake() {
         "{server_err}"
     );
 }
+
+/// `chunk_into` reads record after record into one caller's buffer (the
+/// coordinator's pooled upload buffer): each record whole and exact, the
+/// buffer's capacity reused, a message where a chunk belongs refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_into_reuses_one_buffer_for_many_records() {
+    let pki = TestPki::new(1).unwrap();
+    let revocations = RevocationList::load(pki.revoked_path()).unwrap();
+    let server_tls =
+        fedlink_certs::server_tls_config(&pki.coordinator_kit().unwrap(), revocations).unwrap();
+    let server = TcpServer::bind("127.0.0.1:0".parse().unwrap(), server_tls)
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let kit = pki.site_kit(0).unwrap();
+    let record = |len: usize, salt: u32| -> Vec<u8> {
+        (0..len as u32).map(|i| ((i ^ salt) % 253) as u8).collect()
+    };
+    let records = vec![record(1_000_000, 1), record(300_000, 2), record(700_001, 3)];
+    let expected = records.clone();
+    let coordinator = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().handshake().await.unwrap();
+        let (_s, mut r) = conn.accept_bi().await.unwrap();
+        let mut buf = Vec::new();
+        let mut caps = Vec::new();
+        for want in &expected {
+            r.chunk_into(&mut buf).await.unwrap();
+            assert_eq!(&buf, want, "each record whole, nothing of the one before");
+            caps.push(buf.capacity());
+        }
+        // The first (largest) record's allocation serves the later ones.
+        assert!(caps.iter().all(|&c| c == caps[0]), "{caps:?}");
+        let err = r.chunk_into(&mut buf).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                fedlink_transport::TransportError::UnexpectedFrame { .. }
+            ),
+            "{err}"
+        );
+        conn.close();
+    });
+    let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE).unwrap();
+    let conn = tcp::connect(
+        addr,
+        Arc::new(client_tls),
+        kit.coordinator_server_name(),
+        GUARD,
+    )
+    .await
+    .unwrap();
+    let (mut s, _r) = conn.open_bi().await.unwrap();
+    for rec in records {
+        s.chunk(Bytes::from(rec)).await.unwrap();
+    }
+    s.message(&ping(7)).await.unwrap();
+    s.finish().unwrap();
+    tokio::time::timeout(GUARD, coordinator)
+        .await
+        .unwrap()
+        .unwrap();
+}

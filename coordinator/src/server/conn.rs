@@ -773,8 +773,9 @@ async fn serve_model(
     .await?;
     // Stream each record from the file in pieces handed to QUIC without a
     // copy: a download holds what QUIC buffers (bounded by the send window),
-    // never a whole record. Pieces of 256 KiB are large enough for the
-    // allocator to map and unmap them, so they do not fragment its arenas.
+    // never a whole record. Pieces of 256 KiB come from a bounded pool and
+    // go back to it once QUIC has them acknowledged (no pages freed and
+    // faulted in again per piece: `super::pool`).
     const PIECE: usize = 256 << 10;
     let stream_err = |e: super::wire::WireError| TransportError::Stream(e.to_string());
     let mut reader = RecordReader::open(&wire.path).map_err(stream_err)?;
@@ -795,10 +796,11 @@ async fn serve_model(
             .await?;
         let mut left = len.saturating_sub(head.len());
         while left > 0 {
-            let mut piece = vec![0u8; left.min(PIECE)];
+            let mut piece = super::pool::PIECES.take();
+            piece.resize(left.min(PIECE), 0);
             tokio::task::block_in_place(|| reader.read_body(&mut piece)).map_err(stream_err)?;
             left -= piece.len();
-            send.chunk_body(piece.into()).await?;
+            send.chunk_body(bytes::Bytes::from_owner(piece)).await?;
         }
     }
     send.finish()
@@ -1010,6 +1012,9 @@ async fn receive_upload(
     conn.open_upload_window(&mut recv, verifier.remaining());
     let _window = UploadWindow(conn);
     // Receive: hash and spool every chunk record; never more than declared.
+    // One record buffer for the whole upload, from a bounded pool: no
+    // allocation (and no fresh pages) per record.
+    let mut rec = super::pool::RECORDS.take();
     let received: Result<(), Cut> = async {
         if let Some(p) = resume_from {
             send.message(&Message::UploadProgress(p))
@@ -1022,7 +1027,7 @@ async fn receive_upload(
             // A site that stops sending must not hold its slot (and with
             // it the uploads, and the control messages, of waiting sites).
             let stall = shared.peer.upload_stall_timeout;
-            let rec = tokio::time::timeout(stall, recv.chunk())
+            tokio::time::timeout(stall, recv.chunk_into(&mut rec))
                 .await
                 .map_err(|_| {
                     Cut::Interrupted(

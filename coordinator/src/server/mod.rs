@@ -27,6 +27,7 @@ mod engine;
 mod idle;
 mod limits;
 mod links;
+pub(crate) mod pool;
 mod refusals;
 mod scaling;
 pub(crate) mod spool;

@@ -117,10 +117,11 @@ pub(crate) fn for_each_chunk<E>(
     // An update's records are covered by its signed payload hash, checked
     // as they arrived: no second hash over the decoded values.
     let mut dec = PayloadDecoder::new(spec.clone(), encoding)?.without_model_hash();
-    let mut record = Vec::new();
-    // One values buffer for the whole pass (the decoder keeps its own
-    // scratch too): no fresh allocation, and no fresh pages, per chunk.
-    let mut values = Vec::new();
+    // One record and one values buffer for the whole pass, from bounded
+    // pools (the decoder keeps its own scratch too): no fresh allocation,
+    // and no fresh pages, per chunk or per pass.
+    let mut record = super::pool::RECORDS.take();
+    let mut values = super::pool::VALUES.take();
     loop {
         let mut head = [0u8; CHUNK_HEADER_LEN];
         match read_full(&mut r, &mut head).map_err(io(path))? {
