@@ -180,9 +180,10 @@ impl Conn {
 
     /// Open this connection's receive window for an upload (QUIC; a no-op
     /// over TCP): see [`crate::open_upload_window`].
-    pub fn open_upload_window(&self, recv: &mut FramedRecv, remaining: u64) {
-        if let Self::Quic(c) = self {
-            crate::open_upload_window(c, recv, remaining);
+    pub fn open_upload_window(&self, recv: &mut FramedRecv, remaining: u64) -> crate::WindowShare {
+        match self {
+            Self::Quic(c) => crate::open_upload_window(c, recv, remaining),
+            Self::Tcp(_) => crate::WindowShare::none(),
         }
     }
 

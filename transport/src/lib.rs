@@ -645,18 +645,62 @@ pub const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
 
 /// Largest window an upload being read is given, bytes, and the
 /// coordinator's per-stream receive window (the connection window, set per
-/// upload, is what actually limits). With `max_concurrent_uploads` uploads
-/// read at once, the coordinator grants at most that many of these: 16 MiB
-/// with the default 4.
+/// upload, is what actually limits). What an upload gets beyond
+/// [`SERVER_STREAM_WINDOW`] comes from [`WINDOW_BUDGET`].
 pub const MAX_UPLOAD_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Largest send window a model download is given, bytes (see
-/// [`download_window`]); `max_concurrent_downloads` of them at most.
+/// [`download_window`]); beyond [`SERVER_SEND_WINDOW`] it comes from
+/// [`WINDOW_BUDGET`].
 pub const MAX_DOWNLOAD_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// The rate a window is sized for, bytes per second: a hospital's gigabit
 /// link.
 pub const WINDOW_TARGET_RATE: u64 = 125_000_000;
+
+/// Credit beyond the LAN floors ([`SERVER_STREAM_WINDOW`] per upload,
+/// [`SERVER_SEND_WINDOW`] per download) that all the transfers of this
+/// process may hold at once, bytes. A lone transfer on a long path gets its
+/// whole path-sized window; many at once share this, so the coordinator's
+/// memory stays within its budget whatever the number of sites.
+pub const WINDOW_BUDGET: u64 = 2 * 1024 * 1024;
+
+static WINDOW_EXTRA_IN_USE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A share of [`WINDOW_BUDGET`] held by one transfer; given back when
+/// dropped.
+#[derive(Debug)]
+#[must_use = "the share is given back when dropped"]
+pub struct WindowShare(u64);
+
+impl WindowShare {
+    /// Take up to `wanted` bytes of what is left of the budget.
+    pub fn take(wanted: u64) -> Self {
+        use std::sync::atomic::Ordering;
+        let mut got = 0;
+        let _ = WINDOW_EXTRA_IN_USE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            got = wanted.min(WINDOW_BUDGET.saturating_sub(used));
+            Some(used.saturating_add(got))
+        });
+        Self(got)
+    }
+
+    /// No share (a transfer that needs none, TCP).
+    pub fn none() -> Self {
+        Self(0)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Drop for WindowShare {
+    fn drop(&mut self) {
+        WINDOW_EXTRA_IN_USE.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// A flow-control window for a transfer over a path of round-trip time
 /// `rtt`: twice the bandwidth-delay product at [`WINDOW_TARGET_RATE`] (the
@@ -685,22 +729,30 @@ pub fn download_window(conn: &Connection) -> u64 {
     bdp_window(conn.rtt(), SERVER_SEND_WINDOW, MAX_DOWNLOAD_WINDOW)
 }
 
-/// Widen `conn`'s send window for a model download ([`download_window`])
-/// until the returned guard is dropped; then it is [`SERVER_SEND_WINDOW`]
-/// again (data already queued stays queued).
+/// Widen `conn`'s send window for a model download ([`download_window`],
+/// as far as [`WINDOW_BUDGET`] allows) until the returned guard is dropped;
+/// then it is [`SERVER_SEND_WINDOW`] again (data already queued stays
+/// queued).
 pub fn open_download_window(conn: &Connection) -> DownloadWindow {
-    conn.set_send_window(download_window(conn));
-    DownloadWindow(conn.clone())
+    let share = WindowShare::take(download_window(conn).saturating_sub(SERVER_SEND_WINDOW));
+    conn.set_send_window(SERVER_SEND_WINDOW.saturating_add(share.bytes()));
+    DownloadWindow {
+        conn: conn.clone(),
+        _share: share,
+    }
 }
 
-/// Puts a connection's send window back when dropped (see
-/// [`open_download_window`]).
+/// Puts a connection's send window back, and its share of the budget,
+/// when dropped (see [`open_download_window`]).
 #[derive(Debug)]
-pub struct DownloadWindow(Connection);
+pub struct DownloadWindow {
+    conn: Connection,
+    _share: WindowShare,
+}
 
 impl Drop for DownloadWindow {
     fn drop(&mut self) {
-        self.0.set_send_window(SERVER_SEND_WINDOW);
+        self.conn.set_send_window(SERVER_SEND_WINDOW);
     }
 }
 
@@ -729,17 +781,22 @@ pub const SERVER_SEND_WINDOW: u64 = 1024 * 1024;
 /// A connection's window is shared by all its streams: call this for one
 /// upload at a time per connection, and [`close_upload_window`] when the
 /// upload ends early.
-pub fn open_upload_window(conn: &Connection, recv: &mut FramedRecv, remaining: u64) {
+pub fn open_upload_window(conn: &Connection, recv: &mut FramedRecv, remaining: u64) -> WindowShare {
     // Never more than the upload still needs: credit the upload leaves
     // unused would let the site's next upload park more than the idle
-    // window while it waits for a slot.
-    let window = upload_window(conn).min(u32::try_from(remaining).unwrap_or(u32::MAX));
+    // window while it waits for a slot. Beyond the floor, only what the
+    // budget has left.
+    let wanted = upload_window(conn).min(u32::try_from(remaining).unwrap_or(u32::MAX));
+    let floor = wanted.min(SERVER_STREAM_WINDOW);
+    let share = WindowShare::take(u64::from(wanted - floor));
+    let window = floor.saturating_add(u32::try_from(share.bytes()).unwrap_or(0));
     let open = SERVER_IDLE_RECEIVE_WINDOW.saturating_add(window);
     conn.set_receive_window(VarInt::from_u32(open));
     let at = recv
         .bytes_read()
         .saturating_add(remaining.saturating_sub(u64::from(window)));
     recv.set_window_at(conn, at, VarInt::from_u32(SERVER_IDLE_RECEIVE_WINDOW));
+    share
 }
 
 /// Put `conn`'s receive window back to [`SERVER_IDLE_RECEIVE_WINDOW`] (an
@@ -914,8 +971,22 @@ mod window_tests {
         assert_eq!(bdp_window(Duration::from_secs(3600), min, max), max);
         // A cap below the floor gives the floor.
         assert_eq!(bdp_window(Duration::from_millis(40), min, 1), min);
-        assert!(u64::from(MAX_UPLOAD_WINDOW) >= u64::from(SERVER_STREAM_WINDOW));
-        assert!(MAX_DOWNLOAD_WINDOW >= SERVER_SEND_WINDOW);
+        const { assert!(MAX_UPLOAD_WINDOW >= SERVER_STREAM_WINDOW) };
+        const { assert!(MAX_DOWNLOAD_WINDOW >= SERVER_SEND_WINDOW) };
+    }
+
+    /// The budget is shared: a share takes what is left, at most what it
+    /// asks for, and gives it back when dropped.
+    #[test]
+    fn window_shares_never_exceed_the_budget() {
+        let a = WindowShare::take(WINDOW_BUDGET);
+        let b = WindowShare::take(1);
+        assert!(a.bytes() + b.bytes() <= WINDOW_BUDGET);
+        let before = a.bytes();
+        drop(a);
+        let c = WindowShare::take(before);
+        assert!(c.bytes() + b.bytes() <= WINDOW_BUDGET);
+        assert_eq!(WindowShare::none().bytes(), 0);
     }
 }
 

@@ -69,7 +69,7 @@ async fn waiting_uploads_get_only_the_idle_window_before_and_after_an_upload() {
         // The slot is granted: the window opens and the whole upload is read.
         let (_s, recv) = coord.accept_bi().await.unwrap();
         let mut recv = FramedRecv::new(recv);
-        open_upload_window(&coord, &mut recv, (header.len() + BODY) as u64);
+        let _share = open_upload_window(&coord, &mut recv, (header.len() + BODY) as u64);
         let reader = tokio::spawn(async move { recv.chunk().await.unwrap() });
         send.write_all(&body[parked - header.len()..])
             .await

@@ -842,11 +842,14 @@ fn audit_upload_refused(
 
 /// Puts the connection's receive window back to the idle size when an
 /// upload ends, however it ends.
-struct UploadWindow<'a>(&'a ServerConn);
+struct UploadWindow<'a> {
+    conn: &'a ServerConn,
+    _share: fedlink_transport::WindowShare,
+}
 
 impl Drop for UploadWindow<'_> {
     fn drop(&mut self) {
-        self.0.close_upload_window();
+        self.conn.close_upload_window();
     }
 }
 
@@ -1009,8 +1012,11 @@ async fn receive_upload(
     let mut whole_frames_read = recv.bytes_read();
     // Only now, with an upload slot, may the site send more than the idle
     // connection window: a site waiting for a slot costs ≈ nothing.
-    conn.open_upload_window(&mut recv, verifier.remaining());
-    let _window = UploadWindow(conn);
+    let share = conn.open_upload_window(&mut recv, verifier.remaining());
+    let _window = UploadWindow {
+        conn,
+        _share: share,
+    };
     // Receive: hash and spool every chunk record; never more than declared.
     // One record buffer for the whole upload, from a bounded pool: no
     // allocation (and no fresh pages) per record.
