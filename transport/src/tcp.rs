@@ -232,7 +232,20 @@ impl TcpConn {
         if self.0.cmds.send(Cmd::Open(tx)).await.is_err() {
             return Err(self.lost().await);
         }
-        match rx.await {
+        // The connection's end ends the wait too. A request that entered
+        // the queue just as the connection's task ended (after the task's
+        // receiver was dropped and drained: tokio's bounded `send` reserves
+        // its slot first and pushes after) stays queued, with its reply
+        // sender, for as long as this handle lives, so `rx` alone would
+        // never resolve. Seen in the stress loop: a CLI whose TLS refusal
+        // arrived right after its handshake waited for its stream forever.
+        let closed = Closed(self.0.closed.clone());
+        let opened = tokio::select! {
+            biased;
+            r = rx => r,
+            _ = closed.ended() => return Err(self.lost().await),
+        };
+        match opened {
             Ok(Ok(s)) => Ok(split(s, &self.0.closed)),
             Ok(Err(e)) => Err(TransportError::TcpConnection(e)),
             Err(_) => Err(self.lost().await),
