@@ -21,15 +21,21 @@ fn ping(seq: u64) -> Message {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
-    let pki = TestPki::new(1).unwrap();
+/// The coordinator's TLS-over-TCP listener on an ephemeral loopback port,
+/// with `pki`'s coordinator kit and revocation list.
+async fn tcp_server(pki: &TestPki) -> TcpServer {
     let revocations = RevocationList::load(pki.revoked_path()).unwrap();
     let server_tls =
         fedlink_certs::server_tls_config(&pki.coordinator_kit().unwrap(), revocations).unwrap();
-    let server = TcpServer::bind("127.0.0.1:0".parse().unwrap(), server_tls)
+    TcpServer::bind("127.0.0.1:0".parse().unwrap(), server_tls)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_and_streams_cross_a_tls_over_tcp_connection() {
+    let pki = TestPki::new(1).unwrap();
+    let server = tcp_server(&pki).await;
     let addr = server.local_addr().unwrap();
     let kit = pki.site_kit(0).unwrap();
 
@@ -141,12 +147,7 @@ async fn a_server_that_is_not_ours_is_refused_in_the_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_into_reuses_one_buffer_for_many_records() {
     let pki = TestPki::new(1).unwrap();
-    let revocations = RevocationList::load(pki.revoked_path()).unwrap();
-    let server_tls =
-        fedlink_certs::server_tls_config(&pki.coordinator_kit().unwrap(), revocations).unwrap();
-    let server = TcpServer::bind("127.0.0.1:0".parse().unwrap(), server_tls)
-        .await
-        .unwrap();
+    let server = tcp_server(&pki).await;
     let addr = server.local_addr().unwrap();
     let kit = pki.site_kit(0).unwrap();
     let record = |len: usize, salt: u32| -> Vec<u8> {
