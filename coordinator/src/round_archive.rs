@@ -456,6 +456,67 @@ pub fn validate_with(
     Ok(validator.finish()?)
 }
 
+/// Pass 1 as an upload's records arrive, instead of from its spool file
+/// afterwards: each record is decoded and fed to the validator while the
+/// next is still on the wire, so a long path's transfer hides the pass.
+/// The values only feed the validator; nothing is folded, and the upload is
+/// accepted only once its payload hash has been verified and the spool made
+/// durable, exactly as with [`validate_with`]. The first error is kept (and
+/// later records are not decoded): it is what [`LiveValidation::finish`]
+/// returns, as the spool pass would have.
+pub(crate) struct LiveValidation {
+    dec: fedlink_protocol::PayloadDecoder,
+    validator: UpdateValidator,
+    values: crate::server::pool::Pooled<'static, f32>,
+    failed: Option<PayloadError>,
+}
+
+impl LiveValidation {
+    /// Validate an upload of `spec` in `encoding` with `validator`.
+    pub(crate) fn new(
+        validator: UpdateValidator,
+        spec: &ModelSpec,
+        encoding: Encoding,
+    ) -> Result<Self, PayloadError> {
+        let dec = fedlink_protocol::PayloadDecoder::new(spec.clone(), encoding)
+            .map_err(SpoolError::from)?
+            .without_model_hash();
+        Ok(Self {
+            dec,
+            validator,
+            values: crate::server::pool::VALUES.take(),
+            failed: None,
+        })
+    }
+
+    /// Decode one whole chunk record (header included) and validate its
+    /// values.
+    pub(crate) fn record(&mut self, record: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        let fed = match self.dec.decode_chunk_into(record, &mut self.values) {
+            Ok(offset) => self
+                .validator
+                .feed(offset, &self.values)
+                .map_err(PayloadError::from),
+            Err(e) => Err(SpoolError::from(e).into()),
+        };
+        if let Err(e) = fed {
+            self.failed = Some(e);
+        }
+    }
+
+    /// The validated update, or the first error met.
+    pub(crate) fn finish(self) -> Result<ValidatedUpdate, PayloadError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        self.dec.finish().map_err(SpoolError::from)?;
+        Ok(self.validator.finish()?)
+    }
+}
+
 /// Pass 2 of one payload file: fold it into the round.
 pub fn fold_payload(
     agg: &mut RoundAggregator,
@@ -658,6 +719,71 @@ mod tests {
                 source: RoundFileError::RoundZero,
                 ..
             })
+        ));
+    }
+
+    /// The records of `values` in `encoding`, chunks of 16 bytes.
+    fn records(spec: &ModelSpec, values: &[f32]) -> (Encoding, Vec<Vec<u8>>) {
+        let encoding = Encoding::new(fedlink_protocol::ValueCodec::F16, true, 1, 16).unwrap();
+        let mut enc = fedlink_protocol::PayloadEncoder::new(spec.clone(), encoding, 0).unwrap();
+        let mut out = Vec::new();
+        while let Some(r) = enc.next_chunk() {
+            out.push(
+                enc.encode_chunk(&values[r.start as usize..r.end as usize])
+                    .unwrap(),
+            );
+        }
+        (encoding, out)
+    }
+
+    #[test]
+    fn live_validation_gives_the_spool_pass_verdict() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![10])]).unwrap();
+        let strategy = StrategyConfig {
+            max_abs_value: 2.0,
+            ..StrategyConfig::default()
+        };
+        let agg = open_aggregator(&strategy, &spec, 1, &ServerState::default()).unwrap();
+        let good: Vec<f32> = (0..10).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let mut bad = good.clone();
+        bad[6] = 3.0;
+        for (name, values) in [("good", &good), ("too large", &bad)] {
+            let (encoding, recs) = records(&spec, values);
+            assert!(recs.len() > 2, "several records");
+            let path = dir.path().join(name);
+            fs::write(&path, recs.concat()).unwrap();
+            let spooled = validate_payload(&agg, "a", 3, encoding, &path);
+            let mut live = LiveValidation::new(agg.validator("a", 3), &spec, encoding).unwrap();
+            for r in &recs {
+                live.record(r);
+            }
+            let live = live.finish();
+            match (&spooled, &live) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{name}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{name}"),
+                other => panic!("{name}: verdicts differ: {other:?}"),
+            }
+            assert_eq!(spooled.is_ok(), name == "good");
+        }
+        // Records missing at the end: incomplete, as from a cut spool.
+        let (encoding, recs) = records(&spec, &good);
+        let mut live = LiveValidation::new(agg.validator("a", 3), &spec, encoding).unwrap();
+        live.record(&recs[0]);
+        let err = live.finish().unwrap_err();
+        assert!(
+            err.to_string().contains("incomplete") || err.to_string().contains("of 10"),
+            "{err}"
+        );
+        // A garbled record: the decoder's error, kept past later records.
+        let mut live = LiveValidation::new(agg.validator("a", 3), &spec, encoding).unwrap();
+        live.record(&recs[0][..5]);
+        for r in &recs[1..] {
+            live.record(r);
+        }
+        assert!(matches!(
+            live.finish(),
+            Err(PayloadError::Read(SpoolError::Payload(_)))
         ));
     }
 

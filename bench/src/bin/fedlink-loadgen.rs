@@ -174,6 +174,11 @@ struct RoundTimes {
     offer: Instant,
     fetched: Instant,
     upload_start: Instant,
+    /// When the site's QUIC stack had every byte of the upload
+    /// acknowledged by the coordinator's (the transfer's end, before the
+    /// coordinator's verification and durable acceptance; over TCP, when
+    /// the end was handed to the connection).
+    sent: Instant,
     acked: Instant,
 }
 
@@ -316,7 +321,7 @@ async fn upload_with_cuts(
     link: Option<&fedlink_tools::impair::ImpairHandle>,
     limit: Duration,
     retry: &mut Retry,
-) -> anyhow::Result<(SiteConn, Vec<CutReport>)> {
+) -> anyhow::Result<(SiteConn, Vec<CutReport>, Instant)> {
     let mut cuts = Vec::new();
     let mut from = 0usize;
     let mut dropped: Option<(Instant, u64)> = None;
@@ -373,12 +378,19 @@ async fn upload_with_cuts(
                 step("sending a chunk", limit, send.chunk(r.clone())).await??;
             }
             send.finish()?;
+            // The transfer's end, apart from the acknowledgement (which
+            // also waits for verification and durable acceptance).
+            let sent = tokio::spawn(async move {
+                send.stopped().await;
+                Instant::now()
+            });
             match step("upload result", limit, recv.message()).await?? {
                 Message::UploadResult(UploadResult::Ack { accepted: true, .. }) => {}
                 Message::UploadResult(r) => bail!("upload not accepted after resuming: {r:?}"),
                 other => bail!("expected an upload result, got {}", other.name()),
             }
-            return Ok((sc, cuts));
+            let sent = step("the upload's last acknowledgement", limit, sent).await??;
+            return Ok((sc, cuts, sent));
         };
         // Send up to the cut point, part way into a record, then drop.
         for r in &payload.records[from..] {
@@ -715,7 +727,7 @@ async fn run_site(
             .map(|_| rng.gen_range(1..payload.len.max(2)))
             .collect();
         cut_at.sort_unstable();
-        let (back, made) = upload_with_cuts(
+        let (back, made, sent) = upload_with_cuts(
             sc,
             &kit,
             addr,
@@ -735,6 +747,7 @@ async fn run_site(
             offer: t_offer,
             fetched: t_fetched,
             upload_start: t_upload,
+            sent,
             acked: Instant::now(),
         });
     }
@@ -1087,6 +1100,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "\n  round | wall ms | download ms (min/mean/max) | upload→ack ms (min/mean/max) | last ack→next offer ms | coord. peak RSS in round MB"
     );
     let mut walls = Vec::new();
+    // Per round, each site's mean download, upload-sent and upload→ack ms.
+    let mut rates: Vec<(f64, f64, f64)> = Vec::new();
     let mut events: Vec<(Instant, String)> = Vec::new();
     for r in 0..args.rounds as usize {
         let first_offer = reports
@@ -1118,6 +1133,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .filter_map(|s| s.rounds.get(r).map(|t| t.acked - t.upload_start)),
         );
+        let sent = stats(
+            reports
+                .iter()
+                .filter_map(|s| s.rounds.get(r).map(|t| t.sent - t.upload_start)),
+        );
+        rates.push((dl.1, sent.1, up.1));
         let wall = next - first_offer;
         walls.push(ms(wall));
         let round = r + 1;
@@ -1149,6 +1170,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 ""
             }
+        );
+    }
+    // Transfer rates per site: the upload apart from its acknowledgement
+    // ("sent" = every byte acknowledged by the coordinator's QUIC stack;
+    // "→ack" adds verification and durable acceptance).
+    let link_mb_s = args.impair_rate_mbit.map(|m| m / 8.0);
+    println!(
+        "\n  round | download MB/s | upload sent MB/s | upload→ack MB/s   (per site, means{})",
+        link_mb_s.map_or(String::new(), |l| format!("; % of the {l:.1} MB/s link"))
+    );
+    let rate = |bytes: f64, ms: f64| bytes / 1e6 / (ms / 1e3).max(1e-9);
+    let pct = |v: f64| link_mb_s.map_or(String::new(), |l| format!(" ({:.0} %)", 100.0 * v / l));
+    for (r, (dl, sent, up)) in rates.iter().enumerate() {
+        let (d, s, a) = (
+            rate(download_mb * 1e6, *dl),
+            rate(upload_mb * 1e6, *sent),
+            rate(upload_mb * 1e6, *up),
+        );
+        println!(
+            "  {:>5} | {:>7.1}{:<6} | {:>7.1}{:<8} | {:>7.1}{}",
+            r + 1,
+            d,
+            pct(d),
+            s,
+            pct(s),
+            a,
+            pct(a)
         );
     }
     let mean = walls.iter().sum::<f64>() / walls.len().max(1) as f64;
@@ -1224,6 +1272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rounds": args.rounds,
             "codec": args.codec,
             "round_wall_ms": walls,
+            "per_round_mean_ms_download_upload_sent_upload_ack": rates,
             "mean_round_s": mean / 1e3,
             "median_round_s": median / 1e3,
             "job_s": total.as_secs_f64(),
