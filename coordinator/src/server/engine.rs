@@ -44,6 +44,7 @@ use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, Store};
 
 pub(crate) mod admin;
+mod effects;
 
 pub(crate) use crate::core::actions::update_received_details;
 
@@ -1078,86 +1079,78 @@ impl Engine {
     }
 
     /// Execute the core's effects for the running job in order (see
-    /// [`actions`]); an audit append that fails stops there (fatal:
-    /// nothing after it is done). `pending`: the upload that
-    /// [`Effect::DiscardSpool`] and [`Effect::AnswerUpload`] are about.
+    /// [`actions`]) with the one executor ([`effects::execute`]); an audit
+    /// append that fails stops there (fatal: nothing after it is done).
+    /// `pending`: the upload that [`Effect::DiscardSpool`] and
+    /// [`Effect::AnswerUpload`] are about.
     fn run_effects(
         &mut self,
         effects: Vec<Effect>,
         mut pending: Option<Pending>,
     ) -> Result<(), EngineError> {
-        for effect in effects {
-            match effect {
-                Effect::AppendAudit {
-                    actor,
-                    kind,
-                    details,
-                } => {
-                    let during = if actor == self.facts.actor {
-                        format!("{kind}; nothing was done")
-                    } else {
-                        let site = fedlink_audit::event::site_of_actor(&actor).unwrap_or(&actor);
-                        format!("an update of {site}")
-                    };
-                    self.wire
-                        .audit()
-                        .record(&actor, kind, details)
-                        .map_err(|source| EngineError::Audit { during, source })?;
+        let (wire, store) = (self.wire.clone(), self.store.clone());
+        effects::execute(wire.audit(), &store, effects, EngineError::from, |e| {
+            self.run_effect(e, &mut pending);
+            Ok(())
+        })
+    }
+
+    /// Execute one effect of the running job's that is not an audit append
+    /// (those are [`effects::execute`]'s): each is best effort.
+    fn run_effect(&mut self, effect: Effect, pending: &mut Option<Pending>) {
+        match effect {
+            Effect::Send { site, message } => self.send(&site, message),
+            Effect::PushHead { sites } => self.push_head(sites.iter().map(String::as_str)),
+            Effect::RecordRejected { round, rejected } => {
+                let site = rejected.site.clone();
+                if let Err(e) = self
+                    .store
+                    .record_rejected(self.job_id.as_str(), round, rejected)
+                {
+                    tracing::debug!(site, error = %e, "the refused update's round has no record");
                 }
-                Effect::Send { site, message } => self.send(&site, message),
-                Effect::PushHead { sites } => self.push_head(sites.iter().map(String::as_str)),
-                Effect::RecordRejected { round, rejected } => {
-                    let site = rejected.site.clone();
-                    if let Err(e) =
-                        self.store
-                            .record_rejected(self.job_id.as_str(), round, rejected)
-                    {
-                        tracing::debug!(site, error = %e, "the refused update's round has no record");
-                    }
-                }
-                Effect::RecordAccepted { round, detail } => {
-                    let site = detail.site.clone();
-                    if let Err(e) =
-                        self.store
-                            .record_update_detail(self.job_id.as_str(), round, detail)
-                    {
-                        tracing::warn!(site, round, error = %e, "recording the update's details");
-                    }
-                }
-                Effect::DiscardSpool { .. } => {
-                    if let Some(p) = &pending {
-                        let _ = std::fs::remove_file(&p.upload.spool_path);
-                    }
-                }
-                Effect::AnswerUpload { result, .. } => {
-                    if let Some(p) = pending.take() {
-                        let _ = p.reply.send(result);
-                    }
-                }
-                Effect::RecordFinalEvaluation { round, evaluation } => {
-                    if let Err(e) = self.store.record_final_evaluation(
-                        self.job_id.as_str(),
-                        round,
-                        evaluation.clone(),
-                    ) {
-                        tracing::warn!(round, error = %e, "recording the final model's evaluation");
-                    }
-                    // The status file keeps completed rounds as they were
-                    // shown: this one gains its final evaluation.
-                    if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
-                        shown.final_evaluation = Some(evaluation.clone());
-                    }
-                    self.latest_evaluation = Some(evaluation);
-                }
-                Effect::Finish(outcome) => {
-                    // The serve loop sees the outcome and moves on.
-                    self.outcome = Some(outcome);
-                    self.write_status();
-                }
-                other => tracing::error!(?other, "not an effect of the round's actions; ignored"),
             }
+            Effect::RecordAccepted { round, detail } => {
+                let site = detail.site.clone();
+                if let Err(e) = self
+                    .store
+                    .record_update_detail(self.job_id.as_str(), round, detail)
+                {
+                    tracing::warn!(site, round, error = %e, "recording the update's details");
+                }
+            }
+            Effect::DiscardSpool { .. } => {
+                if let Some(p) = pending {
+                    let _ = std::fs::remove_file(&p.upload.spool_path);
+                }
+            }
+            Effect::AnswerUpload { result, .. } => {
+                if let Some(p) = pending.take() {
+                    let _ = p.reply.send(result);
+                }
+            }
+            Effect::RecordFinalEvaluation { round, evaluation } => {
+                if let Err(e) = self.store.record_final_evaluation(
+                    self.job_id.as_str(),
+                    round,
+                    evaluation.clone(),
+                ) {
+                    tracing::warn!(round, error = %e, "recording the final model's evaluation");
+                }
+                // The status file keeps completed rounds as they were
+                // shown: this one gains its final evaluation.
+                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+                    shown.final_evaluation = Some(evaluation.clone());
+                }
+                self.latest_evaluation = Some(evaluation);
+            }
+            Effect::Finish(outcome) => {
+                // The serve loop sees the outcome and moves on.
+                self.outcome = Some(outcome);
+                self.write_status();
+            }
+            other => tracing::error!(?other, "not an effect of the round's actions; ignored"),
         }
-        Ok(())
     }
 
     /// A site's signed evaluation report: counted or refused, audited
@@ -2041,6 +2034,15 @@ pub(crate) enum EngineError {
     /// A checkpoint could not be persisted in the store.
     #[error("persisting a checkpoint: {0}")]
     Checkpoint(#[source] crate::store::StoreError),
+}
+
+impl From<effects::Unexecuted> for EngineError {
+    fn from(e: effects::Unexecuted) -> Self {
+        match e {
+            effects::Unexecuted::Audit { during, source } => Self::Audit { during, source },
+            effects::Unexecuted::Persist { source, .. } => Self::Checkpoint(source),
+        }
+    }
 }
 
 /// The failure under [`EngineError::RoundRecord`].

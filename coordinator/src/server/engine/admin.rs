@@ -9,12 +9,12 @@ use std::time::Instant;
 use fedlink_protocol::admin::{AdminErrorCode, JobProgress, SiteProgress};
 use tokio::sync::oneshot;
 
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, effects};
 use crate::core::Effect;
 use crate::core::admin::{self as core_admin, StoredJob, Target};
 use crate::round::{AdminCommand, Input, PhaseView};
 use crate::server::Shared;
-use crate::store::{Extras, Store};
+use crate::store::Store;
 
 /// An admin request for the engine.
 #[derive(Debug)]
@@ -99,38 +99,45 @@ fn stored_target(store: &Store, id: &str) -> Result<Target, (AdminErrorCode, Str
     })))
 }
 
-/// Execute the effects of an admin command in order. An audit append or
-/// a store write that fails stops there (`Ok(Err(..))`: nothing after it
-/// runs, the admin is told); `apply` hands an input to the running job's
-/// round machine (its error is fatal for the engine).
+/// Why an admin command's effects stopped.
+enum Stopped {
+    /// An audit append or a store write failed: nothing after it ran; the
+    /// admin is told.
+    Refused((AdminErrorCode, String)),
+    /// Handing the input to the running job's round machine failed
+    /// (fatal for the engine).
+    Fatal(EngineError),
+}
+
+/// Execute the effects of an admin command in order, with the one
+/// executor ([`effects::execute`]). An audit append or a store write that
+/// fails stops there (`Ok(Err(..))`: nothing after it runs, the admin is
+/// told); `apply` hands an input to the running job's round machine (its
+/// error is fatal for the engine).
 fn execute(
     shared: &Shared,
     store: &Store,
     effects: Vec<Effect>,
     mut apply: impl FnMut(Input) -> Result<(), EngineError>,
 ) -> Result<Result<(), (AdminErrorCode, String)>, EngineError> {
-    let internal = |e: &dyn std::fmt::Display| Ok(Err((AdminErrorCode::Internal, e.to_string())));
-    for effect in effects {
-        match effect {
-            Effect::AppendAudit {
-                actor,
-                kind,
-                details,
-            } => {
-                if let Err(e) = shared.audit().record(&actor, kind, details) {
-                    return internal(&e);
-                }
+    let done = effects::execute(
+        shared.audit(),
+        store,
+        effects,
+        |e| Stopped::Refused((AdminErrorCode::Internal, e.cause())),
+        |effect| match effect {
+            Effect::Apply(input) => apply(input).map_err(Stopped::Fatal),
+            other => {
+                tracing::error!(?other, "not an admin effect; ignored");
+                Ok(())
             }
-            Effect::Persist { job, checkpoint } => {
-                if let Err(e) = store.persist(&job, &checkpoint, Extras::default()) {
-                    return internal(&e);
-                }
-            }
-            Effect::Apply(input) => apply(input)?,
-            other => tracing::error!(?other, "not an admin effect; ignored"),
-        }
+        },
+    );
+    match done {
+        Ok(()) => Ok(Ok(())),
+        Err(Stopped::Refused(answer)) => Ok(Err(answer)),
+        Err(Stopped::Fatal(e)) => Err(e),
     }
-    Ok(Ok(()))
 }
 
 impl Engine {

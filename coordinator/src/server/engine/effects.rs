@@ -1,0 +1,129 @@
+//! The one executor of the core's [`Effect`]s, shared by the engine (the
+//! running job's actions) and the admin path (pause / resume / abort, with
+//! or without a running job).
+//!
+//! The effects every driver executes the same way are executed here, in
+//! order: audit appends and a queued job's checkpoint. The first of them that fails stops the run —
+//! nothing after it is done — and the caller's `fail` maps the failure
+//! ([`Unexecuted`]) to its own error: fatal for the engine, an answer for
+//! an admin. Every other effect is handed to the caller's `other`, in its
+//! turn.
+
+use fedlink_audit::EventKind;
+
+use crate::core::Effect;
+use crate::server::audit::{AuditError, Auditor};
+use crate::store::{Extras, Store, StoreError};
+
+/// An effect that could not be executed; nothing after it was.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unexecuted {
+    /// An audit append failed (`during`: what it recorded).
+    #[error("{source} (while recording {during})")]
+    Audit {
+        during: String,
+        #[source]
+        source: AuditError,
+    },
+    /// A queued job's checkpoint could not be committed to the store.
+    #[error("persisting a checkpoint of job {job}: {source}")]
+    Persist {
+        job: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl Unexecuted {
+    /// The cause alone, as an admin is told it.
+    pub(crate) fn cause(&self) -> String {
+        match self {
+            Self::Audit { source, .. } => source.to_string(),
+            Self::Persist { source, .. } => source.to_string(),
+        }
+    }
+}
+
+/// Execute `effects` in order: the audit appends and the queued jobs'
+/// checkpoints here, every other effect by `other`. The first failure
+/// stops the run: an append or a checkpoint that fails is mapped by
+/// `fail`, an error of `other` is returned as it is.
+pub(crate) fn execute<E>(
+    audit: &Auditor,
+    store: &Store,
+    effects: impl IntoIterator<Item = Effect>,
+    fail: impl Fn(Unexecuted) -> E,
+    mut other: impl FnMut(Effect) -> Result<(), E>,
+) -> Result<(), E> {
+    for effect in effects {
+        match effect {
+            Effect::AppendAudit {
+                actor,
+                kind,
+                details,
+            } => audit.record(&actor, kind, details).map_err(|source| {
+                fail(Unexecuted::Audit {
+                    during: during(audit.actor(), &actor, kind),
+                    source,
+                })
+            })?,
+            Effect::Persist { job, checkpoint } => store
+                .persist(&job, &checkpoint, Extras::default())
+                .map_err(|source| fail(Unexecuted::Persist { job, source }))?,
+            other_effect => other(other_effect)?,
+        }
+    }
+    Ok(())
+}
+
+/// What an entry of `kind` by `actor` recorded, for the error that says it
+/// could not be: the coordinator's own events were not acted on; a site's
+/// are about one of its uploads or evaluation reports.
+fn during(own: &str, actor: &str, kind: EventKind) -> String {
+    if actor == own {
+        return format!("{kind}; nothing was done");
+    }
+    let Some(site) = fedlink_audit::event::site_of_actor(actor) else {
+        return format!("{kind} by {actor}; nothing was done");
+    };
+    match kind {
+        EventKind::UpdateInterrupted => format!("an interrupted upload of {site}"),
+        EventKind::EvalAccepted | EventKind::EvalRejected => {
+            format!("an evaluation report of {site}")
+        }
+        _ => format!("an update of {site}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The failure names what was being recorded, as the engine's error
+    /// messages did before they had one executor.
+    #[test]
+    fn a_failed_append_names_what_it_recorded() {
+        let own = "fedlink://fed/coordinator";
+        let site = fedlink_audit::event::site_actor("fed", "st-mary");
+        assert_eq!(
+            during(own, own, EventKind::RoundOpened),
+            "round.opened; nothing was done"
+        );
+        assert_eq!(
+            during(own, &site, EventKind::UpdateReceived),
+            "an update of st-mary"
+        );
+        assert_eq!(
+            during(own, &site, EventKind::UpdateInterrupted),
+            "an interrupted upload of st-mary"
+        );
+        assert_eq!(
+            during(own, &site, EventKind::EvalRejected),
+            "an evaluation report of st-mary"
+        );
+        assert_eq!(
+            during(own, "fedlink://fed/admin/ops", EventKind::JobPaused),
+            "job.paused by fedlink://fed/admin/ops; nothing was done"
+        );
+    }
+}
