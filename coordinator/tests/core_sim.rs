@@ -36,6 +36,7 @@ fn seeded_runs_keep_every_invariant() {
         total.admin_audited += s.admin_audited;
         total.rejections += s.rejections;
         total.evaluations_requested += s.evaluations_requested;
+        total.offer_batches += s.offer_batches;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -51,6 +52,7 @@ fn seeded_runs_keep_every_invariant() {
         ("audited admin commands", total.admin_audited),
         ("refused uploads", total.rejections),
         ("final evaluations requested", total.evaluations_requested),
+        ("offers sent as one batch", total.offer_batches),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

@@ -7,7 +7,7 @@
 //! | action | effects |
 //! |---|---|
 //! | `Persist` | [`checkpoint_plan`]: what the checkpoint's transaction carries (optimizer state, replay state) and what follows it (a round opened) |
-//! | `SendOffer` | [`send_offer`]: `offer.sent`, then the offer |
+//! | `SendOffer` | [`send_offers`] (a round's offers, in a row): every `offer.sent` in one group commit, then the offers |
 //! | `CancelTask` | [`cancel_task`]: the `Cancel` |
 //! | `Disconnect` | [`close_reason`] of the close the site table emits |
 //! | `AckUpdate` | after the driver's fold and archive, [`accept_upload`]: `update.received` (accepted), the round's record, the acknowledgement; [`fold_failed`] if the fold failed |
@@ -242,7 +242,8 @@ pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
 }
 
 /// `SendOffer`: `offer.sent` on record, then the offer to `site` (its
-/// deadline in the sites' Unix milliseconds by `clock`).
+/// deadline in the sites' Unix milliseconds by `clock`). One offer of
+/// [`send_offers`].
 pub fn send_offer(
     facts: &JobFacts,
     terms: &OfferTerms,
@@ -250,22 +251,54 @@ pub fn send_offer(
     site: &str,
     offer: &Offer,
 ) -> Vec<Effect> {
-    let message = terms.offer(offer, clock.unix_ms(offer.deadline));
-    vec![
-        facts.own(
-            EventKind::OfferSent,
-            serde_json::json!({
+    send_offers(facts, terms, clock, &[(site.to_owned(), offer.clone())])
+}
+
+/// A round's offers (the round machine emits its `SendOffer`s in a row):
+/// every offer's `offer.sent` on record, in one group commit (one fsync:
+/// [`Effect::AppendAuditBatch`]; a single offer's is a plain
+/// [`Effect::AppendAudit`]), then the offers, in the same order, each
+/// with its deadline in the sites' Unix milliseconds by `clock`. No offer
+/// leaves before every entry is on record.
+pub fn send_offers(
+    facts: &JobFacts,
+    terms: &OfferTerms,
+    clock: &UnixClock,
+    offers: &[(String, Offer)],
+) -> Vec<Effect> {
+    let mut entries: Vec<(EventKind, serde_json::Value)> = offers
+        .iter()
+        .map(|(site, offer)| {
+            let details = serde_json::json!({
                 "job": facts.job.as_str(),
                 "round": offer.round,
                 "site": site,
                 "base_model": offer.model.to_hex(),
-            }),
-        ),
+            });
+            (EventKind::OfferSent, details)
+        })
+        .collect();
+    let mut effects = Vec::with_capacity(offers.len() + 1);
+    match entries.len() {
+        0 => {}
+        1 => {
+            if let Some((kind, details)) = entries.pop() {
+                effects.push(facts.own(kind, details));
+            }
+        }
+        _ => effects.push(Effect::AppendAuditBatch {
+            actor: facts.actor.clone(),
+            entries,
+        }),
+    }
+    effects.extend(offers.iter().map(|(site, offer)| {
+        let message = terms.offer(offer, clock.unix_ms(offer.deadline));
         Effect::Send {
-            site: site.to_owned(),
+            site: site.clone(),
             message: Message::TaskOfferV6(Box::new(message)),
-        },
-    ]
+        }
+    }));
+    effects
 }
 
 /// `CancelTask`: tell `site` to stop working on `round` (it closed).
@@ -803,6 +836,10 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Effect::AppendAudit { kind, .. } => format!("audit {kind}"),
+                Effect::AppendAuditBatch { entries, .. } => {
+                    let kinds: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+                    format!("audit batch {}", kinds.join(","))
+                }
                 Effect::Send { site, message } => {
                     let m = match message {
                         Message::TaskOfferV6(_) => "offer",
@@ -946,6 +983,66 @@ mod tests {
         assert_eq!(clock.unix_ms(base + Duration::from_millis(250)), 5_250);
         assert_eq!(clock.unix_ms(base - Duration::from_secs(2)), 3_000);
         assert_eq!(clock.unix_ms(base - Duration::from_secs(9)), 0);
+    }
+
+    /// A round's offers: every `offer.sent` in one batch (one fsync), in
+    /// the offers' order, before the first offer leaves; each offer
+    /// carries its own site's round, model and deadline.
+    #[test]
+    fn a_rounds_offers_are_on_record_in_one_batch_before_any_is_sent() {
+        let start = Instant::now();
+        let clock = UnixClock::new(start, 1_000_000);
+        let terms = OfferTerms::of(&job(), &facts(), &StrategyConfig::default(), None).unwrap();
+        let offer = |secs| Offer {
+            round: 2,
+            attempt: 1,
+            model: model(7),
+            deadline: start + Duration::from_secs(secs),
+        };
+        let offers = [
+            ("site-a".to_owned(), offer(60)),
+            ("site-b".to_owned(), offer(61)),
+            ("site-c".to_owned(), offer(62)),
+        ];
+        let e = send_offers(&facts(), &terms, &clock, &offers);
+        assert_eq!(
+            kinds(&e),
+            [
+                "audit batch offer.sent,offer.sent,offer.sent",
+                "send offer site-a",
+                "send offer site-b",
+                "send offer site-c"
+            ]
+        );
+        let Effect::AppendAuditBatch { actor, entries } = &e[0] else {
+            panic!("{:?}", e[0]);
+        };
+        assert_eq!(actor, &facts().actor);
+        for ((site, _), (_, details)) in offers.iter().zip(entries) {
+            assert_eq!(
+                details,
+                &serde_json::json!({
+                    "job": "j1", "round": 2, "site": site, "base_model": model(7).to_hex(),
+                })
+            );
+        }
+        for (i, deadline) in [(1, 1_060_000), (3, 1_062_000)] {
+            let Effect::Send {
+                message: Message::TaskOfferV6(o),
+                ..
+            } = &e[i]
+            else {
+                panic!("{:?}", e[i]);
+            };
+            assert_eq!(o.deadline_unix_ms, deadline);
+        }
+        // One offer: one plain append, as `send_offer` gives it.
+        let one = send_offers(&facts(), &terms, &clock, &offers[..1]);
+        assert_eq!(
+            one,
+            send_offer(&facts(), &terms, &clock, "site-a", &offer(60))
+        );
+        assert!(send_offers(&facts(), &terms, &clock, &[]).is_empty());
     }
 
     #[test]

@@ -122,7 +122,8 @@ impl CloseReason {
 
 /// Something the driver must do, in the order the core emits it. An
 /// effect that changes state ([`Effect::changes_state`]) follows the
-/// [`Effect::AppendAudit`] that records it; if an append fails, the
+/// [`Effect::AppendAudit`] (or [`Effect::AppendAuditBatch`]) that records
+/// it; if an append fails, the
 /// driver executes nothing after it.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq)]
@@ -143,6 +144,15 @@ pub enum Effect {
         kind: fedlink_audit::EventKind,
         /// Its typed details.
         details: serde_json::Value,
+    },
+    /// Append several events of one actor to the audit log, durably with
+    /// one fsync (a group commit): all of them are on record before any
+    /// effect after it, or none is executed.
+    AppendAuditBatch {
+        /// Who did them (an identity URI).
+        actor: String,
+        /// What, each with its typed details, in order.
+        entries: Vec<(fedlink_audit::EventKind, serde_json::Value)>,
     },
     /// Commit a checkpoint of a job that does not run now (queued) to the
     /// store.
@@ -231,6 +241,15 @@ impl Effect {
         )
     }
 
+    /// Whether it appends at least one event to the audit log.
+    pub fn appends_audit(&self) -> bool {
+        match self {
+            Self::AppendAudit { .. } => true,
+            Self::AppendAuditBatch { entries, .. } => !entries.is_empty(),
+            _ => false,
+        }
+    }
+
     /// Whether `effects` keep the core's rule: every effect that changes
     /// state follows an audit append (the first such effect has one
     /// before it).
@@ -238,11 +257,7 @@ impl Effect {
         effects
             .iter()
             .position(Self::changes_state)
-            .is_none_or(|i| {
-                effects[..i]
-                    .iter()
-                    .any(|e| matches!(e, Self::AppendAudit { .. }))
-            })
+            .is_none_or(|i| effects[..i].iter().any(Self::appends_audit))
     }
 }
 

@@ -26,8 +26,10 @@
 //!   job's checkpoint) follows its audit append, and so does every change
 //!   the core decides for a round machine's action (a refused upload's
 //!   record, the end of a job);
-//! - an offer, a model's hash or an evaluation request goes out only
-//!   after its audit append, and names the running job; an acknowledged
+//! - an offer goes out only after its own `offer.sent` entry (a round's
+//!   offers are one decision, their entries one audit batch), a model's
+//!   hash or an evaluation request only after its audit append, and each
+//!   names the running job; an acknowledged
 //!   or refused upload is answered exactly once; a job ends exactly
 //!   once, with the outcome its machine gave, and its sites are told
 //!   `Bye` only when no job is queued behind it;
@@ -110,6 +112,9 @@ pub struct Stats {
     pub rejections: u64,
     /// Final models whose evaluation the sites were asked for.
     pub evaluations_requested: u64,
+    /// Offers of more than one site sent as one decision (their
+    /// `offer.sent` entries one audit batch).
+    pub offer_batches: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -147,6 +152,9 @@ struct Sent {
     answers: u64,
     rejections: u64,
     finished: Vec<JobOutcome>,
+    /// The offers whose `offer.sent` entry is on record so far: (site,
+    /// round).
+    on_record: BTreeSet<(String, u64)>,
 }
 
 /// The facts of a simulated upload (it has no signed envelope: its nonce
@@ -650,11 +658,13 @@ impl CoreSim {
     }
 
     fn drain(&mut self) -> Result<(), Violation> {
+        // An action polled after a round's offers, not yet executed.
+        let mut held = None;
         loop {
             let Some(r) = self.running.as_mut() else {
                 return Ok(());
             };
-            let Some(action) = r.runner.poll_action() else {
+            let Some(action) = held.take().or_else(|| r.runner.poll_action()) else {
                 return Ok(());
             };
             match self.crash_in {
@@ -665,8 +675,61 @@ impl CoreSim {
                 Some(n) => self.crash_in = Some(n - 1),
                 None => {}
             }
+            // A round's offers come in a row: the driver executes them as
+            // one decision (their `offer.sent` entries one group commit).
+            if let Action::SendOffer { site, offer } = action {
+                let mut offers = vec![(site, offer)];
+                while let Some(r) = self.running.as_mut() {
+                    match r.runner.poll_action() {
+                        Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
+                        other => {
+                            held = other;
+                            break;
+                        }
+                    }
+                }
+                self.send_offers(offers)?;
+                continue;
+            }
             self.execute(action)?;
         }
+    }
+
+    /// A round's offers through the core ([`actions::send_offers`]): each
+    /// offer must reach its site after its own `offer.sent` entry, and
+    /// every offer must go out.
+    fn send_offers(&mut self, offers: Vec<(String, crate::round::Offer)>) -> Result<(), Violation> {
+        let Some(job) = self.job_id() else {
+            return Ok(());
+        };
+        for (site, offer) in &offers {
+            self.note(&format!("offer {site} r{}", offer.round));
+        }
+        let facts = self.facts(&job)?;
+        let Some(terms) = self.offer_job.as_ref().and_then(|j| {
+            OfferTerms::of(
+                j,
+                &facts,
+                &fedlink_aggregation::StrategyConfig::default(),
+                None,
+            )
+            .ok()
+        }) else {
+            return Err(self.violation("the simulated job's offer terms do not build"));
+        };
+        let effects = actions::send_offers(&facts, &terms, &self.clock, &offers);
+        if offers.len() > 1 {
+            self.stats.offer_batches += 1;
+        }
+        let sent = self.run_effects(&job, effects)?;
+        if sent.offers != offers.len() as u64 {
+            return Err(self.violation(format!(
+                "{job}: {} SendOffer actions sent {} offers",
+                offers.len(),
+                sent.offers
+            )));
+        }
+        Ok(())
     }
 
     fn execute(&mut self, action: Action) -> Result<(), Violation> {
@@ -681,29 +744,7 @@ impl CoreSim {
                 }
                 self.durable.entry(job).or_default().push(cp);
             }
-            Action::SendOffer { site, offer } => {
-                self.note(&format!("offer {site} r{}", offer.round));
-                let facts = self.facts(&job)?;
-                let Some(terms) = self.offer_job.as_ref().and_then(|j| {
-                    OfferTerms::of(
-                        j,
-                        &facts,
-                        &fedlink_aggregation::StrategyConfig::default(),
-                        None,
-                    )
-                    .ok()
-                }) else {
-                    return Err(self.violation("the simulated job's offer terms do not build"));
-                };
-                let effects = actions::send_offer(&facts, &terms, &self.clock, &site, &offer);
-                let sent = self.run_effects(&job, effects)?;
-                if sent.offers != 1 {
-                    return Err(self.violation(format!(
-                        "{job}: SendOffer to {site} sent {} offers",
-                        sent.offers
-                    )));
-                }
-            }
+            Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::CancelTask { site, round } => {
                 self.note(&format!("cancel {site} r{round}"));
                 let effects = actions::cancel_task(&self.facts(&job)?, &site, round);
@@ -965,13 +1006,15 @@ impl CoreSim {
             }
             match effect {
                 Effect::AppendAudit { kind, details, .. } => {
-                    if details["job"] != job {
-                        return Err(
-                            self.violation(format!("{kind} of {job} names job {}", details["job"]))
-                        );
-                    }
-                    self.note(&format!("audit {kind}"));
+                    self.on_record(job, kind, &details, &mut sent)?;
                     audited = true;
+                }
+                Effect::AppendAuditBatch { entries, .. } => {
+                    self.note(&format!("audit batch of {}", entries.len()));
+                    for (kind, details) in &entries {
+                        self.on_record(job, *kind, details, &mut sent)?;
+                    }
+                    audited |= !entries.is_empty();
                 }
                 Effect::Send { site, message } => {
                     self.deliver(job, &site, message, audited, &mut sent)?
@@ -1017,6 +1060,34 @@ impl CoreSim {
         Ok(sent)
     }
 
+    /// An audit entry of `job` appended: it names the job; an `offer.sent`
+    /// puts its (site, round) on record for the offer that follows.
+    fn on_record(
+        &mut self,
+        job: &str,
+        kind: fedlink_audit::EventKind,
+        details: &serde_json::Value,
+        sent: &mut Sent,
+    ) -> Result<(), Violation> {
+        if details["job"] != job {
+            return Err(self.violation(format!("{kind} of {job} names job {}", details["job"])));
+        }
+        self.note(&format!("audit {kind}"));
+        if kind == fedlink_audit::EventKind::OfferSent {
+            match (details["site"].as_str(), details["round"].as_u64()) {
+                (Some(site), Some(round)) => {
+                    sent.on_record.insert((site.to_owned(), round));
+                }
+                _ => {
+                    return Err(self.violation(format!(
+                        "{job}: an offer.sent entry without its site or round: {details}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A message to `site`: dropped if it is not connected (as the driver
     /// does), else received by the virtual site.
     fn deliver(
@@ -1048,9 +1119,10 @@ impl CoreSim {
         let name = message_name(&message);
         match message {
             Message::TaskOfferV6(o) => {
-                if !audited {
+                if !sent.on_record.contains(&(site.to_owned(), o.round.0)) {
                     return Err(self.violation(format!(
-                        "{job}: an offer to {site} before its offer.sent append"
+                        "{job}: an offer to {site} for round {} before its offer.sent append",
+                        o.round.0
                     )));
                 }
                 v.offers.push((job.to_owned(), o.round.0, o.base_model));
@@ -1075,6 +1147,7 @@ impl CoreSim {
     fn execute_effect(&mut self, effect: Effect) -> Result<(), Violation> {
         match effect {
             other @ (Effect::AppendAudit { .. }
+            | Effect::AppendAuditBatch { .. }
             | Effect::Persist { .. }
             | Effect::Apply(_)
             | Effect::Send { .. }

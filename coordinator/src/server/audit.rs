@@ -156,21 +156,21 @@ impl Auditor {
         self.record(&self.actor, event, details)
     }
 
-    /// Append one `event` entry per `details` of the coordinator's own, all
-    /// fsynced together (group commit: one fsync instead of one each). Only
-    /// perform the recorded actions when this returns `Ok`; then all of them
-    /// may take effect.
-    pub(crate) fn record_own_batch(
+    /// Append `entries` (each an event and its details) by `actor`, all
+    /// fsynced together (group commit: one fsync instead of one each).
+    /// Only perform the recorded actions when this returns `Ok`; then all
+    /// of them may take effect.
+    pub(crate) fn record_batch(
         &self,
-        event: EventKind,
-        details: &[serde_json::Value],
+        actor: &str,
+        entries: &[(EventKind, serde_json::Value)],
     ) -> Result<(), AuditError> {
         blocking(|| {
-            let entries: Vec<_> = details.iter().map(|d| (event.as_str(), d)).collect();
+            let entries: Vec<_> = entries.iter().map(|(k, d)| (k.as_str(), d)).collect();
             let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
             inner
                 .log
-                .append_batch(crate::server::engine::unix_ms(), &self.actor, &entries)?;
+                .append_batch(crate::server::engine::unix_ms(), actor, &entries)?;
             self.after_append(&mut inner);
             Ok(())
         })

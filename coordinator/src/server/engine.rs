@@ -1239,14 +1239,9 @@ impl Engine {
         }
     }
 
-    /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
-    /// Record `offer.sent` for every offer (one audit group commit), then
-    /// send them.
-    /// A round's offers (the round machine emits them in a row): each
-    /// one's effects come from the core (`offer.sent`, then the offer);
-    /// the `offer.sent` entries of all of them are appended as one group
-    /// commit (one fsync) before any offer leaves. Effects of any other
-    /// shape are executed one offer at a time, as the core orders them.
+    /// A round's offers (the round machine emits them in a row), as the
+    /// core orders them ([`actions::send_offers`]): every `offer.sent` in
+    /// one group commit (one fsync), then the offers.
     fn send_offers(
         &mut self,
         offers: Vec<(String, crate::round::Offer)>,
@@ -1257,44 +1252,11 @@ impl Engine {
             &self.strategy,
             self.scaling.scaling().cloned(),
         )?;
-        let per_offer: Vec<Vec<Effect>> = offers
-            .iter()
-            .map(|(site, offer)| actions::send_offer(&self.facts, &terms, &self.clock, site, offer))
-            .collect();
-        let groupable = per_offer.iter().flatten().all(|e| match e {
-            Effect::AppendAudit { actor, kind, .. } => {
-                *kind == EventKind::OfferSent && *actor == self.facts.actor
-            }
-            Effect::Send { .. } => true,
-            _ => false,
-        });
-        if !groupable {
-            for effects in per_offer {
-                self.run_effects(effects, None)?;
-            }
-            return Ok(());
-        }
-        let (audits, sends): (Vec<Effect>, Vec<Effect>) = per_offer
-            .into_iter()
-            .flatten()
-            .partition(|e| matches!(e, Effect::AppendAudit { .. }));
-        let details: Vec<serde_json::Value> = audits
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::AppendAudit { details, .. } => Some(details),
-                _ => None,
-            })
-            .collect();
-        self.wire
-            .audit()
-            .record_own_batch(EventKind::OfferSent, &details)
-            .map_err(|source| EngineError::Audit {
-                during: format!("{}; nothing was done", EventKind::OfferSent),
-                source,
-            })?;
-        self.run_effects(sends, None)
+        let effects = actions::send_offers(&self.facts, &terms, &self.clock, &offers);
+        self.run_effects(effects, None)
     }
 
+    /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
     fn send(&self, site: &str, msg: Message) {
         self.links.send(site, msg);
     }

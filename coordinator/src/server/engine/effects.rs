@@ -3,7 +3,8 @@
 //! or without a running job).
 //!
 //! The effects every driver executes the same way are executed here, in
-//! order: audit appends and a queued job's checkpoint. The first of them that fails stops the run —
+//! order: audit appends (one entry, or a batch under one fsync) and a
+//! queued job's checkpoint. The first of them that fails stops the run —
 //! nothing after it is done — and the caller's `fail` maps the failure
 //! ([`Unexecuted`]) to its own error: fatal for the engine, an answer for
 //! an admin. Every other effect is handed to the caller's `other`, in its
@@ -67,6 +68,20 @@ pub(crate) fn execute<E>(
                     source,
                 })
             })?,
+            Effect::AppendAuditBatch { actor, entries } => {
+                audit.record_batch(&actor, &entries).map_err(|source| {
+                    let mut kinds: Vec<EventKind> = entries.iter().map(|(k, _)| *k).collect();
+                    kinds.dedup();
+                    let during = match kinds.as_slice() {
+                        [kind] => during(audit.actor(), &actor, *kind),
+                        _ => {
+                            let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                            format!("{} by {actor}; nothing was done", kinds.join(", "))
+                        }
+                    };
+                    fail(Unexecuted::Audit { during, source })
+                })?
+            }
             Effect::Persist { job, checkpoint } => store
                 .persist(&job, &checkpoint, Extras::default())
                 .map_err(|source| fail(Unexecuted::Persist { job, source }))?,
