@@ -841,19 +841,27 @@ impl Engine {
             // A second upload of the same site and round raced the first:
             // refuse the older one; the runner decides about the newer.
             let why = "superseded by another upload of this site for this round";
-            let upload = UploadFacts::of(&old.upload.envelope, old.upload.bytes);
-            let effects = actions::reject_pending(
-                &self.facts,
-                &site,
-                &upload,
-                why,
-                RejectCode::Replay,
-                unix_ms(),
-            );
-            self.run_effects(effects, Some(old))?;
+            self.refuse_pending(&site, old, why, RejectCode::Replay)?;
         }
         self.runner.handle(now, Input::UpdateReceived(received));
         Ok(())
+    }
+
+    /// Refuse an upload received whole that the round machine will not
+    /// count (refused by it, superseded by a newer upload, or left
+    /// undecided): [`actions::reject_pending`]'s effects — on record, in
+    /// the round's record, its spool dropped, its site answered with `code`
+    /// and `why`.
+    fn refuse_pending(
+        &mut self,
+        site: &str,
+        p: Pending,
+        why: &str,
+        code: RejectCode,
+    ) -> Result<(), EngineError> {
+        let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
+        let effects = actions::reject_pending(&self.facts, site, &upload, why, code, unix_ms());
+        self.run_effects(effects, Some(p))
     }
 
     /// Execute every pending action, in order.
@@ -890,16 +898,7 @@ impl Engine {
         for ((site, round), p) in undecided {
             tracing::warn!(site = %site, round, "upload left undecided; refusing it");
             let why = "the coordinator did not decide on this upload";
-            let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
-            let effects = actions::reject_pending(
-                &self.facts,
-                &site,
-                &upload,
-                why,
-                RejectCode::Internal,
-                unix_ms(),
-            );
-            self.run_effects(effects, Some(p))?;
+            self.refuse_pending(&site, p, why, RejectCode::Internal)?;
         }
         Ok(())
     }
@@ -968,16 +967,7 @@ impl Engine {
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
                 if let Some(p) = self.pending.remove(&(site.clone(), round)) {
-                    let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
-                    let effects = actions::reject_pending(
-                        &self.facts,
-                        &site,
-                        &upload,
-                        &reason_text(&reason),
-                        reject_code(&reason),
-                        unix_ms(),
-                    );
-                    self.run_effects(effects, Some(p))?;
+                    self.refuse_pending(&site, p, &reason_text(&reason), reject_code(&reason))?;
                 }
             }
             Action::CancelTask { site, round } => {
