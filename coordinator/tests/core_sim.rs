@@ -37,6 +37,7 @@ fn seeded_runs_keep_every_invariant() {
         total.rejections += s.rejections;
         total.evaluations_requested += s.evaluations_requested;
         total.offer_batches += s.offer_batches;
+        total.exclusions += s.exclusions;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -56,6 +57,13 @@ fn seeded_runs_keep_every_invariant() {
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }
+    // Rarer: a site revoked between its acknowledgement and the round's
+    // aggregation (its update taken out, `update.excluded`).
+    assert!(
+        total.exclusions >= SEEDS / 40,
+        "only {} updates excluded in {SEEDS} seeds",
+        total.exclusions
+    );
 }
 
 #[test]

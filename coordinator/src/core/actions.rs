@@ -513,6 +513,64 @@ pub fn accept_upload(
     ]
 }
 
+/// The accepted updates of a round taken out before it is aggregated
+/// ([`exclude_withdrawn`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exclusion {
+    /// The inputs taken out, by index into the round's inputs, highest
+    /// first (remove them in this order), each with why its site is no
+    /// longer allowed.
+    pub excluded: Vec<(usize, String)>,
+    /// One `update.excluded` entry each, in the same order; the driver
+    /// executes them before it aggregates what is left.
+    pub effects: Vec<Effect>,
+    /// Fewer inputs than the quorum are left: `(left, quorum)` — the round
+    /// fails.
+    pub below_quorum: Option<(usize, usize)>,
+}
+
+/// Before a round is aggregated: every accepted update whose site is no
+/// longer allowed (revoked or removed after its update was accepted;
+/// `not_allowed` says why, `None`: allowed) is taken out of the round,
+/// each on record (`update.excluded`, with the reason), and fewer inputs
+/// left than `quorum` fail the round. Nothing excluded: no effects. The
+/// driver folds the rest again (the accumulator cannot subtract); the
+/// excluded updates' files stay in the archive as evidence, but
+/// `round.json` does not list them.
+pub fn exclude_withdrawn(
+    facts: &JobFacts,
+    round: u64,
+    inputs: &[RoundInput],
+    quorum: usize,
+    not_allowed: impl Fn(&str) -> Option<String>,
+) -> Exclusion {
+    let mut excluded = Vec::new();
+    let mut effects = Vec::new();
+    for (i, input) in inputs.iter().enumerate().rev() {
+        let Some(why) = not_allowed(&input.site) else {
+            continue;
+        };
+        effects.push(facts.own(
+            EventKind::UpdateExcluded,
+            serde_json::json!({
+                "job": facts.job.as_str(),
+                "round": round,
+                "site": input.site,
+                "payload_hash": input.payload_hash,
+                "reason": format!("the site is no longer allowed: {why}"),
+            }),
+        ));
+        excluded.push((i, why));
+    }
+    let left = inputs.len() - excluded.len();
+    let below_quorum = (!excluded.is_empty() && left < quorum).then_some((left, quorum));
+    Exclusion {
+        excluded,
+        effects,
+        below_quorum,
+    }
+}
+
 /// The central DP the aggregation applied to a round.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DpApplied {
@@ -1240,6 +1298,57 @@ mod tests {
             &inputs,
         );
         assert_eq!(audit(&e[0]).2["dp"], serde_json::Value::Null);
+    }
+
+    /// Updates of sites no longer allowed are taken out, each on record
+    /// with its reason, highest index first; too few left fail the round;
+    /// nothing to take out decides nothing, whatever the quorum.
+    #[test]
+    fn withdrawn_sites_updates_are_excluded_on_record_and_can_fail_the_quorum() {
+        let input = |site: &str| RoundInput {
+            site: site.into(),
+            payload_hash: format!("{site}-hash"),
+            num_examples: 10,
+            payload_file: String::new(),
+            envelope_file: String::new(),
+        };
+        let inputs = [input("site-a"), input("site-b"), input("site-c")];
+        let revoked = |s: &str| (s != "site-b").then(|| format!("{s} is revoked"));
+        let x = exclude_withdrawn(&facts(), 4, &inputs, 1, revoked);
+        assert_eq!(
+            x.excluded,
+            [
+                (2, "site-c is revoked".into()),
+                (0, "site-a is revoked".into())
+            ]
+        );
+        assert_eq!(x.below_quorum, None);
+        assert_eq!(
+            kinds(&x.effects),
+            ["audit update.excluded", "audit update.excluded"]
+        );
+        let (actor, _, d) = audit(&x.effects[0]);
+        assert_eq!(actor, facts().actor);
+        assert_eq!(
+            d,
+            &serde_json::json!({
+                "job": "j1", "round": 4, "site": "site-c", "payload_hash": "site-c-hash",
+                "reason": "the site is no longer allowed: site-c is revoked",
+            })
+        );
+        // Two needed, one left: the round fails.
+        let x = exclude_withdrawn(&facts(), 4, &inputs, 2, revoked);
+        assert_eq!(x.below_quorum, Some((1, 2)));
+        // All allowed: nothing, even below the quorum.
+        let x = exclude_withdrawn(&facts(), 4, &inputs[..1], 2, |_| None);
+        assert_eq!(
+            x,
+            Exclusion {
+                excluded: vec![],
+                effects: vec![],
+                below_quorum: None
+            }
+        );
     }
 
     fn sites(versions: &[(&str, u16)]) -> Vec<Connected> {

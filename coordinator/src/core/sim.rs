@@ -19,7 +19,8 @@
 //! - an update is acknowledged only after its `UpdateAccepted` checkpoint
 //!   is durable, and every acknowledged update of a round is in that
 //!   round's aggregate (none lost, none added) unless a crash re-opened
-//!   the round;
+//!   the round or its site was revoked since (then it is taken out, on
+//!   record as `update.excluded`, and too few left fail the round);
 //! - a job's round machine sees exactly the sites the core holds, so
 //!   sites are held across job switches as after an empty start;
 //! - an admin command's change (to the running job's machine or a queued
@@ -115,6 +116,9 @@ pub struct Stats {
     /// Offers of more than one site sent as one decision (their
     /// `offer.sent` entries one audit batch).
     pub offer_batches: u64,
+    /// Accepted updates taken out of their round before its aggregation
+    /// (their site revoked since; `update.excluded`).
+    pub exclusions: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -353,6 +357,13 @@ impl CoreSim {
     // -- one step of the world --
 
     fn one_step(&mut self) -> Result<(), Violation> {
+        // Now and then a site whose update the open round has accepted is
+        // revoked (its update is taken out before the aggregation).
+        let accepted = self.accepted_in_open_round();
+        if !accepted.is_empty() && self.below(20) == 0 {
+            let k = self.below(accepted.len() as u64) as usize;
+            return self.revoke(accepted[k]);
+        }
         let i = self.below(self.vsites.len() as u64) as usize;
         match self.below(100) {
             0..=17 => self.connect(i),
@@ -378,6 +389,22 @@ impl CoreSim {
             }
             _ => self.reinstate(i),
         }
+    }
+
+    /// The virtual sites whose update the running job's open round has
+    /// acknowledged.
+    fn accepted_in_open_round(&self) -> Vec<usize> {
+        let (Some(job), Some(round)) = (self.job_id(), self.open_round) else {
+            return Vec::new();
+        };
+        self.vsites
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| {
+                !v.revoked && self.acked.contains(&(job.clone(), round, v.name.clone()))
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
     fn connect(&mut self, i: usize) -> Result<(), Violation> {
@@ -845,15 +872,9 @@ impl CoreSim {
                         "{job}: round {round} aggregates {got:?}, acknowledged were {want:?}"
                     )));
                 }
-                let mut h = blake3::Hasher::new();
-                h.update(&base_model.0);
-                for u in &updates {
-                    h.update(&u.payload_hash.0);
-                }
-                let model = ModelHash(*h.finalize().as_bytes());
-                self.stats.rounds_aggregated += 1;
-                // On record, then the sites whose updates made it are told.
-                let inputs: Vec<_> = updates
+                // Sites revoked since their update was accepted are taken
+                // out, each on record; too few left fail the round.
+                let mut inputs: Vec<_> = updates
                     .iter()
                     .map(|u| crate::round_archive::RoundInput {
                         site: u.site.clone(),
@@ -863,8 +884,68 @@ impl CoreSim {
                         envelope_file: String::new(),
                     })
                     .collect();
+                let revoked: BTreeSet<String> = self
+                    .vsites
+                    .iter()
+                    .filter(|v| v.revoked)
+                    .map(|v| v.name.clone())
+                    .collect();
+                let facts = self.facts(&job)?;
+                let quorum = self.jobs[self.running.as_ref().map_or(0, |r| r.job)]
+                    .cfg
+                    .quorum as usize;
+                let exclusion = actions::exclude_withdrawn(&facts, round, &inputs, quorum, |s| {
+                    revoked
+                        .contains(s)
+                        .then(|| format!("the certificate of {s} is revoked"))
+                });
+                let want_out: BTreeSet<&str> = got
+                    .iter()
+                    .copied()
+                    .filter(|s| revoked.contains(*s))
+                    .collect();
+                let out: BTreeSet<&str> = exclusion
+                    .excluded
+                    .iter()
+                    .map(|(i, _)| inputs[*i].site.as_str())
+                    .collect();
+                if out != want_out || exclusion.effects.len() != out.len() {
+                    return Err(self.violation(format!(
+                        "{job}: round {round} excludes {out:?} ({} entries), revoked are {want_out:?}",
+                        exclusion.effects.len()
+                    )));
+                }
+                self.stats.exclusions += out.len() as u64;
+                let failed = exclusion.below_quorum;
+                for (i, _) in &exclusion.excluded {
+                    inputs.remove(*i);
+                }
+                self.run_effects(&job, exclusion.effects)?;
+                let now = self.now;
+                if let Some((left, quorum)) = failed {
+                    // The round stays open until the job's end discards it.
+                    self.open_round = Some(round);
+                    if let Some(r) = self.running.as_mut() {
+                        r.runner.handle(
+                            now,
+                            Input::AggregationFailed {
+                                round,
+                                reason: format!("{left} left, the quorum is {quorum}"),
+                            },
+                        );
+                    }
+                    return Ok(());
+                }
+                let mut h = blake3::Hasher::new();
+                h.update(&base_model.0);
+                for i in &inputs {
+                    h.update(i.payload_hash.as_bytes());
+                }
+                let model = ModelHash(*h.finalize().as_bytes());
+                self.stats.rounds_aggregated += 1;
+                // On record, then the sites whose updates made it are told.
                 let effects = actions::round_aggregated(
-                    &self.facts(&job)?,
+                    &facts,
                     round,
                     (base_model, model),
                     serde_json::Value::Null,
@@ -872,7 +953,6 @@ impl CoreSim {
                     &inputs,
                 );
                 self.run_effects(&job, effects)?;
-                let now = self.now;
                 if let Some(r) = self.running.as_mut() {
                     r.runner.handle(
                         now,

@@ -1434,50 +1434,39 @@ impl Engine {
     }
 
     /// Take out of the round every accepted update whose site is no longer
-    /// allowed (revoked or removed after its update was accepted): each is
-    /// audited (`update.excluded`), dropped from the round's inputs, and the
-    /// round's accumulator is folded again from the archived payloads of the
-    /// others (the accumulator cannot subtract). Its archived files stay in
-    /// the round directory as evidence; `round.json` does not list them, so
-    /// `fedlink audit replay` recomputes the round without them. Fewer
-    /// inputs than the quorum fail the round.
+    /// allowed, as the core decides ([`actions::exclude_withdrawn`]: each
+    /// audited, `update.excluded`; fewer inputs than the quorum fail the
+    /// round): each is dropped from the round's inputs, and the round's
+    /// accumulator is folded again from the archived payloads of the others
+    /// (the accumulator cannot subtract). Its archived files stay in the
+    /// round directory as evidence; `round.json` does not list them, so
+    /// `fedlink audit replay` recomputes the round without them.
     fn exclude_withdrawn(
         &mut self,
         round: u64,
         agg: RoundAggregator,
         log: &mut RoundLog,
     ) -> Result<Result<RoundAggregator, AggregationFailure>, EngineError> {
-        let withdrawn: Vec<(usize, super::NotAllowed)> = log
-            .inputs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, input)| self.wire.site_allowed(&input.site).err().map(|w| (i, w)))
-            .collect();
-        if withdrawn.is_empty() {
+        let wire = self.wire.clone();
+        let exclusion = actions::exclude_withdrawn(
+            &self.facts,
+            round,
+            &log.inputs,
+            self.job.round.quorum as usize,
+            |site| wire.site_allowed(site).err().map(|why| why.to_string()),
+        );
+        if exclusion.excluded.is_empty() {
             return Ok(Ok(agg));
         }
         drop(agg);
-        for (i, why) in withdrawn.iter().rev() {
+        for (i, why) in &exclusion.excluded {
             let input = log.inputs.remove(*i);
             log.encodings.remove(*i);
             tracing::warn!(site = %input.site, round, reason = %why, "accepted update excluded from the round");
-            self.audit_own(
-                EventKind::UpdateExcluded,
-                serde_json::json!({
-                    "job": self.job_id.as_str(),
-                    "round": round,
-                    "site": input.site,
-                    "payload_hash": input.payload_hash,
-                    "reason": format!("the site is no longer allowed: {why}"),
-                }),
-            )?;
         }
-        let quorum = self.job.round.quorum as usize;
-        if log.inputs.len() < quorum {
-            return Ok(Err(AggregationFailure::BelowQuorum {
-                left: log.inputs.len(),
-                quorum,
-            }));
+        self.run_effects(exclusion.effects, None)?;
+        if let Some((left, quorum)) = exclusion.below_quorum {
+            return Ok(Err(AggregationFailure::BelowQuorum { left, quorum }));
         }
         let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
         let inputs: Vec<_> = log
