@@ -6,7 +6,7 @@
 //!
 //! | action | effects |
 //! |---|---|
-//! | `Persist` | [`checkpoint_plan`]: what the checkpoint's transaction carries (optimizer state, replay state) and what follows it (a round opened) |
+//! | `Persist` | [`checkpoint_plan`]: what the checkpoint's transaction carries (optimizer state, replay state) and what follows it (a round opened: [`round_opened`], `round.opened`) |
 //! | `SendOffer` | [`send_offers`] (a round's offers, in a row): every `offer.sent` in one group commit, then the offers |
 //! | `CancelTask` | [`cancel_task`]: the `Cancel` |
 //! | `Disconnect` | [`close_reason`] of the close the site table emits |
@@ -239,6 +239,22 @@ pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
         },
         status_may_wait: matches!(checkpoint, Checkpoint::UpdateAccepted(_)),
     }
+}
+
+/// A round opened on `base_model` (the `RoundStarted` checkpoint
+/// committed; the driver has written the server state before it,
+/// `state-before.json`, drawn its noise seed and opened its accumulator):
+/// on record (`round.opened`) before anything of the round happens — its
+/// offers follow.
+pub fn round_opened(facts: &JobFacts, round: u64, base_model: ModelHash) -> Vec<Effect> {
+    vec![facts.own(
+        EventKind::RoundOpened,
+        serde_json::json!({
+            "job": facts.job.as_str(),
+            "round": round,
+            "base_model": base_model.to_hex(),
+        }),
+    )]
 }
 
 /// `SendOffer`: `offer.sent` on record, then the offer to `site` (its
@@ -1031,6 +1047,18 @@ mod tests {
         ] {
             assert_eq!(checkpoint_plan(&cp), plain);
         }
+    }
+
+    #[test]
+    fn an_opened_round_is_on_record_with_its_base_model() {
+        let e = round_opened(&facts(), 5, model(4));
+        assert_eq!(kinds(&e), ["audit round.opened"]);
+        let (actor, _, d) = audit(&e[0]);
+        assert_eq!(actor, facts().actor);
+        assert_eq!(
+            d,
+            &serde_json::json!({"job": "j1", "round": 5, "base_model": model(4).to_hex()})
+        );
     }
 
     #[test]

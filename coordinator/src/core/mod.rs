@@ -51,10 +51,10 @@
 //! protocol's `PayloadVerifier` in the driver's connection task; the
 //! checkpoints' extras are serialized and committed by the driver (which
 //! ones a checkpoint carries: [`actions::checkpoint_plan`]), the round's
-//! opening (`state-before.json`, its noise seed,
-//! `round.opened`), the accumulator's lifecycle (open, fold on ack,
-//! aggregate), the round archive's files, the exclusion of withdrawn
-//! sites' updates (`update.excluded`), the per-round federated evaluation
+//! opening (`state-before.json`, its noise seed; its `round.opened` is
+//! [`actions::round_opened`]), the accumulator's lifecycle (open, fold on
+//! ack, aggregate; the exclusion of withdrawn sites' updates is decided by
+//! [`actions::exclude_withdrawn`]), the round archive's files, the per-round federated evaluation
 //! (`round.evaluated`), declined offers, interrupted uploads and
 //! evaluation reports are still decided in the driver's engine
 //! (`server::engine`).

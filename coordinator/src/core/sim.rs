@@ -28,7 +28,8 @@
 //!   the core decides for a round machine's action (a refused upload's
 //!   record, the end of a job);
 //! - an offer goes out only after its own `offer.sent` entry (a round's
-//!   offers are one decision, their entries one audit batch), a model's
+//!   offers are one decision, their entries one audit batch) and after
+//!   its round's `round.opened` (since the last restart), a model's
 //!   hash or an evaluation request only after its audit append, and each
 //!   names the running job; an acknowledged
 //!   or refused upload is answered exactly once; a job ends exactly
@@ -215,6 +216,9 @@ pub struct CoreSim {
     /// The running job's open round (the driver's round record), from its
     /// `RoundStarted` checkpoint to its aggregation.
     open_round: Option<u64>,
+    /// The rounds on record as opened (`round.opened`) since the last
+    /// restart: (job, round).
+    rounds_opened: BTreeSet<(String, u64)>,
     /// Virtual time → the sites' Unix milliseconds.
     clock: UnixClock,
     stats: Stats,
@@ -243,6 +247,7 @@ impl CoreSim {
             offer_job: crate::job::Job::from_toml(OFFER_JOB).ok(),
             received: BTreeMap::new(),
             open_round: None,
+            rounds_opened: BTreeSet::new(),
             clock: UnixClock::new(start, 1_700_000_000_000),
             stats: Stats::default(),
             trace: blake3::Hasher::new(),
@@ -766,10 +771,22 @@ impl CoreSim {
         match action {
             Action::Persist(cp) => {
                 self.note(&format!("persist {cp:?}"));
-                if let Some(round) = actions::checkpoint_plan(&cp).opens_round {
+                let opens = match (&cp, actions::checkpoint_plan(&cp).opens_round) {
+                    // A later wave of the open round opens nothing.
+                    (Checkpoint::RoundStarted { base_model, .. }, Some(round))
+                        if self.open_round != Some(round) =>
+                    {
+                        Some((round, *base_model))
+                    }
+                    _ => None,
+                };
+                self.durable.entry(job.clone()).or_default().push(cp);
+                if let Some((round, base_model)) = opens {
                     self.open_round = Some(round);
+                    let effects = actions::round_opened(&self.facts(&job)?, round, base_model);
+                    self.run_effects(&job, effects)?;
+                    self.rounds_opened.insert((job, round));
                 }
-                self.durable.entry(job).or_default().push(cp);
             }
             Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::CancelTask { site, round } => {
@@ -1205,6 +1222,12 @@ impl CoreSim {
                         o.round.0
                     )));
                 }
+                if !self.rounds_opened.contains(&(job.to_owned(), o.round.0)) {
+                    return Err(self.violation(format!(
+                        "{job}: an offer to {site} for round {} before the round.opened entry",
+                        o.round.0
+                    )));
+                }
                 v.offers.push((job.to_owned(), o.round.0, o.base_model));
                 sent.offers += 1;
             }
@@ -1277,6 +1300,7 @@ impl CoreSim {
         self.sites = Sites::new();
         // The driver's memory is lost with it.
         self.open_round = None;
+        self.rounds_opened.clear();
         self.received.clear();
         let Some(r) = self.running.take() else {
             return;

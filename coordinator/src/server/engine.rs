@@ -1285,14 +1285,8 @@ impl Engine {
         let agg =
             round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
                 .map_err(|source| EngineError::OpenRound { round, source })?;
-        self.audit_own(
-            EventKind::RoundOpened,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": round,
-                "base_model": self.global_hash.to_hex(),
-            }),
-        )?;
+        let effects = actions::round_opened(&self.facts, round, self.global_hash);
+        self.run_effects(effects, None)?;
         self.server_state = state;
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
