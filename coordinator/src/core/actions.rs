@@ -13,6 +13,8 @@
 //! | `AckUpdate` | after the driver's fold and archive, [`accept_upload`]: `update.received` (accepted), the round's record, the acknowledgement; [`fold_failed`] if the fold failed |
 //! | `Aggregate` | after the driver's aggregation and `round.json`, [`round_aggregated`]: `round.aggregated`, the new model's hash and the audit head to the sites whose updates made it |
 //! | `RejectUpdate` | [`reject_pending`]: `update.received` (refused), the round's record, the spool dropped, the site answered |
+//! | (before `Aggregate`'s aggregation) | [`exclude_withdrawn`]: the accepted updates of sites no longer allowed taken out, each `update.excluded`; too few left fail the round |
+//! | (not the round machine's) | [`upload_interrupted`]: `update.interrupted`; [`offer_declined`]: `offer.declined`; [`eval_reported`]: `eval.accepted` / `eval.rejected` |
 //! | `JobFinished` | [`job_finished`]: `round.discarded` (a round open), `job.finished`, the final model's hash, the audit head, then the final evaluation asked for ([`evaluation_finished`] once answered) or the end of the job ([`job_over`]) |
 //!
 //! The rest of the driver's work stays there: folding and aggregating
@@ -34,7 +36,7 @@ use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::envelope::SignedEnvelope;
-use fedlink_protocol::evaluation::{EvalRequest, ExpectedEval};
+use fedlink_protocol::evaluation::{EvalReport, EvalRequest, ExpectedEval};
 use fedlink_protocol::message::{
     Bye, Cancel, CentralDp, PrivacyRequirements, RejectCode, RoundOutcome, TaskOffer,
     TrainingConfig, UploadResult,
@@ -585,6 +587,99 @@ pub fn exclude_withdrawn(
         effects,
         below_quorum,
     }
+}
+
+/// What arrived of an upload before its connection was lost (or its site
+/// stalled), for its `update.interrupted` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interruption {
+    /// Whole records received (in the spool).
+    pub records: u64,
+    /// Payload bytes of those records.
+    pub bytes: u64,
+    /// Bytes of a record the cut left incomplete (dropped: the site sends
+    /// that record again).
+    pub partial_bytes: u64,
+    /// What ended the upload.
+    pub cause: String,
+}
+
+/// An upload cut short: on record (`update.interrupted`, by its site) with
+/// what arrived, and whether it is kept for the site to resume
+/// (`kept`: `Ok`) or why not. Keeping or dropping the received records
+/// ([`super::resume::Partials::keep`]) is the driver's, before this.
+pub fn upload_interrupted(
+    facts: &JobFacts,
+    site: &str,
+    envelope: &SignedEnvelope,
+    what: &Interruption,
+    kept: Result<(), &str>,
+) -> Vec<Effect> {
+    let h = &envelope.header;
+    vec![Effect::AppendAudit {
+        actor: facts.site_actor(site),
+        kind: EventKind::UpdateInterrupted,
+        details: serde_json::json!({
+            "job": h.job_id.as_str(),
+            "round": h.round.0,
+            "site": h.site_id.as_str(),
+            "payload_hash": h.payload_hash.to_hex(),
+            "payload_bytes": h.payload_len,
+            "nonce": hex::encode(h.nonce.0),
+            "records_received": what.records,
+            "bytes_received": what.bytes,
+            "partial_record_bytes_dropped": what.partial_bytes,
+            "cause": what.cause,
+            "kept_for_resume": kept.is_ok(),
+            "not_kept_because": kept.err(),
+        }),
+    }]
+}
+
+/// A declined offer of `round`, kept in the round's record by the driver
+/// (once per selected site and round; `reason` already cut to its
+/// length): on record (`offer.declined`, by the coordinator, with the
+/// site's reason).
+pub fn offer_declined(facts: &JobFacts, site: &str, round: u64, reason: &str) -> Vec<Effect> {
+    vec![facts.own(
+        EventKind::OfferDeclined,
+        serde_json::json!({
+            "job": facts.job.as_str(),
+            "round": round,
+            "site": site,
+            "reason": reason,
+        }),
+    )]
+}
+
+/// A site's signed evaluation report, counted (`verdict` Ok) or refused
+/// (the refusal): on record either way, by the site — `eval.accepted`, or
+/// `eval.rejected` with the reason.
+pub fn eval_reported(
+    facts: &JobFacts,
+    site: &str,
+    report: &EvalReport,
+    verdict: Result<(), &evaluation::EvalRefusal>,
+) -> Vec<Effect> {
+    let mut details = serde_json::json!({
+        "site": site,
+        "job": report.job_id.as_str(),
+        "round": report.round.0,
+        "model": report.model.to_hex(),
+        "num_eval_examples": report.metrics.num_eval_examples,
+    });
+    let kind = match verdict {
+        Ok(()) => EventKind::EvalAccepted,
+        Err(why) => {
+            details["reason"] = serde_json::Value::from(why.to_string());
+            EventKind::EvalRejected
+        }
+    };
+    vec![Effect::AppendAudit {
+        actor: facts.site_actor(site),
+        kind,
+        details,
+    }]
 }
 
 /// The central DP the aggregation applied to a round.
@@ -1377,6 +1472,101 @@ mod tests {
                 below_quorum: None
             }
         );
+    }
+
+    /// An interrupted upload is on record by its site with what arrived,
+    /// kept for a resume or not (and why); the declared length is the
+    /// header's.
+    #[test]
+    fn an_interrupted_upload_is_on_record_by_its_site_kept_or_not() {
+        use fedlink_protocol::{
+            Encoding, PROTOCOL_VERSION, SiteId, UpdateHeader, UpdateNonce, ValueCodec, sign_update,
+        };
+        let header = UpdateHeader {
+            protocol_version: PROTOCOL_VERSION,
+            federation_id: facts().federation,
+            site_id: SiteId::new("site-a").unwrap(),
+            job_id: facts().job,
+            round: RoundId(3),
+            base_model: model(1),
+            num_examples: 10,
+            encoding: Encoding::with_codec(ValueCodec::F32).unwrap(),
+            payload_len: 4096,
+            payload_hash: PayloadHash([0xab; 32]),
+            nonce: UpdateNonce([1; 16]),
+            metrics: None,
+            feature_stats: None,
+        };
+        let env = sign_update(&ed25519_dalek::SigningKey::from_bytes(&[7; 32]), header);
+        let what = Interruption {
+            records: 2,
+            bytes: 1024,
+            partial_bytes: 100,
+            cause: "connection lost".into(),
+        };
+        let e = upload_interrupted(&facts(), "site-a", &env, &what, Ok(()));
+        assert_eq!(kinds(&e), ["audit update.interrupted"]);
+        let (actor, _, d) = audit(&e[0]);
+        assert_eq!(actor, facts().site_actor("site-a"));
+        assert_eq!(
+            d,
+            &serde_json::json!({
+                "job": "j1", "round": 3, "site": "site-a",
+                "payload_hash": "ab".repeat(32), "payload_bytes": 4096,
+                "nonce": "01".repeat(16), "records_received": 2, "bytes_received": 1024,
+                "partial_record_bytes_dropped": 100, "cause": "connection lost",
+                "kept_for_resume": true, "not_kept_because": null,
+            })
+        );
+        let e = upload_interrupted(&facts(), "site-a", &env, &what, Err("the round closed"));
+        let (_, _, d) = audit(&e[0]);
+        assert_eq!(d["kept_for_resume"], false);
+        assert_eq!(d["not_kept_because"], "the round closed");
+    }
+
+    #[test]
+    fn a_declined_offer_and_an_evaluation_report_are_on_record() {
+        let e = offer_declined(&facts(), "site-b", 2, "busy");
+        assert_eq!(kinds(&e), ["audit offer.declined"]);
+        let (actor, _, d) = audit(&e[0]);
+        assert_eq!(actor, facts().actor);
+        assert_eq!(
+            d,
+            &serde_json::json!({"job": "j1", "round": 2, "site": "site-b", "reason": "busy"})
+        );
+        let report = EvalReport {
+            protocol_version: fedlink_protocol::PROTOCOL_VERSION,
+            federation_id: facts().federation,
+            site_id: fedlink_protocol::SiteId::new("site-b").unwrap(),
+            job_id: facts().job,
+            round: RoundId(3),
+            model: model(9),
+            metrics: EvalMetrics {
+                num_eval_examples: 40,
+                ..EvalMetrics::default()
+            },
+        };
+        let e = eval_reported(&facts(), "site-b", &report, Ok(()));
+        let (actor, kind, d) = audit(&e[0]);
+        assert_eq!(
+            (actor, kind),
+            (
+                facts().site_actor("site-b").as_str(),
+                EventKind::EvalAccepted
+            )
+        );
+        assert_eq!(
+            d,
+            &serde_json::json!({
+                "site": "site-b", "job": "j1", "round": 3, "model": model(9).to_hex(),
+                "num_eval_examples": 40,
+            })
+        );
+        let refused = evaluation::EvalRefusal::NotAsked;
+        let e = eval_reported(&facts(), "site-b", &report, Err(&refused));
+        let (_, kind, d) = audit(&e[0]);
+        assert_eq!(kind, EventKind::EvalRejected);
+        assert_eq!(d["reason"], refused.to_string());
     }
 
     fn sites(versions: &[(&str, u16)]) -> Vec<Connected> {

@@ -54,10 +54,12 @@
 //! opening (`state-before.json`, its noise seed; its `round.opened` is
 //! [`actions::round_opened`]), the accumulator's lifecycle (open, fold on
 //! ack, aggregate; the exclusion of withdrawn sites' updates is decided by
-//! [`actions::exclude_withdrawn`]), the round archive's files, the per-round federated evaluation
-//! (`round.evaluated`), declined offers, interrupted uploads and
-//! evaluation reports are still decided in the driver's engine
-//! (`server::engine`).
+//! [`actions::exclude_withdrawn`]), the round archive's files and the
+//! per-round federated evaluation (`round.evaluated`) are still decided in
+//! the driver's engine (`server::engine`). The audit entries of
+//! interrupted uploads, declined offers and evaluation reports are
+//! [`actions`]' ([`actions::upload_interrupted`],
+//! [`actions::offer_declined`], [`actions::eval_reported`]).
 //!
 //! ```
 //! use fedlink_coordinator::core::{CloseReason, Effect, Held, JobNeeds, Sites};

@@ -753,52 +753,37 @@ impl Engine {
                 why: "the received records could not be made durable".into(),
             },
         };
-        let (kept_for_resume, dropped_why) = match kept {
+        let dropped_why = match kept {
             Kept::Kept { replaced } => {
                 if let Some(old) = replaced {
                     let _ = std::fs::remove_file(old);
                 }
-                (true, None)
+                None
             }
             Kept::Dropped { spool, why } => {
                 if !spool.as_os_str().is_empty() {
                     let _ = std::fs::remove_file(spool);
                 }
-                (false, Some(why))
+                Some(why)
             }
         };
         tracing::info!(
             site = %site,
             records,
             bytes,
-            kept_for_resume,
+            kept_for_resume = dropped_why.is_none(),
             cause = %cause,
             "upload interrupted"
         );
-        let h = &envelope.header;
-        let details = serde_json::json!({
-            "job": h.job_id.as_str(),
-            "round": h.round.0,
-            "site": h.site_id.as_str(),
-            "payload_hash": h.payload_hash.to_hex(),
-            "payload_bytes": h.payload_len,
-            "nonce": hex::encode(h.nonce.0),
-            "records_received": records,
-            "bytes_received": bytes,
-            "partial_record_bytes_dropped": partial_bytes,
-            "cause": cause,
-            "kept_for_resume": kept_for_resume,
-            "not_kept_because": dropped_why,
-        });
-        let actor = self.site_actor(&site);
-        self.wire
-            .audit()
-            .record(&actor, EventKind::UpdateInterrupted, details)
-            .map_err(|source| EngineError::Audit {
-                during: format!("an interrupted upload of {site}"),
-                source,
-            })?;
-        Ok(())
+        let what = actions::Interruption {
+            records,
+            bytes,
+            partial_bytes,
+            cause,
+        };
+        let kept = dropped_why.as_deref().map_or(Ok(()), Err);
+        let effects = actions::upload_interrupted(&self.facts, &site, &envelope, &what, kept);
+        self.run_effects(effects, None)
     }
 
     fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
@@ -1156,32 +1141,12 @@ impl Engine {
             Some((req, _)) => req.handle_report(site, signed, &self.keys),
             None => Err(evaluation::EvalRefusal::NotRequested),
         };
-        let mut details = serde_json::json!({
-            "site": site,
-            "job": r.job_id.as_str(),
-            "round": r.round.0,
-            "model": r.model.to_hex(),
-            "num_eval_examples": r.metrics.num_eval_examples,
-        });
-        let event = match &verdict {
-            Ok(()) => {
-                tracing::info!(site, model = %r.model, "evaluation report accepted");
-                EventKind::EvalAccepted
-            }
-            Err(why) => {
-                tracing::warn!(site, reason = %why, "evaluation report refused");
-                details["reason"] = serde_json::Value::from(why.to_string());
-                EventKind::EvalRejected
-            }
-        };
-        let actor = self.site_actor(site);
-        self.wire
-            .audit()
-            .record(&actor, event, details)
-            .map_err(|source| EngineError::Audit {
-                during: format!("an evaluation report of {site}"),
-                source,
-            })?;
+        match &verdict {
+            Ok(()) => tracing::info!(site, model = %r.model, "evaluation report accepted"),
+            Err(why) => tracing::warn!(site, reason = %why, "evaluation report refused"),
+        }
+        let effects = actions::eval_reported(&self.facts, site, r, verdict.as_ref().map(|_| ()));
+        self.run_effects(effects, None)?;
         self.finish_requested(now)
     }
 
@@ -1732,15 +1697,11 @@ impl Engine {
             })
     }
 
-    fn site_actor(&self, site: &str) -> String {
-        fedlink_audit::event::site_actor(self.federation.as_str(), site)
-    }
-
     /// Keep a declined offer, with the site's reason, in the round's record
     /// (`fedlink rounds show`) and the audit log (`offer.declined`): once
     /// per selected site and round, the reason cut to
     /// [`MAX_DECLINE_REASON_LEN`](crate::store::MAX_DECLINE_REASON_LEN) bytes.
-    fn note_declined(&self, site: &str, round: u64, reason: &str) -> Result<(), EngineError> {
+    fn note_declined(&mut self, site: &str, round: u64, reason: &str) -> Result<(), EngineError> {
         let declined = crate::store::DeclinedOffer::new(site, reason, unix_ms());
         match self
             .store
@@ -1760,15 +1721,8 @@ impl Engine {
                 return Ok(());
             }
         }
-        self.audit_own(
-            EventKind::OfferDeclined,
-            serde_json::json!({
-                "job": self.job_id.as_str(),
-                "round": round,
-                "site": site,
-                "reason": declined.reason,
-            }),
-        )
+        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
+        self.run_effects(effects, None)
     }
 
     /// Audit an upload refused before its payload and keep it in the
