@@ -147,7 +147,8 @@ fn main() -> ExitCode {
             _ => ExitCode::SUCCESS,
         },
         Err(
-            e @ (ServeError::Tls(_)
+            e @ (ServeError::ManifestFederation { .. }
+            | ServeError::NoAuditKey { .. }
             | ServeError::Certs(_)
             | ServeError::Federation(_)
             | ServeError::Keys(_)),
@@ -158,7 +159,10 @@ fn main() -> ExitCode {
         // A bad job file or initial model, or a data_dir that cannot be
         // made private: restarting will not help.
         Err(
-            e @ (ServeError::Job(_)
+            e @ (ServeError::NoJob
+            | ServeError::DoesNotFit(_)
+            | ServeError::ModelWire(_)
+            | ServeError::EngineStart(_)
             | ServeError::JobFile(_)
             | ServeError::JobRead { .. }
             | ServeError::InitialModel(_)

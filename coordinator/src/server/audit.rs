@@ -26,7 +26,7 @@ pub(crate) const AUDIT_KEY_FILE: &str = "audit-key.pub";
 /// Why the audit log could not be opened or written.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum AuditError {
+pub enum AuditError {
     /// The log itself refused (I/O, torn tail, does not verify, poisoned …).
     #[error("audit log: {0}")]
     Log(#[from] fedlink_audit::Error),

@@ -59,6 +59,7 @@ use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::WireModel;
 
+pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
 
@@ -66,10 +67,26 @@ pub use status::{STATUS_FILE, Status};
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Kit, CA files or TLS configuration (a mismatch between them, a
-    /// missing key).
-    #[error("TLS / kit: {0}")]
-    Tls(String),
+    /// The site manifest is another federation's than the kit.
+    #[error("TLS / kit: the site manifest is for federation {manifest}, the kit for {kit}")]
+    ManifestFederation {
+        /// The manifest's federation.
+        manifest: String,
+        /// The kit's federation.
+        kit: String,
+    },
+    /// The coordinator kit has no ed25519 audit key (kits issued by older
+    /// versions lack it).
+    #[error(
+        "TLS / kit: the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; \
+         kits issued by older versions lack it): renew it with `fedlink certs renew \
+         coordinator --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key",
+        kit.display()
+    )]
+    NoAuditKey {
+        /// The kit's directory.
+        kit: PathBuf,
+    },
     /// A kit, revocation list or site manifest that cannot be read, or the
     /// TLS configuration built from them.
     #[error("TLS / kit: {0}")]
@@ -80,10 +97,24 @@ pub enum ServeError {
     /// The site manifest's update keys cannot be used.
     #[error("TLS / kit: {0}")]
     Keys(#[from] KeysError),
-    /// The job cannot run (no job where one is needed, its strategy does
-    /// not fit its model, ...).
+    /// No job to run where one is needed (`--exit-after-job`).
+    #[error(
+        "job: no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
+         unfinished job in the store); without it the coordinator starts empty and waits \
+         for `fedlink jobs submit`"
+    )]
+    NoJob,
+    /// The job's strategy does not fit its model.
     #[error("job: {0}")]
-    Job(String),
+    DoesNotFit(#[source] fedlink_aggregation::AggregationError),
+    /// The job's model has no wire form to serve (it could not be written
+    /// or read back); the cause is the driver's own error.
+    #[error("job: {0}")]
+    ModelWire(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The engine cannot start on the job (its id, its strategy's record,
+    /// its evaluations in the store); the cause is the engine's own error.
+    #[error("job: {0}")]
+    EngineStart(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The job file is unreadable or invalid.
     #[error("job: {0}")]
     JobFile(#[from] crate::job::JobError),
@@ -119,7 +150,7 @@ pub enum ServeError {
     /// The data directory is unusable: not a directory, or too open (other
     /// local users could read site data) and its mode cannot be tightened.
     #[error("data_dir: {0}")]
-    DataDir(String),
+    DataDir(#[source] fedlink_certs::Error),
     /// Binding the QUIC endpoint at `addr`.
     #[error("network: binding {addr}: {source}")]
     Bind {
@@ -139,13 +170,24 @@ pub enum ServeError {
         /// Why it could not be bound.
         source: fedlink_transport::TransportError,
     },
-    /// The audit log could not be opened or written: nothing runs unaudited.
+    /// The audit log could not be opened or written: nothing runs
+    /// unaudited.
     #[error("audit: {0}")]
-    Audit(String),
+    Audit(#[from] AuditError),
     /// The engine stopped on an error it cannot recover from in-process
-    /// (e.g. a checkpoint could not be persisted). Restarting recovers.
+    /// (e.g. a checkpoint could not be persisted). Restarting recovers. The
+    /// cause is the engine's own error (it names the round or the step).
     #[error("fatal: {0}")]
-    Fatal(String),
+    Fatal(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A thread panicked while holding the site manifest.
+    #[error("fatal: manifest lock poisoned")]
+    ManifestLock,
+}
+
+impl From<engine::EngineError> for ServeError {
+    fn from(e: engine::EngineError) -> Self {
+        Self::Fatal(Box::new(e))
+    }
 }
 
 /// Uploads being received, by (site, nonce): each entry ends (its sender
@@ -212,8 +254,7 @@ pub(crate) struct Shared {
 /// others could access is tightened, with a warning naming it and the mode
 /// found; a mode that cannot be changed stops the start.
 fn private_data_dir(dir: &Path) -> Result<(), ServeError> {
-    let changed = fedlink_certs::private::make_private(dir)
-        .map_err(|e| ServeError::DataDir(e.to_string()))?;
+    let changed = fedlink_certs::private::make_private(dir).map_err(ServeError::DataDir)?;
     let (dirs, files): (Vec<_>, Vec<_>) = changed.iter().partition(|t| t.is_dir);
     for t in &dirs {
         tracing::warn!(
@@ -846,44 +887,36 @@ pub async fn serve(
     let revocations = RevocationList::load(cfg.revoked_path())?;
     let manifest = SiteManifest::load(&cfg.manifest_path())?;
     if manifest.federation != kit.identity().federation() {
-        return Err(ServeError::Tls(format!(
-            "the site manifest is for federation {}, the kit for {}",
-            manifest.federation,
-            kit.identity().federation()
-        )));
+        return Err(ServeError::ManifestFederation {
+            manifest: manifest.federation.clone(),
+            kit: kit.identity().federation().to_owned(),
+        });
     }
     update_keys(&manifest)?;
     let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())?;
-    let audit_key = kit.update_signing_key().cloned().ok_or_else(|| {
-        ServeError::Tls(format!(
-            "the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; kits \
-             issued by older versions lack it): renew it with `fedlink certs renew coordinator \
-             --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key",
-            kit.dir().display()
-        ))
-    })?;
+    let audit_key = kit
+        .update_signing_key()
+        .cloned()
+        .ok_or_else(|| ServeError::NoAuditKey {
+            kit: kit.dir().to_owned(),
+        })?;
 
     // Store and job.
     private_data_dir(&cfg.data_dir)?;
-    let auditor = Arc::new(
-        Auditor::open(
-            &cfg.data_dir,
-            audit_key,
-            kit.identity().to_string(),
-            cfg.audit_rotate_bytes,
-        )
-        .map_err(|e| ServeError::Audit(e.to_string()))?,
-    );
-    auditor
-        .record_own(
-            EventKind::CoordinatorStarted,
-            serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "federation": kit.identity().federation(),
-                "audit_public_key": auditor.public_key_hex(),
-            }),
-        )
-        .map_err(|e| ServeError::Audit(e.to_string()))?;
+    let auditor = Arc::new(Auditor::open(
+        &cfg.data_dir,
+        audit_key,
+        kit.identity().to_string(),
+        cfg.audit_rotate_bytes,
+    )?);
+    auditor.record_own(
+        EventKind::CoordinatorStarted,
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "federation": kit.identity().federation(),
+            "audit_public_key": auditor.public_key_hex(),
+        }),
+    )?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
     let job_id = match select_job(&store, cfg.job.as_deref(), &auditor)? {
@@ -900,12 +933,7 @@ pub async fn serve(
         }
     };
     if job_id.is_none() && opts.exit_after_job {
-        return Err(ServeError::Job(
-            "no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
-             unfinished job in the store); without it the coordinator starts empty and waits \
-             for `fedlink jobs submit`"
-                .into(),
-        ));
+        return Err(ServeError::NoJob);
     }
 
     let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
@@ -1021,8 +1049,7 @@ pub async fn serve(
                 Ok(Some(first)) => {
                     tracing::info!(job = %first, "starting the first submitted job");
                     let built = build_engine(&store, &first, &shared, &cfg).and_then(|mut e| {
-                        idle.hand_over(&mut e, Instant::now())
-                            .map_err(|err| ServeError::Fatal(err.to_string()))?;
+                        idle.hand_over(&mut e, Instant::now())?;
                         Ok(e)
                     });
                     match built {
@@ -1043,8 +1070,7 @@ pub async fn serve(
                 // empty start.
                 let links = running.take_links();
                 let built = build_engine(&store, &next, &shared, &cfg).and_then(|mut e| {
-                    e.adopt(links, Instant::now())
-                        .map_err(|err| ServeError::Fatal(err.to_string()))?;
+                    e.adopt(links, Instant::now())?;
                     Ok(e)
                 });
                 match built {
@@ -1127,25 +1153,22 @@ fn build_engine(
             discarded = recovery.discarded_updates.len(),
             "resuming: the round in flight is re-opened; its updates are requested again"
         );
-        auditor
-            .record_own(
-                EventKind::RoundDiscarded,
-                serde_json::json!({
-                    "job": job_id,
-                    "round": r,
-                    "reason": format!(
-                        "the coordinator restarted during the round; its {} accepted update(s) \
-                         are discarded and the round is re-opened",
-                        recovery.discarded_updates.len()
-                    ),
-                }),
-            )
-            .map_err(|e| ServeError::Audit(e.to_string()))?;
+        auditor.record_own(
+            EventKind::RoundDiscarded,
+            serde_json::json!({
+                "job": job_id,
+                "round": r,
+                "reason": format!(
+                    "the coordinator restarted during the round; its {} accepted update(s) \
+                     are discarded and the round is re-opened",
+                    recovery.discarded_updates.len()
+                ),
+            }),
+        )?;
     }
     let job = recovery.job;
     let strategy = strategy_config(&job)?;
-    engine::check_fits(&strategy, &job, recovery.model.spec())
-        .map_err(|e| ServeError::Job(e.to_string()))?;
+    engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::DoesNotFit)?;
     let persisted: PersistedState = match &recovery.optimizer_state {
         Some(bytes) => serde_json::from_slice(bytes).map_err(|source| ServeError::StoredState {
             what: "stored optimizer state",
@@ -1174,8 +1197,8 @@ fn build_engine(
     }
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
-    let first_wire =
-        wire::ensure(&models_dir, &recovery.model).map_err(|e| ServeError::Job(e.to_string()))?;
+    let first_wire = wire::ensure(&models_dir, &recovery.model)
+        .map_err(|e| ServeError::ModelWire(Box::new(e)))?;
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
@@ -1186,7 +1209,7 @@ fn build_engine(
         &*shared
             .manifest
             .read()
-            .map_err(|_| ServeError::Fatal("manifest lock poisoned".into()))?,
+            .map_err(|_| ServeError::ManifestLock)?,
     )?;
     let engine = Engine::new(
         EngineParts {
@@ -1207,7 +1230,7 @@ fn build_engine(
         },
         Instant::now(),
     )
-    .map_err(|e| ServeError::Job(e.to_string()))?;
+    .map_err(|e| ServeError::EngineStart(Box::new(e)))?;
     Ok(engine)
 }
 
@@ -1221,8 +1244,7 @@ async fn run_engine<F: Future<Output = ()>>(
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Result<Option<String>, ServeError> {
-    let fatal = |e: engine::EngineError| ServeError::Fatal(e.to_string());
-    engine.start(Instant::now()).map_err(fatal)?;
+    engine.start(Instant::now())?;
     // The deadline last fired: a machine that answers a timeout with the
     // same deadline again is not woken in a loop.
     let mut fired: Option<Instant> = None;
@@ -1240,11 +1262,11 @@ async fn run_engine<F: Future<Output = ()>>(
             () = &mut shutdown => return Ok(None),
             ev = rx.recv() => {
                 let Some(ev) = ev else { return Ok(None) };
-                engine.handle_event(Instant::now(), ev).map_err(fatal)?;
+                engine.handle_event(Instant::now(), ev)?;
             }
             () = sleep_until(timer) => {
                 fired = timer;
-                engine.handle_timeout(Instant::now()).map_err(fatal)?;
+                engine.handle_timeout(Instant::now())?;
             }
         }
     }
@@ -1305,16 +1327,14 @@ fn select_job(
                 path: path.to_owned(),
                 source,
             })?;
-            auditor
-                .record_own(
-                    EventKind::JobSubmitted,
-                    serde_json::json!({
-                        "job": job.id,
-                        "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
-                        "initial_model": model.hash().to_hex(),
-                    }),
-                )
-                .map_err(|e| ServeError::Audit(e.to_string()))?;
+            auditor.record_own(
+                EventKind::JobSubmitted,
+                serde_json::json!({
+                    "job": job.id,
+                    "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
+                    "initial_model": model.hash().to_hex(),
+                }),
+            )?;
             let hash = store.put_model(&model)?;
             store.create_job(&job, hash)?;
             tracing::info!(job = %job.id, model = %hash, "job created");
@@ -1357,6 +1377,59 @@ mod tests {
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/jobs/breast-cancer-logreg.toml"),
         )
         .unwrap()
+    }
+
+    /// The start and stop errors read as their strings did before they
+    /// were typed, and keep their cause as the error's source.
+    #[test]
+    fn serve_errors_read_as_before_and_keep_their_cause() {
+        use std::error::Error as _;
+        let e = ServeError::ManifestFederation {
+            manifest: "fed-a".into(),
+            kit: "fed-b".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "TLS / kit: the site manifest is for federation fed-a, the kit for fed-b"
+        );
+        let e = ServeError::NoAuditKey {
+            kit: PathBuf::from("/kits/coordinator"),
+        };
+        assert_eq!(
+            e.to_string(),
+            "TLS / kit: the coordinator kit /kits/coordinator has no ed25519 audit key \
+             (update_key in kit.toml; kits issued by older versions lack it): renew it with \
+             `fedlink certs renew coordinator --role coordinator --ca <ca dir> --out <kit dir>`, \
+             which adds the key"
+        );
+        assert_eq!(
+            ServeError::NoJob.to_string(),
+            "job: no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
+             unfinished job in the store); without it the coordinator starts empty and waits for \
+             `fedlink jobs submit`"
+        );
+        assert_eq!(
+            ServeError::ManifestLock.to_string(),
+            "fatal: manifest lock poisoned"
+        );
+        let e = ServeError::from(engine::EngineError::Checkpoint(
+            crate::store::StoreError::Inconsistent {
+                job: "j1".into(),
+                reason: "no such round".into(),
+            },
+        ));
+        assert!(
+            e.to_string()
+                .starts_with("fatal: persisting a checkpoint: "),
+            "{e}"
+        );
+        assert!(e.source().and_then(|s| s.source()).is_some(), "{e:?}");
+        let e = ServeError::from(AuditError::Lock);
+        assert_eq!(
+            e.to_string(),
+            "audit: audit log: the writer lock is poisoned"
+        );
+        assert!(e.source().is_some());
     }
 
     #[test]
