@@ -112,7 +112,106 @@ fn during(own: &str, actor: &str, kind: EventKind) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use fedlink_protocol::Message;
+    use fedlink_protocol::message::Bye;
+
     use super::*;
+
+    fn send(site: &str) -> Effect {
+        Effect::Send {
+            site: site.into(),
+            message: Message::Bye(Bye {
+                reason: "test".into(),
+            }),
+        }
+    }
+
+    /// The one rule of every executor: the first append (or checkpoint)
+    /// that fails stops the run — nothing after it is executed — and the
+    /// caller's mapping says why; what came before it stays done.
+    #[test]
+    fn nothing_after_a_failed_append_or_checkpoint_is_executed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let audit =
+            Auditor::open(dir.path(), key, "fedlink://fed/coordinator".into(), 1 << 20).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let own = audit.actor().to_owned();
+        let offer = |site: &str| {
+            (
+                EventKind::OfferSent,
+                serde_json::json!({"job": "j1", "round": 1, "site": site}),
+            )
+        };
+        let effects = vec![
+            send("a"),
+            Effect::AppendAuditBatch {
+                actor: own.clone(),
+                entries: vec![offer("a"), offer("b")],
+            },
+            send("b"),
+            // An actor the log refuses: the append fails, nothing is written.
+            Effect::AppendAudit {
+                actor: String::new(),
+                kind: EventKind::RoundOpened,
+                details: serde_json::json!({"job": "j1", "round": 2}),
+            },
+            send("c"),
+        ];
+        let mut sent = Vec::new();
+        let r = execute(
+            &audit,
+            &store,
+            effects,
+            |e| e.to_string(),
+            |e| {
+                if let Effect::Send { site, .. } = e {
+                    sent.push(site);
+                }
+                Ok::<_, String>(())
+            },
+        );
+        assert_eq!(sent, ["a", "b"]);
+        let err = r.unwrap_err();
+        assert!(err.contains("while recording round.opened by ;"), "{err}");
+        // The batch is on record (two entries, one after the other), the
+        // refused entry is not.
+        assert_eq!(audit.signed_head().unwrap().seq, 1);
+        // A queued job's checkpoint the store refuses (no such job) stops
+        // the run the same way, after its append.
+        let effects = vec![
+            Effect::AppendAudit {
+                actor: own,
+                kind: EventKind::JobPaused,
+                details: serde_json::json!({"job": "queued"}),
+            },
+            Effect::Persist {
+                job: "queued".into(),
+                checkpoint: crate::round::Checkpoint::Paused(true),
+            },
+            send("d"),
+        ];
+        let mut sent = Vec::new();
+        let r = execute(
+            &audit,
+            &store,
+            effects,
+            |e| e,
+            |e| {
+                if let Effect::Send { site, .. } = e {
+                    sent.push(site);
+                }
+                Ok(())
+            },
+        );
+        assert!(
+            matches!(&r, Err(Unexecuted::Persist { job, .. }) if job == "queued"),
+            "{r:?}"
+        );
+        assert!(sent.is_empty());
+        assert_eq!(audit.signed_head().unwrap().seq, 2);
+    }
 
     /// The failure names what was being recorded, as the engine's error
     /// messages did before they had one executor.
