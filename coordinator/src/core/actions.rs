@@ -937,6 +937,33 @@ pub fn job_over(sites: &[String], next_queued: bool, outcome: JobOutcome) -> Vec
     effects
 }
 
+/// A federated evaluation on record (`round.evaluated`, by the
+/// coordinator): the model, the round it followed, the sites and weighted
+/// metrics that counted and the reports left out (and why). `round`: the
+/// round it is kept on; `requested`: the final model's evaluation the
+/// sites were asked for (its entry says so; a round's own evaluation,
+/// from its updates' headers, has no such field).
+pub fn round_evaluated(
+    facts: &JobFacts,
+    round: u64,
+    evaluation: &FederatedEvaluation,
+    requested: bool,
+) -> Effect {
+    let mut details = serde_json::json!({
+        "job": facts.job.as_str(),
+        "round": round,
+        "model": evaluation.model,
+        "after_round": evaluation.after_round,
+        "sites": evaluation.sites,
+        "weighted": evaluation.weighted,
+        "excluded": evaluation.excluded,
+    });
+    if requested {
+        details["requested"] = serde_json::Value::Bool(true);
+    }
+    facts.own(EventKind::RoundEvaluated, details)
+}
+
 /// The final model's evaluation, done (every asked site answered, or the
 /// deadline passed): on record (`round.evaluated`, requested), kept on the
 /// job's last round, then the job ends ([`job_over`]).
@@ -949,19 +976,7 @@ pub fn evaluation_finished(
 ) -> Vec<Effect> {
     let round = evaluation.after_round;
     let mut effects = vec![
-        facts.own(
-            EventKind::RoundEvaluated,
-            serde_json::json!({
-                "job": facts.job.as_str(),
-                "round": round,
-                "model": evaluation.model,
-                "after_round": evaluation.after_round,
-                "requested": true,
-                "sites": evaluation.sites,
-                "weighted": evaluation.weighted,
-                "excluded": evaluation.excluded,
-            }),
-        ),
+        round_evaluated(facts, round, &evaluation, true),
         Effect::RecordFinalEvaluation { round, evaluation },
     ];
     effects.extend(job_over(sites, next_queued, outcome));
@@ -1706,6 +1721,15 @@ mod tests {
         );
         assert!(Effect::audited_first(&e));
         assert_eq!(audit(&e[0]).2["requested"], true);
+        // A round's own evaluation (from its updates' headers) is on record
+        // the same way, without `requested`.
+        let per_round = round_evaluated(&facts(), 3, &ev, false);
+        let (_, kind, d) = audit(&per_round);
+        assert_eq!(kind, EventKind::RoundEvaluated);
+        assert_eq!(d.get("requested"), None);
+        let mut with = audit(&e[0]).2.clone();
+        with.as_object_mut().unwrap().remove("requested");
+        assert_eq!(d, &with);
         assert_eq!(
             e[1],
             Effect::RecordFinalEvaluation {
