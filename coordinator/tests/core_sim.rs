@@ -38,6 +38,8 @@ fn seeded_runs_keep_every_invariant() {
         total.evaluations_requested += s.evaluations_requested;
         total.offer_batches += s.offer_batches;
         total.exclusions += s.exclusions;
+        total.eval_reports_accepted += s.eval_reports_accepted;
+        total.eval_reports_refused += s.eval_reports_refused;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -54,6 +56,8 @@ fn seeded_runs_keep_every_invariant() {
         ("refused uploads", total.rejections),
         ("final evaluations requested", total.evaluations_requested),
         ("offers sent as one batch", total.offer_batches),
+        ("evaluation reports counted", total.eval_reports_accepted),
+        ("evaluation reports refused", total.eval_reports_refused),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

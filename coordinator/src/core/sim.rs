@@ -32,7 +32,10 @@
 //!   its round's `round.opened` (since the last restart), a model's
 //!   hash or an evaluation request only after its audit append, and each
 //!   names the running job; an acknowledged
-//!   or refused upload is answered exactly once; a job ends exactly
+//!   or refused upload is answered exactly once; a final model's
+//!   signed evaluation reports (once, twice, for another model, from a
+//!   site not asked) are each on record once, accepted or refused, and
+//!   the evaluation counts exactly the accepted ones; a job ends exactly
 //!   once, with the outcome its machine gave, and its sites are told
 //!   `Bye` only when no job is queued behind it;
 //! - a connection is closed only while it is a site's current one, and
@@ -53,7 +56,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use fedlink_protocol::{FederationId, JobId, Message, ModelHash};
+use fedlink_protocol::admin::FederatedEvaluation;
+use fedlink_protocol::evaluation::{EvalReport, sign_eval_report};
+use fedlink_protocol::{EvalMetrics, FederationId, JobId, Message, ModelHash, SiteId};
 
 use super::actions::{
     self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
@@ -120,6 +125,12 @@ pub struct Stats {
     /// Accepted updates taken out of their round before its aggregation
     /// (their site revoked since; `update.excluded`).
     pub exclusions: u64,
+    /// Signed evaluation reports of a final model counted
+    /// (`eval.accepted`).
+    pub eval_reports_accepted: u64,
+    /// Signed evaluation reports refused (`eval.rejected`: a second
+    /// report, another model's, a site not asked).
+    pub eval_reports_refused: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -221,6 +232,10 @@ pub struct CoreSim {
     rounds_opened: BTreeSet<(String, u64)>,
     /// Virtual time → the sites' Unix milliseconds.
     clock: UnixClock,
+    /// Each virtual site's update key (it signs its evaluation reports),
+    /// and the coordinator's directory of their public halves.
+    site_keys: BTreeMap<String, ed25519_dalek::SigningKey>,
+    key_directory: BTreeMap<SiteId, ed25519_dalek::VerifyingKey>,
     stats: Stats,
     trace: blake3::Hasher,
     /// The last events (for the report of a violation).
@@ -249,6 +264,8 @@ impl CoreSim {
             open_round: None,
             rounds_opened: BTreeSet::new(),
             clock: UnixClock::new(start, 1_700_000_000_000),
+            site_keys: BTreeMap::new(),
+            key_directory: BTreeMap::new(),
             stats: Stats::default(),
             trace: blake3::Hasher::new(),
             recent: std::collections::VecDeque::new(),
@@ -260,6 +277,14 @@ impl CoreSim {
                 ..VSite::default()
             })
             .collect();
+        for v in &sim.vsites {
+            let secret = blake3::hash(format!("{seed}/{}", v.name).as_bytes());
+            let key = ed25519_dalek::SigningKey::from_bytes(secret.as_bytes());
+            if let Ok(id) = SiteId::new(&v.name) {
+                sim.key_directory.insert(id, key.verifying_key());
+            }
+            sim.site_keys.insert(v.name.clone(), key);
+        }
         let n_jobs = 1 + sim.below(3) as usize;
         for j in 0..n_jobs {
             let min_sites = 1 + sim.below(2) as u32;
@@ -1062,12 +1087,24 @@ impl CoreSim {
                 },
             },
         );
+        let asked: Vec<String> = end
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    site,
+                    message: Message::EvalRequest(_),
+                } => Some(site.clone()),
+                _ => None,
+            })
+            .collect();
         let mut sent = self.run_effects(job, end.effects)?;
         if let Some(req) = end.requested {
             self.stats.evaluations_requested += 1;
+            let evaluation = self.evaluate_final(job, &facts, req, &asked)?;
             let effects = actions::evaluation_finished(
                 &facts,
-                req.finish(),
+                evaluation,
                 outcome.clone(),
                 &names,
                 next_queued,
@@ -1088,6 +1125,103 @@ impl CoreSim {
             )));
         }
         Ok(())
+    }
+
+    /// The final model's evaluation, answered by the virtual sites: each
+    /// asked site reports once, twice, for another model or not at all, and
+    /// a site not asked may report too; each report goes through the
+    /// core's decisions ([`super::evaluation::RequestedEvaluation`],
+    /// [`actions::eval_reported`]). Every report is on record exactly once
+    /// (`eval.accepted` when it counts, else `eval.rejected`), the
+    /// evaluation counts exactly the accepted reports, and every asked site
+    /// is either counted or listed as left out.
+    fn evaluate_final(
+        &mut self,
+        job: &str,
+        facts: &JobFacts,
+        mut req: super::evaluation::RequestedEvaluation,
+        asked: &[String],
+    ) -> Result<FederatedEvaluation, Violation> {
+        let expected = req.expected().clone();
+        let mut reports: Vec<(String, ModelHash)> = Vec::new();
+        for site in asked {
+            match self.below(6) {
+                0 => {} // no report before the deadline
+                1 => reports.push((site.clone(), ModelHash([0xee; 32]))),
+                2 => {
+                    reports.push((site.clone(), expected.model));
+                    reports.push((site.clone(), expected.model));
+                }
+                _ => reports.push((site.clone(), expected.model)),
+            }
+        }
+        if self.below(3) == 0
+            && let Some(other) = self.vsites.iter().find(|v| !asked.contains(&v.name))
+        {
+            reports.push((other.name.clone(), expected.model));
+        }
+        let mut accepted = BTreeSet::new();
+        for (site, model) in reports {
+            let examples = 1 + self.below(100);
+            let (Some(key), Ok(site_id)) = (self.site_keys.get(&site), SiteId::new(&site)) else {
+                return Err(self.violation(format!("{site} has no update key")));
+            };
+            let report = EvalReport {
+                protocol_version: fedlink_protocol::PROTOCOL_VERSION,
+                federation_id: expected.federation_id.clone(),
+                site_id,
+                job_id: expected.job_id.clone(),
+                round: expected.round,
+                model,
+                metrics: EvalMetrics {
+                    num_eval_examples: examples,
+                    loss: Some(0.25),
+                    accuracy: Some(0.75),
+                    ..EvalMetrics::default()
+                },
+            };
+            let signed = sign_eval_report(key, report);
+            let verdict = req.handle_report(&site, &signed, &self.key_directory);
+            let effects =
+                actions::eval_reported(facts, &site, &signed.report, verdict.as_ref().map(|_| ()));
+            let want = if verdict.is_ok() {
+                fedlink_audit::EventKind::EvalAccepted
+            } else {
+                fedlink_audit::EventKind::EvalRejected
+            };
+            if !matches!(effects.as_slice(), [Effect::AppendAudit { kind, .. }] if *kind == want) {
+                return Err(self.violation(format!(
+                    "{job}: the report of {site} ({verdict:?}) is on record as {effects:?}"
+                )));
+            }
+            self.note(&format!("eval report {site} {verdict:?}"));
+            self.run_effects(job, effects)?;
+            if verdict.is_ok() {
+                self.stats.eval_reports_accepted += 1;
+                if !accepted.insert(site.clone()) {
+                    return Err(self.violation(format!("{job}: {site}'s report counted twice")));
+                }
+            } else {
+                self.stats.eval_reports_refused += 1;
+            }
+        }
+        let evaluation = req.finish();
+        let counted: BTreeSet<String> = evaluation.sites.iter().map(|s| s.site.clone()).collect();
+        if counted != accepted {
+            return Err(self.violation(format!(
+                "{job}: the final evaluation counts {counted:?}, the accepted reports are {accepted:?}"
+            )));
+        }
+        for site in asked {
+            let left_out = evaluation.excluded.iter().any(|x| &x.site == site);
+            if counted.contains(site) == left_out {
+                return Err(self.violation(format!(
+                    "{job}: asked site {site} is counted: {}, left out: {left_out}",
+                    counted.contains(site)
+                )));
+            }
+        }
+        Ok(evaluation)
     }
 
     /// Execute what the core decided for one action, checking that every
