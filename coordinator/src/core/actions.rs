@@ -48,7 +48,7 @@ use fedlink_protocol::{
 use super::evaluation::{self, RequestedEvaluation};
 use super::{CloseReason, Effect};
 use crate::job::Job;
-use crate::round::{Checkpoint, DisconnectReason, JobOutcome, Offer};
+use crate::round::{Action, Checkpoint, DisconnectReason, JobOutcome, JobRunner, Offer};
 use crate::round_archive::RoundInput;
 use crate::store::{RejectedUpdate, UpdateDetail};
 
@@ -257,6 +257,23 @@ pub fn round_opened(facts: &JobFacts, round: u64, base_model: ModelHash) -> Vec<
             "base_model": base_model.to_hex(),
         }),
     )]
+}
+
+/// A round's offers come in a row: `first`, and every `SendOffer` the
+/// round machine queued right after it — one decision for the driver
+/// ([`send_offers`]). Returns them and the action that ended the row
+/// (polled, not executed yet), if any.
+pub fn offers_in_a_row(
+    runner: &mut JobRunner,
+    first: (String, Offer),
+) -> (Vec<(String, Offer)>, Option<Action>) {
+    let mut offers = vec![first];
+    loop {
+        match runner.poll_action() {
+            Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
+            other => return (offers, other),
+        }
+    }
 }
 
 /// `SendOffer`: `offer.sent` on record, then the offer to `site` (its
@@ -1239,6 +1256,58 @@ mod tests {
             send_offer(&facts(), &terms, &clock, "site-a", &offer(60))
         );
         assert!(send_offers(&facts(), &terms, &clock, &[]).is_empty());
+    }
+
+    /// The offers the round machine queues in a row are one decision; the
+    /// action after them is handed back, not lost.
+    #[test]
+    fn a_rounds_offers_are_taken_in_a_row_and_the_next_action_kept() {
+        use crate::round::{ConnId, Input, RoundConfig, SiteCapabilities};
+        let cfg = RoundConfig {
+            rounds: 1,
+            seed: 1,
+            fraction: 1.0,
+            min_sites: 3,
+            gather: Duration::ZERO,
+            max_sites: 8,
+            quorum: 1,
+            deadline: Duration::from_secs(60),
+            extension: Duration::ZERO,
+            max_attempts: 1,
+            evaluate_every: 0,
+            allow: None,
+        };
+        let mut runner = JobRunner::new(cfg, model(1));
+        let now = Instant::now();
+        for (i, site) in ["site-a", "site-b", "site-c"].into_iter().enumerate() {
+            runner.handle(
+                now,
+                Input::SiteConnected {
+                    site: site.into(),
+                    conn: ConnId(i as u64),
+                    capabilities: SiteCapabilities::compatible(),
+                },
+            );
+        }
+        // An admin's pause, handled before the driver polls: its checkpoint
+        // is queued after the round's offers.
+        runner.handle(now, Input::Admin(crate::round::AdminCommand::Pause));
+        let mut first = None;
+        while let Some(action) = runner.poll_action() {
+            if let Action::SendOffer { site, offer } = action {
+                first = Some((site, offer));
+                break;
+            }
+        }
+        let first = first.expect("the round's first offer");
+        let (offers, next) = offers_in_a_row(&mut runner, first);
+        let sites: BTreeSet<&str> = offers.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(sites, BTreeSet::from(["site-a", "site-b", "site-c"]));
+        assert!(offers.iter().all(|(_, o)| o.round == 1));
+        assert!(
+            matches!(next, Some(Action::Persist(Checkpoint::Paused(true)))),
+            "{next:?}"
+        );
     }
 
     #[test]

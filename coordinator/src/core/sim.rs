@@ -735,16 +735,11 @@ impl CoreSim {
             // A round's offers come in a row: the driver executes them as
             // one decision (their `offer.sent` entries one group commit).
             if let Action::SendOffer { site, offer } = action {
-                let mut offers = vec![(site, offer)];
-                while let Some(r) = self.running.as_mut() {
-                    match r.runner.poll_action() {
-                        Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
-                        other => {
-                            held = other;
-                            break;
-                        }
-                    }
-                }
+                let Some(r) = self.running.as_mut() else {
+                    return Ok(());
+                };
+                let offers;
+                (offers, held) = actions::offers_in_a_row(&mut r.runner, (site, offer));
                 self.send_offers(offers)?;
                 continue;
             }

@@ -856,13 +856,8 @@ impl Engine {
             // A round's offers come in a row: their `offer.sent` entries are
             // one group commit (one fsync), then the offers go out.
             if let Action::SendOffer { site, offer } = action {
-                let mut offers = vec![(site, offer)];
-                next = loop {
-                    match self.runner.poll_action() {
-                        Some(Action::SendOffer { site, offer }) => offers.push((site, offer)),
-                        other => break other,
-                    }
-                };
+                let offers;
+                (offers, next) = actions::offers_in_a_row(&mut self.runner, (site, offer));
                 self.send_offers(offers)?;
                 continue;
             }
