@@ -29,14 +29,13 @@
 //!   record, the end of a job);
 //! - an offer goes out only after its own `offer.sent` entry (a round's
 //!   offers are one decision, their entries one audit batch) and after
-//!   its round's `round.opened` (since the last restart), a model's
-//!   hash or an evaluation request only after its audit append, and each
-//!   names the running job; an acknowledged
-//!   or refused upload is answered exactly once; a final model's
-//!   signed evaluation reports (once, twice, for another model, from a
-//!   site not asked) are each on record once, accepted or refused, and
-//!   the evaluation counts exactly the accepted ones; a job ends exactly
-//!   once, with the outcome its machine gave, and its sites are told
+//!   its round's `round.opened` (since the last restart), a model's hash
+//!   or an evaluation request only after its audit append, and each
+//!   names the running job; an acknowledged or refused upload is
+//!   answered exactly once; a final model's signed evaluation reports
+//!   (once, twice, for another model, from a site not asked) are each on
+//!   record once, accepted or refused, and the evaluation counts exactly
+//!   the accepted ones; a job ends exactly once, with the outcome its machine gave, and its sites are told
 //!   `Bye` only when no job is queued behind it;
 //! - a connection is closed only while it is a site's current one, and
 //!   a revoked site holds no connection.
