@@ -1262,21 +1262,12 @@ mod tests {
     /// action after them is handed back, not lost.
     #[test]
     fn a_rounds_offers_are_taken_in_a_row_and_the_next_action_kept() {
+        use crate::job::Selection;
         use crate::round::{ConnId, Input, RoundConfig, SiteCapabilities};
-        let cfg = RoundConfig {
-            rounds: 1,
-            seed: 1,
-            fraction: 1.0,
-            min_sites: 3,
-            gather: Duration::ZERO,
-            max_sites: 8,
-            quorum: 1,
-            deadline: Duration::from_secs(60),
-            extension: Duration::ZERO,
-            max_attempts: 1,
-            evaluate_every: 0,
-            allow: None,
-        };
+        // Every round takes the three sites, at once.
+        let mut j = job();
+        j.selection = Selection::exactly(3, 0);
+        let cfg = RoundConfig::from_job(&j);
         let mut runner = JobRunner::new(cfg, model(1));
         let now = Instant::now();
         for (i, site) in ["site-a", "site-b", "site-c"].into_iter().enumerate() {

@@ -127,6 +127,23 @@ mod tests {
         }
     }
 
+    /// Execute `effects`, the sites of the sends that ran alongside.
+    fn run<E>(
+        audit: &Auditor,
+        store: &Store,
+        effects: Vec<Effect>,
+        fail: impl Fn(Unexecuted) -> E,
+    ) -> (Result<(), E>, Vec<String>) {
+        let mut sent = Vec::new();
+        let r = execute(audit, store, effects, fail, |e| {
+            if let Effect::Send { site, .. } = e {
+                sent.push(site);
+            }
+            Ok(())
+        });
+        (r, sent)
+    }
+
     /// The one rule of every executor: the first append (or checkpoint)
     /// that fails stops the run — nothing after it is executed — and the
     /// caller's mapping says why; what came before it stays done.
@@ -159,19 +176,7 @@ mod tests {
             },
             send("c"),
         ];
-        let mut sent = Vec::new();
-        let r = execute(
-            &audit,
-            &store,
-            effects,
-            |e| e.to_string(),
-            |e| {
-                if let Effect::Send { site, .. } = e {
-                    sent.push(site);
-                }
-                Ok::<_, String>(())
-            },
-        );
+        let (r, sent) = run(&audit, &store, effects, |e| e.to_string());
         assert_eq!(sent, ["a", "b"]);
         let err = r.unwrap_err();
         assert!(err.contains("while recording round.opened by ;"), "{err}");
@@ -192,19 +197,7 @@ mod tests {
             },
             send("d"),
         ];
-        let mut sent = Vec::new();
-        let r = execute(
-            &audit,
-            &store,
-            effects,
-            |e| e,
-            |e| {
-                if let Effect::Send { site, .. } = e {
-                    sent.push(site);
-                }
-                Ok(())
-            },
-        );
+        let (r, sent) = run(&audit, &store, effects, |e| e);
         assert!(
             matches!(&r, Err(Unexecuted::Persist { job, .. }) if job == "queued"),
             "{r:?}"
