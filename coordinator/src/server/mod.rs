@@ -57,7 +57,7 @@ use crate::store::Store;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
-use wire::WireModel;
+use wire::{WireModel, WireUpdate};
 
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
@@ -192,6 +192,10 @@ pub(crate) struct Shared {
     pub(crate) uploads_in_flight: Mutex<UploadsInFlight>,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
+    /// The latest round's global update (base → current global model),
+    /// served to sites that hold the base; `None` when the job sends whole
+    /// models or no round has completed since start.
+    downlink: RwLock<Option<Arc<WireUpdate>>>,
     /// What the running job asks of its sites (codec family, protocol
     /// version).
     job_needs: RwLock<JobNeeds>,
@@ -323,6 +327,20 @@ impl Shared {
 
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
         self.wire.read().ok()?.get(hash).cloned()
+    }
+
+    /// The update from `base` to `hash`, if it is the one being served.
+    fn wire_update(&self, base: &ModelHash, hash: &ModelHash) -> Option<Arc<WireUpdate>> {
+        let u = self.downlink.read().ok()?.clone()?;
+        (u.base == *base && u.wire.hash == *hash).then_some(u)
+    }
+
+    /// Serve `u` (the latest round's update) from now on, instead of the
+    /// one before.
+    pub(crate) fn publish_update(&self, u: Option<WireUpdate>) {
+        if let Ok(mut slot) = self.downlink.write() {
+            *slot = u.map(Arc::new);
+        }
     }
 
     pub(crate) fn publish_wire(&self, w: WireModel) {
@@ -927,6 +945,7 @@ pub async fn serve(
         uploads_in_flight: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         wire: RwLock::new(HashMap::new()),
+        downlink: RwLock::new(None),
         job_needs: RwLock::new(JobNeeds::ANY),
         audit: auditor.clone(),
         admin: admin::AdminState::new(

@@ -43,6 +43,9 @@ pub(crate) enum WireError {
     /// Skipping a record's body found fewer bytes than its header says.
     #[error("wire file ends inside a record")]
     ShortBody,
+    /// Encoding, decoding or applying the round's global update failed.
+    #[error(transparent)]
+    Downlink(#[from] crate::round_archive::DownlinkApplyError),
 }
 
 /// The encoding models are served with (lossless).
@@ -135,6 +138,98 @@ fn describe(
         num_chunks,
         path: path.to_owned(),
     })
+}
+
+/// A round's global update in wire form: `models/<base>-<hash>.update`
+/// holds the update from model `base` to model `wire.hash`, encoded with
+/// the job's downlink encoding (`wire.encoding`), written once per round
+/// and streamed to every site that holds `base`.
+#[derive(Clone, Debug)]
+pub(crate) struct WireUpdate {
+    pub(crate) base: ModelHash,
+    pub(crate) wire: WireModel,
+}
+
+/// File name suffix of update files.
+const UPDATE_SUFFIX: &str = "update";
+
+fn update_path(models_dir: &Path, base: &ModelHash, hash: &ModelHash) -> PathBuf {
+    models_dir.join(format!(
+        "{}-{}.{UPDATE_SUFFIX}",
+        base.to_hex(),
+        hash.to_hex()
+    ))
+}
+
+/// Encode the round's global `update` with `encoding`, write the records to
+/// the update file (atomically and durably, like a `.wire` file), and apply
+/// the decoded records to `next` (the base model, `base`): `next` becomes
+/// the model to publish ([`crate::round_archive::apply_downlink`]). Returns
+/// the update's description, whose `wire.hash` is the new model's hash.
+pub(crate) fn write_update(
+    models_dir: &Path,
+    base: ModelHash,
+    next: &mut FlatModel,
+    update: &FlatModel,
+    encoding: Encoding,
+    seed: u64,
+) -> Result<WireUpdate, WireError> {
+    // The file is named after the new model's hash, known only once every
+    // record is applied: written under a staging name, then renamed.
+    let staging = models_dir.join(format!("{}-next.{UPDATE_SUFFIX}", base.to_hex()));
+    let mut failure = None;
+    let written = fedlink_durable::replace_with(
+        &staging,
+        fedlink_durable::Mode::Private,
+        |out| -> std::io::Result<crate::round_archive::DownlinkSummary> {
+            crate::round_archive::apply_downlink(next, update, encoding, seed, |r| out.write_all(r))
+                .map_err(|e| {
+                    let io = std::io::Error::other(e.to_string());
+                    failure = Some(e);
+                    io
+                })
+        },
+    );
+    let summary = match (written, failure) {
+        (_, Some(e)) => return Err(e.into()),
+        (Err(e), None) => return Err(e.into()),
+        (Ok(s), None) => s,
+    };
+    let hash = next.hash();
+    let path = update_path(models_dir, &base, &hash);
+    fedlink_durable::install(&staging, &path)?;
+    Ok(WireUpdate {
+        base,
+        wire: WireModel {
+            hash,
+            spec: next.spec().clone(),
+            encoding,
+            payload_len: summary.payload_len,
+            num_chunks: summary.num_chunks,
+            path,
+        },
+    })
+}
+
+/// Remove every update file in `models_dir` but `keep` (the one being
+/// served): a site holding an older model gets the whole model anyway, so
+/// older updates are never served again. Best effort, logged.
+pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
+    let Ok(entries) = std::fs::read_dir(models_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some(UPDATE_SUFFIX)
+            || Some(path.as_path()) == keep
+        {
+            continue;
+        }
+        // A download in progress keeps reading the open file.
+        if let Err(err) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %err, "pruning an old update file");
+        }
+    }
 }
 
 /// Reads chunk records back from a wire file.
