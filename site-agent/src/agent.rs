@@ -293,9 +293,6 @@ struct Ctx {
     proxy: Option<Proxy>,
     /// Transfers kept across connections, to resume.
     transfers: Mutex<Transfers>,
-    /// The global model this site last trained from, and its job: the
-    /// base a downlink update of the next one applies to.
-    held: Mutex<Option<(fedlink_protocol::JobId, ModelHash)>>,
 }
 
 impl Ctx {
@@ -303,20 +300,16 @@ impl Ctx {
         self.recorder.record(event)
     }
 
-    /// The global model of `job` this site last trained from.
+    /// The global model of `job` this site last trained from (kept in
+    /// the model cache, so it outlives a restart).
     fn held_model(&self, job: &fedlink_protocol::JobId) -> Option<ModelHash> {
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.as_ref().filter(|(j, _)| j == job).map(|(_, h)| *h)
+        self.cache.held(job.as_str())
     }
 
     fn hold_model(&self, job: &fedlink_protocol::JobId, model: ModelHash) {
-        *self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((job.clone(), model));
+        if let Err(e) = self.cache.hold(job.as_str(), &model) {
+            tracing::warn!(error = %e, "recording the model held; the next one comes whole");
+        }
     }
 
     fn transfers<T>(&self, f: impl FnOnce(&mut Transfers) -> T) -> T {
@@ -422,7 +415,6 @@ impl Agent {
             selector: Mutex::new(selector),
             proxy,
             transfers: Mutex::new(Transfers::default()),
-            held: Mutex::new(None),
         })
     }
 
