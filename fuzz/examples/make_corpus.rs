@@ -271,7 +271,9 @@ fn update_seeds() {
     let base = fedlink_protocol_fuzz::update_base();
     let update = FlatModel::new(
         base.spec().clone(),
-        (0..63).map(|i| ((i * 7 % 11) as f32 - 5.0) * 1e-3).collect(),
+        (0..63)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 1e-3)
+            .collect(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     for sel in [0u8, 1, 2, 3, 0x43, 0x81, 0x83] {

@@ -128,11 +128,8 @@ pub fn update_encoding(sel: u8) -> Option<Encoding> {
 /// each) applied to [`update_base`] by a [`downlink::UpdateApplier`].
 /// Whatever it accepts is a finite model that hashes to the announced hash.
 pub fn update(data: &[u8]) {
-    let (Some(&sel), Some(len), Some(hash)) = (
-        data.first(),
-        data.get(1..5),
-        data.get(5..37),
-    ) else {
+    let (Some(&sel), Some(len), Some(hash)) = (data.first(), data.get(1..5), data.get(5..37))
+    else {
         return;
     };
     let Some(enc) = update_encoding(sel) else {
