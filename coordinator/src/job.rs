@@ -50,7 +50,7 @@
 //! codec = "f16"                          # f32 | f16 | bf16 | int8 | topk
 //! shuffle = true
 //! zstd_level = 1
-//! downlink = "update"                    # update | model: what sites download (see DownlinkKind)
+//! downlink = "update"                    # update | model (default: update for f16/bf16/int8)
 //!
 //! [privacy]
 //! clip_norm = 5.0
@@ -627,9 +627,11 @@ pub enum DownlinkKind {
     /// the global model carries that codec's rounding (docs/PROTOCOL.md,
     /// "Downlink updates"); sites hold the same model, bit for bit, and
     /// check its hash. Sites of protocol < 7, sites without the previous
-    /// model and every `codec = "topk"` job get the whole model.
+    /// model and every `codec = "topk"` job get the whole model. The
+    /// default for `f16`, `bf16` and `int8` jobs.
     Update,
-    /// Always the whole model, lossless (as before protocol 7).
+    /// Always the whole model, lossless (as before protocol 7). The
+    /// default for `f32` and `topk` jobs.
     Model,
 }
 
@@ -660,9 +662,11 @@ pub struct DeltaEncoding {
     /// flight; 512 KiB compresses as well as 2 MiB (docs/PERFORMANCE.md).
     #[serde(default = "default_chunk")]
     pub chunk_bytes: u32,
-    /// What sites download ([`DownlinkKind`]). Default: `update`, except
-    /// for `codec = "topk"` (which would drop most of each global update
-    /// for good): `model`; `update` with `topk` is refused.
+    /// What sites download ([`DownlinkKind`]). Default: `update` for the
+    /// lossy codecs that carry it (`f16`, `bf16`, `int8`); `model` for
+    /// `f32` (a lossless update is hardly smaller than the model: allowed
+    /// when asked) and for `topk` (it would drop most of each global update
+    /// for good: `update` is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downlink: Option<DownlinkKind>,
 }
@@ -716,13 +720,17 @@ impl DeltaEncoding {
     }
 
     /// The encoding of the downlink update, `None` when sites download the
-    /// whole model (`downlink = "model"`, the `topk` default).
+    /// whole model (`downlink = "model"`, the `f32` and `topk` default).
     pub fn downlink_encoding(&self) -> Option<fedlink_protocol::Encoding> {
         let enc = self.to_protocol().ok()?;
         let carries = fedlink_protocol::downlink::codec_carries_updates(enc.values());
         match self.downlink {
             Some(DownlinkKind::Model) => None,
-            Some(DownlinkKind::Update) | None => carries.then_some(enc),
+            Some(DownlinkKind::Update) => carries.then_some(enc),
+            // A lossless f32 update compresses hardly better than the model
+            // (31.3 vs 33.5 MB at 10M) and costs the coordinator an extra
+            // encode and decode per round: whole models unless asked.
+            None => (carries && !enc.values().is_lossless()).then_some(enc),
         }
     }
 
@@ -1518,13 +1526,11 @@ deadline_secs = 60
     }
 
     #[test]
-    fn downlink_defaults_to_the_update_except_for_topk() {
+    fn downlink_defaults_to_the_update_for_the_lossy_codecs_that_carry_it() {
+        // f32 (the default codec): whole models unless asked.
         let job = Job::from_toml(MINIMAL).unwrap();
         assert_eq!(job.encoding.downlink, None);
-        assert_eq!(
-            job.encoding.downlink_encoding(),
-            Some(job.encoding.to_protocol().unwrap())
-        );
+        assert_eq!(job.encoding.downlink_encoding(), None);
         let with = |extra: &str| {
             Job::from_toml(&MINIMAL.replace(
                 "deadline_secs = 60",
@@ -1540,6 +1546,19 @@ deadline_secs = 60
         assert_eq!(
             with("downlink = \"model\"").encoding.downlink_encoding(),
             None
+        );
+        for codec in ["f16", "bf16", "int8"] {
+            let job = with(&format!("codec = \"{codec}\""));
+            assert_eq!(
+                job.encoding.downlink_encoding(),
+                Some(job.encoding.to_protocol().unwrap()),
+                "{codec}"
+            );
+        }
+        let f32_asked = with("downlink = \"update\"");
+        assert_eq!(
+            f32_asked.encoding.downlink_encoding(),
+            Some(f32_asked.encoding.to_protocol().unwrap())
         );
         let topk = with("codec = \"topk\"\ntopk_fraction = 0.01");
         assert_eq!(topk.encoding.downlink_encoding(), None);

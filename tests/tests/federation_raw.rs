@@ -1027,3 +1027,67 @@ async fn bad_final_evaluation_reports_are_refused_with_the_reason_and_audited() 
     assert!(pos("eval.requested") < last);
     assert_eq!(entries[last]["details"]["requested"], true);
 }
+
+/// A site that negotiated a version below 7 (`RawSite::connect` speaks up
+/// to 5) cannot ask for a downlink update: the stream is refused as
+/// `UnexpectedMessage`, and it fetches the whole model as before. The
+/// coordinator still wrote the round's update, for sites that can ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_below_version_7_cannot_ask_for_an_update_and_gets_whole_models() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 2,
+        codec: fedlink_coordinator::job::CodecKind::F16,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let models = coord.data_dir.join("models");
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let mut round1 = Vec::new();
+    for (i, s) in sites.iter_mut().enumerate() {
+        round1.push(honest_round(s, i).await);
+    }
+    let base = round1[0].0.base_model;
+    let offer = sites[0].next_offer().await.unwrap();
+    assert_eq!(offer.round.0, 2);
+    let (answer, records) = sites[0].fetch_update(offer.base_model, base).await.unwrap();
+    match answer {
+        fedlink_protocol::Message::Reject(r) => {
+            assert_eq!(
+                r.code,
+                fedlink_protocol::RejectCode::UnexpectedMessage,
+                "{r:?}"
+            )
+        }
+        other => panic!("expected a refusal, got {}", other.name()),
+    }
+    assert!(records.is_empty());
+    // The update exists (f16 job: downlink "update" by default).
+    let name = format!("{}-{}.update", base.to_hex(), offer.base_model.to_hex());
+    assert!(models.join(&name).is_file(), "{name}");
+    // The whole model, as before; the round completes.
+    sites[0].accept(&offer).await.unwrap();
+    let global = sites[0].fetch_model(&offer).await.unwrap();
+    assert_eq!(global.hash(), offer.base_model);
+    let up = sites[0]
+        .prepare(&offer, &delta_for(&global, 0, 2), examples(0))
+        .unwrap();
+    let r = sites[0].upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    for (i, s) in sites.iter_mut().enumerate().skip(1) {
+        honest_round(s, i).await;
+    }
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+}

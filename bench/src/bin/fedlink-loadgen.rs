@@ -153,7 +153,8 @@ struct Args {
     /// Sites always download the whole lossless model, as before protocol
     /// 7, instead of the round's global update applied to the model they
     /// hold (`ModelUpdateFetch`): to measure downlink updates against the
-    /// same binaries. The job's `[encoding] downlink` is then `"model"`.
+    /// same binaries. The job's `[encoding] downlink` is then `"model"`
+    /// (otherwise `"update"`, for f32 too; top-k jobs never send updates).
     #[arg(long)]
     full_model_downloads: bool,
 }
@@ -576,9 +577,15 @@ fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
     if let Some(k) = args.chunk_kib {
         e.chunk_bytes = k.checked_mul(1024).context("--chunk-kib too large")?;
     }
-    if args.full_model_downloads {
-        e.downlink = Some(DownlinkKind::Model);
-    }
+    // Downlink updates unless turned off (even for f32, whose default is
+    // the whole model, so both can be measured); top-k never carries them.
+    e.downlink = if args.full_model_downloads {
+        Some(DownlinkKind::Model)
+    } else if e.codec == CodecKind::Topk {
+        None
+    } else {
+        Some(DownlinkKind::Update)
+    };
     job.validate().map_err(|e| anyhow::anyhow!("job: {e}"))?;
     Ok(job)
 }
