@@ -1056,12 +1056,8 @@ async fn a_site_below_version_7_cannot_ask_for_an_update_and_gets_whole_models()
     assert_eq!(offer.round.0, 2);
     let (answer, records) = sites[0].fetch_update(offer.base_model, base).await.unwrap();
     match answer {
-        fedlink_protocol::Message::Reject(r) => {
-            assert_eq!(
-                r.code,
-                fedlink_protocol::RejectCode::UnexpectedMessage,
-                "{r:?}"
-            )
+        Message::Reject(r) => {
+            assert_eq!(r.code, RejectCode::UnexpectedMessage, "{r:?}")
         }
         other => panic!("expected a refusal, got {}", other.name()),
     }
