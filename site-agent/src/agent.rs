@@ -1632,19 +1632,20 @@ async fn obtain_update(
     let payload_len = applier.manifest().payload_len;
     let model = applier.finish().map_err(TaskError::Downlink)?;
     // Cached as any model: its lossless records, as a coordinator sends
-    // them (the next round may ask for an update of it).
-    let (cache, stored) = (ctx.cache.clone(), model.clone());
-    tokio::task::spawn_blocking(move || {
-        let (records, summary) = encode_payload(&stored, Encoding::default(), 0)?;
+    // them (the next round may ask for an update of it). The model goes to
+    // the blocking task and comes back: no copy of it.
+    let cache = ctx.cache.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        let (records, summary) = encode_payload(&model, Encoding::default(), 0)?;
         let manifest = fedlink_protocol::ModelManifest {
-            hash: stored.hash(),
-            spec: stored.spec().clone(),
+            hash,
+            spec: model.spec().clone(),
             encoding: Encoding::default(),
             payload_len: summary.payload_len,
             num_chunks: summary.num_chunks,
         };
         cache.store(&manifest, &records)?;
-        Ok::<(), TaskError>(())
+        Ok::<FlatModel, TaskError>(model)
     })
     .await
     .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
