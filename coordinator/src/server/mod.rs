@@ -1199,6 +1199,17 @@ fn build_engine(
         *n = JobNeeds::of(&job);
     }
     shared.publish_wire(first_wire);
+    // The update that made the current model, if the last round wrote one
+    // in this job's encoding: sites holding its base get it after a
+    // restart too (anything else gets whole models).
+    shared.publish_update(job.encoding.downlink_encoding().and_then(|enc| {
+        wire::find_update(
+            &models_dir,
+            &recovery.model.hash(),
+            recovery.model.spec(),
+            enc,
+        )
+    }));
 
     let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
     let keys = update_keys(

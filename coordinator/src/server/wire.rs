@@ -211,6 +211,57 @@ pub(crate) fn write_update(
     })
 }
 
+/// The update file whose result is model `hash` (`*-<hash>.update`), if
+/// exactly one is there and every record header fits `encoding` and
+/// `spec` (codec, shuffle, chunk count): what a restarted coordinator
+/// serves again. A file that does not fit is left alone (it is pruned when
+/// the next round writes its update).
+pub(crate) fn find_update(
+    models_dir: &Path,
+    hash: &ModelHash,
+    spec: &ModelSpec,
+    encoding: Encoding,
+) -> Option<WireUpdate> {
+    let suffix = format!("-{}.{UPDATE_SUFFIX}", hash.to_hex());
+    let mut found = std::fs::read_dir(models_dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let base = ModelHash::from_hex(name.strip_suffix(&suffix)?)?;
+            Some((base, e.path()))
+        });
+    let (base, path) = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    let mut r = RecordReader::open(&path).ok()?;
+    let (mut payload_len, mut num_chunks) = (0u64, 0u64);
+    while let Some((head, len)) = r.next_head().ok()? {
+        let h = ChunkHeader::parse(&head).ok()?;
+        if h.codec_tag != encoding.values().tag() || h.shuffle != encoding.shuffle() {
+            return None;
+        }
+        r.skip_body(len.saturating_sub(CHUNK_HEADER_LEN)).ok()?;
+        payload_len += len as u64;
+        num_chunks += 1;
+    }
+    if num_chunks != spec.num_params().div_ceil(encoding.chunk_elems()) {
+        return None;
+    }
+    Some(WireUpdate {
+        base,
+        wire: WireModel {
+            hash: *hash,
+            spec: spec.clone(),
+            encoding,
+            payload_len,
+            num_chunks,
+            path,
+        },
+    })
+}
+
 /// Remove every update file in `models_dir` but `keep` (the one being
 /// served): a site holding an older model gets the whole model anyway, so
 /// older updates are never served again. Best effort, logged.
@@ -316,6 +367,53 @@ mod tests {
             ensure(dir.path(), &model).unwrap().payload_len,
             w.payload_len
         );
+    }
+
+    #[test]
+    fn an_update_is_written_found_again_after_a_restart_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![10])]).unwrap();
+        let base = FlatModel::new(spec.clone(), (0..10).map(|i| i as f32).collect()).unwrap();
+        let update = FlatModel::new(spec.clone(), vec![0.125; 10]).unwrap();
+        let enc = Encoding::with_codec(ValueCodec::F16)
+            .unwrap()
+            .with_chunk_bytes(16)
+            .unwrap();
+        let mut next = base.clone();
+        let u = write_update(dir.path(), base.hash(), &mut next, &update, enc, 1).unwrap();
+        assert_eq!(u.base, base.hash());
+        assert_eq!(u.wire.hash, next.hash());
+        assert_eq!(u.wire.num_chunks, 3);
+        assert!(u.wire.path.ends_with(format!(
+            "{}-{}.update",
+            base.hash().to_hex(),
+            next.hash().to_hex()
+        )));
+        // Found again, as written; not in another encoding, nor for
+        // another model.
+        let found = find_update(dir.path(), &next.hash(), &spec, enc).unwrap();
+        assert_eq!(found.base, u.base);
+        assert_eq!(
+            (
+                found.wire.payload_len,
+                found.wire.num_chunks,
+                &found.wire.path
+            ),
+            (u.wire.payload_len, u.wire.num_chunks, &u.wire.path)
+        );
+        let int8 = Encoding::with_codec(ValueCodec::Int8 { stochastic: false })
+            .unwrap()
+            .with_chunk_bytes(16)
+            .unwrap();
+        assert!(find_update(dir.path(), &next.hash(), &spec, int8).is_none());
+        assert!(find_update(dir.path(), &base.hash(), &spec, enc).is_none());
+        // Pruning keeps only the one named.
+        let mut after = next.clone();
+        let v = write_update(dir.path(), next.hash(), &mut after, &update, enc, 1).unwrap();
+        prune_updates(dir.path(), Some(&v.wire.path));
+        assert!(!u.wire.path.exists() && v.wire.path.exists());
+        prune_updates(dir.path(), None);
+        assert!(!v.wire.path.exists());
     }
 
     #[test]
