@@ -121,6 +121,9 @@ pub enum EventKind {
     /// The site evaluated a model it was asked about and sent the signed
     /// metrics (recorded before they are sent).
     EvalReported,
+    /// The site refused a model or downlink update it received (decode
+    /// error, hash mismatch) and fetched the whole model instead.
+    ModelRefused,
 }
 
 impl EventKind {
@@ -174,6 +177,7 @@ impl EventKind {
         Self::CoordinatorAuditHead,
         Self::RoundOutcome,
         Self::EvalReported,
+        Self::ModelRefused,
     ];
 
     /// The name stored in an entry's `event` field.
@@ -227,6 +231,7 @@ impl EventKind {
             Self::UpdateResumed => "update.resumed",
             Self::CoordinatorAuditHead => "coordinator.audit_head",
             Self::RoundOutcome => "round.outcome",
+            Self::ModelRefused => "model.refused",
         }
     }
 

@@ -328,15 +328,27 @@ fn check_and_recompute(
         });
     }
     // Recompute.
-    let out =
-        match round_archive::recompute(&file.strategy, file.max_sites, &state, seed, base, &inputs)
-        {
-            Ok(o) => o,
-            Err(e @ (ArchiveError::Input { .. } | ArchiveError::Aggregate(_))) => {
-                return Ok(Err(Mismatch(format!("recomputation failed: {e}"))));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    // With the round's downlink encoding, if it had one (older archives
+    // have none and replay as before).
+    let out = match round_archive::recompute(
+        &file.strategy,
+        file.max_sites,
+        &state,
+        seed,
+        file.downlink,
+        base,
+        &inputs,
+    ) {
+        Ok(o) => o,
+        Err(
+            e @ (ArchiveError::Input { .. }
+            | ArchiveError::Aggregate(_)
+            | ArchiveError::Downlink(_)),
+        ) => {
+            return Ok(Err(Mismatch(format!("recomputation failed: {e}"))));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let got = out.model.hash();
     report.recomputed_model = Some(got.to_hex());
     if got == recorded {

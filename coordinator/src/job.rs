@@ -50,6 +50,7 @@
 //! codec = "f16"                          # f32 | f16 | bf16 | int8 | topk
 //! shuffle = true
 //! zstd_level = 1
+//! downlink = "update"                    # update | model (default: update for f16/bf16/int8)
 //!
 //! [privacy]
 //! clip_norm = 5.0
@@ -614,6 +615,26 @@ pub enum CodecKind {
     Topk,
 }
 
+/// `[encoding] downlink`: what a site that holds the previous global model
+/// downloads when a round has published the next one.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DownlinkKind {
+    /// The round's global update (new − old), encoded with the job's
+    /// encoding (`codec`, `shuffle`, `zstd_level`, `chunk_bytes`). The
+    /// coordinator publishes `old + decoded update`, so with a lossy codec
+    /// the global model carries that codec's rounding (docs/PROTOCOL.md,
+    /// "Downlink updates"); sites hold the same model, bit for bit, and
+    /// check its hash. Sites of protocol < 7, sites without the previous
+    /// model and every `codec = "topk"` job get the whole model. The
+    /// default for `f16`, `bf16` and `int8` jobs.
+    Update,
+    /// Always the whole model, lossless (as before protocol 7). The
+    /// default for `f32` and `topk` jobs.
+    Model,
+}
+
 /// `[encoding]`: how sites encode the delta they upload.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -641,6 +662,13 @@ pub struct DeltaEncoding {
     /// flight; 512 KiB compresses as well as 2 MiB (docs/PERFORMANCE.md).
     #[serde(default = "default_chunk")]
     pub chunk_bytes: u32,
+    /// What sites download ([`DownlinkKind`]). Default: `update` for the
+    /// lossy codecs that carry it (`f16`, `bf16`, `int8`); `model` for
+    /// `f32` (a lossless update is hardly smaller than the model: allowed
+    /// when asked) and for `topk` (it would drop most of each global update
+    /// for good: `update` is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<DownlinkKind>,
 }
 
 fn default_codec() -> CodecKind {
@@ -665,6 +693,7 @@ impl Default for DeltaEncoding {
             topk_fraction: None,
             int8_stochastic: false,
             chunk_bytes: default_chunk(),
+            downlink: None,
         }
     }
 }
@@ -688,6 +717,21 @@ impl DeltaEncoding {
             },
         };
         fedlink_protocol::Encoding::new(values, self.shuffle, self.zstd_level, self.chunk_bytes)
+    }
+
+    /// The encoding of the downlink update, `None` when sites download the
+    /// whole model (`downlink = "model"`, the `f32` and `topk` default).
+    pub fn downlink_encoding(&self) -> Option<fedlink_protocol::Encoding> {
+        let enc = self.to_protocol().ok()?;
+        let carries = fedlink_protocol::downlink::codec_carries_updates(enc.values());
+        match self.downlink {
+            Some(DownlinkKind::Model) => None,
+            Some(DownlinkKind::Update) => carries.then_some(enc),
+            // A lossless f32 update compresses hardly better than the model
+            // (31.3 vs 33.5 MB at 10M) and costs the coordinator an extra
+            // encode and decode per round: whole models unless asked.
+            None => (carries && !enc.values().is_lossless()).then_some(enc),
+        }
     }
 
     /// Top-k fraction in parts per million (what the wire encoding carries),
@@ -1131,6 +1175,12 @@ impl Job {
                 "is only valid with codec = \"int8\"",
             ));
         }
+        if e.downlink == Some(DownlinkKind::Update) && e.codec == CodecKind::Topk {
+            return Err(invalid(
+                "encoding.downlink",
+                "\"update\" is not valid with codec = \"topk\" (it would drop most of every global update); use \"model\"",
+            ));
+        }
         e.to_protocol()
             .map_err(|err| invalid("encoding", err.to_string()))?;
 
@@ -1443,6 +1493,11 @@ deadline_secs = 60
             ),
             (
                 "deadline_secs = 60",
+                "deadline_secs = 60\n[encoding]\ncodec = \"topk\"\ntopk_fraction = 0.01\ndownlink = \"update\"",
+                "encoding.downlink",
+            ),
+            (
+                "deadline_secs = 60",
                 "deadline_secs = 60\n[privacy]\nnoise_multiplier = 1.0",
                 "privacy.noise_multiplier",
             ),
@@ -1468,6 +1523,47 @@ deadline_secs = 60
             assert_ne!(text, MINIMAL, "{from}");
             assert_eq!(field_of(Job::from_toml(&text).unwrap_err()), field, "{to}");
         }
+    }
+
+    #[test]
+    fn downlink_defaults_to_the_update_for_the_lossy_codecs_that_carry_it() {
+        // f32 (the default codec): whole models unless asked.
+        let job = Job::from_toml(MINIMAL).unwrap();
+        assert_eq!(job.encoding.downlink, None);
+        assert_eq!(job.encoding.downlink_encoding(), None);
+        let with = |extra: &str| {
+            Job::from_toml(&MINIMAL.replace(
+                "deadline_secs = 60",
+                &format!("deadline_secs = 60\n[encoding]\n{extra}"),
+            ))
+            .unwrap()
+        };
+        let f16 = with("codec = \"f16\"\ndownlink = \"update\"");
+        assert_eq!(
+            f16.encoding.downlink_encoding().unwrap().values(),
+            fedlink_protocol::ValueCodec::F16
+        );
+        assert_eq!(
+            with("downlink = \"model\"").encoding.downlink_encoding(),
+            None
+        );
+        for codec in ["f16", "bf16", "int8"] {
+            let job = with(&format!("codec = \"{codec}\""));
+            assert_eq!(
+                job.encoding.downlink_encoding(),
+                Some(job.encoding.to_protocol().unwrap()),
+                "{codec}"
+            );
+        }
+        let f32_asked = with("downlink = \"update\"");
+        assert_eq!(
+            f32_asked.encoding.downlink_encoding(),
+            Some(f32_asked.encoding.to_protocol().unwrap())
+        );
+        let topk = with("codec = \"topk\"\ntopk_fraction = 0.01");
+        assert_eq!(topk.encoding.downlink_encoding(), None);
+        // Written back and read again unchanged.
+        assert_eq!(Job::from_toml(&f16.to_toml().unwrap()).unwrap(), f16);
     }
 
     #[test]

@@ -96,6 +96,13 @@ pub struct RoundFile {
     pub dp_seed: String,
     /// The updates, in the order they were folded.
     pub inputs: Vec<RoundInput>,
+    /// The downlink encoding of the round's global update, when the round
+    /// published `base + decoded(encoded(update))` ([`apply_downlink`])
+    /// instead of `base + update`; absent in archives from before downlink
+    /// updates (and for jobs with `downlink = "model"`), which replay as
+    /// before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<Encoding>,
 }
 
 /// One update of a round.
@@ -171,6 +178,9 @@ pub enum ArchiveError {
     /// The aggregation itself failed.
     #[error("aggregation: {0}")]
     Aggregate(#[source] fedlink_aggregation::Error),
+    /// Encoding and applying the round's downlink update failed.
+    #[error("downlink update: {0}")]
+    Downlink(#[source] DownlinkApplyError),
 }
 
 pub use crate::server::spool::SpoolError;
@@ -546,6 +556,86 @@ pub fn finish_round(
     agg.finish(state, &mut rng)
 }
 
+/// The seed of a round's downlink encoding (stochastic int8 rounding draws
+/// from it; the other codecs ignore it): the last 8 bytes of the round's
+/// recorded `dp_seed`, little-endian, so that a replay derives the same.
+pub fn downlink_seed(seed: [u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&seed[24..]);
+    u64::from_le_bytes(b)
+}
+
+/// What [`apply_downlink`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DownlinkSummary {
+    /// Bytes of the chunk records.
+    pub payload_len: u64,
+    /// Chunk records.
+    pub num_chunks: u64,
+}
+
+/// Why a round's global update could not be encoded and applied.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkApplyError {
+    /// The update and the base have different layouts.
+    #[error("the update's layout differs from the base model's")]
+    SpecMismatch,
+    /// Encoding the update failed (a non-finite value, …).
+    #[error("encoding the global update: {0}")]
+    Encode(#[from] fedlink_protocol::EncodeError),
+    /// Decoding it back failed.
+    #[error("decoding the global update: {0}")]
+    Decode(#[from] fedlink_protocol::PayloadError),
+    /// Applying the decoded values failed (a non-finite result).
+    #[error(transparent)]
+    Apply(#[from] fedlink_protocol::downlink::DownlinkError),
+    /// The record sink (the update file) failed.
+    #[error("writing the global update: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+/// Encode the round's global `update` with the downlink `encoding`, hand
+/// each chunk record to `sink` (the engine writes them to the update file
+/// that sites download; a replay discards them), decode each record back
+/// with the real [`fedlink_protocol::PayloadDecoder`] and add the decoded
+/// values to `base` ([`fedlink_protocol::downlink::apply_update`], the
+/// function sites apply the same records with). `base` becomes the
+/// published model; sites that apply the records to their copy of the base
+/// hold the same model, bit for bit. Memory: one chunk beyond the two
+/// models.
+pub fn apply_downlink(
+    base: &mut FlatModel,
+    update: &FlatModel,
+    encoding: Encoding,
+    seed: u64,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<DownlinkSummary, DownlinkApplyError> {
+    if base.spec() != update.spec() {
+        return Err(DownlinkApplyError::SpecMismatch);
+    }
+    let spec = update.spec().clone();
+    let mut enc = fedlink_protocol::PayloadEncoder::new(spec.clone(), encoding, seed)?;
+    let mut dec = fedlink_protocol::PayloadDecoder::new(spec, encoding)?.without_model_hash();
+    let mut decoded = Vec::new();
+    while let Some(r) = enc.next_chunk() {
+        let values = update
+            .values()
+            .get(r.start as usize..r.end as usize)
+            .ok_or(DownlinkApplyError::SpecMismatch)?;
+        let record = enc.encode_chunk(values)?;
+        sink(&record)?;
+        let offset = dec.decode_chunk_into(&record, &mut decoded)?;
+        fedlink_protocol::downlink::apply_update(base.values_mut(), offset, &decoded)?;
+    }
+    let summary = enc.finish()?;
+    dec.finish()?;
+    Ok(DownlinkSummary {
+        payload_len: summary.payload_len,
+        num_chunks: summary.num_chunks,
+    })
+}
+
 /// One input of [`recompute`].
 #[derive(Debug, Clone)]
 pub struct PayloadInput {
@@ -573,12 +663,16 @@ pub struct Recomputed {
 }
 
 /// Recompute a round from its base model and inputs: exactly the engine's
-/// computation, with no server. Inputs are folded in the given order.
+/// computation, with no server. Inputs are folded in the given order. With
+/// a `downlink` encoding (the round's [`RoundFile::downlink`]) the update is
+/// encoded, decoded and applied as the engine did ([`apply_downlink`]).
+#[allow(clippy::too_many_arguments)]
 pub fn recompute(
     strategy: &StrategyConfig,
     max_sites: usize,
     state_before: &ServerState,
     seed: [u8; 32],
+    downlink: Option<Encoding>,
     mut base: FlatModel,
     inputs: &[PayloadInput],
 ) -> Result<Recomputed, ArchiveError> {
@@ -605,9 +699,21 @@ pub fn recompute(
     }
     let mut state = state_before.clone();
     let outcome = finish_round(agg, &mut state, seed).map_err(ArchiveError::Aggregate)?;
-    outcome
-        .apply_to(&mut base)
-        .map_err(|e| ArchiveError::Aggregate(e.into()))?;
+    match downlink {
+        Some(encoding) => {
+            apply_downlink(
+                &mut base,
+                &outcome.update,
+                encoding,
+                downlink_seed(seed),
+                |_| Ok(()),
+            )
+            .map_err(ArchiveError::Downlink)?;
+        }
+        None => outcome
+            .apply_to(&mut base)
+            .map_err(|e| ArchiveError::Aggregate(e.into()))?,
+    }
     Ok(Recomputed {
         model: base,
         state_after: state,
@@ -633,6 +739,7 @@ mod tests {
             state_before: STATE_BEFORE_FILE.into(),
             state_before_blake3: "c".repeat(64),
             dp_seed: "0".repeat(64),
+            downlink: None,
             inputs: vec![RoundInput {
                 site: "site-0".into(),
                 payload_hash: "d".repeat(64),
@@ -788,6 +895,85 @@ mod tests {
     }
 
     #[test]
+    fn the_downlink_encoding_is_recorded_and_old_round_files_read_without_it() {
+        let f = sample();
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(!json.contains("downlink"), "{json}");
+        assert_eq!(parse(&f).unwrap().downlink, None);
+        let mut g = sample();
+        g.downlink = Some(Encoding::with_codec(fedlink_protocol::ValueCodec::F16).unwrap());
+        assert_eq!(parse(&g).unwrap(), g);
+    }
+
+    #[test]
+    fn apply_downlink_publishes_what_a_site_computes_from_the_records() {
+        use fedlink_protocol::downlink::UpdateApplier;
+        use fedlink_protocol::{TensorSpec, UpdateManifest, ValueCodec};
+        let spec = ModelSpec::new(vec![
+            TensorSpec::f32("a", vec![7]),
+            TensorSpec::f32("b", vec![3, 3]),
+        ])
+        .unwrap();
+        let base = FlatModel::new(
+            spec.clone(),
+            (0..16).map(|i| (i as f32 * 0.3).cos()).collect(),
+        )
+        .unwrap();
+        let update = FlatModel::new(
+            spec.clone(),
+            (0..16).map(|i| (i as f32 * 1.7).sin() * 1e-3).collect(),
+        )
+        .unwrap();
+        // Lossless: exactly `apply_to`'s plain sum.
+        let f32e = Encoding::with_codec(ValueCodec::F32)
+            .unwrap()
+            .with_chunk_bytes(24)
+            .unwrap();
+        let mut exact = base.clone();
+        apply_downlink(&mut exact, &update, f32e, 5, |_| Ok(())).unwrap();
+        let plain: Vec<f32> = base
+            .values()
+            .iter()
+            .zip(update.values())
+            .map(|(x, u)| x + u)
+            .collect();
+        assert_eq!(exact.values(), plain.as_slice());
+        for codec in [ValueCodec::F16, ValueCodec::Int8 { stochastic: true }] {
+            let enc = Encoding::with_codec(codec)
+                .unwrap()
+                .with_chunk_bytes(24)
+                .unwrap();
+            let mut published = base.clone();
+            let mut records = Vec::new();
+            let sum = apply_downlink(&mut published, &update, enc, 5, |r| {
+                records.push(r.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(sum.num_chunks, records.len() as u64);
+            assert_ne!(published.values(), plain.as_slice(), "{}", codec.name());
+            // Deterministic: the same seed gives the same model.
+            let mut again = base.clone();
+            apply_downlink(&mut again, &update, enc, 5, |_| Ok(())).unwrap();
+            assert_eq!(again, published);
+            let manifest = UpdateManifest {
+                base: base.hash(),
+                hash: published.hash(),
+                spec: spec.clone(),
+                encoding: enc,
+                payload_len: sum.payload_len,
+                num_chunks: sum.num_chunks,
+            };
+            let mut site = UpdateApplier::new(manifest, base.clone(), 16).unwrap();
+            for r in &records {
+                site.push(r).unwrap();
+            }
+            assert_eq!(site.finish().unwrap(), published);
+        }
+        assert_eq!(downlink_seed([7; 32]), u64::from_le_bytes([7; 8]));
+    }
+
+    #[test]
     fn payload_errors_say_which_step_failed() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![4])]).unwrap();
@@ -831,6 +1017,7 @@ mod tests {
             1,
             &ServerState::default(),
             [0; 32],
+            None,
             base,
             &inputs,
         )

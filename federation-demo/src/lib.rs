@@ -76,6 +76,10 @@ pub struct Task {
     /// Wire codec of the deltas: `f32`, `f16`, `bf16`, `int8`, or
     /// `topk:<fraction>` (e.g. `topk:0.1`).
     pub codec: &'static str,
+    /// Sites always download the whole model (`[encoding] downlink =
+    /// "model"`) instead of each round's global update encoded with
+    /// `codec`: to compare the two.
+    pub full_model_downloads: bool,
     /// What the sites hold and the model trains on.
     pub kind: TaskKind,
     /// Settings chosen on validation data (tabular tasks; `None`: the
@@ -191,6 +195,7 @@ pub fn nuclei_task(full: bool) -> Task {
         epochs: if full { 4 } else { 5 },
         lr: 0.01,
         codec: "f16",
+        full_model_downloads: false,
         kind: TaskKind::Nuclei(spec),
         chosen: None,
         server: Some(Server::FedAvgM {
@@ -234,6 +239,7 @@ pub fn tasks() -> Vec<Task> {
             epochs: 2,
             lr: 0.1,
             codec: "f16",
+            full_model_downloads: false,
             kind: TaskKind::Tabular,
             chosen: None,
             server: None,
@@ -261,6 +267,7 @@ pub fn tasks() -> Vec<Task> {
             epochs: 1,
             lr: 0.01,
             codec: "f16",
+            full_model_downloads: false,
             kind: TaskKind::Tabular,
             chosen: Some(opt_chosen()),
             server: None,
@@ -542,6 +549,9 @@ fn demo_job(task: &Task, arch: &ArchSpec) -> anyhow::Result<Job> {
     (job.encoding.codec, job.encoding.topk_fraction) = codec_of(task.codec)?;
     job.encoding.shuffle = true;
     job.encoding.zstd_level = 1;
+    if task.full_model_downloads {
+        job.encoding.downlink = Some(fedlink_coordinator::job::DownlinkKind::Model);
+    }
     job.evaluation.every_rounds = 1;
     job.validate()
         .with_context(|| format!("the {} job", task.name))?;

@@ -19,6 +19,7 @@ where
 
 fn main() {
     protocol_seeds();
+    update_seeds();
     // Disk inputs; pass a kept demo work directory (`./demo --keep --only
     // wdbc`) to harvest a real coordinator store, configs and logs too.
     let demo = std::env::args().nth(1).map(std::path::PathBuf::from);
@@ -240,6 +241,19 @@ fn protocol_seeds() {
         msgs.push(Message::TaskOfferV5(Box::new(o.clone())));
         msgs.push(Message::TaskOfferV6(Box::new(o)));
     }
+    msgs.push(Message::ModelUpdateFetch(ModelUpdateFetch {
+        hash: model.hash(),
+        base: ModelHash([0x44; 32]),
+        from_record: 1,
+    }));
+    msgs.push(Message::UpdateManifest(Box::new(UpdateManifest {
+        base: ModelHash([0x44; 32]),
+        hash: model.hash(),
+        spec: spec.clone(),
+        encoding: Encoding::new(ValueCodec::F16, true, 1, 32).unwrap_or_else(|e| panic!("{e}")),
+        payload_len: 120,
+        num_chunks: 8,
+    })));
     let mut stream = vec![0u8]; // frame target: first byte = split point
     for (i, m) in msgs.iter().enumerate() {
         write("message", &format!("{i}-{}", m.name()), &m.to_vec());
@@ -249,6 +263,36 @@ fn protocol_seeds() {
     encode_frame(FrameKind::Chunk, &records[0], &mut stream).unwrap_or_else(|e| panic!("{e}"));
     stream[0] = 37;
     write("frame", "conversation", &stream);
+}
+
+/// Downlink update seeds: the update of `fedlink_protocol_fuzz::update_base`
+/// in each encoding, with the right announced length and hash.
+fn update_seeds() {
+    let base = fedlink_protocol_fuzz::update_base();
+    let update = FlatModel::new(
+        base.spec().clone(),
+        (0..63)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 1e-3)
+            .collect(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for sel in [0u8, 1, 2, 3, 0x43, 0x81, 0x83] {
+        let enc = fedlink_protocol_fuzz::update_encoding(sel).unwrap_or_else(|| panic!("{sel}"));
+        let (records, summary) = encode_payload(&update, enc, 5).unwrap_or_else(|e| panic!("{e}"));
+        let decoded = decode_payload(base.spec().clone(), enc, records.iter().map(Vec::as_slice))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut target = base.clone();
+        downlink::apply_update(target.values_mut(), 0, decoded.values())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut bytes = vec![sel];
+        bytes.extend_from_slice(&(summary.payload_len as u32).to_le_bytes());
+        bytes.extend_from_slice(&target.hash().0);
+        for r in &records {
+            bytes.extend_from_slice(&(r.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(r);
+        }
+        write("update", &format!("{sel:02x}"), &bytes);
+    }
 }
 
 fn read(path: &std::path::Path) -> Vec<u8> {

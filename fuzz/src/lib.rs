@@ -101,6 +101,72 @@ pub fn chunk(data: &[u8]) {
     let _ = dec.finish();
 }
 
+/// The base model of [`update`] (and of its seeds): [`spec`]'s 63 values.
+pub fn update_base() -> FlatModel {
+    match FlatModel::new(spec(), (0..63).map(|i| (i as f32 - 30.0) / 17.0).collect()) {
+        Ok(m) => m,
+        Err(e) => panic!("fixed model is valid: {e}"),
+    }
+}
+
+/// The downlink encoding [`update`]'s first byte selects.
+pub fn update_encoding(sel: u8) -> Option<Encoding> {
+    let codec = match sel % 4 {
+        0 => ValueCodec::F32,
+        1 => ValueCodec::F16,
+        2 => ValueCodec::Bf16,
+        _ => ValueCodec::Int8 {
+            stochastic: sel & 0x40 != 0,
+        },
+    };
+    Encoding::new(codec, sel & 0x80 != 0, 1, 32).ok()
+}
+
+/// Downlink updates: byte 0 picks the encoding ([`update_encoding`]), bytes
+/// 1..5 the announced payload length (u32 LE), bytes 5..37 the announced
+/// model hash, the rest is a sequence of records (u16 LE length prefix
+/// each) applied to [`update_base`] by a [`downlink::UpdateApplier`].
+/// Whatever it accepts is a finite model that hashes to the announced hash.
+pub fn update(data: &[u8]) {
+    let (Some(&sel), Some(len), Some(hash)) = (data.first(), data.get(1..5), data.get(5..37))
+    else {
+        return;
+    };
+    let Some(enc) = update_encoding(sel) else {
+        return;
+    };
+    let mut h = [0u8; 32];
+    h.copy_from_slice(hash);
+    let mut l = [0u8; 4];
+    l.copy_from_slice(len);
+    let base = update_base();
+    let manifest = UpdateManifest {
+        base: base.hash(),
+        hash: ModelHash(h),
+        spec: spec(),
+        encoding: enc,
+        payload_len: u64::from(u32::from_le_bytes(l)),
+        num_chunks: spec().num_params().div_ceil(enc.chunk_elems()),
+    };
+    let Ok(mut applier) = downlink::UpdateApplier::new(manifest, base, 1 << 20) else {
+        return;
+    };
+    let mut rest = data.get(37..).unwrap_or_default();
+    while rest.len() >= 2 {
+        let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+        rest = &rest[2..];
+        let rec = &rest[..len.min(rest.len())];
+        rest = &rest[rec.len()..];
+        if applier.push(rec).is_err() {
+            return;
+        }
+    }
+    if let Ok(model) = applier.finish() {
+        assert!(model.values().iter().all(|v| v.is_finite()));
+        assert_eq!(model.hash(), ModelHash(h));
+    }
+}
+
 /// Envelopes: arbitrary bytes into [`SignedEnvelope::decode_exact`] and, if
 /// that works, into [`verify_update`] with a fixed key; nothing may verify
 /// unless it was signed with that key (which the fuzzer cannot do).

@@ -39,6 +39,11 @@ fn corpus_chunk() {
 }
 
 #[test]
+fn corpus_update() {
+    replay("update", fedlink_protocol_fuzz::update);
+}
+
+#[test]
 fn corpus_admin() {
     replay("admin", fedlink_protocol_fuzz::admin);
 }

@@ -121,6 +121,7 @@ pub mod admin;
 pub mod arch;
 pub mod backoff;
 pub mod codec;
+pub mod downlink;
 pub mod encoding;
 pub mod envelope;
 pub mod evaluation;
@@ -149,13 +150,14 @@ pub use frame::{
 pub use ids::{FederationId, IdError, JobId, RoundId, SiteId};
 pub use message::{
     AUDIT_HEAD_VERSION, AuditHead, Augmentation, Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION,
-    Cancel, Capabilities, CentralDp, ClassWeight, DeltaUpload, DpNoise, Heartbeat, Hello,
-    IntensityJitter, MAX_INTENSITY_JITTER, MIN_PROTOCOL_VERSION, Message, ModelFetch,
-    ModelFetchFrom, ModelManifest, OfferDecision, OfferError, OfferResponse, Optimizer,
-    PROTOCOL_VERSION, PrivacyRequirements, RESUME_VERSION, ROUND_OUTCOME_VERSION, Reject,
-    RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer, TrainingConfig, UploadProgress,
-    UploadResult, VersionRange, Welcome, class_weight_min_version, min_protocol_version,
-    supports_audit_head, supports_round_outcome,
+    Cancel, Capabilities, CentralDp, ClassWeight, DOWNLINK_VERSION, DeltaUpload, DpNoise,
+    Heartbeat, Hello, IntensityJitter, MAX_INTENSITY_JITTER, MIN_PROTOCOL_VERSION, Message,
+    ModelFetch, ModelFetchFrom, ModelManifest, ModelUpdateFetch, OfferDecision, OfferError,
+    OfferResponse, Optimizer, PROTOCOL_VERSION, PrivacyRequirements, RESUME_VERSION,
+    ROUND_OUTCOME_VERSION, Reject, RejectCode, RoundOutcome, TRAINING_V5_VERSION, TaskOffer,
+    TrainingConfig, UpdateManifest, UploadProgress, UploadResult, VersionRange, Welcome,
+    class_weight_min_version, min_protocol_version, supports_audit_head, supports_downlink_updates,
+    supports_round_outcome,
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{

@@ -74,8 +74,10 @@ use crate::scaling::{FeatureScaling, ScalingError};
 /// [`Message::UploadProgress`], [`Message::ModelFetchFrom`]),
 /// [`Message::EvalRequest`] and [`Message::EvalReport`] (federated
 /// evaluation of a given model, [`crate::evaluation`]) and
-/// [`Message::TaskOfferV6`] (offers with [`TrainingConfig::class_weight`]).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// [`Message::TaskOfferV6`] (offers with [`TrainingConfig::class_weight`]);
+/// 7 — adds downlink updates ([`Message::ModelUpdateFetch`],
+/// [`Message::UpdateManifest`], [`crate::downlink`]).
+pub const PROTOCOL_VERSION: u16 = 7;
 /// First protocol version that has [`Message::AuditHead`].
 pub const AUDIT_HEAD_VERSION: u16 = 2;
 /// First protocol version that has [`Message::TaskOfferV3`].
@@ -91,6 +93,9 @@ pub const RESUME_VERSION: u16 = 6;
 /// First protocol version that has [`Message::TaskOfferV6`] (class
 /// weighting of the site's loss in the offer).
 pub const CLASS_WEIGHT_VERSION: u16 = 6;
+/// First protocol version with downlink updates: [`Message::ModelUpdateFetch`]
+/// and its answer [`Message::UpdateManifest`].
+pub const DOWNLINK_VERSION: u16 = 7;
 /// Largest multiplicative or additive intensity jitter an offer may ask for.
 pub const MAX_INTENSITY_JITTER: f64 = 0.5;
 /// Oldest protocol version this build speaks.
@@ -593,6 +598,45 @@ pub struct ModelManifest {
     pub num_chunks: u64,
 }
 
+/// Site → coordinator, protocol version >= [`DOWNLINK_VERSION`]: send me
+/// model `hash`; I hold model `base` (hash-checked in my cache). The
+/// coordinator answers with an [`UpdateManifest`] and the chunk records of
+/// the encoded update `base → hash` when it has that update, else with the
+/// whole model ([`ModelManifest`] and *all* its chunk records, whatever
+/// `from_record` says).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelUpdateFetch {
+    /// The model version wanted.
+    pub hash: ModelHash,
+    /// The model version the site holds.
+    pub base: ModelHash,
+    /// Index of the first update chunk record to send (0 = all of them): a
+    /// site resuming an update download kept the records before it.
+    pub from_record: u64,
+}
+
+/// Coordinator → site, protocol version >= [`DOWNLINK_VERSION`], answer to
+/// [`Message::ModelUpdateFetch`]: the global update `base → hash` follows as
+/// `num_chunks` chunk records (from the asked `from_record` on), encoded with
+/// `encoding` (the job's codec, possibly lossy). `base` plus the decoded
+/// update ([`crate::downlink::apply_update`]) hashes to `hash`; the site
+/// checks that before it uses the result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateManifest {
+    /// The model the update applies to.
+    pub base: ModelHash,
+    /// The model the update produces.
+    pub hash: ModelHash,
+    /// Tensor layout (of both models and of the update).
+    pub spec: ModelSpec,
+    /// Payload encoding of the update.
+    pub encoding: Encoding,
+    /// Total bytes of the chunk records.
+    pub payload_len: u64,
+    /// Number of chunk records.
+    pub num_chunks: u64,
+}
+
 /// Site → coordinator: a signed delta follows as chunk frames of
 /// `envelope.header.payload_len` bytes in all.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -718,6 +762,12 @@ pub fn supports_round_outcome(version: u16) -> bool {
 }
 
 /// Does a connection at negotiated protocol `version` carry
+/// [`Message::ModelUpdateFetch`] and [`Message::UpdateManifest`]?
+pub fn supports_downlink_updates(version: u16) -> bool {
+    version >= DOWNLINK_VERSION
+}
+
+/// Does a connection at negotiated protocol `version` carry
 /// [`Message::AuditHead`]?
 pub fn supports_audit_head(version: u16) -> bool {
     version >= AUDIT_HEAD_VERSION
@@ -829,6 +879,12 @@ pub enum Message {
     /// Coordinator → site, protocol version >= [`CLASS_WEIGHT_VERSION`]:
     /// the offer with every field.
     TaskOfferV6(Box<TaskOffer>),
+    /// Site → coordinator, protocol version >= [`DOWNLINK_VERSION`]: a model
+    /// as an update of one the site holds (or the whole model).
+    ModelUpdateFetch(ModelUpdateFetch),
+    /// Coordinator → site, protocol version >= [`DOWNLINK_VERSION`], answer
+    /// to [`Message::ModelUpdateFetch`], followed by chunk frames.
+    UpdateManifest(Box<UpdateManifest>),
 }
 
 impl Message {
@@ -857,6 +913,8 @@ impl Message {
             Self::EvalRequest(_) => "EvalRequest",
             Self::EvalReport(_) => "EvalReport",
             Self::TaskOfferV6(_) => "TaskOfferV6",
+            Self::ModelUpdateFetch(_) => "ModelUpdateFetch",
+            Self::UpdateManifest(_) => "UpdateManifest",
         }
     }
 
@@ -1228,6 +1286,39 @@ mod tests {
             Message::decode_exact(&bytes[..bytes.len() - 1]),
             Err(DecodeError::Truncated)
         );
+    }
+
+    #[test]
+    fn downlink_messages_round_trip_at_the_end_of_the_enum_and_are_gated() {
+        let fetch = Message::ModelUpdateFetch(ModelUpdateFetch {
+            hash: ModelHash([1; 32]),
+            base: ModelHash([2; 32]),
+            from_record: 3,
+        });
+        let bytes = fetch.to_vec();
+        // appended after every older variant: old indices are unchanged
+        assert_eq!(bytes[0], 22);
+        assert_eq!(Message::decode_exact(&bytes).unwrap(), fetch);
+        assert_eq!(fetch.name(), "ModelUpdateFetch");
+        let spec = ModelSpec::new(vec![crate::model::TensorSpec::f32("w", vec![4])]).unwrap();
+        let manifest = Message::UpdateManifest(Box::new(UpdateManifest {
+            base: ModelHash([2; 32]),
+            hash: ModelHash([1; 32]),
+            spec,
+            encoding: Encoding::with_codec(ValueCodec::F16).unwrap(),
+            payload_len: 10,
+            num_chunks: 1,
+        }));
+        let bytes = manifest.to_vec();
+        assert_eq!(bytes[0], 23);
+        assert_eq!(Message::decode_exact(&bytes).unwrap(), manifest);
+        assert_eq!(manifest.name(), "UpdateManifest");
+        // Gating: a version-6 peer never sees them.
+        assert!(!supports_downlink_updates(RESUME_VERSION));
+        assert!(supports_downlink_updates(DOWNLINK_VERSION));
+        assert!(supports_downlink_updates(PROTOCOL_VERSION));
+        let v6 = VersionRange { min: 1, max: 6 };
+        assert_eq!(VersionRange::SUPPORTED.negotiate(&v6), Some(6));
     }
 
     #[test]

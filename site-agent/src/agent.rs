@@ -80,13 +80,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
+use fedlink_protocol::downlink::{DownlinkError, UpdateApplier};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
-    EncodeError, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom, ModelHash,
-    ModelSpec, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope,
-    SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange, Welcome,
-    encode_payload, sign_update, supports_audit_head, supports_federated_eval,
-    supports_round_outcome,
+    EncodeError, Encoding, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom,
+    ModelHash, ModelSpec, ModelUpdateFetch, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION,
+    RejectCode, SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult,
+    VersionRange, Welcome, encode_payload, sign_update, supports_audit_head,
+    supports_downlink_updates, supports_federated_eval, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -178,6 +179,10 @@ enum TaskError {
     Log(#[from] fedlink_audit::Error),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A downlink update that does not fit the base held, does not decode,
+    /// or does not produce the announced model.
+    #[error(transparent)]
+    Downlink(#[from] DownlinkError),
     #[error("training: {0}")]
     Train(#[from] TrainError),
     #[error("local data: {0}")]
@@ -293,6 +298,18 @@ struct Ctx {
 impl Ctx {
     fn record(&self, event: SiteEvent) -> Result<Recorded, fedlink_audit::Error> {
         self.recorder.record(event)
+    }
+
+    /// The global model of `job` this site last trained from (kept in
+    /// the model cache, so it outlives a restart).
+    fn held_model(&self, job: &fedlink_protocol::JobId) -> Option<ModelHash> {
+        self.cache.held(job.as_str())
+    }
+
+    fn hold_model(&self, job: &fedlink_protocol::JobId, model: ModelHash) {
+        if let Err(e) = self.cache.hold(job.as_str(), &model) {
+            tracing::warn!(error = %e, "recording the model held; the next one comes whole");
+        }
     }
 
     fn transfers<T>(&self, f: impl FnOnce(&mut Transfers) -> T) -> T {
@@ -1117,7 +1134,7 @@ async fn evaluate_request(
         which: "requested",
         source,
     })?;
-    let model = obtain_model(ctx, conn, session, req.model, &spec).await?;
+    let model = obtain_model(ctx, conn, session, req.model, &spec, None).await?;
     let (arch, site_data, scaling, device) = (
         req.arch.clone(),
         ctx.data.clone(),
@@ -1165,7 +1182,11 @@ async fn run_task(
             which: "offered",
             source,
         })?;
-    let global = obtain_model(ctx, conn, session, offer.base_model, &spec).await?;
+    // The previous global model this site trained from, if it still holds
+    // it: the new one may come as the update of it.
+    let held = ctx.held_model(&offer.job_id);
+    let global = obtain_model(ctx, conn, session, offer.base_model, &spec, held).await?;
+    ctx.hold_model(&offer.job_id, offer.base_model);
 
     // Standardise (with the offer's scaling, if any), evaluate the global
     // model, then train: CPU-heavy, off the runtime so that heartbeats keep
@@ -1360,13 +1381,18 @@ async fn resend_signed_again(
 }
 
 /// The global model from the cache, or fetched from the coordinator (then
-/// cached).
+/// cached). With `base` (the previous global model of the job, which this
+/// site holds) and protocol >= 7, the round's global update is asked for
+/// and applied to it ([`obtain_update`]); a refused update (it does not
+/// decode, or the result does not hash to `hash`) is recorded
+/// (`model.refused`) and the whole model fetched instead.
 async fn obtain_model(
     ctx: &Arc<Ctx>,
     conn: &Conn,
     session: &Session,
     hash: ModelHash,
     spec: &ModelSpec,
+    base: Option<ModelHash>,
 ) -> Result<FlatModel, TaskError> {
     let (cache, spec_owned) = (ctx.cache.clone(), spec.clone());
     let cached = tokio::task::spawn_blocking(move || cache.load(&hash, &spec_owned))
@@ -1380,6 +1406,7 @@ async fn obtain_model(
                 bytes,
                 from_cache: true,
                 resumed_from_record: None,
+                as_update_of: None,
             })?;
             return Ok(model);
         }
@@ -1390,11 +1417,31 @@ async fn obtain_model(
         }
     }
 
+    if let Some(base) = base.filter(|b| *b != hash)
+        && supports_downlink_updates(session.protocol_version)
+    {
+        match obtain_update(ctx, conn, session, hash, base, spec).await {
+            Ok(Some(model)) => return Ok(model),
+            // The base is not (or no longer) held: the whole model.
+            Ok(None) => {}
+            Err(TaskError::Downlink(e)) => {
+                tracing::warn!(model = %hash, base = %base, error = %e,
+                    "downlink update refused; fetching the whole model");
+                ctx.record(SiteEvent::ModelRefused {
+                    model: hash.to_hex(),
+                    as_update_of: Some(base.to_hex()),
+                    error: e.to_string(),
+                })?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+
     // Records of this model kept from a download a lost connection cut
     // short: only the rest is fetched.
     let resumable = session.protocol_version >= RESUME_VERSION;
     let kept = if resumable {
-        ctx.transfers(|t| t.download_of(&hash))
+        ctx.transfers(|t| t.download_of(&hash, None))
     } else {
         Vec::new()
     };
@@ -1428,6 +1475,20 @@ async fn obtain_model(
             .into());
         }
     };
+    receive_model(ctx, hash, spec, manifest, recv, kept, resumable).await
+}
+
+/// Receive a whole model after its manifest (`kept`: the records a cut
+/// download kept), check it, cache it, record `model.received`.
+async fn receive_model(
+    ctx: &Arc<Ctx>,
+    hash: ModelHash,
+    spec: &ModelSpec,
+    manifest: fedlink_protocol::ModelManifest,
+    mut recv: FramedRecv,
+    kept: Vec<bytes::Bytes>,
+    resumable: bool,
+) -> Result<FlatModel, TaskError> {
     // Checked against the site's size limit before anything is allocated
     // for the download.
     let mut asm = ModelAssembler::new(
@@ -1452,7 +1513,7 @@ async fn obtain_model(
             return Err(e.into());
         }
         if resumable {
-            ctx.transfers(|t| t.downloaded(&hash, record.clone()));
+            ctx.transfers(|t| t.downloaded(&hash, None, record.clone()));
         }
         records.push(record);
     }
@@ -1471,8 +1532,132 @@ async fn obtain_model(
         bytes: manifest.payload_len,
         from_cache: false,
         resumed_from_record,
+        as_update_of: None,
     })?;
     Ok(model)
+}
+
+/// Model `hash` as the global update of `base` (protocol >= 7): load `base`
+/// from the cache (hash-checked; `Ok(None)` when it is not there), ask for
+/// the update (resuming a cut one), apply it record by record
+/// ([`UpdateApplier`]) and check the result's hash against `hash` before
+/// caching it as a normal model. A coordinator without that update answers
+/// with the whole model, received as by a `ModelFetch`. Errors of the
+/// update itself are [`TaskError::Downlink`]: the caller fetches the whole
+/// model then.
+async fn obtain_update(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    session: &Session,
+    hash: ModelHash,
+    base: ModelHash,
+    spec: &ModelSpec,
+) -> Result<Option<FlatModel>, TaskError> {
+    let (cache, spec_owned) = (ctx.cache.clone(), spec.clone());
+    let held = tokio::task::spawn_blocking(move || cache.load(&base, &spec_owned))
+        .await
+        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?;
+    let base_model = match held {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(model = %base, error = %e, "cached base model failed verification");
+            ctx.cache.remove(&base)?;
+            return Ok(None);
+        }
+    };
+    let resumable = session.protocol_version >= RESUME_VERSION;
+    let kept = ctx.transfers(|t| t.download_of(&hash, Some(&base)));
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.message(&Message::ModelUpdateFetch(ModelUpdateFetch {
+        hash,
+        base,
+        from_record: kept.len() as u64,
+    }))
+    .await?;
+    send.finish()?;
+    let manifest = match recv.message().await? {
+        Message::UpdateManifest(m) => *m,
+        // No such update: the whole model, every record of it.
+        Message::ModelManifest(m) => {
+            ctx.transfers(|t| t.download_done(&hash));
+            return receive_model(ctx, hash, spec, *m, recv, Vec::new(), resumable)
+                .await
+                .map(Some);
+        }
+        Message::Reject(r) => {
+            return Err(Violation::ModelRefused {
+                hash,
+                code: reject_code(r.code),
+                message: truncate(&r.message),
+            }
+            .into());
+        }
+        other => {
+            return Err(Violation::Unexpected {
+                sent: other.name(),
+                request: "ModelUpdateFetch",
+            }
+            .into());
+        }
+    };
+    if manifest.hash != hash {
+        return Err(DownlinkError::Manifest(format!(
+            "announces model {}, {hash} was asked for",
+            manifest.hash
+        ))
+        .into());
+    }
+    let resumed_from_record = (!kept.is_empty()).then_some(kept.len() as u64);
+    let refused = |e: DownlinkError| {
+        ctx.transfers(|t| t.download_done(&hash));
+        TaskError::Downlink(e)
+    };
+    // Checked against the site's size limit and the base held before
+    // anything is decoded.
+    let mut applier = UpdateApplier::new(manifest, base_model, ctx.config.policy.max_model_params)
+        .map_err(refused)?;
+    for record in &kept {
+        applier.push(record).map_err(refused)?;
+    }
+    while applier.remaining() > 0 {
+        let record = recv.chunk().await?;
+        applier.push(&record).map_err(refused)?;
+        ctx.transfers(|t| t.downloaded(&hash, Some(&base), record));
+    }
+    ctx.transfers(|t| t.download_done(&hash));
+    if recv.next_frame().await?.is_some() {
+        return Err(Violation::ExtraModelFrames.into());
+    }
+    let payload_len = applier.manifest().payload_len;
+    let model = applier.finish().map_err(TaskError::Downlink)?;
+    // Cached as any model: its lossless records, as a coordinator sends
+    // them (the next round may ask for an update of it). The model goes to
+    // the blocking task and comes back: no copy of it.
+    let cache = ctx.cache.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        let (records, summary) = encode_payload(&model, Encoding::default(), 0)?;
+        let manifest = fedlink_protocol::ModelManifest {
+            hash,
+            spec: model.spec().clone(),
+            encoding: Encoding::default(),
+            payload_len: summary.payload_len,
+            num_chunks: summary.num_chunks,
+        };
+        cache.store(&manifest, &records)?;
+        Ok::<FlatModel, TaskError>(model)
+    })
+    .await
+    .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
+    tracing::debug!(model = %hash, base = %base, bytes = payload_len, "downlink update applied");
+    ctx.record(SiteEvent::ModelReceived {
+        model: hash.to_hex(),
+        bytes: payload_len,
+        from_cache: false,
+        resumed_from_record,
+        as_update_of: Some(base.to_hex()),
+    })?;
+    Ok(Some(model))
 }
 
 /// Send the opening message (if any) and the chunk records on an upload

@@ -32,7 +32,8 @@
 //! | `offer.received` | coordinator | `job, round, base_model`, + task summary (arch, epochs, encoding, privacy, augmentation, class weighting, `optimizer` as on the wire with its weight decay or momentum, `learning_rate`) |
 //! | `offer.accepted` / `offer.declined` | site | `job, round` (+ `reason`: the policy's) |
 //! | `round.cancelled` / `round.failed` | coordinator / site | `job, round, reason`/`error` |
-//! | `model.received` | coordinator | `model, bytes, from_cache` |
+//! | `model.received` | coordinator | `model, bytes, from_cache` (+ `as_update_of`: the base a downlink update was applied to, protocol ≥ 7) |
+//! | `model.refused` | coordinator | `model, error` (+ `as_update_of`): a downlink update or model that failed to decode or to hash to the announced model; the whole model is fetched instead |
 //! | `train.completed` | site | `job, round, base_model, dataset_fingerprint, num_examples, metrics` |
 //! | `update.sent` | site | `job, round, payload_hash, payload_bytes, num_examples, nonce, base_model, encoding` |
 //! | `update.result` | coordinator | `job, round, payload_hash, accepted, reason`, + `nonce, outcome` |
@@ -218,6 +219,22 @@ pub enum SiteEvent {
         /// of the first record fetched again (the ones before were kept).
         #[serde(skip_serializing_if = "Option::is_none")]
         resumed_from_record: Option<u64>,
+        /// Received as the global update of this base model (hex), applied
+        /// to the cached base and hash-checked (protocol >= 7).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        as_update_of: Option<String>,
+    },
+    /// A model (or the update to one) was refused: it did not decode, or
+    /// the result did not hash to the announced model. The whole model is
+    /// fetched instead.
+    ModelRefused {
+        /// Model hash asked for.
+        model: String,
+        /// The base model of a refused update (hex).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        as_update_of: Option<String>,
+        /// Why.
+        error: String,
     },
     /// Local training finished.
     TrainCompleted {
@@ -354,6 +371,7 @@ impl SiteEvent {
         match self {
             Self::OfferReceived { .. }
             | Self::ModelReceived { .. }
+            | Self::ModelRefused { .. }
             | Self::UpdateResult { .. }
             | Self::CoordinatorAuditHead { .. }
             | Self::RoundOutcome { .. }
@@ -377,6 +395,7 @@ impl SiteEvent {
             Self::RoundCancelled { .. } => EventKind::RoundCancelled,
             Self::RoundFailed { .. } => EventKind::RoundFailed,
             Self::ModelReceived { .. } => EventKind::ModelReceived,
+            Self::ModelRefused { .. } => EventKind::ModelRefused,
             Self::TrainCompleted { .. } => EventKind::TrainCompleted,
             Self::UpdateSent { .. } => EventKind::UpdateSent,
             Self::UpdateResult { .. } => EventKind::UpdateResult,

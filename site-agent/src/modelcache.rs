@@ -25,6 +25,9 @@ use fedlink_protocol::{
 
 /// File name suffix of cached models.
 pub const SUFFIX: &str = "fedmodel";
+/// File (in the cache directory) naming the global model the site last
+/// trained from ([`ModelCache::hold`]).
+pub const HELD_FILE: &str = "held";
 
 /// Why a model could not be fetched, decoded or cached.
 #[non_exhaustive]
@@ -320,6 +323,29 @@ impl ModelCache {
         Ok(path)
     }
 
+    /// Record that `model` is the global model of `job` this site last
+    /// trained from (`<cache dir>/held`, one line `<job> <hex hash>`,
+    /// written atomically): after a restart the agent still asks for the
+    /// next model as the update of it (protocol >= 7).
+    pub fn hold(&self, job: &str, model: &ModelHash) -> Result<(), ModelError> {
+        let path = self.dir.join(HELD_FILE);
+        let line = format!("{job} {}\n", model.to_hex());
+        fedlink_durable::replace(&path, line.as_bytes(), fedlink_durable::Mode::Private).map_err(
+            |e| ModelError::Io {
+                path,
+                source: e.source,
+            },
+        )
+    }
+
+    /// The model [`ModelCache::hold`] recorded for `job`, if any (a missing
+    /// or unreadable record is none: the whole model is fetched then).
+    pub fn held(&self, job: &str) -> Option<ModelHash> {
+        let text = std::fs::read_to_string(self.dir.join(HELD_FILE)).ok()?;
+        let (j, hash) = text.trim_end().split_once(' ')?;
+        (j == job).then(|| ModelHash::from_hex(hash)).flatten()
+    }
+
     /// Remove the file of model `hash` (after a failed verification).
     pub fn remove(&self, hash: &ModelHash) -> Result<(), ModelError> {
         let path = self.path(hash);
@@ -348,6 +374,19 @@ mod tests {
     use super::*;
     use fedlink_protocol::arch::ArchSpec;
     use fedlink_protocol::{Encoding, encode_payload};
+
+    #[test]
+    fn the_model_held_is_recorded_per_job_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModelCache::open(dir.path().join("models")).unwrap();
+        assert_eq!(cache.held("job-1"), None);
+        cache.hold("job-1", &ModelHash([3; 32])).unwrap();
+        let again = ModelCache::open(dir.path().join("models")).unwrap();
+        assert_eq!(again.held("job-1"), Some(ModelHash([3; 32])));
+        assert_eq!(again.held("job-2"), None, "another job's");
+        std::fs::write(dir.path().join("models").join(HELD_FILE), "job-1 zz\n").unwrap();
+        assert_eq!(again.held("job-1"), None, "garbage is none");
+    }
 
     fn model() -> (FlatModel, ModelManifest, Vec<Vec<u8>>) {
         let arch = ArchSpec::LogReg {

@@ -10,7 +10,10 @@
 //!   coordinator does not hold.
 //! - the records of a **model download** received so far; the next fetch
 //!   of the same model asks for the rest (`ModelFetchFrom`), and the whole
-//!   model's hash is checked at the end as for any download.
+//!   model's hash is checked at the end as for any download. A downlink
+//!   update (protocol >= 7) is kept the same way, keyed by its base model
+//!   too: the next `ModelUpdateFetch` of the same model from the same base
+//!   asks for the rest (`from_record`).
 //!
 //! Both live in memory: an agent restart trains (and downloads) again.
 
@@ -94,6 +97,9 @@ pub enum ProgressMismatch {
 pub struct PartialDownload {
     /// The model being downloaded.
     pub hash: ModelHash,
+    /// `Some(base)`: the records are of the update from `base` to `hash`,
+    /// not of the model itself.
+    pub base: Option<ModelHash>,
     /// Its chunk records received, in order.
     pub records: Vec<Bytes>,
 }
@@ -136,11 +142,12 @@ impl Transfers {
         }
     }
 
-    /// The records of `hash` received so far (none for another model:
-    /// a partial download of another one is dropped).
-    pub fn download_of(&mut self, hash: &ModelHash) -> Vec<Bytes> {
+    /// The records of `hash` (as an update of `base`, when given) received
+    /// so far (none for another model or base: a partial download of
+    /// another one is dropped).
+    pub fn download_of(&mut self, hash: &ModelHash, base: Option<&ModelHash>) -> Vec<Bytes> {
         match &self.download {
-            Some(d) if d.hash == *hash => d.records.clone(),
+            Some(d) if d.hash == *hash && d.base.as_ref() == base => d.records.clone(),
             _ => {
                 self.download = None;
                 Vec::new()
@@ -148,13 +155,15 @@ impl Transfers {
         }
     }
 
-    /// One more record of the download of `hash`.
-    pub fn downloaded(&mut self, hash: &ModelHash, record: Bytes) {
+    /// One more record of the download of `hash` (as an update of `base`,
+    /// when given).
+    pub fn downloaded(&mut self, hash: &ModelHash, base: Option<&ModelHash>, record: Bytes) {
         match &mut self.download {
-            Some(d) if d.hash == *hash => d.records.push(record),
+            Some(d) if d.hash == *hash && d.base.as_ref() == base => d.records.push(record),
             _ => {
                 self.download = Some(PartialDownload {
                     hash: *hash,
+                    base: base.copied(),
                     records: vec![record],
                 });
             }
@@ -267,17 +276,25 @@ mod tests {
         // Downloads: records of one model, dropped for another.
         let a = ModelHash([7; 32]);
         let b = ModelHash([8; 32]);
-        assert!(t.download_of(&a).is_empty());
-        t.downloaded(&a, Bytes::from_static(b"r0"));
-        t.downloaded(&a, Bytes::from_static(b"r1"));
-        assert_eq!(t.download_of(&a).len(), 2);
-        assert!(t.download_of(&b).is_empty());
+        assert!(t.download_of(&a, None).is_empty());
+        t.downloaded(&a, None, Bytes::from_static(b"r0"));
+        t.downloaded(&a, None, Bytes::from_static(b"r1"));
+        assert_eq!(t.download_of(&a, None).len(), 2);
+        assert!(t.download_of(&b, None).is_empty());
         assert!(
-            t.download_of(&a).is_empty(),
+            t.download_of(&a, None).is_empty(),
             "another model's fetch dropped it"
         );
-        t.downloaded(&a, Bytes::from_static(b"r0"));
+        t.downloaded(&a, None, Bytes::from_static(b"r0"));
         t.download_done(&a);
-        assert!(t.download_of(&a).is_empty());
+        assert!(t.download_of(&a, None).is_empty());
+        // An update's records are kept by (model, base): not the model's,
+        // not another base's.
+        t.downloaded(&a, Some(&b), Bytes::from_static(b"u0"));
+        assert_eq!(t.download_of(&a, Some(&b)).len(), 1);
+        assert!(t.download_of(&a, Some(&a)).is_empty(), "another base");
+        t.downloaded(&a, Some(&b), Bytes::from_static(b"u0"));
+        assert!(t.download_of(&a, None).is_empty(), "the whole model");
+        assert!(t.download_of(&a, Some(&b)).is_empty(), "dropped by it");
     }
 }

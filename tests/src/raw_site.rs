@@ -247,6 +247,38 @@ impl RawSite {
         Ok(model)
     }
 
+    /// Ask for model `hash` as the global update of `base`
+    /// (`ModelUpdateFetch`, protocol >= 7): the first answer (an
+    /// `UpdateManifest`, or a `ModelManifest` when the coordinator has no
+    /// such update, or a `Reject`) and the chunk records it announces.
+    pub async fn fetch_update(
+        &self,
+        hash: ModelHash,
+        base: ModelHash,
+    ) -> anyhow::Result<(Message, Vec<bytes::Bytes>)> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        send.message(&Message::ModelUpdateFetch(
+            fedlink_protocol::ModelUpdateFetch {
+                hash,
+                base,
+                from_record: 0,
+            },
+        ))
+        .await?;
+        send.finish()?;
+        let first = bounded("manifest", recv.message()).await??;
+        let n = match &first {
+            Message::UpdateManifest(m) => m.num_chunks,
+            Message::ModelManifest(m) => m.num_chunks,
+            _ => 0,
+        };
+        let mut records = Vec::new();
+        for _ in 0..n {
+            records.push(bounded("chunk", recv.chunk()).await??);
+        }
+        Ok((first, records))
+    }
+
     /// Fetch the offered model's chunk records from record `from` on
     /// (`ModelFetch` when `from` is 0, else `ModelFetchFrom`), at most
     /// `max` of them: the manifest and the records received.

@@ -956,3 +956,265 @@ async fn federated_evaluation_every_two_rounds_per_site_and_weighted() {
     assert_eq!(accepted, ["site-0", "site-1", "site-2"]);
     assert!(of("eval.rejected").is_empty());
 }
+
+/// `fedlink audit replay` of one round (signatures checked): its exit code
+/// and output.
+fn replay_round(data: &Path, ca: &Path, job: &str, round: u64) -> (i32, String) {
+    let out = std::process::Command::new(workspace_binary("fedlink").unwrap())
+        .args(["audit", "replay", "--data-dir"])
+        .arg(data)
+        .args(["--job", job, "--round", &round.to_string(), "--ca-dir"])
+        .arg(ca)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Downlink updates (protocol 7) with real agents and a lossy job codec
+/// (f16): from round 2 on an agent downloads the round's global update,
+/// applies it to the model it holds and holds the coordinator's model bit
+/// for bit. A site asking for the update of a base the coordinator has no
+/// update from gets the whole model. A garbled
+/// update file is refused by the agents (`model.refused`), which fetch the
+/// whole model and go on. Every round replays bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlink_updates_reach_real_agents_and_a_garbled_one_is_refused() {
+    use fedlink_protocol::Message;
+    use fedlink_protocol::downlink::UpdateApplier;
+
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        codec: fedlink_coordinator::job::CodecKind::F16,
+        evaluation_every_rounds: 0,
+        ..wdbc_job("wdbc-downlink", 3, 3)
+    };
+    let job = write_job(dir.path(), &spec).unwrap();
+    let cfg = write_config(&pki, dir.path(), &job, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let coord = RunningCoordinator::start(&cfg, true).await.unwrap();
+    let data_dir = coord.data_dir.clone();
+    let models_dir = data_dir.join(fedlink_coordinator::store::MODELS_DIR);
+    let model_spec = spec.job().arch.spec().unwrap();
+    let configs: Vec<SiteConfig> = (0..2)
+        .map(|i| {
+            let mut c = site_config(&pki, i, dir.path(), coord.addr);
+            c.policy.encodings.push("f16".into());
+            c
+        })
+        .collect();
+    let mut agents: Vec<RunningAgent> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| RunningAgent::start(&format!("site-{i}"), c.clone()))
+        .collect();
+    // site-2 is scripted (speaking protocol 7) so that the test decides
+    // when rounds close.
+    let mut gate = RawSite::connect_latest(
+        pki.site_kit(2).unwrap(),
+        coord.addr,
+        fedlink_transport::TransportKind::Quic,
+    )
+    .await
+    .unwrap();
+
+    // Round 1: everyone gets the whole initial model.
+    let offer1 = gate.next_offer().await.unwrap();
+    gate.accept(&offer1).await.unwrap();
+    let m0 = gate.fetch_model(&offer1).await.unwrap();
+    let up = gate.prepare(&offer1, &gate_delta(&m0, 1), 60).unwrap();
+    let r = gate.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+
+    for a in &mut agents {
+        a.wait_for("round 1 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 1
+        })
+        .await;
+    }
+    let status = wait_for_status(&data_dir, "round 1 completed", LIMIT, |s| {
+        s.completed_rounds >= 1
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.completed_rounds, 1, "{status:#?}");
+
+    // Round 2: the update of m0, as the agents and the gate ask for it.
+    let offer2 = gate.next_offer().await.unwrap();
+    assert_eq!(offer2.round.0, 2);
+    gate.accept(&offer2).await.unwrap();
+    let m1 = offer2.base_model;
+    let (first, records) = gate.fetch_update(m1, m0.hash()).await.unwrap();
+    let Message::UpdateManifest(manifest) = first else {
+        panic!("expected an update manifest, got {}", first.name())
+    };
+    assert_eq!((manifest.base, manifest.hash), (m0.hash(), m1));
+    assert_eq!(
+        manifest.encoding.values(),
+        fedlink_protocol::ValueCodec::F16
+    );
+    let mut applier = UpdateApplier::new(*manifest.clone(), m0.clone(), u64::MAX).unwrap();
+    for r in &records {
+        applier.push(r).unwrap();
+    }
+    let applied = applier.finish().unwrap();
+    assert_eq!(applied.hash(), m1);
+    // Bit for bit the coordinator's stored model.
+    let stored: FlatModel = read_model_file(&models_dir.join(format!("{m1}.bin")), &m1).unwrap();
+    assert_eq!(applied.values(), stored.values());
+    // An unknown base: the whole model (a ModelManifest and all its records).
+    let (first, records) = gate.fetch_update(m1, ModelHash([9; 32])).await.unwrap();
+    let Message::ModelManifest(whole) = first else {
+        panic!("expected the whole model, got {}", first.name())
+    };
+    assert_eq!(whole.hash, m1);
+    assert_eq!(records.len() as u64, whole.num_chunks);
+    for a in &mut agents {
+        a.wait_for("round 2 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 2
+        })
+        .await;
+    }
+    // The agents stop (holding m1) before round 2 closes, so the test can
+    // garble the next update before anyone downloads it.
+    let mut first_logs = Vec::new();
+    for a in agents {
+        first_logs.push(a.stop().await);
+    }
+    let up = gate.prepare(&offer2, &gate_delta(&applied, 2), 60).unwrap();
+    let r = gate.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    // Round 3 opens once the agents are back; its model is round 2's.
+    let status = wait_for_status(&data_dir, "round 2 completed", LIMIT, |s| {
+        s.completed_rounds >= 2
+    })
+    .await
+    .unwrap();
+    let m2 = ModelHash::from_hex(&status.current_model).unwrap();
+    // Only the latest update is kept: m1 → m2.
+    let updates: Vec<PathBuf> = std::fs::read_dir(&models_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "update"))
+        .collect();
+    let name = format!("{}-{}.update", m1.to_hex(), m2.to_hex());
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert!(updates[0].ends_with(&name), "{updates:?}");
+    // Garble it: one byte of the first record's compressed body.
+    let mut bytes = std::fs::read(&updates[0]).unwrap();
+    let at = fedlink_protocol::payload::CHUNK_HEADER_LEN + 8;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&updates[0], &bytes).unwrap();
+
+    // Restarted (their audit logs of the first run set aside, so that each
+    // run's log is checked whole); their model caches are kept.
+    for c in &configs {
+        let log = c.audit_log_path();
+        std::fs::rename(&log, log.with_extension("first-run")).unwrap();
+    }
+    let mut agents: Vec<RunningAgent> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| RunningAgent::start(&format!("site-{i}"), c.clone()))
+        .collect();
+    let offer3 = gate.next_offer().await.unwrap();
+    assert_eq!((offer3.round.0, offer3.base_model), (3, m2));
+    gate.accept(&offer3).await.unwrap();
+    let m2_model = gate.fetch_model(&offer3).await.unwrap();
+    for a in &mut agents {
+        a.wait_for("round 3 uploaded", |e| e.event == "update.sent")
+            .await;
+    }
+    let up = gate
+        .prepare(&offer3, &gate_delta(&m2_model, 3), 60)
+        .unwrap();
+    let r = gate.upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    let out = coord.finished_within(LIMIT).await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+    for a in &mut agents {
+        a.wait_for("round 3 accepted", |e| {
+            is_accepted_upload(e) && round_of(e) == 3
+        })
+        .await;
+    }
+    let mut second_logs = Vec::new();
+    for a in agents {
+        second_logs.push(a.stop().await);
+    }
+
+    let store = open_store(&data_dir);
+    let (rounds, _) = check_round_chain(&store, &spec.id, 3);
+    assert_eq!(rounds[1].base_model, m1);
+    assert_eq!(rounds[2].base_model, m2);
+    for (i, (log1, log2)) in first_logs.iter().zip(&second_logs).enumerate() {
+        // Round 1 whole, round 2 as the update of m0, into m1.
+        let got: Vec<(&str, Option<&str>)> = events(log1, "model.received")
+            .into_iter()
+            .map(|e| (str_field(e, "model"), e.details["as_update_of"].as_str()))
+            .collect();
+        let (m0h, m1h, m2h) = (m0.hash().to_hex(), m1.to_hex(), m2.to_hex());
+        assert_eq!(
+            got,
+            vec![(m0h.as_str(), None), (m1h.as_str(), Some(m0h.as_str()))],
+            "site-{i}"
+        );
+        // What the agent cached is the coordinator's model, bit for bit.
+        let cache =
+            fedlink_agent::modelcache::ModelCache::open(configs[i].model_cache_dir()).unwrap();
+        let held = cache.load(&m1, &model_spec).unwrap().unwrap();
+        assert_eq!(held.values(), stored.values(), "site-{i}");
+        // After the restart: the garbled update of m1 refused, the whole
+        // m2 fetched, trained on, accepted.
+        let refused = events(log2, "model.refused");
+        assert_eq!(refused.len(), 1, "site-{i}: {log2:#?}");
+        assert_eq!(str_field(refused[0], "model"), m2h);
+        assert_eq!(str_field(refused[0], "as_update_of"), m1h);
+        let got: Vec<(&str, Option<&str>)> = events(log2, "model.received")
+            .into_iter()
+            .map(|e| (str_field(e, "model"), e.details["as_update_of"].as_str()))
+            .collect();
+        assert_eq!(got, vec![(m2h.as_str(), None)], "site-{i}");
+        let accepted: Vec<u64> = log2
+            .iter()
+            .filter(|e| is_accepted_upload(e))
+            .map(round_of)
+            .collect();
+        assert_eq!(accepted, vec![3], "site-{i}");
+    }
+    // Every round replays bit for bit, downlink encoding included.
+    let ca = pki.manifest_path().parent().unwrap().to_owned();
+    for round in 1..=3 {
+        let (code, out) = replay_round(&data_dir, &ca, &spec.id, round);
+        assert_eq!(code, 0, "round {round}: {out}");
+        let file = fedlink_coordinator::round_archive::RoundFile::load(
+            &fedlink_coordinator::round_archive::round_dir(&data_dir, &spec.id, round)
+                .join(fedlink_coordinator::round_archive::ROUND_FILE),
+        )
+        .unwrap();
+        assert_eq!(
+            file.downlink.map(|e| e.values()),
+            Some(fedlink_protocol::ValueCodec::F16),
+            "round {round}"
+        );
+    }
+}

@@ -1027,3 +1027,151 @@ async fn bad_final_evaluation_reports_are_refused_with_the_reason_and_audited() 
     assert!(pos("eval.requested") < last);
     assert_eq!(entries[last]["details"]["requested"], true);
 }
+
+/// A site that negotiated a version below 7 (`RawSite::connect` speaks up
+/// to 5) cannot ask for a downlink update: the stream is refused as
+/// `UnexpectedMessage`, and it fetches the whole model as before. The
+/// coordinator still wrote the round's update, for sites that can ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_below_version_7_cannot_ask_for_an_update_and_gets_whole_models() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 2,
+        codec: fedlink_coordinator::job::CodecKind::F16,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let models = coord.data_dir.join("models");
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let mut round1 = Vec::new();
+    for (i, s) in sites.iter_mut().enumerate() {
+        round1.push(honest_round(s, i).await);
+    }
+    let base = round1[0].0.base_model;
+    let offer = sites[0].next_offer().await.unwrap();
+    assert_eq!(offer.round.0, 2);
+    let (answer, records) = sites[0].fetch_update(offer.base_model, base).await.unwrap();
+    match answer {
+        Message::Reject(r) => {
+            assert_eq!(r.code, RejectCode::UnexpectedMessage, "{r:?}")
+        }
+        other => panic!("expected a refusal, got {}", other.name()),
+    }
+    assert!(records.is_empty());
+    // The update exists (f16 job: downlink "update" by default).
+    let name = format!("{}-{}.update", base.to_hex(), offer.base_model.to_hex());
+    assert!(models.join(&name).is_file(), "{name}");
+    // The whole model, as before; the round completes.
+    sites[0].accept(&offer).await.unwrap();
+    let global = sites[0].fetch_model(&offer).await.unwrap();
+    assert_eq!(global.hash(), offer.base_model);
+    let up = sites[0]
+        .prepare(&offer, &delta_for(&global, 0, 2), examples(0))
+        .unwrap();
+    let r = sites[0].upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    for (i, s) in sites.iter_mut().enumerate().skip(1) {
+        honest_round(s, i).await;
+    }
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+}
+
+/// A coordinator restarted after a round serves that round's update again
+/// (`models/<base>-<model>.update`, found at start) to a site that holds
+/// the base; the update applied to the base is the current model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_serves_the_last_rounds_update_again() {
+    use fedlink_protocol::downlink::UpdateApplier;
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 2,
+        codec: fedlink_coordinator::job::CodecKind::F16,
+        evaluation_every_rounds: 0,
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let latest = |i: usize, addr| {
+        RawSite::connect_latest(
+            pki.site_kit(i).unwrap(),
+            addr,
+            fedlink_transport::TransportKind::Quic,
+        )
+    };
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(latest(i, coord.addr).await.unwrap());
+    }
+    let mut round1 = Vec::new();
+    for (i, s) in sites.iter_mut().enumerate() {
+        round1.push(honest_round(s, i).await);
+    }
+    let m0 = round1[0].1.clone();
+    fedlink_tests::fixture::wait_for_status(
+        &data_dir,
+        "round 1 completed",
+        std::time::Duration::from_secs(60),
+        |s| s.completed_rounds >= 1,
+    )
+    .await
+    .unwrap();
+    drop(sites);
+    coord.shutdown().await.unwrap();
+
+    let coord = RunningCoordinator::start(&dir.path().join("coordinator.toml"), true)
+        .await
+        .unwrap();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(latest(i, coord.addr).await.unwrap());
+    }
+    let offer = sites[0].next_offer().await.unwrap();
+    assert_eq!(offer.round.0, 2);
+    let (answer, records) = sites[0]
+        .fetch_update(offer.base_model, m0.hash())
+        .await
+        .unwrap();
+    let Message::UpdateManifest(manifest) = answer else {
+        panic!(
+            "expected the update after the restart, got {}",
+            answer.name()
+        )
+    };
+    let mut applier = UpdateApplier::new(*manifest, m0, u64::MAX).unwrap();
+    for r in &records {
+        applier.push(r).unwrap();
+    }
+    assert_eq!(applier.finish().unwrap().hash(), offer.base_model);
+    sites[0].accept(&offer).await.unwrap();
+    let global = sites[0].fetch_model(&offer).await.unwrap();
+    let up = sites[0]
+        .prepare(&offer, &delta_for(&global, 0, 2), examples(0))
+        .unwrap();
+    let r = sites[0].upload(&up, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    for (i, s) in sites.iter_mut().enumerate().skip(1) {
+        honest_round(s, i).await;
+    }
+    let out = coord.finished().await.unwrap();
+    assert!(
+        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
+        "{:?}",
+        out.outcome
+    );
+}

@@ -32,18 +32,20 @@ use bytes::Bytes;
 use clap::Parser;
 use fedlink_certs::{ALPN_SITE, Kit};
 use fedlink_coordinator::job::{
-    CodecKind, InitSource, Job, RoundPolicy, Selection, StrategySection, TrainingConfig,
+    CodecKind, DownlinkKind, InitSource, Job, RoundPolicy, Selection, StrategySection,
+    TrainingConfig,
 };
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::backoff::Backoff;
+use fedlink_protocol::downlink::UpdateApplier;
 use fedlink_protocol::envelope::{UpdateHeader, UpdateNonce, sign_update};
 use fedlink_protocol::message::{
-    Capabilities, DeltaUpload, Hello, ModelFetch, OfferDecision, OfferResponse, RejectCode,
-    TaskOffer, UploadResult,
+    Capabilities, DeltaUpload, Hello, ModelFetch, ModelUpdateFetch, OfferDecision, OfferResponse,
+    RejectCode, TaskOffer, UploadResult,
 };
 use fedlink_protocol::{
-    Encoding, FlatModel, Message, ModelHasher, ModelSpec, PROTOCOL_VERSION, PayloadDecoder,
-    PayloadEncoder, PayloadHash, SiteId, VersionRange,
+    Encoding, FlatModel, Message, ModelHash, ModelHasher, ModelSpec, PROTOCOL_VERSION,
+    PayloadDecoder, PayloadEncoder, PayloadHash, SiteId, VersionRange,
 };
 use fedlink_test_util::TestPki;
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
@@ -148,6 +150,13 @@ struct Args {
     /// jitter: the site agent's policy, `fedlink_protocol::backoff`).
     #[arg(long, default_value_t = 500)]
     retry_initial_ms: u64,
+    /// Sites always download the whole lossless model, as before protocol
+    /// 7, instead of the round's global update applied to the model they
+    /// hold (`ModelUpdateFetch`): to measure downlink updates against the
+    /// same binaries. The job's `[encoding] downlink` is then `"model"`
+    /// (otherwise `"update"`, for f32 too; top-k jobs never send updates).
+    #[arg(long)]
+    full_model_downloads: bool,
 }
 
 /// Per-source handshake limits the loadgen's coordinator config sets for
@@ -190,8 +199,8 @@ struct SiteReport {
     bye: Instant,
     /// Bytes of the upload payload (chunk records).
     upload_bytes: u64,
-    /// Bytes of the model payload downloaded per round.
-    download_bytes: u64,
+    /// Bytes of the model (or global update) payload downloaded, per round.
+    download_bytes: Vec<u64>,
     /// Every cut of an upload (`--cuts`).
     cuts: Vec<CutReport>,
     /// Connection attempts that failed or were refused and were retried.
@@ -580,6 +589,15 @@ fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
     if let Some(k) = args.chunk_kib {
         e.chunk_bytes = k.checked_mul(1024).context("--chunk-kib too large")?;
     }
+    // Downlink updates unless turned off (even for f32, whose default is
+    // the whole model, so both can be measured); top-k never carries them.
+    e.downlink = if args.full_model_downloads {
+        Some(DownlinkKind::Model)
+    } else if e.codec == CodecKind::Topk {
+        None
+    } else {
+        Some(DownlinkKind::Update)
+    };
     job.validate().map_err(|e| anyhow::anyhow!("job: {e}"))?;
     Ok(job)
 }
@@ -684,6 +702,7 @@ async fn run_site(
     seed: u64,
     link: Option<fedlink_tools::impair::ImpairHandle>,
     retry_initial: Duration,
+    updates: bool,
 ) -> anyhow::Result<SiteReport> {
     let mut retry = Retry {
         initial: retry_initial,
@@ -698,12 +717,17 @@ async fn run_site(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut times = Vec::new();
     let mut cut_reports = Vec::new();
-    let mut download_bytes = 0;
+    let mut download_bytes = Vec::new();
+    // The global model this site holds (with `updates`): the next one
+    // comes as the update of it.
+    let mut held: Option<(ModelHash, FlatModel)> = None;
     for _ in 0..rounds {
         let offer = sc.next_offer(limit).await?;
         let t_offer = Instant::now();
         sc.accept(&offer).await?;
-        download_bytes = fetch_model(&sc.conn, &offer, limit).await?;
+        let (bytes, model) = fetch_model(&sc.conn, &offer, limit, held.take(), updates).await?;
+        download_bytes.push(bytes);
+        held = model.map(|m| (offer.base_model, m));
         let t_fetched = Instant::now();
         let header = UpdateHeader {
             protocol_version: PROTOCOL_VERSION,
@@ -780,26 +804,62 @@ async fn run_site(
     })
 }
 
-/// Download the offered model, decode it chunk by chunk and check its hash
-/// (values are hashed as they arrive, not kept). Returns the payload bytes.
-async fn fetch_model(conn: &Conn, offer: &TaskOffer, limit: Duration) -> anyhow::Result<u64> {
+/// Download the offered model, decode it chunk by chunk and check its
+/// hash; with `held` (the previous global model and its hash), ask for the
+/// round's global update instead and apply it ([`UpdateApplier`], which
+/// checks the result's hash). Returns the payload bytes and, with `keep`,
+/// the model (otherwise values are hashed as they arrive, not kept).
+async fn fetch_model(
+    conn: &Conn,
+    offer: &TaskOffer,
+    limit: Duration,
+    held: Option<(ModelHash, FlatModel)>,
+    keep: bool,
+) -> anyhow::Result<(u64, Option<FlatModel>)> {
     let (mut send, mut recv): (FramedSend, FramedRecv) = conn.open_bi().await?;
-    send.message(&Message::ModelFetch(ModelFetch {
-        hash: offer.base_model,
-    }))
-    .await?;
+    let ask = match &held {
+        Some((base, _)) => Message::ModelUpdateFetch(ModelUpdateFetch {
+            hash: offer.base_model,
+            base: *base,
+            from_record: 0,
+        }),
+        None => Message::ModelFetch(ModelFetch {
+            hash: offer.base_model,
+        }),
+    };
+    send.message(&ask).await?;
     send.finish()?;
     let manifest = match step("model manifest", limit, recv.message()).await?? {
         Message::ModelManifest(m) => *m,
+        Message::UpdateManifest(m) => {
+            let (_, base) = held.context("an update manifest answered a ModelFetch")?;
+            if m.hash != offer.base_model {
+                bail!("the update manifest names another model than the offer");
+            }
+            let mut applier = UpdateApplier::new(*m, base, u64::MAX)?;
+            let mut bytes = 0u64;
+            while applier.remaining() > 0 {
+                let rec = step("update chunk", limit, recv.chunk()).await??;
+                bytes += rec.len() as u64;
+                applier.push(&rec)?;
+            }
+            let model = applier.finish()?;
+            return Ok((bytes, keep.then_some(model)));
+        }
         other => bail!("expected a model manifest, got {}", other.name()),
     };
     let mut dec = PayloadDecoder::new(manifest.spec.clone(), manifest.encoding)?;
     let mut hasher = ModelHasher::new(&manifest.spec);
     let mut bytes = 0u64;
+    let mut values = Vec::new();
     for _ in 0..manifest.num_chunks {
         let rec = step("model chunk", limit, recv.chunk()).await??;
         bytes += rec.len() as u64;
-        hasher.update(&dec.decode_chunk(&rec)?.values);
+        let chunk = dec.decode_chunk(&rec)?;
+        hasher.update(&chunk.values);
+        if keep {
+            values.extend_from_slice(&chunk.values);
+        }
     }
     dec.finish()?;
     if bytes != manifest.payload_len {
@@ -811,7 +871,12 @@ async fn fetch_model(conn: &Conn, offer: &TaskOffer, limit: Duration) -> anyhow:
     if hasher.finalize() != offer.base_model {
         bail!("downloaded model does not match the offered hash");
     }
-    Ok(bytes)
+    let model = if keep {
+        Some(FlatModel::new(manifest.spec, values)?)
+    } else {
+        None
+    };
+    Ok((bytes, model))
 }
 
 fn stats(xs: impl Iterator<Item = Duration>) -> (f64, f64, f64) {
@@ -1015,6 +1080,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let kit = pki.site_kit(i)?;
         let rounds = args.rounds;
         let cuts = args.cuts;
+        let full_model_downloads = args.full_model_downloads;
         let site_addr = links.get(i).map_or(addr, |l| l.addr());
         let link = links.get(i).map(|l| l.handle());
         tasks.push(tokio::spawn(async move {
@@ -1030,6 +1096,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 i as u64 + 1,
                 link,
                 retry_initial,
+                !full_model_downloads,
             )
             .await
             .with_context(|| format!("site-{i}"))
@@ -1090,9 +1157,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     let upload_mb = reports.first().map_or(0, |r| r.upload_bytes) as f64 / 1e6;
-    let download_mb = reports.first().map_or(0, |r| r.download_bytes) as f64 / 1e6;
+    // Per site per round, over every round (round 1 is always the whole
+    // model: no site holds a previous one).
+    let per_round: Vec<u64> = reports
+        .first()
+        .map_or(Vec::new(), |r| r.download_bytes.clone());
+    let download_mb = per_round.iter().sum::<u64>() as f64 / per_round.len().max(1) as f64 / 1e6;
+    let later_mb = per_round.iter().skip(1).sum::<u64>() as f64
+        / per_round.len().saturating_sub(1).max(1) as f64
+        / 1e6;
     println!(
-        "  wire: model download {download_mb:.2} MB per site per round (lossless f32+shuffle/zstd1), upload {upload_mb:.2} MB per site per round ({}; {:.2}x smaller than raw f32)",
+        "  wire: download {download_mb:.2} MB per site per round ({}; round 1 {:.2} MB, rounds 2+ {later_mb:.2} MB each), upload {upload_mb:.2} MB per site per round ({}; {:.2}x smaller than raw f32)",
+        if args.full_model_downloads {
+            "the whole model, lossless f32+shuffle/zstd1"
+        } else {
+            "round 1 the whole model, then the global update"
+        },
+        per_round.first().copied().unwrap_or(0) as f64 / 1e6,
         args.codec,
         model_mb / upload_mb.max(1e-9)
     );

@@ -13,8 +13,8 @@ use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
 use fedlink_protocol::{
-    Message, RESUME_VERSION, SignedEnvelope, VersionRange, supports_audit_head,
-    supports_round_outcome,
+    Message, ModelUpdateFetch, RESUME_VERSION, SignedEnvelope, UpdateManifest, VersionRange,
+    supports_audit_head, supports_downlink_updates, supports_round_outcome,
 };
 use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
@@ -713,6 +713,9 @@ async fn handle_stream(
         Message::ModelFetchFrom(f) if resumable => {
             serve_model(conn, shared, f.hash, f.from_record, send).await
         }
+        Message::ModelUpdateFetch(f) if supports_downlink_updates(version) => {
+            serve_update(conn, shared, f, send).await
+        }
         Message::DeltaUpload(u) => {
             receive_upload(conn, upload(false), shared, u.envelope, send, recv).await
         }
@@ -771,6 +774,49 @@ async fn serve_model(
         num_chunks: wire.num_chunks,
     })))
     .await?;
+    stream_records(&wire.path, from_record, &mut send).await?;
+    send.finish()
+}
+
+/// Answer a [`ModelUpdateFetch`]: the update `base → hash` when it is the
+/// one being served (from `from_record` on), else the whole model (every
+/// record: the site's kept update records are of no use for it).
+async fn serve_update(
+    conn: &ServerConn,
+    shared: &Arc<Shared>,
+    fetch: ModelUpdateFetch,
+    mut send: FramedSend,
+) -> Result<(), TransportError> {
+    let Some(update) = shared.wire_update(&fetch.base, &fetch.hash) else {
+        return serve_model(conn, shared, fetch.hash, 0, send).await;
+    };
+    // The same bounds as a model download.
+    let Ok(_permit) = shared.downloads.acquire().await else {
+        return send.finish();
+    };
+    let _window = conn.open_download_window();
+    let wire = &update.wire;
+    send.message(&Message::UpdateManifest(Box::new(UpdateManifest {
+        base: update.base,
+        hash: wire.hash,
+        spec: wire.spec.clone(),
+        encoding: wire.encoding,
+        payload_len: wire.payload_len,
+        num_chunks: wire.num_chunks,
+    })))
+    .await?;
+    stream_records(&wire.path, fetch.from_record, &mut send).await?;
+    send.finish()
+}
+
+/// Stream the chunk records of a wire file (a model's or an update's), from
+/// record `from_record` on (a resumed download: the site kept the records
+/// before and checks the whole result's hash at the end).
+async fn stream_records(
+    path: &std::path::Path,
+    from_record: u64,
+    send: &mut FramedSend,
+) -> Result<(), TransportError> {
     // Stream each record from the file in pieces handed to QUIC without a
     // copy: a download holds what QUIC buffers (bounded by the send window),
     // never a whole record. Pieces of 256 KiB come from a bounded pool and
@@ -778,9 +824,7 @@ async fn serve_model(
     // faulted in again per piece: `super::pool`).
     const PIECE: usize = 256 << 10;
     let stream_err = |e: super::wire::WireError| TransportError::Stream(e.to_string());
-    let mut reader = RecordReader::open(&wire.path).map_err(stream_err)?;
-    // A resumed download: the site kept the records before `from_record`
-    // (it checks the whole model's hash at the end).
+    let mut reader = RecordReader::open(path).map_err(stream_err)?;
     let mut index = 0u64;
     loop {
         let head = tokio::task::block_in_place(|| reader.next_head()).map_err(stream_err)?;
@@ -803,7 +847,7 @@ async fn serve_model(
             send.chunk_body(bytes::Bytes::from_owner(piece)).await?;
         }
     }
-    send.finish()
+    Ok(())
 }
 
 async fn reject_upload(

@@ -1477,9 +1477,29 @@ impl Engine {
             Ok(m) => m,
             Err(e) => return Ok(Err(e.into())),
         };
-        if let Err(e) = outcome.apply_to(&mut next) {
-            return Ok(Err(AggregationFailure::Apply(e)));
-        }
+        // With downlink updates, the published model is the base plus the
+        // *decoded* encoded update, which sites compute too (bit for bit);
+        // the encoded update is written for them to download.
+        let downlink = self.job.encoding.downlink_encoding();
+        let update_wire = match downlink {
+            Some(encoding) => match super::wire::write_update(
+                &self.models_dir,
+                base_model,
+                &mut next,
+                &outcome.update,
+                encoding,
+                round_archive::downlink_seed(log.seed),
+            ) {
+                Ok(u) => Some(u),
+                Err(e) => return Ok(Err(e.into())),
+            },
+            None => {
+                if let Err(e) = outcome.apply_to(&mut next) {
+                    return Ok(Err(AggregationFailure::Apply(e)));
+                }
+                None
+            }
+        };
         drop(outcome.update);
         let hash = match self.store.put_model(&next) {
             Ok(h) => h,
@@ -1507,6 +1527,7 @@ impl Engine {
             state_before_blake3: log.state_before_blake3.clone(),
             dp_seed: hex::encode(log.seed),
             inputs: log.inputs.clone(),
+            downlink,
         };
         let mut json =
             serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
@@ -1550,6 +1571,9 @@ impl Engine {
             Err(e) => return Ok(Err(e.into())),
         };
         self.wire.publish_wire(wire);
+        let keep = update_wire.as_ref().map(|u| u.wire.path.clone());
+        self.wire.publish_update(update_wire);
+        super::wire::prune_updates(&self.models_dir, keep.as_deref());
         drop(next);
         self.global_hash = hash;
         let mut metrics = BTreeMap::new();

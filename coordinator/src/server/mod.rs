@@ -57,7 +57,7 @@ use crate::store::Store;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
-use wire::WireModel;
+use wire::{WireModel, WireUpdate};
 
 pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
@@ -234,6 +234,10 @@ pub(crate) struct Shared {
     pub(crate) uploads_in_flight: Mutex<UploadsInFlight>,
     next_conn: AtomicU64,
     wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
+    /// The latest round's global update (base → current global model),
+    /// served to sites that hold the base; `None` when the job sends whole
+    /// models or no round has completed since start.
+    downlink: RwLock<Option<Arc<WireUpdate>>>,
     /// What the running job asks of its sites (codec family, protocol
     /// version).
     job_needs: RwLock<JobNeeds>,
@@ -364,6 +368,20 @@ impl Shared {
 
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
         self.wire.read().ok()?.get(hash).cloned()
+    }
+
+    /// The update from `base` to `hash`, if it is the one being served.
+    fn wire_update(&self, base: &ModelHash, hash: &ModelHash) -> Option<Arc<WireUpdate>> {
+        let u = self.downlink.read().ok()?.clone()?;
+        (u.base == *base && u.wire.hash == *hash).then_some(u)
+    }
+
+    /// Serve `u` (the latest round's update) from now on, instead of the
+    /// one before.
+    pub(crate) fn publish_update(&self, u: Option<WireUpdate>) {
+        if let Ok(mut slot) = self.downlink.write() {
+            *slot = u.map(Arc::new);
+        }
     }
 
     pub(crate) fn publish_wire(&self, w: WireModel) {
@@ -955,6 +973,7 @@ pub async fn serve(
         uploads_in_flight: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         wire: RwLock::new(HashMap::new()),
+        downlink: RwLock::new(None),
         job_needs: RwLock::new(JobNeeds::ANY),
         audit: auditor.clone(),
         admin: admin::AdminState::new(
@@ -1203,6 +1222,17 @@ fn build_engine(
         *n = JobNeeds::of(&job);
     }
     shared.publish_wire(first_wire);
+    // The update that made the current model, if the last round wrote one
+    // in this job's encoding: sites holding its base get it after a
+    // restart too (anything else gets whole models).
+    shared.publish_update(job.encoding.downlink_encoding().and_then(|enc| {
+        wire::find_update(
+            &models_dir,
+            &recovery.model.hash(),
+            recovery.model.spec(),
+            enc,
+        )
+    }));
 
     let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
     let keys = update_keys(

@@ -43,6 +43,9 @@ pub(crate) enum WireError {
     /// Skipping a record's body found fewer bytes than its header says.
     #[error("wire file ends inside a record")]
     ShortBody,
+    /// Encoding, decoding or applying the round's global update failed.
+    #[error(transparent)]
+    Downlink(#[from] crate::round_archive::DownlinkApplyError),
 }
 
 /// The encoding models are served with (lossless).
@@ -137,6 +140,149 @@ fn describe(
     })
 }
 
+/// A round's global update in wire form: `models/<base>-<hash>.update`
+/// holds the update from model `base` to model `wire.hash`, encoded with
+/// the job's downlink encoding (`wire.encoding`), written once per round
+/// and streamed to every site that holds `base`.
+#[derive(Clone, Debug)]
+pub(crate) struct WireUpdate {
+    pub(crate) base: ModelHash,
+    pub(crate) wire: WireModel,
+}
+
+/// File name suffix of update files.
+const UPDATE_SUFFIX: &str = "update";
+
+fn update_path(models_dir: &Path, base: &ModelHash, hash: &ModelHash) -> PathBuf {
+    models_dir.join(format!(
+        "{}-{}.{UPDATE_SUFFIX}",
+        base.to_hex(),
+        hash.to_hex()
+    ))
+}
+
+/// Encode the round's global `update` with `encoding`, write the records to
+/// the update file (atomically and durably, like a `.wire` file), and apply
+/// the decoded records to `next` (the base model, `base`): `next` becomes
+/// the model to publish ([`crate::round_archive::apply_downlink`]). Returns
+/// the update's description, whose `wire.hash` is the new model's hash.
+pub(crate) fn write_update(
+    models_dir: &Path,
+    base: ModelHash,
+    next: &mut FlatModel,
+    update: &FlatModel,
+    encoding: Encoding,
+    seed: u64,
+) -> Result<WireUpdate, WireError> {
+    // The file is named after the new model's hash, known only once every
+    // record is applied: written under a staging name, then renamed.
+    let staging = models_dir.join(format!("{}-next.{UPDATE_SUFFIX}", base.to_hex()));
+    let mut failure = None;
+    let written = fedlink_durable::replace_with(
+        &staging,
+        fedlink_durable::Mode::Private,
+        |out| -> std::io::Result<crate::round_archive::DownlinkSummary> {
+            crate::round_archive::apply_downlink(next, update, encoding, seed, |r| out.write_all(r))
+                .map_err(|e| {
+                    let io = std::io::Error::other(e.to_string());
+                    failure = Some(e);
+                    io
+                })
+        },
+    );
+    let summary = match (written, failure) {
+        (_, Some(e)) => return Err(e.into()),
+        (Err(e), None) => return Err(e.into()),
+        (Ok(s), None) => s,
+    };
+    let hash = next.hash();
+    let path = update_path(models_dir, &base, &hash);
+    fedlink_durable::install(&staging, &path)?;
+    Ok(WireUpdate {
+        base,
+        wire: WireModel {
+            hash,
+            spec: next.spec().clone(),
+            encoding,
+            payload_len: summary.payload_len,
+            num_chunks: summary.num_chunks,
+            path,
+        },
+    })
+}
+
+/// The update file whose result is model `hash` (`*-<hash>.update`), if
+/// exactly one is there and every record header fits `encoding` and
+/// `spec` (codec, shuffle, chunk count): what a restarted coordinator
+/// serves again. A file that does not fit is left alone (it is pruned when
+/// the next round writes its update).
+pub(crate) fn find_update(
+    models_dir: &Path,
+    hash: &ModelHash,
+    spec: &ModelSpec,
+    encoding: Encoding,
+) -> Option<WireUpdate> {
+    let suffix = format!("-{}.{UPDATE_SUFFIX}", hash.to_hex());
+    let mut found = std::fs::read_dir(models_dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let base = ModelHash::from_hex(name.strip_suffix(&suffix)?)?;
+            Some((base, e.path()))
+        });
+    let (base, path) = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    let mut r = RecordReader::open(&path).ok()?;
+    let (mut payload_len, mut num_chunks) = (0u64, 0u64);
+    while let Some((head, len)) = r.next_head().ok()? {
+        let h = ChunkHeader::parse(&head).ok()?;
+        if h.codec_tag != encoding.values().tag() || h.shuffle != encoding.shuffle() {
+            return None;
+        }
+        r.skip_body(len.saturating_sub(CHUNK_HEADER_LEN)).ok()?;
+        payload_len += len as u64;
+        num_chunks += 1;
+    }
+    if num_chunks != spec.num_params().div_ceil(encoding.chunk_elems()) {
+        return None;
+    }
+    Some(WireUpdate {
+        base,
+        wire: WireModel {
+            hash: *hash,
+            spec: spec.clone(),
+            encoding,
+            payload_len,
+            num_chunks,
+            path,
+        },
+    })
+}
+
+/// Remove every update file in `models_dir` but `keep` (the one being
+/// served): a site holding an older model gets the whole model anyway, so
+/// older updates are never served again. Best effort, logged.
+pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
+    let Ok(entries) = std::fs::read_dir(models_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some(UPDATE_SUFFIX)
+            || Some(path.as_path()) == keep
+        {
+            continue;
+        }
+        // A download in progress keeps reading the open file.
+        if let Err(err) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %err, "pruning an old update file");
+        }
+    }
+}
+
 /// Reads chunk records back from a wire file.
 pub(crate) struct RecordReader {
     inner: File,
@@ -221,6 +367,53 @@ mod tests {
             ensure(dir.path(), &model).unwrap().payload_len,
             w.payload_len
         );
+    }
+
+    #[test]
+    fn an_update_is_written_found_again_after_a_restart_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![10])]).unwrap();
+        let base = FlatModel::new(spec.clone(), (0..10).map(|i| i as f32).collect()).unwrap();
+        let update = FlatModel::new(spec.clone(), vec![0.125; 10]).unwrap();
+        let enc = Encoding::with_codec(ValueCodec::F16)
+            .unwrap()
+            .with_chunk_bytes(16)
+            .unwrap();
+        let mut next = base.clone();
+        let u = write_update(dir.path(), base.hash(), &mut next, &update, enc, 1).unwrap();
+        assert_eq!(u.base, base.hash());
+        assert_eq!(u.wire.hash, next.hash());
+        assert_eq!(u.wire.num_chunks, 3);
+        assert!(u.wire.path.ends_with(format!(
+            "{}-{}.update",
+            base.hash().to_hex(),
+            next.hash().to_hex()
+        )));
+        // Found again, as written; not in another encoding, nor for
+        // another model.
+        let found = find_update(dir.path(), &next.hash(), &spec, enc).unwrap();
+        assert_eq!(found.base, u.base);
+        assert_eq!(
+            (
+                found.wire.payload_len,
+                found.wire.num_chunks,
+                &found.wire.path
+            ),
+            (u.wire.payload_len, u.wire.num_chunks, &u.wire.path)
+        );
+        let int8 = Encoding::with_codec(ValueCodec::Int8 { stochastic: false })
+            .unwrap()
+            .with_chunk_bytes(16)
+            .unwrap();
+        assert!(find_update(dir.path(), &next.hash(), &spec, int8).is_none());
+        assert!(find_update(dir.path(), &base.hash(), &spec, enc).is_none());
+        // Pruning keeps only the one named.
+        let mut after = next.clone();
+        let v = write_update(dir.path(), next.hash(), &mut after, &update, enc, 1).unwrap();
+        prune_updates(dir.path(), Some(&v.wire.path));
+        assert!(!u.wire.path.exists() && v.wire.path.exists());
+        prune_updates(dir.path(), None);
+        assert!(!v.wire.path.exists());
     }
 
     #[test]

@@ -58,6 +58,11 @@ struct Args {
     /// `topk:<fraction>` (e.g. `topk:0.01`).
     #[arg(long)]
     codec: Option<String>,
+    /// Sites download the whole model every round, not the round's global
+    /// update encoded with the codec (`[encoding] downlink = "model"`): to
+    /// compare the accuracy of the two.
+    #[arg(long)]
+    full_model_downloads: bool,
 }
 
 /// `--lr`'s value: a finite number > 0.
@@ -146,6 +151,9 @@ fn main() -> ExitCode {
         for t in &mut tasks {
             t.codec = codec;
         }
+    }
+    for t in &mut tasks {
+        t.full_model_downloads = args.full_model_downloads;
     }
     match fedlink_demo::run_tasks(tasks, &args.data, args.keep) {
         Ok(report) => {
