@@ -16,12 +16,12 @@ use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{StrategyConfig, would_fit};
-use fedlink_audit::EventKind;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{RejectCode, UploadProgress, UploadResult};
 use fedlink_protocol::{
-    EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard, RoundId, SiteId,
+    Encoding, EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard,
+    RoundId, SiteId,
 };
 use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
@@ -281,7 +281,7 @@ struct RoundLog {
     inputs: Vec<RoundInput>,
     /// The payload encoding of each input (same order), to fold them again
     /// from the archive if an input has to be taken out.
-    encodings: Vec<fedlink_protocol::Encoding>,
+    encodings: Vec<Encoding>,
 }
 
 pub(crate) struct Engine {
@@ -1454,54 +1454,20 @@ impl Engine {
         Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn aggregate_inner(
+    /// Store the round's new model, then its replay record (`round.json`)
+    /// and its audit entry (`round.aggregated`): none may be missing for a
+    /// published model. Returns the model's hash. The outer error is fatal.
+    fn record_aggregated(
         &mut self,
         round: u64,
         base_model: ModelHash,
-        agg: RoundAggregator,
+        next: &FlatModel,
+        dp: Option<actions::DpApplied>,
         log: &RoundLog,
-    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
+        downlink: Option<Encoding>,
+    ) -> Result<Result<ModelHash, AggregationFailure>, EngineError> {
         let max_sites = self.job.max_sites() as usize;
-        let mut state = self.server_state.clone();
-        let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
-            Ok(o) => o,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        if *outcome.update.spec() != self.global_spec {
-            return Ok(Err(AggregationFailure::SpecMismatch));
-        }
-        // The accumulator is gone; only now read the base model back (its
-        // hash is verified) and apply the update in place.
-        let mut next = match self.store.load_model(&base_model) {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        // With downlink updates, the published model is the base plus the
-        // *decoded* encoded update, which sites compute too (bit for bit);
-        // the encoded update is written for them to download.
-        let downlink = self.job.encoding.downlink_encoding();
-        let update_wire = match downlink {
-            Some(encoding) => match super::wire::write_update(
-                &self.models_dir,
-                base_model,
-                &mut next,
-                &outcome.update,
-                encoding,
-                round_archive::downlink_seed(log.seed),
-            ) {
-                Ok(u) => Some(u),
-                Err(e) => return Ok(Err(e.into())),
-            },
-            None => {
-                if let Err(e) = outcome.apply_to(&mut next) {
-                    return Ok(Err(AggregationFailure::Apply(e)));
-                }
-                None
-            }
-        };
-        drop(outcome.update);
-        let hash = match self.store.put_model(&next) {
+        let hash = match self.store.put_model(next) {
             Ok(h) => h,
             Err(e) => return Ok(Err(e.into())),
         };
@@ -1542,11 +1508,6 @@ impl Engine {
             .map_err(|e| fatal("writing round.json", e.into()))?;
         let strategy =
             serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", e.into()))?;
-        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
-            noise_std: outcome.noise_std,
-            clip_norm: outcome.clip_norm,
-            privacy: outcome.privacy,
-        });
         let effects = actions::round_aggregated(
             &self.facts,
             round,
@@ -1564,9 +1525,82 @@ impl Engine {
         ) {
             tracing::warn!(round, error = %e, "recording the round's closing time");
         }
+        Ok(Ok(hash))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn aggregate_inner(
+        &mut self,
+        round: u64,
+        base_model: ModelHash,
+        agg: RoundAggregator,
+        log: &RoundLog,
+    ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
+        let mut state = self.server_state.clone();
+        let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if *outcome.update.spec() != self.global_spec {
+            return Ok(Err(AggregationFailure::SpecMismatch));
+        }
+        // The accumulator is gone; only now read the base model back (its
+        // hash is verified) and apply the update in place.
+        let mut next = match self.store.load_model(&base_model) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        // With downlink updates, the published model is the base plus the
+        // *decoded* encoded update, which sites compute too (bit for bit);
+        // the encoded update is written for them to download.
+        let downlink = self.job.encoding.downlink_encoding();
+        let update_wire = match downlink {
+            Some(encoding) => match super::wire::write_update(
+                &self.models_dir,
+                base_model,
+                &mut next,
+                &outcome.update,
+                encoding,
+                round_archive::downlink_seed(log.seed),
+            ) {
+                Ok(u) => Some(u),
+                Err(e) => return Ok(Err(e.into())),
+            },
+            None => {
+                if let Err(e) = outcome.apply_to(&mut next) {
+                    return Ok(Err(AggregationFailure::Apply(e)));
+                }
+                None
+            }
+        };
+        drop(outcome.update);
+        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
+            noise_std: outcome.noise_std,
+            clip_norm: outcome.clip_norm,
+            privacy: outcome.privacy,
+        });
+        // The model's wire form (lossless, for sites without the previous
+        // model) is encoded on a second thread while this one stores the
+        // model and writes its replay record and audit entry; it is
+        // published only after both.
+        let next_hash = match &update_wire {
+            Some(u) => u.wire.hash,
+            None => next.hash(),
+        };
+        let models_dir = self.models_dir.clone();
+        let (recorded, wire) = std::thread::scope(|s| {
+            let wire = s.spawn(|| super::wire::ensure_as(&models_dir, &next, next_hash));
+            let recorded = self.record_aggregated(round, base_model, &next, dp, log, downlink);
+            let wire = wire.join().unwrap_or(Err(super::wire::WireError::Thread));
+            (recorded, wire)
+        });
+        let hash = match recorded? {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
         // Publish the wire form before the round machine hears of the new
         // model: its next offers name it, and sites fetch it at once.
-        let wire = match super::wire::ensure(&self.models_dir, &next) {
+        let wire = match wire {
             Ok(w) => w,
             Err(e) => return Ok(Err(e.into())),
         };
@@ -1633,18 +1667,8 @@ impl Engine {
                 "federated evaluation"
             );
             // Audited with what counted and what was left out (and why).
-            self.audit_own(
-                EventKind::RoundEvaluated,
-                serde_json::json!({
-                    "job": self.job_id.as_str(),
-                    "round": round,
-                    "model": ev.model,
-                    "after_round": ev.after_round,
-                    "sites": ev.sites,
-                    "weighted": ev.weighted,
-                    "excluded": ev.excluded,
-                }),
-            )?;
+            let effect = actions::round_evaluated(&self.facts, round, &ev, false);
+            self.run_effects(vec![effect], None)?;
             self.latest_evaluation = Some(ev.clone());
             if let Err(e) = self
                 .store
@@ -1703,17 +1727,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Record an event of the coordinator's own; failing stops the engine.
-    fn audit_own(&self, event: EventKind, details: serde_json::Value) -> Result<(), EngineError> {
-        self.wire
-            .audit()
-            .record_own(event, details)
-            .map_err(|source| EngineError::Audit {
-                during: format!("{event}; nothing was done"),
-                source,
-            })
     }
 
     /// Keep a declined offer, with the site's reason, in the round's record

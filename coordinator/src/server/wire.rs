@@ -43,6 +43,9 @@ pub(crate) enum WireError {
     /// Skipping a record's body found fewer bytes than its header says.
     #[error("wire file ends inside a record")]
     ShortBody,
+    /// The thread writing the wire form ended without an answer.
+    #[error("the thread writing the model's wire form panicked")]
+    Thread,
     /// Encoding, decoding or applying the round's global update failed.
     #[error(transparent)]
     Downlink(#[from] crate::round_archive::DownlinkApplyError),
@@ -75,7 +78,17 @@ fn wire_path(models_dir: &Path, hash: &ModelHash) -> PathBuf {
 
 /// Write the wire form of `model` unless it exists; return its description.
 pub(crate) fn ensure(models_dir: &Path, model: &FlatModel) -> Result<WireModel, WireError> {
-    let hash = model.hash();
+    ensure_as(models_dir, model, model.hash())
+}
+
+/// [`ensure`] for a model whose hash the caller has just computed (the
+/// round's end: not hashed a third time). Sites check the hash of what
+/// they decode, so a wrong `hash` could only make a download fail.
+pub(crate) fn ensure_as(
+    models_dir: &Path,
+    model: &FlatModel,
+    hash: ModelHash,
+) -> Result<WireModel, WireError> {
     let path = wire_path(models_dir, &hash);
     let encoding = model_encoding()?;
     if path.exists()
