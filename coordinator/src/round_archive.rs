@@ -474,10 +474,13 @@ pub fn validate_with(
 /// durable, exactly as with [`validate_with`]. The first error is kept (and
 /// later records are not decoded): it is what [`LiveValidation::finish`]
 /// returns, as the spool pass would have.
+///
+/// The decoded values of a record are held only while it is validated (a
+/// buffer from the bounded pool, given back after each record), so uploads
+/// being received at once do not each hold a chunk of values.
 pub(crate) struct LiveValidation {
     dec: fedlink_protocol::PayloadDecoder,
     validator: UpdateValidator,
-    values: crate::server::pool::Pooled<'static, f32>,
     failed: Option<PayloadError>,
 }
 
@@ -494,7 +497,6 @@ impl LiveValidation {
         Ok(Self {
             dec,
             validator,
-            values: crate::server::pool::VALUES.take(),
             failed: None,
         })
     }
@@ -505,10 +507,11 @@ impl LiveValidation {
         if self.failed.is_some() {
             return;
         }
-        let fed = match self.dec.decode_chunk_into(record, &mut self.values) {
+        let mut values = crate::server::pool::VALUES.take();
+        let fed = match self.dec.decode_chunk_into(record, &mut values) {
             Ok(offset) => self
                 .validator
-                .feed(offset, &self.values)
+                .feed(offset, &values)
                 .map_err(PayloadError::from),
             Err(e) => Err(SpoolError::from(e).into()),
         };
