@@ -1459,23 +1459,28 @@ async fn obtain_model(
     send.finish()?;
     let manifest = match recv.message().await? {
         Message::ModelManifest(m) => *m,
-        Message::Reject(r) => {
-            return Err(Violation::ModelRefused {
-                hash,
-                code: reject_code(r.code),
-                message: truncate(&r.message),
-            }
-            .into());
-        }
-        other => {
-            return Err(Violation::Unexpected {
-                sent: other.name(),
-                request: "ModelFetch",
-            }
-            .into());
-        }
+        other => return Err(not_a_manifest(hash, other, "ModelFetch")),
     };
     receive_model(ctx, hash, spec, manifest, recv, kept, resumable).await
+}
+
+/// The error for an answer to a model request (`request`, for model
+/// `hash`) that is not a manifest: the coordinator's refusal, or a message
+/// out of place.
+fn not_a_manifest(hash: ModelHash, answer: Message, request: &'static str) -> TaskError {
+    match answer {
+        Message::Reject(r) => Violation::ModelRefused {
+            hash,
+            code: reject_code(r.code),
+            message: truncate(&r.message),
+        }
+        .into(),
+        other => Violation::Unexpected {
+            sent: other.name(),
+            request,
+        }
+        .into(),
+    }
 }
 
 /// Receive a whole model after its manifest (`kept`: the records a cut
@@ -1585,21 +1590,7 @@ async fn obtain_update(
                 .await
                 .map(Some);
         }
-        Message::Reject(r) => {
-            return Err(Violation::ModelRefused {
-                hash,
-                code: reject_code(r.code),
-                message: truncate(&r.message),
-            }
-            .into());
-        }
-        other => {
-            return Err(Violation::Unexpected {
-                sent: other.name(),
-                request: "ModelUpdateFetch",
-            }
-            .into());
-        }
+        other => return Err(not_a_manifest(hash, other, "ModelUpdateFetch")),
     };
     if manifest.hash != hash {
         return Err(DownlinkError::Manifest(format!(
