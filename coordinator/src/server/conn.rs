@@ -963,15 +963,6 @@ enum Cut {
     Interrupted(RejectCode, String),
 }
 
-/// Where an upload's validation pass reads its values.
-enum Pass1 {
-    /// From the records as they arrive (an upload on one connection).
-    Live(Box<crate::round_archive::LiveValidation>),
-    /// From the spool once complete (a resumed upload: its first records
-    /// arrived on an earlier connection).
-    FromSpool(fedlink_aggregation::validate::UpdateValidator),
-}
-
 /// Whether a receive error is the connection or stream going away (the
 /// upload may resume) rather than a bad frame from the site.
 fn is_interruption(e: &TransportError) -> bool {
@@ -1074,22 +1065,6 @@ async fn receive_upload(
     // One record buffer for the whole upload, from a bounded pool: no
     // allocation (and no fresh pages) per record.
     let mut rec = super::pool::RECORDS.take();
-    // Pass 1 (validation) as the records arrive, for an upload received on
-    // one connection; a resumed one is validated from its spool afterwards
-    // (its first records came before).
-    let encoding = envelope.header.encoding;
-    let mut pass1 = match resume_from {
-        None => match crate::round_archive::LiveValidation::new(validator, &spec, encoding) {
-            Ok(v) => Pass1::Live(Box::new(v)),
-            Err(e) => {
-                drop(spool);
-                let _ = std::fs::remove_file(&spool_path);
-                tracing::error!(site, error = %e, "cannot decode the upload's encoding");
-                return reject_upload(&mut send, recv, RejectCode::Internal, e.to_string()).await;
-            }
-        },
-        Some(_) => Pass1::FromSpool(validator),
-    };
     let received: Result<(), Cut> = async {
         if let Some(p) = resume_from {
             send.message(&Message::UploadProgress(p))
@@ -1124,13 +1099,8 @@ async fn receive_upload(
             verifier
                 .update(&rec)
                 .map_err(|e| Cut::Refused(crate::core::intake::verify_code(&e), e.to_string()))?;
-            tokio::task::block_in_place(|| {
-                if let Pass1::Live(v) = &mut pass1 {
-                    v.record(&rec);
-                }
-                spool.write(&rec)
-            })
-            .map_err(|e| Cut::Refused(RejectCode::Internal, e.to_string()))?;
+            tokio::task::block_in_place(|| spool.write(&rec))
+                .map_err(|e| Cut::Refused(RejectCode::Internal, e.to_string()))?;
             records += 1;
             whole_frames_read = recv.bytes_read();
         }
@@ -1217,21 +1187,16 @@ async fn receive_upload(
             return reject_upload(&mut send, recv, RejectCode::Internal, e.to_string()).await;
         }
     };
-    // Pass 1's verdict (NaN/Inf, magnitudes, norm for clipping; the
-    // aggregator untouched): taken as the records arrived, or for a resumed
-    // upload decoded from the spool now.
-    let check = match pass1 {
-        Pass1::Live(live) => live.finish().map_err(CheckError::from),
-        Pass1::FromSpool(validator) => {
-            let check_path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
-            })
-            .await
-            .map_err(CheckError::Task)
-            .and_then(|r| r.map_err(CheckError::from))
-        }
-    };
+    // Pass 1: decode from the spool and validate (NaN/Inf, magnitudes,
+    // norm for clipping) without touching the aggregator.
+    let encoding = envelope.header.encoding;
+    let check_path = path.clone();
+    let check = tokio::task::spawn_blocking(move || {
+        crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
+    })
+    .await
+    .map_err(CheckError::Task)
+    .and_then(|r| r.map_err(CheckError::from));
     // From here until the site has its answer, shutdown waits for it.
     let _answering = shared.answers.token();
     let (reply, answer) = oneshot::channel();
