@@ -341,7 +341,13 @@ impl ModelCache {
     /// The model [`ModelCache::hold`] recorded for `job`, if any (a missing
     /// or unreadable record is none: the whole model is fetched then).
     pub fn held(&self, job: &str) -> Option<ModelHash> {
-        let text = std::fs::read_to_string(self.dir.join(HELD_FILE)).ok()?;
+        use std::io::Read;
+        // One short line; a larger file is not one this agent wrote, and
+        // is not read past this bound.
+        const MAX_HELD_BYTES: u64 = 4096;
+        let file = std::fs::File::open(self.dir.join(HELD_FILE)).ok()?;
+        let mut text = String::new();
+        file.take(MAX_HELD_BYTES).read_to_string(&mut text).ok()?;
         let (j, hash) = text.trim_end().split_once(' ')?;
         (j == job).then(|| ModelHash::from_hex(hash)).flatten()
     }
