@@ -153,10 +153,16 @@ struct Args {
     /// Sites always download the whole lossless model, as before protocol
     /// 7, instead of the round's global update applied to the model they
     /// hold (`ModelUpdateFetch`): to measure downlink updates against the
-    /// same binaries. The job's `[encoding] downlink` is then `"model"`
-    /// (otherwise `"update"`, for f32 too; top-k jobs never send updates).
-    #[arg(long)]
+    /// same binaries. The job's `[encoding] downlink` is then `"model"`;
+    /// otherwise it is the job's default, as a user gets it (updates for
+    /// f16, bf16 and int8; whole models for f32 and top-k).
+    #[arg(long, conflicts_with = "downlink_updates")]
     full_model_downloads: bool,
+    /// The round's global update for sites that hold the previous model
+    /// even where the job's default is the whole model (f32): to measure
+    /// what updates would give there. Top-k never carries them.
+    #[arg(long)]
+    downlink_updates: bool,
 }
 
 /// Per-source handshake limits the loadgen's coordinator config sets for
@@ -589,14 +595,14 @@ fn loadgen_job(args: &Args) -> anyhow::Result<Job> {
     if let Some(k) = args.chunk_kib {
         e.chunk_bytes = k.checked_mul(1024).context("--chunk-kib too large")?;
     }
-    // Downlink updates unless turned off (even for f32, whose default is
-    // the whole model, so both can be measured); top-k never carries them.
+    // The job's default (what a user gets) unless whole models are asked
+    // for: benchmarks of f32 jobs measure whole models, as they run.
     e.downlink = if args.full_model_downloads {
         Some(DownlinkKind::Model)
-    } else if e.codec == CodecKind::Topk {
-        None
-    } else {
+    } else if args.downlink_updates && e.codec != CodecKind::Topk {
         Some(DownlinkKind::Update)
+    } else {
+        None
     };
     job.validate().map_err(|e| anyhow::anyhow!("job: {e}"))?;
     Ok(job)
@@ -1080,7 +1086,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let kit = pki.site_kit(i)?;
         let rounds = args.rounds;
         let cuts = args.cuts;
-        let full_model_downloads = args.full_model_downloads;
+        let updates = job.encoding.downlink_encoding().is_some();
         let site_addr = links.get(i).map_or(addr, |l| l.addr());
         let link = links.get(i).map(|l| l.handle());
         tasks.push(tokio::spawn(async move {
@@ -1096,7 +1102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 i as u64 + 1,
                 link,
                 retry_initial,
-                !full_model_downloads,
+                updates,
             )
             .await
             .with_context(|| format!("site-{i}"))
@@ -1168,7 +1174,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         / 1e6;
     println!(
         "  wire: download {download_mb:.2} MB per site per round ({}; round 1 {:.2} MB, rounds 2+ {later_mb:.2} MB each), upload {upload_mb:.2} MB per site per round ({}; {:.2}x smaller than raw f32)",
-        if args.full_model_downloads {
+        if job.encoding.downlink_encoding().is_none() {
             "the whole model, lossless f32+shuffle/zstd1"
         } else {
             "round 1 the whole model, then the global update"
