@@ -104,8 +104,12 @@ impl RunningAgent {
 }
 
 fn events(log: &Path, name: &str) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap()
+    let text = std::fs::read_to_string(log).unwrap();
+    // The coordinator may still be appending (heads answered after the
+    // job's end): a last line without its newline is being written, and is
+    // not read. Every complete line must parse.
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|e| e["event"] == name)
