@@ -115,6 +115,16 @@ pub fn write_job_file(dir: &Path, job: &Job) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The free disk space the tests' coordinators keep (`min_free_disk_mib`).
+///
+/// The product's default, 512 MiB, keeps room for a hospital's audit log.
+/// A test's data directory holds a few MiB, and a CI machine whose build
+/// left a few hundred MiB free must still run the tests: one such run had
+/// 162 MiB free and every coordinator refused its admin client as "low on
+/// disk space". The guard itself is tested with a reserve no disk meets
+/// (`hostile.rs`).
+pub const TEST_MIN_FREE_DISK_MIB: u64 = 8;
+
 /// Write `coordinator.toml` for `pki`, listening on `listen`.
 pub fn write_config(
     pki: &TestPki,
@@ -131,7 +141,7 @@ pub fn write_config(
     std::fs::write(
         &path,
         format!(
-            "listen = \"{listen}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\n",
+            "listen = \"{listen}\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\nmin_free_disk_mib = {TEST_MIN_FREE_DISK_MIB}\n",
             pki.coordinator_dir(),
             ca_dir,
             dir.join("data"),

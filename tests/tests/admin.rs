@@ -15,7 +15,8 @@ use fedlink_protocol::message::UploadResult;
 use fedlink_test_util::TestPki;
 use fedlink_tests::bounded;
 use fedlink_tests::fixture::{
-    JobSpec, RunningCoordinator, wait_for_status, workspace_binary, write_job, write_job_file,
+    JobSpec, RunningCoordinator, TEST_MIN_FREE_DISK_MIB, wait_for_status, workspace_binary,
+    write_job, write_job_file,
 };
 use fedlink_tests::raw_site::{RawSite, join_round};
 use serde_json::Value;
@@ -102,7 +103,7 @@ async fn start(pki: &TestPki, dir: &Path, ca_dir: &Path, spec: &JobSpec) -> Runn
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\n",
+            "listen = \"127.0.0.1:0\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\njob = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\nmin_free_disk_mib = {TEST_MIN_FREE_DISK_MIB}\n",
             pki.coordinator_dir(),
             ca_dir,
             dir.join("data"),
@@ -119,7 +120,7 @@ fn empty_config(pki: &TestPki, dir: &Path, ca_dir: &Path) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "listen = \"127.0.0.1:0\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\n",
+            "listen = \"127.0.0.1:0\"\nkit = {:?}\nca_dir = {:?}\ndata_dir = {:?}\nheartbeat_interval_secs = 1\nidle_timeout_secs = 10\nmin_free_disk_mib = {TEST_MIN_FREE_DISK_MIB}\n",
             pki.coordinator_dir(),
             ca_dir,
             dir.join("data"),

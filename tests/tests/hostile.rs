@@ -29,6 +29,14 @@ async fn start(pki: &TestPki, dir: &Path, extra: &str) -> RunningCoordinator {
     let job = write_job(dir, &JobSpec::default()).unwrap();
     let cfg = write_config(pki, dir, &job, "127.0.0.1:0".parse().unwrap()).unwrap();
     let mut text = std::fs::read_to_string(&cfg).unwrap();
+    if extra.contains("min_free_disk_mib") {
+        // `extra` sets the reserve itself (a key may appear once).
+        text = text
+            .lines()
+            .filter(|l| !l.starts_with("min_free_disk_mib"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+    }
     text.push_str(extra);
     std::fs::write(&cfg, text).unwrap();
     RunningCoordinator::start(&cfg, false).await.unwrap()
