@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
+use fedlink_bench::{cpu_seconds, mem_kb};
 use fedlink_certs::{ALPN_SITE, Kit};
 use fedlink_coordinator::job::{
     CodecKind, DownlinkKind, InitSource, Job, RoundPolicy, Selection, StrategySection,
@@ -497,8 +498,42 @@ struct Payload {
     hash: PayloadHash,
 }
 
-/// RSS samples of the coordinator: (when, VmRSS kB).
-type Samples = Arc<Mutex<Vec<(Instant, u64)>>>;
+/// One sample taken while the job runs.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    /// The coordinator's `VmRSS`, kB.
+    rss_kb: u64,
+    /// CPU seconds (user + system) the coordinator has used so far.
+    coordinator_cpu: f64,
+    /// CPU seconds this process (the simulated sites, and the impairment
+    /// proxies when there are any) has used so far.
+    loadgen_cpu: f64,
+}
+
+/// The samples of the coordinator's memory and both processes' CPU time.
+type Samples = Arc<Mutex<Vec<Sample>>>;
+
+/// CPU seconds used by the coordinator and by this process between the
+/// last sample at or before `from` and the first at or after `to`, and the
+/// wall time between those two samples.
+fn cpu_between(samples: &[Sample], from: Instant, to: Instant) -> Option<(f64, f64, f64)> {
+    let a = samples
+        .iter()
+        .rev()
+        .find(|s| s.at <= from)
+        .or_else(|| samples.first())?;
+    let b = samples
+        .iter()
+        .find(|s| s.at >= to)
+        .or_else(|| samples.last())?;
+    let wall = b.at.checked_duration_since(a.at)?.as_secs_f64();
+    Some((
+        b.coordinator_cpu - a.coordinator_cpu,
+        b.loadgen_cpu - a.loadgen_cpu,
+        wall,
+    ))
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -636,17 +671,6 @@ fn coordinator_config(
         .flatten()
         .collect::<String>(),
     )
-}
-
-/// `VmRSS` and `VmHWM` of a process, kB.
-fn proc_mem(pid: u32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn mb(kb: u64) -> f64 {
@@ -1022,7 +1046,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (idle_rss, idle_hwm) = proc_mem(pid).context("reading the coordinator's memory")?;
+    let (idle_rss, idle_hwm) = mem_kb(pid).context("reading the coordinator's memory")?;
     println!(
         "  coordinator pid {pid} listening on {addr}: RSS {:.1} MB, peak so far {:.1} MB",
         mb(idle_rss),
@@ -1035,9 +1059,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let samples = samples.clone();
         let every = Duration::from_millis(args.sample_ms.max(1));
         async move {
-            while let Some((rss, _)) = proc_mem(pid) {
+            let pid_text = pid.to_string();
+            while let Some((rss_kb, _)) = mem_kb(pid) {
+                let sample = Sample {
+                    at: Instant::now(),
+                    rss_kb,
+                    coordinator_cpu: cpu_seconds(&pid_text).unwrap_or(f64::NAN),
+                    loadgen_cpu: cpu_seconds("self").unwrap_or(f64::NAN),
+                };
                 if let Ok(mut s) = samples.lock() {
-                    s.push((Instant::now(), rss));
+                    s.push(sample);
                 }
                 tokio::time::sleep(every).await;
             }
@@ -1133,7 +1164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 6. Peak memory, before the coordinator stops.
     tokio::time::sleep(Duration::from_millis(args.sample_ms.max(1) * 2)).await;
-    let (end_rss, hwm) = proc_mem(pid).context("reading the coordinator's peak memory")?;
+    let (end_rss, hwm) = mem_kb(pid).context("reading the coordinator's peak memory")?;
     sampler.abort();
     let mut c = proc.0.take().context("coordinator handle")?;
     let _ = Command::new("kill")
@@ -1157,8 +1188,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peak_in = |from: Instant, to: Instant| {
         samples
             .iter()
-            .filter(|(t, _)| *t >= from && *t <= to)
-            .map(|(_, r)| *r)
+            .filter(|s| s.at >= from && s.at <= to)
+            .map(|s| s.rss_kb)
             .max()
             .unwrap_or(0)
     };
@@ -1190,6 +1221,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Per round, each site's mean download, upload-sent and upload→ack ms.
     let mut rates: Vec<(f64, f64, f64)> = Vec::new();
     let mut events: Vec<(Instant, String)> = Vec::new();
+    // Per round: CPU seconds of the coordinator and of this process, and
+    // the sampled wall time they were measured over.
+    let mut cpu: Vec<Option<(f64, f64, f64)>> = Vec::new();
     for r in 0..args.rounds as usize {
         let first_offer = reports
             .iter()
@@ -1227,6 +1261,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         rates.push((dl.1, sent.1, up.1));
         let wall = next - first_offer;
+        cpu.push(cpu_between(&samples, first_offer, next));
         walls.push(ms(wall));
         let round = r + 1;
         let of = |f: fn(&RoundTimes) -> Instant| {
@@ -1286,6 +1321,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
             pct(a)
         );
     }
+    // Where the round's time goes on this machine: CPU seconds per round
+    // of the coordinator and of the simulated sites, against what the
+    // cores could give in the same wall time. A round whose CPU use is
+    // close to all cores is CPU-bound: it gets faster only with less work
+    // per byte, not with more overlap.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "\n  round | coordinator CPU s | sites (this process) CPU s | CPU busy, % of {cores:.0} cores | CPU ms per MB moved (MB moved)"
+    );
+    let mut cpu_json = Vec::new();
+    for (r, c) in cpu.iter().enumerate() {
+        let moved =
+            args.sites as f64 * (upload_mb + per_round.get(r).copied().unwrap_or(0) as f64 / 1e6);
+        match c {
+            Some((coord, sites, wall)) if wall.is_finite() && *wall > 0.0 => {
+                let busy = (coord + sites) / (wall * cores);
+                let per_mb = 1e3 * (coord + sites) / moved.max(1e-9);
+                println!(
+                    "  {:>5} | {coord:>17.2} | {sites:>26.2} | {:>26.0} % | {per_mb:>6.2} ({moved:.0})",
+                    r + 1,
+                    100.0 * busy
+                );
+                cpu_json.push(serde_json::json!({
+                    "round": r + 1,
+                    "coordinator_cpu_s": coord,
+                    "loadgen_cpu_s": sites,
+                    "sampled_wall_s": wall,
+                    "busy_fraction_of_cores": busy,
+                    "moved_mb": moved,
+                    "cpu_ms_per_mb": per_mb,
+                }));
+            }
+            _ => println!("  {:>5} | (no CPU samples)", r + 1),
+        }
+    }
     let mean = walls.iter().sum::<f64>() / walls.len().max(1) as f64;
     println!(
         "\n  mean round wall time {mean:.0} ms; whole job {:.2} s",
@@ -1334,7 +1404,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reports.iter().filter(|r| r.retries > 0).count(),
         args.sites
     );
-    let max_sampled = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
+    let max_sampled = samples.iter().map(|s| s.rss_kb).max().unwrap_or(0);
     println!(
         "  coordinator memory: VmHWM (peak RSS) {:.1} MB = {:.2}x the model ({model_mb:.1} MB); max sampled VmRSS {:.1} MB; RSS at start {:.1} MB, at end {:.1} MB",
         mb(hwm),
@@ -1359,6 +1429,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rounds": args.rounds,
             "codec": args.codec,
             "round_wall_ms": walls,
+            "cores": cores,
+            "cpu_per_round": cpu_json,
             "per_round_mean_ms_download_upload_sent_upload_ack": rates,
             "mean_round_s": mean / 1e3,
             "median_round_s": median / 1e3,
@@ -1386,7 +1458,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let rel = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1e3;
         let mut rows: Vec<(f64, String)> = samples
             .iter()
-            .map(|(t, r)| (rel(*t), format!("{:.1},", mb(*r))))
+            .map(|s| (rel(s.at), format!("{:.1},", mb(s.rss_kb))))
             .chain(events.iter().map(|(t, e)| (rel(*t), format!(",{e}"))))
             .collect();
         rows.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -12,6 +12,16 @@
 //! * **download** (coordinator → site): the client asks, the server writes
 //!   the bytes and finishes; timed from the request to the last byte read.
 //!
+//! A third case runs `--parallel` connections at once (default 8, as many
+//! as the round benchmark's sites), each from its own client endpoint to
+//! one server endpoint, each with one stream of `--mb / --parallel`
+//! megabytes: the aggregate rate of many sites on the same cores.
+//!
+//! Every run also reports the CPU time the process used (both endpoints
+//! are in it), per megabyte moved: the transport's own CPU cost, to put
+//! against the CPU a federation round spends per megabyte
+//! (`fedlink-loadgen` reports that).
+//!
 //! Each direction runs with quinn's default transport settings (`raw`), the
 //! ceiling, and with fedlink's own endpoint settings (`fedlink`: the
 //! coordinator's send window and the site's defaults for downloads; for
@@ -34,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use fedlink_bench::cpu_seconds;
 use fedlink_certs::{ALPN_SITE, RevocationList};
 use fedlink_test_util::TestPki;
 use fedlink_transport::{DEFAULT_IDLE_TIMEOUT, client_endpoint, server_endpoint};
@@ -52,6 +63,9 @@ struct Args {
     /// Runs of each case.
     #[arg(long, default_value_t = 3)]
     repeats: u32,
+    /// Connections of the parallel case (0: skip it).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -103,30 +117,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.mb, args.repeats
     );
     let mut results = Vec::new();
-    for settings in [Settings::Raw, Settings::Fedlink] {
+    let mut cases = vec![(Settings::Raw, 1), (Settings::Fedlink, 1)];
+    if args.parallel > 1 {
+        cases.push((Settings::Raw, args.parallel));
+    }
+    for (settings, connections) in cases {
         for direction in [Direction::Upload, Direction::Download] {
             let mut runs = Vec::new();
+            let mut cpu_per_mb = Vec::new();
             for _ in 0..args.repeats {
-                let secs = one_run(&pki, settings, direction, bytes).await?;
+                let (secs, cpu) = one_run(&pki, settings, direction, bytes, connections).await?;
+                if let Some(cpu) = cpu {
+                    cpu_per_mb.push(1e3 * cpu / (bytes as f64 / 1e6));
+                }
                 runs.push(bytes as f64 / 1e6 / secs);
             }
-            let mut sorted = runs.clone();
-            sorted.sort_by(f64::total_cmp);
-            let median = sorted[sorted.len() / 2];
+            let mid = median(&runs);
+            let cpu_median = (!cpu_per_mb.is_empty()).then(|| median(&cpu_per_mb));
+            let settings_name = format!("{settings:?}").to_lowercase();
+            let label = if connections > 1 {
+                format!("{settings_name} x{connections}")
+            } else {
+                settings_name.clone()
+            };
             println!(
-                "  {:<8} {:<9} MB/s: median {median:>7.1}; runs {}",
-                format!("{settings:?}").to_lowercase(),
+                "  {label:<8} {:<9} MB/s: median {mid:>7.1}; runs {}; CPU ms per MB: {}",
                 format!("{direction:?}").to_lowercase(),
                 runs.iter()
                     .map(|r| format!("{r:.1}"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                cpu_median.map_or_else(|| "-".into(), |c| format!("{c:.2}")),
             );
             results.push(serde_json::json!({
-                "settings": format!("{settings:?}").to_lowercase(),
+                "settings": settings_name,
+                "connections": connections,
                 "direction": format!("{direction:?}").to_lowercase(),
                 "mb_per_s_runs": runs,
-                "mb_per_s_median": median,
+                "mb_per_s_median": mid,
+                "cpu_ms_per_mb_runs": cpu_per_mb,
+                "cpu_ms_per_mb_median": cpu_median,
             }));
         }
     }
@@ -142,79 +172,156 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An endpoint pair and a connection between them.
+fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A server endpoint, `n` client endpoints, and one connection from each:
+/// (client endpoint, the site's side, the coordinator's side).
 async fn connect(
     pki: &TestPki,
     settings: Settings,
-) -> anyhow::Result<(Endpoint, Endpoint, Connection, Connection)> {
+    n: usize,
+) -> anyhow::Result<(Endpoint, Vec<(Endpoint, Connection, Connection)>)> {
     let revocations = RevocationList::load(pki.revoked_path())?;
     let server_tls = fedlink_certs::server_tls_config(&pki.coordinator_kit()?, revocations)?;
     let kit = pki.site_kit(0)?;
-    let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let (server, client) = match settings {
-        Settings::Fedlink => {
-            let server = server_endpoint(any, server_tls, DEFAULT_IDLE_TIMEOUT)?;
-            let client = client_endpoint(server.local_addr()?, client_tls, DEFAULT_IDLE_TIMEOUT)?;
-            (server, client)
-        }
+    let server = match settings {
+        Settings::Fedlink => server_endpoint(any, server_tls, DEFAULT_IDLE_TIMEOUT)?,
         Settings::Raw => {
             let crypto = QuicServerConfig::try_from(server_tls)?;
-            let server = Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), any)?;
-            let mut client = Endpoint::client(any)?;
-            client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-                QuicClientConfig::try_from(client_tls)?,
-            )));
-            (server, client)
+            Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), any)?
         }
     };
     let addr = server.local_addr()?;
-    let connecting = client.connect(addr, kit.coordinator_server_name())?;
-    let accepting = async {
-        let incoming = server
-            .accept()
-            .await
-            .context("the server endpoint closed")?;
-        anyhow::Ok(incoming.await?)
-    };
-    let (site, coord) = tokio::join!(connecting, accepting);
-    Ok((server, client, site?, coord?))
+    let mut links = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
+        let client = match settings {
+            Settings::Fedlink => client_endpoint(addr, client_tls, DEFAULT_IDLE_TIMEOUT)?,
+            Settings::Raw => {
+                let mut client = Endpoint::client(any)?;
+                client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+                    QuicClientConfig::try_from(client_tls)?,
+                )));
+                client
+            }
+        };
+        let connecting = client.connect(addr, kit.coordinator_server_name())?;
+        let accepting = async {
+            let incoming = server
+                .accept()
+                .await
+                .context("the server endpoint closed")?;
+            anyhow::Ok(incoming.await?)
+        };
+        let (site, coord) = tokio::join!(connecting, accepting);
+        links.push((client, site?, coord?));
+    }
+    Ok((server, links))
 }
 
+/// One run: `bytes` in all, split over `connections` connections that
+/// transfer at the same time; seconds from the first stream's open to the
+/// last transfer's end, and the CPU seconds the process used meanwhile
+/// (the handshakes before are not counted).
 async fn one_run(
     pki: &TestPki,
     settings: Settings,
     direction: Direction,
     bytes: u64,
-) -> anyhow::Result<f64> {
-    let (_server, _client, site, coord) = connect(pki, settings).await?;
+    connections: usize,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let (_server, links) = connect(pki, settings, connections.max(1)).await?;
+    let per = bytes / links.len() as u64;
+    let cpu0 = cpu_seconds("self");
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(links.len());
+    for (i, (_, site, coord)) in links.iter().enumerate() {
+        let n = if i == 0 {
+            per + bytes % links.len() as u64
+        } else {
+            per
+        };
+        let (site, coord) = (site.clone(), coord.clone());
+        tasks.push(tokio::spawn(async move {
+            match direction {
+                Direction::Upload => upload(&site, &coord, settings, n).await,
+                Direction::Download => download(&site, &coord, n).await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(cpu_seconds("self")).map(|(a, b)| b - a);
+    for (_, site, coord) in &links {
+        site.close(0u32.into(), b"done");
+        coord.close(0u32.into(), b"done");
+    }
+    Ok((secs, cpu))
+}
+
+/// The site writes `bytes` on a stream and finishes it; the coordinator
+/// reads them to the end and answers one byte.
+async fn upload(
+    site: &Connection,
+    coord: &Connection,
+    settings: Settings,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    let coord_side = {
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            let (mut send, mut recv) = coord.accept_bi().await?;
+            if let Settings::Fedlink = settings {
+                // What the coordinator does for an upload it reads
+                // (`open_upload_window`: the idle window plus one
+                // stream window; it closes again only at the end).
+                coord.set_receive_window(quinn::VarInt::from_u32(
+                    fedlink_transport::SERVER_IDLE_RECEIVE_WINDOW
+                        + fedlink_transport::SERVER_STREAM_WINDOW,
+                ));
+            }
+            let mut got = 0u64;
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                got += chunk.bytes.len() as u64;
+            }
+            send.write_all(&[1]).await?;
+            send.finish()?;
+            anyhow::Ok(got)
+        })
+    };
     let block = vec![0x5au8; 1 << 20];
-    let secs = match direction {
-        Direction::Upload => {
-            let coord_side = {
-                let coord = coord.clone();
-                tokio::spawn(async move {
-                    let (mut send, mut recv) = coord.accept_bi().await?;
-                    if let Settings::Fedlink = settings {
-                        // What the coordinator does for an upload it reads
-                        // (`open_upload_window`: the idle window plus one
-                        // stream window; it closes again only at the end).
-                        coord.set_receive_window(quinn::VarInt::from_u32(
-                            fedlink_transport::SERVER_IDLE_RECEIVE_WINDOW
-                                + fedlink_transport::SERVER_STREAM_WINDOW,
-                        ));
-                    }
-                    let mut got = 0u64;
-                    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                        got += chunk.bytes.len() as u64;
-                    }
-                    send.write_all(&[1]).await?;
-                    send.finish()?;
-                    anyhow::Ok(got)
-                })
-            };
-            let start = Instant::now();
-            let (mut send, mut recv) = site.open_bi().await?;
+    let (mut send, mut recv) = site.open_bi().await?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        send.write_all(&block[..n]).await?;
+        left -= n as u64;
+    }
+    send.finish()?;
+    let ack = recv.read_to_end(8).await?;
+    let got = coord_side.await??;
+    if got != bytes || ack != [1] {
+        bail!("upload: {got} of {bytes} bytes arrived");
+    }
+    Ok(())
+}
+
+/// The site asks; the coordinator writes `bytes` and finishes; the site
+/// reads them to the end.
+async fn download(site: &Connection, coord: &Connection, bytes: u64) -> anyhow::Result<()> {
+    let coord_side = {
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            let block = vec![0x5au8; 1 << 20];
+            let (mut send, mut recv) = coord.accept_bi().await?;
+            let _ask = recv.read_to_end(8).await?;
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(block.len() as u64) as usize;
@@ -222,51 +329,22 @@ async fn one_run(
                 left -= n as u64;
             }
             send.finish()?;
-            let ack = recv.read_to_end(8).await?;
-            let secs = start.elapsed().as_secs_f64();
-            let got = coord_side.await??;
-            if got != bytes || ack != [1] {
-                bail!("upload: {got} of {bytes} bytes arrived");
-            }
-            secs
-        }
-        Direction::Download => {
-            let coord_side = {
-                let coord = coord.clone();
-                let block = block.clone();
-                tokio::spawn(async move {
-                    let (mut send, mut recv) = coord.accept_bi().await?;
-                    let _ask = recv.read_to_end(8).await?;
-                    let mut left = bytes;
-                    while left > 0 {
-                        let n = left.min(block.len() as u64) as usize;
-                        send.write_all(&block[..n]).await?;
-                        left -= n as u64;
-                    }
-                    send.finish()?;
-                    // Keep the stream's connection until the site has read it.
-                    let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
-                    anyhow::Ok(())
-                })
-            };
-            let start = Instant::now();
-            let (mut send, mut recv) = site.open_bi().await?;
-            send.write_all(&[1]).await?;
-            send.finish()?;
-            let mut got = 0u64;
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                got += chunk.bytes.len() as u64;
-            }
-            let secs = start.elapsed().as_secs_f64();
-            drop(recv);
-            coord_side.await??;
-            if got != bytes {
-                bail!("download: {got} of {bytes} bytes arrived");
-            }
-            secs
-        }
+            // Keep the stream's connection until the site has read it.
+            let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
+            anyhow::Ok(())
+        })
     };
-    site.close(0u32.into(), b"done");
-    coord.close(0u32.into(), b"done");
-    Ok(secs)
+    let (mut send, mut recv) = site.open_bi().await?;
+    send.write_all(&[1]).await?;
+    send.finish()?;
+    let mut got = 0u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        got += chunk.bytes.len() as u64;
+    }
+    drop(recv);
+    coord_side.await??;
+    if got != bytes {
+        bail!("download: {got} of {bytes} bytes arrived");
+    }
+    Ok(())
 }
