@@ -47,7 +47,10 @@ use clap::Parser;
 use fedlink_bench::cpu_seconds;
 use fedlink_certs::{ALPN_SITE, RevocationList};
 use fedlink_test_util::TestPki;
-use fedlink_transport::{DEFAULT_IDLE_TIMEOUT, client_endpoint, server_endpoint};
+use fedlink_tools::impair::{ImpairProxy, Impairment, ProxyConfig};
+use fedlink_transport::{
+    Congestion, DEFAULT_IDLE_TIMEOUT, client_endpoint_with, server_endpoint_with,
+};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
 
@@ -66,6 +69,28 @@ struct Args {
     /// Connections of the parallel case (0: skip it).
     #[arg(long, default_value_t = 8)]
     parallel: usize,
+    /// Put each connection behind its own impairment proxy
+    /// (`fedlink_tools::impair`, the one `fedlink-loadgen` uses) with this
+    /// one-way delay, both ways (RTT = 2×): the same transfer through the
+    /// same emulated WAN as a federation round's.
+    #[arg(long)]
+    impair_delay_ms: Option<u64>,
+    /// With `--impair-delay-ms`: loss per packet, each way.
+    #[arg(long, default_value_t = 0.0)]
+    impair_loss: f64,
+    /// With `--impair-delay-ms`: rate limit per link, each way, Mbit/s.
+    #[arg(long)]
+    impair_rate_mbit: Option<f64>,
+    /// Megabytes each connection moves in the same direction before the
+    /// timed transfer (not timed): a warm connection, as a federation's
+    /// second and later rounds have (its congestion controller has found
+    /// the path). 0: time a fresh connection's first transfer.
+    #[arg(long, default_value_t = 0)]
+    warm_mb: u64,
+    /// QUIC congestion controller of both ends: cubic (quinn's default) or
+    /// bbr.
+    #[arg(long, default_value = "cubic")]
+    congestion: String,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,6 +137,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let bytes = args.mb * 1_000_000;
     let pki = TestPki::new(1).context("creating a test PKI")?;
+    let cc = match args.congestion.as_str() {
+        "cubic" => Congestion::Cubic,
+        "bbr" => Congestion::Bbr,
+        other => bail!("--congestion {other:?}: expected cubic or bbr"),
+    };
+    let impair = match args.impair_delay_ms {
+        Some(delay) => {
+            let imp = Impairment {
+                delay: Duration::from_millis(delay),
+                loss: args.impair_loss,
+                rate: args
+                    .impair_rate_mbit
+                    .map(|m| (m * 1e6 / 8.0).round() as u64),
+                ..Impairment::default()
+            };
+            imp.validate().context("the impairment")?;
+            println!(
+                "  each connection behind an impairment proxy: one-way delay {delay} ms, loss {}, rate {} per link, congestion {}",
+                args.impair_loss,
+                args.impair_rate_mbit
+                    .map_or_else(|| "unlimited".to_owned(), |m| format!("{m} Mbit/s")),
+                args.congestion
+            );
+            Some(imp)
+        }
+        None => None,
+    };
+    let path = PathSetup {
+        cc,
+        impair,
+        warm_bytes: args.warm_mb * 1_000_000,
+    };
     println!(
         "fedlink-quinn-bulk: one stream of {} MB per run, 127.0.0.1, mTLS (TLS 1.3), {} runs per case",
         args.mb, args.repeats
@@ -126,7 +183,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut runs = Vec::new();
             let mut cpu_per_mb = Vec::new();
             for _ in 0..args.repeats {
-                let (secs, cpu) = one_run(&pki, settings, direction, bytes, connections).await?;
+                let (secs, cpu) =
+                    one_run(&pki, &path, settings, direction, bytes, connections).await?;
                 if let Some(cpu) = cpu {
                     cpu_per_mb.push(1e3 * cpu / (bytes as f64 / 1e6));
                 }
@@ -150,6 +208,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 cpu_median.map_or_else(|| "-".into(), |c| format!("{c:.2}")),
             );
             results.push(serde_json::json!({
+                "congestion": args.congestion,
+                "impair_delay_ms": args.impair_delay_ms,
+                "impair_loss": args.impair_loss,
+                "impair_rate_mbit": args.impair_rate_mbit,
+                "warm_mb": args.warm_mb,
                 "settings": settings_name,
                 "connections": connections,
                 "direction": format!("{direction:?}").to_lowercase(),
@@ -178,35 +241,81 @@ fn median(xs: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// A server endpoint, `n` client endpoints, and one connection from each:
-/// (client endpoint, the site's side, the coordinator's side).
+/// The path between the two ends: the congestion controller and, if any,
+/// the emulated WAN each connection goes through.
+struct PathSetup {
+    cc: Congestion,
+    impair: Option<Impairment>,
+    /// Bytes each connection moves, untimed, before the timed transfer.
+    warm_bytes: u64,
+}
+
+/// quinn's default transport settings, with the congestion controller `cc`.
+fn raw_transport(cc: Congestion) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    if cc == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
+    Arc::new(t)
+}
+
+/// The endpoints and connections of one run; the proxies live as long as it.
+struct Links {
+    _server: Endpoint,
+    _proxies: Vec<ImpairProxy>,
+    /// (client endpoint, the site's side, the coordinator's side).
+    conns: Vec<(Endpoint, Connection, Connection)>,
+}
+
+/// A server endpoint, `n` client endpoints, and one connection from each,
+/// each through its own impairment proxy when `path` has one.
 async fn connect(
     pki: &TestPki,
+    path: &PathSetup,
     settings: Settings,
     n: usize,
-) -> anyhow::Result<(Endpoint, Vec<(Endpoint, Connection, Connection)>)> {
+) -> anyhow::Result<Links> {
     let revocations = RevocationList::load(pki.revoked_path())?;
     let server_tls = fedlink_certs::server_tls_config(&pki.coordinator_kit()?, revocations)?;
     let kit = pki.site_kit(0)?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
     let server = match settings {
-        Settings::Fedlink => server_endpoint(any, server_tls, DEFAULT_IDLE_TIMEOUT)?,
+        Settings::Fedlink => server_endpoint_with(any, server_tls, DEFAULT_IDLE_TIMEOUT, path.cc)?,
         Settings::Raw => {
             let crypto = QuicServerConfig::try_from(server_tls)?;
-            Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), any)?
+            let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            cfg.transport_config(raw_transport(path.cc));
+            Endpoint::server(cfg, any)?
         }
     };
-    let addr = server.local_addr()?;
-    let mut links = Vec::with_capacity(n);
-    for _ in 0..n {
+    let server_addr = server.local_addr()?;
+    let mut proxies = Vec::new();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let addr = match &path.impair {
+            Some(imp) => {
+                let cfg = ProxyConfig {
+                    seed: i as u64 + 1,
+                    ..ProxyConfig::new(server_addr).both_ways(imp.clone())
+                };
+                let proxy = ImpairProxy::start(cfg).await?;
+                let addr = proxy.addr();
+                proxies.push(proxy);
+                addr
+            }
+            None => server_addr,
+        };
         let client_tls = fedlink_certs::client_tls_config(&kit, ALPN_SITE)?;
         let client = match settings {
-            Settings::Fedlink => client_endpoint(addr, client_tls, DEFAULT_IDLE_TIMEOUT)?,
+            Settings::Fedlink => {
+                client_endpoint_with(addr, client_tls, DEFAULT_IDLE_TIMEOUT, path.cc)?
+            }
             Settings::Raw => {
                 let mut client = Endpoint::client(any)?;
-                client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-                    QuicClientConfig::try_from(client_tls)?,
-                )));
+                let mut cfg =
+                    quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+                cfg.transport_config(raw_transport(path.cc));
+                client.set_default_client_config(cfg);
                 client
             }
         };
@@ -219,9 +328,13 @@ async fn connect(
             anyhow::Ok(incoming.await?)
         };
         let (site, coord) = tokio::join!(connecting, accepting);
-        links.push((client, site?, coord?));
+        conns.push((client, site?, coord?));
     }
-    Ok((server, links))
+    Ok(Links {
+        _server: server,
+        _proxies: proxies,
+        conns,
+    })
 }
 
 /// One run: `bytes` in all, split over `connections` connections that
@@ -230,13 +343,30 @@ async fn connect(
 /// (the handshakes before are not counted).
 async fn one_run(
     pki: &TestPki,
+    path: &PathSetup,
     settings: Settings,
     direction: Direction,
     bytes: u64,
     connections: usize,
 ) -> anyhow::Result<(f64, Option<f64>)> {
-    let (_server, links) = connect(pki, settings, connections.max(1)).await?;
+    let run = connect(pki, path, settings, connections.max(1)).await?;
+    let links = &run.conns;
     let per = bytes / links.len() as u64;
+    if path.warm_bytes > 0 {
+        let mut warm = Vec::with_capacity(links.len());
+        for (_, site, coord) in links {
+            let (site, coord, n) = (site.clone(), coord.clone(), path.warm_bytes);
+            warm.push(tokio::spawn(async move {
+                match direction {
+                    Direction::Upload => upload(&site, &coord, settings, n).await,
+                    Direction::Download => download(&site, &coord, n).await,
+                }
+            }));
+        }
+        for t in warm {
+            t.await??;
+        }
+    }
     let cpu0 = cpu_seconds("self");
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(links.len());
@@ -259,7 +389,7 @@ async fn one_run(
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu0.zip(cpu_seconds("self")).map(|(a, b)| b - a);
-    for (_, site, coord) in &links {
+    for (_, site, coord) in links {
         site.close(0u32.into(), b"done");
         coord.close(0u32.into(), b"done");
     }
