@@ -23,12 +23,15 @@
 //! (`fedlink-loadgen` reports that).
 //!
 //! Each direction runs with quinn's default transport settings (`raw`), the
-//! ceiling, and with fedlink's own endpoint settings (`fedlink`: the
-//! coordinator's send window and the site's defaults for downloads; for
-//! uploads the coordinator's stream window, opened the way the coordinator
-//! opens it for an upload it reads), so the cost of fedlink's flow-control
-//! choices is visible on its own. `--repeats` runs per case; every run is
-//! printed, and the median is reported.
+//! ceiling, and with fedlink's own (`fedlink`: its endpoints, framed 1 MiB
+//! chunk records as uploads and models are sent, and the coordinator's
+//! flow-control windows — `open_download_window` for downloads,
+//! `open_upload_window` for uploads, both sized to the path's
+//! bandwidth-delay product within the global budget), so the cost of
+//! fedlink's framing and flow-control choices is visible on its own.
+//! `--repeats` runs per case; every run is printed, and the median is
+//! reported. `--impair-*` puts every connection behind the impairment proxy
+//! (an emulated WAN), `--warm-mb` warms each connection up first.
 //!
 //! ```sh
 //! cargo build --release --locked -p fedlink-bench --bins
@@ -43,13 +46,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::Parser;
 use fedlink_bench::cpu_seconds;
 use fedlink_certs::{ALPN_SITE, RevocationList};
 use fedlink_test_util::TestPki;
 use fedlink_tools::impair::{ImpairProxy, Impairment, ProxyConfig};
 use fedlink_transport::{
-    Congestion, DEFAULT_IDLE_TIMEOUT, client_endpoint_with, server_endpoint_with,
+    Congestion, DEFAULT_IDLE_TIMEOUT, FramedRecv, FramedSend, client_endpoint_with,
+    close_upload_window, open_download_window, open_upload_window, server_endpoint_with,
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
@@ -359,7 +364,7 @@ async fn one_run(
             warm.push(tokio::spawn(async move {
                 match direction {
                     Direction::Upload => upload(&site, &coord, settings, n).await,
-                    Direction::Download => download(&site, &coord, n).await,
+                    Direction::Download => download(&site, &coord, settings, n).await,
                 }
             }));
         }
@@ -380,7 +385,7 @@ async fn one_run(
         tasks.push(tokio::spawn(async move {
             match direction {
                 Direction::Upload => upload(&site, &coord, settings, n).await,
-                Direction::Download => download(&site, &coord, n).await,
+                Direction::Download => download(&site, &coord, settings, n).await,
             }
         }));
     }
@@ -396,8 +401,15 @@ async fn one_run(
     Ok((secs, cpu))
 }
 
+/// Bytes per record in the `fedlink` case (framed chunk records, as an
+/// upload's or a model's).
+const RECORD: usize = 1 << 20;
+
 /// The site writes `bytes` on a stream and finishes it; the coordinator
-/// reads them to the end and answers one byte.
+/// reads them to the end and answers one byte. `raw`: plain stream bytes;
+/// `fedlink`: framed chunk records, read with the coordinator's own upload
+/// window (`fedlink_transport::open_upload_window`: sized to the path's
+/// bandwidth-delay product within the global budget).
 async fn upload(
     site: &Connection,
     coord: &Connection,
@@ -407,34 +419,58 @@ async fn upload(
     let coord_side = {
         let coord = coord.clone();
         tokio::spawn(async move {
-            let (mut send, mut recv) = coord.accept_bi().await?;
-            if let Settings::Fedlink = settings {
-                // What the coordinator does for an upload it reads
-                // (`open_upload_window`: the idle window plus one
-                // stream window; it closes again only at the end).
-                coord.set_receive_window(quinn::VarInt::from_u32(
-                    fedlink_transport::SERVER_IDLE_RECEIVE_WINDOW
-                        + fedlink_transport::SERVER_STREAM_WINDOW,
-                ));
-            }
-            let mut got = 0u64;
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                got += chunk.bytes.len() as u64;
-            }
+            let (send, recv) = coord.accept_bi().await?;
+            let got = match settings {
+                Settings::Raw => {
+                    let mut recv = recv;
+                    let mut got = 0u64;
+                    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                        got += chunk.bytes.len() as u64;
+                    }
+                    got
+                }
+                Settings::Fedlink => {
+                    let mut recv = FramedRecv::new(recv);
+                    let _share = open_upload_window(&coord, &mut recv, bytes);
+                    let mut record = Vec::new();
+                    let mut got = 0u64;
+                    while got < bytes {
+                        recv.chunk_into(&mut record).await?;
+                        got += record.len() as u64;
+                    }
+                    close_upload_window(&coord);
+                    got
+                }
+            };
+            let mut send = send;
             send.write_all(&[1]).await?;
             send.finish()?;
             anyhow::Ok(got)
         })
     };
-    let block = vec![0x5au8; 1 << 20];
-    let (mut send, mut recv) = site.open_bi().await?;
+    let block = Bytes::from(vec![0x5au8; RECORD]);
+    let (send, mut recv) = site.open_bi().await?;
     let mut left = bytes;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        send.write_all(&block[..n]).await?;
-        left -= n as u64;
+    match settings {
+        Settings::Raw => {
+            let mut send = send;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                send.write_all(&block[..n]).await?;
+                left -= n as u64;
+            }
+            send.finish()?;
+        }
+        Settings::Fedlink => {
+            let mut send = FramedSend::new(send);
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                send.chunk(block.slice(..n)).await?;
+                left -= n as u64;
+            }
+            send.finish()?;
+        }
     }
-    send.finish()?;
     let ack = recv.read_to_end(8).await?;
     let got = coord_side.await??;
     if got != bytes || ack != [1] {
@@ -444,34 +480,71 @@ async fn upload(
 }
 
 /// The site asks; the coordinator writes `bytes` and finishes; the site
-/// reads them to the end.
-async fn download(site: &Connection, coord: &Connection, bytes: u64) -> anyhow::Result<()> {
+/// reads them to the end. `fedlink`: framed chunk records, sent with the
+/// coordinator's own download window (`open_download_window`).
+async fn download(
+    site: &Connection,
+    coord: &Connection,
+    settings: Settings,
+    bytes: u64,
+) -> anyhow::Result<()> {
     let coord_side = {
         let coord = coord.clone();
         tokio::spawn(async move {
-            let block = vec![0x5au8; 1 << 20];
-            let (mut send, mut recv) = coord.accept_bi().await?;
+            let block = Bytes::from(vec![0x5au8; RECORD]);
+            let (send, mut recv) = coord.accept_bi().await?;
             let _ask = recv.read_to_end(8).await?;
             let mut left = bytes;
-            while left > 0 {
-                let n = left.min(block.len() as u64) as usize;
-                send.write_all(&block[..n]).await?;
-                left -= n as u64;
+            match settings {
+                Settings::Raw => {
+                    let mut send = send;
+                    while left > 0 {
+                        let n = left.min(block.len() as u64) as usize;
+                        send.write_all(&block[..n]).await?;
+                        left -= n as u64;
+                    }
+                    send.finish()?;
+                    // Keep the stream's connection until the site has read it.
+                    let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
+                }
+                Settings::Fedlink => {
+                    let _window = open_download_window(&coord);
+                    let mut send = FramedSend::new(send);
+                    while left > 0 {
+                        let n = left.min(block.len() as u64) as usize;
+                        send.chunk(block.slice(..n)).await?;
+                        left -= n as u64;
+                    }
+                    send.finish()?;
+                    let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
+                }
             }
-            send.finish()?;
-            // Keep the stream's connection until the site has read it.
-            let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
             anyhow::Ok(())
         })
     };
-    let (mut send, mut recv) = site.open_bi().await?;
+    let (mut send, recv) = site.open_bi().await?;
     send.write_all(&[1]).await?;
     send.finish()?;
     let mut got = 0u64;
-    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-        got += chunk.bytes.len() as u64;
+    match settings {
+        Settings::Raw => {
+            let mut recv = recv;
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                got += chunk.bytes.len() as u64;
+            }
+        }
+        Settings::Fedlink => {
+            let mut recv = FramedRecv::new(recv);
+            let mut record = Vec::new();
+            while got < bytes {
+                recv.chunk_into(&mut record).await?;
+                got += record.len() as u64;
+            }
+            if recv.next_frame().await?.is_some() {
+                bail!("download: a frame after the last record");
+            }
+        }
     }
-    drop(recv);
     coord_side.await??;
     if got != bytes {
         bail!("download: {got} of {bytes} bytes arrived");
