@@ -1374,9 +1374,9 @@ async fn resend_signed_again(
 
 /// The global model `hash`: the driver of [`Download`], which decides
 /// everything — the cache, the update of the model held (`base`, protocol
-/// >= 7; a refused update is recorded as `model.refused` and the whole
-/// model fetched instead), the whole model, resuming a cut download
-/// (protocol >= 6). This function loads cache files, moves frames,
+/// 7 and later; a refused update is recorded as `model.refused` and the
+/// whole model fetched instead), the whole model, resuming a cut download
+/// (protocol 6 and later). This function loads cache files, moves frames,
 /// executes the machine's effects (audit records before the next step)
 /// and caches the result before its `model.received` record.
 async fn obtain_model(

@@ -497,8 +497,8 @@ impl Download {
         }
     }
 
-    /// Ask for the whole model, after the records kept of it (protocol
-    /// >= 6).
+    /// Ask for the whole model, after the records kept of it (from
+    /// protocol 6 on).
     fn ask_model(&mut self) -> Step {
         let kept = if self.resumable() {
             self.take_kept(None)
