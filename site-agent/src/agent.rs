@@ -2,7 +2,9 @@
 //! alive, and runs accepted rounds. All decisions are made by
 //! [`SiteCore`], and a round's work (train behind the
 //! [`Trainer`] trait, delta, clipping, noise, audit
-//! records, signed envelope) by [`crate::sitecore::task`]; this module only
+//! records, signed envelope) by [`crate::sitecore::task`], and obtaining
+//! its global model (cache, downlink update, whole model, resumed
+//! download) by [`crate::sitecore::download`]; this module only
 //! moves bytes, runs timers, runs the work on the blocking pool and appends
 //! the audit records it is handed before acting.
 //!
@@ -14,7 +16,8 @@
 //!                      TaskOffer/Cancel/Bye │   │ OfferResponse, Heartbeat, Bye
 //!                                           ▼   │
 //!                                         SiteCore ──start──▶ round task:
-//!                                                              model: cache | ModelFetch stream
+//!                                                              model: sitecore::download (cache | update of
+//!                                                                the model held | ModelFetch stream)
 //!                                                              sitecore::task::train_round (blocking pool,
 //!                                                                BurnTrainer: evaluate global + train_local)
 //!                                                              make_update: delta = local − global, clip, DP noise
@@ -80,14 +83,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
-use fedlink_protocol::downlink::{DownlinkError, UpdateApplier};
 use fedlink_protocol::{
     Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
-    EncodeError, Encoding, EvalRequest, FlatModel, Hello, Message, ModelFetch, ModelFetchFrom,
-    ModelHash, ModelSpec, ModelUpdateFetch, OfferDecision, PROTOCOL_VERSION, RESUME_VERSION,
-    RejectCode, SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, UploadResult,
-    VersionRange, Welcome, encode_payload, sign_update, supports_audit_head,
-    supports_downlink_updates, supports_federated_eval, supports_round_outcome,
+    EncodeError, EvalRequest, FlatModel, Hello, Message, ModelHash, ModelSpec, OfferDecision,
+    PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport,
+    TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload,
+    sign_update, supports_audit_head, supports_federated_eval, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -101,9 +102,10 @@ use crate::audit::{Recorded, SiteAudit, SiteEvent};
 use crate::config::SiteConfig;
 use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
-use crate::modelcache::{ModelAssembler, ModelCache, ModelError, create_private_dir};
+use crate::modelcache::{ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
-use crate::sitecore::task::{self, reject_code, truncate};
+use crate::sitecore::download::{self, CacheForm, Cached, Download, DownloadError, Step};
+use crate::sitecore::task::{self, truncate};
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
 use crate::train::{BurnTrainer, TrainError, Trainer};
 use fedlink_aggregation::dp::NoiseRng;
@@ -179,10 +181,10 @@ enum TaskError {
     Log(#[from] fedlink_audit::Error),
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// A downlink update that does not fit the base held, does not decode,
-    /// or does not produce the announced model.
+    /// The global model could not be obtained (a refused downlink update
+    /// is not an error: the whole model is fetched then).
     #[error(transparent)]
-    Downlink(#[from] DownlinkError),
+    Download(#[from] DownloadError),
     #[error("training: {0}")]
     Train(#[from] TrainError),
     #[error("local data: {0}")]
@@ -232,16 +234,6 @@ enum Violation {
         sent: &'static str,
         request: &'static str,
     },
-    /// The coordinator refused to serve a model (its reason, made safe).
-    #[error("model {hash} refused: {code}: {message}")]
-    ModelRefused {
-        hash: ModelHash,
-        code: String,
-        message: String,
-    },
-    /// More model frames than the manifest announced.
-    #[error("more model frames than the manifest announced")]
-    ExtraModelFrames,
 }
 
 /// Wall clock, unix milliseconds.
@@ -1380,12 +1372,13 @@ async fn resend_signed_again(
     upload_answered(ctx, &envelope, &result)
 }
 
-/// The global model from the cache, or fetched from the coordinator (then
-/// cached). With `base` (the previous global model of the job, which this
-/// site holds) and protocol >= 7, the round's global update is asked for
-/// and applied to it ([`obtain_update`]); a refused update (it does not
-/// decode, or the result does not hash to `hash`) is recorded
-/// (`model.refused`) and the whole model fetched instead.
+/// The global model `hash`: the driver of [`Download`], which decides
+/// everything — the cache, the update of the model held (`base`, protocol
+/// 7 and later; a refused update is recorded as `model.refused` and the
+/// whole model fetched instead), the whole model, resuming a cut download
+/// (protocol 6 and later). This function loads cache files, moves frames,
+/// executes the machine's effects (audit records before the next step)
+/// and caches the result before its `model.received` record.
 async fn obtain_model(
     ctx: &Arc<Ctx>,
     conn: &Conn,
@@ -1394,261 +1387,112 @@ async fn obtain_model(
     spec: &ModelSpec,
     base: Option<ModelHash>,
 ) -> Result<FlatModel, TaskError> {
+    let request = download::Request {
+        hash,
+        spec: spec.clone(),
+        max_params: ctx.config.policy.max_model_params,
+        protocol_version: session.protocol_version,
+        held: base,
+    };
+    let mut dl = Download::new(request, ctx.transfers(|t| t.download().cloned()));
+    let mut next = dl.on_cached(load_cached(ctx, hash, spec).await?);
+    let mut stream: Option<FramedRecv> = None;
+    loop {
+        for effect in dl.take_effects() {
+            match effect {
+                download::Effect::Uncache(h) => ctx.cache.remove(&h)?,
+                download::Effect::Record(event) => {
+                    ctx.record(event)?;
+                }
+                download::Effect::Keep { hash, base, record } => {
+                    ctx.transfers(|t| t.downloaded(&hash, base.as_ref(), record));
+                }
+                download::Effect::Forget(h) => ctx.transfers(|t| t.download_done(&h)),
+            }
+        }
+        next = match next? {
+            Step::LoadBase(base) => dl.on_base(load_cached(ctx, base, spec).await?),
+            Step::Ask(request) => {
+                if let Message::ModelFetchFrom(f) = &request {
+                    tracing::info!(model = %hash, records = f.from_record, "resuming the model download");
+                }
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.message(&request).await?;
+                send.finish()?;
+                let answer = recv.message().await?;
+                stream = Some(recv);
+                dl.on_answer(answer)
+            }
+            Step::Receive => match stream.as_mut() {
+                Some(recv) => dl.on_record(recv.chunk().await?),
+                None => return Err(TaskError::Internal("no model stream".into())),
+            },
+            Step::End => match stream.as_mut() {
+                Some(recv) => dl.on_end(recv.next_frame().await?.is_some()),
+                None => return Err(TaskError::Internal("no model stream".into())),
+            },
+            Step::Done(outcome) => {
+                let download::Outcome {
+                    model,
+                    cache,
+                    received,
+                } = *outcome;
+                let model = store_model(ctx, hash, model, cache).await?;
+                ctx.record(received)?;
+                return Ok(model);
+            }
+        };
+    }
+}
+
+/// Model `hash` from the cache, checked against `spec` (a file that fails
+/// verification is reported as corrupt; the download machine has it
+/// removed).
+async fn load_cached(ctx: &Ctx, hash: ModelHash, spec: &ModelSpec) -> Result<Cached, TaskError> {
     let (cache, spec_owned) = (ctx.cache.clone(), spec.clone());
     let cached = tokio::task::spawn_blocking(move || cache.load(&hash, &spec_owned))
         .await
         .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?;
-    match cached {
-        Ok(Some(model)) => {
-            let bytes = std::fs::metadata(ctx.cache.path(&hash)).map_or(0, |m| m.len());
-            ctx.record(SiteEvent::ModelReceived {
-                model: hash.to_hex(),
-                bytes,
-                from_cache: true,
-                resumed_from_record: None,
-                as_update_of: None,
-            })?;
-            return Ok(model);
-        }
-        Ok(None) => {}
+    Ok(match cached {
+        Ok(Some(model)) => Cached::Hit {
+            model,
+            bytes: std::fs::metadata(ctx.cache.path(&hash)).map_or(0, |m| m.len()),
+        },
+        Ok(None) => Cached::Miss,
         Err(e) => {
-            tracing::warn!(error = %e, "cached model failed verification; fetching it again");
-            ctx.cache.remove(&hash)?;
+            tracing::warn!(model = %hash, error = %e, "cached model failed verification");
+            Cached::Corrupt
         }
-    }
-
-    if let Some(base) = base.filter(|b| *b != hash)
-        && supports_downlink_updates(session.protocol_version)
-    {
-        match obtain_update(ctx, conn, session, hash, base, spec).await {
-            Ok(Some(model)) => return Ok(model),
-            // The base is not (or no longer) held: the whole model.
-            Ok(None) => {}
-            Err(TaskError::Downlink(e)) => {
-                tracing::warn!(model = %hash, base = %base, error = %e,
-                    "downlink update refused; fetching the whole model");
-                ctx.record(SiteEvent::ModelRefused {
-                    model: hash.to_hex(),
-                    as_update_of: Some(base.to_hex()),
-                    error: e.to_string(),
-                })?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-
-    // Records of this model kept from a download a lost connection cut
-    // short: only the rest is fetched.
-    let resumable = session.protocol_version >= RESUME_VERSION;
-    let kept = if resumable {
-        ctx.transfers(|t| t.download_of(&hash, None))
-    } else {
-        Vec::new()
-    };
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let fetch = if kept.is_empty() {
-        Message::ModelFetch(ModelFetch { hash })
-    } else {
-        tracing::info!(model = %hash, records = kept.len(), "resuming the model download");
-        Message::ModelFetchFrom(ModelFetchFrom {
-            hash,
-            from_record: kept.len() as u64,
-        })
-    };
-    send.message(&fetch).await?;
-    send.finish()?;
-    let manifest = match recv.message().await? {
-        Message::ModelManifest(m) => *m,
-        other => return Err(not_a_manifest(hash, other, "ModelFetch")),
-    };
-    receive_model(ctx, hash, spec, manifest, recv, kept, resumable).await
-}
-
-/// The error for an answer to a model request (`request`, for model
-/// `hash`) that is not a manifest: the coordinator's refusal, or a message
-/// out of place.
-fn not_a_manifest(hash: ModelHash, answer: Message, request: &'static str) -> TaskError {
-    match answer {
-        Message::Reject(r) => Violation::ModelRefused {
-            hash,
-            code: reject_code(r.code),
-            message: truncate(&r.message),
-        }
-        .into(),
-        other => Violation::Unexpected {
-            sent: other.name(),
-            request,
-        }
-        .into(),
-    }
-}
-
-/// Receive a whole model after its manifest (`kept`: the records a cut
-/// download kept), check it, cache it, record `model.received`.
-async fn receive_model(
-    ctx: &Arc<Ctx>,
-    hash: ModelHash,
-    spec: &ModelSpec,
-    manifest: fedlink_protocol::ModelManifest,
-    mut recv: FramedRecv,
-    kept: Vec<bytes::Bytes>,
-    resumable: bool,
-) -> Result<FlatModel, TaskError> {
-    // Checked against the site's size limit before anything is allocated
-    // for the download.
-    let mut asm = ModelAssembler::new(
-        manifest.clone(),
-        hash,
-        spec,
-        ctx.config.policy.max_model_params,
-    )?;
-    let resumed_from_record = (!kept.is_empty()).then_some(kept.len() as u64);
-    let mut records = Vec::with_capacity(kept.len());
-    for record in kept {
-        if let Err(e) = asm.push(&record) {
-            ctx.transfers(|t| t.download_done(&hash));
-            return Err(e.into());
-        }
-        records.push(record);
-    }
-    while asm.remaining() > 0 {
-        let record = recv.chunk().await?;
-        if let Err(e) = asm.push(&record) {
-            ctx.transfers(|t| t.download_done(&hash));
-            return Err(e.into());
-        }
-        if resumable {
-            ctx.transfers(|t| t.downloaded(&hash, None, record.clone()));
-        }
-        records.push(record);
-    }
-    ctx.transfers(|t| t.download_done(&hash));
-    if recv.next_frame().await?.is_some() {
-        return Err(Violation::ExtraModelFrames.into());
-    }
-    let model = asm.finish()?;
-    let cache = ctx.cache.clone();
-    let stored_manifest = manifest.clone();
-    tokio::task::spawn_blocking(move || cache.store(&stored_manifest, &records))
-        .await
-        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
-    ctx.record(SiteEvent::ModelReceived {
-        model: hash.to_hex(),
-        bytes: manifest.payload_len,
-        from_cache: false,
-        resumed_from_record,
-        as_update_of: None,
-    })?;
-    Ok(model)
-}
-
-/// Model `hash` as the global update of `base` (protocol >= 7): load `base`
-/// from the cache (hash-checked; `Ok(None)` when it is not there), ask for
-/// the update (resuming a cut one), apply it record by record
-/// ([`UpdateApplier`]) and check the result's hash against `hash` before
-/// caching it as a normal model. A coordinator without that update answers
-/// with the whole model, received as by a `ModelFetch`. Errors of the
-/// update itself are [`TaskError::Downlink`]: the caller fetches the whole
-/// model then.
-async fn obtain_update(
-    ctx: &Arc<Ctx>,
-    conn: &Conn,
-    session: &Session,
-    hash: ModelHash,
-    base: ModelHash,
-    spec: &ModelSpec,
-) -> Result<Option<FlatModel>, TaskError> {
-    let (cache, spec_owned) = (ctx.cache.clone(), spec.clone());
-    let held = tokio::task::spawn_blocking(move || cache.load(&base, &spec_owned))
-        .await
-        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?;
-    let base_model = match held {
-        Ok(Some(m)) => m,
-        Ok(None) => return Ok(None),
-        Err(e) => {
-            tracing::warn!(model = %base, error = %e, "cached base model failed verification");
-            ctx.cache.remove(&base)?;
-            return Ok(None);
-        }
-    };
-    let resumable = session.protocol_version >= RESUME_VERSION;
-    let kept = ctx.transfers(|t| t.download_of(&hash, Some(&base)));
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.message(&Message::ModelUpdateFetch(ModelUpdateFetch {
-        hash,
-        base,
-        from_record: kept.len() as u64,
-    }))
-    .await?;
-    send.finish()?;
-    let manifest = match recv.message().await? {
-        Message::UpdateManifest(m) => *m,
-        // No such update: the whole model, every record of it.
-        Message::ModelManifest(m) => {
-            ctx.transfers(|t| t.download_done(&hash));
-            return receive_model(ctx, hash, spec, *m, recv, Vec::new(), resumable)
-                .await
-                .map(Some);
-        }
-        other => return Err(not_a_manifest(hash, other, "ModelUpdateFetch")),
-    };
-    if manifest.hash != hash {
-        return Err(DownlinkError::Manifest(format!(
-            "announces model {}, {hash} was asked for",
-            manifest.hash
-        ))
-        .into());
-    }
-    let resumed_from_record = (!kept.is_empty()).then_some(kept.len() as u64);
-    let refused = |e: DownlinkError| {
-        ctx.transfers(|t| t.download_done(&hash));
-        TaskError::Downlink(e)
-    };
-    // Checked against the site's size limit and the base held before
-    // anything is decoded.
-    let mut applier = UpdateApplier::new(manifest, base_model, ctx.config.policy.max_model_params)
-        .map_err(refused)?;
-    for record in &kept {
-        applier.push(record).map_err(refused)?;
-    }
-    while applier.remaining() > 0 {
-        let record = recv.chunk().await?;
-        applier.push(&record).map_err(refused)?;
-        ctx.transfers(|t| t.downloaded(&hash, Some(&base), record));
-    }
-    ctx.transfers(|t| t.download_done(&hash));
-    if recv.next_frame().await?.is_some() {
-        return Err(Violation::ExtraModelFrames.into());
-    }
-    let payload_len = applier.manifest().payload_len;
-    let model = applier.finish().map_err(TaskError::Downlink)?;
-    // Cached as any model: its lossless records, as a coordinator sends
-    // them (the next round may ask for an update of it). The model goes to
-    // the blocking task and comes back: no copy of it.
-    let cache = ctx.cache.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        let (records, summary) = encode_payload(&model, Encoding::default(), 0)?;
-        let manifest = fedlink_protocol::ModelManifest {
-            hash,
-            spec: model.spec().clone(),
-            encoding: Encoding::default(),
-            payload_len: summary.payload_len,
-            num_chunks: summary.num_chunks,
-        };
-        cache.store(&manifest, &records)?;
-        Ok::<FlatModel, TaskError>(model)
     })
-    .await
-    .map_err(|e| TaskError::Internal(format!("cache task: {e}")))??;
-    tracing::debug!(model = %hash, base = %base, bytes = payload_len, "downlink update applied");
-    ctx.record(SiteEvent::ModelReceived {
-        model: hash.to_hex(),
-        bytes: payload_len,
-        from_cache: false,
-        resumed_from_record,
-        as_update_of: Some(base.to_hex()),
-    })?;
-    Ok(Some(model))
+}
+
+/// Keep an obtained model in the cache as the download machine says: as
+/// received, or (obtained as an update) its lossless records, encoded on
+/// the blocking pool. The model goes to the blocking task and comes back:
+/// no copy of it.
+async fn store_model(
+    ctx: &Ctx,
+    hash: ModelHash,
+    model: FlatModel,
+    form: Option<CacheForm>,
+) -> Result<FlatModel, TaskError> {
+    let cache = ctx.cache.clone();
+    let store = move || -> Result<FlatModel, TaskError> {
+        match form {
+            None => {}
+            Some(CacheForm::Received { manifest, records }) => {
+                cache.store(&manifest, &records)?;
+            }
+            Some(CacheForm::Reencode) => {
+                let (manifest, records) = download::cache_form(&model, hash)?;
+                cache.store(&manifest, &records)?;
+            }
+        }
+        Ok(model)
+    };
+    tokio::task::spawn_blocking(store)
+        .await
+        .map_err(|e| TaskError::Internal(format!("cache task: {e}")))?
 }
 
 /// Send the opening message (if any) and the chunk records on an upload
@@ -1712,16 +1556,16 @@ mod tests {
             "coordinator: sent Bye in answer to ResumeUpload"
         );
         let hash = ModelHash([7; 32]);
-        let refused = TaskError::from(Violation::ModelRefused {
+        let refused = TaskError::from(DownloadError::from(download::ModelViolation::Refused {
             hash,
             code: "not_found".into(),
             message: "no such model".into(),
-        });
+        }));
         assert_eq!(
             refused.to_string(),
             format!("coordinator: model {hash} refused: not_found: no such model")
         );
-        let extra = TaskError::from(Violation::ExtraModelFrames);
+        let extra = TaskError::from(DownloadError::from(download::ModelViolation::ExtraFrames));
         assert_eq!(
             extra.to_string(),
             "coordinator: more model frames than the manifest announced"

@@ -6,7 +6,8 @@
 //!  site.toml ─▶ config ─▶ agent (tokio/quinn driver, outbound QUIC + mTLS only)
 //!                           │ control messages        ▲ OfferResponse, Heartbeat, Bye
 //!                           ▼                         │
-//!                        sitecore (sans-IO: policy, offers, cancels, heartbeats, backoff)
+//!                        sitecore (sans-IO: policy, offers, cancels, heartbeats, backoff;
+//!                                  the round's work; the global model's download)
 //!                           │ accepted round
 //!                           ▼
 //!  modelcache (global model by hash) ─▶ train (burn: evaluate global, train_local)

@@ -142,6 +142,13 @@ impl Transfers {
         }
     }
 
+    /// The partial download kept, if any (the download machine,
+    /// [`crate::sitecore::download`], decides whether it fits the model
+    /// asked for).
+    pub fn download(&self) -> Option<&PartialDownload> {
+        self.download.as_ref()
+    }
+
     /// The records of `hash` (as an update of `base`, when given) received
     /// so far (none for another model or base: a partial download of
     /// another one is dropped).

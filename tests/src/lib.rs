@@ -45,6 +45,20 @@ pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 /// the ALPN protocol.
 pub const CLOSE_FORBIDDEN: u32 = 0x403;
 
+/// Assert that the coordinator's job completed (its outcome is shown
+/// otherwise).
+#[track_caller]
+pub fn assert_completed(out: &fedlink_coordinator::server::ServeOutcome) {
+    assert!(
+        matches!(
+            out.outcome,
+            Some(fedlink_coordinator::round::JobOutcome::Completed { .. })
+        ),
+        "the job did not complete: {:?}",
+        out.outcome
+    );
+}
+
 /// Await `fut`, failing after [`STEP_TIMEOUT`] (a hung test is a failure,
 /// not a wait).
 pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> anyhow::Result<T> {

@@ -9,6 +9,7 @@ use fedlink_protocol::message::Message;
 use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
 use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash};
 use fedlink_test_util::TestPki;
+use fedlink_tests::assert_completed;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
 use fedlink_tests::raw_site::{RawSite, join_round};
 
@@ -546,11 +547,7 @@ async fn a_signed_update_cut_off_before_a_restart_is_a_replay_after_it() {
     let (offer1, _) = honest_round(&mut sites[1], 1).await;
     assert_eq!(offer1.round, offer.round);
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 }
 
 /// A DP job's offers say what the coordinator applies (clip norm, central
@@ -592,11 +589,7 @@ async fn dp_offers_carry_the_jobs_settings_and_declines_are_recorded() {
 
     let (_, _) = honest_round(&mut s1, 1).await;
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
     let round = store.round("e2e", 1).unwrap().unwrap();
@@ -760,11 +753,7 @@ async fn an_upload_that_stalls_in_its_slot_is_refused() {
         "{r:?}"
     );
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 }
 
 /// Evaluation metrics in signed headers that cannot be used (here an
@@ -849,11 +838,7 @@ async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
     }
     let out = coord.finished().await.unwrap();
     let bases: Vec<ModelHash> = joined.into_iter().map(Result::unwrap).collect();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
     let round = store.round("e2e", 1).unwrap().unwrap();
     assert_eq!(round.accepted.len(), 3);
@@ -1081,11 +1066,7 @@ async fn a_site_below_version_7_cannot_ask_for_an_update_and_gets_whole_models()
         honest_round(s, i).await;
     }
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 }
 
 /// A coordinator restarted after a round serves that round's update again
@@ -1169,9 +1150,5 @@ async fn a_restarted_coordinator_serves_the_last_rounds_update_again() {
         honest_round(s, i).await;
     }
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 }

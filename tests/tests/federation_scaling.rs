@@ -5,10 +5,10 @@
 //! mismatched reports do not enter it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fedlink_coordinator::round::JobOutcome;
 use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
 use fedlink_protocol::{FeatureScaling, FeatureStats, FlatModel};
 use fedlink_test_util::TestPki;
+use fedlink_tests::assert_completed;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, read_status, write_config, write_job};
 use fedlink_tests::raw_site::RawSite;
 
@@ -195,11 +195,7 @@ async fn round_two_offers_carry_the_scaling_pooled_from_round_one_reports() {
         );
     }
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
     let status = read_status(&data_dir).unwrap();
     assert_scaling(status.scaling.as_ref().unwrap(), &expected_scaling(&round2));
 }

@@ -12,6 +12,7 @@ use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use fedlink_protocol::{FlatModel, UpdateNonce};
 use fedlink_test_util::TestPki;
+use fedlink_tests::assert_completed;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator};
 use fedlink_tests::raw_site::{PreparedUpload, RawSite, join_round};
 use rand::{Rng, SeedableRng};
@@ -230,11 +231,7 @@ async fn an_upload_resumes_on_a_new_connection_after_the_old_one_is_lost() {
     assert_eq!(progress.unwrap().records, k as u64);
     accepted_with(&r, &up);
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,11 +279,7 @@ async fn a_resume_that_matches_no_kept_upload_is_refused_and_costs_nothing() {
     let r = site.upload(&fresh, None).await.unwrap().unwrap();
     accepted_with(&r, &fresh);
     let out = coord.finished().await.unwrap();
-    assert!(
-        matches!(out.outcome, Some(JobOutcome::Completed { .. })),
-        "{:?}",
-        out.outcome
-    );
+    assert_completed(&out);
     let refused = audit(&data, "update.received")
         .into_iter()
         .filter(|e| e["accepted"] == false)
@@ -377,10 +370,7 @@ async fn an_agent_cut_while_uploading_finishes_the_round_without_training_again(
         .await
         .expect("the job finishes")
         .unwrap();
-    assert!(
-        matches!(outcome.outcome, Some(JobOutcome::Completed { .. })),
-        "{outcome:?}"
-    );
+    assert_completed(&outcome);
     let _ = stop.send(());
     tokio::time::timeout(LIMIT, agent)
         .await

@@ -1,10 +1,33 @@
-//! The admin commands that change a job's state (pause, resume, abort),
-//! for the running job and for queued ones alike, as effects in the order
-//! the driver executes them: the audit append first, then the change —
-//! and nothing if the append fails. A command on a job that has finished
-//! changes nothing and is not recorded.
+//! The admin commands that change state, as effects in the order the
+//! driver executes them: the audit append first, then the change — and
+//! nothing if the append fails.
+//!
+//! - [`job_command`]: pause, resume, abort of the running job or a queued
+//!   one. A command on a job that has finished changes nothing and is not
+//!   recorded.
+//! - [`job_submitted`]: a submitted job's `job.submitted` entry, or its
+//!   refusal when a job with its id exists.
+//! - [`site_command`]: `sites approve | revoke | rotate`. The driver loads
+//!   the site manifest and the revocation list, parses and verifies a
+//!   presented certificate (chain, validity now: [`SiteCert`]) and hands
+//!   them over as data; the decision — refused (typed, with the code the
+//!   admin is sent) or the audit entry, the files to save and the reload
+//!   that cuts the connections no longer allowed — is made here, without
+//!   files.
+//!
+//! ```text
+//!  driver: lock registry, parse + verify cert, load sites.toml + revoked.toml
+//!     │ SiteCommand, Registry, actor, now
+//!     ▼
+//!  site_command ──▶ Err(AdminRefusal)                        (nothing recorded)
+//!               └─▶ AppendAudit(site.approved | site.revoked | site.rotated)
+//!                   [SaveRevocations] SaveManifest ReloadRegistry ──▶ driver executes in order
+//! ```
 
+use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::pkcs8::DecodePublicKey;
 use fedlink_audit::EventKind;
+use fedlink_certs::{CertInfo, RevokedEntry, RevokedFile, Role, SiteEntry, SiteManifest};
 use fedlink_protocol::admin::AdminErrorCode;
 
 use super::Effect;
@@ -110,6 +133,324 @@ pub fn job_command(
     }
 }
 
+/// A job submitted by `actor` (its file `job_toml`, already parsed and
+/// validated by the driver: the file, its strategy, its initial model and
+/// that they fit): refused if a job with its id exists (`exists`: the
+/// store has one); otherwise its `job.submitted` entry (the job and the
+/// file's blake3), which the driver appends before it stores and queues
+/// the job.
+pub fn job_submitted(
+    actor: &str,
+    job: &str,
+    job_toml: &str,
+    exists: bool,
+) -> Result<Effect, AdminRefusal> {
+    if exists {
+        return Err(refusal(
+            AdminErrorCode::Refused,
+            format!("a job with id {job} exists already"),
+        ));
+    }
+    Ok(Effect::AppendAudit {
+        actor: actor.to_owned(),
+        kind: EventKind::JobSubmitted,
+        details: serde_json::json!({
+            "job": job,
+            "job_toml_blake3": blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
+        }),
+    })
+}
+
+/// A site certificate presented to `approve` or `rotate`, as the driver
+/// found it: a PEM certificate that chains to the federation CA, is valid
+/// now and is not on the TLS verifier's revocation list; its parsed facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteCert {
+    /// Identity, serial and fingerprint.
+    pub info: CertInfo,
+}
+
+/// A command that changes the site registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SiteCommand {
+    /// Register a new site.
+    Approve {
+        /// Its certificate.
+        cert: SiteCert,
+        /// Its update public key (SPKI PEM or 64 hex digits).
+        update_key: String,
+        /// The most examples one of its updates may claim.
+        max_examples: Option<u64>,
+    },
+    /// Remove a site and revoke its certificate and update key.
+    Revoke {
+        /// The site.
+        name: String,
+        /// Why (kept in the revocation list and the audit entry).
+        reason: Option<String>,
+    },
+    /// Give a registered site a new certificate (and update key).
+    Rotate {
+        /// The site.
+        name: String,
+        /// Its new certificate.
+        cert: SiteCert,
+        /// Its new update key; `None` keeps the current one.
+        update_key: Option<String>,
+    },
+}
+
+/// The site registry as the driver loaded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registry {
+    /// `sites.toml`.
+    pub manifest: SiteManifest,
+    /// `revoked.toml`.
+    pub revoked: RevokedFile,
+}
+
+/// What a site command does: the effects to execute in order
+/// ([`Effect::AppendAudit`] first), and the site's entry for the answer
+/// (as registered now; for a revocation, as it was).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteChange {
+    /// The effects.
+    pub effects: Vec<Effect>,
+    /// The site's entry.
+    pub entry: SiteEntry,
+}
+
+fn refusal(code: AdminErrorCode, message: impl Into<String>) -> AdminRefusal {
+    AdminRefusal {
+        code,
+        message: message.into(),
+    }
+}
+
+/// An update public key given as SPKI PEM or 64 hex digits, as lower-case
+/// hex; an `Invalid` refusal says what is wrong.
+pub fn parse_update_key(text: &str) -> Result<String, AdminRefusal> {
+    let invalid = |m: String| refusal(AdminErrorCode::Invalid, m);
+    let t = text.trim();
+    let key = if t.starts_with("-----BEGIN") {
+        VerifyingKey::from_public_key_pem(t)
+            .map_err(|e| invalid(format!("update key: not an ed25519 public key PEM: {e}")))?
+    } else {
+        let bytes =
+            hex::decode(t).map_err(|_| invalid("update key: neither PEM nor hex".into()))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| invalid("update key: must be 32 bytes".into()))?;
+        VerifyingKey::from_bytes(&arr).map_err(|e| invalid(format!("update key: {e}")))?
+    };
+    Ok(hex::encode(key.as_bytes()))
+}
+
+/// The audit details of a site's registry entry.
+pub fn entry_event(e: &SiteEntry) -> serde_json::Value {
+    serde_json::json!({
+        "site": e.name,
+        "cert_serial": e.cert_serial.to_string(),
+        "cert_fingerprint": e.cert_fingerprint.to_string(),
+        "update_public_key": e.update_public_key,
+        "max_examples": e.max_examples,
+    })
+}
+
+/// A presented certificate must be a site's and not revoked.
+fn check_site_cert(cert: &SiteCert, revoked: &RevokedFile) -> Result<(), AdminRefusal> {
+    let identity = &cert.info.identity;
+    if identity.role() != Role::Site {
+        return Err(refusal(
+            AdminErrorCode::Invalid,
+            format!(
+                "{identity} is a {} certificate, not a site certificate",
+                identity.role()
+            ),
+        ));
+    }
+    if revoked.lists(&cert.info.serial, &cert.info.fingerprint) {
+        return Err(refusal(
+            AdminErrorCode::Refused,
+            format!("certificate {} is revoked", cert.info.serial),
+        ));
+    }
+    Ok(())
+}
+
+/// An update key must not be a revoked site's.
+fn check_key_not_revoked(key: &str, revoked: &RevokedFile) -> Result<(), AdminRefusal> {
+    if revoked.is_update_key_revoked(key) {
+        return Err(refusal(
+            AdminErrorCode::Refused,
+            "this update key belongs to a revoked site",
+        ));
+    }
+    Ok(())
+}
+
+/// An update key for site `name` (`None`: a new site) must not be another
+/// site's.
+fn check_key_not_taken(
+    key: &str,
+    name: Option<&str>,
+    manifest: &SiteManifest,
+) -> Result<(), AdminRefusal> {
+    match manifest
+        .site
+        .iter()
+        .find(|s| Some(s.name.as_str()) != name && s.update_public_key.eq_ignore_ascii_case(key))
+    {
+        Some(other) => Err(refusal(
+            AdminErrorCode::Refused,
+            format!("site {} already uses this update key", other.name),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What `cmd` by `actor` does to the site registry, decided on the
+/// registry as loaded; `now`: the time to record (RFC 3339). Refused:
+/// nothing is recorded or changed. Otherwise the audit entry, then the
+/// files to save (a revocation's list before the manifest: even if the
+/// manifest's write failed, the certificate is refused), then the reload
+/// that re-checks every open connection.
+pub fn site_command(
+    cmd: SiteCommand,
+    actor: &str,
+    registry: Registry,
+    now: &str,
+) -> Result<SiteChange, AdminRefusal> {
+    let Registry {
+        mut manifest,
+        mut revoked,
+    } = registry;
+    let audit = |kind, details| Effect::AppendAudit {
+        actor: actor.to_owned(),
+        kind,
+        details,
+    };
+    let not_found = |name: &str| {
+        refusal(
+            AdminErrorCode::NotFound,
+            format!("no registered site {name}"),
+        )
+    };
+    match cmd {
+        SiteCommand::Approve {
+            cert,
+            update_key,
+            max_examples,
+        } => {
+            check_site_cert(&cert, &revoked)?;
+            let key = parse_update_key(&update_key)?;
+            if max_examples == Some(0) {
+                return Err(refusal(
+                    AdminErrorCode::Invalid,
+                    "max examples: must be > 0 (0 would refuse every update of the site)",
+                ));
+            }
+            let identity = cert.info.identity;
+            check_key_not_revoked(&key, &revoked)?;
+            if manifest.get(identity.name()).is_some() {
+                return Err(refusal(
+                    AdminErrorCode::Refused,
+                    format!("site {} is already registered", identity.name()),
+                ));
+            }
+            check_key_not_taken(&key, None, &manifest)?;
+            let entry = SiteEntry {
+                name: identity.name().to_owned(),
+                identity,
+                cert_serial: cert.info.serial,
+                cert_fingerprint: cert.info.fingerprint,
+                update_public_key: key,
+                added_at: now.to_owned(),
+                renewed_at: None,
+                max_examples,
+            };
+            manifest.site.push(entry.clone());
+            Ok(SiteChange {
+                effects: vec![
+                    audit(EventKind::SiteApproved, entry_event(&entry)),
+                    Effect::SaveManifest(manifest),
+                    Effect::ReloadRegistry,
+                ],
+                entry,
+            })
+        }
+        SiteCommand::Revoke { name, reason } => {
+            let entry = manifest.remove(&name).ok_or_else(|| not_found(&name))?;
+            let mut details = entry_event(&entry);
+            details["reason"] = serde_json::json!(reason);
+            revoked.revoked.push(RevokedEntry {
+                serial: Some(entry.cert_serial.clone()),
+                fingerprint: Some(entry.cert_fingerprint),
+                identity: Some(entry.identity.clone()),
+                reason,
+                revoked_at: Some(now.to_owned()),
+                update_public_key: Some(entry.update_public_key.clone()),
+            });
+            Ok(SiteChange {
+                effects: vec![
+                    audit(EventKind::SiteRevoked, details),
+                    Effect::SaveRevocations(revoked),
+                    Effect::SaveManifest(manifest),
+                    Effect::ReloadRegistry,
+                ],
+                entry,
+            })
+        }
+        SiteCommand::Rotate {
+            name,
+            cert,
+            update_key,
+        } => {
+            check_site_cert(&cert, &revoked)?;
+            let current = manifest.get(&name).ok_or_else(|| not_found(&name))?;
+            let identity = &cert.info.identity;
+            if *identity != current.identity {
+                return Err(refusal(
+                    AdminErrorCode::Invalid,
+                    format!(
+                        "the certificate is for {identity}, not {}",
+                        current.identity
+                    ),
+                ));
+            }
+            if cert.info.fingerprint == current.cert_fingerprint {
+                return Err(refusal(
+                    AdminErrorCode::Refused,
+                    "this certificate is already the site's current certificate",
+                ));
+            }
+            let key = match update_key {
+                Some(k) => {
+                    let k = parse_update_key(&k)?;
+                    check_key_not_revoked(&k, &revoked)?;
+                    check_key_not_taken(&k, Some(&name), &manifest)?;
+                    k
+                }
+                None => current.update_public_key.clone(),
+            };
+            let entry = manifest.get_mut(&name).ok_or_else(|| not_found(&name))?;
+            entry.cert_serial = cert.info.serial;
+            entry.cert_fingerprint = cert.info.fingerprint;
+            entry.update_public_key = key;
+            entry.renewed_at = Some(now.to_owned());
+            let entry = entry.clone();
+            Ok(SiteChange {
+                effects: vec![
+                    audit(EventKind::SiteRotated, entry_event(&entry)),
+                    Effect::SaveManifest(manifest),
+                    Effect::ReloadRegistry,
+                ],
+                entry,
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +513,438 @@ mod tests {
         let err = r.unwrap_err();
         assert_eq!(err.code, AdminErrorCode::NotFound);
         assert_eq!(err.message, "no job nope");
+    }
+
+    #[test]
+    fn a_submitted_job_is_recorded_with_its_file_hash_unless_its_id_exists() {
+        let toml = "id = \"j\"\n";
+        let e = job_submitted("admin", "j", toml, false).unwrap();
+        assert_eq!(
+            e,
+            Effect::AppendAudit {
+                actor: "admin".into(),
+                kind: EventKind::JobSubmitted,
+                details: serde_json::json!({
+                    "job": "j",
+                    "job_toml_blake3": blake3::hash(toml.as_bytes()).to_hex().to_string(),
+                }),
+            }
+        );
+        assert_eq!(
+            job_submitted("admin", "j", toml, true),
+            Err(AdminRefusal {
+                code: AdminErrorCode::Refused,
+                message: "a job with id j exists already".into()
+            })
+        );
+    }
+
+    mod sites {
+        use fedlink_certs::time::OffsetDateTime;
+        use fedlink_certs::{Fingerprint, Identity, Serial};
+
+        use super::super::*;
+
+        const NOW: &str = "2026-12-06T12:00:00Z";
+
+        fn key(n: u8) -> String {
+            let sk = ed25519_dalek::SigningKey::from_bytes(&[n; 32]);
+            hex::encode(sk.verifying_key().as_bytes())
+        }
+
+        fn cert(role: Role, name: &str, n: u8) -> SiteCert {
+            SiteCert {
+                info: CertInfo {
+                    // Unique per (name, n), as a CA's certificates are.
+                    serial: Serial::from_bytes(&[name.as_bytes()[0], n]).unwrap(),
+                    fingerprint: hex::encode([[name.as_bytes()[0]; 16], [n; 16]].concat())
+                        .parse::<Fingerprint>()
+                        .unwrap(),
+                    not_before: OffsetDateTime::UNIX_EPOCH,
+                    not_after: OffsetDateTime::UNIX_EPOCH,
+                    identity: Identity::new("fed", role, name).unwrap(),
+                    server_names: Vec::new(),
+                },
+            }
+        }
+
+        fn empty() -> Registry {
+            Registry {
+                manifest: SiteManifest::new("fed").unwrap(),
+                revoked: RevokedFile::default(),
+            }
+        }
+
+        fn approve(
+            registry: Registry,
+            name: &str,
+            n: u8,
+            k: u8,
+        ) -> Result<SiteChange, AdminRefusal> {
+            site_command(
+                SiteCommand::Approve {
+                    cert: cert(Role::Site, name, n),
+                    update_key: key(k),
+                    max_examples: Some(100),
+                },
+                "admin-uri",
+                registry,
+                NOW,
+            )
+        }
+
+        /// The registry after executing `change`'s saves.
+        fn saved(mut registry: Registry, change: &SiteChange) -> Registry {
+            for e in &change.effects {
+                match e {
+                    Effect::SaveManifest(m) => registry.manifest = m.clone(),
+                    Effect::SaveRevocations(r) => registry.revoked = r.clone(),
+                    _ => {}
+                }
+            }
+            registry
+        }
+
+        /// Every change is the audit entry first, then the saves, then the
+        /// reload that cuts connections no longer allowed.
+        fn audited_then_saved(change: &SiteChange, kind: EventKind) {
+            assert!(
+                Effect::audited_first(&change.effects),
+                "{:?}",
+                change.effects
+            );
+            assert!(
+                matches!(&change.effects[0], Effect::AppendAudit { kind: k, actor, .. } if *k == kind && actor == "admin-uri"),
+                "{:?}",
+                change.effects[0]
+            );
+            assert_eq!(change.effects.last(), Some(&Effect::ReloadRegistry));
+        }
+
+        #[test]
+        fn approve_registers_a_new_site_after_its_audit_entry() {
+            let change = approve(empty(), "a", 1, 1).unwrap();
+            audited_then_saved(&change, EventKind::SiteApproved);
+            assert_eq!(change.entry.name, "a");
+            assert_eq!(change.entry.update_public_key, key(1));
+            assert_eq!(change.entry.added_at, NOW);
+            assert_eq!(change.entry.max_examples, Some(100));
+            let Effect::AppendAudit { details, .. } = &change.effects[0] else {
+                unreachable!()
+            };
+            assert_eq!(details, &entry_event(&change.entry));
+            assert_eq!(details["cert_serial"], change.entry.cert_serial.to_string());
+            let after = saved(empty(), &change);
+            assert_eq!(after.manifest.get("a"), Some(&change.entry));
+            assert!(
+                !change
+                    .effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::SaveRevocations(_))),
+                "the revocation list is left alone"
+            );
+        }
+
+        #[test]
+        fn approve_refusals_name_what_is_wrong_and_record_nothing() {
+            let one = saved(empty(), &approve(empty(), "a", 1, 1).unwrap());
+            let cases: Vec<(Result<SiteChange, AdminRefusal>, AdminErrorCode, String)> = vec![
+                (
+                    site_command(
+                        SiteCommand::Approve {
+                            cert: cert(Role::Admin, "ops", 2),
+                            update_key: key(2),
+                            max_examples: None,
+                        },
+                        "admin-uri",
+                        empty(),
+                        NOW,
+                    ),
+                    AdminErrorCode::Invalid,
+                    "fedlink://fed/admin/ops is a admin certificate, not a site certificate".into(),
+                ),
+                (
+                    approve(one.clone(), "a", 3, 3),
+                    AdminErrorCode::Refused,
+                    "site a is already registered".into(),
+                ),
+                (
+                    approve(one.clone(), "b", 3, 1),
+                    AdminErrorCode::Refused,
+                    "site a already uses this update key".into(),
+                ),
+                (
+                    site_command(
+                        SiteCommand::Approve {
+                            cert: cert(Role::Site, "b", 3),
+                            update_key: "zz".into(),
+                            max_examples: None,
+                        },
+                        "admin-uri",
+                        empty(),
+                        NOW,
+                    ),
+                    AdminErrorCode::Invalid,
+                    "update key: neither PEM nor hex".into(),
+                ),
+                (
+                    site_command(
+                        SiteCommand::Approve {
+                            cert: cert(Role::Site, "b", 3),
+                            update_key: "abcd".into(),
+                            max_examples: None,
+                        },
+                        "admin-uri",
+                        empty(),
+                        NOW,
+                    ),
+                    AdminErrorCode::Invalid,
+                    "update key: must be 32 bytes".into(),
+                ),
+                (
+                    site_command(
+                        SiteCommand::Approve {
+                            cert: cert(Role::Site, "b", 3),
+                            update_key: key(3),
+                            max_examples: Some(0),
+                        },
+                        "admin-uri",
+                        empty(),
+                        NOW,
+                    ),
+                    AdminErrorCode::Invalid,
+                    "max examples: must be > 0 (0 would refuse every update of the site)".into(),
+                ),
+            ];
+            for (got, code, message) in cases {
+                assert_eq!(got, Err(AdminRefusal { code, message }));
+            }
+            // A revoked site's certificate or update key.
+            let revoked = saved(
+                one.clone(),
+                &site_command(
+                    SiteCommand::Revoke {
+                        name: "a".into(),
+                        reason: Some("lost".into()),
+                    },
+                    "admin-uri",
+                    one,
+                    NOW,
+                )
+                .unwrap(),
+            );
+            let again = approve(revoked.clone(), "a", 1, 9).unwrap_err();
+            assert_eq!(again.code, AdminErrorCode::Refused);
+            assert_eq!(
+                again.message,
+                format!(
+                    "certificate {} is revoked",
+                    cert(Role::Site, "a", 1).info.serial
+                )
+            );
+            let key_again = approve(revoked, "c", 4, 1).unwrap_err();
+            assert_eq!(
+                key_again.message,
+                "this update key belongs to a revoked site"
+            );
+        }
+
+        #[test]
+        fn revoke_lists_the_certificate_and_key_before_it_removes_the_site() {
+            let one = saved(empty(), &approve(empty(), "a", 1, 1).unwrap());
+            let entry = one.manifest.get("a").unwrap().clone();
+            let change = site_command(
+                SiteCommand::Revoke {
+                    name: "a".into(),
+                    reason: Some("lost laptop".into()),
+                },
+                "admin-uri",
+                one.clone(),
+                NOW,
+            )
+            .unwrap();
+            audited_then_saved(&change, EventKind::SiteRevoked);
+            assert_eq!(change.entry, entry, "answered as it was");
+            let Effect::AppendAudit { details, .. } = &change.effects[0] else {
+                unreachable!()
+            };
+            assert_eq!(details["reason"], "lost laptop");
+            assert_eq!(details["site"], "a");
+            // The revocation list is written before the manifest.
+            assert!(matches!(change.effects[1], Effect::SaveRevocations(_)));
+            assert!(matches!(change.effects[2], Effect::SaveManifest(_)));
+            let after = saved(one, &change);
+            assert!(after.manifest.get("a").is_none());
+            let [listed] = &after.revoked.revoked[..] else {
+                panic!("{:?}", after.revoked)
+            };
+            assert!(
+                after
+                    .revoked
+                    .lists(&entry.cert_serial, &entry.cert_fingerprint)
+            );
+            assert!(after.revoked.is_update_key_revoked(&key(1)));
+            assert_eq!(listed.reason.as_deref(), Some("lost laptop"));
+            assert_eq!(listed.revoked_at.as_deref(), Some(NOW));
+            assert_eq!(listed.identity.as_ref(), Some(&entry.identity));
+            // An unknown site: nothing recorded.
+            assert_eq!(
+                site_command(
+                    SiteCommand::Revoke {
+                        name: "zz".into(),
+                        reason: None
+                    },
+                    "admin-uri",
+                    after,
+                    NOW,
+                ),
+                Err(AdminRefusal {
+                    code: AdminErrorCode::NotFound,
+                    message: "no registered site zz".into()
+                })
+            );
+        }
+
+        #[test]
+        fn rotate_replaces_the_certificate_and_optionally_the_key() {
+            let two = {
+                let one = saved(empty(), &approve(empty(), "a", 1, 1).unwrap());
+                saved(one.clone(), &approve(one, "b", 2, 2).unwrap())
+            };
+            let rotate = |registry: &Registry, name: &str, c: SiteCert, k: Option<String>| {
+                site_command(
+                    SiteCommand::Rotate {
+                        name: name.into(),
+                        cert: c,
+                        update_key: k,
+                    },
+                    "admin-uri",
+                    registry.clone(),
+                    NOW,
+                )
+            };
+            // New certificate, same key.
+            let change = rotate(&two, "a", cert(Role::Site, "a", 5), None).unwrap();
+            audited_then_saved(&change, EventKind::SiteRotated);
+            assert_eq!(
+                change.entry.cert_serial,
+                cert(Role::Site, "a", 5).info.serial
+            );
+            assert_eq!(change.entry.update_public_key, key(1));
+            assert_eq!(change.entry.renewed_at.as_deref(), Some(NOW));
+            let after = saved(two.clone(), &change);
+            assert_eq!(after.manifest.get("a"), Some(&change.entry));
+            assert_eq!(
+                after.manifest.get("b"),
+                two.manifest.get("b"),
+                "the others stay"
+            );
+            // And a new key; its own old key may be given again.
+            let change = rotate(&two, "a", cert(Role::Site, "a", 5), Some(key(7))).unwrap();
+            assert_eq!(change.entry.update_public_key, key(7));
+            assert!(rotate(&two, "a", cert(Role::Site, "a", 5), Some(key(1))).is_ok());
+            // Refusals.
+            let refused = |r: Result<SiteChange, AdminRefusal>| r.unwrap_err();
+            let e = refused(rotate(&two, "a", cert(Role::Site, "b", 5), None));
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (
+                    AdminErrorCode::Invalid,
+                    "the certificate is for fedlink://fed/site/b, not fedlink://fed/site/a"
+                )
+            );
+            let e = refused(rotate(&two, "a", cert(Role::Site, "a", 1), None));
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (
+                    AdminErrorCode::Refused,
+                    "this certificate is already the site's current certificate"
+                )
+            );
+            let e = refused(rotate(&two, "a", cert(Role::Site, "a", 5), Some(key(2))));
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (
+                    AdminErrorCode::Refused,
+                    "site b already uses this update key"
+                )
+            );
+            let e = refused(rotate(&two, "zz", cert(Role::Site, "zz", 5), None));
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (AdminErrorCode::NotFound, "no registered site zz")
+            );
+            let e = refused(rotate(&two, "a", cert(Role::Admin, "a", 5), None));
+            assert_eq!(e.code, AdminErrorCode::Invalid);
+        }
+
+        /// Seeded sequences of approvals, rotations and revocations,
+        /// executed on the registry as the driver does: the registry never
+        /// holds two sites with one update key, never a site whose
+        /// certificate or key is revoked, and every change has its audit
+        /// entry first.
+        #[test]
+        fn seeded_command_sequences_keep_the_registry_consistent() {
+            use rand::{Rng, SeedableRng};
+            let mut done = [0usize; 3];
+            for seed in 0..200u64 {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut registry = empty();
+                let names = ["a", "b", "c", "d"];
+                for step in 0..40u8 {
+                    let name = names[rng.gen_range(0..names.len())];
+                    let n = rng.gen_range(1..12u8);
+                    let which = rng.gen_range(0..3);
+                    let cmd = match which {
+                        0 => SiteCommand::Approve {
+                            cert: cert(Role::Site, name, n),
+                            update_key: key(rng.gen_range(1..12)),
+                            max_examples: None,
+                        },
+                        1 => SiteCommand::Rotate {
+                            name: name.into(),
+                            cert: cert(Role::Site, name, n),
+                            update_key: rng.gen_bool(0.5).then(|| key(rng.gen_range(1..12))),
+                        },
+                        _ => SiteCommand::Revoke {
+                            name: name.into(),
+                            reason: None,
+                        },
+                    };
+                    let Ok(change) = site_command(cmd, "admin-uri", registry.clone(), NOW) else {
+                        continue;
+                    };
+                    assert!(
+                        Effect::audited_first(&change.effects),
+                        "seed {seed} step {step}"
+                    );
+                    done[which] += 1;
+                    registry = saved(registry, &change);
+                    let sites = &registry.manifest.site;
+                    for (i, s) in sites.iter().enumerate() {
+                        assert!(
+                            !registry.revoked.lists(&s.cert_serial, &s.cert_fingerprint),
+                            "seed {seed}"
+                        );
+                        assert!(
+                            !registry.revoked.is_update_key_revoked(&s.update_public_key),
+                            "seed {seed}"
+                        );
+                        assert!(
+                            sites[i + 1..].iter().all(|t| t.name != s.name
+                                && !t
+                                    .update_public_key
+                                    .eq_ignore_ascii_case(&s.update_public_key)),
+                            "seed {seed}: {sites:?}"
+                        );
+                    }
+                }
+            }
+            println!("approved, rotated, revoked: {done:?}");
+            assert!(
+                done.iter().all(|&n| n >= 100),
+                "each kind happens: {done:?}"
+            );
+        }
     }
 }

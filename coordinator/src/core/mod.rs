@@ -34,8 +34,9 @@
 //! `[evaluation] every_rounds`), which sites' reported metrics count and
 //! their example-weighted mean.
 //!
-//! [`admin`] turns pause / resume / abort of the running or a queued job
-//! into effects, the audit append first.
+//! [`admin`] turns pause / resume / abort of the running or a queued job,
+//! and `sites approve | revoke | rotate` on the registry as loaded, into
+//! effects, the audit append first.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -225,6 +226,14 @@ pub enum Effect {
     /// The job is over: the driver records its outcome (and its serve loop
     /// moves on to the next job).
     Finish(crate::round::JobOutcome),
+    /// Write the site manifest (`sites.toml`) atomically, as given.
+    SaveManifest(fedlink_certs::SiteManifest),
+    /// Write the revocation list (`revoked.toml`) atomically, as given.
+    SaveRevocations(fedlink_certs::RevokedFile),
+    /// Re-read the site manifest and the revocation list now: every open
+    /// connection they no longer allow is cut (sites through
+    /// [`Sites::revoke_where`], admins by the driver).
+    ReloadRegistry,
 }
 
 impl Effect {
@@ -240,6 +249,9 @@ impl Effect {
                 | Self::DiscardSpool { .. }
                 | Self::RecordFinalEvaluation { .. }
                 | Self::Finish(_)
+                | Self::SaveManifest(_)
+                | Self::SaveRevocations(_)
+                | Self::ReloadRegistry
         )
     }
 

@@ -1275,7 +1275,12 @@ impl CoreSim {
                     self.note(&format!("finish {outcome:?}"));
                     sent.finished.push(outcome);
                 }
-                other @ (Effect::Close { .. } | Effect::Persist { .. } | Effect::Apply(_)) => {
+                other @ (Effect::Close { .. }
+                | Effect::Persist { .. }
+                | Effect::Apply(_)
+                | Effect::SaveManifest(_)
+                | Effect::SaveRevocations(_)
+                | Effect::ReloadRegistry) => {
                     return Err(
                         self.violation(format!("a round action's decision emitted {other:?}"))
                     );
@@ -1388,7 +1393,10 @@ impl CoreSim {
             | Effect::DiscardSpool { .. }
             | Effect::AnswerUpload { .. }
             | Effect::RecordFinalEvaluation { .. }
-            | Effect::Finish(_)) => {
+            | Effect::Finish(_)
+            | Effect::SaveManifest(_)
+            | Effect::SaveRevocations(_)
+            | Effect::ReloadRegistry) => {
                 return Err(self.violation(format!("the site table emitted {other:?}")));
             }
             Effect::Close { conn, reason } => {

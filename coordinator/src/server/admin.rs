@@ -5,7 +5,9 @@
 //! Every command is recorded in the audit log as `admin.command` (actor: the
 //! admin's identity) before it executes; a command whose audit entry cannot
 //! be written is not executed. Registry changes (`sites approve | revoke |
-//! rotate`) edit `sites.toml` / `revoked.toml` atomically and reload them at
+//! rotate`) are decided by [`crate::core::admin::site_command`] on the
+//! files as loaded; this driver verifies the presented certificate, loads
+//! and saves `sites.toml` / `revoked.toml` (atomically) and reloads them at
 //! once, which re-checks and cuts off open connections that are no longer
 //! allowed. Job commands that concern the running job go through the engine
 //! ([`super::engine::admin`]).
@@ -16,15 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::VerifyingKey;
-use ed25519_dalek::pkcs8::DecodePublicKey;
 use fedlink_audit::EventKind;
 use fedlink_certs::rustls::server::danger::ClientCertVerifier;
 use fedlink_certs::rustls_pki_types::pem::PemObject;
 use fedlink_certs::rustls_pki_types::{CertificateDer, UnixTime};
 use fedlink_certs::{
-    CertInfo, FederationClientVerifier, Identity, RevokedEntry, RevokedFile, Role, SiteEntry,
-    SiteManifest,
+    CertInfo, FederationClientVerifier, Identity, RevokedFile, SiteEntry, SiteManifest,
 };
 use fedlink_protocol::admin::{
     AdminErrorCode, AdminRequest, AdminResponse, EXPORT_CHUNK_BYTES, ExportFormat, ExportHeader,
@@ -36,7 +35,10 @@ use tokio::sync::oneshot;
 
 use super::engine::Event;
 use super::engine::admin::AdminEvent;
+use super::engine::effects;
 use super::{Shared, initial_model, read_initial_model, resolve_submitted_init, strategy_config};
+use crate::core::Effect;
+use crate::core::admin::{self, Registry, SiteCert, SiteCommand};
 use crate::job::{InitSource, Job};
 use crate::round::AdminCommand;
 use crate::store::{JobRecord, Store};
@@ -505,13 +507,33 @@ async fn execute(
             cert_pem,
             update_key,
             max_examples,
-        } => approve(shared, actor, &cert_pem, &update_key, max_examples).await,
-        AdminRequest::SitesRevoke { name, reason } => revoke(shared, actor, &name, reason).await,
+        } => {
+            change_sites(shared, actor, |shared| {
+                Ok(SiteCommand::Approve {
+                    cert: verify_site_cert(shared, &cert_pem)?,
+                    update_key,
+                    max_examples,
+                })
+            })
+            .await
+        }
+        AdminRequest::SitesRevoke { name, reason } => {
+            change_sites(shared, actor, |_| Ok(SiteCommand::Revoke { name, reason })).await
+        }
         AdminRequest::SitesRotate {
             name,
             cert_pem,
             update_key,
-        } => rotate(shared, actor, &name, &cert_pem, update_key.as_deref()).await,
+        } => {
+            change_sites(shared, actor, |shared| {
+                Ok(SiteCommand::Rotate {
+                    name,
+                    cert: verify_site_cert(shared, &cert_pem)?,
+                    update_key,
+                })
+            })
+            .await
+        }
         AdminRequest::JobsSubmit { job_toml } => submit(shared, actor, &job_toml).await,
         AdminRequest::JobsList => {
             let jobs = admin.store.jobs().map_err(internal)?;
@@ -646,29 +668,12 @@ fn site_info(store: &Store, e: &SiteEntry, connected: &[String], shared: &Shared
     }
 }
 
-/// An update public key given as SPKI PEM or 64 hex digits, as hex.
-fn parse_update_key(text: &str) -> Result<String, Fail> {
-    let t = text.trim();
-    let key = if t.starts_with("-----BEGIN") {
-        VerifyingKey::from_public_key_pem(t)
-            .map_err(|e| invalid(format!("update key: not an ed25519 public key PEM: {e}")))?
-    } else {
-        let bytes = hex::decode(t).map_err(|_| invalid("update key: neither PEM nor hex"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| invalid("update key: must be 32 bytes"))?;
-        VerifyingKey::from_bytes(&arr).map_err(|e| invalid(format!("update key: {e}")))?
-    };
-    Ok(hex::encode(key.as_bytes()))
-}
-
-/// Check a site certificate for approval or rotation: it chains to the
-/// federation CA, is valid now, is not revoked, carries a site identity of
-/// this federation.
-fn check_site_cert(
-    shared: &Shared,
-    cert_pem: &str,
-) -> Result<(CertificateDer<'static>, Identity, CertInfo), Fail> {
+/// Parse and verify a site certificate presented for approval or
+/// rotation: it chains to the federation CA, is valid now and is not on
+/// the TLS verifier's revocation list (the driver's part: it reads the
+/// clock). The rest — a site's, not revoked in `revoked.toml`, fits the
+/// registry — is [`admin::site_command`]'s.
+fn verify_site_cert(shared: &Shared, cert_pem: &str) -> Result<SiteCert, Fail> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| invalid(format!("certificate: not a PEM certificate: {e}")))?;
     let verifier = FederationClientVerifier::new(
@@ -680,200 +685,50 @@ fn check_site_cert(
     verifier
         .verify_client_cert(&der, &[], UnixTime::now())
         .map_err(|e| invalid(format!("certificate refused: {e}")))?;
-    let identity = Identity::from_der(&der).map_err(invalid)?;
-    if identity.role() != Role::Site {
-        return Err(invalid(format!(
-            "{identity} is a {} certificate, not a site certificate",
-            identity.role()
-        )));
-    }
     let info = CertInfo::from_der(&der).map_err(invalid)?;
-    let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
-    if revoked.lists(&info.serial, &info.fingerprint) {
-        return Err(refused(format!("certificate {} is revoked", info.serial)));
-    }
-    Ok((der, identity, info))
+    Ok(SiteCert { info })
 }
 
-fn entry_event(e: &SiteEntry) -> serde_json::Value {
-    serde_json::json!({
-        "site": e.name,
-        "cert_serial": e.cert_serial.to_string(),
-        "cert_fingerprint": e.cert_fingerprint.to_string(),
-        "update_public_key": e.update_public_key,
-        "max_examples": e.max_examples,
-    })
-}
-
-async fn approve(
+/// `sites approve | revoke | rotate`: under the registry lock, the
+/// command made (`command`: approve and rotate verify their certificate
+/// there), the registry loaded, the decision taken by
+/// [`admin::site_command`], its effects executed in order by the one
+/// executor (the audit entry first; the first that fails stops the rest),
+/// the site's entry answered.
+async fn change_sites(
     shared: &Arc<Shared>,
     actor: &str,
-    cert_pem: &str,
-    update_key: &str,
-    max_examples: Option<u64>,
+    command: impl FnOnce(&Shared) -> Result<SiteCommand, Fail>,
 ) -> Result<AdminResponse, Fail> {
     let _guard = shared.admin.registry.lock().await;
-    let (_, identity, info) = check_site_cert(shared, cert_pem)?;
-    let key = parse_update_key(update_key)?;
-    if max_examples == Some(0) {
-        return Err(invalid(
-            "max examples: must be > 0 (0 would refuse every update of the site)",
-        ));
-    }
-    let manifest_path = shared.manifest_path.clone();
-    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
-    let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
-    if revoked.is_update_key_revoked(&key) {
-        return Err(refused("this update key belongs to a revoked site"));
-    }
-    if manifest.get(identity.name()).is_some() {
-        return Err(refused(format!(
-            "site {} is already registered",
-            identity.name()
-        )));
-    }
-    if let Some(other) = manifest
-        .site
-        .iter()
-        .find(|s| s.update_public_key.eq_ignore_ascii_case(&key))
-    {
-        return Err(refused(format!(
-            "site {} already uses this update key",
-            other.name
-        )));
-    }
-    let entry = SiteEntry {
-        name: identity.name().to_owned(),
-        identity,
-        cert_serial: info.serial,
-        cert_fingerprint: info.fingerprint,
-        update_public_key: key,
-        added_at: now_rfc3339(),
-        renewed_at: None,
-        max_examples,
+    let command = command(shared.as_ref())?;
+    let revoking = matches!(command, SiteCommand::Revoke { .. });
+    let registry = Registry {
+        manifest: SiteManifest::load(&shared.manifest_path).map_err(internal)?,
+        revoked: RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?,
     };
-    shared
-        .audit()
-        .record(actor, EventKind::SiteApproved, entry_event(&entry))
-        .map_err(internal)?;
-    manifest.site.push(entry.clone());
-    manifest.save(&manifest_path).map_err(internal)?;
-    shared.reload_now();
-    Ok(AdminResponse::Site(site_info(
+    let change = admin::site_command(command, actor, registry, &now_rfc3339())
+        .map_err(|r| (r.code, r.message))?;
+    effects::execute(
+        shared.audit(),
         &shared.admin.store,
-        &entry,
-        &[],
-        shared,
-    )))
-}
-
-async fn revoke(
-    shared: &Arc<Shared>,
-    actor: &str,
-    name: &str,
-    reason: Option<String>,
-) -> Result<AdminResponse, Fail> {
-    let _guard = shared.admin.registry.lock().await;
-    let manifest_path = shared.manifest_path.clone();
-    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
-    let entry = manifest
-        .get(name)
-        .cloned()
-        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
-    let mut details = entry_event(&entry);
-    details["reason"] = serde_json::json!(reason);
-    shared
-        .audit()
-        .record(actor, EventKind::SiteRevoked, details)
-        .map_err(internal)?;
-    let revoked_path = &shared.admin.revoked_path;
-    let mut revoked = RevokedFile::load(revoked_path).map_err(internal)?;
-    revoked.revoked.push(RevokedEntry {
-        serial: Some(entry.cert_serial.clone()),
-        fingerprint: Some(entry.cert_fingerprint),
-        identity: Some(entry.identity.clone()),
-        reason: reason.clone(),
-        revoked_at: Some(now_rfc3339()),
-        update_public_key: Some(entry.update_public_key.clone()),
-    });
-    // Revocation first: even if the manifest write failed, the certificate
-    // is refused.
-    revoked.save(revoked_path).map_err(internal)?;
-    manifest.remove(name);
-    manifest.save(&manifest_path).map_err(internal)?;
-    shared.reload_now();
-    let mut info = site_info(&shared.admin.store, &entry, &[], shared);
-    info.connected = false;
+        change.effects,
+        |e| internal(e.cause()),
+        |effect| match effect {
+            Effect::SaveManifest(m) => m.save(&shared.manifest_path).map_err(internal),
+            Effect::SaveRevocations(r) => r.save(&shared.admin.revoked_path).map_err(internal),
+            Effect::ReloadRegistry => {
+                shared.reload_now();
+                Ok(())
+            }
+            other => Err(internal(format!("not a site command's effect: {other:?}"))),
+        },
+    )?;
+    let mut info = site_info(&shared.admin.store, &change.entry, &[], shared);
+    if revoking {
+        info.connected = false;
+    }
     Ok(AdminResponse::Site(info))
-}
-
-async fn rotate(
-    shared: &Arc<Shared>,
-    actor: &str,
-    name: &str,
-    cert_pem: &str,
-    update_key: Option<&str>,
-) -> Result<AdminResponse, Fail> {
-    let _guard = shared.admin.registry.lock().await;
-    let (_, identity, info) = check_site_cert(shared, cert_pem)?;
-    let manifest_path = shared.manifest_path.clone();
-    let mut manifest = SiteManifest::load(&manifest_path).map_err(internal)?;
-    let current = manifest
-        .get(name)
-        .cloned()
-        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
-    if identity != current.identity {
-        return Err(invalid(format!(
-            "the certificate is for {identity}, not {}",
-            current.identity
-        )));
-    }
-    if info.fingerprint == current.cert_fingerprint {
-        return Err(refused(
-            "this certificate is already the site's current certificate",
-        ));
-    }
-    let key = match update_key {
-        Some(k) => {
-            let k = parse_update_key(k)?;
-            let revoked = RevokedFile::load(&shared.admin.revoked_path).map_err(internal)?;
-            if revoked.is_update_key_revoked(&k) {
-                return Err(refused("this update key belongs to a revoked site"));
-            }
-            if let Some(other) = manifest
-                .site
-                .iter()
-                .find(|s| s.name != name && s.update_public_key.eq_ignore_ascii_case(&k))
-            {
-                return Err(refused(format!(
-                    "site {} already uses this update key",
-                    other.name
-                )));
-            }
-            k
-        }
-        None => current.update_public_key.clone(),
-    };
-    let entry = manifest
-        .get_mut(name)
-        .ok_or_else(|| not_found(format!("no registered site {name}")))?;
-    entry.cert_serial = info.serial;
-    entry.cert_fingerprint = info.fingerprint;
-    entry.update_public_key = key;
-    entry.renewed_at = Some(now_rfc3339());
-    let entry = entry.clone();
-    shared
-        .audit()
-        .record(actor, EventKind::SiteRotated, entry_event(&entry))
-        .map_err(internal)?;
-    manifest.save(&manifest_path).map_err(internal)?;
-    shared.reload_now();
-    Ok(AdminResponse::Site(site_info(
-        &shared.admin.store,
-        &entry,
-        &[],
-        shared,
-    )))
 }
 
 async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<AdminResponse, Fail> {
@@ -895,20 +750,16 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
         _ => initial_model(&job).map_err(invalid),
     })?;
     super::engine::check_fits(&strategy, &job, model.spec()).map_err(invalid)?;
-    if store.job(&job.id).map_err(internal)?.is_some() {
-        return Err(refused(format!("a job with id {} exists already", job.id)));
-    }
-    shared
-        .audit()
-        .record(
-            actor,
-            EventKind::JobSubmitted,
-            serde_json::json!({
-                "job": job.id,
-                "job_toml_blake3": blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
-            }),
-        )
-        .map_err(internal)?;
+    let exists = store.job(&job.id).map_err(internal)?.is_some();
+    let entry =
+        admin::job_submitted(actor, &job.id, job_toml, exists).map_err(|r| (r.code, r.message))?;
+    effects::execute(
+        shared.audit(),
+        store,
+        [entry],
+        |e| internal(e.cause()),
+        |other| Err(internal(format!("not a submission's effect: {other:?}"))),
+    )?;
     let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
         let hash = store.put_model(&model).map_err(internal)?;
         let rec = store.create_job(&job, hash).map_err(|e| match e {

@@ -44,7 +44,7 @@ use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, Store};
 
 pub(crate) mod admin;
-mod effects;
+pub(super) mod effects;
 
 pub(crate) use crate::core::actions::update_received_details;
 
