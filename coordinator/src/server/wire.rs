@@ -195,12 +195,19 @@ pub(crate) fn write_update(
         &staging,
         fedlink_durable::Mode::Private,
         |out| -> std::io::Result<crate::round_archive::DownlinkSummary> {
-            crate::round_archive::apply_downlink(next, update, encoding, seed, |r| out.write_all(r))
-                .map_err(|e| {
-                    let io = std::io::Error::other(e.to_string());
-                    failure = Some(e);
-                    io
-                })
+            crate::round_archive::apply_downlink(
+                next,
+                update,
+                encoding,
+                seed,
+                crate::round_archive::downlink_threads(),
+                |r| out.write_all(r),
+            )
+            .map_err(|e| {
+                let io = std::io::Error::other(e.to_string());
+                failure = Some(e);
+                io
+            })
         },
     );
     let summary = match (written, failure) {
@@ -208,7 +215,8 @@ pub(crate) fn write_update(
         (Err(e), None) => return Err(e.into()),
         (Ok(s), None) => s,
     };
-    let hash = next.hash();
+    // Hashed as the records were applied (not a second pass over the model).
+    let hash = summary.model_hash;
     let path = update_path(models_dir, &base, &hash);
     fedlink_durable::install(&staging, &path)?;
     Ok(WireUpdate {
