@@ -1616,7 +1616,7 @@ impl Engine {
             Ok(w) => w,
             Err(e) => return Ok(Err(e.into())),
         };
-        self.wire.publish_wire(wire);
+        self.wire.publish_wire(wire, &self.models_dir);
         let keep = update_wire.as_ref().map(|u| u.wire.path.clone());
         self.wire.publish_update(update_wire);
         super::wire::prune_updates(&self.models_dir, keep.as_deref());

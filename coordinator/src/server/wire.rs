@@ -304,6 +304,90 @@ pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
     }
 }
 
+/// The model versions served in wire form: the current global model (what
+/// offers, the final evaluation and a site's fetch or resumed fetch name)
+/// and the one before it, for one round more: a download that looked its
+/// version up just before a round's end still finds and opens the file.
+/// Older versions are not served again: a site asking for one is refused
+/// (`unknown model version`) and its next offer names the current model,
+/// as after a restart, which serves the current model only. A site holding
+/// an older model gets the whole current model, never an update from it
+/// (only the latest round's update is served, [`prune_updates`]).
+#[derive(Debug, Default)]
+pub(crate) struct ServedModels {
+    current: Option<std::sync::Arc<WireModel>>,
+    previous: Option<std::sync::Arc<WireModel>>,
+}
+
+impl ServedModels {
+    /// The served version `hash`, if it is one.
+    pub(crate) fn get(&self, hash: &ModelHash) -> Option<std::sync::Arc<WireModel>> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .find(|w| w.hash == *hash)
+            .cloned()
+    }
+
+    /// Serve `w` as the current version; the current one becomes the
+    /// previous one (unless it is `w` again), the previous one is dropped.
+    pub(crate) fn publish(&mut self, w: WireModel) {
+        let w = std::sync::Arc::new(w);
+        match self.current.take() {
+            Some(c) if c.hash == w.hash => {}
+            Some(c) => self.previous = Some(c),
+            None => {}
+        }
+        self.current = Some(w);
+    }
+
+    /// The wire files of the served versions (what [`prune_models`] keeps).
+    pub(crate) fn paths(&self) -> Vec<PathBuf> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .map(|w| w.path.clone())
+            .collect()
+    }
+
+    /// How many versions are served (one or two once a model is).
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .count()
+    }
+}
+
+/// Remove every model wire file (`<hash>.wire`) in `models_dir` but those
+/// in `keep` (the served versions, [`ServedModels::paths`]); `.bin` model
+/// files (the archive: export, replay) and update files are not touched.
+/// Best effort, logged. A download in progress keeps reading its open file.
+pub(crate) fn prune_models(models_dir: &Path, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(models_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_wire = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".wire"))
+            .and_then(ModelHash::from_hex)
+            .is_some();
+        if !is_wire || keep.contains(&path) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "old model wire file pruned"),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "pruning an old model wire file")
+            }
+        }
+    }
+}
+
 /// Reads chunk records back from a wire file.
 pub(crate) struct RecordReader {
     inner: File,
@@ -435,6 +519,59 @@ mod tests {
         assert!(!u.wire.path.exists() && v.wire.path.exists());
         prune_updates(dir.path(), None);
         assert!(!v.wire.path.exists());
+    }
+
+    #[test]
+    fn only_the_current_and_the_previous_versions_stay_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![8])]).unwrap();
+        let model = |r: u32| FlatModel::new(spec.clone(), vec![r as f32; 8]).unwrap();
+        // What pruning must leave: the archive, updates, other files.
+        let bin = dir.path().join(format!("{}.bin", model(0).hash().to_hex()));
+        std::fs::write(&bin, b"archive").unwrap();
+        let other = dir.path().join("notes.wire");
+        std::fs::write(&other, b"not a model").unwrap();
+        let enc = Encoding::with_codec(ValueCodec::F16).unwrap();
+        let mut next = model(0);
+        let update = write_update(
+            dir.path(),
+            model(0).hash(),
+            &mut next,
+            &FlatModel::new(spec.clone(), vec![0.5; 8]).unwrap(),
+            enc,
+            1,
+        )
+        .unwrap();
+        let mut served = ServedModels::default();
+        let mut written = Vec::new();
+        for round in 0..6 {
+            let w = ensure(dir.path(), &model(round)).unwrap();
+            written.push(w.path.clone());
+            served.publish(w);
+            prune_models(dir.path(), &served.paths());
+            assert!(served.count() <= 2);
+        }
+        // Publishing the current version again changes nothing.
+        served.publish(ensure(dir.path(), &model(5)).unwrap());
+        prune_models(dir.path(), &served.paths());
+        for (round, path) in written.iter().enumerate() {
+            let kept = round >= 4;
+            assert_eq!(path.exists(), kept, "round {round}");
+            assert_eq!(
+                served.get(&model(round as u32).hash()).is_some(),
+                kept,
+                "round {round}"
+            );
+        }
+        assert_eq!(served.count(), 2);
+        assert!(bin.exists() && other.exists() && update.wire.path.exists());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".wire"))
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 3, "{left:?}");
     }
 
     #[test]
