@@ -545,8 +545,8 @@ pub enum DownlinkApplyError {
 /// fewer cores or the model fewer chunks.
 pub const DOWNLINK_THREADS: usize = 2;
 
-/// Chunk records a [`apply_downlink`] thread may have encoded ahead of the
-/// sink (each about one chunk of the encoded update).
+/// Results (chunk records) an [`in_chunk_order`] thread may have ready
+/// ahead of the sink (each about one chunk of the encoded payload).
 const RECORDS_AHEAD: usize = 1;
 
 /// [`DOWNLINK_THREADS`], bounded by the cores this process may use.
@@ -621,64 +621,97 @@ pub fn apply_downlink(
     }
     // Chunk i of the base (its exact slice: every chunk but the last is
     // `chunk_elems` long) goes to thread i mod threads, and comes back
-    // applied, with its record, through that thread's channel.
-    type Done<'m> = Result<(Vec<u8>, &'m mut [f32]), DownlinkApplyError>;
-    let mut shares: Vec<Vec<(u64, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, slice) in base.values_mut().chunks_mut(chunk_elems).enumerate() {
+    // applied, with its record.
+    let chunks: Vec<(u64, &mut [f32])> = base
+        .values_mut()
+        .chunks_mut(chunk_elems)
+        .enumerate()
+        .map(|(i, slice)| (i as u64, slice))
+        .collect();
+    in_chunk_order(
+        chunks,
+        threads,
+        || -> Result<_, DownlinkApplyError> {
+            let enc = fedlink_protocol::ChunkEncoder::new(spec.clone(), encoding, seed)?;
+            let dec = fedlink_protocol::ChunkDecoder::new(spec.clone(), encoding)?;
+            Ok((enc, dec, Vec::<f32>::new()))
+        },
+        |(enc, dec, decoded), (index, slice)| {
+            apply_chunk(enc, dec, decoded, update, index, chunk_elems, slice)
+        },
+        |(record, applied)| {
+            sink(&record)?;
+            payload_len += record.len() as u64;
+            hasher.update(applied);
+            Ok(())
+        },
+        || DownlinkApplyError::Thread,
+    )?;
+    Ok(DownlinkSummary {
+        payload_len,
+        num_chunks,
+        model_hash: hasher.finalize(),
+    })
+}
+
+/// Run `work` on every item of `items` over `threads` threads (item `i`
+/// on thread `i mod threads`, with a state each from `init`) and hand the
+/// results to `sink` on the calling thread, in the items' order. A thread
+/// is at most [`RECORDS_AHEAD`] results ahead of `sink`. The first error
+/// in the items' order (or `sink`'s) stops every thread and is returned;
+/// `thread_gone` makes the error of a thread that panicked.
+pub(crate) fn in_chunk_order<I, S, R, E>(
+    items: Vec<I>,
+    threads: usize,
+    init: impl Fn() -> Result<S, E> + Sync,
+    work: impl Fn(&mut S, I) -> Result<R, E> + Sync,
+    mut sink: impl FnMut(R) -> Result<(), E>,
+    thread_gone: impl Fn() -> E,
+) -> Result<(), E>
+where
+    I: Send,
+    R: Send,
+    E: Send,
+{
+    let threads = threads.clamp(1, items.len().max(1));
+    let n = items.len();
+    let mut shares: Vec<Vec<I>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
         if let Some(share) = shares.get_mut(i % threads) {
-            share.push((i as u64, slice));
+            share.push(item);
         }
     }
+    let (init, work) = (&init, &work);
     std::thread::scope(|s| {
         let mut inboxes = Vec::with_capacity(threads);
         let mut workers = Vec::with_capacity(threads);
         for share in shares {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Done<'_>>(RECORDS_AHEAD);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<R, E>>(RECORDS_AHEAD);
             inboxes.push(rx);
-            let spec = spec.clone();
             workers.push(s.spawn(move || {
-                let coders = fedlink_protocol::ChunkEncoder::new(spec.clone(), encoding, seed)
-                    .map_err(DownlinkApplyError::from)
-                    .and_then(|e| {
-                        let d = fedlink_protocol::ChunkDecoder::new(spec, encoding)?;
-                        Ok((e, d))
-                    });
-                let (mut enc, mut dec) = match coders {
-                    Ok(c) => c,
+                let mut state = match init() {
+                    Ok(state) => state,
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
                     }
                 };
-                let mut decoded = Vec::new();
-                for (index, slice) in share {
-                    let done = apply_chunk(
-                        &mut enc,
-                        &mut dec,
-                        &mut decoded,
-                        update,
-                        index,
-                        chunk_elems,
-                        slice,
-                    );
+                for item in share {
+                    let done = work(&mut state, item);
                     let failed = done.is_err();
                     // The receiver is gone when the sink failed, or another
-                    // chunk did: stop.
+                    // item did: stop.
                     if tx.send(done).is_err() || failed {
                         return;
                     }
                 }
             }));
         }
-        let mut collect = || -> Result<(), DownlinkApplyError> {
-            for i in 0..num_chunks {
-                let inbox = inboxes
-                    .get(i as usize % threads)
-                    .ok_or(DownlinkApplyError::Thread)?;
-                let (record, applied) = inbox.recv().map_err(|_| DownlinkApplyError::Thread)??;
-                sink(&record)?;
-                payload_len += record.len() as u64;
-                hasher.update(applied);
+        let mut collect = || -> Result<(), E> {
+            for i in 0..n {
+                let inbox = inboxes.get(i % threads).ok_or_else(&thread_gone)?;
+                let done = inbox.recv().map_err(|_| thread_gone())??;
+                sink(done)?;
             }
             Ok(())
         };
@@ -688,15 +721,10 @@ pub fn apply_downlink(
         let mut joined = Ok(());
         for w in workers {
             if w.join().is_err() {
-                joined = Err(DownlinkApplyError::Thread);
+                joined = Err(thread_gone());
             }
         }
         collected.and(joined)
-    })?;
-    Ok(DownlinkSummary {
-        payload_len,
-        num_chunks,
-        model_hash: hasher.finalize(),
     })
 }
 

@@ -1599,12 +1599,15 @@ impl Engine {
                     t.elapsed(),
                 )
             });
+            let t = Instant::now();
             let recorded = self.record_aggregated(round, base_model, &next, dp, log, downlink);
+            let record_ms = t.elapsed();
             let (wire, wire_ms) = wire
                 .join()
                 .unwrap_or((Err(super::wire::WireError::Thread), Duration::ZERO));
-            (recorded, wire, wire_ms)
+            (recorded, wire, (wire_ms, record_ms))
         });
+        let (wire_ms, record_ms) = wire_ms;
         let recorded_at = Instant::now();
         let hash = match recorded? {
             Ok(h) => h,
@@ -1616,7 +1619,12 @@ impl Engine {
             Ok(w) => w,
             Err(e) => return Ok(Err(e.into())),
         };
-        self.wire.publish_wire(wire, &self.models_dir);
+        let (_, unserved) = self.wire.publish_wire(wire);
+        if let Some(path) = unserved {
+            // Freeing a model's file (and its page cache) takes a while at
+            // 10M parameters: off the round's path. Best effort, logged.
+            std::thread::spawn(move || super::wire::remove_model_file(&path));
+        }
         let keep = update_wire.as_ref().map(|u| u.wire.path.clone());
         self.wire.publish_update(update_wire);
         super::wire::prune_updates(&self.models_dir, keep.as_deref());
@@ -1629,6 +1637,7 @@ impl Engine {
             update_ms = ms(updated - loaded),
             store_ms = ms(recorded_at - updated),
             wire_ms = ms(wire_ms),
+            record_ms = ms(record_ms),
             publish_ms = ms(recorded_at.elapsed()),
             "round's model published"
         );

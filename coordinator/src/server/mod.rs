@@ -387,19 +387,17 @@ impl Shared {
     }
 
     /// Serve `w` as the current model version (the one before it stays
-    /// served for a round, older ones are dropped), then remove the wire
-    /// files of versions no longer served from `models_dir` (best effort,
-    /// logged: [`wire::prune_models`]).
-    pub(crate) fn publish_wire(&self, w: WireModel, models_dir: &Path) {
-        let keep = match self.wire.write() {
+    /// served for a round, older ones are dropped: [`ServedModels`]).
+    /// Returns the wire files still served and the one no longer served.
+    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<PathBuf>, Option<PathBuf>) {
+        match self.wire.write() {
             Ok(mut served) => {
-                served.publish(w);
-                served.paths()
+                let dropped = served.publish(w).map(|d| d.path.clone());
+                (served.paths(), dropped)
             }
-            // Poisoned: nothing is known to be unserved; prune nothing.
-            Err(_) => return,
-        };
-        wire::prune_models(models_dir, &keep);
+            // Poisoned: nothing is served, nothing is known to be unserved.
+            Err(_) => (Vec::new(), None),
+        }
     }
 
     /// Re-read the manifest and the revocation list if their files changed
@@ -1233,7 +1231,11 @@ fn build_engine(
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
-    shared.publish_wire(first_wire, &models_dir);
+    let (served, _) = shared.publish_wire(first_wire);
+    // Wire files of versions an earlier run served.
+    if !served.is_empty() {
+        wire::prune_models(&models_dir, &served);
+    }
     // The update that made the current model, if the last round wrote one
     // in this job's encoding: sites holding its base get it after a
     // restart too (anything else gets whole models).
