@@ -540,9 +540,10 @@ pub enum DownlinkApplyError {
     Thread,
 }
 
-/// Threads [`apply_downlink`] spreads its chunks over (the coordinator's
-/// two cores; sites are idle at a round's end), fewer when the machine has
-/// fewer cores or the model fewer chunks.
+/// Threads a round's end spreads its chunk encodes over ([`apply_downlink`],
+/// and the new model's lossless wire form): the coordinator's two cores,
+/// while sites wait for the next offer; fewer when the machine has fewer
+/// cores or the model fewer chunks.
 pub const DOWNLINK_THREADS: usize = 2;
 
 /// Results (chunk records) an [`in_chunk_order`] thread may have ready
@@ -571,7 +572,7 @@ pub fn downlink_threads() -> usize {
 /// `i mod threads` while this thread hands the records to `sink` in order
 /// and hashes the result: the records, their order and the model are
 /// those of `threads = 1`. Memory: per thread an encoder, a decoder and at
-/// most [`RECORDS_AHEAD`] + 2 records beyond the two models. On error
+/// most `RECORDS_AHEAD` (one) + 2 records beyond the two models. On error
 /// `base` holds nothing usable (chunks after the failing one may be
 /// applied).
 pub fn apply_downlink(
@@ -1035,8 +1036,8 @@ mod tests {
         assert_eq!(downlink_seed([7; 32]), u64::from_le_bytes([7; 8]));
     }
 
-    /// A base and an update of `n` seeded random values over three tensors
-    /// (int8 segments cross chunk boundaries).
+    /// A base and an update of 5,851 seeded random values over three
+    /// tensors (int8 segments cross chunk boundaries).
     fn seeded_pair(seed: u64) -> (FlatModel, FlatModel) {
         use rand::{Rng, SeedableRng};
         let spec = ModelSpec::new(vec![
