@@ -511,6 +511,9 @@ pub struct DownlinkSummary {
     pub payload_len: u64,
     /// Chunk records.
     pub num_chunks: u64,
+    /// The published model's hash (of `base` after the update), computed
+    /// chunk by chunk as the records were applied.
+    pub model_hash: ModelHash,
 }
 
 /// Why a round's global update could not be encoded and applied.
@@ -532,47 +535,232 @@ pub enum DownlinkApplyError {
     /// The record sink (the update file) failed.
     #[error("writing the global update: {0}")]
     Write(#[from] std::io::Error),
+    /// A thread encoding chunks ended without an answer.
+    #[error("a thread encoding the global update panicked")]
+    Thread,
+}
+
+/// Threads a round's end spreads its chunk encodes over ([`apply_downlink`],
+/// and the new model's lossless wire form): the coordinator's two cores,
+/// while sites wait for the next offer; fewer when the machine has fewer
+/// cores or the model fewer chunks.
+pub const DOWNLINK_THREADS: usize = 2;
+
+/// Results (chunk records) an [`in_chunk_order`] thread may have ready
+/// ahead of the sink (each about one chunk of the encoded payload).
+const RECORDS_AHEAD: usize = 1;
+
+/// [`DOWNLINK_THREADS`], bounded by the cores this process may use.
+pub fn downlink_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(DOWNLINK_THREADS)
 }
 
 /// Encode the round's global `update` with the downlink `encoding`, hand
-/// each chunk record to `sink` (the engine writes them to the update file
-/// that sites download; a replay discards them), decode each record back
-/// with the real [`fedlink_protocol::PayloadDecoder`] and add the decoded
-/// values to `base` ([`fedlink_protocol::downlink::apply_update`], the
-/// function sites apply the same records with). `base` becomes the
-/// published model; sites that apply the records to their copy of the base
-/// hold the same model, bit for bit. Memory: one chunk beyond the two
-/// models.
+/// each chunk record to `sink` in order (the engine writes them to the
+/// update file that sites download; a replay discards them), decode each
+/// record back with the real chunk decoder and add the decoded values to
+/// `base` ([`fedlink_protocol::downlink::apply_update`], the function sites
+/// apply the same records with). `base` becomes the published model; sites
+/// that apply the records to their copy of the base hold the same model,
+/// bit for bit.
+///
+/// Chunks are independent (a chunk's record depends on its values, its
+/// index and `seed` only: [`fedlink_protocol::ChunkEncoder`]), so with
+/// `threads > 1` chunk `i` is encoded, decoded and applied by thread
+/// `i mod threads` while this thread hands the records to `sink` in order
+/// and hashes the result: the records, their order and the model are
+/// those of `threads = 1`. Memory: per thread an encoder, a decoder and at
+/// most `RECORDS_AHEAD` (one) + 2 records beyond the two models. On error
+/// `base` holds nothing usable (chunks after the failing one may be
+/// applied).
 pub fn apply_downlink(
     base: &mut FlatModel,
     update: &FlatModel,
     encoding: Encoding,
     seed: u64,
+    threads: usize,
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<DownlinkSummary, DownlinkApplyError> {
-    if base.spec() != update.spec() {
+    if base.spec() != update.spec() || base.values().len() != update.values().len() {
         return Err(DownlinkApplyError::SpecMismatch);
     }
     let spec = update.spec().clone();
-    let mut enc = fedlink_protocol::PayloadEncoder::new(spec.clone(), encoding, seed)?;
-    let mut dec = fedlink_protocol::PayloadDecoder::new(spec, encoding)?.without_model_hash();
-    let mut decoded = Vec::new();
-    while let Some(r) = enc.next_chunk() {
-        let values = update
-            .values()
-            .get(r.start as usize..r.end as usize)
-            .ok_or(DownlinkApplyError::SpecMismatch)?;
-        let record = enc.encode_chunk(values)?;
-        sink(&record)?;
-        let offset = dec.decode_chunk_into(&record, &mut decoded)?;
-        fedlink_protocol::downlink::apply_update(base.values_mut(), offset, &decoded)?;
+    let chunk_elems = usize::try_from(encoding.chunk_elems()).unwrap_or(usize::MAX);
+    let num_chunks = spec.num_params().div_ceil(encoding.chunk_elems());
+    let threads = threads.clamp(1, usize::try_from(num_chunks).unwrap_or(1).max(1));
+    let mut hasher = fedlink_protocol::ModelHasher::new(&spec);
+    let mut payload_len = 0u64;
+    if threads == 1 {
+        let mut enc = fedlink_protocol::PayloadEncoder::new(spec.clone(), encoding, seed)?;
+        let mut dec =
+            fedlink_protocol::PayloadDecoder::new(spec.clone(), encoding)?.without_model_hash();
+        let mut decoded = Vec::new();
+        while let Some(r) = enc.next_chunk() {
+            let values = update
+                .values()
+                .get(r.start as usize..r.end as usize)
+                .ok_or(DownlinkApplyError::SpecMismatch)?;
+            let record = enc.encode_chunk(values)?;
+            sink(&record)?;
+            let offset = dec.decode_chunk_into(&record, &mut decoded)?;
+            fedlink_protocol::downlink::apply_update(base.values_mut(), offset, &decoded)?;
+            hasher.update(
+                base.values()
+                    .get(r.start as usize..r.end as usize)
+                    .ok_or(DownlinkApplyError::SpecMismatch)?,
+            );
+        }
+        let summary = enc.finish()?;
+        dec.finish()?;
+        return Ok(DownlinkSummary {
+            payload_len: summary.payload_len,
+            num_chunks: summary.num_chunks,
+            model_hash: hasher.finalize(),
+        });
     }
-    let summary = enc.finish()?;
-    dec.finish()?;
+    // Chunk i of the base (its exact slice: every chunk but the last is
+    // `chunk_elems` long) goes to thread i mod threads, and comes back
+    // applied, with its record.
+    let chunks: Vec<(u64, &mut [f32])> = base
+        .values_mut()
+        .chunks_mut(chunk_elems)
+        .enumerate()
+        .map(|(i, slice)| (i as u64, slice))
+        .collect();
+    in_chunk_order(
+        chunks,
+        threads,
+        || -> Result<_, DownlinkApplyError> {
+            let enc = fedlink_protocol::ChunkEncoder::new(spec.clone(), encoding, seed)?;
+            let dec = fedlink_protocol::ChunkDecoder::new(spec.clone(), encoding)?;
+            Ok((enc, dec, Vec::<f32>::new()))
+        },
+        |(enc, dec, decoded), (index, slice)| {
+            apply_chunk(enc, dec, decoded, update, index, chunk_elems, slice)
+        },
+        |(record, applied)| {
+            sink(&record)?;
+            payload_len += record.len() as u64;
+            hasher.update(applied);
+            Ok(())
+        },
+        || DownlinkApplyError::Thread,
+    )?;
     Ok(DownlinkSummary {
-        payload_len: summary.payload_len,
-        num_chunks: summary.num_chunks,
+        payload_len,
+        num_chunks,
+        model_hash: hasher.finalize(),
     })
+}
+
+/// Run `work` on every item of `items` over `threads` threads (item `i`
+/// on thread `i mod threads`, with a state each from `init`) and hand the
+/// results to `sink` on the calling thread, in the items' order. A thread
+/// is at most [`RECORDS_AHEAD`] results ahead of `sink`. The first error
+/// in the items' order (or `sink`'s) stops every thread and is returned;
+/// `thread_gone` makes the error of a thread that panicked.
+pub(crate) fn in_chunk_order<I, S, R, E>(
+    items: Vec<I>,
+    threads: usize,
+    init: impl Fn() -> Result<S, E> + Sync,
+    work: impl Fn(&mut S, I) -> Result<R, E> + Sync,
+    mut sink: impl FnMut(R) -> Result<(), E>,
+    thread_gone: impl Fn() -> E,
+) -> Result<(), E>
+where
+    I: Send,
+    R: Send,
+    E: Send,
+{
+    let threads = threads.clamp(1, items.len().max(1));
+    let n = items.len();
+    let mut shares: Vec<Vec<I>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        if let Some(share) = shares.get_mut(i % threads) {
+            share.push(item);
+        }
+    }
+    let (init, work) = (&init, &work);
+    std::thread::scope(|s| {
+        let mut inboxes = Vec::with_capacity(threads);
+        let mut workers = Vec::with_capacity(threads);
+        for share in shares {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<R, E>>(RECORDS_AHEAD);
+            inboxes.push(rx);
+            workers.push(s.spawn(move || {
+                let mut state = match init() {
+                    Ok(state) => state,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                for item in share {
+                    let done = work(&mut state, item);
+                    let failed = done.is_err();
+                    // The receiver is gone when the sink failed, or another
+                    // item did: stop.
+                    if tx.send(done).is_err() || failed {
+                        return;
+                    }
+                }
+            }));
+        }
+        let mut collect = || -> Result<(), E> {
+            for i in 0..n {
+                let inbox = inboxes.get(i % threads).ok_or_else(&thread_gone)?;
+                let done = inbox.recv().map_err(|_| thread_gone())??;
+                sink(done)?;
+            }
+            Ok(())
+        };
+        let collected = collect();
+        // Threads still at work see their channel closed and stop.
+        drop(inboxes);
+        let mut joined = Ok(());
+        for w in workers {
+            if w.join().is_err() {
+                joined = Err(thread_gone());
+            }
+        }
+        collected.and(joined)
+    })
+}
+
+/// One chunk of [`apply_downlink`]'s threads: encode chunk `index` of
+/// `update`, decode the record back and add the values to `slice` (that
+/// chunk of the base). Errors name the same elements as the sequential
+/// path's.
+fn apply_chunk<'m>(
+    enc: &mut fedlink_protocol::ChunkEncoder,
+    dec: &mut fedlink_protocol::ChunkDecoder,
+    decoded: &mut Vec<f32>,
+    update: &FlatModel,
+    index: u64,
+    chunk_elems: usize,
+    slice: &'m mut [f32],
+) -> Result<(Vec<u8>, &'m mut [f32]), DownlinkApplyError> {
+    let start = (index as usize).saturating_mul(chunk_elems);
+    let values = update
+        .values()
+        .get(start..start.saturating_add(slice.len()))
+        .ok_or(DownlinkApplyError::SpecMismatch)?;
+    let record = enc.encode(index, values)?;
+    let offset = dec.decode_into(index, &record, decoded)?;
+    if offset != start as u64 {
+        return Err(DownlinkApplyError::SpecMismatch);
+    }
+    // `apply_update` on the chunk alone; a non-finite sum is reported at
+    // its place in the model, as the sequential path reports it.
+    fedlink_protocol::downlink::apply_update(slice, 0, decoded).map_err(|e| match e {
+        fedlink_protocol::downlink::DownlinkError::NonFinite(i) => {
+            fedlink_protocol::downlink::DownlinkError::NonFinite(offset + i)
+        }
+        other => other,
+    })?;
+    Ok((record, slice))
 }
 
 /// One input of [`recompute`].
@@ -645,6 +833,7 @@ pub fn recompute(
                 &outcome.update,
                 encoding,
                 downlink_seed(seed),
+                downlink_threads(),
                 |_| Ok(()),
             )
             .map_err(ArchiveError::Downlink)?;
@@ -804,7 +993,7 @@ mod tests {
             .with_chunk_bytes(24)
             .unwrap();
         let mut exact = base.clone();
-        apply_downlink(&mut exact, &update, f32e, 5, |_| Ok(())).unwrap();
+        apply_downlink(&mut exact, &update, f32e, 5, 1, |_| Ok(())).unwrap();
         let plain: Vec<f32> = base
             .values()
             .iter()
@@ -819,7 +1008,7 @@ mod tests {
                 .unwrap();
             let mut published = base.clone();
             let mut records = Vec::new();
-            let sum = apply_downlink(&mut published, &update, enc, 5, |r| {
+            let sum = apply_downlink(&mut published, &update, enc, 5, 1, |r| {
                 records.push(r.to_vec());
                 Ok(())
             })
@@ -828,7 +1017,7 @@ mod tests {
             assert_ne!(published.values(), plain.as_slice(), "{}", codec.name());
             // Deterministic: the same seed gives the same model.
             let mut again = base.clone();
-            apply_downlink(&mut again, &update, enc, 5, |_| Ok(())).unwrap();
+            apply_downlink(&mut again, &update, enc, 5, 1, |_| Ok(())).unwrap();
             assert_eq!(again, published);
             let manifest = UpdateManifest {
                 base: base.hash(),
@@ -845,6 +1034,116 @@ mod tests {
             assert_eq!(site.finish().unwrap(), published);
         }
         assert_eq!(downlink_seed([7; 32]), u64::from_le_bytes([7; 8]));
+    }
+
+    /// A base and an update of 5,851 seeded random values over three
+    /// tensors (int8 segments cross chunk boundaries).
+    fn seeded_pair(seed: u64) -> (FlatModel, FlatModel) {
+        use rand::{Rng, SeedableRng};
+        let spec = ModelSpec::new(vec![
+            fedlink_protocol::TensorSpec::f32("a", vec![1000]),
+            fedlink_protocol::TensorSpec::f32("b", vec![37, 50]),
+            fedlink_protocol::TensorSpec::f32("c", vec![3001]),
+        ])
+        .unwrap();
+        let n = spec.num_params() as usize;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let base: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let update: Vec<f32> = (0..n).map(|_| rng.gen_range(-1e-3f32..1e-3)).collect();
+        (
+            FlatModel::new(spec.clone(), base).unwrap(),
+            FlatModel::new(spec, update).unwrap(),
+        )
+    }
+
+    fn run_downlink(
+        base: &FlatModel,
+        update: &FlatModel,
+        enc: Encoding,
+        threads: usize,
+    ) -> (FlatModel, Vec<Vec<u8>>, DownlinkSummary) {
+        let mut published = base.clone();
+        let mut records = Vec::new();
+        let sum = apply_downlink(&mut published, update, enc, 9, threads, |r| {
+            records.push(r.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (published, records, sum)
+    }
+
+    #[test]
+    fn apply_downlink_on_several_threads_writes_and_publishes_the_sequential_bits() {
+        use fedlink_protocol::ValueCodec;
+        let (base, update) = seeded_pair(42);
+        let bits = |m: &FlatModel| m.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for codec in [
+            ValueCodec::F16,
+            ValueCodec::Int8 { stochastic: true },
+            ValueCodec::Int8 { stochastic: false },
+            ValueCodec::Bf16,
+            ValueCodec::F32,
+        ] {
+            // 256 elements per chunk: 23 chunks, the last one shorter.
+            let enc = Encoding::with_codec(codec)
+                .unwrap()
+                .with_chunk_bytes(1024)
+                .unwrap();
+            let (seq, seq_records, seq_sum) = run_downlink(&base, &update, enc, 1);
+            assert_eq!(seq_sum.num_chunks, 23);
+            assert_eq!(seq_sum.model_hash, seq.hash(), "{}", codec.name());
+            assert_ne!(bits(&seq), bits(&base));
+            for threads in [2, 3, 8, 64] {
+                let (par, par_records, par_sum) = run_downlink(&base, &update, enc, threads);
+                assert_eq!(par_records, seq_records, "{} × {threads}", codec.name());
+                assert_eq!(bits(&par), bits(&seq), "{} × {threads}", codec.name());
+                assert_eq!(par_sum, seq_sum, "{} × {threads}", codec.name());
+            }
+        }
+    }
+
+    #[test]
+    fn apply_downlink_on_several_threads_fails_as_the_sequential_path_does() {
+        use fedlink_protocol::ValueCodec;
+        let (mut base, mut update) = seeded_pair(7);
+        let enc = Encoding::with_codec(ValueCodec::F32)
+            .unwrap()
+            .with_chunk_bytes(1024)
+            .unwrap();
+        // Element 3000 (chunk 11) overflows when the update is added.
+        base.values_mut()[3000] = f32::MAX;
+        update.values_mut()[3000] = f32::MAX;
+        let fail = |threads| {
+            let mut b = base.clone();
+            apply_downlink(&mut b, &update, enc, 9, threads, |_| Ok(()))
+                .unwrap_err()
+                .to_string()
+        };
+        let seq = fail(1);
+        assert!(seq.contains("element 3000"), "{seq}");
+        assert_eq!(fail(2), seq);
+        assert_eq!(fail(3), seq);
+        // The sink fails at the fourth record: the threads stop, the error
+        // is the sink's, whatever the number of threads.
+        let (base, update) = seeded_pair(8);
+        for threads in [1, 2, 3] {
+            let mut b = base.clone();
+            let mut calls = 0;
+            let err = apply_downlink(&mut b, &update, enc, 9, threads, |_| {
+                calls += 1;
+                if calls == 4 {
+                    Err(std::io::Error::other("disk full"))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&err, DownlinkApplyError::Write(e) if e.to_string() == "disk full"),
+                "{err:?}"
+            );
+            assert_eq!(calls, 4);
+        }
     }
 
     #[test]

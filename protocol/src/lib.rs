@@ -161,7 +161,8 @@ pub use message::{
 };
 pub use model::{DType, FlatModel, ModelError, ModelHash, ModelHasher, ModelSpec, TensorSpec};
 pub use payload::{
-    ChunkHeader, DecodedChunk, DecodedSummary, EncodeError, PayloadDecoder, PayloadEncoder,
-    PayloadError, PayloadHash, PayloadSummary, decode_payload, encode_payload, max_payload_len,
+    ChunkDecoder, ChunkEncoder, ChunkHeader, DecodedChunk, DecodedSummary, EncodeError,
+    PayloadDecoder, PayloadEncoder, PayloadError, PayloadHash, PayloadSummary, decode_payload,
+    encode_payload, max_payload_len,
 };
 pub use scaling::{FeatureScaling, FeatureStats, ScalingError};

@@ -746,7 +746,63 @@ async fn serve_model(
     shared: &Arc<Shared>,
     hash: fedlink_protocol::ModelHash,
     from_record: u64,
+    send: FramedSend,
+) -> Result<(), TransportError> {
+    serve_download(conn, shared, from_record, send, || {
+        let Some(wire) = shared.wire_model(&hash) else {
+            return Err(Message::Reject(Reject {
+                code: RejectCode::UnexpectedMessage,
+                message: format!("unknown model version {hash}"),
+            }));
+        };
+        let manifest = Message::ModelManifest(Box::new(ModelManifest {
+            hash: wire.hash,
+            spec: wire.spec.clone(),
+            encoding: wire.encoding,
+            payload_len: wire.payload_len,
+            num_chunks: wire.num_chunks,
+        }));
+        Ok((manifest, wire.path.clone()))
+    })
+    .await
+}
+
+/// Answer a [`ModelUpdateFetch`]: the update `base → hash` when it is the
+/// one being served (from `from_record` on), else the whole model (every
+/// record: the site's kept update records are of no use for it).
+async fn serve_update(
+    conn: &ServerConn,
+    shared: &Arc<Shared>,
+    fetch: ModelUpdateFetch,
+    send: FramedSend,
+) -> Result<(), TransportError> {
+    let Some(update) = shared.wire_update(&fetch.base, &fetch.hash) else {
+        return serve_model(conn, shared, fetch.hash, 0, send).await;
+    };
+    serve_download(conn, shared, fetch.from_record, send, || {
+        let wire = &update.wire;
+        let manifest = Message::UpdateManifest(Box::new(UpdateManifest {
+            base: update.base,
+            hash: wire.hash,
+            spec: wire.spec.clone(),
+            encoding: wire.encoding,
+            payload_len: wire.payload_len,
+            num_chunks: wire.num_chunks,
+        }));
+        Ok((manifest, wire.path.clone()))
+    })
+    .await
+}
+
+/// A download, model or update: within the download bounds, `answer`
+/// gives the manifest and the wire file whose records follow it (from
+/// `from_record` on), or the message refusing the fetch.
+async fn serve_download(
+    conn: &ServerConn,
+    shared: &Arc<Shared>,
+    from_record: u64,
     mut send: FramedSend,
+    answer: impl FnOnce() -> Result<(Message, std::path::PathBuf), Message>,
 ) -> Result<(), TransportError> {
     // Bounded: each download holds a read buffer, a chunk and QUIC send
     // buffers; many sites fetching a new model together must not add up.
@@ -757,55 +813,13 @@ async fn serve_model(
     // flight (at most `max_concurrent_downloads` such windows at once);
     // on a LAN the window stays as small as before.
     let _window = conn.open_download_window();
-    let wire = shared.wire_model(&hash);
-    let Some(wire) = wire else {
-        send.message(&Message::Reject(Reject {
-            code: RejectCode::UnexpectedMessage,
-            message: format!("unknown model version {hash}"),
-        }))
-        .await?;
-        return send.finish();
-    };
-    send.message(&Message::ModelManifest(Box::new(ModelManifest {
-        hash: wire.hash,
-        spec: wire.spec.clone(),
-        encoding: wire.encoding,
-        payload_len: wire.payload_len,
-        num_chunks: wire.num_chunks,
-    })))
-    .await?;
-    stream_records(&wire.path, from_record, &mut send).await?;
-    send.finish()
-}
-
-/// Answer a [`ModelUpdateFetch`]: the update `base → hash` when it is the
-/// one being served (from `from_record` on), else the whole model (every
-/// record: the site's kept update records are of no use for it).
-async fn serve_update(
-    conn: &ServerConn,
-    shared: &Arc<Shared>,
-    fetch: ModelUpdateFetch,
-    mut send: FramedSend,
-) -> Result<(), TransportError> {
-    let Some(update) = shared.wire_update(&fetch.base, &fetch.hash) else {
-        return serve_model(conn, shared, fetch.hash, 0, send).await;
-    };
-    // The same bounds as a model download.
-    let Ok(_permit) = shared.downloads.acquire().await else {
-        return send.finish();
-    };
-    let _window = conn.open_download_window();
-    let wire = &update.wire;
-    send.message(&Message::UpdateManifest(Box::new(UpdateManifest {
-        base: update.base,
-        hash: wire.hash,
-        spec: wire.spec.clone(),
-        encoding: wire.encoding,
-        payload_len: wire.payload_len,
-        num_chunks: wire.num_chunks,
-    })))
-    .await?;
-    stream_records(&wire.path, fetch.from_record, &mut send).await?;
+    match answer() {
+        Ok((manifest, path)) => {
+            send.message(&manifest).await?;
+            stream_records(&path, from_record, &mut send).await?;
+        }
+        Err(refusal) => send.message(&refusal).await?,
+    }
     send.finish()
 }
 

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
@@ -351,7 +351,7 @@ const STATUS_ROUNDS: usize = 100;
 /// Accepted updates rewrite the status file at most this often (with 100
 /// sites it was rewritten 100 times a round, each time with every listed
 /// round: the cost grew with the square of the number of sites).
-const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Unix milliseconds now (wall clock; only for messages and records).
 pub(crate) fn unix_ms() -> u64 {
@@ -1536,6 +1536,7 @@ impl Engine {
         agg: RoundAggregator,
         log: &RoundLog,
     ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
+        let started = Instant::now();
         let mut state = self.server_state.clone();
         let outcome = match round_archive::finish_round(agg, &mut state, log.seed) {
             Ok(o) => o,
@@ -1550,6 +1551,7 @@ impl Engine {
             Ok(m) => m,
             Err(e) => return Ok(Err(e.into())),
         };
+        let loaded = Instant::now();
         // With downlink updates, the published model is the base plus the
         // *decoded* encoded update, which sites compute too (bit for bit);
         // the encoded update is written for them to download.
@@ -1574,6 +1576,7 @@ impl Engine {
             }
         };
         drop(outcome.update);
+        let updated = Instant::now();
         let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
             noise_std: outcome.noise_std,
             clip_norm: outcome.clip_norm,
@@ -1588,12 +1591,24 @@ impl Engine {
             None => next.hash(),
         };
         let models_dir = self.models_dir.clone();
-        let (recorded, wire) = std::thread::scope(|s| {
-            let wire = s.spawn(|| super::wire::ensure_as(&models_dir, &next, next_hash));
+        let (recorded, wire, wire_ms) = std::thread::scope(|s| {
+            let wire = s.spawn(|| {
+                let t = Instant::now();
+                (
+                    super::wire::ensure_as(&models_dir, &next, next_hash),
+                    t.elapsed(),
+                )
+            });
+            let t = Instant::now();
             let recorded = self.record_aggregated(round, base_model, &next, dp, log, downlink);
-            let wire = wire.join().unwrap_or(Err(super::wire::WireError::Thread));
-            (recorded, wire)
+            let record_ms = t.elapsed();
+            let (wire, wire_ms) = wire
+                .join()
+                .unwrap_or((Err(super::wire::WireError::Thread), Duration::ZERO));
+            (recorded, wire, (wire_ms, record_ms))
         });
+        let (wire_ms, record_ms) = wire_ms;
+        let recorded_at = Instant::now();
         let hash = match recorded? {
             Ok(h) => h,
             Err(e) => return Ok(Err(e)),
@@ -1604,11 +1619,28 @@ impl Engine {
             Ok(w) => w,
             Err(e) => return Ok(Err(e.into())),
         };
-        self.wire.publish_wire(wire);
+        let (_, unserved) = self.wire.publish_wire(wire);
+        if let Some(path) = unserved {
+            // Freeing a model's file (and its page cache) takes a while at
+            // 10M parameters: off the round's path. Best effort, logged.
+            std::thread::spawn(move || super::wire::remove_model_file(&path));
+        }
         let keep = update_wire.as_ref().map(|u| u.wire.path.clone());
         self.wire.publish_update(update_wire);
         super::wire::prune_updates(&self.models_dir, keep.as_deref());
         drop(next);
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            round,
+            model = %hash,
+            aggregate_ms = ms(loaded - started),
+            update_ms = ms(updated - loaded),
+            store_ms = ms(recorded_at - updated),
+            wire_ms = ms(wire_ms),
+            record_ms = ms(record_ms),
+            publish_ms = ms(recorded_at.elapsed()),
+            "round's model published"
+        );
         self.global_hash = hash;
         let mut metrics = BTreeMap::new();
         metrics.insert("num_updates".into(), outcome.num_updates as f64);

@@ -57,7 +57,7 @@ use crate::store::Store;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
-use wire::{WireModel, WireUpdate};
+use wire::{ServedModels, WireModel, WireUpdate};
 
 pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
@@ -233,7 +233,9 @@ pub(crate) struct Shared {
     /// until its interrupted first attempt has ended and been kept.
     pub(crate) uploads_in_flight: Mutex<UploadsInFlight>,
     next_conn: AtomicU64,
-    wire: RwLock<HashMap<ModelHash, Arc<WireModel>>>,
+    /// The model versions served in wire form (the current one and the
+    /// one before it: [`ServedModels`]).
+    wire: RwLock<ServedModels>,
     /// The latest round's global update (base → current global model),
     /// served to sites that hold the base; `None` when the job sends whole
     /// models or no round has completed since start.
@@ -367,7 +369,7 @@ impl Shared {
     }
 
     fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
-        self.wire.read().ok()?.get(hash).cloned()
+        self.wire.read().ok()?.get(hash)
     }
 
     /// The update from `base` to `hash`, if it is the one being served.
@@ -384,9 +386,17 @@ impl Shared {
         }
     }
 
-    pub(crate) fn publish_wire(&self, w: WireModel) {
-        if let Ok(mut map) = self.wire.write() {
-            map.insert(w.hash, Arc::new(w));
+    /// Serve `w` as the current model version (the one before it stays
+    /// served for a round, older ones are dropped: [`ServedModels`]).
+    /// Returns the wire files still served and the one no longer served.
+    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<PathBuf>, Option<PathBuf>) {
+        match self.wire.write() {
+            Ok(mut served) => {
+                let dropped = served.publish(w).map(|d| d.path.clone());
+                (served.paths(), dropped)
+            }
+            // Poisoned: nothing is served, nothing is known to be unserved.
+            Err(_) => (Vec::new(), None),
         }
     }
 
@@ -972,7 +982,7 @@ pub async fn serve(
         downloads: Semaphore::new(cfg.max_concurrent_downloads),
         uploads_in_flight: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
-        wire: RwLock::new(HashMap::new()),
+        wire: RwLock::new(ServedModels::default()),
         downlink: RwLock::new(None),
         job_needs: RwLock::new(JobNeeds::ANY),
         audit: auditor.clone(),
@@ -1221,7 +1231,11 @@ fn build_engine(
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
-    shared.publish_wire(first_wire);
+    let (served, _) = shared.publish_wire(first_wire);
+    // Wire files of versions an earlier run served.
+    if !served.is_empty() {
+        wire::prune_models(&models_dir, &served);
+    }
     // The update that made the current model, if the last round wrote one
     // in this job's encoding: sites holding its base get it after a
     // restart too (anything else gets whole models).

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use fedlink_protocol::encoding::DEFAULT_CHUNK_BYTES;
 use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader};
-use fedlink_protocol::{Encoding, FlatModel, ModelHash, ModelSpec, PayloadEncoder, ValueCodec};
+use fedlink_protocol::{ChunkEncoder, Encoding, FlatModel, ModelHash, ModelSpec, ValueCodec};
 
 /// Why a model's wire form could not be written or read back.
 #[derive(Debug, thiserror::Error)]
@@ -96,25 +96,39 @@ pub(crate) fn ensure_as(
     {
         return Ok(w);
     }
+    let spec = model.spec();
+    let elems = encoding.chunk_elems();
+    let chunks = usize::try_from(spec.num_params().div_ceil(elems)).unwrap_or(0);
     let (payload_len, num_chunks) = fedlink_durable::replace_with(
         &path,
         fedlink_durable::Mode::Private,
         |out| -> std::io::Result<(u64, u64)> {
-            let mut enc = PayloadEncoder::new(model.spec().clone(), encoding, 0)
-                .map_err(std::io::Error::other)?;
+            // Chunk by chunk on the coordinator's cores (records in order,
+            // the bytes of a sequential encoder: `ChunkEncoder`).
             let mut payload_len = 0u64;
             let mut num_chunks = 0u64;
-            while let Some(r) = enc.next_chunk() {
-                let values = model
-                    .values()
-                    .get(r.start as usize..r.end as usize)
-                    .ok_or_else(|| std::io::Error::other("model shorter than its spec"))?;
-                let rec = enc.encode_chunk(values).map_err(std::io::Error::other)?;
-                out.write_all(&rec)?;
-                payload_len += rec.len() as u64;
-                num_chunks += 1;
-            }
-            enc.finish().map_err(std::io::Error::other)?;
+            crate::round_archive::in_chunk_order(
+                (0..chunks as u64).collect(),
+                crate::round_archive::downlink_threads(),
+                || ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other),
+                |enc, index| {
+                    let r = enc
+                        .chunk_range(index)
+                        .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
+                    let values = model
+                        .values()
+                        .get(r.start as usize..r.end as usize)
+                        .ok_or_else(|| std::io::Error::other("model shorter than its spec"))?;
+                    enc.encode(index, values).map_err(std::io::Error::other)
+                },
+                |rec| {
+                    out.write_all(&rec)?;
+                    payload_len += rec.len() as u64;
+                    num_chunks += 1;
+                    Ok(())
+                },
+                || std::io::Error::other("a thread encoding the model's wire form panicked"),
+            )?;
             Ok((payload_len, num_chunks))
         },
     )?;
@@ -195,12 +209,19 @@ pub(crate) fn write_update(
         &staging,
         fedlink_durable::Mode::Private,
         |out| -> std::io::Result<crate::round_archive::DownlinkSummary> {
-            crate::round_archive::apply_downlink(next, update, encoding, seed, |r| out.write_all(r))
-                .map_err(|e| {
-                    let io = std::io::Error::other(e.to_string());
-                    failure = Some(e);
-                    io
-                })
+            crate::round_archive::apply_downlink(
+                next,
+                update,
+                encoding,
+                seed,
+                crate::round_archive::downlink_threads(),
+                |r| out.write_all(r),
+            )
+            .map_err(|e| {
+                let io = std::io::Error::other(e.to_string());
+                failure = Some(e);
+                io
+            })
         },
     );
     let summary = match (written, failure) {
@@ -208,7 +229,8 @@ pub(crate) fn write_update(
         (Err(e), None) => return Err(e.into()),
         (Ok(s), None) => s,
     };
-    let hash = next.hash();
+    // Hashed as the records were applied (not a second pass over the model).
+    let hash = summary.model_hash;
     let path = update_path(models_dir, &base, &hash);
     fedlink_durable::install(&staging, &path)?;
     Ok(WireUpdate {
@@ -292,6 +314,100 @@ pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
         // A download in progress keeps reading the open file.
         if let Err(err) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %err, "pruning an old update file");
+        }
+    }
+}
+
+/// The model versions served in wire form: the current global model (what
+/// offers, the final evaluation and a site's fetch or resumed fetch name)
+/// and the one before it, for one round more: a download that looked its
+/// version up just before a round's end still finds and opens the file.
+/// Older versions are not served again: a site asking for one is refused
+/// (`unknown model version`) and its next offer names the current model,
+/// as after a restart, which serves the current model only. A site holding
+/// an older model gets the whole current model, never an update from it
+/// (only the latest round's update is served, [`prune_updates`]).
+#[derive(Debug, Default)]
+pub(crate) struct ServedModels {
+    current: Option<std::sync::Arc<WireModel>>,
+    previous: Option<std::sync::Arc<WireModel>>,
+}
+
+impl ServedModels {
+    /// The served version `hash`, if it is one.
+    pub(crate) fn get(&self, hash: &ModelHash) -> Option<std::sync::Arc<WireModel>> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .find(|w| w.hash == *hash)
+            .cloned()
+    }
+
+    /// Serve `w` as the current version; the current one becomes the
+    /// previous one (unless it is `w` again), the previous one is dropped
+    /// and returned (its file is no longer served; `None` if it is `w`).
+    pub(crate) fn publish(&mut self, w: WireModel) -> Option<std::sync::Arc<WireModel>> {
+        let w = std::sync::Arc::new(w);
+        let dropped = match self.current.take() {
+            Some(c) if c.hash == w.hash => None,
+            Some(c) => self.previous.replace(c),
+            None => None,
+        };
+        self.current = Some(w);
+        dropped.filter(|d| self.get(&d.hash).is_none())
+    }
+
+    /// The wire files of the served versions (what [`prune_models`] keeps).
+    pub(crate) fn paths(&self) -> Vec<PathBuf> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .map(|w| w.path.clone())
+            .collect()
+    }
+
+    /// How many versions are served (one or two once a model is).
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        [&self.current, &self.previous]
+            .into_iter()
+            .flatten()
+            .count()
+    }
+}
+
+/// Remove every model wire file (`<hash>.wire`) in `models_dir` but those
+/// in `keep` (the served versions, [`ServedModels::paths`]): at start, for
+/// files left by an earlier run. `.bin` model files (the archive: export,
+/// replay) and update files are not touched. Best effort, logged.
+pub(crate) fn prune_models(models_dir: &Path, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(models_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_wire = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".wire"))
+            .and_then(ModelHash::from_hex)
+            .is_some();
+        if !is_wire || keep.contains(&path) {
+            continue;
+        }
+        remove_model_file(&path);
+    }
+}
+
+/// Remove the wire file of a version no longer served
+/// ([`ServedModels::publish`] dropped it). Best effort, logged; a download
+/// in progress keeps reading its open file.
+pub(crate) fn remove_model_file(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "old model wire file pruned"),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "pruning an old model wire file")
         }
     }
 }
@@ -383,6 +499,29 @@ mod tests {
     }
 
     #[test]
+    fn a_wire_file_of_several_chunks_holds_the_sequential_encoders_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three chunks of the serving encoding (512 Ki elements), the last short.
+        let n = 2 * (DEFAULT_CHUNK_BYTES as usize / 4) + 1001;
+        let spec = ModelSpec::new(vec![
+            fedlink_protocol::TensorSpec::f32("a", vec![1000]),
+            fedlink_protocol::TensorSpec::f32("b", vec![n as u64 - 1000]),
+        ])
+        .unwrap();
+        let values = (0..n).map(|i| ((i * 7919) % 1013) as f32 * 1e-3).collect();
+        let model = FlatModel::new(spec, values).unwrap();
+        let w = ensure(dir.path(), &model).unwrap();
+        let (records, summary) =
+            fedlink_protocol::encode_payload(&model, model_encoding().unwrap(), 0).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(std::fs::read(&w.path).unwrap(), records.concat());
+        assert_eq!(
+            (w.payload_len, w.num_chunks),
+            (summary.payload_len, summary.num_chunks)
+        );
+    }
+
+    #[test]
     fn an_update_is_written_found_again_after_a_restart_and_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![10])]).unwrap();
@@ -427,6 +566,73 @@ mod tests {
         assert!(!u.wire.path.exists() && v.wire.path.exists());
         prune_updates(dir.path(), None);
         assert!(!v.wire.path.exists());
+    }
+
+    #[test]
+    fn only_the_current_and_the_previous_versions_stay_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::new(vec![fedlink_protocol::TensorSpec::f32("w", vec![8])]).unwrap();
+        let model = |r: u32| FlatModel::new(spec.clone(), vec![r as f32; 8]).unwrap();
+        // What pruning must leave: the archive, updates, other files.
+        let bin = dir.path().join(format!("{}.bin", model(0).hash().to_hex()));
+        std::fs::write(&bin, b"archive").unwrap();
+        let other = dir.path().join("notes.wire");
+        std::fs::write(&other, b"not a model").unwrap();
+        let enc = Encoding::with_codec(ValueCodec::F16).unwrap();
+        let mut next = model(0);
+        let update = write_update(
+            dir.path(),
+            model(0).hash(),
+            &mut next,
+            &FlatModel::new(spec.clone(), vec![0.5; 8]).unwrap(),
+            enc,
+            1,
+        )
+        .unwrap();
+        let mut served = ServedModels::default();
+        let mut written = Vec::new();
+        // A file left by an earlier run (pruned at start).
+        let stray = ensure(dir.path(), &model(99)).unwrap().path;
+        for round in 0..6 {
+            let w = ensure(dir.path(), &model(round)).unwrap();
+            written.push(w.path.clone());
+            let dropped = served.publish(w);
+            assert_eq!(dropped.is_some(), round >= 2, "round {round}");
+            if let Some(d) = dropped {
+                assert_eq!(d.path, written[round as usize - 2]);
+                remove_model_file(&d.path);
+            }
+            if round == 0 {
+                prune_models(dir.path(), &served.paths());
+                assert!(!stray.exists());
+            }
+            assert!(served.count() <= 2);
+        }
+        // Publishing the current version again changes nothing.
+        assert!(
+            served
+                .publish(ensure(dir.path(), &model(5)).unwrap())
+                .is_none()
+        );
+        remove_model_file(&written[0]); // already gone: not an error
+        for (round, path) in written.iter().enumerate() {
+            let kept = round >= 4;
+            assert_eq!(path.exists(), kept, "round {round}");
+            assert_eq!(
+                served.get(&model(round as u32).hash()).is_some(),
+                kept,
+                "round {round}"
+            );
+        }
+        assert_eq!(served.count(), 2);
+        assert!(bin.exists() && other.exists() && update.wire.path.exists());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".wire"))
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 3, "{left:?}");
     }
 
     #[test]
