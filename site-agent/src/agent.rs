@@ -84,11 +84,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
-    Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, DeltaUpload,
-    EncodeError, EvalRequest, FlatModel, Hello, Message, ModelHash, ModelSpec, OfferDecision,
-    PROTOCOL_VERSION, RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport,
-    TRAINING_V5_VERSION, UpdateNonce, UploadResult, VersionRange, Welcome, encode_payload,
-    sign_update, supports_audit_head, supports_federated_eval, supports_round_outcome,
+    Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, EncodeError,
+    EvalRequest, FlatModel, Hello, Message, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION,
+    RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce,
+    VersionRange, Welcome, encode_payload, supports_audit_head, supports_federated_eval,
+    supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -106,6 +106,7 @@ use crate::modelcache::{ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::download::{self, CacheForm, Cached, Download, DownloadError, Step};
 use crate::sitecore::task::{self, truncate};
+use crate::sitecore::upload;
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
 use crate::train::{BurnTrainer, TrainError, Trainer};
 use fedlink_aggregation::dp::NoiseRng;
@@ -234,6 +235,18 @@ enum Violation {
         sent: &'static str,
         request: &'static str,
     },
+}
+
+impl From<upload::UploadError> for TaskError {
+    fn from(e: upload::UploadError) -> Self {
+        match e {
+            upload::UploadError::WrongAck(w) => Violation::WrongAck(w).into(),
+            upload::UploadError::Unexpected { sent, request } => {
+                Violation::Unexpected { sent, request }.into()
+            }
+            upload::UploadError::ResumePoint(m) => Self::ResumePoint(m),
+        }
+    }
 }
 
 /// Wall clock, unix milliseconds.
@@ -1260,14 +1273,12 @@ async fn run_task(
         });
     }
     let (send, recv) = conn.open_bi().await?;
-    let opening = Message::DeltaUpload(Box::new(DeltaUpload {
-        envelope: envelope.clone(),
-    }));
-    let (fully_sent, result) = send_and_answer(send, recv, Some(opening), &records).await?;
+    let opening = upload::opening(&envelope);
+    let (fully_sent, answer) = send_and_answer(send, recv, Some(opening), &records).await?;
     if !fully_sent {
         tracing::info!(round = %offer.round, "the coordinator answered before the whole payload was sent");
     }
-    upload_answered(ctx, &envelope, &result)
+    upload_answered(ctx, &envelope, &answer)
 }
 
 /// Record the coordinator's answer to the upload of `envelope` (and stop
@@ -1275,11 +1286,10 @@ async fn run_task(
 fn upload_answered(
     ctx: &Ctx,
     envelope: &SignedEnvelope,
-    result: &UploadResult,
+    answer: &Message,
 ) -> Result<(), TaskError> {
     ctx.transfers(|t| t.upload_answered(envelope));
-    let answered = task::upload_answered(envelope, result).map_err(Violation::WrongAck)?;
-    ctx.record(answered)?;
+    ctx.record(upload::on_upload_answer(envelope, answer)?)?;
     Ok(())
 }
 
@@ -1297,46 +1307,31 @@ async fn resume_upload(
 ) -> Result<(), TaskError> {
     let (job, round) = kept.round();
     tracing::info!(job = %job, round = %round, "resuming the upload cut short by the lost connection");
-    let envelope = kept.envelope.clone();
-    let h = &envelope.header;
+    let envelope = &kept.envelope;
     let (mut send, mut recv) = conn.open_bi().await?;
-    send.message(&Message::ResumeUpload(Box::new(DeltaUpload {
-        envelope: envelope.clone(),
-    })))
-    .await?;
-    let progress = match recv.message().await? {
-        Message::UploadProgress(p) => p,
-        Message::UploadResult(UploadResult::Reject { code, message })
-            if code == RejectCode::Replay =>
-        {
+    send.message(&upload::resume_request(envelope)).await?;
+    let answer = recv.message().await?;
+    if matches!(answer, Message::UploadResult(_)) {
+        // Answered (even by a wrong acknowledgement): no longer kept.
+        ctx.transfers(|t| t.upload_answered(envelope));
+    }
+    match upload::on_resume_answer(&kept, &answer)? {
+        upload::ResumeStep::SendRest { resumed, rest } => {
+            ctx.record(resumed)?;
+            let (_, answer) = send_and_answer(send, recv, None, rest).await?;
+            upload_answered(ctx, envelope, &answer)
+        }
+        upload::ResumeStep::SignAgain { refused } => {
             // Not resumable: record the refusal, then the same update under
             // a new nonce.
-            let result = UploadResult::Reject { code, message };
-            upload_answered(ctx, &envelope, &result)?;
-            return resend_signed_again(ctx, conn, session, kept).await;
+            ctx.record(refused)?;
+            resend_signed_again(ctx, conn, session, &kept).await
         }
-        Message::UploadResult(result) => return upload_answered(ctx, &envelope, &result),
-        other => {
-            return Err(Violation::Unexpected {
-                sent: other.name(),
-                request: "ResumeUpload",
-            }
-            .into());
+        upload::ResumeStep::Answered { answered } => {
+            ctx.record(answered)?;
+            Ok(())
         }
-    };
-    let rest = kept.remaining(progress).map_err(TaskError::ResumePoint)?;
-    let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
-    ctx.record(SiteEvent::UpdateResumed {
-        job: h.job_id.to_string(),
-        round: h.round.0,
-        payload_hash: h.payload_hash.to_hex(),
-        nonce: hex::encode(h.nonce.0),
-        from_record: progress.records,
-        bytes_held: progress.bytes,
-        bytes_sent,
-    })?;
-    let (_, result) = send_and_answer(send, recv, None, rest).await?;
-    upload_answered(ctx, &envelope, &result)
+    }
 }
 
 /// The kept update's payload under a fresh nonce and signature (the
@@ -1346,30 +1341,23 @@ async fn resend_signed_again(
     ctx: &Arc<Ctx>,
     conn: &Conn,
     session: &Session,
-    kept: KeptUpload,
+    kept: &KeptUpload,
 ) -> Result<(), TaskError> {
-    let mut header = kept.envelope.header.clone();
-    header.nonce = UpdateNonce::random(&mut rand::rngs::OsRng);
     let key = ctx
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
-    let envelope = sign_update(key, header);
-    ctx.record(task::update_sent(&envelope))?;
+    let nonce = UpdateNonce::random(&mut rand::rngs::OsRng);
+    let (again, sent) = upload::sign_again(kept, key, nonce);
+    // On disk before the first byte of the upload leaves.
+    ctx.record(sent)?;
     if session.protocol_version >= RESUME_VERSION {
-        ctx.transfers(|t| {
-            t.keep_upload(KeptUpload {
-                envelope: envelope.clone(),
-                records: kept.records.clone(),
-            })
-        });
+        ctx.transfers(|t| t.keep_upload(again.clone()));
     }
     let (send, recv) = conn.open_bi().await?;
-    let opening = Message::DeltaUpload(Box::new(DeltaUpload {
-        envelope: envelope.clone(),
-    }));
-    let (_, result) = send_and_answer(send, recv, Some(opening), &kept.records).await?;
-    upload_answered(ctx, &envelope, &result)
+    let opening = upload::opening(&again.envelope);
+    let (_, answer) = send_and_answer(send, recv, Some(opening), &again.records).await?;
+    upload_answered(ctx, &again.envelope, &answer)
 }
 
 /// The global model `hash`: the driver of [`Download`], which decides
@@ -1504,7 +1492,7 @@ async fn send_and_answer(
     mut recv: FramedRecv,
     opening: Option<Message>,
     records: &[bytes::Bytes],
-) -> Result<(bool, UploadResult), TaskError> {
+) -> Result<(bool, Message), TaskError> {
     let sending = async {
         if let Some(m) = &opening {
             send.message(m).await?;
@@ -1526,12 +1514,7 @@ async fn send_and_answer(
     };
     let fully_sent = matches!(sent, Some(Ok(())));
     match reply {
-        Ok(Message::UploadResult(r)) => Ok((fully_sent, r)),
-        Ok(other) => Err(Violation::Unexpected {
-            sent: other.name(),
-            request: "an upload",
-        }
-        .into()),
+        Ok(m) => Ok((fully_sent, m)),
         Err(e) => Err(match sent {
             Some(Err(send_err)) => send_err.into(),
             _ => e.into(),

@@ -27,10 +27,12 @@
 //! The work on an accepted round (train → delta → clip/noise → audit
 //! record → signed envelope) is in [`task`], also without IO; obtaining
 //! the round's global model (cache, downlink update, whole model, resumed
-//! download) in [`download`].
+//! download) in [`download`]; the upload of the signed update (fresh or
+//! resumed, signed again after a `Replay` refusal) in [`upload`].
 
 pub mod download;
 pub mod task;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -400,6 +402,7 @@ mod tests {
             ("sitecore.rs", include_str!("sitecore.rs")),
             ("sitecore/task.rs", include_str!("sitecore/task.rs")),
             ("sitecore/download.rs", include_str!("sitecore/download.rs")),
+            ("sitecore/upload.rs", include_str!("sitecore/upload.rs")),
         ];
         // Built from pieces, so that this list does not trip itself.
         let banned = [
@@ -444,7 +447,7 @@ mod tests {
         on_disk.sort();
         assert_eq!(
             on_disk,
-            ["download.rs", "task.rs"],
+            ["download.rs", "task.rs", "upload.rs"],
             "every file of the core is checked"
         );
     }
