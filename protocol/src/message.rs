@@ -229,6 +229,28 @@ pub enum RejectCode {
     Internal,
 }
 
+impl RejectCode {
+    /// Every code, in declaration order (for tests and tools that must
+    /// cover them all; a unit test fails to compile when a new code is not
+    /// listed here).
+    pub const ALL: [Self; 14] = [
+        Self::UnsupportedVersion,
+        Self::UnknownSite,
+        Self::NotAuthorized,
+        Self::WrongFederation,
+        Self::UnexpectedMessage,
+        Self::Malformed,
+        Self::BadSignature,
+        Self::ContextMismatch,
+        Self::Replay,
+        Self::PayloadMismatch,
+        Self::TooLate,
+        Self::Busy,
+        Self::ShuttingDown,
+        Self::Internal,
+    ];
+}
+
 /// The coordinator refuses a [`Hello`] (then closes the connection).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reject {
@@ -1228,6 +1250,31 @@ serde_codec!(Message);
 mod tests {
     use super::*;
     use crate::codec::{Codec, DecodeError};
+
+    #[test]
+    fn every_reject_code_is_in_all_once_in_declaration_order() {
+        for (i, code) in RejectCode::ALL.iter().enumerate() {
+            // No wildcard: a new code makes this match fail to compile
+            // until it is placed here and in `ALL`.
+            let at = match code {
+                RejectCode::UnsupportedVersion => 0,
+                RejectCode::UnknownSite => 1,
+                RejectCode::NotAuthorized => 2,
+                RejectCode::WrongFederation => 3,
+                RejectCode::UnexpectedMessage => 4,
+                RejectCode::Malformed => 5,
+                RejectCode::BadSignature => 6,
+                RejectCode::ContextMismatch => 7,
+                RejectCode::Replay => 8,
+                RejectCode::PayloadMismatch => 9,
+                RejectCode::TooLate => 10,
+                RejectCode::Busy => 11,
+                RejectCode::ShuttingDown => 12,
+                RejectCode::Internal => 13,
+            };
+            assert_eq!(at, i, "{code:?}");
+        }
+    }
 
     #[test]
     fn negotiate() {

@@ -229,22 +229,7 @@ fn envelope() -> impl Strategy<Value = SignedEnvelope> {
 }
 
 fn reject_code() -> impl Strategy<Value = RejectCode> {
-    prop::sample::select(vec![
-        RejectCode::UnsupportedVersion,
-        RejectCode::UnknownSite,
-        RejectCode::NotAuthorized,
-        RejectCode::WrongFederation,
-        RejectCode::UnexpectedMessage,
-        RejectCode::Malformed,
-        RejectCode::BadSignature,
-        RejectCode::ContextMismatch,
-        RejectCode::Replay,
-        RejectCode::PayloadMismatch,
-        RejectCode::TooLate,
-        RejectCode::Busy,
-        RejectCode::ShuttingDown,
-        RejectCode::Internal,
-    ])
+    prop::sample::select(RejectCode::ALL.to_vec())
 }
 
 fn message() -> impl Strategy<Value = Message> {

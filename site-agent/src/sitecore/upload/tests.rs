@@ -10,22 +10,7 @@ use crate::policy::tests::offer;
 use crate::sitecore::Session;
 use crate::sitecore::task::{Claims, seal_update};
 
-const CODES: [RejectCode; 14] = [
-    RejectCode::UnsupportedVersion,
-    RejectCode::UnknownSite,
-    RejectCode::NotAuthorized,
-    RejectCode::WrongFederation,
-    RejectCode::UnexpectedMessage,
-    RejectCode::Malformed,
-    RejectCode::BadSignature,
-    RejectCode::ContextMismatch,
-    RejectCode::Replay,
-    RejectCode::PayloadMismatch,
-    RejectCode::TooLate,
-    RejectCode::Busy,
-    RejectCode::ShuttingDown,
-    RejectCode::Internal,
-];
+const CODES: [RejectCode; 14] = RejectCode::ALL;
 
 fn key() -> SigningKey {
     SigningKey::from_bytes(&[4; 32])
