@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
-use fedlink_bench::{cpu_seconds, mem_kb};
+use fedlink_bench::{ImpairArgs, cpu_seconds, mem_kb};
 use fedlink_certs::{ALPN_SITE, Kit};
 use fedlink_coordinator::job::{
     CodecKind, DownlinkKind, InitSource, Job, RoundPolicy, Selection, StrategySection,
@@ -116,16 +116,9 @@ struct Args {
     /// to the coordinator's TCP listener on the same port number).
     #[arg(long, default_value = "quic")]
     transport: String,
-    /// Put each site behind its own impairment proxy (fedlink-impair) with
-    /// this one-way delay, milliseconds, both ways (RTT = 2×).
-    #[arg(long)]
-    impair_delay_ms: Option<u64>,
-    /// Impairment: loss probability per packet, both ways (e.g. 0.005).
-    #[arg(long, default_value_t = 0.0)]
-    impair_loss: f64,
-    /// Impairment: rate limit per site link, Mbit/s, both ways.
-    #[arg(long)]
-    impair_rate_mbit: Option<f64>,
+    /// Each site behind its own impairment proxy (fedlink-impair).
+    #[command(flatten)]
+    impair: ImpairArgs,
     /// QUIC congestion controller of the coordinator and the sites:
     /// `cubic` or `bbr`.
     #[arg(long, default_value = "cubic")]
@@ -1088,15 +1081,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // Each site on a link of its own, when asked.
     let mut links = Vec::new();
-    if let Some(delay) = args.impair_delay_ms {
-        let imp = fedlink_tools::impair::Impairment {
-            delay: Duration::from_millis(delay),
-            loss: args.impair_loss,
-            rate: args
-                .impair_rate_mbit
-                .map(|m| (m * 1e6 / 8.0).round() as u64),
-            ..fedlink_tools::impair::Impairment::default()
-        };
+    if let Some(imp) = args.impair.impairment() {
         for i in 0..args.sites {
             let cfg = fedlink_tools::impair::ProxyConfig {
                 seed: i as u64 + 1,
@@ -1297,7 +1282,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Transfer rates per site: the upload apart from its acknowledgement
     // ("sent" = every byte acknowledged by the coordinator's QUIC stack;
     // "→ack" adds verification and durable acceptance).
-    let link_mb_s = args.impair_rate_mbit.map(|m| m / 8.0);
+    let link_mb_s = args.impair.link_mb_per_s();
     println!(
         "\n  round | download MB/s | upload sent MB/s | upload→ack MB/s   (per site, means{})",
         link_mb_s.map_or(String::new(), |l| format!("; % of the {l:.1} MB/s link"))
@@ -1423,9 +1408,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "sites": args.sites,
             "transport": args.transport,
             "congestion": args.congestion,
-            "impair_delay_ms": args.impair_delay_ms,
-            "impair_loss": args.impair_loss,
-            "impair_rate_mbit": args.impair_rate_mbit,
+            "impair_delay_ms": args.impair.impair_delay_ms,
+            "impair_loss": args.impair.impair_loss,
+            "impair_rate_mbit": args.impair.impair_rate_mbit,
             "rounds": args.rounds,
             "codec": args.codec,
             "round_wall_ms": walls,

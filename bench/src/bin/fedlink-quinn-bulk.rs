@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
-use fedlink_bench::cpu_seconds;
+use fedlink_bench::{ImpairArgs, cpu_seconds};
 use fedlink_certs::{ALPN_SITE, RevocationList};
 use fedlink_test_util::TestPki;
 use fedlink_tools::impair::{ImpairProxy, Impairment, ProxyConfig};
@@ -74,18 +74,11 @@ struct Args {
     /// Connections of the parallel case (0: skip it).
     #[arg(long, default_value_t = 8)]
     parallel: usize,
-    /// Put each connection behind its own impairment proxy
-    /// (`fedlink_tools::impair`, the one `fedlink-loadgen` uses) with this
-    /// one-way delay, both ways (RTT = 2×): the same transfer through the
-    /// same emulated WAN as a federation round's.
-    #[arg(long)]
-    impair_delay_ms: Option<u64>,
-    /// With `--impair-delay-ms`: loss per packet, each way.
-    #[arg(long, default_value_t = 0.0)]
-    impair_loss: f64,
-    /// With `--impair-delay-ms`: rate limit per link, each way, Mbit/s.
-    #[arg(long)]
-    impair_rate_mbit: Option<f64>,
+    /// Each connection behind its own impairment proxy (the one
+    /// `fedlink-loadgen` uses): the same transfer through the same emulated
+    /// WAN as a federation round's.
+    #[command(flatten)]
+    impair: ImpairArgs,
     /// Megabytes each connection moves in the same direction before the
     /// timed transfer (not timed): a warm connection, as a federation's
     /// second and later rounds have (its congestion controller has found
@@ -147,28 +140,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "bbr" => Congestion::Bbr,
         other => bail!("--congestion {other:?}: expected cubic or bbr"),
     };
-    let impair = match args.impair_delay_ms {
-        Some(delay) => {
-            let imp = Impairment {
-                delay: Duration::from_millis(delay),
-                loss: args.impair_loss,
-                rate: args
-                    .impair_rate_mbit
-                    .map(|m| (m * 1e6 / 8.0).round() as u64),
-                ..Impairment::default()
-            };
-            imp.validate().context("the impairment")?;
-            println!(
-                "  each connection behind an impairment proxy: one-way delay {delay} ms, loss {}, rate {} per link, congestion {}",
-                args.impair_loss,
-                args.impair_rate_mbit
-                    .map_or_else(|| "unlimited".to_owned(), |m| format!("{m} Mbit/s")),
-                args.congestion
-            );
-            Some(imp)
-        }
-        None => None,
-    };
+    let impair = args.impair.impairment();
+    if let Some(imp) = &impair {
+        imp.validate().context("the impairment")?;
+        println!(
+            "  each connection behind an impairment proxy: one-way delay {} ms, loss {}, rate {} per link, congestion {}",
+            imp.delay.as_millis(),
+            args.impair.impair_loss,
+            args.impair
+                .impair_rate_mbit
+                .map_or_else(|| "unlimited".to_owned(), |m| format!("{m} Mbit/s")),
+            args.congestion
+        );
+    }
     let path = PathSetup {
         cc,
         impair,
@@ -214,9 +198,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
             results.push(serde_json::json!({
                 "congestion": args.congestion,
-                "impair_delay_ms": args.impair_delay_ms,
-                "impair_loss": args.impair_loss,
-                "impair_rate_mbit": args.impair_rate_mbit,
+                "impair_delay_ms": args.impair.impair_delay_ms,
+                "impair_loss": args.impair.impair_loss,
+                "impair_rate_mbit": args.impair.impair_rate_mbit,
                 "warm_mb": args.warm_mb,
                 "settings": settings_name,
                 "connections": connections,
@@ -358,40 +342,18 @@ async fn one_run(
     let links = &run.conns;
     let per = bytes / links.len() as u64;
     if path.warm_bytes > 0 {
-        let mut warm = Vec::with_capacity(links.len());
-        for (_, site, coord) in links {
-            let (site, coord, n) = (site.clone(), coord.clone(), path.warm_bytes);
-            warm.push(tokio::spawn(async move {
-                match direction {
-                    Direction::Upload => upload(&site, &coord, settings, n).await,
-                    Direction::Download => download(&site, &coord, settings, n).await,
-                }
-            }));
-        }
-        for t in warm {
-            t.await??;
-        }
+        transfer_all(links, settings, direction, |_| path.warm_bytes).await?;
     }
     let cpu0 = cpu_seconds("self");
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(links.len());
-    for (i, (_, site, coord)) in links.iter().enumerate() {
-        let n = if i == 0 {
+    transfer_all(links, settings, direction, |i| {
+        if i == 0 {
             per + bytes % links.len() as u64
         } else {
             per
-        };
-        let (site, coord) = (site.clone(), coord.clone());
-        tasks.push(tokio::spawn(async move {
-            match direction {
-                Direction::Upload => upload(&site, &coord, settings, n).await,
-                Direction::Download => download(&site, &coord, settings, n).await,
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+        }
+    })
+    .await?;
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu0.zip(cpu_seconds("self")).map(|(a, b)| b - a);
     for (_, site, coord) in links {
@@ -404,6 +366,30 @@ async fn one_run(
 /// Bytes per record in the `fedlink` case (framed chunk records, as an
 /// upload's or a model's).
 const RECORD: usize = 1 << 20;
+
+/// One transfer in `direction` on every connection at once, `bytes(i)` on
+/// the `i`-th; returns when all have ended.
+async fn transfer_all(
+    links: &[(Endpoint, Connection, Connection)],
+    settings: Settings,
+    direction: Direction,
+    bytes: impl Fn(usize) -> u64,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::with_capacity(links.len());
+    for (i, (_, site, coord)) in links.iter().enumerate() {
+        let (site, coord, n) = (site.clone(), coord.clone(), bytes(i));
+        tasks.push(tokio::spawn(async move {
+            match direction {
+                Direction::Upload => upload(&site, &coord, settings, n).await,
+                Direction::Download => download(&site, &coord, settings, n).await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
 
 /// The site writes `bytes` on a stream and finishes it; the coordinator
 /// reads them to the end and answers one byte. `raw`: plain stream bytes;
