@@ -57,7 +57,7 @@ use fedlink_transport::{
     close_upload_window, open_download_window, open_upload_window, server_endpoint_with,
 };
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -405,58 +405,15 @@ async fn upload(
     let coord_side = {
         let coord = coord.clone();
         tokio::spawn(async move {
-            let (send, recv) = coord.accept_bi().await?;
-            let got = match settings {
-                Settings::Raw => {
-                    let mut recv = recv;
-                    let mut got = 0u64;
-                    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-                        got += chunk.bytes.len() as u64;
-                    }
-                    got
-                }
-                Settings::Fedlink => {
-                    let mut recv = FramedRecv::new(recv);
-                    let _share = open_upload_window(&coord, &mut recv, bytes);
-                    let mut record = Vec::new();
-                    let mut got = 0u64;
-                    while got < bytes {
-                        recv.chunk_into(&mut record).await?;
-                        got += record.len() as u64;
-                    }
-                    close_upload_window(&coord);
-                    got
-                }
-            };
-            let mut send = send;
+            let (mut send, recv) = coord.accept_bi().await?;
+            let got = receive_all(recv, settings, bytes, Some(&coord)).await?;
             send.write_all(&[1]).await?;
             send.finish()?;
             anyhow::Ok(got)
         })
     };
-    let block = Bytes::from(vec![0x5au8; RECORD]);
     let (send, mut recv) = site.open_bi().await?;
-    let mut left = bytes;
-    match settings {
-        Settings::Raw => {
-            let mut send = send;
-            while left > 0 {
-                let n = left.min(block.len() as u64) as usize;
-                send.write_all(&block[..n]).await?;
-                left -= n as u64;
-            }
-            send.finish()?;
-        }
-        Settings::Fedlink => {
-            let mut send = FramedSend::new(send);
-            while left > 0 {
-                let n = left.min(block.len() as u64) as usize;
-                send.chunk(block.slice(..n)).await?;
-                left -= n as u64;
-            }
-            send.finish()?;
-        }
-    }
+    send_filler(send, settings, bytes, false).await?;
     let ack = recv.read_to_end(8).await?;
     let got = coord_side.await??;
     if got != bytes || ack != [1] {
@@ -477,40 +434,75 @@ async fn download(
     let coord_side = {
         let coord = coord.clone();
         tokio::spawn(async move {
-            let block = Bytes::from(vec![0x5au8; RECORD]);
             let (send, mut recv) = coord.accept_bi().await?;
             let _ask = recv.read_to_end(8).await?;
-            let mut left = bytes;
-            match settings {
-                Settings::Raw => {
-                    let mut send = send;
-                    while left > 0 {
-                        let n = left.min(block.len() as u64) as usize;
-                        send.write_all(&block[..n]).await?;
-                        left -= n as u64;
-                    }
-                    send.finish()?;
-                    // Keep the stream's connection until the site has read it.
-                    let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
-                }
-                Settings::Fedlink => {
-                    let _window = open_download_window(&coord);
-                    let mut send = FramedSend::new(send);
-                    while left > 0 {
-                        let n = left.min(block.len() as u64) as usize;
-                        send.chunk(block.slice(..n)).await?;
-                        left -= n as u64;
-                    }
-                    send.finish()?;
-                    let _ = tokio::time::timeout(Duration::from_secs(600), send.stopped()).await;
-                }
-            }
-            anyhow::Ok(())
+            let _window =
+                matches!(settings, Settings::Fedlink).then(|| open_download_window(&coord));
+            send_filler(send, settings, bytes, true).await
         })
     };
     let (mut send, recv) = site.open_bi().await?;
     send.write_all(&[1]).await?;
     send.finish()?;
+    let got = receive_all(recv, settings, bytes, None).await?;
+    coord_side.await??;
+    if got != bytes {
+        bail!("download: {got} of {bytes} bytes arrived");
+    }
+    Ok(())
+}
+
+/// Write `bytes` of filler on `send` in [`RECORD`]-sized pieces (`raw`:
+/// stream bytes; `fedlink`: framed chunk records) and finish the stream;
+/// with `until_read`, keep it (and its connection) until the peer has read
+/// it all.
+async fn send_filler(
+    send: SendStream,
+    settings: Settings,
+    bytes: u64,
+    until_read: bool,
+) -> anyhow::Result<()> {
+    let block = Bytes::from(vec![0x5au8; RECORD]);
+    let pieces = (0..bytes.div_ceil(RECORD as u64)).map(|k| {
+        let n = (bytes - k * RECORD as u64).min(RECORD as u64) as usize;
+        block.slice(..n)
+    });
+    let wait = Duration::from_secs(600);
+    match settings {
+        Settings::Raw => {
+            let mut send = send;
+            for piece in pieces {
+                send.write_all(&piece).await?;
+            }
+            send.finish()?;
+            if until_read {
+                let _ = tokio::time::timeout(wait, send.stopped()).await;
+            }
+        }
+        Settings::Fedlink => {
+            let mut send = FramedSend::new(send);
+            for piece in pieces {
+                send.chunk(piece).await?;
+            }
+            send.finish()?;
+            if until_read {
+                let _ = tokio::time::timeout(wait, send.stopped()).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read what [`send_filler`] sent, to the end of the stream; the bytes
+/// received. `fedlink`: `bytes` of framed records, nothing after them;
+/// with `upload_window`, read with the coordinator's upload window opened
+/// on that connection for them (`open_upload_window`), then closed.
+async fn receive_all(
+    recv: RecvStream,
+    settings: Settings,
+    bytes: u64,
+    upload_window: Option<&Connection>,
+) -> anyhow::Result<u64> {
     let mut got = 0u64;
     match settings {
         Settings::Raw => {
@@ -521,19 +513,20 @@ async fn download(
         }
         Settings::Fedlink => {
             let mut recv = FramedRecv::new(recv);
+            let share = upload_window.map(|c| open_upload_window(c, &mut recv, bytes));
             let mut record = Vec::new();
             while got < bytes {
                 recv.chunk_into(&mut record).await?;
                 got += record.len() as u64;
             }
             if recv.next_frame().await?.is_some() {
-                bail!("download: a frame after the last record");
+                bail!("a frame after the last record");
             }
+            if let Some(c) = upload_window {
+                close_upload_window(c);
+            }
+            drop(share);
         }
     }
-    coord_side.await??;
-    if got != bytes {
-        bail!("download: {got} of {bytes} bytes arrived");
-    }
-    Ok(())
+    Ok(got)
 }
