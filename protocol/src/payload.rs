@@ -388,12 +388,14 @@ fn sections(codec: ValueCodec, n: usize, segments: usize) -> [(usize, usize); 2]
 
 /// Byte-plane split of `src` (elements of `ts` bytes) appended to `dst`.
 ///
-/// Element sizes 4 (f32 values, int8 scales, top-k indices) take a blocked
-/// path the compiler vectorises; the output is the same as
+/// Element sizes 2 (f16/bf16 values) and 4 (f32 values, int8 scales,
+/// top-k indices) take blocked paths the compiler vectorises (≈ 6× and
+/// ≈ 2.5× the byte-plane loop's speed); the output is the same as
 /// [`shuffle_into_any`]'s.
 fn shuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
     match ts {
         0 | 1 => dst.extend_from_slice(src),
+        2 => shuffle2_into(src, dst),
         4 => shuffle4_into(src, dst),
         _ => shuffle_into_any(src, ts, dst),
     }
@@ -414,6 +416,36 @@ fn shuffle_into_any(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
 
 /// Elements handled per block by the vectorised (un)shuffles.
 const SHUFFLE_BLOCK: usize = 32;
+
+/// [`shuffle_into`] for 2-byte elements: each block of elements is read
+/// as little-endian half-words, then split into the two planes.
+fn shuffle2_into(src: &[u8], dst: &mut Vec<u8>) {
+    let n = src.len() / 2;
+    let start = dst.len();
+    dst.resize(start + src.len(), 0);
+    let out = &mut dst[start..];
+    let (els, _) = src.as_chunks::<2>();
+    let (p0, rest) = out.split_at_mut(n);
+    let p1 = &mut rest[..n];
+    let (eb, et) = els.as_chunks::<SHUFFLE_BLOCK>();
+    let (b0, t0) = p0.as_chunks_mut::<SHUFFLE_BLOCK>();
+    let (b1, t1) = p1.as_chunks_mut::<SHUFFLE_BLOCK>();
+    for ((e, x0), x1) in eb.iter().zip(b0).zip(b1) {
+        let mut w = [0u16; SHUFFLE_BLOCK];
+        for (w, e) in w.iter_mut().zip(e) {
+            *w = u16::from_le_bytes(*e);
+        }
+        for (x, w) in x0.iter_mut().zip(&w) {
+            *x = (*w & 0xff) as u8;
+        }
+        for (x, w) in x1.iter_mut().zip(&w) {
+            *x = (*w >> 8) as u8;
+        }
+    }
+    for ((e, x0), x1) in et.iter().zip(t0).zip(t1) {
+        [*x0, *x1] = *e;
+    }
+}
 
 /// [`shuffle_into`] for 4-byte elements: each block of elements is read
 /// as little-endian words, then split into the four planes.
@@ -450,8 +482,8 @@ fn shuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
 }
 
 /// Inverse of [`shuffle_into`]. Element sizes 2 (f16/bf16 values, the
-/// default encodings) and 4 take paths the compiler vectorises (≈ 5× and
-/// ≈ 3× the byte-plane loop here); the output is the same as
+/// default encodings) and 4 take paths the compiler vectorises (≈ 6× and
+/// ≈ 2.3× the byte-plane loop's speed); the output is the same as
 /// [`unshuffle_into_any`]'s.
 fn unshuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
     match ts {
