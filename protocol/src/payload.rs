@@ -816,8 +816,6 @@ pub struct PayloadSummary {
     pub payload_hash: PayloadHash,
     /// Number of chunk records.
     pub num_chunks: u64,
-    /// [`ModelHash`] of the *input* values (before any lossy encoding).
-    pub input_hash: ModelHash,
 }
 
 /// Encodes the chunk record of any one chunk of a payload, by its index.
@@ -971,7 +969,6 @@ pub struct PayloadEncoder {
     pending: Vec<f32>,
     hasher: blake3::Hasher,
     payload_len: u64,
-    input_hasher: ModelHasher,
 }
 
 impl std::fmt::Debug for PayloadEncoder {
@@ -988,7 +985,6 @@ impl PayloadEncoder {
     /// An encoder for a model with `spec`, using `encoding`; `seed` seeds
     /// stochastic rounding (ignored by the other codecs).
     pub fn new(spec: ModelSpec, encoding: Encoding, seed: u64) -> Result<Self, EncodeError> {
-        let input_hasher = ModelHasher::new(&spec);
         Ok(Self {
             chunks: ChunkEncoder::new(spec, encoding, seed)?,
             next: 0,
@@ -996,7 +992,6 @@ impl PayloadEncoder {
             pending: Vec::new(),
             hasher: blake3::Hasher::new(),
             payload_len: 0,
-            input_hasher,
         })
     }
 
@@ -1025,7 +1020,6 @@ impl PayloadEncoder {
         let record = self.chunks.encode_range(self.chunk_index, range, values)?;
         self.hasher.update(&record);
         self.payload_len += record.len() as u64;
-        self.input_hasher.update(values);
         self.next = end;
         self.chunk_index += 1;
         Ok(record)
@@ -1076,7 +1070,6 @@ impl PayloadEncoder {
             payload_len: self.payload_len,
             payload_hash: PayloadHash(*self.hasher.finalize().as_bytes()),
             num_chunks: self.chunk_index,
-            input_hash: self.input_hasher.finalize(),
         })
     }
 }
@@ -1525,7 +1518,6 @@ mod tests {
             let (records, summary) = encode_payload(&model, e, 0).unwrap();
             assert_eq!(records.len(), 3);
             assert_eq!(summary.num_chunks, 3);
-            assert_eq!(summary.input_hash, model.hash());
             let total: usize = records.iter().map(Vec::len).sum();
             assert_eq!(summary.payload_len, total as u64);
             assert!(summary.payload_len <= max_payload_len(&spec, &e));
