@@ -552,14 +552,8 @@ fn unshuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
     }
 }
 
-/// Apply (or undo) the shuffle to every section of a body.
-fn reshuffle(body: &[u8], secs: [(usize, usize); 2], forward: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len());
-    reshuffle_into(body, secs, forward, &mut out);
-    out
-}
-
-/// [`reshuffle`] into `out` (cleared first), reusing its allocation.
+/// Apply (or undo) the shuffle to every section of a body, into `out`
+/// (cleared first; its allocation is reused).
 fn reshuffle_into(body: &[u8], secs: [(usize, usize); 2], forward: bool, out: &mut Vec<u8>) {
     out.clear();
     out.reserve(body.len());
@@ -606,19 +600,22 @@ fn read_u16s(raw: &[u8]) -> impl Iterator<Item = u16> + '_ {
 }
 
 /// Encode `values` (one chunk starting at element `offset`, with segment
-/// lengths `segs`) into the plain (unshuffled, uncompressed) body.
+/// lengths `segs`) into the plain (unshuffled, uncompressed) body; `h` is
+/// the f16 scratch (its allocation reused).
 fn encode_body(
     codec: ValueCodec,
     values: &[f32],
     offset: u64,
     segs: &[usize],
     rng: Option<&mut ChaCha8Rng>,
+    h: &mut Vec<f16>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     match codec {
         ValueCodec::F32 => push_f32s(out, values),
         ValueCodec::F16 => {
-            let mut h = vec![f16::ZERO; values.len()];
+            h.clear();
+            h.resize(values.len(), f16::ZERO);
             h.convert_from_f32_slice(values);
             if let Some(i) = h.iter().position(|v| v.is_infinite()) {
                 return Err(EncodeError::OutOfRange {
@@ -831,6 +828,12 @@ pub struct ChunkEncoder {
     encoding: Encoding,
     seed: u64,
     compressor: zstd::bulk::Compressor<'static>,
+    /// Scratch reused from chunk to chunk (no allocation, and no fresh
+    /// pages to fault in, per chunk): the f16 values, the plain body and
+    /// the shuffled body.
+    halves: Vec<f16>,
+    body: Vec<u8>,
+    shuffled: Vec<u8>,
 }
 
 impl std::fmt::Debug for ChunkEncoder {
@@ -853,6 +856,9 @@ impl ChunkEncoder {
             encoding,
             seed,
             compressor,
+            halves: Vec::new(),
+            body: Vec::new(),
+            shuffled: Vec::new(),
         })
     }
 
@@ -915,17 +921,35 @@ impl ChunkEncoder {
             _ => None,
         };
         let raw = raw_len(codec, n, segs.len() as u64) as usize;
-        let mut body = Vec::with_capacity(raw);
-        encode_body(codec, values, range.start, &segs, rng.as_mut(), &mut body)?;
+        let body = &mut self.body;
+        body.clear();
+        body.reserve(raw);
+        encode_body(
+            codec,
+            values,
+            range.start,
+            &segs,
+            rng.as_mut(),
+            &mut self.halves,
+            body,
+        )?;
         debug_assert_eq!(body.len(), raw);
-        if self.encoding.shuffle() {
-            body = reshuffle(&body, sections(codec, values.len(), segs.len()), true);
-        }
+        let body = if self.encoding.shuffle() {
+            reshuffle_into(
+                body,
+                sections(codec, values.len(), segs.len()),
+                true,
+                &mut self.shuffled,
+            );
+            &self.shuffled
+        } else {
+            &self.body
+        };
         let bound = zstd_bound(body.len());
         let mut record = vec![0u8; CHUNK_HEADER_LEN + bound];
         let clen = self
             .compressor
-            .compress_to_buffer(&body, &mut record[CHUNK_HEADER_LEN..])
+            .compress_to_buffer(body.as_slice(), &mut record[CHUNK_HEADER_LEN..])
             .map_err(|e| EncodeError::Compress(e.to_string()))?;
         record.truncate(CHUNK_HEADER_LEN + clen);
         let header = ChunkHeader {
@@ -1697,9 +1721,15 @@ mod tests {
         let codecs = [
             ValueCodec::F32,
             ValueCodec::F16,
+            ValueCodec::Bf16,
             ValueCodec::Int8 { stochastic: true },
             ValueCodec::Int8 { stochastic: false },
+            ValueCodec::TopK {
+                per_million: 500_000,
+            },
         ];
+        // The encoder's scratch is reused from chunk to chunk, whatever
+        // their order and sizes (the last chunk is shorter).
         for codec in codecs {
             let e = enc(codec, true);
             let (records, _) = encode_payload(&model, e, 11).unwrap();
