@@ -114,28 +114,6 @@ impl ValidatedUpdate {
     }
 }
 
-/// Whether every value is finite, and the largest |x| (meaningful only
-/// when all are). Compares the magnitude bits as integers — for
-/// non-negative floats their order is the values' order, and infinities
-/// and NaNs are the patterns from `0x7f80_0000` up — so that the loop
-/// vectorises (a float `max` with its NaN rules does not): ≈ 8× faster
-/// than `is_finite` + `f32::max` per value.
-fn max_abs(values: &[f32]) -> (bool, f32) {
-    const LANES: usize = 8;
-    let mut lanes = [0u32; LANES];
-    let (blocks, rest) = values.as_chunks::<LANES>();
-    for b in blocks {
-        for (m, v) in lanes.iter_mut().zip(b) {
-            *m = (*m).max(v.to_bits() & 0x7fff_ffff);
-        }
-    }
-    let mut max = lanes.into_iter().max().unwrap_or(0);
-    for v in rest {
-        max = max.max(v.to_bits() & 0x7fff_ffff);
-    }
-    (max < 0x7f80_0000, f32::from_bits(max))
-}
-
 /// Map a flat element index to (tensor path, index within the tensor).
 pub fn locate(spec: &ModelSpec, flat: u64) -> (String, u64) {
     let n = spec.tensors().len();
@@ -270,8 +248,7 @@ impl UpdateValidator {
         }
         // One fast pass for finiteness and max |x|, then the sum of squares
         // by absolute lane.
-        let (all_finite, chunk_max) = max_abs(values);
-        if !all_finite {
+        let Some(chunk_max) = fedlink_protocol::model::max_abs(values) else {
             let pos = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
             let (tensor, index) = locate(&self.spec, offset + pos as u64);
             return Err(UpdateError::NonFinite {
@@ -280,7 +257,7 @@ impl UpdateValidator {
                 index,
                 value: values.get(pos).copied().unwrap_or(f32::NAN),
             });
-        }
+        };
         if chunk_max > self.policy.max_abs_value {
             let pos = values
                 .iter()
@@ -386,64 +363,5 @@ impl UpdateValidator {
             aggregator_id: self.aggregator_id,
             num_params,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::max_abs;
-
-    fn naive(values: &[f32]) -> (bool, f32) {
-        let finite = values.iter().all(|v| v.is_finite());
-        (finite, values.iter().fold(0f32, |m, v| m.max(v.abs())))
-    }
-
-    /// The bit-pattern maximum agrees with `is_finite` + `f32::max` on
-    /// every kind of value, at every position, for every length around
-    /// the lane width.
-    #[test]
-    fn max_abs_agrees_with_the_float_loop() {
-        let specials = [
-            0.0f32,
-            -0.0,
-            1.0,
-            -1.0,
-            f32::MIN_POSITIVE,
-            -f32::MIN_POSITIVE / 8.0, // subnormal
-            f32::MAX,
-            f32::MIN,
-            1e-30,
-            -3.5e7,
-        ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for len in 0..40usize {
-            for _ in 0..50 {
-                let values: Vec<f32> = (0..len)
-                    .map(|_| {
-                        let r = next();
-                        if r % 5 == 0 {
-                            specials[(r >> 8) as usize % specials.len()]
-                        } else {
-                            f32::from_bits(r as u32 & 0xbfff_ffff) // finite
-                        }
-                    })
-                    .collect();
-                assert_eq!(max_abs(&values), naive(&values), "{values:?}");
-                // Any non-finite value anywhere is seen.
-                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-                    for at in 0..len {
-                        let mut v = values.clone();
-                        v[at] = bad;
-                        assert!(!max_abs(&v).0, "{bad} at {at} of {len}");
-                    }
-                }
-            }
-        }
     }
 }

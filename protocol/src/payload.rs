@@ -787,7 +787,7 @@ fn finish_decoded(values: &[f32], n: usize, offset: u64) -> Result<(), PayloadEr
             actual: values.len() as u64,
         });
     }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = crate::model::first_non_finite(values) {
         return Err(PayloadError::NonFinite(offset + i as u64));
     }
     Ok(())
@@ -907,7 +907,7 @@ impl ChunkEncoder {
                 actual: values.len() as u64,
             });
         }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = crate::model::first_non_finite(values) {
             return Err(EncodeError::NonFinite(range.start + i as u64));
         }
         let codec = self.encoding.values();
