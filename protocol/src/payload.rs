@@ -386,32 +386,32 @@ fn sections(codec: ValueCodec, n: usize, segments: usize) -> [(usize, usize); 2]
     }
 }
 
-/// Byte-plane split of `src` (elements of `ts` bytes) appended to `dst`.
+/// Byte-plane split of `src` (elements of `ts` bytes) into `dst`, of the
+/// same length (a remainder shorter than an element is written as zeros;
+/// the bodies shuffled here have none).
 ///
 /// Element sizes 2 (f16/bf16 values) and 4 (f32 values, int8 scales,
 /// top-k indices) take blocked paths the compiler vectorises (≈ 6× and
 /// ≈ 2.5× the byte-plane loop's speed); the output is the same as
-/// [`shuffle_into_any`]'s.
-fn shuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+/// [`shuffle_any`]'s.
+fn shuffle_into(src: &[u8], ts: usize, dst: &mut [u8]) {
     match ts {
-        0 | 1 => dst.extend_from_slice(src),
-        2 => shuffle2_into(src, dst),
-        4 => shuffle4_into(src, dst),
-        _ => shuffle_into_any(src, ts, dst),
+        0 | 1 => dst.copy_from_slice(src),
+        2 => shuffle2(src, dst),
+        4 => shuffle4(src, dst),
+        _ => shuffle_any(src, ts, dst),
     }
 }
 
 /// [`shuffle_into`] for any element size, one byte plane at a time.
-fn shuffle_into_any(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+fn shuffle_any(src: &[u8], ts: usize, dst: &mut [u8]) {
     let n = src.len() / ts;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let out = &mut dst[start..];
     for p in 0..ts {
-        for (o, el) in out[p * n..(p + 1) * n].iter_mut().zip(src.chunks_exact(ts)) {
+        for (o, el) in dst[p * n..(p + 1) * n].iter_mut().zip(src.chunks_exact(ts)) {
             *o = el[p];
         }
     }
+    dst[n * ts..].fill(0);
 }
 
 /// Elements handled per block by the vectorised (un)shuffles.
@@ -419,14 +419,12 @@ const SHUFFLE_BLOCK: usize = 32;
 
 /// [`shuffle_into`] for 2-byte elements: each block of elements is read
 /// as little-endian half-words, then split into the two planes.
-fn shuffle2_into(src: &[u8], dst: &mut Vec<u8>) {
+fn shuffle2(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / 2;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let out = &mut dst[start..];
     let (els, _) = src.as_chunks::<2>();
-    let (p0, rest) = out.split_at_mut(n);
-    let p1 = &mut rest[..n];
+    let (p0, rest) = dst.split_at_mut(n);
+    let (p1, tail) = rest.split_at_mut(n);
+    tail.fill(0);
     let (eb, et) = els.as_chunks::<SHUFFLE_BLOCK>();
     let (b0, t0) = p0.as_chunks_mut::<SHUFFLE_BLOCK>();
     let (b1, t1) = p1.as_chunks_mut::<SHUFFLE_BLOCK>();
@@ -449,16 +447,14 @@ fn shuffle2_into(src: &[u8], dst: &mut Vec<u8>) {
 
 /// [`shuffle_into`] for 4-byte elements: each block of elements is read
 /// as little-endian words, then split into the four planes.
-fn shuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
+fn shuffle4(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / 4;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let out = &mut dst[start..];
     let (els, _) = src.as_chunks::<4>();
-    let (p0, rest) = out.split_at_mut(n);
+    let (p0, rest) = dst.split_at_mut(n);
     let (p1, rest) = rest.split_at_mut(n);
     let (p2, rest) = rest.split_at_mut(n);
-    let p3 = &mut rest[..n];
+    let (p3, tail) = rest.split_at_mut(n);
+    tail.fill(0);
     let (eb, et) = els.as_chunks::<SHUFFLE_BLOCK>();
     let (b0, t0) = p0.as_chunks_mut::<SHUFFLE_BLOCK>();
     let (b1, t1) = p1.as_chunks_mut::<SHUFFLE_BLOCK>();
@@ -484,35 +480,32 @@ fn shuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
 /// Inverse of [`shuffle_into`]. Element sizes 2 (f16/bf16 values, the
 /// default encodings) and 4 take paths the compiler vectorises (≈ 6× and
 /// ≈ 2.3× the byte-plane loop's speed); the output is the same as
-/// [`unshuffle_into_any`]'s.
-fn unshuffle_into(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+/// [`unshuffle_any`]'s.
+fn unshuffle_into(src: &[u8], ts: usize, dst: &mut [u8]) {
     match ts {
-        0 | 1 => dst.extend_from_slice(src),
-        2 => unshuffle2_into(src, dst),
-        4 => unshuffle4_into(src, dst),
-        _ => unshuffle_into_any(src, ts, dst),
+        0 | 1 => dst.copy_from_slice(src),
+        2 => unshuffle2(src, dst),
+        4 => unshuffle4(src, dst),
+        _ => unshuffle_any(src, ts, dst),
     }
 }
 
 /// [`unshuffle_into`] for any element size, one byte plane at a time.
-fn unshuffle_into_any(src: &[u8], ts: usize, dst: &mut Vec<u8>) {
+fn unshuffle_any(src: &[u8], ts: usize, dst: &mut [u8]) {
     let n = src.len() / ts;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let out = &mut dst[start..];
     for p in 0..ts {
-        for (el, &b) in out.chunks_exact_mut(ts).zip(&src[p * n..(p + 1) * n]) {
+        for (el, &b) in dst.chunks_exact_mut(ts).zip(&src[p * n..(p + 1) * n]) {
             el[p] = b;
         }
     }
+    dst[n * ts..].fill(0);
 }
 
 /// [`unshuffle_into`] for 2-byte elements: the two planes interleaved.
-fn unshuffle2_into(src: &[u8], dst: &mut Vec<u8>) {
+fn unshuffle2(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / 2;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let (els, _) = dst[start..].as_chunks_mut::<2>();
+    let (els, tail) = dst.as_chunks_mut::<2>();
+    tail.fill(0);
     let (lo, rest) = src.split_at(n);
     for ((el, &a), &b) in els.iter_mut().zip(lo).zip(&rest[..n]) {
         *el = [a, b];
@@ -521,11 +514,10 @@ fn unshuffle2_into(src: &[u8], dst: &mut Vec<u8>) {
 
 /// [`unshuffle_into`] for 4-byte elements: each block of the four planes
 /// is assembled into little-endian words, then written out.
-fn unshuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
+fn unshuffle4(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / 4;
-    let start = dst.len();
-    dst.resize(start + src.len(), 0);
-    let (els, _) = dst[start..].as_chunks_mut::<4>();
+    let (els, tail) = dst.as_chunks_mut::<4>();
+    tail.fill(0);
     let (p0, rest) = src.split_at(n);
     let (p1, rest) = rest.split_at(n);
     let (p2, rest) = rest.split_at(n);
@@ -553,17 +545,18 @@ fn unshuffle4_into(src: &[u8], dst: &mut Vec<u8>) {
 }
 
 /// Apply (or undo) the shuffle to every section of a body, into `out`
-/// (cleared first; its allocation is reused).
+/// (its allocation reused). `out` is resized, not cleared: from one chunk
+/// to the next of the same size nothing is written twice.
 fn reshuffle_into(body: &[u8], secs: [(usize, usize); 2], forward: bool, out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(body.len());
+    let total: usize = secs.iter().map(|&(_, len)| len).sum();
+    out.resize(total, 0);
     let mut pos = 0;
     for (ts, len) in secs {
-        let s = &body[pos..pos + len];
+        let (s, d) = (&body[pos..pos + len], &mut out[pos..pos + len]);
         if forward {
-            shuffle_into(s, ts, out);
+            shuffle_into(s, ts, d);
         } else {
-            unshuffle_into(s, ts, out);
+            unshuffle_into(s, ts, d);
         }
         pos += len;
     }
@@ -718,19 +711,25 @@ fn decode_body_into(
     values: &mut Vec<f32>,
     halves: &mut Vec<f16>,
 ) -> Result<(), PayloadError> {
-    values.clear();
     match codec {
-        ValueCodec::F32 => values.extend(read_f32s(body)),
+        ValueCodec::F32 => {
+            values.clear();
+            values.extend(read_f32s(body));
+        }
         ValueCodec::F16 => {
             halves.clear();
             halves.extend(read_u16s(body).map(f16::from_bits));
+            // Resized, not cleared: the conversion overwrites every value,
+            // so the previous chunk's need not be zeroed first.
             values.resize(halves.len(), 0.0);
             halves.convert_to_f32_slice(values);
         }
         ValueCodec::Bf16 => {
-            values.extend(read_u16s(body).map(|b| f32::from_bits(u32::from(b) << 16)))
+            values.clear();
+            values.extend(read_u16s(body).map(|b| f32::from_bits(u32::from(b) << 16)));
         }
         ValueCodec::Int8 { .. } => {
+            values.clear();
             let (sb, qb) = body.split_at(4 * segs.len());
             let out = values;
             out.reserve(n);
@@ -749,6 +748,7 @@ fn decode_body_into(
             return finish_decoded(out, n, offset);
         }
         ValueCodec::TopK { .. } => {
+            values.clear();
             let k = codec.kept(n as u64) as usize;
             let (gb, vb) = body.split_at(4 * k);
             let out = values;
@@ -1473,7 +1473,8 @@ mod tests {
 
     /// The vectorised shuffles write exactly what the byte-plane loops
     /// write, for every element size in use, around every block boundary,
-    /// into a buffer that already holds bytes (they append).
+    /// over a destination holding other bytes (a reused buffer), and a
+    /// remainder shorter than an element becomes zeros.
     #[test]
     fn fast_shuffles_equal_the_byte_plane_loops() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -1487,33 +1488,48 @@ mod tests {
             for n in (0..3 * SHUFFLE_BLOCK + 3).chain([4096, 131_072 + 5]) {
                 for extra in [0, ts.saturating_sub(1)] {
                     let src: Vec<u8> = (0..n * ts.max(1) + extra).map(|_| byte()).collect();
-                    let prefix = vec![0xa5u8; 3];
-                    let (mut want, mut got) = (prefix.clone(), prefix.clone());
+                    let (mut want, mut got) = (vec![0xa5u8; src.len()], vec![0x5au8; src.len()]);
                     if ts <= 1 {
-                        want.extend_from_slice(&src);
+                        want.copy_from_slice(&src);
                     } else {
-                        shuffle_into_any(&src, ts, &mut want);
+                        shuffle_any(&src, ts, &mut want);
                     }
                     shuffle_into(&src, ts, &mut got);
                     assert_eq!(got, want, "shuffle ts={ts} n={n} extra={extra}");
-                    let (mut want, mut got) = (prefix.clone(), prefix);
+                    let (mut want, mut got) = (vec![0xa5u8; src.len()], vec![0x5au8; src.len()]);
                     if ts <= 1 {
-                        want.extend_from_slice(&src);
+                        want.copy_from_slice(&src);
                     } else {
-                        unshuffle_into_any(&src, ts, &mut want);
+                        unshuffle_any(&src, ts, &mut want);
                     }
                     unshuffle_into(&src, ts, &mut got);
                     assert_eq!(got, want, "unshuffle ts={ts} n={n} extra={extra}");
+                    if ts > 1 {
+                        assert!(got[n * ts..].iter().all(|&b| b == 0));
+                    }
                     if extra == 0 && ts > 1 {
-                        let mut back = Vec::new();
-                        unshuffle_into(&got[3..], ts, &mut back);
-                        let mut round = Vec::new();
+                        let mut back = vec![0u8; src.len()];
+                        unshuffle_into(&got, ts, &mut back);
+                        let mut round = vec![0u8; src.len()];
                         shuffle_into(&back, ts, &mut round);
-                        assert_eq!(round, got[3..], "round trip ts={ts} n={n}");
+                        assert_eq!(round, got, "round trip ts={ts} n={n}");
                     }
                 }
             }
         }
+        // A reused body buffer, longer or shorter than the next body.
+        let secs = |n: usize| [(2usize, 2 * n), (1usize, 0usize)];
+        let body: Vec<u8> = (0..200).map(|_| byte()).collect();
+        let mut out = vec![7u8; 500];
+        reshuffle_into(&body, secs(100), true, &mut out);
+        let mut want = vec![0u8; 200];
+        shuffle_any(&body, 2, &mut want);
+        assert_eq!(out, want);
+        let mut back = Vec::new();
+        reshuffle_into(&out, secs(100), false, &mut back);
+        assert_eq!(back, body);
+        reshuffle_into(&body[..20], secs(10), false, &mut back);
+        assert_eq!(back.len(), 20);
     }
 
     #[test]
