@@ -154,6 +154,8 @@ impl FedAvgAccumulator {
         let blocks = (0..n.div_ceil(BLOCK))
             .map(|b| {
                 let len = BLOCK.min(n - b * BLOCK);
+                // `vec![0; len]` is the zeroed allocation this avoids.
+                #[allow(clippy::slow_vector_initialization)]
                 let mut blk = Vec::with_capacity(len);
                 blk.resize(len, 0i64);
                 blk
