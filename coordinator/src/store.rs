@@ -502,13 +502,18 @@ impl Store {
             w.write_all(MODEL_MAGIC)?;
             w.write_all(&spec_len.to_le_bytes())?;
             w.write_all(&spec)?;
-            let mut buf = Vec::with_capacity(64 * 1024);
-            for chunk in model.values().chunks(16 * 1024) {
-                buf.clear();
-                for v in chunk {
-                    buf.extend_from_slice(&v.to_le_bytes());
+            if cfg!(target_endian = "little") {
+                // The values' own bytes are the file's.
+                w.write_all(bytemuck::cast_slice(model.values()))?;
+            } else {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                for chunk in model.values().chunks(16 * 1024) {
+                    buf.clear();
+                    for v in chunk {
+                        buf.extend_from_slice(&v.to_le_bytes());
+                    }
+                    w.write_all(&buf)?;
                 }
-                w.write_all(&buf)?;
             }
             Ok(())
         };
