@@ -227,6 +227,41 @@ fn refusal(code: AdminErrorCode, message: impl Into<String>) -> AdminRefusal {
     }
 }
 
+/// Why the site manifest's update keys cannot be used.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// A site's name is not a valid site id.
+    #[error("site {site}: {source}")]
+    SiteName {
+        /// The site's name in the manifest.
+        site: String,
+        /// Why it is not a site id.
+        source: fedlink_protocol::IdError,
+    },
+    /// A site's update key does not decode.
+    #[error(transparent)]
+    Key(#[from] fedlink_certs::Error),
+}
+
+/// The update keys of the manifest's sites, by site id: the directory an
+/// upload's signature and an evaluation report are checked against (built
+/// at start, at every reload of `sites.toml`, and by [`super::sim`] at
+/// each `ReloadRegistry` and restart).
+pub fn update_keys(
+    manifest: &SiteManifest,
+) -> Result<std::collections::BTreeMap<fedlink_protocol::SiteId, VerifyingKey>, KeysError> {
+    let mut keys = std::collections::BTreeMap::new();
+    for s in &manifest.site {
+        let id = fedlink_protocol::SiteId::new(&s.name).map_err(|source| KeysError::SiteName {
+            site: s.name.clone(),
+            source,
+        })?;
+        keys.insert(id, s.update_verifying_key()?);
+    }
+    Ok(keys)
+}
+
 /// An update public key given as SPKI PEM or 64 hex digits, as lower-case
 /// hex; an `Invalid` refusal says what is wrong.
 pub fn parse_update_key(text: &str) -> Result<String, AdminRefusal> {

@@ -34,7 +34,7 @@ pub(crate) mod spool;
 pub mod status;
 mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,15 +42,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::{StrategyConfig, safetensors_io};
 use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId};
+use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
+use crate::core::admin::update_keys;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -59,6 +59,7 @@ use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::{ServedModels, WireModel, WireUpdate};
 
+pub use crate::core::admin::KeysError;
 pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
@@ -537,23 +538,6 @@ pub(crate) enum NotAllowed {
     Manifest(#[from] fedlink_certs::PeerRejected),
 }
 
-/// Why the site manifest's update keys cannot be used.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum KeysError {
-    /// A site's name is not a valid site id.
-    #[error("site {site}: {source}")]
-    SiteName {
-        /// The site's name in the manifest.
-        site: String,
-        /// Why it is not a site id.
-        source: fedlink_protocol::IdError,
-    },
-    /// A site's update key does not decode.
-    #[error(transparent)]
-    Key(#[from] fedlink_certs::Error),
-}
-
 /// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
 /// "`still` `grace` s after `after`" and return `false` (the caller decides
 /// whether to abort what it waited for).
@@ -584,18 +568,6 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Source addresses whose handshake rate is tracked, at most (a few
 /// hundred kilobytes).
 const MAX_RATE_SOURCES: usize = 8192;
-
-fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, KeysError> {
-    let mut keys = BTreeMap::new();
-    for s in &manifest.site {
-        let id = SiteId::new(&s.name).map_err(|source| KeysError::SiteName {
-            site: s.name.clone(),
-            source,
-        })?;
-        keys.insert(id, s.update_verifying_key()?);
-    }
-    Ok(keys)
-}
 
 /// Build the aggregation strategy of a job: its `[strategy]` section, plus
 /// the `[privacy]` clip norm and noise multiplier unless the strategy
