@@ -88,6 +88,7 @@ pub mod actions;
 pub mod admin;
 pub mod evaluation;
 pub mod intake;
+pub mod jobs;
 pub mod queue;
 pub mod resume;
 pub mod sim;
@@ -285,6 +286,7 @@ mod purity {
         ("actions.rs", include_str!("actions.rs")),
         ("sites.rs", include_str!("sites.rs")),
         ("queue.rs", include_str!("queue.rs")),
+        ("jobs.rs", include_str!("jobs.rs")),
         ("intake.rs", include_str!("intake.rs")),
         ("resume.rs", include_str!("resume.rs")),
         ("admin.rs", include_str!("admin.rs")),

@@ -733,11 +733,11 @@ async fn change_sites(
 
 async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<AdminResponse, Fail> {
     let store = &shared.admin.store;
-    // Validate exactly as at startup: the job file, its strategy, its
-    // initial model and that the strategy fits it.
-    let job = Job::from_toml(job_toml).map_err(invalid)?;
-    job.validate().map_err(invalid)?;
-    let strategy = strategy_config(&job).map_err(invalid)?;
+    let refusal = |r: admin::AdminRefusal| (r.code, r.message);
+    // Decided as at startup: the job file, its strategy, (once the driver
+    // has it) its initial model and that the strategy fits it.
+    let submitted = admin::submission(job_toml).map_err(refusal)?;
+    let job = &submitted.job;
     // An initial-model file is read only from init_dir (refused otherwise,
     // before anything is opened), and only if its size fits the
     // architecture.
@@ -745,14 +745,13 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
         InitSource::File(file) => {
             let path = resolve_submitted_init(shared.admin.init_dir.as_deref(), file)
                 .map_err(|e| refused(e.to_string()))?;
-            read_initial_model(&job, &path).map_err(invalid)
+            read_initial_model(job, &path).map_err(invalid)
         }
-        _ => initial_model(&job).map_err(invalid),
+        _ => initial_model(job).map_err(invalid),
     })?;
-    super::engine::check_fits(&strategy, &job, model.spec()).map_err(invalid)?;
     let exists = store.job(&job.id).map_err(internal)?.is_some();
     let entry =
-        admin::job_submitted(actor, &job.id, job_toml, exists).map_err(|r| (r.code, r.message))?;
+        admin::job_submitted(actor, &submitted, job_toml, model.spec(), exists).map_err(refusal)?;
     effects::execute(
         shared.audit(),
         store,
@@ -762,7 +761,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     )?;
     let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
         let hash = store.put_model(&model).map_err(internal)?;
-        let rec = store.create_job(&job, hash).map_err(|e| match e {
+        let rec = store.create_job(job, hash).map_err(|e| match e {
             crate::store::StoreError::JobExists(id) => {
                 refused(format!("a job with id {id} exists already"))
             }

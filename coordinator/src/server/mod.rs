@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use fedlink_aggregation::{StrategyConfig, safetensors_io};
+use fedlink_aggregation::safetensors_io;
 use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId};
@@ -60,6 +60,7 @@ use scaling::PersistedState;
 use wire::{ServedModels, WireModel, WireUpdate};
 
 pub use crate::core::admin::KeysError;
+pub use crate::core::jobs::strategy_config;
 pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
@@ -568,39 +569,6 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Source addresses whose handshake rate is tracked, at most (a few
 /// hundred kilobytes).
 const MAX_RATE_SOURCES: usize = 8192;
-
-/// Build the aggregation strategy of a job: its `[strategy]` section, plus
-/// the `[privacy]` clip norm and noise multiplier unless the strategy
-/// parameters set them, and [`Job::max_examples_per_site`] as
-/// `max_num_examples`.
-pub fn strategy_config(job: &Job) -> Result<StrategyConfig, fedlink_aggregation::ConfigError> {
-    let mut params = job.strategy.params_as_strings();
-    let has = |k: &str, p: &[(String, String)]| p.iter().any(|(n, _)| n == k);
-    if let Some(c) = job.privacy.clip_norm
-        && !has("clip_norm", &params)
-        && !has("adaptive_clipping", &params)
-    {
-        params.push(("clip_norm".into(), c.to_string()));
-    }
-    if job.privacy.noise_multiplier > 0.0 && !has("noise_multiplier", &params) {
-        params.push((
-            "noise_multiplier".into(),
-            job.privacy.noise_multiplier.to_string(),
-        ));
-        if !has("num_sampled_sites", &params) {
-            params.push(("num_sampled_sites".into(), job.min_sites().to_string()));
-        }
-    }
-    // The job's per-site cap on `num_examples` is the strategy's
-    // `max_num_examples` (the job refuses both set and different).
-    if !has("max_num_examples", &params) {
-        params.push((
-            "max_num_examples".into(),
-            job.max_examples_per_site().to_string(),
-        ));
-    }
-    StrategyConfig::from_params(&job.strategy.name, params)
-}
 
 /// Why a job's initial model could not be made or read.
 #[derive(Debug, thiserror::Error)]
