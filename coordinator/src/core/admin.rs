@@ -5,8 +5,10 @@
 //! - [`job_command`]: pause, resume, abort of the running job or a queued
 //!   one. A command on a job that has finished changes nothing and is not
 //!   recorded.
-//! - [`job_submitted`]: a submitted job's `job.submitted` entry, or its
-//!   refusal when a job with its id exists.
+//! - [`submission`] and [`job_submitted`]: a submitted job file parsed,
+//!   validated, its strategy built; once the driver has made or read its
+//!   initial model, the strategy checked against it and the id against
+//!   the store — the `job.submitted` entry, or a typed refusal.
 //! - [`site_command`]: `sites approve | revoke | rotate`. The driver loads
 //!   the site manifest and the revocation list, parses and verifies a
 //!   presented certificate (chain, validity now: [`SiteCert`]) and hands
