@@ -351,6 +351,9 @@ pub struct CoreSim {
     key_cache: std::cell::RefCell<BTreeMap<(String, u16), ed25519_dalek::SigningKey>>,
     /// And their certificates.
     cert_cache: std::cell::RefCell<BTreeMap<(usize, u16), SiteCert>>,
+    /// [`CoreSim::peer_allowed`]'s answers by the registry as loaded
+    /// (cleared at each reload).
+    allowed_memo: std::cell::RefCell<BTreeMap<(usize, u16), Result<(), String>>>,
     /// The manifest and revocation list the last executed saves wrote.
     last_saved: (Option<SiteManifest>, Option<RevokedFile>),
     stats: Stats,
@@ -390,6 +393,7 @@ impl CoreSim {
             last_saved: (None, None),
             key_cache: Default::default(),
             cert_cache: Default::default(),
+            allowed_memo: Default::default(),
             stats: Stats::default(),
             trace: blake3::Hasher::new(),
             recent: std::collections::VecDeque::new(),
@@ -798,6 +802,15 @@ impl CoreSim {
     /// revocation list) and its manifest check (the site's registered
     /// certificate).
     fn peer_allowed(&self, i: usize, cert: u16) -> Result<(), String> {
+        if let Some(r) = self.allowed_memo.borrow().get(&(i, cert)) {
+            return r.clone();
+        }
+        let r = self.peer_allowed_now(i, cert);
+        self.allowed_memo.borrow_mut().insert((i, cert), r.clone());
+        r
+    }
+
+    fn peer_allowed_now(&self, i: usize, cert: u16) -> Result<(), String> {
         let name = &self.vsites[i].name;
         let Some(c) = self.cert(i, cert) else {
             return Err(format!("{name} has no certificate {cert}"));
@@ -1063,6 +1076,7 @@ impl CoreSim {
     /// allows is cut (the round machine is told).
     fn reload(&mut self) -> Result<(), Violation> {
         self.note("reload registry");
+        self.allowed_memo.borrow_mut().clear();
         self.loaded = self.files.clone();
         self.loaded_keys = self.saved_keys.clone();
         self.keys = match update_keys(&self.loaded.manifest) {
