@@ -2000,8 +2000,17 @@ impl CoreSim {
                 .is_some_and(|j| self.snapshot(j).outcome.is_none())
         })
         .map(str::to_owned);
-        let Some(next) = next else {
-            return Ok(());
+        // A finished job hands over to the next queued one as the driver
+        // decides it ([`super::jobs::after_finish`]; the simulated
+        // coordinator never exits); with none running, the first queued
+        // job starts.
+        let next = match (current.is_some(), next) {
+            (true, next) => match super::jobs::after_finish(next, false) {
+                super::jobs::AfterFinish::Switch(id) => id,
+                super::jobs::AfterFinish::Exit | super::jobs::AfterFinish::Stay => return Ok(()),
+            },
+            (false, Some(id)) => id,
+            (false, None) => return Ok(()),
         };
         let Some(j) = self.jobs.iter().position(|x| x.id == next) else {
             return Ok(());
