@@ -158,6 +158,29 @@ pub fn after_finish(next_queued: Option<String>, exit_after_job: bool) -> AfterF
     }
 }
 
+/// How `jobs list` / `jobs show` describe a job: `finished` once it has an
+/// outcome; the running job is `running` or `paused`; a job in the queue
+/// `queued` or `queued, paused`; any other `idle`. `queued` is asked only
+/// for a job that has not finished and does not run (it reads the queue
+/// file).
+pub fn job_state(
+    finished: bool,
+    running: bool,
+    queued: impl FnOnce() -> bool,
+    paused: bool,
+) -> &'static str {
+    match (finished, running, paused) {
+        (true, ..) => "finished",
+        (false, true, false) => "running",
+        (false, true, true) => "paused",
+        (false, false, _) => match (queued(), paused) {
+            (true, false) => "queued",
+            (true, true) => "queued, paused",
+            (false, _) => "idle",
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +254,37 @@ mod tests {
         }
         assert_eq!(after_finish(None, true), AfterFinish::Exit);
         assert_eq!(after_finish(None, false), AfterFinish::Stay);
+    }
+
+    #[test]
+    fn a_job_is_described_by_its_outcome_then_whether_it_runs_then_the_queue() {
+        let cases = [
+            ((true, true, true, true), "finished"),
+            ((true, false, false, false), "finished"),
+            ((false, true, true, false), "running"),
+            ((false, true, false, true), "paused"),
+            ((false, false, true, false), "queued"),
+            ((false, false, true, true), "queued, paused"),
+            ((false, false, false, true), "idle"),
+            ((false, false, false, false), "idle"),
+        ];
+        for ((finished, running, queued, paused), want) in cases {
+            let mut asked = false;
+            let state = job_state(
+                finished,
+                running,
+                || {
+                    asked = true;
+                    queued
+                },
+                paused,
+            );
+            assert_eq!(state, want);
+            assert_eq!(
+                asked,
+                !finished && !running,
+                "the queue read only when needed"
+            );
+        }
     }
 }

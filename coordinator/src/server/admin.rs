@@ -174,14 +174,15 @@ impl AdminState {
 
     fn queued_jobs(&self) -> Vec<String> {
         let current = self.current_job();
-        self.queue()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|id| {
-                Some(id) != current.as_ref()
-                    && matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none())
-            })
-            .collect()
+        let queue = self.queue().unwrap_or_default();
+        crate::core::queue::queued(
+            &queue,
+            current.as_deref(),
+            |id| matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none()),
+        )
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
     }
 
     fn job_info(&self, rec: &JobRecord, with_toml: bool) -> JobInfo {
@@ -189,19 +190,12 @@ impl AdminState {
             .map(|j| u64::from(j.rounds))
             .unwrap_or(0);
         let current = self.current_job();
-        let state = if rec.outcome.is_some() {
-            "finished"
-        } else if current.as_deref() == Some(rec.id.as_str()) {
-            if rec.paused { "paused" } else { "running" }
-        } else if self.queue().unwrap_or_default().contains(&rec.id) {
-            if rec.paused {
-                "queued, paused"
-            } else {
-                "queued"
-            }
-        } else {
-            "idle"
-        };
+        let state = crate::core::jobs::job_state(
+            rec.outcome.is_some(),
+            current.as_deref() == Some(rec.id.as_str()),
+            || self.queue().unwrap_or_default().contains(&rec.id),
+            rec.paused,
+        );
         JobInfo {
             id: rec.id.clone(),
             state: state.to_owned(),
