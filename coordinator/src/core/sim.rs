@@ -50,7 +50,8 @@
 //!   accepted updates are taken out before the aggregation;
 //! - an upload's signer is accepted at the header exactly when it is the
 //!   site's key as last loaded (a rotated-out key refused, the new one
-//!   accepted), and an upload refused there is never aggregated; an
+//!   accepted), an upload refused there is on record once
+//!   ([`super::actions::refuse_upload`]) and never aggregated; an
 //!   approved site is offered the next round it is connected for;
 //! - a site command's saves and reload follow its audit entry, a refused
 //!   command changes nothing, and after a crash `sites.toml` and
@@ -883,6 +884,24 @@ impl CoreSim {
         }
         self.note(&format!("header refused {name} r{} key {key}", u.round));
         self.refused_payloads.insert(u.payload_hash);
+        // On record and in the round's record of refused updates, as the
+        // driver's header refusal ([`actions::refuse_upload`]).
+        if let Some(job) = self.job_id() {
+            let effects = actions::refuse_upload(
+                &self.facts(&job)?,
+                &name,
+                &sim_upload(&job, u),
+                "the envelope's signature does not verify with the site's update key",
+                self.clock.unix_ms(self.now),
+            );
+            let sent = self.run_effects(&job, effects)?;
+            if sent.rejections != 1 {
+                return Err(self.violation(format!(
+                    "{job}: {name}'s upload refused at its header is recorded {} times",
+                    sent.rejections
+                )));
+            }
+        }
         Ok(false)
     }
 
