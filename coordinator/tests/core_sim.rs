@@ -40,6 +40,14 @@ fn seeded_runs_keep_every_invariant() {
         total.exclusions += s.exclusions;
         total.eval_reports_accepted += s.eval_reports_accepted;
         total.eval_reports_refused += s.eval_reports_refused;
+        total.sites_approved += s.sites_approved;
+        total.sites_revoked += s.sites_revoked;
+        total.sites_rotated += s.sites_rotated;
+        total.site_commands_refused += s.site_commands_refused;
+        total.site_command_crashes += s.site_command_crashes;
+        total.old_key_refusals += s.old_key_refusals;
+        total.new_key_accepts += s.new_key_accepts;
+        total.approved_joined += s.approved_joined;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -58,6 +66,23 @@ fn seeded_runs_keep_every_invariant() {
         ("offers sent as one batch", total.offer_batches),
         ("evaluation reports counted", total.eval_reports_accepted),
         ("evaluation reports refused", total.eval_reports_refused),
+        ("sites approved", total.sites_approved),
+        ("sites revoked", total.sites_revoked),
+        ("sites rotated", total.sites_rotated),
+        ("site commands refused", total.site_commands_refused),
+        (
+            "crashes between a site command's effects",
+            total.site_command_crashes,
+        ),
+        (
+            "uploads with a rotated-out key refused",
+            total.old_key_refusals,
+        ),
+        (
+            "uploads with a rotated-in key accepted",
+            total.new_key_accepts,
+        ),
+        ("approved sites offered a round", total.approved_joined),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

@@ -5,8 +5,10 @@
 //! - [`job_command`]: pause, resume, abort of the running job or a queued
 //!   one. A command on a job that has finished changes nothing and is not
 //!   recorded.
-//! - [`job_submitted`]: a submitted job's `job.submitted` entry, or its
-//!   refusal when a job with its id exists.
+//! - [`submission`] and [`job_submitted`]: a submitted job file parsed,
+//!   validated, its strategy built; once the driver has made or read its
+//!   initial model, the strategy checked against it and the id against
+//!   the store — the `job.submitted` entry, or a typed refusal.
 //! - [`site_command`]: `sites approve | revoke | rotate`. The driver loads
 //!   the site manifest and the revocation list, parses and verifies a
 //!   presented certificate (chain, validity now: [`SiteCert`]) and hands
@@ -133,18 +135,45 @@ pub fn job_command(
     }
 }
 
-/// A job submitted by `actor` (its file `job_toml`, already parsed and
-/// validated by the driver: the file, its strategy, its initial model and
-/// that they fit): refused if a job with its id exists (`exists`: the
-/// store has one); otherwise its `job.submitted` entry (the job and the
-/// file's blake3), which the driver appends before it stores and queues
-/// the job.
+/// A submitted job file, parsed and validated ([`submission`]): the job
+/// and its aggregation strategy.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// The job.
+    pub job: crate::job::Job,
+    /// Its strategy ([`super::jobs::strategy_config`]).
+    pub strategy: fedlink_aggregation::StrategyConfig,
+}
+
+/// The first half of `jobs submit`: the job file `job_toml` parsed, the
+/// job validated and its strategy built — exactly as at start-up. Each
+/// failure is an `Invalid` refusal with the error's text. The driver then
+/// makes or reads the job's initial model (a file only from `init_dir`)
+/// and asks [`job_submitted`].
+pub fn submission(job_toml: &str) -> Result<Submission, AdminRefusal> {
+    let invalid = |e: &dyn std::fmt::Display| refusal(AdminErrorCode::Invalid, e.to_string());
+    let job = crate::job::Job::from_toml(job_toml).map_err(|e| invalid(&e))?;
+    job.validate().map_err(|e| invalid(&e))?;
+    let strategy = super::jobs::strategy_config(&job).map_err(|e| invalid(&e))?;
+    Ok(Submission { job, strategy })
+}
+
+/// The second half of `jobs submit` by `actor`: the job's strategy must
+/// fit its initial model (`initial`: the spec of the model the driver made
+/// or read; `Invalid` otherwise), and no job with its id may exist
+/// (`exists`: the store has one; `Refused`). Accepted: its `job.submitted`
+/// entry (the job and the file's blake3), which the driver appends before
+/// it stores and queues the job.
 pub fn job_submitted(
     actor: &str,
-    job: &str,
+    submitted: &Submission,
     job_toml: &str,
+    initial: &fedlink_protocol::ModelSpec,
     exists: bool,
 ) -> Result<Effect, AdminRefusal> {
+    let job = &submitted.job.id;
+    super::jobs::check_fits(&submitted.strategy, &submitted.job, initial)
+        .map_err(|e| refusal(AdminErrorCode::Invalid, e.to_string()))?;
     if exists {
         return Err(refusal(
             AdminErrorCode::Refused,
@@ -225,6 +254,41 @@ fn refusal(code: AdminErrorCode, message: impl Into<String>) -> AdminRefusal {
         code,
         message: message.into(),
     }
+}
+
+/// Why the site manifest's update keys cannot be used.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// A site's name is not a valid site id.
+    #[error("site {site}: {source}")]
+    SiteName {
+        /// The site's name in the manifest.
+        site: String,
+        /// Why it is not a site id.
+        source: fedlink_protocol::IdError,
+    },
+    /// A site's update key does not decode.
+    #[error(transparent)]
+    Key(#[from] fedlink_certs::Error),
+}
+
+/// The update keys of the manifest's sites, by site id: the directory an
+/// upload's signature and an evaluation report are checked against (built
+/// at start, at every reload of `sites.toml`, and by [`super::sim`] at
+/// each `ReloadRegistry` and restart).
+pub fn update_keys(
+    manifest: &SiteManifest,
+) -> Result<std::collections::BTreeMap<fedlink_protocol::SiteId, VerifyingKey>, KeysError> {
+    let mut keys = std::collections::BTreeMap::new();
+    for s in &manifest.site {
+        let id = fedlink_protocol::SiteId::new(&s.name).map_err(|source| KeysError::SiteName {
+            site: s.name.clone(),
+            source,
+        })?;
+        keys.insert(id, s.update_verifying_key()?);
+    }
+    Ok(keys)
 }
 
 /// An update public key given as SPKI PEM or 64 hex digits, as lower-case
@@ -515,10 +579,23 @@ mod tests {
         assert_eq!(err.message, "no job nope");
     }
 
+    /// A job file: `strategy` is the `[strategy]` section's body, `extra`
+    /// top-level lines.
+    fn job_toml(extra: &str, inputs: u32, strategy: &str) -> String {
+        format!(
+            "id = \"j\"\nrounds = 3\nseed = 5\n{extra}\
+             arch = {{ kind = \"logreg\", inputs = {inputs}, classes = 2 }}\n\
+             init = {{ seed = 1 }}\n[round]\ndeadline_secs = 30\n[strategy]\n{strategy}\n"
+        )
+    }
+
     #[test]
     fn a_submitted_job_is_recorded_with_its_file_hash_unless_its_id_exists() {
-        let toml = "id = \"j\"\n";
-        let e = job_submitted("admin", "j", toml, false).unwrap();
+        let toml = job_toml("", 4, "name = \"fedavg\"");
+        let submitted = submission(&toml).unwrap();
+        assert_eq!(submitted.job.id, "j");
+        let spec = submitted.job.arch.spec().unwrap();
+        let e = job_submitted("admin", &submitted, &toml, &spec, false).unwrap();
         assert_eq!(
             e,
             Effect::AppendAudit {
@@ -530,13 +607,72 @@ mod tests {
                 }),
             }
         );
+        assert!(Effect::audited_first(&[e]));
         assert_eq!(
-            job_submitted("admin", "j", toml, true),
-            Err(AdminRefusal {
+            job_submitted("admin", &submitted, &toml, &spec, true).unwrap_err(),
+            AdminRefusal {
                 code: AdminErrorCode::Refused,
                 message: "a job with id j exists already".into()
-            })
+            }
         );
+    }
+
+    /// Each refusal of a submission carries the code and the text the
+    /// driver sent before the decision moved here: `Invalid` with the
+    /// failing step's error text.
+    #[test]
+    fn a_submission_is_refused_at_each_step_with_its_error_text() {
+        let invalid = |message: String| AdminRefusal {
+            code: AdminErrorCode::Invalid,
+            message,
+        };
+        // Not a job file.
+        let bad = "id = ";
+        assert_eq!(
+            submission(bad).unwrap_err(),
+            invalid(crate::job::Job::from_toml(bad).unwrap_err().to_string())
+        );
+        // Parses as TOML, a value out of range (`Job::from_toml` checks
+        // the values as `Job::validate` does).
+        let zero = job_toml("", 4, "name = \"fedavg\"").replace("rounds = 3", "rounds = 0");
+        let why = crate::job::Job::from_toml(&zero).unwrap_err().to_string();
+        assert!(why.contains("rounds"), "{why}");
+        assert_eq!(submission(&zero).unwrap_err(), invalid(why));
+        // Validates, but names no strategy there is.
+        let unknown = job_toml("", 4, "name = \"no-such-strategy\"");
+        let job = crate::job::Job::from_toml(&unknown).unwrap();
+        job.validate().unwrap();
+        let why = super::super::jobs::strategy_config(&job)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(submission(&unknown).unwrap_err(), invalid(why));
+        // The strategy does not fit the initial model (refused even when
+        // the id is taken too: the model is checked first).
+        let big = job_toml(
+            "",
+            1000,
+            "name = \"fedmedian\"\n[strategy.params]\nmemory_budget_bytes = 1000",
+        );
+        let submitted = submission(&big).unwrap();
+        let spec = submitted.job.arch.spec().unwrap();
+        let why = super::super::jobs::check_fits(&submitted.strategy, &submitted.job, &spec)
+            .unwrap_err()
+            .to_string();
+        for exists in [false, true] {
+            assert_eq!(
+                job_submitted("admin", &submitted, &big, &spec, exists).unwrap_err(),
+                invalid(why.clone())
+            );
+        }
+        // The same strategy fits a small model.
+        let small = job_toml(
+            "",
+            4,
+            "name = \"fedmedian\"\n[strategy.params]\nmemory_budget_bytes = 100000000",
+        );
+        let submitted = submission(&small).unwrap();
+        let spec = submitted.job.arch.spec().unwrap();
+        assert!(job_submitted("admin", &submitted, &small, &spec, false).is_ok());
     }
 
     mod sites {

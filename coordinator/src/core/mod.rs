@@ -35,8 +35,11 @@
 //! their example-weighted mean.
 //!
 //! [`admin`] turns pause / resume / abort of the running or a queued job,
-//! and `sites approve | revoke | rotate` on the registry as loaded, into
-//! effects, the audit append first.
+//! a submitted job ([`admin::submission`], then [`admin::job_submitted`]
+//! once the driver has the initial model), and `sites approve | revoke |
+//! rotate` on the registry as loaded, into effects, the audit append
+//! first. [`jobs`] decides which job runs at start-up and after a job
+//! has finished, and builds a job's strategy.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -88,6 +91,7 @@ pub mod actions;
 pub mod admin;
 pub mod evaluation;
 pub mod intake;
+pub mod jobs;
 pub mod queue;
 pub mod resume;
 pub mod sim;
@@ -285,6 +289,7 @@ mod purity {
         ("actions.rs", include_str!("actions.rs")),
         ("sites.rs", include_str!("sites.rs")),
         ("queue.rs", include_str!("queue.rs")),
+        ("jobs.rs", include_str!("jobs.rs")),
         ("intake.rs", include_str!("intake.rs")),
         ("resume.rs", include_str!("resume.rs")),
         ("admin.rs", include_str!("admin.rs")),

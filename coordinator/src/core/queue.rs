@@ -19,6 +19,21 @@ pub fn next_job<'q>(
         .find(|id| Some(*id) != current && unfinished(id))
 }
 
+/// The queued jobs (`status`): those of `queue` (in submission order)
+/// that are not `current` and for which `unfinished` says they have not
+/// finished — [`next_job`] is the first of them.
+pub fn queued<'q>(
+    queue: &'q [String],
+    current: Option<&str>,
+    mut unfinished: impl FnMut(&str) -> bool,
+) -> Vec<&'q str> {
+    queue
+        .iter()
+        .map(String::as_str)
+        .filter(|id| Some(*id) != current && unfinished(id))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,5 +46,14 @@ mod tests {
         assert_eq!(next_job(&q, Some("a"), |id| id != "b"), Some("c"));
         assert_eq!(next_job(&q, Some("c"), |id| id == "c"), None);
         assert_eq!(next_job(&[], None, |_| true), None);
+        assert_eq!(queued(&q, Some("a"), |id| id != "b"), ["c"]);
+        assert_eq!(queued(&q, None, |_| true), ["a", "b", "c"]);
+        for current in [None, Some("a"), Some("b"), Some("c")] {
+            let unfinished = |id: &str| id != "b";
+            assert_eq!(
+                next_job(&q, current, unfinished),
+                queued(&q, current, unfinished).first().copied()
+            );
+        }
     }
 }

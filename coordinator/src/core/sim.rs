@@ -1,8 +1,15 @@
 //! A seeded simulation of the whole job lifecycle at the core's level: N
 //! virtual sites that connect, reconnect, drop, answer offers, upload
-//! (valid, invalid, duplicated or replayed updates), get revoked; an admin
-//! that pauses, resumes, aborts and submits jobs; and crashes at any
-//! effect boundary followed by a restart from what was persisted. It runs
+//! (valid, invalid, duplicated or replayed updates, signed with their
+//! current or a rotated-out key); an admin that pauses, resumes, aborts
+//! and submits jobs and approves, revokes and rotates sites
+//! ([`super::admin::site_command`] on the registry files, its effects
+//! executed as the driver does: the audit entry, `SaveRevocations`,
+//! `SaveManifest` to in-memory files that survive a crash,
+//! `ReloadRegistry` rebuilding the key directory with
+//! [`super::admin::update_keys`] and cutting the connections no longer
+//! allowed); and crashes at any effect boundary (a site command's
+//! included) followed by a restart from what was persisted. It runs
 //! the real [`Sites`] table, the real [`super::queue`] and the real
 //! [`JobRunner`]s, and plays the driver's part: it executes the runner's
 //! actions in order — offers, cancels, accepted and refused uploads,
@@ -37,8 +44,19 @@
 //!   record once, accepted or refused, and the evaluation counts exactly
 //!   the accepted ones; a job ends exactly once, with the outcome its machine gave, and its sites are told
 //!   `Bye` only when no job is queued behind it;
-//! - a connection is closed only while it is a site's current one, and
-//!   a revoked site holds no connection.
+//! - a connection is closed only while it is a site's current one; a
+//!   site the loaded registry does not allow (revoked, removed, its
+//!   certificate superseded by a rotation) holds no connection and its
+//!   accepted updates are taken out before the aggregation;
+//! - an upload's signer is accepted at the header exactly when it is the
+//!   site's key as last loaded (a rotated-out key refused, the new one
+//!   accepted), an upload refused there is on record once
+//!   ([`super::actions::refuse_upload`]) and never aggregated; an
+//!   approved site is offered the next round it is connected for;
+//! - a site command's saves and reload follow its audit entry, a refused
+//!   command changes nothing, and after a crash `sites.toml` and
+//!   `revoked.toml` are what the last executed saves wrote (the restart
+//!   loads them).
 //!
 //! Deterministic: the same seed gives the same run, step for step
 //! ([`CoreSim::trace_hash`]). No sockets, no threads, no clock: the
@@ -55,6 +73,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use fedlink_certs::{CertInfo, Fingerprint, Identity, RevokedFile, Role, Serial, SiteManifest};
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::evaluation::{EvalReport, sign_eval_report};
 use fedlink_protocol::{EvalMetrics, FederationId, JobId, Message, ModelHash, SiteId};
@@ -62,7 +81,9 @@ use fedlink_protocol::{EvalMetrics, FederationId, JobId, Message, ModelHash, Sit
 use super::actions::{
     self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
 };
-use super::admin::{StoredJob, Target, job_command};
+use super::admin::{
+    Registry, SiteCert, SiteCommand, StoredJob, Target, job_command, site_command, update_keys,
+};
 use super::intake::{reason_text, reject_code};
 use super::{Effect, Held, Sites, queue};
 use crate::round::{
@@ -130,6 +151,23 @@ pub struct Stats {
     /// Signed evaluation reports refused (`eval.rejected`: a second
     /// report, another model's, a site not asked).
     pub eval_reports_refused: u64,
+    /// `sites approve | revoke | rotate` executed to their reload.
+    pub sites_approved: u64,
+    /// See [`Stats::sites_approved`].
+    pub sites_revoked: u64,
+    /// See [`Stats::sites_approved`].
+    pub sites_rotated: u64,
+    /// Site commands refused (nothing recorded, nothing changed).
+    pub site_commands_refused: u64,
+    /// Crashes between a site command's effects.
+    pub site_command_crashes: u64,
+    /// Uploads signed with a site's replaced (rotated) key, refused at
+    /// the header.
+    pub old_key_refusals: u64,
+    /// Uploads signed with a rotated key, accepted at the header.
+    pub new_key_accepts: u64,
+    /// Sites approved by a site command that were then offered a round.
+    pub approved_joined: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -143,9 +181,22 @@ struct VSite {
     offers: Vec<(String, u64, ModelHash)>,
     /// Offers accepted, waiting to upload: (job, round, model).
     training: Vec<(String, u64, ModelHash)>,
-    /// Uploads sent (replayed as duplicates).
-    sent: Vec<(String, UpdateReceived)>,
-    revoked: bool,
+    /// Uploads sent, with the number of the key that signed them
+    /// (replayed as duplicates).
+    sent: Vec<(String, UpdateReceived, u16)>,
+    /// The number of the certificate it holds now (see [`site_cert`]).
+    cert: u16,
+    /// The certificate of its current connection.
+    conn_cert: Option<u16>,
+    /// The number of the update key it signs with now (see
+    /// [`update_key`]).
+    key: u16,
+    /// Keys it signed with before a rotation (it may still use one).
+    old_keys: Vec<u16>,
+    /// Certificates and keys issued to it so far (the next is one more).
+    issued: u16,
+    /// Approved by a site command and not offered a round since.
+    approved: bool,
 }
 
 struct Job {
@@ -187,6 +238,54 @@ fn sim_upload(job: &str, u: &UpdateReceived) -> UploadFacts {
     }
 }
 
+/// The federation of the simulated sites' certificates.
+const FEDERATION: &str = "sim-federation";
+
+/// Certificate `n` of virtual site `i` (`name`): its serial and
+/// fingerprint are unique per (site, n), as a CA's are.
+fn site_cert(i: usize, name: &str, n: u16) -> Option<SiteCert> {
+    let tag = u8::try_from(i + 1).ok()?;
+    let [hi, lo] = n.to_be_bytes();
+    let fingerprint: Vec<u8> = [[tag; 16].as_slice(), [hi, lo].repeat(8).as_slice()].concat();
+    Some(SiteCert {
+        info: CertInfo {
+            serial: Serial::from_bytes(&[tag, hi, lo]).ok()?,
+            fingerprint: hex::encode(fingerprint).parse::<Fingerprint>().ok()?,
+            not_before: fedlink_certs::time::OffsetDateTime::UNIX_EPOCH,
+            not_after: fedlink_certs::time::OffsetDateTime::UNIX_EPOCH,
+            identity: Identity::new(FEDERATION, Role::Site, name).ok()?,
+            server_names: Vec::new(),
+        },
+    })
+}
+
+/// Update key `n` of site `name` in the run for `seed`.
+fn new_update_key(seed: u64, name: &str, n: u16) -> ed25519_dalek::SigningKey {
+    let secret = blake3::hash(format!("{seed}/{name}/{n}").as_bytes());
+    ed25519_dalek::SigningKey::from_bytes(secret.as_bytes())
+}
+
+fn empty_registry() -> Registry {
+    Registry {
+        manifest: SiteManifest {
+            format: fedlink_certs::MANIFEST_FORMAT,
+            federation: FEDERATION.to_owned(),
+            site: Vec::new(),
+        },
+        revoked: RevokedFile::default(),
+    }
+}
+
+/// The effects of a site command still to execute, and what the sim
+/// expects of them.
+struct SiteCommandRun {
+    /// The key the site is registered with once the manifest is saved
+    /// (`None`: revoked).
+    key: Option<u16>,
+    /// Approve, revoke or rotate (0, 1, 2).
+    which: u8,
+}
+
 /// A message's name, for the trace.
 fn message_name(m: &Message) -> &'static str {
     match m {
@@ -220,6 +319,8 @@ pub struct CoreSim {
     /// The offer terms' job (`None`: [`OFFER_JOB`] does not parse, a
     /// violation at the first offer).
     offer_job: Option<crate::job::Job>,
+    /// Payloads refused at the header (never counted).
+    refused_payloads: BTreeSet<ModelHash>,
     /// The last upload received of each (job, site, round), as the driver
     /// keeps it pending.
     received: BTreeMap<(String, String, u64), UpdateReceived>,
@@ -231,10 +332,31 @@ pub struct CoreSim {
     rounds_opened: BTreeSet<(String, u64)>,
     /// Virtual time → the sites' Unix milliseconds.
     clock: UnixClock,
-    /// Each virtual site's update key (it signs its evaluation reports),
-    /// and the coordinator's directory of their public halves.
-    site_keys: BTreeMap<String, ed25519_dalek::SigningKey>,
-    key_directory: BTreeMap<SiteId, ed25519_dalek::VerifyingKey>,
+    /// `sites.toml` and `revoked.toml` on disk: what the site commands'
+    /// saves wrote (they survive a crash).
+    files: Registry,
+    /// The registry the coordinator loaded (at start, at each
+    /// `ReloadRegistry`, at a restart): which connections may stay and
+    /// which sites' updates count.
+    loaded: Registry,
+    /// The update keys of the loaded manifest
+    /// ([`super::admin::update_keys`]): uploads' and evaluation reports'
+    /// signers are checked against it.
+    keys: BTreeMap<SiteId, ed25519_dalek::VerifyingKey>,
+    /// The sim's own account of each registered site's key number: as
+    /// saved by the last executed `SaveManifest`, and as loaded.
+    saved_keys: BTreeMap<String, u16>,
+    loaded_keys: BTreeMap<String, u16>,
+    /// The virtual sites' update keys made so far (making one is slow in
+    /// a debug build).
+    key_cache: std::cell::RefCell<BTreeMap<(String, u16), ed25519_dalek::SigningKey>>,
+    /// And their certificates.
+    cert_cache: std::cell::RefCell<BTreeMap<(usize, u16), SiteCert>>,
+    /// [`CoreSim::peer_allowed`]'s answers by the registry as loaded
+    /// (cleared at each reload).
+    allowed_memo: std::cell::RefCell<BTreeMap<(usize, u16), Result<(), String>>>,
+    /// The manifest and revocation list the last executed saves wrote.
+    last_saved: (Option<SiteManifest>, Option<RevokedFile>),
     stats: Stats,
     trace: blake3::Hasher,
     /// The last events (for the report of a violation).
@@ -260,11 +382,19 @@ impl CoreSim {
             crash_in: None,
             offer_job: crate::job::Job::from_toml(OFFER_JOB).ok(),
             received: BTreeMap::new(),
+            refused_payloads: BTreeSet::new(),
             open_round: None,
             rounds_opened: BTreeSet::new(),
             clock: UnixClock::new(start, 1_700_000_000_000),
-            site_keys: BTreeMap::new(),
-            key_directory: BTreeMap::new(),
+            files: empty_registry(),
+            loaded: empty_registry(),
+            keys: BTreeMap::new(),
+            saved_keys: BTreeMap::new(),
+            loaded_keys: BTreeMap::new(),
+            last_saved: (None, None),
+            key_cache: Default::default(),
+            cert_cache: Default::default(),
+            allowed_memo: Default::default(),
             stats: Stats::default(),
             trace: blake3::Hasher::new(),
             recent: std::collections::VecDeque::new(),
@@ -276,14 +406,37 @@ impl CoreSim {
                 ..VSite::default()
             })
             .collect();
-        for v in &sim.vsites {
-            let secret = blake3::hash(format!("{seed}/{}", v.name).as_bytes());
-            let key = ed25519_dalek::SigningKey::from_bytes(secret.as_bytes());
-            if let Ok(id) = SiteId::new(&v.name) {
-                sim.key_directory.insert(id, key.verifying_key());
+        // The sites are registered (through the admin's approve); now and
+        // then the last one is not yet, for a later approve.
+        let unregistered = (n_sites > 2 && sim.below(3) == 0).then_some(n_sites - 1);
+        for i in 0..n_sites {
+            let name = sim.vsites[i].name.clone();
+            sim.vsites[i].issued = 1;
+            sim.vsites[i].cert = 1;
+            sim.vsites[i].key = 1;
+            if Some(i) == unregistered {
+                continue;
             }
-            sim.site_keys.insert(v.name.clone(), key);
+            let Some(cert) = site_cert(i, &name, 1) else {
+                continue;
+            };
+            let cmd = SiteCommand::Approve {
+                cert,
+                update_key: hex::encode(new_update_key(seed, &name, 1).verifying_key().as_bytes()),
+                max_examples: None,
+            };
+            if let Ok(change) = site_command(cmd, "admin", sim.files.clone(), "t0") {
+                for e in change.effects {
+                    if let Effect::SaveManifest(m) = e {
+                        sim.files.manifest = m;
+                    }
+                }
+                sim.saved_keys.insert(name, 1);
+            }
         }
+        sim.loaded = sim.files.clone();
+        sim.loaded_keys = sim.saved_keys.clone();
+        sim.keys = update_keys(&sim.loaded.manifest).unwrap_or_default();
         let n_jobs = 1 + sim.below(3) as usize;
         for j in 0..n_jobs {
             let min_sites = 1 + sim.below(2) as u32;
@@ -391,7 +544,7 @@ impl CoreSim {
         let accepted = self.accepted_in_open_round();
         if !accepted.is_empty() && self.below(20) == 0 {
             let k = self.below(accepted.len() as u64) as usize;
-            return self.revoke(accepted[k]);
+            return self.site_admin(accepted[k], true);
         }
         let i = self.below(self.vsites.len() as u64) as usize;
         match self.below(100) {
@@ -400,7 +553,7 @@ impl CoreSim {
             24..=45 => self.answer_offer(i),
             46..=71 => self.upload(i),
             72..=85 => self.timeout(),
-            86..=87 => self.revoke(i),
+            86..=87 => self.site_admin(i, true),
             88..=91 => self.admin(),
             92 => {
                 // Crash before one of the next few actions executes (or at
@@ -408,7 +561,7 @@ impl CoreSim {
                 self.crash_in = Some(self.below(4) as u32);
                 self.note("arm crash");
                 if self.crash_in == Some(0) {
-                    self.crash();
+                    self.crash()?;
                 }
                 Ok(())
             }
@@ -416,7 +569,8 @@ impl CoreSim {
                 self.submit();
                 Ok(())
             }
-            _ => self.reinstate(i),
+            _ if self.below(3) == 0 => self.site_admin(i, false),
+            _ => Ok(()),
         }
     }
 
@@ -430,15 +584,20 @@ impl CoreSim {
             .iter()
             .enumerate()
             .filter(|(_, v)| {
-                !v.revoked && self.acked.contains(&(job.clone(), round, v.name.clone()))
+                self.may_contribute(&v.name).is_ok()
+                    && self.acked.contains(&(job.clone(), round, v.name.clone()))
             })
             .map(|(i, _)| i)
             .collect()
     }
 
     fn connect(&mut self, i: usize) -> Result<(), Violation> {
-        if self.vsites[i].revoked {
-            return Ok(()); // refused at the TLS handshake
+        let cert = self.vsites[i].cert;
+        if let Err(why) = self.peer_allowed(i, cert) {
+            // Refused at the TLS handshake (revoked) or at the manifest
+            // check (unknown site, superseded certificate).
+            self.note(&format!("connect refused {}: {why}", self.vsites[i].name));
+            return Ok(());
         }
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
@@ -466,6 +625,7 @@ impl CoreSim {
         }
         let v = &mut self.vsites[i];
         v.conn = Some(conn);
+        v.conn_cert = Some(cert);
         v.offers.clear();
         v.training.clear();
         self.feed(Input::SiteConnected {
@@ -486,6 +646,7 @@ impl CoreSim {
             match self.vsites[i].conn.take() {
                 Some(c) => {
                     self.vsites[i].old.push(c);
+                    self.vsites[i].conn_cert = None;
                     c
                 }
                 None => return Ok(()),
@@ -536,10 +697,13 @@ impl CoreSim {
         // A duplicated or replayed envelope of an earlier upload.
         if !self.vsites[i].sent.is_empty() && self.below(4) == 0 {
             let k = self.below(self.vsites[i].sent.len() as u64) as usize;
-            let (sent_job, u) = self.vsites[i].sent[k].clone();
+            let (sent_job, u, key) = self.vsites[i].sent[k].clone();
             if sent_job == job {
                 self.stats.replays += 1;
                 self.note(&format!("replay {name} r{}", u.round));
+                if !self.key_check(i, key, &u)? {
+                    return Ok(());
+                }
                 self.received.insert((job, name, u.round), u.clone());
                 return self.feed(Input::UpdateReceived(u));
             }
@@ -572,9 +736,21 @@ impl CoreSim {
             received_unix_ms: 0,
             verdict,
         };
-        self.vsites[i].sent.push((job.clone(), u.clone()));
+        // Now and then signed with a key the site had before a rotation.
+        let key = match self.vsites[i].old_keys.len() as u64 {
+            0 => self.vsites[i].key,
+            n if self.below(4) == 0 => {
+                let k = self.below(n) as usize;
+                self.vsites[i].old_keys[k]
+            }
+            _ => self.vsites[i].key,
+        };
+        self.vsites[i].sent.push((job.clone(), u.clone(), key));
+        self.note(&format!("upload {name} r{round} key {key}"));
+        if !self.key_check(i, key, &u)? {
+            return Ok(());
+        }
         self.received.insert((job, name.clone(), round), u.clone());
-        self.note(&format!("upload {name} r{round}"));
         self.feed(Input::UpdateReceived(u))
     }
 
@@ -582,6 +758,7 @@ impl CoreSim {
         let Some(conn) = self.vsites[i].conn.take() else {
             return Ok(());
         };
+        self.vsites[i].conn_cert = None;
         self.vsites[i].old.push(conn);
         self.vsites[i].offers.clear();
         self.vsites[i].training.clear();
@@ -602,16 +779,340 @@ impl CoreSim {
         self.feed(Input::Timeout)
     }
 
-    fn revoke(&mut self, i: usize) -> Result<(), Violation> {
-        let name = self.vsites[i].name.clone();
-        self.vsites[i].revoked = true;
-        self.note(&format!("revoke {name}"));
-        let (cut, effects) = self.sites.revoke_where(|site, _| {
-            if site == name {
-                Err(format!("the certificate of {site} is revoked"))
-            } else {
-                Ok(())
+    /// Certificate `n` of virtual site `i` ([`site_cert`]).
+    fn cert(&self, i: usize, n: u16) -> Option<SiteCert> {
+        if let Some(c) = self.cert_cache.borrow().get(&(i, n)) {
+            return Some(c.clone());
+        }
+        let c = site_cert(i, &self.vsites[i].name, n)?;
+        self.cert_cache.borrow_mut().insert((i, n), c.clone());
+        Some(c)
+    }
+
+    /// Update key `n` of site `name`.
+    fn update_key(&self, name: &str, n: u16) -> ed25519_dalek::SigningKey {
+        self.key_cache
+            .borrow_mut()
+            .entry((name.to_owned(), n))
+            .or_insert_with(|| new_update_key(self.seed, name, n))
+            .clone()
+    }
+
+    /// Whether virtual site `i` may hold a connection with its certificate
+    /// `cert`, by the loaded registry — the driver's TLS verifier (the
+    /// revocation list) and its manifest check (the site's registered
+    /// certificate).
+    fn peer_allowed(&self, i: usize, cert: u16) -> Result<(), String> {
+        if let Some(r) = self.allowed_memo.borrow().get(&(i, cert)) {
+            return r.clone();
+        }
+        let r = self.peer_allowed_now(i, cert);
+        self.allowed_memo.borrow_mut().insert((i, cert), r.clone());
+        r
+    }
+
+    fn peer_allowed_now(&self, i: usize, cert: u16) -> Result<(), String> {
+        let name = &self.vsites[i].name;
+        let Some(c) = self.cert(i, cert) else {
+            return Err(format!("{name} has no certificate {cert}"));
+        };
+        if self
+            .loaded
+            .revoked
+            .lists(&c.info.serial, &c.info.fingerprint)
+        {
+            return Err(format!("certificate of {name} revoked"));
+        }
+        match self.loaded.manifest.get(name) {
+            None => Err(format!("{name} is not a registered site")),
+            Some(e) if e.cert_fingerprint != c.info.fingerprint => {
+                Err(format!("{name}'s certificate is superseded"))
             }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether `site`'s updates may count, by the loaded registry (the
+    /// driver's `site_allowed`): registered, its registered certificate
+    /// not revoked.
+    fn may_contribute(&self, site: &str) -> Result<(), String> {
+        let Some(e) = self.loaded.manifest.get(site) else {
+            return Err(format!(
+                "{site} is not a registered site (removed or revoked)"
+            ));
+        };
+        if self
+            .loaded
+            .revoked
+            .lists(&e.cert_serial, &e.cert_fingerprint)
+        {
+            return Err(format!("the certificate of {site} is revoked"));
+        }
+        Ok(())
+    }
+
+    /// The header stage's key check of an upload of site `i` signed with
+    /// its key `key`: the signer must be the site's key in the loaded key
+    /// directory ([`super::admin::update_keys`]). The decision must agree
+    /// with the sim's own account of the site's registered key: a key
+    /// replaced by an executed rotation is refused, the new one accepted.
+    /// Whether the upload goes on.
+    fn key_check(&mut self, i: usize, key: u16, u: &UpdateReceived) -> Result<bool, Violation> {
+        let name = self.vsites[i].name.clone();
+        let signer = self.update_key(&name, key).verifying_key();
+        let accepted = SiteId::new(&name)
+            .ok()
+            .and_then(|id| self.keys.get(&id))
+            .is_some_and(|k| *k == signer);
+        let expected = self.loaded_keys.get(&name) == Some(&key);
+        if accepted != expected {
+            return Err(self.violation(format!(
+                "{name}'s upload signed with key {key}: accepted {accepted}, but the key \
+                 registered as loaded is {:?}",
+                self.loaded_keys.get(&name)
+            )));
+        }
+        let rotated = !self.vsites[i].old_keys.is_empty();
+        if accepted {
+            if rotated && key == self.vsites[i].key {
+                self.stats.new_key_accepts += 1;
+            }
+            return Ok(true);
+        }
+        if self.vsites[i].old_keys.contains(&key) && self.loaded_keys.contains_key(&name) {
+            self.stats.old_key_refusals += 1;
+        }
+        self.note(&format!("header refused {name} r{} key {key}", u.round));
+        self.refused_payloads.insert(u.payload_hash);
+        // On record and in the round's record of refused updates, as the
+        // driver's header refusal ([`actions::refuse_upload`]).
+        if let Some(job) = self.job_id() {
+            let effects = actions::refuse_upload(
+                &self.facts(&job)?,
+                &name,
+                &sim_upload(&job, u),
+                "the envelope's signature does not verify with the site's update key",
+                self.clock.unix_ms(self.now),
+            );
+            let sent = self.run_effects(&job, effects)?;
+            if sent.rejections != 1 {
+                return Err(self.violation(format!(
+                    "{job}: {name}'s upload refused at its header is recorded {} times",
+                    sent.rejections
+                )));
+            }
+        }
+        Ok(false)
+    }
+
+    /// `sites approve | revoke | rotate` by the admin on virtual site `i`
+    /// (`revoke`: revoke it if it is registered), decided by
+    /// [`super::admin::site_command`] on the registry files, its effects
+    /// executed in order as the driver does — the audit entry first, the
+    /// saves to the files, the reload that cuts the connections no longer
+    /// allowed — with now and then a crash between two of them.
+    fn site_admin(&mut self, i: usize, revoke: bool) -> Result<(), Violation> {
+        let name = self.vsites[i].name.clone();
+        let registered = self.files.manifest.get(&name).is_some();
+        let n = self.vsites[i].issued.saturating_add(1);
+        let new_key = |sim: &Self| hex::encode(sim.update_key(&name, n).verifying_key().as_bytes());
+        let Some(cert) = site_cert(i, &name, n) else {
+            return Err(self.violation(format!("no certificate {n} for {name}")));
+        };
+        // Now and then a command the registry refuses: approving a
+        // registered site, rotating to its current certificate, an
+        // unknown site.
+        if !revoke && self.below(10) == 0 {
+            // The certificate registered in the files (not necessarily the
+            // one the site holds: a crash may have lost its rotation).
+            let current = self.files.manifest.get(&name).and_then(|e| {
+                (1..=self.vsites[i].issued)
+                    .filter_map(|k| site_cert(i, &name, k))
+                    .find(|c| c.info.fingerprint == e.cert_fingerprint)
+            });
+            let cmd = match (registered, current) {
+                (true, Some(current)) if self.below(2) == 0 => SiteCommand::Rotate {
+                    name: name.clone(),
+                    cert: current,
+                    update_key: None,
+                },
+                (true, _) => SiteCommand::Approve {
+                    cert,
+                    update_key: new_key(self),
+                    max_examples: None,
+                },
+                (false, _) => SiteCommand::Revoke {
+                    name: name.clone(),
+                    reason: None,
+                },
+            };
+            self.note(&format!("site command (refused) {name}"));
+            return match site_command(cmd, "admin", self.files.clone(), "t") {
+                Ok(change) => Err(self.violation(format!(
+                    "an invalid site command on {name} was accepted: {:?}",
+                    change.effects
+                ))),
+                Err(_) => {
+                    self.stats.site_commands_refused += 1;
+                    Ok(())
+                }
+            };
+        }
+        let (cmd, run) = if !registered {
+            let cmd = SiteCommand::Approve {
+                cert,
+                update_key: new_key(self),
+                max_examples: None,
+            };
+            (
+                cmd,
+                SiteCommandRun {
+                    key: Some(n),
+                    which: 0,
+                },
+            )
+        } else if revoke {
+            let cmd = SiteCommand::Revoke {
+                name: name.clone(),
+                reason: Some("sim".into()),
+            };
+            (
+                cmd,
+                SiteCommandRun {
+                    key: None,
+                    which: 1,
+                },
+            )
+        } else {
+            let rekey = self.below(2) == 0;
+            let cmd = SiteCommand::Rotate {
+                name: name.clone(),
+                cert,
+                update_key: rekey.then(|| new_key(self)),
+            };
+            let key = if rekey {
+                n
+            } else {
+                self.saved_keys
+                    .get(&name)
+                    .copied()
+                    .unwrap_or(self.vsites[i].key)
+            };
+            (
+                cmd,
+                SiteCommandRun {
+                    key: Some(key),
+                    which: 2,
+                },
+            )
+        };
+        self.note(&format!(
+            "site command {} {name}",
+            ["approve", "revoke", "rotate"][run.which as usize]
+        ));
+        let change = match site_command(cmd, "admin", self.files.clone(), "t") {
+            Ok(change) => change,
+            Err(refusal) => {
+                return Err(self.violation(format!(
+                    "a valid site command on {name} was refused: {refusal}"
+                )));
+            }
+        };
+        // The site holds what the admin issued it (a revoked site keeps
+        // its own, now refused).
+        if run.which != 1 {
+            let v = &mut self.vsites[i];
+            v.issued = n;
+            v.cert = n;
+            if run.key == Some(n) && v.key != n {
+                v.old_keys.push(v.key);
+                v.key = n;
+            }
+        }
+        let crash_at =
+            (self.below(12) == 0).then(|| self.below(change.effects.len() as u64) as usize);
+        let mut audited = false;
+        for (k, effect) in change.effects.into_iter().enumerate() {
+            if crash_at == Some(k) {
+                self.stats.site_command_crashes += 1;
+                return self.crash();
+            }
+            if effect.changes_state() && !audited {
+                return Err(self.violation(format!(
+                    "site command on {name}: {effect:?} before its audit append"
+                )));
+            }
+            match effect {
+                Effect::AppendAudit { kind, details, .. } => {
+                    if details["site"] != name.as_str() {
+                        return Err(
+                            self.violation(format!("{kind} of {name} names {}", details["site"]))
+                        );
+                    }
+                    self.note(&format!("audit {kind}"));
+                    audited = true;
+                }
+                Effect::SaveRevocations(r) => {
+                    self.note("save revoked.toml");
+                    self.last_saved.1 = Some(r.clone());
+                    self.files.revoked = r;
+                }
+                Effect::SaveManifest(m) => {
+                    self.note("save sites.toml");
+                    self.last_saved.0 = Some(m.clone());
+                    self.files.manifest = m;
+                    match run.key {
+                        Some(k) => self.saved_keys.insert(name.clone(), k),
+                        None => self.saved_keys.remove(&name),
+                    };
+                }
+                Effect::ReloadRegistry => {
+                    self.reload()?;
+                    match run.which {
+                        0 => {
+                            self.stats.sites_approved += 1;
+                            self.vsites[i].approved = true;
+                        }
+                        1 => self.stats.sites_revoked += 1,
+                        _ => self.stats.sites_rotated += 1,
+                    }
+                }
+                other => {
+                    return Err(self.violation(format!("a site command emitted {other:?}")));
+                }
+            }
+        }
+        if self.loaded != self.files || self.loaded_keys != self.saved_keys {
+            return Err(self.violation(format!(
+                "after the site command on {name}, the loaded registry is not the files"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The coordinator (re)loads the registry files: the key directory
+    /// from the manifest, then every connection the registry no longer
+    /// allows is cut (the round machine is told).
+    fn reload(&mut self) -> Result<(), Violation> {
+        self.note("reload registry");
+        self.allowed_memo.borrow_mut().clear();
+        self.loaded = self.files.clone();
+        self.loaded_keys = self.saved_keys.clone();
+        self.keys = match update_keys(&self.loaded.manifest) {
+            Ok(keys) => keys,
+            Err(e) => return Err(self.violation(format!("the saved manifest's keys: {e}"))),
+        };
+        let refused: BTreeMap<String, String> = (0..self.vsites.len())
+            .filter_map(|i| {
+                let cert = self.vsites[i].conn_cert?;
+                self.peer_allowed(i, cert)
+                    .err()
+                    .map(|why| (self.vsites[i].name.clone(), why))
+            })
+            .collect();
+        let (cut, effects) = self.sites.revoke_where(|site, _| match refused.get(site) {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
         });
         for e in effects {
             self.execute_effect(e)?;
@@ -619,15 +1120,6 @@ impl CoreSim {
         for (site, conn) in cut {
             self.stats.revocations += 1;
             self.feed(Input::SiteDisconnected { site, conn })?;
-        }
-        Ok(())
-    }
-
-    fn reinstate(&mut self, i: usize) -> Result<(), Violation> {
-        if self.vsites[i].revoked {
-            let name = self.vsites[i].name.clone();
-            self.note(&format!("reinstate {name}"));
-            self.vsites[i].revoked = false;
         }
         Ok(())
     }
@@ -724,10 +1216,7 @@ impl CoreSim {
                 return Ok(());
             };
             match self.crash_in {
-                Some(0) => {
-                    self.crash();
-                    return Ok(());
-                }
+                Some(0) => return self.crash(),
                 Some(n) => self.crash_in = Some(n - 1),
                 None => {}
             }
@@ -920,25 +1409,35 @@ impl CoreSim {
                         envelope_file: String::new(),
                     })
                     .collect();
-                let revoked: BTreeSet<String> = self
+                if let Some(u) = updates
+                    .iter()
+                    .find(|u| self.refused_payloads.contains(&u.payload_hash))
+                {
+                    return Err(self.violation(format!(
+                        "{job}: round {round} aggregates {}'s upload refused at its header",
+                        u.site
+                    )));
+                }
+                let revoked: BTreeMap<String, String> = self
                     .vsites
                     .iter()
-                    .filter(|v| v.revoked)
-                    .map(|v| v.name.clone())
+                    .filter_map(|v| {
+                        self.may_contribute(&v.name)
+                            .err()
+                            .map(|why| (v.name.clone(), why))
+                    })
                     .collect();
                 let facts = self.facts(&job)?;
                 let quorum = self.jobs[self.running.as_ref().map_or(0, |r| r.job)]
                     .cfg
                     .quorum as usize;
                 let exclusion = actions::exclude_withdrawn(&facts, round, &inputs, quorum, |s| {
-                    revoked
-                        .contains(s)
-                        .then(|| format!("the certificate of {s} is revoked"))
+                    revoked.get(s).cloned()
                 });
                 let want_out: BTreeSet<&str> = got
                     .iter()
                     .copied()
-                    .filter(|s| revoked.contains(*s))
+                    .filter(|s| revoked.contains_key(*s))
                     .collect();
                 let out: BTreeSet<&str> = exclusion
                     .excluded
@@ -1157,9 +1656,13 @@ impl CoreSim {
         let mut accepted = BTreeSet::new();
         for (site, model) in reports {
             let examples = 1 + self.below(100);
-            let (Some(key), Ok(site_id)) = (self.site_keys.get(&site), SiteId::new(&site)) else {
-                return Err(self.violation(format!("{site} has no update key")));
+            let (Some(v), Ok(site_id)) = (
+                self.vsites.iter().find(|v| v.name == site),
+                SiteId::new(&site),
+            ) else {
+                return Err(self.violation(format!("{site} is no virtual site")));
             };
+            let key = self.update_key(&site, v.key);
             let report = EvalReport {
                 protocol_version: fedlink_protocol::PROTOCOL_VERSION,
                 federation_id: expected.federation_id.clone(),
@@ -1174,8 +1677,8 @@ impl CoreSim {
                     ..EvalMetrics::default()
                 },
             };
-            let signed = sign_eval_report(key, report);
-            let verdict = req.handle_report(&site, &signed, &self.key_directory);
+            let signed = sign_eval_report(&key, report);
+            let verdict = req.handle_report(&site, &signed, &self.keys);
             let effects =
                 actions::eval_reported(facts, &site, &signed.report, verdict.as_ref().map(|_| ()));
             let want = if verdict.is_ok() {
@@ -1362,6 +1865,9 @@ impl CoreSim {
                     )));
                 }
                 v.offers.push((job.to_owned(), o.round.0, o.base_model));
+                if std::mem::take(&mut v.approved) {
+                    self.stats.approved_joined += 1;
+                }
                 sent.offers += 1;
             }
             // The site stops working on the round.
@@ -1412,6 +1918,7 @@ impl CoreSim {
                     )));
                 };
                 v.conn = None;
+                v.conn_cert = None;
                 v.old.push(conn);
                 v.offers.clear();
                 v.training.clear();
@@ -1422,7 +1929,7 @@ impl CoreSim {
 
     /// The process dies: connections end, the round machine's memory is
     /// lost. The restart recovers the running job from its durable log.
-    fn crash(&mut self) {
+    fn crash(&mut self) -> Result<(), Violation> {
         self.crash_in = None;
         self.stats.crashes += 1;
         self.note("crash");
@@ -1430,16 +1937,30 @@ impl CoreSim {
             if let Some(c) = v.conn.take() {
                 v.old.push(c);
             }
+            v.conn_cert = None;
             v.offers.clear();
             v.training.clear();
         }
         self.sites = Sites::new();
+        // The restart loads the registry files: they are what the last
+        // executed saves wrote.
+        if let Some(m) = &self.last_saved.0
+            && *m != self.files.manifest
+        {
+            return Err(self.violation("sites.toml after the crash is not the last one saved"));
+        }
+        if let Some(r) = &self.last_saved.1
+            && *r != self.files.revoked
+        {
+            return Err(self.violation("revoked.toml after the crash is not the last one saved"));
+        }
+        self.reload()?;
         // The driver's memory is lost with it.
         self.open_round = None;
         self.rounds_opened.clear();
         self.received.clear();
         let Some(r) = self.running.take() else {
-            return;
+            return Ok(());
         };
         let job = self.jobs[r.job].id.clone();
         // The round in flight is re-opened: its acknowledged updates are
@@ -1454,6 +1975,7 @@ impl CoreSim {
                 runner: JobRunner::resume(self.jobs[r.job].cfg.clone(), snapshot),
             });
         }
+        Ok(())
     }
 
     /// What `Store::recover` makes of a job's durable log.
@@ -1497,8 +2019,17 @@ impl CoreSim {
                 .is_some_and(|j| self.snapshot(j).outcome.is_none())
         })
         .map(str::to_owned);
-        let Some(next) = next else {
-            return Ok(());
+        // A finished job hands over to the next queued one as the driver
+        // decides it ([`super::jobs::after_finish`]; the simulated
+        // coordinator never exits); with none running, the first queued
+        // job starts.
+        let next = match (current.is_some(), next) {
+            (true, next) => match super::jobs::after_finish(next, false) {
+                super::jobs::AfterFinish::Switch(id) => id,
+                super::jobs::AfterFinish::Exit | super::jobs::AfterFinish::Stay => return Ok(()),
+            },
+            (false, Some(id)) => id,
+            (false, None) => return Ok(()),
         };
         let Some(j) = self.jobs.iter().position(|x| x.id == next) else {
             return Ok(());
@@ -1537,8 +2068,18 @@ impl CoreSim {
                     self.sites.conn_of(&v.name)
                 )));
             }
-            if v.revoked && v.conn.is_some() {
-                return Err(self.violation(format!("revoked {} is still connected", v.name)));
+            if v.conn.is_some() && self.may_contribute(&v.name).is_err() {
+                return Err(self.violation(format!(
+                    "{} is still connected but not allowed: {:?}",
+                    v.name,
+                    self.may_contribute(&v.name)
+                )));
+            }
+            if let Some(cert) = v.conn_cert
+                && let Some(i) = self.vsites.iter().position(|w| w.name == v.name)
+                && let Err(why) = self.peer_allowed(i, cert)
+            {
+                return Err(self.violation(format!("{} holds a connection: {why}", v.name)));
             }
         }
         if let Some(r) = &self.running

@@ -174,14 +174,15 @@ impl AdminState {
 
     fn queued_jobs(&self) -> Vec<String> {
         let current = self.current_job();
-        self.queue()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|id| {
-                Some(id) != current.as_ref()
-                    && matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none())
-            })
-            .collect()
+        let queue = self.queue().unwrap_or_default();
+        crate::core::queue::queued(
+            &queue,
+            current.as_deref(),
+            |id| matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none()),
+        )
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
     }
 
     fn job_info(&self, rec: &JobRecord, with_toml: bool) -> JobInfo {
@@ -189,19 +190,12 @@ impl AdminState {
             .map(|j| u64::from(j.rounds))
             .unwrap_or(0);
         let current = self.current_job();
-        let state = if rec.outcome.is_some() {
-            "finished"
-        } else if current.as_deref() == Some(rec.id.as_str()) {
-            if rec.paused { "paused" } else { "running" }
-        } else if self.queue().unwrap_or_default().contains(&rec.id) {
-            if rec.paused {
-                "queued, paused"
-            } else {
-                "queued"
-            }
-        } else {
-            "idle"
-        };
+        let state = crate::core::jobs::job_state(
+            rec.outcome.is_some(),
+            current.as_deref() == Some(rec.id.as_str()),
+            || self.queue().unwrap_or_default().contains(&rec.id),
+            rec.paused,
+        );
         JobInfo {
             id: rec.id.clone(),
             state: state.to_owned(),
@@ -733,11 +727,11 @@ async fn change_sites(
 
 async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<AdminResponse, Fail> {
     let store = &shared.admin.store;
-    // Validate exactly as at startup: the job file, its strategy, its
-    // initial model and that the strategy fits it.
-    let job = Job::from_toml(job_toml).map_err(invalid)?;
-    job.validate().map_err(invalid)?;
-    let strategy = strategy_config(&job).map_err(invalid)?;
+    let refusal = |r: admin::AdminRefusal| (r.code, r.message);
+    // Decided as at startup: the job file, its strategy, (once the driver
+    // has it) its initial model and that the strategy fits it.
+    let submitted = admin::submission(job_toml).map_err(refusal)?;
+    let job = &submitted.job;
     // An initial-model file is read only from init_dir (refused otherwise,
     // before anything is opened), and only if its size fits the
     // architecture.
@@ -745,14 +739,13 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
         InitSource::File(file) => {
             let path = resolve_submitted_init(shared.admin.init_dir.as_deref(), file)
                 .map_err(|e| refused(e.to_string()))?;
-            read_initial_model(&job, &path).map_err(invalid)
+            read_initial_model(job, &path).map_err(invalid)
         }
-        _ => initial_model(&job).map_err(invalid),
+        _ => initial_model(job).map_err(invalid),
     })?;
-    super::engine::check_fits(&strategy, &job, model.spec()).map_err(invalid)?;
     let exists = store.job(&job.id).map_err(internal)?.is_some();
     let entry =
-        admin::job_submitted(actor, &job.id, job_toml, exists).map_err(|r| (r.code, r.message))?;
+        admin::job_submitted(actor, &submitted, job_toml, model.spec(), exists).map_err(refusal)?;
     effects::execute(
         shared.audit(),
         store,
@@ -762,7 +755,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     )?;
     let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
         let hash = store.put_model(&model).map_err(internal)?;
-        let rec = store.create_job(&job, hash).map_err(|e| match e {
+        let rec = store.create_job(job, hash).map_err(|e| match e {
             crate::store::StoreError::JobExists(id) => {
                 refused(format!("a job with id {id} exists already"))
             }

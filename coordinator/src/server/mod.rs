@@ -34,7 +34,7 @@ pub(crate) mod spool;
 pub mod status;
 mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,15 +42,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use ed25519_dalek::VerifyingKey;
-use fedlink_aggregation::{StrategyConfig, safetensors_io};
+use fedlink_aggregation::safetensors_io;
 use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId};
+use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
+use crate::core::admin::update_keys;
+use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -59,6 +60,8 @@ use engine::{Engine, EngineParts, Event};
 use scaling::PersistedState;
 use wire::{ServedModels, WireModel, WireUpdate};
 
+pub use crate::core::admin::KeysError;
+pub use crate::core::jobs::strategy_config;
 pub use audit::AuditError;
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
@@ -537,23 +540,6 @@ pub(crate) enum NotAllowed {
     Manifest(#[from] fedlink_certs::PeerRejected),
 }
 
-/// Why the site manifest's update keys cannot be used.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum KeysError {
-    /// A site's name is not a valid site id.
-    #[error("site {site}: {source}")]
-    SiteName {
-        /// The site's name in the manifest.
-        site: String,
-        /// Why it is not a site id.
-        source: fedlink_protocol::IdError,
-    },
-    /// A site's update key does not decode.
-    #[error(transparent)]
-    Key(#[from] fedlink_certs::Error),
-}
-
 /// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
 /// "`still` `grace` s after `after`" and return `false` (the caller decides
 /// whether to abort what it waited for).
@@ -584,51 +570,6 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Source addresses whose handshake rate is tracked, at most (a few
 /// hundred kilobytes).
 const MAX_RATE_SOURCES: usize = 8192;
-
-fn update_keys(manifest: &SiteManifest) -> Result<BTreeMap<SiteId, VerifyingKey>, KeysError> {
-    let mut keys = BTreeMap::new();
-    for s in &manifest.site {
-        let id = SiteId::new(&s.name).map_err(|source| KeysError::SiteName {
-            site: s.name.clone(),
-            source,
-        })?;
-        keys.insert(id, s.update_verifying_key()?);
-    }
-    Ok(keys)
-}
-
-/// Build the aggregation strategy of a job: its `[strategy]` section, plus
-/// the `[privacy]` clip norm and noise multiplier unless the strategy
-/// parameters set them, and [`Job::max_examples_per_site`] as
-/// `max_num_examples`.
-pub fn strategy_config(job: &Job) -> Result<StrategyConfig, fedlink_aggregation::ConfigError> {
-    let mut params = job.strategy.params_as_strings();
-    let has = |k: &str, p: &[(String, String)]| p.iter().any(|(n, _)| n == k);
-    if let Some(c) = job.privacy.clip_norm
-        && !has("clip_norm", &params)
-        && !has("adaptive_clipping", &params)
-    {
-        params.push(("clip_norm".into(), c.to_string()));
-    }
-    if job.privacy.noise_multiplier > 0.0 && !has("noise_multiplier", &params) {
-        params.push((
-            "noise_multiplier".into(),
-            job.privacy.noise_multiplier.to_string(),
-        ));
-        if !has("num_sampled_sites", &params) {
-            params.push(("num_sampled_sites".into(), job.min_sites().to_string()));
-        }
-    }
-    // The job's per-site cap on `num_examples` is the strategy's
-    // `max_num_examples` (the job refuses both set and different).
-    if !has("max_num_examples", &params) {
-        params.push((
-            "max_num_examples".into(),
-            job.max_examples_per_site().to_string(),
-        ));
-    }
-    StrategyConfig::from_params(&job.strategy.name, params)
-}
 
 /// Why a job's initial model could not be made or read.
 #[derive(Debug, thiserror::Error)]
@@ -947,22 +888,16 @@ pub async fn serve(
     )?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
-    let job_id = match select_job(&store, cfg.job.as_deref(), &auditor)? {
-        Selected::Run(id) => Some(id),
-        Selected::Nothing => None,
-        Selected::Finished(id, outcome) => {
-            tracing::info!(job = %id, ?outcome, "the configured job has already finished; it is not run again");
-            if opts.exit_after_job {
-                return Ok(ServeOutcome {
-                    outcome: Some(outcome),
-                });
-            }
-            select_unfinished(&store)?
+    let job_id = match select_job(&store, cfg.job.as_deref(), &auditor, opts.exit_after_job)? {
+        StartUp::Create(id) | StartUp::Run(id) => Some(id),
+        StartUp::Empty => None,
+        StartUp::Exit(outcome) => {
+            return Ok(ServeOutcome {
+                outcome: Some(outcome),
+            });
         }
+        StartUp::NoJob => return Err(ServeError::NoJob),
     };
-    if job_id.is_none() && opts.exit_after_job {
-        return Err(ServeError::NoJob);
-    }
 
     let (tx, mut rx) = mpsc::channel(limits::ENGINE_QUEUE);
     let shared = Arc::new(Shared {
@@ -1294,11 +1229,10 @@ async fn run_engine<F: Future<Output = ()>>(
     let mut fired: Option<Instant> = None;
     loop {
         if engine.outcome().is_some() {
-            if let Some(next) = shared.admin.next_queued() {
-                return Ok(Some(next));
-            }
-            if opts.exit_after_job {
-                return Ok(None);
+            match jobs::after_finish(shared.admin.next_queued(), opts.exit_after_job) {
+                AfterFinish::Switch(next) => return Ok(Some(next)),
+                AfterFinish::Exit => return Ok(None),
+                AfterFinish::Stay => {}
             }
         }
         let timer = engine.poll_timeout().filter(|t| Some(*t) != fired);
@@ -1344,60 +1278,67 @@ fn clean_spool(dir: &Path) {
     }
 }
 
-/// What [`select_job`] found.
-enum Selected {
-    /// Run this job.
-    Run(String),
-    /// The configured job exists in the store and has finished.
-    Finished(String, JobOutcome),
-    /// No job: start empty and wait for a submitted one.
-    Nothing,
-}
-
-/// Which job to run: the config's job file (created in the store if new;
-/// reported as finished if it has), else the most recent unfinished job in
-/// the store, else none (the coordinator starts empty and waits for a
-/// submitted job).
+/// Which job to run ([`jobs::start_up`] decides): the config's job file
+/// as the store knows it and the store's jobs are read here; a new
+/// configured job is created here (its `job.submitted` entry first).
 fn select_job(
     store: &Store,
     job_file: Option<&Path>,
     auditor: &Auditor,
-) -> Result<Selected, ServeError> {
-    if let Some(path) = job_file {
-        let job = Job::from_file(path)?;
-        if store.job(&job.id)?.is_none() {
-            let model = initial_model(&job)?;
-            let toml = std::fs::read(path).map_err(|source| ServeError::JobRead {
-                path: path.to_owned(),
-                source,
-            })?;
-            auditor.record_own(
-                EventKind::JobSubmitted,
-                serde_json::json!({
-                    "job": job.id,
-                    "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
-                    "initial_model": model.hash().to_hex(),
-                }),
-            )?;
-            let hash = store.put_model(&model)?;
-            store.create_job(&job, hash)?;
-            tracing::info!(job = %job.id, model = %hash, "job created");
-        } else if let Some(outcome) = store.job(&job.id)?.and_then(|r| r.outcome) {
-            return Ok(Selected::Finished(job.id, outcome));
+    exit_after_job: bool,
+) -> Result<StartUp, ServeError> {
+    let configured = match job_file {
+        Some(path) => {
+            let job = Job::from_file(path)?;
+            let config = match store.job(&job.id)? {
+                None => ConfigJob::New(job.id.clone()),
+                Some(rec) => ConfigJob::Stored {
+                    id: rec.id,
+                    outcome: rec.outcome,
+                },
+            };
+            Some((path, job, config))
         }
-        return Ok(Selected::Run(job.id));
-    }
-    Ok(select_unfinished(store)?.map_or(Selected::Nothing, Selected::Run))
-}
-
-/// The most recent unfinished job in the store.
-fn select_unfinished(store: &Store) -> Result<Option<String>, ServeError> {
-    Ok(store
+        None => None,
+    };
+    let stored: Vec<jobs::StoredJob> = store
         .jobs()?
-        .iter()
-        .rev()
-        .find(|j| j.outcome.is_none())
-        .map(|j| j.id.clone()))
+        .into_iter()
+        .map(|r| jobs::StoredJob {
+            finished: r.outcome.is_some(),
+            id: r.id,
+        })
+        .collect();
+    let config = configured
+        .as_ref()
+        .map_or(ConfigJob::None, |(_, _, c)| c.clone());
+    if let ConfigJob::Stored {
+        id,
+        outcome: Some(outcome),
+    } = &config
+    {
+        tracing::info!(job = %id, ?outcome, "the configured job has already finished; it is not run again");
+    }
+    let decision = jobs::start_up(config, &stored, exit_after_job);
+    if let (StartUp::Create(_), Some((path, job, _))) = (&decision, &configured) {
+        let model = initial_model(job)?;
+        let toml = std::fs::read(path).map_err(|source| ServeError::JobRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        auditor.record_own(
+            EventKind::JobSubmitted,
+            serde_json::json!({
+                "job": job.id,
+                "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
+                "initial_model": model.hash().to_hex(),
+            }),
+        )?;
+        let hash = store.put_model(&model)?;
+        store.create_job(job, hash)?;
+        tracing::info!(job = %job.id, model = %hash, "job created");
+    }
+    Ok(decision)
 }
 
 /// The next TCP connection of the listener, if there is one (pending forever
