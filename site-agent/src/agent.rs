@@ -805,8 +805,8 @@ async fn run_session<F: Future<Output = ()>>(
     }
     ctx.record(SiteEvent::ConnEstablished {
         coordinator: format!("{} ({remote})", ctx.coordinator_addr),
-        site_id: session.site_id.to_string(),
-        federation: session.federation_id.to_string(),
+        site_id: session.site_id.clone(),
+        federation: session.federation_id.clone(),
         protocol_version: session.protocol_version,
         transport: route.kind.as_str().to_owned(),
         proxy: route.proxy.clone(),
@@ -938,8 +938,8 @@ async fn handle_control(
         | Message::TaskOfferV5(offer)
         | Message::TaskOfferV6(offer) => {
             ctx.record(SiteEvent::OfferReceived {
-                job: offer.job_id.to_string(),
-                round: offer.round.0,
+                job: offer.job_id.clone(),
+                round: offer.round,
                 base_model: offer.base_model.to_hex(),
                 arch: offer.arch.kind().to_owned(),
                 epochs: offer.training.epochs,
@@ -959,12 +959,12 @@ async fn handle_control(
             // The decision is on disk before the coordinator hears it.
             match &outcome.response.decision {
                 OfferDecision::Accept => ctx.record(SiteEvent::OfferAccepted {
-                    job: offer.job_id.to_string(),
-                    round: offer.round.0,
+                    job: offer.job_id.clone(),
+                    round: offer.round,
                 })?,
                 OfferDecision::Decline { reason } => ctx.record(SiteEvent::OfferDeclined {
-                    job: offer.job_id.to_string(),
-                    round: offer.round.0,
+                    job: offer.job_id.clone(),
+                    round: offer.round,
                     reason: reason.clone(),
                 })?,
             };
@@ -977,8 +977,8 @@ async fn handle_control(
             if let Some(old) = outcome.abort {
                 let dropped = abort_task(task, &old);
                 ctx.record(SiteEvent::RoundCancelled {
-                    job: old.job_id.to_string(),
-                    round: old.round.0,
+                    job: old.job_id.clone(),
+                    round: old.round,
                     reason: format!("superseded by round {}", offer.round),
                     dropped_work: dropped,
                 })?;
@@ -999,8 +999,8 @@ async fn handle_control(
             };
             let dropped = hit && abort_task(task, &key);
             ctx.record(SiteEvent::RoundCancelled {
-                job: c.job_id.to_string(),
-                round: c.round.0,
+                job: c.job_id.clone(),
+                round: c.round,
                 reason: truncate(&c.reason),
                 dropped_work: dropped,
             })?;
@@ -1016,8 +1016,8 @@ async fn handle_control(
         // log; `fedlink audit reconcile` compares it with the coordinator's.
         Message::RoundOutcome(o) if supports_round_outcome(session.protocol_version) => {
             ctx.record(SiteEvent::RoundOutcome {
-                job: o.job_id.to_string(),
-                round: o.round.0,
+                job: o.job_id.clone(),
+                round: o.round,
                 model: o.model.to_hex(),
                 job_completed: o.job_completed,
             })?;
@@ -1077,8 +1077,8 @@ fn spawn_task(
             Err(e) => {
                 tracing::warn!(task = %key, error = %e, "round failed");
                 ctx.record(SiteEvent::RoundFailed {
-                    job: key.job_id.to_string(),
-                    round: key.round.0,
+                    job: key.job_id.clone(),
+                    round: key.round,
                     error: e.to_string(),
                 })
                 .map(|_| false)

@@ -4,7 +4,9 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, SigningKey};
-use fedlink_protocol::{DpNoise, Encoding, FederationId, SiteId, decode_payload, encode_payload};
+use fedlink_protocol::{
+    DpNoise, Encoding, FederationId, JobId, RoundId, SiteId, decode_payload, encode_payload,
+};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -356,7 +358,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     else {
         panic!("a TrainCompleted record expected")
     };
-    assert_eq!((job.as_str(), round), ("job", 1));
+    assert_eq!((job.as_str(), round), ("job", RoundId(1)));
     assert_eq!(base_model, global.hash().to_hex());
     assert_eq!(dataset_fingerprint, "fp");
     assert_eq!(num_examples, 20);
@@ -425,8 +427,8 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     else {
         panic!("an UpdateSent record expected")
     };
-    assert_eq!(job, h.job_id.to_string());
-    assert_eq!(round, h.round.0);
+    assert_eq!(job, h.job_id);
+    assert_eq!(round, h.round);
     assert_eq!(payload_hash, h.payload_hash.to_hex());
     assert_eq!(payload_bytes, h.payload_len);
     assert_eq!(num_examples, h.num_examples);
@@ -457,8 +459,8 @@ fn the_coordinator_answer_is_recorded_and_a_wrong_ack_refused() {
     )
     .envelope;
     let expected = |outcome: &str, accepted, reason: Option<&str>| SiteEvent::UpdateResult {
-        job: "job".into(),
-        round: 1,
+        job: JobId::new("job").unwrap(),
+        round: RoundId(1),
         payload_hash: summary.payload_hash.to_hex(),
         nonce: hex::encode([6u8; 16]),
         outcome: outcome.into(),
@@ -587,8 +589,8 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
     let (global, t) = trained(9);
     let req = EvalRequest {
         federation_id: FederationId::new("fed").unwrap(),
-        job_id: fedlink_protocol::JobId::new("job").unwrap(),
-        round: fedlink_protocol::RoundId(4),
+        job_id: JobId::new("job").unwrap(),
+        round: RoundId(4),
         model: global.hash(),
         arch: arch(),
         scaling: None,
@@ -609,8 +611,8 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
     assert_eq!(
         sealed.reported,
         SiteEvent::EvalReported {
-            job: "job".into(),
-            round: 4,
+            job: JobId::new("job").unwrap(),
+            round: RoundId(4),
             model: global.hash().to_hex(),
             num_eval_examples: 6,
             loss: Some(eval.loss),
