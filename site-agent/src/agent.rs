@@ -105,10 +105,11 @@ use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::download::{self, CacheForm, Cached, Download, DownloadError, Step};
+use crate::sitecore::eval;
 use crate::sitecore::task::{self, truncate};
 use crate::sitecore::upload;
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
-use crate::train::{BurnTrainer, TrainError, Trainer};
+use crate::train::{BurnTrainer, TrainError};
 use fedlink_aggregation::dp::NoiseRng;
 
 pub use crate::sitecore::task::{clip_l2, l2_norm};
@@ -235,6 +236,22 @@ enum Violation {
         sent: &'static str,
         request: &'static str,
     },
+}
+
+impl From<eval::EvalError> for TaskError {
+    fn from(e: eval::EvalError) -> Self {
+        match e {
+            eval::EvalError::OtherFederation { asked, ours } => {
+                Violation::OtherFederation { asked, ours }.into()
+            }
+            eval::EvalError::Architecture(source) => Self::Architecture {
+                which: "requested",
+                source,
+            },
+            eval::EvalError::Train(e) => Self::Train(e),
+            other => Self::Internal(other.to_string()),
+        }
+    }
 }
 
 impl From<upload::UploadError> for TaskError {
@@ -1116,43 +1133,25 @@ fn spawn_eval(
     });
 }
 
-/// Obtain the requested model (cache or `ModelFetch`, hash-verified),
-/// evaluate it on the validation split (with the request's feature
-/// scaling; never the training data, never augmented), record
-/// `eval.reported`, and sign the report with the update key. A site
-/// without a validation split reports 0 examples (the coordinator leaves
-/// it out).
+/// The driver of [`eval`]: the request checked, the requested model
+/// obtained (cache or `ModelFetch`, hash-verified), evaluated on the
+/// validation split (with the request's feature scaling; never the training
+/// data, never augmented) on the blocking pool, `eval.reported` recorded,
+/// and the report signed with the update key. A site without a validation
+/// split reports 0 examples (the coordinator leaves it out).
 async fn evaluate_request(
     ctx: &Arc<Ctx>,
     conn: &Conn,
     session: &Session,
     req: &EvalRequest,
 ) -> Result<Box<SignedEvalReport>, TaskError> {
-    if req.federation_id != session.federation_id {
-        return Err(Violation::OtherFederation {
-            asked: req.federation_id.clone(),
-            ours: session.federation_id.clone(),
-        }
-        .into());
-    }
-    let spec = req.arch.spec().map_err(|source| TaskError::Architecture {
-        which: "requested",
-        source,
-    })?;
+    let spec = eval::check_request(session, req)?;
     let model = obtain_model(ctx, conn, session, req.model, &spec, None).await?;
-    let (arch, site_data, scaling, device) = (
-        req.arch.clone(),
-        ctx.data.clone(),
-        req.scaling.clone(),
-        ctx.device,
-    );
+    let (req_owned, site_data, device) = (req.clone(), ctx.data.clone(), ctx.device);
     let metrics = tokio::task::spawn_blocking(move || {
-        let data = site_data.for_scaling(scaling.as_ref())?;
-        if data.validation.is_empty() {
-            return Ok::<_, TaskError>(None);
-        }
-        let trainer = BurnTrainer::new(device.resolve()?.device);
-        Ok(Some(trainer.evaluate(&arch, &model, &data.validation)?))
+        let data = site_data.for_scaling(req_owned.scaling.as_ref())?;
+        let trainer = || Ok::<_, TaskError>(BurnTrainer::new(device.resolve()?.device));
+        eval::evaluate(trainer, &req_owned, &model, &data)
     })
     .await
     .map_err(|e| TaskError::Internal(format!("evaluation task: {e}")))??;
@@ -1160,7 +1159,7 @@ async fn evaluate_request(
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
-    let sealed = task::seal_eval_report(session, req, metrics.as_ref(), key);
+    let sealed = eval::answer(session, req, metrics.as_ref(), key);
     // On disk before the report leaves.
     ctx.record(sealed.reported)?;
     Ok(Box::new(sealed.report))

@@ -18,7 +18,8 @@
 //!
 //! An evaluation request's answer is sealed the same way:
 //! [`seal_eval_report`] gives the signed report and its
-//! [`SiteEvent::EvalReported`] record.
+//! [`SiteEvent::EvalReported`] record ([`super::eval`] decides the rest of
+//! that request).
 //!
 //! The coordinator's answer to the upload becomes the
 //! [`SiteEvent::UpdateResult`] record through [`upload_answered`], which
@@ -414,4 +415,4 @@ pub fn upload_answered(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

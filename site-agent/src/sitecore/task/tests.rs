@@ -16,13 +16,13 @@ use crate::policy::tests::offer;
 
 /// Adds a seeded step in [-step, step) to every weight; evaluation reports
 /// the mean absolute weight and counts its calls.
-struct StepTrainer {
+pub(crate) struct StepTrainer {
     step: f32,
-    evaluations: Cell<usize>,
+    pub(crate) evaluations: Cell<usize>,
 }
 
 impl StepTrainer {
-    fn new(step: f32) -> Self {
+    pub(crate) fn new(step: f32) -> Self {
         Self {
             step,
             evaluations: Cell::new(0),
@@ -87,7 +87,7 @@ impl Trainer for StepTrainer {
     }
 }
 
-fn arch() -> ArchSpec {
+pub(crate) fn arch() -> ArchSpec {
     ArchSpec::Mlp {
         inputs: 4,
         hidden: vec![32],
@@ -95,7 +95,7 @@ fn arch() -> ArchSpec {
     }
 }
 
-fn local_data(train: usize, validation: usize) -> LocalData {
+pub(crate) fn local_data(train: usize, validation: usize) -> LocalData {
     let n = train + validation;
     let x: Vec<f32> = (0..n * 4).map(|i| (i % 5) as f32).collect();
     let y: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
@@ -107,11 +107,11 @@ fn local_data(train: usize, validation: usize) -> LocalData {
     }
 }
 
-fn cfg(seed: u64) -> TrainConfig {
+pub(crate) fn cfg(seed: u64) -> TrainConfig {
     TrainConfig::new().with_epochs(3).with_seed(seed)
 }
 
-fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
+pub(crate) fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
     PrivacyRequirements {
         clip_norm: clip,
         dp: z.map(|noise_multiplier| DpNoise { noise_multiplier }),
@@ -119,7 +119,7 @@ fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
     }
 }
 
-fn seeded(seed: u64) -> impl FnOnce() -> Result<NoiseRng, AggregationError> {
+pub(crate) fn seeded(seed: u64) -> impl FnOnce() -> Result<NoiseRng, AggregationError> {
     move || Ok(NoiseRng::with_fixed_seed_for_tests(seed))
 }
 
@@ -324,7 +324,7 @@ fn a_local_model_of_another_layout_is_a_typed_error() {
     );
 }
 
-fn session() -> Session {
+pub(crate) fn session() -> Session {
     Session {
         site_id: SiteId::new("site-a").unwrap(),
         federation_id: FederationId::new("fed").unwrap(),
