@@ -416,3 +416,6 @@ pub fn upload_answered(
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+#[cfg(test)]
+mod sim;
