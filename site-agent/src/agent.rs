@@ -1,10 +1,11 @@
 //! The agent's driver: connects out to the coordinator, keeps the session
 //! alive, and runs accepted rounds. All decisions are made by
 //! [`SiteCore`], and a round's work (train behind the
-//! [`Trainer`] trait, delta, clipping, noise, audit
+//! [`Trainer`](crate::train::Trainer) trait, delta, clipping, noise, audit
 //! records, signed envelope) by [`crate::sitecore::task`], and obtaining
 //! its global model (cache, downlink update, whole model, resumed
-//! download) by [`crate::sitecore::download`]; this module only
+//! download) by [`crate::sitecore::download`], and an evaluation
+//! request's answer by [`crate::sitecore::eval`]; this module only
 //! moves bytes, runs timers, runs the work on the blocking pool and appends
 //! the audit records it is handed before acting.
 //!
