@@ -31,6 +31,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::frame::MAX_FRAME_LEN;
+use crate::ids::RoundId;
 use crate::model::ModelSpec;
 
 /// Largest chunk of model bytes in an export stream (4 MiB).
@@ -161,7 +162,7 @@ pub enum AdminRequest {
         /// Job id.
         job: String,
         /// Round number.
-        round: u64,
+        round: RoundId,
     },
     /// Every stored model version.
     ModelsList,
@@ -320,7 +321,7 @@ pub struct JobProgress {
     /// `waiting`, `collecting`, `aggregating` or `finished`.
     pub phase: String,
     /// Round in flight.
-    pub round: Option<u64>,
+    pub round: Option<RoundId>,
     /// Rounds completed.
     pub completed_rounds: u64,
     /// Rounds in the job.
@@ -659,7 +660,7 @@ mod tests {
             },
             AdminRequest::RoundsShow {
                 job: "j".into(),
-                round: 3,
+                round: RoundId(3),
             },
         ];
         for r in reqs {
@@ -676,6 +677,42 @@ mod tests {
         assert_eq!(AdminRequest::Status.args(), serde_json::json!({}));
         let text = String::from_utf8(AdminRequest::Status.to_json().unwrap()).unwrap();
         assert_eq!(text, r#"{"command":"status"}"#);
+    }
+
+    /// `RoundsShow.round` and `JobProgress.round` are `RoundId`s; on the
+    /// admin wire they are the JSON numbers they were as `u64`.
+    #[test]
+    fn typed_rounds_keep_the_admin_json() {
+        let show = AdminRequest::RoundsShow {
+            job: "j".into(),
+            round: RoundId(3),
+        };
+        let raw = br#"{"command":"rounds_show","args":{"job":"j","round":3}}"#;
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&show.to_json().unwrap()).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(raw).unwrap()
+        );
+        assert_eq!(AdminRequest::from_json(raw).unwrap(), show);
+        let progress = JobProgress {
+            job: "j".into(),
+            phase: "collecting".into(),
+            round: Some(RoundId(4)),
+            completed_rounds: 3,
+            total_rounds: 9,
+            current_model: "ab".into(),
+            paused: false,
+            accepted: 1,
+            outcome: None,
+            sites: Vec::new(),
+            evaluation: None,
+        };
+        let json = serde_json::to_value(&progress).unwrap();
+        assert_eq!(json["round"], serde_json::json!(4u64));
+        let mut none = progress.clone();
+        none.round = None;
+        assert!(serde_json::to_value(&none).unwrap()["round"].is_null());
+        let back: JobProgress = serde_json::from_value(json).unwrap();
+        assert_eq!(back, progress);
     }
 
     #[test]

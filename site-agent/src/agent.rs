@@ -1,10 +1,11 @@
 //! The agent's driver: connects out to the coordinator, keeps the session
 //! alive, and runs accepted rounds. All decisions are made by
 //! [`SiteCore`], and a round's work (train behind the
-//! [`Trainer`] trait, delta, clipping, noise, audit
+//! [`Trainer`](crate::train::Trainer) trait, delta, clipping, noise, audit
 //! records, signed envelope) by [`crate::sitecore::task`], and obtaining
 //! its global model (cache, downlink update, whole model, resumed
-//! download) by [`crate::sitecore::download`]; this module only
+//! download) by [`crate::sitecore::download`], and an evaluation
+//! request's answer by [`crate::sitecore::eval`]; this module only
 //! moves bytes, runs timers, runs the work on the blocking pool and appends
 //! the audit records it is handed before acting.
 //!
@@ -105,10 +106,11 @@ use crate::device::{DeviceChoice, DeviceError};
 use crate::modelcache::{ModelCache, ModelError, create_private_dir};
 use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::download::{self, CacheForm, Cached, Download, DownloadError, Step};
+use crate::sitecore::eval;
 use crate::sitecore::task::{self, truncate};
 use crate::sitecore::upload;
 use crate::sitecore::{Assignment, Backoff, Session, SiteCore, TaskKey};
-use crate::train::{BurnTrainer, TrainError, Trainer};
+use crate::train::{BurnTrainer, TrainError};
 use fedlink_aggregation::dp::NoiseRng;
 
 pub use crate::sitecore::task::{clip_l2, l2_norm};
@@ -235,6 +237,22 @@ enum Violation {
         sent: &'static str,
         request: &'static str,
     },
+}
+
+impl From<eval::EvalError> for TaskError {
+    fn from(e: eval::EvalError) -> Self {
+        match e {
+            eval::EvalError::OtherFederation { asked, ours } => {
+                Violation::OtherFederation { asked, ours }.into()
+            }
+            eval::EvalError::Architecture(source) => Self::Architecture {
+                which: "requested",
+                source,
+            },
+            eval::EvalError::Train(e) => Self::Train(e),
+            other => Self::Internal(other.to_string()),
+        }
+    }
 }
 
 impl From<upload::UploadError> for TaskError {
@@ -805,8 +823,8 @@ async fn run_session<F: Future<Output = ()>>(
     }
     ctx.record(SiteEvent::ConnEstablished {
         coordinator: format!("{} ({remote})", ctx.coordinator_addr),
-        site_id: session.site_id.to_string(),
-        federation: session.federation_id.to_string(),
+        site_id: session.site_id.clone(),
+        federation: session.federation_id.clone(),
         protocol_version: session.protocol_version,
         transport: route.kind.as_str().to_owned(),
         proxy: route.proxy.clone(),
@@ -938,8 +956,8 @@ async fn handle_control(
         | Message::TaskOfferV5(offer)
         | Message::TaskOfferV6(offer) => {
             ctx.record(SiteEvent::OfferReceived {
-                job: offer.job_id.to_string(),
-                round: offer.round.0,
+                job: offer.job_id.clone(),
+                round: offer.round,
                 base_model: offer.base_model.to_hex(),
                 arch: offer.arch.kind().to_owned(),
                 epochs: offer.training.epochs,
@@ -959,12 +977,12 @@ async fn handle_control(
             // The decision is on disk before the coordinator hears it.
             match &outcome.response.decision {
                 OfferDecision::Accept => ctx.record(SiteEvent::OfferAccepted {
-                    job: offer.job_id.to_string(),
-                    round: offer.round.0,
+                    job: offer.job_id.clone(),
+                    round: offer.round,
                 })?,
                 OfferDecision::Decline { reason } => ctx.record(SiteEvent::OfferDeclined {
-                    job: offer.job_id.to_string(),
-                    round: offer.round.0,
+                    job: offer.job_id.clone(),
+                    round: offer.round,
                     reason: reason.clone(),
                 })?,
             };
@@ -977,8 +995,8 @@ async fn handle_control(
             if let Some(old) = outcome.abort {
                 let dropped = abort_task(task, &old);
                 ctx.record(SiteEvent::RoundCancelled {
-                    job: old.job_id.to_string(),
-                    round: old.round.0,
+                    job: old.job_id.clone(),
+                    round: old.round,
                     reason: format!("superseded by round {}", offer.round),
                     dropped_work: dropped,
                 })?;
@@ -999,8 +1017,8 @@ async fn handle_control(
             };
             let dropped = hit && abort_task(task, &key);
             ctx.record(SiteEvent::RoundCancelled {
-                job: c.job_id.to_string(),
-                round: c.round.0,
+                job: c.job_id.clone(),
+                round: c.round,
                 reason: truncate(&c.reason),
                 dropped_work: dropped,
             })?;
@@ -1016,8 +1034,8 @@ async fn handle_control(
         // log; `fedlink audit reconcile` compares it with the coordinator's.
         Message::RoundOutcome(o) if supports_round_outcome(session.protocol_version) => {
             ctx.record(SiteEvent::RoundOutcome {
-                job: o.job_id.to_string(),
-                round: o.round.0,
+                job: o.job_id.clone(),
+                round: o.round,
                 model: o.model.to_hex(),
                 job_completed: o.job_completed,
             })?;
@@ -1077,8 +1095,8 @@ fn spawn_task(
             Err(e) => {
                 tracing::warn!(task = %key, error = %e, "round failed");
                 ctx.record(SiteEvent::RoundFailed {
-                    job: key.job_id.to_string(),
-                    round: key.round.0,
+                    job: key.job_id.clone(),
+                    round: key.round,
                     error: e.to_string(),
                 })
                 .map(|_| false)
@@ -1116,43 +1134,25 @@ fn spawn_eval(
     });
 }
 
-/// Obtain the requested model (cache or `ModelFetch`, hash-verified),
-/// evaluate it on the validation split (with the request's feature
-/// scaling; never the training data, never augmented), record
-/// `eval.reported`, and sign the report with the update key. A site
-/// without a validation split reports 0 examples (the coordinator leaves
-/// it out).
+/// The driver of [`eval`]: the request checked, the requested model
+/// obtained (cache or `ModelFetch`, hash-verified), evaluated on the
+/// validation split (with the request's feature scaling; never the training
+/// data, never augmented) on the blocking pool, `eval.reported` recorded,
+/// and the report signed with the update key. A site without a validation
+/// split reports 0 examples (the coordinator leaves it out).
 async fn evaluate_request(
     ctx: &Arc<Ctx>,
     conn: &Conn,
     session: &Session,
     req: &EvalRequest,
 ) -> Result<Box<SignedEvalReport>, TaskError> {
-    if req.federation_id != session.federation_id {
-        return Err(Violation::OtherFederation {
-            asked: req.federation_id.clone(),
-            ours: session.federation_id.clone(),
-        }
-        .into());
-    }
-    let spec = req.arch.spec().map_err(|source| TaskError::Architecture {
-        which: "requested",
-        source,
-    })?;
+    let spec = eval::check_request(session, req)?;
     let model = obtain_model(ctx, conn, session, req.model, &spec, None).await?;
-    let (arch, site_data, scaling, device) = (
-        req.arch.clone(),
-        ctx.data.clone(),
-        req.scaling.clone(),
-        ctx.device,
-    );
+    let (req_owned, site_data, device) = (req.clone(), ctx.data.clone(), ctx.device);
     let metrics = tokio::task::spawn_blocking(move || {
-        let data = site_data.for_scaling(scaling.as_ref())?;
-        if data.validation.is_empty() {
-            return Ok::<_, TaskError>(None);
-        }
-        let trainer = BurnTrainer::new(device.resolve()?.device);
-        Ok(Some(trainer.evaluate(&arch, &model, &data.validation)?))
+        let data = site_data.for_scaling(req_owned.scaling.as_ref())?;
+        let trainer = || Ok::<_, TaskError>(BurnTrainer::new(device.resolve()?.device));
+        eval::evaluate(trainer, &req_owned, &model, &data)
     })
     .await
     .map_err(|e| TaskError::Internal(format!("evaluation task: {e}")))??;
@@ -1160,7 +1160,7 @@ async fn evaluate_request(
         .kit
         .update_signing_key()
         .ok_or_else(|| TaskError::Internal("the kit has no update-signing key".into()))?;
-    let sealed = task::seal_eval_report(session, req, metrics.as_ref(), key);
+    let sealed = eval::answer(session, req, metrics.as_ref(), key);
     // On disk before the report leaves.
     ctx.record(sealed.reported)?;
     Ok(Box::new(sealed.report))

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use fedlink_audit::{AuditLog, Error, EventKind, SignedHead};
-use fedlink_protocol::AuditHead;
+use fedlink_protocol::{AuditHead, FederationId, JobId, RoundId, SiteId};
 use serde::Serialize;
 
 /// Default file name of the audit log inside `data_dir`.
@@ -112,9 +112,9 @@ pub enum SiteEvent {
         /// Coordinator address.
         coordinator: String,
         /// Site id the coordinator knows us by.
-        site_id: String,
+        site_id: SiteId,
         /// Federation.
-        federation: String,
+        federation: FederationId,
         /// Negotiated protocol version.
         protocol_version: u16,
         /// `quic` or `tcp` (TLS 1.3 over TCP).
@@ -134,9 +134,9 @@ pub enum SiteEvent {
     /// An offer arrived.
     OfferReceived {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Global model hash.
         base_model: String,
         /// Architecture kind.
@@ -174,25 +174,25 @@ pub enum SiteEvent {
     /// The offer was accepted (recorded before the acceptance is sent).
     OfferAccepted {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
     },
     /// The offer was declined (recorded before the answer is sent).
     OfferDeclined {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// The policy's reason (also sent to the coordinator).
         reason: String,
     },
     /// The coordinator cancelled a round, or a newer offer superseded it.
     RoundCancelled {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Why.
         reason: String,
         /// Whether work in progress was dropped.
@@ -201,9 +201,9 @@ pub enum SiteEvent {
     /// Work on an accepted round failed locally or on the network.
     RoundFailed {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// What failed.
         error: String,
     },
@@ -239,9 +239,9 @@ pub enum SiteEvent {
     /// Local training finished.
     TrainCompleted {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Global model trained from.
         base_model: String,
         /// Dataset fingerprint (blake3 over the data as loaded).
@@ -263,9 +263,9 @@ pub enum SiteEvent {
     /// byte goes out).
     UpdateSent {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// blake3 of the payload.
         payload_hash: String,
         /// Payload bytes.
@@ -285,9 +285,9 @@ pub enum SiteEvent {
     /// the same signed envelope, the records from `from_record` on.
     UpdateResumed {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// blake3 of the whole payload (unchanged).
         payload_hash: String,
         /// The upload's nonce (hex, unchanged).
@@ -302,9 +302,9 @@ pub enum SiteEvent {
     /// What the coordinator answered to an upload.
     UpdateResult {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// blake3 of the payload sent.
         payload_hash: String,
         /// The upload's nonce (hex).
@@ -322,9 +322,9 @@ pub enum SiteEvent {
     /// `round.aggregated` / `job.finished`.
     RoundOutcome {
         /// Job.
-        job: String,
+        job: JobId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// The global model it produced (hex).
         model: String,
         /// Whether this is the job's final model.
@@ -335,9 +335,9 @@ pub enum SiteEvent {
     /// metrics: only these aggregates leave the site.
     EvalReported {
         /// Job.
-        job: String,
+        job: JobId,
         /// Rounds completed when the model was made.
-        round: u64,
+        round: RoundId,
         /// The evaluated model (hex).
         model: String,
         /// Validation examples evaluated.
@@ -651,8 +651,8 @@ mod tests {
 
     fn sent(round: u64) -> SiteEvent {
         SiteEvent::UpdateSent {
-            job: "j".into(),
-            round,
+            job: JobId::new("j").unwrap(),
+            round: RoundId(round),
             payload_hash: "ab".repeat(32),
             payload_bytes: 10,
             num_examples: 3,
@@ -678,8 +678,8 @@ mod tests {
             .record(
                 6,
                 &SiteEvent::UpdateResult {
-                    job: "j".into(),
-                    round: 1,
+                    job: JobId::new("j").unwrap(),
+                    round: RoundId(1),
                     payload_hash: "ab".repeat(32),
                     nonce: "00".repeat(16),
                     outcome: "ack".into(),
@@ -727,8 +727,8 @@ mod tests {
             ("agent.stopped", serde_json::json!({"reason": "signal"}))
         );
         let (name, details) = SiteEvent::OfferReceived {
-            job: "j".into(),
-            round: 1,
+            job: JobId::new("j").unwrap(),
+            round: RoundId(1),
             base_model: "cd".repeat(32),
             arch: "mlp".into(),
             epochs: 1,
@@ -749,8 +749,8 @@ mod tests {
         assert!(details.get("augmentation").is_none());
         assert!(details["clip_norm"].is_null());
         let (_, details) = SiteEvent::OfferReceived {
-            job: "j".into(),
-            round: 1,
+            job: JobId::new("j").unwrap(),
+            round: RoundId(1),
             base_model: "cd".repeat(32),
             arch: "unet".into(),
             epochs: 1,
@@ -778,6 +778,86 @@ mod tests {
         assert_eq!(details["learning_rate"], 0.003);
         assert_eq!(details["augmentation"]["flips"], true);
         assert_eq!(details["augmentation"]["rotate90"], false);
+    }
+
+    /// `job`, `round`, `site_id` and `federation` are typed ids
+    /// (`JobId`, `RoundId`, `SiteId`, `FederationId`) since session 13; in
+    /// the log they are still the JSON string and number they were as
+    /// `String` and `u64`.
+    #[test]
+    fn typed_ids_write_the_same_json_as_the_raw_ones() {
+        let job = || JobId::new("job-7").unwrap();
+        let round = RoundId(12);
+        let events = [
+            SiteEvent::OfferAccepted { job: job(), round },
+            SiteEvent::OfferDeclined {
+                job: job(),
+                round,
+                reason: "r".into(),
+            },
+            SiteEvent::RoundCancelled {
+                job: job(),
+                round,
+                reason: "r".into(),
+                dropped_work: true,
+            },
+            SiteEvent::RoundFailed {
+                job: job(),
+                round,
+                error: "e".into(),
+            },
+            SiteEvent::RoundOutcome {
+                job: job(),
+                round,
+                model: "cd".repeat(32),
+                job_completed: false,
+            },
+            SiteEvent::UpdateResumed {
+                job: job(),
+                round,
+                payload_hash: "ab".repeat(32),
+                nonce: "00".repeat(16),
+                from_record: 1,
+                bytes_held: 2,
+                bytes_sent: 3,
+            },
+            SiteEvent::EvalReported {
+                job: job(),
+                round,
+                model: "cd".repeat(32),
+                num_eval_examples: 4,
+                loss: None,
+                accuracy: None,
+                auc: None,
+                dice: None,
+            },
+        ];
+        for event in events {
+            let (name, details) = event.split();
+            // The old form's fields, written as the raw types they were.
+            assert_eq!(details["job"], serde_json::json!("job-7"), "{name}");
+            assert_eq!(details["round"], serde_json::json!(12u64), "{name}");
+            assert_eq!(
+                serde_json::to_string(&details["round"]).unwrap(),
+                serde_json::to_string(&12u64).unwrap()
+            );
+        }
+        let (_, details) = SiteEvent::ConnEstablished {
+            coordinator: "c".into(),
+            site_id: SiteId::new("hospital-a").unwrap(),
+            federation: FederationId::new("fed").unwrap(),
+            protocol_version: 7,
+            transport: "quic".into(),
+            proxy: None,
+            transport_reason: "configured".into(),
+        }
+        .split();
+        assert_eq!(
+            details,
+            serde_json::json!({"coordinator": "c", "site_id": "hospital-a", "federation": "fed",
+                "protocol_version": 7, "transport": "quic", "proxy": null,
+                "transport_reason": "configured"})
+        );
     }
 
     #[test]

@@ -28,9 +28,13 @@
 //! record → signed envelope) is in [`task`], also without IO; obtaining
 //! the round's global model (cache, downlink update, whole model, resumed
 //! download) in [`download`]; the upload of the signed update (fresh or
-//! resumed, signed again after a `Replay` refusal) in [`upload`].
+//! resumed, signed again after a `Replay` refusal) in [`upload`]; the
+//! answer to an evaluation request (federation check, the model asked for
+//! by hash, evaluated on the validation split, signed report and its
+//! record) in [`eval`].
 
 pub mod download;
+pub mod eval;
 pub mod task;
 pub mod upload;
 
@@ -402,6 +406,7 @@ mod tests {
             ("sitecore.rs", include_str!("sitecore.rs")),
             ("sitecore/task.rs", include_str!("sitecore/task.rs")),
             ("sitecore/download.rs", include_str!("sitecore/download.rs")),
+            ("sitecore/eval.rs", include_str!("sitecore/eval.rs")),
             ("sitecore/upload.rs", include_str!("sitecore/upload.rs")),
         ];
         // Built from pieces, so that this list does not trip itself.
@@ -447,7 +452,7 @@ mod tests {
         on_disk.sort();
         assert_eq!(
             on_disk,
-            ["download.rs", "task.rs", "upload.rs"],
+            ["download.rs", "eval.rs", "task.rs", "upload.rs"],
             "every file of the core is checked"
         );
     }

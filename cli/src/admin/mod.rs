@@ -361,7 +361,10 @@ pub fn run_rounds(args: RoundsArgs) -> ExitCode {
     let common = args.common;
     let req = match args.command {
         RoundsCommand::List { job } => AdminRequest::RoundsList { job },
-        RoundsCommand::Show { job, round } => AdminRequest::RoundsShow { job, round },
+        RoundsCommand::Show { job, round } => AdminRequest::RoundsShow {
+            job,
+            round: fedlink_protocol::RoundId(round),
+        },
     };
     run_with(&common, async |c| simple(c, &common, req).await)
 }

@@ -561,7 +561,7 @@ async fn execute(
             find_job(&admin.store, &job)?;
             let rec = admin
                 .store
-                .round(&job, round)
+                .round(&job, round.0)
                 .map_err(internal)?
                 .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
             Ok(AdminResponse::Round {

@@ -18,7 +18,8 @@
 //!
 //! An evaluation request's answer is sealed the same way:
 //! [`seal_eval_report`] gives the signed report and its
-//! [`SiteEvent::EvalReported`] record.
+//! [`SiteEvent::EvalReported`] record ([`super::eval`] decides the rest of
+//! that request).
 //!
 //! The coordinator's answer to the upload becomes the
 //! [`SiteEvent::UpdateResult`] record through [`upload_answered`], which
@@ -204,8 +205,8 @@ pub fn train_completed(
     feature_scaling: &str,
 ) -> SiteEvent {
     SiteEvent::TrainCompleted {
-        job: offer.job_id.to_string(),
-        round: offer.round.0,
+        job: offer.job_id.clone(),
+        round: offer.round,
         base_model: offer.base_model.to_hex(),
         dataset_fingerprint,
         num_examples: report.samples as u64,
@@ -285,8 +286,8 @@ pub fn seal_update(
 pub fn update_sent(envelope: &SignedEnvelope) -> SiteEvent {
     let h = &envelope.header;
     SiteEvent::UpdateSent {
-        job: h.job_id.to_string(),
-        round: h.round.0,
+        job: h.job_id.clone(),
+        round: h.round,
         payload_hash: h.payload_hash.to_hex(),
         payload_bytes: h.payload_len,
         num_examples: h.num_examples,
@@ -332,8 +333,8 @@ pub fn seal_eval_report(
     );
     let r = &report.report;
     let reported = SiteEvent::EvalReported {
-        job: r.job_id.to_string(),
-        round: r.round.0,
+        job: r.job_id.clone(),
+        round: r.round,
         model: r.model.to_hex(),
         num_eval_examples: r.metrics.num_eval_examples,
         loss: r.metrics.loss,
@@ -403,8 +404,8 @@ pub fn upload_answered(
         ),
     };
     Ok(SiteEvent::UpdateResult {
-        job: h.job_id.to_string(),
-        round: h.round.0,
+        job: h.job_id.clone(),
+        round: h.round,
         payload_hash: h.payload_hash.to_hex(),
         nonce: hex::encode(h.nonce.0),
         outcome: outcome.to_owned(),
@@ -414,4 +415,7 @@ pub fn upload_answered(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+
+#[cfg(test)]
+mod sim;

@@ -124,8 +124,8 @@ pub fn on_resume_answer<'k>(
             let h = &envelope.header;
             Ok(ResumeStep::SendRest {
                 resumed: SiteEvent::UpdateResumed {
-                    job: h.job_id.to_string(),
-                    round: h.round.0,
+                    job: h.job_id.clone(),
+                    round: h.round,
                     payload_hash: h.payload_hash.to_hex(),
                     nonce: hex::encode(h.nonce.0),
                     from_record: progress.records,

@@ -36,6 +36,30 @@ pub trait Trainer {
     ) -> Result<(FlatModel, TrainReport), TrainError>;
 }
 
+/// A borrowed trainer trains and evaluates as the trainer does (a caller
+/// that hands a trainer over, such as [`crate::sitecore::eval::evaluate`],
+/// can keep its own).
+impl<T: Trainer + ?Sized> Trainer for &T {
+    fn evaluate(
+        &self,
+        arch: &ArchSpec,
+        model: &FlatModel,
+        data: &Samples,
+    ) -> Result<EvalMetrics, TrainError> {
+        (**self).evaluate(arch, model, data)
+    }
+
+    fn train_local(
+        &self,
+        arch: &ArchSpec,
+        global: &FlatModel,
+        data: &Samples,
+        cfg: &TrainConfig,
+    ) -> Result<(FlatModel, TrainReport), TrainError> {
+        (**self).train_local(arch, global, data, cfg)
+    }
+}
+
 /// The production [`Trainer`]: burn on one device.
 #[derive(Clone, Debug)]
 pub struct BurnTrainer {

@@ -249,7 +249,7 @@ impl Engine {
         JobProgress {
             job: self.job_id.as_str().to_owned(),
             phase: phase.to_owned(),
-            round,
+            round: round.map(fedlink_protocol::RoundId),
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),

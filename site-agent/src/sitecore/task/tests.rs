@@ -4,7 +4,9 @@ use std::cell::Cell;
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, SigningKey};
-use fedlink_protocol::{DpNoise, Encoding, FederationId, SiteId, decode_payload, encode_payload};
+use fedlink_protocol::{
+    DpNoise, Encoding, FederationId, JobId, RoundId, SiteId, decode_payload, encode_payload,
+};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -14,13 +16,13 @@ use crate::policy::tests::offer;
 
 /// Adds a seeded step in [-step, step) to every weight; evaluation reports
 /// the mean absolute weight and counts its calls.
-struct StepTrainer {
+pub(crate) struct StepTrainer {
     step: f32,
-    evaluations: Cell<usize>,
+    pub(crate) evaluations: Cell<usize>,
 }
 
 impl StepTrainer {
-    fn new(step: f32) -> Self {
+    pub(crate) fn new(step: f32) -> Self {
         Self {
             step,
             evaluations: Cell::new(0),
@@ -85,7 +87,7 @@ impl Trainer for StepTrainer {
     }
 }
 
-fn arch() -> ArchSpec {
+pub(crate) fn arch() -> ArchSpec {
     ArchSpec::Mlp {
         inputs: 4,
         hidden: vec![32],
@@ -93,7 +95,7 @@ fn arch() -> ArchSpec {
     }
 }
 
-fn local_data(train: usize, validation: usize) -> LocalData {
+pub(crate) fn local_data(train: usize, validation: usize) -> LocalData {
     let n = train + validation;
     let x: Vec<f32> = (0..n * 4).map(|i| (i % 5) as f32).collect();
     let y: Vec<u32> = (0..n).map(|i| (i % 2) as u32).collect();
@@ -105,11 +107,11 @@ fn local_data(train: usize, validation: usize) -> LocalData {
     }
 }
 
-fn cfg(seed: u64) -> TrainConfig {
+pub(crate) fn cfg(seed: u64) -> TrainConfig {
     TrainConfig::new().with_epochs(3).with_seed(seed)
 }
 
-fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
+pub(crate) fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
     PrivacyRequirements {
         clip_norm: clip,
         dp: z.map(|noise_multiplier| DpNoise { noise_multiplier }),
@@ -117,7 +119,7 @@ fn privacy(clip: Option<f64>, z: Option<f64>) -> PrivacyRequirements {
     }
 }
 
-fn seeded(seed: u64) -> impl FnOnce() -> Result<NoiseRng, AggregationError> {
+pub(crate) fn seeded(seed: u64) -> impl FnOnce() -> Result<NoiseRng, AggregationError> {
     move || Ok(NoiseRng::with_fixed_seed_for_tests(seed))
 }
 
@@ -322,7 +324,7 @@ fn a_local_model_of_another_layout_is_a_typed_error() {
     );
 }
 
-fn session() -> Session {
+pub(crate) fn session() -> Session {
     Session {
         site_id: SiteId::new("site-a").unwrap(),
         federation_id: FederationId::new("fed").unwrap(),
@@ -356,7 +358,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     else {
         panic!("a TrainCompleted record expected")
     };
-    assert_eq!((job.as_str(), round), ("job", 1));
+    assert_eq!((job.as_str(), round), ("job", RoundId(1)));
     assert_eq!(base_model, global.hash().to_hex());
     assert_eq!(dataset_fingerprint, "fp");
     assert_eq!(num_examples, 20);
@@ -425,8 +427,8 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     else {
         panic!("an UpdateSent record expected")
     };
-    assert_eq!(job, h.job_id.to_string());
-    assert_eq!(round, h.round.0);
+    assert_eq!(job, h.job_id);
+    assert_eq!(round, h.round);
     assert_eq!(payload_hash, h.payload_hash.to_hex());
     assert_eq!(payload_bytes, h.payload_len);
     assert_eq!(num_examples, h.num_examples);
@@ -457,8 +459,8 @@ fn the_coordinator_answer_is_recorded_and_a_wrong_ack_refused() {
     )
     .envelope;
     let expected = |outcome: &str, accepted, reason: Option<&str>| SiteEvent::UpdateResult {
-        job: "job".into(),
-        round: 1,
+        job: JobId::new("job").unwrap(),
+        round: RoundId(1),
         payload_hash: summary.payload_hash.to_hex(),
         nonce: hex::encode([6u8; 16]),
         outcome: outcome.into(),
@@ -587,8 +589,8 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
     let (global, t) = trained(9);
     let req = EvalRequest {
         federation_id: FederationId::new("fed").unwrap(),
-        job_id: fedlink_protocol::JobId::new("job").unwrap(),
-        round: fedlink_protocol::RoundId(4),
+        job_id: JobId::new("job").unwrap(),
+        round: RoundId(4),
         model: global.hash(),
         arch: arch(),
         scaling: None,
@@ -609,8 +611,8 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
     assert_eq!(
         sealed.reported,
         SiteEvent::EvalReported {
-            job: "job".into(),
-            round: 4,
+            job: JobId::new("job").unwrap(),
+            round: RoundId(4),
             model: global.hash().to_hex(),
             num_eval_examples: 6,
             loss: Some(eval.loss),
