@@ -153,6 +153,10 @@ pub struct FedAvgAccumulator {
 impl FedAvgAccumulator {
     /// A zeroed accumulator for models with this spec. `frac_bits` above
     /// [`MAX_FRAC_BITS`] is lowered to it.
+    #[allow(
+        clippy::slow_vector_initialization,
+        reason = "written zeros on purpose: see the comment on the blocks"
+    )]
     pub fn new(spec: Arc<ModelSpec>, mut opts: FedAvgOptions) -> Self {
         opts.frac_bits = opts.frac_bits.min(MAX_FRAC_BITS);
         let n = spec.num_params() as usize;
@@ -167,8 +171,9 @@ impl FedAvgAccumulator {
                 let len = BLOCK.min(n - b * BLOCK);
                 let mut blk = Vec::with_capacity(len);
                 blk.resize(len, 0i64);
-                Mutex::new(blk)
+                blk
             })
+            .map(Mutex::new)
             .collect();
         let id = next_id();
         Self {

@@ -196,7 +196,7 @@ impl TentativeFold {
     /// The whole-update checks. `Ok`: the update is complete and valid,
     /// its values are in the accumulator, uncounted until the round counts
     /// it. `Err`: the error, and the removal of what was folded.
-    pub fn finish(mut self) -> Result<Tentative, (UpdateError, Removal)> {
+    pub fn finish(mut self) -> Result<Tentative, Box<(UpdateError, Removal)>> {
         let ticket = self.ticket.take().flatten();
         let removal = |this: &Self| Removal {
             shared: this.shared.clone(),
@@ -207,12 +207,12 @@ impl TentativeFold {
             done: false,
         };
         let Some(validator) = self.validator.take() else {
-            return Err((
+            return Err(Box::new((
                 UpdateError::ZeroExamples {
                     site: String::new(),
                 },
                 removal(&self),
-            ));
+            )));
         };
         match validator.finish() {
             Ok(token) => {
@@ -226,7 +226,7 @@ impl TentativeFold {
                     token,
                 })
             }
-            Err(e) => Err((e, removal(&self))),
+            Err(e) => Err(Box::new((e, removal(&self)))),
         }
     }
 

@@ -487,7 +487,10 @@ pub fn check_and_fold(
     let (err, removal) = match read {
         Ok(Ok(())) => match fold.finish() {
             Ok(t) => return Ok(t),
-            Err((e, removal)) => (PayloadError::from(e), removal),
+            Err(rejected) => {
+                let (e, removal) = *rejected;
+                (PayloadError::from(e), removal)
+            }
         },
         Ok(Err(e)) => (PayloadError::from(e), fold.abandon()),
         Err(e) => (PayloadError::from(e), fold.abandon()),
