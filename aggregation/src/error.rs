@@ -206,6 +206,16 @@ pub enum AggregationError {
         /// Values expected.
         expected: u64,
     },
+    /// Tentative folds (one decode per upload) left contributions in the
+    /// accumulator that were not counted and not removed: the accumulator
+    /// must be rebuilt from the counted updates.
+    #[error(
+        "the accumulator holds {uncounted} tentative folds that were neither counted nor removed"
+    )]
+    Uncounted {
+        /// Contributions neither counted nor removed (an unfinished removal counts too).
+        uncounted: usize,
+    },
     /// The global model does not match the aggregated spec.
     #[error("global model spec does not match the update spec")]
     SpecMismatch,

@@ -41,13 +41,14 @@
 //! "add 1.5·2^52" trick, which is exact for `|v| < 2^51` and vectorises on
 //! plain SSE2.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use fedlink_protocol::{FlatModel, ModelSpec};
 use rayon::prelude::*;
 
 use crate::error::{AggregationError, Error};
+use crate::tentative::{Shared, Tentative, TentativeFold};
 use crate::validate::{
     UpdateValidator, ValidatedUpdate, ValidationPolicy, Weighting, check_tensors,
 };
@@ -73,6 +74,15 @@ const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
 #[inline(always)]
 fn to_grid(v: f64) -> i64 {
     ((v + MAGIC).to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64)
+}
+
+/// Take `x · c` out of `acc`: the exact inverse of [`fold_slice`] (the same
+/// integers, subtracted; wrapping, so exact whatever the values).
+#[inline]
+fn unfold_slice(acc: &mut [i64], x: &[f32], c: f64) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = a.wrapping_sub(to_grid(f64::from(v) * c));
+    }
 }
 
 /// Fold `x · c` into `acc`. Validation guarantees `|x · c| ≤ 2^50`, where the
@@ -132,7 +142,8 @@ pub struct FedAvgAccumulator {
     id: u64,
     spec: Arc<ModelSpec>,
     opts: FedAvgOptions,
-    blocks: Vec<Vec<i64>>,
+    /// The blocks, shared with tentative folds (see [`crate::tentative`]).
+    shared: Arc<Shared>,
     total_weight: u128,
     total_examples: u128,
     count: usize,
@@ -142,6 +153,10 @@ pub struct FedAvgAccumulator {
 impl FedAvgAccumulator {
     /// A zeroed accumulator for models with this spec. `frac_bits` above
     /// [`MAX_FRAC_BITS`] is lowered to it.
+    #[allow(
+        clippy::slow_vector_initialization,
+        reason = "written zeros on purpose: see the comment on the blocks"
+    )]
     pub fn new(spec: Arc<ModelSpec>, mut opts: FedAvgOptions) -> Self {
         opts.frac_bits = opts.frac_bits.min(MAX_FRAC_BITS);
         let n = spec.num_params() as usize;
@@ -160,12 +175,14 @@ impl FedAvgAccumulator {
                 blk.resize(len, 0i64);
                 blk
             })
+            .map(Mutex::new)
             .collect();
+        let id = next_id();
         Self {
-            id: next_id(),
+            id,
+            shared: Arc::new(Shared::new(id, n as u64, blocks)),
             spec,
             opts,
-            blocks,
             total_weight: 0,
             total_examples: 0,
             count: 0,
@@ -255,48 +272,74 @@ impl FedAvgAccumulator {
         Ok(token)
     }
 
+    /// Start an update's one-pass check and tentative fold (see
+    /// [`crate::tentative`]); only without clipping, where the update's
+    /// fold does not depend on its whole L2 norm (`None` with clipping).
+    pub fn tentative(&self, site: impl Into<String>, num_examples: u64) -> Option<TentativeFold> {
+        if self.opts.clip_norm.is_some() {
+            return None;
+        }
+        let validator = self.validator(site, num_examples);
+        let weight = match self.opts.weighting {
+            Weighting::NumExamples => num_examples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        let c = weight * f64::from(self.opts.frac_bits).exp2();
+        Some(TentativeFold::new(self.shared.clone(), validator, c))
+    }
+
+    /// Count a tentatively folded update (its values are already in the
+    /// blocks): what an ack does instead of a second pass. Fails, touching
+    /// nothing, on a foreign or unfolded one, a closed gate or a full round.
+    pub fn count(&mut self, t: &Tentative) -> Result<(), AggregationError> {
+        let token = t.token();
+        if token.aggregator_id != self.id || token.num_params != self.spec.num_params() {
+            return Err(AggregationError::ForeignToken {
+                site: token.site.clone(),
+            });
+        }
+        if self.count >= MAX_FOLDS {
+            return Err(AggregationError::CapacityExceeded {
+                capacity: MAX_FOLDS,
+            });
+        }
+        t.count(self.id)?;
+        self.count += 1;
+        self.total_weight += token.weight as u128;
+        self.total_examples += u128::from(token.num_examples);
+        Ok(())
+    }
+
+    /// Close the gate of tentative folds (waiting for those in progress);
+    /// returns how many contributions are neither counted nor removed.
+    pub fn close_tentative(&self) -> usize {
+        self.shared.close().uncounted
+    }
+
     fn add_chunk(&mut self, offset: u64, values: &[f32], c: f64) -> u64 {
-        let n = self.spec.num_params();
-        let Some(start) = usize::try_from(offset).ok().filter(|&s| (s as u64) < n) else {
-            return 0;
-        };
-        let end = start.saturating_add(values.len()).min(n as usize);
-        if end <= start {
-            return 0;
-        }
-        let (b0, b1) = (start / BLOCK, (end - 1) / BLOCK);
-        let fold_block = |(bi, blk): (usize, &mut Vec<i64>)| {
-            let bstart = bi * BLOCK;
-            let lo = start.max(bstart);
-            let hi = end.min(bstart + blk.len());
-            if lo < hi {
-                fold_slice(
-                    &mut blk[lo - bstart..hi - bstart],
-                    &values[lo - start..hi - start],
-                    c,
-                );
-            }
-        };
-        let blocks = &mut self.blocks[b0..=b1];
-        if b1 > b0 {
-            blocks
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(i, blk)| fold_block((b0 + i, blk)));
-        } else {
-            blocks
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, blk)| fold_block((b0 + i, blk)));
-        }
-        (end - start) as u64
+        add_chunk(
+            &self.shared.blocks,
+            self.spec.num_params(),
+            offset,
+            values,
+            c,
+            false,
+        )
     }
 
     /// Finish the round: the weighted mean. Frees each accumulator block as
-    /// soon as it is converted.
-    pub fn finish(self) -> Result<Averaged, AggregationError> {
-        if let Some(e) = self.poisoned {
+    /// soon as it is converted. Closes the tentative folds' gate first
+    /// (waiting for folds in progress) and refuses to finish while any
+    /// tentative contribution is neither counted nor removed.
+    pub fn finish(mut self) -> Result<Averaged, AggregationError> {
+        if let Some(e) = self.poisoned.take() {
             return Err(e);
+        }
+        let left = self.shared.close();
+        if left.uncounted > 0 {
+            return Err(AggregationError::Uncounted {
+                uncounted: left.uncounted,
+            });
         }
         if self.count == 0 {
             return Err(AggregationError::NoUpdates);
@@ -306,16 +349,18 @@ impl FedAvgAccumulator {
         // Zeroed allocation: pages are only committed as they are written, while
         // accumulator blocks are freed, so the peak stays at the accumulator size.
         let mut out = vec![0f32; n];
-        self.blocks
-            .into_par_iter()
+        self.shared
+            .blocks
+            .par_iter()
             .zip(out.par_chunks_mut(BLOCK))
             .for_each(|(blk, o)| {
+                let blk = std::mem::take(&mut *blk.lock().unwrap_or_else(PoisonError::into_inner));
                 for (d, &a) in o.iter_mut().zip(&blk) {
                     *d = (a as f64 / denom) as f32;
                 }
                 drop(blk);
             });
-        let spec = Arc::unwrap_or_clone(self.spec);
+        let spec = self.spec.as_ref().clone();
         let delta = FlatModel::new(spec, out).map_err(|_| AggregationError::SpecMismatch)?;
         Ok(Averaged {
             delta,
@@ -323,6 +368,75 @@ impl FedAvgAccumulator {
             total_weight: self.total_weight,
             total_examples: self.total_examples,
         })
+    }
+}
+
+impl Drop for FedAvgAccumulator {
+    /// The blocks go with the accumulator, even while an upload's tentative
+    /// fold or retraction still holds the shared part: a block taken here is
+    /// empty for a fold that comes later (it writes nothing).
+    fn drop(&mut self) {
+        for blk in &self.shared.blocks {
+            drop(std::mem::take(
+                &mut *blk.lock().unwrap_or_else(PoisonError::into_inner),
+            ));
+        }
+    }
+}
+
+/// Fold (or, with `subtract`, take out) `values · c` at flat element
+/// `offset` into the blocks of an `n`-element accumulator; returns the
+/// elements touched. Locks each block it writes (a chunk is one or two
+/// blocks: no per-element atomics).
+pub(crate) fn add_chunk(
+    blocks: &[Mutex<Vec<i64>>],
+    n: u64,
+    offset: u64,
+    values: &[f32],
+    c: f64,
+    subtract: bool,
+) -> u64 {
+    {
+        let Some(start) = usize::try_from(offset).ok().filter(|&s| (s as u64) < n) else {
+            return 0;
+        };
+        let end = start.saturating_add(values.len()).min(n as usize);
+        if end <= start {
+            return 0;
+        }
+        let (b0, b1) = (start / BLOCK, (end - 1) / BLOCK);
+        let fold_block = |bi: usize, blk: &Mutex<Vec<i64>>| {
+            let mut blk = blk.lock().unwrap_or_else(PoisonError::into_inner);
+            let bstart = bi * BLOCK;
+            let lo = start.max(bstart);
+            let hi = end.min(bstart + blk.len());
+            if lo < hi {
+                let (acc, x) = (
+                    &mut blk[lo - bstart..hi - bstart],
+                    &values[lo - start..hi - start],
+                );
+                if subtract {
+                    unfold_slice(acc, x, c);
+                } else {
+                    fold_slice(acc, x, c);
+                }
+            }
+        };
+        let Some(blocks) = blocks.get(b0..=b1) else {
+            return 0;
+        };
+        if b1 > b0 {
+            blocks
+                .par_iter()
+                .enumerate()
+                .for_each(|(i, blk)| fold_block(b0 + i, blk));
+        } else {
+            blocks
+                .iter()
+                .enumerate()
+                .for_each(|(i, blk)| fold_block(b0 + i, blk));
+        }
+        (end - start) as u64
     }
 }
 

@@ -85,6 +85,7 @@ pub mod optimizer;
 pub mod robust;
 pub mod round;
 pub mod safetensors_io;
+pub mod tentative;
 pub mod validate;
 
 pub use config::{Aggregation, ParamValue, StrategyConfig, StrategyTable};
@@ -94,4 +95,5 @@ pub use fedavg::{Averaged, FedAvgAccumulator, FedAvgOptions, Fold};
 pub use optimizer::{OptimizerState, ServerOptimizer};
 pub use robust::RobustRule;
 pub use round::{RoundAggregator, RoundOutcome, ServerState, Sink, would_fit};
+pub use tentative::{Removal, Tentative, TentativeFold};
 pub use validate::{UpdateValidator, ValidatedUpdate, ValidationPolicy, Weighting};

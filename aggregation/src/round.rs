@@ -22,6 +22,7 @@ use crate::error::{AggregationError, Error};
 use crate::fedavg::{FedAvgAccumulator, FedAvgOptions, Fold};
 use crate::optimizer::OptimizerState;
 use crate::robust::{self, RobustRule};
+use crate::tentative::{Tentative, TentativeFold};
 use crate::validate::{UpdateValidator, ValidatedUpdate, ValidationPolicy, check_tensors};
 
 /// State carried from round to round (serde: persist it with the job).
@@ -215,6 +216,45 @@ impl RoundAggregator {
             self.policy.clone(),
             self.id,
         )
+    }
+
+    /// One pass instead of two (see [`crate::tentative`]): check and fold
+    /// each chunk of an update of `site` at once. `None` where an update's
+    /// fold needs the whole update first: clipping (the clip scale depends
+    /// on its L2 norm) and robust strategies (they buffer each update);
+    /// those take [`Self::validator`] and [`Self::begin`].
+    pub fn tentative(&self, site: impl Into<String>, num_examples: u64) -> Option<TentativeFold> {
+        match &self.inner {
+            Inner::Mean(acc) if self.policy.clip_norm.is_none() => {
+                acc.tentative(site, num_examples)
+            }
+            _ => None,
+        }
+    }
+
+    /// Count an update checked and folded by [`Self::tentative`] (instead
+    /// of [`Self::begin`]'s second pass). Fails, touching nothing, on one
+    /// of another round, one the gate refused, or a full round.
+    pub fn count(&mut self, t: &Tentative) -> Result<(), AggregationError> {
+        let Inner::Mean(acc) = &mut self.inner else {
+            return Err(AggregationError::ForeignToken {
+                site: t.token().site().to_owned(),
+            });
+        };
+        acc.count(t)?;
+        self.num_unclipped += 1;
+        Ok(())
+    }
+
+    /// Close the gate of tentative folds (waiting for those in progress)
+    /// and say how many contributions are neither counted nor removed: if
+    /// any, [`Self::finish`] would refuse; rebuild the round from its
+    /// counted updates instead. 0 for strategies without tentative folds.
+    pub fn close_tentative(&self) -> usize {
+        match &self.inner {
+            Inner::Mean(acc) => acc.close_tentative(),
+            Inner::Robust(_) => 0,
+        }
     }
 
     /// Second pass: start folding a validated update. Fails (touching

@@ -43,7 +43,9 @@ use std::sync::Arc;
 use fedlink_aggregation::dp::NoiseRng;
 use fedlink_aggregation::round::{RoundAggregator, RoundOutcome, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
-use fedlink_aggregation::{AggregationError, StrategyConfig, UpdateError};
+use fedlink_aggregation::{
+    AggregationError, Removal, StrategyConfig, Tentative, TentativeFold, UpdateError,
+};
 use fedlink_protocol::{Encoding, FlatModel, ModelHash, ModelSpec};
 use serde::{Deserialize, Serialize};
 
@@ -464,6 +466,61 @@ pub fn validate_with(
         validator.feed(offset, values)
     })??;
     Ok(validator.finish()?)
+}
+
+/// Passes 1 and 2 of one payload file in one decode (streaming mean
+/// without clipping; see `fedlink_aggregation::tentative`): each chunk is
+/// checked and folded into the round's accumulator at once, *tentatively*:
+/// uncounted until the round counts it. If a check fails (a chunk, or the
+/// whole update at its end), what was folded is taken out again exactly
+/// (the spool is decoded a second time up to where the fold got: the rare
+/// path) before the error is returned.
+pub fn check_and_fold(
+    mut fold: TentativeFold,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    path: &Path,
+) -> Result<Tentative, PayloadError> {
+    let read = crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
+        fold.feed(offset, values)
+    });
+    let (err, removal) = match read {
+        Ok(Ok(())) => match fold.finish() {
+            Ok(t) => return Ok(t),
+            Err(rejected) => {
+                let (e, removal) = *rejected;
+                (PayloadError::from(e), removal)
+            }
+        },
+        Ok(Err(e)) => (PayloadError::from(e), fold.abandon()),
+        Err(e) => (PayloadError::from(e), fold.abandon()),
+    };
+    remove_payload(removal, spec, encoding, path);
+    Err(err)
+}
+
+/// Take a tentative contribution out of its accumulator by decoding its
+/// payload file again (only as far as it was folded). Returns whether it
+/// is gone; if not (the file could not be read again), it stays uncounted
+/// and the round's end rebuilds the accumulator from the counted updates.
+pub fn remove_payload(
+    mut removal: Removal,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    path: &Path,
+) -> bool {
+    if removal.folded() > 0 {
+        let folded = removal.folded();
+        let _ = crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
+            if offset >= folded {
+                // Past what was folded: stop reading (nothing more to take out).
+                return Err(());
+            }
+            removal.chunk(offset, values);
+            Ok(())
+        });
+    }
+    removal.done()
 }
 
 /// Pass 2 of one payload file: fold it into the round.

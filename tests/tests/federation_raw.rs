@@ -1152,3 +1152,78 @@ async fn a_restarted_coordinator_serves_the_last_rounds_update_again() {
     let out = coord.finished().await.unwrap();
     assert_completed(&out);
 }
+
+/// One decode per upload: an update's chunks are checked and folded into
+/// the round at once, and only its whole-update check (here: the
+/// accumulator's magnitude bound, `num_examples · |x| ≤ 2^26`, on its last
+/// value) refuses it at its end. What it folded is taken out again: the
+/// published model is the model of the counted updates only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_refused_at_its_end_leaves_the_counted_updates_model() {
+    let pki = TestPki::new(3).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = JobSpec {
+        rounds: 1,
+        // Sites 0 and 1 count; site 2's invalid update is its report.
+        quorum: 2,
+        // 10 parameters in records of 4 values: three records.
+        chunk_bytes: Some(16),
+        ..JobSpec::default()
+    };
+    let coord = start(&spec, &pki, dir.path()).await;
+    let data_dir = coord.data_dir.clone();
+    let mut sites = Vec::new();
+    for i in 0..3 {
+        sites.push(connect(&pki, i, &coord).await);
+    }
+    let (offers, global) = join_round(&mut sites).await.unwrap();
+    let up0 = sites[0]
+        .prepare(&offers[0], &delta_for(&global, 0, 1), examples(0))
+        .unwrap();
+    let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
+    assert!(
+        matches!(r, UploadResult::Ack { accepted: true, .. }),
+        "{r:?}"
+    );
+    // Site 2: finite values, within every per-value bound, but its last
+    // value times its weight is past the exact accumulator's bound.
+    let mut big = delta_for(&global, 2, 1);
+    let n = big.values().len();
+    big.values_mut()[n - 1] = 1.0e7;
+    let bad = sites[2].prepare(&offers[2], &big, examples(2)).unwrap();
+    assert!(bad.records.len() >= 3, "{} records", bad.records.len());
+    let r = sites[2].upload(&bad, None).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            r,
+            UploadResult::Reject {
+                code: RejectCode::Malformed,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Site 1's honest update completes the round (every site reported).
+    for i in [1usize] {
+        let up = sites[i]
+            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
+            .unwrap();
+        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
+        assert!(
+            matches!(r, UploadResult::Ack { accepted: true, .. }),
+            "{r:?}"
+        );
+    }
+    let out = coord.finished().await.unwrap();
+    let Some(JobOutcome::Completed { model }) = out.outcome else {
+        panic!("job did not complete: {:?}", out.outcome);
+    };
+    let next = read_model_file(&data_dir.join(format!("models/{model}.bin")), &model).unwrap();
+    assert_close(next.values(), &expected_next(&global, &[0, 1], 1));
+    let status = fedlink_tests::fixture::read_status(&data_dir).unwrap();
+    assert_eq!(
+        status.rounds[0].updates.len(),
+        2,
+        "only the counted updates"
+    );
+}

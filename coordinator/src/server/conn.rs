@@ -1040,6 +1040,7 @@ async fn receive_upload(
     let UploadTicket {
         mut verifier,
         validator,
+        tentative,
         spec,
         spool_path,
         resume_from,
@@ -1205,12 +1206,22 @@ async fn receive_upload(
     // norm for clipping) without touching the aggregator.
     let encoding = envelope.header.encoding;
     let check_path = path.clone();
-    let check = tokio::task::spawn_blocking(move || {
-        crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
+    // Where the strategy allows it (streaming mean, no clipping), the same
+    // decode also folds each checked chunk into the round (tentatively: the
+    // engine counts it at the ack or takes it out): one pass, not two.
+    let check = tokio::task::spawn_blocking(move || match tentative {
+        Some(t) => crate::round_archive::check_and_fold(t, &spec, encoding, &check_path)
+            .map(|t| (t.token().clone(), Some(t))),
+        None => crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
+            .map(|v| (v, None)),
     })
     .await
     .map_err(CheckError::Task)
     .and_then(|r| r.map_err(CheckError::from));
+    let (check, tentative) = match check {
+        Ok((token, t)) => (Ok(token), t),
+        Err(e) => (Err(e), None),
+    };
     // From here until the site has its answer, shutdown waits for it.
     let _answering = shared.answers.token();
     let (reply, answer) = oneshot::channel();
@@ -1225,6 +1236,7 @@ async fn receive_upload(
                 upload_ms,
             },
             check,
+            tentative,
             reply,
         })))
         .await;

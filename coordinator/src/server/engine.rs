@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
-use fedlink_aggregation::{StrategyConfig, would_fit};
+use fedlink_aggregation::{StrategyConfig, Tentative, TentativeFold, would_fit};
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{RejectCode, UploadProgress, UploadResult};
@@ -192,6 +192,9 @@ enum FoldError {
 pub(crate) struct UploadTicket {
     pub(crate) verifier: PayloadVerifier,
     pub(crate) validator: UpdateValidator,
+    /// One pass instead of two, where the strategy allows it (streaming
+    /// mean, no clipping): check and fold each chunk at once.
+    pub(crate) tentative: Option<TentativeFold>,
     pub(crate) spec: fedlink_protocol::ModelSpec,
     pub(crate) spool_path: PathBuf,
     /// For a resumed upload: the records (and their bytes) already in the
@@ -238,6 +241,8 @@ pub(crate) struct UpdateReady {
     pub(crate) upload: ReceivedUpload,
     /// Pass 1: the validated token, or why the update is invalid.
     pub(crate) check: Result<ValidatedUpdate, CheckError>,
+    /// The update, checked and folded in one pass (uncounted until its ack).
+    pub(crate) tentative: Option<Tentative>,
     pub(crate) reply: oneshot::Sender<UploadResult>,
 }
 
@@ -247,6 +252,9 @@ struct Pending {
     upload: ReceivedUpload,
     /// Pass 1's token (`None`: invalid, or its site is no longer allowed).
     token: Option<ValidatedUpdate>,
+    /// Folded already (one pass), uncounted: the ack counts it, a refusal
+    /// takes it out.
+    tentative: Option<Tentative>,
     reply: oneshot::Sender<UploadResult>,
 }
 
@@ -626,6 +634,7 @@ impl Engine {
         Ok(UploadTicket {
             verifier,
             validator: agg.validator(site, h.num_examples),
+            tentative: agg.tentative(site, h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
             resume_from: None,
@@ -683,6 +692,7 @@ impl Engine {
             }),
             verifier,
             validator: agg.validator(site, h.num_examples),
+            tentative: agg.tentative(site, h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
         })
@@ -791,6 +801,7 @@ impl Engine {
             site,
             upload,
             check,
+            tentative,
             reply,
         } = ready;
         let h = &upload.envelope.header;
@@ -820,6 +831,7 @@ impl Engine {
             Pending {
                 upload,
                 token,
+                tentative,
                 reply,
             },
         ) {
@@ -840,10 +852,11 @@ impl Engine {
     fn refuse_pending(
         &mut self,
         site: &str,
-        p: Pending,
+        mut p: Pending,
         why: &str,
         code: RejectCode,
     ) -> Result<(), EngineError> {
+        self.retract(site, &mut p);
         let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
         let effects = actions::reject_pending(&self.facts, site, &upload, why, code, unix_ms());
         self.run_effects(effects, Some(p))
@@ -1336,11 +1349,39 @@ impl Engine {
         Ok(())
     }
 
+    /// Take an uncounted one-pass fold out of the round (the rare path:
+    /// its spool is decoded again). If that fails it stays uncounted, and
+    /// the round's end rebuilds the accumulator from the counted updates.
+    fn retract(&mut self, site: &str, p: &mut Pending) {
+        let Some(t) = p.tentative.take() else {
+            return;
+        };
+        if !t.is_folded() {
+            return;
+        }
+        let encoding = p.upload.envelope.header.encoding;
+        let path = &p.upload.spool_path;
+        let spec = &self.global_spec;
+        let gone = tokio::task::block_in_place(|| {
+            round_archive::remove_payload(t.retract(), spec, encoding, path)
+        });
+        if !gone {
+            tracing::warn!(
+                site,
+                "a refused update's fold could not be taken out; the round will be folded again from its counted updates"
+            );
+        }
+    }
+
     fn fold(&mut self, p: &Pending) -> Result<(), FoldError> {
         let token = p.token.as_ref().ok_or(FoldError::NoToken)?;
         let Some((_, agg)) = self.aggregator.as_mut() else {
             return Err(FoldError::NoAggregator);
         };
+        // Folded already in the upload's one pass: count it (no decode).
+        if let Some(t) = p.tentative.as_ref().filter(|t| t.is_folded()) {
+            return agg.count(t).map_err(|e| FoldError::Payload(e.into()));
+        }
         Ok(round_archive::fold_payload(
             agg,
             token,
@@ -1409,8 +1450,20 @@ impl Engine {
             self.job.round.quorum as usize,
             |site| wire.site_allowed(site).err().map(|why| why.to_string()),
         );
-        if exclusion.excluded.is_empty() {
+        // The round's end closes the gate of one-pass folds; any left
+        // neither counted nor taken out (an upload folded just as the round
+        // ended, a refusal whose spool could not be read again) makes the
+        // round fold its counted updates again from the archive.
+        let uncounted = tokio::task::block_in_place(|| agg.close_tentative());
+        if exclusion.excluded.is_empty() && uncounted == 0 {
             return Ok(Ok(agg));
+        }
+        if uncounted > 0 {
+            tracing::info!(
+                round,
+                uncounted,
+                "one-pass folds neither counted nor taken out at the round's end: folding the counted updates again"
+            );
         }
         drop(agg);
         for (i, why) in &exclusion.excluded {
