@@ -153,29 +153,11 @@ pub struct FedAvgAccumulator {
 impl FedAvgAccumulator {
     /// A zeroed accumulator for models with this spec. `frac_bits` above
     /// [`MAX_FRAC_BITS`] is lowered to it.
-    #[allow(
-        clippy::slow_vector_initialization,
-        reason = "written zeros on purpose: see the comment on the blocks"
-    )]
     pub fn new(spec: Arc<ModelSpec>, mut opts: FedAvgOptions) -> Self {
         opts.frac_bits = opts.frac_bits.min(MAX_FRAC_BITS);
         let n = spec.num_params() as usize;
-        // Written zeros, not a zeroed allocation: a fold reads each value
-        // before writing it, and a page first mapped for that read (the
-        // shared zero page) faults a second time at the write — one fault
-        // per page instead of two (a 10M-parameter accumulator is 20,000
-        // pages; the second faults were ≈ 3.5 % of a 10M × 8 coordinator
-        // profile). The peak is the same: the first fold touches every page.
         let blocks = (0..n.div_ceil(BLOCK))
-            .map(|b| {
-                let len = BLOCK.min(n - b * BLOCK);
-                // `vec![0; len]` is the zeroed allocation this avoids.
-                #[allow(clippy::slow_vector_initialization)]
-                let mut blk = Vec::with_capacity(len);
-                blk.resize(len, 0i64);
-                blk
-            })
-            .map(Mutex::new)
+            .map(|b| Mutex::new(Block::Fresh(BLOCK.min(n - b * BLOCK))))
             .collect();
         let id = next_id();
         Self {
@@ -354,11 +336,16 @@ impl FedAvgAccumulator {
             .par_iter()
             .zip(out.par_chunks_mut(BLOCK))
             .for_each(|(blk, o)| {
-                let blk = std::mem::take(&mut *blk.lock().unwrap_or_else(PoisonError::into_inner));
-                for (d, &a) in o.iter_mut().zip(&blk) {
-                    *d = (a as f64 / denom) as f32;
+                let blk = std::mem::replace(
+                    &mut *blk.lock().unwrap_or_else(PoisonError::into_inner),
+                    Block::Gone,
+                );
+                // A block no update reached is zeros, as `out` already is.
+                if let Block::Live(blk) = blk {
+                    for (d, &a) in o.iter_mut().zip(&blk) {
+                        *d = (a as f64 / denom) as f32;
+                    }
                 }
-                drop(blk);
             });
         let spec = self.spec.as_ref().clone();
         let delta = FlatModel::new(spec, out).map_err(|_| AggregationError::SpecMismatch)?;
@@ -373,13 +360,55 @@ impl FedAvgAccumulator {
 
 impl Drop for FedAvgAccumulator {
     /// The blocks go with the accumulator, even while an upload's tentative
-    /// fold or retraction still holds the shared part: a block taken here is
-    /// empty for a fold that comes later (it writes nothing).
+    /// fold or retraction still holds the shared part: a block gone here
+    /// takes no later fold (it writes nothing).
     fn drop(&mut self) {
         for blk in &self.shared.blocks {
-            drop(std::mem::take(
+            drop(std::mem::replace(
                 &mut *blk.lock().unwrap_or_else(PoisonError::into_inner),
+                Block::Gone,
             ));
+        }
+    }
+}
+
+/// One block of the accumulator (`BLOCK` values, the last one shorter).
+///
+/// A block's memory is taken at its first fold and written with zeros
+/// there, not allocated zeroed up front: a fold reads each value before
+/// writing it, and a page first mapped for that read (the shared zero
+/// page) faults a second time at the write — written zeros fault once
+/// per page (a 10M-parameter accumulator is 20,000 pages; the second
+/// faults were ≈ 3.5 % of a 10M × 8 coordinator profile). Taken at the
+/// first fold, not when the round opens: the accumulator is not resident
+/// while the round's downloads are (the 32-site peak is at 3 × the model).
+#[derive(Debug)]
+pub(crate) enum Block {
+    /// Not folded into yet: zeros, this many.
+    Fresh(usize),
+    /// Folded into.
+    Live(Vec<i64>),
+    /// Converted by `finish`, or dropped with the accumulator: later folds
+    /// write nothing.
+    Gone,
+}
+
+impl Block {
+    /// The block's values to fold into; `None` once gone.
+    fn live(&mut self) -> Option<&mut Vec<i64>> {
+        if let Self::Fresh(len) = *self {
+            // `vec![0; len]` is the zeroed allocation this avoids (above).
+            #[allow(
+                clippy::slow_vector_initialization,
+                reason = "written zeros on purpose: see `Block`"
+            )]
+            let mut v = Vec::with_capacity(len);
+            v.resize(len, 0i64);
+            *self = Self::Live(v);
+        }
+        match self {
+            Self::Live(v) => Some(v),
+            Self::Fresh(_) | Self::Gone => None,
         }
     }
 }
@@ -389,7 +418,7 @@ impl Drop for FedAvgAccumulator {
 /// elements touched. Locks each block it writes (a chunk is one or two
 /// blocks: no per-element atomics).
 pub(crate) fn add_chunk(
-    blocks: &[Mutex<Vec<i64>>],
+    blocks: &[Mutex<Block>],
     n: u64,
     offset: u64,
     values: &[f32],
@@ -405,8 +434,11 @@ pub(crate) fn add_chunk(
             return 0;
         }
         let (b0, b1) = (start / BLOCK, (end - 1) / BLOCK);
-        let fold_block = |bi: usize, blk: &Mutex<Vec<i64>>| {
-            let mut blk = blk.lock().unwrap_or_else(PoisonError::into_inner);
+        let fold_block = |bi: usize, blk: &Mutex<Block>| {
+            let mut guard = blk.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(blk) = guard.live() else {
+                return;
+            };
             let bstart = bi * BLOCK;
             let lo = start.max(bstart);
             let hi = end.min(bstart + blk.len());

@@ -40,7 +40,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{AggregationError, UpdateError};
-use crate::fedavg::add_chunk;
+use crate::fedavg::{Block, add_chunk};
 use crate::validate::{UpdateValidator, ValidatedUpdate};
 
 #[derive(Debug, Default)]
@@ -60,7 +60,7 @@ struct Gate {
 pub(crate) struct Shared {
     pub(crate) id: u64,
     pub(crate) n: u64,
-    pub(crate) blocks: Vec<Mutex<Vec<i64>>>,
+    pub(crate) blocks: Vec<Mutex<Block>>,
     gate: Mutex<Gate>,
     settled: Condvar,
 }
@@ -72,7 +72,7 @@ pub(crate) struct Left {
 }
 
 impl Shared {
-    pub(crate) fn new(id: u64, n: u64, blocks: Vec<Mutex<Vec<i64>>>) -> Self {
+    pub(crate) fn new(id: u64, n: u64, blocks: Vec<Mutex<Block>>) -> Self {
         Self {
             id,
             n,

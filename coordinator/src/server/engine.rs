@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
-use fedlink_aggregation::{StrategyConfig, Tentative, TentativeFold, would_fit};
+use fedlink_aggregation::{StrategyConfig, Tentative, TentativeFold};
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{RejectCode, UploadProgress, UploadResult};
@@ -1932,15 +1932,6 @@ impl Engine {
     pub(crate) fn close_all(&mut self) {
         self.links.close_all();
     }
-}
-
-/// Check that a strategy fits the job before starting.
-pub(crate) fn check_fits(
-    strategy: &StrategyConfig,
-    job: &Job,
-    spec: &fedlink_protocol::ModelSpec,
-) -> Result<(), fedlink_aggregation::AggregationError> {
-    would_fit(strategy, job.max_sites() as usize, spec)
 }
 
 /// Archive an accepted update; returns the payload and envelope file names.

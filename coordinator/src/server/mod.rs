@@ -1132,7 +1132,7 @@ fn build_engine(
     }
     let job = recovery.job;
     let strategy = strategy_config(&job)?;
-    engine::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::DoesNotFit)?;
+    jobs::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::DoesNotFit)?;
     let persisted: PersistedState = match &recovery.optimizer_state {
         Some(bytes) => serde_json::from_slice(bytes).map_err(|source| ServeError::StoredState {
             what: "stored optimizer state",
