@@ -213,10 +213,9 @@ impl FedAvgAccumulator {
         )
     }
 
-    /// Start folding a validated update (second pass). Fails only if the token
-    /// belongs to another accumulator or the capacity ([`MAX_FOLDS`]) is
-    /// used up; in both cases nothing is touched.
-    pub fn begin(&mut self, token: &ValidatedUpdate) -> Result<Fold<'_>, AggregationError> {
+    /// Whether an update of `token` may be folded or counted here: its own
+    /// accumulator, the model's size, and room for one more update.
+    fn admit(&self, token: &ValidatedUpdate) -> Result<(), AggregationError> {
         if token.aggregator_id != self.id || token.num_params != self.spec.num_params() {
             return Err(AggregationError::ForeignToken {
                 site: token.site.clone(),
@@ -227,6 +226,14 @@ impl FedAvgAccumulator {
                 capacity: MAX_FOLDS,
             });
         }
+        Ok(())
+    }
+
+    /// Start folding a validated update (second pass). Fails only if the token
+    /// belongs to another accumulator or the capacity ([`MAX_FOLDS`]) is
+    /// used up; in both cases nothing is touched.
+    pub fn begin(&mut self, token: &ValidatedUpdate) -> Result<Fold<'_>, AggregationError> {
+        self.admit(token)?;
         let c = token.weight * token.clip_scale * f64::from(self.opts.frac_bits).exp2();
         Ok(Fold {
             acc: self,
@@ -275,16 +282,7 @@ impl FedAvgAccumulator {
     /// nothing, on a foreign or unfolded one, a closed gate or a full round.
     pub fn count(&mut self, t: &Tentative) -> Result<(), AggregationError> {
         let token = t.token();
-        if token.aggregator_id != self.id || token.num_params != self.spec.num_params() {
-            return Err(AggregationError::ForeignToken {
-                site: token.site.clone(),
-            });
-        }
-        if self.count >= MAX_FOLDS {
-            return Err(AggregationError::CapacityExceeded {
-                capacity: MAX_FOLDS,
-            });
-        }
+        self.admit(token)?;
         t.count(self.id)?;
         self.count += 1;
         self.total_weight += token.weight as u128;
