@@ -11,7 +11,7 @@ use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash};
 use fedlink_test_util::TestPki;
 use fedlink_tests::assert_completed;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
-use fedlink_tests::raw_site::{RawSite, join_round};
+use fedlink_tests::raw_site::{PreparedUpload, RawSite, join_round};
 
 /// A deterministic delta for `site` in `round`.
 fn delta_for(global: &FlatModel, site: usize, round: u64) -> FlatModel {
@@ -56,8 +56,21 @@ async fn honest_round(site: &mut RawSite, i: usize) -> (TaskOffer, FlatModel) {
     let offer = site.next_offer().await.unwrap();
     site.accept(&offer).await.unwrap();
     let global = site.fetch_model(&offer).await.unwrap();
+    upload_accepted(site, &offer, &global, i).await;
+    (offer, global)
+}
+
+/// Site `i`'s honest update for `offer` (its `delta_for` the offer's round,
+/// its `examples`), uploaded and acknowledged as accepted; returns it (to
+/// replay it).
+async fn upload_accepted(
+    site: &mut RawSite,
+    offer: &TaskOffer,
+    global: &FlatModel,
+    i: usize,
+) -> PreparedUpload {
     let up = site
-        .prepare(&offer, &delta_for(&global, i, offer.round.0), examples(i))
+        .prepare(offer, &delta_for(global, i, offer.round.0), examples(i))
         .unwrap();
     let r = site.upload(&up, None).await.unwrap().unwrap();
     assert!(
@@ -65,7 +78,7 @@ async fn honest_round(site: &mut RawSite, i: usize) -> (TaskOffer, FlatModel) {
         "site {i} round {}: {r:?}",
         offer.round
     );
-    (offer, global)
+    up
 }
 
 /// Directories and files below `dir` (and `dir`) that group or others can
@@ -213,14 +226,7 @@ async fn tampered_and_replayed_updates_are_rejected_while_the_round_completes() 
     let (offers, global) = join_round(&mut sites).await.unwrap();
 
     // Site 0 is honest.
-    let up0 = sites[0]
-        .prepare(&offers[0], &delta_for(&global, 0, 1), examples(0))
-        .unwrap();
-    let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
-    assert!(
-        matches!(r, UploadResult::Ack { accepted: true, .. }),
-        "{r:?}"
-    );
+    let up0 = upload_accepted(&mut sites[0], &offers[0], &global, 0).await;
     // Site 0 replays its own accepted upload (same nonce): refused.
     let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
     assert!(
@@ -282,14 +288,7 @@ async fn tampered_and_replayed_updates_are_rejected_while_the_round_completes() 
 
     // Honest updates from sites 1 and 2 complete the round.
     for i in [1usize, 2] {
-        let up = sites[i]
-            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
-            .unwrap();
-        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
-        assert!(
-            matches!(r, UploadResult::Ack { accepted: true, .. }),
-            "{r:?}"
-        );
+        upload_accepted(&mut sites[i], &offers[i], &global, i).await;
     }
     let out = coord.finished().await.unwrap();
     let Some(JobOutcome::Completed { model }) = out.outcome else {
@@ -668,14 +667,7 @@ async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
 
     // Every site, honest now, completes the round.
     for (i, s) in sites.iter_mut().enumerate() {
-        let up = s
-            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
-            .unwrap();
-        let r = s.upload(&up, None).await.unwrap().unwrap();
-        assert!(
-            matches!(r, UploadResult::Ack { accepted: true, .. }),
-            "site {i}: {r:?}"
-        );
+        upload_accepted(s, &offers[i], &global, i).await;
     }
     let out = coord.finished().await.unwrap();
     let Some(JobOutcome::Completed { model }) = out.outcome else {
@@ -1177,14 +1169,7 @@ async fn an_update_refused_at_its_end_leaves_the_counted_updates_model() {
         sites.push(connect(&pki, i, &coord).await);
     }
     let (offers, global) = join_round(&mut sites).await.unwrap();
-    let up0 = sites[0]
-        .prepare(&offers[0], &delta_for(&global, 0, 1), examples(0))
-        .unwrap();
-    let r = sites[0].upload(&up0, None).await.unwrap().unwrap();
-    assert!(
-        matches!(r, UploadResult::Ack { accepted: true, .. }),
-        "{r:?}"
-    );
+    upload_accepted(&mut sites[0], &offers[0], &global, 0).await;
     // Site 2: finite values, within every per-value bound, but its last
     // value times its weight is past the exact accumulator's bound.
     let mut big = delta_for(&global, 2, 1);
@@ -1204,16 +1189,7 @@ async fn an_update_refused_at_its_end_leaves_the_counted_updates_model() {
         "{r:?}"
     );
     // Site 1's honest update completes the round (every site reported).
-    for i in [1usize] {
-        let up = sites[i]
-            .prepare(&offers[i], &delta_for(&global, i, 1), examples(i))
-            .unwrap();
-        let r = sites[i].upload(&up, None).await.unwrap().unwrap();
-        assert!(
-            matches!(r, UploadResult::Ack { accepted: true, .. }),
-            "{r:?}"
-        );
-    }
+    upload_accepted(&mut sites[1], &offers[1], &global, 1).await;
     let out = coord.finished().await.unwrap();
     let Some(JobOutcome::Completed { model }) = out.outcome else {
         panic!("job did not complete: {:?}", out.outcome);
