@@ -22,8 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::Shared;
 use super::engine::{
-    CheckError, Event, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket, unix_ms,
-    update_received_details,
+    CheckError, Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
+    unix_ms, update_received_details,
 };
 use super::limits;
 use super::refusals::peer_text;
@@ -1039,8 +1039,7 @@ async fn receive_upload(
     let upload_started = Instant::now();
     let UploadTicket {
         mut verifier,
-        validator,
-        tentative,
+        check,
         spec,
         spool_path,
         resume_from,
@@ -1209,11 +1208,15 @@ async fn receive_upload(
     // Where the strategy allows it (streaming mean, no clipping), the same
     // decode also folds each checked chunk into the round (tentatively: the
     // engine counts it at the ack or takes it out): one pass, not two.
-    let check = tokio::task::spawn_blocking(move || match tentative {
-        Some(t) => crate::round_archive::check_and_fold(t, &spec, encoding, &check_path)
-            .map(|t| (t.token().clone(), Some(t))),
-        None => crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
-            .map(|v| (v, None)),
+    let check = tokio::task::spawn_blocking(move || match check {
+        PayloadCheck::OnePass(t) => {
+            crate::round_archive::check_and_fold(t, &spec, encoding, &check_path)
+                .map(|t| (t.token().clone(), Some(t)))
+        }
+        PayloadCheck::TwoPass(validator) => {
+            crate::round_archive::validate_with(validator, &spec, encoding, &check_path)
+                .map(|v| (v, None))
+        }
     })
     .await
     .map_err(CheckError::Task)

@@ -187,14 +187,35 @@ enum FoldError {
     Payload(#[from] round_archive::PayloadError),
 }
 
+/// How a connection task checks an upload's payload once it is spooled.
+#[derive(Debug)]
+pub(crate) enum PayloadCheck {
+    /// Pass 1 only: decode and validate; the engine folds the update at
+    /// its ack (pass 2, decoding the spool again). For strategies whose
+    /// fold needs the whole update first (clipping, robust strategies).
+    TwoPass(UpdateValidator),
+    /// One pass, where the strategy allows it (streaming mean, no
+    /// clipping): check and fold each chunk at once, uncounted until the
+    /// ack (the fold holds its own validator).
+    OnePass(TentativeFold),
+}
+
+impl PayloadCheck {
+    /// The check for an update of `site` claiming `num_examples` in the
+    /// round of `agg`: one pass where its strategy allows it.
+    fn for_round(agg: &RoundAggregator, site: &str, num_examples: u64) -> Self {
+        match agg.tentative(site, num_examples) {
+            Some(fold) => Self::OnePass(fold),
+            None => Self::TwoPass(agg.validator(site, num_examples)),
+        }
+    }
+}
+
 /// What a connection task needs to receive one upload.
 #[derive(Debug)]
 pub(crate) struct UploadTicket {
     pub(crate) verifier: PayloadVerifier,
-    pub(crate) validator: UpdateValidator,
-    /// One pass instead of two, where the strategy allows it (streaming
-    /// mean, no clipping): check and fold each chunk at once.
-    pub(crate) tentative: Option<TentativeFold>,
+    pub(crate) check: PayloadCheck,
     pub(crate) spec: fedlink_protocol::ModelSpec,
     pub(crate) spool_path: PathBuf,
     /// For a resumed upload: the records (and their bytes) already in the
@@ -633,8 +654,7 @@ impl Engine {
         ));
         Ok(UploadTicket {
             verifier,
-            validator: agg.validator(site, h.num_examples),
-            tentative: agg.tentative(site, h.num_examples),
+            check: PayloadCheck::for_round(agg, site, h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
             resume_from: None,
@@ -691,8 +711,7 @@ impl Engine {
                 bytes: verifier.received(),
             }),
             verifier,
-            validator: agg.validator(site, h.num_examples),
-            tentative: agg.tentative(site, h.num_examples),
+            check: PayloadCheck::for_round(agg, site, h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
         })
