@@ -48,6 +48,7 @@ fn seeded_runs_keep_every_invariant() {
         total.old_key_refusals += s.old_key_refusals;
         total.new_key_accepts += s.new_key_accepts;
         total.approved_joined += s.approved_joined;
+        total.retractions += s.retractions;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -83,6 +84,10 @@ fn seeded_runs_keep_every_invariant() {
             total.new_key_accepts,
         ),
         ("approved sites offered a round", total.approved_joined),
+        (
+            "refused uploads whose one-pass fold was taken out",
+            total.retractions,
+        ),
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }

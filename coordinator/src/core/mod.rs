@@ -27,6 +27,13 @@
 //! payload (round machine, signature, context, size, replay, claimed
 //! weight), before a payload byte is read.
 //!
+//! [`uploads`] decides on an upload received whole while the round
+//! machine has it (pass 1's outcome and the site's standing → the
+//! machine's input; a second upload of the same site and round supersedes
+//! the first; the acknowledged one counted or folded again, the refused
+//! one on record, its one-pass fold taken out, its spool dropped, its site
+//! answered) and on an upload cut short (kept for a resume or dropped).
+//!
 //! [`resume`] keeps what arrived of an upload a lost connection cut short,
 //! for the site to send the rest; [`intake::verify_resume`] admits the
 //! resumed upload (the same signed envelope).
@@ -52,7 +59,9 @@
 //! checkpoint's commit carries and opens.
 //!
 //! What it does not do (yet): the payload records are checked by the
-//! protocol's `PayloadVerifier` in the driver's connection task; the
+//! protocol's `PayloadVerifier` in the driver's connection task, and the
+//! fold itself (count, pass 2's decode, a retraction's decode) and the
+//! archive of an accepted update's files are the driver's; the
 //! checkpoints' extras are serialized and committed by the driver (which
 //! ones a checkpoint carries: [`actions::checkpoint_plan`]), the round's
 //! opening (`state-before.json`, its noise seed; its `round.opened` is
@@ -61,8 +70,8 @@
 //! [`actions::exclude_withdrawn`]), the round archive's files and the
 //! per-round federated evaluation (`round.evaluated`) are still decided in
 //! the driver's engine (`server::engine`). The audit entries of
-//! interrupted uploads, declined offers and evaluation reports are
-//! [`actions`]' ([`actions::upload_interrupted`],
+//! interrupted uploads (through [`uploads::interrupted`]), declined offers
+//! and evaluation reports are [`actions`]' ([`actions::upload_interrupted`],
 //! [`actions::offer_declined`], [`actions::eval_reported`]).
 //!
 //! ```
@@ -96,6 +105,7 @@ pub mod queue;
 pub mod resume;
 pub mod sim;
 mod sites;
+pub mod uploads;
 
 pub use crate::round::ConnId;
 pub use sites::{Held, Incompatible, JobNeeds, Sites, compatibility, compatible, same_family};
@@ -210,6 +220,16 @@ pub enum Effect {
         /// The round.
         round: u64,
     },
+    /// Take the uncounted one-pass fold of the pending upload of `site` in
+    /// `round` out of the round's accumulator (exactly: its spool is
+    /// decoded again); if that fails it stays uncounted, and the round's
+    /// end folds the round again from its counted updates.
+    RetractFold {
+        /// The site.
+        site: fedlink_protocol::SiteId,
+        /// The round.
+        round: fedlink_protocol::RoundId,
+    },
     /// Answer the pending upload of `site` in `round`.
     AnswerUpload {
         /// The site.
@@ -251,6 +271,7 @@ impl Effect {
                 | Self::RecordRejected { .. }
                 | Self::RecordAccepted { .. }
                 | Self::DiscardSpool { .. }
+                | Self::RetractFold { .. }
                 | Self::RecordFinalEvaluation { .. }
                 | Self::Finish(_)
                 | Self::SaveManifest(_)
@@ -295,6 +316,7 @@ mod purity {
         ("admin.rs", include_str!("admin.rs")),
         ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),
+        ("uploads.rs", include_str!("uploads.rs")),
     ];
 
     #[test]

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use fedlink_certs::{CertInfo, Fingerprint, Identity, RevokedFile, Role, Serial, SiteManifest};
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::evaluation::{EvalReport, sign_eval_report};
-use fedlink_protocol::{EvalMetrics, FederationId, JobId, Message, ModelHash, SiteId};
+use fedlink_protocol::{EvalMetrics, FederationId, JobId, Message, ModelHash, RoundId, SiteId};
 
 use super::actions::{
     self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
@@ -84,7 +84,7 @@ use super::actions::{
 use super::admin::{
     Registry, SiteCert, SiteCommand, StoredJob, Target, job_command, site_command, update_keys,
 };
-use super::intake::{reason_text, reject_code};
+use super::uploads::{self, Arrival, Fold, PassOne, Refused, Uploads};
 use super::{Effect, Held, Sites, queue};
 use crate::round::{
     Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, RoundConfig,
@@ -168,6 +168,9 @@ pub struct Stats {
     pub new_key_accepts: u64,
     /// Sites approved by a site command that were then offered a round.
     pub approved_joined: u64,
+    /// Refused uploads whose one-pass fold was taken out
+    /// ([`Effect::RetractFold`]).
+    pub retractions: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -321,9 +324,12 @@ pub struct CoreSim {
     offer_job: Option<crate::job::Job>,
     /// Payloads refused at the header (never counted).
     refused_payloads: BTreeSet<ModelHash>,
-    /// The last upload received of each (job, site, round), as the driver
-    /// keeps it pending.
-    received: BTreeMap<(String, String, u64), UpdateReceived>,
+    /// The uploads received whole that wait for the round machine's
+    /// decision, by job, in the core's table as the driver keeps them
+    /// ([`super::uploads::Uploads`]); each with whether its one-pass fold
+    /// is in the round (the sim's own account, to check the core's fold
+    /// and retraction decisions against).
+    uploads: BTreeMap<String, Uploads<bool>>,
     /// The running job's open round (the driver's round record), from its
     /// `RoundStarted` checkpoint to its aggregation.
     open_round: Option<u64>,
@@ -381,7 +387,7 @@ impl CoreSim {
             acked: BTreeSet::new(),
             crash_in: None,
             offer_job: crate::job::Job::from_toml(OFFER_JOB).ok(),
-            received: BTreeMap::new(),
+            uploads: BTreeMap::new(),
             refused_payloads: BTreeSet::new(),
             open_round: None,
             rounds_opened: BTreeSet::new(),
@@ -704,8 +710,7 @@ impl CoreSim {
                 if !self.key_check(i, key, &u)? {
                     return Ok(());
                 }
-                self.received.insert((job, name, u.round), u.clone());
-                return self.feed(Input::UpdateReceived(u));
+                return self.arrive(job, u);
             }
         }
         if self.vsites[i].training.is_empty() {
@@ -750,8 +755,114 @@ impl CoreSim {
         if !self.key_check(i, key, &u)? {
             return Ok(());
         }
-        self.received.insert((job, name.clone(), round), u.clone());
-        self.feed(Input::UpdateReceived(u))
+        self.arrive(job, u)
+    }
+
+    /// An upload of the running `job` arrives whole at the driver: through
+    /// the core's intake ([`Uploads::arrived`], the site's standing as
+    /// loaded now, one-pass folded or not) to the round machine,
+    /// which must decide on it before the step ends: no upload is left
+    /// waiting (unless the coordinator crashed meanwhile).
+    fn arrive(&mut self, job: String, u: UpdateReceived) -> Result<(), Violation> {
+        let site = SiteId::new(u.site.as_str())
+            .map_err(|e| self.violation(format!("site name {}: {e}", u.site)))?;
+        let arrival = Arrival {
+            site,
+            round: RoundId(u.round),
+            base_model: u.base_model,
+            payload_hash: fedlink_protocol::PayloadHash(u.payload_hash.0),
+            upload_ms: 0,
+            metrics: None,
+            facts: sim_upload(&job, &u),
+        };
+        let (pass, folded) = match &u.verdict {
+            Verdict::Valid => {
+                // Folded in one pass or not, by the payload's hash (the
+                // seed's random stream is left as it was).
+                let folded = u.payload_hash.0[0] & 1 == 0;
+                (PassOne::Valid { folded }, folded)
+            }
+            Verdict::Invalid(why) => (PassOne::Invalid(why.clone()), false),
+        };
+        let allowed = self.may_contribute(&u.site);
+        let revoked = allowed.is_err();
+        let facts = self.facts(&job)?;
+        let at = self.clock.unix_ms(self.now);
+        let arrived = self
+            .uploads
+            .entry(job.clone())
+            .or_default()
+            .arrived(&facts, arrival, pass, allowed, folded, at);
+        if revoked && arrived.input.verdict == Verdict::Valid {
+            return Err(self.violation(format!(
+                "{job}: an upload of {}, no longer allowed, went to the round machine as valid",
+                u.site
+            )));
+        }
+        if let Some(old) = arrived.superseded {
+            self.refusal(&job, &u.site, u.round, old)?;
+        }
+        let crashes = self.stats.crashes;
+        self.feed(Input::UpdateReceived(arrived.input))?;
+        if self.stats.crashes != crashes {
+            return Ok(());
+        }
+        let at = self.clock.unix_ms(self.now);
+        let left = self
+            .uploads
+            .get_mut(&job)
+            .map(|t| t.undecided(&facts, at))
+            .unwrap_or_default();
+        if !left.is_empty() {
+            return Err(self.violation(format!(
+                "{job}: {} upload(s) left undecided by the round machine",
+                left.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Execute the core's refusal of a waiting upload of `site` in `round`:
+    /// answered once, recorded once, its one-pass fold taken out exactly
+    /// when it had one (after the refusal is on record, before its spool
+    /// is dropped).
+    fn refusal(
+        &mut self,
+        job: &str,
+        site: &str,
+        round: u64,
+        refused: Refused<bool>,
+    ) -> Result<(), Violation> {
+        let Refused {
+            upload: folded,
+            effects,
+        } = refused;
+        let retract = effects
+            .iter()
+            .position(|e| matches!(e, Effect::RetractFold { .. }));
+        let discard = effects
+            .iter()
+            .position(|e| matches!(e, Effect::DiscardSpool { .. }));
+        match (folded, retract, discard) {
+            (false, None, Some(_)) => {}
+            (true, Some(r), Some(d)) if r < d => self.stats.retractions += 1,
+            _ => {
+                return Err(self.violation(format!(
+                    "{job}: refusing {site}'s upload in round {round} (folded: {folded}) \
+                     retracts at {retract:?}, drops its spool at {discard:?}"
+                )));
+            }
+        }
+        let sent = self.run_effects(job, effects)?;
+        if sent.answers != 1 || sent.rejections != 1 {
+            return Err(self.violation(format!(
+                "{job}: refusing {site}'s upload in round {round} answered it {} times \
+                 and recorded it {} times",
+                sent.answers, sent.rejections
+            )));
+        }
+        self.stats.rejections += 1;
+        Ok(())
     }
 
     fn disconnect_current(&mut self, i: usize) -> Result<(), Violation> {
@@ -1308,33 +1419,26 @@ impl CoreSim {
                 reason,
             } => {
                 self.note(&format!("reject {site} r{round} {reason:?}"));
-                let Some(u) = self.received.remove(&(job.clone(), site.clone(), round)) else {
+                let facts = self.facts(&job)?;
+                let at = self.clock.unix_ms(self.now);
+                let refused = SiteId::new(site.as_str()).ok().and_then(|id| {
+                    self.uploads
+                        .get_mut(&job)?
+                        .rejected(&facts, &id, RoundId(round), &reason, at)
+                });
+                let Some(refused) = refused else {
                     return Err(self.violation(format!(
                         "{job}: rejected an upload of {site} in round {round} it never received"
                     )));
                 };
-                let upload = sim_upload(&job, &u);
-                let effects = actions::reject_pending(
-                    &self.facts(&job)?,
-                    &site,
-                    &upload,
-                    &reason_text(&reason),
-                    reject_code(&reason),
-                    self.clock.unix_ms(self.now),
-                );
-                let sent = self.run_effects(&job, effects)?;
-                if sent.answers != 1 || sent.rejections != 1 {
-                    return Err(self.violation(format!(
-                        "{job}: refusing {site}'s upload in round {round} answered it {} times \
-                         and recorded it {} times",
-                        sent.answers, sent.rejections
-                    )));
-                }
-                self.stats.rejections += 1;
+                self.refusal(&job, &site, round, refused)?;
             }
             Action::AckUpdate { site, round } => {
                 self.note(&format!("ack {site} r{round}"));
-                let Some(u) = self.received.remove(&(job.clone(), site.clone(), round)) else {
+                let acked = SiteId::new(site.as_str())
+                    .ok()
+                    .and_then(|id| self.uploads.get_mut(&job)?.acked(&id, RoundId(round)));
+                let Some(acked) = acked else {
                     return Err(self.violation(format!(
                         "{job}: acknowledged an upload of {site} in round {round} it never received"
                     )));
@@ -1355,13 +1459,23 @@ impl CoreSim {
                         "{job}: the update of {site} in round {round} was acknowledged twice"
                     )));
                 }
-                let effects = actions::accept_upload(
+                // The round machine acknowledges valid updates only: the
+                // core folds them as pass 1 left them.
+                let want = if acked.upload {
+                    Fold::Count
+                } else {
+                    Fold::Decode
+                };
+                if acked.fold != want {
+                    return Err(self.violation(format!(
+                        "{job}: the acknowledged update of {site} in round {round} (folded: {}) \
+                         is to be folded as {:?}",
+                        acked.upload, acked.fold
+                    )));
+                }
+                let effects = uploads::accepted(
                     &self.facts(&job)?,
-                    &site,
-                    &sim_upload(&job, &u),
-                    fedlink_protocol::PayloadHash(u.payload_hash.0),
-                    0,
-                    None,
+                    &acked.arrival,
                     self.clock.unix_ms(self.now),
                 );
                 let sent = self.run_effects(&job, effects)?;
@@ -1758,6 +1872,9 @@ impl CoreSim {
                 Effect::DiscardSpool { site, round } => {
                     self.note(&format!("discard {site} r{round}"))
                 }
+                Effect::RetractFold { site, round } => {
+                    self.note(&format!("retract {site} r{round}"))
+                }
                 Effect::AnswerUpload {
                     site,
                     round,
@@ -1897,6 +2014,7 @@ impl CoreSim {
             | Effect::RecordRejected { .. }
             | Effect::RecordAccepted { .. }
             | Effect::DiscardSpool { .. }
+            | Effect::RetractFold { .. }
             | Effect::AnswerUpload { .. }
             | Effect::RecordFinalEvaluation { .. }
             | Effect::Finish(_)
@@ -1958,7 +2076,7 @@ impl CoreSim {
         // The driver's memory is lost with it.
         self.open_round = None;
         self.rounds_opened.clear();
-        self.received.clear();
+        self.uploads.clear();
         let Some(r) = self.running.take() else {
             return Ok(());
         };

@@ -7,7 +7,7 @@
 //! folds an accepted update (pass 2, reading the spool chunk by chunk) and
 //! aggregates, both inside `block_in_place`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,13 +33,12 @@ use crate::config::UpdateRetention;
 use crate::core::actions::{
     self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
 };
-use crate::core::intake::{self, reason_text, reject_code};
-use crate::core::resume::{Interrupted, Kept, Partials};
+use crate::core::intake::{self, reason_text};
+use crate::core::resume::Partials;
+use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;
-use crate::round::{
-    Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities, UpdateReceived, Verdict,
-};
+use crate::round::{Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities};
 use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, Store};
 
@@ -244,8 +243,9 @@ pub(crate) struct UploadInterrupted {
 
 /// An upload received whole: its signed envelope and its payload in the
 /// spool. Handed from the connection task ([`UpdateReady`]) to the
-/// engine, which keeps it while the round machine decides ([`Pending`]),
-/// then archives (accepted) or deletes (refused) the spool.
+/// engine, which keeps it while the round machine decides ([`Held`] in
+/// the core's [`Uploads`]), then archives (accepted) or deletes (refused)
+/// the spool.
 #[derive(Debug)]
 pub(crate) struct ReceivedUpload {
     pub(crate) envelope: SignedEnvelope,
@@ -267,9 +267,10 @@ pub(crate) struct UpdateReady {
     pub(crate) reply: oneshot::Sender<UploadResult>,
 }
 
-/// An upload the round machine has not decided on yet.
+/// The driver's handle on an upload the round machine has not decided on
+/// yet (what the core's [`Uploads`] keeps for it).
 #[derive(Debug)]
-struct Pending {
+struct Held {
     upload: ReceivedUpload,
     /// Pass 1's token (`None`: invalid, or its site is no longer allowed).
     token: Option<ValidatedUpdate>,
@@ -332,7 +333,8 @@ pub(crate) struct Engine {
     replay: ReplayGuard,
     /// The connected sites (held across jobs: see [`super::links`]).
     links: Links,
-    pending: HashMap<(String, u64), Pending>,
+    /// Uploads received whole, waiting for the round machine's decision.
+    uploads: Uploads<Held>,
     /// Uploads cut short, kept for their sites to resume.
     partials: Partials<PathBuf>,
     /// The evaluation metrics in the round's accepted updates' headers
@@ -422,7 +424,7 @@ impl Engine {
             keys: parts.keys,
             replay: parts.replay,
             links: Links::default(),
-            pending: HashMap::new(),
+            uploads: Uploads::new(),
             partials: Partials::new(),
             round_metrics: BTreeMap::new(),
             round_stats: BTreeMap::new(),
@@ -764,55 +766,43 @@ impl Engine {
             cause,
         } = it;
         let bytes = verifier.received();
-        let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
-        let kept = match spool_path {
-            Some(spool) => self.partials.keep(
-                &self.runner,
-                open_round,
-                &site,
-                resumable,
-                Interrupted {
-                    verifier,
-                    records,
-                    spool,
-                },
-            ),
-            None => Kept::Dropped {
-                spool: PathBuf::new(),
-                why: "the received records could not be made durable".into(),
+        let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
+        // The connection's identity, checked against the header before
+        // the first payload byte.
+        let site_id = envelope.header.site_id.clone();
+        let cut = Cut {
+            verifier,
+            records,
+            spool: spool_path,
+            resumable,
+            what: actions::Interruption {
+                records,
+                bytes,
+                partial_bytes,
+                cause: cause.clone(),
             },
         };
-        let dropped_why = match kept {
-            Kept::Kept { replaced } => {
-                if let Some(old) = replaced {
-                    let _ = std::fs::remove_file(old);
-                }
-                None
-            }
-            Kept::Dropped { spool, why } => {
-                if !spool.as_os_str().is_empty() {
-                    let _ = std::fs::remove_file(spool);
-                }
-                Some(why)
-            }
-        };
+        let outcome = uploads::interrupted(
+            &mut self.partials,
+            &self.runner,
+            open_round,
+            &self.facts,
+            &site_id,
+            &envelope,
+            cut,
+        );
+        for spool in outcome.discard {
+            let _ = std::fs::remove_file(spool);
+        }
         tracing::info!(
             site = %site,
             records,
             bytes,
-            kept_for_resume = dropped_why.is_none(),
+            kept_for_resume = outcome.not_kept.is_none(),
             cause = %cause,
             "upload interrupted"
         );
-        let what = actions::Interruption {
-            records,
-            bytes,
-            partial_bytes,
-            cause,
-        };
-        let kept = dropped_why.as_deref().map_or(Ok(()), Err);
-        let effects = actions::upload_interrupted(&self.facts, &site, &envelope, &what, kept);
-        self.run_effects(effects, None)
+        self.run_effects(outcome.effects, None)
     }
 
     fn update_ready(&mut self, now: Instant, ready: UpdateReady) -> Result<(), EngineError> {
@@ -823,62 +813,44 @@ impl Engine {
             tentative,
             reply,
         } = ready;
-        let h = &upload.envelope.header;
-        let round = h.round.0;
-        // The site may have been revoked (or removed) while its upload was
-        // being received and validated: its update is not accepted then,
-        // whatever its signature says.
-        let allowed = self.wire.site_allowed(&site);
-        let verdict = match (&allowed, &check) {
-            (Err(why), _) => Verdict::Invalid(format!("the site is no longer allowed: {why}")),
-            (Ok(()), Ok(_)) => Verdict::Valid,
-            (Ok(()), Err(why)) => Verdict::Invalid(why.to_string()),
-        };
-        let token = if allowed.is_ok() { check.ok() } else { None };
-        let received = UpdateReceived {
-            site: site.clone(),
-            round,
-            base_model: h.base_model,
-            payload_hash: ModelHash(h.payload_hash.0),
-            num_examples: h.num_examples,
-            bytes: upload.bytes,
-            received_unix_ms: unix_ms(),
-            verdict,
-        };
-        if let Some(old) = self.pending.insert(
-            (site.clone(), round),
-            Pending {
-                upload,
-                token,
-                tentative,
-                reply,
+        let arrival = Arrival::of(&upload.envelope, upload.bytes, upload.upload_ms);
+        let pass = match &check {
+            Ok(_) => PassOne::Valid {
+                folded: tentative.as_ref().is_some_and(Tentative::is_folded),
             },
-        ) {
+            Err(why) => PassOne::Invalid(why.to_string()),
+        };
+        // The site may have been revoked (or removed) while its upload was
+        // being received and validated: the core refuses its update then,
+        // whatever its signature says.
+        let allowed = self.wire.site_allowed(&site).map_err(|why| why.to_string());
+        let token = if allowed.is_ok() { check.ok() } else { None };
+        let held = Held {
+            upload,
+            token,
+            tentative,
+            reply,
+        };
+        let arrived = self
+            .uploads
+            .arrived(&self.facts, arrival, pass, allowed, held, unix_ms());
+        if let Some(old) = arrived.superseded {
             // A second upload of the same site and round raced the first:
-            // refuse the older one; the runner decides about the newer.
-            let why = "superseded by another upload of this site for this round";
-            self.refuse_pending(&site, old, why, RejectCode::Replay)?;
+            // the older is refused; the runner decides about the newer.
+            self.refused(old)?;
         }
-        self.runner.handle(now, Input::UpdateReceived(received));
+        self.runner
+            .handle(now, Input::UpdateReceived(arrived.input));
         Ok(())
     }
 
-    /// Refuse an upload received whole that the round machine will not
-    /// count (refused by it, superseded by a newer upload, or left
-    /// undecided): [`actions::reject_pending`]'s effects — on record, in
-    /// the round's record, its spool dropped, its site answered with `code`
-    /// and `why`.
-    fn refuse_pending(
-        &mut self,
-        site: &str,
-        mut p: Pending,
-        why: &str,
-        code: RejectCode,
-    ) -> Result<(), EngineError> {
-        self.retract(site, &mut p);
-        let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
-        let effects = actions::reject_pending(&self.facts, site, &upload, why, code, unix_ms());
-        self.run_effects(effects, Some(p))
+    /// Execute the core's refusal of an upload received whole that the
+    /// round machine will not count (refused by it, superseded by a newer
+    /// upload, or left undecided): on record, in the round's record, its
+    /// one-pass fold taken out, its spool dropped, its site answered.
+    fn refused(&mut self, refused: Refused<Held>) -> Result<(), EngineError> {
+        let Refused { upload, effects } = refused;
+        self.run_effects(effects, Some(upload))
     }
 
     /// Execute every pending action, in order.
@@ -906,11 +878,11 @@ impl Engine {
         }
         // An upload the runner neither acknowledged nor rejected (it cannot
         // happen with the current machine) must not hang its site.
-        let undecided: Vec<_> = self.pending.drain().collect();
-        for ((site, round), p) in undecided {
-            tracing::warn!(site = %site, round, "upload left undecided; refusing it");
-            let why = "the coordinator did not decide on this upload";
-            self.refuse_pending(&site, p, why, RejectCode::Internal)?;
+        if !self.uploads.is_empty() {
+            for refused in self.uploads.undecided(&self.facts, unix_ms()) {
+                tracing::warn!("upload left undecided; refusing it");
+                self.refused(refused)?;
+            }
         }
         Ok(())
     }
@@ -935,7 +907,11 @@ impl Engine {
                 };
                 let replay = match &plan.commit_replay {
                     Some(key) => {
-                        if let Some(p) = self.pending.get(key) {
+                        let (site, round) = key;
+                        if let Some(p) = SiteId::new(site.as_str())
+                            .ok()
+                            .and_then(|site| self.uploads.get(&site, RoundId(*round)))
+                        {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(serde_json::to_vec(&self.replay).map_err(|source| {
@@ -971,15 +947,27 @@ impl Engine {
             Action::SendModel { site, round, model } => {
                 tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
             }
-            Action::AckUpdate { site, round } => self.ack(&site, round)?,
+            Action::AckUpdate { site, round } => {
+                let acked = SiteId::new(site.as_str())
+                    .ok()
+                    .and_then(|site| self.uploads.acked(&site, RoundId(round)));
+                match acked {
+                    Some(acked) => self.ack(acked)?,
+                    None => tracing::warn!(site, round, "ack for an upload that is not pending"),
+                }
+            }
             Action::RejectUpdate {
                 site,
                 round,
                 reason,
             } => {
                 tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
-                if let Some(p) = self.pending.remove(&(site.clone(), round)) {
-                    self.refuse_pending(&site, p, &reason_text(&reason), reject_code(&reason))?;
+                let refused = SiteId::new(site.as_str()).ok().and_then(|site| {
+                    self.uploads
+                        .rejected(&self.facts, &site, RoundId(round), &reason, unix_ms())
+                });
+                if let Some(refused) = refused {
+                    self.refused(refused)?;
                 }
             }
             Action::CancelTask { site, round } => {
@@ -1088,7 +1076,7 @@ impl Engine {
     fn run_effects(
         &mut self,
         effects: Vec<Effect>,
-        mut pending: Option<Pending>,
+        mut pending: Option<Held>,
     ) -> Result<(), EngineError> {
         let (wire, store) = (self.wire.clone(), self.store.clone());
         effects::execute(wire.audit(), &store, effects, EngineError::from, |e| {
@@ -1099,7 +1087,7 @@ impl Engine {
 
     /// Execute one effect of the running job's that is not an audit append
     /// (those are [`effects::execute`]'s): each is best effort.
-    fn run_effect(&mut self, effect: Effect, pending: &mut Option<Pending>) {
+    fn run_effect(&mut self, effect: Effect, pending: &mut Option<Held>) {
         match effect {
             Effect::Send { site, message } => self.send(&site, message),
             Effect::PushHead { sites } => self.push_head(sites.iter().map(String::as_str)),
@@ -1124,6 +1112,11 @@ impl Engine {
             Effect::DiscardSpool { .. } => {
                 if let Some(p) = pending {
                     let _ = std::fs::remove_file(&p.upload.spool_path);
+                }
+            }
+            Effect::RetractFold { site, .. } => {
+                if let Some(p) = pending {
+                    self.retract(&site, p);
                 }
             }
             Effect::AnswerUpload { result, .. } => {
@@ -1303,12 +1296,19 @@ impl Engine {
         Ok(())
     }
 
-    fn ack(&mut self, site: &str, round: u64) -> Result<(), EngineError> {
-        let Some(p) = self.pending.remove(&(site.to_owned(), round)) else {
-            tracing::warn!(site, round, "ack for an upload that is not pending");
-            return Ok(());
+    /// Fold an acknowledged update as the core says ([`Fold`]), archive it
+    /// and execute its acceptance; or its refusal if it cannot be folded.
+    fn ack(&mut self, acked: uploads::Acked<Held>) -> Result<(), EngineError> {
+        let uploads::Acked {
+            upload: p,
+            arrival,
+            fold,
+        } = acked;
+        let (site, round) = (arrival.site.as_str(), arrival.round.0);
+        let folded = match fold {
+            Fold::Refuse(why) => Err(why.to_owned()),
+            fold => tokio::task::block_in_place(|| self.fold(&p, &fold)).map_err(|e| e.to_string()),
         };
-        let folded = tokio::task::block_in_place(|| self.fold(&p));
         match folded {
             Ok(()) => {
                 let h = &p.upload.envelope.header;
@@ -1343,25 +1343,15 @@ impl Engine {
                     });
                     log.encodings.push(h.encoding);
                 }
-                let effects = actions::accept_upload(
-                    &self.facts,
-                    site,
-                    &UploadFacts::of(&p.upload.envelope, p.upload.bytes),
-                    h.payload_hash,
-                    p.upload.upload_ms,
-                    h.metrics.clone(),
-                    unix_ms(),
-                );
+                let effects = uploads::accepted(&self.facts, &arrival, unix_ms());
                 self.run_effects(effects, Some(p))?;
             }
-            Err(e) => {
+            Err(why) => {
                 // The runner already counted it: this only happens if the
                 // spool vanished or the aggregator refused a token. Fail
                 // loudly; the round result would be wrong otherwise.
-                tracing::error!(site, round, error = %e, "folding an accepted update failed");
-                let upload = UploadFacts::of(&p.upload.envelope, p.upload.bytes);
-                let effects =
-                    actions::fold_failed(&self.facts, site, &upload, &e.to_string(), unix_ms());
+                tracing::error!(site, round, error = %why, "folding an accepted update failed");
+                let effects = uploads::fold_failed(&self.facts, &arrival, &why, unix_ms());
                 self.run_effects(effects, Some(p))?;
             }
         }
@@ -1371,7 +1361,7 @@ impl Engine {
     /// Take an uncounted one-pass fold out of the round (the rare path:
     /// its spool is decoded again). If that fails it stays uncounted, and
     /// the round's end rebuilds the accumulator from the counted updates.
-    fn retract(&mut self, site: &str, p: &mut Pending) {
+    fn retract(&mut self, site: &SiteId, p: &mut Held) {
         let Some(t) = p.tentative.take() else {
             return;
         };
@@ -1386,19 +1376,22 @@ impl Engine {
         });
         if !gone {
             tracing::warn!(
-                site,
+                site = %site,
                 "a refused update's fold could not be taken out; the round will be folded again from its counted updates"
             );
         }
     }
 
-    fn fold(&mut self, p: &Pending) -> Result<(), FoldError> {
+    /// Fold an acknowledged update: count its one-pass fold, or decode its
+    /// spool again with pass 1's token (pass 2).
+    fn fold(&mut self, p: &Held, fold: &Fold) -> Result<(), FoldError> {
         let token = p.token.as_ref().ok_or(FoldError::NoToken)?;
         let Some((_, agg)) = self.aggregator.as_mut() else {
             return Err(FoldError::NoAggregator);
         };
-        // Folded already in the upload's one pass: count it (no decode).
-        if let Some(t) = p.tentative.as_ref().filter(|t| t.is_folded()) {
+        if *fold == Fold::Count
+            && let Some(t) = p.tentative.as_ref().filter(|t| t.is_folded())
+        {
             return agg.count(t).map_err(|e| FoldError::Payload(e.into()));
         }
         Ok(round_archive::fold_payload(
@@ -1959,7 +1952,7 @@ fn archive(
     job: &JobId,
     round: u64,
     site: &str,
-    p: &Pending,
+    p: &Held,
 ) -> std::io::Result<(String, String)> {
     let dir = round_archive::round_dir(store.dir(), job.as_str(), round);
     fedlink_certs::private::create_dir_all(&dir)?;
