@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use fedlink_protocol::PayloadVerifier;
+use fedlink_protocol::{PayloadVerifier, RoundId, SiteId};
 
 use crate::round::JobRunner;
 
@@ -59,7 +59,7 @@ pub enum Kept<T> {
 /// The interrupted uploads kept for resumption, by (site, round).
 #[derive(Debug)]
 pub struct Partials<T> {
-    map: BTreeMap<(String, u64), Interrupted<T>>,
+    map: BTreeMap<(SiteId, RoundId), Interrupted<T>>,
 }
 
 impl<T> Default for Partials<T> {
@@ -83,17 +83,17 @@ impl<T> Partials<T> {
     pub fn keep(
         &mut self,
         runner: &JobRunner,
-        open_round: Option<u64>,
-        site: &str,
+        open_round: Option<RoundId>,
+        site: &SiteId,
         resumable: bool,
         it: Interrupted<T>,
     ) -> Kept<T> {
-        let round = it.verifier.header().round.0;
+        let round = it.verifier.header().round;
         let why = if !resumable {
             Some("the site's protocol version cannot resume uploads".to_owned())
         } else if open_round != Some(round) {
             Some(format!("round {round} is no longer open"))
-        } else if let Err(r) = runner.check_upload(site, round) {
+        } else if let Err(r) = runner.check_upload(site.as_str(), round.0) {
             Some(crate::core::intake::reason_text(&r))
         } else {
             None
@@ -106,7 +106,7 @@ impl<T> Partials<T> {
             None => {
                 let replaced = self
                     .map
-                    .insert((site.to_owned(), round), it)
+                    .insert((site.clone(), round), it)
                     .map(|old| old.spool);
                 Kept::Kept { replaced }
             }
@@ -115,19 +115,19 @@ impl<T> Partials<T> {
 
     /// The interrupted upload of `site` in `round`, taken out (a resume
     /// either continues it or ends it).
-    pub fn take(&mut self, site: &str, round: u64) -> Option<Interrupted<T>> {
-        self.map.remove(&(site.to_owned(), round))
+    pub fn take(&mut self, site: &SiteId, round: RoundId) -> Option<Interrupted<T>> {
+        self.map.remove(&(site.clone(), round))
     }
 
     /// Drop what can no longer be resumed: uploads of another round than
     /// the open one, and of sites the round machine no longer expects an
     /// update from. Returns their spools, to delete.
-    pub fn prune(&mut self, runner: &JobRunner, open_round: Option<u64>) -> Vec<T> {
-        let stale: Vec<(String, u64)> = self
+    pub fn prune(&mut self, runner: &JobRunner, open_round: Option<RoundId>) -> Vec<T> {
+        let stale: Vec<(SiteId, RoundId)> = self
             .map
             .keys()
             .filter(|(site, round)| {
-                open_round != Some(*round) || runner.check_upload(site, *round).is_err()
+                open_round != Some(*round) || runner.check_upload(site.as_str(), round.0).is_err()
             })
             .cloned()
             .collect();
@@ -249,6 +249,10 @@ mod tests {
         v
     }
 
+    fn sid(site: &str) -> SiteId {
+        SiteId::new(site).unwrap()
+    }
+
     fn it(site: &str, round: u64, records: u64, spool: &'static str) -> Interrupted<&'static str> {
         Interrupted {
             verifier: verifier(site, round, records as usize * 10),
@@ -262,22 +266,28 @@ mod tests {
         let r = runner();
         let mut p = Partials::new();
         assert_eq!(
-            p.keep(&r, Some(1), "a", true, it("a", 1, 3, "a1")),
+            p.keep(&r, Some(RoundId(1)), &sid("a"), true, it("a", 1, 3, "a1")),
             Kept::Kept { replaced: None }
         );
         // A second cut of the same upload replaces the first: one kept
         // per (site, round).
         assert_eq!(
-            p.keep(&r, Some(1), "a", true, it("a", 1, 5, "a1-again")),
+            p.keep(
+                &r,
+                Some(RoundId(1)),
+                &sid("a"),
+                true,
+                it("a", 1, 5, "a1-again")
+            ),
             Kept::Kept {
                 replaced: Some("a1")
             }
         );
         assert_eq!(p.len(), 1);
-        let kept = p.take("a", 1).unwrap();
+        let kept = p.take(&sid("a"), RoundId(1)).unwrap();
         assert_eq!((kept.records, kept.spool), (5, "a1-again"));
         assert_eq!(kept.verifier.received(), 50);
-        assert!(p.take("a", 1).is_none(), "taken once");
+        assert!(p.take(&sid("a"), RoundId(1)).is_none(), "taken once");
     }
 
     #[test]
@@ -288,12 +298,20 @@ mod tests {
             Kept::Dropped { spool, why } => (spool, why),
             Kept::Kept { .. } => panic!("kept"),
         };
-        let (spool, why) = dropped(p.keep(&r, Some(1), "a", false, it("a", 1, 1, "old")));
+        let (spool, why) =
+            dropped(p.keep(&r, Some(RoundId(1)), &sid("a"), false, it("a", 1, 1, "old")));
         assert_eq!(spool, "old");
         assert!(why.contains("protocol version"), "{why}");
-        let (_, why) = dropped(p.keep(&r, Some(2), "a", true, it("a", 1, 1, "late")));
+        let (_, why) =
+            dropped(p.keep(&r, Some(RoundId(2)), &sid("a"), true, it("a", 1, 1, "late")));
         assert!(why.contains("no longer open"), "{why}");
-        let (_, why) = dropped(p.keep(&r, Some(1), "zed", true, it("zed", 1, 1, "stranger")));
+        let (_, why) = dropped(p.keep(
+            &r,
+            Some(RoundId(1)),
+            &sid("zed"),
+            true,
+            it("zed", 1, 1, "stranger"),
+        ));
         assert!(why.contains("unknown site"), "{why}");
         assert!(p.is_empty());
     }
@@ -302,14 +320,17 @@ mod tests {
     fn pruning_drops_what_the_round_no_longer_expects() {
         let r = runner();
         let mut p = Partials::new();
-        p.keep(&r, Some(1), "a", true, it("a", 1, 1, "a1"));
-        p.keep(&r, Some(1), "b", true, it("b", 1, 1, "b1"));
-        assert!(p.prune(&r, Some(1)).is_empty(), "both still expected");
-        let mut gone = p.prune(&r, Some(2));
+        p.keep(&r, Some(RoundId(1)), &sid("a"), true, it("a", 1, 1, "a1"));
+        p.keep(&r, Some(RoundId(1)), &sid("b"), true, it("b", 1, 1, "b1"));
+        assert!(
+            p.prune(&r, Some(RoundId(1))).is_empty(),
+            "both still expected"
+        );
+        let mut gone = p.prune(&r, Some(RoundId(2)));
         gone.sort_unstable();
         assert_eq!(gone, vec!["a1", "b1"], "round 1 closed");
         assert!(p.is_empty());
-        p.keep(&r, Some(1), "a", true, it("a", 1, 1, "a1"));
+        p.keep(&r, Some(RoundId(1)), &sid("a"), true, it("a", 1, 1, "a1"));
         assert_eq!(p.drain(), vec!["a1"]);
     }
 }

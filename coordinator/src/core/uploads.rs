@@ -390,8 +390,8 @@ pub fn interrupted<T>(
     let kept = match cut.spool {
         Some(spool) => partials.keep(
             runner,
-            open_round.map(|r| r.0),
-            site.as_str(),
+            open_round,
+            site,
             cut.resumable,
             Interrupted {
                 verifier: cut.verifier,
@@ -920,7 +920,10 @@ mod tests {
             cut(&env, Some("spool-2"), true),
         );
         assert_eq!(out.discard, vec!["spool-1"]);
-        assert_eq!(partials.take("a", 1).map(|i| i.spool), Some("spool-2"));
+        assert_eq!(
+            partials.take(&site, RoundId(1)).map(|i| i.spool),
+            Some("spool-2")
+        );
         // A site that cannot resume, a round no longer open, records not
         // durable: dropped, on record with why.
         for (spool, resumable, open, why) in [

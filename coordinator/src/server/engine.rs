@@ -673,7 +673,11 @@ impl Engine {
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
-        let Some(kept) = self.partials.take(site, h.round.0) else {
+        // The connection's identity, checked against the header below.
+        let kept = SiteId::new(site)
+            .ok()
+            .and_then(|id| self.partials.take(&id, h.round));
+        let Some(kept) = kept else {
             return Err((
                 RejectCode::Replay,
                 format!(
@@ -871,7 +875,7 @@ impl Engine {
         // Kept partial uploads that can no longer be resumed (their round
         // closed, their site was dropped from it) give back their disk.
         if !self.partials.is_empty() {
-            let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
+            let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
             for spool in self.partials.prune(&self.runner, open_round) {
                 let _ = std::fs::remove_file(spool);
             }
