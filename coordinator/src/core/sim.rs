@@ -836,6 +836,7 @@ impl CoreSim {
         let Refused {
             upload: folded,
             effects,
+            ..
         } = refused;
         let retract = effects
             .iter()

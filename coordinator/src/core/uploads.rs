@@ -109,6 +109,10 @@ pub enum Fold {
 /// in order.
 #[derive(Debug)]
 pub struct Refused<T> {
+    /// Its site.
+    pub site: SiteId,
+    /// The round its header names.
+    pub round: RoundId,
     /// The driver's handle.
     pub upload: T,
     /// Its refusal on record, in its round's record, its one-pass fold
@@ -312,6 +316,8 @@ fn refuse<T>(
         );
     }
     Refused {
+        site: w.arrival.site,
+        round: w.arrival.round,
         upload: w.upload,
         effects,
     }
@@ -664,7 +670,10 @@ mod tests {
             1,
         );
         let old = second.superseded.expect("the older upload is refused");
-        assert_eq!(old.upload, 1);
+        assert_eq!(
+            (old.site.as_str(), old.round, old.upload),
+            ("a", RoundId(1), 1)
+        );
         assert_eq!(
             refusal(&old, true),
             (RejectCode::Replay, SUPERSEDED.to_owned())

@@ -853,7 +853,9 @@ impl Engine {
     /// upload, or left undecided): on record, in the round's record, its
     /// one-pass fold taken out, its spool dropped, its site answered.
     fn refused(&mut self, refused: Refused<Held>) -> Result<(), EngineError> {
-        let Refused { upload, effects } = refused;
+        let Refused {
+            upload, effects, ..
+        } = refused;
         self.run_effects(effects, Some(upload))
     }
 
@@ -884,7 +886,7 @@ impl Engine {
         // happen with the current machine) must not hang its site.
         if !self.uploads.is_empty() {
             for refused in self.uploads.undecided(&self.facts, unix_ms()) {
-                tracing::warn!("upload left undecided; refusing it");
+                tracing::warn!(site = %refused.site, round = refused.round.0, "upload left undecided; refusing it");
                 self.refused(refused)?;
             }
         }
