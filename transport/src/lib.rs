@@ -646,12 +646,12 @@ pub const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
 /// Largest window an upload being read is given, bytes, and the
 /// coordinator's per-stream receive window (the connection window, set per
 /// upload, is what actually limits). What an upload gets beyond
-/// [`SERVER_STREAM_WINDOW`] comes from [`WINDOW_BUDGET`].
-pub const MAX_UPLOAD_WINDOW: u32 = 4 * 1024 * 1024;
+/// [`SERVER_STREAM_WINDOW`] comes from the window budget ([`WindowShare`]).
+pub const MAX_UPLOAD_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Largest send window a model download is given, bytes (see
-/// [`download_window`]); beyond [`SERVER_SEND_WINDOW`] it comes from
-/// [`WINDOW_BUDGET`].
+/// [`download_window`]); beyond [`SERVER_SEND_WINDOW`] it comes from the
+/// window budget ([`WindowShare`]).
 pub const MAX_DOWNLOAD_WINDOW: u64 = 4 * 1024 * 1024;
 
 /// The rate a window is sized for, bytes per second: a hospital's gigabit
@@ -659,46 +659,112 @@ pub const MAX_DOWNLOAD_WINDOW: u64 = 4 * 1024 * 1024;
 pub const WINDOW_TARGET_RATE: u64 = 125_000_000;
 
 /// Credit beyond the LAN floors ([`SERVER_STREAM_WINDOW`] per upload,
-/// [`SERVER_SEND_WINDOW`] per download) that all the transfers of this
-/// process may hold at once, bytes. A lone transfer on a long path gets its
-/// whole path-sized window; many at once share this, so the coordinator's
-/// memory stays within its budget whatever the number of sites.
+/// [`SERVER_SEND_WINDOW`] per download) that the transfers of this process
+/// share when several run at once, bytes: many sites at once share this,
+/// so the coordinator's memory stays within its budget whatever the number
+/// of sites.
 pub const WINDOW_BUDGET: u64 = 2 * 1024 * 1024;
 
-static WINDOW_EXTRA_IN_USE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Credit beyond its LAN floor that a transfer may take when it starts
+/// while no other transfer holds or asked for any, bytes: a lone upload on
+/// a long lossy path needs some four times the path's bandwidth-delay
+/// product to keep the link busy while a loss is repaired (a 16 MB upload
+/// at RTT 40 ms, 0.5 % loss, 200 Mbit/s: 68 % of the link with a 3 MiB
+/// window, 74 % with 4 MiB, 79 % with 5 MiB; docs/PERFORMANCE.md). Transfers
+/// that start while it runs get only what is left of [`WINDOW_BUDGET`], so
+/// the extra credit of the whole process is never above this.
+pub const LONE_TRANSFER_BUDGET: u64 = 6 * 1024 * 1024;
 
-/// A share of [`WINDOW_BUDGET`] held by one transfer; given back when
+/// The process's window budget: credit taken beyond the floors, and how
+/// many transfers hold a share.
+#[derive(Debug, Default)]
+pub struct WindowBudget {
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetState {
+    in_use: u64,
+    holders: u64,
+}
+
+/// The budget of this process's transfers.
+static WINDOW_BUDGET_IN_USE: WindowBudget = WindowBudget {
+    state: std::sync::Mutex::new(BudgetState {
+        in_use: 0,
+        holders: 0,
+    }),
+};
+
+impl WindowBudget {
+    /// Take up to `wanted` bytes: up to [`LONE_TRANSFER_BUDGET`] if no other
+    /// transfer holds a share, else what is left of [`WINDOW_BUDGET`].
+    pub fn take(&'static self, wanted: u64) -> WindowShare {
+        if wanted == 0 {
+            return WindowShare::none();
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = if st.holders == 0 {
+            LONE_TRANSFER_BUDGET
+        } else {
+            WINDOW_BUDGET
+        };
+        let got = wanted.min(limit.saturating_sub(st.in_use));
+        st.in_use = st.in_use.saturating_add(got);
+        st.holders = st.holders.saturating_add(1);
+        WindowShare {
+            bytes: got,
+            from: Some(self),
+        }
+    }
+
+    /// Credit held by all shares now, bytes.
+    pub fn in_use(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).in_use
+    }
+
+    fn give_back(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.in_use = st.in_use.saturating_sub(bytes);
+        st.holders = st.holders.saturating_sub(1);
+    }
+}
+
+/// A share of the window budget held by one transfer; given back when
 /// dropped.
 #[derive(Debug)]
 #[must_use = "the share is given back when dropped"]
-pub struct WindowShare(u64);
+pub struct WindowShare {
+    bytes: u64,
+    from: Option<&'static WindowBudget>,
+}
 
 impl WindowShare {
-    /// Take up to `wanted` bytes of what is left of the budget.
+    /// Take up to `wanted` bytes from this process's budget (see
+    /// [`WindowBudget::take`]).
     pub fn take(wanted: u64) -> Self {
-        use std::sync::atomic::Ordering;
-        let mut got = 0;
-        let _ = WINDOW_EXTRA_IN_USE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-            got = wanted.min(WINDOW_BUDGET.saturating_sub(used));
-            Some(used.saturating_add(got))
-        });
-        Self(got)
+        WINDOW_BUDGET_IN_USE.take(wanted)
     }
 
-    /// No share (a transfer that needs none, TCP).
+    /// No share (a transfer that needs none: TCP, or a LAN path).
     pub fn none() -> Self {
-        Self(0)
+        Self {
+            bytes: 0,
+            from: None,
+        }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        self.0
+        self.bytes
     }
 }
 
 impl Drop for WindowShare {
     fn drop(&mut self) {
-        WINDOW_EXTRA_IN_USE.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+        if let Some(budget) = self.from {
+            budget.give_back(self.bytes);
+        }
     }
 }
 
@@ -730,7 +796,7 @@ pub fn download_window(conn: &Connection) -> u64 {
 }
 
 /// Widen `conn`'s send window for a model download ([`download_window`],
-/// as far as [`WINDOW_BUDGET`] allows) until the returned guard is dropped;
+/// as far as the window budget allows: [`WindowShare`]) until the returned guard is dropped;
 /// then it is [`SERVER_SEND_WINDOW`] again (data already queued stays
 /// queued).
 pub fn open_download_window(conn: &Connection) -> DownloadWindow {
@@ -772,7 +838,7 @@ pub const SERVER_SEND_WINDOW: u64 = 1024 * 1024;
 /// Open `conn`'s receive window for the upload on `recv`, of which
 /// `remaining` bytes (frames included) are still to be read, by the
 /// upload's window ([`upload_window`]: twice the path's bandwidth-delay
-/// product, from 512 KiB on a LAN to 4 MiB), and close it again on its own
+/// product, from 512 KiB on a LAN to 8 MiB), and close it again on its own
 /// as the upload is read: once only that window's worth is left, the window goes back to [`SERVER_IDLE_RECEIVE_WINDOW`], and the
 /// credit already granted covers the rest. After the upload has been read,
 /// the site again has no more than the idle window of credit, so its next
@@ -981,12 +1047,57 @@ mod window_tests {
     fn window_shares_never_exceed_the_budget() {
         let a = WindowShare::take(WINDOW_BUDGET);
         let b = WindowShare::take(1);
-        assert!(a.bytes() + b.bytes() <= WINDOW_BUDGET);
+        assert!(a.bytes() + b.bytes() <= LONE_TRANSFER_BUDGET);
         let before = a.bytes();
         drop(a);
         let c = WindowShare::take(before);
-        assert!(c.bytes() + b.bytes() <= WINDOW_BUDGET);
+        assert!(c.bytes() + b.bytes() <= LONE_TRANSFER_BUDGET);
         assert_eq!(WindowShare::none().bytes(), 0);
+    }
+
+    fn budget() -> &'static WindowBudget {
+        Box::leak(Box::default())
+    }
+
+    /// A lone transfer may take the lone budget; one that starts beside it
+    /// gets only what is left of the shared budget (nothing, here), and
+    /// once the lone one ends a new one may take the lone budget again.
+    #[test]
+    fn a_lone_transfer_takes_more_and_the_next_ones_share_what_is_left() {
+        let b = budget();
+        let lone = b.take(8 * 1024 * 1024);
+        assert_eq!(lone.bytes(), LONE_TRANSFER_BUDGET);
+        let beside = b.take(1024 * 1024);
+        assert_eq!(
+            beside.bytes(),
+            0,
+            "the lone share is above the shared budget"
+        );
+        assert_eq!(b.in_use(), LONE_TRANSFER_BUDGET);
+        drop(lone);
+        // `beside` still holds a (zero) share: a newcomer is not alone.
+        let next = b.take(8 * 1024 * 1024);
+        assert_eq!(next.bytes(), WINDOW_BUDGET);
+        drop((beside, next));
+        assert_eq!(b.in_use(), 0);
+        assert_eq!(b.take(8 * 1024 * 1024).bytes(), LONE_TRANSFER_BUDGET);
+    }
+
+    /// Many transfers at once never hold more than the lone budget, and
+    /// never more than the shared budget once a second one holds a share.
+    #[test]
+    fn many_transfers_stay_within_the_budgets() {
+        let b = budget();
+        let first = b.take(1024 * 1024);
+        assert_eq!(first.bytes(), 1024 * 1024);
+        let rest: Vec<_> = (0..32).map(|_| b.take(4 * 1024 * 1024)).collect();
+        let total: u64 = first.bytes() + rest.iter().map(WindowShare::bytes).sum::<u64>();
+        assert_eq!(total, WINDOW_BUDGET);
+        assert!(b.in_use() <= LONE_TRANSFER_BUDGET);
+        // Asking for nothing takes nothing and does not count as a holder.
+        assert_eq!(b.take(0).bytes(), 0);
+        drop((first, rest));
+        assert_eq!(b.in_use(), 0);
     }
 }
 
