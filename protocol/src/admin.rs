@@ -246,19 +246,19 @@ mod hex_hash {
 
     impl Hex for ModelHash {
         fn to_hex(&self) -> String {
-            ModelHash::to_hex(self)
+            Self::to_hex(self)
         }
         fn from_hex(s: &str) -> Option<Self> {
-            ModelHash::from_hex(s)
+            Self::from_hex(s)
         }
     }
 
     impl Hex for PayloadHash {
         fn to_hex(&self) -> String {
-            PayloadHash::to_hex(self)
+            Self::to_hex(self)
         }
         fn from_hex(s: &str) -> Option<Self> {
-            PayloadHash::from_hex(s)
+            Self::from_hex(s)
         }
     }
 
