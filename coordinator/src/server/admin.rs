@@ -1149,7 +1149,7 @@ async fn export(
     if let Err(e) = shared.audit().record(
         actor,
         EventKind::ModelExported,
-        serde_json::json!({"model": header.model, "format": format_name}),
+        serde_json::json!({"model": header.model.to_hex(), "format": format_name}),
     ) {
         send_response(
             &mut send,
