@@ -833,20 +833,20 @@ fn models_list(store: &Store) -> Result<Vec<ModelInfo>, Fail> {
     let mut seen = std::collections::HashSet::new();
     for job in store.jobs().map_err(internal)? {
         let id = job_id(&job.id)?;
-        let mut push = |hash: ModelHash, round: u64| {
+        let mut push = |hash: ModelHash, round: RoundId| {
             if seen.insert(hash) {
                 out.push(ModelInfo {
                     hash,
                     job: id.clone(),
-                    round: RoundId(round),
+                    round,
                     bytes: model_file_len(store, &hash),
                 });
             }
         };
-        push(job.initial_model, 0);
+        push(job.initial_model, RoundId(0));
         for r in store.rounds(&job.id).map_err(internal)? {
             if let Some(m) = r.model {
-                push(m, r.round);
+                push(m, RoundId(r.round));
             }
         }
     }
@@ -874,17 +874,17 @@ fn model_info(store: &Store, hash: &str) -> Result<(ModelHash, ModelInfo), Fail>
 /// The envelope signature of an archived update (hex), if archived.
 fn envelope_sig(
     store: &Store,
-    job: &str,
-    round: u64,
-    site: &str,
-    payload_hash: &str,
+    job: &JobId,
+    round: RoundId,
+    site: &SiteId,
+    payload_hash: &PayloadHash,
 ) -> Option<String> {
     let dir = store
         .dir()
         .join("updates")
-        .join(job)
-        .join(format!("round-{round:06}"));
-    let prefix = format!("{site}-{payload_hash}-");
+        .join(job.as_str())
+        .join(format!("round-{:06}", round.0));
+    let prefix = format!("{site}-{}-", payload_hash.to_hex());
     let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
         .ok()?
         .flatten()
@@ -929,18 +929,14 @@ fn provenance_chain(
             .accepted
             .iter()
             .map(|u| {
+                let site = site_id(&u.site)?;
+                // The round record keeps the payload's blake3 in a
+                // `ModelHash`; it is the payload hash.
+                let payload_hash = PayloadHash(u.payload_hash.0);
                 Ok(ProvenanceUpdate {
-                    site: site_id(&u.site)?,
-                    envelope_sig: envelope_sig(
-                        store,
-                        info.job.as_str(),
-                        r,
-                        &u.site,
-                        &u.payload_hash.to_hex(),
-                    ),
-                    // The round record keeps the payload's blake3 in a
-                    // `ModelHash`; it is the payload hash.
-                    payload_hash: PayloadHash(u.payload_hash.0),
+                    envelope_sig: envelope_sig(store, &info.job, RoundId(r), &site, &payload_hash),
+                    site,
+                    payload_hash,
                     num_examples: u.num_examples,
                 })
             })
