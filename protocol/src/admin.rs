@@ -31,8 +31,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::frame::MAX_FRAME_LEN;
-use crate::ids::RoundId;
-use crate::model::ModelSpec;
+use crate::ids::{FederationId, JobId, RoundId, SiteId};
+use crate::model::{ModelHash, ModelSpec};
+use crate::payload::PayloadHash;
 
 /// Largest chunk of model bytes in an export stream (4 MiB).
 pub const EXPORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -229,6 +230,48 @@ impl AdminRequest {
     }
 }
 
+/// The admin documents carry model and payload hashes as the 64 lower-case
+/// hex digits they were written as before they were typed (the protocol
+/// messages carry them as byte arrays).
+mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::model::ModelHash;
+    use crate::payload::PayloadHash;
+
+    pub(super) trait Hex: Sized {
+        fn to_hex(&self) -> String;
+        fn from_hex(s: &str) -> Option<Self>;
+    }
+
+    impl Hex for ModelHash {
+        fn to_hex(&self) -> String {
+            Self::to_hex(self)
+        }
+        fn from_hex(s: &str) -> Option<Self> {
+            Self::from_hex(s)
+        }
+    }
+
+    impl Hex for PayloadHash {
+        fn to_hex(&self) -> String {
+            Self::to_hex(self)
+        }
+        fn from_hex(s: &str) -> Option<Self> {
+            Self::from_hex(s)
+        }
+    }
+
+    pub(super) fn serialize<H: Hex, S: Serializer>(h: &H, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&h.to_hex())
+    }
+
+    pub(super) fn deserialize<'de, H: Hex, D: Deserializer<'de>>(d: D) -> Result<H, D::Error> {
+        let s = String::deserialize(d)?;
+        H::from_hex(&s).ok_or_else(|| D::Error::custom("not a hash (64 hex digits)"))
+    }
+}
+
 /// Category of a refused or failed command.
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,7 +291,7 @@ pub enum AdminErrorCode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinkInfo {
     /// Site name.
-    pub site: String,
+    pub site: SiteId,
     /// `quic` or `tcp` (TLS 1.3 over TCP).
     pub transport: String,
     /// The site says its TCP connection goes through an HTTP proxy.
@@ -275,7 +318,7 @@ impl LinkInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SiteInfo {
     /// Site name.
-    pub name: String,
+    pub name: SiteId,
     /// Identity URI.
     pub identity: String,
     /// Serial of the current certificate (hex).
@@ -306,7 +349,7 @@ pub struct SiteInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteProgress {
     /// Site name.
-    pub site: String,
+    pub site: SiteId,
     /// `offline`, `idle`, `training` (selected, no update yet) or `reported`.
     pub state: String,
     /// Connected now.
@@ -317,7 +360,7 @@ pub struct SiteProgress {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobProgress {
     /// Job id.
-    pub job: String,
+    pub job: JobId,
     /// `waiting`, `collecting`, `aggregating` or `finished`.
     pub phase: String,
     /// Round in flight.
@@ -326,8 +369,9 @@ pub struct JobProgress {
     pub completed_rounds: u64,
     /// Rounds in the job.
     pub total_rounds: u64,
-    /// Current global model (hex).
-    pub current_model: String,
+    /// Current global model (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub current_model: ModelHash,
     /// Paused by an admin.
     pub paused: bool,
     /// Updates accepted in the round in flight.
@@ -412,7 +456,7 @@ pub struct FederatedEvaluation {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// Federation name.
-    pub federation: String,
+    pub federation: FederationId,
     /// Coordinator version.
     pub coordinator_version: String,
     /// Seconds since the coordinator started.
@@ -421,10 +465,10 @@ pub struct StatusReport {
     /// since the coordinator started empty.
     pub current_job: Option<JobProgress>,
     /// Submitted jobs waiting for their turn, in order.
-    pub queued_jobs: Vec<String>,
+    pub queued_jobs: Vec<JobId>,
     /// Sites connected now, sorted (absent from older coordinators).
     #[serde(default)]
-    pub connected_sites: Vec<String>,
+    pub connected_sites: Vec<SiteId>,
     /// How each connected site is connected, by site (absent from older
     /// coordinators).
     #[serde(default)]
@@ -435,17 +479,19 @@ pub struct StatusReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
     /// Job id.
-    pub id: String,
+    pub id: JobId,
     /// `running`, `paused`, `queued` or `finished`.
     pub state: String,
     /// Rounds completed.
     pub completed_rounds: u64,
     /// Rounds in the job.
     pub total_rounds: u64,
-    /// Model it started from (hex).
-    pub initial_model: String,
-    /// Model after the last completed round (hex).
-    pub current_model: String,
+    /// Model it started from (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub initial_model: ModelHash,
+    /// Model after the last completed round (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub current_model: ModelHash,
     /// Paused by an admin.
     pub paused: bool,
     /// How it ended, if it has (`completed: model <hex>`, `failed in round N: …`,
@@ -458,12 +504,13 @@ pub struct JobInfo {
 /// A stored model version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
-    /// Model hash (hex).
-    pub hash: String,
+    /// Model hash (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub hash: ModelHash,
     /// Job that produced it.
-    pub job: String,
+    pub job: JobId,
     /// Round that produced it (0: initial model).
-    pub round: u64,
+    pub round: RoundId,
     /// Size of the stored file, bytes.
     pub bytes: Option<u64>,
 }
@@ -472,9 +519,10 @@ pub struct ModelInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvenanceUpdate {
     /// Site.
-    pub site: String,
-    /// blake3 of the payload (hex).
-    pub payload_hash: String,
+    pub site: SiteId,
+    /// blake3 of the payload (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub payload_hash: PayloadHash,
     /// Examples it was trained on.
     pub num_examples: u64,
     /// The site's ed25519 envelope signature (hex), from the update archive.
@@ -485,13 +533,15 @@ pub struct ProvenanceUpdate {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProvenanceStep {
     /// Job.
-    pub job: String,
+    pub job: JobId,
     /// Round.
-    pub round: u64,
-    /// The model the round started from (hex).
-    pub base_model: String,
-    /// The model it produced (hex).
-    pub output_model: String,
+    pub round: RoundId,
+    /// The model the round started from (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub base_model: ModelHash,
+    /// The model it produced (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub output_model: ModelHash,
     /// The aggregation strategy (the StrategyConfig as JSON).
     pub strategy: serde_json::Value,
     /// The updates aggregated.
@@ -517,12 +567,13 @@ pub struct ExportTensor {
 /// What precedes the values of an exported model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExportHeader {
-    /// Model hash (hex).
-    pub model: String,
+    /// Model hash (hex in JSON).
+    #[serde(with = "hex_hash")]
+    pub model: ModelHash,
     /// Job that produced it.
-    pub job: String,
+    pub job: JobId,
     /// Round that produced it.
-    pub round: u64,
+    pub round: RoundId,
     /// The job's architecture spec (JSON).
     pub arch: serde_json::Value,
     /// Output format.
@@ -585,14 +636,14 @@ pub enum AdminResponse {
     /// coordinator's store has them).
     Rounds {
         /// Job id.
-        job: String,
+        job: JobId,
         /// Round records.
         rounds: Vec<serde_json::Value>,
     },
     /// `rounds show`.
     Round {
         /// Job id.
-        job: String,
+        job: JobId,
         /// The round record.
         round: serde_json::Value,
     },
@@ -694,12 +745,12 @@ mod tests {
         );
         assert_eq!(AdminRequest::from_json(raw).unwrap(), show);
         let progress = JobProgress {
-            job: "j".into(),
+            job: JobId::new("j").unwrap(),
             phase: "collecting".into(),
             round: Some(RoundId(4)),
             completed_rounds: 3,
             total_rounds: 9,
-            current_model: "ab".into(),
+            current_model: ModelHash([0xab; 32]),
             paused: false,
             accepted: 1,
             outcome: None,
@@ -713,6 +764,135 @@ mod tests {
         assert!(serde_json::to_value(&none).unwrap()["round"].is_null());
         let back: JobProgress = serde_json::from_value(json).unwrap();
         assert_eq!(back, progress);
+    }
+
+    /// The responses' ids (`SiteId`, `JobId`, `FederationId`, `RoundId`)
+    /// and hashes (`ModelHash`, `PayloadHash`) are typed since session 14;
+    /// on the admin wire, and in what `--json` prints, they are the
+    /// strings, numbers and 64-digit hex they were as `String` / `u64`:
+    /// the documents below are the old encodings, byte for byte.
+    #[test]
+    fn typed_responses_keep_the_admin_bytes() {
+        let site = |s: &str| SiteId::new(s).unwrap();
+        let job = || JobId::new("job-1").unwrap();
+        let (m1, m2) = (ModelHash([0x11; 32]), ModelHash([0x22; 32]));
+        let (h1, h2) = ("11".repeat(32), "22".repeat(32));
+        let link = LinkInfo {
+            site: site("st-mary"),
+            transport: "quic".into(),
+            via_proxy: false,
+            rtt_ms: 1.5,
+            remote: "10.0.0.1:4433".into(),
+        };
+        let status = AdminResponse::Status(StatusReport {
+            federation: FederationId::new("fed").unwrap(),
+            coordinator_version: "0.1.0".into(),
+            uptime_secs: 5,
+            current_job: Some(JobProgress {
+                job: job(),
+                phase: "collecting".into(),
+                round: Some(RoundId(2)),
+                completed_rounds: 1,
+                total_rounds: 3,
+                current_model: m1,
+                paused: false,
+                accepted: 0,
+                outcome: None,
+                sites: vec![SiteProgress {
+                    site: site("st-mary"),
+                    state: "training".into(),
+                    connected: true,
+                }],
+                evaluation: None,
+            }),
+            queued_jobs: vec![JobId::new("job-2").unwrap()],
+            connected_sites: vec![site("st-mary")],
+            links: vec![link.clone()],
+        });
+        let status_raw = format!(
+            r#"{{"kind":"status","data":{{"federation":"fed","coordinator_version":"0.1.0","uptime_secs":5,"current_job":{{"job":"job-1","phase":"collecting","round":2,"completed_rounds":1,"total_rounds":3,"current_model":"{h1}","paused":false,"accepted":0,"outcome":null,"sites":[{{"site":"st-mary","state":"training","connected":true}}]}},"queued_jobs":["job-2"],"connected_sites":["st-mary"],"links":[{{"site":"st-mary","transport":"quic","via_proxy":false,"rtt_ms":1.5,"remote":"10.0.0.1:4433"}}]}}}}"#
+        );
+        let jobs = AdminResponse::Jobs(vec![JobInfo {
+            id: job(),
+            state: "running".into(),
+            completed_rounds: 1,
+            total_rounds: 3,
+            initial_model: m1,
+            current_model: m2,
+            paused: false,
+            outcome: None,
+            job_toml: None,
+        }]);
+        let jobs_raw = format!(
+            r#"{{"kind":"jobs","data":[{{"id":"job-1","state":"running","completed_rounds":1,"total_rounds":3,"initial_model":"{h1}","current_model":"{h2}","paused":false,"outcome":null,"job_toml":null}}]}}"#
+        );
+        let model = AdminResponse::Model {
+            model: ModelInfo {
+                hash: m2,
+                job: job(),
+                round: RoundId(1),
+                bytes: Some(64),
+            },
+            provenance: Some(vec![ProvenanceStep {
+                job: job(),
+                round: RoundId(1),
+                base_model: m1,
+                output_model: m2,
+                strategy: serde_json::json!({"name": "fedavg"}),
+                updates: vec![ProvenanceUpdate {
+                    site: site("st-mary"),
+                    payload_hash: PayloadHash([0x33; 32]),
+                    num_examples: 10,
+                    envelope_sig: None,
+                }],
+            }]),
+        };
+        let h3 = "33".repeat(32);
+        let model_raw = format!(
+            r#"{{"kind":"model","data":{{"model":{{"hash":"{h2}","job":"job-1","round":1,"bytes":64}},"provenance":[{{"job":"job-1","round":1,"base_model":"{h1}","output_model":"{h2}","strategy":{{"name":"fedavg"}},"updates":[{{"site":"st-mary","payload_hash":"{h3}","num_examples":10,"envelope_sig":null}}]}}]}}}}"#
+        );
+        let export = AdminResponse::Export(ExportHeader {
+            model: m2,
+            job: job(),
+            round: RoundId(1),
+            arch: serde_json::Value::Null,
+            format: ExportFormat::Safetensors,
+            tensors: Vec::new(),
+            total_bytes: 0,
+        });
+        let export_raw = format!(
+            r#"{{"kind":"export","data":{{"model":"{h2}","job":"job-1","round":1,"arch":null,"format":"safetensors","tensors":[],"total_bytes":0}}}}"#
+        );
+        let rounds = AdminResponse::Rounds {
+            job: job(),
+            rounds: Vec::new(),
+        };
+        let rounds_raw = r#"{"kind":"rounds","data":{"job":"job-1","rounds":[]}}"#.to_owned();
+        for (typed, raw) in [
+            (status, status_raw),
+            (jobs, jobs_raw),
+            (model, model_raw),
+            (export, export_raw),
+            (rounds, rounds_raw),
+        ] {
+            assert_eq!(String::from_utf8(typed.to_json().unwrap()).unwrap(), raw);
+            assert_eq!(AdminResponse::from_json(raw.as_bytes()).unwrap(), typed);
+        }
+        // A document whose hash or id is not one is refused, not wrapped.
+        let bad_hash = jobs_raw_with(&h1, "xyz");
+        assert!(AdminResponse::from_json(bad_hash.as_bytes()).is_err());
+        let bad_id = jobs_raw_with("job-1", "job 1");
+        assert!(AdminResponse::from_json(bad_id.as_bytes()).is_err());
+    }
+
+    fn jobs_raw_with(from: &str, to: &str) -> String {
+        let h = |b: &str| b.repeat(32);
+        format!(
+            r#"{{"kind":"jobs","data":[{{"id":"job-1","state":"running","completed_rounds":1,"total_rounds":3,"initial_model":"{}","current_model":"{}","paused":false,"outcome":null,"job_toml":null}}]}}"#,
+            h("11"),
+            h("22")
+        )
+        .replacen(from, to, 1)
     }
 
     #[test]

@@ -100,6 +100,13 @@ impl PayloadHash {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// Parse 64 hex characters.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
 }
 
 impl std::fmt::Debug for PayloadHash {

@@ -85,11 +85,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedlink_certs::{ALPN_SITE, Identity, Kit, Role, client_tls_config};
 use fedlink_protocol::{
-    Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, ClassWeight, EncodeError,
-    EvalRequest, FlatModel, Hello, Message, ModelHash, ModelSpec, OfferDecision, PROTOCOL_VERSION,
-    RESUME_VERSION, RejectCode, SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce,
-    VersionRange, Welcome, encode_payload, supports_audit_head, supports_federated_eval,
-    supports_round_outcome,
+    Bye, CENTRAL_DP_VERSION, CLASS_WEIGHT_VERSION, Capabilities, EncodeError, EvalRequest,
+    FlatModel, Hello, Message, ModelHash, ModelSpec, PROTOCOL_VERSION, RESUME_VERSION, RejectCode,
+    SignedEnvelope, SignedEvalReport, TRAINING_V5_VERSION, UpdateNonce, VersionRange, Welcome,
+    encode_payload, supports_audit_head, supports_federated_eval, supports_round_outcome,
 };
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportError, close};
 use quinn::Endpoint;
@@ -955,51 +954,20 @@ async fn handle_control(
         | Message::TaskOfferV3(offer)
         | Message::TaskOfferV5(offer)
         | Message::TaskOfferV6(offer) => {
-            ctx.record(SiteEvent::OfferReceived {
-                job: offer.job_id.clone(),
-                round: offer.round,
-                base_model: offer.base_model.to_hex(),
-                arch: offer.arch.kind().to_owned(),
-                epochs: offer.training.epochs,
-                encoding: offer.encoding.name(),
-                clip_norm: offer.privacy.clip_norm,
-                noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
-                central_noise_multiplier: offer.privacy.central_dp.map(|d| d.noise_multiplier),
-                augmentation: offer.training.augmentation,
-                class_weight: match offer.training.class_weight {
-                    ClassWeight::None => None,
-                    other => Some(format!("{other:?}").to_lowercase()),
-                },
-                optimizer: Some(offer.training.optimizer),
-                learning_rate: Some(offer.training.learning_rate),
-            })?;
             let outcome = core.on_offer(unix_ms(), &offer);
-            // The decision is on disk before the coordinator hears it.
-            match &outcome.response.decision {
-                OfferDecision::Accept => ctx.record(SiteEvent::OfferAccepted {
-                    job: offer.job_id.clone(),
-                    round: offer.round,
-                })?,
-                OfferDecision::Decline { reason } => ctx.record(SiteEvent::OfferDeclined {
-                    job: offer.job_id.clone(),
-                    round: offer.round,
-                    reason: reason.clone(),
-                })?,
-            };
+            // The offer and the decision are on disk before the coordinator
+            // hears it.
+            ctx.record(outcome.received)?;
+            ctx.record(outcome.decided)?;
             if let Err(e) = send
-                .message(&Message::OfferResponse(outcome.response.clone()))
+                .message(&Message::OfferResponse(outcome.response))
                 .await
             {
                 return Ok(Some(SessionEnd::Lost(format!("answering an offer: {e}"))));
             }
-            if let Some(old) = outcome.abort {
-                let dropped = abort_task(task, &old);
-                ctx.record(SiteEvent::RoundCancelled {
-                    job: old.job_id.clone(),
-                    round: old.round,
-                    reason: format!("superseded by round {}", offer.round),
-                    dropped_work: dropped,
-                })?;
+            if let Some(abort) = outcome.abort {
+                ctx.record(abort.cancelled)?;
+                abort_task(task, &abort.key);
             }
             if let Some(assignment) = outcome.start {
                 let key = assignment.key();
@@ -1010,18 +978,11 @@ async fn handle_control(
             }
         }
         Message::Cancel(c) => {
-            let hit = core.on_cancel(&c.job_id, c.round);
-            let key = TaskKey {
-                job_id: c.job_id.clone(),
-                round: c.round,
-            };
-            let dropped = hit && abort_task(task, &key);
-            ctx.record(SiteEvent::RoundCancelled {
-                job: c.job_id.clone(),
-                round: c.round,
-                reason: truncate(&c.reason),
-                dropped_work: dropped,
-            })?;
+            let outcome = core.on_cancel(&c);
+            ctx.record(outcome.cancelled)?;
+            if let Some(key) = outcome.drop {
+                abort_task(task, &key);
+            }
         }
         Message::Heartbeat(h) => tracing::trace!(seq = h.seq, "coordinator heartbeat"),
         // Recorded as received; `fedlink audit reconcile` checks its
@@ -1063,16 +1024,11 @@ async fn handle_control(
     Ok(None)
 }
 
-fn abort_task(task: &mut Option<(TaskKey, JoinHandle<()>)>, key: &TaskKey) -> bool {
-    match task.take() {
-        Some((k, handle)) if k == *key => {
-            handle.abort();
-            true
-        }
-        other => {
-            *task = other;
-            false
-        }
+/// Drop the work on `key`, if it is the work in progress (the core and
+/// the driver agree on that: both change it on the same events).
+fn abort_task(task: &mut Option<(TaskKey, JoinHandle<()>)>, key: &TaskKey) {
+    if let Some((_, handle)) = task.take_if(|(k, _)| k == key) {
+        handle.abort();
     }
 }
 

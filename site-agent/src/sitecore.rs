@@ -10,11 +10,13 @@
 //!
 //! 1. After `Welcome`, call [`SiteCore::on_welcome`] with the current
 //!    `Instant`.
-//! 2. For each `TaskOffer` call [`SiteCore::on_offer`]; send the returned
-//!    response at once; abort the round named in `abort` (if any); start the
-//!    work in `start` (if any).
-//! 3. For each `Cancel` call [`SiteCore::on_cancel`]; drop the work if it
-//!    returns `true`.
+//! 2. For each `TaskOffer` call [`SiteCore::on_offer`]; append its
+//!    `received` and `decided` records (`offer.received`, then
+//!    `offer.accepted` or `offer.declined`), then send the response; if it
+//!    names an [`Abort`], append its `round.cancelled` record, then drop
+//!    that round's work; start the work in `start` (if any).
+//! 3. For each `Cancel` call [`SiteCore::on_cancel`]; append its
+//!    `round.cancelled` record, then drop the work it names (if any).
 //! 4. When the work for a round ends (uploaded, rejected or failed), call
 //!    [`SiteCore::on_task_finished`].
 //! 5. Sleep until [`SiteCore::next_heartbeat`], then send what
@@ -42,10 +44,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedlink_protocol::{
-    ClassWeight, FederationId, Heartbeat, JobId, ModelHash, OfferDecision, OfferResponse,
+    Cancel, ClassWeight, FederationId, Heartbeat, JobId, ModelHash, OfferDecision, OfferResponse,
     Optimizer, RoundId, SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
 };
 
+use crate::audit::SiteEvent;
 use crate::data::SiteData;
 use crate::policy::{self, OfferContext, Policy, Refusal};
 use crate::train::{self, ClassWeighting, OptimizerKind, TrainConfig};
@@ -103,18 +106,47 @@ impl Assignment {
     }
 }
 
-/// What to do about an offer.
+/// What to do about an offer, in this order: append `received`, append
+/// `decided`, send `response`, append `abort`'s record and drop its work,
+/// start `start`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OfferOutcome {
+    /// The `offer.received` record (the offer's terms, for the auditor):
+    /// appended first.
+    pub received: SiteEvent,
+    /// The `offer.accepted` or `offer.declined` record of `response`:
+    /// appended before `response` is sent.
+    pub decided: SiteEvent,
     /// Send this now (before any work).
     pub response: OfferResponse,
     /// The refusal behind a decline, for the site log.
     pub refusal: Option<Refusal>,
-    /// Drop the work on this (older) round first.
-    pub abort: Option<TaskKey>,
+    /// The work on an older round of the job that this offer supersedes.
+    pub abort: Option<Abort>,
     /// Start this work (`None` on decline, or when the offer repeats the
     /// round already in progress).
     pub start: Option<Assignment>,
+}
+
+/// Drop the work on a round, after appending the record that says so.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Abort {
+    /// The round whose work goes.
+    pub key: TaskKey,
+    /// Its `round.cancelled` record (`dropped_work: true`): appended before
+    /// the work is dropped.
+    pub cancelled: SiteEvent,
+}
+
+/// What to do about a `Cancel`: append `cancelled`, then drop the work on
+/// `drop` (if any).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CancelOutcome {
+    /// The `round.cancelled` record; `dropped_work` says whether `drop` is
+    /// set.
+    pub cancelled: SiteEvent,
+    /// The round in progress, when it is the one cancelled.
+    pub drop: Option<TaskKey>,
 }
 
 /// A protocol violation by the coordinator.
@@ -188,34 +220,58 @@ impl SiteCore {
             job_id: offer.job_id.clone(),
             round: offer.round,
         };
-        let respond = |decision| OfferResponse {
-            job_id: offer.job_id.clone(),
-            round: offer.round,
-            decision,
-        };
-        let decline = |refusal: Refusal| OfferOutcome {
-            response: respond(OfferDecision::Decline {
-                reason: refusal.to_string(),
-            }),
-            refusal: Some(refusal),
+        let accept = || OfferOutcome {
+            received: offer_received(offer),
+            decided: SiteEvent::OfferAccepted {
+                job: offer.job_id.clone(),
+                round: offer.round,
+            },
+            response: OfferResponse {
+                job_id: offer.job_id.clone(),
+                round: offer.round,
+                decision: OfferDecision::Accept,
+            },
+            refusal: None,
             abort: None,
             start: None,
+        };
+        let decline = |refusal: Refusal| {
+            let reason = refusal.to_string();
+            OfferOutcome {
+                received: offer_received(offer),
+                decided: SiteEvent::OfferDeclined {
+                    job: offer.job_id.clone(),
+                    round: offer.round,
+                    reason: reason.clone(),
+                },
+                response: OfferResponse {
+                    job_id: offer.job_id.clone(),
+                    round: offer.round,
+                    decision: OfferDecision::Decline { reason },
+                },
+                refusal: Some(refusal),
+                abort: None,
+                start: None,
+            }
         };
         let mut abort = None;
         if let Some(active) = &self.active {
             if active.key == key && active.base_model == offer.base_model {
                 // A repeated offer (e.g. after the coordinator restarted its
                 // connection handling): keep working.
-                return OfferOutcome {
-                    response: respond(OfferDecision::Accept),
-                    refusal: None,
-                    abort: None,
-                    start: None,
-                };
+                return accept();
             }
             if active.key.job_id == key.job_id && active.key.round < key.round {
                 // The job moved on: the older round is over.
-                abort = Some(active.key.clone());
+                abort = Some(Abort {
+                    key: active.key.clone(),
+                    cancelled: SiteEvent::RoundCancelled {
+                        job: active.key.job_id.clone(),
+                        round: active.key.round,
+                        reason: format!("superseded by round {}", offer.round),
+                        dropped_work: true,
+                    },
+                });
             } else {
                 return decline(Refusal::Unsupported(format!(
                     "busy with {} of this site",
@@ -254,29 +310,33 @@ impl SiteCore {
                     base_model: offer.base_model,
                 });
                 OfferOutcome {
-                    response: respond(OfferDecision::Accept),
-                    refusal: None,
                     abort,
                     start: Some(Assignment {
                         offer: offer.clone(),
                         train,
                     }),
+                    ..accept()
                 }
             }
         }
     }
 
-    /// The coordinator cancelled a round: `true` if it is the one in
-    /// progress (drop the work).
-    pub fn on_cancel(&mut self, job_id: &JobId, round: RoundId) -> bool {
-        let hit = self
+    /// The coordinator cancelled a round: its record, and the work to drop
+    /// when it is the round in progress.
+    pub fn on_cancel(&mut self, cancel: &Cancel) -> CancelOutcome {
+        let drop = self
             .active
-            .as_ref()
-            .is_some_and(|a| a.key.job_id == *job_id && a.key.round == round);
-        if hit {
-            self.active = None;
+            .take_if(|a| a.key.job_id == cancel.job_id && a.key.round == cancel.round)
+            .map(|a| a.key);
+        CancelOutcome {
+            cancelled: SiteEvent::RoundCancelled {
+                job: cancel.job_id.clone(),
+                round: cancel.round,
+                reason: task::truncate(&cancel.reason),
+                dropped_work: drop.is_some(),
+            },
+            drop,
         }
-        hit
     }
 
     /// The work for `key` ended.
@@ -316,6 +376,30 @@ impl SiteCore {
             seq: self.heartbeat_seq,
             now_unix_ms,
         })
+    }
+}
+
+/// The `offer.received` record of `offer`: the terms an auditor needs to
+/// reproduce the training (the base model, architecture, epochs, encoding,
+/// privacy, augmentation, class weighting, optimizer, learning rate).
+pub fn offer_received(offer: &TaskOffer) -> SiteEvent {
+    SiteEvent::OfferReceived {
+        job: offer.job_id.clone(),
+        round: offer.round,
+        base_model: offer.base_model.to_hex(),
+        arch: offer.arch.kind().to_owned(),
+        epochs: offer.training.epochs,
+        encoding: offer.encoding.name(),
+        clip_norm: offer.privacy.clip_norm,
+        noise_multiplier: offer.privacy.dp.map(|d| d.noise_multiplier),
+        central_noise_multiplier: offer.privacy.central_dp.map(|d| d.noise_multiplier),
+        augmentation: offer.training.augmentation,
+        class_weight: match offer.training.class_weight {
+            ClassWeight::None => None,
+            other => Some(format!("{other:?}").to_lowercase()),
+        },
+        optimizer: Some(offer.training.optimizer),
+        learning_rate: Some(offer.training.learning_rate),
     }
 }
 
@@ -395,7 +479,8 @@ mod tests {
     use crate::data::tabular::{TabularConfig, load_tabular};
     use crate::data::{Fingerprint, LocalData, SampleShape, Samples, Targets};
     use crate::policy::tests::offer;
-    use fedlink_protocol::{Cancel, FeatureScaling};
+    use fedlink_protocol::message::Augmentation;
+    use fedlink_protocol::{CentralDp, DpNoise, FeatureScaling, PrivacyRequirements};
 
     /// The agent's core stays sans-IO: no code in its files names the async
     /// runtime, the transport, the filesystem, the clock, an OS random
@@ -680,8 +765,165 @@ mod tests {
         let mut next = offer();
         next.round = RoundId(2);
         let moved = c.on_offer(1_000, &next);
-        assert_eq!(moved.abort.unwrap().round, RoundId(1));
+        assert_eq!(moved.abort.unwrap().key.round, RoundId(1));
         assert_eq!(moved.start.unwrap().offer.round, RoundId(2));
+    }
+
+    /// The records an offer produces carry its typed ids and describe the
+    /// answer that follows them; a superseded round's `round.cancelled`
+    /// names the round whose work is dropped.
+    #[test]
+    fn an_offer_returns_its_records_with_its_ids() {
+        let mut c = core();
+        c.on_welcome(Instant::now(), &welcome(1000)).unwrap();
+        let o = offer();
+        let out = c.on_offer(1_000, &o);
+        assert_eq!(out.received, offer_received(&o));
+        assert!(matches!(
+            &out.received,
+            SiteEvent::OfferReceived { job, round, base_model, .. }
+                if *job == o.job_id && *round == o.round && *base_model == o.base_model.to_hex()
+        ));
+        assert_eq!(
+            out.decided,
+            SiteEvent::OfferAccepted {
+                job: o.job_id.clone(),
+                round: o.round,
+            }
+        );
+        assert_eq!(out.response.decision, OfferDecision::Accept);
+        assert!(out.abort.is_none());
+
+        // A repeat of the round in progress is accepted again, on record.
+        let again = c.on_offer(1_000, &o);
+        assert_eq!(again.decided, out.decided);
+        assert!(again.start.is_none());
+
+        // The next round supersedes it: its cancellation is on record,
+        // with the older round's ids, and the newer round is accepted.
+        let mut next = o.clone();
+        next.round = RoundId(2);
+        let moved = c.on_offer(1_000, &next);
+        let abort = moved.abort.unwrap();
+        assert_eq!(abort.key, a_key(&o));
+        assert_eq!(
+            abort.cancelled,
+            SiteEvent::RoundCancelled {
+                job: o.job_id.clone(),
+                round: RoundId(1),
+                reason: "superseded by round 2".into(),
+                dropped_work: true,
+            }
+        );
+        assert!(matches!(
+            moved.decided,
+            SiteEvent::OfferAccepted {
+                round: RoundId(2),
+                ..
+            }
+        ));
+
+        // A decline records the reason it sends.
+        let mut busy = o.clone();
+        busy.job_id = JobId::new("other").unwrap();
+        let out = c.on_offer(1_000, &busy);
+        let OfferDecision::Decline { reason } = &out.response.decision else {
+            panic!("declined expected")
+        };
+        assert_eq!(
+            out.decided,
+            SiteEvent::OfferDeclined {
+                job: busy.job_id.clone(),
+                round: busy.round,
+                reason: reason.clone(),
+            }
+        );
+        assert!(out.abort.is_none() && out.start.is_none());
+    }
+
+    fn a_key(o: &TaskOffer) -> TaskKey {
+        TaskKey {
+            job_id: o.job_id.clone(),
+            round: o.round,
+        }
+    }
+
+    /// The records the core returns are the entries the driver wrote
+    /// before (session 13): the same event names and the same JSON
+    /// details, byte for byte.
+    #[test]
+    fn offer_and_cancel_records_write_the_json_the_driver_wrote() {
+        let mut c = core();
+        c.on_welcome(Instant::now(), &welcome(1000)).unwrap();
+        let o = offer();
+        let out = c.on_offer(1_000, &o);
+        let mut next = o.clone();
+        next.round = RoundId(2);
+        let moved = c.on_offer(1_000, &next);
+        let mut busy = o.clone();
+        busy.job_id = JobId::new("other").unwrap();
+        let declined = c.on_offer(1_000, &busy);
+        let cancel = c.on_cancel(&Cancel {
+            job_id: next.job_id.clone(),
+            round: RoundId(2),
+            reason: "operator\nabort".into(),
+        });
+        // Every optional term of the offer, as the auditor reads it.
+        let mut rich = offer();
+        rich.privacy = PrivacyRequirements {
+            clip_norm: Some(1.5),
+            dp: Some(DpNoise {
+                noise_multiplier: 0.7,
+            }),
+            central_dp: Some(CentralDp {
+                noise_multiplier: 0.2,
+                target_delta: Some(1e-5),
+            }),
+        };
+        rich.training.augmentation = Some(Augmentation {
+            flips: true,
+            rotate90: false,
+            intensity_jitter: None,
+        });
+        rich.training.class_weight = ClassWeight::Balanced;
+        rich.training.optimizer = Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.1,
+        };
+        let rich = offer_received(&rich);
+        let json = |e: &SiteEvent| {
+            let (name, details) = e.split();
+            format!("{name} {}", serde_json::to_string(&details).unwrap())
+        };
+        let got: Vec<String> = [
+            &out.received,
+            &out.decided,
+            &moved.abort.unwrap().cancelled,
+            &declined.decided,
+            &cancel.cancelled,
+            &rich,
+        ]
+        .into_iter()
+        .map(json)
+        .collect();
+        let hash = "01".repeat(32);
+        assert_eq!(
+            got,
+            [
+                format!(
+                    r#"offer.received {{"arch":"logreg","base_model":"{hash}","clip_norm":null,"encoding":"f32+shuffle/zstd1","epochs":2,"job":"job","learning_rate":0.1,"noise_multiplier":null,"optimizer":{{"Sgd":{{"momentum":0.0}}}},"round":1}}"#
+                ),
+                r#"offer.accepted {"job":"job","round":1}"#.to_owned(),
+                r#"round.cancelled {"dropped_work":true,"job":"job","reason":"superseded by round 2","round":1}"#.to_owned(),
+                r#"offer.declined {"job":"other","reason":"busy with job job round 2 of this site","round":1}"#.to_owned(),
+                r#"round.cancelled {"dropped_work":true,"job":"job","reason":"operator\nabort","round":2}"#.to_owned(),
+                format!(
+                    r#"offer.received {{"arch":"logreg","augmentation":{{"flips":true,"intensity_jitter":null,"rotate90":false}},"base_model":"{hash}","central_noise_multiplier":0.2,"class_weight":"balanced","clip_norm":1.5,"encoding":"f32+shuffle/zstd1","epochs":2,"job":"job","learning_rate":0.1,"noise_multiplier":0.7,"optimizer":{{"AdamW":{{"beta1":0.9,"beta2":0.999,"epsilon":1e-8,"weight_decay":0.1}}}},"round":1}}"#
+                ),
+            ]
+        );
     }
 
     #[test]
@@ -746,8 +988,33 @@ mod tests {
             round: RoundId(9),
             reason: "x".into(),
         };
-        assert!(!c.on_cancel(&cancel.job_id, cancel.round));
-        assert!(c.on_cancel(&o.job_id, o.round));
+        // Another round: on record, no work dropped.
+        let other = c.on_cancel(&cancel);
+        assert_eq!(
+            other.cancelled,
+            SiteEvent::RoundCancelled {
+                job: o.job_id.clone(),
+                round: RoundId(9),
+                reason: "x".into(),
+                dropped_work: false,
+            }
+        );
+        assert!(other.drop.is_none());
+        assert_eq!(c.active(), Some(&a_key(&o)));
+        // The round in progress: its work goes, after its record.
+        let hit = c.on_cancel(&Cancel {
+            round: o.round,
+            ..cancel
+        });
+        assert_eq!(hit.drop, Some(a_key(&o)));
+        assert!(matches!(
+            hit.cancelled,
+            SiteEvent::RoundCancelled {
+                dropped_work: true,
+                round: RoundId(1),
+                ..
+            }
+        ));
         assert!(c.active().is_none());
         c.on_offer(1_000, &o);
         c.on_task_finished(&TaskKey {

@@ -63,7 +63,7 @@ async fn sites_on_tcp_and_on_quic_share_the_rounds() {
     for (i, kind) in transports.iter().enumerate() {
         let info = listed
             .iter()
-            .find(|s| s.name == format!("site-{i}"))
+            .find(|s| s.name.as_str() == format!("site-{i}"))
             .unwrap();
         let link = info.link.as_ref().expect("a connected site has a link");
         assert_eq!(link.transport, kind.as_str(), "{info:?}");

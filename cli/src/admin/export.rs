@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use fedlink_protocol::admin::{ExportHeader, ExportTensor};
-use fedlink_protocol::{FlatModel, ModelHash, ModelHasher, ModelSpec, TensorSpec};
+use fedlink_protocol::{FlatModel, ModelHasher, ModelSpec, TensorSpec};
 use fedlink_transport::FramedRecv;
 
 /// Format note written into the file's `__metadata__`.
@@ -28,8 +28,8 @@ fn elements(shape: &[u64]) -> anyhow::Result<usize> {
 pub fn safetensors_header(header: &ExportHeader) -> anyhow::Result<Vec<u8>> {
     let mut map = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
-    meta.insert("fedlink_model".into(), header.model.clone().into());
-    meta.insert("fedlink_job".into(), header.job.clone().into());
+    meta.insert("fedlink_model".into(), header.model.to_hex().into());
+    meta.insert("fedlink_job".into(), header.job.as_str().into());
     meta.insert("fedlink_round".into(), header.round.to_string().into());
     meta.insert("fedlink_arch".into(), header.arch.to_string().into());
     meta.insert("format".into(), FORMAT_NOTE.into());
@@ -159,8 +159,7 @@ pub async fn receive(
             .collect(),
     )
     .context("the export header's tensors do not form a model spec")?;
-    let expected =
-        ModelHash::from_hex(&header.model).context("bad model hash in the export header")?;
+    let expected = header.model;
     let json = safetensors_header(header)?;
     // Written next to `out` and renamed there only when complete and
     // verified (fedlink-durable; mode 0600: a model is derived from the

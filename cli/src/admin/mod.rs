@@ -394,7 +394,7 @@ pub fn run_models(args: ModelsArgs) -> ExitCode {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "model": header.model,
+                        "model": header.model.to_hex(),
                         "job": header.job,
                         "round": header.round,
                         "format": "safetensors",

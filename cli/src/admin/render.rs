@@ -41,6 +41,14 @@ fn short(hex: &str) -> String {
     hex.chars().take(16).collect()
 }
 
+/// Ids, comma-separated.
+fn comma_list<T: std::fmt::Display>(ids: &[T]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
@@ -69,7 +77,7 @@ fn site_rows(sites: &[SiteInfo]) -> String {
             .iter()
             .map(|s| {
                 vec![
-                    s.name.clone(),
+                    s.name.to_string(),
                     connected_cell(s),
                     short(&s.cert_serial),
                     short(&s.update_public_key),
@@ -89,10 +97,10 @@ fn job_rows(jobs: &[JobInfo]) -> String {
             .iter()
             .map(|j| {
                 vec![
-                    j.id.clone(),
+                    j.id.to_string(),
                     j.state.clone(),
                     format!("{}/{}", j.completed_rounds, j.total_rounds),
-                    short(&j.current_model),
+                    short(&j.current_model.to_hex()),
                     opt(j.outcome.clone()),
                 ]
             })
@@ -368,7 +376,7 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                             .map(|p| {
                                 let link = s.links.iter().find(|l| l.site == p.site);
                                 vec![
-                                    p.site.clone(),
+                                    p.site.to_string(),
                                     p.state.clone(),
                                     match (link, p.connected) {
                                         (Some(l), _) => {
@@ -399,7 +407,7 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                         if s.connected_sites.is_empty() {
                             String::new()
                         } else {
-                            format!(": {}", s.connected_sites.join(", "))
+                            format!(": {}", comma_list(&s.connected_sites))
                         }
                     );
                 }
@@ -410,14 +418,14 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                 if s.queued_jobs.is_empty() {
                     "none".into()
                 } else {
-                    s.queued_jobs.join(", ")
+                    comma_list(&s.queued_jobs)
                 }
             );
         }
         AdminResponse::Sites(sites) => out.push_str(&site_rows(sites)),
         AdminResponse::Site(s) => {
             for (k, v) in [
-                ("site", s.name.clone()),
+                ("site", s.name.to_string()),
                 ("identity", s.identity.clone()),
                 ("connected", connected_cell(s)),
                 (
@@ -464,15 +472,15 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                     .collect::<Vec<_>>(),
             ));
         }
-        AdminResponse::Round { job, round } => round_text(&mut out, job, round),
+        AdminResponse::Round { job, round } => round_text(&mut out, job.as_str(), round),
         AdminResponse::Models(models) => out.push_str(&table(
             &["MODEL", "JOB", "ROUND", "BYTES"],
             &models
                 .iter()
                 .map(|m| {
                     vec![
-                        m.hash.clone(),
-                        m.job.clone(),
+                        m.hash.to_string(),
+                        m.job.to_string(),
                         m.round.to_string(),
                         opt(m.bytes),
                     ]
@@ -495,8 +503,8 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                         out,
                         "  round {}: {} -> {}  strategy {}",
                         s.round,
-                        short(&s.base_model),
-                        short(&s.output_model),
+                        short(&s.base_model.to_hex()),
+                        short(&s.output_model.to_hex()),
                         s.strategy
                             .get("name")
                             .map_or_else(|| s.strategy.to_string(), |n| n.to_string())
@@ -506,7 +514,7 @@ pub(super) fn text(resp: &AdminResponse) -> String {
                             out,
                             "    {} payload {} examples {} sig {}",
                             u.site,
-                            short(&u.payload_hash),
+                            short(&u.payload_hash.to_hex()),
                             u.num_examples,
                             u.envelope_sig.as_deref().map_or_else(|| "-".into(), short)
                         );

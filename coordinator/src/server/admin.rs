@@ -29,7 +29,9 @@ use fedlink_protocol::admin::{
     AdminErrorCode, AdminRequest, AdminResponse, EXPORT_CHUNK_BYTES, ExportFormat, ExportHeader,
     JobInfo, ModelInfo, ProvenanceStep, ProvenanceUpdate, SiteInfo, StatusReport, pytorch_tensors,
 };
-use fedlink_protocol::{ModelHash, ModelHasher, ModelSpec, SignedEnvelope};
+use fedlink_protocol::{
+    JobId, ModelHash, ModelHasher, ModelSpec, PayloadHash, RoundId, SignedEnvelope, SiteId,
+};
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::oneshot;
 
@@ -172,7 +174,7 @@ impl AdminState {
         .map(str::to_owned)
     }
 
-    fn queued_jobs(&self) -> Vec<String> {
+    fn queued_jobs(&self) -> Result<Vec<JobId>, Fail> {
         let current = self.current_job();
         let queue = self.queue().unwrap_or_default();
         crate::core::queue::queued(
@@ -181,11 +183,11 @@ impl AdminState {
             |id| matches!(self.store.job(id), Ok(Some(r)) if r.outcome.is_none()),
         )
         .into_iter()
-        .map(str::to_owned)
+        .map(job_id)
         .collect()
     }
 
-    fn job_info(&self, rec: &JobRecord, with_toml: bool) -> JobInfo {
+    fn job_info(&self, rec: &JobRecord, with_toml: bool) -> Result<JobInfo, Fail> {
         let total_rounds = Job::from_toml(&rec.job_toml)
             .map(|j| u64::from(j.rounds))
             .unwrap_or(0);
@@ -196,17 +198,17 @@ impl AdminState {
             || self.queue().unwrap_or_default().contains(&rec.id),
             rec.paused,
         );
-        JobInfo {
-            id: rec.id.clone(),
+        Ok(JobInfo {
+            id: job_id(&rec.id)?,
             state: state.to_owned(),
             completed_rounds: rec.completed_rounds,
             total_rounds,
-            initial_model: rec.initial_model.to_hex(),
-            current_model: rec.current_model.to_hex(),
+            initial_model: rec.initial_model,
+            current_model: rec.current_model,
             paused: rec.paused,
             outcome: rec.outcome.as_ref().map(ToString::to_string),
             job_toml: with_toml.then(|| rec.job_toml.clone()),
-        }
+        })
     }
 }
 
@@ -456,14 +458,17 @@ async fn execute(
                 None
             };
             let connected_sites = shared.ask_engine(AdminEvent::ConnectedSites).await?;
-            let links = link_infos(shared, &connected_sites);
+            let links = link_infos(shared, &connected_sites)?;
             Ok(AdminResponse::Status(StatusReport {
-                federation: shared.federation.to_string(),
+                federation: shared.federation.clone(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
                 uptime_secs: admin.started.elapsed().as_secs(),
                 current_job: current,
-                queued_jobs: admin.queued_jobs(),
-                connected_sites,
+                queued_jobs: admin.queued_jobs()?,
+                connected_sites: connected_sites
+                    .iter()
+                    .map(|s| site_id(s))
+                    .collect::<Result<_, _>>()?,
                 links,
             }))
         }
@@ -478,7 +483,7 @@ async fn execute(
                 .site
                 .iter()
                 .map(|e| site_info(&admin.store, e, &connected, shared))
-                .collect();
+                .collect::<Result<_, _>>()?;
             Ok(AdminResponse::Sites(sites))
         }
         AdminRequest::SitesShow { name } => {
@@ -495,7 +500,7 @@ async fn execute(
                 &entry,
                 &connected,
                 shared,
-            )))
+            )?))
         }
         AdminRequest::SitesApprove {
             cert_pem,
@@ -532,12 +537,14 @@ async fn execute(
         AdminRequest::JobsList => {
             let jobs = admin.store.jobs().map_err(internal)?;
             Ok(AdminResponse::Jobs(
-                jobs.iter().map(|r| admin.job_info(r, false)).collect(),
+                jobs.iter()
+                    .map(|r| admin.job_info(r, false))
+                    .collect::<Result<_, _>>()?,
             ))
         }
         AdminRequest::JobsShow { id } => {
             let rec = find_job(&admin.store, &id)?;
-            Ok(AdminResponse::Job(admin.job_info(&rec, true)))
+            Ok(AdminResponse::Job(admin.job_info(&rec, true)?))
         }
         AdminRequest::JobsPause { id } => {
             job_command(shared, actor, &id, AdminCommand::Pause).await
@@ -549,23 +556,26 @@ async fn execute(
             job_command(shared, actor, &id, AdminCommand::Abort).await
         }
         AdminRequest::RoundsList { job } => {
-            find_job(&admin.store, &job)?;
+            let found = find_job(&admin.store, &job)?;
             let rounds = admin.store.rounds(&job).map_err(internal)?;
             let rounds = rounds
                 .iter()
                 .map(record_json)
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(AdminResponse::Rounds { job, rounds })
+            Ok(AdminResponse::Rounds {
+                job: job_id(&found.id)?,
+                rounds,
+            })
         }
         AdminRequest::RoundsShow { job, round } => {
-            find_job(&admin.store, &job)?;
+            let found = find_job(&admin.store, &job)?;
             let rec = admin
                 .store
                 .round(&job, round.0)
                 .map_err(internal)?
                 .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
             Ok(AdminResponse::Round {
-                job,
+                job: job_id(&found.id)?,
                 round: record_json(&rec)?,
             })
         }
@@ -623,18 +633,42 @@ fn find_job(store: &Store, id: &str) -> Result<JobRecord, Fail> {
         .ok_or_else(|| not_found(format!("no job {id}")))
 }
 
+/// A job id from the store or the queue as the typed id the admin API
+/// answers with. Job ids were validated when their job was submitted or
+/// configured, so a refusal means a store written by something else: an
+/// internal error, not a panic.
+fn job_id(id: &str) -> Result<JobId, Fail> {
+    JobId::new(id).map_err(|e| internal(format!("stored job id: {e}")))
+}
+
+/// A site name from the registry or a connection as a typed id (site
+/// names are identity names, validated when the site was approved, and
+/// a subset of the ids `SiteId` allows).
+fn site_id(name: &str) -> Result<SiteId, Fail> {
+    SiteId::new(name).map_err(|e| internal(format!("site name: {e}")))
+}
+
 /// The links of the connected sites, in `connected`'s order.
-fn link_infos(shared: &Shared, connected: &[String]) -> Vec<fedlink_protocol::admin::LinkInfo> {
+fn link_infos(
+    shared: &Shared,
+    connected: &[String],
+) -> Result<Vec<fedlink_protocol::admin::LinkInfo>, Fail> {
     let Ok(links) = shared.site_links.lock() else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     connected
         .iter()
-        .filter_map(|s| links.get(s).map(|l| l.info(s)))
+        .filter_map(|s| links.get(s).map(|l| Ok(l.info(site_id(s)?))))
         .collect()
 }
 
-fn site_info(store: &Store, e: &SiteEntry, connected: &[String], shared: &Shared) -> SiteInfo {
+fn site_info(
+    store: &Store,
+    e: &SiteEntry,
+    connected: &[String],
+    shared: &Shared,
+) -> Result<SiteInfo, Fail> {
+    let name = site_id(&e.name)?;
     let rec = store.site(&e.name).ok().flatten();
     let is_connected = connected.contains(&e.name);
     let link = if is_connected {
@@ -642,12 +676,12 @@ fn site_info(store: &Store, e: &SiteEntry, connected: &[String], shared: &Shared
             .site_links
             .lock()
             .ok()
-            .and_then(|l| l.get(&e.name).map(|l| l.info(&e.name)))
+            .and_then(|l| l.get(&e.name).map(|l| l.info(name.clone())))
     } else {
         None
     };
-    SiteInfo {
-        name: e.name.clone(),
+    Ok(SiteInfo {
+        name,
         identity: e.identity.to_uri(),
         cert_serial: e.cert_serial.to_string(),
         cert_fingerprint: e.cert_fingerprint.to_string(),
@@ -659,7 +693,7 @@ fn site_info(store: &Store, e: &SiteEntry, connected: &[String], shared: &Shared
         last_seen_unix_ms: rec.as_ref().map(|r| r.last_seen_unix_ms),
         updates_aggregated: rec.as_ref().map(|r| r.updates_aggregated),
         link,
-    }
+    })
 }
 
 /// Parse and verify a site certificate presented for approval or
@@ -718,7 +752,7 @@ async fn change_sites(
             other => Err(internal(format!("not a site command's effect: {other:?}"))),
         },
     )?;
-    let mut info = site_info(&shared.admin.store, &change.entry, &[], shared);
+    let mut info = site_info(&shared.admin.store, &change.entry, &[], shared)?;
     if revoking {
         info.connected = false;
     }
@@ -766,7 +800,7 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     })?;
     tracing::info!(job = %job.id, "job submitted");
     let _ = shared.engine.send(Event::Admin(AdminEvent::Wake)).await;
-    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)))
+    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)?))
 }
 
 async fn job_command(
@@ -785,7 +819,7 @@ async fn job_command(
         })
         .await??;
     let rec = find_job(&shared.admin.store, id)?;
-    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)))
+    Ok(AdminResponse::Job(shared.admin.job_info(&rec, false)?))
 }
 
 fn model_file_len(store: &Store, hash: &ModelHash) -> Option<u64> {
@@ -798,20 +832,21 @@ fn models_list(store: &Store) -> Result<Vec<ModelInfo>, Fail> {
     let mut out: Vec<ModelInfo> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for job in store.jobs().map_err(internal)? {
-        let mut push = |hash: ModelHash, round: u64| {
+        let id = job_id(&job.id)?;
+        let mut push = |hash: ModelHash, round: RoundId| {
             if seen.insert(hash) {
                 out.push(ModelInfo {
-                    hash: hash.to_hex(),
-                    job: job.id.clone(),
+                    hash,
+                    job: id.clone(),
                     round,
                     bytes: model_file_len(store, &hash),
                 });
             }
         };
-        push(job.initial_model, 0);
+        push(job.initial_model, RoundId(0));
         for r in store.rounds(&job.id).map_err(internal)? {
             if let Some(m) = r.model {
-                push(m, r.round);
+                push(m, RoundId(r.round));
             }
         }
     }
@@ -828,9 +863,9 @@ fn model_info(store: &Store, hash: &str) -> Result<(ModelHash, ModelInfo), Fail>
     Ok((
         h,
         ModelInfo {
-            hash: h.to_hex(),
-            job: rec.job,
-            round: rec.round,
+            hash: h,
+            job: job_id(&rec.job)?,
+            round: RoundId(rec.round),
             bytes: model_file_len(store, &h),
         },
     ))
@@ -839,17 +874,17 @@ fn model_info(store: &Store, hash: &str) -> Result<(ModelHash, ModelInfo), Fail>
 /// The envelope signature of an archived update (hex), if archived.
 fn envelope_sig(
     store: &Store,
-    job: &str,
-    round: u64,
-    site: &str,
-    payload_hash: &str,
+    job: &JobId,
+    round: RoundId,
+    site: &SiteId,
+    payload_hash: &PayloadHash,
 ) -> Option<String> {
     let dir = store
         .dir()
         .join("updates")
-        .join(job)
-        .join(format!("round-{round:06}"));
-    let prefix = format!("{site}-{payload_hash}-");
+        .join(job.as_str())
+        .join(format!("round-{:06}", round.0));
+    let prefix = format!("{site}-{}-", payload_hash.to_hex());
     let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
         .ok()?
         .flatten()
@@ -871,7 +906,7 @@ fn provenance_chain(
     hash: &ModelHash,
     info: &ModelInfo,
 ) -> Result<Vec<ProvenanceStep>, Fail> {
-    let job = find_job(store, &info.job)?;
+    let job = find_job(store, info.job.as_str())?;
     let strategy = Job::from_toml(&job.job_toml)
         .ok()
         .and_then(|j| strategy_config(&j).ok())
@@ -879,9 +914,9 @@ fn provenance_chain(
         .unwrap_or(serde_json::Value::Null);
     let mut steps = Vec::new();
     let mut want = *hash;
-    for r in (1..=info.round).rev() {
+    for r in (1..=info.round.0).rev() {
         let rec = store
-            .round(&info.job, r)
+            .round(info.job.as_str(), r)
             .map_err(internal)?
             .ok_or_else(|| internal(format!("job {} has no round {r} record", info.job)))?;
         if rec.model != Some(want) {
@@ -894,20 +929,23 @@ fn provenance_chain(
             .accepted
             .iter()
             .map(|u| {
-                let ph = u.payload_hash.to_hex();
-                ProvenanceUpdate {
-                    site: u.site.to_string(),
-                    envelope_sig: envelope_sig(store, &info.job, r, u.site.as_str(), &ph),
-                    payload_hash: ph,
+                let site = site_id(&u.site)?;
+                // The round record keeps the payload's blake3 in a
+                // `ModelHash`; it is the payload hash.
+                let payload_hash = PayloadHash(u.payload_hash.0);
+                Ok(ProvenanceUpdate {
+                    envelope_sig: envelope_sig(store, &info.job, RoundId(r), &site, &payload_hash),
+                    site,
+                    payload_hash,
                     num_examples: u.num_examples,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, Fail>>()?;
         steps.push(ProvenanceStep {
             job: info.job.clone(),
-            round: r,
-            base_model: rec.base_model.to_hex(),
-            output_model: want.to_hex(),
+            round: RoundId(r),
+            base_model: rec.base_model,
+            output_model: want,
             strategy: strategy.clone(),
             updates,
         });
@@ -1074,7 +1112,7 @@ async fn export(
     let store = &shared.admin.store;
     let prepared = (|| -> Result<_, Fail> {
         let (h, info) = model_info(store, hash)?;
-        let job = find_job(store, &info.job)?;
+        let job = find_job(store, info.job.as_str())?;
         let arch = Job::from_toml(&job.job_toml)
             .ok()
             .and_then(|j| serde_json::to_value(&j.arch).ok())
@@ -1083,7 +1121,7 @@ async fn export(
         let (spec, stream) =
             tokio::task::block_in_place(|| ModelFileStream::open(&path, h)).map_err(internal)?;
         let header = ExportHeader {
-            model: h.to_hex(),
+            model: h,
             job: info.job,
             round: info.round,
             arch,
@@ -1107,7 +1145,7 @@ async fn export(
     if let Err(e) = shared.audit().record(
         actor,
         EventKind::ModelExported,
-        serde_json::json!({"model": header.model, "format": format_name}),
+        serde_json::json!({"model": header.model.to_hex(), "format": format_name}),
     ) {
         send_response(
             &mut send,

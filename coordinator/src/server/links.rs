@@ -167,9 +167,9 @@ pub(crate) struct SiteLink {
 pub(crate) const VIA_PROXY_FEATURE: &str = fedlink_protocol::message::FEATURE_VIA_PROXY;
 
 impl SiteLink {
-    pub(crate) fn info(&self, site: &str) -> fedlink_protocol::admin::LinkInfo {
+    pub(crate) fn info(&self, site: fedlink_protocol::SiteId) -> fedlink_protocol::admin::LinkInfo {
         fedlink_protocol::admin::LinkInfo {
-            site: site.to_owned(),
+            site,
             transport: self.conn.kind().as_str().to_owned(),
             via_proxy: self.via_proxy,
             rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,

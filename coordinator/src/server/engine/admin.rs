@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use fedlink_protocol::SiteId;
 use fedlink_protocol::admin::{AdminErrorCode, JobProgress, SiteProgress};
 use tokio::sync::oneshot;
 
@@ -227,7 +228,12 @@ impl Engine {
         }
         let sites = names
             .into_iter()
-            .map(|site| {
+            .filter_map(|site| {
+                // Names of identities and registry entries, validated when
+                // made; a subset of what `SiteId` allows.
+                let id = SiteId::new(site.as_str())
+                    .inspect_err(|e| tracing::error!(error = %e, "site name in the progress"))
+                    .ok()?;
                 let state = if reported.contains(&site) {
                     "reported"
                 } else if selected.contains(&site) && connected.contains(&site) {
@@ -239,20 +245,20 @@ impl Engine {
                 } else {
                     "offline"
                 };
-                SiteProgress {
+                Some(SiteProgress {
                     connected: connected.contains(&site),
-                    site,
+                    site: id,
                     state: state.to_owned(),
-                }
+                })
             })
             .collect();
         JobProgress {
-            job: self.job_id.as_str().to_owned(),
+            job: self.job_id.clone(),
             phase: phase.to_owned(),
             round: round.map(fedlink_protocol::RoundId),
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
-            current_model: self.runner.current_model().to_hex(),
+            current_model: self.runner.current_model(),
             paused: self.runner.is_paused(),
             accepted,
             outcome: self.outcome.as_ref().map(|o| format!("{o:?}")),

@@ -11,11 +11,21 @@
 //! by a coordinator that kept nothing and signed again) → the answer's
 //! `update.result`.
 //!
-//! Checked after every step: an audit record precedes every send it
-//! describes; no two signatures share a nonce; the model trained on is the
-//! one the offer named (by hash); the payload the coordinator verified is
-//! the sealed one (its hash); a resumed upload sends exactly the records
-//! the coordinator lacks.
+//! Around it, seeded: an older round of the job accepted first and
+//! superseded by this offer, the offer repeated mid-task, another job's
+//! offer declined as busy, a `Cancel` of another round, and a `Cancel` of
+//! this round after its answer (the work not yet reported finished); each
+//! handled as the driver handles it, with the records `SiteCore` returns.
+//!
+//! Checked after every step: an audit record precedes every send or action
+//! it describes (`offer.received` and `offer.accepted` / `offer.declined`
+//! the answer to the offer, with the same ids and decision;
+//! `round.cancelled` with `dropped_work` exactly when the work on that
+//! round is dropped, just before); only the work in progress is dropped;
+//! no two signatures share a nonce; the model trained on is the one the
+//! offer named (by hash); the payload the coordinator verified is the
+//! sealed one (its hash); a resumed upload sends exactly the records the
+//! coordinator lacks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,10 +35,11 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use fedlink_protocol::downlink::apply_update;
 use fedlink_protocol::{
-    Encoding, ExpectedUpdate, FlatModel, JobId, Message, ModelHash, ModelManifest,
-    PROTOCOL_VERSION, PayloadHash, PayloadVerifier, Reject, RejectCode, ReplayGuard, RoundId,
-    SignedEnvelope, UpdateManifest, UpdateNonce, UploadProgress, UploadResult, ValueCodec, Welcome,
-    decode_payload, encode_payload, max_payload_len, verify_update,
+    Cancel, Encoding, ExpectedUpdate, FlatModel, JobId, Message, ModelHash, ModelManifest,
+    OfferDecision, OfferResponse, PROTOCOL_VERSION, PayloadHash, PayloadVerifier, Reject,
+    RejectCode, ReplayGuard, RoundId, SignedEnvelope, TaskOffer, UpdateManifest, UpdateNonce,
+    UploadProgress, UploadResult, ValueCodec, Welcome, decode_payload, encode_payload,
+    max_payload_len, verify_update,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +49,7 @@ use super::*;
 use crate::policy::Policy;
 use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::download::{self, Cached, Download, Step};
-use crate::sitecore::{SiteCore, upload};
+use crate::sitecore::{Assignment, SiteCore, TaskKey, upload};
 
 /// What the site did, in order: the audit records and the sends.
 #[derive(Clone, Debug)]
@@ -55,6 +66,68 @@ enum Trace {
         nonce: String,
         from: u64,
     },
+    /// An `OfferResponse`.
+    Answer(OfferResponse),
+    /// The work on this round dropped.
+    Drop(TaskKey),
+}
+
+/// A message that arrives while the task runs.
+enum Midway {
+    /// The offer of the round in progress, again (accepted, nothing new).
+    Repeated(TaskOffer),
+    /// Another job's offer (declined: busy).
+    Busy(TaskOffer),
+    /// A `Cancel` of another round (recorded, nothing dropped).
+    Stale(Cancel),
+}
+
+/// An offer handled as the driver handles it: its records, the answer,
+/// the superseded round's record and its work dropped; the work started.
+fn offer_step(
+    core: &mut SiteCore,
+    offer: &TaskOffer,
+    working: &mut Option<TaskKey>,
+    trace: &mut Vec<Trace>,
+) -> Option<Assignment> {
+    let out = core.on_offer(1_000, offer);
+    trace.push(Trace::Audit(out.received));
+    trace.push(Trace::Audit(out.decided));
+    trace.push(Trace::Answer(out.response));
+    if let Some(abort) = out.abort {
+        trace.push(Trace::Audit(abort.cancelled));
+        drop_work(working, abort.key, trace);
+    }
+    if let Some(a) = &out.start {
+        *working = Some(a.key());
+    }
+    check_trace(trace);
+    out.start
+}
+
+/// A `Cancel` handled as the driver handles it.
+fn cancel_step(
+    core: &mut SiteCore,
+    cancel: &Cancel,
+    working: &mut Option<TaskKey>,
+    trace: &mut Vec<Trace>,
+) {
+    let out = core.on_cancel(cancel);
+    trace.push(Trace::Audit(out.cancelled));
+    if let Some(key) = out.drop {
+        drop_work(working, key, trace);
+    }
+    check_trace(trace);
+}
+
+/// The core asks to drop exactly the work the driver holds.
+fn drop_work(working: &mut Option<TaskKey>, key: TaskKey, trace: &mut Vec<Trace>) {
+    assert_eq!(
+        working.take(),
+        Some(key.clone()),
+        "drops the work in progress"
+    );
+    trace.push(Trace::Drop(key));
 }
 
 /// The coordinator's side: what it serves and what it verifies.
@@ -171,11 +244,55 @@ impl Coordinator {
     }
 }
 
-/// Every send is preceded by the record that describes it.
+/// Every send or action is preceded by the record that describes it.
 fn check_trace(trace: &[Trace]) {
     for (i, t) in trace.iter().enumerate() {
         let before = &trace[..i];
+        let next = trace.get(i + 1);
         match t {
+            Trace::Answer(r) => {
+                let (job, round) = (&r.job_id, r.round);
+                assert!(
+                    matches!(before, [.., Trace::Audit(SiteEvent::OfferReceived { job: j, round: n, .. }), Trace::Audit(_)] if j == job && *n == round),
+                    "answer to {job} round {round} without its offer.received"
+                );
+                let decided = match before.last() {
+                    Some(Trace::Audit(SiteEvent::OfferAccepted { job: j, round: n }))
+                        if j == job && *n == round =>
+                    {
+                        OfferDecision::Accept
+                    }
+                    Some(Trace::Audit(SiteEvent::OfferDeclined {
+                        job: j,
+                        round: n,
+                        reason,
+                    })) if j == job && *n == round => OfferDecision::Decline {
+                        reason: reason.clone(),
+                    },
+                    _ => panic!("answer to {job} round {round} sent before its decision's record"),
+                };
+                assert_eq!(r.decision, decided, "the record says what is sent");
+            }
+            Trace::Drop(key) => assert!(
+                matches!(before.last(), Some(Trace::Audit(SiteEvent::RoundCancelled { job, round, dropped_work: true, .. })) if *job == key.job_id && *round == key.round),
+                "work on {key} dropped without its round.cancelled just before"
+            ),
+            Trace::Audit(SiteEvent::RoundCancelled {
+                job,
+                round,
+                dropped_work,
+                ..
+            }) => {
+                let dropped =
+                    matches!(next, Some(Trace::Drop(k)) if k.job_id == *job && k.round == *round);
+                // The last entry may await its action.
+                if next.is_some() {
+                    assert_eq!(
+                        *dropped_work, dropped,
+                        "round.cancelled of {job} round {round} says dropped_work {dropped_work}"
+                    );
+                }
+            }
             Trace::Open { nonce, payload } => assert!(
                 before
                     .iter()
@@ -216,6 +333,9 @@ struct Paths {
     upload_resumed: usize,
     signed_again: usize,
     uncut: usize,
+    superseded: usize,
+    midway: usize,
+    cancelled: usize,
 }
 
 fn run(seed: u64, paths: &mut Paths) {
@@ -298,8 +418,40 @@ fn run(seed: u64, paths: &mut Paths) {
         )
         .unwrap()
         .clone();
-    let outcome = core.on_offer(1_000, &offer);
-    let a = outcome.start.expect("the offer is accepted");
+    // Faults around the task, from their own stream (the task's own draws
+    // stay as they were).
+    let mut faults = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0ff3);
+    let mut trace: Vec<Trace> = Vec::new();
+    let mut working: Option<TaskKey> = None;
+    offer.round = RoundId(2);
+    if faults.gen_bool(0.4) {
+        // An older round of the job, accepted, then superseded.
+        let mut older = offer.clone();
+        older.round = RoundId(1);
+        assert!(offer_step(&mut core, &older, &mut working, &mut trace).is_some());
+        paths.superseded += 1;
+    }
+    let a = offer_step(&mut core, &offer, &mut working, &mut trace).expect("the offer is accepted");
+    let cancel = |round| Cancel {
+        job_id: offer.job_id.clone(),
+        round,
+        reason: "operator".into(),
+    };
+    // Messages that arrive while the task runs (the driver handles them
+    // between its steps; here, after the download).
+    let mut midway: Vec<Midway> = Vec::new();
+    if faults.gen_bool(0.3) {
+        midway.push(Midway::Repeated(offer.clone()));
+    }
+    if faults.gen_bool(0.3) {
+        let mut other = offer.clone();
+        other.job_id = JobId::new("other-job").unwrap();
+        midway.push(Midway::Busy(other));
+    }
+    if faults.gen_bool(0.3) {
+        midway.push(Midway::Stale(cancel(RoundId(7))));
+    }
+    let cancelled_after_answer = faults.gen_bool(0.3);
 
     let mut coord = Coordinator {
         model: global.clone(),
@@ -320,7 +472,6 @@ fn run(seed: u64, paths: &mut Paths) {
         received_now: 0,
         accepted: None,
     };
-    let mut trace: Vec<Trace> = Vec::new();
     let mut cache: HashMap<ModelHash, FlatModel> = HashMap::new();
     let held = rng.gen_bool(0.8).then(|| previous.hash());
     if held.is_some() {
@@ -395,6 +546,26 @@ fn run(seed: u64, paths: &mut Paths) {
         "the model trained on is the offered one"
     );
     assert_eq!(bits(&trained_on), bits(&global));
+    for step in &midway {
+        match step {
+            Midway::Repeated(o) => {
+                assert!(offer_step(&mut core, o, &mut working, &mut trace).is_none());
+            }
+            Midway::Busy(o) => {
+                assert!(offer_step(&mut core, o, &mut working, &mut trace).is_none());
+                assert!(matches!(
+                    trace.last(),
+                    Some(Trace::Answer(OfferResponse {
+                        decision: OfferDecision::Decline { .. },
+                        ..
+                    }))
+                ));
+            }
+            Midway::Stale(c) => cancel_step(&mut core, c, &mut working, &mut trace),
+        }
+        paths.midway += 1;
+    }
+    assert_eq!(working, Some(a.key()), "the task goes on");
 
     // Train → delta → clip/noise → train.completed → seal → update.sent.
     let trainer = StepTrainer::new(0.05);
@@ -501,16 +672,26 @@ fn run(seed: u64, paths: &mut Paths) {
         upload::on_upload_answer(&kept.envelope, &answer).unwrap(),
     ));
     check_trace(&trace);
+    if cancelled_after_answer {
+        // The coordinator cancels the round before the driver has seen the
+        // work end: recorded, and the (finished) work dropped.
+        cancel_step(&mut core, &cancel(offer.round), &mut working, &mut trace);
+        paths.cancelled += 1;
+    }
     core.on_task_finished(&a.key());
 
     // The payload verified and accepted is the sealed one.
     let (hash, got) = coord.accepted.expect("the update was accepted");
     assert_eq!(hash, summary.payload_hash);
     assert_eq!(got, kept.records);
-    assert!(matches!(
-        trace.last(),
-        Some(Trace::Audit(SiteEvent::UpdateResult { accepted: true, .. }))
-    ));
+    assert!(trace.iter().any(|t| matches!(
+        t,
+        Trace::Audit(SiteEvent::UpdateResult { accepted: true, .. })
+    )));
+    assert_eq!(
+        matches!(trace.last(), Some(Trace::Drop(k)) if *k == a.key()),
+        cancelled_after_answer
+    );
     assert!(core.active().is_none());
 }
 
@@ -541,6 +722,9 @@ fn seeded_runs_of_the_whole_task() {
         upload_resumed,
         signed_again,
         uncut,
+        superseded,
+        midway,
+        cancelled,
     } = paths;
     for (what, n) in [
         ("by update", by_update),
@@ -548,6 +732,9 @@ fn seeded_runs_of_the_whole_task() {
         ("upload resumed", upload_resumed),
         ("signed again", signed_again),
         ("uncut", uncut),
+        ("superseded", superseded),
+        ("offers and cancels midway", midway),
+        ("cancelled after the answer", cancelled),
     ] {
         assert!(n >= 20, "{what}: {n} of 300 runs");
     }
@@ -586,4 +773,62 @@ fn the_trace_check_catches_a_send_before_its_record_and_a_reused_nonce() {
     };
     let early = std::panic::catch_unwind(|| check_trace(&[sent("01"), open("01"), resumed]));
     assert!(early.is_err());
+
+    // An answer after its offer's records, with the decision they say.
+    let o = crate::policy::tests::offer();
+    let received = Trace::Audit(crate::sitecore::offer_received(&o));
+    let accepted = Trace::Audit(SiteEvent::OfferAccepted {
+        job: o.job_id.clone(),
+        round: o.round,
+    });
+    let answer = |decision| {
+        Trace::Answer(OfferResponse {
+            job_id: o.job_id.clone(),
+            round: o.round,
+            decision,
+        })
+    };
+    check_trace(&[
+        received.clone(),
+        accepted.clone(),
+        answer(OfferDecision::Accept),
+    ]);
+    for bad in [
+        vec![
+            answer(OfferDecision::Accept),
+            received.clone(),
+            accepted.clone(),
+        ],
+        vec![accepted.clone(), answer(OfferDecision::Accept)],
+        vec![received.clone(), answer(OfferDecision::Accept)],
+        vec![
+            received.clone(),
+            accepted.clone(),
+            answer(OfferDecision::Decline { reason: "r".into() }),
+        ],
+    ] {
+        assert!(std::panic::catch_unwind(|| check_trace(&bad)).is_err());
+    }
+    // Work dropped just after its round.cancelled, and only then.
+    let key = TaskKey {
+        job_id: o.job_id.clone(),
+        round: o.round,
+    };
+    let cancelled = |dropped_work| {
+        Trace::Audit(SiteEvent::RoundCancelled {
+            job: o.job_id.clone(),
+            round: o.round,
+            reason: "r".into(),
+            dropped_work,
+        })
+    };
+    check_trace(&[cancelled(true), Trace::Drop(key.clone())]);
+    check_trace(&[cancelled(false), received.clone()]);
+    for bad in [
+        vec![Trace::Drop(key.clone()), cancelled(true)],
+        vec![cancelled(false), Trace::Drop(key.clone())],
+        vec![cancelled(true), received.clone()],
+    ] {
+        assert!(std::panic::catch_unwind(|| check_trace(&bad)).is_err());
+    }
 }
