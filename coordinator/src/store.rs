@@ -482,7 +482,19 @@ impl Store {
     /// Write a model durably under its hash and return the hash. Idempotent:
     /// an existing, intact file is kept; a corrupt one is replaced.
     pub fn put_model(&self, model: &FlatModel) -> Result<ModelHash, StoreError> {
-        let hash = model.hash();
+        self.put_model_hashed(model, model.hash())
+    }
+
+    /// [`Self::put_model`] for a model whose hash the caller has just
+    /// computed (`hash` must be `model.hash()`; checked in debug builds):
+    /// the round's end knows it already, and 40 MB of hashing at 10M
+    /// parameters is then not done twice on its critical path.
+    pub fn put_model_hashed(
+        &self,
+        model: &FlatModel,
+        hash: ModelHash,
+    ) -> Result<ModelHash, StoreError> {
+        debug_assert_eq!(hash, model.hash(), "put_model_hashed: wrong hash");
         let path = self.model_path(&hash);
         if path.exists() {
             match self.load_model(&hash) {

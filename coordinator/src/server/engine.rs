@@ -1525,20 +1525,21 @@ impl Engine {
         Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
-    /// Store the round's new model, then its replay record (`round.json`)
-    /// and its audit entry (`round.aggregated`): none may be missing for a
-    /// published model. Returns the model's hash. The outer error is fatal.
+    /// Store the round's new model (given with its hash), then its replay
+    /// record (`round.json`) and its audit entry (`round.aggregated`): none
+    /// may be missing for a published model. Returns the model's hash. The
+    /// outer error is fatal.
     fn record_aggregated(
         &mut self,
         round: u64,
         base_model: ModelHash,
-        next: &FlatModel,
+        (next, next_hash): (&FlatModel, ModelHash),
         dp: Option<actions::DpApplied>,
         log: &RoundLog,
         downlink: Option<Encoding>,
     ) -> Result<Result<ModelHash, AggregationFailure>, EngineError> {
         let max_sites = self.job.max_sites() as usize;
-        let hash = match self.store.put_model(next) {
+        let hash = match self.store.put_model_hashed(next, next_hash) {
             Ok(h) => h,
             Err(e) => return Ok(Err(e.into())),
         };
@@ -1671,7 +1672,8 @@ impl Engine {
                 )
             });
             let t = Instant::now();
-            let recorded = self.record_aggregated(round, base_model, &next, dp, log, downlink);
+            let recorded =
+                self.record_aggregated(round, base_model, (&next, next_hash), dp, log, downlink);
             let record_ms = t.elapsed();
             let (wire, wire_ms) = wire
                 .join()
