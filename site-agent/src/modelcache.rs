@@ -75,6 +75,9 @@ pub struct ModelAssembler {
     manifest: ModelManifest,
     decoder: PayloadDecoder,
     values: Vec<f32>,
+    /// Each chunk is decoded here, then appended to `values` (one buffer
+    /// reused for every chunk).
+    chunk: Vec<f32>,
     records: u64,
     bytes: u64,
 }
@@ -135,6 +138,7 @@ impl ModelAssembler {
             manifest,
             decoder,
             values,
+            chunk: Vec::new(),
             records: 0,
             bytes: 0,
         })
@@ -165,15 +169,14 @@ impl ModelAssembler {
                 self.manifest.payload_len
             )));
         }
-        let chunk = self.decoder.decode_chunk(record)?;
-        if chunk.offset != self.values.len() as u64 {
+        let offset = self.decoder.decode_chunk_into(record, &mut self.chunk)?;
+        if offset != self.values.len() as u64 {
             return Err(ModelError::Length(format!(
-                "chunk at offset {} where {} was expected",
-                chunk.offset,
+                "chunk at offset {offset} where {} was expected",
                 self.values.len()
             )));
         }
-        self.values.extend_from_slice(&chunk.values);
+        self.values.extend_from_slice(&self.chunk);
         self.records += 1;
         Ok(())
     }

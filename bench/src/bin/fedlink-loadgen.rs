@@ -45,8 +45,8 @@ use fedlink_protocol::message::{
     RejectCode, TaskOffer, UploadResult,
 };
 use fedlink_protocol::{
-    Encoding, FlatModel, Message, ModelHash, ModelHasher, ModelSpec, PROTOCOL_VERSION,
-    PayloadDecoder, PayloadEncoder, PayloadHash, SiteId, VersionRange,
+    Encoding, FlatModel, Message, ModelHash, ModelSpec, PROTOCOL_VERSION, PayloadDecoder,
+    PayloadEncoder, PayloadHash, SiteId, VersionRange,
 };
 use fedlink_test_util::TestPki;
 use fedlink_transport::{Conn, FramedRecv, FramedSend, TransportKind};
@@ -871,27 +871,28 @@ async fn fetch_model(
         }
         other => bail!("expected a model manifest, got {}", other.name()),
     };
+    // The decoder hashes the values as it decodes them (one hash per
+    // byte); each chunk is decoded into one reused buffer.
     let mut dec = PayloadDecoder::new(manifest.spec.clone(), manifest.encoding)?;
-    let mut hasher = ModelHasher::new(&manifest.spec);
     let mut bytes = 0u64;
     let mut values = Vec::new();
+    let mut chunk = Vec::new();
     for _ in 0..manifest.num_chunks {
         let rec = step("model chunk", limit, recv.chunk()).await??;
         bytes += rec.len() as u64;
-        let chunk = dec.decode_chunk(&rec)?;
-        hasher.update(&chunk.values);
+        dec.decode_chunk_into(&rec, &mut chunk)?;
         if keep {
-            values.extend_from_slice(&chunk.values);
+            values.extend_from_slice(&chunk);
         }
     }
-    dec.finish()?;
+    let summary = dec.finish()?;
     if bytes != manifest.payload_len {
         bail!(
             "model payload is {bytes} bytes, the manifest said {}",
             manifest.payload_len
         );
     }
-    if hasher.finalize() != offer.base_model {
+    if summary.model_hash != Some(offer.base_model) {
         bail!("downloaded model does not match the offered hash");
     }
     let model = if keep {
