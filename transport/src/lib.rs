@@ -357,18 +357,25 @@ impl FramedRecv {
         // The declared length is the peer's word: memory grows with the
         // bytes that actually arrive (doubling from 64 KiB), so a header
         // announcing 8 MiB followed by silence costs 64 KiB (or the
-        // capacity `body` already had), not 8 MiB.
+        // capacity `body` already had), not 8 MiB. Bytes `body` already
+        // holds (a reused buffer's previous frame) are read over as they
+        // are, not zeroed first: a stream of 2 MiB records reused one
+        // buffer and still cleared 2 MiB per record.
         let len = header.body_len();
-        body.clear();
-        while body.len() < len {
-            let start = body.len();
-            body.resize(start + next_read_len(start, len), 0);
+        body.truncate(len);
+        let mut filled = 0;
+        while filled < len {
+            if filled == body.len() {
+                body.resize(filled + next_read_len(filled, len), 0);
+            }
+            let end = body.len();
             let got = self
-                .read_full(body.get_mut(start..).unwrap_or_default())
+                .read_full(body.get_mut(filled..end).unwrap_or_default())
                 .await?;
             if !got {
                 return Err(TransportError::Truncated);
             }
+            filled = end;
         }
         Ok(header)
     }

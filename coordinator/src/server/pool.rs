@@ -20,6 +20,10 @@ pub(crate) struct BufPool<T> {
     kept: Mutex<Kept<T>>,
     max_count: usize,
     max_bytes: usize,
+    /// Buffers come back with the length (and bytes) they had, for users
+    /// that size a buffer with `resize` and then overwrite all of it: only
+    /// what grows beyond the previous length is zeroed.
+    keep_len: bool,
 }
 
 #[derive(Debug)]
@@ -39,11 +43,30 @@ impl<T> BufPool<T> {
             }),
             max_count,
             max_bytes,
+            keep_len: false,
         }
     }
 
-    /// An empty buffer (length 0), with the capacity of one given back
-    /// earlier if the pool holds any; it returns to this pool when dropped.
+    /// [`BufPool::new`] for a pool whose users size each buffer with
+    /// `resize` and overwrite every byte before reading any (a record read
+    /// from a stream or a file): its buffers come back with the length and
+    /// bytes they had, so sizing one for the next record of about the same
+    /// size zeroes nothing (a 2 MiB record was zeroed, then read over).
+    pub(crate) const fn reusing(max_count: usize, max_bytes: usize) -> Self {
+        Self {
+            kept: Mutex::new(Kept {
+                bufs: Vec::new(),
+                bytes: 0,
+            }),
+            max_count,
+            max_bytes,
+            keep_len: true,
+        }
+    }
+
+    /// A buffer with the capacity of one given back earlier if the pool
+    /// holds any (empty, or with its old length and bytes for a
+    /// [`BufPool::reusing`] pool); it returns to this pool when dropped.
     pub(crate) fn take(&self) -> Pooled<'_, T> {
         let buf = match self.kept.lock() {
             Ok(mut k) => match k.bufs.pop() {
@@ -66,7 +89,9 @@ impl<T> BufPool<T> {
         if bytes == 0 || bytes > self.max_bytes {
             return;
         }
-        buf.clear();
+        if !self.keep_len {
+            buf.clear();
+        }
         if let Ok(mut k) = self.kept.lock()
             && k.bufs.len() < self.max_count
             && k.bytes.saturating_add(bytes) <= self.max_bytes
@@ -133,7 +158,8 @@ impl<T> Drop for Pooled<'_, T> {
 /// (`max_concurrent_uploads`, 4 by default) and the record buffer of each
 /// validation or fold pass reading a spool. Records are ≤ 2 MiB raw
 /// (`DEFAULT_CHUNK_BYTES`) and ≈ 0.5–1.1 MB as sent.
-pub(crate) static RECORDS: BufPool<u8> = BufPool::new(6, 6 << 20);
+/// Their users overwrite every byte they size ([`BufPool::reusing`]).
+pub(crate) static RECORDS: BufPool<u8> = BufPool::reusing(6, 6 << 20);
 
 /// Decoded values of one chunk, per validation or fold pass
 /// (≤ 512 Ki values = 2 MiB at the default chunk size).
@@ -142,7 +168,9 @@ pub(crate) static VALUES: BufPool<f32> = BufPool::new(2, 4 << 20);
 /// Download pieces (256 KiB each) handed to QUIC: freed once the peer has
 /// acknowledged them, so as many are in flight as the send windows of
 /// the downloads hold.
-pub(crate) static PIECES: BufPool<u8> = BufPool::new(8, 2 << 20);
+/// Each is sized and then read over from the model's file whole
+/// ([`BufPool::reusing`]).
+pub(crate) static PIECES: BufPool<u8> = BufPool::reusing(8, 2 << 20);
 
 #[cfg(test)]
 mod tests {
@@ -200,5 +228,24 @@ mod tests {
         assert_eq!(pool.holds(), (0, 0));
         drop(b);
         assert_eq!(pool.holds(), (1, cap));
+    }
+
+    #[test]
+    fn a_reusing_pool_hands_back_buffers_as_they_were() {
+        let pool: BufPool<u8> = BufPool::reusing(4, 1 << 20);
+        let mut a = pool.take();
+        a.resize(100_000, 9);
+        drop(a);
+        let mut b = pool.take();
+        assert_eq!(b.len(), 100_000, "the length it had");
+        // Sized for a shorter record: truncated, nothing zeroed.
+        b.resize(60_000, 0);
+        assert!(b.iter().all(|&x| x == 9));
+        // Sized for a longer one: only the growth is zeroed.
+        b.resize(120_000, 0);
+        assert_eq!(
+            b.get(100_000..).map(|t| t.iter().all(|&x| x == 0)),
+            Some(true)
+        );
     }
 }

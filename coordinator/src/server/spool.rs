@@ -131,9 +131,13 @@ pub(crate) fn for_each_chunk<E>(
         }
         let h = ChunkHeader::parse(&head)?;
         let body_len = dec.check_header(&h)?;
-        record.clear();
-        record.extend_from_slice(&head);
+        // Resized, not cleared: only bytes beyond the previous record's
+        // length are zeroed (a pass's records are mostly the same size),
+        // not the whole body before it is read over.
         record.resize(CHUNK_HEADER_LEN + body_len, 0);
+        if let Some(h) = record.get_mut(..CHUNK_HEADER_LEN) {
+            h.copy_from_slice(&head);
+        }
         let body = record.get_mut(CHUNK_HEADER_LEN..).unwrap_or_default();
         if read_full(&mut r, body).map_err(io(path))? != body_len {
             return Err(SpoolError::Truncated(path.to_owned()));
