@@ -861,8 +861,10 @@ async fn fetch_model(
             }
             let mut applier = UpdateApplier::new(*m, base, u64::MAX)?;
             let mut bytes = 0u64;
+            // One record buffer for the whole download, as the coordinator's.
+            let mut rec = Vec::new();
             while applier.remaining() > 0 {
-                let rec = step("update chunk", limit, recv.chunk()).await??;
+                step("update chunk", limit, recv.chunk_into(&mut rec)).await??;
                 bytes += rec.len() as u64;
                 applier.push(&rec)?;
             }
@@ -877,8 +879,9 @@ async fn fetch_model(
     let mut bytes = 0u64;
     let mut values = Vec::new();
     let mut chunk = Vec::new();
+    let mut rec = Vec::new();
     for _ in 0..manifest.num_chunks {
-        let rec = step("model chunk", limit, recv.chunk()).await??;
+        step("model chunk", limit, recv.chunk_into(&mut rec)).await??;
         bytes += rec.len() as u64;
         dec.decode_chunk_into(&rec, &mut chunk)?;
         if keep {
