@@ -396,7 +396,7 @@ async fn serve_site(
         .any(|f| f == super::links::VIA_PROXY_FEATURE);
     if let Ok(mut links) = shared.site_links.lock() {
         links.insert(
-            site.to_owned(),
+            site_id.clone(),
             super::links::SiteLink {
                 conn: conn.clone(),
                 via_proxy,
@@ -405,7 +405,7 @@ async fn serve_site(
     }
     let _link = super::links::LinkGuard {
         shared,
-        site: site.to_owned(),
+        site: site_id.clone(),
         conn_id: conn.stable_id(),
     };
     let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);

@@ -1013,7 +1013,7 @@ impl Engine {
                 tracing::info!(?outcome, "job finished");
                 let sites = self
                     .links
-                    .connected()
+                    .connected_names()
                     .into_iter()
                     .map(|site| Connected {
                         protocol_version: self.links.protocol_version(&site),
@@ -1199,7 +1199,7 @@ impl Engine {
             &self.facts,
             ev,
             outcome,
-            &self.links.connected(),
+            &self.links.connected_names(),
             self.wire.admin.next_queued().is_some(),
         );
         self.run_effects(effects, None)
@@ -1933,7 +1933,7 @@ impl Engine {
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),
-            connected_sites: self.links.connected(),
+            connected_sites: self.links.connected_names(),
             finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,

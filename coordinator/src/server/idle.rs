@@ -32,7 +32,7 @@ pub(crate) struct Idle {
 
 impl Idle {
     /// Sites connected now, sorted.
-    pub(crate) fn connected(&self) -> Vec<String> {
+    pub(crate) fn connected(&self) -> Vec<fedlink_protocol::SiteId> {
         self.links.connected()
     }
 

@@ -225,7 +225,7 @@ pub(crate) struct Shared {
     manifest_mtime: Mutex<Option<SystemTime>>,
     /// How each connected site is connected (operator view: transport,
     /// proxy, RTT), by site; the engine owns who is connected.
-    pub(crate) site_links: Mutex<HashMap<String, links::SiteLink>>,
+    pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
     revocations: Arc<RevocationList>,
     revoked_mtime: Mutex<Option<SystemTime>>,
     federation: FederationId,
