@@ -432,7 +432,7 @@ async fn serve_site(
     let welcomed = send
         .message(&Message::Welcome(Welcome {
             protocol_version: version,
-            site_id,
+            site_id: site_id.clone(),
             federation_id: shared.federation.clone(),
             heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
         }))
@@ -480,7 +480,7 @@ async fn serve_site(
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
     let evals = fedlink_protocol::supports_federated_eval(version);
-    let result = control_loop(conn, site, version, shared, &mut recv, heads, evals).await;
+    let result = control_loop(conn, &site_id, version, shared, &mut recv, heads, evals).await;
     let _ = shared
         .engine
         .send(Event::Disconnected {
@@ -494,7 +494,7 @@ async fn serve_site(
 
 async fn control_loop(
     conn: &ServerConn,
-    site: &str,
+    site: &fedlink_protocol::SiteId,
     version: u16,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
@@ -509,7 +509,7 @@ async fn control_loop(
     let acceptor = {
         let conn = conn.clone();
         let shared = shared.clone();
-        let site = site.to_owned();
+        let site = site.clone();
         let tasks = shared.tasks.clone();
         tasks.spawn(async move {
             loop {
@@ -541,12 +541,13 @@ async fn control_loop(
 /// connection ends.
 async fn read_control(
     conn: &ServerConn,
-    site: &str,
+    site_id: &fedlink_protocol::SiteId,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
     evals: bool,
 ) -> Result<(), TransportError> {
+    let site = site_id.as_str();
     // A compromised site must not make the coordinator spend without bound:
     // control messages at a bounded rate (beyond it the connection is cut),
     // audit heads — each a signed, fsynced entry — at a lower one (beyond it
@@ -571,8 +572,8 @@ async fn read_control(
                 let _ = shared
                     .engine
                     .send(Event::OfferResponse {
-                        site: site.to_owned(),
-                        round: r.round.0,
+                        site: site_id.clone(),
+                        round: r.round,
                         accepted,
                         reason,
                     })
@@ -687,7 +688,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 
 async fn handle_stream(
     conn: &ServerConn,
-    site: &str,
+    site: &fedlink_protocol::SiteId,
     version: u16,
     shared: &Arc<Shared>,
     mut send: FramedSend,
@@ -914,7 +915,7 @@ impl Drop for UploadWindow<'_> {
 /// Which upload a stream carries.
 #[derive(Clone, Copy, Debug)]
 struct Upload<'a> {
-    site: &'a str,
+    site: &'a fedlink_protocol::SiteId,
     /// The site's negotiated protocol version.
     version: u16,
     /// A resume of an interrupted upload (`ResumeUpload`), not a new one.
@@ -994,7 +995,8 @@ async fn receive_upload(
     mut send: FramedSend,
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
-    let site = up.site;
+    let site_id = up.site;
+    let site = site_id.as_str();
     // Low on disk: the spool and archive would take what the audit log
     // needs. Refused before a byte is stored (the `disk.low` entry records
     // the state once, not each refusal); the site retries later.
@@ -1016,7 +1018,7 @@ async fn receive_upload(
     };
     let (reply, answer) = oneshot::channel();
     let event = Event::PrepareUpload {
-        site: site.to_owned(),
+        site: site_id.clone(),
         envelope: Box::new(envelope.clone()),
         resume: up.resume,
         reply,

@@ -71,8 +71,8 @@ pub(crate) enum Event {
     },
     /// A site answered an offer.
     OfferResponse {
-        site: String,
-        round: u64,
+        site: SiteId,
+        round: RoundId,
         accepted: bool,
         reason: String,
     },
@@ -81,7 +81,7 @@ pub(crate) enum Event {
     /// (the same signed envelope): it is verified against the kept partial
     /// upload.
     PrepareUpload {
-        site: String,
+        site: SiteId,
         envelope: Box<SignedEnvelope>,
         resume: bool,
         reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
@@ -303,7 +303,7 @@ pub(crate) struct EngineParts {
 
 #[derive(Debug)]
 struct RoundLog {
-    round: u64,
+    round: RoundId,
     /// blake3 of `state-before.json`, written when the round opened.
     state_before_blake3: String,
     seed: [u8; 32],
@@ -339,9 +339,9 @@ pub(crate) struct Engine {
     partials: Partials<PathBuf>,
     /// The evaluation metrics in the round's accepted updates' headers
     /// (`None`: the header carried none), in acceptance order.
-    round_metrics: BTreeMap<u64, Vec<(String, Option<EvalMetrics>)>>,
+    round_metrics: BTreeMap<RoundId, Vec<(SiteId, Option<EvalMetrics>)>>,
     /// Feature statistics of the round's accepted updates.
-    round_stats: BTreeMap<u64, Vec<Report>>,
+    round_stats: BTreeMap<RoundId, Vec<Report>>,
     status: StatusWriter,
     /// Rounds shown in the status file that can no longer change
     /// (completed or discarded), the newest [`STATUS_ROUNDS`] of them, and
@@ -548,13 +548,16 @@ impl Engine {
                 reason,
             } => {
                 let input = if accepted {
-                    Input::OfferAccepted { site, round }
+                    Input::OfferAccepted {
+                        site: site.into(),
+                        round: round.0,
+                    }
                 } else {
-                    tracing::info!(site = %site, round, reason = %reason, "offer declined");
+                    tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
                     self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
-                        site,
-                        round,
+                        site: site.into(),
+                        round: round.0,
                         reason,
                     }
                 };
@@ -567,9 +570,9 @@ impl Engine {
                 reply,
             } => {
                 let answer = if resume {
-                    self.prepare_resume(&site, &envelope)
+                    self.prepare_resume(site.as_str(), &envelope)
                 } else {
-                    self.prepare_upload(&site, &envelope)
+                    self.prepare_upload(site.as_str(), &envelope)
                 };
                 if let Err((code, why)) = &answer {
                     if resume {
@@ -1024,7 +1027,7 @@ impl Engine {
                     &self.facts,
                     Finishing {
                         outcome: outcome.clone(),
-                        open_round: self.round_log.take().map(|l| l.round),
+                        open_round: self.round_log.take().map(|l| l.round.0),
                         completed_rounds: self.runner.completed_rounds(),
                         sites,
                         next_queued: self.wire.admin.next_queued().is_some(),
@@ -1281,7 +1284,7 @@ impl Engine {
         self.server_state = state;
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
-            round,
+            round: RoundId(round),
             state_before_blake3,
             seed,
             opened_unix_ms,
@@ -1295,8 +1298,8 @@ impl Engine {
             tracing::warn!(round, error = %e, "recording the round's opening time");
         }
         self.aggregator = Some((round, agg));
-        self.round_metrics.remove(&round);
-        self.round_stats.remove(&round);
+        self.round_metrics.remove(&RoundId(round));
+        self.round_stats.remove(&RoundId(round));
         self.replay
             .prune_before(&self.federation, &self.job_id, RoundId(round));
         Ok(())
@@ -1319,15 +1322,18 @@ impl Engine {
             Ok(()) => {
                 let h = &p.upload.envelope.header;
                 self.round_metrics
-                    .entry(round)
+                    .entry(arrival.round)
                     .or_default()
-                    .push((site.to_owned(), h.metrics.clone()));
+                    .push((arrival.site.clone(), h.metrics.clone()));
                 if let Some(stats) = &h.feature_stats {
-                    self.round_stats.entry(round).or_default().push(Report {
-                        site: site.to_owned(),
-                        num_examples: h.num_examples,
-                        stats: stats.clone(),
-                    });
+                    self.round_stats
+                        .entry(arrival.round)
+                        .or_default()
+                        .push(Report {
+                            site: arrival.site.clone(),
+                            num_examples: h.num_examples,
+                            stats: stats.clone(),
+                        });
                 }
                 // The archive is what `fedlink audit replay` recomputes the
                 // round from: without it the round is not auditable.
@@ -1339,7 +1345,7 @@ impl Engine {
                             source,
                         }
                     })?;
-                if let Some(log) = self.round_log.as_mut().filter(|l| l.round == round) {
+                if let Some(log) = self.round_log.as_mut().filter(|l| l.round == arrival.round) {
                     log.inputs.push(RoundInput {
                         site: site.to_owned(),
                         payload_hash: h.payload_hash.to_hex(),
@@ -1425,7 +1431,7 @@ impl Engine {
         if self.global_hash != base_model {
             return Ok(Err(AggregationFailure::BaseModelMoved));
         }
-        let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
+        let Some(mut log) = self.round_log.take().filter(|l| l.round == RoundId(round)) else {
             return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
@@ -1732,10 +1738,11 @@ impl Engine {
         // weighted by their sizes, when the job asks for that model.
         let reports: Vec<(String, Option<EvalMetrics>)> = self
             .round_metrics
-            .remove(&round)
+            .remove(&RoundId(round))
             .unwrap_or_default()
             .into_iter()
-            .filter(|(site, _)| log.inputs.iter().any(|i| &i.site == site))
+            .filter(|(site, _)| log.inputs.iter().any(|i| i.site == site.as_str()))
+            .map(|(site, m)| (site.into(), m))
             .collect();
         let after = round.saturating_sub(1);
         if evaluation::is_due(
@@ -1782,7 +1789,7 @@ impl Engine {
         }
         // The sites' feature statistics of this round update the scaling
         // that the next rounds' offers carry (persisted with the round).
-        let reports = self.round_stats.remove(&round).unwrap_or_default();
+        let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
         let scaling = self.scaling.with_round(&reports);
         if scaling.scaling() != self.scaling.scaling()
             && let Some(s) = scaling.scaling()
@@ -1836,27 +1843,33 @@ impl Engine {
     /// (`fedlink rounds show`) and the audit log (`offer.declined`): once
     /// per selected site and round, the reason cut to
     /// [`MAX_DECLINE_REASON_LEN`](crate::store::MAX_DECLINE_REASON_LEN) bytes.
-    fn note_declined(&mut self, site: &str, round: u64, reason: &str) -> Result<(), EngineError> {
-        let declined = crate::store::DeclinedOffer::new(site, reason, unix_ms());
+    fn note_declined(
+        &mut self,
+        site: &SiteId,
+        round: RoundId,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        let declined = crate::store::DeclinedOffer::new(site.as_str(), reason, unix_ms());
         match self
             .store
-            .record_declined(self.job_id.as_str(), round, declined.clone())
+            .record_declined(self.job_id.as_str(), round.0, declined.clone())
         {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(
-                    site,
-                    round,
+                    site = site.as_str(),
+                    round = round.0,
                     "decline of a round the site was not offered, or again"
                 );
                 return Ok(());
             }
             Err(e) => {
-                tracing::warn!(site, round, error = %e, "recording a declined offer");
+                tracing::warn!(site = site.as_str(), round = round.0, error = %e, "recording a declined offer");
                 return Ok(());
             }
         }
-        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
+        let effects =
+            actions::offer_declined(&self.facts, site.as_str(), round.0, &declined.reason);
         self.run_effects(effects, None)
     }
 
@@ -1864,13 +1877,14 @@ impl Engine {
     /// round's record (the site is answered with the refused ticket).
     fn note_rejected(
         &mut self,
-        site: &str,
+        site: &SiteId,
         envelope: &SignedEnvelope,
         bytes: u64,
         reason: &str,
     ) -> Result<(), EngineError> {
         let upload = UploadFacts::of(envelope, bytes);
-        let effects = actions::refuse_upload(&self.facts, site, &upload, reason, unix_ms());
+        let effects =
+            actions::refuse_upload(&self.facts, site.as_str(), &upload, reason, unix_ms());
         self.run_effects(effects, None)
     }
 

@@ -64,7 +64,7 @@ impl Idle {
                 }
             }
             Event::OfferResponse { site, round, .. } => {
-                tracing::debug!(site = %site, round, "offer response without a job; ignored");
+                tracing::debug!(site = %site, round = round.0, "offer response without a job; ignored");
             }
             Event::EvalReport { site, report } => {
                 // Audited like a refusal by a running job.
@@ -93,7 +93,8 @@ impl Idle {
                 ..
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
-                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
+                let actor =
+                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
                 let details =
                     update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
                 let answer = match shared
