@@ -417,7 +417,7 @@ async fn serve_site(
     let _ = shared
         .engine
         .send(Event::Connected {
-            site: site.to_owned(),
+            site: site_id.clone(),
             conn_id,
             conn: conn.clone(),
             control: tx,
@@ -441,7 +441,7 @@ async fn serve_site(
         let _ = shared
             .engine
             .send(Event::Disconnected {
-                site: site.to_owned(),
+                site: site_id.clone(),
                 conn_id,
             })
             .await;
@@ -484,7 +484,7 @@ async fn serve_site(
     let _ = shared
         .engine
         .send(Event::Disconnected {
-            site: site.to_owned(),
+            site: site_id.clone(),
             conn_id,
         })
         .await;
@@ -588,7 +588,7 @@ async fn read_control(
                 let _ = shared
                     .engine
                     .send(Event::EvalReport {
-                        site: site.to_owned(),
+                        site: site_id.clone(),
                         report,
                     })
                     .await;
@@ -1162,7 +1162,7 @@ async fn receive_upload(
             let _ = shared
                 .engine
                 .send(Event::UploadInterrupted(Box::new(UploadInterrupted {
-                    site: site.to_owned(),
+                    site: site_id.clone(),
                     envelope,
                     verifier,
                     records,
@@ -1233,7 +1233,7 @@ async fn receive_upload(
     let _ = shared
         .engine
         .send(Event::UpdateReady(Box::new(UpdateReady {
-            site: site.to_owned(),
+            site: site_id.clone(),
             upload: ReceivedUpload {
                 envelope,
                 spool_path: path,

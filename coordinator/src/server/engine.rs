@@ -52,7 +52,7 @@ pub(crate) use crate::core::actions::update_received_details;
 pub(crate) enum Event {
     /// A site completed Hello/Welcome.
     Connected {
-        site: String,
+        site: SiteId,
         conn_id: ConnId,
         conn: ServerConn,
         control: mpsc::Sender<Message>,
@@ -63,10 +63,10 @@ pub(crate) enum Event {
         protocol_version: u16,
     },
     /// A site's connection ended.
-    Disconnected { site: String, conn_id: ConnId },
+    Disconnected { site: SiteId, conn_id: ConnId },
     /// A site's signed answer to an evaluation request (control stream).
     EvalReport {
-        site: String,
+        site: SiteId,
         report: Box<fedlink_protocol::SignedEvalReport>,
     },
     /// A site answered an offer.
@@ -225,7 +225,7 @@ pub(crate) struct UploadTicket {
 /// What arrived of an upload before its connection was lost.
 #[derive(Debug)]
 pub(crate) struct UploadInterrupted {
-    pub(crate) site: String,
+    pub(crate) site: SiteId,
     pub(crate) envelope: SignedEnvelope,
     /// Over exactly the records in the spool.
     pub(crate) verifier: PayloadVerifier,
@@ -258,7 +258,7 @@ pub(crate) struct ReceivedUpload {
 /// The result of receiving and checking an upload.
 #[derive(Debug)]
 pub(crate) struct UpdateReady {
-    pub(crate) site: String,
+    pub(crate) site: SiteId,
     pub(crate) upload: ReceivedUpload,
     /// Pass 1: the validated token, or why the update is invalid.
     pub(crate) check: Result<ValidatedUpdate, CheckError>,
@@ -519,7 +519,7 @@ impl Engine {
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
-                        site,
+                        site: site.into(),
                         conn: conn_id,
                         capabilities,
                     },
@@ -530,13 +530,13 @@ impl Engine {
                 if self.links.disconnect(&site, conn_id)
                     && let Some((req, _)) = self.requested.as_mut()
                 {
-                    req.handle_disconnect(&site);
+                    req.handle_disconnect(site.as_str());
                     self.finish_requested(now)?;
                 }
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
-                        site,
+                        site: site.into(),
                         conn: conn_id,
                     },
                 );
@@ -830,7 +830,10 @@ impl Engine {
         // The site may have been revoked (or removed) while its upload was
         // being received and validated: the core refuses its update then,
         // whatever its signature says.
-        let allowed = self.wire.site_allowed(&site).map_err(|why| why.to_string());
+        let allowed = self
+            .wire
+            .site_allowed(site.as_str())
+            .map_err(|why| why.to_string());
         let token = if allowed.is_ok() { check.ok() } else { None };
         let held = Held {
             upload,
@@ -1162,9 +1165,10 @@ impl Engine {
     fn eval_report(
         &mut self,
         now: Instant,
-        site: &str,
+        site_id: &SiteId,
         signed: &fedlink_protocol::SignedEvalReport,
     ) -> Result<(), EngineError> {
+        let site = site_id.as_str();
         let r = &signed.report;
         let verdict = match self.requested.as_mut() {
             Some((req, _)) => req.handle_report(site, signed, &self.keys),

@@ -68,7 +68,8 @@ impl Idle {
             }
             Event::EvalReport { site, report } => {
                 // Audited like a refusal by a running job.
-                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
+                let actor =
+                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
                 let r = &report.report;
                 let details = serde_json::json!({
                     "site": site,

@@ -35,7 +35,7 @@ impl Links {
     /// before is closed.
     pub(crate) fn connect(
         &mut self,
-        site: &str,
+        site: &SiteId,
         conn_id: ConnId,
         conn: ServerConn,
         control: mpsc::Sender<Message>,
@@ -49,16 +49,16 @@ impl Links {
             codecs,
             protocol_version,
         };
-        if let Some(e) = self.sites.connect(site, held) {
+        if let Some(e) = self.sites.connect(site.as_str(), held) {
             self.execute(e);
         }
     }
 
     /// The connection `conn_id` of `site` ended: `true` if it was the
     /// site's current one.
-    pub(crate) fn disconnect(&mut self, site: &str, conn_id: ConnId) -> bool {
+    pub(crate) fn disconnect(&mut self, site: &SiteId, conn_id: ConnId) -> bool {
         self.io.remove(&conn_id);
-        self.sites.disconnect(site, conn_id)
+        self.sites.disconnect(site.as_str(), conn_id)
     }
 
     /// Close `conn_id` of `site` if it is still the site's current
