@@ -570,9 +570,9 @@ impl Engine {
                 reply,
             } => {
                 let answer = if resume {
-                    self.prepare_resume(site.as_str(), &envelope)
+                    self.prepare_resume(&site, &envelope)
                 } else {
-                    self.prepare_upload(site.as_str(), &envelope)
+                    self.prepare_upload(&site, &envelope)
                 };
                 if let Err((code, why)) = &answer {
                     if resume {
@@ -623,9 +623,10 @@ impl Engine {
 
     fn prepare_upload(
         &mut self,
-        site: &str,
+        site_id: &SiteId,
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
+        let site = site_id.as_str();
         let h = &envelope.header;
         let (runner, expected, replay) = self.intake();
         let verifier = intake::verify_header(runner, &expected, replay, site, envelope)
@@ -672,15 +673,12 @@ impl Engine {
     /// continued by this upload, or dropped with it.
     fn prepare_resume(
         &mut self,
-        site: &str,
+        site: &SiteId,
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
         // The connection's identity, checked against the header below.
-        let kept = SiteId::new(site)
-            .ok()
-            .and_then(|id| self.partials.take(&id, h.round));
-        let Some(kept) = kept else {
+        let Some(kept) = self.partials.take(site, h.round) else {
             return Err((
                 RejectCode::Replay,
                 format!(
@@ -691,7 +689,8 @@ impl Engine {
         };
         let spool_path = kept.spool.clone();
         let records = kept.records;
-        let result = self.resume_ticket(site, envelope, kept.verifier, records, spool_path);
+        let result =
+            self.resume_ticket(site.as_str(), envelope, kept.verifier, records, spool_path);
         if result.is_err() {
             let _ = std::fs::remove_file(&kept.spool);
         }
@@ -1342,13 +1341,13 @@ impl Engine {
                 // The archive is what `fedlink audit replay` recomputes the
                 // round from: without it the round is not auditable.
                 let (payload_file, envelope_file) =
-                    archive(&self.store, &self.job_id, round, site, &p).map_err(|source| {
-                        EngineError::ArchiveUpdate {
-                            site: site.to_owned(),
-                            round,
+                    archive(&self.store, &self.job_id, arrival.round, &arrival.site, &p).map_err(
+                        |source| EngineError::ArchiveUpdate {
+                            site: arrival.site.clone(),
+                            round: arrival.round,
                             source,
-                        }
-                    })?;
+                        },
+                    )?;
                 if let Some(log) = self.round_log.as_mut().filter(|l| l.round == arrival.round) {
                     log.inputs.push(RoundInput {
                         site: site.to_owned(),
@@ -1974,11 +1973,11 @@ impl Engine {
 fn archive(
     store: &Store,
     job: &JobId,
-    round: u64,
-    site: &str,
+    round: RoundId,
+    site: &SiteId,
     p: &Held,
 ) -> std::io::Result<(String, String)> {
-    let dir = round_archive::round_dir(store.dir(), job.as_str(), round);
+    let dir = round_archive::round_dir(store.dir(), job.as_str(), round.0);
     fedlink_certs::private::create_dir_all(&dir)?;
     // The nonce makes every upload's name unique: a site re-sending the
     // same bytes after a crash keeps both signed envelopes.
@@ -2039,8 +2038,8 @@ pub(crate) enum EngineError {
     /// recomputes the round from the archive).
     #[error("archiving the accepted update of {site} in round {round}: {source}")]
     ArchiveUpdate {
-        site: String,
-        round: u64,
+        site: SiteId,
+        round: RoundId,
         #[source]
         source: std::io::Error,
     },
@@ -2130,8 +2129,8 @@ mod tests {
         assert_eq!(e.to_string(), "round 3: writing round.json: disk full");
         assert!(e.source().is_some());
         let e = EngineError::ArchiveUpdate {
-            site: "st-mary".into(),
-            round: 2,
+            site: SiteId::new("st-mary").expect("a site id"),
+            round: RoundId(2),
             source: std::io::Error::other("no space"),
         };
         assert_eq!(
