@@ -922,7 +922,7 @@ struct Upload<'a> {
     resume: bool,
 }
 
-type InFlightKey = (String, [u8; 16]);
+type InFlightKey = (fedlink_protocol::SiteId, [u8; 16]);
 
 /// Marks an upload as being received, by (site, nonce), until dropped: a
 /// resume of it waits for this attempt to end (and be kept) first.
@@ -1003,7 +1003,7 @@ async fn receive_upload(
     if let Err(why) = shared.disk_allows_new_work() {
         return reject_upload(&mut send, recv, RejectCode::Busy, why.to_string()).await;
     }
-    let key: InFlightKey = (site.to_owned(), envelope.header.nonce.0);
+    let key: InFlightKey = (site_id.clone(), envelope.header.nonce.0);
     if up.resume {
         wait_until_not_in_flight(shared, &key, shared.peer.upload_stall_timeout).await;
     }

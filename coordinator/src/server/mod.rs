@@ -195,7 +195,8 @@ impl From<engine::EngineError> for ServeError {
 
 /// Uploads being received, by (site, nonce): each entry ends (its sender
 /// is dropped) when its attempt does.
-pub(crate) type UploadsInFlight = HashMap<(String, [u8; 16]), tokio::sync::watch::Receiver<()>>;
+pub(crate) type UploadsInFlight =
+    HashMap<(fedlink_protocol::SiteId, [u8; 16]), tokio::sync::watch::Receiver<()>>;
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
