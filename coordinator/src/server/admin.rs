@@ -458,17 +458,14 @@ async fn execute(
                 None
             };
             let connected_sites = shared.ask_engine(AdminEvent::ConnectedSites).await?;
-            let links = link_infos(shared, &connected_sites)?;
+            let links = link_infos(shared, &connected_sites);
             Ok(AdminResponse::Status(StatusReport {
                 federation: shared.federation.clone(),
                 coordinator_version: env!("CARGO_PKG_VERSION").to_owned(),
                 uptime_secs: admin.started.elapsed().as_secs(),
                 current_job: current,
                 queued_jobs: admin.queued_jobs()?,
-                connected_sites: connected_sites
-                    .iter()
-                    .map(|s| site_id(s))
-                    .collect::<Result<_, _>>()?,
+                connected_sites,
                 links,
             }))
         }
@@ -649,34 +646,31 @@ fn site_id(name: &str) -> Result<SiteId, Fail> {
 }
 
 /// The links of the connected sites, in `connected`'s order.
-fn link_infos(
-    shared: &Shared,
-    connected: &[String],
-) -> Result<Vec<fedlink_protocol::admin::LinkInfo>, Fail> {
+fn link_infos(shared: &Shared, connected: &[SiteId]) -> Vec<fedlink_protocol::admin::LinkInfo> {
     let Ok(links) = shared.site_links.lock() else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
     connected
         .iter()
-        .filter_map(|s| links.get(s).map(|l| Ok(l.info(site_id(s)?))))
+        .filter_map(|s| links.get(s).map(|l| l.info(s.clone())))
         .collect()
 }
 
 fn site_info(
     store: &Store,
     e: &SiteEntry,
-    connected: &[String],
+    connected: &[SiteId],
     shared: &Shared,
 ) -> Result<SiteInfo, Fail> {
     let name = site_id(&e.name)?;
     let rec = store.site(&e.name).ok().flatten();
-    let is_connected = connected.contains(&e.name);
+    let is_connected = connected.contains(&name);
     let link = if is_connected {
         shared
             .site_links
             .lock()
             .ok()
-            .and_then(|l| l.get(&e.name).map(|l| l.info(name.clone())))
+            .and_then(|l| l.get(&name).map(|l| l.info(name.clone())))
     } else {
         None
     };

@@ -396,7 +396,7 @@ async fn serve_site(
         .any(|f| f == super::links::VIA_PROXY_FEATURE);
     if let Ok(mut links) = shared.site_links.lock() {
         links.insert(
-            site.to_owned(),
+            site_id.clone(),
             super::links::SiteLink {
                 conn: conn.clone(),
                 via_proxy,
@@ -405,7 +405,7 @@ async fn serve_site(
     }
     let _link = super::links::LinkGuard {
         shared,
-        site: site.to_owned(),
+        site: site_id.clone(),
         conn_id: conn.stable_id(),
     };
     let (tx, mut rx) = mpsc::channel::<Message>(limits::CONTROL_QUEUE);
@@ -417,7 +417,7 @@ async fn serve_site(
     let _ = shared
         .engine
         .send(Event::Connected {
-            site: site.to_owned(),
+            site: site_id.clone(),
             conn_id,
             conn: conn.clone(),
             control: tx,
@@ -432,7 +432,7 @@ async fn serve_site(
     let welcomed = send
         .message(&Message::Welcome(Welcome {
             protocol_version: version,
-            site_id,
+            site_id: site_id.clone(),
             federation_id: shared.federation.clone(),
             heartbeat_interval_ms: shared.heartbeat.as_millis() as u64,
         }))
@@ -441,7 +441,7 @@ async fn serve_site(
         let _ = shared
             .engine
             .send(Event::Disconnected {
-                site: site.to_owned(),
+                site: site_id.clone(),
                 conn_id,
             })
             .await;
@@ -480,11 +480,11 @@ async fn serve_site(
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = supports_audit_head(version).then_some(control);
     let evals = fedlink_protocol::supports_federated_eval(version);
-    let result = control_loop(conn, site, version, shared, &mut recv, heads, evals).await;
+    let result = control_loop(conn, &site_id, version, shared, &mut recv, heads, evals).await;
     let _ = shared
         .engine
         .send(Event::Disconnected {
-            site: site.to_owned(),
+            site: site_id.clone(),
             conn_id,
         })
         .await;
@@ -494,7 +494,7 @@ async fn serve_site(
 
 async fn control_loop(
     conn: &ServerConn,
-    site: &str,
+    site: &fedlink_protocol::SiteId,
     version: u16,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
@@ -509,7 +509,7 @@ async fn control_loop(
     let acceptor = {
         let conn = conn.clone();
         let shared = shared.clone();
-        let site = site.to_owned();
+        let site = site.clone();
         let tasks = shared.tasks.clone();
         tasks.spawn(async move {
             loop {
@@ -541,12 +541,13 @@ async fn control_loop(
 /// connection ends.
 async fn read_control(
     conn: &ServerConn,
-    site: &str,
+    site_id: &fedlink_protocol::SiteId,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
     evals: bool,
 ) -> Result<(), TransportError> {
+    let site = site_id.as_str();
     // A compromised site must not make the coordinator spend without bound:
     // control messages at a bounded rate (beyond it the connection is cut),
     // audit heads — each a signed, fsynced entry — at a lower one (beyond it
@@ -571,8 +572,8 @@ async fn read_control(
                 let _ = shared
                     .engine
                     .send(Event::OfferResponse {
-                        site: site.to_owned(),
-                        round: r.round.0,
+                        site: site_id.clone(),
+                        round: r.round,
                         accepted,
                         reason,
                     })
@@ -587,7 +588,7 @@ async fn read_control(
                 let _ = shared
                     .engine
                     .send(Event::EvalReport {
-                        site: site.to_owned(),
+                        site: site_id.clone(),
                         report,
                     })
                     .await;
@@ -687,7 +688,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 
 async fn handle_stream(
     conn: &ServerConn,
-    site: &str,
+    site: &fedlink_protocol::SiteId,
     version: u16,
     shared: &Arc<Shared>,
     mut send: FramedSend,
@@ -914,14 +915,14 @@ impl Drop for UploadWindow<'_> {
 /// Which upload a stream carries.
 #[derive(Clone, Copy, Debug)]
 struct Upload<'a> {
-    site: &'a str,
+    site: &'a fedlink_protocol::SiteId,
     /// The site's negotiated protocol version.
     version: u16,
     /// A resume of an interrupted upload (`ResumeUpload`), not a new one.
     resume: bool,
 }
 
-type InFlightKey = (String, [u8; 16]);
+type InFlightKey = (fedlink_protocol::SiteId, [u8; 16]);
 
 /// Marks an upload as being received, by (site, nonce), until dropped: a
 /// resume of it waits for this attempt to end (and be kept) first.
@@ -994,14 +995,15 @@ async fn receive_upload(
     mut send: FramedSend,
     mut recv: FramedRecv,
 ) -> Result<(), TransportError> {
-    let site = up.site;
+    let site_id = up.site;
+    let site = site_id.as_str();
     // Low on disk: the spool and archive would take what the audit log
     // needs. Refused before a byte is stored (the `disk.low` entry records
     // the state once, not each refusal); the site retries later.
     if let Err(why) = shared.disk_allows_new_work() {
         return reject_upload(&mut send, recv, RejectCode::Busy, why.to_string()).await;
     }
-    let key: InFlightKey = (site.to_owned(), envelope.header.nonce.0);
+    let key: InFlightKey = (site_id.clone(), envelope.header.nonce.0);
     if up.resume {
         wait_until_not_in_flight(shared, &key, shared.peer.upload_stall_timeout).await;
     }
@@ -1016,7 +1018,7 @@ async fn receive_upload(
     };
     let (reply, answer) = oneshot::channel();
     let event = Event::PrepareUpload {
-        site: site.to_owned(),
+        site: site_id.clone(),
         envelope: Box::new(envelope.clone()),
         resume: up.resume,
         reply,
@@ -1160,7 +1162,7 @@ async fn receive_upload(
             let _ = shared
                 .engine
                 .send(Event::UploadInterrupted(Box::new(UploadInterrupted {
-                    site: site.to_owned(),
+                    site: site_id.clone(),
                     envelope,
                     verifier,
                     records,
@@ -1231,7 +1233,7 @@ async fn receive_upload(
     let _ = shared
         .engine
         .send(Event::UpdateReady(Box::new(UpdateReady {
-            site: site.to_owned(),
+            site: site_id.clone(),
             upload: ReceivedUpload {
                 envelope,
                 spool_path: path,

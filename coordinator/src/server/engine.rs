@@ -52,7 +52,7 @@ pub(crate) use crate::core::actions::update_received_details;
 pub(crate) enum Event {
     /// A site completed Hello/Welcome.
     Connected {
-        site: String,
+        site: SiteId,
         conn_id: ConnId,
         conn: ServerConn,
         control: mpsc::Sender<Message>,
@@ -63,16 +63,16 @@ pub(crate) enum Event {
         protocol_version: u16,
     },
     /// A site's connection ended.
-    Disconnected { site: String, conn_id: ConnId },
+    Disconnected { site: SiteId, conn_id: ConnId },
     /// A site's signed answer to an evaluation request (control stream).
     EvalReport {
-        site: String,
+        site: SiteId,
         report: Box<fedlink_protocol::SignedEvalReport>,
     },
     /// A site answered an offer.
     OfferResponse {
-        site: String,
-        round: u64,
+        site: SiteId,
+        round: RoundId,
         accepted: bool,
         reason: String,
     },
@@ -81,7 +81,7 @@ pub(crate) enum Event {
     /// (the same signed envelope): it is verified against the kept partial
     /// upload.
     PrepareUpload {
-        site: String,
+        site: SiteId,
         envelope: Box<SignedEnvelope>,
         resume: bool,
         reply: oneshot::Sender<Result<UploadTicket, (RejectCode, String)>>,
@@ -225,7 +225,7 @@ pub(crate) struct UploadTicket {
 /// What arrived of an upload before its connection was lost.
 #[derive(Debug)]
 pub(crate) struct UploadInterrupted {
-    pub(crate) site: String,
+    pub(crate) site: SiteId,
     pub(crate) envelope: SignedEnvelope,
     /// Over exactly the records in the spool.
     pub(crate) verifier: PayloadVerifier,
@@ -258,7 +258,7 @@ pub(crate) struct ReceivedUpload {
 /// The result of receiving and checking an upload.
 #[derive(Debug)]
 pub(crate) struct UpdateReady {
-    pub(crate) site: String,
+    pub(crate) site: SiteId,
     pub(crate) upload: ReceivedUpload,
     /// Pass 1: the validated token, or why the update is invalid.
     pub(crate) check: Result<ValidatedUpdate, CheckError>,
@@ -303,7 +303,7 @@ pub(crate) struct EngineParts {
 
 #[derive(Debug)]
 struct RoundLog {
-    round: u64,
+    round: RoundId,
     /// blake3 of `state-before.json`, written when the round opened.
     state_before_blake3: String,
     seed: [u8; 32],
@@ -339,9 +339,9 @@ pub(crate) struct Engine {
     partials: Partials<PathBuf>,
     /// The evaluation metrics in the round's accepted updates' headers
     /// (`None`: the header carried none), in acceptance order.
-    round_metrics: BTreeMap<u64, Vec<(String, Option<EvalMetrics>)>>,
+    round_metrics: BTreeMap<RoundId, Vec<(SiteId, Option<EvalMetrics>)>>,
     /// Feature statistics of the round's accepted updates.
-    round_stats: BTreeMap<u64, Vec<Report>>,
+    round_stats: BTreeMap<RoundId, Vec<Report>>,
     status: StatusWriter,
     /// Rounds shown in the status file that can no longer change
     /// (completed or discarded), the newest [`STATUS_ROUNDS`] of them, and
@@ -519,7 +519,7 @@ impl Engine {
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
-                        site,
+                        site: site.into(),
                         conn: conn_id,
                         capabilities,
                     },
@@ -530,13 +530,13 @@ impl Engine {
                 if self.links.disconnect(&site, conn_id)
                     && let Some((req, _)) = self.requested.as_mut()
                 {
-                    req.handle_disconnect(&site);
+                    req.handle_disconnect(site.as_str());
                     self.finish_requested(now)?;
                 }
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
-                        site,
+                        site: site.into(),
                         conn: conn_id,
                     },
                 );
@@ -548,13 +548,16 @@ impl Engine {
                 reason,
             } => {
                 let input = if accepted {
-                    Input::OfferAccepted { site, round }
+                    Input::OfferAccepted {
+                        site: site.into(),
+                        round: round.0,
+                    }
                 } else {
-                    tracing::info!(site = %site, round, reason = %reason, "offer declined");
+                    tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
                     self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
-                        site,
-                        round,
+                        site: site.into(),
+                        round: round.0,
                         reason,
                     }
                 };
@@ -620,9 +623,10 @@ impl Engine {
 
     fn prepare_upload(
         &mut self,
-        site: &str,
+        site_id: &SiteId,
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
+        let site = site_id.as_str();
         let h = &envelope.header;
         let (runner, expected, replay) = self.intake();
         let verifier = intake::verify_header(runner, &expected, replay, site, envelope)
@@ -669,15 +673,12 @@ impl Engine {
     /// continued by this upload, or dropped with it.
     fn prepare_resume(
         &mut self,
-        site: &str,
+        site: &SiteId,
         envelope: &SignedEnvelope,
     ) -> Result<UploadTicket, (RejectCode, String)> {
         let h = &envelope.header;
         // The connection's identity, checked against the header below.
-        let kept = SiteId::new(site)
-            .ok()
-            .and_then(|id| self.partials.take(&id, h.round));
-        let Some(kept) = kept else {
+        let Some(kept) = self.partials.take(site, h.round) else {
             return Err((
                 RejectCode::Replay,
                 format!(
@@ -688,7 +689,8 @@ impl Engine {
         };
         let spool_path = kept.spool.clone();
         let records = kept.records;
-        let result = self.resume_ticket(site, envelope, kept.verifier, records, spool_path);
+        let result =
+            self.resume_ticket(site.as_str(), envelope, kept.verifier, records, spool_path);
         if result.is_err() {
             let _ = std::fs::remove_file(&kept.spool);
         }
@@ -827,7 +829,10 @@ impl Engine {
         // The site may have been revoked (or removed) while its upload was
         // being received and validated: the core refuses its update then,
         // whatever its signature says.
-        let allowed = self.wire.site_allowed(&site).map_err(|why| why.to_string());
+        let allowed = self
+            .wire
+            .site_allowed(site.as_str())
+            .map_err(|why| why.to_string());
         let token = if allowed.is_ok() { check.ok() } else { None };
         let held = Held {
             upload,
@@ -1013,7 +1018,7 @@ impl Engine {
                 tracing::info!(?outcome, "job finished");
                 let sites = self
                     .links
-                    .connected()
+                    .connected_names()
                     .into_iter()
                     .map(|site| Connected {
                         protocol_version: self.links.protocol_version(&site),
@@ -1024,7 +1029,7 @@ impl Engine {
                     &self.facts,
                     Finishing {
                         outcome: outcome.clone(),
-                        open_round: self.round_log.take().map(|l| l.round),
+                        open_round: self.round_log.take().map(|l| l.round.0),
                         completed_rounds: self.runner.completed_rounds(),
                         sites,
                         next_queued: self.wire.admin.next_queued().is_some(),
@@ -1159,9 +1164,10 @@ impl Engine {
     fn eval_report(
         &mut self,
         now: Instant,
-        site: &str,
+        site_id: &SiteId,
         signed: &fedlink_protocol::SignedEvalReport,
     ) -> Result<(), EngineError> {
+        let site = site_id.as_str();
         let r = &signed.report;
         let verdict = match self.requested.as_mut() {
             Some((req, _)) => req.handle_report(site, signed, &self.keys),
@@ -1199,7 +1205,7 @@ impl Engine {
             &self.facts,
             ev,
             outcome,
-            &self.links.connected(),
+            &self.links.connected_names(),
             self.wire.admin.next_queued().is_some(),
         );
         self.run_effects(effects, None)
@@ -1281,7 +1287,7 @@ impl Engine {
         self.server_state = state;
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
-            round,
+            round: RoundId(round),
             state_before_blake3,
             seed,
             opened_unix_ms,
@@ -1295,8 +1301,8 @@ impl Engine {
             tracing::warn!(round, error = %e, "recording the round's opening time");
         }
         self.aggregator = Some((round, agg));
-        self.round_metrics.remove(&round);
-        self.round_stats.remove(&round);
+        self.round_metrics.remove(&RoundId(round));
+        self.round_stats.remove(&RoundId(round));
         self.replay
             .prune_before(&self.federation, &self.job_id, RoundId(round));
         Ok(())
@@ -1319,27 +1325,30 @@ impl Engine {
             Ok(()) => {
                 let h = &p.upload.envelope.header;
                 self.round_metrics
-                    .entry(round)
+                    .entry(arrival.round)
                     .or_default()
-                    .push((site.to_owned(), h.metrics.clone()));
+                    .push((arrival.site.clone(), h.metrics.clone()));
                 if let Some(stats) = &h.feature_stats {
-                    self.round_stats.entry(round).or_default().push(Report {
-                        site: site.to_owned(),
-                        num_examples: h.num_examples,
-                        stats: stats.clone(),
-                    });
+                    self.round_stats
+                        .entry(arrival.round)
+                        .or_default()
+                        .push(Report {
+                            site: arrival.site.clone(),
+                            num_examples: h.num_examples,
+                            stats: stats.clone(),
+                        });
                 }
                 // The archive is what `fedlink audit replay` recomputes the
                 // round from: without it the round is not auditable.
                 let (payload_file, envelope_file) =
-                    archive(&self.store, &self.job_id, round, site, &p).map_err(|source| {
-                        EngineError::ArchiveUpdate {
-                            site: site.to_owned(),
-                            round,
+                    archive(&self.store, &self.job_id, arrival.round, &arrival.site, &p).map_err(
+                        |source| EngineError::ArchiveUpdate {
+                            site: arrival.site.clone(),
+                            round: arrival.round,
                             source,
-                        }
-                    })?;
-                if let Some(log) = self.round_log.as_mut().filter(|l| l.round == round) {
+                        },
+                    )?;
+                if let Some(log) = self.round_log.as_mut().filter(|l| l.round == arrival.round) {
                     log.inputs.push(RoundInput {
                         site: site.to_owned(),
                         payload_hash: h.payload_hash.to_hex(),
@@ -1425,7 +1434,7 @@ impl Engine {
         if self.global_hash != base_model {
             return Ok(Err(AggregationFailure::BaseModelMoved));
         }
-        let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
+        let Some(mut log) = self.round_log.take().filter(|l| l.round == RoundId(round)) else {
             return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
@@ -1734,10 +1743,11 @@ impl Engine {
         // weighted by their sizes, when the job asks for that model.
         let reports: Vec<(String, Option<EvalMetrics>)> = self
             .round_metrics
-            .remove(&round)
+            .remove(&RoundId(round))
             .unwrap_or_default()
             .into_iter()
-            .filter(|(site, _)| log.inputs.iter().any(|i| &i.site == site))
+            .filter(|(site, _)| log.inputs.iter().any(|i| i.site == site.as_str()))
+            .map(|(site, m)| (site.into(), m))
             .collect();
         let after = round.saturating_sub(1);
         if evaluation::is_due(
@@ -1784,7 +1794,7 @@ impl Engine {
         }
         // The sites' feature statistics of this round update the scaling
         // that the next rounds' offers carry (persisted with the round).
-        let reports = self.round_stats.remove(&round).unwrap_or_default();
+        let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
         let scaling = self.scaling.with_round(&reports);
         if scaling.scaling() != self.scaling.scaling()
             && let Some(s) = scaling.scaling()
@@ -1838,27 +1848,33 @@ impl Engine {
     /// (`fedlink rounds show`) and the audit log (`offer.declined`): once
     /// per selected site and round, the reason cut to
     /// [`MAX_DECLINE_REASON_LEN`](crate::store::MAX_DECLINE_REASON_LEN) bytes.
-    fn note_declined(&mut self, site: &str, round: u64, reason: &str) -> Result<(), EngineError> {
-        let declined = crate::store::DeclinedOffer::new(site, reason, unix_ms());
+    fn note_declined(
+        &mut self,
+        site: &SiteId,
+        round: RoundId,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        let declined = crate::store::DeclinedOffer::new(site.as_str(), reason, unix_ms());
         match self
             .store
-            .record_declined(self.job_id.as_str(), round, declined.clone())
+            .record_declined(self.job_id.as_str(), round.0, declined.clone())
         {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(
-                    site,
-                    round,
+                    site = site.as_str(),
+                    round = round.0,
                     "decline of a round the site was not offered, or again"
                 );
                 return Ok(());
             }
             Err(e) => {
-                tracing::warn!(site, round, error = %e, "recording a declined offer");
+                tracing::warn!(site = site.as_str(), round = round.0, error = %e, "recording a declined offer");
                 return Ok(());
             }
         }
-        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
+        let effects =
+            actions::offer_declined(&self.facts, site.as_str(), round.0, &declined.reason);
         self.run_effects(effects, None)
     }
 
@@ -1866,13 +1882,14 @@ impl Engine {
     /// round's record (the site is answered with the refused ticket).
     fn note_rejected(
         &mut self,
-        site: &str,
+        site: &SiteId,
         envelope: &SignedEnvelope,
         bytes: u64,
         reason: &str,
     ) -> Result<(), EngineError> {
         let upload = UploadFacts::of(envelope, bytes);
-        let effects = actions::refuse_upload(&self.facts, site, &upload, reason, unix_ms());
+        let effects =
+            actions::refuse_upload(&self.facts, site.as_str(), &upload, reason, unix_ms());
         self.run_effects(effects, None)
     }
 
@@ -1935,7 +1952,7 @@ impl Engine {
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),
-            connected_sites: self.links.connected(),
+            connected_sites: self.links.connected_names(),
             finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,
@@ -1958,11 +1975,11 @@ impl Engine {
 fn archive(
     store: &Store,
     job: &JobId,
-    round: u64,
-    site: &str,
+    round: RoundId,
+    site: &SiteId,
     p: &Held,
 ) -> std::io::Result<(String, String)> {
-    let dir = round_archive::round_dir(store.dir(), job.as_str(), round);
+    let dir = round_archive::round_dir(store.dir(), job.as_str(), round.0);
     fedlink_certs::private::create_dir_all(&dir)?;
     // The nonce makes every upload's name unique: a site re-sending the
     // same bytes after a crash keeps both signed envelopes.
@@ -2023,8 +2040,8 @@ pub(crate) enum EngineError {
     /// recomputes the round from the archive).
     #[error("archiving the accepted update of {site} in round {round}: {source}")]
     ArchiveUpdate {
-        site: String,
-        round: u64,
+        site: SiteId,
+        round: RoundId,
         #[source]
         source: std::io::Error,
     },
@@ -2114,8 +2131,8 @@ mod tests {
         assert_eq!(e.to_string(), "round 3: writing round.json: disk full");
         assert!(e.source().is_some());
         let e = EngineError::ArchiveUpdate {
-            site: "st-mary".into(),
-            round: 2,
+            site: SiteId::new("st-mary").expect("a site id"),
+            round: RoundId(2),
             source: std::io::Error::other("no space"),
         };
         assert_eq!(

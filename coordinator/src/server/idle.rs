@@ -32,7 +32,7 @@ pub(crate) struct Idle {
 
 impl Idle {
     /// Sites connected now, sorted.
-    pub(crate) fn connected(&self) -> Vec<String> {
+    pub(crate) fn connected(&self) -> Vec<fedlink_protocol::SiteId> {
         self.links.connected()
     }
 
@@ -64,11 +64,12 @@ impl Idle {
                 }
             }
             Event::OfferResponse { site, round, .. } => {
-                tracing::debug!(site = %site, round, "offer response without a job; ignored");
+                tracing::debug!(site = %site, round = round.0, "offer response without a job; ignored");
             }
             Event::EvalReport { site, report } => {
                 // Audited like a refusal by a running job.
-                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
+                let actor =
+                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
                 let r = &report.report;
                 let details = serde_json::json!({
                     "site": site,
@@ -93,7 +94,8 @@ impl Idle {
                 ..
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
-                let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), &site);
+                let actor =
+                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
                 let details =
                     update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
                 let answer = match shared

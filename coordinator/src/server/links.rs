@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use fedlink_protocol::{Message, ValueCodec};
+use fedlink_protocol::{Message, SiteId, ValueCodec};
 use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
@@ -35,7 +35,7 @@ impl Links {
     /// before is closed.
     pub(crate) fn connect(
         &mut self,
-        site: &str,
+        site: &SiteId,
         conn_id: ConnId,
         conn: ServerConn,
         control: mpsc::Sender<Message>,
@@ -49,16 +49,16 @@ impl Links {
             codecs,
             protocol_version,
         };
-        if let Some(e) = self.sites.connect(site, held) {
+        if let Some(e) = self.sites.connect(site.as_str(), held) {
             self.execute(e);
         }
     }
 
     /// The connection `conn_id` of `site` ended: `true` if it was the
     /// site's current one.
-    pub(crate) fn disconnect(&mut self, site: &str, conn_id: ConnId) -> bool {
+    pub(crate) fn disconnect(&mut self, site: &SiteId, conn_id: ConnId) -> bool {
         self.io.remove(&conn_id);
-        self.sites.disconnect(site, conn_id)
+        self.sites.disconnect(site.as_str(), conn_id)
     }
 
     /// Close `conn_id` of `site` if it is still the site's current
@@ -97,7 +97,25 @@ impl Links {
     }
 
     /// Sites connected now, sorted.
-    pub(crate) fn connected(&self) -> Vec<String> {
+    pub(crate) fn connected(&self) -> Vec<SiteId> {
+        self.sites
+            .connected()
+            .into_iter()
+            .filter_map(|site| match SiteId::new(site) {
+                Ok(id) => Some(id),
+                // Not reached: a connection's site name is checked as a
+                // `SiteId` before it is welcomed (`conn::serve_site`).
+                Err(e) => {
+                    tracing::error!(error = %e, "a connected site's name is not a site id; left out");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Sites connected now, sorted, as the core and the round machine
+    /// name them (plain strings).
+    pub(crate) fn connected_names(&self) -> Vec<String> {
         self.sites.connected()
     }
 
@@ -167,7 +185,7 @@ pub(crate) struct SiteLink {
 pub(crate) const VIA_PROXY_FEATURE: &str = fedlink_protocol::message::FEATURE_VIA_PROXY;
 
 impl SiteLink {
-    pub(crate) fn info(&self, site: fedlink_protocol::SiteId) -> fedlink_protocol::admin::LinkInfo {
+    pub(crate) fn info(&self, site: SiteId) -> fedlink_protocol::admin::LinkInfo {
         fedlink_protocol::admin::LinkInfo {
             site,
             transport: self.conn.kind().as_str().to_owned(),
@@ -182,7 +200,7 @@ impl SiteLink {
 /// connection of the site has replaced it meanwhile.
 pub(crate) struct LinkGuard<'a> {
     pub(crate) shared: &'a Shared,
-    pub(crate) site: String,
+    pub(crate) site: SiteId,
     pub(crate) conn_id: usize,
 }
 

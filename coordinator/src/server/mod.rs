@@ -195,7 +195,8 @@ impl From<engine::EngineError> for ServeError {
 
 /// Uploads being received, by (site, nonce): each entry ends (its sender
 /// is dropped) when its attempt does.
-pub(crate) type UploadsInFlight = HashMap<(String, [u8; 16]), tokio::sync::watch::Receiver<()>>;
+pub(crate) type UploadsInFlight =
+    HashMap<(fedlink_protocol::SiteId, [u8; 16]), tokio::sync::watch::Receiver<()>>;
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
@@ -225,7 +226,7 @@ pub(crate) struct Shared {
     manifest_mtime: Mutex<Option<SystemTime>>,
     /// How each connected site is connected (operator view: transport,
     /// proxy, RTT), by site; the engine owns who is connected.
-    pub(crate) site_links: Mutex<HashMap<String, links::SiteLink>>,
+    pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
     revocations: Arc<RevocationList>,
     revoked_mtime: Mutex<Option<SystemTime>>,
     federation: FederationId,

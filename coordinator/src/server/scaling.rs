@@ -28,7 +28,7 @@ pub(crate) struct PersistedState {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Report {
     /// The site.
-    pub(crate) site: String,
+    pub(crate) site: fedlink_protocol::SiteId,
     /// Training examples of the update (its aggregation weight).
     pub(crate) num_examples: u64,
     /// The signed statistics (already checked by `verify_update`).
@@ -82,7 +82,7 @@ impl FederatedScaling {
             match why {
                 Some(why) => {
                     tracing::warn!(site = %r.site, reason = %why, "ignoring feature statistics");
-                    next.sites.remove(&r.site);
+                    next.sites.remove(r.site.as_str());
                 }
                 None => usable.push(r),
             }
@@ -93,14 +93,14 @@ impl FederatedScaling {
         };
         for r in usable {
             if reference.as_ref() == Some(&r.stats.features) {
-                next.sites.insert(r.site.clone(), r.stats.clone());
+                next.sites.insert(r.site.to_string(), r.stats.clone());
             } else {
                 tracing::warn!(
                     site = %r.site,
                     features = r.stats.features.len(),
                     "ignoring feature statistics: they name other features than the federation's"
                 );
-                next.sites.remove(&r.site);
+                next.sites.remove(r.site.as_str());
             }
         }
         if next.sites.is_empty() {
@@ -163,7 +163,7 @@ mod tests {
 
     fn report(site: &str, stats: FeatureStats) -> Report {
         Report {
-            site: site.into(),
+            site: fedlink_protocol::SiteId::new(site).expect("a test site id"),
             num_examples: stats.count,
             stats,
         }

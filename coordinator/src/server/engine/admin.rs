@@ -31,7 +31,7 @@ pub(crate) enum AdminEvent {
         reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
     },
     /// The sites connected now (sorted), with or without a job.
-    ConnectedSites(oneshot::Sender<Vec<String>>),
+    ConnectedSites(oneshot::Sender<Vec<SiteId>>),
     /// A job was queued: a finished engine looks for its next job.
     Wake,
 }
@@ -43,7 +43,7 @@ pub(crate) enum AdminEvent {
 /// start now.
 pub(crate) fn handle_without_job(
     shared: &Shared,
-    connected: impl FnOnce() -> Vec<String>,
+    connected: impl FnOnce() -> Vec<SiteId>,
     event: AdminEvent,
 ) -> bool {
     match event {
@@ -211,7 +211,7 @@ impl Engine {
             PhaseView::Aggregating { round } => ("aggregating", Some(round), 0),
             PhaseView::Finished(_) => ("finished", None, 0),
         };
-        let connected: BTreeSet<String> = self.links.connected().into_iter().collect();
+        let connected: BTreeSet<String> = self.links.connected_names().into_iter().collect();
         let selected: BTreeSet<String> = self
             .runner
             .selected_sites()
