@@ -36,6 +36,10 @@ impl<T> BufPool<T> {
     /// A pool that keeps at most `max_count` buffers and `max_bytes` of
     /// their capacity in all.
     pub(crate) const fn new(max_count: usize, max_bytes: usize) -> Self {
+        Self::with(max_count, max_bytes, false)
+    }
+
+    const fn with(max_count: usize, max_bytes: usize, keep_len: bool) -> Self {
         Self {
             kept: Mutex::new(Kept {
                 bufs: Vec::new(),
@@ -43,7 +47,7 @@ impl<T> BufPool<T> {
             }),
             max_count,
             max_bytes,
-            keep_len: false,
+            keep_len,
         }
     }
 
@@ -53,15 +57,7 @@ impl<T> BufPool<T> {
     /// bytes they had, so sizing one for the next record of about the same
     /// size zeroes nothing (a 2 MiB record was zeroed, then read over).
     pub(crate) const fn reusing(max_count: usize, max_bytes: usize) -> Self {
-        Self {
-            kept: Mutex::new(Kept {
-                bufs: Vec::new(),
-                bytes: 0,
-            }),
-            max_count,
-            max_bytes,
-            keep_len: true,
-        }
+        Self::with(max_count, max_bytes, true)
     }
 
     /// A buffer with the capacity of one given back earlier if the pool
