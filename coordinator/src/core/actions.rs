@@ -628,14 +628,14 @@ pub struct Interruption {
 /// ([`super::resume::Partials::keep`]) is the driver's, before this.
 pub fn upload_interrupted(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     envelope: &SignedEnvelope,
     what: &Interruption,
     kept: Result<(), &str>,
 ) -> Vec<Effect> {
     let h = &envelope.header;
     vec![Effect::AppendAudit {
-        actor: facts.site_actor(site),
+        actor: facts.site_actor(site.as_str()),
         kind: EventKind::UpdateInterrupted,
         details: serde_json::json!({
             "job": h.job_id.as_str(),
@@ -658,7 +658,7 @@ pub fn upload_interrupted(
 /// (once per selected site and round; `reason` already cut to its
 /// length): on record (`offer.declined`, by the coordinator, with the
 /// site's reason).
-pub fn offer_declined(facts: &JobFacts, site: &str, round: u64, reason: &str) -> Vec<Effect> {
+pub fn offer_declined(facts: &JobFacts, site: &SiteId, round: u64, reason: &str) -> Vec<Effect> {
     vec![facts.own(
         EventKind::OfferDeclined,
         serde_json::json!({
@@ -675,7 +675,7 @@ pub fn offer_declined(facts: &JobFacts, site: &str, round: u64, reason: &str) ->
 /// `eval.rejected` with the reason.
 pub fn eval_reported(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     report: &EvalReport,
     verdict: Result<(), &evaluation::EvalRefusal>,
 ) -> Vec<Effect> {
@@ -694,7 +694,7 @@ pub fn eval_reported(
         }
     };
     vec![Effect::AppendAudit {
-        actor: facts.site_actor(site),
+        actor: facts.site_actor(site.as_str()),
         kind,
         details,
     }]
@@ -1607,7 +1607,7 @@ mod tests {
             partial_bytes: 100,
             cause: "connection lost".into(),
         };
-        let e = upload_interrupted(&facts(), "site-a", &env, &what, Ok(()));
+        let e = upload_interrupted(&facts(), &sid("site-a"), &env, &what, Ok(()));
         assert_eq!(kinds(&e), ["audit update.interrupted"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().site_actor("site-a"));
@@ -1621,7 +1621,13 @@ mod tests {
                 "kept_for_resume": true, "not_kept_because": null,
             })
         );
-        let e = upload_interrupted(&facts(), "site-a", &env, &what, Err("the round closed"));
+        let e = upload_interrupted(
+            &facts(),
+            &sid("site-a"),
+            &env,
+            &what,
+            Err("the round closed"),
+        );
         let (_, _, d) = audit(&e[0]);
         assert_eq!(d["kept_for_resume"], false);
         assert_eq!(d["not_kept_because"], "the round closed");
@@ -1629,7 +1635,7 @@ mod tests {
 
     #[test]
     fn a_declined_offer_and_an_evaluation_report_are_on_record() {
-        let e = offer_declined(&facts(), "site-b", 2, "busy");
+        let e = offer_declined(&facts(), &sid("site-b"), 2, "busy");
         assert_eq!(kinds(&e), ["audit offer.declined"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().actor);
@@ -1649,7 +1655,7 @@ mod tests {
                 ..EvalMetrics::default()
             },
         };
-        let e = eval_reported(&facts(), "site-b", &report, Ok(()));
+        let e = eval_reported(&facts(), &sid("site-b"), &report, Ok(()));
         let (actor, kind, d) = audit(&e[0]);
         assert_eq!(
             (actor, kind),
@@ -1666,7 +1672,7 @@ mod tests {
             })
         );
         let refused = evaluation::EvalRefusal::NotAsked;
-        let e = eval_reported(&facts(), "site-b", &report, Err(&refused));
+        let e = eval_reported(&facts(), &sid("site-b"), &report, Err(&refused));
         let (_, kind, d) = audit(&e[0]);
         assert_eq!(kind, EventKind::EvalRejected);
         assert_eq!(d["reason"], refused.to_string());

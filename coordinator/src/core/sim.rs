@@ -1848,12 +1848,8 @@ impl CoreSim {
             };
             let signed = sign_eval_report(&key, report);
             let verdict = req.handle_report(site.as_str(), &signed, &self.keys);
-            let effects = actions::eval_reported(
-                facts,
-                site.as_str(),
-                &signed.report,
-                verdict.as_ref().map(|_| ()),
-            );
+            let effects =
+                actions::eval_reported(facts, &site, &signed.report, verdict.as_ref().map(|_| ()));
             let want = if verdict.is_ok() {
                 fedlink_audit::EventKind::EvalAccepted
             } else {

@@ -407,8 +407,7 @@ pub fn interrupted<T>(
         ),
         None => {
             let why = "the received records could not be made durable".to_owned();
-            let effects =
-                actions::upload_interrupted(facts, site.as_str(), envelope, &cut.what, Err(&why));
+            let effects = actions::upload_interrupted(facts, site, envelope, &cut.what, Err(&why));
             return CutShort {
                 discard: Vec::new(),
                 not_kept: Some(why),
@@ -422,7 +421,7 @@ pub fn interrupted<T>(
     };
     let effects = actions::upload_interrupted(
         facts,
-        site.as_str(),
+        site,
         envelope,
         &cut.what,
         not_kept.as_deref().map_or(Ok(()), Err),

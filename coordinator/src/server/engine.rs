@@ -1180,7 +1180,7 @@ impl Engine {
             Ok(()) => tracing::info!(site, model = %r.model, "evaluation report accepted"),
             Err(why) => tracing::warn!(site, reason = %why, "evaluation report refused"),
         }
-        let effects = actions::eval_reported(&self.facts, site, r, verdict.as_ref().map(|_| ()));
+        let effects = actions::eval_reported(&self.facts, site_id, r, verdict.as_ref().map(|_| ()));
         self.run_effects(effects, None)?;
         self.finish_requested(now)
     }
@@ -1876,8 +1876,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let effects =
-            actions::offer_declined(&self.facts, site.as_str(), round.0, &declined.reason);
+        let effects = actions::offer_declined(&self.facts, site, round.0, &declined.reason);
         self.run_effects(effects, None)
     }
 
