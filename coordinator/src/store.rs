@@ -640,10 +640,11 @@ impl Store {
     /// wall-clock time of the connection).
     pub fn record_site_seen(
         &self,
-        site: &str,
+        id: &SiteId,
         now_unix_ms: u64,
         num_examples: Option<u64>,
     ) -> Result<SiteRecord, StoreError> {
+        let site = id.as_str();
         let txn = self.db.begin_write().map_err(dberr)?;
         let rec = {
             let mut sites = txn.open_table(SITES).map_err(dberr)?;
@@ -659,7 +660,7 @@ impl Store {
                     r
                 }
                 None => SiteRecord {
-                    id: site.to_owned(),
+                    id: id.clone(),
                     first_seen_unix_ms: now_unix_ms,
                     last_seen_unix_ms: now_unix_ms,
                     num_examples,

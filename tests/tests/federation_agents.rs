@@ -366,7 +366,7 @@ async fn three_agents_three_rounds_in_process() {
             let u = r
                 .accepted
                 .iter()
-                .find(|u| u.site == format!("site-{i}"))
+                .find(|u| u.site.as_str() == format!("site-{i}"))
                 .unwrap();
             assert_eq!(Some(u.num_examples), sent.details["num_examples"].as_u64());
             assert_eq!(u.payload_hash.to_hex(), str_field(sent, "payload_hash"));
@@ -427,7 +427,7 @@ async fn an_agent_started_before_the_coordinator_joins_when_it_comes_up() {
     let (rounds, _) = check_round_chain(&store, &spec.id, 2);
     for r in &rounds {
         assert_eq!(r.accepted.len(), 1);
-        assert_eq!(r.accepted[0].site, "site-0");
+        assert_eq!(r.accepted[0].site.as_str(), "site-0");
     }
 }
 
@@ -597,7 +597,11 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
             // The updates accepted before the crash are kept apart and were
             // not aggregated; the round ran again in full.
             assert_eq!(r.restarts, 1);
-            let discarded: BTreeSet<String> = r.discarded.iter().map(|u| u.site.clone()).collect();
+            let discarded: BTreeSet<String> = r
+                .discarded
+                .iter()
+                .map(|u| u.site.as_str().to_owned())
+                .collect();
             assert_eq!(discarded, held);
             assert_eq!(r.discarded.len(), 2);
             for d in &r.discarded {

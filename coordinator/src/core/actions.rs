@@ -43,6 +43,7 @@ use fedlink_protocol::message::{
 };
 use fedlink_protocol::{
     EvalMetrics, FeatureScaling, FederationId, JobId, Message, ModelHash, PayloadHash, RoundId,
+    SiteId,
 };
 
 use super::evaluation::{self, RequestedEvaluation};
@@ -218,7 +219,7 @@ pub struct CheckpointPlan {
     /// Commit the replay guard with it, once the accepted update of this
     /// (site, round) is committed in the guard: the round is used up for
     /// the site, durably with the acceptance itself.
-    pub commit_replay: Option<(String, u64)>,
+    pub commit_replay: Option<(SiteId, u64)>,
     /// The round to open once it is committed (its accumulator, its server
     /// state before, its noise seed, `round.opened`).
     pub opens_round: Option<u64>,
@@ -265,8 +266,8 @@ pub fn round_opened(facts: &JobFacts, round: u64, base_model: ModelHash) -> Vec<
 /// (polled, not executed yet), if any.
 pub fn offers_in_a_row(
     runner: &mut JobRunner,
-    first: (String, Offer),
-) -> (Vec<(String, Offer)>, Option<Action>) {
+    first: (SiteId, Offer),
+) -> (Vec<(SiteId, Offer)>, Option<Action>) {
     let mut offers = vec![first];
     loop {
         match runner.poll_action() {
@@ -283,10 +284,10 @@ pub fn send_offer(
     facts: &JobFacts,
     terms: &OfferTerms,
     clock: &UnixClock,
-    site: &str,
+    site: &SiteId,
     offer: &Offer,
 ) -> Vec<Effect> {
-    send_offers(facts, terms, clock, &[(site.to_owned(), offer.clone())])
+    send_offers(facts, terms, clock, &[(site.clone(), offer.clone())])
 }
 
 /// A round's offers (the round machine emits its `SendOffer`s in a row):
@@ -299,7 +300,7 @@ pub fn send_offers(
     facts: &JobFacts,
     terms: &OfferTerms,
     clock: &UnixClock,
-    offers: &[(String, Offer)],
+    offers: &[(SiteId, Offer)],
 ) -> Vec<Effect> {
     let mut entries: Vec<(EventKind, serde_json::Value)> = offers
         .iter()
@@ -337,9 +338,9 @@ pub fn send_offers(
 }
 
 /// `CancelTask`: tell `site` to stop working on `round` (it closed).
-pub fn cancel_task(facts: &JobFacts, site: &str, round: u64) -> Vec<Effect> {
+pub fn cancel_task(facts: &JobFacts, site: &SiteId, round: u64) -> Vec<Effect> {
     vec![Effect::Send {
-        site: site.to_owned(),
+        site: site.clone(),
         message: Message::Cancel(Cancel {
             job_id: facts.job.clone(),
             round: RoundId(round),
@@ -432,21 +433,21 @@ pub fn update_received_details(
 /// [`reject_pending`] for one received whole).
 pub fn refuse_upload(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     upload: &UploadFacts,
     reason: &str,
     at_unix_ms: u64,
 ) -> Vec<Effect> {
     vec![
         Effect::AppendAudit {
-            actor: facts.site_actor(site),
+            actor: facts.site_actor(site.as_str()),
             kind: EventKind::UpdateReceived,
             details: upload.details(Some(reason)),
         },
         Effect::RecordRejected {
             round: upload.round,
             rejected: RejectedUpdate {
-                site: site.to_owned(),
+                site: site.as_str().to_owned(),
                 payload_hash: upload.payload_hash.clone(),
                 reason: reason.to_owned(),
                 bytes: upload.bytes,
@@ -461,7 +462,7 @@ pub fn refuse_upload(
 /// site answered with `code` and the reason.
 pub fn reject_pending(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     upload: &UploadFacts,
     reason: &str,
     code: RejectCode,
@@ -469,11 +470,11 @@ pub fn reject_pending(
 ) -> Vec<Effect> {
     let mut effects = refuse_upload(facts, site, upload, reason, at_unix_ms);
     effects.push(Effect::DiscardSpool {
-        site: site.to_owned(),
+        site: site.clone(),
         round: upload.round,
     });
     effects.push(Effect::AnswerUpload {
-        site: site.to_owned(),
+        site: site.clone(),
         round: upload.round,
         result: UploadResult::Reject {
             code,
@@ -488,7 +489,7 @@ pub fn reject_pending(
 /// evidence of what the round machine counted.
 pub fn fold_failed(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     upload: &UploadFacts,
     why: &str,
     at_unix_ms: u64,
@@ -496,7 +497,7 @@ pub fn fold_failed(
     let message = format!("the coordinator could not fold the update: {why}");
     let mut effects = refuse_upload(facts, site, upload, &message, at_unix_ms);
     effects.push(Effect::AnswerUpload {
-        site: site.to_owned(),
+        site: site.clone(),
         round: upload.round,
         result: UploadResult::Reject {
             code: RejectCode::Internal,
@@ -513,7 +514,7 @@ pub fn fold_failed(
 /// acknowledgement of `payload_hash`.
 pub fn accept_upload(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     upload: &UploadFacts,
     payload_hash: PayloadHash,
     upload_ms: u64,
@@ -522,14 +523,14 @@ pub fn accept_upload(
 ) -> Vec<Effect> {
     vec![
         Effect::AppendAudit {
-            actor: facts.site_actor(site),
+            actor: facts.site_actor(site.as_str()),
             kind: EventKind::UpdateReceived,
             details: upload.details(None),
         },
         Effect::RecordAccepted {
             round: upload.round,
             detail: UpdateDetail {
-                site: site.to_owned(),
+                site: site.as_str().to_owned(),
                 payload_hash: upload.payload_hash.clone(),
                 bytes: upload.bytes,
                 upload_ms,
@@ -538,7 +539,7 @@ pub fn accept_upload(
             },
         },
         Effect::AnswerUpload {
-            site: site.to_owned(),
+            site: site.clone(),
             round: upload.round,
             result: UploadResult::Ack {
                 payload_hash,
@@ -627,14 +628,14 @@ pub struct Interruption {
 /// ([`super::resume::Partials::keep`]) is the driver's, before this.
 pub fn upload_interrupted(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     envelope: &SignedEnvelope,
     what: &Interruption,
     kept: Result<(), &str>,
 ) -> Vec<Effect> {
     let h = &envelope.header;
     vec![Effect::AppendAudit {
-        actor: facts.site_actor(site),
+        actor: facts.site_actor(site.as_str()),
         kind: EventKind::UpdateInterrupted,
         details: serde_json::json!({
             "job": h.job_id.as_str(),
@@ -657,7 +658,7 @@ pub fn upload_interrupted(
 /// (once per selected site and round; `reason` already cut to its
 /// length): on record (`offer.declined`, by the coordinator, with the
 /// site's reason).
-pub fn offer_declined(facts: &JobFacts, site: &str, round: u64, reason: &str) -> Vec<Effect> {
+pub fn offer_declined(facts: &JobFacts, site: &SiteId, round: u64, reason: &str) -> Vec<Effect> {
     vec![facts.own(
         EventKind::OfferDeclined,
         serde_json::json!({
@@ -674,7 +675,7 @@ pub fn offer_declined(facts: &JobFacts, site: &str, round: u64, reason: &str) ->
 /// `eval.rejected` with the reason.
 pub fn eval_reported(
     facts: &JobFacts,
-    site: &str,
+    site: &SiteId,
     report: &EvalReport,
     verdict: Result<(), &evaluation::EvalRefusal>,
 ) -> Vec<Effect> {
@@ -693,7 +694,7 @@ pub fn eval_reported(
         }
     };
     vec![Effect::AppendAudit {
-        actor: facts.site_actor(site),
+        actor: facts.site_actor(site.as_str()),
         kind,
         details,
     }]
@@ -751,13 +752,18 @@ pub fn round_aggregated(
         model: output,
         job_completed: false,
     });
-    effects.extend(inputs.iter().map(|i| Effect::Send {
-        site: i.site.clone(),
+    // The inputs are the round's accepted updates, each from a site id
+    // the round machine holds, so none fails the check (the archive keeps
+    // them as plain names: its verification checks them itself).
+    let sites: Vec<SiteId> = inputs
+        .iter()
+        .filter_map(|i| SiteId::new(i.site.as_str()).ok())
+        .collect();
+    effects.extend(sites.iter().map(|site| Effect::Send {
+        site: site.clone(),
         message: produced.clone(),
     }));
-    effects.push(Effect::PushHead {
-        sites: inputs.iter().map(|i| i.site.clone()).collect(),
-    });
+    effects.push(Effect::PushHead { sites });
     effects
 }
 
@@ -780,7 +786,7 @@ pub fn outcome_json(outcome: &JobOutcome) -> serde_json::Value {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connected {
     /// The site.
-    pub site: String,
+    pub site: SiteId,
     /// Its protocol version (`None`: not known).
     pub protocol_version: Option<u16>,
 }
@@ -869,7 +875,7 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
             "outcome": outcome_json(&outcome),
         }),
     ));
-    let all: Vec<String> = sites.iter().map(|c| c.site.clone()).collect();
+    let all: Vec<SiteId> = sites.iter().map(|c| c.site.clone()).collect();
     if let JobOutcome::Completed { model } = &outcome {
         let fin = Message::RoundOutcome(RoundOutcome {
             job_id: facts.job.clone(),
@@ -893,7 +899,7 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
         });
         not_asked = old;
         if !asked.is_empty() {
-            let asked: Vec<String> = asked.into_iter().map(|c| c.site).collect();
+            let asked: Vec<SiteId> = asked.into_iter().map(|c| c.site).collect();
             let round = RoundId(eval.rounds);
             effects.push(facts.own(
                 EventKind::EvalRequested,
@@ -924,7 +930,11 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
             };
             return JobEnd {
                 effects,
-                requested: Some(RequestedEvaluation::new(expected, asked, eval.deadline)),
+                requested: Some(RequestedEvaluation::new(
+                    expected,
+                    asked.into_iter().map(String::from),
+                    eval.deadline,
+                )),
                 not_asked,
             };
         }
@@ -940,7 +950,7 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
 /// The end of a job: unless a job is queued behind it (its sites stay
 /// for that one, as after an empty start), every connected site is told
 /// the job is over (`Bye`); then the driver records the outcome.
-pub fn job_over(sites: &[String], next_queued: bool, outcome: JobOutcome) -> Vec<Effect> {
+pub fn job_over(sites: &[SiteId], next_queued: bool, outcome: JobOutcome) -> Vec<Effect> {
     let mut effects = Vec::new();
     if !next_queued {
         effects.extend(sites.iter().map(|site| Effect::Send {
@@ -988,7 +998,7 @@ pub fn evaluation_finished(
     facts: &JobFacts,
     evaluation: FederatedEvaluation,
     outcome: JobOutcome,
-    sites: &[String],
+    sites: &[SiteId],
     next_queued: bool,
 ) -> Vec<Effect> {
     let round = evaluation.after_round;
@@ -1010,6 +1020,10 @@ mod tests {
     use fedlink_protocol::FEDERATED_EVAL_VERSION;
 
     use super::*;
+
+    fn sid(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
     use crate::round::FailReason;
 
     fn facts() -> JobFacts {
@@ -1052,7 +1066,14 @@ mod tests {
                     };
                     format!("send {m} {site}")
                 }
-                Effect::PushHead { sites } => format!("head {}", sites.join(",")),
+                Effect::PushHead { sites } => format!(
+                    "head {}",
+                    sites
+                        .iter()
+                        .map(SiteId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
                 Effect::RecordRejected { .. } => "record rejected".into(),
                 Effect::RecordAccepted { .. } => "record accepted".into(),
                 Effect::DiscardSpool { .. } => "discard".into(),
@@ -1086,7 +1107,7 @@ mod tests {
             model: model(7),
             deadline: start + Duration::from_secs(60),
         };
-        let e = send_offer(&facts(), &terms, &clock, "site-a", &offer);
+        let e = send_offer(&facts(), &terms, &clock, &sid("site-a"), &offer);
         assert_eq!(kinds(&e), ["audit offer.sent", "send offer site-a"]);
         let (actor, _, details) = audit(&e[0]);
         assert_eq!(actor, facts().actor);
@@ -1122,10 +1143,10 @@ mod tests {
             round: 4,
             attempt: 1,
             base_model: model(1),
-            selected: vec!["site-a".into()],
+            selected: vec![sid("site-a")],
         };
         let accepted = AcceptedUpdate {
-            site: "site-a".into(),
+            site: sid("site-a"),
             round: 4,
             payload_hash: model(2),
             num_examples: 10,
@@ -1154,7 +1175,7 @@ mod tests {
         assert_eq!(
             checkpoint_plan(&Checkpoint::UpdateAccepted(accepted)),
             CheckpointPlan {
-                commit_replay: Some(("site-a".into(), 4)),
+                commit_replay: Some((sid("site-a"), 4)),
                 status_may_wait: true,
                 ..plain.clone()
             }
@@ -1213,9 +1234,9 @@ mod tests {
             deadline: start + Duration::from_secs(secs),
         };
         let offers = [
-            ("site-a".to_owned(), offer(60)),
-            ("site-b".to_owned(), offer(61)),
-            ("site-c".to_owned(), offer(62)),
+            (sid("site-a"), offer(60)),
+            (sid("site-b"), offer(61)),
+            (sid("site-c"), offer(62)),
         ];
         let e = send_offers(&facts(), &terms, &clock, &offers);
         assert_eq!(
@@ -1253,7 +1274,7 @@ mod tests {
         let one = send_offers(&facts(), &terms, &clock, &offers[..1]);
         assert_eq!(
             one,
-            send_offer(&facts(), &terms, &clock, "site-a", &offer(60))
+            send_offer(&facts(), &terms, &clock, &sid("site-a"), &offer(60))
         );
         assert!(send_offers(&facts(), &terms, &clock, &[]).is_empty());
     }
@@ -1274,7 +1295,7 @@ mod tests {
             runner.handle(
                 now,
                 Input::SiteConnected {
-                    site: site.into(),
+                    site: sid(site),
                     conn: ConnId(i as u64),
                     capabilities: SiteCapabilities::compatible(),
                 },
@@ -1303,11 +1324,11 @@ mod tests {
 
     #[test]
     fn a_cancel_names_the_job_and_round_and_a_disconnect_its_reason() {
-        let e = cancel_task(&facts(), "site-b", 4);
+        let e = cancel_task(&facts(), &sid("site-b"), 4);
         assert_eq!(
             e,
             [Effect::Send {
-                site: "site-b".into(),
+                site: sid("site-b"),
                 message: Message::Cancel(Cancel {
                     job_id: JobId::new("j1").unwrap(),
                     round: RoundId(4),
@@ -1341,7 +1362,14 @@ mod tests {
     #[test]
     fn a_refused_upload_is_audited_by_its_site_then_recorded_then_answered_once() {
         let f = facts();
-        let e = reject_pending(&f, "site-a", &upload(), "too late", RejectCode::TooLate, 77);
+        let e = reject_pending(
+            &f,
+            &sid("site-a"),
+            &upload(),
+            "too late",
+            RejectCode::TooLate,
+            77,
+        );
         assert_eq!(
             kinds(&e),
             [
@@ -1377,7 +1405,7 @@ mod tests {
         assert_eq!(
             e[3],
             Effect::AnswerUpload {
-                site: "site-a".into(),
+                site: sid("site-a"),
                 round: 3,
                 result: UploadResult::Reject {
                     code: RejectCode::TooLate,
@@ -1387,7 +1415,7 @@ mod tests {
         );
         // Accepted: on record first, then the round's record, then the ack.
         let hash = PayloadHash([0xab; 32]);
-        let e = accept_upload(&f, "site-a", &upload(), hash, 12, None, 78);
+        let e = accept_upload(&f, &sid("site-a"), &upload(), hash, 12, None, 78);
         assert_eq!(
             kinds(&e),
             ["audit update.received", "record accepted", "answer"]
@@ -1398,7 +1426,7 @@ mod tests {
         assert_eq!(
             e[2],
             Effect::AnswerUpload {
-                site: "site-a".into(),
+                site: sid("site-a"),
                 round: 3,
                 result: UploadResult::Ack {
                     payload_hash: hash,
@@ -1407,10 +1435,10 @@ mod tests {
             }
         );
         // Refused before its payload: the ticket answers, nothing to drop.
-        let e = refuse_upload(&f, "site-a", &upload(), "bad signature", 1);
+        let e = refuse_upload(&f, &sid("site-a"), &upload(), "bad signature", 1);
         assert_eq!(kinds(&e), ["audit update.received", "record rejected"]);
         // An acknowledged update that could not be folded keeps its spool.
-        let e = fold_failed(&f, "site-a", &upload(), "spool vanished", 1);
+        let e = fold_failed(&f, &sid("site-a"), &upload(), "spool vanished", 1);
         assert_eq!(
             kinds(&e),
             ["audit update.received", "record rejected", "answer"]
@@ -1579,7 +1607,7 @@ mod tests {
             partial_bytes: 100,
             cause: "connection lost".into(),
         };
-        let e = upload_interrupted(&facts(), "site-a", &env, &what, Ok(()));
+        let e = upload_interrupted(&facts(), &sid("site-a"), &env, &what, Ok(()));
         assert_eq!(kinds(&e), ["audit update.interrupted"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().site_actor("site-a"));
@@ -1593,7 +1621,13 @@ mod tests {
                 "kept_for_resume": true, "not_kept_because": null,
             })
         );
-        let e = upload_interrupted(&facts(), "site-a", &env, &what, Err("the round closed"));
+        let e = upload_interrupted(
+            &facts(),
+            &sid("site-a"),
+            &env,
+            &what,
+            Err("the round closed"),
+        );
         let (_, _, d) = audit(&e[0]);
         assert_eq!(d["kept_for_resume"], false);
         assert_eq!(d["not_kept_because"], "the round closed");
@@ -1601,7 +1635,7 @@ mod tests {
 
     #[test]
     fn a_declined_offer_and_an_evaluation_report_are_on_record() {
-        let e = offer_declined(&facts(), "site-b", 2, "busy");
+        let e = offer_declined(&facts(), &sid("site-b"), 2, "busy");
         assert_eq!(kinds(&e), ["audit offer.declined"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().actor);
@@ -1612,7 +1646,7 @@ mod tests {
         let report = EvalReport {
             protocol_version: fedlink_protocol::PROTOCOL_VERSION,
             federation_id: facts().federation,
-            site_id: fedlink_protocol::SiteId::new("site-b").unwrap(),
+            site_id: SiteId::new("site-b").unwrap(),
             job_id: facts().job,
             round: RoundId(3),
             model: model(9),
@@ -1621,7 +1655,7 @@ mod tests {
                 ..EvalMetrics::default()
             },
         };
-        let e = eval_reported(&facts(), "site-b", &report, Ok(()));
+        let e = eval_reported(&facts(), &sid("site-b"), &report, Ok(()));
         let (actor, kind, d) = audit(&e[0]);
         assert_eq!(
             (actor, kind),
@@ -1638,7 +1672,7 @@ mod tests {
             })
         );
         let refused = evaluation::EvalRefusal::NotAsked;
-        let e = eval_reported(&facts(), "site-b", &report, Err(&refused));
+        let e = eval_reported(&facts(), &sid("site-b"), &report, Err(&refused));
         let (_, kind, d) = audit(&e[0]);
         assert_eq!(kind, EventKind::EvalRejected);
         assert_eq!(d["reason"], refused.to_string());
@@ -1648,7 +1682,7 @@ mod tests {
         versions
             .iter()
             .map(|(s, v)| Connected {
-                site: (*s).into(),
+                site: sid(s),
                 protocol_version: Some(*v),
             })
             .collect()
@@ -1772,7 +1806,7 @@ mod tests {
         );
         // The job ends when the evaluation is done.
         let ev = req.finish();
-        let all = ["site-a".to_owned(), "site-c".to_owned()];
+        let all = [sid("site-a"), sid("site-c")];
         let e = evaluation_finished(&facts(), ev.clone(), done.clone(), &all, true);
         assert_eq!(
             kinds(&e),

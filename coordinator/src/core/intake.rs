@@ -73,7 +73,7 @@ pub fn verify_header(
     runner: &JobRunner,
     expected: &Expected<'_>,
     replay: &mut ReplayGuard,
-    site: &str,
+    site: &SiteId,
     envelope: &SignedEnvelope,
 ) -> Result<PayloadVerifier, Refusal> {
     let (authenticated, want) = round_view(runner, expected, site, envelope)?;
@@ -90,7 +90,7 @@ pub fn verify_resume(
     runner: &JobRunner,
     expected: &Expected<'_>,
     replay: &ReplayGuard,
-    site: &str,
+    site: &SiteId,
     envelope: &SignedEnvelope,
     partial: PayloadVerifier,
 ) -> Result<PayloadVerifier, Refusal> {
@@ -111,7 +111,7 @@ pub fn verify_resume(
 fn round_view(
     runner: &JobRunner,
     expected: &Expected<'_>,
-    site: &str,
+    site: &SiteId,
     envelope: &SignedEnvelope,
 ) -> Result<(SiteId, ExpectedUpdate), Refusal> {
     let h = &envelope.header;
@@ -121,8 +121,7 @@ fn round_view(
     let round = expected
         .open_round
         .ok_or_else(|| Refusal::new(RejectCode::UnexpectedMessage, "no round is open"))?;
-    let authenticated =
-        SiteId::new(site).map_err(|e| Refusal::new(RejectCode::UnknownSite, e.to_string()))?;
+    let authenticated = site.clone();
     let want = ExpectedUpdate {
         federation_id: expected.federation.clone(),
         job_id: expected.job.clone(),
@@ -298,6 +297,10 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    fn sid(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
+
     use std::time::{Duration, Instant};
 
     use ed25519_dalek::SigningKey;
@@ -339,13 +342,13 @@ mod tests {
         runner.handle(
             Instant::now(),
             Input::SiteConnected {
-                site: "a".into(),
+                site: sid("a"),
                 conn: ConnId(1),
                 capabilities: SiteCapabilities::compatible(),
             },
         );
         while runner.poll_action().is_some() {}
-        assert_eq!(runner.selected_sites(), vec!["a".to_owned()]);
+        assert_eq!(runner.selected_sites(), vec![sid("a")]);
         let key = SigningKey::from_bytes(&[7; 32]);
         let keys = BTreeMap::from([(SiteId::new("a").unwrap(), key.verifying_key())]);
         World {
@@ -392,7 +395,7 @@ mod tests {
         fn check(
             &self,
             replay: &mut ReplayGuard,
-            site: &str,
+            site: &SiteId,
             h: UpdateHeader,
         ) -> Result<PayloadVerifier, Refusal> {
             let env = sign_update(&self.key, h);
@@ -404,10 +407,10 @@ mod tests {
     fn a_good_header_is_admitted_once_and_its_replay_refused() {
         let w = world();
         let mut replay = ReplayGuard::new();
-        let v = w.check(&mut replay, "a", w.header(1)).unwrap();
+        let v = w.check(&mut replay, &sid("a"), w.header(1)).unwrap();
         assert_eq!(v.remaining(), 16);
         // The same signed envelope again: a replay.
-        let err = w.check(&mut replay, "a", w.header(1)).unwrap_err();
+        let err = w.check(&mut replay, &sid("a"), w.header(1)).unwrap_err();
         assert_eq!(err.code, RejectCode::Replay, "{err}");
     }
 
@@ -416,38 +419,45 @@ mod tests {
         let w = world();
         let mut replay = ReplayGuard::new();
         // Another TLS identity than the signed site, unknown to the job.
-        let err = w.check(&mut replay, "b", w.header(2)).unwrap_err();
+        let err = w.check(&mut replay, &sid("b"), w.header(2)).unwrap_err();
         assert_eq!(err.code, RejectCode::UnknownSite, "{err}");
         assert_eq!(err.reason, "unknown site");
         // A wrong round: the round machine says so first.
         let mut h = w.header(3);
         h.round = RoundId(2);
-        let err = w.check(&mut replay, "a", h).unwrap_err();
+        let err = w.check(&mut replay, &sid("a"), h).unwrap_err();
         assert_eq!(err.code, RejectCode::ContextMismatch, "{err}");
         // A header trained on another model.
         let mut h = w.header(4);
         h.base_model = ModelHash([9; 32]);
-        let err = w.check(&mut replay, "a", h).unwrap_err();
+        let err = w.check(&mut replay, &sid("a"), h).unwrap_err();
         assert_eq!(err.code, RejectCode::ContextMismatch, "{err}");
         // A payload larger than the model can need.
         let mut h = w.header(5);
         h.payload_len = 1 << 40;
-        let err = w.check(&mut replay, "a", h).unwrap_err();
+        let err = w.check(&mut replay, &sid("a"), h).unwrap_err();
         assert_eq!(err.code, RejectCode::PayloadMismatch, "{err}");
         assert!(err.reason.contains("payload bytes"), "{err}");
         // A bad signature: signed by another key.
         let other = SigningKey::from_bytes(&[8; 32]);
         let env = sign_update(&other, w.header(6));
-        let err =
-            verify_header(&w.runner, &w.expected(Some(1)), &mut replay, "a", &env).unwrap_err();
+        let err = verify_header(
+            &w.runner,
+            &w.expected(Some(1)),
+            &mut replay,
+            &sid("a"),
+            &env,
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::BadSignature, "{err}");
         // No accumulator open (the driver's view) although the machine collects.
         let env = sign_update(&w.key, w.header(7));
-        let err = verify_header(&w.runner, &w.expected(None), &mut replay, "a", &env).unwrap_err();
+        let err =
+            verify_header(&w.runner, &w.expected(None), &mut replay, &sid("a"), &env).unwrap_err();
         assert_eq!(err.code, RejectCode::UnexpectedMessage, "{err}");
         assert_eq!(err.reason, "no round is open");
         // None of the refusals used up the site's round: a good one passes.
-        w.check(&mut replay, "a", w.header(8)).unwrap();
+        w.check(&mut replay, &sid("a"), w.header(8)).unwrap();
     }
     #[test]
     fn a_resume_continues_the_kept_upload_against_the_job_as_it_is_now() {
@@ -455,7 +465,14 @@ mod tests {
         let mut replay = ReplayGuard::new();
         let h = w.header(1);
         let env = sign_update(&w.key, h.clone());
-        let mut v = verify_header(&w.runner, &w.expected(Some(1)), &mut replay, "a", &env).unwrap();
+        let mut v = verify_header(
+            &w.runner,
+            &w.expected(Some(1)),
+            &mut replay,
+            &sid("a"),
+            &env,
+        )
+        .unwrap();
         v.update(&[0u8; 8]).unwrap();
         // The same envelope resumes, without a new attempt in the guard.
         let before = replay.clone();
@@ -463,7 +480,7 @@ mod tests {
             &w.runner,
             &w.expected(Some(1)),
             &replay,
-            "a",
+            &sid("a"),
             &env,
             v.clone(),
         )
@@ -475,22 +492,36 @@ mod tests {
             &w.runner,
             &w.expected(Some(1)),
             &replay,
-            "b",
+            &sid("b"),
             &env,
             v.clone(),
         )
         .unwrap_err();
         assert_eq!(err.code, RejectCode::UnknownSite, "{err}");
         // No round open any more: refused as any upload would be.
-        let err =
-            verify_resume(&w.runner, &w.expected(None), &replay, "a", &env, v.clone()).unwrap_err();
+        let err = verify_resume(
+            &w.runner,
+            &w.expected(None),
+            &replay,
+            &sid("a"),
+            &env,
+            v.clone(),
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::UnexpectedMessage, "{err}");
         // Another header under the same nonce: not this upload.
         let mut other = h;
         other.payload_len = 12;
         let forged = sign_update(&w.key, other);
-        let err =
-            verify_resume(&w.runner, &w.expected(Some(1)), &replay, "a", &forged, v).unwrap_err();
+        let err = verify_resume(
+            &w.runner,
+            &w.expected(Some(1)),
+            &replay,
+            &sid("a"),
+            &forged,
+            v,
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::Replay, "{err}");
         assert!(err.reason.contains("cannot be resumed"), "{err}");
     }

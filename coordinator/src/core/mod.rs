@@ -76,8 +76,9 @@
 //!
 //! ```
 //! use fedlink_coordinator::core::{CloseReason, Effect, Held, JobNeeds, Sites};
-//! use fedlink_coordinator::round::{ConnId, SiteCapabilities};
+//! use fedlink_coordinator::round::{ConnId, SiteCapabilities, SiteId};
 //!
+//! let site = SiteId::new("site-a")?;
 //! let mut sites = Sites::new();
 //! let held = |conn| Held {
 //!     conn: ConnId(conn),
@@ -85,10 +86,10 @@
 //!     codecs: vec![],
 //!     protocol_version: fedlink_protocol::PROTOCOL_VERSION,
 //! };
-//! assert_eq!(sites.connect("site-a", held(1)), None);
+//! assert_eq!(sites.connect(&site, held(1)), None);
 //! // A second connection of the site replaces the first.
 //! assert_eq!(
-//!     sites.connect("site-a", held(2)),
+//!     sites.connect(&site, held(2)),
 //!     Some(Effect::Close { conn: ConnId(1), reason: CloseReason::Replaced })
 //! );
 //! // The job that starts now learns of the held site.
@@ -186,7 +187,7 @@ pub enum Effect {
     /// the site is not connected).
     Send {
         /// The site.
-        site: String,
+        site: fedlink_protocol::SiteId,
         /// The message.
         message: fedlink_protocol::Message,
     },
@@ -194,7 +195,7 @@ pub enum Effect {
     /// it, to those of `sites` that are connected.
     PushHead {
         /// The sites.
-        sites: Vec<String>,
+        sites: Vec<fedlink_protocol::SiteId>,
     },
     /// Keep a refused upload in its round's record (best effort: a round
     /// with no record keeps none).
@@ -216,7 +217,7 @@ pub enum Effect {
     /// `round` (refused: it is not archived).
     DiscardSpool {
         /// The site.
-        site: String,
+        site: fedlink_protocol::SiteId,
         /// The round.
         round: u64,
     },
@@ -233,7 +234,7 @@ pub enum Effect {
     /// Answer the pending upload of `site` in `round`.
     AnswerUpload {
         /// The site.
-        site: String,
+        site: fedlink_protocol::SiteId,
         /// The round.
         round: u64,
         /// The answer.

@@ -173,9 +173,9 @@ pub struct Stats {
     pub retractions: u64,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct VSite {
-    name: String,
+    name: SiteId,
     conn: Option<ConnId>,
     /// Connections it had before (their late ends are replayed as stale
     /// disconnects).
@@ -200,6 +200,26 @@ struct VSite {
     issued: u16,
     /// Approved by a site command and not offered a round since.
     approved: bool,
+}
+
+impl VSite {
+    /// A site that has not connected yet, holding nothing.
+    fn new(name: SiteId) -> Self {
+        Self {
+            name,
+            conn: None,
+            old: Vec::new(),
+            offers: Vec::new(),
+            training: Vec::new(),
+            sent: Vec::new(),
+            cert: 0,
+            conn_cert: None,
+            key: 0,
+            old_keys: Vec::new(),
+            issued: 0,
+            approved: false,
+        }
+    }
 }
 
 struct Job {
@@ -232,7 +252,7 @@ fn sim_upload(job: &str, u: &UpdateReceived) -> UploadFacts {
     UploadFacts {
         job: job.to_owned(),
         round: u.round,
-        site: u.site.clone(),
+        site: u.site.as_str().to_owned(),
         payload_hash: u.payload_hash.to_hex(),
         bytes: u.bytes,
         num_examples: u.num_examples,
@@ -289,6 +309,37 @@ struct SiteCommandRun {
     which: u8,
 }
 
+/// `what` with every `SiteId("x")` (a site id's `Debug` form, in the
+/// checkpoints and actions the trace prints) written `"x"`, as a plain
+/// string prints: the trace, and so a seed's [`CoreSim::trace_hash`], reads
+/// the same as before the round machine's site ids were typed. Site ids
+/// hold no `"`.
+fn plain_site_ids(what: &str) -> std::borrow::Cow<'_, str> {
+    const TYPED: &str = "SiteId(\"";
+    if !what.contains(TYPED) {
+        return std::borrow::Cow::Borrowed(what);
+    }
+    let mut out = String::with_capacity(what.len());
+    let mut rest = what;
+    while let Some(at) = rest.find(TYPED) {
+        out.push_str(&rest[..at]);
+        // From the opening quote on.
+        let quoted = &rest[at + TYPED.len() - 1..];
+        match quoted[1..].find('"') {
+            Some(end) if quoted[end + 2..].starts_with(')') => {
+                out.push_str(&quoted[..end + 2]);
+                rest = &quoted[end + 3..];
+            }
+            _ => {
+                out.push_str(&rest[at..at + TYPED.len()]);
+                rest = &rest[at + TYPED.len()..];
+            }
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// A message's name, for the trace.
 fn message_name(m: &Message) -> &'static str {
     match m {
@@ -316,7 +367,7 @@ pub struct CoreSim {
     /// The durable log of each job (what a restart recovers from).
     durable: BTreeMap<String, Vec<Checkpoint>>,
     /// Acknowledged updates not discarded by a restart: (job, round, site).
-    acked: BTreeSet<(String, u64, String)>,
+    acked: BTreeSet<(String, u64, SiteId)>,
     /// A crash is armed: it happens before the n-th next action executes.
     crash_in: Option<u32>,
     /// The offer terms' job (`None`: [`OFFER_JOB`] does not parse, a
@@ -407,10 +458,8 @@ impl CoreSim {
         };
         let n_sites = 2 + sim.below(6) as usize;
         sim.vsites = (0..n_sites)
-            .map(|i| VSite {
-                name: format!("site-{i}"),
-                ..VSite::default()
-            })
+            // `site-{i}` is a valid site id: none is left out.
+            .filter_map(|i| SiteId::new(format!("site-{i}")).ok().map(VSite::new))
             .collect();
         // The sites are registered (through the admin's approve); now and
         // then the last one is not yet, for a later approve.
@@ -423,12 +472,16 @@ impl CoreSim {
             if Some(i) == unregistered {
                 continue;
             }
-            let Some(cert) = site_cert(i, &name, 1) else {
+            let Some(cert) = site_cert(i, name.as_str(), 1) else {
                 continue;
             };
             let cmd = SiteCommand::Approve {
                 cert,
-                update_key: hex::encode(new_update_key(seed, &name, 1).verifying_key().as_bytes()),
+                update_key: hex::encode(
+                    new_update_key(seed, name.as_str(), 1)
+                        .verifying_key()
+                        .as_bytes(),
+                ),
                 max_examples: None,
             };
             if let Ok(change) = site_command(cmd, "admin", sim.files.clone(), "t0") {
@@ -437,7 +490,7 @@ impl CoreSim {
                         sim.files.manifest = m;
                     }
                 }
-                sim.saved_keys.insert(name, 1);
+                sim.saved_keys.insert(name.into(), 1);
             }
         }
         sim.loaded = sim.files.clone();
@@ -449,7 +502,7 @@ impl CoreSim {
             let allow = (sim.below(5) == 0).then(|| {
                 sim.vsites
                     .iter()
-                    .filter(|s| s.name != "site-0")
+                    .filter(|s| s.name.as_str() != "site-0")
                     .map(|s| s.name.clone())
                     .collect()
             });
@@ -529,6 +582,8 @@ impl CoreSim {
     }
 
     fn note(&mut self, what: &str) {
+        let plain = plain_site_ids(what);
+        let what = plain.as_ref();
         self.trace.update(&(self.step as u64).to_le_bytes());
         self.trace.update(what.as_bytes());
         self.trace.update(b"\n");
@@ -829,7 +884,7 @@ impl CoreSim {
     fn refusal(
         &mut self,
         job: &str,
-        site: &str,
+        site: &SiteId,
         round: u64,
         refused: Refused<bool>,
     ) -> Result<(), Violation> {
@@ -896,7 +951,7 @@ impl CoreSim {
         if let Some(c) = self.cert_cache.borrow().get(&(i, n)) {
             return Some(c.clone());
         }
-        let c = site_cert(i, &self.vsites[i].name, n)?;
+        let c = site_cert(i, self.vsites[i].name.as_str(), n)?;
         self.cert_cache.borrow_mut().insert((i, n), c.clone());
         Some(c)
     }
@@ -935,7 +990,7 @@ impl CoreSim {
         {
             return Err(format!("certificate of {name} revoked"));
         }
-        match self.loaded.manifest.get(name) {
+        match self.loaded.manifest.get(name.as_str()) {
             None => Err(format!("{name} is not a registered site")),
             Some(e) if e.cert_fingerprint != c.info.fingerprint => {
                 Err(format!("{name}'s certificate is superseded"))
@@ -947,8 +1002,8 @@ impl CoreSim {
     /// Whether `site`'s updates may count, by the loaded registry (the
     /// driver's `site_allowed`): registered, its registered certificate
     /// not revoked.
-    fn may_contribute(&self, site: &str) -> Result<(), String> {
-        let Some(e) = self.loaded.manifest.get(site) else {
+    fn may_contribute(&self, site: &SiteId) -> Result<(), String> {
+        let Some(e) = self.loaded.manifest.get(site.as_str()) else {
             return Err(format!(
                 "{site} is not a registered site (removed or revoked)"
             ));
@@ -971,17 +1026,17 @@ impl CoreSim {
     /// Whether the upload goes on.
     fn key_check(&mut self, i: usize, key: u16, u: &UpdateReceived) -> Result<bool, Violation> {
         let name = self.vsites[i].name.clone();
-        let signer = self.update_key(&name, key).verifying_key();
-        let accepted = SiteId::new(&name)
+        let signer = self.update_key(name.as_str(), key).verifying_key();
+        let accepted = SiteId::new(name.as_str())
             .ok()
             .and_then(|id| self.keys.get(&id))
             .is_some_and(|k| *k == signer);
-        let expected = self.loaded_keys.get(&name) == Some(&key);
+        let expected = self.loaded_keys.get(name.as_str()) == Some(&key);
         if accepted != expected {
             return Err(self.violation(format!(
                 "{name}'s upload signed with key {key}: accepted {accepted}, but the key \
                  registered as loaded is {:?}",
-                self.loaded_keys.get(&name)
+                self.loaded_keys.get(name.as_str())
             )));
         }
         let rotated = !self.vsites[i].old_keys.is_empty();
@@ -991,7 +1046,7 @@ impl CoreSim {
             }
             return Ok(true);
         }
-        if self.vsites[i].old_keys.contains(&key) && self.loaded_keys.contains_key(&name) {
+        if self.vsites[i].old_keys.contains(&key) && self.loaded_keys.contains_key(name.as_str()) {
             self.stats.old_key_refusals += 1;
         }
         self.note(&format!("header refused {name} r{} key {key}", u.round));
@@ -1025,10 +1080,11 @@ impl CoreSim {
     /// allowed — with now and then a crash between two of them.
     fn site_admin(&mut self, i: usize, revoke: bool) -> Result<(), Violation> {
         let name = self.vsites[i].name.clone();
-        let registered = self.files.manifest.get(&name).is_some();
+        let registered = self.files.manifest.get(name.as_str()).is_some();
         let n = self.vsites[i].issued.saturating_add(1);
-        let new_key = |sim: &Self| hex::encode(sim.update_key(&name, n).verifying_key().as_bytes());
-        let Some(cert) = site_cert(i, &name, n) else {
+        let new_key =
+            |sim: &Self| hex::encode(sim.update_key(name.as_str(), n).verifying_key().as_bytes());
+        let Some(cert) = site_cert(i, name.as_str(), n) else {
             return Err(self.violation(format!("no certificate {n} for {name}")));
         };
         // Now and then a command the registry refuses: approving a
@@ -1037,14 +1093,14 @@ impl CoreSim {
         if !revoke && self.below(10) == 0 {
             // The certificate registered in the files (not necessarily the
             // one the site holds: a crash may have lost its rotation).
-            let current = self.files.manifest.get(&name).and_then(|e| {
+            let current = self.files.manifest.get(name.as_str()).and_then(|e| {
                 (1..=self.vsites[i].issued)
-                    .filter_map(|k| site_cert(i, &name, k))
+                    .filter_map(|k| site_cert(i, name.as_str(), k))
                     .find(|c| c.info.fingerprint == e.cert_fingerprint)
             });
             let cmd = match (registered, current) {
                 (true, Some(current)) if self.below(2) == 0 => SiteCommand::Rotate {
-                    name: name.clone(),
+                    name: name.as_str().to_owned(),
                     cert: current,
                     update_key: None,
                 },
@@ -1054,7 +1110,7 @@ impl CoreSim {
                     max_examples: None,
                 },
                 (false, _) => SiteCommand::Revoke {
-                    name: name.clone(),
+                    name: name.as_str().to_owned(),
                     reason: None,
                 },
             };
@@ -1085,7 +1141,7 @@ impl CoreSim {
             )
         } else if revoke {
             let cmd = SiteCommand::Revoke {
-                name: name.clone(),
+                name: name.as_str().to_owned(),
                 reason: Some("sim".into()),
             };
             (
@@ -1098,7 +1154,7 @@ impl CoreSim {
         } else {
             let rekey = self.below(2) == 0;
             let cmd = SiteCommand::Rotate {
-                name: name.clone(),
+                name: name.as_str().to_owned(),
                 cert,
                 update_key: rekey.then(|| new_key(self)),
             };
@@ -1106,7 +1162,7 @@ impl CoreSim {
                 n
             } else {
                 self.saved_keys
-                    .get(&name)
+                    .get(name.as_str())
                     .copied()
                     .unwrap_or(self.vsites[i].key)
             };
@@ -1174,8 +1230,8 @@ impl CoreSim {
                     self.last_saved.0 = Some(m.clone());
                     self.files.manifest = m;
                     match run.key {
-                        Some(k) => self.saved_keys.insert(name.clone(), k),
-                        None => self.saved_keys.remove(&name),
+                        Some(k) => self.saved_keys.insert(name.as_str().to_owned(), k),
+                        None => self.saved_keys.remove(name.as_str()),
                     };
                 }
                 Effect::ReloadRegistry => {
@@ -1214,7 +1270,7 @@ impl CoreSim {
             Ok(keys) => keys,
             Err(e) => return Err(self.violation(format!("the saved manifest's keys: {e}"))),
         };
-        let refused: BTreeMap<String, String> = (0..self.vsites.len())
+        let refused: BTreeMap<SiteId, String> = (0..self.vsites.len())
             .filter_map(|i| {
                 let cert = self.vsites[i].conn_cert?;
                 self.peer_allowed(i, cert)
@@ -1350,7 +1406,7 @@ impl CoreSim {
     /// A round's offers through the core ([`actions::send_offers`]): each
     /// offer must reach its site after its own `offer.sent` entry, and
     /// every offer must go out.
-    fn send_offers(&mut self, offers: Vec<(String, crate::round::Offer)>) -> Result<(), Violation> {
+    fn send_offers(&mut self, offers: Vec<(SiteId, crate::round::Offer)>) -> Result<(), Violation> {
         let Some(job) = self.job_id() else {
             return Ok(());
         };
@@ -1517,7 +1573,7 @@ impl CoreSim {
                 let mut inputs: Vec<_> = updates
                     .iter()
                     .map(|u| crate::round_archive::RoundInput {
-                        site: u.site.clone(),
+                        site: u.site.as_str().to_owned(),
                         payload_hash: u.payload_hash.to_hex(),
                         num_examples: u.num_examples,
                         payload_file: String::new(),
@@ -1539,7 +1595,7 @@ impl CoreSim {
                     .filter_map(|v| {
                         self.may_contribute(&v.name)
                             .err()
-                            .map(|why| (v.name.clone(), why))
+                            .map(|why| (v.name.as_str().to_owned(), why))
                     })
                     .collect();
                 let facts = self.facts(&job)?;
@@ -1695,7 +1751,7 @@ impl CoreSim {
                 },
             },
         );
-        let asked: Vec<String> = end
+        let asked: Vec<SiteId> = end
             .effects
             .iter()
             .filter_map(|e| match e {
@@ -1748,10 +1804,10 @@ impl CoreSim {
         job: &str,
         facts: &JobFacts,
         mut req: super::evaluation::RequestedEvaluation,
-        asked: &[String],
+        asked: &[SiteId],
     ) -> Result<FederatedEvaluation, Violation> {
         let expected = req.expected().clone();
-        let mut reports: Vec<(String, ModelHash)> = Vec::new();
+        let mut reports: Vec<(SiteId, ModelHash)> = Vec::new();
         for site in asked {
             match self.below(6) {
                 0 => {} // no report before the deadline
@@ -1771,13 +1827,11 @@ impl CoreSim {
         let mut accepted = BTreeSet::new();
         for (site, model) in reports {
             let examples = 1 + self.below(100);
-            let (Some(v), Ok(site_id)) = (
-                self.vsites.iter().find(|v| v.name == site),
-                SiteId::new(&site),
-            ) else {
+            let Some(v) = self.vsites.iter().find(|v| v.name == site) else {
                 return Err(self.violation(format!("{site} is no virtual site")));
             };
-            let key = self.update_key(&site, v.key);
+            let site_id = site.clone();
+            let key = self.update_key(site.as_str(), v.key);
             let report = EvalReport {
                 protocol_version: fedlink_protocol::PROTOCOL_VERSION,
                 federation_id: expected.federation_id.clone(),
@@ -1793,7 +1847,7 @@ impl CoreSim {
                 },
             };
             let signed = sign_eval_report(&key, report);
-            let verdict = req.handle_report(&site, &signed, &self.keys);
+            let verdict = req.handle_report(site.as_str(), &signed, &self.keys);
             let effects =
                 actions::eval_reported(facts, &site, &signed.report, verdict.as_ref().map(|_| ()));
             let want = if verdict.is_ok() {
@@ -1810,7 +1864,7 @@ impl CoreSim {
             self.run_effects(job, effects)?;
             if verdict.is_ok() {
                 self.stats.eval_reports_accepted += 1;
-                if !accepted.insert(site.clone()) {
+                if !accepted.insert(site.as_str().to_owned()) {
                     return Err(self.violation(format!("{job}: {site}'s report counted twice")));
                 }
             } else {
@@ -1825,11 +1879,11 @@ impl CoreSim {
             )));
         }
         for site in asked {
-            let left_out = evaluation.excluded.iter().any(|x| &x.site == site);
-            if counted.contains(site) == left_out {
+            let left_out = evaluation.excluded.iter().any(|x| x.site == site.as_str());
+            if counted.contains(site.as_str()) == left_out {
                 return Err(self.violation(format!(
                     "{job}: asked site {site} is counted: {}, left out: {left_out}",
-                    counted.contains(site)
+                    counted.contains(site.as_str())
                 )));
             }
         }
@@ -1862,7 +1916,10 @@ impl CoreSim {
                 Effect::Send { site, message } => {
                     self.deliver(job, &site, message, audited, &mut sent)?
                 }
-                Effect::PushHead { sites } => self.note(&format!("head {}", sites.join(","))),
+                Effect::PushHead { sites } => {
+                    let names: Vec<&str> = sites.iter().map(SiteId::as_str).collect();
+                    self.note(&format!("head {}", names.join(",")));
+                }
                 Effect::RecordRejected { round, rejected } => {
                     self.note(&format!("record rejected {} r{round}", rejected.site));
                     sent.rejections += 1;
@@ -1944,7 +2001,7 @@ impl CoreSim {
     fn deliver(
         &mut self,
         job: &str,
-        site: &str,
+        site: &SiteId,
         message: Message,
         audited: bool,
         sent: &mut Sent,
@@ -1962,7 +2019,7 @@ impl CoreSim {
         let Some(v) = self
             .vsites
             .iter_mut()
-            .find(|v| v.name == site && v.conn.is_some())
+            .find(|v| &v.name == site && v.conn.is_some())
         else {
             self.note(&format!("dropped: {site} is not connected"));
             return Ok(());
@@ -1970,7 +2027,10 @@ impl CoreSim {
         let name = message_name(&message);
         match message {
             Message::TaskOfferV6(o) => {
-                if !sent.on_record.contains(&(site.to_owned(), o.round.0)) {
+                if !sent
+                    .on_record
+                    .contains(&(site.as_str().to_owned(), o.round.0))
+                {
                     return Err(self.violation(format!(
                         "{job}: an offer to {site} for round {} before its offer.sent append",
                         o.round.0
@@ -2214,5 +2274,24 @@ impl CoreSim {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_site_ids;
+
+    #[test]
+    fn the_trace_prints_site_ids_as_plain_strings() {
+        assert_eq!(
+            plain_site_ids(r#"x { site: SiteId("site-3"), sel: [SiteId("a"), SiteId("b")] }"#),
+            r#"x { site: "site-3", sel: ["a", "b"] }"#
+        );
+        assert_eq!(plain_site_ids("connect site-0 1"), "connect site-0 1");
+        // Not a site id's Debug form: left as it is.
+        assert_eq!(
+            plain_site_ids(r#"SiteId("a" SiteId("#),
+            r#"SiteId("a" SiteId("#
+        );
     }
 }

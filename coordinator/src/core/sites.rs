@@ -71,9 +71,9 @@ impl Sites {
 
     /// `site` completed its handshake on `held.conn`. A connection it had
     /// before is closed (returned as an effect).
-    pub fn connect(&mut self, site: &str, held: Held) -> Option<Effect> {
+    pub fn connect(&mut self, site: &SiteId, held: Held) -> Option<Effect> {
         let new = held.conn;
-        let old = self.held.insert(site.to_owned(), held)?;
+        let old = self.held.insert(site.clone(), held)?;
         (old.conn != new).then_some(Effect::Close {
             conn: old.conn,
             reason: CloseReason::Replaced,
@@ -83,7 +83,7 @@ impl Sites {
     /// The connection `conn` of `site` ended. `true` if it was the site's
     /// current one (it is forgotten); `false` for a stale end (a connection
     /// already replaced), which changes nothing.
-    pub fn disconnect(&mut self, site: &str, conn: ConnId) -> bool {
+    pub fn disconnect(&mut self, site: &SiteId, conn: ConnId) -> bool {
         if self.conn_of(site) == Some(conn) {
             self.held.remove(site);
             true
@@ -94,7 +94,7 @@ impl Sites {
 
     /// Close `conn` of `site` for `reason`, if it is still the site's
     /// current connection (the round machine's `Disconnect`, a revocation).
-    pub fn close(&mut self, site: &str, conn: ConnId, reason: CloseReason) -> Option<Effect> {
+    pub fn close(&mut self, site: &SiteId, conn: ConnId, reason: CloseReason) -> Option<Effect> {
         self.disconnect(site, conn)
             .then_some(Effect::Close { conn, reason })
     }
@@ -104,7 +104,7 @@ impl Sites {
     /// Returns the sites cut off with their connections, and the effects.
     pub fn revoke_where<E: std::fmt::Display>(
         &mut self,
-        mut allowed: impl FnMut(&str, ConnId) -> Result<(), E>,
+        mut allowed: impl FnMut(&SiteId, ConnId) -> Result<(), E>,
     ) -> (Vec<(SiteId, ConnId)>, Vec<Effect>) {
         let mut cut = Vec::new();
         let mut effects = Vec::new();
@@ -134,21 +134,21 @@ impl Sites {
     }
 
     /// The current connection of `site`.
-    pub fn conn_of(&self, site: &str) -> Option<ConnId> {
+    pub fn conn_of(&self, site: &SiteId) -> Option<ConnId> {
         self.held.get(site).map(|h| h.conn)
     }
 
     /// The protocol version negotiated on `site`'s current connection.
-    pub fn protocol_version(&self, site: &str) -> Option<u16> {
+    pub fn protocol_version(&self, site: &SiteId) -> Option<u16> {
         self.held.get(site).map(|h| h.protocol_version)
     }
 
     /// The site whose current connection is `conn`.
-    pub fn site_of(&self, conn: ConnId) -> Option<&str> {
+    pub fn site_of(&self, conn: ConnId) -> Option<&SiteId> {
         self.held
             .iter()
             .find(|(_, h)| h.conn == conn)
-            .map(|(s, _)| s.as_str())
+            .map(|(s, _)| s)
     }
 
     /// Sites connected now, sorted.
@@ -268,6 +268,10 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    fn sid(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
+
     fn held(conn: u64, codecs: &[ValueCodec]) -> Held {
         Held {
             conn: ConnId(conn),
@@ -280,30 +284,30 @@ mod tests {
     #[test]
     fn a_second_connection_replaces_the_first_and_its_stale_end_is_ignored() {
         let mut s = Sites::new();
-        assert_eq!(s.connect("a", held(1, &[])), None);
+        assert_eq!(s.connect(&sid("a"), held(1, &[])), None);
         assert_eq!(
-            s.connect("a", held(2, &[])),
+            s.connect(&sid("a"), held(2, &[])),
             Some(Effect::Close {
                 conn: ConnId(1),
                 reason: CloseReason::Replaced
             })
         );
-        assert!(!s.disconnect("a", ConnId(1)), "stale end");
-        assert_eq!(s.conn_of("a"), Some(ConnId(2)));
-        assert_eq!(s.site_of(ConnId(2)), Some("a"));
-        assert!(s.disconnect("a", ConnId(2)));
+        assert!(!s.disconnect(&sid("a"), ConnId(1)), "stale end");
+        assert_eq!(s.conn_of(&sid("a")), Some(ConnId(2)));
+        assert_eq!(s.site_of(ConnId(2)), Some(&sid("a")));
+        assert!(s.disconnect(&sid("a"), ConnId(2)));
         assert!(s.is_empty());
-        assert!(!s.disconnect("a", ConnId(2)), "already gone");
+        assert!(!s.disconnect(&sid("a"), ConnId(2)), "already gone");
     }
 
     #[test]
     fn close_applies_only_to_the_current_connection() {
         let mut s = Sites::new();
-        s.connect("a", held(1, &[]));
-        s.connect("a", held(2, &[]));
-        assert_eq!(s.close("a", ConnId(1), CloseReason::NotAllowed), None);
+        s.connect(&sid("a"), held(1, &[]));
+        s.connect(&sid("a"), held(2, &[]));
+        assert_eq!(s.close(&sid("a"), ConnId(1), CloseReason::NotAllowed), None);
         assert_eq!(
-            s.close("a", ConnId(2), CloseReason::NotAllowed),
+            s.close(&sid("a"), ConnId(2), CloseReason::NotAllowed),
             Some(Effect::Close {
                 conn: ConnId(2),
                 reason: CloseReason::NotAllowed
@@ -316,16 +320,16 @@ mod tests {
     fn revocation_cuts_off_only_the_refused_sites_with_the_reason() {
         let mut s = Sites::new();
         for (i, site) in ["a", "b", "c"].iter().enumerate() {
-            s.connect(site, held(i as u64, &[]));
+            s.connect(&sid(site), held(i as u64, &[]));
         }
         let (cut, effects) = s.revoke_where(|site, _| {
-            if site == "b" {
+            if site.as_str() == "b" {
                 Err("certificate revoked")
             } else {
                 Ok(())
             }
         });
-        assert_eq!(cut, vec![("b".to_owned(), ConnId(1))]);
+        assert_eq!(cut, vec![(sid("b"), ConnId(1))]);
         assert_eq!(
             effects,
             vec![Effect::Close {
@@ -333,20 +337,20 @@ mod tests {
                 reason: CloseReason::Forbidden("certificate revoked".into())
             }]
         );
-        assert_eq!(s.connected(), vec!["a".to_owned(), "c".to_owned()]);
+        assert_eq!(s.connected(), vec![sid("a"), sid("c")]);
     }
 
     #[test]
     fn hand_over_keeps_the_sites_in_connection_order_and_decides_compatibility() {
         let mut s = Sites::new();
-        s.connect("z", held(1, &[ValueCodec::F16]));
-        s.connect("a", held(2, &[ValueCodec::F32]));
+        s.connect(&sid("z"), held(1, &[ValueCodec::F16]));
+        s.connect(&sid("a"), held(2, &[ValueCodec::F32]));
         let f16 = Encoding::with_codec(ValueCodec::F16).unwrap();
         let inputs = s.hand_over(&JobNeeds {
             encoding: Some(f16),
             min_protocol_version: MIN_PROTOCOL_VERSION,
         });
-        let got: Vec<(String, u64, bool)> = inputs
+        let got: Vec<(SiteId, u64, bool)> = inputs
             .into_iter()
             .map(|i| match i {
                 Input::SiteConnected {
@@ -357,17 +361,14 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(
-            got,
-            vec![("z".to_owned(), 1, true), ("a".to_owned(), 2, false)]
-        );
+        assert_eq!(got, vec![(sid("z"), 1, true), (sid("a"), 2, false)]);
         let why = s.incompatible(&JobNeeds {
             encoding: Some(f16),
             min_protocol_version: MIN_PROTOCOL_VERSION,
         });
         assert_eq!(
             why,
-            vec![("a".to_owned(), Incompatible::Codec { codec: f16.name() })]
+            vec![(sid("a"), Incompatible::Codec { codec: f16.name() })]
         );
         assert!(why[0].1.to_string().contains("not among the codecs"));
         // Still held: the next job gets them too, with its own encoding.
@@ -386,13 +387,13 @@ mod tests {
     fn a_version_4_site_is_not_offered_a_job_that_needs_version_5() {
         let mut s = Sites::new();
         s.connect(
-            "old",
+            &sid("old"),
             Held {
                 protocol_version: 4,
                 ..held(1, &[ValueCodec::F32])
             },
         );
-        s.connect("new", held(2, &[ValueCodec::F32]));
+        s.connect(&sid("new"), held(2, &[ValueCodec::F32]));
         let deep: crate::job::Job = crate::job::Job::from_toml(
             r#"
 id = "deep"
@@ -411,7 +412,7 @@ deadline_secs = 60
             needs.min_protocol_version,
             fedlink_protocol::TRAINING_V5_VERSION
         );
-        let compat: Vec<(String, bool)> = s
+        let compat: Vec<(SiteId, bool)> = s
             .hand_over(&needs)
             .into_iter()
             .map(|i| match i {
@@ -421,13 +422,10 @@ deadline_secs = 60
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(
-            compat,
-            vec![("old".to_owned(), false), ("new".to_owned(), true)]
-        );
+        assert_eq!(compat, vec![(sid("old"), false), (sid("new"), true)]);
         let why = s.incompatible(&needs);
         assert_eq!(why.len(), 1);
-        assert_eq!(why[0].0, "old");
+        assert_eq!(why[0].0.as_str(), "old");
         assert_eq!(
             why[0].1,
             Incompatible::ProtocolVersion {
@@ -470,13 +468,13 @@ deadline_secs = 60
     fn a_version_5_site_is_not_offered_a_class_weighted_job() {
         let mut s = Sites::new();
         s.connect(
-            "old",
+            &sid("old"),
             Held {
                 protocol_version: fedlink_protocol::TRAINING_V5_VERSION,
                 ..held(1, &[ValueCodec::F32])
             },
         );
-        s.connect("new", held(2, &[ValueCodec::F32]));
+        s.connect(&sid("new"), held(2, &[ValueCodec::F32]));
         let mut job: crate::job::Job = crate::job::Job::from_toml(
             r#"
 id = "weighted"
@@ -499,7 +497,7 @@ class_weight = "balanced"
         );
         let why = s.incompatible(&needs);
         assert_eq!(why.len(), 1);
-        assert_eq!(why[0].0, "old");
+        assert_eq!(why[0].0.as_str(), "old");
         assert_eq!(
             why[0].1,
             Incompatible::ProtocolVersion {
@@ -519,8 +517,8 @@ class_weight = "balanced"
     #[test]
     fn close_all_closes_every_connection() {
         let mut s = Sites::new();
-        s.connect("a", held(1, &[]));
-        s.connect("b", held(2, &[]));
+        s.connect(&sid("a"), held(1, &[]));
+        s.connect(&sid("b"), held(2, &[]));
         let effects = s.close_all(&CloseReason::Shutdown);
         assert_eq!(effects.len(), 2);
         assert!(s.is_empty());

@@ -202,7 +202,7 @@ impl<T> Uploads<T> {
             (Ok(()), PassOne::Invalid(why)) => (Verdict::Invalid(why), false, false),
         };
         let input = UpdateReceived {
-            site: arrival.site.as_str().to_owned(),
+            site: arrival.site.clone(),
             round: arrival.round.0,
             base_model: arrival.base_model,
             payload_hash: ModelHash(arrival.payload_hash.0),
@@ -300,8 +300,14 @@ fn refuse<T>(
     code: RejectCode,
     at_unix_ms: u64,
 ) -> Refused<T> {
-    let site = w.arrival.site.as_str();
-    let mut effects = actions::reject_pending(facts, site, &w.arrival.facts, why, code, at_unix_ms);
+    let mut effects = actions::reject_pending(
+        facts,
+        &w.arrival.site,
+        &w.arrival.facts,
+        why,
+        code,
+        at_unix_ms,
+    );
     if w.folded {
         let at = effects
             .iter()
@@ -329,7 +335,7 @@ fn refuse<T>(
 pub fn accepted(facts: &JobFacts, arrival: &Arrival, at_unix_ms: u64) -> Vec<Effect> {
     actions::accept_upload(
         facts,
-        arrival.site.as_str(),
+        &arrival.site,
         &arrival.facts,
         arrival.payload_hash,
         arrival.upload_ms,
@@ -342,13 +348,7 @@ pub fn accepted(facts: &JobFacts, arrival: &Arrival, at_unix_ms: u64) -> Vec<Eff
 /// record and answered as an internal error; its spool is kept
 /// ([`actions::fold_failed`]).
 pub fn fold_failed(facts: &JobFacts, arrival: &Arrival, why: &str, at_unix_ms: u64) -> Vec<Effect> {
-    actions::fold_failed(
-        facts,
-        arrival.site.as_str(),
-        &arrival.facts,
-        why,
-        at_unix_ms,
-    )
+    actions::fold_failed(facts, &arrival.site, &arrival.facts, why, at_unix_ms)
 }
 
 /// What arrived of an upload before its connection was lost (or its site
@@ -407,8 +407,7 @@ pub fn interrupted<T>(
         ),
         None => {
             let why = "the received records could not be made durable".to_owned();
-            let effects =
-                actions::upload_interrupted(facts, site.as_str(), envelope, &cut.what, Err(&why));
+            let effects = actions::upload_interrupted(facts, site, envelope, &cut.what, Err(&why));
             return CutShort {
                 discard: Vec::new(),
                 not_kept: Some(why),
@@ -422,7 +421,7 @@ pub fn interrupted<T>(
     };
     let effects = actions::upload_interrupted(
         facts,
-        site.as_str(),
+        site,
         envelope,
         &cut.what,
         not_kept.as_deref().map_or(Ok(()), Err),
@@ -438,6 +437,10 @@ pub fn interrupted<T>(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn sid(s: &str) -> SiteId {
+        SiteId::new(s).unwrap()
+    }
 
     use std::time::{Duration, Instant};
 
@@ -475,7 +478,7 @@ mod tests {
             runner.handle(
                 now,
                 Input::SiteConnected {
-                    site: (*site).into(),
+                    site: sid(site),
                     conn: ConnId(i as u64 + 1),
                     capabilities: SiteCapabilities::compatible(),
                 },

@@ -96,9 +96,9 @@ use serde::{Deserialize, Serialize};
 use crate::job::Job;
 
 /// A site identity, as derived by the driver from the site's TLS client
-/// certificate. (The protocol crate's `ids::SiteId` can replace this alias
-/// once it is exported; it validates the same character set.)
-pub type SiteId = String;
+/// certificate: the protocol crate's validated id, re-exported here so the
+/// round machine's users name one type.
+pub use fedlink_protocol::SiteId;
 
 /// The driver's id of one connection of a site. A site that reconnects gets
 /// a new id, so a late disconnect of the old connection can be told apart.
@@ -175,7 +175,13 @@ impl RoundConfig {
                 .selection
                 .allow
                 .as_ref()
-                .map(|a| a.iter().cloned().collect()),
+                // Job validation checks every entry with the same rule as
+                // `SiteId::new`, so none is dropped here.
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| SiteId::new(s.as_str()).ok())
+                        .collect()
+                }),
         }
     }
 
@@ -226,7 +232,7 @@ pub fn select_sites(
         .iter()
         .map(|s| {
             let mut h = blake3::Hasher::new_keyed(&round_seed);
-            h.update(s.as_bytes());
+            h.update(s.as_str().as_bytes());
             (*h.finalize().as_bytes(), s)
         })
         .collect();
@@ -818,7 +824,7 @@ impl JobRunner {
     /// Would an upload from `site` for `round` be accepted now (before its
     /// verdict)? The driver may call this before receiving a payload to
     /// refuse duplicates and late uploads cheaply. Pure.
-    pub fn check_upload(&self, site: &str, round: u64) -> Result<(), RejectReason> {
+    pub fn check_upload(&self, site: &SiteId, round: u64) -> Result<(), RejectReason> {
         if matches!(self.phase, Phase::Finished(_)) {
             return Err(RejectReason::JobNotRunning);
         }

@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use fedlink_coordinator::round::{RoundConfig, JobOutcome};
+//! use fedlink_coordinator::round::{RoundConfig, JobOutcome, SiteId};
 //! use fedlink_coordinator::round::sim::{Sim, SiteScript};
 //!
 //! let cfg = RoundConfig {
@@ -19,8 +19,8 @@
 //!     evaluate_every: 1, allow: None,
 //! };
 //! let sites = vec![
-//!     SiteScript::honest("a", Duration::from_secs(5)),
-//!     SiteScript::honest("b", Duration::from_secs(7)),
+//!     SiteScript::honest(SiteId::new("a")?, Duration::from_secs(5)),
+//!     SiteScript::honest(SiteId::new("b")?, Duration::from_secs(7)),
 //! ];
 //! let mut sim = Sim::new(cfg, sites, Instant::now());
 //! let outcome = sim.drive(Duration::from_secs(3600));
@@ -129,9 +129,9 @@ pub struct SiteScript {
 
 impl SiteScript {
     /// A site with this behaviour, connecting at time 0, 100 examples.
-    pub fn new(id: &str, behaviour: Behaviour) -> Self {
+    pub fn new(id: SiteId, behaviour: Behaviour) -> Self {
         Self {
-            id: id.to_owned(),
+            id,
             behaviour,
             connect_at: Duration::ZERO,
             num_examples: 100,
@@ -140,7 +140,7 @@ impl SiteScript {
     }
 
     /// An honest site.
-    pub fn honest(id: &str, train: Duration) -> Self {
+    pub fn honest(id: SiteId, train: Duration) -> Self {
         Self::new(id, Behaviour::Honest { train })
     }
 
@@ -365,7 +365,7 @@ impl Sim {
     }
 
     /// What happened to a site.
-    pub fn site(&self, id: &str) -> Option<&SiteRecord> {
+    pub fn site(&self, id: &SiteId) -> Option<&SiteRecord> {
         self.sites.get(id).map(|s| &s.record)
     }
 
@@ -537,7 +537,7 @@ impl Sim {
             round,
             base_model,
             payload_hash: fake_hash(&[
-                site.as_bytes(),
+                site.as_str().as_bytes(),
                 &round.to_le_bytes(),
                 &generation.to_le_bytes(),
             ]),
@@ -651,7 +651,7 @@ impl Sim {
             } => {
                 let mut parts: Vec<Vec<u8>> = vec![base_model.0.to_vec()];
                 for u in &updates {
-                    parts.push(u.site.as_bytes().to_vec());
+                    parts.push(u.site.as_str().as_bytes().to_vec());
                     parts.push(u.payload_hash.0.to_vec());
                 }
                 let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();

@@ -11,6 +11,11 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// A site id the test knows to be valid.
+fn sid(s: &str) -> SiteId {
+    SiteId::new(s).unwrap()
+}
+
 fn cfg(rounds: u64, quorum: u32, min: u32, max: u32) -> RoundConfig {
     RoundConfig {
         rounds,
@@ -43,7 +48,7 @@ fn epoch() -> Instant {
 
 fn honest(n: usize, train: u64) -> Vec<SiteScript> {
     (0..n)
-        .map(|i| SiteScript::honest(&format!("site-{i}"), secs(train + i as u64)))
+        .map(|i| SiteScript::honest(sid(&format!("site-{i}")), secs(train + i as u64)))
         .collect()
 }
 
@@ -91,7 +96,7 @@ fn check_invariants(sim: &Sim) {
 }
 
 fn count_offers(sim: &Sim, site: &str, round: u64) -> usize {
-    sim.site(site)
+    sim.site(&sid(site))
         .map(|s| s.offers.iter().filter(|r| **r == round).count())
         .unwrap_or(0)
 }
@@ -163,7 +168,7 @@ fn round_waits_for_min_sites() {
 #[test]
 fn quorum_closes_at_deadline_when_a_site_stays_silent() {
     let mut sites = honest(2, 5);
-    sites.push(SiteScript::new("silent", Behaviour::Silent));
+    sites.push(SiteScript::new(sid("silent"), Behaviour::Silent));
     let mut sim = Sim::new(cfg(1, 2, 2, 10), sites, epoch());
     sim.run_until(secs(30));
     // Quorum reached, but the silent site is pending: still collecting.
@@ -187,7 +192,7 @@ fn quorum_closes_at_deadline_when_a_site_stays_silent() {
         .find(|(_, a)| matches!(a, Action::Aggregate { .. }))
         .unwrap();
     assert_eq!(*t, secs(61), "gather 1 s + deadline 60 s");
-    assert_eq!(sim.site("silent").unwrap().cancelled, vec![1]);
+    assert_eq!(sim.site(&sid("silent")).unwrap().cancelled, vec![1]);
     check_invariants(&sim);
 }
 
@@ -195,7 +200,7 @@ fn quorum_closes_at_deadline_when_a_site_stays_silent() {
 fn straggler_past_deadline_is_rejected_round_closed() {
     let mut sites = honest(2, 5);
     sites.push(SiteScript::new(
-        "slow",
+        sid("slow"),
         Behaviour::Straggler { train: secs(90) },
     ));
     let mut sim = Sim::new(cfg(2, 2, 2, 10), sites, epoch());
@@ -208,9 +213,9 @@ fn straggler_past_deadline_is_rejected_round_closed() {
     assert!(
         sim.aggregates()
             .iter()
-            .all(|(_, u)| u.iter().all(|u| u.site != "slow"))
+            .all(|(_, u)| u.iter().all(|u| u.site.as_str() != "slow"))
     );
-    let slow = sim.site("slow").unwrap();
+    let slow = sim.site(&sid("slow")).unwrap();
     assert!(slow.cancelled.contains(&1));
     assert_eq!(slow.rejected[0], (1, RejectReason::RoundClosed));
     assert!(slow.acked.is_empty());
@@ -223,7 +228,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
     sim.drive(secs(3600)).unwrap();
     // A site re-sends its round-1 update long after round 1 closed.
     let late = UpdateReceived {
-        site: "site-0".into(),
+        site: sid("site-0"),
         round: 1,
         base_model: initial_model(),
         payload_hash: fake_hash(&[b"late"]),
@@ -240,7 +245,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
     );
     sim2.drive(secs(3600)).unwrap();
     assert!(
-        sim2.site("site-0")
+        sim2.site(&sid("site-0"))
             .unwrap()
             .rejected
             .contains(&(1, RejectReason::RoundClosed))
@@ -250,7 +255,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
     sim.inject(sim.elapsed() + secs(1), Input::UpdateReceived(late));
     sim.drive(secs(7200));
     assert_eq!(
-        sim.site("site-0").unwrap().rejected,
+        sim.site(&sid("site-0")).unwrap().rejected,
         vec![(1, RejectReason::JobNotRunning)]
     );
 }
@@ -260,8 +265,8 @@ fn deadline_is_extended_once_for_a_working_site() {
     let mut c = cfg(1, 2, 2, 10);
     c.extension = secs(30);
     let sites = vec![
-        SiteScript::honest("fast", secs(5)),
-        SiteScript::honest("slow", secs(75)),
+        SiteScript::honest(sid("fast"), secs(5)),
+        SiteScript::honest(sid("slow"), secs(75)),
     ];
     let mut sim = Sim::new(c, sites, epoch());
     assert!(matches!(
@@ -286,8 +291,8 @@ fn no_quorum_fails_the_job_after_the_last_wave() {
     c.extension = secs(10);
     c.max_attempts = 2;
     let sites = vec![
-        SiteScript::honest("ok", secs(1)),
-        SiteScript::new("mute", Behaviour::Silent),
+        SiteScript::honest(sid("ok"), secs(1)),
+        SiteScript::new(sid("mute"), Behaviour::Silent),
     ];
     let mut sim = Sim::new(c, sites, epoch());
     let outcome = sim.drive(secs(3600)).unwrap();
@@ -306,7 +311,7 @@ fn no_quorum_fails_the_job_after_the_last_wave() {
     // new sites, the silent one still pending) + its own extension 10.
     assert_eq!(sim.elapsed(), secs(141));
     assert!(sim.aggregates().is_empty());
-    assert_eq!(sim.site("mute").unwrap().cancelled, vec![1]);
+    assert_eq!(sim.site(&sid("mute")).unwrap().cancelled, vec![1]);
 }
 
 /// A seed whose first wave selects `site` among `eligible` (k of them).
@@ -315,21 +320,21 @@ fn seed_selecting(site: &str, eligible: &[SiteId], k: usize, round: u64) -> u64 
         .find(|seed| {
             select_sites(*seed, round, 1, eligible, k)
                 .iter()
-                .any(|s| s == site)
+                .any(|s| s.as_str() == site)
         })
         .unwrap()
 }
 
 #[test]
 fn declined_offer_triggers_a_new_wave_with_a_fresh_site() {
-    let eligible: Vec<SiteId> = vec!["a".into(), "b".into(), "c".into()];
+    let eligible: Vec<SiteId> = vec![sid("a"), sid("b"), sid("c")];
     let mut c = cfg(1, 2, 2, 2);
     c.max_attempts = 2;
     c.seed = seed_selecting("a", &eligible, 2, 1);
     let sites = vec![
-        SiteScript::new("a", Behaviour::Decline),
-        SiteScript::honest("b", secs(3)),
-        SiteScript::honest("c", secs(4)),
+        SiteScript::new(sid("a"), Behaviour::Decline),
+        SiteScript::honest(sid("b"), secs(3)),
+        SiteScript::honest(sid("c"), secs(4)),
     ];
     let mut sim = Sim::new(c, sites, epoch());
     assert!(matches!(
@@ -365,7 +370,7 @@ fn declined_offer_triggers_a_new_wave_with_a_fresh_site() {
 fn dropout_mid_training_is_not_counted() {
     let mut sites = honest(2, 5);
     sites.push(SiteScript::new(
-        "drop",
+        sid("drop"),
         Behaviour::DropoutAt {
             at: secs(2),
             train: secs(5),
@@ -377,7 +382,7 @@ fn dropout_mid_training_is_not_counted() {
     assert!(
         sim.aggregates()
             .iter()
-            .all(|(_, u)| u.iter().all(|u| u.site != "drop"))
+            .all(|(_, u)| u.iter().all(|u| u.site.as_str() != "drop"))
     );
     // Round 1 had to wait for its deadline (the dropped site was pending);
     // round 2 did not select it (not connected).
@@ -389,9 +394,9 @@ fn dropout_mid_training_is_not_counted() {
 #[test]
 fn reconnecting_site_gets_its_offer_again_and_counts_once() {
     let sites = vec![
-        SiteScript::honest("a", secs(3)),
+        SiteScript::honest(sid("a"), secs(3)),
         SiteScript::new(
-            "r",
+            sid("r"),
             Behaviour::Reconnects {
                 at: secs(2),
                 after: secs(5),
@@ -405,7 +410,7 @@ fn reconnecting_site_gets_its_offer_again_and_counts_once() {
         Some(JobOutcome::Completed { .. })
     ));
     assert_eq!(count_offers(&sim, "r", 1), 2);
-    let r = sim.site("r").unwrap();
+    let r = sim.site(&sid("r")).unwrap();
     assert_eq!(r.acked, vec![1]);
     assert_eq!(r.uploads, 1, "the first training died with the connection");
     assert_eq!(sim.aggregates()[0].1.len(), 2);
@@ -416,7 +421,7 @@ fn reconnecting_site_gets_its_offer_again_and_counts_once() {
 fn duplicate_upload_is_rejected_and_counted_once() {
     let mut sites = honest(2, 5);
     sites.push(SiteScript::new(
-        "dup",
+        sid("dup"),
         Behaviour::Duplicate {
             train: secs(1),
             again_after: secs(1),
@@ -427,7 +432,7 @@ fn duplicate_upload_is_rejected_and_counted_once() {
         sim.drive(secs(3600)),
         Some(JobOutcome::Completed { .. })
     ));
-    let d = sim.site("dup").unwrap();
+    let d = sim.site(&sid("dup")).unwrap();
     assert_eq!(d.uploads, 2);
     assert_eq!(d.acked, vec![1]);
     assert_eq!(d.rejected, vec![(1, RejectReason::Duplicate)]);
@@ -441,7 +446,7 @@ fn unknown_site_is_rejected() {
     sim.inject(
         secs(1),
         Input::UpdateReceived(UpdateReceived {
-            site: "ghost".into(),
+            site: sid("ghost"),
             round: 1,
             base_model: initial_model(),
             payload_hash: fake_hash(&[b"g"]),
@@ -460,30 +465,27 @@ fn unknown_site_is_rejected() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        rejected,
-        vec![("ghost".to_owned(), RejectReason::UnknownSite)]
-    );
+    assert_eq!(rejected, vec![(sid("ghost"), RejectReason::UnknownSite)]);
     assert_eq!(sim.aggregates()[0].1.len(), 1);
 }
 
 #[test]
 fn invalid_and_stale_updates_are_rejected_and_not_resubmittable() {
     let sites = vec![
-        SiteScript::honest("ok", secs(2)),
-        SiteScript::honest("ok2", secs(2)),
-        SiteScript::new("bad", Behaviour::Invalid { train: secs(1) }),
-        SiteScript::new("old", Behaviour::StaleModel { train: secs(1) }),
+        SiteScript::honest(sid("ok"), secs(2)),
+        SiteScript::honest(sid("ok2"), secs(2)),
+        SiteScript::new(sid("bad"), Behaviour::Invalid { train: secs(1) }),
+        SiteScript::new(sid("old"), Behaviour::StaleModel { train: secs(1) }),
     ];
     let mut sim = Sim::new(cfg(1, 2, 2, 10), sites, epoch());
     assert!(matches!(
         sim.drive(secs(3600)),
         Some(JobOutcome::Completed { .. })
     ));
-    let bad = sim.site("bad").unwrap();
+    let bad = sim.site(&sid("bad")).unwrap();
     assert!(matches!(bad.rejected[..], [(1, RejectReason::Invalid(_))]));
     assert_eq!(
-        sim.site("old").unwrap().rejected,
+        sim.site(&sid("old")).unwrap().rejected,
         vec![(1, RejectReason::StaleModel)]
     );
     // The invalid site has reported (it is not pending) but the stale one
@@ -500,7 +502,7 @@ fn unselected_and_future_round_uploads_are_rejected() {
         runner.handle(
             t0,
             Input::SiteConnected {
-                site: (*s).into(),
+                site: sid(s),
                 conn: ConnId(i as u64),
                 capabilities: SiteCapabilities::compatible(),
             },
@@ -508,9 +510,13 @@ fn unselected_and_future_round_uploads_are_rejected() {
     }
     let selected = runner.selected_sites();
     assert_eq!(selected.len(), 1);
-    let other = if selected[0] == "a" { "b" } else { "a" };
+    let other = sid(if selected[0].as_str() == "a" {
+        "b"
+    } else {
+        "a"
+    });
     assert_eq!(
-        runner.check_upload(other, 1),
+        runner.check_upload(&other, 1),
         Err(RejectReason::NotSelected)
     );
     assert_eq!(
@@ -519,7 +525,7 @@ fn unselected_and_future_round_uploads_are_rejected() {
     );
     assert_eq!(runner.check_upload(&selected[0], 1), Ok(()));
     assert_eq!(
-        runner.check_upload("zed", 1),
+        runner.check_upload(&sid("zed"), 1),
         Err(RejectReason::UnknownSite)
     );
 }
@@ -527,25 +533,25 @@ fn unselected_and_future_round_uploads_are_rejected() {
 #[test]
 fn incompatible_sites_are_never_selected() {
     let mut sites = honest(2, 1);
-    let mut inc = SiteScript::honest("old-agent", secs(1));
+    let mut inc = SiteScript::honest(sid("old-agent"), secs(1));
     inc.compatible = false;
     sites.push(inc);
     let mut sim = Sim::new(cfg(2, 2, 2, 10), sites, epoch());
     sim.drive(secs(3600)).unwrap();
-    assert!(sim.site("old-agent").unwrap().offers.is_empty());
+    assert!(sim.site(&sid("old-agent")).unwrap().offers.is_empty());
 }
 
 #[test]
 fn allow_list_disconnects_other_sites() {
     let mut c = cfg(1, 1, 1, 10);
-    c.allow = Some(BTreeSet::from(["site-0".to_owned()]));
+    c.allow = Some(BTreeSet::from([sid("site-0")]));
     let mut sim = Sim::new(c, honest(2, 1), epoch());
     assert!(matches!(
         sim.drive(secs(3600)),
         Some(JobOutcome::Completed { .. })
     ));
-    assert_eq!(sim.site("site-1").unwrap().kicked, 1);
-    assert!(sim.site("site-1").unwrap().offers.is_empty());
+    assert_eq!(sim.site(&sid("site-1")).unwrap().kicked, 1);
+    assert!(sim.site(&sid("site-1")).unwrap().offers.is_empty());
 }
 
 #[test]
@@ -556,7 +562,7 @@ fn a_second_connection_replaces_the_first_and_stale_disconnects_are_ignored() {
     runner.handle(
         t0,
         Input::SiteConnected {
-            site: "a".into(),
+            site: sid("a"),
             conn: ConnId(1),
             capabilities: caps.clone(),
         },
@@ -565,14 +571,14 @@ fn a_second_connection_replaces_the_first_and_stale_disconnects_are_ignored() {
     runner.handle(
         t0,
         Input::SiteConnected {
-            site: "a".into(),
+            site: sid("a"),
             conn: ConnId(2),
             capabilities: caps,
         },
     );
     let actions: Vec<Action> = std::iter::from_fn(|| runner.poll_action()).collect();
     assert!(actions.contains(&Action::Disconnect {
-        site: "a".into(),
+        site: sid("a"),
         conn: ConnId(1),
         reason: DisconnectReason::Replaced
     }));
@@ -580,16 +586,16 @@ fn a_second_connection_replaces_the_first_and_stale_disconnects_are_ignored() {
     assert!(
         actions
             .iter()
-            .any(|a| matches!(a, Action::SendOffer { site, .. } if site == "a"))
+            .any(|a| matches!(a, Action::SendOffer { site, .. } if site.as_str() == "a"))
     );
     runner.handle(
         t0,
         Input::SiteDisconnected {
-            site: "a".into(),
+            site: sid("a"),
             conn: ConnId(1),
         },
     );
-    assert_eq!(runner.connected_sites(), vec!["a".to_owned()]);
+    assert_eq!(runner.connected_sites(), vec![sid("a")]);
 }
 
 #[test]
@@ -628,7 +634,7 @@ fn abort_cancels_the_round_in_flight() {
             completed_rounds: 0
         }
     );
-    assert_eq!(sim.site("site-0").unwrap().cancelled, vec![1]);
+    assert_eq!(sim.site(&sid("site-0")).unwrap().cancelled, vec![1]);
     assert!(sim.aggregates().is_empty());
     assert_eq!(sim.runner().poll_timeout(), None);
 }
@@ -640,7 +646,7 @@ fn aggregation_failure_fails_the_job() {
     runner.handle(
         t0,
         Input::SiteConnected {
-            site: "a".into(),
+            site: sid("a"),
             conn: ConnId(1),
             capabilities: SiteCapabilities::compatible(),
         },
@@ -648,7 +654,7 @@ fn aggregation_failure_fails_the_job() {
     runner.handle(
         t0,
         Input::UpdateReceived(UpdateReceived {
-            site: "a".into(),
+            site: sid("a"),
             round: 1,
             base_model: initial_model(),
             payload_hash: fake_hash(&[b"x"]),
@@ -693,7 +699,7 @@ fn time_going_backwards_is_clamped() {
     runner.handle(
         later,
         Input::SiteConnected {
-            site: "a".into(),
+            site: sid("a"),
             conn: ConnId(1),
             capabilities: SiteCapabilities::compatible(),
         },
@@ -758,7 +764,7 @@ fn resume_of_a_fully_completed_job_finishes_it() {
 
 #[test]
 fn selection_is_deterministic_and_order_independent() {
-    let sites: Vec<SiteId> = (0..20).map(|i| format!("h{i:02}")).collect();
+    let sites: Vec<SiteId> = (0..20).map(|i| sid(&format!("h{i:02}"))).collect();
     let mut rev = sites.clone();
     rev.reverse();
     let a = select_sites(5, 3, 1, &sites, 7);
@@ -836,7 +842,7 @@ fn random_mixes_keep_the_invariants() {
                     5 => Behaviour::Invalid { train },
                     _ => Behaviour::Honest { train },
                 };
-                SiteScript::new(&id, b).connecting_at(secs(next(20)))
+                SiteScript::new(sid(&id), b).connecting_at(secs(next(20)))
             })
             .collect();
         let mut c = cfg(3, 2, 2, 1 + next(n as u64) as u32);
@@ -857,7 +863,7 @@ fn random_mixes_keep_the_invariants() {
         }
         // No update acknowledged twice per site and round.
         for s in 0..n {
-            let rec = sim.site(&format!("s{s}")).unwrap();
+            let rec = sim.site(&sid(&format!("s{s}"))).unwrap();
             let set: BTreeSet<_> = rec.acked.iter().collect();
             assert_eq!(set.len(), rec.acked.len(), "seed {seed}");
         }

@@ -923,7 +923,7 @@ fn provenance_chain(
             .accepted
             .iter()
             .map(|u| {
-                let site = site_id(&u.site)?;
+                let site = u.site.clone();
                 // The round record keeps the payload's blake3 in a
                 // `ModelHash`; it is the payload hash.
                 let payload_hash = PayloadHash(u.payload_hash.0);

@@ -519,7 +519,7 @@ impl Engine {
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
-                        site: site.into(),
+                        site,
                         conn: conn_id,
                         capabilities,
                     },
@@ -536,7 +536,7 @@ impl Engine {
                 self.runner.handle(
                     now,
                     Input::SiteDisconnected {
-                        site: site.into(),
+                        site,
                         conn: conn_id,
                     },
                 );
@@ -549,14 +549,14 @@ impl Engine {
             } => {
                 let input = if accepted {
                     Input::OfferAccepted {
-                        site: site.into(),
+                        site,
                         round: round.0,
                     }
                 } else {
                     tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
                     self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
-                        site: site.into(),
+                        site,
                         round: round.0,
                         reason,
                     }
@@ -629,7 +629,7 @@ impl Engine {
         let site = site_id.as_str();
         let h = &envelope.header;
         let (runner, expected, replay) = self.intake();
-        let verifier = intake::verify_header(runner, &expected, replay, site, envelope)
+        let verifier = intake::verify_header(runner, &expected, replay, site_id, envelope)
             .map_err(|r| (r.code, r.reason))?;
         let Some((round, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
@@ -689,8 +689,7 @@ impl Engine {
         };
         let spool_path = kept.spool.clone();
         let records = kept.records;
-        let result =
-            self.resume_ticket(site.as_str(), envelope, kept.verifier, records, spool_path);
+        let result = self.resume_ticket(site, envelope, kept.verifier, records, spool_path);
         if result.is_err() {
             let _ = std::fs::remove_file(&kept.spool);
         }
@@ -699,7 +698,7 @@ impl Engine {
 
     fn resume_ticket(
         &mut self,
-        site: &str,
+        site: &SiteId,
         envelope: &SignedEnvelope,
         partial: PayloadVerifier,
         records: u64,
@@ -712,14 +711,14 @@ impl Engine {
         let Some((_, agg)) = self.aggregator.as_ref() else {
             return Err((RejectCode::UnexpectedMessage, "no round is open".into()));
         };
-        self.check_claim(site, h)?;
+        self.check_claim(site.as_str(), h)?;
         Ok(UploadTicket {
             resume_from: Some(UploadProgress {
                 records,
                 bytes: verifier.received(),
             }),
             verifier,
-            check: PayloadCheck::for_round(agg, site, h.num_examples),
+            check: PayloadCheck::for_round(agg, site.as_str(), h.num_examples),
             spec: self.global_spec.clone(),
             spool_path,
         })
@@ -964,7 +963,11 @@ impl Engine {
                     .and_then(|site| self.uploads.acked(&site, RoundId(round)));
                 match acked {
                     Some(acked) => self.ack(acked)?,
-                    None => tracing::warn!(site, round, "ack for an upload that is not pending"),
+                    None => tracing::warn!(
+                        site = site.as_str(),
+                        round,
+                        "ack for an upload that is not pending"
+                    ),
                 }
             }
             Action::RejectUpdate {
@@ -1018,7 +1021,7 @@ impl Engine {
                 tracing::info!(?outcome, "job finished");
                 let sites = self
                     .links
-                    .connected_names()
+                    .connected()
                     .into_iter()
                     .map(|site| Connected {
                         protocol_version: self.links.protocol_version(&site),
@@ -1101,7 +1104,7 @@ impl Engine {
     fn run_effect(&mut self, effect: Effect, pending: &mut Option<Held>) {
         match effect {
             Effect::Send { site, message } => self.send(&site, message),
-            Effect::PushHead { sites } => self.push_head(sites.iter().map(String::as_str)),
+            Effect::PushHead { sites } => self.push_head(&sites),
             Effect::RecordRejected { round, rejected } => {
                 let site = rejected.site.clone();
                 if let Err(e) = self
@@ -1177,7 +1180,7 @@ impl Engine {
             Ok(()) => tracing::info!(site, model = %r.model, "evaluation report accepted"),
             Err(why) => tracing::warn!(site, reason = %why, "evaluation report refused"),
         }
-        let effects = actions::eval_reported(&self.facts, site, r, verdict.as_ref().map(|_| ()));
+        let effects = actions::eval_reported(&self.facts, site_id, r, verdict.as_ref().map(|_| ()));
         self.run_effects(effects, None)?;
         self.finish_requested(now)
     }
@@ -1205,7 +1208,7 @@ impl Engine {
             &self.facts,
             ev,
             outcome,
-            &self.links.connected_names(),
+            &self.links.connected(),
             self.wire.admin.next_queued().is_some(),
         );
         self.run_effects(effects, None)
@@ -1215,7 +1218,7 @@ impl Engine {
     /// are connected (a site whose protocol has no audit heads is skipped by
     /// its connection's writer). The site records it; best effort: a site
     /// not connected now gets a later head with its next exchange.
-    fn push_head<'a>(&self, sites: impl Iterator<Item = &'a str>) {
+    fn push_head(&self, sites: &[SiteId]) {
         match self.wire.audit().head_message() {
             Ok(head) => {
                 for site in sites {
@@ -1231,7 +1234,7 @@ impl Engine {
     /// one group commit (one fsync), then the offers.
     fn send_offers(
         &mut self,
-        offers: Vec<(String, crate::round::Offer)>,
+        offers: Vec<(SiteId, crate::round::Offer)>,
     ) -> Result<(), EngineError> {
         let terms = OfferTerms::of(
             &self.job,
@@ -1244,7 +1247,7 @@ impl Engine {
     }
 
     /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
-    fn send(&self, site: &str, msg: Message) {
+    fn send(&self, site: &SiteId, msg: Message) {
         self.links.send(site, msg);
     }
 
@@ -1873,8 +1876,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let effects =
-            actions::offer_declined(&self.facts, site.as_str(), round.0, &declined.reason);
+        let effects = actions::offer_declined(&self.facts, site, round.0, &declined.reason);
         self.run_effects(effects, None)
     }
 
@@ -1888,8 +1890,7 @@ impl Engine {
         reason: &str,
     ) -> Result<(), EngineError> {
         let upload = UploadFacts::of(envelope, bytes);
-        let effects =
-            actions::refuse_upload(&self.facts, site.as_str(), &upload, reason, unix_ms());
+        let effects = actions::refuse_upload(&self.facts, site, &upload, reason, unix_ms());
         self.run_effects(effects, None)
     }
 
@@ -1913,7 +1914,7 @@ impl Engine {
             updates: r
                 .accepted
                 .iter()
-                .map(|u| (u.site.clone(), u.bytes, u.num_examples))
+                .map(|u| (String::from(u.site.clone()), u.bytes, u.num_examples))
                 .collect(),
             metrics: r.metrics.clone(),
             evaluation: r.evaluation.clone(),
@@ -1952,7 +1953,12 @@ impl Engine {
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model().to_hex(),
-            connected_sites: self.links.connected_names(),
+            connected_sites: self
+                .links
+                .connected()
+                .into_iter()
+                .map(String::from)
+                .collect(),
             finished: self.outcome.as_ref().map(ToString::to_string),
             completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
             rounds,

@@ -49,7 +49,7 @@ impl Links {
             codecs,
             protocol_version,
         };
-        if let Some(e) = self.sites.connect(site.as_str(), held) {
+        if let Some(e) = self.sites.connect(site, held) {
             self.execute(e);
         }
     }
@@ -58,12 +58,12 @@ impl Links {
     /// site's current one.
     pub(crate) fn disconnect(&mut self, site: &SiteId, conn_id: ConnId) -> bool {
         self.io.remove(&conn_id);
-        self.sites.disconnect(site.as_str(), conn_id)
+        self.sites.disconnect(site, conn_id)
     }
 
     /// Close `conn_id` of `site` if it is still the site's current
     /// connection.
-    pub(crate) fn close(&mut self, site: &str, conn_id: ConnId, reason: CloseReason) {
+    pub(crate) fn close(&mut self, site: &SiteId, conn_id: ConnId, reason: CloseReason) {
         if let Some(e) = self.sites.close(site, conn_id, reason) {
             self.execute(e);
         }
@@ -71,7 +71,7 @@ impl Links {
 
     /// Close every connection that is no longer allowed (revoked, removed
     /// or superseded certificate); returns the sites cut off.
-    pub(crate) fn recheck(&mut self, shared: &Shared) -> Vec<(String, ConnId)> {
+    pub(crate) fn recheck(&mut self, shared: &Shared) -> Vec<(SiteId, ConnId)> {
         let io = &self.io;
         let (cut, effects) = self
             .sites
@@ -98,24 +98,6 @@ impl Links {
 
     /// Sites connected now, sorted.
     pub(crate) fn connected(&self) -> Vec<SiteId> {
-        self.sites
-            .connected()
-            .into_iter()
-            .filter_map(|site| match SiteId::new(site) {
-                Ok(id) => Some(id),
-                // Not reached: a connection's site name is checked as a
-                // `SiteId` before it is welcomed (`conn::serve_site`).
-                Err(e) => {
-                    tracing::error!(error = %e, "a connected site's name is not a site id; left out");
-                    None
-                }
-            })
-            .collect()
-    }
-
-    /// Sites connected now, sorted, as the core and the round machine
-    /// name them (plain strings).
-    pub(crate) fn connected_names(&self) -> Vec<String> {
         self.sites.connected()
     }
 
@@ -130,23 +112,25 @@ impl Links {
     }
 
     /// The protocol version negotiated on `site`'s current connection.
-    pub(crate) fn protocol_version(&self, site: &str) -> Option<u16> {
+    pub(crate) fn protocol_version(&self, site: &SiteId) -> Option<u16> {
         self.sites.protocol_version(site)
     }
 
     /// Queue `msg` on `site`'s control stream. A site whose queue is full
     /// is not reading what it is sent: its connection is cut (it
     /// reconnects and starts afresh) rather than letting the queue grow.
-    pub(crate) fn send(&self, site: &str, msg: Message) {
+    pub(crate) fn send(&self, site: &SiteId, msg: Message) {
         let Some(io) = self.sites.conn_of(site).and_then(|c| self.io.get(&c)) else {
-            tracing::debug!(site, "site not connected; message dropped");
+            tracing::debug!(site = site.as_str(), "site not connected; message dropped");
             return;
         };
         match limits::deliver(&io.control, msg) {
             limits::Delivery::Queued => {}
-            limits::Delivery::Gone => tracing::debug!(site, "site's control stream is gone"),
+            limits::Delivery::Gone => {
+                tracing::debug!(site = site.as_str(), "site's control stream is gone")
+            }
             limits::Delivery::Full(why) => {
-                tracing::warn!(site, reason = %why, "closing a site's connection");
+                tracing::warn!(site = site.as_str(), reason = %why, "closing a site's connection");
                 io.conn
                     .close(fedlink_transport::close::PROTOCOL, why.as_bytes());
             }

@@ -31,6 +31,11 @@ deadline_secs = 60
 quorum = 3
 "#;
 
+/// A site id the test knows to be valid.
+fn sid(s: &str) -> SiteId {
+    SiteId::new(s).unwrap()
+}
+
 fn model(values: Vec<f32>) -> FlatModel {
     let spec = ModelSpec::new(vec![
         TensorSpec::f32("fc.weight", vec![3, 2]),
@@ -131,7 +136,7 @@ fn sites() -> Vec<SiteScript> {
     ["h1", "h2", "h3"]
         .iter()
         .enumerate()
-        .map(|(i, s)| SiteScript::honest(s, Duration::from_secs(2 + i as u64)))
+        .map(|(i, s)| SiteScript::honest(sid(s), Duration::from_secs(2 + i as u64)))
         .collect()
 }
 
@@ -309,7 +314,7 @@ fn drop_mid_round_then_recover_in_process() {
     let dir = tempfile::tempdir().unwrap();
     let store = fresh(dir.path());
     let init = store.job("crash-job").unwrap().unwrap().current_model;
-    let sel: Vec<SiteId> = vec!["h1".into(), "h2".into(), "h3".into()];
+    let sel: Vec<SiteId> = vec![sid("h1"), sid("h2"), sid("h3")];
     store
         .persist(
             "crash-job",
@@ -323,7 +328,7 @@ fn drop_mid_round_then_recover_in_process() {
         )
         .unwrap();
     let up = |site: &str| AcceptedUpdate {
-        site: site.into(),
+        site: sid(site),
         round: 1,
         payload_hash: ModelHash([7; 32]),
         num_examples: 10,
@@ -360,7 +365,7 @@ fn drop_mid_round_then_recover_in_process() {
                 round: 1,
                 attempt: 1,
                 base_model: init,
-                selected: vec!["h1".into()],
+                selected: vec![sid("h1")],
             },
             Extras::default(),
         )
@@ -398,7 +403,7 @@ fn inconsistent_checkpoints_write_nothing() {
             selected: vec![],
         },
         Checkpoint::UpdateAccepted(AcceptedUpdate {
-            site: "h1".into(),
+            site: sid("h1"),
             round: 1,
             payload_hash: ModelHash([0; 32]),
             num_examples: 1,
@@ -583,21 +588,21 @@ fn recovery_refuses_a_corrupt_current_model() {
 fn site_registry_and_opaque_state() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    store.record_site_seen("h1", 100, Some(50)).unwrap();
-    let s = store.record_site_seen("h1", 200, None).unwrap();
+    store.record_site_seen(&sid("h1"), 100, Some(50)).unwrap();
+    let s = store.record_site_seen(&sid("h1"), 200, None).unwrap();
     assert_eq!(
         s,
         SiteRecord {
-            id: "h1".into(),
+            id: sid("h1"),
             first_seen_unix_ms: 100,
             last_seen_unix_ms: 200,
             num_examples: Some(50),
             updates_aggregated: 0
         }
     );
-    store.record_site_seen("h0", 5, None).unwrap();
+    store.record_site_seen(&sid("h0"), 5, None).unwrap();
     let ids: Vec<_> = store.sites().unwrap().into_iter().map(|s| s.id).collect();
-    assert_eq!(ids, vec!["h0".to_owned(), "h1".to_owned()]);
+    assert_eq!(ids, vec![sid("h0"), sid("h1")]);
     assert_eq!(store.replay_state("x").unwrap(), None);
     store.put_replay_state("x", b"abc").unwrap();
     drop(store);

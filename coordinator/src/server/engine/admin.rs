@@ -211,7 +211,12 @@ impl Engine {
             PhaseView::Aggregating { round } => ("aggregating", Some(round), 0),
             PhaseView::Finished(_) => ("finished", None, 0),
         };
-        let connected: BTreeSet<String> = self.links.connected_names().into_iter().collect();
+        let connected: BTreeSet<String> = self
+            .links
+            .connected()
+            .into_iter()
+            .map(String::from)
+            .collect();
         let selected: BTreeSet<String> = self
             .runner
             .selected_sites()

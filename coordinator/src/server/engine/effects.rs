@@ -113,14 +113,14 @@ fn during(own: &str, actor: &str, kind: EventKind) -> String {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use fedlink_protocol::Message;
     use fedlink_protocol::message::Bye;
+    use fedlink_protocol::{Message, SiteId};
 
     use super::*;
 
     fn send(site: &str) -> Effect {
         Effect::Send {
-            site: site.into(),
+            site: SiteId::new(site).unwrap(),
             message: Message::Bye(Bye {
                 reason: "test".into(),
             }),
@@ -133,7 +133,7 @@ mod tests {
         store: &Store,
         effects: Vec<Effect>,
         fail: impl Fn(Unexecuted) -> E,
-    ) -> (Result<(), E>, Vec<String>) {
+    ) -> (Result<(), E>, Vec<SiteId>) {
         let mut sent = Vec::new();
         let r = execute(audit, store, effects, fail, |e| {
             if let Effect::Send { site, .. } = e {
@@ -177,7 +177,7 @@ mod tests {
             send("c"),
         ];
         let (r, sent) = run(&audit, &store, effects, |e| e.to_string());
-        assert_eq!(sent, ["a", "b"]);
+        assert_eq!(sent, [SiteId::new("a").unwrap(), SiteId::new("b").unwrap()]);
         let err = r.unwrap_err();
         assert!(err.contains("while recording round.opened by ;"), "{err}");
         // The batch is on record (two entries, one after the other), the
