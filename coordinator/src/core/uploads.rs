@@ -523,6 +523,26 @@ mod tests {
         Arrival::of(&envelope(site, round, nonce), 16, 5)
     }
 
+    /// An upload of `site` for `round` whose pass 1 found it valid (and
+    /// `folded` it or not), from a site still allowed; its handle `upload`.
+    fn arrive_valid(
+        uploads: &mut Uploads<u8>,
+        site: &str,
+        round: u64,
+        nonce: u8,
+        folded: bool,
+        upload: u8,
+    ) -> Arrived<u8> {
+        uploads.arrived(
+            &facts(),
+            arrival(site, round, nonce),
+            PassOne::Valid { folded },
+            Ok(()),
+            upload,
+            1,
+        )
+    }
+
     /// What became of an upload: the round machine's decision through the
     /// core.
     #[derive(Debug)]
@@ -655,23 +675,9 @@ mod tests {
         let mut uploads = Uploads::new();
         // Two uploads of a for round 1 race: the older, folded, is refused
         // (its fold taken out); the round machine decides on the newer.
-        let first = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 1),
-            PassOne::Valid { folded: true },
-            Ok(()),
-            1u8,
-            1,
-        );
+        let first = arrive_valid(&mut uploads, "a", 1, 1, true, 1);
         assert!(first.superseded.is_none());
-        let second = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 2),
-            PassOne::Valid { folded: false },
-            Ok(()),
-            2u8,
-            1,
-        );
+        let second = arrive_valid(&mut uploads, "a", 1, 2, false, 2);
         let old = second.superseded.expect("the older upload is refused");
         assert_eq!(
             (old.site.as_str(), old.round, old.upload),
@@ -687,14 +693,7 @@ mod tests {
         assert_eq!((acked.upload, acked.fold), (2, Fold::Decode));
         // The same site again in the same round, b not yet reported: the
         // round machine refuses a duplicate.
-        let third = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 3),
-            PassOne::Valid { folded: true },
-            Ok(()),
-            3u8,
-            1,
-        );
+        let third = arrive_valid(&mut uploads, "a", 1, 3, true, 3);
         let Decided::Refused(r) = decide(&mut runner, now, &mut uploads, third.input) else {
             panic!("counted twice");
         };
@@ -712,27 +711,13 @@ mod tests {
     fn an_upload_for_a_closed_round_is_too_late() {
         let (mut runner, now) = runner(&["a"]);
         let mut uploads = Uploads::new();
-        let up = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 1),
-            PassOne::Valid { folded: true },
-            Ok(()),
-            1u8,
-            1,
-        );
+        let up = arrive_valid(&mut uploads, "a", 1, 1, true, 1);
         assert!(matches!(
             decide(&mut runner, now, &mut uploads, up.input),
             Decided::Acked(_)
         ));
         // The quorum is met: round 1 is being aggregated, closed to uploads.
-        let late = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 2),
-            PassOne::Valid { folded: false },
-            Ok(()),
-            2u8,
-            1,
-        );
+        let late = arrive_valid(&mut uploads, "a", 1, 2, false, 2);
         let Decided::Refused(r) = decide(&mut runner, now, &mut uploads, late.input) else {
             panic!("counted after the round closed");
         };
@@ -804,14 +789,7 @@ mod tests {
         );
         // One report per site and round, valid or not: another upload of
         // the site in the round is a duplicate, its fold taken out.
-        let up = uploads.arrived(
-            &facts(),
-            arrival("a", 1, 2),
-            PassOne::Valid { folded: true },
-            Ok(()),
-            2u8,
-            1,
-        );
+        let up = arrive_valid(&mut uploads, "a", 1, 2, true, 2);
         let Decided::Refused(r) = decide(&mut runner, now, &mut uploads, up.input) else {
             panic!("a second report of the site was counted");
         };
