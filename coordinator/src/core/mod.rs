@@ -46,7 +46,12 @@
 //! once the driver has the initial model), and `sites approve | revoke |
 //! rotate` on the registry as loaded, into effects, the audit append
 //! first. [`jobs`] decides which job runs at start-up and after a job
-//! has finished, and builds a job's strategy.
+//! has finished, and builds a job's strategy. [`recovery`] decides how a
+//! stored job is taken up again (the re-opened round's `round.discarded`,
+//! the strategy's fit, the stored optimizer, scaling and replay state:
+//! missing or corrupt) and how the configured job is created at start-up;
+//! [`scaling`] pools the sites' feature statistics into the scaling that
+//! offers carry.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -103,7 +108,9 @@ pub mod evaluation;
 pub mod intake;
 pub mod jobs;
 pub mod queue;
+pub mod recovery;
 pub mod resume;
+pub mod scaling;
 pub mod sim;
 mod sites;
 pub mod uploads;
@@ -318,6 +325,8 @@ mod purity {
         ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),
         ("uploads.rs", include_str!("uploads.rs")),
+        ("recovery.rs", include_str!("recovery.rs")),
+        ("scaling.rs", include_str!("scaling.rs")),
     ];
 
     #[test]

@@ -27,7 +27,6 @@ use fedlink_transport::ServerConn;
 use tokio::sync::{mpsc, oneshot};
 
 use super::links::Links;
-use super::scaling::{FederatedScaling, PersistedState, Report};
 use super::status::{RoundStatus, Status, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::actions::{
@@ -35,6 +34,7 @@ use crate::core::actions::{
 };
 use crate::core::intake::{self, reason_text};
 use crate::core::resume::Partials;
+use crate::core::scaling::{FederatedScaling, PersistedState, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;

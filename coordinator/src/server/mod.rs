@@ -29,7 +29,6 @@ mod limits;
 mod links;
 pub(crate) mod pool;
 mod refusals;
-mod scaling;
 pub(crate) mod spool;
 pub mod status;
 mod wire;
@@ -45,19 +44,19 @@ use std::time::{Duration, Instant, SystemTime};
 use fedlink_aggregation::safetensors_io;
 use fedlink_audit::EventKind;
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId};
+use fedlink_protocol::{FederationId, FlatModel, ModelHash};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
+use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
-use scaling::PersistedState;
 use wire::{ServedModels, WireModel, WireUpdate};
 
 pub use crate::core::admin::KeysError;
@@ -1103,63 +1102,44 @@ pub async fn serve(
 }
 
 /// Recover a job from the store and build its engine (the job's codec and
-/// its current model are published for the connection tasks).
+/// its current model are published for the connection tasks): what the
+/// store holds is read here, [`recovery::recover`] decides what is
+/// recorded and which state the engine starts from.
 fn build_engine(
     store: &Arc<Store>,
     job_id: &str,
     shared: &Arc<Shared>,
     cfg: &CoordinatorConfig,
 ) -> Result<Engine, ServeError> {
-    let auditor = shared.audit();
     let recovery = store.recover(job_id)?;
-    if let Some(r) = recovery.reopened_round {
+    let replay_state = store.replay_state(&recovery.job.id)?;
+    let reopened = recovery.reopened_round.map(|round| Reopened {
+        round,
+        discarded: recovery.discarded_updates.len(),
+    });
+    if let Some(r) = reopened {
         tracing::warn!(
-            round = r,
-            discarded = recovery.discarded_updates.len(),
+            round = r.round,
+            discarded = r.discarded,
             "resuming: the round in flight is re-opened; its updates are requested again"
         );
-        auditor.record_own(
-            EventKind::RoundDiscarded,
-            serde_json::json!({
-                "job": job_id,
-                "round": r,
-                "reason": format!(
-                    "the coordinator restarted during the round; its {} accepted update(s) \
-                     are discarded and the round is re-opened",
-                    recovery.discarded_updates.len()
-                ),
-            }),
-        )?;
     }
+    let Recovered { effects, outcome } = recovery::recover(Stored {
+        actor: shared.audit().actor(),
+        federation: &shared.federation,
+        job: &recovery.job,
+        reopened,
+        model: recovery.model.spec(),
+        optimizer_state: recovery.optimizer_state.as_deref(),
+        replay_state: replay_state.as_deref(),
+    });
+    append_own(shared.audit(), store, effects)?;
+    let Resumed {
+        strategy,
+        state: persisted,
+        replay,
+    } = outcome?;
     let job = recovery.job;
-    let strategy = strategy_config(&job)?;
-    jobs::check_fits(&strategy, &job, recovery.model.spec()).map_err(ServeError::DoesNotFit)?;
-    let persisted: PersistedState = match &recovery.optimizer_state {
-        Some(bytes) => serde_json::from_slice(bytes).map_err(|source| ServeError::StoredState {
-            what: "stored optimizer state",
-            source,
-        })?,
-        None => PersistedState::default(),
-    };
-    let mut replay: ReplayGuard = match store.replay_state(&job.id)? {
-        Some(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|source| ServeError::StoredState {
-                what: "stored replay state",
-                source,
-            })?
-        }
-        None => ReplayGuard::new(),
-    };
-    // The round in flight starts again from nothing: the updates it had
-    // accepted are set aside (`discarded`), so its sites report again, with
-    // fresh nonces (the envelopes already seen stay replays).
-    if let Some(r) = recovery.reopened_round {
-        replay.reopen_round(
-            &shared.federation,
-            &JobId::new(&job.id).map_err(ServeError::JobId)?,
-            RoundId(r),
-        );
-    }
     let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
     let models_dir = store.dir().join(crate::store::MODELS_DIR);
     let first_wire = wire::ensure(&models_dir, &recovery.model)
@@ -1212,6 +1192,40 @@ fn build_engine(
     )
     .map_err(|e| ServeError::EngineStart(Box::new(e)))?;
     Ok(engine)
+}
+
+/// Append the core's audit `effects` (start-up's own entries); an append
+/// that fails stops the start with the audit log's error.
+fn append_own(
+    audit: &Auditor,
+    store: &Store,
+    effects: impl IntoIterator<Item = crate::core::Effect>,
+) -> Result<(), ServeError> {
+    engine::effects::execute(
+        audit,
+        store,
+        effects,
+        |failed| match failed {
+            engine::effects::Unexecuted::Audit { source, .. } => ServeError::Audit(source),
+            engine::effects::Unexecuted::Persist { source, .. } => ServeError::Store(source),
+        },
+        |other| {
+            Err(ServeError::Fatal(
+                format!("not a start-up effect: {other:?}").into(),
+            ))
+        },
+    )
+}
+
+impl From<RecoveryError> for ServeError {
+    fn from(e: RecoveryError) -> Self {
+        match e {
+            RecoveryError::Strategy(e) => Self::Strategy(e),
+            RecoveryError::DoesNotFit(e) => Self::DoesNotFit(e),
+            RecoveryError::StoredState { what, source } => Self::StoredState { what, source },
+            RecoveryError::JobId(e) => Self::JobId(e),
+        }
+    }
 }
 
 /// Run `engine` until shutdown (`Ok(None)`), until its job has finished
@@ -1281,7 +1295,9 @@ fn clean_spool(dir: &Path) {
 
 /// Which job to run ([`jobs::start_up`] decides): the config's job file
 /// as the store knows it and the store's jobs are read here; a new
-/// configured job is created here (its `job.submitted` entry first).
+/// configured job is created here, in the steps
+/// [`recovery::configured_job_created`] gives (its `job.submitted` entry
+/// first).
 fn select_job(
     store: &Store,
     job_file: Option<&Path>,
@@ -1327,16 +1343,17 @@ fn select_job(
             path: path.to_path_buf(),
             source,
         })?;
-        auditor.record_own(
-            EventKind::JobSubmitted,
-            serde_json::json!({
-                "job": job.id,
-                "job_toml_blake3": blake3::hash(&toml).to_hex().to_string(),
-                "initial_model": model.hash().to_hex(),
-            }),
-        )?;
-        let hash = store.put_model(&model)?;
-        store.create_job(job, hash)?;
+        // The store's content address of the model, as it returns it.
+        let mut hash = model.hash();
+        for step in recovery::configured_job_created(auditor.actor(), &job.id, &toml, &hash) {
+            match step {
+                Create::Audit(entry) => append_own(auditor, store, [entry])?,
+                Create::PutModel => hash = store.put_model(&model)?,
+                Create::CreateJob => {
+                    store.create_job(job, hash)?;
+                }
+            }
+        }
         tracing::info!(job = %job.id, model = %hash, "job created");
     }
     Ok(decision)

@@ -4,7 +4,7 @@
 //! "Federated feature standardisation").
 //!
 //! Pure: the engine folds in a round's accepted reports when it aggregates
-//! the round ([`FederatedScaling::with_round`]) and persists the result with
+//! the round (`FederatedScaling::with_round`) and persists the result with
 //! the round ([`PersistedState`]).
 
 use std::collections::BTreeMap;
@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 /// What the engine persists in `Extras.optimizer_state` when a round
 /// completes (JSON).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct PersistedState {
+pub struct PersistedState {
     /// The aggregation strategy's server state (optimizer moments, …).
-    pub(crate) server: ServerState,
+    pub server: ServerState,
     /// The federation's feature scaling, and what it was pooled from.
-    pub(crate) scaling: FederatedScaling,
+    pub scaling: FederatedScaling,
 }
 
 /// One site's report of a round, as the engine collected it from an
@@ -37,7 +37,7 @@ pub(crate) struct Report {
 
 /// The latest statistics per site and the scaling pooled from them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct FederatedScaling {
+pub struct FederatedScaling {
     /// Latest accepted report of each site whose features match the
     /// federation's.
     sites: BTreeMap<String, FeatureStats>,
