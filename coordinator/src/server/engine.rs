@@ -602,10 +602,10 @@ impl Engine {
         }
     }
 
-    /// Hand the sites over to the next job (a job switch): this engine
-    /// keeps none.
-    pub(crate) fn take_links(&mut self) -> Links {
-        std::mem::take(&mut self.links)
+    /// The connected sites, for the next job to take over (a job switch:
+    /// this engine keeps none once it has).
+    pub(crate) fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
     }
 
     /// Take over the connected sites at the start of this engine's job

@@ -6,18 +6,18 @@
 //! held here, idle (no offers, no models, uploads refused). The admin API
 //! works as usual (`status` says that no job is running). When the first
 //! job is submitted, the serve loop builds its engine and hands every held
-//! connection over to it ([`Idle::hand_over`]), in the order the sites
-//! connected, so the job starts at once with the sites already connected.
-//! A job switch hands the sites over the same way (`Engine::take_links`).
+//! connection over to it (`Engine::adopt`, through [`Idle::links_mut`]),
+//! in the order the sites connected, so the job starts at once with the
+//! sites already connected. A job switch hands the sites over the same
+//! way (`Engine::links_mut`).
 
 use std::future::Future;
-use std::time::Instant;
 
 use fedlink_audit::EventKind;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use tokio::sync::mpsc;
 
-use super::engine::{Engine, EngineError, Event, update_received_details};
+use super::engine::{Event, update_received_details};
 use super::links::Links;
 use super::{ServeError, Shared};
 
@@ -152,14 +152,10 @@ impl Idle {
         self.links.close_all();
     }
 
-    /// Give every held connection to the engine of the job that starts
-    /// now (see [`Engine::adopt`]).
-    pub(crate) fn hand_over(
-        &mut self,
-        engine: &mut Engine,
-        now: Instant,
-    ) -> Result<(), EngineError> {
-        engine.adopt(std::mem::take(&mut self.links), now)
+    /// The held connections, for the engine of the job that starts now
+    /// to take over (see `Engine::adopt`).
+    pub(crate) fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
     }
 }
 

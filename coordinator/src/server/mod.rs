@@ -1012,11 +1012,7 @@ pub async fn serve(
             match idle::run_idle(&mut idle, &mut rx, &shared, shutdown.as_mut()).await {
                 Ok(Some(first)) => {
                     tracing::info!(job = %first, "starting the first submitted job");
-                    let built = build_engine(&store, &first, &shared, &cfg).and_then(|mut e| {
-                        idle.hand_over(&mut e, Instant::now())?;
-                        Ok(e)
-                    });
-                    match built {
+                    match start_job(&store, &first, &shared, &cfg, idle.links_mut()) {
                         Ok(e) => engine = Some(e),
                         Err(e) => break Err(e),
                     }
@@ -1032,12 +1028,7 @@ pub async fn serve(
                 tracing::info!(job = %next, "starting the next queued job");
                 // The connected sites go to the next job, as after an
                 // empty start.
-                let links = running.take_links();
-                let built = build_engine(&store, &next, &shared, &cfg).and_then(|mut e| {
-                    e.adopt(links, Instant::now())?;
-                    Ok(e)
-                });
-                match built {
+                match start_job(&store, &next, &shared, &cfg, running.links_mut()) {
                     Ok(e) => engine = Some(e),
                     Err(e) => break Err(e),
                 }
@@ -1099,6 +1090,22 @@ pub async fn serve(
     result.map(|()| ServeOutcome {
         outcome: engine.as_ref().and_then(|e| e.outcome().cloned()),
     })
+}
+
+/// Build the engine of job `id` and give it the connected sites `held`
+/// (the idle holder's after an empty start, the finished job's at a job
+/// switch: the same way, [`Engine::adopt`]). The sites move only once the
+/// engine is built: a job that cannot start leaves them where they were.
+fn start_job(
+    store: &Arc<Store>,
+    id: &str,
+    shared: &Arc<Shared>,
+    cfg: &CoordinatorConfig,
+    held: &mut links::Links,
+) -> Result<Engine, ServeError> {
+    let mut engine = build_engine(store, id, shared, cfg)?;
+    engine.adopt(std::mem::take(held), Instant::now())?;
+    Ok(engine)
 }
 
 /// Recover a job from the store and build its engine (the job's codec and
