@@ -620,6 +620,33 @@ async fn the_coordinator_killed_mid_round_resumes_the_job() {
     for s in store.sites().unwrap() {
         assert_eq!(s.updates_aggregated, 3, "{}", s.id);
     }
+    // The coordinator's audit log: the restart recorded round 2's discard
+    // once, with the two updates it set aside, before round 2 was opened
+    // again.
+    let audit: Vec<serde_json::Value> = std::fs::read_to_string(data_dir.join("audit/audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = |event: &str| -> Vec<usize> {
+        (0..audit.len())
+            .filter(|&i| audit[i]["event"] == event && audit[i]["details"]["round"] == 2)
+            .collect()
+    };
+    let discarded = at("round.discarded");
+    assert_eq!(discarded.len(), 1, "{discarded:?}");
+    assert_eq!(
+        audit[discarded[0]]["details"],
+        serde_json::json!({
+            "job": "wdbc-crash",
+            "round": 2,
+            "reason": "the coordinator restarted during the round; its 2 accepted update(s) \
+                       are discarded and the round is re-opened",
+        })
+    );
+    let opened = at("round.opened");
+    assert_eq!(opened.len(), 2, "round 2 opened before and after the crash");
+    assert!(opened[0] < discarded[0] && discarded[0] < opened[1]);
     // The agents trained round 2 twice (before and after the crash), each
     // time on the same base model, and every model they used is a version
     // the coordinator kept.
