@@ -7,8 +7,14 @@
 //! <dir>/                      mode 0700
 //!   fedlink.redb              jobs, rounds, sites, optimizer + replay state
 //!   models/<blake3-hex>.bin   every global model version, immutable
+//!   models/<blake3-hex>.wire  the served versions encoded for download (`wire`)
+//!   models/<base>-<hash>.update  the latest round's global update (`wire`)
 //!   models/.tmp-*             a model being written (removed at open)
 //! ```
+//!
+//! The `.wire` and `.update` files (written, described, found again after a
+//! restart, read back record by record, pruned) are the store's module
+//! `wire`.
 //!
 //! Tables (values are JSON, so the records stay readable and evolvable):
 //!
@@ -1271,6 +1277,8 @@ pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, Store
     }
     FlatModel::new(spec, values).map_err(|e| corrupt(e.to_string()))
 }
+
+pub(crate) mod wire;
 
 #[cfg(test)]
 mod tests;

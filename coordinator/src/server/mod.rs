@@ -31,7 +31,6 @@ pub(crate) mod pool;
 mod refusals;
 pub(crate) mod spool;
 pub mod status;
-mod wire;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,6 +54,9 @@ use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Re
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
+// The models' wire files are the store's (`store::wire`); named here so
+// that the driver's modules reach them as `super::wire`.
+use crate::store::wire;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
 use wire::{ServedModels, WireModel, WireUpdate};

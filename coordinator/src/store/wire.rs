@@ -2,7 +2,13 @@
 //! lossless payload (f32, byte-shuffled, zstd) of a model version, written
 //! once per version and streamed to every site that fetches it. Serving a
 //! model therefore costs one page-cached file read per site and O(chunk)
-//! memory, whatever the number of sites.
+//! memory, whatever the number of sites. `models/<base>-<hash>.update`
+//! holds the latest round's global update in the job's downlink encoding.
+//!
+//! These files sit beside the store's `.bin` model files in `models/` and
+//! are written with the same durable-write helpers, so their format and
+//! file operations are the store's, not the network driver's: the driver
+//! (`server`) only streams them.
 
 use std::fs::File;
 use std::io::Read;
