@@ -52,6 +52,10 @@
 //! missing or corrupt) and how the configured job is created at start-up;
 //! [`scaling`] pools the sites' feature statistics into the scaling that
 //! offers carry.
+//! [`served`] decides which model versions are served for download (the
+//! current one and the one before it), which files of `models/` are pruned
+//! and whether a restarted coordinator serves the last round's update
+//! again.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -111,6 +115,7 @@ pub mod queue;
 pub mod recovery;
 pub mod resume;
 pub mod scaling;
+pub mod served;
 pub mod sim;
 mod sites;
 pub mod uploads;
@@ -327,6 +332,7 @@ mod purity {
         ("uploads.rs", include_str!("uploads.rs")),
         ("recovery.rs", include_str!("recovery.rs")),
         ("scaling.rs", include_str!("scaling.rs")),
+        ("served.rs", include_str!("served.rs")),
     ];
 
     #[test]

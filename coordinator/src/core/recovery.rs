@@ -16,9 +16,9 @@
 //!     │                               ──▶ configured_job_created ──▶ [job.submitted, store the model, store the job]
 //! ```
 //!
-//! What the driver still decides here: which wire files of the model stay
-//! served and which are pruned (its `ServedModels`), and which update file
-//! is the last round's downlink update (by the job's downlink encoding).
+//! Which wire files of the model stay served and which are pruned, and
+//! whether the last round's downlink update is served again (by the job's
+//! downlink encoding), are [`super::served`]'s decisions.
 
 use fedlink_aggregation::StrategyConfig;
 use fedlink_audit::EventKind;

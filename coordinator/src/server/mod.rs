@@ -393,12 +393,13 @@ impl Shared {
 
     /// Serve `w` as the current model version (the one before it stays
     /// served for a round, older ones are dropped: [`ServedModels`]).
-    /// Returns the wire files still served and the one no longer served.
-    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<PathBuf>, Option<PathBuf>) {
+    /// Returns the versions still served and the wire file no longer
+    /// served.
+    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<ModelHash>, Option<PathBuf>) {
         match self.wire.write() {
             Ok(mut served) => {
-                let dropped = served.publish(w).map(|d| d.path.clone());
-                (served.paths(), dropped)
+                let dropped = served.publish(w.hash, w).map(|d| d.path.clone());
+                (served.hashes(), dropped)
             }
             // Poisoned: nothing is served, nothing is known to be unserved.
             Err(_) => (Vec::new(), None),
@@ -1157,21 +1158,19 @@ fn build_engine(
         *n = JobNeeds::of(&job);
     }
     let (served, _) = shared.publish_wire(first_wire);
-    // Wire files of versions an earlier run served.
-    if !served.is_empty() {
-        wire::prune_models(&models_dir, &served);
-    }
+    // Wire files of versions an earlier run served (none pruned when
+    // nothing is served: `core::served::models_to_prune`).
+    wire::prune_models(&models_dir, &served);
     // The update that made the current model, if the last round wrote one
     // in this job's encoding: sites holding its base get it after a
-    // restart too (anything else gets whole models).
-    shared.publish_update(job.encoding.downlink_encoding().and_then(|enc| {
-        wire::find_update(
-            &models_dir,
-            &recovery.model.hash(),
-            recovery.model.spec(),
-            enc,
-        )
-    }));
+    // restart too (anything else gets whole models;
+    // `core::served::update_to_serve_again`, `update_fits`).
+    shared.publish_update(wire::find_update(
+        &models_dir,
+        &recovery.model.hash(),
+        recovery.model.spec(),
+        job.encoding.downlink_encoding(),
+    ));
 
     let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
     let keys = update_keys(

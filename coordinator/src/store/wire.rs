@@ -8,7 +8,10 @@
 //! These files sit beside the store's `.bin` model files in `models/` and
 //! are written with the same durable-write helpers, so their format and
 //! file operations are the store's, not the network driver's: the driver
-//! (`server`) only streams them.
+//! (`server`) only streams them. Which versions stay served and which
+//! files are pruned is decided in [`crate::core::served`] (the file names
+//! too); this module lists the directory, reads the files and removes
+//! what it is told.
 
 use std::fs::File;
 use std::io::Read;
@@ -17,6 +20,8 @@ use std::path::{Path, PathBuf};
 use fedlink_protocol::encoding::DEFAULT_CHUNK_BYTES;
 use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader};
 use fedlink_protocol::{ChunkEncoder, Encoding, FlatModel, ModelHash, ModelSpec, ValueCodec};
+
+use crate::core::served;
 
 /// Why a model's wire form could not be written or read back.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +84,20 @@ pub(crate) struct WireModel {
 }
 
 fn wire_path(models_dir: &Path, hash: &ModelHash) -> PathBuf {
-    models_dir.join(format!("{}.wire", hash.to_hex()))
+    models_dir.join(served::wire_file_name(hash))
+}
+
+/// The names of the files in `models_dir` (names that are not UTF-8 are
+/// none of the coordinator's); empty if it cannot be listed.
+fn file_names(models_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(models_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Write the wire form of `model` unless it exists; return its description.
@@ -183,15 +201,8 @@ pub(crate) struct WireUpdate {
     pub(crate) wire: WireModel,
 }
 
-/// File name suffix of update files.
-const UPDATE_SUFFIX: &str = "update";
-
 fn update_path(models_dir: &Path, base: &ModelHash, hash: &ModelHash) -> PathBuf {
-    models_dir.join(format!(
-        "{}-{}.{UPDATE_SUFFIX}",
-        base.to_hex(),
-        hash.to_hex()
-    ))
+    models_dir.join(served::update_file_name(base, hash))
 }
 
 /// Encode the round's global `update` with `encoding`, write the records to
@@ -209,7 +220,7 @@ pub(crate) fn write_update(
 ) -> Result<WireUpdate, WireError> {
     // The file is named after the new model's hash, known only once every
     // record is applied: written under a staging name, then renamed.
-    let staging = models_dir.join(format!("{}-next.{UPDATE_SUFFIX}", base.to_hex()));
+    let staging = models_dir.join(served::update_staging_name(&base));
     let mut failure = None;
     let written = fedlink_durable::replace_with(
         &staging,
@@ -252,71 +263,54 @@ pub(crate) fn write_update(
     })
 }
 
-/// The update file whose result is model `hash` (`*-<hash>.update`), if
-/// exactly one is there and every record header fits `encoding` and
-/// `spec` (codec, shuffle, chunk count): what a restarted coordinator
-/// serves again. A file that does not fit is left alone (it is pruned when
-/// the next round writes its update).
+/// The update file whose result is model `hash`, if the job sends
+/// updates (`downlink`, its downlink encoding), exactly one such file is
+/// there and its records fit that encoding and `spec`: what a restarted
+/// coordinator serves again ([`served::update_to_serve_again`], then
+/// [`served::update_fits`] over the record headers read here). A file that
+/// does not fit is left alone (it is pruned when the next round writes its
+/// update).
 pub(crate) fn find_update(
     models_dir: &Path,
     hash: &ModelHash,
     spec: &ModelSpec,
-    encoding: Encoding,
+    downlink: Option<Encoding>,
 ) -> Option<WireUpdate> {
-    let suffix = format!("-{}.{UPDATE_SUFFIX}", hash.to_hex());
-    let mut found = std::fs::read_dir(models_dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let base = ModelHash::from_hex(name.strip_suffix(&suffix)?)?;
-            Some((base, e.path()))
-        });
-    let (base, path) = found.next()?;
-    if found.next().is_some() {
-        return None;
-    }
+    let names = file_names(models_dir);
+    let file = served::update_to_serve_again(downlink, hash, names.iter().map(String::as_str))?;
+    let path = models_dir.join(file.name);
     let mut r = RecordReader::open(&path).ok()?;
-    let (mut payload_len, mut num_chunks) = (0u64, 0u64);
+    let (mut payload_len, mut records) = (0u64, Vec::new());
     while let Some((head, len)) = r.next_head().ok()? {
-        let h = ChunkHeader::parse(&head).ok()?;
-        if h.codec_tag != encoding.values().tag() || h.shuffle != encoding.shuffle() {
-            return None;
-        }
+        records.push(ChunkHeader::parse(&head).ok()?);
         r.skip_body(len.saturating_sub(CHUNK_HEADER_LEN)).ok()?;
         payload_len += len as u64;
-        num_chunks += 1;
     }
-    if num_chunks != spec.num_params().div_ceil(encoding.chunk_elems()) {
+    if !served::update_fits(&records, spec, file.encoding) {
         return None;
     }
     Some(WireUpdate {
-        base,
+        base: file.base,
         wire: WireModel {
             hash: *hash,
             spec: spec.clone(),
-            encoding,
+            encoding: file.encoding,
             payload_len,
-            num_chunks,
+            num_chunks: records.len() as u64,
             path,
         },
     })
 }
 
 /// Remove every update file in `models_dir` but `keep` (the one being
-/// served): a site holding an older model gets the whole model anyway, so
-/// older updates are never served again. Best effort, logged.
+/// served; [`served::updates_to_prune`]): a site holding an older model
+/// gets the whole model anyway, so older updates are never served again.
+/// Best effort, logged.
 pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
-    let Ok(entries) = std::fs::read_dir(models_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().and_then(|x| x.to_str()) != Some(UPDATE_SUFFIX)
-            || Some(path.as_path()) == keep
-        {
-            continue;
-        }
+    let keep = keep.and_then(|k| k.file_name()).and_then(|n| n.to_str());
+    let names = file_names(models_dir);
+    for name in served::updates_to_prune(names.iter().map(String::as_str), keep) {
+        let path = models_dir.join(name);
         // A download in progress keeps reading the open file.
         if let Err(err) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %err, "pruning an old update file");
@@ -324,89 +318,25 @@ pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
     }
 }
 
-/// The model versions served in wire form: the current global model (what
-/// offers, the final evaluation and a site's fetch or resumed fetch name)
-/// and the one before it, for one round more: a download that looked its
-/// version up just before a round's end still finds and opens the file.
-/// Older versions are not served again: a site asking for one is refused
-/// (`unknown model version`) and its next offer names the current model,
-/// as after a restart, which serves the current model only. A site holding
-/// an older model gets the whole current model, never an update from it
-/// (only the latest round's update is served, [`prune_updates`]).
-#[derive(Debug, Default)]
-pub(crate) struct ServedModels {
-    current: Option<std::sync::Arc<WireModel>>,
-    previous: Option<std::sync::Arc<WireModel>>,
-}
-
-impl ServedModels {
-    /// The served version `hash`, if it is one.
-    pub(crate) fn get(&self, hash: &ModelHash) -> Option<std::sync::Arc<WireModel>> {
-        [&self.current, &self.previous]
-            .into_iter()
-            .flatten()
-            .find(|w| w.hash == *hash)
-            .cloned()
-    }
-
-    /// Serve `w` as the current version; the current one becomes the
-    /// previous one (unless it is `w` again), the previous one is dropped
-    /// and returned (its file is no longer served; `None` if it is `w`).
-    pub(crate) fn publish(&mut self, w: WireModel) -> Option<std::sync::Arc<WireModel>> {
-        let w = std::sync::Arc::new(w);
-        let dropped = match self.current.take() {
-            Some(c) if c.hash == w.hash => None,
-            Some(c) => self.previous.replace(c),
-            None => None,
-        };
-        self.current = Some(w);
-        dropped.filter(|d| self.get(&d.hash).is_none())
-    }
-
-    /// The wire files of the served versions (what [`prune_models`] keeps).
-    pub(crate) fn paths(&self) -> Vec<PathBuf> {
-        [&self.current, &self.previous]
-            .into_iter()
-            .flatten()
-            .map(|w| w.path.clone())
-            .collect()
-    }
-
-    /// How many versions are served (one or two once a model is).
-    #[cfg(test)]
-    pub(crate) fn count(&self) -> usize {
-        [&self.current, &self.previous]
-            .into_iter()
-            .flatten()
-            .count()
-    }
-}
+/// The model versions served in wire form, each with its file's
+/// description: the current version and the one before it
+/// ([`served::Served`] decides).
+pub(crate) type ServedModels = served::Served<WireModel>;
 
 /// Remove every model wire file (`<hash>.wire`) in `models_dir` but those
-/// in `keep` (the served versions, [`ServedModels::paths`]): at start, for
-/// files left by an earlier run. `.bin` model files (the archive: export,
-/// replay) and update files are not touched. Best effort, logged.
-pub(crate) fn prune_models(models_dir: &Path, keep: &[PathBuf]) {
-    let Ok(entries) = std::fs::read_dir(models_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        let is_wire = e
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".wire"))
-            .and_then(ModelHash::from_hex)
-            .is_some();
-        if !is_wire || keep.contains(&path) {
-            continue;
-        }
-        remove_model_file(&path);
+/// of the served versions (`keep`, [`served::Served::hashes`];
+/// [`served::models_to_prune`]: none when nothing is served): at start, for files left by an earlier run. `.bin`
+/// model files (the archive: export, replay) and update files are not
+/// touched. Best effort, logged.
+pub(crate) fn prune_models(models_dir: &Path, keep: &[ModelHash]) {
+    let names = file_names(models_dir);
+    for name in served::models_to_prune(names.iter().map(String::as_str), keep) {
+        remove_model_file(&models_dir.join(name));
     }
 }
 
 /// Remove the wire file of a version no longer served
-/// ([`ServedModels::publish`] dropped it). Best effort, logged; a download
+/// ([`served::Served::publish`] dropped it). Best effort, logged; a download
 /// in progress keeps reading its open file.
 pub(crate) fn remove_model_file(path: &Path) {
     match std::fs::remove_file(path) {
@@ -549,7 +479,7 @@ mod tests {
         )));
         // Found again, as written; not in another encoding, nor for
         // another model.
-        let found = find_update(dir.path(), &next.hash(), &spec, enc).unwrap();
+        let found = find_update(dir.path(), &next.hash(), &spec, Some(enc)).unwrap();
         assert_eq!(found.base, u.base);
         assert_eq!(
             (
@@ -563,8 +493,9 @@ mod tests {
             .unwrap()
             .with_chunk_bytes(16)
             .unwrap();
-        assert!(find_update(dir.path(), &next.hash(), &spec, int8).is_none());
-        assert!(find_update(dir.path(), &base.hash(), &spec, enc).is_none());
+        assert!(find_update(dir.path(), &next.hash(), &spec, Some(int8)).is_none());
+        assert!(find_update(dir.path(), &base.hash(), &spec, Some(enc)).is_none());
+        assert!(find_update(dir.path(), &next.hash(), &spec, None).is_none());
         // Pruning keeps only the one named.
         let mut after = next.clone();
         let v = write_update(dir.path(), next.hash(), &mut after, &update, enc, 1).unwrap();
@@ -602,22 +533,22 @@ mod tests {
         for round in 0..6 {
             let w = ensure(dir.path(), &model(round)).unwrap();
             written.push(w.path.clone());
-            let dropped = served.publish(w);
+            let dropped = served.publish(w.hash, w);
             assert_eq!(dropped.is_some(), round >= 2, "round {round}");
             if let Some(d) = dropped {
                 assert_eq!(d.path, written[round as usize - 2]);
                 remove_model_file(&d.path);
             }
             if round == 0 {
-                prune_models(dir.path(), &served.paths());
+                prune_models(dir.path(), &served.hashes());
                 assert!(!stray.exists());
             }
-            assert!(served.count() <= 2);
+            assert!(served.hashes().len() <= 2);
         }
         // Publishing the current version again changes nothing.
         assert!(
             served
-                .publish(ensure(dir.path(), &model(5)).unwrap())
+                .publish(model(5).hash(), ensure(dir.path(), &model(5)).unwrap())
                 .is_none()
         );
         remove_model_file(&written[0]); // already gone: not an error
@@ -630,7 +561,7 @@ mod tests {
                 "round {round}"
             );
         }
-        assert_eq!(served.count(), 2);
+        assert_eq!(served.hashes().len(), 2);
         assert!(bin.exists() && other.exists() && update.wire.path.exists());
         let mut left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
