@@ -102,11 +102,6 @@ impl<T> Served<T> {
     pub fn hashes(&self) -> Vec<ModelHash> {
         self.versions().map(|(h, _)| *h).collect()
     }
-
-    /// The served versions' handles, the current one first.
-    pub fn handles(&self) -> Vec<Arc<T>> {
-        self.versions().map(|(_, v)| v.clone()).collect()
-    }
 }
 
 /// The wire files among `names` (a listing of `models/`) that are not
@@ -232,7 +227,6 @@ mod tests {
         assert_eq!(served.publish(hash(5), "v5 again"), None);
         assert_eq!(served.hashes(), vec![hash(5), hash(4)]);
         assert_eq!(served.get(&hash(5)).as_deref(), Some(&"v5 again"));
-        assert_eq!(served.handles().len(), 2);
         // The previous version published again: the two swap, nothing is
         // dropped (its file is still served).
         assert_eq!(served.publish(hash(4), "v4 again"), None);
