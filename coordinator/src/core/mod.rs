@@ -53,6 +53,11 @@
 //! [`scaling`] pools the sites' feature statistics into the scaling that
 //! offers carry.
 //!
+//! [`round_end`] orders an aggregated round's end (the model stored, the
+//! spool's fsync, `round.json`, `round.aggregated`, the round's times, the
+//! publish, a due federated evaluation — on record before it is kept —,
+//! the next state, retention's pruning) and computes the round's metrics.
+//!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
 //! cancels, closes, accepted and refused uploads (`update.received`, the
@@ -72,9 +77,9 @@
 //! opening (`state-before.json`, its noise seed; its `round.opened` is
 //! [`actions::round_opened`]), the accumulator's lifecycle (open, fold on
 //! ack, aggregate; the exclusion of withdrawn sites' updates is decided by
-//! [`actions::exclude_withdrawn`]), the round archive's files and the
-//! per-round federated evaluation (`round.evaluated`) are still decided in
-//! the driver's engine (`server::engine`). The audit entries of
+//! [`actions::exclude_withdrawn`]) and the round archive's files stay in
+//! the driver's engine (`server::engine`), which executes
+//! [`round_end::plan`]'s steps in order. The audit entries of
 //! interrupted uploads (through [`uploads::interrupted`]), declined offers
 //! and evaluation reports are [`actions`]' ([`actions::upload_interrupted`],
 //! [`actions::offer_declined`], [`actions::eval_reported`]).
@@ -110,6 +115,7 @@ pub mod jobs;
 pub mod queue;
 pub mod recovery;
 pub mod resume;
+pub mod round_end;
 pub mod scaling;
 pub mod sim;
 mod sites;
@@ -321,6 +327,7 @@ mod purity {
         ("jobs.rs", include_str!("jobs.rs")),
         ("intake.rs", include_str!("intake.rs")),
         ("resume.rs", include_str!("resume.rs")),
+        ("round_end.rs", include_str!("round_end.rs")),
         ("admin.rs", include_str!("admin.rs")),
         ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),

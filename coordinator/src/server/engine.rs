@@ -34,6 +34,7 @@ use crate::core::actions::{
 };
 use crate::core::intake::{self, reason_text};
 use crate::core::resume::Partials;
+use crate::core::round_end::{self, Aggregated, EvaluationFacts, Retention, RoundNumbers, Step};
 use crate::core::scaling::{FederatedScaling, PersistedState, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
@@ -1537,81 +1538,6 @@ impl Engine {
         Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
-    /// Store the round's new model (given with its hash), then its replay
-    /// record (`round.json`) and its audit entry (`round.aggregated`): none
-    /// may be missing for a published model. Returns the model's hash. The
-    /// outer error is fatal.
-    fn record_aggregated(
-        &mut self,
-        round: u64,
-        base_model: ModelHash,
-        (next, next_hash): (&FlatModel, ModelHash),
-        dp: Option<actions::DpApplied>,
-        log: &RoundLog,
-        downlink: Option<Encoding>,
-    ) -> Result<Result<ModelHash, AggregationFailure>, EngineError> {
-        let max_sites = self.job.max_sites() as usize;
-        let hash = match self.store.put_model_hashed(next, next_hash) {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        // Before the model is published: the replay record, then the audit
-        // entry. Neither may be missing for a published model.
-        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
-            round,
-            what,
-            source: e,
-        };
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
-        fedlink_certs::private::create_dir_all(&dir)
-            .map_err(|e| fatal("archive directory", e.into()))?;
-        let file = RoundFile {
-            format: round_archive::ROUND_FORMAT,
-            job: self.job_id.as_str().to_owned(),
-            round,
-            base_model: base_model.to_hex(),
-            output_model: hash.to_hex(),
-            strategy: self.strategy.clone(),
-            max_sites,
-            state_before: round_archive::STATE_BEFORE_FILE.into(),
-            state_before_blake3: log.state_before_blake3.clone(),
-            dp_seed: hex::encode(log.seed),
-            inputs: log.inputs.clone(),
-            downlink,
-        };
-        let mut json =
-            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
-        json.push(b'\n');
-        // The group commit of the archived updates (see `archive`): the
-        // spool directory they left, here; the round directory they entered
-        // by `round.json`'s own directory fsync below, before the round is
-        // audited or completed.
-        fedlink_durable::sync_dir(&self.store.dir().join("spool"))
-            .map_err(|e| fatal("archiving the round's updates", e.into()))?;
-        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
-            .map_err(|e| fatal("writing round.json", e.into()))?;
-        let strategy =
-            serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", e.into()))?;
-        let effects = actions::round_aggregated(
-            &self.facts,
-            round,
-            (base_model, hash),
-            strategy,
-            dp,
-            &log.inputs,
-        );
-        self.run_effects(effects, None)?;
-        if let Err(e) = self.store.set_round_times(
-            self.job_id.as_str(),
-            round,
-            Some(log.opened_unix_ms),
-            Some(unix_ms()),
-        ) {
-            tracing::warn!(round, error = %e, "recording the round's closing time");
-        }
-        Ok(Ok(hash))
-    }
-
     #[allow(clippy::type_complexity)]
     fn aggregate_inner(
         &mut self,
@@ -1661,19 +1587,57 @@ impl Engine {
         };
         drop(outcome.update);
         let updated = Instant::now();
-        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
-            noise_std: outcome.noise_std,
-            clip_norm: outcome.clip_norm,
-            privacy: outcome.privacy,
-        });
-        // The model's wire form (lossless, for sites without the previous
-        // model) is encoded on a second thread while this one stores the
-        // model and writes its replay record and audit entry; it is
-        // published only after both.
         let next_hash = match &update_wire {
             Some(u) => u.wire.hash,
             None => next.hash(),
         };
+        // What happens now, in which order, is the core's decision.
+        let strategy =
+            serde_json::to_value(&self.strategy).map_err(|e| EngineError::RoundRecord {
+                round,
+                what: "strategy",
+                source: e.into(),
+            })?;
+        let end = round_end::plan(
+            &self.facts,
+            Aggregated {
+                round: RoundId(round),
+                base_model,
+                output_model: next_hash,
+                strategy,
+                dp: self.strategy.dp.as_ref().map(|_| actions::DpApplied {
+                    noise_std: outcome.noise_std,
+                    clip_norm: outcome.clip_norm,
+                    privacy: outcome.privacy,
+                }),
+                inputs: &log.inputs,
+                numbers: RoundNumbers {
+                    num_updates: outcome.num_updates,
+                    total_examples: outcome.total_examples,
+                    num_clipped: outcome.num_clipped,
+                    clip_norm: outcome.clip_norm,
+                    noise_std: outcome.noise_std,
+                    privacy: outcome.privacy,
+                },
+            },
+            EvaluationFacts {
+                every_rounds: self.job.evaluation.every_rounds,
+                rounds: u64::from(self.job.rounds),
+                reports: self
+                    .round_metrics
+                    .remove(&RoundId(round))
+                    .unwrap_or_default(),
+            },
+            &Retention {
+                keep: self.retention,
+                archived: self.archived_rounds(),
+            },
+        );
+        let mut steps = end.steps.into_iter();
+        // The model's wire form (lossless, for sites without the previous
+        // model) is encoded on a second thread while this one executes the
+        // steps before the publish (the model stored, `round.json`, its
+        // audit entry); it is published only after them.
         let models_dir = self.models_dir.clone();
         let (recorded, wire, wire_ms) = std::thread::scope(|s| {
             let wire = s.spawn(|| {
@@ -1684,8 +1648,17 @@ impl Engine {
                 )
             });
             let t = Instant::now();
-            let recorded =
-                self.record_aggregated(round, base_model, (&next, next_hash), dp, log, downlink);
+            let mut recorded = Ok(Ok(()));
+            for step in steps.by_ref() {
+                if matches!(step, Step::Publish { .. }) {
+                    break;
+                }
+                recorded =
+                    self.record_step(round, step, (base_model, next_hash, &next), log, downlink);
+                if !matches!(recorded, Ok(Ok(()))) {
+                    break;
+                }
+            }
             let record_ms = t.elapsed();
             let (wire, wire_ms) = wire
                 .join()
@@ -1694,10 +1667,10 @@ impl Engine {
         });
         let (wire_ms, record_ms) = wire_ms;
         let recorded_at = Instant::now();
-        let hash = match recorded? {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e)),
-        };
+        if let Err(e) = recorded? {
+            return Ok(Err(e));
+        }
+        let hash = next_hash;
         // Publish the wire form before the round machine hears of the new
         // model: its next offers name it, and sites fetch it at once.
         let wire = match wire {
@@ -1727,124 +1700,197 @@ impl Engine {
             "round's model published"
         );
         self.global_hash = hash;
-        let mut metrics = BTreeMap::new();
-        metrics.insert("num_updates".into(), outcome.num_updates as f64);
-        metrics.insert("total_examples".into(), outcome.total_examples as f64);
-        metrics.insert("num_clipped".into(), outcome.num_clipped as f64);
-        if let Some(c) = outcome.clip_norm {
-            metrics.insert("clip_norm".into(), c);
-        }
-        if outcome.noise_std > 0.0 {
-            metrics.insert("noise_std".into(), outcome.noise_std);
-        }
-        if let Some((eps, delta)) = outcome.privacy {
-            metrics.insert("dp_epsilon".into(), eps);
-            metrics.insert("dp_delta".into(), delta);
-        }
-        // Federated evaluation of the round's base model (the model made by
-        // the previous round) on the sites' local validation splits,
-        // weighted by their sizes, when the job asks for that model.
-        let reports: Vec<(String, Option<EvalMetrics>)> = self
-            .round_metrics
-            .remove(&RoundId(round))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(site, _)| log.inputs.iter().any(|i| i.site == site.as_str()))
-            .map(|(site, m)| (site.into(), m))
-            .collect();
-        let after = round.saturating_sub(1);
-        if evaluation::is_due(
-            after,
-            self.job.evaluation.every_rounds,
-            u64::from(self.job.rounds),
-        ) {
-            let ev = evaluation::federated_evaluation(after, Some(round), base_model, &reports);
-            let w = &ev.weighted;
-            for (name, v) in [
-                ("site_eval_loss", w.loss),
-                ("site_eval_accuracy", w.accuracy),
-                ("site_eval_auc", w.auc),
-                ("site_eval_dice", w.dice),
-            ] {
-                if let Some(v) = v {
-                    metrics.insert(name.into(), v);
+        let mut state = Some(state);
+        for step in steps {
+            match step {
+                Step::AuditEvaluation {
+                    evaluation: ev,
+                    effects,
+                } => {
+                    for x in &ev.excluded {
+                        tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+                    }
+                    let w = &ev.weighted;
+                    tracing::info!(
+                        round,
+                        model = %base_model,
+                        sites = w.sites,
+                        examples = w.num_eval_examples,
+                        loss = ?w.loss,
+                        accuracy = ?w.accuracy,
+                        auc = ?w.auc,
+                        dice = ?w.dice,
+                        "federated evaluation"
+                    );
+                    // Audited with what counted and what was left out (and why).
+                    self.run_effects(effects, None)?;
                 }
-            }
-            for x in &ev.excluded {
-                tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
-            }
-            tracing::info!(
-                round,
-                model = %base_model,
-                sites = w.sites,
-                examples = w.num_eval_examples,
-                loss = ?w.loss,
-                accuracy = ?w.accuracy,
-                auc = ?w.auc,
-                dice = ?w.dice,
-                "federated evaluation"
-            );
-            // Audited with what counted and what was left out (and why).
-            let effect = actions::round_evaluated(&self.facts, round, &ev, false);
-            self.run_effects(vec![effect], None)?;
-            self.latest_evaluation = Some(ev.clone());
-            if let Err(e) = self
-                .store
-                .record_evaluation(self.job_id.as_str(), round, ev)
-            {
-                tracing::warn!(round, error = %e, "recording the federated evaluation");
-            }
-        }
-        // The sites' feature statistics of this round update the scaling
-        // that the next rounds' offers carry (persisted with the round).
-        let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
-        let scaling = self.scaling.with_round(&reports);
-        if scaling.scaling() != self.scaling.scaling()
-            && let Some(s) = scaling.scaling()
-        {
-            tracing::info!(
-                round,
-                features = s.features.len(),
-                sites = scaling.sites().count(),
-                "federated feature scaling updated"
-            );
-        }
-        self.scaling = scaling;
-        self.server_state = state;
-        self.prune_archive(round);
-        Ok(Ok((hash, metrics)))
-    }
-
-    /// Remove round archives older than the retention allows.
-    fn prune_archive(&self, completed: u64) {
-        let UpdateRetention::Rounds(keep) = self.retention else {
-            return;
-        };
-        let Some(last_dropped) = completed.checked_sub(u64::from(keep)) else {
-            return;
-        };
-        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
-        let Ok(entries) = std::fs::read_dir(&job_dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(r) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("round-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if r <= last_dropped {
-                match std::fs::remove_dir_all(e.path()) {
-                    Ok(()) => tracing::info!(round = r, "update archive pruned (update_retention)"),
-                    Err(err) => {
-                        tracing::warn!(round = r, error = %err, "pruning the update archive")
+                Step::RecordEvaluation {
+                    round: on,
+                    evaluation,
+                } => {
+                    self.latest_evaluation = Some(evaluation.clone());
+                    if let Err(e) =
+                        self.store
+                            .record_evaluation(self.job_id.as_str(), on.0, evaluation)
+                    {
+                        tracing::warn!(round, error = %e, "recording the federated evaluation");
                     }
                 }
+                Step::NextState => {
+                    // The sites' feature statistics of this round update the
+                    // scaling that the next rounds' offers carry (persisted
+                    // with the round).
+                    let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
+                    let scaling = self.scaling.with_round(&reports);
+                    if scaling.scaling() != self.scaling.scaling()
+                        && let Some(s) = scaling.scaling()
+                    {
+                        tracing::info!(
+                            round,
+                            features = s.features.len(),
+                            sites = scaling.sites().count(),
+                            "federated feature scaling updated"
+                        );
+                    }
+                    self.scaling = scaling;
+                    if let Some(state) = state.take() {
+                        self.server_state = state;
+                    }
+                }
+                Step::Prune { rounds } => self.prune_archive(&rounds),
+                other => tracing::error!(?other, "not a step after the publish; ignored"),
             }
         }
+        Ok(Ok((hash, end.metrics)))
+    }
+
+    /// The job's update archive: each `round-N` directory with its round.
+    fn archive_dirs(&self) -> Vec<(RoundId, PathBuf)> {
+        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
+        let Ok(entries) = std::fs::read_dir(&job_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let r = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("round-"))
+                    .and_then(|n| n.parse::<u64>().ok())?;
+                Some((RoundId(r), e.path()))
+            })
+            .collect()
+    }
+
+    /// The rounds the job's update archive holds.
+    fn archived_rounds(&self) -> Vec<RoundId> {
+        self.archive_dirs().into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// Remove the round archives retention gives up
+    /// ([`round_end::pruned`]). Best effort, logged.
+    fn prune_archive(&self, rounds: &[RoundId]) {
+        for (r, dir) in self.archive_dirs() {
+            if !rounds.contains(&r) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(round = r.0, "update archive pruned (update_retention)"),
+                Err(err) => {
+                    tracing::warn!(round = r.0, error = %err, "pruning the update archive")
+                }
+            }
+        }
+    }
+
+    /// Write the round's replay record, `round.json` (its directory made
+    /// first), for `output`: the round's inputs, seed and downlink
+    /// encoding. Fatal if it cannot be written.
+    fn write_round_file(
+        &self,
+        round: u64,
+        (base_model, output): (ModelHash, ModelHash),
+        log: &RoundLog,
+        downlink: Option<Encoding>,
+    ) -> Result<(), EngineError> {
+        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
+            round,
+            what,
+            source: e,
+        };
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        fedlink_certs::private::create_dir_all(&dir)
+            .map_err(|e| fatal("archive directory", e.into()))?;
+        let file = RoundFile {
+            format: round_archive::ROUND_FORMAT,
+            job: self.job_id.as_str().to_owned(),
+            round,
+            base_model: base_model.to_hex(),
+            output_model: output.to_hex(),
+            strategy: self.strategy.clone(),
+            max_sites: self.job.max_sites() as usize,
+            state_before: round_archive::STATE_BEFORE_FILE.into(),
+            state_before_blake3: log.state_before_blake3.clone(),
+            dp_seed: hex::encode(log.seed),
+            inputs: log.inputs.clone(),
+            downlink,
+        };
+        let mut json =
+            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
+        json.push(b'\n');
+        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
+            .map_err(|e| fatal("writing round.json", e.into()))
+    }
+
+    /// Execute one of the round end's steps before the model is published
+    /// (see [`round_end::plan`]): the model stored, the spool's fsync (the
+    /// group commit of the archived updates, see [`archive`]; the round
+    /// directory they entered is committed by `round.json`'s own directory
+    /// fsync), `round.json`, `round.aggregated` and its messages, the
+    /// round's times. The outer error is fatal; the inner one fails the
+    /// round.
+    fn record_step(
+        &mut self,
+        round: u64,
+        step: Step,
+        (base_model, output, next): (ModelHash, ModelHash, &FlatModel),
+        log: &RoundLog,
+        downlink: Option<Encoding>,
+    ) -> Result<Result<(), AggregationFailure>, EngineError> {
+        match step {
+            Step::StoreModel { model } => {
+                if let Err(e) = self.store.put_model_hashed(next, model) {
+                    return Ok(Err(e.into()));
+                }
+            }
+            Step::SyncSpool => {
+                fedlink_durable::sync_dir(&self.store.dir().join("spool")).map_err(|e| {
+                    EngineError::RoundRecord {
+                        round,
+                        what: "archiving the round's updates",
+                        source: e.into(),
+                    }
+                })?
+            }
+            Step::WriteRoundFile { .. } => {
+                self.write_round_file(round, (base_model, output), log, downlink)?;
+            }
+            Step::Record(effects) => self.run_effects(effects, None)?,
+            Step::SetRoundTimes { .. } => {
+                if let Err(e) = self.store.set_round_times(
+                    self.job_id.as_str(),
+                    round,
+                    Some(log.opened_unix_ms),
+                    Some(unix_ms()),
+                ) {
+                    tracing::warn!(round, error = %e, "recording the round's closing time");
+                }
+            }
+            other => tracing::error!(?other, "not a step before the publish; ignored"),
+        }
+        Ok(Ok(()))
     }
 
     /// Keep a declined offer, with the site's reason, in the round's record
