@@ -374,6 +374,13 @@ pub(crate) struct Engine {
     /// The final model's evaluation the sites were asked for, and the
     /// job's outcome, held back until it is done.
     requested: Option<(evaluation::RequestedEvaluation, JobOutcome)>,
+    /// The engine's event queue, lent by [`Self::with_inbox`] while an
+    /// event or a timeout is handled: a round's end takes the uploads
+    /// received whole that wait at its front ([`Self::take_queued_uploads`]).
+    inbox: Option<mpsc::Receiver<Event>>,
+    /// The event after them, taken from the queue to find where they end:
+    /// handled next, as if it had not been taken.
+    stashed: Option<Event>,
 }
 
 /// Rounds listed in `status.json`, at most: the newest. The whole history
@@ -412,6 +419,8 @@ impl Engine {
             facts,
             latest_evaluation,
             requested: None,
+            inbox: None,
+            stashed: None,
             job_id,
             runner: parts.runner,
             store: parts.store,
@@ -478,6 +487,74 @@ impl Engine {
     }
 
     /// Drain actions after construction (a resumed job may act at once).
+    /// Handle an event or a timeout (`handle`) with the engine's event
+    /// queue `rx` lent to it, then the event a round's end took from the
+    /// queue and did not handle, if any (see
+    /// [`Self::take_queued_uploads`]): events are handled in the order they
+    /// came.
+    pub(crate) fn with_inbox(
+        &mut self,
+        rx: &mut mpsc::Receiver<Event>,
+        handle: impl FnOnce(&mut Self) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let (_, stand_in) = mpsc::channel(1);
+        self.inbox = Some(std::mem::replace(rx, stand_in));
+        let mut result = handle(self);
+        while result.is_ok() {
+            let Some(event) = self.stashed.take() else {
+                break;
+            };
+            result = self.handle_event(Instant::now(), event);
+        }
+        if let Some(inbox) = self.inbox.take() {
+            *rx = inbox;
+        }
+        result
+    }
+
+    /// Before round `round`'s end closes the gate of one-pass folds: the
+    /// uploads received whole that already wait at the front of the
+    /// engine's queue (an upload whose fold finished just as the round
+    /// closed) are decided now, through [`Uploads`] like any other — the
+    /// round machine refuses them as late, and a one-pass fold is taken
+    /// out exactly (one decode of its spool) while the gate is still open.
+    /// Without this, such a fold is left uncounted and the round's end
+    /// folds every counted update again from the archive
+    /// ([`Self::exclude_withdrawn`], still the fallback for folds that
+    /// finish while the gate closes). The first other event stops the
+    /// sweep; it is kept and handled next ([`Self::with_inbox`]), so no
+    /// event overtakes another.
+    fn take_queued_uploads(&mut self, now: Instant, round: u64) -> Result<(), EngineError> {
+        if self.stashed.is_some() {
+            return Ok(());
+        }
+        let Some(inbox) = self.inbox.as_mut() else {
+            return Ok(());
+        };
+        let (ready, next) = take_front(inbox, |e| matches!(e, Event::UpdateReady(_)));
+        self.stashed = next;
+        let taken = ready.len();
+        if taken == 0 {
+            return Ok(());
+        }
+        for event in ready {
+            if let Event::UpdateReady(ready) = event {
+                self.update_ready(now, *ready)?;
+            }
+        }
+        tracing::info!(
+            round,
+            uploads = taken,
+            "uploads waiting in the engine's queue decided before the round's end"
+        );
+        // The round machine's answers to them (the round is closed): each
+        // refusal, its one-pass fold taken out, executed now.
+        while let Some(action) = self.runner.poll_action() {
+            self.execute(now, action)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn start(&mut self, now: Instant) -> Result<(), EngineError> {
         self.drain(now)?;
         self.write_status();
@@ -993,6 +1070,7 @@ impl Engine {
                 base_model,
                 updates,
             } => {
+                self.take_queued_uploads(now, round)?;
                 let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
@@ -1482,9 +1560,11 @@ impl Engine {
             |site| wire.site_allowed(site).err().map(|why| why.to_string()),
         );
         // The round's end closes the gate of one-pass folds; any left
-        // neither counted nor taken out (an upload folded just as the round
-        // ended, a refusal whose spool could not be read again) makes the
-        // round fold its counted updates again from the archive.
+        // neither counted nor taken out (an upload folded while the gate
+        // closed — those already queued were decided before,
+        // `take_queued_uploads` —, a refusal whose spool could not be read
+        // again) makes the round fold its counted updates again from the
+        // archive.
         let uncounted = tokio::task::block_in_place(|| agg.close_tentative());
         if exclusion.excluded.is_empty() && uncounted == 0 {
             return Ok(Ok(agg));
@@ -2067,6 +2147,23 @@ fn archive(
     Ok((payload_file, envelope_file))
 }
 
+/// The events at the front of `inbox` that `wanted` selects, in order, up
+/// to the first other event, which is returned too (taken from the queue:
+/// the caller handles it next); what follows it stays queued.
+fn take_front<T>(
+    inbox: &mut mpsc::Receiver<T>,
+    wanted: impl Fn(&T) -> bool,
+) -> (Vec<T>, Option<T>) {
+    let mut taken = Vec::new();
+    while let Ok(event) = inbox.try_recv() {
+        if !wanted(&event) {
+            return (taken, Some(event));
+        }
+        taken.push(event);
+    }
+    (taken, None)
+}
+
 /// A fatal engine error: the coordinator stops (and recovers on restart).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EngineError {
@@ -2171,6 +2268,26 @@ mod tests {
 
     /// The engine's fatal errors name the round and the step, and keep
     /// their cause as the error's source (for the log's chain).
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_round_end_takes_only_the_uploads_at_the_queues_front() {
+        // 1, 3: uploads received whole; 2: any other event. The sweep takes
+        // the uploads ahead of the first other event and that event (to be
+        // handled next); nothing behind it overtakes it.
+        let (tx, mut rx) = mpsc::channel(8);
+        for e in [1, 3, 2, 3, 1] {
+            tx.try_send(e).unwrap();
+        }
+        let upload = |e: &i32| e % 2 == 1;
+        assert_eq!(take_front(&mut rx, upload), (vec![1, 3], Some(2)));
+        assert_eq!(take_front(&mut rx, upload), (vec![3, 1], None));
+        assert_eq!(take_front(&mut rx, upload), (vec![], None));
+        tx.try_send(2).unwrap();
+        assert_eq!(take_front(&mut rx, upload), (vec![], Some(2)));
+        drop(tx);
+        assert_eq!(take_front(&mut rx, upload), (vec![], None));
+    }
+
     #[test]
     fn fatal_errors_name_round_step_and_cause() {
         use std::error::Error as _;
