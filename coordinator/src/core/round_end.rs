@@ -41,6 +41,7 @@ use fedlink_protocol::{EvalMetrics, ModelHash, RoundId, SiteId};
 use super::Effect;
 use super::actions::{self, DpApplied, JobFacts};
 use super::evaluation;
+use super::scaling::{FederatedScaling, Report};
 use crate::config::UpdateRetention;
 use crate::round_archive::RoundInput;
 
@@ -154,9 +155,14 @@ pub enum Step {
         /// The evaluation.
         evaluation: FederatedEvaluation,
     },
-    /// The round's server state and its sites' feature statistics become
-    /// the job's (the next rounds' offers carry the scaling).
-    NextState,
+    /// The round's server state and the feature scaling after its sites'
+    /// statistics become the job's (the next rounds' offers carry the
+    /// scaling; both are persisted with the round).
+    NextState {
+        /// The scaling after this round's reports
+        /// ([`FederatedScaling::with_round`]).
+        scaling: FederatedScaling,
+    },
     /// Remove these archived rounds (retention), oldest first.
     Prune {
         /// The rounds.
@@ -177,11 +183,13 @@ pub struct RoundEnd {
 /// the spool's fsync, `round.json`, `round.aggregated` with the outcome to
 /// the round's sites and the audit head, the round's times, the model
 /// published, the round's federated evaluation when it is due (on record
-/// before it is kept), the next state, the archive's pruning.
+/// before it is kept), the next state (the server state, and `scaling`
+/// after the round's feature statistics `stats`), the archive's pruning.
 pub fn plan(
     facts: &JobFacts,
     agg: Aggregated<'_>,
     eval: EvaluationFacts,
+    (scaling, stats): (&FederatedScaling, &[Report]),
     retention: &Retention,
 ) -> RoundEnd {
     let Aggregated {
@@ -232,7 +240,9 @@ pub fn plan(
         });
         steps.push(Step::RecordEvaluation { round, evaluation });
     }
-    steps.push(Step::NextState);
+    steps.push(Step::NextState {
+        scaling: scaling.with_round(stats),
+    });
     let rounds = pruned(round, retention);
     if !rounds.is_empty() {
         steps.push(Step::Prune { rounds });
@@ -342,6 +352,14 @@ mod tests {
         SiteId::new(s).unwrap()
     }
 
+    static NO_STATS: std::sync::LazyLock<FederatedScaling> =
+        std::sync::LazyLock::new(FederatedScaling::default);
+
+    /// No feature statistics so far, none this round.
+    fn no_scaling() -> (&'static FederatedScaling, &'static [Report]) {
+        (&NO_STATS, &[])
+    }
+
     fn metrics(n: u64, acc: f64) -> Option<EvalMetrics> {
         Some(EvalMetrics {
             num_eval_examples: n,
@@ -405,7 +423,7 @@ mod tests {
                 Step::SetRoundTimes { .. } => "round times".into(),
                 Step::Publish { .. } => "publish".into(),
                 Step::RecordEvaluation { .. } => "record evaluation".into(),
-                Step::NextState => "next state".into(),
+                Step::NextState { .. } => "next state".into(),
                 Step::Prune { rounds } => {
                     format!("prune {:?}", rounds.iter().map(|r| r.0).collect::<Vec<_>>())
                 }
@@ -416,7 +434,13 @@ mod tests {
     #[test]
     fn the_model_is_published_only_after_round_json_and_its_audit_entry() {
         let inputs = [input("a"), input("b")];
-        let end = plan(&facts(), agg(3, &inputs), no_eval(), &keep_job());
+        let end = plan(
+            &facts(),
+            agg(3, &inputs),
+            no_eval(),
+            no_scaling(),
+            &keep_job(),
+        );
         assert_eq!(
             names(&end.steps),
             [
@@ -464,7 +488,7 @@ mod tests {
             rounds: 5,
             reports: vec![(sid("b"), metrics(3, 0.5)), (sid("a"), metrics(1, 1.0))],
         };
-        let end = plan(&facts(), agg(3, &inputs), eval, &keep_job());
+        let end = plan(&facts(), agg(3, &inputs), eval, no_scaling(), &keep_job());
         let names = names(&end.steps);
         assert_eq!(
             names[5..],
@@ -514,6 +538,7 @@ mod tests {
             &facts(),
             agg(4, &inputs),
             eval(vec![(sid("a"), metrics(1, 1.0))]),
+            no_scaling(),
             &keep_job(),
         );
         assert!(!r4.steps.iter().any(|s| matches!(
@@ -525,6 +550,7 @@ mod tests {
             &facts(),
             agg(5, &inputs),
             eval(vec![(sid("a"), metrics(1, 1.0))]),
+            no_scaling(),
             &keep_job(),
         );
         assert!(
@@ -533,7 +559,13 @@ mod tests {
                 .any(|s| matches!(s, Step::RecordEvaluation { .. }))
         );
         // every_rounds = 0: never.
-        let never = plan(&facts(), agg(5, &inputs), no_eval(), &keep_job());
+        let never = plan(
+            &facts(),
+            agg(5, &inputs),
+            no_eval(),
+            no_scaling(),
+            &keep_job(),
+        );
         assert!(
             !never
                 .steps
@@ -558,7 +590,7 @@ mod tests {
                 (sid("c"), None),
             ],
         };
-        let end = plan(&facts(), agg(2, &inputs), eval, &keep_job());
+        let end = plan(&facts(), agg(2, &inputs), eval, no_scaling(), &keep_job());
         let Some(Step::RecordEvaluation { evaluation, .. }) = end
             .steps
             .iter()
@@ -581,7 +613,13 @@ mod tests {
     #[test]
     fn the_metrics_map_names_what_the_round_applied() {
         let inputs = [input("a"), input("b")];
-        let plain = plan(&facts(), agg(1, &inputs), no_eval(), &keep_job());
+        let plain = plan(
+            &facts(),
+            agg(1, &inputs),
+            no_eval(),
+            no_scaling(),
+            &keep_job(),
+        );
         assert_eq!(
             plain.metrics,
             BTreeMap::from([
@@ -599,7 +637,7 @@ mod tests {
             noise_std: 0.25,
             privacy: Some((2.0, 1e-5)),
         };
-        let dp = plan(&facts(), dp, no_eval(), &keep_job());
+        let dp = plan(&facts(), dp, no_eval(), no_scaling(), &keep_job());
         assert_eq!(
             dp.metrics,
             BTreeMap::from([
@@ -615,7 +653,7 @@ mod tests {
         // A clip norm without noise: no `noise_std` entry.
         let mut clip = agg(1, &inputs);
         clip.numbers.clip_norm = Some(1.0);
-        let clip = plan(&facts(), clip, no_eval(), &keep_job());
+        let clip = plan(&facts(), clip, no_eval(), no_scaling(), &keep_job());
         assert!(clip.metrics.contains_key("clip_norm") && !clip.metrics.contains_key("noise_std"));
     }
 
@@ -641,15 +679,49 @@ mod tests {
         assert!(pruned(RoundId(5), &job).is_empty());
         // The plan ends with the prune, after the next state.
         let inputs = [input("a")];
-        let end = plan(&facts(), agg(5, &inputs), no_eval(), &keep(2));
+        let end = plan(&facts(), agg(5, &inputs), no_eval(), no_scaling(), &keep(2));
         assert_eq!(
             names(&end.steps)[5..],
             ["publish", "next state", "prune [1, 2, 3]"]
         );
-        let none = plan(&facts(), agg(5, &inputs), no_eval(), &keep(9));
+        let none = plan(&facts(), agg(5, &inputs), no_eval(), no_scaling(), &keep(9));
         assert_eq!(
             names(&none.steps).last().map(String::as_str),
             Some("next state")
         );
+    }
+
+    #[test]
+    fn the_next_state_carries_the_scaling_after_the_rounds_statistics() {
+        let stats = fedlink_protocol::FeatureStats {
+            features: vec!["x".into()],
+            count: 2,
+            sum: vec![4.0],
+            sum_sq: vec![10.0],
+        };
+        let reports = [Report {
+            site: sid("a"),
+            num_examples: 2,
+            stats,
+        }];
+        let before = FederatedScaling::default();
+        let inputs = [input("a")];
+        let end = plan(
+            &facts(),
+            agg(1, &inputs),
+            no_eval(),
+            (&before, &reports),
+            &keep_job(),
+        );
+        let Some(Step::NextState { scaling }) = end
+            .steps
+            .iter()
+            .find(|s| matches!(s, Step::NextState { .. }))
+        else {
+            panic!("no next state");
+        };
+        assert_eq!(*scaling, before.with_round(&reports));
+        assert_eq!(scaling.sites().collect::<Vec<_>>(), ["a"]);
+        assert!(scaling.scaling().is_some() && before.scaling().is_none());
     }
 }

@@ -1700,6 +1700,7 @@ impl CoreSim {
                         rounds,
                         reports: Vec::new(),
                     },
+                    (&super::scaling::FederatedScaling::default(), &[]),
                     &round_end::Retention {
                         keep: crate::config::UpdateRetention::Job,
                         archived: Vec::new(),
@@ -1807,7 +1808,7 @@ impl CoreSim {
             other @ (Step::SyncSpool
             | Step::SetRoundTimes { .. }
             | Step::RecordEvaluation { .. }
-            | Step::NextState
+            | Step::NextState { .. }
             | Step::Prune { .. }) => self.note(&format!("{other:?}")),
         }
         Ok(())

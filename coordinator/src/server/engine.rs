@@ -1708,6 +1708,10 @@ impl Engine {
                     .remove(&RoundId(round))
                     .unwrap_or_default(),
             },
+            (
+                &self.scaling,
+                &self.round_stats.remove(&RoundId(round)).unwrap_or_default(),
+            ),
             &Retention {
                 keep: self.retention,
                 archived: self.archived_rounds(),
@@ -1817,12 +1821,7 @@ impl Engine {
                         tracing::warn!(round, error = %e, "recording the federated evaluation");
                     }
                 }
-                Step::NextState => {
-                    // The sites' feature statistics of this round update the
-                    // scaling that the next rounds' offers carry (persisted
-                    // with the round).
-                    let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
-                    let scaling = self.scaling.with_round(&reports);
+                Step::NextState { scaling } => {
                     if scaling.scaling() != self.scaling.scaling()
                         && let Some(s) = scaling.scaling()
                     {
