@@ -160,7 +160,7 @@ pub enum Step {
     /// scaling; both are persisted with the round).
     NextState {
         /// The scaling after this round's reports
-        /// ([`FederatedScaling::with_round`]).
+        /// (`FederatedScaling::with_round`).
         scaling: FederatedScaling,
     },
     /// Remove these archived rounds (retention), oldest first.
