@@ -486,7 +486,6 @@ impl Engine {
         self.keys = keys;
     }
 
-    /// Drain actions after construction (a resumed job may act at once).
     /// Handle an event or a timeout (`handle`) with the engine's event
     /// queue `rx` lent to it, then the event a round's end took from the
     /// queue and did not handle, if any (see
@@ -555,6 +554,7 @@ impl Engine {
         Ok(())
     }
 
+    /// Drain actions after construction (a resumed job may act at once).
     pub(crate) fn start(&mut self, now: Instant) -> Result<(), EngineError> {
         self.drain(now)?;
         self.write_status();
