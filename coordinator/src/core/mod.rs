@@ -77,9 +77,12 @@
 //! opening (`state-before.json`, its noise seed; its `round.opened` is
 //! [`actions::round_opened`]), the accumulator's lifecycle (open, fold on
 //! ack, aggregate; the exclusion of withdrawn sites' updates is decided by
-//! [`actions::exclude_withdrawn`]) and the round archive's files stay in
-//! the driver's engine (`server::engine`), which executes
-//! [`round_end::plan`]'s steps in order. The audit entries of
+//! [`actions::exclude_withdrawn`]; the sweep of the uploads still queued
+//! for the engine when a round ends, whose one-pass folds are taken out
+//! before the gate closes, is the driver's: it owns the event queue) and
+//! the round archive's files stay in the driver's engine
+//! (`server::engine`), which executes [`round_end::plan`]'s steps in
+//! order. The audit entries of
 //! interrupted uploads (through [`uploads::interrupted`]), declined offers
 //! and evaluation reports are [`actions`]' ([`actions::upload_interrupted`],
 //! [`actions::offer_declined`], [`actions::eval_reported`]).
