@@ -49,6 +49,7 @@ fn seeded_runs_keep_every_invariant() {
         total.new_key_accepts += s.new_key_accepts;
         total.approved_joined += s.approved_joined;
         total.retractions += s.retractions;
+        total.round_end_crashes += s.round_end_crashes;
     }
     eprintln!("{SEEDS} seeds × {STEPS} steps: {total:?}");
     // The seeds exercise every fault, not only the happy path.
@@ -91,6 +92,14 @@ fn seeded_runs_keep_every_invariant() {
     ] {
         assert!(n >= SEEDS / 20, "only {n} {what} in {SEEDS} seeds");
     }
+    // Rarer: a crash between two of a round end's steps (the restart
+    // re-opens the round; no model is published or recovered without its
+    // file, `round.json` and `round.aggregated`).
+    assert!(
+        total.round_end_crashes >= SEEDS / 100,
+        "only {} crashes in a round's end in {SEEDS} seeds",
+        total.round_end_crashes
+    );
     // Rarer: a site revoked between its acknowledgement and the round's
     // aggregation (its update taken out, `update.excluded`).
     assert!(

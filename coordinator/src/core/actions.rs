@@ -11,7 +11,7 @@
 //! | `CancelTask` | [`cancel_task`]: the `Cancel` |
 //! | `Disconnect` | [`close_reason`] of the close the site table emits |
 //! | `AckUpdate` | after the driver's fold and archive, [`accept_upload`]: `update.received` (accepted), the round's record, the acknowledgement; [`fold_failed`] if the fold failed |
-//! | `Aggregate` | after the driver's aggregation and `round.json`, [`round_aggregated`]: `round.aggregated`, the new model's hash and the audit head to the sites whose updates made it |
+//! | `Aggregate` | after the driver's aggregation, [`round_end::plan`](super::round_end::plan)'s steps; among them, after `round.json`, [`round_aggregated`]: `round.aggregated`, the new model's hash and the audit head to the sites whose updates made it |
 //! | `RejectUpdate` | [`reject_pending`]: `update.received` (refused), the round's record, the spool dropped, the site answered |
 //! | (before `Aggregate`'s aggregation) | [`exclude_withdrawn`]: the accepted updates of sites no longer allowed taken out, each `update.excluded`; too few left fail the round |
 //! | (not the round machine's) | [`upload_interrupted`]: `update.interrupted`; [`offer_declined`]: `offer.declined`; [`eval_reported`]: `eval.accepted` / `eval.rejected` |

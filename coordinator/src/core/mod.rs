@@ -57,6 +57,11 @@
 //! and whether a restarted coordinator serves the last round's update
 //! again.
 //!
+//! [`round_end`] orders an aggregated round's end (the model stored, the
+//! spool's fsync, `round.json`, `round.aggregated`, the round's times, the
+//! publish, a due federated evaluation — on record before it is kept —,
+//! the next state, retention's pruning) and computes the round's metrics.
+//!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
 //! cancels, closes, accepted and refused uploads (`update.received`, the
@@ -76,9 +81,12 @@
 //! opening (`state-before.json`, its noise seed; its `round.opened` is
 //! [`actions::round_opened`]), the accumulator's lifecycle (open, fold on
 //! ack, aggregate; the exclusion of withdrawn sites' updates is decided by
-//! [`actions::exclude_withdrawn`]), the round archive's files and the
-//! per-round federated evaluation (`round.evaluated`) are still decided in
-//! the driver's engine (`server::engine`). The audit entries of
+//! [`actions::exclude_withdrawn`]; the sweep of the uploads still queued
+//! for the engine when a round ends, whose one-pass folds are taken out
+//! before the gate closes, is the driver's: it owns the event queue) and
+//! the round archive's files stay in the driver's engine
+//! (`server::engine`), which executes [`round_end::plan`]'s steps in
+//! order. The audit entries of
 //! interrupted uploads (through [`uploads::interrupted`]), declined offers
 //! and evaluation reports are [`actions`]' ([`actions::upload_interrupted`],
 //! [`actions::offer_declined`], [`actions::eval_reported`]).
@@ -114,6 +122,7 @@ pub mod jobs;
 pub mod queue;
 pub mod recovery;
 pub mod resume;
+pub mod round_end;
 pub mod scaling;
 pub mod served;
 pub mod sim;
@@ -326,6 +335,7 @@ mod purity {
         ("jobs.rs", include_str!("jobs.rs")),
         ("intake.rs", include_str!("intake.rs")),
         ("resume.rs", include_str!("resume.rs")),
+        ("round_end.rs", include_str!("round_end.rs")),
         ("admin.rs", include_str!("admin.rs")),
         ("evaluation.rs", include_str!("evaluation.rs")),
         ("sim.rs", include_str!("sim.rs")),

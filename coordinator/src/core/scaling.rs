@@ -26,13 +26,13 @@ pub struct PersistedState {
 /// One site's report of a round, as the engine collected it from an
 /// accepted update.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Report {
+pub struct Report {
     /// The site.
-    pub(crate) site: fedlink_protocol::SiteId,
+    pub site: fedlink_protocol::SiteId,
     /// Training examples of the update (its aggregation weight).
-    pub(crate) num_examples: u64,
+    pub num_examples: u64,
     /// The signed statistics (already checked by `verify_update`).
-    pub(crate) stats: FeatureStats,
+    pub stats: FeatureStats,
 }
 
 /// The latest statistics per site and the scaling pooled from them.

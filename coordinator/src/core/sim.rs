@@ -53,6 +53,12 @@
 //!   accepted), an upload refused there is on record once
 //!   ([`super::actions::refuse_upload`]) and never aggregated; an
 //!   approved site is offered the next round it is connected for;
+//! - a round's end is executed as [`super::round_end::plan`] orders it
+//!   (a crash armed for the next action, and one in five round ends
+//!   other than a job's last, crash between two of its steps at a seeded
+//!   point; the restart re-opens the round): a model is published only
+//!   once it is stored and its `round.json` and `round.aggregated` name
+//!   it, and the model a restart recovers as the job's has all three;
 //! - a site command's saves and reload follow its audit entry, a refused
 //!   command changes nothing, and after a crash `sites.toml` and
 //!   `revoked.toml` are what the last executed saves wrote (the restart
@@ -84,12 +90,20 @@ use super::actions::{
 use super::admin::{
     Registry, SiteCert, SiteCommand, StoredJob, Target, job_command, site_command, update_keys,
 };
+use super::round_end;
 use super::uploads::{self, Arrival, Fold, PassOne, Refused, Uploads};
 use super::{Effect, Held, Sites, queue};
 use crate::round::{
     Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, RoundConfig,
     SiteCapabilities, Snapshot, UpdateReceived, Verdict,
 };
+
+/// SplitMix64's output function: the sim's draws.
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 /// The terms of the simulated jobs' offers (training, encoding, privacy):
 /// the offers the core builds from them are what the virtual sites get.
@@ -171,6 +185,9 @@ pub struct Stats {
     /// Refused uploads whose one-pass fold was taken out
     /// ([`Effect::RetractFold`]).
     pub retractions: u64,
+    /// Crashes between two of a round end's steps
+    /// ([`super::round_end::plan`]).
+    pub round_end_crashes: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -384,6 +401,13 @@ pub struct CoreSim {
     /// The running job's open round (the driver's round record), from its
     /// `RoundStarted` checkpoint to its aggregation.
     open_round: Option<u64>,
+    /// What a round's end left on disk (it survives a crash): the models
+    /// stored, each round's `round.json` (job, round) → the model it
+    /// names, and each `round.aggregated` entry on record (job, round) →
+    /// its output model.
+    models_stored: BTreeSet<ModelHash>,
+    round_files: BTreeMap<(String, u64), ModelHash>,
+    aggregated_on_record: BTreeMap<(String, u64), String>,
     /// The rounds on record as opened (`round.opened`) since the last
     /// restart: (job, round).
     rounds_opened: BTreeSet<(String, u64)>,
@@ -437,6 +461,9 @@ impl CoreSim {
             durable: BTreeMap::new(),
             acked: BTreeSet::new(),
             crash_in: None,
+            models_stored: BTreeSet::new(),
+            round_files: BTreeMap::new(),
+            aggregated_on_record: BTreeMap::new(),
             offer_job: crate::job::Job::from_toml(OFFER_JOB).ok(),
             uploads: BTreeMap::new(),
             refused_payloads: BTreeSet::new(),
@@ -562,10 +589,7 @@ impl CoreSim {
 
     fn next(&mut self) -> u64 {
         self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        splitmix(self.rng)
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -1649,16 +1673,61 @@ impl CoreSim {
                 }
                 let model = ModelHash(*h.finalize().as_bytes());
                 self.stats.rounds_aggregated += 1;
-                // On record, then the sites whose updates made it are told.
-                let effects = actions::round_aggregated(
+                // The round's end as the core orders it; a crash armed to
+                // happen before the next action happens between two of its
+                // steps instead (seeded), and the restart re-opens the
+                // round.
+                let rounds = self.jobs[self.running.as_ref().map_or(0, |r| r.job)]
+                    .cfg
+                    .rounds;
+                let end = round_end::plan(
                     &facts,
-                    round,
-                    (base_model, model),
-                    serde_json::Value::Null,
-                    None,
-                    &inputs,
+                    round_end::Aggregated {
+                        round: RoundId(round),
+                        base_model,
+                        output_model: model,
+                        strategy: serde_json::Value::Null,
+                        dp: None,
+                        inputs: &inputs,
+                        numbers: round_end::RoundNumbers {
+                            num_updates: inputs.len(),
+                            total_examples: inputs.iter().map(|i| u128::from(i.num_examples)).sum(),
+                            ..Default::default()
+                        },
+                    },
+                    round_end::EvaluationFacts {
+                        every_rounds: 0,
+                        rounds,
+                        reports: Vec::new(),
+                    },
+                    (&super::scaling::FederatedScaling::default(), &[]),
+                    &round_end::Retention {
+                        keep: crate::config::UpdateRetention::Job,
+                        archived: Vec::new(),
+                    },
                 );
-                self.run_effects(&job, effects)?;
+                // Besides an armed crash, one round end in five crashes
+                // (drawn from the round's own seed, so the rest of the run
+                // draws as before); not a job's last round's, so that as
+                // many jobs complete (and ask for their final evaluation)
+                // as before.
+                let own = splitmix(
+                    self.seed ^ round.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ self.step as u64,
+                );
+                let crash_at = if self.crash_in == Some(0) {
+                    Some(self.below(end.steps.len() as u64 + 1) as usize)
+                } else {
+                    (round < rounds && own.is_multiple_of(5))
+                        .then_some(((own >> 8) % end.steps.len() as u64) as usize)
+                };
+                for (k, step) in end.steps.into_iter().enumerate() {
+                    if crash_at == Some(k) {
+                        self.stats.round_end_crashes += 1;
+                        self.note(&format!("crash in r{round}'s end before step {k}"));
+                        return self.crash();
+                    }
+                    self.round_end_step(&job, round, model, step)?;
+                }
                 if let Some(r) = self.running.as_mut() {
                     r.runner.handle(
                         now,
@@ -1689,6 +1758,58 @@ impl CoreSim {
             other @ (Action::SendModel { .. } | Action::Evaluate { .. }) => {
                 self.note(&format!("{other:?}"))
             }
+        }
+        Ok(())
+    }
+
+    /// One step of a round's end, as the driver executes it: the model
+    /// stored, `round.json` written, `round.aggregated` and its messages;
+    /// at the publish, both must be there for the model, and the model
+    /// stored.
+    fn round_end_step(
+        &mut self,
+        job: &str,
+        round: u64,
+        model: ModelHash,
+        step: round_end::Step,
+    ) -> Result<(), Violation> {
+        use round_end::Step;
+        match step {
+            Step::StoreModel { model } => {
+                self.note("store model");
+                self.models_stored.insert(model);
+            }
+            Step::WriteRoundFile { round } => {
+                self.note(&format!("round.json r{}", round.0));
+                self.round_files.insert((job.to_owned(), round.0), model);
+            }
+            Step::Record(effects) => {
+                self.run_effects(job, effects)?;
+            }
+            Step::Publish { model: published } => {
+                self.note(&format!("publish r{round}"));
+                let key = (job.to_owned(), round);
+                if published != model
+                    || self.round_files.get(&key) != Some(&model)
+                    || self.aggregated_on_record.get(&key) != Some(&model.to_hex())
+                    || !self.models_stored.contains(&model)
+                {
+                    return Err(self.violation(format!(
+                        "{job}: round {round}'s model published without its stored file, round.json \
+                         and round.aggregated (round.json {:?}, on record {:?})",
+                        self.round_files.get(&key),
+                        self.aggregated_on_record.get(&key)
+                    )));
+                }
+            }
+            Step::AuditEvaluation { effects, .. } => {
+                self.run_effects(job, effects)?;
+            }
+            other @ (Step::SyncSpool
+            | Step::SetRoundTimes { .. }
+            | Step::RecordEvaluation { .. }
+            | Step::NextState { .. }
+            | Step::Prune { .. }) => self.note(&format!("{other:?}")),
         }
         Ok(())
     }
@@ -1981,6 +2102,13 @@ impl CoreSim {
             return Err(self.violation(format!("{kind} of {job} names job {}", details["job"])));
         }
         self.note(&format!("audit {kind}"));
+        if kind == fedlink_audit::EventKind::RoundAggregated
+            && let (Some(round), Some(model)) =
+                (details["round"].as_u64(), details["output_model"].as_str())
+        {
+            self.aggregated_on_record
+                .insert((job.to_owned(), round), model.to_owned());
+        }
         if kind == fedlink_audit::EventKind::OfferSent {
             match (details["site"].as_str(), details["round"].as_u64()) {
                 (Some(site), Some(round)) => {
@@ -2145,6 +2273,20 @@ impl CoreSim {
         // The round in flight is re-opened: its acknowledged updates are
         // discarded (audited as round.discarded) and requested again.
         let snapshot = self.snapshot(r.job);
+        // The model the restart takes as the job's (its last completed
+        // round's) was published: its file, round.json and round.aggregated
+        // are there.
+        let key = (job.clone(), snapshot.completed_rounds);
+        if snapshot.completed_rounds > 0
+            && (!self.models_stored.contains(&snapshot.model)
+                || self.round_files.get(&key) != Some(&snapshot.model)
+                || self.aggregated_on_record.get(&key) != Some(&snapshot.model.to_hex()))
+        {
+            return Err(self.violation(format!(
+                "{job}: the restart recovers round {}'s model without its file, round.json or round.aggregated",
+                snapshot.completed_rounds
+            )));
+        }
         let completed = snapshot.completed_rounds;
         self.acked
             .retain(|(j, round, _)| *j != job || *round <= completed);

@@ -458,6 +458,12 @@ mod tests {
     /// A running job whose round 1 is open with `sites` selected, each of
     /// which must report (quorum: all).
     fn runner(sites: &[&str]) -> (JobRunner, Instant) {
+        runner_with_quorum(sites, sites.len() as u32)
+    }
+
+    /// A round of `sites`, all selected, that may close at its deadline
+    /// with `quorum` of them.
+    fn runner_with_quorum(sites: &[&str], quorum: u32) -> (JobRunner, Instant) {
         let now = Instant::now();
         let cfg = RoundConfig {
             rounds: 2,
@@ -466,7 +472,7 @@ mod tests {
             min_sites: sites.len() as u32,
             gather: Duration::ZERO,
             max_sites: 4,
-            quorum: sites.len() as u32,
+            quorum,
             deadline: Duration::from_secs(60),
             extension: Duration::ZERO,
             max_attempts: 1,
@@ -723,6 +729,41 @@ mod tests {
         };
         assert_eq!(
             refusal(&r, false),
+            (RejectCode::TooLate, "the round is closed".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_one_pass_upload_still_queued_when_the_deadline_closes_the_round_is_taken_out() {
+        // The driver's sweep before a round's end (`server::engine`'s
+        // `take_queued_uploads`): b's upload was folded in one pass and
+        // waits in the engine's queue while the deadline closes the round
+        // with a's update. Decided now, before the aggregation closes the
+        // gate of one-pass folds, it is refused as late and its fold is
+        // taken out exactly (no refold of the round).
+        let (mut runner, now) = runner_with_quorum(&["a", "b"], 1);
+        let mut uploads = Uploads::new();
+        let up = arrive_valid(&mut uploads, "a", 1, 1, true, 1);
+        assert!(matches!(
+            decide(&mut runner, now, &mut uploads, up.input),
+            Decided::Acked(_)
+        ));
+        let deadline = runner.poll_timeout().expect("the round's deadline");
+        runner.handle(deadline, Input::Timeout);
+        let mut aggregating = Vec::new();
+        while let Some(action) = runner.poll_action() {
+            if let Action::Aggregate { round, updates, .. } = action {
+                aggregating.push((round, updates.len()));
+            }
+        }
+        assert_eq!(aggregating, [(1, 1)], "the deadline closes round 1 with a");
+        let queued = arrive_valid(&mut uploads, "b", 1, 2, true, 2);
+        let Decided::Refused(r) = decide(&mut runner, deadline, &mut uploads, queued.input) else {
+            panic!("counted after the round closed");
+        };
+        assert_eq!(r.upload, 2);
+        assert_eq!(
+            refusal(&r, true),
             (RejectCode::TooLate, "the round is closed".to_owned())
         );
     }

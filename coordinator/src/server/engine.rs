@@ -34,6 +34,7 @@ use crate::core::actions::{
 };
 use crate::core::intake::{self, reason_text};
 use crate::core::resume::Partials;
+use crate::core::round_end::{self, Aggregated, EvaluationFacts, Retention, RoundNumbers, Step};
 use crate::core::scaling::{FederatedScaling, PersistedState, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
@@ -373,6 +374,13 @@ pub(crate) struct Engine {
     /// The final model's evaluation the sites were asked for, and the
     /// job's outcome, held back until it is done.
     requested: Option<(evaluation::RequestedEvaluation, JobOutcome)>,
+    /// The engine's event queue, lent by [`Self::with_inbox`] while an
+    /// event or a timeout is handled: a round's end takes the uploads
+    /// received whole that wait at its front ([`Self::take_queued_uploads`]).
+    inbox: Option<mpsc::Receiver<Event>>,
+    /// The event after them, taken from the queue to find where they end:
+    /// handled next, as if it had not been taken.
+    stashed: Option<Event>,
 }
 
 /// Rounds listed in `status.json`, at most: the newest. The whole history
@@ -411,6 +419,8 @@ impl Engine {
             facts,
             latest_evaluation,
             requested: None,
+            inbox: None,
+            stashed: None,
             job_id,
             runner: parts.runner,
             store: parts.store,
@@ -474,6 +484,74 @@ impl Engine {
     /// Replace the update keys (manifest reloaded).
     pub(crate) fn set_keys(&mut self, keys: BTreeMap<SiteId, VerifyingKey>) {
         self.keys = keys;
+    }
+
+    /// Handle an event or a timeout (`handle`) with the engine's event
+    /// queue `rx` lent to it, then the event a round's end took from the
+    /// queue and did not handle, if any (see
+    /// [`Self::take_queued_uploads`]): events are handled in the order they
+    /// came.
+    pub(crate) fn with_inbox(
+        &mut self,
+        rx: &mut mpsc::Receiver<Event>,
+        handle: impl FnOnce(&mut Self) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let (_, stand_in) = mpsc::channel(1);
+        self.inbox = Some(std::mem::replace(rx, stand_in));
+        let mut result = handle(self);
+        while result.is_ok() {
+            let Some(event) = self.stashed.take() else {
+                break;
+            };
+            result = self.handle_event(Instant::now(), event);
+        }
+        if let Some(inbox) = self.inbox.take() {
+            *rx = inbox;
+        }
+        result
+    }
+
+    /// Before round `round`'s end closes the gate of one-pass folds: the
+    /// uploads received whole that already wait at the front of the
+    /// engine's queue (an upload whose fold finished just as the round
+    /// closed) are decided now, through [`Uploads`] like any other — the
+    /// round machine refuses them as late, and a one-pass fold is taken
+    /// out exactly (one decode of its spool) while the gate is still open.
+    /// Without this, such a fold is left uncounted and the round's end
+    /// folds every counted update again from the archive
+    /// ([`Self::exclude_withdrawn`], still the fallback for folds that
+    /// finish while the gate closes). The first other event stops the
+    /// sweep; it is kept and handled next ([`Self::with_inbox`]), so no
+    /// event overtakes another.
+    fn take_queued_uploads(&mut self, now: Instant, round: u64) -> Result<(), EngineError> {
+        if self.stashed.is_some() {
+            return Ok(());
+        }
+        let Some(inbox) = self.inbox.as_mut() else {
+            return Ok(());
+        };
+        let (ready, next) = take_front(inbox, |e| matches!(e, Event::UpdateReady(_)));
+        self.stashed = next;
+        let taken = ready.len();
+        if taken == 0 {
+            return Ok(());
+        }
+        for event in ready {
+            if let Event::UpdateReady(ready) = event {
+                self.update_ready(now, *ready)?;
+            }
+        }
+        tracing::info!(
+            round,
+            uploads = taken,
+            "uploads waiting in the engine's queue decided before the round's end"
+        );
+        // The round machine's answers to them (the round is closed): each
+        // refusal, its one-pass fold taken out, executed now.
+        while let Some(action) = self.runner.poll_action() {
+            self.execute(now, action)?;
+        }
+        Ok(())
     }
 
     /// Drain actions after construction (a resumed job may act at once).
@@ -992,6 +1070,7 @@ impl Engine {
                 base_model,
                 updates,
             } => {
+                self.take_queued_uploads(now, round)?;
                 let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
@@ -1481,9 +1560,11 @@ impl Engine {
             |site| wire.site_allowed(site).err().map(|why| why.to_string()),
         );
         // The round's end closes the gate of one-pass folds; any left
-        // neither counted nor taken out (an upload folded just as the round
-        // ended, a refusal whose spool could not be read again) makes the
-        // round fold its counted updates again from the archive.
+        // neither counted nor taken out (an upload folded while the gate
+        // closed — those already queued were decided before,
+        // `take_queued_uploads` —, a refusal whose spool could not be read
+        // again) makes the round fold its counted updates again from the
+        // archive.
         let uncounted = tokio::task::block_in_place(|| agg.close_tentative());
         if exclusion.excluded.is_empty() && uncounted == 0 {
             return Ok(Ok(agg));
@@ -1537,81 +1618,6 @@ impl Engine {
         Ok(rebuilt.map_err(AggregationFailure::Refold))
     }
 
-    /// Store the round's new model (given with its hash), then its replay
-    /// record (`round.json`) and its audit entry (`round.aggregated`): none
-    /// may be missing for a published model. Returns the model's hash. The
-    /// outer error is fatal.
-    fn record_aggregated(
-        &mut self,
-        round: u64,
-        base_model: ModelHash,
-        (next, next_hash): (&FlatModel, ModelHash),
-        dp: Option<actions::DpApplied>,
-        log: &RoundLog,
-        downlink: Option<Encoding>,
-    ) -> Result<Result<ModelHash, AggregationFailure>, EngineError> {
-        let max_sites = self.job.max_sites() as usize;
-        let hash = match self.store.put_model_hashed(next, next_hash) {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        // Before the model is published: the replay record, then the audit
-        // entry. Neither may be missing for a published model.
-        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
-            round,
-            what,
-            source: e,
-        };
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
-        fedlink_certs::private::create_dir_all(&dir)
-            .map_err(|e| fatal("archive directory", e.into()))?;
-        let file = RoundFile {
-            format: round_archive::ROUND_FORMAT,
-            job: self.job_id.as_str().to_owned(),
-            round,
-            base_model: base_model.to_hex(),
-            output_model: hash.to_hex(),
-            strategy: self.strategy.clone(),
-            max_sites,
-            state_before: round_archive::STATE_BEFORE_FILE.into(),
-            state_before_blake3: log.state_before_blake3.clone(),
-            dp_seed: hex::encode(log.seed),
-            inputs: log.inputs.clone(),
-            downlink,
-        };
-        let mut json =
-            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
-        json.push(b'\n');
-        // The group commit of the archived updates (see `archive`): the
-        // spool directory they left, here; the round directory they entered
-        // by `round.json`'s own directory fsync below, before the round is
-        // audited or completed.
-        fedlink_durable::sync_dir(&self.store.dir().join("spool"))
-            .map_err(|e| fatal("archiving the round's updates", e.into()))?;
-        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
-            .map_err(|e| fatal("writing round.json", e.into()))?;
-        let strategy =
-            serde_json::to_value(&self.strategy).map_err(|e| fatal("strategy", e.into()))?;
-        let effects = actions::round_aggregated(
-            &self.facts,
-            round,
-            (base_model, hash),
-            strategy,
-            dp,
-            &log.inputs,
-        );
-        self.run_effects(effects, None)?;
-        if let Err(e) = self.store.set_round_times(
-            self.job_id.as_str(),
-            round,
-            Some(log.opened_unix_ms),
-            Some(unix_ms()),
-        ) {
-            tracing::warn!(round, error = %e, "recording the round's closing time");
-        }
-        Ok(Ok(hash))
-    }
-
     #[allow(clippy::type_complexity)]
     fn aggregate_inner(
         &mut self,
@@ -1661,19 +1667,61 @@ impl Engine {
         };
         drop(outcome.update);
         let updated = Instant::now();
-        let dp = self.strategy.dp.as_ref().map(|_| actions::DpApplied {
-            noise_std: outcome.noise_std,
-            clip_norm: outcome.clip_norm,
-            privacy: outcome.privacy,
-        });
-        // The model's wire form (lossless, for sites without the previous
-        // model) is encoded on a second thread while this one stores the
-        // model and writes its replay record and audit entry; it is
-        // published only after both.
         let next_hash = match &update_wire {
             Some(u) => u.wire.hash,
             None => next.hash(),
         };
+        // What happens now, in which order, is the core's decision.
+        let strategy =
+            serde_json::to_value(&self.strategy).map_err(|e| EngineError::RoundRecord {
+                round,
+                what: "strategy",
+                source: e.into(),
+            })?;
+        let end = round_end::plan(
+            &self.facts,
+            Aggregated {
+                round: RoundId(round),
+                base_model,
+                output_model: next_hash,
+                strategy,
+                dp: self.strategy.dp.as_ref().map(|_| actions::DpApplied {
+                    noise_std: outcome.noise_std,
+                    clip_norm: outcome.clip_norm,
+                    privacy: outcome.privacy,
+                }),
+                inputs: &log.inputs,
+                numbers: RoundNumbers {
+                    num_updates: outcome.num_updates,
+                    total_examples: outcome.total_examples,
+                    num_clipped: outcome.num_clipped,
+                    clip_norm: outcome.clip_norm,
+                    noise_std: outcome.noise_std,
+                    privacy: outcome.privacy,
+                },
+            },
+            EvaluationFacts {
+                every_rounds: self.job.evaluation.every_rounds,
+                rounds: u64::from(self.job.rounds),
+                reports: self
+                    .round_metrics
+                    .remove(&RoundId(round))
+                    .unwrap_or_default(),
+            },
+            (
+                &self.scaling,
+                &self.round_stats.remove(&RoundId(round)).unwrap_or_default(),
+            ),
+            &Retention {
+                keep: self.retention,
+                archived: self.archived_rounds(),
+            },
+        );
+        let mut steps = end.steps.into_iter();
+        // The model's wire form (lossless, for sites without the previous
+        // model) is encoded on a second thread while this one executes the
+        // steps before the publish (the model stored, `round.json`, its
+        // audit entry); it is published only after them.
         let models_dir = self.models_dir.clone();
         let (recorded, wire, wire_ms) = std::thread::scope(|s| {
             let wire = s.spawn(|| {
@@ -1684,8 +1732,17 @@ impl Engine {
                 )
             });
             let t = Instant::now();
-            let recorded =
-                self.record_aggregated(round, base_model, (&next, next_hash), dp, log, downlink);
+            let mut recorded = Ok(Ok(()));
+            for step in steps.by_ref() {
+                if matches!(step, Step::Publish { .. }) {
+                    break;
+                }
+                recorded =
+                    self.record_step(round, step, (base_model, next_hash, &next), log, downlink);
+                if !matches!(recorded, Ok(Ok(()))) {
+                    break;
+                }
+            }
             let record_ms = t.elapsed();
             let (wire, wire_ms) = wire
                 .join()
@@ -1694,10 +1751,10 @@ impl Engine {
         });
         let (wire_ms, record_ms) = wire_ms;
         let recorded_at = Instant::now();
-        let hash = match recorded? {
-            Ok(h) => h,
-            Err(e) => return Ok(Err(e)),
-        };
+        if let Err(e) = recorded? {
+            return Ok(Err(e));
+        }
+        let hash = next_hash;
         // Publish the wire form before the round machine hears of the new
         // model: its next offers name it, and sites fetch it at once.
         let wire = match wire {
@@ -1727,124 +1784,192 @@ impl Engine {
             "round's model published"
         );
         self.global_hash = hash;
-        let mut metrics = BTreeMap::new();
-        metrics.insert("num_updates".into(), outcome.num_updates as f64);
-        metrics.insert("total_examples".into(), outcome.total_examples as f64);
-        metrics.insert("num_clipped".into(), outcome.num_clipped as f64);
-        if let Some(c) = outcome.clip_norm {
-            metrics.insert("clip_norm".into(), c);
-        }
-        if outcome.noise_std > 0.0 {
-            metrics.insert("noise_std".into(), outcome.noise_std);
-        }
-        if let Some((eps, delta)) = outcome.privacy {
-            metrics.insert("dp_epsilon".into(), eps);
-            metrics.insert("dp_delta".into(), delta);
-        }
-        // Federated evaluation of the round's base model (the model made by
-        // the previous round) on the sites' local validation splits,
-        // weighted by their sizes, when the job asks for that model.
-        let reports: Vec<(String, Option<EvalMetrics>)> = self
-            .round_metrics
-            .remove(&RoundId(round))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(site, _)| log.inputs.iter().any(|i| i.site == site.as_str()))
-            .map(|(site, m)| (site.into(), m))
-            .collect();
-        let after = round.saturating_sub(1);
-        if evaluation::is_due(
-            after,
-            self.job.evaluation.every_rounds,
-            u64::from(self.job.rounds),
-        ) {
-            let ev = evaluation::federated_evaluation(after, Some(round), base_model, &reports);
-            let w = &ev.weighted;
-            for (name, v) in [
-                ("site_eval_loss", w.loss),
-                ("site_eval_accuracy", w.accuracy),
-                ("site_eval_auc", w.auc),
-                ("site_eval_dice", w.dice),
-            ] {
-                if let Some(v) = v {
-                    metrics.insert(name.into(), v);
+        let mut state = Some(state);
+        for step in steps {
+            match step {
+                Step::AuditEvaluation {
+                    evaluation: ev,
+                    effects,
+                } => {
+                    for x in &ev.excluded {
+                        tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+                    }
+                    let w = &ev.weighted;
+                    tracing::info!(
+                        round,
+                        model = %base_model,
+                        sites = w.sites,
+                        examples = w.num_eval_examples,
+                        loss = ?w.loss,
+                        accuracy = ?w.accuracy,
+                        auc = ?w.auc,
+                        dice = ?w.dice,
+                        "federated evaluation"
+                    );
+                    // Audited with what counted and what was left out (and why).
+                    self.run_effects(effects, None)?;
                 }
-            }
-            for x in &ev.excluded {
-                tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
-            }
-            tracing::info!(
-                round,
-                model = %base_model,
-                sites = w.sites,
-                examples = w.num_eval_examples,
-                loss = ?w.loss,
-                accuracy = ?w.accuracy,
-                auc = ?w.auc,
-                dice = ?w.dice,
-                "federated evaluation"
-            );
-            // Audited with what counted and what was left out (and why).
-            let effect = actions::round_evaluated(&self.facts, round, &ev, false);
-            self.run_effects(vec![effect], None)?;
-            self.latest_evaluation = Some(ev.clone());
-            if let Err(e) = self
-                .store
-                .record_evaluation(self.job_id.as_str(), round, ev)
-            {
-                tracing::warn!(round, error = %e, "recording the federated evaluation");
-            }
-        }
-        // The sites' feature statistics of this round update the scaling
-        // that the next rounds' offers carry (persisted with the round).
-        let reports = self.round_stats.remove(&RoundId(round)).unwrap_or_default();
-        let scaling = self.scaling.with_round(&reports);
-        if scaling.scaling() != self.scaling.scaling()
-            && let Some(s) = scaling.scaling()
-        {
-            tracing::info!(
-                round,
-                features = s.features.len(),
-                sites = scaling.sites().count(),
-                "federated feature scaling updated"
-            );
-        }
-        self.scaling = scaling;
-        self.server_state = state;
-        self.prune_archive(round);
-        Ok(Ok((hash, metrics)))
-    }
-
-    /// Remove round archives older than the retention allows.
-    fn prune_archive(&self, completed: u64) {
-        let UpdateRetention::Rounds(keep) = self.retention else {
-            return;
-        };
-        let Some(last_dropped) = completed.checked_sub(u64::from(keep)) else {
-            return;
-        };
-        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
-        let Ok(entries) = std::fs::read_dir(&job_dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(r) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("round-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if r <= last_dropped {
-                match std::fs::remove_dir_all(e.path()) {
-                    Ok(()) => tracing::info!(round = r, "update archive pruned (update_retention)"),
-                    Err(err) => {
-                        tracing::warn!(round = r, error = %err, "pruning the update archive")
+                Step::RecordEvaluation {
+                    round: on,
+                    evaluation,
+                } => {
+                    self.latest_evaluation = Some(evaluation.clone());
+                    if let Err(e) =
+                        self.store
+                            .record_evaluation(self.job_id.as_str(), on.0, evaluation)
+                    {
+                        tracing::warn!(round, error = %e, "recording the federated evaluation");
                     }
                 }
+                Step::NextState { scaling } => {
+                    if scaling.scaling() != self.scaling.scaling()
+                        && let Some(s) = scaling.scaling()
+                    {
+                        tracing::info!(
+                            round,
+                            features = s.features.len(),
+                            sites = scaling.sites().count(),
+                            "federated feature scaling updated"
+                        );
+                    }
+                    self.scaling = scaling;
+                    if let Some(state) = state.take() {
+                        self.server_state = state;
+                    }
+                }
+                Step::Prune { rounds } => self.prune_archive(&rounds),
+                other => tracing::error!(?other, "not a step after the publish; ignored"),
             }
         }
+        Ok(Ok((hash, end.metrics)))
+    }
+
+    /// The job's update archive: each `round-N` directory with its round.
+    fn archive_dirs(&self) -> Vec<(RoundId, PathBuf)> {
+        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
+        let Ok(entries) = std::fs::read_dir(&job_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let r = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("round-"))
+                    .and_then(|n| n.parse::<u64>().ok())?;
+                Some((RoundId(r), e.path()))
+            })
+            .collect()
+    }
+
+    /// The rounds the job's update archive holds.
+    fn archived_rounds(&self) -> Vec<RoundId> {
+        self.archive_dirs().into_iter().map(|(r, _)| r).collect()
+    }
+
+    /// Remove the round archives retention gives up
+    /// ([`round_end::pruned`]). Best effort, logged.
+    fn prune_archive(&self, rounds: &[RoundId]) {
+        for (r, dir) in self.archive_dirs() {
+            if !rounds.contains(&r) {
+                continue;
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(round = r.0, "update archive pruned (update_retention)"),
+                Err(err) => {
+                    tracing::warn!(round = r.0, error = %err, "pruning the update archive")
+                }
+            }
+        }
+    }
+
+    /// Write the round's replay record, `round.json` (its directory made
+    /// first), for `output`: the round's inputs, seed and downlink
+    /// encoding. Fatal if it cannot be written.
+    fn write_round_file(
+        &self,
+        round: u64,
+        (base_model, output): (ModelHash, ModelHash),
+        log: &RoundLog,
+        downlink: Option<Encoding>,
+    ) -> Result<(), EngineError> {
+        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
+            round,
+            what,
+            source: e,
+        };
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        fedlink_certs::private::create_dir_all(&dir)
+            .map_err(|e| fatal("archive directory", e.into()))?;
+        let file = RoundFile {
+            format: round_archive::ROUND_FORMAT,
+            job: self.job_id.as_str().to_owned(),
+            round,
+            base_model: base_model.to_hex(),
+            output_model: output.to_hex(),
+            strategy: self.strategy.clone(),
+            max_sites: self.job.max_sites() as usize,
+            state_before: round_archive::STATE_BEFORE_FILE.into(),
+            state_before_blake3: log.state_before_blake3.clone(),
+            dp_seed: hex::encode(log.seed),
+            inputs: log.inputs.clone(),
+            downlink,
+        };
+        let mut json =
+            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
+        json.push(b'\n');
+        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
+            .map_err(|e| fatal("writing round.json", e.into()))
+    }
+
+    /// Execute one of the round end's steps before the model is published
+    /// (see [`round_end::plan`]): the model stored, the spool's fsync (the
+    /// group commit of the archived updates, see [`archive`]; the round
+    /// directory they entered is committed by `round.json`'s own directory
+    /// fsync), `round.json`, `round.aggregated` and its messages, the
+    /// round's times. The outer error is fatal; the inner one fails the
+    /// round.
+    fn record_step(
+        &mut self,
+        round: u64,
+        step: Step,
+        (base_model, output, next): (ModelHash, ModelHash, &FlatModel),
+        log: &RoundLog,
+        downlink: Option<Encoding>,
+    ) -> Result<Result<(), AggregationFailure>, EngineError> {
+        match step {
+            Step::StoreModel { model } => {
+                if let Err(e) = self.store.put_model_hashed(next, model) {
+                    return Ok(Err(e.into()));
+                }
+            }
+            Step::SyncSpool => {
+                fedlink_durable::sync_dir(&self.store.dir().join("spool")).map_err(|e| {
+                    EngineError::RoundRecord {
+                        round,
+                        what: "archiving the round's updates",
+                        source: e.into(),
+                    }
+                })?
+            }
+            Step::WriteRoundFile { .. } => {
+                self.write_round_file(round, (base_model, output), log, downlink)?;
+            }
+            Step::Record(effects) => self.run_effects(effects, None)?,
+            Step::SetRoundTimes { .. } => {
+                if let Err(e) = self.store.set_round_times(
+                    self.job_id.as_str(),
+                    round,
+                    Some(log.opened_unix_ms),
+                    Some(unix_ms()),
+                ) {
+                    tracing::warn!(round, error = %e, "recording the round's closing time");
+                }
+            }
+            other => tracing::error!(?other, "not a step before the publish; ignored"),
+        }
+        Ok(Ok(()))
     }
 
     /// Keep a declined offer, with the site's reason, in the round's record
@@ -2021,6 +2146,23 @@ fn archive(
     Ok((payload_file, envelope_file))
 }
 
+/// The events at the front of `inbox` that `wanted` selects, in order, up
+/// to the first other event, which is returned too (taken from the queue:
+/// the caller handles it next); what follows it stays queued.
+fn take_front<T>(
+    inbox: &mut mpsc::Receiver<T>,
+    wanted: impl Fn(&T) -> bool,
+) -> (Vec<T>, Option<T>) {
+    let mut taken = Vec::new();
+    while let Ok(event) = inbox.try_recv() {
+        if !wanted(&event) {
+            return (taken, Some(event));
+        }
+        taken.push(event);
+    }
+    (taken, None)
+}
+
 /// A fatal engine error: the coordinator stops (and recovers on restart).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EngineError {
@@ -2125,6 +2267,26 @@ mod tests {
 
     /// The engine's fatal errors name the round and the step, and keep
     /// their cause as the error's source (for the log's chain).
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_round_end_takes_only_the_uploads_at_the_queues_front() {
+        // 1, 3: uploads received whole; 2: any other event. The sweep takes
+        // the uploads ahead of the first other event and that event (to be
+        // handled next); nothing behind it overtakes it.
+        let (tx, mut rx) = mpsc::channel(8);
+        for e in [1, 3, 2, 3, 1] {
+            tx.try_send(e).unwrap();
+        }
+        let upload = |e: &i32| e % 2 == 1;
+        assert_eq!(take_front(&mut rx, upload), (vec![1, 3], Some(2)));
+        assert_eq!(take_front(&mut rx, upload), (vec![3, 1], None));
+        assert_eq!(take_front(&mut rx, upload), (vec![], None));
+        tx.try_send(2).unwrap();
+        assert_eq!(take_front(&mut rx, upload), (vec![], Some(2)));
+        drop(tx);
+        assert_eq!(take_front(&mut rx, upload), (vec![], None));
+    }
+
     #[test]
     fn fatal_errors_name_round_step_and_cause() {
         use std::error::Error as _;

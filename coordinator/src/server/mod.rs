@@ -1246,7 +1246,7 @@ async fn run_engine<F: Future<Output = ()>>(
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
 ) -> Result<Option<String>, ServeError> {
-    engine.start(Instant::now())?;
+    engine.with_inbox(rx, |e| e.start(Instant::now()))?;
     // The deadline last fired: a machine that answers a timeout with the
     // same deadline again is not woken in a loop.
     let mut fired: Option<Instant> = None;
@@ -1263,11 +1263,11 @@ async fn run_engine<F: Future<Output = ()>>(
             () = &mut shutdown => return Ok(None),
             ev = rx.recv() => {
                 let Some(ev) = ev else { return Ok(None) };
-                engine.handle_event(Instant::now(), ev)?;
+                engine.with_inbox(rx, |e| e.handle_event(Instant::now(), ev))?;
             }
             () = sleep_until(timer) => {
                 fired = timer;
-                engine.handle_timeout(Instant::now())?;
+                engine.with_inbox(rx, |e| e.handle_timeout(Instant::now()))?;
             }
         }
     }
