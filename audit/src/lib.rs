@@ -134,6 +134,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod coord;
 mod entry;
 mod error;
 pub mod event;
@@ -144,6 +145,7 @@ mod query;
 pub mod reconcile;
 mod verify;
 
+pub use coord::CoordEvent;
 pub use entry::{
     ENTRY_DOMAIN, Entry, EntryHash, EntryHead, HEAD_DOMAIN, HexError, MAX_LINE_LEN, SignedHead,
 };
