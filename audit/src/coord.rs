@@ -296,8 +296,8 @@ pub struct SiteRevoked {
     /// The entry.
     #[serde(flatten)]
     pub entry: SiteEntry,
-    /// Why.
-    pub reason: String,
+    /// Why, if the admin said (`null` otherwise).
+    pub reason: Option<String>,
 }
 
 /// `site.audit_head`: a head of a site's log, as the site sent it.
@@ -880,17 +880,19 @@ mod tests {
             serde_json::to_string(&rotated.details().unwrap()).unwrap(),
             serde_json::to_string(&capped_json).unwrap()
         );
-        let mut revoked_json = site_entry_json();
-        revoked_json["reason"] = json!("key leaked".to_owned());
-        pins(
-            CoordEvent::SiteRevoked(SiteRevoked {
-                entry: site_entry(),
-                reason: "key leaked".into(),
-            }),
-            EventKind::SiteRevoked,
-            revoked_json,
-            de::<SiteRevoked>,
-        );
+        for reason in [Some("key leaked".to_owned()), None] {
+            let mut revoked_json = site_entry_json();
+            revoked_json["reason"] = json!(reason);
+            pins(
+                CoordEvent::SiteRevoked(SiteRevoked {
+                    entry: site_entry(),
+                    reason,
+                }),
+                EventKind::SiteRevoked,
+                revoked_json,
+                de::<SiteRevoked>,
+            );
+        }
         pins(
             CoordEvent::SiteAuditHead(head()),
             EventKind::SiteAuditHead,
