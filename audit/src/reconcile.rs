@@ -3,7 +3,7 @@
 //! caller). Pure: entries in, a [`Report`] out; no files, no clock. Entries
 //! are matched by [`EventKind`]; names this version does not know are
 //! skipped (a newer writer's log stays comparable). The coordinator's
-//! details are read as the typed events it writes ([`coord`](crate::coord):
+//! details are read as the typed events it writes ([`coord`]:
 //! members they do not know are ignored); the site's by field name.
 //!
 //! ```text
