@@ -143,6 +143,7 @@ mod lines;
 mod log;
 mod query;
 pub mod reconcile;
+pub mod site;
 mod verify;
 
 pub use coord::CoordEvent;
@@ -156,6 +157,7 @@ pub use log::{
     AuditLog, MAX_ACTOR_LEN, MAX_EVENT_LEN, TornTailRepair, read_head, segments, write_head,
 };
 pub use query::{EntryReader, Filter, LocatedEntry, TimeParseError, format_time, parse_time};
+pub use site::SiteEvent;
 pub use verify::{
     FailureKind, FileReport, Verifier, VerifyFailure, VerifyReport, verify, verify_chain,
 };
