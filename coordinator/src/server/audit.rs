@@ -329,6 +329,44 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// A typed event is written as the `json!` details were: its name from
+    /// `kind()`, its members sorted by name, batches alike.
+    #[test]
+    fn typed_events_are_written_with_the_bytes_of_their_json_details() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let a =
+            Auditor::open(dir.path(), key, "fedlink://f/coordinator/c".into(), 1 << 20).unwrap();
+        let received = |accepted: bool| {
+            CoordEvent::UpdateReceived(coord::UpdateReceived {
+                job: "j".into(),
+                round: 2,
+                site: "a".into(),
+                payload_hash: "ab".into(),
+                payload_bytes: 10,
+                num_examples: 3,
+                nonce: "cd".into(),
+                envelope_sig: "ef".into(),
+                accepted,
+                reason: (!accepted).then(|| "too late".to_owned()),
+            })
+        };
+        a.record("fedlink://f/site/a", &received(true)).unwrap();
+        a.record_batch("fedlink://f/site/a", &[received(false)])
+            .unwrap();
+        let text = fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        for (line, accepted, reason) in
+            [(lines[0], true, "null"), (lines[1], false, "\"too late\"")]
+        {
+            let want = format!(
+                r#""event":"update.received","details":{{"accepted":{accepted},"envelope_sig":"ef","job":"j","nonce":"cd","num_examples":3,"payload_bytes":10,"payload_hash":"ab","reason":{reason},"round":2,"site":"a"}},"prev":"#
+            );
+            assert!(line.contains(&want), "{line}\n{want}");
+        }
+    }
+
     #[test]
     fn records_verify_and_rotate_keeps_the_chain() {
         let dir = tempfile::tempdir().unwrap();
