@@ -134,6 +134,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod coord;
 mod entry;
 mod error;
 pub mod event;
@@ -142,8 +143,10 @@ mod lines;
 mod log;
 mod query;
 pub mod reconcile;
+pub mod site;
 mod verify;
 
+pub use coord::CoordEvent;
 pub use entry::{
     ENTRY_DOMAIN, Entry, EntryHash, EntryHead, HEAD_DOMAIN, HexError, MAX_LINE_LEN, SignedHead,
 };
@@ -154,6 +157,7 @@ pub use log::{
     AuditLog, MAX_ACTOR_LEN, MAX_EVENT_LEN, TornTailRepair, read_head, segments, write_head,
 };
 pub use query::{EntryReader, Filter, LocatedEntry, TimeParseError, format_time, parse_time};
+pub use site::SiteEvent;
 pub use verify::{
     FailureKind, FileReport, Verifier, VerifyFailure, VerifyReport, verify, verify_chain,
 };

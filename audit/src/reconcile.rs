@@ -2,7 +2,9 @@
 //! log against the coordinator's, both already read (and verified by the
 //! caller). Pure: entries in, a [`Report`] out; no files, no clock. Entries
 //! are matched by [`EventKind`]; names this version does not know are
-//! skipped (a newer writer's log stays comparable).
+//! skipped (a newer writer's log stays comparable). The coordinator's
+//! details are read as the typed events it writes ([`coord`]:
+//! members they do not know are ignored); the site's by field name.
 //!
 //! ```text
 //!  site log                               coordinator log
@@ -44,9 +46,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::VerifyingKey;
 
+use crate::coord;
 use crate::event::{EventKind, site_of_actor};
 use crate::{EntryHash, LocatedEntry, SignedHead};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Where an entry is: file, 1-based line, sequence number.
@@ -321,6 +324,33 @@ fn malformed(e: &LocatedEntry, site_side: bool, what: &str) -> Finding {
     f
 }
 
+/// The coordinator's entry `d` (an event of type `T`) if it is about
+/// `site`: `Ok(Some)` when it reads as a `T` naming `site`, `Ok(None)` when
+/// it names another site (or none), `Err(())` when it names `site` but
+/// does not read as a `T` (malformed).
+fn about_site<'a, T: Deserialize<'a>>(
+    d: &'a Value,
+    site: &str,
+    site_of: impl Fn(&T) -> &str,
+) -> Result<Option<T>, ()> {
+    match T::deserialize(d) {
+        Ok(t) if site_of(&t) == site => Ok(Some(t)),
+        Ok(_) => Ok(None),
+        Err(_) if s(d, "site") == Some(site) => Err(()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A head of a site's log the coordinator recorded (`site.audit_head`).
+fn recorded_head(h: &coord::AuditHeadOf) -> Option<SignedHead> {
+    Some(SignedHead {
+        seq: h.seq,
+        hash: h.hash.parse::<EntryHash>().ok()?,
+        ts_unix_ms: h.ts_unix_ms,
+        sig: h.sig.clone(),
+    })
+}
+
 /// A recorded head: where it was recorded and the head itself.
 fn parse_head(e: &LocatedEntry) -> Option<SignedHead> {
     let d = &e.entry.details;
@@ -567,82 +597,83 @@ pub fn reconcile(
     // Every round's output and every job's final model (any site's).
     let mut produced: BTreeMap<(String, u64), (&LocatedEntry, String)> = BTreeMap::new();
     let mut finished: BTreeMap<String, (&LocatedEntry, Option<String>)> = BTreeMap::new();
+    // The coordinator's entries are read as the typed events it writes
+    // (`coord`): members they do not know are ignored.
     for e in coordinator {
         let d = &e.entry.details;
-        if let (Some(job), Some(round), Some(model)) =
-            (s(d, "job"), u(d, "round"), s(d, "output_model"))
-            && EventKind::from_name(&e.entry.event) == Some(EventKind::RoundAggregated)
-        {
-            produced.insert((job.to_owned(), round), (e, model.to_owned()));
-        }
-        if EventKind::from_name(&e.entry.event) == Some(EventKind::JobFinished)
-            && let Some(job) = s(d, "job")
-        {
-            let model = d
-                .get("outcome")
-                .and_then(|o| s(o, "model"))
-                .map(str::to_owned);
-            finished.insert(job.to_owned(), (e, model));
-        }
         match EventKind::from_name(&e.entry.event) {
-            Some(EventKind::UpdateReceived) if s(d, "site") == Some(site_name) => {
-                let parsed = update_key(d).and_then(|k| {
-                    Some((
-                        k,
-                        Received {
-                            at: e,
-                            payload_hash: s(d, "payload_hash")?.to_owned(),
-                            payload_bytes: u(d, "payload_bytes")?,
-                            num_examples: u(d, "num_examples")?,
-                            accepted: d.get("accepted")?.as_bool()?,
-                            reason: s(d, "reason").map(str::to_owned),
-                        },
-                    ))
-                });
-                match parsed {
-                    Some((k, v)) => {
+            Some(EventKind::UpdateReceived) => {
+                match about_site(d, site_name, |r: &coord::UpdateReceived| &r.site) {
+                    Ok(Some(r)) => {
                         out.counts.updates_received += 1;
-                        received.entry(k).or_default().push(v);
+                        received
+                            .entry((r.job, r.round, r.nonce))
+                            .or_default()
+                            .push(Received {
+                                at: e,
+                                payload_hash: r.payload_hash,
+                                payload_bytes: r.payload_bytes,
+                                num_examples: r.num_examples,
+                                accepted: r.accepted,
+                                reason: r.reason,
+                            });
                     }
-                    None => out.differences.push(malformed(
+                    Ok(None) => {}
+                    Err(()) => out.differences.push(malformed(
                         e,
                         false,
                         "job, round, nonce, payload_hash, payload_bytes, num_examples or accepted",
                     )),
                 }
             }
-            Some(EventKind::SiteAuditHead) if s(d, "site") == Some(site_name) => {
-                match parse_head(e) {
-                    Some(h) => site_heads.push((e, h)),
-                    None => {
+            Some(EventKind::SiteAuditHead) => {
+                match about_site(d, site_name, |h: &coord::AuditHeadOf| &h.site) {
+                    Ok(Some(h)) => match recorded_head(&h) {
+                        Some(head) => site_heads.push((e, head)),
+                        None => out.differences.push(malformed(e, false, "a hex hash")),
+                    },
+                    Ok(None) => {}
+                    Err(()) => {
                         out.differences
                             .push(malformed(e, false, "seq, hash, ts_unix_ms or sig"))
                     }
                 }
             }
             Some(EventKind::RoundAggregated) => {
-                let (Some(job), Some(round), Some(inputs)) = (
-                    s(d, "job"),
-                    u(d, "round"),
-                    d.get("inputs").and_then(Value::as_array),
-                ) else {
-                    out.differences
-                        .push(malformed(e, false, "job, round or inputs"));
+                let Ok(agg) = coord::RoundAggregated::deserialize(d) else {
+                    out.differences.push(malformed(
+                        e,
+                        false,
+                        "job, round, output_model or inputs (site, payload_hash)",
+                    ));
                     continue;
                 };
-                for input in inputs.iter().filter(|i| s(i, "site") == Some(site_name)) {
-                    match s(input, "payload_hash") {
-                        Some(h) => aggregated.push((
-                            e,
-                            job.to_owned(),
-                            round,
-                            h.to_owned(),
-                            u(input, "num_examples"),
-                        )),
-                        None => out
-                            .differences
-                            .push(malformed(e, false, "inputs[].payload_hash")),
-                    }
+                for input in agg.inputs.iter().filter(|i| i.site == site_name) {
+                    aggregated.push((
+                        e,
+                        agg.job.clone(),
+                        agg.round,
+                        input.payload_hash.clone(),
+                        input.num_examples,
+                    ));
+                }
+                produced.insert((agg.job, agg.round), (e, agg.output_model));
+            }
+            Some(EventKind::JobFinished) => {
+                // An outcome this version does not know (a newer writer's)
+                // still names the job, with no model.
+                let end = match coord::JobFinished::deserialize(d) {
+                    Ok(f) => Some((
+                        f.job,
+                        match f.outcome {
+                            coord::JobOutcome::Completed { model } => Some(model),
+                            _ => None,
+                        },
+                    )),
+                    Err(_) => coord::JobRef::deserialize(d).ok().map(|j| (j.job, None)),
+                };
+                if let Some((job, model)) = end {
+                    finished.insert(job, (e, model));
                 }
             }
             _ => {}
@@ -1202,6 +1233,72 @@ mod tests {
             (r.counts.site_entries, r.counts.coordinator_entries),
             (8, 8)
         );
+    }
+
+    /// The coordinator's entries are read as its typed events: members
+    /// this version does not know are ignored, an entry of another site
+    /// that does not read is skipped, one of this site is malformed, and a
+    /// `job.finished` with an outcome this version does not know still
+    /// names its job (with no model).
+    #[test]
+    fn coordinator_entries_of_other_versions_are_read_as_far_as_needed() {
+        let mut p = Pair::new();
+        let (h, n) = (hash('1'), nonce(1));
+        p.site_sends(1, &h, &n);
+        let t = p.tick();
+        p.coord
+            .append(
+                t,
+                SITE,
+                "update.received",
+                &json!({"job": "j", "round": 1, "site": "st-mary", "payload_hash": h,
+                    "payload_bytes": 100, "num_examples": 7, "nonce": n, "accepted": true,
+                    "reason": null, "future_member": {"x": 1}}),
+            )
+            .unwrap();
+        p.site_result(1, &h, &n, true);
+        p.coord
+            .append(
+                t,
+                SITE,
+                "update.received",
+                &json!({"job": "j", "round": 1, "site": "other", "accepted": "maybe"}),
+            )
+            .unwrap();
+        p.coord
+            .append(
+                t,
+                COORD,
+                "job.finished",
+                &json!({"job": "j", "outcome": {"result": "handed_over", "to": "x"}}),
+            )
+            .unwrap();
+        p.site_told(1, &hash('c'), true);
+        let r = p.run();
+        assert_eq!(r.counts.updates_matched, 1);
+        assert_eq!(
+            kinds(&r),
+            vec![Kind::OutcomeDiffers],
+            "{:#?}",
+            r.differences
+        );
+        assert!(
+            r.differences[0].detail.contains("records no model"),
+            "{}",
+            r.differences[0]
+        );
+
+        let mut p = Pair::new();
+        let t = p.tick();
+        p.coord
+            .append(
+                t,
+                SITE,
+                "update.received",
+                &json!({"job": "j", "round": 1, "site": "st-mary", "accepted": "maybe"}),
+            )
+            .unwrap();
+        assert_eq!(kinds(&p.run()), vec![Kind::Malformed]);
     }
 
     #[test]

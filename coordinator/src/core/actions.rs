@@ -32,7 +32,8 @@
 use std::time::Instant;
 
 use fedlink_aggregation::{Clipping, StrategyConfig};
-use fedlink_audit::EventKind;
+use fedlink_audit::CoordEvent;
+use fedlink_audit::coord;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::arch::ArchSpec;
 use fedlink_protocol::envelope::SignedEnvelope;
@@ -66,11 +67,10 @@ pub struct JobFacts {
 
 impl JobFacts {
     /// An event of the coordinator's own.
-    fn own(&self, kind: EventKind, details: serde_json::Value) -> Effect {
+    fn own(&self, event: CoordEvent) -> Effect {
         Effect::AppendAudit {
             actor: self.actor.clone(),
-            kind,
-            details,
+            event,
         }
     }
 
@@ -250,14 +250,11 @@ pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
 /// on record (`round.opened`) before anything of the round happens — its
 /// offers follow.
 pub fn round_opened(facts: &JobFacts, round: u64, base_model: ModelHash) -> Vec<Effect> {
-    vec![facts.own(
-        EventKind::RoundOpened,
-        serde_json::json!({
-            "job": facts.job.as_str(),
-            "round": round,
-            "base_model": base_model.to_hex(),
-        }),
-    )]
+    vec![facts.own(CoordEvent::RoundOpened(coord::RoundOpened {
+        job: facts.job.as_str().to_owned(),
+        round,
+        base_model: base_model.to_hex(),
+    }))]
 }
 
 /// A round's offers come in a row: `first`, and every `SendOffer` the
@@ -302,24 +299,23 @@ pub fn send_offers(
     clock: &UnixClock,
     offers: &[(SiteId, Offer)],
 ) -> Vec<Effect> {
-    let mut entries: Vec<(EventKind, serde_json::Value)> = offers
+    let mut entries: Vec<CoordEvent> = offers
         .iter()
         .map(|(site, offer)| {
-            let details = serde_json::json!({
-                "job": facts.job.as_str(),
-                "round": offer.round,
-                "site": site,
-                "base_model": offer.model.to_hex(),
-            });
-            (EventKind::OfferSent, details)
+            CoordEvent::OfferSent(coord::OfferSent {
+                job: facts.job.as_str().to_owned(),
+                round: offer.round,
+                site: site.as_str().to_owned(),
+                base_model: offer.model.to_hex(),
+            })
         })
         .collect();
     let mut effects = Vec::with_capacity(offers.len() + 1);
     match entries.len() {
         0 => {}
         1 => {
-            if let Some((kind, details)) = entries.pop() {
-                effects.push(facts.own(kind, details));
+            if let Some(event) = entries.pop() {
+                effects.push(facts.own(event));
             }
         }
         _ => effects.push(Effect::AppendAuditBatch {
@@ -397,32 +393,31 @@ impl UploadFacts {
         }
     }
 
-    /// The details of its `update.received` entry (`reason` None:
-    /// accepted).
-    pub fn details(&self, reason: Option<&str>) -> serde_json::Value {
-        serde_json::json!({
-            "job": self.job,
-            "round": self.round,
-            "site": self.site,
-            "payload_hash": self.payload_hash,
-            "payload_bytes": self.bytes,
-            "num_examples": self.num_examples,
-            "nonce": self.nonce,
-            "envelope_sig": self.envelope_sig,
-            "accepted": reason.is_none(),
-            "reason": reason,
+    /// Its `update.received` entry (`reason` None: accepted).
+    pub fn details(&self, reason: Option<&str>) -> CoordEvent {
+        CoordEvent::UpdateReceived(coord::UpdateReceived {
+            job: self.job.clone(),
+            round: self.round,
+            site: self.site.clone(),
+            payload_hash: self.payload_hash.clone(),
+            payload_bytes: self.bytes,
+            num_examples: self.num_examples,
+            nonce: self.nonce.clone(),
+            envelope_sig: self.envelope_sig.clone(),
+            accepted: reason.is_none(),
+            reason: reason.map(str::to_owned),
         })
     }
 }
 
-/// The details of an `update.received` audit entry (`reason` None:
-/// accepted). `bytes`: payload bytes received (the declared length when
-/// the upload was refused before its payload).
+/// An `update.received` audit entry (`reason` None: accepted). `bytes`:
+/// payload bytes received (the declared length when the upload was
+/// refused before its payload).
 pub fn update_received_details(
     envelope: &SignedEnvelope,
     bytes: u64,
     reason: Option<&str>,
-) -> serde_json::Value {
+) -> CoordEvent {
     UploadFacts::of(envelope, bytes).details(reason)
 }
 
@@ -441,8 +436,7 @@ pub fn refuse_upload(
     vec![
         Effect::AppendAudit {
             actor: facts.site_actor(site.as_str()),
-            kind: EventKind::UpdateReceived,
-            details: upload.details(Some(reason)),
+            event: upload.details(Some(reason)),
         },
         Effect::RecordRejected {
             round: upload.round,
@@ -524,8 +518,7 @@ pub fn accept_upload(
     vec![
         Effect::AppendAudit {
             actor: facts.site_actor(site.as_str()),
-            kind: EventKind::UpdateReceived,
-            details: upload.details(None),
+            event: upload.details(None),
         },
         Effect::RecordAccepted {
             round: upload.round,
@@ -586,16 +579,13 @@ pub fn exclude_withdrawn(
         let Some(why) = not_allowed(&input.site) else {
             continue;
         };
-        effects.push(facts.own(
-            EventKind::UpdateExcluded,
-            serde_json::json!({
-                "job": facts.job.as_str(),
-                "round": round,
-                "site": input.site,
-                "payload_hash": input.payload_hash,
-                "reason": format!("the site is no longer allowed: {why}"),
-            }),
-        ));
+        effects.push(facts.own(CoordEvent::UpdateExcluded(coord::UpdateExcluded {
+            job: facts.job.as_str().to_owned(),
+            round,
+            site: input.site.clone(),
+            payload_hash: input.payload_hash.clone(),
+            reason: format!("the site is no longer allowed: {why}"),
+        })));
         excluded.push((i, why));
     }
     let left = inputs.len() - excluded.len();
@@ -636,20 +626,19 @@ pub fn upload_interrupted(
     let h = &envelope.header;
     vec![Effect::AppendAudit {
         actor: facts.site_actor(site.as_str()),
-        kind: EventKind::UpdateInterrupted,
-        details: serde_json::json!({
-            "job": h.job_id.as_str(),
-            "round": h.round.0,
-            "site": h.site_id.as_str(),
-            "payload_hash": h.payload_hash.to_hex(),
-            "payload_bytes": h.payload_len,
-            "nonce": hex::encode(h.nonce.0),
-            "records_received": what.records,
-            "bytes_received": what.bytes,
-            "partial_record_bytes_dropped": what.partial_bytes,
-            "cause": what.cause,
-            "kept_for_resume": kept.is_ok(),
-            "not_kept_because": kept.err(),
+        event: CoordEvent::UpdateInterrupted(coord::UpdateInterrupted {
+            job: h.job_id.as_str().to_owned(),
+            round: h.round.0,
+            site: h.site_id.as_str().to_owned(),
+            payload_hash: h.payload_hash.to_hex(),
+            payload_bytes: h.payload_len,
+            nonce: hex::encode(h.nonce.0),
+            records_received: what.records,
+            bytes_received: what.bytes,
+            partial_record_bytes_dropped: what.partial_bytes,
+            cause: what.cause.clone(),
+            kept_for_resume: kept.is_ok(),
+            not_kept_because: kept.err().map(str::to_owned),
         }),
     }]
 }
@@ -659,15 +648,12 @@ pub fn upload_interrupted(
 /// length): on record (`offer.declined`, by the coordinator, with the
 /// site's reason).
 pub fn offer_declined(facts: &JobFacts, site: &SiteId, round: u64, reason: &str) -> Vec<Effect> {
-    vec![facts.own(
-        EventKind::OfferDeclined,
-        serde_json::json!({
-            "job": facts.job.as_str(),
-            "round": round,
-            "site": site,
-            "reason": reason,
-        }),
-    )]
+    vec![facts.own(CoordEvent::OfferDeclined(coord::OfferDeclined {
+        job: facts.job.as_str().to_owned(),
+        round,
+        site: site.as_str().to_owned(),
+        reason: reason.to_owned(),
+    }))]
 }
 
 /// A site's signed evaluation report, counted (`verdict` Ok) or refused
@@ -679,25 +665,30 @@ pub fn eval_reported(
     report: &EvalReport,
     verdict: Result<(), &evaluation::EvalRefusal>,
 ) -> Vec<Effect> {
-    let mut details = serde_json::json!({
-        "site": site,
-        "job": report.job_id.as_str(),
-        "round": report.round.0,
-        "model": report.model.to_hex(),
-        "num_eval_examples": report.metrics.num_eval_examples,
-    });
-    let kind = match verdict {
-        Ok(()) => EventKind::EvalAccepted,
-        Err(why) => {
-            details["reason"] = serde_json::Value::from(why.to_string());
-            EventKind::EvalRejected
-        }
+    let report = eval_report_details(site, report);
+    let event = match verdict {
+        Ok(()) => CoordEvent::EvalAccepted(report),
+        Err(why) => CoordEvent::EvalRejected(coord::EvalRejected {
+            report,
+            reason: why.to_string(),
+        }),
     };
     vec![Effect::AppendAudit {
         actor: facts.site_actor(site.as_str()),
-        kind,
-        details,
+        event,
     }]
+}
+
+/// What the audit log says of `site`'s evaluation report (the details of
+/// `eval.accepted`, and of `eval.rejected` with the reason).
+pub fn eval_report_details(site: &SiteId, report: &EvalReport) -> coord::EvalReport {
+    coord::EvalReport {
+        site: site.as_str().to_owned(),
+        job: report.job_id.as_str().to_owned(),
+        round: report.round.0,
+        model: report.model.to_hex(),
+        num_eval_examples: report.metrics.num_eval_examples,
+    }
 }
 
 /// The central DP the aggregation applied to a round.
@@ -725,27 +716,29 @@ pub fn round_aggregated(
     dp: Option<DpApplied>,
     inputs: &[RoundInput],
 ) -> Vec<Effect> {
-    let mut effects = vec![facts.own(
-        EventKind::RoundAggregated,
-        serde_json::json!({
-            "job": facts.job.as_str(),
-            "round": round,
-            "base_model": base_model.to_hex(),
-            "output_model": output.to_hex(),
-            "strategy": strategy,
-            "dp": dp.map(|dp| serde_json::json!({
-                "noise_std": dp.noise_std,
-                "clip_norm": dp.clip_norm,
-                "epsilon": dp.privacy.map(|p| p.0),
-                "delta": dp.privacy.map(|p| p.1),
-            })),
-            "inputs": inputs.iter().map(|i| serde_json::json!({
-                "site": i.site,
-                "payload_hash": i.payload_hash,
-                "num_examples": i.num_examples,
-            })).collect::<Vec<_>>(),
-        }),
-    )];
+    let mut effects = vec![
+        facts.own(CoordEvent::RoundAggregated(coord::RoundAggregated {
+            job: facts.job.as_str().to_owned(),
+            round,
+            base_model: base_model.to_hex(),
+            output_model: output.to_hex(),
+            strategy,
+            dp: dp.map(|dp| coord::DpApplied {
+                noise_std: dp.noise_std,
+                clip_norm: dp.clip_norm,
+                epsilon: dp.privacy.map(|p| p.0),
+                delta: dp.privacy.map(|p| p.1),
+            }),
+            inputs: inputs
+                .iter()
+                .map(|i| coord::AggregatedInput {
+                    site: i.site.clone(),
+                    payload_hash: i.payload_hash.clone(),
+                    num_examples: Some(i.num_examples),
+                })
+                .collect(),
+        })),
+    ];
     let produced = Message::RoundOutcome(RoundOutcome {
         job_id: facts.job.clone(),
         round: RoundId(round),
@@ -767,18 +760,19 @@ pub fn round_aggregated(
     effects
 }
 
-/// The details of a `job.finished` entry's outcome.
-pub fn outcome_json(outcome: &JobOutcome) -> serde_json::Value {
+/// A `job.finished` entry's outcome.
+pub fn outcome_details(outcome: &JobOutcome) -> coord::JobOutcome {
     match outcome {
-        JobOutcome::Completed { model } => {
-            serde_json::json!({"result": "completed", "model": model.to_hex()})
-        }
-        JobOutcome::Failed { round, reason } => {
-            serde_json::json!({"result": "failed", "round": round, "reason": format!("{reason:?}")})
-        }
-        JobOutcome::Aborted { completed_rounds } => {
-            serde_json::json!({"result": "aborted", "completed_rounds": completed_rounds})
-        }
+        JobOutcome::Completed { model } => coord::JobOutcome::Completed {
+            model: model.to_hex(),
+        },
+        JobOutcome::Failed { round, reason } => coord::JobOutcome::Failed {
+            round: *round,
+            reason: format!("{reason:?}"),
+        },
+        JobOutcome::Aborted { completed_rounds } => coord::JobOutcome::Aborted {
+            completed_rounds: *completed_rounds,
+        },
     }
 }
 
@@ -859,22 +853,16 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
             JobOutcome::Failed { reason, .. } => format!("the job failed: {reason:?}"),
             other => format!("the job ended: {other:?}"),
         };
-        effects.push(facts.own(
-            EventKind::RoundDiscarded,
-            serde_json::json!({
-                "job": facts.job.as_str(),
-                "round": round,
-                "reason": reason,
-            }),
-        ));
+        effects.push(facts.own(CoordEvent::RoundDiscarded(coord::RoundDiscarded {
+            job: facts.job.as_str().to_owned(),
+            round,
+            reason,
+        })));
     }
-    effects.push(facts.own(
-        EventKind::JobFinished,
-        serde_json::json!({
-            "job": facts.job.as_str(),
-            "outcome": outcome_json(&outcome),
-        }),
-    ));
+    effects.push(facts.own(CoordEvent::JobFinished(coord::JobFinished {
+        job: facts.job.as_str().to_owned(),
+        outcome: outcome_details(&outcome),
+    })));
     let all: Vec<SiteId> = sites.iter().map(|c| c.site.clone()).collect();
     if let JobOutcome::Completed { model } = &outcome {
         let fin = Message::RoundOutcome(RoundOutcome {
@@ -901,15 +889,12 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
         if !asked.is_empty() {
             let asked: Vec<SiteId> = asked.into_iter().map(|c| c.site).collect();
             let round = RoundId(eval.rounds);
-            effects.push(facts.own(
-                EventKind::EvalRequested,
-                serde_json::json!({
-                    "job": facts.job.as_str(),
-                    "round": eval.rounds,
-                    "model": model.to_hex(),
-                    "sites": asked,
-                }),
-            ));
+            effects.push(facts.own(CoordEvent::EvalRequested(coord::EvalRequested {
+                job: facts.job.as_str().to_owned(),
+                round: eval.rounds,
+                model: model.to_hex(),
+                sites: asked.iter().map(|s| s.as_str().to_owned()).collect(),
+            })));
             let request = Message::EvalRequest(Box::new(EvalRequest {
                 federation_id: facts.federation.clone(),
                 job_id: facts.job.clone(),
@@ -976,19 +961,16 @@ pub fn round_evaluated(
     evaluation: &FederatedEvaluation,
     requested: bool,
 ) -> Effect {
-    let mut details = serde_json::json!({
-        "job": facts.job.as_str(),
-        "round": round,
-        "model": evaluation.model,
-        "after_round": evaluation.after_round,
-        "sites": evaluation.sites,
-        "weighted": evaluation.weighted,
-        "excluded": evaluation.excluded,
-    });
-    if requested {
-        details["requested"] = serde_json::Value::Bool(true);
-    }
-    facts.own(EventKind::RoundEvaluated, details)
+    facts.own(CoordEvent::RoundEvaluated(coord::RoundEvaluated {
+        job: facts.job.as_str().to_owned(),
+        round,
+        model: evaluation.model.clone(),
+        after_round: evaluation.after_round,
+        sites: evaluation.sites.clone(),
+        weighted: evaluation.weighted.clone(),
+        excluded: evaluation.excluded.clone(),
+        requested,
+    }))
 }
 
 /// The final model's evaluation, done (every asked site answered, or the
@@ -1020,6 +1002,7 @@ mod tests {
     use fedlink_protocol::FEDERATED_EVAL_VERSION;
 
     use super::*;
+    use fedlink_audit::EventKind;
 
     fn sid(s: &str) -> SiteId {
         SiteId::new(s).unwrap()
@@ -1050,9 +1033,9 @@ mod tests {
         effects
             .iter()
             .map(|e| match e {
-                Effect::AppendAudit { kind, .. } => format!("audit {kind}"),
+                Effect::AppendAudit { event, .. } => format!("audit {}", event.kind()),
                 Effect::AppendAuditBatch { entries, .. } => {
-                    let kinds: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+                    let kinds: Vec<&str> = entries.iter().map(|e| e.kind().as_str()).collect();
                     format!("audit batch {}", kinds.join(","))
                 }
                 Effect::Send { site, message } => {
@@ -1085,13 +1068,12 @@ mod tests {
             .collect()
     }
 
-    fn audit(e: &Effect) -> (&str, EventKind, &serde_json::Value) {
+    /// An audit append's actor, event name and details (as written).
+    fn audit(e: &Effect) -> (&str, EventKind, serde_json::Value) {
         match e {
-            Effect::AppendAudit {
-                actor,
-                kind,
-                details,
-            } => (actor.as_str(), *kind, details),
+            Effect::AppendAudit { actor, event } => {
+                (actor.as_str(), event.kind(), event.details().unwrap())
+            }
             other => panic!("not an audit append: {other:?}"),
         }
     }
@@ -1113,7 +1095,7 @@ mod tests {
         assert_eq!(actor, facts().actor);
         assert_eq!(
             details,
-            &serde_json::json!({
+            serde_json::json!({
                 "job": "j1", "round": 2, "site": "site-a", "base_model": model(7).to_hex(),
             })
         );
@@ -1205,7 +1187,7 @@ mod tests {
         assert_eq!(actor, facts().actor);
         assert_eq!(
             d,
-            &serde_json::json!({"job": "j1", "round": 5, "base_model": model(4).to_hex()})
+            serde_json::json!({"job": "j1", "round": 5, "base_model": model(4).to_hex()})
         );
     }
 
@@ -1252,10 +1234,11 @@ mod tests {
             panic!("{:?}", e[0]);
         };
         assert_eq!(actor, &facts().actor);
-        for ((site, _), (_, details)) in offers.iter().zip(entries) {
+        for ((site, _), event) in offers.iter().zip(entries) {
+            assert_eq!(event.kind(), EventKind::OfferSent);
             assert_eq!(
-                details,
-                &serde_json::json!({
+                event.details().unwrap(),
+                serde_json::json!({
                     "job": "j1", "round": 2, "site": site, "base_model": model(7).to_hex(),
                 })
             );
@@ -1557,7 +1540,7 @@ mod tests {
         assert_eq!(actor, facts().actor);
         assert_eq!(
             d,
-            &serde_json::json!({
+            serde_json::json!({
                 "job": "j1", "round": 4, "site": "site-c", "payload_hash": "site-c-hash",
                 "reason": "the site is no longer allowed: site-c is revoked",
             })
@@ -1613,7 +1596,7 @@ mod tests {
         assert_eq!(actor, facts().site_actor("site-a"));
         assert_eq!(
             d,
-            &serde_json::json!({
+            serde_json::json!({
                 "job": "j1", "round": 3, "site": "site-a",
                 "payload_hash": "ab".repeat(32), "payload_bytes": 4096,
                 "nonce": "01".repeat(16), "records_received": 2, "bytes_received": 1024,
@@ -1641,7 +1624,7 @@ mod tests {
         assert_eq!(actor, facts().actor);
         assert_eq!(
             d,
-            &serde_json::json!({"job": "j1", "round": 2, "site": "site-b", "reason": "busy"})
+            serde_json::json!({"job": "j1", "round": 2, "site": "site-b", "reason": "busy"})
         );
         let report = EvalReport {
             protocol_version: fedlink_protocol::PROTOCOL_VERSION,
@@ -1666,7 +1649,7 @@ mod tests {
         );
         assert_eq!(
             d,
-            &serde_json::json!({
+            serde_json::json!({
                 "site": "site-b", "job": "j1", "round": 3, "model": model(9).to_hex(),
                 "num_eval_examples": 40,
             })
@@ -1823,7 +1806,7 @@ mod tests {
         assert_eq!(d.get("requested"), None);
         let mut with = audit(&e[0]).2.clone();
         with.as_object_mut().unwrap().remove("requested");
-        assert_eq!(d, &with);
+        assert_eq!(d, with);
         assert_eq!(
             e[1],
             Effect::RecordFinalEvaluation {

@@ -28,7 +28,7 @@
 
 use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::pkcs8::DecodePublicKey;
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{CertInfo, RevokedEntry, RevokedFile, Role, SiteEntry, SiteManifest};
 use fedlink_protocol::admin::AdminErrorCode;
 
@@ -68,12 +68,15 @@ pub struct AdminRefusal {
     pub message: String,
 }
 
-/// The audit event of a command.
-pub fn audit_event(cmd: AdminCommand) -> EventKind {
+/// The audit event of a command on job `job`.
+pub fn audit_event(cmd: AdminCommand, job: &str) -> CoordEvent {
+    let job = coord::JobRef {
+        job: job.to_owned(),
+    };
     match cmd {
-        AdminCommand::Pause => EventKind::JobPaused,
-        AdminCommand::Resume => EventKind::JobResumed,
-        AdminCommand::Abort => EventKind::JobAborted,
+        AdminCommand::Pause => CoordEvent::JobPaused(job),
+        AdminCommand::Resume => CoordEvent::JobResumed(job),
+        AdminCommand::Abort => CoordEvent::JobAborted(job),
     }
 }
 
@@ -94,8 +97,7 @@ pub fn job_command(
     };
     let audit = Effect::AppendAudit {
         actor: actor.to_owned(),
-        kind: audit_event(cmd),
-        details: serde_json::json!({ "job": id }),
+        event: audit_event(cmd, id),
     };
     match target {
         Target::Running { finished: true }
@@ -182,10 +184,10 @@ pub fn job_submitted(
     }
     Ok(Effect::AppendAudit {
         actor: actor.to_owned(),
-        kind: EventKind::JobSubmitted,
-        details: serde_json::json!({
-            "job": job,
-            "job_toml_blake3": blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
+        event: CoordEvent::JobSubmitted(coord::JobSubmitted {
+            job: job.clone(),
+            job_toml_blake3: blake3::hash(job_toml.as_bytes()).to_hex().to_string(),
+            initial_model: None,
         }),
     })
 }
@@ -311,14 +313,14 @@ pub fn parse_update_key(text: &str) -> Result<String, AdminRefusal> {
 }
 
 /// The audit details of a site's registry entry.
-pub fn entry_event(e: &SiteEntry) -> serde_json::Value {
-    serde_json::json!({
-        "site": e.name,
-        "cert_serial": e.cert_serial.to_string(),
-        "cert_fingerprint": e.cert_fingerprint.to_string(),
-        "update_public_key": e.update_public_key,
-        "max_examples": e.max_examples,
-    })
+pub fn entry_event(e: &SiteEntry) -> coord::SiteEntry {
+    coord::SiteEntry {
+        site: e.name.clone(),
+        cert_serial: e.cert_serial.to_string(),
+        cert_fingerprint: e.cert_fingerprint.to_string(),
+        update_public_key: e.update_public_key.clone(),
+        max_examples: e.max_examples,
+    }
 }
 
 /// A presented certificate must be a site's and not revoked.
@@ -389,10 +391,9 @@ pub fn site_command(
         mut manifest,
         mut revoked,
     } = registry;
-    let audit = |kind, details| Effect::AppendAudit {
+    let audit = |event| Effect::AppendAudit {
         actor: actor.to_owned(),
-        kind,
-        details,
+        event,
     };
     let not_found = |name: &str| {
         refusal(
@@ -436,7 +437,7 @@ pub fn site_command(
             manifest.site.push(entry.clone());
             Ok(SiteChange {
                 effects: vec![
-                    audit(EventKind::SiteApproved, entry_event(&entry)),
+                    audit(CoordEvent::SiteApproved(entry_event(&entry))),
                     Effect::SaveManifest(manifest),
                     Effect::ReloadRegistry,
                 ],
@@ -445,8 +446,10 @@ pub fn site_command(
         }
         SiteCommand::Revoke { name, reason } => {
             let entry = manifest.remove(&name).ok_or_else(|| not_found(&name))?;
-            let mut details = entry_event(&entry);
-            details["reason"] = serde_json::json!(reason);
+            let event = CoordEvent::SiteRevoked(coord::SiteRevoked {
+                entry: entry_event(&entry),
+                reason: reason.clone(),
+            });
             revoked.revoked.push(RevokedEntry {
                 serial: Some(entry.cert_serial.clone()),
                 fingerprint: Some(entry.cert_fingerprint),
@@ -457,7 +460,7 @@ pub fn site_command(
             });
             Ok(SiteChange {
                 effects: vec![
-                    audit(EventKind::SiteRevoked, details),
+                    audit(event),
                     Effect::SaveRevocations(revoked),
                     Effect::SaveManifest(manifest),
                     Effect::ReloadRegistry,
@@ -505,7 +508,7 @@ pub fn site_command(
             let entry = entry.clone();
             Ok(SiteChange {
                 effects: vec![
-                    audit(EventKind::SiteRotated, entry_event(&entry)),
+                    audit(CoordEvent::SiteRotated(entry_event(&entry))),
                     Effect::SaveManifest(manifest),
                     Effect::ReloadRegistry,
                 ],
@@ -518,6 +521,15 @@ pub fn site_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedlink_audit::EventKind;
+
+    /// An audit append's event name and details, as written.
+    fn written(e: &Effect) -> (EventKind, serde_json::Value) {
+        let Effect::AppendAudit { event, .. } = e else {
+            panic!("not an audit append: {e:?}")
+        };
+        (event.kind(), event.details().unwrap())
+    }
 
     #[test]
     fn every_change_is_audited_first_and_finished_jobs_are_left_alone() {
@@ -560,13 +572,10 @@ mod tests {
                 })
             }
         );
+        assert!(matches!(&e[0], Effect::AppendAudit { actor, .. } if actor == "admin"));
         assert_eq!(
-            e[0],
-            Effect::AppendAudit {
-                actor: "admin".into(),
-                kind: EventKind::JobAborted,
-                details: serde_json::json!({ "job": "j" }),
-            }
+            written(&e[0]),
+            (EventKind::JobAborted, serde_json::json!({ "job": "j" }))
         );
     }
 
@@ -596,16 +605,16 @@ mod tests {
         assert_eq!(submitted.job.id, "j");
         let spec = submitted.job.arch.spec().unwrap();
         let e = job_submitted("admin", &submitted, &toml, &spec, false).unwrap();
+        assert!(matches!(&e, Effect::AppendAudit { actor, .. } if actor == "admin"));
         assert_eq!(
-            e,
-            Effect::AppendAudit {
-                actor: "admin".into(),
-                kind: EventKind::JobSubmitted,
-                details: serde_json::json!({
+            written(&e),
+            (
+                EventKind::JobSubmitted,
+                serde_json::json!({
                     "job": "j",
                     "job_toml_blake3": blake3::hash(toml.as_bytes()).to_hex().to_string(),
-                }),
-            }
+                })
+            )
         );
         assert!(Effect::audited_first(&[e]));
         assert_eq!(
@@ -680,6 +689,8 @@ mod tests {
         use fedlink_certs::{Fingerprint, Identity, Serial};
 
         use super::super::*;
+        use super::written;
+        use fedlink_audit::EventKind;
 
         const NOW: &str = "2026-12-06T12:00:00Z";
 
@@ -750,7 +761,7 @@ mod tests {
                 change.effects
             );
             assert!(
-                matches!(&change.effects[0], Effect::AppendAudit { kind: k, actor, .. } if *k == kind && actor == "admin-uri"),
+                matches!(&change.effects[0], Effect::AppendAudit { event, actor } if event.kind() == kind && actor == "admin-uri"),
                 "{:?}",
                 change.effects[0]
             );
@@ -765,10 +776,17 @@ mod tests {
             assert_eq!(change.entry.update_public_key, key(1));
             assert_eq!(change.entry.added_at, NOW);
             assert_eq!(change.entry.max_examples, Some(100));
-            let Effect::AppendAudit { details, .. } = &change.effects[0] else {
-                unreachable!()
-            };
-            assert_eq!(details, &entry_event(&change.entry));
+            let (_, details) = written(&change.effects[0]);
+            assert_eq!(
+                details,
+                serde_json::json!({
+                    "site": "a",
+                    "cert_serial": change.entry.cert_serial.to_string(),
+                    "cert_fingerprint": change.entry.cert_fingerprint.to_string(),
+                    "update_public_key": key(1),
+                    "max_examples": 100,
+                })
+            );
             assert_eq!(details["cert_serial"], change.entry.cert_serial.to_string());
             let after = saved(empty(), &change);
             assert_eq!(after.manifest.get("a"), Some(&change.entry));
@@ -901,9 +919,7 @@ mod tests {
             .unwrap();
             audited_then_saved(&change, EventKind::SiteRevoked);
             assert_eq!(change.entry, entry, "answered as it was");
-            let Effect::AppendAudit { details, .. } = &change.effects[0] else {
-                unreachable!()
-            };
+            let (_, details) = written(&change.effects[0]);
             assert_eq!(details["reason"], "lost laptop");
             assert_eq!(details["site"], "a");
             // The revocation list is written before the manifest.

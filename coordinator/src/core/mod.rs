@@ -175,14 +175,16 @@ pub enum Effect {
         /// Why.
         reason: CloseReason,
     },
-    /// Append an event to the coordinator's audit log, durably.
+    /// Append an event to the coordinator's audit log, durably (the
+    /// driver names the entry by [`CoordEvent::kind`] and serialises its
+    /// details).
+    ///
+    /// [`CoordEvent::kind`]: fedlink_audit::CoordEvent::kind
     AppendAudit {
         /// Who did it (an identity URI).
         actor: String,
-        /// What.
-        kind: fedlink_audit::EventKind,
-        /// Its typed details.
-        details: serde_json::Value,
+        /// What, with its typed details.
+        event: fedlink_audit::CoordEvent,
     },
     /// Append several events of one actor to the audit log, durably with
     /// one fsync (a group commit): all of them are on record before any
@@ -191,7 +193,7 @@ pub enum Effect {
         /// Who did them (an identity URI).
         actor: String,
         /// What, each with its typed details, in order.
-        entries: Vec<(fedlink_audit::EventKind, serde_json::Value)>,
+        entries: Vec<fedlink_audit::CoordEvent>,
     },
     /// Commit a checkpoint of a job that does not run now (queued) to the
     /// store.

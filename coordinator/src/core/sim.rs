@@ -1235,7 +1235,8 @@ impl CoreSim {
                 )));
             }
             match effect {
-                Effect::AppendAudit { kind, details, .. } => {
+                Effect::AppendAudit { event, .. } => {
+                    let (kind, details) = self.written(&event)?;
                     if details["site"] != name.as_str() {
                         return Err(
                             self.violation(format!("{kind} of {name} names {}", details["site"]))
@@ -1359,8 +1360,8 @@ impl CoreSim {
                 )));
             }
             match effect {
-                Effect::AppendAudit { kind, .. } => {
-                    self.note(&format!("audit {kind}"));
+                Effect::AppendAudit { event, .. } => {
+                    self.note(&format!("audit {}", event.kind()));
                     self.stats.admin_audited += 1;
                     audited = true;
                 }
@@ -1976,7 +1977,8 @@ impl CoreSim {
             } else {
                 fedlink_audit::EventKind::EvalRejected
             };
-            if !matches!(effects.as_slice(), [Effect::AppendAudit { kind, .. }] if *kind == want) {
+            if !matches!(effects.as_slice(), [Effect::AppendAudit { event, .. }] if event.kind() == want)
+            {
                 return Err(self.violation(format!(
                     "{job}: the report of {site} ({verdict:?}) is on record as {effects:?}"
                 )));
@@ -2023,14 +2025,16 @@ impl CoreSim {
                 return Err(self.violation(format!("{effect:?} before its audit append")));
             }
             match effect {
-                Effect::AppendAudit { kind, details, .. } => {
+                Effect::AppendAudit { event, .. } => {
+                    let (kind, details) = self.written(&event)?;
                     self.on_record(job, kind, &details, &mut sent)?;
                     audited = true;
                 }
                 Effect::AppendAuditBatch { entries, .. } => {
                     self.note(&format!("audit batch of {}", entries.len()));
-                    for (kind, details) in &entries {
-                        self.on_record(job, *kind, details, &mut sent)?;
+                    for event in &entries {
+                        let (kind, details) = self.written(event)?;
+                        self.on_record(job, kind, &details, &mut sent)?;
                     }
                     audited |= !entries.is_empty();
                 }
@@ -2091,6 +2095,17 @@ impl CoreSim {
 
     /// An audit entry of `job` appended: it names the job; an `offer.sent`
     /// puts its (site, round) on record for the offer that follows.
+    /// An event's name and its details as the driver writes them.
+    fn written(
+        &mut self,
+        event: &fedlink_audit::CoordEvent,
+    ) -> Result<(fedlink_audit::EventKind, serde_json::Value), Violation> {
+        match event.details() {
+            Ok(details) => Ok((event.kind(), details)),
+            Err(e) => Err(self.violation(format!("{} cannot be written: {e}", event.kind()))),
+        }
+    }
+
     fn on_record(
         &mut self,
         job: &str,

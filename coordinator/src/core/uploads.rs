@@ -444,7 +444,7 @@ mod tests {
 
     use std::time::{Duration, Instant};
 
-    use fedlink_audit::EventKind;
+    use fedlink_audit::CoordEvent;
     use fedlink_protocol::envelope::UpdateHeader;
     use fedlink_protocol::message::UploadResult;
     use fedlink_protocol::{
@@ -603,7 +603,7 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Effect::AppendAudit {
-                    kind: EventKind::UpdateReceived,
+                    event: CoordEvent::UpdateReceived(_),
                     ..
                 } => "audit",
                 Effect::RecordRejected { .. } => "record",
@@ -912,11 +912,10 @@ mod tests {
         match effects {
             [
                 Effect::AppendAudit {
-                    kind: EventKind::UpdateInterrupted,
-                    details,
+                    event: event @ CoordEvent::UpdateInterrupted(_),
                     ..
                 },
-            ] => details["kept_for_resume"].clone(),
+            ] => event.details().unwrap()["kept_for_resume"].clone(),
             other => panic!("not one update.interrupted: {other:?}"),
         }
     }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::rustls::server::danger::ClientCertVerifier;
 use fedlink_certs::rustls_pki_types::pem::PemObject;
 use fedlink_certs::rustls_pki_types::{CertificateDer, UnixTime};
@@ -405,8 +405,11 @@ async fn handle_stream(
         let reason = "the admin certificate has been revoked";
         let _ = shared.audit().record(
             actor,
-            EventKind::AdminRefused,
-            serde_json::json!({"peer_addr": remote.to_string(), "identity": actor, "reason": reason}),
+            &CoordEvent::AdminRefused(coord::AdminRefused {
+                peer_addr: remote.to_string(),
+                identity: actor.to_owned(),
+                reason: reason.to_owned(),
+            }),
         );
         send_response(
             &mut send,
@@ -420,8 +423,10 @@ async fn handle_stream(
     tracing::info!(admin = %actor, command = req.command(), "admin command");
     if let Err(e) = shared.audit().record(
         actor,
-        EventKind::AdminCommand,
-        serde_json::json!({"command": req.command(), "args": req.args()}),
+        &CoordEvent::AdminCommand(coord::AdminCommand {
+            command: req.command().to_owned(),
+            args: req.args(),
+        }),
     ) {
         tracing::error!(error = %e, "audit log unavailable; admin command not executed");
         send_response(
@@ -1138,8 +1143,10 @@ async fn export(
     };
     if let Err(e) = shared.audit().record(
         actor,
-        EventKind::ModelExported,
-        serde_json::json!({"model": header.model.to_hex(), "format": format_name}),
+        &CoordEvent::ModelExported(coord::ModelExported {
+            model: header.model.to_hex(),
+            format: format_name.to_owned(),
+        }),
     ) {
         send_response(
             &mut send,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use fedlink_audit::{AuditLog, EventKind, SignedHead};
+use fedlink_audit::{AuditLog, CoordEvent, EventKind, SignedHead, coord};
 
 /// Sub-directory of the data directory that holds the log.
 pub(crate) const AUDIT_DIR: &str = "audit";
@@ -44,6 +44,15 @@ pub enum AuditError {
     /// The log's signed head is not a 64-byte hex signature.
     #[error("audit log: the signed head's signature is not 64 bytes of hex")]
     BadHead,
+    /// An event's details could not be turned into JSON (nothing was
+    /// written).
+    #[error("audit log: the details of {event} cannot be written: {source}")]
+    Details {
+        /// The event.
+        event: EventKind,
+        /// Why.
+        source: serde_json::Error,
+    },
 }
 
 struct Inner {
@@ -111,14 +120,11 @@ impl Auditor {
                 bytes = r.removed_bytes,
                 "removed a torn last line from the audit log (an interrupted write)"
             );
-            auditor.record_own(
-                EventKind::TailRepaired,
-                serde_json::json!({
-                    "line": r.line,
-                    "removed_bytes": r.removed_bytes,
-                    "removed_blake3": r.removed_blake3,
-                }),
-            )?;
+            auditor.record_own_event(&CoordEvent::TailRepaired(coord::TailRepaired {
+                line: r.line,
+                removed_bytes: r.removed_bytes,
+                removed_blake3: r.removed_blake3,
+            }))?;
         }
         Ok(auditor)
     }
@@ -133,13 +139,9 @@ impl Auditor {
     ///
     /// Safe to call from async code on the multi-threaded runtime (the
     /// fsync runs under `block_in_place`) and from plain threads.
-    pub(crate) fn record(
-        &self,
-        actor: &str,
-        event: EventKind,
-        details: serde_json::Value,
-    ) -> Result<(), AuditError> {
-        blocking(|| self.append(actor, event, &details))
+    pub(crate) fn record(&self, actor: &str, event: &CoordEvent) -> Result<(), AuditError> {
+        let details = details(event)?;
+        blocking(|| self.append(actor, event.kind(), &details))
     }
 
     /// The coordinator's own identity (the actor of its events).
@@ -148,25 +150,37 @@ impl Auditor {
     }
 
     /// [`record`](Self::record) with the coordinator as the actor.
+    pub(crate) fn record_own_event(&self, event: &CoordEvent) -> Result<(), AuditError> {
+        self.record(&self.actor, event)
+    }
+
+    /// The coordinator's own `event` with details built by the caller.
+    /// Untyped: only the entries `server/mod.rs` writes still use it
+    /// (`coordinator.started`, `round.discarded` on resume, `job.submitted`
+    /// at start-up, `conn.refused` handshake summaries, `disk.low` /
+    /// `disk.ok`); every other writer passes a [`CoordEvent`].
     pub(crate) fn record_own(
         &self,
         event: EventKind,
         details: serde_json::Value,
     ) -> Result<(), AuditError> {
-        self.record(&self.actor, event, details)
+        blocking(|| self.append(&self.actor, event, &details))
     }
 
-    /// Append `entries` (each an event and its details) by `actor`, all
-    /// fsynced together (group commit: one fsync instead of one each).
-    /// Only perform the recorded actions when this returns `Ok`; then all
-    /// of them may take effect.
+    /// Append `entries` by `actor`, all fsynced together (group commit:
+    /// one fsync instead of one each). Only perform the recorded actions
+    /// when this returns `Ok`; then all of them may take effect.
     pub(crate) fn record_batch(
         &self,
         actor: &str,
-        entries: &[(EventKind, serde_json::Value)],
+        entries: &[CoordEvent],
     ) -> Result<(), AuditError> {
+        let details = entries
+            .iter()
+            .map(|e| Ok((e.kind(), details(e)?)))
+            .collect::<Result<Vec<_>, AuditError>>()?;
         blocking(|| {
-            let entries: Vec<_> = entries.iter().map(|(k, d)| (k.as_str(), d)).collect();
+            let entries: Vec<_> = details.iter().map(|(k, d)| (k.as_str(), d)).collect();
             let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
             inner
                 .log
@@ -233,6 +247,14 @@ impl Auditor {
             sig,
         })
     }
+}
+
+/// An event's details, as the entry holds them.
+fn details(event: &CoordEvent) -> Result<serde_json::Value, AuditError> {
+    event.details().map_err(|source| AuditError::Details {
+        event: event.kind(),
+        source,
+    })
 }
 
 /// Run `f` (which blocks on disk I/O) without stalling other tasks of a
@@ -307,6 +329,44 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// A typed event is written as the `json!` details were: its name from
+    /// `kind()`, its members sorted by name, batches alike.
+    #[test]
+    fn typed_events_are_written_with_the_bytes_of_their_json_details() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let a =
+            Auditor::open(dir.path(), key, "fedlink://f/coordinator/c".into(), 1 << 20).unwrap();
+        let received = |accepted: bool| {
+            CoordEvent::UpdateReceived(coord::UpdateReceived {
+                job: "j".into(),
+                round: 2,
+                site: "a".into(),
+                payload_hash: "ab".into(),
+                payload_bytes: 10,
+                num_examples: 3,
+                nonce: "cd".into(),
+                envelope_sig: "ef".into(),
+                accepted,
+                reason: (!accepted).then(|| "too late".to_owned()),
+            })
+        };
+        a.record("fedlink://f/site/a", &received(true)).unwrap();
+        a.record_batch("fedlink://f/site/a", &[received(false)])
+            .unwrap();
+        let text = fs::read_to_string(dir.path().join("audit/audit.jsonl")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        for (line, accepted, reason) in
+            [(lines[0], true, "null"), (lines[1], false, "\"too late\"")]
+        {
+            let want = format!(
+                r#""event":"update.received","details":{{"accepted":{accepted},"envelope_sig":"ef","job":"j","nonce":"cd","num_examples":3,"payload_bytes":10,"payload_hash":"ab","reason":{reason},"round":2,"site":"a"}},"prev":"#
+            );
+            assert!(line.contains(&want), "{line}\n{want}");
+        }
+    }
+
     #[test]
     fn records_verify_and_rotate_keeps_the_chain() {
         let dir = tempfile::tempdir().unwrap();
@@ -319,8 +379,11 @@ mod tests {
         )
         .unwrap();
         for i in 0..10 {
-            a.record_own(EventKind::DiskOk, serde_json::json!({ "i": i }))
-                .unwrap();
+            a.record_own_event(&CoordEvent::DiskOk(coord::DiskSpace {
+                free_bytes: i,
+                min_free_bytes: 1,
+            }))
+            .unwrap();
         }
         let head = a.signed_head().unwrap();
         assert_eq!(head.seq, 9);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{Role, check_role_for_alpn};
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
@@ -252,13 +252,14 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
         .map(|c| c.serial.to_string());
     let accepted = shared.audit().record(
         &identity.to_string(),
-        EventKind::ConnAccepted,
-        serde_json::json!({
-            "peer_addr": remote.to_string(),
-            "identity": identity.to_string(),
-            "alpn": alpn.as_deref().map(String::from_utf8_lossy),
-            "cert_serial": cert_serial,
-            "transport": conn.kind().as_str(),
+        &CoordEvent::ConnAccepted(coord::ConnAccepted {
+            peer_addr: remote.to_string(),
+            identity: identity.to_string(),
+            alpn: alpn
+                .as_deref()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+            cert_serial,
+            transport: conn.kind().as_str().to_owned(),
         }),
     );
     if let Err(e) = accepted {
@@ -286,8 +287,10 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
     let reason = peer_text(&reason);
     let closed = shared.audit().record(
         &identity.to_string(),
-        EventKind::ConnClosed,
-        serde_json::json!({ "identity": identity.to_string(), "reason": reason }),
+        &CoordEvent::ConnClosed(coord::ConnClosed {
+            identity: identity.to_string(),
+            reason: reason.to_string(),
+        }),
     );
     if let Err(e) = closed {
         tracing::error!(%remote, %identity, error = %e, "cannot record the end of a connection");
@@ -318,15 +321,14 @@ fn audit_refused(
     alpn: Option<&[u8]>,
     reason: &str,
 ) {
-    let r = shared.audit().record_own(
-        EventKind::ConnRefused,
-        serde_json::json!({
-            "peer_addr": remote.to_string(),
-            "identity": identity,
-            "alpn": alpn.map(String::from_utf8_lossy),
-            "reason": reason,
-        }),
-    );
+    let r = shared
+        .audit()
+        .record_own_event(&CoordEvent::ConnRefused(coord::ConnRefused {
+            peer_addr: remote.to_string(),
+            identity: identity.map(str::to_owned),
+            alpn: alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
+            reason: reason.to_owned(),
+        }));
     if let Err(e) = r {
         tracing::error!(%remote, error = %e, "cannot record a refused connection");
     }
@@ -653,17 +655,17 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
         Some(Err(e)) => Err(format!("the site's registered key is unusable: {e}")),
         None => Err("the site is not in the manifest".to_owned()),
     };
-    let details = serde_json::json!({
-        "site": site,
-        "seq": h.seq,
-        "hash": hex::encode(h.hash),
-        "ts_unix_ms": h.ts_unix_ms,
-        "sig": hex::encode(h.sig),
-    });
+    let recorded = coord::AuditHeadOf {
+        site: site.to_owned(),
+        seq: h.seq,
+        hash: hex::encode(h.hash),
+        ts_unix_ms: h.ts_unix_ms,
+        sig: hex::encode(h.sig),
+    };
     let audit = shared.audit();
     match verdict {
         Ok(()) => {
-            if let Err(e) = audit.record(&actor, EventKind::SiteAuditHead, details) {
+            if let Err(e) = audit.record(&actor, &CoordEvent::SiteAuditHead(recorded)) {
                 tracing::error!(site, error = %e, "cannot record the site's audit head");
                 return None;
             }
@@ -676,9 +678,11 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
         }
         Err(reason) => {
             tracing::warn!(site, reason = %reason, "site audit head refused");
-            let mut details = details;
-            details["reason"] = serde_json::Value::String(reason);
-            if let Err(e) = audit.record(&actor, EventKind::SiteAuditHeadRejected, details) {
+            let rejected = CoordEvent::SiteAuditHeadRejected(coord::AuditHeadRejected {
+                head: recorded,
+                reason,
+            });
+            if let Err(e) = audit.record(&actor, &rejected) {
                 tracing::error!(site, error = %e, "cannot record a refused audit head");
             }
             None
@@ -890,11 +894,8 @@ fn audit_upload_refused(
     reason: &str,
 ) {
     let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), site);
-    let details = update_received_details(envelope, bytes, Some(reason));
-    if let Err(e) = shared
-        .audit()
-        .record(&actor, EventKind::UpdateReceived, details)
-    {
+    let event = update_received_details(envelope, bytes, Some(reason));
+    if let Err(e) = shared.audit().record(&actor, &event) {
         tracing::error!(site, error = %e, "cannot record a refused upload");
     }
 }

@@ -13,13 +13,14 @@
 
 use std::future::Future;
 
-use fedlink_audit::EventKind;
+use fedlink_audit::CoordEvent;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use tokio::sync::mpsc;
 
 use super::engine::{Event, update_received_details};
 use super::links::Links;
 use super::{ServeError, Shared};
+use crate::core::actions::eval_report_details;
 
 /// Why uploads and downloads are refused while no job runs.
 const NO_JOB: &str = "no job is running";
@@ -70,20 +71,12 @@ impl Idle {
                 // Audited like a refusal by a running job.
                 let actor =
                     fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
-                let r = &report.report;
-                let details = serde_json::json!({
-                    "site": site,
-                    "job": r.job_id.as_str(),
-                    "round": r.round.0,
-                    "model": r.model.to_hex(),
-                    "num_eval_examples": r.metrics.num_eval_examples,
-                    "reason": NO_JOB,
+                let event = CoordEvent::EvalRejected(fedlink_audit::coord::EvalRejected {
+                    report: eval_report_details(&site, &report.report),
+                    reason: NO_JOB.to_owned(),
                 });
                 tracing::warn!(site = %site, "evaluation report refused: no job is running");
-                if let Err(e) = shared
-                    .audit()
-                    .record(&actor, EventKind::EvalRejected, details)
-                {
+                if let Err(e) = shared.audit().record(&actor, &event) {
                     tracing::error!(error = %e, "recording a refused evaluation report");
                 }
             }
@@ -96,12 +89,9 @@ impl Idle {
                 tracing::warn!(site = %site, "upload refused: no job is running");
                 let actor =
                     fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
-                let details =
+                let event =
                     update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
-                let answer = match shared
-                    .audit()
-                    .record(&actor, EventKind::UpdateReceived, details)
-                {
+                let answer = match shared.audit().record(&actor, &event) {
                     Ok(()) => (RejectCode::UnexpectedMessage, NO_JOB.to_owned()),
                     Err(e) => (
                         RejectCode::Internal,

@@ -10,7 +10,7 @@
 //! an admin. Every other effect is handed to the caller's `other`, in its
 //! turn.
 
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, EventKind};
 
 use crate::core::Effect;
 use crate::server::audit::{AuditError, Auditor};
@@ -58,19 +58,17 @@ pub(crate) fn execute<E>(
 ) -> Result<(), E> {
     for effect in effects {
         match effect {
-            Effect::AppendAudit {
-                actor,
-                kind,
-                details,
-            } => audit.record(&actor, kind, details).map_err(|source| {
-                fail(Unexecuted::Audit {
-                    during: during(audit.actor(), &actor, kind),
-                    source,
-                })
-            })?,
+            Effect::AppendAudit { actor, event } => {
+                audit.record(&actor, &event).map_err(|source| {
+                    fail(Unexecuted::Audit {
+                        during: during(audit.actor(), &actor, event.kind()),
+                        source,
+                    })
+                })?
+            }
             Effect::AppendAuditBatch { actor, entries } => {
                 audit.record_batch(&actor, &entries).map_err(|source| {
-                    let mut kinds: Vec<EventKind> = entries.iter().map(|(k, _)| *k).collect();
+                    let mut kinds: Vec<EventKind> = entries.iter().map(CoordEvent::kind).collect();
                     kinds.dedup();
                     let during = match kinds.as_slice() {
                         [kind] => during(audit.actor(), &actor, *kind),
@@ -113,6 +111,7 @@ fn during(own: &str, actor: &str, kind: EventKind) -> String {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use fedlink_audit::coord;
     use fedlink_protocol::message::Bye;
     use fedlink_protocol::{Message, SiteId};
 
@@ -156,10 +155,12 @@ mod tests {
         let store = Store::open(&dir.path().join("store")).unwrap();
         let own = audit.actor().to_owned();
         let offer = |site: &str| {
-            (
-                EventKind::OfferSent,
-                serde_json::json!({"job": "j1", "round": 1, "site": site}),
-            )
+            CoordEvent::OfferSent(coord::OfferSent {
+                job: "j1".into(),
+                round: 1,
+                site: site.into(),
+                base_model: "00".into(),
+            })
         };
         let effects = vec![
             send("a"),
@@ -171,8 +172,11 @@ mod tests {
             // An actor the log refuses: the append fails, nothing is written.
             Effect::AppendAudit {
                 actor: String::new(),
-                kind: EventKind::RoundOpened,
-                details: serde_json::json!({"job": "j1", "round": 2}),
+                event: CoordEvent::RoundOpened(coord::RoundOpened {
+                    job: "j1".into(),
+                    round: 2,
+                    base_model: "00".into(),
+                }),
             },
             send("c"),
         ];
@@ -188,8 +192,9 @@ mod tests {
         let effects = vec![
             Effect::AppendAudit {
                 actor: own,
-                kind: EventKind::JobPaused,
-                details: serde_json::json!({"job": "queued"}),
+                event: CoordEvent::JobPaused(coord::JobRef {
+                    job: "queued".into(),
+                }),
             },
             Effect::Persist {
                 job: "queued".into(),
