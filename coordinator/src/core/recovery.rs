@@ -21,7 +21,7 @@
 //! downlink encoding), are [`super::served`]'s decisions.
 
 use fedlink_aggregation::StrategyConfig;
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, coord};
 use fedlink_protocol::{FederationId, JobId, ModelHash, ModelSpec, ReplayGuard, RoundId};
 
 use super::Effect;
@@ -121,11 +121,10 @@ pub fn recover(stored: Stored<'_>) -> Recovered {
         .reopened
         .map(|r| Effect::AppendAudit {
             actor: stored.actor.to_owned(),
-            kind: EventKind::RoundDiscarded,
-            details: serde_json::json!({
-                "job": stored.job.id,
-                "round": r.round,
-                "reason": format!(
+            event: CoordEvent::RoundDiscarded(coord::RoundDiscarded {
+                job: stored.job.id.clone(),
+                round: r.round,
+                reason: format!(
                     "the coordinator restarted during the round; its {} accepted update(s) \
                      are discarded and the round is re-opened",
                     r.discarded
@@ -173,7 +172,7 @@ fn decode_or_default<T: serde::de::DeserializeOwned + Default>(
 #[derive(Clone, Debug, PartialEq)]
 pub enum Create {
     /// Append this audit entry (`job.submitted`).
-    Audit(Effect),
+    Audit(Box<Effect>),
     /// Store the job's initial model.
     PutModel,
     /// Store the job, with the initial model as its current model.
@@ -191,15 +190,14 @@ pub fn configured_job_created(
     initial: &ModelHash,
 ) -> [Create; 3] {
     [
-        Create::Audit(Effect::AppendAudit {
+        Create::Audit(Box::new(Effect::AppendAudit {
             actor: actor.to_owned(),
-            kind: EventKind::JobSubmitted,
-            details: serde_json::json!({
-                "job": job,
-                "job_toml_blake3": blake3::hash(toml).to_hex().to_string(),
-                "initial_model": initial.to_hex(),
+            event: CoordEvent::JobSubmitted(coord::JobSubmitted {
+                job: job.to_owned(),
+                job_toml_blake3: blake3::hash(toml).to_hex().to_string(),
+                initial_model: Some(initial.to_hex()),
             }),
-        }),
+        })),
         Create::PutModel,
         Create::CreateJob,
     ]
@@ -212,6 +210,7 @@ mod tests {
     };
 
     use super::*;
+    use fedlink_audit::EventKind;
 
     const ACTOR: &str = "fedlink://fed/coordinator";
 
@@ -333,20 +332,13 @@ mod tests {
             discarded: 3,
         });
         let r = recover(stored(&job, &fed, &spec, reopened, None, Some(&replay)));
-        let [
-            Effect::AppendAudit {
-                actor,
-                kind,
-                details,
-            },
-        ] = r.effects.as_slice()
-        else {
+        let [Effect::AppendAudit { actor, event }] = r.effects.as_slice() else {
             panic!("one audit entry: {:?}", r.effects);
         };
         assert_eq!(actor, ACTOR);
-        assert_eq!(*kind, EventKind::RoundDiscarded);
+        assert_eq!(event.kind(), EventKind::RoundDiscarded);
         assert_eq!(
-            serde_json::to_string(details).unwrap(),
+            serde_json::to_string(&event.details().unwrap()).unwrap(),
             "{\"job\":\"j\",\"reason\":\"the coordinator restarted during the round; its 3 \
              accepted update(s) are discarded and the round is re-opened\",\"round\":2}"
         );
@@ -432,17 +424,15 @@ mod tests {
         let [Create::Audit(entry), Create::PutModel, Create::CreateJob] = &steps else {
             panic!("{steps:?}");
         };
-        let Effect::AppendAudit {
-            actor,
-            kind,
-            details,
-        } = entry
-        else {
+        let Effect::AppendAudit { actor, event } = &**entry else {
             panic!("{entry:?}");
         };
-        assert_eq!((actor.as_str(), *kind), (ACTOR, EventKind::JobSubmitted));
         assert_eq!(
-            serde_json::to_string(details).unwrap(),
+            (actor.as_str(), event.kind()),
+            (ACTOR, EventKind::JobSubmitted)
+        );
+        assert_eq!(
+            serde_json::to_string(&event.details().unwrap()).unwrap(),
             format!(
                 "{{\"initial_model\":\"{}\",\"job\":\"j\",\"job_toml_blake3\":\"{}\"}}",
                 "ab".repeat(32),

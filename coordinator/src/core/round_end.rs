@@ -410,7 +410,7 @@ mod tests {
                 Step::Record(effects) | Step::AuditEvaluation { effects, .. } => effects
                     .iter()
                     .map(|e| match e {
-                        Effect::AppendAudit { kind, .. } => format!("audit {kind}"),
+                        Effect::AppendAudit { event, .. } => format!("audit {}", event.kind()),
                         Effect::Send {
                             site,
                             message: Message::RoundOutcome(o),
@@ -458,7 +458,7 @@ mod tests {
         let round_json = at(&|s| matches!(s, Step::WriteRoundFile { .. }));
         let audited = at(&|s| {
             matches!(s, Step::Record(e) if matches!(e.first(),
-                Some(Effect::AppendAudit { kind: EventKind::RoundAggregated, .. })))
+                Some(Effect::AppendAudit { event, .. }) if event.kind() == EventKind::RoundAggregated))
         });
         let stored = at(&|s| matches!(s, Step::StoreModel { .. }));
         let synced = at(&|s| matches!(s, Step::SyncSpool));
@@ -468,9 +468,10 @@ mod tests {
         let Step::Record(effects) = &end.steps[audited] else {
             unreachable!()
         };
-        let Effect::AppendAudit { details, .. } = &effects[0] else {
+        let Effect::AppendAudit { event, .. } = &effects[0] else {
             unreachable!()
         };
+        let details = event.details().unwrap();
         assert_eq!(details["output_model"], ModelHash([2; 32]).to_hex());
         assert_eq!(details["round"], 3);
         assert!(end.steps.iter().all(|s| match s {
@@ -517,9 +518,10 @@ mod tests {
             unreachable!()
         };
         assert_eq!(audited, evaluation);
-        let Effect::AppendAudit { details, .. } = &effects[0] else {
+        let Effect::AppendAudit { event, .. } = &effects[0] else {
             unreachable!()
         };
+        let details = event.details().unwrap();
         assert_eq!(details["after_round"], 2);
         assert!(details.get("requested").is_none());
     }

@@ -1355,7 +1355,7 @@ fn select_job(
         let mut hash = model.hash();
         for step in recovery::configured_job_created(auditor.actor(), &job.id, &toml, &hash) {
             match step {
-                Create::Audit(entry) => append_own(auditor, store, [entry])?,
+                Create::Audit(entry) => append_own(auditor, store, [*entry])?,
                 Create::PutModel => hash = store.put_model(&model)?,
                 Create::CreateJob => {
                     store.create_job(job, hash)?;
