@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fedlink_aggregation::safetensors_io;
-use fedlink_audit::EventKind;
+use fedlink_audit::{CoordEvent, EventKind, coord};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{FederationId, FlatModel, ModelHash};
 use tokio::sync::{Semaphore, mpsc};
@@ -881,14 +881,11 @@ pub async fn serve(
         kit.identity().to_string(),
         cfg.audit_rotate_bytes,
     )?);
-    auditor.record_own(
-        EventKind::CoordinatorStarted,
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "federation": kit.identity().federation(),
-            "audit_public_key": auditor.public_key_hex(),
-        }),
-    )?;
+    auditor.record_own_event(&CoordEvent::CoordinatorStarted(coord::CoordinatorStarted {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        federation: kit.identity().federation().to_owned(),
+        audit_public_key: auditor.public_key_hex(),
+    }))?;
     let store = Arc::new(Store::open(&cfg.data_dir)?);
     clean_spool(&store.dir().join("spool"));
     let job_id = match select_job(&store, cfg.job.as_deref(), &auditor, opts.exit_after_job)? {
