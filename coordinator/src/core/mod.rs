@@ -111,8 +111,10 @@ pub mod admin;
 pub mod evaluation;
 pub mod intake;
 pub mod jobs;
+pub mod limits;
 pub mod queue;
 pub mod recovery;
+pub mod refusals;
 pub mod resume;
 pub mod scaling;
 pub mod served;
@@ -333,6 +335,8 @@ mod purity {
         ("recovery.rs", include_str!("recovery.rs")),
         ("scaling.rs", include_str!("scaling.rs")),
         ("served.rs", include_str!("served.rs")),
+        ("limits.rs", include_str!("limits.rs")),
+        ("refusals.rs", include_str!("refusals.rs")),
     ];
 
     #[test]

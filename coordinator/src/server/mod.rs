@@ -28,7 +28,6 @@ mod idle;
 mod limits;
 mod links;
 pub(crate) mod pool;
-mod refusals;
 pub(crate) mod spool;
 pub mod status;
 
@@ -51,6 +50,7 @@ use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
+use crate::core::refusals::Refusals;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -251,7 +251,7 @@ pub(crate) struct Shared {
     audit: Arc<Auditor>,
     admin: admin::AdminState,
     /// Failed handshakes of the current interval (recorded in bulk).
-    refusals: Mutex<refusals::Refusals>,
+    refusals: Mutex<Refusals>,
     /// Keeps the disk from filling up past what the audit log needs.
     disk: disk::DiskGuard,
     /// Open connections, per identity and in all.
@@ -930,9 +930,7 @@ pub async fn serve(
             cfg.revoked_path(),
             cfg.init_dir.clone(),
         ),
-        refusals: Mutex::new(refusals::Refusals::new(Duration::from_secs(
-            cfg.refusal_summary_secs,
-        ))),
+        refusals: Mutex::new(Refusals::new(Duration::from_secs(cfg.refusal_summary_secs))),
         disk: disk::DiskGuard::new(&cfg.data_dir, cfg.min_free_disk_mib.saturating_mul(1 << 20)),
         connections: limits::Connections::new(
             cfg.max_connections,
@@ -966,7 +964,7 @@ pub async fn serve(
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
-    let mut rates = limits::SourceRates::new(
+    let mut rates = crate::core::limits::SourceRates::new(
         cfg.handshake_burst_per_source,
         cfg.handshakes_per_source_per_sec,
         MAX_RATE_SOURCES,
