@@ -108,6 +108,7 @@
 
 pub mod actions;
 pub mod admin;
+pub mod disk;
 pub mod evaluation;
 pub mod intake;
 pub mod jobs;
@@ -337,6 +338,7 @@ mod purity {
         ("served.rs", include_str!("served.rs")),
         ("limits.rs", include_str!("limits.rs")),
         ("refusals.rs", include_str!("refusals.rs")),
+        ("disk.rs", include_str!("disk.rs")),
     ];
 
     #[test]

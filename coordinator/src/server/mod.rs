@@ -48,6 +48,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
+use crate::core::disk::LowOnDisk;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
 use crate::core::refusals::Refusals;
@@ -339,26 +340,18 @@ impl Shared {
 
     /// May new work (a connection, an upload) start? Records the change
     /// when the disk becomes low or recovers; `Err` says why not.
-    pub(crate) fn disk_allows_new_work(&self) -> Result<(), disk::LowOnDisk> {
-        let (verdict, transition) = self.disk.check();
-        if let Some(t) = transition {
-            let (event, free) = match t {
-                disk::Transition::Low { free } => (EventKind::DiskLow, free),
-                disk::Transition::Ok { free } => (EventKind::DiskOk, free),
-            };
-            tracing::warn!(event = %event, free_mib = free >> 20, "disk space");
-            let r = self.audit.record_own(
-                event,
-                serde_json::json!({
-                    "free_bytes": free,
-                    "min_free_bytes": self.disk.min_free(),
-                }),
-            );
-            if let Err(e) = r {
-                tracing::error!(error = %e, "cannot record the disk state");
-            }
+    pub(crate) fn disk_allows_new_work(&self) -> Result<(), LowOnDisk> {
+        let observed = self.disk.check(self.audit.actor());
+        if let Some(crate::core::Effect::AppendAudit {
+            actor,
+            kind,
+            details,
+        }) = observed.audit
+            && let Err(e) = self.audit.record(&actor, kind, details)
+        {
+            tracing::error!(error = %e, "cannot record the disk state");
         }
-        verdict
+        observed.verdict
     }
 
     /// The coordinator's audit log. Record an event before the action it
