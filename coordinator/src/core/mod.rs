@@ -57,6 +57,14 @@
 //! and whether a restarted coordinator serves the last round's update
 //! again.
 //!
+//! The driver's guards decide here too: [`limits`] (the control-message
+//! and handshake budgets, the connection caps), [`refusals`] (failed
+//! handshakes counted per source and flushed as one summary each per
+//! interval), [`disk`] (the free-space guard and its `disk.low` /
+//! `disk.ok` entry) and [`registry`] (whether a site or an open
+//! connection is still allowed, over the manifest and the revocation list
+//! as data, and when their changed files are taken up again).
+//!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
 //! cancels, closes, accepted and refused uploads (`update.received`, the
@@ -116,6 +124,7 @@ pub mod limits;
 pub mod queue;
 pub mod recovery;
 pub mod refusals;
+pub mod registry;
 pub mod resume;
 pub mod scaling;
 pub mod served;
@@ -339,6 +348,7 @@ mod purity {
         ("limits.rs", include_str!("limits.rs")),
         ("refusals.rs", include_str!("refusals.rs")),
         ("disk.rs", include_str!("disk.rs")),
+        ("registry.rs", include_str!("registry.rs")),
     ];
 
     #[test]

@@ -35,8 +35,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fedlink_aggregation::safetensors_io;
@@ -52,6 +52,8 @@ use crate::core::disk::LowOnDisk;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
 use crate::core::refusals::Refusals;
+pub(crate) use crate::core::registry::NotAllowed;
+use crate::core::registry::{self, RegistryWatch, Watched};
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -220,17 +222,15 @@ pub(crate) struct Shared {
     /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
     /// flood is held back by QUIC flow control instead of queued here.
     engine: mpsc::Sender<Event>,
-    /// A re-check of open connections could not be queued (queue full):
-    /// retried at the next reload tick.
-    recheck_pending: AtomicBool,
     manifest: RwLock<SiteManifest>,
     manifest_path: PathBuf,
-    manifest_mtime: Mutex<Option<SystemTime>>,
+    /// When the manifest and the revocation list are taken up again, and
+    /// whether the open connections are to be re-checked.
+    registry_watch: Mutex<RegistryWatch<SystemTime>>,
     /// How each connected site is connected (operator view: transport,
     /// proxy, RTT), by site; the engine owns who is connected.
     pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
     revocations: Arc<RevocationList>,
-    revoked_mtime: Mutex<Option<SystemTime>>,
     federation: FederationId,
     heartbeat: Duration,
     uploads: Semaphore,
@@ -401,139 +401,90 @@ impl Shared {
 
     /// Re-read the manifest and the revocation list if their files changed
     /// (renewals, new sites, revocations take effect without a restart).
-    /// Re-read the manifest and the revocation list if their files changed
-    /// (renewals, new sites, revocations take effect without a restart).
     /// A file that fails to load keeps the old list in force and is tried
     /// again next time. When anything changed, the engine re-checks every
     /// open connection (a revoked or superseded certificate is cut off).
+    /// When a file is due and whether to re-check: [`RegistryWatch`].
     fn reload_if_changed(&self) {
-        let mut changed = self.recheck_pending.swap(false, Ordering::AcqRel);
-        let m = mtime(&self.manifest_path);
-        if let Ok(mut last) = self.manifest_mtime.lock()
-            && *last != m
-        {
-            match SiteManifest::load(&self.manifest_path) {
-                Ok(new) => match update_keys(&new) {
-                    Ok(keys) => {
-                        if let Ok(mut cur) = self.manifest.write() {
-                            *cur = new;
+        let recheck = {
+            let mut watch = self
+                .registry_watch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let m = mtime(&self.manifest_path);
+            if watch.due(Watched::Manifest, &m) {
+                match SiteManifest::load(&self.manifest_path) {
+                    Ok(new) => match update_keys(&new) {
+                        Ok(keys) => {
+                            if let Ok(mut cur) = self.manifest.write() {
+                                *cur = new;
+                            }
+                            // Queue full: nothing taken up, so the next
+                            // reload tick (2 s) tries again.
+                            if self.engine.try_send(Event::Keys(keys)).is_ok() {
+                                tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                                watch.taken_up(Watched::Manifest, m);
+                            }
                         }
-                        // Queue full: keep the old mtime, so the next
-                        // reload tick (2 s) tries again.
-                        if self.engine.try_send(Event::Keys(keys)).is_ok() {
-                            tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                            *last = m;
-                            changed = true;
+                        Err(e) => {
+                            tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
                         }
-                    }
+                    },
                     Err(e) => {
-                        tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
-                }
-            }
-        }
-        if let Some(path) = self.revocations.path() {
-            let r = mtime(path);
-            if let Ok(mut last) = self.revoked_mtime.lock()
-                && *last != r
-            {
-                match self.revocations.reload() {
-                    Ok(n) => {
-                        tracing::info!(revoked = n, "revocation list reloaded");
-                        *last = r;
-                        changed = true;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
+                        tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
                     }
                 }
             }
-        }
-        if changed {
+            if let Some(path) = self.revocations.path() {
+                let r = mtime(path);
+                if watch.due(Watched::Revocations, &r) {
+                    match self.revocations.reload() {
+                        Ok(n) => {
+                            tracing::info!(revoked = n, "revocation list reloaded");
+                            watch.taken_up(Watched::Revocations, r);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
+                        }
+                    }
+                }
+            }
+            watch.poll_recheck()
+        };
+        if recheck {
             if let Err(mpsc::error::TrySendError::Full(_)) =
                 self.engine.try_send(Event::RecheckPeers)
             {
-                self.recheck_pending.store(true, Ordering::Release);
+                self.registry_watch
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .recheck_not_queued();
             }
             self.recheck_admins();
         }
     }
 
-    /// Whether `site` may still contribute: it is in the manifest and its
-    /// registered certificate is not revoked. Checked when its update is
-    /// accepted and again when the round aggregates (a revocation that lands
-    /// while an upload is in flight, or after it was accepted, keeps the
-    /// update out).
+    /// Whether `site` may still contribute ([`registry::site_allowed`]
+    /// over the manifest and the revocation list as loaded).
     pub(crate) fn site_allowed(&self, site: &str) -> Result<(), NotAllowed> {
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        let entry = manifest
-            .get(site)
-            .ok_or_else(|| NotAllowed::NotRegistered(site.to_owned()))?;
-        if let Some(by) = self
-            .revocations
-            .check(Some(&entry.cert_serial), &entry.cert_fingerprint)
-        {
-            return Err(NotAllowed::Revoked {
-                site: site.to_owned(),
-                by,
-            });
-        }
-        Ok(())
+        registry::site_allowed(&manifest, &*self.revocations, site)
     }
 
-    /// The most training examples `site`'s updates may claim, as declared
-    /// in the manifest (`max_examples` in `sites.toml`); `None` when the
-    /// site declares none or is not registered (then `site_allowed` refuses
-    /// it anyway).
+    /// The most training examples `site`'s updates may claim
+    /// ([`registry::site_max_examples`]).
     pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, NotAllowed> {
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        Ok(manifest.get(site).and_then(|e| e.max_examples))
+        Ok(registry::site_max_examples(&manifest, site))
     }
 
-    /// Whether an open connection may stay: its certificate is not revoked
-    /// and is still the registered certificate of a site in the manifest.
+    /// Whether an open connection may stay ([`registry::peer_allowed`]
+    /// with its end-entity certificate).
     pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), NotAllowed> {
-        let cert = conn
-            .peer_end_entity()
-            .ok_or(NotAllowed::NoPeerCertificate)?;
-        if let Some(why) = self.revocations.is_revoked(&cert) {
-            return Err(NotAllowed::PeerRevoked(why));
-        }
+        let cert = conn.peer_end_entity();
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        manifest.check_peer(&cert)?;
-        Ok(())
+        registry::peer_allowed(&manifest, &*self.revocations, cert.as_ref())
     }
-}
-
-/// Why a site may no longer contribute ([`Shared::site_allowed`]) or its
-/// open connection stay ([`Shared::check_open_peer`]). The text is the
-/// reason in the log, the audit entry and the connection's close.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum NotAllowed {
-    /// The manifest could not be read (a panic while it was replaced).
-    #[error("manifest lock poisoned")]
-    ManifestLock,
-    /// The site is not in the manifest.
-    #[error("{0} is not a registered site (removed or revoked)")]
-    NotRegistered(String),
-    /// The site's registered certificate is revoked.
-    #[error("the certificate of {site} is revoked ({by:?})")]
-    Revoked {
-        site: String,
-        by: fedlink_certs::RevokedBy,
-    },
-    /// The connection shows no certificate.
-    #[error("no peer certificate")]
-    NoPeerCertificate,
-    /// The connection's certificate is revoked.
-    #[error("certificate revoked ({0:?})")]
-    PeerRevoked(fedlink_certs::RevokedBy),
-    /// The connection's certificate is not the registered one of a site.
-    #[error(transparent)]
-    Manifest(#[from] fedlink_certs::PeerRejected),
 }
 
 /// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
@@ -900,11 +851,12 @@ pub async fn serve(
         tasks: tokio_util::task::TaskTracker::new(),
         answers: tokio_util::task::TaskTracker::new(),
         engine: tx,
-        recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
-        manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
+        registry_watch: Mutex::new(RegistryWatch::new(
+            mtime(&cfg.manifest_path()),
+            revocations.path().and_then(mtime),
+        )),
         manifest_path: cfg.manifest_path(),
-        revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
         revocations,
         site_links: Mutex::new(HashMap::new()),
         federation,
