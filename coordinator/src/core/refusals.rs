@@ -5,9 +5,10 @@
 //! failure would let them grow the audit log, and fill the disk, at the rate
 //! they send packets. So failed handshakes are *counted*: per source IP
 //! address, with up to [`MAX_REASONS`] distinct reasons each, and every
-//! [`Refusals::interval`] (and at shutdown) the coordinator records one
-//! `conn.refused` entry per source that failed in the interval: how many
-//! times, first and last time, and why. At most [`MAX_SOURCES`] sources are
+//! interval (given to [`Refusals::new`]; `refusal_summary_secs`) and at
+//! shutdown the coordinator records one `conn.refused` entry per source
+//! that failed in the interval: how many times, first and last time, and
+//! why. At most [`MAX_SOURCES`] sources are
 //! tracked per interval; the rest are counted together under
 //! `"other sources"`. What an auditor learns is the same — who tried, how
 //! often, why they were refused — at a cost bounded by the interval, not by
