@@ -62,6 +62,14 @@
 //! publish, a due federated evaluation — on record before it is kept —,
 //! the next state, retention's pruning) and computes the round's metrics.
 //!
+//! The driver's guards decide here too: [`limits`] (the control-message
+//! and handshake budgets, the connection caps), [`refusals`] (failed
+//! handshakes counted per source and flushed as one summary each per
+//! interval), [`disk`] (the free-space guard and its `disk.low` /
+//! `disk.ok` entry) and [`registry`] (whether a site or an open
+//! connection is still allowed, over the manifest and the revocation list
+//! as data, and when their changed files are taken up again).
+//!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
 //! cancels, closes, accepted and refused uploads (`update.received`, the
@@ -116,11 +124,15 @@
 
 pub mod actions;
 pub mod admin;
+pub mod disk;
 pub mod evaluation;
 pub mod intake;
 pub mod jobs;
+pub mod limits;
 pub mod queue;
 pub mod recovery;
+pub mod refusals;
+pub mod registry;
 pub mod resume;
 pub mod round_end;
 pub mod scaling;
@@ -345,6 +357,10 @@ mod purity {
         ("recovery.rs", include_str!("recovery.rs")),
         ("scaling.rs", include_str!("scaling.rs")),
         ("served.rs", include_str!("served.rs")),
+        ("limits.rs", include_str!("limits.rs")),
+        ("refusals.rs", include_str!("refusals.rs")),
+        ("disk.rs", include_str!("disk.rs")),
+        ("registry.rs", include_str!("registry.rs")),
     ];
 
     #[test]

@@ -1024,22 +1024,11 @@ impl CoreSim {
     }
 
     /// Whether `site`'s updates may count, by the loaded registry (the
-    /// driver's `site_allowed`): registered, its registered certificate
-    /// not revoked.
+    /// driver's `site_allowed`: [`super::registry::site_allowed`]):
+    /// registered, its registered certificate not revoked.
     fn may_contribute(&self, site: &SiteId) -> Result<(), String> {
-        let Some(e) = self.loaded.manifest.get(site.as_str()) else {
-            return Err(format!(
-                "{site} is not a registered site (removed or revoked)"
-            ));
-        };
-        if self
-            .loaded
-            .revoked
-            .lists(&e.cert_serial, &e.cert_fingerprint)
-        {
-            return Err(format!("the certificate of {site} is revoked"));
-        }
-        Ok(())
+        super::registry::site_allowed(&self.loaded.manifest, &self.loaded.revoked, site.as_str())
+            .map_err(|e| e.to_string())
     }
 
     /// The header stage's key check of an upload of site `i` signed with

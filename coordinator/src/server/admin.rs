@@ -263,12 +263,10 @@ impl Shared {
     /// Re-read the manifest and the revocation list now (after an admin
     /// changed them), even if their modification times look unchanged.
     fn reload_now(&self) {
-        if let Ok(mut m) = self.manifest_mtime.lock() {
-            *m = None;
-        }
-        if let Ok(mut r) = self.revoked_mtime.lock() {
-            *r = None;
-        }
+        self.registry_watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget();
         self.reload_if_changed();
     }
 

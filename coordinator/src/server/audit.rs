@@ -154,19 +154,6 @@ impl Auditor {
         self.record(&self.actor, event)
     }
 
-    /// The coordinator's own `event` with details built by the caller.
-    /// Untyped: only the entries `server/mod.rs` writes still use it
-    /// (`coordinator.started`, `round.discarded` on resume, `job.submitted`
-    /// at start-up, `conn.refused` handshake summaries, `disk.low` /
-    /// `disk.ok`); every other writer passes a [`CoordEvent`].
-    pub(crate) fn record_own(
-        &self,
-        event: EventKind,
-        details: serde_json::Value,
-    ) -> Result<(), AuditError> {
-        blocking(|| self.append(&self.actor, event, &details))
-    }
-
     /// Append `entries` by `actor`, all fsynced together (group commit:
     /// one fsync instead of one each). Only perform the recorded actions
     /// when this returns `Ok`; then all of them may take effect.

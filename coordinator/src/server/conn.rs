@@ -3,6 +3,7 @@
 //! Uploads are streamed to a spool file while their hash is computed,
 //! verified, validated (pass 1), and only then handed to the engine.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,9 +27,10 @@ use super::engine::{
     unix_ms, update_received_details,
 };
 use super::limits;
-use super::refusals::peer_text;
 use super::spool::SpoolWriter;
 use super::wire::RecordReader;
+use crate::core::limits::SourceRates;
+use crate::core::refusals::peer_text;
 use crate::round::{ConnId, SiteCapabilities};
 
 /// A connection attempt admitted to its handshake, holding one of the
@@ -48,7 +50,7 @@ pub(crate) struct Admitted {
 pub(crate) fn admit(
     incoming: quinn::Incoming,
     handshakes: &Arc<Semaphore>,
-    rates: &mut limits::SourceRates,
+    rates: &mut SourceRates<IpAddr>,
     shared: &Shared,
 ) -> Option<Admitted> {
     if !incoming.remote_address_validated() && incoming.may_retry() {
@@ -76,7 +78,7 @@ pub(crate) fn admit(
 fn handshake_slot(
     remote: std::net::SocketAddr,
     handshakes: &Arc<Semaphore>,
-    rates: &mut limits::SourceRates,
+    rates: &mut SourceRates<IpAddr>,
     shared: &Shared,
 ) -> Option<OwnedSemaphorePermit> {
     if !rates.allow(remote.ip(), Instant::now()) {
@@ -104,7 +106,7 @@ fn handshake_slot(
 pub(crate) fn admit_tcp(
     incoming: &TcpIncoming,
     handshakes: &Arc<Semaphore>,
-    rates: &mut limits::SourceRates,
+    rates: &mut SourceRates<IpAddr>,
     shared: &Shared,
 ) -> Option<OwnedSemaphorePermit> {
     handshake_slot(incoming.remote_address(), handshakes, rates, shared)

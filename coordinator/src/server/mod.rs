@@ -28,7 +28,6 @@ mod idle;
 mod limits;
 mod links;
 pub(crate) mod pool;
-mod refusals;
 pub(crate) mod spool;
 pub mod status;
 
@@ -36,12 +35,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fedlink_aggregation::safetensors_io;
-use fedlink_audit::{CoordEvent, EventKind, coord};
+use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::{FederationId, FlatModel, ModelHash};
 use tokio::sync::{Semaphore, mpsc};
@@ -49,8 +48,12 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
+use crate::core::disk::LowOnDisk;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
+use crate::core::refusals::Refusals;
+pub(crate) use crate::core::registry::NotAllowed;
+use crate::core::registry::{self, RegistryWatch, Watched};
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -219,17 +222,15 @@ pub(crate) struct Shared {
     /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
     /// flood is held back by QUIC flow control instead of queued here.
     engine: mpsc::Sender<Event>,
-    /// A re-check of open connections could not be queued (queue full):
-    /// retried at the next reload tick.
-    recheck_pending: AtomicBool,
     manifest: RwLock<SiteManifest>,
     manifest_path: PathBuf,
-    manifest_mtime: Mutex<Option<SystemTime>>,
+    /// When the manifest and the revocation list are taken up again, and
+    /// whether the open connections are to be re-checked.
+    registry_watch: Mutex<RegistryWatch<SystemTime>>,
     /// How each connected site is connected (operator view: transport,
     /// proxy, RTT), by site; the engine owns who is connected.
     pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
     revocations: Arc<RevocationList>,
-    revoked_mtime: Mutex<Option<SystemTime>>,
     federation: FederationId,
     heartbeat: Duration,
     uploads: Semaphore,
@@ -251,7 +252,7 @@ pub(crate) struct Shared {
     audit: Arc<Auditor>,
     admin: admin::AdminState,
     /// Failed handshakes of the current interval (recorded in bulk).
-    refusals: Mutex<refusals::Refusals>,
+    refusals: Mutex<Refusals>,
     /// Keeps the disk from filling up past what the audit log needs.
     disk: disk::DiskGuard,
     /// Open connections, per identity and in all.
@@ -319,18 +320,17 @@ impl Shared {
                 .max_by_key(|(_, n)| **n)
                 .map(|(r, _)| r.clone())
                 .unwrap_or_default();
-            let r = self.audit.record_own(
-                EventKind::ConnRefused,
-                serde_json::json!({
-                    "peer_addr": s.source,
-                    "stage": "handshake",
-                    "count": s.tally.count,
-                    "reason": top,
-                    "reasons": s.tally.reasons,
-                    "first_unix_ms": to_unix_ms(s.tally.first),
-                    "last_unix_ms": to_unix_ms(s.tally.last),
-                }),
-            );
+            let r = self.audit.record_own_event(&CoordEvent::HandshakesRefused(
+                coord::HandshakesRefused {
+                    peer_addr: s.source.to_string(),
+                    stage: "handshake".into(),
+                    count: s.tally.count,
+                    reason: top,
+                    reasons: s.tally.reasons.clone(),
+                    first_unix_ms: to_unix_ms(s.tally.first),
+                    last_unix_ms: to_unix_ms(s.tally.last),
+                },
+            ));
             if let Err(e) = r {
                 tracing::error!(error = %e, "cannot record refused handshakes");
             }
@@ -339,26 +339,14 @@ impl Shared {
 
     /// May new work (a connection, an upload) start? Records the change
     /// when the disk becomes low or recovers; `Err` says why not.
-    pub(crate) fn disk_allows_new_work(&self) -> Result<(), disk::LowOnDisk> {
-        let (verdict, transition) = self.disk.check();
-        if let Some(t) = transition {
-            let (event, free) = match t {
-                disk::Transition::Low { free } => (EventKind::DiskLow, free),
-                disk::Transition::Ok { free } => (EventKind::DiskOk, free),
-            };
-            tracing::warn!(event = %event, free_mib = free >> 20, "disk space");
-            let r = self.audit.record_own(
-                event,
-                serde_json::json!({
-                    "free_bytes": free,
-                    "min_free_bytes": self.disk.min_free(),
-                }),
-            );
-            if let Err(e) = r {
-                tracing::error!(error = %e, "cannot record the disk state");
-            }
+    pub(crate) fn disk_allows_new_work(&self) -> Result<(), LowOnDisk> {
+        let observed = self.disk.check(self.audit.actor());
+        if let Some(crate::core::Effect::AppendAudit { actor, event }) = observed.audit
+            && let Err(e) = self.audit.record(&actor, &event)
+        {
+            tracing::error!(error = %e, "cannot record the disk state");
         }
-        verdict
+        observed.verdict
     }
 
     /// The coordinator's audit log. Record an event before the action it
@@ -408,139 +396,90 @@ impl Shared {
 
     /// Re-read the manifest and the revocation list if their files changed
     /// (renewals, new sites, revocations take effect without a restart).
-    /// Re-read the manifest and the revocation list if their files changed
-    /// (renewals, new sites, revocations take effect without a restart).
     /// A file that fails to load keeps the old list in force and is tried
     /// again next time. When anything changed, the engine re-checks every
     /// open connection (a revoked or superseded certificate is cut off).
+    /// When a file is due and whether to re-check: [`RegistryWatch`].
     fn reload_if_changed(&self) {
-        let mut changed = self.recheck_pending.swap(false, Ordering::AcqRel);
-        let m = mtime(&self.manifest_path);
-        if let Ok(mut last) = self.manifest_mtime.lock()
-            && *last != m
-        {
-            match SiteManifest::load(&self.manifest_path) {
-                Ok(new) => match update_keys(&new) {
-                    Ok(keys) => {
-                        if let Ok(mut cur) = self.manifest.write() {
-                            *cur = new;
+        let recheck = {
+            let mut watch = self
+                .registry_watch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let m = mtime(&self.manifest_path);
+            if watch.due(Watched::Manifest, &m) {
+                match SiteManifest::load(&self.manifest_path) {
+                    Ok(new) => match update_keys(&new) {
+                        Ok(keys) => {
+                            if let Ok(mut cur) = self.manifest.write() {
+                                *cur = new;
+                            }
+                            // Queue full: nothing taken up, so the next
+                            // reload tick (2 s) tries again.
+                            if self.engine.try_send(Event::Keys(keys)).is_ok() {
+                                tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
+                                watch.taken_up(Watched::Manifest, m);
+                            }
                         }
-                        // Queue full: keep the old mtime, so the next
-                        // reload tick (2 s) tries again.
-                        if self.engine.try_send(Event::Keys(keys)).is_ok() {
-                            tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                            *last = m;
-                            changed = true;
+                        Err(e) => {
+                            tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
                         }
-                    }
+                    },
                     Err(e) => {
-                        tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
-                }
-            }
-        }
-        if let Some(path) = self.revocations.path() {
-            let r = mtime(path);
-            if let Ok(mut last) = self.revoked_mtime.lock()
-                && *last != r
-            {
-                match self.revocations.reload() {
-                    Ok(n) => {
-                        tracing::info!(revoked = n, "revocation list reloaded");
-                        *last = r;
-                        changed = true;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
+                        tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
                     }
                 }
             }
-        }
-        if changed {
+            if let Some(path) = self.revocations.path() {
+                let r = mtime(path);
+                if watch.due(Watched::Revocations, &r) {
+                    match self.revocations.reload() {
+                        Ok(n) => {
+                            tracing::info!(revoked = n, "revocation list reloaded");
+                            watch.taken_up(Watched::Revocations, r);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
+                        }
+                    }
+                }
+            }
+            watch.poll_recheck()
+        };
+        if recheck {
             if let Err(mpsc::error::TrySendError::Full(_)) =
                 self.engine.try_send(Event::RecheckPeers)
             {
-                self.recheck_pending.store(true, Ordering::Release);
+                self.registry_watch
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .recheck_not_queued();
             }
             self.recheck_admins();
         }
     }
 
-    /// Whether `site` may still contribute: it is in the manifest and its
-    /// registered certificate is not revoked. Checked when its update is
-    /// accepted and again when the round aggregates (a revocation that lands
-    /// while an upload is in flight, or after it was accepted, keeps the
-    /// update out).
+    /// Whether `site` may still contribute ([`registry::site_allowed`]
+    /// over the manifest and the revocation list as loaded).
     pub(crate) fn site_allowed(&self, site: &str) -> Result<(), NotAllowed> {
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        let entry = manifest
-            .get(site)
-            .ok_or_else(|| NotAllowed::NotRegistered(site.to_owned()))?;
-        if let Some(by) = self
-            .revocations
-            .check(Some(&entry.cert_serial), &entry.cert_fingerprint)
-        {
-            return Err(NotAllowed::Revoked {
-                site: site.to_owned(),
-                by,
-            });
-        }
-        Ok(())
+        registry::site_allowed(&manifest, &*self.revocations, site)
     }
 
-    /// The most training examples `site`'s updates may claim, as declared
-    /// in the manifest (`max_examples` in `sites.toml`); `None` when the
-    /// site declares none or is not registered (then `site_allowed` refuses
-    /// it anyway).
+    /// The most training examples `site`'s updates may claim
+    /// ([`registry::site_max_examples`]).
     pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, NotAllowed> {
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        Ok(manifest.get(site).and_then(|e| e.max_examples))
+        Ok(registry::site_max_examples(&manifest, site))
     }
 
-    /// Whether an open connection may stay: its certificate is not revoked
-    /// and is still the registered certificate of a site in the manifest.
+    /// Whether an open connection may stay ([`registry::peer_allowed`]
+    /// with its end-entity certificate).
     pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), NotAllowed> {
-        let cert = conn
-            .peer_end_entity()
-            .ok_or(NotAllowed::NoPeerCertificate)?;
-        if let Some(why) = self.revocations.is_revoked(&cert) {
-            return Err(NotAllowed::PeerRevoked(why));
-        }
+        let cert = conn.peer_end_entity();
         let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        manifest.check_peer(&cert)?;
-        Ok(())
+        registry::peer_allowed(&manifest, &*self.revocations, cert.as_ref())
     }
-}
-
-/// Why a site may no longer contribute ([`Shared::site_allowed`]) or its
-/// open connection stay ([`Shared::check_open_peer`]). The text is the
-/// reason in the log, the audit entry and the connection's close.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum NotAllowed {
-    /// The manifest could not be read (a panic while it was replaced).
-    #[error("manifest lock poisoned")]
-    ManifestLock,
-    /// The site is not in the manifest.
-    #[error("{0} is not a registered site (removed or revoked)")]
-    NotRegistered(String),
-    /// The site's registered certificate is revoked.
-    #[error("the certificate of {site} is revoked ({by:?})")]
-    Revoked {
-        site: String,
-        by: fedlink_certs::RevokedBy,
-    },
-    /// The connection shows no certificate.
-    #[error("no peer certificate")]
-    NoPeerCertificate,
-    /// The connection's certificate is revoked.
-    #[error("certificate revoked ({0:?})")]
-    PeerRevoked(fedlink_certs::RevokedBy),
-    /// The connection's certificate is not the registered one of a site.
-    #[error(transparent)]
-    Manifest(#[from] fedlink_certs::PeerRejected),
 }
 
 /// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
@@ -904,11 +843,12 @@ pub async fn serve(
         tasks: tokio_util::task::TaskTracker::new(),
         answers: tokio_util::task::TaskTracker::new(),
         engine: tx,
-        recheck_pending: AtomicBool::new(false),
         manifest: RwLock::new(manifest),
-        manifest_mtime: Mutex::new(mtime(&cfg.manifest_path())),
+        registry_watch: Mutex::new(RegistryWatch::new(
+            mtime(&cfg.manifest_path()),
+            revocations.path().and_then(mtime),
+        )),
         manifest_path: cfg.manifest_path(),
-        revoked_mtime: Mutex::new(revocations.path().and_then(mtime)),
         revocations,
         site_links: Mutex::new(HashMap::new()),
         federation,
@@ -927,9 +867,7 @@ pub async fn serve(
             cfg.revoked_path(),
             cfg.init_dir.clone(),
         ),
-        refusals: Mutex::new(refusals::Refusals::new(Duration::from_secs(
-            cfg.refusal_summary_secs,
-        ))),
+        refusals: Mutex::new(Refusals::new(Duration::from_secs(cfg.refusal_summary_secs))),
         disk: disk::DiskGuard::new(&cfg.data_dir, cfg.min_free_disk_mib.saturating_mul(1 << 20)),
         connections: limits::Connections::new(
             cfg.max_connections,
@@ -963,7 +901,7 @@ pub async fn serve(
     let accept_shared = shared.clone();
     let accept_endpoint = endpoint.clone();
     let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
-    let mut rates = limits::SourceRates::new(
+    let mut rates = crate::core::limits::SourceRates::new(
         cfg.handshake_burst_per_source,
         cfg.handshakes_per_source_per_sec,
         MAX_RATE_SOURCES,

@@ -5,9 +5,10 @@
 //! failure would let them grow the audit log, and fill the disk, at the rate
 //! they send packets. So failed handshakes are *counted*: per source IP
 //! address, with up to [`MAX_REASONS`] distinct reasons each, and every
-//! [`Refusals::interval`] (and at shutdown) the coordinator records one
-//! `conn.refused` entry per source that failed in the interval: how many
-//! times, first and last time, and why. At most [`MAX_SOURCES`] sources are
+//! interval (given to [`Refusals::new`]; `refusal_summary_secs`) and at
+//! shutdown the coordinator records one `conn.refused` entry per source
+//! that failed in the interval: how many times, first and last time, and
+//! why. At most [`MAX_SOURCES`] sources are
 //! tracked per interval; the rest are counted together under
 //! `"other sources"`. What an auditor learns is the same — who tried, how
 //! often, why they were refused — at a cost bounded by the interval, not by
@@ -17,31 +18,33 @@
 //! the wrong role, or not registered) are accountable to a certificate and
 //! stay individual entries.
 //!
-//! Sans-IO: time is an argument; the server drives [`Refusals::poll_flush`]
-//! from a timer.
+//! Sans-IO: time is an argument; the driver (`crate::server`) counts each
+//! refusal with [`Refusals::note`], drives [`Refusals::poll_flush`] from a
+//! timer (and [`Refusals::drain`] at shutdown) and appends one audit entry
+//! per [`Summary`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 /// Distinct reasons kept per source and interval; more are counted as
 /// `"other reasons"`.
-pub(crate) const MAX_REASONS: usize = 4;
+pub const MAX_REASONS: usize = 4;
 
 /// Sources tracked per interval; more are counted together.
-pub(crate) const MAX_SOURCES: usize = 1024;
+pub const MAX_SOURCES: usize = 1024;
 
 /// Longest peer-supplied text kept in a reason, bytes.
-pub(crate) const MAX_PEER_TEXT: usize = 256;
+pub const MAX_PEER_TEXT: usize = 256;
 
 /// Where the refusals of sources beyond [`MAX_SOURCES`] are counted.
-pub(crate) const OTHER_SOURCES: &str = "other sources";
+pub const OTHER_SOURCES: &str = "other sources";
 
 /// Text that came from the network, made safe for a log line and an audit
 /// entry: control characters (newlines, escape sequences) escaped, and cut
 /// to [`MAX_PEER_TEXT`] bytes at a character boundary, saying how long it
 /// was.
-pub(crate) fn peer_text(s: &str) -> String {
+pub fn peer_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len().min(MAX_PEER_TEXT) + 32);
     for c in s.chars() {
         if out.len() >= MAX_PEER_TEXT {
@@ -59,29 +62,29 @@ pub(crate) fn peer_text(s: &str) -> String {
 
 /// What one source did in one interval.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Tally {
+pub struct Tally {
     /// Failed handshakes.
-    pub(crate) count: u64,
+    pub count: u64,
     /// Failures per reason (at most [`MAX_REASONS`] + 1 keys).
-    pub(crate) reasons: BTreeMap<String, u64>,
+    pub reasons: BTreeMap<String, u64>,
     /// When the first and the last one happened.
-    pub(crate) first: Instant,
+    pub first: Instant,
     /// See `first`.
-    pub(crate) last: Instant,
+    pub last: Instant,
 }
 
 /// One entry to record: a source and what it did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Summary {
+pub struct Summary {
     /// The source IP address, or [`OTHER_SOURCES`].
-    pub(crate) source: String,
+    pub source: String,
     /// What it did.
-    pub(crate) tally: Tally,
+    pub tally: Tally,
 }
 
 /// Failed handshakes of the current interval.
 #[derive(Debug)]
-pub(crate) struct Refusals {
+pub struct Refusals {
     interval: Duration,
     started: Option<Instant>,
     sources: HashMap<String, Tally>,
@@ -89,7 +92,7 @@ pub(crate) struct Refusals {
 
 impl Refusals {
     /// Count refusals for `interval` before each flush.
-    pub(crate) fn new(interval: Duration) -> Self {
+    pub fn new(interval: Duration) -> Self {
         Self {
             interval,
             started: None,
@@ -97,11 +100,11 @@ impl Refusals {
         }
     }
 
-    /// Count a failed handshake from `ip` at `now` (`reason` is made safe
-    /// with [`peer_text`]).
-    pub(crate) fn note(&mut self, now: Instant, ip: IpAddr, reason: &str) {
+    /// Count a failed handshake from `source` (its IP address) at `now`
+    /// (`reason` is made safe with [`peer_text`]).
+    pub fn note(&mut self, now: Instant, source: impl Display, reason: &str) {
         self.started.get_or_insert(now);
-        let mut key = ip.to_string();
+        let mut key = source.to_string();
         if !self.sources.contains_key(&key) && self.sources.len() >= MAX_SOURCES {
             key = OTHER_SOURCES.to_owned();
         }
@@ -121,13 +124,13 @@ impl Refusals {
     }
 
     /// When the current interval ends (`None`: nothing counted).
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.started.map(|s| s + self.interval)
     }
 
     /// The summaries to record, once the interval that started with the
     /// first refusal has passed at `now`; empty before that.
-    pub(crate) fn poll_flush(&mut self, now: Instant) -> Vec<Summary> {
+    pub fn poll_flush(&mut self, now: Instant) -> Vec<Summary> {
         match self.poll_timeout() {
             Some(t) if now >= t => self.drain(),
             _ => Vec::new(),
@@ -135,7 +138,7 @@ impl Refusals {
     }
 
     /// Every summary counted so far, whatever the time (shutdown).
-    pub(crate) fn drain(&mut self) -> Vec<Summary> {
+    pub fn drain(&mut self) -> Vec<Summary> {
         self.started = None;
         let mut out: Vec<Summary> = self
             .sources
@@ -155,6 +158,7 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])
