@@ -69,6 +69,9 @@
 //! `disk.ok` entry) and [`registry`] (whether a site or an open
 //! connection is still allowed, over the manifest and the revocation list
 //! as data, and when their changed files are taken up again).
+//! [`audit_head`] verifies a site's signed audit head against the update
+//! key its manifest entry registers and picks its entry
+//! (`site.audit_head` or `site.audit_head_rejected`).
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -124,6 +127,7 @@
 
 pub mod actions;
 pub mod admin;
+pub mod audit_head;
 pub mod disk;
 pub mod evaluation;
 pub mod intake;
@@ -361,6 +365,7 @@ mod purity {
         ("refusals.rs", include_str!("refusals.rs")),
         ("disk.rs", include_str!("disk.rs")),
         ("registry.rs", include_str!("registry.rs")),
+        ("audit_head.rs", include_str!("audit_head.rs")),
     ];
 
     #[test]

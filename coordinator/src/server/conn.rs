@@ -639,35 +639,17 @@ async fn read_control(
 /// (`site.audit_head_rejected`; the connection stays). Returns the
 /// coordinator's own signed head to answer with, once the site's is recorded.
 fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHead> {
-    let actor = fedlink_audit::event::site_actor(shared.federation.as_str(), site);
-    let head = fedlink_audit::SignedHead {
-        seq: h.seq,
-        hash: fedlink_audit::EntryHash(h.hash),
-        ts_unix_ms: h.ts_unix_ms,
-        sig: hex::encode(h.sig),
+    let decision = {
+        let manifest = shared.manifest.read().ok();
+        crate::core::audit_head::site_head(shared.federation.as_str(), manifest.as_deref(), site, h)
     };
-    let key = shared
-        .manifest
-        .read()
-        .ok()
-        .and_then(|m| m.get(site).map(|e| e.update_verifying_key()));
-    let verdict = match key {
-        Some(Ok(key)) if head.signature_ok(&key) => Ok(()),
-        Some(Ok(_)) => Err("bad signature (not made with the site's registered key)".to_owned()),
-        Some(Err(e)) => Err(format!("the site's registered key is unusable: {e}")),
-        None => Err("the site is not in the manifest".to_owned()),
-    };
-    let recorded = coord::AuditHeadOf {
-        site: site.to_owned(),
-        seq: h.seq,
-        hash: hex::encode(h.hash),
-        ts_unix_ms: h.ts_unix_ms,
-        sig: hex::encode(h.sig),
+    let crate::core::Effect::AppendAudit { actor, event } = decision.audit else {
+        return None;
     };
     let audit = shared.audit();
-    match verdict {
+    match decision.verdict {
         Ok(()) => {
-            if let Err(e) = audit.record(&actor, &CoordEvent::SiteAuditHead(recorded)) {
+            if let Err(e) = audit.record(&actor, &event) {
                 tracing::error!(site, error = %e, "cannot record the site's audit head");
                 return None;
             }
@@ -680,11 +662,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
         }
         Err(reason) => {
             tracing::warn!(site, reason = %reason, "site audit head refused");
-            let rejected = CoordEvent::SiteAuditHeadRejected(coord::AuditHeadRejected {
-                head: recorded,
-                reason,
-            });
-            if let Err(e) = audit.record(&actor, &rejected) {
+            if let Err(e) = audit.record(&actor, &event) {
                 tracing::error!(site, error = %e, "cannot record a refused audit head");
             }
             None
