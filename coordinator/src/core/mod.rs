@@ -71,7 +71,10 @@
 //! as data, and when their changed files are taken up again).
 //! [`audit_head`] verifies a site's signed audit head against the update
 //! key its manifest entry registers and picks its entry
-//! (`site.audit_head` or `site.audit_head_rejected`).
+//! (`site.audit_head` or `site.audit_head_rejected`). [`admission`]
+//! admits a connection past its handshake or refuses it (low on disk, no
+//! identity, the role's ALPN, a site's registered certificate, the
+//! connection caps, in that order) with its close text and entry.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -127,6 +130,7 @@
 
 pub mod actions;
 pub mod admin;
+pub mod admission;
 pub mod audit_head;
 pub mod disk;
 pub mod evaluation;
@@ -366,6 +370,7 @@ mod purity {
         ("disk.rs", include_str!("disk.rs")),
         ("registry.rs", include_str!("registry.rs")),
         ("audit_head.rs", include_str!("audit_head.rs")),
+        ("admission.rs", include_str!("admission.rs")),
     ];
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fedlink_audit::{CoordEvent, coord};
-use fedlink_certs::{Role, check_role_for_alpn};
+use fedlink_certs::Role;
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
@@ -29,8 +29,10 @@ use super::engine::{
 use super::limits;
 use super::spool::SpoolWriter;
 use super::wire::RecordReader;
+use crate::core::admission;
 use crate::core::limits::SourceRates;
 use crate::core::refusals::peer_text;
+use crate::core::registry::NotAllowed;
 use crate::round::{ConnId, SiteCapabilities};
 
 /// A connection attempt admitted to its handshake, holding one of the
@@ -169,110 +171,61 @@ pub(crate) async fn handle_incoming_tcp(
 /// A connection past its handshake, over either transport: identity and
 /// role checks, admission, audit, then the site or admin session.
 async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<Shared>) {
-    // Low on disk: no new work, and no audit entry per connection (the
-    // `disk.low` entry records the state once).
-    if let Err(why) = shared.disk_allows_new_work() {
-        tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
-        conn.close(close::SHUTDOWN, why.to_string().as_bytes());
-        return;
-    }
+    // The order of the checks, their texts and entries: `core::admission`.
+    let disk = shared.disk_allows_new_work();
     let alpn = conn.negotiated_alpn();
-    let identity = match conn.peer_identity() {
-        Ok(i) => i,
-        Err(e) => {
-            let why = format!("no fedlink identity: {e}");
-            refuse(&conn, &shared, remote, None, alpn.as_deref(), &why);
-            return;
-        }
-    };
-    if let Err(e) = check_role_for_alpn(&identity, alpn.as_deref()) {
-        let why = format!("role does not match the protocol: {e}");
-        refuse(
-            &conn,
-            &shared,
-            remote,
-            Some(&identity),
-            alpn.as_deref(),
-            &why,
-        );
-        return;
-    }
-    if identity.role() == Role::Site {
-        let checked = conn
+    let peer_addr = remote.to_string();
+    let facts = admission::Facts {
+        peer_addr: &peer_addr,
+        transport: conn.kind().as_str(),
+        alpn: alpn.as_deref(),
+        identity: conn.peer_identity().map_err(|e| e.to_string()),
+        cert_serial: conn
             .peer_end_entity()
-            .ok_or_else(|| "no peer certificate".to_owned())
-            .and_then(|ee| {
-                let manifest = shared
-                    .manifest
-                    .read()
-                    .map_err(|_| "manifest lock poisoned".to_owned())?;
-                manifest
-                    .check_peer(&ee)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = checked {
-            let why = format!("not a registered site certificate: {e}");
-            refuse(
-                &conn,
-                &shared,
-                remote,
-                Some(&identity),
-                alpn.as_deref(),
-                &why,
-            );
-            return;
+            .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
+            .map(|c| c.serial.to_string()),
+        disk,
+        coordinator: shared.audit().actor(),
+    };
+    // Counted until the connection ends.
+    let mut slot = None;
+    let admitted = admission::admit(
+        facts,
+        |_| {
+            let ee = conn
+                .peer_end_entity()
+                .ok_or(NotAllowed::NoPeerCertificate)?;
+            let manifest = shared
+                .manifest
+                .read()
+                .map_err(|_| NotAllowed::ManifestLock)?;
+            manifest.check_peer(&ee)?;
+            Ok(())
+        },
+        |identity| {
+            slot = Some(shared.connections.admit(&identity.to_string())?);
+            Ok(())
+        },
+    );
+    let identity = match admitted {
+        Ok(admission::Accepted { identity, audit }) => {
+            let crate::core::Effect::AppendAudit { actor, event } = audit else {
+                return;
+            };
+            if let Err(e) = shared.audit().record(&actor, &event) {
+                // Nothing runs unaudited: refuse the connection.
+                tracing::error!(%remote, %identity, error = %e, "cannot record the connection; refusing it");
+                conn.close(close::SHUTDOWN, admission::AUDIT_UNWRITABLE.as_bytes());
+                return;
+            }
+            identity
         }
-    } else if identity.role() != Role::Admin {
-        let why = "only sites and admins may connect";
-        refuse(
-            &conn,
-            &shared,
-            remote,
-            Some(&identity),
-            alpn.as_deref(),
-            why,
-        );
-        return;
-    }
-    // Counted until the connection ends; beyond the limits it is refused
-    // (counted with the failed handshakes of its source, not recorded one
-    // by one: an authenticated peer could otherwise flood the log too).
-    let _slot = match shared.connections.admit(&identity.to_string()) {
-        Ok(slot) => slot,
-        Err(why) => {
-            tracing::warn!(%remote, %identity, reason = %why, "connection refused");
-            let why = why.to_string();
-            shared.note_refused(remote, &why);
-            conn.close(close::FORBIDDEN, why.as_bytes());
+        Err(refusal) => {
+            refuse(&conn, &shared, remote, refusal);
             return;
         }
     };
-    let cert_serial = conn
-        .peer_end_entity()
-        .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
-        .map(|c| c.serial.to_string());
-    let accepted = shared.audit().record(
-        &identity.to_string(),
-        &CoordEvent::ConnAccepted(coord::ConnAccepted {
-            peer_addr: remote.to_string(),
-            identity: identity.to_string(),
-            alpn: alpn
-                .as_deref()
-                .map(|a| String::from_utf8_lossy(a).into_owned()),
-            cert_serial,
-            transport: conn.kind().as_str().to_owned(),
-        }),
-    );
-    if let Err(e) = accepted {
-        // Nothing runs unaudited: refuse the connection.
-        tracing::error!(%remote, %identity, error = %e, "cannot record the connection; refusing it");
-        conn.close(
-            close::SHUTDOWN,
-            b"the coordinator cannot write its audit log",
-        );
-        return;
-    }
+    let _slot = slot;
     let reason = if identity.role() == Role::Admin {
         super::admin::serve_admin(&conn, &identity, remote, &shared).await
     } else {
@@ -299,41 +252,44 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
     }
 }
 
-/// Refuse a connection after the handshake: log, audit, close with `why`.
+/// Refuse a connection after the handshake as [`admission::admit`]
+/// decided: log, audit or count, close.
 fn refuse(
     conn: &ServerConn,
     shared: &Shared,
     remote: std::net::SocketAddr,
-    identity: Option<&fedlink_certs::Identity>,
-    alpn: Option<&[u8]>,
-    why: &str,
+    refusal: admission::Refusal,
 ) {
-    let why = &peer_text(why);
-    tracing::warn!(%remote, identity = ?identity.map(ToString::to_string), reason = why, "connection refused");
-    let identity = identity.map(ToString::to_string);
-    audit_refused(shared, remote, identity.as_deref(), alpn, why);
-    conn.close(close::FORBIDDEN, why.as_bytes());
-}
-
-/// Record a refused connection (best effort: it is refused either way).
-fn audit_refused(
-    shared: &Shared,
-    remote: std::net::SocketAddr,
-    identity: Option<&str>,
-    alpn: Option<&[u8]>,
-    reason: &str,
-) {
-    let r = shared
-        .audit()
-        .record_own_event(&CoordEvent::ConnRefused(coord::ConnRefused {
-            peer_addr: remote.to_string(),
-            identity: identity.map(str::to_owned),
-            alpn: alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
-            reason: reason.to_owned(),
-        }));
-    if let Err(e) = r {
-        tracing::error!(%remote, error = %e, "cannot record a refused connection");
+    let code = match refusal.close_as() {
+        admission::CloseAs::Shutdown => close::SHUTDOWN,
+        admission::CloseAs::Forbidden => close::FORBIDDEN,
+    };
+    let text = refusal.text();
+    match refusal {
+        // Low on disk: no audit entry per connection (the `disk.low`
+        // entry records the state once).
+        admission::Refusal::LowOnDisk(why) => {
+            tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
+        }
+        // Recorded (best effort: it is refused either way).
+        admission::Refusal::Refused {
+            identity, audit, ..
+        } => {
+            tracing::warn!(%remote, identity = ?identity.map(|i| i.to_string()), reason = text.as_str(), "connection refused");
+            if let crate::core::Effect::AppendAudit { actor, event } = audit
+                && let Err(e) = shared.audit().record(&actor, &event)
+            {
+                tracing::error!(%remote, error = %e, "cannot record a refused connection");
+            }
+        }
+        // Beyond the caps: counted with the failed handshakes of its
+        // source, not recorded one by one.
+        admission::Refusal::OverCaps { identity, why } => {
+            tracing::warn!(%remote, %identity, reason = %why, "connection refused");
+            shared.note_refused(remote, &text);
+        }
     }
+    conn.close(code, text.as_bytes());
 }
 
 async fn serve_site(
