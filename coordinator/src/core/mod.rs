@@ -75,6 +75,8 @@
 //! admits a connection past its handshake or refuses it (low on disk, no
 //! identity, the role's ALPN, a site's registered certificate, the
 //! connection caps, in that order) with its close text and entry.
+//! [`provenance`] walks a model's round records back to its job's initial
+//! model (the admin's `provenance`).
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -137,6 +139,7 @@ pub mod evaluation;
 pub mod intake;
 pub mod jobs;
 pub mod limits;
+pub mod provenance;
 pub mod queue;
 pub mod recovery;
 pub mod refusals;
@@ -371,6 +374,7 @@ mod purity {
         ("registry.rs", include_str!("registry.rs")),
         ("audit_head.rs", include_str!("audit_head.rs")),
         ("admission.rs", include_str!("admission.rs")),
+        ("provenance.rs", include_str!("provenance.rs")),
     ];
 
     #[test]

@@ -41,6 +41,7 @@ use super::engine::effects;
 use super::{Shared, initial_model, read_initial_model, resolve_submitted_init, strategy_config};
 use crate::core::Effect;
 use crate::core::admin::{self, Registry, SiteCert, SiteCommand};
+use crate::core::provenance;
 use crate::job::{InitSource, Job};
 use crate::round::AdminCommand;
 use crate::store::{JobRecord, Store};
@@ -898,6 +899,9 @@ fn envelope_sig(
     Some(hex::encode(env.signature.to_bytes()))
 }
 
+/// The provenance of `hash`: the walk back to its job's initial model is
+/// [`provenance::walk`]'s over the stored round records; each step is built
+/// here with its updates' envelope signatures.
 fn provenance_chain(
     store: &Store,
     hash: &ModelHash,
@@ -909,53 +913,66 @@ fn provenance_chain(
         .and_then(|j| strategy_config(&j).ok())
         .and_then(|s| serde_json::to_value(s).ok())
         .unwrap_or(serde_json::Value::Null);
-    let mut steps = Vec::new();
-    let mut want = *hash;
-    for r in (1..=info.round.0).rev() {
-        let rec = store
-            .round(info.job.as_str(), r)
-            .map_err(internal)?
-            .ok_or_else(|| internal(format!("job {} has no round {r} record", info.job)))?;
-        if rec.model != Some(want) {
-            return Err(internal(format!(
-                "round {r} of job {} did not produce {want}",
-                info.job
-            )));
-        }
-        let updates = rec
-            .accepted
-            .iter()
-            .map(|u| {
-                let site = u.site.clone();
-                // The round record keeps the payload's blake3 in a
-                // `ModelHash`; it is the payload hash.
-                let payload_hash = PayloadHash(u.payload_hash.0);
-                Ok(ProvenanceUpdate {
-                    envelope_sig: envelope_sig(store, &info.job, RoundId(r), &site, &payload_hash),
-                    site,
-                    payload_hash,
-                    num_examples: u.num_examples,
-                })
-            })
-            .collect::<Result<_, Fail>>()?;
-        steps.push(ProvenanceStep {
-            job: info.job.clone(),
-            round: RoundId(r),
-            base_model: rec.base_model,
-            output_model: want,
-            strategy: strategy.clone(),
-            updates,
-        });
-        want = rec.base_model;
-    }
-    if want != job.initial_model {
-        return Err(internal(format!(
-            "the chain ends at {want}, not at the job's initial model {}",
-            job.initial_model
-        )));
-    }
-    steps.reverse();
+    let chain = provenance::walk(
+        info.job.as_str(),
+        *hash,
+        info.round.0,
+        job.initial_model,
+        |r| store.round(info.job.as_str(), r),
+    )
+    .map_err(internal)?;
+    let steps = chain
+        .into_iter()
+        .map(
+            |provenance::Link {
+                 round: r,
+                 output,
+                 record: rec,
+             }| {
+                let updates = rec
+                    .accepted
+                    .iter()
+                    .map(|u| {
+                        let site = u.site.clone();
+                        // The round record keeps the payload's blake3 in a
+                        // `ModelHash`; it is the payload hash.
+                        let payload_hash = PayloadHash(u.payload_hash.0);
+                        ProvenanceUpdate {
+                            envelope_sig: envelope_sig(
+                                store,
+                                &info.job,
+                                RoundId(r),
+                                &site,
+                                &payload_hash,
+                            ),
+                            site,
+                            payload_hash,
+                            num_examples: u.num_examples,
+                        }
+                    })
+                    .collect();
+                ProvenanceStep {
+                    job: info.job.clone(),
+                    round: RoundId(r),
+                    base_model: rec.base_model,
+                    output_model: output,
+                    strategy: strategy.clone(),
+                    updates,
+                }
+            },
+        )
+        .collect();
     Ok(steps)
+}
+
+/// What the provenance walk reads of a stored round record.
+impl provenance::RoundLink for crate::store::RoundRecord {
+    fn output(&self) -> Option<ModelHash> {
+        self.model
+    }
+    fn base(&self) -> ModelHash {
+        self.base_model
+    }
 }
 
 /// Stream error code of an export whose model file failed its hash check
