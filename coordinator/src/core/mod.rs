@@ -76,7 +76,9 @@
 //! identity, the role's ALPN, a site's registered certificate, the
 //! connection caps, in that order) with its close text and entry.
 //! [`provenance`] walks a model's round records back to its job's initial
-//! model (the admin's `provenance`).
+//! model (the admin's `provenance`). [`status`] builds the running job's
+//! part of the admin's `status` (phase, round, each site's state) and says
+//! which job a pause / resume / abort reaches.
 //!
 //! [`actions`] decides what the driver does for the round machine's
 //! actions — offers (`offer.sent`, then the offer with the job's terms),
@@ -150,6 +152,7 @@ pub mod scaling;
 pub mod served;
 pub mod sim;
 mod sites;
+pub mod status;
 pub mod uploads;
 
 pub use crate::round::ConnId;
@@ -375,6 +378,7 @@ mod purity {
         ("audit_head.rs", include_str!("audit_head.rs")),
         ("admission.rs", include_str!("admission.rs")),
         ("provenance.rs", include_str!("provenance.rs")),
+        ("status.rs", include_str!("status.rs")),
     ];
 
     #[test]

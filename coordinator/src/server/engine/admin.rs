@@ -1,19 +1,21 @@
 //! Admin commands that reach the engine: the job's progress for `status`,
 //! and pause / resume / abort (of the running job through the round
 //! machine; of a queued job directly in the store, on the engine task so a
-//! job switch never races them).
+//! job switch never races them). The progress document and which job a
+//! command reaches are `core::status`'s; the commands' effects are
+//! `core::admin`'s.
 
-use std::collections::BTreeSet;
 use std::time::Instant;
 
 use fedlink_protocol::SiteId;
-use fedlink_protocol::admin::{AdminErrorCode, JobProgress, SiteProgress};
+use fedlink_protocol::admin::{AdminErrorCode, JobProgress};
 use tokio::sync::oneshot;
 
 use super::{Engine, EngineError, effects};
 use crate::core::Effect;
-use crate::core::admin::{self as core_admin, StoredJob, Target};
-use crate::round::{AdminCommand, Input, PhaseView};
+use crate::core::admin::{self as core_admin, StoredJob};
+use crate::core::status;
+use crate::round::{AdminCommand, Input};
 use crate::server::Shared;
 use crate::store::Store;
 
@@ -59,7 +61,7 @@ pub(crate) fn handle_without_job(
             reply,
         } => {
             let store = shared.admin.store();
-            let target = match stored_target(store, &id) {
+            let target = match status::target(&id, None, || stored_job(store, &id)) {
                 Ok(t) => t,
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -90,14 +92,14 @@ pub(crate) fn handle_without_job(
 }
 
 /// What the store says about job `id` (not the running one).
-fn stored_target(store: &Store, id: &str) -> Result<Target, (AdminErrorCode, String)> {
+fn stored_job(store: &Store, id: &str) -> Result<Option<StoredJob>, (AdminErrorCode, String)> {
     let rec = store
         .job(id)
         .map_err(|e| (AdminErrorCode::Internal, e.to_string()))?;
-    Ok(Target::Stored(rec.map(|r| StoredJob {
+    Ok(rec.map(|r| StoredJob {
         finished: r.outcome.is_some(),
         completed_rounds: r.completed_rounds,
-    })))
+    }))
 }
 
 /// Why an admin command's effects stopped.
@@ -162,19 +164,15 @@ impl Engine {
                 actor,
                 reply,
             } => {
-                let target = if id == self.job_id.as_str() {
-                    Target::Running {
-                        finished: self.outcome.is_some(),
-                    }
-                } else {
-                    match stored_target(&self.store, &id) {
+                let running = (self.job_id.as_str(), self.outcome.is_some());
+                let target =
+                    match status::target(&id, Some(running), || stored_job(&self.store, &id)) {
                         Ok(t) => t,
                         Err(e) => {
                             let _ = reply.send(Err(e));
                             return Ok(());
                         }
-                    }
-                };
+                    };
                 // Recorded before it takes effect; not done if unrecorded.
                 // A command on the running job is executed (and persisted)
                 // before the answer, so the answer reflects it.
@@ -203,72 +201,28 @@ impl Engine {
     }
 
     fn progress(&self) -> JobProgress {
-        let (phase, round, accepted) = match self.runner.phase() {
-            PhaseView::Waiting { .. } => ("waiting", None, 0),
-            PhaseView::Collecting {
-                round, accepted, ..
-            } => ("collecting", Some(round), accepted),
-            PhaseView::Aggregating { round } => ("aggregating", Some(round), 0),
-            PhaseView::Finished(_) => ("finished", None, 0),
-        };
-        let connected: BTreeSet<String> = self
-            .links
-            .connected()
-            .into_iter()
-            .map(String::from)
-            .collect();
-        let selected: BTreeSet<String> = self
-            .runner
-            .selected_sites()
-            .into_iter()
-            .map(|s| s.as_str().to_owned())
-            .collect();
-        let reported: BTreeSet<String> = round
-            .and_then(|r| self.store.round(self.job_id.as_str(), r).ok().flatten())
-            .map(|r| r.accepted.iter().map(|u| u.site.to_string()).collect())
+        let registered = self
+            .wire
+            .manifest
+            .read()
+            .map(|m| m.site.iter().map(|s| s.name.clone()).collect())
             .unwrap_or_default();
-        let mut names: BTreeSet<String> = connected.clone();
-        if let Ok(m) = self.wire.manifest.read() {
-            names.extend(m.site.iter().map(|s| s.name.clone()));
-        }
-        let sites = names
-            .into_iter()
-            .filter_map(|site| {
-                // Names of identities and registry entries, validated when
-                // made; a subset of what `SiteId` allows.
-                let id = SiteId::new(site.as_str())
-                    .inspect_err(|e| tracing::error!(error = %e, "site name in the progress"))
-                    .ok()?;
-                let state = if reported.contains(&site) {
-                    "reported"
-                } else if selected.contains(&site) && connected.contains(&site) {
-                    "training"
-                } else if selected.contains(&site) {
-                    "selected, offline"
-                } else if connected.contains(&site) {
-                    "idle"
-                } else {
-                    "offline"
-                };
-                Some(SiteProgress {
-                    connected: connected.contains(&site),
-                    site: id,
-                    state: state.to_owned(),
-                })
-            })
-            .collect();
-        JobProgress {
+        let facts = status::JobFacts {
             job: self.job_id.clone(),
-            phase: phase.to_owned(),
-            round: round.map(fedlink_protocol::RoundId),
+            phase: self.runner.phase(),
+            connected: self.links.connected(),
+            selected: self.runner.selected_sites(),
+            registered,
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model(),
             paused: self.runner.is_paused(),
-            accepted,
             outcome: self.outcome.as_ref().map(|o| format!("{o:?}")),
-            sites,
             evaluation: self.latest_evaluation.clone(),
-        }
+        };
+        status::progress(facts, |r| {
+            let rec = self.store.round(self.job_id.as_str(), r).ok().flatten()?;
+            Some(rec.accepted.iter().map(|u| u.site.to_string()).collect())
+        })
     }
 }
