@@ -91,18 +91,9 @@ pub enum CloseAs {
 pub enum Refusal {
     /// Low on disk: closed, no entry per connection.
     LowOnDisk(LowOnDisk),
-    /// Refused after the handshake: `audit` (`conn.refused`, by the
-    /// coordinator) first, then closed with `text`.
-    Refused {
-        /// The peer's identity, if it has one.
-        identity: Option<Identity>,
-        /// Why.
-        why: Refused,
-        /// The close reason and the entry's reason (made safe).
-        text: String,
-        /// The `conn.refused` entry.
-        audit: Effect,
-    },
+    /// Refused after the handshake: its `conn.refused` entry (by the
+    /// coordinator) first, then closed with its text.
+    Refused(Box<Recorded>),
     /// Beyond the connection caps: counted with the failed handshakes of
     /// its source (not recorded one by one: an authenticated peer could
     /// otherwise flood the log too), then closed.
@@ -114,12 +105,25 @@ pub enum Refusal {
     },
 }
 
+/// A refusal on record ([`Refusal::Refused`]).
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// The peer's identity, if it has one.
+    pub identity: Option<Identity>,
+    /// Why.
+    pub why: Refused,
+    /// The close reason and the entry's reason (made safe).
+    pub text: String,
+    /// The `conn.refused` entry.
+    pub audit: Effect,
+}
+
 impl Refusal {
     /// How the connection is closed.
     pub fn close_as(&self) -> CloseAs {
         match self {
             Self::LowOnDisk(_) => CloseAs::Shutdown,
-            Self::Refused { .. } | Self::OverCaps { .. } => CloseAs::Forbidden,
+            Self::Refused(_) | Self::OverCaps { .. } => CloseAs::Forbidden,
         }
     }
 
@@ -127,7 +131,7 @@ impl Refusal {
     pub fn text(&self) -> String {
         match self {
             Self::LowOnDisk(why) => why.to_string(),
-            Self::Refused { text, .. } => text.clone(),
+            Self::Refused(r) => r.text.clone(),
             Self::OverCaps { why, .. } => why.to_string(),
         }
     }
@@ -206,12 +210,12 @@ fn refused(facts: &Facts<'_>, identity: Option<Identity>, why: Refused) -> Refus
             reason: text.clone(),
         }),
     };
-    Refusal::Refused {
+    Refusal::Refused(Box::new(Recorded {
         identity,
         why,
         text,
         audit,
-    }
+    }))
 }
 
 #[cfg(test)]
@@ -257,16 +261,15 @@ mod tests {
     }
 
     fn refused_entry(r: &Refusal) -> &coord::ConnRefused {
-        let Refusal::Refused {
-            audit:
-                Effect::AppendAudit {
-                    actor,
-                    event: CoordEvent::ConnRefused(e),
-                },
-            ..
-        } = r
-        else {
+        let Refusal::Refused(rec) = r else {
             panic!("not a recorded refusal: {r:?}");
+        };
+        let Effect::AppendAudit {
+            actor,
+            event: CoordEvent::ConnRefused(e),
+        } = &rec.audit
+        else {
+            panic!("not a conn.refused entry: {rec:?}");
         };
         assert_eq!(actor, COORD);
         e
@@ -315,13 +318,7 @@ mod tests {
         ] {
             let r = run(facts(Ok(id(role, "x")), alpn), &asked).unwrap_err();
             assert!(
-                matches!(
-                    &r,
-                    Refusal::Refused {
-                        why: Refused::RoleMismatch(_),
-                        ..
-                    }
-                ),
+                matches!(&r, Refusal::Refused(rec) if matches!(rec.why, Refused::RoleMismatch(_))),
                 "{r:?}"
             );
             assert!(r.text().starts_with("role does not match the protocol: "));

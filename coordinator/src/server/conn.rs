@@ -272,9 +272,10 @@ fn refuse(
             tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
         }
         // Recorded (best effort: it is refused either way).
-        admission::Refusal::Refused {
-            identity, audit, ..
-        } => {
+        admission::Refusal::Refused(rec) => {
+            let admission::Recorded {
+                identity, audit, ..
+            } = *rec;
             tracing::warn!(%remote, identity = ?identity.map(|i| i.to_string()), reason = text.as_str(), "connection refused");
             if let crate::core::Effect::AppendAudit { actor, event } = audit
                 && let Err(e) = shared.audit().record(&actor, &event)
