@@ -380,3 +380,375 @@ impl SiteEvent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use fedlink_protocol::Optimizer;
+    use fedlink_protocol::message::Augmentation;
+
+    const H1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const H2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn job() -> JobId {
+        JobId::new("job-7").unwrap()
+    }
+
+    /// One event of every variant (both sides of each optional member
+    /// where the variant has one), its `event` name and its details bytes
+    /// as the agent has always written them: the members sorted by name
+    /// (a `serde_json` object), `None` as `null` unless the member is left
+    /// out when absent.
+    fn every_event() -> Vec<(SiteEvent, &'static str, String)> {
+        let round = RoundId(12);
+        vec![
+            (
+                SiteEvent::AgentStarted {
+                    version: "0.1.0".into(),
+                    site: "st-mary".into(),
+                    config_blake3: H1.into(),
+                    identity: "fedlink://fed/site/st-mary".into(),
+                    dataset_kind: "tabular".into(),
+                    dataset_fingerprint: H2.into(),
+                    train_samples: 100,
+                    validation_samples: 20,
+                    device: "cpu".into(),
+                },
+                "agent.started",
+                pin(
+                    r#"{"config_blake3":"{H1}","dataset_fingerprint":"{H2}","dataset_kind":"tabular","device":"cpu","identity":"fedlink://fed/site/st-mary","site":"st-mary","train_samples":100,"validation_samples":20,"version":"0.1.0"}"#,
+                ),
+            ),
+            (
+                SiteEvent::AgentStopped {
+                    reason: "signal".into(),
+                },
+                "agent.stopped",
+                pin(r#"{"reason":"signal"}"#),
+            ),
+            (
+                SiteEvent::TailRepaired {
+                    line: 7,
+                    removed_bytes: 33,
+                    removed_blake3: H1.into(),
+                },
+                "audit.tail_repaired",
+                pin(r#"{"line":7,"removed_blake3":"{H1}","removed_bytes":33}"#),
+            ),
+            (
+                SiteEvent::ConnEstablished {
+                    coordinator: "coord.example:7443".into(),
+                    site_id: SiteId::new("st-mary").unwrap(),
+                    federation: FederationId::new("fed").unwrap(),
+                    protocol_version: 7,
+                    transport: "tcp".into(),
+                    proxy: Some("proxy:3128".into()),
+                    transport_reason: "configured".into(),
+                },
+                "conn.established",
+                pin(
+                    r#"{"coordinator":"coord.example:7443","federation":"fed","protocol_version":7,"proxy":"proxy:3128","site_id":"st-mary","transport":"tcp","transport_reason":"configured"}"#,
+                ),
+            ),
+            (
+                SiteEvent::ConnEstablished {
+                    coordinator: "coord.example:7443".into(),
+                    site_id: SiteId::new("st-mary").unwrap(),
+                    federation: FederationId::new("fed").unwrap(),
+                    protocol_version: 7,
+                    transport: "quic".into(),
+                    proxy: None,
+                    transport_reason: "raced".into(),
+                },
+                "conn.established",
+                pin(
+                    r#"{"coordinator":"coord.example:7443","federation":"fed","protocol_version":7,"proxy":null,"site_id":"st-mary","transport":"quic","transport_reason":"raced"}"#,
+                ),
+            ),
+            (
+                SiteEvent::ConnLost {
+                    reason: "timed out".into(),
+                    retry_in_ms: Some(1500),
+                },
+                "conn.lost",
+                pin(r#"{"reason":"timed out","retry_in_ms":1500}"#),
+            ),
+            (
+                SiteEvent::ConnLost {
+                    reason: "shutdown".into(),
+                    retry_in_ms: None,
+                },
+                "conn.lost",
+                pin(r#"{"reason":"shutdown","retry_in_ms":null}"#),
+            ),
+            (
+                SiteEvent::OfferReceived {
+                    job: job(),
+                    round,
+                    base_model: H1.into(),
+                    arch: "mlp".into(),
+                    epochs: 2,
+                    encoding: "f32".into(),
+                    clip_norm: None,
+                    noise_multiplier: None,
+                    central_noise_multiplier: None,
+                    augmentation: None,
+                    class_weight: None,
+                    optimizer: None,
+                    learning_rate: None,
+                },
+                "offer.received",
+                pin(
+                    r#"{"arch":"mlp","base_model":"{H1}","clip_norm":null,"encoding":"f32","epochs":2,"job":"job-7","noise_multiplier":null,"round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::OfferReceived {
+                    job: job(),
+                    round,
+                    base_model: H1.into(),
+                    arch: "unet".into(),
+                    epochs: 1,
+                    encoding: "f16".into(),
+                    clip_norm: Some(1.5),
+                    noise_multiplier: Some(0.8),
+                    central_noise_multiplier: Some(0.25),
+                    augmentation: Some(Augmentation {
+                        flips: true,
+                        rotate90: false,
+                        intensity_jitter: Some(fedlink_protocol::message::IntensityJitter {
+                            scale: 0.1,
+                            shift: 0.05,
+                        }),
+                    }),
+                    class_weight: Some("balanced".into()),
+                    optimizer: Some(Optimizer::AdamW {
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        epsilon: 1e-8,
+                        weight_decay: 0.1,
+                    }),
+                    learning_rate: Some(0.003),
+                },
+                "offer.received",
+                pin(
+                    r#"{"arch":"unet","augmentation":{"flips":true,"intensity_jitter":{"scale":0.1,"shift":0.05},"rotate90":false},"base_model":"{H1}","central_noise_multiplier":0.25,"class_weight":"balanced","clip_norm":1.5,"encoding":"f16","epochs":1,"job":"job-7","learning_rate":0.003,"noise_multiplier":0.8,"optimizer":{"AdamW":{"beta1":0.9,"beta2":0.999,"epsilon":1e-8,"weight_decay":0.1}},"round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::OfferAccepted { job: job(), round },
+                "offer.accepted",
+                pin(r#"{"job":"job-7","round":12}"#),
+            ),
+            (
+                SiteEvent::OfferDeclined {
+                    job: job(),
+                    round,
+                    reason: "policy: epochs".into(),
+                },
+                "offer.declined",
+                pin(r#"{"job":"job-7","reason":"policy: epochs","round":12}"#),
+            ),
+            (
+                SiteEvent::RoundCancelled {
+                    job: job(),
+                    round,
+                    reason: "superseded".into(),
+                    dropped_work: true,
+                },
+                "round.cancelled",
+                pin(r#"{"dropped_work":true,"job":"job-7","reason":"superseded","round":12}"#),
+            ),
+            (
+                SiteEvent::RoundFailed {
+                    job: job(),
+                    round,
+                    error: "training diverged".into(),
+                },
+                "round.failed",
+                pin(r#"{"error":"training diverged","job":"job-7","round":12}"#),
+            ),
+            (
+                SiteEvent::ModelReceived {
+                    model: H1.into(),
+                    bytes: 4096,
+                    from_cache: false,
+                    resumed_from_record: None,
+                    as_update_of: None,
+                },
+                "model.received",
+                pin(r#"{"bytes":4096,"from_cache":false,"model":"{H1}"}"#),
+            ),
+            (
+                SiteEvent::ModelReceived {
+                    model: H1.into(),
+                    bytes: 4096,
+                    from_cache: false,
+                    resumed_from_record: Some(3),
+                    as_update_of: Some(H2.into()),
+                },
+                "model.received",
+                pin(
+                    r#"{"as_update_of":"{H2}","bytes":4096,"from_cache":false,"model":"{H1}","resumed_from_record":3}"#,
+                ),
+            ),
+            (
+                SiteEvent::ModelRefused {
+                    model: H1.into(),
+                    as_update_of: None,
+                    error: "hash mismatch".into(),
+                },
+                "model.refused",
+                pin(r#"{"error":"hash mismatch","model":"{H1}"}"#),
+            ),
+            (
+                SiteEvent::ModelRefused {
+                    model: H1.into(),
+                    as_update_of: Some(H2.into()),
+                    error: "does not decode".into(),
+                },
+                "model.refused",
+                pin(r#"{"as_update_of":"{H2}","error":"does not decode","model":"{H1}"}"#),
+            ),
+            (
+                SiteEvent::TrainCompleted {
+                    job: job(),
+                    round,
+                    base_model: H1.into(),
+                    dataset_fingerprint: H2.into(),
+                    num_examples: 100,
+                    metrics: serde_json::json!({"epochs": 2, "epoch_loss": [0.7, 0.5],
+                        "duration_ms": 120, "global_eval": null, "delta_norm": 1.25}),
+                    clipped: true,
+                    dp_noise: false,
+                    feature_scaling: "federated".into(),
+                },
+                "train.completed",
+                pin(
+                    r#"{"base_model":"{H1}","clipped":true,"dataset_fingerprint":"{H2}","dp_noise":false,"feature_scaling":"federated","job":"job-7","metrics":{"delta_norm":1.25,"duration_ms":120,"epoch_loss":[0.7,0.5],"epochs":2,"global_eval":null},"num_examples":100,"round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::UpdateSent {
+                    job: job(),
+                    round,
+                    payload_hash: H1.into(),
+                    payload_bytes: 4096,
+                    num_examples: 100,
+                    nonce: "00ff".repeat(8),
+                    base_model: H2.into(),
+                    encoding: "f32".into(),
+                    feature_stats: true,
+                },
+                "update.sent",
+                pin(
+                    r#"{"base_model":"{H2}","encoding":"f32","feature_stats":true,"job":"job-7","nonce":"00ff00ff00ff00ff00ff00ff00ff00ff","num_examples":100,"payload_bytes":4096,"payload_hash":"{H1}","round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::UpdateResumed {
+                    job: job(),
+                    round,
+                    payload_hash: H1.into(),
+                    nonce: "00ff".repeat(8),
+                    from_record: 3,
+                    bytes_held: 3000,
+                    bytes_sent: 1096,
+                },
+                "update.resumed",
+                pin(
+                    r#"{"bytes_held":3000,"bytes_sent":1096,"from_record":3,"job":"job-7","nonce":"00ff00ff00ff00ff00ff00ff00ff00ff","payload_hash":"{H1}","round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::UpdateResult {
+                    job: job(),
+                    round,
+                    payload_hash: H1.into(),
+                    nonce: "00ff".repeat(8),
+                    outcome: "ack".into(),
+                    accepted: true,
+                    reason: None,
+                },
+                "update.result",
+                pin(
+                    r#"{"accepted":true,"job":"job-7","nonce":"00ff00ff00ff00ff00ff00ff00ff00ff","outcome":"ack","payload_hash":"{H1}","reason":null,"round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::UpdateResult {
+                    job: job(),
+                    round,
+                    payload_hash: H1.into(),
+                    nonce: "00ff".repeat(8),
+                    outcome: "reject".into(),
+                    accepted: false,
+                    reason: Some("late: round closed".into()),
+                },
+                "update.result",
+                pin(
+                    r#"{"accepted":false,"job":"job-7","nonce":"00ff00ff00ff00ff00ff00ff00ff00ff","outcome":"reject","payload_hash":"{H1}","reason":"late: round closed","round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::RoundOutcome {
+                    job: job(),
+                    round,
+                    model: H2.into(),
+                    job_completed: true,
+                },
+                "round.outcome",
+                pin(r#"{"job":"job-7","job_completed":true,"model":"{H2}","round":12}"#),
+            ),
+            (
+                SiteEvent::EvalReported {
+                    job: job(),
+                    round,
+                    model: H2.into(),
+                    num_eval_examples: 20,
+                    loss: Some(0.25),
+                    accuracy: Some(0.9),
+                    auc: None,
+                    dice: None,
+                },
+                "eval.reported",
+                pin(
+                    r#"{"accuracy":0.9,"auc":null,"dice":null,"job":"job-7","loss":0.25,"model":"{H2}","num_eval_examples":20,"round":12}"#,
+                ),
+            ),
+            (
+                SiteEvent::coordinator_head(&AuditHead {
+                    seq: 3,
+                    hash: [1; 32],
+                    ts_unix_ms: 1_700_000_000_123,
+                    sig: [2; 64],
+                }),
+                "coordinator.audit_head",
+                pin(
+                    r#"{"hash":"{HEAD_HASH}","seq":3,"sig":"{HEAD_SIG}","ts_unix_ms":1700000000123}"#,
+                ),
+            ),
+        ]
+    }
+
+    /// `bytes` with the placeholders for the long hex values filled in.
+    fn pin(bytes: &str) -> String {
+        bytes
+            .replace("{H1}", H1)
+            .replace("{H2}", H2)
+            .replace("{HEAD_HASH}", &"01".repeat(32))
+            .replace("{HEAD_SIG}", &"02".repeat(64))
+    }
+
+    /// Every variant's `event` name and details bytes are what the agent
+    /// wrote before the events were typed structs.
+    #[test]
+    fn every_event_keeps_its_name_and_bytes() {
+        for (event, name, bytes) in every_event() {
+            let (kind, details) = event.split();
+            assert_eq!(kind, name);
+            assert_eq!(serde_json::to_string(&details).unwrap(), bytes, "{name}");
+        }
+    }
+}
