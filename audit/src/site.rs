@@ -421,7 +421,9 @@ pub struct UpdateSent {
     pub base_model: String,
     /// Encoding.
     pub encoding: String,
-    /// Whether the header carried the feature statistics.
+    /// Whether the header carried the feature statistics (false when
+    /// absent: entries written before federated feature scaling).
+    #[serde(default)]
     pub feature_stats: bool,
 }
 
