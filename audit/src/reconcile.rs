@@ -4,7 +4,7 @@
 //! are matched by [`EventKind`]; names this version does not know are
 //! skipped (a newer writer's log stays comparable). The coordinator's
 //! details are read as the typed events it writes ([`coord`]), the site's
-//! as the agent's ([`site`](crate::site)): members they do not know are
+//! as the agent's ([`site`]): members they do not know are
 //! ignored; an entry of a compared event that does not read is `malformed`
 //! when it is the site's (every entry of the site log, and a coordinator
 //! entry naming the site), skipped when it names another site.
