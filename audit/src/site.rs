@@ -10,7 +10,7 @@
 //!
 //! ```text
 //!  agent     ── SiteEvent ──▶ kind() ──▶ entry.event   ("update.sent")
-//!                   └──────▶ split() ──▶ entry.details ({"base_model":…,"job":…})
+//!                   └──────▶ split() ──▶ entry.details ({"base_model":…,…})
 //!  reconcile ◀── UpdateSent::deserialize(&entry.details) (unknown members ignored)
 //! ```
 //!
@@ -57,7 +57,7 @@ pub enum SiteEvent {
     AgentStarted(AgentStarted),
     /// `agent.stopped`: the agent stopped.
     AgentStopped(AgentStopped),
-    /// `audit.tail_repaired`: a torn last line (a crash during a write) was removed on start.
+    /// `audit.tail_repaired`: a torn last line was removed on start.
     TailRepaired(TailRepaired),
     /// `conn.established`: connected and welcomed by the coordinator.
     ConnEstablished(ConnEstablished),
@@ -65,31 +65,31 @@ pub enum SiteEvent {
     ConnLost(ConnLost),
     /// `offer.received`: an offer arrived.
     OfferReceived(OfferReceived),
-    /// `offer.accepted`: the offer was accepted (recorded before the acceptance is sent).
+    /// `offer.accepted`: the offer was accepted (before the answer is sent).
     OfferAccepted(OfferAccepted),
-    /// `offer.declined`: the offer was declined (recorded before the answer is sent).
+    /// `offer.declined`: the offer was declined (before the answer is sent).
     OfferDeclined(OfferDeclined),
     /// `round.cancelled`: the coordinator cancelled a round, or a newer offer superseded it.
     RoundCancelled(RoundCancelled),
-    /// `round.failed`: work on an accepted round failed locally or on the network.
+    /// `round.failed`: work on an accepted round failed.
     RoundFailed(RoundFailed),
     /// `model.received`: the global model was obtained and its hash checked.
     ModelReceived(ModelReceived),
-    /// `model.refused`: a model (or the update to one) was refused: it did not decode, or
+    /// `model.refused`: a model, or the update to one, was refused.
     ModelRefused(ModelRefused),
     /// `train.completed`: local training finished.
     TrainCompleted(TrainCompleted),
-    /// `update.sent`: the signed update is about to be uploaded (recorded before the first
+    /// `update.sent`: the signed update, before its first byte is uploaded.
     UpdateSent(UpdateSent),
-    /// `update.resumed`: an upload cut short by a lost connection was resumed on a new one:
+    /// `update.resumed`: an upload cut short was resumed on a new connection.
     UpdateResumed(UpdateResumed),
     /// `update.result`: what the coordinator answered to an upload.
     UpdateResult(UpdateResult),
-    /// `round.outcome`: the model a round this site contributed to produced, or the job's
+    /// `round.outcome`: the model a round or the job produced, as announced.
     RoundOutcome(RoundOutcome),
-    /// `eval.reported`: the site evaluated a model the coordinator asked about (protocol >=
+    /// `eval.reported`: the metrics of a model the coordinator asked about.
     EvalReported(EvalReported),
-    /// `coordinator.audit_head`: a signed head of the coordinator's audit log (recorded as received;
+    /// `coordinator.audit_head`: a signed head of the coordinator's log.
     CoordinatorAuditHead(CoordinatorAuditHead),
 }
 
@@ -361,9 +361,8 @@ pub struct ModelReceived {
     pub as_update_of: Option<String>,
 }
 
-/// `model.refused`: a model (or the update to one) was refused: it did not decode, or
-/// the result did not hash to the announced model. The whole model is
-/// fetched instead.
+/// `model.refused`: a model (or the update to one) was refused: it did not decode, or the result
+/// did not hash to the announced model. The whole model is fetched instead.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRefused {
     /// Model hash asked for.
@@ -401,8 +400,8 @@ pub struct TrainCompleted {
     pub feature_scaling: String,
 }
 
-/// `update.sent`: the signed update is about to be uploaded (recorded before the first
-/// byte goes out).
+/// `update.sent`: the signed update is about to be uploaded (recorded before the first byte goes
+/// out).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateSent {
     /// Job.
@@ -427,8 +426,8 @@ pub struct UpdateSent {
     pub feature_stats: bool,
 }
 
-/// `update.resumed`: an upload cut short by a lost connection was resumed on a new one:
-/// the same signed envelope, the records from `from_record` on.
+/// `update.resumed`: an upload cut short by a lost connection was resumed on a new one: the same
+/// signed envelope, the records from `from_record` on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateResumed {
     /// Job.
@@ -466,10 +465,9 @@ pub struct UpdateResult {
     pub reason: Option<String>,
 }
 
-/// `round.outcome`: the model a round this site contributed to produced, or the job's
-/// final model, as the coordinator announced it (protocol >= 4).
-/// `fedlink audit reconcile` checks it against the coordinator's
-/// `round.aggregated` / `job.finished`.
+/// `round.outcome`: the model a round this site contributed to produced, or the job's final model,
+/// as the coordinator announced it (protocol >= 4). `fedlink audit reconcile` checks it against the
+/// coordinator's `round.aggregated` / `job.finished`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundOutcome {
     /// Job.
@@ -482,9 +480,8 @@ pub struct RoundOutcome {
     pub job_completed: bool,
 }
 
-/// `eval.reported`: the site evaluated a model the coordinator asked about (protocol >=
-/// 6), on its validation split, and is about to send the signed
-/// metrics: only these aggregates leave the site.
+/// `eval.reported`: the site evaluated a model the coordinator asked about (protocol >= 6), on its
+/// validation split, and is about to send the signed metrics: only these aggregates leave the site.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalReported {
     /// Job.
