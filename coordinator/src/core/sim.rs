@@ -1810,7 +1810,13 @@ impl CoreSim {
             (Ok(federation), Ok(id)) => Ok(JobFacts {
                 federation,
                 job: id,
-                actor: "fedlink://sim-federation/coordinator".into(),
+                actor: Identity::new(
+                    FEDERATION,
+                    Role::Coordinator,
+                    fedlink_certs::COORDINATOR_NAME,
+                )
+                .map_err(|e| self.violation(format!("the coordinator identity: {e}")))?
+                .to_uri(),
             }),
             _ => Err(self.violation(format!("{job} is not a valid job id"))),
         }
