@@ -937,6 +937,8 @@ impl Store {
                     base_model,
                     selected,
                 } => {
+                    // The records keep the plain number.
+                    let round = &round.0;
                     if *round != job.completed_rounds + 1 {
                         return Err(inconsistent(format!(
                             "round {round} started after {} completed rounds",
@@ -1000,7 +1002,7 @@ impl Store {
                     job.round_in_flight = Some(*round);
                 }
                 Checkpoint::UpdateAccepted(u) => {
-                    let mut rec = match get_round(&rounds, u.round)? {
+                    let mut rec = match get_round(&rounds, u.round.0)? {
                         Some(r) if r.state == RoundState::Open => r,
                         _ => {
                             return Err(inconsistent(format!(
@@ -1017,7 +1019,7 @@ impl Store {
                     }
                     rec.accepted.push(u.clone());
                     rounds
-                        .insert((job_id, u.round), encode(&rec)?.as_str())
+                        .insert((job_id, u.round.0), encode(&rec)?.as_str())
                         .map_err(dberr)?;
                 }
                 Checkpoint::RoundCompleted {
@@ -1026,6 +1028,7 @@ impl Store {
                     updates,
                     metrics,
                 } => {
+                    let round = &round.0;
                     if *round != job.completed_rounds + 1 {
                         return Err(inconsistent(format!(
                             "round {round} completed after {} completed rounds",

@@ -167,9 +167,9 @@ impl OfferTerms {
     /// The offer of `offer`'s round, due at `deadline_unix_ms`.
     pub fn offer(&self, offer: &Offer, deadline_unix_ms: u64) -> TaskOffer {
         let mut o = self.template.clone();
-        o.round = RoundId(offer.round);
+        o.round = offer.round;
         o.base_model = offer.model;
-        o.training.seed = round_seed(self.job_seed, offer.round);
+        o.training.seed = round_seed(self.job_seed, offer.round.0);
         o.deadline_unix_ms = deadline_unix_ms;
         o
     }
@@ -233,11 +233,11 @@ pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
     CheckpointPlan {
         optimizer_state: matches!(checkpoint, Checkpoint::RoundCompleted { .. }),
         commit_replay: match checkpoint {
-            Checkpoint::UpdateAccepted(acc) => Some((acc.site.clone(), acc.round)),
+            Checkpoint::UpdateAccepted(acc) => Some((acc.site.clone(), acc.round.0)),
             _ => None,
         },
         opens_round: match checkpoint {
-            Checkpoint::RoundStarted { round, .. } => Some(*round),
+            Checkpoint::RoundStarted { round, .. } => Some(round.0),
             _ => None,
         },
         status_may_wait: matches!(checkpoint, Checkpoint::UpdateAccepted(_)),
@@ -304,7 +304,7 @@ pub fn send_offers(
         .map(|(site, offer)| {
             CoordEvent::OfferSent(coord::OfferSent {
                 job: facts.job.as_str().to_owned(),
-                round: offer.round,
+                round: offer.round.0,
                 site: site.as_str().to_owned(),
                 base_model: offer.model.to_hex(),
             })
@@ -767,7 +767,7 @@ pub fn outcome_details(outcome: &JobOutcome) -> coord::JobOutcome {
             model: model.to_hex(),
         },
         JobOutcome::Failed { round, reason } => coord::JobOutcome::Failed {
-            round: *round,
+            round: round.0,
             reason: format!("{reason:?}"),
         },
         JobOutcome::Aborted { completed_rounds } => coord::JobOutcome::Aborted {
@@ -1084,7 +1084,7 @@ mod tests {
         let clock = UnixClock::new(start, 1_000_000);
         let terms = OfferTerms::of(&job(), &facts(), &StrategyConfig::default(), None).unwrap();
         let offer = Offer {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             model: model(7),
             deadline: start + Duration::from_secs(60),
@@ -1113,7 +1113,13 @@ mod tests {
         assert_eq!(o.deadline_unix_ms, 1_060_000);
         assert_eq!(o.training.seed, round_seed(11, 2));
         // Each round trains with its own seed.
-        let other = terms.offer(&Offer { round: 3, ..offer }, 0);
+        let other = terms.offer(
+            &Offer {
+                round: RoundId(3),
+                ..offer
+            },
+            0,
+        );
         assert_ne!(other.training.seed, o.training.seed);
         assert_eq!(other.arch, o.arch);
     }
@@ -1122,21 +1128,21 @@ mod tests {
     fn a_checkpoint_carries_what_its_recovery_needs() {
         use crate::round::AcceptedUpdate;
         let started = Checkpoint::RoundStarted {
-            round: 4,
+            round: RoundId(4),
             attempt: 1,
             base_model: model(1),
             selected: vec![sid("site-a")],
         };
         let accepted = AcceptedUpdate {
             site: sid("site-a"),
-            round: 4,
+            round: RoundId(4),
             payload_hash: model(2),
             num_examples: 10,
             bytes: 100,
             received_unix_ms: 0,
         };
         let completed = Checkpoint::RoundCompleted {
-            round: 4,
+            round: RoundId(4),
             model: model(3),
             updates: vec![accepted.clone()],
             metrics: Default::default(),
@@ -1210,7 +1216,7 @@ mod tests {
         let clock = UnixClock::new(start, 1_000_000);
         let terms = OfferTerms::of(&job(), &facts(), &StrategyConfig::default(), None).unwrap();
         let offer = |secs| Offer {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             model: model(7),
             deadline: start + Duration::from_secs(secs),
@@ -1298,7 +1304,7 @@ mod tests {
         let (offers, next) = offers_in_a_row(&mut runner, first);
         let sites: BTreeSet<&str> = offers.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(sites, BTreeSet::from(["site-a", "site-b", "site-c"]));
-        assert!(offers.iter().all(|(_, o)| o.round == 1));
+        assert!(offers.iter().all(|(_, o)| o.round == RoundId(1)));
         assert!(
             matches!(next, Some(Action::Persist(Checkpoint::Paused(true)))),
             "{next:?}"
@@ -1712,7 +1718,7 @@ mod tests {
         };
         let mut f = finishing(
             JobOutcome::Failed {
-                round: 2,
+                round: RoundId(2),
                 reason: reason.clone(),
             },
             1,

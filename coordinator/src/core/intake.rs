@@ -116,7 +116,7 @@ fn round_view(
 ) -> Result<(SiteId, ExpectedUpdate), Refusal> {
     let h = &envelope.header;
     runner
-        .check_upload(site, h.round.0)
+        .check_upload(site, h.round)
         .map_err(|r| Refusal::new(reject_code(&r), reason_text(&r)))?;
     let round = expected
         .open_round

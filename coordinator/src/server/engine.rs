@@ -39,7 +39,9 @@ use crate::core::scaling::{FederatedScaling, PersistedState, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;
-use crate::round::{Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities};
+use crate::round::{
+    Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities, plain_round_ids,
+};
 use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, Store};
 
@@ -626,16 +628,13 @@ impl Engine {
                 reason,
             } => {
                 let input = if accepted {
-                    Input::OfferAccepted {
-                        site,
-                        round: round.0,
-                    }
+                    Input::OfferAccepted { site, round }
                 } else {
                     tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
                     self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
                         site,
-                        round: round.0,
+                        round,
                         reason,
                     }
                 };
@@ -1033,17 +1032,17 @@ impl Engine {
             }
             Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::SendModel { site, round, model } => {
-                tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
+                tracing::debug!(site = %site, round = round.0, model = %model, "site may fetch the model");
             }
             Action::AckUpdate { site, round } => {
                 let acked = SiteId::new(site.as_str())
                     .ok()
-                    .and_then(|site| self.uploads.acked(&site, RoundId(round)));
+                    .and_then(|site| self.uploads.acked(&site, round));
                 match acked {
                     Some(acked) => self.ack(acked)?,
                     None => tracing::warn!(
                         site = site.as_str(),
-                        round,
+                        round = round.0,
                         "ack for an upload that is not pending"
                     ),
                 }
@@ -1053,28 +1052,28 @@ impl Engine {
                 round,
                 reason,
             } => {
-                tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
+                tracing::warn!(site = %site, round = round.0, reason = %reason_text(&reason), "update rejected");
                 let refused = SiteId::new(site.as_str()).ok().and_then(|site| {
                     self.uploads
-                        .rejected(&self.facts, &site, RoundId(round), &reason, unix_ms())
+                        .rejected(&self.facts, &site, round, &reason, unix_ms())
                 });
                 if let Some(refused) = refused {
                     self.refused(refused)?;
                 }
             }
             Action::CancelTask { site, round } => {
-                self.run_effects(actions::cancel_task(&self.facts, &site, round), None)?;
+                self.run_effects(actions::cancel_task(&self.facts, &site, round.0), None)?;
             }
             Action::Aggregate {
                 round,
                 base_model,
                 updates,
             } => {
-                self.take_queued_uploads(now, round)?;
-                let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
+                self.take_queued_uploads(now, round.0)?;
+                let result = tokio::task::block_in_place(|| self.aggregate(round.0, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
-                        tracing::info!(round, model = %model, updates = updates.len(), "round aggregated");
+                        tracing::info!(round = round.0, model = %model, updates = updates.len(), "round aggregated");
                         Input::AggregationDone {
                             round,
                             model,
@@ -1083,21 +1082,21 @@ impl Engine {
                     }
                     Err(why) => {
                         let reason = why.to_string();
-                        tracing::error!(round, reason = %reason, "aggregation failed");
+                        tracing::error!(round = round.0, reason = %reason, "aggregation failed");
                         Input::AggregationFailed { round, reason }
                     }
                 };
                 self.runner.handle(now, input);
             }
             Action::Evaluate { round, model } => {
-                tracing::info!(round, model = %model, "global model ready for evaluation");
+                tracing::info!(round = round.0, model = %model, "global model ready for evaluation");
             }
             Action::Disconnect { site, conn, reason } => {
                 self.links
                     .close(&site, conn, actions::close_reason(&reason));
             }
             Action::JobFinished(outcome) => {
-                tracing::info!(?outcome, "job finished");
+                tracing::info!(outcome = %plain_round_ids(&format!("{outcome:?}")), "job finished");
                 let sites = self
                     .links
                     .connected()
@@ -2031,7 +2030,7 @@ impl Engine {
     fn write_status(&mut self) {
         self.status_written = Some(Instant::now());
         self.status_behind = false;
-        let phase = format!("{:?}", self.runner.phase());
+        let phase = plain_round_ids(&format!("{:?}", self.runner.phase())).into_owned();
         let show = |r: &crate::store::RoundRecord| RoundStatus {
             round: r.round,
             state: format!("{:?}", r.state),

@@ -13,7 +13,7 @@ use fedlink_protocol::{FlatModel, ModelSpec, TensorSpec};
 
 use super::*;
 use crate::round::sim::{Sim, SimHooks, SiteScript};
-use crate::round::{JobRunner, RoundConfig};
+use crate::round::{JobRunner, RoundConfig, RoundId};
 
 const JOB: &str = r#"
 id = "crash-job"
@@ -73,7 +73,7 @@ struct StoreHooks {
 impl SimHooks for StoreHooks {
     fn persist(&mut self, checkpoint: &Checkpoint) {
         let opt = match checkpoint {
-            Checkpoint::RoundCompleted { round, .. } => Some(round.to_le_bytes()),
+            Checkpoint::RoundCompleted { round, .. } => Some(round.0.to_le_bytes()),
             _ => None,
         };
         let extras = Extras {
@@ -87,7 +87,7 @@ impl SimHooks for StoreHooks {
         match checkpoint {
             Checkpoint::RoundStarted { round, .. } => {
                 self.store
-                    .set_round_times("crash-job", *round, Some(1_000 + round), None)
+                    .set_round_times("crash-job", round.0, Some(1_000 + round.0), None)
                     .unwrap();
             }
             Checkpoint::UpdateAccepted(acc) => {
@@ -100,7 +100,7 @@ impl SimHooks for StoreHooks {
                     at_unix_ms: acc.received_unix_ms,
                 };
                 self.store
-                    .record_update_detail("crash-job", acc.round, detail)
+                    .record_update_detail("crash-job", acc.round.0, detail)
                     .unwrap();
             }
             _ => {}
@@ -113,19 +113,19 @@ impl SimHooks for StoreHooks {
 
     fn aggregate(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
         updates: &[AcceptedUpdate],
     ) -> Option<ModelHash> {
         let mut m = self.store.load_model(&base_model).unwrap();
         for v in m.values_mut() {
-            *v += round as f32 + 0.5 * updates.len() as f32;
+            *v += round.0 as f32 + 0.5 * updates.len() as f32;
         }
         let h = self.store.put_model(&m).unwrap();
         self.store
-            .set_round_times("crash-job", round, None, Some(2_000 + round))
+            .set_round_times("crash-job", round.0, None, Some(2_000 + round.0))
             .unwrap();
-        if self.abort_after_model_of_round == Some(round) {
+        if self.abort_after_model_of_round == Some(round.0) {
             std::process::abort();
         }
         Some(h)
@@ -319,7 +319,7 @@ fn drop_mid_round_then_recover_in_process() {
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: sel,
@@ -329,7 +329,7 @@ fn drop_mid_round_then_recover_in_process() {
         .unwrap();
     let up = |site: &str| AcceptedUpdate {
         site: sid(site),
-        round: 1,
+        round: RoundId(1),
         payload_hash: ModelHash([7; 32]),
         num_examples: 10,
         bytes: 100,
@@ -362,7 +362,7 @@ fn drop_mid_round_then_recover_in_process() {
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: vec![sid("h1")],
@@ -391,20 +391,20 @@ fn inconsistent_checkpoints_write_nothing() {
     // Round 2 before round 1; wrong base model; unknown job.
     let bad = [
         Checkpoint::RoundStarted {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             base_model: init,
             selected: vec![],
         },
         Checkpoint::RoundStarted {
-            round: 1,
+            round: RoundId(1),
             attempt: 1,
             base_model: ModelHash([1; 32]),
             selected: vec![],
         },
         Checkpoint::UpdateAccepted(AcceptedUpdate {
             site: sid("h1"),
-            round: 1,
+            round: RoundId(1),
             payload_hash: ModelHash([0; 32]),
             num_examples: 1,
             bytes: 1,
@@ -426,7 +426,7 @@ fn inconsistent_checkpoints_write_nothing() {
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: vec![],
@@ -439,7 +439,7 @@ fn inconsistent_checkpoints_write_nothing() {
         store.persist(
             "crash-job",
             &Checkpoint::RoundCompleted {
-                round: 1,
+                round: RoundId(1),
                 model: missing,
                 updates: vec![],
                 metrics: BTreeMap::new()
