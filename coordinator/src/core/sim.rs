@@ -268,7 +268,7 @@ struct Sent {
 fn sim_upload(job: &str, u: &UpdateReceived) -> UploadFacts {
     UploadFacts {
         job: job.to_owned(),
-        round: u.round.0,
+        round: u.round,
         site: u.site.as_str().to_owned(),
         payload_hash: u.payload_hash.to_hex(),
         bytes: u.bytes,
@@ -419,7 +419,7 @@ pub struct CoreSim {
     aggregated_on_record: BTreeMap<(String, u64), String>,
     /// The rounds on record as opened (`round.opened`) since the last
     /// restart: (job, round).
-    rounds_opened: BTreeSet<(String, u64)>,
+    rounds_opened: BTreeSet<(String, RoundId)>,
     /// Virtual time → the sites' Unix milliseconds.
     clock: UnixClock,
     /// `sites.toml` and `revoked.toml` on disk: what the site commands'
@@ -1484,24 +1484,24 @@ impl CoreSim {
                 let opens = match (&cp, actions::checkpoint_plan(&cp).opens_round) {
                     // A later wave of the open round opens nothing.
                     (Checkpoint::RoundStarted { base_model, .. }, Some(round))
-                        if self.open_round.map(|r| r.0) != Some(round) =>
+                        if self.open_round != Some(round) =>
                     {
-                        Some((RoundId(round), *base_model))
+                        Some((round, *base_model))
                     }
                     _ => None,
                 };
                 self.durable.entry(job.clone()).or_default().push(cp);
                 if let Some((round, base_model)) = opens {
                     self.open_round = Some(round);
-                    let effects = actions::round_opened(&self.facts(&job)?, round.0, base_model);
+                    let effects = actions::round_opened(&self.facts(&job)?, round, base_model);
                     self.run_effects(&job, effects)?;
-                    self.rounds_opened.insert((job, round.0));
+                    self.rounds_opened.insert((job, round));
                 }
             }
             Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::CancelTask { site, round } => {
                 self.note(&format!("cancel {site} r{round}"));
-                let effects = actions::cancel_task(&self.facts(&job)?, &site, round.0);
+                let effects = actions::cancel_task(&self.facts(&job)?, &site, round);
                 self.run_effects(&job, effects)?;
             }
             Action::RejectUpdate {
@@ -1636,7 +1636,7 @@ impl CoreSim {
                 let quorum = self.jobs[self.running.as_ref().map_or(0, |r| r.job)]
                     .cfg
                     .quorum as usize;
-                let exclusion = actions::exclude_withdrawn(&facts, round.0, &inputs, quorum, |s| {
+                let exclusion = actions::exclude_withdrawn(&facts, round, &inputs, quorum, |s| {
                     revoked.get(s).cloned()
                 });
                 let want_out: BTreeSet<&str> = got
@@ -1869,7 +1869,7 @@ impl CoreSim {
             &facts,
             Finishing {
                 outcome: outcome.clone(),
-                open_round: self.open_round.take().map(|r| r.0),
+                open_round: self.open_round.take(),
                 completed_rounds,
                 sites,
                 next_queued,
@@ -2188,7 +2188,7 @@ impl CoreSim {
                         o.round.0
                     )));
                 }
-                if !self.rounds_opened.contains(&(job.to_owned(), o.round.0)) {
+                if !self.rounds_opened.contains(&(job.to_owned(), o.round)) {
                     return Err(self.violation(format!(
                         "{job}: an offer to {site} for round {} before the round.opened entry",
                         o.round.0

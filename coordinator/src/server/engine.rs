@@ -809,7 +809,7 @@ impl Engine {
         let expected = intake::Expected {
             federation: &self.federation,
             job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
+            open_round: self.aggregator.as_ref().map(|(r, _)| RoundId(*r)),
             encoding: self.job.encoding.to_protocol().ok(),
             spec: &self.global_spec,
             keys: &self.keys,
@@ -997,7 +997,7 @@ impl Engine {
                         let (site, round) = key;
                         if let Some(p) = SiteId::new(site.as_str())
                             .ok()
-                            .and_then(|site| self.uploads.get(&site, RoundId(*round)))
+                            .and_then(|site| self.uploads.get(&site, *round))
                         {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
@@ -1022,7 +1022,7 @@ impl Engine {
                     )
                     .map_err(EngineError::Checkpoint)?;
                 if let Some(round) = plan.opens_round {
-                    self.open_round(round)?;
+                    self.open_round(round.0)?;
                 }
                 if plan.status_may_wait {
                     self.write_status_soon(now);
@@ -1062,7 +1062,7 @@ impl Engine {
                 }
             }
             Action::CancelTask { site, round } => {
-                self.run_effects(actions::cancel_task(&self.facts, &site, round.0), None)?;
+                self.run_effects(actions::cancel_task(&self.facts, &site, round), None)?;
             }
             Action::Aggregate {
                 round,
@@ -1110,7 +1110,7 @@ impl Engine {
                     &self.facts,
                     Finishing {
                         outcome: outcome.clone(),
-                        open_round: self.round_log.take().map(|l| l.round.0),
+                        open_round: self.round_log.take().map(|l| l.round),
                         completed_rounds: self.runner.completed_rounds(),
                         sites,
                         next_queued: self.wire.admin.next_queued().is_some(),
@@ -1187,18 +1187,18 @@ impl Engine {
                 let site = rejected.site.clone();
                 if let Err(e) = self
                     .store
-                    .record_rejected(self.job_id.as_str(), round, rejected)
+                    .record_rejected(self.job_id.as_str(), round.0, rejected)
                 {
                     tracing::debug!(site, error = %e, "the refused update's round has no record");
                 }
             }
             Effect::RecordAccepted { round, detail } => {
                 let site = detail.site.clone();
-                if let Err(e) = self
-                    .store
-                    .record_update_detail(self.job_id.as_str(), round, detail)
+                if let Err(e) =
+                    self.store
+                        .record_update_detail(self.job_id.as_str(), round.0, detail)
                 {
-                    tracing::warn!(site, round, error = %e, "recording the update's details");
+                    tracing::warn!(site, round = round.0, error = %e, "recording the update's details");
                 }
             }
             Effect::DiscardSpool { .. } => {
@@ -1219,14 +1219,14 @@ impl Engine {
             Effect::RecordFinalEvaluation { round, evaluation } => {
                 if let Err(e) = self.store.record_final_evaluation(
                     self.job_id.as_str(),
-                    round,
+                    round.0,
                     evaluation.clone(),
                 ) {
-                    tracing::warn!(round, error = %e, "recording the final model's evaluation");
+                    tracing::warn!(round = round.0, error = %e, "recording the final model's evaluation");
                 }
                 // The status file keeps completed rounds as they were
                 // shown: this one gains its final evaluation.
-                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round.0) {
                     shown.final_evaluation = Some(evaluation.clone());
                 }
                 self.latest_evaluation = Some(evaluation);
@@ -1363,7 +1363,7 @@ impl Engine {
         let agg =
             round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
                 .map_err(|source| EngineError::OpenRound { round, source })?;
-        let effects = actions::round_opened(&self.facts, round, self.global_hash);
+        let effects = actions::round_opened(&self.facts, RoundId(round), self.global_hash);
         self.run_effects(effects, None)?;
         self.server_state = state;
         let opened_unix_ms = unix_ms();
@@ -1553,7 +1553,7 @@ impl Engine {
         let wire = self.wire.clone();
         let exclusion = actions::exclude_withdrawn(
             &self.facts,
-            round,
+            RoundId(round),
             &log.inputs,
             self.job.round.quorum as usize,
             |site| wire.site_allowed(site).err().map(|why| why.to_string()),
@@ -2000,7 +2000,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let effects = actions::offer_declined(&self.facts, site, round.0, &declined.reason);
+        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
         self.run_effects(effects, None)
     }
 

@@ -1124,12 +1124,12 @@ fn build_engine(
     let recovery = store.recover(job_id)?;
     let replay_state = store.replay_state(&recovery.job.id)?;
     let reopened = recovery.reopened_round.map(|round| Reopened {
-        round,
+        round: fedlink_protocol::RoundId(round),
         discarded: recovery.discarded_updates.len(),
     });
     if let Some(r) = reopened {
         tracing::warn!(
-            round = r.round,
+            round = r.round.0,
             discarded = r.discarded,
             "resuming: the round in flight is re-opened; its updates are requested again"
         );
