@@ -136,16 +136,16 @@ pub(crate) enum CheckError {
 enum AggregationFailure {
     /// No round's accumulator is open.
     #[error("no aggregator for round {0}")]
-    NoAggregator(u64),
+    NoAggregator(RoundId),
     /// The open accumulator is another round's.
     #[error("aggregator is for round {open}, not {round}")]
-    WrongRound { open: u64, round: u64 },
+    WrongRound { open: RoundId, round: RoundId },
     /// The round's base model is no longer the global model.
     #[error("the base model is not the current global model")]
     BaseModelMoved,
     /// The round's replay record (inputs, seed) is missing.
     #[error("no replay record for round {0}")]
-    NoReplayRecord(u64),
+    NoReplayRecord(RoundId),
     /// Too few accepted updates are left once sites no longer allowed are
     /// taken out.
     #[error(
@@ -330,7 +330,7 @@ pub(crate) struct Engine {
     /// the model): `aggregate` reads the stored model when it needs it.
     global_spec: fedlink_protocol::ModelSpec,
     global_hash: ModelHash,
-    aggregator: Option<(u64, RoundAggregator)>,
+    aggregator: Option<(RoundId, RoundAggregator)>,
     federation: FederationId,
     keys: BTreeMap<SiteId, VerifyingKey>,
     replay: ReplayGuard,
@@ -351,7 +351,7 @@ pub(crate) struct Engine {
     /// the first round number not among them: each status write reads
     /// only the rounds from there on from the store, not the whole job.
     status_final: std::collections::VecDeque<RoundStatus>,
-    status_next: u64,
+    status_next: RoundId,
     /// When the status file was last written, and whether it is behind
     /// (an accepted update since): accepted updates rewrite it at most
     /// every [`STATUS_INTERVAL`]; everything else at once.
@@ -442,7 +442,7 @@ impl Engine {
             round_stats: BTreeMap::new(),
             status: parts.status,
             status_final: std::collections::VecDeque::new(),
-            status_next: 0,
+            status_next: RoundId(0),
             status_written: None,
             status_behind: false,
             retention: parts.retention,
@@ -525,7 +525,7 @@ impl Engine {
     /// finish while the gate closes). The first other event stops the
     /// sweep; it is kept and handled next ([`Self::with_inbox`]), so no
     /// event overtakes another.
-    fn take_queued_uploads(&mut self, now: Instant, round: u64) -> Result<(), EngineError> {
+    fn take_queued_uploads(&mut self, now: Instant, round: RoundId) -> Result<(), EngineError> {
         if self.stashed.is_some() {
             return Ok(());
         }
@@ -544,7 +544,7 @@ impl Engine {
             }
         }
         tracing::info!(
-            round,
+            round = round.0,
             uploads = taken,
             "uploads waiting in the engine's queue decided before the round's end"
         );
@@ -809,7 +809,7 @@ impl Engine {
         let expected = intake::Expected {
             federation: &self.federation,
             job: &self.job_id,
-            open_round: self.aggregator.as_ref().map(|(r, _)| RoundId(*r)),
+            open_round: self.aggregator.as_ref().map(|(r, _)| *r),
             encoding: self.job.encoding.to_protocol().ok(),
             spec: &self.global_spec,
             keys: &self.keys,
@@ -848,7 +848,7 @@ impl Engine {
             cause,
         } = it;
         let bytes = verifier.received();
-        let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
+        let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
         // The connection's identity, checked against the header before
         // the first payload byte.
         let site_id = envelope.header.site_id.clone();
@@ -958,7 +958,7 @@ impl Engine {
         // Kept partial uploads that can no longer be resumed (their round
         // closed, their site was dropped from it) give back their disk.
         if !self.partials.is_empty() {
-            let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
+            let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
             for spool in self.partials.prune(&self.runner, open_round) {
                 let _ = std::fs::remove_file(spool);
             }
@@ -1022,7 +1022,7 @@ impl Engine {
                     )
                     .map_err(EngineError::Checkpoint)?;
                 if let Some(round) = plan.opens_round {
-                    self.open_round(round.0)?;
+                    self.open_round(round)?;
                 }
                 if plan.status_may_wait {
                     self.write_status_soon(now);
@@ -1069,8 +1069,8 @@ impl Engine {
                 base_model,
                 updates,
             } => {
-                self.take_queued_uploads(now, round.0)?;
-                let result = tokio::task::block_in_place(|| self.aggregate(round.0, base_model))?;
+                self.take_queued_uploads(now, round)?;
+                let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
                         tracing::info!(round = round.0, model = %model, updates = updates.len(), "round aggregated");
@@ -1187,16 +1187,16 @@ impl Engine {
                 let site = rejected.site.clone();
                 if let Err(e) = self
                     .store
-                    .record_rejected(self.job_id.as_str(), round.0, rejected)
+                    .record_rejected(self.job_id.as_str(), round, rejected)
                 {
                     tracing::debug!(site, error = %e, "the refused update's round has no record");
                 }
             }
             Effect::RecordAccepted { round, detail } => {
                 let site = detail.site.clone();
-                if let Err(e) =
-                    self.store
-                        .record_update_detail(self.job_id.as_str(), round.0, detail)
+                if let Err(e) = self
+                    .store
+                    .record_update_detail(self.job_id.as_str(), round, detail)
                 {
                     tracing::warn!(site, round = round.0, error = %e, "recording the update's details");
                 }
@@ -1219,7 +1219,7 @@ impl Engine {
             Effect::RecordFinalEvaluation { round, evaluation } => {
                 if let Err(e) = self.store.record_final_evaluation(
                     self.job_id.as_str(),
-                    round.0,
+                    round,
                     evaluation.clone(),
                 ) {
                     tracing::warn!(round = round.0, error = %e, "recording the final model's evaluation");
@@ -1329,7 +1329,7 @@ impl Engine {
         self.links.send(site, msg);
     }
 
-    fn open_round(&mut self, round: u64) -> Result<(), EngineError> {
+    fn open_round(&mut self, round: RoundId) -> Result<(), EngineError> {
         if self.aggregator.as_ref().is_some_and(|(r, _)| *r == round) {
             return Ok(());
         }
@@ -1346,7 +1346,7 @@ impl Engine {
                     source,
                 }
             })?;
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         let fatal = |e: RecordError| EngineError::RoundRecord {
             round,
             what: "writing the server state",
@@ -1363,12 +1363,12 @@ impl Engine {
         let agg =
             round_archive::open_aggregator(&self.strategy, &self.global_spec, max_sites, &state)
                 .map_err(|source| EngineError::OpenRound { round, source })?;
-        let effects = actions::round_opened(&self.facts, RoundId(round), self.global_hash);
+        let effects = actions::round_opened(&self.facts, round, self.global_hash);
         self.run_effects(effects, None)?;
         self.server_state = state;
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
-            round: RoundId(round),
+            round,
             state_before_blake3,
             seed,
             opened_unix_ms,
@@ -1379,13 +1379,13 @@ impl Engine {
             self.store
                 .set_round_times(self.job_id.as_str(), round, Some(opened_unix_ms), None)
         {
-            tracing::warn!(round, error = %e, "recording the round's opening time");
+            tracing::warn!(round = round.0, error = %e, "recording the round's opening time");
         }
         self.aggregator = Some((round, agg));
-        self.round_metrics.remove(&RoundId(round));
-        self.round_stats.remove(&RoundId(round));
+        self.round_metrics.remove(&round);
+        self.round_stats.remove(&round);
         self.replay
-            .prune_before(&self.federation, &self.job_id, RoundId(round));
+            .prune_before(&self.federation, &self.job_id, round);
         Ok(())
     }
 
@@ -1503,7 +1503,7 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn aggregate(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
     ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let Some((r, agg)) = self.aggregator.take() else {
@@ -1515,7 +1515,7 @@ impl Engine {
         if self.global_hash != base_model {
             return Ok(Err(AggregationFailure::BaseModelMoved));
         }
-        let Some(mut log) = self.round_log.take().filter(|l| l.round == RoundId(round)) else {
+        let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
             return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
@@ -1546,14 +1546,14 @@ impl Engine {
     /// `fedlink audit replay` recomputes the round without them.
     fn exclude_withdrawn(
         &mut self,
-        round: u64,
+        round: RoundId,
         agg: RoundAggregator,
         log: &mut RoundLog,
     ) -> Result<Result<RoundAggregator, AggregationFailure>, EngineError> {
         let wire = self.wire.clone();
         let exclusion = actions::exclude_withdrawn(
             &self.facts,
-            RoundId(round),
+            round,
             &log.inputs,
             self.job.round.quorum as usize,
             |site| wire.site_allowed(site).err().map(|why| why.to_string()),
@@ -1570,7 +1570,7 @@ impl Engine {
         }
         if uncounted > 0 {
             tracing::info!(
-                round,
+                round = round.0,
                 uncounted,
                 "one-pass folds neither counted nor taken out at the round's end: folding the counted updates again"
             );
@@ -1579,13 +1579,13 @@ impl Engine {
         for (i, why) in &exclusion.excluded {
             let input = log.inputs.remove(*i);
             log.encodings.remove(*i);
-            tracing::warn!(site = %input.site, round, reason = %why, "accepted update excluded from the round");
+            tracing::warn!(site = %input.site, round = round.0, reason = %why, "accepted update excluded from the round");
         }
         self.run_effects(exclusion.effects, None)?;
         if let Some((left, quorum)) = exclusion.below_quorum {
             return Ok(Err(AggregationFailure::BelowQuorum { left, quorum }));
         }
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         let inputs: Vec<_> = log
             .inputs
             .iter()
@@ -1620,7 +1620,7 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn aggregate_inner(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
         agg: RoundAggregator,
         log: &RoundLog,
@@ -1680,7 +1680,7 @@ impl Engine {
         let end = round_end::plan(
             &self.facts,
             Aggregated {
-                round: RoundId(round),
+                round,
                 base_model,
                 output_model: next_hash,
                 strategy,
@@ -1702,14 +1702,11 @@ impl Engine {
             EvaluationFacts {
                 every_rounds: self.job.evaluation.every_rounds,
                 rounds: u64::from(self.job.rounds),
-                reports: self
-                    .round_metrics
-                    .remove(&RoundId(round))
-                    .unwrap_or_default(),
+                reports: self.round_metrics.remove(&round).unwrap_or_default(),
             },
             (
                 &self.scaling,
-                &self.round_stats.remove(&RoundId(round)).unwrap_or_default(),
+                &self.round_stats.remove(&round).unwrap_or_default(),
             ),
             &Retention {
                 keep: self.retention,
@@ -1772,7 +1769,7 @@ impl Engine {
         drop(next);
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
-            round,
+            round = round.0,
             model = %hash,
             aggregate_ms = ms(loaded - started),
             update_ms = ms(updated - loaded),
@@ -1791,11 +1788,11 @@ impl Engine {
                     effects,
                 } => {
                     for x in &ev.excluded {
-                        tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+                        tracing::warn!(round = round.0, site = %x.site, reason = %x.reason, "evaluation report left out");
                     }
                     let w = &ev.weighted;
                     tracing::info!(
-                        round,
+                        round = round.0,
                         model = %base_model,
                         sites = w.sites,
                         examples = w.num_eval_examples,
@@ -1815,9 +1812,9 @@ impl Engine {
                     self.latest_evaluation = Some(evaluation.clone());
                     if let Err(e) =
                         self.store
-                            .record_evaluation(self.job_id.as_str(), on.0, evaluation)
+                            .record_evaluation(self.job_id.as_str(), on, evaluation)
                     {
-                        tracing::warn!(round, error = %e, "recording the federated evaluation");
+                        tracing::warn!(round = round.0, error = %e, "recording the federated evaluation");
                     }
                 }
                 Step::NextState { scaling } => {
@@ -1825,7 +1822,7 @@ impl Engine {
                         && let Some(s) = scaling.scaling()
                     {
                         tracing::info!(
-                            round,
+                            round = round.0,
                             features = s.features.len(),
                             sites = scaling.sites().count(),
                             "federated feature scaling updated"
@@ -1888,7 +1885,7 @@ impl Engine {
     /// encoding. Fatal if it cannot be written.
     fn write_round_file(
         &self,
-        round: u64,
+        round: RoundId,
         (base_model, output): (ModelHash, ModelHash),
         log: &RoundLog,
         downlink: Option<Encoding>,
@@ -1898,13 +1895,13 @@ impl Engine {
             what,
             source: e,
         };
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         fedlink_certs::private::create_dir_all(&dir)
             .map_err(|e| fatal("archive directory", e.into()))?;
         let file = RoundFile {
             format: round_archive::ROUND_FORMAT,
             job: self.job_id.as_str().to_owned(),
-            round,
+            round: round.0,
             base_model: base_model.to_hex(),
             output_model: output.to_hex(),
             strategy: self.strategy.clone(),
@@ -1931,7 +1928,7 @@ impl Engine {
     /// round.
     fn record_step(
         &mut self,
-        round: u64,
+        round: RoundId,
         step: Step,
         (base_model, output, next): (ModelHash, ModelHash, &FlatModel),
         log: &RoundLog,
@@ -1963,7 +1960,7 @@ impl Engine {
                     Some(log.opened_unix_ms),
                     Some(unix_ms()),
                 ) {
-                    tracing::warn!(round, error = %e, "recording the round's closing time");
+                    tracing::warn!(round = round.0, error = %e, "recording the round's closing time");
                 }
             }
             other => tracing::error!(?other, "not a step before the publish; ignored"),
@@ -1984,7 +1981,7 @@ impl Engine {
         let declined = crate::store::DeclinedOffer::new(site.as_str(), reason, unix_ms());
         match self
             .store
-            .record_declined(self.job_id.as_str(), round.0, declined.clone())
+            .record_declined(self.job_id.as_str(), round, declined.clone())
         {
             Ok(true) => {}
             Ok(false) => {
@@ -2059,7 +2056,7 @@ impl Engine {
                         if self.status_final.len() > STATUS_ROUNDS {
                             self.status_final.pop_front();
                         }
-                        self.status_next = r.round.saturating_add(1);
+                        self.status_next = RoundId(r.round.saturating_add(1));
                     } else {
                         open.push(show(&r));
                     }
@@ -2178,7 +2175,7 @@ pub(crate) enum EngineError {
     /// auditable, so it does not go on.
     #[error("round {round}: {what}: {source}")]
     RoundRecord {
-        round: u64,
+        round: RoundId,
         what: &'static str,
         #[source]
         source: RecordError,
@@ -2198,7 +2195,7 @@ pub(crate) enum EngineError {
     /// The round's aggregator could not be opened with the job's strategy.
     #[error("cannot open round {round}: {source}")]
     OpenRound {
-        round: u64,
+        round: RoundId,
         #[source]
         source: fedlink_aggregation::AggregationError,
     },
@@ -2291,7 +2288,7 @@ mod tests {
         use std::error::Error as _;
         let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
         let e = EngineError::RoundRecord {
-            round: 3,
+            round: RoundId(3),
             what: "writing round.json",
             source: io.into(),
         };

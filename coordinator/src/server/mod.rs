@@ -1124,7 +1124,7 @@ fn build_engine(
     let recovery = store.recover(job_id)?;
     let replay_state = store.replay_state(&recovery.job.id)?;
     let reopened = recovery.reopened_round.map(|round| Reopened {
-        round: fedlink_protocol::RoundId(round),
+        round,
         discarded: recovery.discarded_updates.len(),
     });
     if let Some(r) = reopened {

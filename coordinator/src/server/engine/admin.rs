@@ -224,7 +224,7 @@ impl Engine {
             .map(|s| s.as_str().to_owned())
             .collect();
         let reported: BTreeSet<String> = round
-            .and_then(|r| self.store.round(self.job_id.as_str(), r.0).ok().flatten())
+            .and_then(|r| self.store.round(self.job_id.as_str(), r).ok().flatten())
             .map(|r| r.accepted.iter().map(|u| u.site.to_string()).collect())
             .unwrap_or_default();
         let mut names: BTreeSet<String> = connected.clone();
