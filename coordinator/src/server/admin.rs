@@ -571,7 +571,7 @@ async fn execute(
             let found = find_job(&admin.store, &job)?;
             let rec = admin
                 .store
-                .round(&job, round.0)
+                .round(&job, round)
                 .map_err(internal)?
                 .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
             Ok(AdminResponse::Round {
@@ -913,7 +913,7 @@ fn provenance_chain(
     let mut want = *hash;
     for r in (1..=info.round.0).rev() {
         let rec = store
-            .round(info.job.as_str(), r)
+            .round(info.job.as_str(), RoundId(r))
             .map_err(internal)?
             .ok_or_else(|| internal(format!("job {} has no round {r} record", info.job)))?;
         if rec.model != Some(want) {

@@ -260,7 +260,7 @@ impl Engine {
         JobProgress {
             job: self.job_id.clone(),
             phase: phase.to_owned(),
-            round: round.map(fedlink_protocol::RoundId),
+            round,
             completed_rounds: self.runner.completed_rounds(),
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model(),
