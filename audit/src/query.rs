@@ -157,7 +157,7 @@ fn is_site(value: &str, site: &str) -> bool {
         return true;
     }
     value
-        .strip_prefix("fedlink://")
+        .strip_prefix(crate::event::IDENTITY_SCHEME)
         .and_then(|rest| rest.split_once('/'))
         .and_then(|(_fed, rest)| rest.strip_prefix("site/"))
         .is_some_and(|name| name == site)

@@ -3,8 +3,11 @@
 //! caller). Pure: entries in, a [`Report`] out; no files, no clock. Entries
 //! are matched by [`EventKind`]; names this version does not know are
 //! skipped (a newer writer's log stays comparable). The coordinator's
-//! details are read as the typed events it writes ([`coord`]:
-//! members they do not know are ignored); the site's by field name.
+//! details are read as the typed events it writes ([`coord`]), the site's
+//! as the agent's ([`site`]): members they do not know are
+//! ignored; an entry of a compared event that does not read is `malformed`
+//! when it is the site's (every entry of the site log, and a coordinator
+//! entry naming the site), skipped when it names another site.
 //!
 //! ```text
 //!  site log                               coordinator log
@@ -35,8 +38,9 @@
 //!   `coordinator_log_diverged`: the same the other way round;
 //! - `bad_head_signature`: a recorded head does not verify with its
 //!   writer's key;
-//! - `malformed`: an entry of a compared type lacks a field the comparison
-//!   needs.
+//! - `malformed`: an entry of a compared type (the site's, or the
+//!   coordinator's naming the site) does not read as its event: a member
+//!   missing or of the wrong type.
 //!
 //! Things that cannot be decided from the two logs (an upload the
 //! coordinator refused before parsing it, a refused attempt in the site's
@@ -46,9 +50,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::coord;
 use crate::event::{EventKind, site_of_actor};
 use crate::{EntryHash, LocatedEntry, SignedHead};
+use crate::{coord, site};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -107,7 +111,8 @@ pub enum Kind {
     CoordinatorLogDiverged,
     /// A recorded head does not verify with its writer's key.
     BadHeadSignature,
-    /// An entry of a compared type lacks a field the comparison needs.
+    /// An entry of a compared type does not read as its event (a member
+    /// missing or of the wrong type).
     Malformed,
 }
 
@@ -295,20 +300,11 @@ struct SiteResult<'a> {
     accepted: bool,
 }
 
-fn s<'a>(d: &'a Value, f: &str) -> Option<&'a str> {
-    d.get(f)?.as_str()
-}
-
-fn u(d: &Value, f: &str) -> Option<u64> {
-    d.get(f)?.as_u64()
-}
-
-fn update_key(d: &Value) -> Option<Key> {
-    Some((
-        s(d, "job")?.to_owned(),
-        u(d, "round")?,
-        s(d, "nonce")?.to_owned(),
-    ))
+/// The member every coordinator event about a site has: read alone to
+/// tell whether an entry that does not read as its event names the site.
+#[derive(Deserialize)]
+struct NamesSite {
+    site: String,
 }
 
 fn malformed(e: &LocatedEntry, site_side: bool, what: &str) -> Finding {
@@ -336,12 +332,15 @@ fn about_site<'a, T: Deserialize<'a>>(
     match T::deserialize(d) {
         Ok(t) if site_of(&t) == site => Ok(Some(t)),
         Ok(_) => Ok(None),
-        Err(_) if s(d, "site") == Some(site) => Err(()),
-        Err(_) => Ok(None),
+        Err(_) => match NamesSite::deserialize(d) {
+            Ok(n) if n.site == site => Err(()),
+            _ => Ok(None),
+        },
     }
 }
 
-/// A head of a site's log the coordinator recorded (`site.audit_head`).
+/// A head of a site's log the coordinator recorded (`site.audit_head`);
+/// `None` when its hash is not hex.
 fn recorded_head(h: &coord::AuditHeadOf) -> Option<SignedHead> {
     Some(SignedHead {
         seq: h.seq,
@@ -351,14 +350,14 @@ fn recorded_head(h: &coord::AuditHeadOf) -> Option<SignedHead> {
     })
 }
 
-/// A recorded head: where it was recorded and the head itself.
-fn parse_head(e: &LocatedEntry) -> Option<SignedHead> {
-    let d = &e.entry.details;
+/// A head of the coordinator's log the site recorded
+/// (`coordinator.audit_head`); `None` when its hash is not hex.
+fn coordinator_head(h: site::CoordinatorAuditHead) -> Option<SignedHead> {
     Some(SignedHead {
-        seq: u(d, "seq")?,
-        hash: s(d, "hash")?.parse::<EntryHash>().ok()?,
-        ts_unix_ms: u(d, "ts_unix_ms")?,
-        sig: s(d, "sig")?.to_owned(),
+        seq: h.seq,
+        hash: h.hash.parse::<EntryHash>().ok()?,
+        ts_unix_ms: h.ts_unix_ms,
+        sig: h.sig,
     })
 }
 
@@ -517,74 +516,70 @@ pub fn reconcile(
     let mut results: BTreeMap<Key, SiteResult<'_>> = BTreeMap::new();
     let mut coordinator_heads = Vec::new();
     let mut outcomes: Vec<(&LocatedEntry, String, u64, String, bool)> = Vec::new();
+    // The site's entries are read as the typed events the agent writes
+    // (`site`): members they do not know are ignored. Every entry of the
+    // site log is the reconciled site's, so one of a compared event that
+    // does not read is malformed.
     for e in site {
         let d = &e.entry.details;
         match EventKind::from_name(&e.entry.event) {
-            Some(EventKind::UpdateSent) => {
-                let parsed = update_key(d).and_then(|k| {
-                    Some((
-                        k,
-                        Sent {
-                            at: e,
-                            payload_hash: s(d, "payload_hash")?.to_owned(),
-                            payload_bytes: u(d, "payload_bytes")?,
-                            num_examples: u(d, "num_examples")?,
-                        },
-                    ))
-                });
-                match parsed {
-                    Some((k, v)) => {
-                        if let Some(old) = sent.insert(k, v) {
-                            out.notes.push(format!(
-                                "the site log has two update.sent with the same nonce ({} and {})",
-                                Loc::of(old.at),
-                                Loc::of(e)
-                            ));
-                        }
+            Some(EventKind::UpdateSent) => match site::UpdateSent::deserialize(d) {
+                Ok(u) => {
+                    let k = (String::from(u.job), u.round.0, u.nonce);
+                    let v = Sent {
+                        at: e,
+                        payload_hash: u.payload_hash,
+                        payload_bytes: u.payload_bytes,
+                        num_examples: u.num_examples,
+                    };
+                    if let Some(old) = sent.insert(k, v) {
+                        out.notes.push(format!(
+                            "the site log has two update.sent with the same nonce ({} and {})",
+                            Loc::of(old.at),
+                            Loc::of(e)
+                        ));
                     }
-                    None => out.differences.push(malformed(
-                        e,
-                        true,
-                        "job, round, nonce, payload_hash, payload_bytes or num_examples",
-                    )),
                 }
-            }
-            Some(EventKind::UpdateResult) => match update_key(d) {
-                Some(k) => {
-                    let ack = s(d, "outcome") == Some("ack");
-                    let accepted = d.get("accepted").and_then(Value::as_bool) == Some(true);
+                Err(_) => out.differences.push(malformed(
+                    e,
+                    true,
+                    "job, round, nonce, payload_hash, payload_bytes, num_examples, base_model or encoding",
+                )),
+            },
+            Some(EventKind::UpdateResult) => match site::UpdateResult::deserialize(d) {
+                Ok(r) => {
                     results.insert(
-                        k,
+                        (String::from(r.job), r.round.0, r.nonce),
                         SiteResult {
                             at: e,
-                            ack,
-                            accepted,
+                            ack: r.outcome == "ack",
+                            accepted: r.accepted,
                         },
                     );
                 }
-                None => out
-                    .differences
-                    .push(malformed(e, true, "job, round or nonce")),
+                Err(_) => out.differences.push(malformed(
+                    e,
+                    true,
+                    "job, round, payload_hash, nonce, outcome or accepted",
+                )),
             },
-            Some(EventKind::RoundOutcome) => match (
-                s(d, "job"),
-                u(d, "round"),
-                s(d, "model"),
-                d.get("job_completed").and_then(Value::as_bool),
-            ) {
-                (Some(job), Some(round), Some(model), Some(done)) => {
-                    outcomes.push((e, job.to_owned(), round, model.to_owned(), done));
-                }
-                _ => out
+            Some(EventKind::RoundOutcome) => match site::RoundOutcome::deserialize(d) {
+                Ok(o) => outcomes.push((e, String::from(o.job), o.round.0, o.model, o.job_completed)),
+                Err(_) => out
                     .differences
                     .push(malformed(e, true, "job, round, model or job_completed")),
             },
-            Some(EventKind::CoordinatorAuditHead) => match parse_head(e) {
-                Some(h) => coordinator_heads.push((e, h)),
-                None => out
-                    .differences
-                    .push(malformed(e, true, "seq, hash, ts_unix_ms or sig")),
-            },
+            Some(EventKind::CoordinatorAuditHead) => {
+                match site::CoordinatorAuditHead::deserialize(d) {
+                    Ok(h) => match coordinator_head(h) {
+                        Some(head) => coordinator_heads.push((e, head)),
+                        None => out.differences.push(malformed(e, true, "a hex hash")),
+                    },
+                    Err(_) => out
+                        .differences
+                        .push(malformed(e, true, "seq, hash, ts_unix_ms or sig")),
+                }
+            }
             _ => {}
         }
     }
@@ -1299,6 +1294,98 @@ mod tests {
             )
             .unwrap();
         assert_eq!(kinds(&p.run()), vec![Kind::Malformed]);
+    }
+
+    /// The site's entries are read as the agent's typed events: members
+    /// this version does not know are ignored, members added in later
+    /// versions may be missing (`feature_stats`, not written in these
+    /// logs), and an entry of a compared event with a member missing or of
+    /// the wrong type is malformed (every entry of the site log is the
+    /// site's).
+    #[test]
+    fn site_entries_of_other_versions_are_read_as_far_as_needed() {
+        let mut p = Pair::new();
+        let (h, n) = (hash('1'), nonce(1));
+        let t = p.tick();
+        p.site
+            .append(
+                t,
+                SITE,
+                "update.sent",
+                &json!({"job": "j", "round": 1, "payload_hash": h, "payload_bytes": 100,
+                    "num_examples": 7, "nonce": n, "base_model": hash('b'), "encoding": "f32",
+                    "future_member": {"x": 1}}),
+            )
+            .unwrap();
+        p.coord_receives(1, &h, &n, true);
+        p.site
+            .append(
+                t,
+                COORD,
+                "update.result",
+                &json!({"job": "j", "round": 1, "payload_hash": h, "nonce": n,
+                    "outcome": "ack", "accepted": true, "reason": null, "future": true}),
+            )
+            .unwrap();
+        p.exchange_heads();
+        p.aggregate(1, &[&h]);
+        p.site
+            .append(
+                t,
+                COORD,
+                "round.outcome",
+                &json!({"job": "j", "round": 1, "model": hash('c'), "job_completed": false,
+                    "future": [1]}),
+            )
+            .unwrap();
+        let r = p.run();
+        assert!(r.consistent(), "{:#?}", r.differences);
+        assert_eq!(r.counts.updates_matched, 1);
+        assert_eq!(r.counts.coordinator_heads, 1);
+
+        // Wrong types and missing members: one malformed finding each, and
+        // the entries are not compared.
+        let bad = [
+            (
+                "update.sent",
+                json!({"job": "j", "round": "2", "payload_hash": h, "payload_bytes": 100,
+                    "num_examples": 7, "nonce": nonce(2), "base_model": hash('b'),
+                    "encoding": "f32"}),
+            ),
+            (
+                "update.result",
+                json!({"job": "j", "round": 2, "payload_hash": h, "nonce": nonce(2),
+                    "outcome": "ack", "accepted": "yes", "reason": null}),
+            ),
+            (
+                "round.outcome",
+                json!({"job": "j", "round": 2, "job_completed": false}),
+            ),
+            (
+                "coordinator.audit_head",
+                json!({"seq": 1, "hash": hash('a'), "ts_unix_ms": 5}),
+            ),
+            (
+                "coordinator.audit_head",
+                json!({"seq": 1, "hash": "not hex", "ts_unix_ms": 5, "sig": "00"}),
+            ),
+        ];
+        for (event, details) in bad {
+            let mut p = Pair::new();
+            p.round(1);
+            let t = p.tick();
+            p.site.append(t, COORD, event, &details).unwrap();
+            let r = p.run();
+            assert_eq!(
+                kinds(&r),
+                vec![Kind::Malformed],
+                "{event}: {:#?}",
+                r.differences
+            );
+            // agent.started, update.sent, update.result, coordinator.audit_head, then it
+            assert_eq!(r.differences[0].site_entry.as_ref().map(|l| l.seq), Some(4));
+            assert_eq!(r.counts.updates_matched, 1, "{event}");
+        }
     }
 
     #[test]

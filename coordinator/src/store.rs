@@ -63,7 +63,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Job, JobError};
-use crate::round::{AcceptedUpdate, Checkpoint, JobOutcome, SiteId, Snapshot};
+use crate::round::{AcceptedUpdate, Checkpoint, JobOutcome, RoundId, SiteId, Snapshot};
 
 const JOBS: TableDefinition<'_, &str, &str> = TableDefinition::new("jobs");
 const ROUNDS: TableDefinition<'_, (&str, u64), &str> = TableDefinition::new("rounds");
@@ -372,7 +372,7 @@ pub struct Recovery {
     /// Server-optimizer state after the last completed round.
     pub optimizer_state: Option<Vec<u8>>,
     /// The round that was in flight and is re-opened, if any.
-    pub reopened_round: Option<u64>,
+    pub reopened_round: Option<RoundId>,
     /// Updates of the re-opened round that were accepted before the crash
     /// and will not count (their sites are asked again).
     pub discarded_updates: Vec<AcceptedUpdate>,
@@ -614,11 +614,11 @@ impl Store {
     }
 
     /// One round of a job.
-    pub fn round(&self, job: &str, round: u64) -> Result<Option<RoundRecord>, StoreError> {
+    pub fn round(&self, job: &str, round: RoundId) -> Result<Option<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
         rounds
-            .get((job, round))
+            .get((job, round.0))
             .map_err(dberr)?
             .map(|v| decode("rounds", &format!("{job}/{round}"), v.value()))
             .transpose()
@@ -626,15 +626,18 @@ impl Store {
 
     /// Every round of a job, in order.
     pub fn rounds(&self, job: &str) -> Result<Vec<RoundRecord>, StoreError> {
-        self.rounds_from(job, 0)
+        self.rounds_from(job, RoundId(0))
     }
 
     /// The rounds of a job numbered `from` or later, in order.
-    pub fn rounds_from(&self, job: &str, from: u64) -> Result<Vec<RoundRecord>, StoreError> {
+    pub fn rounds_from(&self, job: &str, from: RoundId) -> Result<Vec<RoundRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let rounds = txn.open_table(ROUNDS).map_err(dberr)?;
         let mut out = Vec::new();
-        for item in rounds.range((job, from)..=(job, u64::MAX)).map_err(dberr)? {
+        for item in rounds
+            .range((job, from.0)..=(job, u64::MAX))
+            .map_err(dberr)?
+        {
             let (k, v) = item.map_err(dberr)?;
             let (j, r) = k.value();
             out.push(decode("rounds", &format!("{j}/{r}"), v.value())?);
@@ -745,7 +748,7 @@ impl Store {
     fn annotate_round(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         f: impl FnOnce(&mut RoundRecord),
     ) -> Result<bool, StoreError> {
         self.annotate_round_with(job, round, Sync::Now, f)
@@ -756,7 +759,7 @@ impl Store {
     fn annotate_round_with(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         sync: Sync,
         f: impl FnOnce(&mut RoundRecord),
     ) -> Result<bool, StoreError> {
@@ -766,13 +769,13 @@ impl Store {
         }
         {
             let mut rounds = txn.open_table(ROUNDS).map_err(dberr)?;
-            let mut rec: RoundRecord = match rounds.get((job, round)).map_err(dberr)? {
+            let mut rec: RoundRecord = match rounds.get((job, round.0)).map_err(dberr)? {
                 Some(v) => decode("rounds", &format!("{job}/{round}"), v.value())?,
                 None => return Ok(false),
             };
             f(&mut rec);
             rounds
-                .insert((job, round), encode(&rec)?.as_str())
+                .insert((job, round.0), encode(&rec)?.as_str())
                 .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
@@ -785,7 +788,7 @@ impl Store {
     pub fn record_rejected(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         rejected: RejectedUpdate,
     ) -> Result<bool, StoreError> {
         self.annotate_round(job, round, |r| {
@@ -802,7 +805,7 @@ impl Store {
     pub fn record_declined(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         declined: DeclinedOffer,
     ) -> Result<bool, StoreError> {
         let mut kept = false;
@@ -828,7 +831,7 @@ impl Store {
     pub fn record_update_detail(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         detail: UpdateDetail,
     ) -> Result<bool, StoreError> {
         self.annotate_round_with(job, round, Sync::WithNextCheckpoint, |r| {
@@ -842,7 +845,7 @@ impl Store {
     pub fn record_evaluation(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         evaluation: fedlink_protocol::admin::FederatedEvaluation,
     ) -> Result<bool, StoreError> {
         self.annotate_round(job, round, |r| r.evaluation = Some(evaluation))
@@ -854,7 +857,7 @@ impl Store {
     pub fn record_final_evaluation(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         evaluation: fedlink_protocol::admin::FederatedEvaluation,
     ) -> Result<bool, StoreError> {
         self.annotate_round(job, round, |r| r.final_evaluation = Some(evaluation))
@@ -883,7 +886,7 @@ impl Store {
     pub fn set_round_times(
         &self,
         job: &str,
-        round: u64,
+        round: RoundId,
         opened_unix_ms: Option<u64>,
         closed_unix_ms: Option<u64>,
     ) -> Result<bool, StoreError> {
@@ -937,6 +940,8 @@ impl Store {
                     base_model,
                     selected,
                 } => {
+                    // The records keep the plain number.
+                    let round = &round.0;
                     if *round != job.completed_rounds + 1 {
                         return Err(inconsistent(format!(
                             "round {round} started after {} completed rounds",
@@ -1000,7 +1005,7 @@ impl Store {
                     job.round_in_flight = Some(*round);
                 }
                 Checkpoint::UpdateAccepted(u) => {
-                    let mut rec = match get_round(&rounds, u.round)? {
+                    let mut rec = match get_round(&rounds, u.round.0)? {
                         Some(r) if r.state == RoundState::Open => r,
                         _ => {
                             return Err(inconsistent(format!(
@@ -1017,7 +1022,7 @@ impl Store {
                     }
                     rec.accepted.push(u.clone());
                     rounds
-                        .insert((job_id, u.round), encode(&rec)?.as_str())
+                        .insert((job_id, u.round.0), encode(&rec)?.as_str())
                         .map_err(dberr)?;
                 }
                 Checkpoint::RoundCompleted {
@@ -1026,6 +1031,7 @@ impl Store {
                     updates,
                     metrics,
                 } => {
+                    let round = &round.0;
                     if *round != job.completed_rounds + 1 {
                         return Err(inconsistent(format!(
                             "round {round} completed after {} completed rounds",
@@ -1148,7 +1154,7 @@ impl Store {
                     rounds
                         .insert((job_id, r), encode(&round)?.as_str())
                         .map_err(dberr)?;
-                    reopened_round = Some(r);
+                    reopened_round = Some(RoundId(r));
                 }
             }
             txn.commit().map_err(dberr)?;

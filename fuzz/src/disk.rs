@@ -15,7 +15,7 @@ use fedlink_audit::{AuditLog, EntryReader, Verifier};
 use fedlink_coordinator::round::{JobRunner, RoundConfig};
 use fedlink_coordinator::round_archive::RoundFile;
 use fedlink_coordinator::store::{DB_FILE, MODELS_DIR, Store, read_model_file};
-use fedlink_protocol::{FederationId, FlatModel, JobId, ModelSpec, ReplayGuard, RoundId};
+use fedlink_protocol::{FederationId, FlatModel, JobId, ModelSpec, ReplayGuard};
 use redb::{Database, Durability, TableDefinition};
 
 /// The key every audit-log seed is signed with (so that mutations of a valid
@@ -233,7 +233,7 @@ pub fn store(data: &[u8]) {
             Err(_) => continue,
         };
         if let (Some(r), Ok(id)) = (rec.reopened_round, JobId::new(&job.id)) {
-            replay.reopen_round(&federation, &id, RoundId(r));
+            replay.reopen_round(&federation, &id, r);
         }
         let mut runner = JobRunner::resume(RoundConfig::from_job(&rec.job), rec.snapshot);
         let t0 = Instant::now();

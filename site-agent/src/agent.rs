@@ -98,7 +98,7 @@ use rand::RngCore;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::audit::{Recorded, SiteAudit, SiteEvent};
+use crate::audit::{Recorded, SiteAudit, SiteEvent, site};
 use crate::config::SiteConfig;
 use crate::data::{DataError, SiteData};
 use crate::device::{DeviceChoice, DeviceError};
@@ -448,7 +448,7 @@ impl Agent {
             .resolve()
             .map(|d| d.name)
             .unwrap_or("unavailable");
-        ctx.record(SiteEvent::AgentStarted {
+        ctx.record(SiteEvent::AgentStarted(site::AgentStarted {
             version: agent_version(),
             site: ctx.kit.identity().name().to_owned(),
             config_blake3: config_blake3(&ctx.config),
@@ -458,7 +458,7 @@ impl Agent {
             train_samples: ctx.data.local().train.len(),
             validation_samples: ctx.data.local().validation.len(),
             device: device_name.to_owned(),
-        })?;
+        }))?;
         let mut core = SiteCore::new(ctx.config.policy.clone(), ctx.data.clone());
         let conn_cfg = &ctx.config.connection;
         let mut backoff = Backoff::new(conn_cfg.backoff_initial(), conn_cfg.backoff_max());
@@ -482,10 +482,10 @@ impl Agent {
                 SessionEnd::Lost(reason) => {
                     let delay = backoff.next_delay(rand::random::<f64>());
                     tracing::warn!(%reason, retry_in = ?delay, "not connected to the coordinator");
-                    ctx.record(SiteEvent::ConnLost {
+                    ctx.record(SiteEvent::ConnLost(site::ConnLost {
                         reason,
                         retry_in_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
-                    })?;
+                    }))?;
                     tokio::select! {
                         biased;
                         () = shutdown.as_mut() => break "shutdown",
@@ -494,9 +494,9 @@ impl Agent {
                 }
             }
         };
-        ctx.record(SiteEvent::AgentStopped {
+        ctx.record(SiteEvent::AgentStopped(site::AgentStopped {
             reason: reason.to_owned(),
-        })?;
+        }))?;
         Ok(())
     }
 }
@@ -820,7 +820,7 @@ async fn run_session<F: Future<Output = ()>>(
     if let Ok(identity) = conn.peer_identity() {
         ctx.recorder.lock().set_coordinator_actor(identity.to_uri());
     }
-    ctx.record(SiteEvent::ConnEstablished {
+    ctx.record(SiteEvent::ConnEstablished(site::ConnEstablished {
         coordinator: format!("{} ({remote})", ctx.coordinator_addr),
         site_id: session.site_id.clone(),
         federation: session.federation_id.clone(),
@@ -828,7 +828,7 @@ async fn run_session<F: Future<Output = ()>>(
         transport: route.kind.as_str().to_owned(),
         proxy: route.proxy.clone(),
         transport_reason: route.reason.clone(),
-    })?;
+    }))?;
     let (ctrl_tx, mut ctrl_rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_control(recv, ctrl_tx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskDone>();
@@ -994,12 +994,12 @@ async fn handle_control(
         // final model): recorded, so the site holds the result in its own
         // log; `fedlink audit reconcile` compares it with the coordinator's.
         Message::RoundOutcome(o) if supports_round_outcome(session.protocol_version) => {
-            ctx.record(SiteEvent::RoundOutcome {
+            ctx.record(SiteEvent::RoundOutcome(site::RoundOutcome {
                 job: o.job_id.clone(),
                 round: o.round,
                 model: o.model.to_hex(),
                 job_completed: o.job_completed,
-            })?;
+            }))?;
         }
         // Evaluate a model on the validation split, off this loop; the
         // signed report comes back through `eval_tx` and goes out on the
@@ -1050,11 +1050,11 @@ fn spawn_task(
             Err(TaskError::Log(e)) => Err(e),
             Err(e) => {
                 tracing::warn!(task = %key, error = %e, "round failed");
-                ctx.record(SiteEvent::RoundFailed {
+                ctx.record(SiteEvent::RoundFailed(site::RoundFailed {
                     job: key.job_id.clone(),
                     round: key.round,
                     error: e.to_string(),
-                })
+                }))
                 .map(|_| false)
             }
         };

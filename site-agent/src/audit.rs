@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 /// The agent's events and who causes them: the audit vocabulary, kept in
 /// `fedlink-audit` beside the coordinator's.
-pub use fedlink_audit::site::{Cause, SiteEvent};
+pub use fedlink_audit::site::{self, Cause, SiteEvent};
 use fedlink_audit::{AuditLog, Error, SignedHead};
 use fedlink_protocol::AuditHead;
 
@@ -110,11 +110,11 @@ impl SiteAudit {
             );
             audit.record(
                 now_unix_ms,
-                &SiteEvent::TailRepaired {
+                &SiteEvent::TailRepaired(site::TailRepaired {
                     line: r.line,
                     removed_bytes: r.removed_bytes,
                     removed_blake3: r.removed_blake3,
-                },
+                }),
             )?;
         }
         Ok(audit)
@@ -281,7 +281,7 @@ mod tests {
     }
 
     fn sent(round: u64) -> SiteEvent {
-        SiteEvent::UpdateSent {
+        SiteEvent::UpdateSent(site::UpdateSent {
             job: JobId::new("j").unwrap(),
             round: RoundId(round),
             payload_hash: "ab".repeat(32),
@@ -291,7 +291,7 @@ mod tests {
             base_model: "cd".repeat(32),
             encoding: "f32".into(),
             feature_stats: false,
-        }
+        })
     }
 
     #[test]
@@ -308,7 +308,7 @@ mod tests {
         let r = log
             .record(
                 6,
-                &SiteEvent::UpdateResult {
+                &SiteEvent::UpdateResult(site::UpdateResult {
                     job: JobId::new("j").unwrap(),
                     round: RoundId(1),
                     payload_hash: "ab".repeat(32),
@@ -316,7 +316,7 @@ mod tests {
                     outcome: "ack".into(),
                     accepted: true,
                     reason: None,
-                },
+                }),
             )
             .unwrap();
         assert_eq!(r.actor, COORD);
@@ -349,15 +349,15 @@ mod tests {
                 "payload_bytes": 10, "num_examples": 3, "nonce": "00".repeat(16),
                 "base_model": "cd".repeat(32), "encoding": "f32", "feature_stats": false})
         );
-        let (name, details) = SiteEvent::AgentStopped {
+        let (name, details) = SiteEvent::AgentStopped(site::AgentStopped {
             reason: "signal".into(),
-        }
+        })
         .split();
         assert_eq!(
             (name.as_str(), details),
             ("agent.stopped", serde_json::json!({"reason": "signal"}))
         );
-        let (name, details) = SiteEvent::OfferReceived {
+        let (name, details) = SiteEvent::OfferReceived(site::OfferReceived {
             job: JobId::new("j").unwrap(),
             round: RoundId(1),
             base_model: "cd".repeat(32),
@@ -371,7 +371,7 @@ mod tests {
             class_weight: None,
             optimizer: None,
             learning_rate: None,
-        }
+        })
         .split();
         assert_eq!(name, "offer.received");
         assert!(details.get("optimizer").is_none());
@@ -379,7 +379,7 @@ mod tests {
         assert!(details.get("central_noise_multiplier").is_none());
         assert!(details.get("augmentation").is_none());
         assert!(details["clip_norm"].is_null());
-        let (_, details) = SiteEvent::OfferReceived {
+        let (_, details) = SiteEvent::OfferReceived(site::OfferReceived {
             job: JobId::new("j").unwrap(),
             round: RoundId(1),
             base_model: "cd".repeat(32),
@@ -402,7 +402,7 @@ mod tests {
                 weight_decay: 0.1,
             }),
             learning_rate: Some(0.003),
-        }
+        })
         .split();
         assert_eq!(details["class_weight"], "balanced");
         assert_eq!(details["optimizer"]["AdamW"]["weight_decay"], 0.1);
@@ -420,30 +420,30 @@ mod tests {
         let job = || JobId::new("job-7").unwrap();
         let round = RoundId(12);
         let events = [
-            SiteEvent::OfferAccepted { job: job(), round },
-            SiteEvent::OfferDeclined {
+            SiteEvent::OfferAccepted(site::OfferAccepted { job: job(), round }),
+            SiteEvent::OfferDeclined(site::OfferDeclined {
                 job: job(),
                 round,
                 reason: "r".into(),
-            },
-            SiteEvent::RoundCancelled {
+            }),
+            SiteEvent::RoundCancelled(site::RoundCancelled {
                 job: job(),
                 round,
                 reason: "r".into(),
                 dropped_work: true,
-            },
-            SiteEvent::RoundFailed {
+            }),
+            SiteEvent::RoundFailed(site::RoundFailed {
                 job: job(),
                 round,
                 error: "e".into(),
-            },
-            SiteEvent::RoundOutcome {
+            }),
+            SiteEvent::RoundOutcome(site::RoundOutcome {
                 job: job(),
                 round,
                 model: "cd".repeat(32),
                 job_completed: false,
-            },
-            SiteEvent::UpdateResumed {
+            }),
+            SiteEvent::UpdateResumed(site::UpdateResumed {
                 job: job(),
                 round,
                 payload_hash: "ab".repeat(32),
@@ -451,8 +451,8 @@ mod tests {
                 from_record: 1,
                 bytes_held: 2,
                 bytes_sent: 3,
-            },
-            SiteEvent::EvalReported {
+            }),
+            SiteEvent::EvalReported(site::EvalReported {
                 job: job(),
                 round,
                 model: "cd".repeat(32),
@@ -461,7 +461,7 @@ mod tests {
                 accuracy: None,
                 auc: None,
                 dice: None,
-            },
+            }),
         ];
         for event in events {
             let (name, details) = event.split();
@@ -473,7 +473,7 @@ mod tests {
                 serde_json::to_string(&12u64).unwrap()
             );
         }
-        let (_, details) = SiteEvent::ConnEstablished {
+        let (_, details) = SiteEvent::ConnEstablished(site::ConnEstablished {
             coordinator: "c".into(),
             site_id: SiteId::new("hospital-a").unwrap(),
             federation: FederationId::new("fed").unwrap(),
@@ -481,7 +481,7 @@ mod tests {
             transport: "quic".into(),
             proxy: None,
             transport_reason: "configured".into(),
-        }
+        })
         .split();
         assert_eq!(
             details,

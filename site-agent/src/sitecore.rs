@@ -48,7 +48,7 @@ use fedlink_protocol::{
     Optimizer, RoundId, SiteId, TaskOffer, TrainingConfig, VersionRange, Welcome,
 };
 
-use crate::audit::SiteEvent;
+use crate::audit::{SiteEvent, site};
 use crate::data::SiteData;
 use crate::policy::{self, OfferContext, Policy, Refusal};
 use crate::train::{self, ClassWeighting, OptimizerKind, TrainConfig};
@@ -222,10 +222,10 @@ impl SiteCore {
         };
         let accept = || OfferOutcome {
             received: offer_received(offer),
-            decided: SiteEvent::OfferAccepted {
+            decided: SiteEvent::OfferAccepted(site::OfferAccepted {
                 job: offer.job_id.clone(),
                 round: offer.round,
-            },
+            }),
             response: OfferResponse {
                 job_id: offer.job_id.clone(),
                 round: offer.round,
@@ -239,11 +239,11 @@ impl SiteCore {
             let reason = refusal.to_string();
             OfferOutcome {
                 received: offer_received(offer),
-                decided: SiteEvent::OfferDeclined {
+                decided: SiteEvent::OfferDeclined(site::OfferDeclined {
                     job: offer.job_id.clone(),
                     round: offer.round,
                     reason: reason.clone(),
-                },
+                }),
                 response: OfferResponse {
                     job_id: offer.job_id.clone(),
                     round: offer.round,
@@ -265,12 +265,12 @@ impl SiteCore {
                 // The job moved on: the older round is over.
                 abort = Some(Abort {
                     key: active.key.clone(),
-                    cancelled: SiteEvent::RoundCancelled {
+                    cancelled: SiteEvent::RoundCancelled(site::RoundCancelled {
                         job: active.key.job_id.clone(),
                         round: active.key.round,
                         reason: format!("superseded by round {}", offer.round),
                         dropped_work: true,
-                    },
+                    }),
                 });
             } else {
                 return decline(Refusal::Unsupported(format!(
@@ -329,12 +329,12 @@ impl SiteCore {
             .take_if(|a| a.key.job_id == cancel.job_id && a.key.round == cancel.round)
             .map(|a| a.key);
         CancelOutcome {
-            cancelled: SiteEvent::RoundCancelled {
+            cancelled: SiteEvent::RoundCancelled(site::RoundCancelled {
                 job: cancel.job_id.clone(),
                 round: cancel.round,
                 reason: task::truncate(&cancel.reason),
                 dropped_work: drop.is_some(),
-            },
+            }),
             drop,
         }
     }
@@ -383,7 +383,7 @@ impl SiteCore {
 /// reproduce the training (the base model, architecture, epochs, encoding,
 /// privacy, augmentation, class weighting, optimizer, learning rate).
 pub fn offer_received(offer: &TaskOffer) -> SiteEvent {
-    SiteEvent::OfferReceived {
+    SiteEvent::OfferReceived(site::OfferReceived {
         job: offer.job_id.clone(),
         round: offer.round,
         base_model: offer.base_model.to_hex(),
@@ -400,7 +400,7 @@ pub fn offer_received(offer: &TaskOffer) -> SiteEvent {
         },
         optimizer: Some(offer.training.optimizer),
         learning_rate: Some(offer.training.learning_rate),
-    }
+    })
 }
 
 /// Map an offer's training configuration to this agent's trainer, or say
@@ -781,15 +781,15 @@ mod tests {
         assert_eq!(out.received, offer_received(&o));
         assert!(matches!(
             &out.received,
-            SiteEvent::OfferReceived { job, round, base_model, .. }
+            SiteEvent::OfferReceived(site::OfferReceived { job, round, base_model, .. })
                 if *job == o.job_id && *round == o.round && *base_model == o.base_model.to_hex()
         ));
         assert_eq!(
             out.decided,
-            SiteEvent::OfferAccepted {
+            SiteEvent::OfferAccepted(site::OfferAccepted {
                 job: o.job_id.clone(),
                 round: o.round,
-            }
+            })
         );
         assert_eq!(out.response.decision, OfferDecision::Accept);
         assert!(out.abort.is_none());
@@ -808,19 +808,19 @@ mod tests {
         assert_eq!(abort.key, a_key(&o));
         assert_eq!(
             abort.cancelled,
-            SiteEvent::RoundCancelled {
+            SiteEvent::RoundCancelled(site::RoundCancelled {
                 job: o.job_id.clone(),
                 round: RoundId(1),
                 reason: "superseded by round 2".into(),
                 dropped_work: true,
-            }
+            })
         );
         assert!(matches!(
             moved.decided,
-            SiteEvent::OfferAccepted {
+            SiteEvent::OfferAccepted(site::OfferAccepted {
                 round: RoundId(2),
                 ..
-            }
+            })
         ));
 
         // A decline records the reason it sends.
@@ -832,11 +832,11 @@ mod tests {
         };
         assert_eq!(
             out.decided,
-            SiteEvent::OfferDeclined {
+            SiteEvent::OfferDeclined(site::OfferDeclined {
                 job: busy.job_id.clone(),
                 round: busy.round,
                 reason: reason.clone(),
-            }
+            })
         );
         assert!(out.abort.is_none() && out.start.is_none());
     }
@@ -992,12 +992,12 @@ mod tests {
         let other = c.on_cancel(&cancel);
         assert_eq!(
             other.cancelled,
-            SiteEvent::RoundCancelled {
+            SiteEvent::RoundCancelled(site::RoundCancelled {
                 job: o.job_id.clone(),
                 round: RoundId(9),
                 reason: "x".into(),
                 dropped_work: false,
-            }
+            })
         );
         assert!(other.drop.is_none());
         assert_eq!(c.active(), Some(&a_key(&o)));
@@ -1009,11 +1009,11 @@ mod tests {
         assert_eq!(hit.drop, Some(a_key(&o)));
         assert!(matches!(
             hit.cancelled,
-            SiteEvent::RoundCancelled {
+            SiteEvent::RoundCancelled(site::RoundCancelled {
                 dropped_work: true,
                 round: RoundId(1),
                 ..
-            }
+            })
         ));
         assert!(c.active().is_none());
         c.on_offer(1_000, &o);

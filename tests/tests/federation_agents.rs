@@ -233,7 +233,7 @@ fn check_round_chain(store: &Store, job: &str, rounds: u64) -> (Vec<RoundRecord>
         // No site counted twice in a round.
         let sites: BTreeSet<_> = r.accepted.iter().map(|u| u.site.as_str()).collect();
         assert_eq!(sites.len(), r.accepted.len(), "round {}", r.round);
-        assert!(r.accepted.iter().all(|u| u.round == r.round));
+        assert!(r.accepted.iter().all(|u| u.round.0 == r.round));
         base = model;
     }
     assert_eq!(base, final_model);

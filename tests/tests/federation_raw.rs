@@ -7,7 +7,7 @@ use fedlink_coordinator::round::JobOutcome;
 use fedlink_coordinator::store::read_model_file;
 use fedlink_protocol::message::Message;
 use fedlink_protocol::message::{RejectCode, TaskOffer, UploadResult};
-use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash};
+use fedlink_protocol::{EvalMetrics, FlatModel, ModelHash, RoundId};
 use fedlink_test_util::TestPki;
 use fedlink_tests::assert_completed;
 use fedlink_tests::fixture::{JobSpec, RunningCoordinator, write_config, write_job};
@@ -591,7 +591,7 @@ async fn dp_offers_carry_the_jobs_settings_and_declines_are_recorded() {
     assert_completed(&out);
 
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
-    let round = store.round("e2e", 1).unwrap().unwrap();
+    let round = store.round("e2e", RoundId(1)).unwrap().unwrap();
     assert_eq!(round.declined.len(), 1, "{:?}", round.declined);
     assert_eq!(round.declined[0].site, "site-0");
     assert_eq!(round.declined[0].reason, reason);
@@ -678,7 +678,7 @@ async fn examples_claimed_over_the_job_or_site_limit_are_rejected() {
 
     // `fedlink rounds show` and the audit log say why.
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
-    let round = store.round("e2e", 1).unwrap().unwrap();
+    let round = store.round("e2e", RoundId(1)).unwrap().unwrap();
     let reasons: Vec<(&str, &str)> = round
         .rejected
         .iter()
@@ -832,7 +832,7 @@ async fn unusable_evaluation_reports_are_left_out_with_the_reason() {
     let bases: Vec<ModelHash> = joined.into_iter().map(Result::unwrap).collect();
     assert_completed(&out);
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
-    let round = store.round("e2e", 1).unwrap().unwrap();
+    let round = store.round("e2e", RoundId(1)).unwrap().unwrap();
     assert_eq!(round.accepted.len(), 3);
     let ev = round.evaluation.unwrap();
     assert_eq!(ev.model, bases[0].to_hex());
@@ -944,7 +944,7 @@ async fn bad_final_evaluation_reports_are_refused_with_the_reason_and_audited() 
     let out = coord.finished().await.unwrap();
     assert_eq!(out.outcome, Some(JobOutcome::Completed { model }));
     let store = fedlink_coordinator::store::Store::open(&data_dir).unwrap();
-    let round = store.round("e2e", 1).unwrap().unwrap();
+    let round = store.round("e2e", RoundId(1)).unwrap().unwrap();
     let fin = round.final_evaluation.unwrap();
     assert_eq!((fin.after_round, fin.reported_in_round), (1, None));
     assert_eq!(fin.model, model.to_hex());

@@ -167,7 +167,7 @@ impl OfferTerms {
     /// The offer of `offer`'s round, due at `deadline_unix_ms`.
     pub fn offer(&self, offer: &Offer, deadline_unix_ms: u64) -> TaskOffer {
         let mut o = self.template.clone();
-        o.round = RoundId(offer.round);
+        o.round = offer.round;
         o.base_model = offer.model;
         o.training.seed = round_seed(self.job_seed, offer.round);
         o.deadline_unix_ms = deadline_unix_ms;
@@ -177,8 +177,8 @@ impl OfferTerms {
 
 /// The training seed of `round`: the job's seed mixed with the round, so
 /// that every round trains with its own seed.
-pub fn round_seed(job_seed: u64, round: u64) -> u64 {
-    job_seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+pub fn round_seed(job_seed: u64, round: RoundId) -> u64 {
+    job_seed ^ round.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// The privacy terms of an offer, as the aggregator applies them: sites clip
@@ -219,10 +219,10 @@ pub struct CheckpointPlan {
     /// Commit the replay guard with it, once the accepted update of this
     /// (site, round) is committed in the guard: the round is used up for
     /// the site, durably with the acceptance itself.
-    pub commit_replay: Option<(SiteId, u64)>,
+    pub commit_replay: Option<(SiteId, RoundId)>,
     /// The round to open once it is committed (its accumulator, its server
     /// state before, its noise seed, `round.opened`).
-    pub opens_round: Option<u64>,
+    pub opens_round: Option<RoundId>,
     /// The status file may wait (an accepted update: it is rewritten at
     /// most every so often) rather than be written at once.
     pub status_may_wait: bool,
@@ -249,10 +249,10 @@ pub fn checkpoint_plan(checkpoint: &Checkpoint) -> CheckpointPlan {
 /// `state-before.json`, drawn its noise seed and opened its accumulator):
 /// on record (`round.opened`) before anything of the round happens — its
 /// offers follow.
-pub fn round_opened(facts: &JobFacts, round: u64, base_model: ModelHash) -> Vec<Effect> {
+pub fn round_opened(facts: &JobFacts, round: RoundId, base_model: ModelHash) -> Vec<Effect> {
     vec![facts.own(CoordEvent::RoundOpened(coord::RoundOpened {
         job: facts.job.as_str().to_owned(),
-        round,
+        round: round.0,
         base_model: base_model.to_hex(),
     }))]
 }
@@ -304,7 +304,7 @@ pub fn send_offers(
         .map(|(site, offer)| {
             CoordEvent::OfferSent(coord::OfferSent {
                 job: facts.job.as_str().to_owned(),
-                round: offer.round,
+                round: offer.round.0,
                 site: site.as_str().to_owned(),
                 base_model: offer.model.to_hex(),
             })
@@ -334,12 +334,12 @@ pub fn send_offers(
 }
 
 /// `CancelTask`: tell `site` to stop working on `round` (it closed).
-pub fn cancel_task(facts: &JobFacts, site: &SiteId, round: u64) -> Vec<Effect> {
+pub fn cancel_task(facts: &JobFacts, site: &SiteId, round: RoundId) -> Vec<Effect> {
     vec![Effect::Send {
         site: site.clone(),
         message: Message::Cancel(Cancel {
             job_id: facts.job.clone(),
-            round: RoundId(round),
+            round,
             reason: "the round closed".into(),
         }),
     }]
@@ -361,7 +361,7 @@ pub struct UploadFacts {
     /// The job its header names.
     pub job: String,
     /// The round its header names.
-    pub round: u64,
+    pub round: RoundId,
     /// The site its header names.
     pub site: String,
     /// blake3 of its payload (hex).
@@ -383,7 +383,7 @@ impl UploadFacts {
         let h = &envelope.header;
         Self {
             job: h.job_id.as_str().to_owned(),
-            round: h.round.0,
+            round: h.round,
             site: h.site_id.as_str().to_owned(),
             payload_hash: h.payload_hash.to_hex(),
             bytes,
@@ -397,7 +397,7 @@ impl UploadFacts {
     pub fn details(&self, reason: Option<&str>) -> CoordEvent {
         CoordEvent::UpdateReceived(coord::UpdateReceived {
             job: self.job.clone(),
-            round: self.round,
+            round: self.round.0,
             site: self.site.clone(),
             payload_hash: self.payload_hash.clone(),
             payload_bytes: self.bytes,
@@ -568,7 +568,7 @@ pub struct Exclusion {
 /// `round.json` does not list them.
 pub fn exclude_withdrawn(
     facts: &JobFacts,
-    round: u64,
+    round: RoundId,
     inputs: &[RoundInput],
     quorum: usize,
     not_allowed: impl Fn(&str) -> Option<String>,
@@ -581,7 +581,7 @@ pub fn exclude_withdrawn(
         };
         effects.push(facts.own(CoordEvent::UpdateExcluded(coord::UpdateExcluded {
             job: facts.job.as_str().to_owned(),
-            round,
+            round: round.0,
             site: input.site.clone(),
             payload_hash: input.payload_hash.clone(),
             reason: format!("the site is no longer allowed: {why}"),
@@ -647,10 +647,15 @@ pub fn upload_interrupted(
 /// (once per selected site and round; `reason` already cut to its
 /// length): on record (`offer.declined`, by the coordinator, with the
 /// site's reason).
-pub fn offer_declined(facts: &JobFacts, site: &SiteId, round: u64, reason: &str) -> Vec<Effect> {
+pub fn offer_declined(
+    facts: &JobFacts,
+    site: &SiteId,
+    round: RoundId,
+    reason: &str,
+) -> Vec<Effect> {
     vec![facts.own(CoordEvent::OfferDeclined(coord::OfferDeclined {
         job: facts.job.as_str().to_owned(),
-        round,
+        round: round.0,
         site: site.as_str().to_owned(),
         reason: reason.to_owned(),
     }))]
@@ -710,7 +715,7 @@ pub struct DpApplied {
 /// model after these.
 pub fn round_aggregated(
     facts: &JobFacts,
-    round: u64,
+    round: RoundId,
     (base_model, output): (ModelHash, ModelHash),
     strategy: serde_json::Value,
     dp: Option<DpApplied>,
@@ -719,7 +724,7 @@ pub fn round_aggregated(
     let mut effects = vec![
         facts.own(CoordEvent::RoundAggregated(coord::RoundAggregated {
             job: facts.job.as_str().to_owned(),
-            round,
+            round: round.0,
             base_model: base_model.to_hex(),
             output_model: output.to_hex(),
             strategy,
@@ -741,7 +746,7 @@ pub fn round_aggregated(
     ];
     let produced = Message::RoundOutcome(RoundOutcome {
         job_id: facts.job.clone(),
-        round: RoundId(round),
+        round,
         model: output,
         job_completed: false,
     });
@@ -767,7 +772,7 @@ pub fn outcome_details(outcome: &JobOutcome) -> coord::JobOutcome {
             model: model.to_hex(),
         },
         JobOutcome::Failed { round, reason } => coord::JobOutcome::Failed {
-            round: *round,
+            round: round.0,
             reason: format!("{reason:?}"),
         },
         JobOutcome::Aborted { completed_rounds } => coord::JobOutcome::Aborted {
@@ -806,7 +811,7 @@ pub struct Finishing {
     /// How the job ended.
     pub outcome: JobOutcome,
     /// The round open when it ended (its record is discarded), if any.
-    pub open_round: Option<u64>,
+    pub open_round: Option<RoundId>,
     /// Rounds the job completed.
     pub completed_rounds: u64,
     /// The sites connected now, in order.
@@ -855,7 +860,7 @@ pub fn job_finished(facts: &JobFacts, now_done: Finishing) -> JobEnd {
         };
         effects.push(facts.own(CoordEvent::RoundDiscarded(coord::RoundDiscarded {
             job: facts.job.as_str().to_owned(),
-            round,
+            round: round.0,
             reason,
         })));
     }
@@ -957,13 +962,13 @@ pub fn job_over(sites: &[SiteId], next_queued: bool, outcome: JobOutcome) -> Vec
 /// from its updates' headers, has no such field).
 pub fn round_evaluated(
     facts: &JobFacts,
-    round: u64,
+    round: RoundId,
     evaluation: &FederatedEvaluation,
     requested: bool,
 ) -> Effect {
     facts.own(CoordEvent::RoundEvaluated(coord::RoundEvaluated {
         job: facts.job.as_str().to_owned(),
-        round,
+        round: round.0,
         model: evaluation.model.clone(),
         after_round: evaluation.after_round,
         sites: evaluation.sites.clone(),
@@ -983,7 +988,7 @@ pub fn evaluation_finished(
     sites: &[SiteId],
     next_queued: bool,
 ) -> Vec<Effect> {
-    let round = evaluation.after_round;
+    let round = RoundId(evaluation.after_round);
     let mut effects = vec![
         round_evaluated(facts, round, &evaluation, true),
         Effect::RecordFinalEvaluation { round, evaluation },
@@ -1084,7 +1089,7 @@ mod tests {
         let clock = UnixClock::new(start, 1_000_000);
         let terms = OfferTerms::of(&job(), &facts(), &StrategyConfig::default(), None).unwrap();
         let offer = Offer {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             model: model(7),
             deadline: start + Duration::from_secs(60),
@@ -1111,9 +1116,15 @@ mod tests {
             ("j1", RoundId(2), model(7))
         );
         assert_eq!(o.deadline_unix_ms, 1_060_000);
-        assert_eq!(o.training.seed, round_seed(11, 2));
+        assert_eq!(o.training.seed, round_seed(11, RoundId(2)));
         // Each round trains with its own seed.
-        let other = terms.offer(&Offer { round: 3, ..offer }, 0);
+        let other = terms.offer(
+            &Offer {
+                round: RoundId(3),
+                ..offer
+            },
+            0,
+        );
         assert_ne!(other.training.seed, o.training.seed);
         assert_eq!(other.arch, o.arch);
     }
@@ -1122,21 +1133,21 @@ mod tests {
     fn a_checkpoint_carries_what_its_recovery_needs() {
         use crate::round::AcceptedUpdate;
         let started = Checkpoint::RoundStarted {
-            round: 4,
+            round: RoundId(4),
             attempt: 1,
             base_model: model(1),
             selected: vec![sid("site-a")],
         };
         let accepted = AcceptedUpdate {
             site: sid("site-a"),
-            round: 4,
+            round: RoundId(4),
             payload_hash: model(2),
             num_examples: 10,
             bytes: 100,
             received_unix_ms: 0,
         };
         let completed = Checkpoint::RoundCompleted {
-            round: 4,
+            round: RoundId(4),
             model: model(3),
             updates: vec![accepted.clone()],
             metrics: Default::default(),
@@ -1150,14 +1161,14 @@ mod tests {
         assert_eq!(
             checkpoint_plan(&started),
             CheckpointPlan {
-                opens_round: Some(4),
+                opens_round: Some(RoundId(4)),
                 ..plain.clone()
             }
         );
         assert_eq!(
             checkpoint_plan(&Checkpoint::UpdateAccepted(accepted)),
             CheckpointPlan {
-                commit_replay: Some((sid("site-a"), 4)),
+                commit_replay: Some((sid("site-a"), RoundId(4))),
                 status_may_wait: true,
                 ..plain.clone()
             }
@@ -1181,7 +1192,7 @@ mod tests {
 
     #[test]
     fn an_opened_round_is_on_record_with_its_base_model() {
-        let e = round_opened(&facts(), 5, model(4));
+        let e = round_opened(&facts(), RoundId(5), model(4));
         assert_eq!(kinds(&e), ["audit round.opened"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().actor);
@@ -1210,7 +1221,7 @@ mod tests {
         let clock = UnixClock::new(start, 1_000_000);
         let terms = OfferTerms::of(&job(), &facts(), &StrategyConfig::default(), None).unwrap();
         let offer = |secs| Offer {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             model: model(7),
             deadline: start + Duration::from_secs(secs),
@@ -1298,7 +1309,7 @@ mod tests {
         let (offers, next) = offers_in_a_row(&mut runner, first);
         let sites: BTreeSet<&str> = offers.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(sites, BTreeSet::from(["site-a", "site-b", "site-c"]));
-        assert!(offers.iter().all(|(_, o)| o.round == 1));
+        assert!(offers.iter().all(|(_, o)| o.round == RoundId(1)));
         assert!(
             matches!(next, Some(Action::Persist(Checkpoint::Paused(true)))),
             "{next:?}"
@@ -1307,7 +1318,7 @@ mod tests {
 
     #[test]
     fn a_cancel_names_the_job_and_round_and_a_disconnect_its_reason() {
-        let e = cancel_task(&facts(), &sid("site-b"), 4);
+        let e = cancel_task(&facts(), &sid("site-b"), RoundId(4));
         assert_eq!(
             e,
             [Effect::Send {
@@ -1332,7 +1343,7 @@ mod tests {
     fn upload() -> UploadFacts {
         UploadFacts {
             job: "j1".into(),
-            round: 3,
+            round: RoundId(3),
             site: "site-a".into(),
             payload_hash: "ab".repeat(32),
             bytes: 4096,
@@ -1375,7 +1386,7 @@ mod tests {
         assert_eq!(
             e[1],
             Effect::RecordRejected {
-                round: 3,
+                round: RoundId(3),
                 rejected: RejectedUpdate {
                     site: "site-a".into(),
                     payload_hash: "ab".repeat(32),
@@ -1389,7 +1400,7 @@ mod tests {
             e[3],
             Effect::AnswerUpload {
                 site: sid("site-a"),
-                round: 3,
+                round: RoundId(3),
                 result: UploadResult::Reject {
                     code: RejectCode::TooLate,
                     message: "too late".into(),
@@ -1410,7 +1421,7 @@ mod tests {
             e[2],
             Effect::AnswerUpload {
                 site: sid("site-a"),
-                round: 3,
+                round: RoundId(3),
                 result: UploadResult::Ack {
                     payload_hash: hash,
                     accepted: true
@@ -1458,7 +1469,7 @@ mod tests {
         };
         let e = round_aggregated(
             &facts(),
-            2,
+            RoundId(2),
             (model(1), model(2)),
             serde_json::json!({"name": "fedavg"}),
             Some(dp),
@@ -1500,7 +1511,7 @@ mod tests {
         // Without central DP the entry says so.
         let e = round_aggregated(
             &facts(),
-            2,
+            RoundId(2),
             (model(1), model(2)),
             serde_json::Value::Null,
             None,
@@ -1523,7 +1534,7 @@ mod tests {
         };
         let inputs = [input("site-a"), input("site-b"), input("site-c")];
         let revoked = |s: &str| (s != "site-b").then(|| format!("{s} is revoked"));
-        let x = exclude_withdrawn(&facts(), 4, &inputs, 1, revoked);
+        let x = exclude_withdrawn(&facts(), RoundId(4), &inputs, 1, revoked);
         assert_eq!(
             x.excluded,
             [
@@ -1546,10 +1557,10 @@ mod tests {
             })
         );
         // Two needed, one left: the round fails.
-        let x = exclude_withdrawn(&facts(), 4, &inputs, 2, revoked);
+        let x = exclude_withdrawn(&facts(), RoundId(4), &inputs, 2, revoked);
         assert_eq!(x.below_quorum, Some((1, 2)));
         // All allowed: nothing, even below the quorum.
-        let x = exclude_withdrawn(&facts(), 4, &inputs[..1], 2, |_| None);
+        let x = exclude_withdrawn(&facts(), RoundId(4), &inputs[..1], 2, |_| None);
         assert_eq!(
             x,
             Exclusion {
@@ -1618,7 +1629,7 @@ mod tests {
 
     #[test]
     fn a_declined_offer_and_an_evaluation_report_are_on_record() {
-        let e = offer_declined(&facts(), &sid("site-b"), 2, "busy");
+        let e = offer_declined(&facts(), &sid("site-b"), RoundId(2), "busy");
         assert_eq!(kinds(&e), ["audit offer.declined"]);
         let (actor, _, d) = audit(&e[0]);
         assert_eq!(actor, facts().actor);
@@ -1712,13 +1723,13 @@ mod tests {
         };
         let mut f = finishing(
             JobOutcome::Failed {
-                round: 2,
+                round: RoundId(2),
                 reason: reason.clone(),
             },
             1,
             deadline,
         );
-        f.open_round = Some(2);
+        f.open_round = Some(RoundId(2));
         let end = job_finished(&facts(), f);
         assert!(end.requested.is_none());
         assert!(end.not_asked.is_empty());
@@ -1800,7 +1811,7 @@ mod tests {
         assert_eq!(audit(&e[0]).2["requested"], true);
         // A round's own evaluation (from its updates' headers) is on record
         // the same way, without `requested`.
-        let per_round = round_evaluated(&facts(), 3, &ev, false);
+        let per_round = round_evaluated(&facts(), RoundId(3), &ev, false);
         let (_, kind, d) = audit(&per_round);
         assert_eq!(kind, EventKind::RoundEvaluated);
         assert_eq!(d.get("requested"), None);
@@ -1810,7 +1821,7 @@ mod tests {
         assert_eq!(
             e[1],
             Effect::RecordFinalEvaluation {
-                round: 3,
+                round: RoundId(3),
                 evaluation: ev
             }
         );

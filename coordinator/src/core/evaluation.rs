@@ -28,10 +28,10 @@
 //!
 //! ```
 //! use fedlink_coordinator::core::evaluation::{federated_evaluation, is_due};
-//! use fedlink_protocol::{EvalMetrics, ModelHash};
+//! use fedlink_protocol::{EvalMetrics, ModelHash, RoundId};
 //!
 //! let m = |n, acc| EvalMetrics { num_eval_examples: n, accuracy: Some(acc), ..Default::default() };
-//! let ev = federated_evaluation(1, Some(2), ModelHash([0; 32]), &[("a".into(), Some(m(1, 1.0))), ("b".into(), Some(m(3, 0.5)))]);
+//! let ev = federated_evaluation(1, Some(RoundId(2)), ModelHash([0; 32]), &[("a".into(), Some(m(1, 1.0))), ("b".into(), Some(m(3, 0.5)))]);
 //! assert_eq!(ev.weighted.accuracy, Some(0.625));
 //! assert!(is_due(4, 2, 10) && !is_due(5, 2, 10) && is_due(10, 3, 10));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -45,7 +45,7 @@ use fedlink_protocol::admin::{
 };
 use fedlink_protocol::envelope::KeyDirectory;
 use fedlink_protocol::evaluation::{ExpectedEval, SignedEvalReport, verify_eval_report};
-use fedlink_protocol::{EvalMetrics, ModelHash, SiteId};
+use fedlink_protocol::{EvalMetrics, ModelHash, RoundId, SiteId};
 
 /// Most validation examples one site may claim (a larger claim would let
 /// one site dominate the weighted mean).
@@ -147,7 +147,7 @@ pub fn check_report(m: &EvalMetrics) -> Result<(), ReportError> {
 /// and count nowhere. Sites come out sorted by name.
 pub fn federated_evaluation(
     after_round: u64,
-    reported_in_round: Option<u64>,
+    reported_in_round: Option<RoundId>,
     model: ModelHash,
     reports: &[(String, Option<EvalMetrics>)],
 ) -> FederatedEvaluation {
@@ -179,7 +179,7 @@ pub fn federated_evaluation(
     FederatedEvaluation {
         model: model.to_hex(),
         after_round,
-        reported_in_round,
+        reported_in_round: reported_in_round.map(|r| r.0),
         sites,
         weighted,
         excluded,
@@ -374,7 +374,7 @@ mod tests {
                 }),
             ),
         ];
-        let ev = federated_evaluation(2, Some(3), ModelHash([7; 32]), &reports);
+        let ev = federated_evaluation(2, Some(RoundId(3)), ModelHash([7; 32]), &reports);
         assert_eq!(ev.after_round, 2);
         assert_eq!(ev.reported_in_round, Some(3));
         assert_eq!(ev.model, ModelHash([7; 32]).to_hex());
@@ -420,7 +420,7 @@ mod tests {
             ("dice".to_owned(), bad(|x| x.dice = Some(-0.1))),
             ("good".to_owned(), m(1000, 0.0, 0.0)),
         ];
-        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &reports);
+        let ev = federated_evaluation(0, Some(RoundId(1)), ModelHash([0; 32]), &reports);
         assert_eq!(ev.sites.len(), 1);
         assert_eq!(ev.weighted.accuracy, Some(0.5));
         assert_eq!(ev.weighted.loss, Some(1.0));
@@ -453,7 +453,7 @@ mod tests {
         let expected = ExpectedEval {
             federation_id: fedlink_protocol::FederationId::new("fed").unwrap(),
             job_id: fedlink_protocol::JobId::new("j").unwrap(),
-            round: fedlink_protocol::RoundId(3),
+            round: RoundId(3),
             model: ModelHash([5; 32]),
         };
         let sites = ["a", "b", "c", "d"].map(String::from);
@@ -475,7 +475,7 @@ mod tests {
                 federation_id: fedlink_protocol::FederationId::new("fed").unwrap(),
                 site_id: SiteId::new(site).unwrap(),
                 job_id: fedlink_protocol::JobId::new("j").unwrap(),
-                round: fedlink_protocol::RoundId(3),
+                round: RoundId(3),
                 model,
                 metrics: metrics.unwrap_or_default(),
             },
@@ -596,7 +596,7 @@ mod tests {
 
     #[test]
     fn no_reports_give_no_means() {
-        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &[]);
+        let ev = federated_evaluation(0, Some(RoundId(1)), ModelHash([0; 32]), &[]);
         assert_eq!(ev.weighted, WeightedMetrics::default());
     }
 
@@ -606,7 +606,7 @@ mod tests {
             ("a".to_owned(), m(MAX_EVAL_EXAMPLES, f64::MAX, 1.0)),
             ("b".to_owned(), m(1, 0.0, 0.0)),
         ];
-        let ev = federated_evaluation(0, Some(1), ModelHash([0; 32]), &reports);
+        let ev = federated_evaluation(0, Some(RoundId(1)), ModelHash([0; 32]), &reports);
         assert_eq!(ev.weighted.loss, None);
         assert!(ev.weighted.accuracy.is_some_and(|a| a > 0.99));
     }

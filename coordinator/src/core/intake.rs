@@ -55,7 +55,7 @@ pub struct Expected<'a> {
     /// The running job.
     pub job: &'a JobId,
     /// The round whose accumulator is open, if any.
-    pub open_round: Option<u64>,
+    pub open_round: Option<RoundId>,
     /// The job's encoding (`None`: any).
     pub encoding: Option<Encoding>,
     /// The global model's spec (bounds the payload length).
@@ -116,7 +116,7 @@ fn round_view(
 ) -> Result<(SiteId, ExpectedUpdate), Refusal> {
     let h = &envelope.header;
     runner
-        .check_upload(site, h.round.0)
+        .check_upload(site, h.round)
         .map_err(|r| Refusal::new(reject_code(&r), reason_text(&r)))?;
     let round = expected
         .open_round
@@ -125,7 +125,7 @@ fn round_view(
     let want = ExpectedUpdate {
         federation_id: expected.federation.clone(),
         job_id: expected.job.clone(),
-        round: RoundId(round),
+        round,
         base_model: runner.current_model(),
         encoding: expected.encoding,
         max_payload_len: fedlink_protocol::payload::max_payload_len(expected.spec, &h.encoding),
@@ -367,7 +367,7 @@ mod tests {
             Expected {
                 federation: &self.fed,
                 job: &self.job,
-                open_round,
+                open_round: open_round.map(RoundId),
                 encoding: Some(Encoding::with_codec(ValueCodec::F32).unwrap()),
                 spec: &self.spec,
                 keys: &self.keys,

@@ -250,7 +250,7 @@ pub enum Effect {
     /// with no record keeps none).
     RecordRejected {
         /// The round.
-        round: u64,
+        round: fedlink_protocol::RoundId,
         /// The refused upload.
         rejected: crate::store::RejectedUpdate,
     },
@@ -258,7 +258,7 @@ pub enum Effect {
     /// effort).
     RecordAccepted {
         /// The round.
-        round: u64,
+        round: fedlink_protocol::RoundId,
         /// The accepted update.
         detail: crate::store::UpdateDetail,
     },
@@ -268,7 +268,7 @@ pub enum Effect {
         /// The site.
         site: fedlink_protocol::SiteId,
         /// The round.
-        round: u64,
+        round: fedlink_protocol::RoundId,
     },
     /// Take the uncounted one-pass fold of the pending upload of `site` in
     /// `round` out of the round's accumulator (exactly: its spool is
@@ -285,7 +285,7 @@ pub enum Effect {
         /// The site.
         site: fedlink_protocol::SiteId,
         /// The round.
-        round: u64,
+        round: fedlink_protocol::RoundId,
         /// The answer.
         result: fedlink_protocol::message::UploadResult,
     },
@@ -293,7 +293,7 @@ pub enum Effect {
     /// `round` (its last).
     RecordFinalEvaluation {
         /// The round.
-        round: u64,
+        round: fedlink_protocol::RoundId,
         /// The evaluation.
         evaluation: fedlink_protocol::admin::FederatedEvaluation,
     },

@@ -19,7 +19,7 @@
 //!  the records, oldest first
 //! ```
 
-use fedlink_protocol::ModelHash;
+use fedlink_protocol::{ModelHash, RoundId};
 
 /// What the walk reads of a round's record.
 pub trait RoundLink {
@@ -33,7 +33,7 @@ pub trait RoundLink {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Link<R> {
     /// The round.
-    pub round: u64,
+    pub round: RoundId,
     /// The model it produced (its record's output, as the walk checked).
     pub output: ModelHash,
     /// Its record.
@@ -53,7 +53,7 @@ pub enum ChainBroken<E> {
         /// The job.
         job: String,
         /// The round.
-        round: u64,
+        round: RoundId,
     },
     /// A round's record names another output than the model the walk
     /// expects.
@@ -62,7 +62,7 @@ pub enum ChainBroken<E> {
         /// The job.
         job: String,
         /// The round.
-        round: u64,
+        round: RoundId,
         /// The model expected.
         want: ModelHash,
     },
@@ -84,13 +84,13 @@ pub enum ChainBroken<E> {
 pub fn walk<R: RoundLink, E>(
     job: &str,
     model: ModelHash,
-    round: u64,
+    round: RoundId,
     initial: ModelHash,
-    mut record: impl FnMut(u64) -> Result<Option<R>, E>,
+    mut record: impl FnMut(RoundId) -> Result<Option<R>, E>,
 ) -> Result<Vec<Link<R>>, ChainBroken<E>> {
     let mut chain = Vec::new();
     let mut want = model;
-    for r in (1..=round).rev() {
+    for r in (1..=round.0).rev().map(RoundId) {
         let rec = record(r)
             .map_err(ChainBroken::Read)?
             .ok_or_else(|| ChainBroken::Missing {
@@ -144,11 +144,11 @@ mod tests {
     }
 
     /// Rounds 1..=n, round r turning m(r-1) into m(r).
-    fn store(n: u8) -> BTreeMap<u64, Rec> {
+    fn store(n: u8) -> BTreeMap<RoundId, Rec> {
         (1..=n)
             .map(|r| {
                 (
-                    u64::from(r),
+                    RoundId(u64::from(r)),
                     Rec {
                         base: m(r - 1),
                         output: Some(m(r)),
@@ -158,7 +158,7 @@ mod tests {
             .collect()
     }
 
-    fn read(s: &BTreeMap<u64, Rec>) -> impl FnMut(u64) -> Result<Option<Rec>, String> + '_ {
+    fn read(s: &BTreeMap<RoundId, Rec>) -> impl FnMut(RoundId) -> Result<Option<Rec>, String> + '_ {
         |r| Ok(s.get(&r).cloned())
     }
 
@@ -166,23 +166,26 @@ mod tests {
     fn a_chain_runs_back_to_the_initial_model_oldest_first() {
         let s = store(3);
         let mut asked = Vec::new();
-        let chain = walk("j", m(3), 3, m(0), |r| {
+        let chain = walk("j", m(3), RoundId(3), m(0), |r| {
             asked.push(r);
             Ok::<_, String>(s.get(&r).cloned())
         })
         .unwrap();
-        assert_eq!(asked, [3, 2, 1]);
-        let rounds: Vec<(u64, ModelHash)> = chain.iter().map(|l| (l.round, l.output)).collect();
-        assert_eq!(rounds, [(1, m(1)), (2, m(2)), (3, m(3))]);
+        assert_eq!(asked, [RoundId(3), RoundId(2), RoundId(1)]);
+        let rounds: Vec<(RoundId, ModelHash)> = chain.iter().map(|l| (l.round, l.output)).collect();
+        assert_eq!(
+            rounds,
+            [(RoundId(1), m(1)), (RoundId(2), m(2)), (RoundId(3), m(3))]
+        );
         assert_eq!(chain[0].record.base, m(0));
     }
 
     #[test]
     fn the_initial_model_has_an_empty_chain() {
         let s = store(0);
-        assert_eq!(walk("j", m(0), 0, m(0), read(&s)).unwrap(), vec![]);
+        assert_eq!(walk("j", m(0), RoundId(0), m(0), read(&s)).unwrap(), vec![]);
         assert_eq!(
-            walk("j", m(9), 0, m(0), read(&s)).unwrap_err(),
+            walk("j", m(9), RoundId(0), m(0), read(&s)).unwrap_err(),
             ChainBroken::WrongStart {
                 end: m(9),
                 initial: m(0)
@@ -193,20 +196,20 @@ mod tests {
     #[test]
     fn a_missing_record_breaks_the_chain() {
         let mut s = store(3);
-        s.remove(&2);
-        let e = walk("j", m(3), 3, m(0), read(&s)).unwrap_err();
+        s.remove(&RoundId(2));
+        let e = walk("j", m(3), RoundId(3), m(0), read(&s)).unwrap_err();
         assert_eq!(e.to_string(), "job j has no round 2 record");
     }
 
     #[test]
     fn a_round_that_produced_another_model_breaks_the_chain() {
         let s = store(3);
-        let e = walk("j", m(7), 3, m(0), read(&s)).unwrap_err();
+        let e = walk("j", m(7), RoundId(3), m(0), read(&s)).unwrap_err();
         assert_eq!(
             e,
             ChainBroken::NotProduced {
                 job: "j".into(),
-                round: 3,
+                round: RoundId(3),
                 want: m(7)
             }
         );
@@ -216,17 +219,20 @@ mod tests {
         );
         // A round that produced nothing.
         let mut s = store(2);
-        s.get_mut(&1).unwrap().output = None;
+        s.get_mut(&RoundId(1)).unwrap().output = None;
         assert!(matches!(
-            walk("j", m(2), 2, m(0), read(&s)),
-            Err(ChainBroken::NotProduced { round: 1, .. })
+            walk("j", m(2), RoundId(2), m(0), read(&s)),
+            Err(ChainBroken::NotProduced {
+                round: RoundId(1),
+                ..
+            })
         ));
     }
 
     #[test]
     fn a_chain_that_starts_elsewhere_is_refused() {
         let s = store(2);
-        let e = walk("j", m(2), 2, m(5), read(&s)).unwrap_err();
+        let e = walk("j", m(2), RoundId(2), m(5), read(&s)).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
@@ -240,7 +246,7 @@ mod tests {
     #[test]
     fn a_read_error_is_passed_on_and_stops_the_walk() {
         let mut asked = 0;
-        let e = walk::<Rec, _>("j", m(3), 3, m(0), |_| {
+        let e = walk::<Rec, _>("j", m(3), RoundId(3), m(0), |_| {
             asked += 1;
             Err("disk on fire".to_owned())
         })
@@ -253,10 +259,10 @@ mod tests {
     fn a_self_referencing_record_cannot_loop() {
         // Every round claims to turn m(1) into m(1): the walk still reads
         // each round once and stops at round 1.
-        let s: BTreeMap<u64, Rec> = (1..=4)
+        let s: BTreeMap<RoundId, Rec> = (1..=4)
             .map(|r| {
                 (
-                    r,
+                    RoundId(r),
                     Rec {
                         base: m(1),
                         output: Some(m(1)),
@@ -265,7 +271,7 @@ mod tests {
             })
             .collect();
         let mut asked = 0;
-        let e = walk("j", m(1), 4, m(0), |r| {
+        let e = walk("j", m(1), RoundId(4), m(0), |r| {
             asked += 1;
             Ok::<_, String>(s.get(&r).cloned())
         })

@@ -34,7 +34,7 @@ use crate::job::Job;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reopened {
     /// The round.
-    pub round: u64,
+    pub round: RoundId,
     /// How many of its accepted updates were set aside (their sites are
     /// asked again).
     pub discarded: usize,
@@ -123,7 +123,7 @@ pub fn recover(stored: Stored<'_>) -> Recovered {
             actor: stored.actor.to_owned(),
             event: CoordEvent::RoundDiscarded(coord::RoundDiscarded {
                 job: stored.job.id.clone(),
-                round: r.round,
+                round: r.round.0,
                 reason: format!(
                     "the coordinator restarted during the round; its {} accepted update(s) \
                      are discarded and the round is re-opened",
@@ -147,7 +147,7 @@ fn resumed(stored: &Stored<'_>) -> Result<Resumed, RecoveryError> {
     let mut replay: ReplayGuard = decode_or_default(stored.replay_state, "stored replay state")?;
     if let Some(r) = stored.reopened {
         let id = JobId::new(&job.id).map_err(RecoveryError::JobId)?;
-        replay.reopen_round(stored.federation, &id, RoundId(r.round));
+        replay.reopen_round(stored.federation, &id, r.round);
     }
     Ok(Resumed {
         strategy,
@@ -328,7 +328,7 @@ mod tests {
         let fed = fed();
         let replay = replay_bytes();
         let reopened = Some(Reopened {
-            round: 2,
+            round: RoundId(2),
             discarded: 3,
         });
         let r = recover(stored(&job, &fed, &spec, reopened, None, Some(&replay)));
@@ -358,7 +358,7 @@ mod tests {
         let fed = fed();
         let good = replay_bytes();
         let reopened = Some(Reopened {
-            round: 2,
+            round: RoundId(2),
             discarded: 0,
         });
         for (optimizer, replay, want) in [

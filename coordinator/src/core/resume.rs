@@ -93,7 +93,7 @@ impl<T> Partials<T> {
             Some("the site's protocol version cannot resume uploads".to_owned())
         } else if open_round != Some(round) {
             Some(format!("round {round} is no longer open"))
-        } else if let Err(r) = runner.check_upload(site, round.0) {
+        } else if let Err(r) = runner.check_upload(site, round) {
             Some(crate::core::intake::reason_text(&r))
         } else {
             None
@@ -127,7 +127,7 @@ impl<T> Partials<T> {
             .map
             .keys()
             .filter(|(site, round)| {
-                open_round != Some(*round) || runner.check_upload(site, round.0).is_err()
+                open_round != Some(*round) || runner.check_upload(site, *round).is_err()
             })
             .cloned()
             .collect();

@@ -210,7 +210,7 @@ pub fn plan(
         Step::WriteRoundFile { round },
         Step::Record(actions::round_aggregated(
             facts,
-            round.0,
+            round,
             (base_model, output_model),
             strategy,
             dp,
@@ -233,7 +233,7 @@ pub fn plan(
                 metrics.insert(name.into(), v);
             }
         }
-        let effects = vec![actions::round_evaluated(facts, round.0, &evaluation, false)];
+        let effects = vec![actions::round_evaluated(facts, round, &evaluation, false)];
         steps.push(Step::AuditEvaluation {
             evaluation: evaluation.clone(),
             effects,
@@ -293,7 +293,7 @@ fn evaluation_due(
         .collect();
     Some(evaluation::federated_evaluation(
         after,
-        Some(round.0),
+        Some(round),
         base_model,
         &reports,
     ))

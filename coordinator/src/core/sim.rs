@@ -198,9 +198,9 @@ struct VSite {
     /// disconnects).
     old: Vec<ConnId>,
     /// Offers received on the current connection: (job, round, model).
-    offers: Vec<(String, u64, ModelHash)>,
+    offers: Vec<(String, RoundId, ModelHash)>,
     /// Offers accepted, waiting to upload: (job, round, model).
-    training: Vec<(String, u64, ModelHash)>,
+    training: Vec<(String, RoundId, ModelHash)>,
     /// Uploads sent, with the number of the key that signed them
     /// (replayed as duplicates).
     sent: Vec<(String, UpdateReceived, u16)>,
@@ -357,6 +357,15 @@ fn plain_site_ids(what: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A round machine value (checkpoint, action, outcome) in its `Debug`
+/// form with its rounds written as plain numbers, as before the round
+/// machine's rounds were typed: the trace, and so a seed's
+/// [`CoreSim::trace_hash`], reads the same. Only for the round machine's
+/// own types: the core's steps and effects printed `RoundId(n)` before.
+fn untyped(value: &impl std::fmt::Debug) -> String {
+    crate::round::plain_round_ids(&format!("{value:?}")).into_owned()
+}
+
 /// A message's name, for the trace.
 fn message_name(m: &Message) -> &'static str {
     match m {
@@ -384,7 +393,7 @@ pub struct CoreSim {
     /// The durable log of each job (what a restart recovers from).
     durable: BTreeMap<String, Vec<Checkpoint>>,
     /// Acknowledged updates not discarded by a restart: (job, round, site).
-    acked: BTreeSet<(String, u64, SiteId)>,
+    acked: BTreeSet<(String, RoundId, SiteId)>,
     /// A crash is armed: it happens before the n-th next action executes.
     crash_in: Option<u32>,
     /// The offer terms' job (`None`: [`OFFER_JOB`] does not parse, a
@@ -400,7 +409,7 @@ pub struct CoreSim {
     uploads: BTreeMap<String, Uploads<bool>>,
     /// The running job's open round (the driver's round record), from its
     /// `RoundStarted` checkpoint to its aggregation.
-    open_round: Option<u64>,
+    open_round: Option<RoundId>,
     /// What a round's end left on disk (it survives a crash): the models
     /// stored, each round's `round.json` (job, round) → the model it
     /// names, and each `round.aggregated` entry on record (job, round) →
@@ -410,7 +419,7 @@ pub struct CoreSim {
     aggregated_on_record: BTreeMap<(String, u64), String>,
     /// The rounds on record as opened (`round.opened`) since the last
     /// restart: (job, round).
-    rounds_opened: BTreeSet<(String, u64)>,
+    rounds_opened: BTreeSet<(String, RoundId)>,
     /// Virtual time → the sites' Unix milliseconds.
     clock: UnixClock,
     /// `sites.toml` and `revoked.toml` on disk: what the site commands'
@@ -847,7 +856,7 @@ impl CoreSim {
             .map_err(|e| self.violation(format!("site name {}: {e}", u.site)))?;
         let arrival = Arrival {
             site,
-            round: RoundId(u.round),
+            round: u.round,
             base_model: u.base_model,
             payload_hash: fedlink_protocol::PayloadHash(u.payload_hash.0),
             upload_ms: 0,
@@ -909,7 +918,7 @@ impl CoreSim {
         &mut self,
         job: &str,
         site: &SiteId,
-        round: u64,
+        round: RoundId,
         refused: Refused<bool>,
     ) -> Result<(), Violation> {
         let Refused {
@@ -1355,7 +1364,7 @@ impl CoreSim {
                     audited = true;
                 }
                 Effect::Persist { job, checkpoint } => {
-                    self.note(&format!("persist {job} {checkpoint:?}"));
+                    self.note(&format!("persist {job} {}", untyped(&checkpoint)));
                     self.durable.entry(job).or_default().push(checkpoint);
                 }
                 Effect::Apply(input) => self.feed(input)?,
@@ -1460,7 +1469,7 @@ impl CoreSim {
         };
         match action {
             Action::Persist(cp) => {
-                self.note(&format!("persist {cp:?}"));
+                self.note(&format!("persist {}", untyped(&cp)));
                 let opens = match (&cp, actions::checkpoint_plan(&cp).opens_round) {
                     // A later wave of the open round opens nothing.
                     (Checkpoint::RoundStarted { base_model, .. }, Some(round))
@@ -1495,7 +1504,7 @@ impl CoreSim {
                 let refused = SiteId::new(site.as_str()).ok().and_then(|id| {
                     self.uploads
                         .get_mut(&job)?
-                        .rejected(&facts, &id, RoundId(round), &reason, at)
+                        .rejected(&facts, &id, round, &reason, at)
                 });
                 let Some(refused) = refused else {
                     return Err(self.violation(format!(
@@ -1508,7 +1517,7 @@ impl CoreSim {
                 self.note(&format!("ack {site} r{round}"));
                 let acked = SiteId::new(site.as_str())
                     .ok()
-                    .and_then(|id| self.uploads.get_mut(&job)?.acked(&id, RoundId(round)));
+                    .and_then(|id| self.uploads.get_mut(&job)?.acked(&id, round));
                 let Some(acked) = acked else {
                     return Err(self.violation(format!(
                         "{job}: acknowledged an upload of {site} in round {round} it never received"
@@ -1673,7 +1682,7 @@ impl CoreSim {
                 let end = round_end::plan(
                     &facts,
                     round_end::Aggregated {
-                        round: RoundId(round),
+                        round,
                         base_model,
                         output_model: model,
                         strategy: serde_json::Value::Null,
@@ -1702,12 +1711,12 @@ impl CoreSim {
                 // many jobs complete (and ask for their final evaluation)
                 // as before.
                 let own = splitmix(
-                    self.seed ^ round.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ self.step as u64,
+                    self.seed ^ round.0.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ self.step as u64,
                 );
                 let crash_at = if self.crash_in == Some(0) {
                     Some(self.below(end.steps.len() as u64 + 1) as usize)
                 } else {
-                    (round < rounds && own.is_multiple_of(5))
+                    (round.0 < rounds && own.is_multiple_of(5))
                         .then_some(((own >> 8) % end.steps.len() as u64) as usize)
                 };
                 for (k, step) in end.steps.into_iter().enumerate() {
@@ -1739,14 +1748,14 @@ impl CoreSim {
                 }
             }
             Action::JobFinished(outcome) => {
-                self.note(&format!("finished {outcome:?}"));
+                self.note(&format!("finished {}", untyped(&outcome)));
                 if matches!(outcome, JobOutcome::Completed { .. }) {
                     self.stats.jobs_completed += 1;
                 }
                 self.job_finished(&job, outcome)?;
             }
             other @ (Action::SendModel { .. } | Action::Evaluate { .. }) => {
-                self.note(&format!("{other:?}"))
+                self.note(&untyped(&other))
             }
         }
         Ok(())
@@ -1759,7 +1768,7 @@ impl CoreSim {
     fn round_end_step(
         &mut self,
         job: &str,
-        round: u64,
+        round: RoundId,
         model: ModelHash,
         step: round_end::Step,
     ) -> Result<(), Violation> {
@@ -1778,7 +1787,7 @@ impl CoreSim {
             }
             Step::Publish { model: published } => {
                 self.note(&format!("publish r{round}"));
-                let key = (job.to_owned(), round);
+                let key = (job.to_owned(), round.0);
                 if published != model
                     || self.round_files.get(&key) != Some(&model)
                     || self.aggregated_on_record.get(&key) != Some(&model.to_hex())
@@ -1810,7 +1819,13 @@ impl CoreSim {
             (Ok(federation), Ok(id)) => Ok(JobFacts {
                 federation,
                 job: id,
-                actor: "fedlink://sim-federation/coordinator".into(),
+                actor: Identity::new(
+                    FEDERATION,
+                    Role::Coordinator,
+                    fedlink_certs::COORDINATOR_NAME,
+                )
+                .map_err(|e| self.violation(format!("the coordinator identity: {e}")))?
+                .to_uri(),
             }),
             _ => Err(self.violation(format!("{job} is not a valid job id"))),
         }
@@ -2064,7 +2079,7 @@ impl CoreSim {
                     self.note(&format!("record final evaluation r{round}"));
                 }
                 Effect::Finish(outcome) => {
-                    self.note(&format!("finish {outcome:?}"));
+                    self.note(&format!("finish {}", untyped(&outcome)));
                     sent.finished.push(outcome);
                 }
                 other @ (Effect::Close { .. }
@@ -2168,13 +2183,13 @@ impl CoreSim {
                         o.round.0
                     )));
                 }
-                if !self.rounds_opened.contains(&(job.to_owned(), o.round.0)) {
+                if !self.rounds_opened.contains(&(job.to_owned(), o.round)) {
                     return Err(self.violation(format!(
                         "{job}: an offer to {site} for round {} before the round.opened entry",
                         o.round.0
                     )));
                 }
-                v.offers.push((job.to_owned(), o.round.0, o.base_model));
+                v.offers.push((job.to_owned(), o.round, o.base_model));
                 if std::mem::take(&mut v.approved) {
                     self.stats.approved_joined += 1;
                 }
@@ -2183,7 +2198,7 @@ impl CoreSim {
             // The site stops working on the round.
             Message::Cancel(c) => v
                 .training
-                .retain(|(j, round, _)| j != job || *round != c.round.0),
+                .retain(|(j, round, _)| j != job || *round != c.round),
             Message::RoundOutcome(_) | Message::EvalRequest(_) if !audited => {
                 return Err(self.violation(format!(
                     "{job}: a model's hash or an evaluation request to {site} before its audit append"
@@ -2293,7 +2308,7 @@ impl CoreSim {
         }
         let completed = snapshot.completed_rounds;
         self.acked
-            .retain(|(j, round, _)| *j != job || *round <= completed);
+            .retain(|(j, round, _)| *j != job || round.0 <= completed);
         if snapshot.outcome.is_none() {
             self.running = Some(Running {
                 job: r.job,
@@ -2314,7 +2329,7 @@ impl CoreSim {
         for cp in self.durable.get(&self.jobs[job].id).into_iter().flatten() {
             match cp {
                 Checkpoint::RoundCompleted { round, model, .. } => {
-                    s.completed_rounds = *round;
+                    s.completed_rounds = round.0;
                     s.model = *model;
                 }
                 Checkpoint::Paused(p) => s.paused = *p,
@@ -2438,6 +2453,21 @@ mod tests {
         assert_eq!(
             plain_site_ids(r#"SiteId("a" SiteId("#),
             r#"SiteId("a" SiteId("#
+        );
+    }
+
+    #[test]
+    fn the_trace_prints_round_ids_as_plain_numbers() {
+        use crate::round::plain_round_ids;
+        assert_eq!(
+            plain_round_ids("Aggregate { round: RoundId(3), x: [RoundId(12), RoundId(0)] }"),
+            "Aggregate { round: 3, x: [12, 0] }"
+        );
+        assert_eq!(plain_round_ids("round 3"), "round 3");
+        // Not a round id's Debug form: left as it is.
+        assert_eq!(
+            plain_round_ids("RoundId(x) RoundId(4 RoundId("),
+            "RoundId(x) RoundId(4 RoundId("
         );
     }
 }

@@ -54,7 +54,10 @@ pub struct JobFacts {
 /// The running job's progress. `reported` gives the sites whose updates
 /// round `r`'s record holds (asked only while a round collects or
 /// aggregates; `None` when there is no record or it cannot be read).
-pub fn progress(facts: JobFacts, reported: impl FnOnce(u64) -> Option<Vec<String>>) -> JobProgress {
+pub fn progress(
+    facts: JobFacts,
+    reported: impl FnOnce(RoundId) -> Option<Vec<String>>,
+) -> JobProgress {
     let (phase, round, accepted) = match facts.phase {
         PhaseView::Waiting { .. } => ("waiting", None, 0),
         PhaseView::Collecting {
@@ -98,7 +101,7 @@ pub fn progress(facts: JobFacts, reported: impl FnOnce(u64) -> Option<Vec<String
     JobProgress {
         job: facts.job,
         phase: phase.to_owned(),
-        round: round.map(RoundId),
+        round,
         completed_rounds: facts.completed_rounds,
         total_rounds: facts.total_rounds,
         current_model: facts.current_model,
@@ -176,7 +179,7 @@ mod tests {
     fn a_collecting_round_names_each_sites_state() {
         let mut asked = None;
         let f = facts(PhaseView::Collecting {
-            round: 3,
+            round: RoundId(3),
             attempt: 1,
             deadline: std::time::Instant::now(),
             accepted: 1,
@@ -186,7 +189,7 @@ mod tests {
             asked = Some(r);
             Some(vec!["a".into()])
         });
-        assert_eq!(asked, Some(3));
+        assert_eq!(asked, Some(RoundId(3)));
         assert_eq!(p.phase, "collecting");
         assert_eq!(p.round, Some(RoundId(3)));
         assert_eq!(p.accepted, 1);
@@ -208,7 +211,12 @@ mod tests {
     #[test]
     fn without_a_round_no_record_is_read() {
         for (phase, name) in [
-            (PhaseView::Waiting { next_round: 3 }, "waiting"),
+            (
+                PhaseView::Waiting {
+                    next_round: RoundId(3),
+                },
+                "waiting",
+            ),
             (
                 PhaseView::Finished(JobOutcome::Completed {
                     model: ModelHash([3; 32]),
@@ -226,7 +234,9 @@ mod tests {
 
     #[test]
     fn an_aggregating_round_without_a_record_reports_no_site() {
-        let p = progress(facts(PhaseView::Aggregating { round: 4 }), |_| None);
+        let p = progress(facts(PhaseView::Aggregating { round: RoundId(4) }), |_| {
+            None
+        });
         assert_eq!(p.phase, "aggregating");
         assert_eq!(p.round, Some(RoundId(4)));
         assert_eq!(states(&p)[0], ("a".into(), "training".into(), true));

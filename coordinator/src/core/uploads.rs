@@ -203,7 +203,7 @@ impl<T> Uploads<T> {
         };
         let input = UpdateReceived {
             site: arrival.site.clone(),
-            round: arrival.round.0,
+            round: arrival.round,
             base_model: arrival.base_model,
             payload_hash: ModelHash(arrival.payload_hash.0),
             num_examples: arrival.facts.num_examples,
@@ -571,7 +571,7 @@ mod tests {
             match action {
                 Action::AckUpdate { site, round } => {
                     let site = SiteId::new(site).unwrap();
-                    let acked = uploads.acked(&site, RoundId(round)).unwrap();
+                    let acked = uploads.acked(&site, round).unwrap();
                     assert!(decided.replace(Decided::Acked(Box::new(acked))).is_none());
                 }
                 Action::RejectUpdate {
@@ -581,7 +581,7 @@ mod tests {
                 } => {
                     let site = SiteId::new(site).unwrap();
                     let refused = uploads
-                        .rejected(&facts(), &site, RoundId(round), &reason, 9)
+                        .rejected(&facts(), &site, round, &reason, 9)
                         .unwrap();
                     assert!(decided.replace(Decided::Refused(refused)).is_none());
                 }
@@ -643,7 +643,10 @@ mod tests {
             );
             assert!(arrived.superseded.is_none());
             assert_eq!(arrived.input.verdict, Verdict::Valid);
-            assert_eq!((arrived.input.site.as_str(), arrived.input.round), ("a", 1));
+            assert_eq!(
+                (arrived.input.site.as_str(), arrived.input.round),
+                ("a", RoundId(1))
+            );
             assert_eq!(
                 uploads.get(&SiteId::new("a").unwrap(), RoundId(1)),
                 Some(&7)
@@ -756,7 +759,11 @@ mod tests {
                 aggregating.push((round, updates.len()));
             }
         }
-        assert_eq!(aggregating, [(1, 1)], "the deadline closes round 1 with a");
+        assert_eq!(
+            aggregating,
+            [(RoundId(1), 1)],
+            "the deadline closes round 1 with a"
+        );
         let queued = arrive_valid(&mut uploads, "b", 1, 2, true, 2);
         let Decided::Refused(r) = decide(&mut runner, deadline, &mut uploads, queued.input) else {
             panic!("counted after the round closed");

@@ -100,6 +100,11 @@ use crate::job::Job;
 /// round machine's users name one type.
 pub use fedlink_protocol::SiteId;
 
+/// A round number within a job, from 1: the protocol crate's `RoundId`,
+/// re-exported here like [`SiteId`]. It serialises as the plain number, so
+/// checkpoints and records keep their bytes.
+pub use fedlink_protocol::RoundId;
+
 /// The driver's id of one connection of a site. A site that reconnects gets
 /// a new id, so a late disconnect of the old connection can be told apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -210,6 +215,34 @@ impl RoundConfig {
     }
 }
 
+/// `debug` (a value's `Debug` form) with every `RoundId(n)` written `n`, the
+/// plain number a round was before the round machine's rounds were typed:
+/// what prints a round machine type with `{:?}` — the engine's `job
+/// finished` log line, the status file's `phase`, `core::sim`'s trace —
+/// reads as it did.
+pub fn plain_round_ids(debug: &str) -> std::borrow::Cow<'_, str> {
+    const TYPED: &str = "RoundId(";
+    if !debug.contains(TYPED) {
+        return std::borrow::Cow::Borrowed(debug);
+    }
+    let mut out = String::with_capacity(debug.len());
+    let mut rest = debug;
+    while let Some(at) = rest.find(TYPED) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + TYPED.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(')') {
+            out.push_str(&after[..digits]);
+            rest = &after[digits + 1..];
+        } else {
+            out.push_str(TYPED);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// Deterministic seeded selection of `k` sites among `eligible`.
 ///
 /// The round seed is derived from (`seed`, `round`, `attempt`); every site
@@ -218,14 +251,14 @@ impl RoundConfig {
 /// `eligible` nor on connection order). The result is sorted by site id.
 pub fn select_sites(
     seed: u64,
-    round: u64,
+    round: RoundId,
     attempt: u32,
     eligible: &[SiteId],
     k: usize,
 ) -> Vec<SiteId> {
     let mut h = blake3::Hasher::new_derive_key("fedlink 2025 coordinator round selection v1");
     h.update(&seed.to_le_bytes());
-    h.update(&round.to_le_bytes());
+    h.update(&round.0.to_le_bytes());
     h.update(&attempt.to_le_bytes());
     let round_seed = *h.finalize().as_bytes();
     let mut scored: Vec<([u8; 32], &SiteId)> = eligible
@@ -260,7 +293,7 @@ pub struct UpdateReceived {
     /// Sender (from its certificate).
     pub site: SiteId,
     /// Round the update claims.
-    pub round: u64,
+    pub round: RoundId,
     /// Model version the update was trained on (from the signed header).
     pub base_model: ModelHash,
     /// blake3 of the payload as received.
@@ -313,14 +346,14 @@ pub enum Input {
         /// The site.
         site: SiteId,
         /// The offered round.
-        round: u64,
+        round: RoundId,
     },
     /// A site declined an offer.
     OfferDeclined {
         /// The site.
         site: SiteId,
         /// The offered round.
-        round: u64,
+        round: RoundId,
         /// The site's reason (informational).
         reason: String,
     },
@@ -329,7 +362,7 @@ pub enum Input {
     /// The driver finished aggregating a round and stored the new model.
     AggregationDone {
         /// The round.
-        round: u64,
+        round: RoundId,
         /// The new global model version (already stored durably).
         model: ModelHash,
         /// Metrics of the aggregation (e.g. update norms).
@@ -338,7 +371,7 @@ pub enum Input {
     /// Aggregation of a round failed; the job fails.
     AggregationFailed {
         /// The round.
-        round: u64,
+        round: RoundId,
         /// Why.
         reason: String,
     },
@@ -354,7 +387,7 @@ pub struct AcceptedUpdate {
     /// Sender.
     pub site: SiteId,
     /// Round.
-    pub round: u64,
+    pub round: RoundId,
     /// blake3 of the payload.
     pub payload_hash: ModelHash,
     /// Claimed training examples.
@@ -427,7 +460,7 @@ pub enum JobOutcome {
     /// A round failed.
     Failed {
         /// The round.
-        round: u64,
+        round: RoundId,
         /// Why.
         reason: FailReason,
     },
@@ -474,7 +507,7 @@ pub enum Checkpoint {
     /// A round started (`attempt == 1`) or a new offer wave of it began.
     RoundStarted {
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Wave, from 1.
         attempt: u32,
         /// Model the round trains on.
@@ -487,7 +520,7 @@ pub enum Checkpoint {
     /// A round completed with a new global model.
     RoundCompleted {
         /// Round.
-        round: u64,
+        round: RoundId,
         /// The new global model.
         model: ModelHash,
         /// The updates that went into it.
@@ -505,7 +538,7 @@ pub enum Checkpoint {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Offer {
     /// Round.
-    pub round: u64,
+    pub round: RoundId,
     /// Wave.
     pub attempt: u32,
     /// Model to train on.
@@ -532,7 +565,7 @@ pub enum Action {
         /// Recipient.
         site: SiteId,
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Model version to send.
         model: ModelHash,
     },
@@ -542,14 +575,14 @@ pub enum Action {
         /// Sender.
         site: SiteId,
         /// Round.
-        round: u64,
+        round: RoundId,
     },
     /// The update does not count: drop it and tell the site why.
     RejectUpdate {
         /// Sender.
         site: SiteId,
         /// Round the update claimed.
-        round: u64,
+        round: RoundId,
         /// Why.
         reason: RejectReason,
     },
@@ -558,14 +591,14 @@ pub enum Action {
         /// Recipient.
         site: SiteId,
         /// Round.
-        round: u64,
+        round: RoundId,
     },
     /// Aggregate the round: apply the strategy to `base_model` and the
     /// acknowledged updates, store the new model, then report
     /// [`Input::AggregationDone`] (or [`Input::AggregationFailed`]).
     Aggregate {
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Model the updates were trained on.
         base_model: ModelHash,
         /// The accepted updates (each site at most once).
@@ -574,7 +607,7 @@ pub enum Action {
     /// Evaluate this global model (on the job's evaluation split).
     Evaluate {
         /// Round that produced it.
-        round: u64,
+        round: RoundId,
         /// Model.
         model: ModelHash,
     },
@@ -613,12 +646,12 @@ pub enum PhaseView {
     /// Waiting for enough sites (or for a resume) to start `next_round`.
     Waiting {
         /// The round to start.
-        next_round: u64,
+        next_round: RoundId,
     },
     /// Collecting updates.
     Collecting {
         /// Round.
-        round: u64,
+        round: RoundId,
         /// Wave.
         attempt: u32,
         /// Current deadline.
@@ -631,7 +664,7 @@ pub enum PhaseView {
     /// Waiting for the aggregation result.
     Aggregating {
         /// Round.
-        round: u64,
+        round: RoundId,
     },
     /// The job ended.
     Finished(JobOutcome),
@@ -653,7 +686,7 @@ impl Status {
 
 #[derive(Clone, Debug)]
 struct Collecting {
-    round: u64,
+    round: RoundId,
     attempt: u32,
     deadline: Instant,
     extended: bool,
@@ -675,7 +708,7 @@ enum Phase {
     Idle,
     Collecting(Collecting),
     Aggregating {
-        round: u64,
+        round: RoundId,
         updates: Vec<AcceptedUpdate>,
     },
     Finished(JobOutcome),
@@ -776,7 +809,7 @@ impl JobRunner {
     pub fn phase(&self) -> PhaseView {
         match &self.phase {
             Phase::Idle => PhaseView::Waiting {
-                next_round: self.completed + 1,
+                next_round: RoundId(self.completed + 1),
             },
             Phase::Collecting(c) => PhaseView::Collecting {
                 round: c.round,
@@ -824,7 +857,7 @@ impl JobRunner {
     /// Would an upload from `site` for `round` be accepted now (before its
     /// verdict)? The driver may call this before receiving a payload to
     /// refuse duplicates and late uploads cheaply. Pure.
-    pub fn check_upload(&self, site: &SiteId, round: u64) -> Result<(), RejectReason> {
+    pub fn check_upload(&self, site: &SiteId, round: RoundId) -> Result<(), RejectReason> {
         if matches!(self.phase, Phase::Finished(_)) {
             return Err(RejectReason::JobNotRunning);
         }
@@ -840,7 +873,7 @@ impl JobRunner {
             },
             Phase::Collecting(c) if round < c.round => Err(RejectReason::RoundClosed),
             Phase::Aggregating { round: r, .. } if round <= *r => Err(RejectReason::RoundClosed),
-            Phase::Idle if round <= self.completed => Err(RejectReason::RoundClosed),
+            Phase::Idle if round.0 <= self.completed => Err(RejectReason::RoundClosed),
             _ => Err(RejectReason::WrongRound),
         }
     }
@@ -882,7 +915,7 @@ impl JobRunner {
                     && let Some(s) = c.participants.get_mut(&site)
                     && s.is_pending()
                 {
-                    tracing::debug!(%site, round, %reason, "offer declined");
+                    tracing::debug!(%site, round = round.0, %reason, "offer declined");
                     *s = Status::Declined;
                 }
             }
@@ -952,7 +985,7 @@ impl JobRunner {
         }
     }
 
-    fn on_offer_accepted(&mut self, site: SiteId, round: u64) {
+    fn on_offer_accepted(&mut self, site: SiteId, round: RoundId) {
         let closed = round <= self.completed_or_closing();
         match &mut self.phase {
             Phase::Collecting(c) if c.round == round => {
@@ -975,11 +1008,11 @@ impl JobRunner {
     }
 
     /// The highest round that is closed (completed, or being aggregated).
-    fn completed_or_closing(&self) -> u64 {
+    fn completed_or_closing(&self) -> RoundId {
         match &self.phase {
             Phase::Aggregating { round, .. } => *round,
-            Phase::Collecting(c) => c.round - 1,
-            _ => self.completed,
+            Phase::Collecting(c) => RoundId(c.round.0 - 1),
+            _ => RoundId(self.completed),
         }
     }
 
@@ -1029,10 +1062,10 @@ impl JobRunner {
         }
     }
 
-    fn on_aggregated(&mut self, round: u64, model: ModelHash, metrics: BTreeMap<String, f64>) {
+    fn on_aggregated(&mut self, round: RoundId, model: ModelHash, metrics: BTreeMap<String, f64>) {
         if !matches!(self.phase, Phase::Aggregating { round: r, .. } if r == round) {
             tracing::warn!(
-                round,
+                round = round.0,
                 "aggregation result for a round not being aggregated: ignored"
             );
             return;
@@ -1041,7 +1074,7 @@ impl JobRunner {
         else {
             return;
         };
-        self.completed = round;
+        self.completed = round.0;
         self.model = model;
         self.actions
             .push_back(Action::Persist(Checkpoint::RoundCompleted {
@@ -1050,10 +1083,10 @@ impl JobRunner {
                 updates,
                 metrics,
             }));
-        if crate::core::evaluation::is_due(round, self.cfg.evaluate_every, self.cfg.rounds) {
+        if crate::core::evaluation::is_due(round.0, self.cfg.evaluate_every, self.cfg.rounds) {
             self.actions.push_back(Action::Evaluate { round, model });
         }
-        if round >= self.cfg.rounds {
+        if round.0 >= self.cfg.rounds {
             self.finish(JobOutcome::Completed { model });
         }
     }
@@ -1121,7 +1154,7 @@ impl JobRunner {
         }
         self.start_at = None;
         self.started_any = true;
-        let round = self.completed + 1;
+        let round = RoundId(self.completed + 1);
         let k = self.cfg.target(eligible.len());
         let chosen = select_sites(self.cfg.seed, round, 1, &eligible, k);
         let deadline = now + self.cfg.deadline;
@@ -1139,7 +1172,7 @@ impl JobRunner {
         self.offer_wave(round, 1, deadline, chosen);
     }
 
-    fn offer_wave(&mut self, round: u64, attempt: u32, deadline: Instant, chosen: Vec<SiteId>) {
+    fn offer_wave(&mut self, round: RoundId, attempt: u32, deadline: Instant, chosen: Vec<SiteId>) {
         self.actions
             .push_back(Action::Persist(Checkpoint::RoundStarted {
                 round,
@@ -1258,7 +1291,12 @@ impl JobRunner {
                 c.participants.insert(s.clone(), Status::Offered);
             }
         }
-        tracing::info!(round, attempt, added = chosen.len(), "new offer wave");
+        tracing::info!(
+            round = round.0,
+            attempt,
+            added = chosen.len(),
+            "new offer wave"
+        );
         self.offer_wave(round, attempt, deadline, chosen);
     }
 

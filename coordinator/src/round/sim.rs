@@ -36,7 +36,7 @@ use fedlink_protocol::ModelHash;
 
 use super::{
     AcceptedUpdate, Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner,
-    RejectReason, RoundConfig, SiteCapabilities, SiteId, UpdateReceived, Verdict,
+    RejectReason, RoundConfig, RoundId, SiteCapabilities, SiteId, UpdateReceived, Verdict,
 };
 
 /// What a fake site does. Times `at` are virtual times since the start of
@@ -156,13 +156,13 @@ impl SiteScript {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SiteRecord {
     /// Rounds it was offered (one entry per offer received).
-    pub offers: Vec<u64>,
+    pub offers: Vec<RoundId>,
     /// Rounds whose update was acknowledged.
-    pub acked: Vec<u64>,
+    pub acked: Vec<RoundId>,
     /// Rejected uploads.
-    pub rejected: Vec<(u64, RejectReason)>,
+    pub rejected: Vec<(RoundId, RejectReason)>,
     /// Rounds it was told to cancel.
-    pub cancelled: Vec<u64>,
+    pub cancelled: Vec<RoundId>,
     /// Uploads it sent.
     pub uploads: u32,
     /// Connections the coordinator closed.
@@ -173,7 +173,7 @@ pub struct SiteRecord {
 struct SimSite {
     script: SiteScript,
     conn: Option<ConnId>,
-    training: Option<(u64, u64)>,
+    training: Option<(RoundId, u64)>,
     gen_counter: u64,
     record: SiteRecord,
 }
@@ -185,13 +185,13 @@ enum Event {
     ToCoordinator(Input),
     Upload {
         site: SiteId,
-        round: u64,
+        round: RoundId,
         base: ModelHash,
         generation: u64,
         resend: bool,
     },
     Aggregated {
-        round: u64,
+        round: RoundId,
         model: ModelHash,
     },
 }
@@ -206,7 +206,7 @@ pub trait SimHooks {
     /// The model an aggregation produces; `None`: a fake hash of the inputs.
     fn aggregate(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
         updates: &[AcceptedUpdate],
     ) -> Option<ModelHash> {
@@ -235,7 +235,7 @@ pub struct Sim {
     queue: BTreeMap<(Instant, u64), Event>,
     sites: BTreeMap<SiteId, SimSite>,
     log: Vec<(Duration, Action)>,
-    aggregates: Vec<(u64, Vec<AcceptedUpdate>)>,
+    aggregates: Vec<(RoundId, Vec<AcceptedUpdate>)>,
     /// One-way network delay of every message.
     pub net_delay: Duration,
     /// Time an aggregation takes.
@@ -360,7 +360,7 @@ impl Sim {
     }
 
     /// Every aggregation requested: round and updates.
-    pub fn aggregates(&self) -> &[(u64, Vec<AcceptedUpdate>)] {
+    pub fn aggregates(&self) -> &[(RoundId, Vec<AcceptedUpdate>)] {
         &self.aggregates
     }
 
@@ -504,7 +504,14 @@ impl Sim {
         }
     }
 
-    fn upload(&mut self, site: SiteId, round: u64, base: ModelHash, generation: u64, resend: bool) {
+    fn upload(
+        &mut self,
+        site: SiteId,
+        round: RoundId,
+        base: ModelHash,
+        generation: u64,
+        resend: bool,
+    ) {
         let now_ms = self.elapsed().as_millis() as u64;
         let Some(s) = self.sites.get_mut(&site) else {
             return;
@@ -538,7 +545,7 @@ impl Sim {
             base_model,
             payload_hash: fake_hash(&[
                 site.as_str().as_bytes(),
-                &round.to_le_bytes(),
+                &round.0.to_le_bytes(),
                 &generation.to_le_bytes(),
             ]),
             num_examples: s.script.num_examples,

@@ -74,7 +74,7 @@ fn check_invariants(sim: &Sim) {
             );
         }
         if let Action::SendOffer { offer, .. } = a
-            && offer.round > 0
+            && offer.round > RoundId(0)
         {
             let started = actions[..i].iter().any(|b| {
                 matches!(b, Action::Persist(Checkpoint::RoundStarted { round, .. }) if *round == offer.round)
@@ -86,7 +86,7 @@ fn check_invariants(sim: &Sim) {
         .checkpoints()
         .iter()
         .filter_map(|c| match c {
-            Checkpoint::RoundCompleted { round, .. } => Some(*round),
+            Checkpoint::RoundCompleted { round, .. } => Some(round.0),
             _ => None,
         })
         .collect();
@@ -97,7 +97,7 @@ fn check_invariants(sim: &Sim) {
 
 fn count_offers(sim: &Sim, site: &str, round: u64) -> usize {
     sim.site(&sid(site))
-        .map(|s| s.offers.iter().filter(|r| **r == round).count())
+        .map(|s| s.offers.iter().filter(|r| r.0 == round).count())
         .unwrap_or(0)
 }
 
@@ -157,7 +157,12 @@ fn round_waits_for_min_sites() {
     sites[1] = sites[1].clone().connecting_at(secs(100));
     let mut sim = Sim::new(cfg(1, 2, 2, 10), sites, epoch());
     sim.run_until(secs(99));
-    assert_eq!(sim.runner().phase(), PhaseView::Waiting { next_round: 1 });
+    assert_eq!(
+        sim.runner().phase(),
+        PhaseView::Waiting {
+            next_round: RoundId(1)
+        }
+    );
     assert!(sim.checkpoints().is_empty());
     assert!(matches!(
         sim.drive(secs(3600)),
@@ -192,7 +197,10 @@ fn quorum_closes_at_deadline_when_a_site_stays_silent() {
         .find(|(_, a)| matches!(a, Action::Aggregate { .. }))
         .unwrap();
     assert_eq!(*t, secs(61), "gather 1 s + deadline 60 s");
-    assert_eq!(sim.site(&sid("silent")).unwrap().cancelled, vec![1]);
+    assert_eq!(
+        sim.site(&sid("silent")).unwrap().cancelled,
+        vec![RoundId(1)]
+    );
     check_invariants(&sim);
 }
 
@@ -216,8 +224,8 @@ fn straggler_past_deadline_is_rejected_round_closed() {
             .all(|(_, u)| u.iter().all(|u| u.site.as_str() != "slow"))
     );
     let slow = sim.site(&sid("slow")).unwrap();
-    assert!(slow.cancelled.contains(&1));
-    assert_eq!(slow.rejected[0], (1, RejectReason::RoundClosed));
+    assert!(slow.cancelled.contains(&RoundId(1)));
+    assert_eq!(slow.rejected[0], (RoundId(1), RejectReason::RoundClosed));
     assert!(slow.acked.is_empty());
     check_invariants(&sim);
 }
@@ -229,7 +237,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
     // A site re-sends its round-1 update long after round 1 closed.
     let late = UpdateReceived {
         site: sid("site-0"),
-        round: 1,
+        round: RoundId(1),
         base_model: initial_model(),
         payload_hash: fake_hash(&[b"late"]),
         num_examples: 10,
@@ -248,7 +256,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
         sim2.site(&sid("site-0"))
             .unwrap()
             .rejected
-            .contains(&(1, RejectReason::RoundClosed))
+            .contains(&(RoundId(1), RejectReason::RoundClosed))
     );
     check_invariants(&sim2);
     // After the job finished.
@@ -256,7 +264,7 @@ fn late_upload_for_a_closed_round_is_rejected() {
     sim.drive(secs(7200));
     assert_eq!(
         sim.site(&sid("site-0")).unwrap().rejected,
-        vec![(1, RejectReason::JobNotRunning)]
+        vec![(RoundId(1), RejectReason::JobNotRunning)]
     );
 }
 
@@ -299,7 +307,7 @@ fn no_quorum_fails_the_job_after_the_last_wave() {
     assert_eq!(
         outcome,
         JobOutcome::Failed {
-            round: 1,
+            round: RoundId(1),
             reason: FailReason::NoQuorum {
                 accepted: 1,
                 quorum: 2,
@@ -311,14 +319,14 @@ fn no_quorum_fails_the_job_after_the_last_wave() {
     // new sites, the silent one still pending) + its own extension 10.
     assert_eq!(sim.elapsed(), secs(141));
     assert!(sim.aggregates().is_empty());
-    assert_eq!(sim.site(&sid("mute")).unwrap().cancelled, vec![1]);
+    assert_eq!(sim.site(&sid("mute")).unwrap().cancelled, vec![RoundId(1)]);
 }
 
 /// A seed whose first wave selects `site` among `eligible` (k of them).
 fn seed_selecting(site: &str, eligible: &[SiteId], k: usize, round: u64) -> u64 {
     (0..1000)
         .find(|seed| {
-            select_sites(*seed, round, 1, eligible, k)
+            select_sites(*seed, RoundId(round), 1, eligible, k)
                 .iter()
                 .any(|s| s.as_str() == site)
         })
@@ -411,7 +419,7 @@ fn reconnecting_site_gets_its_offer_again_and_counts_once() {
     ));
     assert_eq!(count_offers(&sim, "r", 1), 2);
     let r = sim.site(&sid("r")).unwrap();
-    assert_eq!(r.acked, vec![1]);
+    assert_eq!(r.acked, vec![RoundId(1)]);
     assert_eq!(r.uploads, 1, "the first training died with the connection");
     assert_eq!(sim.aggregates()[0].1.len(), 2);
     check_invariants(&sim);
@@ -434,8 +442,8 @@ fn duplicate_upload_is_rejected_and_counted_once() {
     ));
     let d = sim.site(&sid("dup")).unwrap();
     assert_eq!(d.uploads, 2);
-    assert_eq!(d.acked, vec![1]);
-    assert_eq!(d.rejected, vec![(1, RejectReason::Duplicate)]);
+    assert_eq!(d.acked, vec![RoundId(1)]);
+    assert_eq!(d.rejected, vec![(RoundId(1), RejectReason::Duplicate)]);
     assert_eq!(sim.aggregates()[0].1.len(), 3);
     check_invariants(&sim);
 }
@@ -447,7 +455,7 @@ fn unknown_site_is_rejected() {
         secs(1),
         Input::UpdateReceived(UpdateReceived {
             site: sid("ghost"),
-            round: 1,
+            round: RoundId(1),
             base_model: initial_model(),
             payload_hash: fake_hash(&[b"g"]),
             num_examples: 1,
@@ -483,10 +491,13 @@ fn invalid_and_stale_updates_are_rejected_and_not_resubmittable() {
         Some(JobOutcome::Completed { .. })
     ));
     let bad = sim.site(&sid("bad")).unwrap();
-    assert!(matches!(bad.rejected[..], [(1, RejectReason::Invalid(_))]));
+    assert!(matches!(
+        bad.rejected[..],
+        [(RoundId(1), RejectReason::Invalid(_))]
+    ));
     assert_eq!(
         sim.site(&sid("old")).unwrap().rejected,
-        vec![(1, RejectReason::StaleModel)]
+        vec![(RoundId(1), RejectReason::StaleModel)]
     );
     // The invalid site has reported (it is not pending) but the stale one
     // has not; the round closes at the deadline with the two good updates.
@@ -516,16 +527,16 @@ fn unselected_and_future_round_uploads_are_rejected() {
         "a"
     });
     assert_eq!(
-        runner.check_upload(&other, 1),
+        runner.check_upload(&other, RoundId(1)),
         Err(RejectReason::NotSelected)
     );
     assert_eq!(
-        runner.check_upload(&selected[0], 2),
+        runner.check_upload(&selected[0], RoundId(2)),
         Err(RejectReason::WrongRound)
     );
-    assert_eq!(runner.check_upload(&selected[0], 1), Ok(()));
+    assert_eq!(runner.check_upload(&selected[0], RoundId(1)), Ok(()));
     assert_eq!(
-        runner.check_upload(&sid("zed"), 1),
+        runner.check_upload(&sid("zed"), RoundId(1)),
         Err(RejectReason::UnknownSite)
     );
 }
@@ -606,7 +617,12 @@ fn pause_holds_the_next_round_and_resume_releases_it() {
     sim.run_until(secs(400));
     // Round 1 ran to completion, round 2 did not start.
     assert_eq!(sim.runner().completed_rounds(), 1);
-    assert_eq!(sim.runner().phase(), PhaseView::Waiting { next_round: 2 });
+    assert_eq!(
+        sim.runner().phase(),
+        PhaseView::Waiting {
+            next_round: RoundId(2)
+        }
+    );
     assert!(sim.runner().is_paused());
     assert!(matches!(
         sim.drive(secs(3600)),
@@ -634,7 +650,10 @@ fn abort_cancels_the_round_in_flight() {
             completed_rounds: 0
         }
     );
-    assert_eq!(sim.site(&sid("site-0")).unwrap().cancelled, vec![1]);
+    assert_eq!(
+        sim.site(&sid("site-0")).unwrap().cancelled,
+        vec![RoundId(1)]
+    );
     assert!(sim.aggregates().is_empty());
     assert_eq!(sim.runner().poll_timeout(), None);
 }
@@ -655,7 +674,7 @@ fn aggregation_failure_fails_the_job() {
         t0,
         Input::UpdateReceived(UpdateReceived {
             site: sid("a"),
-            round: 1,
+            round: RoundId(1),
             base_model: initial_model(),
             payload_hash: fake_hash(&[b"x"]),
             num_examples: 1,
@@ -664,28 +683,28 @@ fn aggregation_failure_fails_the_job() {
             verdict: Verdict::Valid,
         }),
     );
-    assert_eq!(runner.phase(), PhaseView::Aggregating { round: 1 });
+    assert_eq!(runner.phase(), PhaseView::Aggregating { round: RoundId(1) });
     // A result for another round is ignored.
     runner.handle(
         t0,
         Input::AggregationDone {
-            round: 2,
+            round: RoundId(2),
             model: fake_hash(&[b"m"]),
             metrics: BTreeMap::new(),
         },
     );
-    assert_eq!(runner.phase(), PhaseView::Aggregating { round: 1 });
+    assert_eq!(runner.phase(), PhaseView::Aggregating { round: RoundId(1) });
     runner.handle(
         t0,
         Input::AggregationFailed {
-            round: 1,
+            round: RoundId(1),
             reason: "robust aggregator: too few updates".into(),
         },
     );
     assert!(matches!(
         runner.phase(),
         PhaseView::Finished(JobOutcome::Failed {
-            round: 1,
+            round: RoundId(1),
             reason: FailReason::Aggregation(_)
         })
     ));
@@ -729,7 +748,7 @@ fn resume_starts_after_the_last_completed_round() {
         sim.drive(secs(3600)),
         Some(JobOutcome::Completed { .. })
     ));
-    let rounds: Vec<u64> = sim.aggregates().iter().map(|(r, _)| *r).collect();
+    let rounds: Vec<u64> = sim.aggregates().iter().map(|(r, _)| r.0).collect();
     assert_eq!(rounds, vec![3, 4]);
     let first_base = sim.checkpoints().into_iter().find_map(|c| match c {
         Checkpoint::RoundStarted { base_model, .. } => Some(base_model),
@@ -767,16 +786,20 @@ fn selection_is_deterministic_and_order_independent() {
     let sites: Vec<SiteId> = (0..20).map(|i| sid(&format!("h{i:02}"))).collect();
     let mut rev = sites.clone();
     rev.reverse();
-    let a = select_sites(5, 3, 1, &sites, 7);
+    let a = select_sites(5, RoundId(3), 1, &sites, 7);
     assert_eq!(a.len(), 7);
-    assert_eq!(a, select_sites(5, 3, 1, &rev, 7));
-    assert_ne!(a, select_sites(5, 4, 1, &sites, 7), "rounds differ");
-    assert_ne!(a, select_sites(6, 3, 1, &sites, 7), "seeds differ");
-    assert_eq!(select_sites(5, 3, 1, &sites, 100).len(), 20);
+    assert_eq!(a, select_sites(5, RoundId(3), 1, &rev, 7));
+    assert_ne!(
+        a,
+        select_sites(5, RoundId(4), 1, &sites, 7),
+        "rounds differ"
+    );
+    assert_ne!(a, select_sites(6, RoundId(3), 1, &sites, 7), "seeds differ");
+    assert_eq!(select_sites(5, RoundId(3), 1, &sites, 100).len(), 20);
     // Every site gets picked sometimes.
     let mut seen = BTreeSet::new();
     for r in 0..50 {
-        seen.extend(select_sites(1, r, 1, &sites, 3));
+        seen.extend(select_sites(1, RoundId(r), 1, &sites, 3));
     }
     assert_eq!(seen.len(), 20);
 }

@@ -572,7 +572,7 @@ async fn execute(
             let found = find_job(&admin.store, &job)?;
             let rec = admin
                 .store
-                .round(&job, round.0)
+                .round(&job, round)
                 .map_err(internal)?
                 .ok_or_else(|| not_found(format!("job {job} has no round {round}")))?;
             Ok(AdminResponse::Round {
@@ -916,7 +916,7 @@ fn provenance_chain(
     let chain = provenance::walk(
         info.job.as_str(),
         *hash,
-        info.round.0,
+        info.round,
         job.initial_model,
         |r| store.round(info.job.as_str(), r),
     )
@@ -938,13 +938,7 @@ fn provenance_chain(
                         // `ModelHash`; it is the payload hash.
                         let payload_hash = PayloadHash(u.payload_hash.0);
                         ProvenanceUpdate {
-                            envelope_sig: envelope_sig(
-                                store,
-                                &info.job,
-                                RoundId(r),
-                                &site,
-                                &payload_hash,
-                            ),
+                            envelope_sig: envelope_sig(store, &info.job, r, &site, &payload_hash),
                             site,
                             payload_hash,
                             num_examples: u.num_examples,
@@ -953,7 +947,7 @@ fn provenance_chain(
                     .collect();
                 ProvenanceStep {
                     job: info.job.clone(),
-                    round: RoundId(r),
+                    round: r,
                     base_model: rec.base_model,
                     output_model: output,
                     strategy: strategy.clone(),

@@ -39,7 +39,9 @@ use crate::core::scaling::{FederatedScaling, PersistedState, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;
-use crate::round::{Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities};
+use crate::round::{
+    Action, ConnId, Input, JobOutcome, JobRunner, SiteCapabilities, plain_round_ids,
+};
 use crate::round_archive::{self, RoundFile, RoundInput};
 use crate::store::{Extras, Store};
 
@@ -134,16 +136,16 @@ pub(crate) enum CheckError {
 enum AggregationFailure {
     /// No round's accumulator is open.
     #[error("no aggregator for round {0}")]
-    NoAggregator(u64),
+    NoAggregator(RoundId),
     /// The open accumulator is another round's.
     #[error("aggregator is for round {open}, not {round}")]
-    WrongRound { open: u64, round: u64 },
+    WrongRound { open: RoundId, round: RoundId },
     /// The round's base model is no longer the global model.
     #[error("the base model is not the current global model")]
     BaseModelMoved,
     /// The round's replay record (inputs, seed) is missing.
     #[error("no replay record for round {0}")]
-    NoReplayRecord(u64),
+    NoReplayRecord(RoundId),
     /// Too few accepted updates are left once sites no longer allowed are
     /// taken out.
     #[error(
@@ -328,7 +330,7 @@ pub(crate) struct Engine {
     /// the model): `aggregate` reads the stored model when it needs it.
     global_spec: fedlink_protocol::ModelSpec,
     global_hash: ModelHash,
-    aggregator: Option<(u64, RoundAggregator)>,
+    aggregator: Option<(RoundId, RoundAggregator)>,
     federation: FederationId,
     keys: BTreeMap<SiteId, VerifyingKey>,
     replay: ReplayGuard,
@@ -349,7 +351,7 @@ pub(crate) struct Engine {
     /// the first round number not among them: each status write reads
     /// only the rounds from there on from the store, not the whole job.
     status_final: std::collections::VecDeque<RoundStatus>,
-    status_next: u64,
+    status_next: RoundId,
     /// When the status file was last written, and whether it is behind
     /// (an accepted update since): accepted updates rewrite it at most
     /// every [`STATUS_INTERVAL`]; everything else at once.
@@ -440,7 +442,7 @@ impl Engine {
             round_stats: BTreeMap::new(),
             status: parts.status,
             status_final: std::collections::VecDeque::new(),
-            status_next: 0,
+            status_next: RoundId(0),
             status_written: None,
             status_behind: false,
             retention: parts.retention,
@@ -523,7 +525,7 @@ impl Engine {
     /// finish while the gate closes). The first other event stops the
     /// sweep; it is kept and handled next ([`Self::with_inbox`]), so no
     /// event overtakes another.
-    fn take_queued_uploads(&mut self, now: Instant, round: u64) -> Result<(), EngineError> {
+    fn take_queued_uploads(&mut self, now: Instant, round: RoundId) -> Result<(), EngineError> {
         if self.stashed.is_some() {
             return Ok(());
         }
@@ -542,7 +544,7 @@ impl Engine {
             }
         }
         tracing::info!(
-            round,
+            round = round.0,
             uploads = taken,
             "uploads waiting in the engine's queue decided before the round's end"
         );
@@ -626,16 +628,13 @@ impl Engine {
                 reason,
             } => {
                 let input = if accepted {
-                    Input::OfferAccepted {
-                        site,
-                        round: round.0,
-                    }
+                    Input::OfferAccepted { site, round }
                 } else {
                     tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
                     self.note_declined(&site, round, &reason)?;
                     Input::OfferDeclined {
                         site,
-                        round: round.0,
+                        round,
                         reason,
                     }
                 };
@@ -849,7 +848,7 @@ impl Engine {
             cause,
         } = it;
         let bytes = verifier.received();
-        let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
+        let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
         // The connection's identity, checked against the header before
         // the first payload byte.
         let site_id = envelope.header.site_id.clone();
@@ -959,7 +958,7 @@ impl Engine {
         // Kept partial uploads that can no longer be resumed (their round
         // closed, their site was dropped from it) give back their disk.
         if !self.partials.is_empty() {
-            let open_round = self.aggregator.as_ref().map(|(r, _)| RoundId(*r));
+            let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
             for spool in self.partials.prune(&self.runner, open_round) {
                 let _ = std::fs::remove_file(spool);
             }
@@ -998,7 +997,7 @@ impl Engine {
                         let (site, round) = key;
                         if let Some(p) = SiteId::new(site.as_str())
                             .ok()
-                            .and_then(|site| self.uploads.get(&site, RoundId(*round)))
+                            .and_then(|site| self.uploads.get(&site, *round))
                         {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
@@ -1033,17 +1032,17 @@ impl Engine {
             }
             Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
             Action::SendModel { site, round, model } => {
-                tracing::debug!(site = %site, round, model = %model, "site may fetch the model");
+                tracing::debug!(site = %site, round = round.0, model = %model, "site may fetch the model");
             }
             Action::AckUpdate { site, round } => {
                 let acked = SiteId::new(site.as_str())
                     .ok()
-                    .and_then(|site| self.uploads.acked(&site, RoundId(round)));
+                    .and_then(|site| self.uploads.acked(&site, round));
                 match acked {
                     Some(acked) => self.ack(acked)?,
                     None => tracing::warn!(
                         site = site.as_str(),
-                        round,
+                        round = round.0,
                         "ack for an upload that is not pending"
                     ),
                 }
@@ -1053,10 +1052,10 @@ impl Engine {
                 round,
                 reason,
             } => {
-                tracing::warn!(site = %site, round, reason = %reason_text(&reason), "update rejected");
+                tracing::warn!(site = %site, round = round.0, reason = %reason_text(&reason), "update rejected");
                 let refused = SiteId::new(site.as_str()).ok().and_then(|site| {
                     self.uploads
-                        .rejected(&self.facts, &site, RoundId(round), &reason, unix_ms())
+                        .rejected(&self.facts, &site, round, &reason, unix_ms())
                 });
                 if let Some(refused) = refused {
                     self.refused(refused)?;
@@ -1074,7 +1073,7 @@ impl Engine {
                 let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
                 let input = match result {
                     Ok((model, metrics)) => {
-                        tracing::info!(round, model = %model, updates = updates.len(), "round aggregated");
+                        tracing::info!(round = round.0, model = %model, updates = updates.len(), "round aggregated");
                         Input::AggregationDone {
                             round,
                             model,
@@ -1083,21 +1082,21 @@ impl Engine {
                     }
                     Err(why) => {
                         let reason = why.to_string();
-                        tracing::error!(round, reason = %reason, "aggregation failed");
+                        tracing::error!(round = round.0, reason = %reason, "aggregation failed");
                         Input::AggregationFailed { round, reason }
                     }
                 };
                 self.runner.handle(now, input);
             }
             Action::Evaluate { round, model } => {
-                tracing::info!(round, model = %model, "global model ready for evaluation");
+                tracing::info!(round = round.0, model = %model, "global model ready for evaluation");
             }
             Action::Disconnect { site, conn, reason } => {
                 self.links
                     .close(&site, conn, actions::close_reason(&reason));
             }
             Action::JobFinished(outcome) => {
-                tracing::info!(?outcome, "job finished");
+                tracing::info!(outcome = %plain_round_ids(&format!("{outcome:?}")), "job finished");
                 let sites = self
                     .links
                     .connected()
@@ -1111,7 +1110,7 @@ impl Engine {
                     &self.facts,
                     Finishing {
                         outcome: outcome.clone(),
-                        open_round: self.round_log.take().map(|l| l.round.0),
+                        open_round: self.round_log.take().map(|l| l.round),
                         completed_rounds: self.runner.completed_rounds(),
                         sites,
                         next_queued: self.wire.admin.next_queued().is_some(),
@@ -1199,7 +1198,7 @@ impl Engine {
                     .store
                     .record_update_detail(self.job_id.as_str(), round, detail)
                 {
-                    tracing::warn!(site, round, error = %e, "recording the update's details");
+                    tracing::warn!(site, round = round.0, error = %e, "recording the update's details");
                 }
             }
             Effect::DiscardSpool { .. } => {
@@ -1223,11 +1222,11 @@ impl Engine {
                     round,
                     evaluation.clone(),
                 ) {
-                    tracing::warn!(round, error = %e, "recording the final model's evaluation");
+                    tracing::warn!(round = round.0, error = %e, "recording the final model's evaluation");
                 }
                 // The status file keeps completed rounds as they were
                 // shown: this one gains its final evaluation.
-                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round) {
+                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round.0) {
                     shown.final_evaluation = Some(evaluation.clone());
                 }
                 self.latest_evaluation = Some(evaluation);
@@ -1330,7 +1329,7 @@ impl Engine {
         self.links.send(site, msg);
     }
 
-    fn open_round(&mut self, round: u64) -> Result<(), EngineError> {
+    fn open_round(&mut self, round: RoundId) -> Result<(), EngineError> {
         if self.aggregator.as_ref().is_some_and(|(r, _)| *r == round) {
             return Ok(());
         }
@@ -1347,7 +1346,7 @@ impl Engine {
                     source,
                 }
             })?;
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         let fatal = |e: RecordError| EngineError::RoundRecord {
             round,
             what: "writing the server state",
@@ -1369,7 +1368,7 @@ impl Engine {
         self.server_state = state;
         let opened_unix_ms = unix_ms();
         self.round_log = Some(RoundLog {
-            round: RoundId(round),
+            round,
             state_before_blake3,
             seed,
             opened_unix_ms,
@@ -1380,13 +1379,13 @@ impl Engine {
             self.store
                 .set_round_times(self.job_id.as_str(), round, Some(opened_unix_ms), None)
         {
-            tracing::warn!(round, error = %e, "recording the round's opening time");
+            tracing::warn!(round = round.0, error = %e, "recording the round's opening time");
         }
         self.aggregator = Some((round, agg));
-        self.round_metrics.remove(&RoundId(round));
-        self.round_stats.remove(&RoundId(round));
+        self.round_metrics.remove(&round);
+        self.round_stats.remove(&round);
         self.replay
-            .prune_before(&self.federation, &self.job_id, RoundId(round));
+            .prune_before(&self.federation, &self.job_id, round);
         Ok(())
     }
 
@@ -1504,7 +1503,7 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn aggregate(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
     ) -> Result<Result<(ModelHash, BTreeMap<String, f64>), AggregationFailure>, EngineError> {
         let Some((r, agg)) = self.aggregator.take() else {
@@ -1516,7 +1515,7 @@ impl Engine {
         if self.global_hash != base_model {
             return Ok(Err(AggregationFailure::BaseModelMoved));
         }
-        let Some(mut log) = self.round_log.take().filter(|l| l.round == RoundId(round)) else {
+        let Some(mut log) = self.round_log.take().filter(|l| l.round == round) else {
             return Ok(Err(AggregationFailure::NoReplayRecord(round)));
         };
         let agg = match self.exclude_withdrawn(round, agg, &mut log) {
@@ -1547,7 +1546,7 @@ impl Engine {
     /// `fedlink audit replay` recomputes the round without them.
     fn exclude_withdrawn(
         &mut self,
-        round: u64,
+        round: RoundId,
         agg: RoundAggregator,
         log: &mut RoundLog,
     ) -> Result<Result<RoundAggregator, AggregationFailure>, EngineError> {
@@ -1571,7 +1570,7 @@ impl Engine {
         }
         if uncounted > 0 {
             tracing::info!(
-                round,
+                round = round.0,
                 uncounted,
                 "one-pass folds neither counted nor taken out at the round's end: folding the counted updates again"
             );
@@ -1580,13 +1579,13 @@ impl Engine {
         for (i, why) in &exclusion.excluded {
             let input = log.inputs.remove(*i);
             log.encodings.remove(*i);
-            tracing::warn!(site = %input.site, round, reason = %why, "accepted update excluded from the round");
+            tracing::warn!(site = %input.site, round = round.0, reason = %why, "accepted update excluded from the round");
         }
         self.run_effects(exclusion.effects, None)?;
         if let Some((left, quorum)) = exclusion.below_quorum {
             return Ok(Err(AggregationFailure::BelowQuorum { left, quorum }));
         }
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         let inputs: Vec<_> = log
             .inputs
             .iter()
@@ -1621,7 +1620,7 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn aggregate_inner(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
         agg: RoundAggregator,
         log: &RoundLog,
@@ -1681,7 +1680,7 @@ impl Engine {
         let end = round_end::plan(
             &self.facts,
             Aggregated {
-                round: RoundId(round),
+                round,
                 base_model,
                 output_model: next_hash,
                 strategy,
@@ -1703,14 +1702,11 @@ impl Engine {
             EvaluationFacts {
                 every_rounds: self.job.evaluation.every_rounds,
                 rounds: u64::from(self.job.rounds),
-                reports: self
-                    .round_metrics
-                    .remove(&RoundId(round))
-                    .unwrap_or_default(),
+                reports: self.round_metrics.remove(&round).unwrap_or_default(),
             },
             (
                 &self.scaling,
-                &self.round_stats.remove(&RoundId(round)).unwrap_or_default(),
+                &self.round_stats.remove(&round).unwrap_or_default(),
             ),
             &Retention {
                 keep: self.retention,
@@ -1773,7 +1769,7 @@ impl Engine {
         drop(next);
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
-            round,
+            round = round.0,
             model = %hash,
             aggregate_ms = ms(loaded - started),
             update_ms = ms(updated - loaded),
@@ -1792,11 +1788,11 @@ impl Engine {
                     effects,
                 } => {
                     for x in &ev.excluded {
-                        tracing::warn!(round, site = %x.site, reason = %x.reason, "evaluation report left out");
+                        tracing::warn!(round = round.0, site = %x.site, reason = %x.reason, "evaluation report left out");
                     }
                     let w = &ev.weighted;
                     tracing::info!(
-                        round,
+                        round = round.0,
                         model = %base_model,
                         sites = w.sites,
                         examples = w.num_eval_examples,
@@ -1816,9 +1812,9 @@ impl Engine {
                     self.latest_evaluation = Some(evaluation.clone());
                     if let Err(e) =
                         self.store
-                            .record_evaluation(self.job_id.as_str(), on.0, evaluation)
+                            .record_evaluation(self.job_id.as_str(), on, evaluation)
                     {
-                        tracing::warn!(round, error = %e, "recording the federated evaluation");
+                        tracing::warn!(round = round.0, error = %e, "recording the federated evaluation");
                     }
                 }
                 Step::NextState { scaling } => {
@@ -1826,7 +1822,7 @@ impl Engine {
                         && let Some(s) = scaling.scaling()
                     {
                         tracing::info!(
-                            round,
+                            round = round.0,
                             features = s.features.len(),
                             sites = scaling.sites().count(),
                             "federated feature scaling updated"
@@ -1889,7 +1885,7 @@ impl Engine {
     /// encoding. Fatal if it cannot be written.
     fn write_round_file(
         &self,
-        round: u64,
+        round: RoundId,
         (base_model, output): (ModelHash, ModelHash),
         log: &RoundLog,
         downlink: Option<Encoding>,
@@ -1899,13 +1895,13 @@ impl Engine {
             what,
             source: e,
         };
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round);
+        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
         fedlink_certs::private::create_dir_all(&dir)
             .map_err(|e| fatal("archive directory", e.into()))?;
         let file = RoundFile {
             format: round_archive::ROUND_FORMAT,
             job: self.job_id.as_str().to_owned(),
-            round,
+            round: round.0,
             base_model: base_model.to_hex(),
             output_model: output.to_hex(),
             strategy: self.strategy.clone(),
@@ -1932,7 +1928,7 @@ impl Engine {
     /// round.
     fn record_step(
         &mut self,
-        round: u64,
+        round: RoundId,
         step: Step,
         (base_model, output, next): (ModelHash, ModelHash, &FlatModel),
         log: &RoundLog,
@@ -1964,7 +1960,7 @@ impl Engine {
                     Some(log.opened_unix_ms),
                     Some(unix_ms()),
                 ) {
-                    tracing::warn!(round, error = %e, "recording the round's closing time");
+                    tracing::warn!(round = round.0, error = %e, "recording the round's closing time");
                 }
             }
             other => tracing::error!(?other, "not a step before the publish; ignored"),
@@ -1985,7 +1981,7 @@ impl Engine {
         let declined = crate::store::DeclinedOffer::new(site.as_str(), reason, unix_ms());
         match self
             .store
-            .record_declined(self.job_id.as_str(), round.0, declined.clone())
+            .record_declined(self.job_id.as_str(), round, declined.clone())
         {
             Ok(true) => {}
             Ok(false) => {
@@ -2001,7 +1997,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let effects = actions::offer_declined(&self.facts, site, round.0, &declined.reason);
+        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
         self.run_effects(effects, None)
     }
 
@@ -2031,7 +2027,7 @@ impl Engine {
     fn write_status(&mut self) {
         self.status_written = Some(Instant::now());
         self.status_behind = false;
-        let phase = format!("{:?}", self.runner.phase());
+        let phase = plain_round_ids(&format!("{:?}", self.runner.phase())).into_owned();
         let show = |r: &crate::store::RoundRecord| RoundStatus {
             round: r.round,
             state: format!("{:?}", r.state),
@@ -2060,7 +2056,7 @@ impl Engine {
                         if self.status_final.len() > STATUS_ROUNDS {
                             self.status_final.pop_front();
                         }
-                        self.status_next = r.round.saturating_add(1);
+                        self.status_next = RoundId(r.round.saturating_add(1));
                     } else {
                         open.push(show(&r));
                     }
@@ -2179,7 +2175,7 @@ pub(crate) enum EngineError {
     /// auditable, so it does not go on.
     #[error("round {round}: {what}: {source}")]
     RoundRecord {
-        round: u64,
+        round: RoundId,
         what: &'static str,
         #[source]
         source: RecordError,
@@ -2199,7 +2195,7 @@ pub(crate) enum EngineError {
     /// The round's aggregator could not be opened with the job's strategy.
     #[error("cannot open round {round}: {source}")]
     OpenRound {
-        round: u64,
+        round: RoundId,
         #[source]
         source: fedlink_aggregation::AggregationError,
     },
@@ -2292,7 +2288,7 @@ mod tests {
         use std::error::Error as _;
         let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
         let e = EngineError::RoundRecord {
-            round: 3,
+            round: RoundId(3),
             what: "writing round.json",
             source: io.into(),
         };

@@ -1064,7 +1064,7 @@ fn build_engine(
     });
     if let Some(r) = reopened {
         tracing::warn!(
-            round = r.round,
+            round = r.round.0,
             discarded = r.discarded,
             "resuming: the round in flight is re-opened; its updates are requested again"
         );
@@ -1277,7 +1277,7 @@ fn select_job(
         outcome: Some(outcome),
     } = &config
     {
-        tracing::info!(job = %id, ?outcome, "the configured job has already finished; it is not run again");
+        tracing::info!(job = %id, outcome = %crate::round::plain_round_ids(&format!("{outcome:?}")), "the configured job has already finished; it is not run again");
     }
     let decision = jobs::start_up(config, &stored, exit_after_job);
     if let (StartUp::Create(_), Some((path, job, _))) = (&decision, &configured) {

@@ -13,7 +13,7 @@ use fedlink_protocol::{FlatModel, ModelSpec, TensorSpec};
 
 use super::*;
 use crate::round::sim::{Sim, SimHooks, SiteScript};
-use crate::round::{JobRunner, RoundConfig};
+use crate::round::{JobRunner, RoundConfig, RoundId};
 
 const JOB: &str = r#"
 id = "crash-job"
@@ -73,7 +73,7 @@ struct StoreHooks {
 impl SimHooks for StoreHooks {
     fn persist(&mut self, checkpoint: &Checkpoint) {
         let opt = match checkpoint {
-            Checkpoint::RoundCompleted { round, .. } => Some(round.to_le_bytes()),
+            Checkpoint::RoundCompleted { round, .. } => Some(round.0.to_le_bytes()),
             _ => None,
         };
         let extras = Extras {
@@ -87,7 +87,7 @@ impl SimHooks for StoreHooks {
         match checkpoint {
             Checkpoint::RoundStarted { round, .. } => {
                 self.store
-                    .set_round_times("crash-job", *round, Some(1_000 + round), None)
+                    .set_round_times("crash-job", *round, Some(1_000 + round.0), None)
                     .unwrap();
             }
             Checkpoint::UpdateAccepted(acc) => {
@@ -113,19 +113,19 @@ impl SimHooks for StoreHooks {
 
     fn aggregate(
         &mut self,
-        round: u64,
+        round: RoundId,
         base_model: ModelHash,
         updates: &[AcceptedUpdate],
     ) -> Option<ModelHash> {
         let mut m = self.store.load_model(&base_model).unwrap();
         for v in m.values_mut() {
-            *v += round as f32 + 0.5 * updates.len() as f32;
+            *v += round.0 as f32 + 0.5 * updates.len() as f32;
         }
         let h = self.store.put_model(&m).unwrap();
         self.store
-            .set_round_times("crash-job", round, None, Some(2_000 + round))
+            .set_round_times("crash-job", round, None, Some(2_000 + round.0))
             .unwrap();
-        if self.abort_after_model_of_round == Some(round) {
+        if self.abort_after_model_of_round == Some(round.0) {
             std::process::abort();
         }
         Some(h)
@@ -279,7 +279,7 @@ fn kill_at_every_checkpoint_then_recover() {
         assert_eq!(rec.snapshot.completed_rounds, before.completed_rounds);
         assert_eq!(rec.model.hash(), before.current_model);
         if let Some(r) = rec.reopened_round {
-            assert_eq!(r, before.completed_rounds + 1, "k={k}");
+            assert_eq!(r.0, before.completed_rounds + 1, "k={k}");
             let round = store.round("crash-job", r).unwrap().unwrap();
             assert!(round.accepted.is_empty());
             assert_eq!(round.discarded.len(), rec.discarded_updates.len());
@@ -300,11 +300,11 @@ fn kill_after_model_write_before_round_commit() {
     // Round 2's model file exists but round 2 is not completed: it re-runs,
     // its three updates of the crashed run are discarded.
     assert_eq!(rec.snapshot.completed_rounds, 1);
-    assert_eq!(rec.reopened_round, Some(2));
+    assert_eq!(rec.reopened_round, Some(RoundId(2)));
     assert_eq!(rec.discarded_updates.len(), 3);
     run(store.clone(), None, None);
     check_finished(&store);
-    let r2 = store.round("crash-job", 2).unwrap().unwrap();
+    let r2 = store.round("crash-job", RoundId(2)).unwrap().unwrap();
     assert_eq!(r2.restarts, 1);
     assert_eq!(r2.discarded.len(), 3);
 }
@@ -319,7 +319,7 @@ fn drop_mid_round_then_recover_in_process() {
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: sel,
@@ -329,7 +329,7 @@ fn drop_mid_round_then_recover_in_process() {
         .unwrap();
     let up = |site: &str| AcceptedUpdate {
         site: sid(site),
-        round: 1,
+        round: RoundId(1),
         payload_hash: ModelHash([7; 32]),
         num_examples: 10,
         bytes: 100,
@@ -355,14 +355,14 @@ fn drop_mid_round_then_recover_in_process() {
     let store = Store::open(dir.path()).unwrap();
     let rec = store.recover("crash-job").unwrap();
     assert_eq!(rec.snapshot.completed_rounds, 0);
-    assert_eq!(rec.reopened_round, Some(1));
+    assert_eq!(rec.reopened_round, Some(RoundId(1)));
     assert_eq!(rec.discarded_updates, vec![up("h1")]);
     // After recovery h1 may report round 1 again (the re-run is a new run).
     store
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: vec![sid("h1")],
@@ -377,7 +377,7 @@ fn drop_mid_round_then_recover_in_process() {
             Extras::default(),
         )
         .unwrap();
-    let r1 = store.round("crash-job", 1).unwrap().unwrap();
+    let r1 = store.round("crash-job", RoundId(1)).unwrap().unwrap();
     assert_eq!(r1.accepted, vec![up("h1")]);
     assert_eq!(r1.discarded, vec![up("h1")]);
 }
@@ -391,20 +391,20 @@ fn inconsistent_checkpoints_write_nothing() {
     // Round 2 before round 1; wrong base model; unknown job.
     let bad = [
         Checkpoint::RoundStarted {
-            round: 2,
+            round: RoundId(2),
             attempt: 1,
             base_model: init,
             selected: vec![],
         },
         Checkpoint::RoundStarted {
-            round: 1,
+            round: RoundId(1),
             attempt: 1,
             base_model: ModelHash([1; 32]),
             selected: vec![],
         },
         Checkpoint::UpdateAccepted(AcceptedUpdate {
             site: sid("h1"),
-            round: 1,
+            round: RoundId(1),
             payload_hash: ModelHash([0; 32]),
             num_examples: 1,
             bytes: 1,
@@ -426,7 +426,7 @@ fn inconsistent_checkpoints_write_nothing() {
         .persist(
             "crash-job",
             &Checkpoint::RoundStarted {
-                round: 1,
+                round: RoundId(1),
                 attempt: 1,
                 base_model: init,
                 selected: vec![],
@@ -439,7 +439,7 @@ fn inconsistent_checkpoints_write_nothing() {
         store.persist(
             "crash-job",
             &Checkpoint::RoundCompleted {
-                round: 1,
+                round: RoundId(1),
                 model: missing,
                 updates: vec![],
                 metrics: BTreeMap::new()
@@ -616,4 +616,49 @@ fn a_data_directory_opens_once() {
     let dir = tempfile::tempdir().unwrap();
     let _store = Store::open(dir.path()).unwrap();
     assert!(matches!(Store::open(dir.path()), Err(StoreError::Db(_))));
+}
+
+/// What the store writes of the round machine's values keeps its bytes now
+/// that rounds are typed: a `RoundId` is the plain number in every record
+/// (accepted updates in a round's record, a failed job's outcome, the
+/// checkpoints), as the `u64` was.
+#[test]
+fn typed_rounds_are_stored_as_plain_numbers() {
+    let u = AcceptedUpdate {
+        site: sid("site-a"),
+        round: RoundId(3),
+        payload_hash: ModelHash([0; 32]),
+        num_examples: 5,
+        bytes: 7,
+        received_unix_ms: 9,
+    };
+    let zeros = serde_json::to_string(&ModelHash([0; 32])).unwrap();
+    assert_eq!(
+        encode(&u).unwrap(),
+        format!(
+            r#"{{"site":"site-a","round":3,"payload_hash":{zeros},"num_examples":5,"bytes":7,"received_unix_ms":9}}"#
+        )
+    );
+    let failed = JobOutcome::Failed {
+        round: RoundId(4),
+        reason: crate::round::FailReason::Aggregation("x".into()),
+    };
+    assert_eq!(
+        encode(&failed).unwrap(),
+        r#"{"Failed":{"round":4,"reason":{"Aggregation":"x"}}}"#
+    );
+    let started = Checkpoint::RoundStarted {
+        round: RoundId(2),
+        attempt: 1,
+        base_model: ModelHash([0; 32]),
+        selected: vec![sid("site-a")],
+    };
+    assert_eq!(
+        encode(&started).unwrap(),
+        format!(
+            r#"{{"RoundStarted":{{"round":2,"attempt":1,"base_model":{zeros},"selected":["site-a"]}}}}"#
+        )
+    );
+    let back: AcceptedUpdate = decode("rounds", &"t", &encode(&u).unwrap()).unwrap();
+    assert_eq!(back, u);
 }

@@ -53,7 +53,7 @@ use fedlink_protocol::{
 };
 
 use super::task::{reject_code, truncate};
-use crate::audit::SiteEvent;
+use crate::audit::{SiteEvent, site};
 use crate::modelcache::{ModelAssembler, ModelError};
 use crate::resume::PartialDownload;
 
@@ -294,13 +294,13 @@ impl Download {
                 return Ok(Step::Done(Box::new(Outcome {
                     model,
                     cache: None,
-                    received: SiteEvent::ModelReceived {
+                    received: SiteEvent::ModelReceived(site::ModelReceived {
                         model: hash.to_hex(),
                         bytes,
                         from_cache: true,
                         resumed_from_record: None,
                         as_update_of: None,
-                    },
+                    }),
                 })));
             }
             Cached::Miss => {}
@@ -446,13 +446,13 @@ impl Download {
                     Ok(model) => Ok(Step::Done(Box::new(Outcome {
                         model,
                         cache: Some(CacheForm::Reencode),
-                        received: SiteEvent::ModelReceived {
+                        received: SiteEvent::ModelReceived(site::ModelReceived {
                             model: hash.to_hex(),
                             bytes: payload_len,
                             from_cache: false,
                             resumed_from_record: resumed,
                             as_update_of: Some(base.to_hex()),
-                        },
+                        }),
                     }))),
                     Err(e) => Ok(self.refuse_update(base, &e)),
                 }
@@ -467,13 +467,13 @@ impl Download {
                 let model = asm.finish()?;
                 Ok(Step::Done(Box::new(Outcome {
                     model,
-                    received: SiteEvent::ModelReceived {
+                    received: SiteEvent::ModelReceived(site::ModelReceived {
                         model: hash.to_hex(),
                         bytes: manifest.payload_len,
                         from_cache: false,
                         resumed_from_record: resumed,
                         as_update_of: None,
-                    },
+                    }),
                     cache: Some(CacheForm::Received { manifest, records }),
                 })))
             }
@@ -613,11 +613,13 @@ impl Download {
     fn refuse_update(&mut self, base: ModelHash, e: &DownlinkError) -> Step {
         let hash = self.req.hash;
         self.effects.push(Effect::Forget(hash));
-        self.effects.push(Effect::Record(SiteEvent::ModelRefused {
-            model: hash.to_hex(),
-            as_update_of: Some(base.to_hex()),
-            error: e.to_string(),
-        }));
+        self.effects.push(Effect::Record(SiteEvent::ModelRefused(
+            site::ModelRefused {
+                model: hash.to_hex(),
+                as_update_of: Some(base.to_hex()),
+                error: e.to_string(),
+            },
+        )));
         self.ask_model()
     }
 

@@ -50,7 +50,7 @@ use fedlink_protocol::{
 };
 
 use super::Session;
-use crate::audit::SiteEvent;
+use crate::audit::{SiteEvent, site};
 use crate::data::LocalData;
 use crate::train::{EvalMetrics, TrainConfig, TrainError, TrainReport, Trainer};
 
@@ -204,7 +204,7 @@ pub fn train_completed(
     update: &Update,
     feature_scaling: &str,
 ) -> SiteEvent {
-    SiteEvent::TrainCompleted {
+    SiteEvent::TrainCompleted(site::TrainCompleted {
         job: offer.job_id.clone(),
         round: offer.round,
         base_model: offer.base_model.to_hex(),
@@ -226,7 +226,7 @@ pub fn train_completed(
         clipped: update.clipped,
         dp_noise: update.dp_noise,
         feature_scaling: feature_scaling.to_owned(),
-    }
+    })
 }
 
 /// What the signed header claims besides the payload and the offer.
@@ -285,7 +285,7 @@ pub fn seal_update(
 /// signed header.
 pub fn update_sent(envelope: &SignedEnvelope) -> SiteEvent {
     let h = &envelope.header;
-    SiteEvent::UpdateSent {
+    SiteEvent::UpdateSent(site::UpdateSent {
         job: h.job_id.clone(),
         round: h.round,
         payload_hash: h.payload_hash.to_hex(),
@@ -295,7 +295,7 @@ pub fn update_sent(envelope: &SignedEnvelope) -> SiteEvent {
         base_model: h.base_model.to_hex(),
         encoding: h.encoding.name(),
         feature_stats: h.feature_stats.is_some(),
-    }
+    })
 }
 
 /// A signed evaluation report and the audit record to append before it
@@ -332,7 +332,7 @@ pub fn seal_eval_report(
         },
     );
     let r = &report.report;
-    let reported = SiteEvent::EvalReported {
+    let reported = SiteEvent::EvalReported(site::EvalReported {
         job: r.job_id.clone(),
         round: r.round,
         model: r.model.to_hex(),
@@ -341,7 +341,7 @@ pub fn seal_eval_report(
         accuracy: r.metrics.accuracy,
         auc: r.metrics.auc,
         dice: r.metrics.dice,
-    };
+    });
     SealedReport { report, reported }
 }
 
@@ -403,7 +403,7 @@ pub fn upload_answered(
             Some(format!("{}: {}", reject_code(*code), truncate(message))),
         ),
     };
-    Ok(SiteEvent::UpdateResult {
+    Ok(SiteEvent::UpdateResult(site::UpdateResult {
         job: h.job_id.clone(),
         round: h.round,
         payload_hash: h.payload_hash.to_hex(),
@@ -411,7 +411,7 @@ pub fn upload_answered(
         outcome: outcome.to_owned(),
         accepted,
         reason,
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use fedlink_protocol::{
 };
 
 use super::task::{self, WrongAck};
-use crate::audit::SiteEvent;
+use crate::audit::{SiteEvent, site};
 use crate::resume::{KeptUpload, ProgressMismatch};
 
 /// What the request named in [`UploadError::Unexpected`] was.
@@ -123,7 +123,7 @@ pub fn on_resume_answer<'k>(
             let bytes_sent: u64 = rest.iter().map(|r| r.len() as u64).sum();
             let h = &envelope.header;
             Ok(ResumeStep::SendRest {
-                resumed: SiteEvent::UpdateResumed {
+                resumed: SiteEvent::UpdateResumed(site::UpdateResumed {
                     job: h.job_id.clone(),
                     round: h.round,
                     payload_hash: h.payload_hash.to_hex(),
@@ -131,7 +131,7 @@ pub fn on_resume_answer<'k>(
                     from_record: progress.records,
                     bytes_held: progress.bytes,
                     bytes_sent,
-                },
+                }),
                 rest,
             })
         }

@@ -15,6 +15,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::audit::site;
 use crate::resume::Transfers;
 
 /// A whole model as a coordinator serves it.
@@ -265,13 +266,13 @@ fn failed(ended: Ended) -> DownloadError {
 
 fn received(o: &Outcome) -> (bool, Option<u64>, Option<String>, u64) {
     match &o.received {
-        SiteEvent::ModelReceived {
+        SiteEvent::ModelReceived(site::ModelReceived {
             from_cache,
             resumed_from_record,
             as_update_of,
             bytes,
             ..
-        } => (
+        }) => (
             *from_cache,
             *resumed_from_record,
             as_update_of.clone(),
@@ -371,11 +372,11 @@ fn assert_refused_then_whole(
     assert!(matches!(o.cache, Some(CacheForm::Received { .. })));
     assert_eq!(received(o).2, None, "the whole model, not an update");
     let [
-        SiteEvent::ModelRefused {
+        SiteEvent::ModelRefused(site::ModelRefused {
             model,
             as_update_of,
             error,
-        },
+        }),
     ] = &site.audit[..]
     else {
         panic!("one model.refused: {:?}", site.audit)
@@ -489,7 +490,7 @@ fn each_wrong_field_of_an_update_manifest_is_refused_by_name() {
     let e = failed(site.drive(req, &mut coord));
     // Refused as an update, then the whole model is over the limit too.
     assert!(e.to_string().contains("max_model_params"), "{e}");
-    let [SiteEvent::ModelRefused { error, .. }] = &site.audit[..] else {
+    let [SiteEvent::ModelRefused(site::ModelRefused { error, .. })] = &site.audit[..] else {
         panic!("{:?}", site.audit)
     };
     assert!(error.contains("the limit is"), "{error}");

@@ -10,7 +10,7 @@ use fedlink_protocol::evaluation::ExpectedEval;
 use fedlink_protocol::{EvalRequest, FederationId, JobId, RoundId, verify_eval_report};
 
 use super::*;
-use crate::audit::SiteEvent;
+use crate::audit::{SiteEvent, site};
 use crate::sitecore::task::eval_to_protocol;
 use crate::sitecore::task::tests::{StepTrainer, arch, local_data, session};
 
@@ -61,7 +61,7 @@ fn a_request_is_evaluated_on_the_validation_split_and_answered_signed() {
     assert_eq!(m, &eval_to_protocol(&metrics));
     assert_eq!(
         sealed.reported,
-        SiteEvent::EvalReported {
+        SiteEvent::EvalReported(site::EvalReported {
             job: req.job_id.clone(),
             round: req.round,
             model: req.model.to_hex(),
@@ -70,7 +70,7 @@ fn a_request_is_evaluated_on_the_validation_split_and_answered_signed() {
             accuracy: m.accuracy,
             auc: m.auc,
             dice: m.dice,
-        }
+        })
     );
     // Another site's key does not verify it: the signature is real.
     let other = HashMap::from([(
@@ -103,11 +103,11 @@ fn a_site_without_validation_samples_reports_zero_examples_without_evaluating() 
     assert_eq!(m.num_eval_examples, 0);
     assert!(matches!(
         sealed.reported,
-        SiteEvent::EvalReported {
+        SiteEvent::EvalReported(site::EvalReported {
             num_eval_examples: 0,
             loss: None,
             ..
-        }
+        })
     ));
 }
 

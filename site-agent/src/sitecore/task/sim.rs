@@ -46,6 +46,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::tests::{StepTrainer, local_data, privacy, seeded};
 use super::*;
+use crate::audit::site;
 use crate::policy::Policy;
 use crate::resume::{KeptUpload, Transfers};
 use crate::sitecore::download::{self, Cached, Download, Step};
@@ -253,20 +254,19 @@ fn check_trace(trace: &[Trace]) {
             Trace::Answer(r) => {
                 let (job, round) = (&r.job_id, r.round);
                 assert!(
-                    matches!(before, [.., Trace::Audit(SiteEvent::OfferReceived { job: j, round: n, .. }), Trace::Audit(_)] if j == job && *n == round),
+                    matches!(before, [.., Trace::Audit(SiteEvent::OfferReceived(site::OfferReceived { job: j, round: n, .. })), Trace::Audit(_)] if j == job && *n == round),
                     "answer to {job} round {round} without its offer.received"
                 );
                 let decided = match before.last() {
-                    Some(Trace::Audit(SiteEvent::OfferAccepted { job: j, round: n }))
-                        if j == job && *n == round =>
-                    {
-                        OfferDecision::Accept
-                    }
-                    Some(Trace::Audit(SiteEvent::OfferDeclined {
+                    Some(Trace::Audit(SiteEvent::OfferAccepted(site::OfferAccepted {
+                        job: j,
+                        round: n,
+                    }))) if j == job && *n == round => OfferDecision::Accept,
+                    Some(Trace::Audit(SiteEvent::OfferDeclined(site::OfferDeclined {
                         job: j,
                         round: n,
                         reason,
-                    })) if j == job && *n == round => OfferDecision::Decline {
+                    }))) if j == job && *n == round => OfferDecision::Decline {
                         reason: reason.clone(),
                     },
                     _ => panic!("answer to {job} round {round} sent before its decision's record"),
@@ -274,15 +274,15 @@ fn check_trace(trace: &[Trace]) {
                 assert_eq!(r.decision, decided, "the record says what is sent");
             }
             Trace::Drop(key) => assert!(
-                matches!(before.last(), Some(Trace::Audit(SiteEvent::RoundCancelled { job, round, dropped_work: true, .. })) if *job == key.job_id && *round == key.round),
+                matches!(before.last(), Some(Trace::Audit(SiteEvent::RoundCancelled(site::RoundCancelled { job, round, dropped_work: true, .. }))) if *job == key.job_id && *round == key.round),
                 "work on {key} dropped without its round.cancelled just before"
             ),
-            Trace::Audit(SiteEvent::RoundCancelled {
+            Trace::Audit(SiteEvent::RoundCancelled(site::RoundCancelled {
                 job,
                 round,
                 dropped_work,
                 ..
-            }) => {
+            })) => {
                 let dropped =
                     matches!(next, Some(Trace::Drop(k)) if k.job_id == *job && k.round == *round);
                 // The last entry may await its action.
@@ -294,21 +294,19 @@ fn check_trace(trace: &[Trace]) {
                 }
             }
             Trace::Open { nonce, payload } => assert!(
-                before
-                    .iter()
-                    .rev()
-                    .any(|e| matches!(e, Trace::Audit(SiteEvent::UpdateSent {
+                before.iter().rev().any(
+                    |e| matches!(e, Trace::Audit(SiteEvent::UpdateSent(site::UpdateSent {
                     nonce: n, payload_hash: p, ..
-                }) if n == nonce && p == payload)),
+                })) if n == nonce && p == payload)
+                ),
                 "upload {nonce} sent before its update.sent"
             ),
             Trace::Resume { nonce, from } => assert!(
-                before
-                    .iter()
-                    .rev()
-                    .any(|e| matches!(e, Trace::Audit(SiteEvent::UpdateResumed {
+                before.iter().rev().any(
+                    |e| matches!(e, Trace::Audit(SiteEvent::UpdateResumed(site::UpdateResumed {
                     nonce: n, from_record: f, ..
-                }) if n == nonce && f == from)),
+                })) if n == nonce && f == from)
+                ),
                 "resumed records of {nonce} sent before their update.resumed"
             ),
             Trace::Audit(_) => {}
@@ -317,7 +315,7 @@ fn check_trace(trace: &[Trace]) {
     let sent: Vec<_> = trace
         .iter()
         .filter_map(|e| match e {
-            Trace::Audit(SiteEvent::UpdateSent { nonce, .. }) => Some(nonce),
+            Trace::Audit(SiteEvent::UpdateSent(site::UpdateSent { nonce, .. })) => Some(nonce),
             _ => None,
         })
         .collect();
@@ -524,11 +522,11 @@ fn run(seed: u64, paths: &mut Paths) {
                 }
                 Step::End => dl.on_end(false),
                 Step::Done(o) => {
-                    if let SiteEvent::ModelReceived {
+                    if let SiteEvent::ModelReceived(site::ModelReceived {
                         resumed_from_record,
                         as_update_of,
                         ..
-                    } = &o.received
+                    }) = &o.received
                     {
                         paths.download_resumed += usize::from(resumed_from_record.is_some());
                         paths.by_update += usize::from(as_update_of.is_some());
@@ -634,7 +632,7 @@ fn run(seed: u64, paths: &mut Paths) {
                 paths.upload_resumed += 1;
                 let from = cut as u64;
                 assert!(
-                    matches!(&resumed, SiteEvent::UpdateResumed { from_record, .. } if *from_record == from)
+                    matches!(&resumed, SiteEvent::UpdateResumed(site::UpdateResumed { from_record, .. }) if *from_record == from)
                 );
                 trace.push(Trace::Audit(resumed));
                 trace.push(Trace::Resume {
@@ -686,7 +684,10 @@ fn run(seed: u64, paths: &mut Paths) {
     assert_eq!(got, kept.records);
     assert!(trace.iter().any(|t| matches!(
         t,
-        Trace::Audit(SiteEvent::UpdateResult { accepted: true, .. })
+        Trace::Audit(SiteEvent::UpdateResult(site::UpdateResult {
+            accepted: true,
+            ..
+        }))
     )));
     assert_eq!(
         matches!(trace.last(), Some(Trace::Drop(k)) if *k == a.key()),
@@ -745,7 +746,7 @@ fn seeded_runs_of_the_whole_task() {
 #[test]
 fn the_trace_check_catches_a_send_before_its_record_and_a_reused_nonce() {
     let sent = |nonce: &str| {
-        Trace::Audit(SiteEvent::UpdateSent {
+        Trace::Audit(SiteEvent::UpdateSent(site::UpdateSent {
             job: JobId::new("j").unwrap(),
             round: RoundId(1),
             payload_hash: "ab".into(),
@@ -755,7 +756,7 @@ fn the_trace_check_catches_a_send_before_its_record_and_a_reused_nonce() {
             base_model: "cd".into(),
             encoding: "f32".into(),
             feature_stats: false,
-        })
+        }))
     };
     let open = |nonce: &str| Trace::Open {
         nonce: nonce.into(),
@@ -777,10 +778,10 @@ fn the_trace_check_catches_a_send_before_its_record_and_a_reused_nonce() {
     // An answer after its offer's records, with the decision they say.
     let o = crate::policy::tests::offer();
     let received = Trace::Audit(crate::sitecore::offer_received(&o));
-    let accepted = Trace::Audit(SiteEvent::OfferAccepted {
+    let accepted = Trace::Audit(SiteEvent::OfferAccepted(site::OfferAccepted {
         job: o.job_id.clone(),
         round: o.round,
-    });
+    }));
     let answer = |decision| {
         Trace::Answer(OfferResponse {
             job_id: o.job_id.clone(),
@@ -815,12 +816,12 @@ fn the_trace_check_catches_a_send_before_its_record_and_a_reused_nonce() {
         round: o.round,
     };
     let cancelled = |dropped_work| {
-        Trace::Audit(SiteEvent::RoundCancelled {
+        Trace::Audit(SiteEvent::RoundCancelled(site::RoundCancelled {
             job: o.job_id.clone(),
             round: o.round,
             reason: "r".into(),
             dropped_work,
-        })
+        }))
     };
     check_trace(&[cancelled(true), Trace::Drop(key.clone())]);
     check_trace(&[cancelled(false), received.clone()]);

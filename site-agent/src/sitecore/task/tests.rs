@@ -11,6 +11,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::audit::site;
 use crate::data::{Fingerprint, SampleShape, Samples, Targets};
 use crate::policy::tests::offer;
 
@@ -344,7 +345,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     let u = make_update(&o.privacy, &global, &t.local, seeded(9)).unwrap();
     let metrics = t.global_eval.as_ref().map(eval_to_protocol);
 
-    let SiteEvent::TrainCompleted {
+    let SiteEvent::TrainCompleted(site::TrainCompleted {
         job,
         round,
         base_model,
@@ -354,7 +355,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
         clipped,
         dp_noise,
         feature_scaling,
-    } = train_completed(&o, "fp".into(), &t.report, metrics.as_ref(), &u, "local")
+    }) = train_completed(&o, "fp".into(), &t.report, metrics.as_ref(), &u, "local")
     else {
         panic!("a TrainCompleted record expected")
     };
@@ -413,7 +414,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
     assert_eq!(bits(&decoded), bits(&u.delta));
 
     assert_eq!(sealed.sent, update_sent(&sealed.envelope));
-    let SiteEvent::UpdateSent {
+    let SiteEvent::UpdateSent(site::UpdateSent {
         job,
         round,
         payload_hash,
@@ -423,7 +424,7 @@ fn the_audit_records_carry_what_the_envelope_carries() {
         base_model,
         encoding,
         feature_stats,
-    } = sealed.sent
+    }) = sealed.sent
     else {
         panic!("an UpdateSent record expected")
     };
@@ -458,14 +459,16 @@ fn the_coordinator_answer_is_recorded_and_a_wrong_ack_refused() {
         &SigningKey::from_bytes(&[4; 32]),
     )
     .envelope;
-    let expected = |outcome: &str, accepted, reason: Option<&str>| SiteEvent::UpdateResult {
-        job: JobId::new("job").unwrap(),
-        round: RoundId(1),
-        payload_hash: summary.payload_hash.to_hex(),
-        nonce: hex::encode([6u8; 16]),
-        outcome: outcome.into(),
-        accepted,
-        reason: reason.map(str::to_owned),
+    let expected = |outcome: &str, accepted, reason: Option<&str>| {
+        SiteEvent::UpdateResult(site::UpdateResult {
+            job: JobId::new("job").unwrap(),
+            round: RoundId(1),
+            payload_hash: summary.payload_hash.to_hex(),
+            nonce: hex::encode([6u8; 16]),
+            outcome: outcome.into(),
+            accepted,
+            reason: reason.map(str::to_owned),
+        })
     };
     for accepted in [true, false] {
         let ack = UploadResult::Ack {
@@ -610,7 +613,7 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
     assert_eq!(m.num_eval_examples, 6);
     assert_eq!(
         sealed.reported,
-        SiteEvent::EvalReported {
+        SiteEvent::EvalReported(site::EvalReported {
             job: JobId::new("job").unwrap(),
             round: RoundId(4),
             model: global.hash().to_hex(),
@@ -619,18 +622,18 @@ fn an_evaluation_report_is_signed_and_recorded_as_sent() {
             accuracy: Some(0.75),
             auc: Some(0.8),
             dice: None,
-        }
+        })
     );
 
     // No validation samples: 0 examples, no metrics, still signed.
     let none = seal_eval_report(&session(), &req, None, &key);
     let m = verify_eval_report(&none.report, &session().site_id, &keys, &expected).unwrap();
     assert_eq!(m.num_eval_examples, 0);
-    let SiteEvent::EvalReported {
+    let SiteEvent::EvalReported(site::EvalReported {
         num_eval_examples,
         loss,
         ..
-    } = none.reported
+    }) = none.reported
     else {
         panic!("an EvalReported record expected")
     };

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::audit::site;
 use crate::policy::tests::offer;
 use crate::sitecore::Session;
 use crate::sitecore::task::{Claims, seal_update};
@@ -69,7 +70,7 @@ fn an_accepted_or_declined_ack_is_recorded() {
         };
         let event = on_upload_answer(&k.envelope, &Message::UploadResult(result.clone())).unwrap();
         assert_eq!(event, result_event(&k, &result));
-        let SiteEvent::UpdateResult { accepted: a, .. } = event else {
+        let SiteEvent::UpdateResult(site::UpdateResult { accepted: a, .. }) = event else {
             panic!("update.result expected")
         };
         assert_eq!(a, accepted);
@@ -151,13 +152,13 @@ fn a_resume_sends_exactly_the_records_the_coordinator_lacks() {
             panic!("seed {seed}: a resume expected")
         };
         assert_eq!(rest, &k.records[held..], "seed {seed}");
-        let SiteEvent::UpdateResumed {
+        let SiteEvent::UpdateResumed(site::UpdateResumed {
             from_record,
             bytes_held,
             bytes_sent,
             nonce,
             ..
-        } = resumed
+        }) = resumed
         else {
             panic!("update.resumed expected")
         };
