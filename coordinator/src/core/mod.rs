@@ -75,6 +75,12 @@
 //! admits a connection past its handshake or refuses it (low on disk, no
 //! identity, the role's ALPN, a site's registered certificate, the
 //! connection caps, in that order) with its close text and entry.
+//! [`session`] holds a site connection's negotiated version and decides
+//! what that version allows: the `Hello` answered (or rejected), which
+//! messages to the site are sent, downgraded or dropped, what each control
+//! message leads to (handled, ignored over the head budget, or the
+//! connection cut with its text), which streams the site may open, and
+//! whether an interrupted upload is kept for a resume.
 //! [`provenance`] walks a model's round records back to its job's initial
 //! model (the admin's `provenance`). [`status`] builds the running job's
 //! part of the admin's `status` (phase, round, each site's state) and says
@@ -150,6 +156,7 @@ pub mod resume;
 pub mod round_end;
 pub mod scaling;
 pub mod served;
+pub mod session;
 pub mod sim;
 mod sites;
 pub mod status;
@@ -379,6 +386,7 @@ mod purity {
         ("admission.rs", include_str!("admission.rs")),
         ("provenance.rs", include_str!("provenance.rs")),
         ("status.rs", include_str!("status.rs")),
+        ("session.rs", include_str!("session.rs")),
     ];
 
     #[test]

@@ -13,10 +13,7 @@ use fedlink_certs::Role;
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
-use fedlink_protocol::{
-    Message, ModelUpdateFetch, RESUME_VERSION, SignedEnvelope, UpdateManifest, VersionRange,
-    supports_audit_head, supports_downlink_updates, supports_round_outcome,
-};
+use fedlink_protocol::{Message, ModelUpdateFetch, SignedEnvelope, UpdateManifest};
 use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -33,6 +30,7 @@ use crate::core::admission;
 use crate::core::limits::SourceRates;
 use crate::core::refusals::peer_text;
 use crate::core::registry::NotAllowed;
+use crate::core::session::{Control, Cut as ControlCut, Session, Stream};
 use crate::round::{ConnId, SiteCapabilities};
 
 /// A connection attempt admitted to its handshake, holding one of the
@@ -304,37 +302,26 @@ async fn serve_site(
         .map_err(|_| {
             TransportError::UnexpectedEnd("control stream in time (hello_timeout_secs)")
         })??;
-    let hello = match tokio::time::timeout(hello_timeout, recv.message())
+    let first = tokio::time::timeout(hello_timeout, recv.message())
         .await
-        .map_err(|_| TransportError::UnexpectedEnd("Hello in time (hello_timeout_secs)"))??
-    {
-        Message::Hello(h) => h,
-        other => {
+        .map_err(|_| TransportError::UnexpectedEnd("Hello in time (hello_timeout_secs)"))??;
+    let (session, hello) = match Session::from_hello(first) {
+        Ok(opened) => opened,
+        Err(refused) => {
             let _ = send
-                .message(&Message::Reject(Reject {
-                    code: RejectCode::UnexpectedMessage,
-                    message: format!("expected Hello, got {}", other.name()),
-                }))
+                .message(&Message::Reject(refused.reject().clone()))
                 .await;
-            conn.close(close::PROTOCOL, b"expected Hello");
+            match refused.close_text() {
+                Some(text) => conn.close(close::PROTOCOL, text.as_bytes()),
+                None => {
+                    let _ = send.finish();
+                    let _ = conn.closed().await;
+                }
+            }
             return Ok(());
         }
     };
-    let Some(version) = VersionRange::SUPPORTED.negotiate(&hello.versions) else {
-        let _ = send
-            .message(&Message::Reject(Reject {
-                code: RejectCode::UnsupportedVersion,
-                message: format!(
-                    "no common protocol version: coordinator speaks {:?}, site {:?}",
-                    VersionRange::SUPPORTED,
-                    hello.versions
-                ),
-            }))
-            .await;
-        let _ = send.finish();
-        let _ = conn.closed().await;
-        return Ok(());
-    };
+    let version = session.version();
     let site_id = fedlink_protocol::SiteId::new(site)
         .map_err(|e| TransportError::Stream(format!("site name: {e}")))?;
     let compatible = match crate::core::compatibility(
@@ -410,25 +397,10 @@ async fn serve_site(
     }
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            // The engine builds every offer as the newest variant; a site
-            // that negotiated an older version gets the encoding it knows
-            // (without `privacy.central_dp`, `training.augmentation` or
-            // `training.class_weight`; a
-            // job that needs them is never offered to it: see
-            // `core::compatibility`).
-            let m = match m {
-                Message::TaskOfferV5(o) | Message::TaskOfferV6(o) => {
-                    Message::task_offer(*o, version)
-                }
-                // The coordinator's heads pushed after an aggregation or at
-                // the job's end: only to sites that speak audit heads.
-                Message::AuditHead(_) if !supports_audit_head(version) => continue,
-                Message::RoundOutcome(_) if !supports_round_outcome(version) => continue,
-                // The engine asks only sites that speak it (defence in depth).
-                Message::EvalRequest(_) if !fedlink_protocol::supports_federated_eval(version) => {
-                    continue;
-                }
-                m => m,
+            // Offers in the encoding the site's version knows; what its
+            // version lacks is not sent (`core::session`).
+            let Some(m) = session.to_site(m) else {
+                continue;
             };
             if send.message(&m).await.is_err() {
                 break;
@@ -439,9 +411,8 @@ async fn serve_site(
     // Between messages the control stream may idle; a message that has
     // started must arrive whole (a site trickling bytes holds nothing).
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
-    let heads = supports_audit_head(version).then_some(control);
-    let evals = fedlink_protocol::supports_federated_eval(version);
-    let result = control_loop(conn, &site_id, version, shared, &mut recv, heads, evals).await;
+    let heads = session.heads().then_some(control);
+    let result = control_loop(conn, &site_id, session, shared, &mut recv, heads).await;
     let _ = shared
         .engine
         .send(Event::Disconnected {
@@ -456,11 +427,10 @@ async fn serve_site(
 async fn control_loop(
     conn: &ServerConn,
     site: &fedlink_protocol::SiteId,
-    version: u16,
+    session: Session,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
-    evals: bool,
 ) -> Result<(), TransportError> {
     // Streams the site opens (model fetches, uploads) are accepted on a task
     // of their own. Reading a frame is not cancel-safe: racing the control
@@ -485,7 +455,7 @@ async fn control_loop(
                 let site = site.clone();
                 let conn = conn.clone();
                 shared.tasks.clone().spawn(async move {
-                    if let Err(e) = handle_stream(&conn, &site, version, &shared, send, recv).await
+                    if let Err(e) = handle_stream(&conn, &site, session, &shared, send, recv).await
                     {
                         tracing::warn!(site = %site, error = %e, "stream failed");
                     }
@@ -493,7 +463,7 @@ async fn control_loop(
             }
         })
     };
-    let result = read_control(conn, site, shared, recv, heads, evals).await;
+    let result = read_control(conn, site, session, shared, recv, heads).await;
     acceptor.abort();
     result
 }
@@ -503,10 +473,10 @@ async fn control_loop(
 async fn read_control(
     conn: &ServerConn,
     site_id: &fedlink_protocol::SiteId,
+    session: Session,
     shared: &Arc<Shared>,
     recv: &mut FramedRecv,
     heads: Option<mpsc::Sender<Message>>,
-    evals: bool,
 ) -> Result<(), TransportError> {
     let site = site_id.as_str();
     // A compromised site must not make the coordinator spend without bound:
@@ -517,15 +487,13 @@ async fn read_control(
     let mut head_budget = shared.peer.head_budget();
     let mut heads_ignored = 0u64;
     loop {
-        let msg = recv.message_or_end().await?;
-        if msg.is_some() && !budget.take(Instant::now()) {
-            let why = "too many control messages (control_burst, control_per_sec)";
-            tracing::warn!(site, reason = why, "closing the connection");
-            conn.close(close::PROTOCOL, why.as_bytes());
+        let Some(msg) = recv.message_or_end().await? else {
             return Ok(());
-        }
-        match msg {
-            Some(Message::OfferResponse(r)) => {
+        };
+        let within_budget = budget.take(Instant::now());
+        let control = session.control(msg, within_budget, || head_budget.take(Instant::now()));
+        match control {
+            Control::OfferResponse(r) => {
                 let (accepted, reason) = match r.decision {
                     OfferDecision::Accept => (true, String::new()),
                     OfferDecision::Decline { reason } => (false, reason),
@@ -540,12 +508,12 @@ async fn read_control(
                     })
                     .await;
             }
-            Some(Message::Heartbeat(h)) => {
+            Control::Heartbeat(h) => {
                 tracing::trace!(site, seq = h.seq, "heartbeat");
             }
             // Verified (signature first) and counted by the engine, which
             // audits the verdict.
-            Some(Message::EvalReport(report)) if evals => {
+            Control::EvalReport(report) => {
                 let _ = shared
                     .engine
                     .send(Event::EvalReport {
@@ -554,7 +522,7 @@ async fn read_control(
                     })
                     .await;
             }
-            Some(Message::AuditHead(_)) if !head_budget.take(Instant::now()) => {
+            Control::IgnoreHead => {
                 heads_ignored += 1;
                 if heads_ignored == 1 {
                     tracing::warn!(
@@ -563,7 +531,7 @@ async fn read_control(
                     );
                 }
             }
-            Some(Message::AuditHead(h)) if heads.is_some() => {
+            Control::AuditHead(h) => {
                 if let Some(answer) = site_audit_head(shared, site, &h)
                     && let Some(tx) = &heads
                 {
@@ -572,19 +540,21 @@ async fn read_control(
                     let _ = tx.try_send(Message::AuditHead(answer));
                 }
             }
-            Some(Message::Bye(b)) => {
+            Control::Bye(b) => {
                 tracing::info!(site, reason = %b.reason, "site said bye");
                 conn.close(close::NORMAL, b"bye");
                 return Ok(());
             }
-            None => return Ok(()),
-            Some(other) => {
-                tracing::warn!(
-                    site,
-                    message = other.name(),
-                    "unexpected message on the control stream"
-                );
-                conn.close(close::PROTOCOL, b"unexpected message on the control stream");
+            Control::Cut(cut) => {
+                match cut {
+                    ControlCut::OverBudget => {
+                        tracing::warn!(site, reason = cut.text(), "closing the connection");
+                    }
+                    ControlCut::Unexpected { message } => {
+                        tracing::warn!(site, message, "unexpected message on the control stream");
+                    }
+                }
+                conn.close(close::PROTOCOL, cut.text().as_bytes());
                 return Ok(());
             }
         }
@@ -630,7 +600,7 @@ fn site_audit_head(shared: &Shared, site: &str, h: &AuditHead) -> Option<AuditHe
 async fn handle_stream(
     conn: &ServerConn,
     site: &fedlink_protocol::SiteId,
-    version: u16,
+    session: Session,
     shared: &Arc<Shared>,
     mut send: FramedSend,
     mut recv: FramedRecv,
@@ -644,40 +614,21 @@ async fn handle_stream(
                 "the stream's first message in time (stream_first_message_secs)",
             )
         })??;
-    let resumable = version >= RESUME_VERSION;
-    let upload = |resume| Upload {
-        site,
-        version,
-        resume,
-    };
-    match first {
-        Message::ModelFetch(f) => serve_model(conn, shared, f.hash, 0, send).await,
-        Message::ModelFetchFrom(f) if resumable => {
-            serve_model(conn, shared, f.hash, f.from_record, send).await
+    match session.stream(first) {
+        Stream::FetchModel { hash, from_record } => {
+            serve_model(conn, shared, hash, from_record, send).await
         }
-        Message::ModelUpdateFetch(f) if supports_downlink_updates(version) => {
-            serve_update(conn, shared, f, send).await
+        Stream::FetchUpdate(f) => serve_update(conn, shared, f, send).await,
+        Stream::Upload { envelope, resume } => {
+            let up = Upload {
+                site,
+                session,
+                resume,
+            };
+            receive_upload(conn, up, shared, *envelope, send, recv).await
         }
-        Message::DeltaUpload(u) => {
-            receive_upload(conn, upload(false), shared, u.envelope, send, recv).await
-        }
-        Message::ResumeUpload(u) if resumable => {
-            receive_upload(conn, upload(true), shared, u.envelope, send, recv).await
-        }
-        other => {
-            send.message(&Message::Reject(Reject {
-                code: RejectCode::UnexpectedMessage,
-                message: format!(
-                    "a new stream must start with ModelFetch or DeltaUpload{}, not {}",
-                    if resumable {
-                        " (or ModelFetchFrom, ResumeUpload)"
-                    } else {
-                        ""
-                    },
-                    other.name()
-                ),
-            }))
-            .await?;
+        Stream::Refuse(reject) => {
+            send.message(&Message::Reject(reject)).await?;
             send.finish()
         }
     }
@@ -854,8 +805,8 @@ impl Drop for UploadWindow<'_> {
 #[derive(Clone, Copy, Debug)]
 struct Upload<'a> {
     site: &'a fedlink_protocol::SiteId,
-    /// The site's negotiated protocol version.
-    version: u16,
+    /// The site's negotiated session.
+    session: Session,
     /// A resume of an interrupted upload (`ResumeUpload`), not a new one.
     resume: bool,
 }
@@ -1095,7 +1046,7 @@ async fn receive_upload(
                     None
                 }
             };
-            let resumable = up.version >= RESUME_VERSION && spool_path.is_some();
+            let resumable = up.session.keeps_for_resume(spool_path.is_some());
             let partial_bytes = recv.bytes_read().saturating_sub(whole_frames_read);
             let _ = shared
                 .engine
