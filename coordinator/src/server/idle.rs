@@ -17,9 +17,10 @@ use fedlink_audit::CoordEvent;
 use fedlink_protocol::message::{RejectCode, UploadResult};
 use tokio::sync::mpsc;
 
+use super::ServeError;
 use super::engine::{Event, update_received_details};
 use super::links::Links;
-use super::{ServeError, Shared};
+use super::shared::Shared;
 use crate::core::actions::eval_report_details;
 
 /// Why uploads and downloads are refused while no job runs.
