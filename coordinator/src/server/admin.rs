@@ -43,6 +43,7 @@ use super::{initial_model, read_initial_model, resolve_submitted_init, strategy_
 use crate::core::Effect;
 use crate::core::admin::{self, Registry, SiteCert, SiteCommand};
 use crate::core::provenance;
+use crate::core::recovery::{self, Create};
 use crate::job::{InitSource, Job};
 use crate::round::AdminCommand;
 use crate::store::{JobRecord, Store};
@@ -779,23 +780,35 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     let exists = store.job(&job.id).map_err(internal)?.is_some();
     let entry =
         admin::job_submitted(actor, &submitted, job_toml, model.spec(), exists).map_err(refusal)?;
-    effects::execute(
-        shared.audit(),
-        store,
-        [entry],
-        |e| internal(e.cause()),
-        |other| Err(internal(format!("not a submission's effect: {other:?}"))),
-    )?;
+    // Created in the configured job's order (its entry first, then its
+    // model, then the job), then queued.
     let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
-        let hash = store.put_model(&model).map_err(internal)?;
-        let rec = store.create_job(job, hash).map_err(|e| match e {
-            crate::store::StoreError::JobExists(id) => {
-                refused(format!("a job with id {id} exists already"))
+        let mut hash = model.hash();
+        let mut rec = None;
+        for step in recovery::submitted_job_created(entry) {
+            match step {
+                Create::Audit(entry) => effects::execute(
+                    shared.audit(),
+                    store,
+                    [*entry],
+                    |e| internal(e.cause()),
+                    |other| Err(internal(format!("not a submission's effect: {other:?}"))),
+                )?,
+                Create::PutModel => hash = store.put_model(&model).map_err(internal)?,
+                Create::CreateJob => {
+                    rec = Some(store.create_job(job, hash).map_err(|e| match e {
+                        crate::store::StoreError::JobExists(id) => {
+                            refused(format!("a job with id {id} exists already"))
+                        }
+                        other => internal(other),
+                    })?);
+                }
+                Create::Enqueue => {
+                    append_queue(&shared.admin.queue_path, &job.id).map_err(internal)?
+                }
             }
-            other => internal(other),
-        })?;
-        append_queue(&shared.admin.queue_path, &job.id).map_err(internal)?;
-        Ok(rec)
+        }
+        rec.ok_or_else(|| internal("the job was not created"))
     })?;
     tracing::info!(job = %job.id, "job submitted");
     let _ = shared.engine.send(Event::Admin(AdminEvent::Wake)).await;

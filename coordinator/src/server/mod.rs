@@ -1037,6 +1037,8 @@ fn select_job(
                 Create::CreateJob => {
                     store.create_job(job, hash)?;
                 }
+                // Not a configured job's step: it runs now.
+                Create::Enqueue => {}
             }
         }
         tracing::info!(job = %job.id, model = %hash, "job created");
