@@ -14,9 +14,11 @@ use fedlink_certs::{RevocationList, SiteManifest};
 use fedlink_protocol::{FederationId, ModelHash};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::audit::Auditor;
 use super::engine::Event;
+use super::limits::PeerLimits;
 use super::wire::{ServedModels, WireModel, WireUpdate};
-use super::{Auditor, PeerLimits, admin, disk, limits, links};
+use super::{admin, disk, limits, links};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::disk::LowOnDisk;
