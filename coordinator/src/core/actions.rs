@@ -14,7 +14,7 @@
 //! | `Aggregate` | after the driver's aggregation, [`round_end::plan`](super::round_end::plan)'s steps; among them, after `round.json`, [`round_aggregated`]: `round.aggregated`, the new model's hash and the audit head to the sites whose updates made it |
 //! | `RejectUpdate` | [`reject_pending`]: `update.received` (refused), the round's record, the spool dropped, the site answered |
 //! | (before `Aggregate`'s aggregation) | [`exclude_withdrawn`]: the accepted updates of sites no longer allowed taken out, each `update.excluded`; too few left fail the round |
-//! | (not the round machine's) | [`upload_interrupted`]: `update.interrupted`; [`offer_declined`]: `offer.declined`; [`eval_reported`]: `eval.accepted` / `eval.rejected` |
+//! | (not the round machine's) | [`upload_interrupted`]: `update.interrupted`; [`offer_declined`]: `offer.declined`; [`eval_reported`]: `eval.accepted` / `eval.rejected` ([`eval_rejected`], also while no job runs: [`idle`](super::idle)) |
 //! | `JobFinished` | [`job_finished`]: `round.discarded` (a round open), `job.finished`, the final model's hash, the audit head, then the final evaluation asked for ([`evaluation_finished`] once answered) or the end of the job ([`job_over`]) |
 //!
 //! The rest of the driver's work stays there: folding and aggregating
@@ -670,18 +670,35 @@ pub fn eval_reported(
     report: &EvalReport,
     verdict: Result<(), &evaluation::EvalRefusal>,
 ) -> Vec<Effect> {
-    let report = eval_report_details(site, report);
-    let event = match verdict {
-        Ok(()) => CoordEvent::EvalAccepted(report),
-        Err(why) => CoordEvent::EvalRejected(coord::EvalRejected {
+    match verdict {
+        Ok(()) => vec![Effect::AppendAudit {
+            actor: facts.site_actor(site.as_str()),
+            event: CoordEvent::EvalAccepted(eval_report_details(site, report)),
+        }],
+        Err(why) => vec![eval_rejected(
+            &facts.federation,
+            site,
             report,
-            reason: why.to_string(),
+            &why.to_string(),
+        )],
+    }
+}
+
+/// `site`'s evaluation report refused for `reason`: `eval.rejected` by the
+/// site (a running job's refusal, and the refusal while no job runs).
+pub fn eval_rejected(
+    federation: &FederationId,
+    site: &SiteId,
+    report: &EvalReport,
+    reason: &str,
+) -> Effect {
+    Effect::AppendAudit {
+        actor: fedlink_audit::event::site_actor(federation.as_str(), site.as_str()),
+        event: CoordEvent::EvalRejected(coord::EvalRejected {
+            report: eval_report_details(site, report),
+            reason: reason.to_owned(),
         }),
-    };
-    vec![Effect::AppendAudit {
-        actor: facts.site_actor(site.as_str()),
-        event,
-    }]
+    }
 }
 
 /// What the audit log says of `site`'s evaluation report (the details of

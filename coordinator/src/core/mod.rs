@@ -34,6 +34,11 @@
 //! one on record, its one-pass fold taken out, its spool dropped, its site
 //! answered) and on an upload cut short (kept for a resume or dropped).
 //!
+//! [`idle`] decides what a site's event gets while no job runs (an
+//! evaluation report or an upload refused on record, a spool dropped, an
+//! admin command that may let a queued job start), with the entries of a
+//! running job's refusals.
+//!
 //! [`resume`] keeps what arrived of an upload a lost connection cut short,
 //! for the site to send the rest; [`intake::verify_resume`] admits the
 //! resumed upload (the same signed envelope).
@@ -144,6 +149,7 @@ pub mod admission;
 pub mod audit_head;
 pub mod disk;
 pub mod evaluation;
+pub mod idle;
 pub mod intake;
 pub mod jobs;
 pub mod limits;
@@ -387,6 +393,7 @@ mod purity {
         ("provenance.rs", include_str!("provenance.rs")),
         ("status.rs", include_str!("status.rs")),
         ("session.rs", include_str!("session.rs")),
+        ("idle.rs", include_str!("idle.rs")),
     ];
 
     #[test]

@@ -14,6 +14,8 @@
 //!
 //!  a new configured job (its file's bytes, its initial model's hash)
 //!     │                               ──▶ configured_job_created ──▶ [job.submitted, store the model, store the job]
+//!  a submitted job (`jobs submit`, its entry from `admin::job_submitted`)
+//!     │                               ──▶ submitted_job_created ──▶ [job.submitted, store the model, store the job, queue it]
 //! ```
 //!
 //! Which wire files of the model stay served and which are pruned, and
@@ -167,8 +169,9 @@ fn decode_or_default<T: serde::de::DeserializeOwned + Default>(
     )
 }
 
-/// One step of creating the configured job at start-up, in the order
-/// [`configured_job_created`] gives them.
+/// One step of creating a job — the configured job at start-up
+/// ([`configured_job_created`]) or a submitted one
+/// ([`submitted_job_created`]) — in the order [`job_created`] gives them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Create {
     /// Append this audit entry (`job.submitted`).
@@ -177,30 +180,61 @@ pub enum Create {
     PutModel,
     /// Store the job, with the initial model as its current model.
     CreateJob,
+    /// Append the job to the queue of jobs waiting to run.
+    Enqueue,
+}
+
+/// Whether a created job runs now or waits in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// It runs now (the configured job at start-up).
+    Runs,
+    /// It waits in the queue (a submitted job).
+    Queued,
+}
+
+/// Create a job: its `job.submitted` `entry` first, then its model, then
+/// the job; then, if it waits, its place in the queue.
+pub fn job_created(entry: Effect, then: Then) -> Vec<Create> {
+    let mut steps = vec![
+        Create::Audit(Box::new(entry)),
+        Create::PutModel,
+        Create::CreateJob,
+    ];
+    if then == Then::Queued {
+        steps.push(Create::Enqueue);
+    }
+    steps
 }
 
 /// Create the configured job `job` at start-up (its file's bytes `toml`,
 /// its initial model's hash `initial`): its `job.submitted` entry by the
 /// coordinator (`actor`) first — the job, the file's blake3 and the
-/// initial model's hash —, then its model, then the job.
+/// initial model's hash —, then its model, then the job ([`job_created`]).
 pub fn configured_job_created(
     actor: &str,
     job: &str,
     toml: &[u8],
     initial: &ModelHash,
-) -> [Create; 3] {
-    [
-        Create::Audit(Box::new(Effect::AppendAudit {
+) -> Vec<Create> {
+    job_created(
+        Effect::AppendAudit {
             actor: actor.to_owned(),
             event: CoordEvent::JobSubmitted(coord::JobSubmitted {
                 job: job.to_owned(),
                 job_toml_blake3: blake3::hash(toml).to_hex().to_string(),
                 initial_model: Some(initial.to_hex()),
             }),
-        })),
-        Create::PutModel,
-        Create::CreateJob,
-    ]
+        },
+        Then::Runs,
+    )
+}
+
+/// Create a submitted job whose `job.submitted` entry is `entry`
+/// ([`super::admin::job_submitted`]): the same steps as the configured
+/// job's ([`job_created`]), then the job queued.
+pub fn submitted_job_created(entry: Effect) -> Vec<Create> {
+    job_created(entry, Then::Queued)
 }
 
 #[cfg(test)]
@@ -421,7 +455,7 @@ mod tests {
     fn a_configured_job_is_recorded_then_its_model_then_the_job_stored() {
         let toml = b"id = \"j\"\n";
         let steps = configured_job_created(ACTOR, "j", toml, &ModelHash([0xab; 32]));
-        let [Create::Audit(entry), Create::PutModel, Create::CreateJob] = &steps else {
+        let [Create::Audit(entry), Create::PutModel, Create::CreateJob] = steps.as_slice() else {
             panic!("{steps:?}");
         };
         let Effect::AppendAudit { actor, event } = &**entry else {
@@ -439,5 +473,32 @@ mod tests {
                 blake3::hash(toml).to_hex()
             )
         );
+    }
+
+    /// A submitted job is created in the configured job's order, its own
+    /// entry first, and queued last.
+    #[test]
+    fn a_submitted_job_is_created_in_the_same_order_then_queued() {
+        let entry = Effect::AppendAudit {
+            actor: ACTOR.to_owned(),
+            event: CoordEvent::JobSubmitted(coord::JobSubmitted {
+                job: "j".to_owned(),
+                job_toml_blake3: "00".repeat(32),
+                initial_model: None,
+            }),
+        };
+        let steps = submitted_job_created(entry.clone());
+        assert_eq!(
+            steps,
+            vec![
+                Create::Audit(Box::new(entry)),
+                Create::PutModel,
+                Create::CreateJob,
+                Create::Enqueue,
+            ]
+        );
+        let configured = configured_job_created(ACTOR, "j", b"", &ModelHash([1; 32]));
+        assert_eq!(steps[1..3], configured[1..]);
+        assert!(!configured.contains(&Create::Enqueue));
     }
 }

@@ -38,10 +38,12 @@ use tokio::sync::oneshot;
 use super::engine::Event;
 use super::engine::admin::AdminEvent;
 use super::engine::effects;
-use super::{Shared, initial_model, read_initial_model, resolve_submitted_init, strategy_config};
+use super::shared::Shared;
+use super::{initial_model, read_initial_model, resolve_submitted_init, strategy_config};
 use crate::core::Effect;
 use crate::core::admin::{self, Registry, SiteCert, SiteCommand};
 use crate::core::provenance;
+use crate::core::recovery::{self, Create};
 use crate::job::{InitSource, Job};
 use crate::round::AdminCommand;
 use crate::store::{JobRecord, Store};
@@ -163,7 +165,9 @@ impl AdminState {
         let queue = match self.queue() {
             Ok(q) => q,
             Err(e) => {
-                tracing::error!(error = %e, "reading the job queue");
+                // No job switch is taken on a queue that cannot be read
+                // (an admin's `status` and `jobs list` say why).
+                tracing::error!(error = %e, "reading the job queue; no queued job is started");
                 return None;
             }
         };
@@ -175,9 +179,11 @@ impl AdminState {
         .map(str::to_owned)
     }
 
+    /// The jobs waiting behind the current one; a queue file that cannot
+    /// be read is an error naming it, not an empty queue.
     fn queued_jobs(&self) -> Result<Vec<JobId>, Fail> {
         let current = self.current_job();
-        let queue = self.queue().unwrap_or_default();
+        let queue = self.queue().map_err(queue_unreadable)?;
         crate::core::queue::queued(
             &queue,
             current.as_deref(),
@@ -193,12 +199,22 @@ impl AdminState {
             .map(|j| u64::from(j.rounds))
             .unwrap_or(0);
         let current = self.current_job();
+        let mut unreadable = None;
         let state = crate::core::jobs::job_state(
             rec.outcome.is_some(),
             current.as_deref() == Some(rec.id.as_str()),
-            || self.queue().unwrap_or_default().contains(&rec.id),
+            || match self.queue() {
+                Ok(queue) => queue.contains(&rec.id),
+                Err(e) => {
+                    unreadable = Some(e);
+                    false
+                }
+            },
             rec.paused,
         );
+        if let Some(e) = unreadable {
+            return Err(queue_unreadable(e));
+        }
         Ok(JobInfo {
             id: job_id(&rec.id)?,
             state: state.to_owned(),
@@ -235,6 +251,12 @@ enum QueueError {
     /// The configured path names no file in a directory.
     #[error("{}: not a file path", .0.display())]
     NotAFilePath(PathBuf),
+}
+
+/// What an admin is told when the queue file cannot be read (its error
+/// names the file).
+fn queue_unreadable(e: QueueError) -> Fail {
+    internal(format!("reading the job queue: {e}"))
 }
 
 fn read_queue(path: &Path) -> Result<Vec<String>, QueueError> {
@@ -778,23 +800,35 @@ async fn submit(shared: &Arc<Shared>, actor: &str, job_toml: &str) -> Result<Adm
     let exists = store.job(&job.id).map_err(internal)?.is_some();
     let entry =
         admin::job_submitted(actor, &submitted, job_toml, model.spec(), exists).map_err(refusal)?;
-    effects::execute(
-        shared.audit(),
-        store,
-        [entry],
-        |e| internal(e.cause()),
-        |other| Err(internal(format!("not a submission's effect: {other:?}"))),
-    )?;
+    // Created in the configured job's order (its entry first, then its
+    // model, then the job), then queued.
     let rec = tokio::task::block_in_place(|| -> Result<JobRecord, Fail> {
-        let hash = store.put_model(&model).map_err(internal)?;
-        let rec = store.create_job(job, hash).map_err(|e| match e {
-            crate::store::StoreError::JobExists(id) => {
-                refused(format!("a job with id {id} exists already"))
+        let mut hash = model.hash();
+        let mut rec = None;
+        for step in recovery::submitted_job_created(entry) {
+            match step {
+                Create::Audit(entry) => effects::execute(
+                    shared.audit(),
+                    store,
+                    [*entry],
+                    |e| internal(e.cause()),
+                    |other| Err(internal(format!("not a submission's effect: {other:?}"))),
+                )?,
+                Create::PutModel => hash = store.put_model(&model).map_err(internal)?,
+                Create::CreateJob => {
+                    rec = Some(store.create_job(job, hash).map_err(|e| match e {
+                        crate::store::StoreError::JobExists(id) => {
+                            refused(format!("a job with id {id} exists already"))
+                        }
+                        other => internal(other),
+                    })?);
+                }
+                Create::Enqueue => {
+                    append_queue(&shared.admin.queue_path, &job.id).map_err(internal)?
+                }
             }
-            other => internal(other),
-        })?;
-        append_queue(&shared.admin.queue_path, &job.id).map_err(internal)?;
-        Ok(rec)
+        }
+        rec.ok_or_else(|| internal("the job was not created"))
     })?;
     tracing::info!(job = %job.id, "job submitted");
     let _ = shared.engine.send(Event::Admin(AdminEvent::Wake)).await;
@@ -1225,6 +1259,43 @@ mod tests {
             append_queue(&path, "c").unwrap_err(),
             QueueError::Parse { .. }
         ));
+    }
+
+    /// A queue file that cannot be read is not an empty queue: no job is
+    /// started from it, and `status` / `jobs list` / `jobs show` of a job
+    /// that could be queued answer an error naming the file.
+    #[test]
+    fn an_unreadable_queue_is_an_error_not_an_empty_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let admin = AdminState::new(
+            store.clone(),
+            CertificateDer::from(Vec::new()),
+            dir.path().join("revoked.toml"),
+            None,
+        );
+        let job = Job::from_toml(
+            "id = \"j1\"\nrounds = 2\nseed = 1\n\
+             arch = { kind = \"logreg\", inputs = 3, classes = 2 }\n\
+             init = { seed = 1 }\n[round]\ndeadline_secs = 30\n[strategy]\nname = \"fedavg\"\n",
+        )
+        .unwrap();
+        let hash = store.put_model(&model(1)).unwrap();
+        let rec = store.create_job(&job, hash).unwrap();
+        append_queue(&admin.queue_path, "j1").unwrap();
+        assert_eq!(admin.next_queued().as_deref(), Some("j1"));
+        assert_eq!(admin.queued_jobs().unwrap().len(), 1);
+        assert_eq!(admin.job_info(&rec, false).unwrap().state, "queued");
+
+        std::fs::write(&admin.queue_path, b"[\"j1\"").unwrap();
+        assert_eq!(admin.next_queued(), None);
+        let (code, text) = admin.queued_jobs().unwrap_err();
+        assert_eq!(code, AdminErrorCode::Internal);
+        assert!(text.starts_with("reading the job queue: "), "{text}");
+        assert!(text.contains(QUEUE_FILE), "{text}");
+        let (code, text) = admin.job_info(&rec, false).unwrap_err();
+        assert_eq!(code, AdminErrorCode::Internal);
+        assert!(text.contains(QUEUE_FILE), "{text}");
     }
 
     #[test]

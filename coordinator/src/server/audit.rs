@@ -171,7 +171,7 @@ impl Auditor {
             let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
             inner
                 .log
-                .append_batch(crate::server::engine::unix_ms(), actor, &entries)?;
+                .append_batch(super::clock::unix_ms(), actor, &entries)?;
             self.after_append(&mut inner);
             Ok(())
         })
@@ -184,12 +184,9 @@ impl Auditor {
         details: &serde_json::Value,
     ) -> Result<(), AuditError> {
         let mut inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
-        inner.log.append(
-            crate::server::engine::unix_ms(),
-            actor,
-            event.as_str(),
-            details,
-        )?;
+        inner
+            .log
+            .append(super::clock::unix_ms(), actor, event.as_str(), details)?;
         self.after_append(&mut inner);
         Ok(())
     }
@@ -216,7 +213,7 @@ impl Auditor {
     /// The log's current head, signed now.
     pub(crate) fn signed_head(&self) -> Result<SignedHead, AuditError> {
         let inner = self.inner.lock().map_err(|_| AuditError::Lock)?;
-        Ok(inner.log.signed_head(crate::server::engine::unix_ms())?)
+        Ok(inner.log.signed_head(super::clock::unix_ms())?)
     }
 
     /// [`signed_head`](Self::signed_head) as the protocol's `AuditHead`

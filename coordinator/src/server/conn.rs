@@ -18,12 +18,13 @@ use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::Shared;
+use super::clock::unix_ms;
 use super::engine::{
     CheckError, Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
-    unix_ms, update_received_details,
+    update_received_details,
 };
 use super::limits;
+use super::shared::Shared;
 use super::spool::SpoolWriter;
 use super::wire::RecordReader;
 use crate::core::admission;

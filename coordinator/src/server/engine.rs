@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use super::clock::unix_ms;
 
 use ed25519_dalek::VerifyingKey;
 use fedlink_aggregation::round::{RoundAggregator, ServerState};
@@ -300,7 +302,7 @@ pub(crate) struct EngineParts {
     /// How much of the update archive to keep.
     pub(crate) retention: UpdateRetention,
     /// Where new model versions are published in wire form.
-    pub(crate) wire: Arc<super::Shared>,
+    pub(crate) wire: Arc<super::shared::Shared>,
     pub(crate) models_dir: PathBuf,
 }
 
@@ -362,7 +364,7 @@ pub(crate) struct Engine {
     /// exact JSON bytes its computation uses), its noise seed, when it
     /// opened, and its inputs in fold order.
     round_log: Option<RoundLog>,
-    wire: Arc<super::Shared>,
+    wire: Arc<super::shared::Shared>,
     models_dir: PathBuf,
     /// Monotonic instant paired with a wall-clock time, to turn deadlines
     /// into the Unix milliseconds sites see.
@@ -393,13 +395,6 @@ const STATUS_ROUNDS: usize = 100;
 /// sites it was rewritten 100 times a round, each time with every listed
 /// round: the cost grew with the square of the number of sites).
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Unix milliseconds now (wall clock; only for messages and records).
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl Engine {
     pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, StartError> {

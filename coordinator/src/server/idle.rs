@@ -13,17 +13,14 @@
 
 use std::future::Future;
 
-use fedlink_audit::CoordEvent;
-use fedlink_protocol::message::{RejectCode, UploadResult};
 use tokio::sync::mpsc;
 
-use super::engine::{Event, update_received_details};
+use super::engine::Event;
 use super::links::Links;
-use super::{ServeError, Shared};
-use crate::core::actions::eval_report_details;
-
-/// Why uploads and downloads are refused while no job runs.
-const NO_JOB: &str = "no job is running";
+use super::shared::Shared;
+use super::{AuditError, ServeError};
+use crate::core::Effect;
+use crate::core::idle::{self, IdleEffect};
 
 /// The site connections held while no job runs.
 #[derive(Debug, Default)]
@@ -68,15 +65,9 @@ impl Idle {
                 tracing::debug!(site = %site, round = round.0, "offer response without a job; ignored");
             }
             Event::EvalReport { site, report } => {
-                // Audited like a refusal by a running job.
-                let actor =
-                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
-                let event = CoordEvent::EvalRejected(fedlink_audit::coord::EvalRejected {
-                    report: eval_report_details(&site, &report.report),
-                    reason: NO_JOB.to_owned(),
-                });
                 tracing::warn!(site = %site, "evaluation report refused: no job is running");
-                if let Err(e) = shared.audit().record(&actor, &event) {
+                let effects = idle::eval_report(&shared.federation, &site, &report.report);
+                if let Err(e) = run(shared, effects, |_| {}) {
                     tracing::error!(error = %e, "recording a refused evaluation report");
                 }
             }
@@ -87,43 +78,47 @@ impl Idle {
                 ..
             } => {
                 tracing::warn!(site = %site, "upload refused: no job is running");
-                let actor =
-                    fedlink_audit::event::site_actor(shared.federation.as_str(), site.as_str());
-                let event =
-                    update_received_details(&envelope, envelope.header.payload_len, Some(NO_JOB));
-                let answer = match shared.audit().record(&actor, &event) {
-                    Ok(()) => (RejectCode::UnexpectedMessage, NO_JOB.to_owned()),
-                    Err(e) => (
-                        RejectCode::Internal,
-                        format!("the coordinator cannot write its audit log: {e}"),
-                    ),
+                let mut reply = Some(reply);
+                let mut answer = |effect: IdleEffect| {
+                    if let (IdleEffect::RefuseUpload { code, message }, Some(reply)) =
+                        (effect, reply.take())
+                    {
+                        let _ = reply.send(Err((code, message)));
+                    }
                 };
-                let _ = reply.send(Err(answer));
+                let effects = idle::upload(&shared.federation, &site, &envelope);
+                if let Err(e) = run(shared, effects, &mut answer) {
+                    answer(idle::unrecorded(&e.to_string()));
+                }
             }
             Event::UploadInterrupted(it) => {
-                // Its job ended while it was being received: nothing to
-                // resume into.
-                if let Some(path) = &it.spool_path
-                    && let Err(e) = std::fs::remove_file(path)
-                {
-                    tracing::debug!(error = %e, "removing a spool file");
-                }
+                let _ = run(shared, idle::interrupted(), |effect| {
+                    if effect == IdleEffect::RemoveSpool
+                        && let Some(path) = &it.spool_path
+                    {
+                        remove_spool(path);
+                    }
+                });
             }
             Event::UpdateReady(ready) => {
-                // Only a ticket from a running job leads here; none exists.
-                if let Err(e) = std::fs::remove_file(&ready.upload.spool_path) {
-                    tracing::debug!(error = %e, "removing a spool file");
-                }
-                let _ = ready.reply.send(UploadResult::Reject {
-                    code: RejectCode::UnexpectedMessage,
-                    message: NO_JOB.into(),
+                let (spool, mut reply) = (ready.upload.spool_path, Some(ready.reply));
+                let _ = run(shared, idle::ready(), |effect| match effect {
+                    IdleEffect::RemoveSpool => remove_spool(&spool),
+                    IdleEffect::AnswerUpload(result) => {
+                        if let Some(reply) = reply.take() {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    _ => {}
                 });
             }
             // The engine of the next job reads the manifest when it is built.
             Event::Keys(_) => {}
             Event::RecheckPeers => self.recheck_peers(shared),
             Event::Admin(ev) => {
-                if super::engine::admin::handle_without_job(shared, || self.connected(), ev) {
+                let may_start =
+                    super::engine::admin::handle_without_job(shared, || self.connected(), ev);
+                if idle::admin_done(may_start).contains(&IdleEffect::StartNextQueued) {
                     return shared.admin.next_queued();
                 }
             }
@@ -146,6 +141,31 @@ impl Idle {
     /// to take over (see `Engine::adopt`).
     pub(crate) fn links_mut(&mut self) -> &mut Links {
         &mut self.links
+    }
+}
+
+/// Execute `effects` in order: the audit appends here (the first that
+/// fails stops the run and is returned), every other effect by `other`.
+fn run(
+    shared: &Shared,
+    effects: Vec<IdleEffect>,
+    mut other: impl FnMut(IdleEffect),
+) -> Result<(), AuditError> {
+    for effect in effects {
+        match effect {
+            IdleEffect::Audit(Effect::AppendAudit { actor, event }) => {
+                shared.audit().record(&actor, &event)?
+            }
+            other_effect => other(other_effect),
+        }
+    }
+    Ok(())
+}
+
+/// Remove a spool file the idle state was handed (nothing to resume into).
+fn remove_spool(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::debug!(error = %e, "removing a spool file");
     }
 }
 

@@ -11,7 +11,8 @@ use fedlink_protocol::{Message, SiteId, ValueCodec};
 use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
-use super::{Shared, limits};
+use super::limits;
+use super::shared::Shared;
 use crate::core::{CloseReason, Effect, Held, JobNeeds, Sites};
 use crate::round::{ConnId, Input, SiteCapabilities};
 

@@ -21,6 +21,7 @@
 
 mod admin;
 pub(crate) mod audit;
+mod clock;
 mod conn;
 mod disk;
 mod engine;
@@ -28,6 +29,7 @@ mod idle;
 mod limits;
 mod links;
 pub(crate) mod pool;
+mod shared;
 pub(crate) mod spool;
 pub mod status;
 
@@ -36,24 +38,22 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use fedlink_aggregation::safetensors_io;
 use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
-use fedlink_protocol::{FederationId, FlatModel, ModelHash};
+use fedlink_protocol::{FederationId, FlatModel};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
-use crate::core::disk::LowOnDisk;
 use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
 use crate::core::refusals::Refusals;
-pub(crate) use crate::core::registry::NotAllowed;
-use crate::core::registry::{self, RegistryWatch, Watched};
+use crate::core::registry::RegistryWatch;
 use crate::job::{InitSource, Job};
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
@@ -62,7 +62,8 @@ use crate::store::Store;
 use crate::store::wire;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts, Event};
-use wire::{ServedModels, WireModel, WireUpdate};
+use shared::{Shared, mtime};
+use wire::ServedModels;
 
 pub use crate::core::admin::KeysError;
 pub use crate::core::jobs::strategy_config;
@@ -197,70 +198,6 @@ impl From<engine::EngineError> for ServeError {
     }
 }
 
-/// Uploads being received, by (site, nonce): each entry ends (its sender
-/// is dropped) when its attempt does.
-pub(crate) type UploadsInFlight =
-    HashMap<(fedlink_protocol::SiteId, [u8; 16]), tokio::sync::watch::Receiver<()>>;
-
-/// State shared by the connection tasks.
-pub(crate) struct Shared {
-    /// Tasks spawned per connection beyond the connection's own (stream
-    /// handlers, a site's stream acceptor, admin streams): shutdown waits
-    /// for them, so that nothing holding the store outlives `serve` (a
-    /// coordinator started again on the same data directory right after
-    /// found the database still open).
-    pub(crate) tasks: tokio_util::task::TaskTracker,
-    /// Upload answers on their way: from the moment a received upload goes
-    /// to the engine until the site has its `UploadResult` (or
-    /// [`ANSWER_GRACE`] passed). Shutdown waits for them before it closes
-    /// the connections: closing a QUIC connection discards stream data the
-    /// peer has not acknowledged, and the last round's acks were lost when
-    /// a job ended (a site saw "coordinator shutting down" instead of its
-    /// accepted update).
-    pub(crate) answers: tokio_util::task::TaskTracker,
-    /// The engine's (or idle holder's) event queue: bounded
-    /// ([`limits::ENGINE_QUEUE`]); connection tasks wait for room, so a
-    /// flood is held back by QUIC flow control instead of queued here.
-    engine: mpsc::Sender<Event>,
-    manifest: RwLock<SiteManifest>,
-    manifest_path: PathBuf,
-    /// When the manifest and the revocation list are taken up again, and
-    /// whether the open connections are to be re-checked.
-    registry_watch: Mutex<RegistryWatch<SystemTime>>,
-    /// How each connected site is connected (operator view: transport,
-    /// proxy, RTT), by site; the engine owns who is connected.
-    pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
-    revocations: Arc<RevocationList>,
-    federation: FederationId,
-    heartbeat: Duration,
-    uploads: Semaphore,
-    downloads: Semaphore,
-    /// Uploads being received, by (site, nonce): a resume of one waits
-    /// until its interrupted first attempt has ended and been kept.
-    pub(crate) uploads_in_flight: Mutex<UploadsInFlight>,
-    next_conn: AtomicU64,
-    /// The model versions served in wire form (the current one and the
-    /// one before it: [`ServedModels`]).
-    wire: RwLock<ServedModels>,
-    /// The latest round's global update (base → current global model),
-    /// served to sites that hold the base; `None` when the job sends whole
-    /// models or no round has completed since start.
-    downlink: RwLock<Option<Arc<WireUpdate>>>,
-    /// What the running job asks of its sites (codec family, protocol
-    /// version).
-    job_needs: RwLock<JobNeeds>,
-    audit: Arc<Auditor>,
-    admin: admin::AdminState,
-    /// Failed handshakes of the current interval (recorded in bulk).
-    refusals: Mutex<Refusals>,
-    /// Keeps the disk from filling up past what the audit log needs.
-    disk: disk::DiskGuard,
-    /// Open connections, per identity and in all.
-    connections: Arc<limits::Connections>,
-    /// Timeouts and budgets of every connection.
-    peer: PeerLimits,
-}
-
 /// Create the data directory (mode 0700) or make an existing one owner-only:
 /// it holds raw site updates. Every directory and file below it that group or
 /// others could access is tightened, with a warning naming it and the mode
@@ -285,201 +222,6 @@ fn private_data_dir(dir: &Path) -> Result<(), ServeError> {
         );
     }
     Ok(())
-}
-
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-impl Shared {
-    /// Count a failed handshake from `remote` (recorded in bulk by
-    /// [`Shared::record_refusals`]).
-    fn note_refused(&self, remote: SocketAddr, reason: &str) {
-        if let Ok(mut r) = self.refusals.lock() {
-            r.note(Instant::now(), remote.ip(), reason);
-        }
-    }
-
-    /// Record the failed handshakes counted so far: every source whose
-    /// interval has passed, or all of them with `all` (shutdown).
-    fn record_refusals(&self, all: bool) {
-        let now = Instant::now();
-        let summaries = match self.refusals.lock() {
-            Ok(mut r) if all => r.drain(),
-            Ok(mut r) => r.poll_flush(now),
-            Err(_) => return,
-        };
-        let to_unix_ms = |t: Instant| {
-            engine::unix_ms().saturating_sub(now.saturating_duration_since(t).as_millis() as u64)
-        };
-        for s in summaries {
-            let top = s
-                .tally
-                .reasons
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(r, _)| r.clone())
-                .unwrap_or_default();
-            let r = self.audit.record_own_event(&CoordEvent::HandshakesRefused(
-                coord::HandshakesRefused {
-                    peer_addr: s.source.to_string(),
-                    stage: "handshake".into(),
-                    count: s.tally.count,
-                    reason: top,
-                    reasons: s.tally.reasons.clone(),
-                    first_unix_ms: to_unix_ms(s.tally.first),
-                    last_unix_ms: to_unix_ms(s.tally.last),
-                },
-            ));
-            if let Err(e) = r {
-                tracing::error!(error = %e, "cannot record refused handshakes");
-            }
-        }
-    }
-
-    /// May new work (a connection, an upload) start? Records the change
-    /// when the disk becomes low or recovers; `Err` says why not.
-    pub(crate) fn disk_allows_new_work(&self) -> Result<(), LowOnDisk> {
-        let observed = self.disk.check(self.audit.actor());
-        if let Some(crate::core::Effect::AppendAudit { actor, event }) = observed.audit
-            && let Err(e) = self.audit.record(&actor, &event)
-        {
-            tracing::error!(error = %e, "cannot record the disk state");
-        }
-        observed.verdict
-    }
-
-    /// The coordinator's audit log. Record an event before the action it
-    /// describes takes effect, and do not perform the action if recording
-    /// fails.
-    pub(crate) fn audit(&self) -> &Auditor {
-        &self.audit
-    }
-
-    /// What the running job asks of its sites.
-    fn job_needs(&self) -> JobNeeds {
-        self.job_needs.read().map_or(JobNeeds::ANY, |n| *n)
-    }
-
-    fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
-        self.wire.read().ok()?.get(hash)
-    }
-
-    /// The update from `base` to `hash`, if it is the one being served.
-    fn wire_update(&self, base: &ModelHash, hash: &ModelHash) -> Option<Arc<WireUpdate>> {
-        let u = self.downlink.read().ok()?.clone()?;
-        (u.base == *base && u.wire.hash == *hash).then_some(u)
-    }
-
-    /// Serve `u` (the latest round's update) from now on, instead of the
-    /// one before.
-    pub(crate) fn publish_update(&self, u: Option<WireUpdate>) {
-        if let Ok(mut slot) = self.downlink.write() {
-            *slot = u.map(Arc::new);
-        }
-    }
-
-    /// Serve `w` as the current model version (the one before it stays
-    /// served for a round, older ones are dropped: [`ServedModels`]).
-    /// Returns the versions still served and the wire file no longer
-    /// served.
-    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<ModelHash>, Option<PathBuf>) {
-        match self.wire.write() {
-            Ok(mut served) => {
-                let dropped = served.publish(w.hash, w).map(|d| d.path.clone());
-                (served.hashes(), dropped)
-            }
-            // Poisoned: nothing is served, nothing is known to be unserved.
-            Err(_) => (Vec::new(), None),
-        }
-    }
-
-    /// Re-read the manifest and the revocation list if their files changed
-    /// (renewals, new sites, revocations take effect without a restart).
-    /// A file that fails to load keeps the old list in force and is tried
-    /// again next time. When anything changed, the engine re-checks every
-    /// open connection (a revoked or superseded certificate is cut off).
-    /// When a file is due and whether to re-check: [`RegistryWatch`].
-    fn reload_if_changed(&self) {
-        let recheck = {
-            let mut watch = self
-                .registry_watch
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let m = mtime(&self.manifest_path);
-            if watch.due(Watched::Manifest, &m) {
-                match SiteManifest::load(&self.manifest_path) {
-                    Ok(new) => match update_keys(&new) {
-                        Ok(keys) => {
-                            if let Ok(mut cur) = self.manifest.write() {
-                                *cur = new;
-                            }
-                            // Queue full: nothing taken up, so the next
-                            // reload tick (2 s) tries again.
-                            if self.engine.try_send(Event::Keys(keys)).is_ok() {
-                                tracing::info!(path = %self.manifest_path.display(), "site manifest reloaded");
-                                watch.taken_up(Watched::Manifest, m);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "the new site manifest has a bad update key; keeping the old one");
-                        }
-                    },
-                    Err(e) => {
-                        tracing::error!(error = %e, "reloading the site manifest failed; keeping the old one");
-                    }
-                }
-            }
-            if let Some(path) = self.revocations.path() {
-                let r = mtime(path);
-                if watch.due(Watched::Revocations, &r) {
-                    match self.revocations.reload() {
-                        Ok(n) => {
-                            tracing::info!(revoked = n, "revocation list reloaded");
-                            watch.taken_up(Watched::Revocations, r);
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "reloading the revocation list failed; keeping the old one");
-                        }
-                    }
-                }
-            }
-            watch.poll_recheck()
-        };
-        if recheck {
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                self.engine.try_send(Event::RecheckPeers)
-            {
-                self.registry_watch
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .recheck_not_queued();
-            }
-            self.recheck_admins();
-        }
-    }
-
-    /// Whether `site` may still contribute ([`registry::site_allowed`]
-    /// over the manifest and the revocation list as loaded).
-    pub(crate) fn site_allowed(&self, site: &str) -> Result<(), NotAllowed> {
-        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        registry::site_allowed(&manifest, &*self.revocations, site)
-    }
-
-    /// The most training examples `site`'s updates may claim
-    /// ([`registry::site_max_examples`]).
-    pub(crate) fn site_max_examples(&self, site: &str) -> Result<Option<u64>, NotAllowed> {
-        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        Ok(registry::site_max_examples(&manifest, site))
-    }
-
-    /// Whether an open connection may stay ([`registry::peer_allowed`]
-    /// with its end-entity certificate).
-    pub(crate) fn check_open_peer(&self, conn: &fedlink_transport::Conn) -> Result<(), NotAllowed> {
-        let cert = conn.peer_end_entity();
-        let manifest = self.manifest.read().map_err(|_| NotAllowed::ManifestLock)?;
-        registry::peer_allowed(&manifest, &*self.revocations, cert.as_ref())
-    }
 }
 
 /// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
@@ -1295,6 +1037,8 @@ fn select_job(
                 Create::CreateJob => {
                     store.create_job(job, hash)?;
                 }
+                // Not a configured job's step: it runs now.
+                Create::Enqueue => {}
             }
         }
         tracing::info!(job = %job.id, model = %hash, "job created");

@@ -16,7 +16,7 @@ use crate::core::Effect;
 use crate::core::admin::{self as core_admin, StoredJob};
 use crate::core::status;
 use crate::round::{AdminCommand, Input};
-use crate::server::Shared;
+use crate::server::shared::Shared;
 use crate::store::Store;
 
 /// An admin request for the engine.
