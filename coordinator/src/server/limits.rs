@@ -154,22 +154,14 @@ mod tests {
 
     #[test]
     fn a_slot_counts_its_connection_until_dropped() {
+        // The caps themselves are `core::limits::OpenConnections`'s (tested
+        // there); here: a slot holds its count until it is dropped.
         let c = Connections::new(3, 2);
         let a1 = c.admit("a").unwrap();
         let _a2 = c.admit("a").unwrap();
-        let err = c.admit("a").err().unwrap();
-        assert_eq!(
-            err,
-            TooManyConnections::PerIdentity {
-                identity: "a".into(),
-                open: 2
-            }
-        );
-        assert!(err.to_string().contains("per identity"));
+        assert!(c.admit("a").is_err(), "two per identity");
         let _b1 = c.admit("b").unwrap();
-        let err = c.admit("c").err().unwrap();
-        assert!(matches!(err, TooManyConnections::Total { .. }), "{err:?}");
-        assert!(err.to_string().contains("max_connections"));
+        assert!(c.admit("c").is_err(), "three in all");
         drop(a1);
         let _c1 = c.admit("c").unwrap();
         assert!(c.admit("a").is_err(), "the total is full again");
