@@ -990,10 +990,7 @@ impl Engine {
                 let replay = match &plan.commit_replay {
                     Some(key) => {
                         let (site, round) = key;
-                        if let Some(p) = SiteId::new(site.as_str())
-                            .ok()
-                            .and_then(|site| self.uploads.get(&site, *round))
-                        {
+                        if let Some(p) = self.uploads.get(site, *round) {
                             self.replay.commit_header(&p.upload.envelope.header);
                         }
                         Some(serde_json::to_vec(&self.replay).map_err(|source| {
@@ -1030,9 +1027,7 @@ impl Engine {
                 tracing::debug!(site = %site, round = round.0, model = %model, "site may fetch the model");
             }
             Action::AckUpdate { site, round } => {
-                let acked = SiteId::new(site.as_str())
-                    .ok()
-                    .and_then(|site| self.uploads.acked(&site, round));
+                let acked = self.uploads.acked(&site, round);
                 match acked {
                     Some(acked) => self.ack(acked)?,
                     None => tracing::warn!(
@@ -1048,10 +1043,9 @@ impl Engine {
                 reason,
             } => {
                 tracing::warn!(site = %site, round = round.0, reason = %reason_text(&reason), "update rejected");
-                let refused = SiteId::new(site.as_str()).ok().and_then(|site| {
-                    self.uploads
-                        .rejected(&self.facts, &site, round, &reason, unix_ms())
-                });
+                let refused = self
+                    .uploads
+                    .rejected(&self.facts, &site, round, &reason, unix_ms());
                 if let Some(refused) = refused {
                     self.refused(refused)?;
                 }
