@@ -35,9 +35,8 @@ use fedlink_protocol::{
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
 use tokio::sync::oneshot;
 
-use super::engine::Event;
-use super::engine::admin::AdminEvent;
-use super::engine::effects;
+use super::effects;
+use super::event::{AdminEvent, Event};
 use super::shared::Shared;
 use super::{initial_model, read_initial_model, resolve_submitted_init, strategy_config};
 use crate::core::Effect;

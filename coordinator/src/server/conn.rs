@@ -19,14 +19,14 @@ use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, clos
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::clock::unix_ms;
-use super::engine::{
+use super::event::{
     CheckError, Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
-    update_received_details,
 };
 use super::limits;
 use super::shared::Shared;
 use super::spool::SpoolWriter;
 use super::wire::RecordReader;
+use crate::core::actions::update_received_details;
 use crate::core::admission;
 use crate::core::limits::SourceRates;
 use crate::core::refusals::peer_text;

@@ -15,7 +15,7 @@ use std::future::Future;
 
 use tokio::sync::mpsc;
 
-use super::engine::Event;
+use super::event::Event;
 use super::links::Links;
 use super::shared::Shared;
 use super::{AuditError, ServeError};

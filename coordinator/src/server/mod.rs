@@ -24,7 +24,9 @@ pub(crate) mod audit;
 mod clock;
 mod conn;
 mod disk;
+mod effects;
 mod engine;
+mod event;
 mod idle;
 mod limits;
 mod links;
@@ -61,7 +63,8 @@ use crate::store::Store;
 // that the driver's modules reach them as `super::wire`.
 use crate::store::wire;
 pub(crate) use audit::Auditor;
-use engine::{Engine, EngineParts, Event};
+use engine::{Engine, EngineParts};
+use event::Event;
 use shared::{Shared, mtime};
 use wire::ServedModels;
 
@@ -886,13 +889,13 @@ fn append_own(
     store: &Store,
     effects: impl IntoIterator<Item = crate::core::Effect>,
 ) -> Result<(), ServeError> {
-    engine::effects::execute(
+    effects::execute(
         audit,
         store,
         effects,
         |failed| match failed {
-            engine::effects::Unexecuted::Audit { source, .. } => ServeError::Audit(source),
-            engine::effects::Unexecuted::Persist { source, .. } => ServeError::Store(source),
+            effects::Unexecuted::Audit { source, .. } => ServeError::Audit(source),
+            effects::Unexecuted::Persist { source, .. } => ServeError::Store(source),
         },
         |other| {
             Err(ServeError::Fatal(

@@ -15,7 +15,7 @@ use fedlink_protocol::{FederationId, ModelHash};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::audit::Auditor;
-use super::engine::Event;
+use super::event::Event;
 use super::limits::PeerLimits;
 use super::wire::{ServedModels, WireModel, WireUpdate};
 use super::{admin, disk, limits, links};

@@ -9,34 +9,16 @@ use std::time::Instant;
 
 use fedlink_protocol::SiteId;
 use fedlink_protocol::admin::{AdminErrorCode, JobProgress};
-use tokio::sync::oneshot;
 
-use super::{Engine, EngineError, effects};
+use super::{Engine, EngineError};
 use crate::core::Effect;
 use crate::core::admin::{self as core_admin, StoredJob};
 use crate::core::status;
-use crate::round::{AdminCommand, Input};
+use crate::round::Input;
+use crate::server::effects;
+use crate::server::event::AdminEvent;
 use crate::server::shared::Shared;
 use crate::store::Store;
-
-/// An admin request for the engine.
-#[derive(Debug)]
-pub(crate) enum AdminEvent {
-    /// Where the running job stands.
-    Progress(oneshot::Sender<JobProgress>),
-    /// Pause, resume or abort a job (running or queued).
-    Job {
-        id: String,
-        cmd: AdminCommand,
-        /// The admin's identity (the audit actor).
-        actor: String,
-        reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
-    },
-    /// The sites connected now (sorted), with or without a job.
-    ConnectedSites(oneshot::Sender<Vec<SiteId>>),
-    /// A job was queued: a finished engine looks for its next job.
-    Wake,
-}
 
 /// Handle an admin event while no job runs (the idle holder's; `connected`
 /// lists the sites it holds):
