@@ -25,7 +25,6 @@ use super::event::{
 use super::limits;
 use super::shared::Shared;
 use super::spool::SpoolWriter;
-use super::wire::RecordReader;
 use crate::core::actions::update_received_details;
 use crate::core::admission;
 use crate::core::limits::SourceRates;
@@ -33,6 +32,7 @@ use crate::core::refusals::peer_text;
 use crate::core::registry::NotAllowed;
 use crate::core::session::{Control, Cut as ControlCut, Session, Stream};
 use crate::round::{ConnId, SiteCapabilities};
+use crate::store::wire::{self, RecordReader};
 
 /// A connection attempt admitted to its handshake, holding one of the
 /// handshake slots until the handshake ends.
@@ -342,17 +342,17 @@ async fn serve_site(
         .capabilities
         .features
         .iter()
-        .any(|f| f == super::links::VIA_PROXY_FEATURE);
+        .any(|f| f == super::shared::VIA_PROXY_FEATURE);
     if let Ok(mut links) = shared.site_links.lock() {
         links.insert(
             site_id.clone(),
-            super::links::SiteLink {
+            super::shared::SiteLink {
                 conn: conn.clone(),
                 via_proxy,
             },
         );
     }
-    let _link = super::links::LinkGuard {
+    let _link = super::shared::LinkGuard {
         shared,
         site: site_id.clone(),
         conn_id: conn.stable_id(),
@@ -731,7 +731,7 @@ async fn stream_records(
     // go back to it once QUIC has them acknowledged (no pages freed and
     // faulted in again per piece: `super::pool`).
     const PIECE: usize = 256 << 10;
-    let stream_err = |e: super::wire::WireError| TransportError::Stream(e.to_string());
+    let stream_err = |e: wire::WireError| TransportError::Stream(e.to_string());
     let mut reader = RecordReader::open(path).map_err(stream_err)?;
     let mut index = 0u64;
     loop {
@@ -1147,6 +1147,6 @@ async fn receive_upload(
     // after this round does not close the connection over it.
     drop(_permit);
     drop(_in_flight);
-    let _ = tokio::time::timeout(super::ANSWER_GRACE, send.stopped()).await;
+    let _ = tokio::time::timeout(limits::ANSWER_GRACE, send.stopped()).await;
     Ok(())
 }

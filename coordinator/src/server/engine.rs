@@ -46,7 +46,7 @@ use crate::core::{Effect, JobNeeds, evaluation};
 use crate::job::Job;
 use crate::round::{Action, Input, JobOutcome, JobRunner, plain_round_ids};
 use crate::round_archive::{self, RoundFile, RoundInput};
-use crate::store::{Extras, Store};
+use crate::store::{Extras, Store, wire};
 
 pub(crate) mod admin;
 
@@ -105,7 +105,7 @@ enum AggregationFailure {
     Store(#[from] crate::store::StoreError),
     /// The new model's wire form could not be written.
     #[error(transparent)]
-    Wire(#[from] super::wire::WireError),
+    Wire(#[from] wire::WireError),
 }
 
 /// Why an acknowledged update could not be folded into the round (pass 2);
@@ -1487,7 +1487,7 @@ impl Engine {
         // the encoded update is written for them to download.
         let downlink = self.job.encoding.downlink_encoding();
         let update_wire = match downlink {
-            Some(encoding) => match super::wire::write_update(
+            Some(encoding) => match wire::write_update(
                 &self.models_dir,
                 base_model,
                 &mut next,
@@ -1563,10 +1563,7 @@ impl Engine {
         let (recorded, wire, wire_ms) = std::thread::scope(|s| {
             let wire = s.spawn(|| {
                 let t = Instant::now();
-                (
-                    super::wire::ensure_as(&models_dir, &next, next_hash),
-                    t.elapsed(),
-                )
+                (wire::ensure_as(&models_dir, &next, next_hash), t.elapsed())
             });
             let t = Instant::now();
             let mut recorded = Ok(Ok(()));
@@ -1583,7 +1580,7 @@ impl Engine {
             let record_ms = t.elapsed();
             let (wire, wire_ms) = wire
                 .join()
-                .unwrap_or((Err(super::wire::WireError::Thread), Duration::ZERO));
+                .unwrap_or((Err(wire::WireError::Thread), Duration::ZERO));
             (recorded, wire, (wire_ms, record_ms))
         });
         let (wire_ms, record_ms) = wire_ms;
@@ -1602,11 +1599,11 @@ impl Engine {
         if let Some(path) = unserved {
             // Freeing a model's file (and its page cache) takes a while at
             // 10M parameters: off the round's path. Best effort, logged.
-            std::thread::spawn(move || super::wire::remove_model_file(&path));
+            std::thread::spawn(move || wire::remove_model_file(&path));
         }
         let keep = update_wire.as_ref().map(|u| u.wire.path.clone());
         self.wire.publish_update(update_wire);
-        super::wire::prune_updates(&self.models_dir, keep.as_deref());
+        wire::prune_updates(&self.models_dir, keep.as_deref());
         drop(next);
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
@@ -2095,7 +2092,7 @@ mod tests {
     }
 
     fn privacy_of(job: &Job) -> PrivacyRequirements {
-        let strategy = match super::super::strategy_config(job) {
+        let strategy = match crate::core::jobs::strategy_config(job) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };
@@ -2191,7 +2188,7 @@ mod tests {
     }
 
     fn max_num_examples(extra: &str) -> u64 {
-        match super::super::strategy_config(&job(extra)) {
+        match crate::core::jobs::strategy_config(&job(extra)) {
             Ok(s) => s.max_num_examples,
             Err(e) => panic!("{e}"),
         }

@@ -15,10 +15,10 @@ use std::future::Future;
 
 use tokio::sync::mpsc;
 
+use super::audit::AuditError;
 use super::event::Event;
 use super::links::Links;
 use super::shared::Shared;
-use super::{AuditError, ServeError};
 use crate::core::Effect;
 use crate::core::idle::{self, IdleEffect};
 
@@ -169,27 +169,27 @@ fn remove_spool(path: &std::path::Path) {
     }
 }
 
-/// Serve without a job until one is submitted (`Ok(Some(id))`) or until
-/// shutdown (`Ok(None)`).
+/// Serve without a job until one is submitted (`Some(id)`) or until
+/// shutdown (`None`).
 pub(crate) async fn run_idle<F: Future<Output = ()>>(
     idle: &mut Idle,
     rx: &mut mpsc::Receiver<Event>,
     shared: &Shared,
     mut shutdown: std::pin::Pin<&mut F>,
-) -> Result<Option<String>, ServeError> {
+) -> Option<String> {
     tracing::info!(
         "no job: serving the admin API and holding site connections until a job is submitted"
     );
     if let Some(next) = shared.admin.next_queued() {
-        return Ok(Some(next));
+        return Some(next);
     }
     loop {
         tokio::select! {
-            () = &mut shutdown => return Ok(None),
+            () = &mut shutdown => return None,
             ev = rx.recv() => {
-                let Some(ev) = ev else { return Ok(None) };
+                let ev = ev?;
                 if let Some(next) = idle.handle(shared, ev) {
-                    return Ok(Some(next));
+                    return Some(next);
                 }
             }
         }

@@ -46,6 +46,11 @@ impl PeerLimits {
     }
 }
 
+/// How long an upload's answer may take to reach the site (its
+/// acknowledgement of the stream's end), and so how long shutdown waits for
+/// answers on their way.
+pub(crate) const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
 /// Events queued for the engine, at most. Every connection task waits for
 /// room before it queues (one event each at a time), so the queue holds at
 /// most this many plus one per connection waiting.

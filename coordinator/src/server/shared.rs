@@ -11,24 +11,25 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{RevocationList, SiteManifest};
-use fedlink_protocol::{FederationId, ModelHash};
+use fedlink_protocol::{FederationId, ModelHash, SiteId};
+use fedlink_transport::ServerConn;
 use tokio::sync::{Semaphore, mpsc};
 
+use super::admin_state::AdminState;
 use super::audit::Auditor;
 use super::event::Event;
 use super::limits::PeerLimits;
-use super::wire::{ServedModels, WireModel, WireUpdate};
-use super::{admin, disk, limits, links};
+use super::{disk, limits};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::disk::LowOnDisk;
 use crate::core::refusals::Refusals;
 use crate::core::registry::{self, NotAllowed, RegistryWatch, Watched};
+use crate::store::wire::{ServedModels, WireModel, WireUpdate};
 
 /// Uploads being received, by (site, nonce): each entry ends (its sender
 /// is dropped) when its attempt does.
-pub(crate) type UploadsInFlight =
-    HashMap<(fedlink_protocol::SiteId, [u8; 16]), tokio::sync::watch::Receiver<()>>;
+pub(crate) type UploadsInFlight = HashMap<(SiteId, [u8; 16]), tokio::sync::watch::Receiver<()>>;
 
 /// State shared by the connection tasks.
 pub(crate) struct Shared {
@@ -40,7 +41,7 @@ pub(crate) struct Shared {
     pub(crate) tasks: tokio_util::task::TaskTracker,
     /// Upload answers on their way: from the moment a received upload goes
     /// to the engine until the site has its `UploadResult` (or
-    /// [`super::ANSWER_GRACE`] passed). Shutdown waits for them before it closes
+    /// [`limits::ANSWER_GRACE`] passed). Shutdown waits for them before it closes
     /// the connections: closing a QUIC connection discards stream data the
     /// peer has not acknowledged, and the last round's acks were lost when
     /// a job ended (a site saw "coordinator shutting down" instead of its
@@ -57,7 +58,7 @@ pub(crate) struct Shared {
     pub(super) registry_watch: Mutex<RegistryWatch<SystemTime>>,
     /// How each connected site is connected (operator view: transport,
     /// proxy, RTT), by site; the engine owns who is connected.
-    pub(crate) site_links: Mutex<HashMap<fedlink_protocol::SiteId, links::SiteLink>>,
+    pub(crate) site_links: Mutex<HashMap<SiteId, SiteLink>>,
     pub(super) revocations: Arc<RevocationList>,
     pub(super) federation: FederationId,
     pub(super) heartbeat: Duration,
@@ -78,7 +79,7 @@ pub(crate) struct Shared {
     /// version).
     pub(super) job_needs: RwLock<JobNeeds>,
     pub(super) audit: Arc<Auditor>,
-    pub(super) admin: admin::AdminState,
+    pub(super) admin: AdminState,
     /// Failed handshakes of the current interval (recorded in bulk).
     pub(super) refusals: Mutex<Refusals>,
     /// Keeps the disk from filling up past what the audit log needs.
@@ -87,6 +88,52 @@ pub(crate) struct Shared {
     pub(super) connections: Arc<limits::Connections>,
     /// Timeouts and budgets of every connection.
     pub(super) peer: PeerLimits,
+}
+
+/// How a connected site reaches the coordinator, for `status` and `sites`.
+#[derive(Clone, Debug)]
+pub(crate) struct SiteLink {
+    /// The connection (asked for its transport and RTT when shown).
+    pub(crate) conn: ServerConn,
+    /// The site reported (Hello feature [`VIA_PROXY_FEATURE`]) that its TCP
+    /// connection goes through an HTTP proxy.
+    pub(crate) via_proxy: bool,
+}
+
+/// The Hello capability feature a site sends when its connection goes
+/// through an HTTP proxy (the coordinator sees only the proxy's address).
+pub(crate) const VIA_PROXY_FEATURE: &str = fedlink_protocol::message::FEATURE_VIA_PROXY;
+
+impl SiteLink {
+    pub(crate) fn info(&self, site: SiteId) -> fedlink_protocol::admin::LinkInfo {
+        fedlink_protocol::admin::LinkInfo {
+            site,
+            transport: self.conn.kind().as_str().to_owned(),
+            via_proxy: self.via_proxy,
+            rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
+            remote: self.conn.remote_address().to_string(),
+        }
+    }
+}
+
+/// Removes a site's link entry when its session ends — unless a newer
+/// connection of the site has replaced it meanwhile.
+pub(crate) struct LinkGuard<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) site: SiteId,
+    pub(crate) conn_id: usize,
+}
+
+impl Drop for LinkGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut links) = self.shared.site_links.lock()
+            && links
+                .get(&self.site)
+                .is_some_and(|l| l.conn.stable_id() == self.conn_id)
+        {
+            links.remove(&self.site);
+        }
+    }
 }
 
 pub(super) fn mtime(path: &Path) -> Option<SystemTime> {
