@@ -22,8 +22,7 @@ use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::envelope::{PayloadVerifier, SignedEnvelope, UpdateHeader};
 use fedlink_protocol::message::{RejectCode, UploadProgress, UploadResult};
 use fedlink_protocol::{
-    Encoding, EvalMetrics, FederationId, FlatModel, JobId, Message, ModelHash, ReplayGuard,
-    RoundId, SiteId,
+    Encoding, EvalMetrics, FederationId, FlatModel, JobId, ModelHash, ReplayGuard, RoundId, SiteId,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,23 +31,23 @@ use super::event::{
     Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
 };
 use super::links::Links;
-use super::status::{RoundStatus, Status, StatusWriter};
+use super::status::{RoundStatus, StatusWriter};
 use crate::config::UpdateRetention;
-use crate::core::actions::{
-    self, Connected, FinalEvaluation, Finishing, JobFacts, OfferTerms, UnixClock, UploadFacts,
-};
-use crate::core::intake::{self, reason_text};
+use crate::core::actions::{self, JobFacts, UnixClock};
+use crate::core::intake;
 use crate::core::resume::Partials;
 use crate::core::round_end::{self, Aggregated, EvaluationFacts, Retention, RoundNumbers, Step};
-use crate::core::scaling::{FederatedScaling, PersistedState, Report};
+use crate::core::scaling::{FederatedScaling, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
-use crate::core::{Effect, JobNeeds, evaluation};
+use crate::core::{JobNeeds, evaluation};
 use crate::job::Job;
-use crate::round::{Action, Input, JobOutcome, JobRunner, plain_round_ids};
-use crate::round_archive::{self, RoundFile, RoundInput};
-use crate::store::{Extras, Store, wire};
+use crate::round::{Input, JobOutcome, JobRunner};
+use crate::round_archive::{self, RoundInput};
+use crate::store::{Store, wire};
 
 pub(crate) mod admin;
+pub(super) mod driver;
+mod round_files;
 
 /// Why an engine cannot start on its job.
 #[derive(Debug, thiserror::Error)]
@@ -201,14 +200,14 @@ pub(crate) struct Engine {
     round_stats: BTreeMap<RoundId, Vec<Report>>,
     status: StatusWriter,
     /// Rounds shown in the status file that can no longer change
-    /// (completed or discarded), the newest [`STATUS_ROUNDS`] of them, and
+    /// (completed or discarded), the newest [`round_files::STATUS_ROUNDS`] of them, and
     /// the first round number not among them: each status write reads
     /// only the rounds from there on from the store, not the whole job.
     status_final: std::collections::VecDeque<RoundStatus>,
     status_next: RoundId,
     /// When the status file was last written, and whether it is behind
     /// (an accepted update since): accepted updates rewrite it at most
-    /// every [`STATUS_INTERVAL`]; everything else at once.
+    /// every [`round_files::STATUS_INTERVAL`]; everything else at once.
     status_written: Option<Instant>,
     status_behind: bool,
     retention: UpdateRetention,
@@ -238,15 +237,6 @@ pub(crate) struct Engine {
     /// handled next, as if it had not been taken.
     stashed: Option<Event>,
 }
-
-/// Rounds listed in `status.json`, at most: the newest. The whole history
-/// is in the store (`fedlink rounds list`).
-const STATUS_ROUNDS: usize = 100;
-
-/// Accepted updates rewrite the status file at most this often (with 100
-/// sites it was rewritten 100 times a round, each time with every listed
-/// round: the cost grew with the square of the number of sites).
-const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Engine {
     pub(crate) fn new(parts: EngineParts, now: Instant) -> Result<Self, StartError> {
@@ -307,57 +297,9 @@ impl Engine {
         self.outcome.as_ref()
     }
 
-    /// When the round machine wants to be woken.
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.runner.poll_timeout(),
-            self.status_due(),
-            self.requested.as_ref().map(|(r, _)| r.deadline()),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
-    /// When the status file must be brought up to date, if it is behind.
-    fn status_due(&self) -> Option<Instant> {
-        if !self.status_behind {
-            return None;
-        }
-        Some(
-            self.status_written
-                .map_or_else(Instant::now, |t| t + STATUS_INTERVAL),
-        )
-    }
-
     /// Replace the update keys (manifest reloaded).
     pub(crate) fn set_keys(&mut self, keys: BTreeMap<SiteId, VerifyingKey>) {
         self.keys = keys;
-    }
-
-    /// Handle an event or a timeout (`handle`) with the engine's event
-    /// queue `rx` lent to it, then the event a round's end took from the
-    /// queue and did not handle, if any (see
-    /// [`Self::take_queued_uploads`]): events are handled in the order they
-    /// came.
-    pub(crate) fn with_inbox(
-        &mut self,
-        rx: &mut mpsc::Receiver<Event>,
-        handle: impl FnOnce(&mut Self) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
-        let (_, stand_in) = mpsc::channel(1);
-        self.inbox = Some(std::mem::replace(rx, stand_in));
-        let mut result = handle(self);
-        while result.is_ok() {
-            let Some(event) = self.stashed.take() else {
-                break;
-            };
-            result = self.handle_event(Instant::now(), event);
-        }
-        if let Some(inbox) = self.inbox.take() {
-            *rx = inbox;
-        }
-        result
     }
 
     /// Before round `round`'s end closes the gate of one-pass folds: the
@@ -401,129 +343,6 @@ impl Engine {
             self.execute(now, action)?;
         }
         Ok(())
-    }
-
-    /// Drain actions after construction (a resumed job may act at once).
-    pub(crate) fn start(&mut self, now: Instant) -> Result<(), EngineError> {
-        self.drain(now)?;
-        self.write_status();
-        Ok(())
-    }
-
-    pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), EngineError> {
-        if self.status_due().is_some_and(|t| t <= now) {
-            self.write_status();
-        }
-        // The timer may have been the status file's: the round machine
-        // hears of time only when one of its own deadlines has passed.
-        if self.runner.poll_timeout().is_some_and(|t| t <= now) {
-            self.runner.handle(now, Input::Timeout);
-        }
-        self.finish_requested(now)?;
-        self.drain(now)
-    }
-
-    pub(crate) fn handle_event(&mut self, now: Instant, event: Event) -> Result<(), EngineError> {
-        match event {
-            Event::Connected {
-                site,
-                conn_id,
-                conn,
-                control,
-                capabilities,
-                codecs,
-                protocol_version,
-            } => {
-                tracing::info!(site = %site, conn = conn_id.0, "site connected");
-                self.links.connect(
-                    &site,
-                    conn_id,
-                    conn,
-                    control,
-                    capabilities.clone(),
-                    (codecs, protocol_version),
-                );
-                self.runner.handle(
-                    now,
-                    Input::SiteConnected {
-                        site,
-                        conn: conn_id,
-                        capabilities,
-                    },
-                );
-            }
-            Event::Disconnected { site, conn_id } => {
-                tracing::info!(site = %site, conn = conn_id.0, "site disconnected");
-                if self.links.disconnect(&site, conn_id)
-                    && let Some((req, _)) = self.requested.as_mut()
-                {
-                    req.handle_disconnect(site.as_str());
-                    self.finish_requested(now)?;
-                }
-                self.runner.handle(
-                    now,
-                    Input::SiteDisconnected {
-                        site,
-                        conn: conn_id,
-                    },
-                );
-            }
-            Event::OfferResponse {
-                site,
-                round,
-                accepted,
-                reason,
-            } => {
-                let input = if accepted {
-                    Input::OfferAccepted { site, round }
-                } else {
-                    tracing::info!(site = %site, round = round.0, reason = %reason, "offer declined");
-                    self.note_declined(&site, round, &reason)?;
-                    Input::OfferDeclined {
-                        site,
-                        round,
-                        reason,
-                    }
-                };
-                self.runner.handle(now, input);
-            }
-            Event::PrepareUpload {
-                site,
-                envelope,
-                resume,
-                reply,
-            } => {
-                let answer = if resume {
-                    self.prepare_resume(&site, &envelope)
-                } else {
-                    self.prepare_upload(&site, &envelope)
-                };
-                if let Err((code, why)) = &answer {
-                    if resume {
-                        tracing::warn!(site = %site, ?code, reason = %why, "upload resume refused");
-                    } else {
-                        tracing::warn!(site = %site, ?code, reason = %why, "upload refused before payload");
-                    }
-                    let h = &envelope.header;
-                    self.note_rejected(&site, &envelope, h.payload_len, why)?;
-                }
-                let _ = reply.send(answer);
-            }
-            Event::UploadInterrupted(it) => self.upload_interrupted(*it)?,
-            Event::UpdateReady(ready) => self.update_ready(now, *ready)?,
-            Event::EvalReport { site, report } => self.eval_report(now, &site, &report)?,
-            Event::Keys(keys) => self.set_keys(keys),
-            Event::RecheckPeers => self.recheck_peers(now),
-            Event::Admin(ev) => self.handle_admin(now, ev)?,
-        }
-        self.drain(now)
-    }
-
-    fn recheck_peers(&mut self, now: Instant) {
-        for (site, conn) in self.links.recheck(&self.wire) {
-            self.runner
-                .handle(now, Input::SiteDisconnected { site, conn });
-        }
     }
 
     /// The connected sites, for the next job to take over (a job switch:
@@ -787,300 +606,6 @@ impl Engine {
         self.run_effects(effects, Some(upload))
     }
 
-    /// Execute every pending action, in order.
-    fn drain(&mut self, now: Instant) -> Result<(), EngineError> {
-        let mut next = self.runner.poll_action();
-        while let Some(action) = next.take() {
-            // A round's offers come in a row: their `offer.sent` entries are
-            // one group commit (one fsync), then the offers go out.
-            if let Action::SendOffer { site, offer } = action {
-                let offers;
-                (offers, next) = actions::offers_in_a_row(&mut self.runner, (site, offer));
-                self.send_offers(offers)?;
-                continue;
-            }
-            self.execute(now, action)?;
-            next = self.runner.poll_action();
-        }
-        // Kept partial uploads that can no longer be resumed (their round
-        // closed, their site was dropped from it) give back their disk.
-        if !self.partials.is_empty() {
-            let open_round = self.aggregator.as_ref().map(|(r, _)| *r);
-            for spool in self.partials.prune(&self.runner, open_round) {
-                let _ = std::fs::remove_file(spool);
-            }
-        }
-        // An upload the runner neither acknowledged nor rejected (it cannot
-        // happen with the current machine) must not hang its site.
-        if !self.uploads.is_empty() {
-            for refused in self.uploads.undecided(&self.facts, unix_ms()) {
-                tracing::warn!(site = %refused.site, round = refused.round.0, "upload left undecided; refusing it");
-                self.refused(refused)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn execute(&mut self, now: Instant, action: Action) -> Result<(), EngineError> {
-        match action {
-            Action::Persist(cp) => {
-                let plan = actions::checkpoint_plan(&cp);
-                let optimizer = if plan.optimizer_state {
-                    Some(
-                        serde_json::to_vec(&PersistedState {
-                            server: self.server_state.clone(),
-                            scaling: self.scaling.clone(),
-                        })
-                        .map_err(|source| EngineError::Serialize {
-                            what: "server state",
-                            source,
-                        })?,
-                    )
-                } else {
-                    None
-                };
-                let replay = match &plan.commit_replay {
-                    Some(key) => {
-                        let (site, round) = key;
-                        if let Some(p) = self.uploads.get(site, *round) {
-                            self.replay.commit_header(&p.upload.envelope.header);
-                        }
-                        Some(serde_json::to_vec(&self.replay).map_err(|source| {
-                            EngineError::Serialize {
-                                what: "replay state",
-                                source,
-                            }
-                        })?)
-                    }
-                    None => None,
-                };
-                let scope = self.job_id.as_str().to_owned();
-                self.store
-                    .persist(
-                        self.job_id.as_str(),
-                        &cp,
-                        Extras {
-                            optimizer_state: optimizer.as_deref(),
-                            replay_state: replay.as_deref().map(|r| (scope.as_str(), r)),
-                        },
-                    )
-                    .map_err(EngineError::Checkpoint)?;
-                if let Some(round) = plan.opens_round {
-                    self.open_round(round)?;
-                }
-                if plan.status_may_wait {
-                    self.write_status_soon(now);
-                } else {
-                    self.write_status();
-                }
-            }
-            Action::SendOffer { site, offer } => self.send_offers(vec![(site, offer)])?,
-            Action::SendModel { site, round, model } => {
-                tracing::debug!(site = %site, round = round.0, model = %model, "site may fetch the model");
-            }
-            Action::AckUpdate { site, round } => {
-                let acked = self.uploads.acked(&site, round);
-                match acked {
-                    Some(acked) => self.ack(acked)?,
-                    None => tracing::warn!(
-                        site = site.as_str(),
-                        round = round.0,
-                        "ack for an upload that is not pending"
-                    ),
-                }
-            }
-            Action::RejectUpdate {
-                site,
-                round,
-                reason,
-            } => {
-                tracing::warn!(site = %site, round = round.0, reason = %reason_text(&reason), "update rejected");
-                let refused = self
-                    .uploads
-                    .rejected(&self.facts, &site, round, &reason, unix_ms());
-                if let Some(refused) = refused {
-                    self.refused(refused)?;
-                }
-            }
-            Action::CancelTask { site, round } => {
-                self.run_effects(actions::cancel_task(&self.facts, &site, round), None)?;
-            }
-            Action::Aggregate {
-                round,
-                base_model,
-                updates,
-            } => {
-                self.take_queued_uploads(now, round)?;
-                let result = tokio::task::block_in_place(|| self.aggregate(round, base_model))?;
-                let input = match result {
-                    Ok((model, metrics)) => {
-                        tracing::info!(round = round.0, model = %model, updates = updates.len(), "round aggregated");
-                        Input::AggregationDone {
-                            round,
-                            model,
-                            metrics,
-                        }
-                    }
-                    Err(why) => {
-                        let reason = why.to_string();
-                        tracing::error!(round = round.0, reason = %reason, "aggregation failed");
-                        Input::AggregationFailed { round, reason }
-                    }
-                };
-                self.runner.handle(now, input);
-            }
-            Action::Evaluate { round, model } => {
-                tracing::info!(round = round.0, model = %model, "global model ready for evaluation");
-            }
-            Action::Disconnect { site, conn, reason } => {
-                self.links
-                    .close(&site, conn, actions::close_reason(&reason));
-            }
-            Action::JobFinished(outcome) => {
-                tracing::info!(outcome = %plain_round_ids(&format!("{outcome:?}")), "job finished");
-                let sites = self
-                    .links
-                    .connected()
-                    .into_iter()
-                    .map(|site| Connected {
-                        protocol_version: self.links.protocol_version(&site),
-                        site,
-                    })
-                    .collect();
-                let end = actions::job_finished(
-                    &self.facts,
-                    Finishing {
-                        outcome: outcome.clone(),
-                        open_round: self.round_log.take().map(|l| l.round),
-                        completed_rounds: self.runner.completed_rounds(),
-                        sites,
-                        next_queued: self.wire.admin.next_queued().is_some(),
-                        evaluation: FinalEvaluation {
-                            rounds: u64::from(self.job.rounds),
-                            every_rounds: self.job.evaluation.every_rounds,
-                            arch: self.job.arch.clone(),
-                            scaling: self.scaling.scaling().cloned(),
-                            deadline: now + self.job.deadline(),
-                        },
-                    },
-                );
-                for c in &end.not_asked {
-                    tracing::info!(
-                        site = %c.site,
-                        protocol_version = ?c.protocol_version,
-                        "not asked to evaluate the final model: its protocol version has no evaluation requests"
-                    );
-                }
-                let asked = end
-                    .effects
-                    .iter()
-                    .filter(|e| {
-                        matches!(
-                            e,
-                            Effect::Send {
-                                message: Message::EvalRequest(_),
-                                ..
-                            }
-                        )
-                    })
-                    .count();
-                self.run_effects(end.effects, None)?;
-                // A completed job's final model: the sites were asked to
-                // evaluate it, and the job ends when they have answered.
-                if let Some(req) = end.requested {
-                    tracing::info!(
-                        sites = asked,
-                        model = %req.expected().model,
-                        "sites asked to evaluate the final model"
-                    );
-                    self.requested = Some((req, outcome));
-                    self.write_status();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Execute the core's effects for the running job in order (see
-    /// [`actions`]) with the one executor ([`effects::execute`]); an audit
-    /// append that fails stops there (fatal: nothing after it is done).
-    /// `pending`: the upload that [`Effect::DiscardSpool`] and
-    /// [`Effect::AnswerUpload`] are about.
-    fn run_effects(
-        &mut self,
-        effects: Vec<Effect>,
-        mut pending: Option<Held>,
-    ) -> Result<(), EngineError> {
-        let (wire, store) = (self.wire.clone(), self.store.clone());
-        effects::execute(wire.audit(), &store, effects, EngineError::from, |e| {
-            self.run_effect(e, &mut pending);
-            Ok(())
-        })
-    }
-
-    /// Execute one effect of the running job's that is not an audit append
-    /// (those are [`effects::execute`]'s): each is best effort.
-    fn run_effect(&mut self, effect: Effect, pending: &mut Option<Held>) {
-        match effect {
-            Effect::Send { site, message } => self.send(&site, message),
-            Effect::PushHead { sites } => self.push_head(&sites),
-            Effect::RecordRejected { round, rejected } => {
-                let site = rejected.site.clone();
-                if let Err(e) = self
-                    .store
-                    .record_rejected(self.job_id.as_str(), round, rejected)
-                {
-                    tracing::debug!(site, error = %e, "the refused update's round has no record");
-                }
-            }
-            Effect::RecordAccepted { round, detail } => {
-                let site = detail.site.clone();
-                if let Err(e) = self
-                    .store
-                    .record_update_detail(self.job_id.as_str(), round, detail)
-                {
-                    tracing::warn!(site, round = round.0, error = %e, "recording the update's details");
-                }
-            }
-            Effect::DiscardSpool { .. } => {
-                if let Some(p) = pending {
-                    let _ = std::fs::remove_file(&p.upload.spool_path);
-                }
-            }
-            Effect::RetractFold { site, .. } => {
-                if let Some(p) = pending {
-                    self.retract(&site, p);
-                }
-            }
-            Effect::AnswerUpload { result, .. } => {
-                if let Some(p) = pending.take() {
-                    let _ = p.reply.send(result);
-                }
-            }
-            Effect::RecordFinalEvaluation { round, evaluation } => {
-                if let Err(e) = self.store.record_final_evaluation(
-                    self.job_id.as_str(),
-                    round,
-                    evaluation.clone(),
-                ) {
-                    tracing::warn!(round = round.0, error = %e, "recording the final model's evaluation");
-                }
-                // The status file keeps completed rounds as they were
-                // shown: this one gains its final evaluation.
-                if let Some(shown) = self.status_final.iter_mut().find(|r| r.round == round.0) {
-                    shown.final_evaluation = Some(evaluation.clone());
-                }
-                self.latest_evaluation = Some(evaluation);
-            }
-            Effect::Finish(outcome) => {
-                // The serve loop sees the outcome and moves on.
-                self.outcome = Some(outcome);
-                self.write_status();
-            }
-            other => tracing::error!(?other, "not an effect of the round's actions; ignored"),
-        }
-    }
-
     /// A site's signed evaluation report: counted or refused, audited
     /// either way (`eval.accepted` / `eval.rejected` with the reason).
     fn eval_report(
@@ -1131,43 +656,6 @@ impl Engine {
             self.wire.admin.next_queued().is_some(),
         );
         self.run_effects(effects, None)
-    }
-
-    /// Send the coordinator's signed audit head (as of now) to `sites` that
-    /// are connected (a site whose protocol has no audit heads is skipped by
-    /// its connection's writer). The site records it; best effort: a site
-    /// not connected now gets a later head with its next exchange.
-    fn push_head(&self, sites: &[SiteId]) {
-        match self.wire.audit().head_message() {
-            Ok(head) => {
-                for site in sites {
-                    self.send(site, Message::AuditHead(head));
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot sign the coordinator's audit head"),
-        }
-    }
-
-    /// A round's offers (the round machine emits them in a row), as the
-    /// core orders them ([`actions::send_offers`]): every `offer.sent` in
-    /// one group commit (one fsync), then the offers.
-    fn send_offers(
-        &mut self,
-        offers: Vec<(SiteId, crate::round::Offer)>,
-    ) -> Result<(), EngineError> {
-        let terms = OfferTerms::of(
-            &self.job,
-            &self.facts,
-            &self.strategy,
-            self.scaling.scaling().cloned(),
-        )?;
-        let effects = actions::send_offers(&self.facts, &terms, &self.clock, &offers);
-        self.run_effects(effects, None)
-    }
-
-    /// Queue `msg` on `site`'s control stream (see [`Links::send`]).
-    fn send(&self, site: &SiteId, msg: Message) {
-        self.links.send(site, msg);
     }
 
     fn open_round(&mut self, round: RoundId) -> Result<(), EngineError> {
@@ -1676,263 +1164,6 @@ impl Engine {
             }
         }
         Ok(Ok((hash, end.metrics)))
-    }
-
-    /// The job's update archive: each `round-N` directory with its round.
-    fn archive_dirs(&self) -> Vec<(RoundId, PathBuf)> {
-        let job_dir = self.store.dir().join("updates").join(self.job_id.as_str());
-        let Ok(entries) = std::fs::read_dir(&job_dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter_map(|e| {
-                let r = e
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("round-"))
-                    .and_then(|n| n.parse::<u64>().ok())?;
-                Some((RoundId(r), e.path()))
-            })
-            .collect()
-    }
-
-    /// The rounds the job's update archive holds.
-    fn archived_rounds(&self) -> Vec<RoundId> {
-        self.archive_dirs().into_iter().map(|(r, _)| r).collect()
-    }
-
-    /// Remove the round archives retention gives up
-    /// ([`round_end::pruned`]). Best effort, logged.
-    fn prune_archive(&self, rounds: &[RoundId]) {
-        for (r, dir) in self.archive_dirs() {
-            if !rounds.contains(&r) {
-                continue;
-            }
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => tracing::info!(round = r.0, "update archive pruned (update_retention)"),
-                Err(err) => {
-                    tracing::warn!(round = r.0, error = %err, "pruning the update archive")
-                }
-            }
-        }
-    }
-
-    /// Write the round's replay record, `round.json` (its directory made
-    /// first), for `output`: the round's inputs, seed and downlink
-    /// encoding. Fatal if it cannot be written.
-    fn write_round_file(
-        &self,
-        round: RoundId,
-        (base_model, output): (ModelHash, ModelHash),
-        log: &RoundLog,
-        downlink: Option<Encoding>,
-    ) -> Result<(), EngineError> {
-        let fatal = |what: &'static str, e: RecordError| EngineError::RoundRecord {
-            round,
-            what,
-            source: e,
-        };
-        let dir = round_archive::round_dir(self.store.dir(), self.job_id.as_str(), round.0);
-        fedlink_certs::private::create_dir_all(&dir)
-            .map_err(|e| fatal("archive directory", e.into()))?;
-        let file = RoundFile {
-            format: round_archive::ROUND_FORMAT,
-            job: self.job_id.as_str().to_owned(),
-            round: round.0,
-            base_model: base_model.to_hex(),
-            output_model: output.to_hex(),
-            strategy: self.strategy.clone(),
-            max_sites: self.job.max_sites() as usize,
-            state_before: round_archive::STATE_BEFORE_FILE.into(),
-            state_before_blake3: log.state_before_blake3.clone(),
-            dp_seed: hex::encode(log.seed),
-            inputs: log.inputs.clone(),
-            downlink,
-        };
-        let mut json =
-            serde_json::to_vec_pretty(&file).map_err(|e| fatal("round.json", e.into()))?;
-        json.push(b'\n');
-        round_archive::write_atomic(&dir, round_archive::ROUND_FILE, &json)
-            .map_err(|e| fatal("writing round.json", e.into()))
-    }
-
-    /// Execute one of the round end's steps before the model is published
-    /// (see [`round_end::plan`]): the model stored, the spool's fsync (the
-    /// group commit of the archived updates, see [`archive`]; the round
-    /// directory they entered is committed by `round.json`'s own directory
-    /// fsync), `round.json`, `round.aggregated` and its messages, the
-    /// round's times. The outer error is fatal; the inner one fails the
-    /// round.
-    fn record_step(
-        &mut self,
-        round: RoundId,
-        step: Step,
-        (base_model, output, next): (ModelHash, ModelHash, &FlatModel),
-        log: &RoundLog,
-        downlink: Option<Encoding>,
-    ) -> Result<Result<(), AggregationFailure>, EngineError> {
-        match step {
-            Step::StoreModel { model } => {
-                if let Err(e) = self.store.put_model_hashed(next, model) {
-                    return Ok(Err(e.into()));
-                }
-            }
-            Step::SyncSpool => {
-                fedlink_durable::sync_dir(&self.store.dir().join("spool")).map_err(|e| {
-                    EngineError::RoundRecord {
-                        round,
-                        what: "archiving the round's updates",
-                        source: e.into(),
-                    }
-                })?
-            }
-            Step::WriteRoundFile { .. } => {
-                self.write_round_file(round, (base_model, output), log, downlink)?;
-            }
-            Step::Record(effects) => self.run_effects(effects, None)?,
-            Step::SetRoundTimes { .. } => {
-                if let Err(e) = self.store.set_round_times(
-                    self.job_id.as_str(),
-                    round,
-                    Some(log.opened_unix_ms),
-                    Some(unix_ms()),
-                ) {
-                    tracing::warn!(round = round.0, error = %e, "recording the round's closing time");
-                }
-            }
-            other => tracing::error!(?other, "not a step before the publish; ignored"),
-        }
-        Ok(Ok(()))
-    }
-
-    /// Keep a declined offer, with the site's reason, in the round's record
-    /// (`fedlink rounds show`) and the audit log (`offer.declined`): once
-    /// per selected site and round, the reason cut to
-    /// [`MAX_DECLINE_REASON_LEN`](crate::store::MAX_DECLINE_REASON_LEN) bytes.
-    fn note_declined(
-        &mut self,
-        site: &SiteId,
-        round: RoundId,
-        reason: &str,
-    ) -> Result<(), EngineError> {
-        let declined = crate::store::DeclinedOffer::new(site.as_str(), reason, unix_ms());
-        match self
-            .store
-            .record_declined(self.job_id.as_str(), round, declined.clone())
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::debug!(
-                    site = site.as_str(),
-                    round = round.0,
-                    "decline of a round the site was not offered, or again"
-                );
-                return Ok(());
-            }
-            Err(e) => {
-                tracing::warn!(site = site.as_str(), round = round.0, error = %e, "recording a declined offer");
-                return Ok(());
-            }
-        }
-        let effects = actions::offer_declined(&self.facts, site, round, &declined.reason);
-        self.run_effects(effects, None)
-    }
-
-    /// Audit an upload refused before its payload and keep it in the
-    /// round's record (the site is answered with the refused ticket).
-    fn note_rejected(
-        &mut self,
-        site: &SiteId,
-        envelope: &SignedEnvelope,
-        bytes: u64,
-        reason: &str,
-    ) -> Result<(), EngineError> {
-        let upload = UploadFacts::of(envelope, bytes);
-        let effects = actions::refuse_upload(&self.facts, site, &upload, reason, unix_ms());
-        self.run_effects(effects, None)
-    }
-
-    /// Write the status file now, or mark it behind if it was written less
-    /// than [`STATUS_INTERVAL`] ago (the engine's timer catches up).
-    fn write_status_soon(&mut self, now: Instant) {
-        match self.status_written {
-            Some(t) if now < t + STATUS_INTERVAL => self.status_behind = true,
-            _ => self.write_status(),
-        }
-    }
-
-    fn write_status(&mut self) {
-        self.status_written = Some(Instant::now());
-        self.status_behind = false;
-        let phase = plain_round_ids(&format!("{:?}", self.runner.phase())).into_owned();
-        let show = |r: &crate::store::RoundRecord| RoundStatus {
-            round: r.round,
-            state: format!("{:?}", r.state),
-            model: r.model.map(|m| m.to_hex()),
-            updates: r
-                .accepted
-                .iter()
-                .map(|u| (String::from(u.site.clone()), u.bytes, u.num_examples))
-                .collect(),
-            metrics: r.metrics.clone(),
-            evaluation: r.evaluation.clone(),
-            final_evaluation: r.final_evaluation.clone(),
-        };
-        let mut open = Vec::new();
-        match self
-            .store
-            .rounds_from(self.job_id.as_str(), self.status_next)
-        {
-            Ok(rs) => {
-                for r in rs {
-                    let done = !matches!(r.state, crate::store::RoundState::Open);
-                    if done && open.is_empty() {
-                        // Final and contiguous with the ones kept: it will
-                        // not be read again.
-                        self.status_final.push_back(show(&r));
-                        if self.status_final.len() > STATUS_ROUNDS {
-                            self.status_final.pop_front();
-                        }
-                        self.status_next = RoundId(r.round.saturating_add(1));
-                    } else {
-                        open.push(show(&r));
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "reading rounds for the status file"),
-        }
-        let mut rounds: Vec<RoundStatus> = self.status_final.iter().cloned().collect();
-        rounds.extend(open);
-        let excess = rounds.len().saturating_sub(STATUS_ROUNDS);
-        rounds.drain(..excess);
-        let status = Status {
-            job: self.job_id.as_str().to_owned(),
-            phase,
-            completed_rounds: self.runner.completed_rounds(),
-            total_rounds: u64::from(self.job.rounds),
-            current_model: self.runner.current_model().to_hex(),
-            connected_sites: self
-                .links
-                .connected()
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            finished: self.outcome.as_ref().map(ToString::to_string),
-            completed: matches!(self.outcome, Some(JobOutcome::Completed { .. })),
-            rounds,
-            scaling: self.scaling.scaling().cloned(),
-            evaluation: self.latest_evaluation.clone(),
-            updated_unix_ms: unix_ms(),
-        };
-        if let Err(e) = self.status.write(&status) {
-            tracing::warn!(error = %e, "writing the status file");
-        }
-    }
-
-    /// Drop every connection (shutdown).
-    pub(crate) fn close_all(&mut self) {
-        self.links.close_all();
     }
 }
 

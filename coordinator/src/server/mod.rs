@@ -53,7 +53,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
-use crate::core::jobs::{self, AfterFinish, ConfigJob, StartUp};
+use crate::core::jobs::{self, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
 use crate::core::refusals::Refusals;
 use crate::core::registry::RegistryWatch;
@@ -65,7 +65,6 @@ use crate::store::Store;
 use crate::store::wire;
 pub(crate) use audit::Auditor;
 use engine::{Engine, EngineParts};
-use event::Event;
 use shared::{Shared, mtime};
 use wire::ServedModels;
 
@@ -507,7 +506,15 @@ pub async fn serve(
             }
         };
         shared.admin.set_current_job(running.job_id());
-        match run_engine(running, &mut rx, &opts, &shared, shutdown.as_mut()).await {
+        match engine::driver::run_engine(
+            running,
+            &mut rx,
+            opts.exit_after_job,
+            &shared,
+            shutdown.as_mut(),
+        )
+        .await
+        {
             Ok(Some(next)) => {
                 tracing::info!(job = %next, "starting the next queued job");
                 // The connected sites go to the next job, as after an
@@ -518,7 +525,7 @@ pub async fn serve(
                 }
             }
             Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            Err(e) => break Err(e.into()),
         }
     };
     // Answers already decided reach their sites before the connections
@@ -714,50 +721,6 @@ impl From<RecoveryError> for ServeError {
             RecoveryError::StoredState { what, source } => Self::StoredState { what, source },
             RecoveryError::JobId(e) => Self::JobId(e),
         }
-    }
-}
-
-/// Run `engine` until shutdown (`Ok(None)`), until its job has finished
-/// and `exit_after_job` is set with no job queued (`Ok(None)`), or until
-/// its job has finished and a queued job should start (`Ok(Some(id))`).
-async fn run_engine<F: Future<Output = ()>>(
-    engine: &mut Engine,
-    rx: &mut mpsc::Receiver<Event>,
-    opts: &ServeOptions,
-    shared: &Shared,
-    mut shutdown: std::pin::Pin<&mut F>,
-) -> Result<Option<String>, ServeError> {
-    engine.with_inbox(rx, |e| e.start(Instant::now()))?;
-    // The deadline last fired: a machine that answers a timeout with the
-    // same deadline again is not woken in a loop.
-    let mut fired: Option<Instant> = None;
-    loop {
-        if engine.outcome().is_some() {
-            match jobs::after_finish(shared.admin.next_queued(), opts.exit_after_job) {
-                AfterFinish::Switch(next) => return Ok(Some(next)),
-                AfterFinish::Exit => return Ok(None),
-                AfterFinish::Stay => {}
-            }
-        }
-        let timer = engine.poll_timeout().filter(|t| Some(*t) != fired);
-        tokio::select! {
-            () = &mut shutdown => return Ok(None),
-            ev = rx.recv() => {
-                let Some(ev) = ev else { return Ok(None) };
-                engine.with_inbox(rx, |e| e.handle_event(Instant::now(), ev))?;
-            }
-            () = sleep_until(timer) => {
-                fired = timer;
-                engine.with_inbox(rx, |e| e.handle_timeout(Instant::now()))?;
-            }
-        }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
     }
 }
 
