@@ -226,7 +226,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
     };
     let _slot = slot;
     let reason = if identity.role() == Role::Admin {
-        super::admin::serve_admin(&conn, &identity, remote, &shared).await
+        super::admin_api::serve_admin(&conn, &identity, remote, &shared).await
     } else {
         let site = identity.name().to_owned();
         match serve_site(&conn, &site, &shared).await {

@@ -19,14 +19,16 @@
 //! `kill -9`, starting again resumes the job from the store (see
 //! [`crate::store`] for the crash semantics).
 
-mod admin;
+mod admin_api;
 mod admin_state;
 pub(crate) mod audit;
+mod boot;
 mod clock;
 mod conn;
 mod disk;
 mod effects;
 mod engine;
+mod error;
 mod event;
 mod idle;
 mod init_model;
@@ -40,209 +42,39 @@ pub mod status;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fedlink_audit::{CoordEvent, coord};
 use fedlink_certs::{Kit, RevocationList, SiteManifest};
 use fedlink_protocol::FederationId;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::config::{CoordinatorConfig, TcpListen};
+use crate::config::CoordinatorConfig;
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
-use crate::core::jobs::{self, ConfigJob, StartUp};
-use crate::core::recovery::{self, Create, Recovered, RecoveryError, Reopened, Resumed, Stored};
+use crate::core::jobs::StartUp;
 use crate::core::refusals::Refusals;
 use crate::core::registry::RegistryWatch;
-use crate::job::Job;
-use crate::round::{JobOutcome, JobRunner, RoundConfig};
+use crate::round::JobOutcome;
 use crate::store::Store;
-// The models' wire files are the store's (`store::wire`); named here so
-// that the driver's modules reach them as `super::wire`.
 use crate::store::wire;
 pub(crate) use audit::Auditor;
-use engine::{Engine, EngineParts};
+use boot::{
+    accept_tcp, bind_listeners, build_engine, clean_spool, private_data_dir, select_job, start_job,
+    wait_bounded,
+};
 use shared::{Shared, mtime};
 use wire::ServedModels;
 
 pub use crate::core::admin::KeysError;
 pub use crate::core::jobs::strategy_config;
 pub use audit::AuditError;
+pub use error::ServeError;
 pub use init_model::{InitModelError, initial_model};
 pub(crate) use limits::PeerLimits;
 pub use status::{STATUS_FILE, Status};
-
-/// Why the coordinator could not start or had to stop.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The site manifest is another federation's than the kit.
-    #[error("TLS / kit: the site manifest is for federation {manifest}, the kit for {kit}")]
-    ManifestFederation {
-        /// The manifest's federation.
-        manifest: String,
-        /// The kit's federation.
-        kit: String,
-    },
-    /// The coordinator kit has no ed25519 audit key (kits issued by older
-    /// versions lack it).
-    #[error(
-        "TLS / kit: the coordinator kit {} has no ed25519 audit key (update_key in kit.toml; \
-         kits issued by older versions lack it): renew it with `fedlink certs renew \
-         coordinator --role coordinator --ca <ca dir> --out <kit dir>`, which adds the key",
-        kit.display()
-    )]
-    NoAuditKey {
-        /// The kit's directory.
-        kit: PathBuf,
-    },
-    /// A kit, revocation list or site manifest that cannot be read, or the
-    /// TLS configuration built from them.
-    #[error("TLS / kit: {0}")]
-    Certs(#[from] fedlink_certs::Error),
-    /// The kit's federation name is not a valid federation id.
-    #[error("TLS / kit: {0}")]
-    Federation(#[source] fedlink_protocol::IdError),
-    /// The site manifest's update keys cannot be used.
-    #[error("TLS / kit: {0}")]
-    Keys(#[from] KeysError),
-    /// No job to run where one is needed (`--exit-after-job`).
-    #[error(
-        "job: no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
-         unfinished job in the store); without it the coordinator starts empty and waits \
-         for `fedlink jobs submit`"
-    )]
-    NoJob,
-    /// The job's strategy does not fit its model.
-    #[error("job: {0}")]
-    DoesNotFit(#[source] fedlink_aggregation::AggregationError),
-    /// The job's model has no wire form to serve (it could not be written
-    /// or read back); the cause is the driver's own error.
-    #[error("job: {0}")]
-    ModelWire(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The engine cannot start on the job (its id, its strategy's record,
-    /// its evaluations in the store); the cause is the engine's own error.
-    #[error("job: {0}")]
-    EngineStart(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The job file is unreadable or invalid.
-    #[error("job: {0}")]
-    JobFile(#[from] crate::job::JobError),
-    /// The job file could not be read again to record its hash.
-    #[error("job: {}: {source}", path.display())]
-    JobRead {
-        /// The job file.
-        path: PathBuf,
-        /// Why it could not be read.
-        source: std::io::Error,
-    },
-    /// The job's initial model cannot be made or read.
-    #[error("job: {0}")]
-    InitialModel(#[from] InitModelError),
-    /// The job's aggregation strategy is not valid.
-    #[error("job: {0}")]
-    Strategy(#[from] fedlink_aggregation::ConfigError),
-    /// The job's id is not a valid job id.
-    #[error("job: {0}")]
-    JobId(#[source] fedlink_protocol::IdError),
-    /// A job's state kept in the store does not decode (`what`: "stored
-    /// optimizer state", "stored replay state").
-    #[error("job: {what}: {source}")]
-    StoredState {
-        /// Which state.
-        what: &'static str,
-        /// Why it does not decode.
-        source: serde_json::Error,
-    },
-    /// The store.
-    #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
-    /// The data directory is unusable: not a directory, or too open (other
-    /// local users could read site data) and its mode cannot be tightened.
-    #[error("data_dir: {0}")]
-    DataDir(#[source] fedlink_certs::Error),
-    /// Binding the QUIC endpoint at `addr`.
-    #[error("network: binding {addr}: {source}")]
-    Bind {
-        /// The configured listen address.
-        addr: SocketAddr,
-        /// Why it could not be bound.
-        source: fedlink_transport::TransportError,
-    },
-    /// The bound QUIC endpoint has no local address.
-    #[error("network: {0}")]
-    LocalAddr(#[source] std::io::Error),
-    /// Binding the TCP listener at `addr`.
-    #[error("network: binding TCP {addr}: {source}")]
-    BindTcp {
-        /// The TCP listen address.
-        addr: SocketAddr,
-        /// Why it could not be bound.
-        source: fedlink_transport::TransportError,
-    },
-    /// The audit log could not be opened or written: nothing runs
-    /// unaudited.
-    #[error("audit: {0}")]
-    Audit(#[from] AuditError),
-    /// The engine stopped on an error it cannot recover from in-process
-    /// (e.g. a checkpoint could not be persisted). Restarting recovers. The
-    /// cause is the engine's own error (it names the round or the step).
-    #[error("fatal: {0}")]
-    Fatal(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A thread panicked while holding the site manifest.
-    #[error("fatal: manifest lock poisoned")]
-    ManifestLock,
-}
-
-impl From<engine::EngineError> for ServeError {
-    fn from(e: engine::EngineError) -> Self {
-        Self::Fatal(Box::new(e))
-    }
-}
-
-/// Create the data directory (mode 0700) or make an existing one owner-only:
-/// it holds raw site updates. Every directory and file below it that group or
-/// others could access is tightened, with a warning naming it and the mode
-/// found; a mode that cannot be changed stops the start.
-fn private_data_dir(dir: &Path) -> Result<(), ServeError> {
-    let changed = fedlink_certs::private::make_private(dir).map_err(ServeError::DataDir)?;
-    let (dirs, files): (Vec<_>, Vec<_>) = changed.iter().partition(|t| t.is_dir);
-    for t in &dirs {
-        tracing::warn!(
-            path = %t.path.display(),
-            mode = format!("{:03o}", t.from),
-            now = format!("{:03o}", t.to),
-            "directory in data_dir was accessible to other local users; made owner-only"
-        );
-    }
-    if let Some(first) = files.first() {
-        tracing::warn!(
-            files = files.len(),
-            first = %first.path.display(),
-            mode = format!("{:03o}", first.from),
-            "files in data_dir were accessible to other local users; made owner-only"
-        );
-    }
-    Ok(())
-}
-
-/// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
-/// "`still` `grace` s after `after`" and return `false` (the caller decides
-/// whether to abort what it waited for).
-async fn wait_bounded(
-    wait: impl std::future::Future,
-    grace: Duration,
-    still: &str,
-    after: &str,
-) -> bool {
-    let done = tokio::time::timeout(grace, wait).await.is_ok();
-    if !done {
-        tracing::warn!("{still} {} s after {after}", grace.as_secs());
-    }
-    done
-}
 
 /// How long shutdown waits for connection tasks to record their ends.
 const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
@@ -253,66 +85,6 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Source addresses whose handshake rate is tracked, at most (a few
 /// hundred kilobytes).
 const MAX_RATE_SOURCES: usize = 8192;
-
-/// How many times [`bind_listeners`] picks a new port when the listen
-/// port is 0 and TCP must share QUIC's port number.
-const SHARED_PORT_ATTEMPTS: usize = 16;
-
-/// Bind the QUIC endpoint and, unless `tcp_listen = "off"`, the TCP
-/// listener. With `tcp_listen = "same"` TCP takes the port number QUIC got;
-/// when the listen port is 0 (any), that number can already be in use on
-/// TCP by an unrelated socket (UDP and TCP ports are separate), so another
-/// port is tried. A configured port is bound once: its failure is the
-/// operator's to see.
-async fn bind_listeners(
-    cfg: &CoordinatorConfig,
-    tls: rustls::ServerConfig,
-) -> Result<
-    (
-        quinn::Endpoint,
-        SocketAddr,
-        Option<fedlink_transport::tcp::TcpServer>,
-    ),
-    ServeError,
-> {
-    let retry = cfg.listen.port() == 0 && cfg.tcp_listen == TcpListen::Same;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let endpoint = fedlink_transport::server_endpoint_with(
-            cfg.listen,
-            tls.clone(),
-            cfg.idle_timeout(),
-            cfg.congestion_control,
-        )
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
-        let local = endpoint.local_addr().map_err(ServeError::LocalAddr)?;
-        // TLS over TCP, for sites whose network blocks UDP: the same rustls
-        // config (mutual TLS, federation CA, revocations, ALPNs), bound
-        // after QUIC so that `same` with port 0 gets the port QUIC got.
-        let Some(addr) = cfg.tcp_listen.resolve(local) else {
-            return Ok((endpoint, local, None));
-        };
-        match fedlink_transport::tcp::TcpServer::bind(addr, tls.clone()).await {
-            Ok(server) => return Ok((endpoint, local, Some(server))),
-            Err(fedlink_transport::TransportError::Io(e))
-                if retry
-                    && attempt < SHARED_PORT_ATTEMPTS
-                    && e.kind() == std::io::ErrorKind::AddrInUse =>
-            {
-                tracing::debug!(
-                    port = local.port(),
-                    "TCP port in use: another port for both"
-                );
-                endpoint.close(0u32.into(), b"rebinding");
-            }
-            Err(source) => return Err(ServeError::BindTcp { addr, source }),
-        }
-    }
-}
 
 /// What [`serve`] returns when it stops cleanly.
 #[derive(Debug)]
@@ -581,304 +353,4 @@ pub async fn serve(
     result.map(|()| ServeOutcome {
         outcome: engine.as_ref().and_then(|e| e.outcome().cloned()),
     })
-}
-
-/// Build the engine of job `id` and give it the connected sites `held`
-/// (the idle holder's after an empty start, the finished job's at a job
-/// switch: the same way, [`Engine::adopt`]). The sites move only once the
-/// engine is built: a job that cannot start leaves them where they were.
-fn start_job(
-    store: &Arc<Store>,
-    id: &str,
-    shared: &Arc<Shared>,
-    cfg: &CoordinatorConfig,
-    held: &mut links::Links,
-) -> Result<Engine, ServeError> {
-    let mut engine = build_engine(store, id, shared, cfg)?;
-    engine.adopt(std::mem::take(held), Instant::now())?;
-    Ok(engine)
-}
-
-/// Recover a job from the store and build its engine (the job's codec and
-/// its current model are published for the connection tasks): what the
-/// store holds is read here, [`recovery::recover`] decides what is
-/// recorded and which state the engine starts from.
-fn build_engine(
-    store: &Arc<Store>,
-    job_id: &str,
-    shared: &Arc<Shared>,
-    cfg: &CoordinatorConfig,
-) -> Result<Engine, ServeError> {
-    let recovery = store.recover(job_id)?;
-    let replay_state = store.replay_state(&recovery.job.id)?;
-    let reopened = recovery.reopened_round.map(|round| Reopened {
-        round,
-        discarded: recovery.discarded_updates.len(),
-    });
-    if let Some(r) = reopened {
-        tracing::warn!(
-            round = r.round.0,
-            discarded = r.discarded,
-            "resuming: the round in flight is re-opened; its updates are requested again"
-        );
-    }
-    let Recovered { effects, outcome } = recovery::recover(Stored {
-        actor: shared.audit().actor(),
-        federation: &shared.federation,
-        job: &recovery.job,
-        reopened,
-        model: recovery.model.spec(),
-        optimizer_state: recovery.optimizer_state.as_deref(),
-        replay_state: replay_state.as_deref(),
-    });
-    append_own(shared.audit(), store, effects)?;
-    let Resumed {
-        strategy,
-        state: persisted,
-        replay,
-    } = outcome?;
-    let job = recovery.job;
-    let runner = JobRunner::resume(RoundConfig::from_job(&job), recovery.snapshot);
-    let models_dir = store.dir().join(crate::store::MODELS_DIR);
-    let first_wire = wire::ensure(&models_dir, &recovery.model)
-        .map_err(|e| ServeError::ModelWire(Box::new(e)))?;
-    if let Ok(mut n) = shared.job_needs.write() {
-        *n = JobNeeds::of(&job);
-    }
-    let (served, _) = shared.publish_wire(first_wire);
-    // Wire files of versions an earlier run served (none pruned when
-    // nothing is served: `core::served::models_to_prune`).
-    wire::prune_models(&models_dir, &served);
-    // The update that made the current model, if the last round wrote one
-    // in this job's encoding: sites holding its base get it after a
-    // restart too (anything else gets whole models;
-    // `core::served::update_to_serve_again`, `update_fits`).
-    shared.publish_update(wire::find_update(
-        &models_dir,
-        &recovery.model.hash(),
-        recovery.model.spec(),
-        job.encoding.downlink_encoding(),
-    ));
-
-    let status = status::StatusWriter::new(store.dir().join(STATUS_FILE));
-    let keys = update_keys(
-        &*shared
-            .manifest
-            .read()
-            .map_err(|_| ServeError::ManifestLock)?,
-    )?;
-    let engine = Engine::new(
-        EngineParts {
-            job,
-            runner,
-            store: store.clone(),
-            strategy,
-            server_state: persisted.server,
-            scaling: persisted.scaling,
-            global: recovery.model,
-            federation: shared.federation.clone(),
-            keys,
-            replay,
-            status,
-            retention: cfg.update_retention,
-            wire: shared.clone(),
-            models_dir: models_dir.clone(),
-        },
-        Instant::now(),
-    )
-    .map_err(|e| ServeError::EngineStart(Box::new(e)))?;
-    Ok(engine)
-}
-
-/// Append the core's audit `effects` (start-up's own entries); an append
-/// that fails stops the start with the audit log's error.
-fn append_own(
-    audit: &Auditor,
-    store: &Store,
-    effects: impl IntoIterator<Item = crate::core::Effect>,
-) -> Result<(), ServeError> {
-    effects::execute(
-        audit,
-        store,
-        effects,
-        |failed| match failed {
-            effects::Unexecuted::Audit { source, .. } => ServeError::Audit(source),
-            effects::Unexecuted::Persist { source, .. } => ServeError::Store(source),
-        },
-        |other| {
-            Err(ServeError::Fatal(
-                format!("not a start-up effect: {other:?}").into(),
-            ))
-        },
-    )
-}
-
-impl From<RecoveryError> for ServeError {
-    fn from(e: RecoveryError) -> Self {
-        match e {
-            RecoveryError::Strategy(e) => Self::Strategy(e),
-            RecoveryError::DoesNotFit(e) => Self::DoesNotFit(e),
-            RecoveryError::StoredState { what, source } => Self::StoredState { what, source },
-            RecoveryError::JobId(e) => Self::JobId(e),
-        }
-    }
-}
-
-/// Remove partial uploads left by a crash (their rounds are re-opened and
-/// the sites upload again).
-fn clean_spool(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().is_some_and(|x| x == "part") {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed a partial upload left by a crash")
-                }
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), error = %err, "cannot remove a partial upload")
-                }
-            }
-        }
-    }
-}
-
-/// Which job to run ([`jobs::start_up`] decides): the config's job file
-/// as the store knows it and the store's jobs are read here; a new
-/// configured job is created here, in the steps
-/// [`recovery::configured_job_created`] gives (its `job.submitted` entry
-/// first).
-fn select_job(
-    store: &Store,
-    job_file: Option<&Path>,
-    auditor: &Auditor,
-    exit_after_job: bool,
-) -> Result<StartUp, ServeError> {
-    let configured = match job_file {
-        Some(path) => {
-            let job = Job::from_file(path)?;
-            let config = match store.job(&job.id)? {
-                None => ConfigJob::New(job.id.clone()),
-                Some(rec) => ConfigJob::Stored {
-                    id: rec.id,
-                    outcome: rec.outcome,
-                },
-            };
-            Some((path, job, config))
-        }
-        None => None,
-    };
-    let stored: Vec<jobs::StoredJob> = store
-        .jobs()?
-        .into_iter()
-        .map(|r| jobs::StoredJob {
-            finished: r.outcome.is_some(),
-            id: r.id,
-        })
-        .collect();
-    let config = configured
-        .as_ref()
-        .map_or(ConfigJob::None, |(_, _, c)| c.clone());
-    if let ConfigJob::Stored {
-        id,
-        outcome: Some(outcome),
-    } = &config
-    {
-        tracing::info!(job = %id, outcome = %crate::round::plain_round_ids(&format!("{outcome:?}")), "the configured job has already finished; it is not run again");
-    }
-    let decision = jobs::start_up(config, &stored, exit_after_job);
-    if let (StartUp::Create(_), Some((path, job, _))) = (&decision, &configured) {
-        let model = initial_model(job)?;
-        let toml = std::fs::read(path).map_err(|source| ServeError::JobRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // The store's content address of the model, as it returns it.
-        let mut hash = model.hash();
-        for step in recovery::configured_job_created(auditor.actor(), &job.id, &toml, &hash) {
-            match step {
-                Create::Audit(entry) => append_own(auditor, store, [*entry])?,
-                Create::PutModel => hash = store.put_model(&model)?,
-                Create::CreateJob => {
-                    store.create_job(job, hash)?;
-                }
-                // Not a configured job's step: it runs now.
-                Create::Enqueue => {}
-            }
-        }
-        tracing::info!(job = %job.id, model = %hash, "job created");
-    }
-    Ok(decision)
-}
-
-/// The next TCP connection of the listener, if there is one (pending forever
-/// otherwise, so that a `select!` arm without a listener never fires).
-async fn accept_tcp(
-    tcp: Option<&fedlink_transport::tcp::TcpServer>,
-) -> Result<fedlink_transport::tcp::TcpIncoming, fedlink_transport::TransportError> {
-    match tcp {
-        Some(t) => t.accept().await,
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    /// The start and stop errors read as their strings did before they
-    /// were typed, and keep their cause as the error's source.
-    #[test]
-    fn serve_errors_read_as_before_and_keep_their_cause() {
-        use std::error::Error as _;
-        let e = ServeError::ManifestFederation {
-            manifest: "fed-a".into(),
-            kit: "fed-b".into(),
-        };
-        assert_eq!(
-            e.to_string(),
-            "TLS / kit: the site manifest is for federation fed-a, the kit for fed-b"
-        );
-        let e = ServeError::NoAuditKey {
-            kit: PathBuf::from("/kits/coordinator"),
-        };
-        assert_eq!(
-            e.to_string(),
-            "TLS / kit: the coordinator kit /kits/coordinator has no ed25519 audit key \
-             (update_key in kit.toml; kits issued by older versions lack it): renew it with \
-             `fedlink certs renew coordinator --role coordinator --ca <ca dir> --out <kit dir>`, \
-             which adds the key"
-        );
-        assert_eq!(
-            ServeError::NoJob.to_string(),
-            "job: no job to run: --exit-after-job needs a job (`job = ...` in the config, or an \
-             unfinished job in the store); without it the coordinator starts empty and waits for \
-             `fedlink jobs submit`"
-        );
-        assert_eq!(
-            ServeError::ManifestLock.to_string(),
-            "fatal: manifest lock poisoned"
-        );
-        let e = ServeError::from(engine::EngineError::Checkpoint(
-            crate::store::StoreError::Inconsistent {
-                job: "j1".into(),
-                reason: "no such round".into(),
-            },
-        ));
-        assert!(
-            e.to_string()
-                .starts_with("fatal: persisting a checkpoint: "),
-            "{e}"
-        );
-        assert!(e.source().and_then(|s| s.source()).is_some(), "{e:?}");
-        let e = ServeError::from(AuditError::Lock);
-        assert_eq!(
-            e.to_string(),
-            "audit: audit log: the writer lock is poisoned"
-        );
-        assert!(e.source().is_some());
-    }
 }
