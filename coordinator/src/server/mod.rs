@@ -19,12 +19,12 @@
 //! `kill -9`, starting again resumes the job from the store (see
 //! [`crate::store`] for the crash semantics).
 
+mod accept;
 mod admin_api;
 mod admin_state;
 pub(crate) mod audit;
 mod boot;
 mod clock;
-mod conn;
 mod disk;
 mod effects;
 mod engine;
@@ -36,6 +36,7 @@ mod limits;
 mod links;
 pub(crate) mod pool;
 mod shared;
+mod site_session;
 pub(crate) mod spool;
 pub mod status;
 
@@ -236,8 +237,8 @@ pub async fn serve(
             tokio::select! {
                 incoming = accept_endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        if let Some(permit) = conn::admit(incoming, &handshakes, &mut rates, &accept_shared) {
-                            tasks.spawn(conn::handle_incoming(permit, accept_shared.clone()));
+                        if let Some(permit) = accept::admit(incoming, &handshakes, &mut rates, &accept_shared) {
+                            tasks.spawn(accept::handle_incoming(permit, accept_shared.clone()));
                         }
                     }
                     // The endpoint is closed: shutting down.
@@ -245,8 +246,8 @@ pub async fn serve(
                 },
                 accepted = accept_tcp(tcp.as_ref()) => match accepted {
                     Ok(incoming) => {
-                        if let Some(slot) = conn::admit_tcp(&incoming, &handshakes, &mut rates, &accept_shared) {
-                            tasks.spawn(conn::handle_incoming_tcp(incoming, slot, accept_shared.clone()));
+                        if let Some(slot) = accept::admit_tcp(&incoming, &handshakes, &mut rates, &accept_shared) {
+                            tasks.spawn(accept::handle_incoming_tcp(incoming, slot, accept_shared.clone()));
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "accepting a TCP connection"),

@@ -1,22 +1,19 @@
-//! One task per site connection: mTLS identity checks, the control stream
-//! (Hello/Welcome, offers, heartbeats), model downloads and update uploads.
+//! One task per site connection, once `accept` has admitted it: the
+//! control stream (Hello/Welcome, offers, heartbeats), model downloads and
+//! update uploads.
 //! Uploads are streamed to a spool file while their hash is computed,
 //! verified, validated (pass 1), and only then handed to the engine.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fedlink_audit::{CoordEvent, coord};
-use fedlink_certs::Role;
 use fedlink_protocol::message::{
     AuditHead, ModelManifest, OfferDecision, Reject, RejectCode, UploadResult, Welcome,
 };
 use fedlink_protocol::{Message, ModelUpdateFetch, SignedEnvelope, UpdateManifest};
-use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{FramedRecv, FramedSend, ServerConn, TransportError, close};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::clock::unix_ms;
 use super::event::{
@@ -26,273 +23,11 @@ use super::limits;
 use super::shared::Shared;
 use super::spool::SpoolWriter;
 use crate::core::actions::update_received_details;
-use crate::core::admission;
-use crate::core::limits::SourceRates;
-use crate::core::refusals::peer_text;
-use crate::core::registry::NotAllowed;
 use crate::core::session::{Control, Cut as ControlCut, Session, Stream};
 use crate::round::{ConnId, SiteCapabilities};
 use crate::store::wire::{self, RecordReader};
 
-/// A connection attempt admitted to its handshake, holding one of the
-/// handshake slots until the handshake ends.
-pub(crate) struct Admitted {
-    incoming: quinn::Incoming,
-    _slot: OwnedSemaphorePermit,
-}
-
-/// Decide on a new connection attempt before any cryptography: a source
-/// whose address QUIC has not validated yet is sent a Retry (a spoofed
-/// source never answers it, so floods from forged addresses cost one
-/// stateless packet each); a validated one is refused at once beyond its
-/// address's handshake rate (`rates`) or when `handshakes` are all in use,
-/// and otherwise gets a handshake slot. Refusals are counted with the
-/// failed handshakes, not recorded one by one.
-pub(crate) fn admit(
-    incoming: quinn::Incoming,
-    handshakes: &Arc<Semaphore>,
-    rates: &mut SourceRates<IpAddr>,
-    shared: &Shared,
-) -> Option<Admitted> {
-    if !incoming.remote_address_validated() && incoming.may_retry() {
-        if let Err(e) = incoming.retry() {
-            e.into_incoming().ignore();
-        }
-        return None;
-    }
-    let remote = incoming.remote_address();
-    match handshake_slot(remote, handshakes, rates, shared) {
-        Some(slot) => Some(Admitted {
-            incoming,
-            _slot: slot,
-        }),
-        None => {
-            incoming.refuse();
-            None
-        }
-    }
-}
-
-/// The admission decision both transports share: `remote` within its
-/// address's handshake rate (`rates`) and a free handshake slot, or a
-/// refusal counted with the failed handshakes (with its reason).
-fn handshake_slot(
-    remote: std::net::SocketAddr,
-    handshakes: &Arc<Semaphore>,
-    rates: &mut SourceRates<IpAddr>,
-    shared: &Shared,
-) -> Option<OwnedSemaphorePermit> {
-    if !rates.allow(remote.ip(), Instant::now()) {
-        tracing::debug!(%remote, "too many handshakes from this address; refused");
-        shared.note_refused(
-            remote,
-            "too many handshakes from this address (handshakes_per_source_per_sec)",
-        );
-        return None;
-    }
-    match handshakes.clone().try_acquire_owned() {
-        Ok(slot) => Some(slot),
-        Err(_) => {
-            tracing::debug!(%remote, "too many handshakes in progress; refused");
-            shared.note_refused(remote, "too many handshakes in progress");
-            None
-        }
-    }
-}
-
-/// [`admit`] for a TLS-over-TCP connection: TCP's own handshake has
-/// validated the source address, so there is no retry; the same per-source
-/// rate and the same handshake slots apply. A refused connection is dropped
-/// (closed) before any cryptography.
-pub(crate) fn admit_tcp(
-    incoming: &TcpIncoming,
-    handshakes: &Arc<Semaphore>,
-    rates: &mut SourceRates<IpAddr>,
-    shared: &Shared,
-) -> Option<OwnedSemaphorePermit> {
-    handshake_slot(incoming.remote_address(), handshakes, rates, shared)
-}
-
-/// Handle one incoming connection to the end.
-pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
-    let Admitted { incoming, _slot } = admitted;
-    let remote = incoming.remote_address();
-    // Revocations and manifest changes must be in force for THIS handshake.
-    shared.reload_if_changed();
-    let conn = match incoming.await {
-        // Every close from here on records its reason first (see
-        // `ServerConn`): `conn.closed` below reads it.
-        Ok(c) => ServerConn::new(c),
-        Err(e) => {
-            // TLS refusals (unknown CA, expired, revoked, wrong role) land
-            // here with the verifier's reason. Anyone can cause them: they
-            // are counted per source and recorded in bulk, and the text
-            // (which may come from the peer) is made safe first.
-            let why = peer_text(&format!("handshake failed: {e}"));
-            tracing::warn!(%remote, reason = %why, "handshake failed");
-            shared.note_refused(remote, &why);
-            return;
-        }
-    };
-    drop(_slot);
-    serve_conn(conn, remote, shared).await;
-}
-
-/// Handle one incoming TLS-over-TCP connection to the end: the handshake
-/// (bounded by its timeout, holding a handshake slot), then exactly what a
-/// QUIC connection gets.
-pub(crate) async fn handle_incoming_tcp(
-    incoming: TcpIncoming,
-    slot: OwnedSemaphorePermit,
-    shared: Arc<Shared>,
-) {
-    let remote = incoming.remote_address();
-    shared.reload_if_changed();
-    let conn = match incoming.handshake().await {
-        Ok(c) => ServerConn::new(c),
-        Err(e) => {
-            // Keyed by source already: no address in the reason, so that
-            // one source's failures of one kind count as one reason.
-            let detail = match e {
-                TransportError::TcpConnection(d) => d,
-                other => other.to_string(),
-            };
-            let why = peer_text(&format!("handshake failed (TLS over TCP): {detail}"));
-            tracing::warn!(%remote, reason = %why, "handshake failed");
-            shared.note_refused(remote, &why);
-            return;
-        }
-    };
-    drop(slot);
-    serve_conn(conn, remote, shared).await;
-}
-
-/// A connection past its handshake, over either transport: identity and
-/// role checks, admission, audit, then the site or admin session.
-async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<Shared>) {
-    // The order of the checks, their texts and entries: `core::admission`.
-    let disk = shared.disk_allows_new_work();
-    let alpn = conn.negotiated_alpn();
-    let peer_addr = remote.to_string();
-    let facts = admission::Facts {
-        peer_addr: &peer_addr,
-        transport: conn.kind().as_str(),
-        alpn: alpn.as_deref(),
-        identity: conn.peer_identity().map_err(|e| e.to_string()),
-        cert_serial: conn
-            .peer_end_entity()
-            .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
-            .map(|c| c.serial.to_string()),
-        disk,
-        coordinator: shared.audit().actor(),
-    };
-    // Counted until the connection ends.
-    let mut slot = None;
-    let admitted = admission::admit(
-        facts,
-        |_| {
-            let ee = conn
-                .peer_end_entity()
-                .ok_or(NotAllowed::NoPeerCertificate)?;
-            let manifest = shared
-                .manifest
-                .read()
-                .map_err(|_| NotAllowed::ManifestLock)?;
-            manifest.check_peer(&ee)?;
-            Ok(())
-        },
-        |identity| {
-            slot = Some(shared.connections.admit(&identity.to_string())?);
-            Ok(())
-        },
-    );
-    let identity = match admitted {
-        Ok(admission::Accepted { identity, audit }) => {
-            let crate::core::Effect::AppendAudit { actor, event } = audit else {
-                return;
-            };
-            if let Err(e) = shared.audit().record(&actor, &event) {
-                // Nothing runs unaudited: refuse the connection.
-                tracing::error!(%remote, %identity, error = %e, "cannot record the connection; refusing it");
-                conn.close(close::SHUTDOWN, admission::AUDIT_UNWRITABLE.as_bytes());
-                return;
-            }
-            identity
-        }
-        Err(refusal) => {
-            refuse(&conn, &shared, remote, refusal);
-            return;
-        }
-    };
-    let _slot = slot;
-    let reason = if identity.role() == Role::Admin {
-        super::admin_api::serve_admin(&conn, &identity, remote, &shared).await
-    } else {
-        let site = identity.name().to_owned();
-        match serve_site(&conn, &site, &shared).await {
-            Ok(()) => conn.end_reason("closed"),
-            Err(e) => {
-                tracing::info!(site = %site, error = %e, "connection ended");
-                conn.end_reason(e)
-            }
-        }
-    };
-    // The peer's own close reason is in there: make it safe.
-    let reason = peer_text(&reason);
-    let closed = shared.audit().record(
-        &identity.to_string(),
-        &CoordEvent::ConnClosed(coord::ConnClosed {
-            identity: identity.to_string(),
-            reason: reason.to_string(),
-        }),
-    );
-    if let Err(e) = closed {
-        tracing::error!(%remote, %identity, error = %e, "cannot record the end of a connection");
-    }
-}
-
-/// Refuse a connection after the handshake as [`admission::admit`]
-/// decided: log, audit or count, close.
-fn refuse(
-    conn: &ServerConn,
-    shared: &Shared,
-    remote: std::net::SocketAddr,
-    refusal: admission::Refusal,
-) {
-    let code = match refusal.close_as() {
-        admission::CloseAs::Shutdown => close::SHUTDOWN,
-        admission::CloseAs::Forbidden => close::FORBIDDEN,
-    };
-    let text = refusal.text();
-    match refusal {
-        // Low on disk: no audit entry per connection (the `disk.low`
-        // entry records the state once).
-        admission::Refusal::LowOnDisk(why) => {
-            tracing::warn!(%remote, reason = %why, "connection closed: low on disk space");
-        }
-        // Recorded (best effort: it is refused either way).
-        admission::Refusal::Refused(rec) => {
-            let admission::Recorded {
-                identity, audit, ..
-            } = *rec;
-            tracing::warn!(%remote, identity = ?identity.map(|i| i.to_string()), reason = text.as_str(), "connection refused");
-            if let crate::core::Effect::AppendAudit { actor, event } = audit
-                && let Err(e) = shared.audit().record(&actor, &event)
-            {
-                tracing::error!(%remote, error = %e, "cannot record a refused connection");
-            }
-        }
-        // Beyond the caps: counted with the failed handshakes of its
-        // source, not recorded one by one.
-        admission::Refusal::OverCaps { identity, why } => {
-            tracing::warn!(%remote, %identity, reason = %why, "connection refused");
-            shared.note_refused(remote, &text);
-        }
-    }
-    conn.close(code, text.as_bytes());
-}
-
-async fn serve_site(
+pub(super) async fn serve_site(
     conn: &ServerConn,
     site: &str,
     shared: &Arc<Shared>,
