@@ -139,3 +139,23 @@ fn replay() {
     sim.run(STEPS).unwrap_or_else(|v| panic!("{v}"));
     eprintln!("seed {seed}: {:?}", sim.stats());
 }
+
+/// One digest of every CI seed's trace (each seed's
+/// [`CoreSim::trace_hash`], in seed order), printed: run it on two builds
+/// whose traces must read the same and compare, with
+/// `cargo test -p fedlink-coordinator --test core_sim trace_digest -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints a digest to compare between two builds"]
+fn trace_digest() {
+    let start = Instant::now();
+    let mut all = blake3::Hasher::new();
+    for seed in 0..SEEDS {
+        let mut sim = CoreSim::new(seed, start);
+        sim.run(STEPS).unwrap();
+        all.update(&sim.trace_hash());
+    }
+    eprintln!(
+        "trace digest, {SEEDS} seeds x {STEPS} steps: {}",
+        all.finalize().to_hex()
+    );
+}

@@ -892,3 +892,76 @@ fn random_mixes_keep_the_invariants() {
         }
     }
 }
+
+/// The status file's `phase` and the `job finished` log lines print the
+/// round machine's phase and a job's outcome as their `Debug` form with
+/// plain round numbers (`round: 3`): pinned for every variant, so that
+/// printing them from their typed fields reads exactly as before.
+#[test]
+fn phase_and_outcome_texts_read_as_before() {
+    fn text(v: &impl std::fmt::Debug) -> String {
+        plain_round_ids(&format!("{v:?}")).into_owned()
+    }
+    let deadline = Instant::now();
+    let model = fake_hash(&[b"final"]);
+    let completed = JobOutcome::Completed { model };
+    let no_quorum = JobOutcome::Failed {
+        round: RoundId(2),
+        reason: FailReason::NoQuorum {
+            accepted: 1,
+            quorum: 3,
+            attempts: 2,
+        },
+    };
+    let aggregation = JobOutcome::Failed {
+        round: RoundId(9),
+        reason: FailReason::Aggregation("no aggregator for round 9".into()),
+    };
+    let aborted = JobOutcome::Aborted {
+        completed_rounds: 5,
+    };
+    let outcomes = [
+        (&completed, format!("Completed {{ model: {model:?} }}")),
+        (
+            &no_quorum,
+            "Failed { round: 2, reason: NoQuorum { accepted: 1, quorum: 3, attempts: 2 } }".into(),
+        ),
+        (
+            &aggregation,
+            r#"Failed { round: 9, reason: Aggregation("no aggregator for round 9") }"#.into(),
+        ),
+        (&aborted, "Aborted { completed_rounds: 5 }".into()),
+    ];
+    for (outcome, want) in &outcomes {
+        assert_eq!(text(*outcome), *want);
+        let phase = PhaseView::Finished((*outcome).clone());
+        assert_eq!(text(&phase), format!("Finished({want})"));
+    }
+    let phases = [
+        (
+            PhaseView::Waiting {
+                next_round: RoundId(4),
+            },
+            "Waiting { next_round: 4 }".to_owned(),
+        ),
+        (
+            PhaseView::Collecting {
+                round: RoundId(3),
+                attempt: 2,
+                deadline,
+                accepted: 1,
+                pending: 5,
+            },
+            format!(
+                "Collecting {{ round: 3, attempt: 2, deadline: {deadline:?}, accepted: 1, pending: 5 }}"
+            ),
+        ),
+        (
+            PhaseView::Aggregating { round: RoundId(12) },
+            "Aggregating { round: 12 }".to_owned(),
+        ),
+    ];
+    for (phase, want) in &phases {
+        assert_eq!(text(phase), *want);
+    }
+}
