@@ -94,7 +94,7 @@ use super::round_end;
 use super::uploads::{self, Arrival, Fold, PassOne, Refused, Uploads};
 use super::{Effect, Held, Sites, queue};
 use crate::round::{
-    Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, RoundConfig,
+    Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, Plain, RoundConfig,
     SiteCapabilities, Snapshot, UpdateReceived, Verdict,
 };
 
@@ -324,46 +324,6 @@ struct SiteCommandRun {
     key: Option<u16>,
     /// Approve, revoke or rotate (0, 1, 2).
     which: u8,
-}
-
-/// `what` with every `SiteId("x")` (a site id's `Debug` form, in the
-/// checkpoints and actions the trace prints) written `"x"`, as a plain
-/// string prints: the trace, and so a seed's [`CoreSim::trace_hash`], reads
-/// the same as before the round machine's site ids were typed. Site ids
-/// hold no `"`.
-fn plain_site_ids(what: &str) -> std::borrow::Cow<'_, str> {
-    const TYPED: &str = "SiteId(\"";
-    if !what.contains(TYPED) {
-        return std::borrow::Cow::Borrowed(what);
-    }
-    let mut out = String::with_capacity(what.len());
-    let mut rest = what;
-    while let Some(at) = rest.find(TYPED) {
-        out.push_str(&rest[..at]);
-        // From the opening quote on.
-        let quoted = &rest[at + TYPED.len() - 1..];
-        match quoted[1..].find('"') {
-            Some(end) if quoted[end + 2..].starts_with(')') => {
-                out.push_str(&quoted[..end + 2]);
-                rest = &quoted[end + 3..];
-            }
-            _ => {
-                out.push_str(&rest[at..at + TYPED.len()]);
-                rest = &rest[at + TYPED.len()..];
-            }
-        }
-    }
-    out.push_str(rest);
-    std::borrow::Cow::Owned(out)
-}
-
-/// A round machine value (checkpoint, action, outcome) in its `Debug`
-/// form with its rounds written as plain numbers, as before the round
-/// machine's rounds were typed: the trace, and so a seed's
-/// [`CoreSim::trace_hash`], reads the same. Only for the round machine's
-/// own types: the core's steps and effects printed `RoundId(n)` before.
-fn untyped(value: &impl std::fmt::Debug) -> String {
-    crate::round::plain_round_ids(&format!("{value:?}")).into_owned()
 }
 
 /// A message's name, for the trace.
@@ -615,8 +575,6 @@ impl CoreSim {
     }
 
     fn note(&mut self, what: &str) {
-        let plain = plain_site_ids(what);
-        let what = plain.as_ref();
         self.trace.update(&(self.step as u64).to_le_bytes());
         self.trace.update(what.as_bytes());
         self.trace.update(b"\n");
@@ -1364,7 +1322,7 @@ impl CoreSim {
                     audited = true;
                 }
                 Effect::Persist { job, checkpoint } => {
-                    self.note(&format!("persist {job} {}", untyped(&checkpoint)));
+                    self.note(&format!("persist {job} {}", Plain(&checkpoint)));
                     self.durable.entry(job).or_default().push(checkpoint);
                 }
                 Effect::Apply(input) => self.feed(input)?,
@@ -1469,7 +1427,7 @@ impl CoreSim {
         };
         match action {
             Action::Persist(cp) => {
-                self.note(&format!("persist {}", untyped(&cp)));
+                self.note(&format!("persist {}", Plain(&cp)));
                 let opens = match (&cp, actions::checkpoint_plan(&cp).opens_round) {
                     // A later wave of the open round opens nothing.
                     (Checkpoint::RoundStarted { base_model, .. }, Some(round))
@@ -1748,14 +1706,14 @@ impl CoreSim {
                 }
             }
             Action::JobFinished(outcome) => {
-                self.note(&format!("finished {}", untyped(&outcome)));
+                self.note(&format!("finished {}", Plain(&outcome)));
                 if matches!(outcome, JobOutcome::Completed { .. }) {
                     self.stats.jobs_completed += 1;
                 }
                 self.job_finished(&job, outcome)?;
             }
             other @ (Action::SendModel { .. } | Action::Evaluate { .. }) => {
-                self.note(&untyped(&other))
+                self.note(&Plain(&other).to_string())
             }
         }
         Ok(())
@@ -2079,7 +2037,7 @@ impl CoreSim {
                     self.note(&format!("record final evaluation r{round}"));
                 }
                 Effect::Finish(outcome) => {
-                    self.note(&format!("finish {}", untyped(&outcome)));
+                    self.note(&format!("finish {}", Plain(&outcome)));
                     sent.finished.push(outcome);
                 }
                 other @ (Effect::Close { .. }
@@ -2435,39 +2393,5 @@ impl CoreSim {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plain_site_ids;
-
-    #[test]
-    fn the_trace_prints_site_ids_as_plain_strings() {
-        assert_eq!(
-            plain_site_ids(r#"x { site: SiteId("site-3"), sel: [SiteId("a"), SiteId("b")] }"#),
-            r#"x { site: "site-3", sel: ["a", "b"] }"#
-        );
-        assert_eq!(plain_site_ids("connect site-0 1"), "connect site-0 1");
-        // Not a site id's Debug form: left as it is.
-        assert_eq!(
-            plain_site_ids(r#"SiteId("a" SiteId("#),
-            r#"SiteId("a" SiteId("#
-        );
-    }
-
-    #[test]
-    fn the_trace_prints_round_ids_as_plain_numbers() {
-        use crate::round::plain_round_ids;
-        assert_eq!(
-            plain_round_ids("Aggregate { round: RoundId(3), x: [RoundId(12), RoundId(0)] }"),
-            "Aggregate { round: 3, x: [12, 0] }"
-        );
-        assert_eq!(plain_round_ids("round 3"), "round 3");
-        // Not a round id's Debug form: left as it is.
-        assert_eq!(
-            plain_round_ids("RoundId(x) RoundId(4 RoundId("),
-            "RoundId(x) RoundId(4 RoundId("
-        );
     }
 }

@@ -83,6 +83,7 @@
 //! accumulator only when the runner answers [`Action::AckUpdate`]: an update
 //! the runner rejects (duplicate, late, unknown site) is never counted.
 
+mod plain;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -94,6 +95,7 @@ use fedlink_protocol::ModelHash;
 use serde::{Deserialize, Serialize};
 
 use crate::job::Job;
+pub use plain::Plain;
 
 /// A site identity, as derived by the driver from the site's TLS client
 /// certificate: the protocol crate's validated id, re-exported here so the
@@ -213,34 +215,6 @@ impl RoundConfig {
         want.clamp(self.min_sites as usize, self.max_sites as usize)
             .min(eligible)
     }
-}
-
-/// `debug` (a value's `Debug` form) with every `RoundId(n)` written `n`, the
-/// plain number a round was before the round machine's rounds were typed:
-/// what prints a round machine type with `{:?}` — the engine's `job
-/// finished` log line, the status file's `phase`, `core::sim`'s trace —
-/// reads as it did.
-pub fn plain_round_ids(debug: &str) -> std::borrow::Cow<'_, str> {
-    const TYPED: &str = "RoundId(";
-    if !debug.contains(TYPED) {
-        return std::borrow::Cow::Borrowed(debug);
-    }
-    let mut out = String::with_capacity(debug.len());
-    let mut rest = debug;
-    while let Some(at) = rest.find(TYPED) {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + TYPED.len()..];
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        if digits > 0 && after[digits..].starts_with(')') {
-            out.push_str(&after[..digits]);
-            rest = &after[digits + 1..];
-        } else {
-            out.push_str(TYPED);
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    std::borrow::Cow::Owned(out)
 }
 
 /// Deterministic seeded selection of `k` sites among `eligible`.

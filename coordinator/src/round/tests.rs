@@ -899,8 +899,11 @@ fn random_mixes_keep_the_invariants() {
 /// printing them from their typed fields reads exactly as before.
 #[test]
 fn phase_and_outcome_texts_read_as_before() {
-    fn text(v: &impl std::fmt::Debug) -> String {
-        plain_round_ids(&format!("{v:?}")).into_owned()
+    fn text<'a, T>(v: &'a T) -> String
+    where
+        Plain<'a, T>: std::fmt::Display,
+    {
+        Plain(v).to_string()
     }
     let deadline = Instant::now();
     let model = fake_hash(&[b"final"]);
