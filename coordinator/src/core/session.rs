@@ -9,7 +9,7 @@
 //!  upload cut ─────▶ Session::keeps_for_resume(durable)
 //! ```
 //!
-//! The driver (`server::conn`) reads the frames, takes the budgets' tokens
+//! The driver (`server::site_session`) reads the frames, takes the budgets' tokens
 //! with the clock, logs, and executes the answer.
 
 use fedlink_protocol::{

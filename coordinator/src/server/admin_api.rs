@@ -115,7 +115,7 @@ impl Shared {
 }
 
 /// Serve one admin connection until it closes: each bidirectional stream
-/// carries one command. Returns why it ended; the caller (`conn`) records
+/// carries one command. Returns why it ended; the caller (`accept`) records
 /// `conn.accepted` before and `conn.closed` after, as for sites.
 pub(crate) async fn serve_admin(
     conn: &ServerConn,
