@@ -15,6 +15,7 @@ use fedlink_transport::{ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::shared::Shared;
+use crate::config::CoordinatorConfig;
 use crate::core::admission;
 use crate::core::limits::SourceRates;
 use crate::core::refusals::peer_text;
@@ -276,4 +277,73 @@ fn refuse(
         }
     }
     conn.close(code, text.as_bytes());
+}
+
+/// Source addresses whose handshake rate is tracked, at most (a few
+/// hundred kilobytes).
+const MAX_RATE_SOURCES: usize = 8192;
+
+/// Start the acceptor task: it admits the QUIC and TCP connection attempts
+/// to their handshakes (handshake slots, per-source rates) and owns the
+/// connection tasks. Returns the task, which ends once the endpoint is
+/// closed and its connection tasks have ended, and the notifier that stops
+/// the TCP accepts.
+pub(super) fn spawn_acceptor(
+    cfg: &CoordinatorConfig,
+    endpoint: &quinn::Endpoint,
+    tcp: Option<fedlink_transport::tcp::TcpServer>,
+    shared: &Arc<Shared>,
+) -> (tokio::task::JoinHandle<()>, Arc<tokio::sync::Notify>) {
+    let accept_shared = shared.clone();
+    let accept_endpoint = endpoint.clone();
+    let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
+    let mut rates = SourceRates::new(
+        cfg.handshake_burst_per_source,
+        cfg.handshakes_per_source_per_sec,
+        MAX_RATE_SOURCES,
+    );
+    // Connection tasks are owned here, so that shutdown can wait for them:
+    // each records `conn.closed` as it ends, and a clean shutdown leaves an
+    // audit log with every connection's end in it.
+    let tcp_stop = Arc::new(tokio::sync::Notify::new());
+    let stop_tcp = tcp_stop.clone();
+    let acceptor = tokio::spawn(async move {
+        let mut tcp = tcp;
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = accept_endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        if let Some(permit) = admit(incoming, &handshakes, &mut rates, &accept_shared) {
+                            tasks.spawn(handle_incoming(permit, accept_shared.clone()));
+                        }
+                    }
+                    // The endpoint is closed: shutting down.
+                    None => break,
+                },
+                accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                    Ok(incoming) => {
+                        if let Some(slot) = admit_tcp(&incoming, &handshakes, &mut rates, &accept_shared) {
+                            tasks.spawn(handle_incoming_tcp(incoming, slot, accept_shared.clone()));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accepting a TCP connection"),
+                },
+                _ = tcp_stop.notified() => tcp = None,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    (acceptor, stop_tcp)
+}
+/// The next TCP connection of the listener, if there is one (pending forever
+/// otherwise, so that a `select!` arm without a listener never fires).
+async fn accept_tcp(
+    tcp: Option<&fedlink_transport::tcp::TcpServer>,
+) -> Result<TcpIncoming, TransportError> {
+    match tcp {
+        Some(t) => t.accept().await,
+        None => std::future::pending().await,
+    }
 }

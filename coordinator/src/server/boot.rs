@@ -347,14 +347,3 @@ pub(super) fn select_job(
     }
     Ok(decision)
 }
-
-/// The next TCP connection of the listener, if there is one (pending forever
-/// otherwise, so that a `select!` arm without a listener never fires).
-pub(super) async fn accept_tcp(
-    tcp: Option<&fedlink_transport::tcp::TcpServer>,
-) -> Result<fedlink_transport::tcp::TcpIncoming, fedlink_transport::TransportError> {
-    match tcp {
-        Some(t) => t.accept().await,
-        None => std::future::pending().await,
-    }
-}

@@ -63,7 +63,7 @@ use crate::store::Store;
 use crate::store::wire;
 pub(crate) use audit::Auditor;
 use boot::{
-    accept_tcp, bind_listeners, build_engine, clean_spool, private_data_dir, select_job, start_job,
+    bind_listeners, build_engine, clean_spool, private_data_dir, select_job, start_job,
     wait_bounded,
 };
 use shared::{Shared, mtime};
@@ -83,9 +83,6 @@ const CONNECTIONS_GRACE: Duration = Duration::from_secs(10);
 /// How often the coordinator looks for a changed manifest or revocation
 /// list even when no site connects.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
-/// Source addresses whose handshake rate is tracked, at most (a few
-/// hundred kilobytes).
-const MAX_RATE_SOURCES: usize = 8192;
 
 /// What [`serve`] returns when it stops cleanly.
 #[derive(Debug)]
@@ -217,47 +214,7 @@ pub async fn serve(
         }
     });
 
-    let accept_shared = shared.clone();
-    let accept_endpoint = endpoint.clone();
-    let handshakes = Arc::new(Semaphore::new(cfg.max_handshakes_in_flight));
-    let mut rates = crate::core::limits::SourceRates::new(
-        cfg.handshake_burst_per_source,
-        cfg.handshakes_per_source_per_sec,
-        MAX_RATE_SOURCES,
-    );
-    // Connection tasks are owned here, so that shutdown can wait for them:
-    // each records `conn.closed` as it ends, and a clean shutdown leaves an
-    // audit log with every connection's end in it.
-    let tcp_stop = Arc::new(tokio::sync::Notify::new());
-    let stop_tcp = tcp_stop.clone();
-    let acceptor = tokio::spawn(async move {
-        let mut tcp = tcp;
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                incoming = accept_endpoint.accept() => match incoming {
-                    Some(incoming) => {
-                        if let Some(permit) = accept::admit(incoming, &handshakes, &mut rates, &accept_shared) {
-                            tasks.spawn(accept::handle_incoming(permit, accept_shared.clone()));
-                        }
-                    }
-                    // The endpoint is closed: shutting down.
-                    None => break,
-                },
-                accepted = accept_tcp(tcp.as_ref()) => match accepted {
-                    Ok(incoming) => {
-                        if let Some(slot) = accept::admit_tcp(&incoming, &handshakes, &mut rates, &accept_shared) {
-                            tasks.spawn(accept::handle_incoming_tcp(incoming, slot, accept_shared.clone()));
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "accepting a TCP connection"),
-                },
-                _ = tcp_stop.notified() => tcp = None,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
-        while tasks.join_next().await.is_some() {}
-    });
+    let (acceptor, stop_tcp) = accept::spawn_acceptor(&cfg, &endpoint, tcp, &shared);
 
     tokio::pin!(shutdown);
     // One job at a time: when the running job has finished and a submitted
