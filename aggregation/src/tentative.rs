@@ -39,6 +39,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
+use fedlink_protocol::payload::CheckedChunk;
+
 use crate::error::{AggregationError, UpdateError};
 use crate::fedavg::{Block, add_chunk};
 use crate::validate::{UpdateValidator, ValidatedUpdate};
@@ -180,12 +182,27 @@ impl TentativeFold {
             return Ok(());
         };
         validator.feed(offset, values)?;
+        self.fold(offset, values);
+        Ok(())
+    }
+
+    /// [`Self::feed`] for a chunk the payload decoder checked (see
+    /// [`UpdateValidator::feed_checked`]: no second finiteness scan).
+    pub fn feed_checked(&mut self, chunk: CheckedChunk<'_>) -> Result<(), UpdateError> {
+        let Some(validator) = self.validator.as_mut() else {
+            return Ok(());
+        };
+        validator.feed_checked(chunk)?;
+        self.fold(chunk.offset(), chunk.values());
+        Ok(())
+    }
+
+    fn fold(&mut self, offset: u64, values: &[f32]) {
         let ticket = *self.ticket.get_or_insert_with(|| self.shared.enter());
         if ticket.is_some() {
             let s = &self.shared;
             self.folded += add_chunk(&s.blocks, s.n, offset, values, self.c, false);
         }
-        Ok(())
     }
 
     /// Values folded so far (from element 0, contiguous).

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use fedlink_protocol::payload::CheckedChunk;
 use fedlink_protocol::{ModelSpec, TensorSpec};
 
 use crate::error::UpdateError;
@@ -228,6 +229,25 @@ impl UpdateValidator {
     /// Feed the next chunk: `values` start at flat element `offset`, which
     /// must equal the end of the previous chunk.
     pub fn feed(&mut self, offset: u64, values: &[f32]) -> Result<(), UpdateError> {
+        self.feed_with(offset, values, None)
+    }
+
+    /// [`Self::feed`] for a chunk the payload decoder checked: it found
+    /// every value finite and their largest `|x|` in its own pass, so the
+    /// values are not scanned a second time for them (the other checks
+    /// are the same).
+    pub fn feed_checked(&mut self, chunk: CheckedChunk<'_>) -> Result<(), UpdateError> {
+        self.feed_with(chunk.offset(), chunk.values(), Some(chunk.max_abs()))
+    }
+
+    /// `known_max`: the values' largest `|x|`, all of them finite, when the
+    /// decoder already established it ([`CheckedChunk`] only).
+    fn feed_with(
+        &mut self,
+        offset: u64,
+        values: &[f32],
+        known_max: Option<f32>,
+    ) -> Result<(), UpdateError> {
         let num_params = self.spec.num_params();
         if offset != self.next {
             return Err(UpdateError::ChunkOutOfOrder {
@@ -248,7 +268,7 @@ impl UpdateValidator {
         }
         // One fast pass for finiteness and max |x|, then the sum of squares
         // by absolute lane.
-        let Some(chunk_max) = fedlink_protocol::model::max_abs(values) else {
+        let Some(chunk_max) = known_max.or_else(|| fedlink_protocol::model::max_abs(values)) else {
             let pos = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
             let (tensor, index) = locate(&self.spec, offset + pos as u64);
             return Err(UpdateError::NonFinite {

@@ -86,6 +86,41 @@ fn streaming_chunks_equal_whole_fold() {
     assert_eq!(a.finish().unwrap(), b.finish().unwrap());
 }
 
+/// A chunk the payload decoder checked (finite, its max |x| found in the
+/// decoder's pass) validates exactly as the plain values do: the same
+/// statistics, and the same refusal when a value is over the limit.
+#[test]
+fn decoder_checked_chunks_validate_as_plain_values() {
+    use fedlink_protocol::payload::{PayloadDecoder, encode_payload};
+    use fedlink_protocol::{Encoding, ValueCodec};
+    let vals = vec![0.25, -1.5, 3.0, 0.125, 7.0, -2.0];
+    for shuffle in [false, true] {
+        // 16-byte chunks (the smallest): four values, then two.
+        let e = Encoding::new(ValueCodec::F32, shuffle, 1, 16).unwrap();
+        let (records, _) = encode_payload(&model(vals.clone()), e, 0).unwrap();
+        for limit in [f32::MAX, 5.0] {
+            let opts = FedAvgOptions {
+                max_abs_value: limit,
+                ..FedAvgOptions::default()
+            };
+            let acc = FedAvgAccumulator::new(spec(), opts);
+            let mut plain = acc.validator("s", 3);
+            let mut checked = acc.validator("s", 3);
+            let mut dec = PayloadDecoder::new((*spec()).clone(), e).unwrap();
+            let mut buf = Vec::new();
+            for r in &records {
+                let c = dec.decode_chunk_checked(r, &mut buf).unwrap();
+                let a = plain.feed(c.offset(), c.values());
+                let b = checked.feed_checked(c);
+                assert_eq!(a, b, "shuffle={shuffle} limit={limit}");
+            }
+            if limit == f32::MAX {
+                assert_eq!(plain.finish().unwrap(), checked.finish().unwrap());
+            }
+        }
+    }
+}
+
 #[test]
 fn validation_errors_name_site_and_tensor() {
     let acc = FedAvgAccumulator::new(spec(), FedAvgOptions::default());

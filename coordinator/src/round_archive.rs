@@ -462,8 +462,8 @@ pub fn validate_with(
     encoding: Encoding,
     path: &Path,
 ) -> Result<ValidatedUpdate, PayloadError> {
-    crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
-        validator.feed(offset, values)
+    crate::server::spool::for_each_checked_chunk(path, spec, encoding, |chunk| {
+        validator.feed_checked(chunk)
     })??;
     Ok(validator.finish()?)
 }
@@ -481,8 +481,8 @@ pub fn check_and_fold(
     encoding: Encoding,
     path: &Path,
 ) -> Result<Tentative, PayloadError> {
-    let read = crate::server::spool::for_each_chunk(path, spec, encoding, |offset, values| {
-        fold.feed(offset, values)
+    let read = crate::server::spool::for_each_checked_chunk(path, spec, encoding, |chunk| {
+        fold.feed_checked(chunk)
     });
     let (err, removal) = match read {
         Ok(Ok(())) => match fold.finish() {

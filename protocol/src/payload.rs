@@ -717,7 +717,7 @@ fn decode_body_into(
     segs: &[usize],
     values: &mut Vec<f32>,
     halves: &mut Vec<f16>,
-) -> Result<(), PayloadError> {
+) -> Result<f32, PayloadError> {
     match codec {
         ValueCodec::F32 => {
             values.clear();
@@ -786,18 +786,22 @@ fn decode_body_into(
     finish_decoded(values, n, offset)
 }
 
-/// The checks every decoded body passes: `n` values, all finite.
-fn finish_decoded(values: &[f32], n: usize, offset: u64) -> Result<(), PayloadError> {
+/// The checks every decoded body passes: `n` values, all finite. Returns
+/// their largest `|x|`, which the same pass finds (see [`CheckedChunk`]).
+fn finish_decoded(values: &[f32], n: usize, offset: u64) -> Result<f32, PayloadError> {
     if values.len() != n {
         return Err(PayloadError::DecompressedSize {
             declared: n as u64,
             actual: values.len() as u64,
         });
     }
-    if let Some(i) = crate::model::first_non_finite(values) {
-        return Err(PayloadError::NonFinite(offset + i as u64));
+    match crate::model::max_abs(values) {
+        Some(max) => Ok(max),
+        None => {
+            let i = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            Err(PayloadError::NonFinite(offset + i as u64))
+        }
     }
-    Ok(())
 }
 
 fn segment_lens(spec: &ModelSpec, range: &Range<u64>) -> Vec<usize> {
@@ -928,35 +932,47 @@ impl ChunkEncoder {
             _ => None,
         };
         let raw = raw_len(codec, n, segs.len() as u64) as usize;
-        let body = &mut self.body;
-        body.clear();
-        body.reserve(raw);
-        encode_body(
-            codec,
-            values,
-            range.start,
-            &segs,
-            rng.as_mut(),
-            &mut self.halves,
-            body,
-        )?;
-        debug_assert_eq!(body.len(), raw);
-        let body = if self.encoding.shuffle() {
-            reshuffle_into(
-                body,
-                sections(codec, values.len(), segs.len()),
-                true,
-                &mut self.shuffled,
-            );
+        let body: &[u8] = if codec == ValueCodec::F32
+            && self.encoding.shuffle()
+            && cfg!(target_endian = "little")
+        {
+            // Lossless f32: the values' own bytes are the plain body; split
+            // them into byte planes directly (no staging copy of the body).
+            let src: &[u8] = bytemuck::cast_slice(values);
+            self.shuffled.resize(src.len(), 0);
+            shuffle_into(src, 4, &mut self.shuffled);
             &self.shuffled
         } else {
-            &self.body
+            let body = &mut self.body;
+            body.clear();
+            body.reserve(raw);
+            encode_body(
+                codec,
+                values,
+                range.start,
+                &segs,
+                rng.as_mut(),
+                &mut self.halves,
+                body,
+            )?;
+            debug_assert_eq!(body.len(), raw);
+            if self.encoding.shuffle() {
+                reshuffle_into(
+                    body,
+                    sections(codec, values.len(), segs.len()),
+                    true,
+                    &mut self.shuffled,
+                );
+                &self.shuffled
+            } else {
+                &self.body
+            }
         };
         let bound = zstd_bound(body.len());
         let mut record = vec![0u8; CHUNK_HEADER_LEN + bound];
         let clen = self
             .compressor
-            .compress_to_buffer(body.as_slice(), &mut record[CHUNK_HEADER_LEN..])
+            .compress_to_buffer(body, &mut record[CHUNK_HEADER_LEN..])
             .map_err(|e| EncodeError::Compress(e.to_string()))?;
         record.truncate(CHUNK_HEADER_LEN + clen);
         let header = ChunkHeader {
@@ -1136,6 +1152,34 @@ pub struct DecodedChunk {
     pub values: Vec<f32>,
 }
 
+/// A decoded chunk that passed the decoder's checks: every value finite,
+/// and their largest `|x|` found by the same pass. Only this crate's
+/// decoder makes one, so a consumer (the update validator) can rely on
+/// [`CheckedChunk::max_abs`] without scanning the values again.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedChunk<'a> {
+    offset: u64,
+    values: &'a [f32],
+    max_abs: f32,
+}
+
+impl<'a> CheckedChunk<'a> {
+    /// Element offset in the model.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The values (all finite).
+    pub fn values(&self) -> &'a [f32] {
+        self.values
+    }
+
+    /// The largest `|x|` of the values (0 for none); finite.
+    pub fn max_abs(&self) -> f32 {
+        self.max_abs
+    }
+}
+
 /// What a decoder saw, once complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodedSummary {
@@ -1209,6 +1253,7 @@ impl ChunkDecoder {
             .and_then(|start| next_range(&self.spec, &self.encoding, start))
             .ok_or_else(|| PayloadError::AlreadyComplete(self.spec.num_params()))?;
         self.decode_range(range, record, values)
+            .map(|(offset, _)| offset)
     }
 
     /// Check a header against the chunk at `range`; returns the compressed
@@ -1252,12 +1297,13 @@ impl ChunkDecoder {
         Ok(h.compressed_len as usize)
     }
 
+    /// Returns the chunk's element offset and its values' largest `|x|`.
     fn decode_range(
         &mut self,
         expected: Range<u64>,
         record: &[u8],
         values: &mut Vec<f32>,
-    ) -> Result<u64, PayloadError> {
+    ) -> Result<(u64, f32), PayloadError> {
         let Some((head, body)) = record.split_first_chunk::<CHUNK_HEADER_LEN>() else {
             return Err(PayloadError::Truncated(record.len()));
         };
@@ -1290,6 +1336,30 @@ impl ChunkDecoder {
         }
         let codec = self.encoding.values();
         let n = h.count as usize;
+        if codec == ValueCodec::F32 && cfg!(target_endian = "little") {
+            // Lossless f32: the plain body *is* the values' bytes, so the
+            // byte planes are joined (or the body copied) straight into
+            // `values` instead of into a staging buffer read back value by
+            // value (one copy of every byte fewer; the coordinator decodes
+            // 4 bytes per parameter per f32 upload, each site as much per
+            // whole-model download).
+            if raw_len != 4 * n {
+                return Err(PayloadError::DecompressedSize {
+                    declared: 4 * n as u64,
+                    actual: raw_len as u64,
+                });
+            }
+            // Resized, not cleared: every value is overwritten below.
+            values.resize(n, 0.0);
+            let out: &mut [u8] = bytemuck::cast_slice_mut(values.as_mut_slice());
+            if h.shuffle {
+                unshuffle_into(&self.raw, 4, out);
+            } else {
+                out.copy_from_slice(&self.raw);
+            }
+            let max = finish_decoded(values, n, h.offset)?;
+            return Ok((h.offset, max));
+        }
         let range = h.offset..h.offset + n as u64;
         let segs = segment_lens(&self.spec, &range);
         let plain = if h.shuffle {
@@ -1303,8 +1373,8 @@ impl ChunkDecoder {
         } else {
             &self.raw
         };
-        decode_body_into(codec, plain, n, h.offset, &segs, values, &mut self.halves)?;
-        Ok(h.offset)
+        let max = decode_body_into(codec, plain, n, h.offset, &segs, values, &mut self.halves)?;
+        Ok((h.offset, max))
     }
 }
 
@@ -1394,15 +1464,32 @@ impl PayloadDecoder {
         record: &[u8],
         values: &mut Vec<f32>,
     ) -> Result<u64, PayloadError> {
+        self.decode_chunk_checked(record, values)
+            .map(|chunk| chunk.offset())
+    }
+
+    /// [`PayloadDecoder::decode_chunk_into`], returning the decoded chunk
+    /// with what the decoder's finiteness check found (its largest `|x|`),
+    /// so that a validator after it need not scan the values again. The
+    /// chunk borrows `values`: they cannot change while it is held.
+    pub fn decode_chunk_checked<'v>(
+        &mut self,
+        record: &[u8],
+        values: &'v mut Vec<f32>,
+    ) -> Result<CheckedChunk<'v>, PayloadError> {
         let expected = self.expected()?;
-        let offset = self.chunks.decode_range(expected, record, values)?;
+        let (offset, max_abs) = self.chunks.decode_range(expected, record, values)?;
         if let Some(hasher) = &mut self.hasher {
             hasher.update(values);
         }
         self.next = offset + values.len() as u64;
         self.count += 1;
         self.bytes += record.len() as u64;
-        Ok(offset)
+        Ok(CheckedChunk {
+            offset,
+            values,
+            max_abs,
+        })
     }
 
     /// Finish: fails unless every chunk arrived.
@@ -1732,6 +1819,84 @@ mod tests {
                 assert_eq!(unhashed.model_hash, None);
                 assert_eq!(unhashed.payload_len, hashed.payload_len);
                 assert_eq!(unhashed.num_chunks, hashed.num_chunks);
+            }
+        }
+    }
+
+    /// Lossless f32 takes a direct path both ways (the values' bytes split
+    /// into planes, and joined straight back into the values): its records
+    /// hold exactly the byte-plane loop's body of the little-endian bytes,
+    /// and a decoded chunk's `max_abs` is the float loop's maximum.
+    #[test]
+    fn f32_direct_path_writes_the_byte_planes_and_reports_max_abs() {
+        let spec = spec3();
+        let v = values(24);
+        let model = FlatModel::new(spec.clone(), v.clone()).unwrap();
+        for shuffle in [false, true] {
+            let e = enc(ValueCodec::F32, shuffle);
+            let (records, _) = encode_payload(&model, e, 0).unwrap();
+            let mut dec = PayloadDecoder::new(spec.clone(), e).unwrap();
+            let mut buf = vec![7.0f32; 100];
+            let mut at = 0usize;
+            for r in &records {
+                let (head, body) = r.split_first_chunk::<CHUNK_HEADER_LEN>().unwrap();
+                let h = ChunkHeader::parse(head).unwrap();
+                let n = h.count as usize;
+                let le: Vec<u8> = v[at..at + n].iter().flat_map(|x| x.to_le_bytes()).collect();
+                let mut want = vec![0u8; le.len()];
+                if shuffle {
+                    shuffle_any(&le, 4, &mut want);
+                } else {
+                    want.copy_from_slice(&le);
+                }
+                assert_eq!(zstd::bulk::decompress(body, 1 << 20).unwrap(), want);
+                let c = dec.decode_chunk_checked(r, &mut buf).unwrap();
+                assert_eq!(c.offset(), at as u64);
+                assert_eq!(c.values(), &v[at..at + n]);
+                let max = v[at..at + n].iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert_eq!(c.max_abs(), max, "shuffle={shuffle}");
+                at += n;
+            }
+            dec.finish().unwrap();
+        }
+    }
+
+    /// A lossless f32 record holding a non-finite value (the encoder never
+    /// writes one; a peer may) is refused with the value's position.
+    #[test]
+    fn f32_record_with_a_non_finite_value_is_refused_at_its_position() {
+        let spec = spec3();
+        for shuffle in [false, true] {
+            let e = enc(ValueCodec::F32, shuffle);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut v = values(8);
+                v[5] = bad;
+                let le: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let mut body = vec![0u8; le.len()];
+                if shuffle {
+                    shuffle_any(&le, 4, &mut body);
+                } else {
+                    body.copy_from_slice(&le);
+                }
+                let z = zstd::bulk::compress(&body, 3).unwrap();
+                let h = ChunkHeader {
+                    codec_tag: ValueCodec::F32.tag(),
+                    shuffle,
+                    offset: 0,
+                    count: 8,
+                    raw_len: body.len() as u32,
+                    compressed_len: z.len() as u32,
+                };
+                let mut record = h.to_bytes().to_vec();
+                record.extend_from_slice(&z);
+                let mut dec = PayloadDecoder::new(spec.clone(), e).unwrap();
+                let mut buf = Vec::new();
+                assert_eq!(
+                    dec.decode_chunk_checked(&record, &mut buf)
+                        .map(|c| c.offset()),
+                    Err(PayloadError::NonFinite(5)),
+                    "{bad} shuffle={shuffle}"
+                );
             }
         }
     }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader, PayloadDecoder};
+use fedlink_protocol::payload::{CHUNK_HEADER_LEN, CheckedChunk, ChunkHeader, PayloadDecoder};
 use fedlink_protocol::{Encoding, ModelSpec};
 
 /// Why reading a spool (or an archived payload file, the same format)
@@ -110,6 +110,18 @@ pub(crate) fn for_each_chunk<E>(
     encoding: Encoding,
     mut f: impl FnMut(u64, &[f32]) -> Result<(), E>,
 ) -> Result<Result<(), E>, SpoolError> {
+    for_each_checked_chunk(path, spec, encoding, |c| f(c.offset(), c.values()))
+}
+
+/// [`for_each_chunk`], handing each chunk over as the decoder checked it
+/// (every value finite, the largest `|x|` found), for a validator that
+/// then need not scan the values again.
+pub(crate) fn for_each_checked_chunk<E>(
+    path: &Path,
+    spec: &ModelSpec,
+    encoding: Encoding,
+    mut f: impl FnMut(CheckedChunk<'_>) -> Result<(), E>,
+) -> Result<Result<(), E>, SpoolError> {
     let file = File::open(path).map_err(io(path))?;
     // Unbuffered: two reads per record (header, then the body straight
     // into `record`), no buffer allocated per pass.
@@ -142,8 +154,8 @@ pub(crate) fn for_each_chunk<E>(
         if read_full(&mut r, body).map_err(io(path))? != body_len {
             return Err(SpoolError::Truncated(path.to_owned()));
         }
-        let offset = dec.decode_chunk_into(&record, &mut values)?;
-        if let Err(e) = f(offset, &values) {
+        let chunk = dec.decode_chunk_checked(&record, &mut values)?;
+        if let Err(e) = f(chunk) {
             return Ok(Err(e));
         }
     }
