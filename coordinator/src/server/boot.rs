@@ -1,35 +1,223 @@
-//! Start-up and shutdown around `serve`: the data directory's checks, the
-//! listeners, which job runs first (`select_job`), building a job's engine
-//! (`build_engine`, `start_job`: recovery, the initial model, the served
-//! wire files), the spool's clean-up and the bounded waits of shutdown.
+//! Start-up around `serve`: loading the kit, the registry and the audit
+//! log, building `Shared` (`start_up`), the data directory's checks, the
+//! listeners, the reloader and the acceptor (`listen`), which job runs
+//! first (`select_job`), building a job's engine (`build_engine`,
+//! `start_job`: recovery, the initial model, the served wire files) and
+//! the spool's clean-up.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use fedlink_audit::{CoordEvent, coord};
+use fedlink_certs::{Kit, RevocationList, SiteManifest};
+use fedlink_protocol::FederationId;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinHandle;
 
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::jobs::{self, ConfigJob, StartUp};
 use crate::core::recovery::{self, Create, Recovered, Reopened, Resumed, Stored};
+use crate::core::refusals::Refusals;
+use crate::core::registry::RegistryWatch;
 use crate::job::Job;
-use crate::round::{JobRunner, RoundConfig};
+use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
-use crate::store::wire::{self};
+use crate::store::wire::{self, ServedModels};
 
+use super::accept;
+use super::admin_state;
 use super::audit::Auditor;
+use super::disk;
 use super::effects;
 use super::engine::{Engine, EngineParts};
 use super::error::ServeError;
+use super::event::Event;
 use super::init_model::initial_model;
+use super::limits;
 use super::links;
-use super::shared::Shared;
+use super::shared::{Shared, mtime};
 use super::status::{self, STATUS_FILE};
 
 /// How many times [`bind_listeners`] picks a new port when the listen
 /// port is 0 and TCP must share QUIC's port number.
 const SHARED_PORT_ATTEMPTS: usize = 16;
+
+/// How often the coordinator looks for a changed manifest or revocation
+/// list even when no site connects.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What [`start_up`] ends with.
+pub(super) enum Started {
+    /// The configured job has already finished and the coordinator was to
+    /// stop after it (`exit_after_job`): its outcome, nothing served.
+    Exit(JobOutcome),
+    /// Ready to listen.
+    Ready(Box<Boot>),
+}
+
+/// What `serve` runs with: the state the tasks share, the store, the
+/// engine's inbox, the first job's engine (`None`: an empty start) and the
+/// TLS config the listeners take.
+pub(super) struct Boot {
+    pub(super) shared: Arc<Shared>,
+    pub(super) store: Arc<Store>,
+    pub(super) rx: mpsc::Receiver<Event>,
+    pub(super) engine: Option<Engine>,
+    pub(super) tls: rustls::ServerConfig,
+}
+
+/// The kit, the federation, the revocation list and the site manifest
+/// (which must name the kit's federation), the audit log (its
+/// `coordinator.started` entry), the store, the job to run first
+/// ([`select_job`]), [`Shared`] and that job's engine.
+pub(super) fn start_up(
+    cfg: &CoordinatorConfig,
+    exit_after_job: bool,
+) -> Result<Started, ServeError> {
+    let kit = Kit::load(&cfg.kit)?;
+    let federation =
+        FederationId::new(kit.identity().federation()).map_err(ServeError::Federation)?;
+    let revocations = RevocationList::load(cfg.revoked_path())?;
+    let manifest = SiteManifest::load(&cfg.manifest_path())?;
+    if manifest.federation != kit.identity().federation() {
+        return Err(ServeError::ManifestFederation {
+            manifest: manifest.federation.clone(),
+            kit: kit.identity().federation().to_owned(),
+        });
+    }
+    update_keys(&manifest)?;
+    let tls = fedlink_certs::server_tls_config(&kit, revocations.clone())?;
+    let audit_key = kit
+        .update_signing_key()
+        .cloned()
+        .ok_or_else(|| ServeError::NoAuditKey {
+            kit: kit.dir().to_owned(),
+        })?;
+
+    // Store and job.
+    private_data_dir(&cfg.data_dir)?;
+    let auditor = Arc::new(Auditor::open(
+        &cfg.data_dir,
+        audit_key,
+        kit.identity().to_string(),
+        cfg.audit_rotate_bytes,
+    )?);
+    auditor.record_own_event(&CoordEvent::CoordinatorStarted(coord::CoordinatorStarted {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        federation: kit.identity().federation().to_owned(),
+        audit_public_key: auditor.public_key_hex(),
+    }))?;
+    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    clean_spool(&store.dir().join("spool"));
+    let job_id = match select_job(&store, cfg.job.as_deref(), &auditor, exit_after_job)? {
+        StartUp::Create(id) | StartUp::Run(id) => Some(id),
+        StartUp::Empty => None,
+        StartUp::Exit(outcome) => return Ok(Started::Exit(outcome)),
+        StartUp::NoJob => return Err(ServeError::NoJob),
+    };
+
+    let (tx, rx) = mpsc::channel(limits::ENGINE_QUEUE);
+    let shared = Arc::new(Shared {
+        tasks: tokio_util::task::TaskTracker::new(),
+        answers: tokio_util::task::TaskTracker::new(),
+        engine: tx,
+        manifest: RwLock::new(manifest),
+        registry_watch: Mutex::new(RegistryWatch::new(
+            mtime(&cfg.manifest_path()),
+            revocations.path().and_then(mtime),
+        )),
+        manifest_path: cfg.manifest_path(),
+        revocations,
+        site_links: Mutex::new(HashMap::new()),
+        federation,
+        heartbeat: cfg.heartbeat_interval(),
+        uploads: Semaphore::new(cfg.max_concurrent_uploads),
+        downloads: Semaphore::new(cfg.max_concurrent_downloads),
+        uploads_in_flight: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        wire: RwLock::new(ServedModels::default()),
+        downlink: RwLock::new(None),
+        job_needs: RwLock::new(JobNeeds::ANY),
+        audit: auditor.clone(),
+        admin: admin_state::AdminState::new(
+            store.clone(),
+            kit.ca_cert().clone(),
+            cfg.revoked_path(),
+            cfg.init_dir.clone(),
+        ),
+        refusals: Mutex::new(Refusals::new(Duration::from_secs(cfg.refusal_summary_secs))),
+        disk: disk::DiskGuard::new(&cfg.data_dir, cfg.min_free_disk_mib.saturating_mul(1 << 20)),
+        connections: limits::Connections::new(
+            cfg.max_connections,
+            cfg.max_connections_per_identity,
+        ),
+        peer: cfg.peer_limits(),
+    });
+    let engine = match &job_id {
+        Some(id) => Some(build_engine(&store, id, &shared, cfg)?),
+        None => None,
+    };
+    Ok(Started::Ready(Box::new(Boot {
+        shared,
+        store,
+        rx,
+        engine,
+        tls,
+    })))
+}
+
+/// What runs beside the job loop until shutdown: the QUIC endpoint, the
+/// acceptor task (and the notify that stops its TCP listener) and the
+/// registry reloader.
+pub(super) struct Listening {
+    pub(super) endpoint: quinn::Endpoint,
+    pub(super) acceptor: JoinHandle<()>,
+    pub(super) stop_tcp: Arc<Notify>,
+    pub(super) reloader: JoinHandle<()>,
+}
+
+/// Bind the listeners ([`bind_listeners`]), report the bound address on
+/// `bound`, start the reloader (a changed manifest or revocation list is
+/// read every [`RELOAD_INTERVAL`]; counted refusals are recorded) and the
+/// acceptor.
+pub(super) async fn listen(
+    cfg: &CoordinatorConfig,
+    tls: rustls::ServerConfig,
+    shared: &Arc<Shared>,
+    engine: Option<&Engine>,
+    bound: Option<&mpsc::UnboundedSender<SocketAddr>>,
+) -> Result<Listening, ServeError> {
+    let (endpoint, local, tcp) = bind_listeners(cfg, tls).await?;
+    let tcp_local = tcp.as_ref().and_then(|t| t.local_addr().ok());
+    tracing::info!(listen = %local, tcp = ?tcp_local, job = engine.map_or("none", |e| e.job_id()), "coordinator listening");
+    if let Some(b) = bound {
+        let _ = b.send(local);
+    }
+
+    let reload_shared = shared.clone();
+    let reloader = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+        loop {
+            tick.tick().await;
+            reload_shared.reload_if_changed();
+            reload_shared.record_refusals(false);
+        }
+    });
+
+    let (acceptor, stop_tcp) = accept::spawn_acceptor(cfg, &endpoint, tcp, shared);
+    Ok(Listening {
+        endpoint,
+        acceptor,
+        stop_tcp,
+        reloader,
+    })
+}
 
 /// Create the data directory (mode 0700) or make an existing one owner-only:
 /// it holds raw site updates. Every directory and file below it that group or
@@ -55,22 +243,6 @@ pub(super) fn private_data_dir(dir: &Path) -> Result<(), ServeError> {
         );
     }
     Ok(())
-}
-
-/// Shutdown's bounded wait: `wait` for at most `grace`; past it, warn
-/// "`still` `grace` s after `after`" and return `false` (the caller decides
-/// whether to abort what it waited for).
-pub(super) async fn wait_bounded(
-    wait: impl Future,
-    grace: Duration,
-    still: &str,
-    after: &str,
-) -> bool {
-    let done = tokio::time::timeout(grace, wait).await.is_ok();
-    if !done {
-        tracing::warn!("{still} {} s after {after}", grace.as_secs());
-    }
-    done
 }
 
 /// Bind the QUIC endpoint and, unless `tcp_listen = "off"`, the TCP
