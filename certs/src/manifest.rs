@@ -67,13 +67,24 @@ impl SiteEntry {
     }
 }
 
-pub(crate) fn parse_update_key(hex_key: &str) -> Result<VerifyingKey, String> {
-    let bytes = hex::decode(hex_key).map_err(|_| "update_public_key is not hex".to_owned())?;
-    let arr: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| "update_public_key must be 32 bytes".to_owned())?;
-    VerifyingKey::from_bytes(&arr)
-        .map_err(|e| format!("update_public_key is not a valid ed25519 key: {e}"))
+/// Why a manifest entry's `update_public_key` is not a key.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadUpdateKey {
+    /// Not hex.
+    #[error("update_public_key is not hex")]
+    NotHex,
+    /// Not 32 bytes.
+    #[error("update_public_key must be 32 bytes")]
+    Length,
+    /// 32 bytes that are not an ed25519 point.
+    #[error("update_public_key is not a valid ed25519 key: {0}")]
+    NotEd25519(ed25519_dalek::SignatureError),
+}
+
+pub(crate) fn parse_update_key(hex_key: &str) -> Result<VerifyingKey, BadUpdateKey> {
+    let bytes = hex::decode(hex_key).map_err(|_| BadUpdateKey::NotHex)?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| BadUpdateKey::Length)?;
+    VerifyingKey::from_bytes(&arr).map_err(BadUpdateKey::NotEd25519)
 }
 
 /// The approved sites of a federation (`ca/sites.toml`).
@@ -200,5 +211,23 @@ impl SiteManifest {
             });
         }
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reasons' texts (they reach `Error::Invalid` / `Error::Refused`
+    /// and the operator) are what they were as strings.
+    #[test]
+    fn bad_update_keys_read_as_before() {
+        let text = |k: &str| parse_update_key(k).err().map(|e| e.to_string());
+        assert_eq!(text("zz").as_deref(), Some("update_public_key is not hex"));
+        assert_eq!(
+            text("00ff").as_deref(),
+            Some("update_public_key must be 32 bytes")
+        );
+        assert_eq!(text(&"00".repeat(32)), None);
     }
 }

@@ -48,6 +48,7 @@ use fedlink_protocol::{
 };
 
 use super::evaluation::{self, RequestedEvaluation};
+use super::registry::NotAllowed;
 use super::{CloseReason, Effect};
 use crate::job::Job;
 use crate::round::{Action, Checkpoint, DisconnectReason, JobOutcome, JobRunner, Offer};
@@ -549,7 +550,7 @@ pub struct Exclusion {
     /// The inputs taken out, by index into the round's inputs, highest
     /// first (remove them in this order), each with why its site is no
     /// longer allowed.
-    pub excluded: Vec<(usize, String)>,
+    pub excluded: Vec<(usize, NotAllowed)>,
     /// One `update.excluded` entry each, in the same order; the driver
     /// executes them before it aggregates what is left.
     pub effects: Vec<Effect>,
@@ -571,7 +572,7 @@ pub fn exclude_withdrawn(
     round: RoundId,
     inputs: &[RoundInput],
     quorum: usize,
-    not_allowed: impl Fn(&str) -> Option<String>,
+    not_allowed: impl Fn(&str) -> Option<NotAllowed>,
 ) -> Exclusion {
     let mut excluded = Vec::new();
     let mut effects = Vec::new();
@@ -1550,13 +1551,13 @@ mod tests {
             envelope_file: String::new(),
         };
         let inputs = [input("site-a"), input("site-b"), input("site-c")];
-        let revoked = |s: &str| (s != "site-b").then(|| format!("{s} is revoked"));
+        let revoked = |s: &str| (s != "site-b").then(|| NotAllowed::NotRegistered(s.into()));
         let x = exclude_withdrawn(&facts(), RoundId(4), &inputs, 1, revoked);
         assert_eq!(
             x.excluded,
             [
-                (2, "site-c is revoked".into()),
-                (0, "site-a is revoked".into())
+                (2, NotAllowed::NotRegistered("site-c".into())),
+                (0, NotAllowed::NotRegistered("site-a".into()))
             ]
         );
         assert_eq!(x.below_quorum, None);
@@ -1570,7 +1571,7 @@ mod tests {
             d,
             serde_json::json!({
                 "job": "j1", "round": 4, "site": "site-c", "payload_hash": "site-c-hash",
-                "reason": "the site is no longer allowed: site-c is revoked",
+                "reason": "the site is no longer allowed: site-c is not a registered site (removed or revoked)",
             })
         );
         // Two needed, one left: the round fails.

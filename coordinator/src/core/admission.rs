@@ -29,7 +29,7 @@
 //! [`super::refusals::peer_text`] first.
 
 use fedlink_audit::{CoordEvent, coord};
-use fedlink_certs::{Identity, PeerRejected, Role, check_role_for_alpn};
+use fedlink_certs::{Identity, IdentityError, PeerRejected, Role, check_role_for_alpn};
 
 use super::Effect;
 use super::disk::LowOnDisk;
@@ -47,7 +47,7 @@ pub struct Facts<'a> {
     /// The ALPN protocol negotiated, if any.
     pub alpn: Option<&'a [u8]>,
     /// The fedlink identity of its certificate, or why it has none.
-    pub identity: Result<Identity, String>,
+    pub identity: Result<Identity, NoIdentity>,
     /// The serial of its end-entity certificate, if it parsed.
     pub cert_serial: Option<String>,
     /// The free-space guard's verdict ([`super::disk::DiskState::observe`]).
@@ -56,20 +56,27 @@ pub struct Facts<'a> {
     pub coordinator: &'a str,
 }
 
+/// Why a connection's certificate gives no fedlink identity: the
+/// certificate's error, read as the transport reads it (its text is the
+/// transport's `peer identity: …`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("peer identity: {0}")]
+pub struct NoIdentity(pub IdentityError);
+
 /// Why a connection with a certificate is refused and recorded
 /// (`conn.refused`). The text is the close reason and the entry's reason.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum Refused {
     /// The certificate carries no fedlink identity.
     #[error("no fedlink identity: {0}")]
-    NoIdentity(String),
+    NoIdentity(NoIdentity),
     /// The negotiated ALPN is not the identity's role's.
     #[error("role does not match the protocol: {0}")]
     RoleMismatch(PeerRejected),
     /// A site whose certificate is not the one its manifest entry
     /// registers (or that is not in the manifest).
     #[error("not a registered site certificate: {0}")]
-    NotRegistered(String),
+    NotRegistered(NotAllowed),
     /// A peer neither site nor admin.
     #[error("only sites and admins may connect")]
     NotSiteOrAdmin,
@@ -172,8 +179,7 @@ pub fn admit(
     match identity.role() {
         Role::Site => {
             if let Err(e) = registered(&identity) {
-                let why = Refused::NotRegistered(e.to_string());
-                return Err(refused(&facts, Some(identity), why));
+                return Err(refused(&facts, Some(identity), Refused::NotRegistered(e)));
             }
         }
         Role::Admin => {}
@@ -230,7 +236,10 @@ mod tests {
         Identity::new("fed", role, name).unwrap()
     }
 
-    fn facts(identity: Result<Identity, String>, alpn: Option<&'static [u8]>) -> Facts<'static> {
+    fn facts(
+        identity: Result<Identity, NoIdentity>,
+        alpn: Option<&'static [u8]>,
+    ) -> Facts<'static> {
         Facts {
             peer_addr: "192.0.2.7:4433",
             transport: "quic",
@@ -278,7 +287,7 @@ mod tests {
     #[test]
     fn low_on_disk_is_refused_first_without_an_entry() {
         let asked = Cell::new((0, 0));
-        let mut f = facts(Err("no certificate".into()), None);
+        let mut f = facts(Err(NoIdentity(IdentityError::NoPeerCertificate)), None);
         f.disk = Err(LowOnDisk {
             free: 1 << 20,
             min_free: 100 << 20,
@@ -296,14 +305,19 @@ mod tests {
     #[test]
     fn no_identity_is_refused_and_recorded_without_one() {
         let asked = Cell::new((0, 0));
-        let r = run(facts(Err("bad SAN".into()), Some(ALPN_SITE)), &asked).unwrap_err();
+        let no_uri = NoIdentity(IdentityError::NoIdentity);
+        let r = run(facts(Err(no_uri), Some(ALPN_SITE)), &asked).unwrap_err();
         assert_eq!(r.close_as(), CloseAs::Forbidden);
-        assert_eq!(r.text(), "no fedlink identity: bad SAN");
+        // The text the driver made from the transport's error when the
+        // reason was a string: pinned.
+        let text =
+            "no fedlink identity: peer identity: certificate carries no fedlink:// identity URI";
+        assert_eq!(r.text(), text);
         let e = refused_entry(&r);
         assert_eq!(e.identity, None);
         assert_eq!(e.alpn.as_deref(), Some("fedlink/1"));
         assert_eq!(e.peer_addr, "192.0.2.7:4433");
-        assert_eq!(e.reason, "no fedlink identity: bad SAN");
+        assert_eq!(e.reason, text);
         assert_eq!(asked.get(), (0, 0));
     }
 
@@ -404,7 +418,8 @@ mod tests {
     fn a_peer_supplied_reason_is_made_safe() {
         let asked = Cell::new((0, 0));
         let long = format!("bad\n{}", "x".repeat(4096));
-        let r = run(facts(Err(long), Some(ALPN_SITE)), &asked).unwrap_err();
+        let why = NoIdentity(IdentityError::BadCertificate(long));
+        let r = run(facts(Err(why), Some(ALPN_SITE)), &asked).unwrap_err();
         assert!(!r.text().contains('\n'));
         assert!(r.text().len() < 4096);
         assert_eq!(refused_entry(&r).reason, r.text());

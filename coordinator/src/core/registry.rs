@@ -76,7 +76,7 @@ impl Revocations for RevokedFile {
 /// Why a site may no longer contribute ([`site_allowed`]) or its open
 /// connection stay ([`peer_allowed`]). The text is the reason in the log,
 /// the audit entry and the connection's close.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotAllowed {
     /// The driver could not read the manifest it holds (a panic while it
     /// was replaced).

@@ -90,6 +90,7 @@ use super::actions::{
 use super::admin::{
     Registry, SiteCert, SiteCommand, StoredJob, Target, job_command, site_command, update_keys,
 };
+use super::registry::NotAllowed;
 use super::round_end;
 use super::uploads::{self, Arrival, Fold, PassOne, Refused, Uploads};
 use super::{Effect, Held, Sites, queue};
@@ -338,6 +339,30 @@ fn message_name(m: &Message) -> &'static str {
     }
 }
 
+/// Why a virtual site may not hold a connection with one of its
+/// certificates ([`CoreSim::peer_allowed`]): the sim's account of the
+/// driver's TLS verifier (the revocation list) and its manifest check.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum PeerRefused {
+    /// The site has no such certificate (never issued).
+    #[error("{site} has no certificate {cert}")]
+    NoCertificate {
+        /// The site.
+        site: SiteId,
+        /// Which of its certificates.
+        cert: u16,
+    },
+    /// The certificate is on the revocation list.
+    #[error("certificate of {0} revoked")]
+    Revoked(SiteId),
+    /// The site is not in the manifest.
+    #[error("{0} is not a registered site")]
+    NotRegistered(SiteId),
+    /// The manifest registers another certificate of the site.
+    #[error("{0}'s certificate is superseded")]
+    Superseded(SiteId),
+}
+
 /// The simulation (see the module docs).
 pub struct CoreSim {
     seed: u64,
@@ -404,7 +429,7 @@ pub struct CoreSim {
     cert_cache: std::cell::RefCell<BTreeMap<(usize, u16), SiteCert>>,
     /// [`CoreSim::peer_allowed`]'s answers by the registry as loaded
     /// (cleared at each reload).
-    allowed_memo: std::cell::RefCell<BTreeMap<(usize, u16), Result<(), String>>>,
+    allowed_memo: std::cell::RefCell<BTreeMap<(usize, u16), Result<(), PeerRefused>>>,
     /// The manifest and revocation list the last executed saves wrote.
     last_saved: (Option<SiteManifest>, Option<RevokedFile>),
     stats: Stats,
@@ -960,7 +985,7 @@ impl CoreSim {
     /// `cert`, by the loaded registry — the driver's TLS verifier (the
     /// revocation list) and its manifest check (the site's registered
     /// certificate).
-    fn peer_allowed(&self, i: usize, cert: u16) -> Result<(), String> {
+    fn peer_allowed(&self, i: usize, cert: u16) -> Result<(), PeerRefused> {
         if let Some(r) = self.allowed_memo.borrow().get(&(i, cert)) {
             return r.clone();
         }
@@ -969,22 +994,25 @@ impl CoreSim {
         r
     }
 
-    fn peer_allowed_now(&self, i: usize, cert: u16) -> Result<(), String> {
+    fn peer_allowed_now(&self, i: usize, cert: u16) -> Result<(), PeerRefused> {
         let name = &self.vsites[i].name;
         let Some(c) = self.cert(i, cert) else {
-            return Err(format!("{name} has no certificate {cert}"));
+            return Err(PeerRefused::NoCertificate {
+                site: name.clone(),
+                cert,
+            });
         };
         if self
             .loaded
             .revoked
             .lists(&c.info.serial, &c.info.fingerprint)
         {
-            return Err(format!("certificate of {name} revoked"));
+            return Err(PeerRefused::Revoked(name.clone()));
         }
         match self.loaded.manifest.get(name.as_str()) {
-            None => Err(format!("{name} is not a registered site")),
+            None => Err(PeerRefused::NotRegistered(name.clone())),
             Some(e) if e.cert_fingerprint != c.info.fingerprint => {
-                Err(format!("{name}'s certificate is superseded"))
+                Err(PeerRefused::Superseded(name.clone()))
             }
             Some(_) => Ok(()),
         }
@@ -993,9 +1021,8 @@ impl CoreSim {
     /// Whether `site`'s updates may count, by the loaded registry (the
     /// driver's `site_allowed`: [`super::registry::site_allowed`]):
     /// registered, its registered certificate not revoked.
-    fn may_contribute(&self, site: &SiteId) -> Result<(), String> {
+    fn may_contribute(&self, site: &SiteId) -> Result<(), NotAllowed> {
         super::registry::site_allowed(&self.loaded.manifest, &self.loaded.revoked, site.as_str())
-            .map_err(|e| e.to_string())
     }
 
     /// The header stage's key check of an upload of site `i` signed with
@@ -1251,7 +1278,7 @@ impl CoreSim {
             Ok(keys) => keys,
             Err(e) => return Err(self.violation(format!("the saved manifest's keys: {e}"))),
         };
-        let refused: BTreeMap<SiteId, String> = (0..self.vsites.len())
+        let refused: BTreeMap<SiteId, PeerRefused> = (0..self.vsites.len())
             .filter_map(|i| {
                 let cert = self.vsites[i].conn_cert?;
                 self.peer_allowed(i, cert)
@@ -1570,7 +1597,7 @@ impl CoreSim {
                         u.site
                     )));
                 }
-                let revoked: BTreeMap<String, String> = self
+                let revoked: BTreeMap<String, NotAllowed> = self
                     .vsites
                     .iter()
                     .filter_map(|v| {

@@ -30,6 +30,7 @@ use fedlink_protocol::{EvalMetrics, ModelHash, PayloadHash, RoundId, SiteId};
 use super::Effect;
 use super::actions::{self, Interruption, JobFacts, UploadFacts};
 use super::intake::{reason_text, reject_code};
+use super::registry::NotAllowed;
 use super::resume::{Interrupted, Kept, Partials};
 use crate::round::{JobRunner, RejectReason, UpdateReceived, Verdict};
 
@@ -183,7 +184,7 @@ impl<T> Uploads<T> {
         facts: &JobFacts,
         arrival: Arrival,
         pass: PassOne,
-        allowed: Result<(), String>,
+        allowed: Result<(), NotAllowed>,
         upload: T,
         received_unix_ms: u64,
     ) -> Arrived<T> {
@@ -783,11 +784,14 @@ mod tests {
             &facts(),
             arrival("a", 1, 1),
             PassOne::Valid { folded: true },
-            Err("the certificate of a is revoked".into()),
+            Err(NotAllowed::Revoked {
+                site: "a".into(),
+                by: fedlink_certs::RevokedBy::Serial,
+            }),
             1u8,
             1,
         );
-        let why = "the site is no longer allowed: the certificate of a is revoked";
+        let why = "the site is no longer allowed: the certificate of a is revoked (Serial)";
         assert_eq!(up.input.verdict, Verdict::Invalid(why.into()));
         let Decided::Refused(r) = decide(&mut runner, now, &mut uploads, up.input) else {
             panic!("a revoked site's update was counted");
@@ -801,7 +805,7 @@ mod tests {
             &facts(),
             arrival("a", 1, 2),
             PassOne::Valid { folded: false },
-            Err("removed".into()),
+            Err(NotAllowed::NotRegistered("a".into())),
             2u8,
             1,
         );

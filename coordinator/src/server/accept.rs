@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedlink_audit::{CoordEvent, coord};
-use fedlink_certs::Role;
+use fedlink_certs::{Identity, IdentityError, Role};
 use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -154,6 +154,17 @@ pub(crate) async fn handle_incoming_tcp(
     serve_conn(conn, remote, shared).await;
 }
 
+/// The fedlink identity of `conn`'s certificate, or why it has none. The
+/// transport reads it from the certificate only, so its one error is the
+/// certificate's (`TransportError::Identity`); were it ever another, that
+/// reads as a certificate that does not parse, with the transport's text.
+fn peer_identity(conn: &ServerConn) -> Result<Identity, admission::NoIdentity> {
+    conn.peer_identity().map_err(|e| match e {
+        TransportError::Identity(e) => admission::NoIdentity(e),
+        other => admission::NoIdentity(IdentityError::BadCertificate(other.to_string())),
+    })
+}
+
 /// A connection past its handshake, over either transport: identity and
 /// role checks, admission, audit, then the site or admin session.
 async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<Shared>) {
@@ -165,7 +176,7 @@ async fn serve_conn(conn: ServerConn, remote: std::net::SocketAddr, shared: Arc<
         peer_addr: &peer_addr,
         transport: conn.kind().as_str(),
         alpn: alpn.as_deref(),
-        identity: conn.peer_identity().map_err(|e| e.to_string()),
+        identity: peer_identity(&conn),
         cert_serial: conn
             .peer_end_entity()
             .and_then(|ee| fedlink_certs::CertInfo::from_der(&ee).ok())
@@ -345,5 +356,32 @@ async fn accept_tcp(
     match tcp {
         Some(t) => t.accept().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refusal's text is what it was when the driver passed the
+    /// transport's error as a string: `NoIdentity` reads as
+    /// `TransportError::Identity` does.
+    #[test]
+    fn no_identity_reads_as_the_transports_error() {
+        for e in [
+            IdentityError::NoIdentity,
+            IdentityError::NoPeerCertificate,
+            IdentityError::MultipleIdentities(2),
+            IdentityError::UnexpectedPeerIdentityType,
+            IdentityError::BadCertificate("truncated".into()),
+        ] {
+            let before = TransportError::Identity(e.clone()).to_string();
+            let why = admission::Refused::NoIdentity(admission::NoIdentity(e));
+            assert_eq!(why.to_string(), format!("no fedlink identity: {before}"));
+        }
+        assert_eq!(
+            admission::NoIdentity(IdentityError::NoIdentity).to_string(),
+            "peer identity: certificate carries no fedlink:// identity URI"
+        );
     }
 }

@@ -571,10 +571,7 @@ impl Engine {
         // The site may have been revoked (or removed) while its upload was
         // being received and validated: the core refuses its update then,
         // whatever its signature says.
-        let allowed = self
-            .wire
-            .site_allowed(site.as_str())
-            .map_err(|why| why.to_string());
+        let allowed = self.wire.site_allowed(site.as_str());
         let token = if allowed.is_ok() { check.ok() } else { None };
         let held = Held {
             upload,
@@ -885,7 +882,7 @@ impl Engine {
             round,
             &log.inputs,
             self.job.round.quorum as usize,
-            |site| wire.site_allowed(site).err().map(|why| why.to_string()),
+            |site| wire.site_allowed(site).err(),
         );
         // The round's end closes the gate of one-pass folds; any left
         // neither counted nor taken out (an upload folded while the gate
