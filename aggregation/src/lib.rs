@@ -69,7 +69,7 @@
 //! let outcome = round.finish(&mut state, &mut rng)?;
 //! let mut global = FlatModel::zeros((*spec).clone());
 //! outcome.apply_to(&mut global)?;
-//! assert_eq!(outcome.num_updates, 2);
+//! assert_eq!(outcome.numbers.num_updates, 2);
 //! assert_eq!(state.round, 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -94,6 +94,6 @@ pub use error::{AggregationError, ConfigError, Error, SafetensorsError, UpdateEr
 pub use fedavg::{Averaged, FedAvgAccumulator, FedAvgOptions, Fold};
 pub use optimizer::{OptimizerState, ServerOptimizer};
 pub use robust::RobustRule;
-pub use round::{RoundAggregator, RoundOutcome, ServerState, Sink, would_fit};
+pub use round::{RoundAggregator, RoundNumbers, RoundOutcome, ServerState, Sink, would_fit};
 pub use tentative::{Removal, Tentative, TentativeFold};
 pub use validate::{UpdateValidator, ValidatedUpdate, ValidationPolicy, Weighting};

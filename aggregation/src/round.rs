@@ -43,6 +43,16 @@ pub struct ServerState {
 pub struct RoundOutcome {
     /// The server update `u`: the new global model is `x + u`.
     pub update: FlatModel,
+    /// The round's numbers (its metrics and `round.json`'s).
+    pub numbers: RoundNumbers,
+}
+
+/// The numbers of an aggregated round, without its model: what the
+/// round's metrics, its audit entry and `round.json` report (the
+/// coordinator's core takes them alone, so a simulated round needs no
+/// model).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundNumbers {
     /// Updates aggregated.
     pub num_updates: usize,
     /// Sum of their `num_examples`.
@@ -70,7 +80,7 @@ impl RoundOutcome {
     }
 }
 
-/// δ at which [`RoundOutcome::privacy`] reports ε: 1e-5.
+/// δ at which [`RoundNumbers::privacy`] reports ε: 1e-5.
 pub const REPORT_DELTA: f64 = 1e-5;
 
 #[derive(Debug)]
@@ -377,12 +387,14 @@ impl RoundAggregator {
         *state = next;
         Ok(RoundOutcome {
             update,
-            num_updates,
-            total_examples,
-            num_clipped: self.num_clipped,
-            clip_norm: self.clip_norm,
-            noise_std,
-            privacy,
+            numbers: RoundNumbers {
+                num_updates,
+                total_examples,
+                num_clipped: self.num_clipped,
+                clip_norm: self.clip_norm,
+                noise_std,
+                privacy,
+            },
         })
     }
 }

@@ -212,9 +212,9 @@ fn dp_round_adds_seeded_noise_and_accounts() {
     let (c, _) = run(8);
     assert_eq!(a.update, b.update);
     assert_ne!(a.update, c.update);
-    assert_eq!(a.num_clipped, 4);
+    assert_eq!(a.numbers.num_clipped, 4);
     // std = z·C/m = 0.25; clipped mean = 1/sqrt(1000) per coordinate.
-    assert!((a.noise_std - 0.25).abs() < 1e-12);
+    assert!((a.numbers.noise_std - 0.25).abs() < 1e-12);
     let vals = a.update.values();
     let mean = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / 1000.0;
     let var = vals
@@ -224,7 +224,7 @@ fn dp_round_adds_seeded_noise_and_accounts() {
         / 999.0;
     assert!((mean - 1.0 / 1000f64.sqrt()).abs() < 0.05, "{mean}");
     assert!((var.sqrt() - 0.25).abs() < 0.03, "{}", var.sqrt());
-    let (eps, _) = a.privacy.unwrap();
+    let (eps, _) = a.numbers.privacy.unwrap();
     assert!((eps - fedlink_aggregation::accountant::epsilon(0.1, 1.0, 1, 1e-5)).abs() < 1e-12);
     assert_eq!(st.accountant.unwrap().rounds(), 1);
 }

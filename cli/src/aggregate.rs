@@ -155,11 +155,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     meta.insert("fedlink.strategy".to_owned(), config.name.clone());
     meta.insert(
         "fedlink.num_updates".to_owned(),
-        outcome.num_updates.to_string(),
+        outcome.numbers.num_updates.to_string(),
     );
     meta.insert(
         "fedlink.total_examples".to_owned(),
-        outcome.total_examples.to_string(),
+        outcome.numbers.total_examples.to_string(),
     );
     meta.insert("fedlink.model_hash".to_owned(), model.hash().to_hex());
     let bytes = safetensors_io::serialize(&model, &meta)?;
@@ -170,14 +170,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "{}: aggregated {} updates ({} examples, {} clipped) -> {} {} ({})",
         config.name,
-        outcome.num_updates,
-        outcome.total_examples,
-        outcome.num_clipped,
+        outcome.numbers.num_updates,
+        outcome.numbers.total_examples,
+        outcome.numbers.num_clipped,
         kind,
         args.out.display(),
         model.hash()
     );
-    if let Some((eps, delta)) = outcome.privacy {
+    if let Some((eps, delta)) = outcome.numbers.privacy {
         eprintln!("privacy spent so far: epsilon = {eps:.4} at delta = {delta:e}");
     }
     Ok(())

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fedlink_aggregation::dp::NoiseRng;
-use fedlink_aggregation::round::{RoundAggregator, RoundOutcome, ServerState};
+use fedlink_aggregation::round::{RoundAggregator, RoundNumbers, RoundOutcome, ServerState};
 use fedlink_aggregation::validate::{UpdateValidator, ValidatedUpdate};
 use fedlink_aggregation::{
     AggregationError, Removal, StrategyConfig, Tentative, TentativeFold, UpdateError,
@@ -840,10 +840,8 @@ pub struct Recomputed {
     pub model: FlatModel,
     /// The server state after the round.
     pub state_after: ServerState,
-    /// Updates that clipping shrank.
-    pub num_clipped: usize,
-    /// Standard deviation of the noise added.
-    pub noise_std: f64,
+    /// The round's numbers (updates, examples, clipped, noise, ε).
+    pub numbers: RoundNumbers,
 }
 
 /// Recompute a round from its base model and inputs: exactly the engine's
@@ -902,8 +900,7 @@ pub fn recompute(
     Ok(Recomputed {
         model: base,
         state_after: state,
-        num_clipped: outcome.num_clipped,
-        noise_std: outcome.noise_std,
+        numbers: outcome.numbers,
     })
 }
 

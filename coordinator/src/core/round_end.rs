@@ -35,6 +35,7 @@
 
 use std::collections::BTreeMap;
 
+use fedlink_aggregation::RoundNumbers;
 use fedlink_protocol::admin::FederatedEvaluation;
 use fedlink_protocol::{EvalMetrics, ModelHash, RoundId, SiteId};
 
@@ -44,24 +45,6 @@ use super::evaluation;
 use super::scaling::{FederatedScaling, Report};
 use crate::config::UpdateRetention;
 use crate::round_archive::RoundInput;
-
-/// The numbers of an aggregated round (the aggregation's outcome), for the
-/// round's metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct RoundNumbers {
-    /// Updates that counted.
-    pub num_updates: usize,
-    /// Their examples.
-    pub total_examples: u128,
-    /// How many of them were clipped.
-    pub num_clipped: usize,
-    /// The clip norm applied, if any.
-    pub clip_norm: Option<f64>,
-    /// Standard deviation of the central DP noise (0: none).
-    pub noise_std: f64,
-    /// (ε, δ) spent so far, when accounted.
-    pub privacy: Option<(f64, f64)>,
-}
 
 /// The typed facts of a finished aggregation.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +62,7 @@ pub struct Aggregated<'a> {
     /// The round's inputs in fold order (withdrawn sites already taken
     /// out): what `round.json` lists.
     pub inputs: &'a [RoundInput],
-    /// The aggregation's numbers.
+    /// The aggregation's numbers ([`fedlink_aggregation::RoundOutcome`]'s).
     pub numbers: RoundNumbers,
 }
 

@@ -1673,7 +1673,7 @@ impl CoreSim {
                         strategy: serde_json::Value::Null,
                         dp: None,
                         inputs: &inputs,
-                        numbers: round_end::RoundNumbers {
+                        numbers: fedlink_aggregation::RoundNumbers {
                             num_updates: inputs.len(),
                             total_examples: inputs.iter().map(|i| u128::from(i.num_examples)).sum(),
                             ..Default::default()

@@ -36,7 +36,7 @@ use crate::config::UpdateRetention;
 use crate::core::actions::{self, JobFacts, UnixClock};
 use crate::core::intake;
 use crate::core::resume::Partials;
-use crate::core::round_end::{self, Aggregated, EvaluationFacts, Retention, RoundNumbers, Step};
+use crate::core::round_end::{self, Aggregated, EvaluationFacts, Retention, Step};
 use crate::core::scaling::{FederatedScaling, Report};
 use crate::core::uploads::{self, Arrival, Cut, Fold, PassOne, Refused, Uploads};
 use crate::core::{JobNeeds, evaluation};
@@ -1011,19 +1011,12 @@ impl Engine {
                 output_model: next_hash,
                 strategy,
                 dp: self.strategy.dp.as_ref().map(|_| actions::DpApplied {
-                    noise_std: outcome.noise_std,
-                    clip_norm: outcome.clip_norm,
-                    privacy: outcome.privacy,
+                    noise_std: outcome.numbers.noise_std,
+                    clip_norm: outcome.numbers.clip_norm,
+                    privacy: outcome.numbers.privacy,
                 }),
                 inputs: &log.inputs,
-                numbers: RoundNumbers {
-                    num_updates: outcome.num_updates,
-                    total_examples: outcome.total_examples,
-                    num_clipped: outcome.num_clipped,
-                    clip_norm: outcome.clip_norm,
-                    noise_std: outcome.noise_std,
-                    privacy: outcome.privacy,
-                },
+                numbers: outcome.numbers,
             },
             EvaluationFacts {
                 every_rounds: self.job.evaluation.every_rounds,
