@@ -11,12 +11,9 @@
 pub fn next_job<'q>(
     queue: &'q [String],
     current: Option<&str>,
-    mut unfinished: impl FnMut(&str) -> bool,
+    unfinished: impl FnMut(&str) -> bool,
 ) -> Option<&'q str> {
-    queue
-        .iter()
-        .map(String::as_str)
-        .find(|id| Some(*id) != current && unfinished(id))
+    waiting(queue, current, unfinished).next()
 }
 
 /// The queued jobs (`status`): those of `queue` (in submission order)
@@ -25,13 +22,22 @@ pub fn next_job<'q>(
 pub fn queued<'q>(
     queue: &'q [String],
     current: Option<&str>,
-    mut unfinished: impl FnMut(&str) -> bool,
+    unfinished: impl FnMut(&str) -> bool,
 ) -> Vec<&'q str> {
+    waiting(queue, current, unfinished).collect()
+}
+
+/// The jobs of `queue` that wait, in submission order: not `current`, and
+/// not finished by `unfinished` (asked lazily, of each in turn).
+fn waiting<'q>(
+    queue: &'q [String],
+    current: Option<&str>,
+    mut unfinished: impl FnMut(&str) -> bool,
+) -> impl Iterator<Item = &'q str> {
     queue
         .iter()
         .map(String::as_str)
-        .filter(|id| Some(*id) != current && unfinished(id))
-        .collect()
+        .filter(move |id| Some(*id) != current && unfinished(id))
 }
 
 #[cfg(test)]

@@ -115,9 +115,7 @@ pub(crate) async fn handle_incoming(admitted: Admitted, shared: Arc<Shared>) {
             // here with the verifier's reason. Anyone can cause them: they
             // are counted per source and recorded in bulk, and the text
             // (which may come from the peer) is made safe first.
-            let why = peer_text(&format!("handshake failed: {e}"));
-            tracing::warn!(%remote, reason = %why, "handshake failed");
-            shared.note_refused(remote, &why);
+            handshake_failed(&shared, remote, &format!("handshake failed: {e}"));
             return;
         }
     };
@@ -144,14 +142,22 @@ pub(crate) async fn handle_incoming_tcp(
                 TransportError::TcpConnection(d) => d,
                 other => other.to_string(),
             };
-            let why = peer_text(&format!("handshake failed (TLS over TCP): {detail}"));
-            tracing::warn!(%remote, reason = %why, "handshake failed");
-            shared.note_refused(remote, &why);
+            let why = format!("handshake failed (TLS over TCP): {detail}");
+            handshake_failed(&shared, remote, &why);
             return;
         }
     };
     drop(slot);
     serve_conn(conn, remote, shared).await;
+}
+
+/// A failed handshake (either transport): logged and counted with its
+/// source's failures (recorded in bulk); `why`, which may come from the
+/// peer, is made safe first.
+fn handshake_failed(shared: &Shared, remote: std::net::SocketAddr, why: &str) {
+    let why = peer_text(why);
+    tracing::warn!(%remote, reason = %why, "handshake failed");
+    shared.note_refused(remote, &why);
 }
 
 /// The fedlink identity of `conn`'s certificate, or why it has none. The

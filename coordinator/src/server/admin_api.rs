@@ -38,7 +38,7 @@ use super::admin_state::{
     Fail, OpenAdmin, Registered, append_queue, internal, invalid, job_id, not_found, refused,
 };
 use super::effects;
-use super::event::{AdminEvent, Event};
+use super::event::{AdminEvent, Event, JobCommand};
 use super::init_model::{initial_model, read_initial_model, resolve_submitted_init};
 use super::shared::Shared;
 use crate::core::Effect;
@@ -614,11 +614,13 @@ async fn job_command(
 ) -> Result<AdminResponse, Fail> {
     find_job(&shared.admin.store, id)?;
     shared
-        .ask_engine(|reply| AdminEvent::Job {
-            id: id.to_owned(),
-            cmd,
-            actor: actor.to_owned(),
-            reply,
+        .ask_engine(|reply| {
+            AdminEvent::Job(JobCommand {
+                id: id.to_owned(),
+                cmd,
+                actor: actor.to_owned(),
+                reply,
+            })
         })
         .await??;
     let rec = find_job(&shared.admin.store, id)?;

@@ -20,21 +20,27 @@ use tokio::sync::{mpsc, oneshot};
 use crate::round::{AdminCommand, ConnId, SiteCapabilities};
 use crate::round_archive;
 
+/// A site that completed Hello/Welcome: its connection and what it
+/// announced ([`Event::Connected`]; the engine and the idle holder take it
+/// into their links alike).
+#[derive(Debug)]
+pub(crate) struct SiteConnected {
+    pub(crate) site: SiteId,
+    pub(crate) conn_id: ConnId,
+    pub(crate) conn: ServerConn,
+    pub(crate) control: mpsc::Sender<Message>,
+    pub(crate) capabilities: SiteCapabilities,
+    /// The codecs the site announced in its Hello.
+    pub(crate) codecs: Vec<fedlink_protocol::ValueCodec>,
+    /// The protocol version negotiated with it.
+    pub(crate) protocol_version: u16,
+}
+
 /// Something a connection task tells the engine.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// A site completed Hello/Welcome.
-    Connected {
-        site: SiteId,
-        conn_id: ConnId,
-        conn: ServerConn,
-        control: mpsc::Sender<Message>,
-        capabilities: SiteCapabilities,
-        /// The codecs the site announced in its Hello.
-        codecs: Vec<fedlink_protocol::ValueCodec>,
-        /// The protocol version negotiated with it.
-        protocol_version: u16,
-    },
+    Connected(SiteConnected),
     /// A site's connection ended.
     Disconnected { site: SiteId, conn_id: ConnId },
     /// A site's signed answer to an evaluation request (control stream).
@@ -79,17 +85,21 @@ pub(crate) enum AdminEvent {
     /// Where the running job stands.
     Progress(oneshot::Sender<JobProgress>),
     /// Pause, resume or abort a job (running or queued).
-    Job {
-        id: String,
-        cmd: AdminCommand,
-        /// The admin's identity (the audit actor).
-        actor: String,
-        reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
-    },
+    Job(JobCommand),
     /// The sites connected now (sorted), with or without a job.
     ConnectedSites(oneshot::Sender<Vec<SiteId>>),
     /// A job was queued: a finished engine looks for its next job.
     Wake,
+}
+
+/// An admin's pause, resume or abort of a job ([`AdminEvent::Job`]).
+#[derive(Debug)]
+pub(crate) struct JobCommand {
+    pub(crate) id: String,
+    pub(crate) cmd: AdminCommand,
+    /// The admin's identity (the audit actor).
+    pub(crate) actor: String,
+    pub(crate) reply: oneshot::Sender<Result<(), (AdminErrorCode, String)>>,
 }
 
 /// Why an update failed pass 1 (decoded from its spool and validated by a

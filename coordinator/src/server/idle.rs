@@ -37,24 +37,9 @@ impl Idle {
     /// Handle one event; `Some(job)` when a submitted job should start.
     fn handle(&mut self, shared: &Shared, event: Event) -> Option<String> {
         match event {
-            Event::Connected {
-                site,
-                conn_id,
-                conn,
-                control,
-                capabilities,
-                codecs,
-                protocol_version,
-            } => {
-                tracing::info!(site = %site, conn = conn_id.0, "site connected; no job is running, it waits");
-                self.links.connect(
-                    &site,
-                    conn_id,
-                    conn,
-                    control,
-                    capabilities,
-                    (codecs, protocol_version),
-                );
+            Event::Connected(c) => {
+                tracing::info!(site = %c.site, conn = c.conn_id.0, "site connected; no job is running, it waits");
+                self.links.connect(c);
             }
             Event::Disconnected { site, conn_id } => {
                 if self.links.disconnect(&site, conn_id) {

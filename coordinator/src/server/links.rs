@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 
-use fedlink_protocol::{Message, SiteId, ValueCodec};
+use fedlink_protocol::{Message, SiteId};
 use fedlink_transport::ServerConn;
 use tokio::sync::mpsc;
 
+use super::event::SiteConnected;
 use super::limits;
 use super::shared::Shared;
 use crate::core::{CloseReason, Effect, Held, JobNeeds, Sites};
@@ -32,27 +33,30 @@ pub(crate) struct Links {
 }
 
 impl Links {
-    /// `site` completed Hello/Welcome on `conn_id`; a connection it had
-    /// before is closed.
-    pub(crate) fn connect(
-        &mut self,
-        site: &SiteId,
-        conn_id: ConnId,
-        conn: ServerConn,
-        control: mpsc::Sender<Message>,
-        capabilities: SiteCapabilities,
-        (codecs, protocol_version): (Vec<ValueCodec>, u16),
-    ) {
-        self.io.insert(conn_id, Io { conn, control });
-        let held = Held {
-            conn: conn_id,
+    /// A site completed Hello/Welcome: its connection is held (one it had
+    /// before is closed). Gives back its name, connection and capabilities
+    /// for the round machine's `SiteConnected`.
+    pub(crate) fn connect(&mut self, c: SiteConnected) -> (SiteId, ConnId, SiteCapabilities) {
+        let SiteConnected {
+            site,
+            conn_id,
+            conn,
+            control,
             capabilities,
             codecs,
             protocol_version,
+        } = c;
+        self.io.insert(conn_id, Io { conn, control });
+        let held = Held {
+            conn: conn_id,
+            capabilities: capabilities.clone(),
+            codecs,
+            protocol_version,
         };
-        if let Some(e) = self.sites.connect(site, held) {
+        if let Some(e) = self.sites.connect(&site, held) {
             self.execute(e);
         }
+        (site, conn_id, capabilities)
     }
 
     /// The connection `conn_id` of `site` ended: `true` if it was the

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::clock::unix_ms;
 use super::event::{
-    CheckError, Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
+    CheckError, Event, PayloadCheck, ReceivedUpload, SiteConnected, UpdateReady, UploadInterrupted,
+    UploadTicket,
 };
 use super::limits;
 use super::shared::Shared;
@@ -100,7 +101,7 @@ pub(super) async fn serve_site(
     // in `rx` until the writer below starts, after Welcome.
     let _ = shared
         .engine
-        .send(Event::Connected {
+        .send(Event::Connected(SiteConnected {
             site: site_id.clone(),
             conn_id,
             conn: conn.clone(),
@@ -111,7 +112,7 @@ pub(super) async fn serve_site(
             },
             codecs: hello.capabilities.codecs.clone(),
             protocol_version: version,
-        })
+        }))
         .await;
     let welcomed = send
         .message(&Message::Welcome(Welcome {
@@ -122,13 +123,7 @@ pub(super) async fn serve_site(
         }))
         .await;
     if let Err(e) = welcomed {
-        let _ = shared
-            .engine
-            .send(Event::Disconnected {
-                site: site_id.clone(),
-                conn_id,
-            })
-            .await;
+        disconnected(shared, &site_id, conn_id).await;
         return Err(e);
     }
     let writer = tokio::spawn(async move {
@@ -149,15 +144,20 @@ pub(super) async fn serve_site(
     recv.set_frame_timeout(shared.peer.control_frame_timeout);
     let heads = session.heads().then_some(control);
     let result = control_loop(conn, &site_id, session, shared, &mut recv, heads).await;
+    disconnected(shared, &site_id, conn_id).await;
+    writer.abort();
+    result
+}
+
+/// Tell the engine that `site`'s connection `conn_id` ended.
+async fn disconnected(shared: &Shared, site: &fedlink_protocol::SiteId, conn_id: ConnId) {
     let _ = shared
         .engine
         .send(Event::Disconnected {
-            site: site_id.clone(),
+            site: site.clone(),
             conn_id,
         })
         .await;
-    writer.abort();
-    result
 }
 
 async fn control_loop(

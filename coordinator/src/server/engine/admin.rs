@@ -16,7 +16,7 @@ use crate::core::admin::{self as core_admin, StoredJob};
 use crate::core::status;
 use crate::round::Input;
 use crate::server::effects;
-use crate::server::event::AdminEvent;
+use crate::server::event::{AdminEvent, JobCommand};
 use crate::server::shared::Shared;
 use crate::store::Store;
 
@@ -36,40 +36,59 @@ pub(crate) fn handle_without_job(
             let _ = reply.send(connected());
             false
         }
-        AdminEvent::Job {
-            id,
-            cmd,
-            actor,
-            reply,
-        } => {
+        AdminEvent::Job(command) => {
+            // No job runs: nothing to apply to a round machine. Executed:
+            // an aborted job no longer blocks the queue; a resumed one may
+            // run.
             let store = shared.admin.store();
-            let target = match status::target(&id, None, || stored_job(store, &id)) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    return false;
-                }
-            };
-            let (effects, answer) = core_admin::job_command(&id, cmd, &actor, target);
-            // No job runs: nothing to apply to a round machine.
-            match execute(shared, store, effects, |_| Ok(())) {
-                Ok(Ok(())) => {
-                    let _ = reply.send(answer.map_err(|r| (r.code, r.message)));
-                    // An aborted job no longer blocks the queue; a resumed
-                    // one may run.
-                    true
-                }
-                Ok(Err(e)) => {
-                    let _ = reply.send(Err(e));
-                    false
-                }
-                Err(e) => {
-                    let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
-                    false
-                }
-            }
+            job_command(shared, store, None, command, |_| Ok(())).unwrap_or(false)
         }
         AdminEvent::Wake => true,
+    }
+}
+
+/// Run an admin's job command: which job it reaches (`running`: the
+/// running job's id and whether it has finished; `None` without a job),
+/// recorded before it takes effect and not done if unrecorded, its
+/// effects executed in order ([`execute`]; `apply` hands an input to the
+/// running job's round machine), then the admin answered — so the answer
+/// reflects a command on the running job. `Ok(true)`: its effects were
+/// executed; an error of `apply` is fatal for the engine (the admin is
+/// told first).
+fn job_command(
+    shared: &Shared,
+    store: &Store,
+    running: Option<(&str, bool)>,
+    command: JobCommand,
+    apply: impl FnMut(Input) -> Result<(), EngineError>,
+) -> Result<bool, EngineError> {
+    let JobCommand {
+        id,
+        cmd,
+        actor,
+        reply,
+    } = command;
+    let target = match status::target(&id, running, || stored_job(store, &id)) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return Ok(false);
+        }
+    };
+    let (effects, answer) = core_admin::job_command(&id, cmd, &actor, target);
+    match execute(shared, store, effects, apply) {
+        Ok(Ok(())) => {
+            let _ = reply.send(answer.map_err(|r| (r.code, r.message)));
+            Ok(true)
+        }
+        Ok(Err(e)) => {
+            let _ = reply.send(Err(e));
+            Ok(false)
+        }
+        Err(e) => {
+            let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
+            Err(e)
+        }
     }
 }
 
@@ -140,39 +159,14 @@ impl Engine {
             AdminEvent::Progress(reply) => {
                 let _ = reply.send(self.progress());
             }
-            AdminEvent::Job {
-                id,
-                cmd,
-                actor,
-                reply,
-            } => {
-                let running = (self.job_id.as_str(), self.outcome.is_some());
-                let target =
-                    match status::target(&id, Some(running), || stored_job(&self.store, &id)) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            return Ok(());
-                        }
-                    };
-                // Recorded before it takes effect; not done if unrecorded.
-                // A command on the running job is executed (and persisted)
-                // before the answer, so the answer reflects it.
-                let (effects, answer) = core_admin::job_command(&id, cmd, &actor, target);
+            AdminEvent::Job(command) => {
                 let (wire, store) = (self.wire.clone(), self.store.clone());
-                let done = execute(&wire, &store, effects, |input| {
+                let job_id = self.job_id.clone();
+                let running = (job_id.as_str(), self.outcome.is_some());
+                job_command(&wire, &store, Some(running), command, |input| {
                     self.runner.handle(now, input);
                     self.drain(now)
-                });
-                let r = match done {
-                    Ok(Ok(())) => answer.map_err(|r| (r.code, r.message)),
-                    Ok(Err(e)) => Err(e),
-                    Err(e) => {
-                        let _ = reply.send(Err((AdminErrorCode::Internal, e.to_string())));
-                        return Err(e);
-                    }
-                };
-                let _ = reply.send(r);
+                })?;
             }
             AdminEvent::ConnectedSites(reply) => {
                 let _ = reply.send(self.links.connected());

@@ -83,24 +83,9 @@ impl Engine {
 
     pub(crate) fn handle_event(&mut self, now: Instant, event: Event) -> Result<(), EngineError> {
         match event {
-            Event::Connected {
-                site,
-                conn_id,
-                conn,
-                control,
-                capabilities,
-                codecs,
-                protocol_version,
-            } => {
-                tracing::info!(site = %site, conn = conn_id.0, "site connected");
-                self.links.connect(
-                    &site,
-                    conn_id,
-                    conn,
-                    control,
-                    capabilities.clone(),
-                    (codecs, protocol_version),
-                );
+            Event::Connected(c) => {
+                tracing::info!(site = %c.site, conn = c.conn_id.0, "site connected");
+                let (site, conn_id, capabilities) = self.links.connect(c);
                 self.runner.handle(
                     now,
                     Input::SiteConnected {
