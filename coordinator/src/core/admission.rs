@@ -56,12 +56,19 @@ pub struct Facts<'a> {
     pub coordinator: &'a str,
 }
 
-/// Why a connection's certificate gives no fedlink identity: the
-/// certificate's error, read as the transport reads it (its text is the
-/// transport's `peer identity: …`).
+/// Why a connection's certificate gives no fedlink identity, in the
+/// transport's words.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("peer identity: {0}")]
-pub struct NoIdentity(pub IdentityError);
+pub enum NoIdentity {
+    /// The certificate's error, read as the transport reads it (its text
+    /// is the transport's `peer identity: …`).
+    #[error("peer identity: {0}")]
+    Certificate(IdentityError),
+    /// Any other error of the transport while reading the identity (none
+    /// today), with the transport's own text.
+    #[error("{0}")]
+    Transport(String),
+}
 
 /// Why a connection with a certificate is refused and recorded
 /// (`conn.refused`). The text is the close reason and the entry's reason.
@@ -287,7 +294,10 @@ mod tests {
     #[test]
     fn low_on_disk_is_refused_first_without_an_entry() {
         let asked = Cell::new((0, 0));
-        let mut f = facts(Err(NoIdentity(IdentityError::NoPeerCertificate)), None);
+        let mut f = facts(
+            Err(NoIdentity::Certificate(IdentityError::NoPeerCertificate)),
+            None,
+        );
         f.disk = Err(LowOnDisk {
             free: 1 << 20,
             min_free: 100 << 20,
@@ -305,7 +315,7 @@ mod tests {
     #[test]
     fn no_identity_is_refused_and_recorded_without_one() {
         let asked = Cell::new((0, 0));
-        let no_uri = NoIdentity(IdentityError::NoIdentity);
+        let no_uri = NoIdentity::Certificate(IdentityError::NoIdentity);
         let r = run(facts(Err(no_uri), Some(ALPN_SITE)), &asked).unwrap_err();
         assert_eq!(r.close_as(), CloseAs::Forbidden);
         // The text the driver made from the transport's error when the
@@ -418,7 +428,7 @@ mod tests {
     fn a_peer_supplied_reason_is_made_safe() {
         let asked = Cell::new((0, 0));
         let long = format!("bad\n{}", "x".repeat(4096));
-        let why = NoIdentity(IdentityError::BadCertificate(long));
+        let why = NoIdentity::Certificate(IdentityError::BadCertificate(long));
         let r = run(facts(Err(why), Some(ALPN_SITE)), &asked).unwrap_err();
         assert!(!r.text().contains('\n'));
         assert!(r.text().len() < 4096);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedlink_audit::{CoordEvent, coord};
-use fedlink_certs::{Identity, IdentityError, Role};
+use fedlink_certs::{Identity, Role};
 use fedlink_transport::tcp::TcpIncoming;
 use fedlink_transport::{ServerConn, TransportError, close};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -162,13 +162,17 @@ fn handshake_failed(shared: &Shared, remote: std::net::SocketAddr, why: &str) {
 
 /// The fedlink identity of `conn`'s certificate, or why it has none. The
 /// transport reads it from the certificate only, so its one error is the
-/// certificate's (`TransportError::Identity`); were it ever another, that
-/// reads as a certificate that does not parse, with the transport's text.
+/// certificate's (`TransportError::Identity`); were it ever another, its
+/// text is kept as the transport wrote it.
 fn peer_identity(conn: &ServerConn) -> Result<Identity, admission::NoIdentity> {
-    conn.peer_identity().map_err(|e| match e {
-        TransportError::Identity(e) => admission::NoIdentity(e),
-        other => admission::NoIdentity(IdentityError::BadCertificate(other.to_string())),
-    })
+    conn.peer_identity().map_err(no_identity)
+}
+
+fn no_identity(e: TransportError) -> admission::NoIdentity {
+    match e {
+        TransportError::Identity(e) => admission::NoIdentity::Certificate(e),
+        other => admission::NoIdentity::Transport(other.to_string()),
+    }
 }
 
 /// A connection past its handshake, over either transport: identity and
@@ -368,6 +372,7 @@ async fn accept_tcp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedlink_certs::IdentityError;
 
     /// The refusal's text is what it was when the driver passed the
     /// transport's error as a string: `NoIdentity` reads as
@@ -382,11 +387,16 @@ mod tests {
             IdentityError::BadCertificate("truncated".into()),
         ] {
             let before = TransportError::Identity(e.clone()).to_string();
-            let why = admission::Refused::NoIdentity(admission::NoIdentity(e));
+            let why = admission::Refused::NoIdentity(no_identity(TransportError::Identity(e)));
             assert_eq!(why.to_string(), format!("no fedlink identity: {before}"));
         }
+        // Any other transport error keeps its own text.
+        let other = TransportError::Config("no certificate chain".into());
+        let before = other.to_string();
+        let why = admission::Refused::NoIdentity(no_identity(other));
+        assert_eq!(why.to_string(), format!("no fedlink identity: {before}"));
         assert_eq!(
-            admission::NoIdentity(IdentityError::NoIdentity).to_string(),
+            admission::NoIdentity::Certificate(IdentityError::NoIdentity).to_string(),
             "peer identity: certificate carries no fedlink:// identity URI"
         );
     }
