@@ -9,8 +9,8 @@
 //! own module; `super::super::…` too), `crate::server::x…`, and `x::…` /
 //! `self::x::…` in a file that has a child module `x`; a path resolves to
 //! the longest prefix that is a module (`crate::server::engine::Event` →
-//! `engine`; an item of `server/mod.rs` → `mod`); a group
-//! `super::{a::B, c}` names each of its items' first segments. Comments,
+//! `engine`; an item of `server/mod.rs` → `mod`), each item of a group
+//! `super::{a::B, c}` alike. Comments (not a `//` inside a string),
 //! `mod x;` declarations and each file's `#[cfg(test)] mod tests` are left
 //! out. One thing a text reading cannot see: `impl Engine` blocks in the
 //! child modules `engine/driver.rs` and `engine/round_files.rs` are called
@@ -57,8 +57,62 @@ fn read_modules(dir: &Path, prefix: &Module, out: &mut Vec<(Module, String)>) {
     }
 }
 
+/// `text` without its comments (`//…` and `/*…*/`); string and character
+/// literals are kept whole, so a `//` inside one (`"fedlink://…"`) cuts
+/// nothing.
+fn without_comments(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut copied) = (0, 0);
+    let keep = |out: &mut String, from: usize, to: usize| out.push_str(&text[from..to]);
+    while i < b.len() {
+        match b[i] {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                keep(&mut out, copied, i);
+                i = text[i..].find('\n').map_or(b.len(), |n| i + n);
+                copied = i;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                keep(&mut out, copied, i);
+                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 2);
+                copied = i;
+            }
+            b'"' => {
+                // Raw strings (`r"…"`, `r#"…"#`) end at the quote and as
+                // many `#` as they started with; others at an unescaped quote.
+                let hashes = text[..i].bytes().rev().take_while(|&c| c == b'#').count();
+                let raw = text[..i - hashes].ends_with('r');
+                i += 1;
+                if raw {
+                    let close = format!("\"{}", "#".repeat(hashes));
+                    i = text[i..]
+                        .find(&close)
+                        .map_or(b.len(), |n| i + n + close.len());
+                } else {
+                    while i < b.len() && b[i] != b'"' {
+                        i += if b[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+            }
+            // A character literal ('"', '\'', 'x'); a lifetime is one quote.
+            b'\'' if b.get(i + 1) == Some(&b'\\') => {
+                i += 2;
+                while i < b.len() && b[i] != b'\'' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'\'' if b.get(i + 2) == Some(&b'\'') => i += 3,
+            _ => i += 1,
+        }
+    }
+    keep(&mut out, copied, b.len());
+    out
+}
+
 /// The code of a file as the graph reads it: up to its unit tests, without
-/// `//` comments and `mod x;` lines.
+/// comments and `mod x;` lines.
 fn code(text: &str) -> String {
     let mut end = text.len();
     let mut from = 0;
@@ -71,8 +125,7 @@ fn code(text: &str) -> String {
         from += at + 1;
     }
     let mut out = String::new();
-    for line in text[..end].lines() {
-        let line = line.find("//").map_or(line, |i| &line[..i]);
+    for line in without_comments(&text[..end]).lines() {
         let t = line.trim_start();
         let t = t.strip_prefix("pub(crate) ").unwrap_or(t);
         let t = t.strip_prefix("pub(super) ").unwrap_or(t);
@@ -99,7 +152,7 @@ fn word(s: &str) -> &str {
 }
 
 /// The modules `rest` (the text after `base::`) names: the longest module
-/// prefix, or each first segment of a `{…}` group.
+/// prefix, for each item of a `{…}` group.
 fn resolve(base: &Module, rest: &str, modules: &BTreeSet<Module>) -> BTreeSet<Module> {
     if let Some(group) = rest.strip_prefix('{') {
         let mut targets = BTreeSet::new();
@@ -110,7 +163,7 @@ fn resolve(base: &Module, rest: &str, modules: &BTreeSet<Module>) -> BTreeSet<Mo
                 '}' if depth == 0 => break,
                 '}' => depth -= 1,
                 ',' if depth == 0 => {
-                    targets.extend(resolve(base, word(item.trim()), modules));
+                    targets.extend(resolve(base, item.trim(), modules));
                     item.clear();
                     continue;
                 }
@@ -119,7 +172,7 @@ fn resolve(base: &Module, rest: &str, modules: &BTreeSet<Module>) -> BTreeSet<Mo
             item.push(c);
         }
         if !item.trim().is_empty() {
-            targets.extend(resolve(base, word(item.trim()), modules));
+            targets.extend(resolve(base, item.trim(), modules));
         }
         return targets;
     }
@@ -266,7 +319,7 @@ fn the_reader_sees_each_kind_of_path_and_finds_a_cycle() {
             module(""),
             // `mod x;` declarations are no edges; uses are.
             "mod a;\nmod b;\nmod c;\npub use a::Thing;\npub struct Shared;\n\
-             fn x() { b::f(); self::c::h(); }\n"
+             fn x() { let _u = \"x://y\"; b::f(); self::c::h(); }\n"
                 .to_owned(),
         ),
         (
@@ -284,7 +337,11 @@ fn the_reader_sees_each_kind_of_path_and_finds_a_cycle() {
             module("b::inner"),
             "fn g() { super::super::a::k(); }\n".to_owned(),
         ),
-        (module("c"), "fn h() {}\n".to_owned()),
+        (
+            module("c"),
+            // A block comment names nothing; a group item its longest module prefix.
+            "fn h() { /* super::a::z */ }\nuse super::{b::inner::G};\n".to_owned(),
+        ),
     ];
     let edges = graph(&files);
     let set = |xs: &[&str]| xs.iter().map(|x| module(x)).collect::<BTreeSet<_>>();
@@ -292,7 +349,7 @@ fn the_reader_sees_each_kind_of_path_and_finds_a_cycle() {
     assert_eq!(edges[&module("a")], set(&["b", ""]));
     assert_eq!(edges[&module("b")], set(&["b::inner", "c"]));
     assert_eq!(edges[&module("b::inner")], set(&["a"]));
-    assert_eq!(edges[&module("c")], set(&[]));
+    assert_eq!(edges[&module("c")], set(&["b::inner"]));
     // What it reports is a cycle of the graph: mod -> a -> mod here.
     let is_cycle = |edges: &BTreeMap<Module, BTreeSet<Module>>, c: &[Module]| {
         !c.is_empty()
