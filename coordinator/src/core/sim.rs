@@ -600,6 +600,13 @@ impl CoreSim {
     }
 
     fn note(&mut self, what: &str) {
+        // The trace prints rounds and sites plain (`round::Plain`, field by
+        // field), as it did before they were typed: a `{:?}` of a typed id
+        // here would change every seed's trace digest.
+        debug_assert!(
+            !what.contains("SiteId(") && !what.contains("RoundId("),
+            "a typed id printed with Debug in the trace: {what}"
+        );
         self.trace.update(&(self.step as u64).to_le_bytes());
         self.trace.update(what.as_bytes());
         self.trace.update(b"\n");
@@ -1789,11 +1796,16 @@ impl CoreSim {
             Step::AuditEvaluation { effects, .. } => {
                 self.run_effects(job, effects)?;
             }
-            other @ (Step::SyncSpool
-            | Step::SetRoundTimes { .. }
-            | Step::RecordEvaluation { .. }
-            | Step::NextState { .. }
-            | Step::Prune { .. }) => self.note(&format!("{other:?}")),
+            Step::SyncSpool => self.note("SyncSpool"),
+            Step::SetRoundTimes { round } => self.note(&format!("SetRoundTimes r{round}")),
+            Step::RecordEvaluation { round, evaluation } => {
+                self.note(&format!("RecordEvaluation r{round} {evaluation:?}"))
+            }
+            other @ Step::NextState { .. } => self.note(&format!("{other:?}")),
+            Step::Prune { rounds } => {
+                let rounds: Vec<String> = rounds.iter().map(|r| format!("r{r}")).collect();
+                self.note(&format!("Prune {}", rounds.join(",")))
+            }
         }
         Ok(())
     }
