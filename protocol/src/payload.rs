@@ -938,6 +938,9 @@ impl ChunkEncoder {
         {
             // Lossless f32: the values' own bytes are the plain body; split
             // them into byte planes directly (no staging copy of the body).
+            // Little-endian only: the wire's f32 are little-endian, so on a
+            // big-endian machine the native bytes are not the wire's and
+            // the generic path (`to_le_bytes`) is taken instead.
             let src: &[u8] = bytemuck::cast_slice(values);
             self.shuffled.resize(src.len(), 0);
             shuffle_into(src, 4, &mut self.shuffled);
@@ -1342,7 +1345,9 @@ impl ChunkDecoder {
             // `values` instead of into a staging buffer read back value by
             // value (one copy of every byte fewer; the coordinator decodes
             // 4 bytes per parameter per f32 upload, each site as much per
-            // whole-model download).
+            // whole-model download). Little-endian only, as in the
+            // encoder: elsewhere the generic path converts with
+            // `from_le_bytes`.
             if raw_len != 4 * n {
                 return Err(PayloadError::DecompressedSize {
                     declared: 4 * n as u64,
