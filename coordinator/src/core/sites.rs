@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use fedlink_protocol::{Encoding, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ValueCodec};
 
-use super::{CloseReason, Effect};
+use super::effect::{CloseReason, Effect};
 use crate::round::{ConnId, Input, SiteCapabilities, SiteId};
 
 /// A connected site.

@@ -1,16 +1,19 @@
-//! The driver's module graph stays acyclic (issue #12): every module of
-//! `coordinator/src/server/` and the modules of `server/` it names, read
-//! from the sources as text, must form a graph without cycles.
+//! The coordinator's module graphs stay acyclic (issue #12): the modules
+//! of the driver (`coordinator/src/server/`), of the core
+//! (`coordinator/src/core/`) and of the round machine
+//! (`coordinator/src/round/`), each with the other modules of its folder
+//! it names, read from the sources as text, must form graphs without
+//! cycles.
 //!
-//! Print the graph with
-//! `cargo test -p fedlink-coordinator --test server_imports -- --nocapture`.
+//! Print the graphs with
+//! `cargo test -p fedlink-coordinator --test module_graph -- --nocapture`.
 //!
 //! What counts as naming a module: `super::x…` (resolved from the file's
-//! own module; `super::super::…` too), `crate::server::x…`, and `x::…` /
+//! own module; `super::super::…` too), `crate::<folder>::x…`, and `x::…` /
 //! `self::x::…` in a file that has a child module `x`; a path resolves to
 //! the longest prefix that is a module (`crate::server::engine::Event` →
-//! `engine`; an item of `server/mod.rs` → `mod`), each item of a group
-//! `super::{a::B, c}` alike. Comments (not a `//` inside a string),
+//! `engine`; an item of the folder's `mod.rs` → `mod`), each item of a
+//! group `super::{a::B, c}` alike. Comments (not a `//` inside a string),
 //! `mod x;` declarations and each file's `#[cfg(test)] mod tests` are left
 //! out. One thing a text reading cannot see: `impl Engine` blocks in the
 //! child modules `engine/driver.rs` and `engine/round_files.rs` are called
@@ -20,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// A module of `server/`, as its path below `server` (`[]` is `mod.rs`).
+/// A module of a folder, as its path below it (`[]` is `mod.rs`).
 type Module = Vec<String>;
 
 fn name(m: &Module) -> String {
@@ -189,8 +192,9 @@ fn resolve(base: &Module, rest: &str, modules: &BTreeSet<Module>) -> BTreeSet<Mo
     BTreeSet::from([cur])
 }
 
-/// Module → the other modules of `server/` it names.
-fn graph(files: &[(Module, String)]) -> BTreeMap<Module, BTreeSet<Module>> {
+/// Module → the other modules of its folder it names; `root` is the
+/// folder's path from the crate (`crate::server::`).
+fn graph(files: &[(Module, String)], root: &str) -> BTreeMap<Module, BTreeSet<Module>> {
     let modules: BTreeSet<Module> = files.iter().map(|(m, _)| m.clone()).collect();
     let mut edges = BTreeMap::new();
     for (m, text) in files {
@@ -217,7 +221,7 @@ fn graph(files: &[(Module, String)]) -> BTreeMap<Module, BTreeSet<Module>> {
                 if up <= m.len() && rest.starts_with(|c: char| is_word(c) || c == '{') {
                     targets.extend(resolve(&m[..m.len() - up].to_vec(), rest, &modules));
                 }
-            } else if let Some(rest) = here.strip_prefix("crate::server::") {
+            } else if let Some(rest) = here.strip_prefix(root) {
                 targets.extend(resolve(&Vec::new(), rest, &modules));
             } else {
                 let rest = here.strip_prefix("self::").unwrap_or(here);
@@ -280,18 +284,35 @@ fn module(path: &str) -> Module {
         .collect()
 }
 
-#[test]
-fn the_server_modules_import_graph_is_acyclic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server");
+/// The folder's graph, printed, after checking it has no cycle.
+fn acyclic_graph(folder: &str) -> BTreeMap<Module, BTreeSet<Module>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src")
+        .join(folder);
     let mut files = Vec::new();
     read_modules(&dir, &Vec::new(), &mut files);
-    let edges = graph(&files);
+    let edges = graph(&files, &format!("crate::{folder}::"));
+    println!("{folder}/:");
     for (m, targets) in &edges {
         let names: Vec<String> = targets.iter().map(name).collect();
-        println!("{} -> {}", name(m), names.join(", "));
+        println!("  {} -> {}", name(m), names.join(", "));
     }
     let count: usize = edges.values().map(BTreeSet::len).sum();
-    println!("{} modules, {count} edges", edges.len());
+    println!("  {} modules, {count} edges", edges.len());
+    if let Some(cycle) = find_cycle(&edges) {
+        let names: Vec<String> = cycle.iter().map(name).collect();
+        panic!(
+            "{folder}/ has an import cycle: {} -> (back to the first)",
+            names.join(" -> ")
+        );
+    }
+    edges
+}
+
+#[test]
+fn the_server_modules_import_graph_is_acyclic() {
+    let edges = acyclic_graph("server");
+    let count: usize = edges.values().map(BTreeSet::len).sum();
     // The reading found the graph at all (a reader that finds nothing
     // would pass the cycle check): the driver names its events, and the
     // site session reaches the engine only through them.
@@ -303,13 +324,24 @@ fn the_server_modules_import_graph_is_acyclic() {
     assert!(edges[&module("engine::driver")].contains(&module("event")));
     assert!(edges[&module("site_session")].contains(&module("event")));
     assert!(!edges[&module("site_session")].contains(&module("engine")));
-    if let Some(cycle) = find_cycle(&edges) {
-        let names: Vec<String> = cycle.iter().map(name).collect();
-        panic!(
-            "server/ has an import cycle: {} -> (back to the first)",
-            names.join(" -> ")
-        );
-    }
+}
+
+#[test]
+fn the_core_and_round_import_graphs_are_acyclic() {
+    let core = acyclic_graph("core");
+    let count: usize = core.values().map(BTreeSet::len).sum();
+    assert!(
+        core.len() >= 20 && count >= 30,
+        "{} modules, {count} edges",
+        core.len()
+    );
+    // The parts speak the effects' vocabulary from its own module, which
+    // the core's root re-exports (so the root and `sites` do not import
+    // each other).
+    assert!(core[&module("sites")].contains(&module("effect")));
+    assert!(core[&module("")].contains(&module("sites")));
+    let round = acyclic_graph("round");
+    assert!(round.len() >= 3, "{} modules", round.len());
 }
 
 #[test]
@@ -343,7 +375,7 @@ fn the_reader_sees_each_kind_of_path_and_finds_a_cycle() {
             "fn h() { /* super::a::z */ }\nuse super::{b::inner::G};\n".to_owned(),
         ),
     ];
-    let edges = graph(&files);
+    let edges = graph(&files, "crate::server::");
     let set = |xs: &[&str]| xs.iter().map(|x| module(x)).collect::<BTreeSet<_>>();
     assert_eq!(edges[&module("")], set(&["a", "b", "c"]));
     assert_eq!(edges[&module("a")], set(&["b", ""]));
@@ -360,12 +392,12 @@ fn the_reader_sees_each_kind_of_path_and_finds_a_cycle() {
     let cycle = find_cycle(&edges).unwrap_or_default();
     assert!(is_cycle(&edges, &cycle), "{cycle:?}");
     // Without mod.rs the one left runs through a child module.
-    let rest = graph(&files[1..]);
+    let rest = graph(&files[1..], "crate::server::");
     let cycle = find_cycle(&rest).unwrap_or_default();
     assert!(is_cycle(&rest, &cycle), "{cycle:?}");
     assert_eq!(cycle.len(), 3, "{cycle:?}");
     assert!(cycle.contains(&module("b::inner")), "{cycle:?}");
 
-    let acyclic = graph(&files[..1]);
+    let acyclic = graph(&files[..1], "crate::server::");
     assert_eq!(find_cycle(&acyclic), None);
 }
