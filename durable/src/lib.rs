@@ -23,6 +23,18 @@
 //! Appends (the audit log, the spool) are not here: they have their own
 //! `fsync` discipline, documented where they live.
 //!
+//! **Writes in pieces of at most 1 MiB.** Every `write(2)` this crate makes
+//! is at most [`WRITE_PIECE`] bytes; appenders elsewhere use
+//! [`write_in_pieces`] for the same reason. A single larger write into the
+//! page cache can be an order of magnitude dearer: on Linux 6.18 / ext4 in
+//! the development VM (a Firecracker guest), one 40 MB `write` took 130 ms
+//! of system time and the same bytes in 1 MiB writes 11–13 ms (any piece of
+//! 2 MiB or more was slow; 64 KiB–1.7 MB were not), because a large write
+//! gets large page-cache folios (most likely: the guest's free high-order
+//! blocks are the ones it has handed back to the host, so each is faulted
+//! in again). Pieces of 1 MiB cost nothing measurable where that does not
+//! happen (docs/PERFORMANCE.md, "Issue #10, session 17").
+//!
 //! **Group commit of directory entries.** A caller that places many files in
 //! one directory and needs them durable only at a later point (the round
 //! archive: the accepted updates of a round, needed once the round's
@@ -40,6 +52,34 @@ use std::path::{Path, PathBuf};
 /// Prefix of the temporary files [`replace`] writes (see
 /// [`remove_leftovers`]).
 pub const TEMP_PREFIX: &str = ".fedlink-tmp-";
+
+/// The largest single write this crate makes (see the crate docs).
+pub const WRITE_PIECE: usize = 1 << 20;
+
+/// `w.write_all(bytes)` in writes of at most [`WRITE_PIECE`] bytes: for
+/// large buffers written straight to a file (a spooled record, a model).
+pub fn write_in_pieces(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    for piece in bytes.chunks(WRITE_PIECE) {
+        w.write_all(piece)?;
+    }
+    Ok(())
+}
+
+/// A writer that hands its inner writer at most [`WRITE_PIECE`] bytes per
+/// call, whatever it is given (a `BufWriter` passes a write larger than its
+/// buffer straight through).
+#[derive(Debug)]
+struct Pieces<W>(W);
+
+impl<W: Write> Write for Pieces<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf.get(..WRITE_PIECE).unwrap_or(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
 
 /// Permissions of a file written here (unix; ignored elsewhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +147,7 @@ pub fn replace(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
 /// surviving a crash. One directory fsync can then cover many files.
 pub fn replace_defer_dir_sync(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    staged
-        .file()
-        .write_all(bytes)
-        .map_err(Error::new("write", path))?;
+    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
     staged.finish(false, Durability::DataOnly)
 }
 
@@ -120,10 +157,7 @@ pub fn replace_defer_dir_sync(path: &Path, bytes: &[u8], mode: Mode) -> Result<(
 /// record of anything (a status snapshot).
 pub fn replace_atomic_only(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    staged
-        .file()
-        .write_all(bytes)
-        .map_err(Error::new("write", path))?;
+    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
     staged.finish(false, Durability::None)
 }
 
@@ -137,7 +171,7 @@ pub fn replace_with<T>(
 ) -> Result<T, Error> {
     let mut staged = Staged::new(path, mode)?;
     let out = {
-        let mut w = BufWriter::with_capacity(1 << 20, staged.file());
+        let mut w = BufWriter::with_capacity(1 << 20, Pieces(staged.file()));
         let out = write(&mut w).map_err(Error::new("write", path))?;
         w.flush().map_err(Error::new("write", path))?;
         out
@@ -176,7 +210,8 @@ impl Staged {
         })
     }
 
-    /// The temporary file, to write into.
+    /// The temporary file, to write into: write large buffers with
+    /// [`write_in_pieces`] (or through this `Staged`, whose `Write` does).
     pub fn file(&mut self) -> &mut File {
         self.tmp.as_file_mut()
     }
@@ -211,8 +246,9 @@ impl Staged {
 }
 
 impl Write for Staged {
+    /// Writes at most [`WRITE_PIECE`] bytes per call.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tmp.write(buf)
+        self.tmp.write(buf.get(..WRITE_PIECE).unwrap_or(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -245,10 +281,7 @@ pub fn remove_leftovers(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// that are written once.
 pub fn create_new(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    staged
-        .file()
-        .write_all(bytes)
-        .map_err(Error::new("write", path))?;
+    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
     staged.commit_new()
 }
 
@@ -391,6 +424,46 @@ mod tests {
         assert!(err.to_string().contains("encoder failed"), "{err}");
         assert_eq!(std::fs::read(&p).unwrap(), b"old model");
         assert_eq!(entries(dir.path()), ["model.bin"]);
+    }
+
+    /// Records the size of every write it is handed.
+    #[derive(Default)]
+    struct Sizes(Vec<usize>);
+
+    impl Write for Sizes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn large_buffers_are_written_in_pieces_of_at_most_one_mib() {
+        let big = vec![3u8; 2 * WRITE_PIECE + 5];
+        let mut w = Sizes::default();
+        write_in_pieces(&mut w, &big).unwrap();
+        assert_eq!(w.0, [WRITE_PIECE, WRITE_PIECE, 5]);
+        // Through a BufWriter (which passes a write larger than its buffer
+        // straight on), as `replace_with` writes.
+        let mut w = Pieces(Sizes::default());
+        {
+            let mut b = BufWriter::with_capacity(1 << 20, &mut w);
+            b.write_all(&[1, 2, 3]).unwrap();
+            b.write_all(&big).unwrap();
+            b.flush().unwrap();
+        }
+        assert!(w.0.0.iter().all(|&n| n <= WRITE_PIECE), "{:?}", w.0.0);
+        assert_eq!(w.0.0.iter().sum::<usize>(), big.len() + 3);
+        // And a file written by `replace` holds every byte.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big");
+        replace(&p, &big, Mode::Private).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), big);
+        let mut staged = Staged::new(&dir.path().join("staged"), Mode::Private).unwrap();
+        assert_eq!(staged.write(&big).unwrap(), WRITE_PIECE);
     }
 
     #[test]
