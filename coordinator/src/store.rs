@@ -545,6 +545,12 @@ impl Store {
         read_model_file(&self.model_path(hash), hash)
     }
 
+    /// `update ← model hash + update` ([`add_model_file`]): the base model
+    /// read back, verified and added without a buffer of its size.
+    pub fn add_model_to(&self, hash: &ModelHash, update: &mut FlatModel) -> Result<(), StoreError> {
+        add_model_file(&self.model_path(hash), hash, update)
+    }
+
     /// Register a new job, starting from `initial_model` (which must already
     /// be stored with [`Self::put_model`]). Refuses an existing id.
     pub fn create_job(&self, job: &Job, initial_model: ModelHash) -> Result<JobRecord, StoreError> {
@@ -1239,49 +1245,118 @@ pub(crate) enum ModelHeaderError {
 /// reads this large bypass it).
 const MODEL_READ_PIECE: usize = 256 * 1024;
 
-/// Read a model file written by [`Store::put_model`] (without opening the
-/// database, e.g. while a coordinator holds it) and verify that its content
-/// hash is `hash`.
-pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, StoreError> {
-    let path = path.to_owned();
-    let corrupt = |reason: String| StoreError::ModelCorrupt {
-        path: path.clone(),
-        reason,
-    };
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(StoreError::ModelMissing(*hash));
-        }
-        Err(e) => return Err(io("open", &path)(e)),
-    };
-    let len = file.metadata().map_err(io("stat", &path))?.len();
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let (spec, _) = read_model_header(&mut r, len).map_err(|e| corrupt(e.to_string()))?;
-    let n = usize::try_from(spec.num_params()).map_err(|_| corrupt("model too large".into()))?;
-    let mut hasher = ModelHasher::new(&spec);
-    // The values straight into their buffer (its size is the file's, checked
-    // by the header), in 1 MiB pieces hashed as they arrive: no staging copy
-    // and no per-value conversion (the file is little-endian). A zeroed
-    // allocation, so that each page is faulted in once, by the read.
-    let mut values = vec![0f32; n];
-    for piece in values.chunks_mut(MODEL_READ_PIECE) {
-        r.read_exact(bytemuck::cast_slice_mut(piece))
-            .map_err(|e| corrupt(format!("short values: {e}")))?;
+/// A model file opened for reading: past its header, its spec known.
+struct ModelFile {
+    path: PathBuf,
+    reader: BufReader<File>,
+    spec: ModelSpec,
+    num_values: usize,
+}
+
+impl ModelFile {
+    /// Open model `hash`'s file at `path` and read its header.
+    fn open(path: &Path, hash: &ModelHash) -> Result<Self, StoreError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::ModelMissing(*hash));
+            }
+            Err(e) => return Err(io("open", path)(e)),
+        };
+        let len = file.metadata().map_err(io("stat", path))?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let (spec, _) =
+            read_model_header(&mut reader, len).map_err(|e| corrupt(path, e.to_string()))?;
+        let num_values = usize::try_from(spec.num_params())
+            .map_err(|_| corrupt(path, "model too large".into()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            reader,
+            spec,
+            num_values,
+        })
+    }
+
+    /// Read the next `piece.len()` values into `piece` (the file is
+    /// little-endian).
+    fn read_values(&mut self, piece: &mut [f32]) -> Result<(), StoreError> {
+        self.reader
+            .read_exact(bytemuck::cast_slice_mut(piece))
+            .map_err(|e| corrupt(&self.path, format!("short values: {e}")))?;
         if cfg!(target_endian = "big") {
             for v in piece.iter_mut() {
                 *v = f32::from_bits(u32::from_le(v.to_bits()));
             }
         }
+        Ok(())
+    }
+
+    /// The error unless the values read hash to `hash`.
+    fn verify(&self, hasher: ModelHasher, hash: &ModelHash) -> Result<(), StoreError> {
+        let actual = hasher.finalize();
+        if actual != *hash {
+            return Err(corrupt(
+                &self.path,
+                format!("content hash is {actual}, expected {hash}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(path: &Path, reason: String) -> StoreError {
+    StoreError::ModelCorrupt {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// Read a model file written by [`Store::put_model`] (without opening the
+/// database, e.g. while a coordinator holds it) and verify that its content
+/// hash is `hash`.
+pub fn read_model_file(path: &Path, hash: &ModelHash) -> Result<FlatModel, StoreError> {
+    let mut file = ModelFile::open(path, hash)?;
+    let mut hasher = ModelHasher::new(&file.spec);
+    // The values straight into their buffer (its size is the file's, checked
+    // by the header), in 1 MiB pieces hashed as they arrive: no staging copy
+    // and no per-value conversion (the file is little-endian). A zeroed
+    // allocation, so that each page is faulted in once, by the read.
+    let mut values = vec![0f32; file.num_values];
+    for piece in values.chunks_mut(MODEL_READ_PIECE) {
+        file.read_values(piece)?;
         hasher.update(piece);
     }
-    let actual = hasher.finalize();
-    if actual != *hash {
-        return Err(corrupt(format!(
-            "content hash is {actual}, expected {hash}"
-        )));
+    file.verify(hasher, hash)?;
+    let spec = file.spec.clone();
+    FlatModel::new(spec, values).map_err(|e| corrupt(path, e.to_string()))
+}
+
+/// `update ← base + update`, with `base` model `hash`'s file at `path`
+/// read piece by piece through one 1 MiB buffer and its hash verified: the
+/// round's end's `x + u` without a second model-sized buffer (the base is
+/// never whole in memory). Bit for bit what adding `update` to the loaded
+/// base gives (`a + b == b + a` in IEEE 754). On an error `update` is
+/// partly summed and must be discarded.
+pub fn add_model_file(
+    path: &Path,
+    hash: &ModelHash,
+    update: &mut FlatModel,
+) -> Result<(), StoreError> {
+    let mut file = ModelFile::open(path, hash)?;
+    if file.spec != *update.spec() {
+        return Err(corrupt(path, "its spec is not the update's".to_string()));
     }
-    FlatModel::new(spec, values).map_err(|e| corrupt(e.to_string()))
+    let mut hasher = ModelHasher::new(&file.spec);
+    let mut base = vec![0f32; MODEL_READ_PIECE.min(file.num_values)];
+    for sum in update.values_mut().chunks_mut(MODEL_READ_PIECE) {
+        let piece = base.get_mut(..sum.len()).unwrap_or_default();
+        file.read_values(piece)?;
+        hasher.update(piece);
+        for (u, &x) in sum.iter_mut().zip(piece.iter()) {
+            *u += x;
+        }
+    }
+    file.verify(hasher, hash)
 }
 
 pub(crate) mod wire;

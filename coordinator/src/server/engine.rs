@@ -96,9 +96,6 @@ enum AggregationFailure {
     /// The aggregate's spec is not the global model's.
     #[error("the aggregate does not have the model's spec")]
     SpecMismatch,
-    /// Applying the server update to the base model failed.
-    #[error(transparent)]
-    Apply(fedlink_aggregation::AggregationError),
     /// Reading the base model or storing the new one failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -961,36 +958,43 @@ impl Engine {
             return Ok(Err(AggregationFailure::SpecMismatch));
         }
         // The accumulator is gone; only now read the base model back (its
-        // hash is verified) and apply the update in place.
-        let mut next = match self.store.load_model(&base_model) {
-            Ok(m) => m,
-            Err(e) => return Ok(Err(e.into())),
-        };
-        let loaded = Instant::now();
-        // With downlink updates, the published model is the base plus the
-        // *decoded* encoded update, which sites compute too (bit for bit);
-        // the encoded update is written for them to download.
+        // hash is verified) and apply the update.
         let downlink = self.job.encoding.downlink_encoding();
-        let update_wire = match downlink {
-            Some(encoding) => match wire::write_update(
-                &self.models_dir,
-                base_model,
-                &mut next,
-                &outcome.update,
-                encoding,
-                round_archive::downlink_seed(log.seed),
-            ) {
-                Ok(u) => Some(u),
-                Err(e) => return Ok(Err(e.into())),
-            },
-            None => {
-                if let Err(e) = outcome.apply_to(&mut next) {
-                    return Ok(Err(AggregationFailure::Apply(e)));
+        let (next, update_wire, loaded) = match downlink {
+            // With downlink updates, the published model is the base plus
+            // the *decoded* encoded update, which sites compute too (bit for
+            // bit); the encoded update is written for them to download.
+            Some(encoding) => {
+                let mut next = match self.store.load_model(&base_model) {
+                    Ok(m) => m,
+                    Err(e) => return Ok(Err(e.into())),
+                };
+                let loaded = Instant::now();
+                let written = wire::write_update(
+                    &self.models_dir,
+                    base_model,
+                    &mut next,
+                    &outcome.update,
+                    encoding,
+                    round_archive::downlink_seed(log.seed),
+                );
+                drop(outcome.update);
+                match written {
+                    Ok(u) => (next, Some(u), loaded),
+                    Err(e) => return Ok(Err(e.into())),
                 }
-                None
+            }
+            // Whole models: the base is read into the update itself
+            // (`u + x`, the same bits as `x + u`), so the round's end holds
+            // one model-sized buffer here, not two.
+            None => {
+                let mut next = outcome.update;
+                if let Err(e) = self.store.add_model_to(&base_model, &mut next) {
+                    return Ok(Err(e.into()));
+                }
+                (next, None, Instant::now())
             }
         };
-        drop(outcome.update);
         let updated = Instant::now();
         let next_hash = match &update_wire {
             Some(u) => u.wire.hash,

@@ -549,6 +549,66 @@ fn corrupted_model_files_are_detected_and_repaired() {
 }
 
 #[test]
+fn the_base_read_into_the_update_is_bit_for_bit_the_base_plus_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Several read pieces and a short last one; values of every magnitude.
+    let n = 2 * MODEL_READ_PIECE + 1234;
+    let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![n as u64])]).unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let exp = (state >> 40) % 40;
+        let v = ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2f64.powi(exp as i32 - 20);
+        v as f32
+    };
+    let base = FlatModel::new(spec.clone(), (0..n).map(|_| next()).collect()).unwrap();
+    let update = FlatModel::new(spec.clone(), (0..n).map(|_| next()).collect()).unwrap();
+    let h = store.put_model(&base).unwrap();
+
+    let mut want = store.load_model(&h).unwrap();
+    for (x, u) in want.values_mut().iter_mut().zip(update.values()) {
+        *x += *u;
+    }
+    let mut got = update.clone();
+    store.add_model_to(&h, &mut got).unwrap();
+    let bits = |m: &FlatModel| m.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&want));
+    assert_eq!(got.hash(), want.hash());
+
+    // A missing base, a base of another spec, a corrupt base: errors that
+    // name it (the update is then to be discarded).
+    let mut u = update.clone();
+    assert!(matches!(
+        store.add_model_to(&ModelHash([0; 32]), &mut u),
+        Err(StoreError::ModelMissing(_))
+    ));
+    let small = store.put_model(&initial()).unwrap();
+    let err = store.add_model_to(&small, &mut u).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::ModelCorrupt { reason, .. } if reason.contains("spec")),
+        "{err}"
+    );
+    let path = store.model_path(&h);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let err = store.add_model_to(&h, &mut u).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::ModelCorrupt { reason, .. } if reason.contains("hash")),
+        "{err}"
+    );
+    fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+    assert!(matches!(
+        store.add_model_to(&h, &mut u),
+        Err(StoreError::ModelCorrupt { .. })
+    ));
+}
+
+#[test]
 fn torn_model_write_is_cleaned_up_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
