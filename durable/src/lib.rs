@@ -65,22 +65,6 @@ pub fn write_in_pieces(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// A writer that hands its inner writer at most [`WRITE_PIECE`] bytes per
-/// call, whatever it is given (a `BufWriter` passes a write larger than its
-/// buffer straight through).
-#[derive(Debug)]
-struct Pieces<W>(W);
-
-impl<W: Write> Write for Pieces<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf.get(..WRITE_PIECE).unwrap_or(buf))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// Permissions of a file written here (unix; ignored elsewhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -147,7 +131,7 @@ pub fn replace(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
 /// surviving a crash. One directory fsync can then cover many files.
 pub fn replace_defer_dir_sync(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
+    staged.write_all(bytes).map_err(Error::new("write", path))?;
     staged.finish(false, Durability::DataOnly)
 }
 
@@ -157,7 +141,7 @@ pub fn replace_defer_dir_sync(path: &Path, bytes: &[u8], mode: Mode) -> Result<(
 /// record of anything (a status snapshot).
 pub fn replace_atomic_only(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
+    staged.write_all(bytes).map_err(Error::new("write", path))?;
     staged.finish(false, Durability::None)
 }
 
@@ -171,7 +155,9 @@ pub fn replace_with<T>(
 ) -> Result<T, Error> {
     let mut staged = Staged::new(path, mode)?;
     let out = {
-        let mut w = BufWriter::with_capacity(1 << 20, Pieces(staged.file()));
+        // Through the `Staged` (whose `Write` hands the file ≤ 1 MiB per
+        // call: a `BufWriter` passes larger writes straight on).
+        let mut w = BufWriter::with_capacity(1 << 20, &mut staged);
         let out = write(&mut w).map_err(Error::new("write", path))?;
         w.flush().map_err(Error::new("write", path))?;
         out
@@ -208,12 +194,6 @@ impl Staged {
             tmp,
             path: path.to_path_buf(),
         })
-    }
-
-    /// The temporary file, to write into: write large buffers with
-    /// [`write_in_pieces`] (or through this `Staged`, whose `Write` does).
-    pub fn file(&mut self) -> &mut File {
-        self.tmp.as_file_mut()
     }
 
     /// fsync the data, rename it over the target, fsync the directory.
@@ -281,7 +261,7 @@ pub fn remove_leftovers(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// that are written once.
 pub fn create_new(path: &Path, bytes: &[u8], mode: Mode) -> Result<(), Error> {
     let mut staged = Staged::new(path, mode)?;
-    write_in_pieces(staged.file(), bytes).map_err(Error::new("write", path))?;
+    staged.write_all(bytes).map_err(Error::new("write", path))?;
     staged.commit_new()
 }
 
@@ -446,22 +426,19 @@ mod tests {
         let mut w = Sizes::default();
         write_in_pieces(&mut w, &big).unwrap();
         assert_eq!(w.0, [WRITE_PIECE, WRITE_PIECE, 5]);
-        // Through a BufWriter (which passes a write larger than its buffer
-        // straight on), as `replace_with` writes.
-        let mut w = Pieces(Sizes::default());
-        {
-            let mut b = BufWriter::with_capacity(1 << 20, &mut w);
-            b.write_all(&[1, 2, 3]).unwrap();
-            b.write_all(&big).unwrap();
-            b.flush().unwrap();
-        }
-        assert!(w.0.0.iter().all(|&n| n <= WRITE_PIECE), "{:?}", w.0.0);
-        assert_eq!(w.0.0.iter().sum::<usize>(), big.len() + 3);
-        // And a file written by `replace` holds every byte.
+        // Files written whole (`replace`) and through `replace_with`'s
+        // buffer (one write larger than it) hold every byte.
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("big");
         replace(&p, &big, Mode::Private).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), big);
+        let q = dir.path().join("streamed");
+        replace_with(&q, Mode::Private, |w| {
+            w.write_all(&[1, 2, 3])?;
+            w.write_all(&big)
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&q).unwrap()[3..], big[..]);
         let mut staged = Staged::new(&dir.path().join("staged"), Mode::Private).unwrap();
         assert_eq!(staged.write(&big).unwrap(), WRITE_PIECE);
     }
