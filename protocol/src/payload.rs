@@ -397,14 +397,14 @@ fn sections(codec: ValueCodec, n: usize, segments: usize) -> [(usize, usize); 2]
 /// same length (a remainder shorter than an element is written as zeros;
 /// the bodies shuffled here have none).
 ///
-/// Element sizes 2 (f16/bf16 values) and 4 (f32 values, int8 scales,
-/// top-k indices) take blocked paths the compiler vectorises (≈ 6× and
-/// ≈ 2.5× the byte-plane loop's speed); the output is the same as
-/// [`shuffle_any`]'s.
+/// Element size 4 (f32 values, int8 scales, top-k indices) takes a
+/// blocked path the compiler vectorises (≈ 2.5× the byte-plane loop's
+/// speed); the output is the same as [`shuffle_any`]'s. (The 2-byte
+/// codecs split their half-words into planes as they convert them:
+/// [`encode_halves`].)
 fn shuffle_into(src: &[u8], ts: usize, dst: &mut [u8]) {
     match ts {
         0 | 1 => dst.copy_from_slice(src),
-        2 => shuffle2(src, dst),
         4 => shuffle4(src, dst),
         _ => shuffle_any(src, ts, dst),
     }
@@ -423,34 +423,6 @@ fn shuffle_any(src: &[u8], ts: usize, dst: &mut [u8]) {
 
 /// Elements handled per block by the vectorised (un)shuffles.
 const SHUFFLE_BLOCK: usize = 32;
-
-/// [`shuffle_into`] for 2-byte elements: each block of elements is read
-/// as little-endian half-words, then split into the two planes.
-fn shuffle2(src: &[u8], dst: &mut [u8]) {
-    let n = src.len() / 2;
-    let (els, _) = src.as_chunks::<2>();
-    let (p0, rest) = dst.split_at_mut(n);
-    let (p1, tail) = rest.split_at_mut(n);
-    tail.fill(0);
-    let (eb, et) = els.as_chunks::<SHUFFLE_BLOCK>();
-    let (b0, t0) = p0.as_chunks_mut::<SHUFFLE_BLOCK>();
-    let (b1, t1) = p1.as_chunks_mut::<SHUFFLE_BLOCK>();
-    for ((e, x0), x1) in eb.iter().zip(b0).zip(b1) {
-        let mut w = [0u16; SHUFFLE_BLOCK];
-        for (w, e) in w.iter_mut().zip(e) {
-            *w = u16::from_le_bytes(*e);
-        }
-        for (x, w) in x0.iter_mut().zip(&w) {
-            *x = (*w & 0xff) as u8;
-        }
-        for (x, w) in x1.iter_mut().zip(&w) {
-            *x = (*w >> 8) as u8;
-        }
-    }
-    for ((e, x0), x1) in et.iter().zip(t0).zip(t1) {
-        [*x0, *x1] = *e;
-    }
-}
 
 /// [`shuffle_into`] for 4-byte elements: each block of elements is read
 /// as little-endian words, then split into the four planes.
@@ -484,14 +456,13 @@ fn shuffle4(src: &[u8], dst: &mut [u8]) {
     }
 }
 
-/// Inverse of [`shuffle_into`]. Element sizes 2 (f16/bf16 values, the
-/// default encodings) and 4 take paths the compiler vectorises (≈ 6× and
-/// ≈ 2.3× the byte-plane loop's speed); the output is the same as
-/// [`unshuffle_any`]'s.
+/// Inverse of [`shuffle_into`]. Element size 4 takes a path the compiler
+/// vectorises (≈ 2.3× the byte-plane loop's speed); the output is the
+/// same as [`unshuffle_any`]'s. (The 2-byte codecs join their planes as
+/// they widen them: [`decode_halves`].)
 fn unshuffle_into(src: &[u8], ts: usize, dst: &mut [u8]) {
     match ts {
         0 | 1 => dst.copy_from_slice(src),
-        2 => unshuffle2(src, dst),
         4 => unshuffle4(src, dst),
         _ => unshuffle_any(src, ts, dst),
     }
@@ -506,17 +477,6 @@ fn unshuffle_any(src: &[u8], ts: usize, dst: &mut [u8]) {
         }
     }
     dst[n * ts..].fill(0);
-}
-
-/// [`unshuffle_into`] for 2-byte elements: the two planes interleaved.
-fn unshuffle2(src: &[u8], dst: &mut [u8]) {
-    let n = src.len() / 2;
-    let (els, tail) = dst.as_chunks_mut::<2>();
-    tail.fill(0);
-    let (lo, rest) = src.split_at(n);
-    for ((el, &a), &b) in els.iter_mut().zip(lo).zip(&rest[..n]) {
-        *el = [a, b];
-    }
 }
 
 /// [`unshuffle_into`] for 4-byte elements: each block of the four planes
@@ -579,69 +539,150 @@ fn push_f32s(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
-fn push_u16s(out: &mut Vec<u8>, values: &[u16]) {
-    if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(values));
-    } else {
-        for v in values {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-}
-
 fn read_f32s(raw: &[u8]) -> impl Iterator<Item = f32> + '_ {
     raw.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
-fn read_u16s(raw: &[u8]) -> impl Iterator<Item = u16> + '_ {
-    raw.chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+/// Values per block of the 2-byte codecs' one-pass paths ([`encode_halves`],
+/// [`decode_halves`]): a block's half-words stay on the stack (2 KiB)
+/// between the conversion and the byte split.
+const HALF_BLOCK: usize = 1024;
+
+/// Encode `values` (one chunk from element `offset`) with a 2-byte codec
+/// (f16 or bf16) straight into `body` (exactly `2 × values.len()` bytes):
+/// byte planes when `shuffle` (every value's low byte, then every high
+/// byte: what [`shuffle_into`] makes of the little-endian half-words),
+/// little-endian half-words otherwise. One pass over the values, block by
+/// block, instead of converting the chunk into a scratch, copying it into
+/// the plain body and shuffling that into a third buffer: the same bytes,
+/// two passes over them and two chunk-sized buffers fewer (the encoder of
+/// every f16 upload and of every f16 downlink update).
+fn encode_halves(
+    codec: ValueCodec,
+    values: &[f32],
+    offset: u64,
+    shuffle: bool,
+    body: &mut [u8],
+) -> Result<(), EncodeError> {
+    let n = values.len();
+    debug_assert_eq!(body.len(), 2 * n);
+    let mut block = [0u16; HALF_BLOCK];
+    let blocks = values.chunks(HALF_BLOCK).enumerate();
+    if shuffle {
+        let (lo, hi) = body.split_at_mut(n);
+        for (((b, vals), lo), hi) in blocks
+            .zip(lo.chunks_mut(HALF_BLOCK))
+            .zip(hi.chunks_mut(HALF_BLOCK))
+        {
+            let bits = to_halves(codec, vals, offset, b, &mut block)?;
+            for ((l, h), w) in lo.iter_mut().zip(hi.iter_mut()).zip(bits) {
+                [*l, *h] = w.to_le_bytes();
+            }
+        }
+    } else {
+        for ((b, vals), out) in blocks.zip(body.chunks_mut(2 * HALF_BLOCK)) {
+            let bits = to_halves(codec, vals, offset, b, &mut block)?;
+            for (p, w) in out.as_chunks_mut::<2>().0.iter_mut().zip(bits) {
+                *p = w.to_le_bytes();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Block `b` of a chunk from element `offset` (`vals`, at most
+/// [`HALF_BLOCK`] values) as f16 or bf16 bit patterns, in `block`.
+fn to_halves<'b>(
+    codec: ValueCodec,
+    vals: &[f32],
+    offset: u64,
+    b: usize,
+    block: &'b mut [u16; HALF_BLOCK],
+) -> Result<&'b [u16], EncodeError> {
+    let bits = &mut block[..vals.len()];
+    let too_large = if codec == ValueCodec::Bf16 {
+        // Round to nearest even on the bit pattern (inputs are finite, so
+        // no NaN case); what `half::bf16::from_f32` does, but vectorisable.
+        for (h, v) in bits.iter_mut().zip(vals) {
+            let b = v.to_bits();
+            *h = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        }
+        bits.iter().position(|b| b & 0x7FFF == 0x7F80)
+    } else {
+        let halves: &mut [f16] = bytemuck::cast_slice_mut(bits);
+        halves.convert_from_f32_slice(vals);
+        halves.iter().position(|v| v.is_infinite())
+    };
+    match too_large {
+        Some(i) => Err(EncodeError::OutOfRange {
+            index: offset + (b * HALF_BLOCK + i) as u64,
+            codec: if codec == ValueCodec::Bf16 {
+                "bf16"
+            } else {
+                "f16"
+            },
+        }),
+        None => Ok(bits),
+    }
+}
+
+/// The inverse of [`encode_halves`]: the 2-byte codec's `body` (byte
+/// planes when `shuffle`, little-endian half-words otherwise) widened
+/// straight into `values` (`body.len() / 2` of them), block by block.
+/// Exact: every f16 and bf16 value is an f32.
+fn decode_halves(codec: ValueCodec, body: &[u8], shuffle: bool, values: &mut [f32]) {
+    let n = body.len() / 2;
+    let mut block = [0u16; HALF_BLOCK];
+    let blocks = values.chunks_mut(HALF_BLOCK);
+    if shuffle {
+        let (lo, hi) = body.split_at(n);
+        for ((out, lo), hi) in blocks.zip(lo.chunks(HALF_BLOCK)).zip(hi.chunks(HALF_BLOCK)) {
+            let bits = &mut block[..out.len()];
+            for ((w, &l), &h) in bits.iter_mut().zip(lo).zip(hi) {
+                *w = u16::from_le_bytes([l, h]);
+            }
+            widen(codec, bits, out);
+        }
+    } else {
+        for (out, pairs) in blocks.zip(body.chunks(2 * HALF_BLOCK)) {
+            let bits = &mut block[..out.len()];
+            for (w, p) in bits.iter_mut().zip(pairs.as_chunks::<2>().0) {
+                *w = u16::from_le_bytes(*p);
+            }
+            widen(codec, bits, out);
+        }
+    }
+}
+
+/// f16 or bf16 bit patterns to f32 (exact).
+fn widen(codec: ValueCodec, bits: &[u16], out: &mut [f32]) {
+    if codec == ValueCodec::Bf16 {
+        for (v, h) in out.iter_mut().zip(bits) {
+            *v = f32::from_bits(u32::from(*h) << 16);
+        }
+    } else {
+        let halves: &[f16] = bytemuck::cast_slice(bits);
+        halves.convert_to_f32_slice(out);
+    }
 }
 
 /// Encode `values` (one chunk starting at element `offset`, with segment
-/// lengths `segs`) into the plain (unshuffled, uncompressed) body; `h` is
-/// the f16 scratch (its allocation reused).
+/// lengths `segs`) into the plain (unshuffled, uncompressed) body.
 fn encode_body(
     codec: ValueCodec,
     values: &[f32],
     offset: u64,
     segs: &[usize],
     rng: Option<&mut ChaCha8Rng>,
-    h: &mut Vec<f16>,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     match codec {
         ValueCodec::F32 => push_f32s(out, values),
-        ValueCodec::F16 => {
-            h.clear();
-            h.resize(values.len(), f16::ZERO);
-            h.convert_from_f32_slice(values);
-            if let Some(i) = h.iter().position(|v| v.is_infinite()) {
-                return Err(EncodeError::OutOfRange {
-                    index: offset + i as u64,
-                    codec: "f16",
-                });
-            }
-            push_u16s(out, h.reinterpret_cast());
-        }
-        ValueCodec::Bf16 => {
-            // Round to nearest even on the bit pattern (inputs are finite, so
-            // no NaN case); what `half::bf16::from_f32` does, but vectorisable.
-            let bits: Vec<u16> = values
-                .iter()
-                .map(|v| {
-                    let b = v.to_bits();
-                    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
-                })
-                .collect();
-            if let Some(i) = bits.iter().position(|b| b & 0x7FFF == 0x7F80) {
-                return Err(EncodeError::OutOfRange {
-                    index: offset + i as u64,
-                    codec: "bf16",
-                });
-            }
-            push_u16s(out, &bits);
+        ValueCodec::F16 | ValueCodec::Bf16 => {
+            let start = out.len();
+            out.resize(start + 2 * values.len(), 0);
+            encode_halves(codec, values, offset, false, &mut out[start..])?;
         }
         ValueCodec::Int8 { stochastic } => {
             let mut scales = Vec::with_capacity(segs.len());
@@ -707,8 +748,7 @@ fn encode_body(
 }
 
 /// Decode a plain body of `n` values starting at element `offset` into
-/// `values` (cleared first; its allocation is reused, and so is `halves`,
-/// the f16 scratch).
+/// `values` (cleared first; its allocation is reused).
 fn decode_body_into(
     codec: ValueCodec,
     body: &[u8],
@@ -716,24 +756,17 @@ fn decode_body_into(
     offset: u64,
     segs: &[usize],
     values: &mut Vec<f32>,
-    halves: &mut Vec<f16>,
 ) -> Result<f32, PayloadError> {
     match codec {
         ValueCodec::F32 => {
             values.clear();
             values.extend(read_f32s(body));
         }
-        ValueCodec::F16 => {
-            halves.clear();
-            halves.extend(read_u16s(body).map(f16::from_bits));
+        ValueCodec::F16 | ValueCodec::Bf16 => {
             // Resized, not cleared: the conversion overwrites every value,
             // so the previous chunk's need not be zeroed first.
-            values.resize(halves.len(), 0.0);
-            halves.convert_to_f32_slice(values);
-        }
-        ValueCodec::Bf16 => {
-            values.clear();
-            values.extend(read_u16s(body).map(|b| f32::from_bits(u32::from(b) << 16)));
+            values.resize(body.len() / 2, 0.0);
+            decode_halves(codec, body, false, values);
         }
         ValueCodec::Int8 { .. } => {
             values.clear();
@@ -840,9 +873,8 @@ pub struct ChunkEncoder {
     seed: u64,
     compressor: zstd::bulk::Compressor<'static>,
     /// Scratch reused from chunk to chunk (no allocation, and no fresh
-    /// pages to fault in, per chunk): the f16 values, the plain body and
-    /// the shuffled body.
-    halves: Vec<f16>,
+    /// pages to fault in, per chunk): the plain body and the shuffled body
+    /// (f32 and the 2-byte codecs write only the latter).
     body: Vec<u8>,
     shuffled: Vec<u8>,
 }
@@ -867,7 +899,6 @@ impl ChunkEncoder {
             encoding,
             seed,
             compressor,
-            halves: Vec::new(),
             body: Vec::new(),
             shuffled: Vec::new(),
         })
@@ -945,19 +976,23 @@ impl ChunkEncoder {
             self.shuffled.resize(src.len(), 0);
             shuffle_into(src, 4, &mut self.shuffled);
             &self.shuffled
+        } else if matches!(codec, ValueCodec::F16 | ValueCodec::Bf16) {
+            // f16 / bf16: converted and split into byte planes (or laid
+            // out as half-words) in one pass: `encode_halves`.
+            self.shuffled.resize(raw, 0);
+            encode_halves(
+                codec,
+                values,
+                range.start,
+                self.encoding.shuffle(),
+                &mut self.shuffled,
+            )?;
+            &self.shuffled
         } else {
             let body = &mut self.body;
             body.clear();
             body.reserve(raw);
-            encode_body(
-                codec,
-                values,
-                range.start,
-                &segs,
-                rng.as_mut(),
-                &mut self.halves,
-                body,
-            )?;
+            encode_body(codec, values, range.start, &segs, rng.as_mut(), body)?;
             debug_assert_eq!(body.len(), raw);
             if self.encoding.shuffle() {
                 reshuffle_into(
@@ -1206,11 +1241,10 @@ pub struct ChunkDecoder {
     spec: ModelSpec,
     encoding: Encoding,
     decompressor: zstd::bulk::Decompressor<'static>,
-    /// Scratch reused from chunk to chunk: the decompressed body, the
-    /// unshuffled body, f16 values before widening.
+    /// Scratch reused from chunk to chunk: the decompressed body and the
+    /// unshuffled body (f32 and the 2-byte codecs need only the former).
     raw: Vec<u8>,
     plain: Vec<u8>,
-    halves: Vec<f16>,
 }
 
 impl std::fmt::Debug for ChunkDecoder {
@@ -1237,7 +1271,6 @@ impl ChunkDecoder {
             decompressor,
             raw: Vec::new(),
             plain: Vec::new(),
-            halves: Vec::new(),
         })
     }
 
@@ -1365,6 +1398,22 @@ impl ChunkDecoder {
             let max = finish_decoded(values, n, h.offset)?;
             return Ok((h.offset, max));
         }
+        if matches!(codec, ValueCodec::F16 | ValueCodec::Bf16) {
+            // f16 / bf16: the byte planes (or half-words) widened straight
+            // into `values`, block by block (`decode_halves`): no
+            // unshuffled copy and no staging buffer of half-words.
+            if raw_len != 2 * n {
+                return Err(PayloadError::DecompressedSize {
+                    declared: 2 * n as u64,
+                    actual: raw_len as u64,
+                });
+            }
+            // Resized, not cleared: every value is overwritten below.
+            values.resize(n, 0.0);
+            decode_halves(codec, &self.raw, h.shuffle, values);
+            let max = finish_decoded(values, n, h.offset)?;
+            return Ok((h.offset, max));
+        }
         let range = h.offset..h.offset + n as u64;
         let segs = segment_lens(&self.spec, &range);
         let plain = if h.shuffle {
@@ -1378,7 +1427,7 @@ impl ChunkDecoder {
         } else {
             &self.raw
         };
-        let max = decode_body_into(codec, plain, n, h.offset, &segs, values, &mut self.halves)?;
+        let max = decode_body_into(codec, plain, n, h.offset, &segs, values)?;
         Ok((h.offset, max))
     }
 }
@@ -1824,6 +1873,64 @@ mod tests {
                 assert_eq!(unhashed.model_hash, None);
                 assert_eq!(unhashed.payload_len, hashed.payload_len);
                 assert_eq!(unhashed.num_chunks, hashed.num_chunks);
+            }
+        }
+    }
+
+    /// f16 and bf16 take one pass each way (`encode_halves`,
+    /// `decode_halves`): the body holds exactly the byte planes (or the
+    /// little-endian half-words) of the `half` crate's own per-value
+    /// conversion, across block boundaries and a short last block, over a
+    /// body buffer holding other bytes; decoding gives back exactly the
+    /// widened half values; a value out of range is named by its element,
+    /// in a later block too.
+    #[test]
+    fn two_byte_codecs_convert_and_split_in_one_pass() {
+        let n = 3 * HALF_BLOCK + 7;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as f32) * 0.618_034).sin() * 10f32.powi((i % 9) as i32 - 5))
+            .collect();
+        for codec in [ValueCodec::F16, ValueCodec::Bf16] {
+            let bits: Vec<u16> = v
+                .iter()
+                .map(|&x| match codec {
+                    ValueCodec::Bf16 => half::bf16::from_f32(x).to_bits(),
+                    _ => f16::from_f32(x).to_bits(),
+                })
+                .collect();
+            let widened: Vec<f32> = bits
+                .iter()
+                .map(|&b| match codec {
+                    ValueCodec::Bf16 => half::bf16::from_bits(b).to_f32(),
+                    _ => f16::from_bits(b).to_f32(),
+                })
+                .collect();
+            let le: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            for shuffle in [false, true] {
+                let mut want = vec![0u8; 2 * n];
+                if shuffle {
+                    shuffle_any(&le, 2, &mut want);
+                } else {
+                    want.copy_from_slice(&le);
+                }
+                let mut body = vec![0xa5u8; 2 * n];
+                encode_halves(codec, &v, 40, shuffle, &mut body).unwrap();
+                assert_eq!(body, want, "{codec:?} shuffle={shuffle}");
+                let mut back = vec![7.0f32; n];
+                decode_halves(codec, &body, shuffle, &mut back);
+                assert_eq!(back, widened, "{codec:?} shuffle={shuffle}");
+
+                let mut big = v.clone();
+                // Rounds to infinity in both (bf16 keeps f32's exponent,
+                // but f32::MAX rounds up past its largest value).
+                big[HALF_BLOCK + 5] = f32::MAX;
+                let mut body = vec![0u8; 2 * n];
+                match encode_halves(codec, &big, 40, shuffle, &mut body) {
+                    Err(EncodeError::OutOfRange { index, .. }) => {
+                        assert_eq!(index, 40 + HALF_BLOCK as u64 + 5, "{codec:?}");
+                    }
+                    other => panic!("{codec:?}: {other:?}"),
+                }
             }
         }
     }
