@@ -60,9 +60,17 @@ fn validate(kind: &'static str, s: &str) -> Result<(), IdError> {
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
+
+        /// The identifier as a quoted string (`"hospital-a"`), as it is
+        /// on the wire: what a struct holding one prints with `{:?}`.
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(self.0.as_str(), f)
+            }
+        }
 
         impl $name {
             /// Validate and wrap.
@@ -130,11 +138,17 @@ string_id!(
 );
 
 /// A round number within a job, starting at 1.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(transparent)]
 pub struct RoundId(pub u64);
+
+/// The bare number (`3`), as it is on the wire: what a struct holding one
+/// prints with `{:?}` (`round: 3`).
+impl std::fmt::Debug for RoundId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl std::fmt::Display for RoundId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,5 +172,40 @@ mod tests {
         let j: FederationId = serde_json::from_str("\"fed-1\"").unwrap();
         assert_eq!(j.as_str(), "fed-1");
         assert!(serde_json::from_str::<FederationId>("\"fed\\n1\"").is_err());
+    }
+
+    /// Ids print with `{:?}` as their wire form: a struct holding them
+    /// reads `site: "a", round: 3`, not `SiteId("a")` / `RoundId(3)`.
+    #[test]
+    fn ids_debug_as_their_wire_form() {
+        #[derive(Debug)]
+        #[allow(dead_code, reason = "read by Debug only")]
+        struct Held {
+            site: SiteId,
+            job: JobId,
+            round: RoundId,
+        }
+        let held = Held {
+            site: SiteId::new("site-a").unwrap(),
+            job: JobId::new("j:1").unwrap(),
+            round: RoundId(3),
+        };
+        assert_eq!(
+            format!("{held:?}"),
+            r#"Held { site: "site-a", job: "j:1", round: 3 }"#
+        );
+        assert_eq!(
+            format!("{:?}", FederationId::new("fed").unwrap()),
+            r#""fed""#
+        );
+        assert_eq!(format!("{:?}", RoundId(12)), "12");
+        assert_eq!(
+            format!("{:?}", held.round),
+            serde_json::to_string(&held.round).unwrap()
+        );
+        assert_eq!(
+            format!("{:?}", held.site),
+            serde_json::to_string(&held.site).unwrap()
+        );
     }
 }

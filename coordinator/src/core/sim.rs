@@ -95,7 +95,7 @@ use super::round_end;
 use super::uploads::{self, Arrival, Fold, PassOne, Refused, Uploads};
 use super::{Effect, Held, Sites, queue};
 use crate::round::{
-    Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, Plain, RoundConfig,
+    Action, AdminCommand, Checkpoint, ConnId, Input, JobOutcome, JobRunner, RoundConfig,
     SiteCapabilities, Snapshot, UpdateReceived, Verdict,
 };
 
@@ -600,13 +600,9 @@ impl CoreSim {
     }
 
     fn note(&mut self, what: &str) {
-        // The trace prints rounds and sites plain (`round::Plain`, field by
-        // field), as it did before they were typed: a `{:?}` of a typed id
-        // here would change every seed's trace digest.
-        debug_assert!(
-            !what.contains("SiteId(") && !what.contains("RoundId("),
-            "a typed id printed with Debug in the trace: {what}"
-        );
+        // Typed ids print bare with `{:?}` (`round: 3`, `site: "a"`, their
+        // wire form), as the trace read before they were typed: every
+        // seed's trace digest is the same.
         self.trace.update(&(self.step as u64).to_le_bytes());
         self.trace.update(what.as_bytes());
         self.trace.update(b"\n");
@@ -1356,7 +1352,7 @@ impl CoreSim {
                     audited = true;
                 }
                 Effect::Persist { job, checkpoint } => {
-                    self.note(&format!("persist {job} {}", Plain(&checkpoint)));
+                    self.note(&format!("persist {job} {checkpoint:?}"));
                     self.durable.entry(job).or_default().push(checkpoint);
                 }
                 Effect::Apply(input) => self.feed(input)?,
@@ -1461,7 +1457,7 @@ impl CoreSim {
         };
         match action {
             Action::Persist(cp) => {
-                self.note(&format!("persist {}", Plain(&cp)));
+                self.note(&format!("persist {cp:?}"));
                 let opens = match (&cp, actions::checkpoint_plan(&cp).opens_round) {
                     // A later wave of the open round opens nothing.
                     (Checkpoint::RoundStarted { base_model, .. }, Some(round))
@@ -1740,14 +1736,14 @@ impl CoreSim {
                 }
             }
             Action::JobFinished(outcome) => {
-                self.note(&format!("finished {}", Plain(&outcome)));
+                self.note(&format!("finished {outcome:?}"));
                 if matches!(outcome, JobOutcome::Completed { .. }) {
                     self.stats.jobs_completed += 1;
                 }
                 self.job_finished(&job, outcome)?;
             }
             other @ (Action::SendModel { .. } | Action::Evaluate { .. }) => {
-                self.note(&Plain(&other).to_string())
+                self.note(&format!("{other:?}"))
             }
         }
         Ok(())
@@ -2076,7 +2072,7 @@ impl CoreSim {
                     self.note(&format!("record final evaluation r{round}"));
                 }
                 Effect::Finish(outcome) => {
-                    self.note(&format!("finish {}", Plain(&outcome)));
+                    self.note(&format!("finish {outcome:?}"));
                     sent.finished.push(outcome);
                 }
                 other @ (Effect::Close { .. }

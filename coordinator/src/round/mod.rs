@@ -83,7 +83,6 @@
 //! accumulator only when the runner answers [`Action::AckUpdate`]: an update
 //! the runner rejects (duplicate, late, unknown site) is never counted.
 
-mod plain;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -95,7 +94,6 @@ use fedlink_protocol::ModelHash;
 use serde::{Deserialize, Serialize};
 
 use crate::job::Job;
-pub use plain::Plain;
 
 /// A site identity, as derived by the driver from the site's TLS client
 /// certificate: the protocol crate's validated id, re-exported here so the

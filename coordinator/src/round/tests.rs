@@ -894,16 +894,14 @@ fn random_mixes_keep_the_invariants() {
 }
 
 /// The status file's `phase` and the `job finished` log lines print the
-/// round machine's phase and a job's outcome as their `Debug` form with
-/// plain round numbers (`round: 3`): pinned for every variant, so that
-/// printing them from their typed fields reads exactly as before.
+/// round machine's phase and a job's outcome as their `Debug` form, with
+/// plain round numbers (`round: 3`: `RoundId`'s `Debug` is its wire
+/// form): pinned for every variant, so that they read exactly as before
+/// rounds were typed.
 #[test]
 fn phase_and_outcome_texts_read_as_before() {
-    fn text<'a, T>(v: &'a T) -> String
-    where
-        Plain<'a, T>: std::fmt::Display,
-    {
-        Plain(v).to_string()
+    fn text(v: &impl std::fmt::Debug) -> String {
+        format!("{v:?}")
     }
     let deadline = Instant::now();
     let model = fake_hash(&[b"final"]);

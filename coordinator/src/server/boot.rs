@@ -493,7 +493,7 @@ pub(super) fn select_job(
         outcome: Some(outcome),
     } = &config
     {
-        tracing::info!(job = %id, outcome = %crate::round::Plain(outcome), "the configured job has already finished; it is not run again");
+        tracing::info!(job = %id, outcome = ?outcome, "the configured job has already finished; it is not run again");
     }
     let decision = jobs::start_up(config, &stored, exit_after_job);
     if let (StartUp::Create(_), Some((path, job, _))) = (&decision, &configured) {

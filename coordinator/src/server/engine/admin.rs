@@ -193,10 +193,7 @@ impl Engine {
             total_rounds: u64::from(self.job.rounds),
             current_model: self.runner.current_model(),
             paused: self.runner.is_paused(),
-            outcome: self
-                .outcome
-                .as_ref()
-                .map(|o| crate::round::Plain(o).to_string()),
+            outcome: self.outcome.as_ref().map(|o| format!("{o:?}")),
             evaluation: self.latest_evaluation.clone(),
         };
         status::progress(facts, |r| {

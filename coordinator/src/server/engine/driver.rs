@@ -16,7 +16,7 @@ use crate::core::actions::{self, Connected, FinalEvaluation, Finishing, OfferTer
 use crate::core::intake::reason_text;
 use crate::core::jobs::{self, AfterFinish};
 use crate::core::scaling::PersistedState;
-use crate::round::{Action, Input, Plain};
+use crate::round::{Action, Input};
 use crate::server::clock::unix_ms;
 use crate::server::effects;
 use crate::server::event::Event;
@@ -319,7 +319,7 @@ impl Engine {
                     .close(&site, conn, actions::close_reason(&reason));
             }
             Action::JobFinished(outcome) => {
-                tracing::info!(outcome = %Plain(&outcome), "job finished");
+                tracing::info!(outcome = ?outcome, "job finished");
                 let sites = self
                     .links
                     .connected()

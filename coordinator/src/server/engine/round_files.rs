@@ -12,7 +12,7 @@ use fedlink_protocol::{Encoding, FlatModel, ModelHash, RoundId, SiteId};
 use super::{AggregationFailure, Engine, EngineError, RecordError, RoundLog};
 use crate::core::actions::{self, UploadFacts};
 use crate::core::round_end::Step;
-use crate::round::{JobOutcome, Plain};
+use crate::round::JobOutcome;
 use crate::round_archive::{self, RoundFile};
 use crate::server::clock::unix_ms;
 use crate::server::status::{RoundStatus, Status};
@@ -225,7 +225,7 @@ impl Engine {
     pub(super) fn write_status(&mut self) {
         self.status_written = Some(Instant::now());
         self.status_behind = false;
-        let phase = Plain(&self.runner.phase()).to_string();
+        let phase = format!("{:?}", self.runner.phase());
         let show = |r: &crate::store::RoundRecord| RoundStatus {
             round: r.round,
             state: format!("{:?}", r.state),
