@@ -963,19 +963,21 @@ impl ChunkEncoder {
             _ => None,
         };
         let raw = raw_len(codec, n, segs.len() as u64) as usize;
-        let body: &[u8] = if codec == ValueCodec::F32
-            && self.encoding.shuffle()
-            && cfg!(target_endian = "little")
-        {
+        let body: &[u8] = if codec == ValueCodec::F32 && cfg!(target_endian = "little") {
             // Lossless f32: the values' own bytes are the plain body; split
-            // them into byte planes directly (no staging copy of the body).
-            // Little-endian only: the wire's f32 are little-endian, so on a
-            // big-endian machine the native bytes are not the wire's and
-            // the generic path (`to_le_bytes`) is taken instead.
+            // them into byte planes directly, or compress them as they are
+            // (no staging copy of the body either way). Little-endian
+            // only: the wire's f32 are little-endian, so on a big-endian
+            // machine the native bytes are not the wire's and the generic
+            // path (`to_le_bytes`) is taken instead.
             let src: &[u8] = bytemuck::cast_slice(values);
-            self.shuffled.resize(src.len(), 0);
-            shuffle_into(src, 4, &mut self.shuffled);
-            &self.shuffled
+            if self.encoding.shuffle() {
+                self.shuffled.resize(src.len(), 0);
+                shuffle_into(src, 4, &mut self.shuffled);
+                &self.shuffled
+            } else {
+                src
+            }
         } else if matches!(codec, ValueCodec::F16 | ValueCodec::Bf16) {
             // f16 / bf16: converted and split into byte planes (or laid
             // out as half-words) in one pass: `encode_halves`.
