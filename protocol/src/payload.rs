@@ -1893,20 +1893,21 @@ mod tests {
             .map(|i| ((i as f32) * 0.618_034).sin() * 10f32.powi((i % 9) as i32 - 5))
             .collect();
         for codec in [ValueCodec::F16, ValueCodec::Bf16] {
-            let bits: Vec<u16> = v
+            // Each value's bit pattern and its widened value, by the
+            // `half` crate's own per-value conversion.
+            let (bits, widened): (Vec<u16>, Vec<f32>) = v
                 .iter()
                 .map(|&x| match codec {
-                    ValueCodec::Bf16 => half::bf16::from_f32(x).to_bits(),
-                    _ => f16::from_f32(x).to_bits(),
+                    ValueCodec::Bf16 => {
+                        let h = half::bf16::from_f32(x);
+                        (h.to_bits(), h.to_f32())
+                    }
+                    _ => {
+                        let h = f16::from_f32(x);
+                        (h.to_bits(), h.to_f32())
+                    }
                 })
-                .collect();
-            let widened: Vec<f32> = bits
-                .iter()
-                .map(|&b| match codec {
-                    ValueCodec::Bf16 => half::bf16::from_bits(b).to_f32(),
-                    _ => f16::from_bits(b).to_f32(),
-                })
-                .collect();
+                .unzip();
             let le: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
             for shuffle in [false, true] {
                 let mut want = vec![0u8; 2 * n];
