@@ -1042,10 +1042,15 @@ async fn a_site_below_version_7_cannot_ask_for_an_update_and_gets_whole_models()
     // The update exists (f16 job: downlink "update" by default).
     let name = format!("{}-{}.update", base.to_hex(), offer.base_model.to_hex());
     assert!(models.join(&name).is_file(), "{name}");
-    // The whole model, as before; the round completes.
+    // The whole model, as before; the round completes. With downlink
+    // updates the round's end left its wire form to the first site that
+    // asks for the whole model: made now, from the stored model.
+    let wire = models.join(format!("{}.wire", offer.base_model.to_hex()));
+    assert!(!wire.exists(), "{}", wire.display());
     sites[0].accept(&offer).await.unwrap();
     let global = sites[0].fetch_model(&offer).await.unwrap();
     assert_eq!(global.hash(), offer.base_model);
+    assert!(wire.is_file(), "{}", wire.display());
     let up = sites[0]
         .prepare(&offer, &delta_for(&global, 0, 2), examples(0))
         .unwrap();

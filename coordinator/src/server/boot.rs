@@ -18,6 +18,7 @@ use fedlink_protocol::FederationId;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
+use super::served_wire::{ServedModels, ServedWire};
 use crate::config::{CoordinatorConfig, TcpListen};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
@@ -28,7 +29,7 @@ use crate::core::registry::RegistryWatch;
 use crate::job::Job;
 use crate::round::{JobOutcome, JobRunner, RoundConfig};
 use crate::store::Store;
-use crate::store::wire::{self, ServedModels};
+use crate::store::wire;
 
 use super::accept;
 use super::admin_state;
@@ -363,7 +364,7 @@ pub(super) fn build_engine(
     if let Ok(mut n) = shared.job_needs.write() {
         *n = JobNeeds::of(&job);
     }
-    let (served, _) = shared.publish_wire(first_wire);
+    let (served, _) = shared.publish_wire(ServedWire::made(first_wire));
     // Wire files of versions an earlier run served (none pruned when
     // nothing is served: `core::served::models_to_prune`).
     wire::prune_models(&models_dir, &served);

@@ -31,6 +31,7 @@ use super::event::{
     Event, PayloadCheck, ReceivedUpload, UpdateReady, UploadInterrupted, UploadTicket,
 };
 use super::links::Links;
+use super::served_wire::ServedWire;
 use super::status::{RoundStatus, StatusWriter};
 use crate::config::UpdateRetention;
 use crate::core::actions::{self, JobFacts, UnixClock};
@@ -1037,15 +1038,20 @@ impl Engine {
             },
         );
         let mut steps = end.steps.into_iter();
-        // The model's wire form (lossless, for sites without the previous
-        // model) is encoded on a second thread while this one executes the
-        // steps before the publish (the model stored, `round.json`, its
-        // audit entry); it is published only after them.
+        // Whole models: the model's wire form (lossless: what every site
+        // downloads) is encoded on a second thread while this one executes
+        // the steps before the publish (the model stored, `round.json`, its
+        // audit entry); it is published only after them. Downlink updates:
+        // sites holding the base fetch the update, and the wire form is made
+        // from the stored model when a site first asks for the whole model
+        // (`served_wire`), off the round's critical path.
         let models_dir = self.models_dir.clone();
         let (recorded, wire, wire_ms) = std::thread::scope(|s| {
-            let wire = s.spawn(|| {
-                let t = Instant::now();
-                (wire::ensure_as(&models_dir, &next, next_hash), t.elapsed())
+            let wire = downlink.is_none().then(|| {
+                s.spawn(|| {
+                    let t = Instant::now();
+                    (wire::ensure_as(&models_dir, &next, next_hash), t.elapsed())
+                })
             });
             let t = Instant::now();
             let mut recorded = Ok(Ok(()));
@@ -1060,9 +1066,22 @@ impl Engine {
                 }
             }
             let record_ms = t.elapsed();
-            let (wire, wire_ms) = wire
-                .join()
-                .unwrap_or((Err(wire::WireError::Thread), Duration::ZERO));
+            let (wire, wire_ms) = match wire {
+                Some(w) => {
+                    let (w, ms) = w
+                        .join()
+                        .unwrap_or((Err(wire::WireError::Thread), Duration::ZERO));
+                    (w.map(ServedWire::made), ms)
+                }
+                None => (
+                    Ok(ServedWire::on_demand(
+                        &models_dir,
+                        self.store.model_path(&next_hash),
+                        next_hash,
+                    )),
+                    Duration::ZERO,
+                ),
+            };
             (recorded, wire, (wire_ms, record_ms))
         });
         let (wire_ms, record_ms) = wire_ms;

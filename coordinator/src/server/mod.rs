@@ -35,6 +35,7 @@ mod init_model;
 mod limits;
 mod links;
 pub(crate) mod pool;
+mod served_wire;
 mod shared;
 mod shutdown;
 mod site_session;

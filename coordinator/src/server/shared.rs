@@ -19,13 +19,14 @@ use super::admin_state::AdminState;
 use super::audit::Auditor;
 use super::event::Event;
 use super::limits::PeerLimits;
+use super::served_wire::{ServedModels, ServedWire};
 use super::{disk, limits};
 use crate::core::JobNeeds;
 use crate::core::admin::update_keys;
 use crate::core::disk::LowOnDisk;
 use crate::core::refusals::Refusals;
 use crate::core::registry::{self, NotAllowed, RegistryWatch, Watched};
-use crate::store::wire::{ServedModels, WireModel, WireUpdate};
+use crate::store::wire::WireUpdate;
 
 /// Uploads being received, by (site, nonce): each entry ends (its sender
 /// is dropped) when its attempt does.
@@ -211,7 +212,9 @@ impl Shared {
         self.job_needs.read().map_or(JobNeeds::ANY, |n| *n)
     }
 
-    pub(super) fn wire_model(&self, hash: &ModelHash) -> Option<Arc<WireModel>> {
+    /// The served version `hash` (its wire form made, or made on first
+    /// use: [`ServedWire::wire`]).
+    pub(super) fn wire_model(&self, hash: &ModelHash) -> Option<Arc<ServedWire>> {
         self.wire.read().ok()?.get(hash)
     }
 
@@ -237,10 +240,15 @@ impl Shared {
     /// served for a round, older ones are dropped: [`ServedModels`]).
     /// Returns the versions still served and the wire file no longer
     /// served.
-    pub(crate) fn publish_wire(&self, w: WireModel) -> (Vec<ModelHash>, Option<PathBuf>) {
+    pub(crate) fn publish_wire(&self, w: ServedWire) -> (Vec<ModelHash>, Option<PathBuf>) {
         match self.wire.write() {
             Ok(mut served) => {
-                let dropped = served.publish(w.hash, w).map(|d| d.path.clone());
+                // A version dropped before its wire form was made has no
+                // file. (One being made right now for a fetch is written
+                // after this: pruned at the next start, `prune_models`.)
+                let dropped = served
+                    .publish(w.hash(), w)
+                    .and_then(|d| d.made_already().map(|m| m.path.clone()));
                 (served.hashes(), dropped)
             }
             // Poisoned: nothing is served, nothing is known to be unserved.

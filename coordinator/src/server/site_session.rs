@@ -377,23 +377,36 @@ async fn serve_model(
     from_record: u64,
     send: FramedSend,
 ) -> Result<(), TransportError> {
-    serve_download(conn, shared, from_record, send, || {
-        let Some(wire) = shared.wire_model(&hash) else {
-            return Err(Message::Reject(Reject {
-                code: RejectCode::UnexpectedMessage,
-                message: format!("unknown model version {hash}"),
-            }));
-        };
-        let manifest = Message::ModelManifest(Box::new(ModelManifest {
-            hash: wire.hash,
-            spec: wire.spec.clone(),
-            encoding: wire.encoding,
-            payload_len: wire.payload_len,
-            num_chunks: wire.num_chunks,
-        }));
-        Ok((manifest, wire.path.clone()))
-    })
-    .await
+    let Some(served) = shared.wire_model(&hash) else {
+        let reject = Message::Reject(Reject {
+            code: RejectCode::UnexpectedMessage,
+            message: format!("unknown model version {hash}"),
+        });
+        return serve_download(conn, shared, from_record, send, || Err(reject)).await;
+    };
+    // With downlink updates the wire form is made when a site first asks
+    // for the whole model (`served_wire`): before a download slot is
+    // taken, so waiting for it holds none.
+    let answer = match served.wire().await {
+        Ok(wire) => Ok((
+            Message::ModelManifest(Box::new(ModelManifest {
+                hash: wire.hash,
+                spec: wire.spec.clone(),
+                encoding: wire.encoding,
+                payload_len: wire.payload_len,
+                num_chunks: wire.num_chunks,
+            })),
+            wire.path.clone(),
+        )),
+        Err(e) => {
+            tracing::error!(model = %hash, error = %e, "cannot make the model's wire form for a download");
+            Err(Message::Reject(Reject {
+                code: RejectCode::Internal,
+                message: format!("model version {hash} cannot be served now: {e}"),
+            }))
+        }
+    };
+    serve_download(conn, shared, from_record, send, || answer).await
 }
 
 /// Answer a [`ModelUpdateFetch`]: the update `base → hash` when it is the

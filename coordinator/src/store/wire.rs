@@ -57,6 +57,10 @@ pub(crate) enum WireError {
     /// The thread writing the wire form ended without an answer.
     #[error("the thread writing the model's wire form panicked")]
     Thread,
+    /// The stored model file a wire form is made from could not be read,
+    /// or its values do not hash to its name.
+    #[error(transparent)]
+    Stored(Box<super::StoreError>),
     /// Encoding, decoding or applying the round's global update failed.
     #[error(transparent)]
     Downlink(#[from] crate::round_archive::DownlinkApplyError),
@@ -159,6 +163,80 @@ pub(crate) fn ensure_as(
     Ok(WireModel {
         hash,
         spec: model.spec().clone(),
+        encoding,
+        payload_len,
+        num_chunks,
+        path,
+    })
+}
+
+/// [`ensure_as`] for a model read back from its stored file `bin` (the
+/// store's `<hash>.bin`): with downlink updates the round's end does not
+/// encode the new model's wire form — sites holding the base fetch the
+/// update — and the first site that asks for the whole model has it made
+/// from the store. The values are read, hashed and encoded one chunk at a
+/// time on the calling thread (the model is never whole in memory: a
+/// chunk's values, the encoder's scratch and the read and write buffers,
+/// whatever round is in flight), and the file is put in place only if
+/// the values read hash to `hash`.
+pub(crate) fn ensure_from_stored(
+    models_dir: &Path,
+    bin: &Path,
+    hash: ModelHash,
+) -> Result<WireModel, WireError> {
+    let mut file =
+        super::ModelFile::open(bin, &hash).map_err(|e| WireError::Stored(Box::new(e)))?;
+    let spec = file.spec.clone();
+    let path = wire_path(models_dir, &hash);
+    let encoding = model_encoding()?;
+    if path.exists()
+        && let Ok(w) = describe(&path, hash, spec.clone(), encoding)
+    {
+        return Ok(w);
+    }
+    // The store's error, when reading or verifying the model file is what
+    // failed (the write is then abandoned, the target left untouched).
+    let mut stored: Option<super::StoreError> = None;
+    let written = fedlink_durable::replace_with(
+        &path,
+        fedlink_durable::Mode::Private,
+        |out| -> std::io::Result<(u64, u64)> {
+            let mut enc =
+                ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other)?;
+            let mut hasher = fedlink_protocol::ModelHasher::new(&spec);
+            let mut values = Vec::new();
+            let (mut payload_len, mut num_chunks) = (0u64, 0u64);
+            let unread = |e: super::StoreError, stored: &mut Option<super::StoreError>| {
+                let text = e.to_string();
+                *stored = Some(e);
+                std::io::Error::other(text)
+            };
+            for index in 0..enc.num_chunks() {
+                let r = enc
+                    .chunk_range(index)
+                    .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
+                values.resize((r.end - r.start) as usize, 0f32);
+                file.read_values(&mut values)
+                    .map_err(|e| unread(e, &mut stored))?;
+                hasher.update(&values);
+                let rec = enc.encode(index, &values).map_err(std::io::Error::other)?;
+                out.write_all(&rec)?;
+                payload_len += rec.len() as u64;
+                num_chunks += 1;
+            }
+            file.verify(hasher, &hash)
+                .map_err(|e| unread(e, &mut stored))?;
+            Ok((payload_len, num_chunks))
+        },
+    );
+    let (payload_len, num_chunks) = match (written, stored) {
+        (Ok(w), _) => w,
+        (Err(_), Some(e)) => return Err(WireError::Stored(Box::new(e))),
+        (Err(e), None) => return Err(e.into()),
+    };
+    Ok(WireModel {
+        hash,
+        spec,
         encoding,
         payload_len,
         num_chunks,
@@ -317,11 +395,6 @@ pub(crate) fn prune_updates(models_dir: &Path, keep: Option<&Path>) {
         }
     }
 }
-
-/// The model versions served in wire form, each with its file's
-/// description: the current version and the one before it
-/// ([`served::Served`] decides).
-pub(crate) type ServedModels = served::Served<WireModel>;
 
 /// Remove every model wire file (`<hash>.wire`) in `models_dir` but those
 /// of the served versions (`keep`, [`served::Served::hashes`];
@@ -526,7 +599,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let mut served = ServedModels::default();
+        let mut served = served::Served::<WireModel>::default();
         let mut written = Vec::new();
         // A file left by an earlier run (pruned at start).
         let stray = ensure(dir.path(), &model(99)).unwrap().path;
