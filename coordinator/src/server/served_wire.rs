@@ -86,10 +86,15 @@ impl ServedWire {
                 };
                 let hash = self.hash;
                 let started = std::time::Instant::now();
-                let made =
-                    tokio::task::spawn_blocking(move || wire::ensure_from_stored(&dir, &bin, hash))
-                        .await
-                        .map_err(|_| WireError::Thread)??;
+                let made = tokio::task::spawn_blocking(move || {
+                    // A fold pass's values buffer: pages the
+                    // coordinator holds already, not a fresh chunk's
+                    // worth in the middle of a round.
+                    let mut values = super::pool::VALUES.take();
+                    wire::ensure_from_stored(&dir, &bin, hash, &mut values)
+                })
+                .await
+                .map_err(|_| WireError::Thread)??;
                 tracing::info!(
                     model = %hash,
                     ms = started.elapsed().as_millis() as u64,

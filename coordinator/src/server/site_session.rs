@@ -400,9 +400,10 @@ async fn serve_model(
         )),
         Err(e) => {
             tracing::error!(model = %hash, error = %e, "cannot make the model's wire form for a download");
+            // The details (paths, the store's error) stay in this log.
             Err(Message::Reject(Reject {
                 code: RejectCode::Internal,
-                message: format!("model version {hash} cannot be served now: {e}"),
+                message: format!("model version {hash} cannot be served now"),
             }))
         }
     };

@@ -178,11 +178,13 @@ pub(crate) fn ensure_as(
 /// time on the calling thread (the model is never whole in memory: a
 /// chunk's values, the encoder's scratch and the read and write buffers,
 /// whatever round is in flight), and the file is put in place only if
-/// the values read hash to `hash`.
+/// the values read hash to `hash`. `values` is the chunk's buffer (a
+/// pooled one: its pages are reused, not faulted in afresh).
 pub(crate) fn ensure_from_stored(
     models_dir: &Path,
     bin: &Path,
     hash: ModelHash,
+    values: &mut Vec<f32>,
 ) -> Result<WireModel, WireError> {
     let mut file =
         super::ModelFile::open(bin, &hash).map_err(|e| WireError::Stored(Box::new(e)))?;
@@ -204,7 +206,6 @@ pub(crate) fn ensure_from_stored(
             let mut enc =
                 ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other)?;
             let mut hasher = fedlink_protocol::ModelHasher::new(&spec);
-            let mut values = Vec::new();
             let (mut payload_len, mut num_chunks) = (0u64, 0u64);
             let unread = |e: super::StoreError, stored: &mut Option<super::StoreError>| {
                 let text = e.to_string();
@@ -216,10 +217,10 @@ pub(crate) fn ensure_from_stored(
                     .chunk_range(index)
                     .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
                 values.resize((r.end - r.start) as usize, 0f32);
-                file.read_values(&mut values)
+                file.read_values(values)
                     .map_err(|e| unread(e, &mut stored))?;
-                hasher.update(&values);
-                let rec = enc.encode(index, &values).map_err(std::io::Error::other)?;
+                hasher.update(values);
+                let rec = enc.encode(index, values).map_err(std::io::Error::other)?;
                 out.write_all(&rec)?;
                 payload_len += rec.len() as u64;
                 num_chunks += 1;
