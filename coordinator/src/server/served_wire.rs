@@ -121,15 +121,23 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn made_on_first_use_from_the_stored_model_and_once_for_concurrent_fetches() {
+    /// `m` stored in a fresh store: the directory, the model's hash, its
+    /// `.bin` and the `models/` directory.
+    fn stored(m: &FlatModel) -> (tempfile::TempDir, ModelHash, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
+        let hash = store.put_model(m).unwrap();
+        let bin = store.model_path(&hash);
+        let models = dir.path().join(crate::store::MODELS_DIR);
+        (dir, hash, bin, models)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn made_on_first_use_from_the_stored_model_and_once_for_concurrent_fetches() {
         // Several chunks (the wire form's default chunk is 512 Ki values).
         let m = model(3, 1_300_000);
-        let hash = store.put_model(&m).unwrap();
-        let models = dir.path().join(crate::store::MODELS_DIR);
-        let served = ServedWire::on_demand(&models, store.model_path(&hash), hash);
+        let (_dir, hash, bin, models) = stored(&m);
+        let served = ServedWire::on_demand(&models, bin, hash);
         assert!(served.made_already().is_none());
         assert!(
             !models
@@ -155,17 +163,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stored_model_that_does_not_hash_to_its_name_is_not_served_and_is_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let m = model(1, 1000);
-        let hash = store.put_model(&m).unwrap();
-        let bin = store.model_path(&hash);
+        let (_dir, hash, bin, models) = stored(&model(1, 1000));
         let good = std::fs::read(&bin).unwrap();
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
         std::fs::write(&bin, &bad).unwrap();
-        let models = dir.path().join(crate::store::MODELS_DIR);
         let served = ServedWire::on_demand(&models, bin.clone(), hash);
         let err = served.wire().await.unwrap_err().to_string();
         assert!(err.contains("content hash"), "{err}");

@@ -117,56 +117,29 @@ pub(crate) fn ensure_as(
     model: &FlatModel,
     hash: ModelHash,
 ) -> Result<WireModel, WireError> {
-    let path = wire_path(models_dir, &hash);
-    let encoding = model_encoding()?;
-    if path.exists()
-        && let Ok(w) = describe(&path, hash, model.spec().clone(), encoding)
-    {
-        return Ok(w);
-    }
     let spec = model.spec();
-    let elems = encoding.chunk_elems();
-    let chunks = usize::try_from(spec.num_params().div_ceil(elems)).unwrap_or(0);
-    let (payload_len, num_chunks) = fedlink_durable::replace_with(
-        &path,
-        fedlink_durable::Mode::Private,
-        |out| -> std::io::Result<(u64, u64)> {
-            // Chunk by chunk on the coordinator's cores (records in order,
-            // the bytes of a sequential encoder: `ChunkEncoder`).
-            let mut payload_len = 0u64;
-            let mut num_chunks = 0u64;
-            crate::round_archive::in_chunk_order(
-                (0..chunks as u64).collect(),
-                crate::round_archive::downlink_threads(),
-                || ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other),
-                |enc, index| {
-                    let r = enc
-                        .chunk_range(index)
-                        .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
-                    let values = model
-                        .values()
-                        .get(r.start as usize..r.end as usize)
-                        .ok_or_else(|| std::io::Error::other("model shorter than its spec"))?;
-                    enc.encode(index, values).map_err(std::io::Error::other)
-                },
-                |rec| {
-                    out.write_all(&rec)?;
-                    payload_len += rec.len() as u64;
-                    num_chunks += 1;
-                    Ok(())
-                },
-                || std::io::Error::other("a thread encoding the model's wire form panicked"),
-            )?;
-            Ok((payload_len, num_chunks))
-        },
-    )?;
-    Ok(WireModel {
-        hash,
-        spec: model.spec().clone(),
-        encoding,
-        payload_len,
-        num_chunks,
-        path,
+    ensure_with(models_dir, hash, spec, |encoding, emit| {
+        let elems = encoding.chunk_elems();
+        let chunks = usize::try_from(spec.num_params().div_ceil(elems)).unwrap_or(0);
+        // Chunk by chunk on the coordinator's cores (records in order,
+        // the bytes of a sequential encoder: `ChunkEncoder`).
+        crate::round_archive::in_chunk_order(
+            (0..chunks as u64).collect(),
+            crate::round_archive::downlink_threads(),
+            || ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other),
+            |enc, index| {
+                let r = enc
+                    .chunk_range(index)
+                    .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
+                let values = model
+                    .values()
+                    .get(r.start as usize..r.end as usize)
+                    .ok_or_else(|| std::io::Error::other("model shorter than its spec"))?;
+                enc.encode(index, values).map_err(std::io::Error::other)
+            },
+            |rec| emit(&rec),
+            || std::io::Error::other("a thread encoding the model's wire form panicked"),
+        )
     })
 }
 
@@ -189,6 +162,45 @@ pub(crate) fn ensure_from_stored(
     let mut file =
         super::ModelFile::open(bin, &hash).map_err(|e| WireError::Stored(Box::new(e)))?;
     let spec = file.spec.clone();
+    // The store's error, when reading or verifying the model file is what
+    // failed (the write is then abandoned, the target left untouched).
+    let mut stored: Option<super::StoreError> = None;
+    let made = ensure_with(models_dir, hash, &spec, |encoding, emit| {
+        let mut enc =
+            ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other)?;
+        let mut hasher = fedlink_protocol::ModelHasher::new(&spec);
+        let mut unread = |e: super::StoreError| {
+            let text = e.to_string();
+            stored = Some(e);
+            std::io::Error::other(text)
+        };
+        for index in 0..enc.num_chunks() {
+            let r = enc
+                .chunk_range(index)
+                .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
+            values.resize((r.end - r.start) as usize, 0f32);
+            file.read_values(values).map_err(&mut unread)?;
+            hasher.update(values);
+            emit(&enc.encode(index, values).map_err(std::io::Error::other)?)?;
+        }
+        file.verify(hasher, &hash).map_err(&mut unread)
+    });
+    match (made, stored) {
+        (Err(_), Some(e)) => Err(WireError::Stored(Box::new(e))),
+        (made, _) => made,
+    }
+}
+
+/// The wire file of model `hash` (spec `spec`) in `models_dir`: the one
+/// there if its records read back, else what `encode` hands to `emit`
+/// (every record, in order, in the serving encoding), put in place
+/// atomically and durably — not at all if `encode` fails.
+fn ensure_with(
+    models_dir: &Path,
+    hash: ModelHash,
+    spec: &ModelSpec,
+    encode: impl FnOnce(Encoding, &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()>,
+) -> Result<WireModel, WireError> {
     let path = wire_path(models_dir, &hash);
     let encoding = model_encoding()?;
     if path.exists()
@@ -196,48 +208,23 @@ pub(crate) fn ensure_from_stored(
     {
         return Ok(w);
     }
-    // The store's error, when reading or verifying the model file is what
-    // failed (the write is then abandoned, the target left untouched).
-    let mut stored: Option<super::StoreError> = None;
-    let written = fedlink_durable::replace_with(
+    let (payload_len, num_chunks) = fedlink_durable::replace_with(
         &path,
         fedlink_durable::Mode::Private,
         |out| -> std::io::Result<(u64, u64)> {
-            let mut enc =
-                ChunkEncoder::new(spec.clone(), encoding, 0).map_err(std::io::Error::other)?;
-            let mut hasher = fedlink_protocol::ModelHasher::new(&spec);
             let (mut payload_len, mut num_chunks) = (0u64, 0u64);
-            let unread = |e: super::StoreError, stored: &mut Option<super::StoreError>| {
-                let text = e.to_string();
-                *stored = Some(e);
-                std::io::Error::other(text)
-            };
-            for index in 0..enc.num_chunks() {
-                let r = enc
-                    .chunk_range(index)
-                    .ok_or_else(|| std::io::Error::other("chunk past the model's end"))?;
-                values.resize((r.end - r.start) as usize, 0f32);
-                file.read_values(values)
-                    .map_err(|e| unread(e, &mut stored))?;
-                hasher.update(values);
-                let rec = enc.encode(index, values).map_err(std::io::Error::other)?;
-                out.write_all(&rec)?;
+            encode(encoding, &mut |rec| {
+                out.write_all(rec)?;
                 payload_len += rec.len() as u64;
                 num_chunks += 1;
-            }
-            file.verify(hasher, &hash)
-                .map_err(|e| unread(e, &mut stored))?;
+                Ok(())
+            })?;
             Ok((payload_len, num_chunks))
         },
-    );
-    let (payload_len, num_chunks) = match (written, stored) {
-        (Ok(w), _) => w,
-        (Err(_), Some(e)) => return Err(WireError::Stored(Box::new(e))),
-        (Err(e), None) => return Err(e.into()),
-    };
+    )?;
     Ok(WireModel {
         hash,
-        spec,
+        spec: spec.clone(),
         encoding,
         payload_len,
         num_chunks,
