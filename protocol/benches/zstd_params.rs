@@ -10,10 +10,12 @@
 //! Data sets (8M parameters each, fixed seeds): a gaussian delta (σ 1e-3,
 //! the other benches' shape), uniform weights (±0.05, a freshly
 //! initialised layer), a sparse delta (90 % exact zeros: a pruned or
-//! top-k-like update, where long matches do exist), and a trained-like
+//! top-k-like update, where long matches do exist), a round's global
+//! update as `fedlink-loadgen` makes it (the mean of 8 uniform deltas, the
+//! values f16 / bf16 jobs send sites), and a trained-like
 //! model (a few large tensors of mixed scales plus constant norm
-//! parameters). `--file PATH` adds a raw little-endian f32 file (a model
-//! store's `.bin` values, say).
+//! parameters). `--file PATH` adds a file of little-endian f32 values (a
+//! coordinator's `models/<hash>.bin`, say: the values end the file).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
@@ -48,6 +50,16 @@ fn data_sets() -> Vec<(String, Vec<f32>)> {
             .map(|v| if rng.gen_range(0..10) == 0 { v } else { 0.0 })
             .collect(),
     ));
+    // A round's global update as `fedlink-loadgen` makes it: the mean of 8
+    // sites' uniform ±1e-3 deltas (what f16 / bf16 jobs send sites).
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut mean = vec![0f32; N];
+    for _ in 0..8 {
+        for m in &mut mean {
+            *m += rng.gen_range(-1e-3f32..1e-3) / 8.0;
+        }
+    }
+    sets.push(("global update (mean of 8 uniform ±1e-3)".into(), mean));
     // Trained-like: conv/linear weights at a few scales, and norm layers'
     // weights (≈ 1) and biases (≈ 0) that training moved a little.
     let mut m = Vec::with_capacity(N);
@@ -70,7 +82,10 @@ fn data_sets() -> Vec<(String, Vec<f32>)> {
         if a == "--file" {
             let path = args.next().expect("--file PATH");
             let bytes = std::fs::read(&path).expect("read --file");
-            let v: Vec<f32> = bytes
+            // Aligned from the end: a coordinator's `models/<hash>.bin`
+            // ends with its values (its short header is read as a few
+            // values too, or dropped if not finite).
+            let v: Vec<f32> = bytes[bytes.len() % 4..]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .filter(|v| v.is_finite())
@@ -144,7 +159,7 @@ fn settings() -> Vec<Setting> {
             params: fast(8, 7),
         },
         Setting {
-            name: "fast hlog 7 mml 7",
+            name: "fast hlog 7 mml 7 (fedlink's level 1)",
             params: fast(7, 7),
         },
         Setting {
@@ -196,6 +211,15 @@ fn measure(bodies: &[Vec<u8>], s: &Setting) -> (usize, f64, f64) {
 fn main() {
     let encodings = [
         Encoding::default(),
+        Encoding::default().with_chunk_bytes(512 * 1024).unwrap(),
+        Encoding::with_codec(ValueCodec::F16)
+            .unwrap()
+            .with_chunk_bytes(512 * 1024)
+            .unwrap(),
+        Encoding::with_codec(ValueCodec::Bf16)
+            .unwrap()
+            .with_chunk_bytes(512 * 1024)
+            .unwrap(),
         Encoding::default().with_chunk_bytes(256 * 1024).unwrap(),
         Encoding::default().with_chunk_bytes(64 * 1024).unwrap(),
         Encoding::with_codec(ValueCodec::F16).unwrap(),

@@ -859,44 +859,54 @@ pub struct PayloadSummary {
     pub num_chunks: u64,
 }
 
-/// Chunks of at least this many bytes of f32 input get the tuned level 1
-/// of [`compressor`] (smaller ones mix byte planes within zstd's 128 KiB
-/// blocks, where zstd's own level 1 packs them 0.5–1 % smaller).
-const TUNED_MIN_CHUNK_BYTES: u32 = 1024 * 1024;
+/// Chunks of at least this many values (512 KiB of f32 input: a
+/// coordinator job's default chunk; the protocol's default holds 512 Ki)
+/// get [`tuned_compressor`]'s search when their encoding has one. Shorter
+/// ones (a payload's last chunk, small models, small chunk settings)
+/// spread each byte plane over less than one of zstd's 128 KiB blocks, and
+/// there zstd's own level 1 packs them 0.5–3 % tighter (measured: 256 KiB
+/// chunks of the benchmark deltas, the demo's U-Net update, one chunk of
+/// 121 Ki values); from 512 KiB up the tuned search was both faster and
+/// smaller on every data set measured.
+const TUNED_MIN_VALUES: u64 = 128 * 1024;
 
-/// The zstd compressor of every chunk of a payload with `encoding`.
+/// The zstd compressor for long chunks of a payload with `encoding`, where
+/// one fits better than zstd's own parameters for the level (`None`
+/// elsewhere).
 ///
-/// For the float codecs (f32, f16, bf16) at level 1, the default, with
-/// chunks of 1 MiB or more (the default is 2 MiB): zstd's fast strategy
-/// with a 128-entry hash table (`hashLog` 7) and matches of 7 bytes or
-/// more, instead of level 1's own 8,192 entries and 6 bytes. Those bodies
-/// are byte planes of floats: the sign / exponent plane is low-entropy noise
-/// in which short matches are plentiful and worth nothing (each costs a
-/// sequence where Huffman-coded literals are as small), and the mantissa
-/// planes are noise zstd stores raw. Fewer, longer matches made 2 MiB f32
-/// chunks 2.0 × faster to compress, 1.5 × faster to decompress and 0.9 %
-/// smaller, bf16 2.4 ×, 1.6 × and 2 % smaller, f16 as fast and as small,
-/// a 90 %-zeros delta as fast and 1–2 % smaller ("Protocol" in
-/// docs/PERFORMANCE.md; `cargo bench -p fedlink-protocol --bench
-/// zstd_params`). int8 and top-k bodies (small integers, index gaps) keep
-/// zstd's own level 1: no faster, and top-k 1 % larger, with the small
-/// table; so do other levels and smaller chunks. Only the compressor's
-/// search changes: the frames are ordinary zstd frames that every decoder
-/// reads as before.
-fn compressor(encoding: &Encoding) -> std::io::Result<zstd::bulk::Compressor<'static>> {
+/// For the float codecs (f32, f16, bf16) at level 1, the default: zstd's
+/// fast strategy with a 128-entry hash table (`hashLog` 7) and matches of
+/// 7 bytes or more, instead of level 1's own 8,192 entries and 6 bytes.
+/// Their bodies are byte planes of floats: the sign / exponent plane is
+/// low-entropy noise in which short matches are plentiful and worth nothing
+/// (each costs a sequence where Huffman-coded literals are as small), and
+/// the mantissa planes are noise zstd stores raw. Fewer, longer matches
+/// made 2 MiB f32 chunks 2.0 × faster to compress, 1.5 × faster to
+/// decompress and 0.9 % smaller, bf16 2.4 ×, 1.6 × and 2 % smaller (512
+/// KiB chunks: f32 2.2 ×, 1.5 ×, 0.8 %; bf16 2.9 ×, 2.0 ×, 3.6 %), f16 as
+/// fast and as small, a 90 %-zeros delta as fast and 1–2 % smaller
+/// ("Protocol" in docs/PERFORMANCE.md; `cargo bench -p fedlink-protocol
+/// --bench zstd_params`). int8 and top-k bodies (small integers, index
+/// gaps) keep zstd's own level 1: no faster, and top-k 1 % larger, with
+/// the small table; so do other levels. Only the compressor's search
+/// changes: the frames are ordinary zstd frames that every decoder reads
+/// as before.
+fn tuned_compressor(
+    encoding: &Encoding,
+) -> std::io::Result<Option<zstd::bulk::Compressor<'static>>> {
     use zstd::zstd_safe::{CParameter, Strategy};
-    let mut c = zstd::bulk::Compressor::new(encoding.zstd_level())?;
     let float_planes = matches!(
         encoding.values(),
         ValueCodec::F32 | ValueCodec::F16 | ValueCodec::Bf16
     );
-    if encoding.zstd_level() == 1 && float_planes && encoding.chunk_bytes() >= TUNED_MIN_CHUNK_BYTES
-    {
-        c.set_parameter(CParameter::Strategy(Strategy::ZSTD_fast))?;
-        c.set_parameter(CParameter::HashLog(7))?;
-        c.set_parameter(CParameter::MinMatch(7))?;
+    if encoding.zstd_level() != 1 || !float_planes {
+        return Ok(None);
     }
-    Ok(c)
+    let mut c = zstd::bulk::Compressor::new(1)?;
+    c.set_parameter(CParameter::Strategy(Strategy::ZSTD_fast))?;
+    c.set_parameter(CParameter::HashLog(7))?;
+    c.set_parameter(CParameter::MinMatch(7))?;
+    Ok(Some(c))
 }
 
 /// Encodes the chunk record of any one chunk of a payload, by its index.
@@ -911,7 +921,11 @@ pub struct ChunkEncoder {
     spec: ModelSpec,
     encoding: Encoding,
     seed: u64,
+    /// zstd at the encoding's level, its own parameters.
     compressor: zstd::bulk::Compressor<'static>,
+    /// The search fitted to this encoding's bodies, for chunks of at least
+    /// [`TUNED_MIN_VALUES`] values, where there is one.
+    tuned: Option<zstd::bulk::Compressor<'static>>,
     /// Scratch reused from chunk to chunk (no allocation, and no fresh
     /// pages to fault in, per chunk): the plain body and the shuffled body
     /// (f32 and the 2-byte codecs write only the latter).
@@ -932,12 +946,16 @@ impl ChunkEncoder {
     /// A chunk encoder for a model with `spec`, using `encoding`; `seed`
     /// seeds stochastic rounding (ignored by the other codecs).
     pub fn new(spec: ModelSpec, encoding: Encoding, seed: u64) -> Result<Self, EncodeError> {
-        let compressor = compressor(&encoding).map_err(|e| EncodeError::Compress(e.to_string()))?;
+        let compress_err = |e: std::io::Error| EncodeError::Compress(e.to_string());
+        let compressor =
+            zstd::bulk::Compressor::new(encoding.zstd_level()).map_err(compress_err)?;
+        let tuned = tuned_compressor(&encoding).map_err(compress_err)?;
         Ok(Self {
             spec,
             encoding,
             seed,
             compressor,
+            tuned,
             body: Vec::new(),
             shuffled: Vec::new(),
         })
@@ -1049,8 +1067,11 @@ impl ChunkEncoder {
         };
         let bound = zstd_bound(body.len());
         let mut record = vec![0u8; CHUNK_HEADER_LEN + bound];
-        let clen = self
-            .compressor
+        let compressor = match &mut self.tuned {
+            Some(tuned) if n >= TUNED_MIN_VALUES => tuned,
+            _ => &mut self.compressor,
+        };
+        let clen = compressor
             .compress_to_buffer(body, &mut record[CHUNK_HEADER_LEN..])
             .map_err(|e| EncodeError::Compress(e.to_string()))?;
         record.truncate(CHUNK_HEADER_LEN + clen);
@@ -1660,34 +1681,42 @@ mod tests {
         Encoding::new(codec, shuffle, 3, 32).unwrap()
     }
 
-    /// Float chunks at level 1 (2 MiB, the default) go through the tuned
-    /// compressor: their frames are plain zstd (the stock decoder reads
-    /// them), no larger than zstd's own level 1 makes of the same body, and
-    /// decode to the values. int8, and f32 in 256 KiB chunks, keep zstd's
-    /// own level 1: the same bytes.
+    /// Long float chunks at level 1 (the protocol's 2 MiB, a job's 512 KiB)
+    /// go through the tuned search: their frames are plain zstd (the stock
+    /// decoder reads them), no larger than zstd's own level 1 makes of the
+    /// same body (f32 and bf16 smaller), and decode to the values. A short
+    /// last chunk, int8, and f32 in 256 KiB chunks keep zstd's own level 1:
+    /// the same bytes.
     #[test]
     fn level_1_float_frames_are_plain_zstd_and_no_larger_than_zstds_own() {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
-        let n = 512 * 1024;
+        let long = 512 * 1024;
+        let n = long + 4096;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
         let normal = Normal::new(0.0f32, 1e-3).unwrap();
         let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![n as u64])]).unwrap();
         let e = |c| Encoding::with_codec(c).unwrap();
+        let job_chunk = |c| e(c).with_chunk_bytes(512 * 1024).unwrap();
         let f32_small = e(ValueCodec::F32).with_chunk_bytes(256 * 1024).unwrap();
         let own_level_1 = [e(ValueCodec::Int8 { stochastic: false }), f32_small];
-        for enc in [
-            e(ValueCodec::F32),
-            e(ValueCodec::F16),
-            e(ValueCodec::Bf16),
-            own_level_1[0],
-            own_level_1[1],
+        // (encoding, chunks that take the tuned search): the 4,096-value
+        // last chunk never does.
+        for (enc, expected_tuned) in [
+            (e(ValueCodec::F32), 1),
+            (e(ValueCodec::F16), 1),
+            (e(ValueCodec::Bf16), 1),
+            (job_chunk(ValueCodec::F32), 4),
+            (job_chunk(ValueCodec::Bf16), 4),
+            (own_level_1[0], 0),
+            (own_level_1[1], 0),
         ] {
             assert_eq!(enc.zstd_level(), 1);
             let mut encoder = PayloadEncoder::new(spec.clone(), enc, 1).unwrap();
             let mut decoder = PayloadDecoder::new(spec.clone(), enc).unwrap();
             let mut decoded = Vec::with_capacity(n);
+            let mut tuned = 0;
             while let Some(r) = encoder.next_chunk() {
                 let rec = encoder
                     .encode_chunk(&values[r.start as usize..r.end as usize])
@@ -1697,9 +1726,15 @@ mod tests {
                 let frame = &rec[CHUNK_HEADER_LEN..];
                 let body = zstd::bulk::decompress(frame, h.raw_len as usize).unwrap();
                 let own = zstd::bulk::compress(&body, 1).unwrap();
-                if own_level_1.contains(&enc) {
-                    assert_eq!(frame, own.as_slice(), "{}", enc.name());
+                if own_level_1.contains(&enc) || u64::from(h.count) < TUNED_MIN_VALUES {
+                    assert!(frame == own.as_slice(), "{} n={}", enc.name(), h.count);
                 } else {
+                    tuned += 1;
+                    // f32 and bf16 planes come out strictly smaller (the
+                    // tuned search is in use); f16's as small.
+                    if enc.values() != ValueCodec::F16 {
+                        assert!(frame.len() < own.len(), "{}", enc.name());
+                    }
                     assert!(
                         frame.len() <= own.len(),
                         "{}: {} > zstd's own {}",
@@ -1710,6 +1745,7 @@ mod tests {
                 }
                 decoded.extend(decoder.decode_chunk(&rec).unwrap().values);
             }
+            assert_eq!(tuned, expected_tuned, "{}", enc.name());
             assert_eq!(decoded.len(), n);
             if enc.values() == ValueCodec::F32 {
                 assert_eq!(decoded, values);
