@@ -1693,7 +1693,7 @@ mod tests {
         use rand_distr::{Distribution, Normal};
         let long = 512 * 1024;
         let n = long + 4096;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
+        let mut rng = ChaCha8Rng::seed_from_u64(2024);
         let normal = Normal::new(0.0f32, 1e-3).unwrap();
         let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         let spec = ModelSpec::new(vec![TensorSpec::f32("w", vec![n as u64])]).unwrap();
