@@ -18,22 +18,19 @@
 //! coordinator's `models/<hash>.bin`, say: the values end the file).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Instant;
 
-use fedlink_protocol::payload::CHUNK_HEADER_LEN;
+use common::gaussian;
+
+use fedlink_protocol::payload::{CHUNK_HEADER_LEN, ChunkHeader};
 use fedlink_protocol::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal};
 use zstd::zstd_safe::{CParameter, Strategy};
 
 const N: usize = 8 * 1024 * 1024;
-
-fn gaussian(seed: u64, std: f32, n: usize) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, std).unwrap();
-    (0..n).map(|_| normal.sample(&mut rng)).collect()
-}
 
 fn data_sets() -> Vec<(String, Vec<f32>)> {
     let mut sets = vec![("gaussian delta σ1e-3".to_string(), gaussian(2024, 1e-3, N))];
@@ -106,7 +103,8 @@ fn bodies(values: &[f32], enc: Encoding) -> Vec<Vec<u8>> {
         let rec = e
             .encode_chunk(&values[r.start as usize..r.end as usize])
             .unwrap();
-        let raw_len = u32::from_le_bytes(rec[16..20].try_into().unwrap()) as usize;
+        let head: [u8; CHUNK_HEADER_LEN] = rec[..CHUNK_HEADER_LEN].try_into().unwrap();
+        let raw_len = ChunkHeader::parse(&head).unwrap().raw_len as usize;
         out.push(zstd::bulk::decompress(&rec[CHUNK_HEADER_LEN..], raw_len).unwrap());
     }
     out

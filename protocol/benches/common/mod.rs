@@ -55,10 +55,14 @@ pub fn delta() -> FlatModel {
     ])
     .unwrap();
     assert_eq!(spec.num_params(), PARAMS);
-    let mut rng = ChaCha8Rng::seed_from_u64(2024);
-    let normal = Normal::new(0.0f32, STD).unwrap();
-    let values = (0..PARAMS).map(|_| normal.sample(&mut rng)).collect();
-    FlatModel::new(spec, values).unwrap()
+    FlatModel::new(spec, gaussian(2024, STD, PARAMS as usize)).unwrap()
+}
+
+/// `n` values drawn from N(0, `std`²), ChaCha8 seeded with `seed`.
+pub fn gaussian(seed: u64, std: f32, n: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, std).unwrap();
+    (0..n).map(|_| normal.sample(&mut rng)).collect()
 }
 
 /// Everything the coordinator knows.
